@@ -1,0 +1,39 @@
+# One-command set-up: each target creates .venv when missing and installs what it needs.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+WORKDIR ?= demo-out
+
+.PHONY: demo test lint bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+# The node alone: no torch.
+$(VENV)/.node-installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+# Everything: trainer, PostgreSQL driver, test tools.
+$(VENV)/.all-installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[train,postgres,dev]'
+	touch $@ $(VENV)/.node-installed
+
+demo: $(VENV)/.node-installed
+	$(BIN)/segnode demo --workdir $(WORKDIR)
+
+test: $(VENV)/.all-installed
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+	$(BIN)/python -m pytest
+
+lint: $(VENV)/.all-installed
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+bench: $(VENV)/.all-installed
+	@for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) $(WORKDIR) var .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Format code shared by the node and the trainer: NIfTI cases, DICOM series, synthetic cases."""

@@ -1,0 +1,15 @@
+"""Exceptions raised by converters; each message names the object, the attribute and the bad value."""
+
+from __future__ import annotations
+
+
+class ConverterError(Exception):
+    """Base class for every error raised by :mod:`converters`."""
+
+
+class InvalidCaseError(ConverterError):
+    """A NIfTI case or dataset folder cannot be read (missing file, bad layout, shape mismatch)."""
+
+
+class InvalidSeriesError(ConverterError):
+    """A DICOM series cannot be assembled into a volume (mixed sizes, gaps, missing pixels...)."""

@@ -1,0 +1,238 @@
+"""Node configuration: ``node.toml`` with a default for every key, overridden by ``SEGNODE_*``.
+
+Environment:
+
+* ``SEGNODE_HOME`` — the var dir (database, spool, logs, models); default ``./var``.
+* ``SEGNODE_CONFIG`` — path of the config file when ``--config`` is not given.
+* ``SEGNODE_DATABASE_URL`` — overrides ``[database] url``.
+* ``SEGNODE_<SECTION>_<KEY>`` — overrides any scalar key, e.g. ``SEGNODE_NODE_PORT=11113``.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from node.exceptions import ConfigError
+
+
+def var_dir() -> Path:
+    """The var dir: ``$SEGNODE_HOME`` or ``./var``."""
+    return Path(os.environ.get("SEGNODE_HOME", "var")).absolute()
+
+
+@dataclass
+class NodeSettings:
+    """``[node]``: the SCP's identity, limits and spool."""
+
+    ae_title: str = "SEGNODE"
+    host: str = "127.0.0.1"
+    port: int = 11112
+    spool_dir: str = ""  # empty: <var>/spool
+    study_idle_seconds: float = 10.0
+    allowed_calling_aes: list[str] = field(default_factory=list)
+    max_associations: int = 10
+    min_free_disk_mb: int = 500
+    inference_device: str = "CPU"
+    workers: int = 1
+
+    def spool_path(self) -> Path:
+        """Absolute spool directory."""
+        return Path(self.spool_dir).absolute() if self.spool_dir else var_dir() / "spool"
+
+
+@dataclass
+class DatabaseSettings:
+    """``[database]``: SQLAlchemy URL; empty means a SQLite file under the var dir."""
+
+    url: str = ""
+
+    def resolved_url(self) -> str:
+        """The URL to connect to."""
+        return self.url or f"sqlite:///{var_dir() / 'segnode.db'}"
+
+
+@dataclass
+class Destination:
+    """``[[destinations]]``: a DICOM peer that receives SEG and SR."""
+
+    name: str
+    ae_title: str
+    host: str
+    port: int
+
+
+@dataclass
+class TLSSettings:
+    """``[tls]``: DICOM TLS for the SCP and SCU."""
+
+    enabled: bool = False
+    cert: str = ""
+    key: str = ""
+    ca: str = ""
+
+
+@dataclass
+class MetricsSettings:
+    """``[metrics]``: HTTP port for ``/metrics`` and ``/healthz`` (0 disables)."""
+
+    port: int = 9108
+    host: str = "127.0.0.1"
+
+
+@dataclass
+class Settings:
+    """The whole node configuration."""
+
+    node: NodeSettings = field(default_factory=NodeSettings)
+    database: DatabaseSettings = field(default_factory=DatabaseSettings)
+    destinations: list[Destination] = field(default_factory=list)
+    tls: TLSSettings = field(default_factory=TLSSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    source: Path | None = None
+
+
+_SECTIONS: dict[str, type] = {
+    "node": NodeSettings,
+    "database": DatabaseSettings,
+    "tls": TLSSettings,
+    "metrics": MetricsSettings,
+}
+
+
+def _coerce(value: Any, current: Any, where: str) -> Any:
+    """Coerce ``value`` to the type of the default ``current``; raise ConfigError naming ``where``."""
+    try:
+        if isinstance(current, bool):
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            if not isinstance(value, bool):
+                raise ValueError(value)
+            return value
+        if isinstance(current, int):
+            if isinstance(value, bool):
+                raise ValueError(value)
+            return int(value)
+        if isinstance(current, float):
+            return float(value)
+        if isinstance(current, list):
+            if isinstance(value, str):
+                return [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, list):
+                raise ValueError(value)
+            return [str(v) for v in value]
+        if isinstance(current, str):
+            if not isinstance(value, str):
+                raise ValueError(value)
+            return value
+    except (TypeError, ValueError):
+        expected = type(current).__name__
+        raise ConfigError(f"{where}: expected {expected}, got {value!r}") from None
+    return value
+
+
+def _build_section(cls: type, data: dict[str, Any], where: str) -> Any:
+    obj = cls()
+    known = {f.name for f in fields(obj)}
+    for key, value in data.items():
+        if key not in known:
+            raise ConfigError(f"{where}: unknown key {key!r} (known: {', '.join(sorted(known))})")
+        setattr(obj, key, _coerce(value, getattr(obj, key), f"{where}.{key}"))
+    return obj
+
+
+def _build_destinations(raw: Any, where: str) -> list[Destination]:
+    if not isinstance(raw, list):
+        raise ConfigError(f"{where}: [[destinations]] must be an array of tables")
+    out = []
+    for n, item in enumerate(raw):
+        here = f"{where}.destinations[{n}]"
+        missing = [k for k in ("name", "ae_title", "host", "port") if k not in item]
+        if missing:
+            raise ConfigError(f"{here}: missing {', '.join(missing)}")
+        unknown = set(item) - {"name", "ae_title", "host", "port"}
+        if unknown:
+            raise ConfigError(f"{here}: unknown key {sorted(unknown)[0]!r}")
+        out.append(
+            Destination(
+                name=_coerce(item["name"], "", f"{here}.name"),
+                ae_title=_coerce(item["ae_title"], "", f"{here}.ae_title"),
+                host=_coerce(item["host"], "", f"{here}.host"),
+                port=_coerce(item["port"], 0, f"{here}.port"),
+            )
+        )
+    return out
+
+
+def _apply_env(settings: Settings, env: dict[str, str]) -> None:
+    if env.get("SEGNODE_DATABASE_URL"):
+        settings.database.url = env["SEGNODE_DATABASE_URL"]
+    for section in _SECTIONS:
+        obj = getattr(settings, section)
+        for f in fields(obj):
+            key = f"SEGNODE_{section.upper()}_{f.name.upper()}"
+            if key in env:
+                setattr(obj, f.name, _coerce(env[key], getattr(obj, f.name), key))
+
+
+def _validate(settings: Settings, where: str) -> None:
+    ae = settings.node.ae_title
+    if not ae or len(ae) > 16 or "\\" in ae or not ae.isascii() or not ae.strip():
+        raise ConfigError(f"{where}: node.ae_title {ae!r} must be 1-16 ASCII characters, no backslash")
+    for name, port in [("node.port", settings.node.port), ("metrics.port", settings.metrics.port)]:
+        if not 0 <= port <= 65535:
+            raise ConfigError(f"{where}: {name} {port} is not a TCP port")
+    if settings.node.max_associations < 1:
+        raise ConfigError(f"{where}: node.max_associations must be at least 1")
+    for dest in settings.destinations:
+        if not 1 <= len(dest.ae_title) <= 16:
+            raise ConfigError(
+                f"{where}: destination {dest.name!r} ae_title {dest.ae_title!r} must be 1-16 characters"
+            )
+    if settings.tls.enabled and not (settings.tls.cert and settings.tls.key):
+        raise ConfigError(f"{where}: tls.enabled needs tls.cert and tls.key")
+
+
+def load_settings(path: Path | str | None = None, env: dict[str, str] | None = None) -> Settings:
+    """Read the config file (``path``, else ``$SEGNODE_CONFIG``, else defaults) and apply env overrides.
+
+    Raises
+    ------
+    ConfigError
+        The file is missing or not TOML, or a key is unknown or of the wrong type; the
+        message names the file and the key.
+    """
+    env = dict(os.environ) if env is None else env
+    if path is None and env.get("SEGNODE_CONFIG"):
+        path = env["SEGNODE_CONFIG"]
+    settings = Settings()
+    where = "defaults"
+    if path is not None:
+        file = Path(path)
+        where = str(file)
+        if not file.is_file():
+            raise ConfigError(f"config file {file} does not exist")
+        try:
+            raw = tomllib.loads(file.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{file}: not valid TOML: {exc}") from None
+        for key, value in raw.items():
+            if key == "destinations":
+                settings.destinations = _build_destinations(value, where)
+            elif key in _SECTIONS:
+                if not isinstance(value, dict):
+                    raise ConfigError(f"{where}: [{key}] must be a table")
+                setattr(settings, key, _build_section(_SECTIONS[key], value, f"{where}: {key}"))
+            else:
+                raise ConfigError(f"{where}: unknown section [{key}]")
+        settings.source = file
+    _apply_env(settings, env)
+    _validate(settings, where)
+    return settings
