@@ -1,0 +1,99 @@
+"""trainer.inference and trainer.card without torch: a hand-built OpenVINO model through the full path."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from converters.preprocess import prepare_volume
+from trainer.card import TASK_LABELS, file_entry, ir_xml, load_card, verify_files, write_card
+from trainer.exceptions import ModelCardError, TrainerError
+from trainer.inference import OpenVINOSegmenter, outputs_to_labels
+
+PRE = {"orientation": "RAS", "spacing_mm": [1.0, 1.0, 1.0], "crop_size": [32, 32],
+       "normalization": "zscore_nonzero", "slice_axis": 2}
+
+
+def _card(task: str = "whole_tumor", modalities: list[str] | None = None) -> dict:
+    return {"format_version": 1, "name": "t", "version": "0.0.1", "task": task,
+            "modalities": modalities or ["FLAIR"], "preprocessing": PRE,
+            "output": {"activation": "sigmoid", "threshold": 0.5}, "labels": TASK_LABELS[task],
+            "artifacts": []}
+
+
+def _threshold_model(path: Path, offset: float, channels: int = 1) -> Path:
+    """An IR whose logit is (first channel - offset): tumour where the z-scored image > offset."""
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    image = ops.parameter(ov.PartialShape([-1, channels, -1, -1]), ov.Type.f32, name="image")
+    first = ops.slice(image, np.array([0]), np.array([1]), np.array([1]), np.array([1]))
+    logits = ops.subtract(first, ops.constant(np.float32(offset)))
+    ov.save_model(ov.Model([logits], [image], "threshold"), path, compress_to_fp16=False)
+    return path
+
+
+def test_torch_free_import_chain() -> None:
+    code = ("import sys, trainer, trainer.inference, trainer.metrics, trainer.card, converters.preprocess; "
+            "sys.exit(1 if 'torch' in sys.modules else 0)")
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_openvino_segmenter_matches_numpy_pipeline(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    image = np.zeros((40, 36, 12), np.float32)
+    image[5:35, 4:30, 1:11] = rng.normal(100, 20, (30, 26, 10))
+    xml = _threshold_model(tmp_path / "m.xml", offset=1.0)
+    seg = OpenVINOSegmenter(_card(), xml, batch_size=3, precision_hint="f32")
+    out = seg.segment({"FLAIR": image, "T1": image}, np.eye(4))
+    assert out.dtype == np.uint8 and out.shape == image.shape
+    prep = prepare_volume({"FLAIR": image}, np.eye(4), PRE, ["FLAIR"])
+    expected = prep.restore((prep.slices[:, 0] > 1.0).astype(np.uint8))
+    np.testing.assert_array_equal(out, expected)
+    assert 0 < out.sum() < (image != 0).sum()
+    assert not out[image == 0].any()
+
+
+def test_segmenter_rejects_channel_mismatch_and_missing_file(tmp_path: Path) -> None:
+    xml = _threshold_model(tmp_path / "m.xml", offset=0.0, channels=2)
+    with pytest.raises(ModelCardError, match="takes 2 channels but the card lists 1 modalities"):
+        OpenVINOSegmenter(_card(), xml)
+    with pytest.raises(TrainerError, match=r"model file .*nope.xml does not exist"):
+        OpenVINOSegmenter(_card(), tmp_path / "nope.xml")
+
+
+def test_outputs_to_labels() -> None:
+    logits = np.array([[[[-1.0, 0.1]]]], np.float32)
+    np.testing.assert_array_equal(outputs_to_labels(logits, {"activation": "sigmoid"}), [[[0, 1]]])
+    np.testing.assert_array_equal(
+        outputs_to_labels(logits, {"activation": "sigmoid", "threshold": 0.6}), [[[0, 0]]])
+    soft = np.zeros((1, 4, 1, 2), np.float32)
+    soft[0, 3, 0, 0] = 5.0
+    soft[0, 1, 0, 1] = 1.0
+    np.testing.assert_array_equal(outputs_to_labels(soft, {"activation": "softmax"}), [[[3, 1]]])
+    with pytest.raises(ModelCardError, match=r"output\.activation 'relu'"):
+        outputs_to_labels(logits, {"activation": "relu"})
+
+
+def test_card_round_trip_and_verification(tmp_path: Path) -> None:
+    xml = _threshold_model(tmp_path / "model_int8.xml", offset=0.0)
+    card = _card()
+    files = [file_entry(xml, tmp_path), file_entry(xml.with_suffix(".bin"), tmp_path)]
+    card["artifacts"] = [{"key": "ir_int8", "kind": "ir", "precision": "int8", "parent": None,
+                          "files": files}]
+    write_card(card, tmp_path)
+    loaded = load_card(tmp_path)
+    assert ir_xml(loaded, tmp_path, "int8") == xml
+    assert verify_files(loaded, tmp_path) == []
+    xml.write_text(xml.read_text() + " ")
+    assert "sha256 differs" in verify_files(loaded, tmp_path)[0]
+    with pytest.raises(ModelCardError, match="has no artifact 'ir_fp32'"):
+        ir_xml(loaded, tmp_path, "fp32")
+    (tmp_path / "model.json").write_text(json.dumps({**card, "task": "liver"}))
+    with pytest.raises(ModelCardError, match="task 'liver' is not one of"):
+        load_card(tmp_path)

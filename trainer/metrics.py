@@ -1,0 +1,191 @@
+"""Per-case 3D segmentation metrics (numpy and SciPy only, no torch).
+
+Conventions (the same as MONAI's ``compute_dice`` / ``compute_hausdorff_distance``, against which
+``tests/test_trainer_metrics.py`` checks them on real cases):
+
+* Dice and Jaccard of two empty masks are 1.0 (nothing to find, nothing found).
+* Sensitivity with no positive truth voxel is 1.0; specificity with no negative voxel is 1.0.
+* HD95 is the larger of the two directed 95th-percentile surface distances (mm), surfaces being the
+  mask voxels with a face-connected background neighbour (SciPy's default erosion, as MONAI).
+  Two empty masks give 0.0; when exactly one is empty the distance is undefined and the grid's
+  diagonal (mm) is returned, a finite worst case in the spirit of the BraTS evaluation's 373.13 mm.
+
+BraTS regions (from Decathlon labels 1 edema, 2 non-enhancing, 3 enhancing): whole tumour (WT)
+= labels 1, 2, 3; tumour core (TC) = 2, 3; enhancing tumour (ET) = 3.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from scipy import ndimage
+
+logger = logging.getLogger(__name__)
+
+METRIC_NAMES: tuple[str, ...] = ("dice", "jaccard", "sensitivity", "specificity", "hd95")
+
+#: BraTS evaluation regions over Decathlon labels.
+BRATS_REGIONS: dict[str, tuple[int, ...]] = {"WT": (1, 2, 3), "TC": (2, 3), "ET": (3,)}
+
+Mask = npt.NDArray[Any]
+
+
+def _pair(pred: Mask, truth: Mask) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.bool_]]:
+    p, t = np.asarray(pred).astype(bool), np.asarray(truth).astype(bool)
+    if p.shape != t.shape:
+        raise ValueError(f"prediction shape {p.shape} differs from truth shape {t.shape}")
+    return p, t
+
+
+def _counts(pred: Mask, truth: Mask) -> tuple[int, int, int, int]:
+    p, t = _pair(pred, truth)
+    tp = int(np.count_nonzero(p & t))
+    fp = int(np.count_nonzero(p & ~t))
+    fn = int(np.count_nonzero(~p & t))
+    tn = int(p.size - tp - fp - fn)
+    return tp, fp, fn, tn
+
+
+def dice(pred: Mask, truth: Mask) -> float:
+    """Dice coefficient 2|P∩T| / (|P| + |T|) of two binary masks; 1.0 when both are empty."""
+    tp, fp, fn, _ = _counts(pred, truth)
+    denom = 2 * tp + fp + fn
+    return 1.0 if denom == 0 else 2.0 * tp / denom
+
+
+def jaccard(pred: Mask, truth: Mask) -> float:
+    """Jaccard index |P∩T| / |P∪T|; 1.0 when both masks are empty."""
+    tp, fp, fn, _ = _counts(pred, truth)
+    denom = tp + fp + fn
+    return 1.0 if denom == 0 else tp / denom
+
+
+def sensitivity(pred: Mask, truth: Mask) -> float:
+    """True-positive rate TP / (TP + FN); 1.0 when the truth is empty."""
+    tp, _, fn, _ = _counts(pred, truth)
+    return 1.0 if tp + fn == 0 else tp / (tp + fn)
+
+
+def specificity(pred: Mask, truth: Mask) -> float:
+    """True-negative rate TN / (TN + FP); 1.0 when the truth covers the whole grid."""
+    _, fp, _, tn = _counts(pred, truth)
+    return 1.0 if tn + fp == 0 else tn / (tn + fp)
+
+
+def surface(mask: Mask) -> npt.NDArray[np.bool_]:
+    """Voxels of ``mask`` with a face-connected background neighbour (the grid border counts)."""
+    m = np.asarray(mask).astype(bool)
+    eroded = ndimage.binary_erosion(m, structure=ndimage.generate_binary_structure(m.ndim, 1), border_value=0)
+    return m & ~eroded
+
+
+def _directed_distances(
+    from_surface: npt.NDArray[np.bool_], to_surface: npt.NDArray[np.bool_], spacing: Sequence[float]
+) -> npt.NDArray[np.float64]:
+    """Distance (mm) from each voxel of ``from_surface`` to the nearest voxel of ``to_surface``."""
+    dist = ndimage.distance_transform_edt(~to_surface, sampling=tuple(float(s) for s in spacing))
+    return np.asarray(dist)[from_surface]
+
+
+def _union_box(p: npt.NDArray[np.bool_], t: npt.NDArray[np.bool_]) -> tuple[slice, ...]:
+    """Bounding box of both masks, one voxel of margin (distances only depend on what is inside)."""
+    found = ndimage.find_objects((p | t).astype(np.int8))[0]
+    return tuple(
+        slice(max(s.start - 1, 0), min(s.stop + 1, n)) for s, n in zip(found, p.shape, strict=True)
+    )
+
+
+def hd95(pred: Mask, truth: Mask, spacing: Sequence[float] = (1.0, 1.0, 1.0)) -> float:
+    """95th-percentile symmetric Hausdorff distance between the mask surfaces, in mm.
+
+    Parameters
+    ----------
+    pred, truth:
+        Binary masks of the same shape.
+    spacing:
+        Voxel size per axis in mm.
+
+    Returns
+    -------
+    float
+        max(P95 of pred->truth surface distances, P95 of truth->pred); 0.0 when both masks are
+        empty; the grid diagonal in mm when exactly one is.
+    """
+    p, t = _pair(pred, truth)
+    if len(spacing) != p.ndim:
+        raise ValueError(f"spacing {tuple(spacing)} has {len(spacing)} values for a {p.ndim}D mask")
+    has_p, has_t = bool(p.any()), bool(t.any())
+    if not has_p and not has_t:
+        return 0.0
+    if not (has_p and has_t):
+        return float(np.linalg.norm(np.asarray(p.shape, dtype=np.float64) * np.asarray(spacing, dtype=float)))
+    box = _union_box(p, t)
+    sp, st = surface(p[box]), surface(t[box])
+    d_pt = _directed_distances(sp, st, spacing)
+    d_tp = _directed_distances(st, sp, spacing)
+    return float(max(np.percentile(d_pt, 95), np.percentile(d_tp, 95)))
+
+
+def binary_metrics(pred: Mask, truth: Mask, spacing: Sequence[float] = (1.0, 1.0, 1.0)) -> dict[str, float]:
+    """All of :data:`METRIC_NAMES` for one binary pair."""
+    return {
+        "dice": dice(pred, truth),
+        "jaccard": jaccard(pred, truth),
+        "sensitivity": sensitivity(pred, truth),
+        "specificity": specificity(pred, truth),
+        "hd95": hd95(pred, truth, spacing),
+    }
+
+
+def case_metrics(
+    pred: Mask, truth: Mask, spacing: Sequence[float], task: str = "whole_tumor"
+) -> dict[str, Any]:
+    """Metrics of one case.
+
+    Parameters
+    ----------
+    pred, truth:
+        Label maps (X, Y, Z). For ``whole_tumor`` any value above zero is tumour; for
+        ``brats_regions`` they hold Decathlon labels.
+    spacing:
+        Voxel size (mm).
+    task:
+        ``"whole_tumor"`` or ``"brats_regions"``.
+
+    Returns
+    -------
+    dict
+        ``whole_tumor``: the five metrics. ``brats_regions``: the whole-tumour metrics at the top
+        level (so every task has a ``dice``) plus ``{"regions": {"WT": {...}, "TC": {...}, "ET": {...}}}``.
+    """
+    p, t = np.asarray(pred), np.asarray(truth)
+    if task == "whole_tumor":
+        return binary_metrics(p > 0, t > 0, spacing)
+    if task != "brats_regions":
+        raise ValueError(f"task {task!r} is not 'whole_tumor' or 'brats_regions'")
+    regions = {
+        name: binary_metrics(np.isin(p, labels), np.isin(t, labels), spacing)
+        for name, labels in BRATS_REGIONS.items()
+    }
+    return {**regions["WT"], "regions": regions}
+
+
+def mean_metrics(per_case: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Mean of every metric over cases (and per region when the cases carry ``regions``)."""
+    if not per_case:
+        return {}
+    out: dict[str, Any] = {
+        name: float(np.mean([c[name] for c in per_case])) for name in METRIC_NAMES if name in per_case[0]
+    }
+    if "regions" in per_case[0]:
+        out["regions"] = {
+            region: {
+                name: float(np.mean([c["regions"][region][name] for c in per_case])) for name in METRIC_NAMES
+            }
+            for region in per_case[0]["regions"]
+        }
+    return out
