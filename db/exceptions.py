@@ -1,0 +1,51 @@
+"""Exceptions raised by the model registry.
+
+Every message names the object (model id, file, task), the attribute and the bad value, so that the
+CLI can print it as one line (``error: ...``) and exit with code 2.
+"""
+
+from __future__ import annotations
+
+
+class RegistryError(Exception):
+    """Base class for every error raised by :mod:`db`."""
+
+
+class DatabaseUnavailableError(RegistryError):
+    """The database cannot be reached or is not at the schema this code needs."""
+
+
+class ModelNotFoundError(RegistryError):
+    """No model row with the given id."""
+
+
+class InvalidArtifactError(RegistryError):
+    """An artifact handed to :meth:`db.registry.Registry.register` is invalid (bad field, missing file)."""
+
+
+class InvalidModelDirectory(RegistryError):  # noqa: N818 (name fixed by the contract)
+    """A model directory's ``model.json`` is missing or malformed, or names a missing or tampered file."""
+
+
+class ChecksumMismatch(RegistryError):  # noqa: N818 (name fixed by the contract)
+    """A registered file no longer matches the sha256 recorded for it."""
+
+
+class PromotionRefused(RegistryError):  # noqa: N818 (name fixed by the contract)
+    """A promotion gate failed (or the model cannot be active at all); the message gives the reason."""
+
+
+class ConcurrentPromotionError(RegistryError):
+    """Another promotion, rollback or retirement of the same task committed first; nothing was changed."""
+
+
+class RollbackError(RegistryError):
+    """A task has no active model, or no previous active model to roll back to."""
+
+
+class RetireRefusedError(RegistryError):
+    """A model cannot be retired (already retired, or the active model of its task)."""
+
+
+class ModelRetiredError(RegistryError):
+    """The model is retired: it can no longer be promoted, verified or rolled back to."""

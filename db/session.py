@@ -1,0 +1,215 @@
+"""Engines, sessions and schema upgrades, built from a URL or the node config.
+
+SQLite (the default, a file under the var dir) runs in WAL mode with foreign keys on and a busy
+timeout; transactions are begun explicitly so that a writer can ask for ``BEGIN IMMEDIATE`` (see
+:func:`write_options`) and two processes serialise instead of failing half-way. PostgreSQL is
+reached through ``postgresql+psycopg://``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Engine, create_engine, event, make_url
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import ArgumentError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.exceptions import DatabaseUnavailableError
+
+if TYPE_CHECKING:
+    from node.config import Settings
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+ALEMBIC_INI = Path(__file__).resolve().parent / "alembic.ini"
+
+#: Execution option read by the SQLite ``begin`` hook: "" (deferred) or "IMMEDIATE".
+SQLITE_BEGIN_OPTION = "segnode_sqlite_begin"
+_SQLITE_BEGIN_MODES = {"": "BEGIN", "DEFERRED": "BEGIN DEFERRED", "IMMEDIATE": "BEGIN IMMEDIATE"}
+#: Seconds a SQLite connection waits for another writer before giving up.
+SQLITE_BUSY_TIMEOUT_S = 30.0
+#: Key of the PostgreSQL advisory lock that serialises concurrent schema upgrades.
+PG_MIGRATION_LOCK = 0x5E6D0DE
+
+
+def write_options() -> dict[str, Any]:
+    """Execution options for a connection that will write: ``BEGIN IMMEDIATE`` on SQLite.
+
+    Pass to ``Session.connection(execution_options=...)`` before the first statement. On SQLite the
+    write lock is then taken at the start of the transaction, so a concurrent writer waits (busy
+    timeout) and afterwards sees the committed state instead of failing on a stale snapshot. Other
+    backends ignore the option.
+    """
+    return {SQLITE_BEGIN_OPTION: "IMMEDIATE"}
+
+
+def _sqlite_hooks(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Let SQLAlchemy, not pysqlite, emit BEGIN (pysqlite's implicit BEGIN cannot be IMMEDIATE).
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute("PRAGMA foreign_keys = ON")
+            cursor.execute(f"PRAGMA busy_timeout = {int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
+            cursor.execute("PRAGMA journal_mode = WAL")
+            cursor.execute("PRAGMA synchronous = NORMAL")
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        mode = str(conn.get_execution_options().get(SQLITE_BEGIN_OPTION, "")).upper()
+        conn.exec_driver_sql(_SQLITE_BEGIN_MODES.get(mode, "BEGIN"))
+
+
+def make_engine(url: str) -> Engine:
+    """An Engine for ``url``.
+
+    Parameters
+    ----------
+    url
+        SQLAlchemy URL: ``sqlite:///path/to/segnode.db`` (parent directory created) or
+        ``postgresql+psycopg://user@host:port/db``. ``postgresql://`` is taken as psycopg 3.
+
+    Raises
+    ------
+    DatabaseUnavailableError
+        The URL cannot be parsed or names an unsupported backend.
+    """
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise DatabaseUnavailableError(f"database url {url!r} is not a valid SQLAlchemy URL") from None
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        database = parsed.database or ""
+        if database and database != ":memory:" and not database.startswith("file:"):
+            Path(database).expanduser().absolute().parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(parsed)
+        _sqlite_hooks(engine)
+        return engine
+    if backend == "postgresql":
+        if parsed.drivername == "postgresql":
+            parsed = parsed.set(drivername="postgresql+psycopg")
+        try:
+            return create_engine(parsed, pool_pre_ping=True)
+        except ModuleNotFoundError as exc:
+            raise DatabaseUnavailableError(
+                f"database url {parsed.render_as_string(hide_password=True)!r} needs the PostgreSQL driver "
+                f"({exc.name}); install segnode[postgres]"
+            ) from None
+    raise DatabaseUnavailableError(
+        f"database url {parsed.render_as_string(hide_password=True)!r}: backend {backend!r} is not supported "
+        "(use sqlite:/// or postgresql+psycopg://)"
+    )
+
+
+def make_session_factory(engine: Engine) -> sessionmaker[Session]:
+    """A ``sessionmaker`` bound to ``engine`` (objects stay readable after commit)."""
+    return sessionmaker(bind=engine, expire_on_commit=False)
+
+
+def engine_from_settings(settings: Settings) -> Engine:
+    """The Engine for the node config's ``[database] url`` (default: SQLite under the var dir)."""
+    return make_engine(settings.database.resolved_url())
+
+
+def _alembic_config(connection: Connection | None = None) -> Any:
+    from alembic.config import Config
+
+    cfg = Config(str(ALEMBIC_INI))
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    if connection is not None:
+        cfg.attributes["connection"] = connection
+    return cfg
+
+
+@contextmanager
+def migration_connection(url: str) -> Iterator[Connection]:
+    """A connection to ``url`` inside a transaction that holds the migration lock.
+
+    SQLite: ``BEGIN IMMEDIATE`` (the database write lock); PostgreSQL: a transaction-level advisory
+    lock. Used by :func:`upgrade` and by ``alembic`` on the command line (``db/migrations/env.py``).
+    """
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            conn.execution_options(**write_options())
+            with conn.begin():
+                if conn.dialect.name == "postgresql":
+                    conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({PG_MIGRATION_LOCK})")
+                yield conn
+    finally:
+        engine.dispose()
+
+
+def upgrade(url: str, revision: str = "head") -> None:
+    """Run the Alembic migrations on ``url`` up to ``revision`` (default: head).
+
+    Safe to call from several processes at once: the migration lock (see
+    :func:`migration_connection`) makes a second caller wait and then find the schema at head.
+    Everything runs in one transaction: a failed migration leaves the database as it was.
+
+    Raises
+    ------
+    DatabaseUnavailableError
+        The database cannot be reached.
+    """
+    from alembic import command
+
+    try:
+        with migration_connection(url) as conn:
+            command.upgrade(_alembic_config(conn), revision)
+    except OperationalError as exc:
+        raise DatabaseUnavailableError(f"cannot upgrade database {_safe(url)}: {_first_line(exc)}") from None
+    log.info("database %s upgraded to %s", _safe(url), revision)
+
+
+def downgrade(url: str, revision: str) -> None:
+    """Run the Alembic migrations on ``url`` down to ``revision`` (e.g. ``"-1"`` or ``"base"``)."""
+    from alembic import command
+
+    with migration_connection(url) as conn:
+        command.downgrade(_alembic_config(conn), revision)
+
+
+def current_revision(url: str) -> str | None:
+    """The Alembic revision the database at ``url`` is at (None for an empty database)."""
+    from alembic.runtime.migration import MigrationContext
+
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            return MigrationContext.configure(conn).get_current_revision()
+    except OperationalError as exc:
+        raise DatabaseUnavailableError(f"cannot read database {_safe(url)}: {_first_line(exc)}") from None
+    finally:
+        engine.dispose()
+
+
+def head_revision() -> str:
+    """The newest revision shipped in :data:`MIGRATIONS_DIR`."""
+    from alembic.script import ScriptDirectory
+
+    head = ScriptDirectory.from_config(_alembic_config()).get_current_head()
+    assert head is not None
+    return head
+
+
+def _safe(url: str) -> str:
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "<invalid url>"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
