@@ -38,10 +38,34 @@ class NodeSettings:
     min_free_disk_mb: int = 500
     inference_device: str = "CPU"
     workers: int = 1
+    task: str = "whole_tumor"  # which active model of the model table the node runs
+    poll_seconds: float = 1.0  # how often workers look for jobs, due studies and a new active model
+    send_retry_base_seconds: float = 5.0  # first retry delay of a failed C-STORE; doubles each attempt
+    send_retry_max_seconds: float = 600.0
+    stale_job_seconds: float = 300.0  # a running job whose heartbeat is older is re-queued
 
     def spool_path(self) -> Path:
         """Absolute spool directory."""
         return Path(self.spool_dir).absolute() if self.spool_dir else var_dir() / "spool"
+
+    def jobs_path(self) -> Path:
+        """Where each job keeps its outputs (SEG, SR, preview): beside the spool."""
+        return self.spool_path().parent / "jobs"
+
+
+@dataclass
+class SelectionSettings:
+    """``[selection]``: series-selection rules (node/selection.py); regexes are case-insensitive."""
+
+    flair_pattern: str = r"flair|\bdark.?fluid|\btirm"
+    t1gd_pattern: str = r"post|\+ ?c\b|\bgd\b|gado|contrast|\bce\b|t1c"
+    t1_pattern: str = r"\bt1|mprage|mp-rage|spgr|bravo|tfl"
+    t2_pattern: str = r"\bt2(?!\*)|\btse\b|\bfse\b"
+    exclude_pattern: str = r"localizer|scout|survey|calibration|\bdwi\b|\badc\b|perfusion|\bswi\b"
+    flair_min_ti_ms: float = 1500.0
+    flair_min_te_ms: float = 80.0
+    t1_max_te_ms: float = 30.0
+    t2_min_te_ms: float = 60.0
 
 
 @dataclass
@@ -92,6 +116,7 @@ class Settings:
     destinations: list[Destination] = field(default_factory=list)
     tls: TLSSettings = field(default_factory=TLSSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    selection: SelectionSettings = field(default_factory=SelectionSettings)
     source: Path | None = None
 
 
@@ -100,6 +125,7 @@ _SECTIONS: dict[str, type] = {
     "database": DatabaseSettings,
     "tls": TLSSettings,
     "metrics": MetricsSettings,
+    "selection": SelectionSettings,
 }
 
 

@@ -1,0 +1,40 @@
+"""Named DIMSE status codes and association-rejection reasons used by the node (PS3.7 Annex C, PS3.8 9.3.4).
+
+Every status the SCP returns comes from here, so that a reader never meets a bare hex code.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+#: PS3.7 C.1.1: the operation completed.
+SUCCESS: Final = 0x0000
+#: PS3.4 B.2.3: Refused, out of resources (the spool or the database could not take the instance).
+OUT_OF_RESOURCES: Final = 0xA700
+#: PS3.4 B.2.3: Error, data set does not match SOP Class.
+DATASET_DOES_NOT_MATCH_SOP_CLASS: Final = 0xA900
+#: PS3.4 B.2.3: Error, cannot understand (the data set could not be decoded or lacks required UIDs).
+CANNOT_UNDERSTAND: Final = 0xC000
+#: PS3.7 C.5.14: Failure, processing failure (an unexpected error in a handler).
+PROCESSING_FAILURE: Final = 0x0110
+
+# A-ASSOCIATE-RJ fields (PS3.8 9.3.4): result, source, reason/diagnostic.
+REJECTED_PERMANENT: Final = 0x01
+REJECTED_TRANSIENT: Final = 0x02
+SOURCE_SERVICE_USER: Final = 0x01
+SOURCE_SERVICE_PROVIDER_PRESENTATION: Final = 0x03
+DIAG_NO_REASON: Final = 0x01
+DIAG_TEMPORARY_CONGESTION: Final = 0x01
+
+NAMES: Final[dict[int, str]] = {
+    SUCCESS: "Success",
+    OUT_OF_RESOURCES: "Out of resources",
+    DATASET_DOES_NOT_MATCH_SOP_CLASS: "Data set does not match SOP Class",
+    CANNOT_UNDERSTAND: "Cannot understand",
+    PROCESSING_FAILURE: "Processing failure",
+}
+
+
+def describe(status: int) -> str:
+    """``0xA700 (Out of resources)`` for a status code, for log lines and error messages."""
+    return f"0x{status:04X} ({NAMES.get(status, 'unknown status')})"

@@ -1,0 +1,257 @@
+"""The DICOM SCP: C-ECHO and C-STORE of every storage SOP class, with a durable receive.
+
+MR Image Storage and Enhanced MR Image Storage instances are spooled and recorded (they make
+studies and jobs); every other storage object (SR, presentation states, our own SEG and SR coming
+back from a PACS) is acknowledged and counted but neither stored nor processed, so no routing loop
+can start. Success goes back only after the file is fsynced and its row committed; otherwise a
+failure status (PS3.4 B.2.3) tells the PACS to keep its copy.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pydicom.uid import UID
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import EnhancedMRImageStorage, MRImageStorage, Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
+from sqlalchemy.exc import SQLAlchemyError
+
+from node import dimse, store
+from node.config import NodeSettings, TLSSettings
+from node.exceptions import InvalidInstanceError, SpoolError
+from node.metrics import NodeMetrics
+from node.spool import free_mb, spool_path, write_atomic
+from node.uids import validated_uid
+
+logger = logging.getLogger(__name__)
+
+#: SOP classes the node keeps and processes.
+KEPT_SOP_CLASSES: frozenset[str] = frozenset({str(MRImageStorage), str(EnhancedMRImageStorage)})
+
+
+@dataclass
+class ReceiveResult:
+    """What happened to one C-STORE request (for tests and metrics)."""
+
+    status: int
+    outcome: str  # kept | duplicate | ignored | rejected
+
+
+def _guarded(handler: Callable[[Any], int]) -> Callable[[Any], int]:
+    """The one place that turns handler exceptions into DIMSE failure statuses."""
+
+    def wrapper(event: Any) -> int:
+        try:
+            return handler(event)
+        except InvalidInstanceError as exc:
+            logger.warning("C-STORE refused (%s): %s", dimse.describe(dimse.CANNOT_UNDERSTAND), exc)
+            return dimse.CANNOT_UNDERSTAND
+        except (SpoolError, SQLAlchemyError, OSError) as exc:
+            logger.error("C-STORE failed (%s): %s", dimse.describe(dimse.OUT_OF_RESOURCES), exc)
+            return dimse.OUT_OF_RESOURCES
+        except Exception:
+            logger.exception("C-STORE handler error (%s)", dimse.describe(dimse.PROCESSING_FAILURE))
+            return dimse.PROCESSING_FAILURE
+
+    return wrapper
+
+
+class StorageSCP:
+    """The node's association acceptor.
+
+    Parameters
+    ----------
+    settings:
+        ``[node]``: AE title, address, allowed calling AEs, association limit, spool, free-disk floor.
+    session_factory:
+        Database sessions for the instance rows.
+    metrics:
+        Counters to update.
+    tls:
+        ``[tls]``: when enabled the SCP speaks DICOM over TLS.
+    """
+
+    def __init__(
+        self,
+        settings: NodeSettings,
+        session_factory: store.SessionFactory,
+        metrics: NodeMetrics | None = None,
+        tls: TLSSettings | None = None,
+    ) -> None:
+        self.settings = settings
+        self.sf = session_factory
+        self.metrics = metrics if metrics is not None else NodeMetrics()
+        self.tls = tls
+        self.spool_dir = settings.spool_path()
+        self.server: ThreadedAssociationServer | None = None
+        self.ae = self._make_ae()
+
+    def _make_ae(self) -> AE:
+        ae = AE(ae_title=self.settings.ae_title)
+        ae.maximum_associations = self.settings.max_associations
+        ae.require_called_aet = True
+        ae.require_calling_aet = list(self.settings.allowed_calling_aes)
+        ae.add_supported_context(Verification)
+        for context in AllStoragePresentationContexts:
+            ae.add_supported_context(str(context.abstract_syntax), ALL_TRANSFER_SYNTAXES)
+        return ae
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        if not self.tls or not self.tls.enabled:
+            return None
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(self.tls.cert, self.tls.key)
+        if self.tls.ca:
+            ctx.load_verify_locations(self.tls.ca)
+            ctx.verify_mode = ssl.CERT_REQUIRED
+        return ctx
+
+    @property
+    def port(self) -> int:
+        """The bound TCP port (useful when started on port 0)."""
+        if self.server is None:
+            return self.settings.port
+        return int(self.server.server_address[1])
+
+    def start(self) -> None:
+        """Listen in background threads."""
+        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        handlers: list[Any] = [
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, _guarded(self._on_store)),
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_REJECTED, self._on_rejected),
+        ]
+        self.server = self.ae.start_server(
+            (self.settings.host, self.settings.port),
+            block=False,
+            evt_handlers=handlers,
+            ssl_context=self._ssl_context(),
+        )
+        logger.info("SCP %s listening on %s:%d", self.settings.ae_title, self.settings.host, self.port)
+
+    def stop(self) -> None:
+        """Stop listening and close open associations."""
+        if self.server is not None:
+            self.server.shutdown()
+            self.server = None
+        self.ae.shutdown()
+
+    # -- handlers --------------------------------------------------------------------------------------
+
+    def _on_echo(self, event: Any) -> int:
+        return dimse.SUCCESS
+
+    def _on_rejected(self, event: Any) -> None:
+        rq = event.assoc.requestor
+        logger.warning(
+            "association from %s (calling AE %r, called AE %r) rejected",
+            rq.address,
+            rq.ae_title,
+            event.assoc.acceptor.primitive.called_ae_title if event.assoc.acceptor.primitive else "",
+        )
+
+    def _on_requested(self, event: Any) -> None:
+        """Refuse new associations (transient, congestion) while free disk is below the floor."""
+        available = free_mb(self.spool_dir)
+        if available < self.settings.min_free_disk_mb:
+            assoc = event.assoc
+            logger.error(
+                "association from %s refused: %.0f MiB free in %s, below min_free_disk_mb %d",
+                assoc.requestor.address,
+                available,
+                self.spool_dir,
+                self.settings.min_free_disk_mb,
+            )
+            assoc.acse.send_reject(
+                dimse.REJECTED_TRANSIENT,
+                dimse.SOURCE_SERVICE_PROVIDER_PRESENTATION,
+                dimse.DIAG_TEMPORARY_CONGESTION,
+            )
+            assoc.is_rejected = True
+            assoc.kill()
+
+    def _on_store(self, event: Any) -> int:
+        calling_ae = str(event.assoc.requestor.ae_title).strip()
+        sop_class = str(event.request.AffectedSOPClassUID)
+        sop_uid = validated_uid(
+            event.request.AffectedSOPInstanceUID, "AffectedSOPInstanceUID", "C-STORE request"
+        )
+        if sop_class not in KEPT_SOP_CLASSES:
+            return self._ignore(sop_class, sop_uid, calling_ae)
+        try:
+            ds: Dataset = event.dataset
+        except Exception as exc:
+            raise InvalidInstanceError(f"instance {sop_uid}: data set cannot be decoded: {exc}") from exc
+        result = self.receive(ds, event.encoded_dataset(), sop_class, sop_uid, calling_ae)
+        return result.status
+
+    def _ignore(self, sop_class: str, sop_uid: str, calling_ae: str) -> int:
+        new = store.record_instance(
+            self.sf,
+            sop_instance_uid=sop_uid,
+            sop_class_uid=sop_class,
+            study_instance_uid=None,
+            series_instance_uid=None,
+            kept=False,
+            path=None,
+            calling_ae=calling_ae,
+        )
+        self.metrics.instances.labels("ignored" if new else "duplicate").inc()
+        logger.info(
+            "instance of SOP class %s (%s) acknowledged, not processed", sop_class, UID(sop_class).name
+        )
+        return dimse.SUCCESS
+
+    def receive(
+        self, ds: Dataset, encoded: bytes, sop_class: str, sop_uid: str, calling_ae: str
+    ) -> ReceiveResult:
+        """Spool and record one kept instance; returns the status to answer with.
+
+        Raises
+        ------
+        InvalidInstanceError
+            UIDs missing or malformed, SOP Instance UID of the data set differs from the request's,
+            or no pixel data.
+        SpoolError
+            The file could not be written.
+        """
+        where = f"instance {sop_uid}"
+        ds_sop = validated_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID", where)
+        if ds_sop != sop_uid:
+            raise InvalidInstanceError(
+                f"{where}: SOPInstanceUID {ds_sop!r} differs from the C-STORE request's"
+            )
+        study = validated_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID", where)
+        series = validated_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID", where)
+        if "PixelData" not in ds and "FloatPixelData" not in ds:
+            self.metrics.instances.labels("rejected").inc()
+            logger.warning(
+                "%s: no PixelData; refused with %s", where, dimse.describe(dimse.CANNOT_UNDERSTAND)
+            )
+            return ReceiveResult(dimse.CANNOT_UNDERSTAND, "rejected")
+        if free_mb(self.spool_dir) < self.settings.min_free_disk_mb:
+            self.metrics.instances.labels("rejected").inc()
+            logger.error("%s: free disk below min_free_disk_mb; refused", where)
+            return ReceiveResult(dimse.OUT_OF_RESOURCES, "rejected")
+        path = spool_path(self.spool_dir, study, series, sop_uid)
+        if not path.exists():
+            write_atomic(path, encoded)
+        new = store.record_instance(
+            self.sf,
+            sop_instance_uid=sop_uid,
+            sop_class_uid=sop_class,
+            study_instance_uid=study,
+            series_instance_uid=series,
+            kept=True,
+            path=str(path),
+            calling_ae=calling_ae,
+        )
+        self.metrics.instances.labels("kept" if new else "duplicate").inc()
+        return ReceiveResult(dimse.SUCCESS, "kept" if new else "duplicate")

@@ -1,0 +1,139 @@
+"""DICOM Segmentation (PS3.3 A.51, C.8.20) of the model's output, written with highdicom.
+
+A BINARY SEG on the source series' grid: one frame per source slice that holds any tumour, each
+frame referencing its source image (Derivation Image / Source Image sequences), one segment per
+label of the model card with the codes of DESIGN.md "Codes for segments", algorithm type AUTOMATIC
+with the model's name and version (family CID 7162 "Artificial Intelligence"), and a
+SeriesDescription that marks the object as AI-generated.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import highdicom as hd
+import numpy as np
+import numpy.typing as npt
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+
+from node.exceptions import JobError
+
+logger = logging.getLogger(__name__)
+
+SERIES_DESCRIPTION = "AI TUMOUR SEG (segnode, not for diagnosis alone)"
+MANUFACTURER = "segnode"
+SEG_SERIES_NUMBER = 9901
+
+#: SCT 12738006 "Brain" (DESIGN.md).
+BRAIN = hd.sr.CodedConcept("12738006", "SCT", "Brain")
+#: SCT 49755003 "Morphologically abnormal structure": category when the card gives none.
+ABNORMAL = hd.sr.CodedConcept("49755003", "SCT", "Morphologically abnormal structure")
+
+
+def _code(entry: Mapping[str, Any] | None, default: hd.sr.CodedConcept) -> hd.sr.CodedConcept:
+    if not entry:
+        return default
+    return hd.sr.CodedConcept(str(entry["code"]), str(entry["scheme"]), str(entry["meaning"]))
+
+
+def algorithm_identification(card: Mapping[str, Any]) -> hd.AlgorithmIdentificationSequence:
+    """Algorithm Identification (PS3.3 C.8.20.2.1): the model name and version, family AI (CID 7162)."""
+    return hd.AlgorithmIdentificationSequence(
+        name=str(card.get("name", "segnode model"))[:64],
+        family=codes.cid7162.ArtificialIntelligence,
+        version=str(card.get("version", "unknown"))[:64],
+        source="segnode",
+    )
+
+
+def segment_descriptions(card: Mapping[str, Any]) -> list[hd.seg.SegmentDescription]:
+    """One SegmentDescription per label of the card, numbered 1..n in the card's order."""
+    labels = card.get("labels") or []
+    if not labels:
+        raise JobError(f"model card {card.get('name')!r}: 'labels' is empty; cannot describe SEG segments")
+    algorithm = algorithm_identification(card)
+    out = []
+    for number, label in enumerate(labels, start=1):
+        out.append(
+            hd.seg.SegmentDescription(
+                segment_number=number,
+                segment_label=str(label.get("name", f"label {label.get('value')}"))[:64],
+                segmented_property_category=_code(label.get("category"), ABNORMAL),
+                segmented_property_type=_code(
+                    label.get("type"), hd.sr.CodedConcept("108369006", "SCT", "Neoplasm")
+                ),
+                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+                algorithm_identification=algorithm,
+                anatomic_regions=[BRAIN],
+            )
+        )
+    return out
+
+
+def label_values(card: Mapping[str, Any]) -> list[int]:
+    """The label-map value of each segment, in segment-number order."""
+    return [int(label["value"]) for label in card.get("labels") or []]
+
+
+def build_seg(
+    sources: Sequence[Dataset],
+    labels: npt.NDArray[np.integer[Any]],
+    card: Mapping[str, Any],
+    *,
+    software_version: str,
+    series_number: int = SEG_SERIES_NUMBER,
+) -> hd.seg.Segmentation:
+    """A BINARY SEG from a label map on the source grid.
+
+    Parameters
+    ----------
+    sources:
+        The source series' datasets in slice order (the order of ``labels``' first axis).
+    labels:
+        Label map (slices, rows, columns) with the card's label values (0 = background).
+    card:
+        The model card: name, version and labels (value, name, category, type codes).
+    software_version:
+        Version string of segnode, recorded in the SEG's equipment module.
+
+    Raises
+    ------
+    JobError
+        The label map does not match the source grid.
+    """
+    if labels.shape[0] != len(sources) or any(
+        (int(ds.Rows), int(ds.Columns)) != tuple(labels.shape[1:]) for ds in sources[:1]
+    ):
+        raise JobError(
+            f"label map of shape {labels.shape} does not match the source series "
+            f"({len(sources)} slices of {sources[0].Rows}x{sources[0].Columns})"
+        )
+    values = label_values(card)
+    segments = np.zeros(labels.shape, dtype=np.uint8)
+    for number, value in enumerate(values, start=1):
+        segments[labels == value] = number
+    if not segments.any():
+        # highdicom needs at least one frame: an empty result keeps every (empty) frame.
+        logger.info("model found no tumour; the SEG holds one empty frame")
+    seg = hd.seg.Segmentation(
+        source_images=list(sources),
+        pixel_array=segments,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=segment_descriptions(card),
+        series_instance_uid=hd.UID(),
+        series_number=series_number,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        manufacturer_model_name=str(card.get("name", "segnode"))[:64],
+        software_versions=software_version,
+        device_serial_number="0",
+        series_description=SERIES_DESCRIPTION,
+        content_label="TUMOUR",
+        content_description=f"AI segmentation by {card.get('name')} {card.get('version')}"[:64],
+        omit_empty_frames=bool(segments.any()),
+    )
+    return seg

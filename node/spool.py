@@ -1,0 +1,68 @@
+"""The durable spool: each received instance written to disk before its success status goes back.
+
+Layout: ``<spool>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``, every component a
+validated UID (:mod:`node.uids`), so nothing from the wire ever becomes a path by itself. A file is
+written to a temporary name in the same directory, flushed and fsynced, then atomically renamed, and
+the directory is fsynced, so a crash leaves either the whole file or none.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+from pathlib import Path
+
+from node.exceptions import SpoolError
+from node.uids import validated_uid
+
+logger = logging.getLogger(__name__)
+
+
+def spool_path(spool_dir: Path, study_uid: str, series_uid: str, sop_uid: str) -> Path:
+    """The spool file for an instance; every UID is validated before it touches the path."""
+    parts = [
+        validated_uid(study_uid, "StudyInstanceUID"),
+        validated_uid(series_uid, "SeriesInstanceUID"),
+        validated_uid(sop_uid, "SOPInstanceUID"),
+    ]
+    return spool_dir / parts[0] / parts[1] / f"{parts[2]}.dcm"
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` durably: temp file, fsync, rename, fsync of the directory.
+
+    Raises
+    ------
+    SpoolError
+        The file could not be written (disk full, permissions); nothing is left at ``path``.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise SpoolError(f"spool file {path}: cannot write: {exc.strerror or exc}") from exc
+
+
+def free_mb(directory: Path) -> float:
+    """Free space in MiB on the file system that holds ``directory`` (or its nearest existing parent)."""
+    probe = directory
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    return shutil.disk_usage(probe).free / (1024 * 1024)

@@ -1,0 +1,36 @@
+"""DICOM UID validation: the only way a string from the wire becomes part of a file path."""
+
+from __future__ import annotations
+
+import re
+from typing import Final
+
+from node.exceptions import InvalidInstanceError
+
+#: PS3.5 9.1: components of digits separated by dots, at most 64 characters.
+UID_PATTERN: Final = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+MAX_UID_LENGTH: Final = 64
+
+
+def is_valid_uid(value: object) -> bool:
+    """True when ``value`` is a syntactically valid UID (PS3.5 9.1)."""
+    return isinstance(value, str) and len(value) <= MAX_UID_LENGTH and bool(UID_PATTERN.match(value))
+
+
+def validated_uid(value: object, attribute: str, where: str = "dataset") -> str:
+    """Return ``value`` as a UID string, or raise :class:`InvalidInstanceError` naming it.
+
+    Parameters
+    ----------
+    value:
+        The raw element value (trailing NUL/space padding from the wire is stripped).
+    attribute:
+        Keyword of the element, for the message (e.g. ``SOPInstanceUID``).
+    where:
+        What the value came from, for the message.
+    """
+    text = str(value).rstrip("\x00 ") if value is not None else ""
+    if not is_valid_uid(text):
+        shown = text if len(text) <= 80 else text[:77] + "..."
+        raise InvalidInstanceError(f"{where}: {attribute} {shown!r} is not a valid DICOM UID")
+    return text
