@@ -72,9 +72,12 @@ def main() -> None:
         err_console.print("Aborted.")
         sys.exit(1)
     except Exception as exc:  # the one place that maps errors to exit codes
-        import click
+        try:  # typer >= 0.2x vendors click as typer._click; older typer uses click itself
+            from typer._click.exceptions import ClickException
+        except ImportError:  # pragma: no cover
+            from click import ClickException  # type: ignore[no-redef]
 
-        if isinstance(exc, click.ClickException):
+        if isinstance(exc, ClickException):
             exc.show()
             sys.exit(exc.exit_code)
         if _state["debug"] or not isinstance(exc, _user_errors()):

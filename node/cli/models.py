@@ -1,9 +1,324 @@
-"""segnode CLI commands: models."""
+"""``segnode models``: the admin CLI of the model table (list, show, import, promote, rollback, ...).
+
+Every command reads the node config (``--config``, else ``$SEGNODE_CONFIG``, else defaults) for the
+database URL and upgrades the schema to head first, so ``segnode models import`` works on a fresh
+install. Bad input raises :class:`db.exceptions.RegistryError`; ``segnode`` prints it as one line
+and exits with code 2.
+"""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
 import typer
+from rich.console import Console
+from rich.table import Table
+
+if TYPE_CHECKING:
+    from db.registry import EventInfo, ModelInfo, Registry
+
+console = Console(highlight=False)
+
+models_app = typer.Typer(
+    name="models",
+    help="The model table: list, show, import, promote, roll back, retire and verify models.",
+    no_args_is_help=True,
+)
+
+CONFIG_OPTION = typer.Option(
+    None, "--config", "-c", help="Node config file (node.toml); default $SEGNODE_CONFIG."
+)
+BY_OPTION = typer.Option(None, "--by", help="Who acts, for the audit trail (default: the OS user).")
+JSON_OPTION = typer.Option(False, "--json", help="Write JSON to stdout instead of a table.")
+TOLERANCE_OPTION = typer.Option(
+    0.01, "--tolerance", help="Largest allowed Dice drop of INT8 below its FP32 parent."
+)
+
+
+def open_from_config(config: Path | None, tolerance: float = 0.01) -> Registry:
+    """The registry on the configured database, upgraded to the newest schema."""
+    from db.registry import open_registry
+    from node.config import load_settings
+
+    return open_registry(load_settings(config).database.resolved_url(), tolerance=tolerance)
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+def _dice(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+_STATUS_STYLE = {"active": "bold green", "candidate": "", "retired": "dim"}
+
+
+def models_table(models: list[ModelInfo], title: str = "Models") -> Table:
+    """A Rich table of ``models``: id, name, version, task, kind, precision, status, Dice, size, created."""
+    table = Table(title=title)
+    for column, justify in [
+        ("ID", "right"),
+        ("Name", "left"),
+        ("Version", "left"),
+        ("Task", "left"),
+        ("Kind", "left"),
+        ("Precision", "left"),
+        ("Status", "left"),
+        ("Dice", "right"),
+        ("Size", "right"),
+        ("Created", "left"),
+    ]:
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    for m in models:
+        table.add_row(
+            str(m.id),
+            m.name,
+            m.version,
+            m.task,
+            m.kind,
+            m.precision,
+            f"[{_STATUS_STYLE[m.status]}]{m.status}[/]" if _STATUS_STYLE[m.status] else m.status,
+            _dice(m.dice),
+            _size(m.size),
+            m.created_at.strftime("%Y-%m-%d %H:%M"),
+        )
+    return table
+
+
+def _echo_json(data: Any) -> None:
+    typer.echo(json.dumps(data, indent=2, sort_keys=False))
+
+
+@models_app.command("list")
+def list_cmd(
+    task: str | None = typer.Option(None, "--task", help="Only models of this task."),
+    as_json: bool = JSON_OPTION,
+    config: Path | None = CONFIG_OPTION,
+) -> None:
+    """List the models (all statuses), oldest first."""
+    models = open_from_config(config).list_models(task)
+    if as_json:
+        _echo_json([m.to_dict() for m in models])
+        return
+    if not models:
+        console.print("No models registered yet; add one with `segnode models import DIR`.")
+        return
+    console.print(models_table(models))
+
+
+@models_app.command("show")
+def show_cmd(
+    model_id: int = typer.Argument(..., metavar="ID", help="Model id (see `segnode models list`)."),
+    as_json: bool = JSON_OPTION,
+    config: Path | None = CONFIG_OPTION,
+) -> None:
+    """Show one model: fields, lineage, files, metrics."""
+    registry = open_from_config(config)
+    model = registry.get(model_id)
+    if as_json:
+        _echo_json(model.to_dict())
+        return
+    console.print(models_table([model], title=f"Model #{model.id}"))
+    lineage: list[str] = []
+    parent_id = model.parent_id
+    while parent_id is not None and len(lineage) < 10:
+        parent = registry.get(parent_id)
+        lineage.append(f"#{parent.id} {parent.kind}/{parent.precision}")
+        parent_id = parent.parent_id
+    console.print(f"modalities: {', '.join(model.modalities)}")
+    console.print(f"lineage: {' <- '.join([f'#{model.id}', *lineage]) if lineage else 'none (no parent)'}")
+    files = Table(title="Files")
+    for column in ("Path", "Size", "sha256"):
+        files.add_column(column)
+    for f in model.files:
+        files.add_row(str(f.path), _size(f.size), f.sha256)
+    console.print(files)
+    mean = (model.metrics or {}).get("mean")
+    if isinstance(mean, dict):
+        cases = (model.metrics or {}).get("cases") or []
+        console.print(
+            "metrics (mean over "
+            f"{len(cases)} cases): "
+            + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in mean.items())
+        )
+    else:
+        console.print("metrics: none")
+
+
+def _runnable_to_promote(models: list[ModelInfo]) -> ModelInfo:
+    from db.exceptions import PromotionRefused
+    from db.models import RUNNABLE_KINDS
+
+    runnable = [m for m in models if m.kind in RUNNABLE_KINDS]
+    for precision in ("int8", "fp16", "fp32"):
+        for m in runnable:
+            if m.precision == precision:
+                return m
+    raise PromotionRefused("--promote: the model directory has no OpenVINO IR artifact the node could run")
+
+
+@models_app.command("import")
+def import_cmd(
+    directory: Path = typer.Argument(
+        ..., metavar="DIR", help="Model directory holding model.json and files."
+    ),
+    promote: bool = typer.Option(
+        False, "--promote", help="Then promote its IR (INT8 if present, else FP32)."
+    ),
+    reason: str = typer.Option("", "--reason", help="Why (recorded with --promote)."),
+    by: str | None = BY_OPTION,
+    tolerance: float = TOLERANCE_OPTION,
+    config: Path | None = CONFIG_OPTION,
+) -> None:
+    """Register every artifact of a model directory (model.json + files) in one transaction."""
+    registry = open_from_config(config, tolerance)
+    models = registry.import_dir(directory, by=by)
+    console.print(models_table(models, title=f"Imported from {directory}"))
+    if promote:
+        chosen = _runnable_to_promote(models)
+        if chosen.status == "active":
+            console.print(f"model #{chosen.id} is already active for task {chosen.task}")
+            return
+        promoted = registry.promote(chosen.id, by=by, reason=reason or f"imported from {directory}")
+        console.print(
+            f"promoted model #{promoted.id} ({promoted.kind}/{promoted.precision}) for task {promoted.task}"
+        )
+
+
+@models_app.command("promote")
+def promote_cmd(
+    model_id: int = typer.Argument(..., metavar="ID", help="Model id to make active for its task."),
+    force: bool = typer.Option(False, "--force", help="Override failed metric gates (needs --reason)."),
+    reason: str = typer.Option("", "--reason", help="Why; recorded in the audit trail."),
+    by: str | None = BY_OPTION,
+    tolerance: float = TOLERANCE_OPTION,
+    config: Path | None = CONFIG_OPTION,
+) -> None:
+    """Make a model the active model of its task, after the promotion gates."""
+    model = open_from_config(config, tolerance).promote(model_id, by=by, reason=reason, force=force)
+    console.print(
+        f"model #{model.id} ({model.name} {model.version} {model.kind}/{model.precision}) is now "
+        f"active for task {model.task}"
+    )
+
+
+@models_app.command("rollback")
+def rollback_cmd(
+    task: str | None = typer.Option(
+        None, "--task", help="Task to roll back (default: the only task with an active model)."
+    ),
+    reason: str = typer.Option("", "--reason", help="Why; recorded in the audit trail."),
+    by: str | None = BY_OPTION,
+    config: Path | None = CONFIG_OPTION,
+) -> None:
+    """Re-activate the previous active model of a task."""
+    from db.exceptions import RollbackError
+
+    registry = open_from_config(config)
+    if task is None:
+        tasks = sorted({m.task for m in registry.list_models() if m.status == "active"})
+        if len(tasks) != 1:
+            have = ", ".join(tasks) if tasks else "none"
+            raise RollbackError(f"rollback needs --task (tasks with an active model: {have})")
+        task = tasks[0]
+    model = registry.rollback(task, by=by, reason=reason)
+    console.print(
+        f"task {task} rolled back: model #{model.id} ({model.kind}/{model.precision}) is active again"
+    )
+
+
+@models_app.command("retire")
+def retire_cmd(
+    model_id: int = typer.Argument(..., metavar="ID", help="Model id to retire."),
+    reason: str = typer.Option("", "--reason", help="Why; recorded in the audit trail."),
+    by: str | None = BY_OPTION,
+    config: Path | None = CONFIG_OPTION,
+) -> None:
+    """Retire a model: it can no longer be promoted or rolled back to."""
+    model = open_from_config(config).retire(model_id, by=by, reason=reason)
+    console.print(f"model #{model.id} retired")
+
+
+@models_app.command("verify")
+def verify_cmd(
+    model_id: int = typer.Argument(..., metavar="ID", help="Model id whose files to check."),
+    as_json: bool = JSON_OPTION,
+    config: Path | None = CONFIG_OPTION,
+) -> None:
+    """Check a model's files against their recorded sha256 and size; exit 2 on any mismatch."""
+    from db.exceptions import ChecksumMismatch
+
+    report = open_from_config(config).verify(model_id)
+    if as_json:
+        _echo_json(
+            {
+                "model_id": model_id,
+                "ok": report.ok,
+                "files": [
+                    {
+                        "path": str(f.path),
+                        "status": f.status,
+                        "expected_sha256": f.expected_sha256,
+                        "actual_sha256": f.actual_sha256,
+                        "expected_size": f.expected_size,
+                        "actual_size": f.actual_size,
+                    }
+                    for f in report.files
+                ],
+            }
+        )
+    else:
+        table = Table(title=f"Model #{model_id} files")
+        for column in ("Path", "Status"):
+            table.add_column(column)
+        for f in report.files:
+            table.add_row(str(f.path), "ok" if f.ok else f"[bold red]{f.status}[/]")
+        console.print(table)
+    if not report.ok:
+        raise ChecksumMismatch(f"model #{model_id}: " + "; ".join(report.problems))
+
+
+def _events_table(events: list[EventInfo]) -> Table:
+    table = Table(title="Rollout history")
+    for column in ("ID", "When (UTC)", "Task", "Action", "From", "To", "By", "Forced", "Reason"):
+        table.add_column(column)
+    for e in events:
+        table.add_row(
+            str(e.id),
+            e.at.strftime("%Y-%m-%d %H:%M:%S"),
+            e.task,
+            e.action,
+            f"#{e.from_model_id}" if e.from_model_id is not None else "-",
+            f"#{e.to_model_id}" if e.to_model_id is not None else "-",
+            e.by,
+            "yes" if e.forced else "",
+            e.reason,
+        )
+    return table
+
+
+@models_app.command("history")
+def history_cmd(
+    task: str | None = typer.Option(None, "--task", help="Only events of this task."),
+    as_json: bool = JSON_OPTION,
+    config: Path | None = CONFIG_OPTION,
+) -> None:
+    """Show the audit trail: registrations, promotions, rollbacks, retirements, refusals."""
+    events = open_from_config(config).history(task)
+    if as_json:
+        _echo_json([e.to_dict() for e in events])
+        return
+    console.print(_events_table(events))
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to the root app."""
+    """Add ``segnode models ...`` to the root app."""
+    app.add_typer(models_app, name="models")
