@@ -1,0 +1,373 @@
+"""DICOM series -> :class:`~converters.volume.Volume`.
+
+Single-frame series (MR/CT Image Storage, one slice per instance) and Enhanced (multi-frame) MR Image
+Storage are read. Slices are ordered by ImagePositionPatient projected on the slice normal (the cross
+product of the two ImageOrientationPatient cosines, PS3.3 C.7.6.2.1.1), never by InstanceNumber or file
+name; the slice spacing is measured from the positions, not taken from SliceThickness or
+SpacingBetweenSlices; RescaleSlope and RescaleIntercept (PS3.3 C.11.1) are applied per slice.
+
+Refused, with :class:`~converters.exceptions.InvalidSeriesError` naming the series and the problem:
+more than one series, mixed orientations, mixed sizes (Rows/Columns) or pixel spacings, duplicate
+positions, positions off the slice normal, missing slices (uneven gaps), missing or short pixel data,
+colour images.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+from converters.exceptions import InvalidSeriesError
+from converters.volume import Volume
+
+logger = logging.getLogger(__name__)
+
+#: Two orientations differ when a cosine differs by more than this.
+ORIENTATION_TOLERANCE = 1e-4
+#: A gap may differ from the mean spacing by this fraction before a slice counts as missing.
+GAP_TOLERANCE = 0.1
+#: Positions closer than this (mm) along the normal are duplicates.
+DUPLICATE_TOLERANCE_MM = 1e-3
+#: Positions may stray this far (mm, or this fraction of the pixel spacing) off the line along the normal.
+OFF_LINE_TOLERANCE_MM = 0.01
+
+ENHANCED_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.4.1",  # Enhanced MR Image Storage
+    "1.2.840.10008.5.1.4.1.1.4.4",  # Legacy Converted Enhanced MR Image Storage
+}
+
+
+@dataclass
+class _Slice:
+    """One 2D frame with its geometry, before sorting."""
+
+    label: str  # SOPInstanceUID (plus frame number for multi-frame), for messages
+    sop_uid: str
+    position: npt.NDArray[np.float64]
+    orientation: npt.NDArray[np.float64]
+    pixel_spacing: tuple[float, float]
+    rows: int
+    columns: int
+    slope: float
+    intercept: float
+    pixels: Callable[[], npt.NDArray[np.generic]]
+
+
+def _series_name(ds: Dataset) -> str:
+    return f"series {ds.get('SeriesInstanceUID', '(no SeriesInstanceUID)')}"
+
+
+def _floats(value: object, n: int, where: str, keyword: str) -> npt.NDArray[np.float64]:
+    try:
+        out = np.asarray([float(v) for v in value], dtype=np.float64)  # type: ignore[attr-defined]
+    except (TypeError, ValueError) as exc:
+        raise InvalidSeriesError(f"{where}: {keyword} = {value!r} is not {n} numbers") from exc
+    if out.shape != (n,) or not np.all(np.isfinite(out)):
+        raise InvalidSeriesError(f"{where}: {keyword} = {value!r} is not {n} numbers")
+    return out
+
+
+def _read(item: Path | Dataset) -> Dataset:
+    if isinstance(item, Dataset):
+        return item
+    try:
+        return pydicom.dcmread(str(item))
+    except (InvalidDicomError, OSError, EOFError, ValueError) as exc:
+        raise InvalidSeriesError(f"{item}: not a readable DICOM file ({exc})") from exc
+
+
+def _expected_bytes(ds: Dataset, frames: int) -> int:
+    return (
+        int(ds.Rows)
+        * int(ds.Columns)
+        * int(ds.get("SamplesPerPixel", 1))
+        * int(ds.BitsAllocated)
+        // 8
+        * frames
+    )
+
+
+def _check_pixel_data(ds: Dataset, where: str, frames: int) -> None:
+    """Refuse missing pixel data, colour images and (uncompressed) pixel data shorter than declared."""
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        raise InvalidSeriesError(f"{where}: missing pixel data (no PixelData element)")
+    for keyword in ("Rows", "Columns", "BitsAllocated"):
+        if keyword not in ds:
+            raise InvalidSeriesError(f"{where}: missing {keyword}")
+    if int(ds.get("SamplesPerPixel", 1)) != 1:
+        raise InvalidSeriesError(f"{where}: SamplesPerPixel = {ds.SamplesPerPixel}; only grey-scale images")
+    syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    compressed = bool(syntax is not None and syntax.is_compressed)
+    if "PixelData" in ds and not compressed:
+        have, need = len(ds.PixelData), _expected_bytes(ds, frames)
+        if have < need:
+            raise InvalidSeriesError(
+                f"{where}: pixel data is {have} bytes but Rows {ds.Rows} x Columns {ds.Columns} x "
+                f"{ds.BitsAllocated} bits x {frames} frame(s) needs {need}"
+            )
+
+
+def _pixels(ds: Dataset, where: str) -> npt.NDArray[np.generic]:
+    try:
+        return np.asarray(ds.pixel_array)
+    except Exception as exc:  # decoder errors come in many types
+        raise InvalidSeriesError(f"{where}: cannot decode pixel data ({type(exc).__name__}: {exc})") from exc
+
+
+def _rescale(ds: Dataset) -> tuple[float, float]:
+    slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
+    intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
+    return slope, intercept
+
+
+def _single_frame_slice(ds: Dataset, series: str) -> _Slice:
+    sop = str(ds.get("SOPInstanceUID", "?"))
+    where = f"{series} instance {sop}"
+    for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
+        if keyword not in ds:
+            raise InvalidSeriesError(f"{where}: missing {keyword}")
+    _check_pixel_data(ds, where, 1)
+    spacing = _floats(ds.PixelSpacing, 2, where, "PixelSpacing")
+    slope, intercept = _rescale(ds)
+    return _Slice(
+        label=sop,
+        sop_uid=sop,
+        position=_floats(ds.ImagePositionPatient, 3, where, "ImagePositionPatient"),
+        orientation=_floats(ds.ImageOrientationPatient, 6, where, "ImageOrientationPatient"),
+        pixel_spacing=(float(spacing[0]), float(spacing[1])),
+        rows=int(ds.Rows),
+        columns=int(ds.Columns),
+        slope=slope,
+        intercept=intercept,
+        pixels=lambda: _pixels(ds, where),
+    )
+
+
+def _functional(ds: Dataset, frame: Dataset | None, sequence: str, keyword: str, where: str) -> object:
+    """``keyword`` from the per-frame functional group ``sequence``, else from the shared one."""
+    groups = [frame] if frame is not None else []
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    if shared:
+        groups.append(shared[0])
+    for group in groups:
+        items = group.get(sequence)
+        if items and keyword in items[0]:
+            return items[0][keyword].value
+    return None
+
+
+def _multi_frame_slices(ds: Dataset, series: str) -> list[_Slice]:
+    sop = str(ds.get("SOPInstanceUID", "?"))
+    where = f"{series} instance {sop}"
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if not per_frame or len(per_frame) != frames:
+        found = len(per_frame) if per_frame else 0
+        raise InvalidSeriesError(
+            f"{where}: PerFrameFunctionalGroupsSequence has {found} items, NumberOfFrames {frames}"
+        )
+    _check_pixel_data(ds, where, frames)
+    cache: dict[str, npt.NDArray[np.generic]] = {}
+
+    def frame_pixels(index: int) -> Callable[[], npt.NDArray[np.generic]]:
+        def get() -> npt.NDArray[np.generic]:
+            if "all" not in cache:
+                data = _pixels(ds, where)
+                cache["all"] = data.reshape(frames, int(ds.Rows), int(ds.Columns))
+            return cache["all"][index]
+
+        return get
+
+    slices: list[_Slice] = []
+    for index, frame in enumerate(per_frame):
+        fwhere = f"{where} frame {index + 1}"
+        position = _functional(ds, frame, "PlanePositionSequence", "ImagePositionPatient", fwhere)
+        orientation = _functional(ds, frame, "PlaneOrientationSequence", "ImageOrientationPatient", fwhere)
+        spacing = _functional(ds, frame, "PixelMeasuresSequence", "PixelSpacing", fwhere)
+        for keyword, value in (
+            ("PlanePositionSequence/ImagePositionPatient", position),
+            ("PlaneOrientationSequence/ImageOrientationPatient", orientation),
+            ("PixelMeasuresSequence/PixelSpacing", spacing),
+        ):
+            if value is None:
+                raise InvalidSeriesError(f"{fwhere}: missing {keyword}")
+        slope = _functional(ds, frame, "PixelValueTransformationSequence", "RescaleSlope", fwhere)
+        intercept = _functional(ds, frame, "PixelValueTransformationSequence", "RescaleIntercept", fwhere)
+        pixel_spacing = _floats(spacing, 2, fwhere, "PixelSpacing")
+        slices.append(
+            _Slice(
+                label=f"{sop} frame {index + 1}",
+                sop_uid=sop,
+                position=_floats(position, 3, fwhere, "ImagePositionPatient"),
+                orientation=_floats(orientation, 6, fwhere, "ImageOrientationPatient"),
+                pixel_spacing=(float(pixel_spacing[0]), float(pixel_spacing[1])),
+                rows=int(ds.Rows),
+                columns=int(ds.Columns),
+                slope=float(slope) if slope is not None else 1.0,  # type: ignore[arg-type]
+                intercept=float(intercept) if intercept is not None else 0.0,  # type: ignore[arg-type]
+                pixels=frame_pixels(index),
+            )
+        )
+    return slices
+
+
+def _is_multi_frame(ds: Dataset) -> bool:
+    return str(ds.get("SOPClassUID", "")) in ENHANCED_SOP_CLASSES or "PerFrameFunctionalGroupsSequence" in ds
+
+
+def _check_consistent(slices: list[_Slice], series: str) -> None:
+    first = slices[0]
+    for s in slices[1:]:
+        if np.max(np.abs(s.orientation - first.orientation)) > ORIENTATION_TOLERANCE:
+            raise InvalidSeriesError(
+                f"{series}: mixed orientations: ImageOrientationPatient {s.orientation.round(5).tolist()} "
+                f"in {s.label} vs {first.orientation.round(5).tolist()} in {first.label}"
+            )
+        if (s.rows, s.columns) != (first.rows, first.columns):
+            raise InvalidSeriesError(
+                f"{series}: mixed sizes: Rows x Columns {s.rows}x{s.columns} in {s.label} "
+                f"vs {first.rows}x{first.columns} in {first.label}"
+            )
+        if not np.allclose(s.pixel_spacing, first.pixel_spacing, rtol=1e-4, atol=1e-5):
+            raise InvalidSeriesError(
+                f"{series}: mixed pixel spacings: PixelSpacing {list(s.pixel_spacing)} in {s.label} "
+                f"vs {list(first.pixel_spacing)} in {first.label}"
+            )
+
+
+def _directions(
+    orientation: npt.NDArray[np.float64], series: str
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    row, col = orientation[:3], orientation[3:]
+    if abs(np.linalg.norm(row) - 1) > 1e-3 or abs(np.linalg.norm(col) - 1) > 1e-3 or abs(row @ col) > 1e-3:
+        raise InvalidSeriesError(
+            f"{series}: ImageOrientationPatient {orientation.tolist()} is not two orthogonal unit vectors"
+        )
+    row, col = row / np.linalg.norm(row), col / np.linalg.norm(col)
+    normal = np.cross(row, col)
+    return row, col, normal / np.linalg.norm(normal)
+
+
+def _order_and_spacing(
+    slices: list[_Slice], normal: npt.NDArray[np.float64], series: str
+) -> tuple[list[_Slice], float]:
+    """Slices sorted along the normal and the slice spacing; refuse duplicates and gaps."""
+    ordered = sorted(slices, key=lambda s: float(s.position @ normal))
+    depth = np.asarray([float(s.position @ normal) for s in ordered])
+    gaps = np.diff(depth)
+    for n, gap in enumerate(gaps):
+        if gap < DUPLICATE_TOLERANCE_MM:
+            raise InvalidSeriesError(
+                f"{series}: duplicate positions: {ordered[n].label} and {ordered[n + 1].label} both at "
+                f"{depth[n]:.3f} mm along the slice normal"
+            )
+    if len(ordered) == 1:
+        return ordered, 0.0
+    spacing = float(depth[-1] - depth[0]) / (len(ordered) - 1)
+    bad = np.flatnonzero(np.abs(gaps - spacing) > GAP_TOLERANCE * spacing)
+    if bad.size:
+        n = int(bad[0])
+        raise InvalidSeriesError(
+            f"{series}: missing slices (uneven gaps): gap of {gaps[n]:.3f} mm between {ordered[n].label} and "
+            f"{ordered[n + 1].label}, mean spacing {spacing:.3f} mm"
+        )
+    origin = ordered[0].position
+    for s, d in zip(ordered, depth, strict=True):
+        off = s.position - (origin + (d - depth[0]) * normal)
+        if np.linalg.norm(off) > max(OFF_LINE_TOLERANCE_MM, 0.01 * min(s.pixel_spacing)):
+            raise InvalidSeriesError(
+                f"{series}: ImagePositionPatient of {s.label} is {np.linalg.norm(off):.3f} mm off the line "
+                "along the slice normal (tilted or sheared stack)"
+            )
+    return ordered, spacing
+
+
+def _single_slice_spacing(ds: Dataset) -> float:
+    for keyword in ("SpacingBetweenSlices", "SliceThickness"):
+        value = ds.get(keyword)
+        if value not in (None, "") and float(value) > 0:
+            return float(value)
+    return 1.0
+
+
+def load_series(items: Sequence[Path] | Sequence[Dataset] | Sequence[Path | Dataset]) -> Volume:
+    """Assemble one DICOM series (files or datasets, any order) into a :class:`Volume`.
+
+    Parameters
+    ----------
+    items:
+        The instances of one series: single-frame images (one slice each) or one Enhanced
+        (multi-frame) MR image.
+
+    Returns
+    -------
+    Volume
+        float32 ``array[slice, row, column]`` after RescaleSlope/Intercept, with slices ascending
+        along the normal ``row_direction x column_direction``; ``spacing[0]`` measured from positions.
+
+    Raises
+    ------
+    InvalidSeriesError
+        Names the series (SeriesInstanceUID), the instance and the problem; see the module notes.
+    """
+    if not items:
+        raise InvalidSeriesError("empty series: no instances given")
+    datasets = [_read(item) for item in items]
+    uids = sorted({str(ds.get("SeriesInstanceUID", "")) for ds in datasets})
+    if len(uids) > 1:
+        raise InvalidSeriesError(f"more than one series: SeriesInstanceUIDs {uids}")
+    first = datasets[0]
+    series = _series_name(first)
+    multi = [ds for ds in datasets if _is_multi_frame(ds)]
+    if multi and len(datasets) > 1:
+        raise InvalidSeriesError(
+            f"{series}: {len(datasets)} instances including {len(multi)} multi-frame; "
+            "expected one multi-frame image alone"
+        )
+    slices = (
+        _multi_frame_slices(first, series) if multi else [_single_frame_slice(ds, series) for ds in datasets]
+    )
+    _check_consistent(slices, series)
+    row, col, normal = _directions(slices[0].orientation, series)
+    ordered, slice_spacing = _order_and_spacing(slices, normal, series)
+    if len(ordered) == 1:
+        slice_spacing = _single_slice_spacing(first)
+    array = np.empty((len(ordered), ordered[0].rows, ordered[0].columns), dtype=np.float32)
+    for k, s in enumerate(ordered):
+        pixels = s.pixels()
+        if pixels.shape != (s.rows, s.columns):
+            raise InvalidSeriesError(
+                f"{series}: {s.label} decodes to shape {pixels.shape}, not {s.rows}x{s.columns}"
+            )
+        array[k] = pixels.astype(np.float64) * s.slope + s.intercept
+    volume = Volume(
+        array=array,
+        origin=ordered[0].position.copy(),
+        row_direction=row,
+        column_direction=col,
+        slice_direction=normal,
+        spacing=(slice_spacing, ordered[0].pixel_spacing[0], ordered[0].pixel_spacing[1]),
+        frame_of_reference_uid=str(first.get("FrameOfReferenceUID", "")) or None,
+        series_instance_uid=uids[0] or None,
+        study_instance_uid=str(first.get("StudyInstanceUID", "")) or None,
+        sop_instance_uids=[s.sop_uid for s in ordered],
+        modality_hint=str(first.get("SeriesDescription", "")),
+    )
+    logger.debug("%s: %d slices, spacing %s", series, len(ordered), volume.spacing)
+    return volume
+
+
+def load_series_folder(folder: Path) -> Volume:
+    """:func:`load_series` on every file of ``folder`` except a DICOMDIR."""
+    files = sorted(p for p in Path(folder).iterdir() if p.is_file() and p.name != "DICOMDIR")
+    if not files:
+        raise InvalidSeriesError(f"{folder}: no files")
+    return load_series(files)
