@@ -38,3 +38,74 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         return f"sqlite:///{tmp_path / 'db' / 'segnode.db'}"
     server = request.getfixturevalue("postgres_server")
     return str(server.new_database())
+
+
+def write_model_dir(
+    directory: Path,
+    *,
+    name: str = "segnode-wt-flair",
+    version: str = "1.0.0",
+    task: str = "whole_tumor",
+    modalities: tuple[str, ...] = ("FLAIR",),
+    fp32_dice: float | None = 0.90,
+    int8_dice: float | None = 0.895,
+    cases: tuple[str, ...] = ("case_001", "case_002", "case_003"),
+    int8_cases: tuple[str, ...] | None = None,
+    seed: int = 0,
+) -> Path:
+    """Write a model directory as the trainer exports it: model.json + ONNX + IR FP32 + IR INT8 files.
+
+    The files hold real (random, seeded) bytes; ``model.json`` lists their sha256 and size, the
+    lineage (INT8 IR -> FP32 IR -> ONNX) and per-artifact metrics (``None`` dice: no metrics).
+    Returns ``directory``.
+    """
+    import hashlib
+    import json
+
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+
+    def entry(path: str, data: bytes) -> dict[str, object]:
+        (directory / path).write_bytes(data)
+        return {"path": path, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+
+    def metrics(dice: float | None, on: tuple[str, ...]) -> dict[str, object] | None:
+        if dice is None:
+            return None
+        per_case = [{"case": c, "dice": dice, "jaccard": dice / (2 - dice)} for c in on]
+        return {"cases": list(on), "split": "validation", "per_case": per_case,
+                "mean": {"dice": dice, "jaccard": dice / (2 - dice), "sensitivity": 0.9, "specificity": 0.99,
+                         "hd95": 4.0}}
+
+    def xml(precision: str) -> bytes:
+        return (f'<?xml version="1.0"?>\n<net name="{name}" version="11" precision="{precision}" '
+                f'seed="{seed}">\n</net>\n').encode()
+
+    artifacts = [
+        {"key": "onnx", "kind": "onnx", "precision": "fp32", "parent": None,
+         "files": [entry("model.onnx", rng.bytes(2048))], "metrics": metrics(fp32_dice, cases)},
+        {"key": "ir_fp32", "kind": "ir", "precision": "fp32", "parent": "onnx",
+         "files": [entry("model_fp32.xml", xml("FP32")), entry("model_fp32.bin", rng.bytes(4096))],
+         "metrics": metrics(fp32_dice, cases)},
+        {"key": "ir_int8", "kind": "ir", "precision": "int8", "parent": "ir_fp32",
+         "files": [entry("model_int8.xml", xml("INT8")), entry("model_int8.bin", rng.bytes(1024))],
+         "metrics": metrics(int8_dice, int8_cases or cases)},
+    ]
+    card = {
+        "format_version": 1, "name": name, "version": version, "task": task, "modalities": list(modalities),
+        "preprocessing": {"orientation": "RAS", "spacing_mm": [1.0, 1.0, 1.0], "crop_size": [192, 192],
+                          "normalization": "zscore_nonzero", "slice_axis": 2},
+        "output": {"activation": "sigmoid", "threshold": 0.5},
+        "labels": [{"value": 1, "name": "Whole tumour",
+                    "category": {"scheme": "SCT", "code": "49755003",
+                                 "meaning": "Morphologically abnormal structure"},
+                    "type": {"scheme": "SCT", "code": "108369006", "meaning": "Neoplasm"}}],
+        "artifacts": artifacts,
+        "calibration": {"subset_size": 300, "preset": "performance", "source": "training split"},
+        "training": {"data_fingerprint": "0" * 64, "split": {"train": ["a"], "val": list(cases)}, "epochs": 2,
+                     "device_kind": "cpu", "device_count": 1, "seed": seed, "commit": "test"},
+    }
+    (directory / "model.json").write_text(json.dumps(card, indent=2), encoding="utf-8")
+    return directory
