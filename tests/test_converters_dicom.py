@@ -1,0 +1,293 @@
+"""DICOM: Case -> MR study -> Volume round trips, the vendor series, refusals, Enhanced MR."""
+
+from __future__ import annotations
+
+import copy
+import random
+import re
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from highdicom.legacy import LegacyConvertedEnhancedMRImage
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+
+from converters.dicom_series import load_series, load_series_folder
+from converters.dicom_writer import QUANTISED_MAX, SyntheticPatient, write_study
+from converters.exceptions import InvalidSeriesError
+from converters.nifti import load_case
+from converters.reorient import volume_to_ras
+from converters.synthetic import make_synthetic_case
+from tests.peers import require_program, require_shared
+
+GE_SERIES = ("dicom", "ge_t1_mprage_healthy")
+
+
+def _dciodvfy(files: list[Path]) -> list[str]:
+    """Run dciodvfy on ``files``; print its warnings; return its error lines."""
+    program = require_program("dciodvfy")
+    errors: list[str] = []
+    for path in files:
+        result = subprocess.run([program, str(path)], capture_output=True, text=True, check=False, timeout=60)
+        lines = [ln for ln in (result.stdout + result.stderr).splitlines() if ln.strip()]
+        for line in lines:
+            if "Warning" in line:
+                print(f"dciodvfy {path.parent.name}/{path.name}: {line}")
+        errors += [f"{path}: {ln}" for ln in lines if "Error" in ln]
+    return errors
+
+
+@pytest.fixture(scope="module")
+def small_series(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """A 10-slice synthetic FLAIR series on disk."""
+    out = tmp_path_factory.mktemp("small")
+    info = write_study(make_synthetic_case(4, (16, 14, 10)), out, modalities=["FLAIR"])
+    return info.files["FLAIR"]
+
+
+def _datasets(files: list[Path]) -> list[Dataset]:
+    return [pydicom.dcmread(str(p)) for p in files]
+
+
+def test_real_case_round_trip_is_exact_and_valid(tmp_path: Path) -> None:
+    case = load_case(require_shared("train", "brats", "BraTS2021_00005"))
+    info = write_study(case, tmp_path, seed=7)
+    assert set(info.series) == {"FLAIR", "T1", "T1GD", "T2"}
+    for modality, image in case.images.items():
+        files = info.files[modality]
+        assert len(files) == case.shape[2]
+        shuffled = files[:]
+        random.Random(1).shuffle(shuffled)  # the reader must not rely on file order
+        volume = load_series(shuffled)
+        array, affine = volume_to_ras(volume)
+        assert array.dtype == np.float32
+        np.testing.assert_array_equal(array, image)
+        np.testing.assert_allclose(affine, case.affine, atol=1e-4, rtol=0)
+        assert volume.series_instance_uid == info.series_uids[modality]
+        assert volume.study_instance_uid == info.study_instance_uid
+        assert volume.frame_of_reference_uid == info.frame_of_reference_uid
+    sample = [f for fs in info.files.values() for f in (fs[0], fs[len(fs) // 2], fs[-1])]
+    assert _dciodvfy(sample) == []
+
+
+def test_written_attributes_are_realistic_and_synthetic(tmp_path: Path) -> None:
+    case = make_synthetic_case(2, (12, 12, 8))
+    patient = SyntheticPatient.from_seed(11)
+    info = write_study(case, tmp_path, patient=patient)
+    heads = {m: pydicom.dcmread(str(files[0])) for m, files in info.files.items()}
+    assert {m: ds.SeriesDescription for m, ds in heads.items()} == {
+        "FLAIR": "AX FLAIR",
+        "T1": "AX T1",
+        "T1GD": "AX T1 POST GD",
+        "T2": "AX T2",
+    }
+    flair, t1, t1gd = heads["FLAIR"], heads["T1"], heads["T1GD"]
+    assert float(flair.InversionTime) == 2500 and float(flair.RepetitionTime) == 9000
+    assert "InversionTime" not in t1
+    assert t1gd.ContrastBolusAgent and "ContrastBolusAgent" not in t1
+    assert {ds.FrameOfReferenceUID for ds in heads.values()} == {info.frame_of_reference_uid}
+    assert {ds.StudyInstanceUID for ds in heads.values()} == {info.study_instance_uid}
+    assert len({ds.SeriesInstanceUID for ds in heads.values()}) == 4
+    for ds in heads.values():
+        assert ds.SOPClassUID == pydicom.uid.MRImageStorage
+        assert ds.PatientName == patient.name and str(ds.PatientName).startswith("SYNTHETIC^")
+        assert ds.MRAcquisitionType == "2D" and float(ds.MagneticFieldStrength) == 1.5
+        assert [float(v) for v in ds.ImageOrientationPatient] == [1, 0, 0, 0, 1, 0]
+        assert float(ds.SliceThickness) == pytest.approx(case.spacing[2])
+    sops = {pydicom.dcmread(str(f)).SOPInstanceUID for fs in info.files.values() for f in fs}
+    assert len(sops) == info.n_files == 4 * 8
+    # Fresh UIDs every time.
+    again = write_study(case, tmp_path / "again", patient=patient)
+    assert again.study_instance_uid != info.study_instance_uid
+
+
+def test_zscored_case_is_quantised_within_half_a_step(tmp_path: Path) -> None:
+    case = load_case(require_shared("train", "brats2013_flair_t1c", "brats_2013_pat0002_1"))
+    info = write_study(case, tmp_path, modalities=["FLAIR"])
+    head = pydicom.dcmread(str(info.files["FLAIR"][0]))
+    slope = float(head.RescaleSlope)
+    image = case.images["FLAIR"]
+    assert slope == pytest.approx(float(np.abs(image).max()) / QUANTISED_MAX, rel=1e-6)
+    array, affine = volume_to_ras(load_series(info.files["FLAIR"]))
+    np.testing.assert_array_equal(array == 0, image == 0)  # the background stays exactly 0
+    assert float(np.abs(array - image).max()) <= slope / 2 * (1 + 1e-4)
+    np.testing.assert_allclose(affine, case.affine, atol=1e-4, rtol=0)
+    errors = _dciodvfy([info.files["FLAIR"][0]])
+    assert errors == []
+
+
+def _dcmdump_geometry(files: list[Path]) -> dict[str, dict[str, list[float]]]:
+    """SOPInstanceUID -> {IPP, IOP, PixelSpacing} as dcmdump prints them."""
+    program = require_program("dcmdump")
+    args = [program, "+L"]
+    for keyword in ("SOPInstanceUID", "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
+        args += ["+P", keyword]
+    out = subprocess.run(
+        [*args, *map(str, files)], capture_output=True, text=True, check=True, timeout=120
+    ).stdout
+    result: dict[str, dict[str, list[float]]] = {}
+    current: dict[str, list[float]] = {}
+    for line in out.splitlines():
+        match = re.match(r"\((\w{4}),(\w{4})\) \w\w \[([^\]]*)\]", line)
+        if not match:
+            continue
+        tag, value = f"{match[1]},{match[2]}".lower(), match[3]
+        if tag == "0008,0018":
+            current = result.setdefault(value, {})
+        else:
+            current[tag] = [float(v) for v in value.split("\\")]
+    return result
+
+
+def test_vendor_series_geometry_matches_dcmdump() -> None:
+    folder = require_shared(*GE_SERIES)
+    files = sorted(folder.iterdir())
+    volume = load_series_folder(folder)
+    assert volume.array.shape == (130, 256, 256)
+    dumped = _dcmdump_geometry(files)
+    assert len(dumped) == 130
+    first, last = dumped[volume.sop_instance_uids[0]], dumped[volume.sop_instance_uids[-1]]
+    np.testing.assert_allclose(volume.origin, first["0020,0032"], atol=1e-4)
+    end = volume.origin + (volume.array.shape[0] - 1) * volume.spacing[0] * volume.slice_direction
+    np.testing.assert_allclose(end, last["0020,0032"], atol=1e-3)
+    for dump in (first, last):
+        np.testing.assert_allclose(volume.row_direction, dump["0020,0037"][:3], atol=1e-6)
+        np.testing.assert_allclose(volume.column_direction, dump["0020,0037"][3:], atol=1e-6)
+        np.testing.assert_allclose(volume.spacing[1:], dump["0028,0030"], atol=1e-9)
+    assert volume.spacing[0] == pytest.approx(1.2, abs=1e-4)  # SpacingBetweenSlices in the headers
+    # The series is oblique and its file names are not in slice order: sorting really happened.
+    assert abs(volume.column_direction[2]) > 0.1
+    order = [dumped_uid for dumped_uid in dumped]
+    assert order != volume.sop_instance_uids
+    # Every consecutive pair of sorted slices is one spacing apart along the normal.
+    depth = [np.dot(dumped[u]["0020,0032"], volume.slice_direction) for u in volume.sop_instance_uids]
+    np.testing.assert_allclose(np.diff(depth), volume.spacing[0], atol=1e-3)
+
+
+# --- refusals ---------------------------------------------------------------------------------
+
+
+def _uid(datasets: list[Dataset]) -> str:
+    return re.escape(str(datasets[0].SeriesInstanceUID))
+
+
+def test_refuses_mixed_orientations(small_series: list[Path]) -> None:
+    ds = _datasets(small_series)
+    ds[4].ImageOrientationPatient = [1, 0, 0, 0, 0.9950042, 0.0998334]
+    with pytest.raises(
+        InvalidSeriesError, match=rf"series {_uid(ds)}: mixed orientations: ImageOrientationPatient"
+    ):
+        load_series(ds)
+
+
+def test_refuses_mixed_sizes(small_series: list[Path]) -> None:
+    ds = _datasets(small_series)
+    ds[2].Rows = 12
+    ds[2].PixelData = ds[2].PixelData[: 12 * 16 * 2]
+    with pytest.raises(InvalidSeriesError, match=rf"series {_uid(ds)}: mixed sizes: Rows x Columns 12x16"):
+        load_series(ds)
+
+
+def test_refuses_duplicate_positions(small_series: list[Path]) -> None:
+    ds = _datasets(small_series)
+    ds[6].ImagePositionPatient = copy.deepcopy(ds[5].ImagePositionPatient)
+    with pytest.raises(InvalidSeriesError, match=rf"series {_uid(ds)}: duplicate positions: .* both at"):
+        load_series(ds)
+
+
+def test_refuses_missing_slice(small_series: list[Path]) -> None:
+    files = small_series[:4] + small_series[5:]
+    uid = re.escape(str(pydicom.dcmread(str(files[0])).SeriesInstanceUID))
+    with pytest.raises(InvalidSeriesError, match=rf"series {uid}: missing slices \(uneven gaps\): gap of"):
+        load_series(files)
+
+
+def test_refuses_missing_pixel_data(small_series: list[Path]) -> None:
+    ds = _datasets(small_series)
+    del ds[3].PixelData
+    sop = re.escape(str(ds[3].SOPInstanceUID))
+    with pytest.raises(InvalidSeriesError, match=rf"series {_uid(ds)} instance {sop}: missing pixel data"):
+        load_series(ds)
+
+
+def test_refuses_short_pixel_data(small_series: list[Path]) -> None:
+    ds = _datasets(small_series)
+    ds[7].PixelData = ds[7].PixelData[:-20]
+    with pytest.raises(
+        InvalidSeriesError,
+        match=rf"series {_uid(ds)} instance .*: pixel data is 428 bytes but Rows 14 x Columns 16 .*needs 448",
+    ):
+        load_series(ds)
+
+
+def test_refuses_more_than_one_series(small_series: list[Path]) -> None:
+    ds = _datasets(small_series)
+    ds[0].SeriesInstanceUID = generate_uid()
+    with pytest.raises(InvalidSeriesError, match=r"more than one series: SeriesInstanceUIDs \['1\.2"):
+        load_series(ds)
+
+
+def test_refuses_positions_off_the_normal_and_bad_files(small_series: list[Path], tmp_path: Path) -> None:
+    ds = _datasets(small_series)
+    ipp = [float(v) for v in ds[5].ImagePositionPatient]
+    ds[5].ImagePositionPatient = [ipp[0] + 2.0, ipp[1], ipp[2]]
+    with pytest.raises(InvalidSeriesError, match=r"mm off the line along the slice normal"):
+        load_series(ds)
+    junk = tmp_path / "junk.dcm"
+    junk.write_bytes(b"not dicom at all")
+    with pytest.raises(InvalidSeriesError, match=r"junk\.dcm: not a readable DICOM file"):
+        load_series([junk])
+    with pytest.raises(InvalidSeriesError, match="empty series"):
+        load_series([])
+
+
+def test_rescale_is_applied_per_slice(small_series: list[Path]) -> None:
+    reference = load_series(small_series)
+    ds = _datasets(small_series)
+    for d in ds:
+        d.RescaleSlope, d.RescaleIntercept = "2", "-100"
+    volume = load_series(ds)
+    np.testing.assert_array_equal(volume.array, reference.array * 2 - 100)
+
+
+# --- Enhanced (multi-frame) MR -----------------------------------------------------------------
+
+
+def test_enhanced_mr_loads_like_the_single_frame_series(small_series: list[Path], tmp_path: Path) -> None:
+    single = load_series(small_series)
+    legacy = _datasets(small_series)
+    random.Random(3).shuffle(legacy)
+    enhanced = LegacyConvertedEnhancedMRImage(
+        legacy,
+        series_instance_uid=generate_uid(),
+        series_number=9,
+        sop_instance_uid=generate_uid(),
+        instance_number=1,
+    )
+    path = tmp_path / "enhanced.dcm"
+    enhanced.save_as(path)
+    multi = load_series([path])
+    np.testing.assert_array_equal(multi.array, single.array)
+    for attr in ("origin", "row_direction", "column_direction", "slice_direction"):
+        np.testing.assert_allclose(getattr(multi, attr), getattr(single, attr), atol=1e-6)
+    assert multi.spacing == pytest.approx(single.spacing)
+    assert multi.sop_instance_uids == [enhanced.SOPInstanceUID] * single.array.shape[0]
+    # Rescale in the shared PixelValueTransformationSequence is applied too.
+    ds = pydicom.dcmread(str(path))
+    shared = ds.SharedFunctionalGroupsSequence[0]
+    transform = Dataset()
+    transform.RescaleSlope, transform.RescaleIntercept, transform.RescaleType = "3", "5", "US"
+    shared.PixelValueTransformationSequence = [transform]
+    for frame in ds.PerFrameFunctionalGroupsSequence:
+        if "PixelValueTransformationSequence" in frame:
+            del frame.PixelValueTransformationSequence
+    np.testing.assert_array_equal(load_series([ds]).array, single.array * 3 + 5)
+    # A frame without a position is refused, naming the frame.
+    del ds.PerFrameFunctionalGroupsSequence[2].PlanePositionSequence
+    with pytest.raises(
+        InvalidSeriesError, match=r"frame 3: missing PlanePositionSequence/ImagePositionPatient"
+    ):
+        load_series([ds])
