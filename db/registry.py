@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, cast
 
-from sqlalchemy import CursorResult, select, update
+from sqlalchemy import CursorResult, Engine, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
@@ -300,6 +300,12 @@ class Registry:
         self._sessions = sessions
         self.tolerance = tolerance
         self._before_write = before_write
+
+    def close(self) -> None:
+        """Close the pooled connections of the engine the session factory is bound to."""
+        bind = self._sessions.kw.get("bind")
+        if isinstance(bind, Engine):
+            bind.dispose()
 
     # -- sessions -------------------------------------------------------------------------------
 

@@ -115,7 +115,10 @@ def postgres_server() -> Iterator[PostgresServer]:
             ),
             "initdb",
         )
-        options = f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off -c full_page_writes=off"
+        options = (
+            f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off -c full_page_writes=off "
+            "-c max_connections=300"
+        )
         _run(
             _as_postgres(
                 [
