@@ -26,6 +26,7 @@ from node import dimse, store
 from node.config import NodeSettings, TLSSettings
 from node.exceptions import InvalidInstanceError, SpoolError
 from node.metrics import NodeMetrics
+from node.sender import set_nodelay
 from node.spool import free_mb, spool_path, write_atomic
 from node.uids import validated_uid
 
@@ -127,6 +128,7 @@ class StorageSCP:
             (evt.EVT_C_STORE, _guarded(self._on_store)),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_ESTABLISHED, lambda event: set_nodelay(event.assoc)),
         ]
         self.server = self.ae.start_server(
             (self.settings.host, self.settings.port),

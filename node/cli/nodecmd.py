@@ -1,9 +1,245 @@
-"""segnode CLI commands: nodecmd."""
+"""``segnode serve | send | demo | jobs``: run the node, push files, the demo, and the job queue."""
 
 from __future__ import annotations
 
+import json
+import signal
+from pathlib import Path
+from typing import Any
+
 import typer
+from rich.console import Console
+from rich.table import Table
+
+console = Console(highlight=False)
+
+CONFIG_OPTION = typer.Option(
+    None, "--config", "-c", help="Node config file (node.toml); default $SEGNODE_CONFIG."
+)
+
+jobs_app = typer.Typer(
+    name="jobs", help="The node's job queue: list, show and retry jobs.", no_args_is_help=True
+)
+
+
+def _session_factory(config: Path | None) -> Any:
+    from db.session import make_engine, make_session_factory, upgrade
+    from node.config import load_settings
+
+    url = load_settings(config).database.resolved_url()
+    upgrade(url)
+    return make_session_factory(make_engine(url))
+
+
+def serve(config: Path | None = CONFIG_OPTION) -> None:
+    """Run the node: DICOM SCP, workers, sender, /metrics and /healthz, until SIGINT or SIGTERM."""
+    from node.config import load_settings
+    from node.service import NodeService
+
+    settings = load_settings(config)
+    service = NodeService(settings)
+
+    def _stop(signum: int, _frame: Any) -> None:
+        console.print(f"signal {signal.Signals(signum).name}: stopping")
+        service._stop.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    service.start()
+    model = service.runtime.current
+    console.print(
+        f"segnode serving AE [bold]{settings.node.ae_title}[/] on {settings.node.host}:{service.scp.port}; "
+        f"model: {model.label if model else 'none active'}; "
+        f"metrics: {f'http://{settings.metrics.host}:{service.http.port}/metrics' if service.http else 'off'}"
+    )
+    service.wait()
+    service.stop()
+
+
+def _collect(paths: list[Path]) -> list[Path]:
+    from node.exceptions import NodeError
+
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            files.extend(sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise NodeError(f"{path} does not exist")
+    return files
+
+
+def send(
+    host: str = typer.Argument(..., help="Host of the receiving DICOM node."),
+    port: int = typer.Argument(..., help="Its port."),
+    paths: list[Path] = typer.Argument(..., help="DICOM files or folders (searched recursively)."),
+    called_ae: str = typer.Option("SEGNODE", "--called-ae", help="AE title of the receiver."),
+    calling_ae: str = typer.Option("SEGNODE_SCU", "--calling-ae", help="Our AE title."),
+) -> None:
+    """Send DICOM files over C-STORE (one association), with a progress bar."""
+    from rich.progress import Progress
+
+    from node.exceptions import NodeError
+    from node.sender import store_files
+
+    files = _collect(paths)
+    if not files:
+        raise NodeError(f"no files found in {', '.join(map(str, paths))}")
+    failed: list[str] = []
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task(f"C-STORE to {called_ae}@{host}:{port}", total=len(files))
+        for start in range(0, len(files), 200):
+            chunk = files[start : start + 200]
+            try:
+                results = store_files(chunk, host, port, called_ae, calling_ae)
+            except (ConnectionError, OSError) as exc:
+                raise NodeError(f"cannot send to {called_ae}@{host}:{port}: {exc}") from None
+            failed += [f"{p}: {err}" for p, status, err in results if status != 0]
+            progress.advance(task, len(chunk))
+    console.print(f"sent {len(files) - len(failed)} of {len(files)} files to {called_ae}@{host}:{port}")
+    if failed:
+        for line in failed[:10]:
+            console.print(f"  failed: {line}")
+        raise typer.Exit(1)
+
+
+def demo(
+    workdir: Path = typer.Option(
+        Path("demo-out"), "--workdir", help="Work directory (created; reused files replaced)."
+    ),
+    model_dir: Path | None = typer.Option(None, "--model", help="Model directory (default: models/default)."),
+    case_dir: Path | None = typer.Option(None, "--case", help="NIfTI case (default: the shipped demo case)."),
+) -> None:
+    """The whole clinical path on this machine: DICOM study in over C-STORE, SEG and SR back."""
+    from node.demo import run_demo
+
+    report = run_demo(workdir, model_dir=model_dir, case_dir=case_dir, console=console)
+    table = Table(title=f"segnode demo: {report.case_id} ({report.model_label})")
+    table.add_column("Stage")
+    table.add_column("Seconds", justify="right")
+    for name, seconds in report.stages.items():
+        table.add_row(name, f"{seconds:.2f}")
+    table.add_row("[bold]total (C-STORE start to SEG and SR received)[/]", f"[bold]{report.total:.2f}[/]")
+    console.print(table)
+    console.print(
+        f"Dice of the returned SEG against the ground truth (whole tumour): [bold]{report.dice:.4f}[/]; "
+        f"tumour volume {report.volume_ml:.1f} mL"
+    )
+    console.print(f"wrote {', '.join(str(p) for p in report.files)}")
+
+
+@jobs_app.command("list")
+def jobs_list(
+    config: Path | None = CONFIG_OPTION,
+    status: str | None = typer.Option(None, "--status", help="Only jobs in this state."),
+    limit: int = typer.Option(50, "--limit", help="At most this many (newest first)."),
+    as_json: bool = typer.Option(False, "--json", help="Write JSON instead of a table."),
+) -> None:
+    """List jobs, newest first."""
+    from node import store
+
+    jobs = store.list_jobs(_session_factory(config), status=status, limit=limit)
+    if as_json:
+        typer.echo(json.dumps([_job_dict(j) for j in jobs], indent=2))
+        return
+    table = Table(title="Jobs")
+    for column in ("ID", "Study", "Run", "Status", "Reason", "Model", "Seconds", "Created"):
+        table.add_column(column)
+    for j in jobs:
+        table.add_row(
+            str(j.id),
+            "…" + j.study_instance_uid[-16:],
+            str(j.run),
+            j.status,
+            (j.reason[:60] + "…") if len(j.reason) > 60 else j.reason,
+            j.model_label or "-",
+            f"{sum(j.stages.values()):.2f}" if j.stages else "-",
+            j.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+        )
+    console.print(table)
+
+
+def _job_dict(j: Any) -> dict[str, Any]:
+    return {
+        "id": j.id,
+        "study_instance_uid": j.study_instance_uid,
+        "run": j.run,
+        "status": j.status,
+        "reason": j.reason,
+        "stages": j.stages,
+        "attempts": j.attempts,
+        "instances": j.instance_count,
+        "model": j.model_label,
+        "output_dir": j.output_dir,
+        "result": j.result,
+        "created_at": j.created_at.isoformat(),
+        "started_at": j.started_at.isoformat() if j.started_at else None,
+        "finished_at": j.finished_at.isoformat() if j.finished_at else None,
+        "sends": [
+            {
+                "destination": s.destination,
+                "file": Path(s.path).name,
+                "status": s.status,
+                "attempts": s.attempts,
+                "last_error": s.last_error,
+            }
+            for s in j.sends
+        ],
+    }
+
+
+@jobs_app.command("show")
+def jobs_show(
+    job_id: int = typer.Argument(..., help="Job id."),
+    config: Path | None = CONFIG_OPTION,
+    as_json: bool = typer.Option(False, "--json", help="Write JSON."),
+) -> None:
+    """Show one job: state, reason, stage timings, outputs and sends."""
+    from node import store
+
+    info = _job_dict(store.get_job(_session_factory(config), job_id))
+    if as_json:
+        typer.echo(json.dumps(info, indent=2))
+        return
+    table = Table(title=f"Job {job_id}", show_header=False)
+    table.add_column("Key")
+    table.add_column("Value")
+    for key in (
+        "status",
+        "reason",
+        "study_instance_uid",
+        "run",
+        "attempts",
+        "instances",
+        "model",
+        "output_dir",
+    ):
+        table.add_row(key, str(info[key]))
+    for name, seconds in info["stages"].items():
+        table.add_row(f"stage {name}", f"{seconds:.3f} s")
+    for s in info["sends"]:
+        table.add_row(
+            f"send {s['destination']}",
+            f"{s['file']}: {s['status']} ({s['attempts']} attempts) {s['last_error']}",
+        )
+    console.print(table)
+
+
+@jobs_app.command("retry")
+def jobs_retry(
+    job_id: int = typer.Argument(..., help="Job id."), config: Path | None = CONFIG_OPTION
+) -> None:
+    """Queue a finished job again (a new result is produced and sent)."""
+    from node import store
+
+    info = store.retry_job(_session_factory(config), job_id)
+    console.print(f"job {info.id} queued again")
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the root app."""
+    app.command("serve")(serve)
+    app.command("send")(send)
+    app.command("demo")(demo)
+    app.add_typer(jobs_app)

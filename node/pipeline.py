@@ -1,0 +1,237 @@
+"""One job, start to end: select series, assemble volumes, segment, write SEG + SR + preview.
+
+Each step is a plain function; :func:`run_job` times them, records the stage timings on the job,
+and, in the same transaction that ends the job, queues a send of the SEG and the SR to every
+destination. A study that lacks a modality the model needs ends ``skipped`` with the reason; any
+other error ends ``failed`` with a one-line reason. Nothing the SCP acknowledged is touched.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pydicom
+from pydicom.dataset import Dataset
+
+from converters.exceptions import ConverterError
+from converters.volume import Volume
+from node import store
+from node.config import Destination
+from node.exceptions import JobError, NodeError
+from node.metrics import NodeMetrics
+from node.runtime import LoadedModel
+from node.selection import SeriesInfo, SeriesSelector, scan_series
+from node.spool import write_atomic
+
+logger = logging.getLogger(__name__)
+
+SOFTWARE_VERSION = "segnode 0.1.0"
+
+
+@dataclass
+class Assembled:
+    """The selected series as volumes on one grid."""
+
+    reference: Volume
+    sources: list[Dataset]
+    images: dict[str, npt.NDArray[np.float32]]
+    affine: npt.NDArray[np.float64]
+
+
+@dataclass
+class Timer:
+    """Stage timings in seconds, in the order the stages ran."""
+
+    stages: dict[str, float] = field(default_factory=dict)
+    on_stage: Callable[[str, float], None] | None = None
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Time the body as stage ``name``."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            elapsed = time.perf_counter() - start
+            self.stages[name] = round(elapsed, 4)
+            if self.on_stage:
+                self.on_stage(name, elapsed)
+
+
+def select_series(
+    paths: Sequence[str], modalities: Sequence[str], selector: SeriesSelector
+) -> dict[str, SeriesInfo]:
+    """Scan the spooled files of a study and choose a series per modality (raises SelectionError)."""
+    if not paths:
+        raise JobError("the study has no kept MR instances in the spool")
+    return selector.select(scan_series(Path(p) for p in paths), modalities)
+
+
+def assemble(chosen: Mapping[str, SeriesInfo], modalities: Sequence[str]) -> Assembled:
+    """Load each chosen series into a volume in RAS order; every modality must share the first one's grid."""
+    from converters.dicom_series import load_series
+    from converters.reorient import volume_to_ras
+
+    reference: Volume | None = None
+    sources: list[Dataset] = []
+    images: dict[str, npt.NDArray[np.float32]] = {}
+    affine: npt.NDArray[np.float64] | None = None
+    for modality in modalities:
+        series = chosen[modality]
+        datasets = [pydicom.dcmread(p) for p in series.paths]
+        try:
+            volume = load_series(datasets)
+        except ConverterError as exc:
+            raise JobError(f"{modality} {series.label}: {exc}") from exc
+        array, ras_affine = volume_to_ras(volume)
+        if reference is None or affine is None:
+            reference, affine = volume, ras_affine
+            by_uid = {str(ds.SOPInstanceUID): ds for ds in datasets}
+            sources = [by_uid[uid] for uid in dict.fromkeys(volume.sop_instance_uids)]
+        else:
+            first = next(iter(images.values())).shape
+            if array.shape != first or not np.allclose(ras_affine, affine, atol=1e-3):
+                raise JobError(
+                    f"{modality} {series.label} is not on the grid of the {modalities[0]} series "
+                    f"(shape {array.shape} vs {first}); the model needs co-registered series"
+                )
+        images[modality] = np.asarray(array, dtype=np.float32)
+    assert reference is not None and affine is not None
+    return Assembled(reference=reference, sources=sources, images=images, affine=affine)
+
+
+def segment(model: LoadedModel, assembled: Assembled) -> npt.NDArray[np.uint8]:
+    """Run the model and map its label map back onto the reference series' (slice, row, column) grid."""
+    from converters.reorient import ras_to_volume
+
+    labels_xyz = model.segmenter.segment(assembled.images, assembled.affine)
+    return np.asarray(
+        ras_to_volume(np.asarray(labels_xyz, dtype=np.uint8), assembled.reference), dtype=np.uint8
+    )
+
+
+def segment_volumes_ml(labels: npt.NDArray[np.uint8], card: Mapping[str, Any], volume: Volume) -> list[float]:
+    """Volume in mL of each card label (segment order), from voxel counts and the source spacing."""
+    voxel_ml = float(np.prod(volume.spacing)) / 1000.0
+    return [float((labels == int(label["value"])).sum()) * voxel_ml for label in card.get("labels") or []]
+
+
+@dataclass
+class JobContext:
+    """What a worker needs to run jobs."""
+
+    sf: store.SessionFactory
+    selector: SeriesSelector
+    jobs_dir: Path
+    destinations: list[Destination]
+    metrics: NodeMetrics
+    model: Callable[[], LoadedModel | None]
+
+
+def run_job(ctx: JobContext, job_id: int) -> str:
+    """Run claimed job ``job_id`` to its end state; returns that state (done, skipped, failed)."""
+    from node.preview import render_preview
+    from node.seg import build_seg
+    from node.sr import build_sr
+
+    timer = Timer(on_stage=lambda name, sec: ctx.metrics.stage_seconds.labels(name).observe(sec))
+    model = ctx.model()
+    out_dir = ctx.jobs_dir / str(job_id)
+    if model is None:
+        return _end(
+            ctx, job_id, "failed", "no usable model for the node's task (see segnode models list)", timer
+        )
+    card = model.card
+    try:
+        with timer.stage("select"):
+            chosen = select_series(store.job_instance_paths(ctx.sf, job_id), card["modalities"], ctx.selector)
+        store.heartbeat(ctx.sf, job_id)
+        with timer.stage("load"):
+            assembled = assemble(chosen, card["modalities"])
+        store.heartbeat(ctx.sf, job_id)
+        with timer.stage("inference"):
+            labels = segment(model, assembled)
+        ctx.metrics.inference_seconds.observe(timer.stages["inference"])
+        store.heartbeat(ctx.sf, job_id)
+        with timer.stage("seg"):
+            seg = build_seg(assembled.sources, labels, card, software_version=SOFTWARE_VERSION)
+        volumes = segment_volumes_ml(labels, card, assembled.reference)
+        with timer.stage("sr"):
+            sr = build_sr(seg, assembled.sources, volumes, card)
+        with timer.stage("write"):
+            out_dir.mkdir(parents=True, exist_ok=True)
+            seg_path, sr_path = out_dir / "seg.dcm", out_dir / "sr.dcm"
+            _save(seg, seg_path)
+            _save(sr, sr_path)
+            write_atomic(out_dir / "preview.png", render_preview(assembled.reference.array, labels))
+    except JobError as exc:
+        return _end(ctx, job_id, "skipped" if exc.skip else "failed", str(exc), timer, model)
+    except (NodeError, ConverterError, OSError, ValueError) as exc:
+        logger.warning("job %d failed: %s", job_id, exc)
+        return _end(ctx, job_id, "failed", f"{type(exc).__name__}: {exc}", timer, model)
+    result = {
+        "seg": str(seg_path),
+        "sr": str(sr_path),
+        "preview": str(out_dir / "preview.png"),
+        "seg_sop_instance_uid": str(seg.SOPInstanceUID),
+        "sr_sop_instance_uid": str(sr.SOPInstanceUID),
+        "series": {m: s.series_instance_uid for m, s in chosen.items()},
+        "volumes_ml": [round(v, 3) for v in volumes],
+    }
+    (out_dir / "job.json").write_text(json.dumps({"job": job_id, "stages": timer.stages, **result}, indent=2))
+    outputs = [
+        store.OutputObject(str(seg_path), str(seg.SOPInstanceUID)),
+        store.OutputObject(str(sr_path), str(sr.SOPInstanceUID)),
+    ]
+    return _end(ctx, job_id, "done", "", timer, model, result=result, out_dir=out_dir, outputs=outputs)
+
+
+def _save(ds: Dataset, path: Path) -> None:
+    import io
+
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    write_atomic(path, buffer.getvalue())
+
+
+def _end(
+    ctx: JobContext,
+    job_id: int,
+    status: str,
+    reason: str,
+    timer: Timer,
+    model: LoadedModel | None = None,
+    *,
+    result: dict[str, Any] | None = None,
+    out_dir: Path | None = None,
+    outputs: list[store.OutputObject] | None = None,
+) -> str:
+    if status != "done":
+        logger.warning("job %d %s: %s", job_id, status, reason)
+    else:
+        logger.info("job %d done in %.2f s", job_id, sum(timer.stages.values()))
+    finished = store.finish_job(
+        ctx.sf,
+        job_id,
+        status=status,
+        reason=reason,
+        stages=timer.stages,
+        result=result,
+        output_dir=str(out_dir) if out_dir else None,
+        model_label=model.label if model else None,
+        model_id=model.info.id if model else None,
+        outputs=outputs,
+        destinations=ctx.destinations,
+    )
+    if finished:
+        ctx.metrics.jobs_finished.labels(status).inc()
+    return status

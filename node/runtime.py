@@ -1,0 +1,163 @@
+"""The model the node runs: the active model of its task, verified, compiled once, swapped when it changes.
+
+Workers call :meth:`ModelRuntime.refresh` between jobs: a cheap ``Registry.active(task)`` query. When
+the active model changed, the new model's files are hashed against their recorded sha256 before
+OpenVINO sees them; a missing or tampered file is refused with a clear error and the previous model
+keeps serving.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from db.registry import ModelInfo, Registry
+from node.exceptions import ModelLoadError
+
+logger = logging.getLogger(__name__)
+
+#: Device names OpenVINO resolves itself from the available ones.
+VIRTUAL_DEVICES = ("AUTO", "MULTI", "HETERO", "BATCH")
+
+
+def check_device(device: str, available: list[str] | None = None) -> str:
+    """Return ``device`` when OpenVINO can run on it, else raise :class:`ModelLoadError`.
+
+    ``CPU``, ``GPU``, ``GPU.1``, ``NPU`` must be in ``ov.Core().available_devices`` (``GPU``
+    matches ``GPU.0``...); ``AUTO``, ``MULTI:...``, ``HETERO:...`` are passed through.
+    """
+    name = device.strip().upper()
+    if not name:
+        raise ModelLoadError("node.inference_device is empty (use CPU, GPU, NPU or AUTO)")
+    if name.split(":")[0] in VIRTUAL_DEVICES:
+        return device.strip()
+    if available is None:
+        import openvino as ov
+
+        available = list(ov.Core().available_devices)
+    if any(d.upper() == name or d.upper().split(".")[0] == name for d in available):
+        return device.strip()
+    raise ModelLoadError(
+        f"node.inference_device {device!r} is not available on this machine "
+        f"(OpenVINO sees: {', '.join(available) or 'none'}); set [node] inference_device"
+    )
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_files(info: ModelInfo) -> None:
+    """Raise :class:`ModelLoadError` naming the first missing or tampered file of ``info``."""
+    for f in info.files:
+        path = Path(f.path)
+        if not path.is_file():
+            raise ModelLoadError(f"model {info.label}: file {path} is missing; not loaded")
+        actual = sha256_file(path)
+        if actual != f.sha256:
+            raise ModelLoadError(
+                f"model {info.label}: file {path} sha256 {actual[:12]}... does not match the recorded "
+                f"{f.sha256[:12]}... (tampered or corrupt); not loaded"
+            )
+
+
+@dataclass
+class LoadedModel:
+    """A verified, compiled model."""
+
+    info: ModelInfo
+    card: dict[str, Any]
+    segmenter: Any  # trainer.inference.OpenVINOSegmenter
+
+    @property
+    def label(self) -> str:
+        """``name version (precision, #id)`` for job records."""
+        return f"{self.info.name} {self.info.version} ({self.info.precision}, #{self.info.id})"
+
+
+class ModelRuntime:
+    """Keeps the task's active model compiled; thread-safe.
+
+    Parameters
+    ----------
+    registry:
+        The model table.
+    task:
+        ``whole_tumor`` or ``brats_regions``.
+    device:
+        OpenVINO device, checked with :func:`check_device` at construction.
+    """
+
+    def __init__(self, registry: Registry, task: str, device: str = "CPU", batch_size: int = 16) -> None:
+        self.registry = registry
+        self.task = task
+        self.device = check_device(device)
+        self.batch_size = batch_size
+        self._lock = threading.Lock()
+        self._current: LoadedModel | None = None
+        self._refused: dict[int, str] = {}
+        self.last_error: str = ""
+
+    @property
+    def current(self) -> LoadedModel | None:
+        """The model serving now (None before the first successful load)."""
+        return self._current
+
+    def load(self, info: ModelInfo) -> LoadedModel:
+        """Verify and compile ``info``; raises :class:`ModelLoadError`."""
+        from trainer.inference import OpenVINOSegmenter
+
+        verify_files(info)
+        if not info.card:
+            raise ModelLoadError(f"model {info.label} has no model card; not loaded")
+        xml = next((Path(f.path) for f in info.files if str(f.path).endswith(".xml")), None)
+        if info.kind != "ir" or xml is None:
+            raise ModelLoadError(f"model {info.label} is not an OpenVINO IR (kind {info.kind!r}); not loaded")
+        try:
+            segmenter = OpenVINOSegmenter(info.card, xml, device=self.device, batch_size=self.batch_size)
+        except Exception as exc:
+            raise ModelLoadError(f"model {info.label}: OpenVINO cannot compile {xml}: {exc}") from exc
+        return LoadedModel(info=info, card=dict(info.card), segmenter=segmenter)
+
+    def refresh(self) -> LoadedModel | None:
+        """Swap to the task's active model if it changed; on failure keep the previous one.
+
+        Returns the model to use now (None when there has never been a usable one).
+        """
+        active = self.registry.active(self.task)
+        with self._lock:
+            current = self._current
+            if active is None:
+                if current is None:
+                    self.last_error = f"no active model for task {self.task!r} (segnode models promote ID)"
+                return current
+            if current is not None and current.info.id == active.id:
+                return current
+            try:
+                loaded = self.load(active)
+            except ModelLoadError as exc:
+                if self._refused.get(active.id) != str(exc):
+                    logger.error(
+                        "%s; %s", exc, "keeping the previous model" if current else "no model serving"
+                    )
+                self._refused[active.id] = str(exc)
+                self.last_error = str(exc)
+                return current
+            self._current = loaded
+            self.last_error = ""
+            logger.info(
+                "serving model %s on %s%s",
+                loaded.label,
+                self.device,
+                f" (was {current.label})" if current else "",
+            )
+            return loaded

@@ -1,0 +1,181 @@
+"""``segnode serve``: the SCP, worker threads, the sender and the metrics endpoint in one process.
+
+Start-up order: database upgraded to head, jobs left running by a dead process queued again, the
+inference device checked (an absent device is a start-up error), the active model loaded (none is
+not an error: jobs wait queued until one is promoted), then the SCP, workers, sender and HTTP.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from db.registry import Registry
+from db.session import make_engine, make_session_factory, upgrade
+from node import store
+from node.config import Settings
+from node.metrics import MetricsServer, NodeMetrics
+from node.pipeline import JobContext, run_job
+from node.runtime import ModelRuntime
+from node.scp import StorageSCP
+from node.selection import SeriesSelector
+from node.sender import Sender
+
+logger = logging.getLogger(__name__)
+
+#: Seconds between checks for jobs whose owner stopped heart-beating (other hosts).
+STALE_CHECK_SECONDS = 30.0
+
+
+class NodeService:
+    """The running node.
+
+    Parameters
+    ----------
+    settings:
+        The whole configuration.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        url = settings.database.resolved_url()
+        upgrade(url)
+        self.engine = make_engine(url)
+        self.sf = make_session_factory(self.engine)
+        self.metrics = NodeMetrics()
+        self.registry = Registry(self.sf)
+        node = settings.node
+        self.runtime = ModelRuntime(self.registry, node.task, node.inference_device)
+        self.scp = StorageSCP(node, self.sf, self.metrics, settings.tls)
+        self.sender = Sender(
+            self.sf, self.metrics, node.ae_title, node.send_retry_base_seconds, node.send_retry_max_seconds
+        )
+        self.context = JobContext(
+            sf=self.sf,
+            selector=SeriesSelector(settings.selection),
+            jobs_dir=node.jobs_path(),
+            destinations=list(settings.destinations),
+            metrics=self.metrics,
+            model=lambda: self.runtime.current,
+        )
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.http: MetricsServer | None = None
+        self.started_at = time.time()
+
+    # -- lifecycle ---------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start every component in the background."""
+        requeued = store.requeue_stale(self.sf, self.settings.node.stale_job_seconds, at_start=True)
+        if requeued:
+            logger.warning(
+                "re-queued %d job(s) left running by a stopped process: %s", len(requeued), requeued
+            )
+        self.runtime.refresh()
+        if self.runtime.current is None:
+            logger.warning("%s; received studies wait queued", self.runtime.last_error)
+        self.scp.start()
+        for n in range(max(1, self.settings.node.workers)):
+            self._spawn(self._work_loop, f"segnode-worker-{n}")
+        self._spawn(self._send_loop, "segnode-sender")
+        if self.settings.metrics.port:
+            self.http = MetricsServer(
+                self.settings.metrics.host,
+                self.settings.metrics.port,
+                self.metrics,
+                self.refresh_gauges,
+                self.health,
+            )
+            self.http.start()
+            logger.info("metrics on http://%s:%d/metrics", self.settings.metrics.host, self.http.port)
+
+    def _spawn(self, target: Any, name: str) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop accepting, let the running job finish (up to ``timeout``), then stop everything."""
+        self.scp.stop()
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout)
+        if self.http:
+            self.http.stop()
+        self.engine.dispose()
+
+    def wait(self) -> None:
+        """Block until :meth:`stop` is called (from a signal handler)."""
+        while not self._stop.wait(1.0):
+            pass
+
+    # -- loops -------------------------------------------------------------------------------------------
+
+    def _work_loop(self) -> None:
+        poll = self.settings.node.poll_seconds
+        last_stale_check = time.monotonic()
+        while not self._stop.is_set():
+            busy = False
+            try:
+                busy = self.work_once()
+                if time.monotonic() - last_stale_check > STALE_CHECK_SECONDS:
+                    store.requeue_stale(self.sf, self.settings.node.stale_job_seconds)
+                    last_stale_check = time.monotonic()
+            except Exception:  # the worker must survive anything (database down...) and retry
+                logger.exception("worker loop error; retrying in %.1f s", poll)
+            if not busy:
+                self._stop.wait(poll)
+
+    def work_once(self) -> bool:
+        """Queue due studies, swap the model if needed, run one job; True when a job ran."""
+        store.schedule_due_studies(self.sf, self.settings.node.study_idle_seconds)
+        if self.runtime.refresh() is None:
+            return False
+        job_id = store.claim_job(self.sf)
+        if job_id is None:
+            return False
+        logger.info("job %d claimed", job_id)
+        run_job(self.context, job_id)
+        return True
+
+    def _send_loop(self) -> None:
+        poll = self.settings.node.poll_seconds
+        while not self._stop.is_set():
+            try:
+                self.sender.run_once()
+            except Exception:
+                logger.exception("sender loop error; retrying in %.1f s", poll)
+            self._stop.wait(poll)
+
+    # -- observability -----------------------------------------------------------------------------------
+
+    def refresh_gauges(self) -> None:
+        """Update the database-derived gauges (jobs by state, queue depth, pending sends)."""
+        counts = store.job_counts(self.sf)
+        for state, value in counts.items():
+            self.metrics.jobs.labels(state).set(value)
+        self.metrics.queue_depth.set(counts.get("queued", 0))
+        self.metrics.pending_sends.set(store.pending_send_count(self.sf))
+        self.metrics.studies.set(store.instance_counts(self.sf)["studies"])
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        """``/healthz``: ok when the database answers, the SCP listens and the workers live."""
+        details: dict[str, Any] = {}
+        ok = True
+        try:
+            details["jobs"] = store.job_counts(self.sf)
+        except Exception as exc:
+            ok = False
+            details["database"] = f"error: {type(exc).__name__}"
+        model = self.runtime.current
+        details["model"] = model.label if model else None
+        if self.runtime.last_error:
+            details["model_error"] = self.runtime.last_error
+        details["scp"] = self.scp.server is not None
+        details["threads_alive"] = all(t.is_alive() for t in self._threads)
+        ok = ok and details["scp"] and details["threads_alive"]
+        details["uptime_s"] = round(time.time() - self.started_at, 1)
+        return ok, details

@@ -1,0 +1,198 @@
+"""Helpers for the node tests: a tiny real OpenVINO model, a catching storage SCP, node settings."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydicom.dataset import Dataset
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from node.config import Destination, Settings
+
+WHOLE_TUMOUR_LABEL = {
+    "value": 1,
+    "name": "Whole tumour",
+    "category": {"scheme": "SCT", "code": "49755003", "meaning": "Morphologically abnormal structure"},
+    "type": {"scheme": "SCT", "code": "108369006", "meaning": "Neoplasm"},
+}
+
+
+def _sha(path: Path) -> dict[str, Any]:
+    return {
+        "path": path.name,
+        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        "size": path.stat().st_size,
+    }
+
+
+def make_threshold_model(
+    out_dir: Path,
+    *,
+    name: str = "test-threshold",
+    version: str = "1.0.0",
+    threshold: float = 1.5,
+    gain: float = 8.0,
+    crop: tuple[int, int] = (64, 64),
+    modalities: tuple[str, ...] = ("FLAIR",),
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),
+) -> Path:
+    """A real OpenVINO IR: logits = gain * (x - threshold) of the first channel, with its model.json.
+
+    Deterministic and independent of any training: a voxel is tumour when its z-scored first
+    channel exceeds ``threshold``.
+    """
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    x = ops.parameter([-1, len(modalities), crop[0], crop[1]], np.float32, name="image")
+    first = (
+        ops.slice(x, np.array([0]), np.array([1]), np.array([1]), np.array([1])) if len(modalities) > 1 else x
+    )
+    logits = ops.multiply(
+        ops.subtract(first, ops.constant(np.float32(threshold))), ops.constant(np.float32(gain))
+    )
+    model = ov.Model([logits], [x], name)
+    xml = out_dir / "model_fp32.xml"
+    ov.save_model(model, str(xml), compress_to_fp16=False)
+    metrics = {
+        "cases": ["synthetic-0"],
+        "split": "validation",
+        "mean": {"dice": 0.8, "jaccard": 0.7, "sensitivity": 0.8, "specificity": 0.99, "hd95": 5.0},
+    }
+    card = {
+        "format_version": 1,
+        "name": name,
+        "version": version,
+        "task": "whole_tumor",
+        "modalities": list(modalities),
+        "preprocessing": {
+            "orientation": "RAS",
+            "spacing_mm": list(spacing),
+            "crop_size": list(crop),
+            "normalization": "zscore_nonzero",
+            "slice_axis": 2,
+        },
+        "output": {"activation": "sigmoid", "threshold": 0.5},
+        "labels": [WHOLE_TUMOUR_LABEL],
+        "artifacts": [
+            {
+                "key": "ir_fp32",
+                "kind": "ir",
+                "precision": "fp32",
+                "parent": None,
+                "files": [_sha(xml), _sha(xml.with_suffix(".bin"))],
+                "metrics": metrics,
+            }
+        ],
+        "training": {"note": "test model: a fixed threshold, not trained"},
+        "data_provenance": [],
+    }
+    (out_dir / "model.json").write_text(json.dumps(card, indent=2))
+    return out_dir
+
+
+def install_model(registry: Any, model_dir: Path) -> Any:
+    """Import ``model_dir`` into ``registry`` and promote its IR; returns the promoted ModelInfo."""
+    infos = registry.import_dir(model_dir)
+    ir = next(i for i in infos if i.kind == "ir")
+    return registry.promote(ir.id, by="test", reason="test model")
+
+
+class CatchingSCP:
+    """A storage SCP that keeps every data set it receives (the destination PACS of the tests)."""
+
+    def __init__(self, ae_title: str = "CATCHER") -> None:
+        self.ae_title = ae_title
+        self.received: list[Dataset] = []
+        self.changed = threading.Condition()
+        self.ae = AE(ae_title=ae_title)
+        self.ae.add_supported_context(Verification)
+        for context in AllStoragePresentationContexts:
+            self.ae.add_supported_context(str(context.abstract_syntax), ALL_TRANSFER_SYNTAXES)
+        self.server: Any = None
+        self.port = 0
+
+    def _on_store(self, event: Any) -> int:
+        ds = event.dataset
+        ds.file_meta = event.file_meta
+        with self.changed:
+            self.received.append(ds)
+            self.changed.notify_all()
+        return 0x0000
+
+    def start(self, port: int) -> CatchingSCP:
+        """Listen on 127.0.0.1:``port``."""
+        self.port = port
+        self.server = self.ae.start_server(
+            ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)]
+        )
+        return self
+
+    def stop(self) -> None:
+        """Stop listening."""
+        if self.server is not None:
+            self.server.shutdown()
+            self.server = None
+
+    def wait_for(self, predicate: Callable[[list[Dataset]], bool], timeout: float) -> list[Dataset]:
+        """Wait until ``predicate(received)`` holds; AssertionError after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        with self.changed:
+            while not predicate(self.received):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(
+                        f"timed out after {timeout} s; received {len(self.received)} objects"
+                    )
+                self.changed.wait(left)
+            return list(self.received)
+
+    def of_modality(self, modality: str) -> list[Dataset]:
+        """Received data sets with this Modality (SEG, SR)."""
+        with self.changed:
+            return [ds for ds in self.received if ds.get("Modality") == modality]
+
+
+def node_settings(
+    tmp: Path,
+    port: int,
+    destinations: list[Destination] | None = None,
+    *,
+    idle: float = 0.3,
+    db_url: str | None = None,
+) -> Settings:
+    """Settings for an in-process node on loopback with fast polling."""
+    settings = Settings()
+    settings.node.port = port
+    settings.node.host = "127.0.0.1"
+    settings.node.spool_dir = str(tmp / "spool")
+    settings.node.study_idle_seconds = idle
+    settings.node.poll_seconds = 0.05
+    settings.node.min_free_disk_mb = 1
+    settings.node.send_retry_base_seconds = 0.2
+    settings.node.send_retry_max_seconds = 1.0
+    settings.database.url = db_url or f"sqlite:///{tmp / 'node.db'}"
+    settings.metrics.port = 0
+    settings.destinations = destinations or []
+    return settings
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
+    """Poll ``predicate`` until truthy (returns its value); AssertionError naming ``what`` on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
