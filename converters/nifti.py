@@ -188,7 +188,7 @@ def _brats_files(folder: Path, layout: _Layout) -> tuple[dict[str, Path], Path |
         stem = _strip_nifti(entry.name)
         if stem is None or entry.name.startswith("."):
             continue
-        tag = stem.rsplit(layout.separator, 1)[-1].lower() if layout.separator in stem else ""
+        tag = stem.rsplit(layout.separator, 1)[-1].lower()
         if tag in layout.modalities:
             modality = layout.modalities[tag]
             if modality in found:

@@ -6,6 +6,7 @@ import copy
 import random
 import re
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,16 @@ from converters.synthetic import make_synthetic_case
 from tests.peers import require_program, require_shared
 
 GE_SERIES = ("dicom", "ge_t1_mprage_healthy")
+
+
+@pytest.fixture(autouse=True)
+def strict_pydicom() -> Iterator[None]:
+    """Strict validation: every value we write or read must be valid for its VR."""
+    settings = pydicom.config.settings
+    saved = (settings.reading_validation_mode, settings.writing_validation_mode)
+    settings.reading_validation_mode = settings.writing_validation_mode = pydicom.config.RAISE
+    yield
+    settings.reading_validation_mode, settings.writing_validation_mode = saved
 
 
 def _dciodvfy(files: list[Path]) -> list[str]:
