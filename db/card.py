@@ -121,10 +121,11 @@ def _files(directory: Path, raw: Any, where: str) -> tuple[CardFile, ...]:
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise InvalidModelDirectory(f"{here}.size: expected a non-negative integer, got {size!r}")
         check = check_file(path, sha, size)
+        loc = here.split(": ", 1)[-1]  # artifacts[i].files[j], without the card's path
         if check.status == "missing":
-            raise InvalidModelDirectory(f"{path}: missing (listed in {here}.path of model.json)")
+            raise InvalidModelDirectory(f"{path}: missing (listed in {loc}.path of model.json)")
         if check.status == "mismatch":
-            raise InvalidModelDirectory(f"{check.describe()} in model.json ({here}); the file was changed")
+            raise InvalidModelDirectory(f"{check.describe()} in model.json ({loc}); the file was changed")
         out.append(CardFile(path, sha, size))
     return tuple(out)
 

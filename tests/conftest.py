@@ -109,3 +109,47 @@ def write_model_dir(
     }
     (directory / "model.json").write_text(json.dumps(card, indent=2), encoding="utf-8")
     return directory
+
+
+@pytest.fixture(scope="session")
+def _migrated_templates(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Per backend, a database already upgraded to head, made once and copied for each test."""
+    return {}
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def migrated_db_url(
+    request: pytest.FixtureRequest, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory,
+    _migrated_templates: dict[str, str],
+) -> str:
+    """URL of a database at the newest schema (a fresh copy per test), on SQLite and on PostgreSQL."""
+    import shutil
+
+    from db.session import upgrade
+
+    if request.param == "sqlite":
+        if "sqlite" not in _migrated_templates:
+            template = tmp_path_factory.mktemp("db-template") / "segnode.db"
+            upgrade(f"sqlite:///{template}")
+            _migrated_templates["sqlite"] = str(template)
+        target = tmp_path / "db" / "segnode.db"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(_migrated_templates["sqlite"], target)
+        return f"sqlite:///{target}"
+    # PostgreSQL: one migrated database per session, emptied before each test (much faster than
+    # CREATE DATABASE + upgrade per test).
+    server = request.getfixturevalue("postgres_server")
+    if "postgresql" not in _migrated_templates:
+        url = str(server.new_database())
+        upgrade(url)
+        _migrated_templates["postgresql"] = url
+    url = _migrated_templates["postgresql"]
+    from db.session import make_engine
+
+    engine = make_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql("TRUNCATE models, model_files, rollout_events RESTART IDENTITY CASCADE")
+    finally:
+        engine.dispose()
+    return url

@@ -38,14 +38,18 @@ class PostgresServer:
 
     admin_url: str
 
-    def new_database(self) -> str:
-        """Create an empty database with a unique name; its SQLAlchemy URL (postgresql+psycopg)."""
+    def new_database(self, template: str | None = None) -> str:
+        """Create a database with a unique name; its SQLAlchemy URL (postgresql+psycopg).
+
+        Empty, or a copy of the database named ``template`` (which must have no open connections).
+        """
         import psycopg
 
         name = f"segnode_test_{uuid.uuid4().hex[:12]}"
         admin = make_url(self.admin_url).set(drivername="postgresql")
+        copy = f' TEMPLATE "{template}"' if template else ""
         with psycopg.connect(admin.render_as_string(hide_password=False), autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
+            conn.execute(f'CREATE DATABASE "{name}"{copy}')
         return (
             make_url(self.admin_url)
             .set(drivername="postgresql+psycopg", database=name)

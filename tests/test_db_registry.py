@@ -27,8 +27,8 @@ TASK = "whole_tumor"
 
 
 @pytest.fixture()
-def registry(db_url: str) -> Iterator[Registry]:
-    reg = open_registry(db_url)
+def registry(migrated_db_url: str) -> Iterator[Registry]:
+    reg = open_registry(migrated_db_url)
     yield reg
     reg.close()
 
@@ -202,7 +202,7 @@ def test_promote_int8_within_tolerance_and_switch_models(registry: Registry, tmp
 
 
 def test_int8_dice_drop_beyond_tolerance_is_refused_unless_forced(
-    registry: Registry, db_url: str, tmp_path: Path
+    registry: Registry, migrated_db_url: str, tmp_path: Path
 ) -> None:
     ids = _import(registry, tmp_path, fp32_dice=0.90, int8_dice=0.85)
     with pytest.raises(PromotionRefused) as info:
@@ -226,7 +226,7 @@ def test_int8_dice_drop_beyond_tolerance_is_refused_unless_forced(
     assert (event.action, event.forced, event.reason) == ("promote", True, "urgent: FP32 too slow on site")
     assert event.details is not None and "below FP32 parent" in event.details["overridden"][0]
     # a wider tolerance lets a model with the same drop through without force
-    lenient = Registry(make_session_factory(make_engine(db_url)), tolerance=0.06)
+    lenient = Registry(make_session_factory(make_engine(migrated_db_url)), tolerance=0.06)
     again = _import(lenient, tmp_path, "1.0.1", fp32_dice=0.90, int8_dice=0.85)
     assert lenient.promote(again["ir_int8"]).status == "active"
     lenient.close()
@@ -331,19 +331,23 @@ def test_rollback_refuses_a_previous_model_whose_files_changed(registry: Registr
 
 @pytest.mark.parametrize("previous_active", [False, True])
 def test_concurrent_change_is_detected_and_nothing_is_half_done(
-    db_url: str, tmp_path: Path, previous_active: bool, request: pytest.FixtureRequest
+    migrated_db_url: str,
+    tmp_path: Path,
+    previous_active: bool,
+    request: pytest.FixtureRequest,
 ) -> None:
     """A second admin's promotion commits between this promotion's gates and its write."""
-    registry = open_registry(db_url)
+    registry = open_registry(migrated_db_url)
     request.addfinalizer(registry.close)
     base = _import(registry, tmp_path, "0")["ir_int8"]
     mine = _import(registry, tmp_path, "1")["ir_int8"]
     theirs = _import(registry, tmp_path, "2")["ir_int8"]
     if previous_active:
         registry.promote(base)
-    other_admin = Registry(make_session_factory(make_engine(db_url)))
+    other_admin = Registry(make_session_factory(make_engine(migrated_db_url)))
     racing = Registry(
-        make_session_factory(make_engine(db_url)), before_write=lambda: other_admin.promote(theirs, by="bob")
+        make_session_factory(make_engine(migrated_db_url)),
+        before_write=lambda: other_admin.promote(theirs, by="bob"),
     )
     with pytest.raises(ConcurrentPromotionError) as info:
         racing.promote(mine, by="alice")
