@@ -14,6 +14,7 @@ colour images.
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -22,8 +23,9 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 import pydicom
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from converters.exceptions import InvalidSeriesError
 from converters.volume import Volume
@@ -115,9 +117,28 @@ def _check_pixel_data(ds: Dataset, where: str, frames: int) -> None:
             )
 
 
+def _with_transfer_syntax(ds: Dataset) -> Dataset:
+    """``ds`` itself, or a shallow copy with a Transfer Syntax in its file meta so pydicom can decode it.
+
+    Datasets decoded from the network (e.g. a C-STORE request before its file meta is attached) carry
+    their native pixel data in the encoding they were received in (PS3.5 A.1, A.2).
+    """
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and "TransferSyntaxUID" in meta:
+        return ds
+    implicit, little = getattr(ds, "original_encoding", (False, True))
+    out = copy.copy(ds)
+    out.file_meta = FileMetaDataset()
+    if little is False:
+        out.file_meta.TransferSyntaxUID = ExplicitVRBigEndian
+    else:
+        out.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+    return out
+
+
 def _pixels(ds: Dataset, where: str) -> npt.NDArray[np.generic]:
     try:
-        return np.asarray(ds.pixel_array)
+        return np.asarray(_with_transfer_syntax(ds).pixel_array)
     except Exception as exc:  # decoder errors come in many types
         raise InvalidSeriesError(f"{where}: cannot decode pixel data ({type(exc).__name__}: {exc})") from exc
 

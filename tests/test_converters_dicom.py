@@ -302,3 +302,16 @@ def test_enhanced_mr_loads_like_the_single_frame_series(small_series: list[Path]
         InvalidSeriesError, match=r"frame 3: missing PlanePositionSequence/ImagePositionPatient"
     ):
         load_series([ds])
+
+
+def test_datasets_without_file_meta_and_single_slices(small_series: list[Path]) -> None:
+    reference = load_series(small_series)
+    ds = _datasets(small_series)
+    for d in ds:
+        del d.file_meta  # as decoded from a C-STORE request
+    np.testing.assert_array_equal(load_series(ds).array, reference.array)
+    one = load_series(small_series[3:4])
+    assert one.array.shape == (1, 14, 16)
+    np.testing.assert_array_equal(one.array[0], reference.array[3])
+    # One slice: the spacing comes from SpacingBetweenSlices (nothing to measure).
+    assert one.spacing[0] == pytest.approx(float(pydicom.dcmread(str(small_series[0])).SpacingBetweenSlices))
