@@ -1,0 +1,129 @@
+"""Two processes promote different models of one task at the same moment (SQLite and PostgreSQL).
+
+What the audit trail must hold, explicitly: the winner's ``promote`` event, and for the loser a
+``refused`` event whose reason names the concurrent change; exactly one model is active.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from db.registry import Registry, open_registry
+from db.session import make_engine, make_session_factory
+from tests.conftest import write_model_dir
+
+TASK = "whole_tumor"
+CTX = mp.get_context("fork")
+
+
+def _promote_worker(url: str, model_id: int, admin: str, barrier: Any, at_write: bool, results: Any) -> None:
+    """Promote ``model_id`` as ``admin``; wait at ``barrier`` before the write (or before starting)."""
+    sync: Callable[[], None] = lambda: barrier.wait(timeout=60)  # noqa: E731
+    registry = Registry(make_session_factory(make_engine(url)), before_write=sync if at_write else None)
+    try:
+        if not at_write:
+            sync()
+        registry.promote(model_id, by=admin, reason=f"{admin} wants #{model_id}")
+        results.put((admin, model_id, "ok", ""))
+    except Exception as exc:  # reported to the parent, which asserts on it
+        results.put((admin, model_id, type(exc).__name__, str(exc)))
+    finally:
+        registry.close()
+
+
+def _race(url: str, contenders: list[tuple[int, str]], at_write: bool) -> list[tuple[str, int, str, str]]:
+    barrier = CTX.Barrier(len(contenders))
+    results = CTX.Queue()
+    procs = [
+        CTX.Process(target=_promote_worker, args=(url, model_id, admin, barrier, at_write, results))
+        for model_id, admin in contenders
+    ]
+    for p in procs:
+        p.start()
+    outcomes = [results.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    return sorted(outcomes)
+
+
+def _setup(url: str, tmp_path: Path, with_active: bool) -> tuple[Registry, int | None, int, int]:
+    registry = open_registry(url)
+    ids = []
+    for version in ("0", "1", "2"):
+        infos = registry.import_dir(write_model_dir(tmp_path / version, version=version, seed=int(version)))
+        ids.append(infos[-1].id)
+    base = None
+    if with_active:
+        base = registry.promote(ids[0], by="setup").id
+    return registry, base, ids[1], ids[2]
+
+
+@pytest.mark.parametrize("with_active", [False, True], ids=["no-active", "replacing-active"])
+def test_two_processes_promote_at_the_same_moment(
+    migrated_db_url: str, tmp_path: Path, with_active: bool
+) -> None:
+    """Both processes pass their gates, then write at once: one wins, the other changes nothing."""
+    registry, base, a, b = _setup(migrated_db_url, tmp_path, with_active)
+    try:
+        before = len(registry.history(TASK))
+        outcomes = _race(migrated_db_url, [(a, "alice"), (b, "bob")], at_write=True)
+        winners = [o for o in outcomes if o[2] == "ok"]
+        losers = [o for o in outcomes if o[2] != "ok"]
+        assert len(winners) == 1 and len(losers) == 1, outcomes
+        winner_admin, winner_id = winners[0][:2]
+        loser_admin, loser_id, error, message = losers[0]
+        assert error == "ConcurrentPromotionError"
+        assert f"model #{loser_id} not promoted" in message and "nothing was changed" in message
+
+        active = [m for m in registry.list_models(TASK) if m.status == "active"]
+        assert [m.id for m in active] == [winner_id]
+        assert registry.get(loser_id).status == "candidate"
+        if base is not None:
+            assert registry.get(base).status == "candidate"
+
+        events = registry.history(TASK)[before:]
+        assert [(e.action, e.from_model_id, e.to_model_id, e.by) for e in events] == [
+            ("promote", base, winner_id, winner_admin),
+            ("refused", base, loser_id, loser_admin),
+        ]
+        assert events[0].reason == f"{winner_admin} wants #{winner_id}"
+        assert events[1].reason == message
+    finally:
+        registry.close()
+
+
+def test_simultaneous_start_leaves_a_consistent_state(migrated_db_url: str, tmp_path: Path) -> None:
+    """Both start at once (no hook inside promote): whichever interleaving happens, the state is consistent.
+
+    Either both succeed one after the other (the second saw the first's result before its own
+    gates ran) or one is refused as concurrent; in every case exactly one model is active, each
+    success has its ``promote`` event and each refusal its ``refused`` event, and the promote
+    events chain from the previous active model to the final one.
+    """
+    registry, base, a, b = _setup(migrated_db_url, tmp_path, with_active=True)
+    try:
+        before = len(registry.history(TASK))
+        outcomes = _race(migrated_db_url, [(a, "alice"), (b, "bob")], at_write=False)
+        assert all(o[2] in ("ok", "ConcurrentPromotionError") for o in outcomes), outcomes
+        assert any(o[2] == "ok" for o in outcomes)
+        events = registry.history(TASK)[before:]
+        promotes = [e for e in events if e.action == "promote"]
+        refused = [e for e in events if e.action == "refused"]
+        assert sorted((e.by, e.to_model_id) for e in promotes) == sorted(
+            (o[0], o[1]) for o in outcomes if o[2] == "ok"
+        )
+        assert sorted((e.by, e.to_model_id) for e in refused) == sorted(
+            (o[0], o[1]) for o in outcomes if o[2] != "ok"
+        )
+        chain = [base] + [e.to_model_id for e in promotes]
+        assert [e.from_model_id for e in promotes] == chain[:-1]
+        active = [m.id for m in registry.list_models(TASK) if m.status == "active"]
+        assert active == [chain[-1]]
+    finally:
+        registry.close()
