@@ -25,16 +25,32 @@ TASKS = ("whole_tumor", "brats_regions")
 _CATEGORY = {"scheme": "SCT", "code": "49755003", "meaning": "Morphologically abnormal structure"}
 TASK_LABELS: dict[str, list[dict[str, Any]]] = {
     "whole_tumor": [
-        {"value": 1, "name": "Whole tumour", "category": _CATEGORY,
-         "type": {"scheme": "SCT", "code": "108369006", "meaning": "Neoplasm"}},
+        {
+            "value": 1,
+            "name": "Whole tumour",
+            "category": _CATEGORY,
+            "type": {"scheme": "SCT", "code": "108369006", "meaning": "Neoplasm"},
+        },
     ],
     "brats_regions": [
-        {"value": 1, "name": "Edema", "category": _CATEGORY,
-         "type": {"scheme": "SCT", "code": "79654002", "meaning": "Edema"}},
-        {"value": 2, "name": "Non-enhancing tumour", "category": _CATEGORY,
-         "type": {"scheme": "SCT", "code": "6574001", "meaning": "Necrosis"}},
-        {"value": 3, "name": "Enhancing tumour", "category": _CATEGORY,
-         "type": {"scheme": "NCIt", "code": "C113842", "meaning": "Enhancing Lesion"}},
+        {
+            "value": 1,
+            "name": "Edema",
+            "category": _CATEGORY,
+            "type": {"scheme": "SCT", "code": "79654002", "meaning": "Edema"},
+        },
+        {
+            "value": 2,
+            "name": "Non-enhancing tumour",
+            "category": _CATEGORY,
+            "type": {"scheme": "SCT", "code": "6574001", "meaning": "Necrosis"},
+        },
+        {
+            "value": 3,
+            "name": "Enhancing tumour",
+            "category": _CATEGORY,
+            "type": {"scheme": "NCIt", "code": "C113842", "meaning": "Enhancing Lesion"},
+        },
     ],
 }
 

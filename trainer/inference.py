@@ -54,8 +54,10 @@ def predict_slices(
     """Run ``predict`` over ``slices`` (N, C, H, W) in batches; returns the stacked outputs."""
     if batch_size < 1:
         raise TrainerError(f"batch size {batch_size} must be at least 1")
-    outs = [np.asarray(predict(np.ascontiguousarray(slices[i : i + batch_size])), dtype=np.float32)
-            for i in range(0, len(slices), batch_size)]
+    outs = [
+        np.asarray(predict(np.ascontiguousarray(slices[i : i + batch_size])), dtype=np.float32)
+        for i in range(0, len(slices), batch_size)
+    ]
     if not outs:
         return np.zeros((0, 1, *slices.shape[2:]), dtype=np.float32)
     return np.concatenate(outs)

@@ -94,9 +94,7 @@ def _directed_distances(
 def _union_box(p: npt.NDArray[np.bool_], t: npt.NDArray[np.bool_]) -> tuple[slice, ...]:
     """Bounding box of both masks, one voxel of margin (distances only depend on what is inside)."""
     found = ndimage.find_objects((p | t).astype(np.int8))[0]
-    return tuple(
-        slice(max(s.start - 1, 0), min(s.stop + 1, n)) for s, n in zip(found, p.shape, strict=True)
-    )
+    return tuple(slice(max(s.start - 1, 0), min(s.stop + 1, n)) for s, n in zip(found, p.shape, strict=True))
 
 
 def hd95(pred: Mask, truth: Mask, spacing: Sequence[float] = (1.0, 1.0, 1.0)) -> float:

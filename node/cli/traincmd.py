@@ -1,9 +1,219 @@
-"""segnode CLI commands: traincmd."""
+"""segnode CLI commands of the trainer: ``train``, ``export``, ``evaluate``.
+
+torch, openvino and nncf are imported inside the commands, so ``segnode --help`` stays light.
+"""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import typer
+from rich.console import Console
+
+console = Console()
+
+
+def _parse_crop(text: str) -> list[int]:
+    from trainer.exceptions import TrainerError
+
+    try:
+        parts = [int(p) for p in text.lower().replace("x", ",").split(",") if p.strip()]
+    except ValueError:
+        raise TrainerError(f"--crop {text!r} is not a size like 192 or 192x160") from None
+    if len(parts) == 1:
+        parts *= 2
+    if len(parts) != 2:
+        raise TrainerError(f"--crop {text!r} is not a size like 192 or 192x160")
+    return parts
+
+
+def train(
+    data: Path = typer.Option(
+        ..., "--data", help="Decathlon Task01 folder, BraTS-style folder, or folder of those."
+    ),
+    out: Path = typer.Option(..., "--out", help="Run directory (checkpoints, logs, figures)."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | hpu"),
+    epochs: int = typer.Option(20, "--epochs"),
+    task: str = typer.Option("whole_tumor", "--task", help="whole_tumor | brats_regions"),
+    modalities: str = typer.Option("", "--modalities", help="Comma list; default FLAIR (regions: all four)."),
+    batch_size: int = typer.Option(16, "--batch-size"),
+    lr: float = typer.Option(1e-3, "--lr"),
+    base_filters: int = typer.Option(16, "--base-filters"),
+    depth: int = typer.Option(4, "--depth"),
+    norm: str = typer.Option("batch", "--norm", help="batch | instance | group"),
+    crop: str = typer.Option("192", "--crop", help="In-plane network input size, e.g. 192 or 176x160."),
+    spacing: str = typer.Option(
+        "", "--spacing", help="Target spacing mm 'x,y,z' (default: median of the data)."
+    ),
+    val_fraction: float = typer.Option(
+        0.2, "--val-fraction", help="Share of patients held out for validation."
+    ),
+    seed: int = typer.Option(0, "--seed"),
+    slices_per_epoch: int = typer.Option(
+        0, "--slices-per-epoch", help="0: as many as there are training slices."
+    ),
+    tumour_fraction: float = typer.Option(
+        0.5, "--tumour-fraction", help="Share of sampled slices with tumour."
+    ),
+    patience: int = typer.Option(
+        10, "--patience", help="Early stopping after this many epochs without gain."
+    ),
+    amp: bool = typer.Option(True, "--amp/--no-amp", help="bf16 autocast on HPU, fp16 AMP on CUDA."),
+    max_minutes: float = typer.Option(
+        0.0, "--max-minutes", help="Stop before an epoch would pass this (0: none)."
+    ),
+    threads: int = typer.Option(0, "--threads", help="CPU threads (0: all cores)."),
+    name: str = typer.Option("", "--name", help="Model name for the card."),
+    version: str = typer.Option("0.1.0", "--version"),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue the run in --out from its last checkpoint."
+    ),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Train a 2D U-Net (one device, or many under torchrun)."""
+    from trainer.train import TrainConfig
+    from trainer.train import train as run_training
+
+    mods = [m.strip().upper() for m in modalities.split(",") if m.strip()]
+    if not mods:
+        mods = ["FLAIR"] if task == "whole_tumor" else ["FLAIR", "T1", "T1GD", "T2"]
+    config = TrainConfig(
+        data=str(data),
+        out=str(out),
+        task=task,
+        modalities=mods,
+        device=device,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        base_filters=base_filters,
+        depth=depth,
+        norm=norm,
+        crop_size=_parse_crop(crop),
+        spacing_mm=[float(s) for s in spacing.split(",")] if spacing else None,
+        val_fraction=val_fraction,
+        seed=seed,
+        slices_per_epoch=slices_per_epoch or None,
+        tumour_fraction=tumour_fraction,
+        patience=patience,
+        amp=amp,
+        max_minutes=max_minutes or None,
+        threads=threads or None,
+        name=name,
+        version=version,
+    )
+    summary = run_training(config, resume=resume, progress=progress)
+    console.print(
+        f"trained {summary['epoch']} epochs; best validation Dice {summary['best_dice']:.4f} "
+        f"at epoch {summary['best_epoch']}; run in {out}"
+    )
+
+
+def export(
+    run_dir: Path = typer.Argument(..., help="A training run directory (with best.pt)."),
+    out: Path = typer.Option(
+        None, "--out", help="Where to write the model directory (default RUN_DIR/export)."
+    ),
+    calibration_size: int = typer.Option(
+        300, "--calibration-size", help="INT8 calibration slices (training split)."
+    ),
+    max_dice_drop: float = typer.Option(
+        -1.0,
+        "--max-dice-drop",
+        help="Use NNCF accuracy control with this absolute Dice drop (validation split).",
+    ),
+    checkpoint: str = typer.Option("best.pt", "--checkpoint", help="Checkpoint file in RUN_DIR."),
+    data: Path = typer.Option(None, "--data", help="Training data folder, if it moved since training."),
+    include_checkpoint: bool = typer.Option(True, "--with-checkpoint/--no-checkpoint"),
+    fp16_weights: bool = typer.Option(False, "--fp16-weights", help="Store IR FP32 weights as FP16."),
+    register_models: bool = typer.Option(
+        True, "--register/--no-register", help="Import into the model table."
+    ),
+    config: Path = typer.Option(None, "--config", help="node.toml naming the database."),
+) -> None:
+    """Export ONNX, OpenVINO IR FP32 and INT8, write model.json, and register the lineage."""
+    from trainer.export import ExportOptions, export_run
+
+    database_url = None
+    if register_models:
+        from node.config import load_settings
+
+        database_url = load_settings(config).database.resolved_url()
+    options = ExportOptions(
+        run_dir=run_dir,
+        out_dir=out,
+        checkpoint=checkpoint,
+        data=data,
+        calibration_size=calibration_size,
+        max_dice_drop=max_dice_drop if max_dice_drop >= 0 else None,
+        include_checkpoint=include_checkpoint,
+        fp16_weights=fp16_weights,
+        register=register_models,
+        database_url=database_url,
+    )
+    with console.status("exporting") as status:
+        card = export_run(options, on_step=lambda msg: status.update(msg))
+    from rich.table import Table
+
+    table = Table(title=f"{card['name']} {card['version']} (validation cases)")
+    for col in ("artifact", "precision", "Dice", "HD95 mm"):
+        table.add_column(col)
+    for art in card["artifacts"]:
+        mean = art.get("metrics", {}).get("mean", {})
+        table.add_row(
+            art["key"],
+            art["precision"],
+            f"{mean.get('dice', float('nan')):.4f}",
+            f"{mean.get('hd95', float('nan')):.2f}",
+        )
+    console.print(table)
+    where = out or run_dir / "export"
+    ids = card.get("registered_ids")
+    console.print(f"model directory {where}" + (f"; registered models {ids}" if ids else ""))
+
+
+def evaluate(
+    model: Path = typer.Argument(..., help="Checkpoint .pt, .onnx, IR .xml, or a model directory."),
+    data: Path = typer.Option(..., "--data", help="Labelled cases (any layout list_cases reads)."),
+    precision: str = typer.Option("int8", "--precision", help="fp32 | int8, for a model directory."),
+    json_out: Path = typer.Option(None, "--json", help="Write the per-case results as JSON."),
+    device: str = typer.Option("CPU", "--ov-device", help="OpenVINO device for IR models."),
+    batch_size: int = typer.Option(16, "--batch-size"),
+) -> None:
+    """Per-case 3D Dice, Jaccard, sensitivity, specificity and HD95 of a model on labelled cases."""
+    from rich.table import Table
+
+    from converters.nifti import list_cases
+    from trainer.evaluate import evaluate_cases, load_model
+    from trainer.exceptions import TrainerError
+
+    refs = list_cases(data, require_labels=True)
+    if not refs:
+        raise TrainerError(f"no labelled case found under {data}")
+    loaded = load_model(model, precision, device)
+    with console.status(f"evaluating {len(refs)} cases") as status:
+        result = evaluate_cases(
+            loaded, refs, batch_size, on_case=lambda cid, s: status.update(f"{cid}: Dice {s['dice']:.4f}")
+        )
+    table = Table(title=loaded.description)
+    names = ("dice", "jaccard", "sensitivity", "specificity", "hd95")
+    for col in ("case", *names):
+        table.add_column(col, justify="left" if col == "case" else "right")
+    for c in result["cases"]:
+        table.add_row(c["case"], *(f"{c[n]:.4f}" for n in names))
+    table.add_row("mean", *(f"{result['mean'][n]:.4f}" for n in names), style="bold")
+    console.print(table)
+    for region, block in result.get("regions", {}).items():
+        console.print(f"{region}: mean Dice {block['mean']['dice']:.4f}, HD95 {block['mean']['hd95']:.2f} mm")
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        console.print(f"wrote {json_out}")
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the root app."""
+    app.command("train")(train)
+    app.command("export")(export)
+    app.command("evaluate")(evaluate)

@@ -1,0 +1,58 @@
+"""Self-describing checkpoints: model class and config, optimizer and scaler state, epoch, history.
+
+Checkpoints hold only tensors and plain Python containers, so they load with
+``torch.load(weights_only=True)`` (no pickled classes, no code execution on load).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trainer.exceptions import TrainerError
+from trainer.unet import UNet2D, build_unet
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "segnode-checkpoint-1"
+
+
+def save_checkpoint(state: dict[str, Any], path: Path) -> None:
+    """Write ``state`` atomically (temporary file, then rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"format": CHECKPOINT_FORMAT, **state}, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Read a checkpoint with ``weights_only=True``.
+
+    Raises
+    ------
+    TrainerError
+        The file is missing, unreadable, or not a segnode checkpoint.
+    """
+    if not path.is_file():
+        raise TrainerError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a corrupt or foreign file
+        raise TrainerError(f"checkpoint {path} cannot be read: {type(exc).__name__}: {exc}") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise TrainerError(f"checkpoint {path}: format {found!r} is not {CHECKPOINT_FORMAT!r}")
+    return state
+
+
+def model_from_checkpoint(state: dict[str, Any]) -> UNet2D:
+    """Rebuild the network of a checkpoint and load its weights (eval mode, CPU)."""
+    if state.get("model_class") != "UNet2D":
+        raise TrainerError(f"checkpoint model class {state.get('model_class')!r} is not 'UNet2D'")
+    model = build_unet(state["model_config"])
+    model.load_state_dict(state["model_state"])
+    model.eval()
+    return model

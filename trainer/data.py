@@ -1,0 +1,238 @@
+"""Training data: patient-level split, preprocessed slices in memory, tumour oversampling, augmentation.
+
+Cases come through :func:`converters.nifti.list_cases` (Decathlon Task01 folders, BraTS-style
+folders, folders of those) and are preprocessed with the very function the node uses,
+:func:`converters.preprocess.prepare_volume`, so training and inference see the same input.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from torch.utils.data import Dataset
+
+from converters.case import Case
+from converters.preprocess import Prepared, prepare_volume
+from trainer.exceptions import TrainerError
+
+logger = logging.getLogger(__name__)
+
+_PATIENT_PATTERNS = (
+    re.compile(r"^(BraTS-[A-Za-z]+-\d+)-\d+$"),  # BraTS 2023: BraTS-GLI-00000-000 (patient-timepoint)
+    re.compile(r"^(BraTS(?:1[789]|20)_[A-Za-z0-9]+_[A-Za-z0-9]+)_\d+$"),  # BraTS 2017-2020: ..._ASK_1
+    re.compile(r"^(brats_\d{4}_pat\d+)_\d+$", re.IGNORECASE),  # BraTS 2013 (DeepMedic naming)
+)
+
+
+def patient_key(case_id: str) -> str:
+    """The patient a case belongs to (time points of one patient share it)."""
+    for pattern in _PATIENT_PATTERNS:
+        match = pattern.match(case_id)
+        if match:
+            return match.group(1)
+    return case_id
+
+
+def split_cases(case_ids: Sequence[str], val_fraction: float, seed: int) -> dict[str, Any]:
+    """Seeded patient-level split: all cases of one patient land on the same side.
+
+    Returns
+    -------
+    dict
+        ``{"seed", "val_fraction", "train": [ids], "val": [ids]}`` (ids sorted).
+    """
+    if len(set(case_ids)) != len(case_ids):
+        raise TrainerError(
+            "case ids are not unique: " + ", ".join(sorted({c for c in case_ids if case_ids.count(c) > 1}))
+        )
+    if not 0.0 <= val_fraction < 1.0:
+        raise TrainerError(f"validation fraction {val_fraction} must be in [0, 1)")
+    patients = sorted({patient_key(c) for c in case_ids})
+    order = np.random.default_rng(seed).permutation(len(patients))
+    n_val = round(len(patients) * val_fraction)
+    if val_fraction > 0 and n_val == 0 and len(patients) > 1:
+        n_val = 1
+    if n_val >= len(patients):
+        raise TrainerError(
+            f"{len(patients)} patients cannot be split with validation fraction {val_fraction}"
+        )
+    val_patients = {patients[i] for i in order[:n_val]}
+    val = sorted(c for c in case_ids if patient_key(c) in val_patients)
+    train = sorted(c for c in case_ids if patient_key(c) not in val_patients)
+    return {"seed": seed, "val_fraction": val_fraction, "train": train, "val": val}
+
+
+def task_target(label: npt.NDArray[Any], task: str) -> npt.NDArray[np.uint8]:
+    """The training target of ``task`` from Decathlon labels: whole tumour {0, 1} or labels 0-3."""
+    if task == "whole_tumor":
+        return (np.asarray(label) > 0).astype(np.uint8)
+    return np.asarray(label).astype(np.uint8)
+
+
+@dataclass
+class PreparedCase:
+    """One case on the network grid, with its original-grid label for 3D evaluation."""
+
+    case_id: str
+    prepared: Prepared
+    target_planes: npt.NDArray[np.uint8]
+    target: npt.NDArray[np.uint8]
+    spacing: tuple[float, float, float]
+
+
+def prepare_case(
+    case: Case, preprocessing: Mapping[str, Any], modalities: Sequence[str], task: str
+) -> PreparedCase:
+    """Preprocess a labelled case as the model card says.
+
+    Raises
+    ------
+    TrainerError
+        The case has no label map.
+    """
+    if case.label is None:
+        raise TrainerError(f"case {case.case_id} ({case.source}) has no label map; training needs labels")
+    prepared = prepare_volume(case.images, case.affine, preprocessing, modalities)
+    target = task_target(case.label, task)
+    return PreparedCase(case.case_id, prepared, prepared.crop_label(target), target, case.spacing)
+
+
+@dataclass
+class SliceArrays:
+    """All training slices of a split, stacked: images (S, C, H, W), targets (S, H, W)."""
+
+    images: npt.NDArray[np.float32]
+    targets: npt.NDArray[np.uint8]
+    case_index: npt.NDArray[np.int64]
+    case_ids: list[str]
+
+    @classmethod
+    def from_cases(cls, cases: Sequence[PreparedCase]) -> SliceArrays:
+        """Stack the slices of ``cases``."""
+        if not cases:
+            raise TrainerError("no case to take training slices from")
+        return cls(
+            images=np.concatenate([c.prepared.slices for c in cases]),
+            targets=np.concatenate([c.target_planes for c in cases]),
+            case_index=np.concatenate(
+                [np.full(len(c.target_planes), i, np.int64) for i, c in enumerate(cases)]
+            ),
+            case_ids=[c.case_id for c in cases],
+        )
+
+    @property
+    def tumour(self) -> npt.NDArray[np.bool_]:
+        """Per slice: whether it holds any tumour voxel."""
+        return np.asarray(self.targets.reshape(len(self.targets), -1).max(axis=1) > 0)
+
+
+def epoch_plan(
+    tumour: npt.NDArray[np.bool_], n: int, tumour_fraction: float, seed: int, epoch: int
+) -> npt.NDArray[np.int64]:
+    """Slice indices for one epoch, drawn with replacement so that about ``tumour_fraction`` hold tumour.
+
+    With ``tumour_fraction`` <= 0 or no tumour slice, slices are drawn uniformly.
+    """
+    rng = np.random.default_rng([seed, epoch])
+    weights = np.ones(len(tumour), dtype=np.float64)
+    n_t = int(tumour.sum())
+    if 0 < tumour_fraction < 1 and 0 < n_t < len(tumour):
+        weights[tumour] = tumour_fraction / n_t
+        weights[~tumour] = (1 - tumour_fraction) / (len(tumour) - n_t)
+    weights /= weights.sum()
+    return rng.choice(len(tumour), size=n, replace=True, p=weights).astype(np.int64)
+
+
+def augment(
+    image: npt.NDArray[np.float32], target: npt.NDArray[np.uint8], rng: np.random.Generator
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.uint8]]:
+    """Random flips, 90-degree rotations (180 only for non-square slices), intensity scale and shift.
+
+    The intensity change touches only non-zero (brain) pixels, so the background stays zero.
+    """
+    if rng.random() < 0.5:
+        image, target = image[:, ::-1], target[::-1]
+    if rng.random() < 0.5:
+        image, target = image[:, :, ::-1], target[:, ::-1]
+    k = int(rng.integers(4)) if image.shape[1] == image.shape[2] else 2 * int(rng.integers(2))
+    if k:
+        image, target = np.rot90(image, k, axes=(1, 2)), np.rot90(target, k)
+    scale = rng.uniform(0.9, 1.1, size=(image.shape[0], 1, 1)).astype(np.float32)
+    shift = rng.uniform(-0.1, 0.1, size=(image.shape[0], 1, 1)).astype(np.float32)
+    image = np.where(image != 0, image * scale + shift, 0).astype(np.float32)
+    return np.ascontiguousarray(image), np.ascontiguousarray(target)
+
+
+class SliceDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
+    """The slices of one epoch (an :func:`epoch_plan`), optionally augmented.
+
+    Parameters
+    ----------
+    arrays:
+        The stacked training slices.
+    plan:
+        Indices into ``arrays`` for this epoch.
+    augment_seed:
+        Seed for augmentation, or None for none (validation).
+    """
+
+    def __init__(self, arrays: SliceArrays, plan: npt.NDArray[np.int64], augment_seed: int | None) -> None:
+        self.arrays = arrays
+        self.plan = plan
+        self.augment_seed = augment_seed
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = int(self.plan[i])
+        image, target = self.arrays.images[idx], self.arrays.targets[idx]
+        if self.augment_seed is not None:
+            image, target = augment(image, target, np.random.default_rng([self.augment_seed, i]))
+        return torch.from_numpy(np.ascontiguousarray(image)), torch.from_numpy(target.astype(np.int64))
+
+
+def load_prepared(
+    refs: Sequence[Any],
+    preprocessing: Mapping[str, Any],
+    modalities: Sequence[str],
+    task: str,
+    on_case: Callable[[str], None] | None = None,
+) -> list[PreparedCase]:
+    """Load and preprocess every case of ``refs`` (``CaseRef`` objects from converters.nifti)."""
+    out = []
+    for ref in refs:
+        case = ref.load()
+        out.append(prepare_case(case, preprocessing, modalities, task))
+        if on_case is not None:
+            on_case(ref.case_id)
+    return out
+
+
+def median_spacing(refs: Sequence[Any]) -> list[float]:
+    """Median voxel spacing (mm) of the cases' NIfTI headers, read without loading the voxels."""
+    import nibabel as nib
+
+    spacings = []
+    for ref in refs:
+        path = Path(ref.path)
+        first = path if path.is_file() else next(iter(sorted(path.glob("*.nii*"))), None)
+        if first is None:
+            continue
+        image: Any = nib.load(str(first))
+        zooms = image.header.get_zooms()
+        ras = [0.0, 0.0, 0.0]
+        for voxel_axis, (ras_axis, _) in enumerate(nib.orientations.io_orientation(image.affine)[:3]):
+            ras[int(ras_axis)] = float(zooms[voxel_axis])
+        spacings.append(ras)
+    if not spacings:
+        return [1.0, 1.0, 1.0]
+    return [float(v) for v in np.median(np.asarray(spacings), axis=0)]

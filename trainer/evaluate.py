@@ -1,0 +1,166 @@
+"""Per-case 3D evaluation of any form of a model: checkpoint, ONNX, OpenVINO IR, or a model directory.
+
+Every form goes through the same :func:`trainer.inference.segment_volume` (the node's
+preprocessing and restore), so the figures of a checkpoint, its ONNX export and its FP32/INT8 IR
+are comparable case by case.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from converters.exceptions import ConverterError
+from trainer.card import ir_xml, load_card
+from trainer.exceptions import TrainerError
+from trainer.inference import OpenVINOSegmenter, SlicePredictor, segment_volume
+from trainer.metrics import METRIC_NAMES, case_metrics, mean_metrics
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to predict slices, with its card and a description for reports."""
+
+    card: dict[str, Any]
+    predict: SlicePredictor
+    description: str
+    precision: str
+
+
+def onnx_predictor(path: Path) -> SlicePredictor:
+    """A slice predictor running an ONNX file with ONNX Runtime on the CPU."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+
+    def predict(batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        return np.asarray(session.run(None, {name: np.ascontiguousarray(batch, dtype=np.float32)})[0])
+
+    return predict
+
+
+def load_model(path: Path, precision: str = "int8", device: str = "CPU") -> LoadedModel:
+    """Open a model for evaluation.
+
+    Parameters
+    ----------
+    path:
+        A checkpoint ``.pt`` (card inside), an ``.onnx`` or IR ``.xml`` (``model.json`` beside it),
+        or a model directory (``model.json`` + files; the IR of ``precision`` is used).
+    precision:
+        ``fp32`` or ``int8``, for a model directory.
+    device:
+        OpenVINO device for IR models.
+
+    Raises
+    ------
+    TrainerError
+        The path does not exist or is none of the above.
+    """
+    if not path.exists():
+        raise TrainerError(f"model {path} does not exist")
+    if precision not in ("fp32", "int8"):
+        raise TrainerError(f"--precision {precision!r} is not 'fp32' or 'int8'")
+    if path.is_dir():
+        card = load_card(path)
+        xml = ir_xml(card, path, precision)
+        return _openvino(card, xml, precision, device)
+    suffix = path.suffix.lower()
+    if suffix == ".pt":
+        from trainer.checkpoint import load_checkpoint, model_from_checkpoint
+        from trainer.train import torch_predictor
+
+        state = load_checkpoint(path)
+        model = model_from_checkpoint(state)
+        return LoadedModel(dict(state["card"]), torch_predictor(model), f"PyTorch checkpoint {path}", "fp32")
+    if suffix == ".onnx":
+        return LoadedModel(load_card(path.parent), onnx_predictor(path), f"ONNX {path}", "fp32")
+    if suffix == ".xml":
+        card = load_card(path.parent)
+        prec = "int8" if "int8" in path.name.lower() else "fp32"
+        return _openvino(card, path, prec, device)
+    raise TrainerError(f"model {path}: expected a .pt checkpoint, an .onnx, an IR .xml or a model directory")
+
+
+def _openvino(card: dict[str, Any], xml: Path, precision: str, device: str) -> LoadedModel:
+    hint = "f32" if precision == "fp32" and device.upper() == "CPU" else None
+    seg = OpenVINOSegmenter(card, xml, device=device, precision_hint=hint)
+    return LoadedModel(card, seg.predict, f"OpenVINO IR {precision.upper()} {xml}", precision)
+
+
+def evaluate_cases(
+    loaded: LoadedModel,
+    refs: Sequence[Any],
+    batch_size: int = 16,
+    on_case: Callable[[str, dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Segment and score every case of ``refs`` (``CaseRef`` objects with labels).
+
+    Returns
+    -------
+    dict
+        ``{"model", "precision", "task", "cases": [{"case", metrics..., "seconds"}], "mean": {...}}``;
+        for ``brats_regions`` also ``"regions": {"WT"|"TC"|"ET": {"cases": [...], "mean": {...}}}``.
+    """
+    task = loaded.card["task"]
+    per_case: list[dict[str, Any]] = []
+    for ref in refs:
+        case = ref.load()
+        if case.label is None:
+            raise TrainerError(f"case {ref.case_id} ({ref.path}) has no label map; evaluation needs labels")
+        t0 = time.perf_counter()
+        try:
+            pred = segment_volume(loaded.predict, loaded.card, case.images, case.affine, batch_size)
+        except ConverterError as exc:
+            raise TrainerError(f"case {ref.case_id} ({ref.path}): {exc}") from None
+        seconds = time.perf_counter() - t0
+        scores = case_metrics(pred, case.label, case.spacing, task)
+        per_case.append({"case": ref.case_id, **scores, "seconds": round(seconds, 3)})
+        if on_case is not None:
+            on_case(ref.case_id, scores)
+    return report(loaded, per_case)
+
+
+def report(loaded: LoadedModel, per_case: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The evaluation JSON (DESIGN.md, ``segnode evaluate --json``) from per-case scores."""
+    cases = [
+        {"case": c["case"], **{m: c[m] for m in METRIC_NAMES}, "seconds": c.get("seconds")} for c in per_case
+    ]
+    out: dict[str, Any] = {
+        "model": loaded.description,
+        "precision": loaded.precision,
+        "task": loaded.card["task"],
+        "cases": cases,
+        "mean": {k: v for k, v in mean_metrics(cases).items() if k in METRIC_NAMES},
+    }
+    if per_case and "regions" in per_case[0]:
+        out["regions"] = {}
+        for region in per_case[0]["regions"]:
+            region_cases = [{"case": c["case"], **c["regions"][region]} for c in per_case]
+            out["regions"][region] = {"cases": region_cases, "mean": mean_metrics(region_cases)}
+    return out
+
+
+def card_metrics(result: Mapping[str, Any], split: str) -> dict[str, Any]:
+    """An artifact's ``metrics`` block of the model card from an evaluation result."""
+    metrics: dict[str, Any] = {
+        "cases": [c["case"] for c in result["cases"]],
+        "split": split,
+        "mean": result["mean"],
+        "per_case": [{k: c[k] for k in ("case", *METRIC_NAMES)} for c in result["cases"]],
+    }
+    if "regions" in result:
+        metrics["regions"] = {name: block["mean"] for name, block in result["regions"].items()}
+    return metrics

@@ -1,0 +1,472 @@
+"""Export a training run: ONNX -> OpenVINO IR FP32 -> NNCF INT8, the model card, and registration.
+
+``segnode export RUN_DIR`` takes the run's best checkpoint and writes, in ``RUN_DIR/export`` (or
+``--out``): ``checkpoint.pt`` (optional), ``model.onnx`` (opset 17, dynamic batch, checked
+against PyTorch on real slices), ``model_fp32.xml/.bin`` (``ov.convert_model`` +
+``ov.save_model``, checked against PyTorch), ``model_int8.xml/.bin`` (``nncf.quantize`` on
+calibration slices drawn from the TRAINING split, preset performance, like the reference's POT
+DefaultQuantization with stat_subset_size 300; or ``nncf.quantize_with_accuracy_control`` on the
+VALIDATION cases when a maximal Dice drop is given), ``model.json`` with per-artifact metrics on the
+validation cases, and a ``NOTICE`` naming the training data's sources and licences. With
+``register`` it imports the directory into the model table: checkpoint -> ONNX -> IR FP32 -> IR
+INT8, each the parent of the next.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import shutil
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from trainer.card import file_entry, write_card
+from trainer.checkpoint import load_checkpoint, model_from_checkpoint
+from trainer.data import PreparedCase, load_prepared
+from trainer.evaluate import LoadedModel, card_metrics, evaluate_cases, onnx_predictor
+from trainer.exceptions import TrainerError
+from trainer.inference import SlicePredictor, outputs_to_labels, predict_slices
+
+logger = logging.getLogger(__name__)
+
+ONNX_OPSET = 17
+#: Largest tolerated |logit| difference between PyTorch and an FP32 export (relative to 1 + |logit|).
+EXPORT_TOLERANCE = 1e-3
+
+BRATS_CITATION = (
+    "Menze et al., IEEE TMI 2015 (doi:10.1109/TMI.2014.2377694); Bakas et al., Sci Data 2017 "
+    "(doi:10.1038/sdata.2017.117); Baid et al., arXiv:2107.02314 (2021)"
+)
+
+
+@dataclass
+class ExportOptions:
+    """Options of ``segnode export``."""
+
+    run_dir: Path
+    out_dir: Path | None = None
+    checkpoint: str = "best.pt"
+    data: Path | None = None
+    calibration_size: int = 300
+    max_dice_drop: float | None = None
+    include_checkpoint: bool = True
+    fp16_weights: bool = False
+    register: bool = True
+    database_url: str | None = None
+    seed: int = 0
+
+
+def _progress(msg: str, on_step: Callable[[str], None] | None) -> None:
+    logger.info("%s", msg)
+    if on_step is not None:
+        on_step(msg)
+
+
+def export_onnx(model: Any, path: Path, channels: int, crop: Sequence[int]) -> None:
+    """Write ``model`` as ONNX (opset 17, input ``image`` (batch, C, H, W), batch dimension dynamic)."""
+    import torch
+
+    dummy = torch.zeros(2, channels, int(crop[0]), int(crop[1]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model,
+            (dummy,),
+            str(path),
+            input_names=["image"],
+            output_names=["logits"],
+            opset_version=ONNX_OPSET,
+            dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
+            dynamo=False,
+        )
+    import onnx
+
+    onnx.checker.check_model(str(path))
+
+
+def max_difference(a: SlicePredictor, b: SlicePredictor, slices: npt.NDArray[np.float32]) -> float:
+    """Largest |a - b| of the logits over ``slices``, scaled by 1 + |a|."""
+    out_a = predict_slices(a, slices, batch_size=5)  # odd batch size: exercises the dynamic batch
+    out_b = predict_slices(b, slices, batch_size=5)
+    return float(np.max(np.abs(out_a - out_b) / (1.0 + np.abs(out_a))))
+
+
+def check_close(
+    name: str, reference: SlicePredictor, other: SlicePredictor, slices: npt.NDArray[np.float32]
+) -> float:
+    """Raise TrainerError when ``other`` differs from ``reference`` by more than :data:`EXPORT_TOLERANCE`."""
+    diff = max_difference(reference, other, slices)
+    if diff > EXPORT_TOLERANCE:
+        raise TrainerError(f"{name}: logits differ from PyTorch by {diff:.2e} (> {EXPORT_TOLERANCE:.0e})")
+    logger.info("%s matches PyTorch (max scaled logit difference %.2e)", name, diff)
+    return diff
+
+
+def check_slices(cases: Sequence[PreparedCase], n: int = 12) -> npt.NDArray[np.float32]:
+    """Real slices for the export checks: the ones with the most tumour across ``cases``."""
+    picks = []
+    for case in cases:
+        area = case.target_planes.reshape(len(case.target_planes), -1).sum(axis=1)
+        for idx in np.argsort(area)[::-1][: max(1, n // max(len(cases), 1))]:
+            picks.append(case.prepared.slices[idx])
+    return np.stack(picks[:n]).astype(np.float32)
+
+
+def calibration_slices(cases: Sequence[PreparedCase], size: int, seed: int) -> list[npt.NDArray[np.float32]]:
+    """``size`` slices drawn without replacement (seeded) from the training cases, each (1, C, H, W)."""
+    pool = np.concatenate([c.prepared.slices for c in cases])
+    idx = np.random.default_rng(seed).choice(len(pool), size=min(size, len(pool)), replace=False)
+    return [pool[i : i + 1] for i in np.sort(idx)]
+
+
+def mean_val_dice(predict: SlicePredictor, cases: Sequence[PreparedCase], card: Mapping[str, Any]) -> float:
+    """Mean 3D Dice over prepared validation cases (the accuracy-control metric)."""
+    from trainer.train import case_dice
+
+    scores = []
+    for case in cases:
+        labels = outputs_to_labels(predict_slices(predict, case.prepared.slices), card["output"])
+        scores.append(case_dice(labels, case, card["task"]))
+    return float(np.mean(scores)) if scores else float("nan")
+
+
+def quantize_int8(
+    fp32_xml: Path,
+    out_xml: Path,
+    calibration: list[npt.NDArray[np.float32]],
+    val_cases: Sequence[PreparedCase],
+    card: Mapping[str, Any],
+    max_dice_drop: float | None,
+) -> dict[str, Any]:
+    """NNCF post-training INT8 quantization; returns the card's ``calibration`` block."""
+    import nncf
+    import openvino as ov
+
+    model = ov.Core().read_model(str(fp32_xml))
+    calib = nncf.Dataset(calibration)
+    preset = nncf.QuantizationPreset.PERFORMANCE
+    block: dict[str, Any] = {
+        "subset_size": len(calibration),
+        "preset": "performance",
+        "source": "training split",
+        "tool": f"nncf {nncf.__version__}",
+    }
+    if max_dice_drop is None:
+        quantized = nncf.quantize(model, calib, preset=preset, subset_size=len(calibration))
+        block["method"] = "nncf.quantize"
+    else:
+        if not val_cases:
+            raise TrainerError("--max-dice-drop needs validation cases, but the run's split has none")
+
+        def validate(compiled: Any, items: Any) -> float:
+            output = compiled.output(0)
+
+            def predict(batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+                return np.asarray(compiled(batch)[output])
+
+            return mean_val_dice(predict, [val_cases[int(i)] for i in items], card)
+
+        quantized = nncf.quantize_with_accuracy_control(
+            model,
+            calib,
+            nncf.Dataset(list(range(len(val_cases)))),
+            validation_fn=validate,
+            max_drop=max_dice_drop,
+            drop_type=nncf.DropType.ABSOLUTE,
+            preset=preset,
+            subset_size=len(calibration),
+        )
+        block.update(
+            method="nncf.quantize_with_accuracy_control",
+            max_dice_drop=max_dice_drop,
+            accuracy_control_data="validation split",
+        )
+    ov.save_model(quantized, str(out_xml), compress_to_fp16=False)
+    return block
+
+
+def find_manifest(data_dir: Path) -> Path | None:
+    """``MANIFEST.tsv`` in the data folder or up to three parents above it."""
+    for folder in [data_dir, *list(data_dir.resolve().parents)[:3]]:
+        candidate = folder / "MANIFEST.tsv"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def data_provenance(data_dir: Path, case_ids: Sequence[str]) -> list[dict[str, Any]]:
+    """Sources and licences of the training cases, from the data's MANIFEST.tsv (grouped by source).
+
+    Without a manifest, one entry says so (the card must not claim what it does not know).
+    """
+    manifest = find_manifest(data_dir)
+    if manifest is None:
+        return [
+            {
+                "cases": sorted(case_ids),
+                "source": f"local folder {data_dir}",
+                "licence": "unknown (no MANIFEST.tsv)",
+            }
+        ]
+    groups: dict[tuple[str, str, str], set[str]] = {}
+    with manifest.open(newline="") as fh:
+        for row in csv.DictReader(fh, delimiter="\t"):
+            parts = Path(row["file"]).parts
+            for case_id in case_ids:
+                if case_id in parts:
+                    key = (row["source_repository"], row["commit"], row["licence"])
+                    groups.setdefault(key, set()).add(case_id)
+    out = []
+    for (repo, commit, licence), cases in sorted(groups.items()):
+        entry: dict[str, Any] = {
+            "cases": sorted(cases),
+            "source": f"https://github.com/{repo} at commit {commit}",
+            "licence": licence,
+        }
+        if "brats" in licence.lower():
+            entry["citation"] = BRATS_CITATION
+        out.append(entry)
+    missing = sorted(set(case_ids) - {c for cases in groups.values() for c in cases})
+    if missing:
+        out.append({"cases": missing, "source": f"{data_dir} (not in {manifest})", "licence": "unknown"})
+    return out
+
+
+def notice_text(card: Mapping[str, Any]) -> str:
+    """The NOTICE shipped beside a model: what it was trained on, where from, under which terms."""
+    lines = [
+        f"{card['name']} {card['version']} - NOTICE",
+        "",
+        "This model's weights were trained by segnode on the cases below. The cases are not",
+        "distributed with the model; their terms are listed because the weights derive from them.",
+        "",
+    ]
+    for entry in card.get("data_provenance", []):
+        lines += [f"Source:  {entry['source']}", f"Licence: {entry['licence']}"]
+        if entry.get("citation"):
+            lines.append(f"Cite:    {entry['citation']}")
+        lines += ["Cases:   " + ", ".join(entry["cases"]), ""]
+    lines += [
+        "BraTS 2013 cases are CC BY-NC-SA 3.0 CH (non-commercial, share-alike): a model trained on",
+        "them inherits the non-commercial restriction. BraTS 2019/2021 cases come under the BraTS",
+        "challenge data terms (TCIA-derived); cite the BraTS papers above.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _load_split_cases(
+    state: Mapping[str, Any], data: Path, which: str, card: Mapping[str, Any]
+) -> list[PreparedCase]:
+    from converters.nifti import list_cases
+
+    refs = {r.case_id: r for r in list_cases(data, require_labels=True)}
+    ids = list(state["split"][which])
+    missing = [c for c in ids if c not in refs]
+    if missing:
+        raise TrainerError(f"case {missing[0]} of the run's {which} split is not under {data}; pass --data")
+    return load_prepared([refs[c] for c in ids], card["preprocessing"], card["modalities"], card["task"])
+
+
+def _val_refs(state: Mapping[str, Any], data: Path) -> list[Any]:
+    from converters.nifti import list_cases
+
+    refs = {r.case_id: r for r in list_cases(data, require_labels=True)}
+    return [refs[c] for c in state["split"]["val"] if c in refs]
+
+
+def export_run(options: ExportOptions, on_step: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Export a run as the module docstring says; returns the written model card.
+
+    Raises
+    ------
+    TrainerError
+        The run has no checkpoint, its data cannot be found, or an export does not match PyTorch.
+    """
+    import openvino as ov
+
+    run_dir = options.run_dir
+    state = load_checkpoint(run_dir / options.checkpoint)
+    card_base: dict[str, Any] = dict(state["card"])
+    out = options.out_dir or run_dir / "export"
+    out.mkdir(parents=True, exist_ok=True)
+    data = options.data or Path(state["train_config"]["data"])
+    model = model_from_checkpoint(state)
+    from trainer.train import torch_predictor
+
+    torch_predict = torch_predictor(model)
+    _progress("loading the validation and training cases", on_step)
+    val_cases = _load_split_cases(state, data, "val", card_base)
+    train_cases = _load_split_cases(state, data, "train", card_base)
+    probe = check_slices(val_cases or train_cases)
+
+    artifacts: list[dict[str, Any]] = []
+    parent: str | None = None
+    if options.include_checkpoint:
+        shutil.copyfile(run_dir / options.checkpoint, out / "checkpoint.pt")
+        artifacts.append(
+            {
+                "key": "checkpoint",
+                "kind": "checkpoint",
+                "precision": "fp32",
+                "parent": None,
+                "files": [file_entry(out / "checkpoint.pt", out)],
+            }
+        )
+        parent = "checkpoint"
+
+    _progress("exporting ONNX", on_step)
+    onnx_path = out / "model.onnx"
+    mc = state["model_config"]
+    export_onnx(model, onnx_path, int(mc["in_channels"]), card_base["preprocessing"]["crop_size"])
+    checks = {"onnx_vs_pytorch": check_close("ONNX", torch_predict, onnx_predictor(onnx_path), probe)}
+    artifacts.append(
+        {
+            "key": "onnx",
+            "kind": "onnx",
+            "precision": "fp32",
+            "parent": parent,
+            "files": [file_entry(onnx_path, out)],
+        }
+    )
+
+    _progress("converting to OpenVINO IR FP32", on_step)
+    fp32_xml = out / "model_fp32.xml"
+    ov.save_model(ov.convert_model(str(onnx_path)), str(fp32_xml), compress_to_fp16=options.fp16_weights)
+    from trainer.inference import OpenVINOSegmenter
+
+    fp32 = OpenVINOSegmenter({**card_base, "artifacts": []}, fp32_xml, precision_hint="f32")
+    checks["ir_fp32_vs_pytorch"] = check_close("IR FP32", torch_predict, fp32.predict, probe)
+    artifacts.append(
+        {
+            "key": "ir_fp32",
+            "kind": "ir",
+            "precision": "fp32",
+            "parent": "onnx",
+            "files": [file_entry(fp32_xml, out), file_entry(fp32_xml.with_suffix(".bin"), out)],
+        }
+    )
+
+    _progress(f"quantizing to INT8 ({options.calibration_size} calibration slices)", on_step)
+    int8_xml = out / "model_int8.xml"
+    calibration = quantize_int8(
+        fp32_xml,
+        int8_xml,
+        calibration_slices(train_cases, options.calibration_size, options.seed),
+        val_cases,
+        card_base,
+        options.max_dice_drop,
+    )
+    artifacts.append(
+        {
+            "key": "ir_int8",
+            "kind": "ir",
+            "precision": "int8",
+            "parent": "ir_fp32",
+            "files": [file_entry(int8_xml, out), file_entry(int8_xml.with_suffix(".bin"), out)],
+        }
+    )
+    del train_cases
+
+    _progress("evaluating every artifact on the validation cases", on_step)
+    val_refs = _val_refs(state, data)
+    predictors: dict[str, LoadedModel] = {
+        "checkpoint": LoadedModel(card_base, torch_predict, "checkpoint", "fp32"),
+        "onnx": LoadedModel(card_base, onnx_predictor(onnx_path), "onnx", "fp32"),
+        "ir_fp32": LoadedModel(card_base, fp32.predict, "ir_fp32", "fp32"),
+        "ir_int8": LoadedModel(
+            card_base, OpenVINOSegmenter({**card_base, "artifacts": []}, int8_xml).predict, "ir_int8", "int8"
+        ),
+    }
+    for entry in artifacts:
+        if val_refs:
+            entry["metrics"] = card_metrics(evaluate_cases(predictors[entry["key"]], val_refs), "validation")
+    if val_refs:
+        drop = artifacts[-2]["metrics"]["mean"]["dice"] - artifacts[-1]["metrics"]["mean"]["dice"]
+        calibration["validation_dice_drop"] = drop
+        if options.max_dice_drop is not None and drop > options.max_dice_drop:
+            logger.warning("INT8 Dice drop %.4f exceeds --max-dice-drop %.4f", drop, options.max_dice_drop)
+
+    run_state = state["run_state"]
+    all_ids = list(state["split"]["train"]) + list(state["split"]["val"])
+    card = {
+        **card_base,
+        "artifacts": artifacts,
+        "calibration": calibration,
+        "training": {
+            "data_fingerprint": state["fingerprint"],
+            "split": {
+                "train": state["split"]["train"],
+                "val": state["split"]["val"],
+                "seed": state["split"]["seed"],
+            },
+            "epochs": run_state["epoch"],
+            "best_epoch": run_state["best_epoch"],
+            "best_val_dice": run_state["best_dice"],
+            "device_kind": state["device_kind"],
+            "device_count": state["device_count"],
+            "seed": state["train_config"]["seed"],
+            "commit": _run_commit(run_dir),
+            "model": state["model_config"],
+            "options": {
+                k: state["train_config"][k]
+                for k in (
+                    "batch_size",
+                    "lr",
+                    "weight_decay",
+                    "slices_per_epoch",
+                    "tumour_fraction",
+                    "max_minutes",
+                )
+            },
+        },
+        "export_checks": checks,
+        "data_provenance": data_provenance(data, all_ids),
+    }
+    if options.fp16_weights:
+        card["ir_fp32_weights"] = "fp16 (compressed; computed in fp32)"
+    write_card(card, out)
+    (out / "NOTICE").write_text(notice_text(card), encoding="utf-8")
+    if options.register:
+        card["registered_ids"] = register_dir(out, options.database_url)
+    return card
+
+
+def _run_commit(run_dir: Path) -> str:
+    import json
+
+    try:
+        return str(json.loads((run_dir / "run.json").read_text())["commit"])
+    except (OSError, KeyError, ValueError):
+        return "unknown"
+
+
+def register_dir(directory: Path, database_url: str | None = None) -> list[int]:
+    """Import an exported model directory into the model table (migrating the database first).
+
+    Returns
+    -------
+    list[int]
+        The model ids, parents first (checkpoint, ONNX, IR FP32, IR INT8).
+    """
+    from db.registry import Registry
+    from db.session import make_engine, make_session_factory, upgrade
+
+    if database_url is None:
+        from node.config import load_settings
+
+        database_url = load_settings().database.resolved_url()
+    upgrade(database_url)
+    engine = make_engine(database_url)
+    try:
+        infos = Registry(make_session_factory(engine)).import_dir(directory)
+    finally:
+        engine.dispose()
+    logger.info("registered %s", ", ".join(f"#{i.id}" for i in infos))
+    return [int(i.id) for i in infos]

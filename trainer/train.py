@@ -1,0 +1,544 @@
+"""The training loop: one or many devices, checkpoints each epoch, resume, best by validation Dice.
+
+A run directory holds ``run.json`` (config, card base, data fingerprint), ``split.json``,
+``last.pt`` and ``best.pt`` (self-describing checkpoints), ``metrics.csv``, TensorBoard events
+under ``tensorboard/``, and at the end ``learning_curves.png`` and ``samples.png``. Under
+``torchrun`` every rank trains on its shard of the epoch (DistributedSampler) and validates its
+share of the validation cases; rank 0 alone writes.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import math
+import subprocess
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from trainer.card import TASK_LABELS, TASKS
+from trainer.checkpoint import load_checkpoint, save_checkpoint
+from trainer.data import (
+    PreparedCase,
+    SliceArrays,
+    SliceDataset,
+    epoch_plan,
+    load_prepared,
+    median_spacing,
+    split_cases,
+)
+from trainer.devices import DeviceInfo, DistInfo, dist_from_env, init_distributed, resolve_device
+from trainer.exceptions import TrainerError
+from trainer.inference import SlicePredictor, outputs_to_labels, predict_slices
+from trainer.losses import loss_for_task
+from trainer.metrics import case_metrics, dice
+from trainer.unet import UNet2D, UNetConfig, build_unet
+
+logger = logging.getLogger(__name__)
+
+METRIC_FIELDS = ("epoch", "train_loss", "train_dice", "val_dice", "lr", "seconds", "slices_per_s")
+
+
+@dataclass
+class TrainConfig:
+    """Options of ``segnode train`` (all JSON-serialisable; stored in run.json and checkpoints)."""
+
+    data: str
+    out: str
+    task: str = "whole_tumor"
+    modalities: list[str] = field(default_factory=lambda: ["FLAIR"])
+    device: str = "auto"
+    epochs: int = 20
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    base_filters: int = 16
+    depth: int = 4
+    norm: str = "batch"
+    crop_size: list[int] = field(default_factory=lambda: [192, 192])
+    spacing_mm: list[float] | None = None
+    val_fraction: float = 0.2
+    seed: int = 0
+    slices_per_epoch: int | None = None
+    tumour_fraction: float = 0.5
+    patience: int = 10
+    amp: bool = True
+    max_minutes: float | None = None
+    threads: int | None = None
+    name: str = ""
+    version: str = "0.1.0"
+
+    def check(self) -> None:
+        """Raise TrainerError on an impossible option."""
+        if self.task not in TASKS:
+            raise TrainerError(f"task {self.task!r} is not one of {', '.join(TASKS)}")
+        if self.task == "brats_regions" and len(self.modalities) != 4:
+            logger.warning("brats_regions usually takes all four modalities; got %s", self.modalities)
+        multiple = 2**self.depth
+        if len(self.crop_size) != 2 or any(c % multiple or c <= 0 for c in self.crop_size):
+            raise TrainerError(
+                f"crop size {self.crop_size} must be two positive multiples of 2**depth = {multiple}"
+            )
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise TrainerError(f"{name} {getattr(self, name)} must be at least 1")
+
+
+def card_base(config: TrainConfig, spacing: Sequence[float]) -> dict[str, Any]:
+    """The model-card fields fixed by training: task, modalities, preprocessing, output, labels."""
+    default_name = "segnode-wt-" + "-".join(m.lower() for m in config.modalities)
+    return {
+        "format_version": 1,
+        "name": config.name or (default_name if config.task == "whole_tumor" else "segnode-brats-regions"),
+        "version": config.version,
+        "task": config.task,
+        "modalities": list(config.modalities),
+        "preprocessing": {
+            "orientation": "RAS",
+            "spacing_mm": [float(s) for s in spacing],
+            "crop_size": [int(c) for c in config.crop_size],
+            "normalization": "zscore_nonzero",
+            "slice_axis": 2,
+        },
+        "output": {"activation": "sigmoid", "threshold": 0.5}
+        if config.task == "whole_tumor"
+        else {"activation": "softmax"},
+        "labels": TASK_LABELS[config.task],
+    }
+
+
+def data_fingerprint(refs: Sequence[Any]) -> str:
+    """sha256 over sorted case ids and the sha256 of each of their files."""
+    digest = hashlib.sha256()
+    for ref in sorted(refs, key=lambda r: r.case_id):
+        digest.update(ref.case_id.encode())
+        paths = [Path(ref.path), *([Path(ref.label_path)] if ref.label_path else [])]
+        files = sorted(
+            p for path in paths for p in ([path] if path.is_file() else path.rglob("*")) if p.is_file()
+        )
+        for f in files:
+            digest.update(hashlib.sha256(f.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def git_commit() -> str:
+    """The current git commit of the working tree, or ``unknown``."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).parent,
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def torch_predictor(model: torch.nn.Module, device: DeviceInfo | None = None) -> SlicePredictor:
+    """A :data:`trainer.inference.SlicePredictor` running ``model`` in eval mode (fp32)."""
+    dev = device.device if device is not None else torch.device("cpu")
+
+    def predict(batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        with torch.no_grad():
+            out = model(torch.from_numpy(np.ascontiguousarray(batch)).to(dev))
+            if device is not None:
+                device.mark_step()
+            return out.float().cpu().numpy()
+
+    return predict
+
+
+def case_dice(pred_labels: npt.NDArray[np.uint8], case: PreparedCase, task: str) -> float:
+    """Validation score of a case on its original grid: WT Dice, or mean WT/TC/ET Dice for regions."""
+    restored = case.prepared.restore(pred_labels)
+    if task == "whole_tumor":
+        return dice(restored > 0, case.target > 0)
+    regions = case_metrics(restored, case.target, case.spacing, task)["regions"]
+    return float(np.mean([r["dice"] for r in regions.values()]))
+
+
+@dataclass
+class RunState:
+    """What changes from epoch to epoch (saved in every checkpoint)."""
+
+    epoch: int = 0
+    best_dice: float = -1.0
+    best_epoch: int = -1
+    stale_epochs: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+class Trainer:
+    """Train a :class:`UNet2D` as ``config`` says, writing to ``config.out``.
+
+    Parameters
+    ----------
+    config:
+        The options.
+    resume:
+        Continue from ``out/last.pt`` (which must exist).
+    progress:
+        Show Rich progress bars (rank 0 only).
+    """
+
+    def __init__(self, config: TrainConfig, resume: bool = False, progress: bool = True) -> None:
+        config.check()
+        self.config = config
+        self.out = Path(config.out)
+        self.resume = resume
+        self.dist: DistInfo = dist_from_env()
+        self.progress = progress and self.dist.is_main
+        self.device = resolve_device(config.device, self.dist.local_rank, config.amp, config.threads)
+        init_distributed(self.dist, self.device.kind)
+        self.state = RunState()
+        self.started = time.monotonic()
+
+    # -- set-up ---------------------------------------------------------------------------------------
+
+    def _resumed_state(self) -> dict[str, Any] | None:
+        if not self.resume:
+            return None
+        state = load_checkpoint(self.out / "last.pt")
+        saved = state["train_config"]
+        for key in (
+            "task",
+            "modalities",
+            "base_filters",
+            "depth",
+            "norm",
+            "crop_size",
+            "seed",
+            "val_fraction",
+        ):
+            if saved.get(key) != asdict(self.config).get(key):
+                raise TrainerError(
+                    f"--resume: option {key} is {asdict(self.config).get(key)!r} but the run in {self.out} "
+                    f"used {saved.get(key)!r}"
+                )
+        return state
+
+    def _prepare_data(self, saved: dict[str, Any] | None) -> None:
+        from converters.nifti import list_cases
+
+        refs = list_cases(Path(self.config.data), require_labels=True)
+        if not refs:
+            raise TrainerError(f"no labelled case found under {self.config.data}")
+        split = (
+            saved["split"]
+            if saved
+            else split_cases([r.case_id for r in refs], self.config.val_fraction, self.config.seed)
+        )
+        spacing = self.config.spacing_mm or (
+            saved["card"]["preprocessing"]["spacing_mm"] if saved else median_spacing(refs)
+        )
+        self.card = card_base(self.config, spacing)
+        by_id = {r.case_id: r for r in refs}
+        missing = [c for c in split["train"] + split["val"] if c not in by_id]
+        if missing:
+            raise TrainerError(
+                f"--resume: case {missing[0]} of the saved split is not under {self.config.data}"
+            )
+        self.split = split
+        self.fingerprint = saved["fingerprint"] if saved else data_fingerprint(refs)
+        pre, mods, task = self.card["preprocessing"], self.config.modalities, self.config.task
+        with self._bar("preprocessing", len(refs)) as advance:
+            train_cases = load_prepared([by_id[c] for c in split["train"]], pre, mods, task, advance)
+            val_ids = split["val"][self.dist.rank :: self.dist.world_size]
+            self.val_cases = load_prepared([by_id[c] for c in val_ids], pre, mods, task, advance)
+        self.arrays = SliceArrays.from_cases(train_cases)
+        self.tumour = self.arrays.tumour
+        logger.info(
+            "%d training slices (%d with tumour) from %d cases; %d validation cases on this rank",
+            len(self.arrays.targets),
+            int(self.tumour.sum()),
+            len(train_cases),
+            len(self.val_cases),
+        )
+
+    def _build(self, saved: dict[str, Any] | None) -> None:
+        out_channels = 1 if self.config.task == "whole_tumor" else 4
+        self.model_config = UNetConfig(
+            in_channels=len(self.config.modalities),
+            out_channels=out_channels,
+            base_filters=self.config.base_filters,
+            depth=self.config.depth,
+            norm=self.config.norm,
+        )
+        torch.manual_seed(self.config.seed)
+        self.model: UNet2D = build_unet(self.model_config).to(self.device.device)
+        self.optimizer = self.device.optimizer(
+            self.model.parameters(), self.config.lr, self.config.weight_decay
+        )
+        self.scaler = self.device.grad_scaler()
+        if saved:
+            self.model.load_state_dict(saved["model_state"])
+            self.optimizer.load_state_dict(saved["optimizer_state"])
+            if self.scaler is not None and saved.get("scaler_state"):
+                self.scaler.load_state_dict(saved["scaler_state"])
+            self.state = RunState(**saved["run_state"])
+            logger.info("resuming after epoch %d (best Dice %.4f)", self.state.epoch, self.state.best_dice)
+        self.net: torch.nn.Module = self.model
+        if self.dist.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.dist.local_rank] if self.device.kind == "cuda" else None
+            self.net = DistributedDataParallel(self.model, device_ids=ids)
+        self.loss_fn = loss_for_task(self.config.task)
+
+    def _write_run_files(self) -> None:
+        if not self.dist.is_main:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "split.json").write_text(json.dumps(self.split, indent=2) + "\n")
+        run = {
+            "config": asdict(self.config),
+            "card": self.card,
+            "model_config": self.model_config.to_dict(),
+            "fingerprint": self.fingerprint,
+            "device_kind": self.device.kind,
+            "device_count": self.dist.world_size,
+            "commit": git_commit(),
+        }
+        (self.out / "run.json").write_text(json.dumps(run, indent=2) + "\n")
+
+    # -- progress -------------------------------------------------------------------------------------
+
+    @contextmanager
+    def _bar(self, what: str, total: int, **fields: Any) -> Iterator[Callable[..., None]]:
+        if not self.progress:
+            yield lambda *a, **k: None
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+        if fields:
+            columns.append(TextColumn("loss {task.fields[loss]:.4f} dice {task.fields[dice]:.3f}"))
+        with Progress(*columns, transient=False) as progress:
+            task_id = progress.add_task(what, total=total, **fields)
+
+            def advance(*_: Any, **kw: Any) -> None:
+                progress.update(task_id, advance=1, **kw)
+
+            yield advance
+
+    # -- epochs ---------------------------------------------------------------------------------------
+
+    def _lr(self, epoch: int) -> float:
+        """Cosine decay from lr to 5 % of lr over the planned epochs."""
+        frac = min(epoch / max(self.config.epochs, 1), 1.0)
+        return self.config.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+    def _loader(self, epoch: int) -> DataLoader[tuple[torch.Tensor, torch.Tensor]]:
+        n = self.config.slices_per_epoch or len(self.arrays.targets)
+        plan = epoch_plan(self.tumour, n, self.config.tumour_fraction, self.config.seed, epoch)
+        dataset = SliceDataset(self.arrays, plan, augment_seed=self.config.seed * 100_003 + epoch)
+        if self.dist.distributed:
+            sampler: DistributedSampler[tuple[torch.Tensor, torch.Tensor]] = DistributedSampler(
+                dataset,
+                self.dist.world_size,
+                self.dist.rank,
+                shuffle=True,
+                seed=self.config.seed,
+                drop_last=True,
+            )
+            sampler.set_epoch(epoch)
+            return DataLoader(dataset, self.config.batch_size, sampler=sampler, drop_last=True)
+        generator = torch.Generator().manual_seed(self.config.seed * 7919 + epoch)
+        return DataLoader(dataset, self.config.batch_size, shuffle=True, generator=generator, drop_last=True)
+
+    def _train_epoch(self, epoch: int) -> tuple[float, float, int]:
+        self.net.train()
+        for group in self.optimizer.param_groups:
+            group["lr"] = self._lr(epoch)
+        loader = self._loader(epoch)
+        losses, dices, seen = [], [], 0
+        dev = self.device.device
+        with self._bar(f"epoch {epoch + 1}/{self.config.epochs}", len(loader), loss=0.0, dice=0.0) as advance:
+            for images, targets in loader:
+                images, targets = images.to(dev), targets.to(dev)
+                with self.device.autocast():
+                    logits = self.net(images)
+                loss = self.loss_fn(logits.float(), targets)
+                self.optimizer.zero_grad(set_to_none=True)
+                if self.scaler is not None:
+                    self.scaler.scale(loss).backward()
+                    self.device.mark_step()
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                else:
+                    loss.backward()
+                    self.device.mark_step()
+                    self.optimizer.step()
+                self.device.mark_step()
+                losses.append(float(loss.detach()))
+                dices.append(self._batch_dice(logits.detach().float(), targets))
+                seen += len(images)
+                advance(loss=float(np.mean(losses)), dice=float(np.mean(dices)))
+        return self._mean_across_ranks(float(np.mean(losses)), float(np.mean(dices)), seen)
+
+    def _batch_dice(self, logits: torch.Tensor, targets: torch.Tensor) -> float:
+        spec = self.card["output"]
+        pred = outputs_to_labels(logits.cpu().numpy(), spec)
+        return dice(pred > 0, targets.cpu().numpy() > 0)
+
+    def _mean_across_ranks(self, loss: float, batch_dice: float, seen: int) -> tuple[float, float, int]:
+        if not self.dist.distributed:
+            return loss, batch_dice, seen
+        import torch.distributed as dist
+
+        t = torch.tensor([loss, batch_dice, float(seen)], dtype=torch.float64)
+        dist.all_reduce(t)
+        return float(t[0]) / self.dist.world_size, float(t[1]) / self.dist.world_size, int(t[2])
+
+    def _validate(self) -> float:
+        self.model.eval()
+        predict = torch_predictor(self.model, self.device)
+        scores = []
+        for case in self.val_cases:
+            outputs = predict_slices(
+                predict, case.prepared.slices, batch_size=max(self.config.batch_size, 16)
+            )
+            scores.append(case_dice(outputs_to_labels(outputs, self.card["output"]), case, self.config.task))
+        total, count = float(np.sum(scores)), float(len(scores))
+        if self.dist.distributed:
+            import torch.distributed as dist
+
+            t = torch.tensor([total, count], dtype=torch.float64)
+            dist.all_reduce(t)
+            total, count = float(t[0]), float(t[1])
+        return total / count if count else float("nan")
+
+    def _checkpoint_state(self) -> dict[str, Any]:
+        return {
+            "model_class": "UNet2D",
+            "model_config": self.model_config.to_dict(),
+            "model_state": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "optimizer_state": self.optimizer.state_dict(),
+            "scaler_state": self.scaler.state_dict() if self.scaler is not None else None,
+            "run_state": asdict(self.state),
+            "train_config": asdict(self.config),
+            "card": self.card,
+            "split": self.split,
+            "fingerprint": self.fingerprint,
+            "device_kind": self.device.kind,
+            "device_count": self.dist.world_size,
+        }
+
+    def _log_epoch(self, row: dict[str, float], writer: Any) -> None:
+        path = self.out / "metrics.csv"
+        new = not path.exists()
+        with path.open("a", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=METRIC_FIELDS)
+            if new:
+                w.writeheader()
+            w.writerow(row)
+        if writer is not None:
+            for key in ("train_loss", "train_dice", "val_dice", "lr", "slices_per_s"):
+                writer.add_scalar(key, row[key], int(row["epoch"]))
+            writer.flush()
+
+    def _should_stop(self, epoch_seconds: list[float]) -> bool:
+        stop = self.state.stale_epochs >= self.config.patience
+        if stop:
+            logger.info("early stopping: no validation improvement for %d epochs", self.state.stale_epochs)
+        if self.config.max_minutes is not None and epoch_seconds:
+            elapsed = time.monotonic() - self.started
+            if elapsed + float(np.mean(epoch_seconds)) > self.config.max_minutes * 60:
+                logger.info("stopping: another epoch would pass --max-minutes %.1f", self.config.max_minutes)
+                stop = True
+        if self.dist.distributed:
+            import torch.distributed as dist
+
+            t = torch.tensor([1.0 if stop else 0.0])
+            dist.broadcast(t, src=0)
+            stop = bool(t.item())
+        return stop
+
+    def run(self) -> dict[str, Any]:
+        """Train until ``epochs``, early stopping or the time cap; returns a summary."""
+        saved = self._resumed_state()
+        self._prepare_data(saved)
+        self._build(saved)
+        self._write_run_files()
+        writer = None
+        if self.dist.is_main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(str(self.out / "tensorboard"))
+        epoch_seconds: list[float] = []
+        try:
+            for epoch in range(self.state.epoch, self.config.epochs):
+                t0 = time.monotonic()
+                loss, train_dice, seen = self._train_epoch(epoch)
+                val_dice = self._validate()
+                seconds = time.monotonic() - t0
+                epoch_seconds.append(seconds)
+                row = {
+                    "epoch": epoch + 1,
+                    "train_loss": loss,
+                    "train_dice": train_dice,
+                    "val_dice": val_dice,
+                    "lr": self._lr(epoch),
+                    "seconds": seconds,
+                    "slices_per_s": seen / seconds,
+                }
+                self.state.history.append(row)
+                self.state.epoch = epoch + 1
+                improved = val_dice > self.state.best_dice
+                if improved:
+                    self.state.best_dice, self.state.best_epoch, self.state.stale_epochs = (
+                        val_dice,
+                        epoch + 1,
+                        0,
+                    )
+                else:
+                    self.state.stale_epochs += 1
+                if self.dist.is_main:
+                    state = self._checkpoint_state()
+                    save_checkpoint(state, self.out / "last.pt")
+                    if improved:
+                        save_checkpoint(state, self.out / "best.pt")
+                    self._log_epoch(row, writer)
+                logger.info(
+                    "epoch %d: loss %.4f, train Dice %.3f, val Dice %.4f (%.0f s)",
+                    epoch + 1,
+                    loss,
+                    train_dice,
+                    val_dice,
+                    seconds,
+                )
+                if self._should_stop(epoch_seconds):
+                    break
+        finally:
+            if writer is not None:
+                writer.close()
+        if self.dist.is_main:
+            from trainer.plots import plot_learning_curves, plot_samples
+
+            plot_learning_curves(self.state.history, self.out / "learning_curves.png")
+            best = self.out / "best.pt"
+            if best.exists() and self.val_cases:
+                plot_samples(best, self.val_cases, self.card, self.out / "samples.png")
+        if self.dist.distributed:
+            import torch.distributed as dist
+
+            dist.barrier()
+        return {"out": str(self.out), **asdict(self.state)}
+
+
+def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Train as ``config`` says (see :class:`Trainer`); returns the run state as a dict."""
+    return Trainer(config, resume=resume, progress=progress).run()
