@@ -1,0 +1,203 @@
+"""``segnode models`` and ``segnode db`` through the real CLI, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from db.session import current_revision, head_revision
+from node.cli import app, main
+from tests.conftest import write_model_dir
+
+runner = CliRunner()
+
+
+@pytest.fixture()
+def url(migrated_db_url: str, segnode_home: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setenv("SEGNODE_DATABASE_URL", migrated_db_url)
+    monkeypatch.setenv("COLUMNS", "200")
+    return migrated_db_url
+
+
+def ok(*args: str) -> str:
+    result = runner.invoke(app, list(args))
+    assert result.exit_code == 0, (result.output, result.exception)
+    return result.output
+
+
+def fails(capsys: pytest.CaptureFixture[str], *args: str) -> str:
+    """Run the real entry point (main) and return its one-line error; it must exit 2 without traceback."""
+    capsys.readouterr()
+    argv = sys.argv
+    sys.argv = ["segnode", *args]
+    try:
+        with pytest.raises(SystemExit) as info:
+            main()
+    finally:
+        sys.argv = argv
+    captured = capsys.readouterr()
+    assert info.value.code == 2, captured
+    assert "Traceback" not in captured.err
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
+    return lines[0]
+
+
+def test_import_list_show_promote_history(url: str, tmp_path: Path) -> None:
+    directory = write_model_dir(tmp_path / "m")
+    out = ok("models", "import", str(directory), "--by", "alice")
+    assert "Imported from" in out and "candidate" in out
+    listed = json.loads(ok("models", "list", "--json"))
+    assert [(m["id"], m["kind"], m["precision"], m["status"]) for m in listed] == [
+        (1, "onnx", "fp32", "candidate"),
+        (2, "ir", "fp32", "candidate"),
+        (3, "ir", "int8", "candidate"),
+    ]
+    assert {"id", "name", "version", "task", "kind", "precision", "status", "metrics"} <= set(listed[0])
+    assert listed[2]["metrics"]["mean"]["dice"] == pytest.approx(0.895)
+    table = ok("models", "list")
+    for needle in ("ID", "Name", "Version", "Precision", "Status", "Dice", "Size", "Created", "0.8950"):
+        assert needle in table
+    out = ok("models", "promote", "3", "--by", "bob", "--reason", "validated on site")
+    assert "model #3" in out and "is now active for task whole_tumor" in out
+    shown = json.loads(ok("models", "show", "3", "--json"))
+    assert (shown["status"], shown["parent_id"], shown["task"]) == ("active", 2, "whole_tumor")
+    assert shown["files"][0]["path"] == str((directory / "model_int8.xml").resolve())
+    human = ok("models", "show", "3")
+    assert "lineage: #3 <- #2 ir/fp32 <- #1 onnx/fp32" in human
+    history = json.loads(ok("models", "history", "--json"))
+    assert [(e["action"], e["to_model_id"], e["by"]) for e in history] == [
+        ("register", 1, "alice"),
+        ("register", 2, "alice"),
+        ("register", 3, "alice"),
+        ("promote", 3, "bob"),
+    ]
+    assert history[-1]["reason"] == "validated on site"
+    assert "promote" in ok("models", "history", "--task", "whole_tumor")
+    assert json.loads(ok("models", "list", "--json", "--task", "brats_regions")) == []
+
+
+def test_import_promote_rollback_retire_verify(
+    url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ok("models", "import", str(write_model_dir(tmp_path / "v1", version="1")), "--promote")
+    ok("models", "import", str(write_model_dir(tmp_path / "v2", version="2", seed=2)), "--promote")
+    active = [m for m in json.loads(ok("models", "list", "--json")) if m["status"] == "active"]
+    assert [(m["id"], m["version"], m["precision"]) for m in active] == [(6, "2", "int8")]
+    assert "model #3" in ok("models", "rollback", "--task", "whole_tumor", "--reason", "v2 worse")
+    assert json.loads(ok("models", "show", "6", "--json"))["status"] == "candidate"
+    assert "model #6 retired" in ok("models", "retire", "6", "--reason", "superseded")
+    verify = json.loads(ok("models", "verify", "3", "--json"))
+    assert verify["ok"] is True and [f["status"] for f in verify["files"]] == ["ok", "ok"]
+    (tmp_path / "v1" / "model_int8.bin").write_bytes(b"tampered")
+    line = fails(capsys, "models", "verify", "3")
+    assert line.startswith("error: model #3: ") and "model_int8.bin: size 8 != recorded 1024" in line
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["models", "promote", "99"], "error: model #99 does not exist (see `segnode models list`)"),
+        (["models", "retire", "99"], "error: model #99 does not exist"),
+        (["models", "verify", "99"], "error: model #99 does not exist"),
+        (["models", "show", "99"], "error: model #99 does not exist"),
+        (["models", "promote", "2"], "error: model #2 is retired and cannot be promoted"),
+        (["models", "verify", "2"], "error: model #2 is retired"),
+        (["models", "retire", "2"], "error: model #2 is already retired"),
+        (
+            ["models", "rollback", "--task", "whole_tumor"],
+            "error: task 'whole_tumor': no previous active model",
+        ),
+        (
+            ["models", "rollback", "--task", "brats_regions"],
+            "error: task 'brats_regions' has no active model",
+        ),
+        (["models", "promote", "1"], "error: model #1 not promoted: kind 'onnx' cannot be active"),
+        (["models", "promote", "3", "--force"], "error: model #3: --force needs a non-empty --reason"),
+        (["models", "retire", "3"], "error: model #3 is the active model of task whole_tumor"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(
+    url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    ok("models", "import", str(write_model_dir(tmp_path / "m")))
+    ok("models", "retire", "2")
+    ok("models", "promote", "3")
+    assert fails(capsys, *args).startswith(message)
+
+
+def test_import_bad_directory_names_the_file(
+    url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    directory = write_model_dir(tmp_path / "m")
+    (directory / "model_fp32.xml").unlink()
+    line = fails(capsys, "models", "import", str(directory))
+    assert line.startswith(f"error: {(directory / 'model_fp32.xml').resolve()}: missing")
+    assert json.loads(ok("models", "list", "--json")) == []
+
+
+def test_promote_refused_then_forced(url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ok("models", "import", str(write_model_dir(tmp_path / "m", int8_dice=0.80)))
+    line = fails(capsys, "models", "promote", "3")
+    assert "INT8 Dice 0.8000 is 0.1000 below FP32 parent #2's 0.9000 (tolerance 0.0100)" in line
+    ok("models", "promote", "3", "--force", "--reason", "emergency", "--by", "carol")
+    last = json.loads(ok("models", "history", "--json"))[-1]
+    assert (last["action"], last["forced"], last["reason"], last["by"]) == (
+        "promote",
+        True,
+        "emergency",
+        "carol",
+    )
+    assert json.loads(ok("models", "list", "--json"))[2]["status"] == "active"
+
+
+def test_fresh_install_upgrades_automatically(segnode_home: Path, tmp_path: Path) -> None:
+    """A real ``segnode`` process on an empty var dir: import works, then ``db upgrade`` is a no-op."""
+    exe = Path(sys.executable).parent / "segnode"
+    env = {"SEGNODE_HOME": str(segnode_home), "PATH": "/usr/bin:/bin", "COLUMNS": "200"}
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(f'[database]\nurl = "sqlite:///{segnode_home / "from-config.db"}"\n')
+    directory = write_model_dir(tmp_path / "m")
+    proc = subprocess.run(
+        [str(exe), "models", "import", str(directory), "--config", str(cfg), "--promote"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "promoted model #3 (ir/int8) for task whole_tumor" in proc.stdout
+    url = f"sqlite:///{segnode_home / 'from-config.db'}"
+    assert current_revision(url) == head_revision()
+    proc = subprocess.run(
+        [str(exe), "db", "upgrade", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0 and f"database already at revision {head_revision()}" in proc.stdout
+    proc = subprocess.run(
+        [str(exe), "models", "promote", "42", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: model #42 does not exist (see `segnode models list`)"
+
+
+def test_db_upgrade_and_current(segnode_home: Path) -> None:
+    out = ok("db", "upgrade")
+    assert f"database upgraded from empty to {head_revision()}" in out
+    assert current_revision(f"sqlite:///{segnode_home / 'segnode.db'}") == head_revision()
+    assert f"current: {head_revision()}  head: {head_revision()}" in ok("db", "current")
