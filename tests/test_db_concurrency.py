@@ -127,3 +127,30 @@ def test_simultaneous_start_leaves_a_consistent_state(migrated_db_url: str, tmp_
         assert active == [chain[-1]]
     finally:
         registry.close()
+
+
+def _upgrade_worker(url: str, barrier: Any, results: Any) -> None:
+    from db.session import upgrade
+
+    try:
+        barrier.wait(timeout=60)
+        upgrade(url)
+        results.put("ok")
+    except Exception as exc:  # reported to the parent, which asserts on it
+        results.put(f"{type(exc).__name__}: {exc}")
+
+
+def test_two_processes_upgrade_an_empty_database_at_once(db_url: str) -> None:
+    """The node and an admin command start together on a fresh install: both see the schema at head."""
+    from db.session import current_revision, head_revision
+
+    barrier = CTX.Barrier(2)
+    results = CTX.Queue()
+    procs = [CTX.Process(target=_upgrade_worker, args=(db_url, barrier, results)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    outcomes = [results.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+    assert outcomes == ["ok", "ok"]
+    assert current_revision(db_url) == head_revision()
