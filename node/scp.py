@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -91,6 +92,8 @@ class StorageSCP:
         self.tls = tls
         self.spool_dir = settings.spool_path()
         self.server: ThreadedAssociationServer | None = None
+        self._free = 0.0
+        self._free_checked_at = -1e9
         self.ae = self._make_ae()
 
     def _make_ae(self) -> AE:
@@ -158,6 +161,14 @@ class StorageSCP:
             rq.ae_title,
             event.assoc.acceptor.primitive.called_ae_title if event.assoc.acceptor.primitive else "",
         )
+
+    def _free_mb(self) -> float:
+        """Free MiB in the spool, measured at most once a second."""
+        now = time.monotonic()
+        if now - self._free_checked_at > 1.0:
+            self._free = free_mb(self.spool_dir)
+            self._free_checked_at = now
+        return self._free
 
     def _on_requested(self, event: Any) -> None:
         """Refuse new associations (transient, congestion) while free disk is below the floor."""
@@ -238,7 +249,7 @@ class StorageSCP:
                 "%s: no PixelData; refused with %s", where, dimse.describe(dimse.CANNOT_UNDERSTAND)
             )
             return ReceiveResult(dimse.CANNOT_UNDERSTAND, "rejected")
-        if free_mb(self.spool_dir) < self.settings.min_free_disk_mb:
+        if self._free_mb() < self.settings.min_free_disk_mb:
             self.metrics.instances.labels("rejected").inc()
             logger.error("%s: free disk below min_free_disk_mb; refused", where)
             return ReceiveResult(dimse.OUT_OF_RESOURCES, "rejected")

@@ -52,7 +52,7 @@ def write_atomic(path: Path, data: bytes) -> None:
         with open(tmp, "wb") as fh:
             fh.write(data)
             fh.flush()
-            os.fsync(fh.fileno())
+            os.fdatasync(fh.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except OSError as exc:

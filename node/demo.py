@@ -1,0 +1,225 @@
+"""``segnode demo``: the whole clinical path on this machine, with nothing configured.
+
+A fresh SQLite database and spool under ``WORKDIR/var``, the shipped model (models/default)
+imported and promoted, the shipped BraTS case converted to a four-series DICOM MR study and sent
+over C-STORE to a node on a free loopback port; a receiving SCP on another free port catches the
+SEG and the SR. The report holds the stage timings and the Dice of the returned SEG against the
+case's ground truth; seg.dcm, sr.dcm and preview.png are left in the work directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydicom.dataset import Dataset
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    Comprehensive3DSRStorage,
+    SegmentationStorage,
+)
+
+from node import dimse
+from node.config import Destination, Settings
+from node.exceptions import NodeError
+
+logger = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL = REPO / "models" / "default"
+DEFAULT_CASE = REPO / "models" / "demo_case" / "BraTS2021_00003"
+CATCHER_AE = "DEMO_PACS"
+
+
+@dataclass
+class DemoReport:
+    """What the demo measured."""
+
+    case_id: str
+    model_label: str
+    stages: dict[str, float]
+    total: float
+    dice: float
+    volume_ml: float
+    files: list[Path] = field(default_factory=list)
+
+
+class Catcher:
+    """A storage SCP that keeps the SEG and SR it receives."""
+
+    def __init__(self, port: int) -> None:
+        self.received: list[Dataset] = []
+        self.arrived = threading.Event()
+        ae = AE(ae_title=CATCHER_AE)
+        ae.add_supported_context(SegmentationStorage, ALL_TRANSFER_SYNTAXES)
+        ae.add_supported_context(Comprehensive3DSRStorage, ALL_TRANSFER_SYNTAXES)
+        self.ae = ae
+        self.server = ae.start_server(
+            ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on)]
+        )
+
+    def _on(self, event: Any) -> int:
+        ds = event.dataset
+        ds.file_meta = event.file_meta
+        self.received.append(ds)
+        if {d.Modality for d in self.received} >= {"SEG", "SR"}:
+            self.arrived.set()
+        return dimse.SUCCESS
+
+    def stop(self) -> None:
+        """Stop listening."""
+        if self.server is not None:
+            self.server.shutdown()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _settings(var: Path, port: int, catcher_port: int) -> Settings:
+    settings = Settings()
+    settings.node.port = port
+    settings.node.spool_dir = str(var / "spool")
+    settings.node.study_idle_seconds = 0.5
+    settings.node.poll_seconds = 0.05
+    settings.node.min_free_disk_mb = 50
+    settings.database.url = f"sqlite:///{var / 'segnode.db'}"
+    settings.metrics.port = 0
+    settings.destinations = [Destination("demo-pacs", CATCHER_AE, "127.0.0.1", catcher_port)]
+    return settings
+
+
+def _install(registry: Any, model_dir: Path) -> Any:
+    """Import the model directory and promote its INT8 IR (its FP32 IR when INT8 is refused or absent)."""
+    from db.exceptions import PromotionRefused
+
+    if not (model_dir / "model.json").is_file():
+        raise NodeError(
+            f"no model at {model_dir} (model.json missing): the shipped model is not there yet; "
+            "train and export one (segnode train / segnode export) or pass --model DIR"
+        )
+    infos = registry.import_dir(model_dir, by="segnode demo")
+    irs = sorted((i for i in infos if i.kind == "ir"), key=lambda i: i.precision != "int8")
+    if not irs:
+        raise NodeError(f"{model_dir}/model.json lists no OpenVINO IR artifact; the node runs only IR models")
+    problems = []
+    for info in irs:
+        try:
+            return registry.promote(info.id, by="segnode demo", reason="demo")
+        except PromotionRefused as exc:
+            problems.append(str(exc))
+    raise NodeError("; ".join(problems))
+
+
+def _step(console: Any, text: str) -> None:
+    if console is not None:
+        console.print(f"[dim]·[/] {text}")
+
+
+def run_demo(
+    workdir: Path,
+    *,
+    model_dir: Path | None = None,
+    case_dir: Path | None = None,
+    console: Any = None,
+    timeout: float = 300.0,
+) -> DemoReport:
+    """Run the demo in ``workdir``; see the module docstring."""
+    import highdicom as hd
+
+    from converters.dicom_series import load_series
+    from converters.dicom_writer import write_study
+    from converters.nifti import load_case
+    from converters.reorient import ras_to_volume
+    from node import store
+    from node.sender import store_files
+    from node.service import NodeService
+
+    model_dir = Path(model_dir or DEFAULT_MODEL)
+    case_dir = Path(case_dir or DEFAULT_CASE)
+    workdir = workdir.absolute()
+    var = workdir / "var"
+    shutil.rmtree(var, ignore_errors=True)
+    shutil.rmtree(workdir / "study", ignore_errors=True)
+    workdir.mkdir(parents=True, exist_ok=True)
+    stages: dict[str, float] = {}
+
+    catcher_port = _free_port()
+    settings = _settings(var, _free_port(), catcher_port)
+    node = NodeService(settings)
+    model = _install(node.registry, model_dir)
+    _step(console, f"model {model.label} imported and promoted")
+
+    t = time.perf_counter()
+    case = load_case(case_dir)
+    study = write_study(case, workdir / "study")
+    stages["convert NIfTI to DICOM (not part of the node)"] = time.perf_counter() - t
+    files = [p for fs in study.files.values() for p in fs]
+    _step(console, f"case {case.case_id}: DICOM study of {len(study.files)} series, {len(files)} files")
+
+    catcher = Catcher(catcher_port)
+    node.start()
+    try:
+        _step(console, f"node {settings.node.ae_title} on 127.0.0.1:{node.scp.port}; sending the study")
+        start = time.perf_counter()
+        results = store_files(files, "127.0.0.1", node.scp.port, settings.node.ae_title, "DEMO_SCU")
+        bad = [str(p) for p, status, _ in results if status != dimse.SUCCESS]
+        if bad:
+            raise NodeError(f"the node refused {len(bad)} files, e.g. {bad[0]}")
+        stages["C-STORE of the study"] = time.perf_counter() - start
+        if not catcher.arrived.wait(timeout):
+            jobs = store.list_jobs(node.sf)
+            why = f"job {jobs[0].id} {jobs[0].status}: {jobs[0].reason}" if jobs else "no job was created"
+            raise NodeError(f"no SEG and SR came back within {timeout:.0f} s ({why})")
+        total = time.perf_counter() - start
+        job = store.list_jobs(node.sf)[0]
+    finally:
+        node.stop()
+        catcher.stop()
+    stages["study idle wait (study_idle_seconds)"] = settings.node.study_idle_seconds
+    for name, seconds in job.stages.items():
+        stages[f"job: {name}"] = float(seconds)
+    stages["send SEG + SR back, rest"] = max(
+        0.0, total - sum(v for k, v in stages.items() if not k.startswith("convert"))
+    )
+
+    seg_ds = next(ds for ds in catcher.received if ds.Modality == "SEG")
+    sr_ds = next(ds for ds in catcher.received if ds.Modality == "SR")
+    seg_path, sr_path, preview = workdir / "seg.dcm", workdir / "sr.dcm", workdir / "preview.png"
+    seg_ds.save_as(seg_path, enforce_file_format=True)
+    sr_ds.save_as(sr_path, enforce_file_format=True)
+    shutil.copyfile(job.result["preview"], preview)
+
+    flair = load_series(study.files["FLAIR"])
+    seg = hd.seg.segread(seg_path)
+    returned = (
+        seg.get_pixels_by_source_instance(
+            source_sop_instance_uids=flair.sop_instance_uids,
+            segment_numbers=[1],
+            assert_missing_frames_are_empty=True,
+        )[..., 0]
+        > 0
+    )
+    truth = np.asarray(ras_to_volume(case.whole_tumor(), flair)) > 0
+    dice = float(2 * (returned & truth).sum() / max(int(returned.sum() + truth.sum()), 1))
+    content: Any = hd.sr.srread(sr_path).content
+    volume_ml = float(content.get_volumetric_roi_measurement_groups()[0].get_measurements()[0].value)
+    return DemoReport(
+        case_id=case.case_id,
+        model_label=f"{model.name} {model.version} {model.precision}",
+        stages=stages,
+        total=total,
+        dice=dice,
+        volume_ml=volume_ml,
+        files=[seg_path, sr_path, preview],
+    )
