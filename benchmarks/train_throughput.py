@@ -13,7 +13,9 @@ import time
 import torch
 
 
-def measure(kind: str, crop: int, base: int, depth: int, batch: int, steps: int, threads: int | None) -> float:
+def measure(
+    kind: str, crop: int, base: int, depth: int, batch: int, steps: int, threads: int | None
+) -> float:
     """Training slices per second on device ``kind``."""
     from trainer.devices import resolve_device
     from trainer.losses import DiceBCELoss
@@ -61,7 +63,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
     available = {"cpu": True, "cuda": torch.cuda.is_available(), "hpu": habana_available()}
-    print(f"2D U-Net depth {args.depth}, base {args.base_filters}, {args.crop}x{args.crop}, batch {args.batch}")
+    print(
+        f"2D U-Net depth {args.depth}, base {args.base_filters}, {args.crop}x{args.crop}, batch {args.batch}"
+    )
     print(f"{'device':<8}{'slices/s':>12}")
     for kind, ok in available.items():
         if not ok:

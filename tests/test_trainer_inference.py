@@ -15,15 +15,27 @@ from trainer.card import TASK_LABELS, file_entry, ir_xml, load_card, verify_file
 from trainer.exceptions import ModelCardError, TrainerError
 from trainer.inference import OpenVINOSegmenter, outputs_to_labels
 
-PRE = {"orientation": "RAS", "spacing_mm": [1.0, 1.0, 1.0], "crop_size": [32, 32],
-       "normalization": "zscore_nonzero", "slice_axis": 2}
+PRE = {
+    "orientation": "RAS",
+    "spacing_mm": [1.0, 1.0, 1.0],
+    "crop_size": [32, 32],
+    "normalization": "zscore_nonzero",
+    "slice_axis": 2,
+}
 
 
 def _card(task: str = "whole_tumor", modalities: list[str] | None = None) -> dict:
-    return {"format_version": 1, "name": "t", "version": "0.0.1", "task": task,
-            "modalities": modalities or ["FLAIR"], "preprocessing": PRE,
-            "output": {"activation": "sigmoid", "threshold": 0.5}, "labels": TASK_LABELS[task],
-            "artifacts": []}
+    return {
+        "format_version": 1,
+        "name": "t",
+        "version": "0.0.1",
+        "task": task,
+        "modalities": modalities or ["FLAIR"],
+        "preprocessing": PRE,
+        "output": {"activation": "sigmoid", "threshold": 0.5},
+        "labels": TASK_LABELS[task],
+        "artifacts": [],
+    }
 
 
 def _threshold_model(path: Path, offset: float, channels: int = 1) -> Path:
@@ -39,8 +51,10 @@ def _threshold_model(path: Path, offset: float, channels: int = 1) -> Path:
 
 
 def test_torch_free_import_chain() -> None:
-    code = ("import sys, trainer, trainer.inference, trainer.metrics, trainer.card, converters.preprocess; "
-            "sys.exit(1 if 'torch' in sys.modules else 0)")
+    code = (
+        "import sys, trainer, trainer.inference, trainer.metrics, trainer.card, converters.preprocess; "
+        "sys.exit(1 if 'torch' in sys.modules else 0)"
+    )
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 
@@ -71,7 +85,8 @@ def test_outputs_to_labels() -> None:
     logits = np.array([[[[-1.0, 0.1]]]], np.float32)
     np.testing.assert_array_equal(outputs_to_labels(logits, {"activation": "sigmoid"}), [[[0, 1]]])
     np.testing.assert_array_equal(
-        outputs_to_labels(logits, {"activation": "sigmoid", "threshold": 0.6}), [[[0, 0]]])
+        outputs_to_labels(logits, {"activation": "sigmoid", "threshold": 0.6}), [[[0, 0]]]
+    )
     soft = np.zeros((1, 4, 1, 2), np.float32)
     soft[0, 3, 0, 0] = 5.0
     soft[0, 1, 0, 1] = 1.0
@@ -84,8 +99,9 @@ def test_card_round_trip_and_verification(tmp_path: Path) -> None:
     xml = _threshold_model(tmp_path / "model_int8.xml", offset=0.0)
     card = _card()
     files = [file_entry(xml, tmp_path), file_entry(xml.with_suffix(".bin"), tmp_path)]
-    card["artifacts"] = [{"key": "ir_int8", "kind": "ir", "precision": "int8", "parent": None,
-                          "files": files}]
+    card["artifacts"] = [
+        {"key": "ir_int8", "kind": "ir", "precision": "int8", "parent": None, "files": files}
+    ]
     write_card(card, tmp_path)
     loaded = load_card(tmp_path)
     assert ir_xml(loaded, tmp_path, "int8") == xml

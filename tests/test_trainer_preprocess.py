@@ -8,8 +8,13 @@ import pytest
 from converters.preprocess import PreprocessError, prepare_volume, zscore_nonzero
 from trainer.metrics import dice
 
-PRE = {"orientation": "RAS", "spacing_mm": [1.0, 1.0, 1.0], "crop_size": [48, 40],
-       "normalization": "zscore_nonzero", "slice_axis": 2}
+PRE = {
+    "orientation": "RAS",
+    "spacing_mm": [1.0, 1.0, 1.0],
+    "crop_size": [48, 40],
+    "normalization": "zscore_nonzero",
+    "slice_axis": 2,
+}
 
 
 def _brain(shape: tuple[int, int, int], seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -18,7 +23,8 @@ def _brain(shape: tuple[int, int, int], seed: int = 0) -> tuple[np.ndarray, np.n
     x, y, z = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
     c = [n / 2 for n in shape]
     brain = ((x - c[0]) / (shape[0] * 0.35)) ** 2 + ((y - c[1]) / (shape[1] * 0.3)) ** 2 + (
-        (z - c[2]) / (shape[2] * 0.4)) ** 2 < 1
+        (z - c[2]) / (shape[2] * 0.4)
+    ) ** 2 < 1
     image = np.where(brain, rng.normal(300, 40, shape), 0).astype(np.float32)
     tumour = ((x - c[0] - 3) ** 2 + (y - c[1]) ** 2 + (z - c[2]) ** 2) < 36
     label = np.zeros(shape, np.uint8)
