@@ -228,3 +228,20 @@ def test_bad_input_fails_before_training_with_one_line(task01: Path, tmp_path: P
     )
     assert done.returncode == 2
     assert "crop size [50, 50] must be two positive multiples of 2**depth = 8" in done.stderr
+
+
+def test_corrupt_or_unlabelled_case_is_named_before_training(task01: Path, tmp_path: Path) -> None:
+    import shutil
+
+    data = tmp_path / "Task01_BrainTumour"
+    shutil.copytree(task01, data)
+    label = sorted((data / "labelsTr").glob("*.nii.gz"))[2]
+    label.write_bytes(b"this is not a NIfTI file")
+    done = _segnode("train", "--data", str(data), "--out", str(tmp_path / "r"), "--device", "cpu")
+    assert done.returncode == 2, done.stderr
+    assert label.name in done.stderr and done.stderr.startswith("error:")
+    assert not (tmp_path / "r" / "last.pt").exists()
+    label.unlink()
+    done = _segnode("train", "--data", str(data), "--out", str(tmp_path / "r"), "--device", "cpu")
+    assert done.returncode == 2
+    assert label.name.split(".")[0] in done.stderr and "label" in done.stderr.lower()
