@@ -121,6 +121,21 @@ def _install(registry: Any, model_dir: Path) -> Any:
     raise NodeError("; ".join(problems))
 
 
+def _storescu(program: str, files: list[Path], port: int, called_ae: str) -> None:
+    import os
+    import subprocess
+
+    proc = subprocess.run(
+        [program, "-aet", "DEMO_SCU", "-aec", called_ae, "127.0.0.1", str(port), *map(str, files)],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "TCP_NODELAY": "1"},
+    )
+    if proc.returncode != 0:
+        raise NodeError(f"storescu failed ({proc.returncode}): {proc.stderr.strip()[-300:]}")
+
+
 def _step(console: Any, text: str) -> None:
     if console is not None:
         console.print(f"[dim]·[/] {text}")
@@ -133,8 +148,13 @@ def run_demo(
     case_dir: Path | None = None,
     console: Any = None,
     timeout: float = 300.0,
+    storescu: str | None = None,
 ) -> DemoReport:
-    """Run the demo in ``workdir``; see the module docstring."""
+    """Run the demo in ``workdir``; see the module docstring.
+
+    ``storescu``: path of DCMTK's storescu to send the study with (a stand-in for a PACS), instead
+    of the node's own pynetdicom SCU.
+    """
     import highdicom as hd
 
     from converters.dicom_series import load_series
@@ -172,10 +192,13 @@ def run_demo(
     try:
         _step(console, f"node {settings.node.ae_title} on 127.0.0.1:{node.scp.port}; sending the study")
         start = time.perf_counter()
-        results = store_files(files, "127.0.0.1", node.scp.port, settings.node.ae_title, "DEMO_SCU")
-        bad = [str(p) for p, status, _ in results if status != dimse.SUCCESS]
-        if bad:
-            raise NodeError(f"the node refused {len(bad)} files, e.g. {bad[0]}")
+        if storescu:
+            _storescu(storescu, files, node.scp.port, settings.node.ae_title)
+        else:
+            results = store_files(files, "127.0.0.1", node.scp.port, settings.node.ae_title, "DEMO_SCU")
+            bad = [str(p) for p, status, _ in results if status != dimse.SUCCESS]
+            if bad:
+                raise NodeError(f"the node refused {len(bad)} files, e.g. {bad[0]}")
         stages["C-STORE of the study"] = time.perf_counter() - start
         if not catcher.arrived.wait(timeout):
             jobs = store.list_jobs(node.sf)
