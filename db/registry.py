@@ -374,6 +374,13 @@ class Registry:
             row = self._active_row(session, task)
             return _snapshot(row) if row is not None else None
 
+    def active_id(self, task: str) -> int | None:
+        """The id of the active model of ``task``, or None: one index lookup, for frequent polling."""
+        with self._read() as session:
+            return session.scalars(
+                select(Model.id).where(Model.task == task, Model.status == "active")
+            ).one_or_none()
+
     def history(self, task: str | None = None) -> list[EventInfo]:
         """The audit trail (of ``task`` when given), oldest first."""
         query = select(RolloutEvent).order_by(RolloutEvent.id)

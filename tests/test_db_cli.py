@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from db.session import current_revision, head_revision
 from node.cli import app, main
+from node.cli import models as models_cli
 from tests.conftest import write_model_dir
 
 runner = CliRunner()
@@ -20,7 +21,7 @@ runner = CliRunner()
 @pytest.fixture()
 def url(migrated_db_url: str, segnode_home: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     monkeypatch.setenv("SEGNODE_DATABASE_URL", migrated_db_url)
-    monkeypatch.setenv("COLUMNS", "200")
+    monkeypatch.setattr(models_cli.console, "width", 200)  # tables not cut by the terminal's width
     return migrated_db_url
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -58,38 +59,48 @@ def _dice(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
+_MIN_WIDTH = {"Name": 8, "Task": 8}
 _STATUS_STYLE = {"active": "bold green", "candidate": "", "retired": "dim"}
 
 
 def models_table(models: list[ModelInfo], title: str = "Models") -> Table:
-    """A Rich table of ``models``: id, name, version, task, kind, precision, status, Dice, size, created."""
-    table = Table(title=title)
-    for column, justify in [
-        ("ID", "right"),
-        ("Name", "left"),
-        ("Version", "left"),
-        ("Task", "left"),
-        ("Kind", "left"),
-        ("Precision", "left"),
-        ("Status", "left"),
-        ("Dice", "right"),
-        ("Size", "right"),
-        ("Created", "left"),
-    ]:
-        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    """A Rich table of ``models``: id, name, version, (task), kind, precision, status, Dice, size, created.
+
+    The task goes into the title instead of a column when all models share it (fits 80 columns).
+    """
+    tasks = sorted({m.task for m in models})
+    show_task = len(tasks) > 1
+    if len(tasks) == 1:
+        title = f"{title} (task {tasks[0]})"
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)
+    columns = ["ID", "Name", "Version", "Task", "Kind", "Precision", "Status", "Dice", "Size", "Created"]
+    for column in columns:
+        if column == "Task" and not show_task:
+            continue
+        table.add_column(
+            column,
+            justify="right" if column in ("ID", "Dice", "Size") else "left",
+            no_wrap=column in ("ID", "Kind", "Status", "Dice"),
+            min_width=_MIN_WIDTH.get(column, 0),
+            overflow="fold",
+        )
     for m in models:
-        table.add_row(
+        status = f"[{_STATUS_STYLE[m.status]}]{m.status}[/]" if _STATUS_STYLE[m.status] else m.status
+        row = [
             str(m.id),
             m.name,
             m.version,
             m.task,
             m.kind,
             m.precision,
-            f"[{_STATUS_STYLE[m.status]}]{m.status}[/]" if _STATUS_STYLE[m.status] else m.status,
+            status,
             _dice(m.dice),
             _size(m.size),
-            m.created_at.strftime("%Y-%m-%d %H:%M"),
-        )
+            m.created_at.strftime("%Y-%m-%d"),
+        ]
+        if not show_task:
+            del row[3]
+        table.add_row(*row)
     return table
 
 
