@@ -181,7 +181,7 @@ def test_verify_reports_ok_missing_and_mismatch(registry: Registry, tmp_path: Pa
 
 
 def test_promote_int8_within_tolerance_and_switch_models(registry: Registry, tmp_path: Path) -> None:
-    assert registry.active(TASK) is None
+    assert registry.active(TASK) is None and registry.active_id(TASK) is None
     v1 = _import(registry, tmp_path, "1.0.0")
     promoted = registry.promote(v1["ir_int8"], by="alice", reason="first model")
     assert promoted.status == "active"
@@ -189,6 +189,8 @@ def test_promote_int8_within_tolerance_and_switch_models(registry: Registry, tmp
     v2 = _import(registry, tmp_path, "2.0.0", fp32_dice=0.92, int8_dice=0.915)
     registry.promote(v2["ir_int8"], by="bob")
     assert registry.active(TASK) is not None and registry.active(TASK).id == v2["ir_int8"]
+    assert registry.active_id(TASK) == v2["ir_int8"]
+    assert registry.active_id("brats_regions") is None
     assert registry.get(v1["ir_int8"]).status == "candidate"
     assert [m.id for m in registry.list_models() if m.status == "active"] == [v2["ir_int8"]]
     events = [e for e in registry.history(TASK) if e.action == "promote"]
