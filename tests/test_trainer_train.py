@@ -245,3 +245,19 @@ def test_corrupt_or_unlabelled_case_is_named_before_training(task01: Path, tmp_p
     done = _segnode("train", "--data", str(data), "--out", str(tmp_path / "r"), "--device", "cpu")
     assert done.returncode == 2
     assert label.name.split(".")[0] in done.stderr and "label" in done.stderr.lower()
+
+
+def test_brats_regions_trains_and_evaluates_per_region(task01: Path, tmp_path: Path) -> None:
+    from converters.nifti import list_cases
+    from trainer.evaluate import evaluate_cases, load_model
+    from trainer.train import train
+
+    run = tmp_path / "regions"
+    config = _config(task01, run, epochs=1, task="brats_regions", modalities=["FLAIR", "T1", "T1GD", "T2"])
+    train(config, progress=False)  # type: ignore[arg-type]
+    loaded = load_model(run / "best.pt")
+    assert loaded.card["output"] == {"activation": "softmax"} and len(loaded.card["labels"]) == 3
+    result = evaluate_cases(loaded, list_cases(task01, require_labels=True)[:2])
+    assert set(result["regions"]) == {"WT", "TC", "ET"}
+    assert result["mean"]["dice"] == pytest.approx(result["regions"]["WT"]["mean"]["dice"])
+    assert len(result["regions"]["ET"]["cases"]) == 2
