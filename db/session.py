@@ -91,7 +91,13 @@ def make_engine(url: str) -> Engine:
     if backend == "sqlite":
         database = parsed.database or ""
         if database and database != ":memory:" and not database.startswith("file:"):
-            Path(database).expanduser().absolute().parent.mkdir(parents=True, exist_ok=True)
+            parent = Path(database).expanduser().absolute().parent
+            try:
+                parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise DatabaseUnavailableError(
+                    f"database url {url!r}: cannot create directory {parent}: {exc.strerror}"
+                ) from None
         engine = create_engine(parsed)
         _sqlite_hooks(engine)
         return engine

@@ -118,6 +118,7 @@ def test_import_promote_rollback_retire_verify(
             ["models", "rollback", "--task", "brats_regions"],
             "error: task 'brats_regions' has no active model",
         ),
+        (["models", "rollback"], "error: task 'whole_tumor': no previous active model"),
         (["models", "promote", "1"], "error: model #1 not promoted: kind 'onnx' cannot be active"),
         (["models", "promote", "3", "--force"], "error: model #3: --force needs a non-empty --reason"),
         (["models", "retire", "3"], "error: model #3 is the active model of task whole_tumor"),
@@ -202,3 +203,23 @@ def test_db_upgrade_and_current(segnode_home: Path) -> None:
     assert f"database upgraded from empty to {head_revision()}" in out
     assert current_revision(f"sqlite:///{segnode_home / 'segnode.db'}") == head_revision()
     assert f"current: {head_revision()}  head: {head_revision()}" in ok("db", "current")
+
+
+@pytest.mark.parametrize("command", [["db", "upgrade"], ["models", "list"]])
+def test_unreachable_database_is_one_line_without_password(
+    segnode_home: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    command: list[str],
+) -> None:
+    monkeypatch.setenv("SEGNODE_DATABASE_URL", "postgresql+psycopg://admin:s3cret@127.0.0.1:1/segnode")
+    line = fails(capsys, *command)
+    assert "postgresql+psycopg://admin:***@127.0.0.1:1/segnode" in line and "s3cret" not in line
+    assert "Connection refused" in line or "connection failed" in line
+
+
+def test_rollback_without_task_and_no_active_model(url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert (
+        fails(capsys, "models", "rollback")
+        == "error: rollback needs --task (tasks with an active model: none)"
+    )

@@ -198,6 +198,7 @@ def test_alembic_command_line_upgrades_head(tmp_path: Path) -> None:
     [
         ("nonsense", "is not a valid SQLAlchemy URL"),
         ("mysql://u@h/db", "backend 'mysql' is not supported"),
+        ("sqlite:////proc/no-such-dir/x.db", "cannot create directory /proc/no-such-dir"),
     ],
 )
 def test_bad_database_url_is_a_clear_error(url: str, message: str) -> None:
