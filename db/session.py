@@ -169,12 +169,18 @@ def upgrade(url: str, revision: str = "head") -> None:
         The database cannot be reached.
     """
     from alembic import command
+    from alembic.util.exc import CommandError
 
     try:
         with migration_connection(url) as conn:
             command.upgrade(_alembic_config(conn), revision)
     except OperationalError as exc:
         raise DatabaseUnavailableError(f"cannot upgrade database {_safe(url)}: {_first_line(exc)}") from None
+    except CommandError as exc:
+        raise DatabaseUnavailableError(
+            f"cannot upgrade database {_safe(url)} to {revision}: {exc} "
+            "(is the database from a newer segnode?)"
+        ) from None
     log.info("database %s upgraded to %s", _safe(url), revision)
 
 

@@ -204,3 +204,17 @@ def test_alembic_command_line_upgrades_head(tmp_path: Path) -> None:
 def test_bad_database_url_is_a_clear_error(url: str, message: str) -> None:
     with pytest.raises(DatabaseUnavailableError, match=message):
         make_engine(url)
+
+
+def test_database_from_a_newer_version_is_a_clear_error(db_url: str) -> None:
+    upgrade(db_url)
+    engine = make_engine(db_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("UPDATE alembic_version SET version_num = '0099_from_the_future'"))
+    finally:
+        engine.dispose()
+    with pytest.raises(DatabaseUnavailableError) as info:
+        upgrade(db_url)
+    assert "Can't locate revision identified by '0099_from_the_future'" in str(info.value)
+    assert "newer segnode" in str(info.value)
