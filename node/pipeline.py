@@ -119,6 +119,29 @@ def segment(model: LoadedModel, assembled: Assembled) -> npt.NDArray[np.uint8]:
     )
 
 
+def source_frame_labels(labels: npt.NDArray[np.uint8], assembled: Assembled) -> npt.NDArray[np.uint8]:
+    """The label planes in the order of the source frames, as the SEG's pixel array needs them.
+
+    Single-frame sources are already in volume (slice) order. For one Enhanced MR (multi-frame)
+    source, each frame's ImagePositionPatient (PS3.3 C.7.6.16.2.3) is projected on the slice
+    direction to find its slice of the volume.
+    """
+    if len(assembled.sources) != 1 or int(assembled.sources[0].get("NumberOfFrames", 1) or 1) == 1:
+        return labels
+    volume = assembled.reference
+    order = []
+    for n, frame in enumerate(assembled.sources[0].PerFrameFunctionalGroupsSequence, start=1):
+        position = np.asarray(frame.PlanePositionSequence[0].ImagePositionPatient, dtype=float)
+        offset = float(np.dot(position - volume.origin, volume.slice_direction)) / volume.spacing[0]
+        index = round(offset)
+        if abs(offset - index) > 0.1 or not 0 <= index < labels.shape[0]:
+            raise JobError(
+                f"frame {n} of {assembled.sources[0].SOPInstanceUID} is not on a slice of the volume"
+            )
+        order.append(index)
+    return labels[np.asarray(order)]
+
+
 def segment_volumes_ml(labels: npt.NDArray[np.uint8], card: Mapping[str, Any], volume: Volume) -> list[float]:
     """Volume in mL of each card label (segment order), from voxel counts and the source spacing."""
     voxel_ml = float(np.prod(volume.spacing)) / 1000.0
@@ -163,7 +186,8 @@ def run_job(ctx: JobContext, job_id: int) -> str:
         ctx.metrics.inference_seconds.observe(timer.stages["inference"])
         store.heartbeat(ctx.sf, job_id)
         with timer.stage("seg"):
-            seg = build_seg(assembled.sources, labels, card, software_version=SOFTWARE_VERSION)
+            frame_labels = source_frame_labels(labels, assembled)
+            seg = build_seg(assembled.sources, frame_labels, card, software_version=SOFTWARE_VERSION)
         volumes = segment_volumes_ml(labels, card, assembled.reference)
         with timer.stage("sr"):
             sr = build_sr(seg, assembled.sources, volumes, card)
@@ -176,8 +200,10 @@ def run_job(ctx: JobContext, job_id: int) -> str:
     except JobError as exc:
         return _end(ctx, job_id, "skipped" if exc.skip else "failed", str(exc), timer, model)
     except (NodeError, ConverterError, OSError, ValueError) as exc:
-        logger.warning("job %d failed: %s", job_id, exc)
         return _end(ctx, job_id, "failed", f"{type(exc).__name__}: {exc}", timer, model)
+    except Exception as exc:  # a bug or an unforeseen input: the job fails, the worker goes on
+        logger.exception("job %d: unexpected error", job_id)
+        return _end(ctx, job_id, "failed", f"internal error: {type(exc).__name__}: {exc}", timer, model)
     result = {
         "seg": str(seg_path),
         "sr": str(sr_path),

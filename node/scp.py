@@ -1,6 +1,6 @@
 """The DICOM SCP: C-ECHO and C-STORE of every storage SOP class, with a durable receive.
 
-MR Image Storage and Enhanced MR Image Storage instances are spooled and recorded (they make
+MR Image Storage, Enhanced MR Image Storage (and its Legacy Converted form) instances are spooled and recorded (they make
 studies and jobs); every other storage object (SR, presentation states, our own SEG and SR coming
 back from a PACS) is acknowledged and counted but neither stored nor processed, so no routing loop
 can start. Success goes back only after the file is fsynced and its row committed; otherwise a
@@ -19,7 +19,12 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
-from pynetdicom.sop_class import EnhancedMRImageStorage, MRImageStorage, Verification  # type: ignore[attr-defined]
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    EnhancedMRImageStorage,
+    LegacyConvertedEnhancedMRImageStorage,
+    MRImageStorage,
+    Verification,
+)
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -33,8 +38,10 @@ from node.uids import validated_uid
 
 logger = logging.getLogger(__name__)
 
-#: SOP classes the node keeps and processes.
-KEPT_SOP_CLASSES: frozenset[str] = frozenset({str(MRImageStorage), str(EnhancedMRImageStorage)})
+#: SOP classes the node keeps and processes: MR images, single-frame and multi-frame.
+KEPT_SOP_CLASSES: frozenset[str] = frozenset(
+    {str(MRImageStorage), str(EnhancedMRImageStorage), str(LegacyConvertedEnhancedMRImageStorage)}
+)
 
 
 @dataclass

@@ -93,7 +93,8 @@ def build_seg(
     sources:
         The source series' datasets in slice order (the order of ``labels``' first axis).
     labels:
-        Label map (slices, rows, columns) with the card's label values (0 = background).
+        Label map (frames, rows, columns) with the card's label values (0 = background), one plane
+        per source frame in source order (single-frame sources: one per image).
     card:
         The model card: name, version and labels (value, name, category, type codes).
     software_version:
@@ -104,12 +105,12 @@ def build_seg(
     JobError
         The label map does not match the source grid.
     """
-    if labels.shape[0] != len(sources) or any(
-        (int(ds.Rows), int(ds.Columns)) != tuple(labels.shape[1:]) for ds in sources[:1]
-    ):
+    frames = sum(int(ds.get("NumberOfFrames", 1) or 1) for ds in sources)
+    rows, columns = int(sources[0].Rows), int(sources[0].Columns)
+    if labels.shape != (frames, rows, columns):
         raise JobError(
             f"label map of shape {labels.shape} does not match the source series "
-            f"({len(sources)} slices of {sources[0].Rows}x{sources[0].Columns})"
+            f"({frames} frames of {rows}x{columns})"
         )
     values = label_values(card)
     segments = np.zeros(labels.shape, dtype=np.uint8)

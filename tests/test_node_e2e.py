@@ -243,3 +243,46 @@ def test_instances_after_job_start_make_a_new_run(env: Env, case: Case, tmp_path
 
     job = wait_until(second_run, 60, "the second run of the study")
     assert job.instance_count == 2 * SHAPE[2]
+
+
+def test_enhanced_mr_multiframe_study(env: Env, case: Case, model_dir: Path, tmp_path: Path) -> None:
+    from highdicom.legacy import LegacyConvertedEnhancedMRImage
+
+    study = write_study(case, tmp_path / "study", modalities=["FLAIR"])
+    legacy = [pydicom.dcmread(p) for p in reversed(study.files["FLAIR"])]  # frames in reverse slice order
+    enhanced = LegacyConvertedEnhancedMRImage(
+        legacy, series_instance_uid=hd.UID(), series_number=100, sop_instance_uid=hd.UID(), instance_number=1
+    )
+    path = tmp_path / "enhanced.dcm"
+    enhanced.save_as(path, enforce_file_format=True)
+    assert store_files([path], "127.0.0.1", env.node.scp.port, "SEGNODE", "PACS")[0][1] == 0
+    job = env.job_for(study)
+    assert job.status == "done", job.reason
+    seg_ds = env.catcher.wait_for(lambda r: any(ds.Modality == "SEG" for ds in r), 30)[0]
+    seg_file = tmp_path / "seg.dcm"
+    seg_ds.save_as(seg_file, enforce_file_format=True)
+    seg = hd.seg.segread(seg_file)
+    assert seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID == (
+        enhanced.SOPInstanceUID
+    )
+    expected, _ = _direct_mask(model_dir, case, study)
+    returned = np.zeros_like(expected)
+    for n, frame in enumerate(seg.PerFrameFunctionalGroupsSequence):
+        source_frame = frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedFrameNumber
+        returned[len(legacy) - int(source_frame)] = (
+            seg.pixel_array[n] if seg.pixel_array.ndim == 3 else seg.pixel_array
+        )
+    assert _dice(returned, expected) >= 0.99
+
+
+def test_inconsistent_series_fails_with_reason(env: Env, case: Case, tmp_path: Path) -> None:
+    study = write_study(case, tmp_path / "study", modalities=["FLAIR"])
+    files = study.files["FLAIR"]
+    results = store_files(files[:10] + files[11:], "127.0.0.1", env.node.scp.port, "SEGNODE", "PACS")
+    assert {status for _, status, _ in results} == {0}
+    job = env.job_for(study)
+    assert job.status == "failed"
+    assert job.reason.startswith(
+        f"FLAIR series {study.series_uids['FLAIR']} (AX FLAIR, {SHAPE[2] - 1} slices): "
+    )
+    assert env.catcher.received == []
