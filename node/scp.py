@@ -1,10 +1,10 @@
 """The DICOM SCP: C-ECHO and C-STORE of every storage SOP class, with a durable receive.
 
-MR Image Storage, Enhanced MR Image Storage (and its Legacy Converted form) instances are spooled and recorded (they make
-studies and jobs); every other storage object (SR, presentation states, our own SEG and SR coming
-back from a PACS) is acknowledged and counted but neither stored nor processed, so no routing loop
-can start. Success goes back only after the file is fsynced and its row committed; otherwise a
-failure status (PS3.4 B.2.3) tells the PACS to keep its copy.
+MR Image Storage, Enhanced MR Image Storage (and its Legacy Converted form) instances are spooled
+and recorded (they make studies and jobs); every other storage object (SR, presentation states, our
+own SEG and SR coming back from a PACS) is acknowledged and counted but neither stored nor
+processed, so no routing loop can start. Success goes back only after the file is fsynced and its
+row committed; otherwise a failure status (PS3.4 B.2.3) tells the PACS to keep its copy.
 """
 
 from __future__ import annotations
