@@ -361,3 +361,27 @@ def test_concurrent_change_is_detected_and_nothing_is_half_done(
     expected_from = base if previous_active else None
     tail = [(e.action, e.from_model_id, e.to_model_id, e.by) for e in registry.history(TASK)][-2:]
     assert tail == [("promote", expected_from, theirs, "bob"), ("refused", expected_from, mine, "alice")]
+
+
+def test_polling_the_active_model_is_not_blocked_by_a_writer(migrated_db_url: str, tmp_path: Path) -> None:
+    """While an admin command holds the write lock, the node's poll still answers at once."""
+    import time
+
+    from db.models import Model
+    from db.session import write_options
+
+    registry = open_registry(migrated_db_url)
+    try:
+        model_id = _import(registry, tmp_path)["ir_int8"]
+        registry.promote(model_id)
+        writer_engine = make_engine(migrated_db_url)
+        with make_session_factory(writer_engine).begin() as writer:
+            writer.connection(execution_options=write_options())
+            writer.get(Model, model_id)  # the write transaction (BEGIN IMMEDIATE on SQLite) is open
+            start = time.monotonic()
+            assert registry.active_id(TASK) == model_id
+            assert registry.active(TASK) is not None
+            assert time.monotonic() - start < 5.0  # far below the 30 s busy timeout
+        writer_engine.dispose()
+    finally:
+        registry.close()
