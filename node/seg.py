@@ -33,6 +33,14 @@ BRAIN = hd.sr.CodedConcept("12738006", "SCT", "Brain")
 ABNORMAL = hd.sr.CodedConcept("49755003", "SCT", "Morphologically abnormal structure")
 
 
+#: Display colour per label value (RGB in 0..1), as in the PNG preview (node/preview.py).
+DISPLAY_RGB: dict[int, tuple[float, float, float]] = {
+    1: (1.0, 0.16, 0.16),
+    2: (0.16, 0.86, 0.16),
+    3: (0.24, 0.47, 1.0),
+}
+
+
 def _code(entry: Mapping[str, Any] | None, default: hd.sr.CodedConcept) -> hd.sr.CodedConcept:
     if not entry:
         return default
@@ -68,6 +76,9 @@ def segment_descriptions(card: Mapping[str, Any]) -> list[hd.seg.SegmentDescript
                 algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
                 algorithm_identification=algorithm,
                 anatomic_regions=[BRAIN],
+                display_color=hd.color.CIELabColor.from_rgb(
+                    *DISPLAY_RGB.get(int(label["value"]), (1.0, 0.85, 0.0))
+                ),
             )
         )
     return out

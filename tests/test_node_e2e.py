@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,7 +26,7 @@ from node.config import Destination
 from node.sender import store_files
 from node.service import NodeService
 from tests.node_fixtures import CatchingSCP, install_model, make_threshold_model, node_settings, wait_until
-from tests.peers import free_port
+from tests.peers import free_port, require_program
 
 SHAPE = (64, 64, 24)
 
@@ -98,6 +100,38 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
     return float(2 * (a & b).sum() / max(a.sum() + b.sum(), 1))
 
 
+def _validate_with_peers(seg: Path, sr: Path, tmp_path: Path, voxels: int) -> None:
+    """dciodvfy (dicom3tools) finds no error or warning; dcmqi reads the SEG as a viewer would."""
+    dciodvfy = require_program("dciodvfy")
+    for path in (seg, sr):
+        report = subprocess.run(
+            [dciodvfy, str(path)], capture_output=True, text=True, timeout=60, check=False
+        )
+        problems = [
+            line
+            for line in (report.stdout + report.stderr).splitlines()
+            if "Error" in line or "Warning" in line
+        ]
+        assert problems == [], f"{path.name}: {problems}"
+    segimage2itkimage = require_program("segimage2itkimage", str(Path(sys.executable).parent))
+    out = tmp_path / "dcmqi"
+    out.mkdir()
+    run = subprocess.run(
+        [segimage2itkimage, "--inputDICOM", str(seg), "--outputDirectory", str(out), "--outputType", "nifti"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "Failed to get CIELab" not in run.stdout + run.stderr
+    import nibabel as nib
+
+    assert int(np.asarray(nib.load(out / "1.nii.gz").dataobj).sum()) == voxels
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["segmentAttributes"][0][0]["SegmentedPropertyTypeCodeSequence"]["CodeValue"] == "108369006"
+
+
 def test_study_in_seg_and_sr_out(env: Env, case: Case, model_dir: Path, tmp_path: Path) -> None:
     study = write_study(case, tmp_path / "study")
     env.send_study(study)
@@ -150,6 +184,7 @@ def test_study_in_seg_and_sr_out(env: Env, case: Case, model_dir: Path, tmp_path
     assert groups[0].referenced_segment.referenced_sop_instance_uid == seg.SOPInstanceUID
 
     assert Path(job.result["preview"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    _validate_with_peers(Path(job.result["seg"]), Path(job.result["sr"]), tmp_path, int(expected.sum()))
     port = env.node.http.port if env.node.http else 0
     metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     assert 'segnode_jobs{state="done"} 1.0' in metrics
