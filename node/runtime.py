@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,9 @@ from db.registry import ModelInfo, Registry
 from node.exceptions import ModelLoadError
 
 logger = logging.getLogger(__name__)
+
+#: Seconds before a refused model (tampered file...) is checked again.
+RETRY_REFUSED_SECONDS = 30.0
 
 #: Device names OpenVINO resolves itself from the available ones.
 VIRTUAL_DEVICES = ("AUTO", "MULTI", "HETERO", "BATCH")
@@ -105,6 +109,7 @@ class ModelRuntime:
         self._lock = threading.Lock()
         self._current: LoadedModel | None = None
         self._refused: dict[int, str] = {}
+        self._refused_at: dict[int, float] = {}
         self.last_error: str = ""
 
     @property
@@ -142,6 +147,9 @@ class ModelRuntime:
                 return current
             if current is not None and current.info.id == active.id:
                 return current
+            refused_at = self._refused_at.get(active.id)
+            if refused_at is not None and time.monotonic() - refused_at < RETRY_REFUSED_SECONDS:
+                return current
             try:
                 loaded = self.load(active)
             except ModelLoadError as exc:
@@ -150,6 +158,7 @@ class ModelRuntime:
                         "%s; %s", exc, "keeping the previous model" if current else "no model serving"
                     )
                 self._refused[active.id] = str(exc)
+                self._refused_at[active.id] = time.monotonic()
                 self.last_error = str(exc)
                 return current
             self._current = loaded

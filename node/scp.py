@@ -30,7 +30,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from node import dimse, store
 from node.config import NodeSettings, TLSSettings
-from node.exceptions import InvalidInstanceError, SpoolError
+from node.exceptions import InvalidInstanceError, NodeError, SpoolError
 from node.metrics import NodeMetrics
 from node.sender import set_nodelay
 from node.spool import free_mb, spool_path, write_atomic
@@ -140,12 +140,18 @@ class StorageSCP:
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_ESTABLISHED, lambda event: set_nodelay(event.assoc)),
         ]
-        self.server = self.ae.start_server(
-            (self.settings.host, self.settings.port),
-            block=False,
-            evt_handlers=handlers,
-            ssl_context=self._ssl_context(),
-        )
+        try:
+            self.server = self.ae.start_server(
+                (self.settings.host, self.settings.port),
+                block=False,
+                evt_handlers=handlers,
+                ssl_context=self._ssl_context(),
+            )
+        except OSError as exc:
+            raise NodeError(
+                f"node.port: cannot listen on {self.settings.host}:{self.settings.port}: "
+                f"{exc.strerror or exc}"
+            ) from None
         logger.info("SCP %s listening on %s:%d", self.settings.ae_title, self.settings.host, self.port)
 
     def stop(self) -> None:

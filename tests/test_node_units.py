@@ -282,3 +282,22 @@ def test_dcmread_of_spooled_instance_round_trip(tmp_path: Path) -> None:
     write_atomic(path, buf.getvalue())
     assert pydicom.dcmread(path, force=True).PatientID == "x"
     assert [p.name for p in path.parent.iterdir()] == ["b.dcm"]
+
+
+def test_port_in_use_is_a_one_line_error(tmp_path: Path) -> None:
+    from node.exceptions import NodeError
+    from node.scp import StorageSCP
+    from tests.node_fixtures import node_settings
+    from tests.peers import free_port
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", free_port()))
+        busy.listen()
+        port = busy.getsockname()[1]
+        settings = node_settings(tmp_path, port)
+        upgrade(settings.database.url)
+        scp = StorageSCP(settings.node, make_session_factory(make_engine(settings.database.url)))
+        with pytest.raises(
+            NodeError, match=rf"^node.port: cannot listen on 127.0.0.1:{port}: Address already in use$"
+        ):
+            scp.start()
