@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +19,7 @@ import pydicom
 from pynetdicom import AE
 
 from node import dimse, store
+from node.config import TLSSettings
 from node.metrics import NodeMetrics
 
 logger = logging.getLogger(__name__)
@@ -40,6 +42,17 @@ def set_nodelay(assoc: Any) -> None:
             logger.debug("TCP_NODELAY not set: %s", exc)
 
 
+def client_tls_context(tls: TLSSettings) -> ssl.SSLContext | None:
+    """The SCU's SSL context from ``[tls]`` (None when TLS is off): verify peers with ``ca``, present
+    ``cert``/``key`` for mutual TLS."""
+    if not tls.enabled:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=tls.ca or None)
+    ctx.check_hostname = False  # DICOM peers are named by AE title and address, not host name
+    ctx.load_cert_chain(tls.cert, tls.key)
+    return ctx
+
+
 def store_files(
     paths: Sequence[Path],
     host: str,
@@ -47,8 +60,11 @@ def store_files(
     called_ae: str,
     calling_ae: str = "SEGNODE",
     timeout: float = 30.0,
+    tls: ssl.SSLContext | None = None,
 ) -> list[tuple[Path, int | None, str]]:
     """Send files over one association; returns (path, status or None, error text) per file.
+
+    ``tls``: a client SSL context to speak DICOM over TLS (PS3.15 B.1).
 
     Raises
     ------
@@ -62,7 +78,8 @@ def store_files(
         {(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for _, ds in datasets}
     ):
         ae.add_requested_context(sop_class, [syntax])
-    assoc = ae.associate(host, port, ae_title=called_ae)
+    tls_args = (tls, host) if tls is not None else None
+    assoc = ae.associate(host, port, ae_title=called_ae, tls_args=tls_args)
     if not assoc.is_established:
         why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "no answer"
         raise ConnectionError(f"association to {called_ae}@{host}:{port} failed ({why})")
@@ -93,12 +110,14 @@ class Sender:
         calling_ae: str,
         base_seconds: float = 5.0,
         max_seconds: float = 600.0,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.sf = sf
         self.metrics = metrics
         self.calling_ae = calling_ae
         self.base_seconds = base_seconds
         self.max_seconds = max_seconds
+        self.tls = tls
 
     def run_once(self) -> int:
         """Attempt every due send once; returns how many were acknowledged."""
@@ -114,7 +133,8 @@ class Sender:
 
     def _deliver(self, name: str, ae_title: str, host: str, port: int, sends: list[store.SendInfo]) -> int:
         try:
-            results = store_files([Path(s.path) for s in sends], host, port, ae_title, self.calling_ae)
+            paths = [Path(s.path) for s in sends]
+            results = store_files(paths, host, port, ae_title, self.calling_ae, tls=self.tls)
         except (ConnectionError, OSError, ValueError) as exc:
             for send in sends:
                 self._failed(send, str(exc))

@@ -21,7 +21,7 @@ from node.pipeline import JobContext, run_job
 from node.runtime import ModelRuntime
 from node.scp import StorageSCP
 from node.selection import SeriesSelector
-from node.sender import Sender
+from node.sender import Sender, client_tls_context
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,12 @@ class NodeService:
         self.runtime = ModelRuntime(self.registry, node.task, node.inference_device)
         self.scp = StorageSCP(node, self.sf, self.metrics, settings.tls)
         self.sender = Sender(
-            self.sf, self.metrics, node.ae_title, node.send_retry_base_seconds, node.send_retry_max_seconds
+            self.sf,
+            self.metrics,
+            node.ae_title,
+            node.send_retry_base_seconds,
+            node.send_retry_max_seconds,
+            tls=client_tls_context(settings.tls),
         )
         self.context = JobContext(
             sf=self.sf,

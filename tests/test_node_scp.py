@@ -226,3 +226,50 @@ def test_low_disk_refuses_associations(tmp_path: Path, caplog: pytest.LogCapture
 def test_database_failure_returns_out_of_resources(running: Running, mr_files: list[Path]) -> None:
     running.scp.sf = make_session_factory(make_engine(f"sqlite:///{running.settings.spool_path()}/nodb/x.db"))
     assert _store(running.scp.port, pydicom.dcmread(mr_files[0])) == dimse.OUT_OF_RESOURCES
+
+
+def test_tls_receive_and_plain_tcp_refused(tmp_path: Path, mr_files: list[Path]) -> None:
+    import subprocess
+
+    from node.config import TLSSettings
+    from node.sender import client_tls_context, store_files
+
+    openssl = require_program("openssl")
+    cert, key = tmp_path / "node.crt", tmp_path / "node.key"
+    subprocess.run(
+        [
+            openssl,
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=segnode-test",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        capture_output=True,
+        check=True,
+        timeout=60,
+    )
+    tls = TLSSettings(enabled=True, cert=str(cert), key=str(key), ca=str(cert))
+    settings = node_settings(tmp_path, free_port())
+    upgrade(settings.database.url)
+    sf = make_session_factory(make_engine(settings.database.url))
+    scp = StorageSCP(settings.node, sf, NodeMetrics(), tls)
+    scp.start()
+    try:
+        results = store_files(
+            mr_files[:2], "127.0.0.1", scp.port, "SEGNODE", "PACS", tls=client_tls_context(tls)
+        )
+        assert [status for _, status, _ in results] == [dimse.SUCCESS, dimse.SUCCESS]
+        with pytest.raises(ConnectionError):
+            store_files(mr_files[2:3], "127.0.0.1", scp.port, "SEGNODE", "PACS", timeout=5)
+    finally:
+        scp.stop()
+    assert client_tls_context(TLSSettings()) is None
