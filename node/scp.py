@@ -167,12 +167,24 @@ class StorageSCP:
         return dimse.SUCCESS
 
     def _on_rejected(self, event: Any) -> None:
-        rq = event.assoc.requestor
+        """Log each rejected association with the reason (PS3.8 9.3.4)."""
+        assoc = event.assoc
+        rq = assoc.requestor
+        rj = assoc.acceptor.primitive
+        reasons = {
+            (0x01, 0x03): "calling AE title not allowed (node.allowed_calling_aes)",
+            (0x01, 0x07): f"called AE title is not {self.settings.ae_title!r}",
+            (0x03, 0x02): f"more than node.max_associations ({self.settings.max_associations}) associations",
+            (0x03, 0x01): "free disk below node.min_free_disk_mb",
+        }
+        key = (int(getattr(rj, "result_source", 0) or 0), int(getattr(rj, "diagnostic", 0) or 0))
         logger.warning(
-            "association from %s (calling AE %r, called AE %r) rejected",
+            "association from %s:%s (calling AE %r, called AE %r) rejected: %s",
             rq.address,
-            rq.ae_title,
-            event.assoc.acceptor.primitive.called_ae_title if event.assoc.acceptor.primitive else "",
+            rq.port,
+            str(rq.ae_title).strip(),
+            str(rq.primitive.called_ae_title).strip() if rq.primitive else "",
+            reasons.get(key, f"source {key[0]}, diagnostic {key[1]}"),
         )
 
     def _free_mb(self) -> float:

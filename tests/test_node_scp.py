@@ -200,14 +200,24 @@ def test_bad_uids_never_reach_the_spool(
     assert not any(running.settings.spool_path().rglob("*.dcm"))
 
 
-def test_called_and_calling_ae_checked(tmp_path: Path) -> None:
-    r = _start(tmp_path, allowed_calling_aes=["PACS"])
+def test_called_and_calling_ae_and_association_limit(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    r = _start(tmp_path, allowed_calling_aes=["PACS"], max_associations=1)
     try:
-        assert _assoc(r.scp.port, called="OTHER").is_rejected  # type: ignore[attr-defined]
-        assert _assoc(r.scp.port, calling="INTRUDER").is_rejected  # type: ignore[attr-defined]
-        ok = _assoc(r.scp.port, calling="PACS")
-        assert ok.is_established  # type: ignore[attr-defined]
-        ok.release()  # type: ignore[attr-defined]
+        with caplog.at_level(logging.WARNING, logger="node.scp"):
+            assert _assoc(r.scp.port, called="OTHER").is_rejected  # type: ignore[attr-defined]
+            assert _assoc(r.scp.port, calling="INTRUDER").is_rejected  # type: ignore[attr-defined]
+            ok = _assoc(r.scp.port, calling="PACS")
+            assert ok.is_established  # type: ignore[attr-defined]
+            assert _assoc(r.scp.port, calling="PACS").is_rejected  # type: ignore[attr-defined]
+            ok.release()  # type: ignore[attr-defined]
+        assert "called AE 'OTHER') rejected: called AE title is not 'SEGNODE'" in caplog.text
+        assert (
+            "(calling AE 'INTRUDER', called AE 'SEGNODE') rejected: calling AE title not allowed"
+            in caplog.text
+        )
+        assert "rejected: more than node.max_associations (1) associations" in caplog.text
     finally:
         r.scp.stop()
 
