@@ -11,9 +11,8 @@
 # and any SEGNODE_<SECTION>_<KEY>. On start the entrypoint migrates the database, registers the shipped
 # model and promotes it when its task has no active model yet (never over an admin's choice).
 
-ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
 
-FROM ${PYTHON_IMAGE} AS build
+FROM python:3.11.11-slim-bookworm AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 COPY pyproject.toml README.md ./
@@ -23,7 +22,7 @@ COPY db ./db
 COPY trainer ./trainer
 RUN python -m pip wheel --no-deps --wheel-dir /wheels .
 
-FROM ${PYTHON_IMAGE}
+FROM python:3.11.11-slim-bookworm
 LABEL org.opencontainers.image.title="segnode-node" \
       org.opencontainers.image.description="Brain-tumour segmentation DICOM node (OpenVINO INT8 on CPU)" \
       org.opencontainers.image.licenses="Apache-2.0"

@@ -7,12 +7,11 @@
 #
 # Train on every card of a node: torchrun --standalone --nproc-per-node 8 -m node train --device hpu ...
 # (backend hccl; see trainer/devices.py). The Helm chart's Gaudi Job runs exactly that.
-# GAUDI_IMAGE must be a Habana PyTorch image with Python >= 3.11 (the Ubuntu 24.04 ones).
+# The base must be a Habana PyTorch image with Python >= 3.11 (the Ubuntu 24.04 ones); change the
+# second FROM to follow your cluster's Gaudi driver release.
 
-ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
-ARG GAUDI_IMAGE=vault.habana.ai/gaudi-docker/1.21.0/ubuntu24.04/habanalabs/pytorch-installer-2.6.0:1.21.0-555
 
-FROM ${PYTHON_IMAGE} AS build
+FROM python:3.11.11-slim-bookworm AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 COPY pyproject.toml README.md ./
@@ -24,7 +23,7 @@ COPY deploy/docker/requirements_without.py /src/requirements_without.py
 RUN python -m pip wheel --no-deps --wheel-dir /wheels . \
     && python requirements_without.py pyproject.toml torch > /wheels/requirements-gaudi.txt
 
-FROM ${GAUDI_IMAGE}
+FROM vault.habana.ai/gaudi-docker/1.21.0/ubuntu24.04/habanalabs/pytorch-installer-2.6.0:1.21.0-555
 LABEL org.opencontainers.image.title="segnode-trainer-gaudi" \
       org.opencontainers.image.description="segnode U-Net trainer on Intel Gaudi (HPU, hccl)" \
       org.opencontainers.image.licenses="Apache-2.0"

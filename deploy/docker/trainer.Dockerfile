@@ -7,9 +7,8 @@
 # and, under the NVIDIA container runtime, on CUDA (`--device cuda`, several GPUs with torchrun). For a
 # smaller CPU-only image pass a CPU wheel index: --build-arg TORCH_INDEX_URL=<index of CPU wheels>.
 
-ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
 
-FROM ${PYTHON_IMAGE} AS build
+FROM python:3.11.11-slim-bookworm AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 COPY pyproject.toml README.md ./
@@ -19,7 +18,7 @@ COPY db ./db
 COPY trainer ./trainer
 RUN python -m pip wheel --no-deps --wheel-dir /wheels .
 
-FROM ${PYTHON_IMAGE}
+FROM python:3.11.11-slim-bookworm
 ARG TORCH_INDEX_URL=""
 LABEL org.opencontainers.image.title="segnode-trainer" \
       org.opencontainers.image.description="segnode U-Net trainer, exporter and quantizer (CPU/CUDA)" \
