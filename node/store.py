@@ -247,6 +247,9 @@ def claim_job(sf: SessionFactory, owner: str | None = None, now: datetime | None
         .order_by(NodeJob.id)
         .limit(1)
     )
+    with sf() as s:  # a cheap read first: no write lock while there is nothing to claim
+        if s.scalar(candidates) is None:
+            return None
     for _ in range(20):
         with _writing(sf) as s:
             postgres = s.get_bind().dialect.name == "postgresql"

@@ -321,3 +321,37 @@ def test_inconsistent_series_fails_with_reason(env: Env, case: Case, tmp_path: P
         f"FLAIR series {study.series_uids['FLAIR']} (AX FLAIR, {SHAPE[2] - 1} slices): "
     )
     assert env.catcher.received == []
+
+
+@pytest.mark.postgres
+def test_two_nodes_share_one_postgresql_database(
+    tmp_path: Path, case: Case, model_dir: Path, postgres_server: object
+) -> None:
+    """Two node processes' worth of services on one PostgreSQL database and one spool: each study once."""
+    url = str(postgres_server.new_database())  # type: ignore[attr-defined]
+    catcher = CatchingSCP().start(free_port())
+    nodes = []
+    try:
+        for _ in range(2):
+            settings = node_settings(
+                tmp_path, free_port(), [Destination("pacs", "CATCHER", "127.0.0.1", catcher.port)], db_url=url
+            )
+            settings.node.workers = 2
+            nodes.append(NodeService(settings))
+        install_model(nodes[0].registry, model_dir)
+        for node in nodes:
+            node.start()
+        studies = [write_study(case, tmp_path / f"study{n}", modalities=["FLAIR"]) for n in range(4)]
+        for n, study in enumerate(studies):
+            Env(nodes[n % 2], catcher, tmp_path).send_study(study)
+        catcher.wait_for(lambda r: len(r) >= 8, 90)
+        wait_until(lambda: store.pending_send_count(nodes[0].sf) == 0, 30, "all sends acknowledged")
+    finally:
+        for node in nodes:
+            node.stop()
+        catcher.stop()
+    jobs = store.list_jobs(nodes[0].sf)
+    assert sorted(j.study_instance_uid for j in jobs) == sorted(s.study_instance_uid for s in studies)
+    assert {j.status for j in jobs} == {"done"} and {j.attempts for j in jobs} == {1}
+    referenced = sorted(str(ds.StudyInstanceUID) for ds in catcher.received if ds.Modality == "SEG")
+    assert referenced == sorted(s.study_instance_uid for s in studies)
