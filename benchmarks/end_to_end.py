@@ -43,7 +43,13 @@ def main() -> int:
         case = train if train.is_dir() else DEFAULT_CASE
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="segnode-bench-"))
     storescu = shutil.which("storescu")
-    report = run_demo(workdir, model_dir=args.model, case_dir=case, console=console, storescu=storescu)
+    from node.exceptions import NodeError
+
+    try:
+        report = run_demo(workdir, model_dir=args.model, case_dir=case, console=console, storescu=storescu)
+    except NodeError as exc:
+        console.print(f"[bold red]error:[/] {exc}")
+        return 2
     table = Table(
         title=f"end to end: {report.case_id}, model {report.model_label}, sender "
         f"{'DCMTK storescu' if storescu else 'pynetdicom'}"

@@ -112,6 +112,10 @@ class NodeService:
             self.http.stop()
         self.engine.dispose()
 
+    def request_stop(self) -> None:
+        """Make :meth:`wait` return (safe to call from a signal handler)."""
+        self._stop.set()
+
     def wait(self) -> None:
         """Block until :meth:`stop` is called (from a signal handler)."""
         while not self._stop.wait(1.0):

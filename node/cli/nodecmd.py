@@ -41,7 +41,7 @@ def serve(config: Path | None = CONFIG_OPTION) -> None:
 
     def _stop(signum: int, _frame: Any) -> None:
         console.print(f"signal {signal.Signals(signum).name}: stopping")
-        service._stop.set()
+        service.request_stop()
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
