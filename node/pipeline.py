@@ -168,7 +168,8 @@ def run_job(ctx: JobContext, job_id: int) -> str:
 
     timer = Timer(on_stage=lambda name, sec: ctx.metrics.stage_seconds.labels(name).observe(sec))
     model = ctx.model()
-    out_dir = ctx.jobs_dir / str(job_id)
+    # One folder per attempt: a retried job never overwrites a file a pending send still points at.
+    out_dir = ctx.jobs_dir / str(job_id) / f"attempt-{store.get_job(ctx.sf, job_id).attempts}"
     if model is None:
         return _end(
             ctx, job_id, "failed", "no usable model for the node's task (see segnode models list)", timer
