@@ -355,3 +355,23 @@ def test_two_nodes_share_one_postgresql_database(
     assert {j.status for j in jobs} == {"done"} and {j.attempts for j in jobs} == {1}
     referenced = sorted(str(ds.StudyInstanceUID) for ds in catcher.received if ds.Modality == "SEG")
     assert referenced == sorted(s.study_instance_uid for s in studies)
+
+
+def test_four_channel_model_gets_all_four_series(env: Env, case: Case, tmp_path: Path) -> None:
+    four = make_threshold_model(
+        tmp_path / "four",
+        name="test-four",
+        crop=SHAPE[:2],
+        spacing=case.spacing,
+        modalities=("FLAIR", "T1", "T1GD", "T2"),
+    )
+    install_model(env.node.registry, four)
+    study = write_study(case, tmp_path / "study")
+    env.send_study(study)
+    job = env.job_for(study)
+    assert job.status == "done", job.reason
+    assert job.model_label is not None and job.model_label.startswith("test-four")
+    assert job.result["series"] == study.series_uids
+    seg = env.catcher.wait_for(lambda r: any(ds.Modality == "SEG" for ds in r), 30)[0]
+    referenced = {s.SeriesInstanceUID for s in seg.ReferencedSeriesSequence}
+    assert referenced == {study.series_uids["FLAIR"]}  # the SEG lies on the first channel's grid
