@@ -237,6 +237,10 @@ def test_destination_down_then_up_gets_seg_exactly_once(tmp_path: Path, case: Ca
         node.stop()
         late.stop()
         up.stop()
+    rendered = node.metrics.render().decode()
+    assert 'segnode_send_failures_total{destination="down"}' in rendered
+    assert node.metrics.send_failures.labels("down")._value.get() >= 4  # two objects, two attempts each
+    assert node.metrics.sends.labels("down")._value.get() == 2
     segs = [ds.SOPInstanceUID for ds in late.received if ds.Modality == "SEG"]
     assert len(segs) == 1 and len(late.received) == 2
     assert len(up.received) == 2
