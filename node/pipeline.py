@@ -113,7 +113,8 @@ def segment(model: LoadedModel, assembled: Assembled) -> npt.NDArray[np.uint8]:
     """Run the model and map its label map back onto the reference series' (slice, row, column) grid."""
     from converters.reorient import ras_to_volume
 
-    labels_xyz = model.segmenter.segment(assembled.images, assembled.affine)
+    with model.lock:
+        labels_xyz = model.segmenter.segment(assembled.images, assembled.affine)
     return np.asarray(
         ras_to_volume(np.asarray(labels_xyz, dtype=np.uint8), assembled.reference), dtype=np.uint8
     )

@@ -12,7 +12,7 @@ import hashlib
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +81,8 @@ class LoadedModel:
     info: ModelInfo
     card: dict[str, Any]
     segmenter: Any  # trainer.inference.OpenVINOSegmenter
+    #: One inference at a time per compiled model (its default infer request is not thread-safe).
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def label(self) -> str:
