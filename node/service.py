@@ -82,6 +82,10 @@ class NodeService:
         self.runtime.refresh()
         if self.runtime.current is None:
             logger.warning("%s; received studies wait queued", self.runtime.last_error)
+        if not self.settings.destinations:
+            logger.warning(
+                "no [[destinations]] configured: results stay in %s", self.settings.node.jobs_path()
+            )
         self.scp.start()
         for n in range(max(1, self.settings.node.workers)):
             self._spawn(self._work_loop, f"segnode-worker-{n}")
