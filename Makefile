@@ -37,3 +37,10 @@ bench: $(VENV)/.all-installed
 
 clean:
 	rm -rf $(VENV) $(WORKDIR) var .pytest_cache .mypy_cache .ruff_cache
+
+# Deploy checks alone (helm lint/template, rendered manifests, yamllint, checkov, image build contexts);
+# `make test` runs the same tests. Installs helm and the checkers into .tools/ and .venv-tools/.
+.PHONY: deploy-check
+deploy-check: $(VENV)/.all-installed
+	bash deploy/ci/install-tools.sh
+	$(BIN)/python -m pytest tests/test_deploy_config.py tests/test_deploy_images.py tests/test_deploy_chart.py tests/test_deploy_lint.py
