@@ -29,7 +29,7 @@ from node.config import Destination
 from node.exceptions import JobError, NodeError
 from node.metrics import NodeMetrics
 from node.runtime import LoadedModel
-from node.selection import SeriesInfo, SeriesSelector, scan_series
+from node.selection import SeriesInfo, SeriesSelector, scan_grouped_series
 from node.spool import write_atomic
 
 logger = logging.getLogger(__name__)
@@ -68,12 +68,14 @@ class Timer:
 
 
 def select_series(
-    paths: Sequence[str], modalities: Sequence[str], selector: SeriesSelector
+    groups: Mapping[str, Sequence[str]], modalities: Sequence[str], selector: SeriesSelector
 ) -> dict[str, SeriesInfo]:
-    """Scan the spooled files of a study and choose a series per modality (raises SelectionError)."""
-    if not paths:
+    """Choose a series per modality among the study's series (raises SelectionError)."""
+    if not groups:
         raise JobError("the study has no kept MR instances in the spool")
-    return selector.select(scan_series(Path(p) for p in paths), modalities)
+    return selector.select(
+        scan_grouped_series({k: [Path(p) for p in v] for k, v in groups.items()}), modalities
+    )
 
 
 def assemble(chosen: Mapping[str, SeriesInfo], modalities: Sequence[str]) -> Assembled:
@@ -178,7 +180,7 @@ def run_job(ctx: JobContext, job_id: int) -> str:
     card = model.card
     try:
         with timer.stage("select"):
-            chosen = select_series(store.job_instance_paths(ctx.sf, job_id), card["modalities"], ctx.selector)
+            chosen = select_series(store.job_series_paths(ctx.sf, job_id), card["modalities"], ctx.selector)
         store.heartbeat(ctx.sf, job_id)
         with timer.stage("load"):
             assembled = assemble(chosen, card["modalities"])

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -159,6 +159,23 @@ def scan_series(paths: Iterable[Path]) -> list[SeriesInfo]:
         else:
             groups[uid] = (ds, [Path(path)], frames)
     return [series_info(ds, files, count) for ds, files, count in groups.values()]
+
+
+def scan_grouped_series(groups: Mapping[str, Sequence[Path]]) -> list[SeriesInfo]:
+    """Like :func:`scan_series` for files already grouped by series (from the database): one header
+    read per single-frame series instead of one per file."""
+    out = []
+    for paths in groups.values():
+        first = pydicom.dcmread(paths[0], stop_before_pixels=True)
+        frames = int(first.get("NumberOfFrames", 1) or 1)
+        if frames > 1 or len(paths) == 1:
+            frames = sum(
+                int(pydicom.dcmread(p, stop_before_pixels=True).get("NumberOfFrames", 1) or 1) for p in paths
+            )
+        else:
+            frames = len(paths)
+        out.append(series_info(first, [Path(p) for p in paths], frames))
+    return out
 
 
 class SeriesSelector:

@@ -344,6 +344,23 @@ def job_instance_paths(sf: SessionFactory, job_id: int) -> list[str]:
     return [r for r in rows if r]
 
 
+def job_series_paths(sf: SessionFactory, job_id: int) -> dict[str, list[str]]:
+    """Spool paths of the kept instances of the job's study, grouped by SeriesInstanceUID."""
+    with sf() as s:
+        rows = s.execute(
+            select(NodeInstance.series_instance_uid, NodeInstance.path)
+            .join(NodeStudy, NodeStudy.study_instance_uid == NodeInstance.study_instance_uid)
+            .join(NodeJob, NodeJob.study_id == NodeStudy.id)
+            .where(NodeJob.id == job_id, NodeInstance.kept.is_(True))
+            .order_by(NodeInstance.id)
+        ).all()
+    groups: dict[str, list[str]] = {}
+    for series, path in rows:
+        if path:
+            groups.setdefault(str(series), []).append(path)
+    return groups
+
+
 def finish_job(
     sf: SessionFactory,
     job_id: int,
