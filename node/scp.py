@@ -13,6 +13,7 @@ import logging
 import ssl
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,6 +100,9 @@ class StorageSCP:
         self.tls = tls
         self.spool_dir = settings.spool_path()
         self.server: ThreadedAssociationServer | None = None
+        self._io = ThreadPoolExecutor(
+            max_workers=max(2, settings.max_associations), thread_name_prefix="spool"
+        )
         self._free = 0.0
         self._free_checked_at = -1e9
         self.ae = self._make_ae()
@@ -160,6 +164,7 @@ class StorageSCP:
             self.server.shutdown()
             self.server = None
         self.ae.shutdown()
+        self._io.shutdown(wait=True)
 
     # -- handlers --------------------------------------------------------------------------------------
 
@@ -279,17 +284,25 @@ class StorageSCP:
             logger.error("%s: free disk below min_free_disk_mb; refused", where)
             return ReceiveResult(dimse.OUT_OF_RESOURCES, "rejected")
         path = spool_path(self.spool_dir, study, series, sop_uid)
-        if not path.exists():
-            write_atomic(path, encoded)
-        new = store.record_instance(
-            self.sf,
-            sop_instance_uid=sop_uid,
-            sop_class_uid=sop_class,
-            study_instance_uid=study,
-            series_instance_uid=series,
-            kept=True,
-            path=str(path),
-            calling_ae=calling_ae,
-        )
+        # The file is written (and fsynced) while the row is inserted; success goes back only when
+        # both are done. A failed write takes back the row it raced with.
+        writing = self._io.submit(write_atomic, path, encoded) if not path.exists() else None
+        try:
+            new = store.record_instance(
+                self.sf,
+                sop_instance_uid=sop_uid,
+                sop_class_uid=sop_class,
+                study_instance_uid=study,
+                series_instance_uid=series,
+                kept=True,
+                path=str(path),
+                calling_ae=calling_ae,
+            )
+        finally:
+            error = writing.exception() if writing is not None else None
+        if error is not None:
+            if new:
+                store.forget_instance(self.sf, sop_uid)
+            raise error
         self.metrics.instances.labels("kept" if new else "duplicate").inc()
         return ReceiveResult(dimse.SUCCESS, "kept" if new else "duplicate")

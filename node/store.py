@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -158,6 +158,12 @@ def record_instance(
             if attempt == 2:
                 raise
     return False  # pragma: no cover
+
+
+def forget_instance(sf: SessionFactory, sop_instance_uid: str) -> None:
+    """Delete an instance row whose spool file could not be written (the sender got a failure)."""
+    with _writing(sf) as s:
+        s.execute(delete(NodeInstance).where(NodeInstance.sop_instance_uid == sop_instance_uid))
 
 
 def _touch_study(s: Session, study_uid: str, now: datetime) -> None:

@@ -283,3 +283,23 @@ def test_tls_receive_and_plain_tcp_refused(tmp_path: Path, mr_files: list[Path])
     finally:
         scp.stop()
     assert client_tls_context(TLSSettings()) is None
+
+
+def test_spool_failure_returns_out_of_resources_and_keeps_no_row(
+    running: Running, mr_files: list[Path], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import node.scp
+    from node.exceptions import SpoolError
+
+    def disk_full(path: Path, data: bytes) -> None:
+        raise SpoolError(f"spool file {path}: cannot write: No space left on device")
+
+    monkeypatch.setattr(node.scp, "write_atomic", disk_full)
+    ds = pydicom.dcmread(mr_files[0])
+    with caplog.at_level(logging.ERROR, logger="node.scp"):
+        assert _store(running.scp.port, ds) == dimse.OUT_OF_RESOURCES
+    assert "cannot write: No space left on device" in caplog.text
+    assert running.rows() == []
+    monkeypatch.undo()
+    assert _store(running.scp.port, ds) == dimse.SUCCESS  # the PACS sends it again later
+    assert len(running.rows()) == 1 and Path(running.rows()[0].path or "").is_file()
