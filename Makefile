@@ -43,4 +43,4 @@ clean:
 .PHONY: deploy-check
 deploy-check: $(VENV)/.all-installed
 	bash deploy/ci/install-tools.sh
-	$(BIN)/python -m pytest tests/test_deploy_config.py tests/test_deploy_images.py tests/test_deploy_chart.py tests/test_deploy_lint.py
+	$(BIN)/python -m pytest $(wildcard tests/test_deploy_*.py)
