@@ -297,7 +297,11 @@ def test_enhanced_mr_multiframe_study(env: Env, case: Case, model_dir: Path, tmp
     assert store_files([path], "127.0.0.1", env.node.scp.port, "SEGNODE", "PACS")[0][1] == 0
     job = env.job_for(study)
     assert job.status == "done", job.reason
-    seg_ds = env.catcher.wait_for(lambda r: any(ds.Modality == "SEG" for ds in r), 30)[0]
+    seg_ds = next(
+        ds
+        for ds in env.catcher.wait_for(lambda r: any(d.Modality == "SEG" for d in r), 30)
+        if ds.Modality == "SEG"
+    )
     seg_file = tmp_path / "seg.dcm"
     seg_ds.save_as(seg_file, enforce_file_format=True)
     seg = hd.seg.segread(seg_file)
@@ -376,6 +380,10 @@ def test_four_channel_model_gets_all_four_series(env: Env, case: Case, tmp_path:
     assert job.status == "done", job.reason
     assert job.model_label is not None and job.model_label.startswith("test-four")
     assert job.result["series"] == study.series_uids
-    seg = env.catcher.wait_for(lambda r: any(ds.Modality == "SEG" for ds in r), 30)[0]
+    seg = next(
+        ds
+        for ds in env.catcher.wait_for(lambda r: any(d.Modality == "SEG" for d in r), 30)
+        if ds.Modality == "SEG"
+    )
     referenced = {s.SeriesInstanceUID for s in seg.ReferencedSeriesSequence}
     assert referenced == {study.series_uids["FLAIR"]}  # the SEG lies on the first channel's grid
