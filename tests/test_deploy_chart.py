@@ -372,6 +372,23 @@ def test_given_postgres_password_is_url_quoted(helm: str) -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
+        (["--set", "config.node.prot=1"], "config.node: Additional property prot is not allowed"),
+        (["--set", "config.node.ae_title=SEGNODE_AE_TITLE_TOO_LONG"], "config.node.ae_title"),
+        (["--set", "config.metrics.port=70000"], "config.metrics.port"),
+        (["--set", "config.node.workers=two"], "config.node.workers"),
+        (["--set", "training.runName=Run_1"], "training.runName"),
+        (["--set", "config.destinations[0].name=pacs"], "config.destinations.0"),
+    ],
+)
+def test_values_schema_refuses_wrong_config(helm: str, args: list[str], message: str) -> None:
+    result = helm_run(helm, "template", RELEASE, str(CHART), *args)
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
         (["--set", "replicas=3"], "replicas=3 needs persistence.shared.enabled=true"),
         (["--set", "postgresql.enabled=false"], "postgresql.enabled=false needs database.url or database"),
         (["--set", "config.tls.enabled=true"], "config.tls.enabled=true needs tls.secretName"),
@@ -389,7 +406,7 @@ def test_given_postgres_password_is_url_quoted(helm: str) -> None:
                 "--set",
                 "training.gaudi.cards=0",
             ],
-            "training.gaudi.cards=0 must be at least 1",
+            "training.gaudi.cards: Must be greater than or equal to 1",
         ),
     ],
 )

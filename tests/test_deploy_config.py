@@ -265,3 +265,31 @@ def test_chart_service_ports_default_to_the_node_ports() -> None:
     values = chart_values()
     assert values["service"]["dicom"]["port"] == values["config"]["node"]["port"] == NodeSettings().port
     assert values["service"]["metrics"]["port"] == values["config"]["metrics"]["port"]
+
+
+#: JSON-schema type of each Python default type of node/config.py.
+JSON_TYPES = {bool: "boolean", int: "integer", float: "number", str: "string", list: "array"}
+
+
+@pytest.mark.parametrize("section", ["node", "metrics", "tls", "selection"])
+def test_chart_values_schema_mirrors_the_config_schema(section: str) -> None:
+    # values.schema.json makes `helm install` refuse a misspelt or mistyped config key; it must name
+    # exactly the node's keys (less those the chart sets itself) with the node's types.
+    schema = json.loads((CHART / "values.schema.json").read_text(encoding="utf-8"))
+    body = schema["properties"]["config"]["properties"][section]
+    assert body["additionalProperties"] is False
+    cls = SECTIONS[section]
+    defaults = cls()
+    expected = {f.name for f in fields(cls)} - CHART_OWNED.get(section, set())
+    assert set(body["properties"]) == expected
+    for key, prop in body["properties"].items():
+        assert prop["type"] == JSON_TYPES[type(getattr(defaults, key))], f"config.{section}.{key}"
+
+
+def test_chart_values_schema_destinations_mirror_destination() -> None:
+    schema = json.loads((CHART / "values.schema.json").read_text(encoding="utf-8"))
+    item = schema["properties"]["config"]["properties"]["destinations"]["items"]
+    assert set(item["properties"]) == set(item["required"]) == schema_keys("destinations")
+    types = {f.name: f.type for f in fields(Destination)}
+    for key, prop in item["properties"].items():
+        assert prop["type"] == JSON_TYPES[{"str": str, "int": int}[str(types[key])]], key

@@ -120,9 +120,6 @@ url
 {{- if and (or .Values.training.export.enabled .Values.training.importModel.enabled) (not .Values.models.persistence.enabled) -}}
 {{- fail "training.export.enabled / training.importModel.enabled need models.persistence.enabled (the node pods must see the exported model at the same path)" -}}
 {{- end -}}
-{{- if lt (int .Values.training.gaudi.cards) 1 -}}
-{{- fail (printf "training.gaudi.cards=%v must be at least 1" .Values.training.gaudi.cards) -}}
-{{- end -}}
 {{- end -}}
 
 {{/* A TOML value: JSON strings, numbers, booleans and arrays of those are TOML too. */}}
