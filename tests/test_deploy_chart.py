@@ -310,6 +310,12 @@ def test_gaudi_training_export_and_import_jobs(helm: str) -> None:
     assert pod["nodeSelector"] == {"habana.ai/gaudi": "present"}
     assert pod["restartPolicy"] == "Never"
     assert c["image"].startswith("segnode-trainer-gaudi:")
+    # Read-only root: whatever the run writes (Habana logs, HOME, run dir) lands on a mounted volume.
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    writable = [m["mountPath"] for m in c["volumeMounts"] if not m.get("readOnly")]
+    train_env = env_of(c)
+    for path in (train_env["HABANA_LOGS"], train_env["HOME"], args[args.index("--out") + 1]):
+        assert any(Path(path).is_relative_to(w) for w in writable), path
 
     # Export + INT8 to the models volume, which the node pods mount read-only at the same path.
     export = container(one(docs, "Job", f"{FULLNAME}-export-{run}"), "export")
