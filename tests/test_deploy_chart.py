@@ -324,6 +324,9 @@ def test_gaudi_training_export_and_import_jobs(helm: str) -> None:
     out = e_args[e_args.index("--out") + 1]
     assert out == f"/models/{run}"
     assert "--register" in e_args and e_args[e_args.index("--max-dice-drop") + 1] == "0.01"
+    export_writable = [m["mountPath"] for m in export["volumeMounts"] if not m.get("readOnly")]
+    for path in (out, env_of(export)["HOME"], env_of(export)["SEGNODE_HOME"], "/tmp/x"):
+        assert any(Path(path).is_relative_to(w) for w in export_writable), path
     assert env_of(export)["SEGNODE_DATABASE_URL"]["secretKeyRef"]["key"] == "url"
     node = container(one(docs, "StatefulSet", FULLNAME), "node")
     node_models = [m for m in node["volumeMounts"] if m["name"] == "models"]

@@ -88,6 +88,8 @@ url
   value: /etc/segnode/node.toml
 - name: SEGNODE_HOME
   value: /var/lib/segnode
+- name: HOME
+  value: /var/lib/segnode
 {{- end -}}
 
 {{/* The claim of the models volume. */}}
