@@ -72,6 +72,27 @@ def _guarded(handler: Callable[[Any], int]) -> Callable[[Any], int]:
     return wrapper
 
 
+def _short_pixel_data(ds: Dataset) -> str:
+    """Why native (uncompressed) PixelData is shorter than Rows x Columns x samples x bits x frames says
+    (a truncated data set), or "" when it is not (PS3.5 8.1.1)."""
+    syntax = getattr(ds, "file_meta", Dataset()).get("TransferSyntaxUID")
+    if "PixelData" not in ds or (syntax is not None and UID(syntax).is_compressed):
+        return ""
+    try:
+        need = (
+            int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1)) * int(ds.BitsAllocated) // 8
+        ) * int(ds.get("NumberOfFrames", 1) or 1)
+    except (AttributeError, TypeError, ValueError) as exc:
+        return f"pixel data without a usable Rows, Columns or BitsAllocated ({exc})"
+    have = len(ds.PixelData or b"")
+    if have >= need:
+        return ""
+    return (
+        f"PixelData is {have} bytes but Rows {ds.Rows} x Columns {ds.Columns} x BitsAllocated "
+        f"{ds.BitsAllocated} x NumberOfFrames {ds.get('NumberOfFrames', 1)} needs {need} (truncated)"
+    )
+
+
 class StorageSCP:
     """The node's association acceptor.
 
@@ -278,6 +299,11 @@ class StorageSCP:
             logger.warning(
                 "%s: no PixelData; refused with %s", where, dimse.describe(dimse.CANNOT_UNDERSTAND)
             )
+            return ReceiveResult(dimse.CANNOT_UNDERSTAND, "rejected")
+        short = _short_pixel_data(ds)
+        if short:
+            self.metrics.instances.labels("rejected").inc()
+            logger.warning("%s: %s; refused with %s", where, short, dimse.describe(dimse.CANNOT_UNDERSTAND))
             return ReceiveResult(dimse.CANNOT_UNDERSTAND, "rejected")
         if self._free_mb() < self.settings.min_free_disk_mb:
             self.metrics.instances.labels("rejected").inc()
