@@ -256,20 +256,28 @@ def test_gaudi_image_keeps_habana_torch() -> None:
 # -- the node's entrypoint -----------------------------------------------------------------------------
 
 
-def run_entrypoint(home: Path, model: Path | str, *command: str) -> subprocess.CompletedProcess[str]:
-    """deploy/docker/node-entrypoint.sh as the image runs it, against SQLite under ``home``."""
+def entrypoint_env(home: Path, model: Path | str, **extra: str) -> dict[str, str]:
+    """The environment the image gives its entrypoint, with ``home`` as SEGNODE_HOME."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SEGNODE_")}
     env.update(
         PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
         SEGNODE_HOME=str(home),
         SEGNODE_BOOTSTRAP_MODEL=str(model),
     )
+    env.update(extra)
+    return env
+
+
+def run_entrypoint(
+    home: Path, model: Path | str, *command: str, **extra: str
+) -> subprocess.CompletedProcess[str]:
+    """deploy/docker/node-entrypoint.sh as the image runs it (SQLite under ``home`` unless ``extra`` says)."""
     return subprocess.run(
         ["sh", str(DOCKER / "node-entrypoint.sh"), *command],
         capture_output=True,
         text=True,
-        env=env,
-        timeout=120,
+        env=entrypoint_env(home, model, **extra),
+        timeout=180,
     )
 
 
@@ -285,11 +293,31 @@ def segnode_json(home: Path, *args: str) -> list[dict[str, object]]:
     return data
 
 
+def flaky_segnode(tmp_path: Path) -> Path:
+    """A ``segnode`` that refuses its first ``models import`` as a colliding replica's would be refused."""
+    bin_dir = tmp_path / "flaky-bin"
+    bin_dir.mkdir()
+    script = bin_dir / "segnode"
+    flag = tmp_path / "import-refused-once"
+    script.write_text(
+        "#!/bin/sh\n"
+        f'if [ "$2" = import ] && [ ! -f "{flag}" ]; then\n'
+        f'    touch "{flag}"; echo "error: cannot register (concurrent import)" >&2; exit 2\n'
+        "fi\n"
+        f'exec "{VENV_BIN / "segnode"}" "$@"\n'
+    )
+    script.chmod(0o755)
+    return bin_dir
+
+
 def test_entrypoint_bootstraps_once_and_never_undoes_a_promotion(tmp_path: Path) -> None:
     home = tmp_path / "var"
     shipped = write_model_dir(tmp_path / "shipped", name="segnode-wt-flair", version="1.0.0")
-    first = run_entrypoint(home, shipped, "true")
+    # The first import is refused (as when another replica imports at the same moment): it retries.
+    env_path = f"{flaky_segnode(tmp_path)}{os.pathsep}{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"
+    first = run_entrypoint(home, shipped, "true", PATH=env_path)
     assert first.returncode == 0, first.stderr
+    assert "bootstrap attempt 1 failed; retrying in 1 s" in first.stderr
     active = [m for m in segnode_json(home, "models", "list", "--json") if m["status"] == "active"]
     assert [(m["version"], m["precision"]) for m in active] == [("1.0.0", "int8")]
 
@@ -309,6 +337,47 @@ def test_entrypoint_bootstraps_once_and_never_undoes_a_promotion(tmp_path: Path)
     assert again.returncode == 0, again.stderr
     active = [m for m in segnode_json(home, "models", "list", "--json") if m["status"] == "active"]
     assert [(m["version"], m["precision"]) for m in active] == [("2.0.0", "int8")]
+
+
+def test_replicas_bootstrapping_at_once_all_start(tmp_path: Path, db_url: str) -> None:
+    # Pods of the StatefulSet start in parallel: their bootstraps collide on the same database. Every
+    # one must succeed (the loser of the import retries) and exactly the shipped INT8 IR is active.
+    shipped = write_model_dir(tmp_path / "shipped")
+    procs = [
+        subprocess.Popen(
+            ["sh", str(DOCKER / "node-entrypoint.sh"), "true"],
+            env=entrypoint_env(tmp_path / f"var{n}", shipped, SEGNODE_DATABASE_URL=db_url),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for n in range(2)
+    ]
+    results = [(p.wait(timeout=180), p.communicate()[1]) for p in procs]
+    assert all(code == 0 for code, _err in results), results
+    env = entrypoint_env(tmp_path / "var0", shipped, SEGNODE_DATABASE_URL=db_url)
+    out = subprocess.run(
+        [str(VENV_BIN / "segnode"), "models", "list", "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=True,
+    )
+    models = json.loads(out.stdout)
+    assert len(models) == 3, "each artifact registered once"
+    assert [(m["status"], m["precision"]) for m in models if m["status"] == "active"] == [("active", "int8")]
+
+
+def test_entrypoint_gives_up_on_an_unreachable_database(tmp_path: Path) -> None:
+    shipped = write_model_dir(tmp_path / "shipped")
+    url = f"postgresql+psycopg://segnode:x@127.0.0.1:{free_port()}/segnode"
+    result = run_entrypoint(
+        tmp_path / "var", shipped, "true", SEGNODE_DATABASE_URL=url, SEGNODE_BOOTSTRAP_TRIES="2"
+    )
+    assert result.returncode == 2
+    assert "bootstrap attempt 1 failed; retrying in 1 s" in result.stderr
+    assert "bootstrap failed 2 times" in result.stderr
 
 
 def test_entrypoint_names_a_model_directory_without_model_json(tmp_path: Path) -> None:
