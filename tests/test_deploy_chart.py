@@ -243,6 +243,7 @@ def test_default_render_network_policy_lets_in_only_dicom_and_metrics(helm: str)
     node_ports = {p["containerPort"] for p in container(sts, "node")["ports"]}
     assert ports == node_ports == {11112, 9108}
     assert not [d for d in docs if d["kind"] == "Job"], "no Job by default"
+    assert not of_kind(docs, "PodDisruptionBudget"), "no PodDisruptionBudget for one replica"
 
 
 # -- non-default values ----------------------------------------------------------------------------------
@@ -283,6 +284,9 @@ def test_replicas_with_shared_spool_and_external_db(helm: str, tmp_path: Path) -
     assert set(rules) == {104, 9200}
     assert rules[104][0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"] == "radiology"
     assert one(docs, "Service", f"{FULLNAME}-dicom")["spec"]["type"] == "LoadBalancer"
+    pdb = one(docs, "PodDisruptionBudget", FULLNAME)
+    assert pdb["spec"]["maxUnavailable"] == 1
+    assert pdb["spec"]["selector"]["matchLabels"] == sts["spec"]["selector"]["matchLabels"]
 
 
 def test_gaudi_training_export_and_import_jobs(helm: str) -> None:
