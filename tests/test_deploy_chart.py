@@ -289,11 +289,21 @@ def test_replicas_with_shared_spool_and_external_db(helm: str, tmp_path: Path) -
     assert pdb["spec"]["selector"]["matchLabels"] == sts["spec"]["selector"]["matchLabels"]
 
 
-def test_gaudi_training_export_and_import_jobs(helm: str) -> None:
+def jobs_policy_covers(docs: list[Manifest]) -> None:
+    """The Jobs' NetworkPolicy selects every rendered Job's pods and lets nothing in."""
+    policy = one(docs, "NetworkPolicy", f"{FULLNAME}-jobs")
+    assert policy["spec"]["ingress"] == [] and policy["spec"]["policyTypes"] == ["Ingress"]
+    [expr] = [e for e in policy["spec"]["podSelector"]["matchExpressions"] if e["key"].endswith("component")]
+    for job in of_kind(docs, "Job"):
+        assert job["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"] in expr["values"]
+
+
+def test_gaudi_training_job(helm: str) -> None:
     docs = render(helm, *values_args("gaudi-training.yaml"))
     values = yaml.safe_load((CHART / "ci" / "gaudi-training.yaml").read_text(encoding="utf-8"))
     run = values["training"]["runName"]
     cards = values["training"]["gaudi"]["cards"]
+    assert len(of_kind(docs, "Job")) == 1
     train = one(docs, "Job", f"{FULLNAME}-train-{run}")
     c = container(train, "train")
     for side in ("requests", "limits"):
@@ -320,38 +330,46 @@ def test_gaudi_training_export_and_import_jobs(helm: str) -> None:
     train_env = env_of(c)
     for path in (train_env["HABANA_LOGS"], train_env["HOME"], args[args.index("--out") + 1]):
         assert any(Path(path).is_relative_to(w) for w in writable), path
+    jobs_policy_covers(docs)
 
-    # Export + INT8 to the models volume, which the node pods mount read-only at the same path.
+
+def test_export_job_writes_where_the_node_reads(helm: str) -> None:
+    docs = render(helm, *values_args("export-model.yaml"))
+    run = yaml.safe_load((CHART / "ci" / "export-model.yaml").read_text(encoding="utf-8"))["training"][
+        "runName"
+    ]
+    assert len(of_kind(docs, "Job")) == 1
     export = container(one(docs, "Job", f"{FULLNAME}-export-{run}"), "export")
     e_args = export["args"]
     assert e_args[:2] == ["export", f"/runs/{run}"]
     out = e_args[e_args.index("--out") + 1]
     assert out == f"/models/{run}"
-    assert "--register" in e_args and e_args[e_args.index("--max-dice-drop") + 1] == "0.01"
+    assert "--register" in e_args and e_args[e_args.index("--max-dice-drop") + 1] == "0.005"
     export_writable = [m["mountPath"] for m in export["volumeMounts"] if not m.get("readOnly")]
     for path in (out, env_of(export)["HOME"], env_of(export)["SEGNODE_HOME"], "/tmp/x"):
         assert any(Path(path).is_relative_to(w) for w in export_writable), path
     assert env_of(export)["SEGNODE_DATABASE_URL"]["secretKeyRef"]["key"] == "url"
+    # The node pods mount the same models volume, read-only, at the same path.
     node = container(one(docs, "StatefulSet", FULLNAME), "node")
     node_models = [m for m in node["volumeMounts"] if m["name"] == "models"]
     assert node_models == [{"name": "models", "mountPath": "/models", "readOnly": True}]
-    assert any(m["mountPath"] == "/models" and not m.get("readOnly") for m in export["volumeMounts"])
+    jobs_policy_covers(docs)
 
-    # Import and promote that directory.
-    [job] = [d for d in of_kind(docs, "Job") if d["metadata"]["name"].startswith(f"{FULLNAME}-import-")]
+
+def test_import_job_promotes_the_exported_directory(helm: str) -> None:
+    docs = render(helm, *values_args("import-model.yaml"))
+    values = yaml.safe_load((CHART / "ci" / "import-model.yaml").read_text(encoding="utf-8"))
+    [job] = of_kind(docs, "Job")
+    assert job["metadata"]["name"].startswith(f"{FULLNAME}-import-")
     imp = container(job, "import")
-    assert imp["args"][:4] == ["segnode", "models", "import", out]
-    assert "--promote" in imp["args"]
+    path = f"/models/{values['training']['runName']}"
+    assert imp["args"] == [
+        "segnode", "models", "import", path, "--promote", "--reason",
+        values["training"]["importModel"]["reason"], "--by", "helm",
+    ]  # fmt: skip
     assert env_of(imp)["SEGNODE_BOOTSTRAP_MODEL"] == ""
-    # Job pods take no ingress at all.
-    policy = one(docs, "NetworkPolicy", f"{FULLNAME}-jobs")
-    assert policy["spec"]["ingress"] == [] and policy["spec"]["policyTypes"] == ["Ingress"]
-    components = {
-        d["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"]
-        for d in of_kind(docs, "Job")
-    }
-    [expr] = [e for e in policy["spec"]["podSelector"]["matchExpressions"] if e["key"].endswith("component")]
-    assert components == set(expr["values"])
+    assert {m["mountPath"]: m.get("readOnly") for m in imp["volumeMounts"]}["/models"] is True
+    jobs_policy_covers(docs)
 
 
 def test_existing_secret_no_network_policy(helm: str) -> None:
@@ -406,6 +424,10 @@ def test_values_schema_refuses_wrong_config(helm: str, args: list[str], message:
         (["--set", "postgresql.enabled=false"], "postgresql.enabled=false needs database.url or database"),
         (["--set", "config.tls.enabled=true"], "config.tls.enabled=true needs tls.secretName"),
         (["--set", "training.gaudi.enabled=true"], "need training.dataClaim"),
+        (
+            ["-f", str(CHART / "ci" / "export-model.yaml"), "--set", "training.importModel.enabled=true"],
+            "training.export.enabled and training.importModel.enabled are all true",
+        ),
         (
             ["--set", "training.importModel.enabled=true"],
             "need models.persistence.enabled",

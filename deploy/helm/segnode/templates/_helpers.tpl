@@ -116,6 +116,13 @@ url
 {{- if and .Values.config.tls.enabled (not .Values.tls.secretName) -}}
 {{- fail "config.tls.enabled=true needs tls.secretName (a Secret with tls.crt and tls.key)" -}}
 {{- end -}}
+{{- $steps := list -}}
+{{- range $step := list "gaudi" "export" "importModel" -}}
+{{- if (index $.Values.training $step).enabled -}}{{- $steps = append $steps $step -}}{{- end -}}
+{{- end -}}
+{{- if gt (len $steps) 1 -}}
+{{- fail (printf "training.%s.enabled are all true: each step needs the previous one finished (gaudi, then export, then importModel); enable one at a time" (join ".enabled and training." $steps)) -}}
+{{- end -}}
 {{- if and (or .Values.training.gaudi.enabled .Values.training.export.enabled) (not .Values.training.dataClaim) -}}
 {{- fail "training.gaudi.enabled / training.export.enabled need training.dataClaim (a claim holding the training data)" -}}
 {{- end -}}
