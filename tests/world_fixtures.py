@@ -152,8 +152,9 @@ def node_toml(
 class ServedNode:
     """``segnode -v serve`` in a subprocess, its log in ``log``."""
 
-    def __init__(self, config: Path, home: Path, log: Path, port: int) -> None:
+    def __init__(self, config: Path, home: Path, log: Path, port: int, *, debug: bool = False) -> None:
         self.config, self.home, self.log, self.port = config, home, log, port
+        self.level = "--debug" if debug else "-v"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 90) -> ServedNode:
@@ -162,7 +163,7 @@ class ServedNode:
         env.pop("SEGNODE_DATABASE_URL", None)
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "node", "-v", "serve", "--config", str(self.config)],
+                [sys.executable, "-m", "node", self.level, "serve", "--config", str(self.config)],
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
