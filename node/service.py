@@ -74,6 +74,7 @@ class NodeService:
 
     def start(self) -> None:
         """Start every component in the background."""
+        self.started_at = time.time()
         requeued = store.requeue_stale(self.sf, self.settings.node.stale_job_seconds, at_start=True)
         if requeued:
             logger.warning(
@@ -143,8 +144,15 @@ class NodeService:
                 self._stop.wait(poll)
 
     def work_once(self) -> bool:
-        """Queue due studies, swap the model if needed, run one job; True when a job ran."""
-        store.schedule_due_studies(self.sf, self.settings.node.study_idle_seconds)
+        """Queue due studies, swap the model if needed, run one job; True when a job ran.
+
+        For the first ``study_idle_seconds`` after start no study becomes due: while the node was
+        down no PACS could send, so silence from before the start says nothing about a study being
+        complete (a PACS re-sending after a crash would otherwise get a half-study run first).
+        """
+        idle = self.settings.node.study_idle_seconds
+        if time.time() - self.started_at >= idle:
+            store.schedule_due_studies(self.sf, idle)
         if self.runtime.refresh() is None:
             return False
         job_id = store.claim_job(self.sf)
