@@ -12,6 +12,8 @@ import threading
 import time
 from typing import Any
 
+from sqlalchemy.exc import DBAPIError
+
 from db.registry import Registry
 from db.session import make_engine, make_session_factory, upgrade
 from node import store
@@ -27,6 +29,31 @@ logger = logging.getLogger(__name__)
 
 #: Seconds between checks for jobs whose owner stopped heart-beating (other hosts).
 STALE_CHECK_SECONDS = 30.0
+
+
+class _Outage:
+    """Logs a database outage once when it starts (one line, no traceback) and once when it ends."""
+
+    def __init__(self) -> None:
+        self.since: float | None = None
+
+    def failed(self, loop: str, exc: DBAPIError, poll: float) -> None:
+        if self.since is None:
+            self.since = time.monotonic()
+            cause = exc.orig or exc
+            reason = (str(cause).strip().splitlines() or [""])[0]
+            logger.error(
+                "%s: database unreachable (%s: %s); retrying every %.1f s",
+                loop,
+                type(cause).__name__,
+                reason,
+                poll,
+            )
+
+    def recovered(self, loop: str) -> None:
+        if self.since is not None:
+            logger.warning("%s: database reachable again after %.1f s", loop, time.monotonic() - self.since)
+            self.since = None
 
 
 class NodeService:
@@ -131,6 +158,7 @@ class NodeService:
     def _work_loop(self) -> None:
         poll = self.settings.node.poll_seconds
         last_stale_check = time.monotonic()
+        outage = _Outage()
         while not self._stop.is_set():
             busy = False
             try:
@@ -138,8 +166,12 @@ class NodeService:
                 if time.monotonic() - last_stale_check > STALE_CHECK_SECONDS:
                     store.requeue_stale(self.sf, self.settings.node.stale_job_seconds)
                     last_stale_check = time.monotonic()
-            except Exception:  # the worker must survive anything (database down...) and retry
+            except DBAPIError as exc:  # database unreachable: one line per outage, not a traceback per poll
+                outage.failed("worker", exc, poll)
+            except Exception:  # the worker must survive anything and retry
                 logger.exception("worker loop error; retrying in %.1f s", poll)
+            else:
+                outage.recovered("worker")
             if not busy:
                 self._stop.wait(poll)
 
@@ -164,11 +196,16 @@ class NodeService:
 
     def _send_loop(self) -> None:
         poll = self.settings.node.poll_seconds
+        outage = _Outage()
         while not self._stop.is_set():
             try:
                 self.sender.run_once()
+            except DBAPIError as exc:
+                outage.failed("sender", exc, poll)
             except Exception:
                 logger.exception("sender loop error; retrying in %.1f s", poll)
+            else:
+                outage.recovered("sender")
             self._stop.wait(poll)
 
     # -- observability -----------------------------------------------------------------------------------
