@@ -113,3 +113,17 @@ def test_card_round_trip_and_verification(tmp_path: Path) -> None:
     (tmp_path / "model.json").write_text(json.dumps({**card, "task": "liver"}))
     with pytest.raises(ModelCardError, match="task 'liver' is not one of"):
         load_card(tmp_path)
+
+
+def test_record_evaluation_replaces_same_split_and_precision(tmp_path: Path) -> None:
+    from trainer.card import record_evaluation
+
+    write_card(_card(), tmp_path)
+    cases = [{"case": "a", "dice": 0.5, "seconds": 1.0}]
+    result = {"precision": "int8", "cases": cases, "mean": {"dice": 0.5}}
+    record_evaluation(tmp_path, result, "holdout", "/data/holdout")
+    record_evaluation(tmp_path, {**result, "mean": {"dice": 0.7}}, "holdout", "/data/holdout")
+    record_evaluation(tmp_path, {**result, "precision": "fp32"}, "holdout", "/data/holdout")
+    evaluations = load_card(tmp_path)["evaluations"]
+    assert [(e["precision"], e["mean"]["dice"]) for e in evaluations] == [("int8", 0.7), ("fp32", 0.5)]
+    assert evaluations[0]["per_case"] == [{"case": "a", "dice": 0.5}] and evaluations[0]["split"] == "holdout"

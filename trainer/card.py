@@ -152,6 +152,31 @@ def verify_files(card: Mapping[str, Any], directory: Path) -> list[str]:
     return problems
 
 
+def record_evaluation(directory: Path, result: Mapping[str, Any], split: str, data: str) -> None:
+    """Add an evaluation (``segnode evaluate --record``) to the card's ``evaluations`` list.
+
+    The entry names the split and data folder, the precision, the mean and per-case metrics; an
+    earlier entry for the same split and precision is replaced. Artifact ``metrics`` (the ones the
+    promotion gate compares) are left alone.
+    """
+    card = load_card(directory)
+    entry = {
+        "split": split,
+        "data": data,
+        "precision": result.get("precision"),
+        "cases": [c["case"] for c in result["cases"]],
+        "mean": result["mean"],
+        "per_case": [{k: v for k, v in c.items() if k != "seconds"} for c in result["cases"]],
+    }
+    kept = [
+        e
+        for e in card.get("evaluations", [])
+        if (e.get("split"), e.get("precision")) != (split, entry["precision"])
+    ]
+    card["evaluations"] = [*kept, entry]
+    write_card(card, directory)
+
+
 def write_card(card: Mapping[str, Any], directory: Path) -> Path:
     """Write ``card`` as ``directory/model.json`` (indented, keys in card order)."""
     check_card(card, str(directory / CARD_NAME))

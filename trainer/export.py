@@ -394,6 +394,8 @@ def export_run(options: ExportOptions, on_step: Callable[[str], None] | None = N
             logger.warning("INT8 Dice drop %.4f exceeds --max-dice-drop %.4f", drop, options.max_dice_drop)
 
     run_state = state["run_state"]
+    last = run_dir / "last.pt"
+    trained = load_checkpoint(last)["run_state"]["epoch"] if last.is_file() else run_state["epoch"]
     all_ids = list(state["split"]["train"]) + list(state["split"]["val"])
     card = {
         **card_base,
@@ -406,7 +408,8 @@ def export_run(options: ExportOptions, on_step: Callable[[str], None] | None = N
                 "val": state["split"]["val"],
                 "seed": state["split"]["seed"],
             },
-            "epochs": run_state["epoch"],
+            "epochs": trained,
+            "planned_epochs": state["train_config"]["epochs"],
             "best_epoch": run_state["best_epoch"],
             "best_val_dice": run_state["best_dice"],
             "device_kind": state["device_kind"],

@@ -180,6 +180,9 @@ def evaluate(
     json_out: Path = typer.Option(None, "--json", help="Write the per-case results as JSON."),
     device: str = typer.Option("CPU", "--ov-device", help="OpenVINO device for IR models."),
     batch_size: int = typer.Option(16, "--batch-size"),
+    record: str = typer.Option(
+        "", "--record", help="Record the result in the model directory's model.json under this split name."
+    ),
 ) -> None:
     """Per-case 3D Dice, Jaccard, sensitivity, specificity and HD95 of a model on labelled cases."""
     from rich.table import Table
@@ -210,6 +213,13 @@ def evaluate(
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
         console.print(f"wrote {json_out}")
+    if record:
+        if not model.is_dir():
+            raise TrainerError(f"--record needs a model directory, not {model}")
+        from trainer.card import record_evaluation
+
+        record_evaluation(model, result, record, str(data))
+        console.print(f"recorded the {record} evaluation in {model / 'model.json'}")
 
 
 def register(app: typer.Typer) -> None:
