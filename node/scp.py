@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -125,6 +126,8 @@ class StorageSCP:
             max_workers=max(2, settings.max_associations), thread_name_prefix="spool"
         )
         self._free = 0.0
+        self._in_flight: dict[int, set[str]] = {}
+        self._in_flight_lock = threading.Lock()
         self._free_checked_at = -1e9
         self.ae = self._make_ae()
 
@@ -164,6 +167,9 @@ class StorageSCP:
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_ESTABLISHED, lambda event: set_nodelay(event.assoc)),
+            (evt.EVT_RELEASED, self._on_association_end),
+            (evt.EVT_ABORTED, self._on_association_end),
+            (evt.EVT_CONN_CLOSE, self._on_association_end),
         ]
         try:
             self.server = self.ae.start_server(
@@ -254,7 +260,19 @@ class StorageSCP:
         except Exception as exc:
             raise InvalidInstanceError(f"instance {sop_uid}: data set cannot be decoded: {exc}") from exc
         result = self.receive(ds, event.encoded_dataset(), sop_class, sop_uid, calling_ae)
+        if result.status == dimse.SUCCESS:
+            with self._in_flight_lock:
+                self._in_flight.setdefault(id(event.assoc), set()).add(str(ds.StudyInstanceUID))
         return result.status
+
+    def _on_association_end(self, event: Any) -> None:
+        with self._in_flight_lock:
+            self._in_flight.pop(id(event.assoc), None)
+
+    def studies_in_flight(self) -> set[str]:
+        """Study Instance UIDs that an association still open has sent instances of."""
+        with self._in_flight_lock:
+            return set().union(*self._in_flight.values()) if self._in_flight else set()
 
     def _ignore(self, sop_class: str, sop_uid: str, calling_ae: str) -> int:
         new = store.record_instance(

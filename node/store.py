@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Collection, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -133,10 +133,13 @@ def record_instance(
         False when the SOP Instance UID was already recorded (a repeat is idempotent: the row,
         the file and the study are left as they are).
     """
+    given = now
     now = now or utcnow()
     for attempt in range(3):
         try:
             with _writing(sf) as s:
+                # The idle timer counts from the commit, not from before the wait for the write lock.
+                touched_at = given or utcnow()
                 if s.scalar(select(NodeInstance.id).where(NodeInstance.sop_instance_uid == sop_instance_uid)):
                     return False
                 s.add(
@@ -152,7 +155,7 @@ def record_instance(
                     )
                 )
                 if kept and study_instance_uid:
-                    _touch_study(s, study_instance_uid, now)
+                    _touch_study(s, study_instance_uid, touched_at)
             return True
         except IntegrityError:  # a concurrent association stored the same instance or study
             if attempt == 2:
@@ -180,15 +183,40 @@ def _touch_study(s: Session, study_uid: str, now: datetime) -> None:
         )
         s.flush()
     else:
-        study.last_received_at = now
+        # Never backwards: ``now`` was taken before this transaction waited for the write lock, and
+        # a later instance (or touch_studies) may have committed a newer time meanwhile.
+        previous = as_utc(study.last_received_at)
+        study.last_received_at = now if previous is None or now > previous else previous
         study.pending = True
 
 
-def schedule_due_studies(sf: SessionFactory, idle_seconds: float, now: datetime | None = None) -> list[int]:
+def touch_studies(sf: SessionFactory, study_uids: Iterable[str], now: datetime | None = None) -> None:
+    """Restart the idle timer of pending studies that are still being received (an open association
+    is delivering them), so that none becomes due in the middle of its transfer."""
+    uids = sorted(study_uids)
+    if not uids:
+        return
+    with _writing(sf) as s:
+        stamp = now or utcnow()  # taken once the write lock is held
+        s.execute(
+            update(NodeStudy)
+            .where(
+                NodeStudy.study_instance_uid.in_(uids),
+                NodeStudy.pending.is_(True),
+                NodeStudy.last_received_at < stamp,
+            )
+            .values(last_received_at=stamp)
+        )
+
+
+def schedule_due_studies(
+    sf: SessionFactory, idle_seconds: float, now: datetime | None = None, receiving: Collection[str] = ()
+) -> list[int]:
     """Queue a job for every study idle for ``idle_seconds`` with instances no job covers yet.
 
     A study that already has a queued (not yet started) job gets no second one: that job reads the
-    study's instances when it starts. Returns the ids of the jobs created.
+    study's instances when it starts. Studies in ``receiving`` (an association still open is
+    delivering them) are never due. Returns the ids of the jobs created.
     """
     now = now or utcnow()
     cutoff = now - timedelta(seconds=idle_seconds)
@@ -196,7 +224,9 @@ def schedule_due_studies(sf: SessionFactory, idle_seconds: float, now: datetime 
     with sf() as s:
         due = s.execute(
             select(NodeStudy.id, NodeStudy.last_received_at).where(
-                NodeStudy.pending.is_(True), NodeStudy.last_received_at <= cutoff
+                NodeStudy.pending.is_(True),
+                NodeStudy.last_received_at <= cutoff,
+                NodeStudy.study_instance_uid.not_in(sorted(receiving)),
             )
         ).all()
     for study_id, seen in due:
