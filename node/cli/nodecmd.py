@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 from pathlib import Path
 from typing import Any
@@ -110,12 +111,22 @@ def demo(
     ),
     model_dir: Path | None = typer.Option(None, "--model", help="Model directory (default: models/default)."),
     case_dir: Path | None = typer.Option(None, "--case", help="NIfTI case (default: the shipped demo case)."),
+    sender: str = typer.Option(
+        "auto",
+        "--sender",
+        help="auto: DCMTK storescu when installed (as a PACS), else pynetdicom; pynetdicom.",
+    ),
 ) -> None:
     """The whole clinical path on this machine: DICOM study in over C-STORE, SEG and SR back."""
     from node.demo import run_demo
+    from node.exceptions import NodeError
 
-    report = run_demo(workdir, model_dir=model_dir, case_dir=case_dir, console=console)
-    table = Table(title=f"segnode demo: {report.case_id} ({report.model_label})")
+    if sender not in ("auto", "pynetdicom"):
+        raise NodeError(f"--sender {sender!r} is not 'auto' or 'pynetdicom'")
+    storescu = shutil.which("storescu") if sender == "auto" else None
+    report = run_demo(workdir, model_dir=model_dir, case_dir=case_dir, console=console, storescu=storescu)
+    via = "DCMTK storescu" if storescu else "pynetdicom"
+    table = Table(title=f"segnode demo: {report.case_id} ({report.model_label}), study sent with {via}")
     table.add_column("Stage")
     table.add_column("Seconds", justify="right")
     for name, seconds in report.stages.items():
