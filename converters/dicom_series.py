@@ -143,10 +143,19 @@ def _pixels(ds: Dataset, where: str) -> npt.NDArray[np.generic]:
         raise InvalidSeriesError(f"{where}: cannot decode pixel data ({type(exc).__name__}: {exc})") from exc
 
 
-def _rescale(ds: Dataset) -> tuple[float, float]:
-    slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
-    intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
-    return slope, intercept
+def _rescale(ds: Dataset, where: str) -> tuple[float, float]:
+    """RescaleSlope and RescaleIntercept (PS3.3 C.11.1.1.2): one finite number each (absent: 1 and 0)."""
+    out: list[float] = []
+    for keyword, default in (("RescaleSlope", 1.0), ("RescaleIntercept", 0.0)):
+        value = ds.get(keyword, default)
+        try:
+            number = float(value or default)
+        except (TypeError, ValueError) as exc:
+            raise InvalidSeriesError(f"{where}: {keyword} = {value!r} is not a number") from exc
+        if not np.isfinite(number):
+            raise InvalidSeriesError(f"{where}: {keyword} = {value!r} is not a finite number")
+        out.append(number)
+    return out[0], out[1]
 
 
 def _single_frame_slice(ds: Dataset, series: str) -> _Slice:
@@ -157,7 +166,7 @@ def _single_frame_slice(ds: Dataset, series: str) -> _Slice:
             raise InvalidSeriesError(f"{where}: missing {keyword}")
     _check_pixel_data(ds, where, 1)
     spacing = _floats(ds.PixelSpacing, 2, where, "PixelSpacing")
-    slope, intercept = _rescale(ds)
+    slope, intercept = _rescale(ds, where)
     return _Slice(
         label=sop,
         sop_uid=sop,
