@@ -206,5 +206,10 @@ def test_no_patient_name_id_or_birth_date_in_the_serve_log(tmp_path: Path) -> No
     text = log.read_text()
     # The log is not empty: DEBUG lines of every library (pynetdicom PDUs, highdicom copying the
     # Patient module by attribute name) are in it, and none carries a value.
-    assert "DEBUG pynetdicom" in text and 'copied attribute "PatientName"' in text and "no PixelData" in text and "job 1" in text
+    assert (
+        "DEBUG pynetdicom" in text
+        and 'copied attribute "PatientName"' in text
+        and "no PixelData" in text
+        and "job 1" in text
+    )
     _assert_no_phi(text, str(log))
