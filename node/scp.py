@@ -166,6 +166,7 @@ class StorageSCP:
             (evt.EVT_C_STORE, _guarded(self._on_store)),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_CONN_OPEN, self._on_connection),
             (evt.EVT_ESTABLISHED, lambda event: set_nodelay(event.assoc)),
             (evt.EVT_RELEASED, self._on_association_end),
             (evt.EVT_ABORTED, self._on_association_end),
@@ -194,6 +195,16 @@ class StorageSCP:
         self._io.shutdown(wait=True)
 
     # -- handlers --------------------------------------------------------------------------------------
+
+    def _on_connection(self, event: Any) -> None:
+        """Give the accepted socket a read timeout (``network_timeout``).
+
+        Accepted sockets are blocking; a peer that sends a PDU header announcing more bytes than it
+        ever sends (junk, a port scanner) would otherwise hold an association slot for good.
+        """
+        raw = getattr(getattr(getattr(event.assoc, "dul", None), "socket", None), "socket", None)
+        if raw is not None and self.ae.network_timeout is not None:
+            raw.settimeout(float(self.ae.network_timeout))
 
     def _on_echo(self, event: Any) -> int:
         return dimse.SUCCESS

@@ -365,3 +365,37 @@ def test_corrupt_model_is_refused_and_the_previous_keeps_serving(
     assert ok and details["model"] == serving.label and "cannot compile" in details["model_error"]
     # Put the good model back for the other tests of the module.
     world.node.registry.promote(serving.info.id, by="test", reason="back to the good model")
+
+
+def test_a_pdu_header_announcing_bytes_never_sent_does_not_hold_a_slot(tmp_path: Path) -> None:
+    """Found here: an A-ASSOCIATE-RQ header claiming 4 GiB held its association (and thread) for good:
+    accepted sockets had no read timeout. Now the node's network_timeout closes it."""
+    import time
+
+    from db.session import make_engine, make_session_factory, upgrade
+    from node.metrics import NodeMetrics
+    from node.scp import StorageSCP
+
+    settings = node_settings(tmp_path, free_port())
+    settings.node.max_associations = 1
+    upgrade(settings.database.url)
+    scp = StorageSCP(settings.node, make_session_factory(make_engine(settings.database.url)), NodeMetrics())
+    scp.ae.network_timeout = scp.ae.acse_timeout = 1.0  # the association's thread ends on ARTIM expiry
+    scp.start()
+    try:
+        with socket.create_connection(("127.0.0.1", scp.port), timeout=10) as s:
+            s.sendall(b"\x01\x00" + b"\xff" * 64)
+            start = time.monotonic()
+            try:
+                while s.recv(4096):
+                    pass
+            except (TimeoutError, ConnectionResetError):
+                pass
+            held = time.monotonic() - start
+        assert held < 5, f"the junk connection was held {held:.1f} s"
+        from tests.world_fixtures import echo_ok
+
+        # max_associations is 1: an echo works once the junk's slot is free again.
+        wait_until(lambda: echo_ok(scp.port), 10, "the slot freed")
+    finally:
+        scp.stop()
