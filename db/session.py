@@ -9,6 +9,8 @@ reached through ``postgresql+psycopg://``.
 from __future__ import annotations
 
 import logging
+import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -49,6 +51,28 @@ def write_options() -> dict[str, Any]:
     return {SQLITE_BEGIN_OPTION: "IMMEDIATE"}
 
 
+def _enable_wal(cursor: Any) -> None:
+    """Switch the database to WAL mode, waiting out another connection that switches it at once.
+
+    Changing the journal mode needs an exclusive lock and SQLite answers "database is locked" at once,
+    without its busy handler, when two processes open a fresh database together (found by
+    ``test_two_processes_upgrade_an_empty_database_at_once``). A database already in WAL is left alone.
+    """
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_S
+    delay = 0.01
+    while True:
+        try:
+            (mode,) = cursor.execute("PRAGMA journal_mode").fetchone()
+            if str(mode).lower() != "wal":
+                cursor.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.5)
+
+
 def _sqlite_hooks(engine: Engine) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -58,7 +82,7 @@ def _sqlite_hooks(engine: Engine) -> None:
         try:
             cursor.execute("PRAGMA foreign_keys = ON")
             cursor.execute(f"PRAGMA busy_timeout = {int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
-            cursor.execute("PRAGMA journal_mode = WAL")
+            _enable_wal(cursor)
             cursor.execute("PRAGMA synchronous = NORMAL")
         finally:
             cursor.close()
