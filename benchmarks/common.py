@@ -1,0 +1,86 @@
+"""What the benchmarks share: the machine they run on, result files, tables, child processes.
+
+Each benchmark prints its tables and writes its figures as JSON under ``build/bench/`` (or
+``--out``); ``benchmarks/report.py`` turns those files into docs/benchmarks.md and its chart.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data"
+RESULTS_DIR = REPO / "build" / "bench"
+DEFAULT_MODEL = REPO / "models" / "default"
+
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+
+def machine() -> dict[str, Any]:
+    """The CPU model, core count, memory, ISA extensions that matter and library versions."""
+    info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version()}
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                info.setdefault("cpu", value.strip())
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    info["cores"] = os.cpu_count()
+    info["isa"] = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16",
+                               "amx_int8") if f in flags]
+    try:
+        pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        info["memory_gib"] = round(pages / 2**30, 1)
+    except (ValueError, OSError):
+        pass
+    for module in ("openvino", "onnxruntime", "torch", "numpy", "pynetdicom"):
+        try:
+            mod = __import__(module)
+            info[module] = str(getattr(mod, "__version__", "?")).split("-")[0]
+        except ImportError:
+            info[module] = None
+    return info
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process so far, MiB (Linux ru_maxrss is in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def save_result(name: str, data: dict[str, Any], out_dir: Path | None = None) -> Path:
+    """Write ``data`` (plus the machine description) as ``<out_dir>/<name>.json``."""
+    out_dir = out_dir or RESULTS_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.json"
+    path.write_text(json.dumps({"machine": machine(), **data}, indent=2, default=float))
+    return path
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub markdown table (numbers already formatted by the caller)."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def run_child(args: Sequence[str], timeout: float = 600.0) -> dict[str, Any]:
+    """Run ``python <args>`` in a fresh process that prints one JSON object as its last line."""
+    proc = subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, timeout=timeout, check=False, cwd=REPO
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()[-800:]}")
+    return dict(json.loads(proc.stdout.strip().splitlines()[-1]))

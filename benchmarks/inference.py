@@ -1,0 +1,506 @@
+"""Inference engines side by side: the shipped model on the same real holdout slices.
+
+Rows: PyTorch eager FP32, ONNX Runtime FP32, OpenVINO FP32 (``INFERENCE_PRECISION_HINT`` f32),
+OpenVINO with the bf16 hint (it runs bf16 only on a CPU with AVX-512 BF16 or AMX; the compiled
+model's precision is reported), OpenVINO INT8. For each: slices/s at batch 1 and at the best batch
+(sync calls with the LATENCY hint, and an async queue with the THROUGHPUT hint), milliseconds per
+155-slice volume, peak resident memory of a process that runs only that engine, and whole-tumour Dice
+of the full path (preprocess, infer, restore) against the ground truth of every holdout case.
+
+The model's operations per slice come from its ONNX graph (2 x multiply-accumulates of every Conv
+and ConvTranspose). The CPU's FP32 peak is measured in the same run by a large matrix product (numpy
+BLAS and an OpenVINO MatMul, the faster counts); the INT8 peak by an OpenVINO MatMul whose input
+goes through a FakeQuantize and whose weights are int8, which OpenVINO's low-precision transforms turn
+into the same u8 x s8 GEMM kernels its INT8 convolutions use.
+
+PyTorch eager runs the shipped ONNX graph's own weights op by op with ``torch.nn.functional`` (the
+shipped model has no checkpoint; batch norm is already folded into the convolutions there), so every
+row computes the very same function.
+
+Usage: python benchmarks/inference.py [--model DIR] [--data DIR] [--quick] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (
+    DEFAULT_MODEL,
+    SHARED_DATA,
+    markdown_table,
+    peak_rss_mib,
+    run_child,
+    save_result,
+)
+
+Predict = Callable[[npt.NDArray[np.float32]], npt.NDArray[np.float32]]
+
+ENGINES: dict[str, str] = {
+    "torch": "PyTorch eager FP32",
+    "onnxruntime": "ONNX Runtime FP32",
+    "ov-fp32": "OpenVINO FP32 (f32 hint)",
+    "ov-bf16": "OpenVINO FP32 model, bf16 hint",
+    "ov-int8": "OpenVINO INT8",
+}
+BATCHES = (1, 4, 8, 16, 32)
+VOLUME_SLICES = 155
+THREADS = 0  # 0: every core
+
+
+# -- model facts -----------------------------------------------------------------------------------------
+
+
+def ops_per_slice(onnx_path: Path, crop: Sequence[int], channels: int) -> int:
+    """Operations (2 x multiply-accumulates) of one slice through every Conv and ConvTranspose."""
+    import onnx
+    from onnx import shape_inference
+
+    model = onnx.load(str(onnx_path))
+    graph = model.graph
+    dim = graph.input[0].type.tensor_type.shape.dim
+    for d, v in zip(dim, (1, channels, *crop), strict=True):
+        d.ClearField("dim_param")
+        d.dim_value = v
+    inferred = shape_inference.infer_shapes(model).graph
+    shapes = {
+        vi.name: [d.dim_value for d in vi.type.tensor_type.shape.dim]
+        for vi in [*inferred.value_info, *inferred.output, *inferred.input]
+    }
+    weights = {init.name: list(init.dims) for init in graph.initializer}
+    macs = 0
+    for node in graph.node:
+        if node.op_type not in ("Conv", "ConvTranspose"):
+            continue
+        w = weights[node.input[1]]
+        group = next((a.i for a in node.attribute if a.name == "group"), 1)
+        if node.op_type == "Conv":  # w: (Cout, Cin/g, kh, kw); each output element
+            out = shapes[node.output[0]]
+            macs += int(np.prod(out)) * int(np.prod(w[1:]))
+        else:  # w: (Cin, Cout/g, kh, kw); each input element scatters into Cout/g x kh x kw
+            inp = shapes[node.input[0]]
+            macs += int(np.prod(inp)) * int(np.prod(w[1:])) // max(group, 1) * max(group, 1)
+    return 2 * macs
+
+
+# -- engines -----------------------------------------------------------------------------------------
+
+
+def torch_predictor(onnx_path: Path, threads: int = THREADS) -> Predict:
+    """The ONNX graph's weights run op by op in PyTorch eager mode (FP32)."""
+    import onnx
+    import torch
+    import torch.nn.functional as F  # noqa: N812
+    from onnx import numpy_helper
+
+    if threads:
+        torch.set_num_threads(threads)
+    model = onnx.load(str(onnx_path))
+    params = {i.name: torch.from_numpy(numpy_helper.to_array(i).copy()) for i in model.graph.initializer}
+    nodes = list(model.graph.node)
+    in_name, out_name = model.graph.input[0].name, model.graph.output[0].name
+
+    def attr(node: Any, name: str, default: Any) -> Any:
+        for a in node.attribute:
+            if a.name == name:
+                return list(a.ints) if a.ints else a.i
+        return default
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        env: dict[str, torch.Tensor] = {in_name: x, **params}
+        for n in nodes:
+            args = [env[i] for i in n.input if i]
+            if n.op_type == "Conv":
+                pads = attr(n, "pads", [0, 0, 0, 0])
+                y = F.conv2d(args[0], args[1], args[2] if len(args) > 2 else None,
+                             stride=attr(n, "strides", [1, 1]), padding=pads[:2],
+                             dilation=attr(n, "dilations", [1, 1]), groups=attr(n, "group", 1))
+            elif n.op_type == "ConvTranspose":
+                pads = attr(n, "pads", [0, 0, 0, 0])
+                y = F.conv_transpose2d(args[0], args[1], args[2] if len(args) > 2 else None,
+                                       stride=attr(n, "strides", [1, 1]), padding=pads[:2],
+                                       output_padding=attr(n, "output_padding", [0, 0]),
+                                       groups=attr(n, "group", 1))
+            elif n.op_type == "Relu":
+                y = F.relu(args[0])
+            elif n.op_type == "MaxPool":
+                pads = attr(n, "pads", [0, 0, 0, 0])
+                y = F.max_pool2d(args[0], attr(n, "kernel_shape", [2, 2]),
+                                 stride=attr(n, "strides", [2, 2]), padding=pads[:2])
+            elif n.op_type == "Concat":
+                y = torch.cat(args, dim=attr(n, "axis", 1))
+            else:
+                raise RuntimeError(f"PyTorch eager runner: ONNX op {n.op_type} is not supported")
+            env[n.output[0]] = y
+        return env[out_name]
+
+    def predict(batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        with torch.inference_mode():
+            return run(torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))).numpy()
+
+    return predict
+
+
+def ort_predictor(onnx_path: Path, threads: int = THREADS) -> Predict:
+    """ONNX Runtime on the CPU, every core."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+
+    def predict(batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        return np.asarray(session.run(None, {name: np.ascontiguousarray(batch, dtype=np.float32)})[0])
+
+    return predict
+
+
+def ov_compile(xml: Path, hint: str | None, mode: str = "LATENCY") -> Any:
+    """An OpenVINO compiled model on the CPU with ``PERFORMANCE_HINT`` ``mode``."""
+    import openvino as ov
+
+    config: dict[str, Any] = {"PERFORMANCE_HINT": mode}
+    if hint:
+        config["INFERENCE_PRECISION_HINT"] = hint
+    return ov.Core().compile_model(str(xml), "CPU", config)
+
+
+def ov_predictor(compiled: Any) -> Predict:
+    """Synchronous calls of a compiled model."""
+    request = compiled.create_infer_request()
+
+    def predict(batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        request.infer({0: np.ascontiguousarray(batch, dtype=np.float32)})
+        return np.array(request.get_output_tensor(0).data)  # a copy: the request reuses its buffer
+
+    return predict
+
+
+def ov_async_rate(xml: Path, hint: str | None, slices: npt.NDArray[np.float32], batch: int,
+                  min_seconds: float) -> float:
+    """Slices/s through an ``AsyncInferQueue`` of a THROUGHPUT-hint compile (one request per stream)."""
+    import openvino as ov
+
+    compiled = ov_compile(xml, hint, "THROUGHPUT")
+    queue = ov.AsyncInferQueue(compiled, int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
+    batches = [np.ascontiguousarray(slices[i : i + batch]) for i in range(0, len(slices) - batch + 1, batch)]
+    for b in batches[: queue.__len__()]:
+        queue.start_async({0: b})
+    queue.wait_all()
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < min_seconds:
+        for b in batches:
+            queue.start_async({0: b})
+            done += len(b)
+    queue.wait_all()
+    return done / (time.perf_counter() - start)
+
+
+def make_predictor(engine: str, model_dir: Path) -> tuple[Predict, str]:
+    """The engine's predictor and the precision it really computes in."""
+    if engine == "torch":
+        return torch_predictor(model_dir / "model.onnx"), "f32"
+    if engine == "onnxruntime":
+        return ort_predictor(model_dir / "model.onnx"), "f32"
+    xml, hint = {
+        "ov-fp32": (model_dir / "model_fp32.xml", "f32"),
+        "ov-bf16": (model_dir / "model_fp32.xml", "bf16"),
+        "ov-int8": (model_dir / "model_int8.xml", None),
+    }[engine]
+    compiled = ov_compile(xml, hint)
+    precision = str(compiled.get_property("INFERENCE_PRECISION_HINT")).split("'")[1] \
+        if "'" in str(compiled.get_property("INFERENCE_PRECISION_HINT")) \
+        else str(compiled.get_property("INFERENCE_PRECISION_HINT"))
+    if engine == "ov-int8":
+        precision = f"int8 ({precision} between quantized ops)"
+    return ov_predictor(compiled), precision
+
+
+# -- measurements ----------------------------------------------------------------------------------
+
+
+def rate(predict: Predict, slices: npt.NDArray[np.float32], batch: int, min_seconds: float) -> float:
+    """Slices/s of ``predict`` over ``slices`` in batches of ``batch``: ``batch`` / the median call time
+    (one warm-up call first; the median keeps bursts of other load on the machine out)."""
+    batches = [np.ascontiguousarray(slices[i : i + batch]) for i in range(0, len(slices) - batch + 1, batch)]
+    predict(batches[0])
+    times: list[float] = []
+    start = time.perf_counter()
+    while time.perf_counter() - start < min_seconds or len(times) < 3:
+        for b in batches:
+            t = time.perf_counter()
+            predict(b)
+            times.append(time.perf_counter() - t)
+            if time.perf_counter() - start >= min_seconds and len(times) >= 3:
+                break
+    return batch / float(np.median(times))
+
+
+def load_cases(data_dir: Path, card: dict[str, Any], limit: int | None = None) -> list[dict[str, Any]]:
+    """Holdout cases with their prepared network slices and whole-tumour ground truth."""
+    from converters.nifti import list_cases
+    from converters.preprocess import prepare_volume
+
+    cases = []
+    for ref in list_cases(data_dir, require_labels=True)[:limit]:
+        case = ref.load()
+        prepared = prepare_volume(case.images, case.affine, card["preprocessing"], card["modalities"])
+        cases.append({"id": ref.case_id, "case": case, "prepared": prepared})
+    return cases
+
+
+def measure_engine(engine: str, model_dir: Path, data_dir: Path, *, batches: Sequence[int] = BATCHES,
+                   min_seconds: float = 2.0, case_limit: int | None = None) -> dict[str, Any]:
+    """Every figure of one engine (see the module docstring); run in a process of its own."""
+    from trainer.card import load_card
+    from trainer.inference import segment_prepared
+    from trainer.metrics import dice
+
+    card = load_card(model_dir)
+    cases = load_cases(data_dir, card, case_limit)
+    slices = np.concatenate([c["prepared"].slices for c in cases])
+    predict, precision = make_predictor(engine, model_dir)
+    rates = {b: rate(predict, slices, b, min_seconds) for b in batches if b <= len(slices)}
+    best_batch = max(rates, key=lambda b: rates[b])
+    mode = f"sync, batch {best_batch}"
+    best = rates[best_batch]
+    if engine.startswith("ov-"):
+        xml = model_dir / ("model_int8.xml" if engine == "ov-int8" else "model_fp32.xml")
+        hint = {"ov-fp32": "f32", "ov-bf16": "bf16"}.get(engine)
+        for b in sorted({1, best_batch}):
+            r = ov_async_rate(xml, hint, slices, b, min_seconds)
+            if r > best:
+                best, mode = r, f"async THROUGHPUT, batch {b}"
+    volume = np.resize(slices, (VOLUME_SLICES, *slices.shape[1:]))  # 155 real slices (repeated if fewer)
+    volume_times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        segment_prepared(predict, _as_prepared(cases[0]["prepared"], volume), card, best_batch)
+        volume_times.append(time.perf_counter() - start)
+    volume_ms = float(np.median(volume_times)) * 1000.0
+    dices = {}
+    for c in cases:
+        labels = c["prepared"].restore(segment_prepared(predict, c["prepared"], card, best_batch))
+        dices[c["id"]] = dice(labels > 0, c["case"].whole_tumor() > 0)
+    return {
+        "engine": engine,
+        "label": ENGINES[engine],
+        "precision": precision,
+        "slices": len(slices),
+        "rates": {str(b): r for b, r in rates.items()},
+        "batch1": rates[1] if 1 in rates else float("nan"),
+        "best": best,
+        "best_mode": mode,
+        "volume_ms": volume_ms,
+        "dice": float(np.mean(list(dices.values()))),
+        "dice_per_case": dices,
+        "peak_rss_mib": peak_rss_mib(),
+    }
+
+
+def _as_prepared(prepared: Any, slices: npt.NDArray[np.float32]) -> Any:
+    import dataclasses
+
+    return dataclasses.replace(prepared, slices=slices, slice_indices=np.arange(len(slices)))
+
+
+def _best_rate(fn: Callable[[], Any], ops: float, min_seconds: float) -> float:
+    """Operations/s of ``fn`` from its fastest call (a peak: the least disturbed by other load)."""
+    fn()
+    times, start = [], time.perf_counter()
+    while time.perf_counter() - start < min_seconds or len(times) < 3:
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return ops / min(times)
+
+
+def _runtime_kernels(compiled: Any, layer_types: Sequence[str]) -> list[str]:
+    """Kernel names (``primitiveType``) OpenVINO chose for the given layer types."""
+    kinds = set()
+    for n in compiled.get_runtime_model().get_ops():
+        info = n.get_rt_info()
+        if info["layerType"].astype(str) in layer_types:
+            kinds.add(info["primitiveType"].astype(str))
+    return sorted(kinds)
+
+
+def _conv_model(int8: bool, channels: int, size: int) -> Any:
+    """A 3x3 convolution channels -> channels on a size x size plane; int8 in the pattern NNCF writes
+    (FakeQuantize on the input, int8 weights with a per-channel scale)."""
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    rng = np.random.default_rng(0)
+    x = ops.parameter([1, channels, size, size], np.float32)
+    if int8:
+        lo, hi = ops.constant(np.float32(0.0)), ops.constant(np.float32(4.0))
+        inp: Any = ops.fake_quantize(x, lo, hi, lo, hi, 256)
+        w8 = ops.constant(rng.integers(-127, 128, (channels, channels, 3, 3), dtype=np.int8))
+        weights: Any = ops.multiply(ops.convert(w8, np.float32),
+                                    ops.constant(np.full((channels, 1, 1, 1), 0.01, np.float32)))
+    else:
+        inp = x
+        weights = ops.constant(rng.standard_normal((channels, channels, 3, 3)).astype(np.float32))
+    return ov.Model([ops.convolution(inp, weights, [1, 1], [1, 1], [1, 1], [1, 1])], [x])
+
+
+CONV_SHAPES = ((64, 176), (128, 88), (256, 44))
+
+
+def peaks(min_seconds: float = 1.0, size: int = 2048) -> dict[str, Any]:
+    """FP32 and INT8 peak operations/s of this CPU as measured in this run (see the module docstring).
+
+    FP32: the best of a size^3 matrix product in numpy BLAS, the same as an OpenVINO MatMul, and large
+    3x3 convolutions in OpenVINO f32. INT8: the best of the u8 x s8 matrix product and the same
+    convolutions with a FakeQuantize input and int8 weights, which OpenVINO runs with the integer
+    kernels (checked: the kernel names are reported) its INT8 model uses.
+    """
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    core = ov.Core()
+    rng = np.random.default_rng(0)
+    a = rng.uniform(0, 4, (size, size)).astype(np.float32)
+    b = rng.standard_normal((size, size), dtype=np.float32)
+    mm_ops = 2.0 * size**3
+    out: dict[str, Any] = {"fp32": {}, "int8": {}, "kernels": {}}
+    out["fp32"]["numpy matrix product"] = _best_rate(lambda: a @ b, mm_ops, min_seconds)
+    x = ops.parameter([size, size], np.float32)
+    cm = core.compile_model(ov.Model([ops.matmul(x, ops.constant(b), False, False)], [x]), "CPU",
+                            {"INFERENCE_PRECISION_HINT": "f32"})
+    req = cm.create_infer_request()
+    out["fp32"]["OpenVINO MatMul"] = _best_rate(lambda: req.infer({0: a}), mm_ops, min_seconds)
+    lo, hi = ops.constant(np.float32(0.0)), ops.constant(np.float32(4.0))
+    w8 = ops.constant(rng.integers(-127, 128, (size, size), dtype=np.int8))
+    weights = ops.multiply(ops.convert(w8, np.float32), ops.constant(np.full((size, 1), 0.01, np.float32)))
+    x8 = ops.parameter([size, size], np.float32)
+    model = ov.Model([ops.matmul(ops.fake_quantize(x8, lo, hi, lo, hi, 256), weights, False, True)], [x8])
+    cm8 = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    req8 = cm8.create_infer_request()
+    out["int8"]["OpenVINO u8 x s8 MatMul"] = _best_rate(lambda: req8.infer({0: a}), mm_ops, min_seconds)
+    out["kernels"]["OpenVINO u8 x s8 MatMul"] = _runtime_kernels(cm8, ("FullyConnected", "MatMul"))
+    for int8 in (False, True):
+        for channels, plane in CONV_SHAPES:
+            compiled = core.compile_model(_conv_model(int8, channels, plane), "CPU",
+                                          {"INFERENCE_PRECISION_HINT": "f32"})
+            request = compiled.create_infer_request()
+            data = rng.uniform(0, 4, (1, channels, plane, plane)).astype(np.float32)
+            name = f"OpenVINO 3x3 conv {channels}ch {plane}x{plane}"
+            conv_ops = 2.0 * plane * plane * channels * channels * 9
+            out["int8" if int8 else "fp32"][name] = _best_rate(
+                lambda r=request, d=data: r.infer({0: d}), conv_ops, min_seconds
+            )
+            if int8:
+                out["kernels"][name] = _runtime_kernels(compiled, ("Convolution",))
+    out["fp32_peak"] = max(out["fp32"].values())
+    out["int8_peak"] = max(out["int8"].values())
+    return out
+
+
+# -- report ----------------------------------------------------------------------------------------
+
+
+def tables(result: dict[str, Any]) -> str:
+    """The markdown tables of a result (engines, peaks, targets)."""
+    ops = result["ops_per_slice"]
+    rows = []
+    for r in result["engines"]:
+        peak = result["peaks"]["int8_peak" if r["engine"] == "ov-int8" else "fp32_peak"]
+        rows.append([
+            r["label"], r["precision"], f"{r['batch1']:.1f}", f"{r['best']:.1f}", r["best_mode"],
+            f"{r['volume_ms']:.0f}", f"{r['peak_rss_mib']:.0f}", f"{r['dice']:.4f}",
+            f"{ops * r['best'] / 1e9:.1f}", f"{100 * ops * r['best'] / peak:.0f}%",
+        ])
+    engines = markdown_table(
+        ["engine", "computes in", "slices/s batch 1", "slices/s best", "best configuration",
+         "ms / 155-slice volume", "peak RSS MiB", "WT Dice", "achieved GOP/s", "of peak"],
+        rows,
+    )
+    p = result["peaks"]
+    peak_rows = [[f"FP32 {name}", f"{v / 1e9:.1f}", ""] for name, v in p["fp32"].items()]
+    peak_rows += [[f"INT8 {name}", f"{v / 1e9:.1f}", ", ".join(p["kernels"].get(name, []))]
+                  for name, v in p["int8"].items()]
+    peak_rows += [["**FP32 peak** (best above)", f"**{p['fp32_peak'] / 1e9:.1f}**", ""],
+                  ["**INT8 peak** (best above)", f"**{p['int8_peak'] / 1e9:.1f}**", ""]]
+    peaks = markdown_table(["peak measurement (fastest call)", "GOP/s", "OpenVINO kernel"], peak_rows)
+    return (f"{engines}\n\nModel: {ops / 1e9:.3f} GOP per slice ({ops / 2e9:.3f} G multiply-accumulates), "
+            f"{result['slices']} real slices of {result['cases']} holdout cases.\n\n{peaks}\n\n"
+            + markdown_table(["target", "measured", "met"], result["targets"]))
+
+
+def targets(result: dict[str, Any]) -> list[list[str]]:
+    """Each target of issue 7 for inference with its measured value and whether it is met."""
+    by = {r["engine"]: r for r in result["engines"]}
+    rows: list[list[str]] = []
+    if {"ov-int8", "ov-fp32", "torch"} <= by.keys():
+        i8, f32, pt = by["ov-int8"], by["ov-fp32"], by["torch"]
+        for name, ref, need in (("OpenVINO FP32", f32, 2.0), ("PyTorch eager FP32", pt, 8.0)):
+            ratio = i8["best"] / ref["best"]
+            rows.append([f"INT8 >= {need:.0f}x {name} (best slices/s)", f"{ratio:.2f}x",
+                         "yes" if ratio >= need else f"NO (gap {need - ratio:.2f}x)"])
+        drop = f32["dice"] - i8["dice"]
+        rows.append(["INT8 Dice within 0.01 of FP32", f"{i8['dice']:.4f} vs {f32['dice']:.4f}",
+                     "yes" if abs(drop) <= 0.01 else f"NO ({drop:+.4f})"])
+        frac = result["ops_per_slice"] * i8["best"] / result["peaks"]["int8_peak"]
+        rows.append(["INT8 at >= 50% of the INT8 peak", f"{100 * frac:.0f}%",
+                     "yes" if frac >= 0.5 else f"NO (gap {100 * (0.5 - frac):.0f} points)"])
+    return rows
+
+
+def main() -> int:
+    """Run every engine in a child process, print and save the tables."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    parser.add_argument("--data", type=Path, default=SHARED_DATA / "holdout")
+    parser.add_argument("--quick", action="store_true", help="one case, 0.5 s per rate (a smoke run)")
+    parser.add_argument("--engines", default=",".join(ENGINES))
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    seconds, limit = (0.5, 1) if args.quick else (2.0, None)
+    if args.child:
+        result = measure_engine(args.child, args.model, args.data, min_seconds=seconds, case_limit=limit)
+        print(json.dumps(result))
+        return 0
+    from trainer.card import load_card
+
+    card = load_card(args.model)
+    rows = []
+    for engine in args.engines.split(","):
+        child = [__file__, "--child", engine, "--model", str(args.model), "--data", str(args.data)]
+        rows.append(run_child([*child, *(["--quick"] if args.quick else [])]))
+        last = rows[-1]
+        print(f"{last['label']}: {last['best']:.1f} slices/s, Dice {last['dice']:.4f}", flush=True)
+    result: dict[str, Any] = {
+        "model": f"{card['name']} {card['version']}",
+        "ops_per_slice": ops_per_slice(args.model / "model.onnx", card["preprocessing"]["crop_size"],
+                                       len(card["modalities"])),
+        "engines": rows,
+        "slices": rows[0]["slices"],
+        "cases": len(rows[0]["dice_per_case"]),
+        "peaks": peaks(min_seconds=seconds / 2),
+    }
+    result["targets"] = targets(result)
+    text = tables(result)
+    result["markdown"] = text
+    print(text)
+    path = save_result("inference", result, args.out)
+    print(f"saved {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
