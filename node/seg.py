@@ -33,11 +33,12 @@ BRAIN = hd.sr.CodedConcept("12738006", "SCT", "Brain")
 ABNORMAL = hd.sr.CodedConcept("49755003", "SCT", "Morphologically abnormal structure")
 
 
-#: Display colour per label value (RGB in 0..1), as in the PNG preview (node/preview.py).
-DISPLAY_RGB: dict[int, tuple[float, float, float]] = {
-    1: (1.0, 0.16, 0.16),
-    2: (0.16, 0.86, 0.16),
-    3: (0.24, 0.47, 1.0),
+#: Display colour per label value (RGB in 0..255, the range highdicom's ``CIELabColor.from_rgb`` takes),
+#: as in the PNG preview (node/preview.py). Labels beyond the table are yellow.
+DISPLAY_RGB: dict[int, tuple[int, int, int]] = {
+    1: (255, 40, 40),
+    2: (40, 220, 40),
+    3: (60, 120, 255),
 }
 
 
@@ -77,7 +78,7 @@ def segment_descriptions(card: Mapping[str, Any]) -> list[hd.seg.SegmentDescript
                 algorithm_identification=algorithm,
                 anatomic_regions=[BRAIN],
                 display_color=hd.color.CIELabColor.from_rgb(
-                    *DISPLAY_RGB.get(int(label["value"]), (1.0, 0.85, 0.0))
+                    *DISPLAY_RGB.get(int(label["value"]), (255, 217, 0))
                 ),
             )
         )
