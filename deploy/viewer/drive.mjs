@@ -1,0 +1,171 @@
+// Drive OHIF in Debian's Chromium (headless, playwright-core) the way a reader would, and report what the
+// page shows; tests/test_viewer_ohif.py judges it. Nothing here knows what the SEG contains.
+//
+//   node drive.mjs VIEWER_URL STUDY_UID OUT_DIR INSTANCE_NUMBER...
+//
+// Opens the study, double-clicks the SEG thumbnail and answers "Yes" to open it, opens the segmentation
+// panel, then for each InstanceNumber scrolls with the arrow keys until the viewport overlay shows it and
+// saves a screenshot of the viewport once it has stopped changing. Then double-clicks the SR thumbnail
+// and opens the measurement panel. Writes OUT_DIR/report.json:
+//   {segmentationPanel, slices: [{instance, overlay, png, clip}], srViewport, measurementPanel,
+//    pageErrors, consoleErrors, timings}
+import fs from 'node:fs';
+import path from 'node:path';
+import { chromium } from 'playwright-core';
+
+const [viewerUrl, studyUid, outDir, ...instances] = process.argv.slice(2);
+if (!viewerUrl || !studyUid || !outDir) {
+  console.error('usage: node drive.mjs VIEWER_URL STUDY_UID OUT_DIR INSTANCE_NUMBER...');
+  process.exit(2);
+}
+const STEP_MS = Number(process.env.VIEWER_STEP_TIMEOUT_MS || 60000);
+fs.mkdirSync(outDir, { recursive: true });
+const report = { slices: [], pageErrors: [], consoleErrors: [], srWarnings: [], timings: {} };
+const t0 = Date.now();
+const mark = name => { report.timings[name] = (Date.now() - t0) / 1000; };
+
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
+  headless: true,
+  args: [
+    '--no-sandbox',
+    '--disable-background-networking',
+    '--disable-component-update',
+    '--disable-default-apps',
+    '--disable-sync',
+    '--no-first-run',
+    '--disable-dev-shm-usage',
+    // WebGL without a GPU: SwiftShader, so that cornerstone renders as it does on a workstation.
+    '--use-angle=swiftshader',
+    '--enable-unsafe-swiftshader',
+  ],
+});
+
+async function stableShot(page, locator, file) {
+  // Screenshots of the viewport until two in a row are identical: rendering has settled.
+  let previous = null;
+  const deadline = Date.now() + STEP_MS;
+  while (Date.now() < deadline) {
+    const shot = await locator.screenshot({ animations: 'disabled' });
+    if (previous && shot.equals(previous)) {
+      fs.writeFileSync(file, shot);
+      return;
+    }
+    previous = shot;
+    await page.waitForTimeout(250);
+  }
+  throw new Error(`viewport did not settle within ${STEP_MS} ms for ${file}`);
+}
+
+async function overlayInstance(page) {
+  const text = await page.locator('[data-cy="viewport-overlay-bottom-right"]').first().innerText();
+  const match = /I:\s*(\d+)\s*\((\d+)\/(\d+)\)/.exec(text);
+  return match ? { instance: Number(match[1]), index: Number(match[2]), count: Number(match[3]), text } : null;
+}
+
+async function waitForInstance(page, instance, timeout) {
+  try {
+    await page.waitForFunction(
+      n => new RegExp(`I:\\s*${n}\\s*\\(`).test(
+        document.querySelector('[data-cy="viewport-overlay-bottom-right"]')?.innerText || ''),
+      instance,
+      { timeout },
+    );
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+async function scrollTo(page, instance) {
+  // One ArrowDown tells how InstanceNumber moves with the index; then press as many keys as it takes,
+  // and check the overlay. Step by step when the numbering is not one per image.
+  let now = await overlayInstance(page);
+  if (now && now.instance === instance) return now;
+  await page.keyboard.press('ArrowDown');
+  await page.waitForFunction(
+    before => (document.querySelector('[data-cy="viewport-overlay-bottom-right"]')?.innerText || '') !== before,
+    now ? now.text : '',
+  ).catch(() => {});
+  const after = await overlayInstance(page);
+  const step = now && after && after.instance !== now.instance ? Math.sign(after.instance - now.instance) : 1;
+  now = after;
+  const deadline = Date.now() + STEP_MS;
+  while (now && now.instance !== instance && Date.now() < deadline) {
+    const presses = Math.round((instance - now.instance) / step);
+    const key = presses > 0 ? 'ArrowDown' : 'ArrowUp';
+    for (let i = 0; i < Math.abs(presses); i++) await page.keyboard.press(key);
+    if (await waitForInstance(page, instance, 5000)) return overlayInstance(page);
+    now = await overlayInstance(page);
+  }
+  if (now && now.instance === instance) return now;
+  throw new Error(`could not scroll to InstanceNumber ${instance}; overlay shows ${JSON.stringify(now)}`);
+}
+
+try {
+  const page = await browser.newPage({ viewport: { width: 1280, height: 800 } });
+  page.setDefaultTimeout(STEP_MS);
+  // The first-visit guided tour would cover the viewport.
+  await page.addInitScript(() => localStorage.setItem('shownTours', JSON.stringify(['basicViewerTour'])));
+  page.on('pageerror', e => report.pageErrors.push(e.message.slice(0, 500)));
+  page.on('console', m => {
+    if (m.type() === 'error') report.consoleErrors.push(m.text().slice(0, 500));
+    if (m.type() === 'warning' && /SCOORD|\bSR\b|structured report/i.test(m.text())) {
+      report.srWarnings.push(m.text().slice(0, 500));
+    }
+  });
+
+  await page.goto(`${viewerUrl}/viewer?StudyInstanceUIDs=${studyUid}`);
+  const thumbnail = modality => page.locator('[data-cy="study-browser-thumbnail-no-image"]').filter({
+    has: page.locator('[data-cy="series-modality-label"]', { hasText: new RegExp(`^${modality}$`) }),
+  });
+  const segThumb = thumbnail('SEG');
+  await segThumb.first().waitFor();
+  await page.locator('[data-cy="viewport-overlay-bottom-right"]').first().waitFor();
+  mark('study_shown');
+
+  await segThumb.first().dblclick();
+  await page.getByText('Do you want to open this Segmentation?').waitFor();
+  await page.getByRole('button', { name: 'Yes' }).click();
+  await page.locator('[data-cy="panelSegmentation-btn"]').click();
+  const panel = page.locator('#viewerLayoutResizableRightPanel');
+  await panel.getByText('Segmentations').first().waitFor();
+  await page.waitForFunction(
+    () => (document.querySelector('#viewerLayoutResizableRightPanel')?.innerText || '').split('\n').length > 2,
+  );
+  report.segmentationPanel = await panel.innerText();
+  mark('segmentation_loaded');
+
+  const viewport = page.locator('[data-cy="viewport-pane"]').first();
+  for (const instance of instances.map(Number)) {
+    const overlay = await scrollTo(page, instance);
+    const png = path.join(outDir, `instance-${instance}.png`);
+    await stableShot(page, viewport, png);
+    report.slices.push({ instance, overlay, png, clip: await viewport.boundingBox() });
+  }
+  mark('slices_shot');
+  await page.screenshot({ path: path.join(outDir, 'page-last-slice.png') });
+
+  // Leave the viewer on the first requested slice for the full-page picture.
+  if (instances.length) {
+    await scrollTo(page, Number(instances[0]));
+    await stableShot(page, viewport, path.join(outDir, 'viewport-first.png'));
+    await page.screenshot({ path: path.join(outDir, 'page-seg.png') });
+  }
+
+  const srThumb = thumbnail('SR');
+  await srThumb.first().dblclick();
+  await page.locator('[data-cy="trackedMeasurements-btn"]').click();
+  await panel.getByText('Measurements').first().waitFor();
+  await stableShot(page, viewport, path.join(outDir, 'viewport-sr.png'));
+  await page.screenshot({ path: path.join(outDir, 'page-sr.png') });
+  report.srViewport = await viewport.innerText();
+  report.measurementPanel = await panel.innerText();
+  mark('sr_opened');
+} catch (err) {
+  report.error = String(err && err.stack ? err.stack : err).slice(0, 2000);
+} finally {
+  fs.writeFileSync(path.join(outDir, 'report.json'), JSON.stringify(report, null, 2));
+  await browser.close();
+}
+process.exit(report.error ? 1 : 0);
