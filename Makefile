@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 WORKDIR ?= demo-out
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench clean viewer
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,12 @@ test: $(VENV)/.all-installed
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/python -m pytest
+
+# OHIF over Orthanc (DICOMweb) with the node on loopback, the demo case sent through; prints the URL.
+# Needs the Debian packages orthanc, orthanc-dicomweb and npm (.ci/run installs them). Ctrl-C stops it.
+viewer: $(VENV)/.node-installed
+	bash deploy/viewer/install.sh
+	$(BIN)/python deploy/viewer/stack.py
 
 lint: $(VENV)/.all-installed
 	$(BIN)/ruff check .

@@ -22,7 +22,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -304,7 +303,7 @@ def running_stack(
 def main(argv: Sequence[str] | None = None) -> int:
     """``make viewer``: start the stack, send the demo case through it, print the URL, wait for Ctrl-C."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--port", type=int, default=8042 + 1000, help="viewer HTTP port (default 9042)")
+    parser.add_argument("--port", type=int, default=9042, help="viewer HTTP port (default 9042)")
     parser.add_argument("--case", type=Path, default=REPO / "models" / "demo_case" / "BraTS2021_00003")
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary directory")
     args = parser.parse_args(argv)
@@ -315,6 +314,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started with SIGINT ignored
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="segnode-viewer-"))
     try:
         with running_stack(workdir, orthanc_program=orthanc_program, viewer_port=args.port) as stack:
@@ -324,8 +324,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             uid, _ = push_case(orthanc, args.case, workdir / "study", None)
             print(f"viewer: open {viewer.url}/viewer?StudyInstanceUIDs={uid}")
             print("viewer: double-click the SEG thumbnail to load the segmentation; Ctrl-C stops everything")
-            with contextlib.suppress(KeyboardInterrupt):
-                stop.wait()
+            stop.wait()
+    except KeyboardInterrupt:
+        pass
     except (OSError, RuntimeError, TimeoutError) as exc:
         print(f"viewer: {exc}", file=sys.stderr)
         return 1
