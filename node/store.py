@@ -22,9 +22,9 @@ from collections.abc import Collection, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import Connection, DateTime, Table, bindparam, case, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -113,6 +113,28 @@ class OutputObject:
 # -- instances and studies ---------------------------------------------------------------------------
 
 
+_INSTANCES = cast(Table, NodeInstance.__table__)
+_STUDIES = cast(Table, NodeStudy.__table__)
+# Statements of the C-STORE path, built once (compiled once, then cached by SQLAlchemy) and run on the
+# session's connection: no ORM unit of work for a row that is written once per instance.
+_INSTANCE_EXISTS = select(_INSTANCES.c.id).where(_INSTANCES.c.sop_instance_uid == bindparam("b_uid"))
+_INSERT_INSTANCE = insert(_INSTANCES)
+_TOUCH_STUDY = (
+    update(_STUDIES)
+    .where(_STUDIES.c.study_instance_uid == bindparam("b_uid"))
+    .values(
+        # Never backwards: a later instance (or touch_studies) may have committed a newer time.
+        last_received_at=case(
+            (_STUDIES.c.last_received_at < bindparam("b_now", type_=DateTime(timezone=True)),
+             bindparam("b_now", type_=DateTime(timezone=True))),
+            else_=_STUDIES.c.last_received_at,
+        ),
+        pending=True,
+    )
+)
+_INSERT_STUDY = insert(_STUDIES)
+
+
 def record_instance(
     sf: SessionFactory,
     *,
@@ -135,27 +157,27 @@ def record_instance(
     """
     given = now
     now = now or utcnow()
+    row = {
+        "sop_instance_uid": sop_instance_uid,
+        "sop_class_uid": sop_class_uid,
+        "study_instance_uid": study_instance_uid,
+        "series_instance_uid": series_instance_uid,
+        "kept": kept,
+        "path": path,
+        "calling_ae": calling_ae,
+        "received_at": now,
+    }
     for attempt in range(3):
         try:
             with _writing(sf) as s:
+                conn = s.connection()
                 # The idle timer counts from the commit, not from before the wait for the write lock.
                 touched_at = given or utcnow()
-                if s.scalar(select(NodeInstance.id).where(NodeInstance.sop_instance_uid == sop_instance_uid)):
+                if conn.execute(_INSTANCE_EXISTS, {"b_uid": sop_instance_uid}).first() is not None:
                     return False
-                s.add(
-                    NodeInstance(
-                        sop_instance_uid=sop_instance_uid,
-                        sop_class_uid=sop_class_uid,
-                        study_instance_uid=study_instance_uid,
-                        series_instance_uid=series_instance_uid,
-                        kept=kept,
-                        path=path,
-                        calling_ae=calling_ae,
-                        received_at=now,
-                    )
-                )
+                conn.execute(_INSERT_INSTANCE, row)
                 if kept and study_instance_uid:
-                    _touch_study(s, study_instance_uid, touched_at)
+                    _touch_study(conn, study_instance_uid, touched_at)
             return True
         except IntegrityError:  # a concurrent association stored the same instance or study
             if attempt == 2:
@@ -163,31 +185,26 @@ def record_instance(
     return False  # pragma: no cover
 
 
+def _touch_study(conn: Connection, study_uid: str, now: datetime) -> None:
+    """Mark the study pending and move its idle timer to ``now`` (never backwards); creates the study
+    row with its first instance."""
+    if conn.execute(_TOUCH_STUDY, {"b_uid": study_uid, "b_now": now}).rowcount == 0:
+        conn.execute(
+            _INSERT_STUDY,
+            {
+                "study_instance_uid": study_uid,
+                "first_received_at": now,
+                "last_received_at": now,
+                "pending": True,
+                "runs": 0,
+            },
+        )
+
+
 def forget_instance(sf: SessionFactory, sop_instance_uid: str) -> None:
     """Delete an instance row whose spool file could not be written (the sender got a failure)."""
     with _writing(sf) as s:
         s.execute(delete(NodeInstance).where(NodeInstance.sop_instance_uid == sop_instance_uid))
-
-
-def _touch_study(s: Session, study_uid: str, now: datetime) -> None:
-    study = s.scalar(select(NodeStudy).where(NodeStudy.study_instance_uid == study_uid))
-    if study is None:
-        s.add(
-            NodeStudy(
-                study_instance_uid=study_uid,
-                first_received_at=now,
-                last_received_at=now,
-                pending=True,
-                runs=0,
-            )
-        )
-        s.flush()
-    else:
-        # Never backwards: ``now`` was taken before this transaction waited for the write lock, and
-        # a later instance (or touch_studies) may have committed a newer time meanwhile.
-        previous = as_utc(study.last_received_at)
-        study.last_received_at = now if previous is None or now > previous else previous
-        study.pending = True
 
 
 def touch_studies(sf: SessionFactory, study_uids: Iterable[str], now: datetime | None = None) -> None:
