@@ -38,8 +38,11 @@ lint: $(VENV)/.all-installed
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
+# Every benchmark (about 7 minutes; results in build/bench/), then docs/benchmarks.md and its chart.
 bench: $(VENV)/.all-installed
-	@for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+	@for b in inference ingest end_to_end price train_throughput; do \
+		echo "== benchmarks/$$b.py"; $(BIN)/python benchmarks/$$b.py || exit 1; done
+	$(BIN)/python benchmarks/report.py
 
 clean:
 	rm -rf $(VENV) $(WORKDIR) var .pytest_cache .mypy_cache .ruff_cache
