@@ -71,6 +71,9 @@ def ops_per_slice(onnx_path: Path, crop: Sequence[int], channels: int) -> int:
     for d, v in zip(dim, (1, channels, *crop), strict=True):
         d.ClearField("dim_param")
         d.dim_value = v
+    del graph.value_info[:]  # shapes recorded at export time would override the inferred ones
+    for out in graph.output:
+        out.type.tensor_type.ClearField("shape")
     inferred = shape_inference.infer_shapes(model).graph
     shapes = {
         vi.name: [d.dim_value for d in vi.type.tensor_type.shape.dim]

@@ -48,6 +48,10 @@ class DemoReport:
     dice: float
     volume_ml: float
     files: list[Path] = field(default_factory=list)
+    #: CPU seconds this process (node, catcher) used from the first C-STORE to the SEG received.
+    cpu_seconds: float = 0.0
+    #: Instances sent.
+    instances: int = 0
 
 
 class Catcher:
@@ -191,7 +195,7 @@ def run_demo(
     node.start()
     try:
         _step(console, f"node {settings.node.ae_title} on 127.0.0.1:{node.scp.port}; sending the study")
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         if storescu:
             _storescu(storescu, files, node.scp.port, settings.node.ae_title)
         else:
@@ -205,6 +209,7 @@ def run_demo(
             why = f"job {jobs[0].id} {jobs[0].status}: {jobs[0].reason}" if jobs else "no job was created"
             raise NodeError(f"no SEG and SR came back within {timeout:.0f} s ({why})")
         total = time.perf_counter() - start
+        cpu_seconds = time.process_time() - cpu_start
         job = store.list_jobs(node.sf)[0]
     finally:
         node.stop()
@@ -245,4 +250,6 @@ def run_demo(
         dice=dice,
         volume_ml=volume_ml,
         files=[seg_path, sr_path, preview],
+        cpu_seconds=cpu_seconds,
+        instances=len(files),
     )

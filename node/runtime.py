@@ -101,9 +101,11 @@ class ModelRuntime:
         ``whole_tumor`` or ``brats_regions``.
     device:
         OpenVINO device, checked with :func:`check_device` at construction.
+    batch_size:
+        Slices per OpenVINO request, a static batch (``trainer.inference.OpenVINOSegmenter``).
     """
 
-    def __init__(self, registry: Registry, task: str, device: str = "CPU", batch_size: int = 16) -> None:
+    def __init__(self, registry: Registry, task: str, device: str = "CPU", batch_size: int = 8) -> None:
         self.registry = registry
         self.task = task
         self.device = check_device(device)

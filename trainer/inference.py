@@ -100,6 +100,28 @@ def segment_volume(
     return prepared.restore(segment_prepared(predict, prepared, card, batch_size))
 
 
+#: Slices per OpenVINO request (see :class:`OpenVINOSegmenter`).
+DEFAULT_BATCH = 8
+
+
+def _make_static(model: Any, batch: int, channels: int, card: Mapping[str, Any]) -> bool:
+    """Reshape ``model`` to a static (batch, channels, crop H, crop W) input when its batch is dynamic;
+    returns whether it did."""
+    shape = model.input(0).get_partial_shape()
+    if not shape.rank.is_static or shape.rank.get_length() != 4 or shape[0].is_static:
+        return False
+    crop = [int(v) for v in card["preprocessing"]["crop_size"]]
+    for dim, want in zip((shape[2], shape[3]), crop, strict=True):
+        if dim.is_static and dim.get_length() != want:
+            return False
+    try:
+        model.reshape([batch, channels, *crop])
+    except RuntimeError as exc:
+        logger.info("model keeps its dynamic batch (%s)", exc)
+        return False
+    return True
+
+
 class OpenVINOSegmenter:
     """An OpenVINO IR model compiled once, segmenting whole volumes slice batch by slice batch.
 
@@ -112,10 +134,16 @@ class OpenVINOSegmenter:
     device:
         OpenVINO device name (``CPU``, ``GPU``, ``AUTO``...).
     batch_size:
-        Slices per inference request; the model's batch dimension is dynamic.
+        Slices per inference request. A model whose batch dimension is dynamic is compiled for this
+        batch size (static shapes): OpenVINO's CPU kernels for a static shape are faster, and the
+        last, partial batch is padded with zeros so that no new shape is ever compiled during a job.
+        8 was chosen on a training case (BraTS2021_00005, 136 slices, INT8 on 2 cores): 0.55 s against
+        1.15 s for the former dynamic batch of 16 (see docs/benchmarks.md).
     precision_hint:
         ``INFERENCE_PRECISION_HINT`` (e.g. ``"f32"`` to stop a CPU with AMX from running an FP32
         model in bf16); None keeps OpenVINO's default.
+    static_batch:
+        False keeps the model's dynamic batch dimension (any batch size per call, no padding).
     """
 
     def __init__(
@@ -123,8 +151,9 @@ class OpenVINOSegmenter:
         card: Mapping[str, Any],
         model_xml: Path,
         device: str = "CPU",
-        batch_size: int = 16,
+        batch_size: int = DEFAULT_BATCH,
         precision_hint: str | None = None,
+        static_batch: bool = True,
     ) -> None:
         import openvino as ov
 
@@ -150,17 +179,37 @@ class OpenVINOSegmenter:
                 f"model {model_xml} takes {shape[1].get_length()} channels but the card lists "
                 f"{channels} modalities"
             )
+        self.static_batch = static_batch and _make_static(model, batch_size, channels, self.card)
         config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY"}
         if precision_hint:
             config["INFERENCE_PRECISION_HINT"] = precision_hint
         self._compiled = core.compile_model(model, device, config)
         self._output = self._compiled.output(0)
-        logger.info("compiled %s on %s (batch %d)", model_xml.name, device, batch_size)
+        self._input_shape = tuple(int(d) for d in self._compiled.input(0).get_partial_shape().get_min_shape())
+        if self.static_batch:  # the first inference allocates and tunes; do it before a job waits on it
+            self.predict(np.zeros((1, *self._input_shape[1:]), dtype=np.float32))
+        logger.info(
+            "compiled %s on %s (batch %d, %s)",
+            model_xml.name, device, batch_size, "static" if self.static_batch else "dynamic",
+        )
 
     def predict(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-        """Raw network outputs (logits) for a batch of slices (N, C, H, W)."""
-        result = self._compiled(np.ascontiguousarray(batch, dtype=np.float32))
-        return np.asarray(result[self._output], dtype=np.float32)
+        """Raw network outputs (logits) for a batch of slices (N, C, H, W), any N."""
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        if not self.static_batch:
+            return np.asarray(self._compiled(batch)[self._output], dtype=np.float32)
+        size = self.batch_size
+        outs = []
+        for start in range(0, len(batch), size):
+            block = batch[start : start + size]
+            n = len(block)
+            if n < size:
+                block = np.concatenate([block, np.zeros((size - n, *block.shape[1:]), dtype=np.float32)])
+            outs.append(np.asarray(self._compiled(block)[self._output], dtype=np.float32)[:n])
+        if not outs:
+            return np.zeros((0, *tuple(self._compiled.output(0).get_partial_shape().get_min_shape())[1:]),
+                            dtype=np.float32)
+        return np.concatenate(outs) if len(outs) > 1 else outs[0]
 
     def segment(
         self, images: Mapping[str, npt.NDArray[Any]], affine: npt.NDArray[Any]
