@@ -111,12 +111,22 @@ def assemble(chosen: Mapping[str, SeriesInfo], modalities: Sequence[str]) -> Ass
     return Assembled(reference=reference, sources=sources, images=images, affine=affine)
 
 
-def segment(model: LoadedModel, assembled: Assembled) -> npt.NDArray[np.uint8]:
-    """Run the model and map its label map back onto the reference series' (slice, row, column) grid."""
+def preprocess(model: LoadedModel, assembled: Assembled) -> Any:
+    """The network slices of the assembled volumes (``converters.preprocess.Prepared``)."""
+    return model.segmenter.prepare(assembled.images, assembled.affine)
+
+
+def segment(model: LoadedModel, assembled: Assembled, prepared: Any = None) -> npt.NDArray[np.uint8]:
+    """Run the model and map its label map back onto the reference series' (slice, row, column) grid.
+
+    ``prepared``: the output of :func:`preprocess` (computed here when None).
+    """
     from converters.reorient import ras_to_volume
 
+    if prepared is None:
+        prepared = preprocess(model, assembled)
     with model.lock:
-        labels_xyz = model.segmenter.segment(assembled.images, assembled.affine)
+        labels_xyz = model.segmenter.infer(prepared)
     return np.asarray(
         ras_to_volume(np.asarray(labels_xyz, dtype=np.uint8), assembled.reference), dtype=np.uint8
     )
@@ -185,8 +195,10 @@ def run_job(ctx: JobContext, job_id: int) -> str:
         with timer.stage("load"):
             assembled = assemble(chosen, card["modalities"])
         store.heartbeat(ctx.sf, job_id)
+        with timer.stage("preprocess"):
+            prepared = preprocess(model, assembled)
         with timer.stage("inference"):
-            labels = segment(model, assembled)
+            labels = segment(model, assembled, prepared)
         ctx.metrics.inference_seconds.observe(timer.stages["inference"])
         store.heartbeat(ctx.sf, job_id)
         with timer.stage("seg"):

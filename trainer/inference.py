@@ -218,4 +218,12 @@ class OpenVINOSegmenter:
 
         whole_tumor: 1 = tumour; brats_regions: Decathlon labels (1 edema, 2 non-enhancing, 3 enhancing).
         """
-        return segment_volume(self.predict, self.card, images, affine, self.batch_size)
+        return self.infer(self.prepare(images, affine))
+
+    def prepare(self, images: Mapping[str, npt.NDArray[Any]], affine: npt.NDArray[Any]) -> Prepared:
+        """The network slices of a volume, as the model card's preprocessing says."""
+        return prepare_volume(images, affine, self.card["preprocessing"], self.card["modalities"])
+
+    def infer(self, prepared: Prepared) -> npt.NDArray[np.uint8]:
+        """uint8 label map (X, Y, Z) on the input grid for prepared slices (see :meth:`segment`)."""
+        return prepared.restore(segment_prepared(self.predict, prepared, self.card, self.batch_size))
