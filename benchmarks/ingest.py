@@ -36,7 +36,7 @@ from common import REPO, RESULTS_DIR, SHARED_DATA, markdown_table, save_result
 
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 DEFAULT_CASE = SHARED_DATA / "train" / "brats" / "BraTS2021_00005"
-RECEIVERS = ("node", "storescp", "orthanc")
+RECEIVERS = ("node", "pynetdicom-bare", "storescp", "orthanc")
 
 
 def free_port() -> int:
@@ -175,7 +175,36 @@ def orthanc_receiver(work: Path) -> Iterator[tuple[int, str, Callable[[], int]]]
         proc.wait(30)
 
 
-RECEIVER_FACTORIES = {"node": node_receiver, "storescp": storescp_receiver, "orthanc": orthanc_receiver}
+@contextlib.contextmanager
+def bare_receiver(work: Path) -> Iterator[tuple[int, str, Callable[[], int]]]:
+    """pynetdicom alone, the node's network stack: answers Success to every C-STORE, stores nothing
+    (polling like the node's associations). The ceiling of any pynetdicom-based receiver here."""
+    from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+
+    from node.scp import DUL_LOOP_DELAY_S
+
+    ae = AE(ae_title="BARE")
+    for context in AllStoragePresentationContexts:
+        ae.add_supported_context(str(context.abstract_syntax), ALL_TRANSFER_SYNTAXES)
+    received: list[int] = []
+
+    def on_open(event: Any) -> None:
+        event.assoc.dul._run_loop_delay = DUL_LOOP_DELAY_S
+
+    def on_store(event: Any) -> int:
+        received.append(1)
+        return 0x0000
+
+    server = ae.start_server(("127.0.0.1", free_port()), block=False,
+                             evt_handlers=[(evt.EVT_C_STORE, on_store), (evt.EVT_CONN_OPEN, on_open)])
+    try:
+        yield int(server.server_address[1]), "BARE", lambda: len(received)
+    finally:
+        server.shutdown()
+
+
+RECEIVER_FACTORIES = {"node": node_receiver, "storescp": storescp_receiver, "orthanc": orthanc_receiver,
+                      "pynetdicom-bare": bare_receiver}
 
 
 def measure(receiver: str, files: Sequence[Path], associations: int, repeat: int = 1) -> dict[str, Any]:
@@ -243,7 +272,7 @@ def main() -> int:
         for n in (int(x) for x in args.associations.split(",")):
             rows.append(measure(receiver, files, n, args.repeat))
             r = rows[-1]
-            print(f"{receiver:9s} x{n}: {r['instances_per_s']:.0f} instances/s, {r['mb_per_s']:.1f} MB/s",
+            print(f"{receiver:15s} x{n}: {r['instances_per_s']:.0f} instances/s, {r['mb_per_s']:.1f} MB/s",
                   flush=True)
     result = {"case": args.case.name, "rows": rows, "targets": targets(rows)}
     result["markdown"] = tables(result)

@@ -24,8 +24,7 @@ from common import RESULTS_DIR, markdown_table, save_result
 
 #: USD per vCPU-hour, a typical on-demand price of a general-purpose cloud VM (2026); change with --price.
 DEFAULT_PRICE = 0.048
-NODE_ENGINE = "ov-int8"
-COMPARED = ("ov-int8", "ov-fp32", "onnxruntime", "torch")
+COMPARED = ("node", "ov-int8", "ov-fp32", "onnxruntime", "torch")
 
 
 def price_performance(inference: dict[str, Any], end_to_end: dict[str, Any],
@@ -34,7 +33,8 @@ def price_performance(inference: dict[str, Any], end_to_end: dict[str, Any],
     cores = int(inference["machine"]["cores"] or 1)
     engines = {e["engine"]: e for e in inference["engines"]}
     node_cpu = float(end_to_end["cpu_seconds"])
-    node_net = engines[NODE_ENGINE]["volume_ms"] / 1000.0 * cores if NODE_ENGINE in engines else 0.0
+    node_engine = "node" if "node" in engines else "ov-int8"
+    node_net = engines[node_engine]["volume_ms"] / 1000.0 * cores if node_engine in engines else 0.0
     rows = []
     for key in COMPARED:
         if key not in engines:
@@ -42,7 +42,7 @@ def price_performance(inference: dict[str, Any], end_to_end: dict[str, Any],
         cpu = max(node_cpu - node_net + engines[key]["volume_ms"] / 1000.0 * cores, 1e-9)
         rows.append({
             "engine": key,
-            "label": ("the node: " if key == NODE_ENGINE else "the node with ") + engines[key]["label"],
+            "label": ("the node: " if key == node_engine else "the node with ") + engines[key]["label"],
             "cpu_seconds": cpu,
             "studies_per_hour_per_core": 3600.0 / cpu,
             "usd_per_1000": 1000.0 * cpu / 3600.0 * price,
