@@ -60,6 +60,15 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def current_rss_mib() -> float:
+    """Resident memory of this process now, MiB (from /proc/self/statm; 0 where there is none)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0.0
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
 def save_result(name: str, data: dict[str, Any], out_dir: Path | None = None) -> Path:
     """Write ``data`` (plus the machine description) as ``<out_dir>/<name>.json``."""
     out_dir = out_dir or RESULTS_DIR
