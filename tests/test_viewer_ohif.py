@@ -9,11 +9,12 @@ the node returns its SEG and SR to Orthanc; the viewer is then judged from the p
   the segment's colour (red) lie inside the tumour outline of the SEG as stored in Orthanc, covering it;
 - on a slice without tumour (brain visible) no pixel has the segment's colour.
 
-SR: OHIF 3.13.2 does not render the node's TID 1500 report: its SR viewport hydrates only measurements
-with SCOORD/SCOORD3D graphics ("ContentSequence array contains no SCOORD or SCOORD3D entry, skipping
-annotation."), and the node's volume is a TID 1411 volumetric measurement of a SEG segment. The test
-prints that note when the measurement panel stays empty and then reads the SR's volume through the
-same DICOMweb endpoint the viewer uses, checking it against the SEG's voxel count.
+SR: OHIF 3.13.2 does not render the node's TID 1500 report in its measurement panel: its SR viewport
+hydrates only measurements with SCOORD/SCOORD3D graphics ("ContentSequence array contains no SCOORD or
+SCOORD3D entry, skipping annotation."), and the node's volume is a TID 1411 volumetric measurement of a
+SEG segment. The test prints that note when the panel stays empty, reads the SR's volume through the
+same DICOMweb endpoint the viewer uses and checks it against the SEG's voxel count, and checks that
+OHIF's DICOM Tag Browser shows the same NumericValue for the SR.
 
 Screenshots are left in the test's tmp directory (printed).
 """
@@ -157,8 +158,8 @@ def test_ohif_shows_the_seg_on_the_tumour_and_not_elsewhere(
             viewer.url,
             uid,
             str(out),
-            str(number[tumour_uid]),
             str(number[empty_uid]),
+            str(number[tumour_uid]),  # last: the page screenshot shows it
         ],
         capture_output=True,
         text=True,
@@ -222,10 +223,15 @@ def test_ohif_shows_the_seg_on_the_tumour_and_not_elsewhere(
     assert len(volumes) == 1, volumes
     concept, sr_ml = volumes[0]
     assert concept == "Volume" and sr_ml == pytest.approx(seg_ml, rel=0.01), (concept, sr_ml, seg_ml)
+    # What OHIF itself read from the SR: its DICOM Tag Browser lists the NumericValue.
+    lines = report["srTagBrowser"].splitlines()
+    shown = [float(lines[i + 1]) for i, line in enumerate(lines[:-1]) if line == "NumericValue"]
+    assert shown == [pytest.approx(sr_ml, abs=1e-3)], (shown, sr_ml)
     if "No tracked measurements" in report["measurementPanel"]:
         print(
-            "NOTE: OHIF 3.13.2 does not render the node's TID 1500 volume measurement (no SCOORD/SCOORD3D; "
-            f"OHIF says: {report['srWarnings']}); the SR volume {sr_ml:.1f} mL was checked through DICOMweb"
+            "NOTE: OHIF 3.13.2 does not render the node's TID 1500 volume measurement in its measurement "
+            f"panel (no SCOORD/SCOORD3D; OHIF says: {report['srWarnings']}); the SR volume {sr_ml:.1f} mL "
+            "was checked through DICOMweb and in OHIF's DICOM Tag Browser instead"
         )
         assert any("SCOORD" in w for w in report["srWarnings"]), report["srWarnings"]
     else:

@@ -5,10 +5,12 @@
 //
 // Opens the study, double-clicks the SEG thumbnail and answers "Yes" to open it, opens the segmentation
 // panel, then for each InstanceNumber scrolls with the arrow keys until the viewport overlay shows it and
-// saves a screenshot of the viewport once it has stopped changing. Then double-clicks the SR thumbnail
-// and opens the measurement panel. Writes OUT_DIR/report.json:
+// saves a screenshot of the viewport once it has stopped changing (and one of the whole page on the last).
+// Then shows the SR's NumericValue items in OHIF's DICOM Tag Browser, double-clicks the SR thumbnail and
+// opens the measurement panel.
+// Writes OUT_DIR/report.json:
 //   {segmentationPanel, slices: [{instance, overlay, png, clip}], srViewport, measurementPanel,
-//    pageErrors, consoleErrors, timings}
+//    srWarnings, srTagBrowser, pageErrors, consoleErrors, timings}
 import fs from 'node:fs';
 import path from 'node:path';
 import { chromium } from 'playwright-core';
@@ -102,8 +104,9 @@ async function scrollTo(page, instance) {
   throw new Error(`could not scroll to InstanceNumber ${instance}; overlay shows ${JSON.stringify(now)}`);
 }
 
+let page = null;
 try {
-  const page = await browser.newPage({ viewport: { width: 1280, height: 800 } });
+  page = await browser.newPage({ viewport: { width: 1280, height: 800 } });
   page.setDefaultTimeout(STEP_MS);
   // The first-visit guided tour would cover the viewport.
   await page.addInitScript(() => localStorage.setItem('shownTours', JSON.stringify(['basicViewerTour'])));
@@ -144,14 +147,23 @@ try {
     report.slices.push({ instance, overlay, png, clip: await viewport.boundingBox() });
   }
   mark('slices_shot');
-  await page.screenshot({ path: path.join(outDir, 'page-last-slice.png') });
+  // The whole page on the last requested slice.
+  await page.screenshot({ path: path.join(outDir, 'page-seg.png') });
 
-  // Leave the viewer on the first requested slice for the full-page picture.
-  if (instances.length) {
-    await scrollTo(page, Number(instances[0]));
-    await stableShot(page, viewport, path.join(outDir, 'viewport-first.png'));
-    await page.screenshot({ path: path.join(outDir, 'page-seg.png') });
-  }
+  // OHIF's DICOM Tag Browser on the SR series, searched for NumericValue: what OHIF read from the SR.
+  await page.locator('[data-cy="MoreTools-split-button-secondary"]').click();
+  await page.getByText('DICOM Tag Browser', { exact: true }).click();
+  const dialog = page.getByRole('dialog');
+  await dialog.getByRole('combobox').first().click();
+  await page.getByRole('option', { name: /\(SR\)/ }).click();
+  await dialog.getByPlaceholder('Search metadata').fill('NumericValue');
+  await dialog.getByText('NumericValue', { exact: true }).first().waitFor();
+  await stableShot(page, dialog, path.join(outDir, 'dialog-sr-tags.png'));
+  await page.screenshot({ path: path.join(outDir, 'page-sr-tags.png') });
+  report.srTagBrowser = await dialog.innerText();
+  mark('sr_tag_browser');
+  await dialog.getByRole('button', { name: 'Close' }).click();
+  await dialog.waitFor({ state: 'detached' });
 
   const srThumb = thumbnail('SR');
   await srThumb.first().dblclick();
@@ -164,6 +176,7 @@ try {
   mark('sr_opened');
 } catch (err) {
   report.error = String(err && err.stack ? err.stack : err).slice(0, 2000);
+  if (page) await page.screenshot({ path: path.join(outDir, 'page-error.png') }).catch(() => {});
 } finally {
   fs.writeFileSync(path.join(outDir, 'report.json'), JSON.stringify(report, null, 2));
   await browser.close();
