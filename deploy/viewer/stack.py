@@ -205,6 +205,16 @@ class _ViewerHandler(SimpleHTTPRequestHandler):
             self.send_error(405, "only DICOMweb paths take POST")
 
 
+class _QuietServer(ThreadingHTTPServer):
+    """A browser that leaves mid-response (a closed tab, a cancelled prefetch) is a log line, not a
+    traceback on stderr."""
+
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        logger.debug("viewer http: %s went away: %s", client_address, sys.exc_info()[1])
+
+
 class ViewerServer:
     """OHIF on http://127.0.0.1:PORT/, DICOMweb proxied to Orthanc's HTTP port, in a thread of its own."""
 
@@ -212,8 +222,7 @@ class ViewerServer:
         if not (OHIF_DIST / "index.html").is_file():
             raise FileNotFoundError(f"{OHIF_DIST} has no OHIF build: run deploy/viewer/install.sh")
         handler = type("Handler", (_ViewerHandler,), {"orthanc_port": orthanc_port})
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), handler)
-        self.httpd.daemon_threads = True
+        self.httpd = _QuietServer(("127.0.0.1", port), handler)
         self.port = int(self.httpd.server_address[1])
         self.thread = threading.Thread(target=self.httpd.serve_forever, name="viewer-http", daemon=True)
         self.thread.start()
