@@ -11,7 +11,7 @@ import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from node.scp import DUL_LOOP_DELAY_S
+from node.scp import DUL_LOOP_DELAY_S, MAX_PDU_BYTES
 from node.service import NodeService
 from tests.node_fixtures import make_threshold_model, node_settings, wait_until
 from tests.peers import free_port
@@ -61,7 +61,7 @@ def node(tmp_path: Path) -> Iterator[NodeService]:
         service.stop()
 
 
-def test_open_associations_poll_at_the_node_delay(node: NodeService) -> None:
+def test_open_associations_poll_at_the_node_delay_and_take_large_pdus(node: NodeService) -> None:
     ae = AE(ae_title="PERF_SCU")
     ae.add_requested_context(Verification)
     assoc = ae.associate("127.0.0.1", node.scp.port, ae_title=node.settings.node.ae_title)
@@ -69,6 +69,7 @@ def test_open_associations_poll_at_the_node_delay(node: NodeService) -> None:
         assert assoc.is_established
         accepted = wait_until(lambda: node.scp.ae.active_associations, 10, "the node's association")
         assert [a.dul._run_loop_delay for a in accepted] == [DUL_LOOP_DELAY_S]
+        assert assoc.acceptor.maximum_length == MAX_PDU_BYTES  # what the node announced
         assert assoc.send_c_echo().Status == 0x0000
     finally:
         assoc.release()
