@@ -7,7 +7,9 @@ the node returns its SEG and SR to Orthanc; the viewer is then judged from the p
 - the SEG opens and the segmentation panel lists it with its segment label;
 - on the slice with the most tumour, the screenshot shows that FLAIR slice where expected, and pixels of
   the segment's colour (red) lie inside the tumour outline of the SEG as stored in Orthanc, covering it;
-- on a slice without tumour (brain visible) no pixel has the segment's colour.
+- on a slice without tumour (brain visible) no pixel has the segment's colour;
+- the node omits empty frames: on an omitted slice inside the SEG's range there is no segment colour,
+  and the tumour slice beside it is drawn inside its own outline (not a neighbour's).
 
 SR: OHIF 3.13.2 does not render the node's TID 1500 report in its measurement panel: its SR viewport
 hydrates only measurements with SCOORD/SCOORD3D graphics ("ContentSequence array contains no SCOORD or
@@ -133,6 +135,43 @@ def _numeric_items(items: list[dict[str, Any]]) -> Iterator[tuple[str, float, st
         yield from _numeric_items(item.get("0040A730", {}).get("Value", []))
 
 
+def _screenshot(report_slice: dict[str, Any]) -> npt.NDArray[np.float64]:
+    return np.asarray(Image.open(report_slice["png"]).convert("RGB"), dtype=np.float64)
+
+
+def _check_tumour_slice(
+    shot: npt.NDArray[np.float64], image: npt.NDArray[Any], mask: npt.NDArray[np.bool_], label: str
+) -> None:
+    """The FLAIR slice is on screen where expected; the segment colour lies inside the tumour outline
+    (dilated by about a source pixel) and fills most of it."""
+    scale, x0, y0, correlation = _registration(shot, image)
+    assert correlation > 0.8, f"the viewport does not show {label} (grey-value correlation {correlation:.2f})"
+    expected = _to_screen(mask, shot.shape[:2], scale, x0, y0)
+    drawn = _segment_pixels(shot)
+    near = ndimage.binary_dilation(expected, iterations=max(2, round(scale)))
+    inside = (drawn & near).sum() / max(int(drawn.sum()), 1)
+    covered = (drawn & expected).sum() / max(int(expected.sum()), 1)
+    print(
+        f"{label}: {int(mask.sum())} tumour pixels in the SEG, {int(drawn.sum())} screen pixels of the "
+        f"segment colour, {inside:.1%} of them inside the outline, {covered:.1%} of the tumour coloured"
+    )
+    assert drawn.sum() > 0.5 * expected.sum(), f"the segmentation is not drawn on {label}"
+    assert inside > 0.95, f"{label}: only {inside:.1%} of the segment-coloured pixels lie inside the outline"
+    assert covered > 0.8, f"{label}: only {covered:.1%} of the tumour is drawn in the segment colour"
+
+
+def _check_tumour_free_slice(
+    shot: npt.NDArray[np.float64], image: npt.NDArray[Any], label: str, *, registered: bool
+) -> None:
+    """No pixel of the segment colour (and, where ``registered``, the slice's brain on screen)."""
+    if registered:
+        correlation = _registration(shot, image)[3]
+        assert correlation > 0.8, f"the viewport does not show {label} (correlation {correlation:.2f})"
+    drawn = int(_segment_pixels(shot).sum())
+    print(f"{label}: {drawn} screen pixels of the segment colour")
+    assert drawn == 0, f"segment colour drawn on {label}"
+
+
 @pytest.mark.slow
 def test_ohif_shows_the_seg_on_the_tumour_and_not_elsewhere(
     viewer_stack: tuple[stack.OrthancWeb, stack.ViewerServer, str, str], tmp_path: Path
@@ -145,10 +184,20 @@ def test_ohif_shows_the_seg_on_the_tumour_and_not_elsewhere(
     flair = {str(ds.SOPInstanceUID): ds for ds in (_dicom(orthanc, i) for i in flair_series["Instances"])}
     number = {uid_: int(ds.InstanceNumber) for uid_, ds in flair.items()}
     tumour_uid = max(masks, key=lambda u: int(masks[u].sum()))
-    tumour_numbers = [number[u] for u in masks if masks[u].any()]
+    area = {number[u]: int(m.sum()) for u, m in masks.items()}
+    uid_of = {n: u for u, n in number.items()}
     # Without tumour: the slice with the most brain among those at least 5 slices from any tumour.
-    far = [u for u in flair if min(abs(number[u] - n) for n in tumour_numbers) >= 5]
+    far = [u for u in flair if min(abs(number[u] - n) for n in area) >= 5]
     empty_uid = max(far, key=lambda u: int((flair[u].pixel_array > 0).sum()))
+    # Frame omission (OHIF has put segments on the wrong plane when empty frames are left out): the
+    # omitted slice inside the SEG's range with the most tumour next to it (the range's edges when
+    # there is no gap), and that tumour neighbour.
+    gaps = [n for n in range(min(area), max(area)) if n not in area] or [
+        n for n in (min(area) - 1, max(area) + 1) if n in uid_of
+    ]
+    gap = max(gaps, key=lambda n: max(area.get(n - 1, 0), area.get(n + 1, 0)))
+    beside = max((gap - 1, gap + 1), key=lambda n: area.get(n, 0))
+    shown = [number[empty_uid], gap, beside, number[tumour_uid]]  # last: the page screenshot shows it
 
     out = tmp_path / "browser"
     run = subprocess.run(
@@ -158,8 +207,7 @@ def test_ohif_shows_the_seg_on_the_tumour_and_not_elsewhere(
             viewer.url,
             uid,
             str(out),
-            str(number[empty_uid]),
-            str(number[tumour_uid]),  # last: the page screenshot shows it
+            *map(str, shown),
         ],
         capture_output=True,
         text=True,
@@ -177,34 +225,26 @@ def test_ohif_shows_the_seg_on_the_tumour_and_not_elsewhere(
     assert seg.SegmentSequence[0].SegmentLabel in panel, panel
     assert seg.SeriesDescription in panel, panel
 
-    by_number = {s["instance"]: s for s in report["slices"]}
-    # Slice with the most tumour: this FLAIR slice is on screen where expected, and the segment colour
-    # is drawn inside the tumour outline and fills it.
-    shot = np.asarray(Image.open(by_number[number[tumour_uid]]["png"]).convert("RGB"), dtype=np.float64)
-    scale, x0, y0, correlation = _registration(shot, flair[tumour_uid].pixel_array)
-    assert correlation > 0.8, (
-        f"the viewport does not show FLAIR instance {number[tumour_uid]} ({correlation})"
+    shots = {s["instance"]: _screenshot(s) for s in report["slices"]}
+    assert sorted(shots) == sorted(shown), (sorted(shots), shown)
+    image = {n: flair[uid_of[n]].pixel_array for n in shown}
+    _check_tumour_slice(
+        shots[number[tumour_uid]],
+        image[number[tumour_uid]],
+        masks[tumour_uid],
+        f"slice {number[tumour_uid]} (most tumour)",
     )
-    expected = _to_screen(masks[tumour_uid], shot.shape[:2], scale, x0, y0)
-    drawn = _segment_pixels(shot)
-    near = ndimage.binary_dilation(expected, iterations=max(2, round(scale)))
-    inside = (drawn & near).sum() / max(int(drawn.sum()), 1)
-    covered = (drawn & expected).sum() / max(int(expected.sum()), 1)
-    print(
-        f"slice {number[tumour_uid]}: {int(masks[tumour_uid].sum())} tumour pixels, "
-        f"{int(drawn.sum())} screen pixels of the segment colour, {inside:.1%} inside the outline, "
-        f"{covered:.1%} of it coloured"
+    _check_tumour_free_slice(
+        shots[number[empty_uid]],
+        image[number[empty_uid]],
+        f"slice {number[empty_uid]} (no tumour)",
+        registered=True,
     )
-    assert drawn.sum() > 0.5 * expected.sum(), "the segmentation is not drawn on the slice with most tumour"
-    assert inside > 0.95, f"only {inside:.1%} of the segment-coloured pixels lie inside the tumour outline"
-    assert covered > 0.8, f"only {covered:.1%} of the tumour is drawn in the segment colour"
-
-    # Slice without tumour: brain on screen, no pixel of the segment colour.
-    shot = np.asarray(Image.open(by_number[number[empty_uid]]["png"]).convert("RGB"), dtype=np.float64)
-    _, _, _, correlation = _registration(shot, flair[empty_uid].pixel_array)
-    assert correlation > 0.8, f"the viewport does not show FLAIR instance {number[empty_uid]} ({correlation})"
-    assert int(_segment_pixels(shot).sum()) == 0, (
-        f"segment colour drawn on tumour-free slice {number[empty_uid]}"
+    _check_tumour_free_slice(
+        shots[gap], image[gap], f"slice {gap} (omitted frame)", registered=bool((image[gap] > 0).sum() > 5000)
+    )
+    _check_tumour_slice(
+        shots[beside], image[beside], masks[uid_of[beside]], f"slice {beside} (beside the omitted frame)"
     )
 
     # SR: the tumour volume, in OHIF's measurement panel if OHIF renders it, otherwise read through
@@ -225,8 +265,8 @@ def test_ohif_shows_the_seg_on_the_tumour_and_not_elsewhere(
     assert concept == "Volume" and sr_ml == pytest.approx(seg_ml, rel=0.01), (concept, sr_ml, seg_ml)
     # What OHIF itself read from the SR: its DICOM Tag Browser lists the NumericValue.
     lines = report["srTagBrowser"].splitlines()
-    shown = [float(lines[i + 1]) for i, line in enumerate(lines[:-1]) if line == "NumericValue"]
-    assert shown == [pytest.approx(sr_ml, abs=1e-3)], (shown, sr_ml)
+    tag_values = [float(lines[i + 1]) for i, line in enumerate(lines[:-1]) if line == "NumericValue"]
+    assert tag_values == [pytest.approx(sr_ml, abs=1e-3)], (tag_values, sr_ml)
     if "No tracked measurements" in report["measurementPanel"]:
         print(
             "NOTE: OHIF 3.13.2 does not render the node's TID 1500 volume measurement in its measurement "
