@@ -140,10 +140,6 @@ class StorageSCP:
         self._in_flight: dict[int, set[str]] = {}
         self._in_flight_lock = threading.Lock()
         self._free_checked_at = -1e9
-        # One database writer at a time in this process: concurrent associations queue on a Python lock
-        # instead of SQLite's busy handler, whose back-off sleeps (1, 2, 5, 10 ... ms) made four
-        # associations slower than one.
-        self._db_lock = threading.Lock()
         self.ae = self._make_ae()
 
     def _make_ae(self) -> AE:
@@ -305,9 +301,8 @@ class StorageSCP:
             return set().union(*self._in_flight.values()) if self._in_flight else set()
 
     def _record(self, **row: Any) -> bool:
-        """:func:`node.store.record_instance` under the process's database write lock."""
-        with self._db_lock:
-            return store.record_instance(self.sf, **row)
+        """:func:`node.store.record_instance` (its write transactions queue on the process's write lock)."""
+        return store.record_instance(self.sf, **row)
 
     def _ignore(self, sop_class: str, sop_uid: str, calling_ae: str) -> int:
         new = self._record(
