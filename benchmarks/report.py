@@ -16,6 +16,14 @@ from common import REPO, RESULTS_DIR
 from price import DEFAULT_PRICE, price_performance, table
 
 NOTES = REPO / "benchmarks" / "notes.md"
+SHORT = {
+    "torch": "PyTorch eager\nFP32",
+    "onnxruntime": "ONNX Runtime\nFP32",
+    "ov-fp32": "OpenVINO FP32\n(f32 hint)",
+    "ov-bf16": "OpenVINO FP32\n(bf16 hint: runs f32)",
+    "ov-int8": "OpenVINO\nINT8",
+    "node": "the node: INT8,\nstatic batch 8",
+}
 
 
 def chart(inference: dict[str, Any], path: Path) -> None:
@@ -26,8 +34,7 @@ def chart(inference: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     engines = inference["engines"]
-    labels = [e["label"].replace(" (f32 hint)", "\n(f32 hint)").replace(", bf16 hint", "\nbf16 hint")
-              for e in engines]
+    labels = [SHORT.get(e["engine"], e["label"]) for e in engines]
     x = range(len(engines))
     fig, ax = plt.subplots(figsize=(9, 4.5), dpi=110)
     ax.bar([i - 0.2 for i in x], [e["batch1"] for e in engines], 0.4, label="batch 1", color="#9bb7d4")
