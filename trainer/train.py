@@ -90,7 +90,7 @@ class TrainConfig:
             raise TrainerError(
                 f"crop size {self.crop_size} must be two positive multiples of 2**depth = {multiple}"
             )
-        for name in ("epochs", "batch_size"):
+        for name in ("epochs", "batch_size", "patience"):
             if getattr(self, name) < 1:
                 raise TrainerError(f"{name} {getattr(self, name)} must be at least 1")
 
@@ -244,6 +244,14 @@ class Trainer:
         spacing = self.config.spacing_mm or (
             saved["card"]["preprocessing"]["spacing_mm"] if saved else median_spacing(refs)
         )
+        if not split["val"]:
+            # best.pt and early stopping both go by validation Dice: without a validation case the
+            # run would never write best.pt and would stop after `patience` epochs.
+            raise TrainerError(
+                f"validation fraction {self.config.val_fraction} leaves no validation case among "
+                f"{len(refs)} case(s) under {self.config.data}: best.pt and early stopping need "
+                "validation Dice (use --val-fraction > 0 and data of at least 2 patients)"
+            )
         self.card = card_base(self.config, spacing)
         by_id = {r.case_id: r for r in refs}
         missing = [c for c in split["train"] + split["val"] if c not in by_id]
