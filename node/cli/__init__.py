@@ -11,6 +11,7 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from node.cli import convert, dbcmd, models, nodecmd, traincmd
 
@@ -82,5 +83,6 @@ def main() -> None:
             sys.exit(exc.exit_code)
         if _state["debug"] or not isinstance(exc, _user_errors()):
             raise
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        # escape: a message naming a config section ("[node] ...") is text, not Rich markup
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2)
