@@ -264,7 +264,7 @@ def test_replicas_with_shared_spool_and_external_db(helm: str, tmp_path: Path) -
         "postgresql+psycopg://segnode:secret@pg.db.svc:5432/segnode"
     )
     settings = load_settings(node_toml(docs, tmp_path), env={})
-    assert settings.node.ae_title == "SEGNODE_K8S" and settings.node.port == 104
+    assert settings.node.ae_title == "SEGNODE_K8S" and settings.node.port == 11112
     assert settings.node.allowed_calling_aes == ["PACS1", "PACS2"]
     assert settings.node.study_idle_seconds == 20.0 and settings.node.workers == 2
     assert settings.selection.flair_min_ti_ms == 1800.0
@@ -273,7 +273,7 @@ def test_replicas_with_shared_spool_and_external_db(helm: str, tmp_path: Path) -
         Destination("archive", "ARCHIVE", "archive.radiology.svc", 11112),
     ]
     node = container(sts, "node")
-    assert {p["name"]: p["containerPort"] for p in node["ports"]} == {"dicom": 104, "metrics": 9200}
+    assert {p["name"]: p["containerPort"] for p in node["ports"]} == {"dicom": 11112, "metrics": 9200}
     # TLS: the Secret mounted where node.toml's paths point.
     mounts = {m["name"]: m["mountPath"] for m in node["volumeMounts"]}
     assert settings.tls.enabled and Path(settings.tls.cert).parent == Path(mounts["tls"])
@@ -281,9 +281,14 @@ def test_replicas_with_shared_spool_and_external_db(helm: str, tmp_path: Path) -
     assert node["image"].startswith("segnode-node@sha256:")
     policy = one(docs, "NetworkPolicy", FULLNAME)
     rules = {r["ports"][0]["port"]: r["from"] for r in policy["spec"]["ingress"]}
-    assert set(rules) == {104, 9200}
-    assert rules[104][0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"] == "radiology"
-    assert one(docs, "Service", f"{FULLNAME}-dicom")["spec"]["type"] == "LoadBalancer"
+    assert set(rules) == {11112, 9200}
+    assert rules[11112][0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"] == "radiology"
+    # The PACS's port 104 is the Service's; the non-root pod listens on 11112 behind it.
+    dicom_service = one(docs, "Service", f"{FULLNAME}-dicom")["spec"]
+    assert dicom_service["type"] == "LoadBalancer"
+    assert dicom_service["ports"] == [
+        {"name": "dicom", "port": 104, "targetPort": "dicom", "protocol": "TCP"}
+    ]
     pdb = one(docs, "PodDisruptionBudget", FULLNAME)
     assert pdb["spec"]["maxUnavailable"] == 1
     assert pdb["spec"]["selector"]["matchLabels"] == sts["spec"]["selector"]["matchLabels"]
@@ -406,6 +411,8 @@ def test_given_postgres_password_is_url_quoted(helm: str) -> None:
         (["--set", "config.node.prot=1"], "config.node: Additional property prot is not allowed"),
         (["--set", "config.node.ae_title=SEGNODE_AE_TITLE_TOO_LONG"], "config.node.ae_title"),
         (["--set", "config.metrics.port=70000"], "config.metrics.port"),
+        # Non-root, no capabilities: the pod cannot bind 104; the Service exposes it instead.
+        (["--set", "config.node.port=104"], "config.node.port: Must be greater than or equal to 1024"),
         (["--set", "config.node.workers=two"], "config.node.workers"),
         (["--set", "training.runName=Run_1"], "training.runName"),
         (["--set", "config.destinations[0].name=pacs"], "config.destinations.0"),
