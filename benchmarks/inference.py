@@ -9,9 +9,10 @@ of the full path (preprocess, infer, restore) against the ground truth of every 
 
 The model's operations per slice come from its ONNX graph (2 x multiply-accumulates of every Conv
 and ConvTranspose). The CPU's FP32 peak is measured in the same run by a large matrix product (numpy
-BLAS and an OpenVINO MatMul, the faster counts); the INT8 peak by an OpenVINO MatMul whose input
-goes through a FakeQuantize and whose weights are int8, which OpenVINO's low-precision transforms turn
-into the same u8 x s8 GEMM kernels its INT8 convolutions use.
+BLAS, an OpenVINO MatMul and three large 3x3 OpenVINO convolutions, the fastest counts); the INT8
+peak by the same MatMul and convolutions with a FakeQuantize on the input and int8 weights (the
+pattern NNCF writes), which OpenVINO's low-precision transforms turn into its u8 x s8 kernels; the
+kernel names are read back from the runtime graph, so an f32 fallback would show.
 
 PyTorch eager runs the shipped ONNX graph's own weights op by op with ``torch.nn.functional`` (the
 shipped model has no checkpoint; batch norm is already folded into the convolutions there), so every
