@@ -242,7 +242,8 @@ def schedule_due_studies(
 
     A study that already has a queued (not yet started) job gets no second one: that job reads the
     study's instances when it starts. Studies in ``receiving`` (an association still open is
-    delivering them) are never due. Returns the ids of the jobs created.
+    delivering them) are never due, and a study without a kept instance (its C-STOREs all failed
+    their spool writes) gets no job. Returns the ids of the jobs created.
     """
     now = now or utcnow()
     cutoff = now - timedelta(seconds=idle_seconds)
@@ -275,6 +276,14 @@ def schedule_due_studies(
                 if queued is not None:
                     continue
                 study = s.get_one(NodeStudy, study_id)
+                if not _kept_count(s, study.study_instance_uid):
+                    # Every C-STORE of the study failed its spool write (each took its row back), so
+                    # there is nothing to run; an instance that does arrive sets pending again.
+                    logger.warning(
+                        "study %d has no kept instances (their spool writes failed); no job queued",
+                        study_id,
+                    )
+                    continue
                 study.runs += 1
                 job = NodeJob(
                     study_id=study_id,
@@ -324,7 +333,7 @@ def claim_job(sf: SessionFactory, owner: str | None = None, now: datetime | None
                 .join(NodeStudy, NodeStudy.study_instance_uid == NodeInstance.study_instance_uid)
                 .join(NodeJob, NodeJob.study_id == NodeStudy.id)
                 .where(NodeJob.id == job_id, NodeInstance.kept.is_(True))
-            )
+            )  # the instances this run covers: see _job_instances
             changed = s.execute(
                 update(NodeJob)
                 .where(NodeJob.id == job_id, NodeJob.status == "queued")
@@ -393,32 +402,57 @@ def requeue_stale(
     return requeued
 
 
+def _kept_count(s: Session, study_uid: str) -> int:
+    return int(
+        s.scalar(
+            select(func.count(NodeInstance.id)).where(
+                NodeInstance.study_instance_uid == study_uid, NodeInstance.kept.is_(True)
+            )
+        )
+        or 0
+    )
+
+
+def _job_instances(s: Session, job_id: int) -> list[tuple[str | None, str]]:
+    """(series UID, spool path) of the kept instances a job covers, in the order received.
+
+    Once claimed, a job covers the ``instance_count`` instances its claim counted (the study as it
+    was when idle), not those that arrived since: those set the study pending again and make the
+    next run, so a late instance is never half in this run and left out of its count (nor read
+    before its spool file is in place). On SQLite row ids follow commit order, so these are exactly
+    the claimed instances; on PostgreSQL an id is taken at insert, so an instance committed just
+    after the claim may stand in for a claimed one, and the next run, which it made, covers both.
+    A queued job covers every kept instance received so far.
+    """
+    job = s.get(NodeJob, job_id)
+    if job is None:
+        return []
+    query = (
+        select(NodeInstance.series_instance_uid, NodeInstance.path)
+        .join(NodeStudy, NodeStudy.study_instance_uid == NodeInstance.study_instance_uid)
+        .where(NodeStudy.id == job.study_id, NodeInstance.kept.is_(True))
+        .order_by(NodeInstance.id)
+    )
+    if job.status != "queued":
+        query = query.limit(job.instance_count)
+    return [(series, path) for series, path in s.execute(query).all() if path]
+
+
 def job_instance_paths(sf: SessionFactory, job_id: int) -> list[str]:
-    """Spool paths of the kept instances of the job's study."""
+    """Spool paths of the kept instances the job covers (see :func:`job_series_paths`)."""
     with sf() as s:
-        rows = s.scalars(
-            select(NodeInstance.path)
-            .join(NodeStudy, NodeStudy.study_instance_uid == NodeInstance.study_instance_uid)
-            .join(NodeJob, NodeJob.study_id == NodeStudy.id)
-            .where(NodeJob.id == job_id, NodeInstance.kept.is_(True))
-            .order_by(NodeInstance.id)
-        ).all()
-    return [r for r in rows if r]
+        return [path for _, path in _job_instances(s, job_id)]
 
 
 def job_series_paths(sf: SessionFactory, job_id: int) -> dict[str, list[str]]:
-    """Spool paths of the kept instances of the job's study, grouped by SeriesInstanceUID."""
-    with sf() as s:
-        rows = s.execute(
-            select(NodeInstance.series_instance_uid, NodeInstance.path)
-            .join(NodeStudy, NodeStudy.study_instance_uid == NodeInstance.study_instance_uid)
-            .join(NodeJob, NodeJob.study_id == NodeStudy.id)
-            .where(NodeJob.id == job_id, NodeInstance.kept.is_(True))
-            .order_by(NodeInstance.id)
-        ).all()
+    """Spool paths of the kept instances the job covers, grouped by SeriesInstanceUID.
+
+    A claimed job covers the ``instance_count`` instances counted when it was claimed; instances
+    that arrived later belong to the next run of the study.
+    """
     groups: dict[str, list[str]] = {}
-    for series, path in rows:
-        if path:
+    with sf() as s:
+        for series, path in _job_instances(s, job_id):
             groups.setdefault(str(series), []).append(path)
     return groups
 
