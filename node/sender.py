@@ -2,7 +2,10 @@
 
 Each due send row is leased (a conditional update) before its C-STORE, so two sender threads or
 processes never both send it; it is marked ``done`` only after the destination's Success status. A
-destination that is down gets its rows rescheduled with exponential backoff and blocks no other.
+destination that is down gets its rows rescheduled with exponential backoff and blocks no other: each
+destination is delivered in a thread of its own (``segnode-send-NAME``), and a destination whose
+delivery is still running is not claimed again until it ends, so one that accepts TCP and never answers
+holds only its own sends, for up to the association timeout.
 """
 
 from __future__ import annotations
@@ -10,8 +13,12 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
-from collections import defaultdict
+import threading
+import time
+from collections import defaultdict, deque
 from collections.abc import Sequence
+from concurrent.futures import Future
+from concurrent.futures import wait as wait_futures
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +33,9 @@ logger = logging.getLogger(__name__)
 
 #: Seconds a send row stays leased to the sender that took it.
 LEASE_SECONDS = 120.0
+
+#: A destination as its send rows name it: (name, AE title, host, port).
+DestinationKey = tuple[str, str, str, int]
 
 
 def set_nodelay(assoc: Any) -> None:
@@ -101,7 +111,26 @@ def store_files(
 
 
 class Sender:
-    """Delivers due sends; call :meth:`run_once` periodically."""
+    """Delivers due sends; call :meth:`run_once` periodically, from one thread.
+
+    Parameters
+    ----------
+    sf:
+        The session factory of the node's database.
+    metrics:
+        Where the per-destination send and failure counters go.
+    calling_ae:
+        Our AE title on the associations.
+    base_seconds, max_seconds:
+        Backoff after a failed attempt: ``base_seconds`` doubled per attempt, at most ``max_seconds``.
+    tls:
+        A client SSL context (DICOM over TLS, PS3.15 B.1), or None.
+    timeout:
+        ACSE, DIMSE and network timeout of each association, in seconds: how long a destination that
+        accepts TCP but never answers holds its own delivery.
+    max_parallel:
+        Deliveries (one per destination) running at once; further destinations wait for a later call.
+    """
 
     def __init__(
         self,
@@ -111,6 +140,8 @@ class Sender:
         base_seconds: float = 5.0,
         max_seconds: float = 600.0,
         tls: ssl.SSLContext | None = None,
+        timeout: float = 30.0,
+        max_parallel: int = 8,
     ) -> None:
         self.sf = sf
         self.metrics = metrics
@@ -118,23 +149,133 @@ class Sender:
         self.base_seconds = base_seconds
         self.max_seconds = max_seconds
         self.tls = tls
+        self.timeout = timeout
+        self.max_parallel = max(1, max_parallel)
+        self._lock = threading.Lock()
+        self._in_flight: dict[DestinationKey, threading.Thread] = {}
+        self._errors: deque[Exception] = deque()  # of background deliveries, not yet reported
+        self._closed = False
 
-    def run_once(self) -> int:
-        """Attempt every due send once; returns how many were acknowledged."""
-        due = store.due_sends(self.sf)
-        groups: dict[tuple[str, str, str, int], list[store.SendInfo]] = defaultdict(list)
-        for send in due:
+    def run_once(self, wait: bool = True) -> int:
+        """Claim the due sends of every destination not being delivered now and deliver them, one
+        thread per destination.
+
+        Parameters
+        ----------
+        wait:
+            True: return when these deliveries have ended, with how many sends were acknowledged (the
+            first exception of a delivery is raised once all have ended). False: return at once with
+            how many sends were claimed; the deliveries go on in the background.
+
+        Raises
+        ------
+        Exception
+            Also the exception of a background delivery that ended before this call (a database error,
+            say), one per call, so that the caller's error handling sees it.
+        """
+        if self._closed:
+            return 0
+        earlier = self._take_background_error()  # of a delivery that ended before this call
+        try:
+            groups = self._claim()
+            futures = [self._start(key, sends, background=not wait) for key, sends in groups.items()]
+            if wait:
+                wait_futures(futures)
+                for future in futures:
+                    if (exc := future.exception()) is not None:
+                        raise exc
+        except Exception:
+            if earlier is not None:  # kept for the next call
+                with self._lock:
+                    self._errors.appendleft(earlier)
+            raise
+        if earlier is not None:
+            raise earlier
+        if wait:
+            return sum(future.result() for future in futures)
+        return sum(len(sends) for sends in groups.values())
+
+    def in_flight(self) -> list[str]:
+        """Names of the destinations whose delivery is running now."""
+        with self._lock:
+            return sorted(key[0] for key in self._in_flight)
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Start no more deliveries and wait up to ``timeout`` seconds for the running ones.
+
+        A delivery still running after that keeps its sends leased; they are sent again once the lease
+        ends (by this process if it carries on, else by the next start).
+        """
+        self._closed = True
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            threads = list(self._in_flight.values())
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        if still := self.in_flight():
+            logger.warning("sender stopped with deliveries still running to: %s", ", ".join(still))
+        with self._lock:
+            errors, self._errors = list(self._errors), deque()
+        for exc in errors:
+            logger.error("send delivery error", exc_info=exc)
+
+    def _claim(self) -> dict[DestinationKey, list[store.SendInfo]]:
+        """Lease the due sends, grouped by destination, skipping destinations being delivered now."""
+        with self._lock:
+            busy = set(self._in_flight)
+        groups: dict[DestinationKey, list[store.SendInfo]] = defaultdict(list)
+        for send in store.due_sends(self.sf, exclude_destinations={key[0] for key in busy}):
+            key = (send.destination, send.ae_title, send.host, send.port)
+            if key in busy or (key not in groups and len(busy) + len(groups) >= self.max_parallel):
+                continue
             if store.claim_send(self.sf, send, LEASE_SECONDS):
-                groups[(send.destination, send.ae_title, send.host, send.port)].append(send)
-        delivered = 0
-        for (name, ae_title, host, port), sends in groups.items():
-            delivered += self._deliver(name, ae_title, host, port, sends)
-        return delivered
+                groups[key].append(send)
+        return groups
+
+    def _start(self, key: DestinationKey, sends: list[store.SendInfo], background: bool) -> Future[int]:
+        future: Future[int] = Future()
+        thread = threading.Thread(
+            target=self._run,
+            args=(key, sends, future, background),
+            name=f"segnode-send-{key[0]}",
+            daemon=True,  # a destination that never answers must not hold up the process's exit
+        )
+        with self._lock:
+            self._in_flight[key] = thread
+        thread.start()
+        return future
+
+    def _run(
+        self, key: DestinationKey, sends: list[store.SendInfo], future: Future[int], background: bool
+    ) -> None:
+        """A delivery thread: the destination is free again before its result is published."""
+        try:
+            delivered = self._deliver(*key, sends)
+        except Exception as exc:
+            # Reported in full by the caller (the next run_once raises it); this line names the
+            # destination. Sends not yet marked stay leased and are retried when the lease ends.
+            first_line = (str(exc).strip().splitlines() or [""])[0]
+            logger.warning("delivery to %s stopped: %s: %s", key[0], type(exc).__name__, first_line)
+            with self._lock:
+                del self._in_flight[key]
+                if background:
+                    self._errors.append(exc)
+            future.set_exception(exc)
+        else:
+            with self._lock:
+                del self._in_flight[key]
+            future.set_result(delivered)
+
+    def _take_background_error(self) -> Exception | None:
+        with self._lock:
+            return self._errors.popleft() if self._errors else None
 
     def _deliver(self, name: str, ae_title: str, host: str, port: int, sends: list[store.SendInfo]) -> int:
         try:
             paths = [Path(s.path) for s in sends]
-            results = store_files(paths, host, port, ae_title, self.calling_ae, tls=self.tls)
+            results = store_files(
+                paths, host, port, ae_title, self.calling_ae, timeout=self.timeout, tls=self.tls
+            )
         except (ConnectionError, OSError, ValueError) as exc:
             for send in sends:
                 self._failed(send, str(exc))

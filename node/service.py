@@ -1,8 +1,9 @@
 """``segnode serve``: the SCP, worker threads, the sender and the metrics endpoint in one process.
 
-Start-up order: database upgraded to head, jobs left running by a dead process queued again, the
-inference device checked (an absent device is a start-up error), the active model loaded (none is
-not an error: jobs wait queued until one is promoted), then the SCP, workers, sender and HTTP.
+Start-up order: the inference device checked (an absent device is a start-up error, and leaves the
+database untouched), database upgraded to head, jobs left running by a dead process queued again, the
+active model loaded (none is not an error: jobs wait queued until one is promoted), then the SCP,
+workers, sender and HTTP.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from node import store
 from node.config import Settings
 from node.metrics import MetricsServer, NodeMetrics
 from node.pipeline import JobContext, run_job
-from node.runtime import ModelRuntime
+from node.runtime import ModelRuntime, check_device
 from node.scp import StorageSCP
 from node.selection import SeriesSelector
 from node.sender import Sender, client_tls_context
@@ -68,6 +69,7 @@ class NodeService:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        check_device(settings.node.inference_device)  # before the database is created or migrated
         url = settings.database.resolved_url()
         upgrade(url)
         self.engine = make_engine(url)
@@ -146,6 +148,7 @@ class NodeService:
         self._stop.set()
         for thread in self._threads:
             thread.join(timeout)
+        self.sender.shutdown(timeout)
         if self.http:
             self.http.stop()
         self.engine.dispose()
@@ -212,8 +215,10 @@ class NodeService:
         outage = _Outage()
         while not self._stop.is_set():
             try:
-                self.sender.run_once()
-            except DBAPIError as exc:
+                # Deliveries run in the background, one per destination: a destination that hangs
+                # holds its own sends only, and new results to the others go out at the next poll.
+                self.sender.run_once(wait=False)
+            except DBAPIError as exc:  # also one raised inside a background delivery
                 outage.failed("sender", exc, poll)
             except Exception:
                 logger.exception("sender loop error; retrying in %.1f s", poll)

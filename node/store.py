@@ -614,16 +614,23 @@ def instance_counts(sf: SessionFactory) -> dict[str, int]:
 # -- sends -------------------------------------------------------------------------------------------------
 
 
-def due_sends(sf: SessionFactory, now: datetime | None = None, limit: int = 100) -> list[SendInfo]:
-    """Pending sends whose next attempt is due, oldest first."""
+def due_sends(
+    sf: SessionFactory,
+    now: datetime | None = None,
+    limit: int = 100,
+    exclude_destinations: Collection[str] = (),
+) -> list[SendInfo]:
+    """Pending sends whose next attempt is due, oldest first.
+
+    ``exclude_destinations``: destination names left out (those being delivered now), so that the
+    ``limit`` rows are all sends that can go out.
+    """
     now = now or utcnow()
+    query = select(NodeSend).where(NodeSend.status == "pending", NodeSend.next_attempt_at <= now)
+    if exclude_destinations:
+        query = query.where(NodeSend.destination.not_in(list(exclude_destinations)))
     with sf() as s:
-        rows = s.scalars(
-            select(NodeSend)
-            .where(NodeSend.status == "pending", NodeSend.next_attempt_at <= now)
-            .order_by(NodeSend.id)
-            .limit(limit)
-        ).all()
+        rows = s.scalars(query.order_by(NodeSend.id).limit(limit)).all()
         return [_send_info(r) for r in rows]
 
 

@@ -99,6 +99,9 @@ def test_serve_refuses_an_absent_inference_device(tmp_path: Path) -> None:
     )
     assert "Traceback" not in run.stdout + run.stderr
     assert "serving" not in run.stdout
+    # Refused before the database is touched: none created (nor migrated), here or in SEGNODE_HOME.
+    assert not (tmp_path / "node.db").exists()
+    assert not list((tmp_path / "var").rglob("*.db"))
 
     debug = _serve(config, tmp_path / "var", "--debug")
     assert debug.returncode != 0

@@ -116,6 +116,9 @@ def test_finish_queues_sends_and_backoff_doubles(sf: store.SessionFactory) -> No
     assert not store.finish_job(sf, job, status="done", outputs=outputs, destinations=dests)  # not twice
     sends = store.due_sends(sf, now=T0)
     assert len(sends) == 4
+    # A destination being delivered now is left out in the query, so its rows take none of the limit.
+    assert {s.destination for s in store.due_sends(sf, now=T0, limit=2, exclude_destinations={"a"})} == {"b"}
+    assert len(store.due_sends(sf, now=T0, limit=2, exclude_destinations={"a"})) == 2
     first = sends[0]
     assert store.claim_send(sf, first, 60, now=T0)
     assert not store.claim_send(sf, first, 60, now=T0)  # leased
