@@ -20,10 +20,16 @@ SHORT = {
     "torch": "PyTorch eager\nFP32",
     "onnxruntime": "ONNX Runtime\nFP32",
     "ov-fp32": "OpenVINO FP32\n(f32 hint)",
-    "ov-bf16": "OpenVINO FP32\n(bf16 hint: runs f32)",
+    "ov-bf16": "OpenVINO FP32\n(bf16 hint: runs {precision})",
     "ov-int8": "OpenVINO\nINT8",
     "node": "the node: INT8,\nstatic batch 8",
 }
+
+
+def chart_label(engine: dict[str, Any]) -> str:
+    """The engine's short name under its bars; the bf16-hint row says what it computed in."""
+    precision = str(engine.get("precision", "?")).replace("float32", "f32").replace("bfloat16", "bf16")
+    return SHORT.get(engine["engine"], engine.get("label", engine["engine"])).format(precision=precision)
 
 
 def chart(inference: dict[str, Any], path: Path) -> None:
@@ -34,7 +40,7 @@ def chart(inference: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     engines = inference["engines"]
-    labels = [SHORT.get(e["engine"], e["label"]) for e in engines]
+    labels = [chart_label(e) for e in engines]
     x = range(len(engines))
     fig, ax = plt.subplots(figsize=(9, 4.5), dpi=110)
     ax.bar([i - 0.2 for i in x], [e["batch1"] for e in engines], 0.4, label="batch 1", color="#9bb7d4")

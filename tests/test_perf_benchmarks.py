@@ -78,6 +78,13 @@ def test_peaks_use_integer_kernels_for_int8() -> None:
     assert result["fp32_peak"] > 1e9 and result["int8_peak"] > 1e9
     for name, kernels in result["kernels"].items():
         assert kernels and all("I8" in k for k in kernels), (name, kernels)
+    # The bf16 row's peak: the same operations with the bf16 hint, their kernels named (f32 ones on a
+    # CPU without AVX-512 BF16 or AMX).
+    assert result["bf16_peak"] > 1e9
+    assert set(result["bf16_kernels"]) == set(result["bf16"]) and all(result["bf16_kernels"].values())
+    assert inference._peak_for(result, "ov-bf16") == result["bf16_peak"]
+    assert inference._peak_for(result, "node") == result["int8_peak"]
+    assert inference._peak_for(result, "torch") == result["fp32_peak"]
 
 
 def test_measure_engine_on_one_holdout_case() -> None:
@@ -154,3 +161,7 @@ def test_end_to_end_price_and_report_on_a_synthetic_case(tmp_path: Path) -> None
     assert (tmp_path / "docs" / "images" / "inference.png").stat().st_size > 1000
     for part in ("INFERENCE TABLE", "INGEST TABLE", "images/inference.png", "studies / hour / core", "avx2"):
         assert part in doc
+    # The bf16-hint bars say what OpenVINO computed in on this CPU, not a fixed text.
+    assert report.chart_label({"engine": "ov-bf16", "precision": "bfloat16"}).endswith("runs bf16)")
+    assert report.chart_label({"engine": "ov-bf16", "precision": "float32"}).endswith("runs f32)")
+    assert report.chart_label({"engine": "torch", "label": "PyTorch eager FP32"}) == "PyTorch eager\nFP32"
