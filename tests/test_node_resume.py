@@ -380,15 +380,19 @@ def test_failed_spool_write_of_a_late_instance_loses_nothing(
     assert _store_one(env.port, late) == dimse.OUT_OF_RESOURCES
     monkeypatch.undo()
     assert _store_one(env.port, late) == dimse.SUCCESS  # the PACS's retry
-    wait_until(
-        lambda: len([j for j in _jobs_of(env.node.sf, uid) if j.status == "done"]) >= 2,
-        60,
-        "the run of the retry",
-    )
-    env.catcher.wait_for(lambda r: len(r) >= 4, 30)
+
+    def covering_run() -> store.JobInfo | None:
+        done = [j for j in _jobs_of(env.node.sf, uid) if j.status == "done"]
+        return next((j for j in reversed(done) if j.instance_count == SHAPE[2] + 1), None)
+
+    final = wait_until(covering_run, 60, "a run that covers the retried instance")
     runs = [(j.run, j.status, j.instance_count) for j in _jobs_of(env.node.sf, uid)]
     assert runs[0] == (1, "done", SHAPE[2])
-    assert runs[-1] == (len(runs), "done", SHAPE[2] + 1)
+    assert runs[-1] == (final.run, "done", SHAPE[2] + 1)
+    # When the failed write's study comes due before the PACS's retry arrives (a loaded machine), a
+    # run over the unchanged instances comes between: a duplicate SEG, nothing lost (node/README.md).
+    assert all(status == "done" and count in (SHAPE[2], SHAPE[2] + 1) for _, status, count in runs)
+    env.catcher.wait_for(lambda r: len(r) >= 2 * len(runs), 30)
     assert pydicom.dcmread(late).SOPInstanceUID in {
-        Path(p).stem for p in store.job_instance_paths(env.node.sf, _jobs_of(env.node.sf, uid)[-1].id)
+        Path(p).stem for p in store.job_instance_paths(env.node.sf, final.id)
     }
