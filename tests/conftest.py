@@ -5,7 +5,18 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import pydicom
 import pytest
+
+
+@pytest.fixture()
+def strict_pydicom() -> Iterator[None]:
+    """Strict validation: every value we write or read must be valid for its VR."""
+    settings = pydicom.config.settings
+    saved = (settings.reading_validation_mode, settings.writing_validation_mode)
+    settings.reading_validation_mode = settings.writing_validation_mode = pydicom.config.RAISE
+    yield
+    settings.reading_validation_mode, settings.writing_validation_mode = saved
 
 
 @pytest.fixture()

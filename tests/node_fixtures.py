@@ -6,9 +6,10 @@ import hashlib
 import json
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -16,6 +17,9 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from node.config import Destination, Settings
+
+if TYPE_CHECKING:
+    from node.service import NodeService
 
 WHOLE_TUMOUR_LABEL = {
     "value": 1,
@@ -105,6 +109,20 @@ def install_model(registry: Any, model_dir: Path) -> Any:
     infos = registry.import_dir(model_dir)
     ir = next(i for i in infos if i.kind == "ir")
     return registry.promote(ir.id, by="test", reason="test model")
+
+
+@contextmanager
+def running_node(settings: Settings, model_dir: Path) -> Iterator[NodeService]:
+    """A started node serving ``model_dir``'s IR as its active model; stopped on leaving."""
+    from node.service import NodeService
+
+    node = NodeService(settings)
+    install_model(node.registry, model_dir)
+    node.start()
+    try:
+        yield node
+    finally:
+        node.stop()
 
 
 class CatchingSCP:

@@ -9,7 +9,7 @@ import re
 import subprocess
 import warnings
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -32,15 +32,9 @@ from tests.peers import require_program, require_shared
 
 GE_SERIES = ("dicom", "ge_t1_mprage_healthy")
 
+# Every value we write or read must be valid for its VR (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("strict_pydicom")
 
-@pytest.fixture(autouse=True)
-def strict_pydicom() -> Iterator[None]:
-    """Strict validation: every value we write or read must be valid for its VR."""
-    settings = pydicom.config.settings
-    saved = (settings.reading_validation_mode, settings.writing_validation_mode)
-    settings.reading_validation_mode = settings.writing_validation_mode = pydicom.config.RAISE
-    yield
-    settings.reading_validation_mode, settings.writing_validation_mode = saved
 
 
 def _dciodvfy(files: list[Path]) -> list[str]:

@@ -9,7 +9,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +37,8 @@ from node.preview import COLOURS, render_preview
 from node.seg import build_seg
 from node.selection import SeriesSelector, series_info
 from node.sender import store_files
-from node.service import NodeService
 from node.spool import spool_path
-from tests.node_fixtures import CatchingSCP, install_model, make_threshold_model, node_settings, wait_until
+from tests.node_fixtures import CatchingSCP, make_threshold_model, node_settings, running_node, wait_until
 from tests.peers import REPO, free_port, require_program
 from trainer.card import TASK_LABELS
 
@@ -47,14 +46,6 @@ ENHANCED_MR = UID("1.2.840.10008.5.1.4.1.1.4.1")
 MR_IMAGE = UID("1.2.840.10008.5.1.4.1.1.4")
 
 
-@pytest.fixture()
-def strict_pydicom() -> Iterator[None]:
-    """Strict validation: every value we write or read must be valid for its VR."""
-    settings = pydicom.config.settings
-    saved = (settings.reading_validation_mode, settings.writing_validation_mode)
-    settings.reading_validation_mode = settings.writing_validation_mode = pydicom.config.RAISE
-    yield
-    settings.reading_validation_mode, settings.writing_validation_mode = saved
 
 
 # --- 1. inference device: an absent one is a start-up error -------------------------------------------
@@ -574,38 +565,35 @@ def test_genuine_enhanced_mr_is_kept_and_segmented(
     settings = node_settings(
         tmp_path, free_port(), [Destination("pacs", "CATCHER", "127.0.0.1", catcher.port)]
     )
-    node = NodeService(settings)
-    install_model(node.registry, model_dir)
-    node.start()
     try:
-        [(_, status, error)] = store_files([path], "127.0.0.1", node.scp.port, "SEGNODE", "PACS")
-        assert status == dimse.SUCCESS, error
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-        with node.sf() as s:
-            [row] = s.scalars(select(NodeInstance))
-            assert (row.sop_instance_uid, row.sop_class_uid, row.kept) == (
-                str(ds.SOPInstanceUID),
-                ENHANCED_MR,
-                True,
+        with running_node(settings, model_dir) as node:
+            [(_, status, error)] = store_files([path], "127.0.0.1", node.scp.port, "SEGNODE", "PACS")
+            assert status == dimse.SUCCESS, error
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            with node.sf() as s:
+                [row] = s.scalars(select(NodeInstance))
+                assert (row.sop_instance_uid, row.sop_class_uid, row.kept) == (
+                    str(ds.SOPInstanceUID),
+                    ENHANCED_MR,
+                    True,
+                )
+                spooled = Path(row.path or "")
+            assert spooled == spool_path(
+                settings.node.spool_path(), ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID
             )
-            spooled = Path(row.path or "")
-        assert spooled == spool_path(
-            settings.node.spool_path(), ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID
-        )
-        assert pydicom.dcmread(spooled).PixelData == pydicom.dcmread(path).PixelData
+            assert pydicom.dcmread(spooled).PixelData == pydicom.dcmread(path).PixelData
 
-        def finished() -> store.JobInfo | None:
-            return next(
-                (j for j in store.list_jobs(node.sf) if j.status in ("done", "failed", "skipped")), None
-            )
+            def finished() -> store.JobInfo | None:
+                return next(
+                    (j for j in store.list_jobs(node.sf) if j.status in ("done", "failed", "skipped")), None
+                )
 
-        job = wait_until(finished, 60, "the job of the Enhanced MR study")
-        assert job.status == "done", job.reason
-        assert job.result["series"] == {"FLAIR": str(ds.SeriesInstanceUID)}
-        received = catcher.wait_for(lambda r: any(d.Modality == "SEG" for d in r), 30)
-        seg = next(d for d in received if d.Modality == "SEG")
+            job = wait_until(finished, 60, "the job of the Enhanced MR study")
+            assert job.status == "done", job.reason
+            assert job.result["series"] == {"FLAIR": str(ds.SeriesInstanceUID)}
+            received = catcher.wait_for(lambda r: any(d.Modality == "SEG" for d in r), 30)
+            seg = next(d for d in received if d.Modality == "SEG")
     finally:
-        node.stop()
         catcher.stop()
     [series] = seg.ReferencedSeriesSequence
     assert series.SeriesInstanceUID == ds.SeriesInstanceUID

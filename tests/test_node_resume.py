@@ -32,7 +32,14 @@ from node.config import Destination
 from node.exceptions import SpoolError
 from node.sender import store_files
 from node.service import NodeService
-from tests.node_fixtures import CatchingSCP, install_model, make_threshold_model, node_settings, wait_until
+from tests.node_fixtures import (
+    CatchingSCP,
+    install_model,
+    make_threshold_model,
+    node_settings,
+    running_node,
+    wait_until,
+)
 from tests.peers import free_port
 from tests.world_fixtures import ServedNode
 
@@ -286,13 +293,8 @@ def env(tmp_path: Path, model_dir: Path, catcher: CatchingSCP) -> Iterator[Env]:
     settings = node_settings(
         tmp_path, free_port(), [Destination("pacs", "CATCHER", "127.0.0.1", catcher.port)]
     )
-    node = NodeService(settings)
-    install_model(node.registry, model_dir)
-    node.start()
-    try:
+    with running_node(settings, model_dir) as node:
         yield Env(node, catcher)
-    finally:
-        node.stop()
 
 
 def test_instances_between_claim_and_select_go_to_the_next_run(

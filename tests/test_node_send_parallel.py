@@ -25,7 +25,7 @@ from node.config import Destination
 from node.metrics import NodeMetrics
 from node.sender import Sender, store_files
 from node.service import NodeService
-from tests.node_fixtures import CatchingSCP, install_model, make_threshold_model, node_settings, wait_until
+from tests.node_fixtures import CatchingSCP, make_threshold_model, node_settings, running_node, wait_until
 from tests.peers import free_port
 
 SHAPE = (64, 64, 24)
@@ -68,15 +68,14 @@ def env(tmp_path: Path, model_dir: Path) -> Iterator[Env]:
         Destination("hole", "HOLE", "127.0.0.1", hole.getsockname()[1]),
         Destination("pacs", catcher.ae_title, "127.0.0.1", catcher.port),
     ]
-    node = NodeService(node_settings(tmp_path, free_port(), destinations))
-    node.sender.timeout = HOLE_TIMEOUT
-    install_model(node.registry, model_dir)
-    node.start()
     try:
-        yield Env(node, catcher, hole)
+        with running_node(node_settings(tmp_path, free_port(), destinations), model_dir) as node:
+            node.sender.timeout = HOLE_TIMEOUT  # read per delivery; nothing is sent yet
+            try:
+                yield Env(node, catcher, hole)
+            finally:
+                hole.close()  # resets the queued connections: a hanging delivery ends at once
     finally:
-        hole.close()  # resets the queued connections: a hanging delivery ends at once
-        node.stop()
         catcher.stop()
 
 
