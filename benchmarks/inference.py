@@ -383,82 +383,74 @@ CONV_SHAPES = ((64, 176), (128, 88), (256, 44))
 
 
 def peaks(min_seconds: float = 1.0, size: int = 2048) -> dict[str, Any]:
-    """FP32 and INT8 peak operations/s of this CPU as measured in this run (see the module docstring).
+    """FP32, INT8 and BF16 peak operations/s of this CPU as measured in this run (module docstring).
 
     FP32: the best of a size^3 matrix product in numpy BLAS, the same as an OpenVINO MatMul, and large
     3x3 convolutions in OpenVINO f32. INT8: the best of the u8 x s8 matrix product and the same
     convolutions with a FakeQuantize input and int8 weights, which OpenVINO runs with the integer
-    kernels (checked: the kernel names are reported) its INT8 model uses.
+    kernels (checked: the kernel names are reported) its INT8 model uses. BF16: the f32 MatMul and
+    convolutions compiled with the bf16 hint (kernel names reported too).
     """
     import openvino as ov
-    import openvino.opset13 as ops
 
     core = ov.Core()
     rng = np.random.default_rng(0)
     a = rng.uniform(0, 4, (size, size)).astype(np.float32)
     b = rng.standard_normal((size, size), dtype=np.float32)
     mm_ops = 2.0 * size**3
-    out: dict[str, Any] = {"fp32": {}, "int8": {}, "kernels": {}}
+    out: dict[str, Any] = {"fp32": {}, "int8": {}, "bf16": {}, "kernels": {}, "bf16_kernels": {}}
     out["fp32"]["numpy matrix product"] = _best_rate(lambda: a @ b, mm_ops, min_seconds)
-    x = ops.parameter([size, size], np.float32)
-    cm = core.compile_model(ov.Model([ops.matmul(x, ops.constant(b), False, False)], [x]), "CPU",
-                            {"INFERENCE_PRECISION_HINT": "f32"})
-    req = cm.create_infer_request()
-    out["fp32"]["OpenVINO MatMul"] = _best_rate(lambda: req.infer({0: a}), mm_ops, min_seconds)
-    lo, hi = ops.constant(np.float32(0.0)), ops.constant(np.float32(4.0))
-    w8 = ops.constant(rng.integers(-127, 128, (size, size), dtype=np.int8))
-    weights = ops.multiply(ops.convert(w8, np.float32), ops.constant(np.full((size, 1), 0.01, np.float32)))
-    x8 = ops.parameter([size, size], np.float32)
-    model = ov.Model([ops.matmul(ops.fake_quantize(x8, lo, hi, lo, hi, 256), weights, False, True)], [x8])
-    cm8 = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-    req8 = cm8.create_infer_request()
-    out["int8"]["OpenVINO u8 x s8 MatMul"] = _best_rate(lambda: req8.infer({0: a}), mm_ops, min_seconds)
-    out["kernels"]["OpenVINO u8 x s8 MatMul"] = _runtime_kernels(cm8, ("FullyConnected", "MatMul"))
-    for int8 in (False, True):
+    # (group, int8 pattern, hint, where the kernel names go): the bf16 group is the f32 models
+    # compiled with the bf16 hint, the bf16 row's peak; without AVX-512 BF16 or AMX they run in f32,
+    # and the kernel names say so.
+    groups = (
+        ("fp32", False, "f32", None),
+        ("int8", True, "f32", "kernels"),
+        ("bf16", False, "bf16", "bf16_kernels"),
+    )
+    for group, int8, hint, kernels_key in groups:
+        name = "OpenVINO u8 x s8 MatMul" if int8 else "OpenVINO MatMul"
+        rate, kernels = _ov_rate(core, _matmul_model(b, int8, rng), a, mm_ops, hint, min_seconds,
+                                 ("FullyConnected", "MatMul"))
+        out[group][name] = rate
+        if kernels_key:
+            out[kernels_key][name] = kernels
         for channels, plane in CONV_SHAPES:
-            compiled = core.compile_model(_conv_model(int8, channels, plane), "CPU",
-                                          {"INFERENCE_PRECISION_HINT": "f32"})
-            request = compiled.create_infer_request()
             data = rng.uniform(0, 4, (1, channels, plane, plane)).astype(np.float32)
             name = f"OpenVINO 3x3 conv {channels}ch {plane}x{plane}"
             conv_ops = 2.0 * plane * plane * channels * channels * 9
-            out["int8" if int8 else "fp32"][name] = _best_rate(
-                lambda r=request, d=data: r.infer({0: d}), conv_ops, min_seconds
-            )
-            if int8:
-                out["kernels"][name] = _runtime_kernels(compiled, ("Convolution",))
-    out.update(_bf16_peaks(core, a, b, rng, min_seconds))
-    out["fp32_peak"] = max(out["fp32"].values())
-    out["int8_peak"] = max(out["int8"].values())
-    out["bf16_peak"] = max(out["bf16"].values())
+            rate, kernels = _ov_rate(core, _conv_model(int8, channels, plane), data, conv_ops, hint,
+                                     min_seconds, ("Convolution",))
+            out[group][name] = rate
+            if kernels_key:
+                out[kernels_key][name] = kernels
+    for group in ("fp32", "int8", "bf16"):
+        out[f"{group}_peak"] = max(out[group].values())
     return out
 
 
-def _bf16_peaks(core: Any, a: Any, b: Any, rng: np.random.Generator, min_seconds: float) -> dict[str, Any]:
-    """The same f32 MatMul and convolutions compiled with the bf16 hint: the peak the bf16 row is
-    compared with. On a CPU without AVX-512 BF16 or AMX OpenVINO compiles them in f32, and the kernel
-    names (``bf16_kernels``) say so."""
+def _matmul_model(b: npt.NDArray[np.float32], int8: bool, rng: np.random.Generator) -> Any:
+    """x @ b in f32, or, in the pattern NNCF writes, FakeQuantize(x) @ int8 weights (per-row scale)."""
     import openvino as ov
     import openvino.opset13 as ops
 
-    hint = {"INFERENCE_PRECISION_HINT": "bf16"}
-    size = a.shape[0]
-    rates: dict[str, float] = {}
-    kernels: dict[str, list[str]] = {}
+    size = b.shape[0]
     x = ops.parameter([size, size], np.float32)
-    cm = core.compile_model(ov.Model([ops.matmul(x, ops.constant(b), False, False)], [x]), "CPU", hint)
-    req = cm.create_infer_request()
-    rates["OpenVINO MatMul"] = _best_rate(lambda: req.infer({0: a}), 2.0 * size**3, min_seconds)
-    kernels["OpenVINO MatMul"] = _runtime_kernels(cm, ("FullyConnected", "MatMul"))
-    for channels, plane in CONV_SHAPES:
-        compiled = core.compile_model(_conv_model(False, channels, plane), "CPU", hint)
-        request = compiled.create_infer_request()
-        data = rng.uniform(0, 4, (1, channels, plane, plane)).astype(np.float32)
-        name = f"OpenVINO 3x3 conv {channels}ch {plane}x{plane}"
-        rates[name] = _best_rate(lambda r=request, d=data: r.infer({0: d}),
-                                 2.0 * plane * plane * channels * channels * 9, min_seconds)
-        kernels[name] = _runtime_kernels(compiled, ("Convolution",))
-    return {"bf16": rates, "bf16_kernels": kernels}
+    if not int8:
+        return ov.Model([ops.matmul(x, ops.constant(b), False, False)], [x])
+    lo, hi = ops.constant(np.float32(0.0)), ops.constant(np.float32(4.0))
+    w8 = ops.constant(rng.integers(-127, 128, (size, size), dtype=np.int8))
+    weights = ops.multiply(ops.convert(w8, np.float32), ops.constant(np.full((size, 1), 0.01, np.float32)))
+    return ov.Model([ops.matmul(ops.fake_quantize(x, lo, hi, lo, hi, 256), weights, False, True)], [x])
+
+
+def _ov_rate(core: Any, model: Any, data: npt.NDArray[np.float32], n_ops: float, hint: str,
+             min_seconds: float, layer_types: Sequence[str]) -> tuple[float, list[str]]:
+    """Best operations/s of ``model`` compiled on the CPU with ``hint``, and the kernels it ran."""
+    compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": hint})
+    request = compiled.create_infer_request()
+    rate = _best_rate(lambda: request.infer({0: data}), n_ops, min_seconds)
+    return rate, _runtime_kernels(compiled, layer_types)
 
 
 # -- report ----------------------------------------------------------------------------------------
