@@ -171,29 +171,22 @@ class Sender:
         ------
         Exception
             Also the exception of a background delivery that ended before this call (a database error,
-            say), one per call, so that the caller's error handling sees it.
+            say), one per call and before anything new is claimed, so that the caller's error handling
+            sees it.
         """
         if self._closed:
             return 0
-        earlier = self._take_background_error()  # of a delivery that ended before this call
-        try:
-            groups = self._claim()
-            futures = [self._start(key, sends, background=not wait) for key, sends in groups.items()]
-            if wait:
-                wait_futures(futures)
-                for future in futures:
-                    if (exc := future.exception()) is not None:
-                        raise exc
-        except Exception:
-            if earlier is not None:  # kept for the next call
-                with self._lock:
-                    self._errors.appendleft(earlier)
-            raise
-        if earlier is not None:
-            raise earlier
-        if wait:
-            return sum(future.result() for future in futures)
-        return sum(len(sends) for sends in groups.values())
+        if (earlier := self._take_background_error()) is not None:
+            raise earlier  # of a delivery that ended before this call; new claims wait for the next
+        groups = self._claim()
+        futures = [self._start(key, sends, background=not wait) for key, sends in groups.items()]
+        if not wait:
+            return sum(len(sends) for sends in groups.values())
+        wait_futures(futures)
+        for future in futures:
+            if (exc := future.exception()) is not None:
+                raise exc
+        return sum(future.result() for future in futures)
 
     def in_flight(self) -> list[str]:
         """Names of the destinations whose delivery is running now."""
