@@ -52,4 +52,4 @@ clean:
 .PHONY: deploy-check
 deploy-check: $(VENV)/.all-installed
 	bash deploy/ci/install-tools.sh
-	$(BIN)/python -m pytest $(wildcard tests/test_deploy_*.py)
+	$(BIN)/python -m pytest tests/deploy

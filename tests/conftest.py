@@ -36,7 +36,7 @@ def segnode_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pa
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[object]:
     """A real PostgreSQL server for the session (tests/postgres.py); skips when none can be had."""
-    from tests.postgres import postgres_server as _server
+    from tests.helpers.postgres import postgres_server as _server
 
     with _server() as server:
         yield server

@@ -1,7 +1,7 @@
 """Per-case 3D segmentation metrics (numpy and SciPy only, no torch).
 
 Conventions (the same as MONAI's ``compute_dice`` / ``compute_hausdorff_distance``, against which
-``tests/test_trainer_metrics.py`` checks them on real cases):
+``tests/trainer/test_metrics.py`` checks them on real cases):
 
 * Dice and Jaccard of two empty masks are 1.0 (nothing to find, nothing found).
 * Sensitivity with no positive truth voxel is 1.0; specificity with no negative voxel is 1.0.

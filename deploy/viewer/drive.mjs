@@ -1,5 +1,5 @@
 // Drive OHIF in Debian's Chromium (headless, playwright-core) the way a reader would, and report what the
-// page shows; tests/test_viewer_ohif.py judges it. Nothing here knows what the SEG contains.
+// page shows; tests/viewer/test_ohif.py judges it. Nothing here knows what the SEG contains.
 //
 //   node drive.mjs VIEWER_URL STUDY_UID OUT_DIR INSTANCE_NUMBER...
 //

@@ -1,0 +1,49 @@
+"""Helpers for tests that need real peer programs, shared data, or free loopback ports."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SHARED_DATA = Path(os.environ.get("SEGNODE_SHARED_DATA", REPO.parent / "shared" / "data"))
+REQUIRE_PEERS = os.environ.get("SEGNODE_REQUIRE_PEERS") == "1"
+
+
+def missing(reason: str) -> None:
+    """Skip the test for ``reason``; under SEGNODE_REQUIRE_PEERS=1 fail instead."""
+    if REQUIRE_PEERS:
+        pytest.fail(f"SEGNODE_REQUIRE_PEERS=1 but {reason}")
+    pytest.skip(reason)
+
+
+def require_program(name: str, *extra_dirs: str) -> str:
+    """Absolute path of program ``name`` (searched on PATH and in ``extra_dirs``) or skip/fail."""
+    found = shutil.which(name)
+    for d in extra_dirs:
+        if found:
+            break
+        found = shutil.which(name, path=d)
+    if not found:
+        missing(f"program {name!r} is not installed (Debian package; .ci/run installs it)")
+    assert found is not None
+    return found
+
+
+def require_shared(*parts: str) -> Path:
+    """A path under ../shared/data, or skip/fail when it is absent."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        missing(f"shared data {path} is absent")
+    return path
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -1,0 +1,115 @@
+"""With a real PACS (Orthanc): Orthanc pushes a study to the node, the SEG and SR land in Orthanc."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from converters.dicom_writer import write_study
+from converters.synthetic import make_synthetic_case
+from node import store
+from node.config import Destination
+from node.service import NodeService
+from tests.helpers.node import install_model, make_threshold_model, node_settings, wait_until
+from tests.helpers.peers import free_port, require_program
+
+
+class Orthanc:
+    """An Orthanc server on loopback with its storage in a temp dir."""
+
+    def __init__(self, tmp: Path, node_port: int) -> None:
+        program = require_program("Orthanc", "/usr/sbin")
+        self.http, self.dicom = free_port(), free_port()
+        config = {
+            "Name": "segnode-test",
+            "StorageDirectory": str(tmp / "storage"),
+            "IndexDirectory": str(tmp / "index"),
+            "HttpPort": self.http,
+            "DicomPort": self.dicom,
+            "DicomAet": "ORTHANC",
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomModalities": {"segnode": ["SEGNODE", "127.0.0.1", node_port]},
+            "Plugins": [],
+        }
+        path = tmp / "orthanc.json"
+        path.write_text(json.dumps(config))
+        self.log = open(tmp / "orthanc.log", "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen([program, str(path)], stdout=self.log, stderr=subprocess.STDOUT)
+        wait_until(self._up, 60, "Orthanc REST API", interval=0.2)
+
+    def _up(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"Orthanc exited with {self.proc.returncode}")
+        try:
+            return bool(self.get("/system"))
+        except OSError:
+            return False
+
+    def get(self, path: str) -> Any:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http}{path}", timeout=10) as rsp:
+            return json.loads(rsp.read())
+
+    def post(self, path: str, body: bytes) -> Any:
+        request = urllib.request.Request(f"http://127.0.0.1:{self.http}{path}", data=body, method="POST")
+        with urllib.request.urlopen(request, timeout=120) as rsp:
+            return json.loads(rsp.read())
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.log.close()
+
+
+@pytest.fixture()
+def orthanc_and_node(tmp_path: Path) -> Iterator[tuple[Orthanc, NodeService]]:
+    node_port = free_port()
+    orthanc = Orthanc(tmp_path, node_port)
+    case_spacing = make_synthetic_case(11, (64, 64, 24)).spacing
+    settings = node_settings(
+        tmp_path, node_port, [Destination("orthanc", "ORTHANC", "127.0.0.1", orthanc.dicom)]
+    )
+    node = NodeService(settings)
+    install_model(
+        node.registry, make_threshold_model(tmp_path / "model", crop=(64, 64), spacing=case_spacing)
+    )
+    node.start()
+    try:
+        yield orthanc, node
+    finally:
+        node.stop()
+        orthanc.stop()
+
+
+def test_orthanc_pushes_study_and_receives_seg_and_sr(
+    orthanc_and_node: tuple[Orthanc, NodeService], tmp_path: Path
+) -> None:
+    orthanc, node = orthanc_and_node
+    study = write_study(make_synthetic_case(11, (64, 64, 24)), tmp_path / "study", modalities=["FLAIR", "T2"])
+    for files in study.files.values():
+        for path in files:
+            orthanc.post("/instances", path.read_bytes())
+    [orthanc_study] = orthanc.get("/studies")
+    orthanc.post("/modalities/segnode/store", orthanc_study.encode())
+
+    def modalities() -> set[str]:
+        return {s["MainDicomTags"].get("Modality") for s in orthanc.get(f"/studies/{orthanc_study}/series")}
+
+    wait_until(lambda: {"SEG", "SR"} <= modalities(), 60, "SEG and SR stored in Orthanc")
+    [job] = store.list_jobs(node.sf)
+    assert job.status == "done" and job.instance_count == 48
+    wait_until(lambda: store.pending_send_count(node.sf) == 0, 30, "sends recorded as acknowledged")
+    assert [s.status for s in store.get_job(node.sf, job.id).sends] == ["done", "done"]
+    series = orthanc.get(f"/studies/{orthanc_study}/series")
+    seg = next(s for s in series if s["MainDicomTags"].get("Modality") == "SEG")
+    assert seg["MainDicomTags"]["SeriesDescription"] == "AI TUMOUR SEG (segnode, not for diagnosis alone)"

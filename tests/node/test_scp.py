@@ -1,0 +1,305 @@
+"""The SCP over real associations: echo, durable C-STORE, idempotence, ignored classes, refusals."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    BasicTextSRStorage,
+    MRImageStorage,
+    Verification,
+)
+from sqlalchemy import select
+
+from converters.dicom_writer import write_study
+from converters.synthetic import make_synthetic_case
+from db.node_tables import NodeInstance, NodeStudy
+from db.session import make_engine, make_session_factory, upgrade
+from node import dimse
+from node.config import NodeSettings
+from node.metrics import NodeMetrics
+from node.scp import StorageSCP
+from node.spool import spool_path
+from tests.helpers.node import node_settings
+from tests.helpers.peers import free_port, require_program
+
+
+@pytest.fixture(scope="module")
+def mr_files(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    study = write_study(
+        make_synthetic_case(3, (32, 32, 8)), tmp_path_factory.mktemp("study"), modalities=["FLAIR"]
+    )
+    return study.files["FLAIR"]
+
+
+@dataclass
+class Running:
+    scp: StorageSCP
+    settings: NodeSettings
+    sf: object
+    metrics: NodeMetrics
+
+    def rows(self) -> list[NodeInstance]:
+        with self.sf() as s:  # type: ignore[operator]
+            return list(s.scalars(select(NodeInstance).order_by(NodeInstance.id)))
+
+    def studies(self) -> list[NodeStudy]:
+        with self.sf() as s:  # type: ignore[operator]
+            return list(s.scalars(select(NodeStudy)))
+
+
+def _start(tmp_path: Path, **overrides: object) -> Running:
+    settings = node_settings(tmp_path, free_port())
+    for key, value in overrides.items():
+        setattr(settings.node, key, value)
+    upgrade(settings.database.url)
+    sf = make_session_factory(make_engine(settings.database.url))
+    metrics = NodeMetrics()
+    scp = StorageSCP(settings.node, sf, metrics)
+    scp.start()
+    return Running(scp, settings.node, sf, metrics)
+
+
+@pytest.fixture()
+def running(tmp_path: Path) -> Iterator[Running]:
+    r = _start(tmp_path)
+    yield r
+    r.scp.stop()
+
+
+def _assoc(
+    port: int, calling: str = "PACS", called: str = "SEGNODE", contexts: tuple[str, ...] = ()
+) -> object:
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(Verification)
+    ae.add_requested_context(MRImageStorage)
+    for c in contexts:
+        ae.add_requested_context(c)
+    return ae.associate("127.0.0.1", port, ae_title=called)
+
+
+def _store(port: int, ds: Dataset) -> int:
+    assoc = _assoc(port, contexts=(BasicTextSRStorage,))
+    assert assoc.is_established  # type: ignore[attr-defined]
+    try:
+        rsp = assoc.send_c_store(ds)  # type: ignore[attr-defined]
+        return int(rsp.Status)
+    finally:
+        assoc.release()  # type: ignore[attr-defined]
+
+
+def test_echo(running: Running) -> None:
+    assoc = _assoc(running.scp.port)
+    assert assoc.is_established  # type: ignore[attr-defined]
+    assert assoc.send_c_echo().Status == dimse.SUCCESS  # type: ignore[attr-defined]
+    assoc.release()  # type: ignore[attr-defined]
+
+
+def test_store_is_durable_and_idempotent(running: Running, mr_files: list[Path]) -> None:
+    ds = pydicom.dcmread(mr_files[0])
+    assert _store(running.scp.port, ds) == dimse.SUCCESS
+    rows = running.rows()
+    assert len(rows) == 1 and rows[0].kept and rows[0].calling_ae == "PACS"
+    path = Path(rows[0].path or "")
+    assert path == spool_path(
+        running.settings.spool_path(), ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID
+    )
+    assert pydicom.dcmread(path).SOPInstanceUID == ds.SOPInstanceUID
+    assert not list(path.parent.glob(".*.tmp"))
+    first_seen = running.studies()[0].last_received_at
+
+    assert _store(running.scp.port, ds) == dimse.SUCCESS  # the same instance again
+    assert len(running.rows()) == 1
+    assert running.studies()[0].last_received_at == first_seen
+    assert running.metrics.instances.labels("duplicate")._value.get() == 1
+
+
+def test_dcmtk_storescu_study(running: Running, mr_files: list[Path]) -> None:
+    storescu = require_program("storescu")
+    import os
+    import subprocess
+
+    proc = subprocess.run(
+        [
+            storescu,
+            "-aet",
+            "PACS",
+            "-aec",
+            "SEGNODE",
+            "127.0.0.1",
+            str(running.scp.port),
+            *map(str, mr_files),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "TCP_NODELAY": "1"},
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert len(running.rows()) == len(mr_files)
+    assert len(running.studies()) == 1 and running.studies()[0].pending
+
+
+def test_other_storage_classes_acknowledged_not_processed(running: Running) -> None:
+    sr = Dataset()
+    sr.SOPClassUID = BasicTextSRStorage
+    sr.SOPInstanceUID = generate_uid()
+    sr.StudyInstanceUID = generate_uid()
+    sr.SeriesInstanceUID = generate_uid()
+    sr.Modality = "SR"
+    sr.file_meta = FileMetaDataset()
+    sr.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    assert _store(running.scp.port, sr) == dimse.SUCCESS
+    rows = running.rows()
+    assert len(rows) == 1 and not rows[0].kept and rows[0].path is None
+    assert running.studies() == []  # no study, so no job: no routing loop
+    assert not running.settings.spool_path().joinpath(sr.StudyInstanceUID).exists()
+
+
+def test_missing_pixel_data_is_refused(
+    running: Running, mr_files: list[Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    ds = pydicom.dcmread(mr_files[1])
+    del ds.PixelData
+    with caplog.at_level(logging.WARNING, logger="node.scp"):
+        assert _store(running.scp.port, ds) == dimse.CANNOT_UNDERSTAND
+    assert f"instance {ds.SOPInstanceUID}: no PixelData" in caplog.text
+    assert running.rows() == []
+    assert _store(running.scp.port, pydicom.dcmread(mr_files[2])) == dimse.SUCCESS  # still serving
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI", "ignore:The value length")
+@pytest.mark.parametrize(
+    ("keyword", "value"),
+    [
+        ("SeriesInstanceUID", "../../etc"),
+        ("StudyInstanceUID", "1.2.3." + "4" * 70),
+        ("StudyInstanceUID", "1.2.x"),
+    ],
+)
+def test_bad_uids_never_reach_the_spool(
+    running: Running, mr_files: list[Path], keyword: str, value: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    ds = copy.deepcopy(pydicom.dcmread(mr_files[3]))
+    setattr(ds, keyword, value)
+    with caplog.at_level(logging.WARNING, logger="node.scp"):
+        assert _store(running.scp.port, ds) == dimse.CANNOT_UNDERSTAND
+    assert f"{keyword} {value[:77]!r}"[:40] in caplog.text
+    assert "is not a valid DICOM UID" in caplog.text
+    assert running.rows() == []
+    assert not any(running.settings.spool_path().rglob("*.dcm"))
+
+
+def test_called_and_calling_ae_and_association_limit(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    r = _start(tmp_path, allowed_calling_aes=["PACS"], max_associations=1)
+    try:
+        with caplog.at_level(logging.WARNING, logger="node.scp"):
+            assert _assoc(r.scp.port, called="OTHER").is_rejected  # type: ignore[attr-defined]
+            assert _assoc(r.scp.port, calling="INTRUDER").is_rejected  # type: ignore[attr-defined]
+            ok = _assoc(r.scp.port, calling="PACS")
+            assert ok.is_established  # type: ignore[attr-defined]
+            assert _assoc(r.scp.port, calling="PACS").is_rejected  # type: ignore[attr-defined]
+            ok.release()  # type: ignore[attr-defined]
+        assert "called AE 'OTHER') rejected: called AE title is not 'SEGNODE'" in caplog.text
+        assert (
+            "(calling AE 'INTRUDER', called AE 'SEGNODE') rejected: calling AE title not allowed"
+            in caplog.text
+        )
+        assert "rejected: more than node.max_associations (1) associations" in caplog.text
+    finally:
+        r.scp.stop()
+
+
+def test_low_disk_refuses_associations(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    r = _start(tmp_path, min_free_disk_mb=10**9)
+    try:
+        with caplog.at_level(logging.ERROR, logger="node.scp"):
+            assoc = _assoc(r.scp.port)
+            assert assoc.is_rejected  # type: ignore[attr-defined]
+        assert "below min_free_disk_mb 1000000000" in caplog.text
+    finally:
+        r.scp.stop()
+
+
+def test_database_failure_returns_out_of_resources(running: Running, mr_files: list[Path]) -> None:
+    running.scp.sf = make_session_factory(make_engine(f"sqlite:///{running.settings.spool_path()}/nodb/x.db"))
+    assert _store(running.scp.port, pydicom.dcmread(mr_files[0])) == dimse.OUT_OF_RESOURCES
+
+
+def test_tls_receive_and_plain_tcp_refused(tmp_path: Path, mr_files: list[Path]) -> None:
+    import subprocess
+
+    from node.config import TLSSettings
+    from node.sender import client_tls_context, store_files
+
+    openssl = require_program("openssl")
+    cert, key = tmp_path / "node.crt", tmp_path / "node.key"
+    subprocess.run(
+        [
+            openssl,
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=segnode-test",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        capture_output=True,
+        check=True,
+        timeout=60,
+    )
+    tls = TLSSettings(enabled=True, cert=str(cert), key=str(key), ca=str(cert))
+    settings = node_settings(tmp_path, free_port())
+    upgrade(settings.database.url)
+    sf = make_session_factory(make_engine(settings.database.url))
+    scp = StorageSCP(settings.node, sf, NodeMetrics(), tls)
+    scp.start()
+    try:
+        results = store_files(
+            mr_files[:2], "127.0.0.1", scp.port, "SEGNODE", "PACS", tls=client_tls_context(tls)
+        )
+        assert [status for _, status, _ in results] == [dimse.SUCCESS, dimse.SUCCESS]
+        with pytest.raises(ConnectionError):
+            store_files(mr_files[2:3], "127.0.0.1", scp.port, "SEGNODE", "PACS", timeout=5)
+    finally:
+        scp.stop()
+    assert client_tls_context(TLSSettings()) is None
+
+
+def test_spool_failure_returns_out_of_resources_and_keeps_no_row(
+    running: Running, mr_files: list[Path], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import node.scp
+    from node.exceptions import SpoolError
+
+    def disk_full(path: Path, data: bytes) -> None:
+        raise SpoolError(f"spool file {path}: cannot write: No space left on device")
+
+    monkeypatch.setattr(node.scp, "write_atomic", disk_full)
+    ds = pydicom.dcmread(mr_files[0])
+    with caplog.at_level(logging.ERROR, logger="node.scp"):
+        assert _store(running.scp.port, ds) == dimse.OUT_OF_RESOURCES
+    assert "cannot write: No space left on device" in caplog.text
+    assert running.rows() == []
+    monkeypatch.undo()
+    assert _store(running.scp.port, ds) == dimse.SUCCESS  # the PACS sends it again later
+    assert len(running.rows()) == 1 and Path(running.rows()[0].path or "").is_file()

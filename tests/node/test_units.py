@@ -1,0 +1,306 @@
+"""Unit tests of the node's parts: job store (SQLite and PostgreSQL), series selection, model runtime."""
+
+from __future__ import annotations
+
+import os
+import socket
+from datetime import timedelta
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+
+from db.registry import Registry
+from db.session import make_engine, make_session_factory, upgrade
+from node import store
+from node.config import Destination
+from node.exceptions import ModelLoadError, NotFoundError, SelectionError
+from node.runtime import ModelRuntime, check_device
+from node.selection import SeriesInfo, SeriesSelector, scan_series
+from node.uids import validated_uid
+from tests.helpers.node import install_model, make_threshold_model
+from tests.helpers.peers import require_shared
+
+T0 = store.utcnow().replace(microsecond=0)
+
+
+@pytest.fixture()
+def sf(db_url: str) -> store.SessionFactory:
+    upgrade(db_url)
+    return make_session_factory(make_engine(db_url))
+
+
+def _receive(sf: store.SessionFactory, study: str, n: int, at: object, start: int = 0) -> None:
+    for i in range(start, start + n):
+        store.record_instance(
+            sf,
+            sop_instance_uid=f"{study}.{i}",
+            sop_class_uid="1.2.840.10008.5.1.4.1.1.4",
+            study_instance_uid=study,
+            series_instance_uid=f"{study}.100",
+            kept=True,
+            path=f"/spool/{study}/{i}.dcm",
+            calling_ae="PACS",
+            now=at,  # type: ignore[arg-type]
+        )
+
+
+# -- job store ---------------------------------------------------------------------------------------------
+
+
+def test_study_completes_after_idle_time_and_late_instances_make_a_new_run(sf: store.SessionFactory) -> None:
+    _receive(sf, "1.2.3", 3, T0)
+    assert store.schedule_due_studies(sf, 10.0, now=T0 + timedelta(seconds=9)) == []
+    [job] = store.schedule_due_studies(sf, 10.0, now=T0 + timedelta(seconds=11))
+    assert (
+        store.schedule_due_studies(sf, 10.0, now=T0 + timedelta(seconds=30)) == []
+    )  # one job per completion
+    assert store.claim_job(sf, now=T0 + timedelta(seconds=12)) == job
+    assert store.get_job(sf, job).instance_count == 3
+    _receive(sf, "1.2.3", 2, T0 + timedelta(seconds=13), start=3)  # arrives while the job runs
+    assert store.claim_job(sf) is None
+    [rerun] = store.schedule_due_studies(sf, 10.0, now=T0 + timedelta(seconds=24))
+    info = store.get_job(sf, rerun)
+    assert (info.run, info.status) == (2, "queued")
+    assert store.claim_job(sf, now=T0 + timedelta(seconds=25)) == rerun
+    assert store.get_job(sf, rerun).instance_count == 5
+    assert len(store.job_instance_paths(sf, rerun)) == 5
+
+
+def test_queued_job_waits_while_its_study_is_still_receiving(sf: store.SessionFactory) -> None:
+    _receive(sf, "1.2.4", 1, T0)
+    [job] = store.schedule_due_studies(sf, 5.0, now=T0 + timedelta(seconds=6))
+    _receive(sf, "1.2.4", 1, T0 + timedelta(seconds=7), start=1)  # before any worker claimed it
+    assert store.claim_job(sf) is None  # not half a study
+    assert (
+        store.schedule_due_studies(sf, 5.0, now=T0 + timedelta(seconds=13)) == []
+    )  # the queued job covers it
+    assert store.claim_job(sf) == job
+    assert store.get_job(sf, job).instance_count == 2
+
+
+def test_claim_is_atomic(sf: store.SessionFactory) -> None:
+    for n, study in enumerate(["1.5.1", "1.5.2", "1.5.3"]):
+        _receive(sf, study, 1, T0 + timedelta(seconds=n))
+    store.schedule_due_studies(sf, 1.0, now=T0 + timedelta(seconds=10))
+    claimed = [store.claim_job(sf, owner=f"host:{i}") for i in range(5)]
+    assert sorted(c for c in claimed if c is not None) == [1, 2, 3]
+    assert claimed[3:] == [None, None]
+    assert {j.owner for j in store.list_jobs(sf)} == {"host:0", "host:1", "host:2"}
+
+
+def test_jobs_of_dead_processes_are_requeued(sf: store.SessionFactory) -> None:
+    for study in ("1.6.1", "1.6.2", "1.6.3"):
+        _receive(sf, study, 1, T0)
+    store.schedule_due_studies(sf, 1.0, now=T0 + timedelta(seconds=5))
+    host = socket.gethostname()
+    dead = store.claim_job(sf, owner=f"{host}:999999999")
+    alive_here = store.claim_job(sf, owner=f"{host}:{os.getppid()}")
+    elsewhere = store.claim_job(sf, owner="otherhost:1", now=store.utcnow() - timedelta(seconds=1000))
+    requeued = store.requeue_stale(sf, stale_seconds=300)
+    assert sorted(requeued) == sorted([dead, elsewhere])
+    assert store.get_job(sf, dead or 0).status == "queued"
+    assert "stopped while the job was running" in store.get_job(sf, dead or 0).reason
+    assert store.get_job(sf, alive_here or 0).status == "running"
+
+
+def test_finish_queues_sends_and_backoff_doubles(sf: store.SessionFactory) -> None:
+    _receive(sf, "1.7", 1, T0)
+    store.schedule_due_studies(sf, 1.0, now=T0 + timedelta(seconds=5))
+    job = store.claim_job(sf)
+    assert job is not None
+    dests = [Destination("a", "A", "127.0.0.1", 1), Destination("b", "B", "127.0.0.1", 2)]
+    outputs = [store.OutputObject("/jobs/1/seg.dcm", "1.9.1"), store.OutputObject("/jobs/1/sr.dcm", "1.9.2")]
+    assert store.finish_job(sf, job, status="done", outputs=outputs, destinations=dests, now=T0)
+    assert not store.finish_job(sf, job, status="done", outputs=outputs, destinations=dests)  # not twice
+    sends = store.due_sends(sf, now=T0)
+    assert len(sends) == 4
+    # A destination being delivered now is left out in the query, so its rows take none of the limit.
+    assert {s.destination for s in store.due_sends(sf, now=T0, limit=2, exclude_destinations={"a"})} == {"b"}
+    assert len(store.due_sends(sf, now=T0, limit=2, exclude_destinations={"a"})) == 2
+    first = sends[0]
+    assert store.claim_send(sf, first, 60, now=T0)
+    assert not store.claim_send(sf, first, 60, now=T0)  # leased
+    delays = []
+    for _ in range(5):
+        when = store.mark_send_failed(sf, first.id, "refused", base_seconds=2, max_seconds=10, now=T0)
+        delays.append((store.as_utc(when) - T0).total_seconds())  # type: ignore[operator]
+    assert delays == [2, 4, 8, 10, 10]
+    store.mark_sent(sf, sends[1].id)
+    assert store.pending_send_count(sf) == 3
+    assert [s.status for s in store.get_job(sf, job).sends].count("done") == 1
+
+
+def test_retry_and_not_found(sf: store.SessionFactory) -> None:
+    with pytest.raises(NotFoundError, match="job 42 does not exist"):
+        store.get_job(sf, 42)
+    _receive(sf, "1.8", 1, T0)
+    [job] = store.schedule_due_studies(sf, 1.0, now=T0 + timedelta(seconds=5))
+    with pytest.raises(NotFoundError, match=f"job {job} is queued; only a finished job can be retried"):
+        store.retry_job(sf, job)
+    store.claim_job(sf)
+    store.finish_job(sf, job, status="failed", reason="boom")
+    assert store.retry_job(sf, job).status == "queued"
+
+
+# -- UIDs ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", ["", "1..2", "1.2.", "../1", "1.2.3a", "1." + "2" * 64, None])
+def test_bad_uids_are_refused(bad: object) -> None:
+    with pytest.raises(Exception, match="is not a valid DICOM UID"):
+        validated_uid(bad, "SOPInstanceUID")
+
+
+# -- selection -----------------------------------------------------------------------------------------------
+
+
+def _series(description: str, **attrs: object) -> SeriesInfo:
+    ds = Dataset()
+    ds.SeriesInstanceUID = f"1.2.{abs(hash(description)) % 10**8}"
+    ds.SeriesDescription = description
+    ds.ImageOrientationPatient = attrs.pop("iop", [1, 0, 0, 0, 1, 0])
+    for key, value in attrs.items():
+        setattr(ds, key, value)
+    from node.selection import series_info
+
+    return series_info(ds, [], int(attrs.get("slices", 30)))  # type: ignore[arg-type]
+
+
+FLAIR = {"ScanningSequence": "SE\\IR", "RepetitionTime": 9000, "EchoTime": 120, "InversionTime": 2500}
+MPRAGE = {"ScanningSequence": "GR\\IR", "RepetitionTime": 2300, "EchoTime": 2.9, "InversionTime": 900}
+
+
+@pytest.mark.filterwarnings("ignore:The value length")  # the vendor series has an over-long SH
+def test_real_ge_mprage_is_never_flair() -> None:
+    folder = require_shared("dicom", "ge_t1_mprage_healthy")
+    [series] = scan_series(sorted(folder.iterdir()))
+    selector = SeriesSelector()
+    assert series.inversion_recovery and series.axial and series.slices == 130
+    assert not selector.matches("FLAIR", series)
+    assert selector.matches("T1", series)
+    with pytest.raises(SelectionError) as info:
+        selector.select([series], ["FLAIR"])
+    assert str(info.value) == (
+        f"no FLAIR series in the study (considered: series {series.series_instance_uid} "
+        "(3D Ax T1 MP-RAGE_R22, 130 slices))"
+    )
+
+
+def test_attributes_beat_descriptions() -> None:
+    selector = SeriesSelector()
+    assert not selector.matches("FLAIR", _series("AX FLAIR (mislabelled)", **MPRAGE))
+    assert selector.matches("FLAIR", _series("sequence 7", **FLAIR))
+    assert selector.matches("FLAIR", _series("AX T2 FLAIR"))  # no attributes: the description decides
+    assert not selector.matches(
+        "FLAIR", _series("AX T2", ScanningSequence="SE", EchoTime=100, RepetitionTime=4000)
+    )
+    post = _series(
+        "AX T1", ScanningSequence="SE", EchoTime=10, RepetitionTime=500, ContrastBolusAgent="Gadovist"
+    )
+    assert selector.matches("T1GD", post) and not selector.matches("T1", post)
+    assert selector.matches(
+        "T1GD", _series("AX T1 POST GD", ScanningSequence="SE", EchoTime=10, RepetitionTime=500)
+    )
+    assert not selector.matches("T1", _series("localizer T1", EchoTime=2, RepetitionTime=8))
+
+
+def test_axial_preferred_then_most_slices() -> None:
+    sagittal = _series("SAG FLAIR", iop=[0, 1, 0, 0, 0, -1], slices=200, **FLAIR)
+    small = _series("AX FLAIR small", slices=20, **FLAIR)
+    big = _series("AX FLAIR", slices=40, **FLAIR)
+    chosen = SeriesSelector().select([sagittal, small, big], ["FLAIR"])
+    assert chosen["FLAIR"] is big
+
+
+def test_selection_reads_the_converter_study(tmp_path: Path) -> None:
+    from converters.dicom_writer import write_study
+    from converters.synthetic import make_synthetic_case
+
+    study = write_study(make_synthetic_case(2, (16, 16, 8)), tmp_path)
+    series = scan_series(p for files in study.files.values() for p in files)
+    chosen = SeriesSelector().select(series, ["FLAIR", "T1", "T1GD", "T2"])
+    assert {m: s.series_instance_uid for m, s in chosen.items()} == study.series_uids
+
+
+# -- model runtime -------------------------------------------------------------------------------------------
+
+
+def test_device_check() -> None:
+    assert check_device("CPU", ["CPU"]) == "CPU"
+    assert check_device("GPU", ["CPU", "GPU.0"]) == "GPU"
+    assert check_device("AUTO", []) == "AUTO"
+    with pytest.raises(
+        ModelLoadError, match=r"node.inference_device 'NPU' is not available .*OpenVINO sees: CPU"
+    ):
+        check_device("NPU", ["CPU"])
+
+
+def test_tampered_model_is_refused_and_previous_keeps_serving(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    upgrade(url)
+    registry = Registry(make_session_factory(make_engine(url)))
+    v1 = install_model(registry, make_threshold_model(tmp_path / "v1"))
+    runtime = ModelRuntime(registry, "whole_tumor", "CPU")
+    assert runtime.refresh() is not None and runtime.current and runtime.current.info.id == v1.id
+    v2_dir = make_threshold_model(tmp_path / "v2", version="2.0.0")
+    v2 = install_model(registry, v2_dir)
+    with open(v2_dir / "model_fp32.bin", "r+b") as fh:  # tampered after promotion
+        fh.seek(0)
+        fh.write(b"\xff\xff\xff\xff")
+    loaded = runtime.refresh()
+    assert loaded is not None and loaded.info.id == v1.id
+    assert (
+        f"model #{v2.id} test-threshold 2.0.0 ir/fp32: file {v2_dir / 'model_fp32.bin'} sha256"
+        in runtime.last_error
+    )
+    assert "(tampered or corrupt); not loaded" in runtime.last_error
+    assert "keeping the previous model" in caplog.text
+    v3 = install_model(registry, make_threshold_model(tmp_path / "v3", version="3.0.0"))
+    loaded = runtime.refresh()
+    assert loaded is not None and loaded.info.id == v3.id and runtime.last_error == ""
+
+
+def test_no_active_model(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    upgrade(url)
+    runtime = ModelRuntime(Registry(make_session_factory(make_engine(url))), "whole_tumor")
+    assert runtime.refresh() is None
+    assert runtime.last_error == "no active model for task 'whole_tumor' (segnode models promote ID)"
+
+
+def test_dcmread_of_spooled_instance_round_trip(tmp_path: Path) -> None:
+    from node.spool import write_atomic
+
+    ds = Dataset()
+    ds.PatientID = "x"
+    path = tmp_path / "a" / "b.dcm"
+    import io
+
+    buf = io.BytesIO()
+    ds.save_as(buf, implicit_vr=True, little_endian=True)
+    write_atomic(path, buf.getvalue())
+    assert pydicom.dcmread(path, force=True).PatientID == "x"
+    assert [p.name for p in path.parent.iterdir()] == ["b.dcm"]
+
+
+def test_port_in_use_is_a_one_line_error(tmp_path: Path) -> None:
+    from node.exceptions import NodeError
+    from node.scp import StorageSCP
+    from tests.helpers.node import node_settings
+    from tests.helpers.peers import free_port
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", free_port()))
+        busy.listen()
+        port = busy.getsockname()[1]
+        settings = node_settings(tmp_path, port)
+        upgrade(settings.database.url)
+        scp = StorageSCP(settings.node, make_session_factory(make_engine(settings.database.url)))
+        with pytest.raises(
+            NodeError, match=rf"^node.port: cannot listen on 127.0.0.1:{port}: Address already in use$"
+        ):
+            scp.start()

@@ -1,0 +1,167 @@
+"""The benchmark scripts' core functions on tiny inputs, so that they cannot rot (issue 7).
+
+Not the benchmarks themselves (``make bench``): each function runs once on a small study, a few
+slices or a synthetic case, and its figures are checked for what they must be.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from converters.dicom_writer import write_study
+from converters.synthetic import make_synthetic_case
+from tests.helpers.node import make_threshold_model
+from tests.helpers.peers import require_program, require_shared
+
+REPO = Path(__file__).resolve().parents[2]
+MODEL = REPO / "models" / "default"
+
+
+def bench(name: str) -> ModuleType:
+    """Import benchmarks/<name>.py."""
+    path = str(REPO / "benchmarks")
+    if path not in sys.path:
+        sys.path.insert(0, path)
+    return importlib.import_module(name)
+
+
+def test_ops_per_slice_counts_every_convolution() -> None:
+    inference = bench("inference")
+    if not (MODEL / "model.onnx").is_file():
+        pytest.skip("models/default/model.onnx is not there")
+    small = inference.ops_per_slice(MODEL / "model.onnx", (176, 176), 1)
+    large = inference.ops_per_slice(MODEL / "model.onnx", (352, 352), 1)
+    # Every Conv/ConvTranspose scales with the plane's area (the four poolings divide 176 evenly).
+    assert large == 4 * small
+    # U-Net base 8, depth 4: the two 3x3 convolutions at full resolution alone are 2 x 176^2 x 9 x (8 + 64).
+    assert small > 2 * 176 * 176 * 9 * (1 * 8 + 8 * 8)
+
+
+def test_torch_eager_runner_matches_onnxruntime() -> None:
+    inference = bench("inference")
+    if not (MODEL / "model.onnx").is_file():
+        pytest.skip("models/default/model.onnx is not there")
+    slices = np.random.default_rng(0).standard_normal((3, 1, 176, 176)).astype(np.float32)
+    eager = inference.torch_predictor(MODEL / "model.onnx", threads=1)(slices)
+    ort = inference.ort_predictor(MODEL / "model.onnx", threads=1)(slices)
+    assert eager.shape == ort.shape == (3, 1, 176, 176)
+    assert float(np.abs(eager - ort).max()) < 1e-3
+
+
+def test_rate_is_batch_over_median_call_time() -> None:
+    inference = bench("inference")
+    calls: list[int] = []
+
+    def predict(batch: np.ndarray) -> np.ndarray:
+        calls.append(len(batch))
+        time.sleep(0.004)
+        return batch
+
+    rate = inference.rate(predict, np.zeros((12, 1, 4, 4), np.float32), 4, 0.05)
+    assert set(calls) == {4}
+    assert 4 / 0.012 < rate < 4 / 0.004  # a 4 ms call plus scheduling slack (first quartile)
+
+
+def test_peaks_use_integer_kernels_for_int8() -> None:
+    inference = bench("inference")
+    result = inference.peaks(min_seconds=0.01, size=256)
+    assert result["fp32_peak"] > 1e9 and result["int8_peak"] > 1e9
+    for name, kernels in result["kernels"].items():
+        assert kernels and all("I8" in k for k in kernels), (name, kernels)
+    # The bf16 row's peak: the same operations with the bf16 hint, their kernels named (f32 ones on a
+    # CPU without AVX-512 BF16 or AMX).
+    assert result["bf16_peak"] > 1e9
+    assert set(result["bf16_kernels"]) == set(result["bf16"]) and all(result["bf16_kernels"].values())
+    assert inference._peak_for(result, "ov-bf16") == result["bf16_peak"]
+    assert inference._peak_for(result, "node") == result["int8_peak"]
+    assert inference._peak_for(result, "torch") == result["fp32_peak"]
+
+
+def test_measure_engine_on_one_holdout_case() -> None:
+    inference = bench("inference")
+    holdout = require_shared("holdout")
+    result = inference.measure_engine("ov-int8", MODEL, holdout, batches=(1, 8), min_seconds=0.05,
+                                      case_limit=1)
+    assert result["batch1"] > 0 and result["best"] >= result["rates"]["8"] * 0.999
+    assert 0.5 < result["dice"] <= 1.0
+    assert result["peak_rss_mib"] > 50 and result["volume_ms"] > 0
+
+
+def test_ingest_split_and_measure_on_a_small_study(tmp_path: Path) -> None:
+    ingest = bench("ingest")
+    require_program("storescu")
+    require_program("storescp")
+    files = sorted(write_study(make_synthetic_case(3, (48, 48, 10)), tmp_path / "study",
+                               modalities=["FLAIR", "T2"]).files["FLAIR"])
+    groups = ingest.split(files, 4)
+    assert [len(g) for g in groups] == [3, 3, 2, 2] and [f for g in groups for f in g] == files
+    for receiver in ("node", "storescp"):
+        row = ingest.measure(receiver, files, 2)
+        assert row["instances"] == len(files) and row["instances_per_s"] > 0 and row["mb"] > 0
+    assert "node >= 50% of storescp" in ingest.targets([
+        {"receiver": "node", "associations": 1, "instances_per_s": 60.0},
+        {"receiver": "storescp", "associations": 1, "instances_per_s": 100.0},
+    ])[0][0]
+
+
+def _brats_folder(case: Any, folder: Path) -> Path:
+    """A synthetic case written as a BraTS 2021 folder (``<id>_flair.nii.gz`` ..., labels 1/2/4)."""
+    folder.mkdir(parents=True)
+    names = {"FLAIR": "flair", "T1": "t1", "T1GD": "t1ce", "T2": "t2"}
+    for modality, array in case.images.items():
+        image = nib.Nifti1Image(np.asarray(array, np.float32), case.affine)
+        nib.save(image, folder / f"X_{names[modality]}.nii.gz")
+    brats = np.zeros_like(case.label, dtype=np.uint8)
+    brats[case.label == 1], brats[case.label == 2], brats[case.label == 3] = 2, 1, 4
+    nib.save(nib.Nifti1Image(brats, case.affine), folder / "X_seg.nii.gz")
+    return folder
+
+
+def test_end_to_end_price_and_report_on_a_synthetic_case(tmp_path: Path) -> None:
+    e2e, price, report = bench("end_to_end"), bench("price"), bench("report")
+    case = make_synthetic_case(11, (64, 64, 24))
+    model = make_threshold_model(tmp_path / "model", crop=(64, 64), spacing=tuple(case.spacing))
+    result = e2e.run(model, _brats_folder(case, tmp_path / "X"), tmp_path / "work")
+    stages = result["stages"]
+    assert stages["infer (network + restore)"] > 0 and stages["receive (C-STORE of 620 instances)"] > 0
+    assert stages["encode SEG/SR (+ write)"] > 0 and result["cpu_seconds"] > 0
+    assert result["total_without_idle"] < result["total"] and result["dice"] > 0.5
+    result["targets"] = e2e.targets(result)
+    result["markdown"] = e2e.tables(result)
+
+    machine = {"cpu": "test", "cores": 2, "isa": ["avx2"], "openvino": "x"}
+    engines = [{"engine": "ov-int8", "label": "OpenVINO INT8", "volume_ms": 500.0, "batch1": 100.0,
+                "best": 200.0, "dice": 0.9},
+               {"engine": "torch", "label": "PyTorch eager FP32", "volume_ms": 2000.0, "batch1": 50.0,
+                "best": 50.0, "dice": 0.9}]
+    inference = {"machine": machine, "model": "m", "engines": engines, "markdown": "INFERENCE TABLE"}
+    e2e_result = {**result, "cpu_seconds": 10.0}
+    rows = {r["engine"]: r for r in price.price_performance(inference, e2e_result, 0.05)["rows"]}
+    assert rows["ov-int8"]["cpu_seconds"] == pytest.approx(10.0)
+    assert rows["torch"]["cpu_seconds"] == pytest.approx(10.0 - 1.0 + 4.0)  # 2 cores x (2.0 - 0.5) s
+    assert rows["torch"]["studies_per_hour_per_core"] == pytest.approx(3600 / 13.0)
+    assert rows["ov-int8"]["usd_per_1000"] == pytest.approx(1000 * 10.0 / 3600 * 0.05)
+
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "inference.json").write_text(json.dumps(inference))
+    (results / "end_to_end.json").write_text(json.dumps(e2e_result))
+    (results / "ingest.json").write_text(json.dumps({"case": "X", "markdown": "INGEST TABLE"}))
+    doc = report.render(results, tmp_path / "docs" / "images" / "inference.png", tmp_path / "docs" / "b.md")
+    assert (tmp_path / "docs" / "images" / "inference.png").stat().st_size > 1000
+    for part in ("INFERENCE TABLE", "INGEST TABLE", "images/inference.png", "studies / hour / core", "avx2"):
+        assert part in doc
+    # The bf16-hint bars say what OpenVINO computed in on this CPU, not a fixed text.
+    assert report.chart_label({"engine": "ov-bf16", "precision": "bfloat16"}).endswith("runs bf16)")
+    assert report.chart_label({"engine": "ov-bf16", "precision": "float32"}).endswith("runs f32)")
+    assert report.chart_label({"engine": "torch", "label": "PyTorch eager FP32"}) == "PyTorch eager\nFP32"

@@ -1,0 +1,263 @@
+"""Training on small synthetic Task01 data: loss falls, run files, resume, two-process DDP, HPU, bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.helpers.peers import REPO
+from trainer.data import augment, epoch_plan, patient_key, split_cases
+from trainer.exceptions import TrainerError
+
+torch = pytest.importorskip("torch")
+
+SHAPE = (48, 48, 24)
+
+
+@pytest.fixture(scope="module")
+def task01(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from converters.synthetic import write_synthetic_task01
+
+    return write_synthetic_task01(
+        tmp_path_factory.mktemp("task01") / "Task01_BrainTumour", 6, seed=5, shape=SHAPE
+    )
+
+
+def _config(data: Path, out: Path, **kw: object) -> object:
+    from trainer.train import TrainConfig
+
+    base = dict(
+        data=str(data),
+        out=str(out),
+        device="cpu",
+        epochs=3,
+        batch_size=8,
+        base_filters=8,
+        depth=3,
+        crop_size=[48, 48],
+        val_fraction=0.34,
+        threads=1,
+        lr=3e-3,
+    )
+    base.update(kw)
+    return TrainConfig(**base)  # type: ignore[arg-type]
+
+
+def _metrics_rows(run: Path) -> list[dict[str, str]]:
+    with (run / "metrics.csv").open() as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_patient_level_split_is_seeded_and_disjoint() -> None:
+    ids = [
+        "BraTS19_CBICA_ASK_1",
+        "BraTS19_CBICA_ASK_2",
+        "BraTS2021_00002",
+        "BraTS2021_00005",
+        "brats_2013_pat0001_1",
+        "BraTS-GLI-00000-000",
+        "BraTS-GLI-00000-001",
+        "BRATS_001",
+    ]
+    assert patient_key("BraTS19_CBICA_ASK_2") == "BraTS19_CBICA_ASK"
+    assert patient_key("BraTS-GLI-00000-001") == "BraTS-GLI-00000"
+    assert patient_key("BraTS2021_00005") == "BraTS2021_00005"
+    for seed in range(6):
+        split = split_cases(ids, 0.34, seed)
+        assert split == split_cases(ids, 0.34, seed)
+        assert sorted(split["train"] + split["val"]) == sorted(ids)
+        train_patients = {patient_key(c) for c in split["train"]}
+        assert not train_patients & {patient_key(c) for c in split["val"]}
+    with pytest.raises(TrainerError, match=r"validation fraction 1\.5"):
+        split_cases(ids, 1.5, 0)
+
+
+def test_oversampling_and_augmentation() -> None:
+    tumour = np.zeros(1000, bool)
+    tumour[:50] = True
+    plan = epoch_plan(tumour, 4000, 0.5, seed=1, epoch=0)
+    assert 0.45 < tumour[plan].mean() < 0.55
+    assert not np.array_equal(plan, epoch_plan(tumour, 4000, 0.5, seed=1, epoch=1))
+    image = np.zeros((1, 8, 8), np.float32)
+    image[0, 2:5, 1:3] = 1.0
+    target = (image[0] > 0).astype(np.uint8)
+    for seed in range(8):
+        aug_i, aug_t = augment(image, target, np.random.default_rng(seed))
+        assert aug_i.shape == image.shape and aug_t.sum() == target.sum()
+        np.testing.assert_array_equal(aug_i[0] != 0, aug_t > 0)  # image and label move together
+        assert 0.85 < aug_i[aug_i != 0].mean() < 1.15
+
+
+def test_training_loss_falls_and_writes_the_run(task01: Path, tmp_path: Path) -> None:
+    from trainer.checkpoint import load_checkpoint
+    from trainer.train import train
+
+    run = tmp_path / "run"
+    summary = train(_config(task01, run), progress=False)  # type: ignore[arg-type]
+    hist = summary["history"]
+    assert [h["epoch"] for h in hist] == [1, 2, 3]
+    assert hist[-1]["train_loss"] < hist[0]["train_loss"]
+    assert summary["best_dice"] > 0.3
+    for name in ("run.json", "split.json", "last.pt", "best.pt", "learning_curves.png", "samples.png"):
+        assert (run / name).is_file(), name
+    assert any((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(_metrics_rows(run)) == 3
+    split = json.loads((run / "split.json").read_text())
+    assert len(split["val"]) == 2 and len(split["train"]) == 4
+    state = load_checkpoint(run / "best.pt")
+    assert state["model_class"] == "UNet2D" and state["run_state"]["best_epoch"] == summary["best_epoch"]
+    assert state["card"]["preprocessing"]["spacing_mm"] == pytest.approx([4.0, 4.0, 6.25])
+
+
+def test_resume_continues_from_the_saved_epoch(task01: Path, tmp_path: Path) -> None:
+    from trainer.checkpoint import load_checkpoint
+    from trainer.train import train
+
+    run = tmp_path / "run"
+    train(_config(task01, run, epochs=1), progress=False)  # type: ignore[arg-type]
+    first = load_checkpoint(run / "last.pt")
+    summary = train(_config(task01, run, epochs=2), resume=True, progress=False)  # type: ignore[arg-type]
+    assert [h["epoch"] for h in summary["history"]] == [1, 2]
+    assert summary["history"][0] == first["run_state"]["history"][0]
+    assert [r["epoch"] for r in _metrics_rows(run)] == ["1", "2"]
+    second = load_checkpoint(run / "last.pt")
+    assert second["run_state"]["epoch"] == 2
+    assert not torch.equal(first["model_state"]["head.weight"], second["model_state"]["head.weight"])
+    with pytest.raises(TrainerError, match=r"--resume: option depth is 2 but the run .* used 3"):
+        train(_config(task01, run, epochs=3, depth=2), resume=True, progress=False)  # type: ignore[arg-type]
+    with pytest.raises(TrainerError, match=r"checkpoint .*nowhere.*last.pt does not exist"):
+        train(_config(task01, tmp_path / "nowhere"), resume=True, progress=False)  # type: ignore[arg-type]
+
+
+def _segnode(*args: str, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, **(extra_env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "node", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=300,
+        check=False,
+    )
+
+
+def test_two_process_ddp_under_torchrun(task01: Path, tmp_path: Path) -> None:
+    from trainer.checkpoint import load_checkpoint
+
+    run = tmp_path / "ddp"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "node",
+        "train",
+        "--data",
+        str(task01),
+        "--out",
+        str(run),
+        "--device",
+        "cpu",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "4",
+        "--base-filters",
+        "8",
+        "--depth",
+        "3",
+        "--crop",
+        "48",
+        "--val-fraction",
+        "0.34",
+        "--no-progress",
+        "--lr",
+        "0.003",
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    state = load_checkpoint(run / "last.pt")
+    assert state["device_count"] == 2 and state["run_state"]["epoch"] == 2
+    assert len(_metrics_rows(run)) == 2  # rank 0 alone wrote
+    assert state["run_state"]["best_dice"] > 0
+
+
+def test_hpu_trains_where_habana_is_installed(task01: Path, tmp_path: Path) -> None:
+    from trainer.devices import habana_available
+
+    if not habana_available():
+        pytest.skip("habana_frameworks is not installed here: no Gaudi (HPU) to test on")
+    from trainer.train import train
+
+    summary = train(_config(task01, tmp_path / "hpu", device="hpu", epochs=1), progress=False)  # type: ignore[arg-type]
+    assert summary["epoch"] == 1
+
+
+def test_unavailable_device_is_a_clear_error(task01: Path, tmp_path: Path) -> None:
+    from trainer.devices import resolve_device
+
+    with pytest.raises(TrainerError, match="device 'tpu' is not one of auto, cpu, cuda, hpu"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(TrainerError, match=r"device cuda: torch.cuda.is_available\(\) is False"):
+            resolve_device("cuda")
+
+
+def test_bad_input_fails_before_training_with_one_line(task01: Path, tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("nothing here")
+    done = _segnode("train", "--data", str(empty), "--out", str(tmp_path / "r1"), "--device", "cpu")
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and str(empty) in lines[0]
+    assert not (tmp_path / "r1" / "last.pt").exists()
+    done = _segnode(
+        "train", "--data", str(task01), "--out", str(tmp_path / "r2"), "--crop", "50", "--depth", "3"
+    )
+    assert done.returncode == 2
+    assert "crop size [50, 50] must be two positive multiples of 2**depth = 8" in done.stderr
+
+
+def test_corrupt_or_unlabelled_case_is_named_before_training(task01: Path, tmp_path: Path) -> None:
+    import shutil
+
+    data = tmp_path / "Task01_BrainTumour"
+    shutil.copytree(task01, data)
+    label = sorted((data / "labelsTr").glob("*.nii.gz"))[2]
+    label.write_bytes(b"this is not a NIfTI file")
+    done = _segnode("train", "--data", str(data), "--out", str(tmp_path / "r"), "--device", "cpu")
+    assert done.returncode == 2, done.stderr
+    assert label.name in done.stderr and done.stderr.startswith("error:")
+    assert not (tmp_path / "r" / "last.pt").exists()
+    label.unlink()
+    done = _segnode("train", "--data", str(data), "--out", str(tmp_path / "r"), "--device", "cpu")
+    assert done.returncode == 2
+    assert label.name.split(".")[0] in done.stderr and "label" in done.stderr.lower()
+
+
+def test_brats_regions_trains_and_evaluates_per_region(task01: Path, tmp_path: Path) -> None:
+    from converters.nifti import list_cases
+    from trainer.evaluate import evaluate_cases, load_model
+    from trainer.train import train
+
+    run = tmp_path / "regions"
+    config = _config(task01, run, epochs=1, task="brats_regions", modalities=["FLAIR", "T1", "T1GD", "T2"])
+    train(config, progress=False)  # type: ignore[arg-type]
+    loaded = load_model(run / "best.pt")
+    assert loaded.card["output"] == {"activation": "softmax"} and len(loaded.card["labels"]) == 3
+    result = evaluate_cases(loaded, list_cases(task01, require_labels=True)[:2])
+    assert set(result["regions"]) == {"WT", "TC", "ET"}
+    assert result["mean"]["dice"] == pytest.approx(result["regions"]["WT"]["mean"]["dice"])
+    assert len(result["regions"]["ET"]["cases"]) == 2

@@ -1,0 +1,215 @@
+"""Security: DICOM over TLS with a test CA made in the test (openssl CLI), against pynetdicom and
+DCMTK peers in both directions; and no patient name, ID or birth date in any log line.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from converters.dicom_writer import SyntheticPatient, write_study
+from converters.synthetic import make_synthetic_case
+from db.session import make_engine, make_session_factory, upgrade
+from node import dimse, store
+from node.config import TLSSettings
+from node.metrics import NodeMetrics
+from node.scp import StorageSCP
+from node.sender import store_files
+from node.service import NodeService
+from tests.helpers.node import install_model, make_threshold_model, node_settings, wait_until
+from tests.helpers.peers import free_port
+from tests.helpers.world import DcmtkStoreSCP, ServedNode, issue_cert, make_ca, node_toml, storescu
+
+SHAPE = (48, 48, 12)
+PATIENT = SyntheticPatient(
+    name="WORLDTEST^SECRETNAME", patient_id="PIDX93817", birth_date="19310817", sex="F"
+)
+
+
+@dataclass
+class PKI:
+    ca: Path
+    node: tuple[Path, Path]
+    client: tuple[Path, Path]
+    foreign: tuple[Path, Path]
+
+    def client_context(self, cert: tuple[Path, Path] | None) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(self.ca))
+        ctx.check_hostname = False
+        if cert is not None:
+            ctx.load_cert_chain(str(cert[0]), str(cert[1]))
+        return ctx
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
+    d = tmp_path_factory.mktemp("pki")
+    ca = make_ca(d, "hospital")
+    other = make_ca(d, "elsewhere")
+    return PKI(
+        ca[0], issue_cert(ca, d, "segnode"), issue_cert(ca, d, "pacs"), issue_cert(other, d, "intruder")
+    )
+
+
+@pytest.fixture(scope="module")
+def mr_files(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    study = write_study(
+        make_synthetic_case(4, SHAPE), tmp_path_factory.mktemp("tls-study"), modalities=["FLAIR"]
+    )
+    return study.files["FLAIR"]
+
+
+@pytest.fixture()
+def tls_scp(tmp_path: Path, pki: PKI) -> Iterator[StorageSCP]:
+    tls = TLSSettings(enabled=True, cert=str(pki.node[0]), key=str(pki.node[1]), ca=str(pki.ca))
+    settings = node_settings(tmp_path, free_port())
+    upgrade(settings.database.url)
+    scp = StorageSCP(
+        settings.node, make_session_factory(make_engine(settings.database.url)), NodeMetrics(), tls
+    )
+    scp.start()
+    yield scp
+    scp.stop()
+
+
+def test_tls_works_plain_and_foreign_or_missing_client_certs_are_refused(
+    tls_scp: StorageSCP, pki: PKI, mr_files: list[Path]
+) -> None:
+    port = tls_scp.port
+    ok = store_files(mr_files[:3], "127.0.0.1", port, "SEGNODE", "PACS", tls=pki.client_context(pki.client))
+    assert [status for _, status, _ in ok] == [dimse.SUCCESS] * 3
+    with pytest.raises(ConnectionError):  # plain TCP to a TLS port
+        store_files(mr_files[3:4], "127.0.0.1", port, "SEGNODE", "PACS", timeout=5)
+    with pytest.raises((ConnectionError, ssl.SSLError, OSError)):  # a certificate from another CA
+        store_files(
+            mr_files[3:4],
+            "127.0.0.1",
+            port,
+            "SEGNODE",
+            "PACS",
+            timeout=5,
+            tls=pki.client_context(pki.foreign),
+        )
+    with pytest.raises((ConnectionError, ssl.SSLError, OSError)):  # no client certificate at all
+        store_files(
+            mr_files[3:4], "127.0.0.1", port, "SEGNODE", "PACS", timeout=5, tls=pki.client_context(None)
+        )
+    # The client checks the node too: a client trusting only the other CA refuses the node.
+    distrust = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(pki.foreign[0]))
+    distrust.check_hostname = False
+    distrust.load_cert_chain(str(pki.client[0]), str(pki.client[1]))
+    with pytest.raises((ConnectionError, ssl.SSLError, OSError)):
+        store_files(mr_files[3:4], "127.0.0.1", port, "SEGNODE", "PACS", timeout=5, tls=distrust)
+    # Only the three instances of the authenticated association were stored.
+    assert len(list(tls_scp.spool_dir.rglob("*.dcm"))) == 3
+
+
+def test_dcmtk_over_tls_both_ways_and_no_phi_in_logs(
+    tmp_path: Path, pki: PKI, caplog: pytest.LogCaptureFixture
+) -> None:
+    """storescu +tls sends to the node; the node sends SEG and SR to storescp +tls (mutual TLS)."""
+    tls_args = ["+tls", str(pki.client[1]), str(pki.client[0]), "+cf", str(pki.ca)]
+    dest = DcmtkStoreSCP(tmp_path / "received", extra=tls_args)
+    case = make_synthetic_case(4, SHAPE)
+    settings = node_settings(tmp_path, free_port(), [dest.destination()])
+    settings.tls = TLSSettings(enabled=True, cert=str(pki.node[0]), key=str(pki.node[1]), ca=str(pki.ca))
+    node = NodeService(settings)
+    install_model(
+        node.registry, make_threshold_model(tmp_path / "model", crop=SHAPE[:2], spacing=case.spacing)
+    )
+    study = write_study(case, tmp_path / "study", modalities=["FLAIR"], patient=PATIENT)
+    caplog.set_level(logging.DEBUG)
+    node.start()
+    try:
+        plain = storescu(node.scp.port, study.files["FLAIR"][:1])
+        assert plain.returncode != 0
+        foreign = storescu(
+            node.scp.port,
+            study.files["FLAIR"][:1],
+            extra=["+tls", str(pki.foreign[1]), str(pki.foreign[0]), "+cf", str(pki.ca)],
+        )
+        assert foreign.returncode != 0
+        sent = storescu(node.scp.port, study.files["FLAIR"], extra=tls_args)
+        assert sent.returncode == 0, sent.stdout + sent.stderr
+        wait_until(lambda: len(dest.files()) >= 2, 60, "SEG and SR at storescp over TLS")
+        wait_until(lambda: store.pending_send_count(node.sf) == 0, 30, "sends acknowledged")
+    finally:
+        node.stop()
+        dest.stop()
+    [job] = store.list_jobs(node.sf)
+    assert job.status == "done" and job.instance_count == SHAPE[2]
+    assert {d.Modality for d in dest.datasets()} == {"SEG", "SR"}
+    _assert_no_phi(caplog.text, "in-process logs (DEBUG, every logger)")
+
+
+def _assert_no_phi(text: str, where: str) -> None:
+    assert text, f"{where}: no log lines at all"
+    for value in (
+        PATIENT.name,
+        *PATIENT.name.split("^"),
+        PATIENT.patient_id,
+        PATIENT.birth_date,
+        "1931-08-17",
+    ):
+        assert value not in text, f"{where}: patient attribute {value!r} appears in the logs"
+
+
+def test_no_patient_name_id_or_birth_date_in_the_serve_log(tmp_path: Path) -> None:
+    """``segnode --debug serve``: a processed study, a refused instance and a skipped study; the log file
+    holds no patient identifier of the test studies."""
+    import pydicom
+
+    from tests.helpers.node import CatchingSCP
+
+    catcher = CatchingSCP().start(free_port())
+    case = make_synthetic_case(4, SHAPE)
+    url = f"sqlite:///{tmp_path / 'node.db'}"
+    from db.registry import open_registry
+
+    install_model(
+        open_registry(url), make_threshold_model(tmp_path / "model", crop=SHAPE[:2], spacing=case.spacing)
+    )
+    port = free_port()
+    from node.config import Destination
+
+    config = node_toml(
+        tmp_path, port, url, [Destination("pacs", catcher.ae_title, "127.0.0.1", catcher.port)]
+    )
+    log = tmp_path / "serve.log"
+    served = ServedNode(config, tmp_path / "var", log, port, debug=True)
+    good = write_study(case, tmp_path / "good", modalities=["FLAIR"], patient=PATIENT)
+    skipped = write_study(case, tmp_path / "skipped", modalities=["T2"], patient=PATIENT)
+    bad = pydicom.dcmread(good.files["FLAIR"][0])
+    bad.SOPInstanceUID = pydicom.uid.generate_uid()
+    del bad.PixelData
+    bad_path = tmp_path / "bad.dcm"
+    bad.file_meta.MediaStorageSOPInstanceUID = bad.SOPInstanceUID
+    bad.save_as(bad_path, enforce_file_format=True)
+    try:
+        served.start()
+        storescu(port, [*good.files["FLAIR"], *skipped.files["T2"], bad_path])
+        catcher.wait_for(lambda r: len(r) >= 2, 60)
+        sf = make_session_factory(make_engine(url))
+        wait_until(
+            lambda: sorted(j.status for j in store.list_jobs(sf)) == ["done", "skipped"],
+            60,
+            "both jobs ended",
+        )
+    finally:
+        served.stop()
+        catcher.stop()
+    text = log.read_text()
+    # The log is not empty: DEBUG lines of every library (pynetdicom PDUs, highdicom copying the
+    # Patient module by attribute name) are in it, and none carries a value.
+    assert (
+        "DEBUG pynetdicom" in text
+        and 'copied attribute "PatientName"' in text
+        and "no PixelData" in text
+        and "job 1" in text
+    )
+    _assert_no_phi(text, str(log))
