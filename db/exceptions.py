@@ -11,6 +11,10 @@ class RegistryError(Exception):
     """Base class for every error raised by :mod:`db`."""
 
 
+class DatabaseConfigError(RegistryError):
+    """The config that names the database is missing or malformed."""
+
+
 class DatabaseUnavailableError(RegistryError):
     """The database cannot be reached or is not at the schema this code needs."""
 

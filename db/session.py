@@ -1,4 +1,4 @@
-"""Engines, sessions and schema upgrades, built from a URL or the node config.
+"""Engines, sessions and schema upgrades, built from a URL (see :mod:`db.url` for where it comes from).
 
 SQLite (the default, a file under the var dir) runs in WAL mode with foreign keys on and a busy
 timeout; transactions are begun explicitly so that a writer can ask for ``BEGIN IMMEDIATE`` (see
@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, make_url
 from sqlalchemy.engine import Connection
@@ -22,9 +22,6 @@ from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.exceptions import DatabaseUnavailableError
-
-if TYPE_CHECKING:
-    from node.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -144,11 +141,6 @@ def make_engine(url: str) -> Engine:
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:
     """A ``sessionmaker`` bound to ``engine`` (objects stay readable after commit)."""
     return sessionmaker(bind=engine, expire_on_commit=False)
-
-
-def engine_from_settings(settings: Settings) -> Engine:
-    """The Engine for the node config's ``[database] url`` (default: SQLite under the var dir)."""
-    return make_engine(settings.database.resolved_url())
 
 
 def _alembic_config(connection: Connection | None = None) -> Any:

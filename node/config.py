@@ -16,12 +16,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from db.url import default_url, var_dir
 from node.exceptions import ConfigError
-
-
-def var_dir() -> Path:
-    """The var dir: ``$SEGNODE_HOME`` or ``./var``."""
-    return Path(os.environ.get("SEGNODE_HOME", "var")).absolute()
 
 
 @dataclass
@@ -76,7 +72,7 @@ class DatabaseSettings:
 
     def resolved_url(self) -> str:
         """The URL to connect to."""
-        return self.url or f"sqlite:///{var_dir() / 'segnode.db'}"
+        return self.url or default_url()
 
 
 @dataclass

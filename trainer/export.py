@@ -462,9 +462,9 @@ def register_dir(directory: Path, database_url: str | None = None) -> list[int]:
     from db.session import make_engine, make_session_factory, upgrade
 
     if database_url is None:
-        from node.config import load_settings
+        from db.url import resolve_database_url
 
-        database_url = load_settings().database.resolved_url()
+        database_url = resolve_database_url()
     upgrade(database_url)
     engine = make_engine(database_url)
     try:

@@ -28,9 +28,9 @@ def _url() -> str:
     url = context.get_x_argument(as_dictionary=True).get("url")
     if url:
         return str(url)
-    from node.config import load_settings
+    from db.url import resolve_database_url
 
-    return load_settings().database.resolved_url()
+    return resolve_database_url()
 
 
 def _configure(connection: Connection) -> None:

@@ -16,9 +16,9 @@ CONFIG_OPTION = typer.Option(
 
 
 def _url(config: Path | None) -> str:
-    from node.config import load_settings
+    from db.url import resolve_database_url
 
-    return load_settings(config).database.resolved_url()
+    return resolve_database_url(config)
 
 
 @db_app.command("upgrade")

@@ -1,0 +1,66 @@
+"""Where the database is: the one place that turns environment and config file into a URL.
+
+Order, first match wins:
+
+1. ``SEGNODE_DATABASE_URL`` in the environment;
+2. ``[database] url`` in the config file (``--config``, else ``$SEGNODE_CONFIG``);
+3. a SQLite file ``segnode.db`` in the var dir (``$SEGNODE_HOME``, default ``./var``).
+
+Commands resolve the URL once and hand it down; nothing below them looks it up again.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+
+from db.exceptions import DatabaseConfigError
+
+
+def var_dir(env: Mapping[str, str] | None = None) -> Path:
+    """The var dir (database, spool, logs, models): ``$SEGNODE_HOME`` or ``./var``, absolute."""
+    env = os.environ if env is None else env
+    return Path(env.get("SEGNODE_HOME", "var")).absolute()
+
+
+def default_url(env: Mapping[str, str] | None = None) -> str:
+    """The URL used when neither the environment nor the config file names one."""
+    return f"sqlite:///{var_dir(env) / 'segnode.db'}"
+
+
+def url_in_config_file(path: Path) -> str:
+    """``[database] url`` of a config file, or "" when the file has none.
+
+    Raises
+    ------
+    DatabaseConfigError
+        The file is missing, not TOML, or its ``[database] url`` is not a string.
+    """
+    if not path.is_file():
+        raise DatabaseConfigError(f"config file {path} does not exist")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise DatabaseConfigError(f"{path}: not valid TOML: {exc}") from None
+    section = raw.get("database", {})
+    if not isinstance(section, dict):
+        raise DatabaseConfigError(f"{path}: [database] must be a table")
+    url = section.get("url", "")
+    if not isinstance(url, str):
+        raise DatabaseConfigError(f"{path}: database.url must be a string, not {type(url).__name__}")
+    return url
+
+
+def resolve_database_url(
+    config_file: Path | str | None = None, env: Mapping[str, str] | None = None
+) -> str:
+    """The database URL for a command, from the environment, the config file and the var dir."""
+    env = os.environ if env is None else env
+    if env.get("SEGNODE_DATABASE_URL"):
+        return env["SEGNODE_DATABASE_URL"]
+    if config_file is None and env.get("SEGNODE_CONFIG"):
+        config_file = env["SEGNODE_CONFIG"]
+    url = url_in_config_file(Path(config_file)) if config_file is not None else ""
+    return url or default_url(env)
