@@ -39,10 +39,19 @@ class NodeSettings:
     send_retry_base_seconds: float = 5.0  # first retry delay of a failed C-STORE; doubles each attempt
     send_retry_max_seconds: float = 600.0
     stale_job_seconds: float = 300.0  # a running job whose heartbeat is older is re-queued
+    # At start, when the task has no active model: import and promote the shipped model (node/bootstrap.py).
+    bootstrap_default_model: bool = True
+    default_model_dir: str = ""  # empty: the shipped models/default
 
     def spool_path(self) -> Path:
         """Absolute spool directory."""
         return Path(self.spool_dir).absolute() if self.spool_dir else var_dir() / "spool"
+
+    def default_model_path(self) -> Path:
+        """The model that :attr:`bootstrap_default_model` installs."""
+        from node.bootstrap import SHIPPED_MODEL_DIR
+
+        return Path(self.default_model_dir).absolute() if self.default_model_dir else SHIPPED_MODEL_DIR
 
     def jobs_path(self) -> Path:
         """Where each job keeps its outputs (SEG, SR, preview): beside the spool."""

@@ -26,6 +26,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from node import dimse
+from node.bootstrap import install_and_promote
 from node.config import Destination, Settings
 from node.exceptions import NodeError
 
@@ -103,28 +104,6 @@ def _settings(var: Path, port: int, catcher_port: int) -> Settings:
     return settings
 
 
-def _install(registry: Any, model_dir: Path) -> Any:
-    """Import the model directory and promote its INT8 IR (its FP32 IR when INT8 is refused or absent)."""
-    from db.exceptions import PromotionRefused
-
-    if not (model_dir / "model.json").is_file():
-        raise NodeError(
-            f"no model at {model_dir} (model.json missing): the shipped model is not there yet; "
-            "train and export one (segnode train / segnode export) or pass --model DIR"
-        )
-    infos = registry.import_dir(model_dir, by="segnode demo")
-    irs = sorted((i for i in infos if i.kind == "ir"), key=lambda i: i.precision != "int8")
-    if not irs:
-        raise NodeError(f"{model_dir}/model.json lists no OpenVINO IR artifact; the node runs only IR models")
-    problems = []
-    for info in irs:
-        try:
-            return registry.promote(info.id, by="segnode demo", reason="demo")
-        except PromotionRefused as exc:
-            problems.append(str(exc))
-    raise NodeError("; ".join(problems))
-
-
 def _storescu(program: str, files: list[Path], port: int, called_ae: str) -> None:
     import os
     import subprocess
@@ -181,7 +160,7 @@ def run_demo(
     catcher_port = _free_port()
     settings = _settings(var, _free_port(), catcher_port)
     node = NodeService(settings)
-    model = _install(node.registry, model_dir)
+    model = install_and_promote(node.registry, model_dir, by="segnode demo", reason="demo")
     _step(console, f"model {model.label} imported and promoted")
 
     t = time.perf_counter()

@@ -19,7 +19,9 @@ from sqlalchemy.exc import DBAPIError
 from db.registry import Registry
 from db.session import make_engine, make_session_factory, upgrade
 from node import store
+from node.bootstrap import bootstrap_default_model
 from node.config import Settings
+from node.exceptions import NodeError
 from node.metrics import MetricsServer, NodeMetrics
 from node.pipeline import JobContext, run_job
 from node.runtime import ModelRuntime, check_device
@@ -104,13 +106,47 @@ class NodeService:
     # -- lifecycle ---------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start every component in the background."""
+        """Start every component in the background.
+
+        The metrics port is bound first: when it is taken, :class:`NodeError` names it and nothing has
+        started (no SCP, no threads).
+        """
         self.started_at = time.time()
+        self.http = self._bind_metrics()
+        try:
+            self._start_components()
+        except BaseException:
+            if self.http:
+                self.http.stop()
+                self.http = None
+            self.scp.stop()
+            raise
+        if self.http:
+            self.http.start()
+            logger.info("metrics on http://%s:%d/metrics", self.settings.metrics.host, self.http.port)
+
+    def _bind_metrics(self) -> MetricsServer | None:
+        """The /metrics and /healthz server, bound but not yet serving (None when metrics.port is 0)."""
+        metrics = self.settings.metrics
+        if not metrics.port:
+            return None
+        try:
+            return MetricsServer(metrics.host, metrics.port, self.metrics, self.refresh_gauges, self.health)
+        except OSError as exc:
+            raise NodeError(
+                f"metrics.port: cannot listen on {metrics.host}:{metrics.port}: {exc.strerror or exc}; "
+                "set [metrics] port in node.toml (or SEGNODE_METRICS_PORT) to a free port, 0 to turn it off"
+            ) from None
+
+    def _start_components(self) -> None:
         requeued = store.requeue_stale(self.sf, self.settings.node.stale_job_seconds, at_start=True)
         if requeued:
             logger.warning(
                 "re-queued %d job(s) left running by a stopped process: %s", len(requeued), requeued
             )
+        node = self.settings.node
+        if node.bootstrap_default_model:
+            bootstrap_default_model(self.registry, node.task, node.default_model_path())
         self.runtime.refresh()
         # The job's output modules (highdicom alone takes ~0.7 s to import) load now rather than
         # during the first study's SEG stage.
@@ -126,16 +162,6 @@ class NodeService:
         for n in range(max(1, self.settings.node.workers)):
             self._spawn(self._work_loop, f"segnode-worker-{n}")
         self._spawn(self._send_loop, "segnode-sender")
-        if self.settings.metrics.port:
-            self.http = MetricsServer(
-                self.settings.metrics.host,
-                self.settings.metrics.port,
-                self.metrics,
-                self.refresh_gauges,
-                self.health,
-            )
-            self.http.start()
-            logger.info("metrics on http://%s:%d/metrics", self.settings.metrics.host, self.http.port)
 
     def _spawn(self, target: Any, name: str) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)

@@ -200,6 +200,7 @@ def node_settings(
     settings.node.send_retry_max_seconds = 1.0
     settings.database.url = db_url or f"sqlite:///{tmp / 'node.db'}"
     settings.metrics.port = 0
+    settings.node.bootstrap_default_model = False  # each test installs the model it needs
     settings.destinations = destinations or []
     return settings
 

@@ -117,8 +117,13 @@ def node_toml(
     idle: float = 0.3,
     extra_node: str = "",
     tls: str = "",
+    bootstrap: bool = False,
 ) -> Path:
-    """Write a node.toml for a ``segnode serve`` subprocess on loopback; returns its path."""
+    """Write a node.toml for a ``segnode serve`` subprocess on loopback; returns its path.
+
+    ``bootstrap`` False (the tests' default) keeps the shipped model out: each test installs its own.
+    An empty ``db_url`` leaves ``[database] url`` unset: SQLite under ``$SEGNODE_HOME``.
+    """
     lines = [
         "[node]",
         f"port = {port}",
@@ -129,9 +134,10 @@ def node_toml(
         "min_free_disk_mb = 1",
         "send_retry_base_seconds = 0.2",
         "send_retry_max_seconds = 1.0",
+        f"bootstrap_default_model = {str(bootstrap).lower()}",
         extra_node,
         "[database]",
-        f'url = "{db_url}"',
+        f'url = "{db_url}"' if db_url else "",
         "[metrics]",
         "port = 0",
         tls,
