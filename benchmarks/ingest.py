@@ -109,9 +109,9 @@ def send(files: Sequence[Path], port: int, called_ae: str, associations: int) ->
 @contextlib.contextmanager
 def node_receiver(work: Path) -> Iterator[tuple[int, str, Callable[[], int]]]:
     """The node in this process: fresh SQLite database and spool, no job runs during the benchmark."""
+    from db.instances import instance_counts
     from node.config import Settings
     from node.service import NodeService
-    from node.store import instance_counts
 
     settings = Settings()
     settings.node.host, settings.node.port = "127.0.0.1", free_port()

@@ -1,4 +1,4 @@
-"""Exceptions raised by the model registry.
+"""Exceptions raised by :mod:`db`: the model registry and the node's tables.
 
 Every message names the object (model id, file, task), the attribute and the bad value, so that the
 CLI can print it as one line (``error: ...``) and exit with code 2.
@@ -53,3 +53,16 @@ class RetireRefusedError(RegistryError):
 
 class ModelRetiredError(RegistryError):
     """The model is retired: it can no longer be promoted, verified or rolled back to."""
+
+
+class DatabaseOperationError(RegistryError):
+    """A database operation failed inside SQLAlchemy without an error from the driver (a connection
+    pool exhausted, say); :class:`DatabaseUnavailableError` covers the driver's errors."""
+
+
+class JobNotFoundError(RegistryError):
+    """No node job with the given id."""
+
+
+class JobStateError(RegistryError):
+    """A node job is not in a state that allows the request (retrying a queued or running job)."""

@@ -144,7 +144,7 @@ def run_demo(
     from converters.dicom_writer import write_study
     from converters.nifti import load_case
     from converters.reorient import ras_to_volume
-    from node import store
+    from db import job_queue
     from node.sender import store_files
     from node.service import NodeService
 
@@ -184,12 +184,12 @@ def run_demo(
                 raise NodeError(f"the node refused {len(bad)} files, e.g. {bad[0]}")
         stages["C-STORE of the study"] = time.perf_counter() - start
         if not catcher.arrived.wait(timeout):
-            jobs = store.list_jobs(node.sf)
+            jobs = job_queue.list_jobs(node.sf)
             why = f"job {jobs[0].id} {jobs[0].status}: {jobs[0].reason}" if jobs else "no job was created"
             raise NodeError(f"no SEG and SR came back within {timeout:.0f} s ({why})")
         total = time.perf_counter() - start
         cpu_seconds = time.process_time() - cpu_start
-        job = store.list_jobs(node.sf)[0]
+        job = job_queue.list_jobs(node.sf)[0]
     finally:
         node.stop()
         catcher.stop()

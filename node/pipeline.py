@@ -24,7 +24,9 @@ from pydicom.dataset import Dataset
 
 from converters.exceptions import ConverterError
 from converters.volume import Volume
-from node import store
+from db import job_queue
+from db.job_queue import OutputObject
+from db.transactions import SessionFactory
 from node.config import Destination
 from node.exceptions import JobError, NodeError
 from node.metrics import NodeMetrics
@@ -165,7 +167,7 @@ def segment_volumes_ml(labels: npt.NDArray[np.uint8], card: Mapping[str, Any], v
 class JobContext:
     """What a worker needs to run jobs."""
 
-    sf: store.SessionFactory
+    sf: SessionFactory
     selector: SeriesSelector
     jobs_dir: Path
     destinations: list[Destination]
@@ -182,7 +184,7 @@ def run_job(ctx: JobContext, job_id: int) -> str:
     timer = Timer(on_stage=lambda name, sec: ctx.metrics.stage_seconds.labels(name).observe(sec))
     model = ctx.model()
     # One folder per attempt: a retried job never overwrites a file a pending send still points at.
-    out_dir = ctx.jobs_dir / str(job_id) / f"attempt-{store.get_job(ctx.sf, job_id).attempts}"
+    out_dir = ctx.jobs_dir / str(job_id) / f"attempt-{job_queue.get_job(ctx.sf, job_id).attempts}"
     if model is None:
         return _end(
             ctx, job_id, "failed", "no usable model for the node's task (see segnode models list)", timer
@@ -190,17 +192,18 @@ def run_job(ctx: JobContext, job_id: int) -> str:
     card = model.card
     try:
         with timer.stage("select"):
-            chosen = select_series(store.job_series_paths(ctx.sf, job_id), card["modalities"], ctx.selector)
-        store.heartbeat(ctx.sf, job_id)
+            series = job_queue.job_series_paths(ctx.sf, job_id)
+            chosen = select_series(series, card["modalities"], ctx.selector)
+        job_queue.heartbeat(ctx.sf, job_id)
         with timer.stage("load"):
             assembled = assemble(chosen, card["modalities"])
-        store.heartbeat(ctx.sf, job_id)
+        job_queue.heartbeat(ctx.sf, job_id)
         with timer.stage("preprocess"):
             prepared = preprocess(model, assembled)
         with timer.stage("inference"):
             labels = segment(model, assembled, prepared)
         ctx.metrics.inference_seconds.observe(timer.stages["inference"])
-        store.heartbeat(ctx.sf, job_id)
+        job_queue.heartbeat(ctx.sf, job_id)
         with timer.stage("seg"):
             frame_labels = source_frame_labels(labels, assembled)
             seg = build_seg(assembled.sources, frame_labels, card, software_version=SOFTWARE_VERSION)
@@ -231,8 +234,8 @@ def run_job(ctx: JobContext, job_id: int) -> str:
     }
     (out_dir / "job.json").write_text(json.dumps({"job": job_id, "stages": timer.stages, **result}, indent=2))
     outputs = [
-        store.OutputObject(str(seg_path), str(seg.SOPInstanceUID)),
-        store.OutputObject(str(sr_path), str(sr.SOPInstanceUID)),
+        OutputObject(str(seg_path), str(seg.SOPInstanceUID)),
+        OutputObject(str(sr_path), str(sr.SOPInstanceUID)),
     ]
     return _end(ctx, job_id, "done", "", timer, model, result=result, out_dir=out_dir, outputs=outputs)
 
@@ -255,13 +258,13 @@ def _end(
     *,
     result: dict[str, Any] | None = None,
     out_dir: Path | None = None,
-    outputs: list[store.OutputObject] | None = None,
+    outputs: list[OutputObject] | None = None,
 ) -> str:
     if status != "done":
         logger.warning("job %d %s: %s", job_id, status, reason)
     else:
         logger.info("job %d done in %.2f s", job_id, sum(timer.stages.values()))
-    finished = store.finish_job(
+    finished = job_queue.finish_job(
         ctx.sf,
         job_id,
         status=status,

@@ -28,9 +28,11 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     Verification,
 )
 from pynetdicom.transport import ThreadedAssociationServer
-from sqlalchemy.exc import SQLAlchemyError
 
-from node import dimse, store
+from db import instances
+from db.exceptions import DatabaseOperationError, DatabaseUnavailableError
+from db.transactions import SessionFactory
+from node import dimse
 from node.config import NodeSettings, TLSSettings
 from node.exceptions import InvalidInstanceError, NodeError, SpoolError
 from node.metrics import NodeMetrics
@@ -74,7 +76,7 @@ def _guarded(handler: Callable[[Any], int]) -> Callable[[Any], int]:
         except InvalidInstanceError as exc:
             logger.warning("C-STORE refused (%s): %s", dimse.describe(dimse.CANNOT_UNDERSTAND), exc)
             return dimse.CANNOT_UNDERSTAND
-        except (SpoolError, SQLAlchemyError, OSError) as exc:
+        except (SpoolError, DatabaseUnavailableError, DatabaseOperationError, OSError) as exc:
             logger.error("C-STORE failed (%s): %s", dimse.describe(dimse.OUT_OF_RESOURCES), exc)
             return dimse.OUT_OF_RESOURCES
         except Exception:
@@ -123,7 +125,7 @@ class StorageSCP:
     def __init__(
         self,
         settings: NodeSettings,
-        session_factory: store.SessionFactory,
+        session_factory: SessionFactory,
         metrics: NodeMetrics | None = None,
         tls: TLSSettings | None = None,
     ) -> None:
@@ -301,8 +303,8 @@ class StorageSCP:
             return set().union(*self._in_flight.values()) if self._in_flight else set()
 
     def _record(self, **row: Any) -> bool:
-        """:func:`node.store.record_instance` (its write transactions queue on the process's write lock)."""
-        return store.record_instance(self.sf, **row)
+        """:func:`db.instances.record_instance` (its write transactions queue on the process's write lock)."""
+        return instances.record_instance(self.sf, **row)
 
     def _ignore(self, sop_class: str, sop_uid: str, calling_ae: str) -> int:
         new = self._record(
@@ -374,7 +376,7 @@ class StorageSCP:
             error = writing.exception() if writing is not None else None
         if error is not None:
             if new:
-                store.forget_instance(self.sf, sop_uid)
+                instances.forget_instance(self.sf, sop_uid)
             raise error
         self.metrics.instances.labels("kept" if new else "duplicate").inc()
         return ReceiveResult(dimse.SUCCESS, "kept" if new else "duplicate")

@@ -25,7 +25,10 @@ from typing import Any
 import pydicom
 from pynetdicom import AE
 
-from node import dimse, store
+from db import send_queue
+from db.send_queue import SendInfo
+from db.transactions import SessionFactory
+from node import dimse
 from node.config import TLSSettings
 from node.metrics import NodeMetrics
 
@@ -134,7 +137,7 @@ class Sender:
 
     def __init__(
         self,
-        sf: store.SessionFactory,
+        sf: SessionFactory,
         metrics: NodeMetrics,
         calling_ae: str,
         base_seconds: float = 5.0,
@@ -212,20 +215,20 @@ class Sender:
         for exc in errors:
             logger.error("send delivery error", exc_info=exc)
 
-    def _claim(self) -> dict[DestinationKey, list[store.SendInfo]]:
+    def _claim(self) -> dict[DestinationKey, list[SendInfo]]:
         """Lease the due sends, grouped by destination, skipping destinations being delivered now."""
         with self._lock:
             busy = set(self._in_flight)
-        groups: dict[DestinationKey, list[store.SendInfo]] = defaultdict(list)
-        for send in store.due_sends(self.sf, exclude_destinations={key[0] for key in busy}):
+        groups: dict[DestinationKey, list[SendInfo]] = defaultdict(list)
+        for send in send_queue.due_sends(self.sf, exclude_destinations={key[0] for key in busy}):
             key = (send.destination, send.ae_title, send.host, send.port)
             if key in busy or (key not in groups and len(busy) + len(groups) >= self.max_parallel):
                 continue
-            if store.claim_send(self.sf, send, LEASE_SECONDS):
+            if send_queue.claim_send(self.sf, send, LEASE_SECONDS):
                 groups[key].append(send)
         return groups
 
-    def _start(self, key: DestinationKey, sends: list[store.SendInfo], background: bool) -> Future[int]:
+    def _start(self, key: DestinationKey, sends: list[SendInfo], background: bool) -> Future[int]:
         future: Future[int] = Future()
         thread = threading.Thread(
             target=self._run,
@@ -239,7 +242,7 @@ class Sender:
         return future
 
     def _run(
-        self, key: DestinationKey, sends: list[store.SendInfo], future: Future[int], background: bool
+        self, key: DestinationKey, sends: list[SendInfo], future: Future[int], background: bool
     ) -> None:
         """A delivery thread: the destination is free again before its result is published."""
         try:
@@ -263,7 +266,7 @@ class Sender:
         with self._lock:
             return self._errors.popleft() if self._errors else None
 
-    def _deliver(self, name: str, ae_title: str, host: str, port: int, sends: list[store.SendInfo]) -> int:
+    def _deliver(self, name: str, ae_title: str, host: str, port: int, sends: list[SendInfo]) -> int:
         try:
             paths = [Path(s.path) for s in sends]
             results = store_files(
@@ -276,7 +279,7 @@ class Sender:
         delivered = 0
         for send, (_, status, error) in zip(sends, results, strict=True):
             if status == dimse.SUCCESS:
-                store.mark_sent(self.sf, send.id)
+                send_queue.mark_sent(self.sf, send.id)
                 self.metrics.sends.labels(name).inc()
                 delivered += 1
                 logger.info("job %d: %s delivered to %s", send.job_id, Path(send.path).name, name)
@@ -284,8 +287,8 @@ class Sender:
                 self._failed(send, error)
         return delivered
 
-    def _failed(self, send: store.SendInfo, error: str) -> None:
-        when = store.mark_send_failed(
+    def _failed(self, send: SendInfo, error: str) -> None:
+        when = send_queue.mark_send_failed(
             self.sf, send.id, error, base_seconds=self.base_seconds, max_seconds=self.max_seconds
         )
         self.metrics.send_failures.labels(send.destination).inc()

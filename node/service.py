@@ -14,11 +14,10 @@ import threading
 import time
 from typing import Any
 
-from sqlalchemy.exc import DBAPIError
-
+from db import instances, job_queue, send_queue
+from db.exceptions import DatabaseUnavailableError
 from db.registry import Registry
 from db.session import make_engine, make_session_factory, upgrade
-from node import store
 from node.bootstrap import bootstrap_default_model
 from node.config import Settings
 from node.exceptions import NodeError
@@ -41,18 +40,11 @@ class _Outage:
     def __init__(self) -> None:
         self.since: float | None = None
 
-    def failed(self, loop: str, exc: DBAPIError, poll: float) -> None:
+    def failed(self, loop: str, exc: DatabaseUnavailableError, poll: float) -> None:
         if self.since is None:
             self.since = time.monotonic()
-            cause = exc.orig or exc
-            reason = (str(cause).strip().splitlines() or [""])[0]
-            logger.error(
-                "%s: database unreachable (%s: %s); retrying every %.1f s",
-                loop,
-                type(cause).__name__,
-                reason,
-                poll,
-            )
+            # The message is one line naming the driver's error ("OperationalError: connection failed").
+            logger.error("%s: database unreachable (%s); retrying every %.1f s", loop, exc, poll)
 
     def recovered(self, loop: str) -> None:
         if self.since is not None:
@@ -139,7 +131,7 @@ class NodeService:
             ) from None
 
     def _start_components(self) -> None:
-        requeued = store.requeue_stale(self.sf, self.settings.node.stale_job_seconds, at_start=True)
+        requeued = job_queue.requeue_stale(self.sf, self.settings.node.stale_job_seconds, at_start=True)
         if requeued:
             logger.warning(
                 "re-queued %d job(s) left running by a stopped process: %s", len(requeued), requeued
@@ -199,9 +191,9 @@ class NodeService:
             try:
                 busy = self.work_once()
                 if time.monotonic() - last_stale_check > STALE_CHECK_SECONDS:
-                    store.requeue_stale(self.sf, self.settings.node.stale_job_seconds)
+                    job_queue.requeue_stale(self.sf, self.settings.node.stale_job_seconds)
                     last_stale_check = time.monotonic()
-            except DBAPIError as exc:  # database unreachable: one line per outage, not a traceback per poll
+            except DatabaseUnavailableError as exc:  # one line per outage, not a traceback per poll
                 outage.failed("worker", exc, poll)
             except Exception:  # the worker must survive anything and retry
                 logger.exception("worker loop error; retrying in %.1f s", poll)
@@ -223,13 +215,13 @@ class NodeService:
             # A study whose association is still open is not complete, however slow its instances
             # come (eight PACS associations at once on two cores: gaps of seconds). The timer is in
             # the database, so other node processes sharing it hold off too.
-            store.touch_studies(self.sf, receiving)
+            instances.touch_studies(self.sf, receiving)
             self._touched_at = time.monotonic()
         if time.time() - self.started_at >= idle:
-            store.schedule_due_studies(self.sf, idle, receiving=self.scp.studies_in_flight())
+            instances.schedule_due_studies(self.sf, idle, receiving=self.scp.studies_in_flight())
         if self.runtime.refresh() is None:
             return False
-        job_id = store.claim_job(self.sf)
+        job_id = job_queue.claim_job(self.sf)
         if job_id is None:
             return False
         logger.info("job %d claimed", job_id)
@@ -244,7 +236,7 @@ class NodeService:
                 # Deliveries run in the background, one per destination: a destination that hangs
                 # holds its own sends only, and new results to the others go out at the next poll.
                 self.sender.run_once(wait=False)
-            except DBAPIError as exc:  # also one raised inside a background delivery
+            except DatabaseUnavailableError as exc:  # also one raised inside a background delivery
                 outage.failed("sender", exc, poll)
             except Exception:
                 logger.exception("sender loop error; retrying in %.1f s", poll)
@@ -256,19 +248,19 @@ class NodeService:
 
     def refresh_gauges(self) -> None:
         """Update the database-derived gauges (jobs by state, queue depth, pending sends)."""
-        counts = store.job_counts(self.sf)
+        counts = job_queue.job_counts(self.sf)
         for state, value in counts.items():
             self.metrics.jobs.labels(state).set(value)
         self.metrics.queue_depth.set(counts.get("queued", 0))
-        self.metrics.pending_sends.set(store.pending_send_count(self.sf))
-        self.metrics.studies.set(store.instance_counts(self.sf)["studies"])
+        self.metrics.pending_sends.set(send_queue.pending_send_count(self.sf))
+        self.metrics.studies.set(instances.instance_counts(self.sf)["studies"])
 
     def health(self) -> tuple[bool, dict[str, Any]]:
         """``/healthz``: ok when the database answers, the SCP listens and the workers live."""
         details: dict[str, Any] = {}
         ok = True
         try:
-            details["jobs"] = store.job_counts(self.sf)
+            details["jobs"] = job_queue.job_counts(self.sf)
         except Exception as exc:
             ok = False
             details["database"] = f"error: {type(exc).__name__}"

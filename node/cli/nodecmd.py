@@ -148,9 +148,9 @@ def jobs_list(
     as_json: bool = typer.Option(False, "--json", help="Write JSON instead of a table."),
 ) -> None:
     """List jobs, newest first."""
-    from node import store
+    from db import job_queue
 
-    jobs = store.list_jobs(_session_factory(config), status=status, limit=limit)
+    jobs = job_queue.list_jobs(_session_factory(config), status=status, limit=limit)
     if as_json:
         typer.echo(json.dumps([_job_dict(j) for j in jobs], indent=2))
         return
@@ -207,9 +207,9 @@ def jobs_show(
     as_json: bool = typer.Option(False, "--json", help="Write JSON."),
 ) -> None:
     """Show one job: state, reason, stage timings, outputs and sends."""
-    from node import store
+    from db import job_queue
 
-    info = _job_dict(store.get_job(_session_factory(config), job_id))
+    info = _job_dict(job_queue.get_job(_session_factory(config), job_id))
     if as_json:
         typer.echo(json.dumps(info, indent=2))
         return
@@ -242,9 +242,9 @@ def jobs_retry(
     job_id: int = typer.Argument(..., help="Job id."), config: Path | None = CONFIG_OPTION
 ) -> None:
     """Queue a finished job again (a new result is produced and sent)."""
-    from node import store
+    from db import job_queue
 
-    info = store.retry_job(_session_factory(config), job_id)
+    info = job_queue.retry_job(_session_factory(config), job_id)
     console.print(f"job {info.id} queued again")
 
 

@@ -11,8 +11,9 @@ import pytest
 
 from converters.dicom_writer import write_study
 from converters.synthetic import make_synthetic_case
+from db import instances, job_queue
 from db.session import make_engine, make_session_factory, upgrade
-from node import store
+from db.transactions import utcnow
 from node.cli import main
 from tests.helpers.node import CatchingSCP, make_threshold_model
 from tests.helpers.peers import free_port
@@ -41,8 +42,8 @@ def config(tmp_path: Path, segnode_home: Path) -> Path:
 def _done_job(db: str) -> int:
     upgrade(db)
     sf = make_session_factory(make_engine(db))
-    now = store.utcnow()
-    store.record_instance(
+    now = utcnow()
+    instances.record_instance(
         sf,
         sop_instance_uid="1.2.3.4",
         sop_class_uid="1.2.840.10008.5.1.4.1.1.4",
@@ -53,9 +54,9 @@ def _done_job(db: str) -> int:
         calling_ae="PACS",
         now=now - timedelta(seconds=60),
     )
-    [job] = store.schedule_due_studies(sf, 1.0)
-    store.claim_job(sf)
-    store.finish_job(
+    [job] = instances.schedule_due_studies(sf, 1.0)
+    job_queue.claim_job(sf)
+    job_queue.finish_job(
         sf, job, status="skipped", reason="no FLAIR series in the study", stages={"select": 0.01}
     )
     return job

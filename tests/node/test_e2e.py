@@ -21,7 +21,8 @@ from converters.dicom_series import load_series
 from converters.dicom_writer import StudyInfo, write_study
 from converters.reorient import ras_to_volume
 from converters.synthetic import make_synthetic_case
-from node import store
+from db import job_queue, send_queue
+from db.transactions import utcnow
 from node.config import Destination
 from node.sender import store_files
 from node.service import NodeService
@@ -54,9 +55,9 @@ class Env:
         results = store_files(files, "127.0.0.1", self.node.scp.port, "SEGNODE", "PACS")
         assert {status for _, status, _ in results} == {0}
 
-    def job_for(self, study: StudyInfo, timeout: float = 60.0) -> store.JobInfo:
-        def finished() -> store.JobInfo | None:
-            for job in store.list_jobs(self.node.sf):
+    def job_for(self, study: StudyInfo, timeout: float = 60.0) -> job_queue.JobInfo:
+        def finished() -> job_queue.JobInfo | None:
+            for job in job_queue.list_jobs(self.node.sf):
                 if job.study_instance_uid == study.study_instance_uid and job.status in (
                     "done",
                     "failed",
@@ -201,7 +202,7 @@ def test_study_without_flair_is_skipped(env: Env, case: Case, tmp_path: Path) ->
     assert job.status == "skipped"
     assert job.reason.startswith("no FLAIR series in the study (considered: series ")
     assert "AX T1" in job.reason and "AX T2" in job.reason
-    assert store.get_job(env.node.sf, job.id).sends == []
+    assert job_queue.get_job(env.node.sf, job.id).sends == []
     assert env.catcher.received == []
 
 
@@ -226,13 +227,13 @@ def test_destination_down_then_up_gets_seg_exactly_once(tmp_path: Path, case: Ca
         up.wait_for(lambda r: len(r) == 2, 60)  # the live destination is not blocked by the dead one
 
         def failed_twice() -> bool:
-            sends = store.due_sends(node.sf, now=store.utcnow() + timedelta(days=1))
+            sends = send_queue.due_sends(node.sf, now=utcnow() + timedelta(days=1))
             return bool(sends) and all(s.attempts >= 2 and "association" in s.last_error for s in sends)
 
         wait_until(failed_twice, 30, "two failed attempts to the dead destination")
         late.start(down_port)
         late.wait_for(lambda r: len(r) >= 2, 30)
-        wait_until(lambda: store.pending_send_count(node.sf) == 0, 30, "all sends acknowledged")
+        wait_until(lambda: send_queue.pending_send_count(node.sf) == 0, 30, "all sends acknowledged")
     finally:
         node.stop()
         late.stop()
@@ -276,8 +277,9 @@ def test_instances_after_job_start_make_a_new_run(env: Env, case: Case, tmp_path
     assert first.run == 1 and first.instance_count == SHAPE[2]
     env.send_study(study, ["T2"])
 
-    def second_run() -> store.JobInfo | None:
-        jobs = [j for j in store.list_jobs(env.node.sf) if j.study_instance_uid == study.study_instance_uid]
+    def second_run() -> job_queue.JobInfo | None:
+        uid = study.study_instance_uid
+        jobs = [j for j in job_queue.list_jobs(env.node.sf) if j.study_instance_uid == uid]
         return next((j for j in jobs if j.run == 2 and j.status == "done"), None)
 
     job = wait_until(second_run, 60, "the second run of the study")
@@ -353,12 +355,12 @@ def test_two_nodes_share_one_postgresql_database(
         for n, study in enumerate(studies):
             Env(nodes[n % 2], catcher, tmp_path).send_study(study)
         catcher.wait_for(lambda r: len(r) >= 8, 90)
-        wait_until(lambda: store.pending_send_count(nodes[0].sf) == 0, 30, "all sends acknowledged")
+        wait_until(lambda: send_queue.pending_send_count(nodes[0].sf) == 0, 30, "all sends acknowledged")
     finally:
         for node in nodes:
             node.stop()
         catcher.stop()
-    jobs = store.list_jobs(nodes[0].sf)
+    jobs = job_queue.list_jobs(nodes[0].sf)
     assert sorted(j.study_instance_uid for j in jobs) == sorted(s.study_instance_uid for s in studies)
     assert {j.status for j in jobs} == {"done"} and {j.attempts for j in jobs} == {1}
     referenced = sorted(str(ds.StudyInstanceUID) for ds in catcher.received if ds.Modality == "SEG")

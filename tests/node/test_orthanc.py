@@ -13,7 +13,7 @@ import pytest
 
 from converters.dicom_writer import write_study
 from converters.synthetic import make_synthetic_case
-from node import store
+from db import job_queue, send_queue
 from node.config import Destination
 from node.service import NodeService
 from tests.helpers.node import install_model, make_threshold_model, node_settings, wait_until
@@ -106,10 +106,10 @@ def test_orthanc_pushes_study_and_receives_seg_and_sr(
         return {s["MainDicomTags"].get("Modality") for s in orthanc.get(f"/studies/{orthanc_study}/series")}
 
     wait_until(lambda: {"SEG", "SR"} <= modalities(), 60, "SEG and SR stored in Orthanc")
-    [job] = store.list_jobs(node.sf)
+    [job] = job_queue.list_jobs(node.sf)
     assert job.status == "done" and job.instance_count == 48
-    wait_until(lambda: store.pending_send_count(node.sf) == 0, 30, "sends recorded as acknowledged")
-    assert [s.status for s in store.get_job(node.sf, job.id).sends] == ["done", "done"]
+    wait_until(lambda: send_queue.pending_send_count(node.sf) == 0, 30, "sends recorded as acknowledged")
+    assert [s.status for s in job_queue.get_job(node.sf, job.id).sends] == ["done", "done"]
     series = orthanc.get(f"/studies/{orthanc_study}/series")
     seg = next(s for s in series if s["MainDicomTags"].get("Modality") == "SEG")
     assert seg["MainDicomTags"]["SeriesDescription"] == "AI TUMOUR SEG (segnode, not for diagnosis alone)"

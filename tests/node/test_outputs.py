@@ -30,8 +30,9 @@ from converters.dicom_series import load_series
 from converters.dicom_writer import write_study
 from converters.reorient import ras_to_volume
 from converters.synthetic import make_synthetic_case
+from db import job_queue
 from db.node_tables import NodeInstance
-from node import dimse, store
+from node import dimse
 from node.config import Destination
 from node.preview import COLOURS, render_preview
 from node.seg import build_seg
@@ -583,10 +584,9 @@ def test_genuine_enhanced_mr_is_kept_and_segmented(
             )
             assert pydicom.dcmread(spooled).PixelData == pydicom.dcmread(path).PixelData
 
-            def finished() -> store.JobInfo | None:
-                return next(
-                    (j for j in store.list_jobs(node.sf) if j.status in ("done", "failed", "skipped")), None
-                )
+            def finished() -> job_queue.JobInfo | None:
+                ended = ("done", "failed", "skipped")
+                return next((j for j in job_queue.list_jobs(node.sf) if j.status in ended), None)
 
             job = wait_until(finished, 60, "the job of the Enhanced MR study")
             assert job.status == "done", job.reason

@@ -20,9 +20,9 @@ from converters.dicom_series import load_series
 from converters.dicom_writer import write_study
 from converters.nifti import load_case
 from converters.reorient import ras_to_volume
+from db import job_queue, send_queue
 from db.registry import open_registry
 from db.session import make_engine, make_session_factory
-from node import store
 from node.sender import store_files
 from tests.helpers.node import CatchingSCP, install_model, make_threshold_model, wait_until
 from tests.helpers.peers import REPO, free_port, require_shared
@@ -115,26 +115,26 @@ def test_sigkill_mid_job_then_restart_delivers_seg_exactly_once(tmp_path: Path, 
         results = store_files(study.files["FLAIR"], "127.0.0.1", port, "SEGNODE", "PACS")
         assert {s for _, s, _ in results} == {0}
         job = wait_until(
-            lambda: next((j for j in store.list_jobs(sf) if j.status == "running"), None),
+            lambda: next((j for j in job_queue.list_jobs(sf) if j.status == "running"), None),
             60,
             "a running job",
             interval=0.01,
         )
         served.kill()
-        killed = store.get_job(sf, job.id)
+        killed = job_queue.get_job(sf, job.id)
         assert killed.status == "running", f"the job ended before the kill: {killed.status}"
         assert catcher.received == []
 
         served.start(port)
         catcher.wait_for(lambda r: len(r) >= 2, 120)
         wait_until(
-            lambda: store.pending_send_count(sf) == 0 and store.get_job(sf, job.id).status == "done",
+            lambda: send_queue.pending_send_count(sf) == 0 and job_queue.get_job(sf, job.id).status == "done",
             30,
             "the job done and its sends acknowledged",
         )
     finally:
         served.stop()
-    done = store.get_job(sf, job.id)
+    done = job_queue.get_job(sf, job.id)
     assert done.attempts == 2
     assert "re-queued" not in done.reason
     assert [ds.Modality for ds in catcher.received].count("SEG") == 1

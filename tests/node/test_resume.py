@@ -24,10 +24,12 @@ from sqlalchemy import select
 from converters.case import Case
 from converters.dicom_writer import write_study
 from converters.synthetic import make_synthetic_case
+from db import instances, job_queue, send_queue
 from db.node_tables import NodeStudy
 from db.registry import open_registry
 from db.session import make_engine, make_session_factory, upgrade
-from node import dimse, store
+from db.transactions import SessionFactory, as_utc, utcnow
+from node import dimse
 from node.config import Destination
 from node.exceptions import SpoolError
 from node.sender import store_files
@@ -70,19 +72,19 @@ def _send(port: int, files: list[Path]) -> None:
     assert [status for _, status, _ in results] == [dimse.SUCCESS] * len(files)
 
 
-def _study_row(sf: store.SessionFactory, uid: str) -> NodeStudy | None:
+def _study_row(sf: SessionFactory, uid: str) -> NodeStudy | None:
     with sf() as s:
         return s.scalars(select(NodeStudy).where(NodeStudy.study_instance_uid == uid)).first()
 
 
-def _scheduled(sf: store.SessionFactory, uid: str) -> bool:
+def _scheduled(sf: SessionFactory, uid: str) -> bool:
     """True once the scheduler has taken the study up (its ``pending`` cleared)."""
     row = _study_row(sf, uid)
     return row is not None and not row.pending
 
 
-def _jobs_of(sf: store.SessionFactory, uid: str) -> list[store.JobInfo]:
-    return sorted((j for j in store.list_jobs(sf) if j.study_instance_uid == uid), key=lambda j: j.run)
+def _jobs_of(sf: SessionFactory, uid: str) -> list[job_queue.JobInfo]:
+    return sorted((j for j in job_queue.list_jobs(sf) if j.study_instance_uid == uid), key=lambda j: j.run)
 
 
 def _modalities(catcher: CatchingSCP) -> list[str]:
@@ -93,14 +95,14 @@ def _modalities(catcher: CatchingSCP) -> list[str]:
 
 
 @pytest.fixture()
-def sf(db_url: str) -> store.SessionFactory:
+def sf(db_url: str) -> SessionFactory:
     upgrade(db_url)
     return make_session_factory(make_engine(db_url))
 
 
-def _record(sf: store.SessionFactory, study: str, numbers: range, at: datetime) -> None:
+def _record(sf: SessionFactory, study: str, numbers: range, at: datetime) -> None:
     for i in numbers:
-        assert store.record_instance(
+        assert instances.record_instance(
             sf,
             sop_instance_uid=f"{study}.{i}",
             sop_class_uid=str(MRImageStorage),
@@ -113,39 +115,39 @@ def _record(sf: store.SessionFactory, study: str, numbers: range, at: datetime) 
         )
 
 
-def test_a_claimed_job_covers_what_its_claim_counted(sf: store.SessionFactory) -> None:
-    t0 = store.utcnow().replace(microsecond=0)
+def test_a_claimed_job_covers_what_its_claim_counted(sf: SessionFactory) -> None:
+    t0 = utcnow().replace(microsecond=0)
     _record(sf, "1.8.1", range(3), t0)
-    [job] = store.schedule_due_studies(sf, 5.0, now=t0 + timedelta(seconds=6))
-    assert len(store.job_instance_paths(sf, job)) == 3  # queued: everything received so far
-    assert store.claim_job(sf, now=t0 + timedelta(seconds=7)) == job
+    [job] = instances.schedule_due_studies(sf, 5.0, now=t0 + timedelta(seconds=6))
+    assert len(job_queue.job_instance_paths(sf, job)) == 3  # queued: everything received so far
+    assert job_queue.claim_job(sf, now=t0 + timedelta(seconds=7)) == job
     _record(sf, "1.8.1", range(3, 5), t0 + timedelta(seconds=8))  # after the claim, before select
-    assert store.get_job(sf, job).instance_count == 3
-    assert store.job_series_paths(sf, job) == {"1.8.1.100": [f"/spool/1.8.1/{i}.dcm" for i in range(3)]}
-    [rerun] = store.schedule_due_studies(sf, 5.0, now=t0 + timedelta(seconds=14))
-    assert store.claim_job(sf, now=t0 + timedelta(seconds=15)) == rerun
-    assert store.get_job(sf, rerun).run == 2
-    assert len(store.job_instance_paths(sf, rerun)) == store.get_job(sf, rerun).instance_count == 5
-    assert store.finish_job(sf, job, status="done")
-    assert len(store.job_instance_paths(sf, job)) == 3  # a finished job still names what it covered
+    assert job_queue.get_job(sf, job).instance_count == 3
+    assert job_queue.job_series_paths(sf, job) == {"1.8.1.100": [f"/spool/1.8.1/{i}.dcm" for i in range(3)]}
+    [rerun] = instances.schedule_due_studies(sf, 5.0, now=t0 + timedelta(seconds=14))
+    assert job_queue.claim_job(sf, now=t0 + timedelta(seconds=15)) == rerun
+    assert job_queue.get_job(sf, rerun).run == 2
+    assert len(job_queue.job_instance_paths(sf, rerun)) == job_queue.get_job(sf, rerun).instance_count == 5
+    assert job_queue.finish_job(sf, job, status="done")
+    assert len(job_queue.job_instance_paths(sf, job)) == 3  # a finished job still names what it covered
 
 
 def test_a_study_whose_spool_writes_all_failed_gets_no_job(
-    sf: store.SessionFactory, caplog: pytest.LogCaptureFixture
+    sf: SessionFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
-    t0 = store.utcnow().replace(microsecond=0)
+    t0 = utcnow().replace(microsecond=0)
     _record(sf, "1.8.2", range(2), t0)
     for i in range(2):
-        store.forget_instance(sf, f"1.8.2.{i}")  # what the SCP does when the file write fails
-    with caplog.at_level(logging.WARNING, logger="node.store"):
-        assert store.schedule_due_studies(sf, 5.0, now=t0 + timedelta(seconds=6)) == []
+        instances.forget_instance(sf, f"1.8.2.{i}")  # what the SCP does when the file write fails
+    with caplog.at_level(logging.WARNING, logger="db.instances"):
+        assert instances.schedule_due_studies(sf, 5.0, now=t0 + timedelta(seconds=6)) == []
     assert "has no kept instances (their spool writes failed); no job queued" in caplog.text
     assert _scheduled(sf, "1.8.2")
-    assert store.schedule_due_studies(sf, 5.0, now=t0 + timedelta(seconds=60)) == []  # not pending now
+    assert instances.schedule_due_studies(sf, 5.0, now=t0 + timedelta(seconds=60)) == []  # not pending now
     _record(sf, "1.8.2", range(1), t0 + timedelta(seconds=61))  # the PACS's retry
-    [job] = store.schedule_due_studies(sf, 5.0, now=t0 + timedelta(seconds=67))
-    assert store.claim_job(sf) == job
-    assert (store.get_job(sf, job).run, store.get_job(sf, job).instance_count) == (1, 1)
+    [job] = instances.schedule_due_studies(sf, 5.0, now=t0 + timedelta(seconds=67))
+    assert job_queue.claim_job(sf) == job
+    assert (job_queue.get_job(sf, job).run, job_queue.get_job(sf, job).instance_count) == (1, 1)
 
 
 # -- subprocess nodes: `segnode serve` stopped and started on one database and spool ----------------
@@ -172,7 +174,7 @@ class Served:
     """A ``segnode serve`` subprocess and the database it shares with its restarts."""
 
     node: ServedNode
-    sf: store.SessionFactory
+    sf: SessionFactory
 
     def halt(self, how: str) -> None:
         if how == "sigkill":
@@ -205,24 +207,24 @@ def test_idle_timer_survives_a_restart(
         served.node.start()
         _send(served.node.port, study.files["FLAIR"])
         served.halt(how)
-        stopped = store.utcnow()
+        stopped = utcnow()
         row = _study_row(served.sf, uid)
         assert row is not None and row.pending
-        received = store.as_utc(row.last_received_at)
+        received = as_utc(row.last_received_at)
         assert received is not None
         assert (stopped - received).total_seconds() < idle, "the node stopped after the study was due"
         assert _jobs_of(served.sf, uid) == [] and catcher.received == []
 
-        restarted = store.utcnow()
+        restarted = utcnow()
         served.node.start()  # nothing is sent again
         job = wait_until(
             lambda: next((j for j in _jobs_of(served.sf, uid) if j.status == "done"), None), 60, "the job"
         )
         catcher.wait_for(lambda r: len(r) >= 2, 30)
-        wait_until(lambda: store.pending_send_count(served.sf) == 0, 30, "the sends acknowledged")
+        wait_until(lambda: send_queue.pending_send_count(served.sf) == 0, 30, "the sends acknowledged")
         # Still due by the timer from before the stop (it never restarts), but only after the grace.
         later = _study_row(served.sf, uid)
-        assert later is not None and store.as_utc(later.last_received_at) == received
+        assert later is not None and as_utc(later.last_received_at) == received
         assert (job.created_at - restarted).total_seconds() >= idle
     finally:
         served.node.stop()
@@ -240,10 +242,10 @@ def test_restart_resumes_pending_sends(tmp_path: Path, case: Case, model_dir: Pa
     study = write_study(case, tmp_path / "study", modalities=["FLAIR"])
     late = CatchingSCP("LATE")
 
-    def failed_not_leased() -> list[store.SendInfo]:
+    def failed_not_leased() -> list[send_queue.SendInfo]:
         job = next(iter(_jobs_of(served.sf, study.study_instance_uid)), None)
-        sends = store.get_job(served.sf, job.id).sends if job and job.status == "done" else []
-        now = store.utcnow()
+        sends = job_queue.get_job(served.sf, job.id).sends if job and job.status == "done" else []
+        now = utcnow()
         # A lease moves next_attempt_at LEASE_SECONDS (120 s) ahead; a failure by the backoff (2 s).
         backing_off = all(
             s.status == "pending"
@@ -259,17 +261,17 @@ def test_restart_resumes_pending_sends(tmp_path: Path, case: Case, model_dir: Pa
         _send(served.node.port, study.files["FLAIR"])
         wait_until(failed_not_leased, 60, "the job done and its sends backing off")
         served.halt(how)
-        assert store.pending_send_count(served.sf) == 2
+        assert send_queue.pending_send_count(served.sf) == 2
         late.start(down_port)
         served.node.start()
         late.wait_for(lambda r: len(r) >= 2, 60)
-        wait_until(lambda: store.pending_send_count(served.sf) == 0, 30, "the sends acknowledged")
+        wait_until(lambda: send_queue.pending_send_count(served.sf) == 0, 30, "the sends acknowledged")
     finally:
         served.node.stop()
         late.stop()
     [job] = _jobs_of(served.sf, study.study_instance_uid)
     assert (job.status, job.attempts) == ("done", 1)
-    sends = store.get_job(served.sf, job.id).sends
+    sends = job_queue.get_job(served.sf, job.id).sends
     assert {s.status for s in sends} == {"done"} and all(s.attempts >= 2 for s in sends)
     assert _modalities(late) == ["SEG", "SR"]
     assert {str(ds.SOPInstanceUID) for ds in late.received} == {s.sop_instance_uid for s in sends}
@@ -303,25 +305,25 @@ def test_instances_between_claim_and_select_go_to_the_next_run(
     study = write_study(case, tmp_path / "study", modalities=["FLAIR", "T2"])
     late_files = study.files["T2"][:3]
     read: dict[int, int] = {}
-    original = store.job_series_paths
+    original = job_queue.job_series_paths
 
-    def late_arrivals_then_read(sf: store.SessionFactory, job_id: int) -> dict[str, list[str]]:
+    def late_arrivals_then_read(sf: SessionFactory, job_id: int) -> dict[str, list[str]]:
         if not read:  # the first job is claimed and running: more instances of its study arrive now
             _send(env.port, late_files)
         groups = original(sf, job_id)
         read[job_id] = sum(len(paths) for paths in groups.values())
         return groups
 
-    monkeypatch.setattr(store, "job_series_paths", late_arrivals_then_read)
+    monkeypatch.setattr(job_queue, "job_series_paths", late_arrivals_then_read)
     _send(env.port, study.files["FLAIR"])
 
-    def two_runs_done() -> list[store.JobInfo]:
+    def two_runs_done() -> list[job_queue.JobInfo]:
         jobs = _jobs_of(env.node.sf, study.study_instance_uid)
         return jobs if len(jobs) == 2 and all(j.status == "done" for j in jobs) else []
 
     first, second = wait_until(two_runs_done, 60, "two runs of the study")
     env.catcher.wait_for(lambda r: len(r) >= 4, 30)
-    wait_until(lambda: store.pending_send_count(env.node.sf) == 0, 30, "the sends acknowledged")
+    wait_until(lambda: send_queue.pending_send_count(env.node.sf) == 0, 30, "the sends acknowledged")
     # Run 1 read what it counted at its claim (the idle study); the late instances made run 2.
     assert (first.run, first.instance_count, read[first.id]) == (1, SHAPE[2], SHAPE[2])
     assert (second.run, second.instance_count, read[second.id]) == (2, SHAPE[2] + 3, SHAPE[2] + 3)
@@ -350,12 +352,12 @@ def test_failed_spool_write_of_a_new_study_makes_no_job(
     study = write_study(case, tmp_path / "study", modalities=["FLAIR"])
     uid = study.study_instance_uid
     _failing_spool(monkeypatch)
-    with caplog.at_level(logging.INFO, logger="node.store"):
+    with caplog.at_level(logging.INFO, logger="db.instances"):
         assert _store_one(env.port, study.files["FLAIR"][0]) == dimse.OUT_OF_RESOURCES
         assert _study_row(env.node.sf, uid) is not None  # the study row the failed C-STORE created
         wait_until(lambda: _scheduled(env.node.sf, uid), 30, "the scheduler to look at the study")
-    assert store.list_jobs(env.node.sf) == []
-    assert store.instance_counts(env.node.sf)["kept"] == 0
+    assert job_queue.list_jobs(env.node.sf) == []
+    assert instances.instance_counts(env.node.sf)["kept"] == 0
     assert f"study {_study_row(env.node.sf, uid).id} has no kept instances" in caplog.text  # type: ignore[union-attr]
 
     monkeypatch.undo()  # the PACS sends the study again: now it is processed, once
@@ -383,7 +385,7 @@ def test_failed_spool_write_of_a_late_instance_loses_nothing(
     monkeypatch.undo()
     assert _store_one(env.port, late) == dimse.SUCCESS  # the PACS's retry
 
-    def covering_run() -> store.JobInfo | None:
+    def covering_run() -> job_queue.JobInfo | None:
         done = [j for j in _jobs_of(env.node.sf, uid) if j.status == "done"]
         return next((j for j in reversed(done) if j.instance_count == SHAPE[2] + 1), None)
 
@@ -396,5 +398,5 @@ def test_failed_spool_write_of_a_late_instance_loses_nothing(
     assert all(status == "done" and count in (SHAPE[2], SHAPE[2] + 1) for _, status, count in runs)
     env.catcher.wait_for(lambda r: len(r) >= 2 * len(runs), 30)
     assert pydicom.dcmread(late).SOPInstanceUID in {
-        Path(p).stem for p in store.job_instance_paths(env.node.sf, final.id)
+        Path(p).stem for p in job_queue.job_instance_paths(env.node.sf, final.id)
     }

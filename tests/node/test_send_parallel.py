@@ -14,13 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy.exc import OperationalError
 
 from converters.case import Case
 from converters.dicom_writer import StudyInfo, write_study
 from converters.synthetic import make_synthetic_case
+from db import job_queue, send_queue
+from db.exceptions import DatabaseUnavailableError
+from db.transactions import utcnow
 from node import sender as sender_module
-from node import store
 from node.config import Destination
 from node.metrics import NodeMetrics
 from node.sender import Sender, store_files
@@ -84,9 +85,9 @@ def _send_study(env: Env, study: StudyInfo) -> None:
     assert {status for _, status, _ in results} == {0}
 
 
-def _done_job(env: Env, study: StudyInfo) -> store.JobInfo:
-    def done() -> store.JobInfo | None:
-        for job in store.list_jobs(env.node.sf):
+def _done_job(env: Env, study: StudyInfo) -> job_queue.JobInfo:
+    def done() -> job_queue.JobInfo | None:
+        for job in job_queue.list_jobs(env.node.sf):
             finished = job.status in ("done", "failed", "skipped")
             if finished and job.study_instance_uid == study.study_instance_uid:
                 return job
@@ -94,11 +95,11 @@ def _done_job(env: Env, study: StudyInfo) -> store.JobInfo:
 
     job = wait_until(done, 60, f"the job of study {study.study_instance_uid}")
     assert job.status == "done", job.reason
-    return store.get_job(env.node.sf, job.id)
+    return job_queue.get_job(env.node.sf, job.id)
 
 
-def _sends(env: Env, job_id: int, destination: str) -> list[store.SendInfo]:
-    return [s for s in store.get_job(env.node.sf, job_id).sends if s.destination == destination]
+def _sends(env: Env, job_id: int, destination: str) -> list[send_queue.SendInfo]:
+    return [s for s in job_queue.get_job(env.node.sf, job_id).sends if s.destination == destination]
 
 
 def _wait_done(env: Env, job_id: int, timeout: float) -> None:
@@ -135,7 +136,7 @@ def test_a_hanging_destination_blocks_no_other_and_keeps_its_sends(
     assert len(hole1) == 2
     assert env.node.sender.in_flight() == ["hole"]
     assert all(s.status == "pending" and s.attempts == 0 for s in hole1)
-    assert all(s.next_attempt_at > store.utcnow() for s in hole1)
+    assert all(s.next_attempt_at > utcnow() for s in hole1)
 
     # A second study while the blackhole still hangs reaches the healthy destination too.
     second = write_study(case, tmp_path / "second", modalities=["FLAIR"])
@@ -149,10 +150,10 @@ def test_a_hanging_destination_blocks_no_other_and_keeps_its_sends(
     hole2 = _sends(env, job2.id, "hole")
     assert len(hole2) == 2
     assert all(s.status == "pending" and s.attempts == 0 for s in hole2)
-    assert all(s.next_attempt_at <= store.utcnow() for s in hole2)
+    assert all(s.next_attempt_at <= utcnow() for s in hole2)
 
     # The blackhole's timeout ends its delivery: an attempt recorded, the sends still pending.
-    def hole1_attempted() -> list[store.SendInfo]:
+    def hole1_attempted() -> list[send_queue.SendInfo]:
         sends = _sends(env, job1.id, "hole")
         return sends if all(s.attempts == 1 for s in sends) else []
 
@@ -160,11 +161,11 @@ def test_a_hanging_destination_blocks_no_other_and_keeps_its_sends(
     assert all(s.status == "pending" and "HOLE@127.0.0.1" in s.last_error for s in hole1)
     # Then its later sends are claimed (a new delivery hangs in its turn); none were lost.
     wait_until(
-        lambda: all(s.next_attempt_at > store.utcnow() for s in _sends(env, job2.id, "hole")),
+        lambda: all(s.next_attempt_at > utcnow() for s in _sends(env, job2.id, "hole")),
         10,
         "the blackhole's second job's sends claimed once the first delivery ended",
     )
-    assert store.pending_send_count(env.node.sf) == 4
+    assert send_queue.pending_send_count(env.node.sf) == 4
 
     # The healthy destination got every object exactly once, each send done after one attempt.
     uids = _received_uids(env)
@@ -177,8 +178,8 @@ def test_a_hanging_destination_blocks_no_other_and_keeps_its_sends(
 # --- the Sender alone, with the database calls replaced -------------------------------------------------
 
 
-def _send(send_id: int, destination: str, port: int = 1) -> store.SendInfo:
-    return store.SendInfo(
+def _send(send_id: int, destination: str, port: int = 1) -> send_queue.SendInfo:
+    return send_queue.SendInfo(
         id=send_id,
         job_id=1,
         destination=destination,
@@ -189,30 +190,30 @@ def _send(send_id: int, destination: str, port: int = 1) -> store.SendInfo:
         sop_instance_uid=f"1.2.3.{send_id}",
         status="pending",
         attempts=0,
-        next_attempt_at=store.utcnow() - timedelta(seconds=1),
+        next_attempt_at=utcnow() - timedelta(seconds=1),
         last_error="",
     )
 
 
-class FakeStore:
-    """The send-row functions of ``node.store``: rows due until claimed, marks recorded."""
+class FakeSendQueue:
+    """The send-row functions of ``db.send_queue``: rows due until claimed, marks recorded."""
 
-    def __init__(self, sends: list[store.SendInfo], *, mark_error: Exception | None = None) -> None:
+    def __init__(self, sends: list[send_queue.SendInfo], *, mark_error: Exception | None = None) -> None:
         self.due = list(sends)
         self.sent: list[int] = []
         self.failed: list[int] = []
         self.mark_error = mark_error
 
-    def due_sends(self, sf: object, exclude_destinations: Collection[str] = ()) -> list[store.SendInfo]:
+    def due_sends(self, sf: object, exclude_destinations: Collection[str] = ()) -> list[send_queue.SendInfo]:
         return [s for s in self.due if s.destination not in exclude_destinations]
 
     def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        monkeypatch.setattr(sender_module.store, "due_sends", self.due_sends)
-        monkeypatch.setattr(sender_module.store, "claim_send", self.claim)
-        monkeypatch.setattr(sender_module.store, "mark_sent", self.mark_sent)
-        monkeypatch.setattr(sender_module.store, "mark_send_failed", self.mark_failed)
+        monkeypatch.setattr(sender_module.send_queue, "due_sends", self.due_sends)
+        monkeypatch.setattr(sender_module.send_queue, "claim_send", self.claim)
+        monkeypatch.setattr(sender_module.send_queue, "mark_sent", self.mark_sent)
+        monkeypatch.setattr(sender_module.send_queue, "mark_send_failed", self.mark_failed)
 
-    def claim(self, sf: Any, send: store.SendInfo, lease: float) -> bool:
+    def claim(self, sf: Any, send: send_queue.SendInfo, lease: float) -> bool:
         self.due.remove(send)
         return True
 
@@ -223,7 +224,7 @@ class FakeStore:
 
     def mark_failed(self, sf: Any, send_id: int, error: str, **backoff: float) -> Any:
         self.failed.append(send_id)
-        return store.utcnow()
+        return utcnow()
 
 
 #: Names of the threads the fake C-STOREs ran in.
@@ -236,7 +237,7 @@ def _success(paths: list[Path], *args: Any, **kwargs: Any) -> list[tuple[Path, i
 
 
 def test_run_once_waiting_returns_the_acknowledged_count(monkeypatch: pytest.MonkeyPatch) -> None:
-    fake = FakeStore([_send(1, "a"), _send(2, "b"), _send(3, "a")])
+    fake = FakeSendQueue([_send(1, "a"), _send(2, "b"), _send(3, "a")])
     fake.install(monkeypatch)
     monkeypatch.setattr(sender_module, "store_files", _success)
     sender = Sender(None, NodeMetrics(), "SEGNODE")  # type: ignore[arg-type]
@@ -251,25 +252,27 @@ def test_run_once_waiting_returns_the_acknowledged_count(monkeypatch: pytest.Mon
 def test_a_background_database_error_reaches_the_caller_once(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    down = OperationalError("UPDATE node_sends ...", {}, Exception("database is locked"))
-    fake = FakeStore([_send(1, "a")], mark_error=down)
+    # what db.send_queue raises for a driver error (db.transactions.database_errors)
+    down = DatabaseUnavailableError("OperationalError: database is locked")
+    fake = FakeSendQueue([_send(1, "a")], mark_error=down)
     fake.install(monkeypatch)
     monkeypatch.setattr(sender_module, "store_files", _success)
     sender = Sender(None, NodeMetrics(), "SEGNODE")  # type: ignore[arg-type]
     with caplog.at_level(logging.WARNING, logger="node.sender"):
         assert sender.run_once(wait=False) == 1
         wait_until(lambda: sender.in_flight() == [], 10, "the background delivery to end")
-        with pytest.raises(OperationalError, match="database is locked"):
+        with pytest.raises(DatabaseUnavailableError, match="database is locked"):
             sender.run_once(wait=False)
     assert sender.run_once(wait=False) == 0  # reported once, and the destination is free again
-    assert any("delivery to a stopped: OperationalError" in r.getMessage() for r in caplog.records)
+    line = "delivery to a stopped: DatabaseUnavailableError: OperationalError: database is locked"
+    assert any(line in r.getMessage() for r in caplog.records)
 
 
 def test_the_service_logs_a_database_outage_met_in_a_background_delivery(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    down = OperationalError("UPDATE node_sends ...", {}, Exception("connection refused"))
-    fake = FakeStore([_send(1, "a")], mark_error=down)
+    down = DatabaseUnavailableError("OperationalError: connection refused")
+    fake = FakeSendQueue([_send(1, "a")], mark_error=down)
     node = NodeService(node_settings(tmp_path, free_port()))
     fake.install(monkeypatch)
     monkeypatch.setattr(sender_module, "store_files", _success)

@@ -11,29 +11,32 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
+from db import instances, job_queue, send_queue
+from db.exceptions import JobNotFoundError, JobStateError
+from db.job_queue import OutputObject
 from db.registry import Registry
 from db.session import make_engine, make_session_factory, upgrade
-from node import store
+from db.transactions import SessionFactory, as_utc, utcnow
 from node.config import Destination
-from node.exceptions import ModelLoadError, NotFoundError, SelectionError
+from node.exceptions import ModelLoadError, SelectionError
 from node.runtime import ModelRuntime, check_device
 from node.selection import SeriesInfo, SeriesSelector, scan_series
 from node.uids import validated_uid
 from tests.helpers.node import install_model, make_threshold_model
 from tests.helpers.peers import require_shared
 
-T0 = store.utcnow().replace(microsecond=0)
+T0 = utcnow().replace(microsecond=0)
 
 
 @pytest.fixture()
-def sf(db_url: str) -> store.SessionFactory:
+def sf(db_url: str) -> SessionFactory:
     upgrade(db_url)
     return make_session_factory(make_engine(db_url))
 
 
-def _receive(sf: store.SessionFactory, study: str, n: int, at: object, start: int = 0) -> None:
+def _receive(sf: SessionFactory, study: str, n: int, at: object, start: int = 0) -> None:
     for i in range(start, start + n):
-        store.record_instance(
+        instances.record_instance(
             sf,
             sop_instance_uid=f"{study}.{i}",
             sop_class_uid="1.2.840.10008.5.1.4.1.1.4",
@@ -49,99 +52,100 @@ def _receive(sf: store.SessionFactory, study: str, n: int, at: object, start: in
 # -- job store ---------------------------------------------------------------------------------------------
 
 
-def test_study_completes_after_idle_time_and_late_instances_make_a_new_run(sf: store.SessionFactory) -> None:
+def test_study_completes_after_idle_time_and_late_instances_make_a_new_run(sf: SessionFactory) -> None:
     _receive(sf, "1.2.3", 3, T0)
-    assert store.schedule_due_studies(sf, 10.0, now=T0 + timedelta(seconds=9)) == []
-    [job] = store.schedule_due_studies(sf, 10.0, now=T0 + timedelta(seconds=11))
+    assert instances.schedule_due_studies(sf, 10.0, now=T0 + timedelta(seconds=9)) == []
+    [job] = instances.schedule_due_studies(sf, 10.0, now=T0 + timedelta(seconds=11))
     assert (
-        store.schedule_due_studies(sf, 10.0, now=T0 + timedelta(seconds=30)) == []
+        instances.schedule_due_studies(sf, 10.0, now=T0 + timedelta(seconds=30)) == []
     )  # one job per completion
-    assert store.claim_job(sf, now=T0 + timedelta(seconds=12)) == job
-    assert store.get_job(sf, job).instance_count == 3
+    assert job_queue.claim_job(sf, now=T0 + timedelta(seconds=12)) == job
+    assert job_queue.get_job(sf, job).instance_count == 3
     _receive(sf, "1.2.3", 2, T0 + timedelta(seconds=13), start=3)  # arrives while the job runs
-    assert store.claim_job(sf) is None
-    [rerun] = store.schedule_due_studies(sf, 10.0, now=T0 + timedelta(seconds=24))
-    info = store.get_job(sf, rerun)
+    assert job_queue.claim_job(sf) is None
+    [rerun] = instances.schedule_due_studies(sf, 10.0, now=T0 + timedelta(seconds=24))
+    info = job_queue.get_job(sf, rerun)
     assert (info.run, info.status) == (2, "queued")
-    assert store.claim_job(sf, now=T0 + timedelta(seconds=25)) == rerun
-    assert store.get_job(sf, rerun).instance_count == 5
-    assert len(store.job_instance_paths(sf, rerun)) == 5
+    assert job_queue.claim_job(sf, now=T0 + timedelta(seconds=25)) == rerun
+    assert job_queue.get_job(sf, rerun).instance_count == 5
+    assert len(job_queue.job_instance_paths(sf, rerun)) == 5
 
 
-def test_queued_job_waits_while_its_study_is_still_receiving(sf: store.SessionFactory) -> None:
+def test_queued_job_waits_while_its_study_is_still_receiving(sf: SessionFactory) -> None:
     _receive(sf, "1.2.4", 1, T0)
-    [job] = store.schedule_due_studies(sf, 5.0, now=T0 + timedelta(seconds=6))
+    [job] = instances.schedule_due_studies(sf, 5.0, now=T0 + timedelta(seconds=6))
     _receive(sf, "1.2.4", 1, T0 + timedelta(seconds=7), start=1)  # before any worker claimed it
-    assert store.claim_job(sf) is None  # not half a study
+    assert job_queue.claim_job(sf) is None  # not half a study
     assert (
-        store.schedule_due_studies(sf, 5.0, now=T0 + timedelta(seconds=13)) == []
+        instances.schedule_due_studies(sf, 5.0, now=T0 + timedelta(seconds=13)) == []
     )  # the queued job covers it
-    assert store.claim_job(sf) == job
-    assert store.get_job(sf, job).instance_count == 2
+    assert job_queue.claim_job(sf) == job
+    assert job_queue.get_job(sf, job).instance_count == 2
 
 
-def test_claim_is_atomic(sf: store.SessionFactory) -> None:
+def test_claim_is_atomic(sf: SessionFactory) -> None:
     for n, study in enumerate(["1.5.1", "1.5.2", "1.5.3"]):
         _receive(sf, study, 1, T0 + timedelta(seconds=n))
-    store.schedule_due_studies(sf, 1.0, now=T0 + timedelta(seconds=10))
-    claimed = [store.claim_job(sf, owner=f"host:{i}") for i in range(5)]
+    instances.schedule_due_studies(sf, 1.0, now=T0 + timedelta(seconds=10))
+    claimed = [job_queue.claim_job(sf, owner=f"host:{i}") for i in range(5)]
     assert sorted(c for c in claimed if c is not None) == [1, 2, 3]
     assert claimed[3:] == [None, None]
-    assert {j.owner for j in store.list_jobs(sf)} == {"host:0", "host:1", "host:2"}
+    assert {j.owner for j in job_queue.list_jobs(sf)} == {"host:0", "host:1", "host:2"}
 
 
-def test_jobs_of_dead_processes_are_requeued(sf: store.SessionFactory) -> None:
+def test_jobs_of_dead_processes_are_requeued(sf: SessionFactory) -> None:
     for study in ("1.6.1", "1.6.2", "1.6.3"):
         _receive(sf, study, 1, T0)
-    store.schedule_due_studies(sf, 1.0, now=T0 + timedelta(seconds=5))
+    instances.schedule_due_studies(sf, 1.0, now=T0 + timedelta(seconds=5))
     host = socket.gethostname()
-    dead = store.claim_job(sf, owner=f"{host}:999999999")
-    alive_here = store.claim_job(sf, owner=f"{host}:{os.getppid()}")
-    elsewhere = store.claim_job(sf, owner="otherhost:1", now=store.utcnow() - timedelta(seconds=1000))
-    requeued = store.requeue_stale(sf, stale_seconds=300)
+    dead = job_queue.claim_job(sf, owner=f"{host}:999999999")
+    alive_here = job_queue.claim_job(sf, owner=f"{host}:{os.getppid()}")
+    elsewhere = job_queue.claim_job(sf, owner="otherhost:1", now=utcnow() - timedelta(seconds=1000))
+    requeued = job_queue.requeue_stale(sf, stale_seconds=300)
     assert sorted(requeued) == sorted([dead, elsewhere])
-    assert store.get_job(sf, dead or 0).status == "queued"
-    assert "stopped while the job was running" in store.get_job(sf, dead or 0).reason
-    assert store.get_job(sf, alive_here or 0).status == "running"
+    assert job_queue.get_job(sf, dead or 0).status == "queued"
+    assert "stopped while the job was running" in job_queue.get_job(sf, dead or 0).reason
+    assert job_queue.get_job(sf, alive_here or 0).status == "running"
 
 
-def test_finish_queues_sends_and_backoff_doubles(sf: store.SessionFactory) -> None:
+def test_finish_queues_sends_and_backoff_doubles(sf: SessionFactory) -> None:
     _receive(sf, "1.7", 1, T0)
-    store.schedule_due_studies(sf, 1.0, now=T0 + timedelta(seconds=5))
-    job = store.claim_job(sf)
+    instances.schedule_due_studies(sf, 1.0, now=T0 + timedelta(seconds=5))
+    job = job_queue.claim_job(sf)
     assert job is not None
     dests = [Destination("a", "A", "127.0.0.1", 1), Destination("b", "B", "127.0.0.1", 2)]
-    outputs = [store.OutputObject("/jobs/1/seg.dcm", "1.9.1"), store.OutputObject("/jobs/1/sr.dcm", "1.9.2")]
-    assert store.finish_job(sf, job, status="done", outputs=outputs, destinations=dests, now=T0)
-    assert not store.finish_job(sf, job, status="done", outputs=outputs, destinations=dests)  # not twice
-    sends = store.due_sends(sf, now=T0)
+    outputs = [OutputObject("/jobs/1/seg.dcm", "1.9.1"), OutputObject("/jobs/1/sr.dcm", "1.9.2")]
+    assert job_queue.finish_job(sf, job, status="done", outputs=outputs, destinations=dests, now=T0)
+    assert not job_queue.finish_job(sf, job, status="done", outputs=outputs, destinations=dests)  # not twice
+    sends = send_queue.due_sends(sf, now=T0)
     assert len(sends) == 4
     # A destination being delivered now is left out in the query, so its rows take none of the limit.
-    assert {s.destination for s in store.due_sends(sf, now=T0, limit=2, exclude_destinations={"a"})} == {"b"}
-    assert len(store.due_sends(sf, now=T0, limit=2, exclude_destinations={"a"})) == 2
+    others = send_queue.due_sends(sf, now=T0, limit=2, exclude_destinations={"a"})
+    assert {s.destination for s in others} == {"b"}
+    assert len(others) == 2
     first = sends[0]
-    assert store.claim_send(sf, first, 60, now=T0)
-    assert not store.claim_send(sf, first, 60, now=T0)  # leased
+    assert send_queue.claim_send(sf, first, 60, now=T0)
+    assert not send_queue.claim_send(sf, first, 60, now=T0)  # leased
     delays = []
     for _ in range(5):
-        when = store.mark_send_failed(sf, first.id, "refused", base_seconds=2, max_seconds=10, now=T0)
-        delays.append((store.as_utc(when) - T0).total_seconds())  # type: ignore[operator]
+        when = send_queue.mark_send_failed(sf, first.id, "refused", base_seconds=2, max_seconds=10, now=T0)
+        delays.append((as_utc(when) - T0).total_seconds())  # type: ignore[operator]
     assert delays == [2, 4, 8, 10, 10]
-    store.mark_sent(sf, sends[1].id)
-    assert store.pending_send_count(sf) == 3
-    assert [s.status for s in store.get_job(sf, job).sends].count("done") == 1
+    send_queue.mark_sent(sf, sends[1].id)
+    assert send_queue.pending_send_count(sf) == 3
+    assert [s.status for s in job_queue.get_job(sf, job).sends].count("done") == 1
 
 
-def test_retry_and_not_found(sf: store.SessionFactory) -> None:
-    with pytest.raises(NotFoundError, match="job 42 does not exist"):
-        store.get_job(sf, 42)
+def test_retry_and_not_found(sf: SessionFactory) -> None:
+    with pytest.raises(JobNotFoundError, match="job 42 does not exist"):
+        job_queue.get_job(sf, 42)
     _receive(sf, "1.8", 1, T0)
-    [job] = store.schedule_due_studies(sf, 1.0, now=T0 + timedelta(seconds=5))
-    with pytest.raises(NotFoundError, match=f"job {job} is queued; only a finished job can be retried"):
-        store.retry_job(sf, job)
-    store.claim_job(sf)
-    store.finish_job(sf, job, status="failed", reason="boom")
-    assert store.retry_job(sf, job).status == "queued"
+    [job] = instances.schedule_due_studies(sf, 1.0, now=T0 + timedelta(seconds=5))
+    with pytest.raises(JobStateError, match=f"job {job} is queued; only a finished job can be retried"):
+        job_queue.retry_job(sf, job)
+    job_queue.claim_job(sf)
+    job_queue.finish_job(sf, job, status="failed", reason="boom")
+    assert job_queue.retry_job(sf, job).status == "queued"
 
 
 # -- UIDs ----------------------------------------------------------------------------------------------------

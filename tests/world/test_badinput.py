@@ -28,8 +28,9 @@ from pynetdicom.sop_class import MRImageStorage  # type: ignore[attr-defined]
 from converters.case import Case
 from converters.dicom_writer import StudyInfo, write_study
 from converters.synthetic import make_synthetic_case
+from db import job_queue
 from db.node_tables import NodeInstance
-from node import dimse, store
+from node import dimse
 from node.config import Destination
 from node.service import NodeService
 from tests.helpers.node import CatchingSCP, install_model, make_threshold_model, node_settings, wait_until
@@ -59,18 +60,18 @@ class World:
     def study(self, name: str, modalities: tuple[str, ...] = ("FLAIR",)) -> StudyInfo:
         return write_study(self.case, self.tmp / name, modalities=list(modalities))
 
-    def job(self, study_uid: str, timeout: float = 60) -> store.JobInfo:
-        def finished() -> store.JobInfo | None:
+    def job(self, study_uid: str, timeout: float = 60) -> job_queue.JobInfo:
+        def finished() -> job_queue.JobInfo | None:
             return next(
                 (
                     j
-                    for j in store.list_jobs(self.node.sf)
+                    for j in job_queue.list_jobs(self.node.sf)
                     if j.study_instance_uid == study_uid and j.status in ("done", "failed", "skipped")
                 ),
                 None,
             )
 
-        job: store.JobInfo = wait_until(finished, timeout, f"the job of study {study_uid}")
+        job: job_queue.JobInfo = wait_until(finished, timeout, f"the job of study {study_uid}")
         return job
 
     def rows(self, sop_uid: str) -> list[NodeInstance]:
@@ -184,11 +185,11 @@ def test_broken_instance_in_a_good_association(
     # went idle before the retry, the first run fails for the missing slice and a second run is done).
     assert _send_raw_files(world.port, [files[5]], monkeypatch) == [dimse.SUCCESS]
 
-    def complete() -> store.JobInfo | None:
+    def complete() -> job_queue.JobInfo | None:
         return next(
             (
                 j
-                for j in store.list_jobs(world.node.sf)
+                for j in job_queue.list_jobs(world.node.sf)
                 if j.study_instance_uid == study.study_instance_uid
                 and j.status == "done"
                 and j.instance_count == SHAPE[2]
@@ -253,7 +254,7 @@ def test_objects_the_node_does_not_use_are_acknowledged_never_processed(world: W
     assert storescu(world.port, study.files["FLAIR"]).returncode == 0
     job = world.job(study.study_instance_uid)
     assert job.status == "done", job.reason
-    jobs_before = len(store.list_jobs(world.node.sf))
+    jobs_before = len(job_queue.list_jobs(world.node.sf))
     # -R: propose only the files' own classes (storescu's default list has no SEG class).
     result = storescu(world.port, [Path(job.result["seg"]), Path(job.result["sr"])], extra=["-R"])
     assert result.returncode == 0, result.stdout + result.stderr
@@ -261,8 +262,9 @@ def test_objects_the_node_does_not_use_are_acknowledged_never_processed(world: W
         uid = str(pydicom.dcmread(job.result[key], stop_before_pixels=True).SOPInstanceUID)
         [row] = world.rows(uid)
         assert not row.kept and row.path is None
-    wait_until(lambda: store.list_jobs(world.node.sf)[0].status in ("done", "failed", "skipped"), 10, "idle")
-    assert len(store.list_jobs(world.node.sf)) == jobs_before  # no routing loop
+    ended = ("done", "failed", "skipped")
+    wait_until(lambda: job_queue.list_jobs(world.node.sf)[0].status in ended, 10, "idle")
+    assert len(job_queue.list_jobs(world.node.sf)) == jobs_before  # no routing loop
 
 
 def _mixed_size(files: list[Path]) -> None:
@@ -325,9 +327,9 @@ def test_unknown_calling_ae_from_dcmtk_is_rejected(world: World, caplog: pytest.
     study = world.study("intruder")
     sent = storescu(world.port, study.files["FLAIR"][:3], calling="INTRUDER")
     assert sent.returncode != 0
-    assert store.list_jobs(world.node.sf, limit=1000) == [
+    assert job_queue.list_jobs(world.node.sf, limit=1000) == [
         j
-        for j in store.list_jobs(world.node.sf, limit=1000)
+        for j in job_queue.list_jobs(world.node.sf, limit=1000)
         if j.study_instance_uid != study.study_instance_uid
     ]
     ok = run_tool([echoscu, "-aet", "PACS", "-aec", "SEGNODE", "127.0.0.1", str(world.port)], 30)

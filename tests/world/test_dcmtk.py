@@ -22,7 +22,7 @@ import pytest
 from converters.dicom_series import load_series
 from converters.dicom_writer import write_study
 from converters.synthetic import make_synthetic_case
-from node import store
+from db import job_queue, send_queue
 from node.service import NodeService
 from tests.helpers.node import install_model, make_threshold_model, node_settings, wait_until
 from tests.helpers.peers import free_port, require_program, require_shared
@@ -48,18 +48,18 @@ def dcmtk_node(tmp_path: Path) -> Iterator[tuple[NodeService, DcmtkStoreSCP]]:
         scp.stop()
 
 
-def _finished(node: NodeService, study_uid: str) -> store.JobInfo:
-    def done() -> store.JobInfo | None:
+def _finished(node: NodeService, study_uid: str) -> job_queue.JobInfo:
+    def done() -> job_queue.JobInfo | None:
         return next(
             (
                 j
-                for j in store.list_jobs(node.sf)
+                for j in job_queue.list_jobs(node.sf)
                 if j.study_instance_uid == study_uid and j.status in ("done", "failed", "skipped")
             ),
             None,
         )
 
-    job: store.JobInfo = wait_until(done, 90, f"the job of study {study_uid}")
+    job: job_queue.JobInfo = wait_until(done, 90, f"the job of study {study_uid}")
     return job
 
 
@@ -112,7 +112,7 @@ def test_storescu_study_in_storescp_gets_seg_and_sr_validated_and_read_back(
     assert job.result["series"] == {"FLAIR": study.series_uids["FLAIR"]}
     wait_until(lambda: len(scp.files()) >= 2, 30, "storescp received SEG and SR")
     [seg_path], [sr_path] = scp.of_modality("SEG"), scp.of_modality("SR")
-    wait_until(lambda: store.pending_send_count(node.sf) == 0, 30, "sends acknowledged")
+    wait_until(lambda: send_queue.pending_send_count(node.sf) == 0, 30, "sends acknowledged")
 
     _dciodvfy(seg_path)
     _dciodvfy(sr_path)
@@ -188,7 +188,7 @@ def test_real_ge_series_by_storescu_is_skipped_without_flair_and_assembles_right
 
     # Received and assembled with the right geometry: the spooled copies load into the volume an
     # independent computation from the original headers gives.
-    spooled = [Path(p) for p in store.job_instance_paths(node.sf, job.id)]
+    spooled = [Path(p) for p in job_queue.job_instance_paths(node.sf, job.id)]
     assert len(spooled) == 130
     volume = load_series(spooled)
     iop = np.asarray(headers[0].ImageOrientationPatient, dtype=float)

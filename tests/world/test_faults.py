@@ -20,10 +20,10 @@ from sqlalchemy import func, select
 
 from converters.dicom_writer import write_study
 from converters.synthetic import make_synthetic_case
+from db import instances, job_queue, send_queue
 from db.node_tables import NodeInstance
 from db.registry import open_registry
 from db.session import make_engine, make_session_factory
-from node import store
 from node.config import Destination
 from node.service import NodeService
 from tests.helpers.node import CatchingSCP, install_model, make_threshold_model, node_settings, wait_until
@@ -105,16 +105,16 @@ def test_sigkill_while_receiving_loses_nothing_acknowledged_and_sends_one_seg(tm
             assert spooled.SOPInstanceUID == uid and len(spooled.PixelData) == SHAPE[0] * SHAPE[1] * 2
         for path in Path(tmp_path / "spool").rglob("*.dcm"):  # no half-written file under a final name
             assert len(pydicom.dcmread(path).PixelData) == SHAPE[0] * SHAPE[1] * 2
-        assert store.list_jobs(sf) == []
+        assert job_queue.list_jobs(sf) == []
 
         served.start()
         resent = storescu(port, files)  # the PACS sends the study again
         assert resent.returncode == 0, resent.stdout + resent.stderr
 
-        def finished() -> store.JobInfo | None:
-            jobs = store.list_jobs(sf)
+        def finished() -> job_queue.JobInfo | None:
+            jobs = job_queue.list_jobs(sf)
             done = [j for j in jobs if j.status == "done"]
-            if done and store.pending_send_count(sf) == 0 and all(j.status == "done" for j in jobs):
+            if done and send_queue.pending_send_count(sf) == 0 and all(j.status == "done" for j in jobs):
                 return done[0]
             return None
 
@@ -126,7 +126,7 @@ def test_sigkill_while_receiving_loses_nothing_acknowledged_and_sends_one_seg(tm
         dcmtk.stop()
     assert received() == len(files)
     assert job.instance_count == len(files)
-    assert [j.status for j in store.list_jobs(sf)] == ["done"], store.list_jobs(sf)
+    assert [j.status for j in job_queue.list_jobs(sf)] == ["done"], job_queue.list_jobs(sf)
     assert [ds.Modality for ds in catcher.received].count("SEG") == 1
     assert [ds.Modality for ds in dcmtk.datasets()].count("SEG") == 1
     assert len(catcher.received) == 2 and len(dcmtk.files()) == 2
@@ -160,13 +160,13 @@ def test_disk_below_min_free_refuses_associations_and_keeps_data(
         assert "below min_free_disk_mb 1000000000" in caplog.text
         # What was received before is intact and still processed.
         job = wait_until(
-            lambda: next((j for j in store.list_jobs(node.sf) if j.status in ("done", "failed")), None),
+            lambda: next((j for j in job_queue.list_jobs(node.sf) if j.status in ("done", "failed")), None),
             60,
             "the first study's job",
         )
         assert job.status == "done" and job.study_instance_uid == first.study_instance_uid
         assert job.instance_count == 12
-        assert all(Path(p).is_file() for p in store.job_instance_paths(node.sf, job.id))
+        assert all(Path(p).is_file() for p in job_queue.job_instance_paths(node.sf, job.id))
         catcher.wait_for(lambda r: len(r) == 2, 30)
         node.scp.settings.min_free_disk_mb = 1  # room again
         wait_until(
@@ -175,7 +175,7 @@ def test_disk_below_min_free_refuses_associations_and_keeps_data(
         wait_until(
             lambda: any(
                 j.study_instance_uid == second.study_instance_uid and j.status == "done"
-                for j in store.list_jobs(node.sf)
+                for j in job_queue.list_jobs(node.sf)
             ),
             60,
             "the second study processed",
@@ -183,4 +183,4 @@ def test_disk_below_min_free_refuses_associations_and_keeps_data(
     finally:
         node.stop()
         catcher.stop()
-    assert store.instance_counts(node.sf)["studies"] == 2
+    assert instances.instance_counts(node.sf)["studies"] == 2

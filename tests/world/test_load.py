@@ -16,7 +16,8 @@ import pytest
 
 from converters.dicom_writer import StudyInfo, write_study
 from converters.synthetic import make_synthetic_case
-from node import store
+from db import instances, job_queue, send_queue
+from db.transactions import utcnow
 from node.config import Destination
 from node.service import NodeService
 from tests.helpers.node import CatchingSCP, install_model, make_threshold_model, node_settings, wait_until
@@ -58,7 +59,7 @@ def test_eight_concurrent_associations_each_a_four_series_study(tmp_path: Path) 
             assert result.returncode == 0, result.stdout + result.stderr
         catcher.wait_for(lambda r: sum(ds.Modality == "SEG" for ds in r) == STUDIES, 120)
         delivered_s = time.perf_counter() - start
-        wait_until(lambda: store.pending_send_count(node.sf) == 0, 30, "all sends acknowledged")
+        wait_until(lambda: send_queue.pending_send_count(node.sf) == 0, 30, "all sends acknowledged")
     finally:
         node.stop()
         catcher.stop()
@@ -68,9 +69,9 @@ def test_eight_concurrent_associations_each_a_four_series_study(tmp_path: Path) 
         f"({total / received_s:.0f} instances/s); {STUDIES} studies' SEGs delivered in {delivered_s:.1f} s "
         f"({STUDIES / delivered_s * 60:.1f} studies/min)"
     )
-    counts = store.instance_counts(node.sf)
+    counts = instances.instance_counts(node.sf)
     assert counts == {"kept": total, "ignored": 0, "studies": STUDIES}
-    jobs = store.list_jobs(node.sf)
+    jobs = job_queue.list_jobs(node.sf)
     assert len(jobs) == STUDIES, [(j.study_instance_uid, j.run, j.status, j.instance_count) for j in jobs]
     assert sorted(j.study_instance_uid for j in jobs) == sorted(s.study_instance_uid for s in studies)
     assert {j.status for j in jobs} == {"done"} and {j.instance_count for j in jobs} == {per_study}
@@ -93,18 +94,18 @@ def test_a_study_still_being_received_is_never_due(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'db.sqlite'}"
     upgrade(url)
     sf = make_session_factory(make_engine(url))
-    t0 = store.utcnow()
+    t0 = utcnow()
 
     def receive(uid: str, at: object) -> None:
-        store.record_instance(
+        instances.record_instance(
             sf, sop_instance_uid=uid, sop_class_uid="1.2.840.10008.5.1.4.1.1.4", study_instance_uid="1.2.3",
             series_instance_uid="1.2.3.1", kept=True, path=f"/spool/{uid}", calling_ae="PACS", now=at,  # type: ignore[arg-type]
         )  # fmt: skip
 
     receive("1.2.3.1.1", t0)
     receive("1.2.3.1.2", t0 - timedelta(seconds=30))  # stamped before a long wait for the lock
-    assert store.schedule_due_studies(sf, 10.0, now=t0 + timedelta(seconds=5)) == []
-    assert store.schedule_due_studies(sf, 10.0, now=t0 + timedelta(seconds=60), receiving={"1.2.3"}) == []
-    store.touch_studies(sf, {"1.2.3"}, now=t0 + timedelta(seconds=60))
-    assert store.schedule_due_studies(sf, 10.0, now=t0 + timedelta(seconds=65)) == []
-    assert len(store.schedule_due_studies(sf, 10.0, now=t0 + timedelta(seconds=71))) == 1
+    assert instances.schedule_due_studies(sf, 10.0, now=t0 + timedelta(seconds=5)) == []
+    assert instances.schedule_due_studies(sf, 10.0, now=t0 + timedelta(seconds=60), receiving={"1.2.3"}) == []
+    instances.touch_studies(sf, {"1.2.3"}, now=t0 + timedelta(seconds=60))
+    assert instances.schedule_due_studies(sf, 10.0, now=t0 + timedelta(seconds=65)) == []
+    assert len(instances.schedule_due_studies(sf, 10.0, now=t0 + timedelta(seconds=71))) == 1

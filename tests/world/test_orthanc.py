@@ -16,7 +16,7 @@ import pytest
 
 from converters.dicom_writer import write_study
 from converters.synthetic import make_synthetic_case
-from node import store
+from db import instances, job_queue, send_queue
 from node.config import Destination
 from node.service import NodeService
 from tests.helpers.node import install_model, make_threshold_model, node_settings, wait_until
@@ -92,17 +92,17 @@ def test_orthanc_study_gets_seg_and_sr_with_references_and_no_loop(
         for inst in se["ReferencedSOPSequence"]
     }
     assert seg["SOPInstanceUID"] in evidence
-    wait_until(lambda: store.pending_send_count(node.sf) == 0, 30, "sends acknowledged")
+    wait_until(lambda: send_queue.pending_send_count(node.sf) == 0, 30, "sends acknowledged")
 
     # Orthanc forwards everything, our SEG and SR too, back to the node: acknowledged, no new job.
-    kept_before = store.instance_counts(node.sf)["kept"]
+    kept_before = instances.instance_counts(node.sf)["kept"]
     result = orthanc.post("/modalities/segnode/store", orthanc_study.encode())
     assert result.get("FailedInstancesCount", 0) == 0, result
-    counts = store.instance_counts(node.sf)
+    counts = instances.instance_counts(node.sf)
     assert counts["kept"] == kept_before == 4 * SHAPE[2]
     assert counts["ignored"] == 2
     deadline = time.monotonic() + 2 * node.settings.node.study_idle_seconds + 1.0
     while time.monotonic() < deadline:  # give a (wrong) second run every chance to start
-        assert len(store.list_jobs(node.sf)) == 1
+        assert len(job_queue.list_jobs(node.sf)) == 1
         time.sleep(0.1)
     assert len(by_modality()["SEG"]) == 1

@@ -16,9 +16,9 @@ import pytest
 
 from converters.dicom_writer import write_study
 from converters.synthetic import make_synthetic_case
+from db import job_queue, send_queue
 from db.registry import open_registry
 from db.session import make_engine, make_session_factory
-from node import store
 from node.config import Destination
 from node.service import NodeService
 from tests.helpers.node import CatchingSCP, install_model, make_threshold_model, node_settings, wait_until
@@ -69,9 +69,9 @@ def test_two_serve_processes_share_postgresql_each_study_once(
         sf = make_session_factory(make_engine(url))
         wait_until(
             lambda: (
-                len(store.list_jobs(sf)) >= 5
-                and all(j.status == "done" for j in store.list_jobs(sf))
-                and store.pending_send_count(sf) == 0
+                len(job_queue.list_jobs(sf)) >= 5
+                and all(j.status == "done" for j in job_queue.list_jobs(sf))
+                and send_queue.pending_send_count(sf) == 0
             ),
             120,
             "five jobs done and sent",
@@ -81,7 +81,7 @@ def test_two_serve_processes_share_postgresql_each_study_once(
         for node in nodes:
             node.stop()
         dest.stop()
-    jobs = store.list_jobs(sf)
+    jobs = job_queue.list_jobs(sf)
     assert sorted(j.study_instance_uid for j in jobs) == sorted(s.study_instance_uid for s in studies)
     assert {j.attempts for j in jobs} == {1}
     assert {j.instance_count for j in jobs} == {2 * SHAPE[2]}
@@ -148,7 +148,7 @@ def test_database_down_for_a_while_then_recovery_without_restart(
     finally:
         node.stop()
         catcher.stop()
-    jobs = store.list_jobs(node.sf)
+    jobs = job_queue.list_jobs(node.sf)
     assert sorted(j.status for j in jobs) == ["done", "done"]
     assert {j.instance_count for j in jobs} == {SHAPE[2]}
     assert sum(ds.Modality == "SEG" for ds in catcher.received) == 2

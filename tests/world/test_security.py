@@ -14,8 +14,9 @@ import pytest
 
 from converters.dicom_writer import SyntheticPatient, write_study
 from converters.synthetic import make_synthetic_case
+from db import job_queue, send_queue
 from db.session import make_engine, make_session_factory, upgrade
-from node import dimse, store
+from node import dimse
 from node.config import TLSSettings
 from node.metrics import NodeMetrics
 from node.scp import StorageSCP
@@ -137,11 +138,11 @@ def test_dcmtk_over_tls_both_ways_and_no_phi_in_logs(
         sent = storescu(node.scp.port, study.files["FLAIR"], extra=tls_args)
         assert sent.returncode == 0, sent.stdout + sent.stderr
         wait_until(lambda: len(dest.files()) >= 2, 60, "SEG and SR at storescp over TLS")
-        wait_until(lambda: store.pending_send_count(node.sf) == 0, 30, "sends acknowledged")
+        wait_until(lambda: send_queue.pending_send_count(node.sf) == 0, 30, "sends acknowledged")
     finally:
         node.stop()
         dest.stop()
-    [job] = store.list_jobs(node.sf)
+    [job] = job_queue.list_jobs(node.sf)
     assert job.status == "done" and job.instance_count == SHAPE[2]
     assert {d.Modality for d in dest.datasets()} == {"SEG", "SR"}
     _assert_no_phi(caplog.text, "in-process logs (DEBUG, every logger)")
@@ -196,7 +197,7 @@ def test_no_patient_name_id_or_birth_date_in_the_serve_log(tmp_path: Path) -> No
         catcher.wait_for(lambda r: len(r) >= 2, 60)
         sf = make_session_factory(make_engine(url))
         wait_until(
-            lambda: sorted(j.status for j in store.list_jobs(sf)) == ["done", "skipped"],
+            lambda: sorted(j.status for j in job_queue.list_jobs(sf)) == ["done", "skipped"],
             60,
             "both jobs ended",
         )

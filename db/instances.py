@@ -1,0 +1,235 @@
+"""Received instances and studies: recording each C-STORE, and deciding when a study is complete.
+
+A study is complete when no kept instance of it has arrived for ``idle_seconds`` (its idle timer,
+``node_studies.last_received_at``, survives restarts) and no association still open is delivering it;
+:func:`schedule_due_studies` then queues a job for it (see :mod:`db.job_queue`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Collection, Iterable
+from datetime import datetime, timedelta
+from typing import cast
+
+from sqlalchemy import Connection, DateTime, Table, bindparam, case, delete, func, insert, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from db.node_tables import NodeInstance, NodeJob, NodeStudy
+from db.transactions import SessionFactory, database_errors, utcnow, writing
+
+logger = logging.getLogger(__name__)
+
+
+_INSTANCES = cast(Table, NodeInstance.__table__)
+_STUDIES = cast(Table, NodeStudy.__table__)
+# Statements of the C-STORE path, built once (compiled once, then cached by SQLAlchemy) and run on the
+# session's connection: no ORM unit of work for a row that is written once per instance.
+_INSTANCE_EXISTS = select(_INSTANCES.c.id).where(_INSTANCES.c.sop_instance_uid == bindparam("b_uid"))
+_INSERT_INSTANCE = insert(_INSTANCES)
+_TOUCH_STUDY = (
+    update(_STUDIES)
+    .where(_STUDIES.c.study_instance_uid == bindparam("b_uid"))
+    .values(
+        # Never backwards: a later instance (or touch_studies) may have committed a newer time.
+        last_received_at=case(
+            (_STUDIES.c.last_received_at < bindparam("b_now", type_=DateTime(timezone=True)),
+             bindparam("b_now", type_=DateTime(timezone=True))),
+            else_=_STUDIES.c.last_received_at,
+        ),
+        pending=True,
+    )
+)
+_INSERT_STUDY = insert(_STUDIES)
+
+
+@database_errors
+def record_instance(
+    sf: SessionFactory,
+    *,
+    sop_instance_uid: str,
+    sop_class_uid: str,
+    study_instance_uid: str | None,
+    series_instance_uid: str | None,
+    kept: bool,
+    path: str | None,
+    calling_ae: str,
+    now: datetime | None = None,
+) -> bool:
+    """Record a received instance; a kept one restarts its study's idle timer.
+
+    Returns
+    -------
+    bool
+        False when the SOP Instance UID was already recorded (a repeat is idempotent: the row,
+        the file and the study are left as they are).
+
+    Raises
+    ------
+    DatabaseUnavailableError
+        The database failed, or concurrent inserts of the same instance or study still collided
+        on the third attempt.
+    """
+    given = now
+    now = now or utcnow()
+    row = {
+        "sop_instance_uid": sop_instance_uid,
+        "sop_class_uid": sop_class_uid,
+        "study_instance_uid": study_instance_uid,
+        "series_instance_uid": series_instance_uid,
+        "kept": kept,
+        "path": path,
+        "calling_ae": calling_ae,
+        "received_at": now,
+    }
+    for attempt in range(3):
+        try:
+            with writing(sf) as s:
+                conn = s.connection()
+                # The idle timer counts from the commit, not from before the wait for the write lock.
+                touched_at = given or utcnow()
+                if conn.execute(_INSTANCE_EXISTS, {"b_uid": sop_instance_uid}).first() is not None:
+                    return False
+                conn.execute(_INSERT_INSTANCE, row)
+                if kept and study_instance_uid:
+                    _touch_study(conn, study_instance_uid, touched_at)
+            return True
+        except IntegrityError:  # a concurrent association stored the same instance or study
+            if attempt == 2:
+                raise
+    return False  # pragma: no cover
+
+
+def _touch_study(conn: Connection, study_uid: str, now: datetime) -> None:
+    """Mark the study pending and move its idle timer to ``now`` (never backwards); creates the study
+    row with its first instance."""
+    if conn.execute(_TOUCH_STUDY, {"b_uid": study_uid, "b_now": now}).rowcount == 0:
+        conn.execute(
+            _INSERT_STUDY,
+            {
+                "study_instance_uid": study_uid,
+                "first_received_at": now,
+                "last_received_at": now,
+                "pending": True,
+                "runs": 0,
+            },
+        )
+
+
+@database_errors
+def forget_instance(sf: SessionFactory, sop_instance_uid: str) -> None:
+    """Delete an instance row whose spool file could not be written (the sender got a failure)."""
+    with writing(sf) as s:
+        s.execute(delete(NodeInstance).where(NodeInstance.sop_instance_uid == sop_instance_uid))
+
+
+@database_errors
+def touch_studies(sf: SessionFactory, study_uids: Iterable[str], now: datetime | None = None) -> None:
+    """Restart the idle timer of pending studies that are still being received (an open association
+    is delivering them), so that none becomes due in the middle of its transfer."""
+    uids = sorted(study_uids)
+    if not uids:
+        return
+    with writing(sf) as s:
+        stamp = now or utcnow()  # taken once the write lock is held
+        s.execute(
+            update(NodeStudy)
+            .where(
+                NodeStudy.study_instance_uid.in_(uids),
+                NodeStudy.pending.is_(True),
+                NodeStudy.last_received_at < stamp,
+            )
+            .values(last_received_at=stamp)
+        )
+
+
+@database_errors
+def schedule_due_studies(
+    sf: SessionFactory, idle_seconds: float, now: datetime | None = None, receiving: Collection[str] = ()
+) -> list[int]:
+    """Queue a job for every study idle for ``idle_seconds`` with instances no job covers yet.
+
+    A study that already has a queued (not yet started) job gets no second one: that job reads the
+    study's instances when it starts. Studies in ``receiving`` (an association still open is
+    delivering them) are never due, and a study without a kept instance (its C-STOREs all failed
+    their spool writes) gets no job. Returns the ids of the jobs created.
+    """
+    now = now or utcnow()
+    cutoff = now - timedelta(seconds=idle_seconds)
+    created: list[int] = []
+    with sf() as s:
+        due = s.execute(
+            select(NodeStudy.id, NodeStudy.last_received_at).where(
+                NodeStudy.pending.is_(True),
+                NodeStudy.last_received_at <= cutoff,
+                NodeStudy.study_instance_uid.not_in(sorted(receiving)),
+            )
+        ).all()
+    for study_id, seen in due:
+        try:
+            with writing(sf) as s:
+                changed = s.execute(
+                    update(NodeStudy)
+                    .where(
+                        NodeStudy.id == study_id,
+                        NodeStudy.pending.is_(True),
+                        NodeStudy.last_received_at == seen,
+                    )
+                    .values(pending=False)
+                ).rowcount  # type: ignore[attr-defined]
+                if changed != 1:
+                    continue  # another process took it, or a new instance arrived meanwhile
+                queued = s.scalar(
+                    select(NodeJob.id).where(NodeJob.study_id == study_id, NodeJob.status == "queued")
+                )
+                if queued is not None:
+                    continue
+                study = s.get_one(NodeStudy, study_id)
+                if not _kept_count(s, study.study_instance_uid):
+                    # Every C-STORE of the study failed its spool write (each took its row back), so
+                    # there is nothing to run; an instance that does arrive sets pending again.
+                    logger.warning(
+                        "study %d has no kept instances (their spool writes failed); no job queued",
+                        study_id,
+                    )
+                    continue
+                study.runs += 1
+                job = NodeJob(
+                    study_id=study_id,
+                    run=study.runs,
+                    status="queued",
+                    reason="",
+                    stages={},
+                    result={},
+                    attempts=0,
+                    created_at=now,
+                )
+                s.add(job)
+                s.flush()
+                created.append(job.id)
+                logger.info("study %d idle: queued job %d (run %d)", study_id, job.id, study.runs)
+        except IntegrityError:
+            logger.info("study %d was scheduled by another process", study_id)
+    return created
+
+
+def _kept_count(s: Session, study_uid: str) -> int:
+    return int(
+        s.scalar(
+            select(func.count(NodeInstance.id)).where(
+                NodeInstance.study_instance_uid == study_uid, NodeInstance.kept.is_(True)
+            )
+        )
+        or 0
+    )
+
+
+@database_errors
+def instance_counts(sf: SessionFactory) -> dict[str, int]:
+    """Received instances (kept and ignored) and studies."""
+    with sf() as s:
+        kept = s.scalar(select(func.count(NodeInstance.id)).where(NodeInstance.kept.is_(True))) or 0
+        ignored = s.scalar(select(func.count(NodeInstance.id)).where(NodeInstance.kept.is_(False))) or 0
+        studies = s.scalar(select(func.count(NodeStudy.id))) or 0
+    return {"kept": int(kept), "ignored": int(ignored), "studies": int(studies)}

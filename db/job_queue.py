@@ -1,0 +1,353 @@
+"""The job queue: one job per run of the pipeline over a complete study.
+
+Job claiming is atomic so that several node processes can share one database: on PostgreSQL the
+candidate row is taken with ``SELECT ... FOR UPDATE SKIP LOCKED``; on SQLite (one writer at a time)
+a conditional ``UPDATE ... WHERE status = 'queued'`` whose row count is checked. A job is claimable
+only when its study is idle (``pending`` false), so a job never sees half a study.
+
+Jobs left ``running`` by a process that died are queued again by :func:`requeue_stale`: at start,
+every running job owned by this host whose process id no longer exists, and on any host a job whose
+heartbeat is older than ``stale_seconds``.
+
+Jobs are created by :func:`db.instances.schedule_due_studies`; a finished job queues its sends
+(:mod:`db.send_queue`) in the transaction that ends it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from db.exceptions import JobNotFoundError, JobStateError
+from db.node_tables import NodeInstance, NodeJob, NodeSend, NodeStudy
+from db.send_queue import SendInfo, send_info
+from db.transactions import SessionFactory, as_utc, database_errors, utcnow, writing
+
+logger = logging.getLogger(__name__)
+
+
+def owner_id() -> str:
+    """``host:pid`` of this process, recorded on the jobs it runs."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    """A snapshot of one job row."""
+
+    id: int
+    study_instance_uid: str
+    run: int
+    status: str
+    reason: str
+    stages: dict[str, Any]
+    attempts: int
+    instance_count: int
+    owner: str | None
+    model_label: str | None
+    output_dir: str | None
+    result: dict[str, Any]
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    sends: list[SendInfo] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class OutputObject:
+    """A file a job produced, to be sent to every destination."""
+
+    path: str
+    sop_instance_uid: str
+
+
+@database_errors
+def claim_job(sf: SessionFactory, owner: str | None = None, now: datetime | None = None) -> int | None:
+    """Atomically take the oldest claimable queued job and mark it running; None when there is none."""
+    owner = owner or owner_id()
+    now = now or utcnow()
+    candidates = (
+        select(NodeJob.id)
+        .join(NodeStudy, NodeStudy.id == NodeJob.study_id)
+        .where(NodeJob.status == "queued", NodeStudy.pending.is_(False))
+        .order_by(NodeJob.id)
+        .limit(1)
+    )
+    with sf() as s:  # a cheap read first: no write lock while there is nothing to claim
+        if s.scalar(candidates) is None:
+            return None
+    for _ in range(20):
+        with writing(sf) as s:
+            postgres = s.get_bind().dialect.name == "postgresql"
+            query = candidates.with_for_update(skip_locked=True, of=NodeJob) if postgres else candidates
+            job_id = s.scalar(query)
+            if job_id is None:
+                return None
+            count = s.scalar(
+                select(func.count(NodeInstance.id))
+                .join(NodeStudy, NodeStudy.study_instance_uid == NodeInstance.study_instance_uid)
+                .join(NodeJob, NodeJob.study_id == NodeStudy.id)
+                .where(NodeJob.id == job_id, NodeInstance.kept.is_(True))
+            )  # the instances this run covers: see _job_instances
+            changed = s.execute(
+                update(NodeJob)
+                .where(NodeJob.id == job_id, NodeJob.status == "queued")
+                .values(
+                    status="running",
+                    owner=owner,
+                    started_at=now,
+                    heartbeat_at=now,
+                    attempts=NodeJob.attempts + 1,
+                    instance_count=count or 0,
+                )
+            ).rowcount  # type: ignore[attr-defined]
+            if changed == 1:
+                return int(job_id)
+    return None
+
+
+@database_errors
+def heartbeat(sf: SessionFactory, job_id: int, now: datetime | None = None) -> None:
+    """Mark a running job alive."""
+    with writing(sf) as s:
+        s.execute(
+            update(NodeJob)
+            .where(NodeJob.id == job_id, NodeJob.status == "running")
+            .values(heartbeat_at=now or utcnow())
+        )
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@database_errors
+def requeue_stale(
+    sf: SessionFactory, stale_seconds: float = 120.0, *, at_start: bool = False, now: datetime | None = None
+) -> list[int]:
+    """Queue again the running jobs whose process died; returns their ids.
+
+    A job counts as abandoned when its owner is on this host and that pid is gone (or, with
+    ``at_start``, is this very process: a restarted container may get the same pid), or when its
+    heartbeat is older than ``stale_seconds`` (owner on another host).
+    """
+    now = now or utcnow()
+    host = socket.gethostname()
+    me = owner_id()
+    cutoff = now - timedelta(seconds=stale_seconds)
+    requeued: list[int] = []
+    with writing(sf) as s:
+        for job in s.scalars(select(NodeJob).where(NodeJob.status == "running")):
+            owner_host, _, pid = (job.owner or ":").rpartition(":")
+            dead_here = owner_host == host and (
+                (at_start and job.owner == me) or not pid.isdigit() or not _pid_alive(int(pid))
+            )
+            stale = (as_utc(job.heartbeat_at) or cutoff) < cutoff
+            if dead_here or stale:
+                job.status = "queued"
+                job.reason = f"re-queued: owner {job.owner} stopped while the job was running"
+                job.owner = None
+                requeued.append(job.id)
+    for job_id in requeued:
+        logger.warning("job %d was left running by a stopped process; queued again", job_id)
+    return requeued
+
+
+def _job_instances(s: Session, job_id: int) -> list[tuple[str | None, str]]:
+    """(series UID, spool path) of the kept instances a job covers, in the order received.
+
+    Once claimed, a job covers the ``instance_count`` instances its claim counted (the study as it
+    was when idle), not those that arrived since: those set the study pending again and make the
+    next run, so a late instance is never half in this run and left out of its count (nor read
+    before its spool file is in place). On SQLite row ids follow commit order, so these are exactly
+    the claimed instances; on PostgreSQL an id is taken at insert, so an instance committed just
+    after the claim may stand in for a claimed one, and the next run, which it made, covers both.
+    A queued job covers every kept instance received so far.
+    """
+    job = s.get(NodeJob, job_id)
+    if job is None:
+        return []
+    query = (
+        select(NodeInstance.series_instance_uid, NodeInstance.path)
+        .join(NodeStudy, NodeStudy.study_instance_uid == NodeInstance.study_instance_uid)
+        .where(NodeStudy.id == job.study_id, NodeInstance.kept.is_(True))
+        .order_by(NodeInstance.id)
+    )
+    if job.status != "queued":
+        query = query.limit(job.instance_count)
+    return [(series, path) for series, path in s.execute(query).all() if path]
+
+
+@database_errors
+def job_instance_paths(sf: SessionFactory, job_id: int) -> list[str]:
+    """Spool paths of the kept instances the job covers (see :func:`job_series_paths`)."""
+    with sf() as s:
+        return [path for _, path in _job_instances(s, job_id)]
+
+
+@database_errors
+def job_series_paths(sf: SessionFactory, job_id: int) -> dict[str, list[str]]:
+    """Spool paths of the kept instances the job covers, grouped by SeriesInstanceUID.
+
+    A claimed job covers the ``instance_count`` instances counted when it was claimed; instances
+    that arrived later belong to the next run of the study.
+    """
+    groups: dict[str, list[str]] = {}
+    with sf() as s:
+        for series, path in _job_instances(s, job_id):
+            groups.setdefault(str(series), []).append(path)
+    return groups
+
+
+@database_errors
+def finish_job(
+    sf: SessionFactory,
+    job_id: int,
+    *,
+    status: str,
+    reason: str = "",
+    stages: dict[str, Any] | None = None,
+    result: dict[str, Any] | None = None,
+    output_dir: str | None = None,
+    model_label: str | None = None,
+    model_id: int | None = None,
+    outputs: list[OutputObject] | None = None,
+    destinations: list[Any] | None = None,
+    now: datetime | None = None,
+) -> bool:
+    """End a running job and, in the same transaction, queue a send per output and destination.
+
+    Returns False (and changes nothing) when the job is no longer running under this owner, e.g.
+    it was re-queued meanwhile: its outputs are then simply not sent, so nothing is sent twice.
+    """
+    if status not in ("done", "failed", "skipped"):
+        raise ValueError(f"job {job_id}: status {status!r} is not a final state")
+    now = now or utcnow()
+    with writing(sf) as s:
+        changed = s.execute(
+            update(NodeJob)
+            .where(NodeJob.id == job_id, NodeJob.status == "running", NodeJob.owner == owner_id())
+            .values(
+                status=status,
+                reason=reason,
+                stages=stages or {},
+                result=result or {},
+                output_dir=output_dir,
+                model_label=model_label,
+                model_id=model_id,
+                finished_at=now,
+            )
+        ).rowcount  # type: ignore[attr-defined]
+        if changed != 1:
+            logger.warning("job %d was no longer ours when it finished; its outputs are not sent", job_id)
+            return False
+        for out in outputs or []:
+            for dest in destinations or []:
+                s.add(
+                    NodeSend(
+                        job_id=job_id,
+                        destination=dest.name,
+                        ae_title=dest.ae_title,
+                        host=dest.host,
+                        port=dest.port,
+                        path=out.path,
+                        sop_instance_uid=out.sop_instance_uid,
+                        status="pending",
+                        attempts=0,
+                        next_attempt_at=now,
+                        last_error="",
+                    )
+                )
+    return True
+
+
+def _job_info(s: Session, job: NodeJob, with_sends: bool) -> JobInfo:
+    study_uid = s.scalar(select(NodeStudy.study_instance_uid).where(NodeStudy.id == job.study_id)) or ""
+    sends = []
+    if with_sends:
+        sends = [send_info(r) for r in s.scalars(select(NodeSend).where(NodeSend.job_id == job.id))]
+    return JobInfo(
+        id=job.id,
+        study_instance_uid=study_uid,
+        run=job.run,
+        status=job.status,
+        reason=job.reason,
+        stages=dict(job.stages or {}),
+        attempts=job.attempts,
+        instance_count=job.instance_count,
+        owner=job.owner,
+        model_label=job.model_label,
+        output_dir=job.output_dir,
+        result=dict(job.result or {}),
+        created_at=as_utc(job.created_at) or job.created_at,
+        started_at=as_utc(job.started_at),
+        finished_at=as_utc(job.finished_at),
+        sends=sends,
+    )
+
+
+@database_errors
+def get_job(sf: SessionFactory, job_id: int) -> JobInfo:
+    """One job with its sends; :class:`~db.exceptions.JobNotFoundError` when there is no such job."""
+    with sf() as s:
+        job = s.get(NodeJob, job_id)
+        if job is None:
+            raise JobNotFoundError(f"job {job_id} does not exist (see `segnode jobs list`)")
+        return _job_info(s, job, with_sends=True)
+
+
+@database_errors
+def list_jobs(sf: SessionFactory, status: str | None = None, limit: int = 100) -> list[JobInfo]:
+    """The most recent jobs, newest first."""
+    with sf() as s:
+        query = select(NodeJob).order_by(NodeJob.id.desc()).limit(limit)
+        if status:
+            query = query.where(NodeJob.status == status)
+        return [_job_info(s, j, with_sends=False) for j in s.scalars(query)]
+
+
+@database_errors
+def retry_job(sf: SessionFactory, job_id: int) -> JobInfo:
+    """Queue a finished (failed, skipped or done) job again; a queued or running one is refused.
+
+    Raises
+    ------
+    JobNotFoundError
+        No job with ``job_id``.
+    JobStateError
+        The job is queued or running.
+    """
+    with writing(sf) as s:
+        job = s.get(NodeJob, job_id)
+        if job is None:
+            raise JobNotFoundError(f"job {job_id} does not exist (see `segnode jobs list`)")
+        if job.status in ("queued", "running"):
+            raise JobStateError(f"job {job_id} is {job.status}; only a finished job can be retried")
+        job.status = "queued"
+        job.reason = "retry requested"
+        job.finished_at = None
+        job.owner = None
+    return get_job(sf, job_id)
+
+
+@database_errors
+def job_counts(sf: SessionFactory) -> dict[str, int]:
+    """Number of jobs per status (every status present, zero when none)."""
+    with sf() as s:
+        rows = s.execute(select(NodeJob.status, func.count(NodeJob.id)).group_by(NodeJob.status)).all()
+    counts = {state: 0 for state in ("queued", "running", "done", "failed", "skipped")}
+    counts.update({str(k): int(v) for k, v in rows})
+    return counts

@@ -1,0 +1,132 @@
+"""The send queue: one row per (job, destination, output object), delivered by :mod:`node.sender`.
+
+A due send is leased (:func:`claim_send`, a conditional update) before its C-STORE, so two senders
+never both send it; it is marked done only after the destination's Success status, and a failed
+attempt is scheduled again with exponential backoff. Rows are queued by
+:func:`db.job_queue.finish_job` in the transaction that ends their job.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import func, select, update
+
+from db.node_tables import NodeSend
+from db.transactions import SessionFactory, as_utc, database_errors, utcnow, writing
+
+
+@dataclass(frozen=True)
+class SendInfo:
+    """A snapshot of one send row."""
+
+    id: int
+    job_id: int
+    destination: str
+    ae_title: str
+    host: str
+    port: int
+    path: str
+    sop_instance_uid: str
+    status: str
+    attempts: int
+    next_attempt_at: datetime
+    last_error: str
+
+
+def send_info(r: NodeSend) -> SendInfo:
+    """The snapshot of a send row."""
+    return SendInfo(
+        id=r.id,
+        job_id=r.job_id,
+        destination=r.destination,
+        ae_title=r.ae_title,
+        host=r.host,
+        port=r.port,
+        path=r.path,
+        sop_instance_uid=r.sop_instance_uid,
+        status=r.status,
+        attempts=r.attempts,
+        next_attempt_at=as_utc(r.next_attempt_at) or r.next_attempt_at,
+        last_error=r.last_error,
+    )
+
+
+@database_errors
+def due_sends(
+    sf: SessionFactory,
+    now: datetime | None = None,
+    limit: int = 100,
+    exclude_destinations: Collection[str] = (),
+) -> list[SendInfo]:
+    """Pending sends whose next attempt is due, oldest first.
+
+    ``exclude_destinations``: destination names left out (those being delivered now), so that the
+    ``limit`` rows are all sends that can go out.
+    """
+    now = now or utcnow()
+    query = select(NodeSend).where(NodeSend.status == "pending", NodeSend.next_attempt_at <= now)
+    if exclude_destinations:
+        query = query.where(NodeSend.destination.not_in(list(exclude_destinations)))
+    with sf() as s:
+        rows = s.scalars(query.order_by(NodeSend.id).limit(limit)).all()
+        return [send_info(r) for r in rows]
+
+
+@database_errors
+def claim_send(sf: SessionFactory, send: SendInfo, lease_seconds: float, now: datetime | None = None) -> bool:
+    """Take a due send for ``lease_seconds`` (conditional update), so two senders never both send it."""
+    now = now or utcnow()
+    with writing(sf) as s:
+        changed = s.execute(
+            update(NodeSend)
+            .where(
+                NodeSend.id == send.id,
+                NodeSend.status == "pending",
+                NodeSend.attempts == send.attempts,
+                NodeSend.next_attempt_at <= now,
+            )
+            .values(next_attempt_at=now + timedelta(seconds=lease_seconds))
+        ).rowcount  # type: ignore[attr-defined]
+    return bool(changed == 1)
+
+
+@database_errors
+def mark_sent(sf: SessionFactory, send_id: int, now: datetime | None = None) -> None:
+    """Record an acknowledged C-STORE."""
+    with writing(sf) as s:
+        s.execute(
+            update(NodeSend)
+            .where(NodeSend.id == send_id)
+            .values(status="done", sent_at=now or utcnow(), last_error="", attempts=NodeSend.attempts + 1)
+        )
+
+
+@database_errors
+def mark_send_failed(
+    sf: SessionFactory,
+    send_id: int,
+    error: str,
+    *,
+    base_seconds: float,
+    max_seconds: float,
+    now: datetime | None = None,
+) -> datetime:
+    """Record a failed attempt and schedule the next one with exponential backoff; returns its time."""
+    now = now or utcnow()
+    with writing(sf) as s:
+        send = s.get_one(NodeSend, send_id)
+        send.attempts += 1
+        delay = min(max_seconds, base_seconds * (2 ** (send.attempts - 1)))
+        send.next_attempt_at = now + timedelta(seconds=delay)
+        send.last_error = error[:1000]
+        return send.next_attempt_at
+
+
+@database_errors
+def pending_send_count(sf: SessionFactory) -> int:
+    """Sends not yet acknowledged."""
+    with sf() as s:
+        return int(s.scalar(select(func.count(NodeSend.id)).where(NodeSend.status == "pending")) or 0)

@@ -1,0 +1,86 @@
+"""What the node's database modules (:mod:`db.instances`, :mod:`db.job_queue`, :mod:`db.send_queue`)
+share: the process's write lock, UTC times, and the translation of SQLAlchemy's errors.
+
+Every function of those modules opens its own short transaction through a ``sessionmaker`` so callers
+never hold ORM objects; results come back as plain dataclasses. Their callers (the node) never see a
+SQLAlchemy exception: :func:`database_errors` turns the driver's errors into
+:class:`~db.exceptions.DatabaseUnavailableError` and SQLAlchemy's own into
+:class:`~db.exceptions.DatabaseOperationError`.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import ParamSpec, TypeVar
+
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.exceptions import DatabaseOperationError, DatabaseUnavailableError
+from db.session import write_options
+
+SessionFactory = sessionmaker[Session]
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware UTC."""
+    return datetime.now(UTC)
+
+
+def as_utc(value: datetime | None) -> datetime | None:
+    """``value`` as aware UTC (SQLite returns naive datetimes that were stored as UTC)."""
+    if value is None:
+        return None
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+#: One write transaction at a time in this process. Threads (SCP associations, the scheduler's
+#: touch of studies being received, workers, the sender) queue here instead of in SQLite's busy
+#: handler, whose back-off sleeps (1, 2, 5, 10 ... ms) held C-STOREs up behind the scheduler's
+#: 20-per-second touches and made four associations slower than one. Reentrant: harmless if a
+#: caller nests. Other processes still queue in the database itself.
+_WRITE_LOCK = threading.RLock()
+
+
+@contextmanager
+def writing(sf: SessionFactory) -> Iterator[Session]:
+    """A write transaction (``BEGIN IMMEDIATE`` on SQLite, so concurrent writers queue)."""
+    with _WRITE_LOCK, sf.begin() as s:
+        s.connection(execution_options=write_options())
+        yield s
+
+
+def describe(exc: SQLAlchemyError) -> str:
+    """``Type: first line`` of the error, naming the driver's exception when there is one
+    (``OperationalError: connection failed: ...``)."""
+    cause: BaseException = (exc.orig or exc) if isinstance(exc, DBAPIError) else exc
+    reason = (str(cause).strip().splitlines() or [""])[0]
+    return f"{type(cause).__name__}: {reason}"
+
+
+def database_errors(func: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Decorate a database function so that it raises :mod:`db.exceptions`, never SQLAlchemy's.
+
+    A driver error (:class:`~sqlalchemy.exc.DBAPIError`: database unreachable, connection lost,
+    locked) becomes :class:`~db.exceptions.DatabaseUnavailableError`; any other SQLAlchemy error
+    :class:`~db.exceptions.DatabaseOperationError`. The message is :func:`describe`'s one line; the
+    original stays attached as ``__cause__``.
+    """
+
+    @functools.wraps(func)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return func(*args, **kwargs)
+        except DBAPIError as exc:
+            raise DatabaseUnavailableError(describe(exc)) from exc
+        except SQLAlchemyError as exc:
+            raise DatabaseOperationError(describe(exc)) from exc
+
+    return wrapper
