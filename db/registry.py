@@ -31,7 +31,7 @@ from __future__ import annotations
 import datetime as dt
 import getpass
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,7 +55,7 @@ from db.exceptions import (
     RetireRefusedError,
     RollbackError,
 )
-from db.models import KINDS, PRECISIONS, RUNNABLE_KINDS, TASKS, Model, ModelFile, RolloutEvent
+from db.models import KINDS, PRECISIONS, RUNNABLE_KINDS, TASKS, Model, ModelFile, RolloutEvent, utcnow
 from db.session import make_engine, make_session_factory, upgrade, write_options
 
 log = logging.getLogger(__name__)
@@ -872,6 +872,44 @@ class Registry:
                 )
             )
         log.info("retired model %s by %s", info.label, actor)
+        return self.get(model_id)
+
+    # -- evaluations ----------------------------------------------------------------------------
+
+    def record_evaluation(
+        self, model_id: int, evaluation: Mapping[str, Any], *, by: str | None = None
+    ) -> ModelInfo:
+        """Keep an evaluation of model ``model_id`` in its ``metrics.evaluations`` list.
+
+        ``evaluation`` is what ``segnode evaluate`` measured: at least ``split`` (a name) and ``mean``
+        (metric -> value); typically also ``data``, ``precision``, ``cases`` and ``per_case``. Who and
+        when are added. An earlier entry with the same ``split`` is replaced. The model's own
+        ``metrics.mean`` and ``metrics.cases`` (what the promotion gates read) are left alone.
+
+        Raises
+        ------
+        ModelNotFoundError
+            No such model.
+        InvalidArtifactError
+            ``split`` is not a non-empty string or ``mean`` is not an object.
+        """
+        split = evaluation.get("split")
+        if not isinstance(split, str) or not split.strip():
+            raise InvalidArtifactError(
+                f"model #{model_id}: evaluation split {split!r} must be a non-empty name"
+            )
+        if not isinstance(evaluation.get("mean"), dict):
+            raise InvalidArtifactError(f"model #{model_id}: evaluation has no 'mean' metrics")
+        entry = {**evaluation, "by": by or default_user(), "at": utcnow().isoformat()}
+        with self._write() as session:
+            row = session.scalars(select(Model).where(Model.id == model_id).with_for_update()).one_or_none()
+            if row is None:
+                raise ModelNotFoundError(f"model #{model_id} does not exist (see `segnode models list`)")
+            metrics = dict(row.metrics or {})
+            kept = [e for e in metrics.get("evaluations") or [] if e.get("split") != split]
+            metrics["evaluations"] = [*kept, entry]
+            row.metrics = metrics  # a new object, so that the JSON column is written
+        log.info("recorded evaluation %r of model #%d", split, model_id)
         return self.get(model_id)
 
 

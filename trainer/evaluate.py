@@ -94,6 +94,38 @@ def load_model(path: Path, precision: str = "int8", device: str = "CPU") -> Load
     raise TrainerError(f"model {path}: expected a .pt checkpoint, an .onnx, an IR .xml or a model directory")
 
 
+def load_registered(
+    kind: str, precision: str, path: Path, card: Mapping[str, Any], device: str = "CPU"
+) -> LoadedModel:
+    """Open a registered artifact for evaluation: its file and the card kept in the model table.
+
+    Parameters
+    ----------
+    kind, precision:
+        The artifact's row (``checkpoint`` | ``onnx`` | ``ir``; ``fp32`` | ``fp16`` | ``int8``).
+    path:
+        Its ``.pt``, ``.onnx`` or IR ``.xml`` file.
+    card:
+        The model card of its row (a checkpoint uses the card saved inside it).
+    device:
+        OpenVINO device for IR models.
+
+    Raises
+    ------
+    TrainerError
+        The file does not exist, or ``kind`` is none of the above.
+    """
+    if not path.is_file():
+        raise TrainerError(f"model file {path} does not exist")
+    if kind == "checkpoint":
+        return load_model(path)
+    if kind == "onnx":
+        return LoadedModel(dict(card), onnx_predictor(path), f"ONNX {path}", "fp32")
+    if kind == "ir":
+        return _openvino(dict(card), path, precision, device)
+    raise TrainerError(f"model {path}: kind {kind!r} is not checkpoint, onnx or ir")
+
+
 def _openvino(card: dict[str, Any], xml: Path, precision: str, device: str) -> LoadedModel:
     hint = "f32" if precision == "fp32" and device.upper() == "CPU" else None
     seg = OpenVINOSegmenter(card, xml, device=device, precision_hint=hint)

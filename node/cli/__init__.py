@@ -1,11 +1,16 @@
-"""The ``segnode`` command line: one Typer app, one module per command group.
+"""The ``segnode`` command line: a thin root that loads each command group from its package, lazily.
 
-Each module under :mod:`node.cli` exposes ``register(app)``; heavy imports (torch, openvino)
-happen inside the commands so that ``segnode --help`` and the node never import torch.
+Each group lives with the package it drives: :mod:`node.cli.commands` (serve, send, demo, jobs),
+:mod:`trainer.cli` (train, export, evaluate), :mod:`converters.cli` (convert) and :mod:`db.cli`
+(models, db). :data:`COMMANDS` names them; a group's module is imported only when its command runs
+(:mod:`node.cli.lazy`), so ``segnode --help`` and the node never import torch, and a command whose
+extra is missing says so in one line.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import logging
 import sys
 
@@ -13,10 +18,70 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from node.cli import convert, dbcmd, models, nodecmd, traincmd
+from node.cli.lazy import CommandSpec, Extra, LazyGroup, MissingExtraError
+
+#: What ``segnode train`` imports: the training loop, TensorBoard logs and the figures of a run.
+TRAINING = Extra("train", ("torch", "tensorboard", "matplotlib"))
+#: What ``segnode export`` imports: the checkpoint, ONNX export and check, NNCF quantization.
+EXPORT = Extra("train", ("torch", "onnx", "onnxruntime", "nncf"))
+
+#: name -> where the command lives, its one-line help (shown by ``segnode --help``), its extra.
+#: ``evaluate`` needs no extra for OpenVINO IR models; it checks for torch or ONNX Runtime itself
+#: when given a checkpoint or an ONNX file.
+COMMANDS: dict[str, CommandSpec] = {
+    "serve": CommandSpec(
+        "node.cli.commands:serve",
+        "Run the node: DICOM SCP, workers, sender, /metrics and /healthz, until SIGINT or SIGTERM.",
+    ),
+    "send": CommandSpec(
+        "node.cli.commands:send", "Send DICOM files over C-STORE (one association), with a progress bar."
+    ),
+    "demo": CommandSpec(
+        "node.cli.commands:demo",
+        "The whole clinical path on this machine: DICOM study in over C-STORE, SEG and SR back.",
+    ),
+    "train": CommandSpec(
+        "trainer.cli:train", "Train a 2D U-Net (one device, or many under torchrun).", TRAINING
+    ),
+    "export": CommandSpec(
+        "trainer.cli:export",
+        "Export ONNX, OpenVINO IR FP32 and INT8, write model.json, and register the lineage.",
+        EXPORT,
+    ),
+    "evaluate": CommandSpec(
+        "trainer.cli:evaluate",
+        "Per-case 3D Dice, Jaccard, sensitivity, specificity and HD95 of a model on labelled cases.",
+    ),
+    "convert": CommandSpec(
+        "converters.cli:convert_app",
+        "Convert between NIfTI cases and DICOM MR studies; write synthetic Task01 folders.",
+    ),
+    "db": CommandSpec("db.cli:db_app", "The database: upgrade the schema, show its revision."),
+    "models": CommandSpec(
+        "db.cli:models_app",
+        "The model table: list, show, import, promote, roll back, retire and verify models.",
+    ),
+    "jobs": CommandSpec("node.cli.commands:jobs_app", "The node's job queue: list, show and retry jobs."),
+}
+
+#: Exception types (by name, so that nothing is imported up front) shown as one line and exit code 2.
+USER_ERRORS: tuple[str, ...] = (
+    "converters.exceptions:ConverterError",
+    "db.exceptions:RegistryError",
+    "node.exceptions:NodeError",
+    "trainer.exceptions:TrainerError",
+)
+
+
+class SegnodeGroup(LazyGroup):
+    """The root group of ``segnode``: the commands of :data:`COMMANDS`."""
+
+    table = COMMANDS
+
 
 app = typer.Typer(
     name="segnode",
+    cls=SegnodeGroup,
     help="Brain-tumour segmentation node: DICOM in, DICOM SEG and SR out; and the trainer behind it.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -38,28 +103,13 @@ def _root(
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-for _module in (convert, dbcmd, models, nodecmd, traincmd):
-    _module.register(app)
-
-
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exception types that mean bad input: shown as one line, no traceback."""
-    from converters.exceptions import ConverterError
-    from node.exceptions import NodeError
-
-    errors: list[type[BaseException]] = [ConverterError, NodeError, FileNotFoundError]
-    try:
-        from db.exceptions import RegistryError
-
-        errors.append(RegistryError)
-    except ImportError:  # pragma: no cover - db not importable only during early development
-        pass
-    try:
-        from trainer.exceptions import TrainerError
-
-        errors.append(TrainerError)
-    except ImportError:
-        pass
+    errors: list[type[BaseException]] = [MissingExtraError, FileNotFoundError]
+    for target in USER_ERRORS:
+        module, _, attr = target.partition(":")
+        with contextlib.suppress(ImportError):  # a package left out of this install
+            errors.append(getattr(importlib.import_module(module), attr))
     return tuple(errors)
 
 
@@ -73,15 +123,14 @@ def main() -> None:
         err_console.print("Aborted.")
         sys.exit(1)
     except Exception as exc:  # the one place that maps errors to exit codes
-        try:  # typer >= 0.2x vendors click as typer._click; older typer uses click itself
-            from typer._click.exceptions import ClickException
-        except ImportError:  # pragma: no cover
-            from click import ClickException  # type: ignore[no-redef]
+        from typer._click.exceptions import ClickException
 
         if isinstance(exc, ClickException):
             exc.show()
             sys.exit(exc.exit_code)
-        if _state["debug"] or not isinstance(exc, _user_errors()):
+        # a missing extra is never a bug: one line even under --debug
+        debug = _state["debug"] and not isinstance(exc, MissingExtraError)
+        if debug or not isinstance(exc, _user_errors()):
             raise
         # escape: a message naming a config section ("[node] ...") is text, not Rich markup
         err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from db import cli as models_cli
 from db.session import current_revision, head_revision
 from node.cli import app, main
-from node.cli import models as models_cli
 from tests.conftest import write_model_dir
 
 runner = CliRunner()

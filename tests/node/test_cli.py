@@ -1,8 +1,10 @@
-"""``segnode jobs | send | demo`` through the real command line entry point."""
+"""``segnode jobs | send | demo`` through the real command line entry point; the root app's lazy groups."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -14,9 +16,10 @@ from converters.synthetic import make_synthetic_case
 from db import instances, job_queue
 from db.session import make_engine, make_session_factory, upgrade
 from db.transactions import utcnow
-from node.cli import main
+from node.cli import COMMANDS, main
+from node.cli.lazy import importable
 from tests.helpers.node import CatchingSCP, make_threshold_model
-from tests.helpers.peers import free_port
+from tests.helpers.peers import REPO, free_port
 
 
 def run_cli(
@@ -136,3 +139,120 @@ def test_demo_runs_the_whole_path(
     assert dice > (0.85 if shipped else 0.5)
     for name in ("seg.dcm", "sr.dcm", "preview.png"):
         assert (tmp_path / "demo-out" / name).stat().st_size > 0
+
+
+# -- the root: lazy command groups, missing extras -------------------------------------------------------
+
+BLOCKED = ("torch", "onnx", "onnxruntime", "nncf", "tensorboard", "matplotlib")
+
+# A node-only install, as far as imports go: these modules cannot be found or imported.
+SITECUSTOMIZE = f"""
+import sys
+
+BLOCKED = {BLOCKED!r}
+
+
+class _NotInstalled:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+        return None
+
+
+sys.meta_path.insert(0, _NotInstalled())
+"""
+
+
+def _segnode_without_train_extra(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    site = tmp_path / "site"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(REPO)])}
+    return subprocess.run(
+        [sys.executable, "-m", "node", *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "command", "missing"),
+    [
+        (["train", "--help"], "train", "torch, tensorboard, matplotlib"),
+        (["train", "--data", "x", "--out", "y"], "train", "torch, tensorboard, matplotlib"),
+        (["--debug", "train"], "train", "torch, tensorboard, matplotlib"),
+        (["export", "run"], "export", "torch, onnx, onnxruntime, nncf"),
+    ],
+)
+def test_missing_train_extra_is_one_line_and_exit_2(
+    tmp_path: Path, args: list[str], command: str, missing: str
+) -> None:
+    done = _segnode_without_train_extra(tmp_path, *args)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and done.stdout == ""
+    assert done.stderr.strip() == (
+        f"error: segnode {command} needs the train extra ({missing} not installed): "
+        "pip install 'segnode[train]'"
+    )
+
+
+def test_evaluate_needs_the_extra_only_for_checkpoints_and_onnx(tmp_path: Path) -> None:
+    data = tmp_path / "cases"
+    for name, module in (("best.pt", "torch"), ("model.onnx", "onnxruntime")):
+        (tmp_path / name).write_bytes(b"")
+        done = _segnode_without_train_extra(tmp_path, "evaluate", name, "--data", str(data))
+        assert done.returncode == 2 and "Traceback" not in done.stderr
+        kind = "a checkpoint" if name == "best.pt" else "an onnx"
+        assert done.stderr.strip() == (
+            f"error: segnode evaluate of {kind} needs the train extra ({module} not installed): "
+            "pip install 'segnode[train]'"
+        )
+    # an IR needs only the base install
+    from converters.synthetic import write_synthetic_task01
+
+    model = make_threshold_model(tmp_path / "model", crop=(64, 64), threshold=1.0)
+    cases = write_synthetic_task01(tmp_path / "Task01", 1, seed=1, shape=(40, 40, 12))
+    args = ["evaluate", str(model), "--precision", "fp32", "--data", str(cases), "--json", "out.json"]
+    done = _segnode_without_train_extra(tmp_path, *args)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "out.json").read_text())["cases"][0]["case"] == "BRATS_001"
+    for args in (["evaluate", "--help"], ["serve", "--help"], ["models", "--help"], ["--help"]):
+        done = _segnode_without_train_extra(tmp_path, *args)
+        assert done.returncode == 0, (args, done.stderr)
+
+
+def test_root_help_lists_every_command_without_importing_the_groups() -> None:
+    code = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "import node.cli\n"
+        "result = CliRunner().invoke(node.cli.app, ['--help'], env={'COLUMNS': '200'})\n"
+        "assert result.exit_code == 0, result.output\n"
+        "print(result.output)\n"
+        "loaded = [m for m in sys.modules if m.split('.')[0] in ('trainer', 'db', 'converters')\n"
+        "          or m in ('node.cli.commands', 'node.service', 'torch', 'openvino', 'sqlalchemy')]\n"
+        "print('LOADED', loaded)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith("LOADED []")
+    for name, spec in COMMANDS.items():
+        assert f" {name} " in done.stdout and spec.help in done.stdout
+
+
+def test_table_help_is_the_commands_own_help() -> None:
+    from typer._click import Context
+
+    from node.cli.lazy import load_command
+
+    for name, spec in COMMANDS.items():
+        if spec.extra is not None and not all(importable(m) for m in spec.extra.modules):
+            continue  # the [train] extra is not installed here
+        real = load_command(name, spec)
+        assert real.name == name
+        assert real.get_short_help_str(limit=200) == spec.help, name
+        assert Context(real).command is real

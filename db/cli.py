@@ -1,9 +1,13 @@
-"""``segnode models``: the admin CLI of the model table (list, show, import, promote, rollback, ...).
+"""``segnode models`` and ``segnode db``: the admin CLI of the model table and of the schema.
 
-Every command reads the node config (``--config``, else ``$SEGNODE_CONFIG``, else defaults) for the
-database URL and upgrades the schema to head first, so ``segnode models import`` works on a fresh
-install. Bad input raises :class:`db.exceptions.RegistryError`; ``segnode`` prints it as one line
-and exits with code 2.
+``segnode models`` lists, shows, imports, promotes, rolls back, retires and verifies models;
+``segnode db`` upgrades the schema and shows its revision. Every command resolves the database URL
+once (:func:`db.url.resolve_database_url`: ``$SEGNODE_DATABASE_URL``, else ``[database] url`` of
+``--config`` or ``$SEGNODE_CONFIG``, else the var dir); the ``models`` commands upgrade the schema to
+head first, so ``segnode models import`` works on a fresh install. Bad input raises
+:class:`db.exceptions.RegistryError`; ``segnode`` prints it as one line and exits with code 2.
+
+:data:`CONFIG_OPTION` and :func:`echo_json` are shared with the node's and the trainer's commands.
 """
 
 from __future__ import annotations
@@ -38,12 +42,17 @@ TOLERANCE_OPTION = typer.Option(
 )
 
 
+db_app = typer.Typer(
+    name="db", help="The database: upgrade the schema, show its revision.", no_args_is_help=True
+)
+
+
 def open_from_config(config: Path | None, tolerance: float = 0.01) -> Registry:
     """The registry on the configured database, upgraded to the newest schema."""
     from db.registry import open_registry
-    from node.config import load_settings
+    from db.url import resolve_database_url
 
-    return open_registry(load_settings(config).database.resolved_url(), tolerance=tolerance)
+    return open_registry(resolve_database_url(config), tolerance=tolerance)
 
 
 def _size(n: int) -> str:
@@ -104,7 +113,8 @@ def models_table(models: list[ModelInfo], title: str = "Models") -> Table:
     return table
 
 
-def _echo_json(data: Any) -> None:
+def echo_json(data: Any) -> None:
+    """Write ``data`` to stdout as indented JSON (``--json`` of every command)."""
     typer.echo(json.dumps(data, indent=2, sort_keys=False))
 
 
@@ -117,7 +127,7 @@ def list_cmd(
     """List the models (all statuses), oldest first."""
     models = open_from_config(config).list_models(task)
     if as_json:
-        _echo_json([m.to_dict() for m in models])
+        echo_json([m.to_dict() for m in models])
         return
     if not models:
         console.print("No models registered yet; add one with `segnode models import DIR`.")
@@ -135,7 +145,7 @@ def show_cmd(
     registry = open_from_config(config)
     model = registry.get(model_id)
     if as_json:
-        _echo_json(model.to_dict())
+        echo_json(model.to_dict())
         return
     console.print(models_table([model], title=f"Model #{model.id}"))
     lineage: list[str] = []
@@ -162,6 +172,29 @@ def show_cmd(
         )
     else:
         console.print("metrics: none")
+    evaluations = (model.metrics or {}).get("evaluations") or []
+    if evaluations:
+        console.print(_evaluations_table(evaluations))
+
+
+def _evaluations_table(evaluations: list[dict[str, Any]]) -> Table:
+    """The ``segnode evaluate`` results recorded against a model (``metrics.evaluations``)."""
+    table = Table(title="Evaluations (segnode evaluate)")
+    for column in ("Split", "Cases", "Dice", "HD95 mm", "Data", "When (UTC)", "By"):
+        table.add_column(column, justify="right" if column in ("Cases", "Dice", "HD95 mm") else "left")
+    for e in evaluations:
+        mean = e.get("mean") or {}
+        hd95 = mean.get("hd95")
+        table.add_row(
+            str(e.get("split", "")),
+            str(len(e.get("cases") or [])),
+            _dice(mean.get("dice")),
+            "-" if hd95 is None else f"{hd95:.2f}",
+            str(e.get("data", "")),
+            str(e.get("at", ""))[:19].replace("T", " "),
+            str(e.get("by", "")),
+        )
+    return table
 
 
 def _runnable_to_promote(models: list[ModelInfo]) -> ModelInfo:
@@ -269,7 +302,7 @@ def verify_cmd(
 
     report = open_from_config(config).verify(model_id)
     if as_json:
-        _echo_json(
+        echo_json(
             {
                 "model_id": model_id,
                 "ok": report.ok,
@@ -325,11 +358,37 @@ def history_cmd(
     """Show the audit trail: registrations, promotions, rollbacks, retirements, refusals."""
     events = open_from_config(config).history(task)
     if as_json:
-        _echo_json([e.to_dict() for e in events])
+        echo_json([e.to_dict() for e in events])
         return
     console.print(_events_table(events))
 
 
-def register(app: typer.Typer) -> None:
-    """Add ``segnode models ...`` to the root app."""
-    app.add_typer(models_app, name="models")
+@db_app.command("upgrade")
+def upgrade_cmd(
+    revision: str = typer.Option("head", "--revision", help="Target Alembic revision."),
+    config: Path | None = CONFIG_OPTION,
+) -> None:
+    """Run the Alembic migrations up to the newest schema (idempotent)."""
+    from db.session import current_revision, upgrade
+    from db.url import resolve_database_url
+
+    url = resolve_database_url(config)
+    before = current_revision(url)
+    upgrade(url, revision)
+    after = current_revision(url)
+    if before == after:
+        typer.echo(f"database already at revision {after}")
+    else:
+        typer.echo(f"database upgraded from {before or 'empty'} to {after}")
+
+
+@db_app.command("current")
+def current_cmd(config: Path | None = CONFIG_OPTION) -> None:
+    """Print the database's revision and the newest one this code ships."""
+    from db.session import current_revision, head_revision
+    from db.url import resolve_database_url
+
+    current = current_revision(resolve_database_url(config))
+    head = head_revision()
+    note = "" if current == head else "  (run `segnode db upgrade`)"
+    typer.echo(f"current: {current or 'empty'}  head: {head}{note}")

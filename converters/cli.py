@@ -128,7 +128,3 @@ def synthetic(
         f"wrote {cases} synthetic cases of {sizes[0]}x{sizes[1]}x{sizes[2]} (seed {seed}) to {folder}"
     )
 
-
-def register(app: typer.Typer) -> None:
-    """Add ``segnode convert ...`` to the root app."""
-    app.add_typer(convert_app, name="convert")

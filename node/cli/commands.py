@@ -1,8 +1,11 @@
-"""``segnode serve | send | demo | jobs``: run the node, push files, the demo, and the job queue."""
+"""The node's own commands: ``segnode serve | send | demo | jobs``.
+
+Run the node, push DICOM files to a peer, the demo, and the job queue. The root app
+(:mod:`node.cli`) loads this module only when one of these commands runs.
+"""
 
 from __future__ import annotations
 
-import json
 import shutil
 import signal
 from pathlib import Path
@@ -12,11 +15,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-console = Console(highlight=False)
+from db.cli import CONFIG_OPTION, echo_json
 
-CONFIG_OPTION = typer.Option(
-    None, "--config", "-c", help="Node config file (node.toml); default $SEGNODE_CONFIG."
-)
+console = Console(highlight=False)
 
 jobs_app = typer.Typer(
     name="jobs", help="The node's job queue: list, show and retry jobs.", no_args_is_help=True
@@ -25,9 +26,9 @@ jobs_app = typer.Typer(
 
 def _session_factory(config: Path | None) -> Any:
     from db.session import make_engine, make_session_factory, upgrade
-    from node.config import load_settings
+    from db.url import resolve_database_url
 
-    url = load_settings(config).database.resolved_url()
+    url = resolve_database_url(config)
     upgrade(url)
     return make_session_factory(make_engine(url))
 
@@ -152,7 +153,7 @@ def jobs_list(
 
     jobs = job_queue.list_jobs(_session_factory(config), status=status, limit=limit)
     if as_json:
-        typer.echo(json.dumps([_job_dict(j) for j in jobs], indent=2))
+        echo_json([_job_dict(j) for j in jobs])
         return
     table = Table(title="Jobs")
     for column in ("ID", "Study", "Run", "Status", "Reason", "Model", "Seconds", "Created"):
@@ -211,7 +212,7 @@ def jobs_show(
 
     info = _job_dict(job_queue.get_job(_session_factory(config), job_id))
     if as_json:
-        typer.echo(json.dumps(info, indent=2))
+        echo_json(info)
         return
     table = Table(title=f"Job {job_id}", show_header=False)
     table.add_column("Key")
@@ -247,10 +248,3 @@ def jobs_retry(
     info = job_queue.retry_job(_session_factory(config), job_id)
     console.print(f"job {info.id} queued again")
 
-
-def register(app: typer.Typer) -> None:
-    """Add this module's commands to the root app."""
-    app.command("serve")(serve)
-    app.command("send")(send)
-    app.command("demo")(demo)
-    app.add_typer(jobs_app)

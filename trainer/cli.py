@@ -1,17 +1,31 @@
-"""segnode CLI commands of the trainer: ``train``, ``export``, ``evaluate``.
+"""The trainer's commands: ``segnode train``, ``segnode export``, ``segnode evaluate``.
 
-torch, openvino and nncf are imported inside the commands, so ``segnode --help`` stays light.
+The root app (:mod:`node.cli`) loads this module only when one of these commands runs, after
+checking that the ``[train]`` extra is there for ``train`` and ``export``. ``evaluate`` of an
+OpenVINO IR (a model directory, an ``.xml``, or a registered IR model) needs only the base install;
+of a checkpoint it needs torch, of an ONNX file ONNX Runtime, and it says so in one line when they
+are missing. torch, openvino and nncf are imported inside the commands.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
 
+from db.cli import CONFIG_OPTION
+
+if TYPE_CHECKING:
+    from trainer.evaluate import LoadedModel
+
 console = Console()
+
+#: Modules ``evaluate`` needs beyond the base install, per model form (an IR needs none).
+EVALUATE_NEEDS: dict[str, tuple[str, ...]] = {"checkpoint": ("torch",), "onnx": ("onnxruntime",)}
 
 
 def _parse_crop(text: str) -> list[int]:
@@ -130,16 +144,13 @@ def export(
     register_models: bool = typer.Option(
         True, "--register/--no-register", help="Import into the model table."
     ),
-    config: Path = typer.Option(None, "--config", help="node.toml naming the database."),
+    config: Path | None = CONFIG_OPTION,
 ) -> None:
     """Export ONNX, OpenVINO IR FP32 and INT8, write model.json, and register the lineage."""
+    from db.url import resolve_database_url
     from trainer.export import ExportOptions, export_run
 
-    database_url = None
-    if register_models:
-        from node.config import load_settings
-
-        database_url = load_settings(config).database.resolved_url()
+    database_url = resolve_database_url(config) if register_models else None
     options = ExportOptions(
         run_dir=run_dir,
         out_dir=out,
@@ -173,16 +184,66 @@ def export(
     console.print(f"model directory {where}" + (f"; registered models {ids}" if ids else ""))
 
 
+def _require(kind: str) -> None:
+    """Raise a one-line :class:`TrainerError` when evaluating a ``kind`` model needs a missing module."""
+    from trainer.exceptions import TrainerError
+
+    for module in EVALUATE_NEEDS.get(kind, ()):
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+            raise TrainerError(
+                f"segnode evaluate of a{'n' if kind == 'onnx' else ''} {kind} needs the train extra "
+                f"({module} not installed): pip install 'segnode[train]'"
+            ) from None
+
+
+def _kind_of_path(path: Path) -> str:
+    suffix = path.suffix.lower()
+    return "checkpoint" if suffix == ".pt" else "onnx" if suffix == ".onnx" else "ir"
+
+
+def _load_registered(model_id: int, config: Path | None, device: str) -> tuple[LoadedModel, Any]:
+    """The registered model ``model_id``, its files checked against their recorded checksums."""
+    from db.exceptions import ChecksumMismatch
+    from db.registry import open_registry
+    from db.url import resolve_database_url
+    from trainer.evaluate import load_registered
+
+    registry = open_registry(resolve_database_url(config))
+    info = registry.get(model_id)
+    report = registry.verify(model_id)
+    if not report.ok:
+        raise ChecksumMismatch(f"model #{model_id}: " + "; ".join(report.problems))
+    _require(info.kind)
+    suffix = {"checkpoint": ".pt", "onnx": ".onnx", "ir": ".xml"}[info.kind]
+    path = info.file_with_suffix(suffix)
+    loaded = load_registered(info.kind, info.precision, path, info.card or {}, device)
+    loaded.description = f"model {info.label}: {loaded.description}"
+    return loaded, registry
+
+
 def evaluate(
-    model: Path = typer.Argument(..., help="Checkpoint .pt, .onnx, IR .xml, or a model directory."),
+    model: str = typer.Argument(
+        ...,
+        metavar="MODEL|ID",
+        help="Checkpoint .pt, .onnx, IR .xml, a model directory, or a model id (see `segnode models list`).",
+    ),
     data: Path = typer.Option(..., "--data", help="Labelled cases (any layout list_cases reads)."),
     precision: str = typer.Option("int8", "--precision", help="fp32 | int8, for a model directory."),
     json_out: Path = typer.Option(None, "--json", help="Write the per-case results as JSON."),
     device: str = typer.Option("CPU", "--ov-device", help="OpenVINO device for IR models."),
     batch_size: int = typer.Option(16, "--batch-size"),
     record: str = typer.Option(
-        "", "--record", help="Record the result in the model directory's model.json under this split name."
+        "",
+        "--record",
+        help="Record the result under this split name: in a model directory's model.json; for a model id "
+        "in the model table (always recorded; default split: the data folder's name).",
     ),
+    by: str | None = typer.Option(None, "--by", help="Who evaluated, recorded with a model id's result."),
+    config: Path | None = CONFIG_OPTION,
 ) -> None:
     """Per-case 3D Dice, Jaccard, sensitivity, specificity and HD95 of a model on labelled cases."""
     from rich.table import Table
@@ -191,10 +252,18 @@ def evaluate(
     from trainer.evaluate import evaluate_cases, load_model
     from trainer.exceptions import TrainerError
 
+    model_id = int(model) if model.isdigit() else None
+    path = Path(model)
+    if model_id is None:
+        _require(_kind_of_path(path))
     refs = list_cases(data, require_labels=True)
     if not refs:
         raise TrainerError(f"no labelled case found under {data}")
-    loaded = load_model(model, precision, device)
+    registry = None
+    if model_id is not None:
+        loaded, registry = _load_registered(model_id, config, device)
+    else:
+        loaded = load_model(path, precision, device)
     with console.status(f"evaluating {len(refs)} cases") as status:
         result = evaluate_cases(
             loaded, refs, batch_size, on_case=lambda cid, s: status.update(f"{cid}: Dice {s['dice']:.4f}")
@@ -213,17 +282,17 @@ def evaluate(
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
         console.print(f"wrote {json_out}")
-    if record:
-        if not model.is_dir():
-            raise TrainerError(f"--record needs a model directory, not {model}")
+    if registry is not None and model_id is not None:
+        from trainer.evaluate import card_metrics
+
+        split = record or data.resolve().name
+        entry = {**card_metrics(result, split), "data": str(data.resolve()), "precision": result["precision"]}
+        registry.record_evaluation(model_id, entry, by=by)
+        console.print(f"recorded the {split} evaluation of model #{model_id} in the model table")
+    elif record:
+        if not path.is_dir():
+            raise TrainerError(f"--record needs a model directory or a model id, not {path}")
         from trainer.card import record_evaluation
 
-        record_evaluation(model, result, record, str(data))
-        console.print(f"recorded the {record} evaluation in {model / 'model.json'}")
-
-
-def register(app: typer.Typer) -> None:
-    """Add this module's commands to the root app."""
-    app.command("train")(train)
-    app.command("export")(export)
-    app.command("evaluate")(evaluate)
+        record_evaluation(path, result, record, str(data))
+        console.print(f"recorded the {record} evaluation in {path / 'model.json'}")

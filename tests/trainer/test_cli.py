@@ -1,0 +1,106 @@
+"""``segnode evaluate`` of a registered model id: a real OpenVINO IR, a real database, labelled cases.
+
+No torch here: an IR needs only the base install.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from converters.synthetic import write_synthetic_task01
+from db import cli as db_cli
+from db.registry import open_registry
+from node.cli import main
+from tests.helpers.node import make_threshold_model
+
+
+def run_cli(
+    args: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> tuple[int, str, str]:
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "argv", ["segnode", *args])
+    code = 0
+    try:
+        main()
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture()
+def registered(tmp_path: Path, segnode_home: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[int, Path, Path]:
+    """(model id, model directory, labelled cases): a threshold IR imported into a fresh database."""
+    url = f"sqlite:///{tmp_path / 'models.db'}"
+    monkeypatch.setenv("SEGNODE_DATABASE_URL", url)
+    model_dir = make_threshold_model(tmp_path / "model", crop=(64, 64), threshold=1.0)
+    registry = open_registry(url)
+    [info] = registry.import_dir(model_dir, by="test")
+    registry.close()
+    data = write_synthetic_task01(tmp_path / "site_b", 2, seed=3, shape=(48, 48, 16))
+    return info.id, model_dir, data
+
+
+def test_evaluate_a_model_id_records_the_result_in_the_model_table(
+    registered: tuple[int, Path, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model_id, model_dir, data = registered
+    by_id = tmp_path / "by_id.json"
+    args = ["evaluate", str(model_id), "--data", str(data), "--json", str(by_id), "--by", "eve"]
+    code, out, err = run_cli(args, capsys, monkeypatch)
+    assert code == 0, err
+    assert f"recorded the {data.name} evaluation of model #{model_id} in the model table" in out
+    result = json.loads(by_id.read_text())
+    assert [c["case"] for c in result["cases"]] == ["BRATS_001", "BRATS_002"]
+    assert result["precision"] == "fp32" and result["model"].startswith(f"model #{model_id} ")
+
+    # the same files opened as a model directory give the same figures
+    by_dir = tmp_path / "by_dir.json"
+    args = ["evaluate", str(model_dir), "--data", str(data), "--precision", "fp32", "--json", str(by_dir)]
+    assert run_cli(args, capsys, monkeypatch)[0] == 0
+    dice = [c["dice"] for c in result["cases"]]
+    assert [c["dice"] for c in json.loads(by_dir.read_text())["cases"]] == dice
+    assert all(d > 0.1 for d in dice), "the threshold model finds the phantom tumours"
+
+    code, out, _ = run_cli(["models", "show", str(model_id), "--json"], capsys, monkeypatch)
+    metrics = json.loads(out)["metrics"]
+    [entry] = metrics["evaluations"]
+    assert (entry["split"], entry["data"], entry["by"], entry["precision"]) == (
+        data.name,
+        str(data.resolve()),
+        "eve",
+        "fp32",
+    )
+    assert entry["cases"] == ["BRATS_001", "BRATS_002"] and entry["mean"] == result["mean"]
+    assert metrics["mean"]["dice"] == 0.8, "the promotion gates' metrics are left alone"
+
+    # again under a split name: a second entry; the same split again replaces it
+    for _ in range(2):
+        args = ["evaluate", str(model_id), "--data", str(data), "--record", "site-b"]
+        assert run_cli(args, capsys, monkeypatch)[0] == 0
+    code, out, _ = run_cli(["models", "show", str(model_id), "--json"], capsys, monkeypatch)
+    assert [e["split"] for e in json.loads(out)["metrics"]["evaluations"]] == [data.name, "site-b"]
+    monkeypatch.setattr(db_cli.console, "width", 200)  # tables not cut by the terminal's width
+    code, out, _ = run_cli(["models", "show", str(model_id)], capsys, monkeypatch)
+    assert code == 0 and "Evaluations (segnode evaluate)" in out and "site-b" in out
+    assert f"{result['mean']['dice']:.4f}" in out
+
+
+def test_evaluate_unknown_or_tampered_model_id_is_one_line(
+    registered: tuple[int, Path, Path], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model_id, model_dir, data = registered
+    code, _, err = run_cli(["evaluate", "99", "--data", str(data)], capsys, monkeypatch)
+    assert code == 2 and "Traceback" not in err
+    assert err.strip() == "error: model #99 does not exist (see `segnode models list`)"
+    (model_dir / "model_fp32.bin").write_bytes(b"tampered")
+    code, _, err = run_cli(["evaluate", str(model_id), "--data", str(data)], capsys, monkeypatch)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert err.startswith(f"error: model #{model_id}: ") and "model_fp32.bin" in err
