@@ -36,7 +36,3 @@ class SelectionError(JobError):
 
 class ModelLoadError(NodeError):
     """No usable model: none active, a file missing or tampered (sha256 mismatch), or a bad device."""
-
-
-class NotFoundError(NodeError):
-    """A job or other object named on the command line does not exist."""

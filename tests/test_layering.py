@@ -111,3 +111,73 @@ def test_the_walker_resolves_relative_and_lazy_imports(tmp_path: Path) -> None:
     ]
     assert str(found[-1]) == f"{Path('converters/io/probe.py')}:7: node.store"
     assert found[-1].top == "node"
+
+
+def module_name(path: Path, root: Path = ROOT) -> str:
+    """``node/cli/__init__.py`` -> ``node.cli``; ``db/url.py`` -> ``db.url``."""
+    parts = list(path.relative_to(root).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph(*folders: str, root: Path = ROOT) -> dict[str, set[str]]:
+    """Module -> the project modules it imports (``from a import b`` counts as ``a.b`` when that is a
+    module, else as ``a``); a package's own ``__init__`` imported by its submodules is left out, since
+    Python loads it first whatever the code says."""
+    files = [p for folder in folders for p in sorted((root / folder).rglob("*.py"))]
+    modules = {module_name(p, root): p for p in files}
+    graph: dict[str, set[str]] = {name: set() for name in modules}
+    for name, path in modules.items():
+        for imp in imports_in(path, root):
+            target = imp.module if imp.module in modules else imp.module.rpartition(".")[0]
+            if target in modules and target != name and not name.startswith(target + "."):
+                graph[name].add(target)
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_circles() -> None:
+    assert cycles(import_graph(*PACKAGES)) == []
+
+
+def test_the_circle_finder_finds_a_circle_through_a_lazy_import(tmp_path: Path) -> None:
+    pkg = tmp_path / "trainer"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("", encoding="utf-8")
+    (pkg / "plots.py").write_text("from trainer.train import x\n", encoding="utf-8")
+    (pkg / "train.py").write_text("def f() -> None:\n    from trainer import plots\n", encoding="utf-8")
+    (pkg / "unet.py").write_text("from trainer import train\n", encoding="utf-8")
+    assert cycles(import_graph("trainer", root=tmp_path)) == [["trainer.plots", "trainer.train"]]
