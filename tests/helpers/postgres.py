@@ -23,7 +23,8 @@ from pathlib import Path
 
 from sqlalchemy import make_url
 
-from tests.helpers.peers import free_port, missing
+from tests.helpers.peers import missing
+from tests.helpers.ports import free_port
 
 ENV_URL = "SEGNODE_TEST_POSTGRES_URL"
 

@@ -17,8 +17,9 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from node.config import Destination
-from tests.helpers.node import wait_until
-from tests.helpers.peers import REPO, free_port, missing, require_program
+from tests.helpers.peers import REPO, missing, require_program
+from tests.helpers.ports import free_port
+from tests.helpers.waiting import wait_until
 
 #: DCMTK tools take ~40 ms per C-STORE unless Nagle is off (their TCP_NODELAY variable).
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}

@@ -15,7 +15,7 @@ from db.session import make_engine, make_session_factory, upgrade
 from node import store
 from node.cli import main
 from tests.helpers.node import CatchingSCP, make_threshold_model
-from tests.helpers.peers import free_port
+from tests.helpers.ports import free_port
 
 
 def run_cli(

@@ -38,8 +38,10 @@ from node.seg import build_seg
 from node.selection import SeriesSelector, series_info
 from node.sender import store_files
 from node.spool import spool_path
-from tests.helpers.node import CatchingSCP, make_threshold_model, node_settings, running_node, wait_until
-from tests.helpers.peers import REPO, free_port, require_program
+from tests.helpers.node import CatchingSCP, make_threshold_model, node_settings, running_node
+from tests.helpers.peers import REPO, require_program
+from tests.helpers.ports import free_port
+from tests.helpers.waiting import wait_until
 from trainer.card import TASK_LABELS
 
 ENHANCED_MR = UID("1.2.840.10008.5.1.4.1.1.4.1")

@@ -24,8 +24,10 @@ from db.registry import open_registry
 from db.session import make_engine, make_session_factory
 from node import store
 from node.sender import store_files
-from tests.helpers.node import CatchingSCP, install_model, make_threshold_model, wait_until
-from tests.helpers.peers import REPO, free_port, require_shared
+from tests.helpers.node import CatchingSCP, install_model, make_threshold_model
+from tests.helpers.peers import REPO, require_shared
+from tests.helpers.ports import free_port
+from tests.helpers.waiting import wait_until
 
 SEGNODE = [sys.executable, "-m", "node"]
 

@@ -32,15 +32,9 @@ from node.config import Destination
 from node.exceptions import SpoolError
 from node.sender import store_files
 from node.service import NodeService
-from tests.helpers.node import (
-    CatchingSCP,
-    install_model,
-    make_threshold_model,
-    node_settings,
-    running_node,
-    wait_until,
-)
-from tests.helpers.peers import free_port
+from tests.helpers.node import CatchingSCP, install_model, make_threshold_model, node_settings, running_node
+from tests.helpers.ports import free_port
+from tests.helpers.waiting import wait_until
 from tests.helpers.world import ServedNode
 
 SHAPE = (64, 64, 16)

@@ -30,7 +30,8 @@ from node.metrics import NodeMetrics
 from node.scp import StorageSCP
 from node.spool import spool_path
 from tests.helpers.node import node_settings
-from tests.helpers.peers import free_port, require_program
+from tests.helpers.peers import require_program
+from tests.helpers.ports import free_port
 
 
 @pytest.fixture(scope="module")

@@ -32,8 +32,10 @@ from db.node_tables import NodeInstance
 from node import dimse, store
 from node.config import Destination
 from node.service import NodeService
-from tests.helpers.node import CatchingSCP, install_model, make_threshold_model, node_settings, wait_until
-from tests.helpers.peers import free_port, require_program
+from tests.helpers.node import CatchingSCP, install_model, make_threshold_model, node_settings
+from tests.helpers.peers import require_program
+from tests.helpers.ports import free_port
+from tests.helpers.waiting import wait_until
 from tests.helpers.world import run_tool, storescu
 
 SHAPE = (48, 48, 16)

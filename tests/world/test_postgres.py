@@ -21,8 +21,9 @@ from db.session import make_engine, make_session_factory
 from node import store
 from node.config import Destination
 from node.service import NodeService
-from tests.helpers.node import CatchingSCP, install_model, make_threshold_model, node_settings, wait_until
-from tests.helpers.peers import free_port
+from tests.helpers.node import CatchingSCP, install_model, make_threshold_model, node_settings
+from tests.helpers.ports import free_port
+from tests.helpers.waiting import wait_until
 from tests.helpers.world import DcmtkStoreSCP, PostgresCluster, ServedNode, node_toml, storescu
 
 pytestmark = pytest.mark.postgres
