@@ -3,13 +3,10 @@ a PostgreSQL cluster that can be stopped and started, a test CA made with the op
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,7 +14,7 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from node.config import Destination
-from tests.helpers.peers import REPO, missing, require_program
+from tests.helpers.peers import REPO, require_program
 from tests.helpers.ports import free_port
 from tests.helpers.waiting import wait_until
 
@@ -217,91 +214,6 @@ def echo_ok(port: int, called: str = "SEGNODE") -> bool:
     status = assoc.send_c_echo()
     assoc.release()
     return bool(status and status.Status == 0)
-
-
-class PostgresCluster:
-    """A throw-away PostgreSQL cluster of our own, so that a test may stop and start it."""
-
-    def __init__(self) -> None:
-        import glob
-        import pwd
-
-        try:
-            import psycopg  # noqa: F401
-        except ImportError:
-            missing("psycopg is not installed (pip install 'segnode[postgres]')")
-        dirs = sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)
-        if not dirs or not Path(dirs[0], "initdb").exists():
-            missing(
-                "PostgreSQL server programs (initdb, pg_ctl) are not installed (Debian package postgresql)"
-            )
-        self.bindir = Path(dirs[0])
-        self.base = Path(tempfile.mkdtemp(prefix="segnode-world-pg-"))
-        if os.geteuid() == 0:
-            owner = pwd.getpwnam("postgres")
-            os.chown(self.base, owner.pw_uid, owner.pw_gid)
-        self.data, self.port = self.base / "data", free_port()
-        self._pg(
-            "initdb",
-            "-D",
-            str(self.data),
-            "-U",
-            "postgres",
-            "--auth=trust",
-            "-E",
-            "UTF8",
-            "--no-locale",
-            "--no-sync",
-        )
-        self.start()
-
-    def _pg(self, program: str, *args: str) -> None:
-        cmd = [str(self.bindir / program), *args]
-        if os.geteuid() == 0:
-            cmd = ["runuser", "-u", "postgres", "--", *cmd]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
-        if proc.returncode != 0:
-            raise RuntimeError(
-                f"{program} failed ({proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}"
-            )
-
-    def start(self) -> None:
-        """Start the server (again) on the same port."""
-        options = f"-p {self.port} -k {self.base} -c listen_addresses=127.0.0.1 -c fsync=off"
-        self._pg(
-            "pg_ctl",
-            "-D",
-            str(self.data),
-            "-l",
-            str(self.base / "server.log"),
-            "-o",
-            options,
-            "-w",
-            "-t",
-            "60",
-            "start",
-        )
-
-    def stop(self) -> None:
-        """Stop the server at once (connections are cut)."""
-        self._pg("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
-
-    def new_database(self) -> str:
-        """A fresh database; its SQLAlchemy URL."""
-        import uuid
-
-        import psycopg
-
-        name = f"world_{uuid.uuid4().hex[:10]}"
-        with psycopg.connect(f"postgresql://postgres@127.0.0.1:{self.port}/postgres", autocommit=True) as c:
-            c.execute(f'CREATE DATABASE "{name}"')
-        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{name}"
-
-    def remove(self) -> None:
-        """Stop (if running) and delete the cluster."""
-        with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
-            self.stop()
-        shutil.rmtree(self.base, ignore_errors=True)
 
 
 def make_ca(directory: Path, name: str) -> tuple[Path, Path]:

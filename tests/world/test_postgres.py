@@ -23,8 +23,9 @@ from node.config import Destination
 from node.service import NodeService
 from tests.helpers.node import CatchingSCP, install_model, make_threshold_model, node_settings
 from tests.helpers.ports import free_port
+from tests.helpers.postgres import PostgresCluster
 from tests.helpers.waiting import wait_until
-from tests.helpers.world import DcmtkStoreSCP, PostgresCluster, ServedNode, node_toml, storescu
+from tests.helpers.world import DcmtkStoreSCP, ServedNode, node_toml, storescu
 
 pytestmark = pytest.mark.postgres
 
