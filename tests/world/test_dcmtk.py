@@ -24,11 +24,11 @@ from converters.dicom_writer import write_study
 from converters.synthetic import make_synthetic_case
 from node import store
 from node.service import NodeService
+from tests.helpers.dcmtk import DcmtkStoreSCP, run_tool, storescu
 from tests.helpers.node import install_model, make_threshold_model, node_settings
 from tests.helpers.peers import require_program, require_shared
 from tests.helpers.ports import free_port
 from tests.helpers.waiting import wait_until
-from tests.helpers.world import DcmtkStoreSCP, run_tool, storescu
 
 SHAPE = (64, 64, 20)
 

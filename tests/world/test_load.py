@@ -19,10 +19,10 @@ from converters.synthetic import make_synthetic_case
 from node import store
 from node.config import Destination
 from node.service import NodeService
+from tests.helpers.dcmtk import storescu
 from tests.helpers.node import CatchingSCP, install_model, make_threshold_model, node_settings
 from tests.helpers.ports import free_port
 from tests.helpers.waiting import wait_until
-from tests.helpers.world import storescu
 
 SHAPE = (48, 48, 40)
 STUDIES = 8
