@@ -1,4 +1,8 @@
-"""Helpers for the node tests: a tiny real OpenVINO model, a catching storage SCP, node settings."""
+"""The node in-process: a tiny real OpenVINO model and its installation, settings for a node on
+loopback, a started node (``running_node``), and a catching storage SCP as its destination.
+
+(tests/helpers/served.py runs ``segnode serve`` in a subprocess instead.)
+"""
 
 from __future__ import annotations
 
