@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pydicom
 import pytest
+
+if TYPE_CHECKING:
+    from tests.helpers.postgres import PostgresServer
 
 
 @pytest.fixture()
@@ -34,8 +38,8 @@ def segnode_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pa
 
 
 @pytest.fixture(scope="session")
-def postgres_server() -> Iterator[object]:
-    """A real PostgreSQL server for the session (tests/postgres.py); skips when none can be had."""
+def postgres_server() -> Iterator[PostgresServer]:
+    """A real PostgreSQL server for the session (tests/helpers/postgres.py); skips when none can be had."""
     from tests.helpers.postgres import postgres_server as _server
 
     with _server() as server:

@@ -9,13 +9,10 @@ sends SEG and SR back to Orthanc, where they are found in the same study.
 
 from __future__ import annotations
 
-import base64
 import json
 import re
-import subprocess
 import tomllib
 import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,8 +24,11 @@ from converters.dicom_writer import write_study
 from converters.synthetic import make_synthetic_case
 from node.config import load_settings
 from node.service import NodeService
-from tests.helpers.node import install_model, make_threshold_model, wait_until
-from tests.helpers.peers import REPO, free_port, require_program
+from tests.helpers.node import install_model, make_threshold_model
+from tests.helpers.orthanc import Orthanc
+from tests.helpers.peers import REPO
+from tests.helpers.ports import free_port
+from tests.helpers.waiting import wait_until
 
 COMPOSE = REPO / "deploy" / "compose"
 
@@ -46,65 +46,18 @@ def defaults(value: str) -> str:
     return re.sub(r"\$\{[A-Z0-9_]+:-([^}]*)\}", r"\1", value)
 
 
-class ComposeOrthanc:
-    """Debian's Orthanc run with deploy/compose/orthanc.json and the stack's credentials."""
-
-    def __init__(self, tmp: Path, node_port: int) -> None:
-        program = require_program("Orthanc", "/usr/sbin")
-        config = json.loads((COMPOSE / "orthanc.json").read_text(encoding="utf-8"))
-        env = compose_service("orthanc")["environment"]
-        # The image turns ORTHANC__REGISTERED_USERS into RegisteredUsers; do the same here.
-        users = json.loads(defaults(env["ORTHANC__REGISTERED_USERS"]))
-        self.user, self.password = next(iter(users.items()))
-        self.http, self.dicom = free_port(), free_port()
-        node_aet, _host, _port = config["DicomModalities"]["segnode"]
-        config.update(
-            StorageDirectory=str(tmp / "orthanc-db"),
-            IndexDirectory=str(tmp / "orthanc-db"),
-            HttpPort=self.http,
-            DicomPort=self.dicom,
-            RemoteAccessAllowed=False,
-            RegisteredUsers=users,
-            DicomModalities={"segnode": [node_aet, "127.0.0.1", node_port]},
-        )
-        path = tmp / "orthanc.json"
-        path.write_text(json.dumps(config))
-        self.log = open(tmp / "orthanc.log", "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen([program, str(path)], stdout=self.log, stderr=subprocess.STDOUT)
-        wait_until(self._up, 60, "Orthanc REST API", interval=0.2)
-
-    def _up(self) -> bool:
-        if self.proc.poll() is not None:
-            raise AssertionError(f"Orthanc exited with {self.proc.returncode}")
-        try:
-            return bool(self.request("GET", "/system"))
-        except OSError:
-            return False
-
-    def request(self, method: str, path: str, body: bytes | None = None, auth: bool = True) -> Any:
-        """A REST call with the stack's credentials."""
-        req = urllib.request.Request(f"http://127.0.0.1:{self.http}{path}", data=body, method=method)
-        if auth:
-            token = base64.b64encode(f"{self.user}:{self.password}".encode()).decode()
-            req.add_header("Authorization", f"Basic {token}")
-        with urllib.request.urlopen(req, timeout=120) as rsp:
-            return json.loads(rsp.read())
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
-        self.log.close()
-
-
 @pytest.fixture()
-def stack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[ComposeOrthanc, NodeService]]:
+def stack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Orthanc, NodeService]]:
     """Orthanc and the node, each with the compose stack's configuration."""
     node_port, metrics_port = free_port(), free_port()
-    orthanc = ComposeOrthanc(tmp_path, node_port)
+    # The image turns ORTHANC__REGISTERED_USERS into RegisteredUsers; do the same here.
+    users = json.loads(defaults(compose_service("orthanc")["environment"]["ORTHANC__REGISTERED_USERS"]))
+    orthanc = Orthanc(
+        tmp_path / "orthanc",
+        node_port,
+        base_config=json.loads((COMPOSE / "orthanc.json").read_text(encoding="utf-8")),
+        users=users,
+    )
     # The compose node.toml, with the Docker network's names and ports replaced by loopback ones.
     raw = tomllib.loads((COMPOSE / "node.toml").read_text(encoding="utf-8"))
     [dest] = raw["destinations"]
@@ -142,7 +95,7 @@ def stack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Com
 
 
 def test_compose_walkthrough_study_in_seg_back(
-    stack: tuple[ComposeOrthanc, NodeService], tmp_path: Path
+    stack: tuple[Orthanc, NodeService], tmp_path: Path
 ) -> None:
     orthanc, _node = stack
     # The stack's Orthanc refuses REST calls without its credentials.

@@ -24,7 +24,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import write_model_dir
-from tests.helpers.peers import REPO, free_port
+from tests.helpers.peers import REPO
+from tests.helpers.ports import free_port
 
 DOCKER = REPO / "deploy" / "docker"
 DOCKERFILES = sorted(DOCKER.glob("*.Dockerfile"))

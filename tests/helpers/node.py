@@ -1,4 +1,8 @@
-"""Helpers for the node tests: a tiny real OpenVINO model, a catching storage SCP, node settings."""
+"""The node in-process: a tiny real OpenVINO model and its installation, settings for a node on
+loopback, a started node (``running_node``), and a catching storage SCP as its destination.
+
+(tests/helpers/served.py runs ``segnode serve`` in a subprocess instead.)
+"""
 
 from __future__ import annotations
 
@@ -204,14 +208,3 @@ def node_settings(
     settings.destinations = destinations or []
     return settings
 
-
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
-    """Poll ``predicate`` until truthy (returns its value); AssertionError naming ``what`` on timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)

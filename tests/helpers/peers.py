@@ -1,10 +1,10 @@
-"""Helpers for tests that need real peer programs, shared data, or free loopback ports."""
+"""Peers a test needs (programs, shared data): skip with the reason when one is missing, or fail under
+SEGNODE_REQUIRE_PEERS=1."""
 
 from __future__ import annotations
 
 import os
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
@@ -41,9 +41,3 @@ def require_shared(*parts: str) -> Path:
         missing(f"shared data {path} is absent")
     return path
 
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])

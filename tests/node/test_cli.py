@@ -19,7 +19,8 @@ from db.transactions import utcnow
 from node.cli import COMMANDS, main
 from node.cli.lazy import importable
 from tests.helpers.node import CatchingSCP, make_threshold_model
-from tests.helpers.peers import REPO, free_port
+from tests.helpers.peers import REPO
+from tests.helpers.ports import free_port
 
 
 def run_cli(

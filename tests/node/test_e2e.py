@@ -26,8 +26,10 @@ from db.transactions import utcnow
 from node.config import Destination
 from node.sender import store_files
 from node.service import NodeService
-from tests.helpers.node import CatchingSCP, install_model, make_threshold_model, node_settings, wait_until
-from tests.helpers.peers import free_port, require_program
+from tests.helpers.node import CatchingSCP, install_model, make_threshold_model, node_settings
+from tests.helpers.peers import require_program
+from tests.helpers.ports import free_port
+from tests.helpers.waiting import wait_until
 
 SHAPE = (64, 64, 24)
 

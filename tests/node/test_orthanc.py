@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -16,65 +12,16 @@ from converters.synthetic import make_synthetic_case
 from db import job_queue, send_queue
 from node.config import Destination
 from node.service import NodeService
-from tests.helpers.node import install_model, make_threshold_model, node_settings, wait_until
-from tests.helpers.peers import free_port, require_program
-
-
-class Orthanc:
-    """An Orthanc server on loopback with its storage in a temp dir."""
-
-    def __init__(self, tmp: Path, node_port: int) -> None:
-        program = require_program("Orthanc", "/usr/sbin")
-        self.http, self.dicom = free_port(), free_port()
-        config = {
-            "Name": "segnode-test",
-            "StorageDirectory": str(tmp / "storage"),
-            "IndexDirectory": str(tmp / "index"),
-            "HttpPort": self.http,
-            "DicomPort": self.dicom,
-            "DicomAet": "ORTHANC",
-            "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
-            "DicomModalities": {"segnode": ["SEGNODE", "127.0.0.1", node_port]},
-            "Plugins": [],
-        }
-        path = tmp / "orthanc.json"
-        path.write_text(json.dumps(config))
-        self.log = open(tmp / "orthanc.log", "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen([program, str(path)], stdout=self.log, stderr=subprocess.STDOUT)
-        wait_until(self._up, 60, "Orthanc REST API", interval=0.2)
-
-    def _up(self) -> bool:
-        if self.proc.poll() is not None:
-            raise AssertionError(f"Orthanc exited with {self.proc.returncode}")
-        try:
-            return bool(self.get("/system"))
-        except OSError:
-            return False
-
-    def get(self, path: str) -> Any:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.http}{path}", timeout=10) as rsp:
-            return json.loads(rsp.read())
-
-    def post(self, path: str, body: bytes) -> Any:
-        request = urllib.request.Request(f"http://127.0.0.1:{self.http}{path}", data=body, method="POST")
-        with urllib.request.urlopen(request, timeout=120) as rsp:
-            return json.loads(rsp.read())
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
-        self.log.close()
+from tests.helpers.node import install_model, make_threshold_model, node_settings
+from tests.helpers.orthanc import Orthanc
+from tests.helpers.ports import free_port
+from tests.helpers.waiting import wait_until
 
 
 @pytest.fixture()
 def orthanc_and_node(tmp_path: Path) -> Iterator[tuple[Orthanc, NodeService]]:
     node_port = free_port()
-    orthanc = Orthanc(tmp_path, node_port)
+    orthanc = Orthanc(tmp_path / "orthanc", node_port)
     case_spacing = make_synthetic_case(11, (64, 64, 24)).spacing
     settings = node_settings(
         tmp_path, node_port, [Destination("orthanc", "ORTHANC", "127.0.0.1", orthanc.dicom)]

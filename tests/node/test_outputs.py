@@ -6,9 +6,7 @@ from __future__ import annotations
 import copy
 import io
 import json
-import os
 import subprocess
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -39,8 +37,11 @@ from node.seg import build_seg
 from node.selection import SeriesSelector, series_info
 from node.sender import store_files
 from node.spool import spool_path
-from tests.helpers.node import CatchingSCP, make_threshold_model, node_settings, running_node, wait_until
-from tests.helpers.peers import REPO, free_port, require_program
+from tests.helpers.node import CatchingSCP, make_threshold_model, node_settings, running_node
+from tests.helpers.peers import require_program
+from tests.helpers.ports import free_port
+from tests.helpers.served import run_serve
+from tests.helpers.waiting import wait_until
 from trainer.card import TASK_LABELS
 
 ENHANCED_MR = UID("1.2.840.10008.5.1.4.1.1.4.1")
@@ -50,21 +51,6 @@ MR_IMAGE = UID("1.2.840.10008.5.1.4.1.1.4")
 
 
 # --- 1. inference device: an absent one is a start-up error -------------------------------------------
-
-
-def _serve(config: Path, home: Path, *extra: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("SEGNODE_CONFIG", "SEGNODE_DATABASE_URL")}
-    env["SEGNODE_HOME"] = str(home)
-    env["COLUMNS"] = "300"
-    return subprocess.run(
-        [sys.executable, "-m", "node", *extra, "serve", "--config", str(config)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
 
 
 def test_serve_refuses_an_absent_inference_device(tmp_path: Path) -> None:
@@ -81,7 +67,7 @@ def test_serve_refuses_an_absent_inference_device(tmp_path: Path) -> None:
         f'[node]\nhost = "127.0.0.1"\nport = {port}\ninference_device = "NPU"\n\n'
         f'[database]\nurl = "sqlite:///{tmp_path / "node.db"}"\n\n[metrics]\nport = 0\n'
     )
-    run = _serve(config, tmp_path / "var")
+    run = run_serve(config, tmp_path / "var")
     assert run.returncode == 2, run.stdout + run.stderr
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1, run.stderr
@@ -95,7 +81,7 @@ def test_serve_refuses_an_absent_inference_device(tmp_path: Path) -> None:
     assert not (tmp_path / "node.db").exists()
     assert not list((tmp_path / "var").rglob("*.db"))
 
-    debug = _serve(config, tmp_path / "var", "--debug")
+    debug = run_serve(config, tmp_path / "var", "--debug")
     assert debug.returncode != 0
     assert "Traceback" in debug.stderr
     assert "node.exceptions.ModelLoadError: node.inference_device 'NPU' is not available" in debug.stderr

@@ -3,18 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import highdicom as hd
 import numpy as np
 import pytest
-from pynetdicom import AE
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from converters.dicom_series import load_series
 from converters.dicom_writer import write_study
@@ -23,66 +17,13 @@ from converters.reorient import ras_to_volume
 from db import job_queue, send_queue
 from db.registry import open_registry
 from db.session import make_engine, make_session_factory
+from node.config import Destination
 from node.sender import store_files
-from tests.helpers.node import CatchingSCP, install_model, make_threshold_model, wait_until
-from tests.helpers.peers import REPO, free_port, require_shared
-
-SEGNODE = [sys.executable, "-m", "node"]
-
-
-def _echo_ok(port: int) -> bool:
-    ae = AE(ae_title="PROBE")
-    ae.add_requested_context(Verification)
-    assoc = ae.associate("127.0.0.1", port, ae_title="SEGNODE")
-    if not assoc.is_established:
-        return False
-    status = assoc.send_c_echo()
-    assoc.release()
-    return bool(status and status.Status == 0)
-
-
-class Served:
-    """``segnode serve`` in a subprocess."""
-
-    def __init__(self, config: Path, home: Path, log: Path) -> None:
-        self.config, self.home, self.log = config, home, log
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, port: int) -> None:
-        env = {**os.environ, "SEGNODE_HOME": str(self.home), "PYTHONPATH": str(REPO)}
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                [*SEGNODE, "-v", "serve", "--config", str(self.config)],
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=REPO,
-            )
-        wait_until(
-            lambda: self._alive() and _echo_ok(port), 60, f"segnode serve on port {port}", interval=0.2
-        )
-
-    def _alive(self) -> bool:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            raise AssertionError(
-                f"segnode serve exited {self.proc.returncode}: {self.log.read_text()[-2000:]}"
-            )
-        return True
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+from tests.helpers.node import CatchingSCP, install_model, make_threshold_model
+from tests.helpers.peers import require_shared
+from tests.helpers.ports import free_port
+from tests.helpers.served import ServedNode, node_toml
+from tests.helpers.waiting import wait_until
 
 
 @pytest.fixture()
@@ -101,17 +42,11 @@ def test_sigkill_mid_job_then_restart_delivers_seg_exactly_once(tmp_path: Path, 
     url = f"sqlite:///{tmp_path / 'node.db'}"
     install_model(open_registry(url), model_dir)
     port = free_port()
-    config = tmp_path / "node.toml"
-    config.write_text(
-        f'[node]\nport = {port}\nspool_dir = "{tmp_path / "spool"}"\nstudy_idle_seconds = 0.3\n'
-        f"poll_seconds = 0.05\nmin_free_disk_mb = 1\nsend_retry_base_seconds = 0.2\n"
-        f'[database]\nurl = "{url}"\n[metrics]\nport = 0\n'
-        f'[[destinations]]\nname = "pacs"\nae_title = "CATCHER"\nhost = "127.0.0.1"\nport = {catcher.port}\n'
-    )
+    config = node_toml(tmp_path, port, url, [Destination("pacs", "CATCHER", "127.0.0.1", catcher.port)])
     sf = make_session_factory(make_engine(url))
-    served = Served(config, tmp_path / "var", tmp_path / "serve.log")
+    served = ServedNode(config, tmp_path / "var", tmp_path / "serve.log", port)
     try:
-        served.start(port)
+        served.start()
         results = store_files(study.files["FLAIR"], "127.0.0.1", port, "SEGNODE", "PACS")
         assert {s for _, s, _ in results} == {0}
         job = wait_until(
@@ -125,7 +60,7 @@ def test_sigkill_mid_job_then_restart_delivers_seg_exactly_once(tmp_path: Path, 
         assert killed.status == "running", f"the job ended before the kill: {killed.status}"
         assert catcher.received == []
 
-        served.start(port)
+        served.start()
         catcher.wait_for(lambda r: len(r) >= 2, 120)
         wait_until(
             lambda: send_queue.pending_send_count(sf) == 0 and job_queue.get_job(sf, job.id).status == "done",

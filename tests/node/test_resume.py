@@ -34,16 +34,10 @@ from node.config import Destination
 from node.exceptions import SpoolError
 from node.sender import store_files
 from node.service import NodeService
-from tests.helpers.node import (
-    CatchingSCP,
-    install_model,
-    make_threshold_model,
-    node_settings,
-    running_node,
-    wait_until,
-)
-from tests.helpers.peers import free_port
-from tests.helpers.world import ServedNode
+from tests.helpers.node import CatchingSCP, install_model, make_threshold_model, node_settings, running_node
+from tests.helpers.ports import free_port
+from tests.helpers.served import ServedNode, node_toml
+from tests.helpers.waiting import wait_until
 
 SHAPE = (64, 64, 16)
 
@@ -153,22 +147,6 @@ def test_a_study_whose_spool_writes_all_failed_gets_no_job(
 # -- subprocess nodes: `segnode serve` stopped and started on one database and spool ----------------
 
 
-def _serve_config(
-    tmp: Path, port: int, url: str, destination: Destination, *, idle: float, retry: float
-) -> Path:
-    path = tmp / "node.toml"
-    path.write_text(
-        "[node]\n"
-        f'port = {port}\nhost = "127.0.0.1"\nspool_dir = "{tmp / "spool"}"\n'
-        f"study_idle_seconds = {idle}\npoll_seconds = 0.05\nmin_free_disk_mb = 1\n"
-        f"send_retry_base_seconds = {retry}\nsend_retry_max_seconds = {4 * retry}\n"
-        f'[database]\nurl = "{url}"\n[metrics]\nport = 0\n'
-        f'[[destinations]]\nname = "{destination.name}"\nae_title = "{destination.ae_title}"\n'
-        f'host = "{destination.host}"\nport = {destination.port}\n'
-    )
-    return path
-
-
 @dataclass
 class Served:
     """A ``segnode serve`` subprocess and the database it shares with its restarts."""
@@ -188,7 +166,7 @@ def _served(tmp: Path, model_dir: Path, destination: Destination, *, idle: float
     url = f"sqlite:///{tmp / 'node.db'}"
     install_model(open_registry(url), model_dir)
     port = free_port()
-    config = _serve_config(tmp, port, url, destination, idle=idle, retry=retry)
+    config = node_toml(tmp, port, url, [destination], idle=idle, retry_base=retry, retry_max=4 * retry)
     node = ServedNode(config, tmp / "var", tmp / "serve.log", port)
     return Served(node, make_session_factory(make_engine(url)))
 

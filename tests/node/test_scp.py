@@ -29,8 +29,10 @@ from node.config import NodeSettings
 from node.metrics import NodeMetrics
 from node.scp import StorageSCP
 from node.spool import spool_path
+from tests.helpers.certs import issue_cert, make_ca
 from tests.helpers.node import node_settings
-from tests.helpers.peers import free_port, require_program
+from tests.helpers.peers import require_program
+from tests.helpers.ports import free_port
 
 
 @pytest.fixture(scope="module")
@@ -239,35 +241,12 @@ def test_database_failure_returns_out_of_resources(running: Running, mr_files: l
 
 
 def test_tls_receive_and_plain_tcp_refused(tmp_path: Path, mr_files: list[Path]) -> None:
-    import subprocess
-
     from node.config import TLSSettings
     from node.sender import client_tls_context, store_files
 
-    openssl = require_program("openssl")
-    cert, key = tmp_path / "node.crt", tmp_path / "node.key"
-    subprocess.run(
-        [
-            openssl,
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=segnode-test",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],
-        capture_output=True,
-        check=True,
-        timeout=60,
-    )
-    tls = TLSSettings(enabled=True, cert=str(cert), key=str(key), ca=str(cert))
+    ca = make_ca(tmp_path, "segnode-test")
+    cert, key = issue_cert(ca, tmp_path, "node")
+    tls = TLSSettings(enabled=True, cert=str(cert), key=str(key), ca=str(ca[0]))
     settings = node_settings(tmp_path, free_port())
     upgrade(settings.database.url)
     sf = make_session_factory(make_engine(settings.database.url))

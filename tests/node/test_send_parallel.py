@@ -26,8 +26,9 @@ from node.config import Destination
 from node.metrics import NodeMetrics
 from node.sender import Sender, store_files
 from node.service import NodeService
-from tests.helpers.node import CatchingSCP, make_threshold_model, node_settings, running_node, wait_until
-from tests.helpers.peers import free_port
+from tests.helpers.node import CatchingSCP, make_threshold_model, node_settings, running_node
+from tests.helpers.ports import free_port, silent_listener
+from tests.helpers.waiting import wait_until
 
 SHAPE = (64, 64, 24)
 
@@ -59,9 +60,7 @@ class Env:
 
 @pytest.fixture()
 def env(tmp_path: Path, model_dir: Path) -> Iterator[Env]:
-    hole = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    hole.bind(("127.0.0.1", 0))
-    hole.listen(16)  # the kernel completes the handshakes; nobody ever accepts or reads
+    hole = silent_listener()  # the kernel completes the handshakes; nobody ever accepts or reads
     catcher = CatchingSCP().start(free_port())
     # The blackhole first: its sends come first in every job, so a sender that delivers destination
     # after destination in one thread makes the healthy one wait for the blackhole's timeout.

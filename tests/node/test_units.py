@@ -295,11 +295,9 @@ def test_port_in_use_is_a_one_line_error(tmp_path: Path) -> None:
     from node.exceptions import NodeError
     from node.scp import StorageSCP
     from tests.helpers.node import node_settings
-    from tests.helpers.peers import free_port
+    from tests.helpers.ports import silent_listener
 
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", free_port()))
-        busy.listen()
+    with silent_listener() as busy:
         port = busy.getsockname()[1]
         settings = node_settings(tmp_path, port)
         upgrade(settings.database.url)

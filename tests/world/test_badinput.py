@@ -33,9 +33,11 @@ from db.node_tables import NodeInstance
 from node import dimse
 from node.config import Destination
 from node.service import NodeService
-from tests.helpers.node import CatchingSCP, install_model, make_threshold_model, node_settings, wait_until
-from tests.helpers.peers import free_port, require_program
-from tests.helpers.world import run_tool, storescu
+from tests.helpers.dcmtk import run_tool, storescu
+from tests.helpers.node import CatchingSCP, install_model, make_threshold_model, node_settings
+from tests.helpers.peers import require_program
+from tests.helpers.ports import free_port
+from tests.helpers.waiting import wait_until
 
 SHAPE = (48, 48, 16)
 
@@ -395,7 +397,7 @@ def test_a_pdu_header_announcing_bytes_never_sent_does_not_hold_a_slot(tmp_path:
                 pass
             held = time.monotonic() - start
         assert held < 5, f"the junk connection was held {held:.1f} s"
-        from tests.helpers.world import echo_ok
+        from tests.helpers.served import echo_ok
 
         # max_associations is 1: an echo works once the junk's slot is free again.
         wait_until(lambda: echo_ok(scp.port), 10, "the slot freed")

@@ -24,9 +24,11 @@ from converters.dicom_writer import write_study
 from converters.synthetic import make_synthetic_case
 from db import job_queue, send_queue
 from node.service import NodeService
-from tests.helpers.node import install_model, make_threshold_model, node_settings, wait_until
-from tests.helpers.peers import free_port, require_program, require_shared
-from tests.helpers.world import DcmtkStoreSCP, run_tool, storescu
+from tests.helpers.dcmtk import DcmtkStoreSCP, run_tool, storescu
+from tests.helpers.node import install_model, make_threshold_model, node_settings
+from tests.helpers.peers import require_program, require_shared
+from tests.helpers.ports import free_port
+from tests.helpers.waiting import wait_until
 
 SHAPE = (64, 64, 20)
 

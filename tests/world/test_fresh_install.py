@@ -21,9 +21,11 @@ from converters.nifti import load_case
 from db.registry import Registry
 from db.session import make_engine, make_session_factory
 from node.bootstrap import SHIPPED_MODEL_DIR
-from tests.helpers.node import wait_until
-from tests.helpers.peers import REPO, free_port
-from tests.helpers.world import DcmtkStoreSCP, ServedNode, node_toml, storescu
+from tests.helpers.dcmtk import DcmtkStoreSCP, storescu
+from tests.helpers.peers import REPO
+from tests.helpers.ports import free_port
+from tests.helpers.served import ServedNode, node_toml
+from tests.helpers.waiting import wait_until
 
 DEMO_CASE = REPO / "models" / "demo_case" / "BraTS2021_00003"
 

@@ -20,9 +20,10 @@ from db import instances, job_queue, send_queue
 from db.transactions import utcnow
 from node.config import Destination
 from node.service import NodeService
-from tests.helpers.node import CatchingSCP, install_model, make_threshold_model, node_settings, wait_until
-from tests.helpers.peers import free_port
-from tests.helpers.world import storescu
+from tests.helpers.dcmtk import storescu
+from tests.helpers.node import CatchingSCP, install_model, make_threshold_model, node_settings
+from tests.helpers.ports import free_port
+from tests.helpers.waiting import wait_until
 
 SHAPE = (48, 48, 40)
 STUDIES = 8

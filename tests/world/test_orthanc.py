@@ -7,7 +7,6 @@ node/test_orthanc.py shows the basic push-and-return; this adds the references a
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,9 +18,10 @@ from converters.synthetic import make_synthetic_case
 from db import instances, job_queue, send_queue
 from node.config import Destination
 from node.service import NodeService
-from tests.helpers.node import install_model, make_threshold_model, node_settings, wait_until
-from tests.helpers.peers import free_port
-from tests.node.test_orthanc import Orthanc
+from tests.helpers.node import install_model, make_threshold_model, node_settings
+from tests.helpers.orthanc import Orthanc
+from tests.helpers.ports import free_port
+from tests.helpers.waiting import holds_for, wait_until
 
 SHAPE = (48, 48, 16)
 
@@ -29,7 +29,7 @@ SHAPE = (48, 48, 16)
 @pytest.fixture()
 def pacs(tmp_path: Path) -> Iterator[tuple[Orthanc, NodeService]]:
     node_port = free_port()
-    orthanc = Orthanc(tmp_path, node_port)
+    orthanc = Orthanc(tmp_path / "orthanc", node_port)
     case = make_synthetic_case(17, SHAPE)
     settings = node_settings(
         tmp_path, node_port, [Destination("orthanc", "ORTHANC", "127.0.0.1", orthanc.dicom)]
@@ -63,10 +63,7 @@ def test_orthanc_study_gets_seg_and_sr_with_references_and_no_loop(
     orthanc.post("/modalities/segnode/store", orthanc_study.encode())
 
     def by_modality() -> dict[str, list[dict[str, Any]]]:
-        out: dict[str, list[dict[str, Any]]] = {}
-        for series in orthanc.get(f"/studies/{orthanc_study}/series"):
-            out.setdefault(series["MainDicomTags"].get("Modality", ""), []).append(series)
-        return out
+        return orthanc.series_by_modality(orthanc_study)
 
     wait_until(lambda: {"SEG", "SR"} <= set(by_modality()), 60, "SEG and SR stored in Orthanc")
     series = by_modality()
@@ -101,8 +98,8 @@ def test_orthanc_study_gets_seg_and_sr_with_references_and_no_loop(
     counts = instances.instance_counts(node.sf)
     assert counts["kept"] == kept_before == 4 * SHAPE[2]
     assert counts["ignored"] == 2
-    deadline = time.monotonic() + 2 * node.settings.node.study_idle_seconds + 1.0
-    while time.monotonic() < deadline:  # give a (wrong) second run every chance to start
+    def one_job() -> None:
         assert len(job_queue.list_jobs(node.sf)) == 1
-        time.sleep(0.1)
+
+    holds_for(one_job, 2 * node.settings.node.study_idle_seconds + 1.0)  # every chance for a (wrong) rerun
     assert len(by_modality()["SEG"]) == 1

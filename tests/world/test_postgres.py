@@ -21,9 +21,12 @@ from db.registry import open_registry
 from db.session import make_engine, make_session_factory
 from node.config import Destination
 from node.service import NodeService
-from tests.helpers.node import CatchingSCP, install_model, make_threshold_model, node_settings, wait_until
-from tests.helpers.peers import free_port
-from tests.helpers.world import DcmtkStoreSCP, PostgresCluster, ServedNode, node_toml, storescu
+from tests.helpers.dcmtk import DcmtkStoreSCP, storescu
+from tests.helpers.node import CatchingSCP, install_model, make_threshold_model, node_settings
+from tests.helpers.ports import free_port
+from tests.helpers.postgres import PostgresCluster
+from tests.helpers.served import ServedNode, node_toml
+from tests.helpers.waiting import wait_until
 
 pytestmark = pytest.mark.postgres
 

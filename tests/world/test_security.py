@@ -22,9 +22,12 @@ from node.metrics import NodeMetrics
 from node.scp import StorageSCP
 from node.sender import store_files
 from node.service import NodeService
-from tests.helpers.node import install_model, make_threshold_model, node_settings, wait_until
-from tests.helpers.peers import free_port
-from tests.helpers.world import DcmtkStoreSCP, ServedNode, issue_cert, make_ca, node_toml, storescu
+from tests.helpers.certs import issue_cert, make_ca
+from tests.helpers.dcmtk import DcmtkStoreSCP, storescu
+from tests.helpers.node import install_model, make_threshold_model, node_settings
+from tests.helpers.ports import free_port
+from tests.helpers.served import ServedNode, node_toml
+from tests.helpers.waiting import wait_until
 
 SHAPE = (48, 48, 12)
 PATIENT = SyntheticPatient(
