@@ -216,7 +216,7 @@ def evaluate(
     if record:
         if not model.is_dir():
             raise TrainerError(f"--record needs a model directory, not {model}")
-        from trainer.card import record_evaluation
+        from db.card import record_evaluation
 
         record_evaluation(model, result, record, str(data))
         console.print(f"recorded the {record} evaluation in {model / 'model.json'}")

@@ -30,6 +30,7 @@ from converters.dicom_series import load_series
 from converters.dicom_writer import write_study
 from converters.reorient import ras_to_volume
 from converters.synthetic import make_synthetic_case
+from db.card import TASK_LABELS
 from db.node_tables import NodeInstance
 from node import dimse, store
 from node.config import Destination
@@ -40,7 +41,6 @@ from node.sender import store_files
 from node.spool import spool_path
 from tests.helpers.node import CatchingSCP, make_threshold_model, node_settings, running_node, wait_until
 from tests.helpers.peers import REPO, free_port, require_program
-from trainer.card import TASK_LABELS
 
 ENHANCED_MR = UID("1.2.840.10008.5.1.4.1.1.4.1")
 MR_IMAGE = UID("1.2.840.10008.5.1.4.1.1.4")
@@ -557,7 +557,7 @@ def test_genuine_enhanced_mr_is_kept_and_segmented(
     """Over a real association to a running node: the Enhanced MR object is spooled and recorded as
     kept, selected as the FLAIR (TE, TI and inversion recovery from its MR functional groups), and the
     returned SEG references it frame by frame with the mask of the single-frame path."""
-    from trainer.inference import OpenVINOSegmenter
+    from node.segmenter import OpenVINOSegmenter
 
     case, files, path = enhanced_study
     model_dir = make_threshold_model(tmp_path / "model", crop=ENHANCED_SHAPE[:2], spacing=case.spacing)
