@@ -225,8 +225,8 @@ def make_predictor(engine: str, model_dir: Path) -> tuple[Predict, str]:
     if engine == "onnxruntime":
         return ort_predictor(model_dir / "model.onnx"), "f32"
     if engine == "node":
-        from trainer.card import load_card
-        from trainer.inference import OpenVINOSegmenter
+        from db.card import load_card
+        from node.segmenter import OpenVINOSegmenter
 
         segmenter = OpenVINOSegmenter(load_card(model_dir), model_dir / "model_int8.xml")
         return segmenter.predict, f"int8 (static batch {segmenter.batch_size}, partial batches padded)"
@@ -283,8 +283,8 @@ def load_cases(data_dir: Path, card: dict[str, Any], limit: int | None = None) -
 def measure_engine(engine: str, model_dir: Path, data_dir: Path, *, batches: Sequence[int] = BATCHES,
                    min_seconds: float = 2.0, case_limit: int | None = None) -> dict[str, Any]:
     """Every figure of one engine (see the module docstring); run in a process of its own."""
-    from trainer.card import load_card
-    from trainer.inference import segment_prepared
+    from converters.prediction import segment_prepared
+    from db.card import load_card
     from trainer.metrics import dice
 
     card = load_card(model_dir)
@@ -533,7 +533,7 @@ def main() -> int:
         result = measure_engine(args.child, args.model, args.data, min_seconds=seconds, case_limit=limit)
         print(json.dumps(result))
         return 0
-    from trainer.card import load_card
+    from db.card import load_card
 
     card = load_card(args.model)
     rows = []

@@ -13,3 +13,11 @@ class InvalidCaseError(ConverterError):
 
 class InvalidSeriesError(ConverterError):
     """A DICOM series cannot be assembled into a volume (mixed sizes, gaps, missing pixels...)."""
+
+
+class ModelCardError(ConverterError):
+    """A model card (model.json) is missing a key or holds a bad value (task, modalities, output...)."""
+
+
+class PredictionError(ConverterError):
+    """Slices cannot go through a slice predictor (bad batch size, network output of the wrong shape)."""

@@ -41,8 +41,7 @@ from sqlalchemy import CursorResult, Engine, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
-from db.card import CARD_NAME, ModelDir, read_model_dir
-from db.checksums import FileCheck, check_file, sha256_file
+from db.card import CARD_NAME, FileCheck, ModelDir, check_file, read_model_dir, sha256_file
 from db.exceptions import (
     ConcurrentPromotionError,
     DatabaseUnavailableError,
@@ -177,7 +176,7 @@ class EventInfo:
 
 @dataclass(frozen=True)
 class VerifyReport:
-    """The result of :meth:`Registry.verify`: one :class:`~db.checksums.FileCheck` per file."""
+    """The result of :meth:`Registry.verify`: one :class:`~db.card.FileCheck` per file."""
 
     model_id: int
     files: tuple[FileCheck, ...]

@@ -23,6 +23,7 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from converters.exceptions import ConverterError
+from converters.preprocess import Prepared
 from converters.volume import Volume
 from db import job_queue
 from db.job_queue import OutputObject
@@ -113,12 +114,14 @@ def assemble(chosen: Mapping[str, SeriesInfo], modalities: Sequence[str]) -> Ass
     return Assembled(reference=reference, sources=sources, images=images, affine=affine)
 
 
-def preprocess(model: LoadedModel, assembled: Assembled) -> Any:
-    """The network slices of the assembled volumes (``converters.preprocess.Prepared``)."""
+def preprocess(model: LoadedModel, assembled: Assembled) -> Prepared:
+    """The network slices of the assembled volumes."""
     return model.segmenter.prepare(assembled.images, assembled.affine)
 
 
-def segment(model: LoadedModel, assembled: Assembled, prepared: Any = None) -> npt.NDArray[np.uint8]:
+def segment(
+    model: LoadedModel, assembled: Assembled, prepared: Prepared | None = None
+) -> npt.NDArray[np.uint8]:
     """Run the model and map its label map back onto the reference series' (slice, row, column) grid.
 
     ``prepared``: the output of :func:`preprocess` (computed here when None).

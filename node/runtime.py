@@ -8,7 +8,6 @@ keeps serving.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
@@ -16,8 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from db.card import check_file, sha256_file
 from db.registry import ModelInfo, Registry
 from node.exceptions import ModelLoadError
+from node.segmenter import DEFAULT_BATCH, OpenVINOSegmenter
 
 logger = logging.getLogger(__name__)
 
@@ -51,23 +52,18 @@ def check_device(device: str, available: list[str] | None = None) -> str:
     )
 
 
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def verify_files(info: ModelInfo) -> None:
-    """Raise :class:`ModelLoadError` naming the first missing or tampered file of ``info``."""
+    """Raise :class:`ModelLoadError` naming the first missing or tampered file of ``info``.
+
+    Each file is checked against its recorded size and sha256 (:func:`db.card.check_file`).
+    """
     for f in info.files:
         path = Path(f.path)
-        if not path.is_file():
+        check = check_file(path, f.sha256, f.size)
+        if check.status == "missing":
             raise ModelLoadError(f"model {info.label}: file {path} is missing; not loaded")
-        actual = sha256_file(path)
-        if actual != f.sha256:
+        if not check.ok:
+            actual = check.actual_sha256 or sha256_file(path)  # None when the size already differed
             raise ModelLoadError(
                 f"model {info.label}: file {path} sha256 {actual[:12]}... does not match the recorded "
                 f"{f.sha256[:12]}... (tampered or corrupt); not loaded"
@@ -80,7 +76,7 @@ class LoadedModel:
 
     info: ModelInfo
     card: dict[str, Any]
-    segmenter: Any  # trainer.inference.OpenVINOSegmenter
+    segmenter: OpenVINOSegmenter
     #: One inference at a time per compiled model (its default infer request is not thread-safe).
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -102,10 +98,12 @@ class ModelRuntime:
     device:
         OpenVINO device, checked with :func:`check_device` at construction.
     batch_size:
-        Slices per OpenVINO request, a static batch (``trainer.inference.OpenVINOSegmenter``).
+        Slices per OpenVINO request, a static batch (:class:`node.segmenter.OpenVINOSegmenter`).
     """
 
-    def __init__(self, registry: Registry, task: str, device: str = "CPU", batch_size: int = 8) -> None:
+    def __init__(
+        self, registry: Registry, task: str, device: str = "CPU", batch_size: int = DEFAULT_BATCH
+    ) -> None:
         self.registry = registry
         self.task = task
         self.device = check_device(device)
@@ -123,8 +121,6 @@ class ModelRuntime:
 
     def load(self, info: ModelInfo) -> LoadedModel:
         """Verify and compile ``info``; raises :class:`ModelLoadError`."""
-        from trainer.inference import OpenVINOSegmenter
-
         verify_files(info)
         if not info.card:
             raise ModelLoadError(f"model {info.label} has no model card; not loaded")

@@ -20,7 +20,7 @@ from rich.console import Console
 from db.cli import CONFIG_OPTION
 
 if TYPE_CHECKING:
-    from trainer.evaluate import LoadedModel
+    from trainer.evaluate import CardPredictor
 
 console = Console()
 
@@ -205,7 +205,7 @@ def _kind_of_path(path: Path) -> str:
     return "checkpoint" if suffix == ".pt" else "onnx" if suffix == ".onnx" else "ir"
 
 
-def _load_registered(model_id: int, config: Path | None, device: str) -> tuple[LoadedModel, Any]:
+def _load_registered(model_id: int, config: Path | None, device: str) -> tuple[CardPredictor, Any]:
     """The registered model ``model_id``, its files checked against their recorded checksums."""
     from db.exceptions import ChecksumMismatch
     from db.registry import open_registry
@@ -292,7 +292,7 @@ def evaluate(
     elif record:
         if not path.is_dir():
             raise TrainerError(f"--record needs a model directory or a model id, not {path}")
-        from trainer.card import record_evaluation
+        from db.card import record_evaluation
 
         record_evaluation(path, result, record, str(data))
         console.print(f"recorded the {record} evaluation in {path / 'model.json'}")

@@ -1,8 +1,8 @@
 """Per-case 3D evaluation of any form of a model: checkpoint, ONNX, OpenVINO IR, or a model directory.
 
-Every form goes through the same :func:`trainer.inference.segment_volume` (the node's
-preprocessing and restore), so the figures of a checkpoint, its ONNX export and its FP32/INT8 IR
-are comparable case by case.
+Every form goes through the same :func:`converters.prediction.segment_volume` (the node's
+preprocessing and restore) with a predictor of :mod:`trainer.predictors`, so the figures of a
+checkpoint, its ONNX export and its FP32/INT8 IR are comparable case by case.
 """
 
 from __future__ import annotations
@@ -14,21 +14,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import numpy.typing as npt
-
 from converters.exceptions import ConverterError
-from trainer.card import ir_xml, load_card
+from converters.prediction import SlicePredictor, segment_volume
+from db.card import ir_xml, load_card
 from trainer.exceptions import TrainerError
-from trainer.inference import OpenVINOSegmenter, SlicePredictor, segment_volume
 from trainer.metrics import METRIC_NAMES, case_metrics, mean_metrics
+from trainer.predictors import onnx_predictor, openvino_predictor, torch_predictor
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class LoadedModel:
-    """A model ready to predict slices, with its card and a description for reports."""
+class CardPredictor:
+    """A model opened for evaluation: its slice predictor, its card and a description for reports."""
 
     card: dict[str, Any]
     predict: SlicePredictor
@@ -36,22 +34,7 @@ class LoadedModel:
     precision: str
 
 
-def onnx_predictor(path: Path) -> SlicePredictor:
-    """A slice predictor running an ONNX file with ONNX Runtime on the CPU."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-
-    def predict(batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-        return np.asarray(session.run(None, {name: np.ascontiguousarray(batch, dtype=np.float32)})[0])
-
-    return predict
-
-
-def load_model(path: Path, precision: str = "int8", device: str = "CPU") -> LoadedModel:
+def load_model(path: Path, precision: str = "int8", device: str = "CPU") -> CardPredictor:
     """Open a model for evaluation.
 
     Parameters
@@ -80,13 +63,13 @@ def load_model(path: Path, precision: str = "int8", device: str = "CPU") -> Load
     suffix = path.suffix.lower()
     if suffix == ".pt":
         from trainer.checkpoint import load_checkpoint, model_from_checkpoint
-        from trainer.train import torch_predictor
 
         state = load_checkpoint(path)
         model = model_from_checkpoint(state)
-        return LoadedModel(dict(state["card"]), torch_predictor(model), f"PyTorch checkpoint {path}", "fp32")
+        predict = torch_predictor(model)
+        return CardPredictor(dict(state["card"]), predict, f"PyTorch checkpoint {path}", "fp32")
     if suffix == ".onnx":
-        return LoadedModel(load_card(path.parent), onnx_predictor(path), f"ONNX {path}", "fp32")
+        return CardPredictor(load_card(path.parent), onnx_predictor(path), f"ONNX {path}", "fp32")
     if suffix == ".xml":
         card = load_card(path.parent)
         prec = "int8" if "int8" in path.name.lower() else "fp32"
@@ -96,7 +79,7 @@ def load_model(path: Path, precision: str = "int8", device: str = "CPU") -> Load
 
 def load_registered(
     kind: str, precision: str, path: Path, card: Mapping[str, Any], device: str = "CPU"
-) -> LoadedModel:
+) -> CardPredictor:
     """Open a registered artifact for evaluation: its file and the card kept in the model table.
 
     Parameters
@@ -120,20 +103,20 @@ def load_registered(
     if kind == "checkpoint":
         return load_model(path)
     if kind == "onnx":
-        return LoadedModel(dict(card), onnx_predictor(path), f"ONNX {path}", "fp32")
+        return CardPredictor(dict(card), onnx_predictor(path), f"ONNX {path}", "fp32")
     if kind == "ir":
         return _openvino(dict(card), path, precision, device)
     raise TrainerError(f"model {path}: kind {kind!r} is not checkpoint, onnx or ir")
 
 
-def _openvino(card: dict[str, Any], xml: Path, precision: str, device: str) -> LoadedModel:
+def _openvino(card: dict[str, Any], xml: Path, precision: str, device: str) -> CardPredictor:
     hint = "f32" if precision == "fp32" and device.upper() == "CPU" else None
-    seg = OpenVINOSegmenter(card, xml, device=device, precision_hint=hint)
-    return LoadedModel(card, seg.predict, f"OpenVINO IR {precision.upper()} {xml}", precision)
+    predict = openvino_predictor(card, xml, device=device, precision_hint=hint)
+    return CardPredictor(card, predict, f"OpenVINO IR {precision.upper()} {xml}", precision)
 
 
 def evaluate_cases(
-    loaded: LoadedModel,
+    loaded: CardPredictor,
     refs: Sequence[Any],
     batch_size: int = 16,
     on_case: Callable[[str, dict[str, Any]], None] | None = None,
@@ -165,7 +148,7 @@ def evaluate_cases(
     return report(loaded, per_case)
 
 
-def report(loaded: LoadedModel, per_case: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+def report(loaded: CardPredictor, per_case: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """The evaluation JSON (DESIGN.md, ``segnode evaluate --json``) from per-case scores."""
     cases = [
         {"case": c["case"], **{m: c[m] for m in METRIC_NAMES}, "seconds": c.get("seconds")} for c in per_case

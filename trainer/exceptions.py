@@ -7,9 +7,5 @@ class TrainerError(Exception):
     """Base class for every error raised by :mod:`trainer` (bad data, run dir, model or option)."""
 
 
-class ModelCardError(TrainerError):
-    """A model card (model.json) is missing a key or holds a bad value."""
-
-
 class DeviceError(TrainerError):
     """The requested device kind is not available on this machine."""

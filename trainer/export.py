@@ -26,12 +26,14 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from trainer.card import file_entry, write_card
+from converters.prediction import SlicePredictor, outputs_to_labels, predict_slices
+from db.card import file_entry, write_card
 from trainer.checkpoint import load_checkpoint, model_from_checkpoint
 from trainer.data import PreparedCase, load_prepared
-from trainer.evaluate import LoadedModel, card_metrics, evaluate_cases, onnx_predictor
+from trainer.evaluate import CardPredictor, card_metrics, evaluate_cases
 from trainer.exceptions import TrainerError
-from trainer.inference import SlicePredictor, outputs_to_labels, predict_slices
+from trainer.metrics import case_dice
+from trainer.predictors import onnx_predictor, openvino_predictor, torch_predictor
 
 logger = logging.getLogger(__name__)
 
@@ -127,8 +129,6 @@ def calibration_slices(cases: Sequence[PreparedCase], size: int, seed: int) -> l
 
 def mean_val_dice(predict: SlicePredictor, cases: Sequence[PreparedCase], card: Mapping[str, Any]) -> float:
     """Mean 3D Dice over prepared validation cases (the accuracy-control metric)."""
-    from trainer.train import case_dice
-
     scores = []
     for case in cases:
         labels = outputs_to_labels(predict_slices(predict, case.prepared.slices), card["output"])
@@ -298,8 +298,6 @@ def export_run(options: ExportOptions, on_step: Callable[[str], None] | None = N
     out.mkdir(parents=True, exist_ok=True)
     data = options.data or Path(state["train_config"]["data"])
     model = model_from_checkpoint(state)
-    from trainer.train import torch_predictor
-
     torch_predict = torch_predictor(model)
     _progress("loading the validation and training cases", on_step)
     val_cases = _load_split_cases(state, data, "val", card_base)
@@ -339,10 +337,8 @@ def export_run(options: ExportOptions, on_step: Callable[[str], None] | None = N
     _progress("converting to OpenVINO IR FP32", on_step)
     fp32_xml = out / "model_fp32.xml"
     ov.save_model(ov.convert_model(str(onnx_path)), str(fp32_xml), compress_to_fp16=options.fp16_weights)
-    from trainer.inference import OpenVINOSegmenter
-
-    fp32 = OpenVINOSegmenter({**card_base, "artifacts": []}, fp32_xml, precision_hint="f32")
-    checks["ir_fp32_vs_pytorch"] = check_close("IR FP32", torch_predict, fp32.predict, probe)
+    fp32_predict = openvino_predictor(card_base, fp32_xml, precision_hint="f32")
+    checks["ir_fp32_vs_pytorch"] = check_close("IR FP32", torch_predict, fp32_predict, probe)
     artifacts.append(
         {
             "key": "ir_fp32",
@@ -376,13 +372,11 @@ def export_run(options: ExportOptions, on_step: Callable[[str], None] | None = N
 
     _progress("evaluating every artifact on the validation cases", on_step)
     val_refs = _val_refs(state, data)
-    predictors: dict[str, LoadedModel] = {
-        "checkpoint": LoadedModel(card_base, torch_predict, "checkpoint", "fp32"),
-        "onnx": LoadedModel(card_base, onnx_predictor(onnx_path), "onnx", "fp32"),
-        "ir_fp32": LoadedModel(card_base, fp32.predict, "ir_fp32", "fp32"),
-        "ir_int8": LoadedModel(
-            card_base, OpenVINOSegmenter({**card_base, "artifacts": []}, int8_xml).predict, "ir_int8", "int8"
-        ),
+    predictors: dict[str, CardPredictor] = {
+        "checkpoint": CardPredictor(card_base, torch_predict, "checkpoint", "fp32"),
+        "onnx": CardPredictor(card_base, onnx_predictor(onnx_path), "onnx", "fp32"),
+        "ir_fp32": CardPredictor(card_base, fp32_predict, "ir_fp32", "fp32"),
+        "ir_int8": CardPredictor(card_base, openvino_predictor(card_base, int8_xml), "ir_int8", "int8"),
     }
     for entry in artifacts:
         if val_refs:

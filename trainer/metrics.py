@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 from scipy import ndimage
+
+if TYPE_CHECKING:
+    from trainer.data import PreparedCase
 
 logger = logging.getLogger(__name__)
 
@@ -187,3 +190,15 @@ def mean_metrics(per_case: Sequence[dict[str, Any]]) -> dict[str, Any]:
             for region in per_case[0]["regions"]
         }
     return out
+
+
+def case_dice(pred_labels: npt.NDArray[np.uint8], case: PreparedCase, task: str) -> float:
+    """Validation score of a case on its original grid: WT Dice, or mean WT/TC/ET Dice for regions.
+
+    ``pred_labels`` are the label planes of the case's prepared slices (N, H, W).
+    """
+    restored = case.prepared.restore(pred_labels)
+    if task == "whole_tumor":
+        return dice(restored > 0, case.target > 0)
+    regions = case_metrics(restored, case.target, case.spacing, task)["regions"]
+    return float(np.mean([r["dice"] for r in regions.values()]))

@@ -47,9 +47,9 @@ def plot_samples(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from converters.prediction import outputs_to_labels, predict_slices
     from trainer.checkpoint import load_checkpoint, model_from_checkpoint
-    from trainer.inference import outputs_to_labels, predict_slices
-    from trainer.train import torch_predictor
+    from trainer.predictors import torch_predictor
 
     model = model_from_checkpoint(load_checkpoint(checkpoint))
     predict = torch_predictor(model)

@@ -23,14 +23,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from trainer.card import TASK_LABELS, TASKS
+from converters.prediction import outputs_to_labels, predict_slices
+from db.card import TASK_LABELS
+from db.models import TASKS
 from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.data import (
-    PreparedCase,
     SliceArrays,
     SliceDataset,
     epoch_plan,
@@ -38,11 +38,11 @@ from trainer.data import (
     median_spacing,
     split_cases,
 )
-from trainer.devices import DeviceInfo, DistInfo, dist_from_env, init_distributed, resolve_device
+from trainer.devices import DistInfo, dist_from_env, init_distributed, resolve_device
 from trainer.exceptions import TrainerError
-from trainer.inference import SlicePredictor, outputs_to_labels, predict_slices
 from trainer.losses import loss_for_task
-from trainer.metrics import case_metrics, dice
+from trainer.metrics import case_dice, dice
+from trainer.predictors import torch_predictor
 from trainer.unet import UNet2D, UNetConfig, build_unet
 
 logger = logging.getLogger(__name__)
@@ -145,29 +145,6 @@ def git_commit() -> str:
         return out.stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-
-
-def torch_predictor(model: torch.nn.Module, device: DeviceInfo | None = None) -> SlicePredictor:
-    """A :data:`trainer.inference.SlicePredictor` running ``model`` in eval mode (fp32)."""
-    dev = device.device if device is not None else torch.device("cpu")
-
-    def predict(batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-        with torch.no_grad():
-            out = model(torch.from_numpy(np.ascontiguousarray(batch)).to(dev))
-            if device is not None:
-                device.mark_step()
-            return out.float().cpu().numpy()
-
-    return predict
-
-
-def case_dice(pred_labels: npt.NDArray[np.uint8], case: PreparedCase, task: str) -> float:
-    """Validation score of a case on its original grid: WT Dice, or mean WT/TC/ET Dice for regions."""
-    restored = case.prepared.restore(pred_labels)
-    if task == "whole_tumor":
-        return dice(restored > 0, case.target > 0)
-    regions = case_metrics(restored, case.target, case.spacing, task)["regions"]
-    return float(np.mean([r["dice"] for r in regions.values()]))
 
 
 @dataclass

@@ -430,7 +430,7 @@ def test_node_code_path_imports_without_torch() -> None:
         "import sys\n"
         "for name in ('torch', 'onnx', 'onnxruntime', 'nncf'):\n"
         "    sys.modules[name] = None\n"
-        "import node.service, node.runtime, node.demo, trainer.inference, node.cli\n"
+        "import node.service, node.runtime, node.segmenter, node.demo, node.cli\n"
         "from typer.testing import CliRunner\n"
         "result = CliRunner().invoke(node.cli.app, ['serve', '--help'])\n"
         "assert result.exit_code == 0, result.output\n"

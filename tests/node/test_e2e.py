@@ -90,7 +90,7 @@ def env(tmp_path: Path, model_dir: Path) -> Iterator[Env]:
 
 def _direct_mask(model_dir: Path, case: Case, study: StudyInfo) -> np.ndarray:
     """The model run on the NIfTI case directly, mapped onto the FLAIR series' (slice, row, col) grid."""
-    from trainer.inference import OpenVINOSegmenter
+    from node.segmenter import OpenVINOSegmenter
 
     card = json.loads((model_dir / "model.json").read_text())
     labels = OpenVINOSegmenter(card, model_dir / "model_fp32.xml").segment(case.images, case.affine)

@@ -29,6 +29,7 @@ from converters.dicom_writer import write_study
 from converters.reorient import ras_to_volume
 from converters.synthetic import make_synthetic_case
 from db import job_queue
+from db.card import TASK_LABELS
 from db.node_tables import NodeInstance
 from node import dimse
 from node.config import Destination
@@ -42,7 +43,6 @@ from tests.helpers.peers import require_program
 from tests.helpers.ports import free_port
 from tests.helpers.served import run_serve
 from tests.helpers.waiting import wait_until
-from trainer.card import TASK_LABELS
 
 ENHANCED_MR = UID("1.2.840.10008.5.1.4.1.1.4.1")
 MR_IMAGE = UID("1.2.840.10008.5.1.4.1.1.4")
@@ -544,7 +544,7 @@ def test_genuine_enhanced_mr_is_kept_and_segmented(
     """Over a real association to a running node: the Enhanced MR object is spooled and recorded as
     kept, selected as the FLAIR (TE, TI and inversion recovery from its MR functional groups), and the
     returned SEG references it frame by frame with the mask of the single-frame path."""
-    from trainer.inference import OpenVINOSegmenter
+    from node.segmenter import OpenVINOSegmenter
 
     case, files, path = enhanced_study
     model_dir = make_threshold_model(tmp_path / "model", crop=ENHANCED_SHAPE[:2], spacing=case.spacing)

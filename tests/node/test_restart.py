@@ -77,7 +77,7 @@ def test_sigkill_mid_job_then_restart_delivers_seg_exactly_once(tmp_path: Path, 
     assert "left running by a stopped process" in (tmp_path / "serve.log").read_text()
 
     # The returned mask equals the model run on the NIfTI case directly.
-    from trainer.inference import OpenVINOSegmenter
+    from node.segmenter import OpenVINOSegmenter
 
     card = json.loads((model_dir / "model.json").read_text())
     direct = OpenVINOSegmenter(card, model_dir / "model_fp32.xml").segment(case.images, case.affine)

@@ -11,13 +11,13 @@ import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from db.card import load_card
 from node.scp import DUL_LOOP_DELAY_S, MAX_PDU_BYTES
+from node.segmenter import OpenVINOSegmenter
 from node.service import NodeService
 from tests.helpers.node import make_threshold_model, node_settings
 from tests.helpers.ports import free_port
 from tests.helpers.waiting import wait_until
-from trainer.card import load_card
-from trainer.inference import OpenVINOSegmenter
 
 
 @pytest.fixture()

@@ -96,9 +96,9 @@ def test_onnx_and_ir_fp32_match_pytorch_on_real_slices(
 
 
 def test_card_lineage_metrics_and_registry(exported: tuple[Path, dict, str], run_dir: Path) -> None:
+    from db.card import load_card, verify_files
     from db.registry import Registry
     from db.session import make_engine, make_session_factory
-    from trainer.card import load_card, verify_files
 
     out, card, db_url = exported
     on_disk = load_card(out)

@@ -1,4 +1,5 @@
-"""trainer.inference and trainer.card without torch: a hand-built OpenVINO model through the full path."""
+"""The model card (db.card), the shared prediction steps (converters.prediction) and the trainer's OpenVINO
+predictor, without torch: a hand-built OpenVINO model through the full path."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from converters.exceptions import ModelCardError
+from converters.prediction import outputs_to_labels, segment_volume
 from converters.preprocess import prepare_volume
-from trainer.card import TASK_LABELS, file_entry, ir_xml, load_card, verify_files, write_card
-from trainer.exceptions import ModelCardError, TrainerError
-from trainer.inference import OpenVINOSegmenter, outputs_to_labels
+from db.card import TASK_LABELS, file_entry, ir_xml, load_card, verify_files, write_card
+from trainer.exceptions import TrainerError
+from trainer.predictors import openvino_predictor
 
 PRE = {
     "orientation": "RAS",
@@ -52,19 +55,20 @@ def _threshold_model(path: Path, offset: float, channels: int = 1) -> Path:
 
 def test_torch_free_import_chain() -> None:
     code = (
-        "import sys, trainer, trainer.inference, trainer.metrics, trainer.card, converters.preprocess; "
+        "import sys, trainer, trainer.predictors, trainer.evaluate, trainer.metrics, db.card, "
+        "converters.prediction, converters.preprocess; "
         "sys.exit(1 if 'torch' in sys.modules else 0)"
     )
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 
-def test_openvino_segmenter_matches_numpy_pipeline(tmp_path: Path) -> None:
+def test_openvino_predictor_matches_numpy_pipeline(tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
     image = np.zeros((40, 36, 12), np.float32)
     image[5:35, 4:30, 1:11] = rng.normal(100, 20, (30, 26, 10))
     xml = _threshold_model(tmp_path / "m.xml", offset=1.0)
-    seg = OpenVINOSegmenter(_card(), xml, batch_size=3, precision_hint="f32")
-    out = seg.segment({"FLAIR": image, "T1": image}, np.eye(4))
+    predict = openvino_predictor(_card(), xml, precision_hint="f32")
+    out = segment_volume(predict, _card(), {"FLAIR": image, "T1": image}, np.eye(4), batch_size=3)
     assert out.dtype == np.uint8 and out.shape == image.shape
     prep = prepare_volume({"FLAIR": image}, np.eye(4), PRE, ["FLAIR"])
     expected = prep.restore((prep.slices[:, 0] > 1.0).astype(np.uint8))
@@ -73,12 +77,12 @@ def test_openvino_segmenter_matches_numpy_pipeline(tmp_path: Path) -> None:
     assert not out[image == 0].any()
 
 
-def test_segmenter_rejects_channel_mismatch_and_missing_file(tmp_path: Path) -> None:
+def test_openvino_predictor_rejects_channel_mismatch_and_missing_file(tmp_path: Path) -> None:
     xml = _threshold_model(tmp_path / "m.xml", offset=0.0, channels=2)
     with pytest.raises(ModelCardError, match="takes 2 channels but the card lists 1 modalities"):
-        OpenVINOSegmenter(_card(), xml)
+        openvino_predictor(_card(), xml)
     with pytest.raises(TrainerError, match=r"model file .*nope.xml does not exist"):
-        OpenVINOSegmenter(_card(), tmp_path / "nope.xml")
+        openvino_predictor(_card(), tmp_path / "nope.xml")
 
 
 def test_outputs_to_labels() -> None:
@@ -116,7 +120,7 @@ def test_card_round_trip_and_verification(tmp_path: Path) -> None:
 
 
 def test_record_evaluation_replaces_same_split_and_precision(tmp_path: Path) -> None:
-    from trainer.card import record_evaluation
+    from db.card import record_evaluation
 
     write_card(_card(), tmp_path)
     cases = [{"case": "a", "dice": 0.5, "seconds": 1.0}]

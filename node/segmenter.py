@@ -1,110 +1,37 @@
-"""Whole-volume segmentation with a 2D slice model (numpy and OpenVINO only, no torch).
+"""The node's inference engine: an OpenVINO IR model compiled once, segmenting whole volumes.
 
-The volume goes through :func:`converters.preprocess.prepare_volume` as the model card says, the
-slices through the network in batches, the outputs through the card's ``output`` activation, and
-the label planes back onto the input grid with :meth:`converters.preprocess.Prepared.restore`.
-:func:`segment_volume` takes any slice predictor, so PyTorch, ONNX Runtime and OpenVINO models
-are evaluated through exactly the same pre- and post-processing.
+Pre- and post-processing are the shared ones (:func:`converters.preprocess.prepare_volume`,
+:func:`converters.prediction.segment_prepared`), so the node segments exactly as the trainer
+evaluated. What is the node's own is how the network runs: a static batch, zero-padded partial
+batches and a warm-up inference at load (docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
+from converters.exceptions import ModelCardError
+from converters.prediction import segment_prepared
 from converters.preprocess import Prepared, prepare_volume
-from trainer.card import check_card
-from trainer.exceptions import ModelCardError, TrainerError
+from db.card import check_card
+from node.exceptions import ModelLoadError
+
+if TYPE_CHECKING:
+    import openvino as ov
 
 logger = logging.getLogger(__name__)
-
-#: A slice predictor: float32 (N, C, H, W) -> raw network outputs (logits) (N, K, H, W).
-SlicePredictor = Callable[[npt.NDArray[np.float32]], npt.NDArray[Any]]
-
-
-def outputs_to_labels(outputs: npt.NDArray[Any], output_spec: Mapping[str, Any]) -> npt.NDArray[np.uint8]:
-    """Network outputs (N, K, H, W) -> label planes (N, H, W) uint8.
-
-    ``sigmoid``: K == 1, label 1 where sigmoid(logit) > threshold (default 0.5).
-    ``softmax``: label = argmax over K classes (the class index is the Decathlon label).
-    """
-    outputs = np.asarray(outputs)
-    if outputs.ndim != 4:
-        raise TrainerError(f"network output shape {outputs.shape} is not (N, K, H, W)")
-    activation = output_spec.get("activation")
-    if activation == "sigmoid":
-        threshold = float(output_spec.get("threshold", 0.5))
-        if not 0.0 < threshold < 1.0:
-            raise ModelCardError(f"output.threshold {threshold!r} must lie strictly between 0 and 1")
-        logit = np.log(threshold / (1.0 - threshold))
-        return (outputs[:, 0] > logit).astype(np.uint8)
-    if activation == "softmax":
-        return np.argmax(outputs, axis=1).astype(np.uint8)
-    raise ModelCardError(f"output.activation {activation!r} is not 'sigmoid' or 'softmax'")
-
-
-def predict_slices(
-    predict: SlicePredictor, slices: npt.NDArray[np.float32], batch_size: int = 16
-) -> npt.NDArray[np.float32]:
-    """Run ``predict`` over ``slices`` (N, C, H, W) in batches; returns the stacked outputs."""
-    if batch_size < 1:
-        raise TrainerError(f"batch size {batch_size} must be at least 1")
-    outs = [
-        np.asarray(predict(np.ascontiguousarray(slices[i : i + batch_size])), dtype=np.float32)
-        for i in range(0, len(slices), batch_size)
-    ]
-    if not outs:
-        return np.zeros((0, 1, *slices.shape[2:]), dtype=np.float32)
-    return np.concatenate(outs)
-
-
-def segment_prepared(
-    predict: SlicePredictor, prepared: Prepared, card: Mapping[str, Any], batch_size: int = 16
-) -> npt.NDArray[np.uint8]:
-    """Label planes (N, H, W) for already prepared slices."""
-    outputs = predict_slices(predict, prepared.slices, batch_size)
-    return outputs_to_labels(outputs, card["output"])
-
-
-def segment_volume(
-    predict: SlicePredictor,
-    card: Mapping[str, Any],
-    images: Mapping[str, npt.NDArray[Any]],
-    affine: npt.NDArray[Any],
-    batch_size: int = 16,
-) -> npt.NDArray[np.uint8]:
-    """Segment one volume with any slice predictor.
-
-    Parameters
-    ----------
-    predict:
-        float32 (N, C, H, W) -> logits (N, K, H, W).
-    card:
-        The model card (``modalities``, ``preprocessing``, ``output``).
-    images, affine:
-        Modality -> (X, Y, Z) RAS arrays and their 4x4 affine.
-    batch_size:
-        Slices per network call.
-
-    Returns
-    -------
-    numpy.ndarray
-        uint8 (X, Y, Z) label map on the input grid.
-    """
-    prepared = prepare_volume(images, affine, card["preprocessing"], card["modalities"])
-    return prepared.restore(segment_prepared(predict, prepared, card, batch_size))
-
 
 #: Slices per OpenVINO request (see :class:`OpenVINOSegmenter`).
 DEFAULT_BATCH = 8
 
 
-def _make_static(model: Any, batch: int, channels: int, card: Mapping[str, Any]) -> bool:
+def _make_static(model: ov.Model, batch: int, channels: int, card: Mapping[str, Any]) -> bool:
     """Reshape ``model`` to a static (batch, channels, crop H, crop W) input when its batch is dynamic;
     returns whether it did."""
     shape = model.input(0).get_partial_shape()
@@ -144,7 +71,19 @@ class OpenVINOSegmenter:
         model in bf16); None keeps OpenVINO's default.
     static_batch:
         False keeps the model's dynamic batch dimension (any batch size per call, no padding).
+
+    Raises
+    ------
+    ModelLoadError
+        The model file is missing or unreadable, or ``batch_size`` is below 1.
+    ModelCardError
+        The card lacks a key the node relies on, or the network's channels differ from its modalities.
     """
+
+    card: dict[str, Any]
+    batch_size: int
+    model_path: Path
+    static_batch: bool
 
     def __init__(
         self,
@@ -160,9 +99,9 @@ class OpenVINOSegmenter:
         check_card(card)
         model_xml = Path(model_xml)
         if not model_xml.is_file():
-            raise TrainerError(f"model file {model_xml} does not exist")
+            raise ModelLoadError(f"model file {model_xml} does not exist")
         if batch_size < 1:
-            raise TrainerError(f"batch size {batch_size} must be at least 1")
+            raise ModelLoadError(f"batch size {batch_size} must be at least 1")
         self.card = dict(card)
         self.batch_size = batch_size
         self.model_path = model_xml
@@ -170,7 +109,7 @@ class OpenVINOSegmenter:
         try:
             model = core.read_model(str(model_xml))
         except RuntimeError as exc:
-            raise TrainerError(f"model file {model_xml} cannot be read by OpenVINO: {exc}") from None
+            raise ModelLoadError(f"model file {model_xml} cannot be read by OpenVINO: {exc}") from None
         channels = len(self.card["modalities"])
         shape = model.input(0).get_partial_shape()
         static_channels = shape.rank.is_static and shape.rank.get_length() == 4 and shape[1].is_static
@@ -183,9 +122,11 @@ class OpenVINOSegmenter:
         config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY"}
         if precision_hint:
             config["INFERENCE_PRECISION_HINT"] = precision_hint
-        self._compiled = core.compile_model(model, device, config)
-        self._output = self._compiled.output(0)
-        self._input_shape = tuple(int(d) for d in self._compiled.input(0).get_partial_shape().get_min_shape())
+        self._compiled: ov.CompiledModel = core.compile_model(model, device, config)
+        self._output: ov.ConstOutput = self._compiled.output(0)
+        self._input_shape: tuple[int, ...] = tuple(
+            int(d) for d in self._compiled.input(0).get_partial_shape().get_min_shape()
+        )
         if self.static_batch:  # the first inference allocates and tunes; do it before a job waits on it
             self.predict(np.zeros((1, *self._input_shape[1:]), dtype=np.float32))
         logger.info(
@@ -207,8 +148,8 @@ class OpenVINOSegmenter:
                 block = np.concatenate([block, np.zeros((size - n, *block.shape[1:]), dtype=np.float32)])
             outs.append(np.asarray(self._compiled(block)[self._output], dtype=np.float32)[:n])
         if not outs:
-            return np.zeros((0, *tuple(self._compiled.output(0).get_partial_shape().get_min_shape())[1:]),
-                            dtype=np.float32)
+            out_shape = tuple(self._output.get_partial_shape().get_min_shape())
+            return np.zeros((0, *out_shape[1:]), dtype=np.float32)
         return np.concatenate(outs) if len(outs) > 1 else outs[0]
 
     def segment(
