@@ -24,9 +24,11 @@ Rules
 ============================  ==========================================  ============================
 attribute                     valid (PS3.3 module, PS3.5 VR)              what we do otherwise
 ============================  ==========================================  ============================
-PatientName (PN, Type 2)      PN: at most 3 component groups of at most   control characters removed,
-                              5 components, each at most 64 characters;   components cut to 64; a name
-                              highdicom also wants a '^' in the value     with no '^' gets a trailing
+PatientName (PN, Type 2)      PN: at most 3 component groups ('='),       control characters removed;
+                              each at most 64 characters and 5            a group over 64 characters
+                              components ('^'); highdicom also wants a    loses the excess from its
+                              '^' in the value                            longest component; a name
+                                                                          with no '^' gets a trailing
                                                                           '^' (the same name by PS3.5
                                                                           6.2.1.1: trailing empty
                                                                           components may be omitted)
@@ -266,7 +268,7 @@ def _clean_element(ds: Dataset, keyword: str, tag: int) -> tuple[Any, str] | Non
         fixed = [_person_name(t) for t in texts]
         if fixed != texts:
             return _replace(
-                texts, fixed, "cut to 64 characters per component or control characters removed (PN)"
+                texts, fixed, "cut to 64 characters per component group or control characters removed (PN)"
             )
         if keyword == "PatientName" and "^" not in texts[0]:
             return _replace(
@@ -303,8 +305,16 @@ def _sex(value: Any) -> tuple[Any, str] | None:
 
 
 def _person_name(text: str) -> str:
-    groups = _CONTROL.sub("", text).split("=")[:3]
-    return "=".join("^".join(c[:64] for c in group.split("^")[:5]) for group in groups)
+    return "=".join(_fit_group(group) for group in _CONTROL.sub("", text).split("=")[:3])
+
+
+def _fit_group(group: str) -> str:
+    """At most 5 components and 64 characters: the longest component loses the excess."""
+    parts = group.split("^")[:5]
+    while (excess := len("^".join(parts)) - 64) > 0:
+        longest = max(range(len(parts)), key=lambda i: len(parts[i]))
+        parts[longest] = parts[longest][: max(0, len(parts[longest]) - excess)]
+    return "^".join(parts)
 
 
 def _text(keyword: str, vr: str, texts: list[str]) -> tuple[Any, str] | None:
