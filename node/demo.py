@@ -145,9 +145,11 @@ def run_demo(
     from converters.nifti import load_case
     from converters.reorient import ras_to_volume
     from db import job_queue
+    from node.log_scrub import install as scrub_library_logs
     from node.sender import store_files
     from node.service import NodeService
 
+    scrub_library_logs()
     model_dir = Path(model_dir or DEFAULT_MODEL)
     case_dir = Path(case_dir or DEFAULT_CASE)
     workdir = workdir.absolute()

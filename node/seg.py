@@ -20,6 +20,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from node.exceptions import JobError
+from node.source_attributes import clean_sources
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +104,8 @@ def build_seg(
     Parameters
     ----------
     sources:
-        The source series' datasets in slice order (the order of ``labels``' first axis).
+        The source series' datasets in slice order (the order of ``labels``' first axis). Their
+        patient and study attributes are copied by the rules of :mod:`node.source_attributes`.
     labels:
         Label map (frames, rows, columns) with the card's label values (0 = background), one plane
         per source frame in source order (single-frame sources: one per image).
@@ -132,7 +134,7 @@ def build_seg(
         # highdicom needs at least one frame: an empty result keeps every (empty) frame.
         logger.info("model found no tumour; the SEG holds one empty frame")
     seg = hd.seg.Segmentation(
-        source_images=list(sources),
+        source_images=clean_sources(sources, what="SEG"),
         pixel_array=segments,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=segment_descriptions(card),

@@ -15,6 +15,8 @@ import highdicom as hd
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
+from node.source_attributes import clean_sources
+
 logger = logging.getLogger(__name__)
 
 SR_SERIES_DESCRIPTION = "AI TUMOUR VOLUME (segnode, not for diagnosis alone)"
@@ -35,7 +37,8 @@ def build_sr(
     Parameters
     ----------
     seg:
-        The Segmentation the report refers to (segments numbered 1..n).
+        The Segmentation the report refers to (segments numbered 1..n). The report copies its patient
+        and study attributes from it, by the rules of :mod:`node.source_attributes`.
     sources:
         The source images of the segmentation (evidence).
     volumes_ml:
@@ -84,7 +87,7 @@ def build_sr(
         imaging_measurements=groups,
     )
     return hd.sr.Comprehensive3DSR(
-        evidence=[seg, *sources],
+        evidence=[*clean_sources([seg], what="SR"), *sources],
         content=report[0],
         series_instance_uid=hd.UID(),
         series_number=SR_SERIES_NUMBER,

@@ -36,8 +36,10 @@ def _session_factory(config: Path | None) -> Any:
 def serve(config: Path | None = CONFIG_OPTION) -> None:
     """Run the node: DICOM SCP, workers, sender, /metrics and /healthz, until SIGINT or SIGTERM."""
     from node.config import load_settings
+    from node.log_scrub import install as scrub_library_logs
     from node.service import NodeService
 
+    scrub_library_logs()
     settings = load_settings(config)
     service = NodeService(settings)
 

@@ -1,0 +1,194 @@
+"""Source attributes highdicom refuses never stop a job (node/source_attributes.py).
+
+A FLAIR study whose patient and study attributes are bad the ways real scanners and RIS write them,
+one attribute per case and all together, sent over a real association to a running node: the SEG
+and SR arrive, are valid, carry the value the module's rule gives, and the node's log names the
+attribute's keyword and not the bad value.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import highdicom as hd
+import pydicom
+import pytest
+from pydicom import config
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset
+
+from converters.dicom_writer import write_study
+from converters.synthetic import make_synthetic_case
+from node import dimse, store
+from node.config import Destination
+from node.sender import store_files
+from node.source_attributes import COPIED_ATTRIBUTES, clean_sources
+from tests.helpers.node import CatchingSCP, make_threshold_model, node_settings, running_node, wait_until
+from tests.helpers.peers import free_port
+
+ABSENT = None
+OMITTED = "<omitted>"
+
+#: keyword -> (bad value or ABSENT, value expected in the SEG and SR or OMITTED).
+BAD: dict[str, tuple[str | None, str]] = {
+    "PatientSex": ("0000", ""),
+    "PatientName": ("ONECOMPONENT", "ONECOMPONENT^"),
+    "PatientBirthDate": ("2023", ""),
+    "StudyID": (ABSENT, ""),
+    "AccessionNumber": ("ACC" + "7" * 17, ""),
+    "PatientID": (ABSENT, ""),
+    "StudyDate": ("00000000", ""),
+    "StudyTime": ("99", ""),
+    "ReferringPhysicianName": ("R" * 70 + "^DR", "R" * 61 + "^DR"),
+    "StudyDescription": ("HEAD " + "D" * 80, ("HEAD " + "D" * 80)[:64]),
+    "PatientAge": ("45 years", OMITTED),
+    "PatientSexNeutered": ("maybe", ""),
+}
+MORE_BAD: dict[str, tuple[str | None, str]] = {
+    # the same attributes, bad in another way
+    "PatientSex": ("male", "M"),
+    "PatientBirthDate": ("00000000", ""),
+    "StudyID": ("S" * 20, ""),
+    "PatientID": ("P" * 70, ""),
+    "PatientName": ("N" * 70 + "^GIVEN", "N" * 58 + "^GIVEN"),
+    "StudyDate": ("20230231", ""),
+}
+CASES = [pytest.param({k: v}, id=k) for k, v in BAD.items()] + [
+    pytest.param({k: v}, id=f"{k}-2") for k, v in MORE_BAD.items()
+]
+
+
+def _set_bad(ds: Dataset, keyword: str, value: str | None) -> None:
+    tag = tag_for_keyword(keyword)
+    assert tag is not None
+    if value is ABSENT:
+        if tag in ds:
+            del ds[tag]
+        return
+    ds[tag] = DataElement(tag, dictionary_VR(tag), value)
+
+
+def _write_bad_study(out: Path, bad: dict[str, tuple[str | None, str]]) -> list[Path]:
+    """A FLAIR series whose every file carries the bad values (pydicom told not to object)."""
+    case = make_synthetic_case(5, shape=(64, 64, 12))
+    files = write_study(case, out, modalities=["FLAIR"]).files["FLAIR"]
+    saved = (config.settings.reading_validation_mode, config.settings.writing_validation_mode)
+    config.settings.reading_validation_mode = config.settings.writing_validation_mode = config.IGNORE
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for path in files:
+                ds = pydicom.dcmread(path)
+                for keyword, (value, _) in bad.items():
+                    _set_bad(ds, keyword, value)
+                ds.save_as(path, enforce_file_format=True)
+    finally:
+        config.settings.reading_validation_mode, config.settings.writing_validation_mode = saved
+    return files
+
+
+def _strictly_read(ds: Dataset) -> Dataset:
+    """``ds`` written and read back with pydicom's strict validation: every value valid for its VR."""
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    saved = config.settings.reading_validation_mode
+    config.settings.reading_validation_mode = config.RAISE
+    try:
+        read = pydicom.dcmread(io.BytesIO(buffer.getvalue()))
+        for element in read.iterall():
+            _ = element.value
+    finally:
+        config.settings.reading_validation_mode = saved
+    return read
+
+
+@pytest.fixture()
+def node_outputs(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> Iterator[Any]:
+    """A function: send a bad study to a running node, return the SEG and SR it sends."""
+    catcher = CatchingSCP().start(free_port())
+    model_dir = make_threshold_model(tmp_path / "model", crop=(64, 64))
+    settings = node_settings(
+        tmp_path, free_port(), [Destination("pacs", "CATCHER", "127.0.0.1", catcher.port)]
+    )
+
+    def run(bad: dict[str, tuple[str | None, str]]) -> tuple[Dataset, Dataset]:
+        files = _write_bad_study(tmp_path / "study", bad)
+        caplog.set_level(logging.INFO)
+        with running_node(settings, model_dir) as node:
+            results = store_files(files, "127.0.0.1", node.scp.port, "SEGNODE", "PACS")
+            assert {status for _, status, _ in results} == {dimse.SUCCESS}
+            job = wait_until(
+                lambda: next(
+                    (j for j in store.list_jobs(node.sf) if j.status in ("done", "failed", "skipped")), None
+                ),
+                90,
+                "the job",
+            )
+            assert job.status == "done", job.reason
+            received = catcher.wait_for(lambda r: {d.Modality for d in r} >= {"SEG", "SR"}, 60)
+        seg = next(d for d in received if d.Modality == "SEG")
+        sr = next(d for d in received if d.Modality == "SR")
+        return seg, sr
+
+    try:
+        yield run
+    finally:
+        catcher.stop()
+
+
+@pytest.mark.parametrize(
+    "bad", [*CASES, pytest.param({**BAD, **{k: v for k, v in MORE_BAD.items() if k not in BAD}}, id="all")]
+)
+def test_bad_source_attribute_is_corrected_and_logged_by_keyword(
+    bad: dict[str, tuple[str | None, str]], node_outputs: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    seg, sr = node_outputs(bad)
+    seg, sr = _strictly_read(seg), _strictly_read(sr)
+    read = hd.seg.Segmentation.from_dataset(seg)
+    assert read.number_of_segments == 1
+    hd.sr.Comprehensive3DSR.from_dataset(sr)
+    ours = [r for r in caplog.records if r.name == "node.source_attributes"]
+    for keyword, (value, expected) in bad.items():
+        for out in (seg, sr):
+            if expected == OMITTED:
+                assert keyword not in out, f"{out.Modality} {keyword}"
+            else:
+                assert keyword in out, f"{out.Modality} {keyword}"
+                assert str(out[keyword].value or "") == expected, f"{out.Modality} {keyword}"
+        lines = [r.getMessage() for r in ours if f" {keyword} " in r.getMessage()]
+        assert lines, f"no log line names {keyword}"
+        if value:
+            assert all(value not in line for line in lines), lines
+    assert all("value not logged" in r.getMessage() for r in ours)
+
+
+def test_cleaning_leaves_the_sources_untouched(tmp_path: Path) -> None:
+    files = _write_bad_study(tmp_path / "study", BAD)
+    before = [path.read_bytes() for path in files]
+    sources = [pydicom.dcmread(p) for p in files]
+    cleaned = clean_sources(sources)
+    assert cleaned[0].PatientSex == "" and cleaned[0].PatientName == "ONECOMPONENT^"
+    assert sources[0]["PatientSex"].value == "0000" and "StudyID" not in sources[0]
+    assert cleaned[0].PixelData is sources[0].PixelData
+    assert [path.read_bytes() for path in files] == before
+
+
+def test_copied_attributes_are_the_modules_highdicom_copies() -> None:
+    """The module's list is highdicom's: an upgrade that copies more shows here."""
+    from highdicom._standard_utils import get_iod_module_map, get_module_attribute_map
+
+    modules = get_module_attribute_map()
+    expected = {
+        str(item["keyword"])
+        for module in get_iod_module_map()["mr-image"]
+        if module["ie"] in ("Patient", "Study")
+        for item in modules[module["key"]]
+        if not item["path"]
+    }
+    assert set(COPIED_ATTRIBUTES) == expected
