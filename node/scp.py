@@ -287,10 +287,12 @@ class StorageSCP:
             ds: Dataset = event.dataset
         except Exception as exc:
             raise InvalidInstanceError(f"instance {sop_uid}: data set cannot be decoded: {exc}") from exc
+        # In flight before its row exists: the row is committed while the spool file is still being
+        # written, and a study that looked idle then (a slow fsync, a short study_idle_seconds) got a
+        # job that read a spool file not yet renamed into place (FileNotFoundError under load).
+        with self._in_flight_lock:
+            self._in_flight.setdefault(id(event.assoc), set()).add(str(ds.get("StudyInstanceUID", "")))
         result = self.receive(ds, event.encoded_dataset(), sop_class, sop_uid, calling_ae)
-        if result.status == dimse.SUCCESS:
-            with self._in_flight_lock:
-                self._in_flight.setdefault(id(event.assoc), set()).add(str(ds.StudyInstanceUID))
         return result.status
 
     def _on_association_end(self, event: Any) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -286,6 +287,33 @@ def test_instances_after_job_start_make_a_new_run(env: Env, case: Case, tmp_path
 
     job = wait_until(second_run, 60, "the second run of the study")
     assert job.instance_count == 2 * SHAPE[2]
+
+
+def test_a_slow_spool_write_never_lets_a_job_read_a_missing_file(
+    env: Env, case: Case, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first instance's row is committed while its file is still being written; a write slower than
+    study_idle_seconds (0.3 s here) used to let the study look idle and its job fail with
+    FileNotFoundError. The study is in flight from the moment an instance arrives."""
+    import node.scp
+    from node.spool import write_atomic
+
+    slowed: list[Path] = []
+
+    def slow_first_write(path: Path, data: bytes) -> None:
+        if not slowed:
+            slowed.append(path)
+            time.sleep(4 * env.node.settings.node.study_idle_seconds + 0.5)
+        write_atomic(path, data)
+
+    monkeypatch.setattr(node.scp, "write_atomic", slow_first_write)
+    study = write_study(case, tmp_path / "study", modalities=["FLAIR"])
+    env.send_study(study)
+    job = env.job_for(study)
+    assert slowed, "the spool write was not slowed"
+    assert (job.status, job.run, job.instance_count) == ("done", 1, SHAPE[2]), job.error
+    runs = [j for j in job_queue.list_jobs(env.node.sf) if j.study_instance_uid == study.study_instance_uid]
+    assert len(runs) == 1
 
 
 def test_enhanced_mr_multiframe_study(env: Env, case: Case, model_dir: Path, tmp_path: Path) -> None:
