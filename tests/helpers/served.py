@@ -9,7 +9,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from node.config import Destination
@@ -95,14 +95,24 @@ def run_serve(
 class ServedNode:
     """``segnode -v serve`` in a subprocess, its log in ``log``."""
 
-    def __init__(self, config: Path, home: Path, log: Path, port: int, *, debug: bool = False) -> None:
+    def __init__(
+        self,
+        config: Path,
+        home: Path,
+        log: Path,
+        port: int,
+        *,
+        debug: bool = False,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
         self.config, self.home, self.log, self.port = config, home, log, port
         self.level = "--debug" if debug else "-v"
+        self.extra_env = dict(env or {})
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 90) -> ServedNode:
         """Start and wait until it answers C-ECHO."""
-        env = _serve_env(self.home)
+        env = {**_serve_env(self.home), **self.extra_env}
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "node", self.level, "serve", "--config", str(self.config)],

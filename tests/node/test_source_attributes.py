@@ -25,12 +25,14 @@ from pydicom.dataset import Dataset
 
 from converters.dicom_writer import write_study
 from converters.synthetic import make_synthetic_case
-from node import dimse, store
+from db import job_queue
+from node import dimse
 from node.config import Destination
 from node.sender import store_files
 from node.source_attributes import COPIED_ATTRIBUTES, clean_sources
-from tests.helpers.node import CatchingSCP, make_threshold_model, node_settings, running_node, wait_until
-from tests.helpers.peers import free_port
+from tests.helpers.node import CatchingSCP, make_threshold_model, node_settings, running_node
+from tests.helpers.ports import free_port
+from tests.helpers.waiting import wait_until
 
 ABSENT = None
 OMITTED = "<omitted>"
@@ -123,10 +125,9 @@ def node_outputs(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> Iterator[A
         with running_node(settings, model_dir) as node:
             results = store_files(files, "127.0.0.1", node.scp.port, "SEGNODE", "PACS")
             assert {status for _, status, _ in results} == {dimse.SUCCESS}
+            ended = ("done", "failed", "skipped")
             job = wait_until(
-                lambda: next(
-                    (j for j in store.list_jobs(node.sf) if j.status in ("done", "failed", "skipped")), None
-                ),
+                lambda: next((j for j in job_queue.list_jobs(node.sf) if j.status in ended), None),
                 90,
                 "the job",
             )

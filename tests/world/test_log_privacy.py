@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import io
 import logging
-import os
-import subprocess
-import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,10 +27,12 @@ from converters.dicom_writer import write_study
 from converters.synthetic import make_synthetic_case
 from db.registry import open_registry
 from node import dimse
+from node.config import Destination
 from node.log_scrub import LibraryValueFilter, install, scrub_text
 from node.sender import store_files
-from tests.helpers.node import CatchingSCP, install_model, make_threshold_model, wait_until
-from tests.helpers.peers import REPO, free_port
+from tests.helpers.node import CatchingSCP, install_model, make_threshold_model
+from tests.helpers.ports import free_port
+from tests.helpers.served import ServedNode, node_toml
 
 #: keyword -> a value with a marker no other log line can contain, invalid in a way a library reports.
 MARKED = {
@@ -68,30 +67,15 @@ def _marked_study(out: Path) -> list[Path]:
     return files
 
 
-def _serve(tmp_path: Path, catcher_port: int) -> tuple[subprocess.Popen[bytes], int, Path]:
+def _served(tmp_path: Path, catcher_port: int) -> ServedNode:
+    """``segnode --debug serve`` with the threshold model active and every Python warning shown."""
     model_dir = make_threshold_model(tmp_path / "model", crop=(64, 64))
     url = f"sqlite:///{tmp_path / 'node.db'}"
     install_model(open_registry(url), model_dir)
     port = free_port()
-    config_file = tmp_path / "node.toml"
-    config_file.write_text(
-        f'[node]\nhost = "127.0.0.1"\nport = {port}\nspool_dir = "{tmp_path / "spool"}"\n'
-        f"study_idle_seconds = 0.3\npoll_seconds = 0.05\nmin_free_disk_mb = 1\n"
-        f'[database]\nurl = "{url}"\n[metrics]\nport = 0\n'
-        f'[[destinations]]\nname = "pacs"\nae_title = "CATCHER"\nhost = "127.0.0.1"\nport = {catcher_port}\n'
-    )
-    env = {k: v for k, v in os.environ.items() if k not in ("SEGNODE_CONFIG", "SEGNODE_DATABASE_URL")}
-    env.update({"SEGNODE_HOME": str(tmp_path / "var"), "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "always"})
+    config = node_toml(tmp_path, port, url, [Destination("pacs", "CATCHER", "127.0.0.1", catcher_port)])
     log = tmp_path / "serve.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "node", "--debug", "serve", "--config", str(config_file)],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            cwd=REPO,
-        )
-    return proc, port, log
+    return ServedNode(config, tmp_path / "var", log, port, debug=True, env={"PYTHONWARNINGS": "always"})
 
 
 @pytest.fixture()
@@ -103,16 +87,14 @@ def catcher() -> Iterator[CatchingSCP]:
 
 def test_no_marker_reaches_the_served_nodes_log(tmp_path: Path, catcher: CatchingSCP) -> None:
     files = _marked_study(tmp_path / "study")
-    proc, port, log = _serve(tmp_path, catcher.port)
+    node = _served(tmp_path, catcher.port).start()
     try:
-        wait_until(lambda: "segnode serving" in log.read_text(errors="replace"), 60, "segnode serve")
-        results = store_files(files, "127.0.0.1", port, "SEGNODE", "PACS")
+        results = store_files(files, "127.0.0.1", node.port, "SEGNODE", "PACS")
         assert {status for _, status, _ in results} == {dimse.SUCCESS}
         received = catcher.wait_for(lambda r: {d.Modality for d in r} >= {"SEG", "SR"}, 120)
     finally:
-        proc.terminate()
-        proc.wait(30)
-    text = log.read_text(errors="replace")
+        node.stop()
+    text = node.log.read_text(errors="replace")
     seg = next(d for d in received if d.Modality == "SEG")
     assert hd.seg.Segmentation.from_dataset(seg).number_of_segments == 1
     assert str(seg.PatientName) == "QZXNAMEONE^"  # the values travel in the objects, not in the log
