@@ -70,6 +70,12 @@ def train(
     tumour_fraction: float = typer.Option(
         0.5, "--tumour-fraction", help="Share of sampled slices with tumour."
     ),
+    scanner_augment: float = typer.Option(
+        0.0,
+        "--scanner-augment",
+        help="Per case and epoch, the chance of a scanner-like degradation (thick slices, bias, noise, "
+        "contrast, rotation; trainer/scanner_augment.py). 0: off.",
+    ),
     patience: int = typer.Option(
         10, "--patience", help="Early stopping after this many epochs without gain."
     ),
@@ -110,6 +116,7 @@ def train(
         seed=seed,
         slices_per_epoch=slices_per_epoch or None,
         tumour_fraction=tumour_fraction,
+        scanner_augment=scanner_augment,
         patience=patience,
         amp=amp,
         max_minutes=max_minutes or None,

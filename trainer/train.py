@@ -16,9 +16,9 @@ import logging
 import math
 import subprocess
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,16 +26,19 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
+from converters.case import Case
 from converters.prediction import outputs_to_labels, predict_slices
 from db.card import TASK_LABELS
 from db.models import TASKS
 from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.data import (
+    PreparedCase,
     SliceArrays,
     SliceDataset,
     epoch_plan,
     load_prepared,
     median_spacing,
+    prepare_case,
     split_cases,
 )
 from trainer.devices import DistInfo, dist_from_env, init_distributed, resolve_device
@@ -43,6 +46,7 @@ from trainer.exceptions import TrainerError
 from trainer.losses import loss_for_task
 from trainer.metrics import case_dice, dice
 from trainer.predictors import torch_predictor
+from trainer.scanner_augment import ScannerAugmentation, degrade_case
 from trainer.unet import UNet2D, UNetConfig, build_unet
 
 logger = logging.getLogger(__name__)
@@ -78,6 +82,9 @@ class TrainConfig:
     threads: int | None = None
     name: str = ""
     version: str = "0.1.0"
+    #: Per case and epoch, the probability of a scanner-like degradation (trainer/scanner_augment.py);
+    #: 0 trains on the cases as they are. Validation then scores clean and degraded copies.
+    scanner_augment: float = 0.0
 
     def check(self) -> None:
         """Raise TrainerError on an impossible option."""
@@ -93,6 +100,8 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "patience"):
             if getattr(self, name) < 1:
                 raise TrainerError(f"{name} {getattr(self, name)} must be at least 1")
+        if not 0.0 <= self.scanner_augment <= 1.0:
+            raise TrainerError(f"--scanner-augment {self.scanner_augment} must be a probability in [0, 1]")
 
 
 def card_base(config: TrainConfig, spacing: Sequence[float]) -> dict[str, Any]:
@@ -243,6 +252,10 @@ class Trainer:
             train_cases = load_prepared([by_id[c] for c in split["train"]], pre, mods, task, advance)
             val_ids = split["val"][self.dist.rank :: self.dist.world_size]
             self.val_cases = load_prepared([by_id[c] for c in val_ids], pre, mods, task, advance)
+        self.raw_train: list[Case] = []
+        if self.config.scanner_augment > 0:
+            self.raw_train = [_only(by_id[c].load(), mods) for c in split["train"]]
+            self.val_cases += scanner_copies([by_id[c] for c in val_ids], pre, mods, task, self.config.seed)
         self.arrays = SliceArrays.from_cases(train_cases)
         self.tumour = self.arrays.tumour
         logger.info(
@@ -344,7 +357,22 @@ class Trainer:
         generator = torch.Generator().manual_seed(self.config.seed * 7919 + epoch)
         return DataLoader(dataset, self.config.batch_size, shuffle=True, generator=generator, drop_last=True)
 
+    def _degrade_epoch(self, epoch: int) -> None:
+        """This epoch's training slices from freshly degraded copies of the training cases."""
+        aug = ScannerAugmentation(prob=self.config.scanner_augment)
+        pre, mods, task = self.card["preprocessing"], self.config.modalities, self.config.task
+        cases = []
+        with self._bar(f"scanner degradation, epoch {epoch + 1}", len(self.raw_train)) as advance:
+            for i, case in enumerate(self.raw_train):
+                rng = np.random.default_rng([self.config.seed, epoch, i])
+                cases.append(prepare_case(degrade_case(case, rng, aug), pre, mods, task))
+                advance()
+        self.arrays = SliceArrays.from_cases(cases)
+        self.tumour = self.arrays.tumour
+
     def _train_epoch(self, epoch: int) -> tuple[float, float, int]:
+        if self.raw_train:
+            self._degrade_epoch(epoch)
         self.net.train()
         for group in self.optimizer.param_groups:
             group["lr"] = self._lr(epoch)
@@ -522,6 +550,27 @@ class Trainer:
 
             dist.barrier()
         return {"out": str(self.out), **asdict(self.state)}
+
+
+def _only(case: Case, modalities: Sequence[str]) -> Case:
+    """``case`` with the images of ``modalities`` only (degradation works on every image it holds)."""
+    return replace(case, images={m: case.images[m] for m in modalities if m in case.images})
+
+
+def scanner_copies(
+    refs: Sequence[Any], preprocessing: Mapping[str, Any], modalities: Sequence[str], task: str, seed: int
+) -> list[PreparedCase]:
+    """Validation cases degraded once, with a fixed seed, as a scanner would have written them."""
+    out = []
+    for i, ref in enumerate(refs):
+        case = degrade_case(
+            _only(ref.load(), modalities),
+            np.random.default_rng([seed, 10_007, i]),
+            ScannerAugmentation(prob=1.0),
+        )
+        prepared = prepare_case(case, preprocessing, modalities, task)
+        out.append(replace(prepared, case_id=f"{prepared.case_id}+scanner"))
+    return out
 
 
 def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
