@@ -9,7 +9,8 @@ record of those libraries, and every Python warning (``logging.captureWarnings``
 into records of the logger ``py.warnings``), before a handler writes it:
 
 - a data set element line keeps its tag, VR and keyword (when printed after '#'), nothing else;
-- anything in single or double quotes, in square brackets, or after ``=`` becomes ``<scrubbed>``;
+- anything in single or double quotes, in square brackets, or after ``=`` becomes ``<scrubbed>``,
+  except a quoted DICOM keyword (highdicom's ``copied attribute "PatientName"`` names no value);
 - a warning keeps its category and scrubbed message, without the file, line and source line;
 - a traceback attached to such a record is scrubbed the same way.
 
@@ -23,6 +24,8 @@ from __future__ import annotations
 import logging
 import re
 
+from pydicom.datadict import tag_for_keyword
+
 #: Loggers whose records are rewritten (and their children).
 LIBRARY_LOGGERS = ("pydicom", "highdicom", "pynetdicom", "py.warnings")
 SCRUBBED = "<scrubbed>"
@@ -32,6 +35,7 @@ _VR = re.compile(r"[A-Z]{2}")
 _QUOTED = re.compile(r"'[^'\n]*'?|\"[^\"\n]*\"?")
 _BRACKETED = re.compile(r"\[[^\]\n]*\]?")
 _ASSIGNED = re.compile(r"=\s*[^\s,;)]+")
+_KEYWORD = re.compile(r"[A-Z][A-Za-z0-9]+")
 _WARNING = re.compile(r"^.*?:\d+: (?P<category>\w+): (?P<message>.*)$", re.DOTALL)
 
 
@@ -48,9 +52,18 @@ def _scrub_line(line: str) -> str:
         vr = f" {words[0]}" if words and _VR.fullmatch(words[0]) else ""
         tail = f" # {rest.rsplit('#', 1)[1].strip()}" if "#" in rest else ""
         return f"{match['indent']}{match['tag']}{vr} {SCRUBBED}{tail}"
-    line = _QUOTED.sub(f"'{SCRUBBED}'", line)
+    line = _QUOTED.sub(_quoted, line)
     line = _BRACKETED.sub(f"[{SCRUBBED}]", line)
     return _ASSIGNED.sub(f"={SCRUBBED}", line)
+
+
+def _quoted(match: re.Match[str]) -> str:
+    """A quoted DICOM keyword as it is; any other quoted text scrubbed."""
+    inner = match.group(0)[1:-1] if len(match.group(0)) > 1 else ""
+    quote = match.group(0)[0]
+    if _KEYWORD.fullmatch(inner) and tag_for_keyword(inner) is not None:
+        return match.group(0)
+    return f"{quote}{SCRUBBED}{quote}"
 
 
 def _warning_text(text: str) -> str:
