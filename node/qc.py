@@ -313,7 +313,12 @@ def check(
     rules = [
         rule_series_slices(slices, settings.min_slices),
         rule_head_found(head_ml, settings.min_head_ml),
-        rule_tumour_share_of_head(tumour_ml, head_ml, settings.max_tumour_share_percent),
+        # Without a head (blank, noise) a share of it says nothing more: not checked.
+        rule_tumour_share_of_head(
+            tumour_ml,
+            head_ml if head_ml is not None and head_ml >= settings.min_head_ml else None,
+            settings.max_tumour_share_percent,
+        ),
         rule_brain_found(brain_ml),
         rule_brain_volume(brain_ml, settings.min_brain_ml, settings.max_brain_ml),
         rule_tumour_share_of_brain(tumour_ml, brain_ml, settings.max_tumour_share_percent),

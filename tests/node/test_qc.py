@@ -24,8 +24,8 @@ from node import qc
 from node.config import QCSettings, load_settings
 from node.exceptions import ConfigError
 from node.pipeline import assemble, quality_check, select_series
-from node.selection import SeriesSelector
 from node.seg import build_seg
+from node.selection import SeriesSelector
 from node.sr import BRAIN, TUMOUR_SHARE_OF_BRAIN, build_sr
 from tests.helpers.peers import REPO
 
@@ -71,7 +71,9 @@ def labels_of(mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.uint8]:
 # -- single rules ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("slices", "status"), [(3, qc.FAILED), (7, qc.FAILED), (8, qc.PASSED), (155, qc.PASSED)])
+@pytest.mark.parametrize(
+    ("slices", "status"), [(3, qc.FAILED), (7, qc.FAILED), (8, qc.PASSED), (155, qc.PASSED)]
+)
 def test_series_slices(slices: int, status: str) -> None:
     result = qc.rule_series_slices(slices, QCSettings().min_slices)
     assert result.status == status
@@ -115,7 +117,9 @@ def test_tumour_share_of_brain(brain: npt.NDArray[np.bool_]) -> None:
 
 def test_restrict_to_brain_removes_exactly_the_voxels_outside(brain: npt.NDArray[np.bool_]) -> None:
     # A tumour straddling the brain's surface, and a blob in the "scalp".
-    tumour = ellipsoid((20.0, 20.0, 20.0), centre_mm=(60.0, 0.0, 0.0)) | ellipsoid((6.0, 6.0, 6.0), (0, 0, 75.0))
+    tumour = ellipsoid((20.0, 20.0, 20.0), centre_mm=(60.0, 0.0, 0.0)) | ellipsoid(
+        (6.0, 6.0, 6.0), (0, 0, 75.0)
+    )
     labels = labels_of(tumour)
     labels[tumour & brain & (np.arange(GRID[2]) < 45)[None, None, :]] = 2  # a second label, inside
     kept, removed = qc.restrict_to_brain(labels, brain)
@@ -175,6 +179,7 @@ def test_head_mask_holds_the_brain_of_a_skull_stripped_phantom() -> None:
     head = qc.head_mask(image)
     assert (head & brain).sum() >= 0.99 * brain.sum()
     assert (head & ~brain).sum() <= 0.01 * brain.sum()
+    assert case.label is not None
     tumour = np.transpose(case.label, (2, 1, 0)) > 0
     share_head = 100 * tumour.sum() / head.sum()
     share_brain = 100 * tumour.sum() / brain.sum()
@@ -233,8 +238,20 @@ def test_check_without_a_brain_mask_reports_the_brain_rules_not_checked(brain: n
     }
     assert not report.passed and [r.name for r in report.failed] == ["series_slices"]
     assert report.reason() == "qc series_slices: 4 slices, fewer than 8"
-    assert report.figures["brain_volume_ml"] is None and report.figures["tumour_share_of_brain_percent"] is None
+    assert (
+        report.figures["brain_volume_ml"] is None and report.figures["tumour_share_of_brain_percent"] is None
+    )
     assert json.loads(json.dumps(report.as_dict()))["rules"][0]["status"] == qc.FAILED
+
+
+def test_check_without_a_head_reports_only_that() -> None:
+    """Noise: the head rule fails; the share of a head that is not there is not checked."""
+    rng = np.random.default_rng(1)
+    image = rng.normal(500.0, 100.0, (16, 64, 64)).astype(np.float32)
+    labels = (image > 600).astype(np.uint8)
+    report = qc.check(labels, None, 0.144, 16, QCSettings(), head=qc.head_mask(image))
+    assert [r.name for r in report.failed] == ["head_found"]
+    assert report.by_name("tumour_share_of_head").status == qc.NOT_CHECKED
 
 
 def test_check_with_a_brain_mask(brain: npt.NDArray[np.bool_]) -> None:
@@ -287,9 +304,10 @@ def test_quality_check_takes_a_ras_mask_onto_the_series_grid(tmp_path: Path) -> 
     chosen = select_series({"s": [str(p) for p in study.files["FLAIR"]]}, ["FLAIR"], selector)
     assembled = assemble(chosen, ["FLAIR"])
     assert assembled.images["FLAIR"].shape == case.shape
-    brain_ras = case.images["FLAIR"] > 0
+    assert case.label is not None
+    brain_ras = np.asarray(case.images["FLAIR"] > 0)
     brain_ras[: case.shape[0] // 2] = False  # x < midline is the right side in RAS: not brain
-    labels_ras = (case.label > 0).astype(np.uint8)
+    labels_ras = np.asarray(case.label > 0).astype(np.uint8)
     labels = np.asarray(ras_to_volume(labels_ras, assembled.reference), dtype=np.uint8)
     checked = quality_check(labels, assembled, brain_ras, chosen["FLAIR"].slices, QCSettings())
     expected = np.asarray(ras_to_volume((labels_ras & brain_ras).astype(np.uint8), assembled.reference))
@@ -307,16 +325,23 @@ def test_quality_check_takes_a_ras_mask_onto_the_series_grid(tmp_path: Path) -> 
     assert unchecked.report.by_name("head_found").status == qc.PASSED
 
 
-# -- the SR: brain figures, and the SR without SEG -------------------------------------------------------------
+# -- the SR: brain figures, and the SR without SEG ----------------------------------------------------
 
 
 def _card() -> dict[str, Any]:
-    return {"name": "test-model", "version": "2.3.4", "task": "whole_tumor", "labels": TASK_LABELS["whole_tumor"]}
+    return {
+        "name": "test-model",
+        "version": "2.3.4",
+        "task": "whole_tumor",
+        "labels": TASK_LABELS["whole_tumor"],
+    }
 
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory: pytest.TempPathFactory) -> list[Dataset]:
-    study = write_study(make_synthetic_case(11, (24, 32, 8)), tmp_path_factory.mktemp("sr"), modalities=["FLAIR"])
+    study = write_study(
+        make_synthetic_case(11, (24, 32, 8)), tmp_path_factory.mktemp("sr"), modalities=["FLAIR"]
+    )
     return [pydicom.dcmread(p) for p in study.files["FLAIR"]]
 
 
@@ -339,7 +364,10 @@ def _numbers(group: Dataset) -> dict[tuple[str, str], tuple[float, str]]:
 
 def _finding(group: Dataset) -> tuple[str, str]:
     [item] = [i for i in group.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "121071"]
-    return (str(item.ConceptCodeSequence[0].CodeValue), str(item.ConceptCodeSequence[0].CodingSchemeDesignator))
+    return (
+        str(item.ConceptCodeSequence[0].CodeValue),
+        str(item.ConceptCodeSequence[0].CodingSchemeDesignator),
+    )
 
 
 def _round_trip(sr: Dataset, tmp_path: Path) -> Dataset:
@@ -350,7 +378,9 @@ def _round_trip(sr: Dataset, tmp_path: Path) -> Dataset:
     return ds
 
 
-def test_sr_carries_brain_volume_share_and_model(sources: list[Dataset], tmp_path: Path, strict_pydicom: None) -> None:
+def test_sr_carries_brain_volume_share_and_model(
+    sources: list[Dataset], tmp_path: Path, strict_pydicom: None
+) -> None:
     labels = np.zeros((len(sources), int(sources[0].Rows), int(sources[0].Columns)), np.uint8)
     labels[2:6, 5:15, 4:12] = 1
     seg = build_seg(sources, labels, _card(), software_version="9.9.9")
@@ -368,7 +398,9 @@ def test_sr_carries_brain_volume_share_and_model(sources: list[Dataset], tmp_pat
     # The model's name and version: algorithm identification (TID 4019) in each group.
     for group in (tumour, brain_group):
         names = {
-            i.ConceptNameCodeSequence[0].CodeMeaning: i.TextValue for i in group.ContentSequence if i.ValueType == "TEXT"
+            i.ConceptNameCodeSequence[0].CodeMeaning: i.TextValue
+            for i in group.ContentSequence
+            if i.ValueType == "TEXT"
         }
         assert (names["Algorithm Name"], names["Algorithm Version"]) == ("test-model", "2.3.4")
     assert sr.StudyInstanceUID == sources[0].StudyInstanceUID
