@@ -20,9 +20,7 @@ from db.cli import CONFIG_OPTION, echo_json
 console = Console(highlight=False)
 
 jobs_app = typer.Typer(
-    name="jobs",
-    help="The node's job queue: list, show and retry jobs; send a job held for review.",
-    no_args_is_help=True,
+    name="jobs", help="The node's job queue: list, show and retry jobs.", no_args_is_help=True
 )
 
 
