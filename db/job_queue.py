@@ -11,6 +11,11 @@ heartbeat is older than ``stale_seconds``.
 
 Jobs are created by :func:`db.instances.schedule_due_studies`; a finished job queues its sends
 (:mod:`db.send_queue`) in the transaction that ends it.
+
+States: ``queued`` -> ``running`` -> ``done`` | ``failed`` | ``skipped`` | ``review``. A ``review``
+job wrote its outputs but failed a check before sending (node/qc.py): nothing is queued until an
+administrator releases it (:func:`release_job`), which queues the sends of the outputs already
+written and marks it ``done``, recording who released it.
 """
 
 from __future__ import annotations
@@ -36,6 +41,10 @@ logger = logging.getLogger(__name__)
 def owner_id() -> str:
     """``host:pid`` of this process, recorded on the jobs it runs."""
     return f"{socket.gethostname()}:{os.getpid()}"
+
+
+#: The states a job can end in.
+FINAL_STATES = ("done", "failed", "skipped", "review")
 
 
 @dataclass(frozen=True)
@@ -230,10 +239,12 @@ def finish_job(
 ) -> bool:
     """End a running job and, in the same transaction, queue a send per output and destination.
 
+    A job ending ``review`` queues no send: its outputs wait for :func:`release_job`.
+
     Returns False (and changes nothing) when the job is no longer running under this owner, e.g.
     it was re-queued meanwhile: its outputs are then simply not sent, so nothing is sent twice.
     """
-    if status not in ("done", "failed", "skipped"):
+    if status not in FINAL_STATES:
         raise ValueError(f"job {job_id}: status {status!r} is not a final state")
     now = now or utcnow()
     with writing(sf) as s:
@@ -254,24 +265,84 @@ def finish_job(
         if changed != 1:
             logger.warning("job %d was no longer ours when it finished; its outputs are not sent", job_id)
             return False
-        for out in outputs or []:
-            for dest in destinations or []:
-                s.add(
-                    NodeSend(
-                        job_id=job_id,
-                        destination=dest.name,
-                        ae_title=dest.ae_title,
-                        host=dest.host,
-                        port=dest.port,
-                        path=out.path,
-                        sop_instance_uid=out.sop_instance_uid,
-                        status="pending",
-                        attempts=0,
-                        next_attempt_at=now,
-                        last_error="",
-                    )
-                )
+        if status != "review":
+            _queue_sends(s, job_id, outputs or [], destinations or [], now)
     return True
+
+
+def _queue_sends(
+    s: Session, job_id: int, outputs: list[OutputObject], destinations: list[Any], now: datetime
+) -> int:
+    """Add a pending send per output and destination; returns how many."""
+    for out in outputs:
+        for dest in destinations:
+            s.add(
+                NodeSend(
+                    job_id=job_id,
+                    destination=dest.name,
+                    ae_title=dest.ae_title,
+                    host=dest.host,
+                    port=dest.port,
+                    path=out.path,
+                    sop_instance_uid=out.sop_instance_uid,
+                    status="pending",
+                    attempts=0,
+                    next_attempt_at=now,
+                    last_error="",
+                )
+            )
+    return len(outputs) * len(destinations)
+
+
+@database_errors
+def release_job(
+    sf: SessionFactory,
+    job_id: int,
+    *,
+    by: str,
+    destinations: list[Any],
+    now: datetime | None = None,
+) -> JobInfo:
+    """Send a ``review`` job's outputs after all: queue their sends and mark the job ``done``.
+
+    The model does not run again: the outputs are those the job wrote (``result["outputs"]``). The
+    job's reason and result record who released it and when, and which checks it had failed.
+
+    Raises
+    ------
+    JobNotFoundError
+        No job with ``job_id``.
+    JobStateError
+        The job is not in ``review``, or its result lists no outputs.
+    """
+    now = now or utcnow()
+    with writing(sf) as s:
+        job = s.get(NodeJob, job_id)
+        if job is None:
+            raise JobNotFoundError(f"job {job_id} does not exist (see `segnode jobs list`)")
+        if job.status != "review":
+            raise JobStateError(
+                f"job {job_id} is {job.status}; only a job in review can be sent anyway "
+                "(`segnode jobs list --status review`)"
+            )
+        result = dict(job.result or {})
+        outputs = [OutputObject(o["path"], o["sop_instance_uid"]) for o in result.get("outputs") or []]
+        if not outputs:
+            raise JobStateError(f"job {job_id} has no outputs to send; retry it without --send-anyway")
+        changed = s.execute(
+            update(NodeJob)
+            .where(NodeJob.id == job_id, NodeJob.status == "review")
+            .values(
+                status="done",
+                reason=f"released by {by} after review ({job.reason})"[:2000],
+                result={**result, "released_by": by, "released_at": now.isoformat()},
+            )
+        ).rowcount  # type: ignore[attr-defined]
+        if changed != 1:
+            raise JobStateError(f"job {job_id} changed state meanwhile; see `segnode jobs show {job_id}`")
+        queued = _queue_sends(s, job_id, outputs, destinations, now)
+    logger.info("job %d released by %s: %d sends queued", job_id, by, queued)
+    return get_job(sf, job_id)
 
 
 def _job_info(s: Session, job: NodeJob, with_sends: bool) -> JobInfo:
@@ -321,7 +392,7 @@ def list_jobs(sf: SessionFactory, status: str | None = None, limit: int = 100) -
 
 @database_errors
 def retry_job(sf: SessionFactory, job_id: int) -> JobInfo:
-    """Queue a finished (failed, skipped or done) job again; a queued or running one is refused.
+    """Queue a finished (failed, skipped, review or done) job again; a queued or running one is refused.
 
     Raises
     ------
@@ -348,6 +419,6 @@ def job_counts(sf: SessionFactory) -> dict[str, int]:
     """Number of jobs per status (every status present, zero when none)."""
     with sf() as s:
         rows = s.execute(select(NodeJob.status, func.count(NodeJob.id)).group_by(NodeJob.status)).all()
-    counts = {state: 0 for state in ("queued", "running", "done", "failed", "skipped")}
+    counts = {state: 0 for state in ("queued", "running", *FINAL_STATES)}
     counts.update({str(k): int(v) for k, v in rows})
     return counts

@@ -23,7 +23,7 @@ from sqlalchemy.orm import Mapped, mapped_column
 from db.models import Base
 
 #: Job states.
-JOB_STATES: tuple[str, ...] = ("queued", "running", "done", "failed", "skipped")
+JOB_STATES: tuple[str, ...] = ("queued", "running", "done", "failed", "skipped", "review")
 #: Send states.
 SEND_STATES: tuple[str, ...] = ("pending", "done")
 

@@ -74,6 +74,37 @@ class SelectionSettings:
 
 
 @dataclass
+class QCSettings:
+    """``[qc]``: limits of the checks a result passes before anything is sent (node/qc.py).
+
+    A study that fails one ends ``review`` and sends nothing until ``segnode jobs retry ID
+    --send-anyway``. To switch a rule off, widen its limit (e.g. ``min_slices = 1``).
+    """
+
+    # Brain volume (mL) of the brain mask. Adult brain volumes are about 1.0-1.5 L (mean total brain
+    # volume ~1.26 L in men and ~1.13 L in women, Allen et al. 2002, Am J Phys Anthropol 118:341)
+    # and intracranial volume, which a brain mask that keeps the CSF approaches, about 1.2-1.9 L
+    # (Buckner et al. 2004, NeuroImage 23:724). 800 mL lies below severe atrophy and small adult
+    # heads; 2200 mL above the largest intracranial volumes. Outside: a wrong mask, a partial
+    # coverage or not a head at all.
+    min_brain_ml: float = 800.0
+    max_brain_ml: float = 2200.0
+    # Whole tumour (with oedema) as a share of the brain, in %. On the 9 BraTS training cases here
+    # (data/train) it is 2.7-14.0 % of a 1.29-1.62 L brain mask (node/README.md "Checks"); 30 %
+    # leaves room for the largest gliomas and catches a model outlining the whole brain (~100 %)
+    # or a hemisphere (~50 %).
+    max_tumour_share_percent: float = 30.0
+    # Slices of the (thinnest-covered) series: 8 x 6 mm still under half a brain's height.
+    min_slices: int = 8
+    # Foreground of the image (node/qc.py head_mask), mL: under it, a blank or pure-noise series.
+    # 8 slices of 1 mm through a brain already hold ~100 mL.
+    min_head_ml: float = 50.0
+    # Share (%) of the predicted tumour lying outside the brain mask (removed before the SEG) above
+    # which the rest is not trusted either.
+    max_outside_share_percent: float = 50.0
+
+
+@dataclass
 class DatabaseSettings:
     """``[database]``: SQLAlchemy URL; empty means a SQLite file under the var dir."""
 
@@ -122,6 +153,7 @@ class Settings:
     tls: TLSSettings = field(default_factory=TLSSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     selection: SelectionSettings = field(default_factory=SelectionSettings)
+    qc: QCSettings = field(default_factory=QCSettings)
     source: Path | None = None
 
 
@@ -131,6 +163,7 @@ _SECTIONS: dict[str, type] = {
     "tls": TLSSettings,
     "metrics": MetricsSettings,
     "selection": SelectionSettings,
+    "qc": QCSettings,
 }
 
 
@@ -227,6 +260,14 @@ def _validate(settings: Settings, where: str) -> None:
             raise ConfigError(
                 f"{where}: destination {dest.name!r} ae_title {dest.ae_title!r} must be 1-16 characters"
             )
+    qc = settings.qc
+    if not 0 <= qc.min_brain_ml <= qc.max_brain_ml:
+        raise ConfigError(f"{where}: qc.min_brain_ml {qc.min_brain_ml} must be >= 0 and <= qc.max_brain_ml")
+    for name in ("max_tumour_share_percent", "max_outside_share_percent"):
+        if not 0 <= getattr(qc, name) <= 100:
+            raise ConfigError(f"{where}: qc.{name} {getattr(qc, name)} is not a percentage (0-100)")
+    if qc.min_slices < 1 or qc.min_head_ml < 0:
+        raise ConfigError(f"{where}: qc.min_slices must be at least 1 and qc.min_head_ml at least 0")
     if settings.tls.enabled and not (settings.tls.cert and settings.tls.key):
         raise ConfigError(f"{where}: tls.enabled needs tls.cert and tls.key")
 

@@ -57,6 +57,12 @@ class NodeMetrics:
         self.jobs_finished = Counter(
             "segnode_jobs_finished", "Jobs finished, by state", ["state"], registry=r
         )
+        self.qc_failures = Counter(
+            "segnode_qc_failures",
+            "Results held for review, by failed QC rule (node/qc.py; one job may fail several)",
+            ["rule"],
+            registry=r,
+        )
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""

@@ -4,6 +4,11 @@ Each step is a plain function; :func:`run_job` times them, records the stage tim
 and, in the same transaction that ends the job, queues a send of the SEG and the SR to every
 destination. A study that lacks a modality the model needs ends ``skipped`` with the reason; any
 other error ends ``failed`` with a one-line reason. Nothing the SCP acknowledged is touched.
+
+After inference the ``qc`` stage (:func:`quality_check`, rules in node/qc.py) removes tumour outside
+the brain mask and checks the result: a study that fails a rule writes its SEG and SR but sends
+nothing and ends ``review`` (``segnode jobs retry ID --send-anyway`` sends them). When no tumour is
+left, no SEG is written: the SR alone (0 mL) tells the PACS the study was analysed.
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ from converters.volume import Volume
 from db import job_queue
 from db.job_queue import OutputObject
 from db.transactions import SessionFactory
-from node.config import Destination
+from node import qc
+from node.config import Destination, QCSettings
 from node.exceptions import JobError, NodeError
 from node.metrics import NodeMetrics
 from node.runtime import LoadedModel
@@ -166,6 +172,58 @@ def segment_volumes_ml(labels: npt.NDArray[np.uint8], card: Mapping[str, Any], v
     return [float((labels == int(label["value"])).sum()) * voxel_ml for label in card.get("labels") or []]
 
 
+def brain_mask_for(assembled: Assembled) -> npt.NDArray[np.bool_] | None:
+    """The brain mask of the assembled study on its RAS grid (``assembled.images``' shape), or None.
+
+    None today: the node has no brain extraction yet, so the brain-mask rules of node/qc.py report
+    "not checked" and no tumour is removed. The brain stage (node/brain_extraction.py) replaces it.
+    """
+    return None
+
+
+@dataclass
+class Checked:
+    """The ``qc`` stage's output: the labels to send (tumour outside the brain removed) and the report."""
+
+    labels: npt.NDArray[np.uint8]
+    report: qc.QCReport
+
+
+def quality_check(
+    labels: npt.NDArray[np.uint8],
+    assembled: Assembled,
+    brain_ras: npt.NDArray[np.bool_] | None,
+    slices: int,
+    settings: QCSettings,
+) -> Checked:
+    """Remove tumour outside the brain and run the node/qc.py rules on the reference series' grid.
+
+    Parameters
+    ----------
+    labels:
+        The model's label map on the reference series' (slice, row, column) grid.
+    assembled:
+        The assembled study (its reference volume gives the grid, the spacing and the head mask).
+    brain_ras:
+        The brain mask on the RAS grid of ``assembled.images``, or None.
+    slices:
+        The slice count of the series (the fewest among the chosen series).
+    settings:
+        The ``[qc]`` limits.
+    """
+    from converters.reorient import ras_to_volume
+
+    reference = assembled.reference
+    brain = None
+    if brain_ras is not None:
+        brain = np.asarray(ras_to_volume(np.asarray(brain_ras, dtype=np.uint8), reference)) > 0
+    kept, removed = qc.restrict_to_brain(labels, brain)
+    voxel_ml = float(np.prod(reference.spacing)) / 1000.0
+    head = qc.head_mask(reference.array)
+    report = qc.check(kept, brain, voxel_ml, slices, settings, head=head, removed_voxels=removed)
+    return Checked(labels=np.asarray(kept, dtype=np.uint8), report=report)
+
+
 @dataclass
 class JobContext:
     """What a worker needs to run jobs."""
@@ -176,10 +234,11 @@ class JobContext:
     destinations: list[Destination]
     metrics: NodeMetrics
     model: Callable[[], LoadedModel | None]
+    qc: QCSettings = field(default_factory=QCSettings)
 
 
 def run_job(ctx: JobContext, job_id: int) -> str:
-    """Run claimed job ``job_id`` to its end state; returns that state (done, skipped, failed)."""
+    """Run claimed job ``job_id`` to its end state; returns that state (done, skipped, failed, review)."""
     from node.preview import render_preview
     from node.seg import build_seg
     from node.sr import build_sr
@@ -207,16 +266,30 @@ def run_job(ctx: JobContext, job_id: int) -> str:
             labels = segment(model, assembled, prepared)
         ctx.metrics.inference_seconds.observe(timer.stages["inference"])
         job_queue.heartbeat(ctx.sf, job_id)
-        with timer.stage("seg"):
-            frame_labels = source_frame_labels(labels, assembled)
-            seg = build_seg(assembled.sources, frame_labels, card, software_version=SOFTWARE_VERSION)
+        with timer.stage("qc"):
+            slices = min(s.slices for s in chosen.values())
+            checked = quality_check(labels, assembled, brain_mask_for(assembled), slices, ctx.qc)
+        labels, report = checked.labels, checked.report
+        seg = None
+        if labels.any():
+            with timer.stage("seg"):
+                frame_labels = source_frame_labels(labels, assembled)
+                seg = build_seg(assembled.sources, frame_labels, card, software_version=SOFTWARE_VERSION)
         volumes = segment_volumes_ml(labels, card, assembled.reference)
         with timer.stage("sr"):
-            sr = build_sr(seg, assembled.sources, volumes, card)
+            sr = build_sr(
+                seg,
+                assembled.sources,
+                volumes,
+                card,
+                brain_volume_ml=report.figures["brain_volume_ml"],
+                tumour_share_percent=report.figures["tumour_share_of_brain_percent"],
+            )
         with timer.stage("write"):
             out_dir.mkdir(parents=True, exist_ok=True)
             seg_path, sr_path = out_dir / "seg.dcm", out_dir / "sr.dcm"
-            _save(seg, seg_path)
+            if seg is not None:
+                _save(seg, seg_path)
             _save(sr, sr_path)
             write_atomic(out_dir / "preview.png", render_preview(assembled.reference.array, labels))
     except JobError as exc:
@@ -226,20 +299,29 @@ def run_job(ctx: JobContext, job_id: int) -> str:
     except Exception as exc:  # a bug or an unforeseen input: the job fails, the worker goes on
         logger.exception("job %d: unexpected error", job_id)
         return _end(ctx, job_id, "failed", f"internal error: {type(exc).__name__}: {exc}", timer, model)
+    outputs = [OutputObject(str(sr_path), str(sr.SOPInstanceUID))]
+    if seg is not None:
+        outputs.insert(0, OutputObject(str(seg_path), str(seg.SOPInstanceUID)))
     result = {
-        "seg": str(seg_path),
+        "seg": str(seg_path) if seg is not None else None,
         "sr": str(sr_path),
         "preview": str(out_dir / "preview.png"),
-        "seg_sop_instance_uid": str(seg.SOPInstanceUID),
+        "seg_sop_instance_uid": str(seg.SOPInstanceUID) if seg is not None else None,
         "sr_sop_instance_uid": str(sr.SOPInstanceUID),
         "series": {m: s.series_instance_uid for m, s in chosen.items()},
         "volumes_ml": [round(v, 3) for v in volumes],
+        "tumour_volume_ml": report.figures["tumour_volume_ml"],
+        "brain_volume_ml": report.figures["brain_volume_ml"],
+        "tumour_share_of_brain_percent": report.figures["tumour_share_of_brain_percent"],
+        "model": {"name": card.get("name"), "version": card.get("version"), "label": model.label},
+        "qc": report.as_dict(),
+        "outputs": [{"path": o.path, "sop_instance_uid": o.sop_instance_uid} for o in outputs],
     }
     (out_dir / "job.json").write_text(json.dumps({"job": job_id, "stages": timer.stages, **result}, indent=2))
-    outputs = [
-        OutputObject(str(seg_path), str(seg.SOPInstanceUID)),
-        OutputObject(str(sr_path), str(sr.SOPInstanceUID)),
-    ]
+    if not report.passed:
+        for rule in report.failed:
+            ctx.metrics.qc_failures.labels(rule.name).inc()
+        return _end(ctx, job_id, "review", report.reason(), timer, model, result=result, out_dir=out_dir)
     return _end(ctx, job_id, "done", "", timer, model, result=result, out_dir=out_dir, outputs=outputs)
 
 

@@ -88,6 +88,7 @@ class NodeService:
             destinations=list(settings.destinations),
             metrics=self.metrics,
             model=lambda: self.runtime.current,
+            qc=settings.qc,
         )
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []

@@ -2,7 +2,18 @@
 
 One Volumetric ROI Measurements group (TID 1411) per SEG segment, each referencing that segment of
 the SEG (ReferencedSegment, with the source series) and holding one measurement: SCT 118565006
-"Volume" in UCUM "mL", measured by the model (algorithm identification TID 4019).
+"Volume" in UCUM "mL", measured by the model (algorithm identification TID 4019: the model's name
+and version, in each group and each measurement).
+
+When the model found no tumour there is no SEG to reference: each segment's group is then a TID 1501
+Measurements group (no ROI) with the same finding type and a volume of 0 mL, so the PACS still
+learns that the study was analysed and what was found.
+
+When the job has a brain mask, one more TID 1501 group with finding type SCT 12738006 "Brain" holds
+the brain volume (SCT 118565006 "Volume", UCUM "mL") and the whole tumour's share of it, in UCUM "%"
+under :data:`TUMOUR_SHARE_OF_BRAIN`. No SNOMED CT, DCM or LOINC concept names a lesion's volume as
+a share of its organ's (SCT 118586006 "Ratio" would not say of what), so that concept is in a
+private coding scheme (PS3.3 8.2: designators beginning "99") whose meaning says it in words.
 """
 
 from __future__ import annotations
@@ -24,27 +35,41 @@ SR_SERIES_NUMBER = 9902
 MILLILITRE = hd.sr.CodedConcept("mL", "UCUM", "milliliter")
 #: SCT 113091000 "Magnetic resonance imaging" as the procedure reported.
 MR_PROCEDURE = hd.sr.CodedConcept("113091000", "SCT", "Magnetic resonance imaging")
+#: SCT 12738006 "Brain": finding type of the brain group.
+BRAIN = hd.sr.CodedConcept("12738006", "SCT", "Brain")
+PERCENT = hd.sr.CodedConcept("%", "UCUM", "percent")
+#: Whole-tumour volume / brain volume, in %: private concept (see the module docstring).
+TUMOUR_SHARE_OF_BRAIN = hd.sr.CodedConcept(
+    "TUMOUR_BRAIN_PCT", "99SEGNODE", "Whole tumour volume as percentage of brain volume"
+)
 
 
 def build_sr(
-    seg: Dataset,
+    seg: Dataset | None,
     sources: Sequence[Dataset],
     volumes_ml: Sequence[float],
     card: Mapping[str, Any],
+    *,
+    brain_volume_ml: float | None = None,
+    tumour_share_percent: float | None = None,
 ) -> hd.sr.Comprehensive3DSR:
-    """A TID 1500 report with the volume in mL of each segment of ``seg``.
+    """A TID 1500 report with the volume in mL of each segment of ``seg`` (and of the brain).
 
     Parameters
     ----------
     seg:
-        The Segmentation the report refers to (segments numbered 1..n). The report copies its patient
-        and study attributes from it, by the rules of :mod:`node.source_attributes`.
+        The Segmentation the report refers to (segments numbered 1..n), or None when the model found
+        no tumour (then one TID 1501 group of 0 mL per card label). The report copies the patient
+        and study attributes of its evidence by the rules of :mod:`node.source_attributes`.
     sources:
         The source images of the segmentation (evidence).
     volumes_ml:
         Volume of segment ``i + 1`` in millilitres.
     card:
-        The model card (name and version as the algorithm identification).
+        The model card (name and version as the algorithm identification; labels when ``seg`` is None).
+    brain_volume_ml, tumour_share_percent:
+        The brain mask's volume and the whole tumour's share of it; a Brain group holds them when
+        ``brain_volume_ml`` is given.
     """
     algorithm = hd.sr.AlgorithmIdentification(
         name=str(card.get("name", "segnode model"))[:64], version=str(card.get("version", "unknown"))[:64]
@@ -55,8 +80,11 @@ def build_sr(
             uid=hd.UID(), name="segnode", model_name=str(card.get("name", ""))[:64] or None
         ),
     )
-    groups = []
+    groups: list[Any] = []
     for number, volume in enumerate(volumes_ml, start=1):
+        if seg is None:
+            groups.append(_unreferenced_group(number, volume, card, algorithm))
+            continue
         segment = seg.SegmentSequence[number - 1]
         groups.append(
             hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
@@ -81,13 +109,19 @@ def build_sr(
                 ],
             )
         )
+    if brain_volume_ml is not None:
+        groups.append(_brain_group(brain_volume_ml, tumour_share_percent, algorithm))
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=MR_PROCEDURE,
         imaging_measurements=groups,
     )
     return hd.sr.Comprehensive3DSR(
-        evidence=[*clean_sources([seg], what="SR"), *sources],
+        # The report takes its patient and study attributes from the first evidence: the cleaned SEG,
+        # or without one the cleaned sources.
+        evidence=[*clean_sources([seg], what="SR"), *sources]
+        if seg is not None
+        else clean_sources(sources, what="SR"),
         content=report[0],
         series_instance_uid=hd.UID(),
         series_number=SR_SERIES_NUMBER,
@@ -96,4 +130,49 @@ def build_sr(
         manufacturer="segnode",
         series_description=SR_SERIES_DESCRIPTION,
         is_complete=True,
+    )
+
+
+def _volume(value_ml: float, algorithm: hd.sr.AlgorithmIdentification) -> hd.sr.Measurement:
+    return hd.sr.Measurement(
+        name=codes.SCT.Volume, value=round(float(value_ml), 3), unit=MILLILITRE, algorithm_id=algorithm
+    )
+
+
+def _unreferenced_group(
+    number: int, volume_ml: float, card: Mapping[str, Any], algorithm: hd.sr.AlgorithmIdentification
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """TID 1501 group for card label ``number`` when there is no SEG segment to reference."""
+    from node.seg import segment_descriptions
+
+    description = segment_descriptions(card)[number - 1]
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=hd.UID(), identifier=f"segment {number}: {description.SegmentLabel} (none found)"[:64]
+        ),
+        finding_type=hd.sr.CodedConcept.from_dataset(description.SegmentedPropertyTypeCodeSequence[0]),
+        algorithm_id=algorithm,
+        measurements=[_volume(volume_ml, algorithm)],
+    )
+
+
+def _brain_group(
+    brain_ml: float, share_percent: float | None, algorithm: hd.sr.AlgorithmIdentification
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """TID 1501 group: the brain mask's volume and the whole tumour's share of it."""
+    measurements = [_volume(brain_ml, algorithm)]
+    if share_percent is not None:
+        measurements.append(
+            hd.sr.Measurement(
+                name=TUMOUR_SHARE_OF_BRAIN,
+                value=round(float(share_percent), 3),
+                unit=PERCENT,
+                algorithm_id=algorithm,
+            )
+        )
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier="brain"),
+        finding_type=BRAIN,
+        algorithm_id=algorithm,
+        measurements=measurements,
     )

@@ -146,7 +146,11 @@ def demo(
 @jobs_app.command("list")
 def jobs_list(
     config: Path | None = CONFIG_OPTION,
-    status: str | None = typer.Option(None, "--status", help="Only jobs in this state."),
+    status: str | None = typer.Option(
+        None,
+        "--status",
+        help="Only jobs in this state: queued, running, done, failed, skipped, review (held by a QC check).",
+    ),
     limit: int = typer.Option(50, "--limit", help="At most this many (newest first)."),
     as_json: bool = typer.Option(False, "--json", help="Write JSON instead of a table."),
 ) -> None:
@@ -230,6 +234,8 @@ def jobs_show(
         "output_dir",
     ):
         table.add_row(key, str(info[key]))
+    for key, value in _result_rows(info["result"]):
+        table.add_row(key, value)
     for name, seconds in info["stages"].items():
         table.add_row(f"stage {name}", f"{seconds:.3f} s")
     for s in info["sends"]:
@@ -240,13 +246,69 @@ def jobs_show(
     console.print(table)
 
 
+def _result_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
+    """The figures a reader needs, from a job's result: volumes, share, model, QC rules, release."""
+
+    def ml(value: Any) -> str:
+        return "-" if value is None else f"{value:.1f} mL"
+
+    rows: list[tuple[str, str]] = []
+    if "tumour_volume_ml" in result:
+        share = result.get("tumour_share_of_brain_percent")
+        rows += [
+            ("tumour volume", ml(result.get("tumour_volume_ml"))),
+            ("brain volume", ml(result.get("brain_volume_ml")) if result.get("brain_volume_ml") is not None
+             else "- (no brain mask)"),
+            ("tumour share of brain", "-" if share is None else f"{share:.1f} %"),
+        ]  # fmt: skip
+    model = result.get("model")
+    if model:
+        rows.append(("model name, version", f"{model.get('name')} {model.get('version')}"))
+    for rule in (result.get("qc") or {}).get("rules", []):
+        rows.append((f"qc {rule['name']}", f"{rule['status']}: {rule['message']}"))
+    if result.get("released_by"):
+        rows.append(("released", f"by {result['released_by']} at {result.get('released_at')}"))
+    return rows
+
+
 @jobs_app.command("retry")
 def jobs_retry(
-    job_id: int = typer.Argument(..., help="Job id."), config: Path | None = CONFIG_OPTION
+    job_id: int = typer.Argument(..., help="Job id."),
+    config: Path | None = CONFIG_OPTION,
+    send_anyway: bool = typer.Option(
+        False,
+        "--send-anyway",
+        help="For a job in review: send the SEG and SR it wrote, as they are (the model does not run "
+        "again), to the config's destinations, and mark it done.",
+    ),
+    by: str | None = typer.Option(
+        None, "--by", help="Who reviewed it (recorded on the job; default: the login name)."
+    ),
 ) -> None:
-    """Queue a finished job again (a new result is produced and sent)."""
+    """Queue a finished job again (a new result is produced and sent), or send a reviewed one anyway."""
     from db import job_queue
 
-    info = job_queue.retry_job(_session_factory(config), job_id)
-    console.print(f"job {info.id} queued again")
+    sf = _session_factory(config)
+    if not send_anyway:
+        info = job_queue.retry_job(sf, job_id)
+        console.print(f"job {info.id} queued again")
+        return
+    import getpass
+
+    from node.config import load_settings
+    from node.exceptions import NodeError
+
+    settings = load_settings(config)
+    if not settings.destinations:
+        raise NodeError("the config has no [[destinations]]: there is nowhere to send the job's outputs")
+    job = job_queue.get_job(sf, job_id)
+    missing = [o["path"] for o in job.result.get("outputs") or [] if not Path(o["path"]).is_file()]
+    if missing:
+        raise NodeError(f"job {job_id}: output {missing[0]} is gone; retry the job without --send-anyway")
+    info = job_queue.release_job(sf, job_id, by=by or getpass.getuser(), destinations=settings.destinations)
+    files = ", ".join(Path(o["path"]).name for o in info.result.get("outputs") or [])
+    console.print(
+        f"job {info.id} released by {info.result['released_by']}: {files} queued to "
+        f"{', '.join(d.name for d in settings.destinations)}"
+    )
 

@@ -23,6 +23,7 @@ from node.config import (
     Destination,
     MetricsSettings,
     NodeSettings,
+    QCSettings,
     SelectionSettings,
     TLSSettings,
     load_settings,
@@ -41,6 +42,7 @@ SECTIONS: dict[str, type] = {
     "tls": TLSSettings,
     "metrics": MetricsSettings,
     "selection": SelectionSettings,
+    "qc": QCSettings,
 }
 #: Keys the chart sets itself in the rendered node.toml rather than taking from values.config.
 CHART_OWNED = {"node": {"host", "spool_dir"}, "metrics": {"host"}}
@@ -227,7 +229,7 @@ def chart_values() -> dict[str, Any]:
     return data
 
 
-@pytest.mark.parametrize("section", ["node", "metrics", "tls"])
+@pytest.mark.parametrize("section", ["node", "metrics", "tls", "qc"])
 def test_chart_values_config_covers_the_schema(section: str) -> None:
     config = chart_values()["config"]
     keys = set(config[section])
@@ -239,7 +241,12 @@ def test_chart_values_config_covers_the_schema(section: str) -> None:
 
 def test_chart_values_defaults_equal_the_node_defaults_where_they_should() -> None:
     config = chart_values()["config"]
-    defaults = {"node": NodeSettings(), "metrics": MetricsSettings(), "tls": TLSSettings()}
+    defaults = {
+        "node": NodeSettings(),
+        "metrics": MetricsSettings(),
+        "tls": TLSSettings(),
+        "qc": QCSettings(),
+    }
     # The chart keeps the node's defaults except for the TLS paths (where the Secret is mounted).
     for section, obj in defaults.items():
         for key, value in config[section].items():
@@ -256,7 +263,7 @@ def test_chart_values_selection_and_destinations_use_schema_keys() -> None:
         assert not unknown, f"{path.name}: config.selection keys {sorted(unknown)}"
         for dest in config.get("destinations", []):
             assert set(dest) == schema_keys("destinations"), f"{path.name}: destination {dest}"
-        for section in ("node", "metrics", "tls"):
+        for section in ("node", "metrics", "tls", "qc"):
             unknown = set(config.get(section, {})) - schema_keys(section)
             assert not unknown, f"{path.name}: config.{section} keys {sorted(unknown)}"
 
@@ -271,7 +278,7 @@ def test_chart_service_ports_default_to_the_node_ports() -> None:
 JSON_TYPES = {bool: "boolean", int: "integer", float: "number", str: "string", list: "array"}
 
 
-@pytest.mark.parametrize("section", ["node", "metrics", "tls", "selection"])
+@pytest.mark.parametrize("section", ["node", "metrics", "tls", "selection", "qc"])
 def test_chart_values_schema_mirrors_the_config_schema(section: str) -> None:
     # values.schema.json makes `helm install` refuse a misspelt or mistyped config key; it must name
     # exactly the node's keys (less those the chart sets itself) with the node's types.

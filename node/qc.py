@@ -1,0 +1,342 @@
+"""Checks before anything leaves the node: is this result plausible enough to send?
+
+Each rule is a small pure function of arrays and numbers that returns a :class:`RuleResult`
+(passed, failed or not checked, with the figures it looked at). :func:`check` runs them all and
+returns a :class:`QCReport`; a study with a failed rule sends nothing and its job ends ``review``
+(node/pipeline.py), until an administrator sends it anyway (``segnode jobs retry ID --send-anyway``).
+
+Rules and where their limits come from (defaults in ``[qc]`` of node.toml, node/config.py):
+
+* ``series_slices``: the series has at least ``min_slices`` slices. Fewer slices cannot cover a
+  brain at any clinical slice thickness (8 x 6 mm = 48 mm, under half the height of a brain), and a
+  3-slice series is a localizer or a test shot.
+* ``head_found``: the image shows an object: a foreground (:func:`head_mask`) of at least
+  ``min_head_ml``. Blank series and pure noise have none (noise does not survive the opening).
+* ``tumour_share_of_head``: the tumour is at most ``max_tumour_share_percent`` of the imaged head.
+  Needs no brain mask and is sound: the brain lies inside the head's foreground, so the tumour's
+  share of the brain is at least its share of the head; failing here means failing
+  ``tumour_share_of_brain`` whatever the brain mask would have been. On a skull-stripped image the
+  foreground *is* the brain and the two rules coincide. It catches the model outlining the whole
+  brain of a whole-head image (a tumour of ~40 % of the head).
+* ``brain_found``: the brain mask is not empty.
+* ``brain_volume``: ``min_brain_ml`` <= brain volume <= ``max_brain_ml``.
+* ``tumour_share_of_brain``: tumour volume <= ``max_tumour_share_percent`` of the brain volume.
+* ``tumour_inside_brain``: tumour voxels outside the brain mask are removed before the SEG
+  (:func:`restrict_to_brain`); the rule fails when more than ``max_outside_share_percent`` of what
+  the model called tumour lay outside the brain: then the rest of it is not to be trusted either.
+
+The brain-mask rules report ``not checked`` when the job has no brain mask.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from scipy import ndimage
+
+from node.config import QCSettings
+
+PASSED = "passed"
+FAILED = "failed"
+NOT_CHECKED = "not checked"
+
+
+@dataclass(frozen=True)
+class RuleResult:
+    """The outcome of one rule: its name, status, the figures it used and a one-line message."""
+
+    name: str
+    status: str
+    figures: dict[str, float | int]
+    message: str
+
+    @property
+    def failed(self) -> bool:
+        """True when the rule failed."""
+        return self.status == FAILED
+
+
+@dataclass(frozen=True)
+class QCReport:
+    """Every rule's outcome and the figures a reader needs (volumes in mL, shares in %)."""
+
+    rules: list[RuleResult]
+    figures: dict[str, float | int | None] = field(default_factory=dict)
+
+    @property
+    def failed(self) -> list[RuleResult]:
+        """The rules that failed."""
+        return [r for r in self.rules if r.failed]
+
+    @property
+    def passed(self) -> bool:
+        """True when no rule failed (rules not checked do not fail)."""
+        return not self.failed
+
+    def by_name(self, name: str) -> RuleResult:
+        """The result of rule ``name`` (KeyError when it did not run)."""
+        for rule in self.rules:
+            if rule.name == name:
+                return rule
+        raise KeyError(name)
+
+    def reason(self) -> str:
+        """One line naming each failed rule with its figures (no patient data)."""
+        return "; ".join(f"qc {r.name}: {r.message}" for r in self.failed)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form for the job result."""
+        return {
+            "passed": self.passed,
+            "rules": [
+                {"name": r.name, "status": r.status, "figures": r.figures, "message": r.message}
+                for r in self.rules
+            ],
+            "figures": self.figures,
+        }
+
+
+def _r(value: float) -> float:
+    return round(float(value), 3)
+
+
+# -- masks ------------------------------------------------------------------------------------------------
+
+
+def otsu_threshold(values: npt.NDArray[np.floating[Any]], bins: int = 256) -> float:
+    """Otsu's threshold (maximal between-class variance) of ``values``; +inf when they are constant.
+
+    The histogram spans the values up to their 99.9th percentile, so that a few very bright voxels
+    (vessels, fat, artefacts) do not crowd the head and the air into its first bins.
+    """
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return float("inf")
+    low, high = float(finite.min()), float(np.percentile(finite, 99.9))
+    if high <= low:
+        return float("inf")
+    counts, edges = np.histogram(np.clip(finite, low, high), bins=bins, range=(low, high))
+    centres = (edges[:-1] + edges[1:]) / 2
+    weight0 = np.cumsum(counts)
+    weight1 = weight0[-1] - weight0
+    sum0 = np.cumsum(counts * centres)
+    mean0 = sum0 / np.maximum(weight0, 1)
+    mean1 = (sum0[-1] - sum0) / np.maximum(weight1, 1)
+    between = weight0 * weight1 * (mean0 - mean1) ** 2
+    return float(edges[int(np.argmax(between[:-1])) + 1])
+
+
+def head_mask(image: npt.NDArray[np.floating[Any]], radius: int = 2) -> npt.NDArray[np.bool_]:
+    """The imaged head (or skull-stripped brain): what the scanner saw besides air and noise.
+
+    Voxels above Otsu's threshold, opened in each slice with a disc of ``radius`` pixels (noise,
+    which has no extent, does not survive it), closed and hole-filled in each slice (ventricles and
+    dark CSF, below the threshold, are inside the head). Slices are the first axis of ``image``
+    (a :class:`~converters.volume.Volume` array: slice, row, column), the plane the scanner acquired.
+    """
+    yy, xx = np.mgrid[-radius : radius + 1, -radius : radius + 1]
+    disc = (yy**2 + xx**2) <= radius**2
+    above = image > otsu_threshold(np.asarray(image, dtype=np.float64))
+    out = np.zeros(image.shape, dtype=bool)
+    for k in range(image.shape[0]):
+        plane = ndimage.binary_opening(above[k], structure=disc)
+        plane = ndimage.binary_closing(plane, structure=disc, border_value=0)
+        out[k] = ndimage.binary_fill_holes(plane)
+    return out
+
+
+def restrict_to_brain(
+    labels: npt.NDArray[np.integer[Any]], brain: npt.NDArray[np.bool_] | None
+) -> tuple[npt.NDArray[np.integer[Any]], int]:
+    """Remove every tumour voxel outside the brain mask; returns the new labels and how many went.
+
+    With no mask (``None``) the labels are returned unchanged and the count is 0.
+    """
+    if brain is None:
+        return labels, 0
+    if brain.shape != labels.shape:
+        raise ValueError(f"brain mask of shape {brain.shape} is not on the label grid {labels.shape}")
+    outside = (labels > 0) & ~brain
+    removed = int(outside.sum())
+    if not removed:
+        return labels, 0
+    out = labels.copy()
+    out[outside] = 0
+    return out, removed
+
+
+# -- rules ------------------------------------------------------------------------------------------------
+
+
+def rule_series_slices(slices: int, min_slices: int) -> RuleResult:
+    """Enough slices to cover a brain: ``slices >= min_slices``."""
+    ok = slices >= min_slices
+    return RuleResult(
+        "series_slices",
+        PASSED if ok else FAILED,
+        {"slices": int(slices), "min_slices": int(min_slices)},
+        f"{slices} slices" + ("" if ok else f", fewer than {min_slices}"),
+    )
+
+
+def rule_head_found(head_ml: float | None, min_head_ml: float) -> RuleResult:
+    """The image shows an object of at least ``min_head_ml`` (not blank, not pure noise)."""
+    if head_ml is None:
+        return RuleResult("head_found", NOT_CHECKED, {}, "no image to measure")
+    ok = head_ml >= min_head_ml
+    return RuleResult(
+        "head_found",
+        PASSED if ok else FAILED,
+        {"head_ml": _r(head_ml), "min_head_ml": _r(min_head_ml)},
+        f"imaged head {head_ml:.1f} mL"
+        + ("" if ok else f", under {min_head_ml:g} mL: a blank or noise image"),
+    )
+
+
+def rule_tumour_share_of_head(tumour_ml: float, head_ml: float | None, max_percent: float) -> RuleResult:
+    """Tumour at most ``max_percent`` of the imaged head (a lower bound on its share of the brain)."""
+    if head_ml is None or head_ml <= 0:
+        return RuleResult("tumour_share_of_head", NOT_CHECKED, {}, "no head found to compare with")
+    share = 100.0 * tumour_ml / head_ml
+    ok = share <= max_percent
+    return RuleResult(
+        "tumour_share_of_head",
+        PASSED if ok else FAILED,
+        {"tumour_ml": _r(tumour_ml), "head_ml": _r(head_ml), "share_percent": _r(share),
+         "max_percent": _r(max_percent)},
+        f"tumour {tumour_ml:.1f} mL is {share:.1f} % of the imaged head ({head_ml:.1f} mL)"
+        + ("" if ok else f", over {max_percent:g} %"),
+    )  # fmt: skip
+
+
+def rule_brain_found(brain_ml: float | None) -> RuleResult:
+    """The brain mask holds at least one voxel."""
+    if brain_ml is None:
+        return RuleResult("brain_found", NOT_CHECKED, {}, "no brain mask")
+    ok = brain_ml > 0
+    return RuleResult(
+        "brain_found",
+        PASSED if ok else FAILED,
+        {"brain_ml": _r(brain_ml)},
+        f"brain {brain_ml:.1f} mL" if ok else "brain extraction found no brain",
+    )
+
+
+def rule_brain_volume(brain_ml: float | None, min_ml: float, max_ml: float) -> RuleResult:
+    """``min_ml <= brain volume <= max_ml``."""
+    if brain_ml is None:
+        return RuleResult("brain_volume", NOT_CHECKED, {}, "no brain mask")
+    ok = min_ml <= brain_ml <= max_ml
+    return RuleResult(
+        "brain_volume",
+        PASSED if ok else FAILED,
+        {"brain_ml": _r(brain_ml), "min_ml": _r(min_ml), "max_ml": _r(max_ml)},
+        f"brain {brain_ml:.1f} mL" + ("" if ok else f", outside {min_ml:g}-{max_ml:g} mL"),
+    )
+
+
+def rule_tumour_share_of_brain(tumour_ml: float, brain_ml: float | None, max_percent: float) -> RuleResult:
+    """Tumour volume at most ``max_percent`` of the brain volume."""
+    if brain_ml is None or brain_ml <= 0:
+        return RuleResult("tumour_share_of_brain", NOT_CHECKED, {}, "no brain mask")
+    share = 100.0 * tumour_ml / brain_ml
+    ok = share <= max_percent
+    return RuleResult(
+        "tumour_share_of_brain",
+        PASSED if ok else FAILED,
+        {"tumour_ml": _r(tumour_ml), "brain_ml": _r(brain_ml), "share_percent": _r(share),
+         "max_percent": _r(max_percent)},
+        f"tumour {tumour_ml:.1f} mL is {share:.1f} % of the brain"
+        + ("" if ok else f", over {max_percent:g} %"),
+    )  # fmt: skip
+
+
+def rule_tumour_inside_brain(
+    removed_voxels: int, predicted_voxels: int, voxel_ml: float, checked: bool, max_percent: float
+) -> RuleResult:
+    """At most ``max_percent`` of the predicted tumour lay outside the brain mask (it was removed)."""
+    if not checked:
+        return RuleResult("tumour_inside_brain", NOT_CHECKED, {}, "no brain mask: nothing removed")
+    share = 100.0 * removed_voxels / predicted_voxels if predicted_voxels else 0.0
+    ok = share <= max_percent
+    return RuleResult(
+        "tumour_inside_brain",
+        PASSED if ok else FAILED,
+        {"removed_voxels": int(removed_voxels), "removed_ml": _r(removed_voxels * voxel_ml),
+         "removed_percent": _r(share), "max_percent": _r(max_percent)},
+        f"{removed_voxels} tumour voxels ({removed_voxels * voxel_ml:.1f} mL, {share:.1f} %) were outside "
+        "the brain and removed" + ("" if ok else f", over {max_percent:g} %"),
+    )  # fmt: skip
+
+
+# -- all rules --------------------------------------------------------------------------------------------
+
+
+def check(
+    labels: npt.NDArray[np.integer[Any]],
+    brain: npt.NDArray[np.bool_] | None,
+    voxel_ml: float,
+    slices: int,
+    settings: QCSettings,
+    *,
+    head: npt.NDArray[np.bool_] | None = None,
+    removed_voxels: int = 0,
+) -> QCReport:
+    """Run every rule on a result.
+
+    Parameters
+    ----------
+    labels:
+        The label map after :func:`restrict_to_brain` (0 background), on the grid of ``brain`` and
+        ``head``.
+    brain:
+        The brain mask on the same grid, or None when the job has none (brain rules not checked).
+    voxel_ml:
+        Volume of one voxel in mL.
+    slices:
+        Slice count of the series (the fewest among the chosen series).
+    settings:
+        The ``[qc]`` limits.
+    head:
+        :func:`head_mask` of the image on the same grid (head rules not checked when None).
+    removed_voxels:
+        Tumour voxels :func:`restrict_to_brain` removed.
+    """
+    tumour_ml = float(np.count_nonzero(labels)) * voxel_ml
+    brain_ml = None if brain is None else float(np.count_nonzero(brain)) * voxel_ml
+    head_ml = None if head is None else float(np.count_nonzero(head)) * voxel_ml
+    predicted = int(np.count_nonzero(labels)) + removed_voxels
+    rules = [
+        rule_series_slices(slices, settings.min_slices),
+        rule_head_found(head_ml, settings.min_head_ml),
+        # Without a head (blank, noise) a share of it says nothing more: not checked.
+        rule_tumour_share_of_head(
+            tumour_ml,
+            head_ml if head_ml is not None and head_ml >= settings.min_head_ml else None,
+            settings.max_tumour_share_percent,
+        ),
+        rule_brain_found(brain_ml),
+        rule_brain_volume(brain_ml, settings.min_brain_ml, settings.max_brain_ml),
+        rule_tumour_share_of_brain(tumour_ml, brain_ml, settings.max_tumour_share_percent),
+        rule_tumour_inside_brain(
+            removed_voxels, predicted, voxel_ml, brain is not None, settings.max_outside_share_percent
+        ),
+    ]
+    figures: dict[str, float | int | None] = {
+        "tumour_volume_ml": _r(tumour_ml),
+        "brain_volume_ml": None if brain_ml is None else _r(brain_ml),
+        "tumour_share_of_brain_percent": _r(100 * tumour_ml / brain_ml) if brain_ml else None,
+        "head_volume_ml": None if head_ml is None else _r(head_ml),
+        "removed_outside_brain_voxels": int(removed_voxels),
+        "slices": int(slices),
+    }
+    return QCReport(rules=rules, figures=figures)
+
+
+def failed_rule_names(report: QCReport) -> Sequence[str]:
+    """Names of the failed rules, in rule order."""
+    return [r.name for r in report.failed]

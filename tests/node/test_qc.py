@@ -1,0 +1,421 @@
+"""The QC rules of node/qc.py on real arrays: ellipsoid brains of known volume, tumours inside and
+outside them, the synthetic phantom, real head series with skull (data/dicom) and noise; the [qc]
+config; the pipeline's qc stage on an assembled study; the SR's brain figures and the SR without SEG."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import highdicom as hd
+import numpy as np
+import numpy.typing as npt
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+
+from converters.dicom_series import load_series_folder
+from converters.dicom_writer import write_study
+from converters.reorient import ras_to_volume
+from converters.synthetic import make_synthetic_case
+from db.card import TASK_LABELS
+from node import qc
+from node.config import QCSettings, load_settings
+from node.exceptions import ConfigError
+from node.pipeline import assemble, quality_check, select_series
+from node.seg import build_seg
+from node.selection import SeriesSelector
+from node.sr import BRAIN, TUMOUR_SHARE_OF_BRAIN, build_sr
+from tests.helpers.peers import REPO
+
+DATA = REPO.parent / "shared" / "data"
+if not DATA.is_dir():
+    DATA = Path("/work/shared/data")
+
+#: Voxels of 2 mm: 8 uL each.
+SPACING_MM = 2.0
+VOXEL_ML = SPACING_MM**3 / 1000.0
+GRID = (100, 110, 90)  # 200 x 220 x 180 mm
+
+
+def ellipsoid(
+    semi_axes_mm: tuple[float, float, float], centre_mm: tuple[float, float, float] = (0.0, 0.0, 0.0)
+) -> npt.NDArray[np.bool_]:
+    """An ellipsoid on :data:`GRID` (2 mm voxels, origin at the grid centre)."""
+    axes = [(np.arange(n) - (n - 1) / 2) * SPACING_MM for n in GRID]
+    x, y, z = np.meshgrid(*axes, indexing="ij")
+    (a, b, c), (cx, cy, cz) = semi_axes_mm, centre_mm
+    return np.asarray(((x - cx) / a) ** 2 + ((y - cy) / b) ** 2 + ((z - cz) / c) ** 2 <= 1.0)
+
+
+def ellipsoid_ml(semi_axes_mm: tuple[float, float, float]) -> float:
+    a, b, c = semi_axes_mm
+    return 4.0 / 3.0 * np.pi * a * b * c / 1000.0
+
+
+BRAIN_AXES = (68.0, 85.0, 60.0)  # ~1453 mL, an adult brain
+
+
+@pytest.fixture(scope="module")
+def brain() -> npt.NDArray[np.bool_]:
+    mask = ellipsoid(BRAIN_AXES)
+    assert mask.sum() * VOXEL_ML == pytest.approx(ellipsoid_ml(BRAIN_AXES), rel=0.01)
+    return mask
+
+
+def labels_of(mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.uint8]:
+    return mask.astype(np.uint8)
+
+
+# -- single rules ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("slices", "status"), [(3, qc.FAILED), (7, qc.FAILED), (8, qc.PASSED), (155, qc.PASSED)]
+)
+def test_series_slices(slices: int, status: str) -> None:
+    result = qc.rule_series_slices(slices, QCSettings().min_slices)
+    assert result.status == status
+    assert result.figures == {"slices": slices, "min_slices": 8}
+    if status == qc.FAILED:
+        assert result.message == f"{slices} slices, fewer than 8"
+
+
+def test_brain_volume_and_brain_found_on_masks_of_known_volume(brain: npt.NDArray[np.bool_]) -> None:
+    settings = QCSettings()
+    small = ellipsoid((40.0, 50.0, 35.0))  # ~293 mL
+    huge = ellipsoid((90.0, 105.0, 80.0))  # ~3167 mL: a whole head taken for the brain
+    cases = [
+        (brain, qc.PASSED, qc.PASSED),
+        (small, qc.PASSED, qc.FAILED),
+        (huge, qc.PASSED, qc.FAILED),
+        (np.zeros(GRID, bool), qc.FAILED, qc.FAILED),
+    ]
+    for mask, found, volume in cases:
+        ml = float(mask.sum()) * VOXEL_ML
+        assert qc.rule_brain_found(ml).status == found
+        result = qc.rule_brain_volume(ml, settings.min_brain_ml, settings.max_brain_ml)
+        assert result.status == volume, ml
+        assert result.figures["brain_ml"] == pytest.approx(ml, abs=1e-3)
+    assert qc.rule_brain_found(0.0).message == "brain extraction found no brain"
+    assert "outside 800-2200 mL" in qc.rule_brain_volume(293.0, 800, 2200).message
+    assert qc.rule_brain_volume(None, 800, 2200).status == qc.NOT_CHECKED
+
+
+def test_tumour_share_of_brain(brain: npt.NDArray[np.bool_]) -> None:
+    brain_ml = float(brain.sum()) * VOXEL_ML
+    glioma = ellipsoid((25.0, 25.0, 25.0), centre_mm=(30.0, 10.0, 10.0)) & brain  # ~65 mL
+    hemisphere = brain & (np.arange(GRID[0])[:, None, None] >= GRID[0] // 2)
+    for tumour, status in [(glioma, qc.PASSED), (hemisphere, qc.FAILED), (brain, qc.FAILED)]:
+        tumour_ml = float(tumour.sum()) * VOXEL_ML
+        result = qc.rule_tumour_share_of_brain(tumour_ml, brain_ml, QCSettings().max_tumour_share_percent)
+        assert result.status == status
+        assert result.figures["share_percent"] == pytest.approx(100 * tumour.sum() / brain.sum(), abs=1e-3)
+    assert 4.0 < 100 * glioma.sum() / brain.sum() < 5.0
+
+
+def test_restrict_to_brain_removes_exactly_the_voxels_outside(brain: npt.NDArray[np.bool_]) -> None:
+    # A tumour straddling the brain's surface, and a blob in the "scalp".
+    tumour = ellipsoid((20.0, 20.0, 20.0), centre_mm=(60.0, 0.0, 0.0)) | ellipsoid(
+        (6.0, 6.0, 6.0), (0, 0, 75.0)
+    )
+    labels = labels_of(tumour)
+    labels[tumour & brain & (np.arange(GRID[2]) < 45)[None, None, :]] = 2  # a second label, inside
+    kept, removed = qc.restrict_to_brain(labels, brain)
+    assert removed == int((tumour & ~brain).sum()) > 0
+    assert not (kept[~brain] > 0).any()
+    np.testing.assert_array_equal(kept[brain], labels[brain])  # inside untouched, labels kept
+    assert labels[~brain].any()  # the input is not modified
+    same, none = qc.restrict_to_brain(labels, None)
+    assert same is labels and none == 0
+    with pytest.raises(ValueError, match="not on the label grid"):
+        qc.restrict_to_brain(labels, brain[:-1])
+
+
+def test_tumour_inside_brain_fails_when_most_was_outside(brain: npt.NDArray[np.bool_]) -> None:
+    settings = QCSettings()
+    for centre, status in [((45.0, 0.0, 0.0), qc.PASSED), ((80.0, 0.0, 0.0), qc.FAILED)]:
+        tumour = ellipsoid((20.0, 20.0, 20.0), centre_mm=centre)
+        kept, removed = qc.restrict_to_brain(labels_of(tumour), brain)
+        report = qc.check(kept, brain, VOXEL_ML, 90, settings, removed_voxels=removed)
+        rule = report.by_name("tumour_inside_brain")
+        assert rule.status == status
+        assert rule.figures["removed_voxels"] == removed == int((tumour & ~brain).sum())
+        assert rule.figures["removed_percent"] == pytest.approx(100 * removed / tumour.sum(), abs=1e-3)
+        assert report.figures["removed_outside_brain_voxels"] == removed
+
+
+# -- the head mask: real heads, the phantom, noise -------------------------------------------------------
+
+
+def _real_series() -> list[Path]:
+    """Real T1 series with skull. The GE series is left out: its pixel data are not a head image
+    (vertical stripes in every slice, straight from the source files), see node/README.md "Checks"."""
+    folders = [DATA / "dicom" / n for n in ("philips_t1_sag3d_mprage_healthy", "siemens_t1_fl2d_sag_healthy")]
+    return [f for f in folders if f.is_dir()]
+
+
+@pytest.mark.parametrize("folder", _real_series(), ids=lambda p: p.name)
+def test_head_mask_of_a_real_head_with_skull(folder: Path) -> None:
+    volume = load_series_folder(folder)
+    head = qc.head_mask(volume.array)
+    voxel_ml = float(np.prod(volume.spacing)) / 1000.0
+    head_ml = float(head.sum()) * voxel_ml
+    # An adult head with skull, scalp and some neck: well above any brain, well below the field of view.
+    assert 2000.0 < head_ml < 6000.0, head_ml
+    assert head_ml < 0.6 * head.size * voxel_ml
+    assert not head[:, :3, :3].any() and not head[:, -3:, -3:].any()  # the corners are air
+    result = qc.rule_head_found(head_ml, QCSettings().min_head_ml)
+    assert result.status == qc.PASSED
+
+
+def test_head_mask_holds_the_brain_of_a_skull_stripped_phantom() -> None:
+    """The share-of-head rule is a lower bound of the share of brain because the brain lies in the head
+    mask: on the skull-stripped phantom (dark ventricles included) all of it does."""
+    case = make_synthetic_case(21, (64, 64, 40))
+    image = np.transpose(case.images["FLAIR"], (2, 1, 0))  # (slice, row, column)
+    brain = image > 0
+    head = qc.head_mask(image)
+    assert (head & brain).sum() >= 0.99 * brain.sum()
+    assert (head & ~brain).sum() <= 0.01 * brain.sum()
+    assert case.label is not None
+    tumour = np.transpose(case.label, (2, 1, 0)) > 0
+    share_head = 100 * tumour.sum() / head.sum()
+    share_brain = 100 * tumour.sum() / brain.sum()
+    assert share_head <= share_brain + 0.2
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "uniform", "rician", "blank", "constant"])
+def test_no_head_in_noise_or_a_blank_series(kind: str) -> None:
+    rng = np.random.default_rng(3)
+    shape = (20, 256, 256)
+    image = {
+        "gaussian": lambda: rng.normal(500.0, 100.0, shape),
+        "uniform": lambda: rng.uniform(0.0, 4095.0, shape),
+        "rician": lambda: np.hypot(rng.normal(0, 50, shape), rng.normal(0, 50, shape)),
+        "blank": lambda: np.zeros(shape),
+        "constant": lambda: np.full(shape, 700.0),
+    }[kind]().astype(np.float32)
+    head = qc.head_mask(image)
+    head_ml = float(head.sum()) * 1.0 * 1.0 * 5.0 / 1000.0  # 1 x 1 mm pixels, 5 mm slices
+    result = qc.rule_head_found(head_ml, QCSettings().min_head_ml)
+    assert result.status == qc.FAILED, head_ml
+    assert "a blank or noise image" in result.message
+
+
+def test_tumour_share_of_head_catches_the_whole_brain_outlined() -> None:
+    """A whole-head image where the model outlined the brain: fails without any brain mask."""
+    volume = load_series_folder(_real_series()[0]) if _real_series() else pytest.skip("no real series")
+    head = qc.head_mask(volume.array)
+    voxel_ml = float(np.prod(volume.spacing)) / 1000.0
+    head_ml = float(head.sum()) * voxel_ml
+    # Stand-ins for the brain, since the series has no brain mask: a ~1400 mL and a ~60 mL ball,
+    # each scaled to this head's size.
+    settings = QCSettings()
+    whole_brain = qc.rule_tumour_share_of_head(1400.0, head_ml, settings.max_tumour_share_percent)
+    lesion = qc.rule_tumour_share_of_head(60.0, head_ml, settings.max_tumour_share_percent)
+    assert whole_brain.status == qc.FAILED and lesion.status == qc.PASSED
+    assert qc.rule_tumour_share_of_head(60.0, None, 30.0).status == qc.NOT_CHECKED
+
+
+# -- check(): the report -----------------------------------------------------------------------------------
+
+
+def test_check_without_a_brain_mask_reports_the_brain_rules_not_checked(brain: npt.NDArray[np.bool_]) -> None:
+    tumour = ellipsoid((25.0, 25.0, 25.0), centre_mm=(30.0, 10.0, 10.0))
+    head = ellipsoid((85.0, 100.0, 85.0))
+    report = qc.check(labels_of(tumour), None, VOXEL_ML, 4, QCSettings(), head=head)
+    status = {r.name: r.status for r in report.rules}
+    assert status == {
+        "series_slices": qc.FAILED,
+        "head_found": qc.PASSED,
+        "tumour_share_of_head": qc.PASSED,
+        "brain_found": qc.NOT_CHECKED,
+        "brain_volume": qc.NOT_CHECKED,
+        "tumour_share_of_brain": qc.NOT_CHECKED,
+        "tumour_inside_brain": qc.NOT_CHECKED,
+    }
+    assert not report.passed and [r.name for r in report.failed] == ["series_slices"]
+    assert report.reason() == "qc series_slices: 4 slices, fewer than 8"
+    assert (
+        report.figures["brain_volume_ml"] is None and report.figures["tumour_share_of_brain_percent"] is None
+    )
+    assert json.loads(json.dumps(report.as_dict()))["rules"][0]["status"] == qc.FAILED
+
+
+def test_check_without_a_head_reports_only_that() -> None:
+    """Noise: the head rule fails; the share of a head that is not there is not checked."""
+    rng = np.random.default_rng(1)
+    image = rng.normal(500.0, 100.0, (16, 64, 64)).astype(np.float32)
+    labels = (image > 600).astype(np.uint8)
+    report = qc.check(labels, None, 0.144, 16, QCSettings(), head=qc.head_mask(image))
+    assert [r.name for r in report.failed] == ["head_found"]
+    assert report.by_name("tumour_share_of_head").status == qc.NOT_CHECKED
+
+
+def test_check_with_a_brain_mask(brain: npt.NDArray[np.bool_]) -> None:
+    tumour = ellipsoid((25.0, 25.0, 25.0), centre_mm=(30.0, 10.0, 10.0)) & brain
+    head = ellipsoid((85.0, 100.0, 85.0))
+    report = qc.check(labels_of(tumour), brain, VOXEL_ML, 90, QCSettings(), head=head)
+    assert report.passed, report.reason()
+    assert all(r.status == qc.PASSED for r in report.rules)
+    assert report.figures["brain_volume_ml"] == pytest.approx(brain.sum() * VOXEL_ML, abs=1e-3)
+    assert report.figures["tumour_volume_ml"] == pytest.approx(tumour.sum() * VOXEL_ML, abs=1e-3)
+    assert report.figures["tumour_share_of_brain_percent"] == pytest.approx(
+        100 * tumour.sum() / brain.sum(), abs=1e-3
+    )
+    # No brain found: every rule about the brain fails at once, with its figures.
+    empty = qc.check(labels_of(tumour), np.zeros(GRID, bool), VOXEL_ML, 90, QCSettings(), head=head)
+    assert [r.name for r in empty.failed] == ["brain_found", "brain_volume"]
+    assert empty.by_name("tumour_share_of_brain").status == qc.NOT_CHECKED
+
+
+# -- config ------------------------------------------------------------------------------------------------
+
+
+def test_qc_section_of_node_toml_and_env(tmp_path: Path) -> None:
+    config = tmp_path / "node.toml"
+    config.write_text("[qc]\nmin_slices = 12\nmax_tumour_share_percent = 25\n")
+    settings = load_settings(config, env={"SEGNODE_QC_MIN_BRAIN_ML": "700"})
+    assert (settings.qc.min_slices, settings.qc.max_tumour_share_percent) == (12, 25.0)
+    assert settings.qc.min_brain_ml == 700.0 and settings.qc.max_brain_ml == 2200.0
+    assert load_settings(None, env={}).qc == QCSettings()
+    config.write_text("[qc]\nmax_tumour_share_percent = 130\n")
+    with pytest.raises(ConfigError, match=r"qc.max_tumour_share_percent 130.0 is not a percentage"):
+        load_settings(config, env={})
+    config.write_text("[qc]\nmin_brain_ml = 2500\n")
+    with pytest.raises(ConfigError, match=r"qc.min_brain_ml 2500.0 must be >= 0 and <= qc.max_brain_ml"):
+        load_settings(config, env={})
+    config.write_text("[qc]\nmax_brain = 2500\n")
+    with pytest.raises(ConfigError, match=r"qc: unknown key 'max_brain'"):
+        load_settings(config, env={})
+
+
+# -- the pipeline's qc stage on an assembled study -----------------------------------------------------------
+
+
+def test_quality_check_takes_a_ras_mask_onto_the_series_grid(tmp_path: Path) -> None:
+    """A brain mask on the RAS grid (the brain stage's) is put on the series' (slice, row, column) grid:
+    with the left half of the phantom as "brain", exactly the tumour in the right half is removed."""
+    case = make_synthetic_case(5, (48, 48, 20))
+    study = write_study(case, tmp_path / "study", modalities=["FLAIR"])
+    selector = SeriesSelector()
+    chosen = select_series({"s": [str(p) for p in study.files["FLAIR"]]}, ["FLAIR"], selector)
+    assembled = assemble(chosen, ["FLAIR"])
+    assert assembled.images["FLAIR"].shape == case.shape
+    assert case.label is not None
+    brain_ras = np.asarray(case.images["FLAIR"] > 0)
+    brain_ras[: case.shape[0] // 2] = False  # x < midline is the right side in RAS: not brain
+    labels_ras = np.asarray(case.label > 0).astype(np.uint8)
+    labels = np.asarray(ras_to_volume(labels_ras, assembled.reference), dtype=np.uint8)
+    checked = quality_check(labels, assembled, brain_ras, chosen["FLAIR"].slices, QCSettings())
+    expected = np.asarray(ras_to_volume((labels_ras & brain_ras).astype(np.uint8), assembled.reference))
+    np.testing.assert_array_equal(checked.labels, expected)
+    removed = int((labels_ras & ~brain_ras).sum())
+    assert removed > 0
+    assert checked.report.figures["removed_outside_brain_voxels"] == removed
+    voxel_ml = float(np.prod(assembled.reference.spacing)) / 1000.0
+    assert checked.report.figures["brain_volume_ml"] == pytest.approx(brain_ras.sum() * voxel_ml, abs=1e-3)
+    assert checked.report.by_name("series_slices").figures["slices"] == 20
+    # Without a mask nothing is removed and the brain rules are not checked.
+    unchecked = quality_check(labels, assembled, None, 20, QCSettings())
+    np.testing.assert_array_equal(unchecked.labels, labels)
+    assert unchecked.report.by_name("brain_volume").status == qc.NOT_CHECKED
+    assert unchecked.report.by_name("head_found").status == qc.PASSED
+
+
+# -- the SR: brain figures, and the SR without SEG ----------------------------------------------------
+
+
+def _card() -> dict[str, Any]:
+    return {
+        "name": "test-model",
+        "version": "2.3.4",
+        "task": "whole_tumor",
+        "labels": TASK_LABELS["whole_tumor"],
+    }
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory: pytest.TempPathFactory) -> list[Dataset]:
+    study = write_study(
+        make_synthetic_case(11, (24, 32, 8)), tmp_path_factory.mktemp("sr"), modalities=["FLAIR"]
+    )
+    return [pydicom.dcmread(p) for p in study.files["FLAIR"]]
+
+
+def _groups(sr: Dataset) -> list[Dataset]:
+    """The measurement groups of a TID 1500 report (Imaging Measurements container's items)."""
+    [measurements] = [i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "126010"]
+    return list(measurements.ContentSequence)
+
+
+def _numbers(group: Dataset) -> dict[tuple[str, str], tuple[float, str]]:
+    return {
+        (i.ConceptNameCodeSequence[0].CodeValue, i.ConceptNameCodeSequence[0].CodingSchemeDesignator): (
+            float(i.MeasuredValueSequence[0].NumericValue),
+            str(i.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue),
+        )
+        for i in group.ContentSequence
+        if i.ValueType == "NUM"
+    }
+
+
+def _finding(group: Dataset) -> tuple[str, str]:
+    [item] = [i for i in group.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "121071"]
+    return (
+        str(item.ConceptCodeSequence[0].CodeValue),
+        str(item.ConceptCodeSequence[0].CodingSchemeDesignator),
+    )
+
+
+def _round_trip(sr: Dataset, tmp_path: Path) -> Dataset:
+    path = tmp_path / "sr.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    ds = pydicom.dcmread(path)
+    hd.sr.Comprehensive3DSR.from_dataset(ds)
+    return ds
+
+
+def test_sr_carries_brain_volume_share_and_model(
+    sources: list[Dataset], tmp_path: Path, strict_pydicom: None
+) -> None:
+    labels = np.zeros((len(sources), int(sources[0].Rows), int(sources[0].Columns)), np.uint8)
+    labels[2:6, 5:15, 4:12] = 1
+    seg = build_seg(sources, labels, _card(), software_version="9.9.9")
+    sr = _round_trip(
+        build_sr(seg, sources, [12.5], _card(), brain_volume_ml=1432.25, tumour_share_percent=0.873), tmp_path
+    )
+    tumour, brain_group = _groups(sr)
+    assert _finding(tumour) == ("108369006", "SCT")
+    assert _numbers(tumour) == {("118565006", "SCT"): (12.5, "mL")}
+    assert _finding(brain_group) == (BRAIN.value, "SCT") == ("12738006", "SCT")
+    assert _numbers(brain_group) == {
+        ("118565006", "SCT"): (1432.25, "mL"),
+        (TUMOUR_SHARE_OF_BRAIN.value, "99SEGNODE"): (0.873, "%"),
+    }
+    # The model's name and version: algorithm identification (TID 4019) in each group.
+    for group in (tumour, brain_group):
+        names = {
+            i.ConceptNameCodeSequence[0].CodeMeaning: i.TextValue
+            for i in group.ContentSequence
+            if i.ValueType == "TEXT"
+        }
+        assert (names["Algorithm Name"], names["Algorithm Version"]) == ("test-model", "2.3.4")
+    assert sr.StudyInstanceUID == sources[0].StudyInstanceUID
+
+
+def test_sr_without_seg_reports_zero_ml(sources: list[Dataset], tmp_path: Path, strict_pydicom: None) -> None:
+    sr = _round_trip(build_sr(None, sources, [0.0], _card()), tmp_path)
+    [group] = _groups(sr)
+    assert group.ConceptNameCodeSequence[0].CodeValue == "125007"  # Measurement Group (TID 1501)
+    assert _finding(group) == ("108369006", "SCT")
+    assert _numbers(group) == {("118565006", "SCT"): (0.0, "mL")}
+    assert not any(i.ValueType == "IMAGE" and "Segment" in str(i) for i in group.ContentSequence)
+    # Evidence: the source series only (no SEG); patient and study from the sources.
+    [evidence] = sr.CurrentRequestedProcedureEvidenceSequence
+    [series] = evidence.ReferencedSeriesSequence
+    assert series.SeriesInstanceUID == sources[0].SeriesInstanceUID
+    assert len(series.ReferencedSOPSequence) == len(sources)
+    assert (sr.StudyInstanceUID, sr.PatientID) == (sources[0].StudyInstanceUID, sources[0].PatientID)
