@@ -60,10 +60,9 @@ def _scrub_line(line: str) -> str:
 def _quoted(match: re.Match[str]) -> str:
     """A quoted DICOM keyword as it is; any other quoted text scrubbed."""
     inner = match.group(0)[1:-1] if len(match.group(0)) > 1 else ""
-    quote = match.group(0)[0]
     if _KEYWORD.fullmatch(inner) and tag_for_keyword(inner) is not None:
         return match.group(0)
-    return f"{quote}{SCRUBBED}{quote}"
+    return f"'{SCRUBBED}'"
 
 
 def _warning_text(text: str) -> str:

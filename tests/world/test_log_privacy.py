@@ -133,7 +133,7 @@ def test_highdicom_one_component_name_warning_is_scrubbed(scrubbed_log: io.Strin
 
 def test_quoted_keywords_stay_and_quoted_values_go() -> None:
     line = scrub_text('copied attribute "PatientName"; The string "QZXNAMEONE" is unlikely')
-    assert line == 'copied attribute "PatientName"; The string "<scrubbed>" is unlikely'
+    assert line == "copied attribute \"PatientName\"; The string '<scrubbed>' is unlikely"
 
 
 def _one_component_name_object() -> None:
