@@ -36,7 +36,7 @@ import numpy as np
 import numpy.typing as npt
 
 from converters.exceptions import ConverterError
-from converters.resample import grid_shift, resample_to_grid, world_points
+from converters.resample import extreme_voxels, grid_shift, resample_to_grid, world_points
 
 logger = logging.getLogger(__name__)
 
@@ -306,21 +306,6 @@ def model_grid(affine: npt.NDArray[Any], spacing_mm: Sequence[float]) -> npt.NDA
     grid[:3, :3] = np.diag(np.asarray(spacing_mm, dtype=np.float64))
     grid[:3, 3] = affine[:3, 3]
     return grid
-
-
-def extreme_voxels(region: npt.NDArray[np.bool_]) -> npt.NDArray[np.int64]:
-    """Indices (N, 3) of the first and last ``True`` voxel on every line along axis 2.
-
-    Any linear function of position (e.g. a world coordinate) takes its extremes over the region
-    at these voxels, so they give the region's exact bounding box on any rotated grid.
-    """
-    present = region.any(axis=2)
-    first = np.argmax(region, axis=2)
-    last = region.shape[2] - 1 - np.argmax(region[:, :, ::-1], axis=2)
-    i, j = np.nonzero(present)
-    return np.concatenate(
-        [np.stack([i, j, first[i, j]], axis=1), np.stack([i, j, last[i, j]], axis=1)]
-    ).astype(np.int64)
 
 
 def brain_window(

@@ -163,3 +163,18 @@ def rotation(axis: str, degrees: float) -> npt.NDArray[np.float64]:
     if axis == "z":
         return np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]], dtype=np.float64)
     raise ConverterError(f"rotation axis {axis!r} is not 'x', 'y' or 'z'")
+
+
+def extreme_voxels(region: npt.NDArray[np.bool_]) -> npt.NDArray[np.int64]:
+    """Indices (N, 3) of the first and last ``True`` voxel on every line along axis 2.
+
+    Any linear function of position (e.g. a world coordinate) takes its extremes over the region
+    at these voxels, so they give the region's exact bounding box on any rotated grid.
+    """
+    present = region.any(axis=2)
+    first = np.argmax(region, axis=2)
+    last = region.shape[2] - 1 - np.argmax(region[:, :, ::-1], axis=2)
+    i, j = np.nonzero(present)
+    return np.concatenate(
+        [np.stack([i, j, first[i, j]], axis=1), np.stack([i, j, last[i, j]], axis=1)]
+    ).astype(np.int64)
