@@ -179,7 +179,16 @@ def encode_pixels(array: npt.NDArray[np.floating], *, what: str = "image") -> Pi
 
 
 def _ds(value: float) -> str:
-    return format_number_as_ds(float(value))
+    """``value`` as a DS string of at most 16 characters (PS3.5 6.2).
+
+    pydicom's ``format_number_as_ds`` gives 17 characters for values that round up to the next
+    power of ten (e.g. -9.999999999999996 -> "-10.0000000000000", met in oblique positions); such
+    a value is first rounded to 12 significant digits.
+    """
+    text = format_number_as_ds(float(value))
+    if len(text) > 16:
+        text = format_number_as_ds(float(f"{float(value):.12g}"))
+    return text
 
 
 def _study_dataset(
