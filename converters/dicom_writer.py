@@ -241,7 +241,7 @@ def _series_dataset(
     ds.SequenceVariant = list(protocol.sequence_variant)
     ds.ScanOptions = list(protocol.scan_options)
     ds.MRAcquisitionType = "2D"
-    ds.SequenceName = protocol.description.replace("AX ", "").replace(" ", "_")
+    ds.SequenceName = protocol.description.replace("AX ", "").replace(" ", "_")[:16]  # SH: 16 chars
     ds.AngioFlag = "N"
     ds.RepetitionTime = _ds(protocol.repetition_time)
     ds.EchoTime = _ds(protocol.echo_time)
