@@ -18,9 +18,10 @@ within half a slope step (``max(|v|) / 65534``).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime as dt
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -178,7 +179,16 @@ def encode_pixels(array: npt.NDArray[np.floating], *, what: str = "image") -> Pi
 
 
 def _ds(value: float) -> str:
-    return format_number_as_ds(float(value))
+    """``value`` as a DS string of at most 16 characters (PS3.5 6.2).
+
+    pydicom's ``format_number_as_ds`` gives 17 characters for values that round up to the next
+    power of ten (e.g. -9.999999999999996 -> "-10.0000000000000", met in oblique positions); such
+    a value is first rounded to 12 significant digits.
+    """
+    text = format_number_as_ds(float(value))
+    if len(text) > 16:
+        text = format_number_as_ds(float(f"{float(value):.12g}"))
+    return text
 
 
 def _study_dataset(
@@ -231,7 +241,7 @@ def _series_dataset(
     ds.SequenceVariant = list(protocol.sequence_variant)
     ds.ScanOptions = list(protocol.scan_options)
     ds.MRAcquisitionType = "2D"
-    ds.SequenceName = protocol.description.replace("AX ", "").replace(" ", "_")
+    ds.SequenceName = protocol.description.replace("AX ", "").replace(" ", "_")[:16]  # SH: 16 chars
     ds.AngioFlag = "N"
     ds.RepetitionTime = _ds(protocol.repetition_time)
     ds.EchoTime = _ds(protocol.echo_time)
@@ -283,8 +293,14 @@ def write_volume_series(
     study: Dataset | None = None,
     patient: SyntheticPatient | None = None,
     progress: ProgressCallback | None = None,
+    description: str | None = None,
 ) -> SeriesInfo:
     """Write ``volume`` as one MR Image Storage series, one file per slice, in ``out_dir``.
+
+    The Image Plane module (PS3.3 C.7.6.2) comes from the volume's geometry as it is, oblique or
+    not: ImageOrientationPatient from its row and column directions, ImagePositionPatient of slice
+    ``k`` at ``origin + k * slice spacing * slice_direction``, PixelSpacing (row, column spacing),
+    SliceThickness and SpacingBetweenSlices the slice spacing (contiguous slices).
 
     Parameters
     ----------
@@ -302,6 +318,8 @@ def write_volume_series(
         Synthetic patient for a new study.
     progress:
         Called with 1 after each file.
+    description:
+        SeriesDescription and ProtocolName (default: the protocol's, e.g. ``"AX FLAIR"``).
 
     Returns
     -------
@@ -317,6 +335,8 @@ def write_volume_series(
             patient or SyntheticPatient(), generate_uid(), generate_uid(), dt.datetime.now(), "MR BRAIN"
         )
     protocol = PROTOCOLS[modality]
+    if description is not None:
+        protocol = dataclasses.replace(protocol, description=description)
     encoding = encode_pixels(volume.array, what=f"{modality} image")
     if not encoding.exact:
         logger.info("%s: non-integer values quantised with RescaleSlope %g", modality, encoding.slope)
@@ -403,17 +423,57 @@ def write_study(
         raise ConverterError(
             f"case {case.case_id}: modalities {unknown or chosen} not in the case {sorted(case.images)}"
         )
+    volumes = {modality: case_to_volume(case, modality) for modality in chosen}
+    info = write_volumes(volumes, out_dir, patient=patient, seed=seed, progress=progress)
+    logger.info("case %s: wrote %d series, %d files", case.case_id, len(info.series), info.n_files)
+    return info
+
+
+def write_volumes(
+    volumes: Mapping[str, Volume],
+    out_dir: Path,
+    *,
+    descriptions: Mapping[str, str] | None = None,
+    patient: SyntheticPatient | None = None,
+    seed: int | None = None,
+    progress: ProgressCallback | None = None,
+) -> StudyInfo:
+    """Write volumes (any geometry: axial, sagittal, coronal, oblique) as one DICOM MR study.
+
+    Parameters
+    ----------
+    volumes:
+        Modality (a :data:`PROTOCOLS` key) -> volume; each becomes one series, written by
+        :func:`write_volume_series` in ``out_dir/<nn>_<modality>/``.
+    out_dir:
+        Folder of the study.
+    descriptions:
+        Modality -> SeriesDescription (e.g. ``"SAG FLAIR"``); the protocol's by default.
+    patient, seed:
+        Synthetic patient attributes (see :func:`write_study`).
+    progress:
+        Called with 1 after each file written.
+
+    Returns
+    -------
+    StudyInfo
+        Study, frame of reference and per-modality series UIDs and files.
+    """
     if patient is None:
         patient = SyntheticPatient.from_seed(seed) if seed is not None else SyntheticPatient()
     study_uid, frame_uid = generate_uid(), generate_uid()
     study = _study_dataset(patient, study_uid, frame_uid, dt.datetime.now(), "MR BRAIN TUMOUR (converted)")
     info = StudyInfo(study_uid, frame_uid, Path(out_dir))
-    for modality in chosen:
+    for modality, volume in volumes.items():
         number = MODALITIES.index(modality) + 1 if modality in MODALITIES else len(MODALITIES) + 1
-        volume = case_to_volume(case, modality)
         folder = Path(out_dir) / f"{number:02d}_{modality}"
         info.series[modality] = write_volume_series(
-            volume, folder, modality=modality, series_number=number, study=study, progress=progress
+            volume,
+            folder,
+            modality=modality,
+            series_number=number,
+            study=study,
+            progress=progress,
+            description=(descriptions or {}).get(modality),
         )
-    logger.info("case %s: wrote %d series, %d files", case.case_id, len(info.series), info.n_files)
     return info

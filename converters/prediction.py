@@ -3,7 +3,9 @@
 The counterpart of :mod:`converters.preprocess`: the volume goes through
 :func:`converters.preprocess.prepare_volume` as the model card says, the slices through a
 :data:`SlicePredictor` in batches, the outputs through the card's ``output`` activation, and the
-label planes back onto the input grid with :meth:`converters.preprocess.Prepared.restore`. The node's
+label planes back onto the input grid with :meth:`converters.preprocess.Prepared.restore` (or, when
+the images were resampled, the probabilities with :meth:`~converters.preprocess.Prepared.restore_scores`
+and then the threshold: see :data:`RESTORE_METHODS`). The node's
 OpenVINO segmenter and the trainer's PyTorch, ONNX Runtime and OpenVINO predictors all go through
 these functions, so every form of a model sees exactly the same pre- and post-processing.
 """
@@ -21,6 +23,13 @@ from converters.exceptions import ModelCardError, PredictionError
 from converters.preprocess import Prepared, prepare_volume
 
 logger = logging.getLogger(__name__)
+
+#: How a prediction goes back onto a resampled input grid: "nearest" resamples the label planes by
+#: nearest neighbour; "linear" resamples the probabilities linearly and thresholds them there.
+RESTORE_METHODS = ("nearest", "linear")
+#: The default: chosen on BraTS training cases written sagittal, coronal, 20° oblique and as 5 mm
+#: axial slices (node/README.md, "What the node does to an image").
+DEFAULT_RESTORE = "linear"
 
 #: A slice predictor: float32 (N, C, H, W) -> raw network outputs (logits) (N, K, H, W).
 SlicePredictor = Callable[[npt.NDArray[np.float32]], npt.NDArray[Any]]
@@ -54,6 +63,68 @@ def outputs_to_labels(outputs: npt.NDArray[Any], output_spec: Mapping[str, Any])
     raise ModelCardError(f"output.activation {activation!r} is not 'sigmoid' or 'softmax'")
 
 
+def outputs_to_probabilities(
+    outputs: npt.NDArray[Any], output_spec: Mapping[str, Any]
+) -> tuple[npt.NDArray[np.float32], list[float]]:
+    """Network outputs (N, K, H, W) -> probabilities (N, K, H, W) and each class's background value.
+
+    ``sigmoid``: one tumour probability (background value 0); ``softmax``: K class probabilities
+    (background 1 for class 0, 0 for the others).
+
+    Raises
+    ------
+    PredictionError
+        ``outputs`` is not 4-D.
+    ModelCardError
+        The card's ``output`` block names an unknown activation.
+    """
+    outputs = np.asarray(outputs, dtype=np.float32)
+    if outputs.ndim != 4:
+        raise PredictionError(f"network output shape {outputs.shape} is not (N, K, H, W)")
+    activation = output_spec.get("activation")
+    if activation == "sigmoid":
+        logits = outputs[:, :1].astype(np.float64)
+        return (1.0 / (1.0 + np.exp(-logits))).astype(np.float32), [0.0]
+    if activation == "softmax":
+        shifted = outputs.astype(np.float64) - outputs.max(axis=1, keepdims=True)
+        exp = np.exp(shifted)
+        probs = (exp / exp.sum(axis=1, keepdims=True)).astype(np.float32)
+        return probs, [1.0] + [0.0] * (outputs.shape[1] - 1)
+    raise ModelCardError(f"output.activation {activation!r} is not 'sigmoid' or 'softmax'")
+
+
+def probabilities_to_labels(probs: npt.NDArray[Any], output_spec: Mapping[str, Any]) -> npt.NDArray[np.uint8]:
+    """Class probabilities (K, ...) -> labels (...) uint8: threshold (sigmoid) or argmax (softmax)."""
+    if output_spec.get("activation") == "sigmoid":
+        threshold = float(output_spec.get("threshold", 0.5))
+        if not 0.0 < threshold < 1.0:
+            raise ModelCardError(f"output.threshold {threshold!r} must lie strictly between 0 and 1")
+        return (np.asarray(probs)[0] > threshold).astype(np.uint8)
+    return np.argmax(np.asarray(probs), axis=0).astype(np.uint8)
+
+
+def restore_outputs(
+    prepared: Prepared, outputs: npt.NDArray[Any], card: Mapping[str, Any], method: str = DEFAULT_RESTORE
+) -> npt.NDArray[np.uint8]:
+    """Network outputs (N, K, H, W) of ``prepared``'s slices -> labels on the input grid.
+
+    When the images were only cropped (not resampled) both methods are the same exact paste of the
+    label planes; else ``method`` (one of :data:`RESTORE_METHODS`) says how the prediction is
+    resampled back.
+
+    Raises
+    ------
+    PredictionError
+        ``method`` is unknown.
+    """
+    if method not in RESTORE_METHODS:
+        raise PredictionError(f"restore method {method!r} is not one of {', '.join(RESTORE_METHODS)}")
+    if method == "nearest" or not prepared.resampled:
+        return prepared.restore(outputs_to_labels(outputs, card["output"]))
+    probs, background = outputs_to_probabilities(outputs, card["output"])
+    return probabilities_to_labels(prepared.restore_scores(probs, background), card["output"])
+
+
 def predict_slices(
     predict: SlicePredictor, slices: npt.NDArray[np.float32], batch_size: int = 16
 ) -> npt.NDArray[np.float32]:
@@ -83,12 +154,25 @@ def segment_prepared(
     return outputs_to_labels(outputs, card["output"])
 
 
+def segment_to_grid(
+    predict: SlicePredictor,
+    prepared: Prepared,
+    card: Mapping[str, Any],
+    batch_size: int = 16,
+    method: str = DEFAULT_RESTORE,
+) -> npt.NDArray[np.uint8]:
+    """Labels on the input grid for prepared slices (see :func:`restore_outputs`)."""
+    return restore_outputs(prepared, predict_slices(predict, prepared.slices, batch_size), card, method)
+
+
 def segment_volume(
     predict: SlicePredictor,
     card: Mapping[str, Any],
     images: Mapping[str, npt.NDArray[Any]],
     affine: npt.NDArray[Any],
     batch_size: int = 16,
+    brain_mask: npt.NDArray[Any] | None = None,
+    method: str = DEFAULT_RESTORE,
 ) -> npt.NDArray[np.uint8]:
     """Segment one volume with any slice predictor.
 
@@ -99,14 +183,18 @@ def segment_volume(
     card:
         The model card (``modalities``, ``preprocessing``, ``output``).
     images, affine:
-        Modality -> (X, Y, Z) RAS arrays and their 4x4 affine.
+        Modality -> (X, Y, Z) arrays and their 4x4 voxel-to-RAS affine (any grid).
     batch_size:
         Slices per network call.
+    brain_mask:
+        Optional boolean brain mask on the images' grid (see :func:`prepare_volume`).
+    method:
+        How the prediction goes back onto a resampled grid (:data:`RESTORE_METHODS`).
 
     Returns
     -------
     numpy.ndarray
         uint8 (X, Y, Z) label map on the input grid.
     """
-    prepared = prepare_volume(images, affine, card["preprocessing"], card["modalities"])
-    return prepared.restore(segment_prepared(predict, prepared, card, batch_size))
+    prepared = prepare_volume(images, affine, card["preprocessing"], card["modalities"], brain_mask)
+    return segment_to_grid(predict, prepared, card, batch_size, method)

@@ -2,19 +2,27 @@
 
 The model card's ``preprocessing`` block (docs/model-card.md) says what the network expects:
 
-* ``orientation`` — voxel axes of the input grid; only ``"RAS"`` (the canonical grid of
+* ``orientation`` — voxel axes of the model's grid; only ``"RAS"`` (the canonical grid of
   :class:`converters.case.Case`) is supported.
-* ``spacing_mm`` — when the in-plane voxel size differs from it by more than 1 %, the volume is
-  resampled in-plane (linear for images; the label map goes back with nearest neighbour).
-* ``crop_size`` — in-plane size fed to the network: the volume is cropped / zero-padded about the
-  centre of the brain bounding box (non-zero voxels, union over channels).
+* ``spacing_mm`` — voxel size of the model's grid along R, A and S.
+* ``crop_size`` — in-plane size fed to the network: a window of the model's grid centred on the
+  brain (the brain mask's bounding box when one is given, else that of the non-zero voxels, union
+  over channels), zero where it leaves the image.
 * ``normalization`` — ``"zscore_nonzero"``: each channel z-scored over its non-zero voxels,
-  background left at zero.
-* ``slice_axis`` — 2D slices are taken along this axis (2: axial).
+  background left at zero; with a brain mask, over the voxels inside the mask, zero outside it.
+* ``slice_axis`` — 2D slices are taken along this axis of the model's grid (2: axial).
+
+Images may come on any grid: axial, sagittal, coronal or oblique, any voxel size. The window is
+laid out on a RAS grid with the card's spacing, in world coordinates, and every image is resampled
+into it from its own full affine (rotation and obliquity included) by :mod:`converters.resample`:
+trilinear for images, nearest neighbour for label maps, linear-then-0.5 for the brain mask. An image
+already on such a grid (axes R, A, S, spacing within 1 % of the card's, e.g. BraTS at 1 mm) is
+cropped, never interpolated, so it gives exactly the slices it gave before world-space resampling.
 
 :func:`prepare_volume` turns images into network slices and remembers the geometry;
-:meth:`Prepared.restore` puts a slice-wise prediction back on the original grid, and
-:meth:`Prepared.crop_label` applies the same geometry to a label map (training, evaluation).
+:meth:`Prepared.restore` puts a slice-wise label prediction back on the images' own grid (nearest
+neighbour), :meth:`Prepared.restore_scores` does the same for per-class probabilities (linear), and
+:meth:`Prepared.crop_label` applies the forward geometry to a label map (training, evaluation).
 """
 
 from __future__ import annotations
@@ -28,11 +36,14 @@ import numpy as np
 import numpy.typing as npt
 
 from converters.exceptions import ConverterError
+from converters.resample import extreme_voxels, grid_shift, resample_to_grid, world_points
 
 logger = logging.getLogger(__name__)
 
-#: Relative in-plane spacing difference above which the volume is resampled.
+#: Relative spacing difference above which a RAS-aligned volume is resampled rather than cropped.
 SPACING_TOLERANCE = 0.01
+#: Largest direction-cosine deviation (off-diagonal share of a voxel axis) still counted as RAS-aligned.
+ALIGNMENT_TOLERANCE = 1e-4
 
 SUPPORTED_NORMALIZATIONS = ("zscore_nonzero",)
 
@@ -48,7 +59,7 @@ class PreprocessSpec:
     Attributes
     ----------
     spacing_mm:
-        Target voxel size (mm) along the three RAS axes; only the two in-plane ones are used.
+        Voxel size (mm) of the model's grid along the three RAS axes.
     crop_size:
         (H, W): in-plane size of a network slice.
     normalization:
@@ -104,31 +115,38 @@ class PreprocessSpec:
 class Prepared:
     """Network slices of one volume and the geometry needed to map predictions back.
 
+    The slices are cut from a *window*: a block of the model's grid (RAS axes, the card's spacing)
+    whose in-plane size is the crop size and which spans the brain along the slice axis.
+
     Attributes
     ----------
     slices:
         float32 (N, C, crop H, crop W), the kept slices (those holding brain) in order.
     slice_indices:
-        Index along the slice axis of each kept slice.
+        Index along the window's slice axis of each kept slice.
     original_shape:
         Shape of the input images (X, Y, Z).
-    plane_shape:
-        In-plane shape after resampling (before crop/pad).
-    zoom:
-        In-plane factors original spacing / target spacing (1.0 when not resampled).
-    crop_origin:
-        Position in the resampled plane of the crop's first pixel (negative: padding).
+    source_affine:
+        4x4 voxel-to-RAS matrix of the input images.
+    window_affine:
+        4x4 voxel-to-RAS matrix of the window.
+    window_shape:
+        Shape of the window (the crop size along the two in-plane axes).
     slice_axis:
-        Axis of the original grid that the slices are taken along.
+        Axis of the window that the slices are taken along.
+    shift:
+        When the window is a whole-voxel shift of the input grid (no interpolation): the offset
+        ``input index = window index + shift``; None when the images were resampled.
     """
 
     slices: npt.NDArray[np.float32]
     slice_indices: npt.NDArray[np.int64]
     original_shape: tuple[int, int, int]
-    plane_shape: tuple[int, int]
-    zoom: tuple[float, float]
-    crop_origin: tuple[int, int]
+    source_affine: npt.NDArray[np.float64]
+    window_affine: npt.NDArray[np.float64]
+    window_shape: tuple[int, int, int]
     slice_axis: int
+    shift: tuple[int, int, int] | None
 
     @property
     def crop_size(self) -> tuple[int, int]:
@@ -137,15 +155,27 @@ class Prepared:
 
     @property
     def resampled(self) -> bool:
-        """Whether the plane was resampled to the card's spacing."""
-        return self.zoom != (1.0, 1.0)
+        """Whether the images were interpolated onto the model's grid (rather than only cropped)."""
+        return self.shift is None
 
-    def _to_planes(self, volume: npt.NDArray[Any]) -> npt.NDArray[Any]:
-        """(X, Y, Z) -> (slices, P0, P1) with the slice axis first."""
-        return np.moveaxis(volume, self.slice_axis, 0)
+    def to_window(self, volume: npt.NDArray[Any], *, order: int = 1, cval: float = 0.0) -> npt.NDArray[Any]:
+        """A volume on the input grid resampled into the window (order 1: linear, 0: nearest)."""
+        return resample_to_grid(
+            volume, self.source_affine, self.window_affine, self.window_shape, order=order, cval=cval
+        )
+
+    def from_window(self, volume: npt.NDArray[Any], *, order: int = 1, cval: float = 0.0) -> npt.NDArray[Any]:
+        """A volume on the window resampled back onto the input grid (``cval`` outside the window)."""
+        return resample_to_grid(
+            volume, self.window_affine, self.source_affine, self.original_shape, order=order, cval=cval
+        )
+
+    def _planes(self, window: npt.NDArray[Any]) -> npt.NDArray[Any]:
+        """Window -> (slices, P0, P1) view with the slice axis first."""
+        return np.moveaxis(window, self.slice_axis, 0)
 
     def crop_label(self, label: npt.NDArray[Any]) -> npt.NDArray[np.uint8]:
-        """The label map on the network grid: (N, H, W) uint8, same slices as :attr:`slices`.
+        """The label map on the network grid (nearest neighbour): (N, H, W) uint8, the kept slices.
 
         Raises
         ------
@@ -156,13 +186,17 @@ class Prepared:
             raise PreprocessError(
                 f"label shape {tuple(label.shape)} differs from image shape {self.original_shape}"
             )
-        planes = self._to_planes(np.asarray(label))[self.slice_indices]
-        if self.resampled:
-            planes = _resample_nearest(planes, self.plane_shape, self.zoom)
-        return _crop_or_pad(planes.astype(np.uint8), self.crop_origin, self.crop_size)
+        window = self.to_window(np.asarray(label), order=0)
+        return np.ascontiguousarray(self._planes(window)[self.slice_indices], dtype=np.uint8)
+
+    def _check_planes(self, array: npt.NDArray[Any], what: str, extra: tuple[int, ...] = ()) -> None:
+        n, (h, w) = len(self.slice_indices), self.crop_size
+        expected = (n, *extra, h, w)
+        if array.ndim != len(expected) or (array.shape[0], *array.shape[-2:]) != (n, h, w):
+            raise PreprocessError(f"{what} shape {tuple(array.shape)} differs from {expected}")
 
     def restore(self, prediction: npt.NDArray[Any]) -> npt.NDArray[np.uint8]:
-        """Put a slice-wise label prediction back on the original grid.
+        """Put a slice-wise label prediction back on the input grid (nearest neighbour).
 
         Parameters
         ----------
@@ -172,24 +206,53 @@ class Prepared:
         Returns
         -------
         numpy.ndarray
-            uint8 (X, Y, Z) on the input grid; zero outside the crop and on dropped slices.
+            uint8 (X, Y, Z) on the input grid; zero outside the window and on dropped slices.
 
         Raises
         ------
         PreprocessError
             The prediction's shape does not match the prepared slices.
         """
-        expected = (len(self.slice_indices), *self.crop_size)
-        if tuple(prediction.shape) != expected:
-            raise PreprocessError(f"prediction shape {tuple(prediction.shape)} differs from {expected}")
-        plane = np.zeros((len(self.slice_indices), *self.plane_shape), dtype=np.uint8)
-        _paste(plane, prediction.astype(np.uint8), self.crop_origin)
-        axes = [self.original_shape[a] for a in range(3) if a != self.slice_axis]
-        if self.resampled:
-            plane = _unresample_nearest(plane, (axes[0], axes[1]), self.zoom)
-        out = np.zeros((self.original_shape[self.slice_axis], axes[0], axes[1]), dtype=np.uint8)
-        out[self.slice_indices] = plane
-        return np.ascontiguousarray(np.moveaxis(out, 0, self.slice_axis))
+        self._check_planes(prediction, "prediction")
+        window = np.zeros(self.window_shape, dtype=np.uint8)
+        self._planes(window)[self.slice_indices] = prediction.astype(np.uint8)
+        return np.ascontiguousarray(self.from_window(window, order=0), dtype=np.uint8)
+
+    def restore_scores(
+        self, scores: npt.NDArray[Any], background: Sequence[float]
+    ) -> npt.NDArray[np.float32]:
+        """Put slice-wise per-class scores (e.g. probabilities) back on the input grid, linearly.
+
+        Parameters
+        ----------
+        scores:
+            (N, K, H, W), one plane per kept slice and class.
+        background:
+            K values: each class's score outside the window and on dropped slices (e.g. 0 for a
+            tumour probability, 1 for a softmax background class).
+
+        Returns
+        -------
+        numpy.ndarray
+            float32 (K, X, Y, Z) on the input grid.
+
+        Raises
+        ------
+        PreprocessError
+            The scores' shape does not match the prepared slices, or ``background`` has not K values.
+        """
+        scores = np.asarray(scores, dtype=np.float32)
+        if scores.ndim != 4:
+            raise PreprocessError(f"scores shape {tuple(scores.shape)} is not (N, K, H, W)")
+        self._check_planes(scores, "scores", (scores.shape[1],))
+        if len(background) != scores.shape[1]:
+            raise PreprocessError(f"{len(background)} background values for {scores.shape[1]} classes")
+        out = np.empty((scores.shape[1], *self.original_shape), dtype=np.float32)
+        for k, fill in enumerate(background):
+            window = np.full(self.window_shape, fill, dtype=np.float32)
+            self._planes(window)[self.slice_indices] = scores[:, k]
+            out[k] = self.from_window(window, order=1, cval=float(fill))
+        return out
 
 
 def zscore_nonzero(image: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
@@ -203,20 +266,74 @@ def zscore_nonzero(image: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
     out = np.zeros_like(image, dtype=np.float32)
     if not mask.any():
         return out
-    values = image[mask].astype(np.float64)
-    mean, std = float(values.mean()), float(values.std())
-    out[mask] = ((values - mean) / max(std, 1e-8)).astype(np.float32)
+    mean, std = _moments(image[mask])
+    out[mask] = ((image[mask].astype(np.float64) - mean) / std).astype(np.float32)
     return out
 
 
-def brain_box(mask_planes: npt.NDArray[np.bool_]) -> tuple[tuple[int, int], tuple[int, int]] | None:
-    """In-plane bounding box ((lo0, hi0), (lo1, hi1)), hi exclusive, of a (slices, P0, P1) mask."""
-    proj = np.any(mask_planes, axis=0)
-    rows = np.flatnonzero(np.any(proj, axis=1))
-    cols = np.flatnonzero(np.any(proj, axis=0))
-    if rows.size == 0:
-        return None
-    return (int(rows[0]), int(rows[-1]) + 1), (int(cols[0]), int(cols[-1]) + 1)
+def _moments(values: npt.NDArray[Any]) -> tuple[float, float]:
+    """Mean and standard deviation (floored at 1e-8) of ``values``, in float64."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.size == 0:
+        return 0.0, 1.0
+    return float(values.mean()), max(float(values.std()), 1e-8)
+
+
+def ras_aligned(affine: npt.NDArray[Any], spacing_mm: Sequence[float]) -> bool:
+    """Whether a grid's axes run along R, A and S with voxel sizes within 1 % of ``spacing_mm``.
+
+    Such a grid is the model's grid up to a shift: images on it are cropped, not interpolated.
+    """
+    axes = np.asarray(affine, dtype=np.float64)[:3, :3]
+    diagonal = np.diag(axes)
+    off = axes - np.diag(diagonal)
+    if np.any(diagonal <= 0) or float(np.max(np.abs(off))) > ALIGNMENT_TOLERANCE * float(diagonal.min()):
+        return False
+    target = np.asarray(spacing_mm, dtype=np.float64)
+    return bool(np.all(np.abs(diagonal - target) <= SPACING_TOLERANCE * target))
+
+
+def model_grid(affine: npt.NDArray[Any], spacing_mm: Sequence[float]) -> npt.NDArray[np.float64]:
+    """4x4 voxel-to-RAS matrix of the model's grid for images on ``affine``.
+
+    The images' own grid when it is :func:`ras_aligned`; else RAS axes with ``spacing_mm``
+    voxels through the images' first voxel centre.
+    """
+    affine = np.asarray(affine, dtype=np.float64)
+    if ras_aligned(affine, spacing_mm):
+        return affine
+    grid = np.eye(4)
+    grid[:3, :3] = np.diag(np.asarray(spacing_mm, dtype=np.float64))
+    grid[:3, 3] = affine[:3, 3]
+    return grid
+
+
+def brain_window(
+    affine: npt.NDArray[Any], region: npt.NDArray[np.bool_], spec: PreprocessSpec
+) -> tuple[npt.NDArray[np.float64], tuple[int, int, int]]:
+    """The window of the model's grid that the slices are cut from.
+
+    In-plane it is ``spec.crop_size`` voxels centred on the bounding-box centre of ``region``
+    (computed in world space); along the slice axis it spans the region.
+
+    Returns
+    -------
+    tuple[ndarray, tuple[int, int, int]]
+        The window's 4x4 voxel-to-RAS matrix and its shape.
+    """
+    grid = model_grid(affine, spec.spacing_mm)
+    points = world_points(np.linalg.inv(grid) @ affine, extreme_voxels(region))  # model-grid indices
+    lo = np.floor(points.min(axis=0) + 1e-6).astype(np.int64)
+    hi = np.ceil(points.max(axis=0) - 1e-6).astype(np.int64) + 1
+    in_plane = [a for a in range(3) if a != spec.slice_axis]
+    start = lo.copy()
+    shape = [int(hi[spec.slice_axis] - lo[spec.slice_axis])] * 3
+    for axis, size in zip(in_plane, spec.crop_size, strict=True):
+        start[axis] = (lo[axis] + hi[axis]) // 2 - size // 2
+        shape[axis] = size
+    shift = np.eye(4)
+    shift[:3, 3] = start
+    return np.asarray(grid @ shift, dtype=np.float64), (shape[0], shape[1], shape[2])
 
 
 def prepare_volume(
@@ -224,69 +341,111 @@ def prepare_volume(
     affine: npt.NDArray[Any],
     preprocessing: Mapping[str, Any],
     modalities: Sequence[str],
+    brain_mask: npt.NDArray[Any] | None = None,
 ) -> Prepared:
-    """Turn co-registered RAS images into network slices as the model card says.
+    """Turn co-registered images on any grid into network slices as the model card says.
 
     Parameters
     ----------
     images:
-        Modality name -> 3D array (X, Y, Z) on the canonical RAS grid; all the same shape.
+        Modality name -> 3D array (X, Y, Z); all the same shape, on the grid of ``affine``.
     affine:
-        4x4 voxel-to-RAS matrix of the grid (only the column norms, i.e. spacing, are used).
+        4x4 voxel-to-RAS matrix of the images (any orientation, obliquity or voxel size).
     preprocessing:
         The card's ``preprocessing`` block (see :class:`PreprocessSpec`).
     modalities:
         Channel order; every name must be a key of ``images``.
+    brain_mask:
+        Optional boolean brain mask on the images' grid. When given, the window is centred on it,
+        each channel is z-scored over the voxels inside it and set to zero outside it, and the
+        slices kept are those it reaches. When None, the non-zero voxels play its part.
 
     Returns
     -------
     Prepared
-        The slices holding brain (any channel non-zero inside the crop) and the geometry.
+        The slices holding brain and the geometry to map predictions back.
 
     Raises
     ------
     PreprocessError
-        A modality is missing, shapes differ, the images are not 3D, or no voxel is non-zero.
+        A modality is missing, shapes differ, the images are not 3D, the affine is not an
+        invertible 4x4 matrix, the mask is empty or of another shape, or no voxel is non-zero.
     """
     spec = PreprocessSpec.from_card(preprocessing)
     volumes = _channels(images, modalities)
-    shape = volumes[0].shape
+    shape = (int(volumes[0].shape[0]), int(volumes[0].shape[1]), int(volumes[0].shape[2]))
+    affine = _affine(affine)
+    mask = _mask(brain_mask, shape)
+    region = mask if mask is not None else np.logical_or.reduce([v != 0 for v in volumes])
+    if not region.any():
+        what = "brain mask is empty" if mask is not None else "have no non-zero voxel"
+        raise PreprocessError(f"images {', '.join(modalities)} of shape {shape} {what}")
+    window_affine, window_shape = brain_window(affine, region, spec)
+    shift = grid_shift(affine, window_affine)
+    if shift is None:
+        logger.debug("resampling %s onto the model grid (window %s)", shape, window_shape)
+    inside = None
+    if mask is not None:
+        inside = resample_to_grid(mask.astype(np.float32), affine, window_affine, window_shape) >= 0.5
+    channels = []
+    for volume in volumes:
+        stats = _moments(volume[mask] if mask is not None else volume[volume != 0])
+        window = resample_to_grid(volume, affine, window_affine, window_shape, order=1)
+        channels.append(_zscore(window, inside if inside is not None else window != 0, stats))
+    planes = np.stack([np.moveaxis(c, spec.slice_axis, 0) for c in channels], axis=1)  # (S, C, H, W)
+    keep = _kept_slices(planes, None if inside is None else np.moveaxis(inside, spec.slice_axis, 0))
+    return Prepared(
+        slices=np.ascontiguousarray(planes[keep], dtype=np.float32),
+        slice_indices=keep.astype(np.int64),
+        original_shape=shape,
+        source_affine=affine,
+        window_affine=window_affine,
+        window_shape=window_shape,
+        slice_axis=spec.slice_axis,
+        shift=shift,
+    )
+
+
+def _zscore(
+    window: npt.NDArray[np.float32], inside: npt.NDArray[np.bool_], stats: tuple[float, float]
+) -> npt.NDArray[np.float32]:
+    """(value - mean) / std inside, zero elsewhere."""
+    out = np.zeros(window.shape, dtype=np.float32)
+    out[inside] = ((window[inside].astype(np.float64) - stats[0]) / stats[1]).astype(np.float32)
+    return out
+
+
+def _kept_slices(
+    planes: npt.NDArray[np.float32], inside: npt.NDArray[np.bool_] | None
+) -> npt.NDArray[np.int64]:
+    """Slices the mask reaches; without a mask, those with a non-zero value (else every slice)."""
+    if inside is not None:
+        return np.flatnonzero(inside.reshape(inside.shape[0], -1).any(axis=1)).astype(np.int64)
+    keep = np.flatnonzero(np.abs(planes).reshape(planes.shape[0], -1).max(axis=1) > 0)
+    if keep.size == 0:  # brain present but its z-scored values are all zero (a constant image)
+        keep = np.arange(planes.shape[0])
+    return keep.astype(np.int64)
+
+
+def _affine(affine: npt.NDArray[Any]) -> npt.NDArray[np.float64]:
     affine = np.asarray(affine, dtype=np.float64)
     if affine.shape != (4, 4):
         raise PreprocessError(f"affine shape {affine.shape} is not (4, 4)")
-    spacing = np.linalg.norm(affine[:3, :3], axis=0)
-    in_plane = [a for a in range(3) if a != spec.slice_axis]
-    zoom = _zoom_factors(
-        (float(spacing[in_plane[0]]), float(spacing[in_plane[1]])),
-        (spec.spacing_mm[in_plane[0]], spec.spacing_mm[in_plane[1]]),
-    )
-    planes = np.stack([np.moveaxis(v, spec.slice_axis, 0) for v in volumes])  # (C, S, P0, P1)
-    if zoom != (1.0, 1.0):
-        planes = np.stack([_resample_linear(p, zoom) for p in planes])
-        logger.debug("resampled plane %s -> %s (zoom %s)", shape, planes.shape, zoom)
-    nonzero = planes != 0
-    box = brain_box(nonzero.any(axis=0))
-    if box is None:
-        raise PreprocessError(f"images {', '.join(modalities)} of shape {shape} have no non-zero voxel")
-    crop = spec.crop_size
-    origin = (
-        (box[0][0] + box[0][1]) // 2 - crop[0] // 2,
-        (box[1][0] + box[1][1]) // 2 - crop[1] // 2,
-    )
-    normalized = np.stack([zscore_nonzero(p) for p in planes])
-    cropped = np.stack([_crop_or_pad(p, origin, crop) for p in normalized], axis=1)  # (S, C, H, W)
-    keep = np.flatnonzero(np.abs(cropped).reshape(cropped.shape[0], -1).max(axis=1) > 0)
-    if keep.size == 0:  # brain present but the normalised values are all zero: keep the brain slices
-        keep = np.flatnonzero(nonzero.any(axis=(0, 2, 3)))
-    return Prepared(
-        slices=np.ascontiguousarray(cropped[keep], dtype=np.float32),
-        slice_indices=keep.astype(np.int64),
-        original_shape=(int(shape[0]), int(shape[1]), int(shape[2])),
-        plane_shape=(int(planes.shape[2]), int(planes.shape[3])),
-        zoom=zoom,
-        crop_origin=(int(origin[0]), int(origin[1])),
-        slice_axis=spec.slice_axis,
-    )
+    if not np.all(np.isfinite(affine)) or abs(float(np.linalg.det(affine[:3, :3]))) < 1e-12:
+        raise PreprocessError("affine is not an invertible matrix of finite numbers")
+    for have in np.linalg.norm(affine[:3, :3], axis=0):
+        if have <= 0:
+            raise PreprocessError(f"voxel spacing {have!r} mm from the affine is not positive")
+    return affine
+
+
+def _mask(mask: npt.NDArray[Any] | None, shape: tuple[int, int, int]) -> npt.NDArray[np.bool_] | None:
+    if mask is None:
+        return None
+    mask = np.asarray(mask)
+    if tuple(mask.shape) != shape:
+        raise PreprocessError(f"brain mask shape {tuple(mask.shape)} differs from image shape {shape}")
+    return mask.astype(bool, copy=False)
 
 
 def _channels(images: Mapping[str, npt.NDArray[Any]], modalities: Sequence[str]) -> list[npt.NDArray[Any]]:
@@ -308,89 +467,3 @@ def _channels(images: Mapping[str, npt.NDArray[Any]], modalities: Sequence[str])
                 f"{modalities[0]} shape {volumes[0].shape}"
             )
     return volumes
-
-
-def _zoom_factors(spacing: tuple[float, float], target: tuple[float, float]) -> tuple[float, float]:
-    out = []
-    for have, want in zip(spacing, target, strict=True):
-        if have <= 0 or not np.isfinite(have):
-            raise PreprocessError(f"voxel spacing {have!r} mm from the affine is not positive")
-        out.append(1.0 if abs(have - want) <= SPACING_TOLERANCE * want else have / want)
-    return (out[0], out[1])
-
-
-def _resampled_size(n: int, zoom: float) -> int:
-    return max(1, round(n * zoom))
-
-
-def _linear_axis(array: npt.NDArray[Any], axis: int, zoom: float) -> npt.NDArray[np.float32]:
-    """Linear interpolation along ``axis``: new voxel j sits at old coordinate j / zoom."""
-    n = array.shape[axis]
-    coords = np.arange(_resampled_size(n, zoom)) / zoom
-    lo = np.clip(np.floor(coords).astype(np.int64), 0, n - 1)
-    hi = np.clip(lo + 1, 0, n - 1)
-    w = np.clip(coords - lo, 0.0, 1.0).astype(np.float32)
-    shape = [1] * array.ndim
-    shape[axis] = -1
-    w = w.reshape(shape)
-    a = np.take(array, lo, axis=axis).astype(np.float32)
-    b = np.take(array, hi, axis=axis).astype(np.float32)
-    return a * (1 - w) + b * w
-
-
-def _resample_linear(planes: npt.NDArray[Any], zoom: tuple[float, float]) -> npt.NDArray[np.float32]:
-    """(S, P0, P1) -> (S, P0', P1') linear in-plane resampling (separable)."""
-    out = planes.astype(np.float32)
-    if zoom[0] != 1.0:
-        out = _linear_axis(out, 1, zoom[0])
-    if zoom[1] != 1.0:
-        out = _linear_axis(out, 2, zoom[1])
-    return out
-
-
-def _nearest_index(n_out: int, n_in: int, scale: float) -> npt.NDArray[np.int64]:
-    return np.clip(np.rint(np.arange(n_out) * scale), 0, n_in - 1).astype(np.int64)
-
-
-def _resample_nearest(
-    planes: npt.NDArray[Any], plane_shape: tuple[int, int], zoom: tuple[float, float]
-) -> npt.NDArray[Any]:
-    """Original plane -> resampled plane, nearest neighbour."""
-    i0 = _nearest_index(plane_shape[0], planes.shape[1], 1.0 / zoom[0])
-    i1 = _nearest_index(plane_shape[1], planes.shape[2], 1.0 / zoom[1])
-    return planes[:, i0][:, :, i1]
-
-
-def _unresample_nearest(
-    planes: npt.NDArray[Any], original: tuple[int, int], zoom: tuple[float, float]
-) -> npt.NDArray[Any]:
-    """Resampled plane -> original plane, nearest neighbour (voxel i sits at i * zoom)."""
-    i0 = _nearest_index(original[0], planes.shape[1], zoom[0])
-    i1 = _nearest_index(original[1], planes.shape[2], zoom[1])
-    return planes[:, i0][:, :, i1]
-
-
-def _window(origin: int, size: int, extent: int) -> tuple[slice, slice]:
-    """Source and destination slices of a crop window [origin, origin+size) over [0, extent)."""
-    src_lo, src_hi = max(origin, 0), min(origin + size, extent)
-    if src_hi <= src_lo:
-        return slice(0, 0), slice(0, 0)
-    return slice(src_lo, src_hi), slice(src_lo - origin, src_hi - origin)
-
-
-def _crop_or_pad(
-    planes: npt.NDArray[Any], origin: tuple[int, int], size: tuple[int, int]
-) -> npt.NDArray[Any]:
-    """(S, P0, P1) -> (S, H, W): the window at ``origin``, zero where it leaves the plane."""
-    out = np.zeros((planes.shape[0], size[0], size[1]), dtype=planes.dtype)
-    s0, d0 = _window(origin[0], size[0], planes.shape[1])
-    s1, d1 = _window(origin[1], size[1], planes.shape[2])
-    out[:, d0, d1] = planes[:, s0, s1]
-    return out
-
-
-def _paste(plane: npt.NDArray[Any], crop: npt.NDArray[Any], origin: tuple[int, int]) -> None:
-    """Inverse of :func:`_crop_or_pad`: write ``crop`` (S, H, W) into ``plane`` at ``origin``."""
-    s0, d0 = _window(origin[0], crop.shape[1], plane.shape[1])
-    s1, d1 = _window(origin[1], crop.shape[2], plane.shape[2])
-    plane[:, s0, s1] = crop[:, d0, d1]

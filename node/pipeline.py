@@ -120,22 +120,31 @@ def assemble(chosen: Mapping[str, SeriesInfo], modalities: Sequence[str]) -> Ass
     return Assembled(reference=reference, sources=sources, images=images, affine=affine)
 
 
-def preprocess(model: LoadedModel, assembled: Assembled) -> Prepared:
-    """The network slices of the assembled volumes."""
-    return model.segmenter.prepare(assembled.images, assembled.affine)
+def preprocess(
+    model: LoadedModel, assembled: Assembled, brain_mask: npt.NDArray[np.bool_] | None = None
+) -> Prepared:
+    """The network slices of the assembled volumes, resampled from their geometry onto the model's grid.
+
+    ``brain_mask``: optional boolean mask on the grid of ``assembled.images`` (RAS order); when
+    given, the crop is centred on it and normalisation uses its voxels only.
+    """
+    return model.segmenter.prepare(assembled.images, assembled.affine, brain_mask)
 
 
 def segment(
-    model: LoadedModel, assembled: Assembled, prepared: Prepared | None = None
+    model: LoadedModel,
+    assembled: Assembled,
+    prepared: Prepared | None = None,
+    brain_mask: npt.NDArray[np.bool_] | None = None,
 ) -> npt.NDArray[np.uint8]:
     """Run the model and map its label map back onto the reference series' (slice, row, column) grid.
 
-    ``prepared``: the output of :func:`preprocess` (computed here when None).
+    ``prepared``: the output of :func:`preprocess` (computed here, with ``brain_mask``, when None).
     """
     from converters.reorient import ras_to_volume
 
     if prepared is None:
-        prepared = preprocess(model, assembled)
+        prepared = preprocess(model, assembled, brain_mask)
     with model.lock:
         labels_xyz = model.segmenter.infer(prepared)
     return np.asarray(

@@ -1,7 +1,7 @@
 """The node's inference engine: an OpenVINO IR model compiled once, segmenting whole volumes.
 
 Pre- and post-processing are the shared ones (:func:`converters.preprocess.prepare_volume`,
-:func:`converters.prediction.segment_prepared`), so the node segments exactly as the trainer
+:func:`converters.prediction.segment_to_grid`), so the node segments exactly as the trainer
 evaluated. What is the node's own is how the network runs: a static batch, zero-padded partial
 batches and a warm-up inference at load (docs/benchmarks.md).
 """
@@ -17,7 +17,7 @@ import numpy as np
 import numpy.typing as npt
 
 from converters.exceptions import ModelCardError
-from converters.prediction import segment_prepared
+from converters.prediction import DEFAULT_RESTORE, segment_to_grid
 from converters.preprocess import Prepared, prepare_volume
 from db.card import check_card
 from node.exceptions import ModelLoadError
@@ -153,18 +153,36 @@ class OpenVINOSegmenter:
         return np.concatenate(outs) if len(outs) > 1 else outs[0]
 
     def segment(
-        self, images: Mapping[str, npt.NDArray[Any]], affine: npt.NDArray[Any]
+        self,
+        images: Mapping[str, npt.NDArray[Any]],
+        affine: npt.NDArray[Any],
+        brain_mask: npt.NDArray[Any] | None = None,
     ) -> npt.NDArray[np.uint8]:
         """uint8 label map (X, Y, Z) on the input grid.
 
         whole_tumor: 1 = tumour; brats_regions: Decathlon labels (1 edema, 2 non-enhancing, 3 enhancing).
         """
-        return self.infer(self.prepare(images, affine))
+        return self.infer(self.prepare(images, affine, brain_mask))
 
-    def prepare(self, images: Mapping[str, npt.NDArray[Any]], affine: npt.NDArray[Any]) -> Prepared:
-        """The network slices of a volume, as the model card's preprocessing says."""
-        return prepare_volume(images, affine, self.card["preprocessing"], self.card["modalities"])
+    def prepare(
+        self,
+        images: Mapping[str, npt.NDArray[Any]],
+        affine: npt.NDArray[Any],
+        brain_mask: npt.NDArray[Any] | None = None,
+    ) -> Prepared:
+        """The network slices of a volume on any grid, resampled onto the model's grid as its card says.
 
-    def infer(self, prepared: Prepared) -> npt.NDArray[np.uint8]:
-        """uint8 label map (X, Y, Z) on the input grid for prepared slices (see :meth:`segment`)."""
-        return prepared.restore(segment_prepared(self.predict, prepared, self.card, self.batch_size))
+        ``brain_mask``: optional boolean mask on the images' grid (see
+        :func:`converters.preprocess.prepare_volume`).
+        """
+        return prepare_volume(
+            images, affine, self.card["preprocessing"], self.card["modalities"], brain_mask
+        )
+
+    def infer(self, prepared: Prepared, method: str = DEFAULT_RESTORE) -> npt.NDArray[np.uint8]:
+        """uint8 label map (X, Y, Z) on the input grid for prepared slices (see :meth:`segment`).
+
+        ``method``: how the prediction goes back onto a resampled grid
+        (:data:`converters.prediction.RESTORE_METHODS`).
+        """
+        return segment_to_grid(self.predict, prepared, self.card, self.batch_size, method)

@@ -62,8 +62,9 @@ def test_crop_is_centred_on_the_brain_box_and_pads_with_zero() -> None:
     image = np.zeros((100, 30, 10), np.float32)
     image[40:80, 5:25, 2:8] = 1.0 + np.arange(40)[:, None, None]  # box centre x=60, y=15
     prep = prepare_volume({"FLAIR": image}, np.eye(4), PRE, ["FLAIR"])
-    assert list(prep.slice_indices) == list(range(2, 8))
-    assert prep.crop_origin == (60 - 24, 15 - 20)
+    assert prep.window_shape == (48, 40, 6)  # the brain's slices 2..7 only
+    assert list(prep.slice_indices) == list(range(6))
+    assert prep.shift == (60 - 24, 15 - 20, 2)
     sl = prep.slices[0, 0]
     assert np.all(sl[:, :10] == 0) and np.all(sl[:, 30:] == 0)  # brain y 5..25 at columns 10..30
     assert np.all(sl[4:44, 10:30] != 0)
@@ -74,7 +75,7 @@ def test_resamples_in_plane_when_spacing_differs() -> None:
     image, label = _brain((80, 80, 12), seed=3)
     affine = np.diag([0.5, 0.5, 2.0, 1.0])
     prep = prepare_volume({"FLAIR": image}, affine, PRE, ["FLAIR"])
-    assert prep.resampled and prep.plane_shape == (40, 40)
+    assert prep.resampled and prep.window_shape[:2] == (48, 40)
     restored = prep.restore(prep.crop_label(label))
     assert restored.shape == label.shape
     assert dice(restored > 0, label > 0) > 0.9
@@ -82,7 +83,7 @@ def test_resamples_in_plane_when_spacing_differs() -> None:
 
 def test_spacing_within_one_percent_is_not_resampled() -> None:
     image, label = _brain((40, 40, 10), seed=4)
-    prep = prepare_volume({"FLAIR": image}, np.diag([1.005, 0.995, 3.0, 1.0]), PRE, ["FLAIR"])
+    prep = prepare_volume({"FLAIR": image}, np.diag([1.005, 0.995, 1.008, 1.0]), PRE, ["FLAIR"])
     assert not prep.resampled
     np.testing.assert_array_equal(prep.restore(prep.crop_label(label)), label)
 

@@ -1,0 +1,82 @@
+"""converters.reslice + dicom_writer: a case re-acquired sagittal, coronal, oblique or thick is written
+with the right Image Plane attributes and read back on the same geometry, its tumour in place."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from converters.dicom_series import load_series
+from converters.dicom_writer import write_volumes
+from converters.reorient import LPS_TO_RAS
+from converters.resample import rotation, world_points
+from converters.reslice import SeriesPlan, reslice_case
+from converters.synthetic import make_synthetic_case
+
+PLANS = {
+    "sagittal": SeriesPlan("sagittal", pixel_spacing_mm=0.9, slice_thickness_mm=1.5, fov_mm=200),
+    "coronal": SeriesPlan("coronal", pixel_spacing_mm=1.2, slice_thickness_mm=3.0, fov_mm=200),
+    "oblique": SeriesPlan(
+        "oblique", pixel_spacing_mm=0.8, slice_thickness_mm=4.0, tilt_degrees=20, fov_mm=200
+    ),
+    "axial5": SeriesPlan("axial", slice_thickness_mm=5.0, fov_mm=200, bias_field=0.3, seed=3),
+}
+
+
+@pytest.mark.parametrize("name", list(PLANS))
+def test_resliced_series_round_trips_through_dicom(name: str, tmp_path: Path, strict_pydicom: None) -> None:
+    case = make_synthetic_case(5, (64, 64, 40))
+    plan = PLANS[name]
+    resliced = reslice_case(case, plan, ["FLAIR"])
+    volume = resliced.reference
+    info = write_volumes(resliced.volumes, tmp_path, descriptions={"FLAIR": f"{plan.description} FLAIR"})
+    files = info.files["FLAIR"]
+    first, second = (pydicom.dcmread(p) for p in files[:2])
+    row, col = np.asarray(first.ImageOrientationPatient[:3]), np.asarray(first.ImageOrientationPatient[3:])
+    if name == "oblique":  # axial tilted 20° about the left-right axis
+        np.testing.assert_allclose(row, [1, 0, 0], atol=1e-9)
+        np.testing.assert_allclose(col, rotation("x", 20.0) @ [0, 1, 0], atol=1e-9)
+    np.testing.assert_allclose(
+        np.asarray(second.ImagePositionPatient) - np.asarray(first.ImagePositionPatient),
+        np.cross(row, col) * plan.slice_thickness_mm,
+        atol=1e-6,
+    )
+    assert [float(v) for v in first.PixelSpacing] == [plan.pixel_spacing_mm] * 2
+    assert float(first.SliceThickness) == plan.slice_thickness_mm
+    assert first.SeriesDescription == f"{plan.description} FLAIR"
+    back = load_series(files)
+    np.testing.assert_allclose(back.affine, volume.affine, atol=1e-5)
+    np.testing.assert_array_equal(back.array, volume.array)
+    # The tumour sits where it was in the case, in patient coordinates (within a voxel).
+    assert resliced.label is not None
+    moved = world_points(volume.affine, np.argwhere(resliced.label > 0)[:, ::-1]).mean(axis=0)
+    original = world_points(LPS_TO_RAS @ case.affine, np.argwhere(case.label > 0)).mean(axis=0)
+    np.testing.assert_allclose(moved, original, atol=1.0)
+    ratio = (
+        (resliced.label > 0).sum()
+        * np.prod(volume.spacing)
+        / ((case.label > 0).sum() * np.prod(case.spacing))
+    )
+    assert ratio == pytest.approx(1.0, abs=0.1)
+
+
+def test_bias_field_is_seeded_and_within_its_span() -> None:
+    case = make_synthetic_case(5, (64, 64, 40))
+    plain = reslice_case(case, SeriesPlan("axial", fov_mm=200), ["FLAIR"]).reference.array
+    biased = reslice_case(case, SeriesPlan("axial", fov_mm=200, bias_field=0.3, seed=2), ["FLAIR"])
+    again = reslice_case(case, SeriesPlan("axial", fov_mm=200, bias_field=0.3, seed=2), ["FLAIR"])
+    np.testing.assert_array_equal(biased.reference.array, again.reference.array)
+    head = plain > 50
+    ratio = biased.reference.array[head] / plain[head]
+    assert ratio.min() < 0.85 and ratio.max() > 1.2
+    assert ratio.min() > np.exp(-0.3) - 0.05 and ratio.max() < np.exp(0.3) + 0.05
+
+
+def test_ds_strings_of_oblique_positions_fit_16_characters() -> None:
+    from converters.dicom_writer import _ds
+
+    assert _ds(-9.999999999999996) == "-10.0"
+    assert len(_ds(0.9396926207859084)) <= 16

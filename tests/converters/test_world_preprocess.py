@@ -1,0 +1,182 @@
+"""World-space preprocessing: the affine maths, resampling onto the model grid, the brain mask, and
+that BraTS 1 mm RAS cases give the very slices the former (crop-only) preprocessing gave."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from converters.nifti import list_cases, load_case
+from converters.prediction import restore_outputs
+from converters.preprocess import PreprocessError, prepare_volume, ras_aligned
+from converters.resample import grid_shift, resample_to_grid, rotation, world_points
+from tests.helpers.peers import missing, require_shared
+
+PRE = {
+    "orientation": "RAS",
+    "spacing_mm": [1.0, 1.0, 1.0],
+    "crop_size": [64, 56],
+    "normalization": "zscore_nonzero",
+    "slice_axis": 2,
+}
+
+
+def _affine(matrix: np.ndarray, spacing: tuple[float, float, float], origin: tuple[float, ...]) -> np.ndarray:
+    out = np.eye(4)
+    out[:3, :3] = matrix @ np.diag(spacing)
+    out[:3, 3] = origin
+    return out
+
+
+def _blob(shape: tuple[int, int, int], affine: np.ndarray, centre: np.ndarray, radius: float) -> np.ndarray:
+    """A ball of ``radius`` mm around world point ``centre``, sampled on the grid of ``affine``."""
+    idx = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), axis=-1).reshape(-1, 3)
+    dist = np.linalg.norm(world_points(affine, idx) - centre, axis=1)
+    return (dist <= radius).reshape(shape)
+
+
+def _world_centroid(mask: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    return world_points(affine, np.argwhere(mask)).mean(axis=0)
+
+
+def test_a_known_rotation_maps_a_point_where_it_should() -> None:
+    # Source voxel (10, 20, 5) of a grid rotated 30° about S, 0.8 x 0.8 x 3 mm, offset (5, -7, 11).
+    src = _affine(rotation("z", 30.0), (0.8, 0.8, 3.0), (5.0, -7.0, 11.0))
+    expected = rotation("z", 30.0) @ (np.array([10, 20, 5]) * [0.8, 0.8, 3.0]) + [5.0, -7.0, 11.0]
+    np.testing.assert_allclose(world_points(src, np.array([[10, 20, 5]]))[0], expected, atol=1e-12)
+    # A ball around that point on the rotated grid lands, on a 1 mm RAS grid, around the same point.
+    image = _blob((40, 50, 12), src, expected, 6.0).astype(np.float32)
+    target = _affine(np.eye(3), (1.0, 1.0, 1.0), (-40.0, -20.0, -10.0))
+    out = resample_to_grid(image, src, target, (80, 80, 60), order=1)
+    weights = out / out.sum()
+    idx = np.stack(np.meshgrid(*[np.arange(n) for n in out.shape], indexing="ij"), -1).reshape(-1, 3)
+    centroid = (world_points(target, idx) * weights.reshape(-1, 1)).sum(axis=0)
+    np.testing.assert_allclose(centroid, expected, atol=0.25)
+
+
+def test_grid_shift_is_exact_only_for_whole_voxel_shifts() -> None:
+    base = _affine(np.eye(3), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
+    moved = _affine(np.eye(3), (1.0, 1.0, 1.0), (3.0, -2.0, 7.0))
+    assert grid_shift(base, moved) == (3, -2, 7)
+    assert grid_shift(base, _affine(np.eye(3), (1.0, 1.0, 1.0), (0.5, 0.0, 0.0))) is None
+    assert grid_shift(base, _affine(rotation("x", 1.0), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0))) is None
+    array = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    out = resample_to_grid(array, base, moved, (2, 3, 4))
+    assert out[0, 0, 0] == 0.0  # source (3, -2, 7) is outside
+    np.testing.assert_array_equal(resample_to_grid(array, base, base, (2, 3, 4)), array)
+
+
+def test_ras_aligned_needs_ras_axes_and_the_card_spacing() -> None:
+    assert ras_aligned(np.diag([1.0, 1.0, 1.0, 1.0]), (1, 1, 1))
+    assert ras_aligned(np.diag([1.005, 0.995, 1.008, 1.0]), (1, 1, 1))
+    assert not ras_aligned(np.diag([1.0, 1.0, 5.0, 1.0]), (1, 1, 1))
+    assert not ras_aligned(np.diag([-1.0, 1.0, 1.0, 1.0]), (1, 1, 1))
+    assert not ras_aligned(_affine(rotation("x", 20.0), (1, 1, 1), (0, 0, 0)), (1, 1, 1))
+
+
+@pytest.mark.parametrize(
+    ("matrix", "spacing"),
+    [
+        (rotation("x", 20.0), (0.9, 0.9, 1.0)),  # 20° oblique axial
+        (rotation("z", 90.0) @ rotation("y", 90.0), (1.2, 0.8, 0.8)),  # sagittal-like, thick
+        (np.eye(3), (0.45, 0.45, 5.0)),  # 5 mm axial, fine pixels
+    ],
+)
+def test_oblique_and_thick_grids_are_resampled_in_world_space(
+    matrix: np.ndarray, spacing: tuple[float, float, float]
+) -> None:
+    shape = (round(110 / spacing[0]), round(110 / spacing[1]), round(110 / spacing[2]))
+    affine = _affine(matrix, spacing, (0.0, 0.0, 0.0))
+    centre = world_points(affine, np.array([[(n - 1) / 2 for n in shape]]))[0]
+    head = _blob(shape, affine, centre, 40.0)
+    tumour = _blob(shape, affine, centre + np.array([12.0, -6.0, 8.0]), 10.0)
+    rng = np.random.default_rng(0)
+    image = np.where(head, rng.normal(300, 20, shape) + 200 * tumour, 0).astype(np.float32)
+    prep = prepare_volume({"FLAIR": image}, affine, PRE, ["FLAIR"])
+    assert prep.resampled and prep.slices.shape[1:] == (1, 64, 56)
+    # The model grid is RAS at 1 mm whatever the input grid.
+    np.testing.assert_allclose(prep.window_affine[:3, :3], np.eye(3), atol=1e-12)
+    # The tumour is where it was in world space, on the network slices as on the input grid.
+    planes = prep.crop_label(tumour.astype(np.uint8))
+    window = np.zeros(prep.window_shape, np.uint8)
+    window[:, :, prep.slice_indices] = np.moveaxis(planes, 0, 2)
+    np.testing.assert_allclose(
+        _world_centroid(window > 0, prep.window_affine), _world_centroid(tumour, affine), atol=0.5
+    )
+    # Brighter tumour voxels are the z-scored outliers on the network slices, at the same place.
+    bright = np.moveaxis(prep.slices[:, 0] > 2.5, 0, 2)
+    window[:] = 0
+    window[:, :, prep.slice_indices] = bright
+    np.testing.assert_allclose(
+        _world_centroid(window > 0, prep.window_affine), _world_centroid(tumour, affine), atol=1.0
+    )
+    # And back: labels (nearest) and probabilities (linear) both land on the tumour.
+    restored = prep.restore(planes)
+    dice = 2 * (restored.astype(bool) & tumour).sum() / (restored.astype(bool).sum() + tumour.sum())
+    assert dice > 0.9
+    card = {"output": {"activation": "sigmoid", "threshold": 0.5}}
+    logits = (planes[:, None].astype(np.float32) - 0.5) * 20
+    linear = restore_outputs(prep, logits, card, "linear")
+    assert 2 * (linear.astype(bool) & tumour).sum() / (linear.astype(bool).sum() + tumour.sum()) > 0.9
+
+
+def test_brain_mask_centres_the_crop_and_normalises_inside_it() -> None:
+    shape = (120, 120, 40)
+    rng = np.random.default_rng(1)
+    image = rng.normal(50, 10, shape).astype(np.float32)  # noisy background, nothing is exactly zero
+    mask = np.zeros(shape, bool)
+    mask[70:110, 60:100, 10:30] = True
+    image[mask] = rng.normal(500, 50, int(mask.sum()))
+    prep = prepare_volume({"FLAIR": image}, np.eye(4), PRE, ["FLAIR"], brain_mask=mask)
+    assert prep.shift == (90 - 32, 80 - 28, 10)  # box centre (90, 80), the mask's slices only
+    assert len(prep.slice_indices) == 20
+    inside = prep.crop_label(mask.astype(np.uint8)).astype(bool)
+    values = prep.slices[:, 0]
+    assert np.all(values[~inside] == 0)
+    assert abs(float(values[inside].mean())) < 0.02 and abs(float(values[inside].std()) - 1) < 0.02
+    # Without the mask the noisy background counts as foreground: the crop sits at the image centre.
+    plain = prepare_volume({"FLAIR": image}, np.eye(4), PRE, ["FLAIR"])
+    assert plain.shift == (60 - 32, 60 - 28, 0)
+    with pytest.raises(PreprocessError, match="brain mask is empty"):
+        prepare_volume({"FLAIR": image}, np.eye(4), PRE, ["FLAIR"], brain_mask=np.zeros(shape, bool))
+    with pytest.raises(PreprocessError, match=r"brain mask shape \(3, 3, 3\) differs"):
+        prepare_volume({"FLAIR": image}, np.eye(4), PRE, ["FLAIR"], brain_mask=np.ones((3, 3, 3), bool))
+
+
+def _former_preprocessing(image: np.ndarray, crop: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """The preprocessing before world-space resampling, at 1 mm RAS (converters/preprocess.py at
+    bd5e9df): z-score over the non-zero voxels of the whole volume, crop about the centre of the
+    non-zero bounding box, keep the axial slices holding a non-zero value."""
+    nonzero = image != 0
+    out = np.zeros(image.shape, np.float32)
+    values = image[nonzero].astype(np.float64)
+    out[nonzero] = ((values - values.mean()) / max(values.std(), 1e-8)).astype(np.float32)
+    proj = nonzero.any(axis=2)
+    rows, cols = np.flatnonzero(proj.any(axis=1)), np.flatnonzero(proj.any(axis=0))
+    o0 = (rows[0] + rows[-1] + 1) // 2 - crop[0] // 2
+    o1 = (cols[0] + cols[-1] + 1) // 2 - crop[1] // 2
+    padded = np.zeros((crop[0], crop[1], image.shape[2]), np.float32)
+    s0, s1 = (
+        slice(max(o0, 0), min(o0 + crop[0], image.shape[0])),
+        slice(max(o1, 0), min(o1 + crop[1], image.shape[1])),
+    )
+    padded[s0.start - o0 : s0.stop - o0, s1.start - o1 : s1.stop - o1] = out[s0, s1]
+    slices = np.moveaxis(padded, 2, 0)
+    keep = np.flatnonzero(np.abs(slices).reshape(len(slices), -1).max(axis=1) > 0)
+    return slices[keep], keep
+
+
+def test_brats_1mm_ras_gives_the_former_slices_exactly() -> None:
+    refs = list_cases(require_shared("train", "brats"), require_labels=True)
+    if not refs:
+        missing("no labelled BraTS training case under shared data train/brats")
+    case = load_case(refs[0].path)
+    pre = {**PRE, "crop_size": [176, 176]}
+    prep = prepare_volume(case.images, case.affine, pre, ["FLAIR"])
+    assert not prep.resampled
+    slices, keep = _former_preprocessing(case.images["FLAIR"], (176, 176))
+    np.testing.assert_array_equal(prep.slices[:, 0], slices)  # bit for bit, not only within tolerance
+    assert prep.shift is not None
+    np.testing.assert_array_equal(prep.slice_indices + prep.shift[2], keep)
+    label = case.whole_tumor()
+    np.testing.assert_array_equal(prep.restore(prep.crop_label(label)), label)
