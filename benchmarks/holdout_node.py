@@ -1,0 +1,254 @@
+"""Whole-tumour Dice through the whole node: DICOM in over a socket, SEG out, scored against the truth.
+
+Each case (FLAIR and its label) is re-acquired with :func:`converters.reslice.reslice_case` as the
+scanner would write it, written as a DICOM series, sent to an in-process node (``NodeService``: the
+SCP, the job queue, brain extraction when a brain-extraction model is active, preprocessing in world
+space, OpenVINO, SEG) serving the model under test, and the SEG that comes back is read with highdicom
+on the series' own frames and scored against the label resampled alongside. Acquisitions:
+
+- ``axial 1 mm``: the case's own grid (the reference);
+- ``sagittal``, ``coronal``, ``oblique 20°``, ``axial 5 mm``: re-acquired in world space;
+- ``degraded``: a fixed, seeded degradation, the same for every model compared: axial 5 mm slices,
+  a bias field (±0.3 in log) and Rician noise (3 % of the brain's 99th percentile), seed 2026.
+
+This is the final-evaluation script: it is the only place the holdout may be read (``--data`` is
+required, nothing is tuned on its output). ``--model`` may be given several times to compare models
+on the same acquisitions; the table gives each model's mean per acquisition and the difference.
+
+Usage: python benchmarks/holdout_node.py --data ../shared/data/holdout --model models/default
+       [--model runs/x/export] [--precision int8] [--acquisitions axial_1mm,degraded] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import markdown_table, peak_rss_mib, save_result
+
+from converters.reslice import SeriesPlan
+
+ACQUISITIONS: dict[str, SeriesPlan] = {
+    "axial_1mm": SeriesPlan("axial"),
+    "sagittal": SeriesPlan("sagittal", pixel_spacing_mm=0.94, slice_thickness_mm=1.2),
+    "coronal": SeriesPlan("coronal", pixel_spacing_mm=0.8, slice_thickness_mm=3.0),
+    "oblique_20": SeriesPlan("oblique", tilt_degrees=20.0),
+    "axial_5mm": SeriesPlan("axial", slice_thickness_mm=5.0),
+    "degraded": SeriesPlan("axial", slice_thickness_mm=5.0, bias_field=0.3, seed=2026),
+}
+#: Rician noise of the ``degraded`` acquisition, as a share of the brain's 99th percentile.
+DEGRADED_NOISE = 0.03
+DEGRADED_SEED = 2026
+
+
+def _add_noise(array: np.ndarray, share: float, seed: int) -> np.ndarray:
+    """Rician noise (magnitude of complex Gaussian noise), as an MR magnitude image has."""
+    rng = np.random.default_rng(seed)
+    top = float(np.percentile(array[array > 0], 99)) if (array > 0).any() else 1.0
+    sigma = share * top
+    real = array + rng.normal(0.0, sigma, array.shape)
+    imag = rng.normal(0.0, sigma, array.shape)
+    return np.rint(np.sqrt(real**2 + imag**2)).astype(np.float32)
+
+
+class _Receiver:
+    """A storage SCP on loopback that keeps the SEGs and SRs it receives."""
+
+    def __init__(self) -> None:
+        from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
+        from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+            Comprehensive3DSRStorage,
+            SegmentationStorage,
+        )
+
+        self.received: list[Any] = []
+        self.changed = threading.Condition()
+        ae = AE(ae_title="EVAL_PACS")
+        ae.add_supported_context(SegmentationStorage, ALL_TRANSFER_SYNTAXES)
+        ae.add_supported_context(Comprehensive3DSRStorage, ALL_TRANSFER_SYNTAXES)
+        handlers = [(evt.EVT_C_STORE, self._on)]
+        self.server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=handlers)
+        self.port = int(self.server.server_address[1])
+
+    def _on(self, event: Any) -> int:
+        ds = event.dataset
+        ds.file_meta = event.file_meta
+        with self.changed:
+            self.received.append(ds)
+            self.changed.notify_all()
+        return 0x0000
+
+    def wait_for(self, study_uid: str, modality: str, timeout: float) -> Any | None:
+        deadline = time.monotonic() + timeout
+        with self.changed:
+            while True:
+                found = [
+                    d for d in self.received if d.StudyInstanceUID == study_uid and d.Modality == modality
+                ]
+                if found:
+                    return found[-1]
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self.changed.wait(left)
+
+    def stop(self) -> None:
+        self.server.shutdown()
+
+
+def _node(workdir: Path, model: Path, precision: str, receiver: _Receiver) -> Any:
+    from db.exceptions import PromotionRefused
+    from node.config import Destination, Settings
+    from node.service import NodeService
+
+    settings = Settings()
+    settings.node.host, settings.node.port = "127.0.0.1", 0
+    settings.node.spool_dir = str(workdir / "spool")
+    settings.node.study_idle_seconds, settings.node.poll_seconds = 0.5, 0.05
+    settings.node.min_free_disk_mb = 50
+    settings.database.url = f"sqlite:///{workdir / 'node.db'}"
+    settings.metrics.port = 0
+    settings.destinations = [Destination("eval", "EVAL_PACS", "127.0.0.1", receiver.port)]
+    node = NodeService(settings)
+    infos = node.registry.import_dir(model, by="holdout_node.py")
+    irs = [i for i in infos if i.kind == "ir" and i.precision == precision]
+    if not irs:
+        node.stop()
+        raise SystemExit(f"{model}: no {precision} IR in model.json")
+    try:
+        node.registry.promote(irs[0].id, by="holdout_node.py", reason="final evaluation")
+    except PromotionRefused:
+        node.registry.promote(irs[0].id, by="holdout_node.py", reason="final evaluation", force=True)
+    node.start()
+    return node
+
+
+def _score(node: Any, receiver: _Receiver, case: Any, name: str, workdir: Path) -> dict[str, Any]:
+    import highdicom as hd
+
+    from converters.dicom_series import load_series
+    from converters.dicom_writer import write_volumes
+    from converters.reslice import reslice_case
+    from node.sender import store_files
+
+    plan = ACQUISITIONS[name]
+    resliced = reslice_case(case, plan, ["FLAIR"])
+    volumes = dict(resliced.volumes)
+    if name == "degraded":
+        volume = volumes["FLAIR"]
+        volumes["FLAIR"] = replace(volume, array=_add_noise(volume.array, DEGRADED_NOISE, DEGRADED_SEED))
+    assert resliced.label is not None
+    truth = resliced.label > 0
+    folder = workdir / f"{case.case_id}_{name}"
+    study = write_volumes(volumes, folder, descriptions={"FLAIR": f"{name} FLAIR"})
+    start = time.perf_counter()
+    results = store_files(study.files["FLAIR"], "127.0.0.1", node.scp.port, "SEGNODE", "EVAL")
+    if {status for _, status, _ in results} != {0}:
+        return {"case": case.case_id, "acquisition": name, "dice": None, "error": "C-STORE refused"}
+    raw = receiver.wait_for(study.study_instance_uid, "SEG", 300)
+    seconds = time.perf_counter() - start
+    if raw is None:
+        from db import job_queue
+
+        jobs = [j for j in job_queue.list_jobs(node.sf) if j.study_instance_uid == study.study_instance_uid]
+        reason = jobs[-1].reason if jobs else "no job"
+        return {"case": case.case_id, "acquisition": name, "dice": 0.0, "error": f"no SEG: {reason}"}
+    seg = hd.seg.Segmentation.from_dataset(raw)
+    volume = load_series(study.files["FLAIR"])
+    labels = seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=volume.sop_instance_uids,
+        segment_numbers=[1],
+        assert_missing_frames_are_empty=True,
+    )[..., 0]
+    predicted = labels > 0
+    total = int(predicted.sum() + truth.sum())
+    dice = 1.0 if total == 0 else float(2 * (predicted & truth).sum() / total)
+    voxel_ml = float(np.prod(volume.spacing)) / 1000.0
+    return {
+        "case": case.case_id,
+        "acquisition": name,
+        "dice": round(dice, 4),
+        "predicted_ml": round(float(predicted.sum()) * voxel_ml, 2),
+        "truth_ml": round(float(truth.sum()) * voxel_ml, 2),
+        "seconds": round(seconds, 2),
+    }
+
+
+def evaluate(
+    model: Path, precision: str, data: Path, acquisitions: list[str], cases: int = 0
+) -> dict[str, Any]:
+    """Every case of ``data`` (the first ``cases`` when > 0) in every acquisition through a node serving
+    ``model``."""
+    from converters.nifti import list_cases
+
+    refs = list_cases(data, require_labels=True)
+    refs = refs[:cases] if cases > 0 else refs
+    workdir = Path(tempfile.mkdtemp(prefix="segnode-holdout-"))
+    receiver = _Receiver()
+    node = _node(workdir, model, precision, receiver)
+    rows: list[dict[str, Any]] = []
+    try:
+        for ref in refs:
+            case = ref.load()
+            for name in acquisitions:
+                row = _score(node, receiver, case, name, workdir)
+                print(f"{model.name} {precision} {row['case']} {name}: Dice {row['dice']}", flush=True)
+                rows.append(row)
+    finally:
+        node.stop()
+        receiver.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+    means = {
+        name: round(float(np.mean([r["dice"] or 0.0 for r in rows if r["acquisition"] == name])), 4)
+        for name in acquisitions
+    }
+    return {"model": str(model), "precision": precision, "cases": rows, "mean": means}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--model", type=Path, action="append", required=True)
+    parser.add_argument("--precision", choices=["fp32", "int8"], default="int8")
+    parser.add_argument("--acquisitions", default=",".join(ACQUISITIONS))
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--cases", type=int, default=0, help="the first N cases only (0: all)")
+    args = parser.parse_args()
+    acquisitions = [a for a in args.acquisitions.split(",") if a]
+    unknown = [a for a in acquisitions if a not in ACQUISITIONS]
+    if unknown:
+        parser.error(f"unknown acquisition {unknown[0]!r}; choose from {', '.join(ACQUISITIONS)}")
+    results = [evaluate(m, args.precision, args.data, acquisitions, args.cases) for m in args.model]
+    headers = ["acquisition", *[f"{Path(r['model']).name} ({r['precision']})" for r in results]]
+    if len(results) > 1:
+        headers.append("difference (last - first)")
+    rows = []
+    for name in acquisitions:
+        values = [r["mean"][name] for r in results]
+        row: list[Any] = [name, *[f"{v:.4f}" for v in values]]
+        if len(results) > 1:
+            row.append(f"{values[-1] - values[0]:+.4f}")
+        rows.append(row)
+    print(markdown_table(headers, rows))
+    print(f"peak RSS {peak_rss_mib():.0f} MiB")
+    path = save_result("holdout_node", {"runs": results}, args.out)
+    print(f"results in {path}")
+    print(json.dumps({Path(r["model"]).name: r["mean"] for r in results}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
