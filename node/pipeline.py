@@ -1,4 +1,9 @@
-"""One job, start to end: select series, assemble volumes, segment, write SEG + SR + preview.
+"""One job, start to end: select series, assemble volumes, extract the brain, segment, write SEG + SR +
+preview.
+
+The brain stage (after ``load``) masks the reference series with the active ``brain_extraction``
+model; tumour labels outside the mask are set to 0 and the job result records ``brain_volume_ml``. A
+study in which no brain is found fails with the reason and sends nothing.
 
 Each step is a plain function; :func:`run_job` times them, records the stage timings on the job,
 and, in the same transaction that ends the job, queues a send of the SEG and the SR to every
@@ -31,7 +36,7 @@ from db.transactions import SessionFactory
 from node.config import Destination
 from node.exceptions import JobError, NodeError
 from node.metrics import NodeMetrics
-from node.runtime import LoadedModel
+from node.runtime import LoadedExtractor, LoadedModel
 from node.selection import SeriesInfo, SeriesSelector, scan_grouped_series
 from node.spool import write_atomic
 
@@ -160,6 +165,39 @@ def source_frame_labels(labels: npt.NDArray[np.uint8], assembled: Assembled) -> 
     return labels[np.asarray(order)]
 
 
+@dataclass
+class Brain:
+    """The brain mask of the reference series, in RAS (X, Y, Z) order, and its volume."""
+
+    mask: npt.NDArray[np.bool_]
+    volume_ml: float
+    extractor: str
+
+
+def extract_brain(brain: LoadedExtractor, assembled: Assembled, modality: str) -> Brain:
+    """The brain mask of the ``modality`` (the reference) series, on its grid.
+
+    Raises
+    ------
+    converters.brain_mask.NoBrainFoundError
+        No brain in the image: the job fails with that reason and nothing is sent.
+    """
+    from node.brain_extraction import brain_volume_ml
+
+    image = assembled.images[modality]
+    with brain.lock:
+        mask = brain.extractor.extract(image, assembled.affine)
+    return Brain(mask=mask, volume_ml=brain_volume_ml(mask, assembled.affine), extractor=brain.label)
+
+
+def mask_labels(labels: npt.NDArray[np.uint8], brain: Brain, assembled: Assembled) -> npt.NDArray[np.uint8]:
+    """``labels`` (the reference series' (slice, row, column) grid) with every voxel outside the brain 0."""
+    from converters.reorient import ras_to_volume
+
+    inside = np.asarray(ras_to_volume(brain.mask.astype(np.uint8), assembled.reference)) > 0
+    return np.where(inside, labels, np.uint8(0)).astype(np.uint8)
+
+
 def segment_volumes_ml(labels: npt.NDArray[np.uint8], card: Mapping[str, Any], volume: Volume) -> list[float]:
     """Volume in mL of each card label (segment order), from voxel counts and the source spacing."""
     voxel_ml = float(np.prod(volume.spacing)) / 1000.0
@@ -176,6 +214,9 @@ class JobContext:
     destinations: list[Destination]
     metrics: NodeMetrics
     model: Callable[[], LoadedModel | None]
+    #: The active brain extractor; when it returns None (no brain_extraction model active), the
+    #: brain stage is skipped and ``brain_volume_ml`` is null in the result.
+    brain: Callable[[], LoadedExtractor | None] = lambda: None
 
 
 def run_job(ctx: JobContext, job_id: int) -> str:
@@ -201,10 +242,20 @@ def run_job(ctx: JobContext, job_id: int) -> str:
         with timer.stage("load"):
             assembled = assemble(chosen, card["modalities"])
         job_queue.heartbeat(ctx.sf, job_id)
+        brain: Brain | None = None
+        extractor = ctx.brain()
+        if extractor is None:
+            logger.warning("job %d: no active brain_extraction model; the brain stage is skipped", job_id)
+        else:
+            with timer.stage("brain"):
+                brain = extract_brain(extractor, assembled, card["modalities"][0])
+            job_queue.heartbeat(ctx.sf, job_id)
         with timer.stage("preprocess"):
             prepared = preprocess(model, assembled)
         with timer.stage("inference"):
             labels = segment(model, assembled, prepared)
+            if brain is not None:
+                labels = mask_labels(labels, brain, assembled)
         ctx.metrics.inference_seconds.observe(timer.stages["inference"])
         job_queue.heartbeat(ctx.sf, job_id)
         with timer.stage("seg"):
@@ -234,6 +285,8 @@ def run_job(ctx: JobContext, job_id: int) -> str:
         "sr_sop_instance_uid": str(sr.SOPInstanceUID),
         "series": {m: s.series_instance_uid for m, s in chosen.items()},
         "volumes_ml": [round(v, 3) for v in volumes],
+        "brain_volume_ml": round(brain.volume_ml, 1) if brain is not None else None,
+        "brain_extractor": brain.extractor if brain is not None else None,
     }
     (out_dir / "job.json").write_text(json.dumps({"job": job_id, "stages": timer.stages, **result}, indent=2))
     outputs = [
