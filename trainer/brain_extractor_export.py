@@ -70,6 +70,7 @@ PREPROCESSING: dict[str, Any] = {
     "normalization": {"percentiles": [0.5, 99.5], "scale_mean": 0.449, "scale_std": 0.226},
     "min_brain_ml": 100.0,
     "min_structure": 0.5,
+    "min_contrast": 0.15,
     "stripped_margin_mm": 5.0,
     "stripped_outside_fraction": 0.01,
 }
@@ -185,6 +186,31 @@ def ir_masker(card: Mapping[str, Any], directory: Path) -> BrainMasker:
     return BrainMasker(settings, network("bbox"), network("brain"))
 
 
+def network_difference(
+    masker: BrainMasker, reference: Any, image: npt.NDArray[np.float32], box: tuple[slice, ...]
+) -> float:
+    """Largest |p_IR - p_TorchScript| of both networks on the same normalised inputs of ``image``."""
+    import torch
+
+    from converters.brain_mask import normalize, resize
+
+    s = masker.settings
+    x = np.nan_to_num(np.asarray(image, dtype=np.float32))
+    small = resize(x, s.bbox_grid, s.order)
+    low, high = (float(v) for v in np.percentile(small, s.percentiles))
+    inputs = {
+        "bbox": normalize(small, low, high, s),
+        "brain": normalize(resize(x[box], s.brain_grid, s.order), low, high, s),
+    }
+    worst = 0.0
+    for key, net in (("bbox", reference.bbox_model), ("brain", reference.model)):
+        with torch.no_grad():
+            p_ref = net(torch.from_numpy(inputs[key])[None, None])[0, 1].numpy()
+        p_ir = (masker.bbox_net if key == "bbox" else masker.brain_net)(inputs[key])
+        worst = max(worst, float(np.abs(p_ir - p_ref).max()))
+    return worst
+
+
 def compare(
     out_dir: Path,
     card: Mapping[str, Any],
@@ -194,14 +220,17 @@ def compare(
 ) -> list[dict[str, Any]]:
     """Per image: the IR (node code) against the TorchScript networks (deepbet's own code).
 
-    ``max_abs_prob_diff`` is over the brain network's probabilities on the whole grid; ``dice`` is of
-    deepbet's mask (threshold, largest component, holes filled) of each; ``tumour_inside`` and
+    ``network_max_abs_diff`` is the largest difference of the two networks' probabilities on the same
+    inputs (both networks, the image's own normalised grids: the conversion alone);
+    ``mean_abs_prob_diff`` is over the brain probabilities on the whole grid, each pipeline its own
+    (resizing and box included); ``dice`` is of deepbet's mask (threshold, largest component, holes
+    filled) of each; ``tumour_inside`` and
     ``nonzero_inside`` (skull-stripped BraTS images) are of the node's final mask.
     """
     import torch
     from deepbet.bet import BrainExtraction
 
-    from converters.brain_mask import brain_volume_ml
+    from converters.brain_mask import NoBrainFoundError, brain_volume_ml
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     reference = BrainExtraction(
@@ -217,17 +246,25 @@ def compare(
         p_ir, box = extractor.probabilities(item.image)
         p_full = np.zeros(item.image.shape, dtype=np.float32)
         p_full[box] = p_ir
+        net_diff = network_difference(extractor, reference, item.image, box)
         m_ir = extractor.network_mask(item.image)
-        final = extractor.extract(item.image, item.affine)
+        try:
+            final: npt.NDArray[np.bool_] | None = extractor.extract(item.image, item.affine)
+            no_brain = ""
+        except NoBrainFoundError as exc:
+            final, no_brain = None, str(exc)
         row: dict[str, Any] = {
             "case": item.name,
             "shape": list(item.image.shape),
-            "max_abs_prob_diff": round(float(np.abs(p_full - p_ref).max()), 6),
+            "network_max_abs_diff": round(net_diff, 6),
+            "mean_abs_prob_diff": round(float(np.abs(p_full - p_ref).mean()), 6),
             "dice": round(dice(m_ir, m_ref), 6),
-            "brain_volume_ml": round(brain_volume_ml(final, item.affine), 1),
+            "brain_volume_ml": round(brain_volume_ml(final, item.affine), 1) if final is not None else None,
             "reference_volume_ml": round(brain_volume_ml(m_ref, item.affine), 1),
         }
-        if item.tumour is not None:
+        if no_brain:
+            row["no_brain"] = no_brain
+        if item.tumour is not None and final is not None:
             nonzero = item.image != 0
             row["tumour_inside"] = round(float((final & item.tumour).sum() / max(item.tumour.sum(), 1)), 6)
             row["nonzero_inside"] = round(float((final & nonzero).sum() / max(nonzero.sum(), 1)), 6)
@@ -240,7 +277,8 @@ def metrics_block(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """The artifact's ``metrics``: ``mean.dice`` is the Dice of the IR's mask with the original's."""
     mean: dict[str, float] = {
         "dice": round(float(np.mean([r["dice"] for r in rows])), 6),
-        "max_abs_prob_diff": round(float(max(r["max_abs_prob_diff"] for r in rows)), 6),
+        "network_max_abs_diff": round(float(max(r["network_max_abs_diff"] for r in rows)), 6),
+        "mean_abs_prob_diff": round(float(np.mean([r["mean_abs_prob_diff"] for r in rows])), 6),
     }
     for key in ("tumour_inside", "nonzero_inside"):
         values = [r[key] for r in rows if key in r]

@@ -207,14 +207,15 @@ def export_brain_extractor(
     from rich.table import Table
 
     table = Table(title=f"{card['name']} {card['version']}: OpenVINO IR against the original TorchScript")
-    for col in ("image", "max |dp|", "mask Dice", "brain mL", "tumour in", "non-zero in"):
+    for col in ("image", "net max |dp|", "mean |dp|", "mask Dice", "brain mL", "tumour in", "non-zero in"):
         table.add_column(col)
     for row in metrics["per_case"]:
         table.add_row(
             row["case"],
-            f"{row['max_abs_prob_diff']:.4f}",
+            f"{row['network_max_abs_diff']:.5f}",
+            f"{row['mean_abs_prob_diff']:.6f}",
             f"{row['dice']:.4f}",
-            f"{row['brain_volume_ml']:.0f}",
+            f"{row['brain_volume_ml']:.0f}" if row["brain_volume_ml"] is not None else "no brain",
             f"{row['tumour_inside']:.4f}" if "tumour_inside" in row else "",
             f"{row['nonzero_inside']:.4f}" if "nonzero_inside" in row else "",
         )
