@@ -38,8 +38,11 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-#: Tasks a model can solve (DESIGN.md, "Model card").
-TASKS: tuple[str, ...] = ("whole_tumor", "brats_regions")
+#: Tasks a model can solve (DESIGN.md, "Model card"): the segmentation tasks, and the node's brain
+#: extractor (its own task, so that it has its own active model and rollout).
+TASKS: tuple[str, ...] = ("whole_tumor", "brats_regions", "brain_extraction")
+#: Tasks whose models segment tumours (what ``[node] task`` may name).
+SEGMENTATION_TASKS: tuple[str, ...] = ("whole_tumor", "brats_regions")
 #: Artifact kinds, in lineage order.
 KINDS: tuple[str, ...] = ("checkpoint", "onnx", "ir")
 #: Numeric precisions of an artifact.

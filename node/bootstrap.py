@@ -1,4 +1,7 @@
-"""The shipped model on a fresh install: imported and promoted when the node's task has none active.
+"""The shipped models on a fresh install: imported and promoted when their task has none active.
+
+Two tasks are bootstrapped: the node's segmentation task (``models/default``) and
+``brain_extraction`` (``models/brain_extraction``), each with :func:`bootstrap_default_model`.
 
 ``segnode serve`` on a new ``SEGNODE_HOME`` would otherwise queue every study until an administrator
 ran ``segnode models import`` and ``promote``. The container entrypoint has always done this; the node
@@ -21,6 +24,8 @@ logger = logging.getLogger(__name__)
 
 #: The shipped default model of a source checkout or editable install (``models/default``).
 SHIPPED_MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "default"
+#: The shipped brain extractor (task ``brain_extraction``), bootstrapped the same way.
+SHIPPED_BRAIN_EXTRACTOR_DIR = Path(__file__).resolve().parents[1] / "models" / "brain_extraction"
 
 
 def install_and_promote(registry: Registry, model_dir: Path, *, by: str, reason: str) -> ModelInfo:

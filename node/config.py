@@ -42,6 +42,9 @@ class NodeSettings:
     # At start, when the task has no active model: import and promote the shipped model (node/bootstrap.py).
     bootstrap_default_model: bool = True
     default_model_dir: str = ""  # empty: the shipped models/default
+    # The brain extractor (task brain_extraction) bootstrap_default_model installs: empty, the shipped
+    # models/brain_extraction.
+    brain_extractor_dir: str = ""
 
     def spool_path(self) -> Path:
         """Absolute spool directory."""
@@ -52,6 +55,14 @@ class NodeSettings:
         from node.bootstrap import SHIPPED_MODEL_DIR
 
         return Path(self.default_model_dir).absolute() if self.default_model_dir else SHIPPED_MODEL_DIR
+
+    def brain_extractor_path(self) -> Path:
+        """The brain extractor that :attr:`bootstrap_default_model` installs."""
+        from node.bootstrap import SHIPPED_BRAIN_EXTRACTOR_DIR
+
+        if self.brain_extractor_dir:
+            return Path(self.brain_extractor_dir).absolute()
+        return SHIPPED_BRAIN_EXTRACTOR_DIR
 
     def jobs_path(self) -> Path:
         """Where each job keeps its outputs (SEG, SR, preview): beside the spool."""

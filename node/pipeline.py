@@ -1,4 +1,9 @@
-"""One job, start to end: select series, assemble volumes, segment, write SEG + SR + preview.
+"""One job, start to end: select series, assemble volumes, extract the brain, segment, write SEG + SR +
+preview.
+
+The brain stage (after ``load``) masks the reference series with the active ``brain_extraction``
+model; tumour labels outside the mask are set to 0 and the job result records ``brain_volume_ml``. A
+study in which no brain is found fails with the reason and sends nothing.
 
 Each step is a plain function; :func:`run_job` times them, records the stage timings on the job,
 and, in the same transaction that ends the job, queues a send of the SEG and the SR to every
@@ -37,7 +42,7 @@ from node import qc
 from node.config import Destination, QCSettings
 from node.exceptions import JobError, NodeError
 from node.metrics import NodeMetrics
-from node.runtime import LoadedModel
+from node.runtime import LoadedExtractor, LoadedModel
 from node.selection import SeriesInfo, SeriesSelector, scan_grouped_series
 from node.spool import write_atomic
 
@@ -175,19 +180,42 @@ def source_frame_labels(labels: npt.NDArray[np.uint8], assembled: Assembled) -> 
     return labels[np.asarray(order)]
 
 
+@dataclass
+class Brain:
+    """The brain mask of the reference series, in RAS (X, Y, Z) order, and its volume."""
+
+    mask: npt.NDArray[np.bool_]
+    volume_ml: float
+    extractor: str
+
+
+def extract_brain(brain: LoadedExtractor, assembled: Assembled, modality: str) -> Brain:
+    """The brain mask of the ``modality`` (the reference) series, on its grid.
+
+    Raises
+    ------
+    converters.brain_mask.NoBrainFoundError
+        No brain in the image: the job fails with that reason and nothing is sent.
+    """
+    from node.brain_extraction import brain_volume_ml
+
+    image = assembled.images[modality]
+    with brain.lock:
+        mask = brain.extractor.extract(image, assembled.affine)
+    return Brain(mask=mask, volume_ml=brain_volume_ml(mask, assembled.affine), extractor=brain.label)
+
+
 def segment_volumes_ml(labels: npt.NDArray[np.uint8], card: Mapping[str, Any], volume: Volume) -> list[float]:
     """Volume in mL of each card label (segment order), from voxel counts and the source spacing."""
     voxel_ml = float(np.prod(volume.spacing)) / 1000.0
     return [float((labels == int(label["value"])).sum()) * voxel_ml for label in card.get("labels") or []]
 
 
-def brain_mask_for(assembled: Assembled) -> npt.NDArray[np.bool_] | None:
-    """The brain mask of the assembled study on its RAS grid (``assembled.images``' shape), or None.
-
-    None today: the node has no brain extraction yet, so the brain-mask rules of node/qc.py report
-    "not checked" and no tumour is removed. The brain stage (node/brain_extraction.py) replaces it.
-    """
-    return None
+def brain_mask_for(assembled: Assembled, brain: Brain | None) -> npt.NDArray[np.bool_] | None:
+    """The brain mask of the assembled study on its RAS grid (``assembled.images``' shape), or None
+    when the brain stage did not run (no active ``brain_extraction`` model): the brain-mask rules of
+    node/qc.py then report "not checked" and no tumour is removed."""
+    return None if brain is None else brain.mask
 
 
 @dataclass
@@ -244,6 +272,9 @@ class JobContext:
     metrics: NodeMetrics
     model: Callable[[], LoadedModel | None]
     qc: QCSettings = field(default_factory=QCSettings)
+    #: The active brain extractor; when it returns None (no brain_extraction model active), the
+    #: brain stage is skipped and ``brain_volume_ml`` is null in the result.
+    brain: Callable[[], LoadedExtractor | None] = lambda: None
 
 
 def run_job(ctx: JobContext, job_id: int) -> str:
@@ -269,15 +300,24 @@ def run_job(ctx: JobContext, job_id: int) -> str:
         with timer.stage("load"):
             assembled = assemble(chosen, card["modalities"])
         job_queue.heartbeat(ctx.sf, job_id)
-        with timer.stage("preprocess"):
-            prepared = preprocess(model, assembled)
+        brain: Brain | None = None
+        extractor = ctx.brain()
+        if extractor is None:
+            logger.warning("job %d: no active brain_extraction model; the brain stage is skipped", job_id)
+        else:
+            with timer.stage("brain"):
+                brain = extract_brain(extractor, assembled, card["modalities"][0])
+            job_queue.heartbeat(ctx.sf, job_id)
+        mask = brain_mask_for(assembled, brain)
+        with timer.stage("preprocess"):  # in world space; z-scored inside the brain when there is a mask
+            prepared = preprocess(model, assembled, mask)
         with timer.stage("inference"):
             labels = segment(model, assembled, prepared)
         ctx.metrics.inference_seconds.observe(timer.stages["inference"])
         job_queue.heartbeat(ctx.sf, job_id)
         with timer.stage("qc"):
             slices = min(s.slices for s in chosen.values())
-            checked = quality_check(labels, assembled, brain_mask_for(assembled), slices, ctx.qc)
+            checked = quality_check(labels, assembled, mask, slices, ctx.qc)  # tumour outside the brain goes
         labels, report = checked.labels, checked.report
         seg = None
         if labels.any():
@@ -325,6 +365,7 @@ def run_job(ctx: JobContext, job_id: int) -> str:
         "model": {"name": card.get("name"), "version": card.get("version"), "label": model.label},
         "qc": report.as_dict(),
         "outputs": [{"path": o.path, "sop_instance_uid": o.sop_instance_uid} for o in outputs],
+        "brain_extractor": brain.extractor if brain is not None else None,
     }
     (out_dir / "job.json").write_text(json.dumps({"job": job_id, "stages": timer.stages, **result}, indent=2))
     if not report.passed:

@@ -1,9 +1,10 @@
-"""The model the node runs: the active model of its task, verified, compiled once, swapped when it changes.
+"""The models the node runs: the active model of a task, verified, compiled once, swapped when it changes.
 
-Workers call :meth:`ModelRuntime.refresh` between jobs: a cheap ``Registry.active(task)`` query. When
-the active model changed, the new model's files are hashed against their recorded sha256 before
-OpenVINO sees them; a missing or tampered file is refused with a clear error and the previous model
-keeps serving.
+Two runtimes share the rules (:class:`ActiveModel`): :class:`ModelRuntime` for the node's
+segmentation task and :class:`BrainExtractorRuntime` for ``brain_extraction``. Workers call
+``refresh()`` between jobs: a cheap ``Registry.active(task)`` query. When the active model changed,
+the new model's files are hashed against their recorded sha256 before OpenVINO sees them; a missing
+or tampered file is refused with a clear error and the previous model keeps serving.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 from db.card import check_file, sha256_file
 from db.registry import ModelInfo, Registry
+from node.brain_extraction import BrainExtractor
 from node.exceptions import ModelLoadError
 from node.segmenter import DEFAULT_BATCH, OpenVINOSegmenter
 
@@ -86,40 +88,64 @@ class LoadedModel:
         return f"{self.info.name} {self.info.version} ({self.info.precision}, #{self.info.id})"
 
 
-class ModelRuntime:
-    """Keeps the task's active model compiled; thread-safe.
+class _Loaded(Protocol):
+    info: ModelInfo
+
+    @property
+    def label(self) -> str: ...
+
+
+L = TypeVar("L", bound=_Loaded)
+
+
+@dataclass
+class LoadedExtractor:
+    """A verified, compiled brain extractor."""
+
+    info: ModelInfo
+    card: dict[str, Any]
+    extractor: BrainExtractor
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def label(self) -> str:
+        """``name version (precision, #id)`` for job records."""
+        return f"{self.info.name} {self.info.version} ({self.info.precision}, #{self.info.id})"
+
+
+class ActiveModel(Generic[L]):
+    """Keeps a task's active model compiled; thread-safe. Subclasses say how a model is compiled.
 
     Parameters
     ----------
     registry:
         The model table.
     task:
-        ``whole_tumor`` or ``brats_regions``.
+        The task whose active model this runs.
     device:
         OpenVINO device, checked with :func:`check_device` at construction.
-    batch_size:
-        Slices per OpenVINO request, a static batch (:class:`node.segmenter.OpenVINOSegmenter`).
     """
 
-    def __init__(
-        self, registry: Registry, task: str, device: str = "CPU", batch_size: int = DEFAULT_BATCH
-    ) -> None:
+    def __init__(self, registry: Registry, task: str, device: str = "CPU") -> None:
         self.registry = registry
         self.task = task
         self.device = check_device(device)
-        self.batch_size = batch_size
         self._lock = threading.Lock()
-        self._current: LoadedModel | None = None
+        self._current: L | None = None
         self._refused: dict[int, str] = {}
         self._refused_at: dict[int, float] = {}
         self.last_error: str = ""
 
     @property
-    def current(self) -> LoadedModel | None:
+    def current(self) -> L | None:
         """The model serving now (None before the first successful load)."""
         return self._current
 
-    def load(self, info: ModelInfo) -> LoadedModel:
+    def compile(self, info: ModelInfo, xml: Path) -> L:
+        """Compile verified model ``info`` (its first ``.xml`` is ``xml``); raises on failure."""
+        raise NotImplementedError
+
+    def load(self, info: ModelInfo) -> L:
         """Verify and compile ``info``; raises :class:`ModelLoadError`."""
         verify_files(info)
         if not info.card:
@@ -128,12 +154,11 @@ class ModelRuntime:
         if info.kind != "ir" or xml is None:
             raise ModelLoadError(f"model {info.label} is not an OpenVINO IR (kind {info.kind!r}); not loaded")
         try:
-            segmenter = OpenVINOSegmenter(info.card, xml, device=self.device, batch_size=self.batch_size)
+            return self.compile(info, xml)
         except Exception as exc:
             raise ModelLoadError(f"model {info.label}: OpenVINO cannot compile {xml}: {exc}") from exc
-        return LoadedModel(info=info, card=dict(info.card), segmenter=segmenter)
 
-    def refresh(self) -> LoadedModel | None:
+    def refresh(self) -> L | None:
         """Swap to the task's active model if it changed; on failure keep the previous one.
 
         Returns the model to use now (None when there has never been a usable one).
@@ -164,9 +189,55 @@ class ModelRuntime:
             self._current = loaded
             self.last_error = ""
             logger.info(
-                "serving model %s on %s%s",
+                "serving %s model %s on %s%s",
+                self.task,
                 loaded.label,
                 self.device,
                 f" (was {current.label})" if current else "",
             )
             return loaded
+
+
+class ModelRuntime(ActiveModel[LoadedModel]):
+    """Keeps the segmentation task's active model compiled; thread-safe.
+
+    Parameters
+    ----------
+    registry:
+        The model table.
+    task:
+        ``whole_tumor`` or ``brats_regions``.
+    device:
+        OpenVINO device, checked with :func:`check_device` at construction.
+    batch_size:
+        Slices per OpenVINO request, a static batch (:class:`node.segmenter.OpenVINOSegmenter`).
+    """
+
+    def __init__(
+        self, registry: Registry, task: str, device: str = "CPU", batch_size: int = DEFAULT_BATCH
+    ) -> None:
+        super().__init__(registry, task, device)
+        self.batch_size = batch_size
+
+    def compile(self, info: ModelInfo, xml: Path) -> LoadedModel:
+        """An :class:`OpenVINOSegmenter` of ``xml``."""
+        assert info.card is not None
+        segmenter = OpenVINOSegmenter(info.card, xml, device=self.device, batch_size=self.batch_size)
+        return LoadedModel(info=info, card=dict(info.card), segmenter=segmenter)
+
+
+class BrainExtractorRuntime(ActiveModel[LoadedExtractor]):
+    """Keeps the active ``brain_extraction`` model compiled; thread-safe.
+
+    Its IR files (the card's ``networks``) are found among the model's registered, verified files.
+    """
+
+    def __init__(self, registry: Registry, device: str = "CPU", threads: int | None = None) -> None:
+        super().__init__(registry, "brain_extraction", device)
+        self.threads = threads
+
+    def compile(self, info: ModelInfo, xml: Path) -> LoadedExtractor:
+        """A :class:`node.brain_extraction.BrainExtractor` of the model's directory."""
+        assert info.card is not None
+        extractor = BrainExtractor(info.card, xml.parent, device=self.device, threads=self.threads)
+        return LoadedExtractor(info=info, card=dict(info.card), extractor=extractor)

@@ -23,7 +23,7 @@ from node.config import Settings
 from node.exceptions import NodeError
 from node.metrics import MetricsServer, NodeMetrics
 from node.pipeline import JobContext, run_job
-from node.runtime import ModelRuntime, check_device
+from node.runtime import BrainExtractorRuntime, ModelRuntime, check_device
 from node.scp import StorageSCP
 from node.selection import SeriesSelector
 from node.sender import Sender, client_tls_context
@@ -72,6 +72,7 @@ class NodeService:
         self.registry = Registry(self.sf)
         node = settings.node
         self.runtime = ModelRuntime(self.registry, node.task, node.inference_device)
+        self.brain_runtime = BrainExtractorRuntime(self.registry, node.inference_device)
         self.scp = StorageSCP(node, self.sf, self.metrics, settings.tls)
         self.sender = Sender(
             self.sf,
@@ -89,6 +90,7 @@ class NodeService:
             metrics=self.metrics,
             model=lambda: self.runtime.current,
             qc=settings.qc,
+            brain=lambda: self.brain_runtime.current,
         )
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -140,7 +142,9 @@ class NodeService:
         node = self.settings.node
         if node.bootstrap_default_model:
             bootstrap_default_model(self.registry, node.task, node.default_model_path())
+            bootstrap_default_model(self.registry, "brain_extraction", node.brain_extractor_path())
         self.runtime.refresh()
+        self.brain_runtime.refresh()
         # The job's output modules (highdicom alone takes ~0.7 s to import) load now rather than
         # during the first study's SEG stage.
         for module in ("node.seg", "node.sr", "node.preview"):
@@ -222,6 +226,7 @@ class NodeService:
             instances.schedule_due_studies(self.sf, idle, receiving=self.scp.studies_in_flight())
         if self.runtime.refresh() is None:
             return False
+        self.brain_runtime.refresh()
         job_id = job_queue.claim_job(self.sf)
         if job_id is None:
             return False
@@ -269,6 +274,10 @@ class NodeService:
         details["model"] = model.label if model else None
         if self.runtime.last_error:
             details["model_error"] = self.runtime.last_error
+        brain = self.brain_runtime.current
+        details["brain_extractor"] = brain.label if brain else None
+        if self.brain_runtime.last_error:
+            details["brain_extractor_error"] = self.brain_runtime.last_error
         details["scp"] = self.scp.server is not None
         details["threads_alive"] = all(t.is_alive() for t in self._threads)
         ok = ok and details["scp"] and details["threads_alive"]

@@ -1,4 +1,4 @@
-"""The trainer's commands: ``segnode train``, ``segnode export``, ``segnode evaluate``.
+"""The trainer's commands: ``segnode train``, ``export``, ``evaluate``, ``export-brain-extractor``.
 
 The root app (:mod:`node.cli`) loads this module only when one of these commands runs, after
 checking that the ``[train]`` extra is there for ``train`` and ``export``. ``evaluate`` of an
@@ -189,6 +189,45 @@ def export(
     where = out or run_dir / "export"
     ids = card.get("registered_ids")
     console.print(f"model directory {where}" + (f"; registered models {ids}" if ids else ""))
+
+
+def export_brain_extractor(
+    out_dir: Path = typer.Argument(..., help="Where to write the model directory (IR, model.json, NOTICE)."),
+    data: Path = typer.Option(
+        None,
+        "--data",
+        help="The shared data folder (dicom/, train/brats/): check the IR against the original there.",
+    ),
+    brats_limit: int = typer.Option(
+        0, "--brats-limit", help="Check on the first N BraTS cases only (0: all)."
+    ),
+) -> None:
+    """Convert deepbet's brain-extraction networks to OpenVINO IR, check them, write the model directory."""
+    from trainer.brain_extractor_export import export_brain_extractor as run
+
+    with console.status("exporting the brain extractor") as status:
+        card = run(out_dir, data, brats_limit=brats_limit, on_step=lambda msg: status.update(msg))
+    metrics = card["artifacts"][0].get("metrics")
+    if not metrics:
+        console.print(f"model directory {out_dir} (not checked: no --data, so no metrics)")
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{card['name']} {card['version']}: OpenVINO IR against the original TorchScript")
+    for col in ("image", "net max |dp|", "mean |dp|", "mask Dice", "brain mL", "tumour in", "non-zero in"):
+        table.add_column(col)
+    for row in metrics["per_case"]:
+        table.add_row(
+            row["case"],
+            f"{row['network_max_abs_diff']:.5f}",
+            f"{row['mean_abs_prob_diff']:.6f}",
+            f"{row['dice']:.4f}",
+            f"{row['brain_volume_ml']:.0f}" if row["brain_volume_ml"] is not None else "no brain",
+            f"{row['tumour_inside']:.4f}" if "tumour_inside" in row else "",
+            f"{row['nonzero_inside']:.4f}" if "nonzero_inside" in row else "",
+        )
+    console.print(table)
+    console.print(f"model directory {out_dir}; import with `segnode models import {out_dir}`")
 
 
 def _require(kind: str) -> None:

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from converters.case import Case
 from converters.prediction import outputs_to_labels, predict_slices
 from db.card import TASK_LABELS
-from db.models import TASKS
+from db.models import SEGMENTATION_TASKS as TASKS
 from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.data import (
     PreparedCase,

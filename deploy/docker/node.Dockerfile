@@ -41,6 +41,7 @@ RUN wheel="$(ls /wheels/segnode-*.whl)" \
     && mkdir -p /var/lib/segnode \
     && chown 10001:10001 /var/lib/segnode
 COPY models/default /opt/segnode/models/default
+COPY models/brain_extraction /opt/segnode/models/brain_extraction
 COPY deploy/docker/node.toml /etc/segnode/node.toml
 COPY --chmod=0755 deploy/docker/node-entrypoint.sh /usr/local/bin/segnode-entrypoint
 COPY --chmod=0755 deploy/docker/healthcheck.py /usr/local/bin/segnode-healthcheck

@@ -24,6 +24,8 @@ from node.cli.lazy import CommandSpec, Extra, LazyGroup, MissingExtraError
 TRAINING = Extra("train", ("torch", "tensorboard", "matplotlib"))
 #: What ``segnode export`` imports: the checkpoint, ONNX export and check, NNCF quantization.
 EXPORT = Extra("train", ("torch", "onnx", "onnxruntime", "nncf"))
+#: What ``segnode export-brain-extractor`` imports: deepbet's networks, torch and the ONNX exporter.
+BRAIN_EXPORT = Extra("train", ("torch", "onnx", "deepbet"))
 
 #: name -> where the command lives, its one-line help (shown by ``segnode --help``), its extra.
 #: ``evaluate`` needs no extra for OpenVINO IR models; it checks for torch or ONNX Runtime itself
@@ -47,6 +49,11 @@ COMMANDS: dict[str, CommandSpec] = {
         "trainer.cli:export",
         "Export ONNX, OpenVINO IR FP32 and INT8, write model.json, and register the lineage.",
         EXPORT,
+    ),
+    "export-brain-extractor": CommandSpec(
+        "trainer.cli:export_brain_extractor",
+        "Convert deepbet's brain-extraction networks to OpenVINO IR, check them against the original.",
+        BRAIN_EXPORT,
     ),
     "evaluate": CommandSpec(
         "trainer.cli:evaluate",

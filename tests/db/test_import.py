@@ -77,7 +77,7 @@ def _set(path: list[Any], value: Any) -> Callable[[dict[str, Any]], None]:
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (_set(["task"], "liver"), "task 'liver' is not one of whole_tumor, brats_regions"),
+        (_set(["task"], "liver"), "task 'liver' is not one of whole_tumor, brats_regions, brain_extraction"),
         (_set(["name"], KeyError), "name: expected a non-empty string, got None"),
         (_set(["modalities"], ["FLAIR", "PD"]), "modalities ['FLAIR', 'PD'] must be a non-empty list"),
         (_set(["format_version"], 2), "format_version 2 is not supported"),

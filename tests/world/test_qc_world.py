@@ -354,10 +354,11 @@ def test_a_series_of_three_slices_is_held_for_review(world: World) -> None:
 def test_a_flair_whose_brain_extraction_finds_nothing_is_held_for_review(
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Until node/brain_extraction.py lands, the extractor's answer is stood in for by an empty mask
-    (node.pipeline.brain_mask_for): every tumour voxel is outside it, none is sent."""
+    """An empty brain mask (stood in for through node.pipeline.brain_mask_for; the real extractor
+    raises NoBrainFoundError instead, tests/node/test_brain_stage.py): every tumour voxel is outside
+    it, none is sent."""
 
-    def empty(assembled: pipeline.Assembled) -> npt.NDArray[np.bool_]:
+    def empty(assembled: pipeline.Assembled, brain: object = None) -> npt.NDArray[np.bool_]:
         return np.zeros(next(iter(assembled.images.values())).shape, dtype=bool)
 
     monkeypatch.setattr(pipeline, "brain_mask_for", empty)

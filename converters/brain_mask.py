@@ -1,0 +1,352 @@
+"""Brain extraction: deepbet's algorithm around its two networks, in numpy and scipy.
+
+The algorithm is deepbet's (Fisch et al. 2024, ``deepbet`` 1.0.2 on PyPI, MIT; the IR and its NOTICE
+are in ``models/brain_extraction``):
+
+1. the whole RAS volume, resized by index to the box network's grid (128³), its intensities clipped
+   to the 0.5 / 99.5 percentiles of that small volume, scaled to [0, 1], z-scored over the grid and
+   mapped to ``z * 0.226 + 0.449``;
+2. the largest connected component of (p > 0.5) of the box network; its bounding box (planes where
+   more than 2 % of the voxels are foreground) grown by 10 % on each side, scaled to the full grid;
+3. that crop, resized to the brain network's grid, normalised as above (same percentiles, z-score
+   over the crop), through the brain network; its probabilities resized back onto the crop;
+4. threshold 0.5, the largest connected component, enclosed holes filled.
+
+What differs from deepbet, and why (measured in ``benchmarks/brain_extraction.py`` and
+``trainer/brain_extractor_export.py``): the resizing of steps 1 and 3 can be linear instead of
+nearest (``preprocessing.interpolation``: a 5 mm series resized by nearest-neighbour is a staircase);
+the brain network's grid is the card's ``preprocessing.brain_grid`` (the networks are fully
+convolutional; a smaller grid is faster); connected components and hole filling are
+:func:`scipy.ndimage.label` (26-connectivity, as ``cc3d``'s default) and
+:func:`scipy.ndimage.binary_fill_holes` (what ``fill_voids.fill`` computes).
+
+A volume in which the box network finds no brain, whose mask is smaller than
+``preprocessing.min_brain_ml``, whose voxels inside the mask are noise (:func:`structure`), or whose
+mask does not stand out from its surroundings (:func:`contrast`), raises
+:class:`NoBrainFoundError`. On an image already skull-stripped, its non-zero voxels near the mask join
+the mask (:func:`add_stripped_brain`).
+
+The networks are callables (:class:`BrainMasker`): the node runs them with OpenVINO
+(:mod:`node.brain_extraction`), the trainer's export check runs the same code around its own IR.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from scipy import ndimage
+
+from converters.exceptions import ConverterError, ModelCardError
+
+logger = logging.getLogger(__name__)
+
+#: The card's ``networks`` keys: the box network and the brain network.
+NETWORKS = ("bbox", "brain")
+_CONNECT26 = np.ones((3, 3, 3), dtype=bool)
+
+#: A network run: its input grid (X, Y, Z) -> the foreground probability on that grid.
+Network = Callable[[npt.NDArray[np.float32]], npt.NDArray[np.float32]]
+
+
+class NoBrainFoundError(ConverterError):
+    """Brain extraction found no brain in the image (noise, a localizer, a non-head series)."""
+
+
+@dataclass(frozen=True)
+class BrainExtractionSettings:
+    """The pre/post-processing of the card's ``preprocessing`` block (docs/model-card.md)."""
+
+    bbox_grid: tuple[int, int, int] = (128, 128, 128)
+    brain_grid: tuple[int, int, int] = (256, 256, 256)
+    bbox_margin: float = 0.1
+    bbox_plane_fraction: float = 0.02
+    percentiles: tuple[float, float] = (0.5, 99.5)
+    scale_mean: float = 0.449
+    scale_std: float = 0.226
+    threshold: float = 0.5
+    interpolation: str = "nearest"
+    min_brain_ml: float = 100.0
+    min_structure: float = 0.5
+    min_contrast: float = 0.15
+    stripped_margin_mm: float = 5.0
+    stripped_outside_fraction: float = 0.01
+
+    @classmethod
+    def from_card(cls, card: Mapping[str, Any]) -> BrainExtractionSettings:
+        """Settings from ``card["preprocessing"]``; missing keys take deepbet's values."""
+        pre = dict(card.get("preprocessing") or {})
+        norm = dict(pre.get("normalization") or {})
+        default = cls()
+        settings = cls(
+            bbox_grid=_grid(pre.get("bbox_grid", default.bbox_grid), "bbox_grid"),
+            brain_grid=_grid(pre.get("brain_grid", default.brain_grid), "brain_grid"),
+            bbox_margin=float(pre.get("bbox_margin", default.bbox_margin)),
+            bbox_plane_fraction=float(pre.get("bbox_plane_fraction", default.bbox_plane_fraction)),
+            percentiles=_pair(norm.get("percentiles", default.percentiles)),
+            scale_mean=float(norm.get("scale_mean", default.scale_mean)),
+            scale_std=float(norm.get("scale_std", default.scale_std)),
+            threshold=float(card.get("output", {}).get("threshold", default.threshold)),
+            interpolation=str(pre.get("interpolation", default.interpolation)),
+            min_brain_ml=float(pre.get("min_brain_ml", default.min_brain_ml)),
+            min_structure=float(pre.get("min_structure", default.min_structure)),
+            min_contrast=float(pre.get("min_contrast", default.min_contrast)),
+            stripped_margin_mm=float(pre.get("stripped_margin_mm", default.stripped_margin_mm)),
+            stripped_outside_fraction=float(
+                pre.get("stripped_outside_fraction", default.stripped_outside_fraction)
+            ),
+        )
+        if settings.interpolation not in ("linear", "nearest"):
+            raise ModelCardError(
+                f"brain extraction card: preprocessing.interpolation {settings.interpolation!r} is not "
+                "'linear' or 'nearest'"
+            )
+        return settings
+
+    @property
+    def order(self) -> int:
+        """Spline order of the resizing (0 nearest, 1 linear)."""
+        return 1 if self.interpolation == "linear" else 0
+
+
+def _grid(value: Any, key: str) -> tuple[int, int, int]:
+    if not isinstance(value, list | tuple) or len(value) != 3 or not all(int(v) >= 16 for v in value):
+        raise ModelCardError(f"brain extraction card: preprocessing.{key} {value!r} must be 3 sizes >= 16")
+    a, b, c = (int(v) for v in value)
+    return a, b, c
+
+
+def _pair(value: Any) -> tuple[float, float]:
+    low, high = (float(v) for v in value)
+    return low, high
+
+
+def resize(array: npt.NDArray[np.float32], shape: tuple[int, ...], order: int) -> npt.NDArray[np.float32]:
+    """Resize ``array`` to ``shape`` by index, voxel edges aligned (PyTorch's ``align_corners=False``).
+
+    ``order`` 0 is PyTorch's ``nearest-exact``, 1 its ``trilinear``.
+    """
+    if tuple(array.shape) == tuple(shape):
+        return np.asarray(array, dtype=np.float32)
+    zoom = [n / o for n, o in zip(shape, array.shape, strict=True)]
+    out = ndimage.zoom(
+        np.asarray(array, dtype=np.float32),
+        zoom,
+        order=order,
+        mode="nearest",
+        grid_mode=True,
+        prefilter=False,
+    )
+    return np.asarray(out, dtype=np.float32)
+
+
+def normalize(
+    x: npt.NDArray[np.float32], low: float, high: float, s: BrainExtractionSettings
+) -> npt.NDArray[np.float32]:
+    """deepbet's ``normalize``: clip to [low, high] scaled to [0, 1], z-score, ``* 0.226 + 0.449``."""
+    x = np.clip((x - low) / max(high - low, 1e-6), 0.0, 1.0)
+    std = float(x.std(dtype=np.float64))
+    x = (x - float(x.mean(dtype=np.float64))) / (std if std > 0 else 1.0)
+    return np.asarray(s.scale_std * x + s.scale_mean, dtype=np.float32)
+
+
+def largest_component(mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
+    """The largest 26-connected component of ``mask`` (empty stays empty)."""
+    labels, count = ndimage.label(mask, structure=_CONNECT26)
+    if count <= 1:
+        return mask.astype(bool)
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return np.asarray(labels == int(sizes.argmax()), dtype=bool)
+
+
+def bbox_with_margin(
+    small: npt.NDArray[np.bool_], shape: tuple[int, ...], s: BrainExtractionSettings
+) -> tuple[slice, slice, slice] | None:
+    """deepbet's box: planes of ``small`` more than ``bbox_plane_fraction`` foreground, grown by
+    ``bbox_margin`` per side, scaled to ``shape``; None when no plane qualifies."""
+    centres, sizes = [], []
+    for axis in range(3):
+        others = tuple(a for a in range(3) if a != axis)
+        rows = np.flatnonzero(small.mean(axis=others) > s.bbox_plane_fraction)
+        if rows.size == 0:
+            return None
+        centres.append((rows.max() + 1 + rows.min()) / 2)
+        sizes.append((rows.max() + 1) - rows.min())
+    out = []
+    for centre, size, n, m in zip(centres, sizes, shape, small.shape, strict=True):
+        scale = n / m
+        c = round(centre * scale)
+        z = round(size * scale * (1 + 2 * s.bbox_margin))
+        out.append(slice(max(0, int(c - z / 2)), min(n, int(c + z / 2))))
+    return out[0], out[1], out[2]
+
+
+def structure(image: npt.NDArray[Any], mask: npt.NDArray[np.bool_], affine: npt.NDArray[Any]) -> float:
+    """Correlation of neighbouring voxels inside ``mask`` along the finest axis of ``affine``.
+
+    An MR image of a head is smooth at the voxel scale (about 0.9 on the series at hand); noise is
+    not (about 0). Computed on the pairs of voxels both inside the mask.
+    """
+    spacing = np.sqrt((np.asarray(affine, dtype=np.float64)[:3, :3] ** 2).sum(axis=0))
+    axis = int(np.argmin(spacing))
+    a = np.moveaxis(np.asarray(image, dtype=np.float32), axis, 0)
+    m = np.moveaxis(mask, axis, 0)
+    both = m[1:] & m[:-1]
+    if np.count_nonzero(both) < 100:
+        return 0.0
+    x, y = a[1:][both].astype(np.float64), a[:-1][both].astype(np.float64)
+    if x.std() == 0 or y.std() == 0:
+        return 0.0
+    return float(np.corrcoef(x, y)[0, 1])
+
+
+def contrast(image: npt.NDArray[Any], mask: npt.NDArray[np.bool_], low: float, high: float) -> float:
+    """Median inside ``mask`` minus median of the rest of its bounding box, over ``high - low``.
+
+    A brain differs from what surrounds it in its box (skull, CSF, air; zero on a skull-stripped
+    image): 0.40 to 0.69 on the real T1 and FLAIR images at hand; about 0 on noise and on a test
+    pattern that the networks nevertheless outline (the GE series in ``dicom/``).
+    """
+    idx = np.argwhere(mask)
+    box = tuple(slice(int(a), int(b) + 1) for a, b in zip(idx.min(axis=0), idx.max(axis=0), strict=True))
+    inside, region = np.asarray(image)[box], mask[box]
+    if region.all():
+        return 1.0
+    return float(np.median(inside[region]) - np.median(inside[~region])) / max(high - low, 1e-6)
+
+
+def add_stripped_brain(
+    image: npt.NDArray[Any], mask: npt.NDArray[np.bool_], affine: npt.NDArray[Any], s: BrainExtractionSettings
+) -> tuple[npt.NDArray[np.bool_], bool]:
+    """On an image already skull-stripped, the non-zero voxels near the mask join it; else unchanged.
+
+    An image is taken as skull-stripped when fewer than ``stripped_outside_fraction`` of its non-zero
+    voxels lie farther than ``stripped_margin_mm`` from the mask (a head with skull and scalp has
+    far more). The network's mask is a few millimetres tighter than what BraTS-style stripping keeps;
+    without this it would cut up to 3 % of the brain such images hold (measured on the BraTS training
+    cases, docs/model-card.md).
+    """
+    nonzero = np.asarray(image) != 0
+    total = np.count_nonzero(nonzero)
+    if total == 0:
+        return mask, False
+    spacing = np.sqrt((np.asarray(affine, dtype=np.float64)[:3, :3] ** 2).sum(axis=0))
+    pad = [int(np.ceil(s.stripped_margin_mm / sp)) + 1 for sp in spacing]
+    idx = np.argwhere(mask)
+    lo = np.maximum(idx.min(axis=0) - pad, 0)
+    hi = np.minimum(idx.max(axis=0) + 1 + pad, mask.shape)
+    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
+    near = np.zeros_like(mask)
+    near[box] = ndimage.distance_transform_edt(~mask[box], sampling=spacing) <= s.stripped_margin_mm
+    outside = total - np.count_nonzero(nonzero & near)
+    if outside > s.stripped_outside_fraction * total:
+        return mask, False
+    return np.asarray(ndimage.binary_fill_holes(mask | (nonzero & near)), dtype=bool), True
+
+
+def voxel_ml(affine: npt.NDArray[np.floating[Any]]) -> float:
+    """Volume of one voxel in mL from a voxel-to-world affine (mm)."""
+    return float(abs(np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3]))) / 1000.0
+
+
+def brain_volume_ml(mask: npt.NDArray[np.bool_], affine: npt.NDArray[np.floating[Any]]) -> float:
+    """Volume of ``mask`` in mL on the grid of ``affine``."""
+    return float(np.count_nonzero(mask)) * voxel_ml(affine)
+
+
+class BrainMasker:
+    """deepbet's brain extraction around two network callables.
+
+    Parameters
+    ----------
+    settings:
+        The card's pre/post-processing (:meth:`BrainExtractionSettings.from_card`).
+    bbox_net, brain_net:
+        Each takes the normalised grid (``settings.bbox_grid`` / ``settings.brain_grid``) and returns
+        the brain probability on it.
+    """
+
+    def __init__(self, settings: BrainExtractionSettings, bbox_net: Network, brain_net: Network) -> None:
+        self.settings = settings
+        self.bbox_net = bbox_net
+        self.brain_net = brain_net
+
+    def probabilities(
+        self, image: npt.NDArray[Any]
+    ) -> tuple[npt.NDArray[np.float32], tuple[slice, slice, slice]]:
+        """The brain network's probabilities on the crop, and the crop (before thresholding).
+
+        Raises
+        ------
+        NoBrainFoundError
+            The box network finds no brain.
+        """
+        s = self.settings
+        if image.ndim != 3 or min(image.shape) < 2:
+            raise NoBrainFoundError(f"brain extraction needs a 3D volume, got shape {image.shape}")
+        x = np.nan_to_num(np.asarray(image, dtype=np.float32))
+        small = resize(x, s.bbox_grid, s.order)
+        low, high = (float(v) for v in np.percentile(small, s.percentiles))
+        if not high > low:
+            raise NoBrainFoundError("brain extraction: the image is uniform (no contrast)")
+        p_small = self.bbox_net(normalize(small, low, high, s))
+        box_mask = largest_component(p_small > s.threshold)
+        box = bbox_with_margin(box_mask, x.shape, s) if box_mask.any() else None
+        if box is None or any(b.stop - b.start < 2 for b in box):
+            raise NoBrainFoundError("brain extraction found no brain (the box network found no head)")
+        crop = x[box]
+        p = self.brain_net(normalize(resize(crop, s.brain_grid, s.order), low, high, s))
+        return resize(p, crop.shape, s.order), box
+
+    def network_mask(self, image: npt.NDArray[Any]) -> npt.NDArray[np.bool_]:
+        """deepbet's mask (threshold, largest component, holes filled), before the node's checks."""
+        p, box = self.probabilities(image)
+        crop = ndimage.binary_fill_holes(largest_component(p > self.settings.threshold))
+        mask = np.zeros(image.shape, dtype=bool)
+        mask[box] = crop
+        return mask
+
+    def extract(self, image: npt.NDArray[Any], affine: npt.NDArray[Any]) -> npt.NDArray[np.bool_]:
+        """The brain mask of ``image``, on its grid.
+
+        Parameters
+        ----------
+        image:
+            (X, Y, Z) voxels in RAS order (:func:`node.pipeline.assemble`), any spacing.
+        affine:
+            Voxel-to-RAS-mm affine of ``image`` (for the minimum brain volume).
+
+        Raises
+        ------
+        NoBrainFoundError
+            No brain, or a mask below ``min_brain_ml``.
+        """
+        s = self.settings
+        mask = self.network_mask(image)
+        volume = brain_volume_ml(mask, affine)
+        if volume < s.min_brain_ml:
+            raise NoBrainFoundError(
+                f"brain extraction found no brain: {volume:.0f} mL below the minimum {s.min_brain_ml:.0f} mL"
+            )
+        r = structure(image, mask, affine)
+        if r < s.min_structure:
+            raise NoBrainFoundError(
+                f"brain extraction found no brain: the image inside the {volume:.0f} mL mask is noise "
+                f"(neighbour correlation {r:.2f} < {s.min_structure})"
+            )
+        low, high = (float(v) for v in np.percentile(image, s.percentiles))
+        c = contrast(image, mask, low, high)
+        if c < s.min_contrast:
+            raise NoBrainFoundError(
+                f"brain extraction found no brain: the {volume:.0f} mL mask does not stand out from its "
+                f"surroundings (contrast {c:.2f} < {s.min_contrast})"
+            )
+        mask, stripped = add_stripped_brain(image, mask, affine, s)
+        if stripped:
+            logger.info("brain extraction: the image is already skull-stripped; its non-zero voxels kept")
+        return mask

@@ -1,0 +1,139 @@
+"""Brain extraction on the CPU: deepbet's two networks as OpenVINO IR, compiled once.
+
+The algorithm around the networks is :mod:`converters.brain_mask` (deepbet's, in numpy and scipy);
+this module compiles the model directory's two IR files (``models/brain_extraction``, the card's
+``networks``) with static shapes and hands them to a :class:`~converters.brain_mask.BrainMasker`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+
+from converters.brain_mask import (
+    NETWORKS,
+    BrainExtractionSettings,
+    BrainMasker,
+    NoBrainFoundError,
+    brain_volume_ml,
+)
+from converters.exceptions import ModelCardError
+from db.card import check_card
+from node.exceptions import ModelLoadError
+
+if TYPE_CHECKING:
+    import openvino as ov
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["BrainExtractor", "NoBrainFoundError", "brain_volume_ml", "compile_networks"]
+
+
+def compile_networks(
+    card: Mapping[str, Any],
+    directory: Path,
+    device: str = "CPU",
+    threads: int | None = None,
+    precision: str = "fp32",
+) -> BrainMasker:
+    """The card's two IR networks compiled by OpenVINO (static shapes), in a :class:`BrainMasker`.
+
+    Raises
+    ------
+    ModelLoadError
+        An IR file is missing or OpenVINO cannot compile it.
+    ModelCardError
+        The card is not a brain-extraction card or names no networks.
+    """
+    import openvino as ov
+
+    check_card(card)
+    if card["task"] != "brain_extraction":
+        raise ModelCardError(f"model {card.get('name')!r} has task {card['task']!r}, not brain_extraction")
+    settings = BrainExtractionSettings.from_card(card)
+    networks = (card.get("networks") or {}).get(precision)
+    if not isinstance(networks, Mapping) or any(k not in networks for k in NETWORKS):
+        raise ModelCardError(
+            f"model {card.get('name')!r}: networks.{precision} must name the {' and '.join(NETWORKS)} IR"
+        )
+    core = ov.Core()
+    config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = int(threads)
+    grids = {"bbox": settings.bbox_grid, "brain": settings.brain_grid}
+    compiled: dict[str, ov.CompiledModel] = {}
+    for key in NETWORKS:
+        xml = Path(directory) / str(networks[key])
+        if not xml.is_file():
+            raise ModelLoadError(f"brain extractor {card.get('name')!r}: {xml} does not exist")
+        try:
+            model = core.read_model(str(xml))
+            model.reshape([1, 1, *grids[key]])
+            compiled[key] = core.compile_model(model, device, config)
+        except RuntimeError as exc:
+            raise ModelLoadError(f"brain extractor: OpenVINO cannot compile {xml}: {exc}") from None
+    channel = int(card["output"].get("channel", 1))
+
+    def run(key: str) -> Any:
+        net = compiled[key]
+
+        def foreground(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+            out = net(np.ascontiguousarray(x[None, None], dtype=np.float32))[0]
+            return np.asarray(out[0, channel], dtype=np.float32)
+
+        return foreground
+
+    logger.info(
+        "compiled brain extractor %s %s on %s (box %s, brain %s, %s)",
+        card.get("name"),
+        card.get("version"),
+        device,
+        grids["bbox"],
+        grids["brain"],
+        settings.interpolation,
+    )
+    return BrainMasker(settings, run("bbox"), run("brain"))
+
+
+class BrainExtractor:
+    """The node's brain extractor: :func:`compile_networks` once, then :meth:`extract` per study.
+
+    Parameters
+    ----------
+    card:
+        The brain extractor's model card (task ``brain_extraction``; docs/model-card.md).
+    directory:
+        The directory holding the IR files the card's ``networks`` name.
+    device:
+        OpenVINO device.
+    threads:
+        ``INFERENCE_NUM_THREADS`` (None: OpenVINO's default, all cores).
+    """
+
+    def __init__(
+        self, card: Mapping[str, Any], directory: Path, device: str = "CPU", threads: int | None = None
+    ) -> None:
+        self.card = dict(card)
+        self.masker = compile_networks(card, directory, device=device, threads=threads)
+        self.settings = self.masker.settings
+
+    @classmethod
+    def from_dir(cls, directory: Path, device: str = "CPU", threads: int | None = None) -> BrainExtractor:
+        """The extractor of a model directory (``model.json`` + IR), its files verified first."""
+        from db.card import load_card, verify_files
+
+        card = load_card(directory)
+        problems = verify_files(card, directory)
+        if problems:
+            raise ModelLoadError("; ".join(problems))
+        return cls(card, directory, device=device, threads=threads)
+
+    def extract(self, image: npt.NDArray[Any], affine: npt.NDArray[Any]) -> npt.NDArray[np.bool_]:
+        """The brain mask of ``image`` (RAS (X, Y, Z), as :func:`node.pipeline.assemble` gives) on its
+        grid; raises :class:`NoBrainFoundError` (see :meth:`converters.brain_mask.BrainMasker.extract`)."""
+        return self.masker.extract(image, affine)

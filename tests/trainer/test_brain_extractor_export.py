@@ -1,0 +1,49 @@
+"""segnode export-brain-extractor: deepbet's networks to OpenVINO IR, checked against the originals on
+real images, written as a model directory the registry imports."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from db.card import read_model_dir
+
+DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+
+pytest.importorskip("deepbet", reason="deepbet is in the train extra")
+pytest.importorskip("torch", reason="torch is in the train extra")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (DATA / "dicom").is_dir(), reason=f"no shared data at {DATA}")
+def test_export_checks_the_ir_against_the_original(tmp_path: Path) -> None:
+    from trainer.brain_extractor_export import export_brain_extractor
+
+    out = tmp_path / "brain_extraction"
+    card = export_brain_extractor(out, DATA, brats_limit=1)
+    model_dir = read_model_dir(out)  # every file present with the card's sha256
+    assert model_dir.task == "brain_extraction"
+    assert [a.key for a in model_dir.artifacts] == ["ir_fp32"]
+    metrics = card["artifacts"][0]["metrics"]
+    dicom = sorted(p.name for p in (DATA / "dicom").iterdir() if p.is_dir())
+    assert metrics["cases"][: len(dicom)] == dicom and len(metrics["cases"]) == len(dicom) + 2
+    for row in metrics["per_case"]:
+        assert row["dice"] >= 0.99, row
+        assert row["mean_abs_prob_diff"] < 0.005, row
+    assert metrics["mean"]["min_tumour_inside"] >= 0.995
+    notice = (out / "NOTICE").read_text()
+    assert "MIT License" in notice and "doi:10.1016/j.compbiomed.2024.108845" in notice
+
+
+def test_missing_deepbet_version_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.metadata
+
+    from trainer import brain_extractor_export as export
+    from trainer.exceptions import TrainerError
+
+    monkeypatch.setattr(export, "VERSION", "0.0.1")
+    expected = r"deepbet 1\.0\.2 is installed; this export is for deepbet 0\.0\.1"
+    with pytest.raises(TrainerError, match=expected):
+        export.deepbet_files()
+    assert importlib.metadata.version("deepbet") == "1.0.2"
