@@ -213,18 +213,24 @@ def test_build_context_holds_every_copy_source(dockerfile: Path) -> None:
 
 
 def test_node_image_ships_a_complete_model() -> None:
+    """The shipped segmentation model and the shipped brain extractor, each copied once, whole."""
     dockerfile = DOCKER / "node.Dockerfile"
     model_copies = [c for c in copies(dockerfile) if c.dest.startswith("/opt/segnode/models/")]
-    assert len(model_copies) == 1, "the node image copies the shipped model once"
-    model_dir = REPO / model_copies[0].sources[0]
+    dests = [c.dest for c in model_copies]
+    assert sorted(dests) == ["/opt/segnode/models/brain_extraction", "/opt/segnode/models/default"], (
+        "the node image copies the shipped model and the shipped brain extractor once each"
+    )
+    default = next(c for c in model_copies if c.dest.endswith("/default"))
     env = re.search(r"SEGNODE_BOOTSTRAP_MODEL=(\S+)", dockerfile.read_text(encoding="utf-8"))
-    assert env is not None and env.group(1) == model_copies[0].dest
-    card = json.loads((model_dir / "model.json").read_text(encoding="utf-8"))
-    listed = [f for art in card["artifacts"] for f in art["files"]]
-    assert any(art["kind"] == "ir" for art in card["artifacts"]), "the node runs an OpenVINO IR"
-    for entry in listed:
-        data = (model_dir / entry["path"]).read_bytes()
-        assert hashlib.sha256(data).hexdigest() == entry["sha256"], f"{model_dir}/{entry['path']}: sha256"
+    assert env is not None and env.group(1) == default.dest
+    for copied in model_copies:
+        model_dir = REPO / copied.sources[0]
+        card = json.loads((model_dir / "model.json").read_text(encoding="utf-8"))
+        listed = [f for art in card["artifacts"] for f in art["files"]]
+        assert any(art["kind"] == "ir" for art in card["artifacts"]), "the node runs an OpenVINO IR"
+        for entry in listed:
+            data = (model_dir / entry["path"]).read_bytes()
+            assert hashlib.sha256(data).hexdigest() == entry["sha256"], f"{model_dir}/{entry['path']}: sha256"
 
 
 def test_node_image_runs_as_non_root_with_healthcheck() -> None:

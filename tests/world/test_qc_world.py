@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import numpy.typing as npt
 import pydicom
 import pytest
 from pydicom.uid import generate_uid
@@ -351,30 +350,25 @@ def test_a_series_of_three_slices_is_held_for_review(world: World) -> None:
     world.still_serves("after-three-slices")
 
 
-def test_a_flair_whose_brain_extraction_finds_nothing_is_held_for_review(
+def test_a_flair_whose_brain_extraction_finds_nothing_fails_with_the_reason(
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """An empty brain mask (stood in for through node.pipeline.brain_mask_for; the real extractor
-    raises NoBrainFoundError instead, tests/node/test_brain_stage.py): every tumour voxel is outside
-    it, none is sent."""
+    """The brain stage finds no brain (its NoBrainFoundError, stood in for here; the real extractor
+    raises it on noise and on a non-head series, tests/node/test_brain_extraction.py): the job fails
+    with the reason, nothing is sent, nothing is lost, the node serves on."""
+    from converters.brain_mask import NoBrainFoundError
 
-    def empty(assembled: pipeline.Assembled, brain: object = None) -> npt.NDArray[np.bool_]:
-        return np.zeros(next(iter(assembled.images.values())).shape, dtype=bool)
+    def no_brain(*_args: object, **_kw: object) -> None:
+        raise NoBrainFoundError("FLAIR: brain extraction found no brain (box network: nothing above 0.5)")
 
-    monkeypatch.setattr(pipeline, "brain_mask_for", empty)
+    monkeypatch.setattr(pipeline, "extract_brain", no_brain)
+    monkeypatch.setattr(world.node.context, "brain", lambda: object())
     study = world.study("no-brain")
     world.send(study.files["FLAIR"])
     job = world.job(study.study_instance_uid)
     monkeypatch.undo()
-    assert job.status == "review", job.reason
-    names = [r["name"] for r in job.result["qc"]["rules"] if r["status"] == "failed"]
-    assert names == ["brain_found", "brain_volume", "tumour_inside_brain"]
-    assert job.reason.startswith(
-        "qc brain_found: brain extraction found no brain; qc brain_volume: brain 0.0 mL"
-    )
-    assert job.result["brain_volume_ml"] == 0.0 and job.result["tumour_volume_ml"] == 0.0
-    # Everything the model found was outside the (empty) brain: no SEG written, the SR waits too.
-    assert job.result["seg"] is None and Path(job.result["sr"]).is_file()
+    assert job.status == "failed", job.reason
+    assert job.reason.startswith("NoBrainFoundError: FLAIR: brain extraction found no brain"), job.reason
     assert world.received(study.study_instance_uid) == [] and job.sends == []
     world.nothing_lost(job, study.files["FLAIR"])
     world.still_serves("after-no-brain")
