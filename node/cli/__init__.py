@@ -52,7 +52,7 @@ COMMANDS: dict[str, CommandSpec] = {
     ),
     "export-brain-extractor": CommandSpec(
         "trainer.cli:export_brain_extractor",
-        "Convert deepbet's brain-extraction networks to OpenVINO IR, check them against the original.",
+        "Convert deepbet's brain-extraction networks to OpenVINO IR, check them, write the model directory.",
         BRAIN_EXPORT,
     ),
     "evaluate": CommandSpec(

@@ -24,6 +24,7 @@ from node.config import (
     Destination,
     MetricsSettings,
     NodeSettings,
+    QCSettings,
     SelectionSettings,
     TLSSettings,
     load_settings,
@@ -192,6 +193,7 @@ def test_default_render_configmap_is_node_toml_the_node_loads(helm: str, tmp_pat
         "metrics": MetricsSettings,
         "tls": TLSSettings,
         "selection": SelectionSettings,
+        "qc": QCSettings,
     }
     for section, body in raw.items():
         assert section in schema, f"rendered node.toml: section [{section}]"

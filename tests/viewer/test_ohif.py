@@ -261,13 +261,18 @@ def test_ohif_shows_the_seg_on_the_tumour_and_not_elsewhere(
     with urllib.request.urlopen(metadata_url, timeout=30) as rsp:
         [metadata] = json.loads(rsp.read())
     volumes = [(c, v) for c, v, unit in _numeric_items(metadata["0040A730"]["Value"]) if unit == "mL"]
-    assert len(volumes) == 1, volumes
-    concept, sr_ml = volumes[0]
+    # The tumour's volume, and the brain's when the node's brain extraction ran (issue 15: the SR
+    # carries the brain volume and the tumour's share of it).
+    tumour = [(c, v) for c, v in volumes if v == pytest.approx(seg_ml, rel=0.01)]
+    assert len(tumour) == 1 and len(volumes) <= 2, (volumes, seg_ml)
+    concept, sr_ml = tumour[0]
     assert concept == "Volume" and sr_ml == pytest.approx(seg_ml, rel=0.01), (concept, sr_ml, seg_ml)
+    assert all(v > sr_ml for c, v in volumes if (c, v) != tumour[0]), volumes  # the brain holds the tumour
     # What OHIF itself read from the SR: its DICOM Tag Browser lists the NumericValue.
     lines = report["srTagBrowser"].splitlines()
     tag_values = [float(lines[i + 1]) for i, line in enumerate(lines[:-1]) if line == "NumericValue"]
-    assert tag_values == [pytest.approx(sr_ml, abs=1e-3)], (tag_values, sr_ml)
+    matching = [v for v in tag_values if v == pytest.approx(sr_ml, abs=1e-3)]
+    assert len(matching) == 1, (tag_values, sr_ml)
     if "No tracked measurements" in report["measurementPanel"]:
         warnings.warn(  # shown in pytest's warnings summary: a note, not a skip
             "NOTE: OHIF 3.13.2 does not render the node's TID 1500 volume measurement in its measurement "

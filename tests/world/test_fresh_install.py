@@ -60,8 +60,10 @@ def test_fresh_home_serves_the_shipped_model_and_returns_a_seg(
         node.stop()
         pacs.stop()
     log = (tmp_path / "node.log").read_text()
-    lines = [line for line in log.splitlines() if "imported and promoted the shipped model" in line]
+    shipped = [line for line in log.splitlines() if "imported and promoted the shipped model" in line]
+    lines = [line for line in shipped if "task whole_tumor" in line]
     assert len(lines) == 1, log[-3000:]
+    assert any("task brain_extraction" in line for line in shipped), shipped  # the extractor comes too
     assert str(SHIPPED_MODEL_DIR) in lines[0] and "whole_tumor" in lines[0]
     registry = _registry(home)
     active = registry.active("whole_tumor")

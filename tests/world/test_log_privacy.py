@@ -125,6 +125,10 @@ def scrubbed_log() -> Iterator[io.StringIO]:
 def test_highdicom_one_component_name_warning_is_scrubbed(scrubbed_log: io.StringIO) -> None:
     with warnings.catch_warnings():  # shown even when an earlier test in this process raised it
         warnings.simplefilter("always")
+        # pytest records warnings per test with its own showwarning; route them into logging again, as
+        # segnode serve does (install() in the fixture did it once, for the process).
+        logging.captureWarnings(False)
+        logging.captureWarnings(True)
         _one_component_name_object()
     text = scrubbed_log.getvalue()
     assert "UserWarning" in text and "single component" in text
