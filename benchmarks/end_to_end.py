@@ -31,8 +31,10 @@ STAGES: dict[str, tuple[str, ...]] = {
     "receive (C-STORE of 620 instances)": ("C-STORE of the study",),
     "wait for idle (study_idle_seconds)": ("study idle wait (study_idle_seconds)",),
     "assemble (select series, read, sort)": ("job: select", "job: load"),
-    "preprocess (RAS, crop, z-score)": ("job: preprocess",),
+    "brain extraction (deepbet IR)": ("job: brain",),
+    "preprocess (world space, crop, z-score in the brain)": ("job: preprocess",),
     "infer (network + restore)": ("job: inference",),
+    "qc (tumour outside the brain, rules)": ("job: qc",),
     "encode SEG/SR (+ write)": ("job: seg", "job: sr", "job: write"),
     "send SEG + SR (and polling)": ("send SEG + SR back, rest",),
 }
