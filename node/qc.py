@@ -197,20 +197,30 @@ def rule_head_found(head_ml: float | None, min_head_ml: float) -> RuleResult:
     )
 
 
-def rule_tumour_share_of_head(tumour_ml: float, head_ml: float | None, max_percent: float) -> RuleResult:
-    """Tumour at most ``max_percent`` of the imaged head (a lower bound on its share of the brain)."""
-    if head_ml is None or head_ml <= 0:
-        return RuleResult("tumour_share_of_head", NOT_CHECKED, {}, "no head found to compare with")
-    share = 100.0 * tumour_ml / head_ml
+def _share_rule(
+    name: str, tumour_ml: float, whole_ml: float | None, whole: str, missing: str, max_percent: float
+) -> RuleResult:
+    """Tumour at most ``max_percent`` of ``whole_ml`` (``whole``: "head" or "brain")."""
+    if whole_ml is None or whole_ml <= 0:
+        return RuleResult(name, NOT_CHECKED, {}, missing)
+    share = 100.0 * tumour_ml / whole_ml
     ok = share <= max_percent
+    of_what = f"the imaged head ({whole_ml:.1f} mL)" if whole == "head" else "the brain"
     return RuleResult(
-        "tumour_share_of_head",
+        name,
         PASSED if ok else FAILED,
-        {"tumour_ml": _r(tumour_ml), "head_ml": _r(head_ml), "share_percent": _r(share),
+        {"tumour_ml": _r(tumour_ml), f"{whole}_ml": _r(whole_ml), "share_percent": _r(share),
          "max_percent": _r(max_percent)},
-        f"tumour {tumour_ml:.1f} mL is {share:.1f} % of the imaged head ({head_ml:.1f} mL)"
+        f"tumour {tumour_ml:.1f} mL is {share:.1f} % of {of_what}"
         + ("" if ok else f", over {max_percent:g} %"),
     )  # fmt: skip
+
+
+def rule_tumour_share_of_head(tumour_ml: float, head_ml: float | None, max_percent: float) -> RuleResult:
+    """Tumour at most ``max_percent`` of the imaged head (a lower bound on its share of the brain)."""
+    return _share_rule(
+        "tumour_share_of_head", tumour_ml, head_ml, "head", "no head found to compare with", max_percent
+    )
 
 
 def rule_brain_found(brain_ml: float | None) -> RuleResult:
@@ -241,18 +251,7 @@ def rule_brain_volume(brain_ml: float | None, min_ml: float, max_ml: float) -> R
 
 def rule_tumour_share_of_brain(tumour_ml: float, brain_ml: float | None, max_percent: float) -> RuleResult:
     """Tumour volume at most ``max_percent`` of the brain volume."""
-    if brain_ml is None or brain_ml <= 0:
-        return RuleResult("tumour_share_of_brain", NOT_CHECKED, {}, "no brain mask")
-    share = 100.0 * tumour_ml / brain_ml
-    ok = share <= max_percent
-    return RuleResult(
-        "tumour_share_of_brain",
-        PASSED if ok else FAILED,
-        {"tumour_ml": _r(tumour_ml), "brain_ml": _r(brain_ml), "share_percent": _r(share),
-         "max_percent": _r(max_percent)},
-        f"tumour {tumour_ml:.1f} mL is {share:.1f} % of the brain"
-        + ("" if ok else f", over {max_percent:g} %"),
-    )  # fmt: skip
+    return _share_rule("tumour_share_of_brain", tumour_ml, brain_ml, "brain", "no brain mask", max_percent)
 
 
 def rule_tumour_inside_brain(

@@ -72,6 +72,11 @@ def verify_files(info: ModelInfo) -> None:
             )
 
 
+def job_label(info: ModelInfo) -> str:
+    """``name version (precision, #id)``: how job records and logs name a loaded model."""
+    return f"{info.name} {info.version} ({info.precision}, #{info.id})"
+
+
 @dataclass
 class LoadedModel:
     """A verified, compiled model."""
@@ -85,7 +90,7 @@ class LoadedModel:
     @property
     def label(self) -> str:
         """``name version (precision, #id)`` for job records."""
-        return f"{self.info.name} {self.info.version} ({self.info.precision}, #{self.info.id})"
+        return job_label(self.info)
 
 
 class _Loaded(Protocol):
@@ -110,7 +115,7 @@ class LoadedExtractor:
     @property
     def label(self) -> str:
         """``name version (precision, #id)`` for job records."""
-        return f"{self.info.name} {self.info.version} ({self.info.precision}, #{self.info.id})"
+        return job_label(self.info)
 
 
 class ActiveModel(Generic[L]):
