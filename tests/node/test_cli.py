@@ -16,24 +16,12 @@ from converters.synthetic import make_synthetic_case
 from db import instances, job_queue
 from db.session import make_engine, make_session_factory, upgrade
 from db.transactions import utcnow
-from node.cli import COMMANDS, main
+from node.cli import COMMANDS
 from node.cli.lazy import importable
+from tests.helpers.cli import run_cli
 from tests.helpers.node import CatchingSCP, make_threshold_model
 from tests.helpers.peers import REPO
 from tests.helpers.ports import free_port
-
-
-def run_cli(
-    args: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["segnode", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture()

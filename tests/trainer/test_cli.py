@@ -6,7 +6,6 @@ No torch here: an IR needs only the base install.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,22 +13,8 @@ import pytest
 from converters.synthetic import write_synthetic_task01
 from db import cli as db_cli
 from db.registry import open_registry
-from node.cli import main
+from tests.helpers.cli import run_cli
 from tests.helpers.node import make_threshold_model
-
-
-def run_cli(
-    args: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> tuple[int, str, str]:
-    capsys.readouterr()
-    monkeypatch.setattr(sys, "argv", ["segnode", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture()
