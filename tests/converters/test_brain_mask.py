@@ -1,0 +1,70 @@
+"""The numpy pieces of converters/brain_mask.py against their textbook forms (no network needed)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from converters.brain_mask import BrainExtractionSettings, add_stripped_brain, normalize, resize
+
+SHAPES = [
+    ((240, 240, 31), (256, 256, 256)),
+    ((171, 203, 29), (128, 128, 128)),
+    ((256, 256, 256), (100, 77, 55)),
+    ((100, 77, 55), (64, 200, 17)),
+]
+
+
+@pytest.mark.parametrize(("shape", "out"), SHAPES)
+def test_nearest_resize_picks_the_voxels_ndimage_zoom_picks(
+    shape: tuple[int, int, int], out: tuple[int, int, int]
+) -> None:
+    image = np.random.default_rng(0).random(shape, dtype=np.float32)
+    expected = ndimage.zoom(
+        image,
+        [o / i for o, i in zip(out, shape, strict=True)],
+        order=0,
+        mode="nearest",
+        grid_mode=True,
+        prefilter=False,
+    )
+    np.testing.assert_array_equal(resize(image, out, 0), expected)
+
+
+def test_normalize_equals_the_textbook_form() -> None:
+    s = BrainExtractionSettings()
+    image = np.random.default_rng(1).gamma(2.0, 100.0, (64, 80, 48)).astype(np.float32)
+    low, high = (float(v) for v in np.percentile(image, s.percentiles))
+    x = np.clip((image.astype(np.float64) - low) / (high - low), 0.0, 1.0)
+    expected = s.scale_std * (x - x.mean()) / x.std() + s.scale_mean
+    got = normalize(image, low, high, s)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert not np.shares_memory(got, image)
+
+
+def _ball(shape: tuple[int, int, int], radius: float) -> np.ndarray:
+    grid = np.indices(shape).astype(np.float64)
+    centre = (np.asarray(shape, dtype=np.float64) - 1) / 2
+    return ((grid - centre[:, None, None, None]) ** 2).sum(axis=0) <= radius**2
+
+
+def test_stripped_image_joins_the_mask_and_a_head_does_not() -> None:
+    s = BrainExtractionSettings()
+    affine = np.eye(4)
+    shape = (64, 64, 64)
+    brain = _ball(shape, 20)
+    tight = _ball(shape, 17)  # the network's mask: a few mm inside the stripped brain
+    stripped = np.where(brain, 100.0, 0.0)
+    mask, was_stripped = add_stripped_brain(stripped, tight, affine, s)
+    assert was_stripped and np.array_equal(mask, brain)
+    # The same brain in a head whose background is noise (never exactly zero): left as it is.
+    head = stripped + np.random.default_rng(2).random(shape) + 0.01
+    mask, was_stripped = add_stripped_brain(head, tight, affine, s)
+    assert not was_stripped and np.array_equal(mask, tight)
+    # A skull ring just outside the margin but inside the box's corners: decided by the distance.
+    ring = _ball(shape, 26) & ~_ball(shape, 24)
+    skull = np.where(brain | ring, 100.0, 0.0)
+    mask, was_stripped = add_stripped_brain(skull, tight, affine, s)
+    assert not was_stripped and np.array_equal(mask, tight)
