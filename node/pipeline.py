@@ -256,7 +256,8 @@ def quality_check(
         brain = np.asarray(ras_to_volume(np.asarray(brain_ras, dtype=np.uint8), reference)) > 0
     kept, removed = qc.restrict_to_brain(labels, brain)
     voxel_ml = float(np.prod(reference.spacing)) / 1000.0
-    head = qc.head_mask(reference.array)
+    # With a brain mask the head rules add nothing (node/qc.py), and the head costs ~1 s per study.
+    head = qc.head_mask(reference.array) if brain is None else None
     report = qc.check(kept, brain, voxel_ml, slices, settings, head=head, removed_voxels=removed)
     return Checked(labels=np.asarray(kept, dtype=np.uint8), report=report)
 

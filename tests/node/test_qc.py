@@ -323,6 +323,8 @@ def test_quality_check_takes_a_ras_mask_onto_the_series_grid(tmp_path: Path) -> 
     np.testing.assert_array_equal(unchecked.labels, labels)
     assert unchecked.report.by_name("brain_volume").status == qc.NOT_CHECKED
     assert unchecked.report.by_name("head_found").status == qc.PASSED
+    # With a mask the head is not computed: the brain rules are the stricter ones.
+    assert checked.report.by_name("head_found").status == qc.NOT_CHECKED
 
 
 # -- the SR: brain figures, and the SR without SEG ----------------------------------------------------
