@@ -16,6 +16,8 @@ from common import REPO, RESULTS_DIR
 from price import DEFAULT_PRICE, price_performance, table
 
 NOTES = REPO / "benchmarks" / "notes.md"
+#: Benchmarks whose section is added when their result is there (``make bench`` runs them all).
+OPTIONAL = [("brain_extraction", "Brain extraction (benchmarks/brain_extraction.py)")]
 SHORT = {
     "torch": "PyTorch eager\nFP32",
     "onnxruntime": "ONNX Runtime\nFP32",
@@ -98,8 +100,12 @@ def render(results: Path, chart_path: Path, doc_path: Path, price: float = DEFAU
         e2e["markdown"] + "\n",
         "## Price performance (benchmarks/price.py)\n",
         table(pp) + "\n",
-        notes,
     ]
+    for name, title in OPTIONAL:
+        path = results / f"{name}.json"
+        if path.is_file():
+            parts += [f"## {title}\n", json.loads(path.read_text())["markdown"] + "\n"]
+    parts.append(notes)
     return "\n".join(parts)
 
 
