@@ -24,6 +24,8 @@ from node.config import (
     MetricsSettings,
     NodeSettings,
     QCSettings,
+    RegistrationConfig,
+    RoutingSettings,
     SelectionSettings,
     TLSSettings,
     load_settings,
@@ -43,6 +45,8 @@ SECTIONS: dict[str, type] = {
     "metrics": MetricsSettings,
     "selection": SelectionSettings,
     "qc": QCSettings,
+    "routing": RoutingSettings,
+    "registration": RegistrationConfig,
 }
 #: Keys the chart sets itself in the rendered node.toml rather than taking from values.config.
 CHART_OWNED = {"node": {"host", "spool_dir"}, "metrics": {"host"}}
