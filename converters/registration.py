@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -367,14 +368,20 @@ def apply_rigid(
 ) -> npt.NDArray[np.float32]:
     """``moving`` resampled onto the target (reference) grid through ``matrix`` (reference -> moving).
 
-    Trilinear, zero outside the moving series (:func:`converters.resample.resample_to_grid`).
+    Trilinear, zero outside the moving series (:func:`converters.resample.resample_to_grid`). A zero
+    background stays exactly zero (the voxels whose nearest moving voxel is 0 are set to 0): a
+    skull-stripped series keeps its sharp edge instead of a rim of small values, which would change
+    a normalisation over its non-zero voxels.
     """
     # A target voxel t sits at world A_t t; its anatomy is at M A_t t in the moving series, whose
     # voxel index is A_m^-1 M A_t t: resample_to_grid with source affine M^-1 A_m does exactly that.
     source = np.linalg.inv(np.asarray(matrix, dtype=np.float64)) @ np.asarray(moving_affine, dtype=np.float64)
-    return np.asarray(
-        resample_to_grid(moving, source, target_affine, target_shape, order=1), dtype=np.float32
-    )
+    out = np.asarray(resample_to_grid(moving, source, target_affine, target_shape, order=1), dtype=np.float32)
+    zero = np.asarray(moving) == 0
+    if zero.any():
+        kept = resample_to_grid(~zero, source, target_affine, target_shape, order=0)
+        out[~np.asarray(kept, dtype=bool)] = 0.0
+    return out
 
 
 def rigid_matrix(
@@ -392,3 +399,32 @@ def rigid_matrix(
     out[:3, :3] = rot
     out[:3, 3] = np.asarray(translation_mm, dtype=np.float64) + centre - rot @ centre
     return out
+
+
+def move_series(
+    images: Mapping[str, npt.NDArray[Any]],
+    affine: npt.NDArray[Any],
+    motions: Mapping[str, tuple[tuple[float, float, float], tuple[float, float, float]]],
+    centre: npt.NDArray[Any],
+) -> tuple[dict[str, npt.NDArray[np.float32]], dict[str, npt.NDArray[np.float64]]]:
+    """Images as if the patient had moved before each series of ``motions`` (a known misalignment).
+
+    ``motions``: modality -> (rotations about x, y, z in degrees, translation in mm), about ``centre``.
+    The moved image stays on its grid (same affine, as a scanner writes it) but shows the anatomy of
+    reference point ``p`` at ``M p``; ``M`` (returned per modality) is what :func:`register_rigid` of
+    the moved image onto the unmoved reference should find.
+    """
+    moved: dict[str, npt.NDArray[np.float32]] = {}
+    truth: dict[str, npt.NDArray[np.float64]] = {}
+    for modality, image in images.items():
+        if modality not in motions:
+            moved[modality] = np.asarray(image, dtype=np.float32)
+            continue
+        rotation_deg, translation_mm = motions[modality]
+        matrix = rigid_matrix(rotation_deg, translation_mm, centre)
+        shape = np.asarray(image).shape
+        moved[modality] = apply_rigid(
+            image, affine, np.linalg.inv(matrix), affine, (shape[0], shape[1], shape[2])
+        )
+        truth[modality] = matrix
+    return moved, truth
