@@ -77,7 +77,7 @@ class RegistrationSettings:
     shrink_factors: tuple[int, ...] = (2, 1)
     smoothing_sigmas: tuple[float, ...] = (1.0, 0.0)
     iterations: int = 100
-    sampling_fraction: float = 0.15
+    sampling_fraction: float = 0.08
     histogram_bins: int = 32
     mask_dilation_mm: float = 6.0
     max_translation_mm: float = 20.0
@@ -85,7 +85,7 @@ class RegistrationSettings:
     max_metric_worsening: float = 0.01
     threads: int = 0
     learning_rate: float = 1.0
-    min_step: float = 0.005
+    min_step: float = 0.01
     relaxation: float = 0.7
 
 

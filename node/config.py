@@ -162,7 +162,7 @@ class RegistrationConfig:
     # The metric runs on copies of about this spacing (mm), 2 levels (shrink 2, 1).
     working_spacing_mm: float = 2.0
     iterations: int = 100
-    sampling_fraction: float = 0.15
+    sampling_fraction: float = 0.08
     threads: int = 0  # 0: SimpleITK's default (every core)
 
     def settings(self) -> RegistrationSettings:
