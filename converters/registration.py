@@ -218,9 +218,47 @@ def _corner_points(shape: tuple[int, ...], affine: npt.NDArray[Any]) -> npt.NDAr
     return world_points(affine, corners)
 
 
-def register_rigid(
+@dataclass
+class FixedImage:
+    """The reference side of a registration, prepared once for every series registered onto it:
+    its working copy, the metric's mask, the rotation centre and the points of the brain's edge."""
+
+    image: Any
+    mask: Any
+    centre: npt.NDArray[np.float64]
+    points: npt.NDArray[np.float64]
+
+
+def prepare_fixed(
     fixed: npt.NDArray[Any],
     fixed_affine: npt.NDArray[Any],
+    fixed_mask: npt.NDArray[np.bool_] | None = None,
+    settings: RegistrationSettings | None = None,
+) -> FixedImage:
+    """The reference (fixed) image made ready for :func:`register_rigid` (see its parameters)."""
+    import SimpleITK as sitk  # noqa: N813 (SimpleITK's own spelling)
+
+    settings = settings or RegistrationSettings()
+    image = _working_copy(_sitk_image(fixed, fixed_affine), settings.working_spacing_mm)
+    if fixed_mask is None or not np.any(fixed_mask):
+        shape = np.asarray(fixed).shape
+        centre = world_points(fixed_affine, (np.asarray(shape[:3], dtype=float)[None, :] - 1) / 2.0)[0]
+        return FixedImage(image, None, centre, _corner_points(shape, fixed_affine))
+    mask = _working_copy(
+        sitk.Cast(_sitk_image(np.asarray(fixed_mask, dtype=np.float32), fixed_affine) > 0.5, sitk.sitkUInt8),
+        settings.working_spacing_mm,
+        binary=True,
+    )
+    radius = [round(settings.mask_dilation_mm / s) for s in mask.GetSpacing()]
+    if max(radius) > 0:
+        mask = sitk.BinaryDilate(mask, radius, sitk.sitkBall)
+    centre = world_points(fixed_affine, np.argwhere(fixed_mask).mean(axis=0, keepdims=True))[0]
+    return FixedImage(image, mask, centre, edge_points(fixed_mask, fixed_affine))
+
+
+def register_rigid(
+    fixed: npt.NDArray[Any] | FixedImage,
+    fixed_affine: npt.NDArray[Any] | None,
     moving: npt.NDArray[Any],
     moving_affine: npt.NDArray[Any],
     *,
@@ -233,7 +271,9 @@ def register_rigid(
     Parameters
     ----------
     fixed, fixed_affine:
-        The reference series (e.g. FLAIR) and its affine.
+        The reference series (e.g. FLAIR) and its affine; or a :class:`FixedImage` from
+        :func:`prepare_fixed` (then ``fixed_affine`` and ``fixed_mask`` are not used), to register
+        several series onto one reference without preparing it each time.
     moving, moving_affine:
         The series to bring onto it.
     fixed_mask:
@@ -262,26 +302,12 @@ def register_rigid(
     start = time.perf_counter()
     if settings.threads > 0:
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(settings.threads)
-    fixed_image = _working_copy(_sitk_image(fixed, fixed_affine), settings.working_spacing_mm)
+    if not isinstance(fixed, FixedImage):
+        if fixed_affine is None:
+            raise RegistrationError("register_rigid: a fixed array needs its affine")
+        fixed = prepare_fixed(fixed, fixed_affine, fixed_mask, settings)
+    fixed_image, mask_image, centre, points = fixed.image, fixed.mask, fixed.centre, fixed.points
     moving_image = _working_copy(_sitk_image(moving, moving_affine), settings.working_spacing_mm)
-    mask_image = None
-    if fixed_mask is not None and np.any(fixed_mask):
-        mask_image = _working_copy(
-            sitk.Cast(
-                _sitk_image(np.asarray(fixed_mask, dtype=np.float32), fixed_affine) > 0.5, sitk.sitkUInt8
-            ),
-            settings.working_spacing_mm,
-            binary=True,
-        )
-        radius = [round(settings.mask_dilation_mm / s) for s in mask_image.GetSpacing()]
-        if max(radius) > 0:
-            mask_image = sitk.BinaryDilate(mask_image, radius, sitk.sitkBall)
-        centre = world_points(fixed_affine, np.argwhere(fixed_mask).mean(axis=0, keepdims=True))[0]
-        points = edge_points(fixed_mask, fixed_affine)
-    else:
-        shape = np.asarray(fixed).shape
-        centre = world_points(fixed_affine, (np.asarray(shape[:3], dtype=float)[None, :] - 1) / 2.0)[0]
-        points = _corner_points(shape, fixed_affine)
 
     transform = sitk.Euler3DTransform()
     transform.SetCenter([float(v) for v in centre])

@@ -21,7 +21,14 @@ import numpy as np
 import numpy.typing as npt
 from pydicom.dataset import Dataset
 
-from converters.registration import RegistrationError, RigidResult, apply_rigid, register_rigid
+from converters.registration import (
+    FixedImage,
+    RegistrationError,
+    RigidResult,
+    apply_rigid,
+    prepare_fixed,
+    register_rigid,
+)
 from converters.resample import resample_to_grid, world_points
 from converters.volume import Volume
 from node.config import RegistrationConfig
@@ -116,8 +123,10 @@ def align_series(
     reference: LoadedSeries,
     brain_mask: npt.NDArray[np.bool_] | None,
     config: RegistrationConfig,
+    fixed: FixedImage | None = None,
 ) -> tuple[npt.NDArray[np.float32], SeriesAlignment]:
-    """``moving`` on the reference's RAS grid, and how it got there."""
+    """``moving`` on the reference's RAS grid, and how it got there (``fixed``: the reference prepared
+    by :func:`converters.registration.prepare_fixed`, shared by the series of a study)."""
     same_for = bool(moving.frame_of_reference_uid) and (
         moving.frame_of_reference_uid == reference.frame_of_reference_uid
     )
@@ -138,7 +147,7 @@ def align_series(
     alignment.method += " + rigid (Mattes MI)"
     try:
         result = register_rigid(
-            reference.array,
+            fixed if fixed is not None else reference.array,
             reference.affine,
             moving.array,
             moving.affine,
@@ -178,11 +187,12 @@ def coregister(
     """
     ref = series[reference]
     out = Coregistered(reference=reference, images={}, affine=ref.affine)
+    fixed = prepare_fixed(ref.array, ref.affine, brain_mask, config.settings()) if config.enabled else None
     for modality in modalities:
         if modality == reference:
             out.images[modality] = ref.array
             continue
-        image, alignment = align_series(series[modality], ref, brain_mask, config)
+        image, alignment = align_series(series[modality], ref, brain_mask, config, fixed)
         out.images[modality] = image
         out.alignments[modality] = alignment
         figures = alignment.result
