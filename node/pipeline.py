@@ -477,8 +477,14 @@ def _try_route(study: _Study, chosen: Route, plan: RoutingPlan) -> Segmented | N
 
 def segment_study(study: _Study, plan: RoutingPlan) -> Segmented:
     """The most capable model of ``plan`` whose registration passes; raises JobError when none can run."""
-    for chosen in plan.routes:
-        done = _try_route(study, chosen, plan)
+    for n, chosen in enumerate(plan.routes):
+        try:
+            done = _try_route(study, chosen, plan)
+        except JobError as exc:  # a series that cannot be read counts as absent when a model needs less
+            if n == len(plan.routes) - 1:
+                raise
+            plan.note(chosen.task, chosen.model, "not run", str(exc))
+            continue
         if done is not None:
             return done
     failed = "; ".join(f"{e['task']}: {e['reason']}" for e in plan.considered if e["outcome"] == "not run")

@@ -394,6 +394,19 @@ def test_study_without_t2_gets_the_whole_tumour_model_and_says_why(
     assert code == 0 and "routing" in out and "T2 missing" in out
 
 
+def test_an_unreadable_t2_counts_as_absent(env: Node, case: Case, tmp_path: Path) -> None:
+    study = write_study(case, tmp_path / "study")
+    t2 = study.files["T2"]
+    files = [p for m, fs in study.files.items() if m != "T2" for p in fs] + t2[:10] + t2[11:]  # a gap
+    results = store_files(files, "127.0.0.1", env.node.scp.port, "SEGNODE", "PACS")
+    assert {status for _, status, _ in results} == {0}
+    job = env.job_for(study)
+    assert job.status == "done", job.reason
+    routing = job.result["routing"]
+    assert routing["task"] == "whole_tumor"
+    assert f"not brats_regions: T2 series {study.series_uids['T2']}" in routing["reason"]
+
+
 @pytest.fixture()
 def strict_env(tmp_path: Path, models: tuple[Path, Path]) -> Iterator[Node]:
     # Limits no real registration meets: every one fails its check.
