@@ -1,5 +1,11 @@
-"""One job, start to end: select series, assemble volumes, extract the brain, segment, write SEG + SR +
-preview.
+"""One job, start to end: select series, route to a model, assemble volumes, extract the brain,
+co-register, segment, write SEG + SR + preview.
+
+Routing: the active model of each task of ``[routing] order`` is tried, most capable first; a model
+runs when every series its card asks for is in the study and can be read, and (several series) each
+one's registration onto the reference series passed its check (``register`` stage,
+node/coregistration.py); otherwise the next one. The result's ``routing`` (also in ``segnode jobs
+show`` and the SR) says which model ran and why the ones before it did not.
 
 The brain stage (after ``load``) masks the reference series with the active ``brain_extraction``
 model; tumour labels outside the mask are set to 0 and the job result records ``brain_volume_ml``. A
