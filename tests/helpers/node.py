@@ -181,7 +181,11 @@ def make_regions_model(
                     "cases": ["synthetic-0"],
                     "split": "validation",
                     "mean": {
-                        "dice": 0.5, "jaccard": 0.4, "sensitivity": 0.5, "specificity": 0.99, "hd95": 9.0
+                        "dice": 0.5,
+                        "jaccard": 0.4,
+                        "sensitivity": 0.5,
+                        "specificity": 0.99,
+                        "hd95": 9.0,
                     },
                 },
             }
