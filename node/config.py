@@ -14,10 +14,13 @@ import os
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from db.url import default_url, var_dir
 from node.exceptions import ConfigError
+
+if TYPE_CHECKING:
+    from converters.registration import RegistrationSettings
 
 
 @dataclass
@@ -34,7 +37,9 @@ class NodeSettings:
     min_free_disk_mb: int = 500
     inference_device: str = "CPU"
     workers: int = 1
-    task: str = "whole_tumor"  # which active model of the model table the node runs
+    # The task whose shipped model bootstrap_default_model installs; also the last resort of
+    # [routing] order (appended there when absent), which decides per study which model runs.
+    task: str = "whole_tumor"
     poll_seconds: float = 1.0  # how often workers look for jobs, due studies and a new active model
     send_retry_base_seconds: float = 5.0  # first retry delay of a failed C-STORE; doubles each attempt
     send_retry_max_seconds: float = 600.0
@@ -76,6 +81,8 @@ class SelectionSettings:
     flair_pattern: str = r"flair|\bdark.?fluid|\btirm"
     t1gd_pattern: str = r"post|\+ ?c\b|\bgd\b|gado|contrast|\bce\b|t1c"
     t1_pattern: str = r"\bt1|mprage|mp-rage|spgr|bravo|tfl"
+    # A description that says pre-contrast is never taken for post-contrast ("T1 pre contrast").
+    t1_pre_pattern: str = r"\bpre\b|pre[- ]?(contrast|gd|gado)|\bnative\b|without|\bw/?o\b|non[- ]?contrast"
     t2_pattern: str = r"\bt2(?!\*)|\btse\b|\bfse\b"
     exclude_pattern: str = r"localizer|scout|survey|calibration|\bdwi\b|\badc\b|perfusion|\bswi\b"
     flair_min_ti_ms: float = 1500.0
@@ -113,6 +120,64 @@ class QCSettings:
     # Share (%) of the predicted tumour lying outside the brain mask (removed before the SEG) above
     # which the rest is not trusted either.
     max_outside_share_percent: float = 50.0
+
+
+@dataclass
+class RoutingSettings:
+    """``[routing]``: which model runs a study (node/pipeline.py).
+
+    The node keeps one active model per task (``segnode models promote``); per study it runs the
+    first task of ``order`` that has an active model, all the series that model's card asks for, and
+    (for more than one series) a registration that passed its check. A task missing from ``order``
+    never runs; ``[node] task`` is appended when it is not in the list.
+    """
+
+    order: list[str] = field(default_factory=lambda: ["brats_regions", "whole_tumor"])
+
+    def tasks(self, node_task: str) -> list[str]:
+        """``order`` with ``node_task`` appended when absent, duplicates dropped."""
+        return list(dict.fromkeys([*self.order, node_task]))
+
+
+@dataclass
+class RegistrationConfig:
+    """``[registration]``: co-registration of a study's series onto the reference (node/coregistration.py).
+
+    Every series of a multi-sequence model is placed on the reference series' grid by its DICOM
+    geometry, then refined by a rigid registration (Mattes mutual information, SimpleITK); a
+    registration that moves a series further than the limits, or ends less similar than it started,
+    fails, and the study falls back to the next model of ``[routing] order``.
+    """
+
+    enabled: bool = True
+    # The series whose grid the others join (and the SEG's source series): FLAIR, or the model's first
+    # modality when it has no FLAIR.
+    reference: str = "FLAIR"
+    # Patients move a few mm and degrees between series of one study; more is a failed registration.
+    max_translation_mm: float = 20.0
+    max_rotation_deg: float = 15.0
+    # Mattes MI (lower is more similar) may end at most this much above its geometry-only start: the
+    # sampled metric varies by ~0.001, so a series already aligned passes.
+    max_metric_worsening: float = 0.01
+    # The metric runs on copies of about this spacing (mm), 2 levels (shrink 2, 1).
+    working_spacing_mm: float = 2.0
+    iterations: int = 100
+    sampling_fraction: float = 0.08
+    threads: int = 0  # 0: SimpleITK's default (every core)
+
+    def settings(self) -> RegistrationSettings:
+        """The algorithm's settings (:class:`converters.registration.RegistrationSettings`)."""
+        from converters.registration import RegistrationSettings
+
+        return RegistrationSettings(
+            working_spacing_mm=self.working_spacing_mm,
+            iterations=self.iterations,
+            sampling_fraction=self.sampling_fraction,
+            max_translation_mm=self.max_translation_mm,
+            max_rotation_deg=self.max_rotation_deg,
+            max_metric_worsening=self.max_metric_worsening,
+            threads=self.threads,
+        )
 
 
 @dataclass
@@ -165,6 +230,8 @@ class Settings:
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     selection: SelectionSettings = field(default_factory=SelectionSettings)
     qc: QCSettings = field(default_factory=QCSettings)
+    routing: RoutingSettings = field(default_factory=RoutingSettings)
+    registration: RegistrationConfig = field(default_factory=RegistrationConfig)
     source: Path | None = None
 
 
@@ -175,6 +242,8 @@ _SECTIONS: dict[str, type] = {
     "metrics": MetricsSettings,
     "selection": SelectionSettings,
     "qc": QCSettings,
+    "routing": RoutingSettings,
+    "registration": RegistrationConfig,
 }
 
 
@@ -279,6 +348,25 @@ def _validate(settings: Settings, where: str) -> None:
             raise ConfigError(f"{where}: qc.{name} {getattr(qc, name)} is not a percentage (0-100)")
     if qc.min_slices < 1 or qc.min_head_ml < 0:
         raise ConfigError(f"{where}: qc.min_slices must be at least 1 and qc.min_head_ml at least 0")
+    from db.models import SEGMENTATION_TASKS
+
+    unknown = [t for t in settings.routing.order if t not in SEGMENTATION_TASKS]
+    if unknown or not settings.routing.order:
+        raise ConfigError(
+            f"{where}: routing.order {settings.routing.order!r} must name tasks among "
+            f"{', '.join(SEGMENTATION_TASKS)}"
+        )
+    reg = settings.registration
+    if reg.reference not in ("FLAIR", "T1", "T1GD", "T2"):
+        raise ConfigError(f"{where}: registration.reference {reg.reference!r} is not FLAIR, T1, T1GD or T2")
+    if reg.max_translation_mm <= 0 or reg.max_rotation_deg <= 0 or reg.working_spacing_mm <= 0:
+        raise ConfigError(
+            f"{where}: registration.max_translation_mm, max_rotation_deg and working_spacing_mm must be > 0"
+        )
+    if not 0 < reg.sampling_fraction <= 1 or reg.iterations < 1:
+        raise ConfigError(
+            f"{where}: registration.sampling_fraction must lie in (0, 1] and iterations be at least 1"
+        )
     if settings.tls.enabled and not (settings.tls.cert and settings.tls.key):
         raise ConfigError(f"{where}: tls.enabled needs tls.cert and tls.key")
 

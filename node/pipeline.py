@@ -1,5 +1,11 @@
-"""One job, start to end: select series, assemble volumes, extract the brain, segment, write SEG + SR +
-preview.
+"""One job, start to end: select series, route to a model, assemble volumes, extract the brain,
+co-register, segment, write SEG + SR + preview.
+
+Routing: the active model of each task of ``[routing] order`` is tried, most capable first; a model
+runs when every series its card asks for is in the study and can be read, and (several series) each
+one's registration onto the reference series passed its check (``register`` stage,
+node/coregistration.py); otherwise the next one. The result's ``routing`` (also in ``segnode jobs
+show`` and the SR) says which model ran and why the ones before it did not.
 
 The brain stage (after ``load``) masks the reference series with the active ``brain_extraction``
 model; tumour labels outside the mask are set to 0 and the job result records ``brain_volume_ml``. A
@@ -39,11 +45,12 @@ from db import job_queue
 from db.job_queue import OutputObject
 from db.transactions import SessionFactory
 from node import qc
-from node.config import Destination, QCSettings
-from node.exceptions import JobError, NodeError
+from node.config import Destination, QCSettings, RegistrationConfig
+from node.coregistration import Coregistered, LoadedSeries, coregister
+from node.exceptions import JobError, NodeError, SelectionError
 from node.metrics import NodeMetrics
 from node.runtime import LoadedExtractor, LoadedModel
-from node.selection import SeriesInfo, SeriesSelector, scan_grouped_series
+from node.selection import Assignment, SeriesInfo, SeriesSelector, scan_grouped_series
 from node.spool import write_atomic
 
 logger = logging.getLogger(__name__)
@@ -76,7 +83,8 @@ class Timer:
             yield
         finally:
             elapsed = time.perf_counter() - start
-            self.stages[name] = round(elapsed, 4)
+            # A stage that runs again (the fallback model's load) adds to its time.
+            self.stages[name] = round(self.stages.get(name, 0.0) + elapsed, 4)
             if self.on_stage:
                 self.on_stage(name, elapsed)
 
@@ -123,6 +131,110 @@ def assemble(chosen: Mapping[str, SeriesInfo], modalities: Sequence[str]) -> Ass
         images[modality] = np.asarray(array, dtype=np.float32)
     assert reference is not None and affine is not None
     return Assembled(reference=reference, sources=sources, images=images, affine=affine)
+
+
+def load_chosen(series: SeriesInfo, modality: str) -> LoadedSeries:
+    """One chosen series as a volume, its RAS array and affine, and its datasets (raises JobError)."""
+    from converters.dicom_series import load_series
+    from converters.reorient import volume_to_ras
+
+    datasets: list[Dataset] = [pydicom.dcmread(p) for p in series.paths]
+    try:
+        volume = load_series(datasets)
+    except ConverterError as exc:
+        raise JobError(f"{modality} {series.label}: {exc}") from exc
+    array, affine = volume_to_ras(volume)
+    return LoadedSeries(
+        modality, series, volume, np.asarray(array, dtype=np.float32), np.asarray(affine), datasets
+    )
+
+
+def assemble_coregistered(
+    loaded: Mapping[str, LoadedSeries], reference: str, coregistered: Coregistered | None = None
+) -> Assembled:
+    """The study as the model sees it: the reference series' volume and sources, and every modality on
+    its RAS grid (``coregistered``'s images; the reference alone when None)."""
+    ref = loaded[reference]
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in ref.datasets}
+    sources = [by_uid[uid] for uid in dict.fromkeys(ref.volume.sop_instance_uids)]
+    images = dict(coregistered.images) if coregistered is not None else {reference: ref.array}
+    return Assembled(reference=ref.volume, sources=sources, images=images, affine=ref.affine)
+
+
+@dataclass
+class Route:
+    """A model that can run on the study: its task, the loaded model and the series it gets."""
+
+    task: str
+    model: LoadedModel
+    assignment: Assignment
+
+
+@dataclass
+class RoutingPlan:
+    """The models that can run, most capable first, and why the others cannot."""
+
+    routes: list[Route] = field(default_factory=list)
+    #: One entry per task of ``[routing] order``: task, model label, outcome, reason.
+    considered: list[dict[str, Any]] = field(default_factory=list)
+    #: The selection message of a task whose series are missing (the skip reason when nothing runs).
+    selection_errors: list[str] = field(default_factory=list)
+
+    def note(self, task: str, model: LoadedModel | None, outcome: str, reason: str) -> None:
+        """Record what became of ``task``."""
+        entry = {"task": task, "model": model.label if model else None, "outcome": outcome, "reason": reason}
+        for n, old in enumerate(self.considered):
+            if old["task"] == task:
+                self.considered[n] = entry
+                return
+        self.considered.append(entry)
+
+
+def route(
+    candidates: Sequence[tuple[str, LoadedModel | None]],
+    series: Sequence[SeriesInfo],
+    selector: SeriesSelector,
+) -> RoutingPlan:
+    """The models of ``candidates`` (task, active model; in ``[routing] order``) whose card's
+    modalities are all in the study."""
+    plan = RoutingPlan()
+    for task, model in candidates:
+        if model is None:
+            plan.note(task, None, "not run", f"no active {task} model")
+            continue
+        modalities = list(model.card["modalities"])
+        assignment = selector.assign(series, modalities)
+        if assignment.missing:
+            plan.note(task, model, "not run", f"{', '.join(assignment.missing)} missing")
+            seen = "; ".join(s.label for s in series) or "no MR series"
+            plan.selection_errors.append(
+                f"no {assignment.missing[0]} series in the study (considered: {seen})"
+            )
+            continue
+        plan.routes.append(Route(task, model, assignment))
+        plan.note(task, model, "eligible", f"series present: {', '.join(modalities)}")
+    return plan
+
+
+def routing_reason(plan: RoutingPlan, chosen: Route) -> str:
+    """One line: which model ran and why (the tasks before it and what stopped them)."""
+    before = []
+    for entry in plan.considered:
+        if entry["task"] == chosen.task:
+            break
+        before.append(f"{entry['task']}: {entry['reason']}")
+    modalities = ", ".join(chosen.model.card["modalities"])
+    ran = f"{chosen.task} ({chosen.model.label}) ran on {modalities}"
+    return (
+        f"{ran}; not {'; not '.join(before)}"
+        if before
+        else f"{ran}: the most capable model whose series are present"
+    )
+
+
+def reference_modality(modalities: Sequence[str], config: RegistrationConfig) -> str:
+    """The series the others join: ``[registration] reference`` when the model has it, else its first."""
+    return config.reference if config.reference in modalities else modalities[0]
 
 
 def preprocess(
@@ -211,6 +323,20 @@ def segment_volumes_ml(labels: npt.NDArray[np.uint8], card: Mapping[str, Any], v
     return [float((labels == int(label["value"])).sum()) * voxel_ml for label in card.get("labels") or []]
 
 
+def region_volumes_ml(
+    labels: npt.NDArray[np.uint8], card: Mapping[str, Any], volume: Volume
+) -> dict[str, float]:
+    """The composite regions of a ``brats_regions`` model, in mL: ``whole_tumour`` (every tissue) and
+    ``tumour_core`` (non-enhancing/necrotic and enhancing: labels 2 and 3); empty for other tasks."""
+    if card.get("task") != "brats_regions":
+        return {}
+    voxel_ml = float(np.prod(volume.spacing)) / 1000.0
+    return {
+        "whole_tumour": float((labels > 0).sum()) * voxel_ml,
+        "tumour_core": float(np.isin(labels, (2, 3)).sum()) * voxel_ml,
+    }
+
+
 def brain_mask_for(assembled: Assembled, brain: Brain | None) -> npt.NDArray[np.bool_] | None:
     """The brain mask of the assembled study on its RAS grid (``assembled.images``' shape), or None
     when the brain stage did not run (no active ``brain_extraction`` model): the brain-mask rules of
@@ -271,55 +397,148 @@ class JobContext:
     jobs_dir: Path
     destinations: list[Destination]
     metrics: NodeMetrics
-    model: Callable[[], LoadedModel | None]
+    #: The active model of each task of ``[routing] order``, in that order (None: no usable model).
+    models: Callable[[], list[tuple[str, LoadedModel | None]]]
     qc: QCSettings = field(default_factory=QCSettings)
     #: The active brain extractor; when it returns None (no brain_extraction model active), the
     #: brain stage is skipped and ``brain_volume_ml`` is null in the result.
     brain: Callable[[], LoadedExtractor | None] = lambda: None
+    registration: RegistrationConfig = field(default_factory=RegistrationConfig)
+
+
+@dataclass
+class Segmented:
+    """What the chosen model made of the study, before the outputs are written."""
+
+    route: Route
+    assembled: Assembled
+    brain: Brain | None
+    labels: npt.NDArray[np.uint8]
+    report: qc.QCReport
+    coregistered: Coregistered | None
+
+
+class _Study:
+    """The series and brain masks of one job, loaded once whichever models it tries."""
+
+    def __init__(self, ctx: JobContext, job_id: int, timer: Timer) -> None:
+        self.ctx, self.job_id, self.timer = ctx, job_id, timer
+        self.loaded: dict[str, LoadedSeries] = {}
+        self.brains: dict[str, Brain | None] = {}
+
+    def load(self, assignment: Assignment) -> dict[str, LoadedSeries]:
+        with self.timer.stage("load"):
+            for modality, info in assignment.chosen.items():
+                cached = self.loaded.get(modality)
+                if cached is None or cached.info.series_instance_uid != info.series_instance_uid:
+                    self.loaded[modality] = load_chosen(info, modality)
+        job_queue.heartbeat(self.ctx.sf, self.job_id)
+        return {m: self.loaded[m] for m in assignment.chosen}
+
+    def brain(self, reference: str, assembled: Assembled) -> Brain | None:
+        if reference not in self.brains:
+            extractor = self.ctx.brain()
+            if extractor is None:
+                logger.warning(
+                    "job %d: no active brain_extraction model; the brain stage is skipped", self.job_id
+                )
+                self.brains[reference] = None
+            else:
+                with self.timer.stage("brain"):
+                    self.brains[reference] = extract_brain(extractor, assembled, reference)
+                job_queue.heartbeat(self.ctx.sf, self.job_id)
+        return self.brains[reference]
+
+
+def _try_route(study: _Study, chosen: Route, plan: RoutingPlan) -> Segmented | None:
+    """Run ``chosen``'s model on the study; None when its registration failed (noted in ``plan``)."""
+    ctx, timer = study.ctx, study.timer
+    model, card = chosen.model, chosen.model.card
+    modalities = list(card["modalities"])
+    reference = reference_modality(modalities, ctx.registration)
+    loaded = study.load(chosen.assignment)
+    assembled = assemble_coregistered(loaded, reference)
+    brain = study.brain(reference, assembled)
+    mask = brain_mask_for(assembled, brain)
+    coregistered = None
+    if len(modalities) > 1:
+        with timer.stage("register"):
+            coregistered = coregister(loaded, reference, modalities, mask, ctx.registration)
+        job_queue.heartbeat(ctx.sf, study.job_id)
+        if coregistered.failures:
+            plan.note(chosen.task, model, "not run", "; ".join(coregistered.failures))
+            return None
+        assembled = assemble_coregistered(loaded, reference, coregistered)
+    with timer.stage("preprocess"):  # in world space; z-scored inside the brain when there is a mask
+        prepared = preprocess(model, assembled, mask)
+    with timer.stage("inference"):
+        labels = segment(model, assembled, prepared)
+    ctx.metrics.inference_seconds.observe(timer.stages["inference"])
+    job_queue.heartbeat(ctx.sf, study.job_id)
+    with timer.stage("qc"):
+        slices = min(s.slices for s in chosen.assignment.chosen.values())
+        checked = quality_check(labels, assembled, mask, slices, ctx.qc)  # tumour outside the brain goes
+    plan.note(chosen.task, model, "ran", routing_reason(plan, chosen))
+    return Segmented(chosen, assembled, brain, checked.labels, checked.report, coregistered)
+
+
+def segment_study(study: _Study, plan: RoutingPlan) -> Segmented:
+    """The most capable model of ``plan`` whose registration passes; raises JobError when none can run."""
+    for n, chosen in enumerate(plan.routes):
+        try:
+            done = _try_route(study, chosen, plan)
+        except JobError as exc:  # a series that cannot be read counts as absent when a model needs less
+            if n == len(plan.routes) - 1:
+                raise
+            plan.note(chosen.task, chosen.model, "not run", str(exc))
+            continue
+        if done is not None:
+            return done
+    failed = "; ".join(f"{e['task']}: {e['reason']}" for e in plan.considered if e["outcome"] == "not run")
+    raise JobError(f"no model could run on the study ({failed})")
 
 
 def run_job(ctx: JobContext, job_id: int) -> str:
-    """Run claimed job ``job_id`` to its end state; returns that state (done, skipped, failed, review)."""
+    """Run claimed job ``job_id`` to its end state; returns that state (done, skipped, failed, review).
+
+    Routing: the models of ``[routing] order`` are tried most capable first; a model runs when every
+    series its card asks for is in the study and, for several series, each one's registration onto the
+    reference passed its check. The result's ``routing`` says which model ran and why.
+    """
     from node.preview import render_preview
     from node.seg import build_seg
     from node.sr import build_sr
 
     timer = Timer(on_stage=lambda name, sec: ctx.metrics.stage_seconds.labels(name).observe(sec))
-    model = ctx.model()
+    candidates = ctx.models()
     # One folder per attempt: a retried job never overwrites a file a pending send still points at.
     out_dir = ctx.jobs_dir / str(job_id) / f"attempt-{job_queue.get_job(ctx.sf, job_id).attempts}"
-    if model is None:
+    if not any(model is not None for _, model in candidates):
         return _end(
-            ctx, job_id, "failed", "no usable model for the node's task (see segnode models list)", timer
+            ctx, job_id, "failed", "no usable model for the node's tasks (see segnode models list)", timer
         )
-    card = model.card
+    model: LoadedModel | None = None
     try:
         with timer.stage("select"):
-            series = job_queue.job_series_paths(ctx.sf, job_id)
-            chosen = select_series(series, card["modalities"], ctx.selector)
+            groups = job_queue.job_series_paths(ctx.sf, job_id)
+            if not groups:
+                raise JobError("the study has no kept MR instances in the spool")
+            series = scan_grouped_series({k: [Path(p) for p in v] for k, v in groups.items()})
+            plan = route(candidates, series, ctx.selector)
+        if not plan.routes:
+            # The least demanding model's missing series first: what a reader needs to know.
+            raise SelectionError("; ".join(reversed(plan.selection_errors)))
         job_queue.heartbeat(ctx.sf, job_id)
-        with timer.stage("load"):
-            assembled = assemble(chosen, card["modalities"])
-        job_queue.heartbeat(ctx.sf, job_id)
-        brain: Brain | None = None
-        extractor = ctx.brain()
-        if extractor is None:
-            logger.warning("job %d: no active brain_extraction model; the brain stage is skipped", job_id)
-        else:
-            with timer.stage("brain"):
-                brain = extract_brain(extractor, assembled, card["modalities"][0])
-            job_queue.heartbeat(ctx.sf, job_id)
-        mask = brain_mask_for(assembled, brain)
-        with timer.stage("preprocess"):  # in world space; z-scored inside the brain when there is a mask
-            prepared = preprocess(model, assembled, mask)
-        with timer.stage("inference"):
-            labels = segment(model, assembled, prepared)
-        ctx.metrics.inference_seconds.observe(timer.stages["inference"])
-        job_queue.heartbeat(ctx.sf, job_id)
-        with timer.stage("qc"):
-            slices = min(s.slices for s in chosen.values())
-            checked = quality_check(labels, assembled, mask, slices, ctx.qc)  # tumour outside the brain goes
-        labels, report = checked.labels, checked.report
+        done = segment_study(_Study(ctx, job_id, timer), plan)
+        model, card, assembled = done.route.model, done.route.model.card, done.assembled
+        labels, report, chosen = done.labels, done.report, done.route.assignment.chosen
+        reason = routing_reason(plan, done.route)
+        routing = {
+            "task": done.route.task,
+            "model": model.label,
+            "reason": reason,
+            "considered": plan.considered,
+        }
         seg = None
         if labels.any():
             with timer.stage("seg"):
@@ -334,6 +553,8 @@ def run_job(ctx: JobContext, job_id: int) -> str:
                 card,
                 brain_volume_ml=report.figures["brain_volume_ml"],
                 tumour_share_percent=report.figures["tumour_share_of_brain_percent"],
+                regions=region_volumes_ml(labels, card, assembled.reference),
+                routing=reason,
             )
         with timer.stage("write"):
             out_dir.mkdir(parents=True, exist_ok=True)
@@ -352,6 +573,7 @@ def run_job(ctx: JobContext, job_id: int) -> str:
     outputs = [OutputObject(str(sr_path), str(sr.SOPInstanceUID))]
     if seg is not None:
         outputs.insert(0, OutputObject(str(seg_path), str(seg.SOPInstanceUID)))
+    brain = done.brain
     result = {
         "seg": str(seg_path) if seg is not None else None,
         "sr": str(sr_path),
@@ -359,11 +581,17 @@ def run_job(ctx: JobContext, job_id: int) -> str:
         "seg_sop_instance_uid": str(seg.SOPInstanceUID) if seg is not None else None,
         "sr_sop_instance_uid": str(sr.SOPInstanceUID),
         "series": {m: s.series_instance_uid for m, s in chosen.items()},
+        "series_basis": dict(done.route.assignment.basis),
         "volumes_ml": [round(v, 3) for v in volumes],
+        "regions_ml": {
+            k: round(v, 3) for k, v in region_volumes_ml(labels, card, assembled.reference).items()
+        },
         "tumour_volume_ml": report.figures["tumour_volume_ml"],
         "brain_volume_ml": report.figures["brain_volume_ml"],
         "tumour_share_of_brain_percent": report.figures["tumour_share_of_brain_percent"],
         "model": {"name": card.get("name"), "version": card.get("version"), "label": model.label},
+        "routing": routing,
+        "registration": done.coregistered.as_dict() if done.coregistered is not None else None,
         "qc": report.as_dict(),
         "outputs": [{"path": o.path, "sop_instance_uid": o.sop_instance_uid} for o in outputs],
         "brain_extractor": brain.extractor if brain is not None else None,

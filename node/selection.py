@@ -7,13 +7,22 @@ ProtocolName second, and a description never overrides an attribute that contrad
   ScanOptions (0018,0022)) with InversionTime (0018,0082) >= ``flair_min_ti_ms`` and EchoTime
   (0018,0081) >= ``flair_min_te_ms``. An MP-RAGE is inversion recovery too, but with TI ~ 900-1100
   ms and TE ~ 3 ms, so it is never a FLAIR, whatever its description says.
-* T1GD: a T1-weighted series with ContrastBolusAgent (0018,0010) present, or whose description says
-  post-contrast.
-* T1: T1-weighted (short TE, and short TR or an IR with short TI) without contrast agent.
+* T1GD: a T1-weighted series given contrast by its Contrast/Bolus module (PS3.3 C.7.6.4:
+  ContrastBolusAgent (0018,0010), ...Route, ...Volume, ...StartTime, ...TotalDose,
+  ...Ingredient; in an Enhanced MR image ContrastBolusAgentAdministered (0018,9361) YES in the
+  Contrast/Bolus Usage functional group, PS3.3 C.8.13.4). Only when *no* T1-weighted series of the
+  study carries any of these attributes do hints decide, in this order: a description that says
+  post-contrast (and not pre-contrast), then, with two or more T1-weighted candidates, the one
+  acquired last (AcquisitionDateTime, else AcquisitionTime, else SeriesTime): contrast is given after
+  the native T1, never before.
+* T1: T1-weighted (short TE, and short TR or an IR with short TI) and not T1GD.
 * T2: long TE, not inversion recovery.
 
-Among the candidates for a modality an axial series wins, then the one with most slices. A series
-serves at most one modality (chosen in the order FLAIR, T1GD, T1, T2).
+A series whose ImageType (0008,0008) names a derived map (ADC, TRACE, MIP, subtraction, projection,
+localizer) serves no role. Among the candidates for a modality an ORIGINAL image wins over a DERIVED
+one, then an axial series, then the one with most slices. A series serves at most one modality
+(chosen in the order FLAIR, T1GD, T1, T2). :meth:`SeriesSelector.assign` says which roles are
+missing instead of raising, and why each T1 got its role (``basis``).
 """
 
 from __future__ import annotations
@@ -57,6 +66,13 @@ class SeriesInfo:
     normal: tuple[float, float, float] | None
     slices: int
     paths: list[Path] = field(default_factory=list)
+    #: ImageType (0008,0008) values, upper case.
+    image_type: list[str] = field(default_factory=list)
+    #: True: the Contrast/Bolus attributes say contrast was given; False: they say none was
+    #: (ContrastBolusAgentAdministered NO, or an agent of "NONE"); None: no such attribute.
+    contrast: bool | None = None
+    #: Seconds since the study date's midnight (days added for a later date), or None.
+    acquired: float | None = None
 
     @property
     def label(self) -> str:
@@ -75,9 +91,96 @@ class SeriesInfo:
         return self.normal is not None and int(np.argmax(np.abs(self.normal))) == 2
 
     @property
+    def derived_map(self) -> bool:
+        """ImageType names a derived map that is no acquisition of its own (ADC, MIP, subtraction...)."""
+        return any(v in DERIVED_MAPS for v in self.image_type)
+
+    @property
+    def original(self) -> bool:
+        """ImageType's first value is ORIGINAL (or ImageType is absent)."""
+        return not self.image_type or self.image_type[0] != "DERIVED"
+
+    @property
     def text(self) -> str:
         """SeriesDescription and ProtocolName together, for the patterns."""
         return f"{self.description} {self.protocol}"
+
+
+#: ImageType values (PS3.3 C.7.6.1.1.2, C.8.13.1.1.1 and vendors') of images that are maps derived from
+#: another acquisition, not a contrast of their own.
+DERIVED_MAPS = frozenset(
+    {"ADC", "TRACEW", "TRACE", "FA", "EADC", "MIP", "MPR_THICK", "SUB", "SUBTRACTION", "PROJECTION IMAGE",
+     "LOCALIZER", "MOCO", "PERFUSION", "CBF", "CBV", "MTT", "TTP"}
+)  # fmt: skip
+
+#: Contrast/Bolus module keywords (PS3.3 C.7.6.4) whose presence says contrast was given.
+CONTRAST_KEYWORDS = (
+    "ContrastBolusAgent",
+    "ContrastBolusRoute",
+    "ContrastBolusVolume",
+    "ContrastBolusStartTime",
+    "ContrastBolusTotalDose",
+    "ContrastBolusIngredient",
+    "ContrastBolusIngredientConcentration",
+)
+
+#: Agent texts that say no contrast was given.
+NO_AGENT = re.compile(r"^(none|no|nil|n/?a|0|-)$", re.IGNORECASE)
+
+
+def _contrast(ds: Dataset) -> tuple[bool | None, str]:
+    """(contrast given?, agent text) from the Contrast/Bolus attributes of ``ds``."""
+    administered = str(_deep_get(ds, "ContrastBolusAgentAdministered") or "").strip().upper()
+    agent = str(_deep_get(ds, "ContrastBolusAgent") or "").strip()
+    if administered == "NO" or (agent and NO_AGENT.match(agent)):
+        return False, ""
+    if administered == "YES":
+        return True, agent or "administered"
+    for keyword in CONTRAST_KEYWORDS:
+        value = _deep_get(ds, keyword)
+        if value not in (None, "") and not (isinstance(value, str) and NO_AGENT.match(value.strip())):
+            return True, agent or keyword
+    return None, ""
+
+
+def _seconds(date: Any, time_: Any, study_date: Any) -> float | None:
+    """Seconds of DICOM DA + TM since ``study_date``'s midnight (None when the time is unreadable)."""
+    text = str(time_ or "").strip()
+    match = re.match(r"^(\d{2})(\d{2})?(\d{2})?(\.\d+)?$", text.replace(":", ""))
+    if not match:
+        return None
+    hours, minutes, secs, frac = match.groups()
+    seconds = int(hours) * 3600 + int(minutes or 0) * 60 + int(secs or 0) + float(frac or 0)
+    day, base = str(date or "").strip(), str(study_date or "").strip()
+    if len(day) == 8 and len(base) == 8 and day.isdigit() and base.isdigit():
+        import datetime as dt
+
+        try:
+            days = (
+                dt.date(int(day[:4]), int(day[4:6]), int(day[6:]))
+                - dt.date(int(base[:4]), int(base[4:6]), int(base[6:]))
+            ).days
+        except ValueError:
+            days = 0
+        seconds += 86400 * days
+    return float(seconds)
+
+
+def _acquired(ds: Dataset) -> float | None:
+    """When the series was acquired, in seconds (see :attr:`SeriesInfo.acquired`)."""
+    study_date = ds.get("StudyDate") or ds.get("SeriesDate")
+    stamp = str(_deep_get(ds, "AcquisitionDateTime") or "").strip()
+    if len(stamp) >= 10 and stamp[:8].isdigit():
+        return _seconds(stamp[:8], stamp[8:].split("+")[0].split("-")[0], study_date)
+    for date_key, time_key in (
+        ("AcquisitionDate", "AcquisitionTime"),
+        ("SeriesDate", "SeriesTime"),
+        ("ContentDate", "ContentTime"),
+    ):
+        when = _deep_get(ds, time_key)
+        if when:
+            return _seconds(_deep_get(ds, date_key) or study_date, when, study_date)
+    return None
 
 
 def _multi(value: Any) -> list[str]:
@@ -126,7 +229,7 @@ def series_info(ds: Dataset, paths: Sequence[Path], slices: int) -> SeriesInfo:
     scanning = _multi(_deep_get(ds, "ScanningSequence"))
     if not scanning and str(_deep_get(ds, "InversionRecovery") or "").upper() == "YES":
         scanning = ["IR"]
-    agent = _deep_get(ds, "ContrastBolusAgent")
+    contrast, agent = _contrast(ds)
     return SeriesInfo(
         series_instance_uid=str(ds.get("SeriesInstanceUID", "")),
         description=str(ds.get("SeriesDescription", "") or ""),
@@ -138,10 +241,13 @@ def series_info(ds: Dataset, paths: Sequence[Path], slices: int) -> SeriesInfo:
         repetition_time=_float(_deep_get(ds, "RepetitionTime")),
         echo_time=echo,
         inversion_time=ti,
-        contrast_agent=str(agent or "").strip(),
+        contrast_agent=agent,
         normal=normal,
         slices=slices,
         paths=list(paths),
+        image_type=_multi(ds.get("ImageType")),
+        contrast=contrast,
+        acquired=_acquired(ds),
     )
 
 
@@ -188,6 +294,7 @@ class SeriesSelector:
             "FLAIR": re.compile(self.rules.flair_pattern, flags),
             "T1GD": re.compile(self.rules.t1gd_pattern, flags),
             "T1": re.compile(self.rules.t1_pattern, flags),
+            "T1PRE": re.compile(self.rules.t1_pre_pattern, flags),
             "T2": re.compile(self.rules.t2_pattern, flags),
             "exclude": re.compile(self.rules.exclude_pattern, flags),
         }
@@ -213,15 +320,65 @@ class SeriesSelector:
             return True
         return bool(self._re["T1"].search(s.text))
 
+    def described_post_contrast(self, s: SeriesInfo) -> bool:
+        """The description says post-contrast and not pre-contrast (a hint, never an attribute)."""
+        return bool(self._re["T1GD"].search(s.text)) and not self._re["T1PRE"].search(s.text)
+
     def is_t1gd(self, s: SeriesInfo) -> bool:
-        """T1-weighted with a contrast agent recorded, or described as post-contrast."""
+        """This series alone: T1-weighted, given contrast by its Contrast/Bolus attributes, or, when it
+        has none of them, described as post-contrast (:meth:`t1_roles` decides within a study)."""
         if self.is_flair(s) or not self._t1_weighted(s):
             return False
-        return bool(s.contrast_agent) or bool(self._re["T1GD"].search(s.text))
+        if s.contrast is not None:
+            return s.contrast
+        return self.described_post_contrast(s)
 
     def is_t1(self, s: SeriesInfo) -> bool:
-        """T1-weighted without contrast agent."""
+        """This series alone: T1-weighted and not :meth:`is_t1gd`."""
         return not self.is_flair(s) and self._t1_weighted(s) and not self.is_t1gd(s)
+
+    def t1_roles(self, series: Sequence[SeriesInfo]) -> dict[str, tuple[str, str]]:
+        """SeriesInstanceUID -> (``"T1"`` or ``"T1GD"``, basis) for the T1-weighted series of a study.
+
+        The Contrast/Bolus attributes decide when any T1-weighted series of the study has one
+        (a series without them is then the native T1); else the descriptions; else, with two or more
+        candidates, the one acquired last is T1GD (a tie-breaker hint, recorded as such).
+        """
+        t1w = [
+            s for s in series
+            if not self._re["exclude"].search(s.text) and not s.derived_map
+            and not self.is_flair(s) and self._t1_weighted(s)
+        ]  # fmt: skip
+        roles: dict[str, tuple[str, str]] = {}
+        if any(s.contrast is not None for s in t1w):
+            for s in t1w:
+                roles[s.series_instance_uid] = (
+                    ("T1GD", "contrast/bolus attributes")
+                    if s.contrast
+                    else ("T1", "no contrast given (attributes)")
+                )
+            return roles
+        if any(self.described_post_contrast(s) for s in t1w):
+            for s in t1w:
+                post = self.described_post_contrast(s)
+                roles[s.series_instance_uid] = (
+                    "T1GD" if post else "T1",
+                    "description (no contrast attributes)",
+                )
+            return roles
+        timed = [s for s in t1w if s.acquired is not None]
+        last = max(timed, key=lambda s: s.acquired or 0.0) if len(t1w) >= 2 and timed else None
+        if last is not None and sum(1 for s in timed if s.acquired == last.acquired) > 1:
+            last = None  # acquired together: time says nothing
+        for s in t1w:
+            if s is last:
+                roles[s.series_instance_uid] = (
+                    "T1GD",
+                    "acquired last of the T1 series (no contrast attributes)",
+                )
+            else:
+                roles[s.series_instance_uid] = ("T1", "no contrast attributes or description")
+        return roles
 
     def is_t2(self, s: SeriesInfo) -> bool:
         """Long TE, not inversion recovery, or described as T2 without contradicting TE."""
@@ -243,27 +400,61 @@ class SeriesSelector:
             raise SelectionError(f"modality {modality!r} is not one of FLAIR, T1, T1GD, T2")
         return check(s)
 
+    def assign(self, series: Sequence[SeriesInfo], modalities: Sequence[str]) -> Assignment:
+        """Choose one series per modality (ORIGINAL first, then axial, then most slices); the
+        modalities without a candidate are listed in ``missing`` instead of raising."""
+        out = Assignment()
+        taken: set[str] = set()
+        roles = self.t1_roles(series)
+        order = [m for m in ("FLAIR", "T1GD", "T1", "T2") if m in modalities]
+        order += [m for m in modalities if m not in order]
+        for modality in order:
+            candidates = [
+                s
+                for s in series
+                if s.series_instance_uid not in taken
+                and not s.derived_map
+                and self._role_matches(modality, s, roles)
+            ]
+            if not candidates:
+                out.missing.append(modality)
+                continue
+            best = max(candidates, key=lambda s: (s.original, s.axial, s.slices))
+            out.chosen[modality] = best
+            taken.add(best.series_instance_uid)
+            if best.series_instance_uid in roles:
+                out.basis[modality] = roles[best.series_instance_uid][1]
+            logger.info("%s: %s", modality, best.label)
+        return out
+
+    def _role_matches(self, modality: str, s: SeriesInfo, roles: Mapping[str, tuple[str, str]]) -> bool:
+        if modality in ("T1", "T1GD"):
+            if self._re["exclude"].search(s.text):
+                return False
+            role = roles.get(s.series_instance_uid)
+            return role is not None and role[0] == modality
+        return self.matches(modality, s)
+
     def select(self, series: Sequence[SeriesInfo], modalities: Sequence[str]) -> dict[str, SeriesInfo]:
-        """Choose one series per modality; axial first, then most slices.
+        """Choose one series per modality (see :meth:`assign`).
 
         Raises
         ------
         SelectionError
             A modality has no candidate; the message names it and lists the series considered.
         """
-        chosen: dict[str, SeriesInfo] = {}
-        taken: set[str] = set()
-        order = [m for m in ("FLAIR", "T1GD", "T1", "T2") if m in modalities]
-        order += [m for m in modalities if m not in order]
-        for modality in order:
-            candidates = [
-                s for s in series if s.series_instance_uid not in taken and self.matches(modality, s)
-            ]
-            if not candidates:
-                seen = "; ".join(s.label for s in series) or "no MR series"
-                raise SelectionError(f"no {modality} series in the study (considered: {seen})")
-            best = max(candidates, key=lambda s: (s.axial, s.slices))
-            chosen[modality] = best
-            taken.add(best.series_instance_uid)
-            logger.info("%s: %s", modality, best.label)
-        return chosen
+        assignment = self.assign(series, modalities)
+        if assignment.missing:
+            seen = "; ".join(s.label for s in series) or "no MR series"
+            raise SelectionError(f"no {assignment.missing[0]} series in the study (considered: {seen})")
+        return assignment.chosen
+
+
+@dataclass
+class Assignment:
+    """What :meth:`SeriesSelector.assign` found: a series per modality, the modalities without one, and
+    for T1 and T1GD what decided their role."""
+
+    chosen: dict[str, SeriesInfo] = field(default_factory=dict)
+    missing: list[str] = field(default_factory=list)
+    basis: dict[str, str] = field(default_factory=dict)

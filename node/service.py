@@ -71,7 +71,12 @@ class NodeService:
         self.metrics = NodeMetrics()
         self.registry = Registry(self.sf)
         node = settings.node
-        self.runtime = ModelRuntime(self.registry, node.task, node.inference_device)
+        # One runtime per task of [routing] order; ``runtime`` is [node] task's (the shipped model's).
+        self.runtimes = {
+            task: ModelRuntime(self.registry, task, node.inference_device)
+            for task in settings.routing.tasks(node.task)
+        }
+        self.runtime = self.runtimes[node.task]
         self.brain_runtime = BrainExtractorRuntime(self.registry, node.inference_device)
         self.scp = StorageSCP(node, self.sf, self.metrics, settings.tls)
         self.sender = Sender(
@@ -88,9 +93,10 @@ class NodeService:
             jobs_dir=node.jobs_path(),
             destinations=list(settings.destinations),
             metrics=self.metrics,
-            model=lambda: self.runtime.current,
+            models=lambda: [(task, runtime.current) for task, runtime in self.runtimes.items()],
             qc=settings.qc,
             brain=lambda: self.brain_runtime.current,
+            registration=settings.registration,
         )
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -143,13 +149,14 @@ class NodeService:
         if node.bootstrap_default_model:
             bootstrap_default_model(self.registry, node.task, node.default_model_path())
             bootstrap_default_model(self.registry, "brain_extraction", node.brain_extractor_path())
-        self.runtime.refresh()
+        for runtime in self.runtimes.values():
+            runtime.refresh()
         self.brain_runtime.refresh()
         # The job's output modules (highdicom alone takes ~0.7 s to import) load now rather than
         # during the first study's SEG stage.
         for module in ("node.seg", "node.sr", "node.preview"):
             importlib.import_module(module)
-        if self.runtime.current is None:
+        if all(r.current is None for r in self.runtimes.values()):
             logger.warning("%s; received studies wait queued", self.runtime.last_error)
         if not self.settings.destinations:
             logger.warning(
@@ -224,7 +231,8 @@ class NodeService:
             self._touched_at = time.monotonic()
         if time.time() - self.started_at >= idle:
             instances.schedule_due_studies(self.sf, idle, receiving=self.scp.studies_in_flight())
-        if self.runtime.refresh() is None:
+        serving = [runtime.refresh() for runtime in self.runtimes.values()]
+        if all(model is None for model in serving):
             return False
         self.brain_runtime.refresh()
         job_id = job_queue.claim_job(self.sf)
@@ -274,6 +282,9 @@ class NodeService:
         details["model"] = model.label if model else None
         if self.runtime.last_error:
             details["model_error"] = self.runtime.last_error
+        details["models"] = {
+            task: (r.current.label if r.current else None) for task, r in self.runtimes.items()
+        }
         brain = self.brain_runtime.current
         details["brain_extractor"] = brain.label if brain else None
         if self.brain_runtime.last_error:

@@ -14,6 +14,12 @@ the brain volume (SCT 118565006 "Volume", UCUM "mL") and the whole tumour's shar
 under :data:`TUMOUR_SHARE_OF_BRAIN`. No SNOMED CT, DCM or LOINC concept names a lesion's volume as
 a share of its organ's (SCT 118586006 "Ratio" would not say of what), so that concept is in a
 private coding scheme (PS3.3 8.2: designators beginning "99") whose meaning says it in words.
+
+For a ``brats_regions`` model, two more TID 1501 groups hold the composite regions radiologists
+follow (RANO): the whole tumour (every tissue; SCT 108369006 "Neoplasm") and the tumour core
+(non-enhancing/necrotic and enhancing tumour; no standard concept names it, so a private one,
+:data:`TUMOUR_CORE`). Which model ran and why (the routing: e.g. "T2 missing") is an Algorithm
+Parameters item (DCM 111002, TID 4019) of the algorithm identification.
 """
 
 from __future__ import annotations
@@ -42,6 +48,17 @@ PERCENT = hd.sr.CodedConcept("%", "UCUM", "percent")
 TUMOUR_SHARE_OF_BRAIN = hd.sr.CodedConcept(
     "TUMOUR_BRAIN_PCT", "99SEGNODE", "Whole tumour volume as percentage of brain volume"
 )
+#: SCT 108369006 "Neoplasm": finding type of the whole-tumour group.
+NEOPLASM = hd.sr.CodedConcept("108369006", "SCT", "Neoplasm")
+#: Non-enhancing/necrotic + enhancing tumour: private concept (see the module docstring).
+TUMOUR_CORE = hd.sr.CodedConcept(
+    "TUMOUR_CORE", "99SEGNODE", "Tumour core (non-enhancing or necrotic and enhancing tumour)"
+)
+#: Composite region key (node/pipeline.py ``region_volumes_ml``) -> (finding type, tracking identifier).
+REGIONS: dict[str, tuple[hd.sr.CodedConcept, str]] = {
+    "whole_tumour": (NEOPLASM, "whole tumour (all tissues)"),
+    "tumour_core": (TUMOUR_CORE, "tumour core (necrotic/non-enhancing + enhancing)"),
+}
 
 
 def build_sr(
@@ -52,6 +69,8 @@ def build_sr(
     *,
     brain_volume_ml: float | None = None,
     tumour_share_percent: float | None = None,
+    regions: Mapping[str, float] | None = None,
+    routing: str | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """A TID 1500 report with the volume in mL of each segment of ``seg`` (and of the brain).
 
@@ -70,9 +89,15 @@ def build_sr(
     brain_volume_ml, tumour_share_percent:
         The brain mask's volume and the whole tumour's share of it; a Brain group holds them when
         ``brain_volume_ml`` is given.
+    regions:
+        Composite region (a :data:`REGIONS` key) -> volume in mL; one TID 1501 group each.
+    routing:
+        Which model ran and why, recorded as an Algorithm Parameters item (TID 4019).
     """
     algorithm = hd.sr.AlgorithmIdentification(
-        name=str(card.get("name", "segnode model"))[:64], version=str(card.get("version", "unknown"))[:64]
+        name=str(card.get("name", "segnode model"))[:64],
+        version=str(card.get("version", "unknown"))[:64],
+        parameters=[f"routing: {routing}"] if routing else None,
     )
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
@@ -107,6 +132,16 @@ def build_sr(
                         algorithm_id=algorithm,
                     )
                 ],
+            )
+        )
+    for key, volume in (regions or {}).items():
+        finding, identifier = REGIONS[key]
+        groups.append(
+            hd.sr.MeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=identifier[:64]),
+                finding_type=finding,
+                algorithm_id=algorithm,
+                measurements=[_volume(volume, algorithm)],
             )
         )
     if brain_volume_ml is not None:

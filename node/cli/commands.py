@@ -264,6 +264,26 @@ def _result_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
     model = result.get("model")
     if model:
         rows.append(("model name, version", f"{model.get('name')} {model.get('version')}"))
+    routing = result.get("routing")
+    if routing:
+        rows.append(("routing", str(routing.get("reason", ""))))
+    for key, value in (result.get("regions_ml") or {}).items():
+        rows.append((key.replace("_", " "), ml(value)))
+    for role, basis in (result.get("series_basis") or {}).items():
+        rows.append((f"series {role}", basis))
+    registration = result.get("registration") or {}
+    for modality, entry in (registration.get("series") or {}).items():
+        figures = (
+            f"{entry.get('translation_mm', 0):.1f} mm, {entry.get('rotation_deg', 0):.1f} deg, "
+            f"{entry.get('edge_displacement_mm', 0):.1f} mm at the brain's edge, "
+            f"MI {entry.get('metric_start', 0):.3f} -> {entry.get('metric_final', 0):.3f}"
+            if "translation_mm" in entry
+            else "geometry only"
+        )
+        verdict = "ok" if entry.get("ok") else f"failed: {entry.get('reason')}"
+        rows.append(
+            (f"registration {modality}", f"onto {registration.get('reference')}: {figures}; {verdict}")
+        )
     for rule in (result.get("qc") or {}).get("rules", []):
         rows.append((f"qc {rule['name']}", f"{rule['status']}: {rule['message']}"))
     if result.get("released_by"):

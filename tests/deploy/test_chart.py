@@ -25,6 +25,8 @@ from node.config import (
     MetricsSettings,
     NodeSettings,
     QCSettings,
+    RegistrationConfig,
+    RoutingSettings,
     SelectionSettings,
     TLSSettings,
     load_settings,
@@ -194,6 +196,8 @@ def test_default_render_configmap_is_node_toml_the_node_loads(helm: str, tmp_pat
         "tls": TLSSettings,
         "selection": SelectionSettings,
         "qc": QCSettings,
+        "routing": RoutingSettings,
+        "registration": RegistrationConfig,
     }
     for section, body in raw.items():
         assert section in schema, f"rendered node.toml: section [{section}]"

@@ -108,6 +108,95 @@ def make_threshold_model(
     return out_dir
 
 
+#: The Decathlon tissues of a ``brats_regions`` card, with the codes of db/card.py.
+def regions_labels() -> list[dict[str, Any]]:
+    """The card labels of a ``brats_regions`` model (db.card.TASK_LABELS)."""
+    from db.card import TASK_LABELS
+
+    return [dict(label) for label in TASK_LABELS["brats_regions"]]
+
+
+#: Per class 1..3 (edema, non-enhancing/necrotic, enhancing): the weights of the z-scored input channels
+#: and the level above which their sum wins over the background (logit 0), in :func:`make_regions_model`.
+RegionRules = dict[int, tuple[dict[str, float], float]]
+REGIONS_RULES: RegionRules = {1: ({"FLAIR": 1.0}, 1.5), 2: ({"T2": 1.0}, 2.5), 3: ({"T1GD": 1.0}, 2.5)}
+
+
+def make_regions_model(
+    out_dir: Path,
+    *,
+    name: str = "test-regions",
+    version: str = "1.0.0",
+    gain: float = 8.0,
+    crop: tuple[int, int] = (192, 192),
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),
+    rules: RegionRules | None = None,
+) -> Path:
+    """A real 4-channel ``brats_regions`` OpenVINO IR (FLAIR, T1, T1GD, T2 -> 4 softmax classes).
+
+    One 1x1 convolution: the logit of class ``k`` is ``gain * (sum_c w_c x_c - level_k)`` for the
+    channel weights and level of ``rules[k]`` (default :data:`REGIONS_RULES`), the background's is 0;
+    so a voxel gets the class whose weighted sum exceeds its level most, deterministically.
+    """
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    rules = rules or REGIONS_RULES
+    modalities = ("FLAIR", "T1", "T1GD", "T2")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weights = np.zeros((4, 4, 1, 1), dtype=np.float32)
+    bias = np.zeros((1, 4, 1, 1), dtype=np.float32)
+    for label, (channel_weights, level) in rules.items():
+        for channel, weight in channel_weights.items():
+            weights[label, modalities.index(channel), 0, 0] = gain * weight
+        bias[0, label, 0, 0] = -gain * level
+    x = ops.parameter([-1, 4, crop[0], crop[1]], np.float32, name="image")
+    conv = ops.convolution(x, ops.constant(weights), [1, 1], [0, 0], [0, 0], [1, 1])
+    logits = ops.add(conv, ops.constant(bias))
+    xml = out_dir / "model_fp32.xml"
+    ov.save_model(ov.Model([logits], [x], name), str(xml), compress_to_fp16=False)
+    card = {
+        "format_version": 1,
+        "name": name,
+        "version": version,
+        "task": "brats_regions",
+        "modalities": list(modalities),
+        "preprocessing": {
+            "orientation": "RAS",
+            "spacing_mm": list(spacing),
+            "crop_size": list(crop),
+            "normalization": "zscore_nonzero",
+            "slice_axis": 2,
+        },
+        "output": {"activation": "softmax"},
+        "labels": regions_labels(),
+        "artifacts": [
+            {
+                "key": "ir_fp32",
+                "kind": "ir",
+                "precision": "fp32",
+                "parent": None,
+                "files": [_sha(xml), _sha(xml.with_suffix(".bin"))],
+                "metrics": {
+                    "cases": ["synthetic-0"],
+                    "split": "validation",
+                    "mean": {
+                        "dice": 0.5,
+                        "jaccard": 0.4,
+                        "sensitivity": 0.5,
+                        "specificity": 0.99,
+                        "hd95": 9.0,
+                    },
+                },
+            }
+        ],
+        "training": {"note": "test model: fixed per-channel thresholds (a 1x1 convolution), not trained"},
+        "data_provenance": [],
+    }
+    (out_dir / "model.json").write_text(json.dumps(card, indent=2))
+    return out_dir
+
+
 def install_model(registry: Any, model_dir: Path) -> Any:
     """Import ``model_dir`` into ``registry`` and promote its IR; returns the promoted ModelInfo."""
     infos = registry.import_dir(model_dir)

@@ -1,0 +1,206 @@
+"""The ``register`` stage: every series of a multi-sequence model onto the reference series' grid.
+
+First the DICOM geometry: a series in the reference's Frame of Reference (same FrameOfReferenceUID,
+PS3.3 C.7.4.1) is already placed in the same patient coordinates, whatever its orientation, spacing
+or slice thickness; one in another Frame of Reference starts from the two heads' centres. Then a
+rigid refinement by Mattes mutual information (:func:`converters.registration.register_rigid`),
+because patients move between series. Each series' figures (translation, rotation, displacement at
+the brain's edge, similarity before and after) go into the job's result; a series whose registration
+fails its check makes the study fall back to the next model of ``[routing] order`` (the pipeline
+decides), with the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from pydicom.dataset import Dataset
+
+from converters.registration import (
+    FixedImage,
+    RegistrationError,
+    RigidResult,
+    apply_rigid,
+    prepare_fixed,
+    register_rigid,
+)
+from converters.resample import resample_to_grid, world_points
+from converters.volume import Volume
+from node.config import RegistrationConfig
+from node.selection import SeriesInfo
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedSeries:
+    """One chosen series, loaded: its volume, its RAS array and affine, its datasets."""
+
+    modality: str
+    info: SeriesInfo
+    volume: Volume
+    array: npt.NDArray[np.float32]
+    affine: npt.NDArray[np.float64]
+    datasets: list[Dataset]
+
+    @property
+    def frame_of_reference_uid(self) -> str:
+        """The series' FrameOfReferenceUID ("" when absent)."""
+        return str(self.datasets[0].get("FrameOfReferenceUID", "") or "") if self.datasets else ""
+
+
+@dataclass
+class SeriesAlignment:
+    """How one series was put onto the reference grid."""
+
+    modality: str
+    series_instance_uid: str
+    same_frame_of_reference: bool
+    method: str
+    result: RigidResult | None = None
+    ok: bool = True
+    reason: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready, for the job's result."""
+        out: dict[str, Any] = {
+            "series": self.series_instance_uid,
+            "same_frame_of_reference": self.same_frame_of_reference,
+            "method": self.method,
+            "ok": self.ok,
+            "reason": self.reason,
+        }
+        if self.result is not None:
+            figures = self.result.as_dict()
+            out.update({k: figures[k] for k in (
+                "translation_mm", "rotation_deg", "edge_displacement_mm", "metric_start", "metric_final",
+                "iterations", "seconds", "matrix",
+            )})  # fmt: skip
+        return out
+
+
+@dataclass
+class Coregistered:
+    """The series of a study on the reference grid (RAS arrays) and how each got there."""
+
+    reference: str
+    images: dict[str, npt.NDArray[np.float32]]
+    affine: npt.NDArray[np.float64]
+    alignments: dict[str, SeriesAlignment] = field(default_factory=dict)
+
+    @property
+    def failures(self) -> list[str]:
+        """One line per series whose registration failed its check."""
+        return [
+            f"registration of {a.modality} failed: {a.reason}" for a in self.alignments.values() if not a.ok
+        ]
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready, for the job's result."""
+        return {
+            "reference": self.reference,
+            "series": {m: a.as_dict() for m, a in self.alignments.items()},
+        }
+
+
+def centre_of_head(array: npt.NDArray[Any], affine: npt.NDArray[Any]) -> npt.NDArray[np.float64]:
+    """World centre (mm) of the voxels above a tenth of the 99th intensity percentile."""
+    values = np.asarray(array, dtype=np.float32)
+    level = 0.1 * float(np.percentile(values, 99.0))
+    indices = np.argwhere(values > level)
+    if len(indices) == 0:
+        indices = np.argwhere(np.ones(values.shape, dtype=bool))
+    return world_points(affine, indices.mean(axis=0, keepdims=True))[0]
+
+
+def align_series(
+    moving: LoadedSeries,
+    reference: LoadedSeries,
+    brain_mask: npt.NDArray[np.bool_] | None,
+    config: RegistrationConfig,
+    fixed: FixedImage | None = None,
+) -> tuple[npt.NDArray[np.float32], SeriesAlignment]:
+    """``moving`` on the reference's RAS grid, and how it got there (``fixed``: the reference prepared
+    by :func:`converters.registration.prepare_fixed`, shared by the series of a study)."""
+    same_for = bool(moving.frame_of_reference_uid) and (
+        moving.frame_of_reference_uid == reference.frame_of_reference_uid
+    )
+    alignment = SeriesAlignment(
+        moving.modality, moving.info.series_instance_uid, same_for, "geometry" if same_for else "head centres"
+    )
+    shape = tuple(int(v) for v in reference.array.shape[:3])
+    grid = (shape[0], shape[1], shape[2])
+    initial = None
+    if not same_for:
+        initial = np.eye(4)
+        initial[:3, 3] = centre_of_head(moving.array, moving.affine) - centre_of_head(
+            reference.array, reference.affine
+        )
+    if not config.enabled:
+        matrix = np.eye(4) if initial is None else initial
+        return apply_rigid(moving.array, moving.affine, matrix, reference.affine, grid), alignment
+    alignment.method += " + rigid (Mattes MI)"
+    try:
+        result = register_rigid(
+            fixed if fixed is not None else reference.array,
+            reference.affine,
+            moving.array,
+            moving.affine,
+            fixed_mask=brain_mask,
+            settings=config.settings(),
+            initial=initial,
+        )
+    except RegistrationError as exc:
+        alignment.ok, alignment.reason = False, str(exc)
+        return resample_to_grid(moving.array, moving.affine, reference.affine, grid), alignment
+    alignment.result, alignment.ok, alignment.reason = result, result.ok, result.reason
+    return apply_rigid(moving.array, moving.affine, result.matrix, reference.affine, grid), alignment
+
+
+def coregister(
+    series: Mapping[str, LoadedSeries],
+    reference: str,
+    modalities: Sequence[str],
+    brain_mask: npt.NDArray[np.bool_] | None,
+    config: RegistrationConfig,
+) -> Coregistered:
+    """Every modality of ``modalities`` on the grid of ``series[reference]``.
+
+    Parameters
+    ----------
+    series:
+        Modality -> loaded series (every modality of ``modalities``).
+    reference:
+        The modality whose grid the others join (its image is used as it is).
+    modalities:
+        The model's modalities, in its channel order.
+    brain_mask:
+        The reference's brain mask on its RAS grid (the metric's region, the edge of the reported
+        displacement), or None.
+    config:
+        The ``[registration]`` settings.
+    """
+    ref = series[reference]
+    out = Coregistered(reference=reference, images={}, affine=ref.affine)
+    fixed = prepare_fixed(ref.array, ref.affine, brain_mask, config.settings()) if config.enabled else None
+    for modality in modalities:
+        if modality == reference:
+            out.images[modality] = ref.array
+            continue
+        image, alignment = align_series(series[modality], ref, brain_mask, config, fixed)
+        out.images[modality] = image
+        out.alignments[modality] = alignment
+        figures = alignment.result
+        if figures is not None:
+            logger.info(
+                "%s onto %s: %.1f mm, %.1f deg, %.1f mm at the brain's edge, MI %.3f -> %.3f (%.1f s)%s",
+                modality, reference, figures.translation_mm, figures.rotation_deg,
+                figures.edge_displacement_mm, figures.metric_start, figures.metric_final, figures.seconds,
+                "" if alignment.ok else f"; failed: {alignment.reason}",
+            )  # fmt: skip
+    return out

@@ -1,0 +1,498 @@
+"""Tumour sub-regions from four series: series roles (pre and post contrast T1), co-registration,
+model routing with fallback, and the outputs (a segment per tissue, region volumes in the SR).
+
+Studies go to a real node over real sockets (pynetdicom, and DCMTK's storescu for the BraTS study);
+the models are real OpenVINO IRs (tests/helpers/node.py): a 4-channel ``brats_regions`` 1x1
+convolution with fixed per-channel thresholds and the 1-channel ``whole_tumor`` threshold model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+
+from converters.case import Case
+from converters.dicom_writer import StudyInfo, write_study
+from converters.registration import RegistrationSettings, displacement_mm, register_rigid
+from converters.synthetic import make_synthetic_case
+from db import job_queue
+from node.config import Destination
+from node.selection import SeriesSelector, series_info
+from node.sender import store_files
+from node.service import NodeService
+from tests.helpers.node import (
+    CatchingSCP,
+    RegionRules,
+    install_model,
+    make_regions_model,
+    make_threshold_model,
+    node_settings,
+)
+from tests.helpers.ports import free_port
+from tests.helpers.regions import brain_edge, brain_of, brats_case, misaligned
+from tests.helpers.waiting import wait_until
+
+SHAPE = (64, 64, 24)
+#: Rules that find the synthetic phantom's three tissues (its z-scores, converters/synthetic.py): edema
+#: bright in FLAIR but not in T1GD, the core bright in T2, the enhancing rim bright in T1GD.
+SYNTHETIC_RULES: RegionRules = {
+    1: ({"FLAIR": 1.0, "T1GD": -1.0}, 1.5),
+    2: ({"T2": 1.0}, 2.0),
+    3: ({"T1GD": 1.0}, 1.5),
+}
+
+# -- series roles ----------------------------------------------------------------------------------------
+
+
+def _t1(uid: str, description: str, time: str | None = None, **attrs: object) -> Dataset:
+    ds = Dataset()
+    ds.SeriesInstanceUID = uid
+    ds.SeriesDescription = description
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    ds.ScanningSequence = "SE"
+    ds.EchoTime = 10
+    ds.RepetitionTime = 500
+    ds.StudyDate = "20261202"
+    if time is not None:
+        ds.AcquisitionTime = time
+    for key, value in attrs.items():
+        setattr(ds, key, value)
+    return ds
+
+
+def _roles(*datasets: Dataset) -> dict[str, str]:
+    series = [series_info(ds, [], 30) for ds in datasets]
+    chosen = SeriesSelector().select(series, ["T1", "T1GD"])
+    return {m: s.series_instance_uid for m, s in chosen.items()}
+
+
+def test_pre_and_post_contrast_t1_by_contrast_attributes_whatever_the_descriptions() -> None:
+    # The post-contrast series is described "T1 pre" and acquired first: the Contrast/Bolus module wins.
+    post = _t1("1.2.2", "AX T1 pre", "091000", ContrastBolusAgent="Gadobutrol", ContrastBolusRoute="IV")
+    pre = _t1("1.2.1", "AX T1 post gd", "093000")
+    assert _roles(pre, post) == {"T1": "1.2.1", "T1GD": "1.2.2"}
+    # Only a route and a volume recorded (no agent text) still says contrast was given.
+    post = _t1("1.2.2", "AX T1", ContrastBolusRoute="IV", ContrastBolusVolume="7.5")
+    assert _roles(_t1("1.2.1", "AX T1"), post) == {"T1": "1.2.1", "T1GD": "1.2.2"}
+    # An agent of "NONE" says none was given.
+    none = _t1("1.2.3", "AX T1 +C", ContrastBolusAgent="NONE")
+    assert SeriesSelector().assign([series_info(none, [], 30)], ["T1", "T1GD"]).missing == ["T1GD"]
+
+
+def test_pre_and_post_contrast_t1_by_description_then_acquisition_time() -> None:
+    # No contrast attribute anywhere: the descriptions; "pre contrast" is never post-contrast.
+    pre = _t1("1.2.1", "T1 SE pre contrast", "093000")
+    post = _t1("1.2.2", "T1 SE post contrast", "091000")
+    assert _roles(pre, post) == {"T1": "1.2.1", "T1GD": "1.2.2"}
+    # Nothing but acquisition times: the later one is the post-contrast one (a tie-breaker hint).
+    first, later = _t1("1.2.1", "T1 SE", "091500"), _t1("1.2.2", "T1 SE", "094500.5")
+    assert _roles(later, first) == {"T1": "1.2.1", "T1GD": "1.2.2"}
+    assignment = SeriesSelector().assign([series_info(d, [], 30) for d in (first, later)], ["T1", "T1GD"])
+    assert "acquired last" in assignment.basis["T1GD"]
+    # The same time (or none) says nothing: no T1GD.
+    same = _t1("1.2.3", "T1 SE", "091500")
+    assert SeriesSelector().assign(
+        [series_info(d, [], 30) for d in (first, same)], ["T1", "T1GD"]
+    ).missing == ["T1GD"]
+
+
+def test_derived_maps_serve_no_role() -> None:
+    subtraction = _t1(
+        "1.2.9", "T1 post SUB", ContrastBolusAgent="Gd", ImageType=["DERIVED", "PRIMARY", "SUB"]
+    )
+    post = _t1("1.2.2", "T1 post", ContrastBolusAgent="Gd", ImageType=["ORIGINAL", "PRIMARY", "M"])
+    assert _roles(_t1("1.2.1", "T1"), subtraction, post)["T1GD"] == "1.2.2"
+
+
+# -- the test model and the preview --------------------------------------------------------------------
+
+
+def test_regions_test_model_maps_channels_to_tissues_deterministically(tmp_path: Path) -> None:
+    from converters.prediction import outputs_to_labels
+    from node.segmenter import OpenVINOSegmenter
+
+    model_dir = make_regions_model(tmp_path / "m", crop=(8, 8))
+    card = json.loads((model_dir / "model.json").read_text())
+    assert card["task"] == "brats_regions" and card["modalities"] == ["FLAIR", "T1", "T1GD", "T2"]
+    x = np.zeros((1, 4, 8, 8), dtype=np.float32)
+    x[0, 0, 0] = 3.0  # FLAIR above 1.5: edema
+    x[0, 3, 1] = 4.0  # T2 above 2.5: non-enhancing / necrotic
+    x[0, 2, 2] = 4.0  # T1GD above 2.5: enhancing
+    x[0, 0, 3], x[0, 2, 3] = 3.0, 5.0  # both: the larger excess (T1GD, 2.5 > 1.5) wins
+    labels = outputs_to_labels(
+        OpenVINOSegmenter(card, model_dir / "model_fp32.xml").predict(x), card["output"]
+    )
+    assert [int(v) for v in labels[0, :5, 0]] == [1, 2, 3, 3, 0]
+
+
+def test_preview_draws_each_tissue_in_its_colour() -> None:
+    import io
+
+    from PIL import Image
+
+    from node.preview import COLOURS, render_preview
+
+    image = np.full((4, 32, 32), 100.0, dtype=np.float32)
+    labels = np.zeros((4, 32, 32), dtype=np.uint8)
+    labels[1, 4:12, 4:12], labels[1, 16:24, 4:12], labels[1, 4:12, 16:24] = 1, 2, 3
+    pixels = np.asarray(Image.open(io.BytesIO(render_preview(image, labels, tile=32))).convert("RGB"))
+    colours = {tuple(int(c) for c in p) for p in pixels.reshape(-1, 3)}
+    assert {COLOURS[1], COLOURS[2], COLOURS[3]} <= colours
+
+
+# -- co-registration -------------------------------------------------------------------------------------
+
+
+def test_registration_recovers_a_known_misalignment_within_1_mm_at_the_brains_edge() -> None:
+    """T1GD of a BraTS case moved by 4, 2, 2 degrees and ~6 mm; registration onto the FLAIR finds that
+    motion: against where the same registration puts the unmoved T1GD (BraTS' own co-registration is not
+    perfect: the residual is reported, not counted as error), within 1 mm everywhere on the brain's edge,
+    and within 1.5 mm of the applied motion itself."""
+    case = brats_case()
+    moved, truth = misaligned(case)
+    mask, edge = brain_of(case), brain_edge(case)
+    settings = RegistrationSettings(threads=2)
+    found = register_rigid(
+        case.images["FLAIR"],
+        case.affine,
+        moved.images["T1GD"],
+        case.affine,
+        fixed_mask=mask,
+        settings=settings,
+    )
+    unmoved = register_rigid(
+        case.images["FLAIR"],
+        case.affine,
+        case.images["T1GD"],
+        case.affine,
+        fixed_mask=mask,
+        settings=settings,
+    )
+    assert found.ok and unmoved.ok, (found.reason, unmoved.reason)
+    applied = displacement_mm(truth["T1GD"], edge)
+    assert applied.max() > 5.0  # a real misalignment: several mm at the edge
+    recovered = displacement_mm(found.matrix, edge, truth["T1GD"] @ unmoved.matrix)
+    absolute = displacement_mm(found.matrix, edge, truth["T1GD"])
+    assert recovered.max() <= 1.0, f"max {recovered.max():.2f} mm"
+    assert absolute.max() <= 1.5, f"max {absolute.max():.2f} mm"
+    assert found.metric_final < found.metric_start
+    assert abs(found.edge_displacement_mm - applied.max()) < 1.5
+
+
+# -- the node: routing, outputs, fallback ----------------------------------------------------------------
+
+
+@dataclass
+class Node:
+    node: NodeService
+    catcher: CatchingSCP
+
+    def send(self, study: StudyInfo, modalities: list[str] | None = None) -> None:
+        files = [p for m, fs in study.files.items() if modalities is None or m in modalities for p in fs]
+        results = store_files(files, "127.0.0.1", self.node.scp.port, "SEGNODE", "PACS")
+        assert {status for _, status, _ in results} == {0}
+
+    def job_for(self, study: StudyInfo, timeout: float = 120.0) -> job_queue.JobInfo:
+        def finished() -> job_queue.JobInfo | None:
+            for job in job_queue.list_jobs(self.node.sf):
+                if job.study_instance_uid == study.study_instance_uid and job.status in (
+                    "done", "failed", "skipped", "review",
+                ):  # fmt: skip
+                    return job
+            return None
+
+        return wait_until(finished, timeout, f"the job of {study.study_instance_uid}")
+
+    def received(self, study: StudyInfo, modality: str, timeout: float = 60.0) -> Dataset:
+        def found(received: list[Dataset]) -> bool:
+            return any(
+                d.Modality == modality and d.StudyInstanceUID == study.study_instance_uid for d in received
+            )
+
+        return next(
+            d
+            for d in self.catcher.wait_for(found, timeout)
+            if d.Modality == modality and d.StudyInstanceUID == study.study_instance_uid
+        )
+
+
+@pytest.fixture(scope="module")
+def case() -> Case:
+    return make_synthetic_case(7, SHAPE)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory, case: Case) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("models")
+    regions = make_regions_model(
+        root / "regions", crop=SHAPE[:2], spacing=case.spacing, rules=SYNTHETIC_RULES
+    )
+    whole = make_threshold_model(root / "whole", crop=SHAPE[:2], spacing=case.spacing, threshold=1.5)
+    return regions, whole
+
+
+def _node(tmp_path: Path, models: tuple[Path, Path], **registration: object) -> Iterator[Node]:
+    catcher = CatchingSCP().start(free_port())
+    settings = node_settings(
+        tmp_path, free_port(), [Destination("pacs", "CATCHER", "127.0.0.1", catcher.port)]
+    )
+    for key, value in registration.items():
+        setattr(settings.registration, key, value)
+    node = NodeService(settings)
+    for model_dir in models:
+        install_model(node.registry, model_dir)
+    node.start()
+    try:
+        yield Node(node, catcher)
+    finally:
+        node.stop()
+        catcher.stop()
+
+
+@pytest.fixture()
+def env(tmp_path: Path, models: tuple[Path, Path]) -> Iterator[Node]:
+    yield from _node(tmp_path, models)
+
+
+def _sr_texts(sr: Dataset) -> list[str]:
+    """Every TEXT value anywhere in the SR's content tree."""
+    out: list[str] = []
+
+    def walk(items: list[Dataset]) -> None:
+        for item in items:
+            if item.get("ValueType") == "TEXT":
+                out.append(str(item.TextValue))
+            walk(list(item.get("ContentSequence", [])))
+
+    walk(list(sr.ContentSequence))
+    return out
+
+
+def _sr_volumes(sr: Dataset) -> dict[str, float]:
+    """Tracking identifier -> volume (mL) of each measurement group of the SR (TID 1500 container 126010)."""
+    [measurements] = [i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "126010"]
+    out = {}
+    for group in measurements.ContentSequence:
+        items = list(group.ContentSequence)
+        [name] = [str(i.TextValue) for i in items if i.ConceptNameCodeSequence[0].CodeValue == "112039"]
+        [value] = [
+            float(i.MeasuredValueSequence[0].NumericValue)
+            for i in items
+            if i.ValueType == "NUM" and i.ConceptNameCodeSequence[0].CodeValue == "118565006"
+        ]
+        out[name] = value
+    return out
+
+
+def test_four_series_get_the_regions_model_three_segments_and_region_volumes(
+    env: Node, case: Case, models: tuple[Path, Path], tmp_path: Path
+) -> None:
+    study = write_study(case, tmp_path / "study")
+    env.send(study)
+    job = env.job_for(study)
+    assert job.status == "done", job.reason
+    assert job.model_label is not None and job.model_label.startswith("test-regions")
+    routing = job.result["routing"]
+    assert routing["task"] == "brats_regions"
+    assert "the most capable model whose series are present" in routing["reason"]
+    assert job.result["series"] == study.series_uids
+    assert job.result["series_basis"]["T1GD"] == "contrast/bolus attributes"
+    # Every series was registered onto the FLAIR (already aligned: it barely moves).
+    registration = job.result["registration"]
+    assert registration["reference"] == "FLAIR" and set(registration["series"]) == {"T1", "T1GD", "T2"}
+    for entry in registration["series"].values():
+        assert entry["ok"] and entry["same_frame_of_reference"] and entry["edge_displacement_mm"] < 3.0
+    assert {"register", "load", "inference"} <= set(job.stages)
+
+    seg = env.received(study, "SEG")
+    segments = {int(s.SegmentNumber): s for s in seg.SegmentSequence}
+    assert [segments[n].SegmentLabel for n in (1, 2, 3)] == [
+        "Edema",
+        "Non-enhancing tumour",
+        "Enhancing tumour",
+    ]
+    codes = [segments[n].SegmentedPropertyTypeCodeSequence[0].CodeValue for n in (1, 2, 3)]
+    assert codes == ["79654002", "6574001", "C113842"]
+    present = {
+        int(f.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+        for f in seg.PerFrameFunctionalGroupsSequence
+    }
+    assert present == {1, 2, 3}
+
+    # The SEG holds the model's tissues on the FLAIR frames, as the model gives them on the case itself
+    # (the study is aligned: registration barely moves a series, the voxels agree).
+    card = json.loads((models[0] / "model.json").read_text())
+    from converters.dicom_series import load_series
+    from converters.reorient import ras_to_volume
+    from node.segmenter import OpenVINOSegmenter
+
+    direct = OpenVINOSegmenter(card, models[0] / "model_fp32.xml").segment(case.images, case.affine)
+    volume = load_series(study.files["FLAIR"])
+    expected = np.asarray(ras_to_volume(direct, volume))
+    seg_file = tmp_path / "seg.dcm"
+    seg.save_as(seg_file, enforce_file_format=True)
+    read = hd.seg.segread(seg_file)
+    sr = env.received(study, "SR")
+    volumes = _sr_volumes(sr)
+    for number in (1, 2, 3):
+        returned = read.get_pixels_by_source_instance(
+            source_sop_instance_uids=volume.sop_instance_uids,
+            segment_numbers=[number],
+            assert_missing_frames_are_empty=True,
+        )[..., 0]
+        want = expected == number
+        assert want.any()
+        dice = 2 * np.sum(want & (returned > 0)) / (want.sum() + (returned > 0).sum())
+        assert dice >= 0.9, f"segment {number}: Dice {dice:.3f} against the model run on the case"
+        label = segments[number].SegmentLabel
+        [key] = [k for k in volumes if k.startswith(f"segment {number}: {label}")]
+        assert volumes[key] == pytest.approx(job.result["volumes_ml"][number - 1], abs=1e-3)
+    regions = job.result["regions_ml"]
+    assert volumes["whole tumour (all tissues)"] == pytest.approx(sum(job.result["volumes_ml"]), abs=1e-2)
+    assert volumes["tumour core (necrotic/non-enhancing + enhancing)"] == pytest.approx(
+        regions["tumour_core"], abs=1e-3
+    )
+    assert regions["tumour_core"] == pytest.approx(sum(job.result["volumes_ml"][1:]), abs=1e-2)
+    assert any(t.startswith("routing: brats_regions (test-regions") for t in _sr_texts(sr))
+    # QC: the tumour is the union of the tissues.
+    assert job.result["tumour_volume_ml"] == pytest.approx(regions["whole_tumour"], abs=0.01)
+
+
+def test_study_without_t2_gets_the_whole_tumour_model_and_says_why(
+    env: Node,
+    case: Case,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    study = write_study(case, tmp_path / "study", modalities=["FLAIR", "T1", "T1GD"])
+    env.send(study)
+    job = env.job_for(study)
+    assert job.status == "done", job.reason
+    assert job.result["routing"]["task"] == "whole_tumor"
+    reason = job.result["routing"]["reason"]
+    assert (
+        reason.startswith("whole_tumor (test-threshold 1.0.0") and "not brats_regions: T2 missing" in reason
+    )
+    assert job.result["registration"] is None  # one series: nothing to register
+    sr = env.received(study, "SR")
+    assert any("brats_regions: T2 missing" in t for t in _sr_texts(sr))
+    from tests.helpers.cli import run_cli
+
+    monkeypatch.setenv("SEGNODE_DATABASE_URL", env.node.settings.database.url)
+    monkeypatch.setenv("COLUMNS", "400")
+    code, out, _ = run_cli(["jobs", "show", str(job.id)], capsys, monkeypatch)
+    assert code == 0 and "routing" in out and "T2 missing" in out
+
+
+def test_an_unreadable_t2_counts_as_absent(env: Node, case: Case, tmp_path: Path) -> None:
+    study = write_study(case, tmp_path / "study")
+    t2 = study.files["T2"]
+    files = [p for m, fs in study.files.items() if m != "T2" for p in fs] + t2[:10] + t2[11:]  # a gap
+    results = store_files(files, "127.0.0.1", env.node.scp.port, "SEGNODE", "PACS")
+    assert {status for _, status, _ in results} == {0}
+    job = env.job_for(study)
+    assert job.status == "done", job.reason
+    routing = job.result["routing"]
+    assert routing["task"] == "whole_tumor"
+    assert f"not brats_regions: T2 series {study.series_uids['T2']}" in routing["reason"]
+
+
+@pytest.fixture()
+def strict_env(tmp_path: Path, models: tuple[Path, Path]) -> Iterator[Node]:
+    # Limits no real registration meets: every one fails its check.
+    yield from _node(tmp_path, models, max_translation_mm=1e-6, max_rotation_deg=1e-6)
+
+
+def test_failed_registration_falls_back_to_the_whole_tumour_model(
+    strict_env: Node, case: Case, tmp_path: Path
+) -> None:
+    moved = dataclasses.replace(case, images=dict(case.images))
+    study = write_study(moved, tmp_path / "study")
+    strict_env.send(study)
+    job = strict_env.job_for(study)
+    assert job.status == "done", job.reason
+    routing = job.result["routing"]
+    assert routing["task"] == "whole_tumor"
+    assert "not brats_regions: registration of T1 failed: " in routing["reason"]
+    assert "> limit 1e-06 mm" in routing["reason"] or "> limit 1e-06 deg" in routing["reason"]
+    [regions] = [e for e in routing["considered"] if e["task"] == "brats_regions"]
+    assert regions["outcome"] == "not run"
+    seg = strict_env.received(study, "SEG")
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["Whole tumour"]
+
+
+# -- a BraTS study with a known misalignment, end to end through DCMTK -------------------------------------
+
+
+@pytest.mark.slow
+def test_misaligned_brats_study_end_to_end_over_storescu(tmp_path: Path) -> None:
+    """A BraTS case with T1, T1GD and T2 moved (a few degrees and mm each) goes in by storescu, through
+    brain extraction, registration and the regions model, and comes back as a SEG with three tissues;
+    the job's registration found every motion within 1 mm at the brain's edge (against the same
+    registration of the unmoved series) and within 1.5 mm of the applied motion."""
+    from node.bootstrap import SHIPPED_BRAIN_EXTRACTOR_DIR, install_and_promote
+    from tests.helpers.dcmtk import storescu
+
+    case = brats_case()
+    moved, truth = misaligned(case)
+    regions = make_regions_model(tmp_path / "regions", crop=(192, 192))
+    whole = make_threshold_model(tmp_path / "whole", crop=(192, 192))
+    catcher = CatchingSCP().start(free_port())
+    settings = node_settings(
+        tmp_path, free_port(), [Destination("pacs", "CATCHER", "127.0.0.1", catcher.port)]
+    )
+    settings.registration.threads = 2
+    node = NodeService(settings)
+    install_and_promote(node.registry, SHIPPED_BRAIN_EXTRACTOR_DIR, by="test", reason="test")
+    for model_dir in (regions, whole):
+        install_model(node.registry, model_dir)
+    node.start()
+    env = Node(node, catcher)
+    try:
+        study = write_study(moved, tmp_path / "study")
+        sent = storescu(node.scp.port, [p for files in study.files.values() for p in files])
+        assert sent.returncode == 0, sent.stderr[-2000:]
+        job = env.job_for(study, timeout=300)
+        assert job.status == "done", job.reason
+        assert job.result["routing"]["task"] == "brats_regions"
+        seg = env.received(study, "SEG")
+        assert [s.SegmentLabel for s in seg.SegmentSequence] == [
+            "Edema",
+            "Non-enhancing tumour",
+            "Enhancing tumour",
+        ]
+        assert (
+            pydicom.dcmread(study.files["FLAIR"][0]).SeriesInstanceUID
+            == seg.ReferencedSeriesSequence[0].SeriesInstanceUID
+        )
+    finally:
+        node.stop()
+        catcher.stop()
+
+    edge, mask = brain_edge(case), brain_of(case)
+    settings_ = RegistrationSettings(threads=2)
+    for modality, entry in job.result["registration"]["series"].items():
+        found = np.asarray(entry["matrix"])
+        unmoved = register_rigid(
+            case.images["FLAIR"],
+            case.affine,
+            case.images[modality],
+            case.affine,
+            fixed_mask=mask,
+            settings=settings_,
+        )
+        recovered = displacement_mm(found, edge, truth[modality] @ unmoved.matrix).max()
+        absolute = displacement_mm(found, edge, truth[modality]).max()
+        assert entry["ok"], entry["reason"]
+        assert recovered <= 1.0, f"{modality}: {recovered:.2f} mm at the brain's edge"
+        assert absolute <= 1.5, f"{modality}: {absolute:.2f} mm from the applied motion"
