@@ -76,6 +76,17 @@ def train(
         help="Per case and epoch, the chance of a scanner-like degradation (thick slices, bias, noise, "
         "contrast, rotation; trainer/scanner_augment.py). 0: off.",
     ),
+    optional_modalities: str = typer.Option(
+        "",
+        "--optional-modalities",
+        help="Comma list of modalities a case or study may lack (their channel is then zero), "
+        "e.g. T1,T1GD,T2. Validation cases hold every modality.",
+    ),
+    channel_dropout: float = typer.Option(
+        0.0,
+        "--channel-dropout",
+        help="Per training slice, the chance of zeroing a random subset of the optional modalities.",
+    ),
     patience: int = typer.Option(
         10, "--patience", help="Early stopping after this many epochs without gain."
     ),
@@ -117,6 +128,8 @@ def train(
         slices_per_epoch=slices_per_epoch or None,
         tumour_fraction=tumour_fraction,
         scanner_augment=scanner_augment,
+        optional_modalities=[m.strip().upper() for m in optional_modalities.split(",") if m.strip()],
+        channel_dropout=channel_dropout,
         patience=patience,
         amp=amp,
         max_minutes=max_minutes or None,

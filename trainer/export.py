@@ -271,7 +271,9 @@ def _load_split_cases(
     missing = [c for c in ids if c not in refs]
     if missing:
         raise TrainerError(f"case {missing[0]} of the run's {which} split is not under {data}; pass --data")
-    return load_prepared([refs[c] for c in ids], card["preprocessing"], card["modalities"], card["task"])
+    optional = card.get("optional_modalities", ())
+    pre, mods, task = card["preprocessing"], card["modalities"], card["task"]
+    return load_prepared([refs[c] for c in ids], pre, mods, task, optional=optional)
 
 
 def _val_refs(state: Mapping[str, Any], data: Path) -> list[Any]:
