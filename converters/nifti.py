@@ -405,7 +405,8 @@ class CaseRef:
     layout:
         ``brats2013``, ``brats2021``, ``brats2023`` or ``decathlon``.
     channel_names:
-        For Decathlon images: canonical modality of each channel.
+        For Decathlon images: canonical modality of each channel; for case folders: the modalities
+        the folder holds, in :data:`MODALITIES` order (known from the file names, before reading).
     """
 
     case_id: str
@@ -487,7 +488,8 @@ def _folder_ref(folder: Path, info: _FolderCase) -> CaseRef:
             raise InvalidCaseError(
                 f"{path}: shape {shape[:3]} disagrees with {ref_path.name} shape {ref_shape[:3]}"
             )
-    return CaseRef(folder.name, "folder", folder, info.label, info.layout)
+    held = tuple(m for m in MODALITIES if m in info.images)
+    return CaseRef(folder.name, "folder", folder, info.label, info.layout, held)
 
 
 def _collect(folder: Path, depth: int) -> list[CaseRef]:

@@ -76,6 +76,17 @@ def train(
         help="Per case and epoch, the chance of a scanner-like degradation (thick slices, bias, noise, "
         "contrast, rotation; trainer/scanner_augment.py). 0: off.",
     ),
+    optional_modalities: str = typer.Option(
+        "",
+        "--optional-modalities",
+        help="Comma list of modalities a case or study may lack (their channel is then zero), "
+        "e.g. T1,T1GD,T2. Validation cases hold every modality.",
+    ),
+    channel_dropout: float = typer.Option(
+        0.0,
+        "--channel-dropout",
+        help="Per training slice, the chance of zeroing a random subset of the optional modalities.",
+    ),
     patience: int = typer.Option(
         10, "--patience", help="Early stopping after this many epochs without gain."
     ),
@@ -117,6 +128,8 @@ def train(
         slices_per_epoch=slices_per_epoch or None,
         tumour_fraction=tumour_fraction,
         scanner_augment=scanner_augment,
+        optional_modalities=[m.strip().upper() for m in optional_modalities.split(",") if m.strip()],
+        channel_dropout=channel_dropout,
         patience=patience,
         amp=amp,
         max_minutes=max_minutes or None,
@@ -175,15 +188,18 @@ def export(
     from rich.table import Table
 
     table = Table(title=f"{card['name']} {card['version']} (validation cases)")
-    for col in ("artifact", "precision", "Dice", "HD95 mm"):
+    regions = list(card["artifacts"][-1].get("metrics", {}).get("regions", {}))
+    for col in ("artifact", "precision", "Dice", "HD95 mm", *(f"{r} Dice" for r in regions)):
         table.add_column(col)
     for art in card["artifacts"]:
         mean = art.get("metrics", {}).get("mean", {})
+        by_region = art.get("metrics", {}).get("regions", {})
         table.add_row(
             art["key"],
             art["precision"],
             f"{mean.get('dice', float('nan')):.4f}",
             f"{mean.get('hd95', float('nan')):.2f}",
+            *(f"{by_region.get(r, {}).get('dice', float('nan')):.4f}" for r in regions),
         )
     console.print(table)
     where = out or run_dir / "export"
@@ -228,6 +244,51 @@ def export_brain_extractor(
         )
     console.print(table)
     console.print(f"model directory {out_dir}; import with `segnode models import {out_dir}`")
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def region_table(regions: dict[str, Any], title: str) -> Any:
+    """A Rich table of per-region results: each case and the mean, Dice, HD95 and volume error.
+
+    Parameters
+    ----------
+    regions:
+        The ``regions`` block of an evaluation result (region -> ``{"cases", "mean"}``).
+    title:
+        The table's title (the model's description).
+    """
+    from rich.table import Table
+
+    table = Table(title=f"{title}: regions")
+    table.add_column("case", no_wrap=True)
+    table.add_column("region")
+    for col in ("Dice", "HD95 mm", "pred mL", "true mL", "err mL", "err %"):
+        table.add_column(col, justify="right", overflow="fold")  # a number wraps, never loses digits
+
+    def row(case: str, region: str, m: dict[str, Any], **style: Any) -> None:
+        rel = m.get("volume_error_rel")
+        table.add_row(
+            case,
+            region,
+            _fmt(m.get("dice"), ".4f"),
+            _fmt(m.get("hd95"), ".2f"),
+            _fmt(m.get("pred_volume_ml"), ".1f"),
+            _fmt(m.get("true_volume_ml"), ".1f"),
+            _fmt(m.get("volume_error_ml"), "+.1f"),
+            _fmt(None if rel is None else 100 * rel, "+.1f"),
+            **style,
+        )
+
+    case_ids = [c["case"] for c in next(iter(regions.values()))["cases"]]
+    for i, case_id in enumerate(case_ids):
+        for name, block in regions.items():
+            row(case_id, name, block["cases"][i])
+    for name, block in regions.items():
+        row("mean", name, block["mean"], style="bold")
+    return table
 
 
 def _require(kind: str) -> None:
@@ -291,7 +352,11 @@ def evaluate(
     by: str | None = typer.Option(None, "--by", help="Who evaluated, recorded with a model id's result."),
     config: Path | None = CONFIG_OPTION,
 ) -> None:
-    """Per-case 3D Dice, Jaccard, sensitivity, specificity and HD95 of a model on labelled cases."""
+    """Per-case 3D Dice, Jaccard, sensitivity, specificity, HD95 and volume error on labelled cases.
+
+    For a ``brats_regions`` model, also per region (WT, TC, ET): Dice, HD95 and volume error (mL and
+    relative) per case and mean, in the table and under ``"regions"`` in the JSON.
+    """
     from rich.table import Table
 
     from converters.nifti import list_cases
@@ -322,8 +387,8 @@ def evaluate(
         table.add_row(c["case"], *(f"{c[n]:.4f}" for n in names))
     table.add_row("mean", *(f"{result['mean'][n]:.4f}" for n in names), style="bold")
     console.print(table)
-    for region, block in result.get("regions", {}).items():
-        console.print(f"{region}: mean Dice {block['mean']['dice']:.4f}, HD95 {block['mean']['hd95']:.2f} mm")
+    if result.get("regions"):
+        console.print(region_table(result["regions"], loaded.description))
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")

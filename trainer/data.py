@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +70,64 @@ def split_cases(case_ids: Sequence[str], val_fraction: float, seed: int) -> dict
     return {"seed": seed, "val_fraction": val_fraction, "train": train, "val": val}
 
 
+def split_by_completeness(
+    held: Mapping[str, Sequence[str]],
+    modalities: Sequence[str],
+    optional: Sequence[str],
+    val_fraction: float,
+    seed: int,
+) -> dict[str, Any]:
+    """A :func:`split_cases` split whose validation cases hold every modality.
+
+    Parameters
+    ----------
+    held:
+        Case id -> the modalities the case holds.
+    modalities, optional:
+        The model's channels and those of them a case may lack.
+    val_fraction, seed:
+        As for :func:`split_cases`, applied to the complete cases only.
+
+    Returns
+    -------
+    dict
+        :func:`split_cases`'s dict; cases lacking only optional modalities are added to ``train`` and
+        listed under ``"incomplete"``; cases lacking a required modality under ``"skipped"``. With no
+        optional modality this is :func:`split_cases` over the complete cases.
+    """
+    complete: list[str] = []
+    incomplete: list[str] = []
+    skipped: list[str] = []
+    for case_id, mods in held.items():
+        try:
+            missing = missing_modalities(mods, modalities, optional)
+        except TrainerError:
+            skipped.append(case_id)
+            continue
+        (incomplete if missing else complete).append(case_id)
+    if skipped:
+        logger.warning(
+            "%d case(s) lack a required modality of %s and are not used: %s",
+            len(skipped),
+            ", ".join(modalities),
+            ", ".join(sorted(skipped)),
+        )
+    split = split_cases(complete, val_fraction, seed)
+    val_patients = {patient_key(c) for c in split["val"]}
+    leaking = sorted(c for c in incomplete if patient_key(c) in val_patients)
+    if leaking:
+        logger.warning("incomplete cases of validation patients not trained on: %s", ", ".join(leaking))
+    extra = sorted(c for c in incomplete if c not in leaking)
+    if extra or skipped:
+        split = {
+            **split,
+            "train": sorted(split["train"] + extra),
+            "incomplete": extra,
+            "skipped": sorted(skipped + leaking),
+        }
+    return split
+
+
 def task_target(label: npt.NDArray[Any], task: str) -> npt.NDArray[np.uint8]:
     """The training target of ``task`` from Decathlon labels: whole tumour {0, 1} or labels 0-3."""
     if task == "whole_tumor":
@@ -88,19 +146,64 @@ class PreparedCase:
     spacing: tuple[float, float, float]
 
 
-def prepare_case(
-    case: Case, preprocessing: Mapping[str, Any], modalities: Sequence[str], task: str
-) -> PreparedCase:
-    """Preprocess a labelled case as the model card says.
+def missing_modalities(held: Sequence[str], modalities: Sequence[str], optional: Sequence[str]) -> list[str]:
+    """The ``modalities`` a case holding ``held`` lacks.
 
     Raises
     ------
     TrainerError
-        The case has no label map.
+        A lacking modality is not one of ``optional`` (the case cannot be used).
+    """
+    missing = [m for m in modalities if m not in held]
+    required = [m for m in missing if m not in optional]
+    if required:
+        raise TrainerError(
+            f"lacks {', '.join(required)} (required: {', '.join(m for m in modalities if m not in optional)})"
+        )
+    return missing
+
+
+def zero_missing_channels(
+    slices: npt.NDArray[np.float32], held: Sequence[str], modalities: Sequence[str]
+) -> npt.NDArray[np.float32]:
+    """Slices (S, len(held), H, W) widened to (S, len(modalities), H, W), absent channels all zero.
+
+    Zero is the brain's mean after z-scoring, which is also what channel dropout writes during
+    training, so a model trained with dropout has seen such input.
+    """
+    out = np.zeros((slices.shape[0], len(modalities), *slices.shape[2:]), dtype=np.float32)
+    for i, name in enumerate(held):
+        out[:, list(modalities).index(name)] = slices[:, i]
+    return out
+
+
+def prepare_case(
+    case: Case,
+    preprocessing: Mapping[str, Any],
+    modalities: Sequence[str],
+    task: str,
+    optional: Sequence[str] = (),
+) -> PreparedCase:
+    """Preprocess a labelled case as the model card says.
+
+    A case lacking one of the ``optional`` modalities gets that channel as zeros (see
+    :func:`zero_missing_channels`); its label map is still complete, so the loss stays right.
+
+    Raises
+    ------
+    TrainerError
+        The case has no label map, or lacks a modality that is not optional.
     """
     if case.label is None:
         raise TrainerError(f"case {case.case_id} ({case.source}) has no label map; training needs labels")
-    prepared = prepare_volume(case.images, case.affine, preprocessing, modalities)
+    try:
+        missing = missing_modalities(list(case.images), modalities, optional)
+    except TrainerError as exc:
+        raise TrainerError(f"case {case.case_id} ({case.source}) {exc}") from None
+    held = [m for m in modalities if m not in missing]
+    prepared = prepare_volume(case.images, case.affine, preprocessing, held)
+    if missing:
+        prepared = replace(prepared, slices=zero_missing_channels(prepared.slices, held, modalities))
     target = task_target(case.label, task)
     return PreparedCase(case.case_id, prepared, prepared.crop_label(target), target, case.spacing)
 
@@ -171,6 +274,23 @@ def augment(
     return np.ascontiguousarray(image), np.ascontiguousarray(target)
 
 
+def drop_channels(
+    image: npt.NDArray[np.float32], droppable: Sequence[int], prob: float, rng: np.random.Generator
+) -> npt.NDArray[np.float32]:
+    """With probability ``prob``, ``image`` (C, H, W) with a random non-empty subset of ``droppable`` zeroed.
+
+    The subset size is uniform in 1..len(droppable), then the channels uniform among subsets of that
+    size. Channels not in ``droppable`` (FLAIR) are never touched; ``image`` is not changed.
+    """
+    if prob <= 0 or not droppable or rng.random() >= prob:
+        return image
+    k = int(rng.integers(1, len(droppable) + 1))
+    chosen = rng.choice(np.asarray(droppable, dtype=np.int64), size=k, replace=False)
+    out = image.copy()
+    out[chosen] = 0.0
+    return out
+
+
 class SliceDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     """The slices of one epoch (an :func:`epoch_plan`), optionally augmented.
 
@@ -182,12 +302,25 @@ class SliceDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         Indices into ``arrays`` for this epoch.
     augment_seed:
         Seed for augmentation, or None for none (validation).
+    droppable:
+        Channel indices that channel dropout may zero (with augmentation only).
+    dropout:
+        Per slice, the probability of zeroing a random non-empty subset of ``droppable``.
     """
 
-    def __init__(self, arrays: SliceArrays, plan: npt.NDArray[np.int64], augment_seed: int | None) -> None:
+    def __init__(
+        self,
+        arrays: SliceArrays,
+        plan: npt.NDArray[np.int64],
+        augment_seed: int | None,
+        droppable: Sequence[int] = (),
+        dropout: float = 0.0,
+    ) -> None:
         self.arrays = arrays
         self.plan = plan
         self.augment_seed = augment_seed
+        self.droppable = list(droppable)
+        self.dropout = dropout
 
     def __len__(self) -> int:
         return len(self.plan)
@@ -196,7 +329,9 @@ class SliceDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         idx = int(self.plan[i])
         image, target = self.arrays.images[idx], self.arrays.targets[idx]
         if self.augment_seed is not None:
-            image, target = augment(image, target, np.random.default_rng([self.augment_seed, i]))
+            rng = np.random.default_rng([self.augment_seed, i])
+            image, target = augment(image, target, rng)
+            image = drop_channels(image, self.droppable, self.dropout, rng)
         return torch.from_numpy(np.ascontiguousarray(image)), torch.from_numpy(target.astype(np.int64))
 
 
@@ -206,12 +341,16 @@ def load_prepared(
     modalities: Sequence[str],
     task: str,
     on_case: Callable[[str], None] | None = None,
+    optional: Sequence[str] = (),
 ) -> list[PreparedCase]:
-    """Load and preprocess every case of ``refs`` (``CaseRef`` objects from converters.nifti)."""
+    """Load and preprocess every case of ``refs`` (``CaseRef`` objects from converters.nifti).
+
+    ``optional`` modalities a case lacks become zero channels (:func:`prepare_case`).
+    """
     out = []
     for ref in refs:
         case = ref.load()
-        out.append(prepare_case(case, preprocessing, modalities, task))
+        out.append(prepare_case(case, preprocessing, modalities, task, optional))
         if on_case is not None:
             on_case(ref.case_id)
     return out

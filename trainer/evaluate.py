@@ -18,10 +18,14 @@ from converters.exceptions import ConverterError
 from converters.prediction import SlicePredictor, segment_volume
 from db.card import ir_xml, load_card
 from trainer.exceptions import TrainerError
-from trainer.metrics import METRIC_NAMES, case_metrics, mean_metrics
+from trainer.metrics import METRIC_NAMES, VOLUME_NAMES, case_metrics, mean_metrics
 from trainer.predictors import onnx_predictor, openvino_predictor, torch_predictor
 
 logger = logging.getLogger(__name__)
+
+
+#: Per-case figures of each region kept in a model card's metrics (``regions_per_case``).
+REGION_CASE_FIELDS: tuple[str, ...] = ("dice", "hd95", "volume_error_ml", "volume_error_rel")
 
 
 @dataclass
@@ -150,15 +154,17 @@ def evaluate_cases(
 
 def report(loaded: CardPredictor, per_case: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """The evaluation JSON (DESIGN.md, ``segnode evaluate --json``) from per-case scores."""
+    names = (*METRIC_NAMES, *VOLUME_NAMES)
     cases = [
-        {"case": c["case"], **{m: c[m] for m in METRIC_NAMES}, "seconds": c.get("seconds")} for c in per_case
+        {"case": c["case"], **{m: c[m] for m in names if m in c}, "seconds": c.get("seconds")}
+        for c in per_case
     ]
     out: dict[str, Any] = {
         "model": loaded.description,
         "precision": loaded.precision,
         "task": loaded.card["task"],
         "cases": cases,
-        "mean": {k: v for k, v in mean_metrics(cases).items() if k in METRIC_NAMES},
+        "mean": {k: v for k, v in mean_metrics(cases).items() if k in names},
     }
     if per_case and "regions" in per_case[0]:
         out["regions"] = {}
@@ -169,7 +175,12 @@ def report(loaded: CardPredictor, per_case: Sequence[Mapping[str, Any]]) -> dict
 
 
 def card_metrics(result: Mapping[str, Any], split: str) -> dict[str, Any]:
-    """An artifact's ``metrics`` block of the model card from an evaluation result."""
+    """An artifact's ``metrics`` block of the model card from an evaluation result.
+
+    ``mean`` holds the result's means (volume errors included), ``per_case`` each case's
+    :data:`METRIC_NAMES`; for regions, ``regions`` holds each region's
+    means (volume errors included) and ``regions_per_case`` each case's :data:`REGION_CASE_FIELDS`.
+    """
     metrics: dict[str, Any] = {
         "cases": [c["case"] for c in result["cases"]],
         "split": split,
@@ -178,4 +189,8 @@ def card_metrics(result: Mapping[str, Any], split: str) -> dict[str, Any]:
     }
     if "regions" in result:
         metrics["regions"] = {name: block["mean"] for name, block in result["regions"].items()}
+        metrics["regions_per_case"] = {
+            name: [{k: c[k] for k in ("case", *REGION_CASE_FIELDS)} for c in block["cases"]]
+            for name, block in result["regions"].items()
+        }
     return metrics

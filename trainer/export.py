@@ -271,7 +271,9 @@ def _load_split_cases(
     missing = [c for c in ids if c not in refs]
     if missing:
         raise TrainerError(f"case {missing[0]} of the run's {which} split is not under {data}; pass --data")
-    return load_prepared([refs[c] for c in ids], card["preprocessing"], card["modalities"], card["task"])
+    optional = card.get("optional_modalities", ())
+    pre, mods, task = card["preprocessing"], card["modalities"], card["task"]
+    return load_prepared([refs[c] for c in ids], pre, mods, task, optional=optional)
 
 
 def _val_refs(state: Mapping[str, Any], data: Path) -> list[Any]:
@@ -279,6 +281,14 @@ def _val_refs(state: Mapping[str, Any], data: Path) -> list[Any]:
 
     refs = {r.case_id: r for r in list_cases(data, require_labels=True)}
     return [refs[c] for c in state["split"]["val"] if c in refs]
+
+
+def int8_dice_drops(fp32: Mapping[str, Any], int8: Mapping[str, Any]) -> dict[str, float]:
+    """FP32 minus INT8 mean validation Dice: ``"mean"``, and each region's when the metrics have regions."""
+    drops = {"mean": float(fp32["mean"]["dice"] - int8["mean"]["dice"])}
+    for region, block in fp32.get("regions", {}).items():
+        drops[region] = float(block["dice"] - int8["regions"][region]["dice"])
+    return drops
 
 
 def export_run(options: ExportOptions, on_step: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -382,10 +392,14 @@ def export_run(options: ExportOptions, on_step: Callable[[str], None] | None = N
         if val_refs:
             entry["metrics"] = card_metrics(evaluate_cases(predictors[entry["key"]], val_refs), "validation")
     if val_refs:
-        drop = artifacts[-2]["metrics"]["mean"]["dice"] - artifacts[-1]["metrics"]["mean"]["dice"]
+        drops = int8_dice_drops(artifacts[-2]["metrics"], artifacts[-1]["metrics"])
+        drop = drops.pop("mean")
         calibration["validation_dice_drop"] = drop
-        if options.max_dice_drop is not None and drop > options.max_dice_drop:
-            logger.warning("INT8 Dice drop %.4f exceeds --max-dice-drop %.4f", drop, options.max_dice_drop)
+        if drops:
+            calibration["validation_dice_drop_regions"] = drops
+        worst = max([drop, *drops.values()])
+        if options.max_dice_drop is not None and worst > options.max_dice_drop:
+            logger.warning("INT8 Dice drop %.4f exceeds --max-dice-drop %.4f", worst, options.max_dice_drop)
 
     run_state = state["run_state"]
     last = run_dir / "last.pt"

@@ -10,6 +10,10 @@ Conventions (the same as MONAI's ``compute_dice`` / ``compute_hausdorff_distance
   Two empty masks give 0.0; when exactly one is empty the distance is undefined and the grid's
   diagonal (mm) is returned, a finite worst case in the spirit of the BraTS evaluation's 373.13 mm.
 
+Volumes (mL) come from voxel counts times the voxel volume. The volume error is signed, predicted
+minus true (a positive error is over-segmentation); the relative error divides it by the true
+volume and is None when the truth is empty (undefined), and such cases are left out of its mean.
+
 BraTS regions (from Decathlon labels 1 edema, 2 non-enhancing, 3 enhancing): whole tumour (WT)
 = labels 1, 2, 3; tumour core (TC) = 2, 3; enhancing tumour (ET) = 3.
 """
@@ -30,6 +34,16 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 METRIC_NAMES: tuple[str, ...] = ("dice", "jaccard", "sensitivity", "specificity", "hd95")
+
+#: Volume figures of a case (mL, and relative to the true volume), see :func:`volume_metrics`.
+VOLUME_NAMES: tuple[str, ...] = (
+    "pred_volume_ml",
+    "true_volume_ml",
+    "volume_error_ml",
+    "abs_volume_error_ml",
+    "volume_error_rel",
+    "abs_volume_error_rel",
+)
 
 #: BraTS evaluation regions over Decathlon labels.
 BRATS_REGIONS: dict[str, tuple[int, ...]] = {"WT": (1, 2, 3), "TC": (2, 3), "ET": (3,)}
@@ -142,6 +156,36 @@ def binary_metrics(pred: Mask, truth: Mask, spacing: Sequence[float] = (1.0, 1.0
     }
 
 
+def volume_metrics(
+    pred: Mask, truth: Mask, spacing: Sequence[float] = (1.0, 1.0, 1.0)
+) -> dict[str, float | None]:
+    """Predicted and true volume (mL) of two binary masks and the error between them.
+
+    Returns
+    -------
+    dict
+        :data:`VOLUME_NAMES`: ``volume_error_ml`` = predicted - true (signed), ``abs_volume_error_ml``
+        its magnitude; ``volume_error_rel`` = error / true volume (signed) and ``abs_volume_error_rel``,
+        both None when the true volume is 0.
+    """
+    p, t = _pair(pred, truth)
+    if len(spacing) != p.ndim:
+        raise ValueError(f"spacing {tuple(spacing)} has {len(spacing)} values for a {p.ndim}D mask")
+    voxel_ml = float(np.prod(np.asarray(spacing, dtype=np.float64))) / 1000.0
+    pred_ml = int(np.count_nonzero(p)) * voxel_ml
+    true_ml = int(np.count_nonzero(t)) * voxel_ml
+    error = pred_ml - true_ml
+    rel = error / true_ml if true_ml > 0 else None
+    return {
+        "pred_volume_ml": pred_ml,
+        "true_volume_ml": true_ml,
+        "volume_error_ml": error,
+        "abs_volume_error_ml": abs(error),
+        "volume_error_rel": rel,
+        "abs_volume_error_rel": None if rel is None else abs(rel),
+    }
+
+
 def case_metrics(
     pred: Mask, truth: Mask, spacing: Sequence[float], task: str = "whole_tumor"
 ) -> dict[str, Any]:
@@ -160,34 +204,48 @@ def case_metrics(
     Returns
     -------
     dict
-        ``whole_tumor``: the five metrics. ``brats_regions``: the whole-tumour metrics at the top
-        level (so every task has a ``dice``) plus ``{"regions": {"WT": {...}, "TC": {...}, "ET": {...}}}``.
+        ``whole_tumor``: the five metrics and the :data:`VOLUME_NAMES`. ``brats_regions``: the
+        whole-tumour ones at the top level (so every task has a ``dice``) plus
+        ``{"regions": {"WT": {...}, "TC": {...}, "ET": {...}}}``, each with the same keys.
     """
     p, t = np.asarray(pred), np.asarray(truth)
     if task == "whole_tumor":
-        return binary_metrics(p > 0, t > 0, spacing)
+        return _with_volumes(p > 0, t > 0, spacing)
     if task != "brats_regions":
         raise ValueError(f"task {task!r} is not 'whole_tumor' or 'brats_regions'")
     regions = {
-        name: binary_metrics(np.isin(p, labels), np.isin(t, labels), spacing)
+        name: _with_volumes(np.isin(p, labels), np.isin(t, labels), spacing)
         for name, labels in BRATS_REGIONS.items()
     }
     return {**regions["WT"], "regions": regions}
 
 
+def _with_volumes(pred: Mask, truth: Mask, spacing: Sequence[float]) -> dict[str, Any]:
+    return {**binary_metrics(pred, truth, spacing), **volume_metrics(pred, truth, spacing)}
+
+
+def _mean_of(blocks: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Mean of each metric the first block has; None values (undefined) are left out, all None -> None."""
+    out: dict[str, Any] = {}
+    for name in (*METRIC_NAMES, *VOLUME_NAMES):
+        if name not in blocks[0]:
+            continue
+        values = [b[name] for b in blocks if b.get(name) is not None]
+        out[name] = float(np.mean(values)) if values else None
+    return out
+
+
 def mean_metrics(per_case: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Mean of every metric over cases (and per region when the cases carry ``regions``)."""
+    """Mean of every metric over cases (and per region when the cases carry ``regions``).
+
+    A relative volume error that is None (empty truth) is left out of its mean.
+    """
     if not per_case:
         return {}
-    out: dict[str, Any] = {
-        name: float(np.mean([c[name] for c in per_case])) for name in METRIC_NAMES if name in per_case[0]
-    }
+    out = _mean_of(per_case)
     if "regions" in per_case[0]:
         out["regions"] = {
-            region: {
-                name: float(np.mean([c["regions"][region][name] for c in per_case])) for name in METRIC_NAMES
-            }
-            for region in per_case[0]["regions"]
+            region: _mean_of([c["regions"][region] for c in per_case]) for region in per_case[0]["regions"]
         }
     return out
 

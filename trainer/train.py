@@ -39,7 +39,7 @@ from trainer.data import (
     load_prepared,
     median_spacing,
     prepare_case,
-    split_cases,
+    split_by_completeness,
 )
 from trainer.devices import DistInfo, dist_from_env, init_distributed, resolve_device
 from trainer.exceptions import TrainerError
@@ -85,6 +85,11 @@ class TrainConfig:
     #: Per case and epoch, the probability of a scanner-like degradation (trainer/scanner_augment.py);
     #: 0 trains on the cases as they are. Validation then scores clean and degraded copies.
     scanner_augment: float = 0.0
+    #: Modalities a case (and a study at the node) may lack: their channel is then all zero.
+    optional_modalities: list[str] = field(default_factory=list)
+    #: Per training slice, the probability of zeroing a random non-empty subset of the optional
+    #: modalities' channels (never the required ones), so that the model tolerates their absence.
+    channel_dropout: float = 0.0
 
     def check(self) -> None:
         """Raise TrainerError on an impossible option."""
@@ -102,12 +107,24 @@ class TrainConfig:
                 raise TrainerError(f"{name} {getattr(self, name)} must be at least 1")
         if not 0.0 <= self.scanner_augment <= 1.0:
             raise TrainerError(f"--scanner-augment {self.scanner_augment} must be a probability in [0, 1]")
+        unknown = [m for m in self.optional_modalities if m not in self.modalities]
+        if unknown:
+            raise TrainerError(
+                f"--optional-modalities {', '.join(unknown)} not among "
+                f"--modalities {', '.join(self.modalities)}"
+            )
+        if len(set(self.optional_modalities)) >= len(self.modalities):
+            raise TrainerError("--optional-modalities must leave at least one modality required")
+        if not 0.0 <= self.channel_dropout <= 1.0:
+            raise TrainerError(f"--channel-dropout {self.channel_dropout} must be a probability in [0, 1]")
+        if self.channel_dropout > 0 and not self.optional_modalities:
+            raise TrainerError("--channel-dropout needs --optional-modalities (the channels it may zero)")
 
 
 def card_base(config: TrainConfig, spacing: Sequence[float]) -> dict[str, Any]:
     """The model-card fields fixed by training: task, modalities, preprocessing, output, labels."""
     default_name = "segnode-wt-" + "-".join(m.lower() for m in config.modalities)
-    return {
+    card: dict[str, Any] = {
         "format_version": 1,
         "name": config.name or (default_name if config.task == "whole_tumor" else "segnode-brats-regions"),
         "version": config.version,
@@ -125,6 +142,10 @@ def card_base(config: TrainConfig, spacing: Sequence[float]) -> dict[str, Any]:
         else {"activation": "softmax"},
         "labels": TASK_LABELS[config.task],
     }
+    if config.optional_modalities:
+        # The channels a study may lack: fed as all zeros (the brain's z-scored mean), as in training.
+        card["optional_modalities"] = [m for m in config.modalities if m in config.optional_modalities]
+    return card
 
 
 def data_fingerprint(refs: Sequence[Any]) -> str:
@@ -208,6 +229,7 @@ class Trainer:
             "crop_size",
             "seed",
             "val_fraction",
+            "optional_modalities",
         ):
             if saved.get(key) != asdict(self.config).get(key):
                 raise TrainerError(
@@ -225,7 +247,13 @@ class Trainer:
         split = (
             saved["split"]
             if saved
-            else split_cases([r.case_id for r in refs], self.config.val_fraction, self.config.seed)
+            else split_by_completeness(
+                {r.case_id: r.channel_names for r in refs},
+                self.config.modalities,
+                self.config.optional_modalities,
+                self.config.val_fraction,
+                self.config.seed,
+            )
         )
         spacing = self.config.spacing_mm or (
             saved["card"]["preprocessing"]["spacing_mm"] if saved else median_spacing(refs)
@@ -248,8 +276,11 @@ class Trainer:
         self.split = split
         self.fingerprint = saved["fingerprint"] if saved else data_fingerprint(refs)
         pre, mods, task = self.card["preprocessing"], self.config.modalities, self.config.task
-        with self._bar("preprocessing", len(refs)) as advance:
-            train_cases = load_prepared([by_id[c] for c in split["train"]], pre, mods, task, advance)
+        optional = self.config.optional_modalities
+        with self._bar("preprocessing", len(split["train"]) + len(split["val"])) as advance:
+            train_cases = load_prepared(
+                [by_id[c] for c in split["train"]], pre, mods, task, advance, optional
+            )
             val_ids = split["val"][self.dist.rank :: self.dist.world_size]
             self.val_cases = load_prepared([by_id[c] for c in val_ids], pre, mods, task, advance)
         self.raw_train: list[Case] = []
@@ -342,7 +373,14 @@ class Trainer:
     def _loader(self, epoch: int) -> DataLoader[tuple[torch.Tensor, torch.Tensor]]:
         n = self.config.slices_per_epoch or len(self.arrays.targets)
         plan = epoch_plan(self.tumour, n, self.config.tumour_fraction, self.config.seed, epoch)
-        dataset = SliceDataset(self.arrays, plan, augment_seed=self.config.seed * 100_003 + epoch)
+        droppable = [i for i, m in enumerate(self.config.modalities) if m in self.config.optional_modalities]
+        dataset = SliceDataset(
+            self.arrays,
+            plan,
+            augment_seed=self.config.seed * 100_003 + epoch,
+            droppable=droppable,
+            dropout=self.config.channel_dropout,
+        )
         if self.dist.distributed:
             sampler: DistributedSampler[tuple[torch.Tensor, torch.Tensor]] = DistributedSampler(
                 dataset,
@@ -365,7 +403,8 @@ class Trainer:
         with self._bar(f"scanner degradation, epoch {epoch + 1}", len(self.raw_train)) as advance:
             for i, case in enumerate(self.raw_train):
                 rng = np.random.default_rng([self.config.seed, epoch, i])
-                cases.append(prepare_case(degrade_case(case, rng, aug), pre, mods, task))
+                degraded = degrade_case(case, rng, aug)
+                cases.append(prepare_case(degraded, pre, mods, task, self.config.optional_modalities))
                 advance()
         self.arrays = SliceArrays.from_cases(cases)
         self.tumour = self.arrays.tumour

@@ -6,11 +6,13 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from tests.helpers.peers import REPO
+from trainer.metrics import METRIC_NAMES, VOLUME_NAMES
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("nncf")
@@ -108,7 +110,7 @@ def test_card_lineage_metrics_and_registry(exported: tuple[Path, dict, str], run
     split = json.loads((run_dir / "split.json").read_text())
     for art in on_disk["artifacts"]:
         assert art["metrics"]["cases"] == split["val"] and art["metrics"]["split"] == "validation"
-        assert set(art["metrics"]["mean"]) == {"dice", "jaccard", "sensitivity", "specificity", "hd95"}
+        assert set(art["metrics"]["mean"]) == {*METRIC_NAMES, *VOLUME_NAMES}
     by_key = {a["key"]: a for a in on_disk["artifacts"]}
     assert by_key["onnx"]["metrics"]["mean"]["dice"] == pytest.approx(
         by_key["checkpoint"]["metrics"]["mean"]["dice"], abs=1e-3
@@ -158,7 +160,8 @@ def test_evaluate_cli_matches_the_card(
     assert done.returncode == 0, done.stderr
     result = json.loads(report.read_text())
     assert len(result["cases"]) == 5 and result["task"] == "whole_tumor"
-    assert set(result["mean"]) == {"dice", "jaccard", "sensitivity", "specificity", "hd95"}
+    assert set(result["mean"]) == {*METRIC_NAMES, *VOLUME_NAMES}
+    assert all(c["true_volume_ml"] > 0 for c in result["cases"])
     int8_card = {c["case"]: c["dice"] for c in card["artifacts"][3]["metrics"]["per_case"]}
     for c in result["cases"]:
         if c["case"] in int8_card:
@@ -192,3 +195,15 @@ def test_accuracy_control_quantization(run_dir: Path, tmp_path: Path) -> None:
     assert [a["key"] for a in card["artifacts"]] == ["onnx", "ir_fp32", "ir_int8"]
     assert card["artifacts"][0]["parent"] is None
     assert (tmp_path / "ac" / "model_int8.xml").is_file()
+
+
+def test_int8_dice_drop_is_reported_per_region() -> None:
+    from trainer.export import int8_dice_drops
+
+    def metrics(wt: float, tc: float, et: float) -> dict[str, Any]:
+        return {"mean": {"dice": wt}, "regions": {"WT": {"dice": wt}, "TC": {"dice": tc}, "ET": {"dice": et}}}
+
+    fp32, int8 = metrics(0.90, 0.80, 0.70), metrics(0.895, 0.81, 0.65)
+    drops = int8_dice_drops(fp32, int8)
+    assert drops == pytest.approx({"mean": 0.005, "WT": 0.005, "TC": -0.01, "ET": 0.05})
+    assert int8_dice_drops({"mean": {"dice": 0.9}}, {"mean": {"dice": 0.9}}) == {"mean": 0.0}

@@ -83,3 +83,49 @@ def test_matches_monai_on_real_cases(case: str) -> None:
     tp, fp, tn, fn = (float(v) for v in confusion)
     assert m.sensitivity(pred, truth) == pytest.approx(tp / (tp + fn))
     assert m.specificity(pred, truth) == pytest.approx(tn / (tn + fp))
+
+
+def test_volume_error_of_known_boxes() -> None:
+    truth = np.zeros((20, 20, 10), bool)
+    truth[0:10, 0:10, 0:10] = True  # 1000 voxels of 1 x 1 x 2 mm = 2 mL
+    pred = np.zeros_like(truth)
+    pred[0:10, 0:10, 0:5] = True  # 1 mL, all inside the truth
+    out = m.volume_metrics(pred, truth, (1.0, 1.0, 2.0))
+    assert out["true_volume_ml"] == pytest.approx(2.0) and out["pred_volume_ml"] == pytest.approx(1.0)
+    assert out["volume_error_ml"] == pytest.approx(-1.0) and out["abs_volume_error_ml"] == pytest.approx(1.0)
+    assert out["volume_error_rel"] == pytest.approx(-0.5)
+    assert out["abs_volume_error_rel"] == pytest.approx(0.5)
+    over = m.volume_metrics(truth, pred, (1.0, 1.0, 2.0))  # the other way round: +1 mL, +100 %
+    assert over["volume_error_ml"] == pytest.approx(1.0) and over["volume_error_rel"] == pytest.approx(1.0)
+    empty = m.volume_metrics(pred, np.zeros_like(truth), (1.0, 1.0, 2.0))
+    assert empty["volume_error_ml"] == pytest.approx(1.0)
+    assert empty["volume_error_rel"] is None and empty["abs_volume_error_rel"] is None
+    with pytest.raises(ValueError, match="spacing"):
+        m.volume_metrics(pred, truth, (1.0, 1.0))
+
+
+def test_region_volumes_and_their_means() -> None:
+    truth = np.zeros((12, 12, 12), np.uint8)
+    truth[0:10, 0:10, 0:10] = 1  # edema
+    truth[2:6, 2:6, 2:6] = 2  # core: 64 voxels
+    truth[2:4, 2:4, 2:4] = 3  # enhancing: 8 of them
+    pred = truth.copy()
+    pred[pred == 3] = 2  # enhancing called core: ET 8 -> 0 voxels, TC and WT volumes right
+    pred[11, 11, 11] = 1  # one stray edema voxel: WT + 1
+    one = m.case_metrics(pred, truth, (1.0, 1.0, 1.0), task="brats_regions")
+    regions = one["regions"]
+    assert regions["WT"]["volume_error_ml"] == pytest.approx(0.001)
+    assert regions["WT"]["true_volume_ml"] == pytest.approx(1.0)
+    assert regions["TC"]["volume_error_ml"] == pytest.approx(0.0)
+    assert regions["ET"]["volume_error_ml"] == pytest.approx(-0.008)
+    assert regions["ET"]["volume_error_rel"] == pytest.approx(-1.0)
+    assert one["volume_error_ml"] == regions["WT"]["volume_error_ml"]  # top level is WT
+    # a second case without enhancing tumour in the truth: its relative ET error is undefined
+    no_et = np.where(truth == 3, 2, truth).astype(np.uint8)
+    two = m.case_metrics(no_et, no_et, (1.0, 1.0, 1.0), task="brats_regions")
+    assert two["regions"]["ET"]["volume_error_rel"] is None and two["regions"]["ET"]["dice"] == 1.0
+    mean = m.mean_metrics([one, two])["regions"]["ET"]
+    assert mean["volume_error_ml"] == pytest.approx(-0.004)  # (-0.008 + 0) / 2
+    assert mean["volume_error_rel"] == pytest.approx(-1.0)  # the undefined one left out
+    assert mean["dice"] == pytest.approx(0.5)
+    assert m.mean_metrics([two, two])["regions"]["ET"]["abs_volume_error_rel"] is None
