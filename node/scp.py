@@ -36,6 +36,7 @@ from node import dimse
 from node.config import NodeSettings, TLSSettings
 from node.exceptions import InvalidInstanceError, NodeError, SpoolError
 from node.metrics import NodeMetrics
+from node.reactor import make_prompt
 from node.sender import set_nodelay
 from node.spool import free_mb, spool_path, write_atomic
 from node.uids import validated_uid
@@ -211,7 +212,8 @@ class StorageSCP:
     # -- handlers --------------------------------------------------------------------------------------
 
     def _on_connection(self, event: Any) -> None:
-        """Give the accepted socket a read timeout (``network_timeout``).
+        """Give the accepted socket a read timeout (``network_timeout``) and the association a loop
+        that serves each message as soon as it is decoded (:mod:`node.reactor`).
 
         Accepted sockets are blocking; a peer that sends a PDU header announcing more bytes than it
         ever sends (junk, a port scanner) would otherwise hold an association slot for good.
@@ -222,6 +224,7 @@ class StorageSCP:
             raw.settimeout(float(self.ae.network_timeout))
         if dul is not None and hasattr(dul, "_run_loop_delay"):
             dul._run_loop_delay = DUL_LOOP_DELAY_S
+        make_prompt(event.assoc)
 
     def _on_echo(self, event: Any) -> int:
         return dimse.SUCCESS
