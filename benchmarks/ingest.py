@@ -230,10 +230,21 @@ def _without_prompt_loop() -> contextlib.AbstractContextManager[Any]:
     return unittest.mock.patch("node.scp.make_prompt", lambda assoc: None)
 
 
+def _without_group_commit() -> contextlib.AbstractContextManager[Any]:
+    """The node with one transaction per C-STORE, each association on its own."""
+    from db.instances import ReceivedInstance, record_instances
+
+    def alone(self: Any, row: ReceivedInstance) -> bool:
+        return record_instances(self.sf, [row])[0]
+
+    return unittest.mock.patch("node.committer.GroupCommitter.record", alone)
+
+
 #: Levers of the node's receive path a row can turn off: ``node:prompt`` is the node without the
 #: prompt association loop, ``node:prompt+group`` without two levers.
 NODE_WITHOUT: dict[str, Callable[[], contextlib.AbstractContextManager[Any]]] = {
     "prompt": _without_prompt_loop,
+    "group": _without_group_commit,
 }
 
 

@@ -33,6 +33,7 @@ from db import instances
 from db.exceptions import DatabaseOperationError, DatabaseUnavailableError
 from db.transactions import SessionFactory
 from node import dimse
+from node.committer import GroupCommitter
 from node.config import NodeSettings, TLSSettings
 from node.exceptions import InvalidInstanceError, NodeError, SpoolError
 from node.metrics import NodeMetrics
@@ -131,7 +132,7 @@ class StorageSCP:
         tls: TLSSettings | None = None,
     ) -> None:
         self.settings = settings
-        self.sf = session_factory
+        self.committer = GroupCommitter(session_factory)
         self.metrics = metrics if metrics is not None else NodeMetrics()
         self.tls = tls
         self.spool_dir = settings.spool_path()
@@ -144,6 +145,15 @@ class StorageSCP:
         self._in_flight_lock = threading.Lock()
         self._free_checked_at = -1e9
         self.ae = self._make_ae()
+
+    @property
+    def sf(self) -> SessionFactory:
+        """Database sessions for the instance rows (the group committer's)."""
+        return self.committer.sf
+
+    @sf.setter
+    def sf(self, value: SessionFactory) -> None:
+        self.committer.sf = value
 
     def _make_ae(self) -> AE:
         ae = AE(ae_title=self.settings.ae_title)
@@ -308,8 +318,9 @@ class StorageSCP:
             return set().union(*self._in_flight.values()) if self._in_flight else set()
 
     def _record(self, **row: Any) -> bool:
-        """:func:`db.instances.record_instance` (its write transactions queue on the process's write lock)."""
-        return instances.record_instance(self.sf, **row)
+        """Record one C-STORE; returns once the transaction holding its row has committed (group commit
+        with the other associations' rows, :mod:`node.committer`)."""
+        return self.committer.record(instances.ReceivedInstance(**row))
 
     def _ignore(self, sop_class: str, sop_uid: str, calling_ae: str) -> int:
         new = self._record(
