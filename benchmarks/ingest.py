@@ -240,11 +240,17 @@ def _without_group_commit() -> contextlib.AbstractContextManager[Any]:
     return unittest.mock.patch("node.committer.GroupCommitter.record", alone)
 
 
+def _without_own_file_header() -> contextlib.AbstractContextManager[Any]:
+    """The node with pynetdicom's ``encoded_dataset()`` (File Meta Information through pydicom)."""
+    return unittest.mock.patch("node.scp.as_file", lambda event, *_: event.encoded_dataset())
+
+
 #: Levers of the node's receive path a row can turn off: ``node:prompt`` is the node without the
 #: prompt association loop, ``node:prompt+group`` without two levers.
 NODE_WITHOUT: dict[str, Callable[[], contextlib.AbstractContextManager[Any]]] = {
     "prompt": _without_prompt_loop,
     "group": _without_group_commit,
+    "header": _without_own_file_header,
 }
 
 

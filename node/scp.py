@@ -37,6 +37,7 @@ from node.committer import GroupCommitter
 from node.config import NodeSettings, TLSSettings
 from node.exceptions import InvalidInstanceError, NodeError, SpoolError
 from node.metrics import NodeMetrics
+from node.part10 import file_header
 from node.reactor import make_prompt
 from node.sender import set_nodelay
 from node.spool import free_mb, spool_path, write_atomic
@@ -107,6 +108,14 @@ def _short_pixel_data(ds: Dataset) -> str:
         f"PixelData is {have} bytes but Rows {ds.Rows} x Columns {ds.Columns} x BitsAllocated "
         f"{ds.BitsAllocated} x NumberOfFrames {ds.get('NumberOfFrames', 1)} needs {need} (truncated)"
     )
+
+
+def as_file(event: Any, sop_class: str, sop_uid: str) -> bytes:
+    """The C-STORE's data set as a DICOM file: the data set's bytes as they arrived behind the
+    preamble and File Meta Information (:func:`node.part10.file_header`, the bytes pynetdicom's
+    ``encoded_dataset()`` makes, packed directly)."""
+    with event.request.DataSet.getbuffer() as received:
+        return file_header(sop_class, sop_uid, str(event.context.transfer_syntax)) + received
 
 
 class StorageSCP:
@@ -305,7 +314,7 @@ class StorageSCP:
         # job that read a spool file not yet renamed into place (FileNotFoundError under load).
         with self._in_flight_lock:
             self._in_flight.setdefault(id(event.assoc), set()).add(str(ds.get("StudyInstanceUID", "")))
-        result = self.receive(ds, event.encoded_dataset(), sop_class, sop_uid, calling_ae)
+        result = self.receive(ds, as_file(event, sop_class, sop_uid), sop_class, sop_uid, calling_ae)
         return result.status
 
     def _on_association_end(self, event: Any) -> None:

@@ -6,7 +6,9 @@ and a bad instance or a failed commit costs only the C-STOREs it concerns."""
 from __future__ import annotations
 
 import copy
+import io
 import logging
+import struct
 import subprocess
 import threading
 import time
@@ -20,6 +22,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
+from pynetdicom.dsutils import create_file_meta, encode_file_meta
 from pynetdicom.sop_class import MRImageStorage  # type: ignore[attr-defined]
 from sqlalchemy import select
 
@@ -87,6 +90,30 @@ def test_associations_run_the_prompt_loop(
     assert {pydicom.dcmread(r.path or "").SOPInstanceUID for r in rows} == {
         pydicom.dcmread(f).SOPInstanceUID for f in mr_files
     }
+
+
+def _dataset_bytes(part10: bytes) -> bytes:
+    """What follows the File Meta Information of a DICOM file (PS3.10 7.1)."""
+    assert part10[128:132] == b"DICM"
+    (group_length,) = struct.unpack("<I", part10[140:144])
+    return part10[144 + group_length :]
+
+
+def test_stored_files_are_the_received_bytes(scp: StorageSCP, mr_files: list[Path]) -> None:
+    proc = storescu(scp.port, mr_files)
+    assert proc.returncode == 0, proc.stderr
+    for row in _rows(scp.sf):
+        stored = Path(row.path or "").read_bytes()
+        source = next(f for f in mr_files if pydicom.dcmread(f).SOPInstanceUID == row.sop_instance_uid)
+        # The data set byte for byte as storescu sent it (the same transfer syntax: nothing re-encoded) ...
+        assert _dataset_bytes(stored) == _dataset_bytes(source.read_bytes())
+        # ... behind the header pynetdicom's encoded_dataset() would have written.
+        syntax = pydicom.dcmread(source).file_meta.TransferSyntaxUID
+        meta = create_file_meta(
+            sop_class_uid=row.sop_class_uid, sop_instance_uid=row.sop_instance_uid, transfer_syntax=syntax
+        )
+        assert stored.startswith(b"\x00" * 128 + b"DICM" + encode_file_meta(meta))
+        assert pydicom.dcmread(io.BytesIO(stored)).SOPInstanceUID == row.sop_instance_uid
 
 
 def _committed(sf: SessionFactory, sop_uid: str) -> bool:
