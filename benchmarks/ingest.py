@@ -3,15 +3,22 @@
 The study is a BraTS training case written as a four-series DICOM MR study (620 files of 240 x 240,
 16-bit). For each receiver and for 1 and 4 concurrent associations (the files split into that many
 equal parts, one DCMTK ``storescu`` each, all started at once), the time from the first storescu
-start to the last one's exit, on a fresh receiver each run (empty storage and database), best of
-``--repeat``. Every program gets ``TCP_NODELAY=1`` in its environment (DCMTK otherwise waits on
-Nagle's algorithm, ~40 ms per C-STORE); the node sets TCP_NODELAY on its own sockets.
+start to the last one's exit, on a fresh receiver each run (empty storage and database). The rounds
+are interleaved (every row once per round, ``--repeat`` rounds) so that the load of the machine's
+other users falls on all rows alike; a row reports its best round and its median. Every program gets
+``TCP_NODELAY=1`` in its environment (DCMTK otherwise waits on Nagle's algorithm, ~40 ms per
+C-STORE); the node sets TCP_NODELAY on its own sockets.
+
+``node:LEVER[+LEVER]`` rows are the node with levers of issue 17 turned off (NODE_WITHOUT), so each
+lever is measured against the node in the same run; ``node:prompt+group+header`` is the node before
+them. The node runs in this process; its resident set is sampled while it receives.
 
 What each receiver does before it answers Success differs and is part of the comparison: the node
 writes the file durably (temp file, fsync, rename, directory fsync) and commits a database row;
 storescp writes the file without fsync; Orthanc writes the file and its SQLite index.
 
-Usage: python benchmarks/ingest.py [--case DIR] [--repeat N] [--associations 1,4] [--out DIR]
+Usage: python benchmarks/ingest.py [--case DIR] [--repeat N] [--associations 1,4] [--receivers A,B]
+       [--out DIR]
 """
 
 from __future__ import annotations

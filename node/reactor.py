@@ -2,14 +2,13 @@
 
 pynetdicom 3.0's acceptor loop (``Association._run_reactor``) sleeps 1 ms at the top of every turn
 and then looks at the message queue without waiting, so each C-STORE waits on average half a
-millisecond (more with the sleep's overshoot) before its handler runs: with one association and a
-durable write of 1.5-3 ms per instance that is a fifth of the time. :func:`make_prompt` replaces the
-loop of one association with the same loop in which the sleep is a wait on the message queue (at most
-the same 1 ms), so an idle association costs what it did and a waiting message is served at once.
+millisecond (more with the sleep's overshoot) before its handler runs. :func:`make_prompt` replaces
+the loop of one association with the same loop in which the sleep is a wait on the message queue (at
+most the same 1 ms), so an idle association costs what it did and a waiting message is served at once.
 
 The body follows pynetdicom 3.0.4's ``_run_reactor`` (MIT licence) line for line apart from that wait;
-``PYNETDICOM_VERSION`` names the release it was written against and tests/node/test_reactor.py fails
-when the installed one differs, so an upgrade re-reads it.
+``PYNETDICOM_VERSION`` names the release it was written against and tests/node/test_receive_path.py
+fails when the installed one differs, so an upgrade re-reads it.
 """
 
 from __future__ import annotations
