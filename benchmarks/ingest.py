@@ -3,9 +3,10 @@
 The study is a BraTS training case written as a four-series DICOM MR study (620 files of 240 x 240,
 16-bit). For each receiver and for 1 and 4 concurrent associations (the files split into that many
 equal parts, one DCMTK ``storescu`` each, all started at once), the time from the first storescu
-start to the last one's exit, on a fresh receiver each run (empty storage and database). The rounds
-are interleaved (every row once per round, ``--repeat`` rounds) so that the load of the machine's
-other users falls on all rows alike; a row reports its best round and its median. Every program gets
+start to the last one's exit, on a fresh receiver each run (empty storage and database, file systems
+synced before it starts). The rounds are interleaved (every row once per round, ``--repeat`` rounds,
+each round starting one receiver further on) so that the load of the machine's other users falls on
+all rows alike; a row reports its best round and its median. Every program gets
 ``TCP_NODELAY=1`` in its environment (DCMTK otherwise waits on Nagle's algorithm, ~40 ms per
 C-STORE); the node sets TCP_NODELAY on its own sockets.
 
@@ -261,12 +262,22 @@ def _without_own_file_header() -> contextlib.AbstractContextManager[Any]:
     return unittest.mock.patch("node.scp.as_file", lambda event, *_: event.encoded_dataset())
 
 
+def _without_fsync() -> contextlib.AbstractContextManager[Any]:
+    """Diagnostic only, never a lever to ship: the node's spool without fdatasync and directory fsync,
+    to show what durability costs against receivers that do not sync (storescp, Orthanc)."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(unittest.mock.patch("node.spool.os.fdatasync", lambda fd: None))
+    stack.enter_context(unittest.mock.patch("node.spool._fsync_dir", lambda directory: None))
+    return stack
+
+
 #: Levers of the node's receive path a row can turn off: ``node:prompt`` is the node without the
 #: prompt association loop, ``node:prompt+group`` without two levers.
 NODE_WITHOUT: dict[str, Callable[[], contextlib.AbstractContextManager[Any]]] = {
     "prompt": _without_prompt_loop,
     "group": _without_group_commit,
     "header": _without_own_file_header,
+    "fsync": _without_fsync,
 }
 
 
@@ -278,6 +289,9 @@ def measure_once(receiver: str, files: Sequence[Path], associations: int) -> flo
     """Seconds for one run of ``receiver`` (fresh storage and database) over ``associations``
     associations; checks that the receiver holds every instance afterwards."""
     base, _, variant = receiver.partition(":")
+    # The previous row's unsynced files (storescp and Orthanc do not fsync) would otherwise be written
+    # back during this row, and on ext4 (data=ordered) the node's fsyncs wait for them.
+    os.sync()
     with tempfile.TemporaryDirectory(prefix=f"bench-{base}-") as tmp, contextlib.ExitStack() as stack:
         for lever in filter(None, variant.split("+")):
             stack.enter_context(NODE_WITHOUT[lever]())
@@ -309,10 +323,12 @@ def measure(receiver: str, files: Sequence[Path], associations: int, repeat: int
 def measure_all(receivers: Sequence[str], files: Sequence[Path], counts: Sequence[int],
                 repeat: int) -> list[dict[str, Any]]:
     """Every receiver at every association count, ``repeat`` rounds interleaved (each round runs
-    every row once), so that the neighbours' load on this shared machine falls on all rows alike."""
+    every row once, each round starting one receiver further on), so that the neighbours' load on this
+    shared machine and the position in a round fall on all rows alike."""
     runs: dict[tuple[str, int], list[float]] = {(r, n): [] for r in receivers for n in counts}
     for round_ in range(repeat):
-        for receiver in receivers:
+        shift = round_ % len(receivers)
+        for receiver in [*receivers[shift:], *receivers[:shift]]:
             for n in counts:
                 runs[(receiver, n)].append(measure_once(receiver, files, n))
                 print(f"round {round_ + 1}: {receiver:28s} x{n}: "
@@ -360,6 +376,7 @@ LEVER_NAMES = {
     "group": "group commit: concurrent C-STOREs share a transaction (node/committer.py)",
     "header": "file header packed directly, data set bytes as received (node/part10.py)",
     "prompt+group+header": "all three (the node before issue 17)",
+    "fsync": "(diagnostic, not shippable) fdatasync of the file and fsync of its directory",
 }
 
 
