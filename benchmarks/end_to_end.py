@@ -24,6 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import SHARED_DATA, markdown_table, peak_rss_mib, save_result
 
 TOTAL_TARGET_S = 10.0
+#: Issue 17: first C-STORE to SEG received, idle wait included.
+FIRST_BYTE_TO_SEG_TARGET_S = 4.0
 RSS_TARGET_MIB = 1.5 * 1024
 
 #: The issue's stage names and the demo report's stages that make each.
@@ -64,11 +66,15 @@ def run(model: Path, case: Path, workdir: Path) -> dict[str, Any]:
 
 
 def targets(result: dict[str, Any]) -> list[list[str]]:
-    """End to end without the idle wait <= 10 s; resident memory < 1.5 GiB."""
-    t, rss = result["total_without_idle"], result["peak_rss_mib"]
+    """End to end without the idle wait <= 10 s; first C-STORE to SEG <= 4 s (issue 17); resident
+    memory < 1.5 GiB."""
+    t, rss, total = result["total_without_idle"], result["peak_rss_mib"], result["total"]
     return [
         [f"end to end without the idle wait <= {TOTAL_TARGET_S:.0f} s", f"{t:.2f} s",
          "yes" if t <= TOTAL_TARGET_S else f"NO (gap {t - TOTAL_TARGET_S:.2f} s)"],
+        [f"first C-STORE to SEG received <= {FIRST_BYTE_TO_SEG_TARGET_S:.0f} s (issue 17)", f"{total:.2f} s",
+         "yes" if total <= FIRST_BYTE_TO_SEG_TARGET_S
+         else f"NO (gap {total - FIRST_BYTE_TO_SEG_TARGET_S:.2f} s)"],
         ["node memory while processing < 1.5 GiB resident (peak RSS of the whole benchmark process)",
          f"{rss:.0f} MiB", "yes" if rss < RSS_TARGET_MIB else f"NO (gap {rss - RSS_TARGET_MIB:.0f} MiB)"],
     ]

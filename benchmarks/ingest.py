@@ -3,15 +3,23 @@
 The study is a BraTS training case written as a four-series DICOM MR study (620 files of 240 x 240,
 16-bit). For each receiver and for 1 and 4 concurrent associations (the files split into that many
 equal parts, one DCMTK ``storescu`` each, all started at once), the time from the first storescu
-start to the last one's exit, on a fresh receiver each run (empty storage and database), best of
-``--repeat``. Every program gets ``TCP_NODELAY=1`` in its environment (DCMTK otherwise waits on
-Nagle's algorithm, ~40 ms per C-STORE); the node sets TCP_NODELAY on its own sockets.
+start to the last one's exit, on a fresh receiver each run (empty storage and database, file systems
+synced before it starts). The rounds are interleaved (every row once per round, ``--repeat`` rounds,
+each round starting one receiver further on) so that the load of the machine's other users falls on
+all rows alike; a row reports its best round and its median. Every program gets
+``TCP_NODELAY=1`` in its environment (DCMTK otherwise waits on Nagle's algorithm, ~40 ms per
+C-STORE); the node sets TCP_NODELAY on its own sockets.
+
+``node:LEVER[+LEVER]`` rows are the node with levers of issue 17 turned off (NODE_WITHOUT), so each
+lever is measured against the node in the same run; ``node:prompt+group+header`` is the node before
+them. The node runs in this process; its resident set is sampled while it receives.
 
 What each receiver does before it answers Success differs and is part of the comparison: the node
 writes the file durably (temp file, fsync, rename, directory fsync) and commits a database row;
 storescp writes the file without fsync; Orthanc writes the file and its SQLite index.
 
-Usage: python benchmarks/ingest.py [--case DIR] [--repeat N] [--associations 1,4] [--out DIR]
+Usage: python benchmarks/ingest.py [--case DIR] [--repeat N] [--associations 1,4] [--receivers A,B]
+       [--out DIR]
 """
 
 from __future__ import annotations
@@ -23,10 +31,13 @@ import logging
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import unittest.mock
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -37,7 +48,8 @@ from common import REPO, RESULTS_DIR, SHARED_DATA, markdown_table, save_result
 
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 DEFAULT_CASE = SHARED_DATA / "train" / "brats" / "BraTS2021_00005"
-RECEIVERS = ("node", "pynetdicom-bare", "storescp", "orthanc")
+RECEIVERS = ("node", "node:prompt+group+header", "node:prompt", "node:group", "node:header",
+             "pynetdicom-bare", "storescp", "orthanc")
 
 
 def free_port() -> int:
@@ -106,6 +118,26 @@ def send(files: Sequence[Path], port: int, called_ae: str, associations: int) ->
     return seconds
 
 
+#: Highest resident set of this process (the node runs in it) seen while a node row was receiving, and
+#: the highest seen when a node had started (models loaded) and not yet received anything.
+NODE_PEAK_RSS_MIB = [0.0]
+NODE_IDLE_RSS_MIB = [0.0]
+
+
+def rss_mib() -> float:
+    """This process's resident set now, MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _sample_rss(stop: threading.Event, every_s: float = 0.02) -> None:
+    """Record this process's resident set in NODE_PEAK_RSS_MIB until ``stop`` is set."""
+    while not stop.wait(every_s):
+        NODE_PEAK_RSS_MIB[0] = max(NODE_PEAK_RSS_MIB[0], rss_mib())
+
+
 @contextlib.contextmanager
 def node_receiver(work: Path) -> Iterator[tuple[int, str, Callable[[], int]]]:
     """The node in this process: fresh SQLite database and spool, no job runs during the benchmark."""
@@ -123,9 +155,15 @@ def node_receiver(work: Path) -> Iterator[tuple[int, str, Callable[[], int]]]:
     settings.metrics.port = 0
     node = NodeService(settings)
     node.start()
+    NODE_IDLE_RSS_MIB[0] = max(NODE_IDLE_RSS_MIB[0], rss_mib())
+    stop = threading.Event()
+    sampler = threading.Thread(target=_sample_rss, args=(stop,), daemon=True)
+    sampler.start()
     try:
         yield node.scp.port, settings.node.ae_title, lambda: instance_counts(node.sf)["kept"]
     finally:
+        stop.set()
+        sampler.join()
         node.stop()
 
 
@@ -204,54 +242,173 @@ def bare_receiver(work: Path) -> Iterator[tuple[int, str, Callable[[], int]]]:
         server.shutdown()
 
 
+def _without_prompt_loop() -> contextlib.AbstractContextManager[Any]:
+    """The node with pynetdicom's own acceptor loop (1 ms sleep per turn) instead of node.reactor's."""
+    return unittest.mock.patch("node.scp.make_prompt", lambda assoc: None)
+
+
+def _without_group_commit() -> contextlib.AbstractContextManager[Any]:
+    """The node with one transaction per C-STORE, each association on its own."""
+    from db.instances import ReceivedInstance, record_instances
+
+    def alone(self: Any, row: ReceivedInstance) -> bool:
+        return record_instances(self.sf, [row])[0]
+
+    return unittest.mock.patch("node.committer.GroupCommitter.record", alone)
+
+
+def _without_own_file_header() -> contextlib.AbstractContextManager[Any]:
+    """The node with pynetdicom's ``encoded_dataset()`` (File Meta Information through pydicom)."""
+    return unittest.mock.patch("node.scp.as_file", lambda event, *_: event.encoded_dataset())
+
+
+def _without_fsync() -> contextlib.AbstractContextManager[Any]:
+    """Diagnostic only, never a lever to ship: the node's spool without fdatasync and directory fsync,
+    to show what durability costs against receivers that do not sync (storescp, Orthanc)."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(unittest.mock.patch("node.spool.os.fdatasync", lambda fd: None))
+    stack.enter_context(unittest.mock.patch("node.spool._fsync_dir", lambda directory: None))
+    return stack
+
+
+#: Levers of the node's receive path a row can turn off: ``node:prompt`` is the node without the
+#: prompt association loop, ``node:prompt+group`` without two levers.
+NODE_WITHOUT: dict[str, Callable[[], contextlib.AbstractContextManager[Any]]] = {
+    "prompt": _without_prompt_loop,
+    "group": _without_group_commit,
+    "header": _without_own_file_header,
+    "fsync": _without_fsync,
+}
+
+
 RECEIVER_FACTORIES = {"node": node_receiver, "storescp": storescp_receiver, "orthanc": orthanc_receiver,
                       "pynetdicom-bare": bare_receiver}
 
 
-def measure(receiver: str, files: Sequence[Path], associations: int, repeat: int = 1) -> dict[str, Any]:
-    """Best-of-``repeat`` receive rate of ``receiver`` for ``files`` over ``associations`` associations.
+def measure_once(receiver: str, files: Sequence[Path], associations: int) -> float:
+    """Seconds for one run of ``receiver`` (fresh storage and database) over ``associations``
+    associations; checks that the receiver holds every instance afterwards."""
+    base, _, variant = receiver.partition(":")
+    # The previous row's unsynced files (storescp and Orthanc do not fsync) would otherwise be written
+    # back during this row, and on ext4 (data=ordered) the node's fsyncs wait for them.
+    os.sync()
+    with tempfile.TemporaryDirectory(prefix=f"bench-{base}-") as tmp, contextlib.ExitStack() as stack:
+        for lever in filter(None, variant.split("+")):
+            stack.enter_context(NODE_WITHOUT[lever]())
+        port, ae, count = stack.enter_context(RECEIVER_FACTORIES[base](Path(tmp)))
+        seconds = send(files, port, ae, associations)
+        held = count()
+    if held != len(files):
+        raise RuntimeError(f"{receiver} holds {held} instances after receiving {len(files)}")
+    return seconds
 
-    Each run checks that the receiver holds every instance afterwards.
-    """
+
+def row(receiver: str, files: Sequence[Path], associations: int, seconds: Sequence[float]) -> dict[str, Any]:
+    """The table row of ``receiver``: its best run (and the median, to show the spread)."""
     size_mb = sum(p.stat().st_size for p in files) / 1e6
-    best = float("inf")
-    for _ in range(repeat):
-        with tempfile.TemporaryDirectory(prefix=f"bench-{receiver}-") as tmp, \
-                RECEIVER_FACTORIES[receiver](Path(tmp)) as (port, ae, count):
-            seconds = send(files, port, ae, associations)
-            held = count()
-            if held != len(files):
-                raise RuntimeError(f"{receiver} holds {held} instances after receiving {len(files)}")
-            best = min(best, seconds)
+    best = min(seconds)
     return {
         "receiver": receiver, "associations": associations, "instances": len(files), "mb": size_mb,
-        "seconds": best, "instances_per_s": len(files) / best, "mb_per_s": size_mb / best,
+        "seconds": best, "median_seconds": statistics.median(seconds), "runs": len(seconds),
+        "instances_per_s": len(files) / best, "mb_per_s": size_mb / best,
     }
 
 
-def targets(rows: Sequence[dict[str, Any]]) -> list[list[str]]:
-    """Node ingest >= 50% of storescp's rate with one association, and more than that with four."""
+def measure(receiver: str, files: Sequence[Path], associations: int, repeat: int = 1) -> dict[str, Any]:
+    """Best-of-``repeat`` receive rate of ``receiver`` for ``files`` over ``associations`` associations."""
+    runs = [measure_once(receiver, files, associations) for _ in range(repeat)]
+    return row(receiver, files, associations, runs)
+
+
+def measure_all(receivers: Sequence[str], files: Sequence[Path], counts: Sequence[int],
+                repeat: int) -> list[dict[str, Any]]:
+    """Every receiver at every association count, ``repeat`` rounds interleaved (each round runs
+    every row once, each round starting one receiver further on), so that the neighbours' load on this
+    shared machine and the position in a round fall on all rows alike."""
+    runs: dict[tuple[str, int], list[float]] = {(r, n): [] for r in receivers for n in counts}
+    for round_ in range(repeat):
+        shift = round_ % len(receivers)
+        for receiver in [*receivers[shift:], *receivers[:shift]]:
+            for n in counts:
+                runs[(receiver, n)].append(measure_once(receiver, files, n))
+                print(f"round {round_ + 1}: {receiver:28s} x{n}: "
+                      f"{len(files) / runs[(receiver, n)][-1]:.0f} instances/s", flush=True)
+    return [row(r, files, n, runs[(r, n)]) for r in receivers for n in counts]
+
+
+#: Issue 17's bound on the node's resident memory while it receives.
+RSS_TARGET_MIB = 500.0
+
+
+def targets(rows: Sequence[dict[str, Any]], peak_rss_mib: float = 0.0, idle_rss_mib: float = 0.0
+            ) -> list[list[str]]:
+    """Issue 17: with one association the node >= Orthanc and >= 50 % of storescp; with four the node
+    >= 1.5 x its own one-association rate; peak RSS while receiving <= 500 MiB. Ratios of rows of the
+    same run only."""
+    rate = {(r["receiver"], r["associations"]): r["instances_per_s"] for r in rows}
+    out = []
+    node1 = rate.get(("node", 1))
+    if node1 and ("orthanc", 1) in rate:
+        ratio = node1 / rate[("orthanc", 1)]
+        out.append(["node >= Orthanc, 1 association", f"{node1:.0f} vs {rate[('orthanc', 1)]:.0f} inst/s "
+                    f"({ratio:.2f}x)", "yes" if ratio >= 1 else "NO"])
+    if node1 and ("storescp", 1) in rate:
+        frac = node1 / rate[("storescp", 1)]
+        out.append(["node >= 50% of storescp, 1 association", f"{100 * frac:.0f}%",
+                    "yes" if frac >= 0.5 else f"NO (gap {100 * (0.5 - frac):.0f} points)"])
+    if node1 and ("node", 4) in rate:
+        ratio = rate[("node", 4)] / node1
+        out.append(["node, 4 associations >= 1.5x its 1-association rate",
+                    f"{rate[('node', 4)]:.0f} vs {node1:.0f} inst/s ({ratio:.2f}x)",
+                    "yes" if ratio >= 1.5 else "NO"])
+    if peak_rss_mib:
+        out.append([f"node peak RSS while receiving <= {RSS_TARGET_MIB:.0f} MiB (whole benchmark process, "
+                    "node with its two models loaded)",
+                    f"{peak_rss_mib:.0f} MiB ({idle_rss_mib:.0f} MiB started and idle, "
+                    f"+{peak_rss_mib - idle_rss_mib:.0f} MiB receiving)",
+                    "yes" if peak_rss_mib <= RSS_TARGET_MIB else "NO"])
+    return out
+
+
+#: What each lever of NODE_WITHOUT is, for the table of what it moved.
+LEVER_NAMES = {
+    "prompt": "association loop waits on its message queue, not a 1 ms sleep (node/reactor.py)",
+    "group": "group commit: concurrent C-STOREs share a transaction (node/committer.py)",
+    "header": "file header packed directly, data set bytes as received (node/part10.py)",
+    "prompt+group+header": "all three (the node before issue 17)",
+    "fsync": "(diagnostic, not shippable) fdatasync of the file and fsync of its directory",
+}
+
+
+def lever_rows(rows: Sequence[dict[str, Any]]) -> list[list[str]]:
+    """For each ``node:LEVERS`` row, the node without those levers against the node with them, same run
+    (best and median of the rounds)."""
     by = {(r["receiver"], r["associations"]): r for r in rows}
     out = []
-    if ("node", 1) in by and ("storescp", 1) in by:
-        frac1 = by[("node", 1)]["instances_per_s"] / by[("storescp", 1)]["instances_per_s"]
-        out.append(["node >= 50% of storescp, 1 association", f"{100 * frac1:.0f}%",
-                    "yes" if frac1 >= 0.5 else f"NO (gap {100 * (0.5 - frac1):.0f} points)"])
-        if ("node", 4) in by and ("storescp", 4) in by:
-            four, one = by[("node", 4)]["instances_per_s"], by[("node", 1)]["instances_per_s"]
-            frac4 = four / by[("storescp", 4)]["instances_per_s"]
-            out.append(["node with 4 associations: more than with 1 (and its share of storescp)",
-                        f"{four:.0f} vs {one:.0f} inst/s ({100 * frac4:.0f}% of storescp)",
-                        "yes" if four > one else "NO"])
+    for (receiver, n), without in by.items():
+        base, _, levers = receiver.partition(":")
+        full = by.get((base, n))
+        if base != "node" or not levers or full is None:
+            continue
+        best = full["instances_per_s"] / without["instances_per_s"] - 1
+        median = full["median_seconds"] and (without["median_seconds"] / full["median_seconds"] - 1)
+        out.append([LEVER_NAMES.get(levers, levers), str(n), f"{without['instances_per_s']:.0f}",
+                    f"{full['instances_per_s']:.0f}", f"{100 * best:+.0f}%", f"{100 * median:+.0f}%"])
     return out
 
 
 def tables(result: dict[str, Any]) -> str:
     """Markdown tables of a result."""
     rows = [[r["receiver"], r["associations"], r["instances"], f"{r['mb']:.1f}", f"{r['seconds']:.2f}",
-             f"{r['instances_per_s']:.0f}", f"{r['mb_per_s']:.1f}"] for r in result["rows"]]
-    return (markdown_table(["receiver", "associations", "instances", "MB", "seconds", "instances/s", "MB/s"],
-                           rows) + "\n\n" + markdown_table(["target", "measured", "met"], result["targets"]))
+             f"{r['instances_per_s']:.0f}", f"{r['instances'] / r.get('median_seconds', r['seconds']):.0f}",
+             f"{r['mb_per_s']:.1f}"] for r in result["rows"]]
+    head = ["receiver", "associations", "instances", "MB", "seconds", "instances/s", "median inst/s", "MB/s"]
+    goals = markdown_table(["target", "measured", "met"], result["targets"])
+    levers = lever_rows(result["rows"])
+    moved = "\n\n" + markdown_table(
+        ["lever (turned off in the row node:LEVER)", "associations", "inst/s without", "inst/s with",
+         "change (best)", "change (median)"], levers) if levers else ""
+    return markdown_table(head, rows) + "\n\n" + goals + moved
 
 
 def main() -> int:
@@ -269,14 +426,11 @@ def main() -> int:
         print(f"{args.case} not found; using {fallback}")
         args.case = fallback
     files = study_files(args.case, RESULTS_DIR)
-    rows = []
-    for receiver in args.receivers.split(","):
-        for n in (int(x) for x in args.associations.split(",")):
-            rows.append(measure(receiver, files, n, args.repeat))
-            r = rows[-1]
-            print(f"{receiver:15s} x{n}: {r['instances_per_s']:.0f} instances/s, {r['mb_per_s']:.1f} MB/s",
-                  flush=True)
-    result = {"case": args.case.name, "rows": rows, "targets": targets(rows)}
+    counts = [int(x) for x in args.associations.split(",")]
+    rows = measure_all(args.receivers.split(","), files, counts, args.repeat)
+    result = {"case": args.case.name, "rows": rows, "repeat": args.repeat,
+              "targets": targets(rows, NODE_PEAK_RSS_MIB[0], NODE_IDLE_RSS_MIB[0]),
+              "node_peak_rss_mib": NODE_PEAK_RSS_MIB[0], "node_idle_rss_mib": NODE_IDLE_RSS_MIB[0]}
     result["markdown"] = tables(result)
     print(result["markdown"])
     print(f"saved {save_result('ingest', result, args.out)}")

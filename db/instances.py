@@ -8,7 +8,8 @@ A study is complete when no kept instance of it has arrived for ``idle_seconds``
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Sequence
+from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from typing import cast
 
@@ -26,7 +27,9 @@ _INSTANCES = cast(Table, NodeInstance.__table__)
 _STUDIES = cast(Table, NodeStudy.__table__)
 # Statements of the C-STORE path, built once (compiled once, then cached by SQLAlchemy) and run on the
 # session's connection: no ORM unit of work for a row that is written once per instance.
-_INSTANCE_EXISTS = select(_INSTANCES.c.id).where(_INSTANCES.c.sop_instance_uid == bindparam("b_uid"))
+_RECORDED = select(_INSTANCES.c.sop_instance_uid).where(
+    _INSTANCES.c.sop_instance_uid.in_(bindparam("b_uids", expanding=True))
+)
 _INSERT_INSTANCE = insert(_INSTANCES)
 _TOUCH_STUDY = (
     update(_STUDIES)
@@ -42,6 +45,19 @@ _TOUCH_STUDY = (
     )
 )
 _INSERT_STUDY = insert(_STUDIES)
+
+
+@dataclass(frozen=True)
+class ReceivedInstance:
+    """One C-STORE to record (see :func:`record_instances`)."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_instance_uid: str | None
+    series_instance_uid: str | None
+    kept: bool
+    path: str | None
+    calling_ae: str
 
 
 @database_errors
@@ -71,34 +87,64 @@ def record_instance(
         The database failed, or concurrent inserts of the same instance or study still collided
         on the third attempt.
     """
+    row = ReceivedInstance(
+        sop_instance_uid=sop_instance_uid,
+        sop_class_uid=sop_class_uid,
+        study_instance_uid=study_instance_uid,
+        series_instance_uid=series_instance_uid,
+        kept=kept,
+        path=path,
+        calling_ae=calling_ae,
+    )
+    return record_instances(sf, [row], now)[0]
+
+
+@database_errors
+def record_instances(
+    sf: SessionFactory, rows: Sequence[ReceivedInstance], now: datetime | None = None
+) -> list[bool]:
+    """Record received instances in one transaction (a group commit): one query for the ones already
+    recorded, one multi-row insert, one touch of each study that got a kept instance.
+
+    Returns
+    -------
+    list[bool]
+        For each row, False when its SOP Instance UID was already recorded (before, or earlier in
+        ``rows``): a repeat is idempotent, as in :func:`record_instance`.
+
+    Raises
+    ------
+    DatabaseUnavailableError
+        The database failed, or concurrent inserts of the same instance or study still collided
+        on the third attempt. Nothing of ``rows`` is recorded then.
+    """
     given = now
     now = now or utcnow()
-    row = {
-        "sop_instance_uid": sop_instance_uid,
-        "sop_class_uid": sop_class_uid,
-        "study_instance_uid": study_instance_uid,
-        "series_instance_uid": series_instance_uid,
-        "kept": kept,
-        "path": path,
-        "calling_ae": calling_ae,
-        "received_at": now,
-    }
     for attempt in range(3):
         try:
             with writing(sf) as s:
                 conn = s.connection()
                 # The idle timer counts from the commit, not from before the wait for the write lock.
                 touched_at = given or utcnow()
-                if conn.execute(_INSTANCE_EXISTS, {"b_uid": sop_instance_uid}).first() is not None:
-                    return False
-                conn.execute(_INSERT_INSTANCE, row)
-                if kept and study_instance_uid:
-                    _touch_study(conn, study_instance_uid, touched_at)
-            return True
-        except IntegrityError:  # a concurrent association stored the same instance or study
+                uids = sorted({r.sop_instance_uid for r in rows})
+                seen = set(conn.scalars(_RECORDED, {"b_uids": uids}))
+                new: list[bool] = []
+                inserted: list[ReceivedInstance] = []
+                for r in rows:
+                    new.append(r.sop_instance_uid not in seen)
+                    if new[-1]:
+                        seen.add(r.sop_instance_uid)
+                        inserted.append(r)
+                if inserted:
+                    conn.execute(_INSERT_INSTANCE, [{**asdict(r), "received_at": now} for r in inserted])
+                studies = {r.study_instance_uid for r in inserted if r.kept and r.study_instance_uid}
+                for study in sorted(studies):  # in order, so that two processes cannot deadlock
+                    _touch_study(conn, study, touched_at)
+            return new
+        except IntegrityError:  # a concurrent association or process stored the same instance or study
             if attempt == 2:
                 raise
-    return False  # pragma: no cover
+    return [False] * len(rows)  # pragma: no cover
 
 
 def _touch_study(conn: Connection, study_uid: str, now: datetime) -> None:

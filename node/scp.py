@@ -33,9 +33,12 @@ from db import instances
 from db.exceptions import DatabaseOperationError, DatabaseUnavailableError
 from db.transactions import SessionFactory
 from node import dimse
+from node.committer import GroupCommitter
 from node.config import NodeSettings, TLSSettings
 from node.exceptions import InvalidInstanceError, NodeError, SpoolError
 from node.metrics import NodeMetrics
+from node.part10 import file_header
+from node.reactor import make_prompt
 from node.sender import set_nodelay
 from node.spool import free_mb, spool_path, write_atomic
 from node.uids import validated_uid
@@ -107,6 +110,14 @@ def _short_pixel_data(ds: Dataset) -> str:
     )
 
 
+def as_file(event: Any, sop_class: str, sop_uid: str) -> bytes:
+    """The C-STORE's data set as a DICOM file: the data set's bytes as they arrived behind the
+    preamble and File Meta Information (:func:`node.part10.file_header`, the bytes pynetdicom's
+    ``encoded_dataset()`` makes, packed directly)."""
+    with event.request.DataSet.getbuffer() as received:
+        return file_header(sop_class, sop_uid, str(event.context.transfer_syntax)) + received
+
+
 class StorageSCP:
     """The node's association acceptor.
 
@@ -130,7 +141,7 @@ class StorageSCP:
         tls: TLSSettings | None = None,
     ) -> None:
         self.settings = settings
-        self.sf = session_factory
+        self.committer = GroupCommitter(session_factory)
         self.metrics = metrics if metrics is not None else NodeMetrics()
         self.tls = tls
         self.spool_dir = settings.spool_path()
@@ -143,6 +154,15 @@ class StorageSCP:
         self._in_flight_lock = threading.Lock()
         self._free_checked_at = -1e9
         self.ae = self._make_ae()
+
+    @property
+    def sf(self) -> SessionFactory:
+        """Database sessions for the instance rows (the group committer's)."""
+        return self.committer.sf
+
+    @sf.setter
+    def sf(self, value: SessionFactory) -> None:
+        self.committer.sf = value
 
     def _make_ae(self) -> AE:
         ae = AE(ae_title=self.settings.ae_title)
@@ -211,7 +231,8 @@ class StorageSCP:
     # -- handlers --------------------------------------------------------------------------------------
 
     def _on_connection(self, event: Any) -> None:
-        """Give the accepted socket a read timeout (``network_timeout``).
+        """Give the accepted socket a read timeout (``network_timeout``) and the association a loop
+        that serves each message as soon as it is decoded (:mod:`node.reactor`).
 
         Accepted sockets are blocking; a peer that sends a PDU header announcing more bytes than it
         ever sends (junk, a port scanner) would otherwise hold an association slot for good.
@@ -222,6 +243,7 @@ class StorageSCP:
             raw.settimeout(float(self.ae.network_timeout))
         if dul is not None and hasattr(dul, "_run_loop_delay"):
             dul._run_loop_delay = DUL_LOOP_DELAY_S
+        make_prompt(event.assoc)
 
     def _on_echo(self, event: Any) -> int:
         return dimse.SUCCESS
@@ -292,7 +314,7 @@ class StorageSCP:
         # job that read a spool file not yet renamed into place (FileNotFoundError under load).
         with self._in_flight_lock:
             self._in_flight.setdefault(id(event.assoc), set()).add(str(ds.get("StudyInstanceUID", "")))
-        result = self.receive(ds, event.encoded_dataset(), sop_class, sop_uid, calling_ae)
+        result = self.receive(ds, as_file(event, sop_class, sop_uid), sop_class, sop_uid, calling_ae)
         return result.status
 
     def _on_association_end(self, event: Any) -> None:
@@ -305,8 +327,9 @@ class StorageSCP:
             return set().union(*self._in_flight.values()) if self._in_flight else set()
 
     def _record(self, **row: Any) -> bool:
-        """:func:`db.instances.record_instance` (its write transactions queue on the process's write lock)."""
-        return instances.record_instance(self.sf, **row)
+        """Record one C-STORE; returns once the transaction holding its row has committed (group commit
+        with the other associations' rows, :mod:`node.committer`)."""
+        return self.committer.record(instances.ReceivedInstance(**row))
 
     def _ignore(self, sop_class: str, sop_uid: str, calling_ae: str) -> int:
         new = self._record(

@@ -1,0 +1,263 @@
+"""The receive path's speed levers over real sockets and a real database: the prompt association loop
+(node.reactor), the data set stored as it arrived behind our own file header (node.part10), and group
+commit (node.committer): nothing is acknowledged before its row is committed and its file is on disk,
+and a bad instance or a failed commit costs only the C-STOREs it concerns."""
+
+from __future__ import annotations
+
+import copy
+import io
+import logging
+import struct
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pynetdicom
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom import AE
+from pynetdicom.dsutils import create_file_meta, encode_file_meta
+from pynetdicom.sop_class import MRImageStorage  # type: ignore[attr-defined]
+from sqlalchemy import select
+
+from converters.dicom_writer import write_study
+from converters.synthetic import make_synthetic_case
+from db import instances
+from db.exceptions import DatabaseUnavailableError
+from db.node_tables import NodeInstance
+from db.session import make_engine, make_session_factory, upgrade
+from db.transactions import SessionFactory
+from node import dimse, reactor
+from node.metrics import NodeMetrics
+from node.scp import StorageSCP
+from tests.helpers.dcmtk import DCMTK_ENV, storescu
+from tests.helpers.node import node_settings
+from tests.helpers.peers import require_program
+from tests.helpers.ports import free_port
+
+
+@pytest.fixture(scope="module")
+def mr_files(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    study = write_study(
+        make_synthetic_case(5, (32, 32, 12)), tmp_path_factory.mktemp("study"), modalities=["FLAIR", "T1"]
+    )
+    return study.files["FLAIR"] + study.files["T1"]
+
+
+@pytest.fixture()
+def scp(tmp_path: Path, db_url: str) -> Iterator[StorageSCP]:
+    settings = node_settings(tmp_path, free_port(), db_url=db_url)
+    upgrade(settings.database.url)
+    sf = make_session_factory(make_engine(settings.database.url))
+    running = StorageSCP(settings.node, sf, NodeMetrics())
+    running.start()
+    yield running
+    running.stop()
+
+
+def _rows(sf: SessionFactory) -> list[NodeInstance]:
+    with sf() as s:
+        return list(s.scalars(select(NodeInstance).order_by(NodeInstance.id)))
+
+
+def test_prompt_loop_follows_the_installed_pynetdicom() -> None:
+    # node.reactor copies pynetdicom's acceptor loop; an upgrade must re-read it.
+    assert pynetdicom.__version__ == reactor.PYNETDICOM_VERSION
+
+
+def test_associations_run_the_prompt_loop(
+    scp: StorageSCP, mr_files: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    turns: list[int] = []
+    original = reactor._prompt_reactor
+
+    def counting(self: Any) -> None:
+        turns.append(1)
+        original(self)
+
+    monkeypatch.setattr(reactor, "_prompt_reactor", counting)
+    proc = storescu(scp.port, mr_files)
+    assert proc.returncode == 0, proc.stderr
+    assert turns == [1]  # the one association was served by the prompt loop, and released normally
+    rows = _rows(scp.sf)
+    assert len(rows) == len(mr_files)
+    assert {pydicom.dcmread(r.path or "").SOPInstanceUID for r in rows} == {
+        pydicom.dcmread(f).SOPInstanceUID for f in mr_files
+    }
+
+
+def _dataset_bytes(part10: bytes) -> bytes:
+    """What follows the File Meta Information of a DICOM file (PS3.10 7.1)."""
+    assert part10[128:132] == b"DICM"
+    (group_length,) = struct.unpack("<I", part10[140:144])
+    return part10[144 + group_length :]
+
+
+def test_stored_files_are_the_received_bytes(scp: StorageSCP, mr_files: list[Path]) -> None:
+    proc = storescu(scp.port, mr_files)
+    assert proc.returncode == 0, proc.stderr
+    for row in _rows(scp.sf):
+        stored = Path(row.path or "").read_bytes()
+        source = next(f for f in mr_files if pydicom.dcmread(f).SOPInstanceUID == row.sop_instance_uid)
+        # The data set byte for byte as storescu sent it (the same transfer syntax: nothing re-encoded) ...
+        assert _dataset_bytes(stored) == _dataset_bytes(source.read_bytes())
+        # ... behind the header pynetdicom's encoded_dataset() would have written.
+        syntax = pydicom.dcmread(source).file_meta.TransferSyntaxUID
+        meta = create_file_meta(
+            sop_class_uid=row.sop_class_uid, sop_instance_uid=row.sop_instance_uid, transfer_syntax=syntax
+        )
+        assert stored.startswith(b"\x00" * 128 + b"DICM" + encode_file_meta(meta))
+        assert pydicom.dcmread(io.BytesIO(stored)).SOPInstanceUID == row.sop_instance_uid
+
+
+def _committed(sf: SessionFactory, sop_uid: str) -> bool:
+    """Whether another session (a fresh connection) sees the row."""
+    with sf() as s:
+        return s.scalar(select(NodeInstance.id).where(NodeInstance.sop_instance_uid == sop_uid)) is not None
+
+
+def test_group_commit_answers_only_after_the_commit(
+    tmp_path: Path, db_url: str, mr_files: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Four associations at once against a slow database: rows share transactions, and at the moment
+    each handler hands its status to pynetdicom the row is visible to another session and the file is
+    in place."""
+    batches: list[int] = []
+    original = instances.record_instances
+
+    def slow(sf: SessionFactory, rows: Any, now: Any = None) -> list[bool]:
+        time.sleep(0.02)  # a slow commit, so that the other associations' C-STOREs queue behind it
+        batches.append(len(rows))
+        return original(sf, rows, now)
+
+    monkeypatch.setattr(instances, "record_instances", slow)
+    early: list[str] = []
+    handled = StorageSCP._on_store
+
+    def checked(self: StorageSCP, event: Any) -> int:
+        status = handled(self, event)
+        sop_uid = str(event.request.AffectedSOPInstanceUID)
+        if status == dimse.SUCCESS and not _committed(self.sf, sop_uid):
+            early.append(sop_uid)
+        return status
+
+    monkeypatch.setattr(StorageSCP, "_on_store", checked)
+    settings = node_settings(tmp_path, free_port(), db_url=db_url)
+    upgrade(db_url)
+    running = StorageSCP(settings.node, make_session_factory(make_engine(db_url)), NodeMetrics())
+    running.start()
+    try:
+        groups = [mr_files[i::4] for i in range(4)]
+        procs = [
+            subprocess.Popen(
+                [require_program("storescu"), "-aet", "PACS", "-aec", "SEGNODE", "127.0.0.1",
+                 str(running.port), *map(str, group)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=DCMTK_ENV,
+            )
+            for group in groups
+        ]
+        for proc in procs:
+            assert proc.wait(120) == 0, proc.stderr.read() if proc.stderr else ""
+    finally:
+        running.stop()
+    assert early == []
+    rows = _rows(running.sf)
+    assert len(rows) == len(mr_files) and all(Path(r.path or "").is_file() for r in rows)
+    assert sum(batches) == len(mr_files) and max(batches) > 1  # transactions were shared
+    assert running.committer.batch_sizes == batches
+
+
+def _send_each(port: int, datasets: list[Dataset]) -> list[int]:
+    """C-STORE each data set over one pynetdicom association; the statuses."""
+    ae = AE(ae_title="PACS")
+    ae.add_requested_context(MRImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", port, ae_title="SEGNODE")
+    assert assoc.is_established
+    try:
+        return [int(assoc.send_c_store(ds).Status) for ds in datasets]
+    finally:
+        assoc.release()
+
+
+def test_a_malformed_instance_fails_alone(
+    scp: StorageSCP, mr_files: list[Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Four associations at once, one of them with a truncated instance in the middle: that one gets
+    Cannot understand with the reason logged, every other instance is stored and recorded."""
+    datasets = [pydicom.dcmread(f) for f in mr_files]
+    bad = copy.deepcopy(datasets[5])
+    bad.PixelData = bad.PixelData[: len(bad.PixelData) // 2]
+    plans = [[*datasets[0:5], bad, *datasets[6:8]], datasets[8:12], datasets[12:16], datasets[16:]]
+    results: dict[int, list[int]] = {}
+    with caplog.at_level(logging.WARNING, logger="node.scp"):
+        threads = [
+            threading.Thread(target=lambda i=i, plan=plan: results.__setitem__(i, _send_each(scp.port, plan)))
+            for i, plan in enumerate(plans)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    assert results[0][5] == dimse.CANNOT_UNDERSTAND
+    assert [s for i, plan in results.items() for j, s in enumerate(plan) if (i, j) != (0, 5)] == [
+        dimse.SUCCESS
+    ] * (len(datasets) - 1)
+    assert f"instance {bad.SOPInstanceUID}: PixelData is" in caplog.text and "(truncated)" in caplog.text
+    stored = {r.sop_instance_uid for r in _rows(scp.sf)}
+    assert bad.SOPInstanceUID not in stored
+    assert stored == {ds.SOPInstanceUID for ds in datasets} - {bad.SOPInstanceUID}
+
+
+def test_a_failed_group_commit_fails_every_c_store_in_it(
+    scp: StorageSCP, mr_files: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first transaction fails (the database went away) while three more C-STOREs queue behind it:
+    the ones it held get Out of resources and have no row; the next transaction is whole."""
+    original = instances.record_instances
+    first = threading.Event()
+    queued = threading.Semaphore(0)
+    calls: list[int] = []
+
+    def failing_once(sf: SessionFactory, rows: Any, now: Any = None) -> list[bool]:
+        calls.append(len(rows))
+        if len(calls) == 1:
+            first.set()
+            for _ in range(3):  # hold the transaction until the other three have queued
+                assert queued.acquire(timeout=30)
+            raise DatabaseUnavailableError("OperationalError: connection failed")
+        return original(sf, rows, now)
+
+    monkeypatch.setattr(instances, "record_instances", failing_once)
+    record = scp.committer.record
+
+    def counting(row: instances.ReceivedInstance) -> bool:
+        if first.is_set():
+            queued.release()
+        return record(row)
+
+    monkeypatch.setattr(scp.committer, "record", counting)
+    datasets = [pydicom.dcmread(f) for f in mr_files[:4]]
+    statuses: dict[int, int] = {}
+
+    def send(i: int) -> None:
+        if i:
+            assert first.wait(30)
+        statuses[i] = _send_each(scp.port, [datasets[i]])[0]
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert statuses[0] == dimse.OUT_OF_RESOURCES
+    assert calls[0] == 1 and calls[1:] == [3]  # the three that queued shared the next transaction
+    assert [statuses[i] for i in (1, 2, 3)] == [dimse.SUCCESS] * 3
+    assert {r.sop_instance_uid for r in _rows(scp.sf)} == {ds.SOPInstanceUID for ds in datasets[1:]}
+    # A failed C-STORE's spool file may stay behind without a row: the PACS sends it again.
+    assert _send_each(scp.port, [datasets[0]]) == [dimse.SUCCESS]
