@@ -57,7 +57,7 @@ COMMANDS: dict[str, CommandSpec] = {
     ),
     "evaluate": CommandSpec(
         "trainer.cli:evaluate",
-        "Per-case 3D Dice, Jaccard, sensitivity, specificity and HD95 of a model on labelled cases.",
+        "Per-case 3D Dice, Jaccard, sensitivity, specificity, HD95 and volume error on labelled cases.",
     ),
     "convert": CommandSpec(
         "converters.cli:convert_app",
