@@ -91,6 +91,23 @@ def label_values(card: Mapping[str, Any]) -> list[int]:
     return [int(label["value"]) for label in card.get("labels") or []]
 
 
+def warm_up() -> None:
+    """Load highdicom's tables of the standard now rather than in the first study's SEG stage.
+
+    highdicom parses its module and IOD tables (JSON, ~0.8 s) the first time it builds a SEG and caches
+    them for the process. Their loaders are private: when a highdicom release renames them this does
+    nothing and the first SEG pays as before.
+    """
+    try:
+        from highdicom import _standard_utils as tables
+    except ImportError:
+        return
+    for name in ("get_sop_class_iod_map", "get_iod_module_map", "get_module_attribute_map"):
+        loader = getattr(tables, name, None)
+        if callable(loader):
+            loader()
+
+
 def build_seg(
     sources: Sequence[Dataset],
     labels: npt.NDArray[np.integer[Any]],

@@ -156,6 +156,7 @@ class NodeService:
         # during the first study's SEG stage.
         for module in ("node.seg", "node.sr", "node.preview"):
             importlib.import_module(module)
+        importlib.import_module("node.seg").warm_up()
         if all(r.current is None for r in self.runtimes.values()):
             logger.warning("%s; received studies wait queued", self.runtime.last_error)
         if not self.settings.destinations:

@@ -601,3 +601,16 @@ def test_genuine_enhanced_mr_is_kept_and_segmented(
         returned[FRAME_ORDER[int(source.ReferencedFrameNumber) - 1]] = pixels[n]
     both = ((returned > 0) & (expected > 0)).sum()
     assert 2 * both / ((returned > 0).sum() + (expected > 0).sum()) >= 0.99
+
+
+def test_seg_warm_up_loads_highdicoms_tables_before_the_first_seg() -> None:
+    """node.seg.warm_up fills highdicom's cached tables (the service calls it at start)."""
+    from highdicom import _standard_utils as tables
+
+    from node.seg import warm_up
+
+    loaders = [tables.get_sop_class_iod_map, tables.get_iod_module_map, tables.get_module_attribute_map]
+    for loader in loaders:
+        loader.cache_clear()
+    warm_up()
+    assert all(loader.cache_info().currsize == 1 for loader in loaders)
