@@ -17,7 +17,10 @@ from price import DEFAULT_PRICE, price_performance, table
 
 NOTES = REPO / "benchmarks" / "notes.md"
 #: Benchmarks whose section is added when their result is there (``make bench`` runs them all).
-OPTIONAL = [("brain_extraction", "Brain extraction (benchmarks/brain_extraction.py)")]
+OPTIONAL = [
+    ("brain_extraction", "Brain extraction (benchmarks/brain_extraction.py)"),
+    ("registration", "Co-registration and a four-series study (benchmarks/registration.py)"),
+]
 SHORT = {
     "torch": "PyTorch eager\nFP32",
     "onnxruntime": "ONNX Runtime\nFP32",

@@ -161,7 +161,7 @@ def test_end_to_end_price_and_report_on_a_synthetic_case(tmp_path: Path) -> None
     assert (tmp_path / "docs" / "images" / "inference.png").stat().st_size > 1000
     for part in ("INFERENCE TABLE", "INGEST TABLE", "images/inference.png", "studies / hour / core", "avx2"):
         assert part in doc
-    assert "Brain extraction" not in doc  # an optional section needs its result
+    assert "## Brain extraction" not in doc  # an optional section needs its result
     (results / "brain_extraction.json").write_text(json.dumps({"markdown": "BRAIN TABLE"}))
     doc = report.render(results, tmp_path / "docs" / "images" / "inference.png", tmp_path / "docs" / "b.md")
     assert "## Brain extraction (benchmarks/brain_extraction.py)\n\nBRAIN TABLE" in doc
