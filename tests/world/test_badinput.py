@@ -14,7 +14,6 @@ import logging
 import os
 import socket
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +25,6 @@ from pynetdicom.dsutils import split_dataset
 from pynetdicom.sop_class import MRImageStorage  # type: ignore[attr-defined]
 
 from converters.case import Case
-from converters.dicom_writer import StudyInfo, write_study
 from converters.synthetic import make_synthetic_case
 from db import job_queue
 from db.node_tables import NodeInstance
@@ -38,6 +36,7 @@ from tests.helpers.node import CatchingSCP, install_model, make_threshold_model,
 from tests.helpers.peers import require_program
 from tests.helpers.ports import free_port
 from tests.helpers.waiting import wait_until
+from tests.helpers.world import World as BaseWorld
 
 SHAPE = (48, 48, 16)
 
@@ -47,34 +46,8 @@ def case() -> Case:
     return make_synthetic_case(21, SHAPE)
 
 
-@dataclass
-class World:
-    node: NodeService
-    catcher: CatchingSCP
-    tmp: Path
-    case: Case
-    model_dir: Path
-
-    @property
-    def port(self) -> int:
-        return self.node.scp.port
-
-    def study(self, name: str, modalities: tuple[str, ...] = ("FLAIR",)) -> StudyInfo:
-        return write_study(self.case, self.tmp / name, modalities=list(modalities))
-
-    def job(self, study_uid: str, timeout: float = 60) -> job_queue.JobInfo:
-        def finished() -> job_queue.JobInfo | None:
-            return next(
-                (
-                    j
-                    for j in job_queue.list_jobs(self.node.sf)
-                    if j.study_instance_uid == study_uid and j.status in ("done", "failed", "skipped")
-                ),
-                None,
-            )
-
-        job: job_queue.JobInfo = wait_until(finished, timeout, f"the job of study {study_uid}")
-        return job
+class World(BaseWorld):
+    """The bad-input world: the node's instance rows, and a check that it still serves."""
 
     def rows(self, sop_uid: str) -> list[NodeInstance]:
         from sqlalchemy import select

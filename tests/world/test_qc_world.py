@@ -16,7 +16,6 @@ import re
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,55 +23,22 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from converters.case import Case
-from converters.dicom_writer import StudyInfo, write_study
 from converters.synthetic import make_synthetic_case
 from db import job_queue
 from node import pipeline
 from node.config import Destination
 from node.service import NodeService
-from tests.helpers.dcmtk import storescu
 from tests.helpers.node import CatchingSCP, install_model, make_threshold_model, node_settings
 from tests.helpers.peers import REPO
 from tests.helpers.ports import free_port
 from tests.helpers.waiting import wait_until
+from tests.helpers.world import World as BaseWorld
 
 SHAPE = (48, 48, 16)
-ENDED = ("done", "failed", "skipped", "review")
 
 
-@dataclass
-class World:
-    node: NodeService
-    catcher: CatchingSCP
-    tmp: Path
-    case: Case
-    model_dir: Path
-
-    @property
-    def port(self) -> int:
-        return self.node.scp.port
-
-    def study(self, name: str) -> StudyInfo:
-        return write_study(self.case, self.tmp / name, modalities=["FLAIR"])
-
-    def send(self, files: list[Path]) -> None:
-        result = storescu(self.port, files)
-        assert result.returncode == 0, result.stdout + result.stderr
-
-    def job(self, study_uid: str, timeout: float = 60) -> job_queue.JobInfo:
-        def finished() -> job_queue.JobInfo | None:
-            return next(
-                (
-                    j
-                    for j in job_queue.list_jobs(self.node.sf)
-                    if j.study_instance_uid == study_uid and j.status in ENDED
-                ),
-                None,
-            )
-
-        job: job_queue.JobInfo = wait_until(finished, timeout, f"the job of study {study_uid}")
-        return job
+class World(BaseWorld):
+    """The QC world: what the PACS received, spool checks, model swaps, QC metrics."""
 
     def received(self, study_uid: str) -> list[str]:
         """Modalities of what the PACS received for a study."""
