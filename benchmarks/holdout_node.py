@@ -28,6 +28,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -187,30 +189,44 @@ def _score(node: Any, receiver: _Receiver, case: Any, name: str, workdir: Path) 
     }
 
 
+@contextmanager
+def serving(model: Path, precision: str) -> Iterator[tuple[Any, _Receiver, Path]]:
+    """A started in-process node serving ``model`` (``precision`` IR), its receiving PACS and a work
+    folder; all three are stopped and removed on exit."""
+    workdir = Path(tempfile.mkdtemp(prefix="segnode-holdout-"))
+    receiver = _Receiver()
+    try:
+        node = _node(workdir, model, precision, receiver)
+        try:
+            yield node, receiver, workdir
+        finally:
+            node.stop()
+    finally:
+        receiver.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def labelled_cases(data: Path, cases: int = 0) -> list[Any]:
+    """The labelled cases of ``data``, the first ``cases`` when > 0."""
+    from converters.nifti import list_cases
+
+    refs = list_cases(data, require_labels=True)
+    return refs[:cases] if cases > 0 else refs
+
+
 def evaluate(
     model: Path, precision: str, data: Path, acquisitions: list[str], cases: int = 0
 ) -> dict[str, Any]:
     """Every case of ``data`` (the first ``cases`` when > 0) in every acquisition through a node serving
     ``model``."""
-    from converters.nifti import list_cases
-
-    refs = list_cases(data, require_labels=True)
-    refs = refs[:cases] if cases > 0 else refs
-    workdir = Path(tempfile.mkdtemp(prefix="segnode-holdout-"))
-    receiver = _Receiver()
-    node = _node(workdir, model, precision, receiver)
     rows: list[dict[str, Any]] = []
-    try:
-        for ref in refs:
+    with serving(model, precision) as (node, receiver, workdir):
+        for ref in labelled_cases(data, cases):
             case = ref.load()
             for name in acquisitions:
                 row = _score(node, receiver, case, name, workdir)
                 print(f"{model.name} {precision} {row['case']} {name}: Dice {row['dice']}", flush=True)
                 rows.append(row)
-    finally:
-        node.stop()
-        receiver.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
     means = {
         name: round(float(np.mean([r["dice"] or 0.0 for r in rows if r["acquisition"] == name])), 4)
         for name in acquisitions

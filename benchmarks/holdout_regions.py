@@ -28,9 +28,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -41,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import markdown_table, peak_rss_mib, save_result
-from holdout_node import _node, _Receiver
+from holdout_node import _Receiver, labelled_cases, serving
 
 #: Per series: rotations about x, y, z (degrees) and translation (mm), about the brain's centre.
 MOTIONS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
@@ -125,16 +123,9 @@ def _score(node: Any, receiver: _Receiver, case: Any, name: str, workdir: Path) 
 
 def evaluate(model: Path, precision: str, data: Path, acquisitions: list[str], cases: int) -> dict[str, Any]:
     """Every complete four-sequence case of ``data`` through a node serving ``model`` (and routing)."""
-    from converters.nifti import list_cases
-
-    refs = list_cases(data, require_labels=True)
-    refs = refs[:cases] if cases > 0 else refs
-    workdir = Path(tempfile.mkdtemp(prefix="segnode-holdout-regions-"))
-    receiver = _Receiver()
-    node = _node(workdir, model, precision, receiver)
     rows: list[dict[str, Any]] = []
-    try:
-        for ref in refs:
+    with serving(model, precision) as (node, receiver, workdir):
+        for ref in labelled_cases(data, cases):
             case = ref.load()
             if any(m not in case.images for m in SERIES):
                 print(f"{case.case_id}: not all four sequences, skipped", flush=True)
@@ -143,10 +134,6 @@ def evaluate(model: Path, precision: str, data: Path, acquisitions: list[str], c
                 row = _score(node, receiver, case, name, workdir)
                 print(json.dumps(row), flush=True)
                 rows.append(row)
-    finally:
-        node.stop()
-        receiver.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
     means = {
         name: {r: round(float(np.mean([x[r] for x in rows if x["acquisition"] == name])), 4) for r in REGIONS}
         for name in acquisitions
