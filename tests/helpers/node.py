@@ -10,7 +10,7 @@ import hashlib
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -71,16 +71,32 @@ def make_threshold_model(
     model = ov.Model([logits], [x], name)
     xml = out_dir / "model_fp32.xml"
     ov.save_model(model, str(xml), compress_to_fp16=False)
-    metrics = {
-        "cases": ["synthetic-0"],
-        "split": "validation",
-        "mean": {"dice": 0.8, "jaccard": 0.7, "sensitivity": 0.8, "specificity": 0.99, "hd95": 5.0},
-    }
-    card = {
+    mean = {"dice": 0.8, "jaccard": 0.7, "sensitivity": 0.8, "specificity": 0.99, "hd95": 5.0}
+    card = _test_card(name, version, "whole_tumor", modalities, crop, spacing, xml, mean)
+    card["output"] = {"activation": "sigmoid", "threshold": 0.5}
+    card["labels"] = [WHOLE_TUMOUR_LABEL]
+    card["training"] = {"note": "test model: a fixed threshold, not trained"}
+    (out_dir / "model.json").write_text(json.dumps(card, indent=2))
+    return out_dir
+
+
+def _test_card(
+    name: str,
+    version: str,
+    task: str,
+    modalities: Sequence[str],
+    crop: tuple[int, int],
+    spacing: Sequence[float],
+    xml: Path,
+    mean: dict[str, float],
+) -> dict[str, Any]:
+    """The model.json of a test model: one IR FP32 artifact (``xml``) with made-up validation metrics;
+    the caller adds ``output``, ``labels`` and ``training``."""
+    return {
         "format_version": 1,
         "name": name,
         "version": version,
-        "task": "whole_tumor",
+        "task": task,
         "modalities": list(modalities),
         "preprocessing": {
             "orientation": "RAS",
@@ -89,8 +105,6 @@ def make_threshold_model(
             "normalization": "zscore_nonzero",
             "slice_axis": 2,
         },
-        "output": {"activation": "sigmoid", "threshold": 0.5},
-        "labels": [WHOLE_TUMOUR_LABEL],
         "artifacts": [
             {
                 "key": "ir_fp32",
@@ -98,14 +112,11 @@ def make_threshold_model(
                 "precision": "fp32",
                 "parent": None,
                 "files": [_sha(xml), _sha(xml.with_suffix(".bin"))],
-                "metrics": metrics,
+                "metrics": {"cases": ["synthetic-0"], "split": "validation", "mean": mean},
             }
         ],
-        "training": {"note": "test model: a fixed threshold, not trained"},
         "data_provenance": [],
     }
-    (out_dir / "model.json").write_text(json.dumps(card, indent=2))
-    return out_dir
 
 
 #: The Decathlon tissues of a ``brats_regions`` card, with the codes of db/card.py.
@@ -155,44 +166,11 @@ def make_regions_model(
     logits = ops.add(conv, ops.constant(bias))
     xml = out_dir / "model_fp32.xml"
     ov.save_model(ov.Model([logits], [x], name), str(xml), compress_to_fp16=False)
-    card = {
-        "format_version": 1,
-        "name": name,
-        "version": version,
-        "task": "brats_regions",
-        "modalities": list(modalities),
-        "preprocessing": {
-            "orientation": "RAS",
-            "spacing_mm": list(spacing),
-            "crop_size": list(crop),
-            "normalization": "zscore_nonzero",
-            "slice_axis": 2,
-        },
-        "output": {"activation": "softmax"},
-        "labels": regions_labels(),
-        "artifacts": [
-            {
-                "key": "ir_fp32",
-                "kind": "ir",
-                "precision": "fp32",
-                "parent": None,
-                "files": [_sha(xml), _sha(xml.with_suffix(".bin"))],
-                "metrics": {
-                    "cases": ["synthetic-0"],
-                    "split": "validation",
-                    "mean": {
-                        "dice": 0.5,
-                        "jaccard": 0.4,
-                        "sensitivity": 0.5,
-                        "specificity": 0.99,
-                        "hd95": 9.0,
-                    },
-                },
-            }
-        ],
-        "training": {"note": "test model: fixed per-channel thresholds (a 1x1 convolution), not trained"},
-        "data_provenance": [],
-    }
+    mean = {"dice": 0.5, "jaccard": 0.4, "sensitivity": 0.5, "specificity": 0.99, "hd95": 9.0}
+    card = _test_card(name, version, "brats_regions", modalities, crop, spacing, xml, mean)
+    card["output"] = {"activation": "softmax"}
+    card["labels"] = regions_labels()
+    card["training"] = {"note": "test model: fixed per-channel thresholds (a 1x1 convolution), not trained"}
     (out_dir / "model.json").write_text(json.dumps(card, indent=2))
     return out_dir
 
