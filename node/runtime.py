@@ -230,6 +230,13 @@ class ModelRuntime(ActiveModel[LoadedModel]):
         segmenter = OpenVINOSegmenter(info.card, xml, device=self.device, batch_size=self.batch_size)
         return LoadedModel(info=info, card=dict(info.card), segmenter=segmenter)
 
+    def release_memory(self) -> None:
+        """Hand the serving model's intermediate buffers back to the system (between jobs)."""
+        loaded = self._current
+        if loaded is not None:
+            with loaded.lock:
+                loaded.segmenter.release_memory()
+
 
 class BrainExtractorRuntime(ActiveModel[LoadedExtractor]):
     """Keeps the active ``brain_extraction`` model compiled; thread-safe.

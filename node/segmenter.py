@@ -21,6 +21,7 @@ from converters.prediction import DEFAULT_RESTORE, segment_to_grid
 from converters.preprocess import Prepared, prepare_volume
 from db.card import check_card
 from node.exceptions import ModelLoadError
+from node.memory import release_compiled
 
 if TYPE_CHECKING:
     import openvino as ov
@@ -133,6 +134,13 @@ class OpenVINOSegmenter:
             "compiled %s on %s (batch %d, %s)",
             model_xml.name, device, batch_size, "static" if self.static_batch else "dynamic",
         )
+
+    def release_memory(self) -> None:
+        """Hand OpenVINO's intermediate buffers back (they are allocated again by the next inference).
+
+        Called between jobs (:func:`node.runtime.release_idle_memory`), never during an inference.
+        """
+        release_compiled(self._compiled)
 
     def predict(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         """Raw network outputs (logits) for a batch of slices (N, C, H, W), any N."""

@@ -21,6 +21,7 @@ from db.session import make_engine, make_session_factory, upgrade
 from node.bootstrap import bootstrap_default_model
 from node.config import Settings
 from node.exceptions import NodeError
+from node.memory import trim_heap
 from node.metrics import MetricsServer, NodeMetrics
 from node.pipeline import JobContext, run_job
 from node.runtime import BrainExtractorRuntime, ModelRuntime, check_device
@@ -241,6 +242,9 @@ class NodeService:
             return False
         logger.info("job %d claimed", job_id)
         run_job(self.context, job_id)
+        for runtime in self.runtimes.values():  # idle until the next study: give the buffers back
+            runtime.release_memory()
+        trim_heap()
         return True
 
     def _send_loop(self) -> None:
