@@ -3,7 +3,7 @@ SR there, and OHIF's built viewer served by a small HTTP server that also proxie
 
 ``python deploy/viewer/stack.py`` (``make viewer``) starts it for a person: the shipped demo case goes
 PACS -> node -> PACS, and the URL of the study in OHIF is printed; Ctrl-C stops everything.
-tests/viewer/test_ohif.py starts the same pieces and drives Chromium through them.
+The tests in tests/viewer/ start the same pieces and drive Chromium through them.
 """
 
 from __future__ import annotations
