@@ -1,28 +1,31 @@
 // Drive OHIF in Debian's Chromium (headless, playwright-core) the way a reader would, and report what the
-// page shows; tests/viewer/test_ohif.py judges it. Nothing here knows what the SEG contains.
+// page shows; the tests in tests/viewer/ judge it. Nothing here knows what the SEG contains.
 //
-//   node drive.mjs VIEWER_URL STUDY_UID OUT_DIR INSTANCE_NUMBER...
+//   node drive.mjs [--no-sr] VIEWER_URL STUDY_UID OUT_DIR INSTANCE_NUMBER...
 //
 // Opens the study, double-clicks the SEG thumbnail and answers "Yes" to open it, opens the segmentation
 // panel, then for each InstanceNumber scrolls with the arrow keys until the viewport overlay shows it and
 // saves a screenshot of the viewport once it has stopped changing (and one of the whole page on the last).
 // Then shows the SR's NumericValue items in OHIF's DICOM Tag Browser, double-clicks the SR thumbnail and
-// opens the measurement panel.
+// opens the measurement panel (not with --no-sr).
 // Writes OUT_DIR/report.json:
 //   {segmentationPanel, slices: [{instance, overlay, png, clip}], srViewport, measurementPanel,
-//    srWarnings, srTagBrowser, pageErrors, consoleErrors, timings}
+//    srWarnings, srTagBrowser, pageErrors, consoleErrors, failedRequests (status, method, URL; the first
+//    20), timings}
 import fs from 'node:fs';
 import path from 'node:path';
 import { chromium } from 'playwright-core';
 
-const [viewerUrl, studyUid, outDir, ...instances] = process.argv.slice(2);
-if (!viewerUrl || !studyUid || !outDir) {
-  console.error('usage: node drive.mjs VIEWER_URL STUDY_UID OUT_DIR INSTANCE_NUMBER...');
+const args = process.argv.slice(2);
+const flags = new Set(args.filter(a => a.startsWith('--')));
+const [viewerUrl, studyUid, outDir, ...instances] = args.filter(a => !a.startsWith('--'));
+if (!viewerUrl || !studyUid || !outDir || [...flags].some(f => f !== '--no-sr')) {
+  console.error('usage: node drive.mjs [--no-sr] VIEWER_URL STUDY_UID OUT_DIR INSTANCE_NUMBER...');
   process.exit(2);
 }
 const STEP_MS = Number(process.env.VIEWER_STEP_TIMEOUT_MS || 60000);
 fs.mkdirSync(outDir, { recursive: true });
-const report = { slices: [], pageErrors: [], consoleErrors: [], srWarnings: [], timings: {} };
+const report = { slices: [], pageErrors: [], consoleErrors: [], failedRequests: [], srWarnings: [], timings: {} };
 const t0 = Date.now();
 const mark = name => { report.timings[name] = (Date.now() - t0) / 1000; };
 
@@ -111,6 +114,11 @@ try {
   // The first-visit guided tour would cover the viewport.
   await page.addInitScript(() => localStorage.setItem('shownTours', JSON.stringify(['basicViewerTour'])));
   page.on('pageerror', e => report.pageErrors.push(e.message.slice(0, 500)));
+  page.on('response', r => {
+    if (r.status() >= 400 && report.failedRequests.length < 20) {
+      report.failedRequests.push(`${r.status()} ${r.request().method()} ${r.url().slice(0, 300)}`);
+    }
+  });
   page.on('console', m => {
     if (m.type() === 'error') report.consoleErrors.push(m.text().slice(0, 500));
     if (m.type() === 'warning' && /SCOORD|\bSR\b|structured report/i.test(m.text())) {
@@ -150,30 +158,32 @@ try {
   // The whole page on the last requested slice.
   await page.screenshot({ path: path.join(outDir, 'page-seg.png') });
 
-  // OHIF's DICOM Tag Browser on the SR series, searched for NumericValue: what OHIF read from the SR.
-  await page.locator('[data-cy="MoreTools-split-button-secondary"]').click();
-  await page.getByText('DICOM Tag Browser', { exact: true }).click();
-  const dialog = page.getByRole('dialog');
-  await dialog.getByRole('combobox').first().click();
-  await page.getByRole('option', { name: /\(SR\)/ }).click();
-  await dialog.getByPlaceholder('Search metadata').fill('NumericValue');
-  await dialog.getByText('NumericValue', { exact: true }).first().waitFor();
-  await stableShot(page, dialog, path.join(outDir, 'dialog-sr-tags.png'));
-  await page.screenshot({ path: path.join(outDir, 'page-sr-tags.png') });
-  report.srTagBrowser = await dialog.innerText();
-  mark('sr_tag_browser');
-  await dialog.getByRole('button', { name: 'Close' }).click();
-  await dialog.waitFor({ state: 'detached' });
+  if (!flags.has('--no-sr')) {
+    // OHIF's DICOM Tag Browser on the SR series, searched for NumericValue: what OHIF read from the SR.
+    await page.locator('[data-cy="MoreTools-split-button-secondary"]').click();
+    await page.getByText('DICOM Tag Browser', { exact: true }).click();
+    const dialog = page.getByRole('dialog');
+    await dialog.getByRole('combobox').first().click();
+    await page.getByRole('option', { name: /\(SR\)/ }).click();
+    await dialog.getByPlaceholder('Search metadata').fill('NumericValue');
+    await dialog.getByText('NumericValue', { exact: true }).first().waitFor();
+    await stableShot(page, dialog, path.join(outDir, 'dialog-sr-tags.png'));
+    await page.screenshot({ path: path.join(outDir, 'page-sr-tags.png') });
+    report.srTagBrowser = await dialog.innerText();
+    mark('sr_tag_browser');
+    await dialog.getByRole('button', { name: 'Close' }).click();
+    await dialog.waitFor({ state: 'detached' });
 
-  const srThumb = thumbnail('SR');
-  await srThumb.first().dblclick();
-  await page.locator('[data-cy="trackedMeasurements-btn"]').click();
-  await panel.getByText('Measurements').first().waitFor();
-  await stableShot(page, viewport, path.join(outDir, 'viewport-sr.png'));
-  await page.screenshot({ path: path.join(outDir, 'page-sr.png') });
-  report.srViewport = await viewport.innerText();
-  report.measurementPanel = await panel.innerText();
-  mark('sr_opened');
+    const srThumb = thumbnail('SR');
+    await srThumb.first().dblclick();
+    await page.locator('[data-cy="trackedMeasurements-btn"]').click();
+    await panel.getByText('Measurements').first().waitFor();
+    await stableShot(page, viewport, path.join(outDir, 'viewport-sr.png'));
+    await page.screenshot({ path: path.join(outDir, 'page-sr.png') });
+    report.srViewport = await viewport.innerText();
+    report.measurementPanel = await panel.innerText();
+    mark('sr_opened');
+  }
 } catch (err) {
   report.error = String(err && err.stack ? err.stack : err).slice(0, 2000);
   if (page) await page.screenshot({ path: path.join(outDir, 'page-error.png') }).catch(() => {});

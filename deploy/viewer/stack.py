@@ -3,7 +3,7 @@ SR there, and OHIF's built viewer served by a small HTTP server that also proxie
 
 ``python deploy/viewer/stack.py`` (``make viewer``) starts it for a person: the shipped demo case goes
 PACS -> node -> PACS, and the URL of the study in OHIF is printed; Ctrl-C stops everything.
-tests/viewer/test_ohif.py starts the same pieces and drives Chromium through them.
+The tests in tests/viewer/ start the same pieces and drive Chromium through them.
 """
 
 from __future__ import annotations
@@ -26,12 +26,18 @@ import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from converters.dicom_writer import StudyInfo
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 OHIF_DIST = HERE / "ohif"
 APP_CONFIG = HERE / "app-config.js"
+#: The shipped whole-tumour model, and the ``brats_regions`` candidate an administrator may add to it.
+DEFAULT_MODEL = REPO / "models" / "default"
+REGIONS_MODEL = REPO / "models" / "candidates" / "segnode-brats-regions-1.0.0"
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 #: Paths the viewer server forwards to Orthanc (DICOMweb: QIDO-RS, WADO-RS, STOW-RS; WADO-URI).
 PROXIED = ("/dicom-web/", "/wado")
@@ -239,9 +245,11 @@ class ViewerServer:
         self.thread.join(10)
 
 
-def start_node(workdir: Path, node_port: int, orthanc_dicom_port: int, model_dir: Path) -> Any:
-    """A segnode NodeService on loopback (AE SEGNODE) with ``model_dir``'s IR (INT8 first) promoted,
-    sending SEG and SR to Orthanc; started."""
+def start_node(workdir: Path, node_port: int, orthanc_dicom_port: int, model_dirs: Sequence[Path]) -> Any:
+    """A segnode NodeService on loopback (AE SEGNODE) with each of ``model_dirs``' IR (INT8 first)
+    promoted, sending SEG and SR to Orthanc; started. The node routes a study to the most capable of
+    them whose series are present (a four-series study to a ``brats_regions`` model, when one is given)."""
+    from node.bootstrap import install_and_promote
     from node.config import Destination, Settings
     from node.service import NodeService
 
@@ -256,9 +264,8 @@ def start_node(workdir: Path, node_port: int, orthanc_dicom_port: int, model_dir
     settings.metrics.port = 0
     settings.destinations = [Destination("orthanc", "ORTHANC", "127.0.0.1", orthanc_dicom_port)]
     node = NodeService(settings)
-    infos = node.registry.import_dir(model_dir, by="viewer stack")
-    irs = sorted((i for i in infos if i.kind == "ir"), key=lambda i: i.precision != "int8")
-    node.registry.promote(irs[0].id, by="viewer stack", reason="viewer stack")
+    for model_dir in model_dirs:
+        install_and_promote(node.registry, model_dir, by="viewer stack", reason="viewer stack")
     node.start()
     return node
 
@@ -266,12 +273,17 @@ def start_node(workdir: Path, node_port: int, orthanc_dicom_port: int, model_dir
 def push_case(
     orthanc: OrthancWeb, case_dir: Path, out: Path, modalities: Sequence[str] | None, timeout: float = 300
 ) -> tuple[str, str]:
-    """Convert ``case_dir`` to a DICOM study, upload it to Orthanc, and have Orthanc C-STORE it to the
-    node; wait until the node's SEG and SR are in Orthanc. Returns (StudyInstanceUID, Orthanc study id)."""
+    """Convert ``case_dir`` to a DICOM study and :func:`push_study` it. Returns (StudyInstanceUID,
+    Orthanc study id)."""
     from converters.dicom_writer import write_study
     from converters.nifti import load_case
 
-    study = write_study(load_case(case_dir), out, modalities=modalities)
+    return push_study(orthanc, write_study(load_case(case_dir), out, modalities=modalities), timeout)
+
+
+def push_study(orthanc: OrthancWeb, study: StudyInfo, timeout: float = 300) -> tuple[str, str]:
+    """Upload ``study``'s files to Orthanc and have Orthanc C-STORE the study to the node; wait until the
+    node's SEG and SR are in Orthanc. Returns (StudyInstanceUID, Orthanc study id)."""
     for files in study.files.values():
         for path in files:
             orthanc.post("/instances", path.read_bytes())
@@ -291,15 +303,20 @@ def push_case(
 
 @contextlib.contextmanager
 def running_stack(
-    workdir: Path, *, orthanc_program: str = "Orthanc", viewer_port: int = 0
+    workdir: Path,
+    *,
+    orthanc_program: str = "Orthanc",
+    viewer_port: int = 0,
+    models: Sequence[Path] = (DEFAULT_MODEL,),
 ) -> Iterator[tuple[OrthancWeb, ViewerServer, Any]]:
-    """Orthanc (DICOMweb) + the viewer server + the node with the shipped model, all stopped on exit."""
+    """Orthanc (DICOMweb) + the viewer server + the node with ``models`` (default: the shipped model)
+    promoted, all stopped on exit."""
     node_port = free_port()
     orthanc = OrthancWeb(workdir / "orthanc", orthanc_program, node_port)
     viewer = node = None
     try:
         viewer = ViewerServer(orthanc.http, viewer_port)
-        node = start_node(workdir / "node", node_port, orthanc.dicom, REPO / "models" / "default")
+        node = start_node(workdir / "node", node_port, orthanc.dicom, models)
         yield orthanc, viewer, node
     finally:
         if node is not None:
@@ -315,7 +332,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=9042, help="viewer HTTP port (default 9042)")
     parser.add_argument("--case", type=Path, default=REPO / "models" / "demo_case" / "BraTS2021_00003")
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary directory")
+    parser.add_argument(
+        "--regions",
+        action="store_true",
+        help=f"also promote the brats_regions candidate ({REGIONS_MODEL.relative_to(REPO)}): the four-series "
+        "study gets a segment per tissue",
+    )
     args = parser.parse_args(argv)
+    from db.exceptions import RegistryError
+    from node.exceptions import NodeError
+
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     orthanc_program = shutil.which("Orthanc") or shutil.which("Orthanc", path="/usr/sbin")
     if orthanc_program is None:
@@ -326,7 +352,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started with SIGINT ignored
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="segnode-viewer-"))
     try:
-        with running_stack(workdir, orthanc_program=orthanc_program, viewer_port=args.port) as stack:
+        models = (DEFAULT_MODEL, REGIONS_MODEL) if args.regions else (DEFAULT_MODEL,)
+        with running_stack(
+            workdir, orthanc_program=orthanc_program, viewer_port=args.port, models=models
+        ) as stack:
             orthanc, viewer, _ = stack
             print(f"viewer: Orthanc {orthanc.url} (DICOM port {orthanc.dicom}); OHIF {viewer.url}/")
             print(f"viewer: sending {args.case.name} PACS -> node -> PACS ...", flush=True)
@@ -336,7 +365,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             stop.wait()
     except KeyboardInterrupt:
         pass
-    except (OSError, RuntimeError, TimeoutError) as exc:
+    except (OSError, RuntimeError, TimeoutError, NodeError, RegistryError) as exc:
         print(f"viewer: {exc}", file=sys.stderr)
         return 1
     finally:

@@ -29,9 +29,13 @@ MOTIONS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]
 }
 
 
-def brats_case(name: str = "BraTS2021_00005", margin: int = 6) -> Case:
+def brats_case(name: str = "BraTS2021_00005", margin: int = 6, multiple: int = 1) -> Case:
     """A complete BraTS training case, cropped to its head's box plus ``margin`` voxels (smaller studies,
-    the same anatomy and world coordinates); skips when the data is not here."""
+    the same anatomy and world coordinates); skips when the data is not here.
+
+    ``multiple``: each side of the box grown (where the volume allows) to a multiple of this many voxels,
+    e.g. 8 for rows and columns as most scanners' matrices have them.
+    """
     folder = BRATS / name
     if not folder.is_dir():
         pytest.skip(f"no BraTS training case at {folder}")
@@ -39,6 +43,9 @@ def brats_case(name: str = "BraTS2021_00005", margin: int = 6) -> Case:
     head = np.any(np.stack([image > 0 for image in case.images.values()]), axis=0)
     lo = np.maximum(np.argwhere(head).min(axis=0) - margin, 0)
     hi = np.minimum(np.argwhere(head).max(axis=0) + margin + 1, head.shape)
+    size = -(-(hi - lo) // multiple) * multiple
+    hi = np.minimum(lo + size, head.shape)
+    lo = np.maximum(hi - size, 0)
     box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
     affine = case.affine.copy()
     affine[:3, 3] = world_points(case.affine, lo[None, :])[0]

@@ -1,5 +1,6 @@
 """SEG segment colours as a viewer decodes them: Recommended Display CIELab Value (PS3.3 C.8.20.2,
-scaled as in C.10.7.1.1) converted back to sRGB with the standard formulas, independently of highdicom.
+scaled as in C.10.7.1.1) converted back to sRGB with the standard formulas, independently of highdicom
+(tests/helpers/viewer.py, where the OHIF tests find the colour they look for on screen).
 
 Found in OHIF (tests/viewer/test_ohif.py): the node passed RGB in 0..1 to highdicom's
 ``CIELabColor.from_rgb``, which takes 0..255, so every segment was written near-black (L* 0.1) and
@@ -16,26 +17,7 @@ import pytest
 from node.preview import COLOURS
 from node.seg import segment_descriptions
 from tests.helpers.peers import REPO
-
-#: D65 white (PS3.3 C.10.7.1.1: CIELab values are relative to the D65 illuminant).
-D65 = np.array([0.95047, 1.0, 1.08883])
-XYZ_TO_LINEAR_SRGB = np.array(
-    [[3.2406, -1.5372, -0.4986], [-0.9689, 1.8758, 0.0415], [0.0557, -0.2040, 1.0570]]
-)
-
-
-def dicom_lab_to_rgb(value: list[int]) -> tuple[float, float, float]:
-    """A DICOM-scaled CIELab triplet (0..65535 each) as sRGB in 0..255."""
-    lightness = value[0] / 65535 * 100
-    a, b = value[1] / 65535 * 255 - 128, value[2] / 65535 * 255 - 128
-    fy = (lightness + 16) / 116
-    f = np.array([fy + a / 500, fy, fy - b / 200])
-    delta = 6 / 29
-    xyz = D65 * np.where(f > delta, f**3, 3 * delta**2 * (f - 4 / 29))
-    linear = np.clip(XYZ_TO_LINEAR_SRGB @ xyz, 0, 1)
-    srgb = np.where(linear <= 0.0031308, 12.92 * linear, 1.055 * linear ** (1 / 2.4) - 0.055)
-    r, g, bl = (float(c) * 255 for c in srgb)
-    return r, g, bl
+from tests.helpers.viewer import dicom_lab_to_rgb
 
 
 def _card(values: list[int]) -> dict[str, object]:
