@@ -44,6 +44,7 @@ bench: $(VENV)/.all-installed
 		echo "== benchmarks/$$b.py"; $(BIN)/python benchmarks/$$b.py || exit 1; done
 	$(BIN)/python benchmarks/brain_extraction.py --grids 256,192 --repeat 3
 	$(BIN)/python benchmarks/registration.py
+	$(BIN)/python benchmarks/node_memory.py
 	$(BIN)/python benchmarks/report.py
 
 clean:

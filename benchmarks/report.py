@@ -20,6 +20,7 @@ NOTES = REPO / "benchmarks" / "notes.md"
 OPTIONAL = [
     ("brain_extraction", "Brain extraction (benchmarks/brain_extraction.py)"),
     ("registration", "Co-registration and a four-series study (benchmarks/registration.py)"),
+    ("node_memory", "The node's memory, served in its own process (benchmarks/node_memory.py)"),
 ]
 SHORT = {
     "torch": "PyTorch eager\nFP32",

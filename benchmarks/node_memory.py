@@ -1,0 +1,177 @@
+"""The node's resident memory as an operator runs it: ``segnode serve`` in its own process, the shipped
+models bootstrapped, two studies received and segmented one after the other.
+
+The resident set of the node's process (``/proc/PID/status``, sampled every 20 ms) is recorded per
+phase: started and idle (models compiled, highdicom tables loaded); receiving a study over one
+association; its job (brain extraction, whole-tumour model, SEG and SR sent); idle after the job;
+receiving a second study over four associations; its job; idle after it. Issue 17 bounds the node's
+peak while receiving (<= 500 MiB); issue 16 the peak of a job (<= 1.5 GiB, four-series studies:
+benchmarks/registration.py). benchmarks/ingest.py runs its nodes inside the benchmark's own process,
+one after another, so its resident set also counts the benchmark and every earlier node; this one does
+not.
+
+Usage: python benchmarks/node_memory.py [--cases A,B] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import REPO, RESULTS_DIR, SHARED_DATA, markdown_table, save_result
+from ingest import send, study_files
+
+#: Issue 17's bound while receiving, issue 16's for a job.
+RECEIVE_TARGET_MIB = 500.0
+JOB_TARGET_MIB = 1.5 * 1024
+DEFAULT_CASES = ("BraTS2021_00005", "BraTS2021_00002")
+
+
+class Sampler:
+    """Samples a process's resident set every ``every_s``; :meth:`phase` starts a new named phase."""
+
+    def __init__(self, pid: int, every_s: float = 0.02) -> None:
+        self.pid = pid
+        self.every_s = every_s
+        self.peaks: dict[str, float] = {}
+        #: At each phase's peak: the resident set's file-backed part (mapped model weights, libraries).
+        self.file_backed: dict[str, float] = {}
+        self.current = "start"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        fields = {}
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "RssFile"):
+                fields[key] = int(value.split()[0]) / 1024
+        name = self.current
+        if fields.get("VmRSS", 0.0) > self.peaks.get(name, 0.0):
+            self.peaks[name] = fields["VmRSS"]
+            self.file_backed[name] = fields.get("RssFile", 0.0)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self._sample()
+
+    def start(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def phase(self, name: str) -> None:
+        """From now on samples count for ``name``; one sample is taken at once."""
+        self.current = name
+        self._sample()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def run(cases: list[Path], work: Path) -> dict[str, Any]:
+    """Two studies through a served node; peak resident set per phase."""
+    from node.config import Destination
+    from tests.helpers.node import CatchingSCP
+    from tests.helpers.ports import free_port
+    from tests.helpers.served import ServedNode, node_toml
+
+    studies = [study_files(case, RESULTS_DIR) for case in cases]
+    catcher = CatchingSCP().start(free_port())
+    port = free_port()
+    config = node_toml(work, port, f"sqlite:///{work / 'node.db'}",
+                       [Destination("pacs", "CATCHER", "127.0.0.1", catcher.port)],
+                       idle=1.0, bootstrap=True)
+    node = ServedNode(config, work / "home", work / "node.log", port).start(timeout=300)
+    assert node.proc is not None
+    sampler = Sampler(node.proc.pid).start()
+    phases: list[tuple[str, str]] = []
+    try:
+        sampler.phase("started, idle")
+        time.sleep(3.0)
+        for number, (files, associations) in enumerate(zip(studies, (1, 4), strict=True), start=1):
+            name = f"receiving study {number} ({len(files)} instances, {associations} association"
+            name += "s)" if associations > 1 else ")"
+            sampler.phase(name)
+            phases.append((name, "receive"))
+            send(files, port, "SEGNODE", associations)
+            job = f"job {number} (brain extraction, whole tumour, SEG + SR sent)"
+            sampler.phase(job)
+            phases.append((job, "job"))
+            wait_for(lambda n=number: sum(d.Modality == "SEG" for d in catcher.received) >= n, 300,
+                     f"the SEG of study {number}")
+            time.sleep(0.5)  # the worker releases the models' buffers after the job
+            idle = f"idle after job {number}"
+            sampler.phase(idle)
+            phases.append((idle, "idle"))
+            time.sleep(2.0)
+    finally:
+        sampler.stop()
+        node.stop()
+        catcher.stop()
+    phases.insert(0, ("started, idle", "idle"))
+    rows = [{"phase": name, "kind": kind, "peak_rss_mib": sampler.peaks[name],
+             "file_backed_mib": sampler.file_backed.get(name, 0.0)} for name, kind in phases]
+    return {"cases": [c.name for c in cases], "rows": rows}
+
+
+def tables(result: dict[str, Any]) -> str:
+    """Markdown: the phases, then the targets."""
+    rows = result["rows"]
+    phases = markdown_table(["phase", "peak RSS of the node process (MiB)", "of which file-backed (MiB)"],
+                            [[r["phase"], f"{r['peak_rss_mib']:.0f}", f"{r['file_backed_mib']:.0f}"]
+                             for r in rows])
+    receive = max(r["peak_rss_mib"] for r in rows if r["kind"] == "receive")
+    job = max(r["peak_rss_mib"] for r in rows if r["kind"] == "job")
+    goals = markdown_table(["target", "measured", "met"], [
+        [f"peak RSS while receiving <= {RECEIVE_TARGET_MIB:.0f} MiB (issue 17)", f"{receive:.0f} MiB",
+         "yes" if receive <= RECEIVE_TARGET_MIB else "NO"],
+        [f"peak RSS of a whole-tumour job <= {JOB_TARGET_MIB:.0f} MiB", f"{job:.0f} MiB",
+         "yes" if job <= JOB_TARGET_MIB else "NO"],
+    ])
+    return (f"`segnode serve` in its own process, shipped models; studies {', '.join(result['cases'])}.\n\n"
+            + phases + "\n\n" + goals)
+
+
+def main() -> int:
+    """Run it; print and save the tables."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", default=",".join(DEFAULT_CASES))
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    cases = [SHARED_DATA / "train" / "brats" / name for name in args.cases.split(",")]
+    missing = [str(c) for c in cases if not c.is_dir()]
+    if missing:
+        print(f"error: no case at {', '.join(missing)}")
+        return 2
+    work = Path(tempfile.mkdtemp(prefix="segnode-bench-memory-"))
+    try:
+        result = run(cases, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    result["markdown"] = tables(result)
+    print(result["markdown"])
+    print(f"saved {save_result('node_memory', result, args.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
