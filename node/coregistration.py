@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -188,11 +189,16 @@ def coregister(
     ref = series[reference]
     out = Coregistered(reference=reference, images={}, affine=ref.affine)
     fixed = prepare_fixed(ref.array, ref.affine, brain_mask, config.settings()) if config.enabled else None
+    moving = [m for m in modalities if m != reference]
+    with ThreadPoolExecutor(max_workers=max(1, min(config.parallel, len(moving) or 1))) as pool:
+        aligned = dict(zip(moving, pool.map(
+            lambda m: align_series(series[m], ref, brain_mask, config, fixed), moving
+        ), strict=True))  # fmt: skip
     for modality in modalities:
         if modality == reference:
             out.images[modality] = ref.array
             continue
-        image, alignment = align_series(series[modality], ref, brain_mask, config, fixed)
+        image, alignment = aligned[modality]
         out.images[modality] = image
         out.alignments[modality] = alignment
         figures = alignment.result

@@ -40,6 +40,7 @@ def test_file_and_env_override(tmp_path: Path, segnode_home: Path) -> None:
         ("[node\n", "not valid TOML"),
         ("[node]\nae_title = 'A_VERY_LONG_AE_TITLE_X'\n", "must be 1-16 ASCII characters"),
         ("[[destinations]]\nname = 'p'\n", "missing ae_title, host, port"),
+        ("[registration]\nparallel = 0\n", "registration.parallel must be at least 1"),
     ],
 )
 def test_bad_config_names_file_and_key(tmp_path: Path, text: str, message: str) -> None:

@@ -25,7 +25,8 @@ from converters.dicom_writer import StudyInfo, write_study
 from converters.registration import RegistrationSettings, displacement_mm, register_rigid
 from converters.synthetic import make_synthetic_case
 from db import job_queue
-from node.config import Destination
+from node.config import Destination, RegistrationConfig
+from node.coregistration import LoadedSeries, coregister
 from node.selection import SeriesSelector, series_info
 from node.sender import store_files
 from node.service import NodeService
@@ -186,6 +187,37 @@ def test_registration_recovers_a_known_misalignment_within_1_mm_at_the_brains_ed
     assert absolute.max() <= 1.5, f"max {absolute.max():.2f} mm"
     assert found.metric_final < found.metric_start
     assert abs(found.edge_displacement_mm - applied.max()) < 1.5
+
+
+def test_series_registered_at_once_give_what_one_after_another_gives() -> None:
+    """``[registration] parallel``: the three series registered in threads at once end where they end
+    one after another (each registration samples with its own fixed seed): same images, same figures."""
+    case = brats_case()
+    moved, _ = misaligned(case)
+    series = {
+        m: LoadedSeries(m, series_info(ds, [], 0), None, image, case.affine, [ds])  # type: ignore[arg-type]
+        for m, image in moved.images.items()
+        for ds in [_series_dataset(m)]
+    }
+    modalities, mask = ["FLAIR", "T1", "T1GD", "T2"], brain_of(case)
+    configs = {n: RegistrationConfig(threads=1, parallel=n) for n in (1, 3)}
+    results = {n: coregister(series, "FLAIR", modalities, mask, config) for n, config in configs.items()}
+    one, three = results[1], results[3]
+    assert set(three.images) == {"FLAIR", "T1", "T1GD", "T2"}
+    for modality in ("T1", "T1GD", "T2"):
+        np.testing.assert_array_equal(one.images[modality], three.images[modality])
+        a, b = one.alignments[modality].result, three.alignments[modality].result
+        assert a is not None and b is not None and three.alignments[modality].ok
+        np.testing.assert_allclose(a.matrix, b.matrix, atol=1e-9)
+        assert a.iterations == b.iterations
+
+
+def _series_dataset(modality: str) -> Dataset:
+    ds = Dataset()
+    ds.SeriesInstanceUID = f"1.2.826.0.1.3680043.8.498.{len(modality)}.{sum(map(ord, modality))}"
+    ds.SeriesDescription = modality
+    ds.FrameOfReferenceUID = "1.2.826.0.1.3680043.8.498.77"  # one frame of reference: the scanner's
+    return ds
 
 
 # -- the node: routing, outputs, fallback ----------------------------------------------------------------
