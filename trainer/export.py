@@ -434,7 +434,14 @@ def export_run(options: ExportOptions, on_step: Callable[[str], None] | None = N
                     "slices_per_epoch",
                     "tumour_fraction",
                     "max_minutes",
+                    # the augmentations that make the model what it is (absent from older checkpoints)
+                    "scanner_augment",
+                    "channel_dropout",
+                    "optional_modalities",
+                    "crop_size",
+                    "patience",
                 )
+                if k in state["train_config"]
             },
         },
         "export_checks": checks,

@@ -119,6 +119,10 @@ def test_card_lineage_metrics_and_registry(exported: tuple[Path, dict, str], run
         on_disk["calibration"]["subset_size"] == 40 and on_disk["calibration"]["source"] == "training split"
     )
     assert on_disk["training"]["split"]["val"] == split["val"]
+    run_config = json.loads((run_dir / "run.json").read_text())["config"]
+    options = on_disk["training"]["options"]
+    for key in ("scanner_augment", "channel_dropout", "optional_modalities", "crop_size", "patience"):
+        assert options[key] == run_config[key], key  # how the model was made, augmentations included
     assert (out / "NOTICE").is_file()
     engine = make_engine(db_url)
     try:
