@@ -24,6 +24,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -284,9 +285,9 @@ def push_case(
 def push_study(orthanc: OrthancWeb, study: StudyInfo, timeout: float = 300) -> tuple[str, str]:
     """Upload ``study``'s files to Orthanc and have Orthanc C-STORE the study to the node; wait until the
     node's SEG and SR are in Orthanc. Returns (StudyInstanceUID, Orthanc study id)."""
-    for files in study.files.values():
-        for path in files:
-            orthanc.post("/instances", path.read_bytes())
+    paths = [path for files in study.files.values() for path in files]
+    with ThreadPoolExecutor(max_workers=4) as pool:  # Orthanc stores uploads in parallel; one by one is slow
+        list(pool.map(lambda path: orthanc.post("/instances", path.read_bytes()), paths))
     [orthanc_study] = orthanc.post("/tools/lookup", study.study_instance_uid.encode())
     study_id = str(orthanc_study["ID"])
     result = orthanc.post("/modalities/segnode/store", study_id.encode())
