@@ -106,7 +106,7 @@ def end_to_end(study_dir: Path, model: Path | None, workdir: Path, threads: int)
     from node.config import Destination
     from node.service import NodeService
     from tests.helpers.dcmtk import storescu
-    from tests.helpers.node import CatchingSCP, install_model, make_regions_model, node_settings
+    from tests.helpers.node import CatchingSCP, make_regions_model, node_settings
     from tests.helpers.ports import free_port
 
     regions = model or make_regions_model(workdir / "regions-model", crop=(192, 192))
@@ -122,7 +122,7 @@ def end_to_end(study_dir: Path, model: Path | None, workdir: Path, threads: int)
     node = NodeService(settings)
     install_and_promote(node.registry, SHIPPED_BRAIN_EXTRACTOR_DIR, by="bench", reason="bench")
     install_and_promote(node.registry, SHIPPED_MODEL_DIR, by="bench", reason="bench")
-    install_model(node.registry, regions)
+    install_and_promote(node.registry, regions, by="bench", reason="bench")  # INT8 first, as a node runs it
     node.start()
     try:
         start = time.perf_counter()
