@@ -363,7 +363,7 @@ def targets(rows: Sequence[dict[str, Any]], peak_rss_mib: float = 0.0, idle_rss_
                     "yes" if ratio >= 1.5 else "NO"])
     if peak_rss_mib:
         out.append([f"node peak RSS while receiving <= {RSS_TARGET_MIB:.0f} MiB (whole benchmark process, "
-                    "node with its two models loaded)",
+                    "every node row of the run in it; the node's own process: benchmarks/node_memory.py)",
                     f"{peak_rss_mib:.0f} MiB ({idle_rss_mib:.0f} MiB started and idle, "
                     f"+{peak_rss_mib - idle_rss_mib:.0f} MiB receiving)",
                     "yes" if peak_rss_mib <= RSS_TARGET_MIB else "NO"])
