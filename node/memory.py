@@ -6,6 +6,9 @@ about 450 MiB, more than the rest of the node), and glibc keeps freed heap pages
 needed between jobs: :func:`release_compiled` hands a compiled model's buffers back
 (``CompiledModel.release_memory``; the next inference allocates them again, ~0.1 s for the brain
 network) and :func:`trim_heap` returns free heap pages to the system (``malloc_trim``).
+:func:`limit_arenas` caps glibc's malloc arenas for ``segnode serve``: each of the node's many threads
+(associations, spool writers, worker, sender) would otherwise get an arena of its own, and the freed
+pages scattered over them stay mapped (measured: ~30 MiB less after a job with 2 arenas).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import ctypes
 import ctypes.util
 import functools
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +46,21 @@ def _libc() -> Any:
     except OSError:
         return None
     return libc if hasattr(libc, "malloc_trim") else None
+
+
+#: glibc's mallopt parameter number of M_ARENA_MAX (malloc.h).
+M_ARENA_MAX = -8
+#: Arenas for the node process: the usual cap for multi-threaded servers (glibc's default is 8 per core).
+NODE_ARENAS = 2
+
+
+def limit_arenas(arenas: int = NODE_ARENAS) -> bool:
+    """Cap glibc's malloc arenas (``mallopt(M_ARENA_MAX)``; ``MALLOC_ARENA_MAX`` in the environment
+    wins). Call before threads start. False where there is no glibc or it refused."""
+    libc = _libc()
+    if libc is None or os.environ.get("MALLOC_ARENA_MAX"):
+        return False
+    return bool(libc.mallopt(M_ARENA_MAX, int(arenas)))
 
 
 def trim_heap() -> bool:

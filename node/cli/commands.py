@@ -37,8 +37,10 @@ def serve(config: Path | None = CONFIG_OPTION) -> None:
     """Run the node: DICOM SCP, workers, sender, /metrics and /healthz, until SIGINT or SIGTERM."""
     from node.config import load_settings
     from node.log_scrub import install as scrub_library_logs
+    from node.memory import limit_arenas
     from node.service import NodeService
 
+    limit_arenas()  # before the node's threads start (node/memory.py)
     scrub_library_logs()
     settings = load_settings(config)
     service = NodeService(settings)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from node.brain_extraction import BrainExtractor
 from node.memory import rss_mib, trim_heap
 from node.segmenter import OpenVINOSegmenter
 from tests.helpers.node import make_threshold_model
+from tests.helpers.peers import REPO
 from tests.helpers.regions import brats_case
 
 #: The brain network's buffers on its 256³ grid are ~450 MiB (measured 2026-12-02: an extraction left
@@ -37,6 +39,17 @@ def test_rss_of_self_and_of_no_process() -> None:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="malloc_trim is glibc's")
 def test_trim_heap_runs_on_glibc() -> None:
     assert trim_heap() is True
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's")
+def test_arena_cap_is_set_unless_the_environment_sets_it() -> None:
+    code = "from node.memory import limit_arenas; print(limit_arenas())"
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
+    env["PYTHONPATH"] = str(REPO)
+    run = [sys.executable, "-c", code]
+    assert subprocess.run(run, env=env, capture_output=True, text=True, check=True).stdout.strip() == "True"
+    env["MALLOC_ARENA_MAX"] = "4"  # an operator's setting wins
+    assert subprocess.run(run, env=env, capture_output=True, text=True, check=True).stdout.strip() == "False"
 
 
 def test_segmenter_answers_the_same_after_a_release(tmp_path: Path) -> None:
