@@ -126,10 +126,9 @@ NODE_IDLE_RSS_MIB = [0.0]
 
 def rss_mib() -> float:
     """This process's resident set now, MiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+    from node.memory import rss_mib as node_rss_mib
+
+    return node_rss_mib()
 
 
 def _sample_rss(stop: threading.Event, every_s: float = 0.02) -> None:

@@ -21,7 +21,6 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,11 +48,9 @@ class Sampler:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _sample(self) -> None:
-        fields = {}
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "RssFile"):
-                fields[key] = int(value.split()[0]) / 1024
+        from node.memory import memory_status_mib
+
+        fields = memory_status_mib(self.pid)
         name = self.current
         if fields.get("VmRSS", 0.0) > self.peaks.get(name, 0.0):
             self.peaks[name] = fields["VmRSS"]
@@ -77,20 +74,13 @@ class Sampler:
         self._thread.join()
 
 
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.05)
-
-
 def run(cases: list[Path], work: Path) -> dict[str, Any]:
     """Two studies through a served node; peak resident set per phase."""
     from node.config import Destination
     from tests.helpers.node import CatchingSCP
     from tests.helpers.ports import free_port
     from tests.helpers.served import ServedNode, node_toml
+    from tests.helpers.waiting import wait_until
 
     studies = [study_files(case, RESULTS_DIR) for case in cases]
     catcher = CatchingSCP().start(free_port())
@@ -101,21 +91,20 @@ def run(cases: list[Path], work: Path) -> dict[str, Any]:
     node = ServedNode(config, work / "home", work / "node.log", port).start(timeout=300)
     assert node.proc is not None
     sampler = Sampler(node.proc.pid).start()
-    phases: list[tuple[str, str]] = []
+    phases: list[tuple[str, str]] = [("started, idle", "idle")]
     try:
         sampler.phase("started, idle")
         time.sleep(3.0)
         for number, (files, associations) in enumerate(zip(studies, (1, 4), strict=True), start=1):
-            name = f"receiving study {number} ({len(files)} instances, {associations} association"
-            name += "s)" if associations > 1 else ")"
+            name = f"receiving study {number} ({len(files)} instances, {associations} association(s))"
             sampler.phase(name)
             phases.append((name, "receive"))
             send(files, port, "SEGNODE", associations)
             job = f"job {number} (brain extraction, whole tumour, SEG + SR sent)"
             sampler.phase(job)
             phases.append((job, "job"))
-            wait_for(lambda n=number: sum(d.Modality == "SEG" for d in catcher.received) >= n, 300,
-                     f"the SEG of study {number}")
+            wait_until(lambda n=number: sum(d.Modality == "SEG" for d in catcher.received) >= n, 300,
+                       f"the SEG of study {number}")
             time.sleep(0.5)  # the worker releases the models' buffers after the job
             idle = f"idle after job {number}"
             sampler.phase(idle)
@@ -125,7 +114,6 @@ def run(cases: list[Path], work: Path) -> dict[str, Any]:
         sampler.stop()
         node.stop()
         catcher.stop()
-    phases.insert(0, ("started, idle", "idle"))
     rows = [{"phase": name, "kind": kind, "peak_rss_mib": sampler.peaks[name],
              "file_backed_mib": sampler.file_backed.get(name, 0.0)} for name, kind in phases]
     return {"cases": [c.name for c in cases], "rows": rows}

@@ -190,7 +190,7 @@ def coregister(
     out = Coregistered(reference=reference, images={}, affine=ref.affine)
     fixed = prepare_fixed(ref.array, ref.affine, brain_mask, config.settings()) if config.enabled else None
     moving = [m for m in modalities if m != reference]
-    with ThreadPoolExecutor(max_workers=max(1, min(config.parallel, len(moving) or 1))) as pool:
+    with ThreadPoolExecutor(max_workers=max(1, min(config.parallel, len(moving)))) as pool:
         aligned = dict(zip(moving, pool.map(
             lambda m: align_series(series[m], ref, brain_mask, config, fixed), moving
         ), strict=True))  # fmt: skip

@@ -72,13 +72,21 @@ def trim_heap() -> bool:
     return True
 
 
-def rss_mib(pid: int | str = "self") -> float:
-    """Resident set of a process (default: this one) in MiB, from ``/proc``; 0.0 where unreadable."""
+def memory_status_mib(pid: int | str = "self") -> dict[str, float]:
+    """The ``kB`` fields of ``/proc/PID/status`` (VmRSS, RssAnon, RssFile, VmHWM...) in MiB; empty
+    where unreadable."""
     try:
         text = Path(f"/proc/{pid}/status").read_text()
     except OSError:
-        return 0.0
+        return {}
+    out = {}
     for line in text.splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+        key, _, value = line.partition(":")
+        if value.strip().endswith(" kB"):
+            out[key] = int(value.split()[0]) / 1024
+    return out
+
+
+def rss_mib(pid: int | str = "self") -> float:
+    """Resident set of a process (default: this one) in MiB, from ``/proc``; 0.0 where unreadable."""
+    return memory_status_mib(pid).get("VmRSS", 0.0)

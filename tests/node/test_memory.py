@@ -71,7 +71,6 @@ def test_brain_extraction_leaves_no_network_buffers_behind() -> None:
     before = rss_mib()
     first = extractor.extract(image, affine)
     second = extractor.extract(image, affine)  # buffers allocated again, and released again
-    del image
     trim_heap()
     grown = rss_mib() - before
     np.testing.assert_array_equal(first, second)
