@@ -33,7 +33,10 @@ class NodeSettings:
     spool_dir: str = ""  # empty: <var>/spool
     study_idle_seconds: float = 10.0
     allowed_calling_aes: list[str] = field(default_factory=list)
-    max_associations: int = 10
+    max_associations: int = 10  # per receiving process
+    # Processes accepting C-STOREs on the port (node/receivers.py): 1 is the node's own process only;
+    # more let associations run on more cores (SO_REUSEPORT), each process ~100 MiB.
+    receivers: int = 1
     min_free_disk_mb: int = 500
     inference_device: str = "CPU"
     workers: int = 1
@@ -338,6 +341,8 @@ def _validate(settings: Settings, where: str) -> None:
             raise ConfigError(f"{where}: {name} {port} is not a TCP port")
     if settings.node.max_associations < 1:
         raise ConfigError(f"{where}: node.max_associations must be at least 1")
+    if not 1 <= settings.node.receivers <= 64:
+        raise ConfigError(f"{where}: node.receivers must be between 1 and 64, not {settings.node.receivers}")
     for dest in settings.destinations:
         if not 1 <= len(dest.ae_title) <= 16:
             raise ConfigError(

@@ -10,6 +10,7 @@ row committed; otherwise a failure status (PS3.4 B.2.3) tells the PACS to keep i
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 import threading
 import time
@@ -28,6 +29,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     Verification,
 )
 from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.utils import make_target
 
 from db import instances
 from db.exceptions import DatabaseOperationError, DatabaseUnavailableError
@@ -60,6 +62,17 @@ MAX_PDU_BYTES = 262144
 KEPT_SOP_CLASSES: frozenset[str] = frozenset(
     {str(MRImageStorage), str(EnhancedMRImageStorage), str(LegacyConvertedEnhancedMRImageStorage)}
 )
+
+
+class SharedPortServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server with ``SO_REUSEPORT`` set before the bind, so that several node
+    processes listen on one port and the kernel spreads incoming associations over them."""
+
+    def server_bind(self) -> None:
+        """Set ``SO_REUSEPORT``, then bind as pynetdicom does."""
+        if self.socket is not None:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
 
 
 @dataclass
@@ -131,6 +144,9 @@ class StorageSCP:
         Counters to update.
     tls:
         ``[tls]``: when enabled the SCP speaks DICOM over TLS.
+    shared_port:
+        Listen with ``SO_REUSEPORT``: other node processes (``[node] receivers``) accept on the same
+        port.
     """
 
     def __init__(
@@ -139,8 +155,10 @@ class StorageSCP:
         session_factory: SessionFactory,
         metrics: NodeMetrics | None = None,
         tls: TLSSettings | None = None,
+        shared_port: bool = False,
     ) -> None:
         self.settings = settings
+        self.shared_port = shared_port
         self.committer = GroupCommitter(session_factory)
         self.metrics = metrics if metrics is not None else NodeMetrics()
         self.tls = tls
@@ -207,18 +225,38 @@ class StorageSCP:
             (evt.EVT_CONN_CLOSE, self._on_association_end),
         ]
         try:
-            self.server = self.ae.start_server(
-                (self.settings.host, self.settings.port),
-                block=False,
-                evt_handlers=handlers,
-                ssl_context=self._ssl_context(),
-            )
+            self.server = self._serve(handlers)
         except OSError as exc:
             raise NodeError(
                 f"node.port: cannot listen on {self.settings.host}:{self.settings.port}: "
                 f"{exc.strerror or exc}"
             ) from None
         logger.info("SCP %s listening on %s:%d", self.settings.ae_title, self.settings.host, self.port)
+
+    def _serve(self, handlers: list[Any]) -> ThreadedAssociationServer:
+        """Bind and serve in a background thread: pynetdicom's ``start_server(block=False)``, with
+        :class:`SharedPortServer` when other processes listen on the port too."""
+        if not self.shared_port:
+            server = self.ae.start_server(
+                (self.settings.host, self.settings.port),
+                block=False,
+                evt_handlers=handlers,
+                ssl_context=self._ssl_context(),
+            )
+            assert server is not None  # block=False returns the server
+            return server
+        server = self.ae.make_server(
+            (self.settings.host, self.settings.port),
+            evt_handlers=handlers,
+            ssl_context=self._ssl_context(),
+            server_class=SharedPortServer,
+        )
+        thread = threading.Thread(
+            target=make_target(server.serve_forever), name="AcceptorServer-shared", daemon=True
+        )
+        thread.start()
+        self.ae._servers.append(server)  # so that ae.shutdown() closes it, as for start_server's
+        return server
 
     def stop(self) -> None:
         """Stop listening and close open associations."""

@@ -1,4 +1,5 @@
-"""``segnode serve``: the SCP, worker threads, the sender and the metrics endpoint in one process.
+"""``segnode serve``: the SCP, worker threads, the sender and the metrics endpoint in one process
+(with ``[node] receivers`` > 1, more processes receive on the same port: node/receivers.py).
 
 Start-up order: the inference device checked (an absent device is a start-up error, and leaves the
 database untouched), database upgraded to head, jobs left running by a dead process queued again, the
@@ -24,6 +25,7 @@ from node.exceptions import NodeError
 from node.memory import trim_heap
 from node.metrics import MetricsServer, NodeMetrics
 from node.pipeline import JobContext, run_job
+from node.receivers import ReceiverPool
 from node.runtime import BrainExtractorRuntime, ModelRuntime, check_device
 from node.scp import StorageSCP
 from node.selection import SeriesSelector
@@ -79,7 +81,8 @@ class NodeService:
         }
         self.runtime = self.runtimes[node.task]
         self.brain_runtime = BrainExtractorRuntime(self.registry, node.inference_device)
-        self.scp = StorageSCP(node, self.sf, self.metrics, settings.tls)
+        self.scp = StorageSCP(node, self.sf, self.metrics, settings.tls, shared_port=node.receivers > 1)
+        self.receivers: ReceiverPool | None = None
         self.sender = Sender(
             self.sf,
             self.metrics,
@@ -122,6 +125,8 @@ class NodeService:
                 self.http.stop()
                 self.http = None
             self.scp.stop()
+            if self.receivers:
+                self.receivers.stop()
             raise
         if self.http:
             self.http.start()
@@ -165,6 +170,9 @@ class NodeService:
                 "no [[destinations]] configured: results stay in %s", self.settings.node.jobs_path()
             )
         self.scp.start()
+        if self.settings.node.receivers > 1:
+            self.receivers = ReceiverPool(self.settings, self.scp.port, self.metrics)
+            self.receivers.start()
         for n in range(max(1, self.settings.node.workers)):
             self._spawn(self._work_loop, f"segnode-worker-{n}")
         self._spawn(self._send_loop, "segnode-sender")
@@ -177,6 +185,8 @@ class NodeService:
     def stop(self, timeout: float = 30.0) -> None:
         """Stop accepting, let the running job finish (up to ``timeout``), then stop everything."""
         self.scp.stop()
+        if self.receivers:
+            self.receivers.stop(timeout)
         self._stop.set()
         for thread in self._threads:
             thread.join(timeout)
@@ -296,6 +306,9 @@ class NodeService:
             details["brain_extractor_error"] = self.brain_runtime.last_error
         details["scp"] = self.scp.server is not None
         details["threads_alive"] = all(t.is_alive() for t in self._threads)
+        if self.receivers:
+            details["receivers"] = self.receivers.describe()
         ok = ok and details["scp"] and details["threads_alive"]
+        ok = ok and (self.receivers is None or self.receivers.alive())
         details["uptime_s"] = round(time.time() - self.started_at, 1)
         return ok, details
