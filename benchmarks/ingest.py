@@ -12,7 +12,9 @@ C-STORE); the node sets TCP_NODELAY on its own sockets.
 
 ``node:LEVER[+LEVER]`` rows are the node with levers of issue 17 turned off (NODE_WITHOUT), so each
 lever is measured against the node in the same run; ``node:prompt+group+header`` is the node before
-them. The node runs in this process; its resident set is sampled while it receives.
+them. ``node@N`` rows are the node with ``[node] receivers = N``: N processes accept on its port
+(node/receivers.py). The node runs in this process (its extra receivers in their own); this process's
+resident set is sampled while it receives.
 
 What each receiver does before it answers Success differs and is part of the comparison: the node
 writes the file durably (temp file, fsync, rename, directory fsync) and commits a database row;
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -48,8 +51,8 @@ from common import REPO, RESULTS_DIR, SHARED_DATA, markdown_table, save_result
 
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 DEFAULT_CASE = SHARED_DATA / "train" / "brats" / "BraTS2021_00005"
-RECEIVERS = ("node", "node:prompt+group+header", "node:prompt", "node:group", "node:header",
-             "pynetdicom-bare", "storescp", "orthanc")
+RECEIVERS = ("node", "node@2", "node@3", "node:prompt+group+header", "node:prompt", "node:group",
+             "node:header", "pynetdicom-bare", "storescp", "orthanc")
 
 
 def free_port() -> int:
@@ -138,8 +141,9 @@ def _sample_rss(stop: threading.Event, every_s: float = 0.02) -> None:
 
 
 @contextlib.contextmanager
-def node_receiver(work: Path) -> Iterator[tuple[int, str, Callable[[], int]]]:
-    """The node in this process: fresh SQLite database and spool, no job runs during the benchmark."""
+def node_receiver(work: Path, receivers: int = 1) -> Iterator[tuple[int, str, Callable[[], int]]]:
+    """The node in this process (with ``receivers`` - 1 more receiving processes, node/receivers.py):
+    fresh SQLite database and spool, no job runs during the benchmark."""
     from db.instances import instance_counts
     from node.config import Settings
     from node.service import NodeService
@@ -150,6 +154,7 @@ def node_receiver(work: Path) -> Iterator[tuple[int, str, Callable[[], int]]]:
     settings.node.study_idle_seconds = 3600.0
     settings.node.min_free_disk_mb = 50
     settings.node.max_associations = 8
+    settings.node.receivers = receivers
     settings.database.url = f"sqlite:///{work / 'node.db'}"
     settings.metrics.port = 0
     node = NodeService(settings)
@@ -288,13 +293,17 @@ def measure_once(receiver: str, files: Sequence[Path], associations: int) -> flo
     """Seconds for one run of ``receiver`` (fresh storage and database) over ``associations``
     associations; checks that the receiver holds every instance afterwards."""
     base, _, variant = receiver.partition(":")
+    base, _, processes = base.partition("@")  # node@N: the node with [node] receivers = N
     # The previous row's unsynced files (storescp and Orthanc do not fsync) would otherwise be written
     # back during this row, and on ext4 (data=ordered) the node's fsyncs wait for them.
     os.sync()
     with tempfile.TemporaryDirectory(prefix=f"bench-{base}-") as tmp, contextlib.ExitStack() as stack:
         for lever in filter(None, variant.split("+")):
             stack.enter_context(NODE_WITHOUT[lever]())
-        port, ae, count = stack.enter_context(RECEIVER_FACTORIES[base](Path(tmp)))
+        factory = RECEIVER_FACTORIES[base]
+        if processes:
+            factory = functools.partial(node_receiver, receivers=int(processes))
+        port, ae, count = stack.enter_context(factory(Path(tmp)))
         seconds = send(files, port, ae, associations)
         held = count()
     if held != len(files):
@@ -360,6 +369,17 @@ def targets(rows: Sequence[dict[str, Any]], peak_rss_mib: float = 0.0, idle_rss_
         out.append(["node, 4 associations >= 1.5x its 1-association rate",
                     f"{rate[('node', 4)]:.0f} vs {node1:.0f} inst/s ({ratio:.2f}x)",
                     "yes" if ratio >= 1.5 else "NO"])
+    for receiver, n4 in sorted(rate):
+        if not receiver.startswith("node@") or n4 != 4 or (receiver, 1) not in rate:
+            continue
+        own1 = rate[(receiver, 1)]
+        ratio = rate[(receiver, 4)] / own1
+        out.append([f"{receiver} ([node] receivers = {receiver[5:]}), 4 associations >= 1.5x its "
+                    "1-association rate", f"{rate[(receiver, 4)]:.0f} vs {own1:.0f} inst/s ({ratio:.2f}x)",
+                    "yes" if ratio >= 1.5 else "NO"])
+        if node1:
+            out.append([f"{receiver}, 4 associations against the node (receivers = 1), 1 association",
+                        f"{rate[(receiver, 4)] / node1:.2f}x", "(for reading)"])
     if peak_rss_mib:
         out.append([f"node peak RSS while receiving <= {RSS_TARGET_MIB:.0f} MiB (whole benchmark process, "
                     "every node row of the run in it; the node's own process: benchmarks/node_memory.py)",
