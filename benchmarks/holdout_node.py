@@ -14,9 +14,14 @@ on the series' own frames and scored against the label resampled alongside. Acqu
 This is the final-evaluation script: it is the only place the holdout may be read (``--data`` is
 required, nothing is tuned on its output). ``--model`` may be given several times to compare models
 on the same acquisitions; the table gives each model's mean per acquisition and the difference.
+``--mirror`` (``[inference] mirror``, node/segmenter.py) may be given several times too: each model is
+served once per mode. Each row also records the job's ``inference`` stage time (``infer_seconds``).
+The same script scores validation cases when ``--data`` names a folder of them (e.g. symlinks to
+the split's validation cases under ../shared/data/train): that is where settings are chosen.
 
 Usage: python benchmarks/holdout_node.py --data ../shared/data/holdout --model models/default
-       [--model runs/x/export] [--precision int8] [--acquisitions axial_1mm,degraded] [--out DIR]
+       [--model runs/x/export] [--precision int8] [--mirror none --mirror lr]
+       [--acquisitions axial_1mm,degraded] [--out DIR]
 """
 
 from __future__ import annotations
@@ -111,7 +116,7 @@ class _Receiver:
         self.server.shutdown()
 
 
-def _node(workdir: Path, model: Path, precision: str, receiver: _Receiver) -> Any:
+def _node(workdir: Path, model: Path, precision: str, receiver: _Receiver, mirror: str = "none") -> Any:
     from db.exceptions import PromotionRefused
     from node.config import Destination, Settings
     from node.service import NodeService
@@ -124,6 +129,7 @@ def _node(workdir: Path, model: Path, precision: str, receiver: _Receiver) -> An
     settings.database.url = f"sqlite:///{workdir / 'node.db'}"
     settings.metrics.port = 0
     settings.destinations = [Destination("eval", "EVAL_PACS", "127.0.0.1", receiver.port)]
+    settings.inference.mirror = mirror
     node = NodeService(settings)
     infos = node.registry.import_dir(model, by="holdout_node.py")
     irs = [i for i in infos if i.kind == "ir" and i.precision == precision]
@@ -168,6 +174,10 @@ def _score(node: Any, receiver: _Receiver, case: Any, name: str, workdir: Path) 
         jobs = [j for j in job_queue.list_jobs(node.sf) if j.study_instance_uid == study.study_instance_uid]
         reason = jobs[-1].reason if jobs else "no job"
         return {"case": case.case_id, "acquisition": name, "dice": 0.0, "error": f"no SEG: {reason}"}
+    from db import job_queue
+
+    jobs = [j for j in job_queue.list_jobs(node.sf) if j.study_instance_uid == study.study_instance_uid]
+    infer_seconds = jobs[0].stages.get("inference") if jobs else None
     seg = hd.seg.Segmentation.from_dataset(raw)
     volume = load_series(study.files["FLAIR"])
     labels = seg.get_pixels_by_source_instance(
@@ -186,17 +196,18 @@ def _score(node: Any, receiver: _Receiver, case: Any, name: str, workdir: Path) 
         "predicted_ml": round(float(predicted.sum()) * voxel_ml, 2),
         "truth_ml": round(float(truth.sum()) * voxel_ml, 2),
         "seconds": round(seconds, 2),
+        "infer_seconds": None if infer_seconds is None else round(float(infer_seconds), 3),
     }
 
 
 @contextmanager
-def serving(model: Path, precision: str) -> Iterator[tuple[Any, _Receiver, Path]]:
-    """A started in-process node serving ``model`` (``precision`` IR), its receiving PACS and a work
-    folder; all three are stopped and removed on exit."""
+def serving(model: Path, precision: str, mirror: str = "none") -> Iterator[tuple[Any, _Receiver, Path]]:
+    """A started in-process node serving ``model`` (``precision`` IR, ``[inference] mirror`` ``mirror``),
+    its receiving PACS and a work folder; all three are stopped and removed on exit."""
     workdir = Path(tempfile.mkdtemp(prefix="segnode-holdout-"))
     receiver = _Receiver()
     try:
-        node = _node(workdir, model, precision, receiver)
+        node = _node(workdir, model, precision, receiver, mirror)
         try:
             yield node, receiver, workdir
         finally:
@@ -215,23 +226,35 @@ def labelled_cases(data: Path, cases: int = 0) -> list[Any]:
 
 
 def evaluate(
-    model: Path, precision: str, data: Path, acquisitions: list[str], cases: int = 0
+    model: Path, precision: str, data: Path, acquisitions: list[str], cases: int = 0, mirror: str = "none"
 ) -> dict[str, Any]:
     """Every case of ``data`` (the first ``cases`` when > 0) in every acquisition through a node serving
-    ``model``."""
+    ``model`` with ``[inference] mirror`` ``mirror``."""
     rows: list[dict[str, Any]] = []
-    with serving(model, precision) as (node, receiver, workdir):
+    with serving(model, precision, mirror) as (node, receiver, workdir):
         for ref in labelled_cases(data, cases):
             case = ref.load()
             for name in acquisitions:
                 row = _score(node, receiver, case, name, workdir)
-                print(f"{model.name} {precision} {row['case']} {name}: Dice {row['dice']}", flush=True)
+                print(
+                    f"{model.name} {precision} mirror={mirror} {row['case']} {name}: Dice {row['dice']}"
+                    f" infer {row.get('infer_seconds')} s",
+                    flush=True,
+                )
                 rows.append(row)
     means = {
         name: round(float(np.mean([r["dice"] or 0.0 for r in rows if r["acquisition"] == name])), 4)
         for name in acquisitions
     }
-    return {"model": str(model), "precision": precision, "cases": rows, "mean": means}
+    timed = [r["infer_seconds"] for r in rows if r.get("infer_seconds") is not None]
+    return {
+        "model": str(model),
+        "precision": precision,
+        "mirror": mirror,
+        "cases": rows,
+        "mean": means,
+        "mean_infer_seconds": round(float(np.mean(timed)), 3) if timed else None,
+    }
 
 
 def main() -> int:
@@ -242,13 +265,24 @@ def main() -> int:
     parser.add_argument("--acquisitions", default=",".join(ACQUISITIONS))
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--cases", type=int, default=0, help="the first N cases only (0: all)")
+    parser.add_argument(
+        "--mirror", action="append", choices=["none", "lr", "lr+ap"], help="[inference] mirror (default none)"
+    )
     args = parser.parse_args()
     acquisitions = [a for a in args.acquisitions.split(",") if a]
     unknown = [a for a in acquisitions if a not in ACQUISITIONS]
     if unknown:
         parser.error(f"unknown acquisition {unknown[0]!r}; choose from {', '.join(ACQUISITIONS)}")
-    results = [evaluate(m, args.precision, args.data, acquisitions, args.cases) for m in args.model]
-    headers = ["acquisition", *[f"{Path(r['model']).name} ({r['precision']})" for r in results]]
+    mirrors = args.mirror or ["none"]
+    results = [
+        evaluate(m, args.precision, args.data, acquisitions, args.cases, mirror)
+        for m in args.model
+        for mirror in mirrors
+    ]
+    headers = [
+        "acquisition",
+        *[f"{Path(r['model']).name} ({r['precision']}, mirror {r['mirror']})" for r in results],
+    ]
     if len(results) > 1:
         headers.append("difference (last - first)")
     rows = []
@@ -258,11 +292,13 @@ def main() -> int:
         if len(results) > 1:
             row.append(f"{values[-1] - values[0]:+.4f}")
         rows.append(row)
+    seconds = ["inference stage, s (mean per job)", *[str(r["mean_infer_seconds"]) for r in results]]
+    rows.append(seconds + [""] * (len(headers) - len(seconds)))
     print(markdown_table(headers, rows))
     print(f"peak RSS {peak_rss_mib():.0f} MiB")
     path = save_result("holdout_node", {"runs": results}, args.out)
     print(f"results in {path}")
-    print(json.dumps({Path(r["model"]).name: r["mean"] for r in results}))
+    print(json.dumps([{"model": Path(r["model"]).name, "mirror": r["mirror"], **r["mean"]} for r in results]))
     return 0
 
 

@@ -187,6 +187,20 @@ class RegistrationConfig:
 
 
 @dataclass
+class InferenceConfig:
+    """``[inference]``: how the segmentation network runs on the prepared slices (node/segmenter.py).
+
+    ``mirror`` is test-time augmentation by mirroring: the slices are also predicted mirrored in the
+    model's grid and the probabilities averaged before the threshold
+    (:func:`node.segmenter.mirrored_predictor`). "none": one pass; "lr": left-right too (2 passes);
+    "lr+ap": left-right, anterior-posterior and both (4 passes). The inference stage takes about that
+    many times longer.
+    """
+
+    mirror: str = "none"
+
+
+@dataclass
 class DatabaseSettings:
     """``[database]``: SQLAlchemy URL; empty means a SQLite file under the var dir."""
 
@@ -238,6 +252,7 @@ class Settings:
     qc: QCSettings = field(default_factory=QCSettings)
     routing: RoutingSettings = field(default_factory=RoutingSettings)
     registration: RegistrationConfig = field(default_factory=RegistrationConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
     source: Path | None = None
 
 
@@ -250,6 +265,7 @@ _SECTIONS: dict[str, type] = {
     "qc": QCSettings,
     "routing": RoutingSettings,
     "registration": RegistrationConfig,
+    "inference": InferenceConfig,
 }
 
 
@@ -377,8 +393,17 @@ def _validate(settings: Settings, where: str) -> None:
         )
     if reg.parallel < 1 or reg.threads < 0:
         raise ConfigError(f"{where}: registration.parallel must be at least 1 and threads at least 0")
+    _validate_inference(settings.inference, where)
     if settings.tls.enabled and not (settings.tls.cert and settings.tls.key):
         raise ConfigError(f"{where}: tls.enabled needs tls.cert and tls.key")
+
+
+def _validate_inference(inference: InferenceConfig, where: str) -> None:
+    from node.segmenter import MIRROR_MODES
+
+    if inference.mirror not in MIRROR_MODES:
+        known = ", ".join(repr(m) for m in MIRROR_MODES)
+        raise ConfigError(f"{where}: inference.mirror {inference.mirror!r} is not one of {known}")
 
 
 def load_settings(path: Path | str | None = None, env: dict[str, str] | None = None) -> Settings:

@@ -216,18 +216,28 @@ class ModelRuntime(ActiveModel[LoadedModel]):
         OpenVINO device, checked with :func:`check_device` at construction.
     batch_size:
         Slices per OpenVINO request, a static batch (:class:`node.segmenter.OpenVINOSegmenter`).
+    mirror:
+        Test-time mirroring (``[inference] mirror``, :data:`node.segmenter.MIRROR_MODES`).
     """
 
     def __init__(
-        self, registry: Registry, task: str, device: str = "CPU", batch_size: int = DEFAULT_BATCH
+        self,
+        registry: Registry,
+        task: str,
+        device: str = "CPU",
+        batch_size: int = DEFAULT_BATCH,
+        mirror: str = "none",
     ) -> None:
         super().__init__(registry, task, device)
         self.batch_size = batch_size
+        self.mirror = mirror
 
     def compile(self, info: ModelInfo, xml: Path) -> LoadedModel:
         """An :class:`OpenVINOSegmenter` of ``xml``."""
         assert info.card is not None
-        segmenter = OpenVINOSegmenter(info.card, xml, device=self.device, batch_size=self.batch_size)
+        segmenter = OpenVINOSegmenter(
+            info.card, xml, device=self.device, batch_size=self.batch_size, mirror=self.mirror
+        )
         return LoadedModel(info=info, card=dict(info.card), segmenter=segmenter)
 
     def release_memory(self) -> None:

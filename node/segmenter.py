@@ -3,13 +3,15 @@
 Pre- and post-processing are the shared ones (:func:`converters.preprocess.prepare_volume`,
 :func:`converters.prediction.segment_to_grid`), so the node segments exactly as the trainer
 evaluated. What is the node's own is how the network runs: a static batch, zero-padded partial
-batches and a warm-up inference at load (docs/benchmarks.md).
+batches and a warm-up inference at load (docs/benchmarks.md), and optional test-time mirroring
+(``[inference] mirror``, :func:`mirrored_predictor`).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,8 +19,8 @@ import numpy as np
 import numpy.typing as npt
 
 from converters.exceptions import ModelCardError
-from converters.prediction import DEFAULT_RESTORE, segment_to_grid
-from converters.preprocess import Prepared, prepare_volume
+from converters.prediction import DEFAULT_RESTORE, SlicePredictor, outputs_to_probabilities, segment_to_grid
+from converters.preprocess import Prepared, PreprocessError, PreprocessSpec, prepare_volume
 from db.card import check_card
 from node.exceptions import ModelLoadError
 from node.memory import release_compiled
@@ -30,6 +32,80 @@ logger = logging.getLogger(__name__)
 
 #: Slices per OpenVINO request (see :class:`OpenVINOSegmenter`).
 DEFAULT_BATCH = 8
+
+#: Test-time mirroring (``[inference] mirror``): the world axes of the model's RAS grid whose mirror
+#: images are predicted too (0: left-right, 1: anterior-posterior). Every combination of the named
+#: axes is predicted (nnU-Net's rule): "lr" costs 2 network passes, "lr+ap" 4.
+MIRROR_MODES: dict[str, tuple[int, ...]] = {"none": (), "lr": (0,), "lr+ap": (0, 1)}
+
+#: Probabilities are clipped to [_EPS, 1 - _EPS] before they are turned back into logits.
+_EPS = 1e-7
+
+
+def mirror_axes(mode: str, slice_axis: int) -> tuple[int, ...]:
+    """The axes of a (N, C, H, W) slice batch that ``mode`` mirrors, for slices cut along ``slice_axis``.
+
+    The slices' H and W are the model grid's axes other than ``slice_axis``, in order
+    (:func:`converters.preprocess.prepare_volume`). A world axis that is the slice axis itself is
+    left out: a 2D network sees each slice alone, so reversing the slice order changes nothing.
+
+    Raises
+    ------
+    ValueError
+        ``mode`` is not one of :data:`MIRROR_MODES`.
+    """
+    if mode not in MIRROR_MODES:
+        raise ValueError(f"mirror mode {mode!r} is not one of {', '.join(MIRROR_MODES)}")
+    in_plane = [a for a in (0, 1, 2) if a != slice_axis]
+    return tuple(2 + in_plane.index(a) for a in MIRROR_MODES[mode] if a != slice_axis)
+
+
+def _to_outputs(probs: npt.NDArray[np.float64], activation: str) -> npt.NDArray[np.float32]:
+    """Averaged probabilities back into raw outputs that the shared post-processing reads the same way:
+    the logit for a sigmoid, the log-probability for a softmax (whose softmax is the probability)."""
+    p = np.clip(probs, _EPS, 1.0 - _EPS)
+    if activation == "sigmoid":
+        return (np.log(p) - np.log1p(-p)).astype(np.float32)
+    return np.log(p).astype(np.float32)
+
+
+def mirrored_predictor(
+    predict: SlicePredictor, axes: Sequence[int], output_spec: Mapping[str, Any]
+) -> SlicePredictor:
+    """A slice predictor averaging ``predict``'s probabilities over mirror images of its input.
+
+    Test-time augmentation by mirroring, as nnU-Net does: the batch is predicted as it is and mirrored
+    along every non-empty combination of ``axes`` (in one call, so the static batches fill), each
+    prediction is mirrored back, and the sigmoid or softmax probabilities are averaged. What it
+    returns are raw outputs again (the logit, or log-probability, of the average), so thresholding
+    and restoring onto the source grid are unchanged; with no axes, ``predict`` itself is returned.
+
+    Parameters
+    ----------
+    predict:
+        float32 (N, C, H, W) -> logits (N, K, H, W).
+    axes:
+        Axes of the (N, C, H, W) batch to mirror (2 and/or 3; see :func:`mirror_axes`).
+    output_spec:
+        The card's ``output`` block (``activation``: sigmoid or softmax).
+    """
+    if not axes:
+        return predict
+    flips = [c for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)]
+    activation = str(output_spec.get("activation"))
+
+    def mirrored(batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        n = len(batch)
+        stacked = np.concatenate([np.flip(batch, axis=f) if f else batch for f in flips])
+        outputs = np.asarray(predict(np.ascontiguousarray(stacked, dtype=np.float32)))
+        probs, _ = outputs_to_probabilities(outputs, output_spec)
+        total = np.zeros(probs[:n].shape, dtype=np.float64)
+        for k, f in enumerate(flips):
+            block = probs[k * n : (k + 1) * n]
+            total += np.flip(block, axis=f) if f else block
+        return _to_outputs(total / len(flips), activation)
+
+    return mirrored
 
 
 def _make_static(model: ov.Model, batch: int, channels: int, card: Mapping[str, Any]) -> bool:
@@ -72,19 +148,27 @@ class OpenVINOSegmenter:
         model in bf16); None keeps OpenVINO's default.
     static_batch:
         False keeps the model's dynamic batch dimension (any batch size per call, no padding).
+    mirror:
+        Test-time mirroring, one of :data:`MIRROR_MODES` (``[inference] mirror``): ``"none"``,
+        ``"lr"`` (the left-right mirror image too, 2 passes) or ``"lr+ap"`` (left-right,
+        anterior-posterior and both, 4 passes); see :func:`mirrored_predictor`.
 
     Raises
     ------
     ModelLoadError
         The model file is missing or unreadable, or ``batch_size`` is below 1.
     ModelCardError
-        The card lacks a key the node relies on, or the network's channels differ from its modalities.
+        The card lacks a key the node relies on, its ``preprocessing`` block is invalid, or the
+        network's channels differ from its modalities.
+    ValueError
+        ``mirror`` is not one of :data:`MIRROR_MODES`.
     """
 
     card: dict[str, Any]
     batch_size: int
     model_path: Path
     static_batch: bool
+    mirror: str
 
     def __init__(
         self,
@@ -94,10 +178,17 @@ class OpenVINOSegmenter:
         batch_size: int = DEFAULT_BATCH,
         precision_hint: str | None = None,
         static_batch: bool = True,
+        mirror: str = "none",
     ) -> None:
         import openvino as ov
 
         check_card(card)
+        try:
+            slice_axis = PreprocessSpec.from_card(card["preprocessing"]).slice_axis
+        except PreprocessError as exc:
+            raise ModelCardError(f"model card of {model_xml}: {exc}") from None
+        self._mirror_axes = mirror_axes(mirror, slice_axis)
+        self.mirror = mirror
         model_xml = Path(model_xml)
         if not model_xml.is_file():
             raise ModelLoadError(f"model file {model_xml} does not exist")
@@ -131,8 +222,8 @@ class OpenVINOSegmenter:
         if self.static_batch:  # the first inference allocates and tunes; do it before a job waits on it
             self.predict(np.zeros((1, *self._input_shape[1:]), dtype=np.float32))
         logger.info(
-            "compiled %s on %s (batch %d, %s)",
-            model_xml.name, device, batch_size, "static" if self.static_batch else "dynamic",
+            "compiled %s on %s (batch %d, %s, mirror %s)",
+            model_xml.name, device, batch_size, "static" if self.static_batch else "dynamic", mirror,
         )
 
     def release_memory(self) -> None:
@@ -191,6 +282,8 @@ class OpenVINOSegmenter:
         """uint8 label map (X, Y, Z) on the input grid for prepared slices (see :meth:`segment`).
 
         ``method``: how the prediction goes back onto a resampled grid
-        (:data:`converters.prediction.RESTORE_METHODS`).
+        (:data:`converters.prediction.RESTORE_METHODS`). With :attr:`mirror` other than ``"none"`` the
+        probabilities are averaged over the slices' mirror images first (:func:`mirrored_predictor`).
         """
-        return segment_to_grid(self.predict, prepared, self.card, self.batch_size, method)
+        predict = mirrored_predictor(self.predict, self._mirror_axes, self.card["output"])
+        return segment_to_grid(predict, prepared, self.card, self.batch_size, method)

@@ -76,7 +76,7 @@ class NodeService:
         node = settings.node
         # One runtime per task of [routing] order; ``runtime`` is [node] task's (the shipped model's).
         self.runtimes = {
-            task: ModelRuntime(self.registry, task, node.inference_device)
+            task: ModelRuntime(self.registry, task, node.inference_device, mirror=settings.inference.mirror)
             for task in settings.routing.tasks(node.task)
         }
         self.runtime = self.runtimes[node.task]

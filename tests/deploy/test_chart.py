@@ -22,6 +22,7 @@ import yaml
 
 from node.config import (
     Destination,
+    InferenceConfig,
     MetricsSettings,
     NodeSettings,
     QCSettings,
@@ -198,6 +199,7 @@ def test_default_render_configmap_is_node_toml_the_node_loads(helm: str, tmp_pat
         "qc": QCSettings,
         "routing": RoutingSettings,
         "registration": RegistrationConfig,
+        "inference": InferenceConfig,
     }
     for section, body in raw.items():
         assert section in schema, f"rendered node.toml: section [{section}]"

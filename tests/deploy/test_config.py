@@ -21,6 +21,7 @@ import yaml
 from node.config import (
     DatabaseSettings,
     Destination,
+    InferenceConfig,
     MetricsSettings,
     NodeSettings,
     QCSettings,
@@ -47,6 +48,7 @@ SECTIONS: dict[str, type] = {
     "qc": QCSettings,
     "routing": RoutingSettings,
     "registration": RegistrationConfig,
+    "inference": InferenceConfig,
 }
 #: Keys the chart sets itself in the rendered node.toml rather than taking from values.config.
 CHART_OWNED = {"node": {"host", "spool_dir"}, "metrics": {"host"}}
@@ -233,7 +235,7 @@ def chart_values() -> dict[str, Any]:
     return data
 
 
-@pytest.mark.parametrize("section", ["node", "metrics", "tls", "qc", "routing", "registration"])
+@pytest.mark.parametrize("section", ["node", "metrics", "tls", "qc", "routing", "registration", "inference"])
 def test_chart_values_config_covers_the_schema(section: str) -> None:
     config = chart_values()["config"]
     keys = set(config[section])
@@ -252,6 +254,7 @@ def test_chart_values_defaults_equal_the_node_defaults_where_they_should() -> No
         "qc": QCSettings(),
         "routing": RoutingSettings(),
         "registration": RegistrationConfig(),
+        "inference": InferenceConfig(),
     }
     # The chart keeps the node's defaults except for the TLS paths (where the Secret is mounted).
     for section, obj in defaults.items():
@@ -284,7 +287,9 @@ def test_chart_service_ports_default_to_the_node_ports() -> None:
 JSON_TYPES = {bool: "boolean", int: "integer", float: "number", str: "string", list: "array"}
 
 
-@pytest.mark.parametrize("section", ["node", "metrics", "tls", "selection", "qc", "routing", "registration"])
+@pytest.mark.parametrize(
+    "section", ["node", "metrics", "tls", "selection", "qc", "routing", "registration", "inference"]
+)
 def test_chart_values_schema_mirrors_the_config_schema(section: str) -> None:
     # values.schema.json makes `helm install` refuse a misspelt or mistyped config key; it must name
     # exactly the node's keys (less those the chart sets itself) with the node's types.

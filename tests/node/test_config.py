@@ -41,6 +41,7 @@ def test_file_and_env_override(tmp_path: Path, segnode_home: Path) -> None:
         ("[node]\nae_title = 'A_VERY_LONG_AE_TITLE_X'\n", "must be 1-16 ASCII characters"),
         ("[[destinations]]\nname = 'p'\n", "missing ae_title, host, port"),
         ("[registration]\nparallel = 0\n", "registration.parallel must be at least 1"),
+        ("[inference]\nmirror = 'ud'\n", "inference.mirror 'ud' is not one of 'none', 'lr', 'lr+ap'"),
     ],
 )
 def test_bad_config_names_file_and_key(tmp_path: Path, text: str, message: str) -> None:
