@@ -2,38 +2,40 @@
 
 One Python process serves every association with one interpreter lock, so four associations on two
 cores are no faster than one. With ``receivers = N`` the node's own process keeps its SCP and starts
-N - 1 more processes that listen on the same port (``SO_REUSEPORT``: the kernel hands each new
-association to one of them). Each is the same :class:`~node.scp.StorageSCP` (AE allowlist, TLS,
-free-disk floor, durable spool and group commit) without models, workers or HTTP; the database is the
-only thing they share with the node:
+N - 1 more processes that accept on its listening socket, which they inherit: whichever process is
+free first takes a new association (:class:`~node.scp.SharedPortServer`). Each is the same
+:class:`~node.scp.StorageSCP` (AE allowlist, TLS, free-disk floor, durable spool and group commit)
+without models, workers or HTTP; the database is the only state they share with the node:
 
 * instance rows and the study idle timers go to the one database (SQLite writers queue on a file lock,
   :func:`db.transactions.writing`);
 * each receiver restarts the idle timer of the studies its open associations are delivering, as the
   node does for its own (:func:`db.instances.touch_studies`), so no study becomes due mid-transfer;
-* each receiver's instance counts reach the node's ``/metrics`` through a pipe of its own.
+* each receiver's instance counts reach the node's ``/metrics`` as JSON lines on its stdout.
 
-Receivers stop on SIGTERM, and each talks to the node over its own pipe only: a receiver killed with
-SIGKILL leaves no shared lock or semaphore held that the node or the other receivers would wait on.
+A receiver is ``python -m node.receivers FD LOG_LEVEL`` (FD: the listening socket) with the node's
+settings pickled on its stdin (no multiprocessing: the node's own main module never runs again). It
+stops on SIGTERM or when the node is gone, and talks to the node over its own pipe only: a receiver
+killed with SIGKILL leaves no shared lock held that the node or the other receivers would wait on.
 
-``max_associations`` holds per process (the kernel, not the node, picks the process of an
-association). A receiver that dies is started again by the node.
+``max_associations`` holds per process. A receiver that dies is started again by the node.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-import multiprocessing
-import multiprocessing.connection
 import os
+import pickle
+import select
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass
-from multiprocessing.connection import Connection
-from multiprocessing.context import SpawnProcess
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 
 from node.config import Settings
 from node.exceptions import NodeError
@@ -48,7 +50,6 @@ START_TIMEOUT_S = 60.0
 #: Seconds between a receiver's deliveries of its counts (and checks for a stop or a dead parent).
 REPORT_SECONDS = 0.25
 
-_SPAWN = multiprocessing.get_context("spawn")
 
 
 #: Outcomes of ``segnode_instances_received`` (node/scp.py).
@@ -75,10 +76,12 @@ class _Counts:
         return delta
 
 
-def receive(settings: Settings, port: int, log_level: int, channel: Connection) -> None:
-    """A receiver process's main: serve C-STOREs on ``port`` until SIGTERM or the node's exit.
+def receive(settings: Settings, listen_fd: int, log_level: int, out: IO[str]) -> None:
+    """A receiver's main: serve C-STOREs on the inherited socket ``listen_fd`` until SIGTERM or the
+    node's exit.
 
-    ``channel`` carries ``"ready"`` once the SCP listens, then the instance counts by outcome.
+    ``out`` gets ``ready`` once the SCP listens, then one JSON object of instance counts by outcome
+    per report.
     """
     from db import instances
     from db.session import make_engine, make_session_factory
@@ -94,20 +97,25 @@ def receive(settings: Settings, port: int, log_level: int, channel: Connection) 
     scrub_library_logs()
     parent = os.getppid()
     node = settings.node
-    node.port = port
     engine = make_engine(settings.database.resolved_url())
     sf = make_session_factory(engine)
     metrics = NodeMetrics()
     counter = _Counts(metrics)
-    scp = StorageSCP(node, sf, metrics, settings.tls, shared_port=True)
+    scp = StorageSCP(node, sf, metrics, settings.tls, listen_fd=listen_fd)
+
+    def report() -> None:
+        delta = counter.take()
+        if delta:
+            out.write(json.dumps(delta) + "\n")
+            out.flush()
+
     scp.start()
-    channel.send("ready")
+    out.write("ready\n")
+    out.flush()
     touched_at = -1e9
     try:
         while not stopping.wait(REPORT_SECONDS) and os.getppid() == parent:
-            delta = counter.take()
-            if delta:
-                channel.send(delta)
+            report()
             receiving = scp.studies_in_flight()
             if receiving and time.monotonic() - touched_at >= node.study_idle_seconds / 2:
                 try:
@@ -117,18 +125,14 @@ def receive(settings: Settings, port: int, log_level: int, channel: Connection) 
                     logger.warning("receiver %d: idle timers not restarted: %s", os.getpid(), exc)
     finally:
         scp.stop()
-        delta = counter.take()
-        if delta:
-            channel.send(delta)
-        channel.close()
+        report()
         engine.dispose()
 
 
-@dataclass
-class _Receiver:
-    process: SpawnProcess
-    channel: Connection  # the node's end: counts come in
-    closed: bool = False
+def _main() -> None:
+    """``python -m node.receivers FD LOG_LEVEL``, the settings pickled on stdin (ReceiverPool)."""
+    settings = pickle.load(sys.stdin.buffer)
+    receive(settings, int(sys.argv[1]), int(sys.argv[2]), sys.stdout)
 
 
 class ReceiverPool:
@@ -138,20 +142,21 @@ class ReceiverPool:
     ----------
     settings:
         The node's configuration, handed to each receiver.
-    port:
-        The port the node's own SCP is bound to (with ``SO_REUSEPORT``).
+    listen_fd:
+        The node's listening socket (its SCP started with ``shared_port``), inherited by each receiver.
     metrics:
         The node's metrics; receivers' instance counts are added to ``instances``.
     """
 
-    def __init__(self, settings: Settings, port: int, metrics: NodeMetrics) -> None:
+    def __init__(self, settings: Settings, listen_fd: int, metrics: NodeMetrics) -> None:
         self.settings = settings
-        self.port = port
+        self.listen_fd = listen_fd
         self.metrics = metrics
         self.size = max(0, settings.node.receivers - 1)
-        self._receivers: list[_Receiver] = []
+        self._processes: list[subprocess.Popen[bytes]] = []
         self._threads: list[threading.Thread] = []
         self._stopping = threading.Event()
+        self._lock = threading.Lock()
         #: C-STOREs answered by each receiver (process id), as reported so far.
         self.received: Counter[int] = Counter()
 
@@ -165,100 +170,103 @@ class ReceiverPool:
         """
         try:
             for _ in range(self.size):
-                self._receivers.append(self._spawn())
+                self._processes.append(self._spawn())
         except BaseException:
             self.stop()
             raise
-        for target, name in ((self._forward_counts, "segnode-receiver-counts"),
-                             (self._watch, "segnode-receiver-watch")):
-            thread = threading.Thread(target=target, name=name, daemon=True)
-            thread.start()
-            self._threads.append(thread)
-        if self._receivers:
-            logger.info("%d more receiving process(es) on port %d: %s", self.size, self.port, self.pids)
+        self._thread(self._watch, "segnode-receiver-watch")
+        if self._processes:
+            logger.info("%d more receiving process(es): %s", self.size, self.pids)
 
-    def _spawn(self) -> _Receiver:
-        reader, writer = _SPAWN.Pipe(duplex=False)
-        process = _SPAWN.Process(
-            target=receive,
-            args=(self.settings, self.port, logging.getLogger().getEffectiveLevel(), writer),
-            name="segnode-receiver",
-            daemon=True,
+    def _thread(self, target: Any, name: str, *args: Any) -> None:
+        thread = threading.Thread(target=target, args=args, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        """One receiver, listening when this returns; its counts forwarded by a thread of its own."""
+        package_root = str(Path(__file__).resolve().parent.parent)
+        path = os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))
+        level = logging.getLogger().getEffectiveLevel()
+        process = subprocess.Popen(
+            [sys.executable, "-m", "node.receivers", str(self.listen_fd), str(level)],
+            pass_fds=[self.listen_fd],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": path},
         )
-        process.start()
-        writer.close()  # the receiver holds the only writing end: its exit is EOF here
-        try:
-            if not reader.poll(START_TIMEOUT_S) or reader.recv() != "ready":
-                raise EOFError
-        except (EOFError, OSError):
+        assert process.stdin is not None and process.stdout is not None
+        process.stdin.write(pickle.dumps(self.settings))
+        process.stdin.close()
+        listening, _, _ = select.select([process.stdout], [], [], START_TIMEOUT_S)
+        if not listening or process.stdout.readline().strip() != b"ready":
             process.kill()
-            process.join()
-            reader.close()
+            process.wait()
             raise NodeError(
-                f"node.receivers: a receiving process did not listen on port {self.port} "
-                f"(exit code {process.exitcode}); see its log lines above"
-            ) from None
-        return _Receiver(process, reader)
+                "node.receivers: a receiving process did not start "
+                f"(exit code {process.returncode}); see its log lines above"
+            )
+        self._thread(self._forward_counts, f"segnode-receiver-{process.pid}", process)
+        return process
 
-    def _forward_counts(self) -> None:
-        while not self._stopping.is_set() or any(not r.closed for r in self._receivers):
-            open_ = {r.channel: r for r in list(self._receivers) if not r.closed}
-            if not open_:
-                time.sleep(0.1)
-                continue
-            for ready in multiprocessing.connection.wait(list(open_), timeout=0.5):
-                receiver = open_[ready]  # type: ignore[index]
-                try:
-                    delta: dict[str, float] = receiver.channel.recv()
-                except (EOFError, OSError):
-                    receiver.closed = True
-                    continue
+    def _forward_counts(self, process: subprocess.Popen[bytes]) -> None:
+        assert process.stdout is not None
+        for line in process.stdout:  # until the receiver exits
+            delta: dict[str, float] = json.loads(line)
+            with self._lock:
                 for outcome, amount in delta.items():
                     self.metrics.instances.labels(outcome).inc(amount)
-                self.received[receiver.process.pid or 0] += int(sum(delta.values()))
+                self.received[process.pid] += int(sum(delta.values()))
 
     def _watch(self) -> None:
         """Start a receiver again when one exits while the node runs."""
         while not self._stopping.wait(1.0):
-            for i, receiver in enumerate(list(self._receivers)):
-                if receiver.process.is_alive() or self._stopping.is_set():
+            for i, process in enumerate(list(self._processes)):
+                if process.poll() is None or self._stopping.is_set():
                     continue
-                logger.error("receiving process %d exited (code %s); starting another",
-                             receiver.process.pid, receiver.process.exitcode)
+                logger.error("receiving process %d exited (code %s); starting another", process.pid,
+                             process.returncode)
                 try:
-                    self._receivers[i] = self._spawn()
+                    self._processes[i] = self._spawn()
                 except NodeError as exc:
                     logger.error("%s", exc)
 
     def alive(self) -> bool:
         """True when every receiver runs."""
-        return all(r.process.is_alive() for r in self._receivers)
+        return all(p.poll() is None for p in self._processes)
 
     @property
     def pids(self) -> list[int]:
         """Process ids of the receivers."""
-        return [r.process.pid for r in self._receivers if r.process.pid is not None]
+        return [p.pid for p in self._processes]
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop the receivers (SIGTERM: each closes its associations) and take their last counts."""
         self._stopping.set()
-        for receiver in self._receivers:
-            receiver.process.terminate()
-        for receiver in self._receivers:
-            receiver.process.join(timeout)
-            if receiver.process.is_alive():
-                receiver.process.kill()
-                receiver.process.join()
+        for process in self._processes:
+            if process.poll() is None:
+                process.terminate()
+        for process in self._processes:
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
         for thread in self._threads:
             thread.join(timeout)
-        for receiver in self._receivers:
-            receiver.channel.close()
-        self._receivers = []
+        for process in self._processes:
+            if process.stdout is not None:
+                process.stdout.close()
+        self._processes = []
 
     def describe(self) -> dict[str, Any]:
         """For ``/healthz``: how many receivers run out of how many, and what each answered."""
         return {
             "extra": self.size,
-            "alive": sum(r.process.is_alive() for r in self._receivers),
+            "alive": sum(p.poll() is None for p in self._processes),
             "instances": {str(pid): n for pid, n in self.received.items()},
         }
+
+
+if __name__ == "__main__":
+    _main()

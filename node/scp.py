@@ -10,6 +10,7 @@ row committed; otherwise a failure status (PS3.4 B.2.3) tells the PACS to keep i
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import ssl
 import threading
@@ -65,14 +66,33 @@ KEPT_SOP_CLASSES: frozenset[str] = frozenset(
 
 
 class SharedPortServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server with ``SO_REUSEPORT`` set before the bind, so that several node
-    processes listen on one port and the kernel spreads incoming associations over them."""
+    """pynetdicom's threaded server on a listening socket that several node processes accept on
+    (``[node] receivers``): the node binds it, receivers inherit its descriptor (``listen_fd``).
+
+    The socket does not block: every process waiting on it wakes for a new association and the first
+    to call ``accept`` takes it (the others get ``BlockingIOError``, which socketserver ignores), so a
+    process busy with other associations leaves new ones to the idle ones.
+    """
+
+    #: The descriptor of an already listening socket to accept on instead of binding a new one.
+    listen_fd: int | None = None
 
     def server_bind(self) -> None:
-        """Set ``SO_REUSEPORT``, then bind as pynetdicom does."""
-        if self.socket is not None:
-            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
+        """Bind as pynetdicom does, or adopt the inherited listening socket; then stop blocking."""
+        if self.listen_fd is None:
+            super().server_bind()
+        else:
+            if self.socket is not None:
+                self.socket.close()
+            self.socket = socket.socket(fileno=os.dup(self.listen_fd))
+            self.server_address = self.socket.getsockname()
+        assert self.socket is not None
+        self.socket.setblocking(False)
+
+    def server_activate(self) -> None:
+        """Listen, unless the socket was inherited listening."""
+        if self.listen_fd is None:
+            super().server_activate()
 
 
 @dataclass
@@ -145,8 +165,10 @@ class StorageSCP:
     tls:
         ``[tls]``: when enabled the SCP speaks DICOM over TLS.
     shared_port:
-        Listen with ``SO_REUSEPORT``: other node processes (``[node] receivers``) accept on the same
-        port.
+        Listen on a socket that other node processes (``[node] receivers``) accept on too
+        (:class:`SharedPortServer`).
+    listen_fd:
+        Accept on this inherited listening socket instead of binding one (a receiver process).
     """
 
     def __init__(
@@ -156,9 +178,11 @@ class StorageSCP:
         metrics: NodeMetrics | None = None,
         tls: TLSSettings | None = None,
         shared_port: bool = False,
+        listen_fd: int | None = None,
     ) -> None:
         self.settings = settings
-        self.shared_port = shared_port
+        self.shared_port = shared_port or listen_fd is not None
+        self.listen_fd = listen_fd
         self.committer = GroupCommitter(session_factory)
         self.metrics = metrics if metrics is not None else NodeMetrics()
         self.tls = tls
@@ -245,11 +269,12 @@ class StorageSCP:
             )
             assert server is not None  # block=False returns the server
             return server
+        server_class = type("SharedPortServer", (SharedPortServer,), {"listen_fd": self.listen_fd})
         server = self.ae.make_server(
             (self.settings.host, self.settings.port),
             evt_handlers=handlers,
             ssl_context=self._ssl_context(),
-            server_class=SharedPortServer,
+            server_class=server_class,
         )
         thread = threading.Thread(
             target=make_target(server.serve_forever), name="AcceptorServer-shared", daemon=True

@@ -171,7 +171,8 @@ class NodeService:
             )
         self.scp.start()
         if self.settings.node.receivers > 1:
-            self.receivers = ReceiverPool(self.settings, self.scp.port, self.metrics)
+            assert self.scp.server is not None and self.scp.server.socket is not None
+            self.receivers = ReceiverPool(self.settings, self.scp.server.socket.fileno(), self.metrics)
             self.receivers.start()
         for n in range(max(1, self.settings.node.workers)):
             self._spawn(self._work_loop, f"segnode-worker-{n}")

@@ -108,7 +108,7 @@ def test_one_receiver_is_the_node_alone(tmp_path: Path) -> None:
     node = NodeService(node_settings(tmp_path, free_port()))
     node.start()
     try:
-        assert node.receivers is None and not node.scp.shared_port
+        assert node.receivers is None and not node.scp.shared_port and node.scp.listen_fd is None
         started = time.monotonic()
         ok, details = node.health()
         assert ok and "receivers" not in details and time.monotonic() - started < 5
