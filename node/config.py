@@ -35,7 +35,7 @@ class NodeSettings:
     allowed_calling_aes: list[str] = field(default_factory=list)
     max_associations: int = 10  # per receiving process
     # Processes accepting C-STOREs on the port (node/receivers.py): 1 is the node's own process only;
-    # more let associations run on more cores (SO_REUSEPORT), each process ~100 MiB.
+    # more let several associations use more cores, each extra process ~85 MiB.
     receivers: int = 1
     min_free_disk_mb: int = 500
     inference_device: str = "CPU"
