@@ -32,7 +32,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections import Counter
 from pathlib import Path
 from typing import IO, Any
@@ -43,15 +42,12 @@ from node.metrics import NodeMetrics
 
 logger = logging.getLogger(__name__)
 
-#: The node's log line format (``segnode`` CLI), used by receivers too.
+#: The log line format of the ``segnode`` CLI (node/cli/__init__.py), which receivers log with too.
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 #: Seconds a new receiver may take to import its libraries and listen.
 START_TIMEOUT_S = 60.0
 #: Seconds between a receiver's deliveries of its counts (and checks for a stop or a dead parent).
 REPORT_SECONDS = 0.25
-
-
-
 #: Outcomes of ``segnode_instances_received`` (node/scp.py).
 OUTCOMES = ("kept", "duplicate", "ignored", "rejected")
 
@@ -83,7 +79,6 @@ def receive(settings: Settings, listen_fd: int, log_level: int, out: IO[str]) ->
     ``out`` gets ``ready`` once the SCP listens, then one JSON object of instance counts by outcome
     per report.
     """
-    from db import instances
     from db.session import make_engine, make_session_factory
     from node.log_scrub import install as scrub_library_logs
     from node.memory import limit_arenas
@@ -96,12 +91,11 @@ def receive(settings: Settings, listen_fd: int, log_level: int, out: IO[str]) ->
     logging.basicConfig(level=log_level, format=LOG_FORMAT)
     scrub_library_logs()
     parent = os.getppid()
-    node = settings.node
     engine = make_engine(settings.database.resolved_url())
     sf = make_session_factory(engine)
     metrics = NodeMetrics()
     counter = _Counts(metrics)
-    scp = StorageSCP(node, sf, metrics, settings.tls, listen_fd=listen_fd)
+    scp = StorageSCP(settings.node, sf, metrics, settings.tls, listen_fd=listen_fd)
 
     def report() -> None:
         delta = counter.take()
@@ -112,17 +106,13 @@ def receive(settings: Settings, listen_fd: int, log_level: int, out: IO[str]) ->
     scp.start()
     out.write("ready\n")
     out.flush()
-    touched_at = -1e9
     try:
         while not stopping.wait(REPORT_SECONDS) and os.getppid() == parent:
             report()
-            receiving = scp.studies_in_flight()
-            if receiving and time.monotonic() - touched_at >= node.study_idle_seconds / 2:
-                try:
-                    instances.touch_studies(sf, receiving)
-                    touched_at = time.monotonic()
-                except Exception as exc:  # the database is down: the C-STOREs say so themselves
-                    logger.warning("receiver %d: idle timers not restarted: %s", os.getpid(), exc)
+            try:
+                scp.refresh_idle_timers()
+            except Exception as exc:  # the database is down: the C-STOREs say so themselves
+                logger.warning("receiver %d: idle timers not restarted: %s", os.getpid(), exc)
     finally:
         scp.stop()
         report()

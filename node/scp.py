@@ -195,6 +195,7 @@ class StorageSCP:
         self._in_flight: dict[int, set[str]] = {}
         self._in_flight_lock = threading.Lock()
         self._free_checked_at = -1e9
+        self._touched_at = -1e9
         self.ae = self._make_ae()
 
     @property
@@ -388,6 +389,23 @@ class StorageSCP:
         """Study Instance UIDs that an association still open has sent instances of."""
         with self._in_flight_lock:
             return set().union(*self._in_flight.values()) if self._in_flight else set()
+
+    def refresh_idle_timers(self) -> None:
+        """Restart the idle timer of the studies in flight, at most every ``study_idle_seconds / 2``.
+
+        A study whose association is still open is not complete, however slow its instances come
+        (eight PACS associations at once on two cores: gaps of seconds). The timer is in the database,
+        so other node processes sharing it (and the node, for its receivers' studies) hold off too.
+
+        Raises
+        ------
+        DatabaseUnavailableError, DatabaseOperationError
+            The update failed; the next call tries again.
+        """
+        receiving = self.studies_in_flight()
+        if receiving and time.monotonic() - self._touched_at >= self.settings.study_idle_seconds / 2:
+            instances.touch_studies(self.sf, receiving)
+            self._touched_at = time.monotonic()
 
     def _record(self, **row: Any) -> bool:
         """Record one C-STORE; returns once the transaction holding its row has committed (group commit

@@ -106,7 +106,6 @@ class NodeService:
         self._threads: list[threading.Thread] = []
         self.http: MetricsServer | None = None
         self.started_at = time.time()
-        self._touched_at = -1e9
 
     # -- lifecycle ---------------------------------------------------------------------------------------
 
@@ -235,13 +234,7 @@ class NodeService:
         complete (a PACS re-sending after a crash would otherwise get a half-study run first).
         """
         idle = self.settings.node.study_idle_seconds
-        receiving = self.scp.studies_in_flight()
-        if receiving and time.monotonic() - self._touched_at >= idle / 2:
-            # A study whose association is still open is not complete, however slow its instances
-            # come (eight PACS associations at once on two cores: gaps of seconds). The timer is in
-            # the database, so other node processes sharing it hold off too.
-            instances.touch_studies(self.sf, receiving)
-            self._touched_at = time.monotonic()
+        self.scp.refresh_idle_timers()
         if time.time() - self.started_at >= idle:
             instances.schedule_due_studies(self.sf, idle, receiving=self.scp.studies_in_flight())
         serving = [runtime.refresh() for runtime in self.runtimes.values()]
