@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ from tests.helpers.certs import issue_cert, make_ca
 from tests.helpers.node import node_settings
 from tests.helpers.peers import require_program
 from tests.helpers.ports import free_port
+from tests.helpers.waiting import wait_until
 
 
 @pytest.fixture(scope="module")
@@ -282,3 +284,31 @@ def test_spool_failure_returns_out_of_resources_and_keeps_no_row(
     monkeypatch.undo()
     assert _store(running.scp.port, ds) == dimse.SUCCESS  # the PACS sends it again later
     assert len(running.rows()) == 1 and Path(running.rows()[0].path or "").is_file()
+
+
+def test_refresh_idle_timers_moves_only_studies_of_open_associations(
+    tmp_path: Path, mr_files: list[Path]
+) -> None:
+    """What the node's worker and every receiving process call: while an association that delivered a
+    study is open its idle timer moves forward (at most every study_idle_seconds / 2); once the
+    association has ended, not."""
+    r = _start(tmp_path, study_idle_seconds=0.4)
+    try:
+        assoc = _assoc(r.scp.port)
+        assert assoc.is_established  # type: ignore[attr-defined]
+        ds = pydicom.dcmread(mr_files[0])
+        assert assoc.send_c_store(ds).Status == dimse.SUCCESS  # type: ignore[attr-defined]
+        [first] = [s.last_received_at for s in r.studies()]
+        time.sleep(0.25)
+        r.scp.refresh_idle_timers()
+        [moved] = [s.last_received_at for s in r.studies()]
+        assert moved > first
+        r.scp.refresh_idle_timers()  # again at once: within study_idle_seconds / 2, left alone
+        assert [s.last_received_at for s in r.studies()] == [moved]
+        assoc.release()  # type: ignore[attr-defined]
+        wait_until(lambda: not r.scp.studies_in_flight(), 10, "the association's end")
+        time.sleep(0.25)
+        r.scp.refresh_idle_timers()
+        assert [s.last_received_at for s in r.studies()] == [moved]
+    finally:
+        r.scp.stop()
