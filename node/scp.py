@@ -259,18 +259,11 @@ class StorageSCP:
         logger.info("SCP %s listening on %s:%d", self.settings.ae_title, self.settings.host, self.port)
 
     def _serve(self, handlers: list[Any]) -> ThreadedAssociationServer:
-        """Bind and serve in a background thread: pynetdicom's ``start_server(block=False)``, with
-        :class:`SharedPortServer` when other processes listen on the port too."""
-        if not self.shared_port:
-            server = self.ae.start_server(
-                (self.settings.host, self.settings.port),
-                block=False,
-                evt_handlers=handlers,
-                ssl_context=self._ssl_context(),
-            )
-            assert server is not None  # block=False returns the server
-            return server
-        server_class = type("SharedPortServer", (SharedPortServer,), {"listen_fd": self.listen_fd})
+        """Bind and serve in a background thread, as pynetdicom's ``start_server(block=False)`` does,
+        on a :class:`SharedPortServer` when other processes accept on the socket too."""
+        server_class: type[ThreadedAssociationServer] = ThreadedAssociationServer
+        if self.shared_port:
+            server_class = type("SharedPortServer", (SharedPortServer,), {"listen_fd": self.listen_fd})
         server = self.ae.make_server(
             (self.settings.host, self.settings.port),
             evt_handlers=handlers,
@@ -278,7 +271,8 @@ class StorageSCP:
             server_class=server_class,
         )
         thread = threading.Thread(
-            target=make_target(server.serve_forever), name="AcceptorServer-shared", daemon=True
+            target=make_target(server.serve_forever), name=f"AcceptorServer-{self.settings.ae_title}",
+            daemon=True,
         )
         thread.start()
         self.ae._servers.append(server)  # so that ae.shutdown() closes it, as for start_server's

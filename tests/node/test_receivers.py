@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -56,7 +55,6 @@ def test_receivers_share_the_port_and_keep_every_instance(
             for t in threads:
                 t.join()
         assert instance_counts(node.sf)["kept"] == len(files)
-        assert all(p.is_file() for p in node.scp.spool_dir.rglob("*.dcm"))
         assert sum(1 for _ in node.scp.spool_dir.rglob("*.dcm")) == len(files)
         # Every C-STORE (repeats count as duplicates) reaches the node's counters, from whichever
         # process answered it; the receivers answered some of them.
@@ -109,8 +107,7 @@ def test_one_receiver_is_the_node_alone(tmp_path: Path) -> None:
     node.start()
     try:
         assert node.receivers is None and not node.scp.shared_port and node.scp.listen_fd is None
-        started = time.monotonic()
         ok, details = node.health()
-        assert ok and "receivers" not in details and time.monotonic() - started < 5
+        assert ok and "receivers" not in details
     finally:
         node.stop()
