@@ -261,15 +261,51 @@ def add_stripped_brain(
     hi = np.minimum(idx.max(axis=0) + 1 + pad, mask.shape)
     box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
     # A head with skull, scalp or background noise has non-zero voxels beyond the mask's box grown
-    # by the margin: decided without the distance transform (~1 s on a 1 mm volume).
+    # by the margin: decided without looking for the voxels near the mask.
     if total - np.count_nonzero(nonzero[box]) > s.stripped_outside_fraction * total:
         return mask, False
-    near = np.zeros_like(mask)
-    near[box] = ndimage.distance_transform_edt(~mask[box], sampling=spacing) <= s.stripped_margin_mm
-    outside = total - np.count_nonzero(nonzero & near)
+    inside = mask[box]
+    joining = near_mask(inside, nonzero[box] & ~inside, spacing, s.stripped_margin_mm)
+    outside = total - np.count_nonzero(nonzero[box] & inside) - np.count_nonzero(joining)
     if outside > s.stripped_outside_fraction * total:
         return mask, False
-    return np.asarray(ndimage.binary_fill_holes(mask | (nonzero & near)), dtype=bool), True
+    # The box's border is at least one voxel beyond anything that joins (or the image's own border),
+    # so filling holes inside it is filling them in the whole image.
+    out = np.zeros_like(mask)
+    out[box] = ndimage.binary_fill_holes(inside | joining)
+    return out, True
+
+
+def near_mask(
+    mask: npt.NDArray[np.bool_],
+    candidates: npt.NDArray[np.bool_],
+    spacing: npt.NDArray[Any],
+    margin_mm: float,
+) -> npt.NDArray[np.bool_]:
+    """The voxels of ``candidates`` (outside ``mask``) at most ``margin_mm`` from a voxel of ``mask``.
+
+    Euclidean distance in mm on a grid of ``spacing`` (mm per axis): the voxels where
+    ``ndimage.distance_transform_edt(~mask, sampling=spacing) <= margin_mm``, found at a fraction of
+    its cost (~0.1 s against ~0.7 s for a 1 mm brain). Only candidates within the mask grown by a cube
+    of the margin can qualify (a separable maximum filter); their distances come from a k-d tree of
+    the mask's surface, which holds the nearest mask voxel of every voxel outside the mask.
+    """
+    from scipy.spatial import cKDTree
+
+    out = np.zeros(mask.shape, dtype=bool)
+    if not mask.any() or not candidates.any():
+        return out
+    grown = mask.view(np.uint8)
+    for axis, step in enumerate(spacing):
+        grown = ndimage.maximum_filter1d(grown, 2 * int(margin_mm // step) + 1, axis=axis)
+    near = np.argwhere(candidates & (grown > 0))
+    if len(near) == 0:
+        return out
+    tree = cKDTree(np.argwhere(mask & ~ndimage.binary_erosion(mask)) * spacing)
+    # The bound is exclusive; the margin itself counts as near.
+    distance, _ = tree.query(near * spacing, distance_upper_bound=margin_mm * (1 + 1e-9), workers=-1)
+    out[tuple(near[distance <= margin_mm].T)] = True
+    return out
 
 
 def voxel_ml(affine: npt.NDArray[np.floating[Any]]) -> float:

@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from converters.brain_mask import BrainExtractionSettings, add_stripped_brain, normalize, resize
+from converters.brain_mask import (
+    BrainExtractionSettings,
+    add_stripped_brain,
+    near_mask,
+    normalize,
+    resize,
+)
 
 SHAPES = [
     ((240, 240, 31), (256, 256, 256)),
@@ -68,3 +74,20 @@ def test_stripped_image_joins_the_mask_and_a_head_does_not() -> None:
     skull = np.where(brain | ring, 100.0, 0.0)
     mask, was_stripped = add_stripped_brain(skull, tight, affine, s)
     assert not was_stripped and np.array_equal(mask, tight)
+
+
+@pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (0.94, 0.94, 5.5), (1.2, 0.5, 2.0)])
+def test_near_mask_is_the_distance_transform_within_the_margin(spacing: tuple[float, float, float]) -> None:
+    """Against ``distance_transform_edt`` on a lumpy mask (holes, two parts), anisotropic voxels,
+    candidates everywhere outside it, and a margin that falls exactly on voxel distances."""
+    rng = np.random.default_rng(3)
+    lumps = ndimage.gaussian_filter(rng.random((60, 70, 40)), 3.0)
+    mask = lumps > np.percentile(lumps, 70)
+    candidates = ~mask & (rng.random(mask.shape) < 0.8)
+    step = np.asarray(spacing)
+    for margin in (5.0, 2 * spacing[2], 1.0):
+        expected = (ndimage.distance_transform_edt(~mask, sampling=step) <= margin) & candidates
+        got = near_mask(mask, candidates, step, margin)
+        assert expected.any() and not expected.all()
+        np.testing.assert_array_equal(got, expected)
+    assert not near_mask(np.zeros_like(mask), candidates, step, 5.0).any()
