@@ -391,6 +391,7 @@ def apply_rigid(
     matrix: npt.NDArray[Any],
     target_affine: npt.NDArray[Any],
     target_shape: tuple[int, int, int],
+    box: tuple[slice, slice, slice] | None = None,
 ) -> npt.NDArray[np.float32]:
     """``moving`` resampled onto the target (reference) grid through ``matrix`` (reference -> moving).
 
@@ -398,7 +399,19 @@ def apply_rigid(
     background stays exactly zero (the voxels whose nearest moving voxel is 0 are set to 0): a
     skull-stripped series keeps its sharp edge instead of a rim of small values, which would change
     a normalisation over its non-zero voxels.
+
+    ``box``: only these target voxels (slices with explicit start and stop, within ``target_shape``)
+    are resampled; the rest of the output is zero. Resampling costs per output voxel (~0.8 s for a
+    240x240x155 grid), so a caller that only reads the brain's box asks for that.
     """
+    if box is not None:
+        start = np.array([int(s.start) for s in box], dtype=np.float64)
+        box_affine = np.asarray(target_affine, dtype=np.float64).copy()
+        box_affine[:3, 3] += box_affine[:3, :3] @ start
+        box_shape = (box[0].stop - box[0].start, box[1].stop - box[1].start, box[2].stop - box[2].start)
+        whole = np.zeros(target_shape, dtype=np.float32)
+        whole[box] = apply_rigid(moving, moving_affine, matrix, box_affine, box_shape)
+        return whole
     # A target voxel t sits at world A_t t; its anatomy is at M A_t t in the moving series, whose
     # voxel index is A_m^-1 M A_t t: resample_to_grid with source affine M^-1 A_m does exactly that.
     source = np.linalg.inv(np.asarray(matrix, dtype=np.float64)) @ np.asarray(moving_affine, dtype=np.float64)

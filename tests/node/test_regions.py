@@ -212,6 +212,44 @@ def test_series_registered_at_once_give_what_one_after_another_gives() -> None:
         assert a.iterations == b.iterations
 
 
+
+def test_series_moved_within_the_brains_box_give_the_model_what_whole_series_give(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With a brain mask, a moved series is resampled in the mask's box only (node/coregistration.py
+    ``brain_box``): zero outside it, the whole series' values inside it, and the same network input
+    after preprocessing (which reads nothing outside the brain), on a field of view well beyond the
+    brain as a clinical series has."""
+    from converters.preprocess import prepare_volume
+    from node import coregistration
+
+    case = brats_case(margin=30)
+    moved, _ = misaligned(case)
+    series = {  # a background that is not zero, as a scanner's
+        m: LoadedSeries(m, series_info(ds, [], 0), None, image + 1.0, case.affine, [ds])  # type: ignore[arg-type]
+        for m, image in moved.images.items()
+        for ds in [_series_dataset(m)]
+    }
+    modalities, mask = ["FLAIR", "T1", "T1GD", "T2"], brain_of(case)
+    config = RegistrationConfig(threads=1)
+    box = coregistration.brain_box(mask)
+    assert box is not None and np.prod([b.stop - b.start for b in box]) < 0.6 * mask.size
+    boxed = coregister(series, "FLAIR", modalities, mask, config)
+    monkeypatch.setattr(coregistration, "brain_box", lambda _mask: None)
+    whole = coregister(series, "FLAIR", modalities, mask, config)
+    preprocessing = {"orientation": "RAS", "spacing_mm": [1.0, 1.0, 1.0], "crop_size": [176, 176],
+                     "normalization": "zscore_nonzero", "slice_axis": 2}  # fmt: skip
+    for modality in ("T1", "T1GD", "T2"):
+        outside = np.ones(mask.shape, dtype=bool)
+        outside[box] = False
+        assert not boxed.images[modality][outside].any()
+        assert whole.images[modality][outside].any()
+        np.testing.assert_allclose(boxed.images[modality][box], whole.images[modality][box], atol=1e-3)
+    inputs = [prepare_volume(r.images, case.affine, preprocessing, modalities, mask) for r in (boxed, whole)]
+    np.testing.assert_array_equal(inputs[0].slice_indices, inputs[1].slice_indices)
+    np.testing.assert_allclose(inputs[0].slices, inputs[1].slices, atol=1e-5)
+
+
 def _series_dataset(modality: str) -> Dataset:
     ds = Dataset()
     ds.SeriesInstanceUID = f"1.2.826.0.1.3680043.8.498.{len(modality)}.{sum(map(ord, modality))}"
