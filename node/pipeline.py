@@ -7,9 +7,11 @@ one's registration onto the reference series passed its check (``register`` stag
 node/coregistration.py); otherwise the next one. The result's ``routing`` (also in ``segnode jobs
 show`` and the SR) says which model ran and why the ones before it did not.
 
-The brain stage (after ``load``) masks the reference series with the active ``brain_extraction``
-model; tumour labels outside the mask are set to 0 and the job result records ``brain_volume_ml``. A
-study in which no brain is found fails with the reason and sends nothing.
+The brain stage (after the reference series' ``load``) masks the reference series with the active
+``brain_extraction`` model, while the job's thread reads the model's other series (their ``load``
+time overlaps the brain stage: the network leaves a core to the DICOM decoding). Tumour labels
+outside the mask are set to 0 and the job result records ``brain_volume_ml``. A study in which no
+brain is found fails with the reason and sends nothing.
 
 Each step is a plain function; :func:`run_job` times them, records the stage timings on the job,
 and, in the same transaction that ends the job, queues a send of the SEG and the SR to every
@@ -28,6 +30,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -426,14 +429,28 @@ class _Study:
         self.loaded: dict[str, LoadedSeries] = {}
         self.brains: dict[str, Brain | None] = {}
 
-    def load(self, assignment: Assignment) -> dict[str, LoadedSeries]:
+    def load(self, assignment: Assignment, only: Sequence[str] | None = None) -> dict[str, LoadedSeries]:
+        """The series of ``assignment`` (those of ``only`` when given), read once per job."""
+        chosen = {m: i for m, i in assignment.chosen.items() if only is None or m in only}
         with self.timer.stage("load"):
-            for modality, info in assignment.chosen.items():
+            for modality, info in chosen.items():
                 cached = self.loaded.get(modality)
                 if cached is None or cached.info.series_instance_uid != info.series_instance_uid:
                     self.loaded[modality] = load_chosen(info, modality)
         job_queue.heartbeat(self.ctx.sf, self.job_id)
-        return {m: self.loaded[m] for m in assignment.chosen}
+        return {m: self.loaded[m] for m in chosen}
+
+    def load_and_mask(
+        self, assignment: Assignment, reference: str
+    ) -> tuple[dict[str, LoadedSeries], Brain | None]:
+        """Every series of ``assignment`` and the reference's brain mask: the reference is read first,
+        then the others while the brain network runs on it in a second thread."""
+        first = self.load(assignment, [reference])
+        assembled = assemble_coregistered(first, reference)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="brain") as pool:
+            masking = pool.submit(self.brain, reference, assembled)
+            loaded = self.load(assignment)  # waits for the brain thread if a series cannot be read
+            return loaded, masking.result()
 
     def brain(self, reference: str, assembled: Assembled) -> Brain | None:
         if reference not in self.brains:
@@ -456,9 +473,8 @@ def _try_route(study: _Study, chosen: Route, plan: RoutingPlan) -> Segmented | N
     model, card = chosen.model, chosen.model.card
     modalities = list(card["modalities"])
     reference = reference_modality(modalities, ctx.registration)
-    loaded = study.load(chosen.assignment)
+    loaded, brain = study.load_and_mask(chosen.assignment, reference)
     assembled = assemble_coregistered(loaded, reference)
-    brain = study.brain(reference, assembled)
     mask = brain_mask_for(assembled, brain)
     coregistered = None
     if len(modalities) > 1:
