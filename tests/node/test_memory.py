@@ -16,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +72,23 @@ def test_segmenter_answers_the_same_after_a_release(tmp_path: Path) -> None:
     seg.release_memory()
     seg.release_memory()  # twice: nothing left to release is not an error
     np.testing.assert_array_equal(seg.predict(batch), before)
+
+
+@pytest.mark.parametrize("static_batch", [True, False])
+def test_segmenter_keeps_no_reference_to_its_input(tmp_path: Path, static_batch: bool) -> None:
+    # OpenVINO's CompiledModel called directly keeps its request, and the request the last input it
+    # shared: a view of the whole study's slices, held until the next job.
+    model_dir = make_threshold_model(tmp_path / "m", crop=(32, 32))
+    card = json.loads((model_dir / "model.json").read_text())
+    seg = OpenVINOSegmenter(
+        card, model_dir / "model_fp32.xml", batch_size=4, precision_hint="f32", static_batch=static_batch
+    )
+    batch = np.random.default_rng(0).normal(size=(8, 1, 32, 32)).astype(np.float32)  # last block a view
+    alive = weakref.ref(batch)
+    assert seg.predict(batch).shape[0] == 8
+    seg.release_memory()
+    del batch
+    assert alive() is None, "the segmenter still holds the batch it was given"
 
 
 def test_brain_extraction_leaves_no_network_buffers_behind() -> None:
