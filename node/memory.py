@@ -6,6 +6,10 @@ about 450 MiB, more than the rest of the node), and glibc keeps freed heap pages
 needed between jobs: :func:`release_compiled` hands a compiled model's buffers back
 (``CompiledModel.release_memory``; the next inference allocates them again, ~0.1 s for the brain
 network) and :func:`trim_heap` returns free heap pages to the system (``malloc_trim``).
+``release_memory`` leaves a compiled model's own input and output buffers alone: the brain extractor
+cuts its networks' output to the channel it reads, which OpenVINO then writes into the request's
+tensor, and runs each network once at load, which frees the input buffer filled at compile
+(node/brain_extraction.py; 64 + 128 MiB on the 256³ grid).
 :func:`limit_arenas` caps glibc's malloc arenas for ``segnode serve``: each of the node's many threads
 (associations, spool writers, worker, sender) would otherwise get an arena of its own, and the freed
 pages scattered over them stay mapped (measured: ~30 MiB less after a job with 2 arenas).

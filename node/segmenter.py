@@ -236,8 +236,16 @@ class OpenVINOSegmenter:
     def predict(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         """Raw network outputs (logits) for a batch of slices (N, C, H, W), any N."""
         batch = np.ascontiguousarray(batch, dtype=np.float32)
+        # A request of this call's own: calling the CompiledModel would run on a request it keeps, and
+        # that request keeps the last input it shared, a view holding the whole study's slices (16 MiB
+        # for one FLAIR) until the next job.
+        request = self._compiled.create_infer_request()
+
+        def run(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+            return np.asarray(request.infer(x, share_inputs=True)[self._output], dtype=np.float32)
+
         if not self.static_batch:
-            return np.asarray(self._compiled(batch)[self._output], dtype=np.float32)
+            return run(batch)
         size = self.batch_size
         outs = []
         for start in range(0, len(batch), size):
@@ -245,7 +253,7 @@ class OpenVINOSegmenter:
             n = len(block)
             if n < size:
                 block = np.concatenate([block, np.zeros((size - n, *block.shape[1:]), dtype=np.float32)])
-            outs.append(np.asarray(self._compiled(block)[self._output], dtype=np.float32)[:n])
+            outs.append(run(block)[:n])
         if not outs:
             out_shape = tuple(self._output.get_partial_shape().get_min_shape())
             return np.zeros((0, *out_shape[1:]), dtype=np.float32)
