@@ -135,7 +135,7 @@ def compile_networks(
         # One call on zeros at load: OpenVINO's CPU plugin fills each network's own input buffer when
         # it compiles (64 MiB on the brain network's 256³ grid, 8 MiB on the box network's 128³) and
         # frees it at the first inference, which reads the request's tensor instead; otherwise the node
-        # idles with it until its first study. ~1.5 s at load on 2 cores, none in a job.
+        # idles with it until its first study. 0.8 to 1.7 s more at load on 2 cores, none in a job.
         net(np.zeros(grids[key], dtype=np.float32))
     logger.info(
         "compiled brain extractor %s %s on %s (box %s, brain %s, %s)",
