@@ -8,8 +8,9 @@ node/coregistration.py); otherwise the next one. The result's ``routing`` (also 
 show`` and the SR) says which model ran and why the ones before it did not.
 
 The brain stage (after the reference series' ``load``) masks the reference series with the active
-``brain_extraction`` model, while the job's thread reads the model's other series (their ``load``
-time overlaps the brain stage: the network leaves a core to the DICOM decoding). Tumour labels
+``brain_extraction`` model in a second thread, while the job's thread reads the model's other
+series (their ``load`` time overlaps the brain stage, whose numpy and scipy steps run on one core
+and leave the other to the DICOM decoding). Tumour labels
 outside the mask are set to 0 and the job result records ``brain_volume_ml``. A study in which no
 brain is found fails with the reason and sends nothing.
 

@@ -194,11 +194,7 @@ def test_series_registered_at_once_give_what_one_after_another_gives() -> None:
     one after another (each registration samples with its own fixed seed): same images, same figures."""
     case = brats_case()
     moved, _ = misaligned(case)
-    series = {
-        m: LoadedSeries(m, series_info(ds, [], 0), None, image, case.affine, [ds])  # type: ignore[arg-type]
-        for m, image in moved.images.items()
-        for ds in [_series_dataset(m)]
-    }
+    series = _loaded_series(moved.images, case.affine)
     modalities, mask = ["FLAIR", "T1", "T1GD", "T2"], brain_of(case)
     configs = {n: RegistrationConfig(threads=1, parallel=n) for n in (1, 3)}
     results = {n: coregister(series, "FLAIR", modalities, mask, config) for n, config in configs.items()}
@@ -210,7 +206,6 @@ def test_series_registered_at_once_give_what_one_after_another_gives() -> None:
         assert a is not None and b is not None and three.alignments[modality].ok
         np.testing.assert_allclose(a.matrix, b.matrix, atol=1e-9)
         assert a.iterations == b.iterations
-
 
 
 def test_series_moved_within_the_brains_box_give_the_model_what_whole_series_give(
@@ -225,11 +220,8 @@ def test_series_moved_within_the_brains_box_give_the_model_what_whole_series_giv
 
     case = brats_case(margin=30)
     moved, _ = misaligned(case)
-    series = {  # a background that is not zero, as a scanner's
-        m: LoadedSeries(m, series_info(ds, [], 0), None, image + 1.0, case.affine, [ds])  # type: ignore[arg-type]
-        for m, image in moved.images.items()
-        for ds in [_series_dataset(m)]
-    }
+    # A background that is not zero, as a scanner's.
+    series = _loaded_series({m: image + 1.0 for m, image in moved.images.items()}, case.affine)
     modalities, mask = ["FLAIR", "T1", "T1GD", "T2"], brain_of(case)
     config = RegistrationConfig(threads=1)
     box = coregistration.brain_box(mask)
@@ -248,6 +240,15 @@ def test_series_moved_within_the_brains_box_give_the_model_what_whole_series_giv
     inputs = [prepare_volume(r.images, case.affine, preprocessing, modalities, mask) for r in (boxed, whole)]
     np.testing.assert_array_equal(inputs[0].slice_indices, inputs[1].slice_indices)
     np.testing.assert_allclose(inputs[0].slices, inputs[1].slices, atol=1e-5)
+
+
+def _loaded_series(images: dict[str, np.ndarray], affine: np.ndarray) -> dict[str, LoadedSeries]:
+    """Each image as a loaded series of one frame of reference (no files, no volume)."""
+    return {
+        m: LoadedSeries(m, series_info(ds, [], 0), None, image, affine, [ds])  # type: ignore[arg-type]
+        for m, image in images.items()
+        for ds in [_series_dataset(m)]
+    }
 
 
 def _series_dataset(modality: str) -> Dataset:
