@@ -118,6 +118,40 @@ class LoadedExtractor:
         return job_label(self.info)
 
 
+#: /proc/cpuinfo flags of an 8-bit dot-product instruction: VNNI (AVX-512 or AVX) or AMX.
+INT8_DOT_PRODUCT_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags (/proc/cpuinfo); empty where unreadable (not Linux)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return frozenset(line.partition(":")[2].split())
+
+
+def int8_caveat(info: ModelInfo, flags: frozenset[str] | None = None) -> str | None:
+    """Why an INT8 model may be less accurate on this CPU than its FP32 parent, or None.
+
+    On a CPU without VNNI or AMX (AVX2 only), OpenVINO computes the INT8 model's u8 x s8 products with
+    instructions that add pairs in 16 bits, which can saturate (the reason NNCF has an overflow fix).
+    Measured on such a CPU: the shipped whole-tumour INT8 model gave Dice 0.42 on a holdout case where
+    its FP32 IR gave 0.63 (0.905 against 0.915 on three training cases); on an AVX-512 VNNI CPU the
+    same case stayed above 0.5 (tests/perf/test_benchmarks.py).
+    """
+    if info.precision != "int8":
+        return None
+    present = cpu_flags() if flags is None else flags
+    if not present or present & INT8_DOT_PRODUCT_FLAGS:
+        return None
+    return (
+        f"model {info.label} is INT8 but this CPU has no VNNI or AMX (AVX2 only): its accuracy may fall "
+        "below its FP32 parent's; promoting the FP32 artifact (segnode models promote ID) avoids it"
+    )
+
+
 class ActiveModel(Generic[L]):
     """Keeps a task's active model compiled; thread-safe. Subclasses say how a model is compiled.
 
@@ -193,6 +227,9 @@ class ActiveModel(Generic[L]):
                 return current
             self._current = loaded
             self.last_error = ""
+            caveat = int8_caveat(active)
+            if caveat:
+                logger.warning("%s", caveat)
             logger.info(
                 "serving %s model %s on %s%s",
                 self.task,

@@ -268,6 +268,34 @@ def test_tampered_model_is_refused_and_previous_keeps_serving(
     assert loaded is not None and loaded.info.id == v3.id and runtime.last_error == ""
 
 
+def test_int8_model_on_a_cpu_without_vnni_is_logged_as_a_caveat(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The shipped INT8 model loads either way; on a CPU whose flags lack VNNI and AMX the node says
+    once, at the swap, that its accuracy may fall below the FP32 parent's; an FP32 model or a VNNI
+    CPU gets no such line."""
+    from node import runtime as runtime_module
+    from node.bootstrap import SHIPPED_MODEL_DIR, install_and_promote
+
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    upgrade(url)
+    registry = Registry(make_session_factory(make_engine(url)))
+    install_and_promote(registry, SHIPPED_MODEL_DIR, by="test", reason="test")
+    assert runtime_module.cpu_flags()  # the real reader: this machine's flags
+    for flags, warned in ((frozenset({"avx2", "fma"}), True), (frozenset({"avx2", "avx512_vnni"}), False)):
+        monkeypatch.setattr(runtime_module, "cpu_flags", lambda flags=flags: flags)
+        caplog.clear()
+        runtime = ModelRuntime(registry, "whole_tumor", "CPU")
+        loaded = runtime.refresh()
+        assert loaded is not None and loaded.info.precision == "int8"
+        assert ("is INT8 but this CPU has no VNNI or AMX" in caplog.text) is warned
+    fp32 = install_model(registry, make_threshold_model(tmp_path / "fp32"))
+    monkeypatch.setattr(runtime_module, "cpu_flags", lambda: frozenset({"avx2"}))
+    caplog.clear()
+    loaded = runtime.refresh()
+    assert loaded is not None and loaded.info.id == fp32.id and "no VNNI" not in caplog.text
+
+
 def test_no_active_model(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'db.sqlite'}"
     upgrade(url)
