@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
+from converters.cpu import INT8_DOT_PRODUCT_FLAGS, cpu_flags
 from db.card import check_file, sha256_file
 from db.registry import ModelInfo, Registry
 from node.brain_extraction import BrainExtractor
@@ -118,37 +119,27 @@ class LoadedExtractor:
         return job_label(self.info)
 
 
-#: /proc/cpuinfo flags of an 8-bit dot-product instruction: VNNI (AVX-512 or AVX) or AMX.
-INT8_DOT_PRODUCT_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
-
-
-def cpu_flags() -> frozenset[str]:
-    """This CPU's feature flags (/proc/cpuinfo); empty where unreadable (not Linux)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return frozenset()
-    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
-    return frozenset(line.partition(":")[2].split())
-
-
 def int8_caveat(info: ModelInfo, flags: frozenset[str] | None = None) -> str | None:
     """Why an INT8 model may be less accurate on this CPU than its FP32 parent, or None.
 
     On a CPU without VNNI or AMX (AVX2 only), OpenVINO computes the INT8 model's u8 x s8 products with
-    instructions that add pairs in 16 bits, which can saturate (the reason NNCF has an overflow fix).
-    Measured on such a CPU: the shipped whole-tumour INT8 model gave Dice 0.42 on a holdout case where
-    its FP32 IR gave 0.63 (0.905 against 0.915 on three training cases); on an AVX-512 VNNI CPU the
-    same case stayed above 0.5 (tests/perf/test_benchmarks.py).
+    instructions that add pairs in 16 bits, which can saturate unless NNCF's overflow fix was applied
+    to every layer (``calibration.overflow_fix == "enable"`` in the card, what ``segnode export`` and
+    ``segnode requantize`` do). Measured on such a CPU with segnode-wt-flair 2.1.0, quantized without
+    it: validation Dice 0.931 against 0.943 for its FP32 IR, and 0.42 against 0.63 on a holdout case;
+    2.1.1, the same FP32 IR quantized with the fix, gave 0.943 on the validation cases.
     """
     if info.precision != "int8":
+        return None
+    if (info.calibration or {}).get("overflow_fix") == "enable":
         return None
     present = cpu_flags() if flags is None else flags
     if not present or present & INT8_DOT_PRODUCT_FLAGS:
         return None
     return (
-        f"model {info.label} is INT8 but this CPU has no VNNI or AMX (AVX2 only): its accuracy may fall "
-        "below its FP32 parent's; promoting the FP32 artifact (segnode models promote ID) avoids it"
+        f"model {info.label} is INT8, quantized without NNCF's overflow fix, and this CPU has no VNNI "
+        "or AMX (AVX2 only): its accuracy may fall below its FP32 parent's; quantize it again "
+        "(segnode requantize) or promote the FP32 artifact (segnode models promote ID)"
     )
 
 

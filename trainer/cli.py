@@ -1,4 +1,5 @@
-"""The trainer's commands: ``segnode train``, ``export``, ``evaluate``, ``export-brain-extractor``.
+"""The trainer's commands: ``segnode train``, ``export``, ``requantize``, ``evaluate``,
+``export-brain-extractor``.
 
 The root app (:mod:`node.cli`) loads this module only when one of these commands runs, after
 checking that the ``[train]`` extra is there for ``train`` and ``export``. ``evaluate`` of an
@@ -205,6 +206,62 @@ def export(
     where = out or run_dir / "export"
     ids = card.get("registered_ids")
     console.print(f"model directory {where}" + (f"; registered models {ids}" if ids else ""))
+
+
+def requantize(
+    model_dir: Path = typer.Argument(..., help="An exported model directory (model.json, FP32 IR)."),
+    out: Path = typer.Option(..., "--out", help="Where to write the new version's model directory."),
+    version: str = typer.Option(..., "--version", help="The new version (not the source's)."),
+    data: Path = typer.Option(
+        ..., "--data", help="The training data folder holding the card's training and validation cases."
+    ),
+    calibration_size: int = typer.Option(
+        300, "--calibration-size", help="INT8 calibration slices (training split)."
+    ),
+    register_models: bool = typer.Option(
+        True, "--register/--no-register", help="Import into the model table."
+    ),
+    config: Path | None = CONFIG_OPTION,
+) -> None:
+    """Quantize a model's FP32 IR to INT8 again (NNCF, overflow fix) as a new version, and register it."""
+    from db.url import resolve_database_url
+    from trainer.requantize import RequantizeOptions, requantize_dir
+
+    options = RequantizeOptions(
+        model_dir=model_dir,
+        out_dir=out,
+        version=version,
+        data=data,
+        calibration_size=calibration_size,
+        register=register_models,
+        database_url=resolve_database_url(config) if register_models else None,
+    )
+    with console.status("quantizing") as status:
+        card = requantize_dir(options, on_step=lambda msg: status.update(msg))
+    from rich.table import Table
+
+    old = card["requantized_from"]
+    table = Table(title=f"{card['name']} {old['version']} -> {card['version']} (validation cases, this CPU)")
+    regions = list(old.get("metrics_on_this_cpu", {}).get("regions", {}))
+    for col in ("artifact", "precision", "Dice", *(f"{r} Dice" for r in regions)):
+        table.add_column(col)
+    rows = [(a["key"], a["precision"], a.get("metrics")) for a in card["artifacts"]]
+    rows.append((f"ir_int8 of {old['version']}", "int8", old.get("metrics_on_this_cpu")))
+    for key, precision, metrics in rows:
+        if key not in ("checkpoint", "onnx"):
+            found = metrics or {}
+            by_region = found.get("regions", {})
+            table.add_row(
+                key,
+                precision,
+                _fmt(found.get("mean", {}).get("dice"), ".4f"),
+                *(_fmt(by_region.get(r, {}).get("dice"), ".4f") for r in regions),
+            )
+    console.print(table)
+    drop = card["calibration"].get("validation_dice_drop")
+    console.print(f"INT8 Dice drop against FP32: {_fmt(drop, '+.4f')}")
+    ids = card.get("registered_ids")
+    console.print(f"model directory {out}" + (f"; registered models {ids}" if ids else ""))
 
 
 def export_brain_extractor(

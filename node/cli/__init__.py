@@ -26,6 +26,8 @@ TRAINING = Extra("train", ("torch", "tensorboard", "matplotlib"))
 EXPORT = Extra("train", ("torch", "onnx", "onnxruntime", "nncf"))
 #: What ``segnode export-brain-extractor`` imports: deepbet's networks, torch and the ONNX exporter.
 BRAIN_EXPORT = Extra("train", ("torch", "onnx", "deepbet"))
+#: What ``segnode requantize`` imports: NNCF (the FP32 IR is read by OpenVINO, no torch).
+REQUANTIZE = Extra("train", ("nncf",))
 
 #: name -> where the command lives, its one-line help (shown by ``segnode --help``), its extra.
 #: ``evaluate`` needs no extra for OpenVINO IR models; it checks for torch or ONNX Runtime itself
@@ -49,6 +51,11 @@ COMMANDS: dict[str, CommandSpec] = {
         "trainer.cli:export",
         "Export ONNX, OpenVINO IR FP32 and INT8, write model.json, and register the lineage.",
         EXPORT,
+    ),
+    "requantize": CommandSpec(
+        "trainer.cli:requantize",
+        "Quantize a model's FP32 IR to INT8 again (NNCF, overflow fix) as a new version, and register it.",
+        REQUANTIZE,
     ),
     "export-brain-extractor": CommandSpec(
         "trainer.cli:export_brain_extractor",

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import socket
 from datetime import timedelta
 from pathlib import Path
@@ -268,31 +270,46 @@ def test_tampered_model_is_refused_and_previous_keeps_serving(
     assert loaded is not None and loaded.info.id == v3.id and runtime.last_error == ""
 
 
-def test_int8_model_on_a_cpu_without_vnni_is_logged_as_a_caveat(
+def test_int8_model_without_overflow_fix_on_a_cpu_without_vnni_is_logged_as_a_caveat(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The shipped INT8 model loads either way; on a CPU whose flags lack VNNI and AMX the node says
-    once, at the swap, that its accuracy may fall below the FP32 parent's; an FP32 model or a VNNI
-    CPU gets no such line."""
+    """An INT8 model quantized without NNCF's overflow fix (the shipped 2.1.0 was) loads either way; on
+    a CPU whose flags lack VNNI and AMX the node says once, at the swap, that its accuracy may fall
+    below the FP32 parent's. The shipped model (quantized with the fix), an FP32 model, or a VNNI CPU
+    get no such line."""
     from node import runtime as runtime_module
     from node.bootstrap import SHIPPED_MODEL_DIR, install_and_promote
 
     url = f"sqlite:///{tmp_path / 'db.sqlite'}"
     upgrade(url)
     registry = Registry(make_session_factory(make_engine(url)))
-    install_and_promote(registry, SHIPPED_MODEL_DIR, by="test", reason="test")
     assert runtime_module.cpu_flags()  # the real reader: this machine's flags
-    for flags, warned in ((frozenset({"avx2", "fma"}), True), (frozenset({"avx2", "avx512_vnni"}), False)):
+    avx2, vnni = frozenset({"avx2", "fma"}), frozenset({"avx2", "avx512_vnni"})
+    unfixed_dir = tmp_path / "unfixed"
+    shutil.copytree(SHIPPED_MODEL_DIR, unfixed_dir)
+    card = json.loads((unfixed_dir / "model.json").read_text())
+    shipped_version = card["version"]
+    assert card["calibration"]["overflow_fix"] == "enable"
+    del card["calibration"]["overflow_fix"]
+    card["version"] = "0.0.1-unfixed"
+    (unfixed_dir / "model.json").write_text(json.dumps(card))
+    for model_dir, flags, warned in (
+        (SHIPPED_MODEL_DIR, avx2, False),
+        (unfixed_dir, avx2, True),
+        (None, vnni, False),  # the same unfixed model, still active
+    ):
+        if model_dir is not None:
+            install_and_promote(registry, model_dir, by="test", reason="test")
         monkeypatch.setattr(runtime_module, "cpu_flags", lambda flags=flags: flags)
         caplog.clear()
-        runtime = ModelRuntime(registry, "whole_tumor", "CPU")
-        loaded = runtime.refresh()
+        loaded = ModelRuntime(registry, "whole_tumor", "CPU").refresh()
         assert loaded is not None and loaded.info.precision == "int8"
-        assert ("is INT8 but this CPU has no VNNI or AMX" in caplog.text) is warned
+        assert ("quantized without NNCF's overflow fix" in caplog.text) is warned, (model_dir, flags)
+        assert loaded.info.version == (shipped_version if model_dir == SHIPPED_MODEL_DIR else "0.0.1-unfixed")
     fp32 = install_model(registry, make_threshold_model(tmp_path / "fp32"))
-    monkeypatch.setattr(runtime_module, "cpu_flags", lambda: frozenset({"avx2"}))
+    monkeypatch.setattr(runtime_module, "cpu_flags", lambda: avx2)
     caplog.clear()
-    loaded = runtime.refresh()
+    loaded = ModelRuntime(registry, "whole_tumor", "CPU").refresh()
     assert loaded is not None and loaded.info.id == fp32.id and "no VNNI" not in caplog.text
 
 

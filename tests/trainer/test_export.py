@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -118,6 +119,7 @@ def test_card_lineage_metrics_and_registry(exported: tuple[Path, dict, str], run
     assert (
         on_disk["calibration"]["subset_size"] == 40 and on_disk["calibration"]["source"] == "training split"
     )
+    assert on_disk["calibration"]["overflow_fix"] == "enable"
     assert on_disk["training"]["split"]["val"] == split["val"]
     run_config = json.loads((run_dir / "run.json").read_text())["config"]
     options = on_disk["training"]["options"]
@@ -139,6 +141,136 @@ def test_card_lineage_metrics_and_registry(exported: tuple[Path, dict, str], run
     ]
     assert [i.parent_id for i in infos] == [None, ids[0], ids[1], ids[2]]
     assert infos[3].dice == pytest.approx(by_key["ir_int8"]["metrics"]["mean"]["dice"])
+
+
+def int8_weight_range(xml: Path) -> tuple[int, int]:
+    """Smallest and largest value of the IR's int8 weight constants."""
+    import openvino as ov
+
+    ops = ov.Core().read_model(str(xml)).get_ops()
+    data = [
+        op.get_data()
+        for op in ops
+        if op.get_type_name() == "Constant" and op.get_element_type() == ov.Type.i8
+    ]
+    assert data, f"{xml} has no int8 weights"
+    return min(int(d.min()) for d in data), max(int(d.max()) for d in data)
+
+
+def test_int8_weights_leave_room_for_avx2_sums(exported: tuple[Path, dict, str]) -> None:
+    """NNCF's overflow fix on every layer: 7-bit weights, so that u8 x s8 pairs summed in 16 bits on a
+    CPU without VNNI cannot saturate (NNCF's default fixes the first layer only: +-127 elsewhere)."""
+    out, _card, _ = exported
+    low, high = int8_weight_range(out / "model_int8.xml")
+    assert -64 <= low < 0 < high <= 64
+
+
+def _without_overflow_fix(source: Path, dest: Path, calibration: list[np.ndarray]) -> Path:
+    """A copy of an exported model directory whose INT8 IR is quantized the way 2.1.0 was."""
+    import nncf
+    import openvino as ov
+
+    from db.card import file_entry, load_card, write_card
+
+    shutil.copytree(source, dest)
+    model = ov.Core().read_model(str(dest / "model_fp32.xml"))
+    quantized = nncf.quantize(model, nncf.Dataset(calibration), preset=nncf.QuantizationPreset.PERFORMANCE)
+    ov.save_model(quantized, str(dest / "model_int8.xml"), compress_to_fp16=False)
+    card = load_card(dest)
+    for art in card["artifacts"]:
+        if art["key"] == "ir_int8":
+            art["files"] = [file_entry(dest / n, dest) for n in ("model_int8.xml", "model_int8.bin")]
+    del card["calibration"]["overflow_fix"]
+    write_card(card, dest)
+    return dest
+
+
+def test_requantize_makes_a_new_version_with_the_overflow_fix(
+    exported: tuple[Path, dict, str], run_dir: Path, tmp_path: Path
+) -> None:
+    from db.card import load_card, sha256_file, verify_files
+    from db.registry import Registry
+    from db.session import make_engine, make_session_factory
+    from trainer.checkpoint import load_checkpoint
+    from trainer.requantize import RequantizeOptions, requantize_dir
+
+    out, card, db_url = exported
+    data = Path(load_checkpoint(run_dir / "best.pt")["train_config"]["data"])
+    source = _without_overflow_fix(
+        out, tmp_path / "old", [_val_slices(run_dir)[i : i + 1] for i in range(20)]
+    )
+    assert int8_weight_range(source / "model_int8.xml")[1] > 64  # the defect this command repairs
+    new_dir = tmp_path / "new"
+    new = requantize_dir(
+        RequantizeOptions(
+            model_dir=source,
+            out_dir=new_dir,
+            version="9.0.1",
+            data=data,
+            calibration_size=30,
+            database_url=db_url,
+        )
+    )
+    on_disk = load_card(new_dir)
+    assert on_disk["version"] == "9.0.1" and on_disk["name"] == card["name"]
+    assert verify_files(on_disk, new_dir) == []
+    low, high = int8_weight_range(new_dir / "model_int8.xml")
+    assert -64 <= low < 0 < high <= 64
+    for name in ("checkpoint.pt", "model.onnx", "model_fp32.xml", "model_fp32.bin"):
+        assert sha256_file(new_dir / name) == sha256_file(source / name), name
+    old = on_disk["requantized_from"]
+    assert old["version"] == card["version"]
+    assert [f["sha256"] for f in old["ir_int8"]] == [
+        sha256_file(source / "model_int8.xml"),
+        sha256_file(source / "model_int8.bin"),
+    ]
+    assert "overflow_fix" not in old["calibration"]
+    split = json.loads((run_dir / "split.json").read_text())
+    assert old["metrics_on_this_cpu"]["cases"] == split["val"]
+    cal = on_disk["calibration"]
+    assert cal["overflow_fix"] == "enable" and cal["subset_size"] == 30
+    assert set(cal["validation_cpu"]) == {"model", "int8_dot_product"}
+    by_key = {a["key"]: a for a in on_disk["artifacts"]}
+    assert cal["validation_dice_drop"] == pytest.approx(
+        by_key["ir_fp32"]["metrics"]["mean"]["dice"] - by_key["ir_int8"]["metrics"]["mean"]["dice"]
+    )
+    assert f"{card['name']} 9.0.1 - NOTICE" in (new_dir / "NOTICE").read_text()
+    engine = make_engine(db_url)
+    try:
+        registry = Registry(make_session_factory(engine))
+        infos = [registry.get(i) for i in new["registered_ids"]]
+    finally:
+        engine.dispose()
+    assert {i.version for i in infos} == {"9.0.1"}
+    int8 = next(i for i in infos if i.precision == "int8")
+    assert int8.calibration is not None and int8.calibration["overflow_fix"] == "enable"
+    assert int8.dice == pytest.approx(by_key["ir_int8"]["metrics"]["mean"]["dice"])
+
+    done = _segnode(
+        "requantize",
+        str(source),
+        "--out",
+        str(tmp_path / "same"),
+        "--version",
+        card["version"],
+        "--data",
+        str(data),
+        "--no-register",
+    )
+    assert done.returncode == 2 and "is the source model's own version" in done.stderr
+    (source / "model_fp32.bin").write_bytes(b"corrupt")
+    done = _segnode(
+        "requantize",
+        str(source),
+        "--out",
+        str(tmp_path / "x"),
+        "--version",
+        "9.0.2",
+        "--data",
+        str(data),
+        "--no-register",
+    )
+    assert done.returncode == 2 and "model_fp32.bin" in done.stderr and "sha256" in done.stderr
 
 
 def _segnode(*args: str) -> subprocess.CompletedProcess[str]:

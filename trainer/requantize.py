@@ -1,0 +1,162 @@
+"""Quantize an exported model's FP32 IR again, as a new version of the model (``segnode requantize``).
+
+An INT8 artifact can be remade without its training run: the FP32 IR, the card's training split and
+the training data are enough. The new directory keeps every other artifact byte for byte, gets a new
+``model_int8.xml/.bin`` quantized as ``segnode export`` does now (:func:`trainer.export.quantize_int8`),
+FP32 and INT8 metrics measured again on the validation split on this CPU, a ``requantized_from``
+block naming the version and INT8 file it replaces, and a new version number. Nothing is read from
+the holdout.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from converters.cpu import cpu_description
+from converters.nifti import list_cases
+from db.card import artifact, file_entry, ir_xml, load_card, verify_files, write_card
+from trainer.data import PreparedCase, load_prepared
+from trainer.evaluate import CardPredictor, card_metrics, evaluate_cases
+from trainer.exceptions import TrainerError
+from trainer.export import calibration_slices, int8_dice_drops, notice_text, quantize_int8, register_dir
+from trainer.predictors import openvino_predictor
+
+logger = logging.getLogger(__name__)
+
+INT8_FILES = ("model_int8.xml", "model_int8.bin")
+
+
+@dataclass
+class RequantizeOptions:
+    """Options of ``segnode requantize``."""
+
+    model_dir: Path
+    out_dir: Path
+    version: str
+    data: Path
+    calibration_size: int = 300
+    seed: int = 0
+    register: bool = True
+    database_url: str | None = None
+
+
+def _split_cases(card: Mapping[str, Any], data: Path, which: str) -> list[Any]:
+    """The ``CaseRef`` of each case of the card's ``which`` split; raises when one is not under ``data``."""
+    split = card.get("training", {}).get("split", {})
+    ids = list(split.get(which, []))
+    if which == "train" and not ids:
+        raise TrainerError(f"model {card['name']} {card['version']}: its card has no training split")
+    refs = {r.case_id: r for r in list_cases(data, require_labels=True)}
+    missing = [c for c in ids if c not in refs]
+    if missing:
+        raise TrainerError(f"case {missing[0]} of the model's {which} split is not under {data}; pass --data")
+    return [refs[c] for c in ids]
+
+
+def _prepared(card: Mapping[str, Any], refs: list[Any]) -> list[PreparedCase]:
+    optional = card.get("optional_modalities", ())
+    return load_prepared(refs, card["preprocessing"], card["modalities"], card["task"], optional=optional)
+
+
+def requantize_dir(
+    options: RequantizeOptions, on_step: Callable[[str], None] | None = None
+) -> dict[str, Any]:
+    """Write ``options.out_dir``: the model of ``options.model_dir`` with a new INT8 artifact.
+
+    Returns
+    -------
+    dict
+        The new model card.
+
+    Raises
+    ------
+    TrainerError
+        The source directory's files do not match its card, it has no FP32 IR or training split,
+        the new version equals the old one, the output folder is the source, or a case is missing.
+    """
+    source, out = options.model_dir, options.out_dir
+    card = load_card(source)
+    problems = verify_files(card, source)
+    if problems:
+        raise TrainerError(f"{source}: {problems[0]}")
+    if options.version == card["version"]:
+        raise TrainerError(f"--version {options.version} is the source model's own version; give a new one")
+    if out.resolve() == source.resolve():
+        raise TrainerError(f"--out {out} is the source directory; write the new version beside it")
+    fp32_xml = ir_xml(card, source, "fp32")
+    old_int8 = artifact(card, "ir_int8")
+
+    def step(msg: str) -> None:
+        logger.info("%s", msg)
+        if on_step is not None:
+            on_step(msg)
+
+    step("loading the training split for calibration")
+    train_refs = _split_cases(card, options.data, "train")
+    val_refs = _split_cases(card, options.data, "val")
+    out.mkdir(parents=True, exist_ok=True)
+    for path in sorted(source.iterdir()):
+        if path.is_file() and path.name not in INT8_FILES:
+            shutil.copyfile(path, out / path.name)
+
+    step(f"quantizing to INT8 ({options.calibration_size} calibration slices)")
+    calibration_cases = _prepared(card, train_refs)
+    calibration = quantize_int8(
+        out / fp32_xml.name,
+        out / INT8_FILES[0],
+        calibration_slices(calibration_cases, options.calibration_size, options.seed),
+        [],
+        card,
+        None,
+    )
+    del calibration_cases
+
+    artifacts = [dict(a) for a in card["artifacts"]]
+    int8 = next(a for a in artifacts if a["key"] == "ir_int8")
+    int8["files"] = [file_entry(out / name, out) for name in INT8_FILES]
+    fp32 = next(a for a in artifacts if a["key"] == "ir_fp32")
+    replaced: dict[str, Any] = {
+        "version": card["version"],
+        "ir_int8": [{"path": f["path"], "sha256": f["sha256"]} for f in old_int8["files"]],
+        "calibration": card.get("calibration"),
+    }
+    if val_refs:
+        step("evaluating FP32, the old INT8 and the new INT8 on the validation cases")
+        runs = {
+            "ir_fp32": (out / fp32_xml.name, "f32"),
+            "ir_int8": (out / INT8_FILES[0], None),
+            "old": (ir_xml(card, source, "int8"), None),
+        }
+        metrics = {}
+        for key, (xml, hint) in runs.items():
+            predict = openvino_predictor(card, xml, precision_hint=hint)
+            precision = "fp32" if hint else "int8"
+            result = evaluate_cases(CardPredictor(card, predict, key, precision), val_refs)
+            metrics[key] = card_metrics(result, "validation")
+        fp32["metrics"], int8["metrics"] = metrics["ir_fp32"], metrics["ir_int8"]
+        drops = int8_dice_drops(fp32["metrics"], int8["metrics"])
+        calibration["validation_dice_drop"] = drops.pop("mean")
+        if drops:
+            calibration["validation_dice_drop_regions"] = drops
+        # the replaced INT8 on this CPU: its card's figures may come from a CPU that hides the defect
+        replaced["metrics_on_this_cpu"] = metrics["old"]
+    calibration["validation_cpu"] = cpu_description()
+
+    new_card = {
+        **card,
+        "version": options.version,
+        "artifacts": artifacts,
+        "calibration": calibration,
+        "requantized_from": replaced,
+    }
+    new_card.pop("registered_ids", None)
+    write_card(new_card, out)
+    (out / "NOTICE").write_text(notice_text(new_card), encoding="utf-8")
+    if options.register:
+        new_card["registered_ids"] = register_dir(out, options.database_url)
+    return new_card
