@@ -20,7 +20,7 @@ This is a final-evaluation script: the holdout may be read here (``--data`` is r
 is tuned on its output.
 
 Usage: python benchmarks/holdout_regions.py --data ../shared/data/holdout
-       --model models/candidates/segnode-brats-regions-1.0.0 [--precision int8] [--cases N] [--out DIR]
+       --model models/candidates/segnode-brats-regions-1.0.1 [--precision int8] [--cases N] [--out DIR]
 """
 
 from __future__ import annotations
