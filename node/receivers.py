@@ -36,14 +36,13 @@ from collections import Counter
 from pathlib import Path
 from typing import IO, Any
 
+from node import LOG_FORMAT
 from node.config import Settings
 from node.exceptions import NodeError
 from node.metrics import NodeMetrics
 
 logger = logging.getLogger(__name__)
 
-#: The log line format of the ``segnode`` CLI (node/cli/__init__.py), which receivers log with too.
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 #: Seconds a new receiver may take to import its libraries and listen.
 START_TIMEOUT_S = 60.0
 #: Seconds between a receiver's deliveries of its counts (and checks for a stop or a dead parent).

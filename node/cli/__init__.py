@@ -18,6 +18,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from node import LOG_FORMAT
 from node.cli.lazy import CommandSpec, Extra, LazyGroup, MissingExtraError
 
 #: What ``segnode train`` imports: the training loop, TensorBoard logs and the figures of a run.
@@ -114,7 +115,7 @@ def _root(
 ) -> None:
     _state["debug"] = debug
     level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=level, format=LOG_FORMAT)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
