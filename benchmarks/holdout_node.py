@@ -86,9 +86,10 @@ class _Receiver:
         ae = AE(ae_title="EVAL_PACS")
         ae.add_supported_context(SegmentationStorage, ALL_TRANSFER_SYNTAXES)
         ae.add_supported_context(Comprehensive3DSRStorage, ALL_TRANSFER_SYNTAXES)
-        handlers = [(evt.EVT_C_STORE, self._on)]
-        self.server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=handlers)
-        self.port = int(self.server.server_address[1])
+        server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on)])
+        assert server is not None  # block=False returns the running server
+        self.server = server
+        self.port = int(server.server_address[1])
 
     def _on(self, event: Any) -> int:
         ds = event.dataset
