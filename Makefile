@@ -26,6 +26,7 @@ demo: $(VENV)/.node-installed
 test: $(VENV)/.all-installed
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+	$(BIN)/mypy benchmarks/*.py
 	$(BIN)/python -m pytest
 
 # OHIF over Orthanc (DICOMweb) with the node on loopback, the demo case sent through; prints the URL.
@@ -37,6 +38,7 @@ viewer: $(VENV)/.node-installed
 lint: $(VENV)/.all-installed
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+	$(BIN)/mypy benchmarks/*.py
 
 # Every benchmark (about 10 minutes; results in build/bench/), then docs/benchmarks.md and its chart.
 bench: $(VENV)/.all-installed

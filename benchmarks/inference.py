@@ -341,7 +341,8 @@ def _as_prepared(prepared: Any, slices: npt.NDArray[np.float32]) -> Any:
 def _best_rate(fn: Callable[[], Any], ops: float, min_seconds: float) -> float:
     """Operations/s of ``fn`` from its fastest call (a peak: the least disturbed by other load)."""
     fn()
-    times, start = [], time.perf_counter()
+    times: list[float] = []
+    start = time.perf_counter()
     while time.perf_counter() - start < min_seconds or len(times) < 3:
         t = time.perf_counter()
         fn()
@@ -530,8 +531,8 @@ def main() -> int:
     args = parser.parse_args()
     seconds, limit = (0.5, 1) if args.quick else (2.0, None)
     if args.child:
-        result = measure_engine(args.child, args.model, args.data, min_seconds=seconds, case_limit=limit)
-        print(json.dumps(result))
+        measured = measure_engine(args.child, args.model, args.data, min_seconds=seconds, case_limit=limit)
+        print(json.dumps(measured))
         return 0
     from db.card import load_card
 

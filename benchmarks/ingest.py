@@ -240,6 +240,7 @@ def bare_receiver(work: Path) -> Iterator[tuple[int, str, Callable[[], int]]]:
 
     server = ae.start_server(("127.0.0.1", free_port()), block=False,
                              evt_handlers=[(evt.EVT_C_STORE, on_store), (evt.EVT_CONN_OPEN, on_open)])
+    assert server is not None  # block=False returns the running server
     try:
         yield int(server.server_address[1]), "BARE", lambda: len(received)
     finally:

@@ -103,8 +103,10 @@ def run(cases: list[Path], work: Path) -> dict[str, Any]:
             job = f"job {number} (brain extraction, whole tumour, SEG + SR sent)"
             sampler.phase(job)
             phases.append((job, "job"))
-            wait_until(lambda n=number: sum(d.Modality == "SEG" for d in catcher.received) >= n, 300,
-                       f"the SEG of study {number}")
+            def seg_count_reached(n: int = number) -> bool:
+                return sum(d.Modality == "SEG" for d in catcher.received) >= n
+
+            wait_until(seg_count_reached, 300, f"the SEG of study {number}")
             time.sleep(0.5)  # the worker releases the models' buffers after the job
             idle = f"idle after job {number}"
             sampler.phase(idle)
