@@ -7,7 +7,9 @@ model was quantized with NNCF's overflow fix. The node and the trainer both ask.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 #: /proc/cpuinfo flags of an 8-bit dot-product instruction: VNNI (AVX-512 or AVX) or AMX.
 INT8_DOT_PRODUCT_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
@@ -33,3 +35,16 @@ def cpu_description() -> dict[str, object]:
         "model": _cpuinfo_field("model name") or "unknown",
         "int8_dot_product": sorted(cpu_flags() & INT8_DOT_PRODUCT_FLAGS),
     }
+
+
+def int8_may_saturate(calibration: Mapping[str, Any] | None, flags: frozenset[str] | None = None) -> bool:
+    """Whether an INT8 model's u8 x s8 sums may saturate on this CPU.
+
+    True when the model was quantized without NNCF's overflow fix on every layer (its card's
+    ``calibration.overflow_fix`` is not ``"enable"``) and the CPU (``flags``, default this one's) has
+    no VNNI or AMX; False where the flags cannot be read.
+    """
+    if (calibration or {}).get("overflow_fix") == "enable":
+        return False
+    present = cpu_flags() if flags is None else flags
+    return bool(present) and not present & INT8_DOT_PRODUCT_FLAGS

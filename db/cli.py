@@ -156,6 +156,8 @@ def show_cmd(
         parent_id = parent.parent_id
     console.print(f"modalities: {', '.join(model.modalities)}")
     console.print(f"lineage: {' <- '.join([f'#{model.id}', *lineage]) if lineage else 'none (no parent)'}")
+    if model.precision == "int8":
+        _print_int8_quantization(model.calibration)
     files = Table(title="Files")
     for column in ("Path", "Size", "sha256"):
         files.add_column(column)
@@ -175,6 +177,20 @@ def show_cmd(
     evaluations = (model.metrics or {}).get("evaluations") or []
     if evaluations:
         console.print(_evaluations_table(evaluations))
+
+
+def _print_int8_quantization(calibration: dict[str, Any] | None) -> None:
+    """How an INT8 model was quantized, and a warning where its sums may saturate on this CPU."""
+    from converters.cpu import int8_may_saturate
+
+    fix = (calibration or {}).get("overflow_fix") or "not recorded (NNCF's default: the first layer only)"
+    console.print(f"INT8 overflow fix: {fix}")
+    if int8_may_saturate(calibration):
+        console.print(
+            "[yellow]warning:[/] this CPU has no VNNI or AMX and this model was quantized without the "
+            "overflow fix on every layer: its accuracy may fall below its FP32 parent's "
+            "(segnode requantize, or promote the FP32 model)"
+        )
 
 
 def _evaluations_table(evaluations: list[dict[str, Any]]) -> Table:

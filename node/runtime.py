@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
-from converters.cpu import INT8_DOT_PRODUCT_FLAGS, cpu_flags
+from converters.cpu import cpu_flags, int8_may_saturate
 from db.card import check_file, sha256_file
 from db.registry import ModelInfo, Registry
 from node.brain_extraction import BrainExtractor
@@ -131,10 +131,7 @@ def int8_caveat(info: ModelInfo, flags: frozenset[str] | None = None) -> str | N
     """
     if info.precision != "int8":
         return None
-    if (info.calibration or {}).get("overflow_fix") == "enable":
-        return None
-    present = cpu_flags() if flags is None else flags
-    if not present or present & INT8_DOT_PRODUCT_FLAGS:
+    if not int8_may_saturate(info.calibration, cpu_flags() if flags is None else flags):
         return None
     return (
         f"model {info.label} is INT8, quantized without NNCF's overflow fix, and this CPU has no VNNI "

@@ -71,6 +71,7 @@ def test_import_list_show_promote_history(url: str, tmp_path: Path) -> None:
     assert shown["files"][0]["path"] == str((directory / "model_int8.xml").resolve())
     human = ok("models", "show", "3")
     assert "lineage: #3 <- #2 ir/fp32 <- #1 onnx/fp32" in human
+    assert "INT8 overflow fix: not recorded" in human
     history = json.loads(ok("models", "history", "--json"))
     assert [(e["action"], e["to_model_id"], e["by"]) for e in history] == [
         ("register", 1, "alice"),
@@ -223,3 +224,30 @@ def test_rollback_without_task_and_no_active_model(url: str, capsys: pytest.Capt
         fails(capsys, "models", "rollback")
         == "error: rollback needs --task (tasks with an active model: none)"
     )
+
+
+def test_show_says_how_an_int8_model_was_quantized_and_warns_where_it_may_saturate(
+    url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An INT8 model without NNCF's overflow fix on a CPU without VNNI or AMX gets a warning in
+    `segnode models show`; the same model on a VNNI CPU, and one quantized with the fix, do not."""
+    from converters import cpu
+
+    unfixed = write_model_dir(tmp_path / "unfixed", version="1.0.0")
+    fixed_dir = write_model_dir(tmp_path / "fixed", version="1.0.1")
+    card = json.loads((fixed_dir / "model.json").read_text())
+    card["calibration"] = {**(card.get("calibration") or {}), "overflow_fix": "enable"}
+    (fixed_dir / "model.json").write_text(json.dumps(card))
+    ok("models", "import", str(unfixed))
+    ok("models", "import", str(fixed_dir))
+    listed = json.loads(ok("models", "list", "--json"))
+    int8 = {m["version"]: m["id"] for m in listed if m["precision"] == "int8"}
+    for flags, version, warned in (
+        (frozenset({"avx2", "fma"}), "1.0.0", True),
+        (frozenset({"avx2", "avx512_vnni"}), "1.0.0", False),
+        (frozenset({"avx2", "fma"}), "1.0.1", False),
+    ):
+        monkeypatch.setattr(cpu, "cpu_flags", lambda flags=flags: flags)
+        human = ok("models", "show", str(int8[version]))
+        assert ("INT8 overflow fix: enable" in human) is (version == "1.0.1")
+        assert ("this CPU has no VNNI or AMX" in human) is warned, (flags, version)
