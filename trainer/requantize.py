@@ -77,7 +77,8 @@ def requantize_dir(
     ------
     TrainerError
         The source directory's files do not match its card, it has no FP32 IR or training split,
-        the new version equals the old one, the output folder is the source, or a case is missing.
+        the new version equals the old one, the output folder is the source or already holds a model,
+        or a case is missing.
     """
     source, out = options.model_dir, options.out_dir
     card = load_card(source)
@@ -88,6 +89,8 @@ def requantize_dir(
         raise TrainerError(f"--version {options.version} is the source model's own version; give a new one")
     if out.resolve() == source.resolve():
         raise TrainerError(f"--out {out} is the source directory; write the new version beside it")
+    if (out / "model.json").exists():
+        raise TrainerError(f"--out {out} already holds a model (model.json); give a new or empty folder")
     fp32_xml = ir_xml(card, source, "fp32")
     old_int8 = artifact(card, "ir_int8")
 

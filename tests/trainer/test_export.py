@@ -258,6 +258,20 @@ def test_requantize_makes_a_new_version_with_the_overflow_fix(
         "--no-register",
     )
     assert done.returncode == 2 and "is the source model's own version" in done.stderr
+    before = sha256_file(new_dir / "model_int8.bin")
+    done = _segnode(
+        "requantize",
+        str(source),
+        "--out",
+        str(new_dir),
+        "--version",
+        "9.0.3",
+        "--data",
+        str(data),
+        "--no-register",
+    )
+    assert done.returncode == 2 and "already holds a model" in done.stderr
+    assert sha256_file(new_dir / "model_int8.bin") == before  # nothing overwritten
     (source / "model_fp32.bin").write_bytes(b"corrupt")
     done = _segnode(
         "requantize",
