@@ -312,14 +312,25 @@ def running_stack(
 ) -> Iterator[tuple[OrthancWeb, ViewerServer, Any]]:
     """Orthanc (DICOMweb) + the viewer server + the node with ``models`` (default: the shipped model)
     promoted, all stopped on exit."""
-    node_port = free_port()
-    orthanc = OrthancWeb(workdir / "orthanc", orthanc_program, node_port)
+    # The node's port stays bound here while Orthanc and the viewer start (they pick free ports and
+    # open connections too), so that none of them can take it before the node listens on it: a CI run
+    # once failed with "Address already in use" when the port was only picked, not held.
+    holder = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    holder.bind(("127.0.0.1", 0))
+    node_port = int(holder.getsockname()[1])
     viewer = node = None
     try:
+        orthanc = OrthancWeb(workdir / "orthanc", orthanc_program, node_port)
+    except BaseException:
+        holder.close()
+        raise
+    try:
         viewer = ViewerServer(orthanc.http, viewer_port)
+        holder.close()
         node = start_node(workdir / "node", node_port, orthanc.dicom, models)
         yield orthanc, viewer, node
     finally:
+        holder.close()
         if node is not None:
             node.stop()
         if viewer is not None:
