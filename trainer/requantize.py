@@ -20,10 +20,16 @@ from typing import Any
 from converters.cpu import cpu_description
 from converters.nifti import list_cases
 from db.card import artifact, file_entry, ir_xml, load_card, verify_files, write_card
-from trainer.data import PreparedCase, load_prepared
 from trainer.evaluate import CardPredictor, card_metrics, evaluate_cases
 from trainer.exceptions import TrainerError
-from trainer.export import calibration_slices, int8_dice_drops, notice_text, quantize_int8, register_dir
+from trainer.export import (
+    _load_split_cases,
+    calibration_slices,
+    int8_dice_drops,
+    notice_text,
+    quantize_int8,
+    register_dir,
+)
 from trainer.predictors import openvino_predictor
 
 logger = logging.getLogger(__name__)
@@ -49,18 +55,11 @@ def _split_cases(card: Mapping[str, Any], data: Path, which: str) -> list[Any]:
     """The ``CaseRef`` of each case of the card's ``which`` split; raises when one is not under ``data``."""
     split = card.get("training", {}).get("split", {})
     ids = list(split.get(which, []))
-    if which == "train" and not ids:
-        raise TrainerError(f"model {card['name']} {card['version']}: its card has no training split")
     refs = {r.case_id: r for r in list_cases(data, require_labels=True)}
     missing = [c for c in ids if c not in refs]
     if missing:
         raise TrainerError(f"case {missing[0]} of the model's {which} split is not under {data}; pass --data")
     return [refs[c] for c in ids]
-
-
-def _prepared(card: Mapping[str, Any], refs: list[Any]) -> list[PreparedCase]:
-    optional = card.get("optional_modalities", ())
-    return load_prepared(refs, card["preprocessing"], card["modalities"], card["task"], optional=optional)
 
 
 def requantize_dir(
@@ -100,7 +99,10 @@ def requantize_dir(
             on_step(msg)
 
     step("loading the training split for calibration")
-    train_refs = _split_cases(card, options.data, "train")
+    if not card.get("training", {}).get("split", {}).get("train"):
+        raise TrainerError(f"model {card['name']} {card['version']}: its card has no training split")
+    split_state = {"split": card["training"]["split"]}
+    calibration_cases = _load_split_cases(split_state, options.data, "train", card)
     val_refs = _split_cases(card, options.data, "val")
     out.mkdir(parents=True, exist_ok=True)
     for path in sorted(source.iterdir()):
@@ -108,7 +110,6 @@ def requantize_dir(
             shutil.copyfile(path, out / path.name)
 
     step(f"quantizing to INT8 ({options.calibration_size} calibration slices)")
-    calibration_cases = _prepared(card, train_refs)
     calibration = quantize_int8(
         out / fp32_xml.name,
         out / INT8_FILES[0],
