@@ -18,7 +18,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from db.node_tables import NodeInstance, NodeJob, NodeStudy
-from db.transactions import SessionFactory, database_errors, utcnow, writing
+from db.transactions import SessionFactory, as_utc, database_errors, utcnow, writing
 
 logger = logging.getLogger(__name__)
 
@@ -269,6 +269,64 @@ def _kept_count(s: Session, study_uid: str) -> int:
         )
         or 0
     )
+
+
+@database_errors
+def settled_series(
+    sf: SessionFactory, quiet_seconds: float, now: datetime | None = None
+) -> dict[str, dict[str, list[str]]]:
+    """The series of studies still being received that look complete already, with their spool paths.
+
+    A PACS sends a study series by series, so a series is settled when an instance of another series
+    of its study has arrived after its own last one (the PACS moved on), or when none of its instances
+    has come for ``quiet_seconds``. Only pending studies (no job queued for their latest instances)
+    count. Early analysis (node/early.py) starts on these before the study's idle timer ends; the job
+    re-checks that it got the same files.
+
+    Returns
+    -------
+    dict
+        ``{study UID: {series UID: spool paths of its kept instances, in the order received}}``;
+        studies without a settled series are left out.
+    """
+    now = now or utcnow()
+    with sf() as s:
+        spans = s.execute(
+            select(
+                NodeInstance.study_instance_uid,
+                NodeInstance.series_instance_uid,
+                func.min(NodeInstance.received_at),
+                func.max(NodeInstance.received_at),
+            )
+            .join(NodeStudy, NodeStudy.study_instance_uid == NodeInstance.study_instance_uid)
+            .where(NodeStudy.pending.is_(True), NodeInstance.kept.is_(True), NodeInstance.path.is_not(None))
+            .group_by(NodeInstance.study_instance_uid, NodeInstance.series_instance_uid)
+        ).all()
+        first_last: dict[str, dict[str, tuple[datetime, datetime]]] = {}
+        for study, series, first, last in spans:
+            if study and series and first is not None and last is not None:
+                first_last.setdefault(study, {})[series] = (as_utc(first), as_utc(last))  # type: ignore[assignment]
+        settled: dict[str, list[str]] = {}
+        for study, series_spans in first_last.items():
+            for series, (_, last) in series_spans.items():
+                moved_on = any(f > last for other, (f, _) in series_spans.items() if other != series)
+                if moved_on or (now - last).total_seconds() >= quiet_seconds:
+                    settled.setdefault(study, []).append(series)
+        out: dict[str, dict[str, list[str]]] = {}
+        for study, series_uids in settled.items():
+            rows = s.execute(
+                select(NodeInstance.series_instance_uid, NodeInstance.path)
+                .where(
+                    NodeInstance.study_instance_uid == study,
+                    NodeInstance.series_instance_uid.in_(series_uids),
+                    NodeInstance.kept.is_(True),
+                    NodeInstance.path.is_not(None),
+                )
+                .order_by(NodeInstance.id)
+            ).all()
+            for series, path in rows:
+                out.setdefault(study, {}).setdefault(str(series), []).append(str(path))
+    return out
 
 
 @database_errors

@@ -44,6 +44,11 @@ class NodeSettings:
     # [routing] order (appended there when absent), which decides per study which model runs.
     task: str = "whole_tumor"
     poll_seconds: float = 1.0  # how often workers look for jobs, due studies and a new active model
+    # Early analysis (node/early.py): read, mask and segment a series once the PACS has moved on to the
+    # next series of the study (or none of its instances came for early_quiet_seconds), so that the job
+    # finds the work done when the study is complete. Off: every step waits for study_idle_seconds.
+    early_analysis: bool = True
+    early_quiet_seconds: float = 2.0
     send_retry_base_seconds: float = 5.0  # first retry delay of a failed C-STORE; doubles each attempt
     send_retry_max_seconds: float = 600.0
     stale_job_seconds: float = 300.0  # a running job whose heartbeat is older is re-queued
@@ -359,6 +364,8 @@ def _validate(settings: Settings, where: str) -> None:
         raise ConfigError(f"{where}: node.max_associations must be at least 1")
     if not 1 <= settings.node.receivers <= 64:
         raise ConfigError(f"{where}: node.receivers must be between 1 and 64, not {settings.node.receivers}")
+    if (quiet := settings.node.early_quiet_seconds) < 0:
+        raise ConfigError(f"{where}: node.early_quiet_seconds must be >= 0, not {quiet}")
     for dest in settings.destinations:
         if not 1 <= len(dest.ae_title) <= 16:
             raise ConfigError(

@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -408,6 +408,9 @@ class JobContext:
     #: brain stage is skipped and ``brain_volume_ml`` is null in the result.
     brain: Callable[[], LoadedExtractor | None] = lambda: None
     registration: RegistrationConfig = field(default_factory=RegistrationConfig)
+    #: Hands a job what early analysis computed for its study (node/early.py), waiting for a run
+    #: still in progress; None when early analysis is off.
+    early: Callable[[str], EarlyWork | None] | None = None
 
 
 @dataclass
@@ -422,13 +425,63 @@ class Segmented:
     coregistered: Coregistered | None
 
 
-class _Study:
-    """The series and brain masks of one job, loaded once whichever models it tries."""
+def same_files(a: SeriesInfo, b: SeriesInfo) -> bool:
+    """True when ``a`` and ``b`` are the same series made of the same spool files."""
+    return a.series_instance_uid == b.series_instance_uid and sorted(map(str, a.paths)) == sorted(
+        map(str, b.paths)
+    )
 
-    def __init__(self, ctx: JobContext, job_id: int, timer: Timer) -> None:
+
+def route_key(chosen: Route, extractor: str | None) -> tuple[Any, ...]:
+    """What a model's result on a study depends on: the model, the brain extractor and the files of
+    each series it gets (the node's settings are fixed for the life of the process)."""
+    files = tuple(
+        (modality, info.series_instance_uid, tuple(sorted(map(str, info.paths))))
+        for modality, info in sorted(chosen.assignment.chosen.items())
+    )
+    return (chosen.task, chosen.model.label, extractor, files)
+
+
+@dataclass
+class EarlyWork:
+    """What early analysis (node/early.py) computed for a study before its job: series read, brain
+    masks and the result of the most capable model its settled series allowed."""
+
+    loaded: dict[str, LoadedSeries] = field(default_factory=dict)
+    brains: dict[str, Brain | None] = field(default_factory=dict)
+    segmented: dict[tuple[Any, ...], Segmented] = field(default_factory=dict)
+    #: Stage timings of the early runs, summed.
+    stages: dict[str, float] = field(default_factory=dict)
+
+
+class _Study:
+    """The series and brain masks of one job, loaded once whichever models it tries.
+
+    ``job_id`` None: early analysis, with no job row to heartbeat. ``early``: what early analysis
+    already computed for the study; each piece is used only for the very same files.
+    """
+
+    def __init__(
+        self, ctx: JobContext, job_id: int | None, timer: Timer, early: EarlyWork | None = None
+    ) -> None:
         self.ctx, self.job_id, self.timer = ctx, job_id, timer
         self.loaded: dict[str, LoadedSeries] = {}
         self.brains: dict[str, Brain | None] = {}
+        self.early = early
+        #: What came from early analysis: "load MODALITY", "brain MODALITY", "result TASK".
+        self.reused: list[str] = []
+
+    def heartbeat(self) -> None:
+        """Tell the queue the job is alive (nothing for early analysis)."""
+        if self.job_id is not None:
+            job_queue.heartbeat(self.ctx.sf, self.job_id)
+
+    def _from_early(self, modality: str, info: SeriesInfo) -> LoadedSeries | None:
+        done = self.early.loaded.get(modality) if self.early else None
+        if done is None or not same_files(done.info, info):
+            return None
+        self.reused.append(f"load {modality}")
+        return done
 
     def load(self, assignment: Assignment, only: Sequence[str] | None = None) -> dict[str, LoadedSeries]:
         """The series of ``assignment`` (those of ``only`` when given), read once per job."""
@@ -436,9 +489,11 @@ class _Study:
         with self.timer.stage("load"):
             for modality, info in chosen.items():
                 cached = self.loaded.get(modality)
-                if cached is None or cached.info.series_instance_uid != info.series_instance_uid:
-                    self.loaded[modality] = load_chosen(info, modality)
-        job_queue.heartbeat(self.ctx.sf, self.job_id)
+                if cached is None or not same_files(cached.info, info):
+                    early = self._from_early(modality, info)
+                    self.loaded[modality] = early if early is not None else load_chosen(info, modality)
+                    self.brains.pop(modality, None)  # a mask of other files is no mask of these
+        self.heartbeat()
         return {m: self.loaded[m] for m in chosen}
 
     def load_and_mask(
@@ -456,22 +511,47 @@ class _Study:
     def brain(self, reference: str, assembled: Assembled) -> Brain | None:
         if reference not in self.brains:
             extractor = self.ctx.brain()
+            early = self.early.brains.get(reference) if self.early else None
             if extractor is None:
-                logger.warning(
-                    "job %d: no active brain_extraction model; the brain stage is skipped", self.job_id
-                )
+                if self.job_id is not None:
+                    logger.warning(
+                        "job %d: no active brain_extraction model; the brain stage is skipped", self.job_id
+                    )
                 self.brains[reference] = None
+            elif (
+                early is not None
+                and early.extractor == extractor.label
+                and self.early is not None
+                and self.early.loaded.get(reference) is self.loaded.get(reference)
+            ):
+                self.brains[reference] = early
+                self.reused.append(f"brain {reference}")
             else:
                 with self.timer.stage("brain"):
                     self.brains[reference] = extract_brain(extractor, assembled, reference)
-                job_queue.heartbeat(self.ctx.sf, self.job_id)
+                self.heartbeat()
         return self.brains[reference]
+
+    def early_result(self, chosen: Route) -> Segmented | None:
+        """Early analysis' result of ``chosen``'s model on the very same files, if there is one."""
+        if self.early is None:
+            return None
+        extractor = self.ctx.brain()
+        done = self.early.segmented.get(route_key(chosen, extractor.label if extractor else None))
+        if done is None:
+            return None
+        self.reused.append(f"result {chosen.task}")
+        return replace(done, route=chosen)
 
 
 def _try_route(study: _Study, chosen: Route, plan: RoutingPlan) -> Segmented | None:
     """Run ``chosen``'s model on the study; None when its registration failed (noted in ``plan``)."""
     ctx, timer = study.ctx, study.timer
     model, card = chosen.model, chosen.model.card
+    early = study.early_result(chosen)
+    if early is not None:
+        plan.note(chosen.task, model, "ran", routing_reason(plan, chosen))
+        return early
     modalities = list(card["modalities"])
     reference = reference_modality(modalities, ctx.registration)
     loaded, brain = study.load_and_mask(chosen.assignment, reference)
@@ -481,7 +561,7 @@ def _try_route(study: _Study, chosen: Route, plan: RoutingPlan) -> Segmented | N
     if len(modalities) > 1:
         with timer.stage("register"):
             coregistered = coregister(loaded, reference, modalities, mask, ctx.registration)
-        job_queue.heartbeat(ctx.sf, study.job_id)
+        study.heartbeat()
         if coregistered.failures:
             plan.note(chosen.task, model, "not run", "; ".join(coregistered.failures))
             return None
@@ -490,8 +570,8 @@ def _try_route(study: _Study, chosen: Route, plan: RoutingPlan) -> Segmented | N
         prepared = preprocess(model, assembled, mask)
     with timer.stage("inference"):
         labels = segment(model, assembled, prepared)
-    ctx.metrics.inference_seconds.observe(timer.stages["inference"])
-    job_queue.heartbeat(ctx.sf, study.job_id)
+    ctx.metrics.inference_seconds.observe(timer.stages["inference"])  # in a job or early analysis
+    study.heartbeat()
     with timer.stage("qc"):
         slices = min(s.slices for s in chosen.assignment.chosen.values())
         checked = quality_check(labels, assembled, mask, slices, ctx.qc)  # tumour outside the brain goes
@@ -528,8 +608,9 @@ def run_job(ctx: JobContext, job_id: int) -> str:
 
     timer = Timer(on_stage=lambda name, sec: ctx.metrics.stage_seconds.labels(name).observe(sec))
     candidates = ctx.models()
+    info = job_queue.get_job(ctx.sf, job_id)
     # One folder per attempt: a retried job never overwrites a file a pending send still points at.
-    out_dir = ctx.jobs_dir / str(job_id) / f"attempt-{job_queue.get_job(ctx.sf, job_id).attempts}"
+    out_dir = ctx.jobs_dir / str(job_id) / f"attempt-{info.attempts}"
     if not any(model is not None for _, model in candidates):
         return _end(
             ctx, job_id, "failed", "no usable model for the node's tasks (see segnode models list)", timer
@@ -546,7 +627,12 @@ def run_job(ctx: JobContext, job_id: int) -> str:
             # The least demanding model's missing series first: what a reader needs to know.
             raise SelectionError("; ".join(reversed(plan.selection_errors)))
         job_queue.heartbeat(ctx.sf, job_id)
-        done = segment_study(_Study(ctx, job_id, timer), plan)
+        early = None
+        if ctx.early is not None:
+            with timer.stage("early analysis (wait)"):  # ~0 unless a run on this study is under way
+                early = ctx.early(info.study_instance_uid)
+        study = _Study(ctx, job_id, timer, early)
+        done = segment_study(study, plan)
         model, card, assembled = done.route.model, done.route.model.card, done.assembled
         labels, report, chosen = done.labels, done.report, done.route.assignment.chosen
         reason = routing_reason(plan, done.route)
@@ -612,6 +698,8 @@ def run_job(ctx: JobContext, job_id: int) -> str:
         "qc": report.as_dict(),
         "outputs": [{"path": o.path, "sop_instance_uid": o.sop_instance_uid} for o in outputs],
         "brain_extractor": brain.extractor if brain is not None else None,
+        # What early analysis had computed before the study was complete (and its stage times).
+        "early_analysis": {"reused": study.reused, "stages": early.stages} if early is not None else None,
     }
     (out_dir / "job.json").write_text(json.dumps({"job": job_id, "stages": timer.stages, **result}, indent=2))
     if not report.passed:

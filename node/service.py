@@ -21,6 +21,7 @@ from db.registry import Registry
 from db.session import make_engine, make_session_factory, upgrade
 from node.bootstrap import bootstrap_default_model
 from node.config import Settings
+from node.early import EarlyAnalysis
 from node.exceptions import NodeError
 from node.memory import trim_heap
 from node.metrics import MetricsServer, NodeMetrics
@@ -35,6 +36,8 @@ logger = logging.getLogger(__name__)
 
 #: Seconds between checks for jobs whose owner stopped heart-beating (other hosts).
 STALE_CHECK_SECONDS = 30.0
+#: How often early analysis looks for settled series (at most; ``poll_seconds`` when shorter).
+EARLY_POLL_SECONDS = 0.25
 
 
 class _Outage:
@@ -102,6 +105,10 @@ class NodeService:
             brain=lambda: self.brain_runtime.current,
             registration=settings.registration,
         )
+        self.early: EarlyAnalysis | None = None
+        if node.early_analysis:
+            self.early = EarlyAnalysis(self.context, node.early_quiet_seconds)
+            self.context.early = self.early.take
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.http: MetricsServer | None = None
@@ -176,6 +183,8 @@ class NodeService:
         for n in range(max(1, self.settings.node.workers)):
             self._spawn(self._work_loop, f"segnode-worker-{n}")
         self._spawn(self._send_loop, "segnode-sender")
+        if self.early is not None:
+            self._spawn(self._early_loop, "segnode-early")
 
     def _spawn(self, target: Any, name: str) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)
@@ -250,6 +259,20 @@ class NodeService:
             runtime.release_memory()
         trim_heap()
         return True
+
+    def _early_loop(self) -> None:
+        """Early analysis of the studies being received (node/early.py), between polls."""
+        assert self.early is not None
+        poll = min(self.settings.node.poll_seconds, EARLY_POLL_SECONDS)
+        while not self._stop.is_set():
+            ran = False
+            try:
+                if any(r.current is not None for r in self.runtimes.values()):
+                    ran = self.early.run_once()
+            except Exception:  # early analysis only saves time: never let it stop the node
+                logger.exception("early analysis loop error; retrying in %.1f s", poll)
+            if not ran:
+                self._stop.wait(poll)
 
     def _send_loop(self) -> None:
         poll = self.settings.node.poll_seconds

@@ -269,6 +269,10 @@ def _result_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
     routing = result.get("routing")
     if routing:
         rows.append(("routing", str(routing.get("reason", ""))))
+    early = result.get("early_analysis")
+    if early is not None:
+        done = ", ".join(early.get("reused") or []) or "nothing (the study's series changed after it)"
+        rows.append(("early analysis", f"reused {done}"))
     for key, value in (result.get("regions_ml") or {}).items():
         rows.append((key.replace("_", " "), ml(value)))
     for role, basis in (result.get("series_basis") or {}).items():

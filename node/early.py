@@ -1,0 +1,150 @@
+"""Early analysis: start on a study's series while the PACS is still sending the rest of the study.
+
+A PACS sends a study series by series, and the node learns that the study is complete only when
+nothing has arrived for ``study_idle_seconds``. Without early analysis every step of the job (reading
+the series, brain extraction, registration, inference) waits for that moment. With it, a series is
+taken up as soon as it looks complete (``db.instances.settled_series``: the PACS moved on to another
+series, or none of its instances came for ``early_quiet_seconds``): the node routes the settled part
+of the study as a job would, and runs the most capable model those series allow, in one background
+thread, while the other series arrive.
+
+Nothing leaves the node from here and nothing is written: the results wait in memory for the
+study's job, which takes them (:meth:`EarlyAnalysis.take`) and uses a piece only where its own
+routing chose the very same files (node/pipeline.py ``_Study``). A study whose later series change
+the choice (another FLAIR, all four series for the sub-region model) recomputes what changed, so the
+job's result is the one it would have computed alone. What was reused is in the job's result
+(``early_analysis``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+
+from db import instances
+from db.exceptions import DatabaseUnavailableError
+from node.pipeline import EarlyWork, JobContext, Timer, _Study, route, route_key, segment_study
+from node.selection import scan_grouped_series
+
+logger = logging.getLogger(__name__)
+
+#: Studies whose early work waits for their job at once; the oldest is dropped beyond this (a study
+#: whose job never came, e.g. a node stopped in between). Each holds its series' pixels (~40 MB for a
+#: 1 mm FLAIR) until its job takes it.
+MAX_STUDIES = 4
+#: Longest a job waits for an early run still in progress on its study before computing alone.
+TAKE_TIMEOUT_S = 300.0
+
+
+class EarlyAnalysis:
+    """Early analysis of the studies being received; one instance per node process.
+
+    Parameters
+    ----------
+    ctx:
+        The workers' job context: models, brain extractor, selection and registration settings.
+    quiet_seconds:
+        A series none of whose instances came for this long is settled even if no other series
+        followed it (the last series of a study).
+    """
+
+    def __init__(self, ctx: JobContext, quiet_seconds: float) -> None:
+        self.ctx = ctx
+        self.quiet_seconds = quiet_seconds
+        self._cond = threading.Condition()
+        self._work: dict[str, EarlyWork] = {}
+        #: The series (UID, file count) each study's latest run saw: a study is run again only when
+        #: a new series has settled or a settled one grew.
+        self._seen: dict[str, frozenset[tuple[str, int]]] = {}
+        self._running: str | None = None
+        #: Studies whose job took the work, with when: not taken up again while the job runs.
+        self._taken: dict[str, float] = {}
+
+    def run_once(self) -> bool:
+        """Look for settled series and run the first study that has new ones; True when one ran."""
+        try:
+            settled = instances.settled_series(self.ctx.sf, self.quiet_seconds)
+        except DatabaseUnavailableError as exc:
+            logger.debug("early analysis: database unavailable (%s)", exc)
+            return False
+        for study_uid, groups in settled.items():
+            seen = frozenset((series, len(paths)) for series, paths in groups.items())
+            with self._cond:
+                if self._seen.get(study_uid) == seen or self._recently_taken(study_uid):
+                    continue
+                self._seen[study_uid] = seen
+                self._running = study_uid
+                work = self._work.setdefault(study_uid, EarlyWork())
+            try:
+                self._run(study_uid, groups, work)
+            finally:
+                with self._cond:
+                    self._running = None
+                    self._evict()
+                    self._cond.notify_all()
+            return True
+        return False
+
+    def take(self, study_uid: str) -> EarlyWork | None:
+        """The early work on ``study_uid`` for its job (waiting for a run in progress), or None.
+
+        The work is handed over once: a later run of the study starts afresh.
+        """
+        deadline = time.monotonic() + TAKE_TIMEOUT_S
+        with self._cond:
+            self._taken[study_uid] = time.monotonic()
+            while self._running == study_uid and time.monotonic() < deadline:
+                self._cond.wait(deadline - time.monotonic())
+            self._seen.pop(study_uid, None)
+            return self._work.pop(study_uid, None)
+
+    def waiting(self) -> list[str]:
+        """Studies whose early work waits for their job (none of them being worked on right now)."""
+        with self._cond:
+            return [uid for uid in self._work if uid != self._running]
+
+    def _recently_taken(self, study_uid: str) -> bool:
+        taken = self._taken.get(study_uid)
+        return taken is not None and time.monotonic() - taken < max(60.0, self.quiet_seconds)
+
+    def _evict(self) -> None:
+        while len(self._work) > MAX_STUDIES:
+            oldest = next(iter(self._work))
+            logger.info("early analysis: dropped the work on study %s (its job has not come)", oldest)
+            del self._work[oldest]
+            self._seen.pop(oldest, None)
+        now = time.monotonic()
+        for study_uid in [s for s, t in self._taken.items() if now - t > 3600.0]:
+            del self._taken[study_uid]
+
+    def _run(self, study_uid: str, groups: dict[str, list[str]], work: EarlyWork) -> None:
+        """Route the settled series as a job would and run the most capable model they allow."""
+        timer = Timer()
+        start = time.perf_counter()
+        try:
+            with timer.stage("select"):
+                series = scan_grouped_series({k: [Path(p) for p in v] for k, v in groups.items()})
+                plan = route(self.ctx.models(), series, self.ctx.selector)
+            if not plan.routes:
+                return
+            study = _Study(self.ctx, None, timer)
+            study.loaded, study.brains = work.loaded, work.brains
+            extractor = self.ctx.brain()
+            label = extractor.label if extractor is not None else None
+            if route_key(plan.routes[0], label) in work.segmented:
+                return
+            done = segment_study(study, plan)
+            work.segmented[route_key(done.route, label)] = done
+        except Exception as exc:  # the job will meet the same problem and report it
+            logger.info("early analysis of study %s stopped: %s: %s", study_uid, type(exc).__name__, exc)
+        finally:
+            for name, seconds in timer.stages.items():
+                work.stages[name] = round(work.stages.get(name, 0.0) + seconds, 4)
+            logger.info(
+                "early analysis of study %s: %d settled series in %.2f s",
+                study_uid,
+                len(groups),
+                time.perf_counter() - start,
+            )

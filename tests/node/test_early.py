@@ -1,0 +1,235 @@
+"""Early analysis (node/early.py): series that the PACS has moved on from are read, masked and segmented
+before the study is complete, and the job uses that work only for the very same files.
+
+Real databases for the settling rule; real sockets, real OpenVINO models and, for the brain mask, the
+shipped brain extractor on a BraTS case for the rest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from converters.case import Case
+from converters.dicom_writer import StudyInfo, write_study
+from converters.synthetic import make_synthetic_case
+from db import instances, job_queue
+from db.instances import ReceivedInstance
+from db.session import make_engine, make_session_factory, upgrade
+from db.transactions import SessionFactory, utcnow
+from node.bootstrap import SHIPPED_BRAIN_EXTRACTOR_DIR, install_and_promote
+from node.config import Destination
+from node.sender import store_files
+from node.service import NodeService
+from tests.helpers.cli import run_cli
+from tests.helpers.node import (
+    CatchingSCP,
+    install_model,
+    make_regions_model,
+    make_threshold_model,
+    node_settings,
+)
+from tests.helpers.ports import free_port
+from tests.helpers.waiting import wait_until
+
+SHAPE = (64, 64, 24)
+MR = "1.2.840.10008.5.1.4.1.1.4"
+
+# -- the settling rule, on a real database -------------------------------------------------------------
+
+
+@pytest.fixture()
+def sf(tmp_path: Path) -> SessionFactory:
+    url = f"sqlite:///{tmp_path / 'node.db'}"
+    upgrade(url)
+    return make_session_factory(make_engine(url))
+
+
+def _received(sf: SessionFactory, study: str, series: str, n: int, at: object, kept: bool = True) -> None:
+    row = ReceivedInstance(
+        sop_instance_uid=f"1.2.826.0.1.{study}.{series}.{n}",
+        sop_class_uid=MR,
+        study_instance_uid=f"1.2.826.0.1.{study}",
+        series_instance_uid=f"1.2.826.0.1.{study}.{series}",
+        kept=kept,
+        path=f"/spool/{study}/{series}/{n}.dcm" if kept else None,
+        calling_ae="PACS",
+    )
+    instances.record_instances(sf, [row], now=at)  # type: ignore[arg-type]
+
+
+def test_a_series_settles_when_the_pacs_moves_on_or_it_has_been_quiet(sf: SessionFactory) -> None:
+    t0 = utcnow() - timedelta(hours=1)
+    at = [t0 + timedelta(seconds=s) for s in range(10)]
+    for n in range(3):  # study 1: series 1 (three instances), then series 2 after it
+        _received(sf, "1", "1", n, at[n])
+    _received(sf, "1", "2", 0, at[3])
+    _received(sf, "2", "1", 0, at[2])  # study 2: one series only
+    _received(sf, "2", "9", 0, at[2], kept=False)  # not kept (another SOP class): never a series here
+
+    settled = instances.settled_series(sf, quiet_seconds=5.0, now=at[3] + timedelta(seconds=0.5))
+    assert settled == {
+        "1.2.826.0.1.1": {"1.2.826.0.1.1.1": [f"/spool/1/1/{n}.dcm" for n in range(3)]},
+    }, "only the series the PACS moved on from"
+    later = instances.settled_series(sf, quiet_seconds=5.0, now=at[3] + timedelta(seconds=5))
+    assert set(later["1.2.826.0.1.1"]) == {"1.2.826.0.1.1.1", "1.2.826.0.1.1.2"}, "quiet for 5 s"
+    assert later["1.2.826.0.1.2"] == {"1.2.826.0.1.2.1": ["/spool/2/1/0.dcm"]}
+
+    # Once the study is complete (a job queued for it) early analysis has nothing more to do there.
+    instances.schedule_due_studies(sf, 1.0, now=at[9])
+    assert instances.settled_series(sf, quiet_seconds=5.0, now=at[9]) == {}
+
+
+# -- through a node ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def case() -> Case:
+    return make_synthetic_case(7, SHAPE)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory, case: Case) -> Path:
+    return make_threshold_model(
+        tmp_path_factory.mktemp("model"), crop=SHAPE[:2], spacing=case.spacing, threshold=1.5
+    )
+
+
+@contextmanager
+def _node(
+    tmp: Path, models: list[Path], *, early: bool, idle: float = 3.0, brain: bool = False
+) -> Iterator[tuple[NodeService, CatchingSCP]]:
+    """A node whose series settle only when the PACS moves on (early_quiet_seconds far off); ``brain``:
+    with the shipped brain extractor."""
+    catcher = CatchingSCP().start(free_port())
+    settings = node_settings(
+        tmp, free_port(), [Destination("pacs", "CATCHER", "127.0.0.1", catcher.port)], idle=idle
+    )
+    settings.node.early_analysis = early
+    settings.node.early_quiet_seconds = 600.0
+    settings.registration.threads = 2
+    node = NodeService(settings)
+    if brain:
+        install_and_promote(node.registry, SHIPPED_BRAIN_EXTRACTOR_DIR, by="test", reason="test")
+    for model in models:
+        install_model(node.registry, model)
+    node.start()
+    try:
+        yield node, catcher
+    finally:
+        node.stop()
+        catcher.stop()
+
+
+def _send(node: NodeService, files: list[Path]) -> None:
+    results = store_files(files, "127.0.0.1", node.scp.port, "SEGNODE", "PACS")
+    assert {status for _, status, _ in results} == {0}
+
+
+def _job(node: NodeService, study: StudyInfo, timeout: float = 120.0) -> job_queue.JobInfo:
+    def finished() -> job_queue.JobInfo | None:
+        for job in job_queue.list_jobs(node.sf):
+            if job.study_instance_uid == study.study_instance_uid and job.status in ("done", "failed"):
+                return job
+        return None
+
+    return wait_until(finished, timeout, "the study's job")
+
+
+def _seg_pixels(catcher: CatchingSCP) -> np.ndarray:
+    wait_until(lambda: catcher.of_modality("SEG"), 60, "the SEG at the destination")
+    [seg] = catcher.of_modality("SEG")
+    return np.asarray(seg.pixel_array)
+
+
+def _reference_seg(tmp: Path, model_dir: Path, study: StudyInfo) -> tuple[np.ndarray, job_queue.JobInfo]:
+    """The SEG a node without early analysis makes of the whole study."""
+    with _node(tmp, [model_dir], early=False, idle=0.3) as (node, catcher):
+        _send(node, [p for files in study.files.values() for p in files])
+        job = _job(node, study)
+        assert job.status == "done", job.reason
+        assert job.result["early_analysis"] is None
+        return _seg_pixels(catcher), job
+
+
+def test_the_job_uses_the_result_computed_while_the_study_was_still_arriving(
+    tmp_path: Path,
+    case: Case,
+    model_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    study = write_study(case, tmp_path / "study", modalities=["FLAIR", "T1"])
+    expected, reference = _reference_seg(tmp_path / "reference", model_dir, study)
+
+    with _node(tmp_path / "early", [model_dir], early=True) as (node, catcher):
+        _send(node, study.files["FLAIR"])
+        _send(node, study.files["T1"])  # the PACS moved on: the FLAIR series is settled
+        job = _job(node, study)
+        assert job.status == "done", job.reason
+        early = job.result["early_analysis"]
+        assert early["reused"] == ["result whole_tumor"]
+        assert {"load", "inference"} <= set(early["stages"])  # done before the study was complete
+        assert "inference" not in job.stages and "load" not in job.stages
+        np.testing.assert_array_equal(_seg_pixels(catcher), expected)
+        assert job.result["volumes_ml"] == reference.result["volumes_ml"]
+        monkeypatch.setenv("SEGNODE_DATABASE_URL", node.settings.database.url)
+        monkeypatch.setenv("COLUMNS", "400")
+        code, out, _ = run_cli(["jobs", "show", str(job.id)], capsys, monkeypatch)
+        assert code == 0 and "early analysis" in out and "reused result whole_tumor" in out
+
+
+def test_a_series_that_grows_after_its_early_run_is_computed_again(
+    tmp_path: Path, case: Case, model_dir: Path
+) -> None:
+    """Half the FLAIR series, then T1 (so the half looks settled and is segmented early), then the rest of
+    the FLAIR series: the job must not use the half's read nor its result."""
+    study = write_study(case, tmp_path / "study", modalities=["FLAIR", "T1"])
+    expected, _ = _reference_seg(tmp_path / "reference", model_dir, study)
+    flair = study.files["FLAIR"]
+    half = len(flair) // 2
+
+    with _node(tmp_path / "early", [model_dir], early=True) as (node, catcher):
+        early = node.early
+        assert early is not None
+        _send(node, flair[:half])
+        _send(node, study.files["T1"])
+        wait_until(lambda: study.study_instance_uid in early.waiting(), 30, "early work on the half")
+        _send(node, flair[half:])
+        job = _job(node, study)
+        assert job.status == "done", job.reason
+        assert job.result["early_analysis"]["reused"] == []
+        assert "inference" in job.stages and "load" in job.stages
+        np.testing.assert_array_equal(_seg_pixels(catcher), expected)
+
+
+def test_early_work_of_a_simpler_model_gives_the_study_model_its_reference_and_brain_mask(
+    tmp_path: Path,
+) -> None:
+    """A BraTS study with the shipped brain extractor, a whole-tumour and a sub-region model: while T1,
+    T1GD and T2 arrive only FLAIR is there, so early analysis runs the whole-tumour model; the job has all
+    four series and runs the sub-region model, reusing the FLAIR series and its brain mask."""
+    from tests.helpers.regions import brats_case
+
+    case = brats_case()
+    models = [
+        make_regions_model(tmp_path / "regions", crop=(192, 192)),
+        make_threshold_model(tmp_path / "whole", crop=(192, 192)),
+    ]
+    study = write_study(case, tmp_path / "study")
+    with _node(tmp_path / "node", models, early=True, brain=True) as (node, _catcher):
+        _send(node, [p for m in ("FLAIR", "T1", "T1GD", "T2") for p in study.files[m]])
+        job = _job(node, study, timeout=300)
+    assert job.status == "done", job.reason
+    assert job.result["routing"]["task"] == "brats_regions"
+    assert job.result["early_analysis"]["reused"] == ["load FLAIR", "brain FLAIR"]
+    assert "brain" not in job.stages and "brain" in job.result["early_analysis"]["stages"]
+    assert 1000 < job.result["brain_volume_ml"] < 1800
+    flair_uid = str(pydicom.dcmread(study.files["FLAIR"][0], stop_before_pixels=True).SeriesInstanceUID)
+    assert job.result["series"]["FLAIR"] == flair_uid
