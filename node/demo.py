@@ -13,6 +13,7 @@ import logging
 import shutil
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -132,11 +133,15 @@ def run_demo(
     console: Any = None,
     timeout: float = 300.0,
     storescu: str | None = None,
+    early_analysis: bool = True,
+    series_order: Sequence[str] | None = None,
 ) -> DemoReport:
     """Run the demo in ``workdir``; see the module docstring.
 
     ``storescu``: path of DCMTK's storescu to send the study with (a stand-in for a PACS), instead
-    of the node's own pynetdicom SCU.
+    of the node's own pynetdicom SCU. ``early_analysis``: the node's ``[node] early_analysis``; the
+    report's stages then include what early analysis did while the study arrived. ``series_order``:
+    the modalities in the order their series are sent (default: the case's, FLAIR first).
     """
     import highdicom as hd
 
@@ -161,6 +166,7 @@ def run_demo(
 
     catcher_port = _free_port()
     settings = _settings(var, _free_port(), catcher_port)
+    settings.node.early_analysis = early_analysis
     node = NodeService(settings)
     model = install_and_promote(node.registry, model_dir, by="segnode demo", reason="demo")
     _step(console, f"model {model.label} imported and promoted")
@@ -169,7 +175,8 @@ def run_demo(
     case = load_case(case_dir)
     study = write_study(case, workdir / "study")
     stages["convert NIfTI to DICOM (not part of the node)"] = time.perf_counter() - t
-    files = [p for fs in study.files.values() for p in fs]
+    order = list(series_order) if series_order is not None else list(study.files)
+    files = [p for modality in order for p in study.files[modality]]
     _step(console, f"case {case.case_id}: DICOM study of {len(study.files)} series, {len(files)} files")
 
     catcher = Catcher(catcher_port)
@@ -198,9 +205,12 @@ def run_demo(
     stages["study idle wait (study_idle_seconds)"] = settings.node.study_idle_seconds
     for name, seconds in job.stages.items():
         stages[f"job: {name}"] = float(seconds)
+    early_stages = (job.result.get("early_analysis") or {}).get("stages") or {}
     stages["send SEG + SR back, rest"] = max(
         0.0, total - sum(v for k, v in stages.items() if not k.startswith("convert"))
     )
+    for name, seconds in early_stages.items():  # while the study arrived: inside "C-STORE of the study"
+        stages[f"early (during C-STORE): {name}"] = float(seconds)
 
     seg_ds = next(ds for ds in catcher.received if ds.Modality == "SEG")
     sr_ds = next(ds for ds in catcher.received if ds.Modality == "SR")

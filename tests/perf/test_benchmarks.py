@@ -145,12 +145,20 @@ def test_end_to_end_price_and_report_on_a_synthetic_case(tmp_path: Path) -> None
     case = make_synthetic_case(11, (64, 64, 24))
     model = make_threshold_model(tmp_path / "model", crop=(64, 64), spacing=tuple(case.spacing))
     result = e2e.run(model, _brats_folder(case, tmp_path / "X"), tmp_path / "work")
-    stages = result["stages"]
-    assert stages["infer (network + restore)"] > 0 and stages["receive (C-STORE of 620 instances)"] > 0
+    stages, off, last = result["stages"], result["without_early_analysis"], result["flair_last"]
+    # Without early analysis the job runs the network; with it (FLAIR sent first) the network runs while
+    # the other series arrive and the job reuses its result; the three runs return the same SEG.
+    assert off["stages"]["infer (network + restore)"] > 0 and off["early_stages"] == {}
+    assert result["early_stages"]["inference"] > 0 and stages["infer (network + restore)"] == 0
+    assert result["raw_stages"]["job: early analysis (wait)"] >= 0
+    assert last["stages"]["infer (network + restore)"] > 0  # FLAIR last: nothing settled before it
+    assert result["dice"] == off["dice"] == last["dice"] > 0.5
+    assert stages["receive (C-STORE of 620 instances)"] > 0
     assert stages["encode SEG/SR (+ write)"] > 0 and result["cpu_seconds"] > 0
-    assert result["total_without_idle"] < result["total"] and result["dice"] > 0.5
+    assert result["total_without_idle"] < result["total"]
     result["targets"] = e2e.targets(result)
     result["markdown"] = e2e.tables(result)
+    assert "| early analysis off | on (default) | on, FLAIR sent last |" in result["markdown"]
 
     machine = {"cpu": "test", "cores": 2, "isa": ["avx2"], "openvino": "x"}
     engines = [{"engine": "ov-int8", "label": "OpenVINO INT8", "volume_ms": 500.0, "batch1": 100.0,
