@@ -31,9 +31,9 @@ from node.selection import scan_grouped_series
 logger = logging.getLogger(__name__)
 
 #: Studies whose early work waits for their job at once; the oldest is dropped beyond this (a study
-#: whose job never came, e.g. a node stopped in between). Each holds its series' pixels (~40 MB for a
-#: 1 mm FLAIR) until its job takes it.
-MAX_STUDIES = 4
+#: whose job never came, or a PACS pushing studies faster than the worker runs them). Each holds its
+#: series' volumes, data sets and masks (~100 MB for a 1 mm FLAIR) until its job takes it.
+MAX_STUDIES = 2
 #: Longest a job waits for an early run still in progress on its study before computing alone.
 TAKE_TIMEOUT_S = 300.0
 
@@ -69,6 +69,9 @@ class EarlyAnalysis:
         except DatabaseUnavailableError as exc:
             logger.debug("early analysis: database unavailable (%s)", exc)
             return False
+        with self._cond:  # studies no longer being received are forgotten (their work, if any, stays)
+            for study_uid in [s for s in self._seen if s not in settled]:
+                del self._seen[study_uid]
         for study_uid, groups in settled.items():
             seen = frozenset((series, len(paths)) for series, paths in groups.items())
             with self._cond:
@@ -76,7 +79,8 @@ class EarlyAnalysis:
                     continue
                 self._seen[study_uid] = seen
                 self._running = study_uid
-                work = self._work.setdefault(study_uid, EarlyWork())
+                work = self._work.pop(study_uid, None) or EarlyWork()
+                self._work[study_uid] = work  # the newest last: eviction drops the oldest
             try:
                 self._run(study_uid, groups, work)
             finally:
@@ -97,6 +101,9 @@ class EarlyAnalysis:
             self._taken[study_uid] = time.monotonic()
             while self._running == study_uid and time.monotonic() < deadline:
                 self._cond.wait(deadline - time.monotonic())
+            if self._running == study_uid:  # still at it: the job computes alone (the run's work is dropped)
+                logger.warning("early analysis of study %s still running: the job goes on alone", study_uid)
+                return None
             self._seen.pop(study_uid, None)
             return self._work.pop(study_uid, None)
 
@@ -112,9 +119,9 @@ class EarlyAnalysis:
     def _evict(self) -> None:
         while len(self._work) > MAX_STUDIES:
             oldest = next(iter(self._work))
+            # Its series stay seen: the study is not run again unless they change.
             logger.info("early analysis: dropped the work on study %s (its job has not come)", oldest)
             del self._work[oldest]
-            self._seen.pop(oldest, None)
         now = time.monotonic()
         for study_uid in [s for s, t in self._taken.items() if now - t > 3600.0]:
             del self._taken[study_uid]

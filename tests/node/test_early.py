@@ -7,6 +7,7 @@ shipped brain extractor on a BraTS case for the rest.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -233,3 +234,60 @@ def test_early_work_of_a_simpler_model_gives_the_study_model_its_reference_and_b
     assert 1000 < job.result["brain_volume_ml"] < 1800
     flair_uid = str(pydicom.dcmread(study.files["FLAIR"][0], stop_before_pixels=True).SeriesInstanceUID)
     assert job.result["series"]["FLAIR"] == flair_uid
+
+
+def test_a_job_waits_for_an_early_run_still_under_way_on_its_study(
+    tmp_path: Path, case: Case, model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The study completes while early analysis is still segmenting its FLAIR series (slowed down here):
+    the job waits for that run and uses it rather than computing the same thing beside it."""
+    import node.early
+
+    slow_segment = node.early.segment_study
+
+    def slow(*args: object, **kwargs: object) -> object:
+        time.sleep(2.0)
+        return slow_segment(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(node.early, "segment_study", slow)
+    study = write_study(case, tmp_path / "study", modalities=["FLAIR", "T1"])
+    with _node(tmp_path / "early", [model_dir], early=True, idle=0.3) as (served, _catcher):
+        _send(served, study.files["FLAIR"])
+        _send(served, study.files["T1"])
+        job = _job(served, study)
+    assert job.status == "done", job.reason
+    assert job.result["early_analysis"]["reused"] == ["result whole_tumor"]
+    assert job.stages["early analysis (wait)"] > 0.5
+    assert "inference" not in job.stages
+
+
+@pytest.mark.timeout(30)  # a bookkeeping bug here loops forever (an evicted study run again and again)
+def test_early_work_waits_for_at_most_two_studies_and_a_taken_study_is_left_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The bookkeeping alone (runs stubbed): a study runs again only when its settled series change,
+    the oldest work is dropped beyond two studies, and a study whose job took its work is not taken up
+    again while that job runs."""
+    from types import SimpleNamespace
+
+    import node.early
+
+    settled: dict[str, dict[str, list[str]]] = {}
+    ran: list[str] = []
+    monkeypatch.setattr(node.early.instances, "settled_series", lambda sf, quiet: settled)
+    analysis = node.early.EarlyAnalysis(SimpleNamespace(sf=None), quiet_seconds=2.0)  # type: ignore[arg-type]
+    monkeypatch.setattr(analysis, "_run", lambda study, groups, work: ran.append(study))
+
+    settled["A"] = {"flair": ["a1"]}
+    assert analysis.run_once() and not analysis.run_once()  # nothing new the second time
+    settled["A"]["t1"] = ["a2"]
+    assert analysis.run_once()
+    settled["B"], settled["C"] = {"flair": ["b1"]}, {"flair": ["c1"]}
+    while analysis.run_once():
+        pass
+    assert ran == ["A", "A", "B", "C"]  # A is not run again once its work is dropped
+    assert analysis.waiting() == ["B", "C"]  # A's work dropped: the oldest beyond two
+    assert analysis.take("B") is not None and analysis.take("B") is None  # handed over once
+    settled["B"]["t1"] = ["b2"]
+    assert not analysis.run_once()  # B's job has it now
+    assert analysis.take("A") is None
