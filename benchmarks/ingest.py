@@ -143,7 +143,9 @@ def _sample_rss(stop: threading.Event, every_s: float = 0.02) -> None:
 @contextlib.contextmanager
 def node_receiver(work: Path, receivers: int = 1) -> Iterator[tuple[int, str, Callable[[], int]]]:
     """The node in this process (with ``receivers`` - 1 more receiving processes, node/receivers.py):
-    fresh SQLite database and spool, no job runs during the benchmark."""
+    fresh SQLite database and spool, no job runs during the benchmark, and no early analysis
+    (node/early.py would start segmenting the study's FLAIR series while the rest arrives: the
+    receive path is measured alone here, the two together by benchmarks/end_to_end.py)."""
     from db.instances import instance_counts
     from node.config import Settings
     from node.service import NodeService
@@ -152,6 +154,7 @@ def node_receiver(work: Path, receivers: int = 1) -> Iterator[tuple[int, str, Ca
     settings.node.host, settings.node.port = "127.0.0.1", free_port()
     settings.node.spool_dir = str(work / "spool")
     settings.node.study_idle_seconds = 3600.0
+    settings.node.early_analysis = False
     settings.node.min_free_disk_mb = 50
     settings.node.max_associations = 8
     settings.node.receivers = receivers
