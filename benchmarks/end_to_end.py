@@ -1,12 +1,13 @@
 """End-to-end latency of the node: one four-series 155-slice MR study, C-STORE start to SEG received.
 
 Runs the same path as ``segnode demo`` (fresh SQLite database and spool, node on a free loopback
-port, a receiving SCP), twice: without early analysis (node/early.py), then with it (the default).
+port, a receiving SCP), three times: without early analysis (node/early.py), with it (the default),
+and with it and the FLAIR series sent last.
 The study is a BraTS case from the training data (../shared/data/train; the shipped demo case when
 that is absent), sent with DCMTK's storescu (``TCP_NODELAY=1``) as the PACS would (the node's own
-SCU when DCMTK is not installed), series by series in the order FLAIR, T1, T1GD, T2. Prints the
-node's stages (receive, wait for idle, assemble, preprocess, infer, encode SEG/SR, send) of both
-runs, what early analysis did while the study arrived, the CPU seconds the node used, the peak
+SCU when DCMTK is not installed), series by series in the order FLAIR, T1, T1GD, T2 (but the last
+run). Prints the node's stages (receive, wait for idle, assemble, preprocess, infer, encode SEG/SR,
+send) of each run, what early analysis did while the study arrived, the CPU seconds the node used, the peak
 resident memory of the process, and checks the targets: at most 10 s without the idle wait (issue
 7), at most 4 s from the first C-STORE to the SEG received (issue 17), under 1.5 GiB resident.
 
@@ -45,14 +46,12 @@ STAGES: dict[str, tuple[str, ...]] = {
 }
 #: The series order of the run that sends the FLAIR series (the one the shipped model needs) last.
 FLAIR_LAST = ["T1", "T1GD", "T2", "FLAIR"]
-#: The demo report's prefix of what early analysis did while the study arrived (inside "receive").
-EARLY_PREFIX = "early (during C-STORE): "
 
 
 def _one(
     model: Path, case: Path, workdir: Path, early_analysis: bool, order: list[str] | None = None
 ) -> dict[str, Any]:
-    from node.demo import run_demo
+    from node.demo import EARLY_STAGE_PREFIX, run_demo
 
     storescu = shutil.which("storescu")
     report = run_demo(
@@ -64,7 +63,8 @@ def _one(
         series_order=order,
     )
     stages = {name: sum(report.stages.get(k, 0.0) for k in keys) for name, keys in STAGES.items()}
-    early = {k[len(EARLY_PREFIX):]: v for k, v in report.stages.items() if k.startswith(EARLY_PREFIX)}
+    prefix = EARLY_STAGE_PREFIX
+    early = {k[len(prefix):]: v for k, v in report.stages.items() if k.startswith(prefix)}
     return {
         "case": report.case_id,
         "model": report.model_label,
@@ -82,7 +82,8 @@ def _one(
 
 def run(model: Path, case: Path, workdir: Path) -> dict[str, Any]:
     """The study with ``[node] early_analysis`` off, then on (the default, whose figures are the
-    result's); returns stages, totals, CPU seconds, peak RSS and Dice of both."""
+    result's), then on with FLAIR sent last; stages, totals, CPU seconds and Dice of each run, and the
+    peak RSS of the process."""
     off = _one(model, case, workdir / "off", early_analysis=False)
     result = _one(model, case, workdir / "on", early_analysis=True)
     result["without_early_analysis"] = off

@@ -274,20 +274,21 @@ def _kept_count(s: Session, study_uid: str) -> int:
 @database_errors
 def settled_series(
     sf: SessionFactory, quiet_seconds: float, now: datetime | None = None
-) -> dict[str, dict[str, list[str]]]:
-    """The series of studies still being received that look complete already, with their spool paths.
+) -> dict[str, dict[str, int]]:
+    """The series of studies still being received that look complete already, with their sizes.
 
     A PACS sends a study series by series, so a series is settled when an instance of another series
     of its study has arrived after its own last one (the PACS moved on), or when none of its instances
     has come for ``quiet_seconds``. Only pending studies (no job queued for their latest instances)
-    count. Early analysis (node/early.py) starts on these before the study's idle timer ends; the job
-    re-checks that it got the same files.
+    count. Early analysis (node/early.py) polls this while studies arrive, so it is one aggregate
+    query; :func:`series_paths` reads the files of the series it takes up. The job re-checks that it
+    got the same files.
 
     Returns
     -------
     dict
-        ``{study UID: {series UID: spool paths of its kept instances, in the order received}}``;
-        studies without a settled series are left out.
+        ``{study UID: {series UID: number of kept instances}}``; studies without a settled series are
+        left out.
     """
     now = now or utcnow()
     with sf() as s:
@@ -295,6 +296,7 @@ def settled_series(
             select(
                 NodeInstance.study_instance_uid,
                 NodeInstance.series_instance_uid,
+                func.count(NodeInstance.id),
                 func.min(NodeInstance.received_at),
                 func.max(NodeInstance.received_at),
             )
@@ -302,30 +304,36 @@ def settled_series(
             .where(NodeStudy.pending.is_(True), NodeInstance.kept.is_(True), NodeInstance.path.is_not(None))
             .group_by(NodeInstance.study_instance_uid, NodeInstance.series_instance_uid)
         ).all()
-        first_last: dict[str, dict[str, tuple[datetime, datetime]]] = {}
-        for study, series, first, last in spans:
-            if study and series and first is not None and last is not None:
-                first_last.setdefault(study, {})[series] = (as_utc(first), as_utc(last))  # type: ignore[assignment]
-        settled: dict[str, list[str]] = {}
-        for study, series_spans in first_last.items():
-            for series, (_, last) in series_spans.items():
-                moved_on = any(f > last for other, (f, _) in series_spans.items() if other != series)
-                if moved_on or (now - last).total_seconds() >= quiet_seconds:
-                    settled.setdefault(study, []).append(series)
-        out: dict[str, dict[str, list[str]]] = {}
-        for study, series_uids in settled.items():
-            rows = s.execute(
-                select(NodeInstance.series_instance_uid, NodeInstance.path)
-                .where(
-                    NodeInstance.study_instance_uid == study,
-                    NodeInstance.series_instance_uid.in_(series_uids),
-                    NodeInstance.kept.is_(True),
-                    NodeInstance.path.is_not(None),
-                )
-                .order_by(NodeInstance.id)
-            ).all()
-            for series, path in rows:
-                out.setdefault(study, {}).setdefault(str(series), []).append(str(path))
+    studies: dict[str, dict[str, tuple[int, datetime, datetime]]] = {}
+    for study, series, count, first, last in spans:
+        if study and series and first is not None and last is not None:
+            studies.setdefault(study, {})[series] = (int(count), as_utc(first), as_utc(last))  # type: ignore[assignment]
+    settled: dict[str, dict[str, int]] = {}
+    for study, series_spans in studies.items():
+        for series, (count, _, last) in series_spans.items():
+            moved_on = any(f > last for other, (_, f, _) in series_spans.items() if other != series)
+            if moved_on or (now - last).total_seconds() >= quiet_seconds:
+                settled.setdefault(study, {})[series] = count
+    return settled
+
+
+@database_errors
+def series_paths(sf: SessionFactory, study_uid: str, series_uids: Collection[str]) -> dict[str, list[str]]:
+    """Spool paths of the kept instances of some series of a study, per series, in the order received."""
+    out: dict[str, list[str]] = {}
+    with sf() as s:
+        rows = s.execute(
+            select(NodeInstance.series_instance_uid, NodeInstance.path)
+            .where(
+                NodeInstance.study_instance_uid == study_uid,
+                NodeInstance.series_instance_uid.in_(sorted(series_uids)),
+                NodeInstance.kept.is_(True),
+                NodeInstance.path.is_not(None),
+            )
+            .order_by(NodeInstance.id)
+        ).all()
+    for series, path in rows:
+        out.setdefault(str(series), []).append(str(path))
     return out
 
 

@@ -84,6 +84,11 @@ class Catcher:
             self.server.shutdown()
 
 
+#: The report's stages of early analysis (node/early.py), done while the study arrived: inside the
+#: "C-STORE of the study" stage, not after it.
+EARLY_STAGE_PREFIX = "early (during C-STORE): "
+
+
 def _free_port() -> int:
     import socket
 
@@ -210,7 +215,7 @@ def run_demo(
         0.0, total - sum(v for k, v in stages.items() if not k.startswith("convert"))
     )
     for name, seconds in early_stages.items():  # while the study arrived: inside "C-STORE of the study"
-        stages[f"early (during C-STORE): {name}"] = float(seconds)
+        stages[f"{EARLY_STAGE_PREFIX}{name}"] = float(seconds)
 
     seg_ds = next(ds for ds in catcher.received if ds.Modality == "SEG")
     sr_ds = next(ds for ds in catcher.received if ds.Modality == "SR")

@@ -21,12 +21,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from pathlib import Path
+from collections.abc import Collection
 
 from db import instances
 from db.exceptions import DatabaseUnavailableError
-from node.pipeline import EarlyWork, JobContext, Timer, _Study, route, route_key, segment_study
-from node.selection import scan_grouped_series
+from node.pipeline import EarlyWork, JobContext, analyse_early
 
 logger = logging.getLogger(__name__)
 
@@ -72,8 +71,8 @@ class EarlyAnalysis:
         with self._cond:  # studies no longer being received are forgotten (their work, if any, stays)
             for study_uid in [s for s in self._seen if s not in settled]:
                 del self._seen[study_uid]
-        for study_uid, groups in settled.items():
-            seen = frozenset((series, len(paths)) for series, paths in groups.items())
+        for study_uid, counts in settled.items():
+            seen = frozenset(counts.items())
             with self._cond:
                 if self._seen.get(study_uid) == seen or self._recently_taken(study_uid):
                     continue
@@ -82,7 +81,7 @@ class EarlyAnalysis:
                 work = self._work.pop(study_uid, None) or EarlyWork()
                 self._work[study_uid] = work  # the newest last: eviction drops the oldest
             try:
-                self._run(study_uid, groups, work)
+                self._run(study_uid, list(counts), work)
             finally:
                 with self._cond:
                     self._running = None
@@ -126,32 +125,16 @@ class EarlyAnalysis:
         for study_uid in [s for s, t in self._taken.items() if now - t > 3600.0]:
             del self._taken[study_uid]
 
-    def _run(self, study_uid: str, groups: dict[str, list[str]], work: EarlyWork) -> None:
-        """Route the settled series as a job would and run the most capable model they allow."""
-        timer = Timer()
+    def _run(self, study_uid: str, series_uids: Collection[str], work: EarlyWork) -> None:
+        """Analyse the settled series of ``study_uid`` into ``work``."""
         start = time.perf_counter()
         try:
-            with timer.stage("select"):
-                series = scan_grouped_series({k: [Path(p) for p in v] for k, v in groups.items()})
-                plan = route(self.ctx.models(), series, self.ctx.selector)
-            if not plan.routes:
-                return
-            study = _Study(self.ctx, None, timer)
-            study.loaded, study.brains = work.loaded, work.brains
-            extractor = self.ctx.brain()
-            label = extractor.label if extractor is not None else None
-            if route_key(plan.routes[0], label) in work.segmented:
-                return
-            done = segment_study(study, plan)
-            work.segmented[route_key(done.route, label)] = done
+            analyse_early(self.ctx, instances.series_paths(self.ctx.sf, study_uid, series_uids), work)
         except Exception as exc:  # the job will meet the same problem and report it
             logger.info("early analysis of study %s stopped: %s: %s", study_uid, type(exc).__name__, exc)
-        finally:
-            for name, seconds in timer.stages.items():
-                work.stages[name] = round(work.stages.get(name, 0.0) + seconds, 4)
-            logger.info(
-                "early analysis of study %s: %d settled series in %.2f s",
-                study_uid,
-                len(groups),
-                time.perf_counter() - start,
-            )
+        logger.info(
+            "early analysis of study %s: %d settled series in %.2f s",
+            study_uid,
+            len(series_uids),
+            time.perf_counter() - start,
+        )

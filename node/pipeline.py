@@ -425,20 +425,20 @@ class Segmented:
     coregistered: Coregistered | None
 
 
+def _series_files(info: SeriesInfo) -> tuple[str, tuple[str, ...]]:
+    """A series' identity for reuse: its UID and its spool files, in any order."""
+    return info.series_instance_uid, tuple(sorted(map(str, info.paths)))
+
+
 def same_files(a: SeriesInfo, b: SeriesInfo) -> bool:
     """True when ``a`` and ``b`` are the same series made of the same spool files."""
-    return a.series_instance_uid == b.series_instance_uid and sorted(map(str, a.paths)) == sorted(
-        map(str, b.paths)
-    )
+    return _series_files(a) == _series_files(b)
 
 
 def route_key(chosen: Route, extractor: str | None) -> tuple[Any, ...]:
     """What a model's result on a study depends on: the model, the brain extractor and the files of
     each series it gets (the node's settings are fixed for the life of the process)."""
-    files = tuple(
-        (modality, info.series_instance_uid, tuple(sorted(map(str, info.paths))))
-        for modality, info in sorted(chosen.assignment.chosen.items())
-    )
+    files = tuple((m, _series_files(info)) for m, info in sorted(chosen.assignment.chosen.items()))
     return (chosen.task, chosen.model.label, extractor, files)
 
 
@@ -508,24 +508,28 @@ class _Study:
             loaded = self.load(assignment)  # waits for the brain thread if a series cannot be read
             return loaded, masking.result()
 
+    def _brain_from_early(self, reference: str, extractor: LoadedExtractor) -> Brain | None:
+        """Early analysis' mask of the reference, when it is of the series read (the early read
+        itself) by the same extractor."""
+        if self.early is None or self.early.loaded.get(reference) is not self.loaded.get(reference):
+            return None
+        done = self.early.brains.get(reference)
+        if done is None or done.extractor != extractor.label:
+            return None
+        self.reused.append(f"brain {reference}")
+        return done
+
     def brain(self, reference: str, assembled: Assembled) -> Brain | None:
         if reference not in self.brains:
             extractor = self.ctx.brain()
-            early = self.early.brains.get(reference) if self.early else None
             if extractor is None:
                 if self.job_id is not None:
                     logger.warning(
                         "job %d: no active brain_extraction model; the brain stage is skipped", self.job_id
                     )
                 self.brains[reference] = None
-            elif (
-                early is not None
-                and early.extractor == extractor.label
-                and self.early is not None
-                and self.early.loaded.get(reference) is self.loaded.get(reference)
-            ):
+            elif (early := self._brain_from_early(reference, extractor)) is not None:
                 self.brains[reference] = early
-                self.reused.append(f"brain {reference}")
             else:
                 with self.timer.stage("brain"):
                     self.brains[reference] = extract_brain(extractor, assembled, reference)
@@ -593,6 +597,30 @@ def segment_study(study: _Study, plan: RoutingPlan) -> Segmented:
             return done
     failed = "; ".join(f"{e['task']}: {e['reason']}" for e in plan.considered if e["outcome"] == "not run")
     raise JobError(f"no model could run on the study ({failed})")
+
+
+def analyse_early(ctx: JobContext, groups: Mapping[str, Sequence[str]], work: EarlyWork) -> None:
+    """Early analysis of a study's settled series (``groups``: series UID -> spool paths): route them
+    as a job would and run the most capable model they allow, keeping reads, masks and the result in
+    ``work`` (node/early.py). Nothing is written; errors propagate (the job meets and reports them)."""
+    timer = Timer()
+    try:
+        with timer.stage("select"):
+            series = scan_grouped_series({k: [Path(p) for p in v] for k, v in groups.items()})
+            plan = route(ctx.models(), series, ctx.selector)
+        if not plan.routes:
+            return
+        extractor = ctx.brain()
+        label = extractor.label if extractor is not None else None
+        if route_key(plan.routes[0], label) in work.segmented:
+            return
+        study = _Study(ctx, None, timer)
+        study.loaded, study.brains = work.loaded, work.brains  # what earlier runs read and masked
+        done = segment_study(study, plan)
+        work.segmented[route_key(done.route, label)] = done
+    finally:
+        for name, seconds in timer.stages.items():
+            work.stages[name] = round(work.stages.get(name, 0.0) + seconds, 4)
 
 
 def run_job(ctx: JobContext, job_id: int) -> str:

@@ -75,12 +75,16 @@ def test_a_series_settles_when_the_pacs_moves_on_or_it_has_been_quiet(sf: Sessio
     _received(sf, "2", "9", 0, at[2], kept=False)  # not kept (another SOP class): never a series here
 
     settled = instances.settled_series(sf, quiet_seconds=5.0, now=at[3] + timedelta(seconds=0.5))
-    assert settled == {
-        "1.2.826.0.1.1": {"1.2.826.0.1.1.1": [f"/spool/1/1/{n}.dcm" for n in range(3)]},
-    }, "only the series the PACS moved on from"
+    assert settled == {"1.2.826.0.1.1": {"1.2.826.0.1.1.1": 3}}, "only the series the PACS moved on from"
+    assert instances.series_paths(sf, "1.2.826.0.1.1", ["1.2.826.0.1.1.1"]) == {
+        "1.2.826.0.1.1.1": [f"/spool/1/1/{n}.dcm" for n in range(3)]
+    }
     later = instances.settled_series(sf, quiet_seconds=5.0, now=at[3] + timedelta(seconds=5))
     assert set(later["1.2.826.0.1.1"]) == {"1.2.826.0.1.1.1", "1.2.826.0.1.1.2"}, "quiet for 5 s"
-    assert later["1.2.826.0.1.2"] == {"1.2.826.0.1.2.1": ["/spool/2/1/0.dcm"]}
+    assert later["1.2.826.0.1.2"] == {"1.2.826.0.1.2.1": 1}
+    assert instances.series_paths(sf, "1.2.826.0.1.2", later["1.2.826.0.1.2"]) == {
+        "1.2.826.0.1.2.1": ["/spool/2/1/0.dcm"]
+    }
 
     # Once the study is complete (a job queued for it) early analysis has nothing more to do there.
     instances.schedule_due_studies(sf, 1.0, now=at[9])
@@ -243,13 +247,13 @@ def test_a_job_waits_for_an_early_run_still_under_way_on_its_study(
     the job waits for that run and uses it rather than computing the same thing beside it."""
     import node.early
 
-    slow_segment = node.early.segment_study
+    analyse = node.early.analyse_early
 
-    def slow(*args: object, **kwargs: object) -> object:
+    def slow(*args: object, **kwargs: object) -> None:
         time.sleep(2.0)
-        return slow_segment(*args, **kwargs)  # type: ignore[arg-type]
+        analyse(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(node.early, "segment_study", slow)
+    monkeypatch.setattr(node.early, "analyse_early", slow)
     study = write_study(case, tmp_path / "study", modalities=["FLAIR", "T1"])
     with _node(tmp_path / "early", [model_dir], early=True, idle=0.3) as (served, _catcher):
         _send(served, study.files["FLAIR"])
@@ -272,22 +276,22 @@ def test_early_work_waits_for_at_most_two_studies_and_a_taken_study_is_left_alon
 
     import node.early
 
-    settled: dict[str, dict[str, list[str]]] = {}
+    settled: dict[str, dict[str, int]] = {}
     ran: list[str] = []
     monkeypatch.setattr(node.early.instances, "settled_series", lambda sf, quiet: settled)
     analysis = node.early.EarlyAnalysis(SimpleNamespace(sf=None), quiet_seconds=2.0)  # type: ignore[arg-type]
-    monkeypatch.setattr(analysis, "_run", lambda study, groups, work: ran.append(study))
+    monkeypatch.setattr(analysis, "_run", lambda study, series, work: ran.append(study))
 
-    settled["A"] = {"flair": ["a1"]}
+    settled["A"] = {"flair": 1}
     assert analysis.run_once() and not analysis.run_once()  # nothing new the second time
-    settled["A"]["t1"] = ["a2"]
+    settled["A"]["t1"] = 1
     assert analysis.run_once()
-    settled["B"], settled["C"] = {"flair": ["b1"]}, {"flair": ["c1"]}
+    settled["B"], settled["C"] = {"flair": 1}, {"flair": 1}
     while analysis.run_once():
         pass
     assert ran == ["A", "A", "B", "C"]  # A is not run again once its work is dropped
     assert analysis.waiting() == ["B", "C"]  # A's work dropped: the oldest beyond two
     assert analysis.take("B") is not None and analysis.take("B") is None  # handed over once
-    settled["B"]["t1"] = ["b2"]
+    settled["B"]["t1"] = 1
     assert not analysis.run_once()  # B's job has it now
     assert analysis.take("A") is None
