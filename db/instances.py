@@ -8,43 +8,35 @@ A study is complete when no kept instance of it has arrived for ``idle_seconds``
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Iterable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Collection, Iterable, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import cast
+from typing import Any, ClassVar, cast
 
-from sqlalchemy import Connection, DateTime, Table, bindparam, case, delete, func, insert, select, update
+from sqlalchemy import Table, delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from db.exceptions import DatabaseUnavailableError
 from db.node_tables import NodeInstance, NodeJob, NodeStudy
-from db.transactions import SessionFactory, as_utc, database_errors, utcnow, writing
+from db.transactions import (
+    DriverDialect,
+    SessionFactory,
+    as_utc,
+    bind_value,
+    database_errors,
+    describe_driver_error,
+    driver_dialect,
+    driver_writing,
+    utcnow,
+    writing,
+)
 
 logger = logging.getLogger(__name__)
 
 
 _INSTANCES = cast(Table, NodeInstance.__table__)
 _STUDIES = cast(Table, NodeStudy.__table__)
-# Statements of the C-STORE path, built once (compiled once, then cached by SQLAlchemy) and run on the
-# session's connection: no ORM unit of work for a row that is written once per instance.
-_RECORDED = select(_INSTANCES.c.sop_instance_uid).where(
-    _INSTANCES.c.sop_instance_uid.in_(bindparam("b_uids", expanding=True))
-)
-_INSERT_INSTANCE = insert(_INSTANCES)
-_TOUCH_STUDY = (
-    update(_STUDIES)
-    .where(_STUDIES.c.study_instance_uid == bindparam("b_uid"))
-    .values(
-        # Never backwards: a later instance (or touch_studies) may have committed a newer time.
-        last_received_at=case(
-            (_STUDIES.c.last_received_at < bindparam("b_now", type_=DateTime(timezone=True)),
-             bindparam("b_now", type_=DateTime(timezone=True))),
-            else_=_STUDIES.c.last_received_at,
-        ),
-        pending=True,
-    )
-)
-_INSERT_STUDY = insert(_STUDIES)
 
 
 @dataclass(frozen=True)
@@ -106,6 +98,10 @@ def record_instances(
     """Record received instances in one transaction (a group commit): one query for the ones already
     recorded, one multi-row insert, one touch of each study that got a kept instance.
 
+    This runs once per C-STORE before its response, so it goes to the driver directly
+    (:class:`_RecordStatements`); SQLAlchemy's session and execution machinery cost about 1 ms of
+    CPU per call here, more than the statements themselves.
+
     Returns
     -------
     list[bool]
@@ -118,49 +114,97 @@ def record_instances(
         The database failed, or concurrent inserts of the same instance or study still collided
         on the third attempt. Nothing of ``rows`` is recorded then.
     """
-    given = now
-    now = now or utcnow()
+    statements = _RecordStatements.of(sf)
+    driver = statements.driver
     for attempt in range(3):
         try:
-            with writing(sf) as s:
-                conn = s.connection()
+            with driver_writing(sf) as cursor:
                 # The idle timer counts from the commit, not from before the wait for the write lock.
-                touched_at = given or utcnow()
-                uids = sorted({r.sop_instance_uid for r in rows})
-                seen = set(conn.scalars(_RECORDED, {"b_uids": uids}))
-                new: list[bool] = []
-                inserted: list[ReceivedInstance] = []
-                for r in rows:
-                    new.append(r.sop_instance_uid not in seen)
-                    if new[-1]:
-                        seen.add(r.sop_instance_uid)
-                        inserted.append(r)
-                if inserted:
-                    conn.execute(_INSERT_INSTANCE, [{**asdict(r), "received_at": now} for r in inserted])
-                studies = {r.study_instance_uid for r in inserted if r.kept and r.study_instance_uid}
-                for study in sorted(studies):  # in order, so that two processes cannot deadlock
-                    _touch_study(conn, study, touched_at)
-            return new
-        except IntegrityError:  # a concurrent association or process stored the same instance or study
+                return statements.record(cursor, rows, now or utcnow())
+        except driver.integrity_error as exc:  # a concurrent process stored the same instance or study
             if attempt == 2:
-                raise
+                raise DatabaseUnavailableError(describe_driver_error(exc)) from exc
+        except driver.error as exc:
+            raise DatabaseUnavailableError(describe_driver_error(exc)) from exc
     return [False] * len(rows)  # pragma: no cover
 
 
-def _touch_study(conn: Connection, study_uid: str, now: datetime) -> None:
-    """Mark the study pending and move its idle timer to ``now`` (never backwards); creates the study
-    row with its first instance."""
-    if conn.execute(_TOUCH_STUDY, {"b_uid": study_uid, "b_now": now}).rowcount == 0:
-        conn.execute(
-            _INSERT_STUDY,
-            {
-                "study_instance_uid": study_uid,
-                "first_received_at": now,
-                "last_received_at": now,
-                "pending": True,
-                "runs": 0,
-            },
+@dataclass(frozen=True)
+class _RecordStatements:
+    """:func:`record_instances`' statements in the driver's own SQL, written once per database."""
+
+    driver: DriverDialect
+    recorded: str  # ... WHERE sop_instance_uid IN ({}), formatted with one marker per UID
+    insert_instance: str
+    touch_study: str
+    insert_study: str
+    when: Callable[[datetime], Any]
+    flag: Callable[[bool], Any]
+
+    _cache: ClassVar[dict[tuple[str, str], _RecordStatements]] = {}
+
+    @classmethod
+    def of(cls, sf: SessionFactory) -> _RecordStatements:
+        """The statements for ``sf``'s kind of database and driver (built on first use)."""
+        dialect = sf.kw["bind"].dialect
+        key = (dialect.name, dialect.driver)
+        found = cls._cache.get(key)
+        if found is None:
+            found = cls._cache[key] = cls._build(sf)
+        return found
+
+    @classmethod
+    def _build(cls, sf: SessionFactory) -> _RecordStatements:
+        driver = driver_dialect(sf)
+        p = driver.placeholder
+        return cls(
+            driver=driver,
+            recorded="SELECT sop_instance_uid FROM node_instances WHERE sop_instance_uid IN ({})",
+            insert_instance=(
+                "INSERT INTO node_instances (sop_instance_uid, sop_class_uid, study_instance_uid, "
+                f"series_instance_uid, kept, path, calling_ae, received_at) VALUES ({', '.join([p] * 8)})"
+            ),
+            # Never backwards: a later instance (or touch_studies) may have committed a newer time.
+            touch_study=(
+                f"UPDATE node_studies SET last_received_at = CASE WHEN last_received_at < {p} THEN {p} "
+                f"ELSE last_received_at END, pending = {p} WHERE study_instance_uid = {p}"
+            ),
+            insert_study=(
+                "INSERT INTO node_studies (study_instance_uid, first_received_at, last_received_at, pending, "
+                f"runs) VALUES ({p}, {p}, {p}, {p}, 0)"
+            ),
+            when=bind_value(sf, _INSTANCES.c.received_at),
+            flag=bind_value(sf, _INSTANCES.c.kept),
         )
+
+    def record(self, cursor: Any, rows: Sequence[ReceivedInstance], now: datetime) -> list[bool]:
+        """Run the statements of :func:`record_instances` on ``cursor`` (inside its transaction)."""
+        uids = sorted({r.sop_instance_uid for r in rows})
+        cursor.execute(self.recorded.format(", ".join([self.driver.placeholder] * len(uids))), uids)
+        seen = {uid for (uid,) in cursor.fetchall()}
+        new: list[bool] = []
+        inserted: list[ReceivedInstance] = []
+        for r in rows:
+            new.append(r.sop_instance_uid not in seen)
+            if new[-1]:
+                seen.add(r.sop_instance_uid)
+                inserted.append(r)
+        at, pending = self.when(now), self.flag(True)
+        if inserted:
+            cursor.executemany(
+                self.insert_instance,
+                [
+                    (r.sop_instance_uid, r.sop_class_uid, r.study_instance_uid, r.series_instance_uid,
+                     self.flag(r.kept), r.path, r.calling_ae, at)
+                    for r in inserted
+                ],
+            )
+        studies = {r.study_instance_uid for r in inserted if r.kept and r.study_instance_uid}
+        for study in sorted(studies):  # in order, so that two processes cannot deadlock
+            cursor.execute(self.touch_study, (at, at, pending, study))
+            if cursor.rowcount == 0:  # its first instance
+                cursor.execute(self.insert_study, (study, at, at, pending))
+        return new
 
 
 @database_errors

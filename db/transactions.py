@@ -10,14 +10,16 @@ SQLAlchemy exception: :func:`database_errors` turns the driver's errors into
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import functools
 import os
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -86,6 +88,77 @@ def writing(sf: SessionFactory) -> Iterator[Session]:
     with _WRITE_LOCK, _sqlite_writer_lock(sf), sf.begin() as s:
         s.connection(execution_options=write_options())
         yield s
+
+
+@dataclass(frozen=True)
+class DriverDialect:
+    """What a statement written for the driver (DB-API) needs to know of the database.
+
+    Attributes
+    ----------
+    placeholder:
+        The driver's positional parameter marker: ``?`` (sqlite3) or ``%s`` (psycopg).
+    error, integrity_error:
+        The driver's base error class and its constraint-violation class.
+    """
+
+    placeholder: str
+    error: type[Exception]
+    integrity_error: type[Exception]
+
+
+def driver_dialect(sf: SessionFactory) -> DriverDialect:
+    """The :class:`DriverDialect` of the database behind ``sf`` (SQLite or PostgreSQL)."""
+    dialect = sf.kw["bind"].dialect
+    placeholder = {"qmark": "?", "format": "%s", "pyformat": "%s"}.get(dialect.paramstyle)
+    if placeholder is None:  # pragma: no cover - make_engine builds SQLite and psycopg engines only
+        raise DatabaseOperationError(f"driver paramstyle {dialect.paramstyle!r} is not supported")
+    dbapi = dialect.loaded_dbapi
+    return DriverDialect(placeholder, dbapi.Error, dbapi.IntegrityError)
+
+
+def bind_value(sf: SessionFactory, column: Any) -> Callable[[Any], Any]:
+    """How ``column``'s SQLAlchemy type turns a Python value into the driver's (e.g. a datetime into
+    SQLite's text form), for statements written for the driver."""
+    dialect = sf.kw["bind"].dialect
+    processor = column.type.dialect_impl(dialect).bind_processor(dialect)
+    return processor if processor is not None else (lambda value: value)
+
+
+@contextmanager
+def driver_writing(sf: SessionFactory) -> Iterator[Any]:
+    """A write transaction on the driver's own connection: yields a DB-API cursor.
+
+    For the one statement sequence that runs per received instance (:func:`db.instances.record_instances`),
+    where SQLAlchemy's session and execution machinery cost more CPU than the statements themselves.
+    The same locks as :func:`writing`; ``BEGIN IMMEDIATE`` on SQLite. Committed when the block ends,
+    rolled back if it raises; driver errors come out as the driver raised them (the caller translates
+    them, see :class:`DriverDialect`).
+    """
+    engine = sf.kw["bind"]
+    with _WRITE_LOCK, _sqlite_writer_lock(sf):
+        try:
+            connection = engine.raw_connection()
+        except DBAPIError as exc:
+            raise DatabaseUnavailableError(describe(exc)) from exc
+        try:
+            cursor = connection.cursor()
+            if engine.dialect.name == "sqlite":  # autocommit at the driver (db.session): begin ourselves
+                cursor.execute("BEGIN IMMEDIATE")
+            yield cursor
+            connection.commit()
+        except BaseException:
+            with contextlib.suppress(Exception):  # a lost connection cannot roll back; the error says why
+                connection.rollback()
+            raise
+        finally:
+            connection.close()  # back to the pool
+
+
+def describe_driver_error(exc: BaseException) -> str:
+    """``Type: first line`` of a driver (DB-API) error, as :func:`describe` writes SQLAlchemy's."""
+    reason = (str(exc).strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {reason}"
 
 
 def describe(exc: SQLAlchemyError) -> str:

@@ -73,6 +73,50 @@ def test_study_completes_after_idle_time_and_late_instances_make_a_new_run(sf: S
     assert len(job_queue.job_instance_paths(sf, rerun)) == 5
 
 
+def test_recorded_rows_read_back_through_the_orm(sf: SessionFactory) -> None:
+    """record_instances writes through the driver in its own SQL: what it writes reads back through
+    SQLAlchemy's models as written (types, booleans, aware times), repeats are refused in and across
+    batches, and a study's idle timer never moves backwards."""
+    from db.node_tables import NodeInstance, NodeStudy
+
+    def row(uid: str, kept: bool = True, study: str | None = "1.2.3") -> instances.ReceivedInstance:
+        return instances.ReceivedInstance(
+            sop_instance_uid=uid, sop_class_uid="1.2.840.10008.5.1.4.1.1.4", study_instance_uid=study,
+            series_instance_uid="1.2.3.4" if study else None, kept=kept,
+            path=f"/spool/{uid}.dcm" if kept else None, calling_ae="PACS",
+        )
+
+    later = T0 + timedelta(seconds=5)
+    first_batch = [row("1.1"), row("1.2"), row("1.1")]
+    assert instances.record_instances(sf, first_batch, now=later) == [True, True, False]
+    assert instances.record_instances(sf, [row("1.2"), row("1.3", kept=False, study=None)], now=T0) == [
+        False, True,
+    ]
+    assert instances.record_instances(sf, [row("1.4")], now=T0) == [True]  # arrived late, stamped early
+    with sf() as s:
+        got = {r.sop_instance_uid: r for r in s.query(NodeInstance)}
+        study = s.query(NodeStudy).one()
+    assert sorted(got) == ["1.1", "1.2", "1.3", "1.4"]
+    first = got["1.1"]
+    assert (first.kept, first.path, first.calling_ae, first.series_instance_uid) == (
+        True, "/spool/1.1.dcm", "PACS", "1.2.3.4",
+    )
+    assert as_utc(first.received_at) == later
+    assert (got["1.3"].kept, got["1.3"].path, got["1.3"].study_instance_uid) == (False, None, None)
+    assert study.study_instance_uid == "1.2.3" and study.pending is True and study.runs == 0
+    assert as_utc(study.first_received_at) == later
+    assert as_utc(study.last_received_at) == later  # not moved back to T0 by 1.4
+
+
+def test_a_driver_error_while_recording_is_a_database_error(sf: SessionFactory) -> None:
+    from db.exceptions import DatabaseUnavailableError
+
+    with sf.begin() as s:
+        s.connection().exec_driver_sql("DROP TABLE node_instances")
+    with pytest.raises(DatabaseUnavailableError, match="node_instances"):
+        _receive(sf, "1.2.3", 1, T0)
+
+
 def test_queued_job_waits_while_its_study_is_still_receiving(sf: SessionFactory) -> None:
     _receive(sf, "1.2.4", 1, T0)
     [job] = instances.schedule_due_studies(sf, 5.0, now=T0 + timedelta(seconds=6))
