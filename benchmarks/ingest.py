@@ -270,47 +270,11 @@ def _without_own_file_header() -> contextlib.AbstractContextManager[Any]:
     return unittest.mock.patch("node.scp.as_file", lambda event, *_: event.encoded_dataset())
 
 
-def _session_record_instances(sf: Any, rows: Sequence[Any], now: Any = None) -> list[bool]:
-    """db.instances.record_instances as it was before it went to the driver directly (as at e2deb84):
-    the same statements as SQLAlchemy Core statements on an ORM session's connection. Kept here, not
-    in db/, only to measure the lever in the same run."""
-    from dataclasses import asdict
-
-    from sqlalchemy import DateTime, bindparam, case, insert, select, update  # noqa: TID251
-
-    from db.node_tables import NodeInstance as I
-    from db.node_tables import NodeStudy as S
-    from db.transactions import utcnow, writing
-
-    when = DateTime(timezone=True)
-    now = now or utcnow()
-    with writing(sf) as s:
-        conn = s.connection()
-        uids = sorted({r.sop_instance_uid for r in rows})
-        recorded = select(I.sop_instance_uid).where(I.sop_instance_uid.in_(bindparam("b", expanding=True)))
-        seen = set(conn.scalars(recorded, {"b": uids}))
-        new, inserted = [], []
-        for r in rows:
-            new.append(r.sop_instance_uid not in seen)
-            if new[-1]:
-                seen.add(r.sop_instance_uid)
-                inserted.append(r)
-        if inserted:
-            conn.execute(insert(I), [{**asdict(r), "received_at": now} for r in inserted])
-        touch = update(S).where(S.study_instance_uid == bindparam("b_uid")).values(
-            last_received_at=case((S.last_received_at < bindparam("b_now", type_=when),
-                                   bindparam("b_now", type_=when)), else_=S.last_received_at),
-            pending=True)
-        for uid in sorted({r.study_instance_uid for r in inserted if r.kept and r.study_instance_uid}):
-            if conn.execute(touch, {"b_uid": uid, "b_now": now}).rowcount == 0:
-                conn.execute(insert(S), {"study_instance_uid": uid, "first_received_at": now,
-                                         "last_received_at": now, "pending": True, "runs": 0})
-    return new
-
-
 def _without_driver_record() -> contextlib.AbstractContextManager[Any]:
     """The node recording each C-STORE through SQLAlchemy's session instead of the driver."""
-    return unittest.mock.patch("db.instances.record_instances", _session_record_instances)
+    from db.instances import record_instances_through_session
+
+    return unittest.mock.patch("db.instances.record_instances", record_instances_through_session)
 
 
 def _without_fsync() -> contextlib.AbstractContextManager[Any]:

@@ -108,6 +108,55 @@ def test_recorded_rows_read_back_through_the_orm(sf: SessionFactory) -> None:
     assert as_utc(study.last_received_at) == later  # not moved back to T0 by 1.4
 
 
+def test_driver_record_matches_the_session_reference(
+    db_url: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """The same batches recorded through the driver and through SQLAlchemy's session
+    (record_instances_through_session, the node's path before) leave the same rows and answers, on
+    each backend."""
+    from db.node_tables import NodeInstance, NodeStudy
+
+    if db_url.startswith("sqlite"):
+        reference_url = f"sqlite:///{tmp_path / 'reference' / 'segnode.db'}"
+    else:
+        reference_url = str(request.getfixturevalue("postgres_server").new_database())
+
+    def fresh(url: str) -> SessionFactory:
+        upgrade(url)
+        return make_session_factory(make_engine(url))
+
+    def row(uid: str, study: str, kept: bool = True) -> instances.ReceivedInstance:
+        return instances.ReceivedInstance(
+            sop_instance_uid=uid, sop_class_uid="1.2.840.10008.5.1.4.1.1.4", study_instance_uid=study,
+            series_instance_uid=f"{study}.9", kept=kept, path=f"/spool/{uid}.dcm", calling_ae="PACS",
+        )
+
+    batches = [
+        ([row("1.1", "7.1"), row("1.2", "7.1"), row("1.1", "7.1")], T0 + timedelta(seconds=3)),
+        ([row("1.3", "7.2"), row("1.2", "7.1"), row("1.4", "7.1", kept=False)], T0 + timedelta(seconds=1)),
+        ([row("1.5", "7.1")], T0 + timedelta(seconds=9)),
+    ]
+
+    def run(sf: SessionFactory, record: object) -> tuple[object, ...]:
+        answers = [record(sf, rows, now=at) for rows, at in batches]  # type: ignore[operator]
+        with sf() as s:
+            got = sorted(
+                (r.sop_instance_uid, r.study_instance_uid, r.series_instance_uid, r.kept, r.path,
+                 r.calling_ae, as_utc(r.received_at))
+                for r in s.query(NodeInstance)
+            )
+            studies = sorted(
+                (r.study_instance_uid, as_utc(r.first_received_at), as_utc(r.last_received_at), r.pending,
+                 r.runs)
+                for r in s.query(NodeStudy)
+            )
+        return answers, got, studies
+
+    assert run(fresh(db_url), instances.record_instances) == run(
+        fresh(reference_url), instances.record_instances_through_session
+    )
+
+
 def test_a_driver_error_while_recording_is_a_database_error(sf: SessionFactory) -> None:
     from db.exceptions import DatabaseUnavailableError
 
