@@ -44,6 +44,7 @@ from node.part10 import file_header
 from node.reactor import make_prompt
 from node.sender import set_nodelay
 from node.spool import free_mb, spool_path, write_atomic
+from node.store_response import make_quick_store_response
 from node.uids import validated_uid
 
 logger = logging.getLogger(__name__)
@@ -289,8 +290,9 @@ class StorageSCP:
     # -- handlers --------------------------------------------------------------------------------------
 
     def _on_connection(self, event: Any) -> None:
-        """Give the accepted socket a read timeout (``network_timeout``) and the association a loop
-        that serves each message as soon as it is decoded (:mod:`node.reactor`).
+        """Give the accepted socket a read timeout (``network_timeout``), the association a loop that
+        serves each message as soon as it is decoded (:mod:`node.reactor`) and C-STORE responses packed
+        directly (:mod:`node.store_response`).
 
         Accepted sockets are blocking; a peer that sends a PDU header announcing more bytes than it
         ever sends (junk, a port scanner) would otherwise hold an association slot for good.
@@ -302,6 +304,7 @@ class StorageSCP:
         if dul is not None and hasattr(dul, "_run_loop_delay"):
             dul._run_loop_delay = DUL_LOOP_DELAY_S
         make_prompt(event.assoc)
+        make_quick_store_response(event.assoc)
 
     def _on_echo(self, event: Any) -> int:
         return dimse.SUCCESS

@@ -33,7 +33,7 @@ from db.exceptions import DatabaseUnavailableError
 from db.node_tables import NodeInstance
 from db.session import make_engine, make_session_factory, upgrade
 from db.transactions import SessionFactory
-from node import dimse, reactor
+from node import dimse, reactor, store_response
 from node.metrics import NodeMetrics
 from node.scp import StorageSCP
 from tests.helpers.dcmtk import DCMTK_ENV, storescu
@@ -69,6 +69,55 @@ def _rows(sf: SessionFactory) -> list[NodeInstance]:
 def test_prompt_loop_follows_the_installed_pynetdicom() -> None:
     # node.reactor copies pynetdicom's acceptor loop; an upgrade must re-read it.
     assert pynetdicom.__version__ == reactor.PYNETDICOM_VERSION
+
+
+def test_quick_store_response_follows_the_installed_pynetdicom() -> None:
+    assert pynetdicom.__version__ == store_response.PYNETDICOM_VERSION
+
+
+@pytest.mark.parametrize(
+    ("sop_class", "message_id", "status", "sop_uid"),
+    [
+        ("1.2.840.10008.5.1.4.1.1.4", 1, 0x0000, "1.2.3.4"),  # both UIDs of even length
+        ("1.2.840.10008.5.1.4.1.1.4.1", 65535, 0xA700, "1.2.826.0.1.3680043.8.498.123"),  # odd: padded
+        ("1.2.840.10008.5.1.4.1.1.4", 7, 0xC000, "2.25.1" + "9" * 57),  # 64 characters
+    ],
+)
+def test_quick_store_response_is_pynetdicoms_encoding(
+    sop_class: str, message_id: int, status: int, sop_uid: str
+) -> None:
+    from pynetdicom.dimse_messages import C_STORE_RSP
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.dsutils import encode
+
+    rsp = C_STORE()
+    rsp.MessageIDBeingRespondedTo = message_id
+    rsp.AffectedSOPClassUID = sop_class
+    rsp.AffectedSOPInstanceUID = sop_uid
+    rsp.Status = status
+    message = C_STORE_RSP()
+    message.primitive_to_message(rsp)
+    assert store_response.encode_c_store_rsp(sop_class, message_id, status, sop_uid) == encode(
+        message.command_set, True, True
+    )
+
+
+def test_associations_send_quick_store_responses(
+    scp: StorageSCP, mr_files: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every C-STORE of a storescu association is answered through the quick path, and storescu reads
+    each answer as Success (a malformed response would fail it)."""
+    packed: list[int] = []
+    original = store_response.encode_c_store_rsp
+
+    def counting(*args: Any) -> bytes:
+        packed.append(1)
+        return original(*args)
+
+    monkeypatch.setattr(store_response, "encode_c_store_rsp", counting)
+    proc = storescu(scp.port, mr_files)
+    assert proc.returncode == 0, proc.stderr
+    assert len(packed) == len(mr_files) == len(_rows(scp.sf))
 
 
 def test_associations_run_the_prompt_loop(
