@@ -51,8 +51,8 @@ from common import REPO, RESULTS_DIR, SHARED_DATA, markdown_table, save_result
 
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 DEFAULT_CASE = SHARED_DATA / "train" / "brats" / "BraTS2021_00005"
-RECEIVERS = ("node", "node@2", "node@3", "node:driver", "node:prompt+group+header", "node:prompt",
-             "node:group", "node:header", "pynetdicom-bare", "storescp", "orthanc")
+RECEIVERS = ("node", "node@2", "node@3", "node:driver", "node:response", "node:prompt+group+header",
+             "node:prompt", "node:group", "node:header", "pynetdicom-bare", "storescp", "orthanc")
 
 
 def free_port() -> int:
@@ -277,6 +277,11 @@ def _without_driver_record() -> contextlib.AbstractContextManager[Any]:
     return unittest.mock.patch("db.instances.record_instances", record_instances_through_session)
 
 
+def _without_quick_response() -> contextlib.AbstractContextManager[Any]:
+    """The node answering each C-STORE through pynetdicom's own response encoding."""
+    return unittest.mock.patch("node.scp.make_quick_store_response", lambda assoc: None)
+
+
 def _without_fsync() -> contextlib.AbstractContextManager[Any]:
     """Diagnostic only, never a lever to ship: the node's spool without fdatasync and directory fsync,
     to show what durability costs against receivers that do not sync (storescp, Orthanc)."""
@@ -293,6 +298,7 @@ NODE_WITHOUT: dict[str, Callable[[], contextlib.AbstractContextManager[Any]]] = 
     "group": _without_group_commit,
     "header": _without_own_file_header,
     "driver": _without_driver_record,
+    "response": _without_quick_response,
     "fsync": _without_fsync,
 }
 
@@ -407,6 +413,7 @@ LEVER_NAMES = {
     "group": "group commit: concurrent C-STOREs share a transaction (node/committer.py)",
     "header": "file header packed directly, data set bytes as received (node/part10.py)",
     "driver": "each C-STORE's row written through the driver, not SQLAlchemy's session (db/instances.py)",
+    "response": "C-STORE responses packed directly, not through pydicom (node/store_response.py)",
     "prompt+group+header": "all three (the node before issue 17)",
     "fsync": "(diagnostic, not shippable) fdatasync of the file and fsync of its directory",
 }
