@@ -120,6 +120,29 @@ def test_associations_send_quick_store_responses(
     assert len(packed) == len(mr_files) == len(_rows(scp.sf))
 
 
+def test_each_association_gets_its_own_copy_of_the_contexts(scp: StorageSCP) -> None:
+    """The server's contexts are copied per association without deepcopy's cost; the copy is as
+    independent as a deep copy: every attribute but the transfer-syntax list is an immutable value."""
+    import copy
+
+    from node.scp import PresentationContexts
+
+    assert scp.server is not None
+    original = scp.server.contexts
+    assert isinstance(original, PresentationContexts)
+    copies = copy.deepcopy(original)
+    assert len(copies) == len(original) > 100
+    for twin, context in zip(copies, original, strict=True):
+        assert twin is not context and twin._transfer_syntax is not context._transfer_syntax
+        assert vars(twin) == vars(context)
+        for name, value in vars(context).items():
+            if name != "_transfer_syntax":
+                assert value is None or isinstance(value, str | int), (name, type(value))
+    copies[0]._transfer_syntax.append("1.2.3")
+    copies[0].result = 0
+    assert "1.2.3" not in original[0]._transfer_syntax and original[0].result is None
+
+
 def test_associations_run_the_prompt_loop(
     scp: StorageSCP, mr_files: list[Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
