@@ -51,8 +51,9 @@ from common import REPO, RESULTS_DIR, SHARED_DATA, markdown_table, save_result
 
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 DEFAULT_CASE = SHARED_DATA / "train" / "brats" / "BraTS2021_00005"
-RECEIVERS = ("node", "node@2", "node@3", "node:driver", "node:response", "node:prompt+group+header",
-             "node:prompt", "node:group", "node:header", "pynetdicom-bare", "storescp", "orthanc")
+RECEIVERS = ("node", "node@2", "node@3", "node:driver", "node:response", "node:contexts",
+             "node:prompt+group+header", "node:prompt", "node:group", "node:header", "pynetdicom-bare",
+             "storescp", "orthanc")
 
 
 def free_port() -> int:
@@ -282,6 +283,11 @@ def _without_quick_response() -> contextlib.AbstractContextManager[Any]:
     return unittest.mock.patch("node.scp.make_quick_store_response", lambda assoc: None)
 
 
+def _without_cheap_contexts() -> contextlib.AbstractContextManager[Any]:
+    """The node letting pynetdicom deep-copy its presentation contexts for each association."""
+    return unittest.mock.patch("node.scp.PresentationContexts", list)
+
+
 def _without_fsync() -> contextlib.AbstractContextManager[Any]:
     """Diagnostic only, never a lever to ship: the node's spool without fdatasync and directory fsync,
     to show what durability costs against receivers that do not sync (storescp, Orthanc)."""
@@ -299,6 +305,7 @@ NODE_WITHOUT: dict[str, Callable[[], contextlib.AbstractContextManager[Any]]] = 
     "header": _without_own_file_header,
     "driver": _without_driver_record,
     "response": _without_quick_response,
+    "contexts": _without_cheap_contexts,
     "fsync": _without_fsync,
 }
 
@@ -414,6 +421,7 @@ LEVER_NAMES = {
     "header": "file header packed directly, data set bytes as received (node/part10.py)",
     "driver": "each C-STORE's row written through the driver, not SQLAlchemy's session (db/instances.py)",
     "response": "C-STORE responses packed directly, not through pydicom (node/store_response.py)",
+    "contexts": "presentation contexts copied per association without deepcopy (node/scp.py)",
     "prompt+group+header": "all three (the node before issue 17)",
     "fsync": "(diagnostic, not shippable) fdatasync of the file and fsync of its directory",
 }
