@@ -165,8 +165,7 @@ def describe(exc: SQLAlchemyError) -> str:
     """``Type: first line`` of the error, naming the driver's exception when there is one
     (``OperationalError: connection failed: ...``)."""
     cause: BaseException = (exc.orig or exc) if isinstance(exc, DBAPIError) else exc
-    reason = (str(cause).strip().splitlines() or [""])[0]
-    return f"{type(cause).__name__}: {reason}"
+    return describe_driver_error(cause)
 
 
 def database_errors(func: Callable[_P, _R]) -> Callable[_P, _R]:
