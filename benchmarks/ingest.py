@@ -288,6 +288,12 @@ def _without_cheap_contexts() -> contextlib.AbstractContextManager[Any]:
     return unittest.mock.patch("node.scp.PresentationContexts", list)
 
 
+def _without_header_reader() -> contextlib.AbstractContextManager[Any]:
+    """The node decoding every data set with pydicom to read its UIDs and pixel attributes, instead of
+    reading them from the bytes (node/instance_header.py)."""
+    return unittest.mock.patch("node.scp.read_header", lambda data, syntax: None)
+
+
 def _without_fsync() -> contextlib.AbstractContextManager[Any]:
     """Diagnostic only, never a lever to ship: the node's spool without fdatasync and directory fsync,
     to show what durability costs against receivers that do not sync (storescp, Orthanc)."""
@@ -306,6 +312,7 @@ NODE_WITHOUT: dict[str, Callable[[], contextlib.AbstractContextManager[Any]]] = 
     "driver": _without_driver_record,
     "response": _without_quick_response,
     "contexts": _without_cheap_contexts,
+    "reader": _without_header_reader,
     "fsync": _without_fsync,
 }
 

@@ -21,7 +21,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from pydicom.dataset import Dataset
 from pydicom.uid import UID
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.presentation import PresentationContext
@@ -41,6 +40,7 @@ from node import dimse
 from node.committer import GroupCommitter
 from node.config import NodeSettings, TLSSettings
 from node.exceptions import InvalidInstanceError, NodeError, SpoolError
+from node.instance_header import InstanceHeader, read_header
 from node.metrics import NodeMetrics
 from node.part10 import file_header
 from node.reactor import make_prompt
@@ -144,25 +144,23 @@ def _guarded(handler: Callable[[Any], int]) -> Callable[[Any], int]:
     return wrapper
 
 
-def _short_pixel_data(ds: Dataset) -> str:
-    """Why native (uncompressed) PixelData is shorter than Rows x Columns x samples x bits x frames says
-    (a truncated data set), or "" when it is not (PS3.5 8.1.1)."""
-    syntax = getattr(ds, "file_meta", Dataset()).get("TransferSyntaxUID")
-    if "PixelData" not in ds or (syntax is not None and UID(syntax).is_compressed):
-        return ""
+def instance_header(event: Any, sop_uid: str) -> InstanceHeader:
+    """What the node checks of a C-STORE's data set: read from its bytes (:func:`read_header`), or,
+    for data sets that reader leaves alone, from pynetdicom's pydicom decoding as before.
+
+    Raises
+    ------
+    InvalidInstanceError
+        pydicom cannot decode the data set.
+    """
+    with event.request.DataSet.getbuffer() as received:
+        header = read_header(received, str(event.context.transfer_syntax))
+    if header is not None:
+        return header
     try:
-        need = (
-            int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1)) * int(ds.BitsAllocated) // 8
-        ) * int(ds.get("NumberOfFrames", 1) or 1)
-    except (AttributeError, TypeError, ValueError) as exc:
-        return f"pixel data without a usable Rows, Columns or BitsAllocated ({exc})"
-    have = len(ds.PixelData or b"")
-    if have >= need:
-        return ""
-    return (
-        f"PixelData is {have} bytes but Rows {ds.Rows} x Columns {ds.Columns} x BitsAllocated "
-        f"{ds.BitsAllocated} x NumberOfFrames {ds.get('NumberOfFrames', 1)} needs {need} (truncated)"
-    )
+        return InstanceHeader.from_dataset(event.dataset)
+    except Exception as exc:
+        raise InvalidInstanceError(f"instance {sop_uid}: data set cannot be decoded: {exc}") from exc
 
 
 def as_file(event: Any, sop_class: str, sop_uid: str) -> bytes:
@@ -388,16 +386,13 @@ class StorageSCP:
         )
         if sop_class not in KEPT_SOP_CLASSES:
             return self._ignore(sop_class, sop_uid, calling_ae)
-        try:
-            ds: Dataset = event.dataset
-        except Exception as exc:
-            raise InvalidInstanceError(f"instance {sop_uid}: data set cannot be decoded: {exc}") from exc
+        header = instance_header(event, sop_uid)
         # In flight before its row exists: the row is committed while the spool file is still being
         # written, and a study that looked idle then (a slow fsync, a short study_idle_seconds) got a
         # job that read a spool file not yet renamed into place (FileNotFoundError under load).
         with self._in_flight_lock:
-            self._in_flight.setdefault(id(event.assoc), set()).add(str(ds.get("StudyInstanceUID", "")))
-        result = self.receive(ds, as_file(event, sop_class, sop_uid), sop_class, sop_uid, calling_ae)
+            self._in_flight.setdefault(id(event.assoc), set()).add(str(header.study_instance_uid or ""))
+        result = self.receive(header, as_file(event, sop_class, sop_uid), sop_class, sop_uid, calling_ae)
         return result.status
 
     def _on_association_end(self, event: Any) -> None:
@@ -448,9 +443,10 @@ class StorageSCP:
         return dimse.SUCCESS
 
     def receive(
-        self, ds: Dataset, encoded: bytes, sop_class: str, sop_uid: str, calling_ae: str
+        self, header: InstanceHeader, encoded: bytes, sop_class: str, sop_uid: str, calling_ae: str
     ) -> ReceiveResult:
-        """Spool and record one kept instance; returns the status to answer with.
+        """Spool and record one kept instance (``header``: what its data set says, ``encoded``: the
+        file to spool); returns the status to answer with.
 
         Raises
         ------
@@ -461,20 +457,20 @@ class StorageSCP:
             The file could not be written.
         """
         where = f"instance {sop_uid}"
-        ds_sop = validated_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID", where)
+        ds_sop = validated_uid(header.sop_instance_uid, "SOPInstanceUID", where)
         if ds_sop != sop_uid:
             raise InvalidInstanceError(
                 f"{where}: SOPInstanceUID {ds_sop!r} differs from the C-STORE request's"
             )
-        study = validated_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID", where)
-        series = validated_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID", where)
-        if "PixelData" not in ds and "FloatPixelData" not in ds:
+        study = validated_uid(header.study_instance_uid, "StudyInstanceUID", where)
+        series = validated_uid(header.series_instance_uid, "SeriesInstanceUID", where)
+        if not header.has_pixel_data:
             self.metrics.instances.labels("rejected").inc()
             logger.warning(
                 "%s: no PixelData; refused with %s", where, dimse.describe(dimse.CANNOT_UNDERSTAND)
             )
             return ReceiveResult(dimse.CANNOT_UNDERSTAND, "rejected")
-        short = _short_pixel_data(ds)
+        short = header.short_pixel_data
         if short:
             self.metrics.instances.labels("rejected").inc()
             logger.warning("%s: %s; refused with %s", where, short, dimse.describe(dimse.CANNOT_UNDERSTAND))
