@@ -51,7 +51,7 @@ from common import REPO, RESULTS_DIR, SHARED_DATA, markdown_table, save_result
 
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 DEFAULT_CASE = SHARED_DATA / "train" / "brats" / "BraTS2021_00005"
-RECEIVERS = ("node", "node@2", "node@3", "node:driver", "node:response", "node:contexts",
+RECEIVERS = ("node", "node@2", "node@3", "node:driver", "node:response", "node:contexts", "node:reader",
              "node:prompt+group+header", "node:prompt", "node:group", "node:header", "pynetdicom-bare",
              "storescp", "orthanc")
 
@@ -429,6 +429,7 @@ LEVER_NAMES = {
     "driver": "each C-STORE's row written through the driver, not SQLAlchemy's session (db/instances.py)",
     "response": "C-STORE responses packed directly, not through pydicom (node/store_response.py)",
     "contexts": "presentation contexts copied per association without deepcopy (node/scp.py)",
+    "reader": "UIDs and pixel attributes read from the data set bytes, not by pydicom (instance_header.py)",
     "prompt+group+header": "all three (the node before issue 17)",
     "fsync": "(diagnostic, not shippable) fdatasync of the file and fsync of its directory",
 }
