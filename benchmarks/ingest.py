@@ -52,6 +52,7 @@ from common import REPO, RESULTS_DIR, SHARED_DATA, markdown_table, save_result
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 DEFAULT_CASE = SHARED_DATA / "train" / "brats" / "BraTS2021_00005"
 RECEIVERS = ("node", "node@2", "node@3", "node:driver", "node:response", "node:contexts", "node:reader",
+             "node:wait",
              "node:prompt+group+header", "node:prompt", "node:group", "node:header", "pynetdicom-bare",
              "storescp", "orthanc")
 
@@ -225,10 +226,11 @@ def orthanc_receiver(work: Path) -> Iterator[tuple[int, str, Callable[[], int]]]
 @contextlib.contextmanager
 def bare_receiver(work: Path) -> Iterator[tuple[int, str, Callable[[], int]]]:
     """pynetdicom alone, the node's network stack: answers Success to every C-STORE, stores nothing
-    (polling like the node's associations). The ceiling of any pynetdicom-based receiver here."""
+    (its DUL polling every 0.2 ms, as the node's did before node.reactor.make_waiting). The ceiling of a
+    receiver on pynetdicom's own loops here."""
     from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 
-    from node.scp import DUL_LOOP_DELAY_S
+    from node.reactor import DUL_POLL_S
 
     ae = AE(ae_title="BARE")
     for context in AllStoragePresentationContexts:
@@ -236,7 +238,7 @@ def bare_receiver(work: Path) -> Iterator[tuple[int, str, Callable[[], int]]]:
     received: list[int] = []
 
     def on_open(event: Any) -> None:
-        event.assoc.dul._run_loop_delay = DUL_LOOP_DELAY_S
+        event.assoc.dul._run_loop_delay = DUL_POLL_S
 
     def on_store(event: Any) -> int:
         received.append(1)
@@ -294,6 +296,20 @@ def _without_header_reader() -> contextlib.AbstractContextManager[Any]:
     return unittest.mock.patch("node.scp.read_header", lambda data, syntax: None)
 
 
+def _without_waiting_dul() -> contextlib.AbstractContextManager[Any]:
+    """The node's DUL threads looking at their sockets and sleeping 0.2 ms between looks, with C-STORE
+    responses queued for them, instead of waiting on the socket and sending responses directly
+    (node/reactor.py make_waiting, node/store_response.py)."""
+    from node.reactor import DUL_POLL_S
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(
+        unittest.mock.patch("node.scp.make_waiting", lambda dul: setattr(dul, "_run_loop_delay", DUL_POLL_S))
+    )
+    stack.enter_context(unittest.mock.patch("node.store_response._locked_sends", lambda dul: None))
+    return stack
+
+
 def _without_fsync() -> contextlib.AbstractContextManager[Any]:
     """Diagnostic only, never a lever to ship: the node's spool without fdatasync and directory fsync,
     to show what durability costs against receivers that do not sync (storescp, Orthanc)."""
@@ -313,6 +329,7 @@ NODE_WITHOUT: dict[str, Callable[[], contextlib.AbstractContextManager[Any]]] = 
     "response": _without_quick_response,
     "contexts": _without_cheap_contexts,
     "reader": _without_header_reader,
+    "wait": _without_waiting_dul,
     "fsync": _without_fsync,
 }
 
@@ -430,6 +447,7 @@ LEVER_NAMES = {
     "response": "C-STORE responses packed directly, not through pydicom (node/store_response.py)",
     "contexts": "presentation contexts copied per association without deepcopy (node/scp.py)",
     "reader": "UIDs and pixel attributes read from the data set bytes, not by pydicom (instance_header.py)",
+    "wait": "DUL threads wait on their sockets, C-STORE responses sent directly (reactor, store_response)",
     "prompt+group+header": "all three (the node before issue 17)",
     "fsync": "(diagnostic, not shippable) fdatasync of the file and fsync of its directory",
 }

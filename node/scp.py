@@ -43,19 +43,13 @@ from node.exceptions import InvalidInstanceError, NodeError, SpoolError
 from node.instance_header import InstanceHeader, read_header
 from node.metrics import NodeMetrics
 from node.part10 import file_header
-from node.reactor import make_prompt
+from node.reactor import make_prompt, make_waiting
 from node.sender import set_nodelay
 from node.spool import free_mb, spool_path, write_atomic
 from node.store_response import make_quick_store_response
 from node.uids import validated_uid
 
 logger = logging.getLogger(__name__)
-
-#: Seconds the DUL reactor of an association sleeps when it has nothing to do (pynetdicom's default is
-#: 1 ms). Each C-STORE waits on this loop twice (the last PDU in, the response out), so with the default
-#: a bare pynetdicom SCP manages ~210 instances/s here and ~290/s at 0.2 ms; it costs CPU only while an
-#: association is open and idle.
-DUL_LOOP_DELAY_S = 0.0002
 
 #: Largest P-DATA PDU the node accepts (announced in A-ASSOCIATE-AC, PS3.8 D.1). pynetdicom's default
 #: 16 KiB splits a 240 x 240 slice into 8 PDUs, each decoded in Python; at 256 KiB a bare pynetdicom SCP
@@ -311,8 +305,8 @@ class StorageSCP:
 
     def _on_connection(self, event: Any) -> None:
         """Give the accepted socket a read timeout (``network_timeout``), the association a loop that
-        serves each message as soon as it is decoded (:mod:`node.reactor`) and C-STORE responses packed
-        directly (:mod:`node.store_response`).
+        serves each message as soon as it is decoded and a DUL thread that waits for the peer's bytes
+        (:mod:`node.reactor`), and C-STORE responses packed and sent directly (:mod:`node.store_response`).
 
         Accepted sockets are blocking; a peer that sends a PDU header announcing more bytes than it
         ever sends (junk, a port scanner) would otherwise hold an association slot for good.
@@ -322,7 +316,7 @@ class StorageSCP:
         if raw is not None and self.ae.network_timeout is not None:
             raw.settimeout(float(self.ae.network_timeout))
         if dul is not None and hasattr(dul, "_run_loop_delay"):
-            dul._run_loop_delay = DUL_LOOP_DELAY_S
+            make_waiting(dul)
         make_prompt(event.assoc)
         make_quick_store_response(event.assoc)
 

@@ -8,8 +8,13 @@ one. :func:`make_quick_store_response` gives one association a ``send_msg`` that
 response (the seven elements of PS3.7 9.3.1.2: no Offending Element, no Error Comment) with
 ``struct``; every other message goes through pynetdicom's own ``send_msg``.
 
-The quick path does not trigger ``EVT_DIMSE_SENT``: the only handler the node has on it is
-pynetdicom's standard logging handler, which logs nothing for a C-STORE response.
+The packed response goes straight to the association's socket from the association's own thread,
+as one P-DATA-TF PDU, when the association is established and nothing is queued for its DUL thread
+(which would otherwise send it on its next turn: node/reactor.py :func:`~node.reactor.make_waiting`).
+A lock shared with the DUL thread's sends keeps two PDUs from interleaving on the socket.
+
+The quick path does not trigger ``EVT_DIMSE_SENT`` or ``EVT_PDU_SENT``: the only handler the node has
+on them is pynetdicom's standard logging handler, which logs nothing for a C-STORE response.
 
 Written against pynetdicom ``PYNETDICOM_VERSION`` (MIT licence); tests/node/test_receive_path.py
 checks the bytes against pynetdicom's encoding and fails when the installed release differs.
@@ -18,6 +23,7 @@ checks the bytes against pynetdicom's encoding and fails when the installed rele
 from __future__ import annotations
 
 import struct
+import threading
 import types
 from typing import Any
 
@@ -35,6 +41,10 @@ _US = struct.Struct("<H")
 _C_STORE_RSP, _NO_DATA_SET = 0x8001, 0x0101
 #: Message control header of a PDV holding the last (here the only) fragment of a command (PS3.8 E.2).
 _LAST_COMMAND_FRAGMENT = b"\x03"
+#: P-DATA-TF PDU header (type 0x04, reserved, length) and its PDV item header (length, context ID):
+#: PS3.8 9.3.5.
+_PDU_HEADER = struct.Struct(">BBI")
+_PDV_HEADER = struct.Struct(">IB")
 
 
 def _ui(element: int, uid: str) -> bytes:
@@ -64,6 +74,12 @@ def encode_c_store_rsp(sop_class_uid: str, message_id: int, status: int, sop_ins
     return _HEADER.pack(0x0000, 0x0000, 4) + struct.pack("<I", len(body)) + body
 
 
+def encode_p_data_tf(context_id: int, pdv: bytes) -> bytes:
+    """A P-DATA-TF PDU with one presentation data value (``pdv``: message control header + fragment)."""
+    item = _PDV_HEADER.pack(len(pdv) + 1, context_id) + pdv
+    return _PDU_HEADER.pack(0x04, 0x00, len(item)) + item
+
+
 def _is_plain_store_response(primitive: Any) -> bool:
     return (
         type(primitive) is C_STORE
@@ -91,12 +107,39 @@ def _send_msg(self: DIMSEServiceProvider, primitive: Any, context_id: int) -> No
     if limit and len(command) + 6 > limit:  # a peer that takes only tiny PDUs: pynetdicom fragments it
         DIMSEServiceProvider.send_msg(self, primitive, context_id)
         return
+    pdv = _LAST_COMMAND_FRAGMENT + command
+    dul = self.dul
+    lock = getattr(dul, "_segnode_send_lock", None)
+    sock = dul.socket
+    if (
+        lock is not None
+        and sock is not None
+        and dul.state_machine.current_state == "Sta6"
+        and not dul.to_provider_queue.qsize()
+    ):
+        with lock:
+            sock.send(encode_p_data_tf(context_id, pdv))  # a failure queues Evt17 (transport closed)
+        return
     pdata = P_DATA()
-    pdata.presentation_data_value_list.append((context_id, _LAST_COMMAND_FRAGMENT + command))
-    self.dul.send_pdu(pdata)
+    pdata.presentation_data_value_list.append((context_id, pdv))
+    dul.send_pdu(pdata)
+
+
+def _locked_sends(dul: Any) -> None:
+    """Make the DUL thread's PDU sends take a lock that the direct sends of :func:`_send_msg` take too."""
+    lock = threading.Lock()
+    send = dul._send
+
+    def locked(pdu: Any) -> None:
+        with lock:
+            send(pdu)
+
+    dul._send = locked
+    dul._segnode_send_lock = lock
 
 
 def make_quick_store_response(assoc: Any) -> None:
     """Give the association ``assoc`` the quick C-STORE response (call before its thread starts, e.g.
     from ``EVT_CONN_OPEN``)."""
+    _locked_sends(assoc.dul)
     assoc.dimse.send_msg = types.MethodType(_send_msg, assoc.dimse)

@@ -115,9 +115,62 @@ def test_associations_send_quick_store_responses(
         return original(*args)
 
     monkeypatch.setattr(store_response, "encode_c_store_rsp", counting)
+    direct: list[int] = []
+    encode_pdu = store_response.encode_p_data_tf
+
+    def counting_pdu(context_id: int, pdv: bytes) -> bytes:
+        direct.append(context_id)
+        return encode_pdu(context_id, pdv)
+
+    monkeypatch.setattr(store_response, "encode_p_data_tf", counting_pdu)
     proc = storescu(scp.port, mr_files)
     assert proc.returncode == 0, proc.stderr
     assert len(packed) == len(mr_files) == len(_rows(scp.sf))
+    assert len(direct) == len(mr_files)  # each sent straight to the socket, none queued for the DUL
+
+
+@pytest.mark.parametrize("context_id", [1, 3, 255])
+@pytest.mark.parametrize("size", [0, 1, 180, 5000])
+def test_p_data_tf_is_pynetdicoms_encoding(context_id: int, size: int) -> None:
+    from pynetdicom.pdu import P_DATA_TF
+    from pynetdicom.pdu_primitives import P_DATA
+
+    pdv = b"\x03" + bytes(range(256)) * (size // 256) + bytes(size % 256)
+    primitive = P_DATA()
+    primitive.presentation_data_value_list.append([context_id, pdv])
+    assert store_response.encode_p_data_tf(context_id, pdv) == P_DATA_TF(primitive).encode()
+
+
+def test_an_idle_association_waits_on_its_socket(scp: StorageSCP, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An established association's DUL thread waits for the peer's bytes (at most 1 ms a turn)
+    instead of looking and sleeping 0.2 ms: about a thousand turns a second while idle, not five
+    thousand; a C-ECHO is still answered and the release completes."""
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    turns: list[float] = []
+    original = reactor._waiting_transport_event
+
+    def counting(self: Any) -> bool:
+        turns.append(time.monotonic())
+        return original(self)
+
+    monkeypatch.setattr(reactor, "_waiting_transport_event", counting)
+    ae = AE(ae_title="PACS")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", scp.port, ae_title="SEGNODE")
+    assert assoc.is_established
+    try:
+        time.sleep(0.3)
+        start = time.monotonic()
+        time.sleep(1.0)
+        idle = [t for t in turns if start <= t < start + 1.0]
+        assert 200 <= len(idle) <= 1100, len(idle)  # 1 ms waits (sleeping 0.2 ms: ~4000 or more)
+        began = time.perf_counter()
+        assert assoc.send_c_echo().Status == 0x0000
+        assert time.perf_counter() - began < 0.5
+    finally:
+        assoc.release()
+    assert assoc.is_released
 
 
 def test_each_association_gets_its_own_copy_of_the_contexts(scp: StorageSCP) -> None:

@@ -12,7 +12,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from db.card import load_card
-from node.scp import DUL_LOOP_DELAY_S, MAX_PDU_BYTES
+from node.scp import MAX_PDU_BYTES
 from node.segmenter import OpenVINOSegmenter
 from node.service import NodeService
 from tests.helpers.node import make_threshold_model, node_settings
@@ -62,14 +62,14 @@ def node(tmp_path: Path) -> Iterator[NodeService]:
         service.stop()
 
 
-def test_open_associations_poll_at_the_node_delay_and_take_large_pdus(node: NodeService) -> None:
+def test_open_associations_wait_on_their_socket_and_take_large_pdus(node: NodeService) -> None:
     ae = AE(ae_title="PERF_SCU")
     ae.add_requested_context(Verification)
     assoc = ae.associate("127.0.0.1", node.scp.port, ae_title=node.settings.node.ae_title)
     try:
         assert assoc.is_established
         accepted = wait_until(lambda: node.scp.ae.active_associations, 10, "the node's association")
-        assert [a.dul._run_loop_delay for a in accepted] == [DUL_LOOP_DELAY_S]
+        assert [a.dul._run_loop_delay for a in accepted] == [0]  # the DUL waits on its socket instead
         assert assoc.acceptor.maximum_length == MAX_PDU_BYTES  # what the node announced
         assert assoc.send_c_echo().Status == 0x0000
     finally:
