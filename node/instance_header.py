@@ -251,23 +251,22 @@ def read_header(data: bytes | bytearray | memoryview, transfer_syntax: str) -> I
             found = _top_level(view, implicit)
             sop, study, series = (_uid(_value(view, found, tag)) for tag in _UIDS)
             has_pixels = _PIXEL_DATA in found or _FLOAT_PIXEL_DATA in found
-            short = ""
             if _PIXEL_DATA in found and not compressed:
-                short = _native_short(view, found)
+                _check_native_length(view, found)
         except _UnreadableError:
             return None
-    return InstanceHeader(sop, study, series, has_pixels, short)
+    return InstanceHeader(sop, study, series, has_pixels, short_pixel_data="")
 
 
-def _native_short(view: memoryview, found: dict[int, tuple[bytes, int, int]]) -> str:
-    """:func:`short_pixel_data` for the elements found; raises _UnreadableError where pydicom must say."""
+def _check_native_length(view: memoryview, found: dict[int, tuple[bytes, int, int]]) -> None:
+    """Return when native PixelData is as long as its attributes say; raise _UnreadableError when it
+    is shorter, or when the attributes are not plain, so that pydicom's reading gives the answer and
+    the message (with the values as pydicom shows them), as before."""
     rows, columns, bits = (_us(_value(view, found, tag)) for tag in (_ROWS, _COLUMNS, _BITS))
     samples = _us(_value(view, found, _SAMPLES)) if _SAMPLES in found else 1
     frames = _frames(_value(view, found, _FRAMES)) if _FRAMES in found else 1
     have = found[_PIXEL_DATA][1]
     if have == _UNDEFINED:
         raise _UnreadableError
-    need = (rows * columns * samples * bits // 8) * frames
-    if have >= need:
-        return ""
-    raise _UnreadableError  # rare: pydicom's reading gives the message, with the values as it shows them
+    if have < (rows * columns * samples * bits // 8) * frames:
+        raise _UnreadableError

@@ -147,10 +147,12 @@ def instance_header(event: Any, sop_uid: str) -> InstanceHeader:
     InvalidInstanceError
         pydicom cannot decode the data set.
     """
-    with event.request.DataSet.getbuffer() as received:
-        header = read_header(received, str(event.context.transfer_syntax))
-    if header is not None:
-        return header
+    encoded = event.request.DataSet
+    if encoded is not None:  # a C-STORE without a data set is refused by pydicom's path below
+        with encoded.getbuffer() as received:
+            header = read_header(received, str(event.context.transfer_syntax))
+        if header is not None:
+            return header
     try:
         return InstanceHeader.from_dataset(event.dataset)
     except Exception as exc:

@@ -136,10 +136,6 @@ def test_encapsulated_pixel_data(slice_ds: Dataset) -> None:
     assert header.has_pixel_data and header.short_pixel_data == ""
 
 
-def _leave(ds: Dataset) -> None:
-    return None
-
-
 def _no_sop_uid(ds: Dataset) -> None:
     del ds.SOPInstanceUID
 
@@ -272,3 +268,21 @@ def test_an_association_reads_every_instance_without_pydicom(
     assert "0xC000 (Cannot understand)" in caplog.text
     assert "SeriesInstanceUID '1.2.840.99.x' is not a valid DICOM UID" in caplog.text
     assert len(list(scp.spool_dir.rglob("*.dcm"))) == len(synthetic)
+
+
+def test_a_c_store_without_a_data_set_is_refused_as_before() -> None:
+    """No data set at all: nothing to read from bytes; pydicom's path refuses it (0xC000)."""
+    from types import SimpleNamespace
+
+    from node.exceptions import InvalidInstanceError
+
+    class Event:
+        request = SimpleNamespace(DataSet=None)
+        context = SimpleNamespace(transfer_syntax=ExplicitVRLittleEndian)
+
+        @property
+        def dataset(self) -> Dataset:
+            raise TypeError("no data set")
+
+    with pytest.raises(InvalidInstanceError, match=r"instance 1\.2\.3: data set cannot be decoded"):
+        scp_module.instance_header(Event(), "1.2.3")
