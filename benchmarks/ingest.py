@@ -52,9 +52,8 @@ from common import REPO, RESULTS_DIR, SHARED_DATA, markdown_table, save_result
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 DEFAULT_CASE = SHARED_DATA / "train" / "brats" / "BraTS2021_00005"
 RECEIVERS = ("node", "node@2", "node@3", "node:driver", "node:response", "node:contexts", "node:reader",
-             "node:wait",
-             "node:prompt+group+header", "node:prompt", "node:group", "node:header", "pynetdicom-bare",
-             "storescp", "orthanc")
+             "node:wait", "node:prompt+group+header", "node:prompt", "node:group", "node:header",
+             "pynetdicom-bare", "storescp", "orthanc")
 
 
 def free_port() -> int:

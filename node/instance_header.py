@@ -28,6 +28,8 @@ from typing import Any, Final
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
+from node.uids import is_valid_uid
+
 #: Transfer syntaxes whose data set is Implicit VR Little Endian (PS3.5 A.1).
 IMPLICIT_VR_LITTLE_ENDIAN: Final = "1.2.840.10008.1.2"
 
@@ -60,7 +62,6 @@ _WANTED: Final[dict[int, frozenset[bytes]]] = {
     _FLOAT_PIXEL_DATA: frozenset({b"OF"}),
     _PIXEL_DATA: frozenset({b"OB", b"OW"}),
 }
-_UID_BYTES: Final = re.compile(rb"[0-9]+(?:\.[0-9]+)*")
 _DIGITS: Final = re.compile(rb"[0-9]*")
 
 
@@ -191,10 +192,13 @@ def _value(view: memoryview, found: dict[int, tuple[bytes, int, int]], tag: int)
 
 
 def _uid(value: memoryview) -> str:
-    text = bytes(value).rstrip(b"\x00 ")
-    if not _UID_BYTES.fullmatch(text):
-        raise _UnreadableError  # missing, empty, multi-valued or invalid: pydicom's reading names it
-    return text.decode("ascii")
+    try:
+        text = bytes(value).rstrip(b"\x00 ").decode("ascii")
+    except UnicodeDecodeError:
+        raise _UnreadableError from None
+    if not is_valid_uid(text):
+        raise _UnreadableError  # empty, multi-valued or invalid: pydicom's reading names it
+    return text
 
 
 def _us(value: memoryview) -> int:

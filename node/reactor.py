@@ -126,12 +126,12 @@ def _waiting_transport_event(self: Any) -> bool:
         return False
     raw = getattr(self.socket, "socket", None)
     if raw is None:
-        return bool(DULServiceProvider._is_transport_event(self))
+        return DULServiceProvider._is_transport_event(self)
     try:
         pending = isinstance(raw, ssl.SSLSocket) and raw.pending() > 0  # decrypted bytes select cannot see
         ready = pending or bool(select.select([raw], [], [], DUL_IDLE_WAIT_S)[0])
     except (OSError, ValueError):  # closed under us: pynetdicom's own look reports the closed transport
-        return bool(DULServiceProvider._is_transport_event(self))
+        return DULServiceProvider._is_transport_event(self)
     if not ready:
         return False
     self._read_pdu_data()

@@ -183,7 +183,7 @@ def test_leaves_other_encodings_and_broken_structure(slice_ds: Dataset) -> None:
         assert read_header(_encoded(slice_ds, syntax), syntax) is None
     assert read_header(data[:-1], ExplicitVRLittleEndian) is None  # the last value cut short
     assert read_header(data + b"\x00" * 4, ExplicitVRLittleEndian) is None  # half an element header
-    assert read_header(data[:6] + b"ZZ" + data[8:], ExplicitVRLittleEndian) is None  # no such VR
+    assert read_header(data[:4] + b"ZZ" + data[6:], ExplicitVRLittleEndian) is None  # no such VR
     # elements out of order: the first element appended again at the end
     first = 8 + int.from_bytes(data[6:8], "little")
     assert read_header(data + data[:first], ExplicitVRLittleEndian) is None
