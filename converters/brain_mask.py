@@ -135,7 +135,13 @@ def resize(array: npt.NDArray[np.float32], shape: tuple[int, ...], order: int) -
     if order == 0:
         # A gather: the same voxels as ndimage.zoom(order=0, grid_mode=True), 2-3x faster.
         index = [_nearest_index(n_in, n_out) for n_in, n_out in zip(array.shape, shape, strict=True)]
-        return np.asarray(np.asarray(array, dtype=np.float32)[np.ix_(*index)])
+        source = np.asarray(array, dtype=np.float32)
+        if np.prod(shape) <= source.size:
+            return np.asarray(source[np.ix_(*index)])
+        # Growing: one axis at a time copies whole rows (~3x faster than the 3D gather on 256³).
+        for axis, axis_index in enumerate(index):
+            source = np.take(source, axis_index, axis=axis)
+        return source
     zoom = [n / o for n, o in zip(shape, array.shape, strict=True)]
     out = ndimage.zoom(
         np.asarray(array, dtype=np.float32),
@@ -171,6 +177,51 @@ def normalize(
     y *= np.float32(s.scale_std / std)
     y += np.float32(s.scale_mean - mean * s.scale_std / std)
     return y
+
+
+def fill_holes(mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
+    """``ndimage.binary_fill_holes(mask)``: the background not 6-connected to the array's border joins
+    ``mask``. Found by labelling the background once (~3x faster than scipy's iterated dilation)."""
+    background = ~np.asarray(mask, dtype=bool)
+    labels, count = ndimage.label(background)
+    if count == 0:
+        return ~background
+    outside = np.zeros(count + 1, dtype=bool)
+    for axis in range(labels.ndim):
+        for end in (0, -1):
+            outside[np.take(labels, end, axis=axis)] = True
+    outside[0] = False  # label 0 is the mask itself
+    return ~outside[labels]
+
+
+def surface(mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
+    """``mask & ~ndimage.binary_erosion(mask)``: voxels of ``mask`` with a 6-neighbour outside it (the
+    array's border counts as outside), by shifted comparisons rather than scipy's erosion."""
+    mask = np.asarray(mask, dtype=bool)
+    interior = mask.copy()
+    for axis in range(mask.ndim):
+        lower = [slice(None)] * mask.ndim
+        upper = [slice(None)] * mask.ndim
+        lower[axis], upper[axis] = slice(None, -1), slice(1, None)
+        interior[tuple(upper)] &= mask[tuple(lower)]
+        interior[tuple(lower)] &= mask[tuple(upper)]
+        for end in (0, -1):
+            edge: list[Any] = [slice(None)] * mask.ndim
+            edge[axis] = end
+            interior[tuple(edge)] = False
+    return mask & ~interior
+
+
+def bounding_box(mask: npt.NDArray[np.bool_]) -> tuple[slice, ...] | None:
+    """The smallest box holding every voxel of ``mask`` (None when it has none)."""
+    box = []
+    for axis in range(mask.ndim):
+        others = tuple(a for a in range(mask.ndim) if a != axis)
+        rows = np.flatnonzero(np.any(mask, axis=others))
+        if rows.size == 0:
+            return None
+        box.append(slice(int(rows[0]), int(rows[-1]) + 1))
+    return tuple(box)
 
 
 def largest_component(mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
@@ -231,8 +282,8 @@ def contrast(image: npt.NDArray[Any], mask: npt.NDArray[np.bool_], low: float, h
     image): 0.40 to 0.69 on the real T1 and FLAIR images at hand; about 0 on noise and on a test
     pattern that the networks nevertheless outline (the GE series in ``dicom/``).
     """
-    idx = np.argwhere(mask)
-    box = tuple(slice(int(a), int(b) + 1) for a, b in zip(idx.min(axis=0), idx.max(axis=0), strict=True))
+    box = bounding_box(mask)
+    assert box is not None, "contrast of an empty mask"
     inside, region = np.asarray(image)[box], mask[box]
     if region.all():
         return 1.0
@@ -256,10 +307,12 @@ def add_stripped_brain(
         return mask, False
     spacing = np.sqrt((np.asarray(affine, dtype=np.float64)[:3, :3] ** 2).sum(axis=0))
     pad = [int(np.ceil(s.stripped_margin_mm / sp)) + 1 for sp in spacing]
-    idx = np.argwhere(mask)
-    lo = np.maximum(idx.min(axis=0) - pad, 0)
-    hi = np.minimum(idx.max(axis=0) + 1 + pad, mask.shape)
-    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
+    tight = bounding_box(mask)
+    if tight is None:
+        return mask, False
+    box = tuple(
+        slice(max(b.start - p, 0), min(b.stop + p, n)) for b, p, n in zip(tight, pad, mask.shape, strict=True)
+    )
     # A head with skull, scalp or background noise has non-zero voxels beyond the mask's box grown
     # by the margin: decided without looking for the voxels near the mask.
     if total - np.count_nonzero(nonzero[box]) > s.stripped_outside_fraction * total:
@@ -272,7 +325,7 @@ def add_stripped_brain(
     # The box's border is at least one voxel beyond anything that joins (or the image's own border),
     # so filling holes inside it is filling them in the whole image.
     out = np.zeros_like(mask)
-    out[box] = ndimage.binary_fill_holes(inside | joining)
+    out[box] = fill_holes(inside | joining)
     return out, True
 
 
@@ -301,7 +354,7 @@ def near_mask(
     near = np.argwhere(candidates & (grown > 0))
     if len(near) == 0:
         return out
-    tree = cKDTree(np.argwhere(mask & ~ndimage.binary_erosion(mask)) * spacing)
+    tree = cKDTree(np.argwhere(surface(mask)) * spacing)
     # The bound is exclusive; the margin itself counts as near.
     distance, _ = tree.query(near * spacing, distance_upper_bound=margin_mm * (1 + 1e-9), workers=-1)
     out[tuple(near[distance <= margin_mm].T)] = True
@@ -365,7 +418,7 @@ class BrainMasker:
     def network_mask(self, image: npt.NDArray[Any]) -> npt.NDArray[np.bool_]:
         """deepbet's mask (threshold, largest component, holes filled), before the node's checks."""
         p, box = self.probabilities(image)
-        crop = ndimage.binary_fill_holes(largest_component(p > self.settings.threshold))
+        crop = fill_holes(largest_component(p > self.settings.threshold))
         mask = np.zeros(image.shape, dtype=bool)
         mask[box] = crop
         return mask

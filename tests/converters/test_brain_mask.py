@@ -9,9 +9,12 @@ from scipy import ndimage
 from converters.brain_mask import (
     BrainExtractionSettings,
     add_stripped_brain,
+    bounding_box,
+    fill_holes,
     near_mask,
     normalize,
     resize,
+    surface,
 )
 
 SHAPES = [
@@ -91,3 +94,29 @@ def test_near_mask_is_the_distance_transform_within_the_margin(spacing: tuple[fl
         assert expected.any() and not expected.all()
         np.testing.assert_array_equal(got, expected)
     assert not near_mask(np.zeros_like(mask), candidates, step, 5.0).any()
+
+
+def _masks() -> list[np.ndarray]:
+    """Empty, full, a hollow shell touching the border, and random blobs of several densities."""
+    rng = np.random.default_rng(1)
+    shell = np.zeros((9, 10, 11), dtype=bool)
+    shell[:, 2:8, 2:9] = True
+    shell[2:7, 4:6, 4:7] = False  # a closed cavity; the mask itself touches the border on axis 0
+    masks = [np.zeros((5, 6, 7), dtype=bool), np.ones((5, 6, 7), dtype=bool), shell]
+    for density in (0.2, 0.5, 0.8):
+        blob = ndimage.binary_dilation(rng.random((17, 13, 15)) < density / 4)
+        masks += [blob, rng.random((17, 13, 15)) < density, blob[:, :, 7]]  # 3D and one 2D slice
+    return masks
+
+
+@pytest.mark.parametrize("mask", _masks())
+def test_fill_holes_surface_and_box_equal_scipy(mask: np.ndarray) -> None:
+    np.testing.assert_array_equal(fill_holes(mask), ndimage.binary_fill_holes(mask))
+    np.testing.assert_array_equal(surface(mask), mask & ~ndimage.binary_erosion(mask))
+    idx = np.argwhere(mask)
+    expected = (
+        tuple(slice(int(a), int(b) + 1) for a, b in zip(idx.min(axis=0), idx.max(axis=0), strict=True))
+        if len(idx)
+        else None
+    )
+    assert bounding_box(mask) == expected
