@@ -380,6 +380,14 @@ class Registry:
                 select(Model.id).where(Model.task == task, Model.status == "active")
             ).one_or_none()
 
+    def active_ids(self, tasks: Sequence[str]) -> dict[str, int]:
+        """The active model id of each of ``tasks`` that has one: one query for a worker's every poll."""
+        with self._read() as session:
+            rows = session.execute(
+                select(Model.task, Model.id).where(Model.task.in_(list(tasks)), Model.status == "active")
+            )
+            return {str(task): int(model_id) for task, model_id in rows}
+
     def history(self, task: str | None = None) -> list[EventInfo]:
         """The audit trail (of ``task`` when given), oldest first."""
         query = select(RolloutEvent).order_by(RolloutEvent.id)

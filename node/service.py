@@ -246,10 +246,11 @@ class NodeService:
         self.scp.refresh_idle_timers()
         if time.time() - self.started_at >= idle:
             instances.schedule_due_studies(self.sf, idle, receiving=self.scp.studies_in_flight())
-        serving = [runtime.refresh() for runtime in self.runtimes.values()]
+        active = self.registry.active_ids([*self.runtimes, self.brain_runtime.task])
+        serving = [runtime.refresh(active.get(task)) for task, runtime in self.runtimes.items()]
         if all(model is None for model in serving):
             return False
-        self.brain_runtime.refresh()
+        self.brain_runtime.refresh(active.get(self.brain_runtime.task))
         job_id = job_queue.claim_job(self.sf)
         if job_id is None:
             return False

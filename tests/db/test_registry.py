@@ -191,6 +191,7 @@ def test_promote_int8_within_tolerance_and_switch_models(registry: Registry, tmp
     assert registry.active(TASK) is not None and registry.active(TASK).id == v2["ir_int8"]
     assert registry.active_id(TASK) == v2["ir_int8"]
     assert registry.active_id("brats_regions") is None
+    assert registry.active_ids([TASK, "brats_regions"]) == {TASK: v2["ir_int8"]}
     assert registry.get(v1["ir_int8"]).status == "candidate"
     assert [m.id for m in registry.list_models() if m.status == "active"] == [v2["ir_int8"]]
     events = [e for e in registry.history(TASK) if e.action == "promote"]
