@@ -411,6 +411,9 @@ class JobContext:
     #: Hands a job what early analysis computed for its study (node/early.py), waiting for a run
     #: still in progress; None when early analysis is off.
     early: Callable[[str], EarlyWork | None] | None = None
+    #: Called when a job has queued outputs for sending (the sender wakes rather than waiting for its
+    #: next poll); None: the sender finds them at its next poll.
+    outputs_queued: Callable[[], None] | None = None
 
 
 @dataclass
@@ -776,4 +779,6 @@ def _end(
     )
     if finished:
         ctx.metrics.jobs_finished.labels(status).inc()
+        if outputs and ctx.destinations and ctx.outputs_queued is not None:
+            ctx.outputs_queued()
     return status

@@ -105,6 +105,9 @@ class NodeService:
             brain=lambda: self.brain_runtime.current,
             registration=settings.registration,
         )
+        # Set when a job queued outputs: the sender delivers them now, not at its next poll.
+        self._outputs_queued = threading.Event()
+        self.context.outputs_queued = self._outputs_queued.set
         self.early: EarlyAnalysis | None = None
         if node.early_analysis:
             self.early = EarlyAnalysis(self.context, node.early_quiet_seconds)
@@ -197,6 +200,7 @@ class NodeService:
         if self.receivers:
             self.receivers.stop(timeout)
         self._stop.set()
+        self._outputs_queued.set()  # the sender's wait ends now
         for thread in self._threads:
             thread.join(timeout)
         self.sender.shutdown(timeout)
@@ -279,6 +283,7 @@ class NodeService:
         poll = self.settings.node.poll_seconds
         outage = _Outage()
         while not self._stop.is_set():
+            self._outputs_queued.clear()  # before looking: a job finishing meanwhile wakes the wait below
             try:
                 # Deliveries run in the background, one per destination: a destination that hangs
                 # holds its own sends only, and new results to the others go out at the next poll.
@@ -289,7 +294,7 @@ class NodeService:
                 logger.exception("sender loop error; retrying in %.1f s", poll)
             else:
                 outage.recovered("sender")
-            self._stop.wait(poll)
+            self._outputs_queued.wait(poll)
 
     # -- observability -----------------------------------------------------------------------------------
 

@@ -422,3 +422,26 @@ def test_four_channel_model_gets_all_four_series(env: Env, case: Case, tmp_path:
     )
     referenced = {s.SeriesInstanceUID for s in seg.ReferencedSeriesSequence}
     assert referenced == {study.series_uids["FLAIR"]}  # the SEG lies on the first channel's grid
+
+
+def test_outputs_leave_when_the_job_ends_not_at_the_senders_next_poll(
+    tmp_path: Path, model_dir: Path, case: Case
+) -> None:
+    catcher = CatchingSCP().start(free_port())
+    settings = node_settings(
+        tmp_path, free_port(), [Destination("pacs", "CATCHER", "127.0.0.1", catcher.port)], idle=0.2
+    )
+    settings.node.poll_seconds = 60.0  # neither the worker nor the sender polls again during the test
+    node = NodeService(settings)
+    install_model(node.registry, model_dir)
+    node.start()
+    try:
+        study = write_study(case, tmp_path / "study", modalities=["FLAIR"])
+        Env(node, catcher, tmp_path).send_study(study)
+        time.sleep(0.5)  # the study is idle
+        assert node.work_once()  # the job, run here: its end wakes the sender, which waits 60 s otherwise
+        received = catcher.wait_for(lambda r: {ds.Modality for ds in r} == {"SEG", "SR"}, 15)
+        assert len(received) == 2
+    finally:
+        node.stop()
+        catcher.stop()
