@@ -296,6 +296,24 @@ def touch_studies(sf: SessionFactory, study_uids: Iterable[str], now: datetime |
 
 
 @database_errors
+def seconds_until_due(
+    sf: SessionFactory, idle_seconds: float, receiving: Collection[str] = (), now: datetime | None = None
+) -> float | None:
+    """Seconds until the next study waiting for a job becomes due (<= 0: one is due now); None when no
+    study waits. Studies in ``receiving`` are left out, as :func:`schedule_due_studies` leaves them."""
+    with sf() as s:
+        oldest = s.scalar(
+            select(func.min(NodeStudy.last_received_at)).where(
+                NodeStudy.pending.is_(True),
+                NodeStudy.study_instance_uid.not_in(sorted(receiving)),
+            )
+        )
+    oldest = as_utc(oldest)
+    if oldest is None:
+        return None
+    return (oldest + timedelta(seconds=idle_seconds) - (now or utcnow())).total_seconds()
+
+
 def schedule_due_studies(
     sf: SessionFactory, idle_seconds: float, now: datetime | None = None, receiving: Collection[str] = ()
 ) -> list[int]:

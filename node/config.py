@@ -43,7 +43,7 @@ class NodeSettings:
     # The task whose shipped model bootstrap_default_model installs; also the last resort of
     # [routing] order (appended there when absent), which decides per study which model runs.
     task: str = "whole_tumor"
-    poll_seconds: float = 1.0  # how often workers look for jobs, due studies and a new active model
+    poll_seconds: float = 1.0  # how often workers and sender look for work that no event announced
     # Early analysis (node/early.py): read, mask and segment a series once the PACS has moved on to the
     # next series of the study (or none of its instances came for early_quiet_seconds), so that the job
     # finds the work done when the study is complete. Off: every step waits for study_idle_seconds.

@@ -212,6 +212,9 @@ class StorageSCP:
         self._in_flight_lock = threading.Lock()
         self._free_checked_at = -1e9
         self._touched_at = -1e9
+        #: Called when an association that delivered instances ends (the node's workers wake to time
+        #: the study's job); None: they find the study at their next poll.
+        self.on_studies_received: Callable[[], None] | None = None
         self.ae = self._make_ae()
 
     @property
@@ -393,7 +396,9 @@ class StorageSCP:
 
     def _on_association_end(self, event: Any) -> None:
         with self._in_flight_lock:
-            self._in_flight.pop(id(event.assoc), None)
+            delivered = self._in_flight.pop(id(event.assoc), None)
+        if delivered and self.on_studies_received is not None:
+            self.on_studies_received()
 
     def studies_in_flight(self) -> set[str]:
         """Study Instance UIDs that an association still open has sent instances of."""

@@ -36,6 +36,8 @@ logger = logging.getLogger(__name__)
 
 #: Seconds between checks for jobs whose owner stopped heart-beating (other hosts).
 STALE_CHECK_SECONDS = 30.0
+#: Shortest wait of an idle worker (a study due now, or the start-up quiet period just ending).
+MIN_WAIT_SECONDS = 0.01
 #: How often early analysis looks for settled series (at most; ``poll_seconds`` when shorter).
 EARLY_POLL_SECONDS = 0.25
 
@@ -105,6 +107,9 @@ class NodeService:
             brain=lambda: self.brain_runtime.current,
             registration=settings.registration,
         )
+        # Set when an association that delivered instances ends: the workers time the study's job.
+        self._studies_received = threading.Event()
+        self.scp.on_studies_received = self._studies_received.set
         # Set when a job queued outputs: the sender delivers them now, not at its next poll.
         self._outputs_queued = threading.Event()
         self.context.outputs_queued = self._outputs_queued.set
@@ -200,7 +205,8 @@ class NodeService:
         if self.receivers:
             self.receivers.stop(timeout)
         self._stop.set()
-        self._outputs_queued.set()  # the sender's wait ends now
+        self._outputs_queued.set()  # the sender's and the workers' waits end now
+        self._studies_received.set()
         for thread in self._threads:
             thread.join(timeout)
         self.sender.shutdown(timeout)
@@ -237,7 +243,24 @@ class NodeService:
             else:
                 outage.recovered("worker")
             if not busy:
-                self._stop.wait(poll)
+                self._wait_for_work(poll)
+
+    def _wait_for_work(self, poll: float) -> None:
+        """Wait until the next study is due, an association delivered instances, or ``poll`` seconds
+        passed, whichever comes first (a study is taken up when it becomes due, not at a later poll)."""
+        self._studies_received.clear()  # before looking: an association ending meanwhile ends the wait
+        wait = poll
+        idle = self.settings.node.study_idle_seconds
+        try:
+            due_in = instances.seconds_until_due(self.sf, idle, receiving=self.scp.studies_in_flight())
+        except DatabaseUnavailableError:
+            due_in = None
+        if due_in is not None:
+            # Not before the start-up quiet period ends (work_once makes nothing due within it).
+            due_in = max(due_in, idle - (time.time() - self.started_at))
+            wait = min(poll, max(due_in, MIN_WAIT_SECONDS))
+        if not self._stop.is_set():
+            self._studies_received.wait(wait)
 
     def work_once(self) -> bool:
         """Queue due studies, swap the model if needed, run one job; True when a job ran.

@@ -424,24 +424,30 @@ def test_four_channel_model_gets_all_four_series(env: Env, case: Case, tmp_path:
     assert referenced == {study.series_uids["FLAIR"]}  # the SEG lies on the first channel's grid
 
 
-def test_outputs_leave_when_the_job_ends_not_at_the_senders_next_poll(
+def test_with_minute_long_polls_the_seg_is_back_seconds_after_the_study(
     tmp_path: Path, model_dir: Path, case: Case
 ) -> None:
+    """Nothing waits for a poll: the association's end wakes the workers, which wait exactly until the
+    study is due (study_idle_seconds after its last instance), and the job's end wakes the sender."""
     catcher = CatchingSCP().start(free_port())
     settings = node_settings(
-        tmp_path, free_port(), [Destination("pacs", "CATCHER", "127.0.0.1", catcher.port)], idle=0.2
+        tmp_path, free_port(), [Destination("pacs", "CATCHER", "127.0.0.1", catcher.port)], idle=1.0
     )
-    settings.node.poll_seconds = 60.0  # neither the worker nor the sender polls again during the test
+    settings.node.poll_seconds = 60.0  # no worker or sender poll comes during the test
     node = NodeService(settings)
     install_model(node.registry, model_dir)
     node.start()
     try:
+        time.sleep(1.0)  # past the start-up quiet period; the worker is in its 60 s wait
         study = write_study(case, tmp_path / "study", modalities=["FLAIR"])
         Env(node, catcher, tmp_path).send_study(study)
-        time.sleep(0.5)  # the study is idle
-        assert node.work_once()  # the job, run here: its end wakes the sender, which waits 60 s otherwise
-        received = catcher.wait_for(lambda r: {ds.Modality for ds in r} == {"SEG", "SR"}, 15)
+        sent_at = utcnow()  # the association has ended; its last instance came a moment before
+        received = catcher.wait_for(lambda r: {ds.Modality for ds in r} == {"SEG", "SR"}, 20)
         assert len(received) == 2
+        [job] = job_queue.list_jobs(node.sf)
+        assert job.started_at is not None
+        # The job started when the study became due (idle 1 s), not before and not a poll later.
+        assert 0.8 <= (job.started_at - sent_at).total_seconds() < 1.5
     finally:
         node.stop()
         catcher.stop()

@@ -54,6 +54,18 @@ def _receive(sf: SessionFactory, study: str, n: int, at: object, start: int = 0)
 # -- job store ---------------------------------------------------------------------------------------------
 
 
+def test_seconds_until_the_next_study_is_due(sf: SessionFactory) -> None:
+    assert instances.seconds_until_due(sf, 10.0, now=T0) is None  # no study waits
+    _receive(sf, "1.2.3", 3, T0)
+    _receive(sf, "1.2.4", 1, T0 + timedelta(seconds=4))
+    assert instances.seconds_until_due(sf, 10.0, now=T0 + timedelta(seconds=3)) == 7.0
+    # a study still being received is not counted; the other one is
+    assert instances.seconds_until_due(sf, 10.0, ["1.2.3"], now=T0 + timedelta(seconds=3)) == 11.0
+    assert instances.seconds_until_due(sf, 10.0, now=T0 + timedelta(seconds=12)) == -2.0  # due now
+    instances.schedule_due_studies(sf, 10.0, now=T0 + timedelta(seconds=12))  # 1.2.3 gets its job
+    assert instances.seconds_until_due(sf, 10.0, now=T0 + timedelta(seconds=12)) == 2.0
+
+
 def test_study_completes_after_idle_time_and_late_instances_make_a_new_run(sf: SessionFactory) -> None:
     _receive(sf, "1.2.3", 3, T0)
     assert instances.schedule_due_studies(sf, 10.0, now=T0 + timedelta(seconds=9)) == []
