@@ -253,7 +253,8 @@ class NodeService:
         idle = self.settings.node.study_idle_seconds
         try:
             due_in = instances.seconds_until_due(self.sf, idle, receiving=self.scp.studies_in_flight())
-        except DatabaseUnavailableError:
+        except Exception as exc:  # the loop's next work_once reports a database fault; here, just poll
+            logger.debug("worker: next due study unknown (%s); polling", exc)
             due_in = None
         if due_in is not None:
             # Not before the start-up quiet period ends (work_once makes nothing due within it).

@@ -451,3 +451,16 @@ def test_with_minute_long_polls_the_seg_is_back_seconds_after_the_study(
     finally:
         node.stop()
         catcher.stop()
+
+
+def test_the_worker_polls_on_when_it_cannot_learn_the_next_due_study(
+    env: Env, case: Case, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args: object, **kwargs: object) -> float:
+        raise RuntimeError("no such table: node_studies")
+
+    monkeypatch.setattr("db.instances.seconds_until_due", broken)
+    time.sleep(0.3)  # the worker's loop meets the error a few times first
+    study = write_study(case, tmp_path / "study", modalities=["FLAIR"])
+    env.send_study(study)
+    assert env.job_for(study).status == "done"
