@@ -16,6 +16,7 @@ import socket
 import ssl
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -60,6 +61,10 @@ MAX_PDU_BYTES = 262144
 KEPT_SOP_CLASSES: frozenset[str] = frozenset(
     {str(MRImageStorage), str(EnhancedMRImageStorage), str(LegacyConvertedEnhancedMRImageStorage)}
 )
+
+
+#: Studies whose latest series the SCP remembers (to tell early analysis when a PACS moves on).
+LAST_SERIES_STUDIES = 256
 
 
 class SharedPortServer(ThreadedAssociationServer):
@@ -215,6 +220,10 @@ class StorageSCP:
         #: Called when an association that delivered instances ends (the node's workers wake to time
         #: the study's job); None: they find the study at their next poll.
         self.on_studies_received: Callable[[], None] | None = None
+        #: Called when an instance's series is not the one its study's previous instance belonged to
+        #: (early analysis wakes: the PACS may have moved on); None: it finds out at its next poll.
+        self.on_series_changed: Callable[[], None] | None = None
+        self._last_series: OrderedDict[str, str] = OrderedDict()
         self.ae = self._make_ae()
 
     @property
@@ -392,7 +401,19 @@ class StorageSCP:
         with self._in_flight_lock:
             self._in_flight.setdefault(id(event.assoc), set()).add(str(header.study_instance_uid or ""))
         result = self.receive(header, as_file(event, sop_class, sop_uid), sop_class, sop_uid, calling_ae)
+        self._note_series(str(header.study_instance_uid or ""), str(header.series_instance_uid or ""))
         return result.status
+
+    def _note_series(self, study_uid: str, series_uid: str) -> None:
+        """Wake early analysis when a study's instances move on to another series (any association)."""
+        with self._in_flight_lock:
+            changed = self._last_series.get(study_uid) != series_uid
+            self._last_series[study_uid] = series_uid
+            self._last_series.move_to_end(study_uid)
+            if len(self._last_series) > LAST_SERIES_STUDIES:
+                self._last_series.popitem(last=False)
+        if changed and self.on_series_changed is not None:
+            self.on_series_changed()
 
     def _on_association_end(self, event: Any) -> None:
         with self._in_flight_lock:

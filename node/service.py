@@ -38,7 +38,8 @@ logger = logging.getLogger(__name__)
 STALE_CHECK_SECONDS = 30.0
 #: Shortest wait of an idle worker (a study due now, or the start-up quiet period just ending).
 MIN_WAIT_SECONDS = 0.01
-#: How often early analysis looks for settled series (at most; ``poll_seconds`` when shorter).
+#: How often early analysis looks for settled series (at most; ``poll_seconds`` when shorter); the SCP
+#: also wakes it when a study's instances move on to another series.
 EARLY_POLL_SECONDS = 0.25
 
 
@@ -114,9 +115,12 @@ class NodeService:
         self._outputs_queued = threading.Event()
         self.context.outputs_queued = self._outputs_queued.set
         self.early: EarlyAnalysis | None = None
+        # Set when a study's instances move on to another series: early analysis looks at once.
+        self._series_changed = threading.Event()
         if node.early_analysis:
             self.early = EarlyAnalysis(self.context, node.early_quiet_seconds)
             self.context.early = self.early.take
+            self.scp.on_series_changed = self._series_changed.set
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.http: MetricsServer | None = None
@@ -205,8 +209,9 @@ class NodeService:
         if self.receivers:
             self.receivers.stop(timeout)
         self._stop.set()
-        self._outputs_queued.set()  # the sender's and the workers' waits end now
+        self._outputs_queued.set()  # the sender's, the workers' and early analysis's waits end now
         self._studies_received.set()
+        self._series_changed.set()
         for thread in self._threads:
             thread.join(timeout)
         self.sender.shutdown(timeout)
@@ -294,6 +299,7 @@ class NodeService:
         assert self.early is not None
         poll = min(self.settings.node.poll_seconds, EARLY_POLL_SECONDS)
         while not self._stop.is_set():
+            self._series_changed.clear()  # before looking: a series change meanwhile ends the wait below
             ran = False
             try:
                 if any(r.current is not None for r in self.runtimes.values()):
@@ -301,7 +307,7 @@ class NodeService:
             except Exception:  # early analysis only saves time: never let it stop the node
                 logger.exception("early analysis loop error; retrying in %.1f s", poll)
             if not ran:
-                self._stop.wait(poll)
+                self._series_changed.wait(poll)
 
     def _send_loop(self) -> None:
         poll = self.settings.node.poll_seconds

@@ -108,7 +108,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory, case: Case) -> Path:
 
 @contextmanager
 def _node(
-    tmp: Path, models: list[Path], *, early: bool, idle: float = 3.0, brain: bool = False
+    tmp: Path, models: list[Path], *, early: bool, idle: float = 3.0, brain: bool = False, poll: float = 0.05
 ) -> Iterator[tuple[NodeService, CatchingSCP]]:
     """A node whose series settle only when the PACS moves on (early_quiet_seconds far off); ``brain``:
     with the shipped brain extractor."""
@@ -118,6 +118,7 @@ def _node(
     )
     settings.node.early_analysis = early
     settings.node.early_quiet_seconds = 600.0
+    settings.node.poll_seconds = poll
     settings.registration.threads = 2
     node = NodeService(settings)
     if brain:
@@ -188,6 +189,22 @@ def test_the_job_uses_the_result_computed_while_the_study_was_still_arriving(
         monkeypatch.setenv("COLUMNS", "400")
         code, out, _ = run_cli(["jobs", "show", str(job.id)], capsys, monkeypatch)
         assert code == 0 and "early analysis" in out and "reused result whole_tumor" in out
+
+
+def test_with_minute_long_polls_early_analysis_starts_when_the_pacs_moves_on(
+    tmp_path: Path, case: Case, model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No loop looks on its own during the test: the SCP wakes early analysis when the study's instances
+    move on to another series (here in a second association), and the workers when the study is due."""
+    monkeypatch.setattr("node.service.EARLY_POLL_SECONDS", 60.0)
+    study = write_study(case, tmp_path / "study", modalities=["FLAIR", "T1"])
+    with _node(tmp_path / "early", [model_dir], early=True, poll=60.0) as (node, _):
+        time.sleep(3.5)  # past the start-up quiet period (idle 3 s); every loop is in its 60 s wait
+        _send(node, study.files["FLAIR"])
+        _send(node, study.files["T1"])
+        job = _job(node, study, timeout=30.0)
+        assert job.status == "done", job.reason
+        assert job.result["early_analysis"]["reused"] == ["result whole_tumor"]
 
 
 def test_a_series_that_grows_after_its_early_run_is_computed_again(
