@@ -314,6 +314,7 @@ def seconds_until_due(
     return (oldest + timedelta(seconds=idle_seconds) - (now or utcnow())).total_seconds()
 
 
+@database_errors
 def schedule_due_studies(
     sf: SessionFactory, idle_seconds: float, now: datetime | None = None, receiving: Collection[str] = ()
 ) -> list[int]:
