@@ -97,7 +97,7 @@ def test_near_mask_is_the_distance_transform_within_the_margin(spacing: tuple[fl
 
 
 def _masks() -> list[np.ndarray]:
-    """Empty, full, a hollow shell touching the border, and random blobs of several densities."""
+    """Empty, full, a block with a closed cavity that touches the array's border, and random blobs."""
     rng = np.random.default_rng(1)
     shell = np.zeros((9, 10, 11), dtype=bool)
     shell[:, 2:8, 2:9] = True
