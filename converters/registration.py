@@ -28,9 +28,9 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from scipy import ndimage
 
 from converters.exceptions import ConverterError
+from converters.masks import surface
 from converters.resample import resample_to_grid, world_points
 
 logger = logging.getLogger(__name__)
@@ -192,9 +192,7 @@ def edge_points(
     mask: npt.NDArray[np.bool_], affine: npt.NDArray[Any], most: int = 20000
 ) -> npt.NDArray[np.float64]:
     """World points (N, 3) of the surface voxels of ``mask`` (at most ``most``, evenly taken)."""
-    mask = np.asarray(mask, dtype=bool)
-    surface = mask & ~ndimage.binary_erosion(mask)
-    indices = np.argwhere(surface)
+    indices = np.argwhere(surface(mask))
     if len(indices) > most:
         indices = indices[:: int(np.ceil(len(indices) / most))]
     return world_points(affine, indices)

@@ -22,6 +22,7 @@ import numpy as np
 import numpy.typing as npt
 from pydicom.dataset import Dataset
 
+from converters.masks import bounding_box
 from converters.registration import (
     FixedImage,
     RegistrationError,
@@ -128,12 +129,13 @@ BOX_MARGIN_VOXELS = 2
 def brain_box(brain_mask: npt.NDArray[np.bool_] | None) -> tuple[slice, slice, slice] | None:
     """The brain mask's bounding box grown by :data:`BOX_MARGIN_VOXELS` per side (clipped to the
     grid); None without a mask or with an empty one (then a whole series is resampled)."""
-    if brain_mask is None or not brain_mask.any():
+    if brain_mask is None or (box := bounding_box(brain_mask)) is None:
         return None
-    inside = np.argwhere(brain_mask)
-    lo = np.maximum(inside.min(axis=0) - BOX_MARGIN_VOXELS, 0)
-    hi = np.minimum(inside.max(axis=0) + 1 + BOX_MARGIN_VOXELS, brain_mask.shape)
-    return slice(int(lo[0]), int(hi[0])), slice(int(lo[1]), int(hi[1])), slice(int(lo[2]), int(hi[2]))
+    x, y, z = (
+        slice(max(b.start - BOX_MARGIN_VOXELS, 0), min(b.stop + BOX_MARGIN_VOXELS, n))
+        for b, n in zip(box, brain_mask.shape, strict=True)
+    )
+    return x, y, z
 
 
 def align_series(

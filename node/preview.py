@@ -9,7 +9,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 from PIL import Image
-from scipy import ndimage
+
+from converters.masks import surface
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ def render_preview(
         plane = labels[index]
         for value in [int(v) for v in np.unique(plane) if v > 0]:
             mask = plane == value
-            edge = mask & ~ndimage.binary_erosion(mask)
+            edge = surface(mask)
             rgb[edge] = COLOURS.get(value, (255, 220, 0))
         tiles.append(Image.fromarray(rgb).resize((tile, tile), Image.Resampling.NEAREST))
     rows = (len(tiles) + columns - 1) // columns

@@ -14,7 +14,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Generic, Literal, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from converters.cpu import cpu_flags, int8_may_saturate
 from db.card import check_file, sha256_file
@@ -185,15 +185,16 @@ class ActiveModel(Generic[L]):
         except Exception as exc:
             raise ModelLoadError(f"model {info.label}: OpenVINO cannot compile {xml}: {exc}") from exc
 
-    def refresh(self, active_id: int | Literal["look up"] | None = "look up") -> L | None:
+    def refresh(self) -> L | None:
         """Swap to the task's active model if it changed; on failure keep the previous one.
 
-        ``active_id`` is the task's active model id when the caller has read it already
-        (:meth:`~db.registry.Registry.active_ids`, one query for every task); by default it is looked up.
         Returns the model to use now (None when there has never been a usable one).
         """
-        if isinstance(active_id, str):
-            active_id = self.registry.active_id(self.task)
+        return self.refresh_to(self.registry.active_id(self.task))
+
+    def refresh_to(self, active_id: int | None) -> L | None:
+        """:meth:`refresh` with the task's active model id already read (``None``: no active model),
+        e.g. every task's at once by :meth:`~db.registry.Registry.active_ids`."""
         # The model's whole row is read only when it is not the one serving.
         current = self._current
         if current is not None and active_id == current.info.id:

@@ -398,21 +398,24 @@ class StorageSCP:
         # In flight before its row exists: the row is committed while the spool file is still being
         # written, and a study that looked idle then (a slow fsync, a short study_idle_seconds) got a
         # job that read a spool file not yet renamed into place (FileNotFoundError under load).
+        study_uid = str(header.study_instance_uid or "")
         with self._in_flight_lock:
-            self._in_flight.setdefault(id(event.assoc), set()).add(str(header.study_instance_uid or ""))
+            self._in_flight.setdefault(id(event.assoc), set()).add(study_uid)
         result = self.receive(header, as_file(event, sop_class, sop_uid), sop_class, sop_uid, calling_ae)
-        self._note_series(str(header.study_instance_uid or ""), str(header.series_instance_uid or ""))
+        self._note_series(study_uid, str(header.series_instance_uid or ""))
         return result.status
 
     def _note_series(self, study_uid: str, series_uid: str) -> None:
         """Wake early analysis when a study's instances move on to another series (any association)."""
+        if self.on_series_changed is None:  # early analysis off, or a receiving process: nothing to wake
+            return
         with self._in_flight_lock:
             changed = self._last_series.get(study_uid) != series_uid
             self._last_series[study_uid] = series_uid
             self._last_series.move_to_end(study_uid)
             if len(self._last_series) > LAST_SERIES_STUDIES:
                 self._last_series.popitem(last=False)
-        if changed and self.on_series_changed is not None:
+        if changed:
             self.on_series_changed()
 
     def _on_association_end(self, event: Any) -> None:

@@ -280,10 +280,10 @@ class NodeService:
         if time.time() - self.started_at >= idle:
             instances.schedule_due_studies(self.sf, idle, receiving=self.scp.studies_in_flight())
         active = self.registry.active_ids([*self.runtimes, self.brain_runtime.task])
-        serving = [runtime.refresh(active.get(task)) for task, runtime in self.runtimes.items()]
+        serving = [runtime.refresh_to(active.get(task)) for task, runtime in self.runtimes.items()]
         if all(model is None for model in serving):
             return False
-        self.brain_runtime.refresh(active.get(self.brain_runtime.task))
+        self.brain_runtime.refresh_to(active.get(self.brain_runtime.task))
         job_id = job_queue.claim_job(self.sf)
         if job_id is None:
             return False

@@ -28,6 +28,8 @@ import numpy as np
 import numpy.typing as npt
 from scipy import ndimage
 
+from converters.masks import surface
+
 if TYPE_CHECKING:
     from trainer.data import PreparedCase
 
@@ -91,13 +93,6 @@ def specificity(pred: Mask, truth: Mask) -> float:
     """True-negative rate TN / (TN + FP); 1.0 when the truth covers the whole grid."""
     _, fp, _, tn = _counts(pred, truth)
     return 1.0 if tn + fp == 0 else tn / (tn + fp)
-
-
-def surface(mask: Mask) -> npt.NDArray[np.bool_]:
-    """Voxels of ``mask`` with a face-connected background neighbour (the grid border counts)."""
-    m = np.asarray(mask).astype(bool)
-    eroded = ndimage.binary_erosion(m, structure=ndimage.generate_binary_structure(m.ndim, 1), border_value=0)
-    return m & ~eroded
 
 
 def _directed_distances(

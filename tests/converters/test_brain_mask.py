@@ -9,13 +9,11 @@ from scipy import ndimage
 from converters.brain_mask import (
     BrainExtractionSettings,
     add_stripped_brain,
-    bounding_box,
-    fill_holes,
     near_mask,
     normalize,
     resize,
-    surface,
 )
+from converters.masks import bounding_box, fill_holes, surface
 
 SHAPES = [
     ((240, 240, 31), (256, 256, 256)),

@@ -55,7 +55,7 @@ def test_bootstrap_runtime_swap_and_tamper(tmp_path: Path) -> None:
     with (second / "brain_fp32.bin").open("r+b") as fh:
         fh.seek(1000)
         fh.write(b"\x00\x01\x02\x03")
-    assert runtime.refresh(registry.active_ids(["brain_extraction"])["brain_extraction"]) is loaded
+    assert runtime.refresh_to(registry.active_ids(["brain_extraction"])["brain_extraction"]) is loaded
     assert "does not match the recorded" in runtime.last_error
     assert runtime.refresh() is loaded  # looked up by the runtime itself: the same answer
     back = registry.rollback("brain_extraction", by="test", reason="tampered")
