@@ -110,19 +110,39 @@ def test_brain_extraction_leaves_no_network_buffers_behind() -> None:
     assert grown < HELD_BUFFERS_MIB, f"the process grew by {grown:.0f} MiB over two brain extractions"
 
 
-def test_foreground_only_is_the_cards_channel_of_the_network() -> None:
+@pytest.mark.parametrize("network", ["bbox_fp32.xml", "brain_fp32.xml"])
+def test_foreground_only_is_the_cards_channel_of_the_network(network: str) -> None:
     import openvino as ov
 
     core = ov.Core()
-    model = core.read_model(str(SHIPPED_BRAIN_EXTRACTOR_DIR / "bbox_fp32.xml"))
+    model = core.read_model(str(SHIPPED_BRAIN_EXTRACTOR_DIR / network))
     model.reshape([1, 1, 32, 32, 32])
     x = np.random.default_rng(0).random((1, 1, 32, 32, 32), dtype=np.float32)
     both = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})(x)[0]
     assert both.shape == (1, 2, 32, 32, 32)
+    assert 0.05 < (both[:, 1] > 0.5).mean() < 0.95, "the test input should give both classes"
     for channel in (0, 1):
-        cut = core.compile_model(foreground_only(model, channel), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-        out = cut(x)[0]
+        cut_model = foreground_only(model, channel)
+        # deepbet's networks end in a softmax over a biased transposed convolution: folded, not sliced
+        kinds = {op.get_type_name() for op in cut_model.get_ordered_ops()}
+        assert "Sigmoid" in kinds and "Softmax" not in kinds
+        out = core.compile_model(cut_model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})(x)[0]
         assert out.shape == (1, 1, 32, 32, 32)
-        np.testing.assert_array_equal(out[:, 0], both[:, channel])
+        np.testing.assert_allclose(out[:, 0], both[:, channel], atol=1e-5)
+        np.testing.assert_array_equal(out[:, 0] > 0.5, both[:, channel] > 0.5)
     with pytest.raises(ModelCardError, match=r"output\.channel 2 is not a channel"):
         foreground_only(model, 2)
+
+
+def test_foreground_only_slices_an_output_it_cannot_fold() -> None:
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    x = ops.parameter([1, 3, 4, 4], np.float32)
+    model = ov.Model([ops.softmax(ops.multiply(x, ops.constant(np.float32(2.0))), 1)], [x])  # 3 classes
+    data = np.random.default_rng(1).normal(size=(1, 3, 4, 4)).astype(np.float32)
+    core = ov.Core()
+    both = core.compile_model(model, "CPU")(data)[0]
+    cut_model = foreground_only(model, 2)
+    assert "Slice" in {op.get_type_name() for op in cut_model.get_ordered_ops()}
+    np.testing.assert_array_equal(core.compile_model(cut_model, "CPU")(data)[0][:, 0], both[:, 2])
