@@ -25,7 +25,12 @@ import numpy.typing as npt
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 
 from converters.exceptions import InvalidSeriesError
 from converters.volume import Volume
@@ -136,7 +141,52 @@ def _with_transfer_syntax(ds: Dataset) -> Dataset:
     return out
 
 
+#: Transfer syntaxes whose Pixel Data is the native little-endian bytes (PS3.5 A.1, A.2, A.5: a
+#: deflated data set is inflated when it is read).
+_NATIVE_LITTLE_ENDIAN = frozenset(
+    {ImplicitVRLittleEndian, ExplicitVRLittleEndian, DeflatedExplicitVRLittleEndian}
+)
+
+
+def _native_pixels(ds: Dataset) -> npt.NDArray[np.generic] | None:
+    """The pixels of a single-frame grey-scale image whose Pixel Data is native little-endian, read
+    straight from its bytes; None for any other image (pydicom decodes those: compressed, big-endian,
+    1-bit, a high bit not at the top of the stored bits, float).
+
+    The values pydicom's ``pixel_array`` gives (the bits above BitsStored masked off, or the sign
+    extended from them; tests/converters/test_dicom_series.py), without its decoder's set-up per
+    instance (~0.7 ms, a third of reading a series of 240 x 240 slices).
+    """
+    meta = getattr(ds, "file_meta", None)
+    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    if syntax not in _NATIVE_LITTLE_ENDIAN or "PixelData" not in ds:
+        return None
+    bits, stored = ds.get("BitsAllocated"), ds.get("BitsStored")
+    if bits not in (8, 16, 32) or not isinstance(stored, int) or not 1 <= stored <= bits:
+        return None
+    if ds.get("HighBit", stored - 1) != stored - 1 or ds.get("SamplesPerPixel", 1) != 1:
+        return None
+    if int(ds.get("NumberOfFrames") or 1) != 1:
+        return None
+    signed = ds.get("PixelRepresentation") == 1
+    dtype = np.dtype(f"<{'i' if signed else 'u'}{bits // 8}")
+    rows, columns = int(ds.Rows), int(ds.Columns)
+    data = ds.PixelData
+    if len(data) < rows * columns * dtype.itemsize:
+        return None
+    pixels = np.frombuffer(data, dtype=dtype, count=rows * columns).reshape(rows, columns)
+    unused = bits - stored
+    if unused == 0:
+        return pixels
+    if signed:  # the stored bits' sign extended over the unused ones
+        return np.right_shift(np.left_shift(pixels, unused), unused)
+    return np.bitwise_and(pixels, dtype.type((1 << stored) - 1))
+
+
 def _pixels(ds: Dataset, where: str) -> npt.NDArray[np.generic]:
+    native = _native_pixels(ds)
+    if native is not None:
+        return native
     try:
         return np.asarray(_with_transfer_syntax(ds).pixel_array)
     except Exception as exc:  # decoder errors come in many types
@@ -377,7 +427,10 @@ def load_series(items: Sequence[Path] | Sequence[Dataset] | Sequence[Path | Data
             raise InvalidSeriesError(
                 f"{series}: {s.label} decodes to shape {pixels.shape}, not {s.rows}x{s.columns}"
             )
-        array[k] = pixels.astype(np.float64) * s.slope + s.intercept
+        if s.slope == 1.0 and s.intercept == 0.0:
+            array[k] = pixels  # the values the product gives, without a float64 copy of the slice
+        else:
+            array[k] = pixels.astype(np.float64) * s.slope + s.intercept
     volume = Volume(
         array=array,
         origin=ordered[0].position.copy(),

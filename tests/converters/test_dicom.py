@@ -12,17 +12,24 @@ from collections import Counter
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import pydicom
 import pytest
 from highdicom.legacy import LegacyConvertedEnhancedMRImage
-from pydicom.dataset import Dataset
-from pydicom.uid import generate_uid
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import (
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    generate_uid,
+)
 from pydicom.valuerep import format_number_as_ds
 
-from converters.dicom_series import load_series, load_series_folder
+from converters.dicom_series import _native_pixels, load_series, load_series_folder
 from converters.dicom_writer import PROTOCOLS, QUANTISED_MAX, SyntheticPatient, write_study
 from converters.exceptions import InvalidSeriesError
 from converters.nifti import load_case
@@ -234,6 +241,72 @@ def test_vendor_series_geometry_matches_dcmdump() -> None:
     # Every consecutive pair of sorted slices is one spacing apart along the normal.
     depth = [np.dot(dumped[u]["0020,0032"], volume.slice_direction) for u in volume.sop_instance_uids]
     np.testing.assert_allclose(np.diff(depth), volume.spacing[0], atol=1e-3)
+
+
+# --- pixel data read from its bytes --------------------------------------------------------------
+
+
+def _grey_image(syntax: str, bits: int, stored: int, signed: int, pixels: npt.NDArray[Any]) -> Dataset:
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = syntax
+    ds.Rows, ds.Columns = pixels.shape
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = bits, stored, stored - 1
+    ds.PixelRepresentation, ds.SamplesPerPixel = signed, 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.PixelData = pixels.astype(f"<u{bits // 8}").tobytes()
+    return ds
+
+
+@pytest.mark.parametrize("syntax", [ImplicitVRLittleEndian, ExplicitVRLittleEndian])
+@pytest.mark.parametrize(
+    ("bits", "stored"), [(8, 8), (8, 6), (16, 16), (16, 12), (16, 10), (32, 32), (32, 24)]
+)
+@pytest.mark.parametrize("signed", [0, 1])
+def test_native_pixels_are_what_pydicom_decodes(syntax: str, bits: int, stored: int, signed: int) -> None:
+    # Every bit pattern's kind: the unused high bits set at random (pydicom masks them off, or
+    # extends the stored bits' sign over them), and the extremes of the stored range.
+    rng = np.random.default_rng(bits * 100 + stored + signed)
+    raw = rng.integers(0, 2**bits, size=(7, 5), dtype=np.uint64)
+    raw[0, :3] = [0, 2 ** (stored - 1) - 1, 2 ** (stored - 1)]
+    raw[1, :2] = [2**stored - 1, 2**bits - 1]
+    ds = _grey_image(syntax, bits, stored, signed, raw)
+    fast = _native_pixels(ds)
+    assert fast is not None
+    expected = pydicom.pixels.pixel_array(ds)
+    assert fast.dtype == expected.dtype
+    np.testing.assert_array_equal(fast, expected)
+
+
+def test_native_pixels_leave_other_images_to_pydicom() -> None:
+    pixels = np.arange(12, dtype=np.uint16).reshape(3, 4)
+    assert _native_pixels(_grey_image(ExplicitVRBigEndian, 16, 16, 0, pixels)) is None
+    assert _native_pixels(_grey_image(JPEG2000Lossless, 16, 16, 0, pixels)) is None
+    no_meta = _grey_image(ExplicitVRLittleEndian, 16, 16, 0, pixels)
+    del no_meta.file_meta  # a data set from the network before its file meta is attached
+    assert _native_pixels(no_meta) is None
+    shifted = _grey_image(ExplicitVRLittleEndian, 16, 12, 0, pixels)
+    shifted.HighBit = 15  # stored bits not at the bottom
+    assert _native_pixels(shifted) is None
+    frames = _grey_image(ExplicitVRLittleEndian, 16, 16, 0, pixels)
+    frames.NumberOfFrames = 2
+    assert _native_pixels(frames) is None
+    short = _grey_image(ExplicitVRLittleEndian, 16, 16, 0, pixels)
+    short.PixelData = short.PixelData[:-2]
+    assert _native_pixels(short) is None
+
+
+def test_real_series_load_the_same_as_through_pydicom(monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = require_shared(*GE_SERIES).parent
+    import converters.dicom_series as dicom_series
+
+    for series in sorted(p for p in folder.iterdir() if p.is_dir()):
+        fast = load_series_folder(series)
+        assert _native_pixels(pydicom.dcmread(next(series.iterdir()))) is not None, series.name
+        with monkeypatch.context() as patch:
+            patch.setattr(dicom_series, "_native_pixels", lambda ds: None)
+            decoded = load_series_folder(series)
+        np.testing.assert_array_equal(fast.array, decoded.array, err_msg=series.name)
 
 
 # --- refusals ---------------------------------------------------------------------------------
