@@ -141,3 +141,19 @@ def test_empty_and_uniform_images_have_no_brain(extractor: BrainExtractor) -> No
         extractor.extract(np.zeros((64, 64, 20), np.float32), np.eye(4))
     with pytest.raises(NoBrainFoundError, match="3D volume"):
         extractor.extract(np.ones((64, 64), np.float32), np.eye(4))
+
+
+@needs_data
+def test_network_mask_reads_the_image_without_writing_it(extractor: BrainExtractor) -> None:
+    image, _, _ = _brats(DATA / "train" / "brats" / HARDEST, "flair")
+    before = image.copy()
+    plain = extractor.masker.network_mask(image)
+    np.testing.assert_array_equal(image, before)  # no copy is made of a finite image: it must stay as it was
+    with_nan = image.copy()
+    with_nan[:4, :4, :4] = np.nan  # background corner: NaN reads as 0, as before
+    with_nan[-1, -1, -1] = np.inf
+    image[-1, -1, -1] = np.finfo(np.float32).max
+    masker = extractor.masker
+    np.testing.assert_array_equal(masker.network_mask(with_nan), masker.network_mask(image))
+    assert np.isnan(with_nan[:4, :4, :4]).all()
+    np.testing.assert_array_equal(plain, extractor.masker.network_mask(before))
