@@ -154,7 +154,7 @@ def _native_pixels(ds: Dataset) -> npt.NDArray[np.generic] | None:
     1-bit, a high bit not at the top of the stored bits, float).
 
     The values pydicom's ``pixel_array`` gives (the bits above BitsStored masked off, or the sign
-    extended from them; tests/converters/test_dicom_series.py), without its decoder's set-up per
+    extended from them; tests/converters/test_dicom.py), without its decoder's set-up per
     instance (~0.7 ms, a third of reading a series of 240 x 240 slices).
     """
     meta = getattr(ds, "file_meta", None)

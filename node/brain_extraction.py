@@ -92,12 +92,15 @@ def two_class_logit(model: ov.Model, channel: int) -> ov.Model | None:
     import openvino as ov
     import openvino.opset13 as ops
 
-    (result,) = model.get_results()
-    softmax = result.input_value(0).get_node()
-    if softmax.get_type_name() != "Softmax" or softmax.get_output_partial_shape(0)[1] != ov.Dimension(2):
+    results = model.get_results()
+    if len(results) != 1:
         return None
-    rank = softmax.get_output_partial_shape(0).rank.get_length()
-    if int(softmax.get_attributes()["axis"]) not in (1, 1 - rank):
+    softmax = results[0].input_value(0).get_node()
+    shape = softmax.get_output_partial_shape(0)
+    if softmax.get_type_name() != "Softmax" or shape.rank.is_dynamic or shape.rank.get_length() < 2:
+        return None
+    rank = shape.rank.get_length()
+    if shape[1] != ov.Dimension(2) or int(softmax.get_attributes()["axis"]) not in (1, 1 - rank):
         return None
     add = softmax.input_value(0).get_node()
     if add.get_type_name() != "Add":

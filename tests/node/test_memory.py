@@ -24,7 +24,7 @@ import pytest
 
 from converters.exceptions import ModelCardError
 from node.bootstrap import SHIPPED_BRAIN_EXTRACTOR_DIR
-from node.brain_extraction import BrainExtractor, foreground_only
+from node.brain_extraction import BrainExtractor, foreground_only, two_class_logit
 from node.memory import memory_status_mib, rss_mib, trim_heap
 from node.segmenter import OpenVINOSegmenter
 from tests.helpers.node import make_threshold_model
@@ -146,3 +146,30 @@ def test_foreground_only_slices_an_output_it_cannot_fold() -> None:
     cut_model = foreground_only(model, 2)
     assert "Slice" in {op.get_type_name() for op in cut_model.get_ordered_ops()}
     np.testing.assert_array_equal(core.compile_model(cut_model, "CPU")(data)[0][:, 0], both[:, 2])
+
+
+def test_two_class_logit_folds_only_a_two_class_softmax_over_a_biased_convolution() -> None:
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    def ending(channels: int, axis: int, with_conv: bool) -> ov.Model:
+        x = ops.parameter([1, 3, 8, 8], np.float32)
+        z: ov.Node = x
+        if with_conv:
+            w = np.random.default_rng(2).normal(size=(channels, 3, 3, 3)).astype(np.float32)
+            conv = ops.convolution(x, ops.constant(w), [1, 1], [1, 1], [1, 1], [1, 1])
+            z = ops.add(conv, ops.constant(np.ones((1, channels, 1, 1), np.float32)))
+        return ov.Model([ops.softmax(z, axis)], [x])
+
+    assert two_class_logit(ending(2, 1, with_conv=True), 1) is not None
+    assert two_class_logit(ending(2, -3, with_conv=True), 1) is not None  # axis 1 counted from the end
+    assert two_class_logit(ending(3, 1, with_conv=True), 1) is None  # three classes
+    assert two_class_logit(ending(2, 2, with_conv=True), 1) is None  # softmax over rows, not classes
+    assert two_class_logit(ending(2, 1, with_conv=False), 1) is None  # no convolution to fold into
+    folded = two_class_logit(ending(2, 1, with_conv=True), 0)
+    assert folded is not None
+    data = np.random.default_rng(3).normal(size=(1, 3, 8, 8)).astype(np.float32)
+    core, f32 = ov.Core(), {"INFERENCE_PRECISION_HINT": "f32"}
+    both = core.compile_model(ending(2, 1, with_conv=True), "CPU", f32)(data)[0]
+    out = core.compile_model(folded, "CPU", f32)(data)[0]
+    np.testing.assert_allclose(out[:, 0], both[:, 0], atol=1e-6)
