@@ -21,10 +21,12 @@ import pytest
 from highdicom.legacy import LegacyConvertedEnhancedMRImage
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
+    MRImageStorage,
     generate_uid,
 )
 from pydicom.valuerep import format_number_as_ds
@@ -276,6 +278,23 @@ def test_native_pixels_are_what_pydicom_decodes(syntax: str, bits: int, stored: 
     expected = pydicom.pixels.pixel_array(ds)
     assert fast.dtype == expected.dtype
     np.testing.assert_array_equal(fast, expected)
+
+
+def test_native_pixels_of_a_deflated_file_are_what_pydicom_decodes() -> None:
+    # A deflated data set is inflated when pydicom reads it: its Pixel Data are native bytes again.
+    import io
+
+    rng = np.random.default_rng(5)
+    ds = _grey_image(DeflatedExplicitVRLittleEndian, 16, 12, 0, rng.integers(0, 2**16, size=(5, 7)))
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = MRImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    read = pydicom.dcmread(io.BytesIO(buffer.getvalue()))
+    assert read.file_meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian
+    fast = _native_pixels(read)
+    assert fast is not None
+    np.testing.assert_array_equal(fast, read.pixel_array)
 
 
 def test_native_pixels_leave_other_images_to_pydicom() -> None:
