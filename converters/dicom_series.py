@@ -172,7 +172,7 @@ def _native_pixels(ds: Dataset) -> npt.NDArray[np.generic] | None:
     dtype = np.dtype(f"<{'i' if signed else 'u'}{bits // 8}")
     rows, columns = int(ds.Rows), int(ds.Columns)
     data = ds.PixelData
-    if len(data) < rows * columns * dtype.itemsize:
+    if len(data) < _expected_bytes(ds, 1):
         return None
     pixels = np.frombuffer(data, dtype=dtype, count=rows * columns).reshape(rows, columns)
     unused = bits - stored
