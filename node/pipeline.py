@@ -137,12 +137,19 @@ def assemble(chosen: Mapping[str, SeriesInfo], modalities: Sequence[str]) -> Ass
     return Assembled(reference=reference, sources=sources, images=images, affine=affine)
 
 
-def load_chosen(series: SeriesInfo, modality: str) -> LoadedSeries:
-    """One chosen series as a volume, its RAS array and affine, and its datasets (raises JobError)."""
+def load_chosen(
+    series: SeriesInfo, modality: str, read: Callable[[str], Dataset] | None = None
+) -> LoadedSeries:
+    """One chosen series as a volume, its RAS array and affine, and its datasets (raises JobError).
+
+    ``read``: how a file becomes a data set (early analysis' read-ahead, node/read_ahead.py);
+    ``pydicom.dcmread`` when None.
+    """
     from converters.dicom_series import load_series
     from converters.reorient import volume_to_ras
 
-    datasets: list[Dataset] = [pydicom.dcmread(p) for p in series.paths]
+    reader = read or pydicom.dcmread
+    datasets: list[Dataset] = [reader(str(p)) for p in series.paths]
     try:
         volume = load_series(datasets)
     except ConverterError as exc:
@@ -414,6 +421,9 @@ class JobContext:
     #: Called when a job has queued outputs for sending (the sender wakes rather than waiting for its
     #: next poll); None: the sender finds them at its next poll.
     outputs_queued: Callable[[], None] | None = None
+    #: Reads a spool file into a data set, taking what early analysis read ahead (node/read_ahead.py);
+    #: None: ``pydicom.dcmread``.
+    read: Callable[[str], Dataset] | None = None
 
 
 @dataclass
@@ -494,7 +504,9 @@ class _Study:
                 cached = self.loaded.get(modality)
                 if cached is None or not same_files(cached.info, info):
                     early = self._from_early(modality, info)
-                    self.loaded[modality] = early if early is not None else load_chosen(info, modality)
+                    self.loaded[modality] = (
+                        early if early is not None else load_chosen(info, modality, self.ctx.read)
+                    )
                     self.brains.pop(modality, None)  # a mask of other files is no mask of these
         self.heartbeat()
         return {m: self.loaded[m] for m in chosen}

@@ -223,6 +223,9 @@ class StorageSCP:
         #: Called when an instance's series is not the one its study's previous instance belonged to
         #: (early analysis wakes: the PACS may have moved on); None: it finds out at its next poll.
         self.on_series_changed: Callable[[], None] | None = None
+        #: Called with the series UID and spool path of each new kept instance once it is durable
+        #: (early analysis reads it ahead, node/read_ahead.py); None: nobody reads ahead.
+        self.on_stored: Callable[[str, str], None] | None = None
         self._last_series: OrderedDict[str, str] = OrderedDict()
         self.ae = self._make_ae()
 
@@ -525,4 +528,6 @@ class StorageSCP:
                 instances.forget_instance(self.sf, sop_uid)
             raise error
         self.metrics.instances.labels("kept" if new else "duplicate").inc()
+        if new and self.on_stored is not None:
+            self.on_stored(series, str(path))
         return ReceiveResult(dimse.SUCCESS, "kept" if new else "duplicate")

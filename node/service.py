@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import importlib
 import logging
+import math
 import threading
 import time
 from typing import Any
+
+from pydicom.dataset import Dataset
 
 from db import instances, job_queue, send_queue
 from db.exceptions import DatabaseUnavailableError
@@ -26,10 +29,11 @@ from node.exceptions import NodeError
 from node.memory import trim_heap
 from node.metrics import MetricsServer, NodeMetrics
 from node.pipeline import JobContext, run_job
+from node.read_ahead import ReadAhead
 from node.receivers import ReceiverPool
 from node.runtime import BrainExtractorRuntime, ModelRuntime, check_device
 from node.scp import StorageSCP
-from node.selection import SeriesSelector
+from node.selection import SeriesSelector, series_info
 from node.sender import Sender, client_tls_context
 
 logger = logging.getLogger(__name__)
@@ -117,10 +121,21 @@ class NodeService:
         self.early: EarlyAnalysis | None = None
         # Set when a study's instances move on to another series: early analysis looks at once.
         self._series_changed = threading.Event()
+        # Set by either of the above and by each instance spooled: the early-analysis loop wakes.
+        self._early_wake = threading.Event()
+        self.read_ahead: ReadAhead | None = None
         if node.early_analysis:
             self.early = EarlyAnalysis(self.context, node.early_quiet_seconds)
             self.context.early = self.early.take
-            self.scp.on_series_changed = self._series_changed.set
+            self.scp.on_series_changed = self._series_changed_now
+            # What no run or job took by twice the idle wait (a series no model chose) is dropped.
+            self.read_ahead = ReadAhead(
+                max_age_s=2 * node.study_idle_seconds + 30.0,
+                wanted=self._may_be_read,
+                wake=self._early_wake.set,
+            )
+            self.context.read = self.read_ahead.read
+            self.scp.on_stored = self.read_ahead.note
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.http: MetricsServer | None = None
@@ -212,6 +227,7 @@ class NodeService:
         self._outputs_queued.set()  # the sender's, the workers' and early analysis's waits end now
         self._studies_received.set()
         self._series_changed.set()
+        self._early_wake.set()
         for thread in self._threads:
             thread.join(timeout)
         self.sender.shutdown(timeout)
@@ -294,20 +310,38 @@ class NodeService:
         trim_heap()
         return True
 
+    def _may_be_read(self, first: Dataset) -> bool:
+        """Whether a series (its first file's data set) may serve some active model's modalities."""
+        info = series_info(first, [], 1)
+        models = [model for _, model in self.context.models() if model is not None]
+        needed = {m for model in models for m in model.card["modalities"]}
+        return any(self.context.selector.matches(m, info) for m in needed)
+
+    def _series_changed_now(self) -> None:
+        self._series_changed.set()
+        self._early_wake.set()
+
     def _early_loop(self) -> None:
-        """Early analysis of the studies being received (node/early.py), between polls."""
+        """Early analysis of the studies being received (node/early.py): a look at the settled series
+        whenever a study moves on to another series (and every poll), and between looks the files
+        just spooled read ahead (node/read_ahead.py)."""
         assert self.early is not None
         poll = min(self.settings.node.poll_seconds, EARLY_POLL_SECONDS)
+        looked_at = -math.inf
         while not self._stop.is_set():
-            self._series_changed.clear()  # before looking: a series change meanwhile ends the wait below
-            ran = False
-            try:
-                if any(r.current is not None for r in self.runtimes.values()):
-                    ran = self.early.run_once()
-            except Exception:  # early analysis only saves time: never let it stop the node
-                logger.exception("early analysis loop error; retrying in %.1f s", poll)
-            if not ran:
-                self._series_changed.wait(poll)
+            self._early_wake.clear()  # before looking: anything meanwhile ends the wait below
+            if self._series_changed.is_set() or time.monotonic() - looked_at >= poll:
+                self._series_changed.clear()
+                looked_at = time.monotonic()
+                try:
+                    if any(r.current is not None for r in self.runtimes.values()) and self.early.run_once():
+                        continue
+                except Exception:  # early analysis only saves time: never let it stop the node
+                    logger.exception("early analysis loop error; retrying in %.1f s", poll)
+            if self.read_ahead is not None:
+                self.read_ahead.work(until=self._series_changed.is_set)
+                self.read_ahead.expire()
+            self._early_wake.wait(max(0.0, poll - (time.monotonic() - looked_at)))
 
     def _send_loop(self) -> None:
         poll = self.settings.node.poll_seconds

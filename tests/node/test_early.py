@@ -191,6 +191,29 @@ def test_the_job_uses_the_result_computed_while_the_study_was_still_arriving(
         assert code == 0 and "early analysis" in out and "reused result whole_tumor" in out
 
 
+def test_the_series_a_model_needs_is_read_while_it_arrives_and_the_others_are_not(
+    tmp_path: Path, case: Case, model_dir: Path
+) -> None:
+    """The FLAIR files are parsed as they are spooled (read-ahead, node/read_ahead.py) and the early run
+    takes them; the T1 series, which the FLAIR model does not read, is left unread. Same SEG."""
+    study = write_study(case, tmp_path / "study", modalities=["FLAIR", "T1"])
+    expected, _ = _reference_seg(tmp_path / "reference", model_dir, study)
+    flair = study.files["FLAIR"]
+
+    with _node(tmp_path / "early", [model_dir], early=True) as (node, catcher):
+        ahead = node.read_ahead
+        assert ahead is not None
+        _send(node, flair)
+        wait_until(lambda: ahead.cached() == len(flair), 30, "the FLAIR files read ahead")
+        _send(node, study.files["T1"])
+        job = _job(node, study)
+        assert job.status == "done", job.reason
+        assert job.result["early_analysis"]["reused"] == ["result whole_tumor"]
+        assert (ahead.hits, ahead.misses) == (len(flair), 0)
+        assert ahead.cached() == 0 and ahead.pending() == 0, "T1 is not read ahead"
+        np.testing.assert_array_equal(_seg_pixels(catcher), expected)
+
+
 def test_with_minute_long_polls_early_analysis_starts_when_the_pacs_moves_on(
     tmp_path: Path, case: Case, model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
