@@ -49,6 +49,9 @@ class NodeSettings:
     # finds the work done when the study is complete. Off: every step waits for study_idle_seconds.
     early_analysis: bool = True
     early_quiet_seconds: float = 2.0
+    # Nice value of the analysis threads (early analysis, the inference engines' and registration's
+    # worker pools; node/priority.py): receiving keeps the CPU when both want it. 0: same as receiving.
+    analysis_nice: int = 10
     send_retry_base_seconds: float = 5.0  # first retry delay of a failed C-STORE; doubles each attempt
     send_retry_max_seconds: float = 600.0
     stale_job_seconds: float = 300.0  # a running job whose heartbeat is older is re-queued
@@ -364,6 +367,8 @@ def _validate(settings: Settings, where: str) -> None:
         raise ConfigError(f"{where}: node.max_associations must be at least 1")
     if not 1 <= settings.node.receivers <= 64:
         raise ConfigError(f"{where}: node.receivers must be between 1 and 64, not {settings.node.receivers}")
+    if not 0 <= (nice := settings.node.analysis_nice) <= 19:
+        raise ConfigError(f"{where}: node.analysis_nice must be between 0 and 19, not {nice}")
     if (quiet := settings.node.early_quiet_seconds) < 0:
         raise ConfigError(f"{where}: node.early_quiet_seconds must be >= 0, not {quiet}")
     for dest in settings.destinations:

@@ -29,6 +29,7 @@ from node.exceptions import NodeError
 from node.memory import trim_heap
 from node.metrics import MetricsServer, NodeMetrics
 from node.pipeline import JobContext, run_job
+from node.priority import lower_native_threads, lower_this_thread
 from node.read_ahead import ReadAhead
 from node.receivers import ReceiverPool
 from node.runtime import BrainExtractorRuntime, ModelRuntime, check_device
@@ -304,6 +305,7 @@ class NodeService:
         if job_id is None:
             return False
         logger.info("job %d claimed", job_id)
+        lower_native_threads(self.settings.node.analysis_nice)  # the engines' pools, new ones included
         run_job(self.context, job_id)
         for runtime in self.runtimes.values():  # idle until the next study: give the buffers back
             runtime.release_memory()
@@ -327,6 +329,8 @@ class NodeService:
         just spooled read ahead (node/read_ahead.py)."""
         assert self.early is not None
         poll = min(self.settings.node.poll_seconds, EARLY_POLL_SECONDS)
+        nice = self.settings.node.analysis_nice
+        lower_this_thread(nice)  # and the threads it starts (the brain network's caller)
         looked_at = -math.inf
         while not self._stop.is_set():
             self._early_wake.clear()  # before looking: anything meanwhile ends the wait below
@@ -334,8 +338,10 @@ class NodeService:
                 self._series_changed.clear()
                 looked_at = time.monotonic()
                 try:
-                    if any(r.current is not None for r in self.runtimes.values()) and self.early.run_once():
-                        continue
+                    if any(r.current is not None for r in self.runtimes.values()):
+                        lower_native_threads(nice)  # the engines' pools, new ones included
+                        if self.early.run_once():
+                            continue
                 except Exception:  # early analysis only saves time: never let it stop the node
                     logger.exception("early analysis loop error; retrying in %.1f s", poll)
             if self.read_ahead is not None:

@@ -7,6 +7,8 @@ shipped brain extractor on a BraTS case for the rest.
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -211,6 +213,10 @@ def test_the_series_a_model_needs_is_read_while_it_arrives_and_the_others_are_no
         assert job.result["early_analysis"]["reused"] == ["result whole_tumor"]
         assert (ahead.hits, ahead.misses) == (len(flair), 0)
         assert ahead.cached() == 0 and ahead.pending() == 0, "T1 is not read ahead"
+        # The early-analysis thread yields the CPU to receiving (node/priority.py).
+        [early_thread] = [t for t in threading.enumerate() if t.name == "segnode-early"]
+        assert early_thread.native_id is not None
+        assert os.getpriority(os.PRIO_PROCESS, early_thread.native_id) == node.settings.node.analysis_nice > 0
         np.testing.assert_array_equal(_seg_pixels(catcher), expected)
 
 
