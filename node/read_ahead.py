@@ -82,7 +82,7 @@ class ReadAhead:
         #: path -> (signature, data set, when it was read); oldest first.
         self._cache: OrderedDict[str, tuple[Signature, Dataset, float]] = OrderedDict()
         self._bytes = 0
-        #: Files taken from the cache and files read again, for the log and the tests.
+        #: Files taken from the cache and files read from disk instead (tests and benchmarks read them).
         self.hits = 0
         self.misses = 0
 
