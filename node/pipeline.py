@@ -27,6 +27,7 @@ left, no SEG is written: the SR alone (0 mL) tells the PACS the study was analys
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import time
@@ -436,6 +437,22 @@ class Segmented:
     labels: npt.NDArray[np.uint8]
     report: qc.QCReport
     coregistered: Coregistered | None
+    #: The SEG of ``labels`` as a DICOM file, when early analysis built it already (:func:`seg_of`):
+    #: the job, once the study is complete, only writes it. None: not built, or no tumour. Bytes, not
+    #: the highdicom object, which keeps an SQLite frame index usable only in the thread that built it.
+    seg_file: bytes | None = None
+
+
+def seg_of(done: Segmented) -> Dataset | None:
+    """The SEG of ``done``'s labels on its reference series' frames; None when no tumour was found."""
+    from node.seg import build_seg
+
+    if not done.labels.any():
+        return None
+    frame_labels = source_frame_labels(done.labels, done.assembled)
+    return build_seg(
+        done.assembled.sources, frame_labels, done.route.model.card, software_version=SOFTWARE_VERSION
+    )
 
 
 def _series_files(info: SeriesInfo) -> tuple[str, tuple[str, ...]]:
@@ -481,7 +498,8 @@ class _Study:
         self.loaded: dict[str, LoadedSeries] = {}
         self.brains: dict[str, Brain | None] = {}
         self.early = early
-        #: What came from early analysis: "load MODALITY", "brain MODALITY", "result TASK".
+        #: What came from early analysis: "load MODALITY", "brain MODALITY", "result TASK" and
+        #: "seg TASK" (the result's SEG, built early too).
         self.reused: list[str] = []
 
     def heartbeat(self) -> None:
@@ -632,6 +650,11 @@ def analyse_early(ctx: JobContext, groups: Mapping[str, Sequence[str]], work: Ea
         study = _Study(ctx, None, timer)
         study.loaded, study.brains = work.loaded, work.brains  # what earlier runs read and masked
         done = segment_study(study, plan)
+        # The SEG too: when receiving, not this run, ends last, the job then only writes it.
+        if done.labels.any():
+            with timer.stage("seg"):
+                seg = seg_of(done)
+                done.seg_file = encoded(seg) if seg is not None else None
         work.segmented[route_key(done.route, label)] = done
     finally:
         for name, seconds in timer.stages.items():
@@ -646,7 +669,6 @@ def run_job(ctx: JobContext, job_id: int) -> str:
     reference passed its check. The result's ``routing`` says which model ran and why.
     """
     from node.preview import render_preview
-    from node.seg import build_seg
     from node.sr import build_sr
 
     timer = Timer(on_stage=lambda name, sec: ctx.metrics.stage_seconds.labels(name).observe(sec))
@@ -690,11 +712,15 @@ def run_job(ctx: JobContext, job_id: int) -> str:
         preview_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="preview")
         preview = preview_pool.submit(render_preview, assembled.reference.array, labels)
         preview_pool.shutdown(wait=False)
-        seg = None
-        if labels.any():
+        seg: Dataset | None = None
+        seg_file = done.seg_file
+        if seg_file is not None:
+            study.reused.append(f"seg {done.route.task}")
+            seg = pydicom.dcmread(io.BytesIO(seg_file))
+        elif labels.any():
             with timer.stage("seg"):
-                frame_labels = source_frame_labels(labels, assembled)
-                seg = build_seg(assembled.sources, frame_labels, card, software_version=SOFTWARE_VERSION)
+                seg = seg_of(done)
+                seg_file = encoded(seg) if seg is not None else None
         volumes = segment_volumes_ml(labels, card, assembled.reference)
         with timer.stage("sr"):
             sr = build_sr(
@@ -710,8 +736,8 @@ def run_job(ctx: JobContext, job_id: int) -> str:
         with timer.stage("write"):
             out_dir.mkdir(parents=True, exist_ok=True)
             seg_path, sr_path = out_dir / "seg.dcm", out_dir / "sr.dcm"
-            if seg is not None:
-                _save(seg, seg_path)
+            if seg_file is not None:
+                write_atomic(seg_path, seg_file)
             _save(sr, sr_path)
             write_atomic(out_dir / "preview.png", preview.result())
     except JobError as exc:
@@ -757,12 +783,15 @@ def run_job(ctx: JobContext, job_id: int) -> str:
     return _end(ctx, job_id, "done", "", timer, model, result=result, out_dir=out_dir, outputs=outputs)
 
 
-def _save(ds: Dataset, path: Path) -> None:
-    import io
-
+def encoded(ds: Dataset) -> bytes:
+    """``ds`` as a DICOM file (preamble, file meta information, data set)."""
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
-    write_atomic(path, buffer.getvalue())
+    return buffer.getvalue()
+
+
+def _save(ds: Dataset, path: Path) -> None:
+    write_atomic(path, encoded(ds))
 
 
 def _end(

@@ -142,10 +142,11 @@ def test_study_in_seg_and_sr_out(env: Env, case: Case, model_dir: Path, tmp_path
     received = env.catcher.wait_for(lambda r: len(r) >= 2, 60)
     job = env.job_for(study)
     assert job.status == "done", job.reason
-    assert set(job.stages) >= {"select", "seg", "sr", "write"}
-    # Read and segmented in the job, or while T1, T1GD and T2 arrived (early analysis, the default).
+    assert set(job.stages) >= {"select", "sr", "write"}
+    # Read, segmented and its SEG built in the job, or while T1, T1GD and T2 arrived (early analysis,
+    # the default).
     early = job.result["early_analysis"] or {}
-    assert {"load", "inference"} <= set(job.stages) | set(early.get("stages", {}))
+    assert {"load", "inference", "seg"} <= set(job.stages) | set(early.get("stages", {}))
     assert job.result["series"] == {"FLAIR": study.series_uids["FLAIR"]}
     assert {ds.Modality for ds in received} == {"SEG", "SR"}
 

@@ -182,9 +182,9 @@ def test_the_job_uses_the_result_computed_while_the_study_was_still_arriving(
         job = _job(node, study)
         assert job.status == "done", job.reason
         early = job.result["early_analysis"]
-        assert early["reused"] == ["result whole_tumor"]
-        assert {"load", "inference"} <= set(early["stages"])  # done before the study was complete
-        assert "inference" not in job.stages and "load" not in job.stages
+        assert early["reused"] == ["result whole_tumor", "seg whole_tumor"]
+        assert {"load", "inference", "seg"} <= set(early["stages"])  # done before the study was complete
+        assert not {"inference", "load", "seg"} & set(job.stages)
         np.testing.assert_array_equal(_seg_pixels(catcher), expected)
         assert job.result["volumes_ml"] == reference.result["volumes_ml"]
         monkeypatch.setenv("SEGNODE_DATABASE_URL", node.settings.database.url)
@@ -210,7 +210,7 @@ def test_the_series_a_model_needs_is_read_while_it_arrives_and_the_others_are_no
         _send(node, study.files["T1"])
         job = _job(node, study)
         assert job.status == "done", job.reason
-        assert job.result["early_analysis"]["reused"] == ["result whole_tumor"]
+        assert job.result["early_analysis"]["reused"] == ["result whole_tumor", "seg whole_tumor"]
         assert (ahead.hits, ahead.misses) == (len(flair), 0)
         assert ahead.cached() == 0 and ahead.pending() == 0, "T1 is not read ahead"
         # The early-analysis thread yields the CPU to receiving (node/priority.py).
@@ -233,7 +233,7 @@ def test_with_minute_long_polls_early_analysis_starts_when_the_pacs_moves_on(
         _send(node, study.files["T1"])
         job = _job(node, study, timeout=30.0)
         assert job.status == "done", job.reason
-        assert job.result["early_analysis"]["reused"] == ["result whole_tumor"]
+        assert job.result["early_analysis"]["reused"] == ["result whole_tumor", "seg whole_tumor"]
 
 
 def test_a_series_that_grows_after_its_early_run_is_computed_again(
@@ -306,7 +306,7 @@ def test_a_job_waits_for_an_early_run_still_under_way_on_its_study(
         _send(served, study.files["T1"])
         job = _job(served, study)
     assert job.status == "done", job.reason
-    assert job.result["early_analysis"]["reused"] == ["result whole_tumor"]
+    assert job.result["early_analysis"]["reused"] == ["result whole_tumor", "seg whole_tumor"]
     assert job.stages["early analysis (wait)"] > 0.5
     assert "inference" not in job.stages
 
