@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 
 from db import instances
 from db.exceptions import DatabaseUnavailableError
@@ -47,11 +47,16 @@ class EarlyAnalysis:
     quiet_seconds:
         A series none of whose instances came for this long is settled even if no other series
         followed it (the last series of a study).
+    before_run:
+        Called before each run (the node lowers the engines' worker threads' priority there).
     """
 
-    def __init__(self, ctx: JobContext, quiet_seconds: float) -> None:
+    def __init__(
+        self, ctx: JobContext, quiet_seconds: float, before_run: Callable[[], object] | None = None
+    ) -> None:
         self.ctx = ctx
         self.quiet_seconds = quiet_seconds
+        self.before_run = before_run
         self._cond = threading.Condition()
         self._work: dict[str, EarlyWork] = {}
         #: The series (UID, file count) each study's latest run saw: a study is run again only when
@@ -128,6 +133,8 @@ class EarlyAnalysis:
     def _run(self, study_uid: str, series_uids: Collection[str], work: EarlyWork) -> None:
         """Analyse the settled series of ``study_uid`` into ``work``."""
         start = time.perf_counter()
+        if self.before_run is not None:
+            self.before_run()
         try:
             analyse_early(self.ctx, instances.series_paths(self.ctx.sf, study_uid, series_uids), work)
         except Exception as exc:  # the job will meet the same problem and report it

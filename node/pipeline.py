@@ -437,22 +437,19 @@ class Segmented:
     labels: npt.NDArray[np.uint8]
     report: qc.QCReport
     coregistered: Coregistered | None
-    #: The SEG of ``labels`` as a DICOM file, when early analysis built it already (:func:`seg_of`):
+    #: The SEG of ``labels`` as a DICOM file, when early analysis built it already (:func:`encode_seg`):
     #: the job, once the study is complete, only writes it. None: not built, or no tumour. Bytes, not
     #: the highdicom object, which keeps an SQLite frame index usable only in the thread that built it.
     seg_file: bytes | None = None
 
 
-def seg_of(done: Segmented) -> Dataset | None:
-    """The SEG of ``done``'s labels on its reference series' frames; None when no tumour was found."""
+def encode_seg(done: Segmented) -> bytes:
+    """The SEG of ``done``'s labels (which hold a tumour) on its reference series' frames, as a file."""
     from node.seg import build_seg
 
-    if not done.labels.any():
-        return None
     frame_labels = source_frame_labels(done.labels, done.assembled)
-    return build_seg(
-        done.assembled.sources, frame_labels, done.route.model.card, software_version=SOFTWARE_VERSION
-    )
+    card = done.route.model.card
+    return encoded(build_seg(done.assembled.sources, frame_labels, card, software_version=SOFTWARE_VERSION))
 
 
 def _series_files(info: SeriesInfo) -> tuple[str, tuple[str, ...]]:
@@ -653,8 +650,7 @@ def analyse_early(ctx: JobContext, groups: Mapping[str, Sequence[str]], work: Ea
         # The SEG too: when receiving, not this run, ends last, the job then only writes it.
         if done.labels.any():
             with timer.stage("seg"):
-                seg = seg_of(done)
-                done.seg_file = encoded(seg) if seg is not None else None
+                done.seg_file = encode_seg(done)
         work.segmented[route_key(done.route, label)] = done
     finally:
         for name, seconds in timer.stages.items():
@@ -712,15 +708,14 @@ def run_job(ctx: JobContext, job_id: int) -> str:
         preview_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="preview")
         preview = preview_pool.submit(render_preview, assembled.reference.array, labels)
         preview_pool.shutdown(wait=False)
-        seg: Dataset | None = None
-        seg_file = done.seg_file
-        if seg_file is not None:
+        seg_bytes = done.seg_file
+        if seg_bytes is not None:
             study.reused.append(f"seg {done.route.task}")
-            seg = pydicom.dcmread(io.BytesIO(seg_file))
         elif labels.any():
             with timer.stage("seg"):
-                seg = seg_of(done)
-                seg_file = encoded(seg) if seg is not None else None
+                seg_bytes = encode_seg(done)
+        # The SR refers to the SEG as written (parsing it back takes well under 1 ms).
+        seg = pydicom.dcmread(io.BytesIO(seg_bytes)) if seg_bytes is not None else None
         volumes = segment_volumes_ml(labels, card, assembled.reference)
         with timer.stage("sr"):
             sr = build_sr(
@@ -736,8 +731,8 @@ def run_job(ctx: JobContext, job_id: int) -> str:
         with timer.stage("write"):
             out_dir.mkdir(parents=True, exist_ok=True)
             seg_path, sr_path = out_dir / "seg.dcm", out_dir / "sr.dcm"
-            if seg_file is not None:
-                write_atomic(seg_path, seg_file)
+            if seg_bytes is not None:
+                write_atomic(seg_path, seg_bytes)
             _save(sr, sr_path)
             write_atomic(out_dir / "preview.png", preview.result())
     except JobError as exc:

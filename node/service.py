@@ -126,7 +126,12 @@ class NodeService:
         self._early_wake = threading.Event()
         self.read_ahead: ReadAhead | None = None
         if node.early_analysis:
-            self.early = EarlyAnalysis(self.context, node.early_quiet_seconds)
+            self.early = EarlyAnalysis(
+                self.context,
+                node.early_quiet_seconds,
+                # The engines' worker pools, new ones included, yield to receiving (node/priority.py).
+                before_run=lambda: lower_native_threads(node.analysis_nice),
+            )
             self.context.early = self.early.take
             self.scp.on_series_changed = self._series_changed_now
             # What no run or job took by twice the idle wait (a series no model chose) is dropped.
@@ -327,10 +332,9 @@ class NodeService:
         """Early analysis of the studies being received (node/early.py): a look at the settled series
         whenever a study moves on to another series (and every poll), and between looks the files
         just spooled read ahead (node/read_ahead.py)."""
-        assert self.early is not None
+        assert self.early is not None and self.read_ahead is not None
         poll = min(self.settings.node.poll_seconds, EARLY_POLL_SECONDS)
-        nice = self.settings.node.analysis_nice
-        lower_this_thread(nice)  # and the threads it starts (the brain network's caller)
+        lower_this_thread(self.settings.node.analysis_nice)  # and the threads it starts (the brain network's)
         looked_at = -math.inf
         while not self._stop.is_set():
             self._early_wake.clear()  # before looking: anything meanwhile ends the wait below
@@ -338,15 +342,12 @@ class NodeService:
                 self._series_changed.clear()
                 looked_at = time.monotonic()
                 try:
-                    if any(r.current is not None for r in self.runtimes.values()):
-                        lower_native_threads(nice)  # the engines' pools, new ones included
-                        if self.early.run_once():
-                            continue
+                    if any(r.current is not None for r in self.runtimes.values()) and self.early.run_once():
+                        continue
                 except Exception:  # early analysis only saves time: never let it stop the node
                     logger.exception("early analysis loop error; retrying in %.1f s", poll)
-            if self.read_ahead is not None:
-                self.read_ahead.work(until=self._series_changed.is_set)
-                self.read_ahead.expire()
+            self.read_ahead.work(until=self._series_changed.is_set)
+            self.read_ahead.expire()
             self._early_wake.wait(max(0.0, poll - (time.monotonic() - looked_at)))
 
     def _send_loop(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import io
 import os
 import random
 import re
@@ -282,8 +283,6 @@ def test_native_pixels_are_what_pydicom_decodes(syntax: str, bits: int, stored: 
 
 def test_native_pixels_of_a_deflated_file_are_what_pydicom_decodes() -> None:
     # A deflated data set is inflated when pydicom reads it: its Pixel Data are native bytes again.
-    import io
-
     rng = np.random.default_rng(5)
     ds = _grey_image(DeflatedExplicitVRLittleEndian, 16, 12, 0, rng.integers(0, 2**16, size=(5, 7)))
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = MRImageStorage
