@@ -49,11 +49,15 @@ def lower_native_threads(nice: int) -> int:
     worker pools); returns how many were changed."""
     if nice <= 0 or not TASKS.is_dir():
         return 0
-    python_threads = {t.native_id for t in threading.enumerate()}
-    python_threads.add(os.getpid())  # the main thread, whatever threading knows of it
+    tids = [int(entry.name) for entry in TASKS.iterdir()]  # before Python's list: see below
+    threads = threading.enumerate()
+    if any(t.native_id is None for t in threads):
+        # A Python thread still starting is listed before it knows its OS id, and its task may be in
+        # ``tids`` already: it would be taken for an engine's. Nothing this time; the next call will do.
+        return 0
+    python_threads = {t.native_id for t in threads} | {os.getpid()}  # the main thread whatever threading says
     changed = 0
-    for entry in TASKS.iterdir():
-        tid = int(entry.name)
+    for tid in tids:
         if tid not in python_threads and _raise_nice(tid, nice):
             changed += 1
     if changed:

@@ -83,3 +83,33 @@ def test_zero_changes_nothing_and_values_outside_0_to_19_are_refused(tmp_path: P
         cfg.write_text(f"[node]\nanalysis_nice = {bad}\n")
         with pytest.raises(ConfigError, match=r"node\.analysis_nice must be between 0 and 19"):
             load_settings(cfg, env={})
+
+
+def test_nothing_is_lowered_while_a_python_thread_is_starting() -> None:
+    """A thread just started is listed by threading before it knows its OS id; its task must not be
+    taken for an engine's worker."""
+    out = _child(
+        """
+        import json, threading
+        import numpy as np
+        import openvino as ov
+        import openvino.opset13 as ops
+        from node import priority
+
+        x = ops.parameter([1, 8, 64, 64], np.float32)
+        w = ops.constant(np.ones((8, 8, 3, 3), np.float32))
+        model = ov.Model([ops.convolution(x, w, [1, 1], [1, 1], [1, 1], [1, 1])], [x])
+        compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": 2})
+        compiled(np.ones((1, 8, 64, 64), np.float32))  # the engine starts its worker pool
+
+        class Starting:
+            native_id = None
+
+        real = threading.enumerate
+        threading.enumerate = lambda: [*real(), Starting()]
+        while_starting = priority.lower_native_threads(7)
+        threading.enumerate = real
+        print(json.dumps({"while_starting": while_starting, "after": priority.lower_native_threads(7)}))
+        """
+    )
+    assert out["while_starting"] == 0 and out["after"] > 0, out
