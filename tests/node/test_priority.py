@@ -19,28 +19,37 @@ REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="per-thread nice is Linux's")
 
 
-def _child(code: str) -> dict[str, object]:
-    done = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], cwd=REPO, capture_output=True, text=True, timeout=120
-    )
+#: Child-process code that leaves an OpenVINO engine with its worker pool started (threads Python
+#: did not start), for the code that follows it.
+ENGINE_WITH_WORKERS = """
+    import numpy as np
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    x = ops.parameter([1, 8, 64, 64], np.float32)
+    w = ops.constant(np.ones((8, 8, 3, 3), np.float32))
+    model = ov.Model([ops.convolution(x, w, [1, 1], [1, 1], [1, 1], [1, 1])], [x])
+    compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": 2})
+    compiled(np.ones((1, 8, 64, 64), np.float32))  # the engine starts its worker pool
+"""
+
+
+def _child(*parts: str) -> dict[str, object]:
+    """Run the code ``parts`` (each dedented, then joined) in a fresh interpreter; the JSON object it
+    prints last."""
+    code = "\n".join(textwrap.dedent(part) for part in parts)
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     return dict(json.loads(done.stdout.strip().splitlines()[-1]))
 
 
 def test_the_engines_worker_threads_and_the_calling_thread_are_lowered_and_no_other_python_thread() -> None:
     out = _child(
+        ENGINE_WITH_WORKERS,
         """
         import json, os, threading
-        import numpy as np
-        import openvino as ov
-        import openvino.opset13 as ops
         from node.priority import lower_native_threads, lower_this_thread
 
-        x = ops.parameter([1, 8, 64, 64], np.float32)
-        w = ops.constant(np.ones((8, 8, 3, 3), np.float32))
-        model = ov.Model([ops.convolution(x, w, [1, 1], [1, 1], [1, 1], [1, 1])], [x])
-        compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": 2})
-        compiled(np.ones((1, 8, 64, 64), np.float32))  # the engine starts its worker pool
         python = {t.native_id for t in threading.enumerate()} | {os.getpid()}
         native = [int(t) for t in os.listdir("/proc/self/task") if int(t) not in python]
         changed = lower_native_threads(7)
@@ -59,7 +68,7 @@ def test_the_engines_worker_threads_and_the_calling_thread_are_lowered_and_no_ot
             "main_nice": os.getpriority(os.PRIO_PROCESS, os.getpid()),
             **seen,
         }))
-        """
+        """,
     )
     assert out["native"] and out["changed"] == out["native"], out
     assert out["again"] == 0, "a thread already at the value is left alone"
@@ -89,18 +98,10 @@ def test_nothing_is_lowered_while_a_python_thread_is_starting() -> None:
     """A thread just started is listed by threading before it knows its OS id; its task must not be
     taken for an engine's worker."""
     out = _child(
+        ENGINE_WITH_WORKERS,
         """
         import json, threading
-        import numpy as np
-        import openvino as ov
-        import openvino.opset13 as ops
         from node import priority
-
-        x = ops.parameter([1, 8, 64, 64], np.float32)
-        w = ops.constant(np.ones((8, 8, 3, 3), np.float32))
-        model = ov.Model([ops.convolution(x, w, [1, 1], [1, 1], [1, 1], [1, 1])], [x])
-        compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": 2})
-        compiled(np.ones((1, 8, 64, 64), np.float32))  # the engine starts its worker pool
 
         class Starting:
             native_id = None
@@ -110,6 +111,6 @@ def test_nothing_is_lowered_while_a_python_thread_is_starting() -> None:
         while_starting = priority.lower_native_threads(7)
         threading.enumerate = real
         print(json.dumps({"while_starting": while_starting, "after": priority.lower_native_threads(7)}))
-        """
+        """,
     )
     assert out["while_starting"] == 0 and out["after"] > 0, out
