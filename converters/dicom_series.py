@@ -15,6 +15,7 @@ colour images.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -25,7 +26,9 @@ import numpy.typing as npt
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
+from pydicom.pixels import get_decoder
 from pydicom.uid import (
+    UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
@@ -146,6 +149,30 @@ def _with_transfer_syntax(ds: Dataset) -> Dataset:
 _NATIVE_LITTLE_ENDIAN = frozenset(
     {ImplicitVRLittleEndian, ExplicitVRLittleEndian, DeflatedExplicitVRLittleEndian}
 )
+
+
+@functools.cache
+def readable_transfer_syntaxes(candidates: tuple[str, ...]) -> tuple[str, ...]:
+    """Those of ``candidates`` whose pixel data this installation can decode, in their order.
+
+    Native (uncompressed, deflated, big-endian) syntaxes always; a compressed one when a pydicom
+    decoder for it has its plugin installed (python-gdcm brings JPEG lossless and lossy, JPEG-LS and
+    JPEG 2000; pydicom decodes RLE itself). The SCP accepts MR images only in these, so that a PACS
+    never has an image acknowledged that the node could not read (node/scp.py).
+    """
+    readable = []
+    for candidate in candidates:
+        uid = UID(candidate)
+        if not uid.is_compressed:
+            readable.append(candidate)
+            continue
+        try:
+            decoder = get_decoder(uid)
+        except NotImplementedError:  # pydicom has no decoder for it at all (video, JPEG XL, JPIP)
+            continue
+        if decoder.is_available:
+            readable.append(candidate)
+    return tuple(readable)
 
 
 def _native_pixels(ds: Dataset) -> npt.NDArray[np.generic] | None:

@@ -34,6 +34,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 from pynetdicom.utils import make_target
 
+from converters.dicom_series import readable_transfer_syntaxes
 from db import instances
 from db.exceptions import DatabaseOperationError, DatabaseUnavailableError
 from db.transactions import SessionFactory
@@ -245,8 +246,12 @@ class StorageSCP:
         ae.require_called_aet = True
         ae.require_calling_aet = list(self.settings.allowed_calling_aes)
         ae.add_supported_context(Verification)
+        readable = list(readable_transfer_syntaxes(tuple(ALL_TRANSFER_SYNTAXES)))
         for context in AllStoragePresentationContexts:
-            ae.add_supported_context(str(context.abstract_syntax), ALL_TRANSFER_SYNTAXES)
+            sop_class = str(context.abstract_syntax)
+            # Images the node processes only in what it can decode; objects it never reads in any.
+            syntaxes = readable if sop_class in KEPT_SOP_CLASSES else ALL_TRANSFER_SYNTAXES
+            ae.add_supported_context(sop_class, syntaxes)
         return ae
 
     def _ssl_context(self) -> ssl.SSLContext | None:
@@ -275,7 +280,7 @@ class StorageSCP:
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_CONN_OPEN, self._on_connection),
-            (evt.EVT_ESTABLISHED, lambda event: set_nodelay(event.assoc)),
+            (evt.EVT_ESTABLISHED, self._on_established),
             (evt.EVT_RELEASED, self._on_association_end),
             (evt.EVT_ABORTED, self._on_association_end),
             (evt.EVT_CONN_CLOSE, self._on_association_end),
@@ -336,6 +341,25 @@ class StorageSCP:
             make_waiting(dul)
         make_prompt(event.assoc)
         make_quick_store_response(event.assoc)
+
+    def _on_established(self, event: Any) -> None:
+        """Turn Nagle off; log MR image classes refused because none of their proposed transfer
+        syntaxes can be decoded here (the PACS sees only a missing presentation context)."""
+        assoc = event.assoc
+        set_nodelay(assoc)
+        for context in assoc.rejected_contexts:
+            if str(context.abstract_syntax) in KEPT_SOP_CLASSES:
+                proposed = ", ".join(UID(str(s)).name for s in context.transfer_syntax) or "none"
+                logger.warning(
+                    "association from %s (calling AE %r): %s refused, proposed only in transfer "
+                    "syntaxes this node cannot decode (%s); the PACS must send it uncompressed or in "
+                    "one of: %s",
+                    assoc.requestor.address,
+                    str(assoc.requestor.ae_title).strip(),
+                    UID(str(context.abstract_syntax)).name,
+                    proposed,
+                    ", ".join(UID(s).name for s in readable_transfer_syntaxes(tuple(ALL_TRANSFER_SYNTAXES))),
+                )
 
     def _on_echo(self, event: Any) -> int:
         return dimse.SUCCESS
