@@ -63,6 +63,15 @@ binary values (US, FD ...)    always valid                                copied
 ============================  ==========================================  ============================
 
 StudyInstanceUID is copied as it is: the SEG must stay in the source's study.
+
+SpecificCharacterSet (PS3.3 C.12.1.1.2) says how the copied text is written. highdicom refuses the
+standard's own ``\\ISO 2022 IR 87`` (an empty first value, which means ISO 2022 IR 6) and a single
+value with code extensions (``ISO 2022 IR 100``), which used to fail the job. The outputs name the
+source's character set in its standard form: an empty first value becomes ISO 2022 IR 6; a single
+``ISO 2022 IR n`` becomes ``ISO_IR n`` for a single-byte set, ``ISO 2022 IR 6\\ISO 2022 IR n`` for a
+multi-byte one, and is dropped for ``ISO 2022 IR 6`` (the default repertoire). Where that is still
+not a set highdicom writes, or a copied value has a character the set cannot encode, the outputs are
+written in UTF-8 (``ISO_IR 192``). Text is always decoded with the source's own set first.
 """
 
 from __future__ import annotations
@@ -75,7 +84,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from highdicom.enum import SpecificCharacterSetValues
 from pydicom import config
+from pydicom.charset import convert_encodings
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
@@ -171,6 +182,11 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b\x0e-\x1a\x1c-\x1f\x7f]")
 _DA = re.compile(r"\d{8}")
 _TM = re.compile(r"(\d{2})(?:(\d{2})(?:(\d{2})(?:\.\d{1,6})?)?)?")
 _OMIT = object()
+#: What the outputs are written in when the source's character set cannot be (PS3.3 C.12.1.1.2).
+UTF8 = "ISO_IR 192"
+_CHARSETS = frozenset(v.value for v in SpecificCharacterSetValues)
+_CODE_EXTENSIONS = frozenset(v for v in _CHARSETS if v.startswith("ISO 2022 IR "))
+_MULTI_BYTE = frozenset({"ISO 2022 IR 87", "ISO 2022 IR 159", "ISO 2022 IR 149", "ISO 2022 IR 58"})
 
 
 @dataclass(frozen=True)
@@ -229,13 +245,99 @@ def corrected_attributes(ds: Dataset) -> tuple[dict[str, DataElement | None], li
         else:
             replacements[keyword] = DataElement(tag, dictionary_VR(tag), value)
         corrections.append(Correction(keyword, rule))
+    charset = _character_set(ds, _copied_texts(ds, replacements))
+    if charset is not None:
+        value, rule = charset
+        element = None if value is _OMIT else DataElement(0x00080005, "CS", value)
+        replacements["SpecificCharacterSet"] = element
+        corrections.append(Correction("SpecificCharacterSet", rule))
     return replacements, corrections
+
+
+def _copied_texts(ds: Dataset, replacements: dict[str, DataElement | None]) -> list[str]:
+    """The text of every copied PN and text attribute as the outputs will carry it (root level)."""
+    texts: list[str] = []
+    for keyword in COPIED_ATTRIBUTES:
+        element: DataElement | None
+        if keyword in replacements:
+            element = replacements[keyword]
+        else:
+            tag = tag_for_keyword(keyword)
+            try:
+                element = ds[tag] if tag is not None and tag in ds else None
+            except Exception:  # unreadable values were replaced above
+                element = None
+        if element is None or not (element.VR in _TEXT_VRS or element.VR == "PN"):
+            continue
+        value = element.value
+        texts += [str(v) for v in (value if isinstance(value, MultiValue) else [value]) if v]
+    return texts
+
+
+def _character_set(ds: Dataset, texts: list[str]) -> tuple[Any, str] | None:
+    """``(new SpecificCharacterSet or _OMIT, rule)``, or None when the source's is written as it is."""
+    raw = ds.get("SpecificCharacterSet")
+    if not raw:
+        named: list[str] = []
+    else:
+        named = [str(v).strip() for v in (raw if isinstance(raw, MultiValue) else [raw])]
+    standard = _standard_charset(named)
+    if _charset_writable(standard, texts):
+        if standard == named:
+            return None
+        if not standard:
+            return _OMIT, "names the default repertoire with code extensions: omitted (PS3.3 C.12.1.1.2)"
+        value: Any = standard[0] if len(standard) == 1 else standard
+        return value, "written in its standard form (PS3.3 C.12.1.1.2)"
+    return UTF8, f"not a set the outputs can be written in: written in UTF-8 ({UTF8})"
+
+
+def _standard_charset(named: list[str]) -> list[str]:
+    """``named`` (SpecificCharacterSet's values) in the form PS3.3 C.12.1.1.2 and highdicom expect."""
+    if len(named) > 1:
+        first = named[0] or "ISO 2022 IR 6"
+        return [first, *(v.replace("ISO_IR ", "ISO 2022 IR ") for v in named[1:])]
+    if len(named) == 1 and named[0] in _CODE_EXTENSIONS:
+        if named[0] == "ISO 2022 IR 6":
+            return []
+        if named[0] in _MULTI_BYTE:
+            return ["ISO 2022 IR 6", named[0]]
+        return [named[0].replace("ISO 2022 IR ", "ISO_IR ")]
+    return [v for v in named if v]
+
+
+def _charset_writable(values: list[str], texts: list[str]) -> bool:
+    """Whether highdicom accepts ``values`` and every character of ``texts`` encodes in them."""
+    if any(v not in _CHARSETS for v in values):
+        return False
+    if len(values) == 1 and values[0] in _CODE_EXTENSIONS:
+        return False
+    if len(values) > 1 and (values[0] in _MULTI_BYTE or any(v not in _CODE_EXTENSIONS for v in values)):
+        return False
+    try:
+        encodings = convert_encodings(values or ["ISO_IR 6"])
+    except (LookupError, ValueError):
+        return False
+    return all(any(_encodes(ch, e) for e in encodings) for text in texts for ch in set(text))
+
+
+def _encodes(character: str, encoding: str) -> bool:
+    try:
+        character.encode(encoding)
+    except (UnicodeError, LookupError):
+        return False
+    return True
 
 
 def _with(ds: Dataset, replacements: dict[str, DataElement | None]) -> Dataset:
     clean = copy.copy(ds)
     # copy.copy shares the element dict: give the copy its own, so the source keeps its values.
     clean._dict = {tag: ds.get_item(tag) for tag in ds.keys()}  # noqa: SIM118 - iterating yields elements
+    if "SpecificCharacterSet" in replacements:
+        # Text not yet decoded would be decoded with the new set: decode it with the source's first.
+        for tag in list(clean._dict):
+            if tag != 0x7FE00010:
+                clean[tag]
     for keyword, element in replacements.items():
         if element is None:
             if keyword in clean:

@@ -22,6 +22,7 @@ from pydicom import config
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 
 from converters.dicom_writer import write_study
 from converters.synthetic import make_synthetic_case
@@ -167,6 +168,45 @@ def test_bad_source_attribute_is_corrected_and_logged_by_keyword(
         if value:
             assert all(value not in line for line in lines), lines
     assert all("value not logged" in r.getMessage() for r in ours)
+
+
+JAPANESE = "Yamada^Tarou=山田^太郎=やまだ^たろう"
+KOREAN = "Hong^Gildong=洪^吉洞=홍^길동"
+
+#: id -> (the source's SpecificCharacterSet, its PatientName, the SpecificCharacterSet of the outputs;
+#: None: absent, the default repertoire).
+CHARACTER_SETS: dict[str, tuple[str | list[str], str, str | list[str] | None]] = {
+    # PS3.5 Annex H's own form: value 1 empty means ISO 2022 IR 6; highdicom refuses the empty value
+    "japanese-empty-first": (["", "ISO 2022 IR 87"], JAPANESE, ["ISO 2022 IR 6", "ISO 2022 IR 87"]),
+    "japanese": (["ISO 2022 IR 6", "ISO 2022 IR 87"], JAPANESE, ["ISO 2022 IR 6", "ISO 2022 IR 87"]),
+    # a single value with code extensions: the same repertoire without them
+    "latin1-extensions": ("ISO 2022 IR 100", "Müller^Jürgen", "ISO_IR 100"),
+    "default-extensions": ("ISO 2022 IR 6", "Smith^John", None),
+    # a set highdicom 0.28.2 does not know (Korean), and a misspelled one pydicom still reads
+    "korean": (["", "ISO 2022 IR 149"], KOREAN, "ISO_IR 192"),
+    "misspelled-latin1": ("ISO-IR 100", "Müller^Jürgen", "ISO_IR 192"),
+    "utf8": ("ISO_IR 192", "Łukasz^Żółć", "ISO_IR 192"),
+    "chinese": ("GB18030", "王^小东", "GB18030"),
+}
+
+
+@pytest.mark.parametrize("charset, name, expected", CHARACTER_SETS.values(), ids=list(CHARACTER_SETS))
+def test_the_outputs_carry_the_patients_name_in_a_character_set_they_can_be_written_in(
+    charset: str | list[str],
+    name: str,
+    expected: str | list[str] | None,
+    node_outputs: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    seg, sr = node_outputs({"SpecificCharacterSet": (charset, ""), "PatientName": (name, "")})
+    for out in (_strictly_read(seg), _strictly_read(sr)):
+        assert str(out.PatientName) == name, out.Modality
+        carried = out.get("SpecificCharacterSet")
+        assert (list(carried) if isinstance(carried, MultiValue) else carried) == expected, out.Modality
+    logged = [r.getMessage() for r in caplog.records if r.name == "node.source_attributes"]
+    changed = expected != charset
+    assert any(" SpecificCharacterSet " in m for m in logged) == changed, logged
+    assert not any(part in m for m in logged for part in name.replace("=", "^").split("^")), logged
 
 
 def test_cleaning_leaves_the_sources_untouched(tmp_path: Path) -> None:
