@@ -337,7 +337,10 @@ def _with(ds: Dataset, replacements: dict[str, DataElement | None]) -> Dataset:
         # Text not yet decoded would be decoded with the new set: decode it with the source's first.
         for tag in list(clean._dict):
             if tag != 0x7FE00010:
-                clean[tag]
+                try:
+                    clean[tag]  # converts the raw element in place, with the source's set
+                except Exception:  # a value pydicom cannot convert stays raw; it is not text
+                    continue
     for keyword, element in replacements.items():
         if element is None:
             if keyword in clean:

@@ -20,9 +20,10 @@ import pydicom
 import pytest
 from pydicom import config
 from pydicom.datadict import dictionary_VR, tag_for_keyword
-from pydicom.dataelem import DataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
+from pydicom.tag import BaseTag
 
 from converters.dicom_writer import write_study
 from converters.synthetic import make_synthetic_case
@@ -67,12 +68,16 @@ CASES = [pytest.param({k: v}, id=k) for k, v in BAD.items()] + [
 ]
 
 
-def _set_bad(ds: Dataset, keyword: str, value: str | None) -> None:
+def _set_bad(ds: Dataset, keyword: str, value: str | bytes | None) -> None:
+    """Set ``keyword`` to ``value``; bytes are written as they are (a value pydicom cannot convert)."""
     tag = tag_for_keyword(keyword)
     assert tag is not None
     if value is ABSENT:
         if tag in ds:
             del ds[tag]
+        return
+    if isinstance(value, bytes):
+        ds[tag] = RawDataElement(BaseTag(tag), dictionary_VR(tag), len(value), value, 0, False, True)
         return
     ds[tag] = DataElement(tag, dictionary_VR(tag), value)
 
@@ -207,6 +212,21 @@ def test_the_outputs_carry_the_patients_name_in_a_character_set_they_can_be_writ
     changed = expected != charset
     assert any(" SpecificCharacterSet " in m for m in logged) == changed, logged
     assert not any(part in m for m in logged for part in name.replace("=", "^").split("^")), logged
+
+
+def test_a_new_character_set_with_values_pydicom_cannot_convert(node_outputs: Any) -> None:
+    """Text is decoded before the set changes; a value that cannot be converted (DS 'abc') does not
+    stop that, and is omitted by its own rule."""
+    seg, sr = node_outputs(
+        {
+            "SpecificCharacterSet": (["", "ISO 2022 IR 87"], ""),
+            "PatientName": (JAPANESE, ""),
+            "PatientWeight": (b"abc ", ""),
+        }
+    )
+    for out in (_strictly_read(seg), _strictly_read(sr)):
+        assert str(out.PatientName) == JAPANESE
+        assert "PatientWeight" not in out
 
 
 def test_cleaning_leaves_the_sources_untouched(tmp_path: Path) -> None:
