@@ -347,19 +347,20 @@ class StorageSCP:
         syntaxes can be decoded here (the PACS sees only a missing presentation context)."""
         assoc = event.assoc
         set_nodelay(assoc)
-        for context in assoc.rejected_contexts:
-            if str(context.abstract_syntax) in KEPT_SOP_CLASSES:
-                proposed = ", ".join(UID(str(s)).name for s in context.transfer_syntax) or "none"
-                logger.warning(
-                    "association from %s (calling AE %r): %s refused, proposed only in transfer "
-                    "syntaxes this node cannot decode (%s); the PACS must send it uncompressed or in "
-                    "one of: %s",
-                    assoc.requestor.address,
-                    str(assoc.requestor.ae_title).strip(),
-                    UID(str(context.abstract_syntax)).name,
-                    proposed,
-                    ", ".join(UID(s).name for s in readable_transfer_syntaxes(tuple(ALL_TRANSFER_SYNTAXES))),
-                )
+        refused = [c for c in assoc.rejected_contexts if str(c.abstract_syntax) in KEPT_SOP_CLASSES]
+        if not refused:
+            return
+        readable = readable_transfer_syntaxes(tuple(ALL_TRANSFER_SYNTAXES))
+        for context in refused:
+            logger.warning(
+                "association from %s (calling AE %r): %s refused, proposed only in transfer syntaxes "
+                "this node cannot decode (%s); the PACS must send it uncompressed or in one of: %s",
+                assoc.requestor.address,
+                str(assoc.requestor.ae_title).strip(),
+                UID(str(context.abstract_syntax)).name,
+                ", ".join(UID(str(s)).name for s in context.transfer_syntax) or "none",
+                ", ".join(UID(s).name for s in readable if UID(s).is_compressed),
+            )
 
     def _on_echo(self, event: Any) -> int:
         return dimse.SUCCESS
