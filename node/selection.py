@@ -16,13 +16,24 @@ ProtocolName second, and a description never overrides an attribute that contrad
   acquired last (AcquisitionDateTime, else AcquisitionTime, else SeriesTime): contrast is given after
   the native T1, never before.
 * T1: T1-weighted (short TE, and short TR or an IR with short TI) and not T1GD.
-* T2: long TE, not inversion recovery.
+* T2: long TE, not inversion recovery, not echo-planar (EP in ScanningSequence).
 
 A series whose ImageType (0008,0008) names a derived map (ADC, TRACE, MIP, subtraction, projection,
-localizer) serves no role. Among the candidates for a modality an ORIGINAL image wins over a DERIVED
-one, then an axial series, then the one with most slices. A series serves at most one modality
-(chosen in the order FLAIR, T1GD, T1, T2). :meth:`SeriesSelector.assign` says which roles are
-missing instead of raising, and why each T1 got its role (``basis``).
+localizer) serves no role. Nor, whatever its description says, does a series whose attributes say it is:
+
+* diffusion-weighted: ImageType DIFFUSION, a DiffusionBValue (0018,9087) above 0 (or any in an
+  echo-planar series), a DiffusionDirectionality (0018,9075) other than NONE, or a Siemens ``*ep_b``
+  SequenceName (0018,0024). A DWI has a long TE and no inversion, so by TE alone it is a T2; a
+  series of two b-values would then win the T2 role by its slice count;
+* an angiogram: AngioFlag (0018,0025) Y, or an Enhanced MR image flavour ANGIO. A time-of-flight
+  angiogram has a short TE and TR, so by them alone it is a T1;
+* a phase, real or imaginary image: ComplexImageComponent (0008,9208), or ImageType's vendor values
+  P, R, I, PHASE...
+
+Among the candidates for a modality an ORIGINAL image wins over a DERIVED one, then an axial
+series, then the one with most slices. A series serves at most one modality (chosen in the order
+FLAIR, T1GD, T1, T2). :meth:`SeriesSelector.assign` says which roles are missing instead of raising,
+and why each T1 got its role (``basis``).
 """
 
 from __future__ import annotations
@@ -73,6 +84,9 @@ class SeriesInfo:
     contrast: bool | None = None
     #: Seconds since the study date's midnight (days added for a later date), or None.
     acquired: float | None = None
+    #: What the attributes say this series is when it is no structural image (:func:`_no_role_kind`):
+    #: "diffusion", "angiography", "phase, real or imaginary image", or "" for a structural series.
+    special: str = ""
 
     @property
     def label(self) -> str:
@@ -96,6 +110,11 @@ class SeriesInfo:
         return any(v in DERIVED_MAPS for v in self.image_type)
 
     @property
+    def serves_no_role(self) -> bool:
+        """A derived map, or by its attributes a diffusion, angiography or phase series (``special``)."""
+        return self.derived_map or bool(self.special)
+
+    @property
     def original(self) -> bool:
         """ImageType's first value is ORIGINAL (or ImageType is absent)."""
         return not self.image_type or self.image_type[0] != "DERIVED"
@@ -112,6 +131,13 @@ DERIVED_MAPS = frozenset(
     {"ADC", "TRACEW", "TRACE", "FA", "EADC", "MIP", "MPR_THICK", "SUB", "SUBTRACTION", "PROJECTION IMAGE",
      "LOCALIZER", "MOCO", "PERFUSION", "CBF", "CBV", "MTT", "TTP"}
 )  # fmt: skip
+
+#: ImageType values (after the first two) of a phase, real or imaginary image: Siemens P/R/I, GE and
+#: the standard's PHASE/REAL/IMAGINARY, Philips P/R/I and their P_xx/R_xx/I_xx forms (M is magnitude).
+COMPLEX_PARTS = re.compile(r"^(P|R|I|PHASE|REAL|IMAGINARY|PHASE MAP|[PRI]_[A-Z0-9]+)$")
+
+#: A Siemens diffusion SequenceName (0018,0024): ``*ep_b1000t``, ``ep_b0``, ``*ep_b500#1``.
+DIFFUSION_SEQUENCE_NAME = re.compile(r"ep_b\d", re.IGNORECASE)
 
 #: Contrast/Bolus module keywords (PS3.3 C.7.6.4) whose presence says contrast was given.
 CONTRAST_KEYWORDS = (
@@ -210,6 +236,26 @@ def _deep_get(ds: Dataset, keyword: str) -> Any:
     return None
 
 
+def _no_role_kind(ds: Dataset, image_type: Sequence[str]) -> str:
+    """What the attributes say a series is when it is no structural image: "diffusion",
+    "angiography", "phase, real or imaginary image", or "" (see the module notes)."""
+    bvalue = _float(_deep_get(ds, "DiffusionBValue"))
+    directionality = str(_deep_get(ds, "DiffusionDirectionality") or "").strip().upper()
+    if (
+        "DIFFUSION" in image_type
+        or (bvalue is not None and (bvalue > 0 or "EP" in _multi(_deep_get(ds, "ScanningSequence"))))
+        or directionality not in ("", "NONE")
+        or DIFFUSION_SEQUENCE_NAME.search(str(_deep_get(ds, "SequenceName") or ""))
+    ):
+        return "diffusion"
+    if str(_deep_get(ds, "AngioFlag") or "").strip().upper() == "Y" or "ANGIO" in image_type:
+        return "angiography"
+    component = str(_deep_get(ds, "ComplexImageComponent") or "").strip().upper()
+    if component in ("PHASE", "REAL", "IMAGINARY") or any(COMPLEX_PARTS.match(v) for v in image_type[2:]):
+        return "phase, real or imaginary image"
+    return ""
+
+
 def series_info(ds: Dataset, paths: Sequence[Path], slices: int) -> SeriesInfo:
     """Build a :class:`SeriesInfo` from one header of the series (single- or multi-frame)."""
     iop = _deep_get(ds, "ImageOrientationPatient")
@@ -230,6 +276,7 @@ def series_info(ds: Dataset, paths: Sequence[Path], slices: int) -> SeriesInfo:
     if not scanning and str(_deep_get(ds, "InversionRecovery") or "").upper() == "YES":
         scanning = ["IR"]
     contrast, agent = _contrast(ds)
+    image_type = _multi(ds.get("ImageType"))
     return SeriesInfo(
         series_instance_uid=str(ds.get("SeriesInstanceUID", "")),
         description=str(ds.get("SeriesDescription", "") or ""),
@@ -245,9 +292,10 @@ def series_info(ds: Dataset, paths: Sequence[Path], slices: int) -> SeriesInfo:
         normal=normal,
         slices=slices,
         paths=list(paths),
-        image_type=_multi(ds.get("ImageType")),
+        image_type=image_type,
         contrast=contrast,
         acquired=_acquired(ds),
+        special=_no_role_kind(ds, image_type),
     )
 
 
@@ -346,7 +394,7 @@ class SeriesSelector:
         """
         t1w = [
             s for s in series
-            if not self._re["exclude"].search(s.text) and not s.derived_map
+            if not self._re["exclude"].search(s.text) and not s.serves_no_role
             and not self.is_flair(s) and self._t1_weighted(s)
         ]  # fmt: skip
         roles: dict[str, tuple[str, str]] = {}
@@ -381,9 +429,13 @@ class SeriesSelector:
         return roles
 
     def is_t2(self, s: SeriesInfo) -> bool:
-        """Long TE, not inversion recovery, or described as T2 without contradicting TE."""
+        """Long TE, not inversion recovery, not echo-planar, or described as T2 without contradicting TE.
+
+        A T2-weighted echo-planar series is a diffusion b=0 or a perfusion series, never the
+        structural (turbo) spin-echo T2 the models were trained on.
+        """
         te = s.echo_time
-        if self.is_flair(s) or s.inversion_recovery:
+        if self.is_flair(s) or s.inversion_recovery or "EP" in s.scanning_sequence:
             return False
         if te is not None:
             return te >= self.rules.t2_min_te_ms
@@ -413,7 +465,7 @@ class SeriesSelector:
                 s
                 for s in series
                 if s.series_instance_uid not in taken
-                and not s.derived_map
+                and not s.serves_no_role
                 and self._role_matches(modality, s, roles)
             ]
             if not candidates:

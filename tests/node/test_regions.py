@@ -478,6 +478,39 @@ def test_an_unreadable_t2_counts_as_absent(env: Node, case: Case, tmp_path: Path
     assert f"not brats_regions: T2 series {study.series_uids['T2']}" in routing["reason"]
 
 
+def _diffusion_series(t2_files: list[Path], out: Path) -> list[Path]:
+    """A GE-style DWI of ``t2_files``' slices: b=0 and b=1000 at every position in one series, long TE,
+    no inversion, ImageType ORIGINAL\\PRIMARY\\OTHER and a description the exclude pattern does not know;
+    only DiffusionBValue says what it is. b=0 images come first, as the node reads one header."""
+    out.mkdir(parents=True)
+    uid, files = pydicom.uid.generate_uid(), []
+    for bvalue in (0, 1000):
+        for number, path in enumerate(t2_files):
+            ds = pydicom.dcmread(path)
+            ds.SeriesInstanceUID, ds.SeriesNumber, ds.SeriesDescription = uid, 9, "AX DIFFUSION"
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+            ds.ImageType = ["ORIGINAL", "PRIMARY", "OTHER"]
+            ds.ScanningSequence, ds.EchoTime, ds.RepetitionTime = ["SE", "EP"], "80", "7000"
+            ds.DiffusionBValue = float(bvalue)
+            files.append(out / f"b{bvalue}-{number:03d}.dcm")
+            ds.save_as(files[-1], enforce_file_format=True)
+    return files
+
+
+def test_a_diffusion_series_is_not_taken_for_the_t2(env: Node, case: Case, tmp_path: Path) -> None:
+    # By TE it is a T2 and by slice count (two b-values) it would win the role; the regions model
+    # would then meet its duplicate positions and the study lose its sub-regions.
+    study = write_study(case, tmp_path / "study")
+    dwi = _diffusion_series(study.files["T2"], tmp_path / "dwi")
+    files = dwi + [p for fs in study.files.values() for p in fs]
+    results = store_files(files, "127.0.0.1", env.node.scp.port, "SEGNODE", "PACS")
+    assert {status for _, status, _ in results} == {0}
+    job = env.job_for(study)
+    assert job.status == "done", job.reason
+    assert job.result["routing"]["task"] == "brats_regions", job.result["routing"]["reason"]
+    assert job.result["series"] == study.series_uids
+
+
 @pytest.fixture()
 def strict_env(tmp_path: Path, models: tuple[Path, Path]) -> Iterator[Node]:
     # Limits no real registration meets: every one fails its check.

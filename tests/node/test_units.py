@@ -325,6 +325,55 @@ def test_axial_preferred_then_most_slices() -> None:
     assert chosen["FLAIR"] is big
 
 
+T2 = {"ScanningSequence": "SE", "RepetitionTime": 4500, "EchoTime": 95}
+T1 = {"ScanningSequence": "SE", "RepetitionTime": 500, "EchoTime": 10}
+
+
+def test_diffusion_angiography_and_phase_series_serve_no_role_by_their_attributes() -> None:
+    """Vendor headers as scanners write them; no description here says DWI, TOF or phase in a way the
+    exclude pattern knows, so only the attributes can keep each series out of the T2 and T1 roles."""
+    selector = SeriesSelector()
+    not_structural = [
+        # Siemens trace-weighted DWI: ImageType DIFFUSION, a *ep_b SequenceName.
+        _series("ep2d_diff_3scan_trace_p2", slices=48, ScanningSequence="EP", EchoTime=89,
+                RepetitionTime=6600, ImageType=["ORIGINAL", "PRIMARY", "DIFFUSION", "NONE", "ND"],
+                SequenceName="*ep_b1000t"),
+        # GE: b=0 and b=1000 in one series, the header read first a b=0 one; only the b-value says so.
+        _series("AX DIFFUSION", slices=50, ScanningSequence=["SE", "EP"], EchoTime=80,
+                RepetitionTime=7000, ImageType=["ORIGINAL", "PRIMARY", "OTHER"], DiffusionBValue=0.0),
+        # Philips: a spin-echo scanning sequence, the b-value and directionality in the header.
+        _series("DWI_SSh", slices=40, ScanningSequence="SE", EchoTime=90, RepetitionTime=3000,
+                ImageType=["ORIGINAL", "PRIMARY", "M_SE", "M", "SE"], DiffusionBValue=1000.0,
+                DiffusionDirectionality="ISOTROPIC"),
+        # An echo-planar T2-weighted series without b-values: a b=0 image or perfusion, not a T2.
+        _series("ep2d T2", slices=60, ScanningSequence="EP", EchoTime=70, RepetitionTime=5000),
+        # The phase images of a T2 (Siemens 'P', Philips 'P_SE', an Enhanced MR ComplexImageComponent).
+        _series("t2_tse_tra", slices=48, ImageType=["ORIGINAL", "PRIMARY", "P", "ND"], **T2),
+        _series("T2W_TSE", slices=48, ImageType=["ORIGINAL", "PRIMARY", "P_SE", "P", "SE"], **T2),
+        _series("T2 enhanced", slices=48, ComplexImageComponent="PHASE", **T2),
+    ]  # fmt: skip
+    for series in not_structural:
+        assert selector.assign([series], ["T2"]).missing == ["T2"], series.label
+    # Magnitude images of every vendor stay T2s.
+    magnitudes = (["ORIGINAL", "PRIMARY", "M", "ND", "NORM"], ["ORIGINAL", "PRIMARY", "M_SE", "M", "SE"])
+    for image_type in magnitudes:
+        assert selector.matches("T2", _series("t2", ImageType=image_type, **T2))
+    # Beside a real T2 with fewer slices, none of them takes the role.
+    t2 = _series("AX T2", slices=24, **T2)
+    assert selector.select([*not_structural, t2], ["T2"])["T2"] is t2
+
+    # A time-of-flight angiogram is T1-weighted by TE and TR; AngioFlag (or the Enhanced MR flavour
+    # ANGIO) says what it is, and the real T1 keeps its role however many more slices the TOF has.
+    tof = _series("3D multi-slab", slices=160, ScanningSequence="GR", EchoTime=3.4, RepetitionTime=22,
+                  AngioFlag="Y")  # fmt: skip
+    flavour = _series("fl3d", slices=160, ScanningSequence="GR", EchoTime=3.4, RepetitionTime=22,
+                      ImageType=["ORIGINAL", "PRIMARY", "ANGIO", "NONE"])  # fmt: skip
+    t1 = _series("AX T1", slices=24, **T1)
+    assert tof.special == flavour.special == "angiography"
+    assert selector.select([tof, flavour, t1], ["T1"])["T1"] is t1
+    assert sorted(selector.assign([tof, flavour], ["T1", "T1GD"]).missing) == ["T1", "T1GD"]
+
+
 def test_selection_reads_the_converter_study(tmp_path: Path) -> None:
     from converters.dicom_writer import write_study
     from converters.synthetic import make_synthetic_case
