@@ -495,6 +495,8 @@ class _Study:
         self.loaded: dict[str, LoadedSeries] = {}
         self.brains: dict[str, Brain | None] = {}
         self.early = early
+        #: The error of each series (by its files) that could not be read, not to read it twice.
+        self.unreadable: dict[tuple[str, tuple[str, ...]], JobError] = {}
         #: What came from early analysis: "load MODALITY", "brain MODALITY", "result TASK" and
         #: "seg TASK" (the result's SEG, built early too).
         self.reused: list[str] = []
@@ -512,19 +514,57 @@ class _Study:
         return done
 
     def load(self, assignment: Assignment, only: Sequence[str] | None = None) -> dict[str, LoadedSeries]:
-        """The series of ``assignment`` (those of ``only`` when given), read once per job."""
-        chosen = {m: i for m, i in assignment.chosen.items() if only is None or m in only}
+        """The series of ``assignment`` (those of ``only`` when given), read once per job.
+
+        A chosen series that cannot be read is replaced by the modality's next candidate that can
+        (``assignment.alternatives``, best first; one that another modality has is skipped), with a
+        line in ``assignment.replaced``; when none can, the first series' error is raised (JobError).
+        """
+        modalities = [m for m in assignment.chosen if only is None or m in only]
         with self.timer.stage("load"):
-            for modality, info in chosen.items():
-                cached = self.loaded.get(modality)
-                if cached is None or not same_files(cached.info, info):
-                    early = self._from_early(modality, info)
-                    self.loaded[modality] = (
-                        early if early is not None else load_chosen(info, modality, self.ctx.read)
-                    )
-                    self.brains.pop(modality, None)  # a mask of other files is no mask of these
+            for modality in modalities:
+                self._load_role(assignment, modality)
         self.heartbeat()
-        return {m: self.loaded[m] for m in chosen}
+        return {m: self.loaded[m] for m in modalities}
+
+    def _load_one(self, modality: str, info: SeriesInfo) -> LoadedSeries:
+        """``info`` read as ``modality`` (from this job's reads, early analysis' or the spool)."""
+        cached = self.loaded.get(modality)
+        if cached is not None and same_files(cached.info, info):
+            return cached
+        if (known := self.unreadable.get(_series_files(info))) is not None:
+            raise known
+        early = self._from_early(modality, info)
+        try:
+            loaded = early if early is not None else load_chosen(info, modality, self.ctx.read)
+        except JobError as exc:
+            self.unreadable[_series_files(info)] = exc
+            raise
+        self.loaded[modality] = loaded
+        self.brains.pop(modality, None)  # a mask of other files is no mask of these
+        return loaded
+
+    def _load_role(self, assignment: Assignment, modality: str) -> None:
+        first = assignment.chosen[modality]
+        try:
+            self._load_one(modality, first)
+            return
+        except JobError as exc:
+            error = exc
+        others = {i.series_instance_uid for m, i in assignment.chosen.items() if m != modality}
+        for alternative in assignment.alternatives.get(modality, []):
+            if alternative.series_instance_uid in others:
+                continue
+            try:
+                self._load_one(modality, alternative)
+            except JobError:
+                continue
+            line = f"{modality} {first.label} could not be read ({error}); {alternative.label} used instead"
+            logger.warning("%s", line)
+            assignment.chosen[modality] = alternative
+            assignment.replaced.append(line)
+            return
+        raise error
 
     def load_and_mask(
         self, assignment: Assignment, reference: str
@@ -754,6 +794,8 @@ def run_job(ctx: JobContext, job_id: int) -> str:
         "sr_sop_instance_uid": str(sr.SOPInstanceUID),
         "series": {m: s.series_instance_uid for m, s in chosen.items()},
         "series_basis": dict(done.route.assignment.basis),
+        # A chosen series that could not be read and the candidate used in its place.
+        "series_replaced": list(done.route.assignment.replaced),
         "volumes_ml": [round(v, 3) for v in volumes],
         "regions_ml": {
             k: round(v, 3) for k, v in region_volumes_ml(labels, card, assembled.reference).items()

@@ -31,9 +31,10 @@ localizer) serves no role. Nor, whatever its description says, does a series who
   P, R, I, PHASE...
 
 Among the candidates for a modality an ORIGINAL image wins over a DERIVED one, then an axial
-series, then the one with most slices. A series serves at most one modality (chosen in the order
-FLAIR, T1GD, T1, T2). :meth:`SeriesSelector.assign` says which roles are missing instead of raising,
-and why each T1 got its role (``basis``).
+series, then the one with most slices, then one not given contrast, then the one acquired last;
+the others are kept, in that order, for when the chosen one cannot be read. A series serves at
+most one modality (chosen in the order FLAIR, T1GD, T1, T2). :meth:`SeriesSelector.assign` says
+which roles are missing instead of raising, and why each T1 got its role (``basis``).
 """
 
 from __future__ import annotations
@@ -453,8 +454,8 @@ class SeriesSelector:
         return check(s)
 
     def assign(self, series: Sequence[SeriesInfo], modalities: Sequence[str]) -> Assignment:
-        """Choose one series per modality (ORIGINAL first, then axial, then most slices); the
-        modalities without a candidate are listed in ``missing`` instead of raising."""
+        """Choose one series per modality (:func:`rank`); the modalities without a candidate are listed
+        in ``missing`` instead of raising, the runners-up in ``alternatives``."""
         out = Assignment()
         taken: set[str] = set()
         roles = self.t1_roles(series)
@@ -471,8 +472,9 @@ class SeriesSelector:
             if not candidates:
                 out.missing.append(modality)
                 continue
-            best = max(candidates, key=lambda s: (s.original, s.axial, s.slices))
+            best, *others = sorted(candidates, key=rank, reverse=True)
             out.chosen[modality] = best
+            out.alternatives[modality] = others
             taken.add(best.series_instance_uid)
             if best.series_instance_uid in roles:
                 out.basis[modality] = roles[best.series_instance_uid][1]
@@ -502,6 +504,15 @@ class SeriesSelector:
         return assignment.chosen
 
 
+def rank(s: SeriesInfo) -> tuple[bool, bool, int, bool, float]:
+    """Sort key of a role's candidates, best last: ORIGINAL over DERIVED, then axial, then most slices,
+    then one not given contrast (a FLAIR before and one after contrast: the native one, as BraTS has
+    it), then the one acquired last (a series repeated with the same coverage is repeated because the
+    first one was spoiled, by motion most often)."""
+    acquired = s.acquired if s.acquired is not None else float("-inf")
+    return (s.original, s.axial, s.slices, s.contrast is not True, acquired)
+
+
 @dataclass
 class Assignment:
     """What :meth:`SeriesSelector.assign` found: a series per modality, the modalities without one, and
@@ -510,3 +521,8 @@ class Assignment:
     chosen: dict[str, SeriesInfo] = field(default_factory=dict)
     missing: list[str] = field(default_factory=list)
     basis: dict[str, str] = field(default_factory=dict)
+    #: The other candidates of each chosen modality, best first: tried in turn when the chosen series
+    #: cannot be read (node/pipeline.py).
+    alternatives: dict[str, list[SeriesInfo]] = field(default_factory=dict)
+    #: One line per chosen series that could not be read and the series used instead.
+    replaced: list[str] = field(default_factory=list)

@@ -277,6 +277,8 @@ def _result_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
         rows.append((key.replace("_", " "), ml(value)))
     for role, basis in (result.get("series_basis") or {}).items():
         rows.append((f"series {role}", basis))
+    for line in result.get("series_replaced") or []:
+        rows.append(("series replaced", line))
     registration = result.get("registration") or {}
     for modality, entry in (registration.get("series") or {}).items():
         figures = (

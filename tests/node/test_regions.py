@@ -511,6 +511,41 @@ def test_a_diffusion_series_is_not_taken_for_the_t2(env: Node, case: Case, tmp_p
     assert job.result["series"] == study.series_uids
 
 
+def test_an_unreadable_flair_gives_way_to_the_next_flair_and_the_job_says_so(
+    env: Node, case: Case, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The study's best-ranked FLAIR (ORIGINAL, where the other is DERIVED) lost a slice on its way;
+    # the other FLAIR is whole. Before, the job failed on the gap.
+    study = write_study(case, tmp_path / "study", modalities=["FLAIR"])
+    broken_uid, broken = pydicom.uid.generate_uid(), []
+    (tmp_path / "broken").mkdir()
+    for number, path in enumerate(study.files["FLAIR"]):
+        if number == 11:
+            continue  # the lost slice
+        ds = pydicom.dcmread(path)
+        ds.SeriesInstanceUID, ds.SeriesNumber = broken_uid, 11
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "ND"]
+        broken.append(tmp_path / "broken" / path.name)
+        ds.save_as(broken[-1], enforce_file_format=True)
+    results = store_files(broken + study.files["FLAIR"], "127.0.0.1", env.node.scp.port, "SEGNODE", "PACS")
+    assert {status for _, status, _ in results} == {0}
+    job = env.job_for(study)
+    assert job.status == "done", job.reason
+    assert job.result["series"] == {"FLAIR": study.series_uids["FLAIR"]}
+    [line] = job.result["series_replaced"]
+    assert line.startswith(f"FLAIR series {broken_uid}") and "missing slices" in line
+    assert f"series {study.series_uids['FLAIR']}" in line and line.endswith("used instead")
+    seg = env.received(study, "SEG")
+    assert {str(r.SeriesInstanceUID) for r in seg.ReferencedSeriesSequence} == {study.series_uids["FLAIR"]}
+    from tests.helpers.cli import run_cli
+
+    monkeypatch.setenv("SEGNODE_DATABASE_URL", env.node.settings.database.url)
+    monkeypatch.setenv("COLUMNS", "400")
+    code, out, _ = run_cli(["jobs", "show", str(job.id)], capsys, monkeypatch)
+    assert code == 0 and "series replaced" in out and broken_uid in out
+
+
 @pytest.fixture()
 def strict_env(tmp_path: Path, models: tuple[Path, Path]) -> Iterator[Node]:
     # Limits no real registration meets: every one fails its check.

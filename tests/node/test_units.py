@@ -374,6 +374,20 @@ def test_diffusion_angiography_and_phase_series_serve_no_role_by_their_attribute
     assert sorted(selector.assign([tof, flavour], ["T1", "T1GD"]).missing) == ["T1", "T1GD"]
 
 
+def test_a_repeated_series_wins_over_the_first_and_the_others_are_kept_in_order() -> None:
+    first = _series("AX FLAIR", AcquisitionTime="091000", StudyDate="20261202", **FLAIR)
+    repeat = _series("AX FLAIR repeat", AcquisitionTime="093000", StudyDate="20261202", **FLAIR)
+    sagittal = _series("SAG FLAIR", iop=[0, 1, 0, 0, 0, -1], slices=200, **FLAIR)
+    assignment = SeriesSelector().assign([first, sagittal, repeat], ["FLAIR"])
+    assert assignment.chosen["FLAIR"] is repeat
+    assert assignment.alternatives["FLAIR"] == [first, sagittal]
+    # A FLAIR after contrast, acquired later still, does not replace the native one.
+    post = _series(
+        "AX FLAIR +C", AcquisitionTime="095000", StudyDate="20261202", ContrastBolusAgent="Gd", **FLAIR
+    )
+    assert SeriesSelector().select([post, first, repeat], ["FLAIR"])["FLAIR"] is repeat
+
+
 def test_selection_reads_the_converter_study(tmp_path: Path) -> None:
     from converters.dicom_writer import write_study
     from converters.synthetic import make_synthetic_case
