@@ -30,6 +30,10 @@ localizer) serves no role. Nor, whatever its description says, does a series who
 * a phase, real or imaginary image: ComplexImageComponent (0008,9208), or ImageType's vendor values
   P, R, I, PHASE...
 
+A single-frame series holding several echoes at each position (a PD/T2 dual echo: EchoNumbers
+(0018,0086) and EchoTime differ between its images) is taken as one candidate per echo, each with
+its own TE: the long echo may be the T2, the short one serves no role.
+
 Among the candidates for a modality an ORIGINAL image wins over a DERIVED one, then an axial
 series, then the one with most slices, then one not given contrast, then the one acquired last;
 the others are kept, in that order, for when the chosen one cannot be read. A series serves at
@@ -88,12 +92,16 @@ class SeriesInfo:
     #: What the attributes say this series is when it is no structural image (:func:`_no_role_kind`):
     #: "diffusion", "angiography", "phase, real or imaginary image", or "" for a structural series.
     special: str = ""
+    #: For one echo of a multi-echo series (e.g. a PD/T2 dual echo), which: "echo 2, TE 90 ms";
+    #: "" for a series of one echo.
+    echo: str = ""
 
     @property
     def label(self) -> str:
         """Short text for log lines and reasons."""
         description = self.description or "no description"
-        return f"series {self.series_instance_uid} ({description}, {self.slices} slices)"
+        echo = f" {self.echo}" if self.echo else ""
+        return f"series {self.series_instance_uid}{echo} ({description}, {self.slices} slices)"
 
     @property
     def inversion_recovery(self) -> bool:
@@ -300,36 +308,64 @@ def series_info(ds: Dataset, paths: Sequence[Path], slices: int) -> SeriesInfo:
     )
 
 
+def _echo_key(ds: Dataset) -> tuple[str, float | None]:
+    """Which echo of its series an image is: EchoNumbers (0018,0086) and EchoTime (0018,0081)."""
+    return str(ds.get("EchoNumbers", "") or "").strip(), _float(ds.get("EchoTime"))
+
+
+def _echo_series(headers: Sequence[tuple[Dataset, Path]]) -> list[SeriesInfo]:
+    """The single-frame images of one series as one :class:`SeriesInfo`, or one per echo when they hold
+    several echoes at each position (a PD/T2 dual echo): each echo is a contrast of its own and a
+    volume of its own, and the T2 role may take the long echo alone."""
+    echoes: dict[tuple[str, float | None], list[tuple[Dataset, Path]]] = {}
+    for ds, path in headers:
+        echoes.setdefault(_echo_key(ds), []).append((ds, path))
+    out = []
+    for (number, te), items in echoes.items():
+        info = series_info(items[0][0], [p for _, p in items], len(items))
+        if len(echoes) > 1:
+            info.echo = f"echo {number or '?'}, TE {te:g} ms" if te is not None else f"echo {number or '?'}"
+        out.append(info)
+    return out
+
+
+def _frames(ds: Dataset) -> int:
+    return int(ds.get("NumberOfFrames", 1) or 1)
+
+
 def scan_series(paths: Iterable[Path]) -> list[SeriesInfo]:
-    """Read the headers of spooled files (no pixel data) and group them by SeriesInstanceUID."""
-    groups: dict[str, tuple[Dataset, list[Path], int]] = {}
+    """Read the headers of spooled files (no pixel data) and group them by SeriesInstanceUID, and the
+    images of a multi-echo series by echo."""
+    groups: dict[str, list[tuple[Dataset, Path]]] = {}
     for path in paths:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
-        uid = str(ds.get("SeriesInstanceUID", ""))
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
-        if uid in groups:
-            first, files, count = groups[uid]
-            files.append(Path(path))
-            groups[uid] = (first, files, count + frames)
+        groups.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append((ds, Path(path)))
+    out: list[SeriesInfo] = []
+    for headers in groups.values():
+        if any(_frames(ds) > 1 for ds, _ in headers):
+            frames = sum(_frames(ds) for ds, _ in headers)
+            out.append(series_info(headers[0][0], [p for _, p in headers], frames))
         else:
-            groups[uid] = (ds, [Path(path)], frames)
-    return [series_info(ds, files, count) for ds, files, count in groups.values()]
+            out.extend(_echo_series(headers))
+    return out
 
 
 def scan_grouped_series(groups: Mapping[str, Sequence[Path]]) -> list[SeriesInfo]:
     """Like :func:`scan_series` for files already grouped by series (from the database): one header
-    read per single-frame series instead of one per file."""
-    out = []
+    read per single-frame series instead of one per file, plus two (the middle and last file's) that
+    say whether it holds several echoes; only then are all its headers read."""
+    out: list[SeriesInfo] = []
     for paths in groups.values():
         first = pydicom.dcmread(paths[0], stop_before_pixels=True)
-        frames = int(first.get("NumberOfFrames", 1) or 1)
-        if frames > 1 or len(paths) == 1:
-            frames = sum(
-                int(pydicom.dcmread(p, stop_before_pixels=True).get("NumberOfFrames", 1) or 1) for p in paths
-            )
-        else:
-            frames = len(paths)
-        out.append(series_info(first, [Path(p) for p in paths], frames))
+        if _frames(first) > 1 or len(paths) == 1:
+            frames = sum(_frames(pydicom.dcmread(p, stop_before_pixels=True)) for p in paths)
+            out.append(series_info(first, [Path(p) for p in paths], frames))
+            continue
+        probes = {paths[len(paths) // 2], paths[-1]}
+        if all(_echo_key(pydicom.dcmread(p, stop_before_pixels=True)) == _echo_key(first) for p in probes):
+            out.append(series_info(first, [Path(p) for p in paths], len(paths)))
+            continue
+        out.extend(_echo_series([(pydicom.dcmread(p, stop_before_pixels=True), Path(p)) for p in paths]))
     return out
 
 

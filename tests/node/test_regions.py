@@ -27,7 +27,7 @@ from converters.synthetic import make_synthetic_case
 from db import job_queue
 from node.config import Destination, RegistrationConfig
 from node.coregistration import LoadedSeries, coregister
-from node.selection import SeriesSelector, series_info
+from node.selection import SeriesSelector, scan_series, series_info
 from node.sender import store_files
 from node.service import NodeService
 from tests.helpers.node import (
@@ -478,31 +478,84 @@ def test_an_unreadable_t2_counts_as_absent(env: Node, case: Case, tmp_path: Path
     assert f"not brats_regions: T2 series {study.series_uids['T2']}" in routing["reason"]
 
 
-def _diffusion_series(t2_files: list[Path], out: Path) -> list[Path]:
-    """A GE-style DWI of ``t2_files``' slices: b=0 and b=1000 at every position in one series, long TE,
-    no inversion, ImageType ORIGINAL\\PRIMARY\\OTHER and a description the exclude pattern does not know;
-    only DiffusionBValue says what it is. b=0 images come first, as the node reads one header."""
+def _series_like(files: list[Path], out: Path, description: str, *per_image: dict[str, object]) -> list[Path]:
+    """A new series made of ``files``' slices with their headers changed: one image per position and
+    per item of ``per_image`` (the attributes each copy gets; several items: several images at each
+    position, e.g. b-values), new series and instance UIDs."""
     out.mkdir(parents=True)
-    uid, files = pydicom.uid.generate_uid(), []
-    for bvalue in (0, 1000):
-        for number, path in enumerate(t2_files):
+    uid, written = pydicom.uid.generate_uid(), []
+    for n, attrs in enumerate(per_image):
+        for number, path in enumerate(files):
             ds = pydicom.dcmread(path)
-            ds.SeriesInstanceUID, ds.SeriesNumber, ds.SeriesDescription = uid, 9, "AX DIFFUSION"
+            ds.SeriesInstanceUID, ds.SeriesDescription, ds.ProtocolName = uid, description, description
             ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
-            ds.ImageType = ["ORIGINAL", "PRIMARY", "OTHER"]
-            ds.ScanningSequence, ds.EchoTime, ds.RepetitionTime = ["SE", "EP"], "80", "7000"
-            ds.DiffusionBValue = float(bvalue)
-            files.append(out / f"b{bvalue}-{number:03d}.dcm")
-            ds.save_as(files[-1], enforce_file_format=True)
-    return files
+            for key, value in attrs.items():
+                setattr(ds, key, value)
+            written.append(out / f"{n}-{number:03d}.dcm")
+            ds.save_as(written[-1], enforce_file_format=True)
+    return written
 
 
-def test_a_diffusion_series_is_not_taken_for_the_t2(env: Node, case: Case, tmp_path: Path) -> None:
-    # By TE it is a T2 and by slice count (two b-values) it would win the role; the regions model
-    # would then meet its duplicate positions and the study lose its sub-regions.
+def test_a_brain_tumour_protocol_as_a_scanner_sends_it_gets_the_four_right_series(
+    env: Node, case: Case, tmp_path: Path
+) -> None:
+    """The four series among those a glioma protocol also holds, each made to win a role by TE, TR,
+    slice count or ImageType ORIGINAL (the test study's series are DERIVED), none described in words
+    the exclude pattern knows: only their attributes tell."""
     study = write_study(case, tmp_path / "study")
-    dwi = _diffusion_series(study.files["T2"], tmp_path / "dwi")
-    files = dwi + [p for fs in study.files.values() for p in fs]
+    f = study.files
+    original = ["ORIGINAL", "PRIMARY", "OTHER"]
+    echo_planar = {"ScanningSequence": ["SE", "EP"], "EchoTime": "80", "RepetitionTime": "7000"}
+    extra = [
+        # GE-style DWI: b=0 and b=1000 at every position, b=0 first; by TE a T2, by slices the best one.
+        *_series_like(f["T2"], tmp_path / "dwi", "AX DIFFUSION",
+                      {**echo_planar, "ImageType": original, "DiffusionBValue": 0.0},
+                      {**echo_planar, "ImageType": original, "DiffusionBValue": 1000.0}),
+        # Its ADC map.
+        *_series_like(f["T2"], tmp_path / "adc", "Apparent Diffusion Coefficient (mm2/s)",
+                      {**echo_planar, "ImageType": ["DERIVED", "PRIMARY", "ADC"]}),
+        # The phase images of a T2, ORIGINAL where the T2 is DERIVED (it would win).
+        *_series_like(f["T2"], tmp_path / "phase", "t2_tse_tra",
+                      {"ImageType": ["ORIGINAL", "PRIMARY", "P", "ND"]}),
+        # A time-of-flight angiogram: T1-weighted by TE and TR, ORIGINAL where the T1 is DERIVED.
+        *_series_like(f["T1"], tmp_path / "tof", "3D multi-slab",
+                      {"AngioFlag": "Y", "ImageType": original, "ScanningSequence": "GR", "EchoTime": "3.4",
+                       "RepetitionTime": "22"}),
+        # A FLAIR after contrast, acquired after the native one.
+        *_series_like(f["FLAIR"], tmp_path / "flair-post", "AX FLAIR",
+                      {"ContrastBolusAgent": "Gadobutrol", "AcquisitionTime": "235900"}),
+    ]  # fmt: skip
+    results = store_files(
+        extra + [p for fs in f.values() for p in fs], "127.0.0.1", env.node.scp.port, "SEGNODE", "PACS"
+    )
+    assert {status for _, status, _ in results} == {0}
+    job = env.job_for(study)
+    assert job.status == "done", job.reason
+    assert job.result["routing"]["task"] == "brats_regions", job.result["routing"]["reason"]
+    assert job.result["series"] == study.series_uids
+    assert job.result["series_replaced"] == []
+
+
+def test_a_dual_echo_t2_gives_its_long_echo_to_the_t2_role(env: Node, case: Case, tmp_path: Path) -> None:
+    # A PD/T2 dual-echo series: two images at every position, echo 1 (TE 12 ms) and echo 2 (TE 100 ms),
+    # sent slice by slice with the PD image first. Before, the series was one with duplicate positions
+    # whose first header said PD: no T2, and the study lost its sub-regions.
+    study = write_study(case, tmp_path / "study")
+    (tmp_path / "pd").mkdir()
+    dual = []
+    for path in study.files["T2"]:
+        t2 = pydicom.dcmread(path)
+        t2.EchoNumbers = "2"
+        t2.save_as(path, enforce_file_format=True)
+        pd = pydicom.dcmread(path)
+        pd.EchoNumbers, pd.EchoTime, pd.RepetitionTime = "1", "12", "3000"
+        pd.SOPInstanceUID = pd.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+        pd.save_as(tmp_path / "pd" / path.name, enforce_file_format=True)
+        dual += [tmp_path / "pd" / path.name, path]
+    series = {s.echo: s for s in scan_series(dual)}
+    assert set(series) == {"echo 1, TE 12 ms", "echo 2, TE 100 ms"}
+    assert {s.slices for s in series.values()} == {len(study.files["T2"])}
+    files = [p for m, fs in study.files.items() if m != "T2" for p in fs] + dual
     results = store_files(files, "127.0.0.1", env.node.scp.port, "SEGNODE", "PACS")
     assert {status for _, status, _ in results} == {0}
     job = env.job_for(study)
