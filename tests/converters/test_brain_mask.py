@@ -118,3 +118,30 @@ def test_fill_holes_surface_and_box_equal_scipy(mask: np.ndarray) -> None:
         else None
     )
     assert bounding_box(mask) == expected
+
+
+def test_block_mean_and_expand_mask_keep_world_positions_and_the_far_edges() -> None:
+    from converters.brain_mask import block_mean, expand_mask, reduction_factors
+    from converters.resample import world_points
+
+    rng = np.random.default_rng(5)
+    image = rng.random((7, 9, 5)).astype(np.float32)
+    affine = np.array([[0.4, 0, 0, -10.0], [0, 0.33, 0, 4.0], [0, 0, 0.5, 2.0], [0, 0, 0, 1]])
+    factors = reduction_factors(affine, image.shape)
+    assert factors == (2, 3, 2)
+    # A non-contiguous view (as the RAS arrays are) is read without a copy of its own.
+    small, small_affine = block_mean(np.asfortranarray(image), affine, factors)
+    assert small.shape == (3, 3, 2)
+    np.testing.assert_allclose(small[1, 2, 0], image[2:4, 6:9, 0:2].mean(), rtol=1e-6)
+    # Each block sits at the centre of its voxels in world space.
+    centre = world_points(affine, np.array([[2.5, 7.0, 0.5]]))
+    np.testing.assert_allclose(world_points(small_affine, np.array([[1, 2, 0]])), centre)
+    # Back on the full grid: each block's voxels take its value, the far remainder the last block's.
+    blocks = small > 0.5
+    mask = expand_mask(blocks, factors, image.shape)
+    assert mask.shape == image.shape
+    assert mask[2, 7, 1] == blocks[1, 2, 0] and mask[6, 8, 4] == blocks[2, 2, 1]
+    assert mask[6, 0, 0] == blocks[2, 0, 0] and mask[0, 0, 4] == blocks[0, 0, 1]
+    # One-voxel-thick axes and coarse ones are left alone.
+    assert reduction_factors(affine, (7, 9, 3)) == (2, 3, 1)
+    assert reduction_factors(np.diag([0.94, 1.0, 5.0, 1.0]), (200, 200, 30)) == (1, 1, 1)

@@ -123,6 +123,22 @@ def test_brats_flair_as_5mm_slices(extractor: BrainExtractor) -> None:
     assert abs(brain_volume_ml(mask, affine5) - brain_volume_ml(full, affine)) < 150
 
 
+@needs_data
+def test_brats_flair_reconstructed_at_half_a_millimetre_gets_the_1_mm_mask(extractor: BrainExtractor) -> None:
+    # Each voxel of the 1 mm case split in eight (a 0.5 mm reconstruction of the same image, 8 x the
+    # voxels): the mask is computed on 1 mm blocks, so it is the 1 mm image's mask split in eight.
+    image, affine, tumour = _brats(DATA / "train" / "brats" / HARDEST, "flair")
+    fine = image.repeat(2, 0).repeat(2, 1).repeat(2, 2)
+    half = np.diag([0.5, 0.5, 0.5, 1.0])
+    half[:3, 3] = -0.25  # voxel 0 of the fine grid lies a quarter of a millimetre before the coarse one's
+    affine_fine = affine @ half
+    mask = extractor.extract(fine, affine_fine)
+    expected = extractor.extract(image, affine).repeat(2, 0).repeat(2, 1).repeat(2, 2)
+    np.testing.assert_array_equal(mask, expected)
+    fine_tumour = tumour.repeat(2, 0).repeat(2, 1).repeat(2, 2)
+    assert np.count_nonzero(mask & fine_tumour) / np.count_nonzero(fine_tumour) >= 0.995
+
+
 @pytest.mark.parametrize(
     ("shape", "spacing", "kind"),
     [((256, 256, 30), (0.9, 0.9, 5.0), "normal"), ((192, 192, 160), (1.0, 1.0, 1.0), "uniform")],
