@@ -122,7 +122,7 @@ def restore_outputs(
     if method == "nearest" or not prepared.resampled:
         return prepared.restore(outputs_to_labels(outputs, card["output"]))
     probs, background = outputs_to_probabilities(outputs, card["output"])
-    return probabilities_to_labels(prepared.restore_scores(probs, background), card["output"])
+    return prepared.restore_labels(probs, background, lambda p: probabilities_to_labels(p, card["output"]))
 
 
 def predict_slices(

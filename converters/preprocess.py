@@ -28,7 +28,7 @@ neighbour), :meth:`Prepared.restore_scores` does the same for per-class probabil
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +42,9 @@ logger = logging.getLogger(__name__)
 
 #: Relative spacing difference above which a RAS-aligned volume is resampled rather than cropped.
 SPACING_TOLERANCE = 0.01
+#: Voxels of the input grid per slab when a prediction goes back onto it (:meth:`Prepared.restore_labels`):
+#: 4 M voxels are 16 MiB of float32 per class.
+RESTORE_SLAB_VOXELS = 4_000_000
 #: Largest direction-cosine deviation (off-diagonal share of a voxel axis) still counted as RAS-aligned.
 ALIGNMENT_TOLERANCE = 1e-4
 
@@ -254,6 +257,48 @@ class Prepared:
             out[k] = self.from_window(window, order=1, cval=float(fill))
         return out
 
+    def restore_labels(
+        self,
+        scores: npt.NDArray[Any],
+        background: Sequence[float],
+        to_labels: Callable[[npt.NDArray[np.float32]], npt.NDArray[np.uint8]],
+        slab_voxels: int = RESTORE_SLAB_VOXELS,
+    ) -> npt.NDArray[np.uint8]:
+        """``to_labels`` of :meth:`restore_scores`, computed a slab of the input grid at a time.
+
+        The same values as ``to_labels(self.restore_scores(scores, background))`` (each slab is
+        resampled onto its own part of the input grid), but the per-class scores on the input grid
+        are never held whole: K float32 copies of a 0.4 mm series (60 M voxels or more) would be a
+        gigabyte per class and a half. ``slab_voxels``: voxels per slab (whole planes along the first
+        axis, at least one plane).
+        """
+        scores = np.asarray(scores, dtype=np.float32)
+        if scores.ndim != 4:
+            raise PreprocessError(f"scores shape {tuple(scores.shape)} is not (N, K, H, W)")
+        self._check_planes(scores, "scores", (scores.shape[1],))
+        if len(background) != scores.shape[1]:
+            raise PreprocessError(f"{len(background)} background values for {scores.shape[1]} classes")
+        windows = []
+        for k, fill in enumerate(background):
+            window = np.full(self.window_shape, fill, dtype=np.float32)
+            self._planes(window)[self.slice_indices] = scores[:, k]
+            windows.append(window)
+        nx, ny, nz = self.original_shape
+        step = max(1, slab_voxels // max(1, ny * nz))
+        out = np.empty(self.original_shape, dtype=np.uint8)
+        for start in range(0, nx, step):
+            stop = min(nx, start + step)
+            offset = np.eye(4)
+            offset[0, 3] = start
+            slab_affine = np.asarray(self.source_affine, dtype=np.float64) @ offset
+            probs = np.stack([
+                resample_to_grid(window, self.window_affine, slab_affine, (stop - start, ny, nz), order=1,
+                                 cval=float(fill))
+                for window, fill in zip(windows, background, strict=True)
+            ])  # fmt: skip
+            out[start:stop] = to_labels(probs)
+        return out
+
 
 def zscore_nonzero(image: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
     """Z-score ``image`` over its non-zero voxels; zero voxels stay zero.
@@ -386,7 +431,7 @@ def prepare_volume(
         logger.debug("resampling %s onto the model grid (window %s)", shape, window_shape)
     inside = None
     if mask is not None:
-        inside = resample_to_grid(mask.astype(np.float32), affine, window_affine, window_shape) >= 0.5
+        inside = resample_to_grid(mask, affine, window_affine, window_shape) >= 0.5
     channels = []
     for volume in volumes:
         stats = _moments(volume[mask] if mask is not None else volume[volume != 0])

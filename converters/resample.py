@@ -130,7 +130,13 @@ def resample_to_grid(
     if shift is not None:
         return shifted_copy(np.asarray(array).astype(out_dtype, copy=False), shift, shape, cval)
     matrix = source_from_target(source_affine, target_affine)
-    source = np.asarray(array, dtype=np.float32) if order == 1 else np.asarray(array)
+    source = np.asarray(array)
+    if order == 1 and source.dtype == np.bool_:
+        # ndimage interpolates 0/1 bytes into float32 output as it would 0.0/1.0 floats: a mask needs no
+        # float copy of itself (4 bytes a voxel: 480 MiB for a 0.4 mm series).
+        source = source.view(np.uint8)
+    elif order == 1:
+        source = source.astype(np.float32, copy=False)
     return np.asarray(
         ndimage.affine_transform(
             source,

@@ -120,6 +120,38 @@ def test_oblique_and_thick_grids_are_resampled_in_world_space(
     assert 2 * (linear.astype(bool) & tumour).sum() / (linear.astype(bool).sum() + tumour.sum()) > 0.9
 
 
+def test_a_mask_resampled_linearly_without_a_float_copy_gives_what_its_float_copy_gives() -> None:
+    rng = np.random.default_rng(4)
+    mask = rng.random((40, 36, 12)) > 0.6
+    affine = _affine(rotation("x", 17.0) @ rotation("z", -8.0), (0.6, 0.6, 2.5), (-20.0, -15.0, -25.0))
+    target = _affine(np.eye(3), (1.0, 1.0, 1.0), (-25.0, -22.0, -30.0))
+    as_bool = resample_to_grid(mask, affine, target, (30, 30, 30))
+    assert as_bool.dtype == np.float32 and 0 < as_bool.max() <= 1
+    as_float = resample_to_grid(mask.astype(np.float32), affine, target, (30, 30, 30))
+    np.testing.assert_array_equal(as_bool, as_float)
+
+
+@pytest.mark.parametrize("classes", [1, 4])
+def test_labels_restored_a_slab_at_a_time_equal_those_of_the_whole_grid(classes: int) -> None:
+    # An oblique 0.6 x 0.6 x 2.5 mm grid: every slab is resampled, none is a whole-voxel shift.
+    rng = np.random.default_rng(3)
+    shape = (70, 64, 20)
+    affine = _affine(rotation("x", 17.0) @ rotation("z", -8.0), (0.6, 0.6, 2.5), (-20.0, -15.0, -25.0))
+    prep = prepare_volume({"FLAIR": rng.normal(100, 20, shape).astype(np.float32)}, affine, PRE, ["FLAIR"])
+    assert prep.resampled
+    scores = rng.random((len(prep.slice_indices), classes, 64, 56)).astype(np.float32)
+    background = [0.0] if classes == 1 else [1.0] + [0.0] * (classes - 1)
+
+    def to_labels(probs: np.ndarray) -> np.ndarray:
+        labels = probs[0] > 0.5 if classes == 1 else np.argmax(probs, axis=0)
+        return labels.astype(np.uint8)
+
+    whole = to_labels(prep.restore_scores(scores, background))
+    assert whole.any() and not whole.all()
+    for slab_voxels in (1, 64 * 20 * 7, 10**9):  # one plane, seven planes (70 = 10 x 7), everything at once
+        np.testing.assert_array_equal(prep.restore_labels(scores, background, to_labels, slab_voxels), whole)
+
+
 def test_brain_mask_centres_the_crop_and_normalises_inside_it() -> None:
     shape = (120, 120, 40)
     rng = np.random.default_rng(1)
