@@ -155,6 +155,10 @@ def load_chosen(
         volume = load_series(datasets)
     except ConverterError as exc:
         raise JobError(f"{modality} {series.label}: {exc}") from exc
+    for ds in datasets:  # the volume holds the pixels; the SEG and SR need the headers only
+        for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
+            if keyword in ds:
+                delattr(ds, keyword)
     array, affine = volume_to_ras(volume)
     return LoadedSeries(
         modality, series, volume, np.asarray(array, dtype=np.float32), np.asarray(affine), datasets
@@ -391,7 +395,7 @@ def quality_check(
     reference = assembled.reference
     brain = None
     if brain_ras is not None:
-        brain = np.asarray(ras_to_volume(np.asarray(brain_ras, dtype=np.uint8), reference)) > 0
+        brain = np.asarray(ras_to_volume(np.asarray(brain_ras, dtype=bool), reference), dtype=bool)
     kept, removed = qc.restrict_to_brain(labels, brain)
     voxel_ml = float(np.prod(reference.spacing)) / 1000.0
     # With a brain mask the head rules add nothing (node/qc.py), and the head costs ~1 s per study.

@@ -23,6 +23,17 @@ def _to_uint8(image: npt.NDArray[Any], lo: float, hi: float) -> npt.NDArray[np.u
     return np.asarray(np.clip(scaled * 255.0, 0, 255), dtype=np.uint8)
 
 
+#: Voxels the preview's grey window is taken from at most: a percentile copies what it is given.
+WINDOW_SAMPLE_VOXELS = 8_000_000
+
+
+def _sample(image: npt.NDArray[Any]) -> npt.NDArray[Any]:
+    """``image`` itself, or every n-th voxel of it when it holds more than :data:`WINDOW_SAMPLE_VOXELS`
+    (a 0.4 mm series of 120 M voxels would be copied whole, 480 MiB, for two grey levels)."""
+    step = -(-image.size // WINDOW_SAMPLE_VOXELS)
+    return image if step <= 1 else np.asarray(image).reshape(-1)[::step]
+
+
 def render_preview(
     image: npt.NDArray[Any],
     labels: npt.NDArray[Any],
@@ -46,7 +57,7 @@ def render_preview(
     else:
         order = [labels.shape[0] // 2]
     order.sort()
-    lo, hi = (float(v) for v in np.percentile(image, [1.0, 99.5]))
+    lo, hi = (float(v) for v in np.percentile(_sample(image), [1.0, 99.5]))
     tiles = []
     for index in order:
         grey = _to_uint8(image[index], lo, hi)

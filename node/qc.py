@@ -161,7 +161,8 @@ def restrict_to_brain(
         return labels, 0
     if brain.shape != labels.shape:
         raise ValueError(f"brain mask of shape {brain.shape} is not on the label grid {labels.shape}")
-    outside = (labels > 0) & ~brain
+    outside = labels > 0
+    outside[brain] = False  # in place: a label map of a 0.4 mm series is 120 M voxels
     removed = int(outside.sum())
     if not removed:
         return labels, 0
