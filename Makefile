@@ -47,6 +47,7 @@ bench: $(VENV)/.all-installed
 	$(BIN)/python benchmarks/brain_extraction.py --grids 256,192 --repeat 3
 	$(BIN)/python benchmarks/registration.py --model models/candidates/segnode-brats-regions-1.0.1
 	$(BIN)/python benchmarks/node_memory.py
+	$(BIN)/python benchmarks/fine_series.py
 	$(BIN)/python benchmarks/report.py
 
 clean:

@@ -21,6 +21,7 @@ OPTIONAL = [
     ("brain_extraction", "Brain extraction (benchmarks/brain_extraction.py)"),
     ("registration", "Co-registration and a four-series study (benchmarks/registration.py)"),
     ("node_memory", "The node's memory, served in its own process (benchmarks/node_memory.py)"),
+    ("fine_series", "Series finer than 1 mm, served (benchmarks/fine_series.py)"),
 ]
 SHORT = {
     "torch": "PyTorch eager\nFP32",
