@@ -244,18 +244,28 @@ class Prepared:
         PreprocessError
             The scores' shape does not match the prepared slices, or ``background`` has not K values.
         """
+        windows = self._score_windows(scores, background)
+        out = np.empty((len(windows), *self.original_shape), dtype=np.float32)
+        for k, (window, fill) in enumerate(zip(windows, background, strict=True)):
+            out[k] = self.from_window(window, order=1, cval=float(fill))
+        return out
+
+    def _score_windows(
+        self, scores: npt.NDArray[Any], background: Sequence[float]
+    ) -> list[npt.NDArray[np.float32]]:
+        """Each class's scores (N, K, H, W) on the window, ``background`` on the dropped slices."""
         scores = np.asarray(scores, dtype=np.float32)
         if scores.ndim != 4:
             raise PreprocessError(f"scores shape {tuple(scores.shape)} is not (N, K, H, W)")
         self._check_planes(scores, "scores", (scores.shape[1],))
         if len(background) != scores.shape[1]:
             raise PreprocessError(f"{len(background)} background values for {scores.shape[1]} classes")
-        out = np.empty((scores.shape[1], *self.original_shape), dtype=np.float32)
+        windows = []
         for k, fill in enumerate(background):
             window = np.full(self.window_shape, fill, dtype=np.float32)
             self._planes(window)[self.slice_indices] = scores[:, k]
-            out[k] = self.from_window(window, order=1, cval=float(fill))
-        return out
+            windows.append(window)
+        return windows
 
     def restore_labels(
         self,
@@ -272,17 +282,7 @@ class Prepared:
         gigabyte per class and a half. ``slab_voxels``: voxels per slab (whole planes along the first
         axis, at least one plane).
         """
-        scores = np.asarray(scores, dtype=np.float32)
-        if scores.ndim != 4:
-            raise PreprocessError(f"scores shape {tuple(scores.shape)} is not (N, K, H, W)")
-        self._check_planes(scores, "scores", (scores.shape[1],))
-        if len(background) != scores.shape[1]:
-            raise PreprocessError(f"{len(background)} background values for {scores.shape[1]} classes")
-        windows = []
-        for k, fill in enumerate(background):
-            window = np.full(self.window_shape, fill, dtype=np.float32)
-            self._planes(window)[self.slice_indices] = scores[:, k]
-            windows.append(window)
+        windows = self._score_windows(scores, background)
         nx, ny, nz = self.original_shape
         step = max(1, slab_voxels // max(1, ny * nz))
         out = np.empty(self.original_shape, dtype=np.uint8)
