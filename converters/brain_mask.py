@@ -43,15 +43,13 @@ from scipy import ndimage
 
 from converters.exceptions import ConverterError, ModelCardError
 from converters.masks import bounding_box, fill_holes, surface
+from converters.resample import block_mean, expand_blocks, reduction_factors
 
 logger = logging.getLogger(__name__)
 
 #: The card's ``networks`` keys: the box network and the brain network.
 NETWORKS = ("bbox", "brain")
 _CONNECT26 = np.ones((3, 3, 3), dtype=bool)
-
-#: Brain masks are computed on blocks of whole voxels about this wide (mm) (:meth:`BrainMasker.extract`).
-MASK_GRID_MM = 1.0
 
 #: A network run: its input grid (X, Y, Z) -> the foreground probability on that grid.
 Network = Callable[[npt.NDArray[np.float32]], npt.NDArray[np.float32]]
@@ -320,54 +318,6 @@ def near_mask(
     return out
 
 
-def reduction_factors(
-    affine: npt.NDArray[Any], shape: tuple[int, ...], finest_mm: float = MASK_GRID_MM
-) -> tuple[int, int, int]:
-    """Whole voxels per block along each axis, the block as near ``finest_mm`` wide as whole voxels
-    make it (2 for 0.4-0.66 mm voxels, 3 for 0.29-0.4 mm; 1 from 0.67 mm up, and where fewer than two
-    blocks would remain)."""
-    spacing = np.sqrt((np.asarray(affine, dtype=np.float64)[:3, :3] ** 2).sum(axis=0))
-    out = []
-    for step, n in zip(spacing, shape, strict=True):
-        k = max(1, round(finest_mm / step))
-        out.append(k if n // k >= 2 else 1)
-    return out[0], out[1], out[2]
-
-
-def block_mean(
-    image: npt.NDArray[Any], affine: npt.NDArray[Any], factors: tuple[int, int, int]
-) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float64]]:
-    """``image`` averaged over blocks of ``factors`` voxels (the remainder at the far edges left out)
-    and the voxel-to-world affine of the blocks (each block's centre). Sums strided views: no copy of
-    the image is made, however it is laid out in memory."""
-    n = [size // k for size, k in zip(image.shape, factors, strict=True)]
-    small = np.zeros(n, dtype=np.float32)
-    for a in range(factors[0]):
-        for b in range(factors[1]):
-            for c in range(factors[2]):
-                small += image[a : n[0] * factors[0] : factors[0], b : n[1] * factors[1] : factors[1],
-                               c : n[2] * factors[2] : factors[2]]  # fmt: skip
-    small /= float(np.prod(factors))
-    scale = np.diag([*map(float, factors), 1.0])
-    scale[:3, 3] = [(k - 1) / 2.0 for k in factors]
-    return small, np.asarray(affine, dtype=np.float64) @ scale
-
-
-def expand_mask(
-    small: npt.NDArray[np.bool_], factors: tuple[int, int, int], shape: tuple[int, ...]
-) -> npt.NDArray[np.bool_]:
-    """A mask on :func:`block_mean`'s blocks back on the full grid of ``shape``: each block's voxels
-    take its value, the remainder planes at the far edges the value of the last block."""
-    out = np.zeros(shape, dtype=bool)
-    core = small.repeat(factors[0], 0).repeat(factors[1], 1).repeat(factors[2], 2)
-    g0, g1, g2 = core.shape
-    out[:g0, :g1, :g2] = core
-    out[g0:, :g1, :g2] = out[g0 - 1 : g0, :g1, :g2]
-    out[:, g1:, :g2] = out[:, g1 - 1 : g1, :g2]
-    out[:, :, g2:] = out[:, :, g2 - 1 : g2]
-    return out
-
-
 def voxel_ml(affine: npt.NDArray[np.floating[Any]]) -> float:
     """Volume of one voxel in mL from a voxel-to-world affine (mm)."""
     return float(abs(np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3]))) / 1000.0
@@ -435,12 +385,12 @@ class BrainMasker:
     def extract(self, image: npt.NDArray[Any], affine: npt.NDArray[Any]) -> npt.NDArray[np.bool_]:
         """The brain mask of ``image``, on its grid.
 
-        An image finer than about 2/3 of :data:`MASK_GRID_MM` along an axis (a 3D series
-        reconstructed at 0.4-0.6 mm) is averaged over blocks of whole voxels about that wide first
-        (:func:`block_mean`), and the mask computed on those blocks is given back on the image's own
-        grid (:func:`expand_mask`). The networks see their own grids whatever the series; the rest
-        (components, holes, the checks) costs time and memory in proportion to the voxels, eight
-        times as many at 0.5 mm as at 1 mm.
+        An image finer than about 2/3 of :data:`~converters.resample.BLOCK_MM` along an axis (a 3D
+        series reconstructed at 0.4-0.6 mm) is averaged over blocks of whole voxels about that wide
+        first (:func:`~converters.resample.block_mean`), and the mask computed on those blocks is
+        given back on the image's own grid (:func:`~converters.resample.expand_blocks`). The networks
+        see their own grids whatever the series; the rest (components, holes, the checks) costs time
+        and memory in proportion to the voxels, eight times as many at 0.5 mm as at 1 mm.
 
         Parameters
         ----------
@@ -458,7 +408,7 @@ class BrainMasker:
         if factors == (1, 1, 1):
             return self._extract(image, affine)
         small, small_affine = block_mean(image, affine, factors)
-        return expand_mask(self._extract(small, small_affine), factors, image.shape)
+        return expand_blocks(self._extract(small, small_affine), factors, image.shape)
 
     def _extract(self, image: npt.NDArray[Any], affine: npt.NDArray[Any]) -> npt.NDArray[np.bool_]:
         s = self.settings

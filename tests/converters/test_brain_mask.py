@@ -120,9 +120,8 @@ def test_fill_holes_surface_and_box_equal_scipy(mask: np.ndarray) -> None:
     assert bounding_box(mask) == expected
 
 
-def test_block_mean_and_expand_mask_keep_world_positions_and_the_far_edges() -> None:
-    from converters.brain_mask import block_mean, expand_mask, reduction_factors
-    from converters.resample import world_points
+def test_block_mean_and_expand_blocks_keep_world_positions_and_the_far_edges() -> None:
+    from converters.resample import block_mean, expand_blocks, reduction_factors, world_points
 
     rng = np.random.default_rng(5)
     image = rng.random((7, 9, 5)).astype(np.float32)
@@ -138,7 +137,7 @@ def test_block_mean_and_expand_mask_keep_world_positions_and_the_far_edges() -> 
     np.testing.assert_allclose(world_points(small_affine, np.array([[1, 2, 0]])), centre)
     # Back on the full grid: each block's voxels take its value, the far remainder the last block's.
     blocks = small > 0.5
-    mask = expand_mask(blocks, factors, image.shape)
+    mask = expand_blocks(blocks, factors, image.shape)
     assert mask.shape == image.shape
     assert mask[2, 7, 1] == blocks[1, 2, 0] and mask[6, 8, 4] == blocks[2, 2, 1]
     assert mask[6, 0, 0] == blocks[2, 0, 0] and mask[0, 0, 4] == blocks[0, 0, 1]
