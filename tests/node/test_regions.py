@@ -536,6 +536,53 @@ def test_a_brain_tumour_protocol_as_a_scanner_sends_it_gets_the_four_right_serie
     assert job.result["series_replaced"] == []
 
 
+def test_a_reference_finer_than_1_mm_is_worked_on_in_1_mm_blocks_and_labelled_on_its_own_frames(
+    env: Node, case: Case, tmp_path: Path
+) -> None:
+    # The test case at 1.2 mm, and the same study with its FLAIR (the reference) reconstructed at
+    # 0.6 mm: each voxel split in eight. The four-series path works on 2 x 2 x 2 blocks of the fine
+    # FLAIR, which are the 1.2 mm FLAIR exactly, so its labels are the 1.2 mm study's split in eight.
+    from converters.dicom_writer import write_volumes
+    from converters.reorient import case_to_volume
+
+    coarse = dataclasses.replace(case, affine=np.diag([1.2, 1.2, 1.2, 1.0]) @ np.eye(4))
+    coarse.affine[:3, 3] = [-38.0, -38.0, -14.0]
+    half = np.diag([0.5, 0.5, 0.5, 1.0])
+    half[:3, 3] = -0.25
+    fine = dataclasses.replace(
+        coarse,
+        images={"FLAIR": coarse.images["FLAIR"].repeat(2, 0).repeat(2, 1).repeat(2, 2)},
+        affine=coarse.affine @ half,
+    )
+    labels = []
+    for name, flair in (("coarse", coarse), ("fine", fine)):
+        volumes = {"FLAIR": case_to_volume(flair, "FLAIR")}
+        volumes |= {m: case_to_volume(coarse, m) for m in ("T1", "T1GD", "T2")}
+        study = write_volumes(volumes, tmp_path / name)
+        env.send(study)
+        job = env.job_for(study)
+        assert job.status == "done", job.reason
+        assert job.result["routing"]["task"] == "brats_regions", job.result["routing"]["reason"]
+        seg_file = tmp_path / f"{name}.dcm"
+        env.received(study, "SEG").save_as(seg_file, enforce_file_format=True)
+        from converters.dicom_series import load_series
+
+        frames = load_series(study.files["FLAIR"]).sop_instance_uids
+        read = hd.seg.segread(seg_file)
+        labels.append(
+            sum(
+                number * read.get_pixels_by_source_instance(
+                    source_sop_instance_uids=frames, segment_numbers=[number],
+                    assert_missing_frames_are_empty=True,
+                )[..., 0].astype(np.uint8)
+                for number in (1, 2, 3)
+            )
+        )  # fmt: skip
+    coarse_labels, fine_labels = labels
+    assert coarse_labels.any() and fine_labels.shape == tuple(2 * n for n in coarse_labels.shape)
+    np.testing.assert_array_equal(fine_labels, coarse_labels.repeat(2, 0).repeat(2, 1).repeat(2, 2))
+
+
 def test_a_dual_echo_t2_gives_its_long_echo_to_the_t2_role(env: Node, case: Case, tmp_path: Path) -> None:
     # A PD/T2 dual-echo series: two images at every position, echo 1 (TE 12 ms) and echo 2 (TE 100 ms),
     # sent slice by slice with the PD image first. Before, the series was one with duplicate positions
