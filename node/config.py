@@ -95,11 +95,15 @@ class SelectionSettings:
     # A description that says pre-contrast is never taken for post-contrast ("T1 pre contrast").
     t1_pre_pattern: str = r"\bpre\b|pre[- ]?(contrast|gd|gado)|\bnative\b|without|\bw/?o\b|non[- ]?contrast"
     t2_pattern: str = r"\bt2(?!\*)|\btse\b|\bfse\b"
-    exclude_pattern: str = r"localizer|scout|survey|calibration|\bdwi\b|\badc\b|perfusion|\bswi\b"
+    exclude_pattern: str = (
+        r"localizer|scout|survey|calibration|\bdwi\b|\badc\b|perfusion|\bswi|\bswan\b|susceptib|\bt2\*"
+    )
     flair_min_ti_ms: float = 1500.0
     flair_min_te_ms: float = 80.0
     t1_max_te_ms: float = 30.0
     t2_min_te_ms: float = 60.0
+    # A gradient echo with a TE this long is T2*-weighted (T2* GRE, SWI), never a T1 (node/selection.py).
+    t2star_min_te_ms: float = 12.0
 
 
 @dataclass

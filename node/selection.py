@@ -15,8 +15,11 @@ ProtocolName second, and a description never overrides an attribute that contrad
   post-contrast (and not pre-contrast), then, with two or more T1-weighted candidates, the one
   acquired last (AcquisitionDateTime, else AcquisitionTime, else SeriesTime): contrast is given after
   the native T1, never before.
-* T1: T1-weighted (short TE, and short TR or an IR with short TI) and not T1GD.
-* T2: long TE, not inversion recovery, not echo-planar (EP in ScanningSequence).
+* T1: T1-weighted (short TE, and short TR or an IR with short TI) and not T1GD. A gradient echo
+  (GR and no SE in ScanningSequence; EchoPulseSequence (0018,9008) GRADIENT in an Enhanced MR image)
+  with TE >= ``t2star_min_te_ms`` is T2*-weighted (a T2* GRE, an SWI magnitude): its short TR would
+  make it a T1, and it is none.
+* T2: long TE, not inversion recovery, not echo-planar (EP in ScanningSequence), not a gradient echo.
 
 A series whose ImageType (0008,0008) names a derived map (ADC, TRACE, MIP, subtraction, projection,
 localizer) serves no role. Nor, whatever its description says, does a series whose attributes say it is:
@@ -28,7 +31,9 @@ localizer) serves no role. Nor, whatever its description says, does a series who
 * an angiogram: AngioFlag (0018,0025) Y, or an Enhanced MR image flavour ANGIO. A time-of-flight
   angiogram has a short TE and TR, so by them alone it is a T1;
 * a phase, real or imaginary image: ComplexImageComponent (0008,9208), or ImageType's vendor values
-  P, R, I, PHASE...
+  P, R, I, PHASE...;
+* susceptibility-weighted: an Enhanced MR AcquisitionContrast (0008,9209) T2_STAR, ImageType SWI,
+  SWAN or a minimum-intensity projection (MNIP), or a Siemens ``*swi`` / GE ``swan`` SequenceName.
 
 A single-frame series holding several echoes at each position (a PD/T2 dual echo: EchoNumbers
 (0018,0086) and EchoTime differ between its images) is taken as one candidate per echo, each with
@@ -90,11 +95,14 @@ class SeriesInfo:
     #: Seconds since the study date's midnight (days added for a later date), or None.
     acquired: float | None = None
     #: What the attributes say this series is when it is no structural image (:func:`_no_role_kind`):
-    #: "diffusion", "angiography", "phase, real or imaginary image", or "" for a structural series.
+    #: "diffusion", "angiography", "phase, real or imaginary image", "susceptibility-weighted", or "" for
+    #: a structural series.
     special: str = ""
     #: For one echo of a multi-echo series (e.g. a PD/T2 dual echo), which: "echo 2, TE 90 ms";
     #: "" for a series of one echo.
     echo: str = ""
+    #: EchoPulseSequence (0018,9008) of an Enhanced MR image: SPIN, GRADIENT or BOTH ("" when absent).
+    echo_pulse: str = ""
 
     @property
     def label(self) -> str:
@@ -107,6 +115,13 @@ class SeriesInfo:
     def inversion_recovery(self) -> bool:
         """IR in ScanningSequence or an IR scan option (e.g. GE ``IR_GEMS``)."""
         return "IR" in self.scanning_sequence or any(re.search(r"(^|_)IR(_|$)", o) for o in self.scan_options)
+
+    @property
+    def gradient_echo(self) -> bool:
+        """A gradient echo without a spin echo: GR and no SE in ScanningSequence, or EchoPulseSequence
+        GRADIENT."""
+        scanning = self.scanning_sequence
+        return ("GR" in scanning and "SE" not in scanning) or self.echo_pulse == "GRADIENT"
 
     @property
     def axial(self) -> bool:
@@ -147,6 +162,13 @@ COMPLEX_PARTS = re.compile(r"^(P|R|I|PHASE|REAL|IMAGINARY|PHASE MAP|[PRI]_[A-Z0-
 
 #: A Siemens diffusion SequenceName (0018,0024): ``*ep_b1000t``, ``ep_b0``, ``*ep_b500#1``.
 DIFFUSION_SEQUENCE_NAME = re.compile(r"ep_b\d", re.IGNORECASE)
+
+#: ImageType values of susceptibility-weighted images: Siemens SWI and its minimum-intensity projection,
+#: GE SWAN.
+SUSCEPTIBILITY_IMAGE_TYPES = frozenset({"SWI", "MNIP", "MINIP", "MIN IP", "SWAN"})
+
+#: A susceptibility-weighted SequenceName: Siemens ``*swi3d1r``, GE ``swan``.
+SUSCEPTIBILITY_SEQUENCE_NAME = re.compile(r"swi|swan", re.IGNORECASE)
 
 #: Contrast/Bolus module keywords (PS3.3 C.7.6.4) whose presence says contrast was given.
 CONTRAST_KEYWORDS = (
@@ -247,7 +269,8 @@ def _deep_get(ds: Dataset, keyword: str) -> Any:
 
 def _no_role_kind(ds: Dataset, image_type: Sequence[str]) -> str:
     """What the attributes say a series is when it is no structural image: "diffusion",
-    "angiography", "phase, real or imaginary image", or "" (see the module notes)."""
+    "angiography", "phase, real or imaginary image", "susceptibility-weighted", or "" (see the module
+    notes)."""
     bvalue = _float(_deep_get(ds, "DiffusionBValue"))
     directionality = str(_deep_get(ds, "DiffusionDirectionality") or "").strip().upper()
     if (
@@ -262,6 +285,12 @@ def _no_role_kind(ds: Dataset, image_type: Sequence[str]) -> str:
     component = str(_deep_get(ds, "ComplexImageComponent") or "").strip().upper()
     if component in ("PHASE", "REAL", "IMAGINARY") or any(COMPLEX_PARTS.match(v) for v in image_type[2:]):
         return "phase, real or imaginary image"
+    if (
+        str(_deep_get(ds, "AcquisitionContrast") or "").strip().upper() == "T2_STAR"
+        or SUSCEPTIBILITY_IMAGE_TYPES.intersection(image_type)
+        or SUSCEPTIBILITY_SEQUENCE_NAME.search(str(_deep_get(ds, "SequenceName") or ""))
+    ):
+        return "susceptibility-weighted"
     return ""
 
 
@@ -305,6 +334,7 @@ def series_info(ds: Dataset, paths: Sequence[Path], slices: int) -> SeriesInfo:
         contrast=contrast,
         acquired=_acquired(ds),
         special=_no_role_kind(ds, image_type),
+        echo_pulse=str(_deep_get(ds, "EchoPulseSequence") or "").strip().upper(),
     )
 
 
@@ -399,7 +429,7 @@ class SeriesSelector:
     def _t1_weighted(self, s: SeriesInfo) -> bool:
         r = self.rules
         te, tr, ti = s.echo_time, s.repetition_time, s.inversion_time
-        if te is not None and te > r.t1_max_te_ms:
+        if te is not None and (te > r.t1_max_te_ms or (s.gradient_echo and te >= r.t2star_min_te_ms)):
             return False
         if te is not None and ((tr is not None and tr < 1000) or (s.inversion_recovery and (ti or 0) < 1500)):
             return True
@@ -466,13 +496,14 @@ class SeriesSelector:
         return roles
 
     def is_t2(self, s: SeriesInfo) -> bool:
-        """Long TE, not inversion recovery, not echo-planar, or described as T2 without contradicting TE.
+        """Long TE, not inversion recovery, not echo-planar, not a gradient echo, or described as T2 without
+        contradicting TE.
 
-        A T2-weighted echo-planar series is a diffusion b=0 or a perfusion series, never the
-        structural (turbo) spin-echo T2 the models were trained on.
+        A T2-weighted echo-planar series is a diffusion b=0 or a perfusion series, and a long-TE gradient
+        echo is T2*-weighted: neither is the structural (turbo) spin-echo T2 the models were trained on.
         """
         te = s.echo_time
-        if self.is_flair(s) or s.inversion_recovery or "EP" in s.scanning_sequence:
+        if self.is_flair(s) or s.inversion_recovery or "EP" in s.scanning_sequence or s.gradient_echo:
             return False
         if te is not None:
             return te >= self.rules.t2_min_te_ms

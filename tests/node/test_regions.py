@@ -499,9 +499,10 @@ def _series_like(files: list[Path], out: Path, description: str, *per_image: dic
 def test_a_brain_tumour_protocol_as_a_scanner_sends_it_gets_the_four_right_series(
     env: Node, case: Case, tmp_path: Path
 ) -> None:
-    """The four series among those a glioma protocol also holds, each made to win a role by TE, TR,
-    slice count or ImageType ORIGINAL (the test study's series are DERIVED), none described in words
-    the exclude pattern knows: only their attributes tell."""
+    """The four series among those a glioma protocol also holds (a DWI, its ADC, T2 phase images, a TOF,
+    an SWI and a post-contrast FLAIR), each made to win a role by TE, TR, slice count or ImageType
+    ORIGINAL (the test study's series are DERIVED), none described in words the exclude pattern knows:
+    only their attributes tell."""
     study = write_study(case, tmp_path / "study")
     f = study.files
     original = ["ORIGINAL", "PRIMARY", "OTHER"]
@@ -521,6 +522,11 @@ def test_a_brain_tumour_protocol_as_a_scanner_sends_it_gets_the_four_right_serie
         *_series_like(f["T1"], tmp_path / "tof", "3D multi-slab",
                       {"AngioFlag": "Y", "ImageType": original, "ScanningSequence": "GR", "EchoTime": "3.4",
                        "RepetitionTime": "22"}),
+        # A 3D T2* gradient echo (an SWI magnitude): T1-weighted by TE and TR, ORIGINAL where the T1 is
+        # DERIVED; only its echo pulse sequence and TE say that it is none.
+        *_series_like(f["T1"], tmp_path / "swi", "3D GRE",
+                      {"ImageType": original, "ScanningSequence": "GR", "EchoTime": "20",
+                       "RepetitionTime": "27"}),
         # A FLAIR after contrast, acquired after the native one.
         *_series_like(f["FLAIR"], tmp_path / "flair-post", "AX FLAIR",
                       {"ContrastBolusAgent": "Gadobutrol", "AcquisitionTime": "235900"}),

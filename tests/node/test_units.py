@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -372,6 +373,59 @@ def test_diffusion_angiography_and_phase_series_serve_no_role_by_their_attribute
     assert tof.special == flavour.special == "angiography"
     assert selector.select([tof, flavour, t1], ["T1"])["T1"] is t1
     assert sorted(selector.assign([tof, flavour], ["T1", "T1GD"]).missing) == ["T1", "T1GD"]
+
+
+def test_susceptibility_weighted_series_are_never_t1_or_t2() -> None:
+    """A T2* gradient echo and an SWI have a short TR and a TE under ``t1_max_te_ms``: by those alone
+    they are T1s, and an axial SWI of 3D slices outnumbers any T1. Vendor headers as scanners write
+    them, none described in words the exclude pattern knows."""
+    selector = SeriesSelector()
+    gre = {"ScanningSequence": "GR", "SequenceVariant": "SP\\OSP"}
+    t2star = [
+        # A 2D T2* GRE ("hemo" sequence): TE 20 ms, TR 650 ms, flip 20 degrees.
+        _series("AX GRE", slices=30, EchoTime=20, RepetitionTime=650, FlipAngle=20, **gre),
+        # Siemens SWI magnitude: TE 20, TR 27, ImageType SWI, SequenceName *swi3d1r.
+        _series("SWI_Images", slices=144, EchoTime=20, RepetitionTime=27, SequenceName="*swi3d1r",
+                ImageType=["ORIGINAL", "PRIMARY", "M", "SWI", "ND", "NORM"], **gre),
+        # Its minimum-intensity projection.
+        _series("mIP_Images(SW)", slices=136, EchoTime=20, RepetitionTime=27,
+                ImageType=["DERIVED", "PRIMARY", "MNIP", "ND"], **gre),
+        # GE SWAN (several echoes combined): the first echo's TE in the header, SequenceName swan.
+        _series("Ax SWAN", slices=120, EchoTime=4.5, RepetitionTime=40, SequenceName="swan",
+                ImageType=["ORIGINAL", "PRIMARY", "OTHER"], **gre),
+        # Philips SWIp magnitude: a gradient echo by its TE alone.
+        _series("SWIp", slices=130, EchoTime=18, RepetitionTime=31,
+                ImageType=["ORIGINAL", "PRIMARY", "M_FFE", "M", "FFE"], **gre),
+        # An Enhanced MR T2* image: EchoPulseSequence GRADIENT, AcquisitionContrast T2_STAR.
+        _series("enhanced", slices=60, EffectiveEchoTime=25, RepetitionTime=700, EchoPulseSequence="GRADIENT",
+                AcquisitionContrast="T2_STAR"),
+        # The same without AcquisitionContrast: its echo pulse sequence and TE tell.
+        _series("enhanced 2", slices=60, EffectiveEchoTime=25, RepetitionTime=700,
+                EchoPulseSequence="GRADIENT"),
+        # A long-TE gradient echo is no T2 either.
+        _series("AX T2 FFE", slices=40, EchoTime=70, RepetitionTime=3000, **gre),
+    ]  # fmt: skip
+    for series in t2star:
+        missing = selector.assign([series], ["T1", "T1GD", "T2"]).missing
+        assert sorted(missing) == ["T1", "T1GD", "T2"], series.label
+    assert [s.special for s in t2star[1:4]] == ["susceptibility-weighted"] * 3
+    # Beside them the real T1s keep their roles: a sagittal MP-RAGE (fewer axial slices than the SWI)
+    # as the native T1, and an axial T1 SE acquired after it as the post-contrast one, the T2* series
+    # acquired later still (an SWI after contrast, as many protocols have it).
+    mprage = _series("t1_mprage_sag", iop=[0, 1, 0, 0, 0, -1], slices=176, AcquisitionTime="090000",
+                     StudyDate="20261202", **MPRAGE)  # fmt: skip
+    post = _series("AX T1 SE", slices=24, AcquisitionTime="093000", StudyDate="20261202", **T1)
+    later = [dataclasses.replace(s, acquired=(post.acquired or 0) + 600.0 + n) for n, s in enumerate(t2star)]
+    chosen = selector.select([*later, mprage, post], ["T1", "T1GD"])
+    assert chosen == {"T1": mprage, "T1GD": post}
+    # Gradient echoes that are T1s stay T1s: FLASH, SPGR, VIBE (short TE) and an Enhanced MR one.
+    for t1 in (
+        _series("t1_fl2d_tra", EchoTime=2.5, RepetitionTime=250, FlipAngle=70, **gre),
+        _series("Ax 3D FSPGR", EchoTime=3.1, RepetitionTime=8, **gre),
+        _series("t1_vibe", EchoTime=1.4, RepetitionTime=4.1, **gre),
+        _series("T1 enhanced", EffectiveEchoTime=4.6, RepetitionTime=9, EchoPulseSequence="GRADIENT"),
+    ):
+        assert selector.matches("T1", t1) and not t1.special, t1.label
 
 
 def test_a_repeated_series_wins_over_the_first_and_the_others_are_kept_in_order() -> None:
