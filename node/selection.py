@@ -3,9 +3,9 @@
 A series is taken for a modality by its acquisition attributes first, its SeriesDescription /
 ProtocolName second, and a description never overrides an attribute that contradicts it:
 
-* FLAIR: inversion recovery (``IR`` in ScanningSequence (0018,0020), or an IR option in
-  ScanOptions (0018,0022)) with InversionTime (0018,0082) >= ``flair_min_ti_ms`` and EchoTime
-  (0018,0081) >= ``flair_min_te_ms``. An MP-RAGE is inversion recovery too, but with TI ~ 900-1100
+* FLAIR: InversionTime (0018,0082) >= ``flair_min_ti_ms`` and EchoTime (0018,0081) >=
+  ``flair_min_te_ms``; such a TI is an inversion even where ScanningSequence (0018,0020) and ScanOptions
+  (0018,0022) do not say IR. An MP-RAGE is inversion recovery too, but with TI ~ 900-1100
   ms and TE ~ 3 ms, so it is never a FLAIR, whatever its description says.
 * T1GD: a T1-weighted series given contrast by its Contrast/Bolus module (PS3.3 C.7.6.4:
   ContrastBolusAgent (0018,0010), ...Route, ...Volume, ...StartTime, ...TotalDose,
@@ -422,8 +422,8 @@ class SeriesSelector:
         ti, te = s.inversion_time, s.echo_time
         if (ti is not None and ti < r.flair_min_ti_ms) or (te is not None and te < r.flair_min_te_ms):
             return False
-        if s.inversion_recovery and ti is not None and te is not None:
-            return True
+        if ti is not None and te is not None:
+            return True  # a TI this long is an inversion, whether or not ScanningSequence says IR
         return bool(self._re["FLAIR"].search(s.text))
 
     def _t1_weighted(self, s: SeriesInfo) -> bool:
@@ -502,8 +502,10 @@ class SeriesSelector:
         A T2-weighted echo-planar series is a diffusion b=0 or a perfusion series, and a long-TE gradient
         echo is T2*-weighted: neither is the structural (turbo) spin-echo T2 the models were trained on.
         """
-        te = s.echo_time
+        te, ti = s.echo_time, s.inversion_time
         if self.is_flair(s) or s.inversion_recovery or "EP" in s.scanning_sequence or s.gradient_echo:
+            return False
+        if ti is not None and ti >= self.rules.flair_min_ti_ms:
             return False
         if te is not None:
             return te >= self.rules.t2_min_te_ms

@@ -316,6 +316,13 @@ def test_attributes_beat_descriptions() -> None:
         "T1GD", _series("AX T1 POST GD", ScanningSequence="SE", EchoTime=10, RepetitionTime=500)
     )
     assert not selector.matches("T1", _series("localizer T1", EchoTime=2, RepetitionTime=8))
+    # A FLAIR whose ScanningSequence and ScanOptions do not say IR (and whose description the
+    # pattern does not know): its TI says inversion, so it is the FLAIR and never the T2 (by TE it is).
+    unflagged = _series("AX T2 FL 5mm", ScanningSequence="SE", EchoTime=120, RepetitionTime=9000,
+                        InversionTime=2500)  # fmt: skip
+    assert selector.matches("FLAIR", unflagged) and not selector.matches("T2", unflagged)
+    # A vendor's TI of 0 on a series without inversion changes nothing.
+    assert selector.matches("T2", _series("AX T2", InversionTime=0, **T2))
 
 
 def test_axial_preferred_then_most_slices() -> None:
