@@ -195,11 +195,14 @@ def expand_blocks(
     small: npt.NDArray[Any], factors: tuple[int, int, int], shape: tuple[int, ...]
 ) -> npt.NDArray[Any]:
     """Values on :func:`block_mean`'s blocks (a mask, labels) back on the full grid of ``shape``: each
-    block's voxels take its value, the remainder planes at the far edges the value of the last block."""
-    out = np.zeros(shape, dtype=small.dtype)
-    core = small.repeat(factors[0], 0).repeat(factors[1], 1).repeat(factors[2], 2)
-    g0, g1, g2 = core.shape
-    out[:g0, :g1, :g2] = core
+    block's voxels take its value, the remainder planes at the far edges the value of the last block.
+    Writes strided views of the output: no full-size copy besides it."""
+    out = np.empty(shape, dtype=small.dtype)
+    g0, g1, g2 = (n * k for n, k in zip(small.shape, factors, strict=True))
+    for a in range(factors[0]):
+        for b in range(factors[1]):
+            for c in range(factors[2]):
+                out[a : g0 : factors[0], b : g1 : factors[1], c : g2 : factors[2]] = small
     out[g0:, :g1, :g2] = out[g0 - 1 : g0, :g1, :g2]
     out[:, g1:, :g2] = out[:, g1 - 1 : g1, :g2]
     out[:, :, g2:] = out[:, :, g2 - 1 : g2]
