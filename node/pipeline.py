@@ -295,17 +295,18 @@ def segment(
 def analysis_grid(
     loaded: Mapping[str, LoadedSeries], reference: str, mask: npt.NDArray[np.bool_] | None
 ) -> tuple[dict[str, LoadedSeries], npt.NDArray[np.bool_] | None, tuple[int, int, int]]:
-    """The series a several-series model works on, the brain mask on their grid, and the voxels per
-    block along each axis.
+    """The series a model works on, the brain mask on their grid, and the voxels per block along each
+    axis.
 
     As loaded, or, for a reference finer than about 2/3 mm (a 3D series reconstructed at 0.4-0.6 mm),
     the reference averaged over blocks of whole voxels about 1 mm wide
     (:func:`converters.resample.reduction_factors`, :func:`~converters.resample.block_mean`) and the
-    mask on those blocks (a block is inside when most of its voxels are). The other series are
-    resampled onto the reference's grid by the registration and every class probability goes back
-    onto it: on a 0.5 mm reference that was 62 M voxels per series and per class, 3 GiB and a minute
-    for a four-series study; the model itself works at 1 mm. The labels come back on the reference's
-    frames (:func:`segment` with the blocks).
+    mask on those blocks (a block is inside when most of its voxels are). The other series of a
+    several-series model are resampled onto the reference's grid by the registration, and every class
+    probability goes back onto it: on a 0.5 mm reference that was 62 M voxels per series and per
+    class, 3 GiB and a minute for a four-series study, and 5 s of a one-series job's wait; the model
+    itself works at 1 mm. The labels come back on the reference's frames (:func:`segment` with the
+    blocks).
     """
     from converters.resample import block_mean, reduction_factors
 
@@ -669,9 +670,9 @@ def _try_route(study: _Study, chosen: Route, plan: RoutingPlan) -> Segmented | N
     assembled = assemble_coregistered(loaded, reference)
     mask = brain_mask_for(assembled, brain)
     coregistered = None
-    model_view, model_mask, blocks = assembled, mask, (1, 1, 1)
+    grid, model_mask, blocks = analysis_grid(loaded, reference, mask)
+    model_view = assembled if blocks == (1, 1, 1) else assemble_coregistered(grid, reference)
     if len(modalities) > 1:
-        grid, model_mask, blocks = analysis_grid(loaded, reference, mask)
         with timer.stage("register"):
             coregistered = coregister(grid, reference, modalities, model_mask, ctx.registration)
         study.heartbeat()

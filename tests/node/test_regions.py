@@ -542,12 +542,17 @@ def test_a_brain_tumour_protocol_as_a_scanner_sends_it_gets_the_four_right_serie
     assert job.result["series_replaced"] == []
 
 
+@pytest.mark.parametrize(
+    ("others", "task", "segments"),
+    [(("T1", "T1GD", "T2"), "brats_regions", (1, 2, 3)), ((), "whole_tumor", (1,))],
+    ids=["four-series", "flair-only"],
+)
 def test_a_reference_finer_than_1_mm_is_worked_on_in_1_mm_blocks_and_labelled_on_its_own_frames(
-    env: Node, case: Case, tmp_path: Path
+    env: Node, case: Case, tmp_path: Path, others: tuple[str, ...], task: str, segments: tuple[int, ...]
 ) -> None:
     # The test case at 1.2 mm, and the same study with its FLAIR (the reference) reconstructed at
-    # 0.6 mm: each voxel split in eight. The four-series path works on 2 x 2 x 2 blocks of the fine
-    # FLAIR, which are the 1.2 mm FLAIR exactly, so its labels are the 1.2 mm study's split in eight.
+    # 0.6 mm: each voxel split in eight. Both models work on 2 x 2 x 2 blocks of the fine FLAIR,
+    # which are the 1.2 mm FLAIR exactly, so its labels are the 1.2 mm study's split in eight.
     from converters.dicom_writer import write_volumes
     from converters.reorient import case_to_volume
 
@@ -563,12 +568,12 @@ def test_a_reference_finer_than_1_mm_is_worked_on_in_1_mm_blocks_and_labelled_on
     labels = []
     for name, flair in (("coarse", coarse), ("fine", fine)):
         volumes = {"FLAIR": case_to_volume(flair, "FLAIR")}
-        volumes |= {m: case_to_volume(coarse, m) for m in ("T1", "T1GD", "T2")}
+        volumes |= {m: case_to_volume(coarse, m) for m in others}
         study = write_volumes(volumes, tmp_path / name)
         env.send(study)
         job = env.job_for(study)
         assert job.status == "done", job.reason
-        assert job.result["routing"]["task"] == "brats_regions", job.result["routing"]["reason"]
+        assert job.result["routing"]["task"] == task, job.result["routing"]["reason"]
         seg_file = tmp_path / f"{name}.dcm"
         env.received(study, "SEG").save_as(seg_file, enforce_file_format=True)
         from converters.dicom_series import load_series
@@ -581,7 +586,7 @@ def test_a_reference_finer_than_1_mm_is_worked_on_in_1_mm_blocks_and_labelled_on
                     source_sop_instance_uids=frames, segment_numbers=[number],
                     assert_missing_frames_are_empty=True,
                 )[..., 0].astype(np.uint8)
-                for number in (1, 2, 3)
+                for number in segments
             )
         )  # fmt: skip
     coarse_labels, fine_labels = labels
