@@ -90,10 +90,15 @@ class SelectionSettings:
     """``[selection]``: series-selection rules (node/selection.py); regexes are case-insensitive."""
 
     flair_pattern: str = r"flair|\bdark.?fluid|\btirm"
-    t1gd_pattern: str = r"post|\+ ?c\b|\bgd\b|gado|contrast|\bce\b|t1c"
+    # Descriptions are hints (attributes decide first); English, German (KM, Kontrast), Italian (mdc),
+    # French and Spanish words, GE's "C+".
+    t1gd_pattern: str = r"post|\+ ?c\b|\bc ?\+|\bgd\b|gado|contrast|kontrast|\bkm\b|\bmdc\b|\bce\b|t1c"
     t1_pattern: str = r"\bt1|mprage|mp-rage|spgr|bravo|tfl"
     # A description that says pre-contrast is never taken for post-contrast ("T1 pre contrast").
-    t1_pre_pattern: str = r"\bpre\b|pre[- ]?(contrast|gd|gado)|\bnative\b|without|\bw/?o\b|non[- ]?contrast"
+    t1_pre_pattern: str = (
+        r"\bpre\b|pre[- ]?(contrast|gd|gado)|\bnativ|without|\bw/?o\b|non[- ]?contrast"
+        r"|\bvor\b|\bohne\b|\bsenza\b|\bsans\b|\bsin\b"
+    )
     t2_pattern: str = r"\bt2(?!\*)|\btse\b|\bfse\b"
     exclude_pattern: str = (
         r"localizer|scout|survey|calibration|\bdwi\b|\badc\b|perfusion|\bswi|\bswan\b|susceptib|\bt2\*"

@@ -145,8 +145,9 @@ class SeriesInfo:
 
     @property
     def text(self) -> str:
-        """SeriesDescription and ProtocolName together, for the patterns."""
-        return f"{self.description} {self.protocol}"
+        """SeriesDescription and ProtocolName together, for the patterns; an underscore counts as a space
+        (Siemens names such as ``t1_se_tra_pre`` or ``3D_T1_KM``, where ``\\b`` would see no word edge)."""
+        return f"{self.description} {self.protocol}".replace("_", " ")
 
 
 #: ImageType values (PS3.3 C.7.6.1.1.2, C.8.13.1.1.1 and vendors') of images that are maps derived from

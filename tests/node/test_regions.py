@@ -99,6 +99,18 @@ def test_pre_and_post_contrast_t1_by_description_then_acquisition_time() -> None
     assert _roles(later, first) == {"T1": "1.2.1", "T1GD": "1.2.2"}
     assignment = SeriesSelector().assign([series_info(d, [], 30) for d in (first, later)], ["T1", "T1GD"])
     assert "acquired last" in assignment.basis["T1GD"]
+    # Descriptions as sites write them, underscores for spaces and in other languages; the
+    # post-contrast series acquired first, so only its description can tell.
+    for native, contrast in (
+        ("t1_se_tra_nativ", "t1_se_tra_KM"),  # German: Kontrastmittel
+        ("T1 SE vor KM", "T1 SE nach KM"),
+        ("Ax T1 SE", "Ax T1 SE C+"),  # GE
+        ("T1 senza mdc", "T1 con mdc"),  # Italian: mezzo di contrasto
+        ("T1 SE sin contraste", "T1 SE con contraste"),
+        ("T1_SE_pre", "T1_SE_Kontrast"),
+    ):
+        pair = _t1("1.2.2", contrast, "091000"), _t1("1.2.1", native, "093000")
+        assert _roles(*pair) == {"T1": "1.2.1", "T1GD": "1.2.2"}, (native, contrast)
     # The same time (or none) says nothing: no T1GD.
     same = _t1("1.2.3", "T1 SE", "091500")
     assert SeriesSelector().assign(

@@ -362,6 +362,8 @@ def test_diffusion_angiography_and_phase_series_serve_no_role_by_their_attribute
     ]  # fmt: skip
     for series in not_structural:
         assert selector.assign([series], ["T2"]).missing == ["T2"], series.label
+    # Underscores count as spaces for the patterns: "DWI_SSh" is excluded by its name too.
+    assert not selector.matches("T2", _series("DWI_SSh", **T2))
     # Magnitude images of every vendor stay T2s.
     magnitudes = (["ORIGINAL", "PRIMARY", "M", "ND", "NORM"], ["ORIGINAL", "PRIMARY", "M_SE", "M", "SE"])
     for image_type in magnitudes:
