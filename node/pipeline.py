@@ -287,7 +287,8 @@ def segment(
     with model.lock:
         labels_xyz = np.asarray(model.segmenter.infer(prepared), dtype=np.uint8)
     if blocks != (1, 1, 1):
-        assert shape is not None, "labels on blocks need the reference's shape"
+        if shape is None:
+            raise ValueError(f"labels on blocks of {blocks} voxels need the reference's RAS shape")
         labels_xyz = expand_blocks(labels_xyz, blocks, shape)
     return np.asarray(ras_to_volume(labels_xyz, assembled.reference), dtype=np.uint8)
 
