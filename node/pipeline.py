@@ -94,50 +94,6 @@ class Timer:
                 self.on_stage(name, elapsed)
 
 
-def select_series(
-    groups: Mapping[str, Sequence[str]], modalities: Sequence[str], selector: SeriesSelector
-) -> dict[str, SeriesInfo]:
-    """Choose a series per modality among the study's series (raises SelectionError)."""
-    if not groups:
-        raise JobError("the study has no kept MR instances in the spool")
-    return selector.select(
-        scan_grouped_series({k: [Path(p) for p in v] for k, v in groups.items()}), modalities
-    )
-
-
-def assemble(chosen: Mapping[str, SeriesInfo], modalities: Sequence[str]) -> Assembled:
-    """Load each chosen series into a volume in RAS order; every modality must share the first one's grid."""
-    from converters.dicom_series import load_series
-    from converters.reorient import volume_to_ras
-
-    reference: Volume | None = None
-    sources: list[Dataset] = []
-    images: dict[str, npt.NDArray[np.float32]] = {}
-    affine: npt.NDArray[np.float64] | None = None
-    for modality in modalities:
-        series = chosen[modality]
-        datasets = [pydicom.dcmread(p) for p in series.paths]
-        try:
-            volume = load_series(datasets)
-        except ConverterError as exc:
-            raise JobError(f"{modality} {series.label}: {exc}") from exc
-        array, ras_affine = volume_to_ras(volume)
-        if reference is None or affine is None:
-            reference, affine = volume, ras_affine
-            by_uid = {str(ds.SOPInstanceUID): ds for ds in datasets}
-            sources = [by_uid[uid] for uid in dict.fromkeys(volume.sop_instance_uids)]
-        else:
-            first = next(iter(images.values())).shape
-            if array.shape != first or not np.allclose(ras_affine, affine, atol=1e-3):
-                raise JobError(
-                    f"{modality} {series.label} is not on the grid of the {modalities[0]} series "
-                    f"(shape {array.shape} vs {first}); the model needs co-registered series"
-                )
-        images[modality] = np.asarray(array, dtype=np.float32)
-    assert reference is not None and affine is not None
-    return Assembled(reference=reference, sources=sources, images=images, affine=affine)
-
-
 def load_chosen(
     series: SeriesInfo, modality: str, read: Callable[[str], Dataset] | None = None
 ) -> LoadedSeries:

@@ -23,9 +23,9 @@ from db.card import TASK_LABELS
 from node import qc
 from node.config import QCSettings, load_settings
 from node.exceptions import ConfigError
-from node.pipeline import assemble, quality_check, select_series
+from node.pipeline import assemble_coregistered, load_chosen, quality_check
 from node.seg import build_seg
-from node.selection import SeriesSelector
+from node.selection import SeriesSelector, scan_series
 from node.sr import BRAIN, TUMOUR_SHARE_OF_BRAIN, build_sr
 from tests.helpers.peers import REPO
 
@@ -300,9 +300,8 @@ def test_quality_check_takes_a_ras_mask_onto_the_series_grid(tmp_path: Path) -> 
     with the left half of the phantom as "brain", exactly the tumour in the right half is removed."""
     case = make_synthetic_case(5, (48, 48, 20))
     study = write_study(case, tmp_path / "study", modalities=["FLAIR"])
-    selector = SeriesSelector()
-    chosen = select_series({"s": [str(p) for p in study.files["FLAIR"]]}, ["FLAIR"], selector)
-    assembled = assemble(chosen, ["FLAIR"])
+    chosen = SeriesSelector().select(scan_series(study.files["FLAIR"]), ["FLAIR"])
+    assembled = assemble_coregistered({"FLAIR": load_chosen(chosen["FLAIR"], "FLAIR")}, "FLAIR")
     assert assembled.images["FLAIR"].shape == case.shape
     assert case.label is not None
     brain_ras = np.asarray(case.images["FLAIR"] > 0)
