@@ -395,7 +395,7 @@ class BrainMasker:
         Parameters
         ----------
         image:
-            (X, Y, Z) voxels in RAS order (:func:`node.pipeline.assemble`), any spacing.
+            (X, Y, Z) voxels in RAS order (:func:`node.pipeline.assemble_coregistered`), any spacing.
         affine:
             Voxel-to-RAS-mm affine of ``image`` (for the minimum brain volume).
 

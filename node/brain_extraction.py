@@ -248,6 +248,7 @@ class BrainExtractor:
         return cls(card, directory, device=device, threads=threads)
 
     def extract(self, image: npt.NDArray[Any], affine: npt.NDArray[Any]) -> npt.NDArray[np.bool_]:
-        """The brain mask of ``image`` (RAS (X, Y, Z), as :func:`node.pipeline.assemble` gives) on its
-        grid; raises :class:`NoBrainFoundError` (see :meth:`converters.brain_mask.BrainMasker.extract`)."""
+        """The brain mask of ``image`` (RAS (X, Y, Z), as :func:`node.pipeline.assemble_coregistered`
+        gives) on its grid; raises :class:`NoBrainFoundError` (see
+        :meth:`converters.brain_mask.BrainMasker.extract`)."""
         return self.masker.extract(image, affine)
