@@ -188,6 +188,18 @@ def route(
     return plan
 
 
+def series_used(assignment: Assignment) -> str:
+    """Which series served each input, for a reader: ``FLAIR: series UID (description, N slices); T1:
+    ... (why it is the native T1)``, in the order FLAIR, T1, T1GD, T2."""
+    order = ("FLAIR", "T1", "T1GD", "T2")
+    modalities = sorted(assignment.chosen, key=lambda m: (order.index(m) if m in order else len(order), m))
+    parts = []
+    for modality in modalities:
+        basis = assignment.basis.get(modality)
+        parts.append(f"{modality}: {assignment.chosen[modality].label}" + (f" ({basis})" if basis else ""))
+    return "; ".join(parts)
+
+
 def routing_reason(plan: RoutingPlan, chosen: Route) -> str:
     """One line: which model ran and why (the tasks before it and what stopped them)."""
     before = []
@@ -764,6 +776,7 @@ def run_job(ctx: JobContext, job_id: int) -> str:
                 tumour_share_percent=report.figures["tumour_share_of_brain_percent"],
                 regions=region_volumes_ml(labels, card, assembled.reference),
                 routing=reason,
+                series=series_used(done.route.assignment),
             )
         with timer.stage("write"):
             out_dir.mkdir(parents=True, exist_ok=True)

@@ -71,6 +71,7 @@ def build_sr(
     tumour_share_percent: float | None = None,
     regions: Mapping[str, float] | None = None,
     routing: str | None = None,
+    series: str | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """A TID 1500 report with the volume in mL of each segment of ``seg`` (and of the brain).
 
@@ -93,11 +94,17 @@ def build_sr(
         Composite region (a :data:`REGIONS` key) -> volume in mL; one TID 1501 group each.
     routing:
         Which model ran and why, recorded as an Algorithm Parameters item (TID 4019).
+    series:
+        Which series served each of the model's inputs (:func:`node.pipeline.series_used`), another
+        Algorithm Parameters item: a reader sees in the viewer whether the right series were used.
     """
+    parameters = [f"routing: {routing}"] if routing else []
+    if series:
+        parameters.append(f"series: {series}")
     algorithm = hd.sr.AlgorithmIdentification(
         name=str(card.get("name", "segnode model"))[:64],
         version=str(card.get("version", "unknown"))[:64],
-        parameters=[f"routing: {routing}"] if routing else None,
+        parameters=parameters or None,
     )
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,

@@ -446,6 +446,12 @@ def test_four_series_get_the_regions_model_three_segments_and_region_volumes(
     )
     assert regions["tumour_core"] == pytest.approx(sum(job.result["volumes_ml"][1:]), abs=1e-2)
     assert any(t.startswith("routing: brats_regions (test-regions") for t in _sr_texts(sr))
+    # The SR names the series that served each input, so that a reader can check them in the viewer.
+    [used] = {t for t in _sr_texts(sr) if t.startswith("series: ")}  # in every group's algorithm item
+    for modality, uid in study.series_uids.items():
+        assert f"{modality}: series {uid} (" in used, used
+    assert "(contrast/bolus attributes)" in used
+    assert used.index("FLAIR:") < used.index("T1:") < used.index("T1GD:") < used.index("T2:")
     # QC: the tumour is the union of the tissues.
     assert job.result["tumour_volume_ml"] == pytest.approx(regions["whole_tumour"], abs=0.01)
 
