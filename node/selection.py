@@ -33,7 +33,10 @@ localizer) serves no role. Nor, whatever its description says, does a series who
 * a phase, real or imaginary image: ComplexImageComponent (0008,9208), or ImageType's vendor values
   P, R, I, PHASE...;
 * susceptibility-weighted: an Enhanced MR AcquisitionContrast (0008,9209) T2_STAR, ImageType SWI,
-  SWAN or a minimum-intensity projection (MNIP), or a Siemens ``*swi`` / GE ``swan`` SequenceName.
+  SWAN or a minimum-intensity projection (MNIP), or a Siemens ``*swi`` / GE ``swan`` SequenceName;
+* dynamic: NumberOfTemporalPositions (0020,0105) above 1 (a DCE or DSC perfusion series). A DCE
+  series is a T1 given contrast with many times the slices of any other; it used to win the T1GD
+  role, be read whole and be refused for its repeated positions.
 
 A single-frame series holding several echoes at each position (a PD/T2 dual echo: EchoNumbers
 (0018,0086) and EchoTime differ between its images) is taken as one candidate per echo, each with
@@ -95,8 +98,8 @@ class SeriesInfo:
     #: Seconds since the study date's midnight (days added for a later date), or None.
     acquired: float | None = None
     #: What the attributes say this series is when it is no structural image (:func:`_no_role_kind`):
-    #: "diffusion", "angiography", "phase, real or imaginary image", "susceptibility-weighted", or "" for
-    #: a structural series.
+    #: "diffusion", "angiography", "phase, real or imaginary image", "susceptibility-weighted",
+    #: "dynamic (N time points)", or "" for a structural series.
     special: str = ""
     #: For one echo of a multi-echo series (e.g. a PD/T2 dual echo), which: "echo 2, TE 90 ms";
     #: "" for a series of one echo.
@@ -270,8 +273,8 @@ def _deep_get(ds: Dataset, keyword: str) -> Any:
 
 def _no_role_kind(ds: Dataset, image_type: Sequence[str]) -> str:
     """What the attributes say a series is when it is no structural image: "diffusion",
-    "angiography", "phase, real or imaginary image", "susceptibility-weighted", or "" (see the module
-    notes)."""
+    "angiography", "phase, real or imaginary image", "susceptibility-weighted", "dynamic (N time
+    points)", or "" (see the module notes)."""
     bvalue = _float(_deep_get(ds, "DiffusionBValue"))
     directionality = str(_deep_get(ds, "DiffusionDirectionality") or "").strip().upper()
     if (
@@ -292,6 +295,9 @@ def _no_role_kind(ds: Dataset, image_type: Sequence[str]) -> str:
         or SUSCEPTIBILITY_SEQUENCE_NAME.search(str(_deep_get(ds, "SequenceName") or ""))
     ):
         return "susceptibility-weighted"
+    timepoints = _float(_deep_get(ds, "NumberOfTemporalPositions"))
+    if timepoints is not None and timepoints > 1:
+        return f"dynamic ({timepoints:g} time points)"
     return ""
 
 

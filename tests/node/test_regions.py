@@ -518,7 +518,7 @@ def test_a_brain_tumour_protocol_as_a_scanner_sends_it_gets_the_four_right_serie
     env: Node, case: Case, tmp_path: Path
 ) -> None:
     """The four series among those a glioma protocol also holds (a DWI, its ADC, T2 phase images, a TOF,
-    an SWI and a post-contrast FLAIR), each made to win a role by TE, TR, slice count or ImageType
+    an SWI, a DCE and a post-contrast FLAIR), each made to win a role by TE, TR, slice count or ImageType
     ORIGINAL (the test study's series are DERIVED), none described in words the exclude pattern knows:
     only their attributes tell."""
     study = write_study(case, tmp_path / "study")
@@ -545,6 +545,11 @@ def test_a_brain_tumour_protocol_as_a_scanner_sends_it_gets_the_four_right_serie
         *_series_like(f["T1"], tmp_path / "swi", "3D GRE",
                       {"ImageType": original, "ScanningSequence": "GR", "EchoTime": "20",
                        "RepetitionTime": "27"}),
+        # A DCE series: the T1GD's positions at three time points, ORIGINAL where the T1GD is DERIVED,
+        # given contrast, three times its slices (it would win the T1GD role, then fail to load).
+        *_series_like(f["T1GD"], tmp_path / "dce", "t1_vibe_dyn",
+                      *({"ImageType": original, "NumberOfTemporalPositions": 3,
+                         "TemporalPositionIdentifier": n} for n in (1, 2, 3))),
         # A FLAIR after contrast, acquired after the native one.
         *_series_like(f["FLAIR"], tmp_path / "flair-post", "AX FLAIR",
                       {"ContrastBolusAgent": "Gadobutrol", "AcquisitionTime": "235900"}),

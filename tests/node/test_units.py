@@ -437,6 +437,19 @@ def test_susceptibility_weighted_series_are_never_t1_or_t2() -> None:
         assert selector.matches("T1", t1) and not t1.special, t1.label
 
 
+def test_dynamic_series_serve_no_role() -> None:
+    """A DCE series is a contrast-enhanced T1 gradient echo with many time points at each position: by
+    its attributes and slice count the best T1GD. NumberOfTemporalPositions says what it is."""
+    selector = SeriesSelector()
+    dce = _series("t1_vibe_dyn", slices=1200, ScanningSequence="GR", EchoTime=1.5, RepetitionTime=4.1,
+                  ContrastBolusAgent="Gadobutrol", NumberOfTemporalPositions=60)  # fmt: skip
+    post = _series("AX T1 +C", slices=24, ContrastBolusAgent="Gadobutrol", **T1)
+    assert dce.special == "dynamic (60 time points)"
+    assert selector.select([dce, post], ["T1GD"])["T1GD"] is post
+    # One time point (as vendors write it on every series) changes nothing.
+    assert not _series("AX T1", NumberOfTemporalPositions=1, **T1).special
+
+
 def test_a_repeated_series_wins_over_the_first_and_the_others_are_kept_in_order() -> None:
     first = _series("AX FLAIR", AcquisitionTime="091000", StudyDate="20261202", **FLAIR)
     repeat = _series("AX FLAIR repeat", AcquisitionTime="093000", StudyDate="20261202", **FLAIR)
