@@ -803,6 +803,8 @@ def run_job(ctx: JobContext, job_id: int) -> str:
         "seg_sop_instance_uid": str(seg.SOPInstanceUID) if seg is not None else None,
         "sr_sop_instance_uid": str(sr.SOPInstanceUID),
         "series": {m: s.series_instance_uid for m, s in chosen.items()},
+        # For `segnode jobs show`: each input's series as a reader recognises it (UID, description, slices).
+        "series_labels": {m: s.label for m, s in chosen.items()},
         "series_basis": dict(done.route.assignment.basis),
         # A chosen series that could not be read and the candidate used in its place.
         "series_replaced": list(done.route.assignment.replaced),

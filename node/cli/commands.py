@@ -275,8 +275,13 @@ def _result_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
         rows.append(("early analysis", f"reused {done}"))
     for key, value in (result.get("regions_ml") or {}).items():
         rows.append((key.replace("_", " "), ml(value)))
-    for role, basis in (result.get("series_basis") or {}).items():
-        rows.append((f"series {role}", basis))
+    basis = result.get("series_basis") or {}
+    labels = result.get("series_labels") or {}
+    for role, label in labels.items():  # jobs recorded before series_labels show the basis alone
+        rows.append((f"series {role}", f"{label} ({basis[role]})" if role in basis else label))
+    for role, why in basis.items():
+        if role not in labels:
+            rows.append((f"series {role}", why))
     for line in result.get("series_replaced") or []:
         rows.append(("series replaced", line))
     registration = result.get("registration") or {}

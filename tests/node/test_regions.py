@@ -481,6 +481,9 @@ def test_study_without_t2_gets_the_whole_tumour_model_and_says_why(
     monkeypatch.setenv("COLUMNS", "400")
     code, out, _ = run_cli(["jobs", "show", str(job.id)], capsys, monkeypatch)
     assert code == 0 and "routing" in out and "T2 missing" in out
+    # Each input's series as a reader recognises it: UID, description, slices.
+    assert job.result["series_labels"]["FLAIR"].startswith(f"series {study.series_uids['FLAIR']} (")
+    assert job.result["series_labels"]["FLAIR"] in out
 
 
 def test_an_unreadable_t2_counts_as_absent(env: Node, case: Case, tmp_path: Path) -> None:
