@@ -195,7 +195,6 @@ def coregister(
     modalities: Sequence[str],
     brain_mask: npt.NDArray[np.bool_] | None,
     config: RegistrationConfig,
-    known: Mapping[str, tuple[npt.NDArray[np.float32], SeriesAlignment]] | None = None,
 ) -> Coregistered:
     """Every modality of ``modalities`` on the grid of ``series[reference]``.
 
@@ -212,22 +211,15 @@ def coregister(
         displacement), or None.
     config:
         The ``[registration]`` settings.
-    known:
-        Modality -> (image, alignment) already computed for these very series, reference and mask
-        (early analysis registers the series that settled before the study was complete); only the
-        other modalities are registered here.
     """
     ref = series[reference]
     out = Coregistered(reference=reference, images={}, affine=ref.affine)
-    aligned = {m: done for m, done in (known or {}).items() if m in modalities and m != reference}
-    moving = [m for m in modalities if m != reference and m not in aligned]
-    if moving:
-        settings = config.settings()
-        fixed = prepare_fixed(ref.array, ref.affine, brain_mask, settings) if config.enabled else None
-        with ThreadPoolExecutor(max_workers=max(1, min(config.parallel, len(moving)))) as pool:
-            aligned |= dict(zip(moving, pool.map(
-                lambda m: align_series(series[m], ref, brain_mask, config, fixed), moving
-            ), strict=True))  # fmt: skip
+    fixed = prepare_fixed(ref.array, ref.affine, brain_mask, config.settings()) if config.enabled else None
+    moving = [m for m in modalities if m != reference]
+    with ThreadPoolExecutor(max_workers=max(1, min(config.parallel, len(moving)))) as pool:
+        aligned = dict(zip(moving, pool.map(
+            lambda m: align_series(series[m], ref, brain_mask, config, fixed), moving
+        ), strict=True))  # fmt: skip
     for modality in modalities:
         if modality == reference:
             out.images[modality] = ref.array

@@ -51,7 +51,7 @@ from db.job_queue import OutputObject
 from db.transactions import SessionFactory
 from node import qc
 from node.config import Destination, QCSettings, RegistrationConfig
-from node.coregistration import Coregistered, LoadedSeries, SeriesAlignment, coregister
+from node.coregistration import Coregistered, LoadedSeries, coregister
 from node.exceptions import JobError, NodeError, SelectionError
 from node.metrics import NodeMetrics
 from node.runtime import LoadedExtractor, LoadedModel
@@ -484,10 +484,6 @@ class EarlyWork:
     loaded: dict[str, LoadedSeries] = field(default_factory=dict)
     brains: dict[str, Brain | None] = field(default_factory=dict)
     segmented: dict[tuple[Any, ...], Segmented] = field(default_factory=dict)
-    #: Series registered onto a reference (:meth:`_Study.register`), by what the result depends on.
-    aligned: dict[tuple[Any, ...], tuple[npt.NDArray[np.float32], SeriesAlignment]] = field(
-        default_factory=dict
-    )
     #: Stage timings of the early runs, summed.
     stages: dict[str, float] = field(default_factory=dict)
 
@@ -505,12 +501,11 @@ class _Study:
         self.ctx, self.job_id, self.timer = ctx, job_id, timer
         self.loaded: dict[str, LoadedSeries] = {}
         self.brains: dict[str, Brain | None] = {}
-        self.aligned: dict[tuple[Any, ...], tuple[npt.NDArray[np.float32], SeriesAlignment]] = {}
         self.early = early
         #: The error of each series (by its files) that could not be read, not to read it twice.
         self.unreadable: dict[tuple[str, tuple[str, ...]], JobError] = {}
-        #: What came from early analysis: "load MODALITY", "brain MODALITY", "registration MODALITY",
-        #: "result TASK" and "seg TASK" (the result's SEG, built early too).
+        #: What came from early analysis: "load MODALITY", "brain MODALITY", "result TASK" and
+        #: "seg TASK" (the result's SEG, built early too).
         self.reused: list[str] = []
 
     def heartbeat(self) -> None:
@@ -618,46 +613,6 @@ class _Study:
                 self.heartbeat()
         return self.brains[reference]
 
-    def _alignment_key(
-        self, grid: Mapping[str, LoadedSeries], reference: str, modality: str, blocks: tuple[int, int, int]
-    ) -> tuple[Any, ...]:
-        """What a series' registration depends on: its files, the reference's files, the brain mask
-        (the extractor's, on those files) and the grid's blocks (the settings are fixed)."""
-        extractor = self.ctx.brain()
-        return (
-            modality,
-            _series_files(grid[modality].info),
-            _series_files(grid[reference].info),
-            extractor.label if extractor is not None else None,
-            blocks,
-        )
-
-    def register(
-        self,
-        grid: Mapping[str, LoadedSeries],
-        reference: str,
-        modalities: Sequence[str],
-        mask: npt.NDArray[np.bool_] | None,
-        blocks: tuple[int, int, int],
-    ) -> Coregistered:
-        """:func:`coregister`, reusing this study's and early analysis' registrations of the very same
-        series onto the very same reference, and keeping the new ones."""
-        keys = {m: self._alignment_key(grid, reference, m, blocks) for m in modalities if m != reference}
-        known = {}
-        for modality, key in keys.items():
-            done = self.aligned.get(key)
-            if done is None and self.early is not None:
-                done = self.early.aligned.get(key)
-                if done is not None:
-                    self.reused.append(f"registration {modality}")
-            if done is not None:
-                known[modality] = done
-        with self.timer.stage("register"):
-            coregistered = coregister(grid, reference, modalities, mask, self.ctx.registration, known)
-        for modality, key in keys.items():
-            self.aligned[key] = (coregistered.images[modality], coregistered.alignments[modality])
-        return coregistered
-
     def early_result(self, chosen: Route) -> Segmented | None:
         """Early analysis' result of ``chosen``'s model on the very same files, if there is one."""
         if self.early is None:
@@ -687,7 +642,8 @@ def _try_route(study: _Study, chosen: Route, plan: RoutingPlan) -> Segmented | N
     grid, model_mask, blocks = analysis_grid(loaded, reference, mask)
     model_view = assembled if blocks == (1, 1, 1) else assemble_coregistered(grid, reference)
     if len(modalities) > 1:
-        coregistered = study.register(grid, reference, modalities, model_mask, blocks)
+        with timer.stage("register"):
+            coregistered = coregister(grid, reference, modalities, model_mask, ctx.registration)
         study.heartbeat()
         if coregistered.failures:
             plan.note(chosen.task, model, "not run", "; ".join(coregistered.failures))
@@ -722,31 +678,6 @@ def segment_study(study: _Study, plan: RoutingPlan) -> Segmented:
     raise JobError(f"no model could run on the study ({failed})")
 
 
-def prepare_more_capable(study: _Study, series: Sequence[SeriesInfo], plan: RoutingPlan) -> None:
-    """For each active several-series model that the series so far do not allow (one is missing, most
-    often the last one the PACS sends), read those of its series that are here, mask its reference
-    and register them onto it: its job then has only the rest to do. A series that cannot be read is
-    left for the job to meet."""
-    ctx = study.ctx
-    eligible = {r.task for r in plan.routes}
-    for task, model in ctx.models():
-        if model is None or task in eligible or len(model.card["modalities"]) < 2:
-            continue
-        modalities = list(model.card["modalities"])
-        reference = reference_modality(modalities, ctx.registration)
-        assignment = ctx.selector.assign(series, modalities)
-        present = [m for m in modalities if m in assignment.chosen]
-        if reference not in present or len(present) < 2:
-            continue
-        try:
-            loaded, brain = study.load_and_mask(assignment, reference)
-        except JobError:
-            continue
-        assembled = assemble_coregistered(loaded, reference)
-        grid, mask, blocks = analysis_grid(loaded, reference, brain_mask_for(assembled, brain))
-        study.register(grid, reference, present, mask, blocks)
-
-
 def analyse_early(ctx: JobContext, groups: Mapping[str, Sequence[str]], work: EarlyWork) -> None:
     """Early analysis of a study's settled series (``groups``: series UID -> spool paths): route them
     as a job would and run the most capable model they allow, keeping reads, masks and the result in
@@ -756,19 +687,20 @@ def analyse_early(ctx: JobContext, groups: Mapping[str, Sequence[str]], work: Ea
         with timer.stage("select"):
             series = scan_grouped_series({k: [Path(p) for p in v] for k, v in groups.items()})
             plan = route(ctx.models(), series, ctx.selector)
+        if not plan.routes:
+            return
         extractor = ctx.brain()
         label = extractor.label if extractor is not None else None
+        if route_key(plan.routes[0], label) in work.segmented:
+            return
         study = _Study(ctx, None, timer)
-        # What earlier runs read, masked and registered.
-        study.loaded, study.brains, study.aligned = work.loaded, work.brains, work.aligned
-        if plan.routes and route_key(plan.routes[0], label) not in work.segmented:
-            done = segment_study(study, plan)
-            # The SEG too: when receiving, not this run, ends last, the job then only writes it.
-            if done.labels.any():
-                with timer.stage("seg"):
-                    done.seg_file = encode_seg(done)
-            work.segmented[route_key(done.route, label)] = done
-        prepare_more_capable(study, series, plan)
+        study.loaded, study.brains = work.loaded, work.brains  # what earlier runs read and masked
+        done = segment_study(study, plan)
+        # The SEG too: when receiving, not this run, ends last, the job then only writes it.
+        if done.labels.any():
+            with timer.stage("seg"):
+                done.seg_file = encode_seg(done)
+        work.segmented[route_key(done.route, label)] = done
     finally:
         for name, seconds in timer.stages.items():
             work.stages[name] = round(work.stages.get(name, 0.0) + seconds, 4)
