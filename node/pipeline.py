@@ -55,7 +55,7 @@ from node.coregistration import Coregistered, LoadedSeries, coregister
 from node.exceptions import JobError, NodeError, SelectionError
 from node.metrics import NodeMetrics
 from node.runtime import LoadedExtractor, LoadedModel
-from node.selection import Assignment, SeriesInfo, SeriesSelector, scan_grouped_series
+from node.selection import Assignment, SeriesInfo, SeriesSelector, role_texts, scan_grouped_series
 from node.spool import write_atomic
 
 logger = logging.getLogger(__name__)
@@ -190,14 +190,9 @@ def route(
 
 def series_used(assignment: Assignment) -> str:
     """Which series served each input, for a reader: ``FLAIR: series UID (description, N slices); T1:
-    ... (why it is the native T1)``, in the order FLAIR, T1, T1GD, T2."""
-    order = ("FLAIR", "T1", "T1GD", "T2")
-    modalities = sorted(assignment.chosen, key=lambda m: (order.index(m) if m in order else len(order), m))
-    parts = []
-    for modality in modalities:
-        basis = assignment.basis.get(modality)
-        parts.append(f"{modality}: {assignment.chosen[modality].label}" + (f" ({basis})" if basis else ""))
-    return "; ".join(parts)
+    ... (why it is the native T1)`` (:func:`node.selection.role_texts`)."""
+    labels = {m: s.label for m, s in assignment.chosen.items()}
+    return "; ".join(f"{m}: {text}" for m, text in role_texts(labels, assignment.basis))
 
 
 def routing_reason(plan: RoutingPlan, chosen: Route) -> str:

@@ -580,6 +580,20 @@ class SeriesSelector:
         return assignment.chosen
 
 
+#: The order in which a reader is told the series used (the SR, ``segnode jobs show``).
+ROLE_ORDER = ("FLAIR", "T1", "T1GD", "T2")
+
+
+def role_texts(labels: Mapping[str, str], basis: Mapping[str, str]) -> list[tuple[str, str]]:
+    """(modality, its series' label with what decided its role) per chosen series, in
+    :data:`ROLE_ORDER`: what the SR and ``segnode jobs show`` tell a reader about the series used.
+
+    ``labels``: modality -> :attr:`SeriesInfo.label`; ``basis``: modality -> :attr:`Assignment.basis`.
+    """
+    order = sorted(labels, key=lambda m: (ROLE_ORDER.index(m) if m in ROLE_ORDER else len(ROLE_ORDER), m))
+    return [(m, f"{labels[m]} ({basis[m]})" if m in basis else labels[m]) for m in order]
+
+
 def rank(s: SeriesInfo) -> tuple[bool, bool, int, bool, float]:
     """Sort key of a role's candidates, best last: ORIGINAL over DERIVED, then axial, then most slices,
     then one not given contrast (a FLAIR before and one after contrast: the native one, as BraTS has

@@ -277,11 +277,12 @@ def _result_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
         rows.append((key.replace("_", " "), ml(value)))
     basis = result.get("series_basis") or {}
     labels = result.get("series_labels") or {}
-    for role, label in labels.items():  # jobs recorded before series_labels show the basis alone
-        rows.append((f"series {role}", f"{label} ({basis[role]})" if role in basis else label))
-    for role, why in basis.items():
-        if role not in labels:
-            rows.append((f"series {role}", why))
+    if labels:
+        from node.selection import role_texts
+
+        rows += [(f"series {role}", text) for role, text in role_texts(labels, basis)]
+    else:  # a job recorded before series_labels: the T1 and T1GD bases alone
+        rows += [(f"series {role}", why) for role, why in basis.items()]
     for line in result.get("series_replaced") or []:
         rows.append(("series replaced", line))
     registration = result.get("registration") or {}
