@@ -1,4 +1,4 @@
-"""Acceptor association loops that serve a DIMSE message as soon as it is decoded, and that wait for
+"""Association loops that serve a DIMSE message as soon as it is decoded, and that wait for
 the peer's bytes instead of polling for them.
 
 pynetdicom 3.0's acceptor loop (``Association._run_reactor``) sleeps 1 ms at the top of every turn
@@ -6,6 +6,8 @@ and then looks at the message queue without waiting, so each C-STORE waits on av
 millisecond (more with the sleep's overshoot) before its handler runs. :func:`make_prompt` replaces
 the loop of one association with the same loop in which the sleep is a wait on the message queue (at
 most the same 1 ms), so an idle association costs what it did and a waiting message is served at once.
+The loop also closes pynetdicom's race between it and ``send_*()`` on the associations the node
+requests; :func:`associate` opens them.
 
 :func:`make_waiting` does the like for the association's DUL thread, which reads the peer's PDUs: in
 pynetdicom its loop looks at the socket without waiting and sleeps between looks (0.2 ms in the node
@@ -33,7 +35,8 @@ import time
 import types
 from typing import Any, cast
 
-from pynetdicom import evt
+from pynetdicom import AE, evt
+from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
 
 logger = logging.getLogger(__name__)
@@ -60,7 +63,8 @@ def _wait_for_message(messages: queue.Queue[Any], timeout: float) -> None:
 
 
 def _prompt_reactor(self: Any) -> None:
-    """``Association._run_reactor`` with the 1 ms sleep replaced by a wait on the message queue."""
+    """``Association._run_reactor`` with the 1 ms sleep replaced by a wait on the message queue, and
+    without its race with ``send_*()`` (see :func:`associate`)."""
     self._is_paused = False
     while not self._kill:
         _wait_for_message(self.dimse.msg_queue, IDLE_WAIT_S)
@@ -69,6 +73,10 @@ def _prompt_reactor(self: Any) -> None:
         self._is_paused = True
         self._reactor_checkpoint.wait()
         self._is_paused = False
+        if not self._reactor_checkpoint.is_set():
+            # A send_*() began between the wait and the line above: it read the stale "paused" and may
+            # already be waiting for its reply, which this turn must not take (pynetdicom's race).
+            continue
 
         context_id, msg = self.dimse.get_msg(block=False)
         if msg:
@@ -109,9 +117,41 @@ def _prompt_reactor(self: Any) -> None:
 
 
 def make_prompt(assoc: Any) -> None:
-    """Give the acceptor association ``assoc`` the prompt loop (call before its thread starts, e.g.
-    from ``EVT_CONN_OPEN``)."""
+    """Give the association ``assoc`` the prompt loop (call before its thread starts, e.g. from
+    ``EVT_CONN_OPEN``)."""
     assoc._run_reactor = types.MethodType(_prompt_reactor, assoc)
+
+
+def _on_connection_open(event: evt.Event) -> None:
+    make_prompt(event.assoc)
+
+
+def associate(
+    ae: AE,
+    host: str,
+    port: int,
+    ae_title: str,
+    tls_args: tuple[ssl.SSLContext, str] | None = None,
+) -> Association:
+    """``ae.associate`` whose association runs the prompt loop, so that no reply is lost.
+
+    pynetdicom's requestor runs the acceptor's loop too, and ``send_c_store`` pauses it by clearing
+    an event and then waiting until the loop says it is paused. The loop says so before it waits on
+    the event and unsays it only after the wait, so a send that starts between the wait's return and
+    that line reads a stale "paused", sends its request, and a fast peer's reply can reach the loop's
+    next look at the message queue. The loop takes it for an unexpected request ("Received unexpected
+    C-STORE service message"), the send waits out its DIMSE timeout and the association is aborted.
+    The node answers C-STOREs within a millisecond, so its own tests met this (a CI run failed by it)
+    and so could its sends to a fast PACS. The prompt loop checks the event again after that line and
+    leaves the queue alone when a send has begun.
+    """
+    return ae.associate(
+        host,
+        port,
+        ae_title=ae_title,
+        tls_args=tls_args,
+        evt_handlers=[(evt.EVT_CONN_OPEN, _on_connection_open)],
+    )
 
 
 def _waiting_transport_event(self: Any) -> bool:

@@ -28,7 +28,7 @@ from pynetdicom import AE
 from db import send_queue
 from db.send_queue import SendInfo
 from db.transactions import SessionFactory
-from node import dimse
+from node import dimse, reactor
 from node.config import TLSSettings
 from node.metrics import NodeMetrics
 
@@ -92,7 +92,7 @@ def store_files(
     ):
         ae.add_requested_context(sop_class, [syntax])
     tls_args = (tls, host) if tls is not None else None
-    assoc = ae.associate(host, port, ae_title=called_ae, tls_args=tls_args)
+    assoc = reactor.associate(ae, host, port, called_ae, tls_args=tls_args)
     if not assoc.is_established:
         why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "no answer"
         raise ConnectionError(f"association to {called_ae}@{host}:{port} failed ({why})")

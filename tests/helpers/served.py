@@ -159,10 +159,12 @@ def echo_ok(port: int, called: str = "SEGNODE") -> bool:
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+    from node import reactor
+
     ae = AE(ae_title="PROBE")
     ae.add_requested_context(Verification)
     ae.acse_timeout = ae.network_timeout = 5
-    assoc = ae.associate("127.0.0.1", port, ae_title=called)
+    assoc = reactor.associate(ae, "127.0.0.1", port, called)
     if not assoc.is_established:
         return False
     status = assoc.send_c_echo()

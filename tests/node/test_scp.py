@@ -25,7 +25,7 @@ from converters.dicom_writer import write_study
 from converters.synthetic import make_synthetic_case
 from db.node_tables import NodeInstance, NodeStudy
 from db.session import make_engine, make_session_factory, upgrade
-from node import dimse
+from node import dimse, reactor
 from node.config import NodeSettings
 from node.metrics import NodeMetrics
 from node.scp import StorageSCP
@@ -88,7 +88,7 @@ def _assoc(
     ae.add_requested_context(MRImageStorage)
     for c in contexts:
         ae.add_requested_context(c)
-    return ae.associate("127.0.0.1", port, ae_title=called)
+    return reactor.associate(ae, "127.0.0.1", port, called)
 
 
 def _store(port: int, ds: Dataset) -> int:

@@ -12,6 +12,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from db.card import load_card
+from node import reactor
 from node.scp import MAX_PDU_BYTES
 from node.segmenter import OpenVINOSegmenter
 from node.service import NodeService
@@ -65,7 +66,7 @@ def node(tmp_path: Path) -> Iterator[NodeService]:
 def test_open_associations_wait_on_their_socket_and_take_large_pdus(node: NodeService) -> None:
     ae = AE(ae_title="PERF_SCU")
     ae.add_requested_context(Verification)
-    assoc = ae.associate("127.0.0.1", node.scp.port, ae_title=node.settings.node.ae_title)
+    assoc = reactor.associate(ae, "127.0.0.1", node.scp.port, node.settings.node.ae_title)
     try:
         assert assoc.is_established
         accepted = wait_until(lambda: node.scp.ae.active_associations, 10, "the node's association")

@@ -28,7 +28,7 @@ from converters.case import Case
 from converters.synthetic import make_synthetic_case
 from db import job_queue
 from db.node_tables import NodeInstance
-from node import dimse
+from node import dimse, reactor
 from node.config import Destination
 from node.service import NodeService
 from tests.helpers.dcmtk import run_tool, storescu
@@ -97,7 +97,7 @@ def _send_raw_files(port: int, paths: list[Path], monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
     ae = AE(ae_title="PACS")
     ae.add_requested_context(MRImageStorage, "1.2.840.10008.1.2.1")
-    assoc = ae.associate("127.0.0.1", port, ae_title="SEGNODE")
+    assoc = reactor.associate(ae, "127.0.0.1", port, "SEGNODE")
     assert assoc.is_established
     try:
         return [int(assoc.send_c_store(p).Status) for p in paths]

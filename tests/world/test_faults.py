@@ -24,6 +24,7 @@ from db import instances, job_queue, send_queue
 from db.node_tables import NodeInstance
 from db.registry import open_registry
 from db.session import make_engine, make_session_factory
+from node import reactor
 from node.config import Destination
 from node.service import NodeService
 from tests.helpers.dcmtk import DcmtkStoreSCP, storescu
@@ -48,7 +49,7 @@ class Pacs(threading.Thread):
         ae = AE(ae_title="PACS")
         ae.add_requested_context(MRImageStorage)
         ae.network_timeout = ae.dimse_timeout = 10
-        assoc = ae.associate("127.0.0.1", self.port, ae_title="SEGNODE")
+        assoc = reactor.associate(ae, "127.0.0.1", self.port, "SEGNODE")
         try:
             for path in self.files:
                 ds = pydicom.dcmread(path)

@@ -20,6 +20,7 @@ from pynetdicom.sop_class import MRImageStorage, Verification  # type: ignore[at
 from converters.case import Case
 from converters.dicom_series import readable_transfer_syntaxes
 from converters.synthetic import make_synthetic_case
+from node import reactor
 from node.config import Destination
 from node.service import NodeService
 from tests.helpers.dcmtk import run_tool, storescu
@@ -112,7 +113,7 @@ def test_an_mr_class_proposed_only_in_an_unreadable_syntax_is_refused_and_logged
     ae.add_requested_context(Verification)
     ae.add_requested_context(MRImageStorage, [JPEG_XL_LOSSLESS])
     with caplog.at_level(logging.WARNING, logger="node.scp"):
-        assoc = ae.associate("127.0.0.1", world.port, ae_title="SEGNODE")
+        assoc = reactor.associate(ae, "127.0.0.1", world.port, "SEGNODE")
         assert assoc.is_established
         try:
             accepted = {str(c.abstract_syntax) for c in assoc.accepted_contexts}
