@@ -9,7 +9,8 @@ SpacingBetweenSlices; RescaleSlope and RescaleIntercept (PS3.3 C.11.1) are appli
 Refused, with :class:`~converters.exceptions.InvalidSeriesError` naming the series and the problem:
 more than one series, mixed orientations, mixed sizes (Rows/Columns) or pixel spacings, duplicate
 positions, positions off the slice normal, missing slices (uneven gaps), missing or short pixel data,
-colour images.
+colour images. The geometry checks allow for positions and cosines written rounded
+(:data:`POSITION_TOLERANCE_MM`, :data:`NORMAL_TOLERANCE_RAD`, :data:`DIRECTION_TOLERANCE`).
 """
 
 from __future__ import annotations
@@ -42,12 +43,21 @@ logger = logging.getLogger(__name__)
 
 #: Two orientations differ when a cosine differs by more than this.
 ORIENTATION_TOLERANCE = 1e-4
-#: A gap may differ from the mean spacing by this fraction before a slice counts as missing.
+#: A gap may differ from the mean spacing by this fraction (or by twice :data:`POSITION_TOLERANCE_MM`,
+#: whichever is more) before a slice counts as missing.
 GAP_TOLERANCE = 0.1
 #: Positions closer than this (mm) along the normal are duplicates.
 DUPLICATE_TOLERANCE_MM = 1e-3
-#: Positions may stray this far (mm, or this fraction of the pixel spacing) off the line along the normal.
-OFF_LINE_TOLERANCE_MM = 0.01
+#: How far (mm) a written ImagePositionPatient may be from where a regular stack puts it. Some systems
+#: write positions rounded to 0.1 or 0.01 mm: an oblique 1 mm stack then has uneven gaps of up to
+#: ~0.17 mm and positions up to ~0.09 mm off the line along its normal, a tenth of a voxel or less.
+POSITION_TOLERANCE_MM = 0.1
+#: How far (radians) the slice normal computed from a rounded ImageOrientationPatient may point from the
+#: stack's true direction: the allowed distance off the line grows by this much per mm along the normal.
+NORMAL_TOLERANCE_RAD = 1e-3
+#: ImageOrientationPatient's two vectors may be this far from unit length and orthogonality (rounded
+#: cosines); they are then made orthonormal.
+DIRECTION_TOLERANCE = 1e-2
 
 ENHANCED_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.4.1",  # Enhanced MR Image Storage
@@ -354,11 +364,14 @@ def _directions(
     orientation: npt.NDArray[np.float64], series: str
 ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float64]]:
     row, col = orientation[:3], orientation[3:]
-    if abs(np.linalg.norm(row) - 1) > 1e-3 or abs(np.linalg.norm(col) - 1) > 1e-3 or abs(row @ col) > 1e-3:
+    tol = DIRECTION_TOLERANCE
+    if abs(np.linalg.norm(row) - 1) > tol or abs(np.linalg.norm(col) - 1) > tol or abs(row @ col) > tol:
         raise InvalidSeriesError(
             f"{series}: ImageOrientationPatient {orientation.tolist()} is not two orthogonal unit vectors"
         )
-    row, col = row / np.linalg.norm(row), col / np.linalg.norm(col)
+    row = row / np.linalg.norm(row)
+    col = col - (col @ row) * row  # rounded cosines: the nearest orthonormal pair (Gram-Schmidt)
+    col = col / np.linalg.norm(col)
     normal = np.cross(row, col)
     return row, col, normal / np.linalg.norm(normal)
 
@@ -379,7 +392,7 @@ def _order_and_spacing(
     if len(ordered) == 1:
         return ordered, 0.0
     spacing = float(depth[-1] - depth[0]) / (len(ordered) - 1)
-    bad = np.flatnonzero(np.abs(gaps - spacing) > GAP_TOLERANCE * spacing)
+    bad = np.flatnonzero(np.abs(gaps - spacing) > max(GAP_TOLERANCE * spacing, 2 * POSITION_TOLERANCE_MM))
     if bad.size:
         n = int(bad[0])
         raise InvalidSeriesError(
@@ -389,7 +402,7 @@ def _order_and_spacing(
     origin = ordered[0].position
     for s, d in zip(ordered, depth, strict=True):
         off = s.position - (origin + (d - depth[0]) * normal)
-        if np.linalg.norm(off) > max(OFF_LINE_TOLERANCE_MM, 0.01 * min(s.pixel_spacing)):
+        if np.linalg.norm(off) > POSITION_TOLERANCE_MM + NORMAL_TOLERANCE_RAD * (d - depth[0]):
             raise InvalidSeriesError(
                 f"{series}: ImagePositionPatient of {s.label} is {np.linalg.norm(off):.3f} mm off the line "
                 "along the slice normal (tilted or sheared stack)"

@@ -38,7 +38,7 @@ from converters.exceptions import InvalidSeriesError
 from converters.nifti import load_case
 from converters.reorient import volume_to_ras
 from converters.synthetic import make_synthetic_case
-from tests.helpers.peers import require_program, require_shared
+from tests.helpers.peers import SHARED_DATA, require_program, require_shared
 
 GE_SERIES = ("dicom", "ge_t1_mprage_healthy")
 
@@ -244,6 +244,55 @@ def test_vendor_series_geometry_matches_dcmdump() -> None:
     # Every consecutive pair of sorted slices is one spacing apart along the normal.
     depth = [np.dot(dumped[u]["0020,0032"], volume.slice_direction) for u in volume.sop_instance_uids]
     np.testing.assert_allclose(np.diff(depth), volume.spacing[0], atol=1e-3)
+
+
+def _rounded(files: list[Path], position_places: int, cosine_places: int) -> list[Dataset]:
+    """The series as a system writing rounded geometry would send it."""
+    out = []
+    for f in files:
+        ds = pydicom.dcmread(f)
+        ds.ImagePositionPatient = [round(float(v), position_places) for v in ds.ImagePositionPatient]
+        ds.ImageOrientationPatient = [round(float(v), cosine_places) for v in ds.ImageOrientationPatient]
+        out.append(ds)
+    return out
+
+
+def _corners(volume: Any) -> npt.NDArray[np.float64]:
+    """The world positions of the volume's eight corner voxels."""
+    k, j, i = (n - 1 for n in volume.array.shape)
+    index = np.array([[a, b, c, 1.0] for a in (0, i) for b in (0, j) for c in (0, k)]).T
+    return np.asarray(volume.affine @ index)[:3]
+
+
+VENDOR_SERIES = sorted(p for p in (SHARED_DATA / "dicom").glob("*") if p.is_dir())
+
+
+@pytest.mark.parametrize("series", VENDOR_SERIES, ids=[p.name for p in VENDOR_SERIES])
+@pytest.mark.parametrize(("position_places", "cosine_places"), [(2, 6), (1, 3)])
+def test_geometry_written_rounded_loads_where_it_is(
+    series: Path, position_places: int, cosine_places: int
+) -> None:
+    """Some systems write ImagePositionPatient to 0.1 or 0.01 mm and the cosines to a few places: an
+    oblique stack's gaps are then uneven and its positions off the line by up to ~0.1 mm (refused as
+    missing slices or a sheared stack before). Each vendor series so written loads, its voxels within
+    0.15 mm of where the series as written by the scanner puts them."""
+    files = sorted(series.iterdir())
+    exact = load_series(files)
+    volume = load_series(_rounded(files, position_places, cosine_places))
+    assert volume.sop_instance_uids == exact.sop_instance_uids
+    np.testing.assert_array_equal(volume.array, exact.array)
+    assert np.abs(_corners(volume) - _corners(exact)).max() < 0.15
+    np.testing.assert_allclose(volume.affine[:3, :3].T @ volume.affine[:3, :3], np.diag(
+        [s * s for s in volume.spacing[::-1]]), atol=1e-9)  # fmt: skip
+
+
+def test_a_missing_slice_is_refused_when_geometry_is_rounded() -> None:
+    # The GE series is oblique (1.2 mm): written to 0.1 mm, a slice left out is still a gap.
+    files = sorted(require_shared(*GE_SERIES).iterdir())
+    ordered = load_series(files).sop_instance_uids
+    kept = [ds for ds in _rounded(files, 1, 4) if ds.SOPInstanceUID != ordered[60]]
+    with pytest.raises(InvalidSeriesError, match=r"missing slices \(uneven gaps\): gap of 2\.[34]"):
+        load_series(kept)
 
 
 # --- pixel data read from its bytes --------------------------------------------------------------

@@ -1,6 +1,7 @@
 """A BraTS training case re-acquired sagittal, coronal, 20° oblique and as 5 mm axial slices goes through
 the node over real sockets with the shipped model: the SEG scores as the axial 1 mm series does, and its
-frames sit on the source frames (the tumour's centroid from the SEG's own geometry is the truth's)."""
+frames sit on the source frames (the tumour's centroid from the SEG's own geometry is the truth's). The
+oblique series carries its positions rounded to 0.1 mm and its cosines to four places."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import highdicom as hd
 import numpy as np
+import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
@@ -35,6 +37,9 @@ PLANS = {
     "oblique 20°": SeriesPlan("oblique", tilt_degrees=20.0),
     "axial 5 mm": SeriesPlan("axial", slice_thickness_mm=5.0),
 }
+#: Plans whose series is written with its geometry rounded, as some systems write it: decimal places of
+#: ImagePositionPatient (mm) and of ImageOrientationPatient.
+ROUNDED = {"oblique 20°": (1, 4)}
 MAX_DICE_DROP = 0.03
 MAX_CENTROID_MM = 2.0
 
@@ -85,6 +90,14 @@ def _seg_centroid(seg: Dataset) -> np.ndarray:
     return np.concatenate(points).mean(axis=0)
 
 
+def _round_geometry(files: list[Path], position_places: int, cosine_places: int) -> None:
+    for path in files:
+        ds = pydicom.dcmread(path)
+        ds.ImagePositionPatient = [round(float(v), position_places) for v in ds.ImagePositionPatient]
+        ds.ImageOrientationPatient = [round(float(v), cosine_places) for v in ds.ImageOrientationPatient]
+        ds.save_as(path)
+
+
 def _run(env: Env, name: str) -> Outcome:
     if name in env.outcomes:
         return env.outcomes[name]
@@ -96,6 +109,8 @@ def _run(env: Env, name: str) -> Outcome:
         env.tmp / name.replace(" ", "_"),
         descriptions={"FLAIR": f"{PLANS[name].description} FLAIR"},
     )
+    if name in ROUNDED:
+        _round_geometry(study.files["FLAIR"], *ROUNDED[name])
     results = store_files(study.files["FLAIR"], "127.0.0.1", env.node.scp.port, "SEGNODE", "PACS")
     assert {status for _, status, _ in results} == {0}
 
