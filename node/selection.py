@@ -438,7 +438,9 @@ class SeriesSelector:
         te, tr, ti = s.echo_time, s.repetition_time, s.inversion_time
         if te is not None and (te > r.t1_max_te_ms or (s.gradient_echo and te >= r.t2star_min_te_ms)):
             return False
-        if te is not None and ((tr is not None and tr < 1000) or (s.inversion_recovery and (ti or 0) < 1500)):
+        if te is not None and (
+            (tr is not None and tr < 1000) or (s.inversion_recovery and (ti or 0) < r.flair_min_ti_ms)
+        ):
             return True
         return bool(self._re["T1"].search(s.text))
 
