@@ -33,11 +33,12 @@ from pydicom.uid import (
 from pydicom.valuerep import format_number_as_ds
 
 from converters.dicom_series import _native_pixels, load_series, load_series_folder
-from converters.dicom_writer import PROTOCOLS, QUANTISED_MAX, SyntheticPatient, write_study
+from converters.dicom_writer import PROTOCOLS, QUANTISED_MAX, SyntheticPatient, write_study, write_volumes
 from converters.exceptions import InvalidSeriesError
 from converters.nifti import load_case
 from converters.reorient import volume_to_ras
 from converters.synthetic import make_synthetic_case
+from converters.volume import Volume
 from tests.helpers.peers import SHARED_DATA, require_program, require_shared
 
 GE_SERIES = ("dicom", "ge_t1_mprage_healthy")
@@ -244,6 +245,33 @@ def test_vendor_series_geometry_matches_dcmdump() -> None:
     # Every consecutive pair of sorted slices is one spacing apart along the normal.
     depth = [np.dot(dumped[u]["0020,0032"], volume.slice_direction) for u in volume.sop_instance_uids]
     np.testing.assert_allclose(np.diff(depth), volume.spacing[0], atol=1e-3)
+
+
+def test_rectangular_pixels_sit_where_simpleitk_puts_them(tmp_path: Path) -> None:
+    """Rows != Columns and PixelSpacing [0.5, 0.8] (row spacing, column spacing; PS3.3 C.7.6.2.1.1) on an
+    oblique stack: every voxel's position and value are those of SimpleITK's (GDCM's) reader, an
+    implementation of its own. Square pixels cannot tell the two spacings apart."""
+    import SimpleITK as sitk  # noqa: N813 (SimpleITK's own spelling)
+
+    array = np.random.default_rng(3).integers(0, 1000, size=(7, 20, 30)).astype(np.float32)
+    angle = np.deg2rad(20.0)
+    row, col = np.array([1.0, 0.0, 0.0]), np.array([0.0, np.cos(angle), np.sin(angle)])
+    written = Volume(
+        array=array, origin=np.array([-50.0, -60.0, 10.0]), row_direction=row, column_direction=col,
+        slice_direction=np.cross(row, col), spacing=(3.0, 0.5, 0.8),
+    )  # fmt: skip
+    files = write_volumes({"FLAIR": written}, tmp_path).files["FLAIR"]
+    assert [float(v) for v in pydicom.dcmread(files[0]).PixelSpacing] == [0.5, 0.8]
+    volume = load_series(files)
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(files[0].parent)))
+    image = reader.Execute()
+    np.testing.assert_array_equal(volume.array, sitk.GetArrayFromImage(image))  # (slice, row, column)
+    k, i, j = (a.ravel() for a in np.indices(volume.array.shape))
+    ours = (volume.affine @ np.stack([j, i, k, np.ones_like(k)]).astype(float))[:3].T
+    indices = zip(j.tolist(), i.tolist(), k.tolist(), strict=True)
+    theirs = [image.TransformIndexToPhysicalPoint(index) for index in indices]
+    np.testing.assert_allclose(ours, theirs, atol=1e-4)  # both LPS
 
 
 def _rounded(files: list[Path], position_places: int, cosine_places: int) -> list[Dataset]:
