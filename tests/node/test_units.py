@@ -333,6 +333,31 @@ def test_axial_preferred_then_most_slices() -> None:
     assert chosen["FLAIR"] is big
 
 
+def test_finer_slices_win_over_axial_among_series_that_cover_the_brain() -> None:
+    sagittal_3d = _series("SAG 3D FLAIR", iop=[0, 1, 0, 0, 0, -1], slices=176, SliceThickness=1, **FLAIR)
+    axial_2d = _series("AX T2 FLAIR", slices=28, SliceThickness=5, SpacingBetweenSlices=6, **FLAIR)
+    assert axial_2d.slice_mm == 6 and axial_2d.extent_mm == 168
+    selector = SeriesSelector()
+    assert selector.select([axial_2d, sagittal_3d], ["FLAIR"])["FLAIR"] is sagittal_3d
+    # A fine slab through the lesion (60 mm) is no whole-brain series: the 2D one wins over it.
+    slab = _series("AX 3D FLAIR slab", slices=60, SliceThickness=1, **FLAIR)
+    assert selector.select([slab, axial_2d], ["FLAIR"])["FLAIR"] is axial_2d
+    # 0.5 mm and 1 mm are one class (both read on ~1 mm blocks): then axial, as before.
+    fine = _series("SAG 3D FLAIR 0.5", iop=[0, 1, 0, 0, 0, -1], slices=352, SliceThickness=0.5, **FLAIR)
+    axial_3d = _series("AX 3D FLAIR", slices=150, SliceThickness=1, **FLAIR)
+    assert selector.select([fine, axial_3d], ["FLAIR"])["FLAIR"] is axial_3d
+    # Overlapping slices resolve their thickness, not their spacing; GE writes a spacing negative.
+    overlapping = _series("COR FLAIR", iop=[1, 0, 0, 0, 0, -1], slices=40, SliceThickness=4,
+                          SpacingBetweenSlices=-2, **FLAIR)  # fmt: skip
+    assert overlapping.slice_mm == 4
+    assert selector.select([axial_2d, overlapping], ["FLAIR"])["FLAIR"] is overlapping
+    # The order holds for every role: a 3D post-contrast MP-RAGE over a 2D axial post-contrast T1 SE.
+    mprage = _series("t1_mprage_sag_KM", iop=[0, 1, 0, 0, 0, -1], slices=176, SliceThickness=1,
+                     ContrastBolusAgent="Gadovist", **MPRAGE)  # fmt: skip
+    t1_se = _series("AX T1 SE KM", slices=24, SliceThickness=5, ContrastBolusAgent="Gadovist", **T1)
+    assert selector.select([t1_se, mprage], ["T1GD"])["T1GD"] is mprage
+
+
 T2 = {"ScanningSequence": "SE", "RepetitionTime": 4500, "EchoTime": 95}
 T1 = {"ScanningSequence": "SE", "RepetitionTime": 500, "EchoTime": 10}
 
