@@ -13,7 +13,9 @@ Acquisitions:
 - ``aligned``: the four series as BraTS registered them;
 - ``misaligned``: T1, T1GD and T2 moved by a known rigid motion each (a few degrees and millimetres,
   different per series, the motions of ``tests/helpers/regions.py``) before they are written: the
-  node must register them back. The label stays with the unmoved FLAIR.
+  node must register them back. The label stays with the unmoved FLAIR;
+- ``sagittal FLAIR``: the FLAIR re-acquired as a 3D sagittal series of 1 mm (the reference grid, and
+  the one the label is scored on), T1, T1GD and T2 as in ``aligned``.
 
 A study the node routes to the whole-tumour model is scored as WT only (TC and ET 0) and says so.
 This is a final-evaluation script: the holdout may be read here (``--data`` is required), nothing
@@ -47,7 +49,7 @@ MOTIONS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]
     "T1GD": ((-4.0, 2.0, -2.0), (-3.0, 5.0, -2.0)),
     "T2": ((2.0, 4.0, -3.0), (2.0, 2.0, -5.0)),
 }
-ACQUISITIONS = ("aligned", "misaligned")
+ACQUISITIONS = ("aligned", "misaligned", "sagittal FLAIR")
 SERIES = ("FLAIR", "T1", "T1GD", "T2")
 #: SEG property type code -> Decathlon label.
 TISSUE_CODES = {"79654002": 1, "6574001": 2, "C81175": 2, "C113842": 3}
@@ -93,9 +95,13 @@ def _score(node: Any, receiver: _Receiver, case: Any, name: str, workdir: Path) 
         images, _ = move_series(case.images, case.affine, MOTIONS, world_points(case.affine, brain)[0])
         case = dataclasses.replace(case, images=images)
     resliced = reslice_case(case, SeriesPlan("axial"), list(SERIES))
+    volumes = dict(resliced.volumes)
+    if name == "sagittal FLAIR":  # a 3D FLAIR, the reference grid the labels come back on
+        resliced = reslice_case(case, SeriesPlan("sagittal"), ["FLAIR"])
+        volumes["FLAIR"] = resliced.volumes["FLAIR"]
     assert resliced.label is not None
     truth = np.asarray(resliced.label)
-    study = write_volumes(dict(resliced.volumes), workdir / f"{case.case_id}_{name}")
+    study = write_volumes(volumes, workdir / f"{case.case_id}_{name.replace(' ', '_')}")
     files = [f for m in SERIES for f in study.files[m]]
     start = time.perf_counter()
     results = store_files(files, "127.0.0.1", node.scp.port, "SEGNODE", "EVAL")
