@@ -189,10 +189,11 @@ def route(
 
 
 def series_used(assignment: Assignment) -> str:
-    """Which series served each input, for a reader: ``FLAIR: series UID (description, N slices); T1:
-    ... (why it is the native T1)`` (:func:`node.selection.role_texts`)."""
+    """Which series served each input, for a reader: ``FLAIR: series UID (description, N slices) (finer
+    slices than series ...); T1: ... (why it is the native T1)`` (:func:`node.selection.role_texts`,
+    :meth:`node.selection.Assignment.reasons`)."""
     labels = {m: s.label for m, s in assignment.chosen.items()}
-    return "; ".join(f"{m}: {text}" for m, text in role_texts(labels, assignment.basis))
+    return "; ".join(f"{m}: {text}" for m, text in role_texts(labels, assignment.reasons()))
 
 
 def routing_reason(plan: RoutingPlan, chosen: Route) -> str:
@@ -564,6 +565,7 @@ class _Study:
             line = f"{modality} {first.label} could not be read ({error}); {alternative.label} used instead"
             logger.warning("%s", line)
             assignment.chosen[modality] = alternative
+            assignment.preferred.pop(modality, None)  # the line says why this one
             assignment.replaced.append(line)
             return
         raise error
@@ -800,7 +802,7 @@ def run_job(ctx: JobContext, job_id: int) -> str:
         "series": {m: s.series_instance_uid for m, s in chosen.items()},
         # For `segnode jobs show`: each input's series as a reader recognises it (UID, description, slices).
         "series_labels": {m: s.label for m, s in chosen.items()},
-        "series_basis": dict(done.route.assignment.basis),
+        "series_basis": done.route.assignment.reasons(),
         # A chosen series that could not be read and the candidate used in its place.
         "series_replaced": list(done.route.assignment.replaced),
         "volumes_ml": [round(v, 3) for v in volumes],

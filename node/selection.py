@@ -55,7 +55,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -571,6 +571,8 @@ class SeriesSelector:
                 out.missing.append(modality)
                 continue
             best, *others = ranked(candidates)
+            if others:
+                out.preferred[modality] = preference(candidates)
             out.chosen[modality] = best
             out.alternatives[modality] = others
             taken.add(best.series_instance_uid)
@@ -610,7 +612,8 @@ def role_texts(labels: Mapping[str, str], basis: Mapping[str, str]) -> list[tupl
     """(modality, its series' label with what decided its role) per chosen series, in
     :data:`ROLE_ORDER`: what the SR and ``segnode jobs show`` tell a reader about the series used.
 
-    ``labels``: modality -> :attr:`SeriesInfo.label`; ``basis``: modality -> :attr:`Assignment.basis`.
+    ``labels``: modality -> :attr:`SeriesInfo.label`; ``basis``: modality -> what decided it
+    (:meth:`Assignment.reasons`).
     """
     order = sorted(labels, key=lambda m: (ROLE_ORDER.index(m) if m in ROLE_ORDER else len(ROLE_ORDER), m))
     return [(m, f"{labels[m]} ({basis[m]})" if m in basis else labels[m]) for m in order]
@@ -625,6 +628,18 @@ FINE_SLICE_MM = 1.0
 COVERAGE_SHARE = 0.8
 
 
+#: What each element of :func:`ranked`'s order says when it is the one that put a series first.
+PREFERENCE_REASONS = (
+    "ORIGINAL, not DERIVED",
+    "covers more",
+    "finer slices",
+    "axial",
+    "more slices",
+    "not given contrast",
+    "acquired later",
+)
+
+
 def ranked(candidates: Sequence[SeriesInfo]) -> list[SeriesInfo]:
     """Candidates of one role, best first: ORIGINAL over DERIVED; then one that covers about as much as
     the farthest-reaching candidate (:data:`COVERAGE_SHARE`) over a slab; then the finer slices (pitches
@@ -637,6 +652,23 @@ def ranked(candidates: Sequence[SeriesInfo]) -> list[SeriesInfo]:
     protocol) gave the better whole tumour, scored on the truth's 1 mm grid (8 BraTS training cases
     re-acquired both ways, through the node: mean Dice 0.912 against 0.898, better on every case).
     """
+    return sorted(candidates, key=_rank_key(candidates), reverse=True)
+
+
+def preference(candidates: Sequence[SeriesInfo]) -> str:
+    """Why :func:`ranked` put its first series before the second ("finer slices than series ..."), or
+    "" when there is no second."""
+    if len(candidates) < 2:
+        return ""
+    first, second = ranked(candidates)[:2]
+    key = _rank_key(candidates)
+    deciding = next((n for n, (a, b) in enumerate(zip(key(first), key(second), strict=True)) if a != b), None)
+    reason = "ranked equal, listed first" if deciding is None else PREFERENCE_REASONS[deciding]
+    return f"{reason} than {second.label}"
+
+
+def _rank_key(candidates: Sequence[SeriesInfo]) -> Callable[[SeriesInfo], tuple[Any, ...]]:
+    """The sort key of :func:`ranked` for one role's ``candidates`` (coverage is relative to them)."""
     widest = max((e for e in (s.extent_mm for s in candidates) if e is not None), default=None)
 
     def key(s: SeriesInfo) -> tuple[bool, bool, float, bool, int, bool, float]:
@@ -646,7 +678,7 @@ def ranked(candidates: Sequence[SeriesInfo]) -> list[SeriesInfo]:
         acquired = s.acquired if s.acquired is not None else float("-inf")
         return (s.original, covers, pitch, s.axial, s.slices, s.contrast is not True, acquired)
 
-    return sorted(candidates, key=key, reverse=True)
+    return key
 
 
 @dataclass
@@ -657,8 +689,19 @@ class Assignment:
     chosen: dict[str, SeriesInfo] = field(default_factory=dict)
     missing: list[str] = field(default_factory=list)
     basis: dict[str, str] = field(default_factory=dict)
+    #: For a modality with other candidates, why the chosen one came first (:func:`preference`).
+    preferred: dict[str, str] = field(default_factory=dict)
     #: The other candidates of each chosen modality, best first: tried in turn when the chosen series
     #: cannot be read (node/pipeline.py).
     alternatives: dict[str, list[SeriesInfo]] = field(default_factory=dict)
     #: One line per chosen series that could not be read and the series used instead.
     replaced: list[str] = field(default_factory=list)
+
+    def reasons(self) -> dict[str, str]:
+        """Modality -> what decided its series: the role's basis and why it came before the others."""
+        out = {}
+        for modality in self.chosen:
+            parts = [self.basis.get(modality, ""), self.preferred.get(modality, "")]
+            if any(parts):
+                out[modality] = "; ".join(p for p in parts if p)
+        return out

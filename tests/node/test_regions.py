@@ -566,6 +566,8 @@ def test_a_brain_tumour_protocol_as_a_scanner_sends_it_gets_the_four_right_serie
     assert job.result["routing"]["task"] == "brats_regions", job.result["routing"]["reason"]
     assert job.result["series"] == study.series_uids
     assert job.result["series_replaced"] == []
+    # Why the native FLAIR came before the post-contrast one, as `jobs show` and the SR tell it.
+    assert job.result["series_basis"]["FLAIR"].startswith("not given contrast than series ")
 
 
 @pytest.mark.parametrize(
