@@ -4,7 +4,10 @@ Each case (FLAIR and its label) is re-acquired with :func:`converters.reslice.re
 scanner would write it, written as a DICOM series, sent to an in-process node (``NodeService``: the
 SCP, the job queue, brain extraction when a brain-extraction model is active, preprocessing in world
 space, OpenVINO, SEG) serving the model under test, and the SEG that comes back is read with highdicom
-on the series' own frames and scored against the label resampled alongside. Acquisitions:
+on the series' own frames and scored against the label resampled alongside; the same SEG is also
+taken back, nearest voxel, onto the case's own grid and scored against the case's own label
+(``dice_case_grid``, benchmarks/slice_pitch.py ``on_case_grid``): one truth for every acquisition,
+where the first score gives a thick-slice series a truth as coarse as itself. Acquisitions:
 
 - ``axial 1 mm``: the case's own grid (the reference);
 - ``sagittal``, ``coronal``, ``oblique 20°``, ``axial 5 mm``: re-acquired in world space;
@@ -45,6 +48,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import markdown_table, peak_rss_mib, save_result
+from slice_pitch import dice as slice_pitch_dice
+from slice_pitch import on_case_grid
 
 from converters.reslice import SeriesPlan
 
@@ -190,10 +195,13 @@ def _score(node: Any, receiver: _Receiver, case: Any, name: str, workdir: Path) 
     total = int(predicted.sum() + truth.sum())
     dice = 1.0 if total == 0 else float(2 * (predicted & truth).sum() / total)
     voxel_ml = float(np.prod(volume.spacing)) / 1000.0
+    # The same SEG on the case's own grid against its own label: one truth for every acquisition.
+    on_case = on_case_grid(predicted, volume.affine, case.affine, case.label.shape)
     return {
         "case": case.case_id,
         "acquisition": name,
         "dice": round(dice, 4),
+        "dice_case_grid": round(slice_pitch_dice(on_case, case.label > 0), 4),
         "predicted_ml": round(float(predicted.sum()) * voxel_ml, 2),
         "truth_ml": round(float(truth.sum()) * voxel_ml, 2),
         "seconds": round(seconds, 2),
@@ -247,6 +255,10 @@ def evaluate(
         name: round(float(np.mean([r["dice"] or 0.0 for r in rows if r["acquisition"] == name])), 4)
         for name in acquisitions
     }
+    case_grid = {
+        n: round(float(np.mean([r.get("dice_case_grid") or 0.0 for r in rows if r["acquisition"] == n])), 4)
+        for n in acquisitions
+    }
     timed = [r["infer_seconds"] for r in rows if r.get("infer_seconds") is not None]
     return {
         "model": str(model),
@@ -254,6 +266,7 @@ def evaluate(
         "mirror": mirror,
         "cases": rows,
         "mean": means,
+        "mean_case_grid": case_grid,
         "mean_infer_seconds": round(float(np.mean(timed)), 3) if timed else None,
     }
 
@@ -296,6 +309,11 @@ def main() -> int:
     seconds = ["inference stage, s (mean per job)", *[str(r["mean_infer_seconds"]) for r in results]]
     rows.append(seconds + [""] * (len(headers) - len(seconds)))
     print(markdown_table(headers, rows))
+    print("\nThe same SEGs on each case's own grid, against its own label (one truth for every acquisition):")
+    print(markdown_table(
+        headers[: 1 + len(results)],
+        [[name, *[f"{r['mean_case_grid'][name]:.4f}" for r in results]] for name in acquisitions],
+    ))  # fmt: skip
     print(f"peak RSS {peak_rss_mib():.0f} MiB")
     path = save_result("holdout_node", {"runs": results}, args.out)
     print(f"results in {path}")
