@@ -189,8 +189,8 @@ def route(
 
 
 def series_used(assignment: Assignment) -> str:
-    """Which series served each input, for a reader: ``FLAIR: series UID (description, N slices) (finer
-    slices than series ...); T1: ... (why it is the native T1)`` (:func:`node.selection.role_texts`,
+    """Which series served each input, for a reader: ``FLAIR: series UID (description, N slices) (over
+    series ...: finer slices); T1: ... (why it is the native T1)`` (:func:`node.selection.role_texts`,
     :meth:`node.selection.Assignment.reasons`)."""
     labels = {m: s.label for m, s in assignment.chosen.items()}
     return "; ".join(f"{m}: {text}" for m, text in role_texts(labels, assignment.reasons()))

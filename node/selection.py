@@ -656,7 +656,7 @@ def ranked(candidates: Sequence[SeriesInfo]) -> list[SeriesInfo]:
 
 
 def preference(candidates: Sequence[SeriesInfo]) -> str:
-    """Why :func:`ranked` put its first series before the second ("finer slices than series ..."), or
+    """Why :func:`ranked` put its first series before the second ("over series ...: finer slices"), or
     "" when there is no second."""
     if len(candidates) < 2:
         return ""
@@ -664,7 +664,7 @@ def preference(candidates: Sequence[SeriesInfo]) -> str:
     key = _rank_key(candidates)
     deciding = next((n for n, (a, b) in enumerate(zip(key(first), key(second), strict=True)) if a != b), None)
     reason = "ranked equal, listed first" if deciding is None else PREFERENCE_REASONS[deciding]
-    return f"{reason} than {second.label}"
+    return f"over {second.label}: {reason}"
 
 
 def _rank_key(candidates: Sequence[SeriesInfo]) -> Callable[[SeriesInfo], tuple[Any, ...]]:

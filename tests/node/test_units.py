@@ -340,12 +340,12 @@ def test_finer_slices_win_over_axial_among_series_that_cover_the_brain() -> None
     selector = SeriesSelector()
     assignment = selector.assign([axial_2d, sagittal_3d], ["FLAIR"])
     assert assignment.chosen["FLAIR"] is sagittal_3d
-    assert assignment.reasons() == {"FLAIR": f"finer slices than {axial_2d.label}"}
+    assert assignment.reasons() == {"FLAIR": f"over {axial_2d.label}: finer slices"}
     # A fine slab through the lesion (60 mm) is no whole-brain series: the 2D one wins over it.
     slab = _series("AX 3D FLAIR slab", slices=60, SliceThickness=1, **FLAIR)
     assignment = selector.assign([slab, axial_2d], ["FLAIR"])
     assert assignment.chosen["FLAIR"] is axial_2d
-    assert assignment.preferred["FLAIR"] == f"covers more than {slab.label}"
+    assert assignment.preferred["FLAIR"] == f"over {slab.label}: covers more"
     # 0.5 mm and 1 mm are one class (both read on ~1 mm blocks): then axial, as before.
     fine = _series("SAG 3D FLAIR 0.5", iop=[0, 1, 0, 0, 0, -1], slices=352, SliceThickness=0.5, **FLAIR)
     axial_3d = _series("AX 3D FLAIR", slices=150, SliceThickness=1, **FLAIR)
