@@ -570,9 +570,10 @@ class SeriesSelector:
             if not candidates:
                 out.missing.append(modality)
                 continue
-            best, *others = ranked(candidates)
+            best_first = ranked(candidates)
+            best, *others = best_first
             if others:
-                out.preferred[modality] = preference(candidates)
+                out.preferred[modality] = preference(best_first)
             out.chosen[modality] = best
             out.alternatives[modality] = others
             taken.add(best.series_instance_uid)
@@ -655,13 +656,13 @@ def ranked(candidates: Sequence[SeriesInfo]) -> list[SeriesInfo]:
     return sorted(candidates, key=_rank_key(candidates), reverse=True)
 
 
-def preference(candidates: Sequence[SeriesInfo]) -> str:
-    """Why :func:`ranked` put its first series before the second ("over series ...: finer slices"), or
-    "" when there is no second."""
-    if len(candidates) < 2:
+def preference(order: Sequence[SeriesInfo]) -> str:
+    """Why the first of ``order`` (a role's candidates as :func:`ranked` returns them) comes before the
+    second ("over series ...: finer slices"), or "" when there is no second."""
+    if len(order) < 2:
         return ""
-    first, second = ranked(candidates)[:2]
-    key = _rank_key(candidates)
+    first, second = order[:2]
+    key = _rank_key(order)
     deciding = next((n for n, (a, b) in enumerate(zip(key(first), key(second), strict=True)) if a != b), None)
     reason = "ranked equal, listed first" if deciding is None else PREFERENCE_REASONS[deciding]
     return f"over {second.label}: {reason}"
