@@ -48,10 +48,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import markdown_table, peak_rss_mib, save_result
-from slice_pitch import dice as slice_pitch_dice
 from slice_pitch import on_case_grid
 
 from converters.reslice import SeriesPlan
+from trainer.metrics import dice as mask_dice
 
 ACQUISITIONS: dict[str, SeriesPlan] = {
     "axial_1mm": SeriesPlan("axial"),
@@ -196,12 +196,12 @@ def _score(node: Any, receiver: _Receiver, case: Any, name: str, workdir: Path) 
     dice = 1.0 if total == 0 else float(2 * (predicted & truth).sum() / total)
     voxel_ml = float(np.prod(volume.spacing)) / 1000.0
     # The same SEG on the case's own grid against its own label: one truth for every acquisition.
-    on_case = on_case_grid(predicted, volume.affine, case.affine, case.label.shape)
+    on_case = on_case_grid(predicted, volume, case.affine, case.label.shape)
     return {
         "case": case.case_id,
         "acquisition": name,
         "dice": round(dice, 4),
-        "dice_case_grid": round(slice_pitch_dice(on_case, case.label > 0), 4),
+        "dice_case_grid": round(mask_dice(on_case, case.label > 0), 4),
         "predicted_ml": round(float(predicted.sum()) * voxel_ml, 2),
         "truth_ml": round(float(truth.sum()) * voxel_ml, 2),
         "seconds": round(seconds, 2),

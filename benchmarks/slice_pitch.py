@@ -31,7 +31,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, SHARED_DATA, markdown_table, save_result
 
 sys.path.insert(0, str(REPO))
+from converters.reorient import volume_ras_affine
+from converters.resample import resample_to_grid
 from converters.reslice import SeriesPlan
+from converters.volume import Volume
+from trainer.metrics import dice
 
 PLANS = {
     "axial 5 mm": SeriesPlan("axial", slice_thickness_mm=5.0),
@@ -41,29 +45,13 @@ PLANS = {
 }
 
 
-def dice(a: npt.NDArray[np.bool_], b: npt.NDArray[np.bool_]) -> float:
-    """Dice of two masks (1.0 when both are empty)."""
-    total = int(a.sum() + b.sum())
-    return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
-
-
 def on_case_grid(
-    labels: npt.NDArray[np.bool_], series_affine: npt.NDArray[np.float64], case_affine: npt.NDArray[Any],
-    shape: tuple[int, ...],
-) -> npt.NDArray[np.bool_]:  # fmt: skip
-    """``labels`` (slice, row, column of a series whose affine maps (column, row, slice) to LPS) taken,
-    nearest voxel, onto the case's (X, Y, Z) grid whose affine maps to RAS."""
-    index = np.indices(shape).reshape(3, -1)
-    ras = case_affine @ np.vstack([index, np.ones(index.shape[1])])
-    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ ras
-    col, row, sl = np.rint((np.linalg.inv(series_affine) @ lps)[:3]).astype(int)
-    inside = (
-        (sl >= 0) & (sl < labels.shape[0]) & (row >= 0) & (row < labels.shape[1])
-        & (col >= 0) & (col < labels.shape[2])
-    )  # fmt: skip
-    out = np.zeros(index.shape[1], dtype=bool)
-    out[inside] = labels[sl[inside], row[inside], col[inside]]
-    return out.reshape(shape)
+    labels: npt.NDArray[np.bool_], volume: Volume, case_affine: npt.NDArray[Any], shape: tuple[int, int, int]
+) -> npt.NDArray[np.bool_]:
+    """``labels`` on ``volume``'s frames (slice, row, column) taken, nearest voxel, onto the case's
+    (X, Y, Z) grid whose affine maps to RAS (the node's own resampling, order 0)."""
+    xyz = np.transpose(labels.astype(np.uint8), (2, 1, 0))
+    return np.asarray(resample_to_grid(xyz, volume_ras_affine(volume), case_affine, shape, order=0) > 0)
 
 
 def seg_of(received: list[Any], study_uid: str) -> Any:
@@ -99,7 +87,7 @@ def score_case(node: Any, catcher: Any, case: Any, tmp: Path) -> list[dict[str, 
             segment_numbers=[1],
             assert_missing_frames_are_empty=True,
         )[..., 0] > 0
-        predicted = on_case_grid(labels, volume.affine, case.affine, truth.shape)
+        predicted = on_case_grid(labels, volume, case.affine, truth.shape)
         row = {
             "case": case.case_id, "acquisition": name, "dice_1mm": dice(predicted, truth),
             "dice_own_grid": dice(labels, resliced.label > 0),

@@ -195,18 +195,18 @@ def test_end_to_end_price_and_report_on_a_synthetic_case(tmp_path: Path) -> None
 @pytest.mark.parametrize("orientation", ["sagittal", "oblique"])
 def test_slice_pitch_takes_a_series_label_back_onto_the_case_grid(orientation: str) -> None:
     # A case's label re-acquired at 1 mm (the plans' own truth) and taken back scores ~1 on the case:
-    # the two affines (LPS of the series, RAS of the case) and the index orders meet where they must.
+    # the series' frames (slice, row, column) and the case's RAS grid meet where they must.
     from converters.reslice import SeriesPlan, reslice_case
+    from trainer.metrics import dice
 
     slice_pitch = bench("slice_pitch")
     case = make_synthetic_case(3, (48, 48, 40))
     assert case.label is not None
     resliced = reslice_case(case, SeriesPlan(orientation, tilt_degrees=20.0), ["FLAIR"])
     assert resliced.label is not None
-    back = slice_pitch.on_case_grid(
-        resliced.label > 0, resliced.volumes["FLAIR"].affine, case.affine, case.label.shape
-    )
+    flair = resliced.volumes["FLAIR"]
+    back = slice_pitch.on_case_grid(resliced.label > 0, flair, case.affine, case.label.shape)
     truth = case.label > 0
     assert truth.sum() > 100
-    assert slice_pitch.dice(back, truth) > 0.9
-    assert slice_pitch.dice(np.flip(back, axis=0), truth) < 0.8  # a left-right flip would show
+    assert dice(back, truth) > 0.9
+    assert dice(np.flip(back, axis=0), truth) < 0.8  # a left-right flip would show
