@@ -318,6 +318,13 @@ def _without_fsync() -> contextlib.AbstractContextManager[Any]:
     return stack
 
 
+def _without_wal_sync() -> contextlib.AbstractContextManager[Any]:
+    """The node's SQLite database with ``synchronous = NORMAL`` (as before 2026-12-04): commits do not
+    sync the write-ahead log, so an acknowledged row can roll back after a power loss. Measures what
+    the WAL's sync at every commit costs; never a lever to ship."""
+    return unittest.mock.patch("db.session.SQLITE_SYNCHRONOUS", "NORMAL")
+
+
 #: Levers of the node's receive path a row can turn off: ``node:prompt`` is the node without the
 #: prompt association loop, ``node:prompt+group`` without two levers.
 NODE_WITHOUT: dict[str, Callable[[], contextlib.AbstractContextManager[Any]]] = {
@@ -330,6 +337,7 @@ NODE_WITHOUT: dict[str, Callable[[], contextlib.AbstractContextManager[Any]]] = 
     "reader": _without_header_reader,
     "wait": _without_waiting_dul,
     "fsync": _without_fsync,
+    "walsync": _without_wal_sync,
 }
 
 
@@ -449,6 +457,7 @@ LEVER_NAMES = {
     "wait": "DUL threads wait on their sockets, C-STORE responses sent directly (reactor, store_response)",
     "prompt+group+header": "all three (the node before issue 17)",
     "fsync": "(diagnostic, not shippable) fdatasync of the file and fsync of its directory",
+    "walsync": "(diagnostic, not shippable) SQLite's write-ahead log synced at every commit",
 }
 
 

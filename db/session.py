@@ -1,8 +1,9 @@
 """Engines, sessions and schema upgrades, built from a URL (see :mod:`db.url` for where it comes from).
 
-SQLite (the default, a file under the var dir) runs in WAL mode with foreign keys on and a busy
-timeout; transactions are begun explicitly so that a writer can ask for ``BEGIN IMMEDIATE`` (see
-:func:`write_options`) and two processes serialise instead of failing half-way. PostgreSQL is
+SQLite (the default, a file under the var dir) runs in WAL mode with every commit synced
+(``synchronous = FULL``), foreign keys on and a busy timeout; transactions are begun explicitly so
+that a writer can ask for ``BEGIN IMMEDIATE`` (see :func:`write_options`) and two processes
+serialise instead of failing half-way. PostgreSQL is
 reached through ``postgresql+psycopg://``.
 """
 
@@ -33,6 +34,11 @@ SQLITE_BEGIN_OPTION = "segnode_sqlite_begin"
 _SQLITE_BEGIN_MODES = {"": "BEGIN", "DEFERRED": "BEGIN DEFERRED", "IMMEDIATE": "BEGIN IMMEDIATE"}
 #: Seconds a SQLite connection waits for another writer before giving up.
 SQLITE_BUSY_TIMEOUT_S = 30.0
+#: SQLite's ``synchronous`` level. FULL syncs the write-ahead log at every commit. Under NORMAL a
+#: commit survives a killed process but may roll back after a power loss or an OS crash, and the
+#: node acknowledges a C-STORE once its row has committed (an fsynced spool file without its row is
+#: never processed). benchmarks/ingest.py's ``node:walsync`` row sets NORMAL to measure the cost.
+SQLITE_SYNCHRONOUS = "FULL"
 #: Key of the PostgreSQL advisory lock that serialises concurrent schema upgrades.
 PG_MIGRATION_LOCK = 0x5E6D0DE
 
@@ -80,7 +86,7 @@ def _sqlite_hooks(engine: Engine) -> None:
             cursor.execute("PRAGMA foreign_keys = ON")
             cursor.execute(f"PRAGMA busy_timeout = {int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
             _enable_wal(cursor)
-            cursor.execute("PRAGMA synchronous = NORMAL")
+            cursor.execute(f"PRAGMA synchronous = {SQLITE_SYNCHRONOUS}")
         finally:
             cursor.close()
 
