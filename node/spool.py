@@ -3,7 +3,8 @@
 Layout: ``<spool>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``, every component a
 validated UID (:mod:`node.uids`), so nothing from the wire ever becomes a path by itself. A file is
 written to a temporary name in the same directory, flushed and fsynced, then atomically renamed, and
-the directory is fsynced, so a crash leaves either the whole file or none.
+the directory is fsynced, so a crash leaves either the whole file or none; a study or series
+directory made for a file is synced in its parent too.
 """
 
 from __future__ import annotations
@@ -38,8 +39,33 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def make_dirs_durably(directory: Path) -> None:
+    """Create ``directory`` and its missing parents, each new entry synced in its parent.
+
+    A file's directory fsync makes its name durable in that directory only; a study's or series'
+    directory made for the instance must itself be durable in its parent, or a power loss can take
+    the whole directory, acknowledged files and all. Costs a sync only where a directory is new
+    (once per series).
+    """
+    missing = []
+    probe = directory
+    while not probe.is_dir():
+        missing.append(probe)
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    for new in reversed(missing):
+        try:
+            new.mkdir()
+        except FileExistsError:  # made meanwhile by another thread or receiving process
+            if not new.is_dir():
+                raise
+        _fsync_dir(new.parent)
+
+
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` durably: temp file, fsync, rename, fsync of the directory.
+    """Write ``data`` to ``path`` durably: temp file, fsync, rename, fsync of the directory (and of
+    the parents of any directory made for it).
 
     Raises
     ------
@@ -48,7 +74,8 @@ def write_atomic(path: Path, data: bytes) -> None:
     """
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.parent.is_dir():
+            make_dirs_durably(path.parent)
         with open(tmp, "wb") as fh:
             fh.write(data)
             fh.flush()
