@@ -390,6 +390,18 @@ def list_jobs(sf: SessionFactory, status: str | None = None, limit: int = 100) -
         return [_job_info(s, j, with_sends=False) for j in s.scalars(query)]
 
 
+def _spooled_instances(s: Session, study_id: int) -> int:
+    """Kept instances of a study still in the spool (spool retention forgets a delivered study's)."""
+    return int(
+        s.scalar(
+            select(func.count(NodeInstance.id))
+            .join(NodeStudy, NodeStudy.study_instance_uid == NodeInstance.study_instance_uid)
+            .where(NodeStudy.id == study_id, NodeInstance.kept.is_(True), NodeInstance.path.is_not(None))
+        )
+        or 0
+    )
+
+
 @database_errors
 def retry_job(sf: SessionFactory, job_id: int) -> JobInfo:
     """Queue a finished (failed, skipped, review or done) job again; a queued or running one is refused.
@@ -399,7 +411,7 @@ def retry_job(sf: SessionFactory, job_id: int) -> JobInfo:
     JobNotFoundError
         No job with ``job_id``.
     JobStateError
-        The job is queued or running.
+        The job is queued or running, or its study's instances have left the spool.
     """
     with writing(sf) as s:
         job = s.get(NodeJob, job_id)
@@ -407,6 +419,11 @@ def retry_job(sf: SessionFactory, job_id: int) -> JobInfo:
             raise JobNotFoundError(f"job {job_id} does not exist (see `segnode jobs list`)")
         if job.status in ("queued", "running"):
             raise JobStateError(f"job {job_id} is {job.status}; only a finished job can be retried")
+        if not _spooled_instances(s, job.study_id):
+            raise JobStateError(
+                f"job {job_id}: its study's instances are no longer in the spool (removed [node] "
+                "spool_keep_hours after its result was delivered); send the study again"
+            )
         job.status = "queued"
         job.reason = "retry requested"
         job.finished_at = None

@@ -38,6 +38,9 @@ class NodeSettings:
     # more let several associations use more cores, each extra process ~85 MiB.
     receivers: int = 1
     min_free_disk_mb: int = 500
+    # A study's received files leave the spool this long after its result was delivered (job done,
+    # every send acknowledged; node/spool_retention.py). 0: kept for ever (until the disk floor).
+    spool_keep_hours: float = 168.0
     inference_device: str = "CPU"
     workers: int = 1
     # The task whose shipped model bootstrap_default_model installs; also the last resort of
@@ -380,6 +383,8 @@ def _validate(settings: Settings, where: str) -> None:
         raise ConfigError(f"{where}: node.analysis_nice must be between 0 and 19, not {nice}")
     if (quiet := settings.node.early_quiet_seconds) < 0:
         raise ConfigError(f"{where}: node.early_quiet_seconds must be >= 0, not {quiet}")
+    if not (keep := settings.node.spool_keep_hours) >= 0:  # NaN too
+        raise ConfigError(f"{where}: node.spool_keep_hours must be >= 0 (0: never remove), not {keep}")
     for dest in settings.destinations:
         if not 1 <= len(dest.ae_title) <= 16:
             raise ConfigError(

@@ -57,6 +57,12 @@ class NodeMetrics:
         self.jobs_finished = Counter(
             "segnode_jobs_finished", "Jobs finished, by state", ["state"], registry=r
         )
+        self.spool_removed = Counter(
+            "segnode_spool_removed_instances",
+            "Received instances removed from the spool once their study's result was delivered "
+            "([node] spool_keep_hours)",
+            registry=r,
+        )
         self.qc_failures = Counter(
             "segnode_qc_failures",
             "Results held for review, by failed QC rule (node/qc.py; one job may fail several)",

@@ -14,6 +14,7 @@ import logging
 import math
 import threading
 import time
+from datetime import datetime
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -36,6 +37,7 @@ from node.runtime import BrainExtractorRuntime, ModelRuntime, check_device
 from node.scp import StorageSCP
 from node.selection import SeriesSelector, series_info
 from node.sender import Sender, client_tls_context
+from node.spool_retention import RETENTION_CHECK_SECONDS, remove_delivered
 
 logger = logging.getLogger(__name__)
 
@@ -255,6 +257,7 @@ class NodeService:
     def _work_loop(self) -> None:
         poll = self.settings.node.poll_seconds
         last_stale_check = time.monotonic()
+        last_retention = time.monotonic() - RETENTION_CHECK_SECONDS  # a first pass at start
         outage = _Outage()
         while not self._stop.is_set():
             busy = False
@@ -263,6 +266,9 @@ class NodeService:
                 if time.monotonic() - last_stale_check > STALE_CHECK_SECONDS:
                     job_queue.requeue_stale(self.sf, self.settings.node.stale_job_seconds)
                     last_stale_check = time.monotonic()
+                if time.monotonic() - last_retention > RETENTION_CHECK_SECONDS:
+                    last_retention = time.monotonic()
+                    self.remove_delivered()
             except DatabaseUnavailableError as exc:  # one line per outage, not a traceback per poll
                 outage.failed("worker", exc, poll)
             except Exception:  # the worker must survive anything and retry
@@ -271,6 +277,13 @@ class NodeService:
                 outage.recovered("worker")
             if not busy:
                 self._wait_for_work(poll)
+
+    def remove_delivered(self, now: datetime | None = None) -> int:
+        """One spool-retention pass (node/spool_retention.py): the files of studies delivered more
+        than ``[node] spool_keep_hours`` ago leave the spool; returns how many were removed."""
+        return remove_delivered(
+            self.sf, self.scp.spool_dir, self.settings.node.spool_keep_hours, self.metrics, now=now
+        )
 
     def _wait_for_work(self, poll: float) -> None:
         """Wait until the next study is due, an association delivered instances, or ``poll`` seconds

@@ -1,0 +1,79 @@
+"""Spool retention: a study's received files leave the spool ``[node] spool_keep_hours`` after its
+result was delivered, so that the spool does not grow until the free-disk floor refuses every PACS.
+
+Which studies qualify is the database's call (:func:`db.retention.delivered_studies`: result done and
+every send acknowledged, nothing received since, no run queued or running); failed, skipped and held
+studies keep their files for ``segnode jobs retry``. Files are removed first, rows forgotten after,
+and only paths inside the spool are ever touched.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from db import retention
+from db.transactions import SessionFactory, utcnow
+from node.metrics import NodeMetrics
+
+logger = logging.getLogger(__name__)
+
+#: Seconds between two retention passes of the worker loop.
+RETENTION_CHECK_SECONDS = 300.0
+
+
+def remove_spooled(paths: Iterable[str], spool_dir: Path) -> int:
+    """Delete these spool files and the series and study directories they leave empty; returns the
+    number of files deleted. A path outside ``spool_dir`` is logged and left alone."""
+    root = spool_dir.resolve()
+    removed = 0
+    parents: set[Path] = set()
+    for raw in paths:
+        path = Path(raw).resolve()
+        if not path.is_relative_to(root) or path == root:
+            logger.warning("spool retention: a row's path lies outside the spool %s; left alone", root)
+            continue
+        try:
+            path.unlink()
+            removed += 1
+        except FileNotFoundError:  # removed by an earlier pass that stopped before forgetting the rows
+            pass
+        parents.add(path.parent)
+    for directory in sorted(parents, key=lambda p: len(p.parts), reverse=True):
+        while directory != root and directory.is_relative_to(root):
+            try:
+                os.rmdir(directory)  # only when empty: a file received meanwhile keeps its directory
+            except OSError:
+                break
+            directory = directory.parent
+    return removed
+
+
+def remove_delivered(
+    sf: SessionFactory,
+    spool_dir: Path,
+    keep_hours: float,
+    metrics: NodeMetrics | None = None,
+    now: datetime | None = None,
+) -> int:
+    """One retention pass: the spool files of every study delivered more than ``keep_hours`` ago
+    leave the spool and their rows are forgotten; returns the number of files removed."""
+    if keep_hours <= 0:
+        return 0
+    stamp = now or utcnow()
+    total = 0
+    for study in retention.delivered_studies(sf, stamp - timedelta(hours=keep_hours)):
+        removed = remove_spooled(study.paths, spool_dir)
+        retention.forget_instances(sf, study.instance_ids)
+        total += removed
+        if metrics is not None:
+            metrics.spool_removed.inc(removed)
+        hours = (stamp - study.finished_at).total_seconds() / 3600
+        logger.info(
+            "spool retention: study %s delivered by job %d %.0f h ago: %d files removed",
+            study.study_instance_uid, study.job_id, hours, removed,
+        )
+    return total

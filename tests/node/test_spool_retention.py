@@ -1,0 +1,172 @@
+"""Spool retention over real sockets: a delivered study's files leave the spool ``spool_keep_hours``
+after its result was acknowledged, and nothing that may still be needed does."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from converters.case import Case
+from converters.dicom_writer import StudyInfo, write_study
+from converters.synthetic import make_synthetic_case
+from db import instances, job_queue, send_queue
+from db.exceptions import JobStateError
+from db.transactions import utcnow
+from node.config import Destination
+from node.sender import store_files
+from node.service import NodeService
+from node.spool_retention import remove_spooled
+from tests.helpers.node import CatchingSCP, install_model, make_threshold_model, node_settings
+from tests.helpers.ports import free_port
+from tests.helpers.waiting import wait_until
+
+SHAPE = (48, 48, 12)
+KEEP_HOURS = 48.0
+
+
+@pytest.fixture(scope="module")
+def case() -> Case:
+    return make_synthetic_case(11, SHAPE)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory, case: Case) -> Path:
+    return make_threshold_model(
+        tmp_path_factory.mktemp("model"), crop=SHAPE[:2], spacing=case.spacing, threshold=1.5
+    )
+
+
+def _node(tmp_path: Path, model_dir: Path, port: int) -> NodeService:
+    settings = node_settings(tmp_path, free_port(), [Destination("pacs", "CATCHER", "127.0.0.1", port)])
+    settings.node.spool_keep_hours = KEEP_HOURS
+    node = NodeService(settings)
+    install_model(node.registry, model_dir)
+    return node
+
+
+@pytest.fixture()
+def served(tmp_path: Path, model_dir: Path) -> Iterator[tuple[NodeService, CatchingSCP]]:
+    catcher = CatchingSCP().start(free_port())
+    node = _node(tmp_path, model_dir, catcher.port)
+    node.start()
+    try:
+        yield node, catcher
+    finally:
+        node.stop()
+        catcher.stop()
+
+
+def _send(node: NodeService, study: StudyInfo) -> None:
+    files = [p for fs in study.files.values() for p in fs]
+    results = store_files(files, "127.0.0.1", node.scp.port, "SEGNODE", "PACS")
+    assert {status for _, status, _ in results} == {0}
+
+
+def _finished(node: NodeService, study: StudyInfo, run: int = 1) -> job_queue.JobInfo:
+    def job() -> job_queue.JobInfo | None:
+        for j in job_queue.list_jobs(node.sf):
+            if j.study_instance_uid == study.study_instance_uid and j.run == run and j.status not in (
+                "queued", "running"
+            ):
+                return j
+        return None
+
+    return wait_until(job, 60, f"run {run} of study {study.study_instance_uid}")  # type: ignore[no-any-return]
+
+
+def _spooled(node: NodeService, study: StudyInfo) -> list[Path]:
+    return sorted((node.scp.spool_dir / study.study_instance_uid).rglob("*.dcm"))
+
+
+def test_a_delivered_study_leaves_the_spool_after_keep_hours_and_a_resend_is_analysed_again(
+    served: tuple[NodeService, CatchingSCP], case: Case, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    node, catcher = served
+    study = write_study(case, tmp_path / "study", modalities=["FLAIR"])
+    _send(node, study)
+    job = _finished(node, study)
+    assert job.status == "done"
+    catcher.wait_for(lambda r: len(r) == 2, 30)  # SEG and SR
+    wait_until(lambda: send_queue.pending_send_count(node.sf) == 0, 30, "both sends acknowledged")
+    assert len(_spooled(node, study)) == SHAPE[2]
+
+    assert node.remove_delivered(now=utcnow() + timedelta(hours=KEEP_HOURS - 1)) == 0
+    assert len(_spooled(node, study)) == SHAPE[2]
+
+    with caplog.at_level(logging.INFO, logger="node.spool_retention"):
+        removed = node.remove_delivered(now=utcnow() + timedelta(hours=KEEP_HOURS + 1))
+    assert removed == SHAPE[2]
+    assert not (node.scp.spool_dir / study.study_instance_uid).exists()  # its directories too
+    assert instances.instance_counts(node.sf)["kept"] == 0
+    assert node.metrics.spool_removed._value.get() == SHAPE[2]
+    assert f"study {study.study_instance_uid} delivered by job {job.id}" in caplog.text
+    assert node.remove_delivered(now=utcnow() + timedelta(hours=KEEP_HOURS + 2)) == 0  # nothing twice
+
+    with pytest.raises(JobStateError, match="no longer in the spool"):
+        job_queue.retry_job(node.sf, job.id)
+
+    _send(node, study)  # the PACS sends it again: received afresh, analysed again
+    again = _finished(node, study, run=2)
+    assert again.status == "done" and again.instance_count == SHAPE[2]
+    catcher.wait_for(lambda r: sum(ds.Modality == "SEG" for ds in r) == 2, 30)
+    assert len(_spooled(node, study)) == SHAPE[2]
+
+
+def test_undelivered_skipped_and_unfinished_studies_keep_their_files(
+    tmp_path: Path, case: Case, model_dir: Path
+) -> None:
+    down = free_port()  # nothing listens: the result's sends stay pending
+    node = _node(tmp_path, model_dir, down)
+    node.start()
+    try:
+        unsent = write_study(case, tmp_path / "unsent", modalities=["FLAIR"])
+        _send(node, unsent)
+        assert _finished(node, unsent).status == "done"
+        skipped = write_study(case, tmp_path / "skipped", modalities=["T2"])  # no FLAIR: skipped
+        _send(node, skipped)
+        assert _finished(node, skipped).status == "skipped"
+        later = utcnow() + timedelta(hours=10 * KEEP_HOURS)
+        assert node.remove_delivered(now=later) == 0
+        assert len(_spooled(node, unsent)) == SHAPE[2] and len(_spooled(node, skipped)) == SHAPE[2]
+        assert instances.instance_counts(node.sf)["kept"] == 2 * SHAPE[2]
+        # The skipped one can still be retried: its instances are there.
+        assert job_queue.retry_job(node.sf, _finished(node, skipped).id).status == "queued"
+    finally:
+        node.stop()
+
+
+def test_keep_hours_zero_never_removes(tmp_path: Path, case: Case, model_dir: Path) -> None:
+    catcher = CatchingSCP().start(free_port())
+    node = _node(tmp_path, model_dir, catcher.port)
+    node.settings.node.spool_keep_hours = 0
+    node.start()
+    try:
+        study = write_study(case, tmp_path / "study", modalities=["FLAIR"])
+        _send(node, study)
+        assert _finished(node, study).status == "done"
+        wait_until(lambda: send_queue.pending_send_count(node.sf) == 0, 30, "both sends acknowledged")
+        assert node.remove_delivered(now=utcnow() + timedelta(days=3650)) == 0
+        assert len(_spooled(node, study)) == SHAPE[2]
+    finally:
+        node.stop()
+        catcher.stop()
+
+
+def test_only_spool_files_are_removed_and_a_directory_with_a_new_file_stays(tmp_path: Path) -> None:
+    spool = tmp_path / "spool"
+    series = spool / "1.2.3" / "1.2.3.4"
+    series.mkdir(parents=True)
+    old, new = series / "1.dcm", series / "2.dcm"
+    old.write_bytes(b"old")
+    new.write_bytes(b"received since the rows were read")
+    outside = tmp_path / "elsewhere.dcm"
+    outside.write_bytes(b"not the spool's")
+    assert remove_spooled([str(old), str(outside), str(spool / ".." / "elsewhere.dcm")], spool) == 1
+    assert not old.exists() and new.exists() and outside.exists()
+    new.unlink()
+    assert remove_spooled([str(new)], spool) == 0  # gone already: no error; empty directories go
+    assert spool.is_dir() and not (spool / "1.2.3").exists()
