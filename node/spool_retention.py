@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Iterable
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -23,6 +24,19 @@ logger = logging.getLogger(__name__)
 
 #: Seconds between two retention passes of the worker loop.
 RETENTION_CHECK_SECONDS = 300.0
+#: A spool write's temporary file older than this was left by a killed process (node/spool.py).
+STALE_TEMPORARY_SECONDS = 3600.0
+
+
+def _remove_stale_temporaries(directory: Path) -> None:
+    """Temporary files a killed process left in ``directory`` (never acknowledged instances)."""
+    cutoff = time.time() - STALE_TEMPORARY_SECONDS
+    for tmp in directory.glob(".*.tmp"):
+        try:
+            if tmp.stat().st_mtime < cutoff:
+                tmp.unlink()
+        except FileNotFoundError:
+            pass
 
 
 def remove_spooled(paths: Iterable[str], spool_dir: Path) -> int:
@@ -44,6 +58,7 @@ def remove_spooled(paths: Iterable[str], spool_dir: Path) -> int:
         parents.add(path.parent)
     for directory in sorted(parents, key=lambda p: len(p.parts), reverse=True):
         while directory != root and directory.is_relative_to(root):
+            _remove_stale_temporaries(directory)
             try:
                 os.rmdir(directory)  # only when empty: a file received meanwhile keeps its directory
             except OSError:

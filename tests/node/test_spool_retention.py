@@ -4,6 +4,8 @@ after its result was acknowledged, and nothing that may still be needed does."""
 from __future__ import annotations
 
 import logging
+import os
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -168,5 +170,16 @@ def test_only_spool_files_are_removed_and_a_directory_with_a_new_file_stays(tmp_
     assert remove_spooled([str(old), str(outside), str(spool / ".." / "elsewhere.dcm")], spool) == 1
     assert not old.exists() and new.exists() and outside.exists()
     new.unlink()
-    assert remove_spooled([str(new)], spool) == 0  # gone already: no error; empty directories go
+    # A temporary file a killed receiver left an hour ago goes with its directory; a fresh one is
+    # being written and stays.
+    stale = series / ".3.dcm.123.456.tmp"
+    stale.write_bytes(b"never acknowledged")
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    fresh = spool / "1.2.3" / "1.2.3.5" / ".4.dcm.123.456.tmp"
+    fresh.parent.mkdir()
+    fresh.write_bytes(b"being written")
+    assert remove_spooled([str(new), str(fresh.parent / "4.dcm")], spool) == 0  # gone already: no error
+    assert not (spool / "1.2.3" / "1.2.3.4").exists() and fresh.exists()
+    fresh.unlink()
+    assert remove_spooled([str(fresh.parent / "4.dcm")], spool) == 0  # empty directories go
     assert spool.is_dir() and not (spool / "1.2.3").exists()
