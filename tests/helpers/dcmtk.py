@@ -41,6 +41,10 @@ def storescu(
     )
 
 
+#: Marker storescp's ``--exec-on-reception`` command leaves beside each file it has written in full.
+_DONE_PREFIX = ".done."
+
+
 class DcmtkStoreSCP:
     """DCMTK ``storescp`` on loopback writing what it receives into ``out``: the destination PACS."""
 
@@ -51,7 +55,10 @@ class DcmtkStoreSCP:
         self.log_path = out.parent / f"storescp-{self.port}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [program, *extra, "-aet", ae_title, "-od", str(out), "+xa", str(self.port)],
+            # storescp writes each file under its final name as it arrives; the command it runs once a
+            # file is complete leaves a marker, so that a poll never reads a file half written.
+            [program, *extra, "-aet", ae_title, "-od", str(out), "+xa",
+             "-xcr", f'touch "#p/{_DONE_PREFIX}#f"', str(self.port)],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=DCMTK_ENV,
@@ -80,8 +87,11 @@ class DcmtkStoreSCP:
         return Destination(name, self.ae_title, "127.0.0.1", self.port)
 
     def files(self) -> list[Path]:
-        """Files received so far (storescp names them MODALITY.SOPInstanceUID)."""
-        return sorted(p for p in self.out.iterdir() if p.is_file())
+        """Files received in full so far (storescp names them MODALITY.SOPInstanceUID)."""
+        return sorted(
+            p for p in self.out.iterdir()
+            if p.is_file() and not p.name.startswith(".") and (p.parent / f"{_DONE_PREFIX}{p.name}").exists()
+        )
 
     def datasets(self) -> list[Dataset]:
         """The received files, read."""
