@@ -39,14 +39,22 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+#: Directories whose entry in their parent this process has synced (or made and synced).
+_DURABLE_DIRS: set[Path] = set()
+_DURABLE_DIRS_MAX = 100_000  # then forgotten: at worst one more sync per series
+
+
 def make_dirs_durably(directory: Path) -> None:
-    """Create ``directory`` and its missing parents, each new entry synced in its parent.
+    """Create ``directory`` and its missing parents, each new entry synced in its parent; a directory
+    that exists but that this process has not seen synced (another thread or receiving process may
+    have just made it) gets its parent synced once.
 
     A file's directory fsync makes its name durable in that directory only; a study's or series'
     directory made for the instance must itself be durable in its parent, or a power loss can take
-    the whole directory, acknowledged files and all. Costs a sync only where a directory is new
-    (once per series).
+    the whole directory, acknowledged files and all. Costs a sync once per series and process.
     """
+    if directory in _DURABLE_DIRS and directory.is_dir():  # spool retention may have removed it
+        return
     missing = []
     probe = directory
     while not probe.is_dir():
@@ -54,6 +62,8 @@ def make_dirs_durably(directory: Path) -> None:
         if probe.parent == probe:
             break
         probe = probe.parent
+    if not missing:  # made by someone else, who may not have synced its parent yet
+        _fsync_dir(directory.parent)
     for new in reversed(missing):
         try:
             new.mkdir()
@@ -61,6 +71,9 @@ def make_dirs_durably(directory: Path) -> None:
             if not new.is_dir():
                 raise
         _fsync_dir(new.parent)
+    if len(_DURABLE_DIRS) >= _DURABLE_DIRS_MAX:
+        _DURABLE_DIRS.clear()
+    _DURABLE_DIRS.add(directory)
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -74,8 +87,7 @@ def write_atomic(path: Path, data: bytes) -> None:
     """
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
-        if not path.parent.is_dir():
-            make_dirs_durably(path.parent)
+        make_dirs_durably(path.parent)
         with open(tmp, "wb") as fh:
             fh.write(data)
             fh.flush()
