@@ -6,7 +6,7 @@ from pathlib import Path
 
 from tests.helpers.syscalls import synced_paths
 
-#: Writes two files into a new series directory of a new study, as the SCP does.
+#: Writes two files into a series directory (made for them when it is not there), as the SCP does.
 _WRITE = """
 import sys
 from pathlib import Path
@@ -36,24 +36,13 @@ def test_a_new_study_and_series_directory_are_synced_in_their_parents(tmp_path: 
     assert (series / "1.2.3.4.2.dcm").read_bytes() == b"second"
 
 
-#: Writes one file into a series directory that exists already (made by another receiving process).
-_WRITE_INTO_EXISTING = """
-import sys
-from pathlib import Path
-from node.spool import write_atomic
-
-series = Path(sys.argv[1]) / "1.2.3" / "1.2.3.4"
-write_atomic(series / "1.2.3.4.1.dcm", b"first")
-write_atomic(series / "1.2.3.4.2.dcm", b"second")
-"""
-
 
 def test_a_series_directory_another_process_made_is_synced_in_its_parent_once(tmp_path: Path) -> None:
     spool = tmp_path / "spool"
     study, series = spool / "1.2.3", spool / "1.2.3" / "1.2.3.4"
     series.mkdir(parents=True)  # another process made it and may not have synced its parent yet
     synced = [
-        path for path in synced_paths(_WRITE_INTO_EXISTING, str(spool), trace=tmp_path / "trace.txt")
+        path for path in synced_paths(_WRITE, str(spool), trace=tmp_path / "trace.txt")
         if not path.endswith(".tmp")
     ]
     assert synced == [str(study), str(series), str(series)], synced  # the study once, then each name
