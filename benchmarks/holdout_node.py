@@ -192,8 +192,7 @@ def _score(node: Any, receiver: _Receiver, case: Any, name: str, workdir: Path) 
         assert_missing_frames_are_empty=True,
     )[..., 0]
     predicted = labels > 0
-    total = int(predicted.sum() + truth.sum())
-    dice = 1.0 if total == 0 else float(2 * (predicted & truth).sum() / total)
+    dice = mask_dice(predicted, truth)
     voxel_ml = float(np.prod(volume.spacing)) / 1000.0
     # The same SEG on the case's own grid against its own label: one truth for every acquisition.
     on_case = on_case_grid(predicted, volume, case.affine, case.label.shape)

@@ -3,8 +3,7 @@
 SQLite (the default, a file under the var dir) runs in WAL mode with every commit synced
 (``synchronous = FULL``), foreign keys on and a busy timeout; transactions are begun explicitly so
 that a writer can ask for ``BEGIN IMMEDIATE`` (see :func:`write_options`) and two processes
-serialise instead of failing half-way. PostgreSQL is
-reached through ``postgresql+psycopg://``.
+serialise instead of failing half-way. PostgreSQL is reached through ``postgresql+psycopg://``.
 """
 
 from __future__ import annotations
