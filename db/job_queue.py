@@ -421,8 +421,9 @@ def retry_job(sf: SessionFactory, job_id: int) -> JobInfo:
             raise JobStateError(f"job {job_id} is {job.status}; only a finished job can be retried")
         if not _spooled_instances(s, job.study_id):
             raise JobStateError(
-                f"job {job_id}: its study's instances are no longer in the spool (removed [node] "
-                "spool_keep_hours after its result was delivered); send the study again"
+                f"job {job_id}: its study's instances are no longer in the spool (spool retention: [node] "
+                "spool_keep_hours after delivery, failed_keep_hours after a failed or skipped run); "
+                "send the study again"
             )
         job.status = "queued"
         job.reason = "retry requested"

@@ -1,12 +1,18 @@
 """Spool retention: which studies' received instances may leave the spool, and forgetting their rows.
 
-A study's spool files are kept until its result has been delivered: the study is not pending, no
-instance of it arrived since the cut-off, its latest run's job is ``done`` (a job held for review
-counts once an administrator released it) and finished before the cut-off, no run of it is queued or
-running, and every send of that job is done. A failed, skipped or held study keeps its files for
-``segnode jobs retry``. The node (node/spool_retention.py) removes the files first and forgets the
-rows after, so a crash in between leaves rows that the next pass removes again; an instance the PACS
-sends again once its row is forgotten is a new instance of a new run.
+Two rules, each with its own cut-off:
+
+* **delivered**: the study's latest run's job is ``done`` (a job held for review counts once an
+  administrator released it) and finished before the delivered cut-off, and every send of that job is
+  done;
+* **failed or skipped**: the latest run's job ended ``failed`` or ``skipped`` (nothing was sent) before
+  the failed cut-off, so that ``segnode jobs retry`` had that long to use the files.
+
+Either way the study is not pending, no instance of it arrived since the cut-off and no run of it is
+queued or running. A study held for review (``review``) or with a send still pending keeps its files.
+The node (node/spool_retention.py) removes the files first and forgets the rows after, so a crash in
+between leaves rows that the next pass removes again; an instance the PACS sends again once its row
+is forgotten is a new instance of a new run.
 """
 
 from __future__ import annotations
@@ -19,13 +25,18 @@ from sqlalchemy import delete, exists, func, select
 from db.node_tables import NodeInstance, NodeJob, NodeSend, NodeStudy
 from db.transactions import SessionFactory, as_utc, database_errors, writing
 
+#: Latest-run job states whose study may leave the spool under the failed cut-off.
+UNSENT_END_STATES: tuple[str, ...] = ("failed", "skipped")
+
 
 @dataclass(frozen=True)
-class DeliveredStudy:
-    """A study whose result was delivered before the cut-off, with the rows of its instances."""
+class RemovableStudy:
+    """A study whose received instances may leave the spool, with the rows of its instances."""
 
     study_instance_uid: str
     job_id: int
+    #: Its latest run's job state: ``done`` (delivered), ``failed`` or ``skipped``.
+    status: str
     finished_at: datetime
     instance_ids: tuple[int, ...]
     #: Spool paths of its kept instances (ignored instances have none).
@@ -33,18 +44,27 @@ class DeliveredStudy:
 
 
 @database_errors
-def delivered_studies(sf: SessionFactory, before: datetime, limit: int = 50) -> list[DeliveredStudy]:
+def removable_studies(
+    sf: SessionFactory,
+    delivered_before: datetime | None,
+    failed_before: datetime | None = None,
+    limit: int = 50,
+) -> list[RemovableStudy]:
     """Up to ``limit`` studies whose instances may leave the spool (see the module docstring), oldest
-    delivery first; ``before`` is the cut-off (now minus the retention time)."""
-    cutoff = as_utc(before)
-    assert cutoff is not None
-    found: list[DeliveredStudy] = []
+    end first. ``delivered_before`` and ``failed_before`` are the two rules' cut-offs (now minus each
+    retention time); None turns a rule off."""
+    cutoffs = {"done": as_utc(delivered_before)} | dict.fromkeys(UNSENT_END_STATES, as_utc(failed_before))
+    active = [c for c in cutoffs.values() if c is not None]
+    if not active:
+        return []
+    latest_cutoff = max(active)
+    found: list[RemovableStudy] = []
     with sf() as s:
         studies = s.scalars(
             select(NodeStudy)
             .where(
                 NodeStudy.pending.is_(False),
-                NodeStudy.last_received_at < before,
+                NodeStudy.last_received_at < latest_cutoff,
                 exists().where(NodeInstance.study_instance_uid == NodeStudy.study_instance_uid),
             )
             .order_by(NodeStudy.last_received_at)
@@ -58,23 +78,27 @@ def delivered_studies(sf: SessionFactory, before: datetime, limit: int = 50) -> 
             if not jobs or any(job.status in ("queued", "running") for job in jobs):
                 continue
             latest = jobs[0]
+            cutoff = cutoffs.get(latest.status)
             finished = as_utc(latest.finished_at)
-            if latest.status != "done" or finished is None or finished >= cutoff:
+            if cutoff is None or finished is None or finished >= cutoff:
                 continue
-            undelivered = s.scalar(
+            received = as_utc(study.last_received_at)
+            if received is not None and received >= cutoff:
+                continue  # instances came after this rule's cut-off
+            if latest.status == "done" and s.scalar(
                 select(func.count(NodeSend.id)).where(NodeSend.job_id == latest.id, NodeSend.status != "done")
-            )
-            if undelivered:
-                continue
+            ):
+                continue  # not delivered yet
             rows = s.execute(
                 select(NodeInstance.id, NodeInstance.path)
                 .where(NodeInstance.study_instance_uid == study.study_instance_uid)
                 .order_by(NodeInstance.id)
             ).all()
             found.append(
-                DeliveredStudy(
+                RemovableStudy(
                     study_instance_uid=study.study_instance_uid,
                     job_id=latest.id,
+                    status=latest.status,
                     finished_at=finished,
                     instance_ids=tuple(int(i) for i, _ in rows),
                     paths=tuple(str(p) for _, p in rows if p),
@@ -89,7 +113,7 @@ def delivered_studies(sf: SessionFactory, before: datetime, limit: int = 50) -> 
 def forget_instances(sf: SessionFactory, instance_ids: tuple[int, ...]) -> int:
     """Delete these instance rows (their spool files are gone); returns how many were deleted.
 
-    Only the rows read by :func:`delivered_studies`: an instance received since then has a row of
+    Only the rows read by :func:`removable_studies`: an instance received since then has a row of
     its own and stays.
     """
     deleted = 0

@@ -41,6 +41,9 @@ class NodeSettings:
     # A study's received files leave the spool this long after its result was delivered (job done,
     # every send acknowledged; node/spool_retention.py). 0: kept for ever (until the disk floor).
     spool_keep_hours: float = 168.0
+    # A study whose latest run failed or was skipped (nothing was sent: no FLAIR, an unreadable series)
+    # leaves the spool this long after that run ended: time for `segnode jobs retry`. 0: kept for ever.
+    failed_keep_hours: float = 720.0
     inference_device: str = "CPU"
     workers: int = 1
     # The task whose shipped model bootstrap_default_model installs; also the last resort of
@@ -385,6 +388,8 @@ def _validate(settings: Settings, where: str) -> None:
         raise ConfigError(f"{where}: node.early_quiet_seconds must be >= 0, not {quiet}")
     if not (keep := settings.node.spool_keep_hours) >= 0:  # NaN too
         raise ConfigError(f"{where}: node.spool_keep_hours must be >= 0 (0: never remove), not {keep}")
+    if not (keep := settings.node.failed_keep_hours) >= 0:
+        raise ConfigError(f"{where}: node.failed_keep_hours must be >= 0 (0: never remove), not {keep}")
     for dest in settings.destinations:
         if not 1 <= len(dest.ae_title) <= 16:
             raise ConfigError(

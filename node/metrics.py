@@ -59,8 +59,10 @@ class NodeMetrics:
         )
         self.spool_removed = Counter(
             "segnode_spool_removed_instances",
-            "Received instances removed from the spool once their study's result was delivered "
-            "([node] spool_keep_hours)",
+            "Received instances removed from the spool, by the state of their study's latest job: "
+            "done (result delivered, [node] spool_keep_hours ago), failed or skipped "
+            "([node] failed_keep_hours ago)",
+            ["state"],
             registry=r,
         )
         self.qc_failures = Counter(

@@ -37,7 +37,7 @@ from node.runtime import BrainExtractorRuntime, ModelRuntime, check_device
 from node.scp import StorageSCP
 from node.selection import SeriesSelector, series_info
 from node.sender import Sender, client_tls_context
-from node.spool_retention import RETENTION_CHECK_SECONDS, remove_delivered
+from node.spool_retention import RETENTION_CHECK_SECONDS, apply_retention
 
 logger = logging.getLogger(__name__)
 
@@ -268,7 +268,7 @@ class NodeService:
                     last_stale_check = time.monotonic()
                 if time.monotonic() - last_retention > RETENTION_CHECK_SECONDS:
                     last_retention = time.monotonic()
-                    self.remove_delivered()
+                    self.apply_retention()
             except DatabaseUnavailableError as exc:  # one line per outage, not a traceback per poll
                 outage.failed("worker", exc, poll)
             except Exception:  # the worker must survive anything and retry
@@ -278,11 +278,13 @@ class NodeService:
             if not busy:
                 self._wait_for_work(poll)
 
-    def remove_delivered(self, now: datetime | None = None) -> int:
+    def apply_retention(self, now: datetime | None = None) -> int:
         """One spool-retention pass (node/spool_retention.py): the files of studies delivered more
-        than ``[node] spool_keep_hours`` ago leave the spool; returns how many were removed."""
-        return remove_delivered(
-            self.sf, self.scp.spool_dir, self.settings.node.spool_keep_hours, self.metrics, now=now
+        than ``[node] spool_keep_hours`` ago, and of studies whose analysis failed or was skipped more
+        than ``[node] failed_keep_hours`` ago, leave the spool; returns how many were removed."""
+        node = self.settings.node
+        return apply_retention(
+            self.sf, self.scp.spool_dir, node.spool_keep_hours, node.failed_keep_hours, self.metrics, now=now
         )
 
     def _wait_for_work(self, poll: float) -> None:

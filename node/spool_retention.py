@@ -1,10 +1,11 @@
 """Spool retention: a study's received files leave the spool ``[node] spool_keep_hours`` after its
-result was delivered, so that the spool does not grow until the free-disk floor refuses every PACS.
+result was delivered, or ``[node] failed_keep_hours`` after its analysis failed or was skipped, so that
+the spool does not grow until the free-disk floor refuses every PACS.
 
-Which studies qualify is the database's call (:func:`db.retention.delivered_studies`: result done and
-every send acknowledged, nothing received since, no run queued or running); failed, skipped and held
-studies keep their files for ``segnode jobs retry``. Files are removed first, rows forgotten after,
-and only paths inside the spool are ever touched.
+Which studies qualify is the database's call (:func:`db.retention.removable_studies`: result done and
+every send acknowledged, or the latest run failed or skipped; nothing received since, no run queued or
+running); held studies and studies with a send pending keep their files. Files are removed first, rows
+forgotten after, and only paths inside the spool are ever touched.
 """
 
 from __future__ import annotations
@@ -67,28 +68,36 @@ def remove_spooled(paths: Iterable[str], spool_dir: Path) -> int:
     return removed
 
 
-def remove_delivered(
+def _cutoff(now: datetime, keep_hours: float) -> datetime | None:
+    return None if keep_hours <= 0 else now - timedelta(hours=keep_hours)
+
+
+def apply_retention(
     sf: SessionFactory,
     spool_dir: Path,
     keep_hours: float,
+    failed_keep_hours: float = 0.0,
     metrics: NodeMetrics | None = None,
     now: datetime | None = None,
 ) -> int:
-    """One retention pass: the spool files of every study delivered more than ``keep_hours`` ago
-    leave the spool and their rows are forgotten; returns the number of files removed."""
-    if keep_hours <= 0:
-        return 0
+    """One retention pass: the spool files of every study delivered more than ``keep_hours`` ago, and
+    of every study whose latest run failed or was skipped more than ``failed_keep_hours`` ago, leave
+    the spool and their rows are forgotten (0 turns a rule off); returns the number of files removed."""
     stamp = now or utcnow()
+    delivered_before, failed_before = _cutoff(stamp, keep_hours), _cutoff(stamp, failed_keep_hours)
+    if delivered_before is None and failed_before is None:
+        return 0
     total = 0
-    for study in retention.delivered_studies(sf, stamp - timedelta(hours=keep_hours)):
+    for study in retention.removable_studies(sf, delivered_before, failed_before):
         removed = remove_spooled(study.paths, spool_dir)
         retention.forget_instances(sf, study.instance_ids)
         total += removed
         if metrics is not None:
-            metrics.spool_removed.inc(removed)
+            metrics.spool_removed.labels(study.status).inc(removed)
         hours = (stamp - study.finished_at).total_seconds() / 3600
+        what = "delivered by job" if study.status == "done" else f"{study.status} (no result sent) in job"
         logger.info(
-            "spool retention: study %s delivered by job %d %.0f h ago: %d files removed",
-            study.study_instance_uid, study.job_id, hours, removed,
+            "spool retention: study %s %s %d %.0f h ago: %d files removed",
+            study.study_instance_uid, what, study.job_id, hours, removed,
         )
     return total

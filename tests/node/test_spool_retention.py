@@ -1,5 +1,6 @@
 """Spool retention over real sockets: a delivered study's files leave the spool ``spool_keep_hours``
-after its result was acknowledged, and nothing that may still be needed does."""
+after its result was acknowledged, a skipped study's ``failed_keep_hours`` after its run, and nothing
+that may still be needed does."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from tests.helpers.waiting import wait_until
 
 SHAPE = (48, 48, 12)
 KEEP_HOURS = 48.0
+FAILED_KEEP_HOURS = 240.0
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +47,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory, case: Case) -> Path:
 def _node(tmp_path: Path, model_dir: Path, port: int) -> NodeService:
     settings = node_settings(tmp_path, free_port(), [Destination("pacs", "CATCHER", "127.0.0.1", port)])
     settings.node.spool_keep_hours = KEEP_HOURS
+    settings.node.failed_keep_hours = FAILED_KEEP_HOURS
     node = NodeService(settings)
     install_model(node.registry, model_dir)
     return node
@@ -96,17 +99,17 @@ def test_a_delivered_study_leaves_the_spool_after_keep_hours_and_a_resend_is_ana
     wait_until(lambda: send_queue.pending_send_count(node.sf) == 0, 30, "both sends acknowledged")
     assert len(_spooled(node, study)) == SHAPE[2]
 
-    assert node.remove_delivered(now=utcnow() + timedelta(hours=KEEP_HOURS - 1)) == 0
+    assert node.apply_retention(now=utcnow() + timedelta(hours=KEEP_HOURS - 1)) == 0
     assert len(_spooled(node, study)) == SHAPE[2]
 
     with caplog.at_level(logging.INFO, logger="node.spool_retention"):
-        removed = node.remove_delivered(now=utcnow() + timedelta(hours=KEEP_HOURS + 1))
+        removed = node.apply_retention(now=utcnow() + timedelta(hours=KEEP_HOURS + 1))
     assert removed == SHAPE[2]
     assert not (node.scp.spool_dir / study.study_instance_uid).exists()  # its directories too
     assert instances.instance_counts(node.sf)["kept"] == 0
-    assert node.metrics.spool_removed._value.get() == SHAPE[2]
+    assert node.metrics.spool_removed.labels("done")._value.get() == SHAPE[2]
     assert f"study {study.study_instance_uid} delivered by job {job.id}" in caplog.text
-    assert node.remove_delivered(now=utcnow() + timedelta(hours=KEEP_HOURS + 2)) == 0  # nothing twice
+    assert node.apply_retention(now=utcnow() + timedelta(hours=KEEP_HOURS + 2)) == 0  # nothing twice
 
     with pytest.raises(JobStateError, match="no longer in the spool"):
         job_queue.retry_job(node.sf, job.id)
@@ -118,8 +121,8 @@ def test_a_delivered_study_leaves_the_spool_after_keep_hours_and_a_resend_is_ana
     assert len(_spooled(node, study)) == SHAPE[2]
 
 
-def test_undelivered_skipped_and_unfinished_studies_keep_their_files(
-    tmp_path: Path, case: Case, model_dir: Path
+def test_a_skipped_study_leaves_after_failed_keep_hours_and_held_and_unsent_ones_stay(
+    tmp_path: Path, case: Case, model_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     down = free_port()  # nothing listens: the result's sends stay pending
     node = _node(tmp_path, model_dir, down)
@@ -131,12 +134,29 @@ def test_undelivered_skipped_and_unfinished_studies_keep_their_files(
         skipped = write_study(case, tmp_path / "skipped", modalities=["T2"])  # no FLAIR: skipped
         _send(node, skipped)
         assert _finished(node, skipped).status == "skipped"
-        later = utcnow() + timedelta(hours=10 * KEEP_HOURS)
-        assert node.remove_delivered(now=later) == 0
-        assert len(_spooled(node, unsent)) == SHAPE[2] and len(_spooled(node, skipped)) == SHAPE[2]
-        assert instances.instance_counts(node.sf)["kept"] == 2 * SHAPE[2]
+        node.settings.qc.min_slices = SHAPE[2] + 1  # the job reads [qc] when it runs: this one is held
+        held = write_study(case, tmp_path / "held", modalities=["FLAIR"])
+        _send(node, held)
+        assert _finished(node, held).status == "review"
+
+        # Past the delivered rule's time, before the failed rule's: everything stays.
+        assert node.apply_retention(now=utcnow() + timedelta(hours=FAILED_KEEP_HOURS - 1)) == 0
+        assert instances.instance_counts(node.sf)["kept"] == 3 * SHAPE[2]
         # The skipped one can still be retried: its instances are there.
-        assert job_queue.retry_job(node.sf, _finished(node, skipped).id).status == "queued"
+        job = _finished(node, skipped)
+        assert job_queue.retry_job(node.sf, job.id).status == "queued"
+        wait_until(lambda: job_queue.get_job(node.sf, job.id).status == "skipped", 60, "the retry")
+
+        later = utcnow() + timedelta(hours=FAILED_KEEP_HOURS + 1)
+        with caplog.at_level(logging.INFO, logger="node.spool_retention"):
+            assert node.apply_retention(now=later) == SHAPE[2]
+        assert not _spooled(node, skipped) and not (node.scp.spool_dir / skipped.study_instance_uid).exists()
+        assert f"study {skipped.study_instance_uid} skipped (no result sent) in job {job.id}" in caplog.text
+        assert node.metrics.spool_removed.labels("skipped")._value.get() == SHAPE[2]
+        assert len(_spooled(node, unsent)) == SHAPE[2] and len(_spooled(node, held)) == SHAPE[2]
+        assert node.apply_retention(now=later + timedelta(days=3650)) == 0
+        with pytest.raises(JobStateError, match="no longer in the spool"):
+            job_queue.retry_job(node.sf, job.id)
     finally:
         node.stop()
 
@@ -144,15 +164,18 @@ def test_undelivered_skipped_and_unfinished_studies_keep_their_files(
 def test_keep_hours_zero_never_removes(tmp_path: Path, case: Case, model_dir: Path) -> None:
     catcher = CatchingSCP().start(free_port())
     node = _node(tmp_path, model_dir, catcher.port)
-    node.settings.node.spool_keep_hours = 0
+    node.settings.node.spool_keep_hours = node.settings.node.failed_keep_hours = 0
     node.start()
     try:
         study = write_study(case, tmp_path / "study", modalities=["FLAIR"])
         _send(node, study)
         assert _finished(node, study).status == "done"
         wait_until(lambda: send_queue.pending_send_count(node.sf) == 0, 30, "both sends acknowledged")
-        assert node.remove_delivered(now=utcnow() + timedelta(days=3650)) == 0
-        assert len(_spooled(node, study)) == SHAPE[2]
+        skipped = write_study(case, tmp_path / "skipped", modalities=["T2"])
+        _send(node, skipped)
+        assert _finished(node, skipped).status == "skipped"
+        assert node.apply_retention(now=utcnow() + timedelta(days=3650)) == 0
+        assert len(_spooled(node, study)) == len(_spooled(node, skipped)) == SHAPE[2]
     finally:
         node.stop()
         catcher.stop()

@@ -1,0 +1,84 @@
+"""Which studies may leave the spool (db/retention.py), on a real SQLite database: each end state of a
+study's latest run against the two rules' cut-offs."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from db import instances, job_queue, send_queue
+from db.retention import removable_studies
+from db.session import make_engine, make_session_factory, upgrade
+from db.transactions import SessionFactory, utcnow
+
+DELIVERED_HOURS, FAILED_HOURS = 24.0, 240.0
+
+
+@pytest.fixture()
+def sf(tmp_path: Path) -> SessionFactory:
+    url = f"sqlite:///{tmp_path / 'segnode.db'}"
+    upgrade(url)
+    return make_session_factory(make_engine(url))
+
+
+def _study(sf: SessionFactory, n: int, status: str, ended: datetime, **finish: Any) -> int:
+    """A study of two instances received just before ``ended``, its one job ended ``status`` then."""
+    study = f"1.2.826.0.1.3680043.8.498.{n}"
+    received = ended - timedelta(minutes=5)
+    rows = [
+        instances.ReceivedInstance(
+            sop_instance_uid=f"{study}.1.{i}", sop_class_uid="1.2.840.10008.5.1.4.1.1.4",
+            study_instance_uid=study, series_instance_uid=f"{study}.1", kept=True,
+            path=f"/spool/{study}/{study}.1/{i}.dcm", calling_ae="PACS",
+        )
+        for i in range(2)
+    ]  # fmt: skip
+    instances.record_instances(sf, rows, now=received)
+    assert len(instances.schedule_due_studies(sf, 10, now=received + timedelta(minutes=1))) == 1
+    job_id = job_queue.claim_job(sf, now=received + timedelta(minutes=2))
+    assert job_id is not None
+    if status != "running":
+        assert job_queue.finish_job(sf, job_id, status=status, now=ended, **finish)
+    return job_id
+
+
+def _removable(sf: SessionFactory, now: datetime, failed: bool = True) -> dict[int, str]:
+    found = removable_studies(
+        sf, now - timedelta(hours=DELIVERED_HOURS), now - timedelta(hours=FAILED_HOURS) if failed else None
+    )
+    assert all(len(s.paths) == len(s.instance_ids) == 2 for s in found)
+    return {s.job_id: s.status for s in found}
+
+
+def test_each_end_state_leaves_by_its_own_rule(sf: SessionFactory, tmp_path: Path) -> None:
+    start = utcnow() - timedelta(days=30)
+    seg = tmp_path / "seg.dcm"
+    seg.write_bytes(b"x")
+    output = [job_queue.OutputObject(str(seg), "1.2.3.9")]
+    pacs = [SimpleNamespace(name="pacs", ae_title="PACS", host="127.0.0.1", port=11112)]
+    delivered = _study(sf, 1, "done", start, outputs=output, destinations=pacs)
+    unsent = _study(sf, 2, "done", start, outputs=output, destinations=pacs)
+    failed = _study(sf, 3, "failed", start, reason="FLAIR: unreadable")
+    skipped = _study(sf, 4, "skipped", start, reason="no FLAIR")
+    held = _study(sf, 5, "review", start, reason="qc min_slices")
+    _study(sf, 6, "running", start)
+    recent_failure = _study(sf, 7, "failed", start + timedelta(days=29))
+    for send in send_queue.due_sends(sf, now=utcnow()):
+        if send.job_id == delivered:
+            send_queue.mark_sent(sf, send.id)
+
+    # Delivered a day and more ago: the delivered study only.
+    assert _removable(sf, start + timedelta(hours=DELIVERED_HOURS + 1)) == {delivered: "done"}
+    # Failed and skipped ones wait for their own, longer cut-off; held, unsent and running ones stay.
+    later = start + timedelta(hours=FAILED_HOURS + 1)
+    assert _removable(sf, later) == {delivered: "done", failed: "failed", skipped: "skipped"}
+    assert _removable(sf, later, failed=False) == {delivered: "done"}
+    assert unsent not in _removable(sf, utcnow() + timedelta(days=3650))
+    assert held not in _removable(sf, utcnow() + timedelta(days=3650))
+    assert recent_failure not in _removable(sf, later)
+    assert removable_studies(sf, None, None) == []
+
