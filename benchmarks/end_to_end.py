@@ -26,6 +26,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import SHARED_DATA, markdown_table, peak_rss_mib, save_result
 
+from node.dcmtk_programs import dcmtk_program
+
 TOTAL_TARGET_S = 10.0
 #: Issue 17: first C-STORE to SEG received, idle wait included.
 FIRST_BYTE_TO_SEG_TARGET_S = 4.0
@@ -53,7 +55,7 @@ def _one(
 ) -> dict[str, Any]:
     from node.demo import EARLY_STAGE_PREFIX, run_demo
 
-    storescu = shutil.which("storescu")
+    storescu = dcmtk_program("storescu")
     report = run_demo(
         workdir,
         model_dir=model,

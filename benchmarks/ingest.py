@@ -49,6 +49,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, RESULTS_DIR, SHARED_DATA, markdown_table, save_result
 
+from node.dcmtk_programs import dcmtk_program
+
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 DEFAULT_CASE = SHARED_DATA / "train" / "brats" / "BraTS2021_00005"
 RECEIVERS = ("node", "node@2", "node@3", "node:driver", "node:response", "node:contexts", "node:reader",
@@ -103,7 +105,7 @@ def split(files: Sequence[Path], parts: int) -> list[list[Path]]:
 
 def send(files: Sequence[Path], port: int, called_ae: str, associations: int) -> float:
     """Seconds for ``associations`` concurrent storescu processes to send ``files`` to 127.0.0.1:port."""
-    storescu = shutil.which("storescu")
+    storescu = dcmtk_program("storescu")
     if storescu is None:
         raise RuntimeError("DCMTK storescu is not installed (apt-get install dcmtk)")
     start = time.perf_counter()
@@ -178,7 +180,7 @@ def node_receiver(work: Path, receivers: int = 1) -> Iterator[tuple[int, str, Ca
 @contextlib.contextmanager
 def storescp_receiver(work: Path) -> Iterator[tuple[int, str, Callable[[], int]]]:
     """DCMTK storescp (``--fork``: one process per association) writing into ``work/out``."""
-    program = shutil.which("storescp")
+    program = dcmtk_program("storescp")
     if program is None:
         raise RuntimeError("DCMTK storescp is not installed (apt-get install dcmtk)")
     out, port = work / "out", free_port()

@@ -6,7 +6,6 @@ Run the node, push DICOM files to a peer, the demo, and the job queue. The root 
 
 from __future__ import annotations
 
-import shutil
 import signal
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from db.cli import CONFIG_OPTION, echo_json
+from node.dcmtk_programs import dcmtk_program
 
 console = Console(highlight=False)
 
@@ -128,7 +128,7 @@ def demo(
 
     if sender not in ("auto", "pynetdicom"):
         raise NodeError(f"--sender {sender!r} is not 'auto' or 'pynetdicom'")
-    storescu = shutil.which("storescu") if sender == "auto" else None
+    storescu = dcmtk_program("storescu") if sender == "auto" else None
     report = run_demo(workdir, model_dir=model_dir, case_dir=case_dir, console=console, storescu=storescu)
     via = "DCMTK storescu" if storescu else "pynetdicom"
     table = Table(title=f"segnode demo: {report.case_id} ({report.model_label}), study sent with {via}")

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from node.dcmtk_programs import PYNETDICOM_NAMESAKES, dcmtk_program
+
 REPO = Path(__file__).resolve().parents[2]
 SHARED_DATA = Path(os.environ.get("SEGNODE_SHARED_DATA", REPO.parent / "shared" / "data"))
 REQUIRE_PEERS = os.environ.get("SEGNODE_REQUIRE_PEERS") == "1"
@@ -22,8 +24,12 @@ def missing(reason: str) -> None:
 
 
 def require_program(name: str, *extra_dirs: str) -> str:
-    """Absolute path of program ``name`` (searched on PATH and in ``extra_dirs``) or skip/fail."""
-    found = shutil.which(name)
+    """Absolute path of program ``name`` (searched on PATH and in ``extra_dirs``) or skip/fail.
+
+    A DCMTK name that pynetdicom also installs (storescu, storescp, echoscu, ...) finds DCMTK's program
+    even when an activated virtual environment puts pynetdicom's first on PATH.
+    """
+    found = dcmtk_program(name) if name in PYNETDICOM_NAMESAKES else shutil.which(name)
     for d in extra_dirs:
         if found:
             break
