@@ -20,6 +20,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from node.exceptions import JobError
+from node.seg_geometry import seg_sources
 from node.source_attributes import clean_sources
 
 logger = logging.getLogger(__name__)
@@ -134,7 +135,8 @@ def build_seg(
     Raises
     ------
     JobError
-        The label map does not match the source grid.
+        The label map does not match the source grid, or the sources' geometry differs more than one
+        SEG can describe (:func:`node.seg_geometry.seg_sources`).
     """
     frames = sum(int(ds.get("NumberOfFrames", 1) or 1) for ds in sources)
     rows, columns = int(sources[0].Rows), int(sources[0].Columns)
@@ -151,7 +153,7 @@ def build_seg(
         # highdicom needs at least one frame: an empty result keeps every (empty) frame.
         logger.info("model found no tumour; the SEG holds one empty frame")
     seg = hd.seg.Segmentation(
-        source_images=clean_sources(sources, what="SEG"),
+        source_images=seg_sources(clean_sources(sources, what="SEG")),
         pixel_array=segments,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=segment_descriptions(card),

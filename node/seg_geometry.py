@@ -1,0 +1,173 @@
+"""The SEG's source copies given the shared geometry highdicom requires of them.
+
+highdicom builds a SEG only from source images whose geometry is written the one way it reads:
+
+* single-frame images: ImageOrientationPatient exactly equal in every image (``!=`` on the values),
+  and SliceThickness present (it reads the attribute);
+* multi-frame images: PlaneOrientationSequence and PixelMeasuresSequence in the Shared Functional
+  Groups.
+
+Scanners write otherwise. GE writes each slice's orientation cosines with its own rounding (the real
+GE series in ../shared/data: 32 different values in 130 slices, up to 7e-8 apart); Philips Enhanced
+MR puts orientation and pixel measures in the Per-frame Functional Groups; anonymisers drop
+SliceThickness (Type 2). The node's loader (converters/dicom_series.py) accepted these series (its
+orientation tolerance is 1e-4), the model has run on them, and without this module the SEG of such a
+study failed at the very end of its job.
+
+:func:`seg_sources` returns copies carrying the one geometry that the loader already read from the
+series (the first image's orientation, the pixel measures every frame agrees on, the slice spacing
+from positions for a missing thickness); the sources themselves are not modified. Each correction is
+logged with its keyword and the size of the difference, never with a patient value.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence as DicomSequence
+
+from node.exceptions import JobError
+
+logger = logging.getLogger(__name__)
+
+#: Largest difference between two images' orientation cosines that one shared orientation may stand
+#: for: the loader's tolerance (converters.dicom_series.ORIENTATION_TOLERANCE).
+ORIENTATION_TOLERANCE = 1e-4
+#: Functional group sequences that highdicom reads from the Shared Functional Groups only.
+SHARED_GROUPS: tuple[str, ...] = ("PlaneOrientationSequence", "PixelMeasuresSequence")
+
+
+def seg_sources(sources: Sequence[Dataset], *, what: str = "SEG") -> list[Dataset]:
+    """Copies of ``sources`` (one series, in slice order) with the shared geometry highdicom needs.
+
+    Raises
+    ------
+    JobError
+        The images' orientations differ by more than the loader's tolerance, or a multi-frame
+        image's frames disagree on a functional group that must be shared.
+    """
+    copies = [_own_copy(ds) for ds in sources]
+    single = [ds for ds in copies if "PerFrameFunctionalGroupsSequence" not in ds]
+    if single:
+        _share_orientation(single, what)
+        _fill_slice_thickness(single, what)
+    for ds in copies:
+        if "PerFrameFunctionalGroupsSequence" in ds:
+            _share_frame_groups(ds, what)
+    return copies
+
+
+def _own_copy(ds: Dataset) -> Dataset:
+    """A shallow copy with its own element dictionary: setting an attribute leaves ``ds`` alone."""
+    clean = copy.copy(ds)
+    clean._dict = {tag: ds.get_item(tag) for tag in ds.keys()}  # noqa: SIM118 - iterating yields elements
+    return clean
+
+
+def _cosines(ds: Dataset) -> np.ndarray | None:
+    value = ds.get("ImageOrientationPatient")
+    if value is None or len(value) != 6:
+        return None
+    return np.asarray([float(v) for v in value])
+
+
+def _share_orientation(images: list[Dataset], what: str) -> None:
+    first = _cosines(images[0])
+    if first is None:
+        return  # highdicom reports what is missing
+    written = images[0].ImageOrientationPatient
+    if all(ds.get("ImageOrientationPatient") == written for ds in images[1:]):
+        return
+    spread = 0.0
+    for ds in images[1:]:
+        cosines = _cosines(ds)
+        if cosines is None:
+            continue
+        spread = max(spread, float(np.max(np.abs(cosines - first))))
+    if spread > ORIENTATION_TOLERANCE:
+        raise JobError(
+            f"{what}: the source images' ImageOrientationPatient differ by up to {spread:.2g}, over "
+            f"the tolerance {ORIENTATION_TOLERANCE:g}"
+        )
+    shared = copy.deepcopy(images[0]["ImageOrientationPatient"])
+    for ds in images[1:]:
+        ds["ImageOrientationPatient"] = copy.deepcopy(shared)
+    logger.info(
+        "%s: source ImageOrientationPatient written with different rounding (up to %.2g apart): the "
+        "first image's written for every image",
+        what, spread,
+    )
+
+
+def _fill_slice_thickness(images: list[Dataset], what: str) -> None:
+    missing = [ds for ds in images if ds.get("SliceThickness") in (None, "")]
+    if not missing:
+        return
+    spacing = _slice_spacing(images)
+    if spacing is None:
+        return  # one image and no SpacingBetweenSlices: highdicom reports the missing attribute
+    for ds in missing:
+        ds.SliceThickness = f"{spacing:.6g}"
+    logger.warning(
+        "%s: source attribute SliceThickness absent or empty in %d of %d images: the slice spacing "
+        "from their positions (%.3g mm) written in the SEG's pixel measures",
+        what, len(missing), len(images), spacing,
+    )
+
+
+def _slice_spacing(images: list[Dataset]) -> float | None:
+    """The distance between the first two images along the slice normal (the series is in slice
+    order), or SpacingBetweenSlices for a single image."""
+    if len(images) < 2:
+        value = images[0].get("SpacingBetweenSlices")
+        return float(value) if value not in (None, "") and float(value) > 0 else None
+    cosines = _cosines(images[0])
+    positions = [images[n].get("ImagePositionPatient") for n in (0, 1)]
+    if cosines is None or any(p is None or len(p) != 3 for p in positions):
+        return None
+    normal = np.cross(cosines[:3], cosines[3:])
+    gap = abs(float((np.asarray(positions[1], float) - np.asarray(positions[0], float)) @ normal))
+    return gap if gap > 0 else None
+
+
+def _share_frame_groups(ds: Dataset, what: str) -> None:
+    """Move a functional group that is written per frame, identically in every frame, into the
+    Shared Functional Groups of ``ds`` (a copy: its sequences are replaced, not changed in place)."""
+    per_frame = ds.PerFrameFunctionalGroupsSequence
+    shared_items = ds.get("SharedFunctionalGroupsSequence") or [Dataset()]
+    shared = copy.copy(shared_items[0])
+    shared._dict = dict(shared_items[0]._dict)
+    moved = []
+    for keyword in SHARED_GROUPS:
+        if keyword in shared or not all(keyword in item for item in per_frame):
+            continue
+        first = per_frame[0][keyword].value
+        if keyword == "PlaneOrientationSequence":
+            reference = _item_cosines(first)
+            spread = max(
+                (float(np.max(np.abs(_item_cosines(item[keyword].value) - reference))) for item in per_frame),
+                default=0.0,
+            ) if reference is not None else 0.0
+            if spread > ORIENTATION_TOLERANCE:
+                raise JobError(
+                    f"{what}: the source's frames have orientations up to {spread:.2g} apart, over the "
+                    f"tolerance {ORIENTATION_TOLERANCE:g}"
+                )
+        elif any(item[keyword].value != first for item in per_frame):
+            raise JobError(f"{what}: the source's frames differ in {keyword}; one SEG cannot describe them")
+        shared[keyword] = copy.deepcopy(per_frame[0][keyword])
+        moved.append(keyword)
+    if moved:
+        ds.SharedFunctionalGroupsSequence = DicomSequence([shared])
+        logger.info("%s: source %s written per frame, the same in every frame: shared for the SEG", what,
+                    " and ".join(moved))
+
+
+def _item_cosines(items: Sequence[Dataset]) -> np.ndarray | None:
+    if not items:
+        return None
+    return _cosines(items[0])

@@ -1,0 +1,187 @@
+"""The SEG is built on series whose geometry scanners write in ways highdicom refuses as they are
+(node/seg_geometry.py): orientation cosines rounded differently per slice (the real GE series),
+orientation or pixel measures per frame (Philips Enhanced MR), SliceThickness missing. Each SEG's
+labelled voxels land where the label map put them in the world."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import pydicom
+import pytest
+from highdicom.legacy import LegacyConvertedEnhancedMRImage
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+
+from converters.case import Case
+from converters.dicom_series import Volume, load_series
+from converters.dicom_writer import write_study
+from converters.synthetic import make_synthetic_case
+from node.config import Destination
+from node.exceptions import JobError
+from node.pipeline import Assembled, source_frame_labels
+from node.seg import build_seg
+from node.sender import store_files
+from node.service import NodeService
+from tests.helpers.node import CatchingSCP, install_model, make_threshold_model, node_settings
+from tests.helpers.peers import require_shared
+from tests.helpers.ports import free_port
+
+CARD = {"name": "geometry-test", "version": "1", "labels": [{"value": 1, "name": "Whole tumour"}]}
+
+
+def _series(name: str) -> list[Dataset]:
+    return [pydicom.dcmread(p) for p in sorted(require_shared("dicom", name).iterdir())]
+
+
+def _enhanced(datasets: list[Dataset], per_frame: str) -> list[Dataset]:
+    """The series as one Legacy Converted Enhanced MR image with ``per_frame`` moved from the shared
+    functional groups into every frame's, as Philips writes orientation and pixel measures."""
+    image = LegacyConvertedEnhancedMRImage(
+        datasets, series_instance_uid=generate_uid(), series_number=9, sop_instance_uid=generate_uid(),
+        instance_number=1,
+    )  # fmt: skip
+    buffer = io.BytesIO()
+    image.save_as(buffer)
+    ds = pydicom.dcmread(io.BytesIO(buffer.getvalue()))
+    shared = ds.SharedFunctionalGroupsSequence[0]
+    group = shared[per_frame].value
+    del shared[per_frame]
+    for frame in ds.PerFrameFunctionalGroupsSequence:
+        setattr(frame, per_frame, group)
+    return [ds]
+
+
+def _rounded_per_slice(datasets: list[Dataset]) -> list[Dataset]:
+    for n, ds in enumerate(datasets):
+        if n % 2:
+            ds.ImageOrientationPatient = [f"{float(v) + 5e-5:.8f}" for v in ds.ImageOrientationPatient]
+    return datasets
+
+
+def _without_thickness(datasets: list[Dataset], empty: bool) -> list[Dataset]:
+    for ds in datasets:
+        if empty:
+            ds.SliceThickness = None
+        else:
+            del ds.SliceThickness
+    return datasets
+
+
+CASES: dict[str, Callable[[], list[Dataset]]] = {
+    "GE, cosines rounded per slice": lambda: _series("ge_t1_mprage_healthy"),
+    "Siemens, cosines 5e-5 apart": lambda: _rounded_per_slice(_series("siemens_t1_fl2d_sag_healthy")),
+    "SliceThickness absent": lambda: _without_thickness(_series("siemens_t1_fl2d_sag_healthy"), False),
+    "SliceThickness empty": lambda: _without_thickness(_series("siemens_t1_fl2d_sag_healthy"), True),
+    "Enhanced MR, orientation per frame": lambda: _enhanced(
+        _series("siemens_t1_fl2d_sag_healthy"), "PlaneOrientationSequence"
+    ),
+    "Enhanced MR, pixel measures per frame": lambda: _enhanced(
+        _series("siemens_t1_fl2d_sag_healthy"), "PixelMeasuresSequence"
+    ),
+}
+
+
+def _world(volume: Volume, index: tuple[int, int, int]) -> npt.NDArray[np.float64]:
+    k, r, c = index
+    return np.asarray(
+        volume.origin
+        + k * volume.spacing[0] * volume.slice_direction
+        + r * volume.spacing[1] * volume.column_direction
+        + c * volume.spacing[2] * volume.row_direction
+    )
+
+
+def _seg_points(seg: Dataset) -> list[npt.NDArray[np.float64]]:
+    """World position of every labelled pixel of a SEG."""
+    pixels = seg.pixel_array
+    pixels = pixels[None] if pixels.ndim == 2 else pixels
+    shared = seg.SharedFunctionalGroupsSequence[0]
+    cosines = np.asarray(shared.PlaneOrientationSequence[0].ImageOrientationPatient, dtype=float)
+    spacing = np.asarray(shared.PixelMeasuresSequence[0].PixelSpacing, dtype=float)
+    points = []
+    for n, frame in enumerate(seg.PerFrameFunctionalGroupsSequence):
+        origin = np.asarray(frame.PlanePositionSequence[0].ImagePositionPatient, dtype=float)
+        for r, c in np.argwhere(pixels[n]):
+            points.append(origin + r * spacing[0] * cosines[3:] + c * spacing[1] * cosines[:3])
+    return points
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_the_seg_is_built_and_its_voxels_land_where_the_labels_are(name: str) -> None:
+    datasets = CASES[name]()
+    before = [list(ds.get("ImageOrientationPatient") or []) for ds in datasets]
+    volume = load_series(datasets)
+    labels = np.zeros(volume.array.shape, dtype=np.uint8)
+    marks = [(2, 40, 100), (volume.array.shape[0] - 3, 120, 30)]
+    for mark in marks:
+        labels[mark] = 1
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in datasets}
+    sources = [by_uid[uid] for uid in dict.fromkeys(volume.sop_instance_uids)]
+    assembled = Assembled(reference=volume, sources=sources, images={}, affine=np.eye(4))
+    seg = build_seg(sources, source_frame_labels(labels, assembled), CARD, software_version="test")
+    buffer = io.BytesIO()
+    seg.save_as(buffer)
+    points = _seg_points(pydicom.dcmread(io.BytesIO(buffer.getvalue())))
+    assert len(points) == len(marks)
+    for mark in marks:
+        assert min(float(np.linalg.norm(_world(volume, mark) - p)) for p in points) < 1e-3, mark
+    assert [list(ds.get("ImageOrientationPatient") or []) for ds in datasets] == before  # not modified
+
+
+def test_orientations_further_apart_than_the_loaders_tolerance_are_a_job_error() -> None:
+    datasets = _series("siemens_t1_fl2d_sag_healthy")
+    labels = np.ones((len(datasets), int(datasets[0].Rows), int(datasets[0].Columns)), dtype=np.uint8)
+    datasets[1].ImageOrientationPatient = [float(v) + 1e-3 for v in datasets[1].ImageOrientationPatient]
+    with pytest.raises(JobError, match=r"ImageOrientationPatient differ by up to 0\.001"):
+        build_seg(datasets, labels, CARD, software_version="test")
+
+
+SHAPE = (48, 48, 12)
+
+
+@pytest.fixture()
+def served(tmp_path: Path) -> Iterator[tuple[NodeService, CatchingSCP, Case]]:
+    case = make_synthetic_case(5, SHAPE)
+    model = make_threshold_model(tmp_path / "model", crop=SHAPE[:2], spacing=case.spacing, threshold=1.5)
+    catcher = CatchingSCP().start(free_port())
+    node = NodeService(
+        node_settings(tmp_path, free_port(), [Destination("pacs", "CATCHER", "127.0.0.1", catcher.port)])
+    )
+    install_model(node.registry, model)
+    node.start()
+    try:
+        yield node, catcher, case
+    finally:
+        node.stop()
+        catcher.stop()
+
+
+def test_a_study_with_cosines_rounded_per_slice_gets_its_seg_over_the_network(
+    served: tuple[NodeService, CatchingSCP, Case], tmp_path: Path
+) -> None:
+    """As GE writes them: every other slice's orientation cosines 6e-8 off (the node received such a
+    study, segmented it, and failed at the SEG before node/seg_geometry.py)."""
+    node, catcher, case = served
+    study = write_study(case, tmp_path / "study", modalities=["FLAIR"])
+    files = study.files["FLAIR"]
+    for n, path in enumerate(files):
+        if n % 2:
+            ds = pydicom.dcmread(path)
+            ds.ImageOrientationPatient = [f"{float(v) + 6e-8:.10f}" for v in ds.ImageOrientationPatient]
+            ds.save_as(path)
+    results = store_files(files, "127.0.0.1", node.scp.port, "SEGNODE", "PACS")
+    assert {status for _, status, _ in results} == {0}
+    received = catcher.wait_for(lambda r: {ds.Modality for ds in r} >= {"SEG", "SR"}, 60)
+    seg = next(ds for ds in received if ds.Modality == "SEG")
+    referenced = {
+        item.ReferencedSOPInstanceUID
+        for frame in seg.PerFrameFunctionalGroupsSequence
+        for derivation in frame.DerivationImageSequence
+        for item in derivation.SourceImageSequence
+    }
+    assert referenced and referenced <= {pydicom.dcmread(p).SOPInstanceUID for p in files}
