@@ -17,6 +17,12 @@ DATASET_DOES_NOT_MATCH_SOP_CLASS: Final = 0xA900
 CANNOT_UNDERSTAND: Final = 0xC000
 #: PS3.7 C.5.14: Failure, processing failure (an unexpected error in a handler).
 PROCESSING_FAILURE: Final = 0x0110
+#: PS3.4 B.2.3: Warning, coercion of data elements (the object was stored).
+WARNING_COERCION: Final = 0xB000
+#: PS3.4 B.2.3: Warning, elements discarded (the object was stored).
+WARNING_ELEMENTS_DISCARDED: Final = 0xB006
+#: PS3.4 B.2.3: Warning, data set does not match SOP Class (the object was stored).
+WARNING_DATASET_DOES_NOT_MATCH_SOP_CLASS: Final = 0xB007
 
 # A-ASSOCIATE-RJ fields (PS3.8 9.3.4): result, source, reason/diagnostic.
 REJECTED_PERMANENT: Final = 0x01
@@ -32,9 +38,20 @@ NAMES: Final[dict[int, str]] = {
     DATASET_DOES_NOT_MATCH_SOP_CLASS: "Data set does not match SOP Class",
     CANNOT_UNDERSTAND: "Cannot understand",
     PROCESSING_FAILURE: "Processing failure",
+    WARNING_COERCION: "Warning: coercion of data elements",
+    WARNING_ELEMENTS_DISCARDED: "Warning: elements discarded",
+    WARNING_DATASET_DOES_NOT_MATCH_SOP_CLASS: "Warning: data set does not match SOP Class",
 }
 
 
 def describe(status: int) -> str:
     """``0xA700 (Out of resources)`` for a status code, for log lines and error messages."""
     return f"0x{status:04X} ({NAMES.get(status, 'unknown status')})"
+
+
+def stored(status: int | None) -> bool:
+    """Whether a C-STORE response says the object was stored: Success, or a Warning status (PS3.7
+    C.1.3: the operation completed with a warning; PS3.4 B.2.3 0xB000, 0xB006, 0xB007)."""
+    if status is None:
+        return False
+    return status == SUCCESS or 0xB000 <= status <= 0xBFFF or status in (0x0001, 0x0107, 0x0116)

@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
 from pynetdicom import AE
 
 from db import send_queue
@@ -75,8 +77,13 @@ def store_files(
     timeout: float = 30.0,
     tls: ssl.SSLContext | None = None,
 ) -> list[tuple[Path, int | None, str]]:
-    """Send files over one association; returns (path, status or None, error text) per file.
+    """Send files over one association; returns (path, status or None, error text) per file, in the
+    order of ``paths``.
 
+    Each file has its own outcome: one that cannot be read, one whose SOP Class the destination did
+    not accept, and those left when the association ends mid-way (a DIMSE timeout aborts it) get no
+    status and say why; the others' statuses stand. The error text is empty for Success and names
+    the status otherwise (a Warning status means stored: :func:`node.dimse.stored`).
     ``tls``: a client SSL context to speak DICOM over TLS (PS3.15 B.1).
 
     Raises
@@ -84,7 +91,27 @@ def store_files(
     ConnectionError
         The association could not be established (refused, rejected, timed out).
     """
-    datasets = [(Path(p), pydicom.dcmread(p)) for p in paths]
+    outcome: dict[int, tuple[int | None, str]] = {}
+    datasets: list[tuple[int, Dataset]] = []
+    for n, path in enumerate(paths):
+        try:
+            datasets.append((n, pydicom.dcmread(path)))
+        except (OSError, InvalidDicomError) as exc:
+            outcome[n] = (None, f"cannot read the file: {exc}")
+    if datasets:
+        outcome.update(_store_datasets(datasets, host, port, called_ae, calling_ae, timeout, tls))
+    return [(Path(path), *outcome[n]) for n, path in enumerate(paths)]
+
+
+def _store_datasets(
+    datasets: list[tuple[int, Dataset]],
+    host: str,
+    port: int,
+    called_ae: str,
+    calling_ae: str,
+    timeout: float,
+    tls: ssl.SSLContext | None,
+) -> dict[int, tuple[int | None, str]]:
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     for sop_class, syntax in sorted(
@@ -97,20 +124,36 @@ def store_files(
         why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "no answer"
         raise ConnectionError(f"association to {called_ae}@{host}:{port} failed ({why})")
     set_nodelay(assoc)
-    results: list[tuple[Path, int | None, str]] = []
+    outcome: dict[int, tuple[int | None, str]] = {}
+    ended = ""
     try:
-        for path, ds in datasets:
-            rsp = assoc.send_c_store(ds)
+        for n, ds in datasets:
+            if ended or not assoc.is_established:
+                ended = ended or "the association ended"
+                outcome[n] = (None, f"not sent: {ended}")
+                continue
+            try:
+                rsp = assoc.send_c_store(ds)
+            except ValueError as exc:  # pynetdicom: no accepted presentation context for its SOP Class
+                outcome[n] = (None, f"not accepted by the destination: {exc}")
+                continue
+            except RuntimeError as exc:  # the association ended under the call
+                ended = f"the association ended ({exc})"
+                outcome[n] = (None, ended)
+                continue
             status = int(rsp.Status) if rsp is not None and "Status" in rsp else None
-            error = (
-                ""
-                if status == dimse.SUCCESS
-                else f"status {dimse.describe(status) if status is not None else 'none'}"
+            if status is None and not assoc.is_established:
+                ended = "no response within the DIMSE timeout; the association was aborted"
+                outcome[n] = (None, ended)
+                continue
+            error = "" if status == dimse.SUCCESS else (
+                f"status {dimse.describe(status)}" if status is not None else "no status in the response"
             )
-            results.append((path, status, error))
+            outcome[n] = (status, error)
     finally:
-        assoc.release()
-    return results
+        if assoc.is_established:
+            assoc.release()
+    return outcome
 
 
 class Sender:
@@ -272,17 +315,24 @@ class Sender:
             results = store_files(
                 paths, host, port, ae_title, self.calling_ae, timeout=self.timeout, tls=self.tls
             )
-        except (ConnectionError, OSError, ValueError) as exc:
+        except Exception as exc:  # no association (or none usable): every send waits its backoff
+            reason = str(exc) if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}"
             for send in sends:
-                self._failed(send, str(exc))
+                self._failed(send, reason)
             return 0
         delivered = 0
         for send, (_, status, error) in zip(sends, results, strict=True):
-            if status == dimse.SUCCESS:
+            if dimse.stored(status):
                 send_queue.mark_sent(self.sf, send.id)
                 self.metrics.sends.labels(name).inc()
                 delivered += 1
-                logger.info("job %d: %s delivered to %s", send.job_id, Path(send.path).name, name)
+                if status == dimse.SUCCESS:
+                    logger.info("job %d: %s delivered to %s", send.job_id, Path(send.path).name, name)
+                else:  # stored, with what the destination changed or dropped
+                    logger.warning(
+                        "job %d: %s delivered to %s with %s",
+                        send.job_id, Path(send.path).name, name, error,
+                    )
             else:
                 self._failed(send, error)
         return delivered

@@ -10,7 +10,7 @@ import hashlib
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -197,26 +197,43 @@ def running_node(settings: Settings, model_dir: Path) -> Iterator[NodeService]:
 
 
 class CatchingSCP:
-    """A storage SCP that keeps every data set it receives (the destination PACS of the tests)."""
+    """A storage SCP that keeps every data set it receives (the destination PACS of the tests).
 
-    def __init__(self, ae_title: str = "CATCHER") -> None:
+    ``status``: what it answers each C-STORE (a Warning such as 0xB000 still keeps the data set);
+    ``sop_classes``: the storage SOP classes it accepts (default: every one); ``stall_seconds``: how
+    long it waits before answering its first C-STORE (a PACS that hangs).
+    """
+
+    def __init__(
+        self,
+        ae_title: str = "CATCHER",
+        *,
+        status: int = 0x0000,
+        sop_classes: Collection[str] | None = None,
+        stall_seconds: float = 0.0,
+    ) -> None:
         self.ae_title = ae_title
+        self.status = status
+        self.stall_seconds = stall_seconds
         self.received: list[Dataset] = []
         self.changed = threading.Condition()
         self.ae = AE(ae_title=ae_title)
         self.ae.add_supported_context(Verification)
         for context in AllStoragePresentationContexts:
-            self.ae.add_supported_context(str(context.abstract_syntax), ALL_TRANSFER_SYNTAXES)
+            if sop_classes is None or str(context.abstract_syntax) in sop_classes:
+                self.ae.add_supported_context(str(context.abstract_syntax), ALL_TRANSFER_SYNTAXES)
         self.server: Any = None
         self.port = 0
 
     def _on_store(self, event: Any) -> int:
+        if self.stall_seconds and not self.received:
+            time.sleep(self.stall_seconds)
         ds = event.dataset
         ds.file_meta = event.file_meta
         with self.changed:
             self.received.append(ds)
             self.changed.notify_all()
-        return 0x0000
+        return self.status
 
     def start(self, port: int) -> CatchingSCP:
         """Listen on 127.0.0.1:``port``."""

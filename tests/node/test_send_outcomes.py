@@ -1,0 +1,148 @@
+"""Each output has its own outcome at a destination (node/sender.py), over real sockets and a real
+database: a Warning status is a delivery, a SOP Class the PACS does not take holds back only that
+object, an unreadable output holds back only itself, and a PACS that stops answering mid-way leaves
+every send marked with why and when it is tried again (not leased and resent without a trace)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from db import instances, job_queue
+from db.send_queue import SendInfo
+from db.session import make_engine, make_session_factory, upgrade
+from db.transactions import SessionFactory, utcnow
+from node.metrics import NodeMetrics
+from node.sender import Sender
+from tests.helpers.node import CatchingSCP
+from tests.helpers.ports import free_port
+
+SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
+
+
+@pytest.fixture()
+def sf(tmp_path: Path) -> SessionFactory:
+    url = f"sqlite:///{tmp_path / 'segnode.db'}"
+    upgrade(url)
+    return make_session_factory(make_engine(url))
+
+
+def _object(path: Path, sop_class: str) -> job_queue.OutputObject:
+    ds = Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.Modality = "SEG" if sop_class == SEG_STORAGE else "SR"
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return job_queue.OutputObject(str(path), str(ds.SOPInstanceUID))
+
+
+def _done_job(sf: SessionFactory, out: Path, n: int, pacs: CatchingSCP) -> int:
+    """A finished job of study ``n`` whose SEG and SR wait to be sent to ``pacs``."""
+    study = f"1.2.826.0.1.3680043.8.498.{n}"
+    now = utcnow()
+    instances.record_instances(
+        sf,
+        [instances.ReceivedInstance(
+            sop_instance_uid=f"{study}.1", sop_class_uid="1.2.840.10008.5.1.4.1.1.4",
+            study_instance_uid=study, series_instance_uid=f"{study}.2", kept=True,
+            path=f"/spool/{study}.dcm", calling_ae="PACS",
+        )],
+        now=now - timedelta(minutes=2),
+    )  # fmt: skip
+    instances.schedule_due_studies(sf, 10, now=now - timedelta(minutes=1))
+    job_id = job_queue.claim_job(sf)
+    assert job_id is not None
+    folder = out / f"job{n}"
+    outputs = [_object(folder / "seg.dcm", SEG_STORAGE), _object(folder / "sr.dcm", COMPREHENSIVE_SR)]
+    destination = SimpleNamespace(name="pacs", ae_title=pacs.ae_title, host="127.0.0.1", port=pacs.port)
+    assert job_queue.finish_job(sf, job_id, status="done", outputs=outputs, destinations=[destination])
+    return job_id
+
+
+def _sends(sf: SessionFactory, job_id: int) -> dict[str, SendInfo]:
+    return {Path(s.path).name: s for s in job_queue.get_job(sf, job_id).sends}
+
+
+@pytest.fixture()
+def pacs_factory() -> Iterator[list[CatchingSCP]]:
+    started: list[CatchingSCP] = []
+    yield started
+    for scp in started:
+        scp.stop()
+
+
+def _pacs(started: list[CatchingSCP], **options: object) -> CatchingSCP:
+    scp = CatchingSCP(**options).start(free_port())  # type: ignore[arg-type]
+    started.append(scp)
+    return scp
+
+
+def _sender(sf: SessionFactory, timeout: float = 10.0) -> Sender:
+    return Sender(sf, NodeMetrics(), "SEGNODE", base_seconds=60.0, max_seconds=60.0, timeout=timeout)
+
+
+def test_a_warning_status_is_a_delivery(
+    sf: SessionFactory, tmp_path: Path, pacs_factory: list[CatchingSCP], caplog: pytest.LogCaptureFixture
+) -> None:
+    pacs = _pacs(pacs_factory, status=0xB000)  # Warning: coercion of data elements; stored
+    job = _done_job(sf, tmp_path, 1, pacs)
+    sender = _sender(sf)
+    with caplog.at_level(logging.WARNING, logger="node.sender"):
+        assert sender.run_once() == 2
+    assert {s.status for s in _sends(sf, job).values()} == {"done"}
+    assert "delivered to pacs with status 0xB000 (Warning: coercion of data elements)" in caplog.text
+    assert sender.run_once() == 0 and len(pacs.received) == 2  # never sent again
+
+
+def test_a_pacs_without_seg_storage_still_gets_the_sr(
+    sf: SessionFactory, tmp_path: Path, pacs_factory: list[CatchingSCP]
+) -> None:
+    pacs = _pacs(pacs_factory, sop_classes={COMPREHENSIVE_SR})
+    job = _done_job(sf, tmp_path, 1, pacs)
+    assert _sender(sf).run_once() == 1
+    sends = _sends(sf, job)
+    assert sends["sr.dcm"].status == "done" and [ds.Modality for ds in pacs.received] == ["SR"]
+    assert sends["seg.dcm"].status == "pending"
+    assert "not accepted by the destination" in sends["seg.dcm"].last_error
+
+
+def test_an_unreadable_output_holds_back_only_itself(
+    sf: SessionFactory, tmp_path: Path, pacs_factory: list[CatchingSCP]
+) -> None:
+    pacs = _pacs(pacs_factory)
+    first, second = _done_job(sf, tmp_path, 1, pacs), _done_job(sf, tmp_path, 2, pacs)
+    (tmp_path / "job1" / "seg.dcm").unlink()
+    assert _sender(sf).run_once() == 3
+    assert _sends(sf, first)["seg.dcm"].status == "pending"
+    assert "cannot read the file" in _sends(sf, first)["seg.dcm"].last_error
+    assert _sends(sf, first)["sr.dcm"].status == "done"
+    assert {s.status for s in _sends(sf, second).values()} == {"done"}
+
+
+def test_a_pacs_that_stops_answering_leaves_each_send_marked_with_why(
+    sf: SessionFactory, tmp_path: Path, pacs_factory: list[CatchingSCP]
+) -> None:
+    pacs = _pacs(pacs_factory, stall_seconds=4.0)  # answers its first C-STORE after the sender gave up
+    job = _done_job(sf, tmp_path, 1, pacs)
+    started = utcnow()
+    assert _sender(sf, timeout=1.0).run_once() == 0  # no exception: every send has its outcome
+    sends = _sends(sf, job)
+    assert {s.status for s in sends.values()} == {"pending"}
+    assert all(s.attempts == 1 for s in sends.values())
+    assert "no response within the DIMSE timeout" in sends["seg.dcm"].last_error
+    assert sends["sr.dcm"].last_error.startswith("not sent:")
+    # Backed off (60 s here), not left on the 120 s lease to be resent without a trace.
+    assert all(s.next_attempt_at >= started + timedelta(seconds=55) for s in sends.values())
