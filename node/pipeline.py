@@ -782,6 +782,43 @@ def run_job(ctx: JobContext, job_id: int) -> str:
                 write_atomic(seg_path, seg_bytes)
             _save(sr, sr_path)
             write_atomic(out_dir / "preview.png", preview.result())
+        outputs = [OutputObject(str(sr_path), str(sr.SOPInstanceUID))]
+        if seg is not None:
+            outputs.insert(0, OutputObject(str(seg_path), str(seg.SOPInstanceUID)))
+        brain = done.brain
+        result = {
+            "seg": str(seg_path) if seg is not None else None,
+            "sr": str(sr_path),
+            "preview": str(out_dir / "preview.png"),
+            "seg_sop_instance_uid": str(seg.SOPInstanceUID) if seg is not None else None,
+            "sr_sop_instance_uid": str(sr.SOPInstanceUID),
+            "series": {m: s.series_instance_uid for m, s in chosen.items()},
+            # For `segnode jobs show`: each input's series as a reader recognises it (UID, description,
+            # slices).
+            "series_labels": {m: s.label for m, s in chosen.items()},
+            "series_basis": done.route.assignment.reasons(),
+            # A chosen series that could not be read and the candidate used in its place.
+            "series_replaced": list(done.route.assignment.replaced),
+            "volumes_ml": [round(v, 3) for v in volumes],
+            "regions_ml": {
+                k: round(v, 3) for k, v in region_volumes_ml(labels, card, assembled.reference).items()
+            },
+            "tumour_volume_ml": report.figures["tumour_volume_ml"],
+            "brain_volume_ml": report.figures["brain_volume_ml"],
+            "tumour_share_of_brain_percent": report.figures["tumour_share_of_brain_percent"],
+            "model": {"name": card.get("name"), "version": card.get("version"), "label": model.label},
+            "routing": routing,
+            "registration": done.coregistered.as_dict() if done.coregistered is not None else None,
+            "qc": report.as_dict(),
+            "outputs": [{"path": o.path, "sop_instance_uid": o.sop_instance_uid} for o in outputs],
+            "brain_extractor": brain.extractor if brain is not None else None,
+            # What early analysis had computed before the study was complete (and its stage times).
+            "early_analysis": {"reused": study.reused, "stages": early.stages} if early is not None else None,
+        }
+        # Inside the try: a job.json that cannot be written (disk full) or serialised ends the job
+        # failed, rather than leaving it running to be re-queued and fail the same way for ever.
+        job_json = json.dumps({"job": job_id, "stages": timer.stages, **result}, indent=2)
+        write_atomic(out_dir / "job.json", job_json.encode())
     except JobError as exc:
         return _end(ctx, job_id, "skipped" if exc.skip else "failed", str(exc), timer, model)
     except (NodeError, ConverterError, OSError, ValueError) as exc:
@@ -789,39 +826,6 @@ def run_job(ctx: JobContext, job_id: int) -> str:
     except Exception as exc:  # a bug or an unforeseen input: the job fails, the worker goes on
         logger.exception("job %d: unexpected error", job_id)
         return _end(ctx, job_id, "failed", f"internal error: {type(exc).__name__}: {exc}", timer, model)
-    outputs = [OutputObject(str(sr_path), str(sr.SOPInstanceUID))]
-    if seg is not None:
-        outputs.insert(0, OutputObject(str(seg_path), str(seg.SOPInstanceUID)))
-    brain = done.brain
-    result = {
-        "seg": str(seg_path) if seg is not None else None,
-        "sr": str(sr_path),
-        "preview": str(out_dir / "preview.png"),
-        "seg_sop_instance_uid": str(seg.SOPInstanceUID) if seg is not None else None,
-        "sr_sop_instance_uid": str(sr.SOPInstanceUID),
-        "series": {m: s.series_instance_uid for m, s in chosen.items()},
-        # For `segnode jobs show`: each input's series as a reader recognises it (UID, description, slices).
-        "series_labels": {m: s.label for m, s in chosen.items()},
-        "series_basis": done.route.assignment.reasons(),
-        # A chosen series that could not be read and the candidate used in its place.
-        "series_replaced": list(done.route.assignment.replaced),
-        "volumes_ml": [round(v, 3) for v in volumes],
-        "regions_ml": {
-            k: round(v, 3) for k, v in region_volumes_ml(labels, card, assembled.reference).items()
-        },
-        "tumour_volume_ml": report.figures["tumour_volume_ml"],
-        "brain_volume_ml": report.figures["brain_volume_ml"],
-        "tumour_share_of_brain_percent": report.figures["tumour_share_of_brain_percent"],
-        "model": {"name": card.get("name"), "version": card.get("version"), "label": model.label},
-        "routing": routing,
-        "registration": done.coregistered.as_dict() if done.coregistered is not None else None,
-        "qc": report.as_dict(),
-        "outputs": [{"path": o.path, "sop_instance_uid": o.sop_instance_uid} for o in outputs],
-        "brain_extractor": brain.extractor if brain is not None else None,
-        # What early analysis had computed before the study was complete (and its stage times).
-        "early_analysis": {"reused": study.reused, "stages": early.stages} if early is not None else None,
-    }
-    (out_dir / "job.json").write_text(json.dumps({"job": job_id, "stages": timer.stages, **result}, indent=2))
     if not report.passed:
         for rule in report.failed:
             ctx.metrics.qc_failures.labels(rule.name).inc()
