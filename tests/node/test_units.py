@@ -624,3 +624,29 @@ def test_port_in_use_is_a_one_line_error(tmp_path: Path) -> None:
             NodeError, match=rf"^node.port: cannot listen on 127.0.0.1:{port}: Address already in use$"
         ):
             scp.start()
+
+
+def test_a_dual_echo_series_is_split_in_the_order_a_pacs_may_send_it(tmp_path: Path) -> None:
+    """The job path (scan_grouped_series) reads a few files' echoes only: a received order whose
+    first, middle and last files are all the short echo must still give two series, as scan_series
+    does reading every header."""
+    from node.selection import scan_grouped_series
+
+    sources = sorted(require_shared("dicom", "siemens_t1_fl2d_sag_healthy").iterdir())
+    short, long = [], []
+    for n, source in enumerate(sources):
+        for echo, te, out in (("1", "12", short), ("2", "100", long)):
+            ds = pydicom.dcmread(source)
+            ds.EchoNumbers, ds.EchoTime = echo, te
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+            path = tmp_path / f"{n:03d}-{echo}.dcm"
+            ds.save_as(path, enforce_file_format=True)
+            out.append(path)
+    # Short echoes where the old two probes looked (the middle and the last file), the long ones
+    # spread over the rest.
+    order = short[: len(short) // 2] + long + short[len(short) // 2 :]
+    order.insert(len(order) // 2, order.pop(0))
+    assert {str(pydicom.dcmread(order[i]).EchoNumbers) for i in (0, len(order) // 2, -1)} == {"1"}
+    grouped = scan_grouped_series({"series": order})
+    assert sorted((s.echo_time, s.slices) for s in grouped) == [(12.0, len(sources)), (100.0, len(sources))]
+    assert sorted(s.echo_time or 0 for s in scan_series(order)) == [12.0, 100.0]
