@@ -223,11 +223,28 @@ def _native_pixels(ds: Dataset) -> npt.NDArray[np.generic] | None:
 def _pixels(ds: Dataset, where: str) -> npt.NDArray[np.generic]:
     native = _native_pixels(ds)
     if native is not None:
-        return native
+        return _as_monochrome2(ds, native, where)
     try:
-        return np.asarray(_with_transfer_syntax(ds).pixel_array)
+        decoded = np.asarray(_with_transfer_syntax(ds).pixel_array)
     except Exception as exc:  # decoder errors come in many types
         raise InvalidSeriesError(f"{where}: cannot decode pixel data ({type(exc).__name__}: {exc})") from exc
+    return _as_monochrome2(ds, decoded, where)
+
+
+def _as_monochrome2(ds: Dataset, pixels: npt.NDArray[np.generic], where: str) -> npt.NDArray[np.generic]:
+    """MONOCHROME1 stored values (the lowest shown white, PS3.3 C.7.6.3.1.2) turned the other way up,
+    so that a FLAIR's lesion is bright as the model learnt it: an unsigned value v becomes
+    (2^BitsStored - 1) - v, a signed one -1 - v, the inversion that keeps the stored range (the same
+    for every image of a series). Rescale Slope and Intercept apply after it, as before."""
+    photometric = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
+    if photometric != "MONOCHROME1":
+        return pixels
+    if pixels.dtype.kind == "i":
+        return np.invert(pixels)
+    if pixels.dtype.kind != "u":
+        raise InvalidSeriesError(f"{where}: MONOCHROME1 with {pixels.dtype} pixel data cannot be inverted")
+    stored = int(ds.get("BitsStored") or 8 * pixels.dtype.itemsize)
+    return np.subtract(np.asarray((1 << stored) - 1, dtype=pixels.dtype), pixels)
 
 
 def _rescale(ds: Dataset, where: str) -> tuple[float, float]:
