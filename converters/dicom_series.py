@@ -41,8 +41,9 @@ from converters.volume import Volume
 
 logger = logging.getLogger(__name__)
 
-#: Two orientations differ when a cosine differs by more than this.
-ORIENTATION_TOLERANCE = 1e-4
+#: Two orientations differ when a cosine differs by more than this (plus a hair for the binary
+#: representation: cosines written to 4 decimals, 0.7071 and 0.7072, are 1.00000000000001e-4 apart).
+ORIENTATION_TOLERANCE = 1e-4 + 1e-12
 #: A gap may differ from the mean spacing by this fraction (or by twice :data:`POSITION_TOLERANCE_MM`,
 #: whichever is more) before a slice counts as missing.
 GAP_TOLERANCE = 0.1

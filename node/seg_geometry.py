@@ -30,13 +30,11 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 
+from converters.dicom_series import ORIENTATION_TOLERANCE
 from node.exceptions import JobError
 
 logger = logging.getLogger(__name__)
 
-#: Largest difference between two images' orientation cosines that one shared orientation may stand
-#: for: the loader's tolerance (converters.dicom_series.ORIENTATION_TOLERANCE).
-ORIENTATION_TOLERANCE = 1e-4
 #: Functional group sequences that highdicom reads from the Shared Functional Groups only.
 SHARED_GROUPS: tuple[str, ...] = ("PlaneOrientationSequence", "PixelMeasuresSequence")
 
@@ -91,7 +89,7 @@ def _share_orientation(images: list[Dataset], what: str) -> None:
     if spread > ORIENTATION_TOLERANCE:
         raise JobError(
             f"{what}: the source images' ImageOrientationPatient differ by up to {spread:.2g}, over "
-            f"the tolerance {ORIENTATION_TOLERANCE:g}"
+            f"the loader's tolerance {ORIENTATION_TOLERANCE:.2g}"
         )
     shared = copy.deepcopy(images[0]["ImageOrientationPatient"])
     for ds in images[1:]:
@@ -155,7 +153,7 @@ def _share_frame_groups(ds: Dataset, what: str) -> None:
             if spread > ORIENTATION_TOLERANCE:
                 raise JobError(
                     f"{what}: the source's frames have orientations up to {spread:.2g} apart, over the "
-                    f"tolerance {ORIENTATION_TOLERANCE:g}"
+                    f"loader's tolerance {ORIENTATION_TOLERANCE:.2g}"
                 )
         elif any(item[keyword].value != first for item in per_frame):
             raise JobError(f"{what}: the source's frames differ in {keyword}; one SEG cannot describe them")

@@ -323,6 +323,23 @@ def test_a_missing_slice_is_refused_when_geometry_is_rounded() -> None:
         load_series(kept)
 
 
+def test_cosines_written_to_four_places_flickering_in_the_last_one_load() -> None:
+    """0.7071 and 0.7072 are one unit of the fourth place apart, which a float difference makes a hair
+    over 1e-4: a series whose rounding flickers there loaded or not depending on the value."""
+    files = sorted(require_shared(*GE_SERIES).iterdir())
+    exact = load_series(files)
+    flickering = _rounded(files, 3, 6)
+    for n, ds in enumerate(flickering):
+        row = (0.7071, 0.7071 if n % 2 else 0.7072, 0.0)  # a coronal-oblique row, rounded two ways
+        ds.ImageOrientationPatient = [*row, 0.0, 0.0, -1.0]
+    assert 0.7072 - 0.7071 > 1e-4  # in binary floating point
+    normal = np.cross([0.7071, 0.7071, 0.0], [0.0, 0.0, -1.0])
+    normal /= np.linalg.norm(normal)
+    for n, ds in enumerate(flickering):
+        ds.ImagePositionPatient = [round(float(v), 3) for v in n * exact.spacing[0] * normal]
+    assert load_series(flickering).array.shape == exact.array.shape
+
+
 # --- pixel data read from its bytes --------------------------------------------------------------
 
 
