@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from typing import Any, ClassVar, cast
 
-from sqlalchemy import DateTime, Table, bindparam, case, delete, func, insert, select, update
+from sqlalchemy import DateTime, Table, bindparam, case, delete, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -35,6 +35,10 @@ from db.transactions import (
 logger = logging.getLogger(__name__)
 
 
+#: A study's idle timer stamped further ahead than this was stamped by a clock since set back; it
+#: restarts from the clock's time (receiving hosts' clocks may differ by less than this).
+CLOCK_STEP_SECONDS = 300
+
 _INSTANCES = cast(Table, NodeInstance.__table__)
 _STUDIES = cast(Table, NodeStudy.__table__)
 # The statements of record_instances_through_session, built once (SQLAlchemy then caches their
@@ -46,9 +50,12 @@ _TOUCH_STUDY = (
     update(_STUDIES)
     .where(_STUDIES.c.study_instance_uid == bindparam("b_uid"))
     .values(
-        # Never backwards: a later instance (or touch_studies) may have committed a newer time.
+        # Never backwards (a later instance or touch_studies may have committed a newer time), except
+        # past a clock step: a time further ahead than CLOCK_STEP_SECONDS was stamped by a clock that
+        # has since been set back.
         last_received_at=case(
-            (_STUDIES.c.last_received_at < bindparam("b_now", type_=DateTime(timezone=True)),
+            (or_(_STUDIES.c.last_received_at < bindparam("b_now", type_=DateTime(timezone=True)),
+                 _STUDIES.c.last_received_at > bindparam("b_ahead", type_=DateTime(timezone=True))),
              bindparam("b_now", type_=DateTime(timezone=True))),
             else_=_STUDIES.c.last_received_at,
         ),
@@ -188,7 +195,9 @@ def record_instances_through_session(
                 if inserted:
                     conn.execute(insert(_INSTANCES), [{**asdict(r), "received_at": stamp} for r in inserted])
                 for study in _touched_studies(inserted):
-                    if conn.execute(_TOUCH_STUDY, {"b_uid": study, "b_now": stamp}).rowcount == 0:
+                    ahead = stamp + timedelta(seconds=CLOCK_STEP_SECONDS)
+                    touched = conn.execute(_TOUCH_STUDY, {"b_uid": study, "b_now": stamp, "b_ahead": ahead})
+                    if touched.rowcount == 0:
                         first = {"first_received_at": stamp, "last_received_at": stamp, "pending": True}
                         conn.execute(insert(_STUDIES), {"study_instance_uid": study, "runs": 0, **first})
             return new
@@ -233,10 +242,11 @@ class _RecordStatements:
                 "INSERT INTO node_instances (sop_instance_uid, sop_class_uid, study_instance_uid, "
                 f"series_instance_uid, kept, path, calling_ae, received_at) VALUES ({', '.join([p] * 8)})"
             ),
-            # Never backwards: a later instance (or touch_studies) may have committed a newer time.
+            # Never backwards, except past a clock step (as _TOUCH_STUDY).
             touch_study=(
-                f"UPDATE node_studies SET last_received_at = CASE WHEN last_received_at < {p} THEN {p} "
-                f"ELSE last_received_at END, pending = {p} WHERE study_instance_uid = {p}"
+                f"UPDATE node_studies SET last_received_at = CASE WHEN last_received_at < {p} OR "
+                f"last_received_at > {p} THEN {p} ELSE last_received_at END, pending = {p} "
+                f"WHERE study_instance_uid = {p}"
             ),
             insert_study=(
                 "INSERT INTO node_studies (study_instance_uid, first_received_at, last_received_at, pending, "
@@ -252,6 +262,7 @@ class _RecordStatements:
         cursor.execute(self.recorded.format(", ".join([self.driver.placeholder] * len(uids))), uids)
         new, inserted = _new_rows(rows, {uid for (uid,) in cursor.fetchall()})
         at, pending = self.when(now), self.flag(True)
+        ahead = self.when(now + timedelta(seconds=CLOCK_STEP_SECONDS))
         if inserted:
             cursor.executemany(
                 self.insert_instance,
@@ -262,7 +273,7 @@ class _RecordStatements:
                 ],
             )
         for study in _touched_studies(inserted):
-            cursor.execute(self.touch_study, (at, at, pending, study))
+            cursor.execute(self.touch_study, (at, ahead, at, pending, study))
             if cursor.rowcount == 0:  # its first instance
                 cursor.execute(self.insert_study, (study, at, at, pending))
         return new
@@ -289,7 +300,10 @@ def touch_studies(sf: SessionFactory, study_uids: Iterable[str], now: datetime |
             .where(
                 NodeStudy.study_instance_uid.in_(uids),
                 NodeStudy.pending.is_(True),
-                NodeStudy.last_received_at < stamp,
+                or_(
+                    NodeStudy.last_received_at < stamp,
+                    NodeStudy.last_received_at > stamp + timedelta(seconds=CLOCK_STEP_SECONDS),
+                ),
             )
             .values(last_received_at=stamp)
         )
@@ -328,6 +342,7 @@ def schedule_due_studies(
     now = now or utcnow()
     cutoff = now - timedelta(seconds=idle_seconds)
     created: list[int] = []
+    _restart_timers_after_a_clock_step(sf, now)
     with sf() as s:
         due = s.execute(
             select(NodeStudy.id, NodeStudy.last_received_at).where(
@@ -382,6 +397,27 @@ def schedule_due_studies(
         except IntegrityError:
             logger.info("study %d was scheduled by another process", study_id)
     return created
+
+
+def _restart_timers_after_a_clock_step(sf: SessionFactory, now: datetime) -> None:
+    """Restart, from ``now``, the idle timer of every pending study stamped further ahead than
+    :data:`CLOCK_STEP_SECONDS`: the wall clock was set back (NTP stepping a clock that ran ahead, a
+    host clock kept in local time), and such a study would otherwise wait for the clock to catch up,
+    an hour for an hour's step. A read per poll; the write only when one is found."""
+    ahead = now + timedelta(seconds=CLOCK_STEP_SECONDS)
+    future = NodeStudy.pending.is_(True) & (NodeStudy.last_received_at > ahead)
+    with sf() as s:
+        if s.scalar(select(func.count(NodeStudy.id)).where(future)) == 0:
+            return
+    with writing(sf) as s:
+        result = s.execute(update(NodeStudy).where(future).values(last_received_at=now))
+        moved = int(getattr(result, "rowcount", 0) or 0)
+    if moved:
+        logger.warning(
+            "the clock was set back: %d pending studies were stamped more than %d s ahead; their idle "
+            "timers restart now",
+            moved, CLOCK_STEP_SECONDS,
+        )
 
 
 def _kept_count(s: Session, study_uid: str) -> int:

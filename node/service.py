@@ -147,7 +147,7 @@ class NodeService:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.http: MetricsServer | None = None
-        self.started_at = time.time()
+        self.started_at = time.monotonic()  # the quiet period and uptime: a wall-clock step moves neither
 
     # -- lifecycle ---------------------------------------------------------------------------------------
 
@@ -157,7 +157,7 @@ class NodeService:
         The metrics port is bound first: when it is taken, :class:`NodeError` names it and nothing has
         started (no SCP, no threads).
         """
-        self.started_at = time.time()
+        self.started_at = time.monotonic()  # the quiet period and uptime: a wall-clock step moves neither
         self.http = self._bind_metrics()
         try:
             self._start_components()
@@ -300,7 +300,7 @@ class NodeService:
             due_in = None
         if due_in is not None:
             # Not before the start-up quiet period ends (work_once makes nothing due within it).
-            due_in = max(due_in, idle - (time.time() - self.started_at))
+            due_in = max(due_in, idle - (time.monotonic() - self.started_at))
             wait = min(poll, max(due_in, MIN_WAIT_SECONDS))
         if not self._stop.is_set():
             self._studies_received.wait(wait)
@@ -314,7 +314,7 @@ class NodeService:
         """
         idle = self.settings.node.study_idle_seconds
         self.scp.refresh_idle_timers()
-        if time.time() - self.started_at >= idle:
+        if time.monotonic() - self.started_at >= idle:
             instances.schedule_due_studies(self.sf, idle, receiving=self.scp.studies_in_flight())
         active = self.registry.active_ids([*self.runtimes, self.brain_runtime.task])
         serving = [runtime.refresh_to(active.get(task)) for task, runtime in self.runtimes.items()]
@@ -419,5 +419,5 @@ class NodeService:
             details["receivers"] = self.receivers.describe()
         ok = ok and details["scp"] and details["threads_alive"]
         ok = ok and (self.receivers is None or self.receivers.alive())
-        details["uptime_s"] = round(time.time() - self.started_at, 1)
+        details["uptime_s"] = round(time.monotonic() - self.started_at, 1)
         return ok, details
