@@ -25,6 +25,7 @@ from collections.abc import Callable, Collection
 
 from db import instances
 from db.exceptions import DatabaseUnavailableError
+from node.log_scrub import scrub_text
 from node.pipeline import EarlyWork, JobContext, analyse_early
 
 logger = logging.getLogger(__name__)
@@ -138,7 +139,8 @@ class EarlyAnalysis:
         try:
             analyse_early(self.ctx, instances.series_paths(self.ctx.sf, study_uid, series_uids), work)
         except Exception as exc:  # the job will meet the same problem and report it
-            logger.info("early analysis of study %s stopped: %s: %s", study_uid, type(exc).__name__, exc)
+            why = scrub_text(str(exc))  # a library's message may quote a value of the study
+            logger.info("early analysis of study %s stopped: %s: %s", study_uid, type(exc).__name__, why)
         logger.info(
             "early analysis of study %s: %d settled series in %.2f s",
             study_uid,

@@ -36,6 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from traceback import format_exception
 from typing import Any
 
 import numpy as np
@@ -53,6 +54,7 @@ from node import qc
 from node.config import Destination, QCSettings, RegistrationConfig
 from node.coregistration import Coregistered, LoadedSeries, coregister
 from node.exceptions import JobError, NodeError, SelectionError
+from node.log_scrub import scrub_text
 from node.metrics import NodeMetrics
 from node.runtime import LoadedExtractor, LoadedModel
 from node.selection import Assignment, SeriesInfo, SeriesSelector, role_texts, scan_grouped_series
@@ -821,11 +823,16 @@ def run_job(ctx: JobContext, job_id: int) -> str:
         write_atomic(out_dir / "job.json", job_json.encode())
     except JobError as exc:
         return _end(ctx, job_id, "skipped" if exc.skip else "failed", str(exc), timer, model)
-    except (NodeError, ConverterError, OSError, ValueError) as exc:
+    except (NodeError, ConverterError, OSError) as exc:
         return _end(ctx, job_id, "failed", f"{type(exc).__name__}: {exc}", timer, model)
+    except ValueError as exc:  # often a library's (pydicom, highdicom), whose text may quote a value
+        reason = f"{type(exc).__name__}: {exc}"
+        return _end(ctx, job_id, "failed", reason, timer, model, log_reason=scrub_text(reason))
     except Exception as exc:  # a bug or an unforeseen input: the job fails, the worker goes on
-        logger.exception("job %d: unexpected error", job_id)
-        return _end(ctx, job_id, "failed", f"internal error: {type(exc).__name__}: {exc}", timer, model)
+        # The traceback through the log scrubber: a library's message may quote an attribute's value.
+        logger.error("job %d: unexpected error\n%s", job_id, scrub_text("".join(format_exception(exc))))
+        reason = f"internal error: {type(exc).__name__}: {exc}"
+        return _end(ctx, job_id, "failed", reason, timer, model, log_reason=scrub_text(reason))
     if not report.passed:
         for rule in report.failed:
             ctx.metrics.qc_failures.labels(rule.name).inc()
@@ -855,9 +862,12 @@ def _end(
     result: dict[str, Any] | None = None,
     out_dir: Path | None = None,
     outputs: list[OutputObject] | None = None,
+    log_reason: str | None = None,
 ) -> str:
+    """End job ``job_id`` with ``status`` and ``reason`` (``log_reason``: the reason as the log line
+    gives it, when it may quote a value of the study that ``reason``, kept in the job, still shows)."""
     if status != "done":
-        logger.warning("job %d %s: %s", job_id, status, reason)
+        logger.warning("job %d %s: %s", job_id, status, reason if log_reason is None else log_reason)
     else:
         logger.info("job %d done in %.2f s", job_id, sum(timer.stages.values()))
     finished = job_queue.finish_job(

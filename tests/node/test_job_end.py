@@ -4,7 +4,10 @@ path taken), it ends ``failed`` with the reason, instead of staying ``running`` 
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+
+import pytest
 
 from converters.dicom_writer import write_study
 from converters.synthetic import make_synthetic_case
@@ -35,3 +38,32 @@ def test_a_job_whose_record_cannot_be_written_ends_failed(tmp_path: Path) -> Non
         job = wait_until(ended, 60, "the job's end")
         assert job.id == 1 and job.status == "failed", (job.status, job.reason)
         assert "job.json" in job.reason
+
+
+@pytest.mark.parametrize("error", [ValueError, RuntimeError], ids=["library ValueError", "unexpected"])
+def test_a_library_message_quoting_a_value_is_scrubbed_in_the_log_and_kept_in_the_job(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, error: type[Exception]
+) -> None:
+    """A job that fails on a library's exception whose text quotes a value of the study (pydicom's
+    "Invalid value for VR PN: '...'"): the node's log line and traceback say <scrubbed> where the value
+    was; the job's reason, which `segnode jobs show` gives an administrator, keeps the text."""
+    import node.sr
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise error("Invalid value for VR PN: 'QZXLEAKNAME'")
+
+    monkeypatch.setattr(node.sr, "build_sr", refuse)
+    case = make_synthetic_case(3, SHAPE)
+    model = make_threshold_model(tmp_path / "model", crop=SHAPE[:2], spacing=case.spacing, threshold=1.5)
+    with caplog.at_level(logging.INFO), running_node(node_settings(tmp_path, free_port()), model) as node:
+        study = write_study(case, tmp_path / "study", modalities=["FLAIR"])
+        results = store_files(study.files["FLAIR"], "127.0.0.1", node.scp.port, "SEGNODE", "PACS")
+        assert {status for _, status, _ in results} == {0}
+        job = wait_until(
+            lambda: next((j for j in job_queue.list_jobs(node.sf) if j.status == "failed"), None),
+            60,
+            "the job's failure",
+        )
+    assert "QZXLEAKNAME" in job.reason
+    assert "job 1 failed: " in caplog.text and "<scrubbed>" in caplog.text
+    assert "QZXLEAKNAME" not in caplog.text
