@@ -159,11 +159,10 @@ def build_sr(
         imaging_measurements=groups,
     )
     return hd.sr.Comprehensive3DSR(
-        # The report takes its patient and study attributes from the first evidence: the cleaned SEG,
-        # or without one the cleaned sources.
-        evidence=[*clean_sources([seg], what="SR"), *sources]
-        if seg is not None
-        else clean_sources(sources, what="SR"),
+        # The report takes its patient and study attributes, and its acquisition equipment, from the
+        # first evidence: the cleaned sources (the scanner), then the SEG (built from the same
+        # cleaned attributes). With the SEG first the SR named segnode as the acquiring equipment.
+        evidence=[*clean_sources(sources, what="SR"), *([seg] if seg is not None else [])],
         content=report[0],
         series_instance_uid=hd.UID(),
         series_number=SR_SERIES_NUMBER,

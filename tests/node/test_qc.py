@@ -4,6 +4,7 @@ config; the pipeline's qc stage on an assembled study; the SR's brain figures an
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -382,6 +383,9 @@ def _round_trip(sr: Dataset, tmp_path: Path) -> Dataset:
 def test_sr_carries_brain_volume_share_and_model(
     sources: list[Dataset], tmp_path: Path, strict_pydicom: None
 ) -> None:
+    sources = [copy.deepcopy(ds) for ds in sources]
+    for ds in sources:
+        ds.Manufacturer = "ACME MR"  # the scanner (the synthetic study's own says segnode)
     labels = np.zeros((len(sources), int(sources[0].Rows), int(sources[0].Columns)), np.uint8)
     labels[2:6, 5:15, 4:12] = 1
     seg = build_seg(sources, labels, _card(), software_version="9.9.9")
@@ -405,6 +409,12 @@ def test_sr_carries_brain_volume_share_and_model(
         }
         assert (names["Algorithm Name"], names["Algorithm Version"]) == ("test-model", "2.3.4")
     assert sr.StudyInstanceUID == sources[0].StudyInstanceUID
+    # The acquiring equipment is the scanner, not segnode (highdicom takes it from the first evidence).
+    [acquisition] = [
+        e for e in sr.ContributingEquipmentSequence
+        if e.PurposeOfReferenceCodeSequence[0].CodeValue == "109101"  # DCM Acquisition Equipment
+    ]  # fmt: skip
+    assert acquisition.Manufacturer == sources[0].Manufacturer == "ACME MR"
 
 
 def test_sr_without_seg_reports_zero_ml(sources: list[Dataset], tmp_path: Path, strict_pydicom: None) -> None:
