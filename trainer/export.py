@@ -317,6 +317,13 @@ def export_run(options: ExportOptions, on_step: Callable[[str], None] | None = N
     state = load_checkpoint(run_dir / options.checkpoint)
     card_base: dict[str, Any] = dict(state["card"])
     out = options.out_dir or run_dir / "export"
+    if (out / "model.json").exists():
+        # Its files may be registered (even serving): overwriting them would make the model table's
+        # sha256 lie about what a node loads (as segnode requantize refuses too).
+        raise TrainerError(
+            f"--out {out} already holds a model (model.json); give a new or empty folder, or remove it "
+            "if no registered model uses its files (segnode models list)"
+        )
     out.mkdir(parents=True, exist_ok=True)
     data = options.data or Path(state["train_config"]["data"])
     model = model_from_checkpoint(state)

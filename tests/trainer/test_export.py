@@ -357,3 +357,17 @@ def test_int8_dice_drop_is_reported_per_region() -> None:
     drops = int8_dice_drops(fp32, int8)
     assert drops == pytest.approx({"mean": 0.005, "WT": 0.005, "TC": -0.01, "ET": 0.05})
     assert int8_dice_drops({"mean": {"dice": 0.9}}, {"mean": {"dice": 0.9}}) == {"mean": 0.0}
+
+
+def test_export_refuses_a_folder_that_holds_a_model(exported: tuple[Path, dict, str], run_dir: Path) -> None:
+    """Exporting again into the folder of a registered model would overwrite files whose sha256 the
+    model table holds (and that a node may be serving): refused, the files untouched."""
+    from trainer.exceptions import TrainerError
+    from trainer.export import ExportOptions, export_run
+
+    out, _, db_url = exported
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    with pytest.raises(TrainerError, match="already holds a model"):
+        again = ExportOptions(run_dir=run_dir, out_dir=out, calibration_size=16, database_url=db_url)
+        export_run(again)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
