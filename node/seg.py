@@ -87,6 +87,12 @@ def segment_descriptions(card: Mapping[str, Any]) -> list[hd.seg.SegmentDescript
     return out
 
 
+def card_texts(card: Mapping[str, Any]) -> list[str]:
+    """The model card's text an output carries: its name, version and label names."""
+    labels = [str(label.get("name", "")) for label in card.get("labels") or []]
+    return [str(card.get("name", "")), str(card.get("version", "")), *labels]
+
+
 def label_values(card: Mapping[str, Any]) -> list[int]:
     """The label-map value of each segment, in segment-number order."""
     return [int(label["value"]) for label in card.get("labels") or []]
@@ -153,7 +159,7 @@ def build_seg(
         # highdicom needs at least one frame: an empty result keeps every (empty) frame.
         logger.info("model found no tumour; the SEG holds one empty frame")
     seg = hd.seg.Segmentation(
-        source_images=seg_sources(clean_sources(sources, what="SEG")),
+        source_images=seg_sources(clean_sources(sources, what="SEG", extra_texts=card_texts(card))),
         pixel_array=segments,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=segment_descriptions(card),

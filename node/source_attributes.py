@@ -58,7 +58,10 @@ UC, UT, PN)                                                               maximu
                                                                           cut
 other coded or formatted      their VR (CS, AS, DA, TM, DT, DS, IS, UI)   omitted (Type 3)
 values
-sequences (SQ)                every element inside valid for its VR       omitted (Type 3)
+sequences (SQ)                every element inside valid for its VR;      omitted (Type 3)
+                              Type 3: at least one item
+several values in a           one value (a backslash read as a            joined with spaces, then the
+single-valued attribute       separator: PatientID '12\\34')               rules above
 binary values (US, FD ...)    always valid                                copied
 ============================  ==========================================  ============================
 
@@ -70,8 +73,11 @@ value with code extensions (``ISO 2022 IR 100``), which used to fail the job. Th
 source's character set in its standard form: an empty first value becomes ISO 2022 IR 6; a single
 ``ISO 2022 IR n`` becomes ``ISO_IR n`` for a single-byte set, ``ISO 2022 IR 6\\ISO 2022 IR n`` for a
 multi-byte one, and is dropped for ``ISO 2022 IR 6`` (the default repertoire). Where that is still
-not a set highdicom writes, or a copied value has a character the set cannot encode, the outputs are
-written in UTF-8 (``ISO_IR 192``). Text is always decoded with the source's own set first.
+not a set highdicom writes, or a copied value (or other text the object carries: the SR's series
+descriptions, the card's labels) has a character the set cannot encode, the outputs are written in
+UTF-8 (``ISO_IR 192``). The default repertoire (no SpecificCharacterSet) is ASCII: a Latin-1 name in
+a source without the attribute also makes the outputs UTF-8. Text is always decoded with the
+source's own set first.
 """
 
 from __future__ import annotations
@@ -87,7 +93,7 @@ from typing import Any
 from highdicom.enum import SpecificCharacterSetValues
 from pydicom import config
 from pydicom.charset import convert_encodings
-from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.datadict import dictionary_VM, dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
@@ -197,7 +203,9 @@ class Correction:
     rule: str
 
 
-def clean_sources(sources: Sequence[Dataset], *, what: str = "output") -> list[Dataset]:
+def clean_sources(
+    sources: Sequence[Dataset], *, what: str = "output", extra_texts: Sequence[str] = ()
+) -> list[Dataset]:
     """Copies of ``sources`` whose patient and study attributes are valid, by the module's rules.
 
     Parameters
@@ -206,6 +214,9 @@ def clean_sources(sources: Sequence[Dataset], *, what: str = "output") -> list[D
         The source images (or the SEG an SR copies from). Not modified.
     what:
         Name of the object being built, for the log lines (``SEG``, ``SR``).
+    extra_texts:
+        Text the object carries besides the copied attributes (an SR's parameters naming the series
+        used, a card's segment labels): the character set chosen must encode it too.
 
     Returns
     -------
@@ -215,7 +226,7 @@ def clean_sources(sources: Sequence[Dataset], *, what: str = "output") -> list[D
     """
     if not sources:
         return []
-    replacements, corrections = corrected_attributes(sources[0])
+    replacements, corrections = corrected_attributes(sources[0], extra_texts)
     for correction in corrections:
         logger.warning(
             "%s: source attribute %s %s (value not logged)", what, correction.keyword, correction.rule
@@ -223,8 +234,11 @@ def clean_sources(sources: Sequence[Dataset], *, what: str = "output") -> list[D
     return [_with(ds, replacements) for ds in sources]
 
 
-def corrected_attributes(ds: Dataset) -> tuple[dict[str, DataElement | None], list[Correction]]:
-    """The replaced elements (None: omit) of ``ds``'s copied attributes, and what was done."""
+def corrected_attributes(
+    ds: Dataset, extra_texts: Sequence[str] = ()
+) -> tuple[dict[str, DataElement | None], list[Correction]]:
+    """The replaced elements (None: omit) of ``ds``'s copied attributes, and what was done
+    (``extra_texts``: other text the output carries, see :func:`clean_sources`)."""
     replacements: dict[str, DataElement | None] = {}
     corrections: list[Correction] = []
     for keyword in COPIED_ATTRIBUTES:
@@ -245,7 +259,7 @@ def corrected_attributes(ds: Dataset) -> tuple[dict[str, DataElement | None], li
         else:
             replacements[keyword] = DataElement(tag, dictionary_VR(tag), value)
         corrections.append(Correction(keyword, rule))
-    charset = _character_set(ds, _copied_texts(ds, replacements))
+    charset = _character_set(ds, [*_copied_texts(ds, replacements), *(t for t in extra_texts if t)])
     if charset is not None:
         value, rule = charset
         element = None if value is _OMIT else DataElement(0x00080005, "CS", value)
@@ -314,8 +328,10 @@ def _charset_writable(values: list[str], texts: list[str]) -> bool:
         return False
     if len(values) > 1 and (values[0] in _MULTI_BYTE or any(v not in _CODE_EXTENSIONS for v in values)):
         return False
+    if not values:  # the default repertoire (ISO-IR 6) is ASCII; pydicom decodes it as Latin-1
+        return all(text.isascii() for text in texts)
     try:
-        encodings = convert_encodings(values or ["ISO_IR 6"])
+        encodings = convert_encodings(values)
     except (LookupError, ValueError):
         return False
     return all(any(_encodes(ch, e) for e in encodings) for text in texts for ch in set(text))
@@ -360,6 +376,8 @@ def _clean_element(ds: Dataset, keyword: str, tag: int) -> tuple[Any, str] | Non
     if value is None or value == "" or keyword == "StudyInstanceUID":
         return None
     if vr == "SQ":
+        if not value and keyword not in _TYPE2:
+            return _OMIT, "omitted: an empty sequence (Type 3 needs at least one item)"
         if all(_dataset_valid(item) for item in value):
             return None
         return _OMIT, "omitted: a sequence item holds an invalid value (Type 3)"
@@ -369,6 +387,18 @@ def _clean_element(ds: Dataset, keyword: str, tag: int) -> tuple[Any, str] | Non
         return _sex(value)
     values = list(value) if isinstance(value, MultiValue) else [value]
     texts = [str(v) for v in values]
+    if len(texts) > 1 and dictionary_VM(tag) == "1":
+        # A backslash inside a single-valued attribute (a PatientID "12\\34"): pydicom reads it as
+        # several values, which the outputs would carry as a wrong value multiplicity.
+        joined = " ".join(texts)
+        again = _clean_texts(keyword, vr, [joined])
+        rule = "several values in a single-valued attribute: joined with spaces"
+        return (joined, rule) if again is None else (again[0], f"{rule}; {again[1]}")
+    return _clean_texts(keyword, vr, texts)
+
+
+def _clean_texts(keyword: str, vr: str, texts: list[str]) -> tuple[Any, str] | None:
+    """The rules of a PN or text or formatted attribute's values (see :func:`_clean_element`)."""
     if vr == "PN":
         fixed = [_person_name(t) for t in texts]
         if fixed != texts:

@@ -32,6 +32,7 @@ import highdicom as hd
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
+from node.seg import card_texts
 from node.source_attributes import clean_sources
 
 logger = logging.getLogger(__name__)
@@ -162,7 +163,10 @@ def build_sr(
         # The report takes its patient and study attributes, and its acquisition equipment, from the
         # first evidence: the cleaned sources (the scanner), then the SEG (built from the same
         # cleaned attributes). With the SEG first the SR named segnode as the acquiring equipment.
-        evidence=[*clean_sources(sources, what="SR"), *([seg] if seg is not None else [])],
+        evidence=[
+            *clean_sources(sources, what="SR", extra_texts=[*parameters, *card_texts(card)]),
+            *([seg] if seg is not None else []),
+        ],
         content=report[0],
         series_instance_uid=hd.UID(),
         series_number=SR_SERIES_NUMBER,

@@ -417,6 +417,19 @@ def test_sr_carries_brain_volume_share_and_model(
     assert acquisition.Manufacturer == sources[0].Manufacturer == "ACME MR"
 
 
+def test_the_sr_character_set_encodes_its_own_text(sources: list[Dataset], tmp_path: Path) -> None:
+    """The series descriptions the SR names (its "series:" parameter) may hold characters the
+    reference series' set cannot write (a Latin-1 study whose T2 is described in Japanese): the SR is
+    written in UTF-8 and the text survives, instead of "??" or an invalid character."""
+    sources = [copy.deepcopy(ds) for ds in sources]
+    for ds in sources:
+        ds.SpecificCharacterSet = "ISO_IR 100"
+    sr = _round_trip(build_sr(None, sources, [0.0], _card(), series="T2: 1.2.4 (頭部 T2)"), tmp_path)
+    assert sr.SpecificCharacterSet == "ISO_IR 192"
+    texts = [str(e.value) for e in sr.iterall() if e.keyword == "TextValue"]
+    assert any("頭部 T2" in t for t in texts), texts
+
+
 def test_sr_without_seg_reports_zero_ml(sources: list[Dataset], tmp_path: Path, strict_pydicom: None) -> None:
     sr = _round_trip(build_sr(None, sources, [0.0], _card()), tmp_path)
     [group] = _groups(sr)

@@ -208,8 +208,8 @@ def test_highdicom_warning_inside_a_job_is_scrubbed(
     from node.config import Destination
     from tests.helpers.node import node_settings, running_node
 
-    monkeypatch.setattr(seg_module, "clean_sources", lambda sources, what="": list(sources))
-    monkeypatch.setattr(sr_module, "clean_sources", lambda sources, what="": list(sources))
+    monkeypatch.setattr(seg_module, "clean_sources", lambda sources, **_: list(sources))
+    monkeypatch.setattr(sr_module, "clean_sources", lambda sources, **_: list(sources))
     files = write_study(make_synthetic_case(3, shape=(64, 64, 10)), tmp_path / "study", modalities=["FLAIR"])
     paths = files.files["FLAIR"]
     for path in paths:
