@@ -7,7 +7,12 @@ Two tasks are bootstrapped: the node's segmentation task (``models/default``) an
 ran ``segnode models import`` and ``promote``. The container entrypoint has always done this; the node
 now does it too (``[node] bootstrap_default_model``, on by default), in one log line and with the
 promotion in the model table's audit trail. An administrator's choice is never undone: nothing happens
-when the task already has an active model.
+when the task already has an active model, with one exception, the image upgrade. The shipped model's
+files live in the image and the model table in a volume, so a new image replaces the files of the
+active row under it: that row's files no longer match their sha256 and the node refuses to serve it,
+with nothing else to fall back on. When the active model's files are in the shipped folder and no
+longer verify, while the folder now holds a model card of another version, that version is imported
+and promoted (:func:`upgrade_shipped_model`).
 """
 
 from __future__ import annotations
@@ -70,8 +75,9 @@ def bootstrap_default_model(registry: Registry, task: str, model_dir: Path) -> M
     Never raises for a model that cannot be installed: the node still serves (studies wait queued, as
     before) and the reason is logged once.
     """
-    if registry.active_id(task) is not None:
-        return None
+    active = registry.active(task)
+    if active is not None:
+        return upgrade_shipped_model(registry, active, model_dir)
     card = model_dir / "model.json"
     if not card.is_file():
         logger.warning("no active model for task %s and no shipped model at %s", task, model_dir)
@@ -97,5 +103,58 @@ def bootstrap_default_model(registry: Registry, task: str, model_dir: Path) -> M
     logger.warning(
         "no active model for task %s: imported and promoted the shipped model %s from %s",
         task, info.label, model_dir,
+    )
+    return info
+
+
+def _shipped_version(model_dir: Path) -> tuple[str | None, str | None]:
+    """``(task, version)`` of the model card in ``model_dir``, or Nones when it cannot be read."""
+    try:
+        card = json.loads((model_dir / "model.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None, None
+    if not isinstance(card, dict):
+        return None, None
+    task, version = card.get("task"), card.get("version")
+    return (task if isinstance(task, str) else None), (str(version) if version is not None else None)
+
+
+def upgrade_shipped_model(registry: Registry, active: ModelInfo, model_dir: Path) -> ModelInfo | None:
+    """Promote the model now shipped in ``model_dir`` when ``active`` is an earlier shipped model whose
+    files a new image replaced (they are in ``model_dir`` and no longer verify); returns what was
+    promoted, None when nothing is to be done (an administrator's own model, or files that verify).
+    """
+    try:
+        shipped_dir = model_dir.resolve()
+    except OSError:
+        return None
+    if not active.files or not all(f.path.resolve().parent == shipped_dir for f in active.files):
+        return None  # not the shipped model: the administrator's choice stands
+    if registry.verify(active.id).ok:
+        return None
+    task, version = _shipped_version(model_dir)
+    if task != active.task or version is None or version == active.version:
+        logger.error(
+            "the active model %s of task %s has files in %s that no longer match the model table, and "
+            "that folder holds no other version of the task to promote: the node cannot serve it; "
+            "promote a model (segnode models list / promote)",
+            active.label, active.task, model_dir,
+        )
+        return None
+    try:
+        info = install_and_promote(
+            registry,
+            model_dir,
+            by="segnode serve",
+            reason=f"shipped model upgraded with the image: {active.version} -> {version}",
+        )
+    except (NodeError, RegistryError) as exc:
+        logger.error(
+            "the shipped model %s at %s (an image upgrade) was not installed: %s", version, model_dir, exc
+        )
+        return None
+    logger.warning(
+        "the image replaced the shipped model of task %s: %s (its files no longer match) -> %s promoted",
+        active.task, active.label, info.label,
     )
     return info
