@@ -376,7 +376,25 @@ def _artifact(directory: Path, raw: Any, where: str) -> CardArtifact:
     metrics = raw.get("metrics")
     if metrics is not None and not isinstance(metrics, dict):
         raise InvalidModelDirectory(f"{where}.metrics: expected an object, got {metrics!r}")
-    return CardArtifact(key, kind, precision, parent, _files(directory, raw.get("files"), where), metrics)
+    files = _files(directory, raw.get("files"), where)
+    if kind == "ir":
+        _check_ir_weights(files, where)
+    return CardArtifact(key, kind, precision, parent, files, metrics)
+
+
+def _check_ir_weights(files: tuple[CardFile, ...], where: str) -> None:
+    """An IR's weights (``<stem>.bin`` beside each ``.xml``, which OpenVINO reads) must be listed, or
+    a changed weights file would pass every sha256 check and be served."""
+    listed = {f.path for f in files}
+    for f in files:
+        if f.path.suffix.lower() != ".xml":
+            continue
+        weights = f.path.with_suffix(".bin")
+        if weights.exists() and weights not in listed:
+            raise InvalidModelDirectory(
+                f"{where}.files: {f.path.name} is listed without its weights {weights.name}, which "
+                "OpenVINO loads beside it; list both (with sha256 and size)"
+            )
 
 
 def _parents_first(artifacts: list[CardArtifact], where: str) -> tuple[CardArtifact, ...]:

@@ -140,3 +140,19 @@ def test_tampered_file_is_named(registry: Registry, tmp_path: Path, same_size: b
     assert ("sha256" if same_size else "size") in message
     assert "the file was changed" in message
     _assert_nothing_registered(registry)
+
+
+def test_an_ir_listed_without_its_weights_is_refused(registry: Registry, tmp_path: Path) -> None:
+    """OpenVINO loads ``<stem>.bin`` beside the ``.xml``: an IR artifact that does not list it would let
+    a changed weights file pass every sha256 check and be served."""
+    directory = write_model_dir(tmp_path / "m")
+
+    def drop_bin(card: dict[str, Any]) -> None:
+        ir = card["artifacts"][2]
+        ir["files"] = [f for f in ir["files"] if not f["path"].endswith(".bin")]
+
+    _edit_card(directory, drop_bin)
+    listed_alone = r"model_int8\.xml is listed without its weights model_int8\.bin"
+    with pytest.raises(InvalidModelDirectory, match=listed_alone):
+        registry.import_dir(directory)
+    _assert_nothing_registered(registry)
