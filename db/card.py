@@ -179,6 +179,26 @@ def check_card(card: Mapping[str, Any], where: str = "model card") -> None:
     activation = card["output"].get("activation") if isinstance(card["output"], Mapping) else None
     if activation not in ("sigmoid", "softmax"):
         raise ModelCardError(f"{where}: output.activation {activation!r} is not 'sigmoid' or 'softmax'")
+    _check_labels(card, where)
+
+
+def _check_labels(card: Mapping[str, Any], where: str) -> None:
+    """A segmentation card's label values are its task's (:data:`TASK_LABELS`): the node writes one
+    SEG segment and one SR volume per label value the network outputs, so a card naming other values
+    sends an empty SEG and a blank volume for every study."""
+    expected = TASK_LABELS.get(str(card["task"]))
+    if expected is None:
+        return
+    want = sorted(int(label["value"]) for label in expected)
+    labels = card.get("labels")
+    values: list[Any] | None = None
+    if isinstance(labels, list) and all(isinstance(label, Mapping) for label in labels):
+        values = sorted((label.get("value") for label in labels), key=str)
+    if values != want:
+        raise ModelCardError(
+            f"{where}: labels have the values {values}; a {card['task']} model outputs {want} "
+            "(docs/model-card.md, db/card.py TASK_LABELS)"
+        )
 
 
 def artifact(card: Mapping[str, Any], key: str) -> dict[str, Any]:
@@ -453,6 +473,10 @@ def read_model_dir(directory: Path) -> ModelDir:
             f"{where}: modalities {modalities!r} must be a non-empty list of distinct names from "
             f"{', '.join(MODALITIES)}"
         )
+    try:
+        _check_labels(card, where)
+    except ModelCardError as exc:
+        raise InvalidModelDirectory(str(exc)) from None
     raw_artifacts = card.get("artifacts")
     if not isinstance(raw_artifacts, list) or not raw_artifacts:
         raise InvalidModelDirectory(f"{where}: artifacts must be a non-empty list, got {raw_artifacts!r}")

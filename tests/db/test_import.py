@@ -156,3 +156,16 @@ def test_an_ir_listed_without_its_weights_is_refused(registry: Registry, tmp_pat
     with pytest.raises(InvalidModelDirectory, match=listed_alone):
         registry.import_dir(directory)
     _assert_nothing_registered(registry)
+
+
+@pytest.mark.parametrize("labels", [[{"value": 2, "name": "Whole tumour"}], []], ids=["other value", "none"])
+def test_a_card_whose_labels_are_not_its_tasks_is_refused(
+    registry: Registry, tmp_path: Path, labels: list[dict[str, Any]]
+) -> None:
+    """The node writes one segment and one volume per label value: a whole-tumour card naming value 2
+    sent an empty SEG and a blank volume for every study (the network outputs 1)."""
+    directory = write_model_dir(tmp_path / "m")
+    _edit_card(directory, lambda card: card.__setitem__("labels", labels))
+    with pytest.raises(InvalidModelDirectory, match=r"a whole_tumor model outputs \[1\]"):
+        registry.import_dir(directory)
+    _assert_nothing_registered(registry)
