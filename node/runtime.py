@@ -198,6 +198,8 @@ class ActiveModel(Generic[L]):
         # The model's whole row is read only when it is not the one serving.
         current = self._current
         if current is not None and active_id == current.info.id:
+            if self.last_error:  # e.g. rolled back to it after a newer model was refused
+                self.last_error = ""
             return current
         active = self.registry.active(self.task) if active_id is not None else None
         with self._lock:
@@ -210,7 +212,7 @@ class ActiveModel(Generic[L]):
                 return current
             refused_at = self._refused_at.get(active.id)
             if refused_at is not None and time.monotonic() - refused_at < RETRY_REFUSED_SECONDS:
-                return current
+                return self._kept(current)
             try:
                 loaded = self.load(active)
             except ModelLoadError as exc:
@@ -221,7 +223,7 @@ class ActiveModel(Generic[L]):
                 self._refused[active.id] = str(exc)
                 self._refused_at[active.id] = time.monotonic()
                 self.last_error = str(exc)
-                return current
+                return self._kept(current)
             self._current = loaded
             self.last_error = ""
             caveat = int8_caveat(active)
@@ -235,6 +237,27 @@ class ActiveModel(Generic[L]):
                 f" (was {current.label})" if current else "",
             )
             return loaded
+
+
+    def _kept(self, current: L | None) -> L | None:
+        """``current``, kept serving while the active model is refused, unless an administrator has
+        since retired it: a retired model never serves (studies then wait queued, and the health
+        check says why). Called with the lock held."""
+        if current is None:
+            return None
+        try:
+            status = self.registry.get(current.info.id).status
+        except Exception:  # the model table does not answer: keep serving, the poll reports it
+            return current
+        if status != "retired":
+            return current
+        logger.error(
+            "%s was retired while it served in place of the refused active model: no %s model serving",
+            current.label, self.task,
+        )
+        self._current = None
+        self.last_error = f"{current.label} was retired and the active model is refused: {self.last_error}"
+        return None
 
 
 class ModelRuntime(ActiveModel[LoadedModel]):

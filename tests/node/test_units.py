@@ -543,6 +543,36 @@ def test_tampered_model_is_refused_and_previous_keeps_serving(
     assert loaded is not None and loaded.info.id == v3.id and runtime.last_error == ""
 
 
+def test_after_a_refused_model_a_rollback_clears_the_error_and_a_retired_model_never_serves(
+    tmp_path: Path,
+) -> None:
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    upgrade(url)
+    registry = Registry(make_session_factory(make_engine(url)))
+    v1 = install_model(registry, make_threshold_model(tmp_path / "v1"))
+    runtime = ModelRuntime(registry, "whole_tumor", "CPU")
+    assert runtime.refresh() is not None
+
+    def refused_v2(name: str) -> int:
+        directory = make_threshold_model(tmp_path / name, version=f"2.0.{len(name)}")
+        v2 = install_model(registry, directory)
+        (directory / "model_fp32.bin").write_bytes(b"\0" * 8)  # broken after promotion
+        loaded = runtime.refresh()
+        assert loaded is not None and loaded.info.id == v1.id and runtime.last_error
+        return int(v2.id)
+
+    refused_v2("v2")
+    assert registry.rollback("whole_tumor").id == v1.id
+    loaded = runtime.refresh()
+    assert loaded is not None and loaded.info.id == v1.id
+    assert runtime.last_error == ""  # the refusal of a model no longer active is not the health's concern
+
+    refused_v2("v2b")  # v1 serves in its place again, a candidate in the model table
+    registry.retire(v1.id, by="admin")
+    assert runtime.refresh() is None and runtime.current is None
+    assert "was retired" in runtime.last_error
+
+
 def test_int8_model_without_overflow_fix_on_a_cpu_without_vnni_is_logged_as_a_caveat(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
