@@ -448,13 +448,16 @@ class Segmented:
     seg_file: bytes | None = None
 
 
-def encode_seg(done: Segmented) -> bytes:
-    """The SEG of ``done``'s labels (which hold a tumour) on its reference series' frames, as a file."""
+def encode_seg(done: Segmented, run: int = 1) -> bytes:
+    """The SEG of ``done``'s labels (which hold a tumour) on its reference series' frames, as a file
+    (``run``: which analysis of the study, :func:`node.seg.run_series`)."""
     from node.seg import build_seg
 
     frame_labels = source_frame_labels(done.labels, done.assembled)
     card = done.route.model.card
-    return encoded(build_seg(done.assembled.sources, frame_labels, card, software_version=SOFTWARE_VERSION))
+    return encoded(
+        build_seg(done.assembled.sources, frame_labels, card, software_version=SOFTWARE_VERSION, run=run)
+    )
 
 
 def _series_files(info: SeriesInfo) -> tuple[str, tuple[str, ...]]:
@@ -756,12 +759,13 @@ def run_job(ctx: JobContext, job_id: int) -> str:
         preview_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="preview")
         preview = preview_pool.submit(render_preview, assembled.reference.array, labels)
         preview_pool.shutdown(wait=False)
-        seg_bytes = done.seg_file
+        # Early analysis encodes a first run's SEG; a re-run's carries its own series number.
+        seg_bytes = done.seg_file if info.run <= 1 else None
         if seg_bytes is not None:
             study.reused.append(f"seg {done.route.task}")
         elif labels.any():
             with timer.stage("seg"):
-                seg_bytes = encode_seg(done)
+                seg_bytes = encode_seg(done, run=info.run)
         # The SR refers to the SEG as written (parsing it back takes well under 1 ms).
         seg = pydicom.dcmread(io.BytesIO(seg_bytes)) if seg_bytes is not None else None
         volumes = segment_volumes_ml(labels, card, assembled.reference)
@@ -776,6 +780,7 @@ def run_job(ctx: JobContext, job_id: int) -> str:
                 regions=region_volumes_ml(labels, card, assembled.reference),
                 routing=reason,
                 series=series_used(done.route.assignment),
+                run=info.run,
             )
         with timer.stage("write"):
             out_dir.mkdir(parents=True, exist_ok=True)

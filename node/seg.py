@@ -93,6 +93,16 @@ def card_texts(card: Mapping[str, Any]) -> list[str]:
     return [str(card.get("name", "")), str(card.get("version", "")), *labels]
 
 
+def run_series(number: int, description: str, run: int) -> tuple[int, str]:
+    """The SeriesNumber and SeriesDescription of an output of a study's ``run``-th analysis: run 1
+    keeps ``number`` and ``description``; a re-run (instances received after the first) gets a
+    number 10 higher per run and says which run it is, so that a reader tells the current result
+    from the earlier one in the viewer's series list."""
+    if run <= 1:
+        return number, description
+    return number + 10 * (run - 1), f"{description[: 64 - len(f' run {run}')]} run {run}"
+
+
 def label_values(card: Mapping[str, Any]) -> list[int]:
     """The label-map value of each segment, in segment-number order."""
     return [int(label["value"]) for label in card.get("labels") or []]
@@ -121,7 +131,7 @@ def build_seg(
     card: Mapping[str, Any],
     *,
     software_version: str,
-    series_number: int = SEG_SERIES_NUMBER,
+    run: int = 1,
 ) -> hd.seg.Segmentation:
     """A BINARY SEG from a label map on the source grid.
 
@@ -137,6 +147,8 @@ def build_seg(
         The model card: name, version and labels (value, name, category, type codes).
     software_version:
         Version string of segnode, recorded in the SEG's equipment module.
+    run:
+        Which analysis of the study this is (:func:`run_series`).
 
     Raises
     ------
@@ -158,6 +170,7 @@ def build_seg(
     if not segments.any():
         # highdicom needs at least one frame: an empty result keeps every (empty) frame.
         logger.info("model found no tumour; the SEG holds one empty frame")
+    series_number, description = run_series(SEG_SERIES_NUMBER, SERIES_DESCRIPTION, run)
     seg = hd.seg.Segmentation(
         source_images=seg_sources(clean_sources(sources, what="SEG", extra_texts=card_texts(card))),
         pixel_array=segments,
@@ -171,7 +184,7 @@ def build_seg(
         manufacturer_model_name=str(card.get("name", "segnode"))[:64],
         software_versions=software_version,
         device_serial_number="0",
-        series_description=SERIES_DESCRIPTION,
+        series_description=description,
         content_label="TUMOUR",
         content_description=f"AI segmentation by {card.get('name')} {card.get('version')}"[:64],
         omit_empty_frames=bool(segments.any()),

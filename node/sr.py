@@ -25,14 +25,16 @@ Parameters item (DCM 111002, TID 4019) of the algorithm identification.
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import highdicom as hd
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
+from pydicom.uid import generate_uid
 
-from node.seg import card_texts
+from node.seg import card_texts, run_series
 from node.source_attributes import clean_sources
 
 logger = logging.getLogger(__name__)
@@ -62,6 +64,12 @@ REGIONS: dict[str, tuple[hd.sr.CodedConcept, str]] = {
 }
 
 
+def device_uid() -> str:
+    """The Device Observer UID of this node's reports: the same for every report from this host, so a
+    PACS sees one device (derived from the host name, which it does not reveal)."""
+    return str(generate_uid(entropy_srcs=["segnode device observer", socket.gethostname()]))
+
+
 def build_sr(
     seg: Dataset | None,
     sources: Sequence[Dataset],
@@ -73,6 +81,7 @@ def build_sr(
     regions: Mapping[str, float] | None = None,
     routing: str | None = None,
     series: str | None = None,
+    run: int = 1,
 ) -> hd.sr.Comprehensive3DSR:
     """A TID 1500 report with the volume in mL of each segment of ``seg`` (and of the brain).
 
@@ -98,6 +107,9 @@ def build_sr(
     series:
         Which series served each of the model's inputs (:func:`node.pipeline.series_used`), another
         Algorithm Parameters item: a reader sees in the viewer whether the right series were used.
+    run:
+        Which analysis of the study this is (:func:`node.seg.run_series`: a re-run's series number
+        and description say so).
     """
     parameters = [f"routing: {routing}"] if routing else []
     if series:
@@ -110,7 +122,7 @@ def build_sr(
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=hd.UID(), name="segnode", model_name=str(card.get("name", ""))[:64] or None
+            uid=device_uid(), name="segnode", model_name=str(card.get("name", ""))[:64] or None
         ),
     )
     groups: list[Any] = []
@@ -159,6 +171,7 @@ def build_sr(
         procedure_reported=MR_PROCEDURE,
         imaging_measurements=groups,
     )
+    series_number, description = run_series(SR_SERIES_NUMBER, SR_SERIES_DESCRIPTION, run)
     return hd.sr.Comprehensive3DSR(
         # The report takes its patient and study attributes, and its acquisition equipment, from the
         # first evidence: the cleaned sources (the scanner), then the SEG (built from the same
@@ -169,11 +182,11 @@ def build_sr(
         ],
         content=report[0],
         series_instance_uid=hd.UID(),
-        series_number=SR_SERIES_NUMBER,
+        series_number=series_number,
         sop_instance_uid=hd.UID(),
         instance_number=1,
         manufacturer="segnode",
-        series_description=SR_SERIES_DESCRIPTION,
+        series_description=description,
         is_complete=True,
     )
 

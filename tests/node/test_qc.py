@@ -415,6 +415,12 @@ def test_sr_carries_brain_volume_share_and_model(
         if e.PurposeOfReferenceCodeSequence[0].CodeValue == "109101"  # DCM Acquisition Equipment
     ]  # fmt: skip
     assert acquisition.Manufacturer == sources[0].Manufacturer == "ACME MR"
+    # One device for every report of this node (a random UID made each report another device).
+    again = build_sr(seg, sources, [12.5], _card())
+    device = "DeviceObserverUID"
+    assert {str(e.value) for e in sr.iterall() if e.keyword == device} == {
+        str(e.value) for e in again.iterall() if e.keyword == device
+    }
 
 
 def test_the_sr_character_set_encodes_its_own_text(sources: list[Dataset], tmp_path: Path) -> None:

@@ -117,8 +117,12 @@ def test_a_delivered_study_leaves_the_spool_after_keep_hours_and_a_resend_is_ana
     _send(node, study)  # the PACS sends it again: received afresh, analysed again
     again = _finished(node, study, run=2)
     assert again.status == "done" and again.instance_count == SHAPE[2]
-    catcher.wait_for(lambda r: sum(ds.Modality == "SEG" for ds in r) == 2, 30)
+    received = catcher.wait_for(lambda r: sum(ds.Modality in ("SEG", "SR") for ds in r) == 4, 30)
     assert len(_spooled(node, study)) == SHAPE[2]
+    # The second run's SEG and SR are series of their own that say so (node/seg.py run_series).
+    numbers = sorted((str(ds.Modality), int(ds.SeriesNumber), str(ds.SeriesDescription)) for ds in received)
+    assert [(m, n) for m, n, _ in numbers] == [("SEG", 9901), ("SEG", 9911), ("SR", 9902), ("SR", 9912)]
+    assert [d.endswith(" run 2") for _, _, d in numbers] == [False, True, False, True]
 
 
 def test_a_skipped_study_leaves_after_failed_keep_hours_and_held_and_unsent_ones_stay(
