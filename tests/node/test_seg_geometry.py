@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import numpy.typing as npt
@@ -185,3 +186,39 @@ def test_a_study_with_cosines_rounded_per_slice_gets_its_seg_over_the_network(
         for item in derivation.SourceImageSequence
     }
     assert referenced and referenced <= {pydicom.dcmread(p).SOPInstanceUID for p in files}
+
+
+def _multi_frame(positions: list[list[float]]) -> Dataset:
+    ds = Dataset()
+    ds.SOPInstanceUID = generate_uid()
+    ds.NumberOfFrames = len(positions)
+    frames = []
+    for position in positions:
+        plane, frame = Dataset(), Dataset()
+        plane.ImagePositionPatient = position
+        frame.PlanePositionSequence = [plane]
+        frames.append(frame)
+    ds.PerFrameFunctionalGroupsSequence = frames
+    return ds
+
+
+def test_enhanced_frames_written_rounded_find_their_slices() -> None:
+    """An oblique 0.5 mm Enhanced MR with positions rounded to 0.1 mm (which the loader accepts) has
+    frames up to a quarter slice off: each still finds its slice, in the order the frames come; two
+    frames on one slice are refused."""
+    normal = np.array([0.0, 0.5, np.sqrt(3) / 2])
+    origin = np.array([-90.03, -110.02, -40.04])
+    volume = SimpleNamespace(origin=origin, slice_direction=normal, spacing=(0.5, 0.5, 0.5))
+    order = [3, 0, 2, 1]  # the frames' slices, as the file lists them
+    # Rounding moved each frame by up to 0.12 mm along the normal: a quarter of a slice.
+    moved = (0.1, -0.1, 0.05, -0.12)
+    positions = [(origin + (k * 0.5 + off) * normal).tolist() for k, off in zip(order, moved, strict=True)]
+    labels = np.arange(4, dtype=np.uint8).reshape(4, 1, 1)  # slice k holds k
+    def assembled(frames: list[list[float]]) -> Assembled:
+        return Assembled(
+            reference=volume, sources=[_multi_frame(frames)], images={}, affine=np.eye(4)  # type: ignore[arg-type]
+        )
+
+    assert source_frame_labels(labels, assembled(positions)).ravel().tolist() == order
+    with pytest.raises(JobError, match="share a slice"):
+        source_frame_labels(labels, assembled([positions[0], positions[0]]))
