@@ -60,6 +60,15 @@ def install_and_promote(registry: Registry, model_dir: Path, *, by: str, reason:
     raise NodeError("; ".join(problems))
 
 
+def _install_shipped(registry: Registry, model_dir: Path, reason: str, what: str) -> ModelInfo | None:
+    """:func:`install_and_promote` for the node itself; a failure is logged (``what`` first), not raised."""
+    try:
+        return install_and_promote(registry, model_dir, by="segnode serve", reason=reason)
+    except (NodeError, RegistryError) as exc:
+        logger.error("%s; the shipped model at %s was not installed: %s", what, model_dir, exc)
+        return None
+
+
 def _card_task(card: Path) -> str | None:
     """The ``task`` of a model card, or None when the card cannot be read."""
     try:
@@ -89,16 +98,9 @@ def bootstrap_default_model(registry: Registry, task: str, model_dir: Path) -> M
             task, model_dir, shipped_task,
         )
         return None
-    try:
-        info = install_and_promote(
-            registry,
-            model_dir,
-            by="segnode serve",
-            reason=f"shipped model; task {task} had no active model",
-        )
-    except (NodeError, RegistryError) as exc:
-        logger.error("no active model for task %s; the shipped model at %s was not installed: %s",
-                     task, model_dir, exc)
+    reason = f"shipped model; task {task} had no active model"
+    info = _install_shipped(registry, model_dir, reason, f"no active model for task {task}")
+    if info is None:
         return None
     logger.warning(
         "no active model for task %s: imported and promoted the shipped model %s from %s",
@@ -141,17 +143,13 @@ def upgrade_shipped_model(registry: Registry, active: ModelInfo, model_dir: Path
             active.label, active.task, model_dir,
         )
         return None
-    try:
-        info = install_and_promote(
-            registry,
-            model_dir,
-            by="segnode serve",
-            reason=f"shipped model upgraded with the image: {active.version} -> {version}",
-        )
-    except (NodeError, RegistryError) as exc:
-        logger.error(
-            "the shipped model %s at %s (an image upgrade) was not installed: %s", version, model_dir, exc
-        )
+    info = _install_shipped(
+        registry,
+        model_dir,
+        f"shipped model upgraded with the image: {active.version} -> {version}",
+        f"the shipped model {version} (an image upgrade)",
+    )
+    if info is None:
         return None
     logger.warning(
         "the image replaced the shipped model of task %s: %s (its files no longer match) -> %s promoted",

@@ -10,6 +10,7 @@ import pydicom
 import pytest
 
 if TYPE_CHECKING:
+    from db.transactions import SessionFactory
     from tests.helpers.postgres import PostgresServer
 
 
@@ -35,6 +36,16 @@ def segnode_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pa
 
 
 # --- database fixtures (db engineer) ------------------------------------------------------------
+
+
+@pytest.fixture()
+def sqlite_sf(tmp_path: Path) -> SessionFactory:
+    """Sessions on a fresh, migrated SQLite database in ``tmp_path``."""
+    from db.session import make_engine, make_session_factory, upgrade
+
+    url = f"sqlite:///{tmp_path / 'segnode.db'}"
+    upgrade(url)
+    return make_session_factory(make_engine(url))
 
 
 @pytest.fixture(scope="session")

@@ -7,12 +7,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import datetime, timedelta
-from pathlib import Path
 
 import pytest
 
 from db import instances
-from db.session import make_engine, make_session_factory, upgrade
 from db.transactions import SessionFactory, utcnow
 
 IDLE = 10.0
@@ -23,10 +21,8 @@ RECORDERS = {"driver": instances.record_instances, "core": instances.record_inst
 
 
 @pytest.fixture()
-def sf(tmp_path: Path) -> SessionFactory:
-    url = f"sqlite:///{tmp_path / 'segnode.db'}"
-    upgrade(url)
-    return make_session_factory(make_engine(url))
+def sf(sqlite_sf: SessionFactory) -> SessionFactory:
+    return sqlite_sf
 
 
 def _receive(sf: SessionFactory, record: Recorder, first: int, count: int, at: datetime) -> None:

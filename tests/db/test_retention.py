@@ -12,17 +12,14 @@ import pytest
 
 from db import instances, job_queue, send_queue
 from db.retention import removable_studies
-from db.session import make_engine, make_session_factory, upgrade
 from db.transactions import SessionFactory, utcnow
 
 DELIVERED_HOURS, FAILED_HOURS = 24.0, 240.0
 
 
 @pytest.fixture()
-def sf(tmp_path: Path) -> SessionFactory:
-    url = f"sqlite:///{tmp_path / 'segnode.db'}"
-    upgrade(url)
-    return make_session_factory(make_engine(url))
+def sf(sqlite_sf: SessionFactory) -> SessionFactory:
+    return sqlite_sf
 
 
 def _study(sf: SessionFactory, n: int, status: str, ended: datetime, **finish: Any) -> int:

@@ -24,7 +24,6 @@ from converters.dicom_writer import StudyInfo, write_study
 from converters.synthetic import make_synthetic_case
 from db import instances, job_queue
 from db.instances import ReceivedInstance
-from db.session import make_engine, make_session_factory, upgrade
 from db.transactions import SessionFactory, utcnow
 from node.bootstrap import SHIPPED_BRAIN_EXTRACTOR_DIR, install_and_promote
 from node.config import Destination
@@ -48,10 +47,8 @@ MR = "1.2.840.10008.5.1.4.1.1.4"
 
 
 @pytest.fixture()
-def sf(tmp_path: Path) -> SessionFactory:
-    url = f"sqlite:///{tmp_path / 'node.db'}"
-    upgrade(url)
-    return make_session_factory(make_engine(url))
+def sf(sqlite_sf: SessionFactory) -> SessionFactory:
+    return sqlite_sf
 
 
 def _received(sf: SessionFactory, study: str, series: str, n: int, at: object, kept: bool = True) -> None:

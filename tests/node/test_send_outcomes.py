@@ -17,7 +17,6 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from db import instances, job_queue
 from db.send_queue import SendInfo
-from db.session import make_engine, make_session_factory, upgrade
 from db.transactions import SessionFactory, utcnow
 from node.metrics import NodeMetrics
 from node.sender import Sender
@@ -29,10 +28,8 @@ COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
 
 
 @pytest.fixture()
-def sf(tmp_path: Path) -> SessionFactory:
-    url = f"sqlite:///{tmp_path / 'segnode.db'}"
-    upgrade(url)
-    return make_session_factory(make_engine(url))
+def sf(sqlite_sf: SessionFactory) -> SessionFactory:
+    return sqlite_sf
 
 
 def _object(path: Path, sop_class: str) -> job_queue.OutputObject:

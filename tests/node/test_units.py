@@ -544,11 +544,9 @@ def test_tampered_model_is_refused_and_previous_keeps_serving(
 
 
 def test_after_a_refused_model_a_rollback_clears_the_error_and_a_retired_model_never_serves(
-    tmp_path: Path,
+    tmp_path: Path, sqlite_sf: SessionFactory
 ) -> None:
-    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
-    upgrade(url)
-    registry = Registry(make_session_factory(make_engine(url)))
+    registry = Registry(sqlite_sf)
     v1 = install_model(registry, make_threshold_model(tmp_path / "v1"))
     runtime = ModelRuntime(registry, "whole_tumor", "CPU")
     assert runtime.refresh() is not None
