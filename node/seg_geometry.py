@@ -133,8 +133,9 @@ def _slice_spacing(images: list[Dataset]) -> float | None:
 
 
 def _share_frame_groups(ds: Dataset, what: str) -> None:
-    """Move a functional group that is written per frame, identically in every frame, into the
-    Shared Functional Groups of ``ds`` (a copy: its sequences are replaced, not changed in place)."""
+    """Move a functional group that every frame writes alike into the Shared Functional Groups of
+    ``ds`` (a copy: its sequences are replaced, not changed in place). Alike: orientations within the
+    loader's tolerance, pixel spacings within its relative 1e-4; the first frame's is shared."""
     per_frame = ds.PerFrameFunctionalGroupsSequence
     shared_items = ds.get("SharedFunctionalGroupsSequence") or [Dataset()]
     shared = copy.copy(shared_items[0])
@@ -143,26 +144,42 @@ def _share_frame_groups(ds: Dataset, what: str) -> None:
     for keyword in SHARED_GROUPS:
         if keyword in shared or not all(keyword in item for item in per_frame):
             continue
-        first = per_frame[0][keyword].value
-        if keyword == "PlaneOrientationSequence":
-            reference = _item_cosines(first)
-            spread = max(
-                (float(np.max(np.abs(_item_cosines(item[keyword].value) - reference))) for item in per_frame),
-                default=0.0,
-            ) if reference is not None else 0.0
-            if spread > ORIENTATION_TOLERANCE:
-                raise JobError(
-                    f"{what}: the source's frames have orientations up to {spread:.2g} apart, over the "
-                    f"loader's tolerance {ORIENTATION_TOLERANCE:.2g}"
-                )
-        elif any(item[keyword].value != first for item in per_frame):
-            raise JobError(f"{what}: the source's frames differ in {keyword}; one SEG cannot describe them")
+        problem = _disagreement(keyword, [item[keyword].value for item in per_frame])
+        if problem is not None:
+            raise JobError(f"{what}: the source's frames {problem}; one SEG cannot describe them")
         shared[keyword] = copy.deepcopy(per_frame[0][keyword])
         moved.append(keyword)
     if moved:
         ds.SharedFunctionalGroupsSequence = DicomSequence([shared])
-        logger.info("%s: source %s written per frame, the same in every frame: shared for the SEG", what,
-                    " and ".join(moved))
+        groups = " and ".join(moved)
+        logger.info("%s: source %s written per frame, alike in every frame: shared for the SEG", what, groups)
+
+
+def _disagreement(keyword: str, groups: list[Sequence[Dataset]]) -> str | None:
+    """Why the frames' ``keyword`` groups cannot be one shared group, or None when they can."""
+    if keyword == "PlaneOrientationSequence":
+        found = [_item_cosines(group) for group in groups]
+        cosines = [c for c in found if c is not None]
+        if len(cosines) != len(found):
+            return "have an orientation missing or malformed"
+        spread = max(float(np.max(np.abs(c - cosines[0]))) for c in cosines)
+        if spread > ORIENTATION_TOLERANCE:
+            return f"have orientations up to {spread:.2g} apart, over the loader's tolerance"
+        return None
+    found_spacings = [_item_spacing(group) for group in groups]
+    spacings = [s for s in found_spacings if s is not None]
+    if len(spacings) != len(found_spacings):
+        return "have a PixelSpacing missing or malformed"
+    if not all(np.allclose(s, spacings[0], rtol=1e-4, atol=1e-5) for s in spacings):
+        return "have different pixel spacings"
+    return None
+
+
+def _item_spacing(items: Sequence[Dataset]) -> np.ndarray | None:
+    value = items[0].get("PixelSpacing") if items else None
+    if value is None or len(value) != 2:
+        return None
+    return np.asarray([float(v) for v in value])
 
 
 def _item_cosines(items: Sequence[Dataset]) -> np.ndarray | None:

@@ -5,6 +5,7 @@ labelled voxels land where the label map put them in the world."""
 
 from __future__ import annotations
 
+import copy
 import io
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -57,6 +58,17 @@ def _enhanced(datasets: list[Dataset], per_frame: str) -> list[Dataset]:
     return [ds]
 
 
+def _enhanced_spacing_rounded_per_frame(datasets: list[Dataset]) -> list[Dataset]:
+    """Pixel measures per frame, every other frame's spacing written with other rounding (5e-5 mm)."""
+    [ds] = _enhanced(datasets, "PixelMeasuresSequence")
+    for n, frame in enumerate(ds.PerFrameFunctionalGroupsSequence):
+        if n % 2:
+            measures = copy.deepcopy(frame.PixelMeasuresSequence[0])
+            measures.PixelSpacing = [f"{float(v) + 5e-5:.6f}" for v in measures.PixelSpacing]
+            frame.PixelMeasuresSequence = [measures]
+    return [ds]
+
+
 def _rounded_per_slice(datasets: list[Dataset]) -> list[Dataset]:
     for n, ds in enumerate(datasets):
         if n % 2:
@@ -83,6 +95,9 @@ CASES: dict[str, Callable[[], list[Dataset]]] = {
     ),
     "Enhanced MR, pixel measures per frame": lambda: _enhanced(
         _series("siemens_t1_fl2d_sag_healthy"), "PixelMeasuresSequence"
+    ),
+    "Enhanced MR, pixel spacing rounded per frame": lambda: _enhanced_spacing_rounded_per_frame(
+        _series("siemens_t1_fl2d_sag_healthy")
     ),
 }
 
