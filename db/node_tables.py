@@ -25,7 +25,7 @@ from db.models import Base
 #: Job states.
 JOB_STATES: tuple[str, ...] = ("queued", "running", "done", "failed", "skipped", "review")
 #: Send states.
-SEND_STATES: tuple[str, ...] = ("pending", "done")
+SEND_STATES: tuple[str, ...] = ("pending", "done", "refused")
 
 
 class NodeInstance(Base):

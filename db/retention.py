@@ -85,8 +85,9 @@ def removable_studies(
             received = as_utc(study.last_received_at)
             if received is not None and received >= cutoff:
                 continue  # instances came after this rule's cut-off
+            pending = NodeSend.status == "pending"  # a send refused for good will not be tried again
             if latest.status == "done" and s.scalar(
-                select(func.count(NodeSend.id)).where(NodeSend.job_id == latest.id, NodeSend.status != "done")
+                select(func.count(NodeSend.id)).where(NodeSend.job_id == latest.id, pending)
             ):
                 continue  # not delivered yet
             rows = s.execute(

@@ -113,12 +113,19 @@ def mark_send_failed(
     base_seconds: float,
     max_seconds: float,
     now: datetime | None = None,
-) -> datetime:
-    """Record a failed attempt and schedule the next one with exponential backoff; returns its time."""
+    give_up: bool = False,
+) -> datetime | None:
+    """Record a failed attempt and schedule the next one with exponential backoff; returns its time.
+    ``give_up``: the destination refused the object for good; the send ends ``refused`` (never tried
+    again) and None is returned."""
     now = now or utcnow()
     with writing(sf) as s:
         send = s.get_one(NodeSend, send_id)
         send.attempts += 1
+        if give_up:
+            send.status = "refused"
+            send.last_error = error[:1000]
+            return None
         delay = min(max_seconds, base_seconds * (2 ** (send.attempts - 1)))
         send.next_attempt_at = now + timedelta(seconds=delay)
         send.last_error = error[:1000]

@@ -60,6 +60,10 @@ class NodeSettings:
     analysis_nice: int = 10
     send_retry_base_seconds: float = 5.0  # first retry delay of a failed C-STORE; doubles each attempt
     send_retry_max_seconds: float = 600.0
+    # A send the destination refused this many times for good (SOP class not supported or not
+    # accepted, data set refused) ends `refused` and is not tried again; 0: never give up. Connection
+    # failures and timeouts are retried for ever.
+    send_max_refusals: int = 10
     stale_job_seconds: float = 300.0  # a running job whose heartbeat is older is re-queued
     # At start, when the task has no active model: import and promote the shipped model (node/bootstrap.py).
     bootstrap_default_model: bool = True
@@ -388,6 +392,8 @@ def _validate(settings: Settings, where: str) -> None:
         raise ConfigError(f"{where}: node.early_quiet_seconds must be >= 0, not {quiet}")
     if not (keep := settings.node.spool_keep_hours) >= 0:  # NaN too
         raise ConfigError(f"{where}: node.spool_keep_hours must be >= 0 (0: never remove), not {keep}")
+    if settings.node.send_max_refusals < 0:
+        raise ConfigError(f"{where}: node.send_max_refusals must be >= 0 (0: never give up)")
     if not (keep := settings.node.failed_keep_hours) >= 0:
         raise ConfigError(f"{where}: node.failed_keep_hours must be >= 0 (0: never remove), not {keep}")
     for dest in settings.destinations:

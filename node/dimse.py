@@ -49,6 +49,16 @@ def describe(status: int) -> str:
     return f"0x{status:04X} ({NAMES.get(status, 'unknown status')})"
 
 
+def refused_for_good(status: int | None) -> bool:
+    """Whether a C-STORE failure status refuses the object itself, so that sending it again cannot
+    help (PS3.4 B.2.3, PS3.7 C.5): SOP class not supported (0x0122), not authorized (0x0124), data
+    set does not match SOP class (0xA9xx), cannot understand (0xCxxx). Out of resources (0xA7xx)
+    and the rest may pass on a later try."""
+    if status is None:
+        return False
+    return status in (0x0122, 0x0124) or 0xA900 <= status <= 0xA9FF or 0xC000 <= status <= 0xCFFF
+
+
 def stored(status: int | None) -> bool:
     """Whether a C-STORE response says the object was stored: Success, or a Warning status (PS3.7
     C.1.3: the operation completed with a warning; PS3.4 B.2.3 0xB000, 0xB006, 0xB007)."""

@@ -39,6 +39,9 @@ logger = logging.getLogger(__name__)
 #: Seconds a send row stays leased to the sender that took it.
 LEASE_SECONDS = 120.0
 
+#: How an object's error text begins when the destination accepted no presentation context for it.
+NOT_ACCEPTED = "not accepted by the destination"
+
 #: A destination as its send rows name it: (name, AE title, host, port).
 DestinationKey = tuple[str, str, str, int]
 
@@ -120,6 +123,12 @@ def _store_datasets(
         ae.add_requested_context(sop_class, [syntax])
     tls_args = (tls, host) if tls is not None else None
     assoc = reactor.associate(ae, host, port, called_ae, tls_args=tls_args)
+    if not assoc.is_established and assoc.rejected_contexts and not assoc.accepted_contexts:
+        # The association was accepted without one presentation context (a PACS without SEG Storage
+        # offered only the SEG): every object is refused, not the connection.
+        refused = ", ".join(sorted({str(c.abstract_syntax) for c in assoc.rejected_contexts}))
+        why = f"{NOT_ACCEPTED}: no presentation context accepted for {refused}"
+        return {n: (None, why) for n, _ in datasets}
     if not assoc.is_established:
         why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "no answer"
         raise ConnectionError(f"association to {called_ae}@{host}:{port} failed ({why})")
@@ -135,7 +144,7 @@ def _store_datasets(
             try:
                 rsp = assoc.send_c_store(ds)
             except ValueError as exc:  # pynetdicom: no accepted presentation context for its SOP Class
-                outcome[n] = (None, f"not accepted by the destination: {exc}")
+                outcome[n] = (None, f"{NOT_ACCEPTED}: {exc}")
                 continue
             except RuntimeError as exc:  # the association ended under the call
                 ended = f"the association ended ({exc})"
@@ -176,6 +185,9 @@ class Sender:
         accepts TCP but never answers holds its own delivery.
     max_parallel:
         Deliveries (one per destination) running at once; further destinations wait for a later call.
+    max_refusals:
+        Attempts after which a send the destination refuses for good (:func:`_refused`) ends
+        ``refused``; 0: never. Connection failures and timeouts never end a send.
     """
 
     def __init__(
@@ -188,6 +200,7 @@ class Sender:
         tls: ssl.SSLContext | None = None,
         timeout: float = 30.0,
         max_parallel: int = 8,
+        max_refusals: int = 10,
     ) -> None:
         self.sf = sf
         self.metrics = metrics
@@ -197,6 +210,7 @@ class Sender:
         self.tls = tls
         self.timeout = timeout
         self.max_parallel = max(1, max_parallel)
+        self.max_refusals = max_refusals
         self._lock = threading.Lock()
         self._in_flight: dict[DestinationKey, threading.Thread] = {}
         self._errors: deque[Exception] = deque()  # of background deliveries, not yet reported
@@ -334,14 +348,22 @@ class Sender:
                         send.job_id, Path(send.path).name, name, error,
                     )
             else:
-                self._failed(send, error)
+                self._failed(send, error, refused=_refused(status, error))
         return delivered
 
-    def _failed(self, send: SendInfo, error: str) -> None:
+    def _failed(self, send: SendInfo, error: str, refused: bool = False) -> None:
+        give_up = refused and self.max_refusals > 0 and send.attempts + 1 >= self.max_refusals
         when = send_queue.mark_send_failed(
-            self.sf, send.id, error, base_seconds=self.base_seconds, max_seconds=self.max_seconds
+            self.sf, send.id, error, base_seconds=self.base_seconds, max_seconds=self.max_seconds,
+            give_up=give_up,
         )
         self.metrics.send_failures.labels(send.destination).inc()
+        if when is None:
+            logger.error(
+                "job %d: %s refused by %s %d times (%s): not sent again (segnode jobs show %d)",
+                send.job_id, Path(send.path).name, send.destination, send.attempts + 1, error, send.job_id,
+            )
+            return
         logger.warning(
             "job %d: sending %s to %s failed (%s); next attempt at %s",
             send.job_id,
@@ -350,3 +372,9 @@ class Sender:
             error,
             when.isoformat(timespec="seconds"),
         )
+
+
+def _refused(status: int | None, error: str) -> bool:
+    """Whether the destination refused the object for good: a failure status about the object
+    (:func:`node.dimse.refused_for_good`) or no presentation context for its SOP class."""
+    return dimse.refused_for_good(status) or error.startswith(NOT_ACCEPTED)

@@ -103,6 +103,7 @@ class NodeService:
             node.send_retry_base_seconds,
             node.send_retry_max_seconds,
             tls=client_tls_context(settings.tls),
+            max_refusals=node.send_max_refusals,
         )
         self.context = JobContext(
             sf=self.sf,

@@ -43,6 +43,7 @@ def test_file_and_env_override(tmp_path: Path, segnode_home: Path) -> None:
         ("[registration]\nparallel = 0\n", "registration.parallel must be at least 1"),
         ("[node]\nspool_keep_hours = -1\n", "node.spool_keep_hours must be >= 0"),
         ("[node]\nfailed_keep_hours = nan\n", "node.failed_keep_hours must be >= 0"),
+        ("[node]\nsend_max_refusals = -1\n", "node.send_max_refusals must be >= 0"),
         ("[inference]\nmirror = 'ud'\n", "inference.mirror 'ud' is not one of 'none', 'lr', 'lr+ap'"),
     ],
 )

@@ -15,9 +15,10 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from db import instances, job_queue
+from db import instances, job_queue, send_queue
 from db.send_queue import SendInfo
 from db.transactions import SessionFactory, utcnow
+from node import dimse
 from node.metrics import NodeMetrics
 from node.sender import Sender
 from tests.helpers.node import CatchingSCP
@@ -87,8 +88,13 @@ def _pacs(started: list[CatchingSCP], **options: object) -> CatchingSCP:
     return scp
 
 
-def _sender(sf: SessionFactory, timeout: float = 10.0) -> Sender:
-    return Sender(sf, NodeMetrics(), "SEGNODE", base_seconds=60.0, max_seconds=60.0, timeout=timeout)
+def _sender(
+    sf: SessionFactory, timeout: float = 10.0, backoff: float = 60.0, max_refusals: int = 10
+) -> Sender:
+    return Sender(
+        sf, NodeMetrics(), "SEGNODE", base_seconds=backoff, max_seconds=backoff, timeout=timeout,
+        max_refusals=max_refusals,
+    )
 
 
 def test_a_warning_status_is_a_delivery(
@@ -143,3 +149,34 @@ def test_a_pacs_that_stops_answering_leaves_each_send_marked_with_why(
     assert sends["sr.dcm"].last_error.startswith("not sent:")
     # Backed off (60 s here), not left on the 120 s lease to be resent without a trace.
     assert all(s.next_attempt_at >= started + timedelta(seconds=55) for s in sends.values())
+
+
+def test_a_send_refused_for_good_ends_refused_and_a_down_pacs_is_tried_for_ever(
+    sf: SessionFactory, tmp_path: Path, pacs_factory: list[CatchingSCP], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A PACS without SEG Storage: the first association carries both objects (the SR goes, the SEG is
+    not accepted), the next offers the SEG alone and is accepted without a presentation context. After
+    ``max_refusals`` such refusals the SEG send ends ``refused``, is not tried again, and no longer
+    holds the study in the spool; a destination that does not answer at all is retried for ever."""
+    pacs = _pacs(pacs_factory, sop_classes={COMPREHENSIVE_SR})
+    job = _done_job(sf, tmp_path, 1, pacs)
+    sender = _sender(sf, backoff=0.0, max_refusals=2)
+    with caplog.at_level(logging.ERROR, logger="node.sender"):
+        assert sender.run_once() == 1  # the SR
+        assert sender.run_once() == 0  # the SEG alone: no presentation context accepted
+    seg = _sends(sf, job)["seg.dcm"]
+    assert (seg.status, seg.attempts) == ("refused", 2) and seg.last_error.startswith("not accepted")
+    assert "seg.dcm refused by pacs 2 times" in caplog.text
+    assert sender.run_once() == 0 and [ds.Modality for ds in pacs.received] == ["SR"]
+    assert send_queue.pending_send_count(sf) == 0
+
+    down = SimpleNamespace(ae_title="DOWN", port=free_port())  # nobody listens there
+    other = _done_job(sf, tmp_path, 2, down)  # type: ignore[arg-type]
+    for _ in range(3):
+        _sender(sf, backoff=0.0, max_refusals=1).run_once()
+    assert {(s.status, s.attempts) for s in _sends(sf, other).values()} == {("pending", 3)}
+
+
+def test_which_statuses_refuse_an_object_for_good() -> None:
+    assert all(dimse.refused_for_good(s) for s in (0x0122, 0x0124, 0xA900, 0xA9FF, 0xC000, 0xCFFF))
+    assert not any(dimse.refused_for_good(s) for s in (None, 0x0000, 0xB000, 0xA700, 0xA7FF, 0x0110, 0xFE00))
