@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from db.registry import Registry, open_registry
+from db.registry import ModelInfo, Registry, open_registry
 from node.bootstrap import bootstrap_default_model
 from node.runtime import ModelRuntime
 from tests.helpers.node import install_model, make_threshold_model
@@ -38,13 +38,20 @@ def registry(tmp_path: Path) -> Registry:
     return open_registry(f"sqlite:///{tmp_path / 'var' / 'segnode.db'}")
 
 
-def test_an_image_upgrade_promotes_the_newly_shipped_version(
-    tmp_path: Path, registry: Registry, caplog: pytest.LogCaptureFixture
-) -> None:
+def _first_image(tmp_path: Path, registry: Registry) -> tuple[Path, ModelInfo]:
+    """The image's shipped folder with 1.0.0, bootstrapped on a fresh model table."""
     shipped = tmp_path / "image" / "models" / "default"
     _ship(shipped, "1.0.0", 1.5)
     first = bootstrap_default_model(registry, TASK, shipped)
-    assert first is not None and _serving(registry) == "1.0.0"
+    assert first is not None
+    return shipped, first
+
+
+def test_an_image_upgrade_promotes_the_newly_shipped_version(
+    tmp_path: Path, registry: Registry, caplog: pytest.LogCaptureFixture
+) -> None:
+    shipped, first = _first_image(tmp_path, registry)
+    assert _serving(registry) == "1.0.0"
     assert bootstrap_default_model(registry, TASK, shipped) is None  # the same image again: nothing
 
     _ship(shipped, "1.1.0", 2.5)  # a new image
@@ -57,9 +64,7 @@ def test_an_image_upgrade_promotes_the_newly_shipped_version(
 
 
 def test_an_administrators_own_model_is_never_replaced(tmp_path: Path, registry: Registry) -> None:
-    shipped = tmp_path / "image" / "models" / "default"
-    _ship(shipped, "1.0.0", 1.5)
-    bootstrap_default_model(registry, TASK, shipped)
+    shipped, _ = _first_image(tmp_path, registry)
     own = install_model(registry, make_threshold_model(tmp_path / "site-model", version="7.0.0"))
     _ship(shipped, "1.1.0", 2.5)
     assert bootstrap_default_model(registry, TASK, shipped) is None
@@ -69,10 +74,7 @@ def test_an_administrators_own_model_is_never_replaced(tmp_path: Path, registry:
 def test_replaced_files_of_the_same_version_are_reported_not_promoted(
     tmp_path: Path, registry: Registry, caplog: pytest.LogCaptureFixture
 ) -> None:
-    shipped = tmp_path / "image" / "models" / "default"
-    _ship(shipped, "1.0.0", 1.5)
-    first = bootstrap_default_model(registry, TASK, shipped)
-    assert first is not None
+    shipped, first = _first_image(tmp_path, registry)
     _ship(shipped, "1.0.0", 2.5)  # other files under the same version: nothing to promote
     with caplog.at_level(logging.ERROR, logger="node.bootstrap"):
         assert bootstrap_default_model(registry, TASK, shipped) is None
