@@ -98,12 +98,31 @@ def store_files(
     datasets: list[tuple[int, Dataset]] = []
     for n, path in enumerate(paths):
         try:
-            datasets.append((n, pydicom.dcmread(path)))
+            datasets.append((n, _readable(path)))
         except (OSError, InvalidDicomError) as exc:
             outcome[n] = (None, f"cannot read the file: {exc}")
     if datasets:
         outcome.update(_store_datasets(datasets, host, port, called_ae, calling_ae, timeout, tls))
     return [(Path(path), *outcome[n]) for n, path in enumerate(paths)]
+
+
+def _readable(path: str | Path) -> Dataset:
+    """The output file at ``path``, with the UIDs its C-STORE needs.
+
+    pydicom reads a file cut short (a damaged disk, a copy interrupted outside the node) without
+    complaint as far as it goes; without its SOP Class, SOP Instance or Transfer Syntax UID it is
+    unreadable here rather than an AttributeError that would fail every other output of the batch.
+    """
+    ds = pydicom.dcmread(path)
+    meta = getattr(ds, "file_meta", None)
+    missing = [
+        keyword for keyword, holder in (
+            ("SOPClassUID", ds), ("SOPInstanceUID", ds), ("TransferSyntaxUID", meta)
+        ) if holder is None or not str(getattr(holder, keyword, "") or "")
+    ]  # fmt: skip
+    if missing:
+        raise InvalidDicomError(f"no {', '.join(missing)}")
+    return ds
 
 
 def _store_datasets(

@@ -122,12 +122,17 @@ def test_a_pacs_without_seg_storage_still_gets_the_sr(
     assert "not accepted by the destination" in sends["seg.dcm"].last_error
 
 
+@pytest.mark.parametrize("damage", ["missing", "cut short"])
 def test_an_unreadable_output_holds_back_only_itself(
-    sf: SessionFactory, tmp_path: Path, pacs_factory: list[CatchingSCP]
+    sf: SessionFactory, tmp_path: Path, pacs_factory: list[CatchingSCP], damage: str
 ) -> None:
     pacs = _pacs(pacs_factory)
     first, second = _done_job(sf, tmp_path, 1, pacs), _done_job(sf, tmp_path, 2, pacs)
-    (tmp_path / "job1" / "seg.dcm").unlink()
+    seg = tmp_path / "job1" / "seg.dcm"
+    if damage == "missing":
+        seg.unlink()
+    else:  # pydicom reads the file meta and stops: no SOP Class UID
+        seg.write_bytes(seg.read_bytes()[:200])
     assert _sender(sf).run_once() == 3
     assert _sends(sf, first)["seg.dcm"].status == "pending"
     assert "cannot read the file" in _sends(sf, first)["seg.dcm"].last_error
