@@ -32,6 +32,7 @@ from pydicom.sequence import Sequence as DicomSequence
 
 from converters.dicom_series import ORIENTATION_TOLERANCE
 from node.exceptions import JobError
+from node.source_attributes import own_copy
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ def seg_sources(sources: Sequence[Dataset], *, what: str = "SEG") -> list[Datase
         The images' orientations differ by more than the loader's tolerance, or a multi-frame
         image's frames disagree on a functional group that must be shared.
     """
-    copies = [_own_copy(ds) for ds in sources]
+    copies = [own_copy(ds) for ds in sources]
     single = [ds for ds in copies if "PerFrameFunctionalGroupsSequence" not in ds]
     if single:
         _share_orientation(single, what)
@@ -57,13 +58,6 @@ def seg_sources(sources: Sequence[Dataset], *, what: str = "SEG") -> list[Datase
         if "PerFrameFunctionalGroupsSequence" in ds:
             _share_frame_groups(ds, what)
     return copies
-
-
-def _own_copy(ds: Dataset) -> Dataset:
-    """A shallow copy with its own element dictionary: setting an attribute leaves ``ds`` alone."""
-    clean = copy.copy(ds)
-    clean._dict = {tag: ds.get_item(tag) for tag in ds.keys()}  # noqa: SIM118 - iterating yields elements
-    return clean
 
 
 def _cosines(ds: Dataset) -> np.ndarray | None:

@@ -345,10 +345,18 @@ def _encodes(character: str, encoding: str) -> bool:
     return True
 
 
-def _with(ds: Dataset, replacements: dict[str, DataElement | None]) -> Dataset:
+def own_copy(ds: Dataset) -> Dataset:
+    """A shallow copy with its own element dictionary: setting an attribute leaves ``ds`` alone.
+
+    ``copy.copy`` alone shares the element dictionary; ``deepcopy`` would copy the pixel data.
+    """
     clean = copy.copy(ds)
-    # copy.copy shares the element dict: give the copy its own, so the source keeps its values.
     clean._dict = {tag: ds.get_item(tag) for tag in ds.keys()}  # noqa: SIM118 - iterating yields elements
+    return clean
+
+
+def _with(ds: Dataset, replacements: dict[str, DataElement | None]) -> Dataset:
+    clean = own_copy(ds)
     if "SpecificCharacterSet" in replacements:
         # Text not yet decoded would be decoded with the new set: decode it with the source's first.
         for tag in list(clean._dict):
