@@ -110,8 +110,11 @@ class SelectionSettings:
         r"|\bvor\b|\bohne\b|\bsenza\b|\bsans\b|\bsin\b"
     )
     t2_pattern: str = r"\bt2(?!\*)|\btse\b|\bfse\b"
+    # A double inversion recovery (DIR: white matter nulled as well as fluid) has a FLAIR's long TI and
+    # TE, and is no FLAIR; its TIs are not told apart in the header, so its name says it.
     exclude_pattern: str = (
         r"localizer|scout|survey|calibration|\bdwi\b|\badc\b|perfusion|\bswi|\bswan\b|susceptib|\bt2\*"
+        r"|\bdir\b|double.?(ir|inv)"
     )
     flair_min_ti_ms: float = 1500.0
     flair_min_te_ms: float = 80.0

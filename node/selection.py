@@ -10,11 +10,12 @@ ProtocolName second, and a description never overrides an attribute that contrad
 * T1GD: a T1-weighted series given contrast by its Contrast/Bolus module (PS3.3 C.7.6.4:
   ContrastBolusAgent (0018,0010), ...Route, ...Volume, ...StartTime, ...TotalDose,
   ...Ingredient; in an Enhanced MR image ContrastBolusAgentAdministered (0018,9361) YES in the
-  Contrast/Bolus Usage functional group, PS3.3 C.8.13.4). Only when *no* T1-weighted series of the
-  study carries any of these attributes do hints decide, in this order: a description that says
-  post-contrast (and not pre-contrast), then, with two or more T1-weighted candidates, the one
-  acquired last (AcquisitionDateTime, else AcquisitionTime, else SeriesTime): contrast is given after
-  the native T1, never before.
+  Contrast/Bolus Usage functional group, PS3.3 C.8.13.4); numeric ones of 0 and agent texts such as
+  NONE, "no contrast", "nativ" or "ohne KM" say none was given. A series without any of them: a
+  description that says post-contrast (and not pre-contrast); else acquired after a series given
+  contrast by either (AcquisitionDateTime, else AcquisitionTime, else SeriesTime): contrast stays
+  for the rest of the examination. Nothing else makes a T1GD: acquisition order alone does not (two
+  T1 series without contrast are common), so a study without evidence of contrast has no T1GD.
 * T1: T1-weighted (short TE, and short TR or an IR with short TI) and not T1GD. A gradient echo
   (GR and no SE in ScanningSequence; EchoPulseSequence (0018,9008) GRADIENT in an Enhanced MR image)
   with TE >= ``t2star_min_te_ms`` is T2*-weighted (a T2* GRE, an SWI magnitude): its short TR would
@@ -196,8 +197,13 @@ CONTRAST_KEYWORDS = (
     "ContrastBolusIngredientConcentration",
 )
 
-#: Agent texts that say no contrast was given.
-NO_AGENT = re.compile(r"^(none|no|nil|n/?a|0|-)$", re.IGNORECASE)
+#: Agent texts that say no contrast was given: NONE, NO, N/A, 0, "-", and texts that begin with a
+#: negation ("no contrast", "none given", "not administered", "without", German "nativ", "kein KM",
+#: "ohne", French "sans", Spanish "sin"). No contrast agent's name begins with one of these words.
+NO_AGENT = re.compile(
+    r"^(nil|n/?a|-+|0+(\.0*)?|(no|none|not|without|nativ|native|kein|keine|ohne|sans|sin)\b.*)$",
+    re.IGNORECASE,
+)
 
 
 def _contrast(ds: Dataset) -> tuple[bool | None, str]:
@@ -208,11 +214,17 @@ def _contrast(ds: Dataset) -> tuple[bool | None, str]:
         return False, ""
     if administered == "YES":
         return True, agent or "administered"
+    said_none = False
     for keyword in CONTRAST_KEYWORDS:
         value = _deep_get(ds, keyword)
-        if value not in (None, "") and not (isinstance(value, str) and NO_AGENT.match(value.strip())):
-            return True, agent or keyword
-    return None, ""
+        if value is None or value == "":
+            continue
+        # A volume or dose of 0 (a DS value, read as a number) says none was given, as NONE does.
+        if NO_AGENT.match(str(value).strip()) or (keyword != "ContrastBolusAgent" and _float(value) == 0):
+            said_none = True
+            continue
+        return True, agent or keyword
+    return (False, "") if said_none else (None, "")
 
 
 def _seconds(date: Any, time_: Any, study_date: Any) -> float | None:
@@ -509,45 +521,49 @@ class SeriesSelector:
     def t1_roles(self, series: Sequence[SeriesInfo]) -> dict[str, tuple[str, str]]:
         """SeriesInstanceUID -> (``"T1"`` or ``"T1GD"``, basis) for the T1-weighted series of a study.
 
-        The Contrast/Bolus attributes decide when any T1-weighted series of the study has one
-        (a series without them is then the native T1); else the descriptions; else, with two or more
-        candidates, the one acquired last is T1GD (a tie-breaker hint, recorded as such).
+        Each series' own evidence first: its Contrast/Bolus attributes, else a description that says
+        post- or pre-contrast. A series with neither is post-contrast when it was acquired after a
+        series that has evidence of contrast (contrast stays for the rest of the examination), and
+        native otherwise. Acquisition time alone never makes a T1GD: in a study without any evidence
+        of contrast no series is T1GD, and a model that needs one is not run.
         """
         t1w = [
             s for s in series
             if not self._re["exclude"].search(s.text) and not s.serves_no_role
             and not self.is_flair(s) and self._t1_weighted(s)
         ]  # fmt: skip
+        own = {s.series_instance_uid: self._own_t1_evidence(s) for s in t1w}
+        given = [
+            s.acquired for s in t1w
+            if s.acquired is not None and (evidence := own[s.series_instance_uid]) and evidence[0] == "T1GD"
+        ]  # fmt: skip
+        first_given = min(given, default=None)
         roles: dict[str, tuple[str, str]] = {}
-        if any(s.contrast is not None for s in t1w):
-            for s in t1w:
-                roles[s.series_instance_uid] = (
-                    ("T1GD", "contrast/bolus attributes")
-                    if s.contrast
-                    else ("T1", "no contrast given (attributes)")
-                )
-            return roles
-        if any(self.described_post_contrast(s) for s in t1w):
-            for s in t1w:
-                post = self.described_post_contrast(s)
-                roles[s.series_instance_uid] = (
-                    "T1GD" if post else "T1",
-                    "description (no contrast attributes)",
-                )
-            return roles
-        timed = [s for s in t1w if s.acquired is not None]
-        last = max(timed, key=lambda s: s.acquired or 0.0) if len(t1w) >= 2 and timed else None
-        if last is not None and sum(1 for s in timed if s.acquired == last.acquired) > 1:
-            last = None  # acquired together: time says nothing
         for s in t1w:
-            if s is last:
+            evidence = own[s.series_instance_uid]
+            if evidence is not None:
+                roles[s.series_instance_uid] = evidence
+            elif first_given is not None and s.acquired is not None and s.acquired > first_given:
                 roles[s.series_instance_uid] = (
                     "T1GD",
-                    "acquired last of the T1 series (no contrast attributes)",
+                    "acquired after a series given contrast (no contrast attributes or description)",
                 )
             else:
                 roles[s.series_instance_uid] = ("T1", "no contrast attributes or description")
         return roles
+
+    def _own_t1_evidence(self, s: SeriesInfo) -> tuple[str, str] | None:
+        """What a T1-weighted series says of itself: its Contrast/Bolus attributes, else its
+        description (post- or pre-contrast), else None."""
+        if s.contrast is not None:
+            return ("T1GD", "contrast/bolus attributes") if s.contrast else (
+                "T1", "no contrast given (attributes)"
+            )
+        if self.described_post_contrast(s):
+            return "T1GD", "description (no contrast attributes)"
+        if self._re["T1PRE"].search(s.text):
+            return "T1", "description (no contrast attributes)"
+        return None
 
     def is_t2(self, s: SeriesInfo) -> bool:
         """Long TE, not inversion recovery, not echo-planar, not a gradient echo, or described as T2 without
@@ -595,10 +611,10 @@ class SeriesSelector:
             if not candidates:
                 out.missing.append(modality)
                 continue
-            best_first = ranked(candidates)
+            best_first = ranked(candidates, earliest=modality == "T1")
             best, *others = best_first
             if others:
-                out.preferred[modality] = preference(best_first)
+                out.preferred[modality] = preference(best_first, earliest=modality == "T1")
             out.chosen[modality] = best
             out.alternatives[modality] = others
             taken.add(best.series_instance_uid)
@@ -666,34 +682,39 @@ PREFERENCE_REASONS = (
 )
 
 
-def ranked(candidates: Sequence[SeriesInfo]) -> list[SeriesInfo]:
+def ranked(candidates: Sequence[SeriesInfo], earliest: bool = False) -> list[SeriesInfo]:
     """Candidates of one role, best first: ORIGINAL over DERIVED; then one that covers about as much as
     the farthest-reaching candidate (:data:`COVERAGE_SHARE`) over a slab; then the finer slices (pitches
     up to :data:`FINE_SLICE_MM` alike); then axial; then most slices; then one not given contrast (a
     FLAIR before and one after contrast: the native one, as BraTS has it); then the one acquired last (a
     series repeated with the same coverage is repeated because the first one was spoiled, by motion
-    most often).
+    most often). ``earliest`` (the native T1 role): the one acquired first instead, since a T1 series
+    without evidence of contrast acquired later may have been given contrast unrecorded.
 
     Finer slices before axial: a 3D FLAIR of 1 mm beside a 2D axial one of 5 mm (a common glioma
     protocol) gave the better whole tumour, scored on the truth's 1 mm grid (8 BraTS training cases
     re-acquired both ways, through the node: mean Dice 0.914 against 0.899, better on every case).
     """
-    return sorted(candidates, key=_rank_key(candidates), reverse=True)
+    return sorted(candidates, key=_rank_key(candidates, earliest), reverse=True)
 
 
-def preference(order: Sequence[SeriesInfo]) -> str:
+def preference(order: Sequence[SeriesInfo], earliest: bool = False) -> str:
     """Why the first of ``order`` (a role's candidates as :func:`ranked` returns them) comes before the
     second ("over series ...: finer slices"), or "" when there is no second."""
     if len(order) < 2:
         return ""
     first, second = order[:2]
-    key = _rank_key(order)
+    key = _rank_key(order, earliest)
     deciding = next((n for n, (a, b) in enumerate(zip(key(first), key(second), strict=True)) if a != b), None)
     reason = "ranked equal, listed first" if deciding is None else PREFERENCE_REASONS[deciding]
+    if earliest and reason == PREFERENCE_REASONS[-1]:
+        reason = "acquired earlier"
     return f"over {second.label}: {reason}"
 
 
-def _rank_key(candidates: Sequence[SeriesInfo]) -> Callable[[SeriesInfo], tuple[Any, ...]]:
+def _rank_key(
+    candidates: Sequence[SeriesInfo], earliest: bool = False
+) -> Callable[[SeriesInfo], tuple[Any, ...]]:
     """The sort key of :func:`ranked` for one role's ``candidates`` (coverage is relative to them)."""
     widest = max((e for e in (s.extent_mm for s in candidates) if e is not None), default=None)
 
@@ -702,6 +723,8 @@ def _rank_key(candidates: Sequence[SeriesInfo]) -> Callable[[SeriesInfo], tuple[
         covers = widest is None or extent is None or extent >= COVERAGE_SHARE * widest
         pitch = -round(max(s.slice_mm, FINE_SLICE_MM), 1) if s.slice_mm is not None else float("-inf")
         acquired = s.acquired if s.acquired is not None else float("-inf")
+        if earliest:
+            acquired = -s.acquired if s.acquired is not None else float("-inf")
         return (s.original, covers, pitch, s.axial, s.slices, s.contrast is not True, acquired)
 
     return key

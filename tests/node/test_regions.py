@@ -77,30 +77,61 @@ def _roles(*datasets: Dataset) -> dict[str, str]:
 
 
 def test_pre_and_post_contrast_t1_by_contrast_attributes_whatever_the_descriptions() -> None:
-    # The post-contrast series is described "T1 pre" and acquired first: the Contrast/Bolus module wins.
-    post = _t1("1.2.2", "AX T1 pre", "091000", ContrastBolusAgent="Gadobutrol", ContrastBolusRoute="IV")
-    pre = _t1("1.2.1", "AX T1 post gd", "093000")
+    # The post-contrast series is described "T1 pre": its own Contrast/Bolus module wins.
+    post = _t1("1.2.2", "AX T1 pre", "093000", ContrastBolusAgent="Gadobutrol", ContrastBolusRoute="IV")
+    pre = _t1("1.2.1", "AX T1", "091000")
     assert _roles(pre, post) == {"T1": "1.2.1", "T1GD": "1.2.2"}
     # Only a route and a volume recorded (no agent text) still says contrast was given.
     post = _t1("1.2.2", "AX T1", ContrastBolusRoute="IV", ContrastBolusVolume="7.5")
     assert _roles(_t1("1.2.1", "AX T1"), post) == {"T1": "1.2.1", "T1GD": "1.2.2"}
-    # An agent of "NONE" says none was given.
-    none = _t1("1.2.3", "AX T1 +C", ContrastBolusAgent="NONE")
-    assert SeriesSelector().assign([series_info(none, [], 30)], ["T1", "T1GD"]).missing == ["T1GD"]
+    # Agent texts and numbers that say none was given, as sites enter them.
+    for attrs in (
+        {"ContrastBolusAgent": "NONE"},
+        {"ContrastBolusAgent": "No contrast"},
+        {"ContrastBolusAgent": "none given"},
+        {"ContrastBolusAgent": "Nativ"},
+        {"ContrastBolusAgent": "kein KM"},
+        {"ContrastBolusVolume": "0"},
+        {"ContrastBolusTotalDose": "0.0", "ContrastBolusRoute": "-"},
+    ):
+        native = _t1("1.2.3", "AX T1 +C", **attrs)
+        missing = SeriesSelector().assign([series_info(native, [], 30)], ["T1", "T1GD"]).missing
+        assert missing == ["T1GD"], attrs
 
 
-def test_pre_and_post_contrast_t1_by_description_then_acquisition_time() -> None:
+def test_a_t1_without_attributes_acquired_after_contrast_is_post_contrast() -> None:
+    """Contrast stays for the rest of the examination: a T1 series without Contrast/Bolus attributes
+    of its own, acquired after one that has them, is post-contrast; one acquired before is native."""
+    pre = _t1("1.2.1", "t1 se tra", "090000")
+    post_axial = _t1("1.2.2", "t1 se tra", "091500", ContrastBolusAgent="Gadobutrol")
+    post_sagittal = _t1("1.2.3", "t1 se sag", "092000")
+    post_3d = _t1("1.2.4", "t1 mprage sag", "092500", SliceThickness=1)
+    series = [
+        series_info(d, [], 30 if d is not post_3d else 176) for d in (post_3d, post_sagittal, post_axial, pre)
+    ]
+    assignment = SeriesSelector().assign(series, ["T1", "T1GD"])
+    assert assignment.chosen["T1"].series_instance_uid == "1.2.1"
+    assert assignment.chosen["T1GD"].series_instance_uid == "1.2.4"  # the finest post-contrast one
+    assert "acquired after a series given contrast" in assignment.basis["T1GD"]
+    # The same when only a description says which one was given contrast.
+    post = _t1("1.2.2", "t1 se tra KM", "091500")
+    assert _roles(_t1("1.2.3", "t1 se cor", "092000"), post, pre)["T1"] == "1.2.1"
+
+
+def test_pre_and_post_contrast_t1_by_description_never_by_acquisition_time_alone() -> None:
     # No contrast attribute anywhere: the descriptions; "pre contrast" is never post-contrast.
     pre = _t1("1.2.1", "T1 SE pre contrast", "093000")
     post = _t1("1.2.2", "T1 SE post contrast", "091000")
     assert _roles(pre, post) == {"T1": "1.2.1", "T1GD": "1.2.2"}
-    # Nothing but acquisition times: the later one is the post-contrast one (a tie-breaker hint).
+    # Nothing but acquisition times: two T1 series without contrast are common (a sagittal SE and a 3D
+    # gradient echo), so the later one is no T1GD.
     first, later = _t1("1.2.1", "T1 SE", "091500"), _t1("1.2.2", "T1 SE", "094500.5")
-    assert _roles(later, first) == {"T1": "1.2.1", "T1GD": "1.2.2"}
-    assignment = SeriesSelector().assign([series_info(d, [], 30) for d in (first, later)], ["T1", "T1GD"])
-    assert "acquired last" in assignment.basis["T1GD"]
-    # Descriptions as sites write them, underscores for spaces and in other languages; the
-    # post-contrast series acquired first, so only its description can tell.
+    assignment = SeriesSelector().assign([series_info(d, [], 30) for d in (later, first)], ["T1", "T1GD"])
+    assert assignment.missing == ["T1GD"]
+    # And the native T1 is the one acquired first: a later one may have been given contrast unrecorded.
+    assert assignment.chosen["T1"].series_instance_uid == "1.2.1"
+    assert assignment.reasons()["T1"].endswith("acquired earlier")
+    # Descriptions as sites write them, underscores for spaces and in other languages.
     for native, contrast in (
         ("t1_se_tra_nativ", "t1_se_tra_KM"),  # German: Kontrastmittel
         ("T1 SE vor KM", "T1 SE nach KM"),
@@ -109,13 +140,8 @@ def test_pre_and_post_contrast_t1_by_description_then_acquisition_time() -> None
         ("T1 SE sin contraste", "T1 SE con contraste"),
         ("T1_SE_pre", "T1_SE_Kontrast"),
     ):
-        pair = _t1("1.2.2", contrast, "091000"), _t1("1.2.1", native, "093000")
+        pair = _t1("1.2.2", contrast, "093000"), _t1("1.2.1", native, "091000")
         assert _roles(*pair) == {"T1": "1.2.1", "T1GD": "1.2.2"}, (native, contrast)
-    # The same time (or none) says nothing: no T1GD.
-    same = _t1("1.2.3", "T1 SE", "091500")
-    assert SeriesSelector().assign(
-        [series_info(d, [], 30) for d in (first, same)], ["T1", "T1GD"]
-    ).missing == ["T1GD"]
 
 
 def test_derived_maps_serve_no_role() -> None:

@@ -284,6 +284,16 @@ FLAIR = {"ScanningSequence": "SE\\IR", "RepetitionTime": 9000, "EchoTime": 120, 
 MPRAGE = {"ScanningSequence": "GR\\IR", "RepetitionTime": 2300, "EchoTime": 2.9, "InversionTime": 900}
 
 
+def test_a_double_inversion_recovery_is_no_flair() -> None:
+    """A 3D DIR (white matter nulled as well as fluid) has a FLAIR's long TI and TE and covers more
+    than a 2D axial FLAIR: only its name tells it apart."""
+    flair = _series("t2_tirm_tra_dark-fluid", slices=28, SliceThickness=5, **FLAIR)
+    for name in ("t2_spc_dir_sag_p2_iso", "3D DIR", "Double IR sag", "double_inversion_recovery"):
+        dir_ = _series(name, iop=[0, 1, 0, 0, 0, -1], slices=176, SliceThickness=1, **FLAIR)
+        assert SeriesSelector().select([dir_, flair], ["FLAIR"])["FLAIR"] is flair, name
+    assert SeriesSelector().matches("FLAIR", _series("t2_flair_dirty_sag", **FLAIR))  # not a word "dir"
+
+
 @pytest.mark.filterwarnings("ignore:The value length")  # the vendor series has an over-long SH
 def test_real_ge_mprage_is_never_flair() -> None:
     folder = require_shared("dicom", "ge_t1_mprage_healthy")
@@ -448,11 +458,11 @@ def test_susceptibility_weighted_series_are_never_t1_or_t2() -> None:
         assert sorted(missing) == ["T1", "T1GD", "T2"], series.label
     assert [s.special for s in t2star[1:4]] == ["susceptibility-weighted"] * 3
     # Beside them the real T1s keep their roles: a sagittal MP-RAGE (fewer axial slices than the SWI)
-    # as the native T1, and an axial T1 SE acquired after it as the post-contrast one, the T2* series
-    # acquired later still (an SWI after contrast, as many protocols have it).
+    # as the native T1, and an axial T1 SE described +C acquired after it as the post-contrast one, the
+    # T2* series acquired later still (an SWI after contrast, as many protocols have it).
     mprage = _series("t1_mprage_sag", iop=[0, 1, 0, 0, 0, -1], slices=176, AcquisitionTime="090000",
                      StudyDate="20261202", **MPRAGE)  # fmt: skip
-    post = _series("AX T1 SE", slices=24, AcquisitionTime="093000", StudyDate="20261202", **T1)
+    post = _series("AX T1 SE +C", slices=24, AcquisitionTime="093000", StudyDate="20261202", **T1)
     later = [dataclasses.replace(s, acquired=(post.acquired or 0) + 600.0 + n) for n, s in enumerate(t2star)]
     chosen = selector.select([*later, mprage, post], ["T1", "T1GD"])
     assert chosen == {"T1": mprage, "T1GD": post}
