@@ -5,8 +5,9 @@ and a shape. :func:`resample_to_grid` fills a target grid from a source grid thr
 affine of each, rotations and obliquity included (not by axis permutation): each target voxel
 centre is mapped into the source's voxel coordinates and interpolated there with
 ``scipy.ndimage.affine_transform`` (linear for images, nearest neighbour for label maps), zero
-outside the source. When the two grids differ only by a whole-voxel shift the values are copied
-exactly, so a volume already on the target grid goes through untouched.
+outside the source; a voxel covers half a voxel either side of its centre, so the edge value holds
+up to half a voxel past the outermost voxel centres. When the two grids differ only by a whole-voxel
+shift the values are copied exactly, so a volume already on the target grid goes through untouched.
 
 :func:`grid_shift` tells whether two grids are such shifted copies of each other.
 """
@@ -143,7 +144,8 @@ def resample_to_grid(
         source = source.view(np.uint8)
     elif order == 1:
         source = source.astype(np.float32, copy=False)
-    return np.asarray(
+    within = _within_source(matrix, source.shape, shape)
+    out = np.asarray(
         ndimage.affine_transform(
             source,
             matrix[:3, :3],
@@ -151,11 +153,48 @@ def resample_to_grid(
             output_shape=shape,
             output=out_dtype,
             order=order,
-            mode="constant",
+            # Within half a voxel of the outermost voxel centres the edge value holds (see
+            # _within_source); "constant" would give cval just past the centres.
+            mode="constant" if within is None else "nearest",
             cval=cval,
             prefilter=False,
         )
     )
+    if within is not None:
+        out[~within] = cval
+    return out
+
+
+def _within_source(
+    matrix: npt.NDArray[np.float64], source_shape: tuple[int, ...], target_shape: tuple[int, int, int]
+) -> npt.NDArray[np.bool_] | None:
+    """Which target voxels lie on the source: within half a voxel of its outermost voxel centres.
+
+    A voxel covers half a voxel either side of its centre; a 5.5 mm slice covers 2.75 mm past it.
+    scipy's "constant" mode ends the source at the outermost centres instead, so the model's plane
+    just past a series' last slice read zero (image and brain mask), and tumour on that slice was
+    lost when the prediction went back. None when every target voxel maps inside the outermost
+    centres (no edge to treat; the common case of a window inside a whole head).
+    """
+    rotation, offset = matrix[:3, :3], matrix[:3, 3]
+    upper = np.asarray(source_shape[:3], dtype=np.float64) - 1.0
+    corners = np.array(
+        [[i, j, k] for i in (0, target_shape[0] - 1) for j in (0, target_shape[1] - 1)
+         for k in (0, target_shape[2] - 1)], dtype=np.float64,
+    )  # fmt: skip
+    mapped = corners @ rotation.T + offset
+    if np.all(mapped >= -1e-9) and np.all(mapped <= upper + 1e-9):
+        return None  # the target's box maps inside the source's centres: so does every voxel
+    within = np.ones(target_shape, dtype=bool)
+    j = np.arange(target_shape[1], dtype=np.float64)[:, None]
+    k = np.arange(target_shape[2], dtype=np.float64)[None, :]
+    for axis in range(3):
+        plane = rotation[axis, 1] * j + rotation[axis, 2] * k + offset[axis]  # (ny, nz) at i = 0
+        low, high = -0.5 - 1e-6, upper[axis] + 0.5 + 1e-6
+        for i in range(target_shape[0]):
+            coordinate = plane + rotation[axis, 0] * i
+            within[i] &= (coordinate >= low) & (coordinate <= high)
+    return within
 
 
 def reduction_factors(

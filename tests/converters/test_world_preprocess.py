@@ -66,6 +66,36 @@ def test_grid_shift_is_exact_only_for_whole_voxel_shifts() -> None:
     np.testing.assert_array_equal(resample_to_grid(array, base, base, (2, 3, 4)), array)
 
 
+@pytest.mark.parametrize(("thickness", "slices"), [(5.5, 20), (3.3, 30), (5.0, 20)])
+def test_tumour_on_the_last_slice_of_a_series_that_ends_in_the_brain_comes_back(
+    thickness: float, slices: int
+) -> None:
+    """A voxel covers half a voxel past its centre: a series whose last slice cuts through the brain
+    and the tumour has both on the model's plane just past that slice, so the prediction put back on
+    the last slice keeps its tumour (it came back empty when (slices - 1) x thickness was half a
+    model voxel or more past a whole one)."""
+    shape = (120, 120, slices)
+    affine = _affine(np.eye(3), (1.5, 1.5, thickness), (-90.0, -90.0, 0.0))
+    top = world_points(affine, np.array([[60, 60, slices - 1]]))[0]
+    centre = top + np.array([10.0, 10.0, -3.0])
+    head = _blob(shape, affine, top - np.array([0.0, 0.0, 30.0]), 70.0)  # it goes on past the last slice
+    tumour = _blob(shape, affine, centre, 12.0)
+    image = np.where(head, 300 + 300 * tumour, 0).astype(np.float32)
+    prep = prepare_volume({"FLAIR": image}, affine, PRE | {"crop_size": [128, 128]}, ["FLAIR"], head)
+    # A perfect network: the tumour ball on the window's planes, background where its input is 0.
+    idx = np.stack(np.meshgrid(*[np.arange(n) for n in prep.window_shape], indexing="ij"), -1).reshape(-1, 3)
+    ball = (np.linalg.norm(world_points(prep.window_affine, idx) - centre, axis=1) <= 12.0)
+    planes = np.moveaxis(ball.reshape(prep.window_shape), 2, 0)[prep.slice_indices]
+    planes &= prep.slices[:, 0] != 0
+    logits = np.where(planes, 10.0, -10.0)[:, None].astype(np.float32)
+    card = {"output": {"activation": "sigmoid", "threshold": 0.5}}
+    for method in ("linear", "nearest"):
+        restored = restore_outputs(prep, logits, card, method).astype(bool)
+        on_last = tumour[:, :, -1].sum()
+        assert on_last > 100
+        assert (restored[:, :, -1] & tumour[:, :, -1]).sum() >= 0.9 * on_last, method
+
+
 def test_ras_aligned_needs_ras_axes_and_the_card_spacing() -> None:
     assert ras_aligned(np.diag([1.0, 1.0, 1.0, 1.0]), (1, 1, 1))
     assert ras_aligned(np.diag([1.005, 0.995, 1.008, 1.0]), (1, 1, 1))
