@@ -98,12 +98,13 @@ class RigidResult:
     matrix:
         4x4 RAS matrix taking a reference point (mm) to the moving series' point of the same anatomy.
     translation_mm:
-        Length of the translation at the centre of rotation (the brain's centre).
+        Length of the translation at the centre of rotation (the brain's centre), beyond the start
+        (``initial`` of :func:`register_rigid`; the identity, the DICOM geometry, by default).
     rotation_deg:
-        Angle of the rotation.
+        Angle of the rotation beyond the start.
     edge_displacement_mm:
-        Largest displacement of a point of the reference brain mask's surface (or, without a mask,
-        of the image's corners).
+        Largest displacement beyond the start of a point of the reference brain mask's surface (or,
+        without a mask, of the image's corners).
     metric_start, metric_final:
         Mattes mutual information (SimpleITK's sign: lower is more similar) at the geometry-only
         alignment and at the end.
@@ -115,6 +116,9 @@ class RigidResult:
         Whether the result passed its checks; ``reason`` says why not.
     stop:
         The optimizer's stop condition.
+    start_offset_mm:
+        How far the start moves the brain's centre (0 for the DICOM geometry; with another Frame of
+        Reference the offset between the heads' centres, which the limits do not count).
     """
 
     matrix: npt.NDArray[np.float64]
@@ -128,12 +132,13 @@ class RigidResult:
     ok: bool = True
     reason: str = ""
     stop: str = ""
+    start_offset_mm: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready figures (the matrix as nested lists, rounded)."""
         out = asdict(self)
         out["matrix"] = [[round(float(v), 6) for v in row] for row in self.matrix]
-        for key in ("translation_mm", "rotation_deg", "edge_displacement_mm", "seconds"):
+        for key in ("translation_mm", "rotation_deg", "edge_displacement_mm", "seconds", "start_offset_mm"):
             out[key] = round(float(out[key]), 3)
         for key in ("metric_start", "metric_final"):
             out[key] = round(float(out[key]), 5)
@@ -341,12 +346,18 @@ def register_rigid(
         first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         raise RegistrationError(f"SimpleITK registration failed: {first}") from None
     matrix = _matrix(transform)
-    translation = float(np.linalg.norm(np.asarray(transform.GetTranslation(), dtype=float)))
+    # The figures and limits are about what the registration found beyond its start: with another
+    # Frame of Reference the start (the heads' centres) holds the arbitrary offset between the two
+    # frames, which is no patient motion.
+    start_matrix = np.eye(4) if initial is None else np.asarray(initial, dtype=np.float64)
     result = RigidResult(
         matrix=matrix,
-        translation_mm=translation,
-        rotation_deg=rotation_angle_deg(matrix),
-        edge_displacement_mm=float(displacement_mm(matrix, points).max()) if len(points) else 0.0,
+        translation_mm=float(displacement_mm(matrix, centre[None, :], start_matrix)[0]),
+        rotation_deg=rotation_angle_deg(matrix @ np.linalg.inv(start_matrix)),
+        edge_displacement_mm=(
+            float(displacement_mm(matrix, points, start_matrix).max()) if len(points) else 0.0
+        ),
+        start_offset_mm=float(displacement_mm(start_matrix, centre[None, :])[0]),
         metric_start=metric_start,
         metric_final=metric_final,
         iterations=int(method.GetOptimizerIteration()),

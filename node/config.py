@@ -192,6 +192,9 @@ class RegistrationConfig:
     # Mattes MI (lower is more similar) may end at most this much above its geometry-only start: the
     # sampled metric varies by ~0.001, so a series already aligned passes.
     max_metric_worsening: float = 0.01
+    # A series must cover at least this share of the reference's brain mask once placed: one covering
+    # a slab gives the model zeros over the rest of the brain.
+    min_brain_coverage: float = 0.9
     # The metric runs on copies of about this spacing (mm), 2 levels (shrink 2, 1).
     working_spacing_mm: float = 2.0
     iterations: int = 100
@@ -431,6 +434,8 @@ def _validate(settings: Settings, where: str) -> None:
         raise ConfigError(
             f"{where}: registration.sampling_fraction must lie in (0, 1] and iterations be at least 1"
         )
+    if not 0 <= reg.min_brain_coverage <= 1:
+        raise ConfigError(f"{where}: registration.min_brain_coverage must lie in [0, 1]")
     if reg.parallel < 1 or reg.threads < 0:
         raise ConfigError(f"{where}: registration.parallel must be at least 1 and threads at least 0")
     _validate_inference(settings.inference, where)

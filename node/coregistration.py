@@ -67,6 +67,8 @@ class SeriesAlignment:
     result: RigidResult | None = None
     ok: bool = True
     reason: str = ""
+    #: Share of the reference's brain mask that lies within the moved series (None without a mask).
+    brain_coverage: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready, for the job's result."""
@@ -76,12 +78,13 @@ class SeriesAlignment:
             "method": self.method,
             "ok": self.ok,
             "reason": self.reason,
+            "brain_coverage": None if self.brain_coverage is None else round(self.brain_coverage, 4),
         }
         if self.result is not None:
             figures = self.result.as_dict()
             out.update({k: figures[k] for k in (
                 "translation_mm", "rotation_deg", "edge_displacement_mm", "metric_start", "metric_final",
-                "iterations", "seconds", "matrix",
+                "iterations", "seconds", "matrix", "start_offset_mm",
             )})  # fmt: skip
         return out
 
@@ -167,6 +170,7 @@ def align_series(
         )
     if not config.enabled:
         matrix = np.eye(4) if initial is None else initial
+        _check_coverage(alignment, moving, reference.affine, brain_mask, matrix, config)
         return apply_rigid(moving.array, moving.affine, matrix, reference.affine, grid, box), alignment
     alignment.method += " + rigid (Mattes MI)"
     try:
@@ -183,10 +187,60 @@ def align_series(
         alignment.ok, alignment.reason = False, str(exc)
         return resample_to_grid(moving.array, moving.affine, reference.affine, grid), alignment
     alignment.result, alignment.ok, alignment.reason = result, result.ok, result.reason
+    _check_coverage(alignment, moving, reference.affine, brain_mask, result.matrix, config)
     return (
         apply_rigid(moving.array, moving.affine, result.matrix, reference.affine, grid, box),
         alignment,
     )
+
+
+def brain_coverage(
+    moving: LoadedSeries,
+    reference_affine: npt.NDArray[np.float64],
+    brain_mask: npt.NDArray[np.bool_],
+    matrix: npt.NDArray[np.float64],
+    most: int = 200_000,
+) -> float:
+    """Share of the reference's brain mask whose anatomy lies within ``moving`` (each voxel covering
+    half a voxel past its centre) once ``matrix`` (reference -> moving, world) places it; at most
+    ``most`` mask voxels, evenly taken, are looked at."""
+    indices = np.argwhere(brain_mask)
+    if len(indices) == 0:
+        return 1.0
+    if len(indices) > most:
+        indices = indices[:: int(np.ceil(len(indices) / most))]
+    world = world_points(reference_affine, indices)
+    to_moving = np.linalg.inv(np.asarray(moving.affine, dtype=np.float64)) @ np.asarray(matrix, np.float64)
+    voxel = world @ to_moving[:3, :3].T + to_moving[:3, 3]
+    upper = np.asarray(moving.array.shape[:3], dtype=np.float64) - 0.5
+    inside = np.all((voxel >= -0.5) & (voxel <= upper), axis=1)
+    return float(inside.mean())
+
+
+def _check_coverage(
+    alignment: SeriesAlignment,
+    moving: LoadedSeries,
+    reference_affine: npt.NDArray[np.float64],
+    brain_mask: npt.NDArray[np.bool_] | None,
+    matrix: npt.NDArray[np.float64],
+    config: RegistrationConfig,
+) -> None:
+    """Fail ``alignment`` when ``moving`` covers less than ``config.min_brain_coverage`` of the brain.
+
+    A series that covers a slab of the brain (a few slices through the lesion) registers well on the
+    slab and gives the model zeros everywhere else: a T1GD covering 30 % of the brain tripled the
+    enhancing tumour's volume.
+    """
+    if brain_mask is None or not np.any(brain_mask):
+        return
+    alignment.brain_coverage = brain_coverage(moving, reference_affine, brain_mask, matrix)
+    if alignment.brain_coverage < config.min_brain_coverage:
+        why = (
+            f"covers {100 * alignment.brain_coverage:.0f} % of the reference's brain "
+            f"(< {100 * config.min_brain_coverage:g} %)"
+        )
+        alignment.ok = False
+        alignment.reason = f"{alignment.reason}; {why}" if alignment.reason else why
 
 
 def coregister(

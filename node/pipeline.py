@@ -154,9 +154,20 @@ class RoutingPlan:
     #: The selection message of a task whose series are missing (the skip reason when nothing runs).
     selection_errors: list[str] = field(default_factory=list)
 
-    def note(self, task: str, model: LoadedModel | None, outcome: str, reason: str) -> None:
-        """Record what became of ``task``."""
-        entry = {"task": task, "model": model.label if model else None, "outcome": outcome, "reason": reason}
+    def note(
+        self,
+        task: str,
+        model: LoadedModel | None,
+        outcome: str,
+        reason: str,
+        registration: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Record what became of ``task`` (``registration``: its series' figures when it failed there)."""
+        entry: dict[str, Any] = {
+            "task": task, "model": model.label if model else None, "outcome": outcome, "reason": reason
+        }
+        if registration is not None:
+            entry["registration"] = dict(registration)
         for n, old in enumerate(self.considered):
             if old["task"] == task:
                 self.considered[n] = entry
@@ -652,7 +663,9 @@ def _try_route(study: _Study, chosen: Route, plan: RoutingPlan) -> Segmented | N
             coregistered = coregister(grid, reference, modalities, model_mask, ctx.registration)
         study.heartbeat()
         if coregistered.failures:
-            plan.note(chosen.task, model, "not run", "; ".join(coregistered.failures))
+            plan.note(
+                chosen.task, model, "not run", "; ".join(coregistered.failures), coregistered.as_dict()
+            )
             return None
         model_view = assemble_coregistered(grid, reference, coregistered)
     with timer.stage("preprocess"):  # in world space; z-scored inside the brain when there is a mask

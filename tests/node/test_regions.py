@@ -246,6 +246,49 @@ def test_series_registered_at_once_give_what_one_after_another_gives() -> None:
         assert a.iterations == b.iterations
 
 
+def test_a_series_covering_a_slab_of_the_brain_fails_its_registration() -> None:
+    """A T1GD of 30 slices through the lesion registers well on its slab, but would give the model zeros
+    over the rest of the brain (the enhancing tumour came out three times too large): it fails, so the
+    study falls back; the whole-brain series pass with their coverage recorded."""
+    case = brats_case()
+    mask = brain_of(case)
+    z = np.argwhere(mask)[:, 2]
+    start = int((z.min() + z.max()) // 2) - 15
+    slab_affine = case.affine.copy()
+    slab_affine[:3, 3] += case.affine[:3, :3] @ np.array([0.0, 0.0, float(start)])
+    series = _loaded_series({m: case.images[m] for m in ("FLAIR", "T1", "T2")}, case.affine)
+    series.update(_loaded_series({"T1GD": case.images["T1GD"][:, :, start : start + 30].copy()}, slab_affine))
+    out = coregister(series, "FLAIR", ["FLAIR", "T1", "T1GD", "T2"], mask, RegistrationConfig(threads=2))
+    slab = out.alignments["T1GD"]
+    assert not slab.ok and slab.brain_coverage is not None and slab.brain_coverage < 0.5
+    assert "of the reference's brain (< 90 %)" in slab.reason
+    assert out.failures == [f"registration of T1GD failed: {slab.reason}"]
+    for modality in ("T1", "T2"):
+        assert out.alignments[modality].ok and out.alignments[modality].as_dict()["brain_coverage"] > 0.99
+
+
+def test_another_frame_of_reference_counts_only_the_motion_beyond_the_heads_centres() -> None:
+    """A T1 on its own Frame of Reference, its positions 78 mm off the FLAIR's with no motion of the
+    patient: registration finds it, and its figures (and limits) are about the motion beyond the
+    heads' centres, not the offset between the two frames (it failed, '78.0 mm > limit 20 mm')."""
+    case = brats_case()
+    mask = brain_of(case)
+    offset = np.eye(4)
+    offset[:3, 3] = [60.0, -40.0, 30.0]
+    series = _loaded_series({m: case.images[m] for m in ("FLAIR", "T1GD", "T2")}, case.affine)
+    [other] = _loaded_series({"T1": case.images["T1"]}, offset @ case.affine).values()
+    other.datasets[0].FrameOfReferenceUID = "1.2.826.0.1.3680043.8.498.78"
+    series["T1"] = other
+    config = RegistrationConfig(threads=2)
+    out = coregister(series, "FLAIR", ["FLAIR", "T1", "T1GD", "T2"], mask, config)
+    moved = out.alignments["T1"]
+    assert not moved.same_frame_of_reference and moved.ok, moved.reason
+    assert moved.result is not None and moved.result.start_offset_mm > 20.0
+    assert moved.result.translation_mm < config.max_translation_mm
+    edge = brain_edge(case)
+    assert displacement_mm(moved.result.matrix, edge, offset).max() <= 1.5
+
+
 def test_series_moved_within_the_brains_box_give_the_model_what_whole_series_give(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -732,6 +775,9 @@ def test_failed_registration_falls_back_to_the_whole_tumour_model(
     assert "> limit 1e-06 mm" in routing["reason"] or "> limit 1e-06 deg" in routing["reason"]
     [regions] = [e for e in routing["considered"] if e["task"] == "brats_regions"]
     assert regions["outcome"] == "not run"
+    # The failed registration's figures stay in the job, beside the reason.
+    t1 = regions["registration"]["series"]["T1"]
+    assert t1["ok"] is False and t1["translation_mm"] >= 0 and "brain_coverage" in t1
     seg = strict_env.received(study, "SEG")
     assert [s.SegmentLabel for s in seg.SegmentSequence] == ["Whole tumour"]
 
