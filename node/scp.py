@@ -2,8 +2,9 @@
 
 MR Image Storage, Enhanced MR Image Storage (and its Legacy Converted form) instances are spooled
 and recorded (they make studies and jobs); every other storage object (SR, presentation states, our
-own SEG and SR coming back from a PACS) is acknowledged and counted but neither stored nor
-processed, so no routing loop can start. Success goes back only after the file is fsynced and its
+own SEG and SR coming back from a PACS, and the vendors' private objects of
+:data:`PRIVATE_STORAGE_SOP_CLASSES`) is acknowledged and counted but neither stored nor processed, so
+no routing loop can start. Success goes back only after the file is fsynced and its
 row committed; otherwise a failure status (PS3.4 B.2.3) tells the PACS to keep its copy.
 """
 
@@ -25,11 +26,13 @@ from typing import Any
 from pydicom.uid import UID
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.presentation import PresentationContext
+from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     EnhancedMRImageStorage,
     LegacyConvertedEnhancedMRImageStorage,
     MRImageStorage,
     Verification,
+    register_uid,
 )
 from pynetdicom.transport import ThreadedAssociationServer
 from pynetdicom.utils import make_target
@@ -62,6 +65,25 @@ MAX_PDU_BYTES = 262144
 KEPT_SOP_CLASSES: frozenset[str] = frozenset(
     {str(MRImageStorage), str(EnhancedMRImageStorage), str(LegacyConvertedEnhancedMRImageStorage)}
 )
+
+
+#: Vendors' private storage SOP classes (keyword, UID) that scanners put in the MR studies a PACS
+#: routes on: the node acknowledges and counts them as it does every other object it does not keep.
+#: pynetdicom knows only the standard's, and refused them at negotiation, so a PACS routing a whole
+#: Siemens or Philips study logged failed sends and, configured so, retried the study.
+PRIVATE_STORAGE_SOP_CLASSES: tuple[tuple[str, str], ...] = (
+    ("SiemensCSANonImageStorage", "1.3.12.2.1107.5.9.1"),
+    ("SiemensCTMRVolumeStorage", "1.3.12.2.1107.5.99.3.10"),
+    ("SiemensAXFrameSetsStorage", "1.3.12.2.1107.5.99.3.11"),
+    ("PhilipsPrivateMRSpectrumStorage", "1.3.46.670589.11.0.0.12.1"),
+    ("PhilipsPrivateMRSeriesDataStorage", "1.3.46.670589.11.0.0.12.2"),
+    ("PhilipsPrivateMRColorImageStorage", "1.3.46.670589.11.0.0.12.3"),
+    ("PhilipsPrivateMRExamcardStorage", "1.3.46.670589.11.0.0.12.4"),
+    ("GEPrivate3DModelStorage", "1.2.840.113619.4.26"),
+    ("ToshibaPrivateDataStorage", "1.2.392.200036.9116.7.8.1.1.1"),
+)
+for _keyword, _uid in PRIVATE_STORAGE_SOP_CLASSES:
+    register_uid(_uid, _keyword, StorageServiceClass)
 
 
 #: Studies whose latest series the SCP remembers (to tell early analysis when a PACS moves on).
@@ -252,6 +274,8 @@ class StorageSCP:
             # Images the node processes only in what it can decode; objects it never reads in any.
             syntaxes = readable if sop_class in KEPT_SOP_CLASSES else ALL_TRANSFER_SYNTAXES
             ae.add_supported_context(sop_class, syntaxes)
+        for _, uid in PRIVATE_STORAGE_SOP_CLASSES:
+            ae.add_supported_context(uid, ALL_TRANSFER_SYNTAXES)
         return ae
 
     def _ssl_context(self) -> ssl.SSLContext | None:

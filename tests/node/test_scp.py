@@ -170,6 +170,31 @@ def test_other_storage_classes_acknowledged_not_processed(running: Running) -> N
     assert not running.settings.spool_path().joinpath(sr.StudyInstanceUID).exists()
 
 
+@pytest.mark.parametrize(
+    "sop_class", ["1.3.12.2.1107.5.9.1", "1.3.46.670589.11.0.0.12.4"], ids=["siemens-csa", "philips-examcard"]
+)
+def test_vendors_private_objects_of_an_mr_study_are_acknowledged_not_processed(
+    running: Running, sop_class: str
+) -> None:
+    """A PACS routing a whole Siemens or Philips MR study sends the scanner's private objects too (CSA
+    Non-Image, ExamCard): they were refused at negotiation, and the PACS logged failed sends."""
+    private = Dataset()
+    private.SOPClassUID, private.SOPInstanceUID = sop_class, generate_uid()
+    private.StudyInstanceUID, private.SeriesInstanceUID = generate_uid(), generate_uid()
+    private.Modality = "MR"
+    private.file_meta = FileMetaDataset()
+    private.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    assoc = _assoc(running.scp.port, contexts=(sop_class,))
+    assert assoc.is_established  # type: ignore[attr-defined]
+    try:
+        assert int(assoc.send_c_store(private).Status) == dimse.SUCCESS  # type: ignore[attr-defined]
+    finally:
+        assoc.release()  # type: ignore[attr-defined]
+    rows = running.rows()
+    assert len(rows) == 1 and not rows[0].kept and rows[0].sop_class_uid == sop_class
+    assert running.studies() == []
+
+
 def test_missing_pixel_data_is_refused(
     running: Running, mr_files: list[Path], caplog: pytest.LogCaptureFixture
 ) -> None:
