@@ -8,13 +8,13 @@ from typing import Final
 from node.exceptions import InvalidInstanceError
 
 #: PS3.5 9.1: components of digits separated by dots, at most 64 characters.
-UID_PATTERN: Final = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+UID_PATTERN: Final = re.compile(r"[0-9]+(\.[0-9]+)*")  # whole string: fullmatch (a "$" lets "\n" end it)
 MAX_UID_LENGTH: Final = 64
 
 
 def is_valid_uid(value: object) -> bool:
     """True when ``value`` is a syntactically valid UID (PS3.5 9.1)."""
-    return isinstance(value, str) and len(value) <= MAX_UID_LENGTH and bool(UID_PATTERN.match(value))
+    return isinstance(value, str) and len(value) <= MAX_UID_LENGTH and bool(UID_PATTERN.fullmatch(value))
 
 
 def validated_uid(value: object, attribute: str, where: str = "dataset") -> str:

@@ -259,7 +259,7 @@ def test_retry_and_not_found(sf: SessionFactory) -> None:
 # -- UIDs ----------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("bad", ["", "1..2", "1.2.", "../1", "1.2.3a", "1." + "2" * 64, None])
+@pytest.mark.parametrize("bad", ["", "1..2", "1.2.", "../1", "1.2.3a", "1.2.3\n", "1." + "2" * 64, None])
 def test_bad_uids_are_refused(bad: object) -> None:
     with pytest.raises(Exception, match="is not a valid DICOM UID"):
         validated_uid(bad, "SOPInstanceUID")
