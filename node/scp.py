@@ -90,7 +90,41 @@ for _keyword, _uid in PRIVATE_STORAGE_SOP_CLASSES:
 LAST_SERIES_STUDIES = 256
 
 
-class SharedPortServer(ThreadedAssociationServer):
+class NodeServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server, with each TLS handshake in its association's own thread."""
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        """Accept a connection; its TLS handshake waits for its own thread (:meth:`process_request_thread`).
+
+        pynetdicom's handshake ran here, in the one thread that accepts, on a socket without a
+        timeout: a client that connected and sent nothing (a port scanner, a load balancer's probe)
+        held every later association back for as long as it stayed connected.
+        """
+        assert self.socket is not None
+        client, address = self.socket.accept()
+        return client, address
+
+    def process_request_thread(
+        self,
+        request: socket.socket | tuple[bytes, socket.socket],
+        client_address: tuple[str, int] | str,
+    ) -> None:
+        """Do the TLS handshake (within ``network_timeout``), then serve the association as pynetdicom
+        does; a client that fails or stalls the handshake is logged and closed."""
+        if self.ssl_context is not None and isinstance(request, socket.socket):
+            timeout = self.ae.network_timeout
+            request.settimeout(float(timeout) if timeout is not None else None)
+            try:
+                request = self.ssl_context.wrap_socket(request, server_side=True)
+            except (OSError, ssl.SSLError) as exc:
+                logger.warning("TLS handshake with %s failed: %s", client_address, exc)
+                self.shutdown_request(request)
+                return
+            request.settimeout(None)
+        super().process_request_thread(request, client_address)
+
+
+class SharedPortServer(NodeServer):
     """pynetdicom's threaded server on a listening socket that several node processes accept on
     (``[node] receivers``): the node binds it, receivers inherit its descriptor (``listen_fd``).
 
@@ -321,7 +355,7 @@ class StorageSCP:
     def _serve(self, handlers: list[Any]) -> ThreadedAssociationServer:
         """Bind and serve in a background thread, as pynetdicom's ``start_server(block=False)`` does,
         on a :class:`SharedPortServer` when other processes accept on the socket too."""
-        server_class: type[ThreadedAssociationServer] = ThreadedAssociationServer
+        server_class: type[ThreadedAssociationServer] = NodeServer
         if self.shared_port:
             server_class = type("SharedPortServer", (SharedPortServer,), {"listen_fd": self.listen_fd})
         server = self.ae.make_server(

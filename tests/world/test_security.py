@@ -5,7 +5,9 @@ DCMTK peers in both directions; and no patient name, ID or birth date in any log
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,6 +113,25 @@ def test_tls_works_plain_and_foreign_or_missing_client_certs_are_refused(
         store_files(mr_files[3:4], "127.0.0.1", port, "SEGNODE", "PACS", timeout=5, tls=distrust)
     # Only the three instances of the authenticated association were stored.
     assert len(list(tls_scp.spool_dir.rglob("*.dcm"))) == 3
+
+
+@pytest.mark.timeout(60)  # before the fix the client's handshake waited for ever
+def test_a_silent_connection_does_not_hold_back_other_tls_associations(
+    tls_scp: StorageSCP, pki: PKI, mr_files: list[Path]
+) -> None:
+    """A client that connects and sends nothing (a port scanner, a load balancer's probe): the TLS
+    handshake waited for it in the one thread that accepts, and every later association with it."""
+    silent = [socket.create_connection(("127.0.0.1", tls_scp.port)) for _ in range(2)]
+    try:
+        time.sleep(0.3)  # accepted by now
+        ok = store_files(
+            mr_files[:2], "127.0.0.1", tls_scp.port, "SEGNODE", "PACS", timeout=5,
+            tls=pki.client_context(pki.client),
+        )  # fmt: skip
+        assert [status for _, status, _ in ok] == [dimse.SUCCESS] * 2
+    finally:
+        for s in silent:
+            s.close()
 
 
 def test_dcmtk_over_tls_both_ways_and_no_phi_in_logs(
