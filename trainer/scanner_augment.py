@@ -13,7 +13,8 @@ thick slices               ``Resize`` down along one random axis to 3-6 mm (area
                            to the 1 mm grid (trilinear): the slices the node resamples to 1 mm
 lower in-plane resolution  ``RandSimulateLowResolution`` (zoom 0.5-1.0)
 bias field                 ``RandBiasField`` (degree 3, coefficients 0.1-0.4)
-noise                      ``RandRicianNoise`` (std 0-4 % of the brain's 99th percentile)
+noise                      ``RandRicianNoise`` (std 0-4 % of the brain's 99th percentile, on
+                           intensities shifted non-negative: the noise is a magnitude)
 gamma and contrast         ``RandAdjustContrast`` (gamma 0.7-1.5)
 small rotations            ``RandAffined`` (±10° about each axis; label by nearest neighbour)
 =========================  ===================================================================
@@ -113,6 +114,9 @@ def degrade_case(case: Case, rng: np.random.Generator, aug: ScannerAugmentation 
             image = _positive(np.asarray(transform(torch.from_numpy(_positive(image))), dtype=np.float32))
 
     if rng.random() < aug.noise_prob and brain.any():
+        # Rician noise is a magnitude, sqrt((x + n1)^2 + n2^2): a signed (z-scored) image would fold
+        # its negative half onto the positive one, so it is shifted non-negative as for the steps above.
+        image = _positive(image)
         top = float(np.percentile(image[:, brain], 99)) or 1.0
         std = float(rng.uniform(*aug.noise_std)) * top
         noise = RandRicianNoise(prob=1.0, std=std, relative=False, sample_std=False)
@@ -133,6 +137,6 @@ def degrade_case(case: Case, rng: np.random.Generator, aug: ScannerAugmentation 
 
 
 def _positive(image: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-    """Intensities shifted to be non-negative (bias field and gamma act on magnitudes)."""
+    """Intensities shifted to be non-negative (bias field, gamma and Rician noise act on magnitudes)."""
     low = float(image.min())
     return image - low if low < 0 else image

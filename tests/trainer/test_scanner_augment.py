@@ -84,6 +84,24 @@ def test_bias_noise_and_gamma_change_intensities_inside_the_brain_only(flair_cas
     np.testing.assert_array_equal(again.images["FLAIR"], after)  # seeded: the same draw gives the same case
 
 
+def test_noise_alone_keeps_a_z_scored_image_ordered(flair_case: Case) -> None:
+    """Rician noise is a magnitude: a signed (z-scored, BraTS 2013) image is shifted non-negative first.
+
+    Fed the signed image, sqrt((x + n1)^2 + n2^2) folded the negative half of the brain onto the
+    positive one (|x|: correlation with the input about 0).
+    """
+    image = flair_case.images["FLAIR"].astype(np.float32)
+    brain = image != 0
+    z = np.zeros_like(image)
+    z[brain] = (image[brain] - image[brain].mean()) / image[brain].std()
+    assert (z[brain] < 0).mean() > 0.3
+    case = replace(flair_case, images={"FLAIR": z})
+    aug = replace(NOTHING, noise_prob=1.0, noise_std=(0.02, 0.02))
+    out = degrade_case(case, np.random.default_rng(0), aug).images["FLAIR"]
+    assert np.corrcoef(z[brain], out[brain])[0, 1] > 0.95
+    assert not out[~brain].any()
+
+
 def test_training_with_scanner_augment_validates_clean_and_degraded_copies(tmp_path: Path) -> None:
     from converters.synthetic import write_synthetic_task01
     from trainer.train import TrainConfig, Trainer
