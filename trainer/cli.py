@@ -69,7 +69,9 @@ def train(
         0, "--slices-per-epoch", help="0: as many as there are training slices."
     ),
     tumour_fraction: float = typer.Option(
-        0.5, "--tumour-fraction", help="Share of sampled slices with tumour."
+        0.5,
+        "--tumour-fraction",
+        help="Share of sampled slices with tumour, in [0, 1] (0: drawn uniformly, 1: tumour slices only).",
     ),
     scanner_augment: float = typer.Option(
         0.0,

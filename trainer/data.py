@@ -242,12 +242,15 @@ def epoch_plan(
 ) -> npt.NDArray[np.int64]:
     """Slice indices for one epoch, drawn with replacement so that about ``tumour_fraction`` hold tumour.
 
-    With ``tumour_fraction`` <= 0 or no tumour slice, slices are drawn uniformly.
+    With ``tumour_fraction`` >= 1 only tumour slices are drawn; with ``tumour_fraction`` <= 0 or no
+    tumour slice, slices are drawn uniformly.
     """
     rng = np.random.default_rng([seed, epoch])
     weights = np.ones(len(tumour), dtype=np.float64)
     n_t = int(tumour.sum())
-    if 0 < tumour_fraction < 1 and 0 < n_t < len(tumour):
+    if tumour_fraction >= 1 and n_t > 0:
+        weights[~tumour] = 0.0
+    elif 0 < tumour_fraction < 1 and 0 < n_t < len(tumour):
         weights[tumour] = tumour_fraction / n_t
         weights[~tumour] = (1 - tumour_fraction) / (len(tumour) - n_t)
     weights /= weights.sum()

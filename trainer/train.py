@@ -105,6 +105,11 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "patience"):
             if getattr(self, name) < 1:
                 raise TrainerError(f"{name} {getattr(self, name)} must be at least 1")
+        if not 0.0 <= self.tumour_fraction <= 1.0:
+            raise TrainerError(
+                f"--tumour-fraction {self.tumour_fraction} must be a share in [0, 1] "
+                "(0: slices drawn uniformly, 1: tumour slices only)"
+            )
         if not 0.0 <= self.scanner_augment <= 1.0:
             raise TrainerError(f"--scanner-augment {self.scanner_augment} must be a probability in [0, 1]")
         unknown = [m for m in self.optional_modalities if m not in self.modalities]

@@ -95,6 +95,18 @@ def test_oversampling_and_augmentation() -> None:
         assert 0.85 < aug_i[aug_i != 0].mean() < 1.15
 
 
+def test_tumour_fraction_one_samples_tumour_slices_only(tmp_path: Path) -> None:
+    from trainer.train import TrainConfig
+
+    tumour = np.zeros(1000, bool)
+    tumour[:50] = True
+    assert tumour[epoch_plan(tumour, 4000, 1.0, seed=1, epoch=0)].all()
+    assert 0.03 < tumour[epoch_plan(tumour, 4000, 0.0, seed=1, epoch=0)].mean() < 0.07  # 0: uniform
+    for bad in (1.5, -0.1):
+        with pytest.raises(TrainerError, match=rf"--tumour-fraction {bad} must be a share in \[0, 1\]"):
+            TrainConfig(data=str(tmp_path), out=str(tmp_path / "r"), tumour_fraction=bad).check()
+
+
 def test_training_loss_falls_and_writes_the_run(task01: Path, tmp_path: Path) -> None:
     from trainer.checkpoint import load_checkpoint
     from trainer.train import train
