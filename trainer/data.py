@@ -27,7 +27,8 @@ logger = logging.getLogger(__name__)
 
 _PATIENT_PATTERNS = (
     re.compile(r"^(BraTS-[A-Za-z]+-\d+)-\d+$"),  # BraTS 2023: BraTS-GLI-00000-000 (patient-timepoint)
-    re.compile(r"^(BraTS(?:1[789]|20)_[A-Za-z0-9]+_[A-Za-z0-9]+)_\d+$"),  # BraTS 2017-2020: ..._ASK_1
+    # BraTS 2017-2020: BraTS19_CBICA_ASK_1; 2017 and 2018 spell it Brats17_/Brats18_ (Brats18_TCIA01_131_2)
+    re.compile(r"^(BraTS(?:1[789]|20)_[A-Za-z0-9]+_[A-Za-z0-9]+)_\d+$", re.IGNORECASE),
     re.compile(r"^(brats_\d{4}_pat\d+)_\d+$", re.IGNORECASE),  # BraTS 2013 (DeepMedic naming)
 )
 

@@ -65,8 +65,13 @@ def test_patient_level_split_is_seeded_and_disjoint() -> None:
         "BraTS-GLI-00000-000",
         "BraTS-GLI-00000-001",
         "BRATS_001",
+        "Brats18_TCIA01_131_1",  # BraTS 2017/2018 official names are spelt Brats17_/Brats18_
+        "Brats18_TCIA01_131_2",
+        "Brats17_CBICA_AAB_1",
     ]
     assert patient_key("BraTS19_CBICA_ASK_2") == "BraTS19_CBICA_ASK"
+    assert patient_key("Brats18_TCIA01_131_1") == patient_key("Brats18_TCIA01_131_2") == "Brats18_TCIA01_131"
+    assert patient_key("Brats17_CBICA_AAB_1") == "Brats17_CBICA_AAB"
     assert patient_key("BraTS-GLI-00000-001") == "BraTS-GLI-00000"
     assert patient_key("BraTS2021_00005") == "BraTS2021_00005"
     for seed in range(6):
