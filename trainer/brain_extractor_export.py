@@ -138,6 +138,13 @@ class CheckImage:
     tumour: npt.NDArray[np.bool_] | None = None
 
 
+def check_folders(data_dir: Path, *, brats_limit: int = 0) -> tuple[list[Path], list[Path]]:
+    """The ``dicom/*`` series folders and ``train/brats/*`` case folders :func:`check_images` reads."""
+    series = sorted(p for p in (data_dir / "dicom").glob("*") if p.is_dir())
+    cases = sorted(p for p in (data_dir / "train" / "brats").glob("*") if p.is_dir())
+    return series, cases[: brats_limit or None]
+
+
 def check_images(data_dir: Path, *, brats_limit: int = 0) -> Iterator[CheckImage]:
     """The real images of ``data_dir`` (the shared data folder): ``dicom/*`` series with skull, then the
     FLAIR and T1 of each ``train/brats`` case (``brats_limit`` > 0: the first ones only). Never holdout."""
@@ -146,11 +153,11 @@ def check_images(data_dir: Path, *, brats_limit: int = 0) -> Iterator[CheckImage
     from converters.dicom_series import load_series_folder
     from converters.reorient import volume_to_ras
 
-    for folder in sorted(p for p in (data_dir / "dicom").glob("*") if p.is_dir()):
+    series, cases = check_folders(data_dir, brats_limit=brats_limit)
+    for folder in series:
         image, affine = volume_to_ras(load_series_folder(folder))
         yield CheckImage(folder.name, image, affine)
-    cases = sorted(p for p in (data_dir / "train" / "brats").glob("*") if p.is_dir())
-    for case in cases[: brats_limit or None]:
+    for case in cases:
         seg = nib.as_closest_canonical(nib.load(next(case.glob("*_seg.nii.gz"))))
         tumour = np.asarray(seg.dataobj) > 0
         for modality in ("flair", "t1"):
@@ -346,8 +353,15 @@ def export_brain_extractor(
     Raises
     ------
     TrainerError
-        deepbet is missing, or an IR mask differs from the original's (Dice < 0.99 on an image).
+        ``data_dir`` holds no image to check on (checked before anything is written), deepbet is
+        missing, or an IR mask differs from the original's (Dice < 0.99 on an image).
     """
+    if data_dir is not None and not any(check_folders(data_dir, brats_limit=brats_limit)):
+        raise TrainerError(
+            f"--data {data_dir} holds no image to check the IR on: no series folder under "
+            f"{data_dir / 'dicom'} and no case folder under {data_dir / 'train' / 'brats'} "
+            "(give the shared data folder itself, not its train/)"
+        )
     originals = deepbet_files()
     out_dir.mkdir(parents=True, exist_ok=True)
     for key, (name, stem) in NETWORKS.items():

@@ -47,3 +47,24 @@ def test_missing_deepbet_version_is_one_line(monkeypatch: pytest.MonkeyPatch) ->
     with pytest.raises(TrainerError, match=expected):
         export.deepbet_files()
     assert importlib.metadata.version("deepbet") == "1.0.2"
+
+
+def test_data_without_check_images_fails_before_exporting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A --data folder with no dicom/ series and no train/brats/ case (e.g. the shared data's train/)
+    used to export both IRs and then fail with ``max() arg is an empty sequence``, leaving a card
+    with no metrics and no NOTICE."""
+    from trainer import brain_extractor_export as export
+    from trainer.exceptions import TrainerError
+
+    def no_export(*_: object) -> None:
+        raise AssertionError("exported before --data was checked")
+
+    monkeypatch.setattr(export, "export_ir", no_export)
+    data = tmp_path / "train"
+    (data / "brats2013_flair_t1c" / "brats_2013_pat0001_1").mkdir(parents=True)
+    out = tmp_path / "brain_extraction"
+    with pytest.raises(TrainerError, match=rf"--data {data} holds no image to check the IR on"):
+        export.export_brain_extractor(out, data)
+    assert not (out / "model.json").exists()
