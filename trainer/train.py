@@ -565,9 +565,11 @@ class Trainer:
                     self.state.stale_epochs += 1
                 if self.dist.is_main:
                     state = self._checkpoint_state()
-                    save_checkpoint(state, self.out / "last.pt")
+                    # best.pt first: killed between the two writes, the run resumes from the previous
+                    # last.pt with best.pt no older than the best epoch it records.
                     if improved:
                         save_checkpoint(state, self.out / "best.pt")
+                    save_checkpoint(state, self.out / "last.pt")
                     self._log_epoch(row, writer)
                 logger.info(
                     "epoch %d: loss %.4f, train Dice %.3f, val Dice %.4f (%.0f s)",

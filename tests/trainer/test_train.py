@@ -153,6 +153,36 @@ def test_resume_continues_from_the_saved_epoch(task01: Path, tmp_path: Path) -> 
         train(_config(task01, tmp_path / "nowhere"), resume=True, progress=False)  # type: ignore[arg-type]
 
 
+def test_a_kill_between_the_two_checkpoint_writes_keeps_the_best_model(
+    task01: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """best.pt is written before last.pt: killed between them, the run resumes from the previous
+    last.pt and best.pt is never older than the best epoch last.pt records (the other order lost it)."""
+    import trainer.train as train_module
+    from trainer.checkpoint import load_checkpoint, save_checkpoint
+
+    # every epoch improves, so every epoch writes both checkpoints
+    monkeypatch.setattr(train_module.Trainer, "_validate", lambda self: 0.1 + 0.1 * self.state.epoch)
+    writes: list[str] = []
+
+    def dying_save(state: dict[str, object], path: Path) -> None:
+        writes.append(path.name)
+        if len(writes) == 4:  # epoch 2's second write
+            raise KeyboardInterrupt("killed")
+        save_checkpoint(state, path)
+
+    monkeypatch.setattr(train_module, "save_checkpoint", dying_save)
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train_module.train(_config(task01, run, epochs=2), progress=False)  # type: ignore[arg-type]
+    last, best = load_checkpoint(run / "last.pt"), load_checkpoint(run / "best.pt")
+    assert best["run_state"]["best_epoch"] >= last["run_state"]["best_epoch"]
+    assert writes == ["best.pt", "last.pt", "best.pt", "last.pt"]
+    monkeypatch.setattr(train_module, "save_checkpoint", save_checkpoint)
+    summary = train_module.train(_config(task01, run, epochs=2), resume=True, progress=False)  # type: ignore[arg-type]
+    assert summary["best_epoch"] == 2 == load_checkpoint(run / "best.pt")["run_state"]["epoch"]
+
+
 def _segnode(*args: str, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, **(extra_env or {})}
     return subprocess.run(
