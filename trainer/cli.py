@@ -56,7 +56,9 @@ def train(
     lr: float = typer.Option(1e-3, "--lr"),
     base_filters: int = typer.Option(16, "--base-filters"),
     depth: int = typer.Option(4, "--depth"),
-    norm: str = typer.Option("batch", "--norm", help="batch | instance | group"),
+    norm: str = typer.Option(
+        "batch", "--norm", help="batch | instance | group (group: --base-filters 1, 2, 4 or a multiple of 8)."
+    ),
     crop: str = typer.Option("192", "--crop", help="In-plane network input size, e.g. 192 or 176x160."),
     spacing: str = typer.Option(
         "", "--spacing", help="Target spacing mm 'x,y,z' (default: median of the data)."

@@ -97,6 +97,9 @@ class TrainConfig:
             raise TrainerError(f"task {self.task!r} is not one of {', '.join(TASKS)}")
         if self.task == "brats_regions" and len(self.modalities) != 4:
             logger.warning("brats_regions usually takes all four modalities; got %s", self.modalities)
+        self.unet_config()  # depth, width and norm, before any case is preprocessed
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise TrainerError(f"--lr {self.lr} must be a positive number")
         multiple = 2**self.depth
         if len(self.crop_size) != 2 or any(c % multiple or c <= 0 for c in self.crop_size):
             raise TrainerError(
@@ -124,6 +127,17 @@ class TrainConfig:
             raise TrainerError(f"--channel-dropout {self.channel_dropout} must be a probability in [0, 1]")
         if self.channel_dropout > 0 and not self.optional_modalities:
             raise TrainerError("--channel-dropout needs --optional-modalities (the channels it may zero)")
+
+
+    def unet_config(self) -> UNetConfig:
+        """The network these options describe (raises TrainerError on an impossible one)."""
+        return UNetConfig(
+            in_channels=len(self.modalities),
+            out_channels=1 if self.task == "whole_tumor" else 4,
+            base_filters=self.base_filters,
+            depth=self.depth,
+            norm=self.norm,
+        )
 
 
 def card_base(config: TrainConfig, spacing: Sequence[float]) -> dict[str, Any]:
@@ -303,14 +317,7 @@ class Trainer:
         )
 
     def _build(self, saved: dict[str, Any] | None) -> None:
-        out_channels = 1 if self.config.task == "whole_tumor" else 4
-        self.model_config = UNetConfig(
-            in_channels=len(self.config.modalities),
-            out_channels=out_channels,
-            base_filters=self.config.base_filters,
-            depth=self.config.depth,
-            norm=self.config.norm,
-        )
+        self.model_config = self.config.unet_config()
         torch.manual_seed(self.config.seed)
         self.model: UNet2D = build_unet(self.model_config).to(self.device.device)
         self.optimizer = self.device.optimizer(

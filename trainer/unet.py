@@ -28,7 +28,8 @@ class UNetConfig:
     depth:
         Number of poolings (the input size must be divisible by 2**depth).
     norm:
-        ``batch``, ``instance`` or ``group`` normalisation after each convolution.
+        ``batch``, ``instance`` or ``group`` normalisation after each convolution; ``group`` splits a
+        level's channels into min(8, channels) groups, so every level's width must divide evenly.
     dropout:
         Dropout probability at the bottleneck.
     """
@@ -47,6 +48,15 @@ class UNetConfig:
             raise TrainerError(f"U-Net depth {self.depth} must be between 1 and 6")
         if self.base_filters < 1 or self.in_channels < 1 or self.out_channels < 1:
             raise TrainerError(f"U-Net sizes must be positive: {self}")
+        if self.norm == "group":
+            for level in range(self.depth + 1):
+                channels = self.base_filters * 2**level
+                if channels % min(8, channels):
+                    raise TrainerError(
+                        f"U-Net norm 'group' with {self.base_filters} base filters: level {level} has "
+                        f"{channels} channels, not divisible into min(8, {channels}) groups "
+                        "(base filters 1, 2, 4 or a multiple of 8 fit)"
+                    )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (JSON and ``torch.load(weights_only=True)`` friendly)."""

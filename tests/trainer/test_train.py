@@ -112,6 +112,26 @@ def test_tumour_fraction_one_samples_tumour_slices_only(tmp_path: Path) -> None:
             TrainConfig(data=str(tmp_path), out=str(tmp_path / "r"), tumour_fraction=bad).check()
 
 
+def test_network_and_learning_rate_options_are_checked_before_preprocessing(tmp_path: Path) -> None:
+    """Group norm splits each level's channels into min(8, channels) groups, so 12 base filters were
+    a ValueError from torch after all preprocessing; a negative learning rate went through unchecked."""
+    from trainer.train import TrainConfig
+
+    def check(**kw: object) -> None:
+        TrainConfig(data=str(tmp_path), out=str(tmp_path / "r"), **kw).check()  # type: ignore[arg-type]
+
+    with pytest.raises(TrainerError, match=r"norm 'group' with 12 base filters: level 0 has 12 channels"):
+        check(norm="group", base_filters=12)
+    with pytest.raises(TrainerError, match=r"norm 'group' with 6 base filters: level 1 has 12 channels"):
+        check(norm="group", base_filters=6)
+    for ok in (4, 8, 24):
+        check(norm="group", base_filters=ok)
+    check(norm="batch", base_filters=12)
+    for bad in (-1.0, 0.0, float("nan")):
+        with pytest.raises(TrainerError, match=rf"--lr {bad} must be a positive number"):
+            check(lr=bad)
+
+
 def test_training_loss_falls_and_writes_the_run(task01: Path, tmp_path: Path) -> None:
     from trainer.checkpoint import load_checkpoint
     from trainer.train import train
@@ -275,6 +295,10 @@ def test_bad_input_fails_before_training_with_one_line(task01: Path, tmp_path: P
     )
     assert done.returncode == 2
     assert "crop size [50, 50] must be two positive multiples of 2**depth = 8" in done.stderr
+    args = ("--norm", "group", "--base-filters", "12")
+    done = _segnode("train", "--data", str(task01), "--out", str(tmp_path / "r3"), *args)
+    assert done.returncode == 2 and done.stderr.startswith("error:"), done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "12 base filters" in done.stderr
 
 
 def test_corrupt_or_unlabelled_case_is_named_before_training(task01: Path, tmp_path: Path) -> None:
