@@ -32,6 +32,7 @@ from node.config import (
     TLSSettings,
     load_settings,
 )
+from tests.deploy.test_config import assert_finds_the_image_models
 from tests.helpers.peers import REPO, require_program
 
 CHART = REPO / "deploy" / "helm" / "segnode"
@@ -211,7 +212,11 @@ def test_default_render_configmap_is_node_toml_the_node_loads(helm: str, tmp_pat
     assert set(raw["tls"]) == {f.name for f in fields(TLSSettings)}
     settings = load_settings(path, env={})
     assert settings.node.host == "0.0.0.0" and settings.metrics.host == "0.0.0.0"
-    assert settings.node == NodeSettings(host="0.0.0.0")  # the chart's defaults are the node's
+    # The chart's defaults are the node's, but for where the image keeps the shipped models.
+    assert_finds_the_image_models(settings, "rendered node.toml")
+    image_models = {"default_model_dir": settings.node.default_model_dir}
+    image_models["brain_extractor_dir"] = settings.node.brain_extractor_dir
+    assert settings.node == NodeSettings(host="0.0.0.0", **image_models)
     assert settings.destinations == []
 
 

@@ -28,6 +28,7 @@ from node.config import (
     RegistrationConfig,
     RoutingSettings,
     SelectionSettings,
+    Settings,
     TLSSettings,
     load_settings,
 )
@@ -60,6 +61,19 @@ def schema_keys(section: str) -> set[str]:
     """Field names of a node.toml section (``destinations``: of one destination)."""
     cls = Destination if section == "destinations" else SECTIONS[section]
     return {f.name for f in fields(cls)}
+
+
+def image_model_dirs() -> dict[str, str]:
+    """Source folder (``models/default``) -> where the node image puts it (the Dockerfile's COPY)."""
+    dockerfile = (DEPLOY / "docker" / "node.Dockerfile").read_text(encoding="utf-8")
+    return dict(re.findall(r"^COPY (models/\S+) (\S+)$", dockerfile, re.M))
+
+
+def assert_finds_the_image_models(settings: Settings, where: str) -> None:
+    """The node's bootstrap looks for the shipped models where the image has them, not beside the wheel."""
+    dirs = image_model_dirs()
+    assert str(settings.node.default_model_path()) == dirs["models/default"], where
+    assert str(settings.node.brain_extractor_path()) == dirs["models/brain_extraction"], where
 
 
 def known_env_var(name: str) -> bool:
@@ -133,6 +147,7 @@ def test_image_node_toml_is_valid_and_listens_on_all_interfaces() -> None:
     settings = load_settings(path, env={})
     assert settings.node.host == "0.0.0.0"
     assert settings.metrics.host == "0.0.0.0"
+    assert_finds_the_image_models(settings, str(path))
     assert settings.database.url == ""  # SQLite under SEGNODE_HOME unless SEGNODE_DATABASE_URL says otherwise
     dockerfile = (DEPLOY / "docker" / "node.Dockerfile").read_text(encoding="utf-8")
     exposed = {int(p) for line in re.findall(r"^EXPOSE (.+)$", dockerfile, re.M) for p in line.split()}
@@ -168,6 +183,8 @@ def test_compose_node_config_matches_schema_and_loads() -> None:
     check_toml_keys(config_path)
     settings = load_settings(config_path, env=env)
     assert settings.node.host == "0.0.0.0" and settings.metrics.host == "0.0.0.0"
+    # Installed from the wheel, the node's own fallback (models/ beside the package) is not in the image.
+    assert_finds_the_image_models(settings, str(config_path))
     assert settings.database.resolved_url().startswith("postgresql+psycopg://")
     ports = published(node)
     assert set(ports) == {settings.node.port, settings.metrics.port}
@@ -256,11 +273,16 @@ def test_chart_values_defaults_equal_the_node_defaults_where_they_should() -> No
         "registration": RegistrationConfig(),
         "inference": InferenceConfig(),
     }
-    # The chart keeps the node's defaults except for the TLS paths (where the Secret is mounted).
+    # The chart keeps the node's defaults except for the TLS paths (where the Secret is mounted) and
+    # the shipped models (where the image has them).
+    image_dirs = set(image_model_dirs().values())
     for section, obj in defaults.items():
         for key, value in config[section].items():
             if section == "tls" and key in ("cert", "key"):
                 assert str(value).startswith("/etc/segnode/tls/")
+                continue
+            if section == "node" and key in ("default_model_dir", "brain_extractor_dir"):
+                assert value in image_dirs, f"values.yaml config.node.{key}={value!r}"
                 continue
             assert value == getattr(obj, key), f"values.yaml config.{section}.{key}={value!r}"
 
