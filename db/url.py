@@ -36,7 +36,7 @@ def url_in_config_file(path: Path) -> str:
     Raises
     ------
     DatabaseConfigError
-        The file is missing, not TOML, or its ``[database] url`` is not a string.
+        The file is missing, unreadable, not UTF-8 TOML, or its ``[database] url`` is not a string.
     """
     if not path.is_file():
         raise DatabaseConfigError(f"config file {path} does not exist")
@@ -44,6 +44,10 @@ def url_in_config_file(path: Path) -> str:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise DatabaseConfigError(f"{path}: not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise DatabaseConfigError(f"{path}: not UTF-8 text (TOML is UTF-8): {exc}") from None
+    except OSError as exc:
+        raise DatabaseConfigError(f"{path}: cannot read it: {exc.strerror or exc}") from None
     section = raw.get("database", {})
     if not isinstance(section, dict):
         raise DatabaseConfigError(f"{path}: [database] must be a table")

@@ -11,12 +11,15 @@ Environment:
 from __future__ import annotations
 
 import os
+import re
+import ssl
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from db.url import default_url, var_dir
+from node.dimse import ae_title_problem
 from node.exceptions import ConfigError
 
 if TYPE_CHECKING:
@@ -352,7 +355,9 @@ def _build_destinations(raw: Any, where: str) -> list[Destination]:
         raise ConfigError(f"{where}: [[destinations]] must be an array of tables")
     out = []
     for n, item in enumerate(raw):
-        here = f"{where}.destinations[{n}]"
+        here = f"{where}: destinations[{n}]"
+        if not isinstance(item, dict):
+            raise ConfigError(f"{here} must be a table ([[destinations]] with name, ae_title, host, port)")
         missing = [k for k in ("name", "ae_title", "host", "port") if k not in item]
         if missing:
             raise ConfigError(f"{here}: missing {', '.join(missing)}")
@@ -382,9 +387,7 @@ def _apply_env(settings: Settings, env: dict[str, str]) -> None:
 
 
 def _validate(settings: Settings, where: str) -> None:
-    ae = settings.node.ae_title
-    if not ae or len(ae) > 16 or "\\" in ae or not ae.isascii() or not ae.strip():
-        raise ConfigError(f"{where}: node.ae_title {ae!r} must be 1-16 ASCII characters, no backslash")
+    _validate_ae_titles(settings.node, where)
     for name, port in [("node.port", settings.node.port), ("metrics.port", settings.metrics.port)]:
         if not 0 <= port <= 65535:
             raise ConfigError(f"{where}: {name} {port} is not a TCP port")
@@ -439,8 +442,64 @@ def _validate(settings: Settings, where: str) -> None:
     if reg.parallel < 1 or reg.threads < 0:
         raise ConfigError(f"{where}: registration.parallel must be at least 1 and threads at least 0")
     _validate_inference(settings.inference, where)
+    _validate_selection(settings.selection, where)
     if settings.tls.enabled and not (settings.tls.cert and settings.tls.key):
         raise ConfigError(f"{where}: tls.enabled needs tls.cert and tls.key")
+
+
+def _validate_ae_titles(node: NodeSettings, where: str) -> None:
+    """``node.ae_title`` and each of ``node.allowed_calling_aes`` is an AE title (PS3.5 6.2)."""
+    if problem := ae_title_problem(node.ae_title):
+        raise ConfigError(f"{where}: node.ae_title {node.ae_title!r} {problem}")
+    for n, ae in enumerate(node.allowed_calling_aes):
+        if problem := ae_title_problem(ae):
+            raise ConfigError(f"{where}: node.allowed_calling_aes[{n}] {ae!r} {problem}")
+
+
+def _validate_selection(selection: SelectionSettings, where: str) -> None:
+    """Every ``*_pattern`` of ``[selection]`` compiles (node/selection.py compiles them at start)."""
+    for f in fields(selection):
+        if f.name.endswith("_pattern"):
+            pattern = getattr(selection, f.name)
+            try:
+                re.compile(pattern, re.IGNORECASE)
+            except re.error as exc:
+                raise ConfigError(
+                    f"{where}: selection.{f.name} {pattern!r} is not a regular expression: {exc}"
+                ) from None
+
+
+def _read_pem(path: str, key: str, marker: str, what: str, where: str) -> None:
+    """``path`` (the value of ``tls.<key>``) can be read and holds a PEM block ``marker``."""
+    try:
+        text = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{where}: tls.{key} {path}: cannot read it: {exc.strerror or exc}") from None
+    if not re.search(rb"-----BEGIN " + marker.encode() + rb"-----", text):
+        raise ConfigError(f"{where}: tls.{key} {path}: not a PEM {what} (no '-----BEGIN {marker}-----')")
+
+
+def _check_tls_files(tls: TLSSettings, where: str) -> None:
+    """With ``[tls] enabled``: cert and key are readable PEM files that make a chain; ca likewise."""
+    if not tls.enabled:
+        return
+    _read_pem(tls.cert, "cert", "CERTIFICATE", "certificate", where)
+    _read_pem(tls.key, "key", "(?:[A-Z]+ )?PRIVATE KEY", "private key", where)
+    if tls.ca:
+        _read_pem(tls.ca, "ca", "CERTIFICATE", "certificate", where)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(tls.cert, tls.key)
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(
+            f"{where}: tls.cert and tls.key do not make a certificate chain "
+            f"({tls.cert}, {tls.key}): {exc}"
+        ) from None
+    if tls.ca:
+        try:
+            context.load_verify_locations(tls.ca)
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigError(f"{where}: tls.ca {tls.ca}: not usable as CA certificates: {exc}") from None
 
 
 def _validate_inference(inference: InferenceConfig, where: str) -> None:
@@ -451,14 +510,19 @@ def _validate_inference(inference: InferenceConfig, where: str) -> None:
         raise ConfigError(f"{where}: inference.mirror {inference.mirror!r} is not one of {known}")
 
 
-def load_settings(path: Path | str | None = None, env: dict[str, str] | None = None) -> Settings:
+def load_settings(
+    path: Path | str | None = None, env: dict[str, str] | None = None, *, check_files: bool = True
+) -> Settings:
     """Read the config file (``path``, else ``$SEGNODE_CONFIG``, else defaults) and apply env overrides.
+
+    ``check_files`` False checks the values only, not that the files they name (``[tls]``) can be
+    used here: for a config written for another machine, such as the Helm chart's rendered one.
 
     Raises
     ------
     ConfigError
-        The file is missing or not TOML, or a key is unknown or of the wrong type; the
-        message names the file and the key.
+        The file is missing, unreadable or not UTF-8 TOML, a key is unknown or of the wrong type,
+        or a value is one the node cannot run with; the message names the file and the key.
     """
     env = dict(os.environ) if env is None else env
     if path is None and env.get("SEGNODE_CONFIG"):
@@ -474,6 +538,10 @@ def load_settings(path: Path | str | None = None, env: dict[str, str] | None = N
             raw = tomllib.loads(file.read_text(encoding="utf-8"))
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{file}: not valid TOML: {exc}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{file}: not UTF-8 text (TOML is UTF-8): {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"{file}: cannot read it: {exc.strerror or exc}") from None
         for key, value in raw.items():
             if key == "destinations":
                 settings.destinations = _build_destinations(value, where)
@@ -486,4 +554,6 @@ def load_settings(path: Path | str | None = None, env: dict[str, str] | None = N
         settings.source = file
     _apply_env(settings, env)
     _validate(settings, where)
+    if check_files:
+        _check_tls_files(settings.tls, where)
     return settings

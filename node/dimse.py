@@ -65,3 +65,15 @@ def stored(status: int | None) -> bool:
     if status is None:
         return False
     return status == SUCCESS or 0xB000 <= status <= 0xBFFF or status in (0x0001, 0x0107, 0x0116)
+
+
+def ae_title_problem(value: str) -> str | None:
+    """What makes ``value`` no valid AE title (PS3.5 6.2, VR AE), or None when it is one.
+
+    An AE title is 1-16 characters of the default character repertoire (ASCII) without backslash
+    or control characters, and not only spaces (leading and trailing spaces are not significant).
+    """
+    printable = all(" " <= c <= "~" and c != "\\" for c in value)
+    if value.strip() and len(value) <= 16 and printable:
+        return None
+    return "must be 1-16 ASCII characters, not all spaces, no backslash or control character"

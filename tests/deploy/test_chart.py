@@ -276,7 +276,8 @@ def test_replicas_with_shared_spool_and_external_db(helm: str, tmp_path: Path) -
     assert secret_value(docs, f"{FULLNAME}-database", "url") == (
         "postgresql+psycopg://segnode:secret@pg.db.svc:5432/segnode"
     )
-    settings = load_settings(node_toml(docs, tmp_path), env={})
+    # The TLS files named are the pod's (the Secret's mount), not this machine's.
+    settings = load_settings(node_toml(docs, tmp_path), env={}, check_files=False)
     assert settings.node.ae_title == "SEGNODE_K8S" and settings.node.port == 11112
     assert settings.node.allowed_calling_aes == ["PACS1", "PACS2"]
     assert settings.node.study_idle_seconds == 20.0 and settings.node.workers == 2
@@ -429,6 +430,23 @@ def test_given_postgres_password_is_url_quoted(helm: str) -> None:
         (["--set", "config.node.workers=two"], "config.node.workers"),
         (["--set", "training.runName=Run_1"], "training.runName"),
         (["--set", "config.destinations[0].name=pacs"], "config.destinations.0"),
+        # AE titles (PS3.5 6.2): 1-16 ASCII characters, no backslash or control character.
+        (
+            ["--set", "config.node.allowed_calling_aes[0]=A_VERY_LONG_AE_TITLE"],
+            "config.node.allowed_calling_aes.0: String length must be less than or equal to 16",
+        ),
+        (
+            ["--set-json", 'config.node.allowed_calling_aes=["PACS", "PA\\\\CS"]'],
+            "config.node.allowed_calling_aes.1: Does not match pattern",
+        ),
+        (
+            ["--set-json", 'config.destinations=[{"name":"p","ae_title":"PA\\\\CS","host":"h","port":1}]'],
+            "config.destinations.0.ae_title: Does not match pattern",
+        ),
+        (
+            ["--set-json", 'config.destinations=[{"name": "p", "ae_title": "  ", "host": "h", "port": 1}]'],
+            "config.destinations.0.ae_title: Does not match pattern",
+        ),
     ],
 )
 def test_values_schema_refuses_wrong_config(helm: str, args: list[str], message: str) -> None:

@@ -247,3 +247,13 @@ def test_table_help_is_the_commands_own_help() -> None:
         assert real.name == name
         assert real.get_short_help_str(limit=200) == spec.help, name
         assert Context(real).command is real
+
+
+def test_serve_with_a_config_it_cannot_run_is_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = tmp_path / "node.toml"
+    cfg.write_text("[selection]\nt2_pattern = '(unclosed'\n")
+    code, _, err = run_cli(["serve", "--config", str(cfg)], capsys, monkeypatch)
+    assert code == 2 and "Traceback" not in err
+    assert err.startswith(f"error: {cfg}: selection.t2_pattern '(unclosed' is not a regular expression")
