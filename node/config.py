@@ -10,6 +10,7 @@ Environment:
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import ssl
@@ -319,11 +320,13 @@ def _coerce(value: Any, current: Any, where: str) -> Any:
                 raise ValueError(value)
             return value
         if isinstance(current, int):
-            if isinstance(value, bool):
+            if isinstance(value, (bool, float)):  # 11112.9 is no port, nor 2.7 a number of processes
                 raise ValueError(value)
             return int(value)
         if isinstance(current, float):
-            return float(value)
+            if isinstance(value, bool) or not math.isfinite(number := float(value)):
+                raise ValueError(value)
+            return number
         if isinstance(current, list):
             if isinstance(value, str):
                 return [v.strip() for v in value.split(",") if v.strip()]
@@ -335,7 +338,7 @@ def _coerce(value: Any, current: Any, where: str) -> Any:
                 raise ValueError(value)
             return value
     except (TypeError, ValueError):
-        expected = type(current).__name__
+        expected = "a finite float" if isinstance(current, float) else type(current).__name__
         raise ConfigError(f"{where}: expected {expected}, got {value!r}") from None
     return value
 
@@ -405,11 +408,8 @@ def _validate(settings: Settings, where: str) -> None:
         raise ConfigError(f"{where}: node.send_max_refusals must be >= 0 (0: never give up)")
     if not (keep := settings.node.failed_keep_hours) >= 0:
         raise ConfigError(f"{where}: node.failed_keep_hours must be >= 0 (0: never remove), not {keep}")
-    for dest in settings.destinations:
-        if not 1 <= len(dest.ae_title) <= 16:
-            raise ConfigError(
-                f"{where}: destination {dest.name!r} ae_title {dest.ae_title!r} must be 1-16 characters"
-            )
+    _validate_node_timing(settings.node, where)
+    _validate_destinations(settings.destinations, where)
     qc = settings.qc
     if not 0 <= qc.min_brain_ml <= qc.max_brain_ml:
         raise ConfigError(f"{where}: qc.min_brain_ml {qc.min_brain_ml} must be >= 0 and <= qc.max_brain_ml")
@@ -445,6 +445,39 @@ def _validate(settings: Settings, where: str) -> None:
     _validate_selection(settings.selection, where)
     if settings.tls.enabled and not (settings.tls.cert and settings.tls.key):
         raise ConfigError(f"{where}: tls.enabled needs tls.cert and tls.key")
+
+
+def _validate_node_timing(node: NodeSettings, where: str) -> None:
+    """The task, workers, waits and limits of ``[node]`` that its loops and queues run on."""
+    from db.models import SEGMENTATION_TASKS
+
+    if node.task not in SEGMENTATION_TASKS:
+        raise ConfigError(f"{where}: node.task {node.task!r} is not one of {', '.join(SEGMENTATION_TASKS)}")
+    if node.workers < 1:
+        raise ConfigError(f"{where}: node.workers must be at least 1, not {node.workers}")
+    for name in ("poll_seconds", "send_retry_base_seconds", "stale_job_seconds"):
+        if not getattr(node, name) > 0:  # 0: the loops spin, every running job is stale at once
+            raise ConfigError(f"{where}: node.{name} must be > 0, not {getattr(node, name)}")
+    for name in ("study_idle_seconds", "min_free_disk_mb"):
+        if getattr(node, name) < 0:
+            raise ConfigError(f"{where}: node.{name} must be >= 0, not {getattr(node, name)}")
+    if node.send_retry_max_seconds < node.send_retry_base_seconds:
+        raise ConfigError(
+            f"{where}: node.send_retry_max_seconds {node.send_retry_max_seconds} must be >= "
+            f"node.send_retry_base_seconds {node.send_retry_base_seconds}"
+        )
+
+
+def _validate_destinations(destinations: list[Destination], where: str) -> None:
+    """Each destination has an AE title (PS3.5 6.2), a host and a TCP port the sender can reach."""
+    for n, dest in enumerate(destinations):
+        here = f"{where}: destinations[{n}]"
+        if problem := ae_title_problem(dest.ae_title):
+            raise ConfigError(f"{here}.ae_title {dest.ae_title!r} {problem}")
+        if not dest.host.strip():
+            raise ConfigError(f"{here}.host is empty")
+        if not 1 <= dest.port <= 65535:
+            raise ConfigError(f"{here}.port {dest.port} is not a TCP port (1-65535)")
 
 
 def _validate_ae_titles(node: NodeSettings, where: str) -> None:

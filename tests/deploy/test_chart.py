@@ -430,6 +430,9 @@ def test_given_postgres_password_is_url_quoted(helm: str) -> None:
         (["--set", "config.node.workers=two"], "config.node.workers"),
         (["--set", "training.runName=Run_1"], "training.runName"),
         (["--set", "config.destinations[0].name=pacs"], "config.destinations.0"),
+        (["--set", "config.node.task=whole_tumour"], "config.node.task must be one of the following"),
+        (["--set", "config.node.poll_seconds=0"], "config.node.poll_seconds: Must be greater than 0"),
+        (["--set", "config.node.stale_job_seconds=0"], "config.node.stale_job_seconds: Must be greater"),
         # AE titles (PS3.5 6.2): 1-16 ASCII characters, no backslash or control character.
         (
             ["--set", "config.node.allowed_calling_aes[0]=A_VERY_LONG_AE_TITLE"],

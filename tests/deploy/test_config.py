@@ -326,6 +326,14 @@ def test_chart_values_schema_mirrors_the_config_schema(section: str) -> None:
         assert prop["type"] == JSON_TYPES[type(getattr(defaults, key))], f"config.{section}.{key}"
 
 
+def test_chart_values_schema_knows_the_node_tasks() -> None:
+    from db.models import SEGMENTATION_TASKS
+
+    schema = json.loads((CHART / "values.schema.json").read_text(encoding="utf-8"))
+    task = schema["properties"]["config"]["properties"]["node"]["properties"]["task"]
+    assert task["enum"] == list(SEGMENTATION_TASKS)
+
+
 def test_chart_values_schema_destinations_mirror_destination() -> None:
     schema = json.loads((CHART / "values.schema.json").read_text(encoding="utf-8"))
     item = schema["properties"]["config"]["properties"]["destinations"]["items"]

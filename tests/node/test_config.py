@@ -11,6 +11,9 @@ from db.url import url_in_config_file
 from node.config import ConfigError, load_settings
 from tests.helpers.certs import issue_cert, make_ca
 
+#: A node.toml with one destination, its AE title and port to fill in.
+DEST = '[[destinations]]\nname = "p"\nae_title = "{ae}"\nhost = "h"\nport = {port}\n'
+
 
 def test_defaults_use_var_dir(segnode_home: Path) -> None:
     s = load_settings(env={"SEGNODE_HOME": str(segnode_home)})
@@ -45,7 +48,7 @@ def test_file_and_env_override(tmp_path: Path, segnode_home: Path) -> None:
         ("[[destinations]]\nname = 'p'\n", "missing ae_title, host, port"),
         ("[registration]\nparallel = 0\n", "registration.parallel must be at least 1"),
         ("[node]\nspool_keep_hours = -1\n", "node.spool_keep_hours must be >= 0"),
-        ("[node]\nfailed_keep_hours = nan\n", "node.failed_keep_hours must be >= 0"),
+        ("[node]\nfailed_keep_hours = nan\n", "node.failed_keep_hours: expected a finite float, got nan"),
         ("[node]\nsend_max_refusals = -1\n", "node.send_max_refusals must be >= 0"),
         ("[inference]\nmirror = 'ud'\n", "inference.mirror 'ud' is not one of 'none', 'lr', 'lr+ap'"),
     ],
@@ -135,3 +138,66 @@ def test_config_file_not_utf8_is_a_config_error(tmp_path: Path) -> None:
         load_settings(cfg, env={})
     with pytest.raises(DatabaseConfigError, match=f"{cfg}: not UTF-8 text"):
         url_in_config_file(cfg)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (DEST.format(ae="PACS", port=70000), "destinations[0].port 70000 is not a TCP port (1-65535)"),
+        (DEST.format(ae="PACS", port=0), "destinations[0].port 0 is not a TCP port (1-65535)"),
+        (DEST.format(ae="PA\\\\CS", port=104), "destinations[0].ae_title 'PA\\\\CS' must be 1-16 ASCII"),
+        (DEST.format(ae="A_VERY_LONG_AE_TITLE", port=104), "destinations[0].ae_title 'A_VERY_LONG_AE_TITL"),
+        (DEST.format(ae="PACS", port=104).replace('"h"', '""'), "destinations[0].host is empty"),
+        ("[node]\ntask = 'whole_tumour'\n", "node.task 'whole_tumour' is not one of whole_tumor, brats_re"),
+        ("[node]\npoll_seconds = 0\n", "node.poll_seconds must be > 0, not 0.0"),
+        ("[node]\npoll_seconds = -1\n", "node.poll_seconds must be > 0, not -1.0"),
+        ("[node]\nstudy_idle_seconds = -10\n", "node.study_idle_seconds must be >= 0, not -10.0"),
+        ("[node]\nmin_free_disk_mb = -100\n", "node.min_free_disk_mb must be >= 0, not -100"),
+        ("[node]\nsend_retry_base_seconds = -1\n", "node.send_retry_base_seconds must be > 0, not -1.0"),
+        ("[node]\nsend_retry_max_seconds = -5\n", "node.send_retry_max_seconds -5.0 must be >="),
+        ("[node]\nstale_job_seconds = -1\n", "node.stale_job_seconds must be > 0, not -1.0"),
+        ("[node]\nworkers = 0\n", "node.workers must be at least 1, not 0"),
+        ("[node]\nstudy_idle_seconds = nan\n", "node.study_idle_seconds: expected a finite float, got nan"),
+        ("[node]\nstudy_idle_seconds = inf\n", "node.study_idle_seconds: expected a finite float, got inf"),
+        ("[node]\nearly_quiet_seconds = nan\n", "node.early_quiet_seconds: expected a finite float"),
+        ("[qc]\nmin_head_ml = nan\n", "qc.min_head_ml: expected a finite float, got nan"),
+        ("[qc]\nmax_brain_ml = inf\n", "qc.max_brain_ml: expected a finite float, got inf"),
+        ("[registration]\nsampling_fraction = nan\n", "registration.sampling_fraction: expected a finite"),
+        ("[node]\nport = 11112.9\n", "node.port: expected int, got 11112.9"),
+        ("[node]\nreceivers = 2.7\n", "node.receivers: expected int, got 2.7"),
+        ("[qc]\nmin_slices = 2.5\n", "qc.min_slices: expected int, got 2.5"),
+        ("[[destinations]]\nname='p'\nae_title='P'\nhost='h'\nport=104.5\n", "port: expected int, got 104.5"),
+    ],
+)
+def test_config_that_would_break_the_node_at_run_time_is_refused(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    # Each of these was accepted and broke the node later: nothing sent, no model, a spinning loop.
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_settings(cfg, env={})
+    assert message in str(info.value)
+    assert str(cfg) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"SEGNODE_NODE_POLL_SECONDS": "nan"}, "SEGNODE_NODE_POLL_SECONDS: expected a finite float, got"),
+        ({"SEGNODE_QC_MIN_HEAD_ML": "-inf"}, "SEGNODE_QC_MIN_HEAD_ML: expected a finite float"),
+        ({"SEGNODE_NODE_WORKERS": "2.5"}, "SEGNODE_NODE_WORKERS: expected int, got '2.5'"),
+        ({"SEGNODE_NODE_TASK": "brain_extraction"}, "node.task 'brain_extraction' is not one of"),
+    ],
+)
+def test_environment_overrides_are_held_to_the_same_rules(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(env=env)
+    assert message in str(info.value)
+
+
+def test_whole_numbers_and_every_known_task_still_load(tmp_path: Path) -> None:
+    cfg = tmp_path / "node.toml"
+    cfg.write_text("[node]\ntask = 'brats_regions'\nstudy_idle_seconds = 0\nmin_free_disk_mb = 0\n")
+    s = load_settings(cfg, env={"SEGNODE_NODE_POLL_SECONDS": "0.25"})
+    assert (s.node.task, s.node.study_idle_seconds, s.node.poll_seconds) == ("brats_regions", 0.0, 0.25)
