@@ -129,9 +129,13 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def main() -> None:
-    """Console-script entry point: run the app, turn known errors into one line and exit code 2."""
+    """Console-script entry point: run the app, turn known errors into one line and exit code 2.
+
+    Outside standalone mode a command's ``typer.Exit(code)`` comes back as the app's return value, not
+    as an exception: that code is the process's exit code.
+    """
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except typer.Abort:
@@ -150,3 +154,5 @@ def main() -> None:
         # escape: a message naming a config section ("[node] ...") is text, not Rich markup
         err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2)
+    if isinstance(code, int) and code:
+        sys.exit(code)

@@ -257,3 +257,24 @@ def test_serve_with_a_config_it_cannot_run_is_one_line_and_exit_2(
     code, _, err = run_cli(["serve", "--config", str(cfg)], capsys, monkeypatch)
     assert code == 2 and "Traceback" not in err
     assert err.startswith(f"error: {cfg}: selection.t2_pattern '(unclosed' is not a regular expression")
+
+
+def test_a_failed_send_exits_non_zero_from_a_real_process(tmp_path: Path) -> None:
+    # typer.Exit(1) under standalone_mode=False is returned, not raised: the exit code was 0.
+    not_dicom = tmp_path / "hostname"
+    not_dicom.write_text("scanner-7\n")
+    catcher = CatchingSCP("RECEIVER").start(free_port())
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "node", "send", "127.0.0.1", str(catcher.port), str(not_dicom)],
+            cwd=tmp_path,
+            env={**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200"},
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    finally:
+        catcher.stop()
+    assert "sent 0 of 1 files" in done.stdout and f"failed: {not_dicom}" in done.stdout
+    assert done.returncode == 1, done.stdout + done.stderr
