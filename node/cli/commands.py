@@ -76,6 +76,18 @@ def _collect(paths: list[Path]) -> list[Path]:
     return files
 
 
+def _check_peer(port: int, ae_titles: dict[str, str]) -> None:
+    """``port`` is a TCP port and each of ``ae_titles`` (option -> value) an AE title (PS3.5 6.2)."""
+    from node.dimse import ae_title_problem
+    from node.exceptions import NodeError
+
+    if not 1 <= port <= 65535:
+        raise NodeError(f"port {port} is not a TCP port (1-65535)")
+    for option, ae in ae_titles.items():
+        if problem := ae_title_problem(ae):
+            raise NodeError(f"{option} {ae!r} {problem}")
+
+
 def send(
     host: str = typer.Argument(..., help="Host of the receiving DICOM node."),
     port: int = typer.Argument(..., help="Its port."),
@@ -89,6 +101,7 @@ def send(
     from node.exceptions import NodeError
     from node.sender import store_files
 
+    _check_peer(port, {"--called-ae": called_ae, "--calling-ae": calling_ae})
     files = _collect(paths)
     if not files:
         raise NodeError(f"no files found in {', '.join(map(str, paths))}")

@@ -278,3 +278,34 @@ def test_a_failed_send_exits_non_zero_from_a_real_process(tmp_path: Path) -> Non
         catcher.stop()
     assert "sent 0 of 1 files" in done.stdout and f"failed: {not_dicom}" in done.stdout
     assert done.returncode == 1, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--called-ae", "TOO_LONG_AE_TITLE_X"], "--called-ae 'TOO_LONG_AE_TITLE_X' must be 1-16 ASCII"),
+        (["--calling-ae", "SEG\\NODE"], "--calling-ae 'SEG\\\\NODE' must be 1-16 ASCII characters"),
+        (["--called-ae", "  "], "--called-ae '  ' must be 1-16 ASCII characters"),
+    ],
+)
+def test_send_refuses_an_ae_title_that_is_none(
+    tmp_path: Path,
+    args: list[str],
+    message: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    (tmp_path / "f.dcm").write_bytes(b"")
+    code, _, err = run_cli(["send", "127.0.0.1", "104", str(tmp_path / "f.dcm"), *args], capsys, monkeypatch)
+    assert code == 2 and "Traceback" not in err
+    assert err.startswith(f"error: {message}"), err
+
+
+@pytest.mark.parametrize("port", ["0", "70000"])
+def test_send_refuses_a_port_that_is_none(
+    tmp_path: Path, port: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "f.dcm").write_bytes(b"")
+    code, _, err = run_cli(["send", "127.0.0.1", port, str(tmp_path / "f.dcm")], capsys, monkeypatch)
+    assert code == 2 and "Traceback" not in err
+    assert err.strip() == f"error: port {port} is not a TCP port (1-65535)", err
