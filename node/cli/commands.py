@@ -171,7 +171,11 @@ def jobs_list(
 ) -> None:
     """List jobs, newest first."""
     from db import job_queue
+    from db.node_tables import JOB_STATES
+    from node.exceptions import NodeError
 
+    if status is not None and status not in JOB_STATES:
+        raise NodeError(f"--status {status!r} is not a job state; use one of {', '.join(JOB_STATES)}")
     jobs = job_queue.list_jobs(_session_factory(config), status=status, limit=limit)
     if as_json:
         echo_json([_job_dict(j) for j in jobs])

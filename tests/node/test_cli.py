@@ -309,3 +309,18 @@ def test_send_refuses_a_port_that_is_none(
     code, _, err = run_cli(["send", "127.0.0.1", port, str(tmp_path / "f.dcm")], capsys, monkeypatch)
     assert code == 2 and "Traceback" not in err
     assert err.strip() == f"error: port {port} is not a TCP port (1-65535)", err
+
+
+def test_jobs_list_refuses_an_unknown_state(
+    config: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An empty table said "no such jobs" where the state was misspelt.
+    args = ["jobs", "list", "--config", str(config), "--status", "bogus"]
+    code, out, err = run_cli(args, capsys, monkeypatch)
+    assert (code, out) == (2, "")
+    assert err.strip() == (
+        "error: --status 'bogus' is not a job state; "
+        "use one of queued, running, done, failed, skipped, review"
+    )
+    code, out, _ = run_cli([*args[:-1], "review", "--json"], capsys, monkeypatch)
+    assert (code, out.strip()) == (0, "[]")
