@@ -21,6 +21,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -250,9 +251,14 @@ def _as_monochrome2(ds: Dataset, pixels: npt.NDArray[np.generic], where: str) ->
 
 def _rescale(ds: Dataset, where: str) -> tuple[float, float]:
     """RescaleSlope and RescaleIntercept (PS3.3 C.11.1.1.2): one finite number each (absent: 1 and 0)."""
+    return _rescale_values(ds.get("RescaleSlope"), ds.get("RescaleIntercept"), where)
+
+
+def _rescale_values(slope: Any, intercept: Any, where: str) -> tuple[float, float]:
+    """A slope and an intercept as :func:`_rescale` reads them, wherever they were found (a frame's
+    Pixel Value Transformation group of an Enhanced MR image too)."""
     out: list[float] = []
-    for keyword, default in (("RescaleSlope", 1.0), ("RescaleIntercept", 0.0)):
-        value = ds.get(keyword, default)
+    for keyword, value, default in (("RescaleSlope", slope, 1.0), ("RescaleIntercept", intercept, 0.0)):
         try:
             number = float(value or default)
         except (TypeError, ValueError) as exc:
@@ -334,8 +340,11 @@ def _multi_frame_slices(ds: Dataset, series: str) -> list[_Slice]:
         ):
             if value is None:
                 raise InvalidSeriesError(f"{fwhere}: missing {keyword}")
-        slope = _functional(ds, frame, "PixelValueTransformationSequence", "RescaleSlope", fwhere)
-        intercept = _functional(ds, frame, "PixelValueTransformationSequence", "RescaleIntercept", fwhere)
+        slope, intercept = _rescale_values(
+            _functional(ds, frame, "PixelValueTransformationSequence", "RescaleSlope", fwhere),
+            _functional(ds, frame, "PixelValueTransformationSequence", "RescaleIntercept", fwhere),
+            fwhere,
+        )
         pixel_spacing = _floats(spacing, 2, fwhere, "PixelSpacing")
         slices.append(
             _Slice(
@@ -346,8 +355,8 @@ def _multi_frame_slices(ds: Dataset, series: str) -> list[_Slice]:
                 pixel_spacing=(float(pixel_spacing[0]), float(pixel_spacing[1])),
                 rows=int(ds.Rows),
                 columns=int(ds.Columns),
-                slope=float(slope) if slope is not None else 1.0,  # type: ignore[arg-type]
-                intercept=float(intercept) if intercept is not None else 0.0,  # type: ignore[arg-type]
+                slope=slope,
+                intercept=intercept,
                 pixels=frame_pixels(index),
             )
         )

@@ -659,6 +659,24 @@ def test_enhanced_mr_rescale_is_applied_per_frame(small_series: list[Path], tmp_
     np.testing.assert_array_equal(load_series([ds]).array, expected)
 
 
+@pytest.mark.parametrize("slope", ["NaN", "inf", "x"])
+def test_enhanced_mr_rescale_that_is_no_finite_number_is_refused_naming_the_frame(
+    small_series: list[Path], tmp_path: Path, slope: str
+) -> None:
+    """As a single-frame image's is: a NaN slope loaded silently and made every network input inside
+    the brain NaN (an empty result); a value that is no number was a bare ValueError, so the job
+    never tried the role's next series."""
+    ds = pydicom.dcmread(str(_enhanced(small_series, tmp_path)))
+    frame = ds.PerFrameFunctionalGroupsSequence[1]
+    item = Dataset()
+    item.RescaleIntercept, item.RescaleType = "0", "US"
+    item.add_new(0x00281053, "DS", None)
+    item[0x00281053]._value = slope  # a value pydicom would refuse to set
+    frame.PixelValueTransformationSequence = [item]
+    with pytest.raises(InvalidSeriesError, match=r"frame 2: RescaleSlope = .* is not a (finite )?number"):
+        load_series([ds])
+
+
 def test_datasets_without_file_meta_and_single_slices(small_series: list[Path]) -> None:
     reference = load_series(small_series)
     ds = _datasets(small_series)
