@@ -280,6 +280,54 @@ class _RecordStatements:
 
 
 @database_errors
+def move_instance(sf: SessionFactory, row: ReceivedInstance, now: datetime | None = None) -> str | None:
+    """Record a kept instance received again in another study or series where it now is.
+
+    A PACS that merges or corrects a study sends its instances again with the same SOP Instance UIDs
+    and new Study or Series Instance UIDs. :func:`record_instances` saw a repeat and kept the old
+    row, so the corrected study never got a row (nor a job) and its file stayed in the spool for
+    good. Here the row takes the new study, series, path and calling AE, and the new study's idle
+    timer starts (or restarts), in one transaction.
+
+    Returns
+    -------
+    str or None
+        The row's former path when it was moved (the caller removes that file); None when the
+        instance is not recorded, not kept, or already recorded in that study and series.
+    """
+    with writing(sf) as s:
+        old = s.scalar(select(NodeInstance).where(NodeInstance.sop_instance_uid == row.sop_instance_uid))
+        if old is None or not old.kept or not row.kept or (
+            old.study_instance_uid == row.study_instance_uid
+            and old.series_instance_uid == row.series_instance_uid
+        ):
+            return None
+        previous, former_study = old.path or "", old.study_instance_uid
+        stamp = now or utcnow()
+        old.study_instance_uid, old.series_instance_uid = row.study_instance_uid, row.series_instance_uid
+        old.path, old.calling_ae, old.received_at = row.path, row.calling_ae, stamp
+        conn = s.connection()
+        ahead = stamp + timedelta(seconds=CLOCK_STEP_SECONDS)
+        touched = conn.execute(
+            _TOUCH_STUDY, {"b_uid": row.study_instance_uid, "b_now": stamp, "b_ahead": ahead}
+        )
+        if touched.rowcount == 0:
+            first = {"first_received_at": stamp, "last_received_at": stamp, "pending": True}
+            conn.execute(insert(_STUDIES), {"study_instance_uid": row.study_instance_uid, "runs": 0, **first})
+        s.flush()
+        left = s.scalar(
+            select(func.count()).select_from(NodeInstance).where(
+                NodeInstance.study_instance_uid == former_study, NodeInstance.kept.is_(True)
+            )
+        )
+        if not left:  # the study it left is empty now: nothing to analyse there
+            s.execute(
+                update(NodeStudy).where(NodeStudy.study_instance_uid == former_study).values(pending=False)
+            )
+        return previous
+
+
+@database_errors
 def forget_instance(sf: SessionFactory, sop_instance_uid: str) -> None:
     """Delete an instance row whose spool file could not be written (the sender got a failure)."""
     with writing(sf) as s:

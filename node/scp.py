@@ -21,6 +21,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pydicom.uid import UID
@@ -537,6 +538,25 @@ class StorageSCP:
         with the other associations' rows, :mod:`node.committer`)."""
         return self.committer.record(instances.ReceivedInstance(**row))
 
+    def _moved(
+        self, sop_uid: str, sop_class: str, study: str, series: str, path: Path, calling_ae: str
+    ) -> bool:
+        """A repeat of a kept instance in another study or series (a PACS that merged or corrected a
+        study): its row moves there (:func:`db.instances.move_instance`) and its former file leaves
+        the spool. True when it moved; False for a plain repeat."""
+        row = instances.ReceivedInstance(
+            sop_instance_uid=sop_uid, sop_class_uid=sop_class, study_instance_uid=study,
+            series_instance_uid=series, kept=True, path=str(path), calling_ae=calling_ae,
+        )  # fmt: skip
+        previous = instances.move_instance(self.sf, row)
+        if previous is None:
+            return False
+        logger.info("instance %s received again in study %s series %s: moved there", sop_uid, study, series)
+        former = Path(previous)
+        if previous and former != path and former.resolve().is_relative_to(self.spool_dir.resolve()):
+            former.unlink(missing_ok=True)
+        return True
+
     def _ignore(self, sop_class: str, sop_uid: str, calling_ae: str) -> int:
         new = self._record(
             sop_instance_uid=sop_uid,
@@ -610,6 +630,8 @@ class StorageSCP:
             if new:
                 instances.forget_instance(self.sf, sop_uid)
             raise error
+        if not new:
+            new = self._moved(sop_uid, sop_class, study, series, path, calling_ae)
         self.metrics.instances.labels("kept" if new else "duplicate").inc()
         if new and self.on_stored is not None:
             self.on_stored(series, str(path))

@@ -195,6 +195,33 @@ def test_vendors_private_objects_of_an_mr_study_are_acknowledged_not_processed(
     assert running.studies() == []
 
 
+def test_an_instance_sent_again_in_a_corrected_study_moves_there(
+    running: Running, mr_files: list[Path]
+) -> None:
+    """A PACS that merges or corrects a study sends its instances again, same SOP Instance UIDs, new
+    Study and Series UIDs: acknowledged as repeats, the corrected study got no row and no job, and its
+    files stayed in the spool for good. Now the row moves, the corrected study waits for its job, the
+    study left empty is no longer pending, and one file is on disk."""
+    first = [pydicom.dcmread(p) for p in mr_files[:2]]
+    for ds in first:
+        assert _store(running.scp.port, ds) == dimse.SUCCESS
+    old_study = str(first[0].StudyInstanceUID)
+    corrected_study, corrected_series = generate_uid(), generate_uid()
+    for ds in first:
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = corrected_study, corrected_series
+        assert _store(running.scp.port, ds) == dimse.SUCCESS
+    rows = running.rows()
+    assert len(rows) == 2 and {r.study_instance_uid for r in rows} == {corrected_study}
+    assert all(r.series_instance_uid == corrected_series and Path(str(r.path)).is_file() for r in rows)
+    on_disk = sorted(running.settings.spool_path().rglob("*.dcm"))
+    assert on_disk == sorted(Path(str(r.path)) for r in rows)
+    studies = {s.study_instance_uid: s for s in running.studies()}
+    assert studies[corrected_study].pending and not studies[old_study].pending
+    # A plain repeat stays a repeat.
+    assert _store(running.scp.port, first[0]) == dimse.SUCCESS
+    assert len(running.rows()) == 2 and len(list(running.settings.spool_path().rglob("*.dcm"))) == 2
+
+
 def test_missing_pixel_data_is_refused(
     running: Running, mr_files: list[Path], caplog: pytest.LogCaptureFixture
 ) -> None:
