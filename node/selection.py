@@ -41,7 +41,8 @@ localizer) serves no role. Nor, whatever its description says, does a series who
 
 A single-frame series holding several echoes at each position (a PD/T2 dual echo: EchoNumbers
 (0018,0086) and EchoTime differ between its images) is taken as one candidate per echo, each with
-its own TE: the long echo may be the T2, the short one serves no role.
+its own TE: the long echo may be the T2, the short one serves no role. Magnitude images are likewise
+taken apart from phase, real or imaginary images reconstructed into the same series.
 
 Among the candidates for a modality (:func:`ranked`) an ORIGINAL image wins over a DERIVED one, then
 one that covers about as much as the others over a slab, then the finer slices (SliceThickness and
@@ -378,30 +379,48 @@ def _slice_pitch(ds: Dataset) -> float | None:
 
 
 #: The attributes :func:`_echo_key` reads (a probe parses no other value).
-ECHO_TAGS: list[str] = ["EchoNumbers", "EchoTime"]
+ECHO_TAGS: list[str] = ["EchoNumbers", "EchoTime", "ImageType", "ComplexImageComponent"]
 
 
 def _echo_header(path: Path) -> Dataset:
     return pydicom.dcmread(path, stop_before_pixels=True, specific_tags=ECHO_TAGS)
 
 
-def _echo_key(ds: Dataset) -> tuple[str, float | None]:
-    """Which echo of its series an image is: EchoNumbers (0018,0086) and EchoTime (0018,0081)."""
-    return str(ds.get("EchoNumbers", "") or "").strip(), _float(ds.get("EchoTime"))
+def _complex_part(ds: Dataset) -> str:
+    """"" for a magnitude image (or one that does not say); else what it is: ComplexImageComponent
+    PHASE, REAL or IMAGINARY, or ImageType's vendor value (P, R, I, R_IR...)."""
+    component = str(ds.get("ComplexImageComponent", "") or "").strip().upper()
+    if component in ("PHASE", "REAL", "IMAGINARY"):
+        return component.lower()
+    parts = [v for v in _multi(ds.get("ImageType"))[2:] if COMPLEX_PARTS.match(v)]
+    return parts[0] if parts else ""
+
+
+def _echo_key(ds: Dataset) -> tuple[str, float | None, str]:
+    """Which volume of its series an image is: EchoNumbers (0018,0086), EchoTime (0018,0081), and
+    whether it is a magnitude or a phase, real or imaginary image (:func:`_complex_part`)."""
+    return str(ds.get("EchoNumbers", "") or "").strip(), _float(ds.get("EchoTime")), _complex_part(ds)
 
 
 def _echo_series(headers: Sequence[tuple[Dataset, Path]]) -> list[SeriesInfo]:
-    """The single-frame images of one series as one :class:`SeriesInfo`, or one per echo when they hold
-    several echoes at each position (a PD/T2 dual echo): each echo is a contrast of its own and a
-    volume of its own, and the T2 role may take the long echo alone."""
-    echoes: dict[tuple[str, float | None], list[tuple[Dataset, Path]]] = {}
+    """The single-frame images of one series as one :class:`SeriesInfo`, or one per volume when they
+    hold several at each position: each echo of a PD/T2 dual echo (a contrast and a volume of its own:
+    the T2 role may take the long echo alone), and the magnitude apart from the phase, real or
+    imaginary images reconstructed into the same series (Philips' M and R images of an IR sequence),
+    which serve no role."""
+    echoes: dict[tuple[str, float | None, str], list[tuple[Dataset, Path]]] = {}
     for ds, path in headers:
         echoes.setdefault(_echo_key(ds), []).append((ds, path))
+    several = len({(number, te) for number, te, _ in echoes}) > 1
     out = []
-    for (number, te), items in echoes.items():
+    for (number, te, part), items in echoes.items():
         info = series_info(items[0][0], [p for _, p in items], len(items))
-        if len(echoes) > 1:
-            info.echo = f"echo {number or '?'}, TE {te:g} ms" if te is not None else f"echo {number or '?'}"
+        labels = []
+        if several:
+            labels.append(f"echo {number or '?'}" + (f", TE {te:g} ms" if te is not None else ""))
+        if len(echoes) > 1 and part:
+            labels.append(f"{part} image")
+        info.echo = ", ".join(labels)
         out.append(info)
     return out
 

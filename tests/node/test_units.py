@@ -688,3 +688,30 @@ def test_a_dual_echo_series_is_split_in_the_order_a_pacs_may_send_it(tmp_path: P
     grouped = scan_grouped_series({"series": order})
     assert sorted((s.echo_time, s.slices) for s in grouped) == [(12.0, len(sources)), (100.0, len(sources))]
     assert sorted(s.echo_time or 0 for s in scan_series(order)) == [12.0, 100.0]
+
+
+def test_magnitude_and_real_images_of_one_series_are_two_candidates(tmp_path: Path) -> None:
+    """Philips reconstructs an IR sequence's magnitude and real images into one series (ImageType
+    M_IR / R_IR): read whole it has two images at each position and was refused, and when its first
+    file was a real image the whole series served no role. The magnitude images are a candidate of
+    their own, the real ones serve no role, on both scanning paths."""
+    from converters.dicom_series import load_series
+    from node.selection import scan_grouped_series
+
+    sources = sorted(require_shared("dicom", "siemens_t1_fl2d_sag_healthy").iterdir())
+    paths = []
+    for n, source in enumerate(sources):
+        for part in ("R", "M"):  # the real image first: it used to decide for the whole series
+            ds = pydicom.dcmread(source)
+            ds.ImageType = ["ORIGINAL", "PRIMARY", f"{part}_IR", part, "IR"]
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+            path = tmp_path / f"{n:03d}-{part}.dcm"
+            ds.save_as(path, enforce_file_format=True)
+            paths.append(path)
+    for scanned in (scan_grouped_series({"series": paths}), scan_series(paths)):
+        by_part = {s.echo: s for s in scanned}
+        assert set(by_part) == {"", "R_IR image"}, by_part
+        magnitude, real = by_part[""], by_part["R_IR image"]
+        assert magnitude.slices == real.slices == len(sources)
+        assert not magnitude.serves_no_role and real.serves_no_role
+        assert load_series(magnitude.paths).array.shape[0] == len(sources)
