@@ -15,6 +15,16 @@ from tests.helpers.certs import issue_cert, make_ca
 DEST = '[[destinations]]\nname = "p"\nae_title = "{ae}"\nhost = "h"\nport = {port}\n'
 
 
+def _assert_refused(tmp_path: Path, text: str, message: str) -> None:
+    """A node.toml of ``text`` is refused with ``message``, naming the file."""
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_settings(cfg, env={})
+    assert message in str(info.value)
+    assert str(cfg) in str(info.value)
+
+
 def test_defaults_use_var_dir(segnode_home: Path) -> None:
     s = load_settings(env={"SEGNODE_HOME": str(segnode_home)})
     assert s.node.ae_title == "SEGNODE"
@@ -54,12 +64,7 @@ def test_file_and_env_override(tmp_path: Path, segnode_home: Path) -> None:
     ],
 )
 def test_bad_config_names_file_and_key(tmp_path: Path, text: str, message: str) -> None:
-    cfg = tmp_path / "node.toml"
-    cfg.write_text(text)
-    with pytest.raises(ConfigError) as info:
-        load_settings(cfg, env={})
-    assert message in str(info.value)
-    assert str(cfg) in str(info.value)
+    _assert_refused(tmp_path, text, message)
 
 
 def test_missing_file(tmp_path: Path) -> None:
@@ -92,12 +97,7 @@ def test_bad_env_override_names_variable() -> None:
 )
 def test_config_the_node_would_crash_on_names_the_key(tmp_path: Path, text: str, message: str) -> None:
     # Each of these passed the loader and then crashed `segnode serve` with a traceback.
-    cfg = tmp_path / "node.toml"
-    cfg.write_text(text)
-    with pytest.raises(ConfigError) as info:
-        load_settings(cfg, env={})
-    assert message in str(info.value)
-    assert str(cfg) in str(info.value)
+    _assert_refused(tmp_path, text, message)
 
 
 def test_allowed_calling_aes_from_the_environment_are_checked_too() -> None:
@@ -173,12 +173,7 @@ def test_config_that_would_break_the_node_at_run_time_is_refused(
     tmp_path: Path, text: str, message: str
 ) -> None:
     # Each of these was accepted and broke the node later: nothing sent, no model, a spinning loop.
-    cfg = tmp_path / "node.toml"
-    cfg.write_text(text)
-    with pytest.raises(ConfigError) as info:
-        load_settings(cfg, env={})
-    assert message in str(info.value)
-    assert str(cfg) in str(info.value)
+    _assert_refused(tmp_path, text, message)
 
 
 @pytest.mark.parametrize(
