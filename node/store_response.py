@@ -11,7 +11,8 @@ response (the seven elements of PS3.7 9.3.1.2: no Offending Element, no Error Co
 The packed response goes straight to the association's socket from the association's own thread,
 as one P-DATA-TF PDU, when the association is established and nothing is queued for its DUL thread
 (which would otherwise send it on its next turn: node/reactor.py :func:`~node.reactor.make_waiting`).
-A lock shared with the DUL thread's sends keeps two PDUs from interleaving on the socket.
+A lock shared with the DUL thread's sends keeps two PDUs from interleaving on the socket. Over TLS
+the packed response is queued for the DUL thread (an SSL connection is read and written by one thread).
 
 The quick path does not trigger ``EVT_DIMSE_SENT`` or ``EVT_PDU_SENT``: the only handler the node has
 on them is pynetdicom's standard logging handler, which logs nothing for a C-STORE response.
@@ -22,6 +23,7 @@ checks the bytes against pynetdicom's encoding and fails when the installed rele
 
 from __future__ import annotations
 
+import ssl
 import struct
 import threading
 import types
@@ -140,6 +142,12 @@ def _locked_sends(dul: Any) -> None:
 
 def make_quick_store_response(assoc: Any) -> None:
     """Give the association ``assoc`` the quick C-STORE response (call before its thread starts, e.g.
-    from ``EVT_CONN_OPEN``)."""
-    _locked_sends(assoc.dul)
+    from ``EVT_CONN_OPEN``).
+
+    Over TLS the packed response is queued for the DUL thread instead of written from the
+    association's thread: one SSL connection must not be written by one thread while another reads
+    it (OpenSSL's rule), and the DUL thread is reading it."""
+    raw = getattr(getattr(assoc.dul, "socket", None), "socket", None)
+    if not isinstance(raw, ssl.SSLSocket):
+        _locked_sends(assoc.dul)
     assoc.dimse.send_msg = types.MethodType(_send_msg, assoc.dimse)

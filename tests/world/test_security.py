@@ -115,6 +115,29 @@ def test_tls_works_plain_and_foreign_or_missing_client_certs_are_refused(
     assert len(list(tls_scp.spool_dir.rglob("*.dcm"))) == 3
 
 
+def test_over_tls_the_dul_thread_alone_writes_the_connection(
+    tls_scp: StorageSCP, pki: PKI, mr_files: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The quick C-STORE response went straight to the socket from the association's thread while the
+    DUL thread read it; an SSL connection must be read and written by one thread (OpenSSL). Over TLS
+    every response is queued for the DUL thread, and every C-STORE is answered Success."""
+    from node import store_response
+
+    direct: list[int] = []
+    encode = store_response.encode_p_data_tf
+
+    def counting(context_id: int, pdv: bytes) -> bytes:
+        direct.append(context_id)
+        return encode(context_id, pdv)
+
+    monkeypatch.setattr(store_response, "encode_p_data_tf", counting)
+    ok = store_files(
+        mr_files, "127.0.0.1", tls_scp.port, "SEGNODE", "PACS", tls=pki.client_context(pki.client)
+    )
+    assert [status for _, status, _ in ok] == [dimse.SUCCESS] * len(mr_files)
+    assert direct == []
+
+
 @pytest.mark.timeout(60)  # before the fix the client's handshake waited for ever
 def test_a_silent_connection_does_not_hold_back_other_tls_associations(
     tls_scp: StorageSCP, pki: PKI, mr_files: list[Path]
