@@ -66,6 +66,14 @@ class RegistrationSettings:
     max_metric_worsening:
         The final metric may be at most this much above (worse than) the geometry-only start (the
         sampled metric varies by ~0.001 between evaluations: a series already aligned must pass).
+    mirror_margin:
+        A registration fails unless the moving series fits the reference better by at least this
+        (Mattes MI) than the same series mirrored left-right about the brain's mid-plane as the
+        registration placed it: a series flipped in its pixels or its orientation header, which no
+        rigid motion undoes, was accepted with its tumour on the wrong side. On the 8 BraTS training
+        cases (T1, T1GD, T2 onto FLAIR) the mirror fitted 0.165-0.615 worse than a correct series,
+        and between 0.33 better and 0.07 worse than a flipped one (22 of 24 caught). None: not
+        checked.
     threads:
         SimpleITK threads (0: SimpleITK's default).
     learning_rate, min_step, relaxation:
@@ -83,6 +91,7 @@ class RegistrationSettings:
     max_translation_mm: float = 20.0
     max_rotation_deg: float = 15.0
     max_metric_worsening: float = 0.01
+    mirror_margin: float | None = 0.05
     threads: int = 0
     learning_rate: float = 1.0
     min_step: float = 0.01
@@ -108,6 +117,9 @@ class RigidResult:
     metric_start, metric_final:
         Mattes mutual information (SimpleITK's sign: lower is more similar) at the geometry-only
         alignment and at the end.
+    metric_mirrored:
+        The same at the end with the moving series mirrored left-right about the brain's mid-plane
+        (``mirror_margin``; NaN when not computed).
     iterations:
         Optimizer iterations at the last level.
     seconds:
@@ -133,6 +145,7 @@ class RigidResult:
     reason: str = ""
     stop: str = ""
     start_offset_mm: float = 0.0
+    metric_mirrored: float = float("nan")
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready figures (the matrix as nested lists, rounded)."""
@@ -140,8 +153,9 @@ class RigidResult:
         out["matrix"] = [[round(float(v), 6) for v in row] for row in self.matrix]
         for key in ("translation_mm", "rotation_deg", "edge_displacement_mm", "seconds", "start_offset_mm"):
             out[key] = round(float(out[key]), 3)
-        for key in ("metric_start", "metric_final"):
-            out[key] = round(float(out[key]), 5)
+        for key in ("metric_start", "metric_final", "metric_mirrored"):
+            value = float(out[key])
+            out[key] = round(value, 5) if np.isfinite(value) else None
         return out
 
 
@@ -342,6 +356,10 @@ def register_rigid(
         metric_start = float(method.MetricEvaluate(fixed_image, moving_image))
         method.Execute(fixed_image, moving_image)
         metric_final = float(method.MetricEvaluate(fixed_image, moving_image))
+        metric_mirrored = float("nan")
+        if settings.mirror_margin is not None:
+            mirrored = _mirrored(moving_image, _matrix(transform), centre)
+            metric_mirrored = float(method.MetricEvaluate(fixed_image, mirrored))
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         raise RegistrationError(f"SimpleITK registration failed: {first}") from None
@@ -358,6 +376,7 @@ def register_rigid(
             float(displacement_mm(matrix, points, start_matrix).max()) if len(points) else 0.0
         ),
         start_offset_mm=float(displacement_mm(start_matrix, centre[None, :])[0]),
+        metric_mirrored=metric_mirrored,
         metric_start=metric_start,
         metric_final=metric_final,
         iterations=int(method.GetOptimizerIteration()),
@@ -371,6 +390,21 @@ def register_rigid(
         metric_start, metric_final, result.seconds,
     )  # fmt: skip
     return result
+
+
+def _mirrored(moving_image: Any, matrix: npt.NDArray[np.float64], centre: npt.NDArray[np.float64]) -> Any:
+    """``moving_image`` mirrored about the plane that the registration (``matrix``: reference ->
+    moving) puts at the reference brain's mid-sagittal plane: through the brain's centre, normal to
+    the reference's left-right axis (RAS x)."""
+    import SimpleITK as sitk  # noqa: N813 (SimpleITK's own spelling)
+
+    point = matrix[:3, :3] @ centre + matrix[:3, 3]
+    normal = matrix[:3, :3] @ np.array([1.0, 0.0, 0.0])
+    normal /= np.linalg.norm(normal)
+    reflection = sitk.AffineTransform(3)
+    reflection.SetMatrix([float(v) for v in (np.eye(3) - 2.0 * np.outer(normal, normal)).ravel()])
+    reflection.SetCenter([float(v) for v in point])
+    return sitk.Resample(moving_image, moving_image, reflection, sitk.sitkLinear, 0.0)
 
 
 def check_result(result: RigidResult, settings: RegistrationSettings) -> None:
@@ -390,6 +424,12 @@ def check_result(result: RigidResult, settings: RegistrationSettings) -> None:
         )
     if result.rotation_deg > settings.max_rotation_deg:
         reasons.append(f"rotation {result.rotation_deg:.1f} deg > limit {settings.max_rotation_deg:g} deg")
+    margin = settings.mirror_margin
+    if margin is not None and result.metric_mirrored < result.metric_final + margin:
+        reasons.append(
+            f"the series fits about as well or better mirrored left-right (MI {result.metric_final:.3f}, "
+            f"mirrored {result.metric_mirrored:.3f}): its pixels or orientation may be flipped"
+        )
     result.ok = not reasons
     result.reason = "; ".join(reasons)
 

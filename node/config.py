@@ -199,6 +199,10 @@ class RegistrationConfig:
     # A series must cover at least this share of the reference's brain mask once placed: one covering
     # a slab gives the model zeros over the rest of the brain.
     min_brain_coverage: float = 0.9
+    # A series that fits about as well mirrored left-right as it is (within 0.05 of Mattes MI) may be
+    # flipped in its pixels or orientation header, which no rigid motion undoes: it fails
+    # (converters/registration.py RegistrationSettings.mirror_margin). false: not checked.
+    mirror_check: bool = True
     # The metric runs on copies of about this spacing (mm), 2 levels (shrink 2, 1).
     working_spacing_mm: float = 2.0
     iterations: int = 100
@@ -219,6 +223,7 @@ class RegistrationConfig:
             max_translation_mm=self.max_translation_mm,
             max_rotation_deg=self.max_rotation_deg,
             max_metric_worsening=self.max_metric_worsening,
+            mirror_margin=RegistrationSettings.mirror_margin if self.mirror_check else None,
             threads=self.threads,
         )
 

@@ -267,6 +267,31 @@ def test_a_series_covering_a_slab_of_the_brain_fails_its_registration() -> None:
         assert out.alignments[modality].ok and out.alignments[modality].as_dict()["brain_coverage"] > 0.99
 
 
+def test_a_series_flipped_left_right_fails_its_registration() -> None:
+    """A T1GD whose pixels are mirrored left-right (same geometry): no rigid motion undoes it, and it
+    passed with the enhancing tumour on the wrong side (its Dice fell from 0.65 to 0.11). It fits about
+    as well mirrored as it is, so it fails; the correct series fit far better than their mirrors."""
+    case = brats_case()
+    mask = brain_of(case)
+    images = {m: case.images[m] for m in ("FLAIR", "T1", "T2")}
+    images["T1GD"] = case.images["T1GD"][::-1].copy()  # RAS x reversed: left is right
+    out = coregister(
+        _loaded_series(images, case.affine), "FLAIR", ["FLAIR", "T1", "T1GD", "T2"], mask,
+        RegistrationConfig(threads=2),
+    )  # fmt: skip
+    flipped = out.alignments["T1GD"]
+    assert not flipped.ok and "mirrored left-right" in flipped.reason
+    for modality in ("T1", "T2"):
+        result = out.alignments[modality].result
+        assert out.alignments[modality].ok and result is not None
+        assert result.metric_mirrored > result.metric_final + 0.1
+    unchecked = coregister(
+        _loaded_series(images, case.affine), "FLAIR", ["FLAIR", "T1", "T1GD", "T2"], mask,
+        RegistrationConfig(threads=2, mirror_check=False),
+    )  # fmt: skip
+    assert unchecked.alignments["T1GD"].ok  # what passed before
+
+
 def test_another_frame_of_reference_counts_only_the_motion_beyond_the_heads_centres() -> None:
     """A T1 on its own Frame of Reference, its positions 78 mm off the FLAIR's with no motion of the
     patient: registration finds it, and its figures (and limits) are about the motion beyond the
