@@ -84,7 +84,7 @@ class SeriesAlignment:
             figures = self.result.as_dict()
             out.update({k: figures[k] for k in (
                 "translation_mm", "rotation_deg", "edge_displacement_mm", "metric_start", "metric_final",
-                "iterations", "seconds", "matrix", "start_offset_mm",
+                "iterations", "seconds", "matrix", "start_offset_mm", "metric_mirrored",
             )})  # fmt: skip
         return out
 

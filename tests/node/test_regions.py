@@ -281,6 +281,8 @@ def test_a_series_flipped_left_right_fails_its_registration() -> None:
     )  # fmt: skip
     flipped = out.alignments["T1GD"]
     assert not flipped.ok and "mirrored left-right" in flipped.reason
+    recorded = flipped.as_dict()  # as the job records it
+    assert recorded["metric_mirrored"] < recorded["metric_final"] + 0.05
     for modality in ("T1", "T2"):
         result = out.alignments[modality].result
         assert out.alignments[modality].ok and result is not None
