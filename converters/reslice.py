@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -226,6 +227,12 @@ def bias_field(
     return np.exp(scaled).astype(np.float32)
 
 
+def _scanner_like(image: npt.NDArray[Any]) -> bool:
+    """Whether ``image`` holds non-negative whole numbers, as a scanner's (and BraTS 2021's) do."""
+    values = np.asarray(image)
+    return bool(values.min() >= 0) and bool(np.all(np.mod(values, 1) == 0))
+
+
 def reslice_case(case: Case, plan: SeriesPlan, modalities: Sequence[str] | None = None) -> ReslicedCase:
     """``case`` re-acquired on ``plan``'s geometry (see the module notes).
 
@@ -254,13 +261,17 @@ def reslice_case(case: Case, plan: SeriesPlan, modalities: Sequence[str] | None 
     volumes: dict[str, Volume] = {}
     field = None
     for modality in chosen:
-        image = slab_average(case.images[modality], case.affine, geometry)
+        source = case.images[modality]
+        image = slab_average(source, case.affine, geometry)
         if plan.bias_field > 0:
             if field is None:
                 field = bias_field(geometry, plan.bias_field, plan.seed, image > 0)
             image = image * field
-        # Integer-valued like the scanner's and the source's pixels (stored exactly by the writer).
-        image = np.rint(np.clip(image, 0, None)).astype(np.float32)
+        if _scanner_like(source):
+            # Integer-valued like the scanner's and the source's pixels (stored exactly by the writer).
+            image = np.rint(np.clip(image, 0, None)).astype(np.float32)
+        # else a z-scored or float source (the BraTS 2013 cases): rounding and clipping at 0 left
+        # 10 values and 71 % of the brain at 0; the writer stores floats with a RescaleSlope.
         volumes[modality] = Volume(
             array=image,
             origin=geometry.origin.copy(),

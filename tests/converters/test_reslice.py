@@ -80,3 +80,24 @@ def test_ds_strings_of_oblique_positions_fit_16_characters() -> None:
 
     assert _ds(-9.999999999999996) == "-10.0"
     assert len(_ds(0.9396926207859084)) <= 16
+
+
+def test_a_z_scored_case_keeps_its_values_when_resliced() -> None:
+    """The BraTS 2013 cases are z-scored (about half the brain below 0): rounding and clipping at 0,
+    meant for a scanner's whole numbers, left ten values and most of the brain at 0. A whole-number
+    case is still rounded as before."""
+    case = make_synthetic_case(5, (64, 64, 40))
+    flair = case.images["FLAIR"]
+    inside = flair > 0
+    zscored = np.where(inside, (flair - flair[inside].mean()) / flair[inside].std(), 0).astype(np.float32)
+    plan = SeriesPlan("axial", fov_mm=200)
+    scored = reslice_case(case.__class__(**{**case.__dict__, "images": {"FLAIR": zscored}}), plan)
+    plain = reslice_case(case, plan, ["FLAIR"])
+    from scipy import ndimage
+
+    brain = ndimage.binary_erosion(plain.reference.array > 0, iterations=2)  # off the partial edge
+    values = scored.reference.array[brain]
+    assert (values < 0).mean() > 0.2 and np.unique(values).size > 100
+    expected = (plain.reference.array[brain] - flair[inside].mean()) / flair[inside].std()
+    assert np.corrcoef(values, expected)[0, 1] > 0.95
+    np.testing.assert_array_equal(plain.reference.array, np.rint(plain.reference.array))  # still whole
