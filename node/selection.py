@@ -542,9 +542,11 @@ class SeriesSelector:
 
         Each series' own evidence first: its Contrast/Bolus attributes, else a description that says
         post- or pre-contrast. A series with neither is post-contrast when it was acquired after a
-        series that has evidence of contrast (contrast stays for the rest of the examination), and
-        native otherwise. Acquisition time alone never makes a T1GD: in a study without any evidence
-        of contrast no series is T1GD, and a model that needs one is not run.
+        series that has evidence of contrast (contrast stays for the rest of the examination): a T1
+        given contrast, or any series whose Contrast/Bolus attributes say so (a perfusion series, a
+        post-contrast FLAIR), and native otherwise. Acquisition time alone never makes a T1GD: in a
+        study without any evidence of contrast no series is T1GD, and a model that needs one is not
+        run.
         """
         t1w = [
             s for s in series
@@ -552,9 +554,14 @@ class SeriesSelector:
             and not self.is_flair(s) and self._t1_weighted(s)
         ]  # fmt: skip
         own = {s.series_instance_uid: self._own_t1_evidence(s) for s in t1w}
+        # Contrast given shows in any series that records it, T1 or not: a perfusion series, a
+        # post-contrast FLAIR (and often only there).
         given = [
-            s.acquired for s in t1w
-            if s.acquired is not None and (evidence := own[s.series_instance_uid]) and evidence[0] == "T1GD"
+            s.acquired for s in series
+            if s.acquired is not None and (
+                s.contrast is True
+                or ((evidence := own.get(s.series_instance_uid)) is not None and evidence[0] == "T1GD")
+            )
         ]  # fmt: skip
         first_given = min(given, default=None)
         roles: dict[str, tuple[str, str]] = {}

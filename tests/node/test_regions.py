@@ -116,6 +116,19 @@ def test_a_t1_without_attributes_acquired_after_contrast_is_post_contrast() -> N
     # The same when only a description says which one was given contrast.
     post = _t1("1.2.2", "t1 se tra KM", "091500")
     assert _roles(_t1("1.2.3", "t1 se cor", "092000"), post, pre)["T1"] == "1.2.1"
+    # Or when only a series that is no T1 records the contrast: a perfusion series, or a FLAIR.
+    perfusion = _t1(
+        "1.2.5", "ep2d_perf", "091500", ScanningSequence="EP", EchoTime=30, RepetitionTime=1500,
+        NumberOfTemporalPositions=50, ContrastBolusAgent="Gadobutrol",
+    )  # fmt: skip
+    flair = _t1(
+        "1.2.6", "t2_tirm_tra_dark-fluid", "091500", ScanningSequence="SE\\IR", EchoTime=120,
+        RepetitionTime=9000, InversionTime=2500, ContrastBolusAgent="Gadobutrol",
+    )  # fmt: skip
+    for recorded in (perfusion, flair):
+        series = [series_info(d, [], 176 if d is post_3d else 30) for d in (post_3d, recorded, pre)]
+        chosen = SeriesSelector().select(series, ["T1", "T1GD"])
+        assert (chosen["T1"].series_instance_uid, chosen["T1GD"].series_instance_uid) == ("1.2.1", "1.2.4")
 
 
 def test_pre_and_post_contrast_t1_by_description_never_by_acquisition_time_alone() -> None:
