@@ -287,7 +287,7 @@ def move_instance(sf: SessionFactory, row: ReceivedInstance, now: datetime | Non
     and new Study or Series Instance UIDs. :func:`record_instances` saw a repeat and kept the old
     row, so the corrected study never got a row (nor a job) and its file stayed in the spool for
     good. Here the row takes the new study, series, path and calling AE, and the new study's idle
-    timer starts (or restarts), in one transaction.
+    timer starts (or restarts), in one transaction. A plain repeat costs one read, no write.
 
     Returns
     -------
@@ -295,13 +295,36 @@ def move_instance(sf: SessionFactory, row: ReceivedInstance, now: datetime | Non
         The row's former path when it was moved (the caller removes that file); None when the
         instance is not recorded, not kept, or already recorded in that study and series.
     """
+    if not row.kept or not _recorded_elsewhere(sf, row):
+        return None
+    for attempt in range(3):
+        try:
+            return _move(sf, row, now)
+        except IntegrityError:  # another process inserted the new study's row first: its touch now works
+            if attempt == 2:
+                raise
+    return None  # pragma: no cover
+
+
+def _recorded_elsewhere(sf: SessionFactory, row: ReceivedInstance) -> bool:
+    """Whether ``row``'s instance is recorded, kept, in another study or series (a read, no lock)."""
+    with sf() as s:
+        columns = (NodeInstance.kept, NodeInstance.study_instance_uid, NodeInstance.series_instance_uid)
+        old = s.execute(select(*columns).where(NodeInstance.sop_instance_uid == row.sop_instance_uid)).first()
+    return old is not None and bool(old.kept) and (
+        old.study_instance_uid != row.study_instance_uid or old.series_instance_uid != row.series_instance_uid
+    )
+
+
+def _move(sf: SessionFactory, row: ReceivedInstance, now: datetime | None) -> str | None:
+    """:func:`move_instance`'s transaction."""
     with writing(sf) as s:
         old = s.scalar(select(NodeInstance).where(NodeInstance.sop_instance_uid == row.sop_instance_uid))
-        if old is None or not old.kept or not row.kept or (
+        if old is None or not old.kept or (
             old.study_instance_uid == row.study_instance_uid
             and old.series_instance_uid == row.series_instance_uid
         ):
-            return None
+            return None  # moved by another process meanwhile
         previous, former_study = old.path or "", old.study_instance_uid
         stamp = now or utcnow()
         old.study_instance_uid, old.series_instance_uid = row.study_instance_uid, row.series_instance_uid

@@ -154,3 +154,54 @@ def test_two_processes_upgrade_an_empty_database_at_once(db_url: str) -> None:
         p.join(timeout=60)
     assert outcomes == ["ok", "ok"]
     assert current_revision(db_url) == head_revision()
+
+
+def _move_worker(url: str, name: str, rounds: int, barrier: Any, results: Any) -> None:
+    """Each round, move this worker's instance of round ``n`` into the new study ``9.9.n`` at once."""
+    from db import instances
+
+    sf = make_session_factory(make_engine(url))
+    for n in range(rounds):
+        barrier.wait(timeout=60)
+        try:
+            instances.move_instance(sf, instances.ReceivedInstance(
+                f"1.2.{name}.{n}", "1.2.840.10008.5.1.4.1.1.4", f"9.9.{n}", "9.9.1", True,
+                f"/spool/b/{name}.{n}", "PACS",
+            ))  # fmt: skip
+            results.put("ok")
+        except Exception as exc:  # reported to the parent, which asserts on it
+            results.put(f"{type(exc).__name__}: {exc}")
+
+
+def test_two_processes_move_instances_into_one_new_study_at_once(migrated_db_url: str) -> None:
+    """A corrected study re-sent over two associations taken by two receiving processes: each moves
+    its first instance into the new study at the same moment; both insert its row, one collides
+    (PostgreSQL: half the calls failed, answered Out of Resources with the file left unrecorded)."""
+    from sqlalchemy import select
+
+    from db import instances
+    from db.node_tables import NodeInstance, NodeStudy
+
+    rounds = 8
+    sf = make_session_factory(make_engine(migrated_db_url))
+    instances.record_instances(sf, [
+        instances.ReceivedInstance(
+            f"1.2.{name}.{n}", "1.2.840.10008.5.1.4.1.1.4", "1.1.1", "1.1.2", True,
+            f"/spool/a/{name}.{n}", "PACS",
+        )
+        for name in ("a", "b") for n in range(rounds)
+    ])  # fmt: skip
+    barrier, results = CTX.Barrier(2), CTX.Queue()
+    procs = [CTX.Process(target=_move_worker, args=(migrated_db_url, name, rounds, barrier, results))
+             for name in ("a", "b")]  # fmt: skip
+    for p in procs:
+        p.start()
+    outcomes = [results.get(timeout=120) for _ in range(2 * rounds)]
+    for p in procs:
+        p.join(timeout=60)
+    assert outcomes == ["ok"] * (2 * rounds)
+    with sf() as s:
+        moved = {r.study_instance_uid for r in s.scalars(select(NodeInstance))}
+        studies = {r.study_instance_uid: r.pending for r in s.scalars(select(NodeStudy))}
+    assert moved == {f"9.9.{n}" for n in range(rounds)}
+    assert studies == {"1.1.1": False, **{f"9.9.{n}": True for n in range(rounds)}}
