@@ -140,7 +140,8 @@ def plan_geometry(case: Case, plan: SeriesPlan) -> Volume:
     """An empty volume with ``plan``'s geometry centred on the head of ``case``.
 
     In-plane the field of view is ``plan.fov_mm``; the slices cover the head (the non-zero voxels
-    of every image) along the slice direction with one slice to spare at each end.
+    of every image) along the slice direction with one slice to spare at each end. The first voxel's
+    centre lies on a voxel centre of the case (moved by at most half a voxel).
     """
     region = np.logical_or.reduce([np.asarray(v) != 0 for v in case.images.values()])
     if not region.any():
@@ -154,6 +155,14 @@ def plan_geometry(case: Case, plan: SeriesPlan) -> Volume:
     n_pixels = max(1, round(plan.fov_mm / plan.pixel_spacing_mm))
     ps = plan.pixel_spacing_mm
     origin = centre - (n_pixels - 1) / 2.0 * ps * (row + col) - (n_slices - 1) / 2.0 * thick * normal
+    # The first voxel centre on a voxel centre of the case: where the new grid runs along the case's
+    # axes at a multiple of its spacing every voxel centre then falls on one, and the nearest-neighbour
+    # label samples the very voxel the image's slab is centred on. Off the grid by half a voxel (a
+    # field of view centred on the head) each label voxel was a tie between two of the case's voxels,
+    # always broken the same way: the truth moved half a voxel from its image.
+    source = np.asarray(LPS_TO_RAS @ case.affine, dtype=np.float64)
+    index = np.linalg.solve(source[:3, :3], origin - source[:3, 3])
+    origin = origin + source[:3, :3] @ (np.round(index) - index)
     return Volume(
         array=np.zeros((n_slices, n_pixels, n_pixels), dtype=np.float32),
         origin=origin,

@@ -101,3 +101,26 @@ def test_a_z_scored_case_keeps_its_values_when_resliced() -> None:
     expected = (plain.reference.array[brain] - flair[inside].mean()) / flair[inside].std()
     assert np.corrcoef(values, expected)[0, 1] > 0.95
     np.testing.assert_array_equal(plain.reference.array, np.rint(plain.reference.array))  # still whole
+
+
+@pytest.mark.parametrize("orientation", ["axial", "sagittal", "coronal"])
+def test_a_re_acquisition_on_the_cases_spacing_puts_its_voxel_centres_on_the_cases(orientation: str) -> None:
+    """A field of view centred on the head put the new voxel centres half a voxel off the case's along
+    some axes: each label voxel was then a tie between two of the case's, always broken the same way,
+    and the truth moved half a voxel from its image. On the case's grid the label is the case's own,
+    at the same place."""
+    from converters.reslice import plan_geometry
+
+    case = make_synthetic_case(5, (96, 96, 75))  # 2 mm voxels
+    plan = SeriesPlan(orientation, pixel_spacing_mm=2.0, slice_thickness_mm=2.0, fov_mm=200)
+    geometry = plan_geometry(case, plan)
+    source = LPS_TO_RAS @ case.affine
+    index = np.linalg.solve(source[:3, :3], geometry.origin - source[:3, 3])
+    np.testing.assert_allclose(index, np.round(index), atol=1e-9)
+    resliced = reslice_case(case, plan, ["FLAIR"])
+    assert resliced.label is not None and case.label is not None
+    assert (resliced.label > 0).sum() == (case.label > 0).sum()
+    volume = resliced.reference
+    moved = world_points(volume.affine, np.argwhere(resliced.label > 0)[:, ::-1]).mean(axis=0)
+    original = world_points(source, np.argwhere(case.label > 0)).mean(axis=0)
+    np.testing.assert_allclose(moved, original, atol=0.01)
