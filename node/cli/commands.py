@@ -349,7 +349,7 @@ def jobs_retry(
     from node.config import load_settings
     from node.exceptions import NodeError
 
-    settings = load_settings(config)
+    settings = load_settings(config, check_files=False)  # the destinations; the node's TLS key is its own
     if not settings.destinations:
         raise NodeError("the config has no [[destinations]]: there is nowhere to send the job's outputs")
     job = job_queue.get_job(sf, job_id)

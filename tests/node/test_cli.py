@@ -324,3 +324,21 @@ def test_jobs_list_refuses_an_unknown_state(
     )
     code, out, _ = run_cli([*args[:-1], "review", "--json"], capsys, monkeypatch)
     assert (code, out.strip()) == (0, "[]")
+
+
+def test_send_anyway_does_not_need_the_nodes_tls_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, segnode_home: Path
+) -> None:
+    """`jobs retry --send-anyway` reads the config for its destinations; an administrator who may not
+    read the node's TLS key (its own user's) was refused by the key check meant for `serve`."""
+    job = _done_job(f"sqlite:///{tmp_path / 'node.db'}")
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(
+        f'[database]\nurl = "sqlite:///{tmp_path / "node.db"}"\n'
+        f'[tls]\nenabled = true\ncert = "{tmp_path / "unreadable.pem"}"\n'
+        f'key = "{tmp_path / "unreadable.key"}"\n'
+        '[[destinations]]\nname = "pacs"\nae_title = "PACS"\nhost = "127.0.0.1"\nport = 104\n'
+    )
+    args = ["jobs", "retry", str(job), "--send-anyway", "--config", str(cfg)]
+    code, _, err = run_cli(args, capsys, monkeypatch)
+    assert code == 2 and "only a job in review can be sent anyway" in err, err
