@@ -74,7 +74,7 @@ class RegistrationSettings:
         registration placed it: a series flipped in its pixels or its orientation header, which no
         rigid motion undoes, was accepted with its tumour on the wrong side. On the 8 BraTS training
         cases (T1, T1GD, T2 onto FLAIR) the mirror fitted 0.165-0.615 worse than a correct series,
-        and between 0.33 better and 0.07 worse than a flipped one (22 of 24 caught). None: not
+        and between 0.33 better and 0.07 worse than a flipped one (23 of 24 caught). None: not
         checked.
     threads:
         SimpleITK threads (0: SimpleITK's default).
