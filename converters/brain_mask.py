@@ -444,7 +444,7 @@ class BrainMasker:
         low, high = (float(v) for v in np.percentile(finite[::2, ::2, ::2], self.settings.percentiles))
         padded, crop = continue_cut_faces(finite, affine, low, high)
         if padded is finite:
-            return self.network_mask(image)
+            return self.network_mask(finite)  # NaN already replaced: no second copy in probabilities()
         return self.network_mask(padded)[crop]
 
     def extract(self, image: npt.NDArray[Any], affine: npt.NDArray[Any]) -> npt.NDArray[np.bool_]:

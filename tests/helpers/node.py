@@ -292,3 +292,19 @@ def node_settings(
     settings.destinations = destinations or []
     return settings
 
+
+
+def count_direct_responses(monkeypatch: Any) -> list[int]:
+    """Record the context ID of every C-STORE response the quick path writes straight to the socket
+    (node/store_response.py ``encode_p_data_tf``); the returned list fills as they are sent."""
+    from node import store_response
+
+    direct: list[int] = []
+    encode = store_response.encode_p_data_tf
+
+    def counting(context_id: int, pdv: bytes) -> bytes:
+        direct.append(context_id)
+        return encode(context_id, pdv)
+
+    monkeypatch.setattr(store_response, "encode_p_data_tf", counting)
+    return direct

@@ -37,7 +37,7 @@ from node import dimse, reactor, store_response
 from node.metrics import NodeMetrics
 from node.scp import StorageSCP
 from tests.helpers.dcmtk import DCMTK_ENV, storescu
-from tests.helpers.node import node_settings
+from tests.helpers.node import count_direct_responses, node_settings
 from tests.helpers.peers import require_program
 from tests.helpers.ports import free_port
 
@@ -115,14 +115,7 @@ def test_associations_send_quick_store_responses(
         return original(*args)
 
     monkeypatch.setattr(store_response, "encode_c_store_rsp", counting)
-    direct: list[int] = []
-    encode_pdu = store_response.encode_p_data_tf
-
-    def counting_pdu(context_id: int, pdv: bytes) -> bytes:
-        direct.append(context_id)
-        return encode_pdu(context_id, pdv)
-
-    monkeypatch.setattr(store_response, "encode_p_data_tf", counting_pdu)
+    direct = count_direct_responses(monkeypatch)
     proc = storescu(scp.port, mr_files)
     assert proc.returncode == 0, proc.stderr
     assert len(packed) == len(mr_files) == len(_rows(scp.sf))

@@ -26,7 +26,7 @@ from node.sender import store_files
 from node.service import NodeService
 from tests.helpers.certs import issue_cert, make_ca
 from tests.helpers.dcmtk import DcmtkStoreSCP, storescu
-from tests.helpers.node import install_model, make_threshold_model, node_settings
+from tests.helpers.node import count_direct_responses, install_model, make_threshold_model, node_settings
 from tests.helpers.ports import free_port
 from tests.helpers.served import ServedNode, node_toml
 from tests.helpers.waiting import wait_until
@@ -121,16 +121,7 @@ def test_over_tls_the_dul_thread_alone_writes_the_connection(
     """The quick C-STORE response went straight to the socket from the association's thread while the
     DUL thread read it; an SSL connection must be read and written by one thread (OpenSSL). Over TLS
     every response is queued for the DUL thread, and every C-STORE is answered Success."""
-    from node import store_response
-
-    direct: list[int] = []
-    encode = store_response.encode_p_data_tf
-
-    def counting(context_id: int, pdv: bytes) -> bytes:
-        direct.append(context_id)
-        return encode(context_id, pdv)
-
-    monkeypatch.setattr(store_response, "encode_p_data_tf", counting)
+    direct = count_direct_responses(monkeypatch)
     ok = store_files(
         mr_files, "127.0.0.1", tls_scp.port, "SEGNODE", "PACS", tls=pki.client_context(pki.client)
     )
