@@ -474,9 +474,19 @@ def _validate_node_timing(node: NodeSettings, where: str) -> None:
 
 
 def _validate_destinations(destinations: list[Destination], where: str) -> None:
-    """Each destination has an AE title (PS3.5 6.2), a host and a TCP port the sender can reach."""
+    """Each destination has a name of its own, an AE title (PS3.5 6.2), a host and a TCP port.
+
+    Send rows are keyed by the destination's name: two destinations of one name would share them, and
+    the second would never be sent to.
+    """
+    seen: dict[str, int] = {}
     for n, dest in enumerate(destinations):
         here = f"{where}: destinations[{n}]"
+        if not dest.name.strip():
+            raise ConfigError(f"{here}.name is empty")
+        if dest.name in seen:
+            raise ConfigError(f"{here}.name {dest.name!r} is already destinations[{seen[dest.name]}]'s name")
+        seen[dest.name] = n
         if problem := ae_title_problem(dest.ae_title):
             raise ConfigError(f"{here}.ae_title {dest.ae_title!r} {problem}")
         if not dest.host.strip():

@@ -148,6 +148,11 @@ def test_config_file_not_utf8_is_a_config_error(tmp_path: Path) -> None:
         (DEST.format(ae="PA\\\\CS", port=104), "destinations[0].ae_title 'PA\\\\CS' must be 1-16 ASCII"),
         (DEST.format(ae="A_VERY_LONG_AE_TITLE", port=104), "destinations[0].ae_title 'A_VERY_LONG_AE_TITL"),
         (DEST.format(ae="PACS", port=104).replace('"h"', '""'), "destinations[0].host is empty"),
+        (DEST.format(ae="PACS", port=104).replace('"p"', '" "'), "destinations[0].name is empty"),
+        (
+            DEST.format(ae="PACS", port=104) + DEST.format(ae="VNA", port=105),
+            "destinations[1].name 'p' is already destinations[0]'s name",
+        ),
         ("[node]\ntask = 'whole_tumour'\n", "node.task 'whole_tumour' is not one of whole_tumor, brats_re"),
         ("[node]\npoll_seconds = 0\n", "node.poll_seconds must be > 0, not 0.0"),
         ("[node]\npoll_seconds = -1\n", "node.poll_seconds must be > 0, not -1.0"),
