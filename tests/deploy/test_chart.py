@@ -391,8 +391,14 @@ def test_import_job_promotes_the_exported_directory(helm: str) -> None:
     jobs_policy_covers(docs)
 
 
-def test_existing_secret_no_network_policy(helm: str) -> None:
+def test_existing_secret_no_network_policy(helm: str, tmp_path: Path) -> None:
     docs = render(helm, *values_args("existing-secret.yaml"))
+    # models.bootstrapShipped false: neither the init container nor the node registers a shipped model.
+    assert env_of(container(one(docs, "StatefulSet", FULLNAME), "bootstrap", init=True))[
+        "SEGNODE_BOOTSTRAP_MODEL"
+    ] == ""
+    settings = load_settings(node_toml(docs, tmp_path), env={}, check_files=False)
+    assert settings.node.bootstrap_default_model is False
     assert not of_kind(docs, "Secret")
     assert not of_kind(docs, "NetworkPolicy")
     assert not of_kind(docs, "ServiceAccount")
