@@ -257,6 +257,20 @@ class Trainer:
                 )
         return state
 
+    def _check_resumed_data(self, saved: dict[str, Any], spacing: Sequence[float]) -> None:
+        """The resumed run trains on the data and grid it started with (its card and lineage say so)."""
+        saved_spacing = saved["card"]["preprocessing"]["spacing_mm"]
+        if list(spacing) != list(saved_spacing):
+            raise TrainerError(
+                f"--resume: option spacing_mm is {list(spacing)!r} but the run in {self.out} used "
+                f"{list(saved_spacing)!r}"
+            )
+        if self.fingerprint != saved["fingerprint"]:
+            raise TrainerError(
+                f"--resume: the cases under {self.config.data} are not the ones the run in {self.out} "
+                "started with (their data fingerprint differs: cases added, removed or changed)"
+            )
+
     def _prepare_data(self, saved: dict[str, Any] | None) -> None:
         from converters.nifti import list_cases
 
@@ -293,7 +307,9 @@ class Trainer:
                 f"--resume: case {missing[0]} of the saved split is not under {self.config.data}"
             )
         self.split = split
-        self.fingerprint = saved["fingerprint"] if saved else data_fingerprint(refs)
+        self.fingerprint = data_fingerprint(refs)
+        if saved:
+            self._check_resumed_data(saved, spacing)
         pre, mods, task = self.card["preprocessing"], self.config.modalities, self.config.task
         optional = self.config.optional_modalities
         with self._bar("preprocessing", len(split["train"]) + len(split["val"])) as advance:

@@ -171,6 +171,14 @@ def test_resume_continues_from_the_saved_epoch(task01: Path, tmp_path: Path) -> 
         train(_config(task01, run, epochs=3, depth=2), resume=True, progress=False)  # type: ignore[arg-type]
     with pytest.raises(TrainerError, match=r"checkpoint .*nowhere.*last.pt does not exist"):
         train(_config(task01, tmp_path / "nowhere"), resume=True, progress=False)  # type: ignore[arg-type]
+    # The grid and the data are the run's too: its card and lineage would otherwise name others.
+    with pytest.raises(TrainerError, match=r"--resume: option spacing_mm is \[3.0, 3.0, 3.0\] but the run"):
+        train(_config(task01, run, epochs=3, spacing_mm=[3.0, 3.0, 3.0]), resume=True, progress=False)  # type: ignore[arg-type]
+    from converters.synthetic import write_synthetic_task01
+
+    other = write_synthetic_task01(tmp_path / "other" / "Task01_BrainTumour", 6, seed=6, shape=SHAPE)
+    with pytest.raises(TrainerError, match=r"--resume: the cases under .*other.* are not the ones the run"):
+        train(_config(other, run, epochs=3), resume=True, progress=False)  # type: ignore[arg-type]
 
 
 def test_a_kill_between_the_two_checkpoint_writes_keeps_the_best_model(
