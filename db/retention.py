@@ -41,6 +41,8 @@ class RemovableStudy:
     instance_ids: tuple[int, ...]
     #: Spool paths of its kept instances (ignored instances have none).
     paths: tuple[str, ...]
+    #: Its jobs (every run) with no send pending: their outputs (SEG, SR, preview) may go too.
+    finished_job_ids: tuple[int, ...] = ()
 
 
 @database_errors
@@ -95,6 +97,11 @@ def removable_studies(
                 .where(NodeInstance.study_instance_uid == study.study_instance_uid)
                 .order_by(NodeInstance.id)
             ).all()
+            sending = set(
+                s.scalars(
+                    select(NodeSend.job_id).where(NodeSend.job_id.in_([j.id for j in jobs]), pending)
+                ).all()
+            )
             found.append(
                 RemovableStudy(
                     study_instance_uid=study.study_instance_uid,
@@ -103,6 +110,7 @@ def removable_studies(
                     finished_at=finished,
                     instance_ids=tuple(int(i) for i, _ in rows),
                     paths=tuple(str(p) for _, p in rows if p),
+                    finished_job_ids=tuple(sorted(j.id for j in jobs if j.id not in sending)),
                 )
             )
             if len(found) >= limit:

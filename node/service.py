@@ -282,10 +282,17 @@ class NodeService:
     def apply_retention(self, now: datetime | None = None) -> int:
         """One spool-retention pass (node/spool_retention.py): the files of studies delivered more
         than ``[node] spool_keep_hours`` ago, and of studies whose analysis failed or was skipped more
-        than ``[node] failed_keep_hours`` ago, leave the spool; returns how many were removed."""
+        than ``[node] failed_keep_hours`` ago, leave the spool with their jobs' outputs; returns how
+        many spool files were removed."""
         node = self.settings.node
         return apply_retention(
-            self.sf, self.scp.spool_dir, node.spool_keep_hours, node.failed_keep_hours, self.metrics, now=now
+            self.sf,
+            self.scp.spool_dir,
+            node.spool_keep_hours,
+            node.failed_keep_hours,
+            self.metrics,
+            now=now,
+            jobs_dir=node.jobs_path(),
         )
 
     def _wait_for_work(self, poll: float) -> None:

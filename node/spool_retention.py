@@ -1,6 +1,7 @@
 """Spool retention: a study's received files leave the spool ``[node] spool_keep_hours`` after its
 result was delivered, or ``[node] failed_keep_hours`` after its analysis failed or was skipped, so that
-the spool does not grow until the free-disk floor refuses every PACS.
+the spool does not grow until the free-disk floor refuses every PACS. The outputs of its jobs (SEG, SR,
+preview under the jobs directory) go with them, except those of a run with a send still pending.
 
 Which studies qualify is the database's call (:func:`db.retention.removable_studies`: result done and
 every send acknowledged, or the latest run failed or skipped; nothing received since, no run queued or
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from collections.abc import Iterable
 from datetime import datetime, timedelta
@@ -68,6 +70,18 @@ def remove_spooled(paths: Iterable[str], spool_dir: Path) -> int:
     return removed
 
 
+def remove_job_outputs(job_ids: Iterable[int], jobs_dir: Path) -> int:
+    """Delete these jobs' output directories (``jobs_dir/<job id>``); returns how many existed."""
+    removed = 0
+    for job_id in job_ids:
+        directory = jobs_dir / str(int(job_id))
+        if directory.is_symlink() or not directory.is_dir():
+            continue
+        shutil.rmtree(directory, ignore_errors=True)
+        removed += 1
+    return removed
+
+
 def _cutoff(now: datetime, keep_hours: float) -> datetime | None:
     return None if keep_hours <= 0 else now - timedelta(hours=keep_hours)
 
@@ -79,16 +93,20 @@ def apply_retention(
     failed_keep_hours: float = 0.0,
     metrics: NodeMetrics | None = None,
     now: datetime | None = None,
+    jobs_dir: Path | None = None,
 ) -> int:
     """One retention pass: the spool files of every study delivered more than ``keep_hours`` ago, and
     of every study whose latest run failed or was skipped more than ``failed_keep_hours`` ago, leave
-    the spool and their rows are forgotten (0 turns a rule off); returns the number of files removed."""
+    the spool and their rows are forgotten (0 turns a rule off); returns the number of files removed.
+    With ``jobs_dir``, the outputs of those studies' jobs that have no send pending are removed first
+    (while the instance rows still name the study: a crash in between repeats the pass)."""
     stamp = now or utcnow()
     delivered_before, failed_before = _cutoff(stamp, keep_hours), _cutoff(stamp, failed_keep_hours)
     if delivered_before is None and failed_before is None:
         return 0
     total = 0
     for study in retention.removable_studies(sf, delivered_before, failed_before):
+        outputs = remove_job_outputs(study.finished_job_ids, jobs_dir) if jobs_dir is not None else 0
         removed = remove_spooled(study.paths, spool_dir)
         retention.forget_instances(sf, study.instance_ids)
         total += removed
@@ -97,7 +115,7 @@ def apply_retention(
         hours = (stamp - study.finished_at).total_seconds() / 3600
         what = "delivered by job" if study.status == "done" else f"{study.status} (no result sent) in job"
         logger.info(
-            "spool retention: study %s %s %d %.0f h ago: %d files removed",
-            study.study_instance_uid, what, study.job_id, hours, removed,
+            "spool retention: study %s %s %d %.0f h ago: %d files removed, outputs of %d job(s)",
+            study.study_instance_uid, what, study.job_id, hours, removed, outputs,
         )
     return total

@@ -98,14 +98,17 @@ def test_a_delivered_study_leaves_the_spool_after_keep_hours_and_a_resend_is_ana
     catcher.wait_for(lambda r: len(r) == 2, 30)  # SEG and SR
     wait_until(lambda: send_queue.pending_send_count(node.sf) == 0, 30, "both sends acknowledged")
     assert len(_spooled(node, study)) == SHAPE[2]
+    outputs = node.settings.node.jobs_path() / str(job.id)
+    assert {"preview.png", "seg.dcm", "sr.dcm"} <= {p.name for p in outputs.rglob("*.*")}
 
     assert node.apply_retention(now=utcnow() + timedelta(hours=KEEP_HOURS - 1)) == 0
-    assert len(_spooled(node, study)) == SHAPE[2]
+    assert len(_spooled(node, study)) == SHAPE[2] and outputs.is_dir()
 
     with caplog.at_level(logging.INFO, logger="node.spool_retention"):
         removed = node.apply_retention(now=utcnow() + timedelta(hours=KEEP_HOURS + 1))
     assert removed == SHAPE[2]
     assert not (node.scp.spool_dir / study.study_instance_uid).exists()  # its directories too
+    assert not outputs.exists()  # the delivered SEG, SR and preview too: the disk does not fill up
     assert instances.instance_counts(node.sf)["kept"] == 0
     assert node.metrics.spool_removed.labels("done")._value.get() == SHAPE[2]
     assert f"study {study.study_instance_uid} delivered by job {job.id}" in caplog.text
@@ -117,6 +120,7 @@ def test_a_delivered_study_leaves_the_spool_after_keep_hours_and_a_resend_is_ana
     _send(node, study)  # the PACS sends it again: received afresh, analysed again
     again = _finished(node, study, run=2)
     assert again.status == "done" and again.instance_count == SHAPE[2]
+    assert (node.settings.node.jobs_path() / str(again.id) / "attempt-1" / "seg.dcm").is_file()
     received = catcher.wait_for(lambda r: sum(ds.Modality in ("SEG", "SR") for ds in r) == 4, 30)
     assert len(_spooled(node, study)) == SHAPE[2]
     # The second run's SEG and SR are series of their own that say so (node/seg.py run_series).
