@@ -162,6 +162,9 @@ class ActiveModel(Generic[L]):
         self._refused: dict[int, str] = {}
         self._refused_at: dict[int, float] = {}
         self.last_error: str = ""
+        #: The task's active model was refused at its last load (its files fail their check, OpenVINO
+        #: cannot compile it...): :attr:`current` is then an older model, or None.
+        self.active_refused = False
 
     @property
     def current(self) -> L | None:
@@ -200,11 +203,13 @@ class ActiveModel(Generic[L]):
         if current is not None and active_id == current.info.id:
             if self.last_error:  # e.g. rolled back to it after a newer model was refused
                 self.last_error = ""
+                self.active_refused = False
             return current
         active = self.registry.active(self.task) if active_id is not None else None
         with self._lock:
             current = self._current
             if active is None:
+                self.active_refused = False
                 if current is None:
                     self.last_error = f"no active model for task {self.task!r} (segnode models promote ID)"
                 return current
@@ -223,9 +228,11 @@ class ActiveModel(Generic[L]):
                 self._refused[active.id] = str(exc)
                 self._refused_at[active.id] = time.monotonic()
                 self.last_error = str(exc)
+                self.active_refused = True
                 return self._kept(current)
             self._current = loaded
             self.last_error = ""
+            self.active_refused = False
             caveat = int8_caveat(active)
             if caveat:
                 logger.warning("%s", caveat)

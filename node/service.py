@@ -328,7 +328,13 @@ class NodeService:
         serving = [runtime.refresh_to(active.get(task)) for task, runtime in self.runtimes.items()]
         if all(model is None for model in serving):
             return False
-        self.brain_runtime.refresh_to(active.get(self.brain_runtime.task))
+        if self.brain_runtime.refresh_to(active.get(self.brain_runtime.task)) is None and (
+            self.brain_runtime.active_refused
+        ):
+            # Segmenting without the active extractor would send results with no brain mask (no
+            # brain-only normalisation, no removal of tumour outside the brain): studies wait queued,
+            # and /healthz says why (brain_extractor_error).
+            return False
         job_id = job_queue.claim_job(self.sf)
         if job_id is None:
             return False

@@ -4,6 +4,7 @@ shipped directory, verified and compiled by its runtime, refused when tampered, 
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -60,3 +61,67 @@ def test_bootstrap_runtime_swap_and_tamper(tmp_path: Path) -> None:
     assert runtime.refresh() is loaded  # looked up by the runtime itself: the same answer
     back = registry.rollback("brain_extraction", by="test", reason="tampered")
     assert back.id == info.id and runtime.refresh() is loaded
+
+
+def test_a_refused_brain_extractor_holds_studies_queued_until_one_serves(tmp_path: Path) -> None:
+    """Its weights corrupted on disk: the node must not segment without a brain mask and send that
+    as a result (no brain-only normalisation, no removal of tumour outside the brain). The study waits
+    queued, /healthz says why, and it is analysed once a sound extractor is promoted."""
+    from converters.dicom_writer import write_study
+    from converters.synthetic import make_synthetic_case
+    from db import job_queue
+    from node.config import Destination
+    from node.sender import store_files
+    from node.service import NodeService
+    from tests.helpers.node import CatchingSCP, install_model, make_threshold_model, node_settings
+    from tests.helpers.ports import free_port
+    from tests.helpers.waiting import wait_until
+
+    shape = (48, 48, 12)
+    case = make_synthetic_case(7, shape)
+    catcher = CatchingSCP().start(free_port())
+    settings = node_settings(
+        tmp_path, free_port(), [Destination("pacs", "CATCHER", "127.0.0.1", catcher.port)]
+    )
+    registry = open_registry(settings.database.url)
+    install_model(registry, make_threshold_model(tmp_path / "model", crop=shape[:2], spacing=case.spacing))
+    broken = tmp_path / "broken"
+    shutil.copytree(SHIPPED_BRAIN_EXTRACTOR_DIR, broken)
+    assert bootstrap_default_model(registry, "brain_extraction", broken) is not None
+    with (broken / "brain_fp32.bin").open("r+b") as fh:
+        fh.seek(4096)
+        fh.write(b"\xff" * 16)
+    node = NodeService(settings)
+    node.start()
+    try:
+        study = write_study(case, tmp_path / "study", modalities=["FLAIR"])
+        results = store_files(
+            [p for fs in study.files.values() for p in fs], "127.0.0.1", node.scp.port, "SEGNODE", "PACS"
+        )
+        assert {status for _, status, _ in results} == {0}
+        wait_until(lambda: job_queue.job_counts(node.sf).get("queued") == 1, 30, "the study queued")
+        time.sleep(1.0)  # 20 polls of the worker: it claims nothing
+        counts = job_queue.job_counts(node.sf)
+        assert counts["queued"] == 1 and sum(counts.values()) == 1
+        _, health = node.health()
+        assert health["brain_extractor"] is None
+        assert "does not match the recorded" in health["brain_extractor_error"]
+        assert catcher.received == []
+
+        sound = tmp_path / "sound"
+        shutil.copytree(SHIPPED_BRAIN_EXTRACTOR_DIR, sound)
+        card = (sound / "model.json").read_text().replace('"version": "1.0.2"', '"version": "1.0.2-b"')
+        (sound / "model.json").write_text(card)
+        [info] = registry.import_dir(sound, by="test")
+        registry.promote(info.id, by="test", reason="test")
+        job = wait_until(
+            lambda: next(
+                (j for j in job_queue.list_jobs(node.sf) if j.status not in ("queued", "running")), None
+            ),
+            120,
+            "the study analysed",
+        )
+        assert job.status in ("done", "review") and job.result["brain_extractor"]
+    finally:
+        node.stop()
+        catcher.stop()
