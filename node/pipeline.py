@@ -774,7 +774,10 @@ def run_job(ctx: JobContext, job_id: int) -> str:
         # The preview is drawn in a thread of its own while the SEG and SR are encoded: its percentile
         # and PNG compression run outside the GIL (~0.1 s off a job, two cores).
         preview_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="preview")
-        preview = preview_pool.submit(render_preview, assembled.reference.array, labels)
+        spacing = assembled.reference.spacing
+        preview = preview_pool.submit(
+            render_preview, assembled.reference.array, labels, pixel_spacing=(spacing[1], spacing[2])
+        )
         preview_pool.shutdown(wait=False)
         # Early analysis encodes a first run's SEG; a re-run's carries its own series number.
         seg_bytes = done.seg_file if info.run <= 1 else None

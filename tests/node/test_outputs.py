@@ -185,6 +185,52 @@ def test_preview_irregular_outline_lies_on_the_boundary_and_few_slices() -> None
         assert (grey | np.all(centres == COLOURS[1], axis=-1) | np.all(centres == COLOURS[2], axis=-1)).all()
 
 
+def test_preview_of_a_512_matrix_keeps_every_outline_and_small_lesion() -> None:
+    """A 512-pixel slice in a 256-pixel tile: nearest sampling kept every other row and column, so a
+    one-pixel outline broke into pieces and a 2-voxel lesion vanished from the preview the radiologist
+    sees (the SEG and SR still reported it)."""
+    from converters.masks import surface
+
+    image = np.tile(np.linspace(0, 100, 512, dtype=np.float32), (1, 512, 1))
+    labels = np.zeros(image.shape, np.uint8)
+    rr, cc = np.mgrid[:512, :512]
+    labels[0][(rr - 200) ** 2 + (cc - 240) ** 2 <= 60**2] = 1
+    labels[0, 401:403, 101] = 2  # two voxels, on odd and even rows
+    _, [tile] = _tiles(render_preview(image, labels))
+    for value, region in ((1, labels[0] == 1), (2, labels[0] == 2)):
+        coloured = np.all(tile == COLOURS[value], axis=-1)
+        assert coloured.any(), f"label {value} not drawn"
+        # Every source outline pixel lands in a coloured tile pixel (each tile pixel covers 2 x 2).
+        rows, cols = np.nonzero(surface(region))
+        assert coloured[rows // 2, cols // 2].all(), f"label {value}: outline pixels lost"
+    circle = np.all(tile == COLOURS[1], axis=-1)
+    assert ndimage.label(circle, structure=np.ones((3, 3)))[1] == 1  # one closed outline, not pieces
+
+
+def test_preview_keeps_the_aspect_ratio_of_a_non_square_slice() -> None:
+    """256 rows x 160 columns of 1 mm (or 200 x 200 pixels of 1.2 x 0.96 mm): a round lesion stays round
+    instead of being stretched to the square tile."""
+    rr, cc = np.mgrid[:256, :160]
+    image = np.full((1, 256, 160), 50.0, np.float32)
+    image[0, :, :80] = 100.0
+    labels = np.zeros(image.shape, np.uint8)
+    labels[0][(rr - 128) ** 2 + (cc - 80) ** 2 <= 40**2] = 1
+    _, [tile] = _tiles(render_preview(image, labels))
+    rows, cols = np.nonzero(np.all(tile == COLOURS[1], axis=-1))
+    height, width = rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
+    assert abs(width / height - 1.0) < 0.05, (width, height)
+    # Padded at the sides, the image in the middle.
+    assert tile[10, 20].tolist() == [0, 0, 0] and tile[10, 60].tolist() == [255, 255, 255]
+    # Square pixels of unequal spacing: the tile is 256 high and 0.96 / 1.2 * 256 = 205 wide.
+    rr, cc = np.mgrid[:200, :200]
+    labels = np.zeros((1, 200, 200), np.uint8)
+    labels[0][((rr - 100) * 1.2) ** 2 + ((cc - 100) * 0.96) ** 2 <= 60**2] = 1
+    png = render_preview(np.ones((1, 200, 200), np.float32), labels, pixel_spacing=(1.2, 0.96))
+    rows, cols = np.nonzero(np.all(_tiles(png)[1][0] == COLOURS[1], axis=-1))
+    height, width = rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
+    assert abs(width / height - 1.0) < 0.05, (width, height)
+
+
 def test_preview_without_tumour_shows_the_middle_slice() -> None:
     image, labels = _phantom([0] * 7)
     sheet, [tile] = _tiles(render_preview(image, labels, tile=64), tile=64)
