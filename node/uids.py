@@ -31,6 +31,18 @@ def validated_uid(value: object, attribute: str, where: str = "dataset") -> str:
     """
     text = str(value).rstrip("\x00 ") if value is not None else ""
     if not is_valid_uid(text):
-        shown = text if len(text) <= 80 else text[:77] + "..."
-        raise InvalidInstanceError(f"{where}: {attribute} {shown!r} is not a valid DICOM UID")
+        raise InvalidInstanceError(f"{where}: {attribute} {shown_uid(text)} is not a valid DICOM UID")
     return text
+
+
+#: Characters an invalid UID may be shown with in a message: they cannot spell a name or an ID with
+#: letters (some RIS put the accession number in StudyInstanceUID).
+_SHOWABLE: Final = frozenset("0123456789.\\ ")
+
+
+def shown_uid(text: str) -> str:
+    """An invalid UID as a message may show it: quoted (cut to 80 characters) when it holds digits, dots,
+    spaces and backslashes only, else its length and why it is not shown."""
+    if set(text) <= _SHOWABLE:
+        return repr(text if len(text) <= 80 else text[:77] + "...")
+    return f"of {len(text)} characters (not shown: it holds characters other than digits and dots)"
