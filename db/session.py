@@ -227,6 +227,44 @@ def current_revision(url: str) -> str | None:
         engine.dispose()
 
 
+def existing_tables(url: str) -> set[str] | None:
+    """The names of the tables in the database at ``url``; None when it is a SQLite file that is not there.
+
+    Creates nothing: unlike :func:`make_engine` and :func:`upgrade`, a missing SQLite file (or its
+    directory) is reported, not made. An in-memory SQLite database has no tables.
+
+    Raises
+    ------
+    DatabaseUnavailableError
+        The URL is invalid, or the database cannot be reached or read.
+    """
+    from sqlalchemy import inspect
+
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise DatabaseUnavailableError(f"database url {url!r} is not a valid SQLAlchemy URL") from None
+    if parsed.get_backend_name() == "sqlite":
+        database = parsed.database or ""
+        if database in ("", ":memory:"):
+            return set()
+        if not database.startswith("file:") and not Path(database).expanduser().is_file():
+            return None
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            return set(inspect(conn).get_table_names())
+    except OperationalError as exc:
+        raise DatabaseUnavailableError(f"cannot read database {_safe(url)}: {_first_line(exc)}") from None
+    finally:
+        engine.dispose()
+
+
+def display_url(url: str) -> str:
+    """``url`` as it may be shown to a user: the password replaced by ``***``."""
+    return _safe(url)
+
+
 def head_revision() -> str:
     """The newest revision shipped in :data:`MIGRATIONS_DIR`."""
     from alembic.script import ScriptDirectory

@@ -24,13 +24,39 @@ jobs_app = typer.Typer(
 )
 
 
+#: What to do when the jobs commands find no node database where they looked.
+_WHERE_HINT = (
+    "the jobs commands read the node's database: pass --config node.toml (the node's config) "
+    "or set SEGNODE_CONFIG or SEGNODE_DATABASE_URL"
+)
+
+
 def _session_factory(config: Path | None) -> Any:
+    """Sessions on the node's database, upgraded to the newest schema.
+
+    The database must already be the node's: a SQLite file that is not there, or a database without
+    the node's tables, is refused (``NodeError``) instead of created, so that a command run without
+    ``--config`` does not show the empty queue of a database it made itself.
+    """
     from db.session import make_engine, make_session_factory, upgrade
     from db.url import resolve_database_url
 
     url = resolve_database_url(config)
+    _require_node_database(url)
     upgrade(url)
     return make_session_factory(make_engine(url))
+
+
+def _require_node_database(url: str) -> None:
+    """Raise ``NodeError`` unless ``url`` names an existing database with the node's tables."""
+    from db.session import display_url, existing_tables
+    from node.exceptions import NodeError
+
+    tables = existing_tables(url)
+    if tables is None:
+        raise NodeError(f"database {display_url(url)} does not exist; {_WHERE_HINT}")
+    if "node_jobs" not in tables:
+        raise NodeError(f"database {display_url(url)} has no node tables (node_jobs); {_WHERE_HINT}")
 
 
 def serve(config: Path | None = CONFIG_OPTION) -> None:

@@ -312,9 +312,10 @@ def test_send_refuses_a_port_that_is_none(
 
 
 def test_jobs_list_refuses_an_unknown_state(
-    config: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # An empty table said "no such jobs" where the state was misspelt.
+    upgrade(f"sqlite:///{tmp_path / 'node.db'}")
     args = ["jobs", "list", "--config", str(config), "--status", "bogus"]
     code, out, err = run_cli(args, capsys, monkeypatch)
     assert (code, out) == (2, "")
@@ -342,3 +343,62 @@ def test_send_anyway_does_not_need_the_nodes_tls_files(
     args = ["jobs", "retry", str(job), "--send-anyway", "--config", str(cfg)]
     code, _, err = run_cli(args, capsys, monkeypatch)
     assert code == 2 and "only a job in review can be sent anyway" in err, err
+
+
+@pytest.mark.parametrize("args", [["jobs", "list"], ["jobs", "show", "1"], ["jobs", "retry", "1"]])
+def test_jobs_without_the_nodes_database_say_where_they_looked(
+    args: list[str], segnode_home: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without --config the jobs commands created an empty ./var/segnode.db and printed an empty table
+    with exit 0, while the node's database was elsewhere: an administrator read "no jobs"."""
+    db = segnode_home / "segnode.db"
+    code, out, err = run_cli(args, capsys, monkeypatch)
+    assert (code, out) == (2, ""), err
+    assert err.startswith(f"error: database sqlite:///{db} does not exist") and "Traceback" not in err
+    assert "--config node.toml" in err and "SEGNODE_CONFIG" in err and "SEGNODE_DATABASE_URL" in err
+    assert not db.exists()
+
+
+def test_jobs_refuse_a_database_without_the_node_tables(
+    tmp_path: Path, segnode_home: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sqlite3
+
+    db = tmp_path / "other.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE t (x INTEGER)")
+    monkeypatch.setenv("SEGNODE_DATABASE_URL", f"sqlite:///{db}")
+    code, out, err = run_cli(["jobs", "list"], capsys, monkeypatch)
+    assert (code, out) == (2, ""), err
+    assert err.startswith(f"error: database sqlite:///{db} has no node tables (node_jobs)")
+    assert "--config node.toml" in err
+    with sqlite3.connect(db) as conn:  # left as it was: no schema upgrade
+        assert [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")] == ["t"]
+
+
+def test_jobs_do_not_show_the_database_password(
+    segnode_home: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    port = free_port()  # nothing listens: the connection is refused
+    monkeypatch.setenv("SEGNODE_DATABASE_URL", f"postgresql+psycopg://segnode:s3cret@127.0.0.1:{port}/segnode")
+    code, out, err = run_cli(["jobs", "list"], capsys, monkeypatch)
+    assert (code, out) == (2, "") and err.startswith("error: ") and "Traceback" not in err, err
+    assert "s3cret" not in err and f"segnode:***@127.0.0.1:{port}/segnode" in err
+
+
+def test_jobs_list_in_a_real_process_creates_no_database(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SEGNODE_")}
+    env["PYTHONPATH"] = str(REPO)
+    result = subprocess.run(
+        [sys.executable, "-m", "node", "jobs", "list"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 2 and result.stdout == "", result.stderr
+    db = tmp_path / "var" / "segnode.db"
+    assert result.stderr.startswith(f"error: database sqlite:///{db} does not exist"), result.stderr
+    assert not (tmp_path / "var").exists()
