@@ -66,6 +66,8 @@ class EarlyAnalysis:
         self._running: str | None = None
         #: Studies whose job took the work, with when: not taken up again while the job runs.
         self._taken: dict[str, float] = {}
+        #: Studies whose job stopped waiting for their run: its work is dropped when the run ends.
+        self._abandoned: set[str] = set()
 
     def run_once(self) -> bool:
         """Look for settled series and run the first study that has new ones; True when one ran."""
@@ -91,6 +93,10 @@ class EarlyAnalysis:
             finally:
                 with self._cond:
                     self._running = None
+                    if study_uid in self._abandoned:  # its job went on alone: nobody will take this
+                        self._abandoned.discard(study_uid)
+                        self._work.pop(study_uid, None)
+                        self._seen.pop(study_uid, None)
                     self._evict()
                     self._cond.notify_all()
             return True
@@ -108,6 +114,7 @@ class EarlyAnalysis:
                 self._cond.wait(deadline - time.monotonic())
             if self._running == study_uid:  # still at it: the job computes alone (the run's work is dropped)
                 logger.warning("early analysis of study %s still running: the job goes on alone", study_uid)
+                self._abandoned.add(study_uid)
                 return None
             self._seen.pop(study_uid, None)
             return self._work.pop(study_uid, None)

@@ -338,3 +338,33 @@ def test_early_work_waits_for_at_most_two_studies_and_a_taken_study_is_left_alon
     settled["B"]["t1"] = 1
     assert not analysis.run_once()  # B's job has it now
     assert analysis.take("A") is None
+
+
+@pytest.mark.timeout(30)
+def test_the_work_of_a_run_its_job_stopped_waiting_for_is_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job that gave up waiting for its study's early run computes alone; the run's work (read series,
+    masks: hundreds of MB) must not stay held after it, nor be handed to a later job of the study."""
+    import threading
+    from types import SimpleNamespace
+
+    import node.early
+
+    started, release = threading.Event(), threading.Event()
+
+    def slow(study: str, series: object, work: node.early.EarlyWork) -> None:
+        started.set()
+        release.wait(10)
+        work.stages["load"] = 1.0
+
+    monkeypatch.setattr(node.early.instances, "settled_series", lambda sf, quiet: {"A": {"flair": 3}})
+    monkeypatch.setattr(node.early, "TAKE_TIMEOUT_S", 0.2)
+    analysis = node.early.EarlyAnalysis(SimpleNamespace(sf=None), quiet_seconds=2.0)  # type: ignore[arg-type]
+    monkeypatch.setattr(analysis, "_run", slow)
+    run = threading.Thread(target=analysis.run_once)
+    run.start()
+    assert started.wait(10)
+    assert analysis.take("A") is None  # the job goes on alone
+    release.set()
+    run.join(10)
+    assert analysis.waiting() == []
+    assert analysis.take("A") is None
