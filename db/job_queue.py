@@ -7,7 +7,10 @@ only when its study is idle (``pending`` false), so a job never sees half a stud
 
 Jobs left ``running`` by a process that died are queued again by :func:`requeue_stale`: at start,
 every running job owned by this host whose process id no longer exists, and on any host a job whose
-heartbeat is older than ``stale_seconds``.
+heartbeat is older than ``stale_seconds``. A job whose run itself stops the node (the kernel's OOM
+killer, a crash in a native library) would be queued again at every start and, the oldest, claimed
+first every time: after :data:`MAX_REQUEUES` such re-queues it ends ``failed`` instead, with a reason
+that names ``segnode jobs retry`` (which resets the count).
 
 Jobs are created by :func:`db.instances.schedule_due_studies`; a finished job queues its sends
 (:mod:`db.send_queue`) in the transaction that ends it.
@@ -46,6 +49,10 @@ def owner_id() -> str:
 #: The states a job can end in.
 FINAL_STATES = ("done", "failed", "skipped", "review")
 
+#: Runs of a job that may end without the job ending (its node stopped mid-run) before it ends
+#: ``failed``: a study that crashes the node must not crash-loop it and hold up every later study.
+MAX_REQUEUES = 3
+
 
 @dataclass(frozen=True)
 class JobInfo:
@@ -67,6 +74,8 @@ class JobInfo:
     started_at: datetime | None
     finished_at: datetime | None
     sends: list[SendInfo] = field(default_factory=list)
+    #: Runs that never ended (see :data:`MAX_REQUEUES`).
+    requeues: int = 0
 
 
 @dataclass(frozen=True)
@@ -157,7 +166,8 @@ def requeue_stale(
     host = socket.gethostname()
     me = owner_id()
     cutoff = now - timedelta(seconds=stale_seconds)
-    requeued: list[int] = []
+    requeued: list[tuple[int, int]] = []
+    ended: list[tuple[int, int]] = []
     with writing(sf) as s:
         for job in s.scalars(select(NodeJob).where(NodeJob.status == "running")):
             owner_host, _, pid = (job.owner or ":").rpartition(":")
@@ -166,13 +176,44 @@ def requeue_stale(
             )
             stale = (as_utc(job.heartbeat_at) or cutoff) < cutoff
             if dead_here or stale:
-                job.status = "queued"
-                job.reason = f"re-queued: owner {job.owner} stopped while the job was running"
-                job.owner = None
-                requeued.append(job.id)
-    for job_id in requeued:
-        logger.warning("job %d was left running by a stopped process; queued again", job_id)
-    return requeued
+                requeues = (job.requeues or 0) + 1
+                (ended if requeues >= MAX_REQUEUES else requeued).append((job.id, requeues))
+                _requeue_or_end(
+                    job,
+                    f"re-queued: owner {job.owner} stopped while the job was running",
+                    f"the node stopped {requeues} times while running this job (the job itself may stop "
+                    "it: out of memory, a crash in a native library); it is not run again automatically",
+                    now,
+                )
+    for job_id, requeues in requeued:
+        logger.warning(
+            "job %d was left running by a stopped process; queued again (stopped %d of at most %d times)",
+            job_id,
+            requeues,
+            MAX_REQUEUES,
+        )
+    for job_id, requeues in ended:
+        logger.warning(
+            "job %d: the node stopped %d times while running it; ended failed (segnode jobs retry %d)",
+            job_id,
+            requeues,
+            job_id,
+        )
+    return [job_id for job_id, _ in requeued]
+
+
+def _requeue_or_end(job: NodeJob, requeued: str, ended: str, now: datetime) -> None:
+    """Queue running ``job`` again with reason ``requeued``, counting the run that never ended; at
+    :data:`MAX_REQUEUES` such runs end it ``failed`` with reason ``ended`` and how to run it again."""
+    job.requeues = (job.requeues or 0) + 1
+    job.owner = None
+    if job.requeues < MAX_REQUEUES:
+        job.status = "queued"
+        job.reason = requeued
+        return
+    job.status = "failed"
+    job.reason = f"{ended}; `segnode jobs retry {job.id}` runs it again"
+    job.finished_at = now
 
 
 def _job_instances(s: Session, job_id: int) -> list[tuple[str | None, str]]:
@@ -367,6 +408,7 @@ def _job_info(s: Session, job: NodeJob, with_sends: bool) -> JobInfo:
         started_at=as_utc(job.started_at),
         finished_at=as_utc(job.finished_at),
         sends=sends,
+        requeues=job.requeues or 0,
     )
 
 
@@ -429,6 +471,7 @@ def retry_job(sf: SessionFactory, job_id: int) -> JobInfo:
         job.reason = "retry requested"
         job.finished_at = None
         job.owner = None
+        job.requeues = 0
     return get_job(sf, job_id)
 
 

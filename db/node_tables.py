@@ -7,8 +7,9 @@ PostgreSQL database, resumes where the last one stopped:
   other storage objects are recorded with ``kept = False`` and no file, counted and never processed).
 * ``node_studies`` — one row per study with MR instances; ``last_received_at`` is the idle timer that
   survives restarts, ``pending`` says instances arrived that no job covers yet.
-* ``node_jobs`` — one run of the pipeline over a study; ``status`` is queued, running, done, failed or
-  skipped; ``stages`` holds the stage timings in seconds as JSON.
+* ``node_jobs`` — one run of the pipeline over a study; ``status`` is queued, running, done, failed,
+  skipped or review; ``stages`` holds the stage timings in seconds as JSON; ``requeues`` counts the
+  runs that never ended (db/job_queue.py MAX_REQUEUES).
 * ``node_sends`` — one row per (job, destination, output object): C-STORE state with retry schedule.
 """
 
@@ -74,6 +75,9 @@ class NodeJob(Base):
     stages: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     instance_count: Mapped[int] = mapped_column(Integer, default=0)
+    #: Times the job was queued again after a run that never ended (its node stopped, or lost the
+    #: database, mid-run); at ``db.job_queue.MAX_REQUEUES`` it ends ``failed`` instead.
+    requeues: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     owner: Mapped[str | None] = mapped_column(String(128))
     model_id: Mapped[int | None] = mapped_column(Integer)
     model_label: Mapped[str | None] = mapped_column(String(256))

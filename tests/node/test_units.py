@@ -216,6 +216,34 @@ def test_jobs_of_dead_processes_are_requeued(sf: SessionFactory) -> None:
     assert job_queue.get_job(sf, alive_here or 0).status == "running"
 
 
+def test_a_job_that_stops_the_node_every_time_ends_failed_and_the_next_study_runs(
+    sf: SessionFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A study whose run kills the node (OOM killer, a crash in a native library) is re-queued at each
+    start, and the oldest, claimed first: after MAX_REQUEUES such stops it ends failed with a reason
+    that says how to run it again, and the study after it is analysed; a retry starts the count anew."""
+    _receive(sf, "1.6.7", 1, T0)
+    _receive(sf, "1.6.8", 1, T0)
+    poison, later = instances.schedule_due_studies(sf, 1.0, now=T0 + timedelta(seconds=5))
+    dead = f"{socket.gethostname()}:999999999"  # no such process: the node that ran it is gone
+    for stop in range(1, job_queue.MAX_REQUEUES):
+        assert job_queue.claim_job(sf, owner=dead) == poison
+        assert job_queue.requeue_stale(sf, 300.0, at_start=True) == [poison]
+        assert job_queue.get_job(sf, poison).requeues == stop
+    assert job_queue.claim_job(sf, owner=dead) == poison
+    with caplog.at_level("WARNING", logger="db.job_queue"):
+        assert job_queue.requeue_stale(sf, 300.0, at_start=True) == []
+    job = job_queue.get_job(sf, poison)
+    assert job.status == "failed" and job.finished_at is not None
+    assert job.reason.startswith(f"the node stopped {job_queue.MAX_REQUEUES} times while running this job")
+    assert f"`segnode jobs retry {poison}` runs it again" in job.reason
+    [line] = [r.getMessage() for r in caplog.records if "ended failed" in r.getMessage()]
+    assert f"job {poison}: the node stopped {job_queue.MAX_REQUEUES} times" in line and "1.6.7" not in line
+    assert job_queue.claim_job(sf) == later  # the later study is no longer held up
+    retried = job_queue.retry_job(sf, poison)
+    assert (retried.status, retried.requeues) == ("queued", 0)
+
+
 def test_finish_queues_sends_and_backoff_doubles(sf: SessionFactory) -> None:
     _receive(sf, "1.7", 1, T0)
     instances.schedule_due_studies(sf, 1.0, now=T0 + timedelta(seconds=5))

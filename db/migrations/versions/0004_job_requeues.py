@@ -1,0 +1,28 @@
+"""How many times a job was queued again after a run that never ended (db/node_tables.py NodeJob.requeues).
+
+Revision ID: 0004_job_requeues
+Revises: 0003_node_tables
+Create Date: 2026-12-04
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+revision: str = "0004_job_requeues"
+down_revision: str | None = "0003_node_tables"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("node_jobs", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("requeues", sa.Integer(), nullable=False, server_default="0"))
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("node_jobs", schema=None) as batch_op:
+        batch_op.drop_column("requeues")
