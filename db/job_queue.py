@@ -10,7 +10,9 @@ every running job owned by this host whose process id no longer exists, and on a
 heartbeat is older than ``stale_seconds``. A job whose run itself stops the node (the kernel's OOM
 killer, a crash in a native library) would be queued again at every start and, the oldest, claimed
 first every time: after :data:`MAX_REQUEUES` such re-queues it ends ``failed`` instead, with a reason
-that names ``segnode jobs retry`` (which resets the count).
+that names ``segnode jobs retry`` (which resets the count). A run cut short by a database fault stays
+``running`` until the database answers; then its process queues it again (:func:`requeue_interrupted`,
+counted the same way).
 
 Jobs are created by :func:`db.instances.schedule_due_studies`; a finished job queues its sends
 (:mod:`db.send_queue`) in the transaction that ends it.
@@ -200,6 +202,53 @@ def requeue_stale(
             job_id,
         )
     return [job_id for job_id, _ in requeued]
+
+
+@database_errors
+def requeue_interrupted(
+    sf: SessionFactory,
+    job_id: int,
+    error: str,
+    *,
+    attempts: int | None = None,
+    now: datetime | None = None,
+) -> str | None:
+    """Queue again a job of this process whose run a database fault (``error``) cut short; call it
+    once the database answers again. The job must still be running under this process (and at its
+    claim ``attempts``, when given: a later claim of the job is left alone). A run cut short counts
+    as one that never ended (:data:`MAX_REQUEUES`). Returns the job's new state, None when untouched.
+    """
+    now = now or utcnow()
+    with writing(sf) as s:
+        job = s.get(NodeJob, job_id)
+        if job is None or job.status != "running" or job.owner != owner_id():
+            return None
+        if attempts is not None and job.attempts != attempts:
+            return None
+        kind = error.split(":", 1)[0].strip() or "database error"  # the driver's error class
+        _requeue_or_end(
+            job,
+            f"re-queued: the database failed while the job was running ({kind})",
+            f"the job's run was cut short {(job.requeues or 0) + 1} times (the node stopped, or lost "
+            f"its database, mid-run; the last time the database: {kind}); it is not run again automatically",
+            now,
+        )
+        status, requeues = job.status, job.requeues
+    if status == "failed":
+        logger.warning(
+            "job %d: its run was cut short %d times; ended failed (segnode jobs retry %d)",
+            job_id,
+            requeues,
+            job_id,
+        )
+    else:
+        logger.warning(
+            "job %d: the database failed while it ran; queued again (cut short %d of at most %d times)",
+            job_id,
+            requeues,
+            MAX_REQUEUES,
+        )
+    return status
 
 
 def _requeue_or_end(job: NodeJob, requeued: str, ended: str, now: datetime) -> None:

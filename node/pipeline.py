@@ -17,7 +17,10 @@ brain is found fails with the reason and sends nothing.
 Each step is a plain function; :func:`run_job` times them, records the stage timings on the job,
 and, in the same transaction that ends the job, queues a send of the SEG and the SR to every
 destination. A study that lacks a modality the model needs ends ``skipped`` with the reason; any
-other error ends ``failed`` with a one-line reason. Nothing the SCP acknowledged is touched.
+other error of the job ends ``failed`` with a one-line reason. A database fault (a heartbeat or a
+read that the database did not answer) is no fault of the study: it propagates out of :func:`run_job`,
+the job stays ``running``, and the worker queues it again once the database answers
+(node/service.py). Nothing the SCP acknowledged is touched.
 
 After inference the ``qc`` stage (:func:`quality_check`, rules in node/qc.py) removes tumour outside
 the brain mask and checks the result: a study that fails a rule writes its SEG and SR but sends
@@ -48,6 +51,7 @@ from converters.exceptions import ConverterError
 from converters.preprocess import Prepared
 from converters.volume import Volume
 from db import job_queue
+from db.exceptions import DatabaseOperationError, DatabaseUnavailableError
 from db.job_queue import OutputObject
 from db.transactions import SessionFactory
 from node import qc
@@ -728,6 +732,10 @@ def analyse_early(ctx: JobContext, groups: Mapping[str, Sequence[str]], work: Ea
 def run_job(ctx: JobContext, job_id: int) -> str:
     """Run claimed job ``job_id`` to its end state; returns that state (done, skipped, failed, review).
 
+    A database fault (:class:`~db.exceptions.DatabaseUnavailableError`,
+    :class:`~db.exceptions.DatabaseOperationError`) propagates and leaves the job running: the caller
+    queues it again (:func:`db.job_queue.requeue_interrupted`) once the database answers.
+
     Routing: the models of ``[routing] order`` are tried most capable first; a model runs when every
     series its card asks for is in the study and, for several series, each one's registration onto the
     reference passed its check. The result's ``routing`` says which model ran and why.
@@ -846,6 +854,10 @@ def run_job(ctx: JobContext, job_id: int) -> str:
         # failed, rather than leaving it running to be re-queued and fail the same way for ever.
         job_json = json.dumps({"job": job_id, "stages": timer.stages, **result}, indent=2)
         write_atomic(out_dir / "job.json", job_json.encode())
+    except (DatabaseUnavailableError, DatabaseOperationError):
+        # The database, not the study: the worker loop reports the outage and queues the job again
+        # once the database answers (node/service.py); ending it failed would lose it for good.
+        raise
     except JobError as exc:
         return _end(ctx, job_id, "skipped" if exc.skip else "failed", str(exc), timer, model)
     except (NodeError, ConverterError, OSError) as exc:

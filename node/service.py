@@ -20,7 +20,7 @@ from typing import Any
 from pydicom.dataset import Dataset
 
 from db import instances, job_queue, send_queue
-from db.exceptions import DatabaseUnavailableError
+from db.exceptions import DatabaseOperationError, DatabaseUnavailableError
 from db.registry import Registry
 from db.session import make_engine, make_session_factory, upgrade
 from node.bootstrap import bootstrap_default_model
@@ -145,6 +145,10 @@ class NodeService:
             )
             self.context.read = self.read_ahead.read
             self.scp.on_stored = self.read_ahead.note
+        # Jobs of this process that a database fault cut short (id -> claim attempt, error): still
+        # running, they are queued again by the next worker loop that reaches the database.
+        self._interrupted: dict[int, tuple[int | None, str]] = {}
+        self._interrupted_lock = threading.Lock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.http: MetricsServer | None = None
@@ -263,6 +267,7 @@ class NodeService:
         while not self._stop.is_set():
             busy = False
             try:
+                self.requeue_interrupted()
                 busy = self.work_once()
                 if time.monotonic() - last_stale_check > STALE_CHECK_SECONDS:
                     job_queue.requeue_stale(self.sf, self.settings.node.stale_job_seconds)
@@ -278,6 +283,21 @@ class NodeService:
                 outage.recovered("worker")
             if not busy:
                 self._wait_for_work(poll)
+
+    def requeue_interrupted(self) -> None:
+        """Queue again the jobs a database fault cut short (:meth:`work_once`); raises while the
+        database still fails, keeping the jobs for the next try."""
+        with self._interrupted_lock:
+            jobs, self._interrupted = self._interrupted, {}
+        try:
+            while jobs:
+                job_id, (attempts, error) = next(iter(jobs.items()))
+                job_queue.requeue_interrupted(self.sf, job_id, error, attempts=attempts)
+                del jobs[job_id]
+        finally:
+            if jobs:
+                with self._interrupted_lock:
+                    self._interrupted.update(jobs)
 
     def apply_retention(self, now: datetime | None = None) -> int:
         """One spool-retention pass (node/spool_retention.py): the files of studies delivered more
@@ -340,7 +360,16 @@ class NodeService:
             return False
         logger.info("job %d claimed", job_id)
         lower_native_threads(self.settings.node.analysis_nice)  # the engines' pools, new ones included
-        run_job(self.context, job_id)
+        attempts: int | None = None
+        try:
+            attempts = job_queue.get_job(self.sf, job_id).attempts
+            run_job(self.context, job_id)
+        except (DatabaseUnavailableError, DatabaseOperationError) as exc:
+            # No fault of the study: the job stays running, ours, until the database answers again;
+            # then :meth:`requeue_interrupted` queues it (the worker loop reports the outage).
+            with self._interrupted_lock:
+                self._interrupted[job_id] = (attempts, str(exc))
+            raise
         for runtime in self.runtimes.values():  # idle until the next study: give the buffers back
             runtime.release_memory()
         trim_heap()

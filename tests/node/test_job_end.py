@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from converters.dicom_writer import write_study
 from converters.synthetic import make_synthetic_case
 from db import job_queue
+from db.exceptions import DatabaseOperationError, DatabaseUnavailableError
+from node.config import Destination
 from node.sender import store_files
-from tests.helpers.node import make_threshold_model, node_settings, running_node
+from tests.helpers.node import CatchingSCP, make_threshold_model, node_settings, running_node
 from tests.helpers.ports import free_port
 from tests.helpers.waiting import wait_until
 
@@ -67,3 +70,61 @@ def test_a_library_message_quoting_a_value_is_scrubbed_in_the_log_and_kept_in_th
     assert "QZXLEAKNAME" in job.reason
     assert "job 1 failed: " in caplog.text and "<scrubbed>" in caplog.text
     assert "QZXLEAKNAME" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    "error", [DatabaseUnavailableError, DatabaseOperationError], ids=["unavailable", "operation"]
+)
+def test_a_database_fault_mid_job_does_not_fail_the_job_it_runs_again_once_the_database_answers(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    error: type[Exception],
+) -> None:
+    """A heartbeat the database does not answer (a dropped PostgreSQL connection, an SQLite lock
+    timeout) is no fault of the study: the job is not ended failed but left running, the worker
+    reports the outage and, once the database answers, queues the job again; it runs and is delivered,
+    once."""
+    heartbeat, requeue = job_queue.heartbeat, job_queue.requeue_interrupted
+    beats: list[int] = []
+    found: list[str] = []  # the job's state when the worker queued it again
+
+    def blip(sf: Any, job_id: int, now: Any = None) -> None:
+        beats.append(job_id)
+        if len(beats) == 2:  # the heartbeat after the FLAIR's load, in the first run
+            raise error("OperationalError: server closed the connection unexpectedly")
+        heartbeat(sf, job_id, now)
+
+    def requeue_spy(sf: Any, job_id: int, *args: Any, **kwargs: Any) -> str | None:
+        found.append(job_queue.get_job(sf, job_id).status)
+        return requeue(sf, job_id, *args, **kwargs)
+
+    monkeypatch.setattr(job_queue, "heartbeat", blip)
+    monkeypatch.setattr(job_queue, "requeue_interrupted", requeue_spy)
+    catcher = CatchingSCP().start(free_port())
+    case = make_synthetic_case(3, SHAPE)
+    model = make_threshold_model(tmp_path / "model", crop=SHAPE[:2], spacing=case.spacing, threshold=1.5)
+    pacs = Destination("pacs", "CATCHER", "127.0.0.1", catcher.port)
+    settings = node_settings(tmp_path, free_port(), [pacs])
+    try:
+        with caplog.at_level(logging.INFO), running_node(settings, model) as node:
+            study = write_study(case, tmp_path / "study", modalities=["FLAIR"])
+            results = store_files(study.files["FLAIR"], "127.0.0.1", node.scp.port, "SEGNODE", "PACS")
+            assert {status for _, status, _ in results} == {0}
+
+            def ended() -> job_queue.JobInfo | None:
+                jobs = job_queue.list_jobs(node.sf)
+                return jobs[0] if jobs and jobs[0].status not in ("queued", "running") else None
+
+            job = wait_until(ended, 60, "the job's end")
+            assert (job.status, job.attempts, job.requeues) == ("done", 2, 1), job.reason
+            catcher.wait_for(lambda r: len(r) >= 2, 30)
+    finally:
+        catcher.stop()
+    assert found == ["running"]
+    assert sorted(ds.Modality for ds in catcher.received) == ["SEG", "SR"]  # the second run's, once
+    assert "worker: database unreachable (OperationalError: server closed" in caplog.text or (
+        error is DatabaseOperationError and "worker loop error" in caplog.text
+    )
+    assert "job 1 failed" not in caplog.text
+    assert "job 1: the database failed while it ran; queued again (cut short 1 of" in caplog.text
