@@ -497,6 +497,10 @@ def _spooled_instances(s: Session, study_id: int) -> int:
 def retry_job(sf: SessionFactory, job_id: int) -> JobInfo:
     """Queue a finished (failed, skipped, review or done) job again; a queued or running one is refused.
 
+    The sends of the job's last run still pending (a destination down) end ``superseded`` in the same
+    transaction: never tried again, so a destination gets the new run's SEG and SR, not both runs'.
+    One already being delivered may still arrive (and is then marked done).
+
     Raises
     ------
     JobNotFoundError
@@ -521,6 +525,13 @@ def retry_job(sf: SessionFactory, job_id: int) -> JobInfo:
         job.finished_at = None
         job.owner = None
         job.requeues = 0
+        superseded = s.execute(
+            update(NodeSend)
+            .where(NodeSend.job_id == job_id, NodeSend.status == "pending")
+            .values(status="superseded", last_error="superseded by `segnode jobs retry`")
+        ).rowcount  # type: ignore[attr-defined]
+    if superseded:
+        logger.info("job %d queued again; %d pending sends of its last run superseded", job_id, superseded)
     return get_job(sf, job_id)
 
 

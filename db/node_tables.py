@@ -25,8 +25,9 @@ from db.models import Base
 
 #: Job states.
 JOB_STATES: tuple[str, ...] = ("queued", "running", "done", "failed", "skipped", "review")
-#: Send states.
-SEND_STATES: tuple[str, ...] = ("pending", "done", "refused")
+#: Send states: only ``pending`` is ever tried; ``refused`` the destination refused for good,
+#: ``superseded`` a retry of the job withdrew (db/job_queue.py retry_job), never sent.
+SEND_STATES: tuple[str, ...] = ("pending", "done", "refused", "superseded")
 
 
 class NodeInstance(Base):

@@ -123,7 +123,8 @@ def mark_send_failed(
         send = s.get_one(NodeSend, send_id)
         send.attempts += 1
         if give_up:
-            send.status = "refused"
+            if send.status == "pending":  # a send superseded meanwhile (jobs retry) stays so
+                send.status = "refused"
             send.last_error = error[:1000]
             return None
         delay = min(max_seconds, base_seconds * (2 ** (send.attempts - 1)))

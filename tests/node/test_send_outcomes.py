@@ -15,16 +15,22 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+from converters.dicom_writer import write_study
+from converters.synthetic import make_synthetic_case
 from db import instances, job_queue, send_queue
 from db.send_queue import SendInfo
 from db.transactions import SessionFactory, utcnow
 from node import dimse
+from node.config import Destination
 from node.metrics import NodeMetrics
-from node.sender import Sender
-from tests.helpers.node import CatchingSCP
+from node.sender import Sender, store_files
+from tests.helpers.cli import run_cli
+from tests.helpers.node import CatchingSCP, make_threshold_model, node_settings, running_node
 from tests.helpers.ports import free_port
+from tests.helpers.waiting import wait_until
 
 SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+SHAPE = (48, 48, 12)
 COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
 
 
@@ -185,3 +191,52 @@ def test_a_send_refused_for_good_ends_refused_and_a_down_pacs_is_tried_for_ever(
 def test_which_statuses_refuse_an_object_for_good() -> None:
     assert all(dimse.refused_for_good(s) for s in (0x0122, 0x0124, 0xA900, 0xA9FF, 0xC000, 0xCFFF))
     assert not any(dimse.refused_for_good(s) for s in (None, 0x0000, 0xB000, 0xA700, 0xA7FF, 0x0110, 0xFE00))
+
+
+def test_a_retried_job_sends_its_new_results_only_not_the_last_runs_still_pending(
+    tmp_path: Path, segnode_home: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`segnode jobs retry` of a job whose SEG and SR still wait for a PACS that is down: the last run's
+    sends end ``superseded`` (not pending, not failed) with the retry, and once the PACS answers it gets
+    the new run's SEG and SR, once, not both runs'."""
+    case = make_synthetic_case(3, SHAPE)
+    model = make_threshold_model(tmp_path / "model", crop=SHAPE[:2], spacing=case.spacing, threshold=1.5)
+    pacs_port = free_port()  # nobody listens there until the end: the PACS is down
+    settings = node_settings(tmp_path, free_port(), [Destination("pacs", "CATCHER", "127.0.0.1", pacs_port)])
+    config = tmp_path / "node.toml"
+    config.write_text(f'[database]\nurl = "{settings.database.url}"\n')
+    pacs = CatchingSCP()
+    try:
+        with running_node(settings, model) as node:
+            study = write_study(case, tmp_path / "study", modalities=["FLAIR"])
+            results = store_files(study.files["FLAIR"], "127.0.0.1", node.scp.port, "SEGNODE", "PACS")
+            assert {status for _, status, _ in results} == {0}
+
+            def tried(attempts: int) -> job_queue.JobInfo | None:
+                jobs = job_queue.list_jobs(node.sf)
+                if not jobs or (jobs[0].status, jobs[0].attempts) != ("done", attempts):
+                    return None
+                job = job_queue.get_job(node.sf, jobs[0].id)
+                pending = [s for s in job.sends if s.status == "pending"]
+                return job if pending and all(s.attempts for s in pending) else None
+
+            first = wait_until(lambda: tried(1), 60, "the first run done, its sends tried")
+            assert {s.status for s in first.sends} == {"pending"} and len(first.sends) == 2
+            retry = ["jobs", "retry", str(first.id), "--config", str(config)]
+            code, out, err = run_cli(retry, capsys, monkeypatch)
+            assert (code, out.strip()) == (0, f"job {first.id} queued again"), err
+            assert send_queue.pending_send_count(node.sf) == 0  # the last run's are withdrawn at once
+            second = wait_until(lambda: tried(2), 60, "the retried run done")
+            pacs.start(pacs_port)
+            wait_until(lambda: send_queue.pending_send_count(node.sf) == 0, 30, "the new run delivered")
+            sends = job_queue.get_job(node.sf, first.id).sends
+    finally:
+        pacs.stop()
+    new = {o["sop_instance_uid"] for o in second.result["outputs"]}
+    assert sorted(ds.Modality for ds in pacs.received) == ["SEG", "SR"]
+    assert {str(ds.SOPInstanceUID) for ds in pacs.received} == new
+    assert sorted((s.sop_instance_uid in new, s.status) for s in sends) == [
+        (False, "superseded"), (False, "superseded"), (True, "done"), (True, "done")
+    ]
+    code, out, _ = run_cli(["jobs", "show", str(first.id), "--config", str(config)], capsys, monkeypatch)
+    assert code == 0 and out.count("superseded") >= 2

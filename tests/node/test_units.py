@@ -284,6 +284,21 @@ def test_retry_and_not_found(sf: SessionFactory) -> None:
     assert job_queue.retry_job(sf, job).status == "queued"
 
 
+def test_retry_supersedes_the_last_runs_pending_sends_only(sf: SessionFactory) -> None:
+    _receive(sf, "1.8.2", 1, T0)
+    [job] = instances.schedule_due_studies(sf, 1.0, now=T0 + timedelta(seconds=5))
+    job_queue.claim_job(sf)
+    outputs = [OutputObject("/jobs/1/seg.dcm", "1.9.3"), OutputObject("/jobs/1/sr.dcm", "1.9.4")]
+    pacs = [Destination("a", "A", "h", 1)]
+    job_queue.finish_job(sf, job, status="done", outputs=outputs, destinations=pacs)
+    sr = next(s for s in job_queue.get_job(sf, job).sends if s.path.endswith("sr.dcm"))
+    send_queue.mark_sent(sf, sr.id)  # the SR went, the SEG waits for the PACS
+    job_queue.retry_job(sf, job)
+    statuses = {s.path.rsplit("/", 1)[1]: s.status for s in job_queue.get_job(sf, job).sends}
+    assert statuses == {"seg.dcm": "superseded", "sr.dcm": "done"}
+    assert send_queue.pending_send_count(sf) == 0 and send_queue.due_sends(sf) == []
+
+
 # -- UIDs ----------------------------------------------------------------------------------------------------
 
 
