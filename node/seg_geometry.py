@@ -16,8 +16,9 @@ study failed at the very end of its job.
 
 :func:`seg_sources` returns copies carrying the one geometry that the loader already read from the
 series (the first image's orientation, the pixel measures every frame agrees on, the slice spacing
-from positions for a missing thickness); the sources themselves are not modified. Each correction is
-logged with its keyword and the size of the difference, never with a patient value.
+from positions for a missing thickness: a single-frame image's SliceThickness, a multi-frame image's
+in its shared Pixel Measures, Type 1C in the SEG's); the sources themselves are not modified. Each
+correction is logged with its keyword and the size of the difference, never with a patient value.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ def seg_sources(sources: Sequence[Dataset], *, what: str = "SEG") -> list[Datase
     for ds in copies:
         if "PerFrameFunctionalGroupsSequence" in ds:
             _share_frame_groups(ds, what)
+            _fill_frame_thickness(ds, what)
     return copies
 
 
@@ -124,6 +126,59 @@ def _slice_spacing(images: list[Dataset]) -> float | None:
     normal = np.cross(cosines[:3], cosines[3:])
     gap = abs(float((np.asarray(positions[1], float) - np.asarray(positions[0], float)) @ normal))
     return gap if gap > 0 else None
+
+
+def _fill_frame_thickness(ds: Dataset, what: str) -> None:
+    """The shared Pixel Measures of multi-frame ``ds`` (a copy) given the frame spacing as
+    SliceThickness when it has none: the SEG copies that item, where SliceThickness is Type 1C
+    (PS3.3 C.7.6.16.2.1; dciodvfy: "Missing attribute Type 1C ... SliceThickness")."""
+    shared_items = ds.get("SharedFunctionalGroupsSequence")
+    measures = shared_items[0].get("PixelMeasuresSequence") if shared_items else None
+    if not measures or measures[0].get("SliceThickness") not in (None, ""):
+        return
+    spacing = _frame_spacing(ds)
+    if spacing is None:
+        return  # no positions to measure: highdicom or the SEG's validators report it
+    item = copy.deepcopy(measures[0])
+    item.SliceThickness = f"{spacing:.6g}"
+    shared = own_copy(shared_items[0])
+    shared.PixelMeasuresSequence = DicomSequence([item])
+    ds.SharedFunctionalGroupsSequence = DicomSequence([shared])
+    logger.warning(
+        "%s: source attribute SliceThickness absent or empty in the pixel measures of a %d-frame image: "
+        "the frame spacing from their positions (%.3g mm) written in the SEG's pixel measures",
+        what, len(ds.PerFrameFunctionalGroupsSequence), spacing,
+    )
+
+
+def _frame_spacing(ds: Dataset) -> float | None:
+    """The mean distance between neighbouring frames of ``ds`` along the slice normal, as the loader
+    measures it (frames in any order), or SpacingBetweenSlices for a single frame."""
+    shared = (ds.get("SharedFunctionalGroupsSequence") or [Dataset()])[0]
+    frames = list(ds.PerFrameFunctionalGroupsSequence)
+
+    def group(frame: Dataset, keyword: str) -> Dataset | None:
+        items = frame.get(keyword) or shared.get(keyword)
+        return items[0] if items else None
+
+    if len(frames) < 2:
+        measures = group(frames[0], "PixelMeasuresSequence") if frames else None
+        value = measures.get("SpacingBetweenSlices") if measures is not None else None
+        return float(value) if value not in (None, "") and float(value) > 0 else None
+    orientation = group(frames[0], "PlaneOrientationSequence")
+    cosines = _cosines(orientation) if orientation is not None else None
+    if cosines is None:
+        return None
+    normal = np.cross(cosines[:3], cosines[3:])
+    depths = []
+    for frame in frames:
+        position = group(frame, "PlanePositionSequence")
+        value = position.get("ImagePositionPatient") if position is not None else None
+        if value is None or len(value) != 3:
+            return None
+        depths.append(float(np.asarray(value, float) @ normal))
+    extent = max(depths) - min(depths)
+    return extent / (len(depths) - 1) if extent > 0 else None
 
 
 def _share_frame_groups(ds: Dataset, what: str) -> None:

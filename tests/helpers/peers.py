@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -47,3 +48,13 @@ def require_shared(*parts: str) -> Path:
         missing(f"shared data {path} is absent")
     return path
 
+
+
+def dciodvfy_problems(path: Path) -> list[str]:
+    """dciodvfy's (dicom3tools) Error and Warning lines for the DICOM file at ``path``, as the end-to-end
+    test reads them (skip/fail when dciodvfy is not installed). One run takes ~10-50 ms."""
+    report = subprocess.run(
+        [require_program("dciodvfy"), str(path)], capture_output=True, text=True, timeout=60, check=False
+    )
+    lines = (report.stdout + report.stderr).splitlines()
+    return [line for line in lines if "Error" in line or "Warning" in line]

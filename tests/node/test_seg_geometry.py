@@ -30,7 +30,7 @@ from node.seg import build_seg
 from node.sender import store_files
 from node.service import NodeService
 from tests.helpers.node import CatchingSCP, install_model, make_threshold_model, node_settings
-from tests.helpers.peers import require_shared
+from tests.helpers.peers import dciodvfy_problems, require_shared
 from tests.helpers.ports import free_port
 
 CARD = {"name": "geometry-test", "version": "1", "labels": [{"value": 1, "name": "Whole tumour"}]}
@@ -40,16 +40,21 @@ def _series(name: str) -> list[Dataset]:
     return [pydicom.dcmread(p) for p in sorted(require_shared("dicom", name).iterdir())]
 
 
-def _enhanced(datasets: list[Dataset], per_frame: str) -> list[Dataset]:
-    """The series as one Legacy Converted Enhanced MR image with ``per_frame`` moved from the shared
-    functional groups into every frame's, as Philips writes orientation and pixel measures."""
+def _legacy(datasets: list[Dataset]) -> Dataset:
+    """The series as one Legacy Converted Enhanced MR image, written and read back."""
     image = LegacyConvertedEnhancedMRImage(
         datasets, series_instance_uid=generate_uid(), series_number=9, sop_instance_uid=generate_uid(),
         instance_number=1,
     )  # fmt: skip
     buffer = io.BytesIO()
     image.save_as(buffer)
-    ds = pydicom.dcmread(io.BytesIO(buffer.getvalue()))
+    return pydicom.dcmread(io.BytesIO(buffer.getvalue()))
+
+
+def _enhanced(datasets: list[Dataset], per_frame: str) -> list[Dataset]:
+    """The series as one Legacy Converted Enhanced MR image with ``per_frame`` moved from the shared
+    functional groups into every frame's, as Philips writes orientation and pixel measures."""
+    ds = _legacy(datasets)
     shared = ds.SharedFunctionalGroupsSequence[0]
     group = shared[per_frame].value
     del shared[per_frame]
@@ -147,6 +152,34 @@ def test_the_seg_is_built_and_its_voxels_land_where_the_labels_are(name: str) ->
     for mark in marks:
         assert min(float(np.linalg.norm(_world(volume, mark) - p)) for p in points) < 1e-3, mark
     assert [list(ds.get("ImageOrientationPatient") or []) for ds in datasets] == before  # not modified
+
+
+@pytest.mark.parametrize("where", ["shared", "per-frame"])
+def test_a_multi_frame_source_without_slice_thickness_gets_the_frame_spacing_in_the_seg(
+    where: str, tmp_path: Path
+) -> None:
+    """Pixel Measures without SliceThickness (a converter or anonymiser dropped it) in a multi-frame
+    source: the SEG's shared Pixel Measures, which highdicom copies from it, carry the frame spacing
+    (SliceThickness is Type 1C there; dciodvfy rejected the SEG), as for single-frame sources."""
+    datasets = _series("siemens_t1_fl2d_sag_healthy")
+    if where == "shared":
+        ds = _legacy(datasets)
+        measures = ds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    else:
+        [ds] = _enhanced(datasets, "PixelMeasuresSequence")
+        measures = ds.PerFrameFunctionalGroupsSequence[0].PixelMeasuresSequence[0]  # one item, every frame
+    del measures.SliceThickness
+    volume = load_series([ds])
+    labels = np.zeros(volume.array.shape, dtype=np.uint8)
+    labels[15:18, 100:120, 100:130] = 1
+    assembled = Assembled(reference=volume, sources=[ds], images={}, affine=np.eye(4))
+    seg = build_seg([ds], source_frame_labels(labels, assembled), CARD, software_version="test")
+    path = tmp_path / "seg.dcm"
+    seg.save_as(path, enforce_file_format=True)
+    assert dciodvfy_problems(path) == []
+    written = pydicom.dcmread(path).SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    assert float(written.SliceThickness) == pytest.approx(volume.spacing[0], rel=1e-5)
+    assert "SliceThickness" not in measures  # the source is not modified
 
 
 def test_orientations_further_apart_than_the_loaders_tolerance_are_a_job_error() -> None:
