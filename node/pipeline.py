@@ -77,6 +77,9 @@ class Assembled:
     sources: list[Dataset]
     images: dict[str, npt.NDArray[np.float32]]
     affine: npt.NDArray[np.float64]
+    #: The data sets (headers) of the other series the model gets, each series in slice order: the
+    #: SR's evidence besides ``sources``, the reference's.
+    others: list[Dataset] = field(default_factory=list)
 
 
 @dataclass
@@ -133,10 +136,17 @@ def assemble_coregistered(
     """The study as the model sees it: the reference series' volume and sources, and every modality on
     its RAS grid (``coregistered``'s images; the reference alone when None)."""
     ref = loaded[reference]
-    by_uid = {str(ds.SOPInstanceUID): ds for ds in ref.datasets}
-    sources = [by_uid[uid] for uid in dict.fromkeys(ref.volume.sop_instance_uids)]
     images = dict(coregistered.images) if coregistered is not None else {reference: ref.array}
-    return Assembled(reference=ref.volume, sources=sources, images=images, affine=ref.affine)
+    others = [ds for modality, series in loaded.items() if modality != reference for ds in _in_order(series)]
+    return Assembled(
+        reference=ref.volume, sources=_in_order(ref), images=images, affine=ref.affine, others=others
+    )
+
+
+def _in_order(series: LoadedSeries) -> list[Dataset]:
+    """The data sets of ``series`` in slice order (a multi-frame image once)."""
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in series.datasets}
+    return [by_uid[uid] for uid in dict.fromkeys(series.volume.sop_instance_uids)]
 
 
 @dataclass
@@ -803,6 +813,7 @@ def run_job(ctx: JobContext, job_id: int) -> str:
                 assembled.sources,
                 volumes,
                 card,
+                other_evidence=assembled.others,
                 brain_volume_ml=report.figures["brain_volume_ml"],
                 tumour_share_percent=report.figures["tumour_share_of_brain_percent"],
                 regions=region_volumes_ml(labels, card, assembled.reference),

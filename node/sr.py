@@ -82,6 +82,7 @@ def build_sr(
     routing: str | None = None,
     series: str | None = None,
     run: int = 1,
+    other_evidence: Sequence[Dataset] = (),
 ) -> hd.sr.Comprehensive3DSR:
     """A TID 1500 report with the volume in mL of each segment of ``seg`` (and of the brain).
 
@@ -92,7 +93,7 @@ def build_sr(
         no tumour (then one TID 1501 group of 0 mL per card label). The report copies the patient
         and study attributes of its evidence by the rules of :mod:`node.source_attributes`.
     sources:
-        The source images of the segmentation (evidence).
+        The source images of the segmentation (evidence; the TID 1411 groups' source series).
     volumes_ml:
         Volume of segment ``i + 1`` in millilitres.
     card:
@@ -110,6 +111,9 @@ def build_sr(
     run:
         Which analysis of the study this is (:func:`node.seg.run_series`: a re-run's series number
         and description say so).
+    other_evidence:
+        The images of the model's other input series (a ``brats_regions`` model's T1, T1GD and T2),
+        listed in the evidence after ``sources``: the volumes were measured from them too.
     """
     parameters = [f"routing: {routing}"] if routing else []
     if series:
@@ -176,8 +180,10 @@ def build_sr(
         # The report takes its patient and study attributes, and its acquisition equipment, from the
         # first evidence: the cleaned sources (the scanner), then the SEG (built from the same
         # cleaned attributes). With the SEG first the SR named segnode as the acquiring equipment.
+        # The other input series follow (highdicom reads only their UIDs).
         evidence=[
             *clean_sources(sources, what="SR", extra_texts=[*parameters, *card_texts(card)]),
+            *other_evidence,
             *([seg] if seg is not None else []),
         ],
         content=report[0],

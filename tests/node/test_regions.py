@@ -38,6 +38,7 @@ from tests.helpers.node import (
     make_threshold_model,
     node_settings,
 )
+from tests.helpers.peers import dciodvfy_problems
 from tests.helpers.ports import free_port
 from tests.helpers.regions import brain_edge, brain_of, brats_case, misaligned
 from tests.helpers.waiting import wait_until
@@ -576,6 +577,24 @@ def test_four_series_get_the_regions_model_three_segments_and_region_volumes(
     assert used.index("FLAIR:") < used.index("T1:") < used.index("T1GD:") < used.index("T2:")
     # QC: the tumour is the union of the tissues.
     assert job.result["tumour_volume_ml"] == pytest.approx(regions["whole_tumour"], abs=0.01)
+    # The SR's evidence is every image the volumes came from, the reference's first (the SR's patient
+    # and study attributes are its), and the SEG; the segments' source series stays the reference.
+    [evidence] = sr.CurrentRequestedProcedureEvidenceSequence
+    listed = {
+        str(s.SeriesInstanceUID): {str(i.ReferencedSOPInstanceUID) for i in s.ReferencedSOPSequence}
+        for s in evidence.ReferencedSeriesSequence
+    }
+    assert next(iter(listed)) == study.series_uids["FLAIR"]
+    for modality, uid in study.series_uids.items():
+        heads = [pydicom.dcmread(p, stop_before_pixels=True) for p in study.files[modality]]
+        assert listed.get(uid) == {str(ds.SOPInstanceUID) for ds in heads}, modality
+    assert listed[str(seg.SeriesInstanceUID)] == {str(seg.SOPInstanceUID)} and len(listed) == 5
+    source_series = hd.sr.CodedConcept("121232", "DCM", "Source series for segmentation")
+    source = hd.sr.utils.find_content_items(sr, name=source_series, recursive=True)
+    assert len(source) == 3 and {str(i.UID) for i in source} == {study.series_uids["FLAIR"]}
+    sr_file = tmp_path / "sr.dcm"
+    sr.save_as(sr_file, enforce_file_format=True)
+    assert [line for line in dciodvfy_problems(sr_file) if "Error" in line] == []
 
 
 def test_study_without_t2_gets_the_whole_tumour_model_and_says_why(
