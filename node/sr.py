@@ -13,7 +13,8 @@ When the job has a brain mask, one more TID 1501 group with finding type SCT 127
 the brain volume (SCT 118565006 "Volume", UCUM "mL") and the whole tumour's share of it, in UCUM "%"
 under :data:`TUMOUR_SHARE_OF_BRAIN`. No SNOMED CT, DCM or LOINC concept names a lesion's volume as
 a share of its organ's (SCT 118586006 "Ratio" would not say of what), so that concept is in a
-private coding scheme (PS3.3 8.2: designators beginning "99") whose meaning says it in words.
+private coding scheme (PS3.3 8.2: designators beginning "99") whose meaning says it in words. A report
+that uses the scheme identifies it in its Coding Scheme Identification Sequence.
 
 For a ``brats_regions`` model, two more TID 1501 groups hold the composite regions radiologists
 follow (RANO): the whole tumour (every tissue; SCT 108369006 "Neoplasm") and the tumour core
@@ -30,6 +31,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import highdicom as hd
+from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
@@ -47,15 +49,19 @@ MR_PROCEDURE = hd.sr.CodedConcept("113091000", "SCT", "Magnetic resonance imagin
 #: SCT 12738006 "Brain": finding type of the brain group.
 BRAIN = hd.sr.CodedConcept("12738006", "SCT", "Brain")
 PERCENT = hd.sr.CodedConcept("%", "UCUM", "percent")
+#: The private coding scheme of the concepts no standard scheme has (PS3.3 8.2: designators beginning
+#: "99"), declared in the Coding Scheme Identification Sequence (SOP Common module) of every report
+#: that uses it: without it dciodvfy warned "Unrecognized defined term <99SEGNODE>".
+PRIVATE_SCHEME = "99SEGNODE"
 #: Whole-tumour volume / brain volume, in %: private concept (see the module docstring).
 TUMOUR_SHARE_OF_BRAIN = hd.sr.CodedConcept(
-    "TUMOUR_BRAIN_PCT", "99SEGNODE", "Whole tumour volume as percentage of brain volume"
+    "TUMOUR_BRAIN_PCT", PRIVATE_SCHEME, "Whole tumour volume as percentage of brain volume"
 )
 #: SCT 108369006 "Neoplasm": finding type of the whole-tumour group.
 NEOPLASM = hd.sr.CodedConcept("108369006", "SCT", "Neoplasm")
 #: Non-enhancing/necrotic + enhancing tumour: private concept (see the module docstring).
 TUMOUR_CORE = hd.sr.CodedConcept(
-    "TUMOUR_CORE", "99SEGNODE", "Tumour core (non-enhancing or necrotic and enhancing tumour)"
+    "TUMOUR_CORE", PRIVATE_SCHEME, "Tumour core (non-enhancing or necrotic and enhancing tumour)"
 )
 #: Composite region key (node/pipeline.py ``region_volumes_ml``) -> (finding type, tracking identifier).
 REGIONS: dict[str, tuple[hd.sr.CodedConcept, str]] = {
@@ -176,6 +182,10 @@ def build_sr(
         imaging_measurements=groups,
     )
     series_number, description = run_series(SR_SERIES_NUMBER, SR_SERIES_DESCRIPTION, run)
+    private = any(
+        element.keyword == "CodingSchemeDesignator" and element.value == PRIVATE_SCHEME
+        for element in report[0].iterall()
+    )
     return hd.sr.Comprehensive3DSR(
         # The report takes its patient and study attributes, and its acquisition equipment, from the
         # first evidence: the cleaned sources (the scanner), then the SEG (built from the same
@@ -194,6 +204,16 @@ def build_sr(
         manufacturer="segnode",
         series_description=description,
         is_complete=True,
+        coding_schemes=[private_scheme_item()] if private else None,
+    )
+
+
+def private_scheme_item() -> CodingSchemeIdentificationItem:
+    """The Coding Scheme Identification item of :data:`PRIVATE_SCHEME` (a new one per report)."""
+    return CodingSchemeIdentificationItem(
+        designator=PRIVATE_SCHEME,
+        name="segnode private concepts (brain tumour volumes)",
+        responsible_organization="segnode brain-tumour segmentation node (its manufacturer)",
     )
 
 

@@ -28,7 +28,7 @@ from node.pipeline import assemble_coregistered, load_chosen, quality_check
 from node.seg import build_seg
 from node.selection import SeriesSelector, scan_series
 from node.sr import BRAIN, TUMOUR_SHARE_OF_BRAIN, build_sr
-from tests.helpers.peers import REPO
+from tests.helpers.peers import DCIODVFY_PRIVATE_SCHEME, REPO, dciodvfy_problems
 
 DATA = REPO.parent / "shared" / "data"
 if not DATA.is_dir():
@@ -421,6 +421,35 @@ def test_sr_carries_brain_volume_share_and_model(
     assert {str(e.value) for e in sr.iterall() if e.keyword == device} == {
         str(e.value) for e in again.iterall() if e.keyword == device
     }
+
+
+@pytest.mark.parametrize(
+    "brain, regions, private",
+    [
+        pytest.param(True, None, True, id="brain-share"),
+        pytest.param(False, {"whole_tumour": 0.0, "tumour_core": 0.0}, True, id="regions"),
+        pytest.param(False, None, False, id="no-private-concept"),
+    ],
+)
+def test_an_sr_with_private_concepts_identifies_their_coding_scheme(
+    brain: bool, regions: dict[str, float] | None, private: bool, sources: list[Dataset], tmp_path: Path
+) -> None:
+    """The brain group's share of the brain and the regions' tumour core are concepts of the private
+    scheme 99SEGNODE: the SR's Coding Scheme Identification Sequence names the scheme and who is
+    responsible for it (PS3.3 SOP Common), so that a reader can tell what the designator means."""
+    figures: dict[str, Any] = {"brain_volume_ml": 1432.25, "tumour_share_percent": 0.0} if brain else {}
+    sr = _round_trip(build_sr(None, sources, [0.0], _card(), regions=regions, **figures), tmp_path)
+    used = {str(e.value) for e in sr.iterall() if e.keyword == "CodingSchemeDesignator"}
+    declared = {str(i.CodingSchemeDesignator): i for i in sr.get("CodingSchemeIdentificationSequence", [])}
+    assert ("99SEGNODE" in used) == private
+    if private:
+        [item] = declared.values()
+        assert item.CodingSchemeDesignator == "99SEGNODE"
+        assert item.CodingSchemeName and item.CodingSchemeResponsibleOrganization
+    else:
+        assert declared == {}
+    problems = dciodvfy_problems(tmp_path / "sr.dcm")
+    assert [p for p in problems if not p.startswith(DCIODVFY_PRIVATE_SCHEME)] == []
 
 
 def test_the_sr_character_set_encodes_its_own_text(sources: list[Dataset], tmp_path: Path) -> None:
