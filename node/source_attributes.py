@@ -67,6 +67,13 @@ binary values (US, FD ...)    always valid                                copied
 
 StudyInstanceUID is copied as it is: the SEG must stay in the source's study.
 
+The same rules hold for the General Equipment attributes highdicom 0.28.2 reads from the first source
+for the outputs' acquisition-equipment item (Contributing Equipment Sequence, PS3.3 C.12.1:
+:data:`EQUIPMENT_ATTRIBUTES`): there one value over its VR's length (a 20-character StationName, SH
+16) or a DT that is no date and time (AcquisitionDateTime '20231301999999') made highdicom drop the
+whole item without a word, and the SEG and SR no longer named the scanner. Text is cut (the
+DeviceSerialNumber, an identifier, omitted), a bad AcquisitionDateTime omitted; the item is kept.
+
 SpecificCharacterSet (PS3.3 C.12.1.1.2) says how the copied text is written. highdicom refuses the
 standard's own ``\\ISO 2022 IR 87`` (an empty first value, which means ISO 2022 IR 6) and a single
 value with code extensions (``ISO 2022 IR 100``), which used to fail the job. The outputs name the
@@ -97,7 +104,7 @@ from pydicom.datadict import dictionary_VM, dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
-from pydicom.valuerep import MAX_VALUE_LEN, validate_value
+from pydicom.valuerep import DT, MAX_VALUE_LEN, validate_value
 
 logger = logging.getLogger(__name__)
 
@@ -139,6 +146,21 @@ _COPIED = """
 """
 COPIED_ATTRIBUTES: tuple[str, ...] = tuple(_COPIED.split())
 
+#: Root-level attributes highdicom 0.28.2 reads from the first source for the outputs' acquisition-
+#: equipment item (``ContributingEquipment.for_image_acquisition``; one invalid value and the item is
+#: dropped): the General Equipment module's (PS3.3 C.7.5.1) and AcquisitionDateTime.
+EQUIPMENT_ATTRIBUTES: tuple[str, ...] = (
+    "Manufacturer",
+    "ManufacturerModelName",
+    "SoftwareVersions",
+    "DeviceSerialNumber",
+    "InstitutionName",
+    "InstitutionalDepartmentName",
+    "InstitutionAddress",
+    "StationName",
+    "AcquisitionDateTime",
+)
+
 #: Type 2 attributes highdicom reads from the source (an absent one is an AttributeError there).
 REQUIRED_TYPE2 = (
     "PatientName",
@@ -177,6 +199,7 @@ IDENTIFIERS = frozenset(
         "ClinicalTrialSubjectReadingID",
         "ClinicalTrialTimePointID",
         "ClinicalTrialProtocolEthicsCommitteeApprovalNumber",
+        "DeviceSerialNumber",
     }
 )
 _TYPE2 = frozenset(REQUIRED_TYPE2 + OTHER_TYPE2)
@@ -237,11 +260,11 @@ def clean_sources(
 def corrected_attributes(
     ds: Dataset, extra_texts: Sequence[str] = ()
 ) -> tuple[dict[str, DataElement | None], list[Correction]]:
-    """The replaced elements (None: omit) of ``ds``'s copied attributes, and what was done
-    (``extra_texts``: other text the output carries, see :func:`clean_sources`)."""
+    """The replaced elements (None: omit) of ``ds``'s copied and equipment attributes, and what was
+    done (``extra_texts``: other text the output carries, see :func:`clean_sources`)."""
     replacements: dict[str, DataElement | None] = {}
     corrections: list[Correction] = []
-    for keyword in COPIED_ATTRIBUTES:
+    for keyword in (*COPIED_ATTRIBUTES, *EQUIPMENT_ATTRIBUTES):
         tag = tag_for_keyword(keyword)
         if tag is None:  # pragma: no cover - every keyword above is in pydicom's dictionary
             continue
@@ -269,9 +292,10 @@ def corrected_attributes(
 
 
 def _copied_texts(ds: Dataset, replacements: dict[str, DataElement | None]) -> list[str]:
-    """The text of every copied PN and text attribute as the outputs will carry it (root level)."""
+    """The text of every copied PN and text attribute as the outputs will carry it (root level; the
+    equipment attributes' too, which the Contributing Equipment item carries)."""
     texts: list[str] = []
-    for keyword in COPIED_ATTRIBUTES:
+    for keyword in (*COPIED_ATTRIBUTES, *EQUIPMENT_ATTRIBUTES):
         element: DataElement | None
         if keyword in replacements:
             element = replacements[keyword]
@@ -521,6 +545,8 @@ def _value_valid(vr: str, value: Any) -> bool:
         return _date_valid(str(value)) if vr == "DA" else _time_valid(str(value))
     try:
         validate_value(vr, value, config.RAISE)
+        if vr == "DT":
+            DT(str(value))  # a real date and time: pydicom's check passes '20230230120000'
     except ValueError:
         return False
     return True

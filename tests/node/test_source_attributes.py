@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import highdicom as hd
+import numpy as np
 import pydicom
 import pytest
 from pydicom import config
@@ -25,14 +26,19 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag
 
+from converters.dicom_series import load_series
 from converters.dicom_writer import write_study
 from converters.synthetic import make_synthetic_case
 from db import job_queue
+from db.card import TASK_LABELS
 from node import dimse
 from node.config import Destination
+from node.seg import build_seg
 from node.sender import store_files
 from node.source_attributes import COPIED_ATTRIBUTES, clean_sources
+from node.sr import build_sr
 from tests.helpers.node import CatchingSCP, make_threshold_model, node_settings, running_node
+from tests.helpers.peers import dciodvfy_problems
 from tests.helpers.ports import free_port
 from tests.helpers.waiting import wait_until
 
@@ -261,3 +267,54 @@ def test_copied_attributes_are_the_modules_highdicom_copies() -> None:
         if not item["path"]
     }
     assert set(COPIED_ATTRIBUTES) == expected
+
+
+_INSTITUTION = "University Hospital of Somewhere, Department of Neuroradiology, Bldg 7"
+_SOFTWARE = "syngo MR XA30 with a very long vendor build string that exceeds LO 64"
+#: (keyword, value out of its VR's range, value expected in the outputs' acquisition-equipment item).
+EQUIPMENT_BAD = [
+    pytest.param("StationName", "MRC40123-PRISMA-3T-X", "MRC40123-PRISMA-", id="StationName"),  # SH: 16
+    pytest.param("InstitutionName", _INSTITUTION, _INSTITUTION[:64].rstrip(), id="InstitutionName"),  # LO
+    pytest.param("SoftwareVersions", _SOFTWARE, _SOFTWARE[:64].rstrip(), id="SoftwareVersions"),
+    pytest.param("AcquisitionDateTime", "20231301999999", OMITTED, id="AcquisitionDateTime"),  # month 13
+    # no 30 February, though the DT pattern matches (pydicom's own check passes it)
+    pytest.param("AcquisitionDateTime", "20230230120000", OMITTED, id="AcquisitionDateTime-2"),
+    pytest.param("DeviceSerialNumber", "SN" + "4" * 66, OMITTED, id="DeviceSerialNumber"),  # never cut
+]
+
+
+@pytest.mark.parametrize("keyword, value, expected", EQUIPMENT_BAD)
+def test_an_equipment_attribute_out_of_range_leaves_the_scanner_named_in_the_seg_and_sr(
+    keyword: str, value: str, expected: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """highdicom builds the outputs' acquisition-equipment item (Contributing Equipment) from the first
+    source and drops it silently when one of its values is invalid: the SEG and SR lost the scanner."""
+    files = _write_bad_study(tmp_path / "study", {keyword: (value, expected)})
+    datasets = [pydicom.dcmread(p) for p in files]
+    volume = load_series(datasets)
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in datasets}
+    sources = [by_uid[uid] for uid in volume.sop_instance_uids]
+    labels = np.zeros(volume.array.shape, np.uint8)
+    labels[4:7, 20:30, 20:30] = 1
+    card = {"name": "test-model", "version": "1", "task": "whole_tumor", "labels": TASK_LABELS["whole_tumor"]}
+    caplog.set_level(logging.INFO)
+    seg = build_seg(sources, labels, card, software_version="test")
+    sr = build_sr(seg, sources, [1.0], card)
+    for out in (seg, sr):
+        path = tmp_path / f"{out.Modality}.dcm"
+        out.save_as(path, enforce_file_format=True)
+        assert dciodvfy_problems(path) == [], out.Modality
+        [item] = [
+            e for e in pydicom.dcmread(path).ContributingEquipmentSequence
+            if e.PurposeOfReferenceCodeSequence[0].CodeValue == "109101"  # DCM Acquisition Equipment
+        ]  # fmt: skip
+        assert item.Manufacturer == sources[0].Manufacturer and item.Manufacturer, out.Modality
+        if keyword == "AcquisitionDateTime":
+            assert "ContributionDateTime" not in item, out.Modality
+        elif expected == OMITTED:
+            assert keyword not in item, out.Modality
+        else:
+            assert str(item[keyword].value) == expected, out.Modality
+    lines = [r.getMessage() for r in caplog.records if r.name == "node.source_attributes"]
+    assert [m for m in lines if f" {keyword} " in m], lines
+    assert not any(value in m for m in lines), lines
