@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,6 +15,16 @@ from db.card import load_card
 from db.registry import open_registry
 from node.bootstrap import SHIPPED_BRAIN_EXTRACTOR_DIR, bootstrap_default_model
 from node.runtime import BrainExtractorRuntime
+
+
+def _promote_second_version(registry: Any, source: Path, copy: Path) -> Any:
+    """A copy of the brain extractor at ``source`` as version 1.0.2-b, imported and promoted."""
+    shutil.copytree(source, copy)
+    card = (copy / "model.json").read_text().replace('"version": "1.0.2"', '"version": "1.0.2-b"')
+    (copy / "model.json").write_text(card)
+    [info] = registry.import_dir(copy, by="test")
+    registry.promote(info.id, by="test", reason="test")
+    return info
 
 
 def test_shipped_card_is_a_checked_brain_extractor() -> None:
@@ -48,11 +59,7 @@ def test_bootstrap_runtime_swap_and_tamper(tmp_path: Path) -> None:
 
     # A second version, tampered after registration: refused, the first keeps serving; rollback works.
     second = tmp_path / "second"
-    shutil.copytree(shipped, second)
-    card = (second / "model.json").read_text().replace('"version": "1.0.2"', '"version": "1.0.2-b"')
-    (second / "model.json").write_text(card)
-    [info2] = registry.import_dir(second, by="test")
-    registry.promote(info2.id, by="test", reason="test")
+    _promote_second_version(registry, shipped, second)
     with (second / "brain_fp32.bin").open("r+b") as fh:
         fh.seek(1000)
         fh.write(b"\x00\x01\x02\x03")
@@ -108,12 +115,7 @@ def test_a_refused_brain_extractor_holds_studies_queued_until_one_serves(tmp_pat
         assert "does not match the recorded" in health["brain_extractor_error"]
         assert catcher.received == []
 
-        sound = tmp_path / "sound"
-        shutil.copytree(SHIPPED_BRAIN_EXTRACTOR_DIR, sound)
-        card = (sound / "model.json").read_text().replace('"version": "1.0.2"', '"version": "1.0.2-b"')
-        (sound / "model.json").write_text(card)
-        [info] = registry.import_dir(sound, by="test")
-        registry.promote(info.id, by="test", reason="test")
+        _promote_second_version(registry, SHIPPED_BRAIN_EXTRACTOR_DIR, tmp_path / "sound")
         job = wait_until(
             lambda: next(
                 (j for j in job_queue.list_jobs(node.sf) if j.status not in ("queued", "running")), None

@@ -154,20 +154,24 @@ sys.meta_path.insert(0, _NotInstalled())
 """
 
 
-def _segnode_without_train_extra(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    site = tmp_path / "site"
-    site.mkdir(exist_ok=True)
-    (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(REPO)])}
+def _segnode(cwd: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """``segnode ARGS`` in a process of its own, run in ``cwd`` with ``env``."""
     return subprocess.run(
         [sys.executable, "-m", "node", *args],
-        cwd=tmp_path,
+        cwd=cwd,
         env=env,
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
     )
+
+
+def _segnode_without_train_extra(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    site = tmp_path / "site"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    return _segnode(tmp_path, {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(REPO)])}, *args)
 
 
 @pytest.mark.parametrize(
@@ -389,15 +393,7 @@ def test_jobs_do_not_show_the_database_password(
 def test_jobs_list_in_a_real_process_creates_no_database(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SEGNODE_")}
     env["PYTHONPATH"] = str(REPO)
-    result = subprocess.run(
-        [sys.executable, "-m", "node", "jobs", "list"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    result = _segnode(tmp_path, env, "jobs", "list")
     assert result.returncode == 2 and result.stdout == "", result.stderr
     db = tmp_path / "var" / "segnode.db"
     assert result.stderr.startswith(f"error: database sqlite:///{db} does not exist"), result.stderr

@@ -23,6 +23,16 @@ from tests.helpers.waiting import wait_until
 SHAPE = (48, 48, 12)
 
 
+def _first_job_ended(node: Any) -> job_queue.JobInfo:
+    """The node's first job, once it has ended (waits up to 60 s)."""
+
+    def ended() -> job_queue.JobInfo | None:
+        jobs = job_queue.list_jobs(node.sf)
+        return jobs[0] if jobs and jobs[0].status not in ("queued", "running") else None
+
+    return wait_until(ended, 60, "the job's end")  # type: ignore[no-any-return]
+
+
 def test_a_job_whose_record_cannot_be_written_ends_failed(tmp_path: Path) -> None:
     case = make_synthetic_case(3, SHAPE)
     model = make_threshold_model(tmp_path / "model", crop=SHAPE[:2], spacing=case.spacing, threshold=1.5)
@@ -34,11 +44,7 @@ def test_a_job_whose_record_cannot_be_written_ends_failed(tmp_path: Path) -> Non
         results = store_files(study.files["FLAIR"], "127.0.0.1", node.scp.port, "SEGNODE", "PACS")
         assert {status for _, status, _ in results} == {0}
 
-        def ended() -> job_queue.JobInfo | None:
-            jobs = job_queue.list_jobs(node.sf)
-            return jobs[0] if jobs and jobs[0].status not in ("queued", "running") else None
-
-        job = wait_until(ended, 60, "the job's end")
+        job = _first_job_ended(node)
         assert job.id == 1 and job.status == "failed", (job.status, job.reason)
         assert "job.json" in job.reason
 
@@ -112,11 +118,7 @@ def test_a_database_fault_mid_job_does_not_fail_the_job_it_runs_again_once_the_d
             results = store_files(study.files["FLAIR"], "127.0.0.1", node.scp.port, "SEGNODE", "PACS")
             assert {status for _, status, _ in results} == {0}
 
-            def ended() -> job_queue.JobInfo | None:
-                jobs = job_queue.list_jobs(node.sf)
-                return jobs[0] if jobs and jobs[0].status not in ("queued", "running") else None
-
-            job = wait_until(ended, 60, "the job's end")
+            job = _first_job_ended(node)
             assert (job.status, job.attempts, job.requeues) == ("done", 2, 1), job.reason
             catcher.wait_for(lambda r: len(r) >= 2, 30)
     finally:
