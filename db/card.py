@@ -182,6 +182,58 @@ def check_card(card: Mapping[str, Any], where: str = "model card") -> None:
     _check_labels(card, where)
 
 
+def check_runnable_card(card: Mapping[str, Any], where: str = "model card") -> None:
+    """Check a card as the node reads it when it loads the model: :func:`check_card`, then the task's
+    own blocks, with the very parsers the node uses. A segmentation card's ``preprocessing``
+    (:meth:`converters.preprocess.PreprocessSpec.from_card`: orientation RAS, 3 positive spacings, a
+    crop of 2 positive sizes, a known normalisation and slice axis); a brain extractor's
+    ``preprocessing`` (:meth:`converters.brain_mask.BrainExtractionSettings.from_card`), ``output``
+    ``channel`` and ``networks`` (per precision, the ``bbox`` and ``brain`` IR file names).
+
+    The node calls it before compiling (node/segmenter.py, node/brain_extraction.py) and the model
+    table at import (:func:`read_model_dir`) and promotion, so that a card the node would refuse is
+    never made active.
+
+    Raises
+    ------
+    ModelCardError
+        The message starts with ``where`` and names the key and its bad value.
+    """
+    from converters.brain_mask import NETWORKS, BrainExtractionSettings
+    from converters.preprocess import PreprocessError, PreprocessSpec
+
+    check_card(card, where)
+    block = card["preprocessing"]
+    if not isinstance(block, Mapping):
+        raise ModelCardError(f"{where}: preprocessing must be an object, got {block!r}")
+    if card["task"] != "brain_extraction":
+        try:
+            PreprocessSpec.from_card(block)
+        except PreprocessError as exc:
+            raise ModelCardError(f"{where}: {exc}") from None
+        return
+    try:
+        BrainExtractionSettings.from_card(card)
+        int(card["output"].get("channel", 1))
+    except ModelCardError as exc:
+        raise ModelCardError(f"{where}: {exc}") from None
+    except (TypeError, ValueError) as exc:
+        raise ModelCardError(f"{where}: a preprocessing or output value is bad: {exc}") from None
+    networks = card.get("networks")
+    if not isinstance(networks, Mapping) or not networks:
+        raise ModelCardError(
+            f"{where}: networks {networks!r} must map a precision to its {' and '.join(NETWORKS)} IR files"
+        )
+    for precision, names in networks.items():
+        if (
+            not isinstance(names, Mapping)
+            or any(not isinstance(names.get(key), str) or not names[key].strip() for key in NETWORKS)
+        ):
+            raise ModelCardError(
+                f"{where}: networks.{precision} {names!r} must name the {' and '.join(NETWORKS)} IR files"
+            )
+
+
 def _check_labels(card: Mapping[str, Any], where: str) -> None:
     """A segmentation card's label values are its task's (:data:`TASK_LABELS`): the node writes one
     SEG segment and one SR volume per label value the network outputs, so a card naming other values
@@ -474,7 +526,7 @@ def read_model_dir(directory: Path) -> ModelDir:
             f"{', '.join(MODALITIES)}"
         )
     try:
-        _check_labels(card, where)
+        check_runnable_card(card, where)  # what the node checks when it loads the model
     except ModelCardError as exc:
         raise InvalidModelDirectory(str(exc)) from None
     raw_artifacts = card.get("artifacts")

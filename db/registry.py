@@ -41,7 +41,16 @@ from sqlalchemy import CursorResult, Engine, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
-from db.card import CARD_NAME, FileCheck, ModelDir, check_file, read_model_dir, sha256_file
+from converters.exceptions import ModelCardError
+from db.card import (
+    CARD_NAME,
+    FileCheck,
+    ModelDir,
+    check_file,
+    check_runnable_card,
+    read_model_dir,
+    sha256_file,
+)
 from db.exceptions import (
     ConcurrentPromotionError,
     DatabaseUnavailableError,
@@ -631,6 +640,11 @@ class Registry:
                 f"kind {info.kind!r} cannot be active: the node runs only {', '.join(RUNNABLE_KINDS)} models"
             )
         problems.extend(f"file {p}" for p in report.problems)
+        if info.card is not None:  # imported before import checked it: the node would refuse it
+            try:
+                check_runnable_card(info.card, "its model card")
+            except ModelCardError as exc:
+                problems.append(str(exc))
         return problems
 
     def gate_problems(self, info: ModelInfo, parent: ModelInfo | None) -> list[str]:

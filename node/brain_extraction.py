@@ -23,7 +23,7 @@ from converters.brain_mask import (
     brain_volume_ml,
 )
 from converters.exceptions import ModelCardError
-from db.card import check_card
+from db.card import check_runnable_card
 from node.exceptions import ModelLoadError
 from node.memory import release_compiled, trim_heap
 
@@ -150,7 +150,7 @@ def compile_networks(
     """
     import openvino as ov
 
-    check_card(card)
+    check_runnable_card(card)
     if card["task"] != "brain_extraction":
         raise ModelCardError(f"model {card.get('name')!r} has task {card['task']!r}, not brain_extraction")
     settings = BrainExtractionSettings.from_card(card)

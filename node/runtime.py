@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
 from converters.cpu import cpu_flags, int8_may_saturate
+from converters.exceptions import ModelCardError
 from db.card import check_file, sha256_file
 from db.registry import ModelInfo, Registry
 from node.brain_extraction import BrainExtractor
@@ -185,6 +186,12 @@ class ActiveModel(Generic[L]):
             raise ModelLoadError(f"model {info.label} is not an OpenVINO IR (kind {info.kind!r}); not loaded")
         try:
             return self.compile(info, xml)
+        except ModelCardError as exc:  # the card, not OpenVINO: say so (segnode models show ID)
+            raise ModelLoadError(
+                f"model {info.label}: its model card is not one this node can run: {exc}; not loaded"
+            ) from exc
+        except ModelLoadError as exc:  # already says what failed (file unreadable, warm-up inference...)
+            raise ModelLoadError(f"model {info.label}: {exc}; not loaded") from exc
         except Exception as exc:
             raise ModelLoadError(f"model {info.label}: OpenVINO cannot compile {xml}: {exc}") from exc
 

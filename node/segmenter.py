@@ -21,7 +21,7 @@ import numpy.typing as npt
 from converters.exceptions import ModelCardError
 from converters.prediction import DEFAULT_RESTORE, SlicePredictor, outputs_to_probabilities, segment_to_grid
 from converters.preprocess import Prepared, PreprocessError, PreprocessSpec, prepare_volume
-from db.card import check_card
+from db.card import check_runnable_card
 from node.exceptions import ModelLoadError
 from node.memory import release_compiled
 
@@ -182,7 +182,7 @@ class OpenVINOSegmenter:
     ) -> None:
         import openvino as ov
 
-        check_card(card)
+        check_runnable_card(card, f"model card of {model_xml}")
         try:
             slice_axis = PreprocessSpec.from_card(card["preprocessing"]).slice_axis
         except PreprocessError as exc:
@@ -201,7 +201,7 @@ class OpenVINOSegmenter:
         try:
             model = core.read_model(str(model_xml))
         except RuntimeError as exc:
-            raise ModelLoadError(f"model file {model_xml} cannot be read by OpenVINO: {exc}") from None
+            raise ModelLoadError(f"OpenVINO cannot read model file {model_xml}: {exc}") from None
         channels = len(self.card["modalities"])
         shape = model.input(0).get_partial_shape()
         static_channels = shape.rank.is_static and shape.rank.get_length() == 4 and shape[1].is_static

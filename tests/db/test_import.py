@@ -169,3 +169,31 @@ def test_a_card_whose_labels_are_not_its_tasks_is_refused(
     with pytest.raises(InvalidModelDirectory, match=r"a whole_tumor model outputs \[1\]"):
         registry.import_dir(directory)
     _assert_nothing_registered(registry)
+
+
+#: Cards the node refuses when it loads the model (db.card.check_runnable_card, which the node runs
+#: itself): each passed import and promotion before, and the node then served the previous model, or
+#: none at all, while the model table called this one active.
+NODE_REFUSES = [
+    (_set(["preprocessing", "orientation"], "LPS"), "preprocessing.orientation 'LPS' is not supported"),
+    (_set(["output", "activation"], KeyError), "output.activation None is not 'sigmoid' or 'softmax'"),
+    (
+        _set(["preprocessing", "spacing_mm"], [1, 1, 0]),
+        "preprocessing.spacing_mm [1.0, 1.0, 0.0] must be 3 positive numbers",
+    ),
+]
+
+
+@pytest.mark.parametrize(("edit", "message"), NODE_REFUSES, ids=["LPS", "no activation", "spacing 0"])
+def test_a_card_the_node_cannot_run_is_refused_at_import(
+    registry: Registry, tmp_path: Path, edit: Callable[[dict[str, Any]], None], message: str
+) -> None:
+    from tests.helpers.node import make_threshold_model
+
+    directory = make_threshold_model(tmp_path / "m", crop=(32, 32))  # a real IR the node runs
+    _edit_card(directory, edit)
+    with pytest.raises(InvalidModelDirectory) as info:
+        registry.import_dir(directory)
+    assert str(info.value).startswith(f"{directory.resolve() / 'model.json'}: ")
+    assert message in str(info.value)
+    _assert_nothing_registered(registry)

@@ -386,3 +386,28 @@ def test_polling_the_active_model_is_not_blocked_by_a_writer(migrated_db_url: st
         writer_engine.dispose()
     finally:
         registry.close()
+
+
+def test_promote_refuses_a_card_the_node_cannot_run_even_forced(registry: Registry, tmp_path: Path) -> None:
+    """A row whose card the node would refuse (registered through the API, or imported before import
+    checked cards) is never made active: the node would serve the previous model, or none."""
+    from tests.helpers.node import make_threshold_model
+
+    directory = make_threshold_model(tmp_path / "m", crop=(32, 32))
+    card = json.loads((directory / "model.json").read_text())
+    card["preprocessing"]["orientation"] = "LPS"
+    info = registry.register(
+        name=card["name"],
+        version=card["version"],
+        task=TASK,
+        modalities=card["modalities"],
+        kind="ir",
+        precision="fp32",
+        files=[directory / "model_fp32.xml", directory / "model_fp32.bin"],
+        metrics=card["artifacts"][0]["metrics"],
+        card={k: v for k, v in card.items() if k != "artifacts"},
+    )
+    for force in (False, True):
+        with pytest.raises(PromotionRefused, match=r"preprocessing\.orientation 'LPS' is not supported"):
+            registry.promote(info.id, by="test", reason="forced" if force else "", force=force)
+    assert registry.active(TASK) is None

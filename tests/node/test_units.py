@@ -596,6 +596,25 @@ def test_tampered_model_is_refused_and_previous_keeps_serving(
     assert loaded is not None and loaded.info.id == v3.id and runtime.last_error == ""
 
 
+def test_a_card_the_node_cannot_run_is_reported_as_a_card_error(
+    tmp_path: Path, sqlite_sf: SessionFactory
+) -> None:
+    """The runtime said "OpenVINO cannot compile" whatever failed; a bad card is named as one."""
+    registry = Registry(sqlite_sf)
+    info = install_model(registry, make_threshold_model(tmp_path / "m", crop=(32, 32)))
+    assert info.card is not None
+    card = json.loads(json.dumps(info.card))
+    card["preprocessing"]["orientation"] = "LPS"
+    runtime = ModelRuntime(registry, "whole_tumor", "CPU")
+    with pytest.raises(ModelLoadError) as refused:
+        runtime.load(dataclasses.replace(info, card=card))
+    message = str(refused.value)
+    assert message.startswith(f"model {info.label}: its model card is not one this node can run: ")
+    assert "preprocessing.orientation 'LPS' is not supported" in message
+    assert "cannot compile" not in message
+    assert runtime.load(info).info.id == info.id  # the same files with their own card load
+
+
 def test_after_a_refused_model_a_rollback_clears_the_error_and_a_retired_model_never_serves(
     tmp_path: Path, sqlite_sf: SessionFactory
 ) -> None:
