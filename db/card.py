@@ -469,6 +469,40 @@ def _check_ir_weights(files: tuple[CardFile, ...], where: str) -> None:
             )
 
 
+def _check_networks(
+    card: Mapping[str, Any], directory: Path, artifacts: list[CardArtifact], where: str
+) -> None:
+    """A brain extractor's ``networks`` (precision -> network -> IR ``.xml``) name files of its IR
+    artifact of that precision, and each IR artifact has its networks: the node compiles the files
+    that ``networks`` names, but checks the sha256 of the artifact's files only, so an unlisted file
+    (a changed copy beside the listed ones) would be loaded unchecked. (The ``.bin`` beside a listed
+    ``.xml`` must be listed too: :func:`_check_ir_weights`.)"""
+    networks = card.get("networks")
+    assert isinstance(networks, Mapping)  # check_runnable_card
+    irs = {art.precision: art for art in artifacts if art.kind == "ir"}
+    for precision, names in networks.items():
+        art = irs.get(str(precision))
+        if art is None:
+            raise InvalidModelDirectory(
+                f"{where}: networks.{precision}: the card has no IR artifact of precision {precision!r} "
+                "whose files (sha256-checked) would hold these networks"
+            )
+        listed = {f.path for f in art.files}
+        for key, raw in names.items():
+            here = f"networks.{precision}.{key}"
+            path = _resolve_inside(directory, str(raw), f"{where}: {here}")
+            if path not in listed:
+                raise InvalidModelDirectory(
+                    f"{where}: {here}: {raw!r} is not among the files of artifact {art.key!r}, whose "
+                    "sha256 the node checks before loading; list it there (with its .bin, sha256 and size)"
+                )
+    for precision, art in irs.items():
+        if precision not in networks:
+            raise InvalidModelDirectory(
+                f"{where}: artifact {art.key!r} has no networks.{precision} naming its IR files"
+            )
+
+
 def _parents_first(artifacts: list[CardArtifact], where: str) -> tuple[CardArtifact, ...]:
     by_key: dict[str, CardArtifact] = {}
     for n, art in enumerate(artifacts):
@@ -533,6 +567,8 @@ def read_model_dir(directory: Path) -> ModelDir:
     if not isinstance(raw_artifacts, list) or not raw_artifacts:
         raise InvalidModelDirectory(f"{where}: artifacts must be a non-empty list, got {raw_artifacts!r}")
     artifacts = [_artifact(directory, a, f"{where}: artifacts[{n}]") for n, a in enumerate(raw_artifacts)]
+    if task == "brain_extraction":
+        _check_networks(card, directory, artifacts, where)
     return ModelDir(
         directory=directory,
         name=name,

@@ -8,7 +8,7 @@ this module compiles the model directory's two IR files (``models/brain_extracti
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -138,13 +138,18 @@ def compile_networks(
     device: str = "CPU",
     threads: int | None = None,
     precision: str = "fp32",
+    verified: Collection[Path] | None = None,
 ) -> BrainMasker:
     """The card's two IR networks compiled by OpenVINO (static shapes), in a :class:`BrainMasker`.
+
+    ``verified``: the files whose sha256 was checked (the model's registered files); each network's
+    ``.xml`` and its ``.bin`` must be among them, else nothing is compiled. None: no such check (a
+    directory the caller vouches for).
 
     Raises
     ------
     ModelLoadError
-        An IR file is missing or OpenVINO cannot compile it.
+        An IR file is missing, not among ``verified``, or OpenVINO cannot compile it.
     ModelCardError
         The card is not a brain-extraction card or names no networks.
     """
@@ -165,11 +170,22 @@ def compile_networks(
     if threads:
         config["INFERENCE_NUM_THREADS"] = int(threads)
     grids = {"bbox": settings.bbox_grid, "brain": settings.brain_grid}
-    compiled: dict[str, ov.CompiledModel] = {}
-    for key in NETWORKS:
-        xml = Path(directory) / str(networks[key])
+    xmls = {key: Path(directory) / str(networks[key]) for key in NETWORKS}
+    checked = None if verified is None else {Path(p).resolve() for p in verified}
+    for key, xml in xmls.items():
         if not xml.is_file():
             raise ModelLoadError(f"brain extractor {card.get('name')!r}: {xml} does not exist")
+        if checked is None:
+            continue
+        unchecked = [p for p in (xml, xml.with_suffix(".bin")) if p.resolve() not in checked]
+        if unchecked:
+            raise ModelLoadError(
+                f"brain extractor {card.get('name')!r}: networks.{precision}.{key} names {xml}, but "
+                f"{', '.join(str(p) for p in unchecked)} is not among the model's registered files (their "
+                "sha256 is checked before loading, this one's was not)"
+            )
+    compiled: dict[str, ov.CompiledModel] = {}
+    for key, xml in xmls.items():
         try:
             model = core.read_model(str(xml))
             model.reshape([1, 1, *grids[key]])
@@ -230,10 +246,19 @@ class BrainExtractor:
     """
 
     def __init__(
-        self, card: Mapping[str, Any], directory: Path, device: str = "CPU", threads: int | None = None
+        self,
+        card: Mapping[str, Any],
+        directory: Path,
+        device: str = "CPU",
+        threads: int | None = None,
+        *,
+        precision: str = "fp32",
+        verified: Collection[Path] | None = None,
     ) -> None:
         self.card = dict(card)
-        self.masker = compile_networks(card, directory, device=device, threads=threads)
+        self.masker = compile_networks(
+            card, directory, device=device, threads=threads, precision=precision, verified=verified
+        )
         self.settings = self.masker.settings
 
     @classmethod
@@ -245,7 +270,8 @@ class BrainExtractor:
         problems = verify_files(card, directory)
         if problems:
             raise ModelLoadError("; ".join(problems))
-        return cls(card, directory, device=device, threads=threads)
+        checked = [directory / f["path"] for a in card.get("artifacts", []) for f in a.get("files", [])]
+        return cls(card, directory, device=device, threads=threads, verified=checked)
 
     def extract(self, image: npt.NDArray[Any], affine: npt.NDArray[Any]) -> npt.NDArray[np.bool_]:
         """The brain mask of ``image`` (RAS (X, Y, Z), as :func:`node.pipeline.assemble_coregistered`

@@ -322,7 +322,8 @@ class ModelRuntime(ActiveModel[LoadedModel]):
 class BrainExtractorRuntime(ActiveModel[LoadedExtractor]):
     """Keeps the active ``brain_extraction`` model compiled; thread-safe.
 
-    Its IR files (the card's ``networks``) are found among the model's registered, verified files.
+    Its IR files (the card's ``networks`` of its precision) must be among the model's registered,
+    verified files: a network the card names elsewhere is refused, not compiled unchecked.
     """
 
     def __init__(self, registry: Registry, device: str = "CPU", threads: int | None = None) -> None:
@@ -332,5 +333,13 @@ class BrainExtractorRuntime(ActiveModel[LoadedExtractor]):
     def compile(self, info: ModelInfo, xml: Path) -> LoadedExtractor:
         """A :class:`node.brain_extraction.BrainExtractor` of the model's directory."""
         assert info.card is not None
-        extractor = BrainExtractor(info.card, xml.parent, device=self.device, threads=self.threads)
+        # Only the files verify_files checked: the card's networks may name others (a changed copy).
+        extractor = BrainExtractor(
+            info.card,
+            xml.parent,
+            device=self.device,
+            threads=self.threads,
+            precision=info.precision,
+            verified=[Path(f.path) for f in info.files],
+        )
         return LoadedExtractor(info=info, card=dict(info.card), extractor=extractor)

@@ -197,3 +197,36 @@ def test_a_card_the_node_cannot_run_is_refused_at_import(
     assert str(info.value).startswith(f"{directory.resolve() / 'model.json'}: ")
     assert message in str(info.value)
     _assert_nothing_registered(registry)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            lambda card: card["networks"]["fp32"].__setitem__("brain", "brain_v2.xml"),
+            "networks.fp32.brain: 'brain_v2.xml' is not among the files of artifact 'ir_fp32'",
+        ),
+        (
+            lambda card: card["networks"].__setitem__("int8", dict(card["networks"]["fp32"])),
+            "networks.int8: the card has no IR artifact of precision 'int8'",
+        ),
+    ],
+    ids=["unlisted file", "no such artifact"],
+)
+def test_brain_extractor_networks_must_be_files_of_its_artifact(
+    registry: Registry, tmp_path: Path, edit: Callable[[dict[str, Any]], None], message: str
+) -> None:
+    """The node checks the sha256 of the artifact's files, then compiled whatever ``networks`` named: a
+    copy beside them, changed at will, was loaded unchecked."""
+    import shutil
+
+    directory = tmp_path / "bx"
+    shutil.copytree(Path(__file__).resolve().parents[2] / "models" / "brain_extraction", directory)
+    for ext in ("xml", "bin"):
+        shutil.copy(directory / f"brain_fp32.{ext}", directory / f"brain_v2.{ext}")
+    _edit_card(directory, edit)
+    with pytest.raises(InvalidModelDirectory) as info:
+        registry.import_dir(directory)
+    assert str(info.value).startswith(f"{directory.resolve() / 'model.json'}: ")
+    assert message in str(info.value)
+    _assert_nothing_registered(registry)

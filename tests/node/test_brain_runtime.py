@@ -127,3 +127,32 @@ def test_a_refused_brain_extractor_holds_studies_queued_until_one_serves(tmp_pat
     finally:
         node.stop()
         catcher.stop()
+
+
+def test_networks_outside_the_verified_files_are_not_compiled(tmp_path: Path) -> None:
+    """The card's ``networks`` naming a file that is not among the model's registered (sha256-checked)
+    files, as a model imported before import checked it may: refused at load, never compiled."""
+    import dataclasses
+    import json
+
+    from node.exceptions import ModelLoadError
+    from tests.helpers.node import install_model
+
+    registry = open_registry(f"sqlite:///{tmp_path / 'segnode.db'}")
+    shipped = tmp_path / "bx"
+    shutil.copytree(SHIPPED_BRAIN_EXTRACTOR_DIR, shipped)
+    info = install_model(registry, shipped)
+    for ext in ("xml", "bin"):  # a changed copy beside the registered files
+        shutil.copy(shipped / f"brain_fp32.{ext}", shipped / f"brain_v2.{ext}")
+    with (shipped / "brain_v2.bin").open("r+b") as fh:
+        fh.seek(100000)
+        fh.write(b"\x7f" * 64)
+    card = json.loads(json.dumps(info.card))
+    card["networks"]["fp32"]["brain"] = "brain_v2.xml"
+    assert registry.verify(info.id).ok  # the registered files are intact
+    runtime = BrainExtractorRuntime(registry, threads=2)
+    with pytest.raises(ModelLoadError) as refused:
+        runtime.load(dataclasses.replace(info, card=card))
+    message = str(refused.value)
+    assert f"networks.fp32.brain names {shipped.resolve() / 'brain_v2.xml'}" in message
+    assert "is not among the model's registered files" in message
