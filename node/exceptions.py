@@ -34,5 +34,10 @@ class SelectionError(JobError):
         super().__init__(message, skip=True)
 
 
+class InferenceError(JobError):
+    """A route's model failed on the study (preprocessing or inference): the job falls back to the next,
+    less capable route, as when a series cannot be read; on the last route the job fails."""
+
+
 class ModelLoadError(NodeError):
     """No usable model: none active, a file missing or tampered (sha256 mismatch), or a bad device."""

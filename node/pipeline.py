@@ -57,7 +57,7 @@ from db.transactions import SessionFactory
 from node import qc
 from node.config import Destination, QCSettings, RegistrationConfig
 from node.coregistration import Coregistered, LoadedSeries, coregister
-from node.exceptions import JobError, NodeError, SelectionError
+from node.exceptions import InferenceError, JobError, NodeError, SelectionError
 from node.log_scrub import scrub_text
 from node.metrics import NodeMetrics
 from node.runtime import LoadedExtractor, LoadedModel
@@ -682,10 +682,13 @@ def _try_route(study: _Study, chosen: Route, plan: RoutingPlan) -> Segmented | N
             )
             return None
         model_view = assemble_coregistered(grid, reference, coregistered)
-    with timer.stage("preprocess"):  # in world space; z-scored inside the brain when there is a mask
-        prepared = preprocess(model, model_view, model_mask)
-    with timer.stage("inference"):
-        labels = segment(model, model_view, prepared, blocks=blocks, shape=loaded[reference].array.shape)
+    try:
+        with timer.stage("preprocess"):  # in world space; z-scored inside the brain when there is a mask
+            prepared = preprocess(model, model_view, model_mask)
+        with timer.stage("inference"):
+            labels = segment(model, model_view, prepared, blocks=blocks, shape=loaded[reference].array.shape)
+    except (RuntimeError, ValueError, ConverterError) as exc:  # OpenVINO's, numpy's, the card's...
+        raise InferenceError(f"model {model.label} failed on the study: {type(exc).__name__}: {exc}") from exc
     ctx.metrics.inference_seconds.observe(timer.stages["inference"])  # in a job or early analysis
     study.heartbeat()
     with timer.stage("qc"):
@@ -696,13 +699,16 @@ def _try_route(study: _Study, chosen: Route, plan: RoutingPlan) -> Segmented | N
 
 
 def segment_study(study: _Study, plan: RoutingPlan) -> Segmented:
-    """The most capable model of ``plan`` whose registration passes; raises JobError when none can run."""
+    """The most capable model of ``plan`` whose registration passes and that runs on the study; raises
+    JobError when none can run."""
     for n, chosen in enumerate(plan.routes):
         try:
             done = _try_route(study, chosen, plan)
-        except JobError as exc:  # a series that cannot be read counts as absent when a model needs less
-            if n == len(plan.routes) - 1:
+        except JobError as exc:  # a series that cannot be read counts as absent when a model needs less;
+            if n == len(plan.routes) - 1:  # a model failing on the study (InferenceError) too
                 raise
+            if isinstance(exc, InferenceError):
+                logger.warning("%s; trying the next model", scrub_text(str(exc)))
             plan.note(chosen.task, chosen.model, "not run", str(exc))
             continue
         if done is not None:
@@ -869,8 +875,10 @@ def run_job(ctx: JobContext, job_id: int) -> str:
         # The database, not the study: the worker loop reports the outage and queues the job again
         # once the database answers (node/service.py); ending it failed would lose it for good.
         raise
-    except JobError as exc:
-        return _end(ctx, job_id, "skipped" if exc.skip else "failed", str(exc), timer, model)
+    except JobError as exc:  # an InferenceError quotes a library's text, which may quote a value
+        log_reason = scrub_text(str(exc)) if isinstance(exc, InferenceError) else None
+        status = "skipped" if exc.skip else "failed"
+        return _end(ctx, job_id, status, str(exc), timer, model, log_reason=log_reason)
     except (NodeError, ConverterError, OSError) as exc:
         return _end(ctx, job_id, "failed", f"{type(exc).__name__}: {exc}", timer, model)
     except ValueError as exc:  # often a library's (pydicom, highdicom), whose text may quote a value

@@ -184,9 +184,10 @@ class OpenVINOSegmenter:
 
         check_runnable_card(card, f"model card of {model_xml}")
         try:
-            slice_axis = PreprocessSpec.from_card(card["preprocessing"]).slice_axis
+            spec = PreprocessSpec.from_card(card["preprocessing"])
         except PreprocessError as exc:
             raise ModelCardError(f"model card of {model_xml}: {exc}") from None
+        slice_axis = spec.slice_axis
         self._mirror_axes = mirror_axes(mirror, slice_axis)
         self.mirror = mirror
         model_xml = Path(model_xml)
@@ -219,12 +220,41 @@ class OpenVINOSegmenter:
         self._input_shape: tuple[int, ...] = tuple(
             int(d) for d in self._compiled.input(0).get_partial_shape().get_min_shape()
         )
-        if self.static_batch:  # the first inference allocates and tunes; do it before a job waits on it
-            self.predict(np.zeros((1, *self._input_shape[1:]), dtype=np.float32))
+        # One inference at the card's input shape, static batch or not: the first allocates and tunes
+        # (better before a job waits on it), and a network that cannot take what preprocessing makes
+        # of a study (a fixed input other than the card's crop...) is refused here, at load, while the
+        # previous model keeps serving, rather than failing every study.
+        self._warm_up(channels, spec.crop_size)
         logger.info(
             "compiled %s on %s (batch %d, %s, mirror %s)",
             model_xml.name, device, batch_size, "static" if self.static_batch else "dynamic", mirror,
         )
+
+    def _warm_up(self, channels: int, crop: tuple[int, int]) -> None:
+        """Predict zero slices of the card's shape (N, channels, crop H, crop W) and check that the
+        output is (N, K, crop H, crop W), what :func:`converters.prediction.segment_to_grid` reads.
+        N is 1 with a static batch (padded to it), else the batch size, as a job's requests come.
+
+        Raises
+        ------
+        ModelLoadError
+            The inference fails, or its output has another shape.
+        """
+        n = 1 if self.static_batch else self.batch_size
+        shape = (n, channels, *crop)
+        try:
+            out = self.predict(np.zeros(shape, dtype=np.float32))
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            raise ModelLoadError(
+                f"a warm-up inference of {self.model_path} at the card's input shape {shape} "
+                f"(modalities, preprocessing.crop_size) fails: {first}"
+            ) from exc
+        if out.ndim != 4 or out.shape[0] != n or tuple(out.shape[2:]) != crop:
+            raise ModelLoadError(
+                f"a warm-up inference of {self.model_path} at the card's input shape {shape} gives an "
+                f"output of shape {tuple(out.shape)}, not ({n}, classes, {crop[0]}, {crop[1]})"
+            )
 
     def release_memory(self) -> None:
         """Hand OpenVINO's intermediate buffers back (they are allocated again by the next inference).

@@ -142,12 +142,14 @@ def make_regions_model(
     crop: tuple[int, int] = (192, 192),
     spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),
     rules: RegionRules | None = None,
+    batch: int = -1,
 ) -> Path:
     """A real 4-channel ``brats_regions`` OpenVINO IR (FLAIR, T1, T1GD, T2 -> 4 softmax classes).
 
     One 1x1 convolution: the logit of class ``k`` is ``gain * (sum_c w_c x_c - level_k)`` for the
     channel weights and level of ``rules[k]`` (default :data:`REGIONS_RULES`), the background's is 0;
     so a voxel gets the class whose weighted sum exceeds its level most, deterministically.
+    ``batch``: the input's batch dimension (-1: dynamic).
     """
     import openvino as ov
     import openvino.opset13 as ops
@@ -161,7 +163,7 @@ def make_regions_model(
         for channel, weight in channel_weights.items():
             weights[label, modalities.index(channel), 0, 0] = gain * weight
         bias[0, label, 0, 0] = -gain * level
-    x = ops.parameter([-1, 4, crop[0], crop[1]], np.float32, name="image")
+    x = ops.parameter([batch, 4, crop[0], crop[1]], np.float32, name="image")
     conv = ops.convolution(x, ops.constant(weights), [1, 1], [0, 0], [0, 0], [1, 1])
     logits = ops.add(conv, ops.constant(bias))
     xml = out_dir / "model_fp32.xml"

@@ -854,6 +854,62 @@ def test_failed_registration_falls_back_to_the_whole_tumour_model(
     assert [s.SegmentLabel for s in seg.SegmentSequence] == ["Whole tumour"]
 
 
+# -- a regions model that cannot run on the study --------------------------------------------------------
+
+
+def test_a_regions_model_whose_network_cannot_take_its_cards_crop_is_refused_at_load(
+    tmp_path: Path, case: Case
+) -> None:
+    """The card's crop (64 x 64) is not the network's fixed input (32 x 32): the model loaded (its warm-up
+    ran only when the batch could be made static) and every four-series study then failed. Now a
+    warm-up inference at the card's shape refuses it at load, and the previous model keeps serving."""
+    from db.registry import open_registry
+    from node.runtime import ModelRuntime
+
+    registry = open_registry(f"sqlite:///{tmp_path / 'segnode.db'}")
+    runtime = ModelRuntime(registry, "brats_regions")
+    good = install_model(registry, make_regions_model(tmp_path / "good", crop=(32, 32), spacing=case.spacing))
+    assert runtime.refresh() is not None
+    broken = make_regions_model(tmp_path / "broken", crop=(32, 32), spacing=case.spacing, version="2.0.0")
+    card = json.loads((broken / "model.json").read_text())
+    card["preprocessing"]["crop_size"] = [64, 64]
+    (broken / "model.json").write_text(json.dumps(card))
+    promoted = install_model(registry, broken)
+    loaded = runtime.refresh()
+    assert loaded is not None and loaded.info.id == good.id and runtime.active_refused
+    assert runtime.last_error.startswith(f"model {promoted.label}: a warm-up inference of ")
+    assert "at the card's input shape (8, 4, 64, 64)" in runtime.last_error  # a batch, as jobs send
+
+
+def test_a_regions_model_failing_on_the_study_falls_back_to_the_whole_tumour_model(
+    tmp_path: Path, case: Case, models: tuple[Path, Path]
+) -> None:
+    """A model that loads (its warm-up passes) but whose inference fails on a study: the job fell on
+    OpenVINO's RuntimeError, as no other error than a JobError let the next route run. Here a network
+    whose batch is fixed at the node's batch size: a study's last, partial batch of slices fails."""
+    from contextlib import contextmanager
+
+    from node.segmenter import DEFAULT_BATCH
+
+    regions = make_regions_model(
+        tmp_path / "fixed-batch", crop=SHAPE[:2], spacing=case.spacing, rules=SYNTHETIC_RULES,
+        batch=DEFAULT_BATCH,
+    )
+    with contextmanager(_node)(tmp_path, (regions, models[1])) as node:
+        assert node.node.runtimes["brats_regions"].current is not None  # loaded, warm-up passed
+        study = write_study(case, tmp_path / "study")
+        node.send(study)
+        job = node.job_for(study)
+    assert job.status == "done", job.reason
+    routing = job.result["routing"]
+    assert routing["task"] == "whole_tumor"
+    [entry] = [e for e in routing["considered"] if e["task"] == "brats_regions"]
+    assert entry["outcome"] == "not run"
+    failed = "model test-regions 1.0.0 (fp32, #1) failed on the study"
+    assert entry["reason"].startswith(f"{failed}: RuntimeError: ")
+    assert f"not brats_regions: {failed}" in routing["reason"]
+
+
 # -- a BraTS study with a known misalignment, end to end through DCMTK -------------------------------------
 
 
