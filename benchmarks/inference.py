@@ -1,11 +1,15 @@
-"""Inference engines side by side: the shipped model on the same real holdout slices.
+"""Inference engines side by side: the shipped model on the same real slices of its validation cases.
 
 Rows: PyTorch eager FP32, ONNX Runtime FP32, OpenVINO FP32 (``INFERENCE_PRECISION_HINT`` f32),
 OpenVINO with the bf16 hint (it runs bf16 only on a CPU with AVX-512 BF16 or AMX; the compiled
 model's precision is reported), OpenVINO INT8. For each: slices/s at batch 1 and at the best batch
 (sync calls with the LATENCY hint, and an async queue with the THROUGHPUT hint), milliseconds per
 155-slice volume, peak resident memory of a process that runs only that engine, and whole-tumour Dice
-of the full path (preprocess, infer, restore) against the ground truth of every holdout case.
+of the full path (preprocess, infer, restore) against the ground truth of each of the model's
+validation cases (the "val" list of its split.json) found under ``--data`` (by default the shared
+training data, ``../shared/data/train``). The holdout is for final evaluation only
+(benchmarks/holdout_node.py, holdout_regions.py): its cases are not validation cases, so this script
+refuses a folder that holds none of them.
 
 The model's operations per slice come from its ONNX graph (2 x multiply-accumulates of every Conv
 and ConvTranspose). The CPU's FP32 peak is measured in the same run by a large matrix product (numpy
@@ -18,7 +22,7 @@ PyTorch eager runs the shipped ONNX graph's own weights op by op with ``torch.nn
 shipped model has no checkpoint; batch norm is already folded into the convolutions there), so every
 row computes the very same function.
 
-Usage: python benchmarks/inference.py [--model DIR] [--data DIR] [--quick] [--out DIR]
+Usage: python benchmarks/inference.py [--model DIR] [--data DIR] [--quick] [--engines A,B] [--out DIR]
 """
 
 from __future__ import annotations
@@ -265,13 +269,46 @@ def rate(predict: Predict, slices: npt.NDArray[np.float32], batch: int, min_seco
     return batch / float(np.percentile(times, 25))
 
 
-def load_cases(data_dir: Path, card: dict[str, Any], limit: int | None = None) -> list[dict[str, Any]]:
-    """Holdout cases with their prepared network slices and whole-tumour ground truth."""
+class NoValidationCasesError(RuntimeError):
+    """None of the model's validation cases is under the data folder."""
+
+
+def validation_case_ids(model_dir: Path) -> list[str]:
+    """The model's validation cases: the "val" list of its ``split.json`` (written by the trainer)."""
+    split = model_dir / "split.json"
+    try:
+        ids = json.loads(split.read_text())["val"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise NoValidationCasesError(f"{split}: no validation cases to measure on ({exc})") from exc
+    return [str(i) for i in ids]
+
+
+def find_validation_cases(data_dir: Path, model_dir: Path) -> tuple[list[Any], list[str]]:
+    """The model's validation cases found under ``data_dir`` (in split order), and the ids not found.
+
+    Raises :class:`NoValidationCasesError` when none of them is there (the holdout, for one, holds none)."""
     from converters.nifti import list_cases
+
+    wanted = validation_case_ids(model_dir)
+    refs = {ref.case_id: ref for ref in list_cases(data_dir, require_labels=True)}
+    found = [refs[i] for i in wanted if i in refs]
+    if not found:
+        raise NoValidationCasesError(
+            f"{data_dir}: none of the model's validation cases ({', '.join(wanted)}, from "
+            f"{model_dir / 'split.json'}) is there; pass --data a folder that holds them (the training "
+            "data, e.g. ../shared/data/train). The holdout is for final evaluation only."
+        )
+    return found, [i for i in wanted if i not in refs]
+
+
+def load_cases(data_dir: Path, card: dict[str, Any], limit: int | None = None,
+               model_dir: Path = DEFAULT_MODEL) -> list[dict[str, Any]]:
+    """The validation cases of the model in ``model_dir`` under ``data_dir`` (the first ``limit``),
+    with their prepared network slices and whole-tumour ground truth."""
     from converters.preprocess import prepare_volume
 
     cases = []
-    for ref in list_cases(data_dir, require_labels=True)[:limit]:
+    for ref in find_validation_cases(data_dir, model_dir)[0][:limit]:
         case = ref.load()
         prepared = prepare_volume(case.images, case.affine, card["preprocessing"], card["modalities"])
         # Only what the measurement needs stays in memory, so peak RSS is mostly the engine's.
@@ -288,7 +325,7 @@ def measure_engine(engine: str, model_dir: Path, data_dir: Path, *, batches: Seq
     from trainer.metrics import dice
 
     card = load_card(model_dir)
-    cases = load_cases(data_dir, card, case_limit)
+    cases = load_cases(data_dir, card, case_limit, model_dir)
     slices = np.concatenate([c["prepared"].slices for c in cases])
     gc.collect()
     rss_before = current_rss_mib()
@@ -495,7 +532,8 @@ def tables(result: dict[str, Any]) -> str:
         peak_rows.append(["**BF16 peak** (best above)", f"**{p['bf16_peak'] / 1e9:.1f}**", ""])
     peaks = markdown_table(["peak measurement (fastest call)", "GOP/s", "OpenVINO kernel"], peak_rows)
     return (f"{engines}\n\nModel: {ops / 1e9:.3f} GOP per slice ({ops / 2e9:.3f} G multiply-accumulates), "
-            f"{result['slices']} real slices of {result['cases']} holdout cases.\n\n{peaks}\n\n"
+            f"{result['slices']} real slices of {result['cases']} of the model's validation cases "
+            f"({', '.join(result.get('case_ids', []))}).\n\n{peaks}\n\n"
             + markdown_table(["target", "measured", "met"], result["targets"]))
 
 
@@ -519,16 +557,22 @@ def targets(result: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
-def main() -> int:
-    """Run every engine in a child process, print and save the tables."""
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
-    parser.add_argument("--data", type=Path, default=SHARED_DATA / "holdout")
+    parser.add_argument("--data", type=Path, default=SHARED_DATA / "train",
+                        help="a folder holding the model's validation cases (split.json 'val')")
     parser.add_argument("--quick", action="store_true", help="one case, 0.5 s per rate (a smoke run)")
     parser.add_argument("--engines", default=",".join(ENGINES))
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run every engine in a child process, print and save the tables."""
+    args = build_parser().parse_args(argv)
     seconds, limit = (0.5, 1) if args.quick else (2.0, None)
     if args.child:
         measured = measure_engine(args.child, args.model, args.data, min_seconds=seconds, case_limit=limit)
@@ -537,6 +581,14 @@ def main() -> int:
     from db.card import load_card
 
     card = load_card(args.model)
+    try:
+        found, missing = find_validation_cases(args.data, args.model)
+    except NoValidationCasesError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    used = [ref.case_id for ref in found][:limit]
+    print(f"measuring on the model's validation cases under {args.data}: {', '.join(used)}"
+          + (f" (not found there: {', '.join(missing)})" if missing else ""), flush=True)
     rows = []
     for engine in args.engines.split(","):
         child = [__file__, "--child", engine, "--model", str(args.model), "--data", str(args.data)]
@@ -550,6 +602,8 @@ def main() -> int:
         "engines": rows,
         "slices": rows[0]["slices"],
         "cases": len(rows[0]["dice_per_case"]),
+        "case_ids": list(rows[0]["dice_per_case"]),
+        "data": str(args.data),
         "peaks": peaks(min_seconds=seconds / 2),
     }
     result["targets"] = targets(result)
