@@ -69,6 +69,35 @@ def current_rss_mib() -> float:
     return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def reset_peak_rss() -> bool:
+    """Reset this process's peak resident memory (VmHWM) to its current RSS: Linux's
+    ``/proc/self/clear_refs`` with "5". False where that is not possible (not Linux, a kernel or
+    sandbox that refuses it); :func:`peak_rss_since_reset_mib` then has no figure to give."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return _vm_hwm_mib() is not None
+
+
+def _vm_hwm_mib() -> float | None:
+    """VmHWM (the mm's resident high-water mark) from /proc/self/status, MiB; None where absent."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0  # kB
+    except (OSError, IndexError, ValueError):
+        return None
+    return None
+
+
+def peak_rss_since_reset_mib(reset: bool) -> float | None:
+    """Peak resident memory since :func:`reset_peak_rss` (whose result is ``reset``), MiB; None when the
+    peak could not be reset. Not ``ru_maxrss``: that keeps the whole process's peak (a reset of VmHWM
+    does not lower it once a thread has exited), so it cannot tell what came after the reset."""
+    return _vm_hwm_mib() if reset else None
+
+
 def save_result(name: str, data: dict[str, Any], out_dir: Path | None = None) -> Path:
     """Write ``data`` (plus the machine description) as ``<out_dir>/<name>.json``."""
     out_dir = out_dir or RESULTS_DIR

@@ -46,6 +46,8 @@ from common import (
     current_rss_mib,
     markdown_table,
     peak_rss_mib,
+    peak_rss_since_reset_mib,
+    reset_peak_rss,
     run_child,
     save_result,
 )
@@ -328,7 +330,11 @@ def measure_engine(engine: str, model_dir: Path, data_dir: Path, *, batches: Seq
     cases = load_cases(data_dir, card, case_limit, model_dir)
     slices = np.concatenate([c["prepared"].slices for c in cases])
     gc.collect()
+    # The engine's share: its own peak over what the process held before it was created. The peak is
+    # reset here, after loading, so the data-loading peak (ru_maxrss keeps it) is not counted.
     rss_before = current_rss_mib()
+    loading_peak = peak_rss_mib()  # the reset can lower ru_maxrss too: the process's peak is kept here
+    peak_reset = reset_peak_rss()
     predict, precision = make_predictor(engine, model_dir)
     rates = {b: rate(predict, slices, b, min_seconds) for b in batches if b <= len(slices)}
     best_batch = max(rates, key=lambda b: rates[b])
@@ -364,9 +370,25 @@ def measure_engine(engine: str, model_dir: Path, data_dir: Path, *, batches: Seq
         "volume_ms": volume_ms,
         "dice": float(np.mean(list(dices.values()))),
         "dice_per_case": dices,
-        "peak_rss_mib": peak_rss_mib(),
-        "engine_rss_mib": peak_rss_mib() - rss_before,
+        "peak_rss_mib": max(loading_peak, peak_rss_mib()),
+        **engine_share(rss_before, peak_rss_since_reset_mib(peak_reset)),
     }
+
+
+def engine_share(rss_before: float, peak_since_reset: float | None) -> dict[str, Any]:
+    """The engine's share of peak memory: the peak since the reset before the engine was created, less
+    the RSS then; None (shown "n/a") where the peak could not be reset."""
+    if peak_since_reset is None:
+        return {"engine_rss_mib": None,
+                "engine_rss_note": "n/a: the peak RSS could not be reset here (/proc/self/clear_refs)"}
+    return {"engine_rss_mib": max(peak_since_reset - rss_before, 0.0),
+            "engine_rss_note": "VmHWM since /proc/self/clear_refs after loading, less the RSS then"}
+
+
+def _share_text(r: dict[str, Any]) -> str:
+    """The "peak RSS MiB (engine's share)" cell."""
+    share = r.get("engine_rss_mib")
+    return f"{r['peak_rss_mib']:.0f} ({'n/a' if share is None else f'{share:.0f}'})"
 
 
 def _as_prepared(prepared: Any, slices: npt.NDArray[np.float32]) -> Any:
@@ -511,7 +533,7 @@ def tables(result: dict[str, Any]) -> str:
         peak = _peak_for(result["peaks"], r["engine"])
         rows.append([
             r["label"], r["precision"], f"{r['batch1']:.1f}", f"{r['best']:.1f}", r["best_mode"],
-            f"{r['volume_ms']:.0f}", f"{r['peak_rss_mib']:.0f} ({r.get('engine_rss_mib', 0):.0f})",
+            f"{r['volume_ms']:.0f}", _share_text(r),
             f"{r['dice']:.4f}",
             f"{ops * r['best'] / 1e9:.1f}", f"{100 * ops * r['best'] / peak:.0f}%",
         ])
@@ -531,6 +553,10 @@ def tables(result: dict[str, Any]) -> str:
     if "bf16_peak" in p:
         peak_rows.append(["**BF16 peak** (best above)", f"**{p['bf16_peak'] / 1e9:.1f}**", ""])
     peaks = markdown_table(["peak measurement (fastest call)", "GOP/s", "OpenVINO kernel"], peak_rows)
+    notes = sorted({str(r["engine_rss_note"]) for r in result["engines"] if r.get("engine_rss_mib", 0) is None
+                    and r.get("engine_rss_note")})
+    if notes:
+        engines += "\n\nEngine's share of peak RSS " + "; ".join(notes) + "."
     return (f"{engines}\n\nModel: {ops / 1e9:.3f} GOP per slice ({ops / 2e9:.3f} G multiply-accumulates), "
             f"{result['slices']} real slices of {result['cases']} of the model's validation cases "
             f"({', '.join(result.get('case_ids', []))}).\n\n{peaks}\n\n"

@@ -115,6 +115,26 @@ def test_measure_engine_on_one_validation_case(int8_on_one_validation_case: dict
     assert result["batch1"] > 0 and result["best"] >= result["rates"]["8"] * 0.999
     assert 0.0 <= result["dice"] <= 1.0
     assert result["peak_rss_mib"] > 50 and result["volume_ms"] > 0
+    assert result["engine_rss_mib"] is None or 0 <= result["engine_rss_mib"] < result["peak_rss_mib"]
+
+
+def test_engine_share_of_peak_rss_excludes_what_came_before_the_reset() -> None:
+    # What measure_engine does around the engine: a loading peak (300 MiB, freed), the peak reset, then
+    # the "engine" (60 MiB). The share is the engine's 60 MiB, not the loading peak over the RSS before.
+    common, inference = bench("common"), bench("inference")
+    loading = np.ones(300 * 2**18, np.float32)  # 300 MiB, every page touched
+    del loading
+    rss_before = common.current_rss_mib()
+    if not common.reset_peak_rss():
+        pytest.skip("this system does not let /proc/self/clear_refs reset the peak RSS")
+    engine = np.ones(60 * 2**18, np.float32)
+    share = inference.engine_share(rss_before, common.peak_rss_since_reset_mib(True))
+    del engine
+    assert 50 < share["engine_rss_mib"] < 120, share
+    # Where the peak cannot be reset the share is not guessed from ru_maxrss: n/a, and the table says why.
+    unknown = inference.engine_share(rss_before, common.peak_rss_since_reset_mib(False))
+    assert unknown["engine_rss_mib"] is None and "n/a" in unknown["engine_rss_note"]
+    assert inference._share_text({"peak_rss_mib": 700.0, **unknown}) == "700 (n/a)"
 
 
 def test_int8_dice_on_one_validation_case_is_plausible(int8_on_one_validation_case: dict[str, Any]) -> None:
