@@ -72,6 +72,25 @@ def test_rate_is_batch_over_median_call_time() -> None:
     assert 4 / 0.012 < rate < 4 / 0.004  # a 4 ms call plus scheduling slack (first quartile)
 
 
+def test_int8_dice_target_fails_on_any_case_more_than_0_01_from_fp32_either_way() -> None:
+    inference = bench("inference")
+
+    def row(int8: dict[str, float], fp32: dict[str, float]) -> list[str]:
+        engines = [{"engine": e, "best": 100.0, "dice": float(np.mean(list(d.values()))), "dice_per_case": d}
+                   for e, d in (("ov-int8", int8), ("ov-fp32", fp32), ("torch", fp32))]
+        result = {"engines": engines, "ops_per_slice": 1e9, "peaks": {"int8_peak": 1e12}}
+        return next(r for r in inference.targets(result) if r[0].startswith("INT8 Dice within 0.01"))
+
+    # INT8 higher by 0.29 on one case is a difference, not "no loss".
+    higher = row({"a": 0.86, "b": 0.95}, {"a": 0.57, "b": 0.95})
+    assert higher[2].startswith("NO (a: INT8 above FP32 by 0.2900") and "+0.2900 (a)" in higher[1]
+    # Equal means hide two cases 0.03 apart in opposite directions.
+    opposite = row({"a": 0.93, "b": 0.90}, {"a": 0.90, "b": 0.93})
+    assert opposite[2].startswith("NO (") and "(+0.0000)" in opposite[1]
+    assert row({"a": 0.90, "b": 0.95}, {"a": 0.905, "b": 0.941})[2] == "yes"
+    assert row({"a": 0.88}, {"a": 0.90})[2] == "NO (a: INT8 below FP32 by 0.0200)"
+
+
 def test_peaks_use_integer_kernels_for_int8() -> None:
     inference = bench("inference")
     result = inference.peaks(min_seconds=0.01, size=256)
