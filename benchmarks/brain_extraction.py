@@ -34,6 +34,15 @@ EXTRACTOR = REPO / "models" / "brain_extraction"
 BRATS_CASE = "BraTS2021_00006"
 
 
+def grid_dice(mask: np.ndarray, reference: np.ndarray) -> float | None:
+    """Dice of a grid's brain mask with the first grid's, to 4 places; None ("n/a") when both are empty
+    (no brain found on either grid: nothing to compare, not a Dice of 0)."""
+    total = int(np.count_nonzero(mask)) + int(np.count_nonzero(reference))
+    if total == 0:
+        return None
+    return round(2 * int(np.count_nonzero(mask & reference)) / total, 4)
+
+
 def studies() -> list[str]:
     """The study names this benchmark runs (those present in the shared data)."""
     names = sorted(p.name for p in (SHARED_DATA / "dicom").glob("*") if p.is_dir())
@@ -126,13 +135,12 @@ def main() -> None:
             mask = np.load(mask_file)
             if reference is None:
                 reference = mask
-            inter = int(np.count_nonzero(mask & reference))
-            result["dice_vs_first_grid"] = round(2 * inter / max(int(mask.sum() + reference.sum()), 1), 4)
+            result["dice_vs_first_grid"] = grid_dice(mask, reference)
             results.append(result)
             rows.append([
                 name, "x".join(map(str, result["shape"])), f"{grid}³", f"{result['extract_s']:.2f}",
                 f"{result['load_s']:.1f}", "no brain" if result["no_brain"] else f"{result['brain_ml']:.0f}",
-                f"{result['dice_vs_first_grid']:.4f}",
+                "n/a" if result["dice_vs_first_grid"] is None else f"{result['dice_vs_first_grid']:.4f}",
                 f"{result['peak_rss_mib']:.0f}",
             ])
             print(" | ".join(rows[-1]), flush=True)

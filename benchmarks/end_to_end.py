@@ -120,7 +120,8 @@ def tables(result: dict[str, Any]) -> str:
     rows += [["**total, first C-STORE to SEG received**", *(f"**{r['total']:.2f}**" for r in runs)],
              ["**total without the idle wait**", *(f"**{r['total_without_idle']:.2f}**" for r in runs)],
              ["CPU seconds used by the node process", *(f"{r['cpu_seconds']:.2f}" for r in runs)],
-             ["Dice of the returned SEG", *(f"{r['dice']:.4f}" for r in runs)]]
+             ["Dice of the returned SEG", *("n/a" if r["dice"] is None else f"{r['dice']:.4f}"
+                                            for r in runs)]]
     head = (f"Case {result['case']}, {result['instances']} instances sent by {result['sender']}, model "
             f"{result['model']}. One run each, in this order: `[node] early_analysis` off; on (the "
             "default; series sent FLAIR, T1, T1GD, T2); on with the FLAIR series sent last (its worst "

@@ -17,7 +17,10 @@ Acquisitions:
 - ``sagittal FLAIR``: the FLAIR re-acquired as a 3D sagittal series of 1 mm (the reference grid, and
   the one the label is scored on), T1, T1GD and T2 as in ``aligned``.
 
-A study the node routes to the whole-tumour model is scored as WT only (TC and ET 0) and says so.
+A study the node routes to the whole-tumour model (its SEG has the one whole-tumour segment) is scored
+as WT only: TC and ET 0, whatever the truth holds (even a case without enhancing tumour, whose ET Dice
+would otherwise be 1), counted in the means; the row's task says so and the table counts such studies.
+Otherwise a region empty in both the truth and the SEG scores 1 (the BraTS convention).
 This is a final-evaluation script: the holdout may be read here (``--data`` is required), nothing
 is tuned on its output.
 
@@ -60,6 +63,25 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     """Dice of two masks (1.0 when both are empty)."""
     total = int(a.sum() + b.sum())
     return 1.0 if total == 0 else float(2 * (a & b).sum() / total)
+
+
+def region_scores(predicted: np.ndarray, truth: np.ndarray, voxel_ml: float,
+                  whole_tumour_only: bool) -> dict[str, Any]:
+    """Dice and volumes (predicted, true mL) per region; a whole-tumour SEG scores TC and ET 0."""
+    row: dict[str, Any] = {}
+    for region, members in REGIONS.items():
+        p, t = np.isin(predicted, members), np.isin(truth, members)
+        row[region] = 0.0 if whole_tumour_only and region != "WT" else round(dice(p, t), 4)
+        row[f"{region}_ml"] = [round(float(p.sum()) * voxel_ml, 2), round(float(t.sum()) * voxel_ml, 2)]
+    if whole_tumour_only:
+        row["scored"] = "WT only: the whole-tumour model's SEG, TC and ET 0"
+    return row
+
+
+def _is_whole_tumour_seg(raw: Any) -> bool:
+    """Whether a SEG has no sub-region segment (the whole-tumour model's one segment)."""
+    codes = {str(item.SegmentedPropertyTypeCodeSequence[0].CodeValue) for item in raw.SegmentSequence}
+    return not codes & TISSUE_CODES.keys()
 
 
 def _labels_from_seg(raw: Any, sop_uids: list[str]) -> np.ndarray:
@@ -120,11 +142,7 @@ def _score(node: Any, receiver: _Receiver, case: Any, name: str, workdir: Path) 
     volume = load_series(study.files["FLAIR"])
     predicted = _labels_from_seg(raw, volume.sop_instance_uids)
     voxel_ml = float(np.prod(volume.spacing)) / 1000.0
-    for region, members in REGIONS.items():
-        p, t = np.isin(predicted, members), np.isin(truth, members)
-        row[region] = round(dice(p, t), 4)
-        row[f"{region}_ml"] = [round(float(p.sum()) * voxel_ml, 2), round(float(t.sum()) * voxel_ml, 2)]
-    return row
+    return {**row, **region_scores(predicted, truth, voxel_ml, _is_whole_tumour_seg(raw))}
 
 
 def evaluate(model: Path, precision: str, data: Path, acquisitions: list[str], cases: int) -> dict[str, Any]:
@@ -176,6 +194,9 @@ def main() -> int:
         for name, m in result["mean"].items()
     ]
     table = markdown_table(["case", "acquisition", "model task", "WT", "TC", "ET", "s"], rows)
+    if fallback := sum(1 for r in result["cases"] if "scored" in r):
+        table += (f"\n\n{fallback} of {len(result['cases'])} studies came back from the whole-tumour model: "
+                  "scored WT only, TC and ET 0 (in the means).")
     print(table)
     print(f"peak RSS {peak_rss_mib():.0f} MiB")
     path = save_result("holdout_regions", {**result, "markdown": table}, args.out)

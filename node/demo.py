@@ -47,13 +47,20 @@ class DemoReport:
     model_label: str
     stages: dict[str, float]
     total: float
-    dice: float
+    #: Whole-tumour Dice of the returned SEG; None when neither it nor the truth holds tumour (n/a).
+    dice: float | None
     volume_ml: float
     files: list[Path] = field(default_factory=list)
     #: CPU seconds this process (node, catcher) used from the first C-STORE to the SEG received.
     cpu_seconds: float = 0.0
     #: Instances sent.
     instances: int = 0
+
+
+def mask_dice(a: Any, b: Any) -> float | None:
+    """Dice of two masks; None when both are empty (no tumour to agree on: shown "n/a", not 0)."""
+    total = int(np.count_nonzero(a)) + int(np.count_nonzero(b))
+    return None if total == 0 else 2.0 * int(np.count_nonzero(np.logical_and(a, b))) / total
 
 
 class Catcher:
@@ -235,7 +242,7 @@ def run_demo(
         > 0
     )
     truth = np.asarray(ras_to_volume(case.whole_tumor(), flair)) > 0
-    dice = float(2 * (returned & truth).sum() / max(int(returned.sum() + truth.sum()), 1))
+    dice = mask_dice(returned, truth)
     content: Any = hd.sr.srread(sr_path).content
     volume_ml = float(content.get_volumetric_roi_measurement_groups()[0].get_measurements()[0].value)
     return DemoReport(

@@ -177,8 +177,9 @@ def demo(
         table.add_row(name, f"{seconds:.2f}")
     table.add_row("[bold]total (C-STORE start to SEG and SR received)[/]", f"[bold]{report.total:.2f}[/]")
     console.print(table)
+    dice = "n/a (no tumour in the SEG nor in the truth)" if report.dice is None else f"{report.dice:.4f}"
     console.print(
-        f"Dice of the returned SEG against the ground truth (whole tumour): [bold]{report.dice:.4f}[/]; "
+        f"Dice of the returned SEG against the ground truth (whole tumour): [bold]{dice}[/]; "
         f"tumour volume {report.volume_ml:.1f} mL"
     )
     console.print(f"wrote {', '.join(str(p) for p in report.files)}")

@@ -263,6 +263,36 @@ def test_end_to_end_price_and_report_on_a_synthetic_case(tmp_path: Path) -> None
     assert report.chart_label({"engine": "torch", "label": "PyTorch eager FP32"}) == "PyTorch eager\nFP32"
 
 
+def test_two_empty_masks_score_na_not_0_and_a_whole_tumour_seg_scores_tc_and_et_0() -> None:
+    from types import SimpleNamespace
+
+    from node.demo import mask_dice
+
+    brain_extraction, regions = bench("brain_extraction"), bench("holdout_regions")
+    empty, some = np.zeros((4, 4, 4), bool), np.zeros((4, 4, 4), bool)
+    some[1:3, 1:3, 1:3] = True
+    # Two empty masks: nothing to compare; n/a (None), not a Dice of 0.
+    assert brain_extraction.grid_dice(empty, empty) is None and mask_dice(empty, empty) is None
+    assert brain_extraction.grid_dice(some, some) == 1.0 and mask_dice(some, empty) == 0.0
+
+    # The whole-tumour model's SEG (one segment, label 1) on a case with edema and core, no enhancing:
+    # TC and ET 0 as the docstring says, though ET is empty in both (dice() gives 1 there).
+    predicted = some.astype(np.uint8)
+    truth = predicted.copy()
+    truth[1, 1, 1] = 2
+    fallback = regions.region_scores(predicted, truth, 0.001, whole_tumour_only=True)
+    assert (fallback["WT"], fallback["TC"], fallback["ET"]) == (1.0, 0.0, 0.0) and "scored" in fallback
+    assert regions.region_scores(predicted, truth, 0.001, whole_tumour_only=False)["ET"] == 1.0
+
+    def seg(*codes: str) -> SimpleNamespace:
+        code = SimpleNamespace
+        items = [SimpleNamespace(SegmentedPropertyTypeCodeSequence=[code(CodeValue=c)]) for c in codes]
+        return SimpleNamespace(SegmentSequence=items)
+
+    assert regions._is_whole_tumour_seg(seg("108369006"))
+    assert not regions._is_whole_tumour_seg(seg("79654002", "6574001", "C113842"))
+
+
 @pytest.mark.parametrize("orientation", ["sagittal", "oblique"])
 def test_slice_pitch_takes_a_series_label_back_onto_the_case_grid(orientation: str) -> None:
     # A case's label re-acquired at 1 mm (the plans' own truth) and taken back scores ~1 on the case:
