@@ -7,12 +7,14 @@ only when its study is idle (``pending`` false), so a job never sees half a stud
 
 Jobs left ``running`` by a process that died are queued again by :func:`requeue_stale`: at start,
 every running job owned by this host whose process id no longer exists, and on any host a job whose
-heartbeat is older than ``stale_seconds``. A job whose run itself stops the node (the kernel's OOM
-killer, a crash in a native library) would be queued again at every start and, the oldest, claimed
-first every time: after :data:`MAX_REQUEUES` such re-queues it ends ``failed`` instead, with a reason
-that names ``segnode jobs retry`` (which resets the count). A run cut short by a database fault stays
-``running`` until the database answers; then its process queues it again (:func:`requeue_interrupted`,
-counted the same way).
+heartbeat is older than ``stale_seconds``, its owner alive or not (a hung run). A run heartbeats and
+ends its job only at its own claim (:class:`Claim`: owner and attempt), so a run superseded this
+way, even one in the process that claimed the job again, can never end it. A job whose run itself
+stops the node (the kernel's OOM killer, a crash in a native library) would be queued again at every
+start and, the oldest, claimed first every time: after :data:`MAX_REQUEUES` such re-queues it ends
+``failed`` instead, with a reason that names ``segnode jobs retry`` (which resets the count). A run
+cut short by a database fault stays ``running`` until the database answers; then its process queues
+it again (:func:`requeue_interrupted`, counted the same way).
 
 Jobs are created by :func:`db.instances.schedule_due_studies`; a finished job queues its sends
 (:mod:`db.send_queue`) in the transaction that ends it.
@@ -88,13 +90,36 @@ class OutputObject:
     sop_instance_uid: str
 
 
-@database_errors
+@dataclass(frozen=True)
+class Claim:
+    """One claim of a job: its id and the claim's attempt number (``attempts`` after the claim).
+
+    Every worker thread of a process records the same owner (``host:pid``), so the owner alone does
+    not tell one run of a job from the next: a run heartbeats and ends its job with its claim's
+    attempt, and once the job is claimed again (re-queued behind a slow or hung run's back, even by
+    another thread of the same process) the superseded run can neither keep it alive nor end it.
+    """
+
+    job_id: int
+    attempt: int
+
+
 def claim_job(sf: SessionFactory, owner: str | None = None, now: datetime | None = None) -> int | None:
+    """Atomically take the oldest claimable queued job and mark it running; None when there is none.
+
+    A run of the job needs its claim's attempt as well: see :func:`claim`.
+    """
+    claimed = claim(sf, owner, now)
+    return claimed.job_id if claimed is not None else None
+
+
+@database_errors
+def claim(sf: SessionFactory, owner: str | None = None, now: datetime | None = None) -> Claim | None:
     """Atomically take the oldest claimable queued job and mark it running; None when there is none."""
     owner = owner or owner_id()
     now = now or utcnow()
     candidates = (
-        select(NodeJob.id)
+        select(NodeJob.id, NodeJob.attempts)
         .join(NodeStudy, NodeStudy.id == NodeJob.study_id)
         .where(NodeJob.status == "queued", NodeStudy.pending.is_(False))
         .order_by(NodeJob.id)
@@ -107,9 +132,10 @@ def claim_job(sf: SessionFactory, owner: str | None = None, now: datetime | None
         with writing(sf) as s:
             postgres = s.get_bind().dialect.name == "postgresql"
             query = candidates.with_for_update(skip_locked=True, of=NodeJob) if postgres else candidates
-            job_id = s.scalar(query)
-            if job_id is None:
+            row = s.execute(query).first()
+            if row is None:
                 return None
+            job_id, attempt = int(row.id), int(row.attempts or 0) + 1
             count = s.scalar(
                 select(func.count(NodeInstance.id))
                 .join(NodeStudy, NodeStudy.study_instance_uid == NodeInstance.study_instance_uid)
@@ -118,30 +144,39 @@ def claim_job(sf: SessionFactory, owner: str | None = None, now: datetime | None
             )  # the instances this run covers: see _job_instances
             changed = s.execute(
                 update(NodeJob)
-                .where(NodeJob.id == job_id, NodeJob.status == "queued")
+                .where(NodeJob.id == job_id, NodeJob.status == "queued", NodeJob.attempts == attempt - 1)
                 .values(
                     status="running",
                     owner=owner,
                     started_at=now,
                     heartbeat_at=now,
-                    attempts=NodeJob.attempts + 1,
+                    attempts=attempt,
                     instance_count=count or 0,
                 )
             ).rowcount  # type: ignore[attr-defined]
             if changed == 1:
-                return int(job_id)
+                return Claim(job_id, attempt)
     return None
 
 
+def _ours(job_id: int, attempt: int | None) -> Any:
+    """The job's row while it is running under this process (and at claim ``attempt``, when given)."""
+    where = (NodeJob.id == job_id) & (NodeJob.status == "running") & (NodeJob.owner == owner_id())
+    return where if attempt is None else where & (NodeJob.attempts == attempt)
+
+
 @database_errors
-def heartbeat(sf: SessionFactory, job_id: int, now: datetime | None = None) -> None:
-    """Mark a running job alive."""
+def heartbeat(
+    sf: SessionFactory, job_id: int, now: datetime | None = None, *, attempt: int | None = None
+) -> bool:
+    """Mark a running job of this process alive; False (nothing written) when it is no longer running
+    under this process, or (``attempt`` given: the run's :attr:`Claim.attempt`) no longer at that
+    claim: the run was superseded and should stop."""
     with writing(sf) as s:
-        s.execute(
-            update(NodeJob)
-            .where(NodeJob.id == job_id, NodeJob.status == "running")
-            .values(heartbeat_at=now or utcnow())
-        )
+        changed = s.execute(
+            update(NodeJob).where(_ours(job_id, attempt)).values(heartbeat_at=now or utcnow())
+        ).rowcount  # type: ignore[attr-defined]
+    return bool(changed == 1)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -162,7 +197,14 @@ def requeue_stale(
 
     A job counts as abandoned when its owner is on this host and that pid is gone (or, with
     ``at_start``, is this very process: a restarted container may get the same pid), or when its
-    heartbeat is older than ``stale_seconds`` (owner on another host).
+    heartbeat is older than ``stale_seconds``, whatever its owner.
+
+    A live owner on this host, this very process included, is not spared: its run may be hung (a
+    worker thread stuck in a native library or on a dead file system), and sparing it would hold its
+    study until the node restarts. Re-queuing it is safe because a run heartbeats and ends its job only
+    at its own claim's attempt (:class:`Claim`): the superseded run, owner ``host:pid`` though it
+    shares with the next one, can neither end the job nor keep it alive, and stops at its next
+    heartbeat. A run that is merely slow between heartbeats loses its work, which the next run redoes.
     """
     now = now or utcnow()
     host = socket.gethostname()
@@ -180,9 +222,15 @@ def requeue_stale(
             if dead_here or stale:
                 requeues = (job.requeues or 0) + 1
                 (ended if requeues >= MAX_REQUEUES else requeued).append((job.id, requeues))
+                reason = (
+                    f"re-queued: owner {job.owner} stopped while the job was running"
+                    if dead_here
+                    else f"re-queued: no heartbeat from owner {job.owner} for over {stale_seconds:.0f} s "
+                    "(stopped, hung or cut off while the job was running)"
+                )
                 _requeue_or_end(
                     job,
-                    f"re-queued: owner {job.owner} stopped while the job was running",
+                    reason,
                     f"the node stopped {requeues} times while running this job (the job itself may stop "
                     "it: out of memory, a crash in a native library); it is not run again automatically",
                     now,
@@ -325,6 +373,7 @@ def finish_job(
     model_id: int | None = None,
     outputs: list[OutputObject] | None = None,
     destinations: list[Any] | None = None,
+    attempt: int | None = None,
     now: datetime | None = None,
 ) -> bool:
     """End a running job and, in the same transaction, queue a send per output and destination.
@@ -332,7 +381,10 @@ def finish_job(
     A job ending ``review`` queues no send: its outputs wait for :func:`release_job`.
 
     Returns False (and changes nothing) when the job is no longer running under this owner, e.g.
-    it was re-queued meanwhile: its outputs are then simply not sent, so nothing is sent twice.
+    it was re-queued meanwhile: its outputs are then simply not sent, so nothing is sent twice. A run
+    passes its claim's ``attempt`` (:attr:`Claim.attempt`): the owner, ``host:pid``, is the same for
+    every worker thread of the process, so without it a run superseded by a later claim of the job in
+    this very process would end the job with its stale result and the later run's would be dropped.
     """
     if status not in FINAL_STATES:
         raise ValueError(f"job {job_id}: status {status!r} is not a final state")
@@ -340,7 +392,7 @@ def finish_job(
     with writing(sf) as s:
         changed = s.execute(
             update(NodeJob)
-            .where(NodeJob.id == job_id, NodeJob.status == "running", NodeJob.owner == owner_id())
+            .where(_ours(job_id, attempt))
             .values(
                 status=status,
                 reason=reason,

@@ -69,6 +69,11 @@ logger = logging.getLogger(__name__)
 SOFTWARE_VERSION = "segnode 0.1.0"
 
 
+class JobSupersededError(Exception):
+    """The job this run claimed was claimed again (re-queued behind the run's back, its heartbeat
+    stale): the run stops at its next heartbeat and ends nothing; the later run ends the job."""
+
+
 @dataclass
 class Assembled:
     """The selected series as volumes on one grid."""
@@ -521,14 +526,20 @@ class EarlyWork:
 class _Study:
     """The series and brain masks of one job, loaded once whichever models it tries.
 
-    ``job_id`` None: early analysis, with no job row to heartbeat. ``early``: what early analysis
-    already computed for the study; each piece is used only for the very same files.
+    ``job_id`` None: early analysis, with no job row to heartbeat. ``attempt``: the job's claim
+    (:class:`db.job_queue.Claim`). ``early``: what early analysis already computed for the study;
+    each piece is used only for the very same files.
     """
 
     def __init__(
-        self, ctx: JobContext, job_id: int | None, timer: Timer, early: EarlyWork | None = None
+        self,
+        ctx: JobContext,
+        job_id: int | None,
+        timer: Timer,
+        early: EarlyWork | None = None,
+        attempt: int | None = None,
     ) -> None:
-        self.ctx, self.job_id, self.timer = ctx, job_id, timer
+        self.ctx, self.job_id, self.timer, self.attempt = ctx, job_id, timer, attempt
         self.loaded: dict[str, LoadedSeries] = {}
         self.brains: dict[str, Brain | None] = {}
         self.early = early
@@ -539,9 +550,10 @@ class _Study:
         self.reused: list[str] = []
 
     def heartbeat(self) -> None:
-        """Tell the queue the job is alive (nothing for early analysis)."""
+        """Tell the queue the job is alive (nothing for early analysis); raises JobSupersededError when
+        the job was claimed again meanwhile."""
         if self.job_id is not None:
-            job_queue.heartbeat(self.ctx.sf, self.job_id)
+            _heartbeat(self.ctx, self.job_id, self.attempt)
 
     def _from_early(self, modality: str, info: SeriesInfo) -> LoadedSeries | None:
         done = self.early.loaded.get(modality) if self.early else None
@@ -745,8 +757,18 @@ def analyse_early(ctx: JobContext, groups: Mapping[str, Sequence[str]], work: Ea
             work.stages[name] = round(work.stages.get(name, 0.0) + seconds, 4)
 
 
-def run_job(ctx: JobContext, job_id: int) -> str:
+def _heartbeat(ctx: JobContext, job_id: int, attempt: int | None) -> None:
+    if not job_queue.heartbeat(ctx.sf, job_id, attempt=attempt):
+        raise JobSupersededError(f"job {job_id} was claimed again while this run (attempt {attempt}) ran")
+
+
+def run_job(ctx: JobContext, job_id: int, attempt: int | None = None) -> str:
     """Run claimed job ``job_id`` to its end state; returns that state (done, skipped, failed, review).
+
+    ``attempt``: the claim's attempt number (:class:`db.job_queue.Claim`; None: the job's current
+    one). The run heartbeats and ends the job only at that claim: once the job was claimed again (its
+    heartbeat went stale and it was re-queued), the run stops at its next heartbeat, or its end is
+    refused, and returns ``superseded``, ending nothing; the later run's result stands.
 
     A database fault (:class:`~db.exceptions.DatabaseUnavailableError`,
     :class:`~db.exceptions.DatabaseOperationError`) propagates and leaves the job running: the caller
@@ -762,12 +784,12 @@ def run_job(ctx: JobContext, job_id: int) -> str:
     timer = Timer(on_stage=lambda name, sec: ctx.metrics.stage_seconds.labels(name).observe(sec))
     candidates = ctx.models()
     info = job_queue.get_job(ctx.sf, job_id)
+    attempt = info.attempts if attempt is None else attempt
     # One folder per attempt: a retried job never overwrites a file a pending send still points at.
-    out_dir = ctx.jobs_dir / str(job_id) / f"attempt-{info.attempts}"
+    out_dir = ctx.jobs_dir / str(job_id) / f"attempt-{attempt}"
     if not any(model is not None for _, model in candidates):
-        return _end(
-            ctx, job_id, "failed", "no usable model for the node's tasks (see segnode models list)", timer
-        )
+        reason = "no usable model for the node's tasks (see segnode models list)"
+        return _end(ctx, job_id, attempt, "failed", reason, timer)
     model: LoadedModel | None = None
     try:
         with timer.stage("select"):
@@ -779,12 +801,12 @@ def run_job(ctx: JobContext, job_id: int) -> str:
         if not plan.routes:
             # The least demanding model's missing series first: what a reader needs to know.
             raise SelectionError("; ".join(reversed(plan.selection_errors)))
-        job_queue.heartbeat(ctx.sf, job_id)
+        _heartbeat(ctx, job_id, attempt)
         early = None
         if ctx.early is not None:
             with timer.stage("early analysis (wait)"):  # ~0 unless a run on this study is under way
                 early = ctx.early(info.study_instance_uid)
-        study = _Study(ctx, job_id, timer, early)
+        study = _Study(ctx, job_id, timer, early, attempt)
         done = segment_study(study, plan)
         model, card, assembled = done.route.model, done.route.model.card, done.assembled
         labels, report, chosen = done.labels, done.report, done.route.assignment.chosen
@@ -875,25 +897,32 @@ def run_job(ctx: JobContext, job_id: int) -> str:
         # The database, not the study: the worker loop reports the outage and queues the job again
         # once the database answers (node/service.py); ending it failed would lose it for good.
         raise
+    except JobSupersededError as exc:  # the later claim's run ends the job
+        logger.warning("%s; this run stops and ends nothing", exc)
+        return "superseded"
     except JobError as exc:  # an InferenceError quotes a library's text, which may quote a value
         log_reason = scrub_text(str(exc)) if isinstance(exc, InferenceError) else None
         status = "skipped" if exc.skip else "failed"
-        return _end(ctx, job_id, status, str(exc), timer, model, log_reason=log_reason)
+        return _end(ctx, job_id, attempt, status, str(exc), timer, model, log_reason=log_reason)
     except (NodeError, ConverterError, OSError) as exc:
-        return _end(ctx, job_id, "failed", f"{type(exc).__name__}: {exc}", timer, model)
+        return _end(ctx, job_id, attempt, "failed", f"{type(exc).__name__}: {exc}", timer, model)
     except ValueError as exc:  # often a library's (pydicom, highdicom), whose text may quote a value
         reason = f"{type(exc).__name__}: {exc}"
-        return _end(ctx, job_id, "failed", reason, timer, model, log_reason=scrub_text(reason))
+        return _end(ctx, job_id, attempt, "failed", reason, timer, model, log_reason=scrub_text(reason))
     except Exception as exc:  # a bug or an unforeseen input: the job fails, the worker goes on
         # The traceback through the log scrubber: a library's message may quote an attribute's value.
         logger.error("job %d: unexpected error\n%s", job_id, scrub_text("".join(format_exception(exc))))
         reason = f"internal error: {type(exc).__name__}: {exc}"
-        return _end(ctx, job_id, "failed", reason, timer, model, log_reason=scrub_text(reason))
+        return _end(ctx, job_id, attempt, "failed", reason, timer, model, log_reason=scrub_text(reason))
     if not report.passed:
         for rule in report.failed:
             ctx.metrics.qc_failures.labels(rule.name).inc()
-        return _end(ctx, job_id, "review", report.reason(), timer, model, result=result, out_dir=out_dir)
-    return _end(ctx, job_id, "done", "", timer, model, result=result, out_dir=out_dir, outputs=outputs)
+        return _end(
+            ctx, job_id, attempt, "review", report.reason(), timer, model, result=result, out_dir=out_dir
+        )
+    return _end(
+        ctx, job_id, attempt, "done", "", timer, model, result=result, out_dir=out_dir, outputs=outputs
+    )
 
 
 def encoded(ds: Dataset) -> bytes:
@@ -910,6 +939,7 @@ def _save(ds: Dataset, path: Path) -> None:
 def _end(
     ctx: JobContext,
     job_id: int,
+    attempt: int,
     status: str,
     reason: str,
     timer: Timer,
@@ -920,8 +950,9 @@ def _end(
     outputs: list[OutputObject] | None = None,
     log_reason: str | None = None,
 ) -> str:
-    """End job ``job_id`` with ``status`` and ``reason`` (``log_reason``: the reason as the log line
-    gives it, when it may quote a value of the study that ``reason``, kept in the job, still shows)."""
+    """End job ``job_id``, claimed at ``attempt``, with ``status`` and ``reason`` (``log_reason``: the
+    reason as the log line gives it, when it may quote a value of the study that ``reason``, kept in
+    the job, still shows); ``superseded`` when the job was claimed again meanwhile."""
     if status != "done":
         logger.warning("job %d %s: %s", job_id, status, reason if log_reason is None else log_reason)
     else:
@@ -938,9 +969,11 @@ def _end(
         model_id=model.info.id if model else None,
         outputs=outputs,
         destinations=ctx.destinations,
+        attempt=attempt,
     )
-    if finished:
-        ctx.metrics.jobs_finished.labels(status).inc()
-        if outputs and ctx.destinations and ctx.outputs_queued is not None:
-            ctx.outputs_queued()
+    if not finished:
+        return "superseded"
+    ctx.metrics.jobs_finished.labels(status).inc()
+    if outputs and ctx.destinations and ctx.outputs_queued is not None:
+        ctx.outputs_queued()
     return status

@@ -147,7 +147,7 @@ class NodeService:
             self.scp.on_stored = self.read_ahead.note
         # Jobs of this process that a database fault cut short (id -> claim attempt, error): still
         # running, they are queued again by the next worker loop that reaches the database.
-        self._interrupted: dict[int, tuple[int | None, str]] = {}
+        self._interrupted: dict[int, tuple[int, str]] = {}
         self._interrupted_lock = threading.Lock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -355,20 +355,21 @@ class NodeService:
             # brain-only normalisation, no removal of tumour outside the brain): studies wait queued,
             # and /healthz says why (brain_extractor_error).
             return False
-        job_id = job_queue.claim_job(self.sf)
-        if job_id is None:
+        claimed = job_queue.claim(self.sf)
+        if claimed is None:
             return False
-        logger.info("job %d claimed", job_id)
+        job_id = claimed.job_id
+        logger.info("job %d claimed (attempt %d)", job_id, claimed.attempt)
         lower_native_threads(self.settings.node.analysis_nice)  # the engines' pools, new ones included
-        attempts: int | None = None
         try:
-            attempts = job_queue.get_job(self.sf, job_id).attempts
-            run_job(self.context, job_id)
+            # The claim's attempt: should the job be re-queued and claimed again meanwhile (a stale
+            # heartbeat; by another worker of this very process, same owner), this run ends nothing.
+            run_job(self.context, job_id, claimed.attempt)
         except (DatabaseUnavailableError, DatabaseOperationError) as exc:
             # No fault of the study: the job stays running, ours, until the database answers again;
             # then :meth:`requeue_interrupted` queues it (the worker loop reports the outage).
             with self._interrupted_lock:
-                self._interrupted[job_id] = (attempts, str(exc))
+                self._interrupted[job_id] = (claimed.attempt, str(exc))
             raise
         for runtime in self.runtimes.values():  # idle until the next study: give the buffers back
             runtime.release_memory()

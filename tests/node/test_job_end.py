@@ -5,6 +5,8 @@ path taken), it ends ``failed`` with the reason, instead of staying ``running`` 
 from __future__ import annotations
 
 import logging
+import threading
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,7 @@ from converters.dicom_writer import write_study
 from converters.synthetic import make_synthetic_case
 from db import job_queue
 from db.exceptions import DatabaseOperationError, DatabaseUnavailableError
+from db.transactions import utcnow
 from node.config import Destination
 from node.sender import store_files
 from tests.helpers.node import CatchingSCP, make_threshold_model, node_settings, running_node
@@ -95,11 +98,11 @@ def test_a_database_fault_mid_job_does_not_fail_the_job_it_runs_again_once_the_d
     beats: list[int] = []
     found: list[str] = []  # the job's state when the worker queued it again
 
-    def blip(sf: Any, job_id: int, now: Any = None) -> None:
+    def blip(sf: Any, job_id: int, *args: Any, **kwargs: Any) -> bool:
         beats.append(job_id)
         if len(beats) == 2:  # the heartbeat after the FLAIR's load, in the first run
             raise error("OperationalError: server closed the connection unexpectedly")
-        heartbeat(sf, job_id, now)
+        return heartbeat(sf, job_id, *args, **kwargs)
 
     def requeue_spy(sf: Any, job_id: int, *args: Any, **kwargs: Any) -> str | None:
         found.append(job_queue.get_job(sf, job_id).status)
@@ -130,3 +133,52 @@ def test_a_database_fault_mid_job_does_not_fail_the_job_it_runs_again_once_the_d
     )
     assert "job 1 failed" not in caplog.text
     assert "job 1: the database failed while it ran; queued again (cut short 1 of" in caplog.text
+
+
+def test_a_run_superseded_in_the_same_process_ends_nothing_the_later_run_ends_the_job(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two workers. While worker 1 runs a job, worker 2's periodic stale check finds its heartbeat old
+    (a long stage, a hung thread) and queues it again, and worker 2 claims it. Both runs record the
+    same owner, this process's host:pid. Worker 1's run, superseded, ends first: it must not end the
+    job (before, it did, with its stale result, and worker 2's run was refused its end and dropped)."""
+    from node import pipeline, service
+
+    segment, run = pipeline.segment_study, service.run_job
+    second_started, first_returned = threading.Event(), threading.Event()
+    segments: list[int] = []
+    returned: list[str] = []
+
+    def gated_segment(study: Any, plan: Any) -> Any:
+        segments.append(1)
+        if len(segments) == 1:  # run 1: the other worker's stale check (STALE_CHECK_SECONDS) runs now
+            later = utcnow() + timedelta(seconds=301)
+            assert job_queue.requeue_stale(study.ctx.sf, 300.0, now=later) == [study.job_id]
+            assert second_started.wait(30), "the job was not claimed again"
+        else:  # run 2 goes on once run 1 has returned
+            second_started.set()
+            assert first_returned.wait(30), "the first run did not return"
+        return segment(study, plan)
+
+    def tracked_run(*args: Any, **kwargs: Any) -> str:
+        state = run(*args, **kwargs)
+        returned.append(state)
+        first_returned.set()
+        return state
+
+    monkeypatch.setattr(pipeline, "segment_study", gated_segment)
+    monkeypatch.setattr(service, "run_job", tracked_run)
+    case = make_synthetic_case(3, SHAPE)
+    model = make_threshold_model(tmp_path / "model", crop=SHAPE[:2], spacing=case.spacing, threshold=1.5)
+    settings = node_settings(tmp_path, free_port())
+    settings.node.workers = 2
+    with caplog.at_level(logging.INFO), running_node(settings, model) as served:
+        study = write_study(case, tmp_path / "study", modalities=["FLAIR"])
+        results = store_files(study.files["FLAIR"], "127.0.0.1", served.scp.port, "SEGNODE", "PACS")
+        assert {status for _, status, _ in results} == {0}
+        wait_until(lambda: len(returned) == 2, 60, "both runs' return")
+        job = job_queue.get_job(served.sf, 1)
+    assert (job.status, job.attempts, job.requeues) == ("done", 2, 1), job.reason
+    assert job.output_dir is not None and job.output_dir.endswith("attempt-2"), job.output_dir  # run 2's
+    assert returned == ["superseded", "done"]
+    assert "job 1 was claimed again while this run (attempt 1) ran; this run stops" in caplog.text

@@ -216,6 +216,29 @@ def test_jobs_of_dead_processes_are_requeued(sf: SessionFactory) -> None:
     assert job_queue.get_job(sf, alive_here or 0).status == "running"
 
 
+def test_a_superseded_claim_of_this_live_process_can_neither_heartbeat_nor_end_its_job(
+    sf: SessionFactory,
+) -> None:
+    """A job of this live process whose heartbeat looks stale is queued again (a hung worker thread
+    would otherwise hold its study until a restart) and claimed again, late instances included; both
+    claims record the same owner, host:pid. Only the later claim's run heartbeats and ends the job."""
+    _receive(sf, "1.6.5", 3, T0)
+    [job] = instances.schedule_due_studies(sf, 1.0, now=T0 + timedelta(seconds=5))
+    first = job_queue.claim(sf, now=T0 + timedelta(seconds=6))
+    assert first == job_queue.Claim(job, 1)
+    assert job_queue.requeue_stale(sf, 300.0, now=T0 + timedelta(seconds=307)) == [job]
+    assert "no heartbeat from owner" in job_queue.get_job(sf, job).reason
+    _receive(sf, "1.6.5", 2, T0 + timedelta(seconds=310), start=3)  # late instances
+    assert instances.schedule_due_studies(sf, 1.0, now=T0 + timedelta(seconds=312)) == []  # the queued job
+    second = job_queue.claim(sf, now=T0 + timedelta(seconds=313))
+    assert second == job_queue.Claim(job, 2) and job_queue.get_job(sf, job).instance_count == 5
+    assert not job_queue.heartbeat(sf, job, attempt=first.attempt)
+    assert job_queue.heartbeat(sf, job, attempt=second.attempt)
+    assert not job_queue.finish_job(sf, job, status="done", result={"covers": 3}, attempt=first.attempt)
+    assert job_queue.finish_job(sf, job, status="done", result={"covers": 5}, attempt=second.attempt)
+    assert job_queue.get_job(sf, job).result == {"covers": 5}
+
+
 def test_a_job_that_stops_the_node_every_time_ends_failed_and_the_next_study_runs(
     sf: SessionFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
