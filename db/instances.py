@@ -15,7 +15,7 @@ from typing import Any, ClassVar, cast
 
 from sqlalchemy import DateTime, Table, bindparam, case, delete, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from db.exceptions import DatabaseUnavailableError
 from db.node_tables import NodeInstance, NodeJob, NodeStudy
@@ -36,7 +36,9 @@ logger = logging.getLogger(__name__)
 
 
 #: A study's idle timer stamped further ahead than this was stamped by a clock since set back; it
-#: restarts from the clock's time (receiving hosts' clocks may differ by less than this).
+#: restarts from the clock's time (receiving hosts' clocks may differ by less than this). A smaller
+#: step of a receiving host's own clock is set right by the process that received the study, which
+#: knows its stamps' monotonic times (node/idle_timers.py, :func:`restamp_study`).
 CLOCK_STEP_SECONDS = 300
 
 _INSTANCES = cast(Table, NodeInstance.__table__)
@@ -378,6 +380,37 @@ def touch_studies(sf: SessionFactory, study_uids: Iterable[str], now: datetime |
             )
             .values(last_received_at=stamp)
         )
+
+
+@database_errors
+def restamp_study(
+    sf: SessionFactory, study_uid: str, at: datetime, *, ours_until: datetime, last_instance: str
+) -> bool:
+    """Set a waiting study's idle timer to ``at``, forwards or back: the receiving process's own
+    timer after its wall clock was stepped (node/idle_timers.py), which says when its last stamp of
+    the study was by the clock now. Only while the timer is still that process's: stamped no later
+    than ``ours_until`` (the latest it stamped) and no instance of the study recorded after
+    ``last_instance`` (another host's or process's later stamps may hide behind one from before a
+    step back). True when set."""
+    mine = aliased(NodeInstance)
+    last_id = select(mine.id).where(mine.sop_instance_uid == last_instance).scalar_subquery()
+    later = (
+        select(NodeInstance.id)
+        .where(NodeInstance.study_instance_uid == study_uid, NodeInstance.id > func.coalesce(last_id, 0))
+        .exists()
+    )
+    with writing(sf) as s:
+        changed = s.execute(
+            update(NodeStudy)
+            .where(
+                NodeStudy.study_instance_uid == study_uid,
+                NodeStudy.pending.is_(True),
+                NodeStudy.last_received_at <= ours_until,
+                ~later,
+            )
+            .values(last_received_at=at)
+        ).rowcount  # type: ignore[attr-defined]
+    return bool(changed == 1)
 
 
 @database_errors

@@ -46,6 +46,7 @@ from node import dimse
 from node.committer import GroupCommitter
 from node.config import NodeSettings, TLSSettings
 from node.exceptions import InvalidInstanceError, NodeError, SpoolError
+from node.idle_timers import IdleTimers
 from node.instance_header import InstanceHeader, read_header
 from node.metrics import NodeMetrics
 from node.part10 import file_header
@@ -275,6 +276,9 @@ class StorageSCP:
         self._in_flight_lock = threading.Lock()
         self._free_checked_at = -1e9
         self._touched_at = -1e9
+        #: The monotonic side of the idle timers of the studies this process received: kept right
+        #: across steps of the wall clock (node/idle_timers.py).
+        self.idle_timers = IdleTimers(settings.study_idle_seconds)
         #: Called when an association that delivered instances ends (the node's workers wake to time
         #: the study's job); None: they find the study at their next poll.
         self.on_studies_received: Callable[[], None] | None = None
@@ -517,11 +521,15 @@ class StorageSCP:
             return set().union(*self._in_flight.values()) if self._in_flight else set()
 
     def refresh_idle_timers(self) -> None:
-        """Restart the idle timer of the studies in flight, at most every ``study_idle_seconds / 2``.
+        """Restart the idle timer of the studies in flight, at most every ``study_idle_seconds / 2``,
+        and keep those of the studies this process received right across a step of the wall clock.
 
         A study whose association is still open is not complete, however slow its instances come
         (eight PACS associations at once on two cores: gaps of seconds). The timer is in the database,
         so other node processes sharing it (and the node, for its receivers' studies) hold off too.
+        A study this process received becomes due ``study_idle_seconds`` after its last instance by
+        the monotonic clock, whatever steps the wall clock took meanwhile (:class:`IdleTimers`; the
+        node's workers call this before they look for due studies).
 
         Raises
         ------
@@ -532,6 +540,8 @@ class StorageSCP:
         if receiving and time.monotonic() - self._touched_at >= self.settings.study_idle_seconds / 2:
             instances.touch_studies(self.sf, receiving)
             self._touched_at = time.monotonic()
+            self.idle_timers.touched(receiving)
+        self.idle_timers.reconcile(self.sf)
 
     def _record(self, **row: Any) -> bool:
         """Record one C-STORE; returns once the transaction holding its row has committed (group commit
@@ -632,6 +642,8 @@ class StorageSCP:
             raise error
         if not new:
             new = self._moved(sop_uid, sop_class, study, series, path, calling_ae)
+        if new:  # the study's timer now counts from this instance
+            self.idle_timers.recorded(study, sop_uid)
         self.metrics.instances.labels("kept" if new else "duplicate").inc()
         if new and self.on_stored is not None:
             self.on_stored(series, str(path))
