@@ -10,6 +10,7 @@ Environment:
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import re
@@ -255,12 +256,24 @@ class DatabaseSettings:
 
 @dataclass
 class Destination:
-    """``[[destinations]]``: a DICOM peer that receives SEG and SR."""
+    """``[[destinations]]``: a DICOM peer that receives SEG and SR.
+
+    ``tls_server_name`` (optional): with ``[tls] enabled``, the name the destination's certificate must
+    carry when it is not ``host`` (a PACS addressed by IP whose certificate names its DNS name).
+    """
 
     name: str
     ae_title: str
     host: str
     port: int
+    tls_server_name: str = ""
+
+
+#: Keys of a ``[[destinations]]`` table that must be given.
+DESTINATION_REQUIRED = ("name", "ae_title", "host", "port")
+#: A DNS name (letters, digits, hyphens; dot-separated labels of at most 63 characters), no wildcard.
+_DNS_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_DNS_NAME = re.compile(rf"(?=.{{1,253}}$){_DNS_LABEL}(?:\.{_DNS_LABEL})*")
 
 
 @dataclass
@@ -366,10 +379,10 @@ def _build_destinations(raw: Any, where: str) -> list[Destination]:
         here = f"{where}: destinations[{n}]"
         if not isinstance(item, dict):
             raise ConfigError(f"{here} must be a table ([[destinations]] with name, ae_title, host, port)")
-        missing = [k for k in ("name", "ae_title", "host", "port") if k not in item]
+        missing = [k for k in DESTINATION_REQUIRED if k not in item]
         if missing:
             raise ConfigError(f"{here}: missing {', '.join(missing)}")
-        unknown = set(item) - {"name", "ae_title", "host", "port"}
+        unknown = set(item) - {f.name for f in fields(Destination)}
         if unknown:
             raise ConfigError(f"{here}: unknown key {sorted(unknown)[0]!r}")
         out.append(
@@ -378,6 +391,7 @@ def _build_destinations(raw: Any, where: str) -> list[Destination]:
                 ae_title=_coerce(item["ae_title"], "", f"{here}.ae_title"),
                 host=_coerce(item["host"], "", f"{here}.host"),
                 port=_coerce(item["port"], 0, f"{here}.port"),
+                tls_server_name=_coerce(item.get("tls_server_name", ""), "", f"{here}.tls_server_name"),
             )
         )
     return out
@@ -493,6 +507,20 @@ def _validate_destinations(destinations: list[Destination], where: str) -> None:
             raise ConfigError(f"{here}.host is empty")
         if not 1 <= dest.port <= 65535:
             raise ConfigError(f"{here}.port {dest.port} is not a TCP port (1-65535)")
+        if dest.tls_server_name and not _is_server_name(dest.tls_server_name):
+            raise ConfigError(
+                f"{here}.tls_server_name {dest.tls_server_name!r} is not a DNS name or IP address (the name "
+                "the destination's TLS certificate carries, without port, scheme or wildcard)"
+            )
+
+
+def _is_server_name(name: str) -> bool:
+    """Whether ``name`` is a DNS name or an IP address that a certificate can be checked against."""
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return _DNS_NAME.fullmatch(name.rstrip(".")) is not None
+    return True
 
 
 def _validate_ae_titles(node: NodeSettings, where: str) -> None:

@@ -16,7 +16,7 @@ import ssl
 import threading
 import time
 from collections import defaultdict, deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
 from pathlib import Path
@@ -60,15 +60,63 @@ def set_nodelay(assoc: Any) -> None:
             logger.debug("TCP_NODELAY not set: %s", exc)
 
 
+#: OpenSSL's verify codes for a certificate that does not name the peer: X509_V_ERR_HOSTNAME_MISMATCH,
+#: X509_V_ERR_IP_ADDRESS_MISMATCH.
+NAME_MISMATCH_CODES = frozenset({62, 64})
+
+
 def client_tls_context(tls: TLSSettings) -> ssl.SSLContext | None:
     """The SCU's SSL context from ``[tls]`` (None when TLS is off): verify peers with ``ca``, present
-    ``cert``/``key`` for mutual TLS."""
+    ``cert``/``key`` for mutual TLS.
+
+    The destination's certificate must also name it (host name checking): the name each association
+    gives as ``server_hostname``, the destination's ``tls_server_name`` or else its ``host``. Without
+    that check any certificate the CA ever issued (another device's; with ``ca`` empty, any public
+    certificate for any name) received the SEG and SR of every study.
+    """
     if not tls.enabled:
         return None
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=tls.ca or None)
-    ctx.check_hostname = False  # DICOM peers are named by AE title and address, not host name
+    ctx.check_hostname = True  # create_default_context's default, stated: a mismatch refuses the peer
+    ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.load_cert_chain(tls.cert, tls.key)
     return ctx
+
+
+def tls_verify_failure(
+    ctx: ssl.SSLContext, host: str, port: int, server_name: str, timeout: float
+) -> ssl.SSLCertVerificationError | None:
+    """Why the certificate of ``host:port`` fails verification for ``server_name`` with ``ctx``, or None
+    (it passes, or the handshake fails otherwise).
+
+    pynetdicom logs a failed handshake and reports only an association that did not start; a second
+    handshake (no DICOM data is sent) tells which certificate check failed.
+    """
+    try:
+        with (
+            socket.create_connection((host, port), timeout=timeout) as raw,
+            ctx.wrap_socket(raw, server_hostname=server_name),
+        ):
+            return None
+    except ssl.SSLCertVerificationError as exc:
+        return exc
+    except (OSError, ValueError):
+        return None
+
+
+def _tls_failure_text(
+    exc: ssl.SSLCertVerificationError, host: str, port: int, server_name: str, destination: str
+) -> str:
+    """A send error for a destination certificate that failed verification, saying what to change."""
+    why = exc.verify_message or str(exc)
+    whose = f"destination {destination!r}" if destination else "the destination"
+    if exc.verify_code in NAME_MISMATCH_CODES:
+        return (
+            f"TLS: the certificate of {whose} at {host}:{port} is not issued for {server_name!r} ({why}); "
+            f"set tls_server_name of {whose} to a name its certificate carries (a DNS name of its "
+            "subjectAltName), or host to that name"
+        )
+    return f"TLS: the certificate of {whose} at {host}:{port} failed verification ({why}); check [tls] ca"
 
 
 def store_files(
@@ -79,6 +127,8 @@ def store_files(
     calling_ae: str = "SEGNODE",
     timeout: float = 30.0,
     tls: ssl.SSLContext | None = None,
+    server_name: str = "",
+    destination: str = "",
 ) -> list[tuple[Path, int | None, str]]:
     """Send files over one association; returns (path, status or None, error text) per file, in the
     order of ``paths``.
@@ -87,12 +137,14 @@ def store_files(
     not accept, and those left when the association ends mid-way (a DIMSE timeout aborts it) get no
     status and say why; the others' statuses stand. The error text is empty for Success and names
     the status otherwise (a Warning status means stored: :func:`node.dimse.stored`).
-    ``tls``: a client SSL context to speak DICOM over TLS (PS3.15 B.1).
+    ``tls``: a client SSL context to speak DICOM over TLS (PS3.15 B.1); the destination's certificate
+    must name ``server_name`` (default: ``host``). ``destination``: its name, for error messages.
 
     Raises
     ------
     ConnectionError
-        The association could not be established (refused, rejected, timed out).
+        The association could not be established (refused, rejected, timed out, a certificate that
+        failed verification: the message says which check and what to set).
     """
     outcome: dict[int, tuple[int | None, str]] = {}
     datasets: list[tuple[int, Dataset]] = []
@@ -102,7 +154,11 @@ def store_files(
         except (OSError, InvalidDicomError) as exc:
             outcome[n] = (None, f"cannot read the file: {exc}")
     if datasets:
-        outcome.update(_store_datasets(datasets, host, port, called_ae, calling_ae, timeout, tls))
+        outcome.update(
+            _store_datasets(
+                datasets, host, port, called_ae, calling_ae, timeout, tls, server_name or host, destination
+            )
+        )
     return [(Path(path), *outcome[n]) for n, path in enumerate(paths)]
 
 
@@ -133,6 +189,8 @@ def _store_datasets(
     calling_ae: str,
     timeout: float,
     tls: ssl.SSLContext | None,
+    server_name: str,
+    destination: str,
 ) -> dict[int, tuple[int | None, str]]:
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
@@ -140,7 +198,7 @@ def _store_datasets(
         {(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for _, ds in datasets}
     ):
         ae.add_requested_context(sop_class, [syntax])
-    tls_args = (tls, host) if tls is not None else None
+    tls_args = (tls, server_name) if tls is not None else None
     assoc = reactor.associate(ae, host, port, called_ae, tls_args=tls_args)
     if not assoc.is_established and assoc.rejected_contexts and not assoc.accepted_contexts:
         # The association was accepted without one presentation context (a PACS without SEG Storage
@@ -149,6 +207,12 @@ def _store_datasets(
         why = f"{NOT_ACCEPTED}: no presentation context accepted for {refused}"
         return {n: (None, why) for n, _ in datasets}
     if not assoc.is_established:
+        # Say so plainly when a certificate check refused the destination.
+        failure = None if tls is None or assoc.is_rejected else tls_verify_failure(
+            tls, host, port, server_name, min(timeout, 10.0)
+        )
+        if failure is not None:
+            raise ConnectionError(_tls_failure_text(failure, host, port, server_name, destination))
         why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "no answer"
         raise ConnectionError(f"association to {called_ae}@{host}:{port} failed ({why})")
     set_nodelay(assoc)
@@ -199,6 +263,9 @@ class Sender:
         Backoff after a failed attempt: ``base_seconds`` doubled per attempt, at most ``max_seconds``.
     tls:
         A client SSL context (DICOM over TLS, PS3.15 B.1), or None.
+    server_names:
+        Destination name -> the name its TLS certificate must carry when it is not the destination's
+        host (``[[destinations]] tls_server_name``).
     timeout:
         ACSE, DIMSE and network timeout of each association, in seconds: how long a destination that
         accepts TCP but never answers holds its own delivery.
@@ -220,6 +287,7 @@ class Sender:
         timeout: float = 30.0,
         max_parallel: int = 8,
         max_refusals: int = 10,
+        server_names: Mapping[str, str] | None = None,
     ) -> None:
         self.sf = sf
         self.metrics = metrics
@@ -227,6 +295,7 @@ class Sender:
         self.base_seconds = base_seconds
         self.max_seconds = max_seconds
         self.tls = tls
+        self.server_names = dict(server_names or {})
         self.timeout = timeout
         self.max_parallel = max(1, max_parallel)
         self.max_refusals = max_refusals
@@ -346,8 +415,9 @@ class Sender:
         try:
             paths = [Path(s.path) for s in sends]
             results = store_files(
-                paths, host, port, ae_title, self.calling_ae, timeout=self.timeout, tls=self.tls
-            )
+                paths, host, port, ae_title, self.calling_ae, timeout=self.timeout, tls=self.tls,
+                server_name=self.server_names.get(name, ""), destination=name,
+            )  # fmt: skip
         except Exception as exc:  # no association (or none usable): every send waits its backoff
             reason = str(exc) if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}"
             for send in sends:

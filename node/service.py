@@ -104,6 +104,7 @@ class NodeService:
             node.send_retry_max_seconds,
             tls=client_tls_context(settings.tls),
             max_refusals=node.send_max_refusals,
+            server_names={d.name: d.tls_server_name for d in settings.destinations if d.tls_server_name},
         )
         self.context = JobContext(
             sf=self.sf,

@@ -284,7 +284,7 @@ def test_replicas_with_shared_spool_and_external_db(helm: str, tmp_path: Path) -
     assert settings.selection.flair_min_ti_ms == 1800.0
     assert settings.destinations == [
         Destination("pacs", "PACS1", "pacs.radiology.svc", 104),
-        Destination("archive", "ARCHIVE", "archive.radiology.svc", 11112),
+        Destination("archive", "ARCHIVE", "10.20.0.15", 11112, tls_server_name="archive.radiology.example"),
     ]
     node = container(sts, "node")
     assert {p["name"]: p["containerPort"] for p in node["ports"]} == {"dicom": 11112, "metrics": 9200}

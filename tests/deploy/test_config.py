@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from node.config import (
+    DESTINATION_REQUIRED,
     DatabaseSettings,
     Destination,
     InferenceConfig,
@@ -61,6 +62,11 @@ def schema_keys(section: str) -> set[str]:
     """Field names of a node.toml section (``destinations``: of one destination)."""
     cls = Destination if section == "destinations" else SECTIONS[section]
     return {f.name for f in fields(cls)}
+
+
+def assert_destination_keys(dest: dict[str, Any], where: str) -> None:
+    """A ``[[destinations]]`` entry has every required key and no key the node does not know."""
+    assert set(DESTINATION_REQUIRED) <= set(dest) <= schema_keys("destinations"), where
 
 
 def image_model_dirs() -> dict[str, str]:
@@ -130,7 +136,7 @@ def check_toml_keys(path: Path) -> dict[str, Any]:
     for section, body in raw.items():
         if section == "destinations":
             for dest in body:
-                assert set(dest) == schema_keys("destinations"), f"{path}: destination {dest}"
+                assert_destination_keys(dest, f"{path}: destination {dest}")
             continue
         assert section in SECTIONS, f"{path}: section [{section}] is not in node/config.py"
         unknown = set(body) - schema_keys(section)
@@ -293,7 +299,7 @@ def test_chart_values_selection_and_destinations_use_schema_keys() -> None:
         unknown = set(config.get("selection", {})) - schema_keys("selection")
         assert not unknown, f"{path.name}: config.selection keys {sorted(unknown)}"
         for dest in config.get("destinations", []):
-            assert set(dest) == schema_keys("destinations"), f"{path.name}: destination {dest}"
+            assert_destination_keys(dest, f"{path.name}: destination {dest}")
         for section in ("node", "metrics", "tls", "qc"):
             unknown = set(config.get(section, {})) - schema_keys(section)
             assert not unknown, f"{path.name}: config.{section} keys {sorted(unknown)}"
@@ -337,7 +343,8 @@ def test_chart_values_schema_knows_the_node_tasks() -> None:
 def test_chart_values_schema_destinations_mirror_destination() -> None:
     schema = json.loads((CHART / "values.schema.json").read_text(encoding="utf-8"))
     item = schema["properties"]["config"]["properties"]["destinations"]["items"]
-    assert set(item["properties"]) == set(item["required"]) == schema_keys("destinations")
+    assert set(item["properties"]) == schema_keys("destinations")
+    assert item["required"] == list(DESTINATION_REQUIRED)
     types = {f.name: f.type for f in fields(Destination)}
     for key, prop in item["properties"].items():
         assert prop["type"] == JSON_TYPES[{"str": str, "int": int}[str(types[key])]], key

@@ -41,13 +41,16 @@ def make_ca(directory: Path, name: str) -> tuple[Path, Path]:
     return cert, key
 
 
-def issue_cert(ca: tuple[Path, Path], directory: Path, name: str) -> tuple[Path, Path]:
-    """A leaf certificate (for server and client use) for CN ``name`` signed by ``ca``."""
+def issue_cert(
+    ca: tuple[Path, Path], directory: Path, name: str, san: str = "IP:127.0.0.1,DNS:localhost"
+) -> tuple[Path, Path]:
+    """A leaf certificate (for server and client use) for CN ``name`` signed by ``ca``, naming ``san``
+    (subjectAltName: loopback by default)."""
     openssl = require_program("openssl")
     key, csr, cert = directory / f"{name}.key", directory / f"{name}.csr", directory / f"{name}.crt"
     ext = directory / f"{name}.ext"
     ext.write_text(
-        "basicConstraints=CA:FALSE\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n"
+        f"basicConstraints=CA:FALSE\nsubjectAltName={san}\n"
         "extendedKeyUsage=serverAuth,clientAuth\n"
     )
     subprocess.run(

@@ -67,6 +67,20 @@ def test_bad_config_names_file_and_key(tmp_path: Path, text: str, message: str) 
     _assert_refused(tmp_path, text, message)
 
 
+def test_a_destination_may_name_its_tls_server_name(tmp_path: Path) -> None:
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(DEST.format(ae="PACS", port=104) + 'tls_server_name = "pacs.radiology.example"\n')
+    [dest] = load_settings(cfg, env={}).destinations
+    assert dest.tls_server_name == "pacs.radiology.example"
+    cfg.write_text(DEST.format(ae="PACS", port=104))
+    assert load_settings(cfg, env={}).destinations[0].tls_server_name == ""  # default: check host
+    for bad in ("*.radiology.example", "pacs.example:104", "https://pacs", "pacs example"):
+        _assert_refused(
+            tmp_path, DEST.format(ae="PACS", port=104) + f'tls_server_name = "{bad}"\n',
+            f"destinations[0].tls_server_name {bad!r} is not a DNS name or IP address",
+        )  # fmt: skip
+
+
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load_settings(tmp_path / "nope.toml", env={})

@@ -10,19 +10,23 @@ import ssl
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
+import pydicom
 import pytest
 
 from converters.dicom_writer import SyntheticPatient, write_study
 from converters.synthetic import make_synthetic_case
-from db import job_queue, send_queue
+from db import instances, job_queue, send_queue
 from db.session import make_engine, make_session_factory, upgrade
+from db.transactions import SessionFactory, utcnow
 from node import dimse
-from node.config import TLSSettings
+from node.config import Destination, TLSSettings
 from node.metrics import NodeMetrics
 from node.scp import StorageSCP
-from node.sender import store_files
+from node.sender import Sender, client_tls_context, store_files
 from node.service import NodeService
 from tests.helpers.certs import issue_cert, make_ca
 from tests.helpers.dcmtk import DcmtkStoreSCP, storescu
@@ -32,6 +36,8 @@ from tests.helpers.served import ServedNode, node_toml
 from tests.helpers.waiting import wait_until
 
 SHAPE = (48, 48, 12)
+#: The only name of ``PKI.named_elsewhere``.
+PACS_DNS_NAME = "pacs.radiology.example"
 PATIENT = SyntheticPatient(
     name="WORLDTEST^SECRETNAME", patient_id="PIDX93817", birth_date="19310817", sex="F"
 )
@@ -43,6 +49,8 @@ class PKI:
     node: tuple[Path, Path]
     client: tuple[Path, Path]
     foreign: tuple[Path, Path]
+    #: From the hospital's CA, for another name only (a PACS addressed by IP, or another device's).
+    named_elsewhere: tuple[Path, Path]
 
     def client_context(self, cert: tuple[Path, Path] | None) -> ssl.SSLContext:
         ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(self.ca))
@@ -58,8 +66,9 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
     ca = make_ca(d, "hospital")
     other = make_ca(d, "elsewhere")
     return PKI(
-        ca[0], issue_cert(ca, d, "segnode"), issue_cert(ca, d, "pacs"), issue_cert(other, d, "intruder")
-    )
+        ca[0], issue_cert(ca, d, "segnode"), issue_cert(ca, d, "pacs"), issue_cert(other, d, "intruder"),
+        issue_cert(ca, d, "pacs-dns", san=f"DNS:{PACS_DNS_NAME}"),
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -70,15 +79,20 @@ def mr_files(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     return study.files["FLAIR"]
 
 
-@pytest.fixture()
-def tls_scp(tmp_path: Path, pki: PKI) -> Iterator[StorageSCP]:
-    tls = TLSSettings(enabled=True, cert=str(pki.node[0]), key=str(pki.node[1]), ca=str(pki.ca))
-    settings = node_settings(tmp_path, free_port())
+def _tls_scp(directory: Path, pki: PKI, cert: tuple[Path, Path]) -> StorageSCP:
+    tls = TLSSettings(enabled=True, cert=str(cert[0]), key=str(cert[1]), ca=str(pki.ca))
+    settings = node_settings(directory, free_port())
     upgrade(settings.database.url)
     scp = StorageSCP(
         settings.node, make_session_factory(make_engine(settings.database.url)), NodeMetrics(), tls
     )
     scp.start()
+    return scp
+
+
+@pytest.fixture()
+def tls_scp(tmp_path: Path, pki: PKI) -> Iterator[StorageSCP]:
+    scp = _tls_scp(tmp_path, pki, pki.node)
     yield scp
     scp.stop()
 
@@ -148,6 +162,56 @@ def test_a_silent_connection_does_not_hold_back_other_tls_associations(
             s.close()
 
 
+def _send_rows_to(sf: SessionFactory, name: str, port: int, files: list[Path]) -> int:
+    """A finished job whose ``files`` wait to be sent to destination ``name`` at 127.0.0.1:``port``."""
+    study = "1.2.826.0.1.3680043.8.498.77"
+    now = utcnow()
+    row = instances.ReceivedInstance(
+        sop_instance_uid=f"{study}.1", sop_class_uid="1.2.840.10008.5.1.4.1.1.4", study_instance_uid=study,
+        series_instance_uid=f"{study}.2", kept=True, path=f"/spool/{study}.dcm", calling_ae="PACS",
+    )  # fmt: skip
+    instances.record_instances(sf, [row], now=now - timedelta(minutes=2))
+    instances.schedule_due_studies(sf, 10, now=now - timedelta(minutes=1))
+    job_id = job_queue.claim_job(sf)
+    assert job_id is not None
+    outputs = [job_queue.OutputObject(str(f), str(pydicom.dcmread(f).SOPInstanceUID)) for f in files]
+    destination = Destination(name, "SEGNODE", "127.0.0.1", port)
+    assert job_queue.finish_job(sf, job_id, status="done", outputs=outputs, destinations=[destination])
+    return job_id
+
+
+def test_the_sender_refuses_a_destination_certificate_for_another_name(
+    tmp_path: Path, pki: PKI, mr_files: list[Path], sqlite_sf: SessionFactory
+) -> None:
+    """A certificate from the trusted CA that does not name the destination (another device's, or a
+    PACS addressed by IP whose certificate carries its DNS name) got the SEG and SR all the same: the
+    client did not check host names. Now the send fails naming the destination and tls_server_name,
+    and with ``tls_server_name`` set to the certificate's name it goes through."""
+    scp = _tls_scp(tmp_path / "pacs", pki, pki.named_elsewhere)
+    client = client_tls_context(
+        TLSSettings(enabled=True, cert=str(pki.client[0]), key=str(pki.client[1]), ca=str(pki.ca))
+    )
+    assert client is not None
+    try:
+        with pytest.raises(ConnectionError, match=r"not issued for '127\.0\.0\.1'.*set tls_server_name"):
+            store_files(mr_files[:1], "127.0.0.1", scp.port, "SEGNODE", "PACS", timeout=5, tls=client)
+        assert not any(scp.spool_dir.rglob("*.dcm"))  # nothing reached the impostor
+        # The Sender: the send's error says what to do; with tls_server_name the send is delivered.
+        job_id = _send_rows_to(sqlite_sf, "pacs", scp.port, mr_files[:1])
+        kwargs: dict[str, Any] = {"base_seconds": 0.05, "max_seconds": 0.05, "tls": client, "timeout": 5}
+        assert Sender(sqlite_sf, NodeMetrics(), "SEGNODE", **kwargs).run_once() == 0
+        [send] = job_queue.get_job(sqlite_sf, job_id).sends
+        assert send.status != "done"
+        assert "destination 'pacs'" in send.last_error and "tls_server_name" in send.last_error
+        assert not any(scp.spool_dir.rglob("*.dcm"))
+        time.sleep(0.1)  # the backoff
+        named = Sender(sqlite_sf, NodeMetrics(), "SEGNODE", server_names={"pacs": PACS_DNS_NAME}, **kwargs)
+        assert named.run_once() == 1
+        assert len(list(scp.spool_dir.rglob("*.dcm"))) == 1
+    finally:
+        scp.stop()
+
+
 def test_dcmtk_over_tls_both_ways_and_no_phi_in_logs(
     tmp_path: Path, pki: PKI, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -201,8 +265,6 @@ def _assert_no_phi(text: str, where: str) -> None:
 def test_no_patient_name_id_or_birth_date_in_the_serve_log(tmp_path: Path) -> None:
     """``segnode --debug serve``: a processed study, a refused instance and a skipped study; the log file
     holds no patient identifier of the test studies."""
-    import pydicom
-
     from tests.helpers.node import CatchingSCP
 
     catcher = CatchingSCP().start(free_port())
@@ -214,8 +276,6 @@ def test_no_patient_name_id_or_birth_date_in_the_serve_log(tmp_path: Path) -> No
         open_registry(url), make_threshold_model(tmp_path / "model", crop=SHAPE[:2], spacing=case.spacing)
     )
     port = free_port()
-    from node.config import Destination
-
     config = node_toml(
         tmp_path, port, url, [Destination("pacs", catcher.ae_title, "127.0.0.1", catcher.port)]
     )
