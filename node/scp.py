@@ -42,7 +42,7 @@ from converters.dicom_series import readable_transfer_syntaxes
 from db import instances
 from db.exceptions import DatabaseOperationError, DatabaseUnavailableError
 from db.transactions import SessionFactory
-from node import dimse
+from node import dimse, pdu_guard
 from node.committer import GroupCommitter
 from node.config import NodeSettings, TLSSettings
 from node.exceptions import InvalidInstanceError, NodeError, SpoolError
@@ -391,7 +391,8 @@ class StorageSCP:
     def _on_connection(self, event: Any) -> None:
         """Give the accepted socket a read timeout (``network_timeout``), the association a loop that
         serves each message as soon as it is decoded and a DUL thread that waits for the peer's bytes
-        (:mod:`node.reactor`), and C-STORE responses packed and sent directly (:mod:`node.store_response`).
+        (:mod:`node.reactor`) and reads no PDU larger than the node takes (:mod:`node.pdu_guard`), and
+        C-STORE responses packed and sent directly (:mod:`node.store_response`).
 
         Accepted sockets are blocking; a peer that sends a PDU header announcing more bytes than it
         ever sends (junk, a port scanner) would otherwise hold an association slot for good.
@@ -402,6 +403,7 @@ class StorageSCP:
             raw.settimeout(float(self.ae.network_timeout))
         if dul is not None and hasattr(dul, "_run_loop_delay"):
             make_waiting(dul)
+            pdu_guard.install(dul)
         make_prompt(event.assoc)
         make_quick_store_response(event.assoc)
 

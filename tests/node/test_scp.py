@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import logging
+import socket
+import struct
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,7 +30,7 @@ from db.session import make_engine, make_session_factory, upgrade
 from node import dimse, reactor
 from node.config import NodeSettings
 from node.metrics import NodeMetrics
-from node.scp import StorageSCP
+from node.scp import MAX_PDU_BYTES, StorageSCP
 from node.spool import spool_path
 from tests.helpers.certs import issue_cert, make_ca
 from tests.helpers.node import node_settings
@@ -291,6 +293,48 @@ def test_called_and_calling_ae_and_association_limit(
             in caplog.text
         )
         assert "rejected: more than node.max_associations (1) associations" in caplog.text
+    finally:
+        r.scp.stop()
+
+
+def _closed_by_peer(s: socket.socket, chunks: int, wait: float) -> bool:
+    """Stream up to ``chunks`` MiB of zeros into ``s``; True when the node closed the connection (within
+    ``wait`` seconds of the last byte sent), False when it is still reading."""
+    try:
+        for _ in range(chunks):
+            s.sendall(bytes(1 << 20))
+        s.settimeout(wait)
+        return s.recv(1) == b""
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+    except TimeoutError:
+        return False
+
+
+def test_a_pdu_longer_than_the_node_reads_closes_the_connection(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A peer with no AE title announced a ~4 GiB A-ASSOCIATE-RQ and the node buffered every byte it
+    sent; an established peer likewise with a P-DATA-TF beyond the maximum PDU the node announced. Now
+    the header alone closes the connection, with one log line."""
+    r = _start(tmp_path, allowed_calling_aes=["PACS"])
+    try:
+        with caplog.at_level(logging.WARNING, logger="node"):
+            with socket.create_connection(("127.0.0.1", r.scp.port), timeout=5) as s:
+                s.sendall(struct.pack(">BBL", 0x01, 0, 0xFFFFFFF0))  # A-ASSOCIATE-RQ of ~4 GiB
+                assert _closed_by_peer(s, chunks=32, wait=1.0)
+            assoc = _assoc(r.scp.port)
+            assert assoc.is_established  # type: ignore[attr-defined]
+            raw = assoc.dul.socket.socket  # type: ignore[attr-defined]
+            raw.sendall(struct.pack(">BBL", 0x04, 0, MAX_PDU_BYTES + (1 << 20)) + bytes(4096))
+            ended = lambda: not assoc.is_established  # type: ignore[attr-defined]  # noqa: E731
+            wait_until(ended, 2, "the node to end the association")
+        assert "A-ASSOCIATE-RQ of 4294967280 bytes announced, more than the 65536 this node reads" in (
+            caplog.text
+        )
+        assert f"P-DATA-TF of {MAX_PDU_BYTES + (1 << 20)} bytes announced" in caplog.text
+        # Neither connection holds an association thread any longer (the first did for acse_timeout).
+        wait_until(lambda: not r.scp.ae.active_associations, 2, "the associations' threads to end")
     finally:
         r.scp.stop()
 
