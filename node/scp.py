@@ -93,7 +93,33 @@ LAST_SERIES_STUDIES = 256
 
 
 class NodeServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server, with each TLS handshake in its association's own thread."""
+    """pynetdicom's threaded server, with each TLS handshake in its association's own thread, and no more
+    connections at once than the association limit allows (:meth:`process_request`)."""
+
+    #: Connections beyond ``maximum_associations`` still served (pynetdicom rejects the association
+    #: with A-ASSOCIATE-RJ, "local limit exceeded", so that a PACS is told why); further ones are closed
+    #: as soon as they are accepted.
+    ACCEPT_SLACK = 1
+    #: Seconds between two log lines about connections closed at accept.
+    REFUSAL_LOG_SECONDS = 10.0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._opening = 0  # connections accepted that have no association yet (TLS handshake)
+        self._associations: set[Any] = set()  # the associations of the others, until their thread ends
+        self._count_lock = threading.Lock()
+        self._has_association = threading.local()  # in a request thread: its association, once made
+        self._refused = 0  # closed at accept since the last log line about it
+        self._refused_logged_at = -1e9
+        super().__init__(*args, **kwargs)
+        self.bind(evt.EVT_CONN_OPEN, self._on_association_made)
+
+    def _on_association_made(self, event: Any) -> None:
+        """Count the connection by its association from now on (before the association's thread starts,
+        in the thread that accepted it)."""
+        with self._count_lock:
+            self._opening -= 1
+            self._associations.add(event.assoc)
+        self._has_association.made = event.assoc
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         """Accept a connection; its TLS handshake waits for its own thread (:meth:`process_request_thread`).
@@ -106,24 +132,82 @@ class NodeServer(ThreadedAssociationServer):
         client, address = self.socket.accept()
         return client, address
 
+    def connections(self) -> int:
+        """Connections this server holds: those accepted whose association is not made yet, and the
+        associations made whose thread has not ended (each connection is counted once)."""
+        with self._count_lock:
+            ended = {a for a in self._associations if a.ident is not None and not a.is_alive()}
+            self._associations -= ended
+            return self._opening + len(self._associations)
+
+    def process_request(
+        self,
+        request: socket.socket | tuple[bytes, socket.socket],
+        client_address: tuple[str, int] | str,
+    ) -> None:
+        """Serve the connection in a thread of its own, or close it at once when the node already holds
+        ``maximum_associations`` (plus :data:`ACCEPT_SLACK`) connections.
+
+        Each connection cost an association thread and a DUL thread, however many there were and
+        whether or not they ever sent a request: a peer that opened hundreds held hundreds of threads.
+        """
+        if self.connections() >= self.ae.maximum_associations + self.ACCEPT_SLACK:
+            self._note_refusal(client_address)
+            self.shutdown_request(request)
+            return
+        with self._count_lock:
+            self._opening += 1
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            with self._count_lock:
+                self._opening -= 1
+            raise
+
+    def _note_refusal(self, client_address: tuple[str, int] | str) -> None:
+        """Log connections closed at accept: the first, then at most one line per
+        :data:`REFUSAL_LOG_SECONDS` with how many were closed."""
+        self._refused += 1
+        now = time.monotonic()
+        if now - self._refused_logged_at >= self.REFUSAL_LOG_SECONDS:
+            logger.warning(
+                "connection from %s closed at accept: %d connections are open, node.max_associations (%d) "
+                "and %d beyond it that is answered with A-ASSOCIATE-RJ; %d closed so since the last line",
+                client_address, self.ae.maximum_associations + self.ACCEPT_SLACK,
+                self.ae.maximum_associations, self.ACCEPT_SLACK, self._refused,
+            )  # fmt: skip
+            self._refused, self._refused_logged_at = 0, now
+
     def process_request_thread(
         self,
         request: socket.socket | tuple[bytes, socket.socket],
         client_address: tuple[str, int] | str,
     ) -> None:
-        """Do the TLS handshake (within ``network_timeout``), then serve the association as pynetdicom
-        does; a client that fails or stalls the handshake is logged and closed."""
-        if self.ssl_context is not None and isinstance(request, socket.socket):
-            timeout = self.ae.network_timeout
-            request.settimeout(float(timeout) if timeout is not None else None)
-            try:
-                request = self.ssl_context.wrap_socket(request, server_side=True)
-            except (OSError, ssl.SSLError) as exc:
-                logger.warning("TLS handshake with %s failed: %s", client_address, exc)
-                self.shutdown_request(request)
-                return
-            request.settimeout(None)
-        super().process_request_thread(request, client_address)
+        """Do the TLS handshake (within ``acse_timeout`` and ``network_timeout`` of the accept, the
+        whole handshake), then serve the association as pynetdicom does; a client that fails or stalls
+        the handshake is logged and closed."""
+        self._has_association.made = None
+        try:
+            pdu_guard.note_accepted(time.monotonic())  # the A-ASSOCIATE-RQ is due acse_timeout after this
+            if self.ssl_context is not None and isinstance(request, socket.socket):
+                limits = [float(t) for t in (self.ae.network_timeout, self.ae.acse_timeout) if t is not None]
+                # CPython's handshake keeps one deadline for the whole handshake, not one per read.
+                request.settimeout(min(limits) if limits else None)
+                try:
+                    request = self.ssl_context.wrap_socket(request, server_side=True)
+                except (OSError, ssl.SSLError) as exc:
+                    logger.warning("TLS handshake with %s failed: %s", client_address, exc)
+                    self.shutdown_request(request)
+                    return
+                request.settimeout(None)
+            super().process_request_thread(request, client_address)
+        finally:
+            made = self._has_association.made
+            with self._count_lock:
+                if made is None:  # the handshake failed, or pynetdicom's handler did
+                    self._opening -= 1
+                elif made.ident is None:  # made, but its thread never started
+                    self._associations.discard(made)
 
 
 class SharedPortServer(NodeServer):

@@ -339,6 +339,82 @@ def test_a_pdu_longer_than_the_node_reads_closes_the_connection(
         r.scp.stop()
 
 
+def _closed_within(s: socket.socket, seconds: float) -> bool:
+    """True when the node closes ``s`` within ``seconds`` (the peer sends nothing meanwhile)."""
+    s.settimeout(seconds)
+    try:
+        return s.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def _trickle_until_closed(socks: list[socket.socket], seconds: float, every: float = 0.2) -> list[bool]:
+    """Send one byte on each of ``socks`` every ``every`` seconds (each read timeout of the node starts
+    again) for up to ``seconds``; which of them the node closed meanwhile."""
+    closed = [False] * len(socks)
+    deadline = time.monotonic() + seconds
+    while not all(closed) and time.monotonic() < deadline:
+        for n, s in enumerate(socks):
+            if closed[n]:
+                continue
+            try:
+                s.setblocking(False)
+                closed[n] = s.recv(1) == b""
+            except BlockingIOError:
+                try:
+                    s.send(b"\0")
+                except OSError:
+                    closed[n] = True
+            except OSError:
+                closed[n] = True
+        time.sleep(every)
+    return closed
+
+
+def test_trickling_peers_are_cut_off_and_connections_beyond_the_limit_closed_at_accept(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Peers that sent one byte at a time (never an AE title) held every association slot for as long
+    as they went on: each byte started the read timeout again, and each connection, however many,
+    cost threads. Now an A-ASSOCIATE-RQ is due acse_timeout after the accept and a PDU network_timeout
+    after its first byte, and connections beyond the limit are closed at accept."""
+    r = _start(tmp_path, allowed_calling_aes=["PACS"], max_associations=2)
+    r.scp.ae.acse_timeout, r.scp.ae.network_timeout = 1.0, 1.0
+    slots = 3  # max_associations, and one more (pynetdicom answers it A-ASSOCIATE-RJ: a PACS is told why)
+    tricklers: list[socket.socket] = []
+    try:
+        with caplog.at_level(logging.WARNING, logger="node"):
+            for _ in range(slots):
+                tricklers.append(socket.create_connection(("127.0.0.1", r.scp.port), timeout=5))
+                tricklers[-1].sendall(struct.pack(">BBL", 0x01, 0, 1000) + b"\0")  # an A-ASSOCIATE-RQ begun
+            time.sleep(0.2)
+            extra = [socket.create_connection(("127.0.0.1", r.scp.port), timeout=5) for _ in range(5)]
+            assert all(_closed_within(s, 1.0) for s in extra)  # at accept, not after any timeout
+            for s in extra:
+                s.close()
+            assert _trickle_until_closed(tricklers, 3.0) == [True] * slots
+            assoc = _assoc(r.scp.port)  # the PACS gets in again
+            assert assoc.is_established  # type: ignore[attr-defined]
+            assert assoc.send_c_echo().Status == dimse.SUCCESS  # type: ignore[attr-defined]
+            # A P-DATA-TF trickled on an established association ends it network_timeout later.
+            raw = assoc.dul.socket.socket  # type: ignore[attr-defined]
+            raw.sendall(struct.pack(">BBL", 0x04, 0, 1000) + b"\0")
+            started = time.monotonic()
+            while assoc.is_established and time.monotonic() - started < 3.0:  # type: ignore[attr-defined]
+                raw.send(b"\0")
+                time.sleep(0.2)
+            assert not assoc.is_established  # type: ignore[attr-defined]
+        assert "closed at accept: 3 connections are open" in caplog.text
+        assert "A-ASSOCIATE-RQ PDU (1000 bytes) did not arrive within acse_timeout (1 s)" in caplog.text
+        assert "the P-DATA-TF PDU (1000 bytes) did not arrive within network_timeout (1 s)" in caplog.text
+    finally:
+        for s in tricklers:
+            s.close()
+        r.scp.stop()
+
+
 def test_low_disk_refuses_associations(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     r = _start(tmp_path, min_free_disk_mb=10**9)
     try:

@@ -79,9 +79,11 @@ def mr_files(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     return study.files["FLAIR"]
 
 
-def _tls_scp(directory: Path, pki: PKI, cert: tuple[Path, Path]) -> StorageSCP:
+def _tls_scp(directory: Path, pki: PKI, cert: tuple[Path, Path], **node: Any) -> StorageSCP:
     tls = TLSSettings(enabled=True, cert=str(cert[0]), key=str(cert[1]), ca=str(pki.ca))
     settings = node_settings(directory, free_port())
+    for key, value in node.items():
+        setattr(settings.node, key, value)
     upgrade(settings.database.url)
     scp = StorageSCP(
         settings.node, make_session_factory(make_engine(settings.database.url)), NodeMetrics(), tls
@@ -209,6 +211,53 @@ def test_the_sender_refuses_a_destination_certificate_for_another_name(
         assert named.run_once() == 1
         assert len(list(scp.spool_dir.rglob("*.dcm"))) == 1
     finally:
+        scp.stop()
+
+
+def _closed_by_node(s: socket.socket) -> bool:
+    """Whether the node closes ``s`` within its timeout, the client sending nothing."""
+    try:
+        return s.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def test_a_trickled_tls_handshake_ends_at_acse_timeout_and_extra_connections_at_accept(
+    tmp_path: Path, pki: PKI, mr_files: list[Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    """TLS clients that trickle their handshake held an association slot each for network_timeout, and
+    every connection, however many, a thread. Now the handshake and A-ASSOCIATE-RQ are due
+    acse_timeout after the accept, and connections beyond the limit are closed at accept."""
+    scp = _tls_scp(tmp_path, pki, pki.node, max_associations=1)
+    scp.ae.acse_timeout, scp.ae.network_timeout = 1.0, 10.0
+    tricklers = [socket.create_connection(("127.0.0.1", scp.port), timeout=5) for _ in range(2)]
+    try:
+        with caplog.at_level(logging.WARNING, logger="node"):
+            for s in tricklers:
+                s.sendall(b"\x16\x03")  # a TLS record begun
+            time.sleep(0.2)
+            with socket.create_connection(("127.0.0.1", scp.port), timeout=1.0) as extra:
+                assert _closed_by_node(extra)  # at accept, not after any timeout
+            started = time.monotonic()
+            for s in tricklers:
+                try:
+                    while time.monotonic() - started < 3.0:
+                        s.send(b"\x01")  # each byte started the handshake's read timeout again
+                        time.sleep(0.2)
+                except OSError:
+                    continue
+            assert time.monotonic() - started < 2.5  # both cut off after ~1 s, not 10
+            ok = store_files(
+                mr_files[:1], "127.0.0.1", scp.port, "SEGNODE", "PACS", timeout=5,
+                tls=pki.client_context(pki.client),
+            )  # fmt: skip
+            assert [status for _, status, _ in ok] == [dimse.SUCCESS]
+        assert "closed at accept" in caplog.text
+    finally:
+        for s in tricklers:
+            s.close()
         scp.stop()
 
 
