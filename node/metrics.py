@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import socket
 import threading
+import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -21,6 +24,14 @@ from prometheus_client import (
 logger = logging.getLogger(__name__)
 
 _STAGE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+#: Seconds a client of /metrics and /healthz has to send its whole request (line and headers).
+REQUEST_SECONDS = 5.0
+#: Connections /metrics and /healthz serve at once (a Prometheus, a kubelet's probes and a person);
+#: further ones are closed as soon as they are accepted.
+MAX_CONNECTIONS = 16
+#: Seconds between two log lines about connections closed at accept.
+REFUSAL_LOG_SECONDS = 60.0
 
 
 class NodeMetrics:
@@ -77,8 +88,77 @@ class NodeMetrics:
         return bytes(generate_latest(self.registry))
 
 
+class _DeadlineReader(io.RawIOBase):
+    """A socket's bytes that must all arrive before ``deadline`` (``time.monotonic()``): each read waits
+    only for what is left of it, so a client that trickles its request is not waited for again with
+    every byte (a per-read timeout is)."""
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        super().__init__()
+        self.sock = sock
+        self.deadline = deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the request did not arrive in time")
+        self.sock.settimeout(left)
+        return self.sock.recv_into(buffer)
+
+
+class _BoundedHTTPServer(ThreadingHTTPServer):
+    """A thread per connection, at most ``max_connections`` at once; further ones are closed at accept."""
+
+    daemon_threads = True
+
+    def __init__(
+        self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], max_connections: int
+    ) -> None:
+        self.max_connections = max_connections
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._refused = 0
+        self._refused_logged_at = -1e9
+        super().__init__(address, handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self._note_refusal(client_address)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def _note_refusal(self, client_address: Any) -> None:
+        self._refused += 1
+        now = time.monotonic()
+        if now - self._refused_logged_at >= REFUSAL_LOG_SECONDS:
+            logger.warning(
+                "metrics endpoint: connection from %s closed at accept: %d connections are being served "
+                "already; %d closed so since the last line",
+                client_address, self.max_connections, self._refused,
+            )  # fmt: skip
+            self._refused, self._refused_logged_at = 0, now
+
+
 class MetricsServer:
     """HTTP ``/metrics`` (Prometheus text) and ``/healthz`` (JSON) on a background thread.
+
+    A client has ``request_seconds`` for its whole request, and at most ``max_connections`` are served at
+    once, further ones closed at accept: without either, each client that opened a connection and never
+    finished its request line held a thread and a descriptor for good, and enough of them used up the
+    process's descriptors (the DICOM port's too).
 
     Parameters
     ----------
@@ -88,6 +168,8 @@ class MetricsServer:
         Called before each ``/metrics`` answer to update gauges read from the database.
     health:
         Returns ``(ok, details)`` for ``/healthz``; status 200 when ok, else 503.
+    request_seconds, max_connections:
+        Default :data:`REQUEST_SECONDS`, :data:`MAX_CONNECTIONS`.
     """
 
     def __init__(
@@ -97,11 +179,22 @@ class MetricsServer:
         metrics: NodeMetrics,
         refresh: Callable[[], None],
         health: Callable[[], tuple[bool, dict[str, Any]]],
+        request_seconds: float | None = None,
+        max_connections: int | None = None,
     ) -> None:
         outer = self
+        seconds = REQUEST_SECONDS if request_seconds is None else request_seconds
 
         class Handler(BaseHTTPRequestHandler):
+            timeout = seconds  # for writing the answer; reading has the request's deadline
+
+            def setup(self) -> None:
+                super().setup()
+                self.rfile.close()  # the socket's own reader, replaced by one with the request's deadline
+                self.rfile = io.BufferedReader(_DeadlineReader(self.connection, time.monotonic() + seconds))
+
             def do_GET(self) -> None:
+                self.connection.settimeout(seconds)
                 try:
                     if self.path.split("?")[0] == "/metrics":
                         refresh()
@@ -119,8 +212,9 @@ class MetricsServer:
             def log_message(self, format: str, *args: Any) -> None:
                 logger.debug("http: " + format, *args)
 
-        self.httpd = ThreadingHTTPServer((host, port), Handler)
-        self.httpd.daemon_threads = True
+        self.httpd = _BoundedHTTPServer(
+            (host, port), Handler, MAX_CONNECTIONS if max_connections is None else max_connections
+        )
         self.port = int(self.httpd.server_address[1])
         self._thread = threading.Thread(target=self.httpd.serve_forever, name="segnode-metrics", daemon=True)
 

@@ -1,0 +1,86 @@
+"""The /metrics and /healthz server against idle and trickling HTTP clients (node/metrics.py)."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+
+from node import metrics as metrics_module
+from node.metrics import MetricsServer, NodeMetrics
+
+
+@pytest.fixture()
+def server(monkeypatch: pytest.MonkeyPatch) -> Iterator[MetricsServer]:
+    # Short limits for the test (raising=False: the names did not exist before the fix).
+    monkeypatch.setattr(metrics_module, "REQUEST_SECONDS", 1.0, raising=False)
+    monkeypatch.setattr(metrics_module, "MAX_CONNECTIONS", 3, raising=False)
+    served = MetricsServer("127.0.0.1", 0, NodeMetrics(), lambda: None, lambda: (True, {}))
+    served.start()
+    yield served
+    served.stop()
+
+
+def _closed_within(s: socket.socket, seconds: float) -> bool:
+    """True when the server closes ``s`` within ``seconds`` (the client sends nothing meanwhile)."""
+    s.settimeout(seconds)
+    try:
+        return s.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def _healthz(port: int) -> int:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=3) as answer:
+        return int(answer.status)
+
+
+def test_idle_and_trickling_clients_are_cut_off_and_excess_connections_closed_at_accept(
+    server: MetricsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client that opened a connection and never finished its request held a thread and a descriptor
+    for good, however many there were. Now each has a deadline for its whole request and connections
+    beyond the limit are closed as they are accepted."""
+    port = server.port
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(2)]
+    trickler = socket.create_connection(("127.0.0.1", port), timeout=5)
+    sockets = [*idle, trickler]
+    try:
+        for s in sockets:
+            s.sendall(b"GET /heal")
+        time.sleep(0.2)
+        with caplog.at_level(logging.WARNING, logger="node.metrics"):
+            extra = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(3)]
+            assert all(_closed_within(s, 0.5) for s in extra)  # at once, not at the request deadline
+        assert "closed at accept" in caplog.text
+        started = time.monotonic()
+        cut = False
+        while not cut and time.monotonic() - started < 3.0:  # each byte would restart a per-read timeout
+            try:
+                trickler.send(b"l")
+                time.sleep(0.2)
+            except OSError:
+                cut = True
+        assert cut and time.monotonic() - started < 2.0
+        assert all(_closed_within(s, 1.0) for s in idle)
+        assert _healthz(port) == 200  # the slots are free again
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def test_a_request_within_the_deadline_is_answered(server: MetricsServer) -> None:
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as s:
+        s.sendall(b"GET /metrics HTTP/1.0\r\n")
+        time.sleep(0.3)
+        s.sendall(b"Host: x\r\n\r\n")
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.0 200") and b"segnode_queue_depth" in answer
