@@ -184,6 +184,19 @@ NODE_REFUSES = [
 ]
 
 
+def _assert_edit_refused(
+    registry: Registry, directory: Path, edit: Callable[[dict[str, Any]], None], message: str
+) -> None:
+    """The model directory, its card edited by ``edit``, is refused at import with ``message`` naming
+    its model.json, and nothing is registered."""
+    _edit_card(directory, edit)
+    with pytest.raises(InvalidModelDirectory) as info:
+        registry.import_dir(directory)
+    assert str(info.value).startswith(f"{directory.resolve() / 'model.json'}: ")
+    assert message in str(info.value)
+    _assert_nothing_registered(registry)
+
+
 @pytest.mark.parametrize(("edit", "message"), NODE_REFUSES, ids=["LPS", "no activation", "spacing 0"])
 def test_a_card_the_node_cannot_run_is_refused_at_import(
     registry: Registry, tmp_path: Path, edit: Callable[[dict[str, Any]], None], message: str
@@ -191,12 +204,7 @@ def test_a_card_the_node_cannot_run_is_refused_at_import(
     from tests.helpers.node import make_threshold_model
 
     directory = make_threshold_model(tmp_path / "m", crop=(32, 32))  # a real IR the node runs
-    _edit_card(directory, edit)
-    with pytest.raises(InvalidModelDirectory) as info:
-        registry.import_dir(directory)
-    assert str(info.value).startswith(f"{directory.resolve() / 'model.json'}: ")
-    assert message in str(info.value)
-    _assert_nothing_registered(registry)
+    _assert_edit_refused(registry, directory, edit, message)
 
 
 @pytest.mark.parametrize(
@@ -224,9 +232,4 @@ def test_brain_extractor_networks_must_be_files_of_its_artifact(
     shutil.copytree(Path(__file__).resolve().parents[2] / "models" / "brain_extraction", directory)
     for ext in ("xml", "bin"):
         shutil.copy(directory / f"brain_fp32.{ext}", directory / f"brain_v2.{ext}")
-    _edit_card(directory, edit)
-    with pytest.raises(InvalidModelDirectory) as info:
-        registry.import_dir(directory)
-    assert str(info.value).startswith(f"{directory.resolve() / 'model.json'}: ")
-    assert message in str(info.value)
-    _assert_nothing_registered(registry)
+    _assert_edit_refused(registry, directory, edit, message)

@@ -26,3 +26,16 @@ def silent_listener(backlog: int = 16) -> socket.socket:
         s.close()
         raise
     return s
+
+
+def closed_within(s: socket.socket, seconds: float | None = None) -> bool:
+    """True when the server closes ``s`` within ``seconds`` (``None``: the socket's own timeout), the
+    client sending nothing meanwhile."""
+    if seconds is not None:
+        s.settimeout(seconds)
+    try:
+        return s.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False

@@ -12,6 +12,7 @@ import pytest
 
 from node import metrics as metrics_module
 from node.metrics import MetricsServer, NodeMetrics
+from tests.helpers.ports import closed_within
 
 
 @pytest.fixture()
@@ -23,17 +24,6 @@ def server(monkeypatch: pytest.MonkeyPatch) -> Iterator[MetricsServer]:
     served.start()
     yield served
     served.stop()
-
-
-def _closed_within(s: socket.socket, seconds: float) -> bool:
-    """True when the server closes ``s`` within ``seconds`` (the client sends nothing meanwhile)."""
-    s.settimeout(seconds)
-    try:
-        return s.recv(1) == b""
-    except ConnectionResetError:
-        return True
-    except TimeoutError:
-        return False
 
 
 def _healthz(port: int) -> int:
@@ -57,7 +47,7 @@ def test_idle_and_trickling_clients_are_cut_off_and_excess_connections_closed_at
         time.sleep(0.2)
         with caplog.at_level(logging.WARNING, logger="node.metrics"):
             extra = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(3)]
-            assert all(_closed_within(s, 0.5) for s in extra)  # at once, not at the request deadline
+            assert all(closed_within(s, 0.5) for s in extra)  # at once, not at the request deadline
         assert "closed at accept" in caplog.text
         started = time.monotonic()
         cut = False
@@ -68,7 +58,7 @@ def test_idle_and_trickling_clients_are_cut_off_and_excess_connections_closed_at
             except OSError:
                 cut = True
         assert cut and time.monotonic() - started < 2.0
-        assert all(_closed_within(s, 1.0) for s in idle)
+        assert all(closed_within(s, 1.0) for s in idle)
         assert _healthz(port) == 200  # the slots are free again
     finally:
         for s in sockets:

@@ -35,7 +35,7 @@ from node.spool import spool_path
 from tests.helpers.certs import issue_cert, make_ca
 from tests.helpers.node import node_settings
 from tests.helpers.peers import require_program
-from tests.helpers.ports import free_port
+from tests.helpers.ports import closed_within, free_port
 from tests.helpers.waiting import wait_until
 
 
@@ -339,17 +339,6 @@ def test_a_pdu_longer_than_the_node_reads_closes_the_connection(
         r.scp.stop()
 
 
-def _closed_within(s: socket.socket, seconds: float) -> bool:
-    """True when the node closes ``s`` within ``seconds`` (the peer sends nothing meanwhile)."""
-    s.settimeout(seconds)
-    try:
-        return s.recv(1) == b""
-    except ConnectionResetError:
-        return True
-    except TimeoutError:
-        return False
-
-
 def _trickle_until_closed(socks: list[socket.socket], seconds: float, every: float = 0.2) -> list[bool]:
     """Send one byte on each of ``socks`` every ``every`` seconds (each read timeout of the node starts
     again) for up to ``seconds``; which of them the node closed meanwhile."""
@@ -391,7 +380,7 @@ def test_trickling_peers_are_cut_off_and_connections_beyond_the_limit_closed_at_
                 tricklers[-1].sendall(struct.pack(">BBL", 0x01, 0, 1000) + b"\0")  # an A-ASSOCIATE-RQ begun
             time.sleep(0.2)
             extra = [socket.create_connection(("127.0.0.1", r.scp.port), timeout=5) for _ in range(5)]
-            assert all(_closed_within(s, 1.0) for s in extra)  # at accept, not after any timeout
+            assert all(closed_within(s, 1.0) for s in extra)  # at accept, not after any timeout
             for s in extra:
                 s.close()
             assert _trickle_until_closed(tricklers, 3.0) == [True] * slots

@@ -31,7 +31,7 @@ from node.service import NodeService
 from tests.helpers.certs import issue_cert, make_ca
 from tests.helpers.dcmtk import DcmtkStoreSCP, storescu
 from tests.helpers.node import count_direct_responses, install_model, make_threshold_model, node_settings
-from tests.helpers.ports import free_port
+from tests.helpers.ports import closed_within, free_port
 from tests.helpers.served import ServedNode, node_toml
 from tests.helpers.waiting import wait_until
 
@@ -214,16 +214,6 @@ def test_the_sender_refuses_a_destination_certificate_for_another_name(
         scp.stop()
 
 
-def _closed_by_node(s: socket.socket) -> bool:
-    """Whether the node closes ``s`` within its timeout, the client sending nothing."""
-    try:
-        return s.recv(1) == b""
-    except ConnectionResetError:
-        return True
-    except TimeoutError:
-        return False
-
-
 def test_a_trickled_tls_handshake_ends_at_acse_timeout_and_extra_connections_at_accept(
     tmp_path: Path, pki: PKI, mr_files: list[Path], caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -239,7 +229,7 @@ def test_a_trickled_tls_handshake_ends_at_acse_timeout_and_extra_connections_at_
                 s.sendall(b"\x16\x03")  # a TLS record begun
             time.sleep(0.2)
             with socket.create_connection(("127.0.0.1", scp.port), timeout=1.0) as extra:
-                assert _closed_by_node(extra)  # at accept, not after any timeout
+                assert closed_within(extra)  # at accept, not after any timeout
             started = time.monotonic()
             for s in tricklers:
                 try:
