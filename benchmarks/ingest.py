@@ -54,8 +54,8 @@ from node.dcmtk_programs import dcmtk_program
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 DEFAULT_CASE = SHARED_DATA / "train" / "brats" / "BraTS2021_00005"
 RECEIVERS = ("node", "node@2", "node@3", "node:driver", "node:response", "node:contexts", "node:reader",
-             "node:wait", "node:prompt+group+header", "node:prompt", "node:group", "node:header",
-             "pynetdicom-bare", "storescp", "orthanc")
+             "node:wait", "node:guard", "node:prompt+group+header", "node:prompt", "node:group",
+             "node:header", "pynetdicom-bare", "storescp", "orthanc")
 
 
 def free_port() -> int:
@@ -327,6 +327,12 @@ def _without_wal_sync() -> contextlib.AbstractContextManager[Any]:
     return unittest.mock.patch("db.session.SQLITE_SYNCHRONOUS", "NORMAL")
 
 
+def _without_pdu_guard() -> contextlib.AbstractContextManager[Any]:
+    """Security, not speed: the node reading PDUs with pynetdicom's own reader (no length limit, no
+    whole-PDU deadline) instead of node/pdu_guard.py's, to show what the bounded reader costs."""
+    return unittest.mock.patch("node.scp.pdu_guard.install", lambda dul: None)
+
+
 #: Levers of the node's receive path a row can turn off: ``node:prompt`` is the node without the
 #: prompt association loop, ``node:prompt+group`` without two levers.
 NODE_WITHOUT: dict[str, Callable[[], contextlib.AbstractContextManager[Any]]] = {
@@ -340,6 +346,7 @@ NODE_WITHOUT: dict[str, Callable[[], contextlib.AbstractContextManager[Any]]] = 
     "wait": _without_waiting_dul,
     "fsync": _without_fsync,
     "walsync": _without_wal_sync,
+    "guard": _without_pdu_guard,
 }
 
 
