@@ -10,21 +10,26 @@ highdicom builds a SEG only from source images whose geometry is written the one
 Scanners write otherwise. GE writes each slice's orientation cosines with its own rounding (the real
 GE series in ../shared/data: 32 different values in 130 slices, up to 7e-8 apart); Philips Enhanced
 MR puts orientation and pixel measures in the Per-frame Functional Groups; anonymisers drop
-SliceThickness (Type 2). The node's loader (converters/dicom_series.py) accepted these series (its
-orientation tolerance is 1e-4), the model has run on them, and without this module the SEG of such a
-study failed at the very end of its job.
+SliceThickness (Type 2); some headers carry a SliceThickness or SpacingBetweenSlices that is no
+number (a malformed DS, 'QZXST'), which highdicom fails to convert (``ValueError``). The node's loader
+(converters/dicom_series.py) accepted these series (its orientation tolerance is 1e-4; it measures
+the slice spacing from positions), the model has run on them, and without this module the SEG of
+such a study failed at the very end of its job.
 
 :func:`seg_sources` returns copies carrying the one geometry that the loader already read from the
 series (the first image's orientation, the pixel measures every frame agrees on, the slice spacing
 from positions for a missing thickness: a single-frame image's SliceThickness, a multi-frame image's
-in its shared Pixel Measures, Type 1C in the SEG's); the sources themselves are not modified. Each
-correction is logged with its keyword and the size of the difference, never with a patient value.
+in its shared Pixel Measures, Type 1C in the SEG's); a single-frame image's SliceThickness or
+SpacingBetweenSlices that is no number is omitted first (the thickness then filled as a missing
+one); the sources themselves are not modified. Each correction is logged with its keyword and the
+size of the difference, never with a patient value.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -39,6 +44,8 @@ logger = logging.getLogger(__name__)
 
 #: Functional group sequences that highdicom reads from the Shared Functional Groups only.
 SHARED_GROUPS: tuple[str, ...] = ("PlaneOrientationSequence", "PixelMeasuresSequence")
+#: Single-frame attributes highdicom reads as numbers into the SEG's pixel measures.
+_SPACING_KEYWORDS: tuple[str, ...] = ("SliceThickness", "SpacingBetweenSlices")
 
 
 def seg_sources(sources: Sequence[Dataset], *, what: str = "SEG") -> list[Dataset]:
@@ -54,6 +61,7 @@ def seg_sources(sources: Sequence[Dataset], *, what: str = "SEG") -> list[Datase
     single = [ds for ds in copies if "PerFrameFunctionalGroupsSequence" not in ds]
     if single:
         _share_orientation(single, what)
+        _omit_unreadable_spacing(single, what)
         _fill_slice_thickness(single, what)
     for ds in copies:
         if "PerFrameFunctionalGroupsSequence" in ds:
@@ -97,6 +105,41 @@ def _share_orientation(images: list[Dataset], what: str) -> None:
     )
 
 
+def _number(ds: Dataset, keyword: str) -> float | None:
+    """``ds``'s ``keyword`` as one finite number, or None when it is absent, empty or no number (a DS
+    'QZXST', several values): pydicom may refuse to convert it at all."""
+    try:
+        value = ds.get(keyword)
+        number = float(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+    return number if number is not None and math.isfinite(number) else None
+
+
+def _omit_unreadable_spacing(images: list[Dataset], what: str) -> None:
+    """Omit from single-frame ``images`` (copies) a SliceThickness or SpacingBetweenSlices that is no
+    number: highdicom reads both into the SEG's pixel measures (``ValueError: could not convert string
+    to float``). The thickness is then filled from the positions like an absent one."""
+    for keyword in _SPACING_KEYWORDS:
+        bad = [ds for ds in images if _not_a_number(ds, keyword)]
+        for ds in bad:
+            del ds[keyword]
+        if bad:
+            logger.warning(
+                "%s: source attribute %s not a number in %d of %d images: omitted (value not logged)",
+                what, keyword, len(bad), len(images),
+            )
+
+
+def _not_a_number(ds: Dataset, keyword: str) -> bool:
+    """Whether ``ds`` has a ``keyword`` that is neither empty nor one finite number."""
+    try:
+        empty = keyword not in ds or ds.get(keyword) in (None, "")
+    except (TypeError, ValueError):
+        empty = False
+    return not empty and _number(ds, keyword) is None
+
+
 def _fill_slice_thickness(images: list[Dataset], what: str) -> None:
     missing = [ds for ds in images if ds.get("SliceThickness") in (None, "")]
     if not missing:
@@ -117,8 +160,8 @@ def _slice_spacing(images: list[Dataset]) -> float | None:
     """The distance between the first two images along the slice normal (the series is in slice
     order), or SpacingBetweenSlices for a single image."""
     if len(images) < 2:
-        value = images[0].get("SpacingBetweenSlices")
-        return float(value) if value not in (None, "") and float(value) > 0 else None
+        value = _number(images[0], "SpacingBetweenSlices")
+        return value if value is not None and value > 0 else None
     cosines = _cosines(images[0])
     positions = [images[n].get("ImagePositionPatient") for n in (0, 1)]
     if cosines is None or any(p is None or len(p) != 3 for p in positions):

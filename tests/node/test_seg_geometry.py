@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import io
+import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,7 +17,10 @@ import numpy.typing as npt
 import pydicom
 import pytest
 from highdicom.legacy import LegacyConvertedEnhancedMRImage
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.tag import BaseTag
 from pydicom.uid import generate_uid
 
 from converters.case import Case
@@ -29,6 +33,7 @@ from node.pipeline import Assembled, source_frame_labels
 from node.seg import build_seg
 from node.sender import store_files
 from node.service import NodeService
+from node.sr import build_sr
 from tests.helpers.node import CatchingSCP, install_model, make_threshold_model, node_settings
 from tests.helpers.peers import dciodvfy_problems, require_shared
 from tests.helpers.ports import free_port
@@ -270,3 +275,54 @@ def test_enhanced_frames_written_rounded_find_their_slices() -> None:
     assert source_frame_labels(labels, assembled(positions)).ravel().tolist() == order
     with pytest.raises(JobError, match="share a slice"):
         source_frame_labels(labels, assembled([positions[0], positions[0]]))
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"SliceThickness": b"QZXST "},
+        {"SpacingBetweenSlices": b"QZXSB "},
+        {"SliceThickness": b"1.5\\QZXST", "SpacingBetweenSlices": b"QZXSB "},
+    ],
+    ids=["SliceThickness", "SpacingBetweenSlices", "both"],
+)
+def test_a_slice_thickness_or_spacing_that_is_no_number_is_omitted_and_the_seg_built(
+    bad: dict[str, bytes], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A malformed DS (real headers carry them) failed the SEG with ``ValueError: could not convert
+    string to float``; now it is omitted, the thickness measured from the positions, the keyword
+    logged without the value, and the SEG's voxels land where the labels are."""
+    case = make_synthetic_case(5, shape=(64, 64, 12))
+    files = write_study(case, tmp_path, modalities=["FLAIR"]).files["FLAIR"]
+    datasets: list[Dataset] = [pydicom.dcmread(p) for p in files]
+    valid_thickness = float(datasets[0].SliceThickness)
+    for ds in datasets:
+        for keyword, raw in bad.items():
+            tag = tag_for_keyword(keyword)
+            assert tag is not None
+            ds[tag] = RawDataElement(BaseTag(tag), dictionary_VR(tag), len(raw), raw, 0, False, True)
+    volume = load_series(datasets)
+    labels = np.zeros(volume.array.shape, dtype=np.uint8)
+    mark = (3, 30, 34)
+    labels[mark] = 1
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in datasets}
+    sources = [by_uid[uid] for uid in dict.fromkeys(volume.sop_instance_uids)]
+    assembled = Assembled(reference=volume, sources=sources, images={}, affine=np.eye(4))
+    caplog.set_level(logging.INFO)
+    seg = build_seg(sources, source_frame_labels(labels, assembled), CARD, software_version="test")
+    build_sr(seg, sources, [0.001], CARD)
+    buffer = io.BytesIO()
+    seg.save_as(buffer)
+    read = pydicom.dcmread(io.BytesIO(buffer.getvalue()))
+    measures = read.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    expected = volume.spacing[0] if "SliceThickness" in bad else valid_thickness
+    assert float(measures.SliceThickness) == pytest.approx(expected, rel=1e-5)
+    if "SpacingBetweenSlices" in measures:  # highdicom's own, from the positions
+        assert float(measures.SpacingBetweenSlices) == pytest.approx(volume.spacing[0], rel=1e-5)
+    [point] = _seg_points(read)
+    assert float(np.linalg.norm(_world(volume, mark) - point)) < 1e-3
+    logged = [r.getMessage() for r in caplog.records if r.name == "node.seg_geometry"]
+    for keyword in bad:
+        assert any(f" {keyword} not a number" in m for m in logged), logged
+    assert not any("QZX" in m for m in logged), logged
+    assert all(keyword in ds for ds in sources for keyword in bad)  # the sources are not modified
