@@ -10,7 +10,9 @@ into records of the logger ``py.warnings``), before a handler writes it:
 
 - a data set element line keeps its tag, VR and keyword (when printed after '#'), nothing else;
 - anything in single or double quotes, in square brackets, or after ``=`` becomes ``<scrubbed>``,
-  except a quoted DICOM keyword (highdicom's ``copied attribute "PatientName"`` names no value);
+  except a quoted DICOM keyword (highdicom's ``copied attribute "PatientName"`` names no value); a
+  quoted value runs to the last same quote on its line, and over the following lines when its quote
+  does not close on its own (a value may hold quotes and line breaks);
 - a warning keeps its category and scrubbed message, without the file, line and source line;
 - a traceback attached to such a record is scrubbed the same way.
 
@@ -32,7 +34,7 @@ SCRUBBED = "<scrubbed>"
 
 _TAG_LINE = re.compile(r"^(?P<indent>\s*)(?P<tag>\(\s*[0-9A-Fa-f]{4}\s*,\s*[0-9A-Fa-f]{4}\s*\))(?P<rest>.*)$")
 _VR = re.compile(r"[A-Z]{2}")
-_QUOTED = re.compile(r"'[^'\n]*'?|\"[^\"\n]*\"?")
+_QUOTE = re.compile(r"['\"]")
 _BRACKETED = re.compile(r"\[[^\]\n]*\]?")
 _ASSIGNED = re.compile(r"=\s*[^\s,;)]+")
 _KEYWORD = re.compile(r"[A-Z][A-Za-z0-9]+")
@@ -41,28 +43,49 @@ _WARNING = re.compile(r"^.*?:\d+: (?P<category>\w+): (?P<message>.*)$", re.DOTAL
 
 def scrub_text(text: str) -> str:
     """``text`` with every value a library might have printed replaced by ``<scrubbed>``."""
-    return "\n".join(_scrub_line(line) for line in text.split("\n"))
+    text = "\n".join(_scrub_tag_line(line) for line in text.split("\n"))
+    lines = _scrub_quoted(text).split("\n")
+    return "\n".join(_ASSIGNED.sub(f"={SCRUBBED}", _BRACKETED.sub(f"[{SCRUBBED}]", line)) for line in lines)
 
 
-def _scrub_line(line: str) -> str:
+def _scrub_tag_line(line: str) -> str:
     match = _TAG_LINE.match(line)
-    if match:
-        rest = match["rest"]
-        words = rest.split()
-        vr = f" {words[0]}" if words and _VR.fullmatch(words[0]) else ""
-        tail = f" # {rest.rsplit('#', 1)[1].strip()}" if "#" in rest else ""
-        return f"{match['indent']}{match['tag']}{vr} {SCRUBBED}{tail}"
-    line = _QUOTED.sub(_quoted, line)
-    line = _BRACKETED.sub(f"[{SCRUBBED}]", line)
-    return _ASSIGNED.sub(f"={SCRUBBED}", line)
+    if not match:
+        return line
+    rest = match["rest"]
+    words = rest.split()
+    vr = f" {words[0]}" if words and _VR.fullmatch(words[0]) else ""
+    tail = f" # {rest.rsplit('#', 1)[1].strip()}" if "#" in rest else ""
+    return f"{match['indent']}{match['tag']}{vr} {SCRUBBED}{tail}"
 
 
-def _quoted(match: re.Match[str]) -> str:
-    """A quoted DICOM keyword as it is; any other quoted text scrubbed."""
-    inner = match.group(0)[1:-1] if len(match.group(0)) > 1 else ""
-    if _KEYWORD.fullmatch(inner) and tag_for_keyword(inner) is not None:
-        return match.group(0)
-    return f"'{SCRUBBED}'"
+def _scrub_quoted(text: str) -> str:
+    """Every quoted value in ``text`` scrubbed; a quoted DICOM keyword kept.
+
+    A value may hold either quote character (pydicom's ``'19\\'X"01'``, highdicom's ``"O"X"``), so it
+    runs from its opening quote to the last same quote on its line; a value whose quote does not
+    close on its line goes on over the following lines, to the last same quote of the text, or to its
+    end.
+    """
+    parts: list[str] = []
+    pos = 0
+    while (match := _QUOTE.search(text, pos)) is not None:
+        quote, start = match.group(), match.start()
+        parts.append(text[pos:start])
+        close = text.find(quote, start + 1)
+        inner = text[start + 1 : close] if close >= 0 else ""
+        if _KEYWORD.fullmatch(inner) and tag_for_keyword(inner) is not None:
+            parts.append(text[start : close + 1])
+            pos = close + 1
+            continue
+        line_end = text.find("\n", start)
+        end = text.rfind(quote, start + 1, len(text) if line_end < 0 else line_end)
+        if end < 0:
+            end = text.rfind(quote, start + 1)
+        parts.append(f"'{SCRUBBED}'")
+        pos = len(text) if end < 0 else end + 1
+    parts.append(text[pos:])
+    return "".join(parts)
 
 
 def _warning_text(text: str) -> str:

@@ -226,3 +226,31 @@ def test_highdicom_warning_inside_a_job_is_scrubbed(
     text = scrubbed_log.getvalue()
     assert "single component" in text  # the warning was raised and logged
     assert "QZXNAMEONE" not in text
+
+
+def test_values_holding_quotes_or_line_breaks_are_scrubbed(scrubbed_log: io.StringIO) -> None:
+    """pydicom's repr of a value holding both quotes (``'19\\'QZXLEAK"01'``), highdicom's ``"..."``
+    around a name holding a double quote or a line break: the value goes, the message stays."""
+    ds = pydicom.Dataset()
+    ds.PatientBirthDate = "19'QZXLEAK\"01"
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        logging.captureWarnings(False)
+        logging.captureWarnings(True)
+        hd.valuerep.check_person_name('O"QZXNAME2')
+        hd.valuerep.check_person_name("O\nQZXLINE2")
+    logging.getLogger("pydicom").warning("value %s", "'first line\nQZXLINE3")  # a quote that never closes
+    text = scrubbed_log.getvalue()
+    assert "Invalid value for VR DA" in text and text.count("single component") == 2
+    assert [marker for marker in ("QZXLEAK", "QZXNAME2", "QZXLINE2", "QZXLINE3") if marker in text] == []
+
+
+def test_quoted_values_run_to_the_last_same_quote() -> None:
+    assert scrub_text("Invalid value for VR DA: '19\\'X\"01'.") == "Invalid value for VR DA: '<scrubbed>'."
+    assert scrub_text('attribute "PatientName": "O"X^A" is unlikely') == (
+        "attribute \"PatientName\": '<scrubbed>' is unlikely"
+    )
+    assert scrub_text("value 'a\nQZX\nb' (0010,0010)\nnext [c]") == (
+        "value '<scrubbed>' (0010,0010)\nnext [<scrubbed>]"
+    )
+    assert scrub_text('line "one"\n  File "x.py", line 3') == "line '<scrubbed>'\n  File '<scrubbed>', line 3"
