@@ -28,7 +28,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from converters.nifti import list_cases, load_case
-from converters.prediction import predict_slices, restore_outputs
+from converters.prediction import card_tile, predict_slices, restore_outputs
 from converters.reorient import ras_to_volume, volume_to_ras
 from converters.reslice import SeriesPlan, reslice_case
 
@@ -76,7 +76,8 @@ def main() -> None:
             arrays = {m: volume_to_ras(v)[0] for m, v in resliced.volumes.items()}
             affine = volume_to_ras(volume)[1]
             prepared = segmenter.prepare(arrays, affine)
-            outputs = predict_slices(segmenter.predict, prepared.slices, segmenter.batch_size)
+            tile = card_tile(card)
+            outputs = predict_slices(segmenter.predict, prepared.slices, segmenter.batch_size, tile)
             scores = []
             for method in ("nearest", "linear"):
                 labels = ras_to_volume(restore_outputs(prepared, outputs, card, method), volume)

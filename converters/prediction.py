@@ -125,10 +125,50 @@ def restore_outputs(
     return prepared.restore_labels(probs, background, lambda p: probabilities_to_labels(p, card["output"]))
 
 
+def tile_starts(size: int, tile: int) -> list[int]:
+    """Start indices of the fewest ``tile``-long windows that cover ``size`` (>= ``tile``) with even
+    overlaps: ``[0]`` when they are equal, else from 0 to ``size - tile``."""
+    count = -(-size // tile)
+    if count == 1:
+        return [0]
+    count = max(count, 2)
+    return [round(i * (size - tile) / (count - 1)) for i in range(count)]
+
+
+def predict_tiled(
+    predict: SlicePredictor, slices: npt.NDArray[np.float32], tile: tuple[int, int]
+) -> npt.NDArray[np.float32]:
+    """Outputs (N, K, H, W) for slices larger than the network's input ``tile`` (h, w): ``predict``
+    on overlapping tiles that cover each slice (:func:`tile_starts`), the outputs averaged where the
+    tiles overlap. A slice side shorter than the tile is a caller's error."""
+    h, w = int(slices.shape[2]), int(slices.shape[3])
+    if h < tile[0] or w < tile[1]:
+        raise PredictionError(f"slices of {h}x{w} are smaller than the network's input {tile[0]}x{tile[1]}")
+    total: npt.NDArray[np.float32] | None = None
+    count = np.zeros((h, w), dtype=np.float32)
+    for y in tile_starts(h, tile[0]):
+        for x in tile_starts(w, tile[1]):
+            window = (slice(None), slice(None), slice(y, y + tile[0]), slice(x, x + tile[1]))
+            out = np.asarray(predict(np.ascontiguousarray(slices[window])), dtype=np.float32)
+            if total is None:
+                total = np.zeros((len(slices), out.shape[1], h, w), dtype=np.float32)
+            total[window] += out
+            count[window[2:]] += 1.0
+    assert total is not None
+    return total / count
+
+
 def predict_slices(
-    predict: SlicePredictor, slices: npt.NDArray[np.float32], batch_size: int = 16
+    predict: SlicePredictor,
+    slices: npt.NDArray[np.float32],
+    batch_size: int = 16,
+    tile: tuple[int, int] | None = None,
 ) -> npt.NDArray[np.float32]:
     """Run ``predict`` over ``slices`` (N, C, H, W) in batches; returns the stacked outputs.
+
+    ``tile``: the network's input (h, w), the card's ``crop_size``; slices larger than it (a window
+    widened to a large brain, :func:`converters.preprocess.brain_window`) are predicted in
+    overlapping tiles of that size (:func:`predict_tiled`). None: every slice goes in whole.
 
     Raises
     ------
@@ -137,6 +177,11 @@ def predict_slices(
     """
     if batch_size < 1:
         raise PredictionError(f"batch size {batch_size} must be at least 1")
+    if tile is not None and tuple(slices.shape[2:]) != tuple(tile) and len(slices):
+        def tiled(batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+            return predict_tiled(predict, batch, tile)
+
+        return predict_slices(tiled, slices, batch_size)
     outs = [
         np.asarray(predict(np.ascontiguousarray(slices[i : i + batch_size])), dtype=np.float32)
         for i in range(0, len(slices), batch_size)
@@ -150,7 +195,7 @@ def segment_prepared(
     predict: SlicePredictor, prepared: Prepared, card: Mapping[str, Any], batch_size: int = 16
 ) -> npt.NDArray[np.uint8]:
     """Label planes (N, H, W) for already prepared slices."""
-    outputs = predict_slices(predict, prepared.slices, batch_size)
+    outputs = predict_slices(predict, prepared.slices, batch_size, card_tile(card))
     return outputs_to_labels(outputs, card["output"])
 
 
@@ -162,7 +207,14 @@ def segment_to_grid(
     method: str = DEFAULT_RESTORE,
 ) -> npt.NDArray[np.uint8]:
     """Labels on the input grid for prepared slices (see :func:`restore_outputs`)."""
-    return restore_outputs(prepared, predict_slices(predict, prepared.slices, batch_size), card, method)
+    outputs = predict_slices(predict, prepared.slices, batch_size, card_tile(card))
+    return restore_outputs(prepared, outputs, card, method)
+
+
+def card_tile(card: Mapping[str, Any]) -> tuple[int, int]:
+    """The network's in-plane input (h, w): the card's ``preprocessing.crop_size``."""
+    h, w = (int(v) for v in card["preprocessing"]["crop_size"])
+    return h, w
 
 
 def segment_volume(
@@ -196,5 +248,7 @@ def segment_volume(
     numpy.ndarray
         uint8 (X, Y, Z) label map on the input grid.
     """
-    prepared = prepare_volume(images, affine, card["preprocessing"], card["modalities"], brain_mask)
+    prepared = prepare_volume(
+        images, affine, card["preprocessing"], card["modalities"], brain_mask, fit_region=True
+    )
     return segment_to_grid(predict, prepared, card, batch_size, method)

@@ -354,12 +354,18 @@ def model_grid(affine: npt.NDArray[Any], spacing_mm: Sequence[float]) -> npt.NDA
 
 
 def brain_window(
-    affine: npt.NDArray[Any], region: npt.NDArray[np.bool_], spec: PreprocessSpec
+    affine: npt.NDArray[Any],
+    region: npt.NDArray[np.bool_],
+    spec: PreprocessSpec,
+    fit_region: bool = False,
 ) -> tuple[npt.NDArray[np.float64], tuple[int, int, int]]:
     """The window of the model's grid that the slices are cut from.
 
     In-plane it is ``spec.crop_size`` voxels centred on the bounding-box centre of ``region``
-    (computed in world space); along the slice axis it spans the region.
+    (computed in world space); along the slice axis it spans the region. ``fit_region``: an in-plane
+    side where the region is longer than the crop spans the whole region instead (a large brain,
+    a generous mask), so that no voxel of it is cut off; the slices are then larger than the
+    network's input and are predicted in overlapping tiles (:func:`converters.prediction.predict_slices`).
 
     Returns
     -------
@@ -374,6 +380,7 @@ def brain_window(
     start = lo.copy()
     shape = [int(hi[spec.slice_axis] - lo[spec.slice_axis])] * 3
     for axis, size in zip(in_plane, spec.crop_size, strict=True):
+        size = max(size, int(hi[axis] - lo[axis])) if fit_region else size
         start[axis] = (lo[axis] + hi[axis]) // 2 - size // 2
         shape[axis] = size
     shift = np.eye(4)
@@ -387,6 +394,7 @@ def prepare_volume(
     preprocessing: Mapping[str, Any],
     modalities: Sequence[str],
     brain_mask: npt.NDArray[Any] | None = None,
+    fit_region: bool = False,
 ) -> Prepared:
     """Turn co-registered images on any grid into network slices as the model card says.
 
@@ -404,6 +412,10 @@ def prepare_volume(
         Optional boolean brain mask on the images' grid. When given, the window is centred on it,
         each channel is z-scored over the voxels inside it and set to zero outside it, and the
         slices kept are those it reaches. When None, the non-zero voxels play its part.
+    fit_region:
+        Widen the window beyond the card's crop where the brain (or the non-zero region) is longer
+        than it (see :func:`brain_window`): what segments a whole volume sets it; what stacks
+        slices of many cases into one array (training) keeps the card's crop.
 
     Returns
     -------
@@ -425,7 +437,7 @@ def prepare_volume(
     if not region.any():
         what = "brain mask is empty" if mask is not None else "have no non-zero voxel"
         raise PreprocessError(f"images {', '.join(modalities)} of shape {shape} {what}")
-    window_affine, window_shape = brain_window(affine, region, spec)
+    window_affine, window_shape = brain_window(affine, region, spec, fit_region)
     shift = grid_shift(affine, window_affine)
     if shift is None:
         logger.debug("resampling %s onto the model grid (window %s)", shape, window_shape)

@@ -313,7 +313,8 @@ class OpenVINOSegmenter:
         :func:`converters.preprocess.prepare_volume`).
         """
         return prepare_volume(
-            images, affine, self.card["preprocessing"], self.card["modalities"], brain_mask
+            images, affine, self.card["preprocessing"], self.card["modalities"], brain_mask,
+            fit_region=True,
         )
 
     def infer(self, prepared: Prepared, method: str = DEFAULT_RESTORE) -> npt.NDArray[np.uint8]:

@@ -242,3 +242,53 @@ def test_brats_1mm_ras_gives_the_former_slices_exactly() -> None:
     np.testing.assert_array_equal(prep.slice_indices + prep.shift[2], keep)
     label = case.whole_tumor()
     np.testing.assert_array_equal(prep.restore(prep.crop_label(label)), label)
+
+
+@pytest.mark.parametrize("oblique", [False, True])
+def test_a_brain_longer_than_the_crop_is_segmented_to_its_edges(oblique: bool) -> None:
+    """A brain mask 80 mm long against a 64 x 56 crop (an adult brain of 186 mm against the shipped
+    176): the window spans it, the network (here a static 64 x 56 input) sees it in overlapping tiles,
+    and a lesion at each pole comes back whole; before, the window was cut to the crop."""
+    from converters.prediction import segment_volume
+
+    shape = (90, 100, 30)
+    matrix = rotation("z", 20.0) if oblique else np.eye(3)
+    affine = _affine(matrix, (1.0, 1.0, 1.0), (-45.0, -50.0, -15.0))
+    idx = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), axis=-1).reshape(-1, 3)
+    x, y, z = (world_points(affine, idx) - world_points(affine, np.array([[45, 50, 15]]))[0]).T
+    brain = ((x / 30) ** 2 + (y / 40) ** 2 + (z / 12) ** 2 <= 1).reshape(shape)
+    lesions = (((np.abs(y) >= 33) & (np.abs(x) < 5) & (np.abs(z) < 5)).reshape(shape)) & brain
+    image = np.where(brain, 100.0, 0.0)
+    image[lesions] = 1000.0
+    card = {"modalities": ["FLAIR"], "preprocessing": PRE, "output": {"activation": "sigmoid"}}
+    brain_values = image[brain]
+    threshold = (550.0 - brain_values.mean()) / brain_values.std()
+
+    def static_network(batch: np.ndarray) -> np.ndarray:
+        assert batch.shape[2:] == (64, 56), batch.shape
+        return (batch[:, :1] - threshold) * 20.0
+
+    labels = segment_volume(static_network, card, {"FLAIR": image}, affine, batch_size=4, brain_mask=brain)
+    found = (labels > 0) & lesions
+    assert lesions.sum() > 100
+    assert found.sum() >= 0.95 * lesions.sum(), (found.sum(), lesions.sum())
+    if not oblique:  # resampled back, the edge of a lesion on the mask's edge may spill by a voxel
+        assert not ((labels > 0) & ~brain).any()
+
+
+def test_tiles_cover_a_slice_and_average_where_they_overlap() -> None:
+    from converters.prediction import predict_slices, tile_starts
+
+    assert tile_starts(64, 64) == [0]
+    assert tile_starts(65, 64) == [0, 1]
+    assert tile_starts(200, 64) == [0, 45, 91, 136]
+    slices = np.random.default_rng(0).normal(size=(5, 2, 100, 70)).astype(np.float32)
+    calls = []
+
+    def network(batch: np.ndarray) -> np.ndarray:
+        calls.append(batch.shape)
+        return batch[:, :1] * 2.0 + 1.0
+
+    out = predict_slices(network, slices, batch_size=3, tile=(64, 56))
+    np.testing.assert_allclose(out, slices[:, :1] * 2.0 + 1.0, rtol=1e-6, atol=1e-6)
+    assert {c[2:] for c in calls} == {(64, 56)} and max(c[0] for c in calls) == 3
