@@ -8,8 +8,9 @@ SpacingBetweenSlices; RescaleSlope and RescaleIntercept (PS3.3 C.11.1) are appli
 
 Refused, with :class:`~converters.exceptions.InvalidSeriesError` naming the series and the problem:
 more than one series, mixed orientations, mixed sizes (Rows/Columns) or pixel spacings, duplicate
-positions, positions off the slice normal, missing slices (uneven gaps), missing or short pixel data,
-colour images. The geometry checks allow for positions and cosines written rounded
+positions, positions off the slice normal, missing slices (uneven gaps), positions drifting off a regular
+stack (gaps each near the mean that add up, :data:`SLICE_POSITION_TOLERANCE`), missing or short pixel
+data, colour images. The geometry checks allow for positions and cosines written rounded
 (:data:`POSITION_TOLERANCE_MM`, :data:`NORMAL_TOLERANCE_RAD`, :data:`DIRECTION_TOLERANCE`).
 """
 
@@ -48,6 +49,10 @@ ORIENTATION_TOLERANCE = 1e-4 + 1e-12
 #: A gap may differ from the mean spacing by this fraction (or by twice :data:`POSITION_TOLERANCE_MM`,
 #: whichever is more) before a slice counts as missing.
 GAP_TOLERANCE = 0.1
+#: A slice may sit this fraction of the slice spacing (plus :data:`POSITION_TOLERANCE_MM`) away, along the
+#: normal, from where the regular stack puts it (first position + k x mean spacing). Gaps each within
+#: :data:`GAP_TOLERANCE` can still add up: two packages 4.4 then 4.0 mm apart put a slice 2.3 mm off.
+SLICE_POSITION_TOLERANCE = 0.1
 #: Positions closer than this (mm) along the normal are duplicates.
 DUPLICATE_TOLERANCE_MM = 1e-3
 #: How far (mm) a written ImagePositionPatient may be from where a regular stack puts it. Some systems
@@ -425,6 +430,14 @@ def _order_and_spacing(
         raise InvalidSeriesError(
             f"{series}: missing slices (uneven gaps): gap of {gaps[n]:.3f} mm between {ordered[n].label} and "
             f"{ordered[n + 1].label}, mean spacing {spacing:.3f} mm"
+        )
+    drift = np.abs(depth - (depth[0] + spacing * np.arange(len(ordered))))
+    worst = int(np.argmax(drift))
+    if drift[worst] > POSITION_TOLERANCE_MM + SLICE_POSITION_TOLERANCE * spacing:
+        raise InvalidSeriesError(
+            f"{series}: positions drift off a regular stack (uneven gaps): {ordered[worst].label} is "
+            f"{drift[worst]:.3f} mm along the slice normal from where slice {worst} of a regular "
+            f"{spacing:.3f} mm stack would be"
         )
     origin = ordered[0].position
     for s, d in zip(ordered, depth, strict=True):

@@ -459,6 +459,27 @@ def test_refuses_missing_slice(small_series: list[Path]) -> None:
         load_series(files)
 
 
+def test_refuses_positions_drifting_off_a_regular_stack(small_series: list[Path]) -> None:
+    """Two packages, five gaps of 4.4 mm then four of 4.0 mm: each gap is within 10 % of the mean
+    (4.22 mm), so no slice counts as missing, but a regular 4.22 mm stack puts slice 5 0.89 mm from
+    its ImagePositionPatient. It was loaded so, the slices of the second package shifted."""
+    ds = _datasets(small_series)
+    depth = np.concatenate([[0.0], np.cumsum([4.4] * 5 + [4.0] * 4)])
+    normal = load_series(ds).slice_direction
+    start = np.asarray(ds[0].ImagePositionPatient, dtype=np.float64)
+    for d, z in zip(ds, depth, strict=True):
+        d.ImagePositionPatient = [format_number_as_ds(float(v)) for v in start + z * normal]
+    with pytest.raises(
+        InvalidSeriesError,
+        match=rf"series {_uid(ds)}: positions drift off a regular stack \(uneven gaps\): .* is 0\.889 mm",
+    ):
+        load_series(ds)
+    # The same stack regular within rounding to 0.01 mm loads.
+    for k, d in enumerate(ds):
+        d.ImagePositionPatient = [round(float(v), 2) for v in start + k * 4.22 * normal]
+    assert load_series(ds).spacing[0] == pytest.approx(4.22, abs=0.01)
+
+
 def test_refuses_missing_pixel_data(small_series: list[Path]) -> None:
     ds = _datasets(small_series)
     del ds[3].PixelData
