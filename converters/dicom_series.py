@@ -4,7 +4,9 @@ Single-frame series (MR/CT Image Storage, one slice per instance) and Enhanced (
 Storage are read. Slices are ordered by ImagePositionPatient projected on the slice normal (the cross
 product of the two ImageOrientationPatient cosines, PS3.3 C.7.6.2.1.1), never by InstanceNumber or file
 name; the slice spacing is measured from the positions, not taken from SliceThickness or
-SpacingBetweenSlices; RescaleSlope and RescaleIntercept (PS3.3 C.11.1) are applied per slice.
+SpacingBetweenSlices (but a one-slice series, with nothing to measure, takes them: from the Pixel
+Measures functional group of a multi-frame image); RescaleSlope and RescaleIntercept (PS3.3 C.11.1)
+are applied per slice.
 
 Refused, with :class:`~converters.exceptions.InvalidSeriesError` naming the series and the problem:
 more than one series, mixed orientations, mixed sizes (Rows/Columns) or pixel spacings, duplicate
@@ -451,10 +453,28 @@ def _order_and_spacing(
 
 
 def _single_slice_spacing(ds: Dataset) -> float:
-    for keyword in ("SpacingBetweenSlices", "SliceThickness"):
+    """The slice spacing of a one-slice series, which has no second position to measure it from.
+
+    SliceThickness, else SpacingBetweenSlices, else 1 mm. A slice with no neighbours stands for its own
+    thickness; SliceThickness is what images carry (Type 2 in the Image Plane module), whereas the
+    spacing to neighbours is optional and converters fill it with a placeholder (highdicom's Legacy
+    Converted Enhanced MR image of one slice says 1.0 whatever its source says). A multi-frame image
+    keeps both in its Pixel Measures functional group (PS3.3 C.7.6.16.2.1): the frame's first, then
+    the shared one.
+    """
+    multi = _is_multi_frame(ds)
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    frame = per_frame[0] if multi and per_frame else None
+    for keyword in ("SliceThickness", "SpacingBetweenSlices"):
         value = ds.get(keyword)
-        if value not in (None, "") and float(value) > 0:
-            return float(value)
+        if multi:
+            value = _functional(ds, frame, "PixelMeasuresSequence", keyword, "") or value
+        try:
+            number = float(value) if value not in (None, "") else 0.0
+        except (TypeError, ValueError):
+            continue
+        if np.isfinite(number) and number > 0:
+            return number
     return 1.0
 
 
@@ -471,7 +491,8 @@ def load_series(items: Sequence[Path] | Sequence[Dataset] | Sequence[Path | Data
     -------
     Volume
         float32 ``array[slice, row, column]`` after RescaleSlope/Intercept, with slices ascending
-        along the normal ``row_direction x column_direction``; ``spacing[0]`` measured from positions.
+        along the normal ``row_direction x column_direction``; ``spacing[0]`` measured from positions
+        (one slice: its SliceThickness, else SpacingBetweenSlices, else 1 mm).
 
     Raises
     ------

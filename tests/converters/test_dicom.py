@@ -707,8 +707,35 @@ def test_datasets_without_file_meta_and_single_slices(small_series: list[Path]) 
     one = load_series(small_series[3:4])
     assert one.array.shape == (1, 14, 16)
     np.testing.assert_array_equal(one.array[0], reference.array[3])
-    # One slice: the spacing comes from SpacingBetweenSlices (nothing to measure).
-    assert one.spacing[0] == pytest.approx(float(pydicom.dcmread(str(small_series[0])).SpacingBetweenSlices))
+    # One slice: the spacing comes from SliceThickness (nothing to measure).
+    assert one.spacing[0] == pytest.approx(float(pydicom.dcmread(str(small_series[0])).SliceThickness))
+
+
+def test_a_one_frame_enhanced_mr_takes_its_spacing_from_pixel_measures(small_series: list[Path]) -> None:
+    """A multi-frame image keeps SliceThickness and SpacingBetweenSlices in its Pixel Measures functional
+    group, per frame or shared: only the top-level ones were read, so one 5 mm slice as an Enhanced MR
+    image got 1 mm (the single-frame slice 5 mm) and the SR a tumour volume 5 x too small."""
+    [source] = _datasets(small_series[3:4])
+    source.SliceThickness, source.SpacingBetweenSlices = "5", "6"
+    image = LegacyConvertedEnhancedMRImage(
+        [source], series_instance_uid=generate_uid(), series_number=9, sop_instance_uid=generate_uid(),
+        instance_number=1,
+    )  # fmt: skip
+    buffer = io.BytesIO()
+    image.save_as(buffer)
+    enhanced = pydicom.dcmread(io.BytesIO(buffer.getvalue()))
+    measures = enhanced.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    assert "SliceThickness" not in enhanced and measures.SliceThickness == 5
+    assert load_series([enhanced]).spacing[0] == 5.0
+    # The single-frame slice alike: a slice with no neighbours stands for its own thickness.
+    assert load_series([source]).spacing[0] == 5.0
+    frame_measures = copy.deepcopy(measures)
+    frame_measures.SliceThickness = "4"
+    enhanced.PerFrameFunctionalGroupsSequence[0].PixelMeasuresSequence = [frame_measures]
+    assert load_series([enhanced]).spacing[0] == 4.0  # the frame's own group first
+    del enhanced.PerFrameFunctionalGroupsSequence[0].PixelMeasuresSequence, measures.SliceThickness
+    measures.SpacingBetweenSlices = "6"  # highdicom writes 1.0 for one frame, whatever the source says
+    assert load_series([enhanced]).spacing[0] == 6.0  # no thickness anywhere: the spacing
 
 
 def _monochrome1(ds: Dataset, syntax: str | None = None) -> Dataset:
