@@ -11,17 +11,20 @@ Scanners write otherwise. GE writes each slice's orientation cosines with its ow
 GE series in ../shared/data: 32 different values in 130 slices, up to 7e-8 apart); Philips Enhanced
 MR puts orientation and pixel measures in the Per-frame Functional Groups; anonymisers drop
 SliceThickness (Type 2); some headers carry a SliceThickness or SpacingBetweenSlices that is no
-number (a malformed DS, 'QZXST'), which highdicom fails to convert (``ValueError``). The node's loader
-(converters/dicom_series.py) accepted these series (its orientation tolerance is 1e-4; it measures
-the slice spacing from positions), the model has run on them, and without this module the SEG of
-such a study failed at the very end of its job.
+number (a malformed DS, 'QZXST'), which highdicom fails to convert (``ValueError``), or a negative
+SpacingBetweenSlices (older scanners write the signed step), which highdicom copies into the SEG,
+where it must not be negative (PS3.3 C.7.6.16.2.1; dciodvfy: "Not permitted to be negative"). The
+node's loader (converters/dicom_series.py) accepted these series (its orientation tolerance is 1e-4;
+it measures the slice spacing from positions), the model has run on them, and without this module
+the SEG of such a study failed at the very end of its job (or, the negative spacing, went out
+invalid, for a validating PACS to reject).
 
 :func:`seg_sources` returns copies carrying the one geometry that the loader already read from the
 series (the first image's orientation, the pixel measures every frame agrees on, the slice spacing
 from positions for a missing thickness: a single-frame image's SliceThickness, a multi-frame image's
 in its shared Pixel Measures, Type 1C in the SEG's); a single-frame image's SliceThickness or
-SpacingBetweenSlices that is no number is omitted first (the thickness then filled as a missing
-one); the sources themselves are not modified. Each correction is logged with its keyword and the
+SpacingBetweenSlices that is no positive number is omitted first (the thickness then filled as a
+missing one); the sources themselves are not modified. Each correction is logged with its keyword and the
 size of the difference, never with a patient value.
 """
 
@@ -118,26 +121,30 @@ def _number(ds: Dataset, keyword: str) -> float | None:
 
 def _omit_unreadable_spacing(images: list[Dataset], what: str) -> None:
     """Omit from single-frame ``images`` (copies) a SliceThickness or SpacingBetweenSlices that is no
-    number: highdicom reads both into the SEG's pixel measures (``ValueError: could not convert string
-    to float``). The thickness is then filled from the positions like an absent one."""
+    positive number: highdicom reads both into the SEG's pixel measures, failing on one that is no
+    number (``ValueError: could not convert string to float``) and copying a negative one (the signed
+    step some older scanners write), which the SEG must not have. The thickness is then filled from
+    the positions like an absent one."""
     for keyword in _SPACING_KEYWORDS:
-        bad = [ds for ds in images if _not_a_number(ds, keyword)]
+        bad = [ds for ds in images if _not_a_positive_number(ds, keyword)]
         for ds in bad:
             del ds[keyword]
         if bad:
             logger.warning(
-                "%s: source attribute %s not a number in %d of %d images: omitted (value not logged)",
+                "%s: source attribute %s not a positive number in %d of %d images: omitted (value not "
+                "logged)",
                 what, keyword, len(bad), len(images),
             )
 
 
-def _not_a_number(ds: Dataset, keyword: str) -> bool:
-    """Whether ``ds`` has a ``keyword`` that is neither empty nor one finite number."""
+def _not_a_positive_number(ds: Dataset, keyword: str) -> bool:
+    """Whether ``ds`` has a ``keyword`` that is neither empty nor one finite number above 0."""
     try:
         empty = keyword not in ds or ds.get(keyword) in (None, "")
     except (TypeError, ValueError):
         empty = False
-    return not empty and _number(ds, keyword) is None
+    number = _number(ds, keyword)
+    return not empty and (number is None or number <= 0)
 
 
 def _fill_slice_thickness(images: list[Dataset], what: str) -> None:

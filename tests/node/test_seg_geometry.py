@@ -283,15 +283,19 @@ def test_enhanced_frames_written_rounded_find_their_slices() -> None:
         {"SliceThickness": b"QZXST "},
         {"SpacingBetweenSlices": b"QZXSB "},
         {"SliceThickness": b"1.5\\QZXST", "SpacingBetweenSlices": b"QZXSB "},
+        {"SpacingBetweenSlices": b"-3"},
+        {"SliceThickness": b"0 "},
     ],
-    ids=["SliceThickness", "SpacingBetweenSlices", "both"],
+    ids=["SliceThickness", "SpacingBetweenSlices", "both", "negative spacing", "zero thickness"],
 )
-def test_a_slice_thickness_or_spacing_that_is_no_number_is_omitted_and_the_seg_built(
+def test_a_slice_thickness_or_spacing_that_is_no_positive_number_is_omitted_and_the_seg_built(
     bad: dict[str, bytes], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A malformed DS (real headers carry them) failed the SEG with ``ValueError: could not convert
-    string to float``; now it is omitted, the thickness measured from the positions, the keyword
-    logged without the value, and the SEG's voxels land where the labels are."""
+    string to float``; a negative SpacingBetweenSlices (the signed step older scanners write) or a
+    zero thickness was copied into the SEG, invalid there (dciodvfy: "Not permitted to be negative").
+    Now each is omitted, the thickness measured from the positions, the keyword logged without the
+    value, and the SEG's voxels land where the labels are."""
     case = make_synthetic_case(5, shape=(64, 64, 12))
     files = write_study(case, tmp_path, modalities=["FLAIR"]).files["FLAIR"]
     datasets: list[Dataset] = [pydicom.dcmread(p) for p in files]
@@ -311,9 +315,10 @@ def test_a_slice_thickness_or_spacing_that_is_no_number_is_omitted_and_the_seg_b
     caplog.set_level(logging.INFO)
     seg = build_seg(sources, source_frame_labels(labels, assembled), CARD, software_version="test")
     build_sr(seg, sources, [0.001], CARD)
-    buffer = io.BytesIO()
-    seg.save_as(buffer)
-    read = pydicom.dcmread(io.BytesIO(buffer.getvalue()))
+    path = tmp_path / "seg.dcm"
+    seg.save_as(path)
+    assert [line for line in dciodvfy_problems(path) if "Error" in line] == []
+    read = pydicom.dcmread(path)
     measures = read.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
     expected = volume.spacing[0] if "SliceThickness" in bad else valid_thickness
     assert float(measures.SliceThickness) == pytest.approx(expected, rel=1e-5)
@@ -323,6 +328,6 @@ def test_a_slice_thickness_or_spacing_that_is_no_number_is_omitted_and_the_seg_b
     assert float(np.linalg.norm(_world(volume, mark) - point)) < 1e-3
     logged = [r.getMessage() for r in caplog.records if r.name == "node.seg_geometry"]
     for keyword in bad:
-        assert any(f" {keyword} not a number" in m for m in logged), logged
-    assert not any("QZX" in m for m in logged), logged
+        assert any(f" {keyword} not a positive number" in m for m in logged), logged
+    assert not any("QZX" in m or "-3" in m for m in logged), logged
     assert all(keyword in ds for ds in sources for keyword in bad)  # the sources are not modified
