@@ -3,8 +3,9 @@
 A fresh SQLite database and spool under ``WORKDIR/var``, the shipped model (models/default)
 imported and promoted, the shipped BraTS case converted to a four-series DICOM MR study and sent
 over C-STORE to a node on a free loopback port; a receiving SCP on another free port catches the
-SEG and the SR. The report holds the stage timings and the Dice of the returned SEG against the
-case's ground truth; seg.dcm, sr.dcm and preview.png are left in the work directory.
+SEG and the SR. The report holds the stage timings, the whole-tumour Dice of the returned SEG (every
+segment) against the case's ground truth and the whole-tumour volume the SR states; seg.dcm, sr.dcm
+and preview.png are left in the work directory.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     Comprehensive3DSRStorage,
@@ -61,6 +64,43 @@ def mask_dice(a: Any, b: Any) -> float | None:
     """Dice of two masks; None when both are empty (no tumour to agree on: shown "n/a", not 0)."""
     total = int(np.count_nonzero(a)) + int(np.count_nonzero(b))
     return None if total == 0 else 2.0 * int(np.count_nonzero(np.logical_and(a, b))) / total
+
+
+def returned_tumour(seg: Any, source_uids: Sequence[str]) -> npt.NDArray[np.bool_]:
+    """The whole tumour of a returned SEG on its source frames (frames, rows, columns): the union of
+    every segment (a ``brats_regions`` model's edema, non-enhancing and enhancing tumour alike).
+
+    ``seg`` is a ``highdicom.seg.Segmentation``; ``source_uids`` the source series' SOP Instance UIDs
+    in slice order.
+    """
+    pixels = seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=list(source_uids),
+        segment_numbers=list(seg.segment_numbers),
+        assert_missing_frames_are_empty=True,
+    )
+    return np.asarray((np.asarray(pixels) > 0).any(axis=-1), dtype=bool)
+
+
+def _volume_of(group: Any) -> float:
+    [measurement] = [m for m in group.get_measurements() if m.name == codes.SCT.Volume]
+    return float(measurement.value)
+
+
+def reported_tumour_volume_ml(report: Any) -> float:
+    """The whole-tumour volume (mL) a returned SR states (``report``: its TID 1500 content).
+
+    A ``brats_regions`` model's report has a whole-tumour group (:data:`node.sr.REGIONS`); otherwise
+    the whole tumour is the sum of the segments' groups (one for a ``whole_tumor`` model; 0 mL
+    groups when nothing was found). The brain group is neither.
+    """
+    from node.sr import REGIONS
+
+    groups = [*report.get_volumetric_roi_measurement_groups(), *report.get_image_measurement_groups()]
+    whole = REGIONS["whole_tumour"][1]
+    for group in groups:
+        if group.tracking_identifier == whole:
+            return _volume_of(group)
+    return sum(_volume_of(g) for g in groups if str(g.tracking_identifier).startswith("segment "))
 
 
 class Catcher:
@@ -232,19 +272,10 @@ def run_demo(
     shutil.copyfile(job.result["preview"], preview)
 
     flair = load_series(study.files["FLAIR"])
-    seg = hd.seg.segread(seg_path)
-    returned = (
-        seg.get_pixels_by_source_instance(
-            source_sop_instance_uids=flair.sop_instance_uids,
-            segment_numbers=[1],
-            assert_missing_frames_are_empty=True,
-        )[..., 0]
-        > 0
-    )
+    returned = returned_tumour(hd.seg.segread(seg_path), flair.sop_instance_uids)
     truth = np.asarray(ras_to_volume(case.whole_tumor(), flair)) > 0
     dice = mask_dice(returned, truth)
-    content: Any = hd.sr.srread(sr_path).content
-    volume_ml = float(content.get_volumetric_roi_measurement_groups()[0].get_measurements()[0].value)
+    volume_ml = reported_tumour_volume_ml(hd.sr.srread(sr_path).content)
     return DemoReport(
         case_id=case.case_id,
         model_label=f"{model.name} {model.version} {model.precision}",

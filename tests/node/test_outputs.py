@@ -333,6 +333,43 @@ def test_seg_codes_algorithm_and_references(
     assert frame_sources == set(uids[2:6])
 
 
+@pytest.mark.parametrize("task", ["whole_tumor", "brats_regions"])
+def test_demo_scores_every_segment_and_reads_the_whole_tumour_volume(
+    task: str, flair_series: list[Path], tmp_path: Path
+) -> None:
+    """``segnode demo``'s Dice and volume are of the whole tumour: a ``brats_regions`` SEG's union of
+    segments, its SR's whole-tumour group (not segment 1, edema alone); a ``whole_tumor`` model's one
+    segment as before; 0 mL from the report of a study without tumour."""
+    from node.demo import reported_tumour_volume_ml, returned_tumour
+    from node.sr import build_sr
+
+    sources = [pydicom.dcmread(p) for p in flair_series]
+    rows, columns = int(sources[0].Rows), int(sources[0].Columns)
+    labels = np.zeros((len(sources), rows, columns), np.uint8)
+    labels[2:6, 5:15, 4:12] = 1
+    if task == "brats_regions":
+        labels[3:5, 7:12, 6:10] = 2
+        labels[4, 9:11, 7:9] = 3
+    card = _card(task)
+    seg_path, sr_path = tmp_path / "seg.dcm", tmp_path / "sr.dcm"
+    build_seg(sources, labels, card, software_version="9.9.9").save_as(seg_path, enforce_file_format=True)
+    seg = hd.seg.segread(seg_path)
+    uids = [str(s.SOPInstanceUID) for s in sources]
+    np.testing.assert_array_equal(returned_tumour(seg, uids), labels > 0)
+
+    volumes = [12.5, 3.25, 0.5][: seg.number_of_segments]
+    regions = {"whole_tumour": 16.25, "tumour_core": 3.75} if task == "brats_regions" else None
+    brain = {"brain_volume_ml": 1200.0, "tumour_share_percent": 1.4}
+    sr = build_sr(seg, sources, volumes, card, regions=regions, **brain)
+    sr.save_as(sr_path, enforce_file_format=True)
+    assert reported_tumour_volume_ml(hd.sr.srread(sr_path).content) == pytest.approx(sum(volumes))
+
+    nothing = regions and dict.fromkeys(regions, 0.0)
+    none = build_sr(None, sources, [0.0] * len(volumes), card, regions=nothing, **brain)
+    none.save_as(sr_path, enforce_file_format=True)
+    assert reported_tumour_volume_ml(hd.sr.srread(sr_path).content) == 0.0
+
+
 # --- 4. Enhanced MR Image Storage (true multi-frame, PS3.3 A.36.2) ----------------------------------------
 
 
