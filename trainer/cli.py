@@ -311,8 +311,36 @@ def _fmt(value: float | None, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
 
+#: The volume columns of the evaluation tables, as :func:`_volume_cells` fills them.
+VOLUME_COLUMNS: tuple[str, ...] = ("pred mL", "true mL", "err mL", "|err| mL", "err %", "|err| %")
+
+#: What the volume columns' mean row says: signed errors cancel between over- and under-segmented
+#: cases, so their mean is a bias and the absolute errors' mean the typical error.
+VOLUME_CAPTION = (
+    "err: predicted - true volume, signed (in the mean row: the bias, over- and under-segmentation "
+    "cancelling); |err|: absolute (in the mean row: the mean error); %: of the true volume"
+)
+
+
+def _percent(value: float | None) -> float | None:
+    return None if value is None else 100 * value
+
+
+def _volume_cells(m: dict[str, Any]) -> list[str]:
+    """The :data:`VOLUME_COLUMNS` of one row (a case's or the mean's figures)."""
+    return [
+        _fmt(m.get("pred_volume_ml"), ".1f"),
+        _fmt(m.get("true_volume_ml"), ".1f"),
+        _fmt(m.get("volume_error_ml"), "+.1f"),
+        _fmt(m.get("abs_volume_error_ml"), ".1f"),
+        _fmt(_percent(m.get("volume_error_rel")), "+.1f"),
+        _fmt(_percent(m.get("abs_volume_error_rel")), ".1f"),
+    ]
+
+
 def region_table(regions: dict[str, Any], title: str) -> Any:
-    """A Rich table of per-region results: each case and the mean, Dice, HD95 and volume error.
+    """A Rich table of per-region results: each case and the mean, Dice, HD95 and volume error
+    (signed and absolute, see :data:`VOLUME_CAPTION`).
 
     Parameters
     ----------
@@ -323,24 +351,15 @@ def region_table(regions: dict[str, Any], title: str) -> Any:
     """
     from rich.table import Table
 
-    table = Table(title=f"{title}: regions")
+    table = Table(title=f"{title}: regions", caption=VOLUME_CAPTION)
     table.add_column("case", no_wrap=True)
     table.add_column("region")
-    for col in ("Dice", "HD95 mm", "pred mL", "true mL", "err mL", "err %"):
+    for col in ("Dice", "HD95 mm", *VOLUME_COLUMNS):
         table.add_column(col, justify="right", overflow="fold")  # a number wraps, never loses digits
 
     def row(case: str, region: str, m: dict[str, Any], **style: Any) -> None:
-        rel = m.get("volume_error_rel")
         table.add_row(
-            case,
-            region,
-            _fmt(m.get("dice"), ".4f"),
-            _fmt(m.get("hd95"), ".2f"),
-            _fmt(m.get("pred_volume_ml"), ".1f"),
-            _fmt(m.get("true_volume_ml"), ".1f"),
-            _fmt(m.get("volume_error_ml"), "+.1f"),
-            _fmt(None if rel is None else 100 * rel, "+.1f"),
-            **style,
+            case, region, _fmt(m.get("dice"), ".4f"), _fmt(m.get("hd95"), ".2f"), *_volume_cells(m), **style
         )
 
     case_ids = [c["case"] for c in next(iter(regions.values()))["cases"]]

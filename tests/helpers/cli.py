@@ -22,3 +22,29 @@ def run_cli(
         code = int(exc.code or 0)
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def rich_tables(text: str) -> list[list[dict[str, str]]]:
+    """The tables Rich printed in ``text`` (heavy-head box style, cells on one line each: a wide enough
+    console), each as its rows, a row as header -> cell."""
+    tables: list[list[dict[str, str]]] = []
+    header: list[str] = []
+    for line in text.splitlines():
+        if line.startswith("┃"):
+            header = [c.strip() for c in line.strip().strip("┃").split("┃")]
+            tables.append([])
+        elif line.startswith("│") and tables:
+            cells = [c.strip() for c in line.strip().strip("│").split("│")]
+            tables[-1].append(dict(zip(header, cells, strict=True)))
+    return tables
+
+
+def render(renderable: object, width: int = 250) -> str:
+    """What Rich prints for ``renderable`` on a console ``width`` columns wide."""
+    import io
+
+    from rich.console import Console
+
+    console = Console(file=io.StringIO(), width=width)
+    console.print(renderable)
+    return console.file.getvalue()

@@ -17,7 +17,8 @@ import pytest
 from converters.nifti import list_cases
 from converters.synthetic import write_synthetic_task01
 from db.card import TASK_LABELS
-from tests.helpers.cli import run_cli
+from tests.helpers.cli import render, rich_tables, run_cli
+from trainer import cli as trainer_cli
 from trainer import evaluate as ev
 from trainer.metrics import BRATS_REGIONS, case_metrics
 
@@ -49,6 +50,7 @@ def test_evaluate_reports_each_region_per_case_and_mean(
 ) -> None:
     stand_in = ev.CardPredictor(CARD, _background, "background stand-in", "fp32")
     monkeypatch.setattr(ev, "load_model", lambda *a, **k: stand_in)
+    monkeypatch.setattr(trainer_cli.console, "width", 200)  # the table's cells on one line each
     out_json = tmp_path / "r.json"
     args = ["evaluate", "x.xml", "--data", str(data), "--json", str(out_json)]
     code, out, err = run_cli(args, capsys, monkeypatch)
@@ -94,3 +96,25 @@ def test_card_metrics_keep_each_region_per_case(data: Path) -> None:
         assert all(r["dice"] == 1.0 and r["volume_error_ml"] == 0.0 for r in rows)
         assert all(r["volume_error_rel"] == 0.0 for r in rows)
     assert metrics["regions"]["ET"]["dice"] == 1.0 and metrics["regions"]["ET"]["abs_volume_error_ml"] == 0.0
+
+
+def test_region_table_mean_row_shows_absolute_volume_errors_beside_the_bias() -> None:
+    """Over- and under-segmentation cancel in the mean signed error: the mean row also shows the mean
+    absolute error (mL and %), which is what a reader wants to know of a model's volumes."""
+    from trainer.cli import region_table
+    from trainer.metrics import mean_metrics
+
+    def case(name: str, pred: float, true: float) -> dict[str, Any]:
+        err, rel = pred - true, (pred - true) / true
+        return {"case": name, "dice": 0.8, "hd95": 5.0, "pred_volume_ml": pred, "true_volume_ml": true,
+                "volume_error_ml": err, "abs_volume_error_ml": abs(err),
+                "volume_error_rel": rel, "abs_volume_error_rel": abs(rel)}
+
+    cases = [case("over", 120.0, 100.0), case("under", 30.0, 50.0)]
+    [rows] = rich_tables(render(region_table({"WT": {"cases": cases, "mean": mean_metrics(cases)}}, "x")))
+    over, under, mean = rows
+    assert (over["case"], under["case"], mean["case"]) == ("over", "under", "mean")
+    assert over["|err| mL"] == "20.0" and under["err %"] == "-40.0" and under["|err| %"] == "40.0"
+    assert (mean["err mL"], mean["|err| mL"]) == ("+0.0", "20.0")
+    assert (mean["err %"], mean["|err| %"]) == ("-10.0", "30.0")
+
