@@ -338,6 +338,58 @@ def _volume_cells(m: dict[str, Any]) -> list[str]:
     ]
 
 
+def case_table(result: dict[str, Any], title: str) -> Any:
+    """A Rich table of an evaluation's cases and their mean: Dice, Jaccard, sensitivity, specificity
+    and HD95 (mm).
+
+    Parameters
+    ----------
+    result:
+        An evaluation result (:func:`trainer.evaluate.report`).
+    title:
+        The table's title (the model's description).
+    """
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("case", no_wrap=True)
+    for col in ("dice", "jaccard", "sensitivity", "specificity", "hd95 mm"):
+        table.add_column(col, justify="right", overflow="fold")  # a number wraps, never loses digits
+
+    def row(case: str, m: dict[str, Any], **style: Any) -> None:
+        cells = [_fmt(m.get(n), ".4f") for n in ("dice", "jaccard", "sensitivity", "specificity")]
+        table.add_row(case, *cells, _fmt(m.get("hd95"), ".2f"), **style)
+
+    for c in result["cases"]:
+        row(c["case"], c)
+    row("mean", result["mean"], style="bold")
+    return table
+
+
+def volume_table(result: dict[str, Any], title: str) -> Any:
+    """A Rich table of the tumour volume of each case and the mean: predicted and true mL, the error
+    signed and absolute, in mL and % (see :data:`VOLUME_CAPTION`). A table of its own beside
+    :func:`case_table`, whose columns would not fit beside these in a terminal.
+
+    Parameters
+    ----------
+    result:
+        An evaluation result (:func:`trainer.evaluate.report`), its cases with the volume figures.
+    title:
+        The table's title (the model's description).
+    """
+    from rich.table import Table
+
+    table = Table(title=f"{title}: tumour volume", caption=VOLUME_CAPTION)
+    table.add_column("case", no_wrap=True)
+    for col in VOLUME_COLUMNS:
+        table.add_column(col, justify="right", overflow="fold")
+    for c in result["cases"]:
+        table.add_row(c["case"], *_volume_cells(c))
+    table.add_row("mean", *_volume_cells(result["mean"]), style="bold")
+    return table
+
+
 def region_table(regions: dict[str, Any], title: str) -> Any:
     """A Rich table of per-region results: each case and the mean, Dice, HD95 and volume error
     (signed and absolute, see :data:`VOLUME_CAPTION`).
@@ -434,11 +486,11 @@ def evaluate(
 ) -> None:
     """Per-case 3D Dice, Jaccard, sensitivity, specificity, HD95 and volume error on labelled cases.
 
-    For a ``brats_regions`` model, also per region (WT, TC, ET): Dice, HD95 and volume error (mL and
-    relative) per case and mean, in the table and under ``"regions"`` in the JSON.
+    The tumour volume table holds each case's predicted and true volume and the error, signed and
+    absolute, in mL and % (the mean row: the bias and the mean absolute error). For a
+    ``brats_regions`` model that table is per region (WT, TC, ET), with each region's Dice and HD95;
+    in the JSON under ``"regions"``.
     """
-    from rich.table import Table
-
     from converters.nifti import list_cases
     from trainer.evaluate import evaluate_cases, load_model
     from trainer.exceptions import TrainerError
@@ -459,16 +511,11 @@ def evaluate(
         result = evaluate_cases(
             loaded, refs, batch_size, on_case=lambda cid, s: status.update(f"{cid}: Dice {s['dice']:.4f}")
         )
-    table = Table(title=loaded.description)
-    names = ("dice", "jaccard", "sensitivity", "specificity", "hd95")
-    for col in ("case", *names):
-        table.add_column(col, justify="left" if col == "case" else "right")
-    for c in result["cases"]:
-        table.add_row(c["case"], *(f"{c[n]:.4f}" for n in names))
-    table.add_row("mean", *(f"{result['mean'][n]:.4f}" for n in names), style="bold")
-    console.print(table)
-    if result.get("regions"):
+    console.print(case_table(result, loaded.description))
+    if result.get("regions"):  # its WT rows hold the whole tumour's volumes
         console.print(region_table(result["regions"], loaded.description))
+    else:
+        console.print(volume_table(result, loaded.description))
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")

@@ -13,7 +13,7 @@ import pytest
 from converters.synthetic import write_synthetic_task01
 from db import cli as db_cli
 from db.registry import open_registry
-from tests.helpers.cli import run_cli
+from tests.helpers.cli import rich_tables, run_cli
 from tests.helpers.node import make_threshold_model
 
 
@@ -89,3 +89,39 @@ def test_evaluate_unknown_or_tampered_model_id_is_one_line(
     code, _, err = run_cli(["evaluate", str(model_id), "--data", str(data)], capsys, monkeypatch)
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert err.startswith(f"error: model #{model_id}: ") and "model_fp32.bin" in err
+
+
+def test_evaluate_of_a_whole_tumour_model_prints_the_volumes(
+    registered: tuple[int, Path, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The table shows what the JSON has of each case's tumour volume: predicted and true mL, the
+    error signed and absolute in mL and %, and their means; HD95 in mm to two decimals."""
+    from trainer import cli as trainer_cli
+
+    _, model_dir, data = registered
+    monkeypatch.setattr(trainer_cli.console, "width", 250)  # the tables' cells on one line each
+    out_json = tmp_path / "r.json"
+    args = ["evaluate", str(model_dir), "--data", str(data), "--precision", "fp32", "--json", str(out_json)]
+    code, out, err = run_cli(args, capsys, monkeypatch)
+    assert code == 0, err
+    result = json.loads(out_json.read_text())
+    metrics, volumes = rich_tables(out)
+    assert [r["hd95 mm"] for r in metrics] == [f"{c['hd95']:.2f}" for c in [*result["cases"], result["mean"]]]
+    assert [r["case"] for r in volumes] == [*(c["case"] for c in result["cases"]), "mean"]
+    for row, c in zip(volumes, [*result["cases"], result["mean"]], strict=True):
+        assert (row["pred mL"], row["true mL"]) == (
+            f"{c['pred_volume_ml']:.1f}",
+            f"{c['true_volume_ml']:.1f}",
+        )
+        assert (row["err mL"], row["|err| mL"]) == (
+            f"{c['volume_error_ml']:+.1f}",
+            f"{c['abs_volume_error_ml']:.1f}",
+        )
+        assert (row["err %"], row["|err| %"]) == (
+            f"{100 * c['volume_error_rel']:+.1f}",
+            f"{100 * c['abs_volume_error_rel']:.1f}",
+        )
+    assert float(volumes[-1]["|err| mL"]) > 0
