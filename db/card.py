@@ -290,28 +290,18 @@ def verify_files(card: Mapping[str, Any], directory: Path) -> list[str]:
     return problems
 
 
-def record_evaluation(directory: Path, result: Mapping[str, Any], split: str, data: str) -> None:
+def record_evaluation(directory: Path, entry: Mapping[str, Any]) -> None:
     """Add an evaluation (``segnode evaluate --record``) to the card's ``evaluations`` list.
 
-    The entry names the split and data folder, the precision, the mean and per-case metrics; an
-    earlier entry for the same split and precision is replaced. Artifact ``metrics`` (the ones the
-    promotion gate compares) are left alone.
+    ``entry`` is what the model table records of a model id's evaluation (built by the trainer's
+    ``evaluation_entry``): ``split``, ``data``, ``precision``, ``cases``, ``mean``, ``per_case`` and,
+    for regions, ``regions`` and ``regions_per_case``. An earlier entry for the same split and
+    precision is replaced. Artifact ``metrics`` (the ones the promotion gate compares) are left alone.
     """
     card = load_card(directory)
-    entry = {
-        "split": split,
-        "data": data,
-        "precision": result.get("precision"),
-        "cases": [c["case"] for c in result["cases"]],
-        "mean": result["mean"],
-        "per_case": [{k: v for k, v in c.items() if k != "seconds"} for c in result["cases"]],
-    }
-    kept = [
-        e
-        for e in card.get("evaluations", [])
-        if (e.get("split"), e.get("precision")) != (split, entry["precision"])
-    ]
-    card["evaluations"] = [*kept, entry]
+    key = (entry.get("split"), entry.get("precision"))
+    kept = [e for e in card.get("evaluations", []) if (e.get("split"), e.get("precision")) != key]
+    card["evaluations"] = [*kept, dict(entry)]
     write_card(card, directory)
 
 

@@ -520,17 +520,16 @@ def evaluate(
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
         console.print(f"wrote {json_out}")
-    if registry is not None and model_id is not None:
-        from trainer.evaluate import card_metrics
+    from trainer.evaluate import evaluation_entry
 
+    if registry is not None and model_id is not None:
         split = record or data.resolve().name
-        entry = {**card_metrics(result, split), "data": str(data.resolve()), "precision": result["precision"]}
-        registry.record_evaluation(model_id, entry, by=by)
+        registry.record_evaluation(model_id, evaluation_entry(result, split, data), by=by)
         console.print(f"recorded the {split} evaluation of model #{model_id} in the model table")
     elif record:
         if not path.is_dir():
             raise TrainerError(f"--record needs a model directory or a model id, not {path}")
         from db.card import record_evaluation
 
-        record_evaluation(path, result, record, str(data))
+        record_evaluation(path, evaluation_entry(result, record, data))
         console.print(f"recorded the {record} evaluation in {path / 'model.json'}")

@@ -27,6 +27,10 @@ logger = logging.getLogger(__name__)
 #: Per-case figures of each region kept in a model card's metrics (``regions_per_case``).
 REGION_CASE_FIELDS: tuple[str, ...] = ("dice", "hd95", "volume_error_ml", "volume_error_rel")
 
+#: Per-case figures kept in a model card's metrics (``per_case``): the metrics, and the volume errors
+#: where the case has them.
+CASE_FIELDS: tuple[str, ...] = (*METRIC_NAMES, "volume_error_ml", "volume_error_rel")
+
 
 @dataclass
 class CardPredictor:
@@ -178,14 +182,14 @@ def card_metrics(result: Mapping[str, Any], split: str) -> dict[str, Any]:
     """An artifact's ``metrics`` block of the model card from an evaluation result.
 
     ``mean`` holds the result's means (volume errors included), ``per_case`` each case's
-    :data:`METRIC_NAMES`; for regions, ``regions`` holds each region's
+    :data:`CASE_FIELDS`; for regions, ``regions`` holds each region's
     means (volume errors included) and ``regions_per_case`` each case's :data:`REGION_CASE_FIELDS`.
     """
     metrics: dict[str, Any] = {
         "cases": [c["case"] for c in result["cases"]],
         "split": split,
         "mean": result["mean"],
-        "per_case": [{k: c[k] for k in ("case", *METRIC_NAMES)} for c in result["cases"]],
+        "per_case": [{k: c[k] for k in ("case", *CASE_FIELDS) if k in c} for c in result["cases"]],
     }
     if "regions" in result:
         metrics["regions"] = {name: block["mean"] for name, block in result["regions"].items()}
@@ -194,3 +198,10 @@ def card_metrics(result: Mapping[str, Any], split: str) -> dict[str, Any]:
             for name, block in result["regions"].items()
         }
     return metrics
+
+
+def evaluation_entry(result: Mapping[str, Any], split: str, data: Path) -> dict[str, Any]:
+    """What ``segnode evaluate`` records of a result under ``split``, in the model table (a model id)
+    and in a model directory's ``model.json`` (``--record``) alike: :func:`card_metrics` (per-region
+    results included), the data folder (resolved) and the precision evaluated."""
+    return {**card_metrics(result, split), "data": str(data.resolve()), "precision": result["precision"]}

@@ -16,7 +16,7 @@ import pytest
 
 from converters.nifti import list_cases
 from converters.synthetic import write_synthetic_task01
-from db.card import TASK_LABELS
+from db.card import TASK_LABELS, load_card, write_card
 from tests.helpers.cli import render, rich_tables, run_cli
 from trainer import cli as trainer_cli
 from trainer import evaluate as ev
@@ -118,3 +118,26 @@ def test_region_table_mean_row_shows_absolute_volume_errors_beside_the_bias() ->
     assert (mean["err mL"], mean["|err| mL"]) == ("+0.0", "20.0")
     assert (mean["err %"], mean["|err| %"]) == ("-10.0", "30.0")
 
+
+def test_evaluate_record_in_a_model_directory_keeps_each_region(
+    data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``segnode evaluate MODEL_DIR --record`` writes to model.json the entry a model id's evaluation
+    gets in the model table: the per-region means and per-case figures included."""
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    write_card({"format_version": 1, **CARD, "artifacts": []}, model_dir)
+    stand_in = ev.CardPredictor(CARD, _background, "background stand-in", "int8")
+    monkeypatch.setattr(ev, "load_model", lambda *a, **k: stand_in)
+    out_json = tmp_path / "r.json"
+    args = ["evaluate", str(model_dir), "--data", str(data), "--json", str(out_json), "--record", "site-b"]
+    code, out, err = run_cli(args, capsys, monkeypatch)
+    assert code == 0, err
+    assert f"recorded the site-b evaluation in {model_dir / 'model.json'}" in " ".join(out.split())
+    result = json.loads(out_json.read_text())
+    [entry] = load_card(model_dir)["evaluations"]
+    assert entry == {**ev.card_metrics(result, "site-b"), "data": str(data.resolve()), "precision": "int8"}
+    assert entry["regions"]["ET"] == result["regions"]["ET"]["mean"]
+    wt = entry["regions_per_case"]["WT"]
+    assert [r["case"] for r in wt] == [c["case"] for c in result["cases"]]
+    assert [r["volume_error_ml"] for r in wt] == [c["volume_error_ml"] for c in result["cases"]]

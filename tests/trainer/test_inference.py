@@ -121,13 +121,16 @@ def test_card_round_trip_and_verification(tmp_path: Path) -> None:
 
 def test_record_evaluation_replaces_same_split_and_precision(tmp_path: Path) -> None:
     from db.card import record_evaluation
+    from trainer.evaluate import evaluation_entry
 
     write_card(_card(), tmp_path)
     cases = [{"case": "a", "dice": 0.5, "seconds": 1.0}]
     result = {"precision": "int8", "cases": cases, "mean": {"dice": 0.5}}
-    record_evaluation(tmp_path, result, "holdout", "/data/holdout")
-    record_evaluation(tmp_path, {**result, "mean": {"dice": 0.7}}, "holdout", "/data/holdout")
-    record_evaluation(tmp_path, {**result, "precision": "fp32"}, "holdout", "/data/holdout")
+    data = tmp_path / "holdout"
+    record_evaluation(tmp_path, evaluation_entry(result, "holdout", data))
+    record_evaluation(tmp_path, evaluation_entry({**result, "mean": {"dice": 0.7}}, "holdout", data))
+    record_evaluation(tmp_path, evaluation_entry({**result, "precision": "fp32"}, "holdout", data))
     evaluations = load_card(tmp_path)["evaluations"]
     assert [(e["precision"], e["mean"]["dice"]) for e in evaluations] == [("int8", 0.7), ("fp32", 0.5)]
     assert evaluations[0]["per_case"] == [{"case": "a", "dice": 0.5}] and evaluations[0]["split"] == "holdout"
+    assert evaluations[0]["data"] == str(data.resolve())
