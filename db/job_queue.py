@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, literal, select, update
 from sqlalchemy.orm import Session
 
 from db.exceptions import JobNotFoundError, JobStateError
@@ -551,7 +551,9 @@ def retry_job(sf: SessionFactory, job_id: int) -> JobInfo:
 
     The sends of the job's last run still pending (a destination down) end ``superseded`` in the same
     transaction: never tried again, so a destination gets the new run's SEG and SR, not both runs'.
-    One already being delivered may still arrive (and is then marked done).
+    One already being delivered may still arrive (and is then marked done). Those a destination
+    refused for good end ``superseded`` too (their reason kept): the retry answers them, and they no
+    longer count as undelivered results (:func:`db.send_queue.refused_send_count`).
 
     Raises
     ------
@@ -582,8 +584,19 @@ def retry_job(sf: SessionFactory, job_id: int) -> JobInfo:
             .where(NodeSend.job_id == job_id, NodeSend.status == "pending")
             .values(status="superseded", last_error="superseded by `segnode jobs retry`")
         ).rowcount  # type: ignore[attr-defined]
+        # Its refused sends too (the retry is what answers them), with the refusal kept in the reason.
+        superseded += s.execute(
+            update(NodeSend)
+            .where(NodeSend.job_id == job_id, NodeSend.status == "refused")
+            .values(
+                status="superseded",
+                last_error=literal("superseded by `segnode jobs retry`; refused: ") + NodeSend.last_error,
+            )
+        ).rowcount  # type: ignore[attr-defined]
     if superseded:
-        logger.info("job %d queued again; %d pending sends of its last run superseded", job_id, superseded)
+        logger.info(
+            "job %d queued again; %d pending or refused sends of its last run superseded", job_id, superseded
+        )
     return get_job(sf, job_id)
 
 

@@ -26,7 +26,7 @@ from db.models import Base
 #: Job states.
 JOB_STATES: tuple[str, ...] = ("queued", "running", "done", "failed", "skipped", "review")
 #: Send states: only ``pending`` is ever tried; ``refused`` the destination refused for good,
-#: ``superseded`` a retry of the job withdrew (db/job_queue.py retry_job), never sent.
+#: ``superseded`` a retry of the job withdrew (db/job_queue.py retry_job) while pending or refused.
 SEND_STATES: tuple[str, ...] = ("pending", "done", "refused", "superseded")
 
 

@@ -8,7 +8,7 @@ attempt is scheduled again with exponential backoff. Rows are queued by
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -138,3 +138,30 @@ def pending_send_count(sf: SessionFactory) -> int:
     """Sends not yet acknowledged."""
     with sf() as s:
         return int(s.scalar(select(func.count(NodeSend.id)).where(NodeSend.status == "pending")) or 0)
+
+
+@database_errors
+def refused_send_count(sf: SessionFactory) -> int:
+    """Sends a destination refused for good (never tried again) that no retry of their job has
+    superseded since: results the node will not deliver unless someone acts."""
+    with sf() as s:
+        return int(s.scalar(select(func.count(NodeSend.id)).where(NodeSend.status == "refused")) or 0)
+
+
+@database_errors
+def send_counts(sf: SessionFactory, job_ids: Iterable[int]) -> dict[int, dict[str, int]]:
+    """Sends per state (pending, done, refused, superseded; only those present) of each of
+    ``job_ids``, in one query; a job without sends is absent."""
+    ids = list(job_ids)
+    if not ids:
+        return {}
+    counts: dict[int, dict[str, int]] = {}
+    with sf() as s:
+        rows = s.execute(
+            select(NodeSend.job_id, NodeSend.status, func.count(NodeSend.id))
+            .where(NodeSend.job_id.in_(ids))
+            .group_by(NodeSend.job_id, NodeSend.status)
+        ).all()
+    for job_id, status, count in rows:
+        counts.setdefault(int(job_id), {})[str(status)] = int(count)
+    return counts

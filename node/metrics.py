@@ -49,6 +49,12 @@ class NodeMetrics:
         self.jobs = Gauge("segnode_jobs", "Jobs in the database, by state", ["state"], registry=r)
         self.queue_depth = Gauge("segnode_queue_depth", "Jobs waiting to run", registry=r)
         self.pending_sends = Gauge("segnode_pending_sends", "Sends not yet acknowledged", registry=r)
+        self.refused_sends = Gauge(
+            "segnode_refused_sends",
+            "Sends a destination refused for good, not tried again and not superseded by a retry of "
+            "their job: results not delivered (segnode jobs list)",
+            registry=r,
+        )
         self.stage_seconds = Histogram(
             "segnode_stage_seconds",
             "Duration of each job stage",

@@ -430,23 +430,37 @@ class NodeService:
     # -- observability -----------------------------------------------------------------------------------
 
     def refresh_gauges(self) -> None:
-        """Update the database-derived gauges (jobs by state, queue depth, pending sends)."""
+        """Update the database-derived gauges (jobs by state, queue depth, pending and refused sends)."""
         counts = job_queue.job_counts(self.sf)
         for state, value in counts.items():
             self.metrics.jobs.labels(state).set(value)
         self.metrics.queue_depth.set(counts.get("queued", 0))
         self.metrics.pending_sends.set(send_queue.pending_send_count(self.sf))
+        self.metrics.refused_sends.set(send_queue.refused_send_count(self.sf))
         self.metrics.studies.set(instances.instance_counts(self.sf)["studies"])
 
     def health(self) -> tuple[bool, dict[str, Any]]:
-        """``/healthz``: ok when the database answers, the SCP listens and the workers live."""
+        """``/healthz``: ok when the database answers, the SCP listens and the workers live.
+
+        Sends refused for good are reported (``refused_sends``, and a ``warnings`` line) but leave it ok:
+        the probes of deploy/helm restart a pod that is not, and a restart cannot make a destination
+        accept what it refuses.
+        """
         details: dict[str, Any] = {}
         ok = True
         try:
             details["jobs"] = job_queue.job_counts(self.sf)
+            refused = send_queue.refused_send_count(self.sf)
         except Exception as exc:
             ok = False
             details["database"] = f"error: {type(exc).__name__}"
+        else:
+            details["refused_sends"] = refused
+            if refused:
+                details["warnings"] = [
+                    f"{refused} sends refused for good by their destination, not delivered: "
+                    "segnode jobs list shows their jobs, segnode jobs show ID why"
+                ]
         model = self.runtime.current
         details["model"] = model.label if model else None
         if self.runtime.last_error:

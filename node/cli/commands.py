@@ -196,19 +196,22 @@ def jobs_list(
     limit: int = typer.Option(50, "--limit", help="At most this many (newest first)."),
     as_json: bool = typer.Option(False, "--json", help="Write JSON instead of a table."),
 ) -> None:
-    """List jobs, newest first."""
-    from db import job_queue
+    """List jobs, newest first, with their sends by state (a done job whose results a destination
+    refused shows "1 refused")."""
+    from db import job_queue, send_queue
     from db.node_tables import JOB_STATES
     from node.exceptions import NodeError
 
     if status is not None and status not in JOB_STATES:
         raise NodeError(f"--status {status!r} is not a job state; use one of {', '.join(JOB_STATES)}")
-    jobs = job_queue.list_jobs(_session_factory(config), status=status, limit=limit)
+    sf = _session_factory(config)
+    jobs = job_queue.list_jobs(sf, status=status, limit=limit)
+    counts = send_queue.send_counts(sf, [j.id for j in jobs])
     if as_json:
-        echo_json([_job_dict(j) for j in jobs])
+        echo_json([{**_job_dict(j), "send_counts": counts.get(j.id, {})} for j in jobs])
         return
     table = Table(title="Jobs")
-    for column in ("ID", "Study", "Run", "Status", "Reason", "Model", "Seconds", "Created"):
+    for column in ("ID", "Study", "Run", "Status", "Reason", "Sends", "Model", "Seconds", "Created"):
         table.add_column(column)
     for j in jobs:
         table.add_row(
@@ -217,11 +220,23 @@ def jobs_list(
             str(j.run),
             j.status,
             (j.reason[:60] + "…") if len(j.reason) > 60 else j.reason,
+            _sends_text(counts.get(j.id, {})),
             j.model_label or "-",
             f"{sum(j.stages.values()):.2f}" if j.stages else "-",
             j.created_at.strftime("%Y-%m-%d %H:%M:%S"),
         )
     console.print(table)
+
+
+#: How ``segnode jobs list`` names each send state, in the order it lists them.
+_SEND_WORDS = {"done": "sent", "pending": "pending", "refused": "refused", "superseded": "superseded"}
+
+
+def _sends_text(counts: dict[str, int]) -> str:
+    """A job's sends by state for the jobs table, e.g. "1 sent, 1 refused"; "-" when it has none."""
+    parts = [f"{counts[state]} {word}" for state, word in _SEND_WORDS.items() if counts.get(state)]
+    parts += [f"{n} {state}" for state, n in sorted(counts.items()) if state not in _SEND_WORDS and n]
+    return ", ".join(parts) or "-"
 
 
 def _job_dict(j: Any) -> dict[str, Any]:

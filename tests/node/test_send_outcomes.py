@@ -5,7 +5,9 @@ every send marked with why and when it is tried again (not leased and resent wit
 
 from __future__ import annotations
 
+import json
 import logging
+import urllib.request
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -21,9 +23,11 @@ from db import instances, job_queue, send_queue
 from db.send_queue import SendInfo
 from db.transactions import SessionFactory, utcnow
 from node import dimse
+from node.cli import commands
 from node.config import Destination
 from node.metrics import NodeMetrics
 from node.sender import Sender, store_files
+from node.service import NodeService
 from tests.helpers.cli import run_cli
 from tests.helpers.node import CatchingSCP, make_threshold_model, node_settings, running_node
 from tests.helpers.ports import free_port
@@ -240,3 +244,56 @@ def test_a_retried_job_sends_its_new_results_only_not_the_last_runs_still_pendin
     ]
     code, out, _ = run_cli(["jobs", "show", str(first.id), "--config", str(config)], capsys, monkeypatch)
     assert code == 0 and out.count("superseded") >= 2
+
+
+def test_a_send_refused_for_good_shows_in_jobs_list_metrics_and_healthz_until_the_job_is_retried(
+    sf: SessionFactory,
+    tmp_path: Path,
+    segnode_home: Path,
+    pacs_factory: list[CatchingSCP],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A send that ended ``refused`` left no trace an administrator watches: segnode_pending_sends
+    dropped to 0, /healthz said nothing, `segnode jobs list` showed the job ``done``. Now the jobs
+    list has its sends by state, /metrics a segnode_refused_sends gauge and /healthz the count (still
+    200: a restart would not help), and a retry of the job supersedes the refused send."""
+    pacs = _pacs(pacs_factory, sop_classes={COMPREHENSIVE_SR})  # no SEG Storage: the SEG is refused
+    job = _done_job(sf, tmp_path, 1, pacs)
+    assert _sender(sf, max_refusals=1).run_once() == 1
+    assert {s.status for s in _sends(sf, job).values()} == {"done", "refused"}
+    url = f"sqlite:///{tmp_path / 'segnode.db'}"  # the sqlite_sf fixture's database
+    config = tmp_path / "node.toml"
+    config.write_text(f'[database]\nurl = "{url}"\n')
+
+    settings = node_settings(tmp_path, free_port(), db_url=url)
+    settings.metrics.port = free_port()
+    node = NodeService(settings)
+    node.start()
+    try:
+        base = f"http://127.0.0.1:{settings.metrics.port}"
+        with urllib.request.urlopen(f"{base}/metrics", timeout=10) as answer:
+            metrics = answer.read().decode()
+        with urllib.request.urlopen(f"{base}/healthz", timeout=10) as answer:
+            code, health = answer.status, json.loads(answer.read())
+    finally:
+        node.stop()
+    assert "segnode_refused_sends 1.0" in metrics and "segnode_pending_sends 0.0" in metrics
+    assert (code, health["status"], health["refused_sends"]) == (200, "ok", 1)
+    assert "1 sends refused for good" in health["warnings"][0]
+
+    code, out, err = run_cli(["jobs", "list", "--config", str(config), "--json"], capsys, monkeypatch)
+    assert code == 0, err
+    [row] = json.loads(out)
+    assert (row["status"], row["send_counts"]) == ("done", {"done": 1, "refused": 1})
+    monkeypatch.setattr(commands.console, "width", 200)  # the table on one line per job
+    code, out, err = run_cli(["jobs", "list", "--config", str(config)], capsys, monkeypatch)
+    assert code == 0 and "1 sent, 1 refused" in out, out + err
+
+    code, out, err = run_cli(["jobs", "retry", str(job), "--config", str(config)], capsys, monkeypatch)
+    assert code == 0, err
+    assert send_queue.refused_send_count(sf) == 0
+    seg = _sends(sf, job)["seg.dcm"]
+    assert seg.status == "superseded" and "refused: not accepted by the destination" in seg.last_error
+    code, out, err = run_cli(["jobs", "list", "--config", str(config)], capsys, monkeypatch)
+    assert code == 0 and "1 sent, 1 superseded" in out, out + err
