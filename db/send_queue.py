@@ -3,7 +3,8 @@
 A due send is leased (:func:`claim_send`, a conditional update) before its C-STORE, so two senders
 never both send it; it is marked done only after the destination's Success status, and a failed
 attempt is scheduled again with exponential backoff. Rows are queued by
-:func:`db.job_queue.finish_job` in the transaction that ends their job.
+:func:`db.job_queue.finish_job` in the transaction that ends their job. A delivery that outlasts the lease
+(many sends to a slow destination) renews it while it runs (:func:`renew_leases`).
 """
 
 from __future__ import annotations
@@ -91,6 +92,30 @@ def claim_send(sf: SessionFactory, send: SendInfo, lease_seconds: float, now: da
             .values(next_attempt_at=now + timedelta(seconds=lease_seconds))
         ).rowcount  # type: ignore[attr-defined]
     return bool(changed == 1)
+
+
+@database_errors
+def renew_leases(
+    sf: SessionFactory, sends: Collection[SendInfo], lease_seconds: float, now: datetime | None = None
+) -> int:
+    """Extend to ``lease_seconds`` from now the lease of those of ``sends`` still held: pending, with the
+    attempts they were claimed at, and the lease not yet ended (once it has, another sender may have
+    claimed the send, and its lease is not ours to extend). Returns how many were extended."""
+    now = now or utcnow()
+    changed = 0
+    with writing(sf) as s:
+        for send in sends:
+            changed += s.execute(
+                update(NodeSend)
+                .where(
+                    NodeSend.id == send.id,
+                    NodeSend.status == "pending",
+                    NodeSend.attempts == send.attempts,
+                    NodeSend.next_attempt_at > now,
+                )
+                .values(next_attempt_at=now + timedelta(seconds=lease_seconds))
+            ).rowcount  # type: ignore[attr-defined]
+    return changed
 
 
 @database_errors

@@ -1,7 +1,8 @@
 """C-STORE SCU: deliver job outputs to the destinations, retried from the database with backoff.
 
-Each due send row is leased (a conditional update) before its C-STORE, so two sender threads or
-processes never both send it; it is marked ``done`` only after the destination's Success status. A
+Each due send row is leased (a conditional update) before its C-STORE, and the lease is renewed while
+its delivery runs, so two sender threads or processes (replicas on one database) never both send it,
+however long the delivery takes; it is marked ``done`` only after the destination's Success status. A
 destination that is down gets its rows rescheduled with exponential backoff and blocks no other: each
 destination is delivered in a thread of its own (``segnode-send-NAME``), and a destination whose
 delivery is still running is not claimed again until it ends, so one that accepts TCP and never answers
@@ -16,9 +17,10 @@ import ssl
 import threading
 import time
 from collections import defaultdict, deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +38,9 @@ from node.metrics import NodeMetrics
 
 logger = logging.getLogger(__name__)
 
-#: Seconds a send row stays leased to the sender that took it.
+#: Seconds a send row stays leased to the sender that took it: its delivery renews the lease every quarter
+#: of this while it runs (up to 100 sends, each up to the DIMSE timeout, can outlast any fixed lease), so
+#: the lease ends this long after the delivery or its process stopped.
 LEASE_SECONDS = 120.0
 
 #: How an object's error text begins when the destination accepted no presentation context for it.
@@ -344,8 +348,9 @@ class Sender:
     def shutdown(self, timeout: float = 30.0) -> None:
         """Start no more deliveries and wait up to ``timeout`` seconds for the running ones.
 
-        A delivery still running after that keeps its sends leased; they are sent again once the lease
-        ends (by this process if it carries on, else by the next start).
+        A delivery still running after that keeps its sends leased while it runs; once it or the process
+        ends, sends it did not mark are sent again when the lease ends (by this process if it carries
+        on, else by another sender or the next start).
         """
         self._closed = True
         deadline = time.monotonic() + timeout
@@ -414,10 +419,11 @@ class Sender:
     def _deliver(self, name: str, ae_title: str, host: str, port: int, sends: list[SendInfo]) -> int:
         try:
             paths = [Path(s.path) for s in sends]
-            results = store_files(
-                paths, host, port, ae_title, self.calling_ae, timeout=self.timeout, tls=self.tls,
-                server_name=self.server_names.get(name, ""), destination=name,
-            )  # fmt: skip
+            with self._leases_renewed(sends):
+                results = store_files(
+                    paths, host, port, ae_title, self.calling_ae, timeout=self.timeout, tls=self.tls,
+                    server_name=self.server_names.get(name, ""), destination=name,
+                )  # fmt: skip
         except Exception as exc:  # no association (or none usable): every send waits its backoff
             reason = str(exc) if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}"
             for send in sends:
@@ -439,6 +445,31 @@ class Sender:
             else:
                 self._failed(send, error, refused=_refused(status, error))
         return delivered
+
+    @contextmanager
+    def _leases_renewed(self, sends: list[SendInfo]) -> Iterator[None]:
+        """Renew the lease of ``sends`` every quarter of :data:`LEASE_SECONDS` until the block ends.
+
+        Without it a delivery that outlasted the lease (the rows are marked only once the association
+        has ended) had its sends claimed and sent again by another sender on the same database.
+        """
+        lease = LEASE_SECONDS
+        stop = threading.Event()
+
+        def renew() -> None:
+            while not stop.wait(lease / 4):
+                try:
+                    send_queue.renew_leases(self.sf, sends, lease)
+                except Exception as exc:  # the next try may succeed; the lease lasts 3 more of these
+                    logger.warning("renewing the lease of %d sends failed: %s", len(sends), exc)
+
+        thread = threading.Thread(target=renew, name=f"segnode-lease-{sends[0].destination}", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
 
     def _failed(self, send: SendInfo, error: str, refused: bool = False) -> None:
         give_up = refused and self.max_refusals > 0 and send.attempts + 1 >= self.max_refusals

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import urllib.request
 from collections.abc import Iterator
 from datetime import timedelta
@@ -23,6 +24,7 @@ from db import instances, job_queue, send_queue
 from db.send_queue import SendInfo
 from db.transactions import SessionFactory, utcnow
 from node import dimse
+from node import sender as sender_module
 from node.cli import commands
 from node.config import Destination
 from node.metrics import NodeMetrics
@@ -297,3 +299,22 @@ def test_a_send_refused_for_good_shows_in_jobs_list_metrics_and_healthz_until_th
     assert seg.status == "superseded" and "refused: not accepted by the destination" in seg.last_error
     code, out, err = run_cli(["jobs", "list", "--config", str(config)], capsys, monkeypatch)
     assert code == 0 and "1 sent, 1 superseded" in out, out + err
+
+
+def test_a_delivery_that_outlasts_the_lease_is_not_claimed_and_sent_again_by_another_sender(
+    sf: SessionFactory, tmp_path: Path, pacs_factory: list[CatchingSCP], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two senders on one database (two replicas). The rows are marked once the association ends, and
+    the lease was never renewed: a delivery that outlasted it (up to 100 sends, each up to the 30 s
+    DIMSE timeout, against a 120 s lease) had its sends claimed by the other sender and stored twice.
+    Scaled down: a 0.6 s lease and a PACS that takes 1.5 s over its first C-STORE."""
+    monkeypatch.setattr(sender_module, "LEASE_SECONDS", 0.6)
+    pacs = _pacs(pacs_factory, stall_seconds=1.5)
+    job = _done_job(sf, tmp_path, 1, pacs)
+    first, second = _sender(sf), _sender(sf)
+    assert first.run_once(wait=False) == 2
+    time.sleep(0.9)  # past the first lease; the PACS has not answered yet
+    assert second.run_once() == 0  # still leased to the first sender's running delivery
+    first.shutdown(timeout=10)
+    assert {(s.status, s.attempts) for s in _sends(sf, job).values()} == {("done", 1)}
+    assert len(pacs.received) == 2

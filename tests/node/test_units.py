@@ -800,3 +800,22 @@ def test_magnitude_and_real_images_of_one_series_are_two_candidates(tmp_path: Pa
         assert magnitude.slices == real.slices == len(sources)
         assert not magnitude.serves_no_role and real.serves_no_role
         assert load_series(magnitude.paths).array.shape[0] == len(sources)
+
+
+def test_a_lease_is_renewed_only_while_still_held(sf: SessionFactory) -> None:
+    """renew_leases extends a send's lease while it is ours; one that ended (another sender may have
+    claimed the send since) or a send marked meanwhile is left alone."""
+    _receive(sf, "1.11", 1, T0)
+    instances.schedule_due_studies(sf, 1.0, now=T0 + timedelta(seconds=5))
+    job = job_queue.claim_job(sf)
+    assert job is not None
+    outputs = [OutputObject("/jobs/1/seg.dcm", "1.9.1"), OutputObject("/jobs/1/sr.dcm", "1.9.2")]
+    destinations = [Destination("a", "A", "127.0.0.1", 1)]
+    job_queue.finish_job(sf, job, status="done", outputs=outputs, destinations=destinations, now=T0)
+    seg, sr = send_queue.due_sends(sf, now=T0)
+    assert send_queue.claim_send(sf, seg, 10, now=T0) and send_queue.claim_send(sf, sr, 10, now=T0)
+    send_queue.mark_send_failed(sf, sr.id, "no answer", base_seconds=1, max_seconds=1, now=T0)
+    assert send_queue.renew_leases(sf, [seg, sr], 10, now=T0 + timedelta(seconds=5)) == 1  # not the marked
+    assert not send_queue.claim_send(sf, seg, 10, now=T0 + timedelta(seconds=12))  # renewed to T0 + 15
+    assert send_queue.renew_leases(sf, [seg], 10, now=T0 + timedelta(seconds=16)) == 0  # ended: not ours
+    assert send_queue.claim_send(sf, seg, 10, now=T0 + timedelta(seconds=16))
