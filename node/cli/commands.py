@@ -42,21 +42,58 @@ def _session_factory(config: Path | None) -> Any:
     from db.url import resolve_database_url
 
     url = resolve_database_url(config)
-    _require_node_database(url)
+    _require_node_database(url, config)
     upgrade(url)
     return make_session_factory(make_engine(url))
 
 
-def _require_node_database(url: str) -> None:
-    """Raise ``NodeError`` unless ``url`` names an existing database with the node's tables."""
+def _require_node_database(url: str, config: Path | None = None) -> None:
+    """Raise ``NodeError`` unless ``url`` names an existing database with the node's tables; the
+    message says where the URL came from (:func:`_where_hint`)."""
     from db.session import display_url, existing_tables
     from node.exceptions import NodeError
 
     tables = existing_tables(url)
     if tables is None:
-        raise NodeError(f"database {display_url(url)} does not exist; {_WHERE_HINT}")
+        raise NodeError(f"database {display_url(url)} does not exist; {_where_hint(config)}")
     if "node_jobs" not in tables:
-        raise NodeError(f"database {display_url(url)} has no node tables (node_jobs); {_WHERE_HINT}")
+        raise NodeError(f"database {display_url(url)} has no node tables (node_jobs); {_where_hint(config)}")
+
+
+def _where_hint(config: Path | None) -> str:
+    """What to do when the database the jobs commands resolved is not the node's.
+
+    With a config file (``--config`` or ``SEGNODE_CONFIG``), "pass --config" is no help: the hint says
+    how the URL was found instead. The var dir (``$SEGNODE_HOME``, default ``./var``) and a relative
+    SQLite path resolve against the current directory, as for ``segnode serve`` (node/config.py
+    resolves its relative paths so too), so a command run from another directory looks elsewhere.
+    """
+    import os
+
+    from db.url import url_in_config_file
+
+    from_env = os.environ.get("SEGNODE_CONFIG") or ""
+    if config is None and not from_env:
+        return _WHERE_HINT
+    config_file, named = (config, "--config") if config is not None else (Path(from_env), "SEGNODE_CONFIG")
+    if os.environ.get("SEGNODE_DATABASE_URL"):
+        return (
+            f"the URL is SEGNODE_DATABASE_URL's, which wins over {named} {config_file}: set it to the "
+            "node's database or unset it"
+        )
+    cwd = Path.cwd()
+    if url_in_config_file(config_file):
+        return (
+            f"the URL is [database] url of {config_file} ({named}); a relative SQLite path in it resolves "
+            f"against the current directory ({cwd}), not the config file's: run the command where "
+            "`segnode serve` runs, or make the path absolute"
+        )
+    return (
+        f"{config_file} ({named}) has no [database] url, so the default is used: segnode.db in the var "
+        f"dir, $SEGNODE_HOME, else ./var of the current directory ({cwd}), not of the config file; run "
+        "the command where `segnode serve` runs, or set SEGNODE_HOME (or SEGNODE_DATABASE_URL) as the "
+        "node has it"
+    )
 
 
 def serve(config: Path | None = CONFIG_OPTION) -> None:

@@ -398,3 +398,36 @@ def test_jobs_list_in_a_real_process_creates_no_database(tmp_path: Path) -> None
     db = tmp_path / "var" / "segnode.db"
     assert result.stderr.startswith(f"error: database sqlite:///{db} does not exist"), result.stderr
     assert not (tmp_path / "var").exists()
+
+
+def test_jobs_with_config_from_another_directory_say_how_the_url_was_found(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`segnode jobs list --config /path/node.toml` run from another directory than `segnode serve`
+    looked for ./var/segnode.db there (the var dir resolves against the current directory) and told
+    the administrator to "pass --config node.toml", which they had."""
+    for key in ("SEGNODE_HOME", "SEGNODE_CONFIG", "SEGNODE_DATABASE_URL"):
+        monkeypatch.delenv(key, raising=False)
+    node_dir, elsewhere = tmp_path / "node", tmp_path / "elsewhere"
+    (node_dir / "var").mkdir(parents=True)
+    elsewhere.mkdir()
+    _done_job(f"sqlite:///{node_dir / 'var' / 'segnode.db'}")  # where `segnode serve` in node_dir keeps it
+    config = node_dir / "node.toml"
+    config.write_text('[node]\nae_title = "SEGNODE"\n')  # no [database] url: the default
+    monkeypatch.chdir(elsewhere)
+    code, out, err = run_cli(["jobs", "list", "--config", str(config)], capsys, monkeypatch)
+    assert (code, out) == (2, ""), err
+    assert err.startswith(f"error: database sqlite:///{elsewhere / 'var' / 'segnode.db'} does not exist")
+    assert "pass --config" not in err and f"{config} (--config) has no [database] url" in err
+    assert f"./var of the current directory ({elsewhere})" in err and "SEGNODE_HOME" in err
+    assert not (elsewhere / "var").exists()
+
+    config.write_text('[database]\nurl = "sqlite:///var/segnode.db"\n')  # a relative path
+    code, _, err = run_cli(["jobs", "list", "--config", str(config)], capsys, monkeypatch)
+    assert code == 2 and "pass --config" not in err
+    assert f"a relative SQLite path in it resolves against the current directory ({elsewhere})" in err
+
+    monkeypatch.setenv("SEGNODE_HOME", str(node_dir / "var"))  # as README.md says
+    config.write_text('[node]\nae_title = "SEGNODE"\n')
+    code, out, err = run_cli(["jobs", "list", "--config", str(config), "--json"], capsys, monkeypatch)
+    assert code == 0 and [row["status"] for row in json.loads(out)] == ["skipped"], err
