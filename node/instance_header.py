@@ -82,21 +82,27 @@ class InstanceHeader:
     short_pixel_data: str
 
     @classmethod
-    def from_dataset(cls, ds: Dataset) -> InstanceHeader:
-        """The header of a data set decoded by pydicom (e.g. pynetdicom's ``event.dataset``)."""
+    def from_dataset(cls, ds: Dataset, transfer_syntax: str | None = None) -> InstanceHeader:
+        """The header of a data set decoded by pydicom (e.g. pynetdicom's ``event.dataset``), encoded in
+        ``transfer_syntax`` (a C-STORE's presentation context's; None: the data set's File Meta)."""
         return cls(
             sop_instance_uid=ds.get("SOPInstanceUID"),
             study_instance_uid=ds.get("StudyInstanceUID"),
             series_instance_uid=ds.get("SeriesInstanceUID"),
             has_pixel_data="PixelData" in ds or "FloatPixelData" in ds,
-            short_pixel_data=short_pixel_data(ds),
+            short_pixel_data=short_pixel_data(ds, transfer_syntax),
         )
 
 
-def short_pixel_data(ds: Dataset) -> str:
+def short_pixel_data(ds: Dataset, transfer_syntax: str | None = None) -> str:
     """Why native (uncompressed) PixelData is shorter than Rows x Columns x samples x bits x frames says
-    (a truncated data set), or "" when it is not (PS3.5 8.1.1)."""
-    syntax = getattr(ds, "file_meta", Dataset()).get("TransferSyntaxUID")
+    (a truncated data set), or "" when it is not (PS3.5 8.1.1).
+
+    ``transfer_syntax`` is the data set's encoding; None: its File Meta's TransferSyntaxUID. pynetdicom's
+    ``event.dataset`` has no File Meta, so a C-STORE's must be given, or a compressed data set's
+    encapsulated pixel data is measured as native and refused as truncated.
+    """
+    syntax = transfer_syntax or getattr(ds, "file_meta", Dataset()).get("TransferSyntaxUID")
     if "PixelData" not in ds or (syntax is not None and UID(syntax).is_compressed):
         return ""
     try:

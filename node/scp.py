@@ -302,7 +302,7 @@ def instance_header(event: Any, sop_uid: str) -> InstanceHeader:
         if header is not None:
             return header
     try:
-        return InstanceHeader.from_dataset(event.dataset)
+        return InstanceHeader.from_dataset(event.dataset, str(event.context.transfer_syntax))
     except Exception as exc:
         raise InvalidInstanceError(f"instance {sop_uid}: data set cannot be decoded: {exc}") from exc
 

@@ -28,15 +28,20 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEGBaseline8Bit,
+    RLELossless,
 )
+from pynetdicom import AE
 from pynetdicom.dsutils import decode, encode
+from pynetdicom.sop_class import MRImageStorage  # type: ignore[attr-defined]
 
 from converters.dicom_writer import write_study
 from converters.synthetic import make_synthetic_case
 from db.session import make_engine, make_session_factory, upgrade
+from node import dimse, reactor
 from node import scp as scp_module
 from node.instance_header import InstanceHeader, read_header
 from node.metrics import NodeMetrics
+from node.part10 import file_header
 from node.scp import StorageSCP
 from tests.helpers.dcmtk import storescu
 from tests.helpers.node import node_settings
@@ -246,9 +251,9 @@ def test_an_association_reads_every_instance_without_pydicom(
     decoded: list[str] = []
     original = InstanceHeader.from_dataset.__func__  # type: ignore[attr-defined]
 
-    def counting(cls: type[InstanceHeader], ds: Dataset) -> InstanceHeader:
+    def counting(cls: type[InstanceHeader], ds: Dataset, *syntax: str) -> InstanceHeader:
         decoded.append(str(ds.SOPInstanceUID))
-        return original(cls, ds)
+        return original(cls, ds, *syntax)
 
     monkeypatch.setattr(scp_module.InstanceHeader, "from_dataset", classmethod(counting))
     proc = storescu(scp.port, synthetic)
@@ -269,6 +274,39 @@ def test_an_association_reads_every_instance_without_pydicom(
     assert "SeriesInstanceUID of 12 characters (not shown: it holds characters other than" in caplog.text
     assert not any("1.2.840.99.x" in r.getMessage() for r in caplog.records if r.name == "node.scp")
     assert len(list(scp.spool_dir.rglob("*.dcm"))) == len(synthetic)
+
+
+def _with_study_uid_as_un(ds: Dataset, syntax: str, path: Path) -> Path:
+    """``ds`` saved as a DICOM file in ``syntax``, its StudyInstanceUID's VR written as UN (as gateways
+    that do not know a tag write it): :func:`read_header` leaves such a data set to pydicom."""
+    raw = _encoded(ds, syntax)
+    at = raw.index(b"\x20\x00\x0d\x00UI")
+    length = int.from_bytes(raw[at + 6 : at + 8], "little")
+    raw = raw[:at] + b"\x20\x00\x0d\x00UN\x00\x00" + length.to_bytes(4, "little") + raw[at + 8 :]
+    assert read_header(raw, syntax) is None
+    path.write_bytes(file_header(ds.SOPClassUID, ds.SOPInstanceUID, syntax) + raw)
+    return path
+
+
+def test_a_compressed_instance_decoded_by_pydicom_is_kept(
+    scp: StorageSCP, synthetic: list[Path], tmp_path: Path
+) -> None:
+    """A valid RLE instance that the reader leaves to pydicom: its pixel data is measured in the
+    presentation context's transfer syntax (``event.dataset`` has no File Meta), so it is kept; it used
+    to be taken for native pixel data and refused as truncated (0xC000)."""
+    ds = pydicom.dcmread(synthetic[3])
+    ds.compress(RLELossless)
+    path = _with_study_uid_as_un(ds, RLELossless, tmp_path / "rle.dcm")
+    ae = AE(ae_title="PACS")
+    ae.add_requested_context(MRImageStorage, [RLELossless])
+    assoc = reactor.associate(ae, "127.0.0.1", scp.port, "SEGNODE")
+    assert assoc.is_established
+    try:
+        assert int(assoc.send_c_store(path).Status) == dimse.SUCCESS
+    finally:
+        assoc.release()
+    (kept,) = scp.spool_dir.rglob("*.dcm")
+    assert pydicom.dcmread(kept).pixel_array.shape == (ds.Rows, ds.Columns)
 
 
 def test_a_c_store_without_a_data_set_is_refused_as_before() -> None:
