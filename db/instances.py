@@ -353,6 +353,29 @@ def _move(sf: SessionFactory, row: ReceivedInstance, now: datetime | None) -> st
 
 
 @database_errors
+def instance_replaced(sf: SessionFactory, row: ReceivedInstance, now: datetime | None = None) -> None:
+    """Record that a kept instance was received again in its own study and series with other content
+    (a corrected image or header, whose file the caller replaces): its row takes the calling AE and the
+    time, and its study's idle timer restarts with the study pending, as a late instance's does in
+    :func:`record_instances`, so that a new run reads the corrected file."""
+    stamp = now or utcnow()
+    with writing(sf) as s:
+        s.execute(
+            update(NodeInstance)
+            .where(NodeInstance.sop_instance_uid == row.sop_instance_uid)
+            .values(calling_ae=row.calling_ae, received_at=stamp)
+        )
+        conn = s.connection()
+        ahead = stamp + timedelta(seconds=CLOCK_STEP_SECONDS)
+        touched = conn.execute(
+            _TOUCH_STUDY, {"b_uid": row.study_instance_uid, "b_now": stamp, "b_ahead": ahead}
+        )
+        if touched.rowcount == 0:  # its study row is gone (its rows were forgotten meanwhile)
+            first = {"first_received_at": stamp, "last_received_at": stamp, "pending": True}
+            conn.execute(insert(_STUDIES), {"study_instance_uid": row.study_instance_uid, "runs": 0, **first})
+
+
+@database_errors
 def forget_instance(sf: SessionFactory, sop_instance_uid: str) -> None:
     """Delete an instance row whose spool file could not be written (the sender got a failure)."""
     with writing(sf) as s:

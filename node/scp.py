@@ -264,7 +264,7 @@ class ReceiveResult:
     """What happened to one C-STORE request (for tests and metrics)."""
 
     status: int
-    outcome: str  # kept | duplicate | ignored | rejected
+    outcome: str  # kept | replaced | duplicate | ignored | rejected
 
 
 def _guarded(handler: Callable[[Any], int]) -> Callable[[Any], int]:
@@ -653,6 +653,37 @@ class StorageSCP:
             former.unlink(missing_ok=True)
         return True
 
+    def _replaced(
+        self, sop_uid: str, sop_class: str, study: str, series: str, path: Path, encoded: bytes,
+        calling_ae: str, written: bool,
+    ) -> bool:
+        """A repeat of a kept instance in its own study and series: True when it brought other bytes
+        than its spool file holds (a corrected image or header) or its file was missing (written now,
+        ``written``); the file then holds the new bytes, written as durably as a new instance's, and
+        the study is pending again (:func:`db.instances.instance_replaced`) so that a new run reads
+        them. An identical repeat costs one read of the file and changes nothing."""
+        if not written:
+            try:
+                if path.read_bytes() == encoded:
+                    return False
+            except FileNotFoundError:  # removed meanwhile (spool retention): written again below
+                pass
+        row = instances.ReceivedInstance(
+            sop_instance_uid=sop_uid, sop_class_uid=sop_class, study_instance_uid=study,
+            series_instance_uid=series, kept=True, path=str(path), calling_ae=calling_ae,
+        )  # fmt: skip
+        # Pending before the file changes: a crash in between leaves the study to run again (on the old
+        # file, or on the new one after the PACS's resend), never the new file with no run to read it.
+        instances.instance_replaced(self.sf, row)
+        if not written:
+            write_atomic(path, encoded)
+        logger.warning(
+            "instance %s received again in its study and series %s; its spool file is replaced and "
+            "the study will be analysed again",
+            sop_uid, "with other content" if not written else "after its spool file was lost",
+        )  # fmt: skip
+        return True
+
     def _ignore(self, sop_class: str, sop_uid: str, calling_ae: str) -> int:
         new = self._record(
             sop_instance_uid=sop_uid,
@@ -726,11 +757,17 @@ class StorageSCP:
             if new:
                 instances.forget_instance(self.sf, sop_uid)
             raise error
+        replaced = False
         if not new:
             new = self._moved(sop_uid, sop_class, study, series, path, calling_ae)
-        if new:  # the study's timer now counts from this instance
+        if not new:
+            replaced = self._replaced(
+                sop_uid, sop_class, study, series, path, encoded, calling_ae, written=writing is not None
+            )
+        if new or replaced:  # the study's timer now counts from this instance
             self.idle_timers.recorded(study, sop_uid)
-        self.metrics.instances.labels("kept" if new else "duplicate").inc()
+        outcome = "kept" if new else "replaced" if replaced else "duplicate"
+        self.metrics.instances.labels(outcome).inc()
         if new and self.on_stored is not None:
             self.on_stored(series, str(path))
-        return ReceiveResult(dimse.SUCCESS, "kept" if new else "duplicate")
+        return ReceiveResult(dimse.SUCCESS, outcome)

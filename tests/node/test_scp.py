@@ -25,6 +25,7 @@ from sqlalchemy import select
 
 from converters.dicom_writer import write_study
 from converters.synthetic import make_synthetic_case
+from db import instances
 from db.node_tables import NodeInstance, NodeStudy
 from db.session import make_engine, make_session_factory, upgrade
 from node import dimse, reactor
@@ -222,6 +223,47 @@ def test_an_instance_sent_again_in_a_corrected_study_moves_there(
     # A plain repeat stays a repeat.
     assert _store(running.scp.port, first[0]) == dimse.SUCCESS
     assert len(running.rows()) == 2 and len(list(running.settings.spool_path().rglob("*.dcm"))) == 2
+
+
+def test_an_instance_sent_again_with_other_content_replaces_its_file_and_study_runs_again(
+    running: Running, mr_files: list[Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The same SOP Instance UID in the same study and series with other bytes (a corrected image and
+    header) after the study's job was queued: the spool file used to keep the first bytes, silently,
+    with the study no longer pending. Now the file holds the new bytes, a warning names the SOP
+    Instance UID only, and the study is pending again; an identical repeat still changes nothing."""
+    ds = pydicom.dcmread(mr_files[2])
+    assert _store(running.scp.port, ds) == dimse.SUCCESS
+    assert instances.schedule_due_studies(running.sf, 0.0)  # type: ignore[arg-type]
+    assert not running.studies()[0].pending
+    path = Path(str(running.rows()[0].path))
+    first = path.read_bytes()
+    assert _store(running.scp.port, ds) == dimse.SUCCESS  # identical: idempotent
+    assert path.read_bytes() == first and not running.studies()[0].pending
+
+    corrected = copy.deepcopy(ds)
+    pixels = corrected.pixel_array.copy()
+    pixels[:] = 7
+    corrected.PixelData = pixels.tobytes()
+    corrected.PatientName = "Corrected^Name"
+    with caplog.at_level(logging.WARNING, logger="node.scp"):
+        assert _store(running.scp.port, corrected) == dimse.SUCCESS
+    on_disk = pydicom.dcmread(path)
+    assert on_disk.PatientName == "Corrected^Name" and (on_disk.pixel_array == 7).all()
+    assert len(running.rows()) == 1 and not list(path.parent.glob(".*.tmp"))
+    assert running.studies()[0].pending
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "node.scp"]
+    assert ds.SOPInstanceUID in line and "replaced" in line
+    assert "Corrected" not in line and ds.StudyInstanceUID not in line and ds.SeriesInstanceUID not in line
+    assert running.metrics.instances.labels("replaced")._value.get() == 1
+    assert running.metrics.instances.labels("duplicate")._value.get() == 1
+
+    # A repeat whose spool file was lost (a crash after its row committed): written, and run again.
+    instances.schedule_due_studies(running.sf, 0.0)  # type: ignore[arg-type]
+    assert not running.studies()[0].pending
+    path.unlink()
+    assert _store(running.scp.port, ds) == dimse.SUCCESS
+    assert path.read_bytes() == first and running.studies()[0].pending
 
 
 def test_missing_pixel_data_is_refused(
