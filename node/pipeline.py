@@ -729,6 +729,31 @@ def segment_study(study: _Study, plan: RoutingPlan) -> Segmented:
     raise JobError(f"no model could run on the study ({failed})")
 
 
+def spooled_files(groups: Mapping[str, Sequence[str]]) -> tuple[dict[str, list[Path]], list[str]]:
+    """``groups`` (series UID -> spool paths of its instances' rows) without the instances whose spool
+    file is not there, and the SOP Instance UIDs of those (a spool file is named after its instance,
+    node/spool.py); a series left with no file is left out, as if it had never come.
+
+    The receiver commits an instance's row while its file is still being written (in parallel, for
+    speed); a crash in between leaves a row whose file never existed. The PACS got no answer and
+    usually sends the instance again (node/scp.py writes the file then); until it does, the study is
+    analysed without it rather than failing as a whole on the missing file.
+    """
+    present: dict[str, list[Path]] = {}
+    missing: list[str] = []
+    for series, paths in groups.items():
+        found = []
+        for raw in paths:
+            path = Path(raw)
+            if path.is_file():
+                found.append(path)
+            else:
+                missing.append(path.stem)
+        if found:
+            present[series] = found
+    return present, missing
+
+
 def analyse_early(ctx: JobContext, groups: Mapping[str, Sequence[str]], work: EarlyWork) -> None:
     """Early analysis of a study's settled series (``groups``: series UID -> spool paths): route them
     as a job would and run the most capable model they allow, keeping reads, masks and the result in
@@ -736,7 +761,7 @@ def analyse_early(ctx: JobContext, groups: Mapping[str, Sequence[str]], work: Ea
     timer = Timer()
     try:
         with timer.stage("select"):
-            series = scan_grouped_series({k: [Path(p) for p in v] for k, v in groups.items()})
+            series = scan_grouped_series(spooled_files(groups)[0])  # the job reports files missing
             plan = route(ctx.models(), series, ctx.selector)
         if not plan.routes:
             return
@@ -791,12 +816,19 @@ def run_job(ctx: JobContext, job_id: int, attempt: int | None = None) -> str:
         reason = "no usable model for the node's tasks (see segnode models list)"
         return _end(ctx, job_id, attempt, "failed", reason, timer)
     model: LoadedModel | None = None
+    missing: list[str] = []  # SOP Instance UIDs of the job's instances whose spool file is not there
     try:
         with timer.stage("select"):
-            groups = job_queue.job_series_paths(ctx.sf, job_id)
+            groups, missing = spooled_files(job_queue.job_series_paths(ctx.sf, job_id))
+            if missing:
+                logger.warning(
+                    "job %d: %d instance(s) recorded without their spool file (the node stopped while "
+                    "writing them, and the PACS has not sent them again) are left out: %s",
+                    job_id, len(missing), ", ".join(missing),
+                )  # fmt: skip
             if not groups:
                 raise JobError("the study has no kept MR instances in the spool")
-            series = scan_grouped_series({k: [Path(p) for p in v] for k, v in groups.items()})
+            series = scan_grouped_series(groups)
             plan = route(candidates, series, ctx.selector)
         if not plan.routes:
             # The least demanding model's missing series first: what a reader needs to know.
@@ -903,26 +935,37 @@ def run_job(ctx: JobContext, job_id: int, attempt: int | None = None) -> str:
     except JobError as exc:  # an InferenceError quotes a library's text, which may quote a value
         log_reason = scrub_text(str(exc)) if isinstance(exc, InferenceError) else None
         status = "skipped" if exc.skip else "failed"
-        return _end(ctx, job_id, attempt, status, str(exc), timer, model, log_reason=log_reason)
+        return _end(
+            ctx, job_id, attempt, status, str(exc), timer, model, log_reason=log_reason, missing=missing
+        )
     except (NodeError, ConverterError, OSError) as exc:
-        return _end(ctx, job_id, attempt, "failed", f"{type(exc).__name__}: {exc}", timer, model)
+        reason = f"{type(exc).__name__}: {exc}"
+        return _end(ctx, job_id, attempt, "failed", reason, timer, model, missing=missing)
     except ValueError as exc:  # often a library's (pydicom, highdicom), whose text may quote a value
         reason = f"{type(exc).__name__}: {exc}"
-        return _end(ctx, job_id, attempt, "failed", reason, timer, model, log_reason=scrub_text(reason))
+        return _end(
+            ctx, job_id, attempt, "failed", reason, timer, model,
+            log_reason=scrub_text(reason), missing=missing,
+        )  # fmt: skip
     except Exception as exc:  # a bug or an unforeseen input: the job fails, the worker goes on
         # The traceback through the log scrubber: a library's message may quote an attribute's value.
         logger.error("job %d: unexpected error\n%s", job_id, scrub_text("".join(format_exception(exc))))
         reason = f"internal error: {type(exc).__name__}: {exc}"
-        return _end(ctx, job_id, attempt, "failed", reason, timer, model, log_reason=scrub_text(reason))
+        return _end(
+            ctx, job_id, attempt, "failed", reason, timer, model,
+            log_reason=scrub_text(reason), missing=missing,
+        )  # fmt: skip
     if not report.passed:
         for rule in report.failed:
             ctx.metrics.qc_failures.labels(rule.name).inc()
         return _end(
-            ctx, job_id, attempt, "review", report.reason(), timer, model, result=result, out_dir=out_dir
-        )
+            ctx, job_id, attempt, "review", report.reason(), timer, model, result=result, out_dir=out_dir,
+            missing=missing,
+        )  # fmt: skip
     return _end(
-        ctx, job_id, attempt, "done", "", timer, model, result=result, out_dir=out_dir, outputs=outputs
-    )
+        ctx, job_id, attempt, "done", "", timer, model, result=result, out_dir=out_dir, outputs=outputs,
+        missing=missing,
+    )  # fmt: skip
 
 
 def encoded(ds: Dataset) -> bytes:
@@ -949,10 +992,14 @@ def _end(
     out_dir: Path | None = None,
     outputs: list[OutputObject] | None = None,
     log_reason: str | None = None,
+    missing: Sequence[str] = (),
 ) -> str:
     """End job ``job_id``, claimed at ``attempt``, with ``status`` and ``reason`` (``log_reason``: the
     reason as the log line gives it, when it may quote a value of the study that ``reason``, kept in
-    the job, still shows); ``superseded`` when the job was claimed again meanwhile."""
+    the job, still shows); ``superseded`` when the job was claimed again meanwhile. ``missing``: the
+    SOP Instance UIDs left out for want of their spool file, kept in the result (``instances_missing``)."""
+    if missing:
+        result = {**(result or {}), "instances_missing": list(missing)}
     if status != "done":
         logger.warning("job %d %s: %s", job_id, status, reason if log_reason is None else log_reason)
     else:

@@ -381,6 +381,10 @@ def _result_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
         rows += [(f"series {role}", why) for role, why in basis.items()]
     for line in result.get("series_replaced") or []:
         rows.append(("series replaced", line))
+    missing = result.get("instances_missing") or []
+    if missing:
+        left_out = ", ".join(missing)
+        rows.append(("instances missing", f"{len(missing)} without a spool file, left out: {left_out}"))
     registration = result.get("registration") or {}
     for modality, entry in (registration.get("series") or {}).items():
         figures = (

@@ -17,6 +17,7 @@ from converters.synthetic import make_synthetic_case
 from db import job_queue
 from db.exceptions import DatabaseOperationError, DatabaseUnavailableError
 from db.transactions import utcnow
+from node.cli.commands import _result_rows
 from node.config import Destination
 from node.sender import store_files
 from tests.helpers.node import CatchingSCP, make_threshold_model, node_settings, running_node
@@ -182,3 +183,41 @@ def test_a_run_superseded_in_the_same_process_ends_nothing_the_later_run_ends_th
     assert job.output_dir is not None and job.output_dir.endswith("attempt-2"), job.output_dir  # run 2's
     assert returned == ["superseded", "done"]
     assert "job 1 was claimed again while this run (attempt 1) ran; this run stops" in caplog.text
+
+
+def test_instances_recorded_without_their_spool_file_are_left_out_and_the_study_still_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The receiver commits an instance's row while its spool file is written, so a SIGKILL in between
+    leaves a row without a file; if the PACS never sends it again the study's job failed whole with
+    FileNotFoundError in the series scan. Now those instances are left out with one warning naming
+    them, the job's result lists them, and a series left without any file counts as absent."""
+    case = make_synthetic_case(3, SHAPE)
+    model = make_threshold_model(tmp_path / "model", crop=SHAPE[:2], spacing=case.spacing, threshold=1.5)
+    study = write_study(case, tmp_path / "study", modalities=["FLAIR", "T2"])
+    original = job_queue.job_series_paths
+    lost: list[str] = []
+
+    def rows_without_files(sf: Any, job_id: int) -> dict[str, list[str]]:
+        groups = original(sf, job_id)
+        if not lost:  # as a crash mid-write leaves them: the T2's only file and the FLAIR's first
+            for paths in groups.values():
+                Path(paths[0]).unlink()
+                lost.append(Path(paths[0]).stem)
+        return groups
+
+    monkeypatch.setattr(job_queue, "job_series_paths", rows_without_files)
+    with caplog.at_level(logging.WARNING, logger="node.pipeline"), running_node(
+        node_settings(tmp_path, free_port()), model
+    ) as node:
+        files = study.files["FLAIR"] + study.files["T2"][:1]
+        results = store_files(files, "127.0.0.1", node.scp.port, "SEGNODE", "PACS")
+        assert {status for _, status, _ in results} == {0}
+        job = _first_job_ended(node)
+    assert job.status == "done", job.reason
+    assert len(lost) == 2 and sorted(job.result["instances_missing"]) == sorted(lost)
+    assert list(job.result["series"]) == ["FLAIR"]
+    (line,) = [r.getMessage() for r in caplog.records if "without their spool file" in r.getMessage()]
+    assert "2 instance(s)" in line and all(uid in line for uid in lost)
+    shown = ("instances missing", f"2 without a spool file, left out: {', '.join(lost)}")
+    assert shown in _result_rows(job.result)  # segnode jobs show
