@@ -494,9 +494,14 @@ def encode_seg(done: Segmented, run: int = 1) -> bytes:
     )
 
 
-def _series_files(info: SeriesInfo) -> tuple[str, tuple[str, ...]]:
-    """A series' identity for reuse: its UID and its spool files, in any order."""
-    return info.series_instance_uid, tuple(sorted(map(str, info.paths)))
+def _series_files(info: SeriesInfo) -> tuple[str, tuple[tuple[str, int, int], ...]]:
+    """A series' identity for reuse: its UID and its spool files, in any order, each with its version
+    when the series was scanned (``SeriesInfo.versions``): an instance sent again with other content
+    replaces its file under the same path, and work done on the former file is not the new one's."""
+    versions = info.versions if len(info.versions) == len(info.paths) else [(-1, -1)] * len(info.paths)
+    return info.series_instance_uid, tuple(
+        sorted((str(path), *version) for path, version in zip(info.paths, versions, strict=True))
+    )
 
 
 def same_files(a: SeriesInfo, b: SeriesInfo) -> bool:
@@ -544,7 +549,7 @@ class _Study:
         self.brains: dict[str, Brain | None] = {}
         self.early = early
         #: The error of each series (by its files) that could not be read, not to read it twice.
-        self.unreadable: dict[tuple[str, tuple[str, ...]], JobError] = {}
+        self.unreadable: dict[tuple[str, tuple[tuple[str, int, int], ...]], JobError] = {}
         #: What came from early analysis: "load MODALITY", "brain MODALITY", "result TASK" and
         #: "seg TASK" (the result's SEG, built early too).
         self.reused: list[str] = []

@@ -56,6 +56,7 @@ which roles are missing instead of raising, and why each T1 got its role (``basi
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -114,6 +115,10 @@ class SeriesInfo:
     #: 5 mm thick 6.5 mm apart resolve no better than 6.5 mm; 1.2 mm thick 0.6 mm apart no better than
     #: 1.2 mm), or None when it says neither.
     slice_mm: float | None = None
+    #: Each of ``paths``' (inode, modification time in ns) when the series was scanned, (-1, -1) for
+    #: a file gone: an instance sent again with other content replaces its file under the same path
+    #: (node/scp.py), so work done on a series is reused only for the same versions (node/pipeline.py).
+    versions: tuple[tuple[int, int], ...] = ()
 
     @property
     def label(self) -> str:
@@ -367,7 +372,17 @@ def series_info(ds: Dataset, paths: Sequence[Path], slices: int) -> SeriesInfo:
         special=_no_role_kind(ds, image_type),
         echo_pulse=str(_deep_get(ds, "EchoPulseSequence") or "").strip().upper(),
         slice_mm=_slice_pitch(ds),
+        versions=tuple(file_version(path) for path in paths),
     )
+
+
+def file_version(path: Path | str) -> tuple[int, int]:
+    """A file's (inode, modification time in ns); (-1, -1) when it cannot be read."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return -1, -1
+    return st.st_ino, st.st_mtime_ns
 
 
 def _slice_pitch(ds: Dataset) -> float | None:

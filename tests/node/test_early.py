@@ -8,6 +8,7 @@ shipped brain extractor on a BraTS case for the rest.
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -255,6 +256,37 @@ def test_a_series_that_grows_after_its_early_run_is_computed_again(
         assert job.result["early_analysis"]["reused"] == []
         assert "inference" in job.stages and "load" in job.stages
         np.testing.assert_array_equal(_seg_pixels(catcher), expected)
+
+
+def test_a_series_whose_instances_are_sent_again_with_other_content_is_computed_again(
+    tmp_path: Path, case: Case, model_dir: Path
+) -> None:
+    """The FLAIR series is segmented early, then the PACS sends half its instances again, corrected (same
+    UIDs, other pixels): the spool files are replaced under the same paths, and the job must give the
+    SEG of the corrected study, not reuse the early work on the former files."""
+    study = write_study(case, tmp_path / "study", modalities=["FLAIR", "T1"])
+    flair = study.files["FLAIR"]
+    first = tmp_path / "first"
+    first.mkdir()
+    sent_first = [Path(shutil.copy(path, first / f"{n}.dcm")) for n, path in enumerate(flair)]
+    corrected = flair[: len(flair) // 2]
+    for path in corrected:  # the study's own files become the corrected study
+        ds = pydicom.dcmread(path)
+        ds.PixelData = (ds.pixel_array // 2).astype(ds.pixel_array.dtype).tobytes()
+        ds.save_as(path)
+    expected, reference = _reference_seg(tmp_path / "reference", model_dir, study)
+
+    with _node(tmp_path / "early", [model_dir], early=True) as (node, catcher):
+        early = node.early
+        assert early is not None
+        _send(node, sent_first)
+        _send(node, study.files["T1"])
+        wait_until(lambda: study.study_instance_uid in early.waiting(), 30, "early work on the FLAIR")
+        _send(node, corrected)
+        job = _job(node, study)
+        assert job.status == "done", job.reason
+        np.testing.assert_array_equal(_seg_pixels(catcher), expected)
+        assert job.result["volumes_ml"] == reference.result["volumes_ml"]
 
 
 def test_early_work_of_a_simpler_model_gives_the_study_model_its_reference_and_brain_mask(
