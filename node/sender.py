@@ -17,7 +17,7 @@ import ssl
 import threading
 import time
 from collections import defaultdict, deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
 from contextlib import contextmanager
@@ -27,6 +27,7 @@ from typing import Any
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
 from db import send_queue
@@ -185,6 +186,29 @@ def _readable(path: str | Path) -> Dataset:
     return ds
 
 
+def requested_contexts(objects: Iterable[tuple[str, str]]) -> list[tuple[str, list[str]]]:
+    """The presentation contexts to propose for objects of these (SOP Class, transfer syntax) pairs.
+
+    An object stored in an uncompressed little endian syntax is offered in it and in Explicit and
+    Implicit VR Little Endian (one context per SOP Class): pynetdicom re-encodes it in whichever the
+    destination accepts. Offering only the file's own syntax lost the SEG and SR (Explicit VR files) at a
+    destination that accepts only Implicit VR Little Endian, the DICOM default (``storescp +xi``). A
+    compressed object can only go in its own syntax (a context of its own).
+    """
+    convertible: dict[str, list[str]] = defaultdict(list)
+    contexts: list[tuple[str, list[str]]] = []
+    for sop_class, syntax in sorted(set(objects)):
+        uid = UID(syntax)
+        if uid.is_little_endian and not uid.is_compressed:
+            convertible[sop_class].append(syntax)
+        else:
+            contexts.append((sop_class, [syntax]))
+    for sop_class, syntaxes in convertible.items():
+        offered = [*syntaxes, ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+        contexts.append((sop_class, list(dict.fromkeys(str(s) for s in offered))))
+    return sorted(contexts)
+
+
 def _store_datasets(
     datasets: list[tuple[int, Dataset]],
     host: str,
@@ -198,10 +222,10 @@ def _store_datasets(
 ) -> dict[int, tuple[int | None, str]]:
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-    for sop_class, syntax in sorted(
-        {(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for _, ds in datasets}
+    for sop_class, syntaxes in requested_contexts(
+        (str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for _, ds in datasets
     ):
-        ae.add_requested_context(sop_class, [syntax])
+        ae.add_requested_context(sop_class, syntaxes)
     tls_args = (tls, server_name) if tls is not None else None
     assoc = reactor.associate(ae, host, port, called_ae, tls_args=tls_args)
     if not assoc.is_established and assoc.rejected_contexts and not assoc.accepted_contexts:

@@ -203,7 +203,8 @@ class CatchingSCP:
 
     ``status``: what it answers each C-STORE (a Warning such as 0xB000 still keeps the data set);
     ``sop_classes``: the storage SOP classes it accepts (default: every one); ``stall_seconds``: how
-    long it waits before answering its first C-STORE (a PACS that hangs).
+    long it waits before answering its first C-STORE (a PACS that hangs); ``transfer_syntaxes``: the
+    transfer syntaxes it accepts (default: every one; ``[ImplicitVRLittleEndian]`` is ``storescp +xi``).
     """
 
     def __init__(
@@ -213,6 +214,7 @@ class CatchingSCP:
         status: int = 0x0000,
         sop_classes: Collection[str] | None = None,
         stall_seconds: float = 0.0,
+        transfer_syntaxes: Sequence[str] | None = None,
     ) -> None:
         self.ae_title = ae_title
         self.status = status
@@ -223,7 +225,8 @@ class CatchingSCP:
         self.ae.add_supported_context(Verification)
         for context in AllStoragePresentationContexts:
             if sop_classes is None or str(context.abstract_syntax) in sop_classes:
-                self.ae.add_supported_context(str(context.abstract_syntax), ALL_TRANSFER_SYNTAXES)
+                syntaxes = list(transfer_syntaxes or ALL_TRANSFER_SYNTAXES)
+                self.ae.add_supported_context(str(context.abstract_syntax), syntaxes)
         self.server: Any = None
         self.port = 0
 

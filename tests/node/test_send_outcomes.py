@@ -16,7 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless, generate_uid
 
 from converters.dicom_writer import write_study
 from converters.synthetic import make_synthetic_case
@@ -28,7 +28,7 @@ from node import sender as sender_module
 from node.cli import commands
 from node.config import Destination
 from node.metrics import NodeMetrics
-from node.sender import Sender, store_files
+from node.sender import Sender, requested_contexts, store_files
 from node.service import NodeService
 from tests.helpers.cli import run_cli
 from tests.helpers.node import CatchingSCP, make_threshold_model, node_settings, running_node
@@ -120,6 +120,34 @@ def test_a_warning_status_is_a_delivery(
     assert {s.status for s in _sends(sf, job).values()} == {"done"}
     assert "delivered to pacs with status 0xB000 (Warning: coercion of data elements)" in caplog.text
     assert sender.run_once() == 0 and len(pacs.received) == 2  # never sent again
+
+
+def test_a_pacs_that_accepts_only_implicit_vr_gets_the_seg_and_sr(
+    sf: SessionFactory, tmp_path: Path, pacs_factory: list[CatchingSCP]
+) -> None:
+    """The SEG and SR files are Explicit VR Little Endian; a PACS that accepts only Implicit VR Little
+    Endian (the DICOM default, ``storescp +xi``) gets them re-encoded, from the sender and from
+    ``store_files`` (``segnode send``)."""
+    pacs = _pacs(pacs_factory, transfer_syntaxes=[ImplicitVRLittleEndian])
+    job = _done_job(sf, tmp_path, 1, pacs)
+    assert _sender(sf).run_once() == 2
+    assert {s.status for s in _sends(sf, job).values()} == {"done"}
+    assert sorted(ds.Modality for ds in pacs.received) == ["SEG", "SR"]
+    assert {ds.file_meta.TransferSyntaxUID for ds in pacs.received} == {ImplicitVRLittleEndian}
+    files = [tmp_path / "job1" / "seg.dcm", tmp_path / "job1" / "sr.dcm"]
+    results = store_files(files, "127.0.0.1", pacs.port, pacs.ae_title)
+    assert [(status, error) for _, status, error in results] == [(0, ""), (0, "")]
+
+
+def test_uncompressed_objects_are_offered_in_both_little_endian_syntaxes_compressed_in_their_own() -> None:
+    mr = "1.2.840.10008.5.1.4.1.1.4"
+    assert requested_contexts([
+        (SEG_STORAGE, ExplicitVRLittleEndian), (mr, JPEG2000Lossless), (mr, ImplicitVRLittleEndian),
+    ]) == [
+        (mr, [ImplicitVRLittleEndian, ExplicitVRLittleEndian]),
+        (mr, [JPEG2000Lossless]),
+        (SEG_STORAGE, [ExplicitVRLittleEndian, ImplicitVRLittleEndian]),
+    ]  # fmt: skip
 
 
 def test_a_pacs_without_seg_storage_still_gets_the_sr(
