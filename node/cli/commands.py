@@ -158,9 +158,14 @@ def send(
     called_ae: str = typer.Option("SEGNODE", "--called-ae", help="AE title of the receiver."),
     calling_ae: str = typer.Option("SEGNODE_SCU", "--calling-ae", help="Our AE title."),
 ) -> None:
-    """Send DICOM files over C-STORE (one association), with a progress bar."""
+    """Send DICOM files over C-STORE (one association), with a progress bar.
+
+    Exits 1 when a file was not stored; one stored with a Warning status (0xB000, 0xB006, 0xB007) is
+    sent, and listed with its warning.
+    """
     from rich.progress import Progress
 
+    from node import dimse
     from node.exceptions import NodeError
     from node.sender import store_files
 
@@ -169,6 +174,7 @@ def send(
     if not files:
         raise NodeError(f"no files found in {', '.join(map(str, paths))}")
     failed: list[str] = []
+    warned: list[str] = []  # stored with a Warning status (0xB000, 0xB006, 0xB007): sent, and said so
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task(f"C-STORE to {called_ae}@{host}:{port}", total=len(files))
         for start in range(0, len(files), 200):
@@ -177,9 +183,14 @@ def send(
                 results = store_files(chunk, host, port, called_ae, calling_ae)
             except (ConnectionError, OSError) as exc:
                 raise NodeError(f"cannot send to {called_ae}@{host}:{port}: {exc}") from None
-            failed += [f"{p}: {err}" for p, status, err in results if status != 0]
+            failed += [f"{p}: {err}" for p, status, err in results if not dimse.stored(status)]
+            warned += [f"{p}: {err}" for p, status, err in results if dimse.stored(status) and err]
             progress.advance(task, len(chunk))
     console.print(f"sent {len(files) - len(failed)} of {len(files)} files to {called_ae}@{host}:{port}")
+    if warned:
+        console.print(f"  {len(warned)} stored with a warning:")
+        for line in warned[:10]:
+            console.print(f"  warning: {line}")
     if failed:
         for line in failed[:10]:
             console.print(f"  failed: {line}")

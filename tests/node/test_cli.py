@@ -99,6 +99,24 @@ def test_send_folder_and_unreachable_peer(
     assert code == 2 and f"error: {tmp_path / 'nothing'} does not exist" in err
 
 
+def test_send_counts_a_warning_status_as_sent(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """0xB000 (coercion of data elements): the PACS stored the objects; they are sent, with the warning."""
+    write_study(make_synthetic_case(4, (16, 16, 8)), tmp_path / "study", modalities=["FLAIR"])
+    catcher = CatchingSCP("RECEIVER", status=0xB000).start(free_port())
+    try:
+        args = ["send", "127.0.0.1", str(catcher.port), str(tmp_path / "study"), "--called-ae", "RECEIVER"]
+        code, out, _ = run_cli(args, capsys, monkeypatch)
+    finally:
+        catcher.stop()
+    assert code == 0, out
+    assert f"sent 8 of 8 files to RECEIVER@127.0.0.1:{catcher.port}" in out
+    words = " ".join(out.split())  # Rich wraps the long lines at 80 columns here
+    assert "8 stored with a warning" in words and "failed" not in words
+    assert words.count("status 0xB000 (Warning: coercion of data elements)") == 8
+
+
 def test_demo_without_model_says_what_to_do(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
