@@ -119,13 +119,20 @@ def renew_leases(
 
 
 @database_errors
-def mark_sent(sf: SessionFactory, send_id: int, now: datetime | None = None) -> None:
-    """Record an acknowledged C-STORE."""
+def mark_sent(sf: SessionFactory, send_id: int, now: datetime | None = None, warning: str = "") -> None:
+    """Record an acknowledged C-STORE. ``warning``: what the destination said when it stored the object
+    with a Warning status (kept in ``last_error``, so that ``segnode jobs show`` gives it); empty for
+    Success."""
     with writing(sf) as s:
         s.execute(
             update(NodeSend)
             .where(NodeSend.id == send_id)
-            .values(status="done", sent_at=now or utcnow(), last_error="", attempts=NodeSend.attempts + 1)
+            .values(
+                status="done",
+                sent_at=now or utcnow(),
+                last_error=warning[:1000],
+                attempts=NodeSend.attempts + 1,
+            )
         )
 
 

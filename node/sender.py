@@ -456,7 +456,8 @@ class Sender:
         delivered = 0
         for send, (_, status, error) in zip(sends, results, strict=True):
             if dimse.stored(status):
-                send_queue.mark_sent(self.sf, send.id)
+                # A Warning status (stored, with elements coerced or dropped) stays on the row.
+                send_queue.mark_sent(self.sf, send.id, warning=f"stored with {error}" if error else "")
                 self.metrics.sends.labels(name).inc()
                 delivered += 1
                 if status == dimse.SUCCESS:

@@ -109,17 +109,31 @@ def _sender(
     )
 
 
-def test_a_warning_status_is_a_delivery(
-    sf: SessionFactory, tmp_path: Path, pacs_factory: list[CatchingSCP], caplog: pytest.LogCaptureFixture
+def test_a_warning_status_is_a_delivery_and_stays_on_the_send(
+    sf: SessionFactory,
+    tmp_path: Path,
+    pacs_factory: list[CatchingSCP],
+    caplog: pytest.LogCaptureFixture,
+    segnode_home: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     pacs = _pacs(pacs_factory, status=0xB000)  # Warning: coercion of data elements; stored
     job = _done_job(sf, tmp_path, 1, pacs)
     sender = _sender(sf)
     with caplog.at_level(logging.WARNING, logger="node.sender"):
         assert sender.run_once() == 2
-    assert {s.status for s in _sends(sf, job).values()} == {"done"}
+    warning = "stored with status 0xB000 (Warning: coercion of data elements)"
+    assert {(s.status, s.last_error) for s in _sends(sf, job).values()} == {("done", warning)}
     assert "delivered to pacs with status 0xB000 (Warning: coercion of data elements)" in caplog.text
     assert sender.run_once() == 0 and len(pacs.received) == 2  # never sent again
+    config = tmp_path / "node.toml"
+    config.write_text(f'[database]\nurl = "sqlite:///{tmp_path / "segnode.db"}"\n')
+    show = ["jobs", "show", str(job), "--config", str(config)]
+    code, out, _ = run_cli([*show, "--json"], capsys, monkeypatch)
+    assert code == 0 and {s["last_error"] for s in json.loads(out)["sends"]} == {warning}
+    code, out, _ = run_cli(show, capsys, monkeypatch)
+    assert code == 0 and out.count("0xB000") == 2  # a Rich table, wrapped at 80 columns here
 
 
 def test_a_pacs_that_accepts_only_implicit_vr_gets_the_seg_and_sr(

@@ -216,7 +216,7 @@ class FakeSendQueue:
         self.due.remove(send)
         return True
 
-    def mark_sent(self, sf: Any, send_id: int) -> None:
+    def mark_sent(self, sf: Any, send_id: int, warning: str = "") -> None:
         if self.mark_error is not None:
             raise self.mark_error
         self.sent.append(send_id)
