@@ -31,6 +31,9 @@ SOURCE_SERVICE_USER: Final = 0x01
 SOURCE_SERVICE_PROVIDER_PRESENTATION: Final = 0x03
 DIAG_NO_REASON: Final = 0x01
 DIAG_TEMPORARY_CONGESTION: Final = 0x01
+#: Diagnostics of the service user: the calling AE title, the called AE title not recognized.
+DIAG_CALLING_AE_NOT_RECOGNIZED: Final = 0x03
+DIAG_CALLED_AE_NOT_RECOGNIZED: Final = 0x07
 
 NAMES: Final[dict[int, str]] = {
     SUCCESS: "Success",

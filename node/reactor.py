@@ -33,6 +33,7 @@ import select
 import ssl
 import time
 import types
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 from pynetdicom import AE, evt
@@ -132,8 +133,10 @@ def associate(
     port: int,
     ae_title: str,
     tls_args: tuple[ssl.SSLContext, str] | None = None,
+    evt_handlers: Sequence[tuple[Any, Callable[..., Any]]] = (),
 ) -> Association:
-    """``ae.associate`` whose association runs the prompt loop, so that no reply is lost.
+    """``ae.associate`` whose association runs the prompt loop, so that no reply is lost; ``evt_handlers``
+    are bound to the association as well.
 
     pynetdicom's requestor runs the acceptor's loop too, and ``send_c_store`` pauses it by clearing
     an event and then waiting until the loop says it is paused. The loop says so before it waits on
@@ -150,7 +153,7 @@ def associate(
         port,
         ae_title=ae_title,
         tls_args=tls_args,
-        evt_handlers=[(evt.EVT_CONN_OPEN, _on_connection_open)],
+        evt_handlers=[(evt.EVT_CONN_OPEN, _on_connection_open), *evt_handlers],
     )
 
 

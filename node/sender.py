@@ -17,7 +17,7 @@ import ssl
 import threading
 import time
 from collections import defaultdict, deque
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
 from contextlib import contextmanager
@@ -28,7 +28,8 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE
+from pynetdicom import AE, evt
+from pynetdicom.pdu_primitives import A_ABORT, A_P_ABORT
 
 from db import send_queue
 from db.send_queue import SendInfo
@@ -227,7 +228,8 @@ def _store_datasets(
     ):
         ae.add_requested_context(sop_class, syntaxes)
     tls_args = (tls, server_name) if tls is not None else None
-    assoc = reactor.associate(ae, host, port, called_ae, tls_args=tls_args)
+    watch = _Watch()
+    assoc = reactor.associate(ae, host, port, called_ae, tls_args=tls_args, evt_handlers=watch.handlers())
     if not assoc.is_established and assoc.rejected_contexts and not assoc.accepted_contexts:
         # The association was accepted without one presentation context (a PACS without SEG Storage
         # offered only the SEG): every object is refused, not the connection.
@@ -241,8 +243,8 @@ def _store_datasets(
         )
         if failure is not None:
             raise ConnectionError(_tls_failure_text(failure, host, port, server_name, destination))
-        why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "no answer"
-        raise ConnectionError(f"association to {called_ae}@{host}:{port} failed ({why})")
+        why = _association_failure(assoc, watch, host, port, calling_ae, tls is not None, timeout)
+        raise ConnectionError(f"association to {called_ae}@{host}:{port} {why}")
     set_nodelay(assoc)
     outcome: dict[int, tuple[int | None, str]] = {}
     ended = ""
@@ -262,6 +264,12 @@ def _store_datasets(
                 outcome[n] = (None, ended)
                 continue
             status = int(rsp.Status) if rsp is not None and "Status" in rsp else None
+            if status is None:
+                assoc.dul.join(min(timeout, 2.0))  # the DUL ends at an abort; its A-P-ABORT comes last
+            if status is None and (abort := watch.abort(assoc)) is not None:
+                ended = f"association {_abort_text(abort)} during C-STORE"
+                outcome[n] = (None, ended)
+                continue
             if status is None and not assoc.is_established:
                 ended = "no response within the DIMSE timeout; the association was aborted"
                 outcome[n] = (None, ended)
@@ -274,6 +282,83 @@ def _store_datasets(
         if assoc.is_established:
             assoc.release()
     return outcome
+
+
+class _Watch:
+    """What an association met: whether its connection opened (TCP, and TLS when on), and the aborts
+    from the peer's side (an A-ABORT, or an A-P-ABORT: the connection closed or an invalid PDU)."""
+
+    def __init__(self) -> None:
+        self.connected = False
+        self.aborts: list[A_ABORT | A_P_ABORT] = []
+
+    def handlers(self) -> list[tuple[Any, Callable[..., Any]]]:
+        """The event handlers to bind to the association."""
+        return [(evt.EVT_CONN_OPEN, self._opened), (evt.EVT_ACSE_RECV, self._received)]
+
+    def _opened(self, event: Any) -> None:
+        self.connected = True
+
+    def _received(self, event: Any) -> None:
+        if isinstance(event.primitive, (A_ABORT, A_P_ABORT)):
+            self.aborts.append(event.primitive)
+
+    def abort(self, assoc: Any) -> A_ABORT | A_P_ABORT | None:
+        """The abort from the peer's side: one the ACSE took (the handler saw it) or still queued for it."""
+        if self.aborts:
+            return self.aborts[0]
+        queued = assoc.dul.peek_next_pdu()
+        return queued if isinstance(queued, (A_ABORT, A_P_ABORT)) else None
+
+
+#: PS3.8 9.3.8: the reasons of an A-P-ABORT (0: not specified, which is also a closed connection).
+PROVIDER_ABORT_REASONS = {
+    0x01: "unrecognized PDU",
+    0x02: "unexpected PDU",
+    0x04: "unrecognized PDU parameter",
+    0x05: "unexpected PDU parameter",
+    0x06: "invalid PDU parameter value",
+}
+
+
+def _abort_text(abort: A_ABORT | A_P_ABORT) -> str:
+    """An abort from the peer's side, in words."""
+    if isinstance(abort, A_ABORT):
+        return "aborted by the peer"
+    reason = PROVIDER_ABORT_REASONS.get(abort.provider_reason or 0)
+    if reason is None:
+        return "ended by the peer (it closed the connection, or its DICOM layer aborted)"
+    return f"aborted by the DICOM layer (A-P-ABORT: {reason})"
+
+
+def _association_failure(
+    assoc: Any, watch: _Watch, host: str, port: int, calling_ae: str, tls: bool, timeout: float
+) -> str:
+    """Why an association was not established, in words that tell a misconfigured AE title (a rejection
+    and its reason) from a destination that is down (the socket error) or that did not answer."""
+    answer = getattr(assoc.acceptor, "primitive", None)
+    if assoc.is_rejected and answer is not None:
+        text = (
+            f"rejected: {answer.reason_str} ({answer.result_str.lower()}, by the {answer.source_str.lower()})"
+        )
+        by_user = answer.result_source == dimse.SOURCE_SERVICE_USER
+        if by_user and answer.diagnostic == dimse.DIAG_CALLED_AE_NOT_RECOGNIZED:
+            text += "; check the destination's ae_title"
+        elif by_user and answer.diagnostic == dimse.DIAG_CALLING_AE_NOT_RECOGNIZED:
+            text += f"; the destination does not know our AE title {calling_ae!r}"
+        return text
+    if not watch.connected:
+        try:
+            # pynetdicom logs the socket error only; a second connection gets it (nothing is sent).
+            socket.create_connection((host, port), timeout=min(timeout, 10.0)).close()
+        except OSError as exc:
+            return f"failed: cannot connect to {host}:{port}: {exc}"
+        if tls:
+            return f"failed: the TLS handshake with {host}:{port} failed (the node's log has the error)"
+        return f"failed: cannot connect to {host}:{port} (a second try connected)"
+    if (abort := watch.abort(assoc)) is not None:
+        return f"failed: {_abort_text(abort)} before it was accepted"
+    return f"failed: no answer to the association request within {timeout:g} s"
 
 
 class Sender:

@@ -204,7 +204,8 @@ class CatchingSCP:
     ``status``: what it answers each C-STORE (a Warning such as 0xB000 still keeps the data set);
     ``sop_classes``: the storage SOP classes it accepts (default: every one); ``stall_seconds``: how
     long it waits before answering its first C-STORE (a PACS that hangs); ``transfer_syntaxes``: the
-    transfer syntaxes it accepts (default: every one; ``[ImplicitVRLittleEndian]`` is ``storescp +xi``).
+    transfer syntaxes it accepts (default: every one; ``[ImplicitVRLittleEndian]`` is ``storescp +xi``);
+    ``abort_at``: the C-STORE (1 is the first) at which it aborts the association instead of answering.
     """
 
     def __init__(
@@ -215,9 +216,12 @@ class CatchingSCP:
         sop_classes: Collection[str] | None = None,
         stall_seconds: float = 0.0,
         transfer_syntaxes: Sequence[str] | None = None,
+        abort_at: int = 0,
     ) -> None:
         self.ae_title = ae_title
         self.status = status
+        self.abort_at = abort_at
+        self.stores = 0
         self.stall_seconds = stall_seconds
         self.received: list[Dataset] = []
         self.changed = threading.Condition()
@@ -231,6 +235,10 @@ class CatchingSCP:
         self.port = 0
 
     def _on_store(self, event: Any) -> int:
+        self.stores += 1
+        if self.stores == self.abort_at:
+            event.assoc.abort()
+            return self.status  # never sent: the association is gone
         if self.stall_seconds and not self.received:
             time.sleep(self.stall_seconds)
         ds = event.dataset

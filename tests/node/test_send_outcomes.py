@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -234,6 +235,53 @@ def test_a_send_refused_for_good_ends_refused_and_a_down_pacs_is_tried_for_ever(
     for _ in range(3):
         _sender(sf, backoff=0.0, max_refusals=1).run_once()
     assert {(s.status, s.attempts) for s in _sends(sf, other).values()} == {("pending", 3)}
+
+
+def test_why_an_association_failed_is_said_in_words(
+    sf: SessionFactory, tmp_path: Path, pacs_factory: list[CatchingSCP]
+) -> None:
+    """A called AE title the PACS does not know (its A-ASSOCIATE-RJ reason), a port nobody listens on
+    (the socket error) and a peer that never answers the request are told apart; before, all were
+    'failed (rejected)' or 'failed (aborted)'."""
+    pacs = CatchingSCP("PACS")
+    pacs.ae.require_called_aet = True
+    pacs_factory.append(pacs.start(free_port()))
+    job = _done_job(sf, tmp_path, 1, SimpleNamespace(ae_title="WRONG", port=pacs.port))  # type: ignore[arg-type]
+    assert _sender(sf).run_once() == 0
+    rejected = (
+        f"association to WRONG@127.0.0.1:{pacs.port} rejected: Called AE title not recognised "
+        "(rejected permanent, by the service user); check the destination's ae_title"
+    )
+    assert {(s.status, s.last_error) for s in _sends(sf, job).values()} == {("pending", rejected)}
+
+    files = [tmp_path / "job1" / "seg.dcm"]
+    down = free_port()  # nobody listens there
+    with pytest.raises(ConnectionError) as refused:
+        store_files(files, "127.0.0.1", down, "PACS")
+    assert str(refused.value) == (
+        f"association to PACS@127.0.0.1:{down} failed: cannot connect to 127.0.0.1:{down}: "
+        "[Errno 111] Connection refused"
+    )
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts TCP, never answers
+        port = silent.getsockname()[1]
+        with pytest.raises(ConnectionError) as unanswered:
+            store_files(files, "127.0.0.1", port, "PACS", timeout=0.3)
+    assert str(unanswered.value) == (
+        f"association to PACS@127.0.0.1:{port} failed: no answer to the association request within 0.3 s"
+    )
+
+
+def test_a_peer_that_aborts_mid_send_is_said_so(
+    sf: SessionFactory, tmp_path: Path, pacs_factory: list[CatchingSCP]
+) -> None:
+    pacs = _pacs(pacs_factory, abort_at=2)  # stores the SEG, aborts at the SR
+    job = _done_job(sf, tmp_path, 1, pacs)
+    assert _sender(sf).run_once() == 1
+    sends = _sends(sf, job)
+    assert sends["seg.dcm"].status == "done"
+    assert (sends["sr.dcm"].status, sends["sr.dcm"].last_error) == (
+        "pending", "association aborted by the peer during C-STORE"
+    )
 
 
 def test_which_statuses_refuse_an_object_for_good() -> None:
