@@ -205,6 +205,11 @@ def requeue_stale(
     at its own claim's attempt (:class:`Claim`): the superseded run, owner ``host:pid`` though it
     shares with the next one, can neither end the job nor keep it alive, and stops at its next
     heartbeat. A run that is merely slow between heartbeats loses its work, which the next run redoes.
+
+    Each job is written back only as it was read (:func:`_unchanged`: still running, same claim; and
+    for a stale heartbeat, still stale): on PostgreSQL another node's run may end the job (its sends
+    queued) or heartbeat it between this read and the write, and must not be turned back into
+    ``queued`` and run (and sent) twice.
     """
     now = now or utcnow()
     host = socket.gethostname()
@@ -213,28 +218,39 @@ def requeue_stale(
     requeued: list[tuple[int, int]] = []
     ended: list[tuple[int, int]] = []
     with writing(sf) as s:
-        for job in s.scalars(select(NodeJob).where(NodeJob.status == "running")):
+        running = s.execute(
+            select(NodeJob.id, NodeJob.owner, NodeJob.attempts, NodeJob.requeues, NodeJob.heartbeat_at)
+            .where(NodeJob.status == "running")
+            .order_by(NodeJob.id)
+        ).all()
+        for job in running:
             owner_host, _, pid = (job.owner or ":").rpartition(":")
             dead_here = owner_host == host and (
                 (at_start and job.owner == me) or not pid.isdigit() or not _pid_alive(int(pid))
             )
             stale = (as_utc(job.heartbeat_at) or cutoff) < cutoff
-            if dead_here or stale:
-                requeues = (job.requeues or 0) + 1
-                (ended if requeues >= MAX_REQUEUES else requeued).append((job.id, requeues))
-                reason = (
-                    f"re-queued: owner {job.owner} stopped while the job was running"
-                    if dead_here
-                    else f"re-queued: no heartbeat from owner {job.owner} for over {stale_seconds:.0f} s "
-                    "(stopped, hung or cut off while the job was running)"
-                )
-                _requeue_or_end(
-                    job,
-                    reason,
-                    f"the node stopped {requeues} times while running this job (the job itself may stop "
-                    "it: out of memory, a crash in a native library); it is not run again automatically",
-                    now,
-                )
+            if not (dead_here or stale):
+                continue
+            reason = (
+                f"re-queued: owner {job.owner} stopped while the job was running"
+                if dead_here
+                else f"re-queued: no heartbeat from owner {job.owner} for over {stale_seconds:.0f} s "
+                "(stopped, hung or cut off while the job was running)"
+            )
+            values = _requeue_values(
+                job.id,
+                job.requeues or 0,
+                reason,
+                f"the node stopped {(job.requeues or 0) + 1} times while running this job (the job itself "
+                "may stop it: out of memory, a crash in a native library); it is not run again automatically",
+                now,
+            )
+            where = _unchanged(job.id, job.owner, job.attempts, job.requeues)
+            if not dead_here:  # a heartbeat since the read: the run is alive after all
+                where &= NodeJob.heartbeat_at < cutoff
+            if s.execute(update(NodeJob).where(where).values(**values)).rowcount != 1:  # type: ignore[attr-defined]
+                continue  # ended, heartbeat or claimed again since the read: not abandoned
+            (ended if values["status"] == "failed" else requeued).append((job.id, values["requeues"]))
     for job_id, requeues in requeued:
         logger.warning(
             "job %d was left running by a stopped process; queued again (stopped %d of at most %d times)",
@@ -268,20 +284,25 @@ def requeue_interrupted(
     """
     now = now or utcnow()
     with writing(sf) as s:
-        job = s.get(NodeJob, job_id)
-        if job is None or job.status != "running" or job.owner != owner_id():
-            return None
-        if attempts is not None and job.attempts != attempts:
+        job = s.execute(
+            select(NodeJob.owner, NodeJob.attempts, NodeJob.requeues).where(_ours(job_id, attempts))
+        ).first()
+        if job is None:
             return None
         kind = error.split(":", 1)[0].strip() or "database error"  # the driver's error class
-        _requeue_or_end(
-            job,
+        values = _requeue_values(
+            job_id,
+            job.requeues or 0,
             f"re-queued: the database failed while the job was running ({kind})",
             f"the job's run was cut short {(job.requeues or 0) + 1} times (the node stopped, or lost "
             f"its database, mid-run; the last time the database: {kind}); it is not run again automatically",
             now,
         )
-        status, requeues = job.status, job.requeues
+        # Only as read: another node's requeue_stale may have taken the job meanwhile (PostgreSQL).
+        where = _unchanged(job_id, job.owner, job.attempts, job.requeues)
+        if s.execute(update(NodeJob).where(where).values(**values)).rowcount != 1:  # type: ignore[attr-defined]
+            return None
+        status, requeues = values["status"], values["requeues"]
     if status == "failed":
         logger.warning(
             "job %d: its run was cut short %d times; ended failed (segnode jobs retry %d)",
@@ -296,21 +317,36 @@ def requeue_interrupted(
             requeues,
             MAX_REQUEUES,
         )
-    return status
+    return str(status)
 
 
-def _requeue_or_end(job: NodeJob, requeued: str, ended: str, now: datetime) -> None:
-    """Queue running ``job`` again with reason ``requeued``, counting the run that never ended; at
-    :data:`MAX_REQUEUES` such runs end it ``failed`` with reason ``ended`` and how to run it again."""
-    job.requeues = (job.requeues or 0) + 1
-    job.owner = None
-    if job.requeues < MAX_REQUEUES:
-        job.status = "queued"
-        job.reason = requeued
-        return
-    job.status = "failed"
-    job.reason = f"{ended}; `segnode jobs retry {job.id}` runs it again"
-    job.finished_at = now
+def _unchanged(job_id: int, owner: str | None, attempts: int, requeues: int | None) -> Any:
+    """The job's row while it is still the running claim that was read (``owner``, ``attempts``,
+    ``requeues``): for a write that must not land on a job another process ended, re-queued or
+    claimed again since the read."""
+    return (
+        (NodeJob.id == job_id)
+        & (NodeJob.status == "running")
+        & NodeJob.owner.is_not_distinct_from(owner)
+        & (NodeJob.attempts == attempts)
+        & NodeJob.requeues.is_not_distinct_from(requeues)
+    )
+
+
+def _requeue_values(job_id: int, requeues: int, requeued: str, ended: str, now: datetime) -> dict[str, Any]:
+    """The values that queue a running job again with reason ``requeued``, counting the run that
+    never ended (the job had ``requeues`` such runs before); at :data:`MAX_REQUEUES` such runs they
+    end it ``failed`` instead, with reason ``ended`` and how to run it again."""
+    count = requeues + 1
+    if count < MAX_REQUEUES:
+        return {"status": "queued", "reason": requeued, "owner": None, "requeues": count}
+    return {
+        "status": "failed",
+        "reason": f"{ended}; `segnode jobs retry {job_id}` runs it again",
+        "owner": None,
+        "requeues": count,
+        "finished_at": now,
+    }
 
 
 def _job_instances(s: Session, job_id: int) -> list[tuple[str | None, str]]:

@@ -175,7 +175,10 @@ def migrated_db_url(
     engine = make_engine(url)
     try:
         with engine.begin() as conn:
-            conn.exec_driver_sql("TRUNCATE models, model_files, rollout_events RESTART IDENTITY CASCADE")
+            conn.exec_driver_sql(
+                "TRUNCATE models, model_files, rollout_events, node_sends, node_jobs, node_instances, "
+                "node_studies RESTART IDENTITY CASCADE"
+            )
     finally:
         engine.dispose()
     return url

@@ -1,4 +1,5 @@
-"""Two processes promote different models of one task at the same moment (SQLite and PostgreSQL).
+"""Two processes promote different models of one task at the same moment (SQLite and PostgreSQL); and
+other writes two processes (or two nodes) may make at once: upgrades, instance moves, stale jobs.
 
 What the audit trail must hold, explicitly: the winner's ``promote`` event, and for the loser a
 ``refused`` event whose reason names the concurrent change; exactly one model is active.
@@ -7,8 +8,11 @@ What the audit trail must hold, explicitly: the winner's ``promote`` event, and 
 from __future__ import annotations
 
 import multiprocessing as mp
+import socket
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -205,3 +209,83 @@ def test_two_processes_move_instances_into_one_new_study_at_once(migrated_db_url
         studies = {r.study_instance_uid: r.pending for r in s.scalars(select(NodeStudy))}
     assert moved == {f"9.9.{n}" for n in range(rounds)}
     assert studies == {"1.1.1": False, **{f"9.9.{n}": True for n in range(rounds)}}
+
+
+def _other_node_run(url: str, action: str, jobs: Any, results: Any) -> None:
+    """Another node's run of a job: once told the job's id, end it ``done`` (one send queued) or
+    heartbeat it, at its claim (attempt 1); reports whether that write was taken."""
+    from db import job_queue
+
+    sf = make_session_factory(make_engine(url))
+    job_id = jobs.get(timeout=60)
+    try:
+        if action == "finish":
+            pacs = SimpleNamespace(name="pacs", ae_title="PACS", host="127.0.0.1", port=11112)
+            seg = job_queue.OutputObject("/jobs/1/seg.dcm", "1.2.826.0.1.3680043.8.498.99")
+            results.put(
+                job_queue.finish_job(sf, job_id, status="done", attempt=1, outputs=[seg], destinations=[pacs])
+            )
+        else:
+            results.put(job_queue.heartbeat(sf, job_id, attempt=1))
+    except Exception as exc:  # reported to the parent, which asserts on it
+        results.put(f"{type(exc).__name__}: {exc}")
+
+
+def _running_job(sf: Any, owner: str, at: datetime) -> int:
+    """A study of one instance received at ``at``, its job claimed by ``owner`` just after (and not
+    heartbeat since)."""
+    from db import instances, job_queue
+
+    study = "1.2.826.0.1.3680043.8.498.7"
+    instances.record_instances(sf, [instances.ReceivedInstance(
+        f"{study}.1.1", "1.2.840.10008.5.1.4.1.1.4", study, f"{study}.1", True, f"/spool/{study}/1.dcm",
+        "PACS",
+    )], now=at)  # fmt: skip
+    assert len(instances.schedule_due_studies(sf, 10, now=at + timedelta(minutes=1))) == 1
+    claimed = job_queue.claim(sf, owner=owner, now=at + timedelta(minutes=2))
+    assert claimed is not None and claimed.attempt == 1
+    return claimed.job_id
+
+
+@pytest.mark.parametrize("action", ["finish", "heartbeat"])
+def test_a_stale_job_that_its_run_ends_or_heartbeats_meanwhile_is_not_queued_again(
+    migrated_db_url: str, action: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two nodes on one database: one's requeue_stale reads a job whose heartbeat is old, and the
+    other node's run of it ends the job (its send queued) or heartbeats before requeue_stale writes.
+    The job stays as its run left it: written back by id, it was queued again over ``done`` (run
+    again, a second SEG and SR to the PACS) or over a live run. On SQLite the writer lock makes the
+    run's write wait for requeue_stale's transaction, so the run's write is the one refused."""
+    from db import job_queue
+
+    postgres = migrated_db_url.startswith("postgresql")
+    sf = make_session_factory(make_engine(migrated_db_url))
+    jobs, results = CTX.Queue(), CTX.Queue()
+    run = CTX.Process(target=_other_node_run, args=(migrated_db_url, action, jobs, results))
+    run.start()
+    try:
+        job_id = _running_job(sf, f"{socket.gethostname()}:{run.pid}", datetime.now(UTC) - timedelta(hours=1))
+        taken: list[object] = []
+
+        def between_read_and_write(pid: int) -> bool:  # requeue_stale asks after its read
+            assert pid == run.pid
+            jobs.put(job_id)
+            if postgres:  # the other node's write commits now, before requeue_stale's
+                taken.append(results.get(timeout=60))
+            return True  # the run's process is alive: the old heartbeat alone makes the job stale
+
+        monkeypatch.setattr(job_queue, "_pid_alive", between_read_and_write)
+        requeued = job_queue.requeue_stale(sf, 300.0)
+        if not postgres:
+            taken.append(results.get(timeout=60))
+    finally:
+        run.join(timeout=60)
+    assert run.exitcode == 0 and taken == [postgres]
+    job = job_queue.get_job(sf, job_id)
+    if postgres:
+        assert requeued == []
+        assert (job.status, job.requeues) == ("done" if action == "finish" else "running", 0)
+        assert len(job.sends) == (1 if action == "finish" else 0)
+    else:
+        assert requeued == [job_id]
+        assert (job.status, job.requeues, job.sends) == ("queued", 1, [])
