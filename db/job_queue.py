@@ -570,7 +570,8 @@ def list_jobs(sf: SessionFactory, status: str | None = None, limit: int = 100) -
 
 
 def _spooled_instances(s: Session, study_id: int) -> int:
-    """Kept instances of a study still in the spool (spool retention forgets a delivered study's)."""
+    """Kept instances of a study still in the spool (spool retention marks a removable study's not
+    kept before it removes their files, then forgets them: :func:`db.retention.begin_removal`)."""
     return int(
         s.scalar(
             select(func.count(NodeInstance.id))
@@ -596,12 +597,18 @@ def retry_job(sf: SessionFactory, job_id: int) -> JobInfo:
     JobNotFoundError
         No job with ``job_id``.
     JobStateError
-        The job is queued or running, or its study's instances have left the spool.
+        The job is queued or running, or its study's instances have left the spool (or are leaving
+        it: spool retention has begun to remove them).
     """
     with writing(sf) as s:
         job = s.get(NodeJob, job_id)
         if job is None:
             raise JobNotFoundError(f"job {job_id} does not exist (see `segnode jobs list`)")
+        # The study's row locked (PostgreSQL), as spool retention's db.retention.begin_removal locks
+        # it: a removal is either seen whole (the instances gone) or waits for this retry, which it
+        # then sees. The job is read again after the lock.
+        s.execute(select(NodeStudy.id).where(NodeStudy.id == job.study_id).with_for_update()).all()
+        s.refresh(job)
         if job.status in ("queued", "running"):
             raise JobStateError(f"job {job_id} is {job.status}; only a finished job can be retried")
         if not _spooled_instances(s, job.study_id):
@@ -610,11 +617,14 @@ def retry_job(sf: SessionFactory, job_id: int) -> JobInfo:
                 "spool_keep_hours after delivery, failed_keep_hours after a failed or skipped run); "
                 "send the study again"
             )
-        job.status = "queued"
-        job.reason = "retry requested"
-        job.finished_at = None
-        job.owner = None
-        job.requeues = 0
+        changed = s.execute(  # only as read: never over a job queued or claimed meanwhile
+            update(NodeJob)
+            .where(NodeJob.id == job_id, NodeJob.status == job.status, NodeJob.attempts == job.attempts)
+            .values(status="queued", reason="retry requested", finished_at=None, owner=None, requeues=0)
+            .execution_options(synchronize_session=False)
+        ).rowcount  # type: ignore[attr-defined]
+        if changed != 1:
+            raise JobStateError(f"job {job_id} changed state meanwhile; see `segnode jobs show {job_id}`")
         superseded = s.execute(
             update(NodeSend)
             .where(NodeSend.job_id == job_id, NodeSend.status == "pending")

@@ -40,6 +40,8 @@ class NodeInstance(Base):
     sop_class_uid: Mapped[str] = mapped_column(String(64))
     study_instance_uid: Mapped[str | None] = mapped_column(String(64), index=True)
     series_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    #: False for an instance not processed (no path), and for one whose file spool retention is
+    #: removing (its path still set until the row is forgotten: db/retention.py begin_removal).
     kept: Mapped[bool] = mapped_column(Boolean)
     path: Mapped[str | None] = mapped_column(Text)
     calling_ae: Mapped[str] = mapped_column(String(16))

@@ -10,9 +10,12 @@ Two rules, each with its own cut-off:
 
 Either way the study is not pending, no instance of it arrived since the cut-off and no run of it is
 queued or running. A study held for review (``review``) or with a send still pending keeps its files.
-The node (node/spool_retention.py) removes the files first and forgets the rows after, so a crash in
-between leaves rows that the next pass removes again; an instance the PACS sends again once its row
-is forgotten is a new instance of a new run.
+The node (node/spool_retention.py) finds the studies (:func:`removable_studies`, a read), then per
+study takes it out of use in one transaction (:func:`begin_removal`: checked again, its instance rows
+marked not kept, so a ``segnode jobs retry`` accepted since is seen and one arriving after is refused),
+removes the files, and forgets the rows last; a crash in between leaves marked rows that the next
+pass removes again. An instance the PACS sends again once its row is forgotten is a new instance of a
+new run.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import delete, exists, func, select
+from sqlalchemy import delete, exists, func, select, update
+from sqlalchemy.orm import Session
 
 from db.node_tables import NodeInstance, NodeJob, NodeSend, NodeStudy
 from db.transactions import SessionFactory, as_utc, database_errors, writing
@@ -45,6 +49,54 @@ class RemovableStudy:
     finished_job_ids: tuple[int, ...] = ()
 
 
+def _cutoffs(delivered_before: datetime | None, failed_before: datetime | None) -> dict[str, datetime | None]:
+    """Per latest-run job state, the cut-off its study's end must precede (None: that rule is off)."""
+    return {"done": as_utc(delivered_before)} | dict.fromkeys(UNSENT_END_STATES, as_utc(failed_before))
+
+
+def _removable(s: Session, study: NodeStudy, cutoffs: dict[str, datetime | None]) -> RemovableStudy | None:
+    """``study`` as a :class:`RemovableStudy` when its instances may leave the spool under ``cutoffs``
+    (see the module docstring), else None."""
+    active = [c for c in cutoffs.values() if c is not None]
+    received = as_utc(study.last_received_at)
+    if study.pending or not active or received is None or received >= max(active):
+        return None
+    jobs = s.scalars(
+        select(NodeJob).where(NodeJob.study_id == study.id).order_by(NodeJob.run.desc(), NodeJob.id.desc())
+    ).all()
+    if not jobs or any(job.status in ("queued", "running") for job in jobs):
+        return None
+    latest = jobs[0]
+    cutoff = cutoffs.get(latest.status)
+    finished = as_utc(latest.finished_at)
+    if cutoff is None or finished is None or finished >= cutoff or received >= cutoff:
+        return None  # not ended long enough ago, or instances came after this rule's cut-off
+    pending = NodeSend.status == "pending"  # a send refused for good will not be tried again
+    if latest.status == "done" and s.scalar(
+        select(func.count(NodeSend.id)).where(NodeSend.job_id == latest.id, pending)
+    ):
+        return None  # not delivered yet
+    rows = s.execute(
+        select(NodeInstance.id, NodeInstance.path)
+        .where(NodeInstance.study_instance_uid == study.study_instance_uid)
+        .order_by(NodeInstance.id)
+    ).all()
+    if not rows:
+        return None
+    sending = set(
+        s.scalars(select(NodeSend.job_id).where(NodeSend.job_id.in_([j.id for j in jobs]), pending)).all()
+    )
+    return RemovableStudy(
+        study_instance_uid=study.study_instance_uid,
+        job_id=latest.id,
+        status=latest.status,
+        finished_at=finished,
+        instance_ids=tuple(int(i) for i, _ in rows),
+        paths=tuple(str(p) for _, p in rows if p),
+        finished_job_ids=tuple(sorted(j.id for j in jobs if j.id not in sending)),
+    )
+
+
 @database_errors
 def removable_studies(
     sf: SessionFactory,
@@ -54,76 +106,77 @@ def removable_studies(
 ) -> list[RemovableStudy]:
     """Up to ``limit`` studies whose instances may leave the spool (see the module docstring), oldest
     end first. ``delivered_before`` and ``failed_before`` are the two rules' cut-offs (now minus each
-    retention time); None turns a rule off."""
-    cutoffs = {"done": as_utc(delivered_before)} | dict.fromkeys(UNSENT_END_STATES, as_utc(failed_before))
+    retention time); None turns a rule off.
+
+    A read: before removing anything of a study, :func:`begin_removal` checks it again."""
+    cutoffs = _cutoffs(delivered_before, failed_before)
     active = [c for c in cutoffs.values() if c is not None]
     if not active:
         return []
-    latest_cutoff = max(active)
     found: list[RemovableStudy] = []
     with sf() as s:
         studies = s.scalars(
             select(NodeStudy)
             .where(
                 NodeStudy.pending.is_(False),
-                NodeStudy.last_received_at < latest_cutoff,
+                NodeStudy.last_received_at < max(active),
                 exists().where(NodeInstance.study_instance_uid == NodeStudy.study_instance_uid),
             )
             .order_by(NodeStudy.last_received_at)
         ).all()
         for study in studies:
-            jobs = s.scalars(
-                select(NodeJob)
-                .where(NodeJob.study_id == study.id)
-                .order_by(NodeJob.run.desc(), NodeJob.id.desc())
-            ).all()
-            if not jobs or any(job.status in ("queued", "running") for job in jobs):
-                continue
-            latest = jobs[0]
-            cutoff = cutoffs.get(latest.status)
-            finished = as_utc(latest.finished_at)
-            if cutoff is None or finished is None or finished >= cutoff:
-                continue
-            received = as_utc(study.last_received_at)
-            if received is not None and received >= cutoff:
-                continue  # instances came after this rule's cut-off
-            pending = NodeSend.status == "pending"  # a send refused for good will not be tried again
-            if latest.status == "done" and s.scalar(
-                select(func.count(NodeSend.id)).where(NodeSend.job_id == latest.id, pending)
-            ):
-                continue  # not delivered yet
-            rows = s.execute(
-                select(NodeInstance.id, NodeInstance.path)
-                .where(NodeInstance.study_instance_uid == study.study_instance_uid)
-                .order_by(NodeInstance.id)
-            ).all()
-            sending = set(
-                s.scalars(
-                    select(NodeSend.job_id).where(NodeSend.job_id.in_([j.id for j in jobs]), pending)
-                ).all()
-            )
-            found.append(
-                RemovableStudy(
-                    study_instance_uid=study.study_instance_uid,
-                    job_id=latest.id,
-                    status=latest.status,
-                    finished_at=finished,
-                    instance_ids=tuple(int(i) for i, _ in rows),
-                    paths=tuple(str(p) for _, p in rows if p),
-                    finished_job_ids=tuple(sorted(j.id for j in jobs if j.id not in sending)),
-                )
-            )
-            if len(found) >= limit:
-                break
+            removable = _removable(s, study, cutoffs)
+            if removable is not None:
+                found.append(removable)
+                if len(found) >= limit:
+                    break
     return sorted(found, key=lambda d: d.finished_at)
+
+
+@database_errors
+def begin_removal(
+    sf: SessionFactory,
+    study_instance_uid: str,
+    delivered_before: datetime | None,
+    failed_before: datetime | None = None,
+) -> RemovableStudy | None:
+    """Take a study that :func:`removable_studies` found out of use, before its files are removed; None
+    (nothing changed) when it is no longer removable under the same cut-offs.
+
+    In one transaction: the study is checked again (a ``segnode jobs retry`` or a new instance may have
+    come since it was found) and its instance rows are marked not kept, so that from the commit on a
+    retry of its jobs is refused (its instances have left the spool) and no new run counts them. The
+    caller then removes the files and :func:`forget_instances` the rows; a crash in between leaves
+    marked rows, which the next pass finds and removes again. The rows are locked (on PostgreSQL) and
+    :func:`db.job_queue.retry_job` locks the study row too, so the two exclude each other.
+    """
+    cutoffs = _cutoffs(delivered_before, failed_before)
+    with writing(sf) as s:
+        # The instance rows before the study row, the order in which a move of an instance locks them.
+        s.execute(
+            select(NodeInstance.id)
+            .where(NodeInstance.study_instance_uid == study_instance_uid)
+            .order_by(NodeInstance.id)
+            .with_for_update()
+        ).all()
+        study = s.scalar(
+            select(NodeStudy).where(NodeStudy.study_instance_uid == study_instance_uid).with_for_update()
+        )
+        removable = _removable(s, study, cutoffs) if study is not None else None
+        if removable is None:
+            return None
+        for start in range(0, len(removable.instance_ids), 500):  # bound the statement's parameters
+            chunk = removable.instance_ids[start : start + 500]
+            s.execute(update(NodeInstance).where(NodeInstance.id.in_(chunk)).values(kept=False))
+    return removable
 
 
 @database_errors
 def forget_instances(sf: SessionFactory, instance_ids: tuple[int, ...]) -> int:
     """Delete these instance rows (their spool files are gone); returns how many were deleted.
 
-    Only the rows read by :func:`removable_studies`: an instance received since then has a row of
-    its own and stays.
+    Only the rows :func:`begin_removal` took out of use: an instance received since then has a row
+    of its own and stays.
     """
     deleted = 0
     with writing(sf) as s:

@@ -5,8 +5,10 @@ preview under the jobs directory) go with them, except those of a run with a sen
 
 Which studies qualify is the database's call (:func:`db.retention.removable_studies`: result done and
 every send acknowledged, or the latest run failed or skipped; nothing received since, no run queued or
-running); held studies and studies with a send pending keep their files. Files are removed first, rows
-forgotten after, and only paths inside the spool are ever touched.
+running); held studies and studies with a send pending keep their files. Each study is checked again
+and taken out of use (its rows marked) in one transaction first, so that a retry accepted meanwhile
+keeps its files; then files are removed, rows forgotten last, and only paths inside the spool are
+ever touched.
 """
 
 from __future__ import annotations
@@ -98,14 +100,27 @@ def apply_retention(
     """One retention pass: the spool files of every study delivered more than ``keep_hours`` ago, and
     of every study whose latest run failed or was skipped more than ``failed_keep_hours`` ago, leave
     the spool and their rows are forgotten (0 turns a rule off); returns the number of files removed.
-    With ``jobs_dir``, the outputs of those studies' jobs that have no send pending are removed first
-    (while the instance rows still name the study: a crash in between repeats the pass)."""
+    Each study is checked again and its instance rows marked not kept in one transaction
+    (:func:`db.retention.begin_removal`) before anything is removed, so that a ``segnode jobs retry``
+    accepted since the list was read keeps the study's files and one arriving after is refused. With
+    ``jobs_dir``, the outputs of those studies' jobs that have no send pending are removed, then the
+    spool files, then the rows are forgotten (a crash in between leaves the marked rows: the next pass
+    repeats it)."""
     stamp = now or utcnow()
     delivered_before, failed_before = _cutoff(stamp, keep_hours), _cutoff(stamp, failed_keep_hours)
     if delivered_before is None and failed_before is None:
         return 0
     total = 0
-    for study in retention.removable_studies(sf, delivered_before, failed_before):
+    for found in retention.removable_studies(sf, delivered_before, failed_before):
+        # Checked again and taken out of use in one transaction: a `segnode jobs retry` (or an
+        # instance) accepted since the list was read keeps the study; one arriving after is refused.
+        study = retention.begin_removal(sf, found.study_instance_uid, delivered_before, failed_before)
+        if study is None:
+            logger.info(
+                "spool retention: study %s was retried or received meanwhile; its files stay",
+                found.study_instance_uid,
+            )
+            continue
         outputs = remove_job_outputs(study.finished_job_ids, jobs_dir) if jobs_dir is not None else 0
         removed = remove_spooled(study.paths, spool_dir)
         retention.forget_instances(sf, study.instance_ids)

@@ -289,3 +289,63 @@ def test_a_stale_job_that_its_run_ends_or_heartbeats_meanwhile_is_not_queued_aga
     else:
         assert requeued == [job_id]
         assert (job.status, job.requeues, job.sends) == ("queued", 1, [])
+
+
+def _retry_worker(url: str, jobs: Any, results: Any) -> None:
+    """An administrator's ``segnode jobs retry``, once told the job's id; reports the outcome."""
+    from db import job_queue
+
+    sf = make_session_factory(make_engine(url))
+    job_id = jobs.get(timeout=60)
+    try:
+        results.put(job_queue.retry_job(sf, job_id).status)
+    except Exception as exc:  # reported to the parent, which asserts on it
+        results.put(f"{type(exc).__name__}: {exc}")
+
+
+def test_a_retry_while_another_process_takes_its_study_out_of_the_spool_is_refused(
+    migrated_db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Spool retention's begin_removal has checked a failed study again and is about to mark its
+    instances when an administrator retries its job from another process. The retry waits for the
+    removal (the study's row lock on PostgreSQL, the writer lock on SQLite) and is then refused: it
+    never queues a job whose instances are being removed."""
+    import time
+
+    from sqlalchemy import text
+
+    from db import job_queue, retention
+
+    postgres = migrated_db_url.startswith("postgresql")
+    sf = make_session_factory(make_engine(migrated_db_url))
+    ended = datetime.now(UTC) - timedelta(days=30)
+    job_id = _running_job(sf, job_queue.owner_id(), ended - timedelta(minutes=5))
+    assert job_queue.finish_job(sf, job_id, status="failed", reason="FLAIR: unreadable", now=ended)
+    jobs, results = CTX.Queue(), CTX.Queue()
+    admin = CTX.Process(target=_retry_worker, args=(migrated_db_url, jobs, results))
+    admin.start()
+    checked = retention._removable
+    outcome: list[str] = []
+
+    def then_retry(*args: Any) -> Any:  # inside begin_removal's transaction, before the rows are marked
+        found = checked(*args)
+        jobs.put(job_id)
+        deadline = time.monotonic() + 30
+        while postgres and results.empty() and time.monotonic() < deadline:
+            with sf() as s:  # until the retry waits for a lock (or, without one, has answered)
+                if s.scalar(text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'")):
+                    break
+            time.sleep(0.01)
+        return found
+
+    monkeypatch.setattr(retention, "_removable", then_retry)
+    try:
+        cutoff = ended + timedelta(days=1)
+        taken = retention.begin_removal(sf, "1.2.826.0.1.3680043.8.498.7", cutoff, cutoff)
+        outcome.append(results.get(timeout=60))
+    finally:
+        admin.join(timeout=60)
+    assert taken is not None and taken.job_id == job_id and len(taken.paths) == 1
+    assert outcome[0].startswith("JobStateError") and "no longer in the spool" in outcome[0], outcome
+    assert job_queue.get_job(sf, job_id).status == "failed"
+    assert job_queue.claim(sf) is None

@@ -8,17 +8,19 @@ import logging
 import os
 import time
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from converters.case import Case
 from converters.dicom_writer import StudyInfo, write_study
 from converters.synthetic import make_synthetic_case
-from db import instances, job_queue, send_queue
+from db import instances, job_queue, retention, send_queue
 from db.exceptions import JobStateError
-from db.transactions import utcnow
+from db.transactions import SessionFactory, utcnow
+from node import spool_retention
 from node.config import Destination
 from node.sender import store_files
 from node.service import NodeService
@@ -214,3 +216,69 @@ def test_only_spool_files_are_removed_and_a_directory_with_a_new_file_stays(tmp_
     fresh.unlink()
     assert remove_spooled([str(fresh.parent / "4.dcm")], spool) == 0  # empty directories go
     assert spool.is_dir() and not (spool / "1.2.3").exists()
+
+
+def _failed_study(
+    sf: SessionFactory, spool: Path, jobs: Path, n: int, ended: datetime
+) -> tuple[int, list[Path]]:
+    """A study of three spooled instances (real files) whose one job failed at ``ended``, its output
+    folder written; its job id and files."""
+    study = f"1.2.826.0.1.3680043.8.498.{n}"
+    files = [spool / study / f"{study}.1" / f"{i}.dcm" for i in range(3)]
+    for path in files:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"received")
+    instances.record_instances(sf, [
+        instances.ReceivedInstance(
+            f"{study}.1.{i}", "1.2.840.10008.5.1.4.1.1.4", study, f"{study}.1", True, str(path), "PACS"
+        )
+        for i, path in enumerate(files)
+    ], now=ended - timedelta(minutes=5))  # fmt: skip
+    assert len(instances.schedule_due_studies(sf, 10, now=ended - timedelta(minutes=4))) == 1
+    job_id = job_queue.claim_job(sf, now=ended - timedelta(minutes=3))
+    assert job_id is not None
+    assert job_queue.finish_job(sf, job_id, status="failed", reason="FLAIR: unreadable", now=ended)
+    (jobs / str(job_id)).mkdir(parents=True)
+    (jobs / str(job_id) / "job.json").write_text("{}")
+    return job_id, files
+
+
+def test_a_retry_accepted_after_the_pass_listed_its_study_keeps_the_files_and_one_during_removal_is_refused(
+    sqlite_sf: SessionFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pass lists up to 50 studies, then removes them one by one. An administrator's ``segnode jobs
+    retry`` accepted after the list was read must keep its study (files, rows, outputs): the job then
+    runs over every instance. One arriving while a study's files are being removed is refused. Before,
+    the pass removed the retried study's files and rows anyway: the claimed job covered no instance."""
+    spool, jobs = tmp_path / "spool", tmp_path / "jobs"
+    ended = utcnow() - timedelta(hours=FAILED_KEEP_HOURS + 1)
+    retried, kept_files = _failed_study(sqlite_sf, spool, jobs, 1, ended)
+    removed, gone_files = _failed_study(sqlite_sf, spool, jobs, 2, ended + timedelta(minutes=1))
+    listed = retention.removable_studies
+
+    def then_retry(*args: Any, **kwargs: Any) -> list[retention.RemovableStudy]:
+        found = listed(*args, **kwargs)
+        assert [s.job_id for s in found] == [retried, removed]
+        assert job_queue.retry_job(sqlite_sf, retried).status == "queued"  # after the list was read
+        return found
+
+    refusals: list[str] = []
+    remove_files = spool_retention.remove_spooled
+
+    def while_removing(paths: Any, spool_dir: Path) -> int:
+        with pytest.raises(JobStateError, match="no longer in the spool") as refused:
+            job_queue.retry_job(sqlite_sf, removed)
+        refusals.append(str(refused.value))
+        return remove_files(paths, spool_dir)
+
+    monkeypatch.setattr(retention, "removable_studies", then_retry)
+    monkeypatch.setattr(spool_retention, "remove_spooled", while_removing)
+    count = spool_retention.apply_retention(sqlite_sf, spool, KEEP_HOURS, FAILED_KEEP_HOURS, jobs_dir=jobs)
+
+    assert count == 3 and len(refusals) == 1
+    assert not any(p.exists() for p in gone_files) and not (jobs / str(removed)).exists()
+    assert job_queue.get_job(sqlite_sf, removed).status == "failed"
+    assert all(p.exists() for p in kept_files) and (jobs / str(retried) / "job.json").is_file()
+    claimed = job_queue.claim_job(sqlite_sf)
+    assert claimed == retried
+    assert job_queue.job_instance_paths(sqlite_sf, retried) == [str(p) for p in kept_files]
