@@ -258,17 +258,24 @@ def _code(item: Dataset) -> tuple[str, str, str]:
     return (str(item.CodeValue), str(item.CodingSchemeDesignator), str(item.CodeMeaning))
 
 
-@pytest.mark.parametrize("task", ["whole_tumor", "brats_regions"])
-def test_seg_codes_algorithm_and_references(
-    task: str, flair_series: list[Path], tmp_path: Path, strict_pydicom: None
-) -> None:
-    sources = [pydicom.dcmread(p) for p in flair_series]
+def _sources_and_labels(flair_series: list[Path], task: str) -> tuple[list[Dataset], np.ndarray]:
+    """The FLAIR series' datasets and a small lesion on their frames: one label, or, for
+    ``brats_regions``, edema around a core around an enhancing part."""
+    sources: list[Dataset] = [pydicom.dcmread(p) for p in flair_series]
     rows, columns = int(sources[0].Rows), int(sources[0].Columns)
     labels = np.zeros((len(sources), rows, columns), np.uint8)
     labels[2:6, 5:15, 4:12] = 1
     if task == "brats_regions":
         labels[3:5, 7:12, 6:10] = 2
         labels[4, 9:11, 7:9] = 3
+    return sources, labels
+
+
+@pytest.mark.parametrize("task", ["whole_tumor", "brats_regions"])
+def test_seg_codes_algorithm_and_references(
+    task: str, flair_series: list[Path], tmp_path: Path, strict_pydicom: None
+) -> None:
+    sources, labels = _sources_and_labels(flair_series, task)
     seg = build_seg(sources, labels, _card(task), software_version="9.9.9")
     path = tmp_path / "seg.dcm"
     seg.save_as(path, enforce_file_format=True)
@@ -343,13 +350,7 @@ def test_demo_scores_every_segment_and_reads_the_whole_tumour_volume(
     from node.demo import reported_tumour_volume_ml, returned_tumour
     from node.sr import build_sr
 
-    sources = [pydicom.dcmread(p) for p in flair_series]
-    rows, columns = int(sources[0].Rows), int(sources[0].Columns)
-    labels = np.zeros((len(sources), rows, columns), np.uint8)
-    labels[2:6, 5:15, 4:12] = 1
-    if task == "brats_regions":
-        labels[3:5, 7:12, 6:10] = 2
-        labels[4, 9:11, 7:9] = 3
+    sources, labels = _sources_and_labels(flair_series, task)
     card = _card(task)
     seg_path, sr_path = tmp_path / "seg.dcm", tmp_path / "sr.dcm"
     build_seg(sources, labels, card, software_version="9.9.9").save_as(seg_path, enforce_file_format=True)
