@@ -16,12 +16,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, make_url
+from sqlalchemy import URL, Engine, create_engine, event, make_url
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.exceptions import DatabaseUnavailableError
+from db.url import url_problem
 
 log = logging.getLogger(__name__)
 
@@ -107,12 +108,9 @@ def make_engine(url: str) -> Engine:
     Raises
     ------
     DatabaseUnavailableError
-        The URL cannot be parsed or names an unsupported backend.
+        The URL cannot be parsed (the message does not repeat it) or names an unsupported backend.
     """
-    try:
-        parsed = make_url(url)
-    except ArgumentError:
-        raise DatabaseUnavailableError(f"database url {url!r} is not a valid SQLAlchemy URL") from None
+    parsed = _parse(url)
     backend = parsed.get_backend_name()
     if backend == "sqlite":
         database = parsed.database or ""
@@ -122,7 +120,7 @@ def make_engine(url: str) -> Engine:
                 parent.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise DatabaseUnavailableError(
-                    f"database url {url!r}: cannot create directory {parent}: {exc.strerror}"
+                    f"database url {_safe(url)!r}: cannot create directory {parent}: {exc.strerror}"
                 ) from None
         engine = create_engine(parsed)
         _sqlite_hooks(engine)
@@ -134,11 +132,11 @@ def make_engine(url: str) -> Engine:
             return create_engine(parsed, pool_pre_ping=True)
         except ModuleNotFoundError as exc:
             raise DatabaseUnavailableError(
-                f"database url {parsed.render_as_string(hide_password=True)!r} needs the PostgreSQL driver "
+                f"database url {_safe(url)!r} needs the PostgreSQL driver "
                 f"({exc.name}); install segnode[postgres]"
             ) from None
     raise DatabaseUnavailableError(
-        f"database url {parsed.render_as_string(hide_password=True)!r}: backend {backend!r} is not supported "
+        f"database url {_safe(url)!r}: backend {backend!r} is not supported "
         "(use sqlite:/// or postgresql+psycopg://)"
     )
 
@@ -240,10 +238,7 @@ def existing_tables(url: str) -> set[str] | None:
     """
     from sqlalchemy import inspect
 
-    try:
-        parsed = make_url(url)
-    except ArgumentError:
-        raise DatabaseUnavailableError(f"database url {url!r} is not a valid SQLAlchemy URL") from None
+    parsed = _parse(url)
     if parsed.get_backend_name() == "sqlite":
         database = parsed.database or ""
         if database in ("", ":memory:"):
@@ -274,11 +269,28 @@ def head_revision() -> str:
     return head
 
 
+def _parse(url: str) -> URL:
+    """``url`` parsed; DatabaseUnavailableError saying what is wrong, without the URL, when it does not."""
+    problem = url_problem(url)
+    if problem is not None:
+        raise DatabaseUnavailableError(
+            f"the database url is not a valid SQLAlchemy URL: {problem} "
+            "(the value is not shown: it may hold a password)"
+        )
+    return make_url(url)
+
+
 def _safe(url: str) -> str:
+    """``url`` with its password, and any password in its query (``?password=``), shown as ``***``."""
     try:
-        return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):
         return "<invalid url>"
+    hidden = {key: "***" for key in parsed.query if "password" in key.lower()}  # libpq's sslpassword too
+    if not hidden:
+        return parsed.render_as_string(hide_password=True)
+    # render_as_string would quote *** as %2A%2A%2A
+    return parsed.update_query_dict(hidden).render_as_string(hide_password=True).replace("=%2A%2A%2A", "=***")
 
 
 def _first_line(exc: BaseException) -> str:

@@ -6,7 +6,9 @@ Order, first match wins:
 2. ``[database] url`` in the config file (``--config``, else ``$SEGNODE_CONFIG``);
 3. a SQLite file ``segnode.db`` in the var dir (``$SEGNODE_HOME``, default ``./var``).
 
-Commands resolve the URL once and hand it down; nothing below them looks it up again.
+Commands resolve the URL once and hand it down; nothing below them looks it up again. A URL that
+SQLAlchemy cannot parse is refused here, naming where it came from but never repeating it (it may hold
+a password).
 """
 
 from __future__ import annotations
@@ -57,14 +59,59 @@ def url_in_config_file(path: Path) -> str:
     return url
 
 
+#: The shape of a database URL, for messages about one that does not parse.
+URL_FORM = "dialect+driver://user:password@host:port/database"
+
+
+def url_problem(url: str) -> str | None:
+    """What makes ``url`` unparsable as a SQLAlchemy URL, or None when it parses.
+
+    The answer never quotes the URL, which may hold a password.
+    """
+    from sqlalchemy import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        make_url(url)
+    except ValueError:  # SQLAlchemy's int() of the port
+        return "its port is not a number"
+    except ArgumentError:
+        if url != url.strip():
+            return "it begins or ends with whitespace"
+        if "://" not in url:
+            return f"it has no '://' (expected {URL_FORM})"
+        return f"it is not of the form {URL_FORM}"
+    return None
+
+
+def _checked(url: str, source: str) -> str:
+    problem = url_problem(url)
+    if problem is not None:
+        raise DatabaseConfigError(
+            f"{source} is not a valid database URL: {problem} "
+            "(the value is not shown: it may hold a password)"
+        )
+    return url
+
+
 def resolve_database_url(
     config_file: Path | str | None = None, env: Mapping[str, str] | None = None
 ) -> str:
-    """The database URL for a command, from the environment, the config file and the var dir."""
+    """The database URL for a command, from the environment, the config file and the var dir.
+
+    Raises
+    ------
+    DatabaseConfigError
+        The config file cannot be read, or the URL found does not parse (the message names
+        ``$SEGNODE_DATABASE_URL`` or the file's ``[database] url``, not the URL).
+    """
     env = os.environ if env is None else env
     if env.get("SEGNODE_DATABASE_URL"):
-        return env["SEGNODE_DATABASE_URL"]
+        return _checked(env["SEGNODE_DATABASE_URL"], "$SEGNODE_DATABASE_URL")
     if config_file is None and env.get("SEGNODE_CONFIG"):
         config_file = env["SEGNODE_CONFIG"]
-    url = url_in_config_file(Path(config_file)) if config_file is not None else ""
-    return url or default_url(env)
+    if config_file is not None:
+        url = url_in_config_file(Path(config_file))
+        if url:
+            return _checked(url, f"{config_file}: [database] url")
+    return default_url(env)

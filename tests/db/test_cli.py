@@ -219,6 +219,43 @@ def test_unreachable_database_is_one_line_without_password(
     assert "Connection refused" in line or "connection failed" in line
 
 
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        (" postgresql+psycopg://admin:s3cret@127.0.0.1:1/segnode", "it begins or ends with whitespace"),
+        ("postgresql+psycopg://admin:s3cret@127.0.0.1:54x2/segnode", "its port is not a number"),
+    ],
+)
+@pytest.mark.parametrize("command", [["db", "upgrade"], ["models", "list"]])
+def test_invalid_database_url_names_its_source_not_its_value(
+    segnode_home: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    url: str,
+    problem: str,
+    command: list[str],
+) -> None:
+    monkeypatch.setenv("SEGNODE_DATABASE_URL", url)
+    line = fails(capsys, *command)
+    assert line.startswith(f"error: $SEGNODE_DATABASE_URL is not a valid database URL: {problem}"), line
+    assert "s3cret" not in line
+    monkeypatch.delenv("SEGNODE_DATABASE_URL")
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(f"[database]\nurl = {json.dumps(url)}\n")
+    line = fails(capsys, *command, "--config", str(cfg))
+    assert line.startswith(f"error: {cfg}: [database] url is not a valid database URL: {problem}"), line
+    assert "s3cret" not in line
+
+
+def test_password_in_the_url_query_is_masked(
+    segnode_home: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("SEGNODE_DATABASE_URL", "postgresql+psycopg://admin@127.0.0.1:1/segnode?password=s3cret")
+    line = fails(capsys, "models", "list")
+    assert "postgresql+psycopg://admin@127.0.0.1:1/segnode?password=***:" in line and "s3cret" not in line
+
+
 def test_rollback_without_task_and_no_active_model(url: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert (
         fails(capsys, "models", "rollback")

@@ -16,7 +16,7 @@ from sqlalchemy.exc import IntegrityError
 
 from db.exceptions import DatabaseUnavailableError
 from db.models import Base, Model
-from db.session import current_revision, downgrade, head_revision, make_engine, upgrade
+from db.session import current_revision, display_url, downgrade, head_revision, make_engine, upgrade
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL_TABLES = {"models", "model_files", "rollout_events"}
@@ -204,6 +204,29 @@ def test_alembic_command_line_upgrades_head(tmp_path: Path) -> None:
 def test_bad_database_url_is_a_clear_error(url: str, message: str) -> None:
     with pytest.raises(DatabaseUnavailableError, match=message):
         make_engine(url)
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        (" postgresql+psycopg://segnode:S3cretPW@127.0.0.1:1/segnode", "begins or ends with whitespace"),
+        ("postgresql+psycopg://segnode:S3cretPW@db.example:54x2/segnode", "its port is not a number"),
+    ],
+)
+def test_unparsable_database_url_is_not_echoed(url: str, problem: str) -> None:
+    """The URL may hold a password: an invalid one is described, never repeated (nor a ValueError)."""
+    for call in (make_engine, upgrade):
+        with pytest.raises(DatabaseUnavailableError) as info:
+            call(url)
+        assert problem in str(info.value) and "S3cretPW" not in str(info.value)
+
+
+def test_password_in_the_query_is_masked() -> None:
+    url = "postgresql+psycopg://segnode@127.0.0.1:1/segnode?password=S3cretPW&sslmode=disable"
+    assert display_url(url) == "postgresql+psycopg://segnode@127.0.0.1:1/segnode?password=***&sslmode=disable"
+    with pytest.raises(DatabaseUnavailableError) as info:
+        upgrade(url)
+    assert "password=***" in str(info.value) and "S3cretPW" not in str(info.value)
 
 
 def test_database_from_a_newer_version_is_a_clear_error(db_url: str) -> None:
