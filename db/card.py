@@ -31,7 +31,7 @@ from typing import Any
 from converters.case import MODALITIES
 from converters.exceptions import ModelCardError
 from db.exceptions import InvalidModelDirectory
-from db.models import KINDS, PRECISIONS, TASKS
+from db.models import KINDS, NAME_MAX, PRECISIONS, TASKS, VERSION_MAX
 
 logger = logging.getLogger(__name__)
 
@@ -352,9 +352,13 @@ class ModelDir:
     artifacts: tuple[CardArtifact, ...] = field(default_factory=tuple)
 
 
-def _text(value: Any, where: str) -> str:
+def _text(value: Any, where: str, max_length: int | None = None) -> str:
     if not isinstance(value, str) or not value.strip():
         raise InvalidModelDirectory(f"{where}: expected a non-empty string, got {value!r}")
+    if max_length is not None and len(value) > max_length:
+        raise InvalidModelDirectory(
+            f"{where}: {value[:20]!r}... is {len(value)} characters long; at most {max_length}"
+        )
     return value
 
 
@@ -533,8 +537,8 @@ def read_model_dir(directory: Path) -> ModelDir:
     version = card.get("format_version", FORMAT_VERSION)
     if version != FORMAT_VERSION:
         raise InvalidModelDirectory(f"{where}: format_version {version!r} is not supported (expected 1)")
-    name = _text(card.get("name"), f"{where}: name")
-    model_version = _text(card.get("version"), f"{where}: version")
+    name = _text(card.get("name"), f"{where}: name", NAME_MAX)
+    model_version = _text(card.get("version"), f"{where}: version", VERSION_MAX)
     task = card.get("task")
     if task not in TASKS:
         raise InvalidModelDirectory(f"{where}: task {task!r} is not one of {', '.join(TASKS)}")

@@ -57,7 +57,8 @@ class ModelRetiredError(RegistryError):
 
 class DatabaseOperationError(RegistryError):
     """A database operation failed inside SQLAlchemy without an error from the driver (a connection
-    pool exhausted, say); :class:`DatabaseUnavailableError` covers the driver's errors."""
+    pool exhausted, say); :class:`DatabaseUnavailableError` covers the driver's errors. The registry
+    also raises it for a value the database refuses (a ``DataError``: out of range, too long)."""
 
 
 class JobNotFoundError(RegistryError):

@@ -53,6 +53,13 @@ STATUSES: tuple[str, ...] = ("candidate", "active", "retired")
 RUNNABLE_KINDS: tuple[str, ...] = ("ir",)
 #: Actions in the audit trail.
 ACTIONS: tuple[str, ...] = ("register", "promote", "rollback", "retire", "refused")
+#: Longest ``models.name``, ``models.version`` and ``rollout_events.actor`` (checked before the database:
+#: PostgreSQL refuses a longer value, SQLite would store it).
+NAME_MAX = 200
+VERSION_MAX = 100
+ACTOR_MAX = 200
+#: Largest id of a row (``Integer``: 32 bits on PostgreSQL, which refuses a larger literal).
+ID_MAX = 2**31 - 1
 
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -98,8 +105,8 @@ class Model(Base):
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    name: Mapped[str] = mapped_column(String(200))
-    version: Mapped[str] = mapped_column(String(100))
+    name: Mapped[str] = mapped_column(String(NAME_MAX))
+    version: Mapped[str] = mapped_column(String(VERSION_MAX))
     task: Mapped[str] = mapped_column(String(50))
     modalities: Mapped[list[str]] = mapped_column(JSON)
     kind: Mapped[str] = mapped_column(String(20))
@@ -160,7 +167,7 @@ class RolloutEvent(Base):
     action: Mapped[str] = mapped_column(String(20))
     from_model_id: Mapped[int | None] = mapped_column(ForeignKey("models.id", ondelete="RESTRICT"))
     to_model_id: Mapped[int | None] = mapped_column(ForeignKey("models.id", ondelete="RESTRICT"))
-    actor: Mapped[str] = mapped_column(String(200))
+    actor: Mapped[str] = mapped_column(String(ACTOR_MAX))
     at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     reason: Mapped[str] = mapped_column(Text, default="")
     forced: Mapped[bool] = mapped_column(default=False)

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, NamedTuple, cast
 
 from sqlalchemy import CursorResult, Engine, select, update
-from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from converters.exceptions import ModelCardError
@@ -53,6 +53,7 @@ from db.card import (
 )
 from db.exceptions import (
     ConcurrentPromotionError,
+    DatabaseOperationError,
     DatabaseUnavailableError,
     InvalidArtifactError,
     InvalidModelDirectory,
@@ -63,7 +64,20 @@ from db.exceptions import (
     RetireRefusedError,
     RollbackError,
 )
-from db.models import KINDS, PRECISIONS, RUNNABLE_KINDS, TASKS, Model, ModelFile, RolloutEvent, utcnow
+from db.models import (
+    ACTOR_MAX,
+    ID_MAX,
+    KINDS,
+    NAME_MAX,
+    PRECISIONS,
+    RUNNABLE_KINDS,
+    TASKS,
+    VERSION_MAX,
+    Model,
+    ModelFile,
+    RolloutEvent,
+    utcnow,
+)
 from db.session import make_engine, make_session_factory, upgrade, write_options
 
 log = logging.getLogger(__name__)
@@ -217,6 +231,18 @@ def _dice(metrics: dict[str, Any] | None) -> float | None:
     return float(value)
 
 
+def _actor(by: str | None) -> str:
+    """Who acts: ``by``, or the OS user; a ``by`` longer than the audit trail's column is refused."""
+    if by is not None and len(by) > ACTOR_MAX:
+        raise RegistryError(f"--by {by[:20]!r}... is {len(by)} characters long; at most {ACTOR_MAX}")
+    return by or default_user()
+
+
+def _is_id(value: int) -> bool:
+    """Whether ``value`` can be a row id (PostgreSQL refuses to compare an integer column with more)."""
+    return 1 <= value <= ID_MAX
+
+
 def _aware(value: dt.datetime) -> dt.datetime:
     return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
 
@@ -325,6 +351,11 @@ class Registry:
             first = str(exc.orig or exc).strip().splitlines()[0]
             hint = " (run `segnode db upgrade`)" if "models" in first or "rollout_events" in first else ""
             raise DatabaseUnavailableError(f"database error: {first}{hint}") from None
+        except IntegrityError:
+            raise  # the caller says which uniqueness or lineage rule failed
+        except DBAPIError as exc:  # DataError (a value out of range, too long) and the like
+            first = str(exc.orig or exc).strip().splitlines()[0]
+            raise DatabaseOperationError(f"database error: {type(exc).__name__}: {first}") from None
 
     @contextmanager
     def _read(self) -> Iterator[Session]:
@@ -340,6 +371,8 @@ class Registry:
 
     @staticmethod
     def _load(session: Session, model_id: int) -> Model:
+        if not _is_id(model_id):
+            raise ModelNotFoundError(f"model #{model_id} does not exist (see `segnode models list`)")
         row = session.scalars(
             select(Model).where(Model.id == model_id).options(selectinload(Model.files))
         ).one_or_none()
@@ -466,6 +499,7 @@ class Registry:
             kind=kind,
             precision=precision,
         )
+        actor = _actor(by)
         if not files:
             raise InvalidArtifactError(f"{where}: files is empty; an artifact needs at least one file")
         base = (base_dir or Path.cwd()).resolve()
@@ -493,7 +527,7 @@ class Registry:
         )
         try:
             with self._write() as session:
-                if parent_id is not None and session.get(Model, parent_id) is None:
+                if parent_id is not None and (not _is_id(parent_id) or session.get(Model, parent_id) is None):
                     raise InvalidArtifactError(f"{where}: parent_id {parent_id} is not a registered model")
                 self._check_unique(session, name, version, kind, precision, where)
                 session.add(row)
@@ -503,7 +537,7 @@ class Registry:
                         task=task,
                         action="register",
                         to_model_id=row.id,
-                        actor=by or default_user(),
+                        actor=actor,
                         reason="registered",
                     )
                 )
@@ -547,7 +581,7 @@ class Registry:
         """
         model_dir = read_model_dir(directory)
         card_file = model_dir.directory / CARD_NAME
-        actor = by or default_user()
+        actor = _actor(by)
         try:
             with self._write() as session:
                 rows = self._import_rows(session, model_dir, card_file, actor)
@@ -699,7 +733,7 @@ class Registry:
         ConcurrentPromotionError
             The task's active model changed while this promotion ran; nothing was changed.
         """
-        actor = by or default_user()
+        actor = _actor(by)
         if force and not reason.strip():
             raise PromotionRefused(f"model #{model_id}: --force needs a non-empty --reason (it is recorded)")
         with self._read() as session:
@@ -820,7 +854,7 @@ class Registry:
         ConcurrentPromotionError
             The task's active model changed while this rollback ran; nothing was changed.
         """
-        actor = by or default_user()
+        actor = _actor(by)
         with self._read() as session:
             current = self._active_row(session, task)
             if current is None:
@@ -866,7 +900,7 @@ class Registry:
         RetireRefusedError
             The model is already retired, or is the active model of its task.
         """
-        actor = by or default_user()
+        actor = _actor(by)
         info = self.get(model_id)
         if info.status == "retired":
             raise RetireRefusedError(f"model #{model_id} is already retired")
@@ -923,7 +957,11 @@ class Registry:
             raise InvalidArtifactError(f"model #{model_id}: evaluation has no 'mean' metrics")
         entry = {**evaluation, "by": by or default_user(), "at": utcnow().isoformat()}
         with self._write() as session:
-            row = session.scalars(select(Model).where(Model.id == model_id).with_for_update()).one_or_none()
+            row = (
+                session.scalars(select(Model).where(Model.id == model_id).with_for_update()).one_or_none()
+                if _is_id(model_id)
+                else None
+            )
             if row is None:
                 raise ModelNotFoundError(f"model #{model_id} does not exist (see `segnode models list`)")
             metrics = dict(row.metrics or {})
@@ -939,9 +977,13 @@ class _ConflictError(Exception):
 
 
 def _check_fields(where: str, **fields: Any) -> None:
-    for key in ("name", "version"):
+    for key, longest in (("name", NAME_MAX), ("version", VERSION_MAX)):
         if not isinstance(fields[key], str) or not fields[key].strip():
             raise InvalidArtifactError(f"{where}: {key} {fields[key]!r} must be a non-empty string")
+        if len(fields[key]) > longest:
+            raise InvalidArtifactError(
+                f"{where}: {key} is {len(fields[key])} characters long; at most {longest}"
+            )
     for key, allowed in (("task", TASKS), ("kind", KINDS), ("precision", PRECISIONS)):
         if fields[key] not in allowed:
             raise InvalidArtifactError(f"{where}: {key} {fields[key]!r} is not one of {', '.join(allowed)}")

@@ -134,6 +134,26 @@ def test_bad_input_is_one_line_and_exit_2(
     assert fails(capsys, *args).startswith(message)
 
 
+@pytest.mark.parametrize("command", ["show", "promote", "retire", "verify"])
+def test_an_id_beyond_the_database_integer_is_not_found(
+    url: str, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    line = fails(capsys, "models", command, "3000000000")
+    assert line == "error: model #3000000000 does not exist (see `segnode models list`)"
+
+
+def test_too_long_name_or_by_is_refused_before_the_database(
+    url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    directory = write_model_dir(tmp_path / "long", name="n" * 250)
+    line = fails(capsys, "models", "import", str(directory))
+    card = directory.resolve() / "model.json"
+    assert line == f"error: {card}: name: 'nnnnnnnnnnnnnnnnnnnn'... is 250 characters long; at most 200"
+    line = fails(capsys, "models", "import", str(write_model_dir(tmp_path / "m")), "--by", "x" * 250)
+    assert line == "error: --by 'xxxxxxxxxxxxxxxxxxxx'... is 250 characters long; at most 200"
+    assert json.loads(ok("models", "list", "--json")) == []
+
+
 def test_import_bad_directory_names_the_file(
     url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -8,14 +8,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import text
 
 from db.exceptions import (
     ConcurrentPromotionError,
+    DatabaseOperationError,
     InvalidArtifactError,
     InvalidModelDirectory,
     ModelNotFoundError,
     ModelRetiredError,
     PromotionRefused,
+    RegistryError,
     RetireRefusedError,
     RollbackError,
 )
@@ -162,6 +165,61 @@ def test_register_computes_checksums_and_checks_fields(registry: Registry, tmp_p
             parent_id=999,
         )
     assert len(registry.list_models()) == 2
+
+
+def test_out_of_range_ids_and_too_long_fields_are_refused_alike_on_both_backends(
+    registry: Registry, tmp_path: Path
+) -> None:
+    """PostgreSQL refuses them with a DataError, SQLite would answer or store them: both are checked first."""
+    big = 3_000_000_000  # beyond PostgreSQL's integer
+    for call in (registry.get, registry.verify, registry.retire, registry.promote):
+        with pytest.raises(ModelNotFoundError, match=f"model #{big} does not exist"):
+            call(big)
+    with pytest.raises(ModelNotFoundError, match=f"model #{big} does not exist"):
+        registry.record_evaluation(big, {"split": "validation", "mean": {"dice": 0.9}})
+    (tmp_path / "w.xml").write_bytes(b"<net/>")
+
+    def register(
+        name: str = "n", version: str = "1", parent_id: int | None = None, by: str | None = None
+    ) -> None:
+        registry.register(
+            name=name,
+            version=version,
+            task=TASK,
+            modalities=["FLAIR"],
+            kind="ir",
+            precision="fp32",
+            files=[tmp_path / "w.xml"],
+            parent_id=parent_id,
+            by=by,
+        )
+
+    with pytest.raises(InvalidArtifactError, match=f"parent_id {big} is not a registered model"):
+        register(parent_id=big)
+    with pytest.raises(InvalidArtifactError, match="name is 201 characters long; at most 200"):
+        register(name="n" * 201)
+    with pytest.raises(InvalidArtifactError, match="version is 101 characters long; at most 100"):
+        register(version="1" * 101)
+    with pytest.raises(RegistryError, match=r"--by 'xxx.*is 201 characters long; at most 200"):
+        register(by="x" * 201)
+    with pytest.raises(RegistryError, match=r"--by 'xxx.*is 201 characters long; at most 200"):
+        registry.import_dir(write_model_dir(tmp_path / "m"), by="x" * 201)
+    with pytest.raises(InvalidModelDirectory, match=r"name: 'nnn.*is 201 characters long; at most 200"):
+        registry.import_dir(write_model_dir(tmp_path / "long", name="n" * 201))
+    assert registry.list_models() == [] and registry.history() == []
+    register(name="n" * 200, version="1" * 100, by="x" * 200)
+
+
+def test_a_value_postgresql_refuses_is_a_one_line_registry_error(registry: Registry) -> None:
+    """A DataError the checks before the database miss is still a RegistryError, not a traceback."""
+    if registry._sessions.kw["bind"].dialect.name != "postgresql":
+        pytest.skip("SQLite casts instead of refusing")
+    with (
+        pytest.raises(DatabaseOperationError, match=r"database error: DataError: .*integer") as info,
+        registry._read() as session,
+    ):
+        session.execute(text("SELECT CAST('x' AS integer)"))
+    assert "\n" not in str(info.value)
 
 
 def test_verify_reports_ok_missing_and_mismatch(registry: Registry, tmp_path: Path) -> None:
