@@ -79,6 +79,7 @@ from db.models import (
     utcnow,
 )
 from db.session import make_engine, make_session_factory, upgrade, write_options
+from db.transactions import as_utc
 
 log = logging.getLogger(__name__)
 
@@ -244,7 +245,11 @@ def _is_id(value: int) -> bool:
 
 
 def _aware(value: dt.datetime) -> dt.datetime:
-    return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
+    """``value`` in UTC: PostgreSQL answers in its session's time zone (the server's ``timezone``,
+    the host's zone after Debian's initdb), SQLite naive UTC."""
+    utc = as_utc(value)
+    assert utc is not None
+    return utc
 
 
 def _snapshot(row: Model) -> ModelInfo:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from db import cli as models_cli
-from db.session import current_revision, head_revision
+from db.session import current_revision, head_revision, make_engine
 from node.cli import app, main
 from tests.conftest import write_model_dir
 
@@ -152,6 +153,28 @@ def test_too_long_name_or_by_is_refused_before_the_database(
     line = fails(capsys, "models", "import", str(write_model_dir(tmp_path / "m")), "--by", "x" * 250)
     assert line == "error: --by 'xxxxxxxxxxxxxxxxxxxx'... is 250 characters long; at most 200"
     assert json.loads(ok("models", "list", "--json")) == []
+
+
+def test_times_are_shown_in_utc_whatever_the_servers_time_zone(url: str, tmp_path: Path) -> None:
+    """Debian's initdb gives PostgreSQL the host's time zone; "When (UTC)" and "Created" must still be UTC."""
+    if url.startswith("postgresql"):
+        engine = make_engine(url)
+        try:
+            with engine.connect() as conn:
+                conn.execution_options(isolation_level="AUTOCOMMIT").exec_driver_sql(
+                    f"ALTER DATABASE \"{engine.url.database}\" SET timezone TO 'Pacific/Kiritimati'"  # UTC+14
+                )
+        finally:
+            engine.dispose()
+    before = dt.datetime.now(dt.UTC)
+    ok("models", "import", str(write_model_dir(tmp_path / "m")))
+    event = json.loads(ok("models", "history", "--json"))[0]
+    at = dt.datetime.fromisoformat(event["at"])
+    assert at.utcoffset() == dt.timedelta(0) and abs(at - before) < dt.timedelta(minutes=1), event["at"]
+    assert f"{at:%Y-%m-%d %H:%M:%S}" in ok("models", "history")
+    created = dt.datetime.fromisoformat(json.loads(ok("models", "list", "--json"))[0]["created_at"])
+    assert created.utcoffset() == dt.timedelta(0) and abs(created - before) < dt.timedelta(minutes=1)
+    assert f"{created:%Y-%m-%d}" in ok("models", "list")
 
 
 def test_import_bad_directory_names_the_file(
