@@ -109,6 +109,66 @@ def test_downgrade_one_then_upgrade_again(db_url: str) -> None:
         engine.dispose()
 
 
+def _fill_every_table(url: str) -> None:
+    """One row in each table at head, linked as the node and the registry link them."""
+    now = dt.datetime.now(dt.UTC)
+    engine = make_engine(url)
+    try:
+        with engine.begin() as conn:
+            int8 = {**_row("whole_tumor", "1", "active"), "precision": "int8"}
+            conn.execute(insert(Model.__table__), [_row("whole_tumor", "1", "candidate")])
+            conn.execute(insert(Model.__table__), [int8])
+            conn.execute(text("UPDATE models SET parent_id = 1 WHERE id = 2"))  # int8's parent: fp32
+            for statement in (
+                "INSERT INTO model_files (model_id, position, path, sha256, size) "
+                "VALUES (2, 0, '/m', 'x', 1)",
+                "INSERT INTO rollout_events (task, action, from_model_id, to_model_id, actor, at, reason, "
+                "forced) VALUES ('whole_tumor', 'promote', 1, 2, 'a', :t, '', false)",
+                "INSERT INTO node_instances (sop_instance_uid, sop_class_uid, study_instance_uid, kept, "
+                "calling_ae, received_at) VALUES ('1.2.3', '1.2', '1.2.4', true, 'AE', :t)",
+                "INSERT INTO node_studies (id, study_instance_uid, first_received_at, last_received_at, "
+                "pending, runs) VALUES (1, '1.2.4', :t, :t, false, 1)",
+                "INSERT INTO node_jobs (id, study_id, run, status, reason, stages, attempts, instance_count, "
+                "model_id, result, created_at) VALUES (1, 1, 1, 'done', '', '{}', 1, 1, 2, '{}', :t)",
+                "INSERT INTO node_sends (job_id, destination, ae_title, host, port, path, sop_instance_uid, "
+                "status, attempts, next_attempt_at, last_error) "
+                "VALUES (1, 'pacs', 'AE', 'h', 104, '/p', '1.2.5', 'pending', 0, :t, '')",
+            ):
+                conn.execute(text(statement), {"t": now})
+    finally:
+        engine.dispose()
+
+
+def test_downgrade_step_by_step_with_rows_in_every_table(db_url: str) -> None:
+    """With foreign keys on, SQLite refused to drop (or rebuild, to drop a column) a referenced table."""
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    from db.session import ALEMBIC_INI, MIGRATIONS_DIR
+
+    config = Config(str(ALEMBIC_INI))
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    chain = [r.revision for r in ScriptDirectory.from_config(config).walk_revisions()]  # head first
+    upgrade(db_url)
+    _fill_every_table(db_url)
+    for below in [*chain[1:], None]:
+        downgrade(db_url, "-1")
+        assert current_revision(db_url) == below
+        engine = make_engine(db_url)
+        try:
+            with engine.connect() as conn:
+                tables = set(inspect(conn).get_table_names())
+                counts = {t: conn.execute(text(f"SELECT count(*) FROM {t}")).scalar() for t in tables}
+                if conn.dialect.name == "sqlite":
+                    assert conn.execute(text("PRAGMA foreign_key_check")).all() == []
+        finally:
+            engine.dispose()
+        assert all(n == 1 or (t == "models" and n == 2) for t, n in counts.items() if t != "alembic_version")
+    assert not MODEL_TABLES & tables
+    upgrade(db_url)
+    assert current_revision(db_url) == head_revision()
+
+
 def test_models_match_migrations(db_url: str) -> None:
     """Autogenerate finds no difference between the ORM models and the migrated schema."""
     _all_metadata()

@@ -67,4 +67,8 @@ def downgrade() -> None:
     op.drop_index(op.f("ix_model_files_model_id"), table_name="model_files")
     op.drop_table("model_files")
     op.drop_index(op.f("ix_models_parent_id"), table_name="models")
+    if op.get_bind().dialect.name == "sqlite":
+        # With foreign keys on, SQLite's DROP TABLE first deletes the rows one by one, and deleting a
+        # model that another row names as its parent (ON DELETE RESTRICT) fails.
+        op.execute("UPDATE models SET parent_id = NULL")
     op.drop_table("models")

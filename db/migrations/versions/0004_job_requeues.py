@@ -7,6 +7,7 @@ Create Date: 2026-12-04
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Sequence
 
 import sqlalchemy as sa
@@ -23,6 +24,16 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column("requeues", sa.Integer(), nullable=False, server_default="0"))
 
 
+#: First SQLite with ``ALTER TABLE ... DROP COLUMN``.
+SQLITE_DROP_COLUMN = (3, 35, 0)
+
+
 def downgrade() -> None:
+    bind = op.get_bind()
+    if bind.dialect.name == "sqlite" and sqlite3.sqlite_version_info >= SQLITE_DROP_COLUMN:
+        # Not batch mode: its rebuild drops node_jobs, and with foreign keys on (they cannot be turned
+        # off inside the migration's transaction) that fails once node_sends has rows referencing it.
+        op.execute("ALTER TABLE node_jobs DROP COLUMN requeues")
+        return
     with op.batch_alter_table("node_jobs", schema=None) as batch_op:
         batch_op.drop_column("requeues")
