@@ -48,6 +48,10 @@ MIN_WAIT_SECONDS = 0.01
 #: How often early analysis looks for settled series (at most; ``poll_seconds`` when shorter); the SCP
 #: also wakes it when a study's instances move on to another series.
 EARLY_POLL_SECONDS = 0.25
+#: The most a stop (SIGTERM, SIGHUP, SIGINT) waits in all for the running job, early analysis and the
+#: deliveries: below the Helm chart's terminationGracePeriodSeconds (60), so that the node closes its
+#: database and logs before the kubelet's SIGKILL.
+STOP_SECONDS = 45.0
 
 
 class _Outage:
@@ -232,19 +236,26 @@ class NodeService:
         thread.start()
         self._threads.append(thread)
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Stop accepting, let the running job finish (up to ``timeout``), then stop everything."""
+    def stop(self, timeout: float = STOP_SECONDS) -> None:
+        """Stop accepting, let the running job and deliveries finish, then stop everything; all of it
+        within ``timeout`` seconds in total (what is still running then is taken up again at the next
+        start: the job re-queued, the sends when their lease ends)."""
+        deadline = time.monotonic() + timeout
+
+        def left() -> float:
+            return max(0.0, deadline - time.monotonic())
+
         self.scp.stop()
         if self.receivers:
-            self.receivers.stop(timeout)
+            self.receivers.stop(left())
         self._stop.set()
         self._outputs_queued.set()  # the sender's, the workers' and early analysis's waits end now
         self._studies_received.set()
         self._series_changed.set()
         self._early_wake.set()
         for thread in self._threads:
-            thread.join(timeout)
-        self.sender.shutdown(timeout)
+            thread.join(left())
+        self.sender.shutdown(left())
         if self.http:
             self.http.stop()
         self.engine.dispose()

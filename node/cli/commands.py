@@ -97,7 +97,7 @@ def _where_hint(config: Path | None) -> str:
 
 
 def serve(config: Path | None = CONFIG_OPTION) -> None:
-    """Run the node: DICOM SCP, workers, sender, /metrics and /healthz, until SIGINT or SIGTERM."""
+    """Run the node: DICOM SCP, workers, sender, /metrics and /healthz, until SIGINT, SIGTERM or SIGHUP."""
     from node.config import load_settings
     from node.log_scrub import install as scrub_library_logs
     from node.memory import limit_arenas
@@ -112,8 +112,11 @@ def serve(config: Path | None = CONFIG_OPTION) -> None:
         console.print(f"signal {signal.Signals(signum).name}: stopping")
         service.request_stop()
 
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
+    # SIGHUP too: an ssh or tmux session that closes, or an operator's habit of "reloading" a daemon,
+    # must stop the node as gracefully as SIGTERM does, not cut off a C-STORE or a job (settings are
+    # read at start only; a restart takes new ones).
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, _stop)
     service.start()
     model = service.runtime.current
     console.print(

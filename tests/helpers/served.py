@@ -143,10 +143,10 @@ class ServedNode:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(10)
 
-    def stop(self) -> None:
-        """SIGTERM, then SIGKILL after 30 s."""
+    def stop(self, signum: signal.Signals = signal.SIGTERM) -> None:
+        """SIGTERM (or ``signum``), then SIGKILL after 30 s."""
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            self.proc.send_signal(signum)
             try:
                 self.proc.wait(30)
             except subprocess.TimeoutExpired:
