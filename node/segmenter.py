@@ -126,6 +126,14 @@ def _make_static(model: ov.Model, batch: int, channels: int, card: Mapping[str, 
     return True
 
 
+def _fixed_batch(model: ov.Model) -> int | None:
+    """The batch a 4-D input fixes (a static first dimension), or None when it is dynamic."""
+    shape = model.input(0).get_partial_shape()
+    if not shape.rank.is_static or shape.rank.get_length() != 4 or not shape[0].is_static:
+        return None
+    return int(shape[0].get_length())
+
+
 class OpenVINOSegmenter:
     """An OpenVINO IR model compiled once, segmenting whole volumes slice batch by slice batch.
 
@@ -143,6 +151,7 @@ class OpenVINOSegmenter:
         last, partial batch is padded with zeros so that no new shape is ever compiled during a job.
         8 was chosen on a training case (BraTS2021_00005, 136 slices, INT8 on 2 cores): 0.55 s against
         1.15 s for the former dynamic batch of 16 (see docs/benchmarks.md).
+        A network whose batch is fixed (exported so) runs at its own batch instead, padded the same.
     precision_hint:
         ``INFERENCE_PRECISION_HINT`` (e.g. ``"f32"`` to stop a CPU with AMX from running an FP32
         model in bf16); None keeps OpenVINO's default.
@@ -211,7 +220,13 @@ class OpenVINOSegmenter:
                 f"model {model_xml} takes {shape[1].get_length()} channels but the card lists "
                 f"{channels} modalities"
             )
-        self.static_batch = static_batch and _make_static(model, batch_size, channels, self.card)
+        fixed = _fixed_batch(model)
+        if fixed is not None:
+            # A network exported with a fixed batch (1 is common in third-party ONNX files) takes
+            # exactly that many slices per request: requests are of that size, the last one padded.
+            self.batch_size, self.static_batch = fixed, True
+        else:
+            self.static_batch = static_batch and _make_static(model, batch_size, channels, self.card)
         config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY"}
         if precision_hint:
             config["INFERENCE_PRECISION_HINT"] = precision_hint

@@ -885,21 +885,30 @@ def test_a_regions_model_failing_on_the_study_falls_back_to_the_whole_tumour_mod
     tmp_path: Path, case: Case, models: tuple[Path, Path]
 ) -> None:
     """A model that loads (its warm-up passes) but whose inference fails on a study: the job fell on
-    OpenVINO's RuntimeError, as no other error than a JobError let the next route run. Here a network
-    whose batch is fixed at the node's batch size: a study's last, partial batch of slices fails."""
+    OpenVINO's RuntimeError, as no other error than a JobError let the next route run. The network
+    here fixes its batch at 3 (a study's slices go in padded requests of 3, which works); its
+    inference is then made to fail as OpenVINO fails, once the model has loaded."""
     from contextlib import contextmanager
 
-    from node.segmenter import DEFAULT_BATCH
-
     regions = make_regions_model(
-        tmp_path / "fixed-batch", crop=SHAPE[:2], spacing=case.spacing, rules=SYNTHETIC_RULES,
-        batch=DEFAULT_BATCH,
+        tmp_path / "fixed-batch", crop=SHAPE[:2], spacing=case.spacing, rules=SYNTHETIC_RULES, batch=3,
     )
     with contextmanager(_node)(tmp_path, (regions, models[1])) as node:
-        assert node.node.runtimes["brats_regions"].current is not None  # loaded, warm-up passed
+        loaded = node.node.runtimes["brats_regions"].current
+        assert loaded is not None and loaded.segmenter.batch_size == 3  # loaded, warm-up passed
         study = write_study(case, tmp_path / "study")
         node.send(study)
         job = node.job_for(study)
+        assert job.status == "done", job.reason
+        assert job.result["routing"]["task"] == "brats_regions"  # the fixed batch runs
+
+        def fails(batch: np.ndarray) -> np.ndarray:
+            raise RuntimeError("Exception from src/inference/src/cpp/infer_request.cpp: [CPU] failed")
+
+        loaded.segmenter.predict = fails  # type: ignore[method-assign]
+        again = write_study(case, tmp_path / "again")
+        node.send(again)
+        job = node.job_for(again)
     assert job.status == "done", job.reason
     routing = job.result["routing"]
     assert routing["task"] == "whole_tumor"
