@@ -47,7 +47,9 @@ taken apart from phase, real or imaginary images reconstructed into the same ser
 Among the candidates for a modality (:func:`ranked`) an ORIGINAL image wins over a DERIVED one, then
 one that covers about as much as the others over a slab, then the finer slices (SliceThickness and
 SpacingBetweenSlices; 1 mm and finer alike), then an axial series, then the one with most slices, then
-one not given contrast, then the one acquired last; the others are kept, in that order, for when the
+one not given contrast (on the evidence that decides a T1's role, for every series:
+:meth:`SeriesSelector.contrast_evidence`; a FLAIR after contrast often says so only in its description or
+by its timing), then the one acquired last; the others are kept, in that order, for when the
 chosen one cannot be read. A series serves at
 most one modality (chosen in the order FLAIR, T1GD, T1, T2). :meth:`SeriesSelector.assign` says
 which roles are missing instead of raising, and why each T1 got its role (``basis``).
@@ -559,51 +561,74 @@ class SeriesSelector:
         post- or pre-contrast. A series with neither is post-contrast when it was acquired after a
         series that has evidence of contrast (contrast stays for the rest of the examination): a T1
         given contrast, or any series whose Contrast/Bolus attributes say so (a perfusion series, a
-        post-contrast FLAIR), and native otherwise. Acquisition time alone never makes a T1GD: in a
-        study without any evidence of contrast no series is T1GD, and a model that needs one is not
-        run.
+        post-contrast FLAIR), and native otherwise (:meth:`contrast_evidence`). Acquisition time alone
+        never makes a T1GD: in a study without any evidence of contrast no series is T1GD, and a model
+        that needs one is not run.
         """
-        t1w = [
+        t1w = self._t1_weighted_series(series)
+        evidence = self.contrast_evidence(series)
+        return {
+            s.series_instance_uid: (
+                "T1GD" if evidence[s.series_instance_uid][0] else "T1", evidence[s.series_instance_uid][1]
+            )
+            for s in t1w
+        }
+
+    def _t1_weighted_series(self, series: Sequence[SeriesInfo]) -> list[SeriesInfo]:
+        return [
             s for s in series
             if not self._re["exclude"].search(s.text) and not s.serves_no_role
             and not self.is_flair(s) and self._t1_weighted(s)
         ]  # fmt: skip
-        own = {s.series_instance_uid: self._own_t1_evidence(s) for s in t1w}
+
+    def contrast_evidence(self, series: Sequence[SeriesInfo]) -> dict[str, tuple[bool, str]]:
+        """SeriesInstanceUID -> (given contrast?, basis) for every series of a study, on the evidence
+        that decides a T1's role (:meth:`t1_roles`).
+
+        A series' own Contrast/Bolus attributes first, else a description that says post- or
+        pre-contrast (a hint), else acquired after the first series with evidence of contrast (any
+        series whose Contrast/Bolus attributes say so, or a T1-weighted series given contrast by its
+        attributes or description): contrast stays for the rest of the examination. A FLAIR after
+        contrast often says so only in its description or by its timing, and must not win over the
+        native one (:func:`ranked`).
+        """
+        t1w = {s.series_instance_uid for s in self._t1_weighted_series(series)}
+        own = {s.series_instance_uid: self._own_contrast_evidence(s) for s in series}
         # Contrast given shows in any series that records it, T1 or not: a perfusion series, a
-        # post-contrast FLAIR (and often only there).
+        # post-contrast FLAIR (and often only there). A description starts it only on a T1.
         given = [
             s.acquired for s in series
             if s.acquired is not None and (
                 s.contrast is True
-                or ((evidence := own.get(s.series_instance_uid)) is not None and evidence[0] == "T1GD")
+                or (s.series_instance_uid in t1w and (e := own[s.series_instance_uid]) is not None and e[0])
             )
         ]  # fmt: skip
         first_given = min(given, default=None)
-        roles: dict[str, tuple[str, str]] = {}
-        for s in t1w:
+        out: dict[str, tuple[bool, str]] = {}
+        for s in series:
             evidence = own[s.series_instance_uid]
             if evidence is not None:
-                roles[s.series_instance_uid] = evidence
+                out[s.series_instance_uid] = evidence
             elif first_given is not None and s.acquired is not None and s.acquired > first_given:
-                roles[s.series_instance_uid] = (
-                    "T1GD",
+                out[s.series_instance_uid] = (
+                    True,
                     "acquired after a series given contrast (no contrast attributes or description)",
                 )
             else:
-                roles[s.series_instance_uid] = ("T1", "no contrast attributes or description")
-        return roles
+                out[s.series_instance_uid] = (False, "no contrast attributes or description")
+        return out
 
-    def _own_t1_evidence(self, s: SeriesInfo) -> tuple[str, str] | None:
-        """What a T1-weighted series says of itself: its Contrast/Bolus attributes, else its
-        description (post- or pre-contrast), else None."""
+    def _own_contrast_evidence(self, s: SeriesInfo) -> tuple[bool, str] | None:
+        """What a series says of itself: its Contrast/Bolus attributes, else its description (post- or
+        pre-contrast), else None."""
         if s.contrast is not None:
-            return ("T1GD", "contrast/bolus attributes") if s.contrast else (
-                "T1", "no contrast given (attributes)"
+            return (True, "contrast/bolus attributes") if s.contrast else (
+                False, "no contrast given (attributes)"
             )
         if self.described_post_contrast(s):
-            return "T1GD", "description (no contrast attributes)"
+            return True, "description (no contrast attributes)"
         if self._re["T1PRE"].search(s.text):
-            return "T1", "description (no contrast attributes)"
+            return False, "description (no contrast attributes)"
         return None
 
     def is_t2(self, s: SeriesInfo) -> bool:
@@ -639,6 +664,8 @@ class SeriesSelector:
         out = Assignment()
         taken: set[str] = set()
         roles = self.t1_roles(series)
+        evidence = self.contrast_evidence(series)
+        given = {uid: flag for uid, (flag, _) in evidence.items()}
         order = [m for m in ("FLAIR", "T1GD", "T1", "T2") if m in modalities]
         order += [m for m in modalities if m not in order]
         for modality in order:
@@ -652,15 +679,23 @@ class SeriesSelector:
             if not candidates:
                 out.missing.append(modality)
                 continue
-            best_first = ranked(candidates, earliest=modality == "T1")
+            best_first = ranked(candidates, earliest=modality == "T1", given=given)
             best, *others = best_first
             if others:
-                out.preferred[modality] = preference(best_first, earliest=modality == "T1")
+                out.preferred[modality] = preference(
+                    best_first, earliest=modality == "T1", given=given, evidence=evidence
+                )
             out.chosen[modality] = best
             out.alternatives[modality] = others
             taken.add(best.series_instance_uid)
             if best.series_instance_uid in roles:
                 out.basis[modality] = roles[best.series_instance_uid][1]
+            elif given[best.series_instance_uid]:
+                # Used all the same (a post-contrast FLAIR is better than none), but a reader is told.
+                out.basis[modality] = f"given contrast: {evidence[best.series_instance_uid][1]}" + (
+                    "" if any(not given[s.series_instance_uid] for s in others)
+                    else f"; no {modality} candidate without contrast"
+                )
             logger.info("%s: %s", modality, best.label)
         return out
 
@@ -723,11 +758,16 @@ PREFERENCE_REASONS = (
 )
 
 
-def ranked(candidates: Sequence[SeriesInfo], earliest: bool = False) -> list[SeriesInfo]:
+def ranked(
+    candidates: Sequence[SeriesInfo], earliest: bool = False, given: Mapping[str, bool] | None = None
+) -> list[SeriesInfo]:
     """Candidates of one role, best first: ORIGINAL over DERIVED; then one that covers about as much as
     the farthest-reaching candidate (:data:`COVERAGE_SHARE`) over a slab; then the finer slices (pitches
     up to :data:`FINE_SLICE_MM` alike); then axial; then most slices; then one not given contrast (a
-    FLAIR before and one after contrast: the native one, as BraTS has it); then the one acquired last (a
+    FLAIR before and one after contrast: the native one, as BraTS has it; ``given``: SeriesInstanceUID
+    -> given contrast, the study's evidence of :meth:`SeriesSelector.contrast_evidence`, which sees a
+    post-contrast description and the timing too; without it, the series' own Contrast/Bolus
+    attributes); then the one acquired last (a
     series repeated with the same coverage is repeated because the first one was spoiled, by motion
     most often). ``earliest`` (the native T1 role): the one acquired first instead, since a T1 series
     without evidence of contrast acquired later may have been given contrast unrecorded.
@@ -736,25 +776,35 @@ def ranked(candidates: Sequence[SeriesInfo], earliest: bool = False) -> list[Ser
     protocol) gave the better whole tumour, scored on the truth's 1 mm grid (8 BraTS training cases
     re-acquired both ways, through the node: mean Dice 0.914 against 0.899, better on every case).
     """
-    return sorted(candidates, key=_rank_key(candidates, earliest), reverse=True)
+    return sorted(candidates, key=_rank_key(candidates, earliest, given), reverse=True)
 
 
-def preference(order: Sequence[SeriesInfo], earliest: bool = False) -> str:
-    """Why the first of ``order`` (a role's candidates as :func:`ranked` returns them) comes before the
-    second ("over series ...: finer slices"), or "" when there is no second."""
+def preference(
+    order: Sequence[SeriesInfo],
+    earliest: bool = False,
+    given: Mapping[str, bool] | None = None,
+    evidence: Mapping[str, tuple[bool, str]] | None = None,
+) -> str:
+    """Why the first of ``order`` (a role's candidates as :func:`ranked` returns them, with the same
+    ``given``) comes before the second ("over series ...: finer slices"), or "" when there is no second.
+    ``evidence`` (:meth:`SeriesSelector.contrast_evidence`): when contrast decided and the second's
+    evidence is not its Contrast/Bolus attributes, what it is ("not given contrast (the other: ...)")."""
     if len(order) < 2:
         return ""
     first, second = order[:2]
-    key = _rank_key(order, earliest)
+    key = _rank_key(order, earliest, given)
     deciding = next((n for n, (a, b) in enumerate(zip(key(first), key(second), strict=True)) if a != b), None)
     reason = "ranked equal, listed first" if deciding is None else PREFERENCE_REASONS[deciding]
     if earliest and reason == PREFERENCE_REASONS[-1]:
         reason = "acquired earlier"
+    why = (evidence or {}).get(second.series_instance_uid)
+    if reason == "not given contrast" and why is not None and second.contrast is not True:
+        reason += f" (the other: {why[1]})"
     return f"over {second.label}: {reason}"
 
 
 def _rank_key(
-    candidates: Sequence[SeriesInfo], earliest: bool = False
+    candidates: Sequence[SeriesInfo], earliest: bool = False, given: Mapping[str, bool] | None = None
 ) -> Callable[[SeriesInfo], tuple[Any, ...]]:
     """The sort key of :func:`ranked` for one role's ``candidates`` (coverage is relative to them)."""
     widest = max((e for e in (s.extent_mm for s in candidates) if e is not None), default=None)
@@ -766,7 +816,10 @@ def _rank_key(
         acquired = s.acquired if s.acquired is not None else float("-inf")
         if earliest:
             acquired = -s.acquired if s.acquired is not None else float("-inf")
-        return (s.original, covers, pitch, s.axial, s.slices, s.contrast is not True, acquired)
+        contrast = s.contrast is True
+        if given is not None:
+            contrast = given.get(s.series_instance_uid, contrast)
+        return (s.original, covers, pitch, s.axial, s.slices, not contrast, acquired)
 
     return key
 
@@ -774,7 +827,7 @@ def _rank_key(
 @dataclass
 class Assignment:
     """What :meth:`SeriesSelector.assign` found: a series per modality, the modalities without one, and
-    for T1 and T1GD what decided their role."""
+    for T1 and T1GD what decided their role (for another role, that its series was given contrast)."""
 
     chosen: dict[str, SeriesInfo] = field(default_factory=dict)
     missing: list[str] = field(default_factory=list)

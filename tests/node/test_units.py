@@ -569,6 +569,36 @@ def test_a_repeated_series_wins_over_the_first_and_the_others_are_kept_in_order(
     assert SeriesSelector().select([post, first, repeat], ["FLAIR"])["FLAIR"] is repeat
 
 
+def test_a_flair_after_contrast_by_its_description_or_timing_does_not_replace_the_native_one() -> None:
+    """A post-contrast FLAIR often has no Contrast/Bolus attributes: its description says so, or it was
+    acquired after a T1 given contrast. The native FLAIR wins (as BraTS has it) and the basis says why;
+    a post-contrast FLAIR alone is still used, and the basis says that too."""
+    day = {"StudyDate": "20261202"}
+    native = _series("AX FLAIR", AcquisitionTime="091000", **day, **FLAIR)
+    described = _series("AX FLAIR POST GD", AcquisitionTime="093000", **day, **FLAIR)
+    selector = SeriesSelector()
+    assignment = selector.assign([described, native], ["FLAIR"])
+    assert assignment.chosen["FLAIR"] is native
+    assert assignment.reasons()["FLAIR"] == (
+        f"over {described.label}: not given contrast (the other: description (no contrast attributes))"
+    )
+    # The same description, acquired after a T1 given contrast (contrast stays for the rest).
+    t1gd = _series("AX T1", AcquisitionTime="092000", ContrastBolusAgent="Gadovist", **day, **T1)
+    timed = _series("AX T2 FLAIR", AcquisitionTime="093000", **day, **FLAIR)
+    assignment = selector.assign([timed, native, t1gd], ["FLAIR", "T1GD"])
+    assert assignment.chosen == {"FLAIR": native, "T1GD": t1gd}
+    assert assignment.reasons()["FLAIR"].endswith(
+        "not given contrast (the other: acquired after a series given contrast (no contrast attributes or "
+        "description))"
+    )
+    # The only FLAIR is post-contrast: used, and said so.
+    assignment = selector.assign([described], ["FLAIR"])
+    assert assignment.chosen["FLAIR"] is described
+    assert assignment.reasons()["FLAIR"] == (
+        "given contrast: description (no contrast attributes); no FLAIR candidate without contrast"
+    )
+
+
 def test_selection_reads_the_converter_study(tmp_path: Path) -> None:
     from converters.dicom_writer import write_study
     from converters.synthetic import make_synthetic_case
