@@ -417,9 +417,15 @@ def restamp_study(
     step back). True when set."""
     mine = aliased(NodeInstance)
     last_id = select(mine.id).where(mine.sop_instance_uid == last_instance).scalar_subquery()
+    # Kept ones only: an acknowledged, not processed instance (a KOS, an SR) is recorded in its study too
+    # but never stamps the timer.
     later = (
         select(NodeInstance.id)
-        .where(NodeInstance.study_instance_uid == study_uid, NodeInstance.id > func.coalesce(last_id, 0))
+        .where(
+            NodeInstance.study_instance_uid == study_uid,
+            NodeInstance.kept.is_(True),
+            NodeInstance.id > func.coalesce(last_id, 0),
+        )
         .exists()
     )
     with writing(sf) as s:

@@ -4,7 +4,8 @@ The node keeps all of its state here so that a restart, or a second node process
 PostgreSQL database, resumes where the last one stopped:
 
 * ``node_instances`` — one row per received SOP instance (kept MR objects with their spool path;
-  other storage objects are recorded with ``kept = False`` and no file, counted and never processed).
+  other storage objects are recorded with ``kept = False`` and no file, counted and never processed,
+  in their study and series where the data set's bytes say them plainly: node/scp.py ``ignored_uids``).
 * ``node_studies`` — one row per study with MR instances; ``last_received_at`` is the idle timer that
   survives restarts, ``pending`` says instances arrived that no job covers yet.
 * ``node_jobs`` — one run of the pipeline over a study; ``status`` is queued, running, done, failed,

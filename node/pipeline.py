@@ -910,6 +910,8 @@ def run_job(ctx: JobContext, job_id: int, attempt: int | None = None) -> str:
             "series_basis": done.route.assignment.reasons(),
             # A chosen series that could not be read and the candidate used in its place.
             "series_replaced": list(done.route.assignment.replaced),
+            # Every other series of the study and why it served no input (at most 50, then a count).
+            "not_used": ctx.selector.not_used(series, done.route.assignment),
             "volumes_ml": [round(v, 3) for v in volumes],
             "regions_ml": {
                 k: round(v, 3) for k, v in region_volumes_ml(labels, card, assembled.reference).items()

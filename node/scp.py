@@ -307,6 +307,22 @@ def instance_header(event: Any, sop_uid: str) -> InstanceHeader:
         raise InvalidInstanceError(f"instance {sop_uid}: data set cannot be decoded: {exc}") from exc
 
 
+def ignored_uids(event: Any) -> tuple[str | None, str | None]:
+    """(Study, Series Instance UID) of a C-STORE of a class the node does not process, read from the
+    data set's bytes by :func:`read_header` (a walk over its top-level element headers, no decoding),
+    so that the instance's row is tied to its study; (None, None) where that reader cannot tell (a
+    deflated or big-endian data set, a missing or malformed UID). Never decoded with pydicom: an
+    object the node only acknowledges must not cost it, nor fail it, more than that."""
+    encoded = event.request.DataSet
+    if encoded is None:
+        return None, None
+    with encoded.getbuffer() as received:
+        header = read_header(received, str(event.context.transfer_syntax))
+    if header is None:
+        return None, None
+    return str(header.study_instance_uid), str(header.series_instance_uid)
+
+
 def as_file(event: Any, sop_class: str, sop_uid: str) -> bytes:
     """The C-STORE's data set as a DICOM file: the data set's bytes as they arrived behind the
     preamble and File Meta Information (:func:`node.part10.file_header`, the bytes pynetdicom's
@@ -570,7 +586,7 @@ class StorageSCP:
             event.request.AffectedSOPInstanceUID, "AffectedSOPInstanceUID", "C-STORE request"
         )
         if sop_class not in KEPT_SOP_CLASSES:
-            return self._ignore(sop_class, sop_uid, calling_ae)
+            return self._ignore(sop_class, sop_uid, calling_ae, ignored_uids(event))
         header = instance_header(event, sop_uid)
         # In flight before its row exists: the row is committed while the spool file is still being
         # written, and a study that looked idle then (a slow fsync, a short study_idle_seconds) got a
@@ -684,20 +700,26 @@ class StorageSCP:
         )  # fmt: skip
         return True
 
-    def _ignore(self, sop_class: str, sop_uid: str, calling_ae: str) -> int:
+    def _ignore(
+        self, sop_class: str, sop_uid: str, calling_ae: str, uids: tuple[str | None, str | None]
+    ) -> int:
+        """Record an instance of a class the node does not process (``uids``: its study and series, when
+        its data set says them), acknowledged; no file, no study row, no job."""
+        study, series = uids
         new = self._record(
             sop_instance_uid=sop_uid,
             sop_class_uid=sop_class,
-            study_instance_uid=None,
-            series_instance_uid=None,
+            study_instance_uid=study,
+            series_instance_uid=series,
             kept=False,
             path=None,
             calling_ae=calling_ae,
         )
         self.metrics.instances.labels("ignored" if new else "duplicate").inc()
         logger.info(
-            "instance of SOP class %s (%s) acknowledged, not processed", sop_class, UID(sop_class).name
-        )
+            "instance of SOP class %s (%s) of study %s acknowledged, not processed",
+            sop_class, UID(sop_class).name, study or "unknown",
+        )  # fmt: skip
         return dimse.SUCCESS
 
     def receive(

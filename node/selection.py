@@ -499,6 +499,10 @@ def scan_grouped_series(groups: Mapping[str, Sequence[Path]]) -> list[SeriesInfo
     return out
 
 
+#: At most this many series are listed in a job's ``not_used`` (:meth:`SeriesSelector.not_used`).
+NOT_USED_LIMIT = 50
+
+
 class SeriesSelector:
     """Applies :class:`SelectionRules` to the series of a study."""
 
@@ -699,6 +703,66 @@ class SeriesSelector:
             logger.info("%s: %s", modality, best.label)
         return out
 
+    def not_used(
+        self, series: Sequence[SeriesInfo], assignment: Assignment, limit: int = NOT_USED_LIMIT
+    ) -> list[dict[str, str]]:
+        """Each series of the study (``series``, as scanned) that serves no input of ``assignment`` (the
+        model that ran), with why: ``{"series": label, "reason": ...}``, in the order scanned. The label
+        is :attr:`SeriesInfo.label` (UID, description, slices: no patient data). At most ``limit``
+        entries, then one that counts the rest.
+
+        Reasons: a derived map (its ImageType value), what its attributes say it is (``special``:
+        diffusion, phase, susceptibility-weighted, dynamic...), excluded by its description, no role
+        by its attributes or description, a candidate ranked below the chosen series (and why, as
+        :func:`preference` says it), one that could not be read (``series_replaced``), or a candidate
+        for a role the model that ran has no input for.
+        """
+        used = {(s.series_instance_uid, s.echo) for s in assignment.chosen.values()}
+        roles = self.t1_roles(series)
+        evidence = self.contrast_evidence(series)
+        given = {uid: flag for uid, (flag, _) in evidence.items()}
+        out = [
+            {"series": s.label, "reason": self._why_not_used(s, assignment, roles, given, evidence)}
+            for s in series
+            if (s.series_instance_uid, s.echo) not in used
+        ]
+        if len(out) > limit:
+            rest = len(out) - limit
+            more = {"series": f"{rest} more series", "reason": f"not listed (at most {limit} are)"}
+            out = [*out[:limit], more]
+        return out
+
+    def _why_not_used(
+        self,
+        s: SeriesInfo,
+        assignment: Assignment,
+        roles: Mapping[str, tuple[str, str]],
+        given: Mapping[str, bool],
+        evidence: Mapping[str, tuple[bool, str]],
+    ) -> str:
+        if s.derived_map:
+            kind = next(v for v in s.image_type if v in DERIVED_MAPS)
+            return f"derived map (ImageType {kind}): serves no role"
+        if s.special:
+            return f"{s.special}: serves no role"
+        if self._re["exclude"].search(s.text):
+            return "excluded by its description (exclude_pattern): serves no role"
+        for modality in ("FLAIR", "T1GD", "T1", "T2"):
+            if not self._role_matches(modality, s, roles):
+                continue
+            chosen = assignment.chosen.get(modality)
+            if chosen is None:
+                return f"a {modality} candidate; the model that ran has no {modality} input"
+            unreadable = f"{modality} {s.label} could not be read"
+            if any(line.startswith(unreadable) for line in assignment.replaced):
+                return f"the {modality} chosen first, could not be read (see series replaced)"
+            pool = [chosen, *(a for a in assignment.alternatives.get(modality, []) if a is not chosen)]
+            if s not in pool:  # taken by no role, yet no candidate of this one: not expected
+                return f"a {modality} candidate, not chosen"
+            why = _why_before(chosen, s, pool, modality == "T1", given, evidence)
+            return f"a {modality} candidate ranked below {chosen.label}: {why}"
+        return "no role: not FLAIR, T1, T1GD or T2 by its attributes or description"
+
     def _role_matches(self, modality: str, s: SeriesInfo, roles: Mapping[str, tuple[str, str]]) -> bool:
         if modality in ("T1", "T1GD"):
             if self._re["exclude"].search(s.text):
@@ -792,7 +856,20 @@ def preference(
     if len(order) < 2:
         return ""
     first, second = order[:2]
-    key = _rank_key(order, earliest, given)
+    return f"over {second.label}: {_why_before(first, second, order, earliest, given, evidence)}"
+
+
+def _why_before(
+    first: SeriesInfo,
+    second: SeriesInfo,
+    candidates: Sequence[SeriesInfo],
+    earliest: bool,
+    given: Mapping[str, bool] | None,
+    evidence: Mapping[str, tuple[bool, str]] | None,
+) -> str:
+    """Which element of :func:`ranked`'s order puts ``first`` before ``second`` (both of the role's
+    ``candidates``), as :data:`PREFERENCE_REASONS` words it."""
+    key = _rank_key(candidates, earliest, given)
     deciding = next((n for n, (a, b) in enumerate(zip(key(first), key(second), strict=True)) if a != b), None)
     reason = "ranked equal, listed first" if deciding is None else PREFERENCE_REASONS[deciding]
     if earliest and reason == PREFERENCE_REASONS[-1]:
@@ -800,7 +877,7 @@ def preference(
     why = (evidence or {}).get(second.series_instance_uid)
     if reason == "not given contrast" and why is not None and second.contrast is not True:
         reason += f" (the other: {why[1]})"
-    return f"over {second.label}: {reason}"
+    return reason
 
 
 def _rank_key(

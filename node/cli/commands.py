@@ -395,6 +395,8 @@ def _result_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
         rows += [(f"series {role}", why) for role, why in basis.items()]
     for line in result.get("series_replaced") or []:
         rows.append(("series replaced", line))
+    for entry in result.get("not_used") or []:
+        rows.append(("not used", f"{entry.get('series')}: {entry.get('reason')}"))
     missing = result.get("instances_missing") or []
     if missing:
         left_out = ", ".join(missing)

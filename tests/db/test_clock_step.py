@@ -132,6 +132,28 @@ def test_a_later_instance_from_elsewhere_keeps_the_shared_timer(sf: SessionFacto
     assert _due(sf, clocks.wall()) == 0  # not idle after this host's instance: the other one is later
 
 
+def test_an_acknowledged_object_of_the_study_recorded_later_leaves_the_timer_to_this_process(
+    sf: SessionFactory,
+) -> None:
+    """An object the node does not process (a KOS, an SR) is recorded in its study too, but stamps no
+    timer: one recorded after this process's last instance does not keep it from setting its timer
+    right after a step."""
+    clocks = _Clocks(utcnow())
+    timers = _timers(clocks)
+    _receive(sf, instances.record_instances, 0, 3, clocks.wall())
+    timers.recorded(STUDY, f"{STUDY}.1.2")
+    kos = instances.ReceivedInstance(
+        sop_instance_uid=f"{STUDY}.9.1", sop_class_uid="1.2.840.10008.5.1.4.1.1.88.59",
+        study_instance_uid=STUDY, series_instance_uid=f"{STUDY}.9", kept=False, path=None, calling_ae="PACS",
+    )  # fmt: skip
+    assert instances.record_instances(sf, [kos], now=clocks.wall()) == [True]
+    clocks.elapsed, clocks.step = 1.0, timedelta(seconds=-290)
+    for elapsed, due in ((IDLE - 1, 0), (IDLE + 1, 1)):
+        clocks.elapsed = elapsed
+        timers.reconcile(sf)
+        assert _due(sf, clocks.wall()) == due, f"{elapsed} s after the last instance"
+
+
 def test_a_node_that_received_a_study_takes_it_up_the_idle_time_after_a_small_step_back(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -25,6 +25,7 @@ from converters.dicom_writer import StudyInfo, write_study
 from converters.registration import RegistrationSettings, displacement_mm, register_rigid
 from converters.synthetic import make_synthetic_case
 from db import job_queue
+from node.cli.commands import _result_rows
 from node.config import Destination, RegistrationConfig
 from node.coregistration import LoadedSeries, coregister
 from node.selection import SeriesSelector, scan_series, series_info
@@ -710,6 +711,21 @@ def test_a_brain_tumour_protocol_as_a_scanner_sends_it_gets_the_four_right_serie
     # Why the native FLAIR came before the post-contrast one, as `jobs show` and the SR tell it.
     basis = job.result["series_basis"]["FLAIR"]
     assert basis.startswith("over series ") and basis.endswith(": not given contrast")
+    # Every other series is in the job, with why it served no input, as `jobs show` tells it.
+    # Labels read "series UID (description, N slices)".
+    entries = job.result["not_used"]
+    not_used = {e["series"].split(" ", 2)[2][1:].rsplit(", ", 1)[0]: e["reason"] for e in entries}
+    flair = job.result["series_labels"]["FLAIR"]
+    assert not_used == {
+        "AX DIFFUSION": "diffusion: serves no role",
+        "Apparent Diffusion Coefficient (mm2/s)": "derived map (ImageType ADC): serves no role",
+        "t2_tse_tra": "phase, real or imaginary image: serves no role",
+        "3D multi-slab": "angiography: serves no role",
+        "3D GRE": "no role: not FLAIR, T1, T1GD or T2 by its attributes or description",
+        "t1_vibe_dyn": "dynamic (3 time points): serves no role",
+        "AX FLAIR": f"a FLAIR candidate ranked below {flair}: not given contrast",
+    }
+    assert sum(key == "not used" for key, _ in _result_rows(job.result)) == len(not_used)
 
 
 @pytest.mark.parametrize(

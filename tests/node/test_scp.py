@@ -169,6 +169,10 @@ def test_other_storage_classes_acknowledged_not_processed(running: Running) -> N
     assert _store(running.scp.port, sr) == dimse.SUCCESS
     rows = running.rows()
     assert len(rows) == 1 and not rows[0].kept and rows[0].path is None
+    # Tied to its study and series (read from the data set's bytes), so a study's record says what else
+    # came with it.
+    assert rows[0].study_instance_uid == sr.StudyInstanceUID
+    assert rows[0].series_instance_uid == sr.SeriesInstanceUID
     assert running.studies() == []  # no study, so no job: no routing loop
     assert not running.settings.spool_path().joinpath(sr.StudyInstanceUID).exists()
 

@@ -599,6 +599,38 @@ def test_a_flair_after_contrast_by_its_description_or_timing_does_not_replace_th
     )
 
 
+def test_the_series_not_used_are_listed_with_why_and_bounded() -> None:
+    flair = _series("AX FLAIR", slices=30, **FLAIR)
+    screen = _series("AX FLAIR screen", slices=1, ImageType=["DERIVED", "SECONDARY", "SCREEN SAVE"], **FLAIR)
+    adc = _series("ADC", ImageType=["DERIVED", "PRIMARY", "DIFFUSION", "ADC"], ScanningSequence="EP")
+    dwi = _series("ep2d_diff", ScanningSequence="EP", EchoTime=89, DiffusionBValue=1000.0)
+    scout = _series("AAHead_Scout", EchoTime=2, RepetitionTime=8)
+    t2 = _series("AX T2", **T2)
+    pd = _series("AX PD", ScanningSequence="SE", EchoTime=15, RepetitionTime=3000)
+    series = [flair, screen, adc, dwi, scout, t2, pd]
+    selector = SeriesSelector()
+    assignment = selector.assign(series, ["FLAIR"])
+    assert selector.not_used(series, assignment) == [
+        {"series": screen.label,
+         "reason": f"a FLAIR candidate ranked below {flair.label}: ORIGINAL, not DERIVED"},
+        {"series": adc.label, "reason": "derived map (ImageType ADC): serves no role"},
+        {"series": dwi.label, "reason": "diffusion: serves no role"},
+        {"series": scout.label, "reason": "excluded by its description (exclude_pattern): serves no role"},
+        {"series": t2.label, "reason": "a T2 candidate; the model that ran has no T2 input"},
+        {"series": pd.label, "reason": "no role: not FLAIR, T1, T1GD or T2 by its attributes or description"},
+    ]
+    # The chosen series could not be read and the next one was used (node/pipeline.py _load_role).
+    assignment.replaced.append(f"FLAIR {flair.label} could not be read (duplicate positions); ...")
+    assignment.chosen["FLAIR"] = screen
+    assert selector.not_used(series, assignment)[0] == {
+        "series": flair.label, "reason": "the FLAIR chosen first, could not be read (see series replaced)"
+    }
+    # At most `limit` entries, then a count.
+    assert selector.not_used(series, assignment, limit=2)[2:] == [
+        {"series": "4 more series", "reason": "not listed (at most 2 are)"}
+    ]
+
+
 def test_selection_reads_the_converter_study(tmp_path: Path) -> None:
     from converters.dicom_writer import write_study
     from converters.synthetic import make_synthetic_case
