@@ -36,7 +36,7 @@ REQUANTIZE = Extra("train", ("nncf",))
 COMMANDS: dict[str, CommandSpec] = {
     "serve": CommandSpec(
         "node.cli.commands:serve",
-        "Run the node: DICOM SCP, workers, sender, /metrics and /healthz, until SIGINT or SIGTERM.",
+        "Run the node: DICOM SCP, workers, sender, /metrics and /healthz, until SIGINT, SIGTERM or SIGHUP.",
     ),
     "send": CommandSpec(
         "node.cli.commands:send", "Send DICOM files over C-STORE (one association), with a progress bar."
