@@ -472,6 +472,53 @@ def _queue_sends(
     return len(outputs) * len(destinations)
 
 
+@dataclass(frozen=True)
+class SentRun:
+    """A study's latest run whose outputs were queued for sending (:func:`last_sent_run`)."""
+
+    job_id: int
+    result: dict[str, Any]
+    #: (name, AE title, host, port) of each destination that has its outputs or will get them: a send
+    #: done or pending (not one a destination refused for good, nor one a retry superseded).
+    destinations: frozenset[tuple[str, str, str, int]]
+
+
+#: The result key of a job queued again by :func:`retry_job`: its next run sends whatever it finds
+#: (an administrator's request), even a result of inputs that an earlier run sent already.
+RETRY_REQUESTED = "retry_requested_at"
+
+
+@database_errors
+def last_sent_run(sf: SessionFactory, job_id: int) -> SentRun | None:
+    """The run of ``job_id``'s study, other than that job, that ended ``done`` and whose sends were
+    queued last, with a send still pending or done; None when there is none.
+
+    A run over the very inputs of that one makes the same SEG and SR; node/pipeline.py then sends
+    nothing again, which would only add an identical series to the PACS.
+    """
+    with sf() as s:
+        study_id = s.scalar(select(NodeJob.study_id).where(NodeJob.id == job_id))
+        if study_id is None:
+            raise JobNotFoundError(f"job {job_id} does not exist (see `segnode jobs list`)")
+        rows = s.execute(
+            select(NodeJob.id, NodeSend.destination, NodeSend.ae_title, NodeSend.host, NodeSend.port)
+            .join(NodeSend, NodeSend.job_id == NodeJob.id)
+            .where(
+                NodeJob.study_id == study_id,
+                NodeJob.id != job_id,
+                NodeJob.status == "done",
+                NodeSend.status.in_(("pending", "done")),
+            )
+            .order_by(NodeSend.id.desc())
+        ).all()
+        if not rows:
+            return None
+        last = int(rows[0].id)
+        result = s.scalar(select(NodeJob.result).where(NodeJob.id == last)) or {}
+    destinations = frozenset((r.destination, r.ae_title, r.host, int(r.port)) for r in rows if r.id == last)
+    return SentRun(last, dict(result), destinations)
+
+
 @database_errors
 def release_job(
     sf: SessionFactory,
@@ -592,6 +639,9 @@ def retry_job(sf: SessionFactory, job_id: int) -> JobInfo:
     refused for good end ``superseded`` too (their reason kept): the retry answers them, and they no
     longer count as undelivered results (:func:`db.send_queue.refused_send_count`).
 
+    The job's result records the request (:data:`RETRY_REQUESTED`): its run sends its outputs even
+    when an earlier run of the study sent a result of the very same inputs.
+
     Raises
     ------
     JobNotFoundError
@@ -617,10 +667,19 @@ def retry_job(sf: SessionFactory, job_id: int) -> JobInfo:
                 "spool_keep_hours after delivery, failed_keep_hours after a failed or skipped run); "
                 "send the study again"
             )
+        # The result (shown until the run ends) records the request: the run sends what it makes.
+        result = {**(job.result or {}), RETRY_REQUESTED: utcnow().isoformat()}
         changed = s.execute(  # only as read: never over a job queued or claimed meanwhile
             update(NodeJob)
             .where(NodeJob.id == job_id, NodeJob.status == job.status, NodeJob.attempts == job.attempts)
-            .values(status="queued", reason="retry requested", finished_at=None, owner=None, requeues=0)
+            .values(
+                status="queued",
+                reason="retry requested",
+                finished_at=None,
+                owner=None,
+                requeues=0,
+                result=result,
+            )
             .execution_options(synchronize_session=False)
         ).rowcount  # type: ignore[attr-defined]
         if changed != 1:

@@ -4,7 +4,8 @@ Two rules, each with its own cut-off:
 
 * **delivered**: the study's latest run's job is ``done`` (a job held for review counts once an
   administrator released it) and finished before the delivered cut-off, and every send of that job is
-  done;
+  done (of the latest done run that queued sends, when that job sent nothing again because its inputs
+  were unchanged);
 * **failed or skipped**: the latest run's job ended ``failed`` or ``skipped`` (nothing was sent) before
   the failed cut-off, so that ``segnode jobs retry`` had that long to use the files.
 
@@ -23,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import delete, exists, func, select, update
+from sqlalchemy import delete, exists, select, update
 from sqlalchemy.orm import Session
 
 from db.node_tables import NodeInstance, NodeJob, NodeSend, NodeStudy
@@ -72,10 +73,15 @@ def _removable(s: Session, study: NodeStudy, cutoffs: dict[str, datetime | None]
     if cutoff is None or finished is None or finished >= cutoff or received >= cutoff:
         return None  # not ended long enough ago, or instances came after this rule's cut-off
     pending = NodeSend.status == "pending"  # a send refused for good will not be tried again
-    if latest.status == "done" and s.scalar(
-        select(func.count(NodeSend.id)).where(NodeSend.job_id == latest.id, pending)
-    ):
-        return None  # not delivered yet
+    of_study = NodeSend.job_id.in_([j.id for j in jobs])
+    sending = set(s.scalars(select(NodeSend.job_id).where(of_study, pending)).all())
+    if latest.status == "done":
+        # A latest run over unchanged inputs sent nothing again (node/pipeline.py): the study's result
+        # is that of the last run with sends queued, which may still be on its way.
+        queued = set(s.scalars(select(NodeSend.job_id).where(of_study)).all())
+        delivering = next((j.id for j in jobs if j.status == "done" and j.id in queued), latest.id)
+        if delivering in sending:
+            return None  # not delivered yet
     rows = s.execute(
         select(NodeInstance.id, NodeInstance.path)
         .where(NodeInstance.study_instance_uid == study.study_instance_uid)
@@ -83,9 +89,6 @@ def _removable(s: Session, study: NodeStudy, cutoffs: dict[str, datetime | None]
     ).all()
     if not rows:
         return None
-    sending = set(
-        s.scalars(select(NodeSend.job_id).where(NodeSend.job_id.in_([j.id for j in jobs]), pending)).all()
-    )
     return RemovableStudy(
         study_instance_uid=study.study_instance_uid,
         job_id=latest.id,

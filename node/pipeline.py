@@ -26,10 +26,16 @@ After inference the ``qc`` stage (:func:`quality_check`, rules in node/qc.py) re
 the brain mask and checks the result: a study that fails a rule writes its SEG and SR but sends
 nothing and ends ``review`` (``segnode jobs retry ID --send-anyway`` sends them). When no tumour is
 left, no SEG is written: the SR alone (0 mL) tells the PACS the study was analysed.
+
+A run whose inputs (:func:`inputs_digest`: model, brain extractor, the chosen series' instances and
+their files' versions) are those of the study's last run whose outputs were sent (a later part of the
+study brought only a DWI or a key object) ends ``done`` and sends nothing again; a run that
+``segnode jobs retry`` queued sends regardless.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -516,6 +522,31 @@ def route_key(chosen: Route, extractor: str | None) -> tuple[Any, ...]:
     return (chosen.task, chosen.model.label, extractor, files)
 
 
+def inputs_digest(chosen: Route, extractor: str | None) -> str:
+    """A digest of what a run's result depends on: this software's version and :func:`route_key` (the
+    model, the brain extractor, and each chosen series' UID with its instances' spool files, named after
+    their SOP Instance UIDs, and the files' versions: an instance sent again with other content is
+    another version). Two runs with the same digest make the same SEG and SR (:func:`run_job`)."""
+    key = json.dumps([SOFTWARE_VERSION, route_key(chosen, extractor)], separators=(",", ":"))
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def _not_again(ctx: JobContext, job_id: int, digest: str) -> tuple[str, list[Destination]] | None:
+    """When the study's last run whose outputs were queued for sending had the inputs of ``digest``:
+    the reason this run sends nothing again, and the destinations that run's outputs never went to
+    (a destination added since, or one that refused them for good), which this run's go to; None when
+    the inputs changed (or no earlier run sent anything)."""
+    sent = job_queue.last_sent_run(ctx.sf, job_id)
+    if sent is None or sent.result.get("inputs_digest") != digest:
+        return None
+    rest = [d for d in ctx.destinations if (d.name, d.ae_title, d.host, d.port) not in sent.destinations]
+    reason = f"inputs unchanged since job {sent.job_id}; results not sent again"
+    if rest:
+        names = ", ".join(d.name for d in rest)
+        reason += f" (sent only to {names}, which job {sent.job_id}'s did not reach)"
+    return reason, rest
+
+
 @dataclass
 class EarlyWork:
     """What early analysis (node/early.py) computed for a study before its job: series read, brain
@@ -897,6 +928,7 @@ def run_job(ctx: JobContext, job_id: int, attempt: int | None = None) -> str:
         if seg is not None:
             outputs.insert(0, OutputObject(str(seg_path), str(seg.SOPInstanceUID)))
         brain = done.brain
+        digest = inputs_digest(done.route, brain.extractor if brain is not None else None)
         result = {
             "seg": str(seg_path) if seg is not None else None,
             "sr": str(sr_path),
@@ -925,6 +957,8 @@ def run_job(ctx: JobContext, job_id: int, attempt: int | None = None) -> str:
             "qc": report.as_dict(),
             "outputs": [{"path": o.path, "sop_instance_uid": o.sop_instance_uid} for o in outputs],
             "brain_extractor": brain.extractor if brain is not None else None,
+            # What the result depends on: a later run with the same sends nothing again.
+            "inputs_digest": digest,
             # What early analysis had computed before the study was complete (and its stage times).
             "early_analysis": {"reused": study.reused, "stages": early.stages} if early is not None else None,
         }
@@ -969,6 +1003,18 @@ def run_job(ctx: JobContext, job_id: int, attempt: int | None = None) -> str:
             ctx, job_id, attempt, "review", report.reason(), timer, model, result=result, out_dir=out_dir,
             missing=missing,
         )  # fmt: skip
+    # A later part of the study that changed nothing the model used (a DWI, a key object) made this run:
+    # its SEG and SR are those already sent, and sending them again piles up identical series in the
+    # PACS. `segnode jobs retry` sends anyway: an administrator asked for it.
+    retried = job_queue.RETRY_REQUESTED in info.result
+    again = None if retried else _not_again(ctx, job_id, digest)
+    if again is not None:
+        reason, rest = again
+        logger.info("job %d: %s", job_id, reason)
+        return _end(
+            ctx, job_id, attempt, "done", reason, timer, model, result=result, out_dir=out_dir,
+            outputs=outputs if rest else None, destinations=rest, missing=missing,
+        )  # fmt: skip
     return _end(
         ctx, job_id, attempt, "done", "", timer, model, result=result, out_dir=out_dir, outputs=outputs,
         missing=missing,
@@ -1000,11 +1046,13 @@ def _end(
     outputs: list[OutputObject] | None = None,
     log_reason: str | None = None,
     missing: Sequence[str] = (),
+    destinations: list[Destination] | None = None,
 ) -> str:
     """End job ``job_id``, claimed at ``attempt``, with ``status`` and ``reason`` (``log_reason``: the
     reason as the log line gives it, when it may quote a value of the study that ``reason``, kept in
     the job, still shows); ``superseded`` when the job was claimed again meanwhile. ``missing``: the
-    SOP Instance UIDs left out for want of their spool file, kept in the result (``instances_missing``)."""
+    SOP Instance UIDs left out for want of their spool file, kept in the result (``instances_missing``).
+    ``destinations``: where ``outputs`` go (None: every destination of the node)."""
     if missing:
         result = {**(result or {}), "instances_missing": list(missing)}
     if status != "done":
@@ -1022,7 +1070,7 @@ def _end(
         model_label=model.label if model else None,
         model_id=model.info.id if model else None,
         outputs=outputs,
-        destinations=ctx.destinations,
+        destinations=ctx.destinations if destinations is None else destinations,
         attempt=attempt,
     )
     if not finished:

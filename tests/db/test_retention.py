@@ -79,3 +79,34 @@ def test_each_end_state_leaves_by_its_own_rule(sf: SessionFactory, tmp_path: Pat
     assert recent_failure not in _removable(sf, later)
     assert removable_studies(sf, None, None) == []
 
+
+
+def test_a_latest_run_that_sent_nothing_again_waits_for_the_earlier_runs_delivery(
+    sf: SessionFactory, tmp_path: Path
+) -> None:
+    """A run over unchanged inputs ends done without sends (node/pipeline.py): the study's result is
+    the earlier run's, and the study keeps its files while that run's send is pending."""
+    start = utcnow() - timedelta(days=30)
+    seg = tmp_path / "seg.dcm"
+    seg.write_bytes(b"x")
+    pacs = [SimpleNamespace(name="pacs", ae_title="PACS", host="127.0.0.1", port=11112)]
+    output = [job_queue.OutputObject(str(seg), "1.2.3.9")]
+    first = _study(sf, 1, "done", start, outputs=output, destinations=pacs)
+    study = "1.2.826.0.1.3680043.8.498.1"
+    late = instances.ReceivedInstance(
+        sop_instance_uid=f"{study}.2.1", sop_class_uid="1.2.840.10008.5.1.4.1.1.4", study_instance_uid=study,
+        series_instance_uid=f"{study}.2", kept=True, path=f"/spool/{study}/{study}.2/1.dcm",
+        calling_ae="PACS",
+    )  # fmt: skip
+    instances.record_instances(sf, [late], now=start + timedelta(minutes=1))
+    assert len(instances.schedule_due_studies(sf, 10, now=start + timedelta(minutes=2))) == 1
+    second = job_queue.claim_job(sf, now=start + timedelta(minutes=3))
+    assert second is not None and second != first
+    ended = start + timedelta(minutes=4)
+    assert job_queue.finish_job(sf, second, status="done", reason="unchanged", now=ended)
+    found = removable_studies(sf, start + timedelta(hours=DELIVERED_HOURS + 1))
+    assert found == []
+    (send,) = send_queue.due_sends(sf, now=utcnow())
+    send_queue.mark_sent(sf, send.id)
+    (study_found,) = removable_studies(sf, start + timedelta(hours=DELIVERED_HOURS + 1))
+    assert study_found.job_id == second and len(study_found.paths) == 3

@@ -285,8 +285,9 @@ def env(tmp_path: Path, model_dir: Path, catcher: CatchingSCP) -> Iterator[Env]:
 def test_instances_between_claim_and_select_go_to_the_next_run(
     env: Env, case: Case, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    study = write_study(case, tmp_path / "study", modalities=["FLAIR", "T2"])
-    late_files = study.files["T2"][:3]
+    study = write_study(case, tmp_path / "study", modalities=["FLAIR"])
+    # The FLAIR's last slices: run 2's inputs differ from run 1's, so it sends its result too.
+    early_files, late_files = study.files["FLAIR"][:-3], study.files["FLAIR"][-3:]
     read: dict[int, int] = {}
     original = job_queue.job_series_paths
 
@@ -298,7 +299,7 @@ def test_instances_between_claim_and_select_go_to_the_next_run(
         return groups
 
     monkeypatch.setattr(job_queue, "job_series_paths", late_arrivals_then_read)
-    _send(env.port, study.files["FLAIR"])
+    _send(env.port, early_files)
 
     def two_runs_done() -> list[job_queue.JobInfo]:
         jobs = _jobs_of(env.node.sf, study.study_instance_uid)
@@ -308,8 +309,8 @@ def test_instances_between_claim_and_select_go_to_the_next_run(
     env.catcher.wait_for(lambda r: len(r) >= 4, 30)
     wait_until(lambda: send_queue.pending_send_count(env.node.sf) == 0, 30, "the sends acknowledged")
     # Run 1 read what it counted at its claim (the idle study); the late instances made run 2.
-    assert (first.run, first.instance_count, read[first.id]) == (1, SHAPE[2], SHAPE[2])
-    assert (second.run, second.instance_count, read[second.id]) == (2, SHAPE[2] + 3, SHAPE[2] + 3)
+    assert (first.run, first.instance_count, read[first.id]) == (1, SHAPE[2] - 3, SHAPE[2] - 3)
+    assert (second.run, second.instance_count, read[second.id]) == (2, SHAPE[2], SHAPE[2])
     assert len(_jobs_of(env.node.sf, study.study_instance_uid)) == 2
     assert _modalities(env.catcher) == ["SEG", "SEG", "SR", "SR"]
 
@@ -373,13 +374,19 @@ def test_failed_spool_write_of_a_late_instance_loses_nothing(
         return next((j for j in reversed(done) if j.instance_count == SHAPE[2] + 1), None)
 
     final = wait_until(covering_run, 60, "a run that covers the retried instance")
-    runs = [(j.run, j.status, j.instance_count) for j in _jobs_of(env.node.sf, uid)]
+    jobs = _jobs_of(env.node.sf, uid)
+    runs = [(j.run, j.status, j.instance_count) for j in jobs]
     assert runs[0] == (1, "done", SHAPE[2])
     assert runs[-1] == (final.run, "done", SHAPE[2] + 1)
     # When the failed write's study comes due before the PACS's retry arrives (a loaded machine), a
-    # run over the unchanged instances comes between: a duplicate SEG, nothing lost (node/README.md).
+    # run over the unchanged instances comes between. Neither it nor the retried T2's run (the FLAIR
+    # model does not read a T2) changed the model's inputs: they send nothing again.
     assert all(status == "done" and count in (SHAPE[2], SHAPE[2] + 1) for _, status, count in runs)
-    env.catcher.wait_for(lambda r: len(r) >= 2 * len(runs), 30)
+    for later in jobs[1:]:
+        assert later.reason == f"inputs unchanged since job {jobs[0].id}; results not sent again"
+        assert job_queue.get_job(env.node.sf, later.id).sends == []
+    env.catcher.wait_for(lambda r: len(r) >= 2, 30)
+    assert _modalities(env.catcher) == ["SEG", "SR"]
     assert pydicom.dcmread(late).SOPInstanceUID in {
         Path(p).stem for p in job_queue.job_instance_paths(env.node.sf, final.id)
     }

@@ -1,0 +1,81 @@
+"""Later runs of a study, on a real node: a run whose inputs are those already sent sends nothing
+again (``segnode jobs retry`` still does)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pydicom
+
+from converters.dicom_writer import write_study
+from converters.synthetic import make_synthetic_case
+from db import job_queue
+from node.config import Destination
+from node.sender import store_files
+from tests.helpers.node import CatchingSCP, make_threshold_model, node_settings, running_node
+from tests.helpers.ports import free_port
+from tests.helpers.waiting import wait_until
+
+SHAPE = (48, 48, 12)
+
+
+def _send(node: Any, files: list[Path]) -> None:
+    results = store_files(files, "127.0.0.1", node.scp.port, "SEGNODE", "PACS")
+    assert {status for _, status, _ in results} == {0}
+
+
+def _ended(node: Any, job_id: int, attempts: int = 1) -> job_queue.JobInfo:
+    """Job ``job_id`` once its run (claim ``attempts``) has ended."""
+
+    def ended() -> job_queue.JobInfo | None:
+        jobs = [j for j in job_queue.list_jobs(node.sf) if j.id == job_id]
+        done = jobs and jobs[0].attempts >= attempts and jobs[0].status not in ("queued", "running")
+        return job_queue.get_job(node.sf, job_id) if done else None
+
+    return wait_until(ended, 60, f"job {job_id}'s end")  # type: ignore[no-any-return]
+
+
+def test_a_run_over_unchanged_inputs_sends_nothing_again_a_retry_and_a_changed_instance_do(
+    tmp_path: Path,
+) -> None:
+    """A study's second part brings a series the model does not use (a DWI, an ADC map, a key object
+    at a site; here a T2 for a FLAIR-only model): run 2 chose the same FLAIR files and made the same SEG,
+    which was sent a second time, one identical SEG series per part in the PACS. Now it ends done with
+    the reason and no sends; `segnode jobs retry` sends it all the same, and a FLAIR instance sent again
+    with other content makes a run that sends."""
+    case = make_synthetic_case(3, SHAPE)
+    model = make_threshold_model(tmp_path / "model", crop=SHAPE[:2], spacing=case.spacing, threshold=1.5)
+    study = write_study(case, tmp_path / "study", modalities=["FLAIR", "T2"])
+    catcher = CatchingSCP().start(free_port())
+    pacs = [Destination("pacs", "CATCHER", "127.0.0.1", catcher.port)]
+    try:
+        with running_node(node_settings(tmp_path, free_port(), pacs), model) as node:
+            _send(node, study.files["FLAIR"])
+            first = _ended(node, 1)
+            assert first.status == "done" and first.reason == "", first.reason
+            catcher.wait_for(lambda got: len(got) == 2, 30)  # SEG and SR
+
+            _send(node, study.files["T2"])
+            second = _ended(node, 2)
+            assert second.status == "done"
+            assert second.reason == "inputs unchanged since job 1; results not sent again"
+            assert second.sends == [] and second.result["inputs_digest"] == first.result["inputs_digest"]
+
+            job_queue.retry_job(node.sf, 2)  # an administrator's request: sent again
+            retried = _ended(node, 2, attempts=2)
+            assert retried.status == "done" and retried.reason == "", retried.reason
+            assert len(retried.sends) == 2
+            catcher.wait_for(lambda got: len(got) == 4, 30)
+
+            changed = pydicom.dcmread(study.files["FLAIR"][5])
+            changed.WindowWidth = 1234  # the same instance with other content: a new version of its file
+            changed.save_as(tmp_path / "changed.dcm", enforce_file_format=True)
+            _send(node, [tmp_path / "changed.dcm"])
+            third = _ended(node, 3)
+            assert third.status == "done" and third.reason == "", third.reason
+            assert third.result["inputs_digest"] != first.result["inputs_digest"]
+            catcher.wait_for(lambda got: len(got) == 6, 30)
+            assert len(catcher.of_modality("SEG")) == 3
+    finally:
+        catcher.stop()
