@@ -19,7 +19,9 @@ it again (:func:`requeue_interrupted`, counted the same way).
 Jobs are created by :func:`db.instances.schedule_due_studies`; a finished job queues its sends
 (:mod:`db.send_queue`) in the transaction that ends it.
 
-States: ``queued`` -> ``running`` -> ``done`` | ``failed`` | ``skipped`` | ``review``. A ``review``
+States: ``queued`` -> ``running`` -> ``done`` | ``failed`` | ``skipped`` | ``review``; a run whose
+chosen series has fewer images than its headers announce goes back to ``queued`` (:func:`defer_job`)
+to wait for the rest, for at most ``[node] incomplete_series_wait_seconds`` (node/pipeline.py). A ``review``
 job wrote its outputs but failed a check before sending (node/qc.py): nothing is queued until an
 administrator releases it (:func:`release_job`), which queues the sends of the outputs already
 written and marks it ``done``, recording who released it.
@@ -470,6 +472,32 @@ def _queue_sends(
                 )
             )
     return len(outputs) * len(destinations)
+
+
+@database_errors
+def defer_job(
+    sf: SessionFactory, job_id: int, *, attempt: int, reason: str, now: datetime | None = None
+) -> bool:
+    """Put a running job of this process (claim ``attempt``) back in the queue to wait for more of its
+    study, with ``reason``: its study is pending again with its idle timer restarted, so the job is
+    claimed again once the study has been idle for ``study_idle_seconds`` (at once when an instance
+    arrives meanwhile and then nothing more). Returns False (nothing changed) when the run was
+    superseded. No requeue is counted: the run ended of its own accord."""
+    now = now or utcnow()
+    with writing(sf) as s:
+        study_id = s.scalar(select(NodeJob.study_id).where(_ours(job_id, attempt)))
+        if study_id is None:
+            return False
+        s.execute(
+            update(NodeJob).where(_ours(job_id, attempt)).values(status="queued", reason=reason, owner=None)
+        )
+        received = as_utc(s.scalar(select(NodeStudy.last_received_at).where(NodeStudy.id == study_id)))
+        s.execute(
+            update(NodeStudy)
+            .where(NodeStudy.id == study_id)
+            .values(pending=True, last_received_at=max(received or now, now))
+        )
+    return True
 
 
 @dataclass(frozen=True)

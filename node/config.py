@@ -37,6 +37,10 @@ class NodeSettings:
     port: int = 11112
     spool_dir: str = ""  # empty: <var>/spool
     study_idle_seconds: float = 10.0
+    # A chosen series with fewer images than its headers announce (ImagesInAcquisition; a pause in the
+    # PACS's sending longer than study_idle_seconds) waits for the rest this long after its job was
+    # queued, then is analysed as received (node/pipeline.py). 0: never waits.
+    incomplete_series_wait_seconds: float = 120.0
     allowed_calling_aes: list[str] = field(default_factory=list)
     max_associations: int = 10  # per receiving process
     # Processes accepting C-STOREs on the port (node/receivers.py): 1 is the node's own process only;
@@ -477,7 +481,7 @@ def _validate_node_timing(node: NodeSettings, where: str) -> None:
     for name in ("poll_seconds", "send_retry_base_seconds", "stale_job_seconds"):
         if not getattr(node, name) > 0:  # 0: the loops spin, every running job is stale at once
             raise ConfigError(f"{where}: node.{name} must be > 0, not {getattr(node, name)}")
-    for name in ("study_idle_seconds", "min_free_disk_mb"):
+    for name in ("study_idle_seconds", "min_free_disk_mb", "incomplete_series_wait_seconds"):
         if getattr(node, name) < 0:
             raise ConfigError(f"{where}: node.{name} must be >= 0, not {getattr(node, name)}")
     if node.send_retry_max_seconds < node.send_retry_base_seconds:

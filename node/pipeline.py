@@ -31,6 +31,11 @@ A run whose inputs (:func:`inputs_digest`: model, brain extractor, the chosen se
 their files' versions) are those of the study's last run whose outputs were sent (a later part of the
 study brought only a DWI or a key object) ends ``done`` and sends nothing again; a run that
 ``segnode jobs retry`` queued sends regardless.
+
+A chosen series with fewer images than its headers announce (:func:`incomplete_series`) sends the job
+back to the queue behind its study's idle timer (:func:`db.job_queue.defer_job`), for at most
+``[node] incomplete_series_wait_seconds`` after the job was queued; then it runs on what came and says
+so in its reason.
 """
 
 from __future__ import annotations
@@ -59,7 +64,7 @@ from converters.volume import Volume
 from db import job_queue
 from db.exceptions import DatabaseOperationError, DatabaseUnavailableError
 from db.job_queue import OutputObject
-from db.transactions import SessionFactory
+from db.transactions import SessionFactory, utcnow
 from node import qc
 from node.config import Destination, QCSettings, RegistrationConfig
 from node.coregistration import Coregistered, LoadedSeries, coregister
@@ -470,6 +475,9 @@ class JobContext:
     #: Reads a spool file into a data set, taking what early analysis read ahead (node/read_ahead.py);
     #: None: ``pydicom.dcmread``.
     read: Callable[[str], Dataset] | None = None
+    #: ``[node] incomplete_series_wait_seconds``: how long after its job was queued a study whose chosen
+    #: series has fewer images than its headers announce waits for the rest (:func:`incomplete_series`).
+    incomplete_series_wait: float = 120.0
 
 
 @dataclass
@@ -818,6 +826,39 @@ def analyse_early(ctx: JobContext, groups: Mapping[str, Sequence[str]], work: Ea
             work.stages[name] = round(work.stages.get(name, 0.0) + seconds, 4)
 
 
+def _announced_images(path: Path) -> int | None:
+    """How many images the header of ``path`` says its series (acquisition) has: ImagesInAcquisition
+    (0020,1002) of a single-frame image; None when it says nothing usable, and for a multi-frame image,
+    whose frames arrive whole in one object."""
+    tags = ["ImagesInAcquisition", "NumberOfFrames"]
+    ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=tags)
+    try:
+        if int(ds.get("NumberOfFrames") or 1) > 1:
+            return None
+        count = int(ds.get("ImagesInAcquisition") or 0)
+    except (TypeError, ValueError):
+        return None
+    return count if count > 0 else None
+
+
+def incomplete_series(plan: RoutingPlan, groups: Mapping[str, Sequence[Path]]) -> list[str]:
+    """``series UID: N of M images received`` for each series a model of ``plan`` would read whose
+    headers announce more images (ImagesInAcquisition) than the study holds (``groups``: series UID ->
+    its instances' files, every echo of the series counted): the PACS paused within the series for
+    longer than ``study_idle_seconds``. Headers that disagree (the first and the last received) say
+    nothing; so do a multi-frame image and a series without the attribute."""
+    found: list[str] = []
+    chosen = {s.series_instance_uid for r in plan.routes for s in r.assignment.chosen.values()}
+    for uid in sorted(chosen):
+        paths = groups.get(uid) or []
+        if not paths or (announced := _announced_images(paths[0])) is None or len(paths) >= announced:
+            continue
+        if _announced_images(paths[-1]) != announced:
+            continue
+        found.append(f"series {uid}: {len(paths)} of {announced} images received")
+    return found
+
+
 def _heartbeat(ctx: JobContext, job_id: int, attempt: int | None) -> None:
     if not job_queue.heartbeat(ctx.sf, job_id, attempt=attempt):
         raise JobSupersededError(f"job {job_id} was claimed again while this run (attempt {attempt}) ran")
@@ -853,6 +894,7 @@ def run_job(ctx: JobContext, job_id: int, attempt: int | None = None) -> str:
         return _end(ctx, job_id, attempt, "failed", reason, timer)
     model: LoadedModel | None = None
     missing: list[str] = []  # SOP Instance UIDs of the job's instances whose spool file is not there
+    incomplete = ""  # the chosen series with fewer images than announced, when the wait ran out
     try:
         with timer.stage("select"):
             groups, missing = spooled_files(job_queue.job_series_paths(ctx.sf, job_id))
@@ -866,6 +908,20 @@ def run_job(ctx: JobContext, job_id: int, attempt: int | None = None) -> str:
                 raise JobError("the study has no kept MR instances in the spool")
             series = scan_grouped_series(groups)
             plan = route(candidates, series, ctx.selector)
+            short = incomplete_series(plan, groups)
+        if short:
+            waited = (utcnow() - info.created_at).total_seconds()
+            if waited < ctx.incomplete_series_wait and job_queue.RETRY_REQUESTED not in info.result:
+                # Back to the queue behind the study's idle timer: the rest of the series may be on its
+                # way in an association the PACS opens later. A retry does not wait.
+                reason = f"waiting for the rest of a series ({'; '.join(short)})"
+                if not job_queue.defer_job(ctx.sf, job_id, attempt=attempt, reason=reason):
+                    return "superseded"
+                log = logger.debug if info.reason == reason else logger.info
+                log("job %d: %s; waits up to %.0f s", job_id, reason, ctx.incomplete_series_wait)
+                return "waiting"
+            incomplete = f"{'; '.join(short)} (analysed after waiting {waited:.0f} s)"
+            logger.warning("job %d: %s", job_id, incomplete)
         if not plan.routes:
             # The least demanding model's missing series first: what a reader needs to know.
             raise SelectionError("; ".join(reversed(plan.selection_errors)))
@@ -977,16 +1033,19 @@ def run_job(ctx: JobContext, job_id: int, attempt: int | None = None) -> str:
         log_reason = scrub_text(str(exc)) if isinstance(exc, InferenceError) else None
         status = "skipped" if exc.skip else "failed"
         return _end(
-            ctx, job_id, attempt, status, str(exc), timer, model, log_reason=log_reason, missing=missing
-        )
+            ctx, job_id, attempt, status, str(exc), timer, model, log_reason=log_reason, missing=missing,
+            incomplete=incomplete,
+        )  # fmt: skip
     except (NodeError, ConverterError, OSError) as exc:
         reason = f"{type(exc).__name__}: {exc}"
-        return _end(ctx, job_id, attempt, "failed", reason, timer, model, missing=missing)
+        return _end(
+            ctx, job_id, attempt, "failed", reason, timer, model, missing=missing, incomplete=incomplete
+        )
     except ValueError as exc:  # often a library's (pydicom, highdicom), whose text may quote a value
         reason = f"{type(exc).__name__}: {exc}"
         return _end(
             ctx, job_id, attempt, "failed", reason, timer, model,
-            log_reason=scrub_text(reason), missing=missing,
+            log_reason=scrub_text(reason), missing=missing, incomplete=incomplete,
         )  # fmt: skip
     except Exception as exc:  # a bug or an unforeseen input: the job fails, the worker goes on
         # The traceback through the log scrubber: a library's message may quote an attribute's value.
@@ -994,14 +1053,14 @@ def run_job(ctx: JobContext, job_id: int, attempt: int | None = None) -> str:
         reason = f"internal error: {type(exc).__name__}: {exc}"
         return _end(
             ctx, job_id, attempt, "failed", reason, timer, model,
-            log_reason=scrub_text(reason), missing=missing,
+            log_reason=scrub_text(reason), missing=missing, incomplete=incomplete,
         )  # fmt: skip
     if not report.passed:
         for rule in report.failed:
             ctx.metrics.qc_failures.labels(rule.name).inc()
         return _end(
             ctx, job_id, attempt, "review", report.reason(), timer, model, result=result, out_dir=out_dir,
-            missing=missing,
+            missing=missing, incomplete=incomplete,
         )  # fmt: skip
     # A later part of the study that changed nothing the model used (a DWI, a key object) made this run:
     # its SEG and SR are those already sent, and sending them again piles up identical series in the
@@ -1013,11 +1072,11 @@ def run_job(ctx: JobContext, job_id: int, attempt: int | None = None) -> str:
         logger.info("job %d: %s", job_id, reason)
         return _end(
             ctx, job_id, attempt, "done", reason, timer, model, result=result, out_dir=out_dir,
-            outputs=outputs if rest else None, destinations=rest, missing=missing,
+            outputs=outputs if rest else None, destinations=rest, missing=missing, incomplete=incomplete,
         )  # fmt: skip
     return _end(
         ctx, job_id, attempt, "done", "", timer, model, result=result, out_dir=out_dir, outputs=outputs,
-        missing=missing,
+        missing=missing, incomplete=incomplete,
     )  # fmt: skip
 
 
@@ -1047,14 +1106,20 @@ def _end(
     log_reason: str | None = None,
     missing: Sequence[str] = (),
     destinations: list[Destination] | None = None,
+    incomplete: str = "",
 ) -> str:
     """End job ``job_id``, claimed at ``attempt``, with ``status`` and ``reason`` (``log_reason``: the
     reason as the log line gives it, when it may quote a value of the study that ``reason``, kept in
     the job, still shows); ``superseded`` when the job was claimed again meanwhile. ``missing``: the
     SOP Instance UIDs left out for want of their spool file, kept in the result (``instances_missing``).
-    ``destinations``: where ``outputs`` go (None: every destination of the node)."""
+    ``destinations``: where ``outputs`` go (None: every destination of the node). ``incomplete``: the
+    series analysed with fewer images than announced once the wait ran out (:func:`incomplete_series`),
+    kept in the result (``series_incomplete``) and the reason."""
     if missing:
         result = {**(result or {}), "instances_missing": list(missing)}
+    if incomplete:
+        result = {**(result or {}), "series_incomplete": incomplete}
+        reason = f"{reason}; {incomplete}" if reason else incomplete
     if status != "done":
         logger.warning("job %d %s: %s", job_id, status, reason if log_reason is None else log_reason)
     else:

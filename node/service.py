@@ -120,6 +120,7 @@ class NodeService:
             qc=settings.qc,
             brain=lambda: self.brain_runtime.current,
             registration=settings.registration,
+            incomplete_series_wait=settings.node.incomplete_series_wait_seconds,
         )
         # Set when an association that delivered instances ends: the workers time the study's job.
         self._studies_received = threading.Event()

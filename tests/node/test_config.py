@@ -60,6 +60,7 @@ def test_file_and_env_override(tmp_path: Path, segnode_home: Path) -> None:
         ("[node]\nspool_keep_hours = -1\n", "node.spool_keep_hours must be >= 0"),
         ("[node]\nfailed_keep_hours = nan\n", "node.failed_keep_hours: expected a finite float, got nan"),
         ("[node]\nsend_max_refusals = -1\n", "node.send_max_refusals must be >= 0"),
+        ("[node]\nincomplete_series_wait_seconds = -5\n", "node.incomplete_series_wait_seconds must be >= 0"),
         ("[inference]\nmirror = 'ud'\n", "inference.mirror 'ud' is not one of 'none', 'lr', 'lr+ap'"),
     ],
 )

@@ -1,5 +1,6 @@
-"""Later runs of a study, on a real node: a run whose inputs are those already sent sends nothing
-again (``segnode jobs retry`` still does)."""
+"""Runs of a study, on a real node: a run whose inputs are those already sent sends nothing again
+(``segnode jobs retry`` still does); a series with fewer images than its headers announce waits for
+the rest, for a while."""
 
 from __future__ import annotations
 
@@ -77,5 +78,66 @@ def test_a_run_over_unchanged_inputs_sends_nothing_again_a_retry_and_a_changed_i
             assert third.result["inputs_digest"] != first.result["inputs_digest"]
             catcher.wait_for(lambda got: len(got) == 6, 30)
             assert len(catcher.of_modality("SEG")) == 3
+    finally:
+        catcher.stop()
+
+
+def _announcing(files: list[Path], out: Path) -> list[Path]:
+    """``files`` (one series) with ImagesInAcquisition (0020,1002) set to their count, as GE writes it."""
+    out.mkdir()
+    written = []
+    for path in files:
+        ds = pydicom.dcmread(path)
+        ds.ImagesInAcquisition = len(files)
+        ds.save_as(out / path.name, enforce_file_format=True)
+        written.append(out / path.name)
+    return written
+
+
+def test_a_series_short_of_its_announced_images_waits_for_the_rest_then_runs_as_received(
+    tmp_path: Path,
+) -> None:
+    """A FLAIR whose PACS paused between two associations for longer than study_idle_seconds was
+    analysed half received and that SEG sent as final; the full run later sent a second one. Now the
+    job waits while the series has fewer images than its ImagesInAcquisition, and runs once the rest
+    has come; when it does not come within incomplete_series_wait_seconds, the job runs on what came
+    and says so."""
+    case = make_synthetic_case(3, SHAPE)
+    model = make_threshold_model(tmp_path / "model", crop=SHAPE[:2], spacing=case.spacing, threshold=1.5)
+    catcher = CatchingSCP().start(free_port())
+    pacs = [Destination("pacs", "CATCHER", "127.0.0.1", catcher.port)]
+    settings = node_settings(tmp_path, free_port(), pacs)
+    settings.node.incomplete_series_wait_seconds = 60.0
+    whole, cut = (
+        _announcing(write_study(case, tmp_path / n, modalities=["FLAIR"]).files["FLAIR"], tmp_path / f"{n}2")
+        for n in ("a", "b")
+    )
+    flair = str(pydicom.dcmread(cut[0]).SeriesInstanceUID)
+    try:
+        with running_node(settings, model) as node:
+            _send(node, whole[:8])
+
+            def waiting() -> bool:
+                return any(
+                    j.status == "queued" and j.reason.startswith("waiting for the rest of a series")
+                    for j in job_queue.list_jobs(node.sf)
+                )
+
+            wait_until(waiting, 30, "the job to wait for the rest of the FLAIR")
+            assert catcher.received == []
+            _send(node, whole[8:])  # the PACS's next association
+            job = _ended(node, 1)
+            assert (job.status, job.reason, job.instance_count) == ("done", "", SHAPE[2]), job.reason
+            assert "series_incomplete" not in job.result
+            catcher.wait_for(lambda got: len(got) == 2, 30)
+
+            node.context.incomplete_series_wait = 0.5  # the rest never comes: runs on what came
+            _send(node, cut[:8])
+            job = _ended(node, 2)
+            assert job.status == "done" and job.instance_count == 8
+            assert job.reason.startswith(f"series {flair}: 8 of {SHAPE[2]} images received (analysed after")
+            assert job.result["series_incomplete"] == job.reason
+            catcher.wait_for(lambda got: len(got) == 4, 30)
+            assert len(job_queue.list_jobs(node.sf)) == 2
     finally:
         catcher.stop()
