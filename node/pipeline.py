@@ -48,7 +48,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from traceback import format_exception
 from typing import Any
@@ -530,13 +530,26 @@ def route_key(chosen: Route, extractor: str | None) -> tuple[Any, ...]:
     return (chosen.task, chosen.model.label, extractor, files)
 
 
-def inputs_digest(chosen: Route, extractor: str | None) -> str:
+def inputs_digest(chosen: Route, extractor: str | None, settings: Mapping[str, Any] | None = None) -> str:
     """A digest of what a run's result depends on: this software's version and :func:`route_key` (the
     model, the brain extractor, and each chosen series' UID with its instances' spool files, named after
     their SOP Instance UIDs, and the files' versions: an instance sent again with other content is
-    another version). Two runs with the same digest make the same SEG and SR (:func:`run_job`)."""
-    key = json.dumps([SOFTWARE_VERSION, route_key(chosen, extractor)], separators=(",", ":"))
+    another version), and ``settings``: the node's settings that change a result (QC rules,
+    registration, test-time mirroring; a restart with others is another result). Two runs with the
+    same digest make the same SEG and SR (:func:`run_job`)."""
+    key = json.dumps(
+        [SOFTWARE_VERSION, route_key(chosen, extractor), settings or {}], separators=(",", ":"), default=str
+    )
     return hashlib.sha256(key.encode()).hexdigest()
+
+
+def result_settings(ctx: JobContext, chosen: Route) -> dict[str, Any]:
+    """The settings a result depends on besides its inputs (:func:`inputs_digest`)."""
+    return {
+        "qc": asdict(ctx.qc),
+        "registration": asdict(ctx.registration),
+        "mirror": chosen.model.segmenter.mirror,
+    }
 
 
 def _not_again(ctx: JobContext, job_id: int, digest: str) -> tuple[str, list[Destination]] | None:
@@ -984,7 +997,9 @@ def run_job(ctx: JobContext, job_id: int, attempt: int | None = None) -> str:
         if seg is not None:
             outputs.insert(0, OutputObject(str(seg_path), str(seg.SOPInstanceUID)))
         brain = done.brain
-        digest = inputs_digest(done.route, brain.extractor if brain is not None else None)
+        digest = inputs_digest(
+            done.route, brain.extractor if brain is not None else None, result_settings(ctx, done.route)
+        )
         result = {
             "seg": str(seg_path) if seg is not None else None,
             "sr": str(sr_path),

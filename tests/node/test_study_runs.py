@@ -82,6 +82,32 @@ def test_a_run_over_unchanged_inputs_sends_nothing_again_a_retry_and_a_changed_i
         catcher.stop()
 
 
+def test_the_digest_changes_with_the_settings_a_result_depends_on() -> None:
+    """Same inputs after a restart with other QC limits, registration or mirroring: another result, so
+    another digest (and the run sends)."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from node.config import QCSettings, RegistrationConfig
+    from node.pipeline import inputs_digest, result_settings
+
+    def route(mirror: str) -> Any:
+        model = SimpleNamespace(label="m 1.0 (int8, #1)", segmenter=SimpleNamespace(mirror=mirror))
+        return SimpleNamespace(task="whole_tumor", model=model, assignment=SimpleNamespace(chosen={}))
+
+    def digest(ctx: Any, mirror: str = "none") -> str:
+        return inputs_digest(route(mirror), "bet 1.0", result_settings(ctx, route(mirror)))
+
+    ctx = SimpleNamespace(qc=QCSettings(), registration=RegistrationConfig())
+    base = digest(ctx)
+    assert digest(SimpleNamespace(qc=QCSettings(), registration=RegistrationConfig())) == base
+    assert digest(ctx, mirror="lr") != base
+    assert digest(SimpleNamespace(qc=replace(QCSettings(), min_brain_ml=700.0),
+                                  registration=RegistrationConfig())) != base
+    assert digest(SimpleNamespace(qc=QCSettings(),
+                                  registration=replace(RegistrationConfig(), threads=1))) != base
+
+
 def _announcing(files: list[Path], out: Path) -> list[Path]:
     """``files`` (one series) with ImagesInAcquisition (0020,1002) set to their count, as GE writes it."""
     out.mkdir()
