@@ -105,6 +105,12 @@ def train(
     resume: bool = typer.Option(
         False, "--resume", help="Continue the run in --out from its last checkpoint."
     ),
+    overwrite: bool = typer.Option(
+        False,
+        "--overwrite",
+        help="Replace the run already in --out (its checkpoints, run.json, metrics.csv and TensorBoard "
+        "events are deleted). Without it, or --resume, a run there is refused.",
+    ),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Train a 2D U-Net (one device, or many under torchrun)."""
@@ -142,7 +148,7 @@ def train(
         name=name,
         version=version,
     )
-    summary = run_training(config, resume=resume, progress=progress)
+    summary = run_training(config, resume=resume, progress=progress, overwrite=overwrite)
     console.print(
         f"trained {summary['epoch']} epochs; best validation Dice {summary['best_dice']:.4f} "
         f"at epoch {summary['best_epoch']}; run in {out}"

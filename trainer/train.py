@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import math
+import shutil
 import subprocess
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -52,6 +53,23 @@ from trainer.unet import UNet2D, UNetConfig, build_unet
 logger = logging.getLogger(__name__)
 
 METRIC_FIELDS = ("epoch", "train_loss", "train_dice", "val_dice", "lr", "seconds", "slices_per_s")
+
+#: What a run writes in its directory: ``--overwrite`` removes these (and nothing else) first.
+RUN_FILES = (
+    "run.json",
+    "split.json",
+    "last.pt",
+    "best.pt",
+    "last.pt.tmp",
+    "best.pt.tmp",
+    "metrics.csv",
+    "learning_curves.png",
+    "samples.png",
+    "tensorboard",
+)
+
+#: Any of these in ``--out`` means it holds a run: a fresh run there is refused without --overwrite.
+RUN_MARKERS = ("run.json", "last.pt", "best.pt", "metrics.csv")
 
 
 @dataclass
@@ -218,13 +236,26 @@ class Trainer:
         Continue from ``out/last.pt`` (which must exist).
     progress:
         Show Rich progress bars (rank 0 only).
+    overwrite:
+        Replace a run already in ``out``: its files (:data:`RUN_FILES`) are removed once the data is
+        prepared and the network built. Without it (or ``resume``) a run in ``out`` is refused.
+
+    Raises
+    ------
+    TrainerError
+        An impossible option, or ``out`` holds a run and neither ``resume`` nor ``overwrite`` is set.
     """
 
-    def __init__(self, config: TrainConfig, resume: bool = False, progress: bool = True) -> None:
+    def __init__(
+        self, config: TrainConfig, resume: bool = False, progress: bool = True, overwrite: bool = False
+    ) -> None:
         config.check()
         self.config = config
         self.out = Path(config.out)
         self.resume = resume
+        self.overwrite = overwrite
+        # Before init_distributed: no rank can have written into out yet when every rank checks.
+        self._check_out_dir()
         self.dist: DistInfo = dist_from_env()
         self.progress = progress and self.dist.is_main
         self.device = resolve_device(config.device, self.dist.local_rank, config.amp, config.threads)
@@ -233,6 +264,36 @@ class Trainer:
         self.started = time.monotonic()
 
     # -- set-up ---------------------------------------------------------------------------------------
+
+    def _check_out_dir(self) -> None:
+        """Refuse to start a fresh run on top of one in ``out`` (its checkpoints and run.json would be
+        replaced and metrics.csv would mix both runs' epochs)."""
+        if self.resume and self.overwrite:
+            raise TrainerError("--resume and --overwrite exclude each other: continue the run, or replace it")
+        if self.resume or self.overwrite:
+            return
+        found = [name for name in RUN_MARKERS if (self.out / name).exists()]
+        if found:
+            raise TrainerError(
+                f"{self.out} already holds a training run ({', '.join(found)}): continue it with --resume, "
+                "replace it with --overwrite (its checkpoints, metrics and TensorBoard events are deleted), "
+                "or choose another --out"
+            )
+
+    def _clear_old_run(self) -> None:
+        """``--overwrite``: remove the files of the run in ``out`` (other files there are left alone)."""
+        removed = []
+        for name in RUN_FILES:
+            path = self.out / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            elif path.exists() or path.is_symlink():
+                path.unlink()
+            else:
+                continue
+            removed.append(name)
+        if removed:
+            logger.info("--overwrite: removed %s from %s", ", ".join(removed), self.out)
 
     def _resumed_state(self) -> dict[str, Any] | None:
         if not self.resume:
@@ -358,6 +419,8 @@ class Trainer:
     def _write_run_files(self) -> None:
         if not self.dist.is_main:
             return
+        if self.overwrite:
+            self._clear_old_run()
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "split.json").write_text(json.dumps(self.split, indent=2) + "\n")
         run = {
@@ -642,6 +705,8 @@ def scanner_copies(
     return out
 
 
-def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+def train(
+    config: TrainConfig, resume: bool = False, progress: bool = True, overwrite: bool = False
+) -> dict[str, Any]:
     """Train as ``config`` says (see :class:`Trainer`); returns the run state as a dict."""
-    return Trainer(config, resume=resume, progress=progress).run()
+    return Trainer(config, resume=resume, progress=progress, overwrite=overwrite).run()

@@ -181,6 +181,42 @@ def test_resume_continues_from_the_saved_epoch(task01: Path, tmp_path: Path) -> 
         train(_config(other, run, epochs=3), resume=True, progress=False)  # type: ignore[arg-type]
 
 
+def test_a_fresh_run_into_a_run_dir_is_refused_unless_overwrite(
+    task01: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Forgetting --resume must not replace a run's checkpoints nor append a second run to its metrics;
+    --overwrite removes the old run's files (and only those) before the new one writes."""
+    from tests.helpers.cli import run_cli
+    from trainer.train import train
+
+    run = tmp_path / "run"
+    (run / "tensorboard").mkdir(parents=True)
+    (run / "tensorboard" / "events.out.tfevents.1.old").write_bytes(b"old events")
+    old = {"last.pt": b"old last", "best.pt": b"old best", "run.json": b"{}", "last.pt.tmp": b"partial"}
+    old["metrics.csv"] = ("epoch,train_loss\n" + "".join(f"{e},0.5\n" for e in range(1, 7))).encode()
+    for name, content in old.items():
+        (run / name).write_bytes(content)
+    (run / "notes.txt").write_text("the user's own file")
+    args = ["train", "--data", str(task01), "--out", str(run), "--device", "cpu", "--epochs", "1"]
+    code, _, err = run_cli(args, capsys, monkeypatch)
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "--resume" in err and "--overwrite" in err
+    assert {n: (run / n).read_bytes() for n in old} == old  # nothing touched
+    assert sorted(p.name for p in (run / "tensorboard").iterdir()) == ["events.out.tfevents.1.old"]
+    with pytest.raises(TrainerError, match="--resume and --overwrite exclude each other"):
+        train(_config(task01, run, epochs=1), resume=True, overwrite=True, progress=False)  # type: ignore[arg-type]
+
+    summary = train(_config(task01, run, epochs=1), overwrite=True, progress=False)  # type: ignore[arg-type]
+    assert summary["epoch"] == 1
+    assert [r["epoch"] for r in _metrics_rows(run)] == ["1"]
+    events = list((run / "tensorboard").iterdir())
+    assert len(events) == 1 and not events[0].name.endswith(".old")
+    assert not (run / "last.pt.tmp").exists()
+    assert json.loads((run / "run.json").read_text())["config"]["epochs"] == 1
+    assert (run / "notes.txt").read_text() == "the user's own file"
+
+
 def test_a_kill_between_the_two_checkpoint_writes_keeps_the_best_model(
     task01: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
