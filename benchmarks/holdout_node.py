@@ -229,7 +229,7 @@ def labelled_cases(data: Path, cases: int = 0) -> list[Any]:
     """The labelled cases of ``data``, the first ``cases`` when > 0."""
     from converters.nifti import list_cases
 
-    refs = list_cases(data, require_labels=True)
+    refs = list_cases(data, require_labels=True, allow_holdout=True)  # the final evaluation
     return refs[:cases] if cases > 0 else refs
 
 

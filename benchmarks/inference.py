@@ -619,12 +619,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         measured = measure_engine(args.child, args.model, args.data, min_seconds=seconds, case_limit=limit)
         print(json.dumps(measured))
         return 0
+    from converters.exceptions import HoldoutDataError
     from db.card import load_card
 
     card = load_card(args.model)
     try:
         found, missing = find_validation_cases(args.data, args.model)
-    except NoValidationCasesError as exc:
+    except (NoValidationCasesError, HoldoutDataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     used = [ref.case_id for ref in found][:limit]

@@ -11,6 +11,12 @@ class InvalidCaseError(ConverterError):
     """A NIfTI case or dataset folder cannot be read (missing file, bad layout, shape mismatch)."""
 
 
+class HoldoutDataError(ConverterError):
+    """A case lies under a ``holdout`` folder where holdout data is not allowed (training, validation,
+    calibration: anything that chooses a checkpoint or a threshold). Holdout data is for final
+    evaluation only."""
+
+
 class InvalidSeriesError(ConverterError):
     """A DICOM series cannot be assembled into a volume (mixed sizes, gaps, missing pixels...)."""
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,7 @@ import numpy as np
 import numpy.typing as npt
 
 from converters.case import DECATHLON_LABELS, MODALITIES, Case
-from converters.exceptions import InvalidCaseError
+from converters.exceptions import HoldoutDataError, InvalidCaseError
 
 logger = logging.getLogger(__name__)
 
@@ -507,7 +508,35 @@ def _collect(folder: Path, depth: int) -> list[CaseRef]:
     return refs
 
 
-def list_cases(folder: Path, *, require_labels: bool = False, max_depth: int = 3) -> list[CaseRef]:
+#: A path component of this name (any case) marks final-evaluation data: see :func:`holdout_folder`.
+HOLDOUT_NAME = "holdout"
+
+
+def holdout_folder(path: Path) -> Path | None:
+    """The ``holdout`` folder ``path`` lies in, as written (made absolute, ``..`` folded) or once its
+    symlinks are resolved; ``None`` when it lies in none."""
+    for candidate in (Path(os.path.normpath(path.absolute())), path.resolve()):
+        for i, part in enumerate(candidate.parts):
+            if part.lower() == HOLDOUT_NAME:
+                return Path(*candidate.parts[: i + 1])
+    return None
+
+
+def _holdout_of(ref: CaseRef) -> Path | None:
+    """The holdout folder any file of ``ref`` lies in (a case folder's files may be symlinks each)."""
+    paths = [ref.path, *([ref.label_path] if ref.label_path is not None else [])]
+    if ref.path.is_dir():
+        paths += sorted(ref.path.iterdir())
+    for path in paths:
+        found = holdout_folder(path)
+        if found is not None:
+            return found
+    return None
+
+
+def list_cases(
+    folder: Path, *, require_labels: bool = False, max_depth: int = 3, allow_holdout: bool = False
+) -> list[CaseRef]:
     """Find the cases under a data folder.
 
     Accepts a Decathlon Task01 folder (``dataset.json``, ``imagesTr/``, ``labelsTr/``), a BraTS case
@@ -522,6 +551,11 @@ def list_cases(folder: Path, *, require_labels: bool = False, max_depth: int = 3
         Refuse a case that has no label file.
     max_depth:
         How many folder levels below ``folder`` to search.
+    allow_holdout:
+        Accept cases under a folder named ``holdout`` (:func:`holdout_folder`: the path as given or its
+        symlinks resolved). Only final evaluation may (``segnode evaluate``, benchmarks/holdout_node.py):
+        training, validation, calibration and anything else that chooses a checkpoint or a threshold
+        must never see the holdout.
 
     Returns
     -------
@@ -533,6 +567,8 @@ def list_cases(folder: Path, *, require_labels: bool = False, max_depth: int = 3
     InvalidCaseError
         ``folder`` is missing or holds no case, a case lacks labels under ``require_labels``, two
         cases share an id, a header is unreadable, or image and label shapes disagree.
+    HoldoutDataError
+        A case lies under a ``holdout`` folder and ``allow_holdout`` is false.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -545,6 +581,12 @@ def list_cases(folder: Path, *, require_labels: bool = False, max_depth: int = 3
         )
     seen: dict[str, Path] = {}
     for ref in refs:
+        held_out = None if allow_holdout else _holdout_of(ref)
+        if held_out is not None:
+            raise HoldoutDataError(
+                f"{ref.path}: case {ref.case_id!r} is holdout data (under {held_out}): the holdout is for "
+                "final evaluation only (segnode evaluate), never for training, validation or calibration"
+            )
         if ref.case_id in seen:
             raise InvalidCaseError(f"{ref.path}: case id {ref.case_id!r} also used by {seen[ref.case_id]}")
         seen[ref.case_id] = ref.path

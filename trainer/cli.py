@@ -505,7 +505,7 @@ def evaluate(
     path = Path(model)
     if model_id is None:
         _require(_kind_of_path(path))
-    refs = list_cases(data, require_labels=True)
+    refs = list_cases(data, require_labels=True, allow_holdout=True)  # final evaluation may read it
     if not refs:
         raise TrainerError(f"no labelled case found under {data}")
     registry = None

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 
-from converters.exceptions import InvalidCaseError
+from converters.exceptions import HoldoutDataError, InvalidCaseError
 from converters.nifti import list_cases, load_case, load_decathlon_case, write_dataset_json
 from converters.synthetic import make_synthetic_case, write_synthetic_task01
 from tests.helpers.peers import require_shared
@@ -188,6 +189,46 @@ def test_duplicate_case_ids_are_refused(tmp_path: Path) -> None:
     _tiny_brats(tmp_path / "b" / "BraTS2021_99999")
     with pytest.raises(InvalidCaseError, match=r"case id 'BraTS2021_99999' also used by"):
         list_cases(tmp_path)
+
+
+def test_holdout_cases_are_refused_unless_allowed(tmp_path: Path) -> None:
+    """A case under a folder named holdout, as given or once symlinks are resolved, is final-evaluation
+    data: refused unless the caller allows it (segnode evaluate)."""
+    seg = np.zeros((6, 5, 4), np.uint8)
+    seg[2:4, 2:4, 1:3] = 1
+    real = tmp_path / "real"
+    for n in (1, 2):
+        _tiny_brats(real / f"BraTS2021_0000{n}", f"BraTS2021_0000{n}", seg)
+    held = _tiny_brats(tmp_path / "shared" / "holdout" / "BraTS2021_00003", "BraTS2021_00003", seg)
+
+    # the path given: a holdout/ folder beside train/, its case a symlink to a case elsewhere
+    data = tmp_path / "data"
+    (data / "train").mkdir(parents=True)
+    (data / "holdout").mkdir()
+    (data / "train" / "BraTS2021_00001").symlink_to(real / "BraTS2021_00001")
+    (data / "holdout" / "BraTS2021_00002").symlink_to(real / "BraTS2021_00002")
+    refused = re.escape(f"'BraTS2021_00002' is holdout data (under {data / 'holdout'})")
+    with pytest.raises(HoldoutDataError, match=refused):
+        list_cases(data, require_labels=True)
+    with pytest.raises(HoldoutDataError, match="BraTS2021_00002"):
+        list_cases(data / "holdout" / "BraTS2021_00002")
+    assert [r.case_id for r in list_cases(data, allow_holdout=True)] == ["BraTS2021_00002", "BraTS2021_00001"]
+    # ".." is folded before looking: this is the train folder
+    assert len(list_cases(data / "holdout" / ".." / "train")) == 1
+
+    # the path resolved: a case folder, or each of a case's files, a symlink into a holdout folder
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / "BraTS2021_00003").symlink_to(held)
+    with pytest.raises(HoldoutDataError, match=re.escape(f"under {held.parent}")):
+        list_cases(linked)
+    files = tmp_path / "files" / "BraTS2021_00003"
+    files.mkdir(parents=True)
+    for f in held.iterdir():
+        (files / f.name).symlink_to(f)
+    with pytest.raises(HoldoutDataError, match=re.escape(f"under {held.parent}")):
+        list_cases(files.parent)
+    assert [r.case_id for r in list_cases(files.parent, allow_holdout=True)] == ["BraTS2021_00003"]
 
 
 def test_decathlon_folder_round_trip(tmp_path: Path) -> None:

@@ -125,3 +125,22 @@ def test_evaluate_of_a_whole_tumour_model_prints_the_volumes(
             f"{100 * c['abs_volume_error_rel']:.1f}",
         )
     assert float(volumes[-1]["|err| mL"]) > 0
+
+
+def test_evaluate_accepts_holdout_data(
+    registered: tuple[int, Path, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Final evaluation is what the holdout is for: evaluate reads it, where training refuses it."""
+    _, model_dir, data = registered
+    holdout = tmp_path / "shared" / "holdout"
+    holdout.parent.mkdir()
+    holdout.symlink_to(data)
+    out_json = tmp_path / "r.json"
+    args = ["evaluate", str(model_dir), "--data", str(holdout), "--precision", "fp32"]
+    args += ["--json", str(out_json)]
+    code, _, err = run_cli(args, capsys, monkeypatch)
+    assert code == 0, err
+    assert [c["case"] for c in json.loads(out_json.read_text())["cases"]] == ["BRATS_001", "BRATS_002"]

@@ -217,6 +217,28 @@ def test_a_fresh_run_into_a_run_dir_is_refused_unless_overwrite(
     assert (run / "notes.txt").read_text() == "the user's own file"
 
 
+def test_training_refuses_holdout_data(
+    task01: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A --data folder with a holdout/ folder in it (or under one) is refused before anything is read:
+    its cases would train or choose the checkpoint, and the holdout is for final evaluation only."""
+    from tests.helpers.cli import run_cli
+
+    shared = tmp_path / "shared"
+    (shared / "holdout").mkdir(parents=True)
+    (shared / "holdout" / "Task01_BrainTumour").symlink_to(task01)
+    (shared / "train").mkdir()
+    for data in (shared, shared / "holdout" / "Task01_BrainTumour"):
+        out = tmp_path / "run"
+        args = ["train", "--data", str(data), "--out", str(out), "--device", "cpu", "--epochs", "1"]
+        code, _, err = run_cli(args, capsys, monkeypatch)
+        assert code == 2, err
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:"), err
+        assert f"holdout data (under {shared / 'holdout'})" in err and "final evaluation only" in err
+        assert not out.exists()
+
+
 def test_a_kill_between_the_two_checkpoint_writes_keeps_the_best_model(
     task01: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
