@@ -204,7 +204,11 @@ def quantize_int8(
 
 
 def find_manifest(data_dir: Path) -> Path | None:
-    """``MANIFEST.tsv`` in the data folder or up to three parents above it."""
+    """``MANIFEST.tsv`` in the data folder or up to three parents above it (once symlinks are resolved).
+
+    ``data_dir`` may also be a case folder or a case's image file: it then finds the manifest of the
+    data set the case belongs to.
+    """
     for folder in [data_dir, *list(data_dir.resolve().parents)[:3]]:
         candidate = folder / "MANIFEST.tsv"
         if candidate.is_file():
@@ -212,28 +216,71 @@ def find_manifest(data_dir: Path) -> Path | None:
     return None
 
 
+def _resolved_cases(data_dir: Path, case_ids: Sequence[str]) -> dict[str, Path]:
+    """Where each of ``case_ids`` under ``data_dir`` really is (symlinks resolved); ``{}`` when the
+    folder cannot be listed."""
+    from converters.exceptions import ConverterError
+    from converters.nifti import list_cases
+
+    try:
+        refs = list_cases(data_dir)
+    except (ConverterError, OSError):
+        return {}
+    wanted = set(case_ids)
+    return {r.case_id: Path(r.path).resolve() for r in refs if r.case_id in wanted}
+
+
+def _manifest_rows(manifest: Path) -> list[dict[str, str]]:
+    with manifest.open(newline="") as fh:
+        return list(csv.DictReader(fh, delimiter="\t"))
+
+
+def _listed_in(
+    case_id: str, where: Path | None, manifest: Path, rows: Sequence[Mapping[str, str]]
+) -> set[tuple[str, str, str]]:
+    """The (repository, commit, licence) of ``manifest``'s rows for the case: the rows under the case's
+    real path ``where`` (relative to the manifest's folder), or else those naming its id in their path."""
+    root = manifest.parent.resolve()
+    prefix: tuple[str, ...] | None = None
+    if where is not None and where.is_relative_to(root):
+        prefix = where.relative_to(root).parts
+    keys = set()
+    for row in rows:
+        parts = Path(row["file"]).parts
+        if (parts[: len(prefix)] == prefix) if prefix else case_id in parts:
+            keys.add((row["source_repository"], row["commit"], row["licence"]))
+    return keys
+
+
 def data_provenance(data_dir: Path, case_ids: Sequence[str]) -> list[dict[str, Any]]:
     """Sources and licences of the training cases, from the data's MANIFEST.tsv (grouped by source).
 
-    Without a manifest, one entry says so (the card must not claim what it does not know).
+    The manifest is looked for above ``data_dir`` and, for a case it does not list (a folder of
+    symlinked cases, say), above the case's real path. A case no manifest lists gets an entry that
+    says so, naming ``data_dir`` resolved (the card must not claim what it does not know).
     """
-    manifest = find_manifest(data_dir)
-    if manifest is None:
-        return [
-            {
-                "cases": sorted(case_ids),
-                "source": f"local folder {data_dir}",
-                "licence": "unknown (no MANIFEST.tsv)",
-            }
-        ]
+    data_dir = Path(data_dir)
+    where = data_dir.resolve()
+    own = find_manifest(data_dir)
+    real = _resolved_cases(data_dir, case_ids)
+    rows: dict[Path, list[dict[str, str]]] = {}
     groups: dict[tuple[str, str, str], set[str]] = {}
-    with manifest.open(newline="") as fh:
-        for row in csv.DictReader(fh, delimiter="\t"):
-            parts = Path(row["file"]).parts
-            for case_id in case_ids:
-                if case_id in parts:
-                    key = (row["source_repository"], row["commit"], row["licence"])
-                    groups.setdefault(key, set()).add(case_id)
+    unlisted: dict[Path | None, set[str]] = {}
+    for case_id in case_ids:
+        case_path = real.get(case_id)
+        candidates = [own, find_manifest(case_path) if case_path is not None else None]
+        manifests = list(dict.fromkeys(m for m in candidates if m is not None))
+        keys: set[tuple[str, str, str]] = set()
+        for manifest in manifests:
+            if manifest not in rows:
+                rows[manifest] = _manifest_rows(manifest)
+            keys = _listed_in(case_id, case_path, manifest, rows[manifest])
+            if keys:
+                break
+        for key in keys:
+            groups.setdefault(key, set()).add(case_id)
+        if not keys:
+            unlisted.setdefault(manifests[0] if manifests else None, set()).add(case_id)
     out = []
     for (repo, commit, licence), cases in sorted(groups.items()):
         entry: dict[str, Any] = {
@@ -244,9 +291,13 @@ def data_provenance(data_dir: Path, case_ids: Sequence[str]) -> list[dict[str, A
         if "brats" in licence.lower():
             entry["citation"] = BRATS_CITATION
         out.append(entry)
-    missing = sorted(set(case_ids) - {c for cases in groups.values() for c in cases})
-    if missing:
-        out.append({"cases": missing, "source": f"{data_dir} (not in {manifest})", "licence": "unknown"})
+    for found, cases in sorted(unlisted.items(), key=lambda item: str(item[0] or "")):
+        source, licence = (
+            (f"local folder {where}", "unknown (no MANIFEST.tsv)")
+            if found is None
+            else (f"{where} (not in {found})", "unknown")
+        )
+        out.append({"cases": sorted(cases), "source": source, "licence": licence})
     return out
 
 

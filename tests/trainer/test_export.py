@@ -371,3 +371,58 @@ def test_export_refuses_a_folder_that_holds_a_model(exported: tuple[Path, dict, 
         again = ExportOptions(run_dir=run_dir, out_dir=out, calibration_size=16, database_url=db_url)
         export_run(again)
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
+def test_provenance_of_a_folder_of_symlinked_cases(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--data a folder of symlinks to the shared data's cases: the card's sources, licences and BraTS
+    citation come from the MANIFEST.tsv above the cases' real folders, and a case no manifest lists
+    names the data folder resolved, not as the user typed it."""
+    import nibabel as nib
+
+    from trainer.export import BRATS_CITATION, data_provenance, notice_text
+
+    def brats_folder(folder: Path) -> None:
+        folder.mkdir(parents=True)
+        for tag in ("flair", "t1", "t1ce", "t2", "seg"):
+            image = nib.Nifti1Image(np.zeros((4, 4, 3), np.uint8), np.eye(4))
+            nib.save(image, folder / f"{folder.name}_{tag}.nii.gz")
+
+    shared = tmp_path / "shared"
+    sources = {
+        "BraTS2021_00001": ("org/brats", "BraTS challenge data terms"),
+        "BraTS2021_00002": ("org/cc", "CC BY"),
+    }
+    rows = ["file\tbytes\tsha256\tsource_repository\tcommit\tsource_path\tlicence"]
+    for case_id, (repo, licence) in sources.items():
+        brats_folder(shared / "train" / "brats" / case_id)
+        for f in sorted((shared / "train" / "brats" / case_id).iterdir()):
+            rows.append(f"train/brats/{case_id}/{f.name}\t1\tx\t{repo}\tc0ffee\t{f.name}\t{licence}")
+    (shared / "MANIFEST.tsv").write_text("\n".join(rows) + "\n")
+    data = tmp_path / "work" / "data"
+    data.mkdir(parents=True)
+    for case_id in sources:
+        (data / case_id).symlink_to(shared / "train" / "brats" / case_id)
+    brats_folder(data / "BraTS2021_00009")  # a case of the user's own, in no manifest
+    monkeypatch.chdir(data.parent)
+
+    provenance = data_provenance(Path("data"), ["BraTS2021_00001", "BraTS2021_00002", "BraTS2021_00009"])
+    assert provenance == [
+        {
+            "cases": ["BraTS2021_00001"],
+            "source": "https://github.com/org/brats at commit c0ffee",
+            "licence": "BraTS challenge data terms",
+            "citation": BRATS_CITATION,
+        },
+        {
+            "cases": ["BraTS2021_00002"],
+            "source": "https://github.com/org/cc at commit c0ffee",
+            "licence": "CC BY",
+        },
+        {
+            "cases": ["BraTS2021_00009"],
+            "source": f"local folder {data.resolve()}",
+            "licence": "unknown (no MANIFEST.tsv)",
+        },
+    ]
+    notice = notice_text({"name": "m", "version": "1", "data_provenance": provenance})
+    assert f"Cite:    {BRATS_CITATION}" in notice
