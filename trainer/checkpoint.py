@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from trainer.exceptions import TrainerError
+from trainer.exceptions import TrainerError, UnreadableCheckpointError
 from trainer.unet import UNet2D, build_unet
 
 logger = logging.getLogger(__name__)
@@ -33,19 +33,39 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
     Raises
     ------
+    UnreadableCheckpointError
+        The file exists but cannot be read (damaged, or not a PyTorch file).
     TrainerError
-        The file is missing, unreadable, or not a segnode checkpoint.
+        The file is missing or not a segnode checkpoint.
     """
     if not path.is_file():
         raise TrainerError(f"checkpoint {path} does not exist")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a corrupt or foreign file
-        raise TrainerError(f"checkpoint {path} cannot be read: {type(exc).__name__}: {exc}") from None
+        others = sorted(p.name for p in path.parent.glob("*.pt") if p.name != path.name)
+        reason = _reason(exc)
+        raise UnreadableCheckpointError(
+            f"checkpoint {path} cannot be read ({reason}): the file is damaged (truncated or "
+            "overwritten, e.g. by a full disk or a partial copy) or is not a PyTorch checkpoint; restore it "
+            "from a copy"
+            + (f", or use another checkpoint of the run ({', '.join(others)})" if others else ""),
+            reason,
+        ) from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise TrainerError(f"checkpoint {path}: format {found!r} is not {CHECKPOINT_FORMAT!r}")
     return state
+
+
+def _reason(exc: Exception) -> str:
+    """One short line of what torch said (its messages run to paragraphs, some with advice to load with
+    ``weights_only=False``, which would execute code from a file that is not trusted)."""
+    lines = str(exc).strip().splitlines()
+    first = lines[0].split(". ")[0].rstrip(".") if lines else ""
+    if len(first) > 120:
+        first = first[:117] + "..."
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
 def model_from_checkpoint(state: dict[str, Any]) -> UNet2D:

@@ -9,3 +9,14 @@ class TrainerError(Exception):
 
 class DeviceError(TrainerError):
     """The requested device kind is not available on this machine."""
+
+
+class UnreadableCheckpointError(TrainerError):
+    """A checkpoint file exists but cannot be read: damaged (truncated, overwritten) or not PyTorch's.
+
+    ``reason`` is what the reader said, in one short line.
+    """
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason

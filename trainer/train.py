@@ -43,7 +43,7 @@ from trainer.data import (
     split_by_completeness,
 )
 from trainer.devices import DistInfo, dist_from_env, init_distributed, resolve_device
-from trainer.exceptions import TrainerError
+from trainer.exceptions import TrainerError, UnreadableCheckpointError
 from trainer.losses import loss_for_task
 from trainer.metrics import case_dice, dice
 from trainer.predictors import torch_predictor
@@ -298,7 +298,23 @@ class Trainer:
     def _resumed_state(self) -> dict[str, Any] | None:
         if not self.resume:
             return None
-        state = load_checkpoint(self.out / "last.pt")
+        last = self.out / "last.pt"
+        try:
+            state = load_checkpoint(last)
+        except UnreadableCheckpointError as exc:
+            # No fallback to best.pt: it is an older epoch, and resuming from it would silently drop
+            # the epochs after it from the run's history. The user chooses.
+            best = self.out / "best.pt"
+            raise TrainerError(
+                f"--resume: the last checkpoint {last} cannot be read ({exc.reason}), so the run cannot "
+                "continue from it: restore it from a copy, or start the run again with --overwrite"
+                + (
+                    f"; if {best.name} reads, the run's best model may still be exported or evaluated "
+                    f"(segnode export {self.out} --checkpoint {best.name})"
+                    if best.is_file()
+                    else ""
+                )
+            ) from None
         saved = state["train_config"]
         for key in (
             "task",

@@ -239,6 +239,33 @@ def test_training_refuses_holdout_data(
         assert not out.exists()
 
 
+def test_an_unreadable_checkpoint_is_one_line_naming_the_file_and_what_to_do(
+    task01: Path, tmp_path: Path
+) -> None:
+    """A damaged last.pt: --resume says which file, why in one short line, and the ways on (no fallback)."""
+    from trainer.checkpoint import load_checkpoint, save_checkpoint
+    from trainer.train import train
+
+    run = tmp_path / "run"
+    run.mkdir()
+    save_checkpoint({"model_state": {"w": torch.zeros(2000)}}, run / "best.pt")
+    whole = (run / "best.pt").read_bytes()
+    for damage in (whole[: len(whole) // 2], b"\x00" * 4096, b"not a checkpoint " * 64):
+        (run / "last.pt").write_bytes(damage)
+        with pytest.raises(TrainerError) as caught:
+            train(_config(task01, run, epochs=1), resume=True, progress=False)  # type: ignore[arg-type]
+        message = str(caught.value)
+        assert "\n" not in message and len(message) < 500, message
+        assert message.startswith(f"--resume: the last checkpoint {run / 'last.pt'} cannot be read (")
+        assert "--overwrite" in message and "--checkpoint best.pt" in message
+        assert "False" not in message  # torch's advice to load with weights_only=False (runs its code)
+        other = r"last\.pt cannot be read .*another checkpoint of the run \(best\.pt\)"
+        with pytest.raises(TrainerError, match=other):
+            load_checkpoint(run / "last.pt")
+    assert (run / "best.pt").read_bytes() == whole
+    assert sorted(p.name for p in run.iterdir()) == ["best.pt", "last.pt"]  # nothing written
+
+
 def test_a_kill_between_the_two_checkpoint_writes_keeps_the_best_model(
     task01: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
