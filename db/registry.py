@@ -9,9 +9,10 @@ Rules
   ONNX row is refused, and ``force`` does not override that.
 * Promotion gates: every file present and matching its recorded sha256 (hard: the node would refuse
   the model anyway); metrics present (``metrics.mean.dice`` and ``metrics.cases``); an INT8 model's
-  Dice within ``tolerance`` (default 0.01) of its FP32 parent's on the same cases. The last two can be
-  overridden with ``force=True`` and a non-empty reason, which the audit trail records together
-  with the overridden gates.
+  Dice within ``tolerance`` (default 0.01; the ``--max-dice-drop`` it was exported with when that is
+  smaller) of its FP32 parent's on the same cases, and its export's own accuracy check not failed.
+  The metric gates can be overridden with ``force=True`` and a non-empty reason, which the audit trail
+  records together with the overridden gates.
 * Exactly one active model per task: the database enforces it (partial unique index). A promotion
   checks, inside its write transaction, that the task's active model is still the one it saw when
   its gates ran; if another promotion, rollback or retirement committed in between, it raises
@@ -690,7 +691,9 @@ class Registry:
         """The failed metric gates of ``info`` (empty when it may be promoted without ``force``).
 
         Gates: metrics present (``metrics.mean.dice`` and a non-empty ``metrics.cases``); for an INT8
-        model, an FP32 parent with metrics on the same cases and a Dice at most ``tolerance`` above.
+        model, its export's own accuracy check not failed (``calibration.accuracy_check.passed``), and an
+        FP32 parent with metrics on the same cases and a Dice at most the tolerance above: ``tolerance``,
+        or the export's ``--max-dice-drop`` (``calibration.max_dice_drop``) when that is stricter.
         """
         problems: list[str] = []
         dice = info.dice
@@ -699,8 +702,19 @@ class Registry:
             problems.append("metrics missing: no metrics.mean.dice")
         if not isinstance(cases, list) or not cases:
             problems.append("metrics missing: no metrics.cases (on which cases the Dice was measured)")
-        if info.precision != "int8" or dice is None:
+        if info.precision != "int8":
             return problems
+        check = (info.calibration or {}).get("accuracy_check")
+        if isinstance(check, dict) and check.get("passed") is False:
+            drop, limit = check.get("dice_drop"), check.get("max_dice_drop")
+            problems.append(
+                "the export's own INT8 accuracy check failed: Dice drop "
+                f"{f'{drop:.4f}' if isinstance(drop, (int, float)) else drop} ({check.get('worst', 'mean')}) "
+                f"exceeds its --max-dice-drop {f'{limit:g}' if isinstance(limit, (int, float)) else limit}"
+            )
+        if dice is None:
+            return problems
+        tolerance = self.int8_tolerance(info)
         if parent is None:
             problems.append("an INT8 model needs its FP32 parent for the Dice check, but has no parent")
         elif parent.precision != "fp32":
@@ -713,12 +727,23 @@ class Registry:
                 f"({len(cases or [])} vs {len((parent.metrics or {}).get('cases') or [])} cases); "
                 "the Dice comparison needs the same cases"
             )
-        elif parent.dice - dice > self.tolerance + 1e-12:
+        elif parent.dice - dice > tolerance + 1e-12:
             problems.append(
                 f"INT8 Dice {dice:.4f} is {parent.dice - dice:.4f} below FP32 parent #{parent.id}'s "
-                f"{parent.dice:.4f} (tolerance {self.tolerance:.4f})"
+                f"{parent.dice:.4f} (tolerance {tolerance:.4f})"
             )
         return problems
+
+    def int8_tolerance(self, info: ModelInfo) -> float:
+        """The largest Dice drop of INT8 ``info`` below its FP32 parent that the gate lets through.
+
+        The registry's ``tolerance``, or the ``--max-dice-drop`` the model was exported with
+        (``calibration.max_dice_drop``) when that is smaller: a model must meet its own, stricter, limit.
+        """
+        limit = (info.calibration or {}).get("max_dice_drop")
+        if isinstance(limit, (int, float)) and not isinstance(limit, bool) and 0 <= limit < self.tolerance:
+            return float(limit)
+        return self.tolerance
 
     # -- rollout --------------------------------------------------------------------------------
 
@@ -758,7 +783,8 @@ class Registry:
             raise PromotionRefused(message)
         if self._before_write is not None:
             self._before_write()
-        details: dict[str, Any] = {"dice": info.dice, "tolerance": self.tolerance}
+        tolerance = self.int8_tolerance(info) if info.precision == "int8" else self.tolerance
+        details: dict[str, Any] = {"dice": info.dice, "tolerance": tolerance}
         if parent is not None:
             details["parent_dice"] = parent.dice
         if soft:

@@ -78,11 +78,13 @@ def write_model_dir(
     cases: tuple[str, ...] = ("case_001", "case_002", "case_003"),
     int8_cases: tuple[str, ...] | None = None,
     seed: int = 0,
+    calibration: dict[str, object] | None = None,
 ) -> Path:
     """Write a model directory as the trainer exports it: model.json + ONNX + IR FP32 + IR INT8 files.
 
     The files hold real (random, seeded) bytes; ``model.json`` lists their sha256 and size, the
     lineage (INT8 IR -> FP32 IR -> ONNX) and per-artifact metrics (``None`` dice: no metrics).
+    ``calibration`` adds to the card's calibration block.
     Returns ``directory``.
     """
     import hashlib
@@ -129,7 +131,8 @@ def write_model_dir(
                                  "meaning": "Morphologically abnormal structure"},
                     "type": {"scheme": "SCT", "code": "108369006", "meaning": "Neoplasm"}}],
         "artifacts": artifacts,
-        "calibration": {"subset_size": 300, "preset": "performance", "source": "training split"},
+        "calibration": {"subset_size": 300, "preset": "performance", "source": "training split",
+                        **(calibration or {})},
         "training": {"data_fingerprint": "0" * 64, "split": {"train": ["a"], "val": list(cases)}, "epochs": 2,
                      "device_kind": "cpu", "device_count": 1, "seed": seed, "commit": "test"},
     }

@@ -179,6 +179,7 @@ def export(
 ) -> None:
     """Export ONNX, OpenVINO IR FP32 and INT8, write model.json, and register the lineage."""
     from db.url import resolve_database_url
+    from trainer.exceptions import AccuracyCheckError
     from trainer.export import ExportOptions, export_run
 
     database_url = resolve_database_url(config) if register_models else None
@@ -194,8 +195,19 @@ def export(
         register=register_models,
         database_url=database_url,
     )
-    with console.status("exporting") as status:
-        card = export_run(options, on_step=lambda msg: status.update(msg))
+    try:
+        with console.status("exporting") as status:
+            card = export_run(options, on_step=lambda msg: status.update(msg))
+    except AccuracyCheckError as exc:
+        _print_export_table(exc.card)  # what failed, before the one-line error
+        raise
+    _print_export_table(card)
+    where = out or run_dir / "export"
+    ids = card.get("registered_ids")
+    console.print(f"model directory {where}" + (f"; registered models {ids}" if ids else ""))
+
+
+def _print_export_table(card: dict[str, Any]) -> None:
     from rich.table import Table
 
     table = Table(title=f"{card['name']} {card['version']} (validation cases)")
@@ -213,9 +225,6 @@ def export(
             *(f"{by_region.get(r, {}).get('dice', float('nan')):.4f}" for r in regions),
         )
     console.print(table)
-    where = out or run_dir / "export"
-    ids = card.get("registered_ids")
-    console.print(f"model directory {where}" + (f"; registered models {ids}" if ids else ""))
 
 
 def requantize(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class TrainerError(Exception):
     """Base class for every error raised by :mod:`trainer` (bad data, run dir, model or option)."""
@@ -20,3 +22,14 @@ class UnreadableCheckpointError(TrainerError):
     def __init__(self, message: str, reason: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class AccuracyCheckError(TrainerError):
+    """An exported INT8 model lost more validation Dice against its FP32 IR than ``--max-dice-drop``.
+
+    ``card`` is the model card written beside the (unregistered) files, for the caller to show.
+    """
+
+    def __init__(self, message: str, card: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.card = card

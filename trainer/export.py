@@ -9,7 +9,9 @@ DefaultQuantization with stat_subset_size 300; or ``nncf.quantize_with_accuracy_
 VALIDATION cases when a maximal Dice drop is given), ``model.json`` with per-artifact metrics on the
 validation cases, and a ``NOTICE`` naming the training data's sources and licences. With
 ``register`` it imports the directory into the model table: checkpoint -> ONNX -> IR FP32 -> IR
-INT8, each the parent of the next.
+INT8, each the parent of the next. An INT8 model that lost more validation Dice (mean or any region's)
+than a given maximal drop fails the export: the directory is written, its card's
+``calibration.accuracy_check`` says ``passed: false``, and nothing is registered.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from db.card import file_entry, write_card
 from trainer.checkpoint import load_checkpoint, model_from_checkpoint
 from trainer.data import PreparedCase, load_prepared
 from trainer.evaluate import CardPredictor, card_metrics, evaluate_cases
-from trainer.exceptions import TrainerError
+from trainer.exceptions import AccuracyCheckError, TrainerError
 from trainer.metrics import case_dice
 from trainer.predictors import onnx_predictor, openvino_predictor, torch_predictor
 
@@ -354,11 +356,29 @@ def int8_dice_drops(fp32: Mapping[str, Any], int8: Mapping[str, Any]) -> dict[st
     return drops
 
 
+def accuracy_check(max_dice_drop: float, drops: Mapping[str, float]) -> dict[str, Any]:
+    """The card's ``calibration.accuracy_check``: the worst INT8 Dice drop (mean or region) against a limit.
+
+    ``drops`` are :func:`int8_dice_drops`' (``"mean"`` and each region's); ``worst`` names the one that
+    is largest, ``passed`` says whether it is at most ``max_dice_drop``.
+    """
+    worst = max(drops, key=lambda k: drops[k])
+    return {
+        "max_dice_drop": float(max_dice_drop),
+        "dice_drop": float(drops[worst]),
+        "worst": worst,
+        "passed": bool(drops[worst] <= max_dice_drop + 1e-12),
+    }
+
+
 def export_run(options: ExportOptions, on_step: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Export a run as the module docstring says; returns the written model card.
 
     Raises
     ------
+    AccuracyCheckError
+        ``max_dice_drop`` was given and the INT8 model's validation Dice (mean or a region's) dropped
+        more than that below the FP32 IR's: the directory is written (its card says so) but not registered.
     TrainerError
         The run has no checkpoint, its data cannot be found, or an export does not match PyTorch.
     """
@@ -467,9 +487,8 @@ def export_run(options: ExportOptions, on_step: Callable[[str], None] | None = N
         calibration["validation_dice_drop"] = drop
         if drops:
             calibration["validation_dice_drop_regions"] = drops
-        worst = max([drop, *drops.values()])
-        if options.max_dice_drop is not None and worst > options.max_dice_drop:
-            logger.warning("INT8 Dice drop %.4f exceeds --max-dice-drop %.4f", worst, options.max_dice_drop)
+        if options.max_dice_drop is not None:
+            calibration["accuracy_check"] = accuracy_check(options.max_dice_drop, {"mean": drop, **drops})
 
     run_state = state["run_state"]
     last = run_dir / "last.pt"
@@ -521,6 +540,16 @@ def export_run(options: ExportOptions, on_step: Callable[[str], None] | None = N
         card["ir_fp32_weights"] = "fp16 (compressed; computed in fp32)"
     write_card(card, out)
     (out / "NOTICE").write_text(notice_text(card), encoding="utf-8")
+    check = calibration.get("accuracy_check")
+    if check is not None and not check["passed"]:
+        # Written, so that the engineer can see what failed; not registered, and a non-zero exit, so that
+        # no pipeline (the Helm export Job passes --register) goes on with a model that failed its check.
+        raise AccuracyCheckError(
+            f"INT8 Dice drop {check['dice_drop']:.4f} ({check['worst']}) exceeds --max-dice-drop "
+            f"{check['max_dice_drop']:g}: {out} written (calibration.accuracy_check passed false) but "
+            "not registered; quantize again, or import it (segnode models import) and promote with --force",
+            card,
+        )
     if options.register:
         card["registered_ids"] = register_dir(out, options.database_url)
     return card

@@ -293,6 +293,44 @@ def test_int8_dice_drop_beyond_tolerance_is_refused_unless_forced(
     lenient.close()
 
 
+def test_int8_that_failed_its_own_export_check_is_refused_unless_forced(
+    registry: Registry, tmp_path: Path
+) -> None:
+    """An INT8 model exported with --max-dice-drop must meet that limit, not only the registry's 0.01:
+    a failed check recorded in its card, or a drop beyond the card's stricter limit, needs --force."""
+    failed = {
+        "max_dice_drop": 0.0001,
+        "accuracy_check": {"max_dice_drop": 0.0001, "dice_drop": 0.0018, "worst": "mean", "passed": False},
+    }
+    ids = _import(registry, tmp_path, "1.0.0", fp32_dice=0.90, int8_dice=0.8982, calibration=failed)
+    with pytest.raises(PromotionRefused) as info:
+        registry.promote(ids["ir_int8"])
+    message = str(info.value)
+    assert "the export's own INT8 accuracy check failed: Dice drop 0.0018 (mean) exceeds its" in message
+    assert "(tolerance 0.0001)" in message and "--force --reason" in message
+    assert registry.active(TASK) is None
+    forced = registry.promote(ids["ir_int8"], force=True, reason="reviewed the cases", by="dan")
+    assert forced.status == "active"
+    event = registry.history(TASK)[-1]
+    assert event.forced and event.details is not None and len(event.details["overridden"]) == 2
+    assert event.details["tolerance"] == pytest.approx(0.0001)
+    # the Helm export Job's --max-dice-drop 0.005: a 0.008 drop is within the registry's 0.01, not the card's
+    helm = {"max_dice_drop": 0.005}
+    strict = _import(registry, tmp_path, "2.0.0", fp32_dice=0.90, int8_dice=0.892, calibration=helm)
+    with pytest.raises(PromotionRefused, match=r"0\.0080 below FP32 parent .* \(tolerance 0\.0050\)"):
+        registry.promote(strict["ir_int8"])
+    # a check that passed, and a looser card limit than the registry's, change nothing
+    passed = {
+        "max_dice_drop": 0.05,
+        "accuracy_check": {"max_dice_drop": 0.05, "dice_drop": 0.004, "worst": "mean", "passed": True},
+    }
+    ok = _import(registry, tmp_path, "3.0.0", fp32_dice=0.90, int8_dice=0.896, calibration=passed)
+    assert registry.promote(ok["ir_int8"]).status == "active"
+    loose = _import(registry, tmp_path, "4.0.0", fp32_dice=0.90, int8_dice=0.87, calibration=passed)
+    with pytest.raises(PromotionRefused, match=r"\(tolerance 0\.0100\)"):
+        registry.promote(loose["ir_int8"])
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

@@ -327,24 +327,64 @@ def test_evaluate_cli_matches_the_card(
     assert done.returncode == 2 and "missing.xml does not exist" in done.stderr
 
 
-def test_accuracy_control_quantization(run_dir: Path, tmp_path: Path) -> None:
-    from trainer.export import ExportOptions, export_run
+def test_accuracy_control_quantization_that_misses_its_limit_is_written_not_registered(
+    run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An INT8 model that lost more Dice than --max-dice-drop: the directory is written (to inspect),
+    its card says the check failed (the promotion gate reads that), nothing is registered, the export
+    fails."""
+    import trainer.export as export
+    from db.card import load_card
+    from db.registry import open_registry
+    from trainer.exceptions import AccuracyCheckError
 
-    card = export_run(
-        ExportOptions(
-            run_dir=run_dir,
-            out_dir=tmp_path / "ac",
-            calibration_size=30,
-            max_dice_drop=0.01,
-            include_checkpoint=False,
-            register=False,
-        )
+    measured = export.int8_dice_drops
+
+    def worse(fp32: Any, int8: Any) -> dict[str, float]:
+        drops = measured(fp32, int8)
+        return {**drops, "mean": drops["mean"] + 0.05}  # as if INT8 had lost 0.05 more Dice
+
+    monkeypatch.setattr(export, "int8_dice_drops", worse)
+    db_url = f"sqlite:///{tmp_path / 'models.db'}"
+    options = export.ExportOptions(
+        run_dir=run_dir,
+        out_dir=tmp_path / "ac",
+        calibration_size=30,
+        max_dice_drop=0.01,
+        include_checkpoint=False,
+        register=True,
+        database_url=db_url,
     )
+    with pytest.raises(AccuracyCheckError, match=r"exceeds --max-dice-drop 0\.01: .* not registered"):
+        export.export_run(options)
+    card = load_card(tmp_path / "ac")
     assert card["calibration"]["method"] == "nncf.quantize_with_accuracy_control"
     assert card["calibration"]["max_dice_drop"] == 0.01
+    check = card["calibration"]["accuracy_check"]
+    assert check["passed"] is False and check["max_dice_drop"] == 0.01 and check["worst"] == "mean"
+    assert check["dice_drop"] > 0.01
+    assert check["dice_drop"] == pytest.approx(card["calibration"]["validation_dice_drop"])
     assert [a["key"] for a in card["artifacts"]] == ["onnx", "ir_fp32", "ir_int8"]
     assert card["artifacts"][0]["parent"] is None
     assert (tmp_path / "ac" / "model_int8.xml").is_file()
+    registry = open_registry(db_url)
+    try:
+        assert registry.list_models() == []
+    finally:
+        registry.close()
+
+
+def test_accuracy_check_takes_the_worst_of_mean_and_regions() -> None:
+    from trainer.export import accuracy_check
+
+    assert accuracy_check(0.01, {"mean": 0.004, "WT": 0.004, "TC": 0.002, "ET": 0.03}) == {
+        "max_dice_drop": 0.01,
+        "dice_drop": 0.03,
+        "worst": "ET",
+        "passed": False,
+    }
+    assert accuracy_check(0.01, {"mean": 0.01})["passed"] is True
+    assert accuracy_check(0.01, {"mean": -0.002})["passed"] is True
 
 
 def test_int8_dice_drop_is_reported_per_region() -> None:
