@@ -10,7 +10,8 @@ Rules
 * Promotion gates: every file present and matching its recorded sha256 (hard: the node would refuse
   the model anyway); metrics present (``metrics.mean.dice`` and ``metrics.cases``); an INT8 model's
   Dice within ``tolerance`` (default 0.01; the ``--max-dice-drop`` it was exported with when that is
-  smaller) of its FP32 parent's on the same cases, and its export's own accuracy check not failed.
+  smaller) of its FP32 parent's on the same cases, the mean's and each region's (``brats_regions``),
+  and its export's own accuracy check not failed.
   The metric gates can be overridden with ``force=True`` and a non-empty reason, which the audit trail
   records together with the overridden gates.
 * Exactly one active model per task: the database enforces it (partial unique index). A promotion
@@ -231,6 +232,38 @@ def _dice(metrics: dict[str, Any] | None) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
     return float(value)
+
+
+def _region_dice(metrics: dict[str, Any] | None) -> dict[str, float | None]:
+    """``metrics.regions.<region>.dice`` by region (None: not a number there); empty without regions."""
+    regions = (metrics or {}).get("regions")
+    if not isinstance(regions, dict):
+        return {}
+    return {str(name): _dice({"mean": block}) for name, block in regions.items()}
+
+
+def _int8_drops(info: ModelInfo, parent: ModelInfo, tolerance: float) -> list[str]:
+    """The INT8 gate's Dice comparisons that fail: the mean, and each region's (``brats_regions``: the
+    mean is the whole tumour's, so a lost enhancing tumour or core shows only in its region)."""
+    problems = []
+    dice, parent_dice = info.dice, parent.dice
+    if dice is not None and parent_dice is not None and parent_dice - dice > tolerance + 1e-12:
+        problems.append(
+            f"INT8 Dice {dice:.4f} is {parent_dice - dice:.4f} below FP32 parent #{parent.id}'s "
+            f"{parent_dice:.4f} (tolerance {tolerance:.4f})"
+        )
+    ours, theirs = _region_dice(info.metrics), _region_dice(parent.metrics)
+    for region in sorted(set(ours) | set(theirs)):
+        mine, base = ours.get(region), theirs.get(region)
+        if mine is None or base is None:
+            which = "INT8 model" if mine is None else f"FP32 parent #{parent.id}"
+            problems.append(f"{which} has no metrics.regions.{region}.dice for the per-region Dice check")
+        elif base - mine > tolerance + 1e-12:
+            problems.append(
+                f"INT8 {region} Dice {mine:.4f} is {base - mine:.4f} below FP32 parent #{parent.id}'s "
+                f"{base:.4f} (tolerance {tolerance:.4f})"
+            )
+    return problems
 
 
 def _actor(by: str | None) -> str:
@@ -692,8 +725,9 @@ class Registry:
 
         Gates: metrics present (``metrics.mean.dice`` and a non-empty ``metrics.cases``); for an INT8
         model, its export's own accuracy check not failed (``calibration.accuracy_check.passed``), and an
-        FP32 parent with metrics on the same cases and a Dice at most the tolerance above: ``tolerance``,
-        or the export's ``--max-dice-drop`` (``calibration.max_dice_drop``) when that is stricter.
+        FP32 parent with metrics on the same cases and a Dice at most the tolerance above, the mean's and
+        each region's (``metrics.regions``): ``tolerance``, or the export's ``--max-dice-drop``
+        (``calibration.max_dice_drop``) when that is stricter.
         """
         problems: list[str] = []
         dice = info.dice
@@ -727,11 +761,8 @@ class Registry:
                 f"({len(cases or [])} vs {len((parent.metrics or {}).get('cases') or [])} cases); "
                 "the Dice comparison needs the same cases"
             )
-        elif parent.dice - dice > tolerance + 1e-12:
-            problems.append(
-                f"INT8 Dice {dice:.4f} is {parent.dice - dice:.4f} below FP32 parent #{parent.id}'s "
-                f"{parent.dice:.4f} (tolerance {tolerance:.4f})"
-            )
+        else:
+            problems.extend(_int8_drops(info, parent, tolerance))
         return problems
 
     def int8_tolerance(self, info: ModelInfo) -> float:

@@ -79,18 +79,24 @@ def write_model_dir(
     int8_cases: tuple[str, ...] | None = None,
     seed: int = 0,
     calibration: dict[str, object] | None = None,
+    fp32_regions: dict[str, float] | None = None,
+    int8_regions: dict[str, float] | None = None,
 ) -> Path:
     """Write a model directory as the trainer exports it: model.json + ONNX + IR FP32 + IR INT8 files.
 
     The files hold real (random, seeded) bytes; ``model.json`` lists their sha256 and size, the
     lineage (INT8 IR -> FP32 IR -> ONNX) and per-artifact metrics (``None`` dice: no metrics).
-    ``calibration`` adds to the card's calibration block.
+    ``calibration`` adds to the card's calibration block; ``fp32_regions`` / ``int8_regions`` (region
+    name -> Dice) give the FP32 / INT8 metrics ``regions``, as a ``brats_regions`` export has them
+    (that task's card also gets its softmax output and labels).
     Returns ``directory``.
     """
     import hashlib
     import json
 
     import numpy as np
+
+    from db.card import TASK_LABELS
 
     rng = np.random.default_rng(seed)
     directory.mkdir(parents=True, exist_ok=True)
@@ -99,13 +105,19 @@ def write_model_dir(
         (directory / path).write_bytes(data)
         return {"path": path, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
 
-    def metrics(dice: float | None, on: tuple[str, ...]) -> dict[str, object] | None:
+    def metrics(
+        dice: float | None, on: tuple[str, ...], regions: dict[str, float] | None = None
+    ) -> dict[str, object] | None:
         if dice is None:
             return None
         per_case = [{"case": c, "dice": dice, "jaccard": dice / (2 - dice)} for c in on]
-        return {"cases": list(on), "split": "validation", "per_case": per_case,
-                "mean": {"dice": dice, "jaccard": dice / (2 - dice), "sensitivity": 0.9, "specificity": 0.99,
-                         "hd95": 4.0}}
+        out: dict[str, object] = {
+            "cases": list(on), "split": "validation", "per_case": per_case,
+            "mean": {"dice": dice, "jaccard": dice / (2 - dice), "sensitivity": 0.9, "specificity": 0.99,
+                     "hd95": 4.0}}
+        if regions is not None:
+            out["regions"] = {r: {"dice": d} for r, d in regions.items()}
+        return out
 
     def xml(precision: str) -> bytes:
         return (f'<?xml version="1.0"?>\n<net name="{name}" version="11" precision="{precision}" '
@@ -116,10 +128,10 @@ def write_model_dir(
          "files": [entry("model.onnx", rng.bytes(2048))], "metrics": metrics(fp32_dice, cases)},
         {"key": "ir_fp32", "kind": "ir", "precision": "fp32", "parent": "onnx",
          "files": [entry("model_fp32.xml", xml("FP32")), entry("model_fp32.bin", rng.bytes(4096))],
-         "metrics": metrics(fp32_dice, cases)},
+         "metrics": metrics(fp32_dice, cases, fp32_regions)},
         {"key": "ir_int8", "kind": "ir", "precision": "int8", "parent": "ir_fp32",
          "files": [entry("model_int8.xml", xml("INT8")), entry("model_int8.bin", rng.bytes(1024))],
-         "metrics": metrics(int8_dice, int8_cases or cases)},
+         "metrics": metrics(int8_dice, int8_cases or cases, int8_regions)},
     ]
     card = {
         "format_version": 1, "name": name, "version": version, "task": task, "modalities": list(modalities),
@@ -130,6 +142,8 @@ def write_model_dir(
                     "category": {"scheme": "SCT", "code": "49755003",
                                  "meaning": "Morphologically abnormal structure"},
                     "type": {"scheme": "SCT", "code": "108369006", "meaning": "Neoplasm"}}],
+        **({"output": {"activation": "softmax"}, "labels": TASK_LABELS[task]}
+           if task == "brats_regions" else {}),
         "artifacts": artifacts,
         "calibration": {"subset_size": 300, "preset": "performance", "source": "training split",
                         **(calibration or {})},

@@ -331,6 +331,50 @@ def test_int8_that_failed_its_own_export_check_is_refused_unless_forced(
         registry.promote(loose["ir_int8"])
 
 
+def test_int8_region_dice_drops_are_gated_for_brats_regions(registry: Registry, tmp_path: Path) -> None:
+    """A brats_regions model's mean Dice is the whole tumour's: an INT8 model that keeps it but loses the
+    enhancing tumour and the core against its FP32 parent must not pass for an equal one."""
+    regions = {"task": "brats_regions", "modalities": ("FLAIR", "T1", "T1GD", "T2")}
+    ids = _import(
+        registry,
+        tmp_path,
+        "1.0.0",
+        fp32_dice=0.90,
+        int8_dice=0.90,
+        fp32_regions={"WT": 0.90, "TC": 0.80, "ET": 0.75},
+        int8_regions={"WT": 0.90, "TC": 0.60, "ET": 0.40},
+        **regions,
+    )
+    with pytest.raises(PromotionRefused) as info:
+        registry.promote(ids["ir_int8"])
+    message = str(info.value)
+    assert f"INT8 ET Dice 0.4000 is 0.3500 below FP32 parent #{ids['ir_fp32']}'s 0.7500" in message
+    assert f"INT8 TC Dice 0.6000 is 0.2000 below FP32 parent #{ids['ir_fp32']}'s 0.8000" in message
+    assert "WT Dice" not in message and "--force --reason" in message
+    assert registry.active("brats_regions") is None
+    lost = _import(
+        registry,
+        tmp_path,
+        "2.0.0",
+        fp32_regions={"WT": 0.90, "TC": 0.80, "ET": 0.75},
+        int8_regions={"WT": 0.90, "TC": 0.80},
+        **regions,
+    )
+    with pytest.raises(PromotionRefused, match=r"INT8 model has no metrics\.regions\.ET\.dice"):
+        registry.promote(lost["ir_int8"])
+    within = _import(
+        registry,
+        tmp_path,
+        "3.0.0",
+        fp32_dice=0.90,
+        int8_dice=0.895,
+        fp32_regions={"WT": 0.90, "TC": 0.80, "ET": 0.75},
+        int8_regions={"WT": 0.895, "TC": 0.805, "ET": 0.741},
+        **regions,
+    )
+    assert registry.promote(within["ir_int8"]).status == "active"
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
