@@ -11,11 +11,14 @@ validation cases, and a ``NOTICE`` naming the training data's sources and licenc
 ``register`` it imports the directory into the model table: checkpoint -> ONNX -> IR FP32 -> IR
 INT8, each the parent of the next. An INT8 model that lost more validation Dice (mean or any region's)
 than a given maximal drop fails the export: the directory is written, its card's
-``calibration.accuracy_check`` says ``passed: false``, and nothing is registered.
+``calibration.accuracy_check`` says ``passed: false``, and nothing is registered. Before anything is
+written, the checkpoint's card is checked against its own training settings and the checkpoint
+against the run directory (:func:`check_checkpoint`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import shutil
@@ -371,6 +374,124 @@ def accuracy_check(max_dice_drop: float, drops: Mapping[str, float]) -> dict[str
     }
 
 
+#: The options that ``segnode train --resume`` refuses to change (trainer/train.py ``_resumed_state``):
+#: with the data fingerprint, the split and the network they identify a run across its checkpoints.
+RUN_OPTIONS = (
+    "task",
+    "modalities",
+    "base_filters",
+    "depth",
+    "norm",
+    "crop_size",
+    "seed",
+    "val_fraction",
+    "optional_modalities",
+)
+
+
+def check_checkpoint(state: Mapping[str, Any], run_dir: Path, checkpoint: str) -> None:
+    """Refuse a checkpoint whose card contradicts its own training settings, or that is another run's.
+
+    The card's task, modalities (and optional ones), crop size and output must be those of the
+    checkpoint's ``train_config``, and its channel counts those of its network (``model_config``); the
+    checkpoint's data fingerprint, split, network, spacing and :data:`RUN_OPTIONS` must be those of the
+    run directory's ``run.json``, ``split.json`` and ``last.pt`` (whichever exist): the card's training
+    block is read from them.
+
+    Raises
+    ------
+    TrainerError
+        The first contradiction found, naming the field and both values.
+    """
+    where = f"checkpoint {run_dir / checkpoint}"
+    card, config, network = state["card"], state["train_config"], state["model_config"]
+    pre = card.get("preprocessing") or {}
+    expected = {
+        "task": config.get("task"),
+        "modalities": list(config.get("modalities") or []),
+        "optional_modalities": [
+            m for m in config.get("modalities") or [] if m in (config.get("optional_modalities") or [])
+        ],
+        "crop_size": [int(c) for c in config.get("crop_size") or []],
+    }
+    found = {
+        "task": card.get("task"),
+        "modalities": list(card.get("modalities") or []),
+        "optional_modalities": list(card.get("optional_modalities") or []),
+        "crop_size": [int(c) for c in pre.get("crop_size") or []],
+    }
+    if config.get("spacing_mm") is not None:
+        expected["spacing_mm"] = [float(x) for x in config["spacing_mm"]]
+        found["spacing_mm"] = [float(x) for x in pre.get("spacing_mm") or []]
+    for key, value in expected.items():
+        if found[key] != value:
+            raise TrainerError(
+                f"{where}: its card says {key} {found[key]!r} but it was trained with {value!r} "
+                "(train_config); the card was changed after training: export refused"
+            )
+    task = found["task"]
+    channels = {"in_channels": len(found["modalities"]), "out_channels": 1 if task == "whole_tumor" else 4}
+    for key, value in channels.items():
+        if network.get(key) != value:
+            raise TrainerError(
+                f"{where}: its network has {key} {network.get(key)!r} but its card ({task}, "
+                f"{len(found['modalities'])} modalities) needs {value}: export refused"
+            )
+    activation = "sigmoid" if task == "whole_tumor" else "softmax"
+    if (card.get("output") or {}).get("activation") != activation:
+        raise TrainerError(
+            f"{where}: its card's output activation {(card.get('output') or {}).get('activation')!r} is not "
+            f"{activation!r}, the {task} network's: export refused"
+        )
+    _check_same_run(state, run_dir, run_dir / checkpoint)
+
+
+def _check_same_run(state: Mapping[str, Any], run_dir: Path, path: Path) -> None:
+    import json
+
+    def identity(saved: Mapping[str, Any], config: Mapping[str, Any]) -> dict[str, Any]:
+        found = {key: config.get(key) for key in RUN_OPTIONS}
+        found["optional_modalities"] = list(found["optional_modalities"] or [])  # absent before it existed
+        return {
+            **found,
+            "data fingerprint": saved["fingerprint"],
+            "network": saved["model_config"],
+            # the median spacing of the data, when not an option: only the run's card holds it
+            "spacing_mm": [float(x) for x in saved["card"]["preprocessing"]["spacing_mm"]],
+        }
+
+    where = f"checkpoint {path}"
+    ours = identity(state, state["train_config"])
+    others: list[tuple[str, dict[str, Any], Mapping[str, Any] | None]] = []
+    try:
+        run = json.loads((run_dir / "run.json").read_text())
+        others.append(("run.json", identity(run, run["config"]), None))
+    except (OSError, KeyError, TypeError, ValueError):
+        pass  # no run.json (an older run): nothing in the card comes from it either
+    with contextlib.suppress(OSError, ValueError):
+        others.append(("split.json", {}, json.loads((run_dir / "split.json").read_text())))
+    last = run_dir / "last.pt"
+    if last.is_file() and last.resolve() != path.resolve():
+        saved = load_checkpoint(last)
+        others.append(("last.pt", identity(saved, saved["train_config"]), saved["split"]))
+    for name, theirs, split in others:
+        for key, value in theirs.items():
+            if ours[key] != value:
+                raise TrainerError(
+                    f"{where} does not match the run in {run_dir} (another run's, or its card was changed): "
+                    f"its {key} {ours[key]!r} differs from {name}'s {value!r}: export refused"
+                )
+        if split is not None and _split_cases(state["split"]) != _split_cases(split):
+            raise TrainerError(
+                f"{where} does not match the run in {run_dir} (another run's): its training/validation "
+                f"split differs from {name}'s: export refused"
+            )
+
+
+def _split_cases(split: Mapping[str, Any]) -> tuple[list[str], list[str]]:
+    return sorted(map(str, split.get("train") or [])), sorted(map(str, split.get("val") or []))
+
+
 def export_run(options: ExportOptions, on_step: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Export a run as the module docstring says; returns the written model card.
 
@@ -386,6 +507,7 @@ def export_run(options: ExportOptions, on_step: Callable[[str], None] | None = N
 
     run_dir = options.run_dir
     state = load_checkpoint(run_dir / options.checkpoint)
+    check_checkpoint(state, run_dir, options.checkpoint)
     card_base: dict[str, Any] = dict(state["card"])
     out = options.out_dir or run_dir / "export"
     if (out / "model.json").exists():

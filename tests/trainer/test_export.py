@@ -466,3 +466,57 @@ def test_provenance_of_a_folder_of_symlinked_cases(tmp_path: Path, monkeypatch: 
     ]
     notice = notice_text({"name": "m", "version": "1", "data_provenance": provenance})
     assert f"Cite:    {BRATS_CITATION}" in notice
+
+
+def _card(**changes: Any) -> Any:
+    def change(state: dict[str, Any]) -> None:
+        for key, value in changes.items():
+            if key in ("crop_size", "spacing_mm"):
+                state["card"]["preprocessing"][key] = value
+            else:
+                state["card"][key] = value
+
+    return change
+
+
+def _another_run(state: dict[str, Any]) -> None:
+    state["fingerprint"] = "f" * 64  # trained on other cases, with another split
+    state["split"] = {**state["split"], "train": state["split"]["val"], "val": state["split"]["train"]}
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (_card(modalities=["T2"]), r"card says modalities \['T2'\] but it was trained with \['FLAIR'\]"),
+        (_card(modalities=["FLAIR", "T1"]), r"card says modalities \['FLAIR', 'T1'\]"),
+        (_card(crop_size=[96, 96]), r"card says crop_size \[96, 96\] but it was trained with \[48, 48\]"),
+        (_card(task="brats_regions"), "card says task 'brats_regions' but it was trained with 'whole_tumor'"),
+        (_card(output={"activation": "softmax"}), "output activation 'softmax' is not 'sigmoid'"),
+        (_card(spacing_mm=[2.0, 2.0, 2.0]), r"spacing_mm \[2\.0, 2\.0, 2\.0\] differs from run\.json's"),
+        (_another_run, "foreign.pt does not match the run in .*: its data fingerprint 'ffff"),
+    ],
+    ids=["modality", "channels", "crop", "task", "output", "spacing", "foreign"],
+)
+def test_export_refuses_a_card_or_checkpoint_that_contradicts_its_run(
+    run_dir: Path, tmp_path: Path, change: Any, message: str
+) -> None:
+    """The card that export ships is the checkpoint's: one that contradicts the checkpoint's own
+    training settings or network, or a checkpoint of another run (whose card would mix the two runs),
+    is refused before anything is written."""
+    from trainer.exceptions import TrainerError
+    from trainer.export import ExportOptions, export_run
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("export", "tensorboard", "*.png"))
+    # an edited card: in both checkpoints, as an edit would be; another run's: beside this run's
+    foreign = change is _another_run
+    checkpoint = "foreign.pt" if foreign else "best.pt"
+    pairs = [("best.pt", checkpoint)] if foreign else [("best.pt", "best.pt"), ("last.pt", "last.pt")]
+    for source, dest in pairs:
+        state = torch.load(run / source, weights_only=True)
+        change(state)
+        torch.save(state, run / dest)
+    out = tmp_path / "out"
+    with pytest.raises(TrainerError, match=message):
+        export_run(ExportOptions(run_dir=run, out_dir=out, checkpoint=checkpoint, register=False))
+    assert not out.exists()
