@@ -19,6 +19,20 @@ from trainer.unet import UNet2D, build_unet
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "segnode-checkpoint-1"
+#: The options that ``segnode train --resume`` refuses to change (trainer/train.py ``_resumed_state``)
+#: and ``segnode export`` checks (trainer/export.py ``check_checkpoint``): with the data fingerprint,
+#: the split and the network they identify a run across its checkpoints.
+RUN_OPTIONS = (
+    "task",
+    "modalities",
+    "base_filters",
+    "depth",
+    "norm",
+    "crop_size",
+    "seed",
+    "val_fraction",
+    "optional_modalities",
+)
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:

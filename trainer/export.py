@@ -33,7 +33,7 @@ import numpy.typing as npt
 
 from converters.prediction import SlicePredictor, outputs_to_labels, predict_slices
 from db.card import file_entry, write_card
-from trainer.checkpoint import load_checkpoint, model_from_checkpoint
+from trainer.checkpoint import RUN_OPTIONS, load_checkpoint, model_from_checkpoint
 from trainer.data import PreparedCase, load_prepared
 from trainer.evaluate import CardPredictor, card_metrics, evaluate_cases
 from trainer.exceptions import AccuracyCheckError, TrainerError
@@ -372,21 +372,6 @@ def accuracy_check(max_dice_drop: float, drops: Mapping[str, float]) -> dict[str
         "worst": worst,
         "passed": bool(drops[worst] <= max_dice_drop + 1e-12),
     }
-
-
-#: The options that ``segnode train --resume`` refuses to change (trainer/train.py ``_resumed_state``):
-#: with the data fingerprint, the split and the network they identify a run across its checkpoints.
-RUN_OPTIONS = (
-    "task",
-    "modalities",
-    "base_filters",
-    "depth",
-    "norm",
-    "crop_size",
-    "seed",
-    "val_fraction",
-    "optional_modalities",
-)
 
 
 def check_checkpoint(state: Mapping[str, Any], run_dir: Path, checkpoint: str) -> None:

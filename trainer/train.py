@@ -31,7 +31,7 @@ from converters.case import Case
 from converters.prediction import outputs_to_labels, predict_slices
 from db.card import TASK_LABELS
 from db.models import SEGMENTATION_TASKS as TASKS
-from trainer.checkpoint import load_checkpoint, save_checkpoint
+from trainer.checkpoint import RUN_OPTIONS, load_checkpoint, save_checkpoint
 from trainer.data import (
     PreparedCase,
     SliceArrays,
@@ -316,17 +316,7 @@ class Trainer:
                 )
             ) from None
         saved = state["train_config"]
-        for key in (
-            "task",
-            "modalities",
-            "base_filters",
-            "depth",
-            "norm",
-            "crop_size",
-            "seed",
-            "val_fraction",
-            "optional_modalities",
-        ):
+        for key in RUN_OPTIONS:
             if saved.get(key) != asdict(self.config).get(key):
                 raise TrainerError(
                     f"--resume: option {key} is {asdict(self.config).get(key)!r} but the run in {self.out} "
