@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -121,8 +122,10 @@ def train(
     if not mods:
         mods = ["FLAIR"] if task == "whole_tumor" else ["FLAIR", "T1", "T1GD", "T2"]
     config = TrainConfig(
-        data=str(data),
-        out=str(out),
+        # Absolute (symlinks kept, so that a path through a holdout folder is still seen as one):
+        # export and evaluation of the run read its data from run.json from any working directory.
+        data=os.path.abspath(data),
+        out=os.path.abspath(out),
         task=task,
         modalities=mods,
         device=device,

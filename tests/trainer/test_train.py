@@ -207,9 +207,13 @@ def test_a_fresh_run_into_a_run_dir_is_refused_unless_overwrite(
     with pytest.raises(TrainerError, match="--resume and --overwrite exclude each other"):
         train(_config(task01, run, epochs=1), resume=True, overwrite=True, progress=False)  # type: ignore[arg-type]
 
-    summary = train(_config(task01, run, epochs=1), overwrite=True, progress=False)  # type: ignore[arg-type]
-    assert summary["epoch"] == 1
+    monkeypatch.chdir(task01.parent)  # --data as typed relative: run.json keeps it absolute for export
+    args = ["train", "--data", task01.name, "--out", str(run), "--device", "cpu", "--epochs", "1"]
+    code, _, err = run_cli([*args, "--overwrite"], capsys, monkeypatch)
+    assert code == 0, err
     assert [r["epoch"] for r in _metrics_rows(run)] == ["1"]
+    data = json.loads((run / "run.json").read_text())["config"]["data"]
+    assert Path(data).is_absolute() and Path(data).resolve() == task01.resolve()
     events = list((run / "tensorboard").iterdir())
     assert len(events) == 1 and not events[0].name.endswith(".old")
     assert not (run / "last.pt.tmp").exists()
