@@ -222,7 +222,9 @@ def _store_datasets(
     destination: str,
 ) -> dict[int, tuple[int | None, str]]:
     ae = AE(ae_title=calling_ae)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    # connection_timeout too: without it a host that never completes the TCP handshake (a firewall that
+    # drops) holds the delivery for the operating system's SYN retries, about two minutes.
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
     for sop_class, syntaxes in requested_contexts(
         (str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for _, ds in datasets
     ):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import socket
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -269,6 +270,33 @@ def test_why_an_association_failed_is_said_in_words(
     assert str(unanswered.value) == (
         f"association to PACS@127.0.0.1:{port} failed: no answer to the association request within 0.3 s"
     )
+    # A host that never completes the TCP handshake (a firewall that drops, a listener whose backlog is
+    # full): the connection gives up after the timeout, not the operating system's ~2 minutes of SYNs.
+    with socket.socket() as full:
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        port = full.getsockname()[1]
+        queued = [socket.socket() for _ in range(3)]
+        for sock in queued:
+            sock.setblocking(False)
+            sock.connect_ex(("127.0.0.1", port))
+        outcome: list[BaseException] = []
+
+        def send() -> None:
+            try:
+                store_files(files, "127.0.0.1", port, "PACS", timeout=0.5)
+            except ConnectionError as exc:
+                outcome.append(exc)
+
+        sender = threading.Thread(target=send, daemon=True)
+        sender.start()
+        sender.join(15.0)
+        for sock in queued:
+            sock.close()
+    assert not sender.is_alive(), "the connection waited for the operating system's timeout"
+    assert [str(e) for e in outcome] == [
+        f"association to PACS@127.0.0.1:{port} failed: cannot connect to 127.0.0.1:{port}: timed out"
+    ]
 
 
 def test_a_peer_that_aborts_mid_send_is_said_so(
