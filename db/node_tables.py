@@ -27,8 +27,9 @@ from db.models import Base
 #: Job states.
 JOB_STATES: tuple[str, ...] = ("queued", "running", "done", "failed", "skipped", "review")
 #: Send states: only ``pending`` is ever tried; ``refused`` the destination refused for good,
-#: ``superseded`` a retry of the job withdrew (db/job_queue.py retry_job) while pending or refused.
-SEND_STATES: tuple[str, ...] = ("pending", "done", "refused", "superseded")
+#: ``superseded`` a retry of the job withdrew (db/job_queue.py retry_job) while pending or refused,
+#: ``dismissed`` an administrator acknowledged a refused one (db/send_queue.py dismiss_refused_sends).
+SEND_STATES: tuple[str, ...] = ("pending", "done", "refused", "superseded", "dismissed")
 
 
 class NodeInstance(Base):

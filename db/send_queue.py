@@ -4,19 +4,26 @@ A due send is leased (:func:`claim_send`, a conditional update) before its C-STO
 never both send it; it is marked done only after the destination's Success status, and a failed
 attempt is scheduled again with exponential backoff. Rows are queued by
 :func:`db.job_queue.finish_job` in the transaction that ends their job. A delivery that outlasts the lease
-(many sends to a slow destination) renews it while it runs (:func:`renew_leases`).
+(many sends to a slow destination) renews it while it runs (:func:`renew_leases`). A send the
+destination refused for good ends ``refused``; an administrator who has dealt with it otherwise (sent
+it by hand, or the destination was wrong) dismisses it (:func:`dismiss_refused_sends`), and it no
+longer counts as undelivered.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, literal, select, update
 
-from db.node_tables import NodeSend
+from db.exceptions import JobNotFoundError, JobStateError
+from db.node_tables import NodeJob, NodeSend
 from db.transactions import SessionFactory, as_utc, database_errors, utcnow, writing
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -175,14 +182,48 @@ def pending_send_count(sf: SessionFactory) -> int:
 @database_errors
 def refused_send_count(sf: SessionFactory) -> int:
     """Sends a destination refused for good (never tried again) that no retry of their job has
-    superseded since: results the node will not deliver unless someone acts."""
+    superseded since, nor an administrator dismissed (:func:`dismiss_refused_sends`): results the node
+    will not deliver unless someone acts."""
     with sf() as s:
         return int(s.scalar(select(func.count(NodeSend.id)).where(NodeSend.status == "refused")) or 0)
 
 
 @database_errors
+def dismiss_refused_sends(sf: SessionFactory, job_id: int, *, by: str, reason: str = "") -> int:
+    """Mark the sends of ``job_id`` a destination refused for good ``dismissed``: an administrator has
+    dealt with them otherwise (sent by hand, the destination was wrong), and they no longer count as
+    undelivered (:func:`refused_send_count`). The way out for a job that cannot be retried (its study
+    has left the spool). Each keeps its refusal in ``last_error``, after who dismissed it and why.
+    Returns how many were dismissed.
+
+    Raises
+    ------
+    JobNotFoundError
+        No job with ``job_id``.
+    JobStateError
+        The job has no refused sends.
+    """
+    note = f"dismissed by {by}" + (f": {reason}" if reason else "")
+    with writing(sf) as s:
+        if s.get(NodeJob, job_id) is None:
+            raise JobNotFoundError(f"job {job_id} does not exist (see `segnode jobs list`)")
+        dismissed = int(
+            s.execute(
+                update(NodeSend)
+                .where(NodeSend.job_id == job_id, NodeSend.status == "refused")
+                .values(status="dismissed", last_error=literal(f"{note}; refused: ") + NodeSend.last_error)
+            ).rowcount  # type: ignore[attr-defined]
+            or 0
+        )
+        if not dismissed:
+            raise JobStateError(f"job {job_id} has no refused sends (see `segnode jobs show {job_id}`)")
+    logger.info("job %d: %d refused sends dismissed by %s", job_id, dismissed, by)
+    return dismissed
+
+
+@database_errors
 def send_counts(sf: SessionFactory, job_ids: Iterable[int]) -> dict[int, dict[str, int]]:
-    """Sends per state (pending, done, refused, superseded; only those present) of each of
+    """Sends per state (pending, done, refused, superseded, dismissed; only those present) of each of
     ``job_ids``, in one query; a job without sends is absent."""
     ids = list(job_ids)
     if not ids:

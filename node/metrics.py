@@ -51,8 +51,8 @@ class NodeMetrics:
         self.pending_sends = Gauge("segnode_pending_sends", "Sends not yet acknowledged", registry=r)
         self.refused_sends = Gauge(
             "segnode_refused_sends",
-            "Sends a destination refused for good, not tried again and not superseded by a retry of "
-            "their job: results not delivered (segnode jobs list)",
+            "Sends a destination refused for good, not tried again, not superseded by a retry of "
+            "their job nor dismissed (segnode jobs dismiss): results not delivered (segnode jobs list)",
             registry=r,
         )
         self.stage_seconds = Histogram(

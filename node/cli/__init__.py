@@ -76,7 +76,10 @@ COMMANDS: dict[str, CommandSpec] = {
         "db.cli:models_app",
         "The model table: list, show, import, promote, roll back, retire and verify models.",
     ),
-    "jobs": CommandSpec("node.cli.commands:jobs_app", "The node's job queue: list, show and retry jobs."),
+    "jobs": CommandSpec(
+        "node.cli.commands:jobs_app",
+        "The node's job queue: list, show and retry jobs, dismiss refused sends.",
+    ),
 }
 
 #: Exception types (by name, so that nothing is imported up front) shown as one line and exit code 2.

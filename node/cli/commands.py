@@ -20,7 +20,9 @@ from node.dcmtk_programs import dcmtk_program
 console = Console(highlight=False)
 
 jobs_app = typer.Typer(
-    name="jobs", help="The node's job queue: list, show and retry jobs.", no_args_is_help=True
+    name="jobs",
+    help="The node's job queue: list, show and retry jobs, dismiss refused sends.",
+    no_args_is_help=True,
 )
 
 
@@ -280,7 +282,13 @@ def jobs_list(
 
 
 #: How ``segnode jobs list`` names each send state, in the order it lists them.
-_SEND_WORDS = {"done": "sent", "pending": "pending", "refused": "refused", "superseded": "superseded"}
+_SEND_WORDS = {
+    "done": "sent",
+    "pending": "pending",
+    "refused": "refused",
+    "superseded": "superseded",
+    "dismissed": "dismissed",
+}
 
 
 def _sends_text(counts: dict[str, int]) -> str:
@@ -462,3 +470,23 @@ def jobs_retry(
         f"{', '.join(d.name for d in settings.destinations)}"
     )
 
+
+
+@jobs_app.command("dismiss")
+def jobs_dismiss(
+    job_id: int = typer.Argument(..., help="Job id."),
+    config: Path | None = CONFIG_OPTION,
+    reason: str = typer.Option(
+        "", "--reason", help="Why (e.g. sent by hand, the destination was wrong); kept on each send."
+    ),
+    by: str | None = typer.Option(None, "--by", help="Who dismisses them (default: the login name)."),
+) -> None:
+    """Acknowledge a job's sends that a destination refused for good: they end dismissed and no longer
+    count as undelivered (for a job that cannot be retried: its study has left the spool)."""
+    import getpass
+
+    from db import send_queue
+
+    who = by or getpass.getuser()
+    count = send_queue.dismiss_refused_sends(_session_factory(config), job_id, by=who, reason=reason.strip())
+    console.print(f"job {job_id}: {count} refused sends dismissed by {who}")

@@ -22,7 +22,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000
 
 from converters.dicom_writer import write_study
 from converters.synthetic import make_synthetic_case
-from db import instances, job_queue, send_queue
+from db import instances, job_queue, retention, send_queue
 from db.send_queue import SendInfo
 from db.transactions import SessionFactory, utcnow
 from node import dimse
@@ -366,25 +366,53 @@ def test_a_retried_job_sends_its_new_results_only_not_the_last_runs_still_pendin
     assert code == 0 and out.count("superseded") >= 2
 
 
-def test_a_send_refused_for_good_shows_in_jobs_list_metrics_and_healthz_until_the_job_is_retried(
+def test_a_send_refused_for_good_shows_in_jobs_list_metrics_and_healthz_until_retried_or_dismissed(
     sf: SessionFactory,
     tmp_path: Path,
     segnode_home: Path,
     pacs_factory: list[CatchingSCP],
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A send that ended ``refused`` left no trace an administrator watches: segnode_pending_sends
     dropped to 0, /healthz said nothing, `segnode jobs list` showed the job ``done``. Now the jobs
     list has its sends by state, /metrics a segnode_refused_sends gauge and /healthz the count (still
-    200: a restart would not help), and a retry of the job supersedes the refused send."""
+    200: a restart would not help), and a retry of the job supersedes the refused send.
+
+    A refused send whose study has left the spool cannot be retried, so it counted for good (an alert
+    on the gauge could only be silenced): `segnode jobs dismiss` acknowledges it, it ends
+    ``dismissed`` with who and why before its refusal, and no longer counts."""
     pacs = _pacs(pacs_factory, sop_classes={COMPREHENSIVE_SR})  # no SEG Storage: the SEG is refused
     job = _done_job(sf, tmp_path, 1, pacs)
-    assert _sender(sf, max_refusals=1).run_once() == 1
-    assert {s.status for s in _sends(sf, job).values()} == {"done", "refused"}
+    gone = _done_job(sf, tmp_path, 2, pacs)  # its study leaves the spool below
+    assert _sender(sf, max_refusals=1).run_once() == 2
+    assert {s.status for j in (job, gone) for s in _sends(sf, j).values()} == {"done", "refused"}
     url = f"sqlite:///{tmp_path / 'segnode.db'}"  # the sqlite_sf fixture's database
     config = tmp_path / "node.toml"
     config.write_text(f'[database]\nurl = "{url}"\n')
+
+    study = job_queue.get_job(sf, gone).study_instance_uid
+    removal = retention.begin_removal(sf, study, delivered_before=utcnow() + timedelta(hours=1))
+    assert removal is not None and retention.forget_instances(sf, removal.instance_ids) == 1
+    code, _, err = run_cli(["jobs", "retry", str(gone), "--config", str(config)], capsys, monkeypatch)
+    assert code == 2 and "no longer in the spool" in err
+    dismiss = ["jobs", "dismiss", str(gone), "--config", str(config)]
+    dismiss += ["--by", "ops", "--reason", "sent by hand"]
+    with caplog.at_level(logging.INFO, logger="db.send_queue"):
+        code, out, err = run_cli(dismiss, capsys, monkeypatch)
+    assert (code, out.strip()) == (0, f"job {gone}: 1 refused sends dismissed by ops"), err
+    assert f"job {gone}: 1 refused sends dismissed by ops" in caplog.text
+    seg = _sends(sf, gone)["seg.dcm"]
+    assert seg.status == "dismissed"
+    assert seg.last_error.startswith("dismissed by ops: sent by hand; refused: not accepted by the")
+    code, out, err = run_cli(dismiss[:5], capsys, monkeypatch)  # nothing refused left: one line, exit 2
+    assert (code, out, err.strip()) == (
+        2, "", f"error: job {gone} has no refused sends (see `segnode jobs show {gone}`)"
+    )  # fmt: skip
+    monkeypatch.setattr(commands.console, "width", 200)  # the tables on one line per row
+    code, out, err = run_cli(["jobs", "show", str(gone), "--config", str(config)], capsys, monkeypatch)
+    assert code == 0 and "dismissed (1 attempts) dismissed by ops: sent by hand; refused:" in out, out + err
 
     settings = node_settings(tmp_path, free_port(), db_url=url)
     settings.metrics.port = free_port()
@@ -404,11 +432,11 @@ def test_a_send_refused_for_good_shows_in_jobs_list_metrics_and_healthz_until_th
 
     code, out, err = run_cli(["jobs", "list", "--config", str(config), "--json"], capsys, monkeypatch)
     assert code == 0, err
-    [row] = json.loads(out)
-    assert (row["status"], row["send_counts"]) == ("done", {"done": 1, "refused": 1})
-    monkeypatch.setattr(commands.console, "width", 200)  # the table on one line per job
+    rows = {row["id"]: row for row in json.loads(out)}
+    assert (rows[job]["status"], rows[job]["send_counts"]) == ("done", {"done": 1, "refused": 1})
+    assert rows[gone]["send_counts"] == {"done": 1, "dismissed": 1}
     code, out, err = run_cli(["jobs", "list", "--config", str(config)], capsys, monkeypatch)
-    assert code == 0 and "1 sent, 1 refused" in out, out + err
+    assert code == 0 and "1 sent, 1 refused" in out and "1 sent, 1 dismissed" in out, out + err
 
     code, out, err = run_cli(["jobs", "retry", str(job), "--config", str(config)], capsys, monkeypatch)
     assert code == 0, err
