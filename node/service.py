@@ -471,7 +471,8 @@ class NodeService:
             if refused:
                 details["warnings"] = [
                     f"{refused} sends refused for good by their destination, not delivered: "
-                    "segnode jobs list shows their jobs, segnode jobs show ID why"
+                    "segnode jobs list shows their jobs, segnode jobs show ID why; segnode jobs retry ID "
+                    "sends again, segnode jobs dismiss ID acknowledges them"
                 ]
         model = self.runtime.current
         details["model"] = model.label if model else None
