@@ -506,8 +506,9 @@ class SentRun:
 
     job_id: int
     result: dict[str, Any]
-    #: (name, AE title, host, port) of each destination that has its outputs or will get them: a send
-    #: done or pending (not one a destination refused for good, nor one a retry superseded).
+    #: (name, AE title, host, port) of each destination that has these outputs or will get them, from
+    #: this run or an earlier one over the same inputs: a send done or pending (not one a destination
+    #: refused for good, nor one a retry superseded).
     destinations: frozenset[tuple[str, str, str, int]]
 
 
@@ -519,7 +520,8 @@ RETRY_REQUESTED = "retry_requested_at"
 @database_errors
 def last_sent_run(sf: SessionFactory, job_id: int) -> SentRun | None:
     """The run of ``job_id``'s study, other than that job, that ended ``done`` and whose sends were
-    queued last, with a send still pending or done; None when there is none.
+    queued last, with a send still pending or done; None when there is none. Its ``destinations`` are
+    those that any such run over the same inputs (``inputs_digest``) reached or will reach.
 
     A run over the very inputs of that one makes the same SEG and SR; node/pipeline.py then sends
     nothing again, which would only add an identical series to the PACS.
@@ -541,10 +543,22 @@ def last_sent_run(sf: SessionFactory, job_id: int) -> SentRun | None:
         ).all()
         if not rows:
             return None
-        last = int(rows[0].id)
-        result = s.scalar(select(NodeJob.result).where(NodeJob.id == last)) or {}
-    destinations = frozenset((r.destination, r.ae_title, r.host, int(r.port)) for r in rows if r.id == last)
-    return SentRun(last, dict(result), destinations)
+        ids = {int(r.id) for r in rows}
+        results = {
+            int(job): dict(result or {})
+            for job, result in s.execute(select(NodeJob.id, NodeJob.result).where(NodeJob.id.in_(ids)))
+        }
+    last = int(rows[0].id)
+    digest = results[last].get("inputs_digest")
+    # Every run over those same inputs counts: a run that sent only to a destination the one before
+    # had not reached must not make that one's destinations look unreached.
+    same = {
+        job
+        for job, result in results.items()
+        if job == last or (digest and result.get("inputs_digest") == digest)
+    }
+    destinations = frozenset((r.destination, r.ae_title, r.host, int(r.port)) for r in rows if r.id in same)
+    return SentRun(last, results[last], destinations)
 
 
 @database_errors

@@ -108,6 +108,53 @@ def test_the_digest_changes_with_the_settings_a_result_depends_on() -> None:
                                   registration=replace(RegistrationConfig(), threads=1))) != base
 
 
+def test_a_destination_an_earlier_run_over_the_same_inputs_reached_is_not_sent_to_again(
+    sqlite_sf: Any,
+) -> None:
+    """Run 1 reached d1 only (d2 was added later); run 2, same inputs, sent to d2 alone; run 3, same
+    inputs again (a key object arrives): d1 and d2 both have the result, so run 3 sends nothing. It
+    compared with run 2 alone and sent to d1 a second time."""
+    from datetime import timedelta
+    from types import SimpleNamespace
+
+    from db import instances
+    from db.transactions import utcnow
+    from node.pipeline import _not_again
+
+    sf = sqlite_sf
+    d1, d2 = Destination("d1", "D1", "127.0.0.1", 1001), Destination("d2", "D2", "127.0.0.1", 1002)
+    start = utcnow().replace(microsecond=0)
+
+    def run(n: int) -> tuple[int, int]:
+        at = start + timedelta(seconds=20 * n)
+        instances.record_instance(
+            sf, sop_instance_uid=f"1.2.{n}", sop_class_uid="1.2.840.10008.5.1.4.1.1.4",
+            study_instance_uid="1.2", series_instance_uid="1.2.9", kept=True, path=f"/s/{n}.dcm",
+            calling_ae="PACS", now=at,
+        )
+        [job] = instances.schedule_due_studies(sf, 5.0, now=at + timedelta(seconds=6))
+        claim = job_queue.claim(sf, now=at + timedelta(seconds=7))
+        assert claim is not None and claim.job_id == job
+        return job, claim.attempt
+
+    def finish(job: int, attempt: int, to: list[Destination], reason: str = "") -> None:
+        assert job_queue.finish_job(
+            sf, job, status="done", reason=reason, result={"inputs_digest": "same"},
+            outputs=[job_queue.OutputObject(f"/o/{job}.dcm", f"9.{job}")], destinations=to, attempt=attempt,
+        )
+
+    ctx = SimpleNamespace(sf=sf, destinations=[d1, d2])
+    first, attempt = run(1)
+    finish(first, attempt, [d1])
+    second, attempt = run(2)
+    verdict = _not_again(ctx, second, "same")  # type: ignore[arg-type]
+    assert verdict is not None and [d.name for d in verdict[1]] == ["d2"]
+    finish(second, attempt, verdict[1], verdict[0])
+    third, _ = run(3)
+    verdict = _not_again(ctx, third, "same")  # type: ignore[arg-type]
+    assert verdict == ("inputs unchanged since job 2; results not sent again", [])
+
+
 def _announcing(files: list[Path], out: Path) -> list[Path]:
     """``files`` (one series) with ImagesInAcquisition (0020,1002) set to their count, as GE writes it."""
     out.mkdir()
