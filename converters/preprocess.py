@@ -413,9 +413,9 @@ def prepare_volume(
         each channel is z-scored over the voxels inside it and set to zero outside it, and the
         slices kept are those it reaches. When None, the non-zero voxels play its part.
     fit_region:
-        Widen the window beyond the card's crop where the brain (or the non-zero region) is longer
-        than it (see :func:`brain_window`): what segments a whole volume sets it; what stacks
-        slices of many cases into one array (training) keeps the card's crop.
+        Widen the window beyond the card's crop where the brain mask is longer than it (see
+        :func:`brain_window`; without a mask the card's crop is kept): what segments a whole volume
+        sets it; what stacks slices of many cases into one array (training) keeps the card's crop.
 
     Returns
     -------
@@ -437,7 +437,9 @@ def prepare_volume(
     if not region.any():
         what = "brain mask is empty" if mask is not None else "have no non-zero voxel"
         raise PreprocessError(f"images {', '.join(modalities)} of shape {shape} {what}")
-    window_affine, window_shape = brain_window(affine, region, spec, fit_region)
+    # Widened only to a brain mask: without one the region is every non-zero voxel, in a clinical
+    # image the whole field of view (scalp, neck, noise), which the network never saw in training.
+    window_affine, window_shape = brain_window(affine, region, spec, fit_region and mask is not None)
     shift = grid_shift(affine, window_affine)
     if shift is None:
         logger.debug("resampling %s onto the model grid (window %s)", shape, window_shape)

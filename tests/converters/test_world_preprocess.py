@@ -292,3 +292,17 @@ def test_tiles_cover_a_slice_and_average_where_they_overlap() -> None:
     out = predict_slices(network, slices, batch_size=3, tile=(64, 56))
     np.testing.assert_allclose(out, slices[:, :1] * 2.0 + 1.0, rtol=1e-6, atol=1e-6)
     assert {c[2:] for c in calls} == {(64, 56)} and max(c[0] for c in calls) == 3
+
+
+def test_without_a_brain_mask_the_window_keeps_the_crop() -> None:
+    """No brain mask: the region is every non-zero voxel, in a clinical head the whole field of view
+    (noise included), so the window is not widened to it (4 tiles a slice of scalp and neck)."""
+    noise = np.random.default_rng(1).uniform(1.0, 2.0, size=(100, 90, 12))
+    affine = _affine(np.eye(3), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
+    prepared = prepare_volume({"FLAIR": noise}, affine, PRE, ["FLAIR"], fit_region=True)
+    assert prepared.crop_size == (64, 56)
+    mask = np.zeros(noise.shape, bool)
+    mask[5:95, 5:85, 2:10] = True
+    widened = prepare_volume({"FLAIR": noise}, affine, PRE, ["FLAIR"], mask, fit_region=True)
+    assert widened.crop_size == (90, 80)
+
