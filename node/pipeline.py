@@ -530,15 +530,16 @@ def route_key(chosen: Route, extractor: str | None) -> tuple[Any, ...]:
     return (chosen.task, chosen.model.label, extractor, files)
 
 
-def inputs_digest(chosen: Route, extractor: str | None, settings: Mapping[str, Any] | None = None) -> str:
+def inputs_digest(chosen: Route, extractor: str | None, settings: Mapping[str, Any]) -> str:
     """A digest of what a run's result depends on: this software's version and :func:`route_key` (the
     model, the brain extractor, and each chosen series' UID with its instances' spool files, named after
     their SOP Instance UIDs, and the files' versions: an instance sent again with other content is
-    another version), and ``settings``: the node's settings that change a result (QC rules,
-    registration, test-time mirroring; a restart with others is another result). Two runs with the
+    another version), and ``settings``: the node's settings that change a result
+    (:func:`result_settings`: QC rules, registration, test-time mirroring; a restart with others is
+    another result). Two runs with the
     same digest make the same SEG and SR (:func:`run_job`)."""
     key = json.dumps(
-        [SOFTWARE_VERSION, route_key(chosen, extractor), settings or {}], separators=(",", ":"), default=str
+        [SOFTWARE_VERSION, route_key(chosen, extractor), settings], separators=(",", ":"), default=str
     )
     return hashlib.sha256(key.encode()).hexdigest()
 
