@@ -66,6 +66,7 @@ from db.exceptions import DatabaseOperationError, DatabaseUnavailableError
 from db.job_queue import OutputObject
 from db.transactions import SessionFactory, utcnow
 from node import qc
+from node.announced_images import announced_images
 from node.config import Destination, QCSettings, RegistrationConfig
 from node.coregistration import Coregistered, LoadedSeries, coregister
 from node.exceptions import InferenceError, JobError, NodeError, SelectionError
@@ -841,26 +842,26 @@ def analyse_early(ctx: JobContext, groups: Mapping[str, Sequence[str]], work: Ea
 
 
 def _announced_images(path: Path) -> int | None:
-    """How many images the header of ``path`` says its series (acquisition) has: ImagesInAcquisition
-    (0020,1002) of a single-frame image; None when it says nothing usable, and for a multi-frame image,
-    whose frames arrive whole in one object."""
-    tags = ["ImagesInAcquisition", "NumberOfFrames"]
-    ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=tags)
+    """How many images the header of ``path`` says its series has at least (ImagesInAcquisition, or
+    a vendor's slice count: :func:`node.announced_images.announced_images`); None when it says nothing
+    usable, and for a multi-frame image, whose frames arrive whole in one object."""
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
     try:
         if int(ds.get("NumberOfFrames") or 1) > 1:
             return None
-        count = int(ds.get("ImagesInAcquisition") or 0)
     except (TypeError, ValueError):
         return None
-    return count if count > 0 else None
+    found = announced_images(ds)
+    return found[0] if found else None
 
 
 def incomplete_series(plan: RoutingPlan, groups: Mapping[str, Sequence[Path]]) -> list[str]:
     """``series UID: N of M images received`` for each series a model of ``plan`` would read whose
-    headers announce more images (ImagesInAcquisition) than the study holds (``groups``: series UID ->
-    its instances' files, every echo of the series counted): the PACS paused within the series for
-    longer than ``study_idle_seconds``. Headers that disagree (the first and the last received) say
-    nothing; so do a multi-frame image and a series without the attribute."""
+    headers announce more images (ImagesInAcquisition, or a vendor's slice count) than the study holds
+    (``groups``: series UID -> its instances' files, every echo of the series counted): the PACS paused
+    within the series for longer than ``study_idle_seconds``. Headers that disagree (the first and the
+    last received) say nothing; so do a multi-frame image and a series whose headers announce
+    nothing."""
     found: list[str] = []
     chosen = {s.series_instance_uid for r in plan.routes for s in r.assignment.chosen.values()}
     for uid in sorted(chosen):
