@@ -389,6 +389,11 @@ class Sender:
     max_refusals:
         Attempts after which a send the destination refuses for good (:func:`_refused`) ends
         ``refused``; 0: never. Connection failures and timeouts never end a send.
+    addresses:
+        Destination name -> its (AE title, host, port) in the node's config now. A send goes to these
+        rather than to the address it was queued with: an administrator who corrects a destination's
+        port or AE title in node.toml and restarts the node gets the sends already queued delivered
+        there. A send whose destination is no longer configured keeps its own address.
     """
 
     def __init__(
@@ -403,6 +408,7 @@ class Sender:
         max_parallel: int = 8,
         max_refusals: int = 10,
         server_names: Mapping[str, str] | None = None,
+        addresses: Mapping[str, tuple[str, str, int]] | None = None,
     ) -> None:
         self.sf = sf
         self.metrics = metrics
@@ -411,6 +417,7 @@ class Sender:
         self.max_seconds = max_seconds
         self.tls = tls
         self.server_names = dict(server_names or {})
+        self.addresses = dict(addresses or {})
         self.timeout = timeout
         self.max_parallel = max(1, max_parallel)
         self.max_refusals = max_refusals
@@ -482,12 +489,24 @@ class Sender:
             busy = set(self._in_flight)
         groups: dict[DestinationKey, list[SendInfo]] = defaultdict(list)
         for send in send_queue.due_sends(self.sf, exclude_destinations={key[0] for key in busy}):
-            key = (send.destination, send.ae_title, send.host, send.port)
+            key = self._address(send)
             if key in busy or (key not in groups and len(busy) + len(groups) >= self.max_parallel):
                 continue
             if send_queue.claim_send(self.sf, send, LEASE_SECONDS):
                 groups[key].append(send)
         return groups
+
+    def _address(self, send: SendInfo) -> DestinationKey:
+        """Where ``send`` goes: its destination's address in the config now, else the one it was
+        queued with (see ``addresses``)."""
+        queued = (send.ae_title, send.host, send.port)
+        current = self.addresses.get(send.destination, queued)
+        if current != queued:
+            logger.info(
+                "send %d: destination %s is configured at %s@%s:%d now, not %s@%s:%d as when queued; "
+                "sent to the configured address", send.id, send.destination, *current, *queued,
+            )  # fmt: skip
+        return (send.destination, *current)
 
     def _start(self, key: DestinationKey, sends: list[SendInfo], background: bool) -> Future[int]:
         future: Future[int] = Future()

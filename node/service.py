@@ -109,6 +109,7 @@ class NodeService:
             tls=client_tls_context(settings.tls),
             max_refusals=node.send_max_refusals,
             server_names={d.name: d.tls_server_name for d in settings.destinations if d.tls_server_name},
+            addresses={d.name: (d.ae_title, d.host, d.port) for d in settings.destinations},
         )
         self.context = JobContext(
             sf=self.sf,

@@ -238,6 +238,28 @@ def test_a_send_refused_for_good_ends_refused_and_a_down_pacs_is_tried_for_ever(
     assert {(s.status, s.attempts) for s in _sends(sf, other).values()} == {("pending", 3)}
 
 
+def test_sends_queued_before_a_destination_was_corrected_go_to_its_configured_address(
+    sf: SessionFactory, tmp_path: Path, pacs_factory: list[CatchingSCP], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A destination configured with a wrong port: its sends fail. The administrator corrects the port
+    in node.toml and restarts the node; the sends already queued went on to the old port for ever
+    (each row kept the address it was queued with), so those studies' results never arrived."""
+    pacs = _pacs(pacs_factory)
+    wrong = SimpleNamespace(ae_title=pacs.ae_title, port=free_port())  # nobody listens there
+    job = _done_job(sf, tmp_path, 1, wrong)  # type: ignore[arg-type]
+    assert _sender(sf, backoff=0.0).run_once() == 0
+    assert {s.status for s in _sends(sf, job).values()} == {"pending"}
+    corrected = Sender(
+        sf, NodeMetrics(), "SEGNODE", base_seconds=0.0, max_seconds=0.0,
+        addresses={"pacs": (pacs.ae_title, "127.0.0.1", pacs.port), "other": ("X", "127.0.0.1", 1)},
+    )  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="node.sender"):
+        assert corrected.run_once() == 2
+    assert {s.status for s in _sends(sf, job).values()} == {"done"}
+    assert sorted(ds.Modality for ds in pacs.received) == ["SEG", "SR"]
+    assert f"configured at {pacs.ae_title}@127.0.0.1:{pacs.port} now, not" in caplog.text
+
+
 def test_why_an_association_failed_is_said_in_words(
     sf: SessionFactory, tmp_path: Path, pacs_factory: list[CatchingSCP]
 ) -> None:
