@@ -12,7 +12,8 @@ into records of the logger ``py.warnings``), before a handler writes it:
 - anything in single or double quotes, in square brackets, or after ``=`` becomes ``<scrubbed>``,
   except a quoted DICOM keyword (highdicom's ``copied attribute "PatientName"`` names no value); a
   quoted value runs to the last same quote on its line, and over the following lines when its quote
-  does not close on its own (a value may hold quotes and line breaks);
+  does not close on its own (a value may hold quotes and line breaks), so a keyword stays only when
+  no same quote follows it on its line (a value may begin with a keyword and a quote);
 - a warning keeps its category and scrubbed message, without the file, line and source line;
 - a traceback attached to such a record is scrubbed the same way.
 
@@ -65,21 +66,24 @@ def _scrub_quoted(text: str) -> str:
     A value may hold either quote character (pydicom's ``'19\\'X"01'``, highdicom's ``"O"X"``), so it
     runs from its opening quote to the last same quote on its line; a value whose quote does not
     close on its line goes on over the following lines, to the last same quote of the text, or to its
-    end.
+    end. A keyword is kept only when it is all that runs so: a keyword followed by the same quote
+    later on its line may be the start of a value, and goes with it.
     """
     parts: list[str] = []
     pos = 0
     while (match := _QUOTE.search(text, pos)) is not None:
         quote, start = match.group(), match.start()
         parts.append(text[pos:start])
-        close = text.find(quote, start + 1)
-        inner = text[start + 1 : close] if close >= 0 else ""
-        if _KEYWORD.fullmatch(inner) and tag_for_keyword(inner) is not None:
-            parts.append(text[start : close + 1])
-            pos = close + 1
-            continue
         line_end = text.find("\n", start)
         end = text.rfind(quote, start + 1, len(text) if line_end < 0 else line_end)
+        # A keyword stays only as the whole of what its quotes hold: a value may begin with a keyword
+        # and a quote (highdicom's ``The string "PatientName" x "Y"``), so the same quote further on
+        # the line makes it a value.
+        inner = text[start + 1 : end] if end >= 0 else ""
+        if _KEYWORD.fullmatch(inner) and tag_for_keyword(inner) is not None:
+            parts.append(text[start : end + 1])
+            pos = end + 1
+            continue
         if end < 0:
             end = text.rfind(quote, start + 1)
         parts.append(f"'{SCRUBBED}'")

@@ -136,8 +136,24 @@ def test_highdicom_one_component_name_warning_is_scrubbed(scrubbed_log: io.Strin
 
 
 def test_quoted_keywords_stay_and_quoted_values_go() -> None:
-    line = scrub_text('copied attribute "PatientName"; The string "QZXNAMEONE" is unlikely')
-    assert line == "copied attribute \"PatientName\"; The string '<scrubbed>' is unlikely"
+    line = scrub_text('copied attribute "PatientName"\nThe string "QZXNAMEONE" is unlikely')
+    assert line == "copied attribute \"PatientName\"\nThe string '<scrubbed>' is unlikely"
+    assert scrub_text("lacks required attribute \"PatientID\":\n(0010,0020) LO [X]") == (
+        "lacks required attribute \"PatientID\":\n(0010,0020) LO <scrubbed>"
+    )
+
+
+def test_a_value_beginning_with_a_quoted_keyword_is_scrubbed_whole(scrubbed_log: io.StringIO) -> None:
+    """highdicom's ``The string "PatientName" QZX "Y" is unlikely``: the value ``PatientName" QZX "Y``
+    begins with a keyword and a quote; all of it goes, the message around it stays."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        logging.captureWarnings(False)
+        logging.captureWarnings(True)
+        hd.valuerep.check_person_name('PatientName" QZXKEYWORD "Y')
+    text = scrubbed_log.getvalue()
+    assert "The string '<scrubbed>' is unlikely" in text and "QZXKEYWORD" not in text
+    assert scrub_text('copied attribute "PatientName" x "Y"') == "copied attribute '<scrubbed>'"
 
 
 def _one_component_name_object() -> None:
@@ -247,8 +263,8 @@ def test_values_holding_quotes_or_line_breaks_are_scrubbed(scrubbed_log: io.Stri
 
 def test_quoted_values_run_to_the_last_same_quote() -> None:
     assert scrub_text("Invalid value for VR DA: '19\\'X\"01'.") == "Invalid value for VR DA: '<scrubbed>'."
-    assert scrub_text('attribute "PatientName": "O"X^A" is unlikely') == (
-        "attribute \"PatientName\": '<scrubbed>' is unlikely"
+    assert scrub_text('attribute "PatientName":\n "O"X^A" is unlikely') == (
+        "attribute \"PatientName\":\n '<scrubbed>' is unlikely"
     )
     assert scrub_text("value 'a\nQZX\nb' (0010,0010)\nnext [c]") == (
         "value '<scrubbed>' (0010,0010)\nnext [<scrubbed>]"
