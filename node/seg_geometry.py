@@ -22,9 +22,10 @@ invalid, for a validating PACS to reject).
 :func:`seg_sources` returns copies carrying the one geometry that the loader already read from the
 series (the first image's orientation, the pixel measures every frame agrees on, the slice spacing
 from positions for a missing thickness: a single-frame image's SliceThickness, a multi-frame image's
-in its shared Pixel Measures, Type 1C in the SEG's); a single-frame image's SliceThickness or
-SpacingBetweenSlices that is no positive number is omitted first (the thickness then filled as a
-missing one); the sources themselves are not modified. Each correction is logged with its keyword and the
+in its shared Pixel Measures, Type 1C in the SEG's); a SliceThickness or SpacingBetweenSlices that is
+no positive number, a single-frame image's or in a multi-frame image's Pixel Measures (shared or per
+frame), is omitted first (the thickness then filled as a missing one); the sources themselves are not
+modified. Each correction is logged with its keyword and the
 size of the difference, never with a patient value.
 """
 
@@ -68,6 +69,7 @@ def seg_sources(sources: Sequence[Dataset], *, what: str = "SEG") -> list[Datase
         _fill_slice_thickness(single, what)
     for ds in copies:
         if "PerFrameFunctionalGroupsSequence" in ds:
+            _omit_unreadable_frame_spacing(ds, what)
             _share_frame_groups(ds, what)
             _fill_frame_thickness(ds, what)
     return copies
@@ -147,6 +149,51 @@ def _not_a_positive_number(ds: Dataset, keyword: str) -> bool:
     return not empty and (number is None or number <= 0)
 
 
+def _omit_unreadable_frame_spacing(ds: Dataset, what: str) -> None:
+    """Omit from the Pixel Measures items of multi-frame ``ds`` (a copy: its functional group
+    sequences are replaced, not changed in place) a SliceThickness or SpacingBetweenSlices that is no
+    positive number, as :func:`_omit_unreadable_spacing` does for single-frame images: highdicom copies
+    the shared item into the SEG, a malformed DS and all (an invalid SEG), and fails on a
+    multi-valued or empty SpacingBetweenSlices (``sqlite3.ProgrammingError``, ``KeyError``). An empty
+    value goes too. The thickness is then filled from the frame positions like an absent one."""
+    omitted: dict[str, int] = {}
+    for keyword in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+        groups = ds.get(keyword)
+        if groups:
+            cleaned = [_without_unreadable_spacing(group, omitted) for group in groups]
+            if any(new is not old for new, old in zip(cleaned, groups, strict=True)):
+                setattr(ds, keyword, DicomSequence(cleaned))
+    for keyword, count in omitted.items():
+        logger.warning(
+            "%s: source attribute %s not a positive number in %d Pixel Measures items of a %d-frame "
+            "image: omitted (value not logged)",
+            what, keyword, count, len(ds.PerFrameFunctionalGroupsSequence),
+        )
+
+
+def _without_unreadable_spacing(group: Dataset, omitted: dict[str, int]) -> Dataset:
+    """``group`` (a functional groups item), or a copy of it whose Pixel Measures item lacks the
+    spacing attributes that are no positive number; ``omitted`` counts them by keyword."""
+    measures = group.get("PixelMeasuresSequence")
+    if not measures:
+        return group
+    bad = [k for k in _SPACING_KEYWORDS if k in measures[0] and not _positive(measures[0], k)]
+    if not bad:
+        return group
+    item = own_copy(measures[0])
+    for keyword in bad:
+        del item[keyword]
+        omitted[keyword] = omitted.get(keyword, 0) + 1
+    cleaned = own_copy(group)
+    cleaned.PixelMeasuresSequence = DicomSequence([item, *measures[1:]])
+    return cleaned
+
+
+def _positive(ds: Dataset, keyword: str) -> bool:
+    number = _number(ds, keyword)
+    return number is not None and number > 0
+
+
 def _fill_slice_thickness(images: list[Dataset], what: str) -> None:
     missing = [ds for ds in images if ds.get("SliceThickness") in (None, "")]
     if not missing:
@@ -213,8 +260,8 @@ def _frame_spacing(ds: Dataset) -> float | None:
 
     if len(frames) < 2:
         measures = group(frames[0], "PixelMeasuresSequence") if frames else None
-        value = measures.get("SpacingBetweenSlices") if measures is not None else None
-        return float(value) if value not in (None, "") and float(value) > 0 else None
+        value = _number(measures, "SpacingBetweenSlices") if measures is not None else None
+        return value if value is not None and value > 0 else None
     orientation = group(frames[0], "PlaneOrientationSequence")
     cosines = _cosines(orientation) if orientation is not None else None
     if cosines is None:

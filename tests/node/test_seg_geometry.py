@@ -331,3 +331,58 @@ def test_a_slice_thickness_or_spacing_that_is_no_positive_number_is_omitted_and_
         assert any(f" {keyword} not a positive number" in m for m in logged), logged
     assert not any("QZX" in m or "-3" in m for m in logged), logged
     assert all(keyword in ds for ds in sources for keyword in bad)  # the sources are not modified
+
+
+@pytest.mark.parametrize(
+    ("where", "bad"),
+    [
+        ("shared", {"SliceThickness": b"1,5 "}),
+        ("per-frame", {"SliceThickness": b"QZXST "}),
+        ("shared", {"SpacingBetweenSlices": b"0.5\\QZXSB"}),
+        ("per-frame", {"SpacingBetweenSlices": b""}),
+    ],
+    ids=["shared thickness 1,5", "per-frame thickness", "shared spacing 2 values", "per-frame empty spacing"],
+)
+def test_a_multi_frame_pixel_measures_thickness_or_spacing_that_is_no_number_is_omitted(
+    where: str, bad: dict[str, bytes], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The same malformed DS in an Enhanced MR's Pixel Measures, shared or per frame: highdicom copied a
+    malformed SliceThickness or SpacingBetweenSlices into the SEG (dciodvfy rejects it) and failed on
+    a two-valued or empty SpacingBetweenSlices (``sqlite3.ProgrammingError``, ``KeyError:
+    (0028,9110)``). Now each is omitted, the thickness measured from the frame positions, the keyword
+    logged without the value, and the SEG's voxels land where the labels are."""
+    case = make_synthetic_case(5, shape=(64, 64, 12))
+    datasets = [pydicom.dcmread(p) for p in write_study(case, tmp_path, modalities=["FLAIR"]).files["FLAIR"]]
+    for single in datasets:
+        single.SliceThickness = "2.5"  # a valid thickness other than the frame spacing
+    [ds] = _enhanced(datasets, "PixelMeasuresSequence") if where == "per-frame" else [_legacy(datasets)]
+    group = "PerFrameFunctionalGroupsSequence" if where == "per-frame" else "SharedFunctionalGroupsSequence"
+    measures = ds[group].value[0].PixelMeasuresSequence[0]  # one item, shared by every frame when per frame
+    for keyword, raw in bad.items():
+        tag = tag_for_keyword(keyword)
+        assert tag is not None
+        measures[tag] = RawDataElement(BaseTag(tag), dictionary_VR(tag), len(raw), raw, 0, False, True)
+    volume = load_series([ds])
+    labels = np.zeros(volume.array.shape, dtype=np.uint8)
+    mark = (3, 30, 34)
+    labels[mark] = 1
+    assembled = Assembled(reference=volume, sources=[ds], images={}, affine=np.eye(4))
+    caplog.set_level(logging.INFO)
+    seg = build_seg([ds], source_frame_labels(labels, assembled), CARD, software_version="test")
+    build_sr(seg, [ds], [0.001], CARD)
+    path = tmp_path / "seg.dcm"
+    seg.save_as(path)
+    assert [line for line in dciodvfy_problems(path) if "Error" in line] == []
+    read = pydicom.dcmread(path)
+    written = read.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    expected = volume.spacing[0] if "SliceThickness" in bad else 2.5
+    assert float(written.SliceThickness) == pytest.approx(expected, rel=1e-5)
+    if "SpacingBetweenSlices" in written:
+        assert float(written.SpacingBetweenSlices) == pytest.approx(volume.spacing[0], rel=1e-5)
+    [point] = _seg_points(read)
+    assert float(np.linalg.norm(_world(volume, mark) - point)) < 1e-3
+    logged = [r.getMessage() for r in caplog.records if r.name == "node.seg_geometry"]
+    for keyword in bad:
+        assert any(f" {keyword} not a positive number in" in m for m in logged), logged
+    assert not any("QZX" in m or "1,5" in m for m in logged), logged
+    assert all(keyword in measures for keyword in bad)  # the source is not modified
