@@ -372,6 +372,7 @@ class StorageSCP:
             max_workers=max(2, settings.max_associations), thread_name_prefix="spool"
         )
         self._free = 0.0
+        self._free_lock = threading.Lock()
         self._in_flight: dict[int, set[str]] = {}
         self._in_flight_lock = threading.Lock()
         self._free_checked_at = -1e9
@@ -551,13 +552,20 @@ class StorageSCP:
             reasons.get(key, f"source {key[0]}, diagnostic {key[1]}"),
         )
 
-    def _free_mb(self) -> float:
-        """Free MiB in the spool, measured at most once a second."""
-        now = time.monotonic()
-        if now - self._free_checked_at > 1.0:
-            self._free = free_mb(self.spool_dir)
-            self._free_checked_at = now
-        return self._free
+    def _room_for(self, size: int) -> bool:
+        """Whether ``size`` more bytes in the spool leave its free disk at or above the floor; if so they
+        are counted off the free space, which is measured at most once a second, so that the instances
+        of that second cannot together go below the floor either."""
+        needed = size / (1024 * 1024)
+        with self._free_lock:
+            now = time.monotonic()
+            if now - self._free_checked_at > 1.0:
+                self._free = free_mb(self.spool_dir)
+                self._free_checked_at = now
+            if self._free - needed < self.settings.min_free_disk_mb:
+                return False
+            self._free -= needed
+            return True
 
     def _on_requested(self, event: Any) -> None:
         """Refuse new associations (transient, congestion) while free disk is below the floor."""
@@ -755,9 +763,11 @@ class StorageSCP:
             self.metrics.instances.labels("rejected").inc()
             logger.warning("%s: %s; refused with %s", where, short, dimse.describe(dimse.CANNOT_UNDERSTAND))
             return ReceiveResult(dimse.CANNOT_UNDERSTAND, "rejected")
-        if self._free_mb() < self.settings.min_free_disk_mb:
+        if not self._room_for(len(encoded)):
             self.metrics.instances.labels("rejected").inc()
-            logger.error("%s: free disk below min_free_disk_mb; refused", where)
+            logger.error(
+                "%s: free disk less its %.1f MiB below min_free_disk_mb; refused", where, len(encoded) / 2**20
+            )
             return ReceiveResult(dimse.OUT_OF_RESOURCES, "rejected")
         path = spool_path(self.spool_dir, study, series, sop_uid)
         # The file is written (and fsynced) while the row is inserted; success goes back only when

@@ -461,6 +461,46 @@ def test_low_disk_refuses_associations(tmp_path: Path, caplog: pytest.LogCapture
         r.scp.stop()
 
 
+def _mr_of_size(template: Path, side: int) -> Dataset:
+    """A new instance of ``template``'s series with ``side`` x ``side`` 16-bit pixels."""
+    ds = pydicom.dcmread(template)
+    ds.SOPInstanceUID = generate_uid()
+    ds.Rows = ds.Columns = side
+    ds.PixelData = bytes(side * side * 2)
+    return ds
+
+
+def test_an_instance_that_would_go_below_the_disk_floor_is_refused(
+    tmp_path: Path, mr_files: list[Path], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A disk with 1 MiB above the floor (free space faked as 100 MiB less what the spool holds): an
+    instance of 1.2 MiB is refused, though the free space is above the floor when it arrives; one of
+    0.7 MiB is kept, and a second one, which the cached free space had not yet seen, refused."""
+    spool = tmp_path / "spool"  # node_settings's
+    monkeypatch.setattr(
+        "node.scp.free_mb",
+        lambda _: 100 - sum(p.stat().st_size for p in spool.rglob("*") if p.is_file()) / 2**20,
+    )
+    r = _start(tmp_path, min_free_disk_mb=99)
+    try:
+        assert r.scp.spool_dir == spool
+        assoc = _assoc(r.scp.port)
+        assert assoc.is_established  # type: ignore[attr-defined]
+        try:
+            with caplog.at_level(logging.ERROR, logger="node.scp"):
+                statuses = [
+                    int(assoc.send_c_store(_mr_of_size(mr_files[0], side)).Status)  # type: ignore[attr-defined]
+                    for side in (800, 600, 600)
+                ]
+        finally:
+            assoc.release()  # type: ignore[attr-defined]
+        assert statuses == [dimse.OUT_OF_RESOURCES, dimse.SUCCESS, dimse.OUT_OF_RESOURCES]
+        assert "free disk less its 1.2 MiB below min_free_disk_mb; refused" in caplog.text
+        assert len(r.rows()) == 1
+    finally:
+        r.scp.stop()
+
+
 def test_database_failure_returns_out_of_resources(running: Running, mr_files: list[Path]) -> None:
     running.scp.sf = make_session_factory(make_engine(f"sqlite:///{running.settings.spool_path()}/nodb/x.db"))
     assert _store(running.scp.port, pydicom.dcmread(mr_files[0])) == dimse.OUT_OF_RESOURCES
