@@ -813,6 +813,16 @@ def spooled_files(groups: Mapping[str, Sequence[str]]) -> tuple[dict[str, list[P
     return present, missing
 
 
+#: How many SOP Instance UIDs a log line names before "and N more" (the job's result keeps them all).
+LOGGED_UIDS = 10
+
+
+def _first_uids(uids: Sequence[str]) -> str:
+    """The first :data:`LOGGED_UIDS` of ``uids``, and how many more there are."""
+    shown = ", ".join(uids[:LOGGED_UIDS])
+    return shown if len(uids) <= LOGGED_UIDS else f"{shown} and {len(uids) - LOGGED_UIDS} more"
+
+
 def analyse_early(ctx: JobContext, groups: Mapping[str, Sequence[str]], work: EarlyWork) -> None:
     """Early analysis of a study's settled series (``groups``: series UID -> spool paths): route them
     as a job would and run the most capable model they allow, keeping reads, masks and the result in
@@ -917,7 +927,7 @@ def run_job(ctx: JobContext, job_id: int, attempt: int | None = None) -> str:
                 logger.warning(
                     "job %d: %d instance(s) recorded without their spool file (the node stopped while "
                     "writing them, and the PACS has not sent them again) are left out: %s",
-                    job_id, len(missing), ", ".join(missing),
+                    job_id, len(missing), _first_uids(missing),
                 )  # fmt: skip
             if not groups:
                 raise JobError("the study has no kept MR instances in the spool")
