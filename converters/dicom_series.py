@@ -13,7 +13,9 @@ more than one series, mixed orientations, mixed sizes (Rows/Columns) or pixel sp
 positions, positions off the slice normal, missing slices (uneven gaps), positions drifting off a regular
 stack (gaps each near the mean that add up, :data:`SLICE_POSITION_TOLERANCE`), missing or short pixel
 data, colour images. The geometry checks allow for positions and cosines written rounded
-(:data:`POSITION_TOLERANCE_MM`, :data:`NORMAL_TOLERANCE_RAD`, :data:`DIRECTION_TOLERANCE`).
+(:data:`POSITION_TOLERANCE_MM`, :data:`NORMAL_TOLERANCE_RAD`, :data:`DIRECTION_TOLERANCE`). The node
+gives this loader one stack at a time of a series holding several (planes, acquisitions:
+node/selection.py ``_stacks``).
 """
 
 from __future__ import annotations

@@ -830,7 +830,8 @@ def analyse_early(ctx: JobContext, groups: Mapping[str, Sequence[str]], work: Ea
     timer = Timer()
     try:
         with timer.stage("select"):
-            series = scan_grouped_series(spooled_files(groups)[0])  # the job reports files missing
+            # The job reports files missing.
+            series = scan_grouped_series(spooled_files(groups)[0], ctx.qc.min_slices)
             plan = route(ctx.models(), series, ctx.selector)
         if not plan.routes:
             return
@@ -931,7 +932,7 @@ def run_job(ctx: JobContext, job_id: int, attempt: int | None = None) -> str:
                 )  # fmt: skip
             if not groups:
                 raise JobError("the study has no kept MR instances in the spool")
-            series = scan_grouped_series(groups)
+            series = scan_grouped_series(groups, ctx.qc.min_slices)
             plan = route(candidates, series, ctx.selector)
             short = incomplete_series(plan, groups)
         if short:

@@ -42,7 +42,15 @@ localizer) serves no role. Nor, whatever its description says, does a series who
 A single-frame series holding several echoes at each position (a PD/T2 dual echo: EchoNumbers
 (0018,0086) and EchoTime differ between its images) is taken as one candidate per echo, each with
 its own TE: the long echo may be the T2, the short one serves no role. Magnitude images are likewise
-taken apart from phase, real or imaginary images reconstructed into the same series.
+taken apart from phase, real or imaginary images reconstructed into the same series. So is each stack
+of a series that holds several: an axial and a coronal stack (slice normals of ImageOrientationPatient
+apart by more than :data:`STACK_NORMAL_TOLERANCE`; a vendor's "AX+COR", a 2D sequence acquired in two
+planes), and, at the same positions, two acquisitions that AcquisitionNumber (0020,0012) tells apart
+(a repeat after motion). The loader (converters/dicom_series.py) refuses a volume of mixed orientations
+or repeated positions, so such a series read whole would serve no role; each stack is a candidate of its
+own (``stack``: "coronal stack", "acquisition 2"), ranked as any other. A stack of fewer slices than a
+series needs (the ``[qc]`` ``min_slices``) serves no role: a 3-plane localizer does not become three
+candidates.
 
 Among the candidates for a modality (:func:`ranked`) an ORIGINAL image wins over a DERIVED one, then
 one that covers about as much as the others over a slab, then the finer slices (SliceThickness and
@@ -66,9 +74,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import pydicom
 from pydicom.dataset import Dataset
 
+from converters.dicom_series import DUPLICATE_TOLERANCE_MM
 from node.config import SelectionSettings
 from node.exceptions import SelectionError
 
@@ -106,11 +116,15 @@ class SeriesInfo:
     acquired: float | None = None
     #: What the attributes say this series is when it is no structural image (:func:`_no_role_kind`):
     #: "diffusion", "angiography", "phase, real or imaginary image", "susceptibility-weighted",
-    #: "dynamic (N time points)", or "" for a structural series.
+    #: "dynamic (N time points)", or "" for a structural series; for a stack of a series holding several,
+    #: "a stack of N images (fewer than M)" when it is too short to be one (:func:`_echo_series`).
     special: str = ""
     #: For one echo of a multi-echo series (e.g. a PD/T2 dual echo), which: "echo 2, TE 90 ms";
     #: "" for a series of one echo.
     echo: str = ""
+    #: For one stack of a series holding several (:func:`_stacks`), which: "coronal stack",
+    #: "acquisition 2", "axial stack, acquisition 1"; "" for a series of one stack.
+    stack: str = ""
     #: EchoPulseSequence (0018,9008) of an Enhanced MR image: SPIN, GRADIENT or BOTH ("" when absent).
     echo_pulse: str = ""
     #: The header's slice pitch in mm: the larger of SliceThickness and SpacingBetweenSlices (slices
@@ -126,8 +140,9 @@ class SeriesInfo:
     def label(self) -> str:
         """Short text for log lines and reasons."""
         description = self.description or "no description"
-        echo = f" {self.echo}" if self.echo else ""
-        return f"series {self.series_instance_uid}{echo} ({description}, {self.slices} slices)"
+        part = ", ".join(p for p in (self.echo, self.stack) if p)
+        part = f" {part}" if part else ""
+        return f"series {self.series_instance_uid}{part} ({description}, {self.slices} slices)"
 
     @property
     def inversion_recovery(self) -> bool:
@@ -395,12 +410,22 @@ def _slice_pitch(ds: Dataset) -> float | None:
     return max(positive) if positive else None
 
 
-#: The attributes :func:`_echo_key` reads (a probe parses no other value).
-ECHO_TAGS: list[str] = ["EchoNumbers", "EchoTime", "ImageType", "ComplexImageComponent"]
+#: The attributes a probe reads (:func:`_echo_key`, :func:`_normal`, AcquisitionNumber); it parses no
+#: other value.
+PROBE_TAGS: list[str] = [
+    "EchoNumbers", "EchoTime", "ImageType", "ComplexImageComponent", "ImageOrientationPatient",
+    "AcquisitionNumber",
+]  # fmt: skip
+
+#: Two images are of one stack when their slice normals (the cross product of ImageOrientationPatient's
+#: cosines) differ by less than this in every component (about 0.6 degrees). Stacks nearer than that are
+#: one candidate, which the loader refuses as before when their cosines differ beyond its own tolerance
+#: (converters/dicom_series.py ``ORIENTATION_TOLERANCE``): only clearly separate planes are split.
+STACK_NORMAL_TOLERANCE = 0.01
 
 
-def _echo_header(path: Path) -> Dataset:
-    return pydicom.dcmread(path, stop_before_pixels=True, specific_tags=ECHO_TAGS)
+def _probe_header(path: Path) -> Dataset:
+    return pydicom.dcmread(path, stop_before_pixels=True, specific_tags=PROBE_TAGS)
 
 
 def _complex_part(ds: Dataset) -> str:
@@ -419,26 +444,131 @@ def _echo_key(ds: Dataset) -> tuple[str, float | None, str]:
     return str(ds.get("EchoNumbers", "") or "").strip(), _float(ds.get("EchoTime")), _complex_part(ds)
 
 
-def _echo_series(headers: Sequence[tuple[Dataset, Path]]) -> list[SeriesInfo]:
+def _normal(ds: Dataset) -> npt.NDArray[np.float64] | None:
+    """The slice normal of a single-frame image (ImageOrientationPatient's cross product), or None."""
+    iop = ds.get("ImageOrientationPatient")
+    try:
+        cosines = np.asarray([float(v) for v in iop], float) if iop is not None else None
+    except (TypeError, ValueError):
+        return None
+    if cosines is None or cosines.shape != (6,) or not np.all(np.isfinite(cosines)):
+        return None
+    return np.cross(cosines[:3], cosines[3:])
+
+
+def _same_stack(a: npt.NDArray[np.float64] | None, b: npt.NDArray[np.float64] | None) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return bool(np.max(np.abs(a - b)) < STACK_NORMAL_TOLERANCE)
+
+
+def _acquisition(ds: Dataset) -> str:
+    return str(ds.get("AcquisitionNumber", "") or "").strip()
+
+
+def _depths(items: Sequence[tuple[Dataset, Path]], normal: npt.NDArray[np.float64]) -> list[float] | None:
+    """Each image's position along ``normal``, or None when one has no usable ImagePositionPatient."""
+    out = []
+    for ds, _ in items:
+        try:
+            position = np.asarray([float(v) for v in ds.get("ImagePositionPatient")], float)
+        except (TypeError, ValueError):
+            return None
+        if position.shape != (3,):
+            return None
+        out.append(float(position @ normal))
+    return out
+
+
+def _repeats(depths: Sequence[float]) -> bool:
+    """Two of ``depths`` at the same position (as the loader tells duplicates)."""
+    return bool(np.any(np.diff(np.sort(np.asarray(depths))) < DUPLICATE_TOLERANCE_MM))
+
+
+def _by_acquisition(
+    items: list[tuple[Dataset, Path]], normal: npt.NDArray[np.float64] | None
+) -> list[tuple[str, list[tuple[Dataset, Path]]]]:
+    """The images of one stack as [("", items)], or one ("acquisition N", its images) per
+    AcquisitionNumber when positions repeat in the stack and AcquisitionNumber separates them (no
+    acquisition repeats a position of its own); otherwise the stack stays whole (and the loader refuses
+    its repeated positions, as before)."""
+    depths = _depths(items, normal) if normal is not None else None
+    if depths is None or not _repeats(depths):
+        return [("", items)]
+    groups: dict[str, list[int]] = {}
+    for n, (ds, _) in enumerate(items):
+        groups.setdefault(_acquisition(ds), []).append(n)
+    if len(groups) < 2 or any(_repeats([depths[n] for n in members]) for members in groups.values()):
+        return [("", items)]
+    return [
+        (f"acquisition {number or '?'}", [items[n] for n in members]) for number, members in groups.items()
+    ]
+
+
+#: What a stack is called by the patient axis its slice normal is closest to (PS3.3 C.7.6.2.1.1).
+PLANES = ("sagittal", "coronal", "axial")
+
+
+def _stacks(items: list[tuple[Dataset, Path]]) -> list[tuple[str, list[tuple[Dataset, Path]]]]:
+    """The images of one volume key (echo) as (label, images) per stack: one per orientation
+    (:data:`STACK_NORMAL_TOLERANCE`), and within one orientation one per acquisition where positions
+    repeat (:func:`_by_acquisition`). A series of one stack is [("", items)]."""
+    planes: list[tuple[npt.NDArray[np.float64] | None, list[tuple[Dataset, Path]]]] = []
+    for ds, path in items:
+        normal = _normal(ds)
+        for stack_normal, members in planes:
+            if _same_stack(stack_normal, normal):
+                members.append((ds, path))
+                break
+        else:
+            planes.append((normal, [(ds, path)]))
+    names = [
+        "stack without orientation" if normal is None else f"{PLANES[int(np.argmax(np.abs(normal)))]} stack"
+        for normal, _ in planes
+    ]
+    if len(planes) == 1:
+        names = [""]
+    elif len(set(names)) < len(names):  # two oblique axial stacks, say: numbered in the order received
+        names = [f"{name} {n}" for n, name in enumerate(names, start=1)]
+    out = []
+    for name, (normal, members) in zip(names, planes, strict=True):
+        for acquisition, images in _by_acquisition(members, normal):
+            out.append((", ".join(p for p in (name, acquisition) if p), images))
+    return out
+
+
+#: A stack of a series holding several that has fewer images than this serves no role, when the caller
+#: does not say (:func:`scan_grouped_series`; the node passes its ``[qc]`` ``min_slices``).
+MIN_STACK_SLICES = 8
+
+
+def _echo_series(
+    headers: Sequence[tuple[Dataset, Path]], min_stack_slices: int = MIN_STACK_SLICES
+) -> list[SeriesInfo]:
     """The single-frame images of one series as one :class:`SeriesInfo`, or one per volume when they
     hold several at each position: each echo of a PD/T2 dual echo (a contrast and a volume of its own:
     the T2 role may take the long echo alone), and the magnitude apart from the phase, real or
     imaginary images reconstructed into the same series (Philips' M and R images of an IR sequence),
-    which serve no role."""
+    which serve no role; and within each, one per stack (:func:`_stacks`). A stack of a series holding
+    several with fewer than ``min_stack_slices`` images serves no role (a localizer's plane)."""
     echoes: dict[tuple[str, float | None, str], list[tuple[Dataset, Path]]] = {}
     for ds, path in headers:
         echoes.setdefault(_echo_key(ds), []).append((ds, path))
     several = len({(number, te) for number, te, _ in echoes}) > 1
     out = []
     for (number, te, part), items in echoes.items():
-        info = series_info(items[0][0], [p for _, p in items], len(items))
         labels = []
         if several:
             labels.append(f"echo {number or '?'}" + (f", TE {te:g} ms" if te is not None else ""))
         if len(echoes) > 1 and part:
             labels.append(f"{part} image")
-        info.echo = ", ".join(labels)
-        out.append(info)
+        for stack, images in _stacks(items):
+            info = series_info(images[0][0], [p for _, p in images], len(images))
+            info.echo = ", ".join(labels)
+            info.stack = stack
+            if stack and len(images) < min_stack_slices and not info.special:
+                info.special = f"a stack of {len(images)} images (fewer than {min_stack_slices})"
+            out.append(info)
     return out
 
 
@@ -446,9 +576,9 @@ def _frames(ds: Dataset) -> int:
     return int(ds.get("NumberOfFrames", 1) or 1)
 
 
-def scan_series(paths: Iterable[Path]) -> list[SeriesInfo]:
+def scan_series(paths: Iterable[Path], min_stack_slices: int = MIN_STACK_SLICES) -> list[SeriesInfo]:
     """Read the headers of spooled files (no pixel data) and group them by SeriesInstanceUID, and the
-    images of a multi-echo series by echo."""
+    images of a multi-echo series by echo, of a series of several stacks by stack (:func:`_echo_series`)."""
     groups: dict[str, list[tuple[Dataset, Path]]] = {}
     for path in paths:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
@@ -459,7 +589,7 @@ def scan_series(paths: Iterable[Path]) -> list[SeriesInfo]:
             frames = sum(_frames(ds) for ds, _ in headers)
             out.append(series_info(headers[0][0], [p for _, p in headers], frames))
         else:
-            out.extend(_echo_series(headers))
+            out.extend(_echo_series(headers, min_stack_slices))
     return out
 
 
@@ -479,10 +609,16 @@ def _echo_probes(paths: Sequence[Path]) -> list[Path]:
     return [paths[len(paths) - 1 - (n * (len(paths) - 1)) // count] for n in range(count)]
 
 
-def scan_grouped_series(groups: Mapping[str, Sequence[Path]]) -> list[SeriesInfo]:
+def scan_grouped_series(
+    groups: Mapping[str, Sequence[Path]], min_stack_slices: int = MIN_STACK_SLICES
+) -> list[SeriesInfo]:
     """Like :func:`scan_series` for files already grouped by series (from the database): one header
     read per single-frame series instead of one per file, plus up to :data:`ECHO_PROBES` that say
-    whether it holds several echoes; only then are all its headers read."""
+    whether it holds several volumes (echoes, magnitude and phase, orientations, acquisitions); only
+    then are all its headers read, and each volume's files known.
+
+    A stack that no probe meets (3 stray images among 150) leaves the series whole, and the loader
+    refuses it as before."""
     out: list[SeriesInfo] = []
     for paths in groups.values():
         first = pydicom.dcmread(paths[0], stop_before_pixels=True)
@@ -490,12 +626,13 @@ def scan_grouped_series(groups: Mapping[str, Sequence[Path]]) -> list[SeriesInfo
             frames = sum(_frames(pydicom.dcmread(p, stop_before_pixels=True)) for p in paths)
             out.append(series_info(first, [Path(p) for p in paths], frames))
             continue
-        probes = _echo_probes(paths)
-        echo = _echo_key(first)
-        if all(_echo_key(_echo_header(p)) == echo for p in probes):
+        key, normal = (_echo_key(first), _acquisition(first)), _normal(first)
+        probes = [_probe_header(p) for p in _echo_probes(paths)]
+        if all((_echo_key(h), _acquisition(h)) == key and _same_stack(_normal(h), normal) for h in probes):
             out.append(series_info(first, [Path(p) for p in paths], len(paths)))
             continue
-        out.extend(_echo_series([(pydicom.dcmread(p, stop_before_pixels=True), Path(p)) for p in paths]))
+        headers = [(pydicom.dcmread(p, stop_before_pixels=True), Path(p)) for p in paths]
+        out.extend(_echo_series(headers, min_stack_slices))
     return out
 
 
@@ -717,14 +854,14 @@ class SeriesSelector:
         :func:`preference` says it), one that could not be read (``series_replaced``), or a candidate
         for a role the model that ran has no input for.
         """
-        used = {(s.series_instance_uid, s.echo) for s in assignment.chosen.values()}
+        used = {(s.series_instance_uid, s.echo, s.stack) for s in assignment.chosen.values()}
         roles = self.t1_roles(series)
         evidence = self.contrast_evidence(series)
         given = {uid: flag for uid, (flag, _) in evidence.items()}
         out = [
             {"series": s.label, "reason": self._why_not_used(s, assignment, roles, given, evidence)}
             for s in series
-            if (s.series_instance_uid, s.echo) not in used
+            if (s.series_instance_uid, s.echo, s.stack) not in used
         ]
         if len(out) > limit:
             rest = len(out) - limit

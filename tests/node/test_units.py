@@ -864,6 +864,105 @@ def test_magnitude_and_real_images_of_one_series_are_two_candidates(tmp_path: Pa
         assert load_series(magnitude.paths).array.shape[0] == len(sources)
 
 
+def _restacked(
+    source: Path,
+    path: Path,
+    orientation: list[float] | None = None,
+    position: list[float] | None = None,
+    **attrs: object,
+) -> Path:
+    """``source`` (one image of the Siemens sagittal T1) saved as a new instance of the same series at
+    ``path``, in another plane and place when given, with ``attrs`` set."""
+    ds = pydicom.dcmread(source)
+    if orientation is not None:
+        ds.ImageOrientationPatient = orientation
+    if position is not None:
+        ds.ImagePositionPatient = position
+    for keyword, value in attrs.items():
+        setattr(ds, keyword, value)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_a_series_of_an_axial_and_a_sagittal_stack_gives_each_stack_as_a_candidate(tmp_path: Path) -> None:
+    """One SeriesInstanceUID holding a sagittal stack, an axial one and 3 coronal images (a vendor's
+    "AX+SAG" reformats, a localizer's plane): read whole it was refused (mixed orientations) and the
+    study had no such series. Each stack is a candidate of its own on both scanning paths, the axial
+    one wins the role as an axial series would, and it loads; the 3 coronal images serve no role, as a
+    stack too short to be a series."""
+    from converters.dicom_series import load_series
+    from converters.exceptions import InvalidSeriesError
+    from node.pipeline import assemble_coregistered, load_chosen
+    from node.selection import scan_grouped_series
+
+    sources = sorted(require_shared("dicom", "siemens_t1_fl2d_sag_healthy").iterdir())
+    axial, coronal = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0, 0.0, -1.0]
+    paths = [_restacked(source, tmp_path / f"sag-{n:03d}.dcm") for n, source in enumerate(sources)]
+    paths += [
+        _restacked(source, tmp_path / f"ax-{n:03d}.dcm", axial, [-130.0, -130.0, -70.0 + 4.8 * n])
+        for n, source in enumerate(sources[:30])
+    ]
+    paths += [
+        _restacked(source, tmp_path / f"cor-{n:03d}.dcm", coronal, [-130.0, -20.0 + 4.8 * n, 130.0])
+        for n, source in enumerate(sources[:3])
+    ]
+    with pytest.raises(InvalidSeriesError, match="mixed orientations"):
+        load_series(paths)
+    selector = SeriesSelector()
+    for scanned in (scan_grouped_series({"series": paths}), scan_series(paths)):
+        by_stack = {s.stack: s for s in scanned}
+        assert {k: s.slices for k, s in by_stack.items()} == {
+            "sagittal stack": len(sources), "axial stack": 30, "coronal stack": 3
+        }, by_stack
+        localizer_like = by_stack["coronal stack"]
+        assert localizer_like.serves_no_role and "fewer than 8" in localizer_like.special
+        assignment = selector.assign(scanned, ["T1"])
+        chosen = assignment.chosen["T1"]
+        assert chosen.stack == "axial stack" and "axial stack" in chosen.label
+        assert assignment.alternatives["T1"] == [by_stack["sagittal stack"]]
+        reasons = {entry["series"]: entry["reason"] for entry in selector.not_used(scanned, assignment)}
+        assert set(reasons) == {by_stack["sagittal stack"].label, by_stack["coronal stack"].label}
+        assert reasons[by_stack["sagittal stack"].label].endswith(": axial")
+        loaded = load_chosen(chosen, "T1")
+        assert loaded.volume.array.shape[0] == 30
+        # The SEG's and SR's sources: the axial stack's instances only.
+        sources_used = assemble_coregistered({"T1": loaded}, "T1").sources
+        assert {str(ds.SOPInstanceUID) for ds in sources_used} == {
+            str(pydicom.dcmread(p).SOPInstanceUID) for p in paths if p.name.startswith("ax-")
+        }
+
+
+def test_two_acquisitions_at_the_same_positions_in_one_series_are_two_candidates(tmp_path: Path) -> None:
+    """A series repeated at the same positions under one SeriesInstanceUID (AcquisitionNumber 1 and 2:
+    a repeat after motion) was refused whole for its duplicate positions. Each acquisition is a
+    candidate, received interleaved or one after the other, and the one chosen loads."""
+    from converters.dicom_series import load_series
+    from converters.exceptions import InvalidSeriesError
+    from node.pipeline import load_chosen
+    from node.selection import scan_grouped_series
+
+    sources = sorted(require_shared("dicom", "siemens_t1_fl2d_sag_healthy").iterdir())
+    first, second = [], []
+    for n, source in enumerate(sources):
+        for number, time_, out in (("1", "150441", first), ("2", "151441", second)):
+            path = tmp_path / f"{n:03d}-{number}.dcm"
+            out.append(_restacked(source, path, AcquisitionNumber=number, AcquisitionTime=time_))
+    interleaved = [p for pair in zip(first, second, strict=True) for p in pair]
+    with pytest.raises(InvalidSeriesError, match="duplicate positions"):
+        load_series(interleaved)
+    for order in (interleaved, first + second):
+        for scanned in (scan_grouped_series({"series": order}), scan_series(order)):
+            by_stack = {s.stack: s for s in scanned}
+            assert {k: s.slices for k, s in by_stack.items()} == {
+                "acquisition 1": len(sources), "acquisition 2": len(sources)
+            }, by_stack
+            assert set(by_stack["acquisition 2"].paths) == set(second)
+            chosen = SeriesSelector().assign(scanned, ["T1"]).chosen["T1"]
+            assert chosen.stack == "acquisition 1"  # the native T1 role takes the one acquired first
+            assert load_chosen(chosen, "T1").volume.array.shape[0] == len(sources)
+
+
 def test_a_lease_is_renewed_only_while_still_held(sf: SessionFactory) -> None:
     """renew_leases extends a send's lease while it is ours; one that ended (another sender may have
     claimed the send since) or a send marked meanwhile is left alone."""
