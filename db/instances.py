@@ -353,26 +353,46 @@ def _move(sf: SessionFactory, row: ReceivedInstance, now: datetime | None) -> st
 
 
 @database_errors
-def instance_replaced(sf: SessionFactory, row: ReceivedInstance, now: datetime | None = None) -> None:
+def instance_replaced(sf: SessionFactory, row: ReceivedInstance, now: datetime | None = None) -> bool:
     """Record that a kept instance was received again in its own study and series with other content
     (a corrected image or header, whose file the caller replaces): its row takes the calling AE and the
     time, and its study's idle timer restarts with the study pending, as a late instance's does in
-    :func:`record_instances`, so that a new run reads the corrected file."""
+    :func:`record_instances`, so that a new run reads the corrected file.
+
+    Returns False, changing nothing, when the instance has no kept row: spool retention took its study
+    out of use (:func:`db.retention.begin_removal`) and removes its file and row, or has forgotten the
+    row since the caller saw it. Its content would go with them, acknowledged; the caller refuses it
+    with a transient failure instead, so that the PACS's resend, once the row is forgotten, is a new
+    instance. The update is conditional on the row being kept, in the transaction that makes the study
+    pending: a ``begin_removal`` committed first is seen (on PostgreSQL the update waits for its row
+    locks and reads the row again), and one committing after finds the study pending and leaves it."""
     stamp = now or utcnow()
     with writing(sf) as s:
-        s.execute(
+        updated = s.execute(
             update(NodeInstance)
-            .where(NodeInstance.sop_instance_uid == row.sop_instance_uid)
+            .where(NodeInstance.sop_instance_uid == row.sop_instance_uid, NodeInstance.kept.is_(True))
             .values(calling_ae=row.calling_ae, received_at=stamp)
-        )
+        ).rowcount  # type: ignore[attr-defined]
+        if not updated:
+            return False
         conn = s.connection()
         ahead = stamp + timedelta(seconds=CLOCK_STEP_SECONDS)
         touched = conn.execute(
             _TOUCH_STUDY, {"b_uid": row.study_instance_uid, "b_now": stamp, "b_ahead": ahead}
         )
-        if touched.rowcount == 0:  # its study row is gone (its rows were forgotten meanwhile)
+        if touched.rowcount == 0:  # its study row is gone
             first = {"first_received_at": stamp, "last_received_at": stamp, "pending": True}
             conn.execute(insert(_STUDIES), {"study_instance_uid": row.study_instance_uid, "runs": 0, **first})
+    return True
+
+
+@database_errors
+def instance_kept(sf: SessionFactory, sop_instance_uid: str) -> bool:
+    """Whether the instance has a kept row (a read): False once spool retention has taken its study out
+    of use (:func:`db.retention.begin_removal`), and once the row is forgotten."""
+    with sf() as s:
+        kept = s.scalar(select(NodeInstance.kept).where(NodeInstance.sop_instance_uid == sop_instance_uid))
+    return bool(kept)
 
 
 @database_errors

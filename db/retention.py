@@ -15,8 +15,10 @@ The node (node/spool_retention.py) finds the studies (:func:`removable_studies`,
 study takes it out of use in one transaction (:func:`begin_removal`: checked again, its instance rows
 marked not kept, so a ``segnode jobs retry`` accepted since is seen and one arriving after is refused),
 removes the files, and forgets the rows last; a crash in between leaves marked rows that the next
-pass removes again. An instance the PACS sends again once its row is forgotten is a new instance of a
-new run.
+pass removes again. An instance the PACS sends again while its row is marked is refused with a transient
+status (:func:`db.instances.instance_replaced` and :func:`db.instances.instance_kept` tell node/scp.py),
+since the pass removes its file and row; once its row is forgotten, the PACS's resend is a new instance
+of a new run.
 """
 
 from __future__ import annotations

@@ -680,16 +680,18 @@ class StorageSCP:
     def _replaced(
         self, sop_uid: str, sop_class: str, study: str, series: str, path: Path, encoded: bytes,
         calling_ae: str, written: bool,
-    ) -> bool:
-        """A repeat of a kept instance in its own study and series: True when it brought other bytes
-        than its spool file holds (a corrected image or header) or its file was missing (written now,
-        ``written``); the file then holds the new bytes, written as durably as a new instance's, and
+    ) -> str:
+        """A repeat of a kept instance in its own study and series: ``replaced`` when it brought other
+        bytes than its spool file holds (a corrected image or header) or its file was missing (written
+        now, ``written``); the file then holds the new bytes, written as durably as a new instance's, and
         the study is pending again (:func:`db.instances.instance_replaced`) so that a new run reads
-        them. An identical repeat costs one read of the file and changes nothing."""
+        them. An identical repeat is a ``duplicate``: one read of the file and one of its row, nothing
+        changes. ``leaving`` when its row is no longer kept: spool retention is removing its study
+        (or has just forgotten the row), and the caller refuses it so that the PACS sends it again."""
         if not written:
             try:
                 if path.read_bytes() == encoded:
-                    return False
+                    return "duplicate" if instances.instance_kept(self.sf, sop_uid) else "leaving"
             except FileNotFoundError:  # removed meanwhile (spool retention): written again below
                 pass
         row = instances.ReceivedInstance(
@@ -698,7 +700,11 @@ class StorageSCP:
         )  # fmt: skip
         # Pending before the file changes: a crash in between leaves the study to run again (on the old
         # file, or on the new one after the PACS's resend), never the new file with no run to read it.
-        instances.instance_replaced(self.sf, row)
+        if not instances.instance_replaced(self.sf, row):
+            # A file written for it (``written``) stays: the resend, a new instance, writes its own
+            # bytes over it (receive), and removing it could take the file of a new instance that
+            # another association has just stored.
+            return "leaving"
         if not written:
             write_atomic(path, encoded)
         logger.warning(
@@ -706,7 +712,15 @@ class StorageSCP:
             "the study will be analysed again",
             sop_uid, "with other content" if not written else "after its spool file was lost",
         )  # fmt: skip
-        return True
+        return "replaced"
+
+    @staticmethod
+    def _holds(path: Path, encoded: bytes) -> bool:
+        """Whether the file at ``path`` holds exactly ``encoded``."""
+        try:
+            return path.read_bytes() == encoded
+        except FileNotFoundError:
+            return False
 
     def _ignore(
         self, sop_class: str, sop_uid: str, calling_ae: str, uids: tuple[str | None, str | None]
@@ -785,20 +799,34 @@ class StorageSCP:
             )
         finally:
             error = writing.exception() if writing is not None else None
+        if new and writing is None and error is None and not self._holds(path, encoded):
+            # A new row over a file already there: one that spool retention removed or forgot the row
+            # of meanwhile, or one a refused repeat left (_replaced). It must hold what is acknowledged.
+            try:
+                write_atomic(path, encoded)
+            except Exception as exc:  # as a failed write above: its row is taken back
+                error = exc
         if error is not None:
             if new:
                 instances.forget_instance(self.sf, sop_uid)
             raise error
-        replaced = False
+        outcome = "kept"
         if not new:
             new = self._moved(sop_uid, sop_class, study, series, path, calling_ae)
         if not new:
-            replaced = self._replaced(
+            outcome = self._replaced(
                 sop_uid, sop_class, study, series, path, encoded, calling_ae, written=writing is not None
             )
-        if new or replaced:  # the study's timer now counts from this instance
+        if outcome == "leaving":
+            self.metrics.instances.labels("rejected").inc()
+            logger.warning(
+                "instance %s received again while spool retention removes its study; refused with %s so "
+                "that the PACS sends it again once the study is removed, as a new instance",
+                sop_uid, dimse.describe(dimse.OUT_OF_RESOURCES),
+            )  # fmt: skip
+            return ReceiveResult(dimse.OUT_OF_RESOURCES, "rejected")
+        if outcome != "duplicate":  # the study's timer now counts from this instance
             self.idle_timers.recorded(study, sop_uid)
-        outcome = "kept" if new else "replaced" if replaced else "duplicate"
         self.metrics.instances.labels(outcome).inc()
         if new and self.on_stored is not None:
             self.on_stored(series, str(path))

@@ -9,6 +9,7 @@ import struct
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import pydicom
@@ -25,10 +26,11 @@ from sqlalchemy import select
 
 from converters.dicom_writer import write_study
 from converters.synthetic import make_synthetic_case
-from db import instances
+from db import instances, job_queue, retention
 from db.node_tables import NodeInstance, NodeStudy
 from db.session import make_engine, make_session_factory, upgrade
-from node import dimse, reactor
+from db.transactions import SessionFactory, utcnow
+from node import dimse, reactor, spool_retention
 from node.config import NodeSettings
 from node.metrics import NodeMetrics
 from node.scp import MAX_PDU_BYTES, StorageSCP
@@ -268,6 +270,58 @@ def test_an_instance_sent_again_with_other_content_replaces_its_file_and_study_r
     path.unlink()
     assert _store(running.scp.port, ds) == dimse.SUCCESS
     assert path.read_bytes() == first and running.studies()[0].pending
+
+
+def test_an_instance_sent_again_while_spool_retention_removes_its_study_is_refused_then_stored_afresh(
+    running: Running, mr_files: list[Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Spool retention takes a study out of use (``begin_removal``), removes its files, then forgets its
+    rows. A corrected instance (same SOP Instance UID, other pixels) sent in that window was
+    acknowledged as replaced, its file written and then removed with its row: no run ever read it. Now
+    it, and the very same instance sent again, are refused with 0xA700 (out of resources), which a PACS
+    retries, and the resends once the rows are forgotten are new instances of a new run with the bytes
+    sent then. The retention steps run one by one, as node/spool_retention.apply_retention runs them."""
+    sf: SessionFactory = running.sf  # type: ignore[assignment]
+    port, spool = running.scp.port, running.settings.spool_path()
+    sent = [pydicom.dcmread(p) for p in mr_files[:3]]
+    for ds in sent:
+        assert _store(port, ds) == dimse.SUCCESS
+    assert instances.schedule_due_studies(sf, 0.0)
+    job = job_queue.claim_job(sf)
+    assert job is not None and job_queue.finish_job(sf, job, status="failed", reason="FLAIR: unreadable")
+    paths = [Path(str(r.path)) for r in running.rows()]
+    originals = [p.read_bytes() for p in paths]
+
+    taken = retention.begin_removal(sf, str(sent[0].StudyInstanceUID), None, utcnow() + timedelta(hours=1))
+    assert taken is not None and len(taken.paths) == 3
+    corrected = copy.deepcopy(sent[0])
+    corrected.PixelData = bytes(len(corrected.PixelData))
+    with caplog.at_level(logging.WARNING, logger="node.scp"):
+        assert _store(port, corrected) == dimse.OUT_OF_RESOURCES
+        assert _store(port, sent[1]) == dimse.OUT_OF_RESOURCES  # the very same instance
+    assert [p.read_bytes() for p in paths] == originals and not running.studies()[0].pending
+    lines = [r.getMessage() for r in caplog.records if r.name == "node.scp"]
+    assert len(lines) == 2 and all("spool retention" in line for line in lines)
+    assert sent[0].SOPInstanceUID in lines[0] and str(sent[0].PatientName) not in lines[0]
+    assert running.metrics.instances.labels("rejected")._value.get() == 2
+    assert spool_retention.remove_spooled(taken.paths, spool) == 3
+    # Its file gone: the corrected one is written again, and still refused.
+    other = copy.deepcopy(sent[2])
+    other.PixelData = bytes([9]) * len(other.PixelData)
+    assert _store(port, other) == dimse.OUT_OF_RESOURCES
+    assert retention.forget_instances(sf, taken.instance_ids) == 3
+    assert running.rows() == [] and not running.studies()[0].pending
+
+    # The PACS sends them again: new instances, each file with the bytes acknowledged now (the third's
+    # other than those its refused send left), and the study runs again over all three.
+    for ds in (corrected, sent[1], sent[2]):
+        assert _store(port, ds) == dimse.SUCCESS
+    assert [Path(str(r.path)) for r in running.rows()] == paths and all(r.kept for r in running.rows())
+    assert pydicom.dcmread(paths[0]).PixelData == corrected.PixelData
+    assert [p.read_bytes() for p in paths[1:]] == originals[1:]
+    (again,) = instances.schedule_due_studies(sf, 0.0)
+    assert job_queue.get_job(sf, again).run == 2
+    assert job_queue.job_instance_paths(sf, again) == [str(p) for p in paths]
 
 
 def test_missing_pixel_data_is_refused(
