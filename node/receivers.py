@@ -47,8 +47,8 @@ logger = logging.getLogger(__name__)
 START_TIMEOUT_S = 60.0
 #: Seconds between a receiver's deliveries of its counts (and checks for a stop or a dead parent).
 REPORT_SECONDS = 0.25
-#: Outcomes of ``segnode_instances_received`` (node/scp.py).
-OUTCOMES = ("kept", "duplicate", "ignored", "rejected")
+#: The counter whose samples a receiver reports to the node (node/metrics.py, by outcome).
+INSTANCES_COUNTER = "segnode_instances_received"
 
 
 class _Counts:
@@ -56,18 +56,22 @@ class _Counts:
 
     def __init__(self, metrics: NodeMetrics) -> None:
         self.metrics = metrics
-        self.reported: dict[str, float] = dict.fromkeys(OUTCOMES, 0.0)
+        self.reported: dict[str, float] = {}
 
     def take(self) -> dict[str, float]:
-        """The counts by outcome added since the last call (empty when none)."""
+        """The counts by outcome added since the last call (empty when none), for every outcome the
+        receiver has counted (node/scp.py: kept, replaced, duplicate, ignored, rejected)."""
         delta = {}
-        for outcome in OUTCOMES:
-            value = self.metrics.registry.get_sample_value(
-                "segnode_instances_received_total", {"outcome": outcome}
-            ) or 0.0
-            if value > self.reported[outcome]:
-                delta[outcome] = value - self.reported[outcome]
-                self.reported[outcome] = value
+        for metric in self.metrics.registry.collect():
+            if metric.name != INSTANCES_COUNTER:
+                continue
+            for sample in metric.samples:
+                if not sample.name.endswith("_total"):
+                    continue
+                outcome = sample.labels["outcome"]
+                if sample.value > self.reported.get(outcome, 0.0):
+                    delta[outcome] = sample.value - self.reported.get(outcome, 0.0)
+                    self.reported[outcome] = sample.value
         return delta
 
 

@@ -14,6 +14,8 @@ from converters.dicom_writer import write_study
 from converters.synthetic import make_synthetic_case
 from db.instances import instance_counts
 from node.config import ConfigError, load_settings
+from node.metrics import NodeMetrics
+from node.receivers import _Counts
 from node.service import NodeService
 from tests.helpers.dcmtk import storescu
 from tests.helpers.node import node_settings
@@ -111,3 +113,17 @@ def test_one_receiver_is_the_node_alone(tmp_path: Path) -> None:
         assert ok and "receivers" not in details
     finally:
         node.stop()
+
+
+def test_a_receivers_counts_reach_the_node_for_every_outcome() -> None:
+    """A receiver reported a fixed list of outcomes that lacked ``replaced`` (a corrected instance
+    sent again): those counts never reached the node's /metrics."""
+    metrics = NodeMetrics()
+    counts = _Counts(metrics)
+    assert counts.take() == {}
+    for outcome, n in (("kept", 3), ("replaced", 2), ("duplicate", 1)):
+        metrics.instances.labels(outcome).inc(n)
+    assert counts.take() == {"kept": 3.0, "replaced": 2.0, "duplicate": 1.0}
+    metrics.instances.labels("replaced").inc()
+    assert counts.take() == {"replaced": 1.0}
+    assert counts.take() == {}
