@@ -447,7 +447,10 @@ def quality_check(
     voxel_ml = float(np.prod(reference.spacing)) / 1000.0
     # With a brain mask the head rules add nothing (node/qc.py), and the head costs ~1 s per study.
     head = qc.head_mask(reference.array) if brain is None else None
-    report = qc.check(kept, brain, voxel_ml, slices, settings, head=head, removed_voxels=removed)
+    report = qc.check(
+        kept, brain, voxel_ml, slices, settings,
+        head=head, removed_voxels=removed, spacing_mm=reference.spacing,
+    )  # fmt: skip
     return Checked(labels=np.asarray(kept, dtype=np.uint8), report=report)
 
 

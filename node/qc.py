@@ -19,11 +19,23 @@ Rules and where their limits come from (defaults in ``[qc]`` of node.toml, node/
   foreground *is* the brain and the two rules coincide. It catches the model outlining the whole
   brain of a whole-head image (a tumour of ~40 % of the head).
 * ``brain_found``: the brain mask is not empty.
-* ``brain_volume``: ``min_brain_ml`` <= brain volume <= ``max_brain_ml``.
+* ``brain_volume``: ``min_brain_ml`` <= brain volume <= ``max_brain_ml``. When the series' field of
+  view cuts the brain (:func:`cut_faces`: the mask reaches a face of the series' grid, e.g. a
+  targeted slab of 12 slices through the tumour) a brain under ``min_brain_ml`` is what the series
+  holds, not a failed mask: the lower bound is ``not checked`` (the message gives the series'
+  coverage along its slice normal); the upper bound still applies.
 * ``tumour_share_of_brain``: tumour volume <= ``max_tumour_share_percent`` of the brain volume.
 * ``tumour_inside_brain``: tumour voxels outside the brain mask are removed before the SEG
   (:func:`restrict_to_brain`); the rule fails when more than ``max_outside_share_percent`` of what
   the model called tumour lay outside the brain: then the rest of it is not to be trusted either.
+* ``tumour_within_coverage``: where the series' field of view cuts the brain, the tumour keeps at
+  least :data:`EDGE_MARGIN_MM` away from that face (tumour on the face's plane always counts as
+  reaching it). A tumour that reaches the cut goes on beyond the series: its volume is incomplete and
+  the study is held rather than an underestimated volume sent. A slab that holds the whole tumour
+  passes.
+
+The report's figures carry ``coverage_mm`` (slices x slice spacing, along the slice normal) and
+``brain_cut`` (None without a brain mask).
 
 The brain-mask rules report ``not checked`` when the job has no brain mask; the head rules report
 ``not checked`` when it has one (node/pipeline.py does not compute the head then): a brain found
@@ -45,6 +57,18 @@ from node.config import QCSettings
 PASSED = "passed"
 FAILED = "failed"
 NOT_CHECKED = "not checked"
+
+#: Tumour within this distance (mm, between plane centres) of a face where the brain is cut reaches
+#: the cut (``tumour_within_coverage``): on a 1 mm series the edge plane and the 3 next to it, on a
+#: 2D series with slices more than 3 mm apart its edge slice alone (mask edges are a voxel or two
+#: uncertain).
+EDGE_MARGIN_MM = 3.0
+
+#: Names of the faces of a (slice, row, column) grid, for messages.
+_FACE_NAMES = {
+    (0, 0): "first slice", (0, 1): "last slice", (1, 0): "first row", (1, 1): "last row",
+    (2, 0): "first column", (2, 1): "last column",
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -171,6 +195,31 @@ def restrict_to_brain(
     return out, removed
 
 
+def cut_faces(brain: npt.NDArray[np.bool_]) -> list[tuple[int, int]]:
+    """(axis, 0 for the first plane or 1 for the last) of each face of the series' (slice, row,
+    column) grid that the brain mask reaches: the field of view cuts the brain there.
+
+    Brain extraction continues the image past a face that cuts through the head and crops its mask
+    back (converters/brain_mask.py :func:`~converters.brain_mask.continue_cut_faces`), so a brain cut
+    by the series ends on that face rather than short of it; a brain the series covers whole keeps
+    off every face (skull, scalp and air lie between).
+    """
+    faces = []
+    for axis in range(brain.ndim):
+        for end, index in ((0, 0), (1, brain.shape[axis] - 1)):
+            if np.take(brain, index, axis=axis).any():
+                faces.append((axis, end))
+    return faces
+
+
+def _faces_text(faces: Sequence[tuple[int, int]]) -> str:
+    return ", ".join(_FACE_NAMES.get(face, str(face)) for face in faces)
+
+
+def _covers(coverage_mm: float | None) -> str:
+    return "" if coverage_mm is None else f" (covers {coverage_mm:.0f} mm along its slice normal)"
+
+
 # -- rules ------------------------------------------------------------------------------------------------
 
 
@@ -238,15 +287,36 @@ def rule_brain_found(brain_ml: float | None) -> RuleResult:
     )
 
 
-def rule_brain_volume(brain_ml: float | None, min_ml: float, max_ml: float) -> RuleResult:
-    """``min_ml <= brain volume <= max_ml``."""
+def rule_brain_volume(
+    brain_ml: float | None,
+    min_ml: float,
+    max_ml: float,
+    *,
+    cut: bool = False,
+    coverage_mm: float | None = None,
+) -> RuleResult:
+    """``min_ml <= brain volume <= max_ml``; with ``cut`` (the series' field of view cuts the brain) a
+    brain under ``min_ml`` is not checked: the series holds part of it. ``coverage_mm``: the series'
+    extent along its slice normal, for the message."""
     if brain_ml is None:
         return RuleResult("brain_volume", NOT_CHECKED, {}, "no brain mask")
+    figures: dict[str, float | int] = {"brain_ml": _r(brain_ml), "min_ml": _r(min_ml), "max_ml": _r(max_ml),
+                                       "brain_cut": bool(cut)}  # fmt: skip
+    if coverage_mm is not None:
+        figures["coverage_mm"] = _r(coverage_mm)
+    if cut and brain_ml < min_ml:
+        return RuleResult(
+            "brain_volume",
+            NOT_CHECKED,
+            figures,
+            f"brain {brain_ml:.1f} mL, not checked against {min_ml:g} mL: brain cut by the series' field "
+            f"of view{_covers(coverage_mm)}",
+        )
     ok = min_ml <= brain_ml <= max_ml
     return RuleResult(
         "brain_volume",
         PASSED if ok else FAILED,
-        {"brain_ml": _r(brain_ml), "min_ml": _r(min_ml), "max_ml": _r(max_ml)},
+        figures,
         f"brain {brain_ml:.1f} mL" + ("" if ok else f", outside {min_ml:g}-{max_ml:g} mL"),
     )
 
@@ -274,6 +344,53 @@ def rule_tumour_inside_brain(
     )  # fmt: skip
 
 
+def rule_tumour_within_coverage(
+    edge_voxels: int | None,
+    faces: Sequence[tuple[int, int]],
+    coverage_mm: float | None,
+    margin_mm: float = EDGE_MARGIN_MM,
+) -> RuleResult:
+    """No tumour within ``margin_mm`` of a face where the series' field of view cuts the brain
+    (``faces``, :func:`cut_faces`); ``edge_voxels``: the tumour voxels there (None: no brain mask)."""
+    name = "tumour_within_coverage"
+    if edge_voxels is None:
+        return RuleResult(name, NOT_CHECKED, {}, "no brain mask, or no brain found")
+    figures: dict[str, float | int] = {"cut_faces": len(faces), "edge_voxels": int(edge_voxels),
+                                       "margin_mm": _r(margin_mm)}  # fmt: skip
+    if coverage_mm is not None:
+        figures["coverage_mm"] = _r(coverage_mm)
+    if not faces:
+        return RuleResult(name, PASSED, figures, f"the series covers the whole brain{_covers(coverage_mm)}")
+    where = f"brain cut by the series' field of view at its {_faces_text(faces)}{_covers(coverage_mm)}"
+    if edge_voxels:
+        return RuleResult(
+            name,
+            FAILED,
+            figures,
+            f"tumour reaches the edge of the series' coverage ({edge_voxels} voxels within {margin_mm:g} mm "
+            f"of the cut); its volume is incomplete; {where}",
+        )
+    return RuleResult(name, PASSED, figures, f"tumour inside the series' coverage; {where}")
+
+
+def edge_voxels(
+    labels: npt.NDArray[np.integer[Any]],
+    faces: Sequence[tuple[int, int]],
+    spacing_mm: Sequence[float] | None,
+    margin_mm: float = EDGE_MARGIN_MM,
+) -> int:
+    """Tumour voxels within ``margin_mm`` of any of ``faces`` (the face's own plane always counts;
+    without ``spacing_mm`` only that plane)."""
+    near = np.zeros(labels.shape, dtype=bool)
+    for axis, end in faces:
+        planes = 1 + (int(margin_mm // float(spacing_mm[axis])) if spacing_mm and spacing_mm[axis] > 0 else 0)
+        planes = min(planes, labels.shape[axis])
+        index: list[slice] = [slice(None)] * labels.ndim
+        index[axis] = slice(0, planes) if end == 0 else slice(labels.shape[axis] - planes, None)
+        near[tuple(index)] = True
+    return int(np.count_nonzero(near & (labels > 0)))
+
+
 # -- all rules --------------------------------------------------------------------------------------------
 
 
@@ -286,6 +403,7 @@ def check(
     *,
     head: npt.NDArray[np.bool_] | None = None,
     removed_voxels: int = 0,
+    spacing_mm: Sequence[float] | None = None,
 ) -> QCReport:
     """Run every rule on a result.
 
@@ -306,11 +424,17 @@ def check(
         :func:`head_mask` of the image on the same grid (head rules not checked when None).
     removed_voxels:
         Tumour voxels :func:`restrict_to_brain` removed.
+    spacing_mm:
+        (slice, row, column) spacing of the grid in mm: the series' coverage along its slice normal
+        and the margin of ``tumour_within_coverage`` (coverage not reported, edge planes only, when None).
     """
     tumour_ml = float(np.count_nonzero(labels)) * voxel_ml
     brain_ml = None if brain is None else float(np.count_nonzero(brain)) * voxel_ml
     head_ml = None if head is None else float(np.count_nonzero(head)) * voxel_ml
     predicted = int(np.count_nonzero(labels)) + removed_voxels
+    coverage_mm = None if spacing_mm is None else float(labels.shape[0]) * float(spacing_mm[0])
+    faces = [] if brain is None else cut_faces(brain)
+    at_edge = None if brain is None or not brain_ml else edge_voxels(labels, faces, spacing_mm)
     rules = [
         rule_series_slices(slices, settings.min_slices),
         rule_head_found(head_ml, settings.min_head_ml),
@@ -321,11 +445,14 @@ def check(
             settings.max_tumour_share_percent,
         ),
         rule_brain_found(brain_ml),
-        rule_brain_volume(brain_ml, settings.min_brain_ml, settings.max_brain_ml),
+        rule_brain_volume(
+            brain_ml, settings.min_brain_ml, settings.max_brain_ml, cut=bool(faces), coverage_mm=coverage_mm
+        ),
         rule_tumour_share_of_brain(tumour_ml, brain_ml, settings.max_tumour_share_percent),
         rule_tumour_inside_brain(
             removed_voxels, predicted, voxel_ml, brain is not None, settings.max_outside_share_percent
         ),
+        rule_tumour_within_coverage(at_edge, faces, coverage_mm),
     ]
     figures: dict[str, float | int | None] = {
         "tumour_volume_ml": _r(tumour_ml),
@@ -334,6 +461,8 @@ def check(
         "head_volume_ml": None if head_ml is None else _r(head_ml),
         "removed_outside_brain_voxels": int(removed_voxels),
         "slices": int(slices),
+        "coverage_mm": None if coverage_mm is None else _r(coverage_mm),
+        "brain_cut": None if brain is None else bool(faces),
     }
     return QCReport(rules=rules, figures=figures)
 

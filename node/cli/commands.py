@@ -422,6 +422,15 @@ def _result_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
         rows.append(
             (f"registration {modality}", f"onto {registration.get('reference')}: {figures}; {verdict}")
         )
+    qc_figures = (result.get("qc") or {}).get("figures") or {}
+    if qc_figures.get("coverage_mm") is not None:
+        cut = qc_figures.get("brain_cut")
+        rows.append((
+            "series coverage",
+            f"{qc_figures['coverage_mm']:.0f} mm along the slice normal"
+            + ("; the brain is cut by the series' field of view" if cut else "")
+            + ("; the series covers the whole brain" if cut is False else ""),
+        ))  # fmt: skip
     for rule in (result.get("qc") or {}).get("rules", []):
         rows.append((f"qc {rule['name']}", f"{rule['status']}: {rule['message']}"))
     if result.get("released_by"):

@@ -22,6 +22,7 @@ from converters.reorient import ras_to_volume
 from converters.synthetic import make_synthetic_case
 from db.card import TASK_LABELS
 from node import qc
+from node.cli.commands import _result_rows
 from node.config import QCSettings, load_settings
 from node.exceptions import ConfigError
 from node.pipeline import assemble_coregistered, load_chosen, quality_check
@@ -236,6 +237,7 @@ def test_check_without_a_brain_mask_reports_the_brain_rules_not_checked(brain: n
         "brain_volume": qc.NOT_CHECKED,
         "tumour_share_of_brain": qc.NOT_CHECKED,
         "tumour_inside_brain": qc.NOT_CHECKED,
+        "tumour_within_coverage": qc.NOT_CHECKED,
     }
     assert not report.passed and [r.name for r in report.failed] == ["series_slices"]
     assert report.reason() == "qc series_slices: 4 slices, fewer than 8"
@@ -270,6 +272,74 @@ def test_check_with_a_brain_mask(brain: npt.NDArray[np.bool_]) -> None:
     empty = qc.check(labels_of(tumour), np.zeros(GRID, bool), VOXEL_ML, 90, QCSettings(), head=head)
     assert [r.name for r in empty.failed] == ["brain_found", "brain_volume"]
     assert empty.by_name("tumour_share_of_brain").status == qc.NOT_CHECKED
+
+
+# -- a series that covers part of the brain -----------------------------------------------------------------
+
+#: A slab of 24 slices of 2 mm (48 mm, slice centres at -23..23 mm) through the middle of :data:`GRID`;
+#: axis 0 is the slice normal.
+SLAB = slice(38, 62)
+
+
+def test_a_cut_brain_under_the_minimum_is_not_checked_and_records_coverage(
+    brain: npt.NDArray[np.bool_],
+) -> None:
+    """A targeted slab holding the whole tumour: the brain it holds is under 800 mL, which is the series'
+    field of view, not a failed mask: brain_volume is not checked, the study passes and the figures say
+    how far the series reaches."""
+    cut = brain[SLAB]
+    tumour = (ellipsoid((20.0, 20.0, 20.0), centre_mm=(0.0, 10.0, 10.0)) & brain)[SLAB]
+    brain_ml = float(cut.sum()) * VOXEL_ML
+    assert brain_ml < QCSettings().min_brain_ml
+    assert qc.cut_faces(cut) == [(0, 0), (0, 1)] and qc.cut_faces(brain) == []
+    report = qc.check(labels_of(tumour), cut, VOXEL_ML, 24, QCSettings(), spacing_mm=(2.0, 2.0, 2.0))
+    assert report.passed, report.reason()
+    rule = report.by_name("brain_volume")
+    assert rule.status == qc.NOT_CHECKED
+    assert "brain cut by the series' field of view (covers 48 mm" in rule.message
+    assert rule.figures["brain_cut"] is True and rule.figures["coverage_mm"] == 48.0
+    assert report.by_name("tumour_within_coverage").status == qc.PASSED
+    assert report.figures["coverage_mm"] == 48.0 and report.figures["brain_cut"] is True
+    # The upper bound still holds: a "brain" of 2.3 L in the slab is a wrong mask.
+    assert qc.rule_brain_volume(2300.0, 800.0, 2200.0, cut=True, coverage_mm=48.0).status == qc.FAILED
+    # A whole brain keeps its figures: not cut, the series' coverage recorded.
+    whole = qc.check(labels_of(brain & ellipsoid((20.0, 20.0, 20.0))), brain, VOXEL_ML, 100, QCSettings(),
+                     spacing_mm=(2.0, 2.0, 2.0))  # fmt: skip
+    assert whole.figures["brain_cut"] is False and whole.figures["coverage_mm"] == 200.0
+
+
+def test_a_tumour_reaching_the_cut_of_a_partial_series_fails(brain: npt.NDArray[np.bool_]) -> None:
+    """A tumour on the slab's last slice, or within 3 mm of it, goes on beyond the series: its volume is
+    incomplete and the study is held; 7 mm inside, it passes."""
+    cut = brain[SLAB]
+    # The slab's last slice lies at 23 mm: a tumour of radius 10 mm centred at 30 mm is cut by it, one at
+    # 11.5 mm ends on the slice at 21 mm (2 mm from the last one), one at 6 mm on the slice at 15 mm.
+    for centre_mm, status in [(30.0, qc.FAILED), (11.5, qc.FAILED), (6.0, qc.PASSED)]:
+        tumour = (ellipsoid((10.0, 10.0, 10.0), centre_mm=(centre_mm, 0.0, 0.0)) & brain)[SLAB]
+        assert tumour.any()
+        report = qc.check(labels_of(tumour), cut, VOXEL_ML, 24, QCSettings(), spacing_mm=(2.0, 2.0, 2.0))
+        rule = report.by_name("tumour_within_coverage")
+        assert rule.status == status, (centre_mm, rule.message)
+        assert report.by_name("brain_volume").status == qc.NOT_CHECKED
+        if status == qc.FAILED:
+            assert [r.name for r in report.failed] == ["tumour_within_coverage"]
+            assert "tumour reaches the edge of the series' coverage" in report.reason()
+            assert "its volume is incomplete" in report.reason()
+            assert "last slice" in rule.message
+    # A tumour touching the edge of a series that covers the whole brain is not there: restricted to
+    # the brain, which keeps off every face.
+    assert qc.edge_voxels(labels_of(brain), qc.cut_faces(brain), (2.0, 2.0, 2.0)) == 0
+
+
+def test_a_whole_brain_under_the_minimum_still_fails(brain: npt.NDArray[np.bool_]) -> None:
+    """A small brain the series covers whole (no face reached) is a failed mask: brain_volume fails."""
+    small = ellipsoid((40.0, 50.0, 35.0))  # ~293 mL
+    assert qc.cut_faces(small) == []
+    report = qc.check(labels_of(small & ellipsoid((10.0, 10.0, 10.0))), small, VOXEL_ML, 100, QCSettings(),
+                      spacing_mm=(2.0, 2.0, 2.0))  # fmt: skip
+    assert [r.name for r in report.failed] == ["brain_volume"]
+    assert "outside 800-2200 mL" in report.by_name("brain_volume").message
+    assert report.by_name("tumour_within_coverage").status == qc.PASSED
 
 
 # -- config ------------------------------------------------------------------------------------------------
@@ -325,6 +395,33 @@ def test_quality_check_takes_a_ras_mask_onto_the_series_grid(tmp_path: Path) -> 
     assert unchecked.report.by_name("head_found").status == qc.PASSED
     # With a mask the head is not computed: the brain rules are the stricter ones.
     assert checked.report.by_name("head_found").status == qc.NOT_CHECKED
+
+
+def test_quality_check_of_a_series_that_cuts_the_brain(tmp_path: Path) -> None:
+    """On a written and read series: a brain mask reaching both ends of the series along its slice normal
+    is cut by the field of view; the result passes with the coverage recorded, and fails once tumour lies
+    on the last slice."""
+    case = make_synthetic_case(5, (48, 48, 20))
+    study = write_study(case, tmp_path / "study", modalities=["FLAIR"])
+    chosen = SeriesSelector().select(scan_series(study.files["FLAIR"]), ["FLAIR"])
+    assembled = assemble_coregistered({"FLAIR": load_chosen(chosen["FLAIR"], "FLAIR")}, "FLAIR")
+    assert case.label is not None
+    brain_ras = np.zeros(case.shape, dtype=bool)
+    brain_ras[8:26, 22:40, :] = True  # every slice of the series (Z, 7.5 mm each): 778 mL of a cut brain
+    labels_ras = (np.asarray(case.label > 0) & brain_ras).astype(np.uint8)
+    labels = np.asarray(ras_to_volume(labels_ras, assembled.reference), dtype=np.uint8)
+    checked = quality_check(labels, assembled, brain_ras, 20, QCSettings())
+    report = checked.report
+    assert report.passed, report.reason()
+    assert report.figures["coverage_mm"] == pytest.approx(150.0) and report.figures["brain_cut"] is True
+    assert report.by_name("brain_volume").status == qc.NOT_CHECKED
+    shown = ("series coverage", "150 mm along the slice normal; the brain is cut by the series' field of "
+             "view")
+    assert shown in _result_rows({"qc": report.as_dict()})  # segnode jobs show
+    labels_ras[20:25, 25:30, -1] = 1  # tumour on the last slice
+    labels = np.asarray(ras_to_volume(labels_ras, assembled.reference), dtype=np.uint8)
+    held = quality_check(labels, assembled, brain_ras, 20, QCSettings()).report
+    assert [r.name for r in held.failed] == ["tumour_within_coverage"]
 
 
 # -- the SR: brain figures, and the SR without SEG ----------------------------------------------------
