@@ -146,9 +146,9 @@ class QCSettings:
     # and intracranial volume, which a brain mask that keeps the CSF approaches, about 1.2-1.9 L
     # (Buckner et al. 2004, NeuroImage 23:724). 800 mL lies below severe atrophy and small adult
     # heads; 2200 mL above the largest intracranial volumes. Outside: a wrong mask or not a head at
-    # all. A brain cut by the series' field of view (a slab, a series missing the vertex) is not
-    # checked against min_brain_ml; a tumour reaching that cut fails tumour_within_coverage instead
-    # (node/qc.py, no limit of its own).
+    # all. A series that is a slab through the brain (its mask reaches the first or last slice, and
+    # it covers under 120 mm along its slice normal) is not checked against min_brain_ml; a tumour
+    # reaching a cut fails tumour_within_coverage instead (node/qc.py, no limit of its own).
     min_brain_ml: float = 800.0
     max_brain_ml: float = 2200.0
     # Whole tumour (with oedema) as a share of the brain, in %. On the 9 BraTS training cases here

@@ -19,11 +19,14 @@ Rules and where their limits come from (defaults in ``[qc]`` of node.toml, node/
   foreground *is* the brain and the two rules coincide. It catches the model outlining the whole
   brain of a whole-head image (a tumour of ~40 % of the head).
 * ``brain_found``: the brain mask is not empty.
-* ``brain_volume``: ``min_brain_ml`` <= brain volume <= ``max_brain_ml``. When the series' field of
-  view cuts the brain (:func:`cut_faces`: the mask reaches a face of the series' grid, e.g. a
-  targeted slab of 12 slices through the tumour) a brain under ``min_brain_ml`` is what the series
-  holds, not a failed mask: the lower bound is ``not checked`` (the message gives the series'
-  coverage along its slice normal); the upper bound still applies.
+* ``brain_volume``: ``min_brain_ml`` <= brain volume <= ``max_brain_ml``. When the series is a slab
+  through the brain (:func:`cut_faces`: the mask reaches its first or last slice, and the series
+  covers less than :data:`WHOLE_BRAIN_MM` along its slice normal; e.g. a targeted slab of 12 slices
+  through the tumour) a brain under ``min_brain_ml`` is what the series holds, not a failed mask: the
+  lower bound is ``not checked`` (the message gives the series' coverage); the upper bound still
+  applies. A series that covers a whole brain's height keeps the lower bound even where its mask
+  reaches an edge: a clinical axial series commonly ends at the skull base, its mask reaching the
+  last slice through the brainstem, and a failed mask there must still be caught.
 * ``tumour_share_of_brain``: tumour volume <= ``max_tumour_share_percent`` of the brain volume.
 * ``tumour_inside_brain``: tumour voxels outside the brain mask are removed before the SEG
   (:func:`restrict_to_brain`); the rule fails when more than ``max_outside_share_percent`` of what
@@ -63,6 +66,10 @@ NOT_CHECKED = "not checked"
 #: 2D series with slices more than 3 mm apart its edge slice alone (mask edges are a voxel or two
 #: uncertain).
 EDGE_MARGIN_MM = 3.0
+#: A series covering at least this much along its slice normal (mm) spans a whole adult brain's
+#: height (vertex to the foramen magnum ~130-140 mm; left to right ~140 mm): a brain under
+#: ``min_brain_ml`` there is a failed mask even where the mask reaches an edge (``brain_volume``).
+WHOLE_BRAIN_MM = 120.0
 
 #: Names of the faces of a (slice, row, column) grid, for messages.
 _FACE_NAMES = {
@@ -212,6 +219,13 @@ def cut_faces(brain: npt.NDArray[np.bool_]) -> list[tuple[int, int]]:
     return faces
 
 
+def _slab(faces: Sequence[tuple[int, int]], coverage_mm: float | None) -> bool:
+    """Whether the series is a slab through the brain: the brain is cut at its first or last slice and
+    the series covers less than :data:`WHOLE_BRAIN_MM` along its slice normal."""
+    cut_across = any(axis == 0 for axis, _ in faces)
+    return cut_across and coverage_mm is not None and coverage_mm < WHOLE_BRAIN_MM
+
+
 def _faces_text(faces: Sequence[tuple[int, int]]) -> str:
     return ", ".join(_FACE_NAMES.get(face, str(face)) for face in faces)
 
@@ -295,7 +309,7 @@ def rule_brain_volume(
     cut: bool = False,
     coverage_mm: float | None = None,
 ) -> RuleResult:
-    """``min_ml <= brain volume <= max_ml``; with ``cut`` (the series' field of view cuts the brain) a
+    """``min_ml <= brain volume <= max_ml``; with ``cut`` (the series is a slab through the brain) a
     brain under ``min_ml`` is not checked: the series holds part of it. ``coverage_mm``: the series'
     extent along its slice normal, for the message."""
     if brain_ml is None:
@@ -309,8 +323,8 @@ def rule_brain_volume(
             "brain_volume",
             NOT_CHECKED,
             figures,
-            f"brain {brain_ml:.1f} mL, not checked against {min_ml:g} mL: brain cut by the series' field "
-            f"of view{_covers(coverage_mm)}",
+            f"brain {brain_ml:.1f} mL, not checked against {min_ml:g} mL: the series is a slab through "
+            f"the brain{_covers(coverage_mm)}",
         )
     ok = min_ml <= brain_ml <= max_ml
     return RuleResult(
@@ -446,7 +460,8 @@ def check(
         ),
         rule_brain_found(brain_ml),
         rule_brain_volume(
-            brain_ml, settings.min_brain_ml, settings.max_brain_ml, cut=bool(faces), coverage_mm=coverage_mm
+            brain_ml, settings.min_brain_ml, settings.max_brain_ml, cut=_slab(faces, coverage_mm),
+            coverage_mm=coverage_mm,
         ),
         rule_tumour_share_of_brain(tumour_ml, brain_ml, settings.max_tumour_share_percent),
         rule_tumour_inside_brain(

@@ -296,12 +296,18 @@ def test_a_cut_brain_under_the_minimum_is_not_checked_and_records_coverage(
     assert report.passed, report.reason()
     rule = report.by_name("brain_volume")
     assert rule.status == qc.NOT_CHECKED
-    assert "brain cut by the series' field of view (covers 48 mm" in rule.message
+    assert "the series is a slab through the brain (covers 48 mm" in rule.message
     assert rule.figures["brain_cut"] is True and rule.figures["coverage_mm"] == 48.0
     assert report.by_name("tumour_within_coverage").status == qc.PASSED
     assert report.figures["coverage_mm"] == 48.0 and report.figures["brain_cut"] is True
     # The upper bound still holds: a "brain" of 2.3 L in the slab is a wrong mask.
     assert qc.rule_brain_volume(2300.0, 800.0, 2200.0, cut=True, coverage_mm=48.0).status == qc.FAILED
+    # A series of a whole brain's height keeps the lower bound where its mask reaches an edge (a clinical
+    # axial series ending at the skull base, the brainstem on its last slice): a small brain there is a
+    # failed mask.
+    thick = qc.check(labels_of(tumour), cut, VOXEL_ML, 24, QCSettings(), spacing_mm=(6.0, 2.0, 2.0))
+    assert thick.figures["coverage_mm"] == 144.0 and thick.figures["brain_cut"] is True
+    assert thick.by_name("brain_volume").status == qc.FAILED
     # A whole brain keeps its figures: not cut, the series' coverage recorded.
     whole = qc.check(labels_of(brain & ellipsoid((20.0, 20.0, 20.0))), brain, VOXEL_ML, 100, QCSettings(),
                      spacing_mm=(2.0, 2.0, 2.0))  # fmt: skip
@@ -397,10 +403,15 @@ def test_quality_check_takes_a_ras_mask_onto_the_series_grid(tmp_path: Path) -> 
     assert checked.report.by_name("head_found").status == qc.NOT_CHECKED
 
 
-def test_quality_check_of_a_series_that_cuts_the_brain(tmp_path: Path) -> None:
+def test_quality_check_of_a_series_that_cuts_the_brain(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """On a written and read series: a brain mask reaching both ends of the series along its slice normal
     is cut by the field of view; the result passes with the coverage recorded, and fails once tumour lies
     on the last slice."""
+    # The phantom is 150 mm tall whatever its slice count: taken as a slab, the whole-brain height is
+    # raised above it.
+    monkeypatch.setattr(qc, "WHOLE_BRAIN_MM", 200.0)
     case = make_synthetic_case(5, (48, 48, 20))
     study = write_study(case, tmp_path / "study", modalities=["FLAIR"])
     chosen = SeriesSelector().select(scan_series(study.files["FLAIR"]), ["FLAIR"])
