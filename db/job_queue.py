@@ -519,12 +519,14 @@ RETRY_REQUESTED = "retry_requested_at"
 
 @database_errors
 def last_sent_run(sf: SessionFactory, job_id: int) -> SentRun | None:
-    """The run of ``job_id``'s study, other than that job, that ended ``done`` and whose sends were
-    queued last, with a send still pending or done; None when there is none. Its ``destinations`` are
-    those that any such run over the same inputs (``inputs_digest``) reached or will reach.
+    """The latest run (by run number) of ``job_id``'s study, other than that job, that ended ``done``
+    with a send still pending or done; None when there is none. Its ``destinations`` are those that
+    any such run over the same inputs (``inputs_digest``) reached or will reach.
 
     A run over the very inputs of that one makes the same SEG and SR; node/pipeline.py then sends
-    nothing again, which would only add an identical series to the PACS.
+    nothing again, which would only add an identical series to the PACS. The latest run, not the one
+    whose sends were queued last: an earlier run that ended after a later one (two workers) must not
+    stand for the study's result.
     """
     with sf() as s:
         study_id = s.scalar(select(NodeJob.study_id).where(NodeJob.id == job_id))
@@ -539,7 +541,7 @@ def last_sent_run(sf: SessionFactory, job_id: int) -> SentRun | None:
                 NodeJob.status == "done",
                 NodeSend.status.in_(("pending", "done")),
             )
-            .order_by(NodeSend.id.desc())
+            .order_by(NodeJob.run.desc(), NodeJob.id.desc(), NodeSend.id.desc())
         ).all()
         if not rows:
             return None
@@ -575,23 +577,33 @@ def release_job(
     The model does not run again: the outputs are those the job wrote (``result["outputs"]``). The
     job's reason and result record who released it and when, and which checks it had failed.
 
+    A later run of the study that ended ``done``, is queued or running, or sent its outputs supersedes
+    the job: its older result is not sent, since the PACS would get it after the newer one. A later run
+    held too, failed or skipped, with nothing sent, does not.
+
     Raises
     ------
     JobNotFoundError
         No job with ``job_id``.
     JobStateError
-        The job is not in ``review``, or its result lists no outputs.
+        The job is not in ``review``, a later run of its study supersedes it, or its result lists no
+        outputs.
     """
     now = now or utcnow()
     with writing(sf) as s:
         job = s.get(NodeJob, job_id)
         if job is None:
             raise JobNotFoundError(f"job {job_id} does not exist (see `segnode jobs list`)")
+        # The study's row locked (PostgreSQL), as retry_job locks it: two releases of one study's runs
+        # take turns, and each sees what the other did. The job is read again after the lock.
+        s.execute(select(NodeStudy.id).where(NodeStudy.id == job.study_id).with_for_update()).all()
+        s.refresh(job)
         if job.status != "review":
             raise JobStateError(
                 f"job {job_id} is {job.status}; only a job in review can be sent anyway "
                 "(`segnode jobs list --status review`)"
             )
+        _refuse_superseded_release(s, job)
         result = dict(job.result or {})
         outputs = [OutputObject(o["path"], o["sop_instance_uid"]) for o in result.get("outputs") or []]
         if not outputs:
@@ -610,6 +622,33 @@ def release_job(
         queued = _queue_sends(s, job_id, outputs, destinations, now)
     logger.info("job %d released by %s: %d sends queued", job_id, by, queued)
     return get_job(sf, job_id)
+
+
+def _refuse_superseded_release(s: Session, job: NodeJob) -> None:
+    """Raise :class:`JobStateError` when a later run of ``job``'s study supersedes it (see
+    :func:`release_job`), naming the latest such run and what to do."""
+    sent = select(NodeSend.id).where(NodeSend.job_id == NodeJob.id, NodeSend.status.in_(("pending", "done")))
+    later = s.execute(
+        select(NodeJob.id, NodeJob.run, NodeJob.status)
+        .where(
+            NodeJob.study_id == job.study_id,
+            NodeJob.run > job.run,
+            NodeJob.status.in_(("done", "queued", "running")) | sent.exists(),
+        )
+        .order_by(NodeJob.run.desc())
+        .limit(1)
+    ).first()
+    if later is None:
+        return
+    if later.status in ("queued", "running"):
+        state, then = f"is {later.status}", f"see `segnode jobs show {later.id}` once it ends"
+    else:
+        state = "ended done" if later.status == "done" else f"sent its result (now {later.status})"
+        then = f"see `segnode jobs show {later.id}`; `segnode jobs retry {later.id}` runs the study again"
+    raise JobStateError(
+        f"job {job.id} (run {job.run}) is not sent: job {later.id}, run {later.run} of the same study, "
+        f"{state} and supersedes it (the PACS would get the older result last); {then}"
+    )
 
 
 def _job_info(s: Session, job: NodeJob, with_sends: bool) -> JobInfo:

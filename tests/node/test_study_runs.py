@@ -4,10 +4,12 @@ the rest, for a while."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pydicom
+import pytest
 
 from converters.dicom_writer import write_study
 from converters.synthetic import make_synthetic_case
@@ -108,51 +110,117 @@ def test_the_digest_changes_with_the_settings_a_result_depends_on() -> None:
                                   registration=replace(RegistrationConfig(), threads=1))) != base
 
 
+START = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
+
+
+def _claimed_run(sf: Any, n: int) -> tuple[int, int]:
+    """Run ``n`` of study 1.2, made by its instance 1.2.``n`` arriving at START + 20 n s and claimed:
+    its job id and claim attempt."""
+    from db import instances
+
+    at = START + timedelta(seconds=20 * n)
+    instances.record_instance(
+        sf, sop_instance_uid=f"1.2.{n}", sop_class_uid="1.2.840.10008.5.1.4.1.1.4",
+        study_instance_uid="1.2", series_instance_uid="1.2.9", kept=True, path=f"/s/{n}.dcm",
+        calling_ae="PACS", now=at,
+    )  # fmt: skip
+    [job] = instances.schedule_due_studies(sf, 5.0, now=at + timedelta(seconds=6))
+    claim = job_queue.claim(sf, now=at + timedelta(seconds=7))
+    assert claim is not None and claim.job_id == job
+    return job, claim.attempt
+
+
+def _finish(
+    sf: Any,
+    job: int,
+    attempt: int,
+    to: list[Destination],
+    digest: str,
+    status: str = "done",
+    reason: str = "",
+) -> None:
+    """End ``job`` with one output, sent to ``to`` (``review``: held, nothing sent)."""
+    out = job_queue.OutputObject(f"/o/{job}.dcm", f"9.{job}")
+    outputs = [{"path": out.path, "sop_instance_uid": out.sop_instance_uid}]
+    result = {"inputs_digest": digest, "outputs": outputs}
+    assert job_queue.finish_job(
+        sf, job, status=status, reason=reason, result=result, outputs=[out], destinations=to, attempt=attempt
+    )
+
+
 def test_a_destination_an_earlier_run_over_the_same_inputs_reached_is_not_sent_to_again(
     sqlite_sf: Any,
 ) -> None:
     """Run 1 reached d1 only (d2 was added later); run 2, same inputs, sent to d2 alone; run 3, same
     inputs again (a key object arrives): d1 and d2 both have the result, so run 3 sends nothing. It
     compared with run 2 alone and sent to d1 a second time."""
-    from datetime import timedelta
     from types import SimpleNamespace
 
-    from db import instances
-    from db.transactions import utcnow
     from node.pipeline import _not_again
 
     sf = sqlite_sf
     d1, d2 = Destination("d1", "D1", "127.0.0.1", 1001), Destination("d2", "D2", "127.0.0.1", 1002)
-    start = utcnow().replace(microsecond=0)
-
-    def run(n: int) -> tuple[int, int]:
-        at = start + timedelta(seconds=20 * n)
-        instances.record_instance(
-            sf, sop_instance_uid=f"1.2.{n}", sop_class_uid="1.2.840.10008.5.1.4.1.1.4",
-            study_instance_uid="1.2", series_instance_uid="1.2.9", kept=True, path=f"/s/{n}.dcm",
-            calling_ae="PACS", now=at,
-        )
-        [job] = instances.schedule_due_studies(sf, 5.0, now=at + timedelta(seconds=6))
-        claim = job_queue.claim(sf, now=at + timedelta(seconds=7))
-        assert claim is not None and claim.job_id == job
-        return job, claim.attempt
-
-    def finish(job: int, attempt: int, to: list[Destination], reason: str = "") -> None:
-        assert job_queue.finish_job(
-            sf, job, status="done", reason=reason, result={"inputs_digest": "same"},
-            outputs=[job_queue.OutputObject(f"/o/{job}.dcm", f"9.{job}")], destinations=to, attempt=attempt,
-        )
-
     ctx = SimpleNamespace(sf=sf, destinations=[d1, d2])
-    first, attempt = run(1)
-    finish(first, attempt, [d1])
-    second, attempt = run(2)
+    first, attempt = _claimed_run(sf, 1)
+    _finish(sf, first, attempt, [d1], "same")
+    second, attempt = _claimed_run(sf, 2)
     verdict = _not_again(ctx, second, "same")  # type: ignore[arg-type]
     assert verdict is not None and [d.name for d in verdict[1]] == ["d2"]
-    finish(second, attempt, verdict[1], verdict[0])
-    third, _ = run(3)
+    _finish(sf, second, attempt, verdict[1], "same", reason=verdict[0])
+    third, _ = _claimed_run(sf, 3)
     verdict = _not_again(ctx, third, "same")  # type: ignore[arg-type]
     assert verdict == ("inputs unchanged since job 2; results not sent again", [])
+
+
+def test_the_last_sent_run_is_the_latest_run_not_the_last_to_queue_sends(sqlite_sf: Any) -> None:
+    """Run 1 (a partial FLAIR) ended after run 2 (the whole FLAIR), two workers: its sends were queued
+    last. Run 3, over run 2's inputs (a T2 arrived), was compared with run 1 and sent run 2's result a
+    second time; it is compared with run 2, the study's latest sent run."""
+    from types import SimpleNamespace
+
+    from node.pipeline import _not_again
+
+    sf = sqlite_sf
+    pacs = [Destination("pacs", "PACS", "127.0.0.1", 1001)]
+    first, first_attempt = _claimed_run(sf, 1)
+    second, attempt = _claimed_run(sf, 2)  # while run 1 still runs
+    _finish(sf, second, attempt, pacs, "whole")
+    _finish(sf, first, first_attempt, pacs, "part")
+    third, _ = _claimed_run(sf, 3)
+    verdict = _not_again(SimpleNamespace(sf=sf, destinations=pacs), third, "whole")  # type: ignore[arg-type]
+    assert verdict == (f"inputs unchanged since job {second}; results not sent again", [])
+
+
+def test_a_held_run_is_not_sent_anyway_once_a_later_run_supersedes_it(sqlite_sf: Any) -> None:
+    """Run 1 (6 of 12 slices) was held by QC, run 2 (all 12) sent; `segnode jobs retry 1 --send-anyway`
+    then sent the partial result, which the PACS got last. A held run is not released while a later
+    run of its study is running or once one ended done; a later run held too or failed, nothing sent,
+    does not stop it."""
+    from db.exceptions import JobStateError
+
+    sf = sqlite_sf
+    pacs = [Destination("pacs", "PACS", "127.0.0.1", 1001)]
+    held, attempt = _claimed_run(sf, 1)
+    _finish(sf, held, attempt, pacs, "part", status="review", reason="qc series_slices")
+    later, attempt = _claimed_run(sf, 2)
+    with pytest.raises(JobStateError) as running:
+        job_queue.release_job(sf, held, by="admin", destinations=pacs)
+    assert str(running.value) == (
+        f"job {held} (run 1) is not sent: job {later}, run 2 of the same study, is running and supersedes "
+        f"it (the PACS would get the older result last); see `segnode jobs show {later}` once it ends"
+    )
+    _finish(sf, later, attempt, pacs, "whole")
+    superseded = f"job {later}, run 2 of the same study, ended done and supersedes"
+    with pytest.raises(JobStateError, match=superseded):
+        job_queue.release_job(sf, held, by="admin", destinations=pacs)
+    assert job_queue.get_job(sf, held).status == "review" and job_queue.get_job(sf, held).sends == []
+
+    again, attempt = _claimed_run(sf, 3)
+    _finish(sf, again, attempt, pacs, "other", status="review", reason="qc brain_volume")
+    failed, attempt = _claimed_run(sf, 4)
+    _finish(sf, failed, attempt, [], "", status="failed", reason="an unreadable series")
+    released = job_queue.release_job(sf, again, by="admin", destinations=pacs)
+    assert released.status == "done" and len(released.sends) == 1
 
 
 def _announcing(files: list[Path], out: Path) -> list[Path]:
