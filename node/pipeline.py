@@ -1086,16 +1086,12 @@ def run_job(ctx: JobContext, job_id: int, attempt: int | None = None) -> str:
             ctx, job_id, attempt, "failed", reason, timer, model,
             log_reason=scrub_text(reason), missing=missing, incomplete=incomplete,
         )  # fmt: skip
-    if not report.passed:
-        for rule in report.failed:
-            ctx.metrics.qc_failures.labels(rule.name).inc()
-        return _end(
-            ctx, job_id, attempt, "review", report.reason(), timer, model, result=result, out_dir=out_dir,
-            missing=missing, incomplete=incomplete,
-        )  # fmt: skip
     # A later part of the study that changed nothing the model used (a DWI, a key object) made this run:
     # its SEG and SR are those already sent, and sending them again piles up identical series in the
-    # PACS. `segnode jobs retry` sends anyway: an administrator asked for it.
+    # PACS. `segnode jobs retry` sends anyway: an administrator asked for it. Checked before the QC
+    # hold: a result that fails QC the same way (the digest covers the [qc] limits) was sent only
+    # because an administrator released it, and holding it again would ask for the same release and
+    # send the same SEG twice.
     retried = job_queue.RETRY_REQUESTED in info.result
     again = None if retried else _not_again(ctx, job_id, digest)
     if again is not None:
@@ -1104,6 +1100,13 @@ def run_job(ctx: JobContext, job_id: int, attempt: int | None = None) -> str:
         return _end(
             ctx, job_id, attempt, "done", reason, timer, model, result=result, out_dir=out_dir,
             outputs=outputs if rest else None, destinations=rest, missing=missing, incomplete=incomplete,
+        )  # fmt: skip
+    if not report.passed:
+        for rule in report.failed:
+            ctx.metrics.qc_failures.labels(rule.name).inc()
+        return _end(
+            ctx, job_id, attempt, "review", report.reason(), timer, model, result=result, out_dir=out_dir,
+            missing=missing, incomplete=incomplete,
         )  # fmt: skip
     return _end(
         ctx, job_id, attempt, "done", "", timer, model, result=result, out_dir=out_dir, outputs=outputs,

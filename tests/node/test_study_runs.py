@@ -84,6 +84,44 @@ def test_a_run_over_unchanged_inputs_sends_nothing_again_a_retry_and_a_changed_i
         catcher.stop()
 
 
+def test_a_released_result_is_not_held_again_when_the_inputs_are_unchanged(tmp_path: Path) -> None:
+    """Run 1 was held by QC and released; the study's next part, a T2 the model does not use, made
+    run 2 over run 1's very inputs, which was held again (the QC hold came before the unchanged-inputs
+    check): released too, the PACS got the identical SEG twice, and left held, the study stayed in
+    review and spool retention never removed it. Run 2 ends done, "inputs unchanged", nothing sent,
+    and the study leaves the spool once its keep time has passed."""
+    from db import retention, send_queue
+    from db.transactions import utcnow
+
+    case = make_synthetic_case(3, SHAPE)
+    model = make_threshold_model(tmp_path / "model", crop=SHAPE[:2], spacing=case.spacing, threshold=1.5)
+    study = write_study(case, tmp_path / "study", modalities=["FLAIR", "T2"])
+    catcher = CatchingSCP().start(free_port())
+    pacs = [Destination("pacs", "CATCHER", "127.0.0.1", catcher.port)]
+    settings = node_settings(tmp_path, free_port(), pacs)
+    settings.qc.min_slices = SHAPE[2] + 1  # every run of the study fails series_slices
+    try:
+        with running_node(settings, model) as node:
+            _send(node, study.files["FLAIR"])
+            assert _ended(node, 1).status == "review"
+            job_queue.release_job(node.sf, 1, by="admin", destinations=pacs)
+            catcher.wait_for(lambda got: len(got) == 2, 30)  # SEG and SR
+            wait_until(lambda: send_queue.pending_send_count(node.sf) == 0, 30, "both sends acknowledged")
+
+            _send(node, study.files["T2"])
+            second = _ended(node, 2)
+            assert second.status == "done" and second.sends == []
+            assert second.reason == "inputs unchanged since job 1; results not sent again"
+            later = utcnow() + timedelta(days=400)  # past both keep times
+            removable = retention.removable_studies(
+                node.sf, later - timedelta(hours=168), later - timedelta(hours=720)
+            )
+            assert [r.study_instance_uid for r in removable] == [study.study_instance_uid]
+            assert len(catcher.received) == 2
+    finally:
+        catcher.stop()
+
+
 def test_the_digest_changes_with_the_settings_a_result_depends_on() -> None:
     """Same inputs after a restart with other QC limits, registration or mirroring: another result, so
     another digest (and the run sends)."""
