@@ -624,6 +624,27 @@ def release_job(
     return get_job(sf, job_id)
 
 
+def _refuse_older_run(s: Session, job: NodeJob) -> None:
+    """Raise :class:`JobStateError` when ``job`` is not its study's latest run (see :func:`retry_job`),
+    naming the latest."""
+    latest = s.execute(
+        select(NodeJob.id, NodeJob.run, NodeJob.status)
+        .where(NodeJob.study_id == job.study_id, NodeJob.run > job.run)
+        .order_by(NodeJob.run.desc())
+        .limit(1)
+    ).first()
+    if latest is None:
+        return
+    if latest.status in ("queued", "running"):
+        then = f"it is {latest.status} and analyses the study as it is now"
+    else:
+        then = f"`segnode jobs retry {latest.id}` analyses the study as it is now"
+    raise JobStateError(
+        f"job {job.id} is run {job.run} of its study, whose latest run is job {latest.id} (run "
+        f"{latest.run}); only the latest run can be retried: {then}"
+    )
+
+
 def _refuse_superseded_release(s: Session, job: NodeJob) -> None:
     """Raise :class:`JobStateError` when a later run of ``job``'s study supersedes it (see
     :func:`release_job`), naming the latest such run and what to do."""
@@ -712,7 +733,13 @@ def _spooled_instances(s: Session, study_id: int) -> int:
 
 @database_errors
 def retry_job(sf: SessionFactory, job_id: int) -> JobInfo:
-    """Queue a finished (failed, skipped, review or done) job again; a queued or running one is refused.
+    """Queue a finished (failed, skipped, review or done) job again; a queued or running one is refused,
+    and so is one that is not its study's latest run.
+
+    A run reads every instance its study has when it starts, and its SEG and SR carry its run number
+    (node/seg.py run_series): an older job run again would analyse the study as it is now under that
+    older run's number, a second series with that number in the PACS beside the later run's. The
+    refusal names the latest job, whose retry is the one that analyses the study again.
 
     The sends of the job's last run still pending (a destination down) end ``superseded`` in the same
     transaction: never tried again, so a destination gets the new run's SEG and SR, not both runs'.
@@ -728,8 +755,8 @@ def retry_job(sf: SessionFactory, job_id: int) -> JobInfo:
     JobNotFoundError
         No job with ``job_id``.
     JobStateError
-        The job is queued or running, or its study's instances have left the spool (or are leaving
-        it: spool retention has begun to remove them).
+        The job is queued or running, a later run of its study exists, or its study's instances have
+        left the spool (or are leaving it: spool retention has begun to remove them).
     """
     with writing(sf) as s:
         job = s.get(NodeJob, job_id)
@@ -742,6 +769,7 @@ def retry_job(sf: SessionFactory, job_id: int) -> JobInfo:
         s.refresh(job)
         if job.status in ("queued", "running"):
             raise JobStateError(f"job {job_id} is {job.status}; only a finished job can be retried")
+        _refuse_older_run(s, job)
         if not _spooled_instances(s, job.study_id):
             raise JobStateError(
                 f"job {job_id}: its study's instances are no longer in the spool (spool retention: [node] "

@@ -452,7 +452,8 @@ def jobs_retry(
         None, "--by", help="Who reviewed it (recorded on the job; default: the login name)."
     ),
 ) -> None:
-    """Queue a finished job again (a new result is produced and sent), or send a reviewed one anyway."""
+    """Queue a finished job, its study's latest run, again (a new result is produced and sent), or send a
+    reviewed one anyway."""
     from db import job_queue
 
     sf = _session_factory(config)

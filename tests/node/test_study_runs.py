@@ -261,6 +261,31 @@ def test_a_held_run_is_not_sent_anyway_once_a_later_run_supersedes_it(sqlite_sf:
     assert released.status == "done" and len(released.sends) == 1
 
 
+def test_only_a_studys_latest_run_can_be_retried(sqlite_sf: Any) -> None:
+    """Run 1 sent, a corrected instance made run 2, sent; `segnode jobs retry 1` then ran job 1 over
+    the study as it is now (run 2's inputs) and sent a third SEG numbered as run 1. A retry of a job
+    that is not its study's latest run is refused, naming the latest; that one's retry is accepted."""
+    from db.exceptions import JobStateError
+
+    sf = sqlite_sf
+    pacs = [Destination("pacs", "PACS", "127.0.0.1", 1001)]
+    first, attempt = _claimed_run(sf, 1)
+    _finish(sf, first, attempt, pacs, "before")
+    second, attempt = _claimed_run(sf, 2)
+    _finish(sf, second, attempt, pacs, "corrected")
+    with pytest.raises(JobStateError) as refused:
+        job_queue.retry_job(sf, first)
+    assert str(refused.value) == (
+        f"job {first} is run 1 of its study, whose latest run is job {second} (run 2); only the latest "
+        f"run can be retried: `segnode jobs retry {second}` analyses the study as it is now"
+    )
+    job = job_queue.get_job(sf, first)
+    assert job.status == "done" and [s.status for s in job.sends] == ["pending"]
+    assert job_queue.retry_job(sf, second).status == "queued"
+    with pytest.raises(JobStateError, match=f"latest run is job {second} .* it is queued and analyses"):
+        job_queue.retry_job(sf, first)
+
+
 def _announcing(files: list[Path], out: Path) -> list[Path]:
     """``files`` (one series) with ImagesInAcquisition (0020,1002) set to their count, as GE writes it."""
     out.mkdir()
