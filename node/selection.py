@@ -26,9 +26,14 @@ A series whose ImageType (0008,0008) names a derived map (ADC, TRACE, MIP, subtr
 localizer) serves no role. Nor, whatever its description says, does a series whose attributes say it is:
 
 * diffusion-weighted: ImageType DIFFUSION, a DiffusionBValue (0018,9087) above 0 (or any in an
-  echo-planar series), a DiffusionDirectionality (0018,9075) other than NONE, or a Siemens ``*ep_b``
-  SequenceName (0018,0024). A DWI has a long TE and no inversion, so by TE alone it is a T2; a
-  series of two b-values would then win the T2 role by its slice count;
+  echo-planar series), Philips' private Diffusion B-Factor (2001,xx03 of "Philips Imaging DD 001")
+  above 0, a DiffusionDirectionality (0018,9075) other than NONE, or a Siemens ``*ep_b`` SequenceName
+  (0018,0024), in any image probed (up to ``ECHO_PROBES`` files spread over the series, or frames of a
+  multi-frame one): the first image of a DWI is often its b=0, and a Philips DWI may say EP nowhere
+  (ScanningSequence SE) while Philips writes a b-value of 0 on every image, diffusion or not. A DWI
+  has a long TE and no inversion, so by TE alone it is a T2; a series of two b-values would then win
+  the T2 role by its slice count. A b=0 series exported alone is no T2 either when it says EP (see T2
+  above); a Philips one that does not is told only by its description;
 * an angiogram: AngioFlag (0018,0025) Y, or an Enhanced MR image flavour ANGIO. A time-of-flight
   angiogram has a short TE and TR, so by them alone it is a T1;
 * a phase, real or imaginary image: ComplexImageComponent (0008,9208), or ImageType's vendor values
@@ -68,21 +73,25 @@ from __future__ import annotations
 import logging
 import os
 import re
+import struct
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.tag import BaseTag, Tag
 
 from converters.dicom_series import DUPLICATE_TOLERANCE_MM
 from node.config import SelectionSettings
 from node.exceptions import SelectionError
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 #: The rules are the ``[selection]`` section of the config.
@@ -317,18 +326,46 @@ def _deep_get(ds: Dataset, keyword: str) -> Any:
     return None
 
 
-def _no_role_kind(ds: Dataset, image_type: Sequence[str]) -> str:
-    """What the attributes say a series is when it is no structural image: "diffusion",
-    "angiography", "phase, real or imaginary image", "susceptibility-weighted", "dynamic (N time
-    points)", or "" (see the module notes)."""
+#: Philips' private block of group 2001 and its Diffusion B-Factor (2001,xx03), FL: Philips writes it (0
+#: outside diffusion, as it does the standard DiffusionBValue) where a PACS may have dropped the standard one.
+PHILIPS_CREATOR = "Philips Imaging DD 001"
+PHILIPS_B_FACTOR = 0x03
+
+
+def _philips_b_value(ds: Dataset) -> float | None:
+    """Philips' private Diffusion B-Factor (2001,xx03) of ``ds``, or None."""
+    try:
+        value = ds.private_block(0x2001, PHILIPS_CREATOR)[PHILIPS_B_FACTOR].value
+    except KeyError:
+        return None
+    if isinstance(value, bytes) and len(value) == 4:  # VR UN: a PACS that did not know the tag
+        return float(struct.unpack("<f", value)[0])
+    return _float(value)
+
+
+def _says_diffusion(ds: Dataset) -> bool:
+    """One header (or one frame's functional groups) says diffusion (see the module notes)."""
     bvalue = _float(_deep_get(ds, "DiffusionBValue"))
     directionality = str(_deep_get(ds, "DiffusionDirectionality") or "").strip().upper()
-    if (
-        "DIFFUSION" in image_type
+    return (
+        "DIFFUSION" in _multi(ds.get("ImageType"))
         or (bvalue is not None and (bvalue > 0 or "EP" in _multi(_deep_get(ds, "ScanningSequence"))))
+        or (_philips_b_value(ds) or 0) > 0
         or directionality not in ("", "NONE")
-        or DIFFUSION_SEQUENCE_NAME.search(str(_deep_get(ds, "SequenceName") or ""))
-    ):
+        or bool(DIFFUSION_SEQUENCE_NAME.search(str(_deep_get(ds, "SequenceName") or "")))
+    )
+
+
+def _no_role_kind(ds: Dataset, image_type: Sequence[str], probes: Sequence[Dataset] = ()) -> str:
+    """What the attributes say a series is when it is no structural image: "diffusion",
+    "angiography", "phase, real or imaginary image", "susceptibility-weighted", "dynamic (N time
+    points)", or "" (see the module notes).
+
+    ``ds`` is the series' first header, ``probes`` other headers of it (files spread over a single-frame
+    series, frames of a multi-frame one): a series is diffusion when any header says so (the first image
+    of a DWI is often b=0, which says nothing).
+    """
+    if any(_says_diffusion(h) for h in (ds, *probes)):
         return "diffusion"
     if str(_deep_get(ds, "AngioFlag") or "").strip().upper() == "Y" or "ANGIO" in image_type:
         return "angiography"
@@ -347,8 +384,12 @@ def _no_role_kind(ds: Dataset, image_type: Sequence[str]) -> str:
     return ""
 
 
-def series_info(ds: Dataset, paths: Sequence[Path], slices: int) -> SeriesInfo:
-    """Build a :class:`SeriesInfo` from one header of the series (single- or multi-frame)."""
+def series_info(
+    ds: Dataset, paths: Sequence[Path], slices: int, probes: Sequence[Dataset] = ()
+) -> SeriesInfo:
+    """Build a :class:`SeriesInfo` from one header of the series (single- or multi-frame); ``probes``:
+    other headers of it (at least :data:`PROBE_TAGS`), which may say it is diffusion
+    (:func:`_no_role_kind`), and a multi-frame header's frames are probed too."""
     iop = _deep_get(ds, "ImageOrientationPatient")
     normal = None
     if iop is not None and len(iop) == 6:
@@ -386,7 +427,7 @@ def series_info(ds: Dataset, paths: Sequence[Path], slices: int) -> SeriesInfo:
         image_type=image_type,
         contrast=contrast,
         acquired=_acquired(ds),
-        special=_no_role_kind(ds, image_type),
+        special=_no_role_kind(ds, image_type, [*probes, *_frame_probes(ds)]),
         echo_pulse=str(_deep_get(ds, "EchoPulseSequence") or "").strip().upper(),
         slice_mm=_slice_pitch(ds),
         versions=tuple(file_version(path) for path in paths),
@@ -410,9 +451,9 @@ def _slice_pitch(ds: Dataset) -> float | None:
     return max(positive) if positive else None
 
 
-#: The attributes a probe reads (:func:`_echo_key`, :func:`_normal`, AcquisitionNumber); it parses no
-#: other value.
-PROBE_TAGS: list[str] = [
+#: The attributes of an image's volume key: its echo (:func:`_echo_key`) and its stack (:func:`_normal`,
+#: AcquisitionNumber).
+ECHO_TAGS: list[str] = [
     "EchoNumbers", "EchoTime", "ImageType", "ComplexImageComponent", "ImageOrientationPatient",
     "AcquisitionNumber",
 ]  # fmt: skip
@@ -423,9 +464,34 @@ PROBE_TAGS: list[str] = [
 #: (converters/dicom_series.py ``ORIENTATION_TOLERANCE``): only clearly separate planes are split.
 STACK_NORMAL_TOLERANCE = 0.01
 
+#: The attributes a probe reads (it parses no other value): :data:`ECHO_TAGS` and those by which any one
+#: image says its series is diffusion (:func:`_no_role_kind`), Philips' private b-value with its private
+#: creator, in whichever block of group 2001 the file has put it.
+PROBE_TAGS: list[BaseTag] = [
+    *(
+        Tag(keyword)
+        for keyword in (
+            *ECHO_TAGS,
+            "ScanningSequence",
+            "SequenceName",
+            "DiffusionBValue",
+            "DiffusionDirectionality",
+        )
+    ),
+    *(BaseTag(0x20010000 | block) for block in range(0x10, 0x100)),
+    *(BaseTag(0x20010000 | block << 8 | PHILIPS_B_FACTOR) for block in range(0x10, 0x100)),
+]
+
 
 def _probe_header(path: Path) -> Dataset:
     return pydicom.dcmread(path, stop_before_pixels=True, specific_tags=PROBE_TAGS)
+
+
+def _frame_probes(ds: Dataset) -> list[Dataset]:
+    """Up to :data:`ECHO_PROBES` frames' functional groups spread over a multi-frame header ([] for a
+    single-frame one)."""
+    frames = ds.get("PerFrameFunctionalGroupsSequence") or []
+    return _echo_probes(list(frames)) if len(frames) > 1 else []
 
 
 def _complex_part(ds: Dataset) -> str:
@@ -563,7 +629,8 @@ def _echo_series(
         if len(echoes) > 1 and part:
             labels.append(f"{part} image")
         for stack, images in _stacks(items):
-            info = series_info(images[0][0], [p for _, p in images], len(images))
+            probes = _echo_probes([d for d, _ in images]) if len(images) > 1 else []
+            info = series_info(images[0][0], [p for _, p in images], len(images), probes)
             info.echo = ", ".join(labels)
             info.stack = stack
             if stack and len(images) < min_stack_slices and not info.special:
@@ -587,7 +654,8 @@ def scan_series(paths: Iterable[Path], min_stack_slices: int = MIN_STACK_SLICES)
     for headers in groups.values():
         if any(_frames(ds) > 1 for ds, _ in headers):
             frames = sum(_frames(ds) for ds, _ in headers)
-            out.append(series_info(headers[0][0], [p for _, p in headers], frames))
+            others = [d for d, _ in headers[1:]]
+            out.append(series_info(headers[0][0], [p for _, p in headers], frames, others))
         else:
             out.extend(_echo_series(headers, min_stack_slices))
     return out
@@ -597,7 +665,7 @@ def scan_series(paths: Iterable[Path], min_stack_slices: int = MIN_STACK_SLICES)
 ECHO_PROBES = 16
 
 
-def _echo_probes(paths: Sequence[Path]) -> list[Path]:
+def _echo_probes(paths: Sequence[T]) -> list[T]:
     """Up to :data:`ECHO_PROBES` files spread evenly over ``paths`` (the last one included).
 
     Files come in the order they were received, which a PACS chooses: one echo after the other, the
@@ -623,13 +691,14 @@ def scan_grouped_series(
     for paths in groups.values():
         first = pydicom.dcmread(paths[0], stop_before_pixels=True)
         if _frames(first) > 1 or len(paths) == 1:
-            frames = sum(_frames(pydicom.dcmread(p, stop_before_pixels=True)) for p in paths)
-            out.append(series_info(first, [Path(p) for p in paths], frames))
+            others = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths[1:]]
+            frames = sum(_frames(ds) for ds in (first, *others))
+            out.append(series_info(first, [Path(p) for p in paths], frames, others))
             continue
         key, normal = (_echo_key(first), _acquisition(first)), _normal(first)
         probes = [_probe_header(p) for p in _echo_probes(paths)]
         if all((_echo_key(h), _acquisition(h)) == key and _same_stack(_normal(h), normal) for h in probes):
-            out.append(series_info(first, [Path(p) for p in paths], len(paths)))
+            out.append(series_info(first, [Path(p) for p in paths], len(paths), probes))
             continue
         headers = [(pydicom.dcmread(p, stop_before_pixels=True), Path(p)) for p in paths]
         out.extend(_echo_series(headers, min_stack_slices))

@@ -963,6 +963,46 @@ def test_two_acquisitions_at_the_same_positions_in_one_series_are_two_candidates
             assert load_chosen(chosen, "T1").volume.array.shape[0] == len(sources)
 
 
+def test_a_philips_dwi_whose_first_image_is_b0_is_diffusion_by_any_image(tmp_path: Path) -> None:
+    """A Philips DWI says EP nowhere (ScanningSequence SE) and writes DiffusionBValue 0 on every image,
+    diffusion or not (as on the real T1 here); its b-value is in the private Diffusion B-Factor
+    (2001,1003), the standard one often absent. Its first image is b=0: judged on that header alone it
+    was a T2 by its TE. Any image that says diffusion makes the series diffusion, on both scanning
+    paths; the same series without b-values stays a T2."""
+    from node.selection import scan_grouped_series
+
+    sources = sorted(require_shared("dicom", "philips_t1_sag3d_mprage_healthy").iterdir())[:12]
+    assert pydicom.dcmread(sources[0]).DiffusionBValue == 0  # written outside diffusion too
+
+    def dwi(folder: Path, b_values: tuple[float, ...]) -> list[Path]:
+        folder.mkdir()
+        paths, uid = [], pydicom.uid.generate_uid()
+        for b in b_values:  # b=0 at every position first, then the diffusion-weighted images
+            for n, source in enumerate(sources):
+                ds = pydicom.dcmread(source)
+                ds.SeriesInstanceUID, ds.SeriesDescription, ds.ProtocolName = uid, "sequence 9", "WIP seq 9"
+                ds.ScanningSequence, ds.SequenceVariant, ds.EchoTime, ds.RepetitionTime = "SE", "SK", 90, 3000
+                ds.ImageType, ds.MRAcquisitionType = ["ORIGINAL", "PRIMARY", "M_SE", "M", "SE"], "2D"
+                ds[0x2005, 0x140F].value[0].EchoPulseSequence = "SPIN"  # Philips' private copy of it
+                ds.private_block(0x2001, "Philips Imaging DD 001")[0x03].value = b
+                if b:
+                    del ds.DiffusionBValue  # only the private b-value says it
+                ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+                path = folder / f"{b:g}-{n:03d}.dcm"
+                ds.save_as(path, enforce_file_format=True)
+                paths.append(path)
+        return paths
+
+    selector = SeriesSelector()
+    paths = dwi(tmp_path / "dwi", (0.0, 1000.0))
+    for [series] in (scan_grouped_series({"dwi": paths}), scan_series(paths)):
+        assert series.special == "diffusion", series.label
+        assert selector.assign([series], ["T2"]).missing == ["T2"]
+    paths = dwi(tmp_path / "t2", (0.0,))
+    for [series] in (scan_grouped_series({"t2": paths}), scan_series(paths)):
+        assert not series.special and selector.matches("T2", series)
+
+
 def test_a_lease_is_renewed_only_while_still_held(sf: SessionFactory) -> None:
     """renew_leases extends a send's lease while it is ours; one that ended (another sender may have
     claimed the send since) or a send marked meanwhile is left alone."""
