@@ -34,6 +34,10 @@ localizer) serves no role. Nor, whatever its description says, does a series who
   has a long TE and no inversion, so by TE alone it is a T2; a series of two b-values would then win
   the T2 role by its slice count. A b=0 series exported alone is no T2 either when it says EP (see T2
   above); a Philips one that does not is told only by its description;
+* a localizer: ImageType LOCALIZER or SCOUT in any image probed, or several slice orientations (normals
+  more than ``LOCALIZER_ANGLE_DEGREES`` apart) among the images probed with at most
+  ``LOCALIZER_MAX_SLICES`` slices per orientation: a GE 3-plane loc, whose ImageType often does not say
+  LOCALIZER, is a T1 by its short TE and TR, and read whole is refused for its mixed orientations;
 * an angiogram: AngioFlag (0018,0025) Y, or an Enhanced MR image flavour ANGIO. A time-of-flight
   angiogram has a short TE and TR, so by them alone it is a T1;
 * a phase, real or imaginary image: ComplexImageComponent (0008,9208), or ImageType's vendor values
@@ -54,8 +58,9 @@ planes), and, at the same positions, two acquisitions that AcquisitionNumber (00
 (a repeat after motion). The loader (converters/dicom_series.py) refuses a volume of mixed orientations
 or repeated positions, so such a series read whole would serve no role; each stack is a candidate of its
 own (``stack``: "coronal stack", "acquisition 2"), ranked as any other. A stack of fewer slices than a
-series needs (the ``[qc]`` ``min_slices``) serves no role: a 3-plane localizer does not become three
-candidates.
+series needs (the ``[qc]`` ``min_slices``) serves no role, and every stack of a series that is a
+localizer by its orientations (above; judged on all its images) serves none: a 3-plane localizer does
+not become three candidates, even with 8 or more slices a plane.
 
 Among the candidates for a modality (:func:`ranked`) an ORIGINAL image wins over a DERIVED one, then
 one that covers about as much as the others over a slab, then the finer slices (SliceThickness and
@@ -124,9 +129,10 @@ class SeriesInfo:
     #: Seconds since the study date's midnight (days added for a later date), or None.
     acquired: float | None = None
     #: What the attributes say this series is when it is no structural image (:func:`_no_role_kind`):
-    #: "diffusion", "angiography", "phase, real or imaginary image", "susceptibility-weighted",
-    #: "dynamic (N time points)", or "" for a structural series; for a stack of a series holding several,
-    #: "a stack of N images (fewer than M)" when it is too short to be one (:func:`_echo_series`).
+    #: "localizer (...)", "diffusion", "angiography", "phase, real or imaginary image",
+    #: "susceptibility-weighted", "dynamic (N time points)", or "" for a structural series; for a stack
+    #: of a series holding several, "a stack of N images (fewer than M)" when it is too short to be one
+    #: (:func:`_echo_series`).
     special: str = ""
     #: For one echo of a multi-echo series (e.g. a PD/T2 dual echo), which: "echo 2, TE 90 ms";
     #: "" for a series of one echo.
@@ -331,6 +337,17 @@ def _deep_get(ds: Dataset, keyword: str) -> Any:
 PHILIPS_CREATOR = "Philips Imaging DD 001"
 PHILIPS_B_FACTOR = 0x03
 
+#: ImageType values of a localizer (scout) image.
+LOCALIZER_IMAGE_TYPES = frozenset({"LOCALIZER", "SCOUT"})
+
+#: A series whose images hold several orientations is a localizer (a GE 3-plane loc: a handful of slices
+#: in each of three planes, by its short TE and TR a T1) when it has at most this many slices per
+#: orientation. A 2D stack that covers a brain has some 20 or more: two such stacks in one series are no
+#: localizer.
+LOCALIZER_MAX_SLICES = 15
+#: Slice normals more than this many degrees apart are two orientations (a 3-plane loc's are 90 apart).
+LOCALIZER_ANGLE_DEGREES = 10.0
+
 
 def _philips_b_value(ds: Dataset) -> float | None:
     """Philips' private Diffusion B-Factor (2001,xx03) of ``ds``, or None."""
@@ -356,16 +373,53 @@ def _says_diffusion(ds: Dataset) -> bool:
     )
 
 
-def _no_role_kind(ds: Dataset, image_type: Sequence[str], probes: Sequence[Dataset] = ()) -> str:
-    """What the attributes say a series is when it is no structural image: "diffusion",
-    "angiography", "phase, real or imaginary image", "susceptibility-weighted", "dynamic (N time
-    points)", or "" (see the module notes).
+def _orientations(headers: Sequence[Dataset]) -> int:
+    """How many slice orientations the headers hold: slice normals (from ImageOrientationPatient) more
+    than :data:`LOCALIZER_ANGLE_DEGREES` apart. A coarse angle, not the loader's tolerance: cosines that
+    jitter in their last digits from slice to slice are one orientation here."""
+    seen: list[np.ndarray] = []
+    for ds in headers:
+        iop = _deep_get(ds, "ImageOrientationPatient")
+        if iop is None or len(iop) != 6:
+            continue
+        cosines = np.asarray([_float(v) or 0.0 for v in iop])
+        normal = np.cross(cosines[:3], cosines[3:])
+        length = float(np.linalg.norm(normal))
+        if length == 0:
+            continue
+        normal /= length
+        limit = np.cos(np.radians(LOCALIZER_ANGLE_DEGREES))
+        if all(abs(float(normal @ other)) < limit for other in seen):
+            seen.append(normal)
+    return len(seen)
+
+
+def _localizer(headers: Sequence[Dataset], slices: int) -> str:
+    """"localizer (...)" when ``headers`` (of a series of ``slices`` images) say it is one (see the
+    module notes), else ""."""
+    if any(LOCALIZER_IMAGE_TYPES.intersection(_multi(h.get("ImageType"))) for h in headers):
+        return "localizer (ImageType LOCALIZER or SCOUT)"
+    planes = _orientations(headers)
+    if planes > 1 and slices <= LOCALIZER_MAX_SLICES * planes:
+        return f"localizer ({planes} orientations, {slices} slices)"
+    return ""
+
+
+def _no_role_kind(
+    ds: Dataset, image_type: Sequence[str], slices: int = 1, probes: Sequence[Dataset] = ()
+) -> str:
+    """What the attributes say a series is when it is no structural image: "localizer (...)",
+    "diffusion", "angiography", "phase, real or imaginary image", "susceptibility-weighted", "dynamic
+    (N time points)", or "" (see the module notes).
 
     ``ds`` is the series' first header, ``probes`` other headers of it (files spread over a single-frame
-    series, frames of a multi-frame one): a series is diffusion when any header says so (the first image
-    of a DWI is often b=0, which says nothing).
+    series, frames of a multi-frame one): a series is a localizer or diffusion when any header says so
+    (the first image of a DWI is often b=0, which says nothing).
     """
-    if any(_says_diffusion(h) for h in (ds, *probes)):
+    headers = [ds, *probes]
+    if localizer := _localizer(headers, slices):
+        return localizer
+    if any(_says_diffusion(h) for h in headers):
         return "diffusion"
     if str(_deep_get(ds, "AngioFlag") or "").strip().upper() == "Y" or "ANGIO" in image_type:
         return "angiography"
@@ -388,7 +442,7 @@ def series_info(
     ds: Dataset, paths: Sequence[Path], slices: int, probes: Sequence[Dataset] = ()
 ) -> SeriesInfo:
     """Build a :class:`SeriesInfo` from one header of the series (single- or multi-frame); ``probes``:
-    other headers of it (at least :data:`PROBE_TAGS`), which may say it is diffusion
+    other headers of it (at least :data:`PROBE_TAGS`), which may say it is a localizer or diffusion
     (:func:`_no_role_kind`), and a multi-frame header's frames are probed too."""
     iop = _deep_get(ds, "ImageOrientationPatient")
     normal = None
@@ -427,7 +481,7 @@ def series_info(
         image_type=image_type,
         contrast=contrast,
         acquired=_acquired(ds),
-        special=_no_role_kind(ds, image_type, [*probes, *_frame_probes(ds)]),
+        special=_no_role_kind(ds, image_type, slices, [*probes, *_frame_probes(ds)]),
         echo_pulse=str(_deep_get(ds, "EchoPulseSequence") or "").strip().upper(),
         slice_mm=_slice_pitch(ds),
         versions=tuple(file_version(path) for path in paths),
@@ -465,13 +519,14 @@ ECHO_TAGS: list[str] = [
 STACK_NORMAL_TOLERANCE = 0.01
 
 #: The attributes a probe reads (it parses no other value): :data:`ECHO_TAGS` and those by which any one
-#: image says its series is diffusion (:func:`_no_role_kind`), Philips' private b-value with its private
-#: creator, in whichever block of group 2001 the file has put it.
+#: image says its series is a localizer or diffusion (:func:`_no_role_kind`), Philips' private b-value
+#: with its private creator, in whichever block of group 2001 the file has put it.
 PROBE_TAGS: list[BaseTag] = [
     *(
         Tag(keyword)
         for keyword in (
             *ECHO_TAGS,
+            "ImageOrientationPatient",
             "ScanningSequence",
             "SequenceName",
             "DiffusionBValue",
@@ -628,12 +683,17 @@ def _echo_series(
             labels.append(f"echo {number or '?'}" + (f", TE {te:g} ms" if te is not None else ""))
         if len(echoes) > 1 and part:
             labels.append(f"{part} image")
-        for stack, images in _stacks(items):
+        stacks = _stacks(items)
+        # Judged on the echo's images together: each plane of a 3-plane localizer is a stack of its own.
+        localizer = _localizer([d for d, _ in items], len(items)) if len(stacks) > 1 else ""
+        for stack, images in stacks:
             probes = _echo_probes([d for d, _ in images]) if len(images) > 1 else []
             info = series_info(images[0][0], [p for _, p in images], len(images), probes)
             info.echo = ", ".join(labels)
             info.stack = stack
-            if stack and len(images) < min_stack_slices and not info.special:
+            if localizer:
+                info.special = localizer
+            elif stack and len(images) < min_stack_slices and not info.special:
                 info.special = f"a stack of {len(images)} images (fewer than {min_stack_slices})"
             out.append(info)
     return out

@@ -1003,6 +1003,58 @@ def test_a_philips_dwi_whose_first_image_is_b0_is_diffusion_by_any_image(tmp_pat
         assert not series.special and selector.matches("T2", series)
 
 
+@pytest.mark.filterwarnings("ignore:The value length")  # the vendor series has an over-long SH
+def test_a_ge_3_plane_localizer_in_one_series_is_a_localizer_not_a_t1(tmp_path: Path) -> None:
+    """A GE 3-plane loc: three slices in each of three planes in one series, ImageType without LOCALIZER,
+    a description the exclude pattern does not know, a short TE and TR. It was the T1 candidate, then
+    failed to load (mixed orientations). Several orientations with few slices each make a localizer at
+    scan time, as does ImageType LOCALIZER or SCOUT in any image; two stacks of many slices do not."""
+    from node.selection import scan_grouped_series
+
+    sources = sorted(require_shared("dicom", "ge_t1_mprage_healthy").iterdir())
+    axial, sagittal, coronal = [1, 0, 0, 0, 1, 0], [0, 1, 0, 0, 0, -1], [1, 0, 0, 0, 0, -1]
+
+    def series(name: str, planes: list[tuple[list[int], int]], scout_at: int = -1) -> list[Path]:
+        folder = tmp_path / name
+        folder.mkdir()
+        paths, uid = [], pydicom.uid.generate_uid()
+        images = [iop for iop, count in planes for _ in range(count)]
+        for n, (source, iop) in enumerate(zip(sources, images, strict=False)):
+            ds = pydicom.dcmread(source)
+            ds.SeriesInstanceUID, ds.SeriesDescription, ds.ImageOrientationPatient = uid, "3-Plane Loc", iop
+            ds.ScanningSequence, ds.ScanOptions, ds.EchoTime, ds.RepetitionTime = "GR", "FAST_GEMS", 1.6, 5.1
+            ds.ImageType = ["ORIGINAL", "PRIMARY", "SCOUT" if n == scout_at else "OTHER"]
+            del ds.InversionTime
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+            path = folder / f"{n:03d}.dcm"
+            ds.save_as(path, enforce_file_format=True)
+            paths.append(path)
+        return paths
+
+    selector = SeriesSelector()
+    # Each plane is a stack of its own (a candidate apart), judged a localizer on the series' images
+    # together: also with 10 slices a plane, which a stack alone would have enough of to be a series.
+    for count in (3, 10):
+        loc = series(f"loc{count}", [(axial, count), (sagittal, count), (coronal, count)])
+        kind = f"localizer (3 orientations, {3 * count} slices)"
+        for scanned in (scan_grouped_series({"loc": loc}), scan_series(loc)):
+            assert [s.special for s in scanned] == [kind] * 3, [s.label for s in scanned]
+            assert sorted(selector.assign(scanned, ["T1", "T1GD"]).missing) == ["T1", "T1GD"]
+            assert selector.not_used(scanned, selector.assign(scanned, ["T1"])) == [
+                {"series": s.label, "reason": f"{kind}: serves no role"} for s in scanned
+            ]
+    # One orientation, a later image of it a SCOUT: a localizer too.
+    scout = series("scout", [(axial, 9)], scout_at=6)
+    for [scanned] in (scan_grouped_series({"scout": scout}), scan_series(scout)):
+        assert scanned.special == "localizer (ImageType LOCALIZER or SCOUT)"
+    # Two stacks of 18 slices in one series are no localizer, and one stack is a T1 as before.
+    for planes in ([(axial, 18), (coronal, 18)], [(axial, 18)]):
+        paths = series(f"stacks{len(planes)}", planes)
+        for scanned in (scan_grouped_series({"stacks": paths}), scan_series(paths)):
+            assert len(scanned) == len(planes)
+            assert all(not s.special and selector.matches("T1", s) for s in scanned), scanned
+
+
 def test_a_lease_is_renewed_only_while_still_held(sf: SessionFactory) -> None:
     """renew_leases extends a send's lease while it is ours; one that ended (another sender may have
     claimed the send since) or a send marked meanwhile is left alone."""
