@@ -73,7 +73,15 @@ from node.exceptions import InferenceError, JobError, NodeError, SelectionError
 from node.log_scrub import scrub_text
 from node.metrics import NodeMetrics
 from node.runtime import LoadedExtractor, LoadedModel
-from node.selection import Assignment, SeriesInfo, SeriesSelector, role_texts, scan_grouped_series
+from node.selection import (
+    Assignment,
+    SeriesInfo,
+    SeriesSelector,
+    differ,
+    mixed_identity,
+    role_texts,
+    scan_grouped_series,
+)
 from node.spool import write_atomic
 
 logger = logging.getLogger(__name__)
@@ -133,6 +141,13 @@ def load_chosen(
 
     reader = read or pydicom.dcmread
     datasets: list[Dataset] = [reader(str(p)) for p in series.paths]
+    # Selection read a few headers of the series; all of them must be of one patient to make one volume.
+    mixed = mixed_identity(datasets)
+    if mixed:
+        raise JobError(
+            f"{modality} {series.label}: its instances carry more than one patient identity "
+            f"({differ(mixed)} between them); refused"
+        )
     try:
         volume = load_series(datasets)
     except ConverterError as exc:
@@ -210,22 +225,23 @@ def route(
     candidates: Sequence[tuple[str, LoadedModel | None]],
     series: Sequence[SeriesInfo],
     selector: SeriesSelector,
+    registration: RegistrationConfig | None = None,
 ) -> RoutingPlan:
     """The models of ``candidates`` (task, active model; in ``[routing] order``) whose card's
-    modalities are all in the study."""
+    modalities are all in the study, from series of one patient: that of the series the model's
+    reference modality (:func:`reference_modality` of ``registration``) takes
+    (:meth:`SeriesSelector.assign`)."""
     plan = RoutingPlan()
     for task, model in candidates:
         if model is None:
             plan.note(task, None, "not run", f"no active {task} model")
             continue
         modalities = list(model.card["modalities"])
-        assignment = selector.assign(series, modalities)
+        reference = reference_modality(modalities, registration or RegistrationConfig())
+        assignment = selector.assign(series, modalities, reference)
         if assignment.missing:
-            plan.note(task, model, "not run", f"{', '.join(assignment.missing)} missing")
-            seen = "; ".join(s.label for s in series) or "no MR series"
-            plan.selection_errors.append(
-                f"no {assignment.missing[0]} series in the study (considered: {seen})"
-            )
+            plan.note(task, model, "not run", assignment.missing_reason())
+            plan.selection_errors.append(assignment.missing_message(series))
             continue
         plan.routes.append(Route(task, model, assignment))
         plan.note(task, model, "eligible", f"series present: {', '.join(modalities)}")
@@ -835,7 +851,7 @@ def analyse_early(ctx: JobContext, groups: Mapping[str, Sequence[str]], work: Ea
         with timer.stage("select"):
             # The job reports files missing.
             series = scan_grouped_series(spooled_files(groups)[0], ctx.qc.min_slices)
-            plan = route(ctx.models(), series, ctx.selector)
+            plan = route(ctx.models(), series, ctx.selector, ctx.registration)
         if not plan.routes:
             return
         extractor = ctx.brain()
@@ -936,7 +952,7 @@ def run_job(ctx: JobContext, job_id: int, attempt: int | None = None) -> str:
             if not groups:
                 raise JobError("the study has no kept MR instances in the spool")
             series = scan_grouped_series(groups, ctx.qc.min_slices)
-            plan = route(candidates, series, ctx.selector)
+            plan = route(candidates, series, ctx.selector, ctx.registration)
             short = incomplete_series(plan, groups)
         if short:
             waited = (utcnow() - info.created_at).total_seconds()

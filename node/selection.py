@@ -71,10 +71,16 @@ by its timing), then the one acquired last; the others are kept, in that order, 
 chosen one cannot be read. A series serves at
 most one modality (chosen in the order FLAIR, T1GD, T1, T2). :meth:`SeriesSelector.assign` says
 which roles are missing instead of raising, and why each T1 got its role (``basis``).
+
+The series a model uses together are of one patient: those whose patient identity (PatientID,
+IssuerOfPatientID, PatientBirthDate, PatientSex: :func:`identity_differs`) differs from the reference
+series' (the one the reference role ranks first), and those whose own headers disagree, serve no role
+(:meth:`SeriesSelector.assign`, ``Assignment.refused``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -150,6 +156,13 @@ class SeriesInfo:
     #: a file gone: an instance sent again with other content replaces its file under the same path
     #: (node/scp.py), so work done on a series is reused only for the same versions (node/pipeline.py).
     versions: tuple[tuple[int, int], ...] = ()
+    #: Whose images these are, from the series' first header (:func:`patient_identity`): a keyword of
+    #: :data:`IDENTITY_KEYWORDS` -> a digest of its value, absent when empty. Digests, not the values:
+    #: series are compared (:func:`identity_differs`), and nothing here is patient data.
+    identity: dict[str, str] = field(default_factory=dict, repr=False)
+    #: The identity keywords on which the headers read of this series disagree, "PatientID" or
+    #: "PatientID, PatientSex" ("" when they agree): its instances are of more than one patient.
+    identity_mixed: str = ""
 
     @property
     def label(self) -> str:
@@ -438,6 +451,52 @@ def _no_role_kind(
     return ""
 
 
+#: The attributes that say whose images a series holds (PS3.3 C.7.1.1), as :func:`identity_differs`
+#: compares them.
+IDENTITY_KEYWORDS = ("PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex")
+
+
+def patient_identity(ds: Dataset) -> dict[str, str]:
+    """The patient identity of one header: keyword -> a digest of its value (surrounding spaces stripped,
+    PatientSex in upper case), for each of :data:`IDENTITY_KEYWORDS` that is not empty."""
+    out: dict[str, str] = {}
+    for keyword in IDENTITY_KEYWORDS:
+        value = str(ds.get(keyword, "") or "").strip()
+        if keyword == "PatientSex":
+            value = value.upper()
+        if value:
+            out[keyword] = hashlib.blake2b(f"{keyword}={value}".encode(), digest_size=16).hexdigest()
+    return out
+
+
+def identity_differs(reference: Mapping[str, str], other: Mapping[str, str]) -> list[str]:
+    """The keywords on which two identities (:func:`patient_identity`) say another patient: PatientID
+    always (one empty and the other not counts), IssuerOfPatientID, PatientBirthDate and PatientSex
+    where both have a value."""
+    return [
+        k for k in IDENTITY_KEYWORDS
+        if reference.get(k) != other.get(k) and (k == "PatientID" or (k in reference and k in other))
+    ]  # fmt: skip
+
+
+def differ(keywords: str) -> str:
+    """``"PatientID differs"``, ``"PatientBirthDate, PatientSex differ"``: for reasons."""
+    return f"{keywords} {'differ' if ',' in keywords else 'differs'}"
+
+
+def mixed_identity(headers: Iterable[Dataset]) -> str:
+    """The identity keywords on which any of ``headers`` disagrees with the first ("" when none)."""
+    first: dict[str, str] | None = None
+    found: set[str] = set()
+    for ds in headers:
+        identity = patient_identity(ds)
+        if first is None:
+            first = identity
+        else:
+            found.update(identity_differs(first, identity))
+    return ", ".join(k for k in IDENTITY_KEYWORDS if k in found)
+
+
 def series_info(
     ds: Dataset, paths: Sequence[Path], slices: int, probes: Sequence[Dataset] = ()
 ) -> SeriesInfo:
@@ -485,6 +544,8 @@ def series_info(
         echo_pulse=str(_deep_get(ds, "EchoPulseSequence") or "").strip().upper(),
         slice_mm=_slice_pitch(ds),
         versions=tuple(file_version(path) for path in paths),
+        identity=patient_identity(ds),
+        identity_mixed=mixed_identity([ds, *probes]),
     )
 
 
@@ -531,6 +592,7 @@ PROBE_TAGS: list[BaseTag] = [
             "SequenceName",
             "DiffusionBValue",
             "DiffusionDirectionality",
+            *IDENTITY_KEYWORDS,
         )
     ),
     *(BaseTag(0x20010000 | block) for block in range(0x10, 0x100)),
@@ -676,6 +738,7 @@ def _echo_series(
     for ds, path in headers:
         echoes.setdefault(_echo_key(ds), []).append((ds, path))
     several = len({(number, te) for number, te, _ in echoes}) > 1
+    mixed = mixed_identity(ds for ds, _ in headers)  # every header is read here: of the whole series
     out = []
     for (number, te, part), items in echoes.items():
         labels = []
@@ -691,6 +754,7 @@ def _echo_series(
             info = series_info(images[0][0], [p for _, p in images], len(images), probes)
             info.echo = ", ".join(labels)
             info.stack = stack
+            info.identity_mixed = mixed
             if localizer:
                 info.special = localizer
             elif stack and len(images) < min_stack_slices and not info.special:
@@ -746,7 +810,8 @@ def scan_grouped_series(
     then are all its headers read, and each volume's files known.
 
     A stack that no probe meets (3 stray images among 150) leaves the series whole, and the loader
-    refuses it as before."""
+    refuses it as before. The probes read the patient identity too (:attr:`SeriesInfo.identity_mixed`);
+    the job's read of the whole series checks every instance (node/pipeline.py ``load_chosen``)."""
     out: list[SeriesInfo] = []
     for paths in groups.values():
         first = pydicom.dcmread(paths[0], stop_before_pixels=True)
@@ -928,9 +993,17 @@ class SeriesSelector:
             raise SelectionError(f"modality {modality!r} is not one of FLAIR, T1, T1GD, T2")
         return check(s)
 
-    def assign(self, series: Sequence[SeriesInfo], modalities: Sequence[str]) -> Assignment:
+    def assign(
+        self, series: Sequence[SeriesInfo], modalities: Sequence[str], reference: str | None = None
+    ) -> Assignment:
         """Choose one series per modality (:func:`ranked`); the modalities without a candidate are listed
-        in ``missing`` instead of raising, the runners-up in ``alternatives``."""
+        in ``missing`` instead of raising, the runners-up in ``alternatives``.
+
+        One patient: every series used shares the patient identity of the series the ``reference``
+        modality (the one the others are registered onto and the SEG is built on; the first of
+        ``modalities`` when None or not among them) ranks first; another series is no candidate for any
+        role, nor is a series whose own headers disagree on it (``refused``, :func:`identity_differs`).
+        """
         out = Assignment()
         taken: set[str] = set()
         roles = self.t1_roles(series)
@@ -938,14 +1011,22 @@ class SeriesSelector:
         given = {uid: flag for uid, (flag, _) in evidence.items()}
         order = [m for m in ("FLAIR", "T1GD", "T1", "T2") if m in modalities]
         order += [m for m in modalities if m not in order]
+        lead = reference if reference in order else (order[0] if order else None)
+        out.refused = self._identity_refusals(series, lead, roles, given)
         for modality in order:
-            candidates = [
+            matching = [
                 s
                 for s in series
                 if s.series_instance_uid not in taken
                 and not s.serves_no_role
                 and self._role_matches(modality, s, roles)
             ]
+            candidates = [s for s in matching if s.series_instance_uid not in out.refused]
+            for s in matching:
+                if s.series_instance_uid in out.refused:
+                    reason = out.refused[s.series_instance_uid]
+                    out.refused_candidates.setdefault(modality, []).append(f"{s.label}: {reason}")
+                    logger.warning("%s candidate %s not used: %s", modality, s.label, reason)
             if not candidates:
                 out.missing.append(modality)
                 continue
@@ -969,6 +1050,40 @@ class SeriesSelector:
             logger.info("%s: %s", modality, best.label)
         return out
 
+    def _identity_refusals(
+        self,
+        series: Sequence[SeriesInfo],
+        lead: str | None,
+        roles: Mapping[str, tuple[str, str]],
+        given: Mapping[str, bool],
+    ) -> dict[str, str]:
+        """SeriesInstanceUID -> why it serves no role, for the series of another patient than the
+        series ``lead`` ranks first, and for those whose own headers disagree (words, never values)."""
+        out = {
+            s.series_instance_uid: "its instances carry more than one patient identity "
+            f"({differ(s.identity_mixed)} between them)"
+            for s in series
+            if s.identity_mixed
+        }
+        if lead is None:
+            return out
+        leads = [
+            s for s in series
+            if s.series_instance_uid not in out and not s.serves_no_role
+            and self._role_matches(lead, s, roles)
+        ]  # fmt: skip
+        if not leads:
+            return out
+        first = ranked(leads, earliest=lead == "T1", given=given)[0]
+        for s in series:
+            differs = identity_differs(first.identity, s.identity)
+            if s.series_instance_uid not in out and differs:
+                out[s.series_instance_uid] = (
+                    f"another patient's identity ({differ(', '.join(differs))} from the reference series: "
+                    f"{lead} series {first.series_instance_uid})"
+                )
+        return out
+
     def not_used(
         self, series: Sequence[SeriesInfo], assignment: Assignment, limit: int = NOT_USED_LIMIT
     ) -> list[dict[str, str]]:
@@ -977,7 +1092,8 @@ class SeriesSelector:
         is :attr:`SeriesInfo.label` (UID, description, slices: no patient data). At most ``limit``
         entries, then one that counts the rest.
 
-        Reasons: a derived map (its ImageType value), what its attributes say it is (``special``:
+        Reasons: another patient's identity, or instances of more than one (``assignment.refused``), a
+        derived map (its ImageType value), what its attributes say it is (``special``:
         diffusion, phase, susceptibility-weighted, dynamic...), excluded by its description, no role
         by its attributes or description, a candidate ranked below the chosen series (and why, as
         :func:`preference` says it), one that could not be read (``series_replaced``), or a candidate
@@ -1006,6 +1122,9 @@ class SeriesSelector:
         given: Mapping[str, bool],
         evidence: Mapping[str, tuple[bool, str]],
     ) -> str:
+        refused = assignment.refused.get(s.series_instance_uid)
+        if refused is not None:
+            return f"{refused}: serves no role"
         if s.derived_map:
             kind = next(v for v in s.image_type if v in DERIVED_MAPS)
             return f"derived map (ImageType {kind}): serves no role"
@@ -1047,8 +1166,7 @@ class SeriesSelector:
         """
         assignment = self.assign(series, modalities)
         if assignment.missing:
-            seen = "; ".join(s.label for s in series) or "no MR series"
-            raise SelectionError(f"no {assignment.missing[0]} series in the study (considered: {seen})")
+            raise SelectionError(assignment.missing_message(series))
         return assignment.chosen
 
 
@@ -1182,6 +1300,26 @@ class Assignment:
     alternatives: dict[str, list[SeriesInfo]] = field(default_factory=dict)
     #: One line per chosen series that could not be read and the series used instead.
     replaced: list[str] = field(default_factory=list)
+    #: SeriesInstanceUID -> why it serves no role: another patient's identity than the reference
+    #: series', or instances of more than one (:meth:`SeriesSelector.assign`; no values, only keywords).
+    refused: dict[str, str] = field(default_factory=dict)
+    #: Modality -> its candidates refused so (``label: reason``).
+    refused_candidates: dict[str, list[str]] = field(default_factory=dict)
+
+    def missing_reason(self) -> str:
+        """``T2 missing``, and for a missing modality whose candidates were refused, why:
+        ``T2 missing (series ... (AX T2, 24 slices): another patient's identity (...))``."""
+        lines = [line for m in self.missing for line in self.refused_candidates.get(m, [])]
+        return f"{', '.join(self.missing)} missing" + (f" ({'; '.join(lines)})" if lines else "")
+
+    def missing_message(self, series: Sequence[SeriesInfo]) -> str:
+        """The selection error of the first missing modality: ``no T2 series in the study (considered:
+        ...)``, and the candidates refused for it with why."""
+        seen = "; ".join(s.label for s in series) or "no MR series"
+        modality = self.missing[0]
+        refused = self.refused_candidates.get(modality)
+        why = f"; refused: {'; '.join(refused)}" if refused else ""
+        return f"no {modality} series in the study (considered: {seen}{why})"
 
     def reasons(self) -> dict[str, str]:
         """Modality -> what decided its series: the role's basis and why it came before the others."""

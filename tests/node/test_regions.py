@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterator
+import logging
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +29,9 @@ from db import job_queue
 from node.cli.commands import _result_rows
 from node.config import Destination, RegistrationConfig
 from node.coregistration import LoadedSeries, coregister
-from node.selection import SeriesSelector, scan_series, series_info
+from node.exceptions import JobError
+from node.pipeline import load_chosen
+from node.selection import SeriesInfo, SeriesSelector, scan_grouped_series, scan_series, series_info
 from node.sender import store_files
 from node.service import NodeService
 from tests.helpers.node import (
@@ -165,6 +168,76 @@ def test_derived_maps_serve_no_role() -> None:
     )
     post = _t1("1.2.2", "T1 post", ContrastBolusAgent="Gd", ImageType=["ORIGINAL", "PRIMARY", "M"])
     assert _roles(_t1("1.2.1", "T1"), subtraction, post)["T1GD"] == "1.2.2"
+
+
+#: Patient values with markers no log line may contain.
+PATIENT = {"PatientID": "QZXPAT1", "PatientBirthDate": "19700101", "PatientSex": "F"}
+
+
+def _four(t2_patient: Mapping[str, str] = {}, flair_patient: Mapping[str, str] = {}) -> list[SeriesInfo]:
+    """FLAIR, T1, T1GD and T2 of the patient :data:`PATIENT`, the T2's and FLAIR's patient attributes
+    changed by ``t2_patient`` and ``flair_patient`` (an empty value: the attribute left out)."""
+    flair = _t1(
+        "1.2.1", "t2_tirm_tra_dark-fluid", "090000", ScanningSequence="SE\\IR", EchoTime=120,
+        RepetitionTime=9000, InversionTime=2500,
+    )  # fmt: skip
+    t1 = _t1("1.2.2", "t1 se tra", "091000")
+    t1gd = _t1("1.2.3", "t1 se tra", "093000", ContrastBolusAgent="Gadobutrol")
+    t2 = _t1("1.2.4", "t2 tse tra", "092000", EchoTime=100, RepetitionTime=4000)
+    for ds in (flair, t1, t1gd, t2):
+        for key, value in PATIENT.items():
+            setattr(ds, key, value)
+    for ds, changes in ((t2, t2_patient), (flair, flair_patient)):
+        for key, value in changes.items():
+            if value:
+                setattr(ds, key, value)
+            else:
+                delattr(ds, key)
+    return [series_info(ds, [], 30) for ds in (flair, t1, t1gd, t2)]
+
+
+def test_another_patients_series_serves_no_role_and_the_reason_names_no_value(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A T2 of another patient filed in the study (a PACS merge, a worklist mix-up) was given the T2
+    role: the regions model registered another patient's T2 onto this patient's FLAIR."""
+    caplog.set_level(logging.DEBUG)
+    selector, all_four = SeriesSelector(), ["FLAIR", "T1", "T1GD", "T2"]
+    assert selector.assign(_four(), all_four).missing == []
+    for t2_patient, differs in (
+        ({"PatientID": "QZXPAT2"}, "PatientID differs"),
+        ({"PatientID": ""}, "PatientID differs"),
+        ({"PatientBirthDate": "19710202"}, "PatientBirthDate differs"),
+        ({"PatientSex": "M", "PatientBirthDate": "19710202"}, "PatientBirthDate, PatientSex differ"),
+        ({"IssuerOfPatientID": "QZXISSUER"}, None),  # only one side says: nothing to compare
+        ({"PatientBirthDate": "", "PatientSex": ""}, None),
+        ({"PatientID": "  QZXPAT1 ", "PatientSex": "f"}, None),  # the same, written otherwise
+    ):
+        series = _four(t2_patient)
+        assignment = selector.assign(series, all_four)  # the reference: FLAIR, the first in order
+        if differs is None:
+            assert assignment.missing == [] and assignment.refused == {}, t2_patient
+            continue
+        reason = f"another patient's identity ({differs} from the reference series: FLAIR series 1.2.1)"
+        assert assignment.missing == ["T2"] and "T2" not in assignment.chosen, t2_patient
+        assert assignment.refused == {"1.2.4": reason}
+        assert assignment.missing_reason() == f"T2 missing ({series[3].label}: {reason})"
+        assert reason in assignment.missing_message(series)
+        # The FLAIR alone (the whole-tumour model) runs, and its record says why the T2 served nothing.
+        flair_only = selector.assign(series, ["FLAIR"])
+        assert flair_only.chosen["FLAIR"] is series[0]
+        not_used = {entry["series"]: entry["reason"] for entry in selector.not_used(series, flair_only)}
+        assert not_used[series[3].label] == f"{reason}: serves no role"
+    # Another issuer of the same PatientID, when both say.
+    series = _four({"IssuerOfPatientID": "QZXISSUERB"}, {"IssuerOfPatientID": "QZXISSUERA"})
+    assert "(IssuerOfPatientID differs" in selector.assign(series, all_four).refused["1.2.4"]
+    # The reference decides: with the T2 as reference, the other three are refused instead.
+    assert sorted(selector.assign(_four({"PatientID": "QZXPAT2"}), all_four, "T2").missing) == [
+        "FLAIR", "T1", "T1GD"
+    ]
+    assert "another patient's identity" in caplog.text
+    for value in ("QZXPAT", "19700101", "19710202", "QZXISSUER"):  # (a sex, F or M, is in any text)
+        assert value not in caplog.text
 
 
 # -- the test model and the preview --------------------------------------------------------------------
@@ -639,6 +712,61 @@ def test_an_unreadable_t2_counts_as_absent(env: Node, case: Case, tmp_path: Path
     routing = job.result["routing"]
     assert routing["task"] == "whole_tumor"
     assert f"not brats_regions: T2 series {study.series_uids['T2']}" in routing["reason"]
+
+
+def _another_patient(paths: list[Path], **attrs: str) -> None:
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        for key, value in attrs.items():
+            setattr(ds, key, value)
+        ds.save_as(path, enforce_file_format=True)
+
+
+def test_a_t2_of_another_patient_falls_back_to_the_whole_tumour_model_and_says_why(
+    env: Node, case: Case, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before, the study's four series went to the regions model, which registered another patient's T2
+    onto this patient's FLAIR and sent the SEG under this patient's identity."""
+    caplog.set_level(logging.INFO)
+    study = write_study(case, tmp_path / "study")
+    own = str(pydicom.dcmread(study.files["FLAIR"][0]).PatientID)
+    _another_patient(study.files["T2"], PatientID="QZXOTHERPATIENT")
+    env.send(study)
+    job = env.job_for(study)
+    assert job.status == "done", job.reason
+    routing = job.result["routing"]
+    assert routing["task"] == "whole_tumor"
+    t2, flair = study.series_uids["T2"], study.series_uids["FLAIR"]
+    why = f"another patient's identity (PatientID differs from the reference series: FLAIR series {flair})"
+    assert f"not brats_regions: T2 missing (series {t2} " in routing["reason"] and why in routing["reason"]
+    not_used = {entry["series"].split(" (")[0]: entry["reason"] for entry in job.result["not_used"]}
+    assert not_used[f"series {t2}"] == f"{why}: serves no role"
+    assert why in caplog.text and "QZXOTHER" not in caplog.text and own not in caplog.text
+
+
+def test_a_series_whose_instances_are_of_two_patients_is_refused(case: Case, tmp_path: Path) -> None:
+    """Before, a series whose instances carry two PatientIDs was read as one volume."""
+    study = write_study(case, tmp_path / "study", modalities=["FLAIR", "T2"])
+    t2 = study.files["T2"]
+    _another_patient([t2[1]], PatientID="QZXOTHERPATIENT")  # no probe of the scan reads this one
+    groups = {study.series_uids[m]: files for m, files in study.files.items()}
+    [series] = [s for s in scan_grouped_series(groups) if s.series_instance_uid == study.series_uids["T2"]]
+    with pytest.raises(JobError, match=r"T2 series .*: its instances carry more than one patient identity "
+                       r"\(PatientID differs between them\); refused"):  # fmt: skip
+        load_chosen(series, "T2")
+    assert series.identity_mixed == ""
+    # A probe sees it (the last file is one): the series is no candidate, and the record says why.
+    _another_patient([t2[-1]], PatientBirthDate="19010101")
+    scanned = scan_grouped_series(groups)
+    assert [s.identity_mixed for s in scanned if s.series_instance_uid == series.series_instance_uid] == [
+        "PatientBirthDate"
+    ]
+    assignment = SeriesSelector().assign(scanned, ["FLAIR", "T2"], "FLAIR")
+    assert assignment.missing == ["T2"]
+    assert assignment.refused == {
+        series.series_instance_uid: "its instances carry more than one patient identity (PatientBirthDate "
+        "differs between them)"
+    }
 
 
 def _series_like(files: list[Path], out: Path, description: str, *per_image: dict[str, object]) -> list[Path]:
