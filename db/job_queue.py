@@ -3,7 +3,14 @@
 Job claiming is atomic so that several node processes can share one database: on PostgreSQL the
 candidate row is taken with ``SELECT ... FOR UPDATE SKIP LOCKED``; on SQLite (one writer at a time)
 a conditional ``UPDATE ... WHERE status = 'queued'`` whose row count is checked. A job is claimable
-only when its study is idle (``pending`` false), so a job never sees half a study.
+only when its study is idle (``pending`` false), so a job never sees half a study, and only when no
+other run of its study is running or queued ahead of it (a lower id): a study's runs run one at a
+time, in order, whatever the number of workers and nodes. Otherwise an older run (fewer instances)
+could end after a newer one and queue its stale result to the PACS last, and two runs would share
+the study's CPU and spool files. A run queued ahead holds it back too: on PostgreSQL another node's
+claim skips that run's row while a node is claiming it (locked, still ``queued`` to others), and must
+not take the later run meanwhile. A dead node's run holds its study only until :func:`requeue_stale`
+takes it back.
 
 Jobs left ``running`` by a process that died are queued again by :func:`requeue_stale`: at start,
 every running job owned by this host whose process id no longer exists, and on any host a job whose
@@ -37,7 +44,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import func, literal, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from db.exceptions import JobNotFoundError, JobStateError
 from db.node_tables import NodeInstance, NodeJob, NodeSend, NodeStudy
@@ -117,13 +124,23 @@ def claim_job(sf: SessionFactory, owner: str | None = None, now: datetime | None
 
 @database_errors
 def claim(sf: SessionFactory, owner: str | None = None, now: datetime | None = None) -> Claim | None:
-    """Atomically take the oldest claimable queued job and mark it running; None when there is none."""
+    """Atomically take the oldest claimable queued job and mark it running; None when there is none.
+
+    A job whose study has another run running, or queued with a lower id, is not claimable: see the
+    module's doc."""
     owner = owner or owner_id()
     now = now or utcnow()
+    other = aliased(NodeJob)
+    # Another run of the study running, or queued ahead: the job waits for it (see the module's doc).
+    ahead = select(other.id).where(
+        other.study_id == NodeJob.study_id,
+        other.id != NodeJob.id,
+        (other.status == "running") | ((other.status == "queued") & (other.id < NodeJob.id)),
+    )
     candidates = (
         select(NodeJob.id, NodeJob.attempts)
         .join(NodeStudy, NodeStudy.id == NodeJob.study_id)
-        .where(NodeJob.status == "queued", NodeStudy.pending.is_(False))
+        .where(NodeJob.status == "queued", NodeStudy.pending.is_(False), ~ahead.exists())
         .order_by(NodeJob.id)
         .limit(1)
     )
@@ -525,8 +542,8 @@ def last_sent_run(sf: SessionFactory, job_id: int) -> SentRun | None:
 
     A run over the very inputs of that one makes the same SEG and SR; node/pipeline.py then sends
     nothing again, which would only add an identical series to the PACS. The latest run, not the one
-    whose sends were queued last: an earlier run that ended after a later one (two workers) must not
-    stand for the study's result.
+    whose sends were queued last: an earlier run that ended after a later one (two workers, before a
+    study's runs waited for each other: :func:`claim`) must not stand for the study's result.
     """
     with sf() as s:
         study_id = s.scalar(select(NodeJob.study_id).where(NodeJob.id == job_id))

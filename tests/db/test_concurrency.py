@@ -349,3 +349,43 @@ def test_a_retry_while_another_process_takes_its_study_out_of_the_spool_is_refus
     assert outcome[0].startswith("JobStateError") and "no longer in the spool" in outcome[0], outcome
     assert job_queue.get_job(sf, job_id).status == "failed"
     assert job_queue.claim(sf) is None
+
+
+def test_a_studys_next_run_waits_for_the_run_before_it_and_a_dead_run_does_not_hold_it(
+    migrated_db_url: str,
+) -> None:
+    """Run 2 of a study is not claimed while run 1 runs, even by another node: run 1 ending after it
+    queued its older result last. A dead node's run 1 holds run 2 only until requeue_stale takes it
+    back: run 1, queued again, runs first (the older of the two; on PostgreSQL another node claiming
+    it at that moment, its row locked, does not let run 2 through), and a run 1 that fails for good
+    lets run 2 run."""
+    from sqlalchemy import select
+
+    from db import instances, job_queue
+    from db.node_tables import NodeJob
+
+    postgres = migrated_db_url.startswith("postgresql")
+    sf = make_session_factory(make_engine(migrated_db_url))
+    at = datetime.now(UTC) - timedelta(hours=1)
+    first = _running_job(sf, "elsewhere:1", at)  # another host's node, which then died
+    study = "1.2.826.0.1.3680043.8.498.7"
+    instances.record_instances(sf, [instances.ReceivedInstance(
+        f"{study}.1.2", "1.2.840.10008.5.1.4.1.1.4", study, f"{study}.1", True, f"/spool/{study}/2.dcm",
+        "PACS",
+    )], now=at + timedelta(minutes=3))  # fmt: skip
+    [second] = instances.schedule_due_studies(sf, 10, now=at + timedelta(minutes=4))
+    assert job_queue.claim(sf, owner="here:1") is None
+
+    for requeues in range(1, job_queue.MAX_REQUEUES):
+        assert job_queue.requeue_stale(sf, 300.0) == [first]
+        if postgres:  # another node is claiming run 1 right now: its row is locked, and skipped
+            with sf() as other:
+                other.execute(select(NodeJob.id).where(NodeJob.id == first).with_for_update()).all()
+                assert job_queue.claim(sf, owner="here:1") is None
+        claimed = job_queue.claim(sf, owner="elsewhere:1", now=at + timedelta(minutes=5))
+        assert claimed is not None and claimed.job_id == first, requeues
+        assert job_queue.claim(sf, owner="here:1") is None
+    assert job_queue.requeue_stale(sf, 300.0) == []  # the last time: run 1 ends failed
+    assert job_queue.get_job(sf, first).status == "failed"
+    claimed = job_queue.claim(sf, owner="here:1")
+    assert claimed is not None and claimed.job_id == second

@@ -122,10 +122,11 @@ def test_a_claimed_job_covers_what_its_claim_counted(sf: SessionFactory) -> None
     assert job_queue.get_job(sf, job).instance_count == 3
     assert job_queue.job_series_paths(sf, job) == {"1.8.1.100": [f"/spool/1.8.1/{i}.dcm" for i in range(3)]}
     [rerun] = instances.schedule_due_studies(sf, 5.0, now=t0 + timedelta(seconds=14))
-    assert job_queue.claim_job(sf, now=t0 + timedelta(seconds=15)) == rerun
+    assert job_queue.claim_job(sf, now=t0 + timedelta(seconds=15)) is None  # run 1 still runs
+    assert job_queue.finish_job(sf, job, status="done")
+    assert job_queue.claim_job(sf, now=t0 + timedelta(seconds=16)) == rerun
     assert job_queue.get_job(sf, rerun).run == 2
     assert len(job_queue.job_instance_paths(sf, rerun)) == job_queue.get_job(sf, rerun).instance_count == 5
-    assert job_queue.finish_job(sf, job, status="done")
     assert len(job_queue.job_instance_paths(sf, job)) == 3  # a finished job still names what it covered
 
 

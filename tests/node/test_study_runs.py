@@ -151,9 +151,8 @@ def test_the_digest_changes_with_the_settings_a_result_depends_on() -> None:
 START = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
 
 
-def _claimed_run(sf: Any, n: int) -> tuple[int, int]:
-    """Run ``n`` of study 1.2, made by its instance 1.2.``n`` arriving at START + 20 n s and claimed:
-    its job id and claim attempt."""
+def _queued_run(sf: Any, n: int) -> int:
+    """Run ``n`` of study 1.2, made by its instance 1.2.``n`` arriving at START + 20 n s: its job id."""
     from db import instances
 
     at = START + timedelta(seconds=20 * n)
@@ -163,7 +162,13 @@ def _claimed_run(sf: Any, n: int) -> tuple[int, int]:
         calling_ae="PACS", now=at,
     )  # fmt: skip
     [job] = instances.schedule_due_studies(sf, 5.0, now=at + timedelta(seconds=6))
-    claim = job_queue.claim(sf, now=at + timedelta(seconds=7))
+    return int(job)
+
+
+def _claimed_run(sf: Any, n: int) -> tuple[int, int]:
+    """Run ``n`` of study 1.2 (:func:`_queued_run`), claimed: its job id and claim attempt."""
+    job = _queued_run(sf, n)
+    claim = job_queue.claim(sf, now=START + timedelta(seconds=20 * n + 7))
     assert claim is not None and claim.job_id == job
     return job, claim.attempt
 
@@ -184,6 +189,24 @@ def _finish(
     assert job_queue.finish_job(
         sf, job, status=status, reason=reason, result=result, outputs=[out], destinations=to, attempt=attempt
     )
+
+
+def test_a_studys_later_run_is_not_claimed_until_its_earlier_run_has_ended(sqlite_sf: Any) -> None:
+    """Two workers: instances that came while run 1 of a study ran made run 2, which the other worker
+    claimed at once; run 1 (fewer instances) ended last and queued its older result after run 2's, so
+    the PACS's latest SEG was the stale one. Run 2 is not claimed while run 1 runs; it is once run 1
+    has ended, and its sends are queued after run 1's."""
+    sf = sqlite_sf
+    pacs = [Destination("pacs", "PACS", "127.0.0.1", 1001)]
+    first, attempt = _claimed_run(sf, 1)
+    second = _queued_run(sf, 2)
+    assert job_queue.claim(sf, now=START + timedelta(minutes=5)) is None
+    assert job_queue.get_job(sf, second).status == "queued"
+    _finish(sf, first, attempt, pacs, "part")
+    claimed = job_queue.claim(sf, now=START + timedelta(minutes=6))
+    assert claimed is not None and claimed.job_id == second
+    _finish(sf, second, claimed.attempt, pacs, "whole")
+    assert job_queue.get_job(sf, first).sends[0].id < job_queue.get_job(sf, second).sends[0].id
 
 
 def test_a_destination_an_earlier_run_over_the_same_inputs_reached_is_not_sent_to_again(
@@ -213,15 +236,24 @@ def test_a_destination_an_earlier_run_over_the_same_inputs_reached_is_not_sent_t
 def test_the_last_sent_run_is_the_latest_run_not_the_last_to_queue_sends(sqlite_sf: Any) -> None:
     """Run 1 (a partial FLAIR) ended after run 2 (the whole FLAIR), two workers: its sends were queued
     last. Run 3, over run 2's inputs (a T2 arrived), was compared with run 1 and sent run 2's result a
-    second time; it is compared with run 2, the study's latest sent run."""
+    second time; it is compared with run 2, the study's latest sent run. A node no longer starts a
+    run while another of its study runs, but a database may hold such a history from before: run 2
+    is set running here as such a node claimed it."""
     from types import SimpleNamespace
 
+    from sqlalchemy import update
+
+    from db.node_tables import NodeJob
+    from db.transactions import writing
     from node.pipeline import _not_again
 
     sf = sqlite_sf
     pacs = [Destination("pacs", "PACS", "127.0.0.1", 1001)]
     first, first_attempt = _claimed_run(sf, 1)
-    second, attempt = _claimed_run(sf, 2)  # while run 1 still runs
+    second, attempt = _queued_run(sf, 2), 1
+    with writing(sf) as s:  # claimed while run 1 still runs
+        running = {"status": "running", "owner": job_queue.owner_id(), "attempts": attempt}
+        s.execute(update(NodeJob).where(NodeJob.id == second).values(**running))
     _finish(sf, second, attempt, pacs, "whole")
     _finish(sf, first, first_attempt, pacs, "part")
     third, _ = _claimed_run(sf, 3)

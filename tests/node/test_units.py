@@ -81,7 +81,9 @@ def test_study_completes_after_idle_time_and_late_instances_make_a_new_run(sf: S
     [rerun] = instances.schedule_due_studies(sf, 10.0, now=T0 + timedelta(seconds=24))
     info = job_queue.get_job(sf, rerun)
     assert (info.run, info.status) == (2, "queued")
-    assert job_queue.claim_job(sf, now=T0 + timedelta(seconds=25)) == rerun
+    assert job_queue.claim_job(sf, now=T0 + timedelta(seconds=25)) is None  # run 1 still runs
+    assert job_queue.finish_job(sf, job, status="done")
+    assert job_queue.claim_job(sf, now=T0 + timedelta(seconds=26)) == rerun
     assert job_queue.get_job(sf, rerun).instance_count == 5
     assert len(job_queue.job_instance_paths(sf, rerun)) == 5
 
