@@ -662,17 +662,24 @@ def _refuse_older_run(s: Session, job: NodeJob) -> None:
     )
 
 
+def _supersedes(later: Any, study_id: Any, run: Any) -> Any:
+    """Whether job row ``later`` (:class:`NodeJob` or an alias of it) is a run of study ``study_id``
+    after ``run`` that supersedes a held one (see :func:`release_job`): it ended done, is queued or
+    running, or sent its result."""
+    sent = select(NodeSend.id).where(NodeSend.job_id == later.id, NodeSend.status.in_(("pending", "done")))
+    return (
+        (later.study_id == study_id)
+        & (later.run > run)
+        & (later.status.in_(("done", "queued", "running")) | sent.exists())
+    )
+
+
 def _refuse_superseded_release(s: Session, job: NodeJob) -> None:
     """Raise :class:`JobStateError` when a later run of ``job``'s study supersedes it (see
     :func:`release_job`), naming the latest such run and what to do."""
-    sent = select(NodeSend.id).where(NodeSend.job_id == NodeJob.id, NodeSend.status.in_(("pending", "done")))
     later = s.execute(
         select(NodeJob.id, NodeJob.run, NodeJob.status)
-        .where(
-            NodeJob.study_id == job.study_id,
-            NodeJob.run > job.run,
-            NodeJob.status.in_(("done", "queued", "running")) | sent.exists(),
-        )
+        .where(_supersedes(NodeJob, job.study_id, job.run))
         .order_by(NodeJob.run.desc())
         .limit(1)
     ).first()
@@ -829,6 +836,21 @@ def retry_job(sf: SessionFactory, job_id: int) -> JobInfo:
             "job %d queued again; %d pending or refused sends of its last run superseded", job_id, superseded
         )
     return get_job(sf, job_id)
+
+
+@database_errors
+def held_job_count(sf: SessionFactory) -> int:
+    """Jobs in ``review`` that no later run of their study supersedes (:func:`release_job` would send
+    them): results held by a check, waiting for an administrator to release (``segnode jobs retry ID
+    --send-anyway``) or retry them. A superseded held job stays in ``review`` for good and is not
+    counted: nothing can be done with it, and its study's later run stands for the study."""
+    later = aliased(NodeJob)
+    superseded = select(later.id).where(_supersedes(later, NodeJob.study_id, NodeJob.run))
+    with sf() as s:
+        return int(
+            s.scalar(select(func.count(NodeJob.id)).where(NodeJob.status == "review", ~superseded.exists()))
+            or 0
+        )
 
 
 @database_errors

@@ -55,6 +55,13 @@ class NodeMetrics:
             "their job nor dismissed (segnode jobs dismiss): results not delivered (segnode jobs list)",
             registry=r,
         )
+        self.jobs_in_review = Gauge(
+            "segnode_jobs_in_review",
+            "Jobs held in review by a QC check that no later run of their study supersedes: results not "
+            "sent, until released (segnode jobs retry ID --send-anyway) or retried (segnode jobs list "
+            "--status review)",
+            registry=r,
+        )
         self.stage_seconds = Histogram(
             "segnode_stage_seconds",
             "Duration of each job stage",

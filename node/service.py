@@ -443,11 +443,13 @@ class NodeService:
     # -- observability -----------------------------------------------------------------------------------
 
     def refresh_gauges(self) -> None:
-        """Update the database-derived gauges (jobs by state, queue depth, pending and refused sends)."""
+        """Update the database-derived gauges (jobs by state, queue depth, jobs held in review, pending
+        and refused sends)."""
         counts = job_queue.job_counts(self.sf)
         for state, value in counts.items():
             self.metrics.jobs.labels(state).set(value)
         self.metrics.queue_depth.set(counts.get("queued", 0))
+        self.metrics.jobs_in_review.set(job_queue.held_job_count(self.sf))
         self.metrics.pending_sends.set(send_queue.pending_send_count(self.sf))
         self.metrics.refused_sends.set(send_queue.refused_send_count(self.sf))
         self.metrics.studies.set(instances.instance_counts(self.sf)["studies"])
@@ -455,26 +457,40 @@ class NodeService:
     def health(self) -> tuple[bool, dict[str, Any]]:
         """``/healthz``: ok when the database answers, the SCP listens and the workers live.
 
-        Sends refused for good are reported (``refused_sends``, and a ``warnings`` line) but leave it ok:
-        the probes of deploy/helm restart a pod that is not, and a restart cannot make a destination
-        accept what it refuses.
+        Sends refused for good and jobs held in review are reported (``refused_sends``,
+        ``jobs_in_review``, and a ``warnings`` line each) but leave it ok: the probes of deploy/helm
+        restart a pod that is not, and a restart neither makes a destination accept what it refuses
+        nor reviews a result.
         """
         details: dict[str, Any] = {}
         ok = True
         try:
             details["jobs"] = job_queue.job_counts(self.sf)
             refused = send_queue.refused_send_count(self.sf)
+            held = job_queue.held_job_count(self.sf)
         except Exception as exc:
             ok = False
             details["database"] = f"error: {type(exc).__name__}"
         else:
             details["refused_sends"] = refused
+            details["jobs_in_review"] = held
+            warnings = []
             if refused:
-                details["warnings"] = [
+                warnings.append(
                     f"{refused} sends refused for good by their destination, not delivered: "
                     "segnode jobs list shows their jobs, segnode jobs show ID why; segnode jobs retry ID "
                     "sends again, segnode jobs dismiss ID acknowledges them"
-                ]
+                )
+            if held:
+                # Spool retention keeps a held study's files: left unreviewed, they fill the disk.
+                warnings.append(
+                    f"{held} jobs held in review by a QC check, their results not sent and their studies "
+                    "kept in the spool: segnode jobs list --status review lists them, segnode jobs show ID "
+                    "why; segnode jobs retry ID --send-anyway sends the result as it is, segnode jobs retry "
+                    "ID runs the study again"
+                )
+            if warnings:
+                details["warnings"] = warnings
         model = self.runtime.current
         details["model"] = model.label if model else None
         if self.runtime.last_error:

@@ -84,12 +84,26 @@ def test_a_run_over_unchanged_inputs_sends_nothing_again_a_retry_and_a_changed_i
         catcher.stop()
 
 
+def _review_seen(node: Any) -> tuple[int, float, list[str]]:
+    """The held jobs that /healthz reports, the segnode_jobs_in_review gauge and /healthz's warnings."""
+    ok, health = node.health()
+    assert ok, health
+    node.refresh_gauges()
+    rendered = node.metrics.render().decode().splitlines()
+    [gauge] = [line for line in rendered if line.startswith("segnode_jobs_in_review ")]
+    return health["jobs_in_review"], float(gauge.split()[1]), health.get("warnings", [])
+
+
 def test_a_released_result_is_not_held_again_when_the_inputs_are_unchanged(tmp_path: Path) -> None:
     """Run 1 was held by QC and released; the study's next part, a T2 the model does not use, made
     run 2 over run 1's very inputs, which was held again (the QC hold came before the unchanged-inputs
     check): released too, the PACS got the identical SEG twice, and left held, the study stayed in
     review and spool retention never removed it. Run 2 ends done, "inputs unchanged", nothing sent,
-    and the study leaves the spool once its keep time has passed."""
+    and the study leaves the spool once its keep time has passed.
+
+    While run 1 is held, /healthz (still ok) and the segnode_jobs_in_review gauge say so, with what
+    to do: nothing counted the held studies, which keep their spool files, so a site that never
+    reviewed filled its disk unwarned."""
     from db import retention, send_queue
     from db.transactions import utcnow
 
@@ -104,7 +118,13 @@ def test_a_released_result_is_not_held_again_when_the_inputs_are_unchanged(tmp_p
         with running_node(settings, model) as node:
             _send(node, study.files["FLAIR"])
             assert _ended(node, 1).status == "review"
+            held, gauge, [warning] = _review_seen(node)
+            assert (held, gauge) == (1, 1.0)
+            assert warning.startswith("1 jobs held in review by a QC check") and all(
+                what in warning for what in ("segnode jobs list --status review", "--send-anyway")
+            ), warning
             job_queue.release_job(node.sf, 1, by="admin", destinations=pacs)
+            assert _review_seen(node) == (0, 0.0, [])
             catcher.wait_for(lambda got: len(got) == 2, 30)  # SEG and SR
             wait_until(lambda: send_queue.pending_send_count(node.sf) == 0, 30, "both sends acknowledged")
 
@@ -272,7 +292,9 @@ def test_a_held_run_is_not_sent_anyway_once_a_later_run_supersedes_it(sqlite_sf:
     pacs = [Destination("pacs", "PACS", "127.0.0.1", 1001)]
     held, attempt = _claimed_run(sf, 1)
     _finish(sf, held, attempt, pacs, "part", status="review", reason="qc series_slices")
+    assert job_queue.held_job_count(sf) == 1  # segnode_jobs_in_review, /healthz
     later, attempt = _claimed_run(sf, 2)
+    assert job_queue.held_job_count(sf) == 0  # superseded: no longer waiting for anyone
     with pytest.raises(JobStateError) as running:
         job_queue.release_job(sf, held, by="admin", destinations=pacs)
     assert str(running.value) == (
@@ -289,8 +311,10 @@ def test_a_held_run_is_not_sent_anyway_once_a_later_run_supersedes_it(sqlite_sf:
     _finish(sf, again, attempt, pacs, "other", status="review", reason="qc brain_volume")
     failed, attempt = _claimed_run(sf, 4)
     _finish(sf, failed, attempt, [], "", status="failed", reason="an unreadable series")
+    assert job_queue.held_job_count(sf) == 1  # run 3, still to be released; run 1 superseded for good
     released = job_queue.release_job(sf, again, by="admin", destinations=pacs)
     assert released.status == "done" and len(released.sends) == 1
+    assert job_queue.held_job_count(sf) == 0
 
 
 def test_only_a_studys_latest_run_can_be_retried(sqlite_sf: Any) -> None:
