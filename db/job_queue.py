@@ -839,6 +839,47 @@ def retry_job(sf: SessionFactory, job_id: int) -> JobInfo:
 
 
 @database_errors
+def dismiss_held_job(
+    sf: SessionFactory, job_id: int, *, by: str, reason: str = "", now: datetime | None = None
+) -> JobInfo:
+    """End a ``review`` job without sending its result: an administrator judged the held result not to
+    be sent (a wrong series, a study not meant for the node). The job ends ``skipped`` with who
+    dismissed it and why, then the check it failed, in its reason; its finish time is now, so spool
+    retention removes the study after ``failed_keep_hours`` as for any result not sent, and it no
+    longer counts in :func:`held_job_count`. Its outputs stay with the job until then.
+
+    Raises
+    ------
+    JobNotFoundError
+        No job with ``job_id``.
+    JobStateError
+        The job is not in ``review``.
+    """
+    now = now or utcnow()
+    note = f"held result dismissed by {by}" + (f": {reason}" if reason else "")
+    with writing(sf) as s:
+        job = s.get(NodeJob, job_id)
+        if job is None:
+            raise JobNotFoundError(f"job {job_id} does not exist (see `segnode jobs list`)")
+        changed = s.execute(
+            update(NodeJob)
+            .where(NodeJob.id == job_id, NodeJob.status == "review")
+            .values(
+                status="skipped",
+                reason=f"{note} (held for: {job.reason})"[:2000],
+                result={**dict(job.result or {}), "dismissed_by": by, "dismissed_at": now.isoformat()},
+                finished_at=now,
+            )
+        ).rowcount  # type: ignore[attr-defined]
+        if changed != 1:
+            raise JobStateError(
+                f"job {job_id} is {job.status}, not held in review (see `segnode jobs show {job_id}`)"
+            )
+    logger.info("job %d: held result dismissed by %s", job_id, by)
+    return get_job(sf, job_id)
+
+
+@database_errors
 def held_job_count(sf: SessionFactory) -> int:
     """Jobs in ``review`` that no later run of their study supersedes (:func:`release_job` would send
     them): results held by a check, waiting for an administrator to release (``segnode jobs retry ID

@@ -487,7 +487,7 @@ class NodeService:
                     f"{held} jobs held in review by a QC check, their results not sent and their studies "
                     "kept in the spool: segnode jobs list --status review lists them, segnode jobs show ID "
                     "why; segnode jobs retry ID --send-anyway sends the result as it is, segnode jobs retry "
-                    "ID runs the study again"
+                    "ID runs the study again, segnode jobs dismiss ID drops the result unsent"
                 )
             if warnings:
                 details["warnings"] = warnings

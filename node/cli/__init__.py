@@ -78,7 +78,7 @@ COMMANDS: dict[str, CommandSpec] = {
     ),
     "jobs": CommandSpec(
         "node.cli.commands:jobs_app",
-        "The node's job queue: list, show and retry jobs, dismiss refused sends.",
+        "The node's job queue: list, show and retry jobs, dismiss refused sends or held results.",
     ),
 }
 

@@ -21,7 +21,7 @@ console = Console(highlight=False)
 
 jobs_app = typer.Typer(
     name="jobs",
-    help="The node's job queue: list, show and retry jobs, dismiss refused sends.",
+    help="The node's job queue: list, show and retry jobs, dismiss refused sends or held results.",
     no_args_is_help=True,
 )
 
@@ -487,16 +487,23 @@ def jobs_dismiss(
     job_id: int = typer.Argument(..., help="Job id."),
     config: Path | None = CONFIG_OPTION,
     reason: str = typer.Option(
-        "", "--reason", help="Why (e.g. sent by hand, the destination was wrong); kept on each send."
+        "", "--reason", help="Why (e.g. sent by hand, the destination was wrong); kept on the job or sends."
     ),
     by: str | None = typer.Option(None, "--by", help="Who dismisses them (default: the login name)."),
 ) -> None:
-    """Acknowledge a job's sends that a destination refused for good: they end dismissed and no longer
-    count as undelivered (for a job that cannot be retried: its study has left the spool)."""
+    """Acknowledge a job's sends that a destination refused for good, or a result held in review that is
+    not to be sent: the sends end dismissed and no longer count as undelivered (for a job that cannot be
+    retried: its study has left the spool); a held job ends skipped, no longer counts as held, and its
+    study leaves the spool as any result not sent."""
     import getpass
 
-    from db import send_queue
+    from db import job_queue, send_queue
 
     who = by or getpass.getuser()
-    count = send_queue.dismiss_refused_sends(_session_factory(config), job_id, by=who, reason=reason.strip())
+    sf = _session_factory(config)
+    if job_queue.get_job(sf, job_id).status == "review":
+        job_queue.dismiss_held_job(sf, job_id, by=who, reason=reason.strip())
+        console.print(f"job {job_id}: held result dismissed by {who}; nothing sent")
+        return
+    count = send_queue.dismiss_refused_sends(sf, job_id, by=who, reason=reason.strip())
     console.print(f"job {job_id}: {count} refused sends dismissed by {who}")

@@ -401,3 +401,35 @@ def test_a_series_short_of_its_announced_images_waits_for_the_rest_then_runs_as_
             assert len(job_queue.list_jobs(node.sf)) == 2
     finally:
         catcher.stop()
+
+
+def test_a_held_result_an_administrator_will_not_send_is_dismissed_and_its_study_can_leave(
+    sqlite_sf: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A result held in review that is not to be sent (the wrong study, a series not meant for the node)
+    could only be released or run again: it counted in segnode_jobs_in_review and /healthz for good and
+    spool retention kept its study for ever. `segnode jobs dismiss ID` ends it skipped, with who and why,
+    and the study leaves the spool as any result not sent."""
+    from db import retention
+    from tests.helpers.cli import run_cli
+
+    sf = sqlite_sf
+    held, attempt = _claimed_run(sf, 1)
+    _finish(sf, held, attempt, [], "part", status="review", reason="qc brain_volume: brain 412.0 mL")
+    assert job_queue.held_job_count(sf) == 1
+    config = tmp_path / "node.toml"
+    config.write_text(f'[database]\nurl = "sqlite:///{tmp_path / "segnode.db"}"\n')  # sqlite_sf's database
+    dismiss = ["jobs", "dismiss", str(held), "--config", str(config), "--by", "ops"]
+    dismiss += ["--reason", "wrong study"]
+    code, out, err = run_cli(dismiss, capsys, monkeypatch)
+    assert (code, out.strip()) == (0, f"job {held}: held result dismissed by ops; nothing sent"), err
+    job = job_queue.get_job(sf, held)
+    assert job.status == "skipped" and job.sends == []
+    held_for = "qc brain_volume: brain 412.0 mL"
+    assert job.reason == f"held result dismissed by ops: wrong study (held for: {held_for})"
+    assert job_queue.held_job_count(sf) == 0
+    assert job.finished_at is not None
+    later = job.finished_at + timedelta(hours=1)
+    assert [r.job_id for r in retention.removable_studies(sf, None, later)] == [held]
+    code, out, err = run_cli(dismiss, capsys, monkeypatch)  # neither held nor with refused sends: exit 2
+    assert code == 2 and f"job {held} has no refused sends" in err
