@@ -110,13 +110,20 @@ class SelectionSettings:
 
     flair_pattern: str = r"flair|\bdark.?fluid|\btirm"
     # Descriptions are hints (attributes decide first); English, German (KM, Kontrast), Italian (mdc),
-    # French and Spanish words, GE's "C+".
-    t1gd_pattern: str = r"post|\+ ?c\b|\bc ?\+|\bgd\b|gado|contrast|kontrast|\bkm\b|\bmdc\b|\bce\b|t1c"
+    # French and Spanish words, GE's "C+". Words, not parts of words: "post" is no post-contrast in
+    # postop, post-op, "post op", posterior or "post fossa" (posterior fossa), nor is "t1c" in T1COR
+    # (coronal). A native T1 read as post-contrast runs the four-series model on a T1GD without contrast.
+    t1gd_pattern: str = (
+        r"\bpost\b(?![-. ]*(op(?![a-z])|operat|surg|fossa))|\bpost(gd|gad|c|ce|km|mdc)\b|\+ ?c\b|\bc ?\+"
+        r"|\bgd\b|gado|contrast|kontrast|\bkm\b|\bmdc\b|\bce\b|t1(c|ce|gd)\b"
+    )
     t1_pattern: str = r"\bt1|mprage|mp-rage|spgr|bravo|tfl"
-    # A description that says pre-contrast is never taken for post-contrast ("T1 pre contrast").
+    # A description that says pre-contrast is never taken for post-contrast ("T1 pre contrast", "T1 KM-",
+    # "T1 -KM", "KM neg", "ohne KM", "kein KM", "KM-frei"); "pre-op" says nothing of contrast.
     t1_pre_pattern: str = (
-        r"\bpre\b|pre[- ]?(contrast|gd|gado)|\bnativ|without|\bw/?o\b|non[- ]?contrast"
-        r"|\bvor\b|\bohne\b|\bsenza\b|\bsans\b|\bsin\b"
+        r"\bpre\b(?![-. ]*(op(?![a-z])|operat|surg))|pre[- ]?(contrast|gd|gado)|\bnativ|without|\bw/?o\b"
+        r"|non[- ]?contrast|\bvor\b|\bohne\b|\bkeine?\b|\bkm-(?!\w)|(^|\s)-km\b|\bkm ?neg|km[- ]?frei"
+        r"|\bsenza\b|\bsans\b|\bsin\b"
     )
     t2_pattern: str = r"\bt2(?!\*)|\btse\b|\bfse\b"
     # A double inversion recovery (DIR: white matter nulled as well as fluid) has a FLAIR's long TI and

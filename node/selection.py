@@ -12,7 +12,9 @@ ProtocolName second, and a description never overrides an attribute that contrad
   ...Ingredient; in an Enhanced MR image ContrastBolusAgentAdministered (0018,9361) YES in the
   Contrast/Bolus Usage functional group, PS3.3 C.8.13.4); numeric ones of 0 and agent texts such as
   NONE, "no contrast", "nativ" or "ohne KM" say none was given. A series without any of them: a
-  description that says post-contrast (and not pre-contrast); else acquired after a series given
+  description that says post-contrast (and not pre-contrast), by whole words (``t1gd_pattern``: "post"
+  in postop, posterior or "post fossa" and "t1c" in T1COR are none; "KM-" is pre-contrast by
+  ``t1_pre_pattern``); else acquired after a series given
   contrast by either (AcquisitionDateTime, else AcquisitionTime, else SeriesTime): contrast stays
   for the rest of the examination. Nothing else makes a T1GD: acquisition order alone does not (two
   T1 series without contrast are common), so a study without evidence of contrast has no T1GD.

@@ -162,6 +162,84 @@ def test_pre_and_post_contrast_t1_by_description_never_by_acquisition_time_alone
         assert _roles(*pair) == {"T1": "1.2.1", "T1GD": "1.2.2"}, (native, contrast)
 
 
+#: Descriptions as scanners and sites write them, without Contrast/Bolus attributes: given contrast?
+DESCRIBED_CONTRAST = {
+    # Post-contrast.
+    "T1 MPRAGE POST": True,
+    "AX T1 POST GAD": True,
+    "Ax T1 BRAVO POST": True,
+    "T1 FS post": True,
+    "T1 post-gad": True,
+    "T1 postGd": True,
+    "t1_fl2d_tra_post_contrast": True,
+    "t1_mprage_tra_p2_iso+KM": True,
+    "T1W_3D_TFE+C": True,
+    "AX 3D T1 FSPGR+C": True,
+    "sT1W_3D_TFE_Gd": True,
+    "T1 SE KM": True,
+    "T1 KM+": True,
+    "T1 mit KM": True,
+    "T1 nach KM": True,
+    "T1+C": True,
+    "T1 C+": True,
+    "T1C": True,
+    "T1c": True,
+    "T1CE": True,
+    "T1 CE": True,
+    "T1GD": True,
+    "T1 3D assiale MDC": True,
+    "POST OP T1 +C": True,  # post-operative and given contrast
+    "t1_mprage_tra_postop_KM": True,
+    "T1 post-op post gad": True,
+    "T1 pre-op +C": True,  # pre-operative, not pre-contrast
+    # Native.
+    "T1 nativ": False,
+    "T1 vor KM": False,
+    "T1 ohne KM": False,
+    "T1 kein KM": False,
+    "T1 KM-": False,
+    "T1 -KM": False,
+    "T1 KM neg": False,
+    "T1 KM-frei": False,
+    "T1 pre": False,
+    "t1_mprage_tra_postop": False,  # post-operative
+    "T1 SE tra postop": False,
+    "T1 post-op": False,
+    "POST OP T1": False,
+    "T1 postoperativ": False,
+    "t1_tse_tra_post_fossa": False,  # posterior fossa
+    "T1 post. fossa": False,
+    "T1 posterior fossa": False,
+    "T1COR": False,  # coronal
+    "T1CORONAL": False,
+    "T1 COR": False,
+    "T1 pre-op": False,
+}
+
+
+@pytest.mark.parametrize("description", DESCRIBED_CONTRAST)
+def test_a_description_says_contrast_by_its_words_not_by_parts_of_words(description: str) -> None:
+    """"post" in postop, post-op, posterior or "post fossa", "t1c" in T1COR and "KM-" (without contrast)
+    say no contrast: such a native T1 taken for the T1GD had the four-series model run on a study
+    without contrast."""
+    given = DESCRIBED_CONTRAST[description]
+    series = series_info(_t1("1.2.1", description), [], 30)
+    assert SeriesSelector().contrast_evidence([series])["1.2.1"][0] is given
+    missing = SeriesSelector().assign([series], ["T1", "T1GD"]).missing
+    assert missing == (["T1"] if given else ["T1GD"])
+
+
+def test_a_native_t1_described_postop_is_neither_the_t1gd_nor_after_contrast() -> None:
+    # No contrast given: a later native T1 described postop makes no T1GD (the whole-tumour model runs).
+    first, later = _t1("1.2.1", "t1_mprage_sag", "091000"), _t1("1.2.2", "t1_mprage_tra_postop", "093000")
+    assignment = SeriesSelector().assign([series_info(d, [], 30) for d in (later, first)], ["T1", "T1GD"])
+    assert assignment.missing == ["T1GD"]
+    # The real T1GD records its agent: the native T1 before it stays the T1, whatever its name.
+    for native in ("T1 SE tra postop", "T1COR", "t1_tse_tra_post_fossa", "T1 KM-"):
+        post = _t1("1.2.2", "t1_mprage_tra", "093000", ContrastBolusAgent="Gadobutrol")
+        assert _roles(_t1("1.2.1", native, "091000"), post) == {"T1": "1.2.1", "T1GD": "1.2.2"}, native
+
+
 def test_derived_maps_serve_no_role() -> None:
     subtraction = _t1(
         "1.2.9", "T1 post SUB", ContrastBolusAgent="Gd", ImageType=["DERIVED", "PRIMARY", "SUB"]
