@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 from scipy import ndimage
 
 from converters.brain_mask import (
     BrainExtractionSettings,
+    BrainMasker,
+    NoBrainFoundError,
     add_stripped_brain,
     near_mask,
     normalize,
@@ -75,6 +79,60 @@ def test_stripped_image_joins_the_mask_and_a_head_does_not() -> None:
     skull = np.where(brain | ring, 100.0, 0.0)
     mask, was_stripped = add_stripped_brain(skull, tight, affine, s)
     assert not was_stripped and np.array_equal(mask, tight)
+
+
+
+def _ball_network(radius_fraction: float) -> Callable[[np.ndarray], np.ndarray]:
+    """A stand-in network: a ball of ``radius_fraction`` of its grid, centred, whatever it is shown."""
+
+    def run(x: np.ndarray) -> np.ndarray:
+        return _ball(x.shape, radius_fraction * x.shape[0]).astype(np.float32)
+
+    return run
+
+
+def _synthetic_head(fat: float, shape: tuple[int, int, int] = (72, 72, 72)) -> np.ndarray:
+    """A head on 3 mm voxels: a textured brain (median 100, radius 18 voxels) with a bright tumour,
+    a dark band of CSF and skull (3 voxels), a ring of scalp fat of intensity ``fat`` (5 voxels), air;
+    Rician-like noise. The box of the brain's mask reaches far into the fat at its corners."""
+    rng = np.random.default_rng(7)
+    grid = np.indices(shape).astype(np.float64)
+    centre = (np.asarray(shape, dtype=np.float64) - 1) / 2
+    r = np.sqrt(((grid - centre[:, None, None, None]) ** 2).sum(axis=0))
+    texture = ndimage.gaussian_filter(rng.normal(0, 1, shape), 1.5)
+    image = np.where(r <= 18, 100 + 40 * texture / texture.std(), 0.0)
+    tumour_centre = centre + np.array([8.0, 0.0, 4.0])
+    tumour = np.sqrt(((grid - tumour_centre[:, None, None, None]) ** 2).sum(axis=0)) <= 5
+    image[tumour] = 1.9 * fat  # enhancing tumour: the brightest voxels of the image
+    image[(r > 18) & (r <= 21)] = 15.0
+    image[(r > 21) & (r <= 26)] = fat
+    image = ndimage.gaussian_filter(image, 0.7)
+    real, imaginary = image + rng.normal(0, 3.0, shape), rng.normal(0, 3.0, shape)
+    return np.sqrt(real**2 + imaginary**2).astype(np.float32)
+
+
+def test_a_brain_stands_out_from_the_dark_band_around_it_whatever_the_fat_farther_out() -> None:
+    """A whole-head FLAIR with bright scalp fat: the contrast check measures the brain against a shell
+    just outside its mask (CSF and skull, dark), over the brain's own signal above air. Against the
+    rest of its box over the image's percentile range it refused this correct brain mask: the fat in
+    the box's corners raised the outside median, the fat and tumour widened the range (contrast 0.05
+    on a real-head FLAIR phantom). A mask on a smooth stripe pattern that is no head is still refused."""
+    s = BrainExtractionSettings(bbox_grid=(32, 32, 32), brain_grid=(64, 64, 64), min_brain_ml=100.0)
+    affine = np.diag([3.0, 3.0, 3.0, 1.0])
+    # The brain (radius 18 of 72 voxels) outlined by the box network; the brain network's crop is
+    # that box grown by 10 % per side, so the brain is 18 / (36 * 1.2) of the crop.
+    masker = BrainMasker(s, _ball_network(18.5 / 72), _ball_network(18.5 / 36 / 1.2))
+    brain = _ball((72, 72, 72), 18)
+    for fat in (180.0, 220.0, 300.0):  # scalp fat 1.8 to 3 times the brain's median
+        head = _synthetic_head(fat)
+        mask = masker.extract(head, affine)
+        dice = 2 * np.count_nonzero(mask & brain) / (mask.sum() + brain.sum())
+        assert dice > 0.95, f"fat {fat}: the stand-in mask is the brain (Dice {dice:.3f})"
+    # A test pattern (smooth stripes, no head; the GE series in dicom/): the same mask is refused.
+    stripes = np.indices((72, 72, 72))[0]
+    pattern = (100 + 80 * np.sin(stripes * 2 * np.pi / 9)).astype(np.float32)
+    with pytest.raises(NoBrainFoundError, match="does not stand out from its surroundings"):
+        masker.extract(pattern, affine)
 
 
 @pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (0.94, 0.94, 5.5), (1.2, 0.5, 2.0)])
