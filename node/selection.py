@@ -60,9 +60,9 @@ planes), and, at the same positions, two acquisitions that AcquisitionNumber (00
 (a repeat after motion). The loader (converters/dicom_series.py) refuses a volume of mixed orientations
 or repeated positions, so such a series read whole would serve no role; each stack is a candidate of its
 own (``stack``: "coronal stack", "acquisition 2"), ranked as any other. A stack of fewer slices than a
-series needs (the ``[qc]`` ``min_slices``) serves no role, and every stack of a series that is a
-localizer by its orientations (above; judged on all its images) serves none: a 3-plane localizer does
-not become three candidates, even with 8 or more slices a plane.
+series needs (the ``[qc]`` ``min_slices``) serves no role, and a series that is a localizer by its
+orientations (above; judged on all its images) is not split: it stays one candidate that serves no
+role, even with 8 or more slices a plane.
 
 Among the candidates for a modality (:func:`ranked`) an ORIGINAL image wins over a DERIVED one, then
 one that covers about as much as the others over a slab, then the finer slices (SliceThickness and
@@ -749,8 +749,11 @@ def _echo_series(
         if len(echoes) > 1 and part:
             labels.append(f"{part} image")
         stacks = _stacks(items)
-        # Judged on the echo's images together: each plane of a 3-plane localizer is a stack of its own.
+        # Judged on the echo's images together: each plane of a 3-plane localizer would be a stack of its
+        # own. A localizer stays one candidate (serving no role), named as the series it is.
         localizer = _localizer([d for d, _ in items], len(items)) if len(stacks) > 1 else ""
+        if localizer:
+            stacks = [("", items)]
         for stack, images in stacks:
             probes = _echo_probes([d for d, _ in images]) if len(images) > 1 else []
             info = series_info(images[0][0], [p for _, p in images], len(images), probes)

@@ -1034,16 +1034,16 @@ def test_a_ge_3_plane_localizer_in_one_series_is_a_localizer_not_a_t1(tmp_path: 
         return paths
 
     selector = SeriesSelector()
-    # Each plane is a stack of its own (a candidate apart), judged a localizer on the series' images
-    # together: also with 10 slices a plane, which a stack alone would have enough of to be a series.
+    # Judged a localizer on the series' images together, it stays one candidate, not one per plane:
+    # also with 10 slices a plane, which a stack alone would have enough of to be a series.
     for count in (3, 10):
         loc = series(f"loc{count}", [(axial, count), (sagittal, count), (coronal, count)])
         kind = f"localizer (3 orientations, {3 * count} slices)"
         for scanned in (scan_grouped_series({"loc": loc}), scan_series(loc)):
-            assert [s.special for s in scanned] == [kind] * 3, [s.label for s in scanned]
+            assert [(s.special, s.slices, s.stack) for s in scanned] == [(kind, 3 * count, "")], scanned
             assert sorted(selector.assign(scanned, ["T1", "T1GD"]).missing) == ["T1", "T1GD"]
             assert selector.not_used(scanned, selector.assign(scanned, ["T1"])) == [
-                {"series": s.label, "reason": f"{kind}: serves no role"} for s in scanned
+                {"series": scanned[0].label, "reason": f"{kind}: serves no role"}
             ]
     # One orientation, a later image of it a SCOUT: a localizer too.
     scout = series("scout", [(axial, 9)], scout_at=6)
