@@ -38,8 +38,10 @@ localizer) serves no role. Nor, whatever its description says, does a series who
   above); a Philips one that does not is told only by its description;
 * a localizer: ImageType LOCALIZER or SCOUT in any image probed, or several slice orientations (normals
   more than ``LOCALIZER_ANGLE_DEGREES`` apart) among the images probed with at most
-  ``LOCALIZER_MAX_SLICES`` slices per orientation: a GE 3-plane loc, whose ImageType often does not say
-  LOCALIZER, is a T1 by its short TE and TR, and read whole is refused for its mixed orientations;
+  ``LOCALIZER_MAX_SLICES`` slices per orientation, and a like number in each
+  (``LOCALIZER_PLANE_RATIO``; one stray image of another orientation does not make a stack a
+  localizer): a GE 3-plane loc, whose ImageType often does not say LOCALIZER, is a T1 by its short TE
+  and TR, and read whole is refused for its mixed orientations;
 * an angiogram: AngioFlag (0018,0025) Y, or an Enhanced MR image flavour ANGIO. A time-of-flight
   angiogram has a short TE and TR, so by them alone it is a T1;
 * a phase, real or imaginary image: ComplexImageComponent (0008,9208), or ImageType's vendor values
@@ -360,6 +362,8 @@ LOCALIZER_IMAGE_TYPES = frozenset({"LOCALIZER", "SCOUT"})
 #: orientation. A 2D stack that covers a brain has some 20 or more: two such stacks in one series are no
 #: localizer.
 LOCALIZER_MAX_SLICES = 15
+#: ... and when its planes hold a like number of slices: the largest at most this many times the smallest.
+LOCALIZER_PLANE_RATIO = 3
 #: Slice normals more than this many degrees apart are two orientations (a 3-plane loc's are 90 apart).
 LOCALIZER_ANGLE_DEGREES = 10.0
 
@@ -388,11 +392,14 @@ def _says_diffusion(ds: Dataset) -> bool:
     )
 
 
-def _orientations(headers: Sequence[Dataset]) -> int:
-    """How many slice orientations the headers hold: slice normals (from ImageOrientationPatient) more
-    than :data:`LOCALIZER_ANGLE_DEGREES` apart. A coarse angle, not the loader's tolerance: cosines that
-    jitter in their last digits from slice to slice are one orientation here."""
+def _orientations(headers: Sequence[Dataset]) -> list[int]:
+    """How many of the headers lie in each slice orientation they hold: slice normals (from
+    ImageOrientationPatient) more than :data:`LOCALIZER_ANGLE_DEGREES` apart are two. A coarse angle,
+    not the loader's tolerance: cosines that jitter in their last digits from slice to slice are one
+    orientation here."""
     seen: list[np.ndarray] = []
+    counts: list[int] = []
+    limit = np.cos(np.radians(LOCALIZER_ANGLE_DEGREES))
     for ds in headers:
         iop = _deep_get(ds, "ImageOrientationPatient")
         if iop is None or len(iop) != 6:
@@ -403,10 +410,13 @@ def _orientations(headers: Sequence[Dataset]) -> int:
         if length == 0:
             continue
         normal /= length
-        limit = np.cos(np.radians(LOCALIZER_ANGLE_DEGREES))
-        if all(abs(float(normal @ other)) < limit for other in seen):
+        match = next((n for n, other in enumerate(seen) if abs(float(normal @ other)) >= limit), None)
+        if match is None:
             seen.append(normal)
-    return len(seen)
+            counts.append(1)
+        else:
+            counts[match] += 1
+    return counts
 
 
 def _localizer(headers: Sequence[Dataset], slices: int) -> str:
@@ -414,9 +424,15 @@ def _localizer(headers: Sequence[Dataset], slices: int) -> str:
     module notes), else ""."""
     if any(LOCALIZER_IMAGE_TYPES.intersection(_multi(h.get("ImageType"))) for h in headers):
         return "localizer (ImageType LOCALIZER or SCOUT)"
-    planes = _orientations(headers)
-    if planes > 1 and slices <= LOCALIZER_MAX_SLICES * planes:
-        return f"localizer ({planes} orientations, {slices} slices)"
+    counts = _orientations(headers)
+    # ``headers`` may be probes spread over the series: each orientation's share of them, scaled to the
+    # series' ``slices``, stands for its count.
+    largest = max(counts, default=0) * slices / max(1, sum(counts))
+    # A localizer's planes hold a like number of slices each; a stack with a stray image of another
+    # orientation (a damaged series) is none.
+    balanced = len(counts) > 1 and min(counts) * LOCALIZER_PLANE_RATIO >= max(counts)
+    if balanced and largest <= LOCALIZER_MAX_SLICES:
+        return f"localizer ({len(counts)} orientations, {slices} slices)"
     return ""
 
 
