@@ -566,11 +566,14 @@ def inputs_digest(chosen: Route, extractor: str | None, settings: Mapping[str, A
 
 def result_settings(ctx: JobContext, chosen: Route) -> dict[str, Any]:
     """The settings a result depends on besides its inputs (:func:`inputs_digest`)."""
-    return {
+    settings: dict[str, Any] = {
         "qc": asdict(ctx.qc),
         "registration": asdict(ctx.registration),
         "mirror": chosen.model.segmenter.mirror,
     }
+    if len(chosen.model.card["modalities"]) > 1:  # its QC compares with the whole_tumor model's result
+        settings["compared_with"] = [m.label for t, m in ctx.models() if t == WHOLE_TUMOUR_TASK and m]
+    return settings
 
 
 def _not_again(ctx: JobContext, job_id: int, digest: str) -> tuple[str, list[Destination]] | None:
@@ -623,9 +626,12 @@ class _Study:
         self.early = early
         #: The error of each series (by its files) that could not be read, not to read it twice.
         self.unreadable: dict[tuple[str, tuple[tuple[str, int, int], ...]], JobError] = {}
-        #: What came from early analysis: "load MODALITY", "brain MODALITY", "result TASK" and
-        #: "seg TASK" (the result's SEG, built early too).
+        #: What came from early analysis: "load MODALITY", "brain MODALITY", "result TASK", "seg TASK"
+        #: (the result's SEG, built early too) and "whole-tumour check TASK" (the result compared with).
         self.reused: list[str] = []
+        #: Results this run computed before, by :func:`route_key` (early analysis: those of its earlier
+        #: runs on the study), for the ``whole_tumour_agreement`` check.
+        self.results: dict[tuple[Any, ...], Segmented] = {}
 
     def heartbeat(self) -> None:
         """Tell the queue the job is alive (nothing for early analysis); raises JobSupersededError when
@@ -745,6 +751,16 @@ class _Study:
         self.reused.append(f"result {chosen.task}")
         return replace(done, route=chosen)
 
+    def known_result(self, chosen: Route) -> Segmented | None:
+        """A result of ``chosen``'s model on the very same files that this run or early analysis
+        computed already, if there is one."""
+        extractor = self.ctx.brain()
+        key = route_key(chosen, extractor.label if extractor else None)
+        done = self.results.get(key)
+        if done is None and self.early is not None and (done := self.early.segmented.get(key)) is not None:
+            self.reused.append(f"whole-tumour check {chosen.task}")
+        return done
+
 
 def _try_route(study: _Study, chosen: Route, plan: RoutingPlan) -> Segmented | None:
     """Run ``chosen``'s model on the study; None when its registration failed (noted in ``plan``)."""
@@ -802,9 +818,91 @@ def segment_study(study: _Study, plan: RoutingPlan) -> Segmented:
             plan.note(chosen.task, chosen.model, "not run", str(exc))
             continue
         if done is not None:
-            return done
+            return compare_whole_tumour(study, plan, done)
     failed = "; ".join(f"{e['task']}: {e['reason']}" for e in plan.considered if e["outcome"] == "not run")
     raise JobError(f"no model could run on the study ({failed})")
+
+
+#: The task whose model a several-series model's whole tumour is compared with (node/qc.py
+#: ``whole_tumour_agreement``).
+WHOLE_TUMOUR_TASK = "whole_tumor"
+
+
+def _whole_tumour_of(study: _Study, chosen: Route) -> tuple[npt.NDArray[np.uint8], Volume]:
+    """The labels of ``chosen`` (a one-series model) on its reference series' grid, tumour outside the
+    brain removed, and that series' volume: run on the series and brain mask the study holds already
+    (read and masked for the model that ran), timed as stage ``whole-tumour check``."""
+    from converters.reorient import ras_to_volume
+
+    model = chosen.model
+    reference = reference_modality(list(model.card["modalities"]), study.ctx.registration)
+    loaded, brain = study.load_and_mask(chosen.assignment, reference)
+    with study.timer.stage("whole-tumour check"):
+        assembled = assemble_coregistered(loaded, reference)
+        mask = brain_mask_for(assembled, brain)
+        grid, model_mask, blocks = analysis_grid(loaded, reference, mask)
+        model_view = assembled if blocks == (1, 1, 1) else assemble_coregistered(grid, reference)
+        try:
+            prepared = preprocess(model, model_view, model_mask)
+            labels = segment(model, model_view, prepared, blocks=blocks, shape=loaded[reference].array.shape)
+        except (RuntimeError, ValueError, ConverterError) as exc:
+            reason = f"model {model.label} failed on the study: {type(exc).__name__}: {exc}"
+            raise InferenceError(reason) from exc
+        if mask is not None:
+            on_grid = np.asarray(ras_to_volume(np.asarray(mask, dtype=bool), assembled.reference), dtype=bool)
+            return np.asarray(qc.restrict_to_brain(labels, on_grid)[0], dtype=np.uint8), assembled.reference
+    return labels, assembled.reference
+
+
+def compare_whole_tumour(study: _Study, plan: RoutingPlan, done: Segmented) -> Segmented:
+    """``done`` with the ``whole_tumour_agreement`` rule (node/qc.py) in its report: when a several-series
+    model ran, its whole tumour against the ``whole_tumor`` model's on the same study (the result early
+    analysis or this run computed on the same files, else that model run here on the reference series
+    already read and masked: the FLAIR model's preprocess and inference, about a third of the regions
+    model's); ``not checked`` otherwise, saying why."""
+    settings = study.ctx.qc
+    labels = done.labels
+    tumour_ml = float(np.count_nonzero(labels)) * float(np.prod(done.assembled.reference.spacing)) / 1000.0
+
+    def without(why: str) -> Segmented:
+        rule = qc.rule_whole_tumour_agreement(tumour_ml, None, None, settings, why)
+        figures: dict[str, float | int | None] = {"whole_tumour_model_ml": None, "whole_tumour_dice": None}
+        return replace(done, report=qc.with_rule(done.report, rule, figures))
+
+    if len(done.route.model.card["modalities"]) < 2:
+        return without("a one-series model ran: nothing to compare with")
+    if not settings.compare_whole_tumour:
+        return without("off ([qc] compare_whole_tumour = false)")
+    whole = next((r for r in plan.routes if r.task == WHOLE_TUMOUR_TASK), None)
+    if whole is None:
+        entry = next((e for e in plan.considered if e["task"] == WHOLE_TUMOUR_TASK), None)
+        why = entry["reason"] if entry else f"{WHOLE_TUMOUR_TASK} is not in [routing] order"
+        return without(f"no {WHOLE_TUMOUR_TASK} model to compare with ({why})")
+    if len(whole.model.card["modalities"]) > 1:
+        return without(f"the {WHOLE_TUMOUR_TASK} model {whole.model.label} needs several series too")
+    known = study.known_result(whole)
+    try:
+        if known is not None:
+            other, volume = known.labels, known.assembled.reference
+        else:
+            other, volume = _whole_tumour_of(study, whole)
+    except JobError as exc:  # its series unreadable, or the model failing on it: no comparison
+        logger.warning("%s; the whole-tumour check is not made", scrub_text(str(exc)))
+        return without(f"the {WHOLE_TUMOUR_TASK} model {whole.model.label} could not run: {exc}")
+    reference_ml = float(np.count_nonzero(other)) * float(np.prod(volume.spacing)) / 1000.0
+    ref = reference_modality(list(done.route.model.card["modalities"]), study.ctx.registration)
+    flair = reference_modality(list(whole.model.card["modalities"]), study.ctx.registration)
+    mine, theirs = done.route.assignment.chosen.get(ref), whole.assignment.chosen.get(flair)
+    one_grid = (
+        mine is not None and theirs is not None and same_files(mine, theirs) and other.shape == labels.shape
+    )
+    overlap = qc.dice(labels > 0, other > 0) if one_grid else None
+    rule = qc.rule_whole_tumour_agreement(tumour_ml, reference_ml, overlap, settings)
+    figures: dict[str, float | int | None] = {
+        "whole_tumour_model_ml": round(reference_ml, 3),
+        "whole_tumour_dice": None if overlap is None else round(overlap, 3),
+    }
+    return replace(done, report=qc.with_rule(done.report, rule, figures))
 
 
 def spooled_files(groups: Mapping[str, Sequence[str]]) -> tuple[dict[str, list[Path]], list[str]]:
@@ -860,6 +958,7 @@ def analyse_early(ctx: JobContext, groups: Mapping[str, Sequence[str]], work: Ea
             return
         study = _Study(ctx, None, timer)
         study.loaded, study.brains = work.loaded, work.brains  # what earlier runs read and masked
+        study.results = work.segmented  # a whole_tumor result of an earlier run serves its check
         done = segment_study(study, plan)
         # The SEG too: when receiving, not this run, ends last, the job then only writes it.
         if done.labels.any():

@@ -431,6 +431,14 @@ def _result_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
             + ("; the brain is cut by the series' field of view" if cut else "")
             + ("; the series covers the whole brain" if cut is False else ""),
         ))  # fmt: skip
+    if qc_figures.get("whole_tumour_model_ml") is not None:  # a several-series model's check (node/qc.py)
+        dice = qc_figures.get("whole_tumour_dice")
+        mine = ml(qc_figures.get("tumour_volume_ml"))
+        rows.append((
+            "whole tumour, whole_tumor model",
+            f"{ml(qc_figures['whole_tumour_model_ml'])} against this result's {mine}"
+            + ("; not on one grid" if dice is None else f"; Dice {dice:.2f}"),
+        ))  # fmt: skip
     for rule in (result.get("qc") or {}).get("rules", []):
         rows.append((f"qc {rule['name']}", f"{rule['status']}: {rule['message']}"))
     if result.get("released_by"):

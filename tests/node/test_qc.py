@@ -351,6 +351,36 @@ def test_a_whole_brain_under_the_minimum_still_fails(brain: npt.NDArray[np.bool_
 # -- config ------------------------------------------------------------------------------------------------
 
 
+def test_whole_tumour_agreement_limits() -> None:
+    """A several-series model's whole tumour against the whole_tumor model's (defaults: Dice 0.5, volumes
+    20 % of the larger and 10 mL apart), on the figures the node gave on the validation studies."""
+    settings = QCSettings()
+    rule = qc.rule_whole_tumour_agreement
+    # As on the clean validation studies through the node (BraTS2021_00005): passes.
+    ok = rule(136.3, 117.9, 0.894, settings)
+    assert ok.status == qc.PASSED and ok.figures["diff_ml"] == pytest.approx(18.4)
+    assert ok.message == "whole tumour 136.3 mL against the whole-tumour model's 117.9 mL, Dice 0.89"
+    # 90 mL of false oedema around a 33 mL tumour (BraTS2021_00014 with a bias field per series).
+    held = rule(92.6, 32.8, 0.3, settings)
+    assert held.status == qc.FAILED and "Dice 0.30 under 0.5" in held.message
+    assert "volumes 59.8 mL (65 %) apart, over 20 % and 10 mL" in held.message
+    # 49 mL more than the FLAIR model, Dice 0.80 (BraTS2021_00005 with a bias field per series): held on
+    # the volumes alone.
+    biased = rule(175.3, 126.6, 0.803, settings)
+    assert biased.status == qc.FAILED and "Dice" not in biased.message.split(": ", 1)[1]
+    # The volumes alone where the two are not on one grid.
+    assert rule(92.6, 32.8, None, settings).status == qc.FAILED
+    assert rule(40.0, 32.8, None, settings).status == qc.PASSED
+    # Over 20 % apart but by under 10 mL: small tumours pass; so does a poor Dice when both are under 10 mL.
+    assert rule(9.0, 4.0, 0.6, settings).status == qc.PASSED
+    small = rule(3.0, 2.0, 0.1, settings)
+    assert small.status == qc.PASSED and "Dice not judged: both under 10 mL" in small.message
+    # A poor Dice between tumours of like volume (the model outlined something else) fails alone.
+    assert rule(50.0, 48.0, 0.2, settings).status == qc.FAILED
+    assert rule(50.0, None, None, settings, "no whole_tumor model").status == qc.NOT_CHECKED
+    assert qc.dice(np.array([1, 1, 0, 0], bool), np.array([0, 1, 1, 0], bool)) == 0.5
+
+
 def test_qc_section_of_node_toml_and_env(tmp_path: Path) -> None:
     config = tmp_path / "node.toml"
     config.write_text("[qc]\nmin_slices = 12\nmax_tumour_share_percent = 25\n")
@@ -364,6 +394,11 @@ def test_qc_section_of_node_toml_and_env(tmp_path: Path) -> None:
     config.write_text("[qc]\nmin_brain_ml = 2500\n")
     with pytest.raises(ConfigError, match=r"qc.min_brain_ml 2500.0 must be >= 0 and <= qc.max_brain_ml"):
         load_settings(config, env={})
+    config.write_text("[qc]\nwhole_tumour_min_dice = 1.5\n")
+    with pytest.raises(ConfigError, match=r"qc.whole_tumour_min_dice must be between 0 and 1"):
+        load_settings(config, env={})
+    config.write_text("[qc]\ncompare_whole_tumour = false\n")
+    assert load_settings(config, env={}).qc.compare_whole_tumour is False
     config.write_text("[qc]\nmax_brain = 2500\n")
     with pytest.raises(ConfigError, match=r"qc: unknown key 'max_brain'"):
         load_settings(config, env={})

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,11 +50,13 @@ from tests.helpers.waiting import wait_until
 
 SHAPE = (64, 64, 24)
 #: Rules that find the synthetic phantom's three tissues (its z-scores, converters/synthetic.py): edema
-#: bright in FLAIR but not in T1GD, the core bright in T2, the enhancing rim bright in T1GD.
+#: bright in FLAIR but not in T1GD, the core bright in T2, the enhancing rim bright in T1GD. Their levels
+#: keep the union near the phantom's tumour (Dice ~0.87; ~110 mL against 92), so that it agrees with the
+#: whole_tumor threshold model's as a sound several-series result does (qc whole_tumour_agreement).
 SYNTHETIC_RULES: RegionRules = {
-    1: ({"FLAIR": 1.0, "T1GD": -1.0}, 1.5),
-    2: ({"T2": 1.0}, 2.0),
-    3: ({"T1GD": 1.0}, 1.5),
+    1: ({"FLAIR": 1.0, "T1GD": -1.0}, 2.0),
+    2: ({"T2": 1.0}, 3.0),
+    3: ({"T1GD": 1.0}, 2.0),
 }
 
 # -- series roles ----------------------------------------------------------------------------------------
@@ -598,7 +601,7 @@ def models(tmp_path_factory: pytest.TempPathFactory, case: Case) -> tuple[Path, 
     return regions, whole
 
 
-def _node(tmp_path: Path, models: tuple[Path, Path], **registration: object) -> Iterator[Node]:
+def _node(tmp_path: Path, models: tuple[Path, ...], **registration: object) -> Iterator[Node]:
     catcher = CatchingSCP().start(free_port())
     settings = node_settings(
         tmp_path, free_port(), [Destination("pacs", "CATCHER", "127.0.0.1", catcher.port)]
@@ -727,8 +730,18 @@ def test_four_series_get_the_regions_model_three_segments_and_region_volumes(
         assert f"{modality}: series {uid} (" in used, used
     assert "(contrast/bolus attributes)" in used
     assert used.index("FLAIR:") < used.index("T1:") < used.index("T1GD:") < used.index("T2:")
-    # QC: the tumour is the union of the tissues.
+    # QC: the tumour is the union of the tissues, and it agrees with the whole_tumor model's on the FLAIR
+    # (that model ran in the job for the check; the routing still names the regions model alone).
     assert job.result["tumour_volume_ml"] == pytest.approx(regions["whole_tumour"], abs=0.01)
+    agreement = next(r for r in job.result["qc"]["rules"] if r["name"] == "whole_tumour_agreement")
+    assert agreement["status"] == "passed", agreement
+    figures = job.result["qc"]["figures"]
+    assert figures["whole_tumour_model_ml"] > 0 and figures["whole_tumour_dice"] >= 0.5
+    assert agreement["figures"]["dice"] == pytest.approx(figures["whole_tumour_dice"], abs=1e-3)
+    # Early analysis ran that model on the FLAIR alone, before the other series came: reused when it did.
+    reused = (job.result["early_analysis"] or {}).get("reused") or []
+    assert "whole-tumour check whole_tumor" in reused or "whole-tumour check" in job.stages
+    assert [e["outcome"] for e in routing["considered"]] == ["ran", "eligible"]
     # The SR's evidence is every image the volumes came from, the reference's first (the SR's patient
     # and study attributes are its), and the SEG; the segments' source series stays the reference.
     [evidence] = sr.CurrentRequestedProcedureEvidenceSequence
@@ -777,6 +790,53 @@ def test_study_without_t2_gets_the_whole_tumour_model_and_says_why(
     # Each input's series as a reader recognises it: UID, description, slices.
     assert job.result["series_labels"]["FLAIR"].startswith(f"series {study.series_uids['FLAIR']} (")
     assert job.result["series_labels"]["FLAIR"] in out
+
+
+def test_a_regions_result_far_larger_than_the_whole_tumour_models_is_held(
+    case: Case,
+    models: tuple[Path, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A four-series model that calls oedema wherever the FLAIR is a little bright (as the regions model
+    did on studies whose series each had their own bias field) outlines several times the FLAIR model's
+    tumour: the study is held for review with both volumes and their Dice, and nothing is sent."""
+    bloated = make_regions_model(
+        tmp_path / "bloated", crop=SHAPE[:2], spacing=case.spacing,
+        rules={**SYNTHETIC_RULES, 1: ({"FLAIR": 1.0}, 0.5)},
+    )  # fmt: skip
+    with contextmanager(_node)(tmp_path, (bloated, models[1])) as node:
+        study = write_study(case, tmp_path / "study")
+        node.send(study)
+        job = node.job_for(study)
+    assert job.status == "review", job.reason
+    assert job.result["routing"]["task"] == "brats_regions"
+    assert job.reason.startswith("qc whole_tumour_agreement: whole tumour ") and "Dice" in job.reason
+    [failed] = [r for r in job.result["qc"]["rules"] if r["status"] == "failed"]
+    assert failed["name"] == "whole_tumour_agreement"
+    figures = job.result["qc"]["figures"]
+    assert figures["tumour_volume_ml"] > 2 * figures["whole_tumour_model_ml"] > 0
+    assert figures["whole_tumour_dice"] < 0.5
+    assert job.sends == [] and node.catcher.received == []
+    rows = dict(_result_rows(job.result))
+    shown = f"{figures['whole_tumour_model_ml']:.1f} mL against"
+    assert rows["whole tumour, whole_tumor model"].startswith(shown)
+    assert rows["qc whole_tumour_agreement"].startswith("failed: whole tumour ")
+
+
+def test_without_a_whole_tumour_model_the_agreement_is_not_checked_and_says_so(
+    case: Case, models: tuple[Path, Path], tmp_path: Path
+) -> None:
+    with contextmanager(_node)(tmp_path, (models[0],)) as node:
+        study = write_study(case, tmp_path / "study")
+        node.send(study)
+        job = node.job_for(study)
+    assert job.status == "done", job.reason
+    agreement = next(r for r in job.result["qc"]["rules"] if r["name"] == "whole_tumour_agreement")
+    assert agreement["status"] == "not checked"
+    assert agreement["message"] == "no whole_tumor model to compare with (no active whole_tumor model)"
+    assert job.result["qc"]["figures"]["whole_tumour_model_ml"] is None
 
 
 def test_an_unreadable_t2_counts_as_absent(env: Node, case: Case, tmp_path: Path) -> None:
@@ -1110,8 +1170,6 @@ def test_a_regions_model_failing_on_the_study_falls_back_to_the_whole_tumour_mod
     OpenVINO's RuntimeError, as no other error than a JobError let the next route run. The network
     here fixes its batch at 3 (a study's slices go in padded requests of 3, which works); its
     inference is then made to fail as OpenVINO fails, once the model has loaded."""
-    from contextlib import contextmanager
-
     regions = make_regions_model(
         tmp_path / "fixed-batch", crop=SHAPE[:2], spacing=case.spacing, rules=SYNTHETIC_RULES, batch=3,
     )
@@ -1162,6 +1220,9 @@ def test_misaligned_brats_study_end_to_end_over_storescu(tmp_path: Path) -> None
         tmp_path, free_port(), [Destination("pacs", "CATCHER", "127.0.0.1", catcher.port)]
     )
     settings.registration.threads = 2
+    # The two threshold models outline different things by construction (the regions one adds T2 and T1GD
+    # bright voxels to the FLAIR's: ~150 against ~100 mL); the whole-tumour check has tests of its own.
+    settings.qc.compare_whole_tumour = False
     node = NodeService(settings)
     install_and_promote(node.registry, SHIPPED_BRAIN_EXTRACTOR_DIR, by="test", reason="test")
     for model_dir in (regions, whole):
