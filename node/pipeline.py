@@ -600,6 +600,9 @@ class EarlyWork:
     loaded: dict[str, LoadedSeries] = field(default_factory=dict)
     brains: dict[str, Brain | None] = field(default_factory=dict)
     segmented: dict[tuple[Any, ...], Segmented] = field(default_factory=dict)
+    #: Whole-tumour labels (and their series' volume) computed only for the ``whole_tumour_agreement``
+    #: check of a several-series result, by :func:`route_key`: the job's check reuses them.
+    checks: dict[tuple[Any, ...], tuple[npt.NDArray[np.uint8], Volume]] = field(default_factory=dict)
     #: Stage timings of the early runs, summed.
     stages: dict[str, float] = field(default_factory=dict)
 
@@ -632,6 +635,8 @@ class _Study:
         #: Results this run computed before, by :func:`route_key` (early analysis: those of its earlier
         #: runs on the study), for the ``whole_tumour_agreement`` check.
         self.results: dict[tuple[Any, ...], Segmented] = {}
+        #: Whole-tumour labels computed for that check alone (:attr:`EarlyWork.checks`).
+        self.checks: dict[tuple[Any, ...], tuple[npt.NDArray[np.uint8], Volume]] = {}
 
     def heartbeat(self) -> None:
         """Tell the queue the job is alive (nothing for early analysis); raises JobSupersededError when
@@ -761,6 +766,21 @@ class _Study:
             self.reused.append(f"whole-tumour check {chosen.task}")
         return done
 
+    def known_check(self, chosen: Route) -> tuple[npt.NDArray[np.uint8], Volume] | None:
+        """Labels of ``chosen``'s model computed for the whole-tumour check alone, by this run or early
+        analysis, on the very same files, if there are some."""
+        extractor = self.ctx.brain()
+        key = route_key(chosen, extractor.label if extractor else None)
+        found = self.checks.get(key)
+        if found is None and self.early is not None and (found := self.early.checks.get(key)) is not None:
+            self.reused.append(f"whole-tumour check {chosen.task}")
+        return found
+
+    def keep_check(self, chosen: Route, found: tuple[npt.NDArray[np.uint8], Volume]) -> None:
+        """Keep labels computed for the whole-tumour check (:meth:`known_check`)."""
+        extractor = self.ctx.brain()
+        self.checks[route_key(chosen, extractor.label if extractor else None)] = found
+
 
 def _try_route(study: _Study, chosen: Route, plan: RoutingPlan) -> Segmented | None:
     """Run ``chosen``'s model on the study; None when its registration failed (noted in ``plan``)."""
@@ -884,9 +904,14 @@ def compare_whole_tumour(study: _Study, plan: RoutingPlan, done: Segmented) -> S
     try:
         if known is not None:
             other, volume = known.labels, known.assembled.reference
+        elif (checked := study.known_check(whole)) is not None:
+            other, volume = checked
         else:
             other, volume = _whole_tumour_of(study, whole)
-    except JobError as exc:  # its series unreadable, or the model failing on it: no comparison
+            study.keep_check(whole, (other, volume))
+    except (JobError, ConverterError, OSError) as exc:
+        # Its series unreadable, its brain not found (a FLAIR masked here for the first time when the
+        # reference is another series), or the model failing on it: no comparison, the result stands.
         logger.warning("%s; the whole-tumour check is not made", scrub_text(str(exc)))
         return without(f"the {WHOLE_TUMOUR_TASK} model {whole.model.label} could not run: {exc}")
     reference_ml = float(np.count_nonzero(other)) * float(np.prod(volume.spacing)) / 1000.0
@@ -959,6 +984,7 @@ def analyse_early(ctx: JobContext, groups: Mapping[str, Sequence[str]], work: Ea
         study = _Study(ctx, None, timer)
         study.loaded, study.brains = work.loaded, work.brains  # what earlier runs read and masked
         study.results = work.segmented  # a whole_tumor result of an earlier run serves its check
+        study.checks = work.checks  # and what this run computes for the check, the job's
         done = segment_study(study, plan)
         # The SEG too: when receiving, not this run, ends last, the job then only writes it.
         if done.labels.any():

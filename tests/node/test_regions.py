@@ -15,6 +15,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import highdicom as hd
 import numpy as np
@@ -43,7 +44,7 @@ from tests.helpers.node import (
     make_threshold_model,
     node_settings,
 )
-from tests.helpers.peers import DCIODVFY_PRIVATE_SCHEME, dciodvfy_problems
+from tests.helpers.peers import DCIODVFY_PRIVATE_SCHEME, dciodvfy_problems, require_shared
 from tests.helpers.ports import free_port
 from tests.helpers.regions import brain_edge, brain_of, brats_case, misaligned
 from tests.helpers.waiting import wait_until
@@ -1267,3 +1268,70 @@ def test_misaligned_brats_study_end_to_end_over_storescu(tmp_path: Path) -> None
         assert entry["ok"], entry["reason"]
         assert recovered <= 1.0, f"{modality}: {recovered:.2f} mm at the brain's edge"
         assert absolute <= 1.5, f"{modality}: {absolute:.2f} mm from the applied motion"
+
+
+def _check_setup(
+    monkeypatch: pytest.MonkeyPatch, whole_tumour_of: Any
+) -> tuple[Any, Any, Any, Any]:
+    """A regions result, a plan with the whole_tumor model beside it, a context, and the FLAIR model's
+    run for the whole-tumour check stood in for by ``whole_tumour_of`` (the node's own bookkeeping)."""
+    from types import SimpleNamespace
+
+    from node import pipeline
+    from node.config import QCSettings, RegistrationConfig
+    from node.qc import QCReport
+    from node.selection import Assignment
+
+    files = sorted(p for p in require_shared("dicom", "siemens_t1_fl2d_sag_healthy").iterdir() if p.is_file())
+    [flair] = scan_grouped_series({"f": files})
+    monkeypatch.setattr(pipeline, "_whole_tumour_of", whole_tumour_of)
+    ctx = SimpleNamespace(qc=QCSettings(), registration=RegistrationConfig(), brain=lambda: None)
+    chosen = Assignment(chosen={"FLAIR": flair})
+    flair_model = SimpleNamespace(card={"modalities": ["FLAIR"]}, label="wt 1")
+    whole = pipeline.Route("whole_tumor", flair_model, chosen)
+    four = SimpleNamespace(card={"modalities": ["FLAIR", "T1", "T1GD", "T2"]}, label="br 1")
+    regions = pipeline.Route("brats_regions", four, chosen)
+    one_mm = SimpleNamespace(reference=SimpleNamespace(spacing=(1.0, 1.0, 1.0)))
+    labels = np.zeros((4, 4, 4), np.uint8)
+    report = QCReport(rules=[], figures={})
+    done = pipeline.Segmented(regions, one_mm, None, labels, report, None)  # type: ignore[arg-type]
+    return pipeline.RoutingPlan(routes=[regions, whole]), done, ctx, pipeline
+
+
+def test_the_whole_tumour_check_computed_early_is_reused_by_the_job(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Early analysis that ran the regions model computed the FLAIR model's labels for its check and kept
+    them nowhere: the job ran the FLAIR model again for the same check."""
+    from types import SimpleNamespace
+
+    calls: list[str] = []
+
+    def whole_tumour_of(study: Any, chosen: Any) -> tuple[Any, Any]:
+        calls.append("job" if study.job_id is not None else "early")
+        return np.zeros((4, 4, 4), np.uint8), SimpleNamespace(spacing=(1.0, 1.0, 1.0))
+
+    plan, done, ctx, pipeline = _check_setup(monkeypatch, whole_tumour_of)
+    work = pipeline.EarlyWork()
+    early = pipeline._Study(ctx, None, pipeline.Timer())
+    early.results, early.checks = work.segmented, work.checks  # as analyse_early shares them
+    out = pipeline.compare_whole_tumour(early, plan, done)
+    job = pipeline._Study(ctx, 7, pipeline.Timer(), early=work)
+    checked = pipeline.compare_whole_tumour(job, plan, out)
+    assert calls == ["early"] and job.reused == ["whole-tumour check whole_tumor"]
+    assert checked.report.by_name("whole_tumour_agreement").status == "passed"
+
+
+def test_a_whole_tumour_check_whose_flair_finds_no_brain_is_not_checked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With another series as the registration reference, the check masks the FLAIR for the first time;
+    its brain extraction's refusal (a ConverterError, not a JobError) escaped the check and failed the
+    job, losing the several-series result that had run."""
+    from converters.brain_mask import NoBrainFoundError
+
+    def whole_tumour_of(study: Any, chosen: Any) -> tuple[Any, Any]:
+        raise NoBrainFoundError("FLAIR: the 1831 mL mask does not stand out from its surroundings")
+
+    plan, done, ctx, pipeline = _check_setup(monkeypatch, whole_tumour_of)
+    checked = pipeline.compare_whole_tumour(pipeline._Study(ctx, 7, pipeline.Timer()), plan, done)
+    rule = checked.report.by_name("whole_tumour_agreement")
+    assert rule.status == "not checked" and "could not run: FLAIR: the 1831 mL mask" in rule.message
