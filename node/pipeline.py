@@ -584,7 +584,10 @@ def _not_again(ctx: JobContext, job_id: int, digest: str) -> tuple[str, list[Des
     sent = job_queue.last_sent_run(ctx.sf, job_id)
     if sent is None or sent.result.get("inputs_digest") != digest:
         return None
-    rest = [d for d in ctx.destinations if (d.name, d.ae_title, d.host, d.port) not in sent.destinations]
+    # By name, as the sender delivers (node/sender.py ``Sender._address``): a destination whose address
+    # was corrected in the config since is the one those sends went to.
+    reached = {name for name, *_ in sent.destinations}
+    rest = [d for d in ctx.destinations if d.name not in reached]
     reason = f"inputs unchanged since job {sent.job_id}; results not sent again"
     if rest:
         names = ", ".join(d.name for d in rest)

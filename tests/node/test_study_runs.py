@@ -251,6 +251,11 @@ def test_a_destination_an_earlier_run_over_the_same_inputs_reached_is_not_sent_t
     third, _ = _claimed_run(sf, 3)
     verdict = _not_again(ctx, third, "same")  # type: ignore[arg-type]
     assert verdict == ("inputs unchanged since job 2; results not sent again", [])
+    # d1's port corrected in the config since: the sender delivers by name (its queued sends went to the
+    # corrected address), so d1 counts as reached and gets no second copy.
+    corrected = SimpleNamespace(sf=sf, destinations=[Destination("d1", "D1", "127.0.0.1", 2001), d2])
+    verdict = _not_again(corrected, third, "same")  # type: ignore[arg-type]
+    assert verdict == ("inputs unchanged since job 2; results not sent again", [])
 
 
 def test_the_last_sent_run_is_the_latest_run_not_the_last_to_queue_sends(sqlite_sf: Any) -> None:
