@@ -58,10 +58,11 @@ its own TE: the long echo may be the T2, the short one serves no role. Magnitude
 taken apart from phase, real or imaginary images reconstructed into the same series. So is each stack
 of a series that holds several: an axial and a coronal stack (slice normals of ImageOrientationPatient
 apart by more than :data:`STACK_NORMAL_TOLERANCE`; a vendor's "AX+COR", a 2D sequence acquired in two
-planes), and, at the same positions, two acquisitions that AcquisitionNumber (0020,0012) tells apart
-(a repeat after motion). The loader (converters/dicom_series.py) refuses a volume of mixed orientations
-or repeated positions, so such a series read whole would serve no role; each stack is a candidate of its
-own (``stack``: "coronal stack", "acquisition 2"), ranked as any other. A stack of fewer slices than a
+planes), and, at the same positions, two acquisitions that AcquisitionNumber (0020,0012) tells apart (a
+repeat after motion; three or more are a dynamic series' phases, kept whole). The loader
+(converters/dicom_series.py) refuses a volume of mixed orientations or repeated positions, so such a
+series read whole would serve no role; each stack is a candidate of its own (``stack``: "coronal stack",
+"acquisition 2"), ranked as any other. A stack of fewer slices than a
 series needs (the ``[qc]`` ``min_slices``) serves no role, and a series that is a localizer by its
 orientations (above; judged on all its images) is not split: it stays one candidate that serves no
 role, even with 8 or more slices a plane.
@@ -686,20 +687,30 @@ def _repeats(depths: Sequence[float]) -> bool:
     return bool(np.any(np.diff(np.sort(np.asarray(depths))) < DUPLICATE_TOLERANCE_MM))
 
 
+#: Acquisitions at the same positions that one series may hold as candidates of their own (a repeat
+#: after motion); more are a dynamic series, kept whole (:func:`_by_acquisition`).
+MAX_REPEATED_ACQUISITIONS = 2
+
+
 def _by_acquisition(
     items: list[tuple[Dataset, Path]], normal: npt.NDArray[np.float64] | None
 ) -> list[tuple[str, list[tuple[Dataset, Path]]]]:
     """The images of one stack as [("", items)], or one ("acquisition N", its images) per
     AcquisitionNumber when positions repeat in the stack and AcquisitionNumber separates them (no
-    acquisition repeats a position of its own); otherwise the stack stays whole (and the loader refuses
-    its repeated positions, as before)."""
+    acquisition repeats a position of its own) into at most :data:`MAX_REPEATED_ACQUISITIONS`;
+    otherwise the stack stays whole (and the loader refuses its repeated positions, as before). More
+    acquisitions at the same positions are the time points of a dynamic series (a DCE whose headers
+    give no NumberOfTemporalPositions), whose first phases precede the contrast its header names: no
+    phase of it is to be taken for a post-contrast T1."""
     depths = _depths(items, normal) if normal is not None else None
     if depths is None or not _repeats(depths):
         return [("", items)]
     groups: dict[str, list[int]] = {}
     for n, (ds, _) in enumerate(items):
         groups.setdefault(_acquisition(ds), []).append(n)
-    if len(groups) < 2 or any(_repeats([depths[n] for n in members]) for members in groups.values()):
+    if not 2 <= len(groups) <= MAX_REPEATED_ACQUISITIONS or any(
+        _repeats([depths[n] for n in members]) for members in groups.values()
+    ):
         return [("", items)]
     return [
         (f"acquisition {number or '?'}", [items[n] for n in members]) for number, members in groups.items()

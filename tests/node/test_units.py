@@ -963,6 +963,16 @@ def test_two_acquisitions_at_the_same_positions_in_one_series_are_two_candidates
             chosen = SeriesSelector().assign(scanned, ["T1"]).chosen["T1"]
             assert chosen.stack == "acquisition 1"  # the native T1 role takes the one acquired first
             assert load_chosen(chosen, "T1").volume.array.shape[0] == len(sources)
+    # Three acquisitions at the same positions are the phases of a dynamic series (a DCE whose headers
+    # give no NumberOfTemporalPositions; its first phases precede the contrast its header names): kept
+    # whole, refused by the loader as before, no phase a candidate of its own.
+    third = [
+        _restacked(source, tmp_path / f"{n:03d}-3.dcm", AcquisitionNumber="3", AcquisitionTime="152441")
+        for n, source in enumerate(sources)
+    ]
+    phases = first + second + third
+    for scanned in (scan_grouped_series({"series": phases}), scan_series(phases)):
+        assert [(s.stack, s.slices) for s in scanned] == [("", 3 * len(sources))], scanned
 
 
 def test_a_philips_dwi_whose_first_image_is_b0_is_diffusion_by_any_image(tmp_path: Path) -> None:
