@@ -152,7 +152,9 @@ def test_the_digest_changes_with_the_settings_a_result_depends_on() -> None:
     from node.pipeline import inputs_digest, result_settings
 
     def route(mirror: str) -> Any:
-        model = SimpleNamespace(label="m 1.0 (int8, #1)", segmenter=SimpleNamespace(mirror=mirror))
+        model = SimpleNamespace(
+            label="m 1.0 (int8, #1)", segmenter=SimpleNamespace(mirror=mirror), card={"modalities": ["FLAIR"]}
+        )
         return SimpleNamespace(task="whole_tumor", model=model, assignment=SimpleNamespace(chosen={}))
 
     def digest(ctx: Any, mirror: str = "none") -> str:
