@@ -29,7 +29,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     SegmentationStorage,
 )
 
-from node import dimse
+from node import dimse, qc
 from node.bootstrap import install_and_promote
 from node.config import Destination, Settings
 from node.exceptions import NodeError
@@ -62,8 +62,8 @@ class DemoReport:
 
 def mask_dice(a: Any, b: Any) -> float | None:
     """Dice of two masks; None when both are empty (no tumour to agree on: shown "n/a", not 0)."""
-    total = int(np.count_nonzero(a)) + int(np.count_nonzero(b))
-    return None if total == 0 else 2.0 * int(np.count_nonzero(np.logical_and(a, b))) / total
+    both = np.asarray(a, dtype=bool), np.asarray(b, dtype=bool)
+    return qc.dice(*both) if any(m.any() for m in both) else None
 
 
 def returned_tumour(seg: Any, source_uids: Sequence[str]) -> npt.NDArray[np.bool_]:

@@ -752,18 +752,21 @@ class _Study:
         """Early analysis' result of ``chosen``'s model on the very same files, if there is one."""
         if self.early is None:
             return None
-        extractor = self.ctx.brain()
-        done = self.early.segmented.get(route_key(chosen, extractor.label if extractor else None))
+        done = self.early.segmented.get(self._key(chosen))
         if done is None:
             return None
         self.reused.append(f"result {chosen.task}")
         return replace(done, route=chosen)
 
+    def _key(self, chosen: Route) -> tuple[Any, ...]:
+        """:func:`route_key` of ``chosen`` with the node's brain extractor."""
+        extractor = self.ctx.brain()
+        return route_key(chosen, extractor.label if extractor else None)
+
     def known_result(self, chosen: Route) -> Segmented | None:
         """A result of ``chosen``'s model on the very same files that this run or early analysis
         computed already, if there is one."""
-        extractor = self.ctx.brain()
-        key = route_key(chosen, extractor.label if extractor else None)
+        key = self._key(chosen)
         done = self.results.get(key)
         if done is None and self.early is not None and (done := self.early.segmented.get(key)) is not None:
             self.reused.append(f"whole-tumour check {chosen.task}")
@@ -772,8 +775,7 @@ class _Study:
     def known_check(self, chosen: Route) -> tuple[npt.NDArray[np.uint8], Volume] | None:
         """Labels of ``chosen``'s model computed for the whole-tumour check alone, by this run or early
         analysis, on the very same files, if there are some."""
-        extractor = self.ctx.brain()
-        key = route_key(chosen, extractor.label if extractor else None)
+        key = self._key(chosen)
         found = self.checks.get(key)
         if found is None and self.early is not None and (found := self.early.checks.get(key)) is not None:
             self.reused.append(f"whole-tumour check {chosen.task}")
@@ -781,8 +783,7 @@ class _Study:
 
     def keep_check(self, chosen: Route, found: tuple[npt.NDArray[np.uint8], Volume]) -> None:
         """Keep labels computed for the whole-tumour check (:meth:`known_check`)."""
-        extractor = self.ctx.brain()
-        self.checks[route_key(chosen, extractor.label if extractor else None)] = found
+        self.checks[self._key(chosen)] = found
 
 
 def _try_route(study: _Study, chosen: Route, plan: RoutingPlan) -> Segmented | None:

@@ -688,12 +688,9 @@ class StorageSCP:
         them. An identical repeat is a ``duplicate``: one read of the file and one of its row, nothing
         changes. ``leaving`` when its row is no longer kept: spool retention is removing its study
         (or has just forgotten the row), and the caller refuses it so that the PACS sends it again."""
-        if not written:
-            try:
-                if path.read_bytes() == encoded:
-                    return "duplicate" if instances.instance_kept(self.sf, sop_uid) else "leaving"
-            except FileNotFoundError:  # removed meanwhile (spool retention): written again below
-                pass
+        # A file removed meanwhile (spool retention) holds nothing: written again below.
+        if not written and self._holds(path, encoded):
+            return "duplicate" if instances.instance_kept(self.sf, sop_uid) else "leaving"
         row = instances.ReceivedInstance(
             sop_instance_uid=sop_uid, sop_class_uid=sop_class, study_instance_uid=study,
             series_instance_uid=series, kept=True, path=str(path), calling_ae=calling_ae,

@@ -402,15 +402,11 @@ def _orientations(headers: Sequence[Dataset]) -> list[int]:
     counts: list[int] = []
     limit = np.cos(np.radians(LOCALIZER_ANGLE_DEGREES))
     for ds in headers:
-        iop = _deep_get(ds, "ImageOrientationPatient")
-        if iop is None or len(iop) != 6:
+        normal = _slice_normal(_deep_get(ds, "ImageOrientationPatient"))
+        length = 0.0 if normal is None else float(np.linalg.norm(normal))
+        if normal is None or length == 0:
             continue
-        cosines = np.asarray([_float(v) or 0.0 for v in iop])
-        normal = np.cross(cosines[:3], cosines[3:])
-        length = float(np.linalg.norm(normal))
-        if length == 0:
-            continue
-        normal /= length
+        normal = normal / length
         match = next((n for n, other in enumerate(seen) if abs(float(normal @ other)) >= limit), None)
         if match is None:
             seen.append(normal)
@@ -606,7 +602,6 @@ PROBE_TAGS: list[BaseTag] = [
         Tag(keyword)
         for keyword in (
             *ECHO_TAGS,
-            "ImageOrientationPatient",
             "ScanningSequence",
             "SequenceName",
             "DiffusionBValue",
@@ -648,7 +643,12 @@ def _echo_key(ds: Dataset) -> tuple[str, float | None, str]:
 
 def _normal(ds: Dataset) -> npt.NDArray[np.float64] | None:
     """The slice normal of a single-frame image (ImageOrientationPatient's cross product), or None."""
-    iop = ds.get("ImageOrientationPatient")
+    return _slice_normal(ds.get("ImageOrientationPatient"))
+
+
+def _slice_normal(iop: Any) -> npt.NDArray[np.float64] | None:
+    """The cross product of ImageOrientationPatient's two cosines ``iop``, or None when they are no six
+    finite numbers."""
     try:
         cosines = np.asarray([float(v) for v in iop], float) if iop is not None else None
     except (TypeError, ValueError):
