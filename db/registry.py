@@ -81,7 +81,7 @@ from db.models import (
     utcnow,
 )
 from db.session import make_engine, make_session_factory, upgrade, write_options
-from db.transactions import as_utc
+from db.transactions import as_utc, describe
 
 log = logging.getLogger(__name__)
 
@@ -387,9 +387,11 @@ class Registry:
         try:
             yield
         except (OperationalError, ProgrammingError) as exc:
-            first = str(exc.orig or exc).strip().splitlines()[0]
-            hint = " (run `segnode db upgrade`)" if "models" in first or "rollout_events" in first else ""
-            raise DatabaseUnavailableError(f"database error: {first}{hint}") from None
+            # Named as every other database path names it ("OperationalError: connection failed: ..."),
+            # so that an outage reads the same whichever loop meets it first.
+            reason = describe(exc)
+            hint = " (run `segnode db upgrade`)" if "models" in reason or "rollout_events" in reason else ""
+            raise DatabaseUnavailableError(f"database error: {reason}{hint}") from None
         except IntegrityError:
             raise  # the caller says which uniqueness or lineage rule failed
         except DBAPIError as exc:  # DataError (a value out of range, too long) and the like

@@ -13,6 +13,7 @@ from sqlalchemy import text
 from db.exceptions import (
     ConcurrentPromotionError,
     DatabaseOperationError,
+    DatabaseUnavailableError,
     InvalidArtifactError,
     InvalidModelDirectory,
     ModelNotFoundError,
@@ -551,3 +552,16 @@ def test_promote_refuses_a_card_the_node_cannot_run_even_forced(registry: Regist
         with pytest.raises(PromotionRefused, match=r"preprocessing\.orientation 'LPS' is not supported"):
             registry.promote(info.id, by="test", reason="forced" if force else "", force=force)
     assert registry.active(TASK) is None
+
+
+def test_an_unmigrated_database_is_named_as_every_database_path_names_it(tmp_path: Path) -> None:
+    """The registry's "unavailable" message names the driver's error and says what to run, as the job
+    queue's and the receiver's do: the node logs one outage line, whichever loop meets it first."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'empty.db'}")
+    try:
+        with pytest.raises(DatabaseUnavailableError) as info:
+            Registry(make_session_factory(engine)).active("whole_tumor")
+    finally:
+        engine.dispose()
+    assert str(info.value).startswith("database error: OperationalError: no such table: models"), info.value
+    assert str(info.value).endswith("(run `segnode db upgrade`)")
