@@ -1142,6 +1142,7 @@ def run_job(ctx: JobContext, job_id: int, attempt: int | None = None) -> str:
                 other_evidence=assembled.others,
                 brain_volume_ml=report.figures["brain_volume_ml"],
                 tumour_share_percent=report.figures["tumour_share_of_brain_percent"],
+                brain_in_series_only=bool(report.figures.get("brain_slab")),
                 regions=region_volumes_ml(labels, card, assembled.reference),
                 routing=reason,
                 series=series_used(done.route.assignment),

@@ -51,8 +51,10 @@ Rules and where their limits come from (defaults in ``[qc]`` of node.toml, node/
   ``compare_whole_tumour = false``; the message says which. Dice is computed on the reference series'
   grid when both models' reference is the same FLAIR series, else only the volumes are compared.
 
-The report's figures carry ``coverage_mm`` (slices x slice spacing, along the slice normal) and
-``brain_cut`` (None without a brain mask).
+The report's figures carry ``coverage_mm`` (slices x slice spacing, along the slice normal),
+``brain_cut`` (the mask reaches a face of the grid) and ``brain_slab`` (the series is a slab through the
+brain, as ``brain_volume`` judges it: its brain volume is that of the brain within the series' coverage,
+and the SR and ``segnode jobs show`` say so); both None without a brain mask.
 
 The brain-mask rules report ``not checked`` when the job has no brain mask; the head rules report
 ``not checked`` when it has one (node/pipeline.py does not compute the head then): a brain found
@@ -546,6 +548,7 @@ def check(
         "slices": int(slices),
         "coverage_mm": None if coverage_mm is None else _r(coverage_mm),
         "brain_cut": None if brain is None else bool(faces),
+        "brain_slab": None if brain is None else _slab(faces, coverage_mm),
     }
     return QCReport(rules=rules, figures=figures)
 

@@ -16,6 +16,14 @@ a share of its organ's (SCT 118586006 "Ratio" would not say of what), so that co
 private coding scheme (PS3.3 8.2: designators beginning "99") whose meaning says it in words. A report
 that uses the scheme identifies it in its Coding Scheme Identification Sequence.
 
+When the series is a slab through the brain (node/qc.py: the brain is cut at its first or last slice
+and the series covers less than a whole brain's height), the brain mask holds only the part of the
+brain within the series' coverage: a targeted slab's 700 mL is not an atrophic brain. That group then
+names its volume and the tumour's share with private concepts that say so,
+:data:`BRAIN_VOLUME_IN_SERIES` and :data:`TUMOUR_SHARE_OF_BRAIN_IN_SERIES`, instead of SCT "Volume"
+(which a reader or a PACS takes for the brain's volume) and :data:`TUMOUR_SHARE_OF_BRAIN`, and its
+tracking identifier says it in words.
+
 For a ``brats_regions`` model, two more TID 1501 groups hold the composite regions radiologists
 follow (RANO): the whole tumour (every tissue; SCT 108369006 "Neoplasm") and the tumour core
 (non-enhancing/necrotic and enhancing tumour; no standard concept names it, so a private one,
@@ -57,6 +65,16 @@ PRIVATE_SCHEME = "99SEGNODE"
 TUMOUR_SHARE_OF_BRAIN = hd.sr.CodedConcept(
     "TUMOUR_BRAIN_PCT", PRIVATE_SCHEME, "Whole tumour volume as percentage of brain volume"
 )
+#: Brain volume and the tumour's share of it when the series is a slab through the brain: private concepts
+#: (see the module docstring).
+BRAIN_VOLUME_IN_SERIES = hd.sr.CodedConcept(
+    "BRAIN_SLAB_ML", PRIVATE_SCHEME, "Brain volume within the series' coverage, not the whole brain"
+)
+TUMOUR_SHARE_OF_BRAIN_IN_SERIES = hd.sr.CodedConcept(
+    "TUMOUR_SLAB_PCT", PRIVATE_SCHEME, "Whole tumour volume as percentage of brain within the series"
+)
+#: Tracking identifier of the brain group of a slab.
+BRAIN_IN_SERIES_TEXT = "brain within the series' coverage (a slab, not the whole brain)"
 #: SCT 108369006 "Neoplasm": finding type of the whole-tumour group.
 NEOPLASM = hd.sr.CodedConcept("108369006", "SCT", "Neoplasm")
 #: Non-enhancing/necrotic + enhancing tumour: private concept (see the module docstring).
@@ -84,6 +102,7 @@ def build_sr(
     *,
     brain_volume_ml: float | None = None,
     tumour_share_percent: float | None = None,
+    brain_in_series_only: bool = False,
     regions: Mapping[str, float] | None = None,
     routing: str | None = None,
     series: str | None = None,
@@ -107,6 +126,9 @@ def build_sr(
     brain_volume_ml, tumour_share_percent:
         The brain mask's volume and the whole tumour's share of it; a Brain group holds them when
         ``brain_volume_ml`` is given.
+    brain_in_series_only:
+        The series is a slab through the brain (node/qc.py, QC figure ``brain_slab``): the brain group
+        names its figures as those of the brain within the series' coverage.
     regions:
         Composite region (a :data:`REGIONS` key) -> volume in mL; one TID 1501 group each.
     routing:
@@ -175,7 +197,7 @@ def build_sr(
             )
         )
     if brain_volume_ml is not None:
-        groups.append(_brain_group(brain_volume_ml, tumour_share_percent, algorithm))
+        groups.append(_brain_group(brain_volume_ml, tumour_share_percent, algorithm, brain_in_series_only))
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=MR_PROCEDURE,
@@ -217,9 +239,14 @@ def private_scheme_item() -> CodingSchemeIdentificationItem:
     )
 
 
-def _volume(value_ml: float, algorithm: hd.sr.AlgorithmIdentification) -> hd.sr.Measurement:
+def _volume(
+    value_ml: float, algorithm: hd.sr.AlgorithmIdentification, name: hd.sr.CodedConcept | None = None
+) -> hd.sr.Measurement:
     return hd.sr.Measurement(
-        name=codes.SCT.Volume, value=round(float(value_ml), 3), unit=MILLILITRE, algorithm_id=algorithm
+        name=name or codes.SCT.Volume,
+        value=round(float(value_ml), 3),
+        unit=MILLILITRE,
+        algorithm_id=algorithm,
     )
 
 
@@ -241,21 +268,27 @@ def _unreferenced_group(
 
 
 def _brain_group(
-    brain_ml: float, share_percent: float | None, algorithm: hd.sr.AlgorithmIdentification
+    brain_ml: float,
+    share_percent: float | None,
+    algorithm: hd.sr.AlgorithmIdentification,
+    in_series_only: bool = False,
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    """TID 1501 group: the brain mask's volume and the whole tumour's share of it."""
-    measurements = [_volume(brain_ml, algorithm)]
+    """TID 1501 group: the brain mask's volume and the whole tumour's share of it (``in_series_only``:
+    of the part of the brain a slab holds, named so)."""
+    measurements = [_volume(brain_ml, algorithm, BRAIN_VOLUME_IN_SERIES if in_series_only else None)]
     if share_percent is not None:
         measurements.append(
             hd.sr.Measurement(
-                name=TUMOUR_SHARE_OF_BRAIN,
+                name=TUMOUR_SHARE_OF_BRAIN_IN_SERIES if in_series_only else TUMOUR_SHARE_OF_BRAIN,
                 value=round(float(share_percent), 3),
                 unit=PERCENT,
                 algorithm_id=algorithm,
             )
         )
     return hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier="brain"),
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=hd.UID(), identifier=BRAIN_IN_SERIES_TEXT if in_series_only else "brain"
+        ),
         finding_type=BRAIN,
         algorithm_id=algorithm,
         measurements=measurements,

@@ -373,13 +373,22 @@ def _result_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
         return "-" if value is None else f"{value:.1f} mL"
 
     rows: list[tuple[str, str]] = []
+    qc_figures = (result.get("qc") or {}).get("figures") or {}
     if "tumour_volume_ml" in result:
         share = result.get("tumour_share_of_brain_percent")
+        brain_ml = result.get("brain_volume_ml")
+        # A slab through the brain (node/qc.py): its brain is the part within the series' coverage.
+        slab = bool(qc_figures.get("brain_slab")) and brain_ml is not None
+        coverage = qc_figures.get("coverage_mm")
+        within = "" if coverage is None else f" {coverage:.0f} mm"
         rows += [
             ("tumour volume", ml(result.get("tumour_volume_ml"))),
-            ("brain volume", ml(result.get("brain_volume_ml")) if result.get("brain_volume_ml") is not None
-             else "- (no brain mask)"),
-            ("tumour share of brain", "-" if share is None else f"{share:.1f} %"),
+            ("brain volume within the series" if slab else "brain volume",
+             "- (no brain mask)" if brain_ml is None
+             else ml(brain_ml) + (f": the brain within the series'{within} coverage (a slab), not the whole "
+                                  "brain" if slab else "")),
+            ("tumour share of brain within the series" if slab else "tumour share of brain",
+             "-" if share is None else f"{share:.1f} %"),
         ]  # fmt: skip
     model = result.get("model")
     if model:
@@ -422,7 +431,6 @@ def _result_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
         rows.append(
             (f"registration {modality}", f"onto {registration.get('reference')}: {figures}; {verdict}")
         )
-    qc_figures = (result.get("qc") or {}).get("figures") or {}
     if qc_figures.get("coverage_mm") is not None:
         cut = qc_figures.get("brain_cut")
         rows.append((

@@ -28,7 +28,13 @@ from node.exceptions import ConfigError
 from node.pipeline import assemble_coregistered, load_chosen, quality_check
 from node.seg import build_seg
 from node.selection import SeriesSelector, scan_series
-from node.sr import BRAIN, TUMOUR_SHARE_OF_BRAIN, build_sr
+from node.sr import (
+    BRAIN,
+    BRAIN_VOLUME_IN_SERIES,
+    TUMOUR_SHARE_OF_BRAIN,
+    TUMOUR_SHARE_OF_BRAIN_IN_SERIES,
+    build_sr,
+)
 from tests.helpers.peers import DCIODVFY_PRIVATE_SCHEME, REPO, dciodvfy_problems
 
 DATA = REPO.parent / "shared" / "data"
@@ -621,3 +627,52 @@ def test_sr_without_seg_reports_zero_ml(sources: list[Dataset], tmp_path: Path, 
     assert series.SeriesInstanceUID == sources[0].SeriesInstanceUID
     assert len(series.ReferencedSOPSequence) == len(sources)
     assert (sr.StudyInstanceUID, sr.PatientID) == (sources[0].StudyInstanceUID, sources[0].PatientID)
+
+
+def test_the_sr_of_a_slab_says_its_brain_volume_is_the_brain_within_the_series(
+    brain: npt.NDArray[np.bool_], sources: list[Dataset], tmp_path: Path
+) -> None:
+    """A slab's brain mask holds the part of the brain within the series' coverage (here 48 mm, ~700 mL):
+    the SR built from its QC figures names that volume and the tumour's share of it with concepts that
+    say so, not SCT "Volume" of the Brain (which a reader takes for an atrophic brain), and `segnode
+    jobs show` says so too; a whole brain keeps SCT "Volume"."""
+    tumour = (ellipsoid((20.0, 20.0, 20.0), centre_mm=(0.0, 10.0, 10.0)) & brain)[SLAB]
+    slab = qc.check(labels_of(tumour), brain[SLAB], VOXEL_ML, 24, QCSettings(), spacing_mm=(2.0, 2.0, 2.0))
+    whole = qc.check(labels_of(brain & ellipsoid((20.0, 20.0, 20.0))), brain, VOXEL_ML, 100, QCSettings(),
+                     spacing_mm=(2.0, 2.0, 2.0))  # fmt: skip
+    assert slab.figures["brain_slab"] is True and whole.figures["brain_slab"] is False
+    found = {}
+    for name, report in (("slab", slab), ("whole", whole)):
+        figures = report.figures
+        sr = _round_trip(
+            build_sr(None, sources, [0.0], _card(), brain_volume_ml=figures["brain_volume_ml"],
+                     tumour_share_percent=figures["tumour_share_of_brain_percent"],
+                     brain_in_series_only=bool(figures["brain_slab"])),
+            tmp_path,
+        )  # fmt: skip
+        [brain_group] = [g for g in _groups(sr) if _finding(g) == (BRAIN.value, "SCT")]
+        found[name] = (brain_group, _numbers(brain_group))
+    group, numbers = found["slab"]
+    brain_ml = slab.figures["brain_volume_ml"]
+    assert brain_ml is not None and 600 < brain_ml < 800
+    assert set(numbers) == {(BRAIN_VOLUME_IN_SERIES.value, "99SEGNODE"),
+                            (TUMOUR_SHARE_OF_BRAIN_IN_SERIES.value, "99SEGNODE")}  # fmt: skip
+    assert numbers[(BRAIN_VOLUME_IN_SERIES.value, "99SEGNODE")] == (brain_ml, "mL")
+    meanings = [str(e.value) for e in group.iterall() if e.keyword == "CodeMeaning"]
+    assert "Brain volume within the series' coverage, not the whole brain" in meanings
+    texts = [str(e.value) for e in group.iterall() if e.keyword == "TextValue"]
+    assert "brain within the series' coverage (a slab, not the whole brain)" in texts, texts
+    _, numbers = found["whole"]
+    assert numbers[("118565006", "SCT")] == (whole.figures["brain_volume_ml"], "mL")
+    assert (TUMOUR_SHARE_OF_BRAIN.value, "99SEGNODE") in numbers
+    # segnode jobs show
+    result = {"tumour_volume_ml": 1.0, "brain_volume_ml": brain_ml, "tumour_share_of_brain_percent": 1.0,
+              "qc": slab.as_dict()}  # fmt: skip
+    rows = dict(_result_rows(result))
+    assert rows["brain volume within the series"] == (
+        f"{brain_ml:.1f} mL: the brain within the series' 48 mm coverage (a slab), not the whole brain"
+    )
+    assert "tumour share of brain within the series" in rows and "brain volume" not in rows
+    result = {**result, "brain_volume_ml": whole.figures["brain_volume_ml"], "qc": whole.as_dict()}
+    rows = dict(_result_rows(result))
+    assert rows["brain volume"] == f"{whole.figures['brain_volume_ml']:.1f} mL"
