@@ -321,12 +321,13 @@ def test_a_cut_brain_under_the_minimum_is_not_checked_and_records_coverage(
 
 
 def test_a_tumour_reaching_the_cut_of_a_partial_series_fails(brain: npt.NDArray[np.bool_]) -> None:
-    """A tumour on the slab's last slice, or within 3 mm of it, goes on beyond the series: its volume is
+    """A tumour cut by the slab's last slice goes on beyond the series: its volume is
     incomplete and the study is held; 7 mm inside, it passes."""
     cut = brain[SLAB]
-    # The slab's last slice lies at 23 mm: a tumour of radius 10 mm centred at 30 mm is cut by it, one at
-    # 11.5 mm ends on the slice at 21 mm (2 mm from the last one), one at 6 mm on the slice at 15 mm.
-    for centre_mm, status in [(30.0, qc.FAILED), (11.5, qc.FAILED), (6.0, qc.PASSED)]:
+    # The slab's last slice lies at 23 mm: a tumour of radius 10 mm centred at 25 mm is cut by it, one at
+    # 11.5 mm ends on the slice at 21 mm (2 mm from the last one: its tip, 4 voxels, 0.03 mL, is within the
+    # margin but under max_tumour_at_cut_ml), one at 6 mm on the slice at 15 mm.
+    for centre_mm, status in [(25.0, qc.FAILED), (11.5, qc.PASSED), (6.0, qc.PASSED)]:
         tumour = (ellipsoid((10.0, 10.0, 10.0), centre_mm=(centre_mm, 0.0, 0.0)) & brain)[SLAB]
         assert tumour.any()
         report = qc.check(labels_of(tumour), cut, VOXEL_ML, 24, QCSettings(), spacing_mm=(2.0, 2.0, 2.0))
@@ -341,6 +342,32 @@ def test_a_tumour_reaching_the_cut_of_a_partial_series_fails(brain: npt.NDArray[
     # A tumour touching the edge of a series that covers the whole brain is not there: restricted to
     # the brain, which keeps off every face.
     assert qc.edge_voxels(labels_of(brain), qc.cut_faces(brain), (2.0, 2.0, 2.0)) == 0
+
+
+def test_a_few_tumour_voxels_at_the_skull_base_cut_do_not_hold_the_study(
+    brain: npt.NDArray[np.bool_],
+) -> None:
+    """A clinical axial series ending at the skull base (the brain mask on its last slice, 120+ mm
+    covered) with a few voxels of bright inflow there called tumour: under max_tumour_at_cut_ml (0.5 mL)
+    it passes, with the figure in its message; a tumour cut there (over it) is still held."""
+    base = brain[:70]  # the brain cut on its last slice; 70 x 2 mm = 140 mm
+    assert (0, 1) in qc.cut_faces(base)
+    tumour = (ellipsoid((15.0, 15.0, 15.0), centre_mm=(-40.0, 10.0, 0.0)) & brain)[:70]
+    last = np.flatnonzero(base[-1].ravel())
+    for spots, status in [(20, qc.PASSED), (62, qc.PASSED), (63, qc.FAILED), (400, qc.FAILED)]:
+        labels = labels_of(tumour)
+        labels[-1].ravel()[last[:spots]] = 1  # 8 uL each: 0.16, 0.496, 0.504 and 3.2 mL
+        report = qc.check(labels, base, VOXEL_ML, 70, QCSettings(), spacing_mm=(2.0, 2.0, 2.0))
+        rule = report.by_name("tumour_within_coverage")
+        assert rule.status == status, (spots, rule.message)
+        assert rule.figures["edge_ml"] == pytest.approx(spots * VOXEL_ML, abs=1e-3)
+        assert rule.figures["max_edge_ml"] == 0.5
+        assert f"{spots * VOXEL_ML:.2f} mL" in rule.message
+        assert report.passed == (status == qc.PASSED), report.reason()
+    # The limit is the [qc] setting's.
+    strict = qc.check(labels_of(tumour) | (np.arange(70) == 69)[:, None, None] & base, base, VOXEL_ML, 70,
+                      QCSettings(max_tumour_at_cut_ml=0.0), spacing_mm=(2.0, 2.0, 2.0))  # fmt: skip
+    assert strict.by_name("tumour_within_coverage").status == qc.FAILED
 
 
 def test_a_whole_brain_under_the_minimum_still_fails(brain: npt.NDArray[np.bool_]) -> None:
@@ -402,6 +429,11 @@ def test_qc_section_of_node_toml_and_env(tmp_path: Path) -> None:
         load_settings(config, env={})
     config.write_text("[qc]\nwhole_tumour_min_dice = 1.5\n")
     with pytest.raises(ConfigError, match=r"qc.whole_tumour_min_dice must be between 0 and 1"):
+        load_settings(config, env={})
+    config.write_text("[qc]\nmax_tumour_at_cut_ml = 2\n")
+    assert load_settings(config, env={}).qc.max_tumour_at_cut_ml == 2.0
+    config.write_text("[qc]\nmax_tumour_at_cut_ml = -1\n")
+    with pytest.raises(ConfigError, match=r"qc.max_tumour_at_cut_ml must be >= 0"):
         load_settings(config, env={})
     config.write_text("[qc]\ncompare_whole_tumour = false\n")
     assert load_settings(config, env={}).qc.compare_whole_tumour is False
