@@ -31,13 +31,16 @@ Rules and where their limits come from (defaults in ``[qc]`` of node.toml, node/
 * ``tumour_inside_brain``: tumour voxels outside the brain mask are removed before the SEG
   (:func:`restrict_to_brain`); the rule fails when more than ``max_outside_share_percent`` of what
   the model called tumour lay outside the brain: then the rest of it is not to be trusted either.
-* ``tumour_within_coverage``: where the series' field of view cuts the brain, at most
-  ``max_tumour_at_cut_ml`` of tumour lies within :data:`EDGE_MARGIN_MM` of that face (tumour on the
-  face's plane always counts). A tumour that reaches the cut goes on beyond the series: its volume is
-  incomplete and the study is held rather than an underestimated volume sent. A slab that holds the
-  whole tumour passes, and so do a few voxels at a cut (bright CSF or vessel inflow at the skull base
-  of a 2D FLAIR called tumour): the shipped model's real cut tumours had 2.1-17 mL there (limit's
-  figures in node/config.py).
+* ``tumour_within_coverage``: where the series' field of view cuts the brain, no tumour lies within
+  :data:`EDGE_MARGIN_MM` of that face (tumour on the face's plane always counts). A tumour that
+  reaches the cut goes on beyond the series: its volume is incomplete and the study is held rather
+  than an underestimated volume sent. A slab that holds the whole tumour passes. One exception: a
+  series covering a whole brain's height (:data:`WHOLE_BRAIN_MM`) cut only at its first or last slice
+  (a clinical axial series ending at the skull base) may have up to ``max_tumour_at_cut_ml`` there:
+  bright CSF or vessel inflow on the entry slices of a 2D FLAIR called tumour, not a tumour cut by the
+  series (the shipped model's real cut tumours had 2.1-17 mL there; figures in node/config.py). A
+  slab gets no such allowance: one grazing the pole of a large tumour has a fraction of a mL at its cut
+  while most of the tumour lies outside it.
 
 * ``whole_tumour_agreement`` (node/pipeline.py adds it after the model's own rules): when a
   several-series model ran (task ``brats_regions``), its whole tumour (the union of its tissues) is
@@ -385,12 +388,14 @@ def rule_tumour_within_coverage(
     voxel_ml: float = 0.0,
     max_edge_ml: float = 0.0,
 ) -> RuleResult:
-    """At most ``max_edge_ml`` of tumour within ``margin_mm`` of a face where the series' field of view
-    cuts the brain (``faces``, :func:`cut_faces`); ``edge_voxels``: the tumour voxels there (None: no
-    brain mask), ``voxel_ml`` the volume of one."""
+    """No tumour within ``margin_mm`` of a face where the series' field of view cuts the brain
+    (``faces``, :func:`cut_faces`); ``edge_voxels``: the tumour voxels there (None: no brain mask),
+    ``voxel_ml`` the volume of one. Up to ``max_edge_ml`` is allowed only where the series covers a
+    whole brain's height and is cut at its first or last slice alone (:func:`_edge_allowance`)."""
     name = "tumour_within_coverage"
     if edge_voxels is None:
         return RuleResult(name, NOT_CHECKED, {}, "no brain mask, or no brain found")
+    max_edge_ml = _edge_allowance(faces, coverage_mm, max_edge_ml)
     edge_ml = edge_voxels * voxel_ml
     figures: dict[str, float | int] = {"cut_faces": len(faces), "edge_voxels": int(edge_voxels),
                                        "edge_ml": _r(edge_ml), "max_edge_ml": _r(max_edge_ml),
@@ -417,6 +422,14 @@ def rule_tumour_within_coverage(
             f"{max_edge_ml:g} mL: too little to be a tumour cut by the series; {where}",
         )
     return RuleResult(name, PASSED, figures, f"tumour inside the series' coverage; {where}")
+
+
+def _edge_allowance(faces: Sequence[tuple[int, int]], coverage_mm: float | None, max_edge_ml: float) -> float:
+    """``max_edge_ml`` for a series covering at least :data:`WHOLE_BRAIN_MM` whose brain is cut at its
+    first or last slice only (the skull base of an axial series, where a 2D FLAIR's inflow is bright);
+    else 0: at a slab's cut, or a row or column edge, any tumour is a tumour cut by the series."""
+    whole_height = coverage_mm is not None and coverage_mm >= WHOLE_BRAIN_MM
+    return max_edge_ml if whole_height and all(axis == 0 for axis, _ in faces) else 0.0
 
 
 def edge_voxels(

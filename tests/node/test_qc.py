@@ -321,13 +321,14 @@ def test_a_cut_brain_under_the_minimum_is_not_checked_and_records_coverage(
 
 
 def test_a_tumour_reaching_the_cut_of_a_partial_series_fails(brain: npt.NDArray[np.bool_]) -> None:
-    """A tumour cut by the slab's last slice goes on beyond the series: its volume is
-    incomplete and the study is held; 7 mm inside, it passes."""
+    """A tumour on the slab's last slice, or within 3 mm of it, goes on beyond the series: its volume is
+    incomplete and the study is held, however little of it the slab holds there (no allowance on a slab:
+    a slab grazing a large tumour's pole has a fraction of a mL at its cut); 7 mm inside, it passes."""
     cut = brain[SLAB]
-    # The slab's last slice lies at 23 mm: a tumour of radius 10 mm centred at 25 mm is cut by it, one at
-    # 11.5 mm ends on the slice at 21 mm (2 mm from the last one: its tip, 4 voxels, 0.03 mL, is within the
-    # margin but under max_tumour_at_cut_ml), one at 6 mm on the slice at 15 mm.
-    for centre_mm, status in [(25.0, qc.FAILED), (11.5, qc.PASSED), (6.0, qc.PASSED)]:
+    # The slab's last slice lies at 23 mm: a tumour of radius 10 mm centred at 30 mm is cut by it (0.48 mL
+    # within the margin), one at 11.5 mm ends on the slice at 21 mm (2 mm from the last one: its tip, 4
+    # voxels, 0.03 mL), one at 6 mm on the slice at 15 mm.
+    for centre_mm, status in [(30.0, qc.FAILED), (11.5, qc.FAILED), (6.0, qc.PASSED)]:
         tumour = (ellipsoid((10.0, 10.0, 10.0), centre_mm=(centre_mm, 0.0, 0.0)) & brain)[SLAB]
         assert tumour.any()
         report = qc.check(labels_of(tumour), cut, VOXEL_ML, 24, QCSettings(), spacing_mm=(2.0, 2.0, 2.0))
@@ -368,6 +369,24 @@ def test_a_few_tumour_voxels_at_the_skull_base_cut_do_not_hold_the_study(
     strict = qc.check(labels_of(tumour) | (np.arange(70) == 69)[:, None, None] & base, base, VOXEL_ML, 70,
                       QCSettings(max_tumour_at_cut_ml=0.0), spacing_mm=(2.0, 2.0, 2.0))  # fmt: skip
     assert strict.by_name("tumour_within_coverage").status == qc.FAILED
+    # The allowance is for a whole-height series' end slice only: the same 20 voxels (0.16 mL) at the cut
+    # of a 100 mm slab, or where the field of view cuts the brain at its last row, hold the study.
+    slab = brain[20:70]
+    edge_rows = np.zeros(brain.shape[1], dtype=bool)
+    edge_rows[: int(np.flatnonzero(brain.any(axis=(0, 2))).mean())] = True
+    row_cut = brain[:, edge_rows]  # every slice kept (a whole-height series), the brain cut at its last row
+    assert [face for face in qc.cut_faces(row_cut) if face[0] == 0] == []
+    for mask in (slab, row_cut):
+        labels = np.zeros(mask.shape, dtype=np.uint8)
+        face = qc.cut_faces(mask)[-1]
+        index: list[slice | int] = [slice(None)] * 3
+        index[face[0]] = 0 if face[1] == 0 else -1
+        plane = np.zeros(mask[tuple(index)].size, dtype=np.uint8)
+        plane[np.flatnonzero(mask[tuple(index)])[:20]] = 1
+        labels[tuple(index)] = plane.reshape(mask[tuple(index)].shape)
+        report = qc.check(labels, mask, VOXEL_ML, mask.shape[0], QCSettings(), spacing_mm=(2.0, 2.0, 2.0))
+        rule = report.by_name("tumour_within_coverage")
+        assert rule.status == qc.FAILED and rule.figures["max_edge_ml"] == 0.0, (mask.shape, rule.message)
 
 
 def test_a_whole_brain_under_the_minimum_still_fails(brain: npt.NDArray[np.bool_]) -> None:
