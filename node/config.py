@@ -4,7 +4,7 @@ Environment:
 
 * ``SEGNODE_HOME`` — the var dir (database, spool, logs, models); default ``./var``.
 * ``SEGNODE_CONFIG`` — path of the config file when ``--config`` is not given.
-* ``SEGNODE_DATABASE_URL`` — overrides ``[database] url``.
+* ``SEGNODE_DATABASE_URL`` — overrides ``[database] url`` (set but empty: ignored, as db/url.py does).
 * ``SEGNODE_<SECTION>_<KEY>`` — overrides any scalar key, e.g. ``SEGNODE_NODE_PORT=11113``.
 """
 
@@ -439,13 +439,17 @@ def _build_destinations(raw: Any, where: str) -> list[Destination]:
 
 
 def _apply_env(settings: Settings, env: dict[str, str]) -> None:
+    # SEGNODE_DATABASE_URL set but empty (an unset compose variable, `SEGNODE_DATABASE_URL=` in an env
+    # file) is ignored, as db/url.py's resolve_database_url ignores it for `db upgrade`, `jobs` and
+    # `models`: otherwise the node would run on its own SQLite file while the entrypoint migrated the
+    # file's [database] url.
     if env.get("SEGNODE_DATABASE_URL"):
         settings.database.url = env["SEGNODE_DATABASE_URL"]
     for section in _SECTIONS:
         obj = getattr(settings, section)
         for f in fields(obj):
             key = f"SEGNODE_{section.upper()}_{f.name.upper()}"
-            if key in env:
+            if key in env and key != "SEGNODE_DATABASE_URL":
                 setattr(obj, f.name, _coerce(env[key], getattr(obj, f.name), key))
 
 

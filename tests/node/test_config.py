@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from db.exceptions import DatabaseConfigError
-from db.url import url_in_config_file
+from db.url import resolve_database_url, url_in_config_file
 from node.config import ConfigError, load_settings
 from tests.helpers.certs import issue_cert, make_ca
 
@@ -45,6 +45,19 @@ def test_file_and_env_override(tmp_path: Path, segnode_home: Path) -> None:
     assert s.node.allowed_calling_aes == ["PACS"]
     assert s.destinations[0].ae_title == "ORTHANC"
     assert s.database.resolved_url() == "sqlite:///x.db"
+
+
+def test_empty_database_url_env_is_ignored_as_the_admin_commands_ignore_it(
+    tmp_path: Path, segnode_home: Path
+) -> None:
+    """``SEGNODE_DATABASE_URL=`` (set, empty): serve uses the file's URL, as db upgrade / jobs / models do."""
+    site = f"sqlite:///{tmp_path / 'site.db'}"
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(f'[database]\nurl = "{site}"\n')
+    env = {"SEGNODE_HOME": str(segnode_home), "SEGNODE_DATABASE_URL": ""}
+    s = load_settings(cfg, env=env)
+    assert s.database.resolved_url() == site
+    assert resolve_database_url(cfg, env) == site
 
 
 @pytest.mark.parametrize(
