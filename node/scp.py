@@ -436,8 +436,19 @@ class StorageSCP:
         return int(self.server.server_address[1])
 
     def start(self) -> None:
-        """Listen in background threads."""
-        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        """Listen in background threads.
+
+        Raises
+        ------
+        NodeError
+            The spool folder cannot be created (``node.spool_dir``) or the port cannot be bound.
+        """
+        try:
+            self.spool_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise NodeError(
+                f"node.spool_dir: cannot create the spool folder {self.spool_dir}: {exc.strerror or exc}"
+            ) from None
         handlers: list[Any] = [
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, _guarded(self._on_store)),

@@ -813,6 +813,23 @@ def test_port_in_use_is_a_one_line_error(tmp_path: Path) -> None:
             scp.start()
 
 
+def test_a_spool_folder_that_cannot_be_created_is_a_one_line_error(tmp_path: Path) -> None:
+    """A spool_dir under /sys (sysfs: no folder can be made there, even as root) names node.spool_dir."""
+    from node.exceptions import NodeError
+    from node.scp import StorageSCP
+    from tests.helpers.node import node_settings
+
+    settings = node_settings(tmp_path, 0)
+    settings.node.spool_dir = "/sys/segnode-test-spool"
+    upgrade(settings.database.url)
+    scp = StorageSCP(settings.node, make_session_factory(make_engine(settings.database.url)))
+    with pytest.raises(
+        NodeError, match=r"^node.spool_dir: cannot create the spool folder /sys/segnode-test-spool: \w"
+    ):
+        scp.start()
+    assert scp.server is None  # refused before listening
+
+
 def test_a_dual_echo_series_is_split_in_the_order_a_pacs_may_send_it(tmp_path: Path) -> None:
     """The job path (scan_grouped_series) reads a few files' echoes only: a received order whose
     first, middle and last files are all the short echo must still give two series, as scan_series
