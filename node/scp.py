@@ -10,6 +10,7 @@ row committed; otherwise a failure status (PS3.4 B.2.3) tells the PACS to keep i
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
@@ -441,7 +442,8 @@ class StorageSCP:
         Raises
         ------
         NodeError
-            The spool folder cannot be created (``node.spool_dir``) or the port cannot be bound.
+            The spool folder cannot be created or written (``node.spool_dir``), or the port cannot be
+            bound.
         """
         try:
             self.spool_dir.mkdir(parents=True, exist_ok=True)
@@ -449,6 +451,7 @@ class StorageSCP:
             raise NodeError(
                 f"node.spool_dir: cannot create the spool folder {self.spool_dir}: {exc.strerror or exc}"
             ) from None
+        self._probe_spool()
         handlers: list[Any] = [
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, _guarded(self._on_store)),
@@ -468,6 +471,23 @@ class StorageSCP:
                 f"{exc.strerror or exc}"
             ) from None
         logger.info("SCP %s listening on %s:%d", self.settings.ae_title, self.settings.host, self.port)
+
+    def _probe_spool(self) -> None:
+        """Write and remove a file in the spool, as a C-STORE will: a folder the node cannot write (a
+        read-only volume, another owner) is refused at start rather than answering every C-STORE 0xA700
+        while /healthz says ok. The write itself is tried (not ``os.access``): root passes ``os.access``
+        on a read-only file system."""
+        probe = self.spool_dir / f".write-probe.{os.getpid()}.{threading.get_ident()}.tmp"
+        try:
+            with open(probe, "wb") as fh:
+                fh.write(b"segnode spool write probe")
+            probe.unlink()
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                probe.unlink(missing_ok=True)
+            raise NodeError(
+                f"node.spool_dir: cannot write in the spool folder {self.spool_dir}: {exc.strerror or exc}"
+            ) from None
 
     def _serve(self, handlers: list[Any]) -> ThreadedAssociationServer:
         """Bind and serve in a background thread, as pynetdicom's ``start_server(block=False)`` does,

@@ -830,6 +830,76 @@ def test_a_spool_folder_that_cannot_be_created_is_a_one_line_error(tmp_path: Pat
     assert scp.server is None  # refused before listening
 
 
+#: Start a StorageSCP on spool folder argv[1], database argv[2]; print its NodeError, or "started".
+_START_SCP = """
+import sys
+from pathlib import Path
+from db.session import make_engine, make_session_factory
+from node.exceptions import NodeError
+from node.scp import StorageSCP
+from tests.helpers.node import node_settings
+settings = node_settings(Path(sys.argv[1]), 0, db_url=sys.argv[2])
+settings.node.spool_dir = sys.argv[1]
+scp = StorageSCP(settings.node, make_session_factory(make_engine(settings.database.url)))
+try:
+    scp.start()
+except NodeError as exc:
+    print(exc)
+else:
+    print("started")
+    scp.stop()
+"""
+
+
+def _start_scp_on(spool: Path, db_url: str, wrapper: list[str]) -> str:
+    """The first line ``_START_SCP`` prints, run under ``wrapper`` (e.g. a read-only mount namespace)."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [*wrapper, sys.executable, "-c", _START_SCP, str(spool), db_url],
+        cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, text=True, timeout=120,
+    )
+    assert done.stdout, done.stderr
+    return done.stdout.splitlines()[0]
+
+
+@pytest.mark.parametrize("case", ["sysfs", "mode_0555", "read_only_mount"])
+def test_a_spool_folder_the_node_cannot_write_is_refused_at_start(tmp_path: Path, case: str) -> None:
+    """An existing spool folder that refuses new files stops the start with one line naming
+    node.spool_dir, not one 0xA700 per C-STORE. Cases: /sys (no file can be made there, root included);
+    a folder of mode 0555 (skipped as root, whom mode bits do not stop); a read-only bind mount in a user
+    and mount namespace of its own (``unshare -Urm``; skipped where the kernel or sandbox forbids one) —
+    the volume mounted readOnly of a container, which stops root too."""
+    import subprocess
+
+    db_url = f"sqlite:///{tmp_path / 'node.db'}"
+    upgrade(db_url)
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    wrapper: list[str] = []
+    if case == "sysfs":
+        spool = Path("/sys")
+    elif case == "mode_0555":
+        if os.geteuid() == 0:
+            pytest.skip("root writes in a folder of mode 0555; the sysfs and read_only_mount cases cover it")
+        spool.chmod(0o555)
+    else:
+        mount = f"mount --bind {spool} {spool} && mount -o remount,bind,ro {spool} && exec \"$@\""
+        wrapper = ["unshare", "-Urm", "sh", "-c", mount, "sh"]
+        if shutil.which("unshare") is None or subprocess.run([*wrapper, "true"]).returncode != 0:
+            pytest.skip("no user and mount namespace here (unshare -Urm) to mount the spool read-only")
+    try:
+        line = _start_scp_on(spool, db_url, wrapper)
+    finally:
+        if case == "mode_0555":
+            spool.chmod(0o755)
+    assert line.startswith(f"node.spool_dir: cannot write in the spool folder {spool}: "), line
+    assert line.endswith(("Permission denied", "Read-only file system")), line
+    assert not any(p.name.startswith(".write-probe") for p in Path(spool).iterdir())
+
+
 def test_a_dual_echo_series_is_split_in_the_order_a_pacs_may_send_it(tmp_path: Path) -> None:
     """The job path (scan_grouped_series) reads a few files' echoes only: a received order whose
     first, middle and last files are all the short echo must still give two series, as scan_series
