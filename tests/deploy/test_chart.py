@@ -425,6 +425,24 @@ def test_given_postgres_password_is_url_quoted(helm: str) -> None:
     assert secret_value(docs, f"{FULLNAME}-postgresql", "password") == "p@ss/w:rd"
 
 
+def test_given_postgres_password_round_trips_through_the_url(helm: str) -> None:
+    """A space, '@', '/', ':' and '+' in the password: the engine the node, db upgrade and the jobs make
+    from the rendered URL (db.session.make_engine, SQLAlchemy's parser) holds the password PostgreSQL was
+    given; urlquery alone wrote a space as '+', which SQLAlchemy keeps as '+'."""
+    from db.session import make_engine
+
+    password = "p a@s/s:w+rd %2B"
+    docs = render(helm, "--set-string", f"postgresql.password={password}")
+    assert secret_value(docs, f"{FULLNAME}-postgresql", "password") == password
+    engine = make_engine(secret_value(docs, f"{FULLNAME}-database", "url"))  # does not connect
+    url = engine.url
+    engine.dispose()
+    assert url.password == password
+    assert (url.username, url.host, url.port, url.database) == (
+        "segnode", f"{FULLNAME}-postgresql", 5432, "segnode"
+    )
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
