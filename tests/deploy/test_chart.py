@@ -425,6 +425,32 @@ def test_given_postgres_password_is_url_quoted(helm: str) -> None:
     assert secret_value(docs, f"{FULLNAME}-postgresql", "password") == "p@ss/w:rd"
 
 
+@pytest.mark.parametrize(
+    ("args", "ca"),
+    [
+        ([], ""),  # no ca.crt said: no client certificate asked, destinations against the system CAs
+        (["--set", "tls.secretHasCA=true"], "/etc/segnode/tls/ca.crt"),
+        (
+            ["--set", "tls.secretHasCA=true", "--set", "config.tls.ca=/etc/pki/hospital-ca.pem"],
+            "/etc/pki/hospital-ca.pem",
+        ),
+    ],
+)
+def test_tls_secret_holding_ca_crt_sets_the_nodes_ca(
+    helm: str, tmp_path: Path, args: list[str], ca: str
+) -> None:
+    """A TLS Secret said to hold ca.crt (tls.secretHasCA) makes [tls] ca its mounted path, so that the
+    node requires client certificates from that CA and verifies destinations against it; a ca given
+    in config.tls wins."""
+    docs = render(helm, "--set", "config.tls.enabled=true", "--set", "tls.secretName=segtls", *args)
+    settings = load_settings(node_toml(docs, tmp_path), env={}, check_files=False)
+    assert settings.tls.enabled and settings.tls.ca == ca
+    node = container(one(docs, "StatefulSet", FULLNAME), "node")
+    mount = {m["name"]: m["mountPath"] for m in node["volumeMounts"]}["tls"]
+    if ca.startswith("/etc/segnode/tls/"):
+        assert Path(ca).parent == Path(mount)
+
+
 def test_given_postgres_password_round_trips_through_the_url(helm: str) -> None:
     """A space, '@', '/', ':' and '+' in the password: the engine the node, db upgrade and the jobs make
     from the rendered URL (db.session.make_engine, SQLAlchemy's parser) holds the password PostgreSQL was
