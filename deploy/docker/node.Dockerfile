@@ -26,11 +26,17 @@ FROM python:3.11.11-slim-bookworm
 LABEL org.opencontainers.image.title="segnode-node" \
       org.opencontainers.image.description="Brain-tumour segmentation DICOM node (OpenVINO INT8 on CPU)" \
       org.opencontainers.image.licenses="Apache-2.0"
+# SEGNODE_NODE_HOST / SEGNODE_METRICS_HOST: a container listens on all its interfaces even when the
+# node.toml mounted over the image's one has no host (node/config.py's default, 127.0.0.1, is the
+# container's own loopback: the PACS and Prometheus could not connect, while the health check, on
+# 127.0.0.1, said healthy). Environment beats the file: `-e SEGNODE_NODE_HOST=...` to change it.
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
     SEGNODE_HOME=/var/lib/segnode \
     SEGNODE_CONFIG=/etc/segnode/node.toml \
-    SEGNODE_BOOTSTRAP_MODEL=/opt/segnode/models/default
+    SEGNODE_BOOTSTRAP_MODEL=/opt/segnode/models/default \
+    SEGNODE_NODE_HOST=0.0.0.0 \
+    SEGNODE_METRICS_HOST=0.0.0.0
 COPY --from=build /wheels /wheels
 # Core dependencies and the PostgreSQL driver only: the [train] extra (torch, onnx, nncf) stays out.
 RUN wheel="$(ls /wheels/segnode-*.whl)" \

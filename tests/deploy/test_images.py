@@ -245,6 +245,38 @@ def test_node_image_runs_as_non_root_with_healthcheck() -> None:
     assert "[postgres]" in install and "train" not in install, "the node image installs no trainer extra"
 
 
+def image_env(dockerfile: Path) -> dict[str, str]:
+    """The ENV of a Dockerfile's last stage (``KEY=value`` pairs, shell-quoted)."""
+    steps = instructions(dockerfile)
+    last_from = max(i for i, (_n, w, _r) in enumerate(steps) if w == "FROM")
+    env: dict[str, str] = {}
+    for _n, word, rest in steps[last_from:]:
+        if word == "ENV":
+            for pair in shlex.split(rest):
+                key, sep, value = pair.partition("=")
+                assert sep, f"ENV {pair!r}: not KEY=value"
+                env[key] = value
+    return env
+
+
+def test_node_image_listens_on_all_interfaces_with_an_admins_node_toml(tmp_path: Path) -> None:
+    """deploy/README tells admins to mount their node.toml over the image's to add destinations: one
+    holding destinations only must still listen on every interface of the container (the PACS and
+    Prometheus come from outside), not node/config.py's 127.0.0.1, which the health check passes."""
+    from node.config import load_settings
+
+    mounted = tmp_path / "node.toml"
+    mounted.write_text(
+        '[[destinations]]\nname = "pacs"\nae_title = "PACS"\nhost = "pacs.hospital"\nport = 104\n'
+    )
+    env = image_env(DOCKER / "node.Dockerfile")
+    settings = load_settings(mounted, env=env)
+    assert (settings.node.host, settings.metrics.host) == ("0.0.0.0", "0.0.0.0")
+    # The image's own node.toml says so too, and an admin's -e still picks one interface.
+    assert load_settings(DOCKER / "node.toml", env=env, check_files=False).node.host == "0.0.0.0"
+    assert load_settings(mounted, env={**env, "SEGNODE_NODE_HOST": "10.1.2.3"}).node.host == "10.1.2.3"
+
+
 def test_gaudi_image_keeps_habana_torch() -> None:
     steps = instructions(DOCKER / "trainer-gaudi.Dockerfile")
     froms = [r for _n, w, r in steps if w == "FROM"]
