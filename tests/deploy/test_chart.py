@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from node.config import (
+    ConfigError,
     Destination,
     InferenceConfig,
     MetricsSettings,
@@ -32,7 +33,7 @@ from node.config import (
     TLSSettings,
     load_settings,
 )
-from tests.deploy.test_config import assert_finds_the_image_models
+from tests.deploy.test_config import assert_finds_the_image_models, known_env_var
 from tests.helpers.peers import REPO, require_program
 
 CHART = REPO / "deploy" / "helm" / "segnode"
@@ -70,9 +71,9 @@ def helm_run(helm: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([helm, *args], capture_output=True, text=True, timeout=120)
 
 
-def render(helm: str, *args: str) -> list[Manifest]:
+def render(helm: str, *args: str, release: str = RELEASE) -> list[Manifest]:
     """``helm template`` of the chart with extra args; the documents, parsed with unique keys."""
-    result = helm_run(helm, "template", RELEASE, str(CHART), "--namespace", NAMESPACE, *args)
+    result = helm_run(helm, "template", release, str(CHART), "--namespace", NAMESPACE, *args)
     assert result.returncode == 0, result.stderr
     docs = [d for d in yaml.load_all(result.stdout, Loader=_UniqueKeyLoader) if d]
     for doc in docs:
@@ -540,3 +541,35 @@ def test_unsafe_values_are_refused_with_a_clear_message(helm: str, args: list[st
     result = helm_run(helm, "template", RELEASE, str(CHART), *args)
     assert result.returncode != 0
     assert message in result.stderr
+
+
+def _service_link_names(service: Manifest) -> list[str]:
+    """The variables Kubernetes' service links set in a pod for ``service`` (a Service with a cluster
+    IP; docs: "Environment variables" of the Service concept)."""
+    if service["spec"].get("clusterIP") == "None":
+        return []
+    name = service["metadata"]["name"].upper().replace("-", "_")
+    names = [f"{name}_SERVICE_HOST", f"{name}_SERVICE_PORT", f"{name}_PORT"]
+    for port in service["spec"]["ports"]:
+        proto = port.get("protocol", "TCP")
+        base = f"{name}_PORT_{port['port']}_{proto}"
+        names += [base, f"{base}_PROTO", f"{base}_PORT", f"{base}_ADDR"]
+    return names
+
+
+@pytest.mark.parametrize("values", [None, "export-model.yaml", "import-model.yaml", "gaudi-training.yaml"])
+def test_no_pod_gets_service_links_that_override_its_config(helm: str, values: str | None) -> None:
+    """A release named like the chart ("segnode") has a Service segnode-metrics; with Kubernetes' default
+    service links every pod in the namespace gets SEGNODE_METRICS_PORT=tcp://10.x.y.z:9100, which the node
+    reads as [metrics] port and refuses ("not an integer"): every segnode pod must turn them off."""
+    docs = render(helm, *values_args(values), release="segnode")
+    links = [n for service in of_kind(docs, "Service") for n in _service_link_names(service)]
+    if values is None:
+        assert "SEGNODE_METRICS_PORT" in links and known_env_var("SEGNODE_METRICS_PORT")
+        with pytest.raises(ConfigError, match="SEGNODE_METRICS_PORT"):
+            load_settings(env={"SEGNODE_METRICS_PORT": "tcp://10.96.0.12:9100"})
+    workloads = [d for d in docs if d["kind"] in {"StatefulSet", "Deployment", "Job", "DaemonSet"}]
+    assert workloads
+    for workload in workloads:
+        spec = workload["spec"]["template"]["spec"]
+        assert spec.get("enableServiceLinks") is False, f"{workload['kind']}/{workload['metadata']['name']}"
