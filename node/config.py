@@ -5,12 +5,15 @@ Environment:
 * ``SEGNODE_HOME`` — the var dir (database, spool, logs, models); default ``./var``.
 * ``SEGNODE_CONFIG`` — path of the config file when ``--config`` is not given.
 * ``SEGNODE_DATABASE_URL`` — overrides ``[database] url`` (set but empty: ignored, as db/url.py does).
-* ``SEGNODE_<SECTION>_<KEY>`` — overrides any scalar key, e.g. ``SEGNODE_NODE_PORT=11113``.
+* ``SEGNODE_<SECTION>_<KEY>`` — overrides any scalar key, e.g. ``SEGNODE_NODE_PORT=11113``; one naming no
+  key is logged as a warning and ignored.
 """
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
+import logging
 import math
 import os
 import re
@@ -26,6 +29,8 @@ from node.exceptions import ConfigError
 
 if TYPE_CHECKING:
     from converters.registration import RegistrationSettings
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -438,7 +443,24 @@ def _build_destinations(raw: Any, where: str) -> list[Destination]:
     return out
 
 
-def _apply_env(settings: Settings, env: dict[str, str]) -> None:
+def _apply_env(settings: Settings, env: dict[str, str]) -> list[str]:
+    """Apply the ``SEGNODE_<SECTION>_<KEY>`` overrides in ``env``; the names of those applied.
+
+    A variable that begins like one (``SEGNODE_NODE_``) but names no key is logged as a warning and
+    ignored rather than refused: Kubernetes' service links set ``<SERVICE>_PORT`` and the like for every
+    Service of a namespace, and a site's own Service named e.g. ``segnode-database`` must not stop the
+    node."""
+    applied = ["SEGNODE_DATABASE_URL"] if env.get("SEGNODE_DATABASE_URL") else []
+    for name in sorted(env):
+        for section in _SECTIONS:
+            prefix = f"SEGNODE_{section.upper()}_"
+            keys = [f.name.upper() for f in fields(getattr(settings, section))]
+            if name.startswith(prefix) and name[len(prefix) :] not in keys:
+                close = difflib.get_close_matches(name[len(prefix) :], keys, n=1)
+                logger.warning(
+                    "environment variable %s names no key of [%s]%s; ignored", name, section,
+                    f" (did you mean {prefix}{close[0]}?)" if close else "",
+                )  # fmt: skip
     # SEGNODE_DATABASE_URL set but empty (an unset compose variable, `SEGNODE_DATABASE_URL=` in an env
     # file) is ignored, as db/url.py's resolve_database_url ignores it for `db upgrade`, `jobs` and
     # `models`: otherwise the node would run on its own SQLite file while the entrypoint migrated the
@@ -451,6 +473,8 @@ def _apply_env(settings: Settings, env: dict[str, str]) -> None:
             key = f"SEGNODE_{section.upper()}_{f.name.upper()}"
             if key in env and key != "SEGNODE_DATABASE_URL":
                 setattr(obj, f.name, _coerce(env[key], getattr(obj, f.name), key))
+                applied.append(key)
+    return applied
 
 
 def _validate(settings: Settings, where: str) -> None:
@@ -679,7 +703,9 @@ def load_settings(
             else:
                 raise ConfigError(f"{where}: unknown section [{key}]")
         settings.source = file
-    _apply_env(settings, env)
+    applied = _apply_env(settings, env)
+    if applied:  # a bad value may come from the environment, not the file: name both
+        where = f"{where} with {', '.join(applied)} from the environment"
     _validate(settings, where)
     if check_files:
         _check_tls_files(settings.tls, where)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -126,6 +127,31 @@ def test_bad_env_override_names_variable() -> None:
 def test_config_the_node_would_crash_on_names_the_key(tmp_path: Path, text: str, message: str) -> None:
     # Each of these passed the loader and then crashed `segnode serve` with a traceback.
     _assert_refused(tmp_path, text, message)
+
+
+def test_a_bad_value_from_the_environment_is_not_blamed_on_the_file(tmp_path: Path) -> None:
+    """The file holds a valid AE title; the one that fails came from SEGNODE_NODE_AE_TITLE: the error
+    names the variable beside the file."""
+    cfg = tmp_path / "node.toml"
+    cfg.write_text('[node]\nae_title = "SEGNODE"\n')
+    with pytest.raises(ConfigError) as info:
+        load_settings(cfg, env={"SEGNODE_NODE_AE_TITLE": "ABCDEFGHIJKLMNOPQ"})
+    assert f"{cfg} with SEGNODE_NODE_AE_TITLE from the environment: node.ae_title 'ABCDEFGHIJKLMNOPQ'" in str(
+        info.value
+    )
+
+
+def test_a_mistyped_override_is_named_in_a_warning_not_ignored_silently(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A typo in the file is refused; one in a SEGNODE_ variable is logged with the key it was probably
+    meant for (not refused: Kubernetes' service links may set SEGNODE_<SERVICE>_... variables)."""
+    with caplog.at_level(logging.WARNING, logger="node.config"):
+        settings = load_settings(env={"SEGNODE_NODE_AE_TITEL": "PACSNODE", "SEGNODE_HOME": str(tmp_path)})
+    assert settings.node.ae_title == "SEGNODE"
+    assert "environment variable SEGNODE_NODE_AE_TITEL names no key of [node]" in caplog.text
+    assert "(did you mean SEGNODE_NODE_AE_TITLE?)" in caplog.text
+    assert "SEGNODE_HOME" not in caplog.text
 
 
 def test_allowed_calling_aes_from_the_environment_are_checked_too() -> None:
