@@ -93,14 +93,33 @@ def card_texts(card: Mapping[str, Any]) -> list[str]:
     return [str(card.get("name", "")), str(card.get("version", "")), *labels]
 
 
-def run_series(number: int, description: str, run: int) -> tuple[int, str]:
+#: What a result that failed a QC check says first in its SeriesDescription: the node held it, and it
+#: left only when an administrator released it after review (``segnode jobs retry ID --send-anyway``).
+QC_FAILED_MARKER = "QC FAILED - reviewed: "
+#: SeriesDescription is LO (PS3.5 6.2): at most 64 characters.
+DESCRIPTION_MAX = 64
+
+
+def run_series(number: int, description: str, run: int, *, qc_failed: bool = False) -> tuple[int, str]:
     """The SeriesNumber and SeriesDescription of an output of a study's ``run``-th analysis: run 1
     keeps ``number`` and ``description``; a re-run (instances received after the first) gets a
     number 10 higher per run and says which run it is, so that a reader tells the current result
-    from the earlier one in the viewer's series list."""
-    if run <= 1:
-        return number, description
-    return number + 10 * (run - 1), f"{description[: 64 - len(f' run {run}')]} run {run}"
+    from the earlier one in the viewer's series list. A result that failed a QC check
+    (``qc_failed``; it is sent only once released after review) begins with :data:`QC_FAILED_MARKER`.
+    """
+    prefix = QC_FAILED_MARKER if qc_failed else ""
+    suffix = f" run {run}" if run > 1 else ""
+    return number + 10 * (max(run, 1) - 1), fit_description(prefix, description, suffix)
+
+
+def fit_description(prefix: str, description: str, suffix: str) -> str:
+    """``prefix + description + suffix`` within :data:`DESCRIPTION_MAX` characters: the prefix and
+    suffix whole, the description without "segnode, " (the Manufacturer says it) when it would not
+    fit, then cut at its end."""
+    room = DESCRIPTION_MAX - len(prefix) - len(suffix)
+    if len(description) > room:
+        description = description.replace("segnode, ", "")
+    return f"{prefix}{description[:room]}{suffix}"
 
 
 def label_values(card: Mapping[str, Any]) -> list[int]:
@@ -135,6 +154,7 @@ def build_seg(
     *,
     software_version: str,
     run: int = 1,
+    qc_failed: bool = False,
 ) -> hd.seg.Segmentation:
     """A BINARY SEG from a label map on the source grid.
 
@@ -152,6 +172,8 @@ def build_seg(
         Version string of segnode, recorded in the SEG's equipment module.
     run:
         Which analysis of the study this is (:func:`run_series`).
+    qc_failed:
+        The result failed a QC check: the SeriesDescription says so (:func:`run_series`).
 
     Raises
     ------
@@ -173,7 +195,7 @@ def build_seg(
     if not segments.any():
         # highdicom needs at least one frame: an empty result keeps every (empty) frame.
         logger.info("model found no tumour; the SEG holds one empty frame")
-    series_number, description = run_series(SEG_SERIES_NUMBER, SERIES_DESCRIPTION, run)
+    series_number, description = run_series(SEG_SERIES_NUMBER, SERIES_DESCRIPTION, run, qc_failed=qc_failed)
     seg = hd.seg.Segmentation(
         source_images=seg_sources(clean_sources(sources, what="SEG", extra_texts=card_texts(card))),
         pixel_array=segments,

@@ -29,6 +29,14 @@ follow (RANO): the whole tumour (every tissue; SCT 108369006 "Neoplasm") and the
 (non-enhancing/necrotic and enhancing tumour; no standard concept names it, so a private one,
 :data:`TUMOUR_CORE`). Which model ran and why (the routing: e.g. "T2 missing") is an Algorithm
 Parameters item (DCM 111002, TID 4019) of the algorithm identification.
+
+A result that failed a QC check (node/qc.py) is held, and reaches the PACS only when an administrator
+releases it after review (``segnode jobs retry ID --send-anyway``). Its report then says so where a
+reader sees it: TID 1500's Qualitative Evaluations container (UMLS C0034375) holds a TEXT item
+:data:`QC_RELEASED` saying the result was held and released, and one TEXT item :data:`QC_FAILED_RULE`
+per failed rule ("failed check NAME: MESSAGE", with the rule's figures; dsr2html shows the texts
+under the container's name), private concepts as no standard one names
+them; and its SeriesDescription begins with :data:`node.seg.QC_FAILED_MARKER`, as the SEG's does.
 """
 
 from __future__ import annotations
@@ -81,6 +89,17 @@ NEOPLASM = hd.sr.CodedConcept("108369006", "SCT", "Neoplasm")
 TUMOUR_CORE = hd.sr.CodedConcept(
     "TUMOUR_CORE", PRIVATE_SCHEME, "Tumour core (non-enhancing or necrotic and enhancing tumour)"
 )
+#: UMLS C0034375 "Qualitative Evaluations": TID 1500's container of the report's text findings.
+QUALITATIVE_EVALUATIONS = hd.sr.CodedConcept("C0034375", "UMLS", "Qualitative Evaluations")
+#: The result failed the node's QC checks and was sent after review: private concept (module docstring).
+QC_RELEASED = hd.sr.CodedConcept("QC_RELEASED", PRIVATE_SCHEME, "Sent after failed quality check and review")
+#: One failed QC rule, its name and message: private concept (see the module docstring).
+QC_FAILED_RULE = hd.sr.CodedConcept("QC_FAILED_RULE", PRIVATE_SCHEME, "Failed quality check")
+#: The QC_RELEASED item's text.
+QC_RELEASED_TEXT = (
+    "QC FAILED - reviewed: the node held this result because it failed the quality checks below; it was "
+    "sent only because an administrator released it after review. Check them before relying on the volumes."
+)
 #: Composite region key (node/pipeline.py ``region_volumes_ml``) -> (finding type, tracking identifier).
 REGIONS: dict[str, tuple[hd.sr.CodedConcept, str]] = {
     "whole_tumour": (NEOPLASM, "whole tumour (all tissues)"),
@@ -108,6 +127,7 @@ def build_sr(
     series: str | None = None,
     run: int = 1,
     other_evidence: Sequence[Dataset] = (),
+    qc_failed: Sequence[tuple[str, str]] = (),
 ) -> hd.sr.Comprehensive3DSR:
     """A TID 1500 report with the volume in mL of each segment of ``seg`` (and of the brain).
 
@@ -142,6 +162,9 @@ def build_sr(
     other_evidence:
         The images of the model's other input series (a ``brats_regions`` model's T1, T1GD and T2),
         listed in the evidence after ``sources``: the volumes were measured from them too.
+    qc_failed:
+        The QC rules the result failed, as (name, message): the report says it was held and released
+        after review and names them (see the module docstring). Empty: the result passed.
     """
     parameters = [f"routing: {routing}"] if routing else []
     if series:
@@ -203,7 +226,11 @@ def build_sr(
         procedure_reported=MR_PROCEDURE,
         imaging_measurements=groups,
     )
-    series_number, description = run_series(SR_SERIES_NUMBER, SR_SERIES_DESCRIPTION, run)
+    if qc_failed:
+        report[0].ContentSequence.append(_qc_failed_container(qc_failed))
+    series_number, description = run_series(
+        SR_SERIES_NUMBER, SR_SERIES_DESCRIPTION, run, qc_failed=bool(qc_failed)
+    )
     private = any(
         element.keyword == "CodingSchemeDesignator" and element.value == PRIVATE_SCHEME
         for element in report[0].iterall()
@@ -237,6 +264,29 @@ def private_scheme_item() -> CodingSchemeIdentificationItem:
         name="segnode private concepts (brain tumour volumes)",
         responsible_organization="segnode brain-tumour segmentation node (its manufacturer)",
     )
+
+
+def _qc_failed_container(failed: Sequence[tuple[str, str]]) -> hd.sr.ContainerContentItem:
+    """TID 1500's Qualitative Evaluations container: that the result was released after review, and
+    each failed QC rule's name and message."""
+    container = hd.sr.ContainerContentItem(
+        name=QUALITATIVE_EVALUATIONS, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+    )
+    items = [
+        hd.sr.TextContentItem(
+            name=QC_RELEASED, value=QC_RELEASED_TEXT, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+        )
+    ]
+    for name, message in failed:
+        items.append(
+            hd.sr.TextContentItem(
+                name=QC_FAILED_RULE,
+                value=f"failed check {name}: {message}",
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            )
+        )
+    container.ContentSequence = hd.sr.ContentSequence(items, is_root=False)
+    return container
 
 
 def _volume(

@@ -142,6 +142,57 @@ def test_a_released_result_is_not_held_again_when_the_inputs_are_unchanged(tmp_p
         catcher.stop()
 
 
+def test_a_result_released_after_failing_qc_says_so_in_its_seg_and_sr(tmp_path: Path) -> None:
+    """A result QC held and an administrator released reached the PACS looking exactly like one that
+    passed: the usual series descriptions, and nothing in the SR about the failed check (a
+    tumour_within_coverage failure, an incomplete volume, went out as a whole one). Its SEG's and SR's
+    SeriesDescription now begin "QC FAILED - reviewed", and the SR names each failed rule with its
+    message in a Qualitative Evaluations container that dsr2html shows."""
+    import subprocess
+
+    from tests.helpers.peers import DCIODVFY_PRIVATE_SCHEME, dciodvfy_problems, require_program
+
+    case = make_synthetic_case(3, SHAPE)
+    model = make_threshold_model(tmp_path / "model", crop=SHAPE[:2], spacing=case.spacing, threshold=1.5)
+    study = write_study(case, tmp_path / "study", modalities=["FLAIR"])
+    catcher = CatchingSCP().start(free_port())
+    pacs = [Destination("pacs", "CATCHER", "127.0.0.1", catcher.port)]
+    settings = node_settings(tmp_path, free_port(), pacs)
+    settings.qc.min_slices = SHAPE[2] + 1  # the run fails series_slices
+    try:
+        with running_node(settings, model) as node:
+            _send(node, study.files["FLAIR"])
+            held = _ended(node, 1)
+            assert held.status == "review"
+            [failed] = [r for r in held.result["qc"]["rules"] if r["status"] == "failed"]
+            assert failed["name"] == "series_slices"
+            job_queue.release_job(node.sf, 1, by="admin", destinations=pacs)
+            catcher.wait_for(lambda got: len(got) == 2, 30)
+    finally:
+        catcher.stop()
+    [seg], [sr] = catcher.of_modality("SEG"), catcher.of_modality("SR")
+    assert seg.SeriesDescription == "QC FAILED - reviewed: AI TUMOUR SEG (not for diagnosis alone)"
+    assert sr.SeriesDescription == "QC FAILED - reviewed: AI TUMOUR VOLUME (not for diagnosis alone)"
+    assert (int(seg.SeriesNumber), int(sr.SeriesNumber)) == (9901, 9902)
+    [evaluations] = [
+        item for item in sr.ContentSequence if item.ConceptNameCodeSequence[0].CodeValue == "C0034375"
+    ]
+    texts = {
+        item.ConceptNameCodeSequence[0].CodeValue: item.TextValue for item in evaluations.ContentSequence
+    }
+    assert texts["QC_FAILED_RULE"] == f"failed check series_slices: {failed['message']}"
+    assert "released it after review" in texts["QC_RELEASED"]
+    path = tmp_path / "sr.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    html = subprocess.run(
+        [require_program("dsr2html"), str(path)], capture_output=True, text=True, timeout=60, check=True
+    ).stdout
+    shown = html.split("<h2>Qualitative Evaluations</h2>", 1)[1]
+    rule = f"failed check series_slices: {failed['message']}"
+    assert shown.index("released it after review") < shown.index(rule)
+    assert [p for p in dciodvfy_problems(path) if not p.startswith(DCIODVFY_PRIVATE_SCHEME)] == []
+
+
 def test_the_digest_changes_with_the_settings_a_result_depends_on() -> None:
     """Same inputs after a restart with other QC limits, registration or mirroring: another result, so
     another digest (and the run sends)."""
