@@ -773,6 +773,9 @@ def retry_job(sf: SessionFactory, job_id: int) -> JobInfo:
 
     The job's result records the request (:data:`RETRY_REQUESTED`): its run sends its outputs even
     when an earlier run of the study sent a result of the very same inputs.
+    A job whose earlier result was queued for sending (a done job) makes series of its own, whose
+    number and description say "retry N" (node/seg.py run_series), not a second series under those
+    the PACS holds.
 
     Raises
     ------

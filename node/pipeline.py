@@ -516,17 +516,17 @@ class Segmented:
     seg_file: bytes | None = None
 
 
-def encode_seg(done: Segmented, run: int = 1, *, qc_failed: bool = False) -> bytes:
+def encode_seg(done: Segmented, run: int = 1, *, resend: int = 0, qc_failed: bool = False) -> bytes:
     """The SEG of ``done``'s labels (which hold a tumour) on its reference series' frames, as a file
-    (``run``: which analysis of the study, ``qc_failed``: the result failed a QC check;
-    :func:`node.seg.run_series`)."""
+    (``run``: which analysis of the study, ``resend``: how many earlier results of the run were queued
+    for sending, ``qc_failed``: the result failed a QC check; :func:`node.seg.run_series`)."""
     from node.seg import build_seg
 
     frame_labels = source_frame_labels(done.labels, done.assembled)
     card = done.route.model.card
     seg = build_seg(
         done.assembled.sources, frame_labels, card, software_version=SOFTWARE_VERSION, run=run,
-        qc_failed=qc_failed,
+        resend=resend, qc_failed=qc_failed,
     )  # fmt: skip
     return encoded(seg)
 
@@ -1126,14 +1126,18 @@ def run_job(ctx: JobContext, job_id: int, attempt: int | None = None) -> str:
             render_preview, assembled.reference.array, labels, pixel_spacing=(spacing[1], spacing[2])
         )
         preview_pool.shutdown(wait=False)
-        # Early analysis encodes a first run's SEG as it is when QC passes; a re-run's carries its own
-        # series number, and a result that failed QC says so (it is sent only once released).
-        seg_bytes = done.seg_file if info.run <= 1 and report.passed else None
+        # Earlier results of this run already queued for sending (one folder per attempt): a retried
+        # done job's result gets series of its own, not a second series under theirs in the PACS.
+        resend = len({str(Path(send.path).parent) for send in info.sends} - {str(out_dir)})
+        # Early analysis encodes a first run's first SEG as it is when QC passes; a re-run's or a
+        # retry's carries its own series number, and a result that failed QC says so (it is sent only
+        # once released).
+        seg_bytes = done.seg_file if info.run <= 1 and resend == 0 and report.passed else None
         if seg_bytes is not None:
             study.reused.append(f"seg {done.route.task}")
         elif labels.any():
             with timer.stage("seg"):
-                seg_bytes = encode_seg(done, run=info.run, qc_failed=not report.passed)
+                seg_bytes = encode_seg(done, run=info.run, resend=resend, qc_failed=not report.passed)
         # The SR refers to the SEG as written (parsing it back takes well under 1 ms).
         seg = pydicom.dcmread(io.BytesIO(seg_bytes)) if seg_bytes is not None else None
         volumes = segment_volumes_ml(labels, card, assembled.reference)
@@ -1151,6 +1155,7 @@ def run_job(ctx: JobContext, job_id: int, attempt: int | None = None) -> str:
                 routing=reason,
                 series=series_used(done.route.assignment),
                 run=info.run,
+                resend=resend,
                 qc_failed=[(rule.name, rule.message) for rule in report.failed],
             )
         with timer.stage("write"):

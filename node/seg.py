@@ -100,16 +100,22 @@ QC_FAILED_MARKER = "QC FAILED - reviewed: "
 DESCRIPTION_MAX = 64
 
 
-def run_series(number: int, description: str, run: int, *, qc_failed: bool = False) -> tuple[int, str]:
+def run_series(
+    number: int, description: str, run: int, *, resend: int = 0, qc_failed: bool = False
+) -> tuple[int, str]:
     """The SeriesNumber and SeriesDescription of an output of a study's ``run``-th analysis: run 1
     keeps ``number`` and ``description``; a re-run (instances received after the first) gets a
     number 10 higher per run and says which run it is, so that a reader tells the current result
-    from the earlier one in the viewer's series list. A result that failed a QC check
+    from the earlier one in the viewer's series list. A run's result made again after it had been
+    queued for sending (``resend``: how many of its results were, ``segnode jobs retry`` of a done
+    job) gets a number 1000 higher per such result and says "retry N", so that it is not a second
+    series under the number and description the PACS already holds. A result that failed a QC check
     (``qc_failed``; it is sent only once released after review) begins with :data:`QC_FAILED_MARKER`.
     """
     prefix = QC_FAILED_MARKER if qc_failed else ""
-    suffix = f" run {run}" if run > 1 else ""
-    return number + 10 * (max(run, 1) - 1), fit_description(prefix, description, suffix)
+    suffix = (f" run {run}" if run > 1 else "") + (f" retry {resend}" if resend > 0 else "")
+    series_number = number + 10 * (max(run, 1) - 1) + 1000 * max(resend, 0)
+    return series_number, fit_description(prefix, description, suffix)
 
 
 def fit_description(prefix: str, description: str, suffix: str) -> str:
@@ -154,6 +160,7 @@ def build_seg(
     *,
     software_version: str,
     run: int = 1,
+    resend: int = 0,
     qc_failed: bool = False,
 ) -> hd.seg.Segmentation:
     """A BINARY SEG from a label map on the source grid.
@@ -172,6 +179,8 @@ def build_seg(
         Version string of segnode, recorded in the SEG's equipment module.
     run:
         Which analysis of the study this is (:func:`run_series`).
+    resend:
+        How many earlier results of this run were queued for sending (:func:`run_series`).
     qc_failed:
         The result failed a QC check: the SeriesDescription says so (:func:`run_series`).
 
@@ -195,7 +204,9 @@ def build_seg(
     if not segments.any():
         # highdicom needs at least one frame: an empty result keeps every (empty) frame.
         logger.info("model found no tumour; the SEG holds one empty frame")
-    series_number, description = run_series(SEG_SERIES_NUMBER, SERIES_DESCRIPTION, run, qc_failed=qc_failed)
+    series_number, description = run_series(
+        SEG_SERIES_NUMBER, SERIES_DESCRIPTION, run, resend=resend, qc_failed=qc_failed
+    )
     seg = hd.seg.Segmentation(
         source_images=seg_sources(clean_sources(sources, what="SEG", extra_texts=card_texts(card))),
         pixel_array=segments,

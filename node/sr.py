@@ -126,6 +126,7 @@ def build_sr(
     routing: str | None = None,
     series: str | None = None,
     run: int = 1,
+    resend: int = 0,
     other_evidence: Sequence[Dataset] = (),
     qc_failed: Sequence[tuple[str, str]] = (),
 ) -> hd.sr.Comprehensive3DSR:
@@ -159,6 +160,9 @@ def build_sr(
     run:
         Which analysis of the study this is (:func:`node.seg.run_series`: a re-run's series number
         and description say so).
+    resend:
+        How many earlier results of this run were queued for sending (:func:`node.seg.run_series`: a
+        retried done job's series number and description say so).
     other_evidence:
         The images of the model's other input series (a ``brats_regions`` model's T1, T1GD and T2),
         listed in the evidence after ``sources``: the volumes were measured from them too.
@@ -229,7 +233,7 @@ def build_sr(
     if qc_failed:
         report[0].ContentSequence.append(_qc_failed_container(qc_failed))
     series_number, description = run_series(
-        SR_SERIES_NUMBER, SR_SERIES_DESCRIPTION, run, qc_failed=bool(qc_failed)
+        SR_SERIES_NUMBER, SR_SERIES_DESCRIPTION, run, resend=resend, qc_failed=bool(qc_failed)
     )
     private = any(
         element.keyword == "CodingSchemeDesignator" and element.value == PRIVATE_SCHEME

@@ -84,6 +84,41 @@ def test_a_run_over_unchanged_inputs_sends_nothing_again_a_retry_and_a_changed_i
         catcher.stop()
 
 
+def test_a_retried_done_jobs_result_is_a_series_of_its_own(tmp_path: Path) -> None:
+    """`segnode jobs retry` of a study's latest, done job sent a second SEG and SR series with the
+    series numbers (9901, 9902) and descriptions of the first, which the PACS already held: only the
+    ContentTime told them apart. The retry's are 1000 higher and say "retry 1"; a second retry's
+    "retry 2"."""
+    case = make_synthetic_case(3, SHAPE)
+    model = make_threshold_model(tmp_path / "model", crop=SHAPE[:2], spacing=case.spacing, threshold=1.5)
+    study = write_study(case, tmp_path / "study", modalities=["FLAIR"])
+    catcher = CatchingSCP().start(free_port())
+    pacs = [Destination("pacs", "CATCHER", "127.0.0.1", catcher.port)]
+    try:
+        with running_node(node_settings(tmp_path, free_port(), pacs), model) as node:
+            _send(node, study.files["FLAIR"])
+            assert _ended(node, 1).status == "done"
+            catcher.wait_for(lambda got: len(got) == 2, 30)
+            for attempt in (2, 3):
+                job_queue.retry_job(node.sf, 1)
+                retried = _ended(node, 1, attempts=attempt)
+                assert retried.status == "done" and retried.reason == "", retried.reason
+                catcher.wait_for(lambda got, n=attempt: len(got) == 2 * n, 30)
+    finally:
+        catcher.stop()
+    got = catcher.received
+    series = [(ds.Modality, int(ds.SeriesNumber), ds.SeriesDescription, ds.SeriesInstanceUID) for ds in got]
+    assert sorted((m, n, d) for m, n, d, _ in series) == [
+        ("SEG", 9901, "AI TUMOUR SEG (segnode, not for diagnosis alone)"),
+        ("SEG", 10901, "AI TUMOUR SEG (segnode, not for diagnosis alone) retry 1"),
+        ("SEG", 11901, "AI TUMOUR SEG (segnode, not for diagnosis alone) retry 2"),
+        ("SR", 9902, "AI TUMOUR VOLUME (segnode, not for diagnosis alone)"),
+        ("SR", 10902, "AI TUMOUR VOLUME (segnode, not for diagnosis alone) retry 1"),
+        ("SR", 11902, "AI TUMOUR VOLUME (segnode, not for diagnosis alone) retry 2"),
+    ]
+    assert len({uid for _, _, _, uid in series}) == 6
+
+
 def _review_seen(node: Any) -> tuple[int, float, list[str]]:
     """The held jobs that /healthz reports, the segnode_jobs_in_review gauge and /healthz's warnings."""
     ok, health = node.health()
