@@ -67,7 +67,9 @@ BRAIN = hd.sr.CodedConcept("12738006", "SCT", "Brain")
 PERCENT = hd.sr.CodedConcept("%", "UCUM", "percent")
 #: The private coding scheme of the concepts no standard scheme has (PS3.3 8.2: designators beginning
 #: "99"), declared in the Coding Scheme Identification Sequence (SOP Common module) of every report
-#: that uses it: without it dciodvfy warned "Unrecognized defined term <99SEGNODE>".
+#: that uses it, so that a reader learns what the scheme is. dciodvfy still warns "Unrecognized defined
+#: term <99SEGNODE>": it checks designators against its own fixed list, not against that sequence
+#: (tests/helpers/peers.py DCIODVFY_PRIVATE_SCHEME).
 PRIVATE_SCHEME = "99SEGNODE"
 #: Whole-tumour volume / brain volume, in %: private concept (see the module docstring).
 TUMOUR_SHARE_OF_BRAIN = hd.sr.CodedConcept(
