@@ -1,7 +1,10 @@
 """Series selection: which series of a study is FLAIR, T1, T1 post-contrast (T1GD) or T2.
 
 A series is taken for a modality by its acquisition attributes first, its SeriesDescription /
-ProtocolName second, and a description never overrides an attribute that contradicts it:
+ProtocolName second, and a description never overrides an attribute that contradicts it. A ProtocolName
+that is the same on series of different descriptions is the exam's (GE writes its protocol-library name,
+"BRAIN TUMOR PERFUSION", on every series: :func:`exam_protocols`): it neither excludes a series nor says
+whether it was given contrast; a series' own ProtocolName (Siemens, Philips) is a hint as its description:
 
 * FLAIR: InversionTime (0018,0082) >= ``flair_min_ti_ms`` and EchoTime (0018,0081) >=
   ``flair_min_te_ms``; such a TI is an inversion even where ScanningSequence (0018,0020) and ScanOptions
@@ -90,8 +93,8 @@ import logging
 import os
 import re
 import struct
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -218,7 +221,33 @@ class SeriesInfo:
     def text(self) -> str:
         """SeriesDescription and ProtocolName together, for the patterns; an underscore counts as a space
         (Siemens names such as ``t1_se_tra_pre`` or ``3D_T1_KM``, where ``\\b`` would see no word edge)."""
-        return f"{self.description} {self.protocol}".replace("_", " ")
+        return self.pattern_text()
+
+    def pattern_text(self, exam: Collection[str] = ()) -> str:
+        """:attr:`text`, without the ProtocolName when it is one of ``exam`` (the study's exam-wide
+        ProtocolNames, :func:`exam_protocols`): then it names the exam, not this series."""
+        protocol = "" if _protocol_key(self.protocol) in exam else self.protocol
+        return f"{self.description} {protocol}".replace("_", " ")
+
+
+def _protocol_key(protocol: str) -> str:
+    return " ".join(protocol.split()).casefold()
+
+
+def exam_protocols(series: Iterable[SeriesInfo]) -> frozenset[str]:
+    """The ProtocolNames (0018,1030) of a study that name the exam, not a series: one that is the same on
+    series of different SeriesDescription (compared without case and surrounding spaces).
+
+    GE writes the protocol-library name ("BRAIN TUMOR PERFUSION", "MR BRAIN W/WO CONTRAST") on every
+    series of the exam: matched as a series' own words, it excluded every series, or made every T1 pre- or
+    post-contrast. Siemens and Philips write a ProtocolName per series (its description, or a derived
+    series' source: a description that holds it already), which stays a hint (:attr:`SeriesInfo.text`).
+    """
+    descriptions: dict[str, set[str]] = {}
+    for s in series:
+        if key := _protocol_key(s.protocol):
+            descriptions.setdefault(key, set()).add(_protocol_key(s.description))
+    return frozenset(key for key, seen in descriptions.items() if len(seen) > 1)
 
 
 #: ImageType values (PS3.3 C.7.6.1.1.2, C.8.13.1.1.1 and vendors') of images that are maps derived from
@@ -883,17 +912,33 @@ class SeriesSelector:
 
     # -- per-modality predicates -------------------------------------------------------------------------
 
-    def is_flair(self, s: SeriesInfo) -> bool:
-        """Long-TI, long-TE inversion recovery; a description alone never beats contradicting TI/TE."""
+    def _says(self, pattern: str, s: SeriesInfo, exam: Collection[str]) -> bool:
+        """Pattern ``pattern`` is in the series' text (:meth:`SeriesInfo.pattern_text`; ``exam``: the
+        study's exam-wide ProtocolNames, :func:`exam_protocols`)."""
+        return bool(self._re[pattern].search(s.pattern_text(exam)))
+
+    def excluded(self, s: SeriesInfo, exam: Collection[str] = ()) -> str:
+        """What excludes the series by ``exclude_pattern``: "description", "ProtocolName", or "" (not
+        excluded). ``exam``: the study's exam-wide ProtocolNames (:func:`exam_protocols`), which exclude
+        nothing."""
+        if not self._says("exclude", s, exam):
+            return ""
+        own = self._re["exclude"].search(s.description.replace("_", " "))
+        return "description" if own else "ProtocolName"
+
+    def is_flair(self, s: SeriesInfo, exam: Collection[str] = ()) -> bool:
+        """Long-TI, long-TE inversion recovery; a description alone never beats contradicting TI/TE.
+        ``exam`` (here and in the other predicates): the study's exam-wide ProtocolNames
+        (:func:`exam_protocols`), which are not the series' words."""
         r = self.rules
         ti, te = s.inversion_time, s.echo_time
         if (ti is not None and ti < r.flair_min_ti_ms) or (te is not None and te < r.flair_min_te_ms):
             return False
         if ti is not None and te is not None:
             return True  # a TI this long is an inversion, whether or not ScanningSequence says IR
-        return bool(self._re["FLAIR"].search(s.text))
+        return self._says("FLAIR", s, exam)
 
-    def _t1_weighted(self, s: SeriesInfo) -> bool:
+    def _t1_weighted(self, s: SeriesInfo, exam: Collection[str] = ()) -> bool:
         r = self.rules
         te, tr, ti = s.echo_time, s.repetition_time, s.inversion_time
         if te is not None and (te > r.t1_max_te_ms or (s.gradient_echo and te >= r.t2star_min_te_ms)):
@@ -902,24 +947,24 @@ class SeriesSelector:
             (tr is not None and tr < 1000) or (s.inversion_recovery and (ti or 0) < r.flair_min_ti_ms)
         ):
             return True
-        return bool(self._re["T1"].search(s.text))
+        return self._says("T1", s, exam)
 
-    def described_post_contrast(self, s: SeriesInfo) -> bool:
+    def described_post_contrast(self, s: SeriesInfo, exam: Collection[str] = ()) -> bool:
         """The description says post-contrast and not pre-contrast (a hint, never an attribute)."""
-        return bool(self._re["T1GD"].search(s.text)) and not self._re["T1PRE"].search(s.text)
+        return self._says("T1GD", s, exam) and not self._says("T1PRE", s, exam)
 
-    def is_t1gd(self, s: SeriesInfo) -> bool:
+    def is_t1gd(self, s: SeriesInfo, exam: Collection[str] = ()) -> bool:
         """This series alone: T1-weighted, given contrast by its Contrast/Bolus attributes, or, when it
         has none of them, described as post-contrast (:meth:`t1_roles` decides within a study)."""
-        if self.is_flair(s) or not self._t1_weighted(s):
+        if self.is_flair(s, exam) or not self._t1_weighted(s, exam):
             return False
         if s.contrast is not None:
             return s.contrast
-        return self.described_post_contrast(s)
+        return self.described_post_contrast(s, exam)
 
-    def is_t1(self, s: SeriesInfo) -> bool:
+    def is_t1(self, s: SeriesInfo, exam: Collection[str] = ()) -> bool:
         """This series alone: T1-weighted and not :meth:`is_t1gd`."""
-        return not self.is_flair(s) and self._t1_weighted(s) and not self.is_t1gd(s)
+        return not self.is_flair(s, exam) and self._t1_weighted(s, exam) and not self.is_t1gd(s, exam)
 
     def t1_roles(self, series: Sequence[SeriesInfo]) -> dict[str, tuple[str, str]]:
         """SeriesInstanceUID -> (``"T1"`` or ``"T1GD"``, basis) for the T1-weighted series of a study.
@@ -932,7 +977,7 @@ class SeriesSelector:
         never makes a T1GD: in a study without any evidence of contrast no series is T1GD, and a model
         that needs one is not run.
         """
-        t1w = self._t1_weighted_series(series)
+        t1w = self._t1_weighted_series(series, exam_protocols(series))
         evidence = self.contrast_evidence(series)
         return {
             s.series_instance_uid: (
@@ -941,11 +986,11 @@ class SeriesSelector:
             for s in t1w
         }
 
-    def _t1_weighted_series(self, series: Sequence[SeriesInfo]) -> list[SeriesInfo]:
+    def _t1_weighted_series(self, series: Sequence[SeriesInfo], exam: Collection[str]) -> list[SeriesInfo]:
         return [
             s for s in series
-            if not self._re["exclude"].search(s.text) and not s.serves_no_role
-            and not self.is_flair(s) and self._t1_weighted(s)
+            if not self.excluded(s, exam) and not s.serves_no_role
+            and not self.is_flair(s, exam) and self._t1_weighted(s, exam)
         ]  # fmt: skip
 
     def contrast_evidence(self, series: Sequence[SeriesInfo]) -> dict[str, tuple[bool, str]]:
@@ -959,8 +1004,9 @@ class SeriesSelector:
         contrast often says so only in its description or by its timing, and must not win over the
         native one (:func:`ranked`).
         """
-        t1w = {s.series_instance_uid for s in self._t1_weighted_series(series)}
-        own = {s.series_instance_uid: self._own_contrast_evidence(s) for s in series}
+        exam = exam_protocols(series)
+        t1w = {s.series_instance_uid for s in self._t1_weighted_series(series, exam)}
+        own = {s.series_instance_uid: self._own_contrast_evidence(s, exam) for s in series}
         # Contrast given shows in any series that records it, T1 or not: a perfusion series, a
         # post-contrast FLAIR (and often only there). A description starts it only on a T1.
         given = [
@@ -985,20 +1031,23 @@ class SeriesSelector:
                 out[s.series_instance_uid] = (False, "no contrast attributes or description")
         return out
 
-    def _own_contrast_evidence(self, s: SeriesInfo) -> tuple[bool, str] | None:
+    def _own_contrast_evidence(self, s: SeriesInfo, exam: Collection[str]) -> tuple[bool, str] | None:
         """What a series says of itself: its Contrast/Bolus attributes, else its description (post- or
-        pre-contrast), else None."""
+        pre-contrast; or its own ProtocolName, not an exam-wide one of ``exam``), else None."""
         if s.contrast is not None:
             return (True, "contrast/bolus attributes") if s.contrast else (
                 False, "no contrast given (attributes)"
             )
-        if self.described_post_contrast(s):
-            return True, "description (no contrast attributes)"
-        if self._re["T1PRE"].search(s.text):
-            return False, "description (no contrast attributes)"
+        alone = replace(s, protocol="")  # which of its names said it, for the reason
+        if self.described_post_contrast(s, exam):
+            where = "description" if self.described_post_contrast(alone) else "ProtocolName"
+            return True, f"{where} (no contrast attributes)"
+        if self._says("T1PRE", s, exam):
+            where = "description" if self._says("T1PRE", alone, ()) else "ProtocolName"
+            return False, f"{where} (no contrast attributes)"
         return None
 
-    def is_t2(self, s: SeriesInfo) -> bool:
+    def is_t2(self, s: SeriesInfo, exam: Collection[str] = ()) -> bool:
         """Long TE, not inversion recovery, not echo-planar, not a gradient echo, or described as T2 without
         contradicting TE.
 
@@ -1006,24 +1055,25 @@ class SeriesSelector:
         echo is T2*-weighted: neither is the structural (turbo) spin-echo T2 the models were trained on.
         """
         te, ti = s.echo_time, s.inversion_time
-        if self.is_flair(s) or s.inversion_recovery or "EP" in s.scanning_sequence or s.gradient_echo:
+        if self.is_flair(s, exam) or s.inversion_recovery or "EP" in s.scanning_sequence or s.gradient_echo:
             return False
         if ti is not None and ti >= self.rules.flair_min_ti_ms:
             return False
         if te is not None:
             return te >= self.rules.t2_min_te_ms
-        return bool(self._re["T2"].search(s.text))
+        return self._says("T2", s, exam)
 
-    def matches(self, modality: str, s: SeriesInfo) -> bool:
-        """Whether series ``s`` may serve as ``modality`` (FLAIR, T1, T1GD, T2)."""
-        if self._re["exclude"].search(s.text):
+    def matches(self, modality: str, s: SeriesInfo, exam: Collection[str] = ()) -> bool:
+        """Whether series ``s`` may serve as ``modality`` (FLAIR, T1, T1GD, T2); ``exam``: the study's
+        exam-wide ProtocolNames (:func:`exam_protocols`), which are not the series' words."""
+        if self.excluded(s, exam):
             return False
         check = {"FLAIR": self.is_flair, "T1GD": self.is_t1gd, "T1": self.is_t1, "T2": self.is_t2}.get(
             modality
         )
         if check is None:
             raise SelectionError(f"modality {modality!r} is not one of FLAIR, T1, T1GD, T2")
-        return check(s)
+        return check(s, exam)
 
     def assign(
         self, series: Sequence[SeriesInfo], modalities: Sequence[str], reference: str | None = None
@@ -1038,20 +1088,21 @@ class SeriesSelector:
         """
         out = Assignment()
         taken: set[str] = set()
+        exam = exam_protocols(series)
         roles = self.t1_roles(series)
         evidence = self.contrast_evidence(series)
         given = {uid: flag for uid, (flag, _) in evidence.items()}
         order = [m for m in ("FLAIR", "T1GD", "T1", "T2") if m in modalities]
         order += [m for m in modalities if m not in order]
         lead = reference if reference in order else (order[0] if order else None)
-        out.refused = self._identity_refusals(series, lead, roles, given)
+        out.refused = self._identity_refusals(series, lead, roles, given, exam)
         for modality in order:
             matching = [
                 s
                 for s in series
                 if s.series_instance_uid not in taken
                 and not s.serves_no_role
-                and self._role_matches(modality, s, roles)
+                and self._role_matches(modality, s, roles, exam)
             ]
             candidates = [s for s in matching if s.series_instance_uid not in out.refused]
             for s in matching:
@@ -1088,6 +1139,7 @@ class SeriesSelector:
         lead: str | None,
         roles: Mapping[str, tuple[str, str]],
         given: Mapping[str, bool],
+        exam: Collection[str],
     ) -> dict[str, str]:
         """SeriesInstanceUID -> why it serves no role, for the series of another patient than the
         series ``lead`` ranks first, and for those whose own headers disagree (words, never values)."""
@@ -1102,7 +1154,7 @@ class SeriesSelector:
         leads = [
             s for s in series
             if s.series_instance_uid not in out and not s.serves_no_role
-            and self._role_matches(lead, s, roles)
+            and self._role_matches(lead, s, roles, exam)
         ]  # fmt: skip
         if not leads:
             return out
@@ -1135,8 +1187,9 @@ class SeriesSelector:
         roles = self.t1_roles(series)
         evidence = self.contrast_evidence(series)
         given = {uid: flag for uid, (flag, _) in evidence.items()}
+        exam = exam_protocols(series)
         out = [
-            {"series": s.label, "reason": self._why_not_used(s, assignment, roles, given, evidence)}
+            {"series": s.label, "reason": self._why_not_used(s, assignment, roles, given, evidence, exam)}
             for s in series
             if (s.series_instance_uid, s.echo, s.stack) not in used
         ]
@@ -1153,6 +1206,7 @@ class SeriesSelector:
         roles: Mapping[str, tuple[str, str]],
         given: Mapping[str, bool],
         evidence: Mapping[str, tuple[bool, str]],
+        exam: Collection[str],
     ) -> str:
         refused = assignment.refused.get(s.series_instance_uid)
         if refused is not None:
@@ -1162,10 +1216,10 @@ class SeriesSelector:
             return f"derived map (ImageType {kind}): serves no role"
         if s.special:
             return f"{s.special}: serves no role"
-        if self._re["exclude"].search(s.text):
-            return "excluded by its description (exclude_pattern): serves no role"
+        if excluded := self.excluded(s, exam):
+            return f"excluded by its {excluded} (exclude_pattern): serves no role"
         for modality in ("FLAIR", "T1GD", "T1", "T2"):
-            if not self._role_matches(modality, s, roles):
+            if not self._role_matches(modality, s, roles, exam):
                 continue
             chosen = assignment.chosen.get(modality)
             if chosen is None:
@@ -1180,13 +1234,15 @@ class SeriesSelector:
             return f"a {modality} candidate ranked below {chosen.label}: {why}"
         return "no role: not FLAIR, T1, T1GD or T2 by its attributes or description"
 
-    def _role_matches(self, modality: str, s: SeriesInfo, roles: Mapping[str, tuple[str, str]]) -> bool:
+    def _role_matches(
+        self, modality: str, s: SeriesInfo, roles: Mapping[str, tuple[str, str]], exam: Collection[str]
+    ) -> bool:
         if modality in ("T1", "T1GD"):
-            if self._re["exclude"].search(s.text):
+            if self.excluded(s, exam):
                 return False
             role = roles.get(s.series_instance_uid)
             return role is not None and role[0] == modality
-        return self.matches(modality, s)
+        return self.matches(modality, s, exam)
 
     def select(self, series: Sequence[SeriesInfo], modalities: Sequence[str]) -> dict[str, SeriesInfo]:
         """Choose one series per modality (see :meth:`assign`).

@@ -23,7 +23,7 @@ from db.transactions import SessionFactory, as_utc, utcnow
 from node.config import Destination
 from node.exceptions import ModelLoadError, SelectionError
 from node.runtime import ModelRuntime, check_device
-from node.selection import SeriesInfo, SeriesSelector, scan_series
+from node.selection import SeriesInfo, SeriesSelector, exam_protocols, scan_series, series_info
 from node.uids import validated_uid
 from tests.helpers.node import install_model, make_threshold_model
 from tests.helpers.peers import require_shared
@@ -598,6 +598,80 @@ def test_a_flair_after_contrast_by_its_description_or_timing_does_not_replace_th
     assert assignment.chosen["FLAIR"] is described
     assert assignment.reasons()["FLAIR"] == (
         "given contrast: description (no contrast attributes); no FLAIR candidate without contrast"
+    )
+
+
+def _ge_exam(protocol: str) -> list[SeriesInfo]:
+    """A GE tumour exam from the real GE header: ProtocolName is the exam's protocol-library name on every
+    series, as GE writes it; each series its own description and acquisition attributes."""
+    source = sorted(require_shared("dicom", "ge_t1_mprage_healthy").iterdir())[0]
+    sag = [0, 1, 0, 0, 0, -1]
+    series = [
+        ("Ax T2 FLAIR", "100500", 28, {"ScanningSequence": "SE\\IR", "RepetitionTime": 9000, "EchoTime": 120,
+                                       "InversionTime": 2500, "SliceThickness": 5}),
+        ("Ax T2 FSE", "101000", 28, {"ScanningSequence": "SE", "RepetitionTime": 5000, "EchoTime": 100,
+                                     "SliceThickness": 5}),
+        ("Ax T1 SE", "101500", 28, {"ScanningSequence": "SE", "RepetitionTime": 550, "EchoTime": 10,
+                                    "SliceThickness": 5}),
+        ("3D Ax T1 MP-RAGE_R22", "103000", 130, {}),  # the header's own series, after contrast here
+        ("Sag CUBE FLAIR", "103500", 160, {"ScanningSequence": "SE\\IR", "RepetitionTime": 6000,
+                                           "EchoTime": 110, "InversionTime": 1800, "iop": sag}),
+    ]  # fmt: skip
+    out = []
+    for description, time, slices, attrs in series:
+        ds = pydicom.dcmread(source, stop_before_pixels=True)
+        ds.SeriesInstanceUID, ds.SeriesDescription = pydicom.uid.generate_uid(), description
+        ds.ProtocolName = protocol
+        ds.AcquisitionTime = ds.SeriesTime = time
+        ds.ImageOrientationPatient = attrs.pop("iop", ds.ImageOrientationPatient)
+        if description != "3D Ax T1 MP-RAGE_R22":
+            ds.ScanOptions = "FAST_GEMS\\IR_GEMS" if "InversionTime" in attrs else "FAST_GEMS"
+            if "InversionTime" not in attrs:
+                del ds.InversionTime
+        for key, value in attrs.items():
+            setattr(ds, key, value)
+        if "SliceThickness" in attrs:  # 2D: 5 mm slices 6 mm apart
+            ds.SpacingBetweenSlices = 6
+        out.append(series_info(ds, [], slices))
+    out[3].description += " +C"  # post-contrast by its description alone, as GE names it
+    return out
+
+
+@pytest.mark.filterwarnings("ignore:The value length")  # the vendor series has an over-long SH
+def test_a_ge_exam_wide_protocol_name_neither_excludes_nor_sets_the_contrast_of_a_series() -> None:
+    """GE writes the exam's protocol-library name in ProtocolName on every series. "BRAIN TUMOR
+    PERFUSION" excluded every series (exclude_pattern "perfusion"), "W/WO CONTRAST" made every T1
+    pre-contrast, "WITH CONTRAST" every T1 post-contrast. A ProtocolName shared by series of different
+    descriptions is the exam's: the series' own description and attributes decide."""
+    selector = SeriesSelector()
+    for protocol in ("BRAIN TUMOR PERFUSION", "MR BRAIN W/WO CONTRAST", "MR BRAIN WITH CONTRAST",
+                     "Brain Advanced Sequences"):  # fmt: skip
+        flair_2d, t2, t1, mprage_post, flair_3d = series = _ge_exam(protocol)
+        assert exam_protocols(series) == {protocol.casefold()}
+        assignment = selector.assign(series, ["FLAIR", "T1", "T1GD", "T2"])
+        assert assignment.chosen == {"FLAIR": flair_3d, "T1GD": mprage_post, "T1": t1, "T2": t2}, protocol
+        assert assignment.basis["T1GD"] == "description (no contrast attributes)"
+        assert assignment.basis["T1"] == "no contrast attributes or description"
+        assert assignment.basis["FLAIR"] == (
+            "given contrast: acquired after a series given contrast (no contrast attributes or description)"
+        )
+        assert selector.not_used(series, assignment) == [
+            {"series": flair_2d.label,
+             "reason": f"a FLAIR candidate ranked below {flair_3d.label}: finer slices"},
+        ]  # fmt: skip
+    # A ProtocolName of one series (Siemens, Philips) is still its hint: excluded by it, and said so.
+    perfusion = _series("sequence 12", ProtocolName="ep2d_perfusion", **T2)
+    t2 = _series("AX T2", ProtocolName="AX T2", **T2)
+    assert exam_protocols([perfusion, t2]) == frozenset()
+    assignment = selector.assign([perfusion, t2], ["T2"])
+    assert assignment.chosen == {"T2": t2}
+    assert selector.not_used([perfusion, t2], assignment) == [
+        {"series": perfusion.label,
+         "reason": "excluded by its ProtocolName (exclude_pattern): serves no role"},
+    ]  # fmt: skip
+    post = _series("t1 se tra", ProtocolName="t1_se_tra_KM", **T1)
+    assert selector.contrast_evidence([post, t2])[post.series_instance_uid] == (
+        True, "ProtocolName (no contrast attributes)"
     )
 
 
