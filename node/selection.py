@@ -1006,13 +1006,29 @@ class SeriesSelector:
         """
         exam = exam_protocols(series)
         t1w = {s.series_instance_uid for s in self._t1_weighted_series(series, exam)}
-        own = {s.series_instance_uid: self._own_contrast_evidence(s, exam) for s in series}
+        # An agent on every series (entered at registration) tells no series from another: when the
+        # descriptions do, they and the timing decide, as in a study without the attributes.
+        everywhere = len(series) > 1 and all(s.contrast is True for s in series) and any(
+            self._described_contrast(s, exam) is not None for s in series
+        )
+        none = "contrast attributes on every series of the study" if everywhere else "no contrast attributes"
+        undecided = (
+            "contrast attributes on every series of the study, no description" if everywhere
+            else "no contrast attributes or description"
+        )  # fmt: skip
+        own = {
+            s.series_instance_uid: (
+                self._described_contrast(s, exam, none) if everywhere
+                else self._own_contrast_evidence(s, exam)
+            )
+            for s in series
+        }
         # Contrast given shows in any series that records it, T1 or not: a perfusion series, a
         # post-contrast FLAIR (and often only there). A description starts it only on a T1.
         given = [
             s.acquired for s in series
             if s.acquired is not None and (
-                s.contrast is True
+                (s.contrast is True and not everywhere)
                 or (s.series_instance_uid in t1w and (e := own[s.series_instance_uid]) is not None and e[0])
             )
         ]  # fmt: skip
@@ -1024,11 +1040,10 @@ class SeriesSelector:
                 out[s.series_instance_uid] = evidence
             elif first_given is not None and s.acquired is not None and s.acquired > first_given:
                 out[s.series_instance_uid] = (
-                    True,
-                    "acquired after a series given contrast (no contrast attributes or description)",
-                )
+                    True, f"acquired after a series given contrast ({undecided})"
+                )  # fmt: skip
             else:
-                out[s.series_instance_uid] = (False, "no contrast attributes or description")
+                out[s.series_instance_uid] = (False, undecided)
         return out
 
     def _own_contrast_evidence(self, s: SeriesInfo, exam: Collection[str]) -> tuple[bool, str] | None:
@@ -1038,13 +1053,21 @@ class SeriesSelector:
             return (True, "contrast/bolus attributes") if s.contrast else (
                 False, "no contrast given (attributes)"
             )
+        return self._described_contrast(s, exam)
+
+    def _described_contrast(
+        self, s: SeriesInfo, exam: Collection[str], attributes: str = "no contrast attributes"
+    ) -> tuple[bool, str] | None:
+        """What a series' description (or its own ProtocolName, not an exam-wide one of ``exam``) says:
+        post-contrast, pre-contrast, or None; ``attributes``: what its Contrast/Bolus attributes say, for
+        the basis."""
         alone = replace(s, protocol="")  # which of its names said it, for the reason
         if self.described_post_contrast(s, exam):
             where = "description" if self.described_post_contrast(alone) else "ProtocolName"
-            return True, f"{where} (no contrast attributes)"
+            return True, f"{where} ({attributes})"
         if self._says("T1PRE", s, exam):
             where = "description" if self._says("T1PRE", alone, ()) else "ProtocolName"
-            return False, f"{where} (no contrast attributes)"
+            return False, f"{where} ({attributes})"
         return None
 
     def is_t2(self, s: SeriesInfo, exam: Collection[str] = ()) -> bool:

@@ -108,6 +108,51 @@ def test_pre_and_post_contrast_t1_by_contrast_attributes_whatever_the_descriptio
         assert missing == ["T1GD"], attrs
 
 
+def test_an_agent_entered_at_registration_on_every_series_does_not_make_the_native_t1_post_contrast() -> None:
+    """The agent entered at registration: every series of the study carries ContrastBolusAgent, so it
+    tells no series from another. The native MPRAGE (described "nativ") became the T1GD over the real
+    post-contrast T1 SE, the study had no T1, and the FLAIR and T2 were "given contrast". The descriptions
+    and the timing decide then, as in a study without the attributes."""
+    source = sorted(require_shared("dicom", "siemens_t1_fl2d_sag_healthy").iterdir())[0]
+
+    def series(description: str, time: str, slices: int, **attrs: object) -> SeriesInfo:
+        ds = pydicom.dcmread(source, stop_before_pixels=True)
+        ds.SeriesInstanceUID = pydicom.uid.generate_uid()
+        ds.SeriesDescription = ds.ProtocolName = description
+        ds.AcquisitionTime = ds.SeriesTime = time
+        ds.ContrastBolusAgent = "Gadovist"
+        for key, value in attrs.items():
+            setattr(ds, key, value)
+        return series_info(ds, [], slices)
+
+    native = series("t1_mprage_sag_p2_iso_nativ", "100000", 176, ScanningSequence="GR\\IR",
+                    SequenceVariant="SK\\SP\\MP", RepetitionTime=2300, EchoTime=2.3, InversionTime=900,
+                    SliceThickness=1)  # fmt: skip
+    flair = series("t2_tirm_tra_dark-fluid", "100500", 28, ScanningSequence="SE\\IR", RepetitionTime=9000,
+                   EchoTime=81, InversionTime=2500, SliceThickness=5,
+                   ImageOrientationPatient=[1, 0, 0, 0, 1, 0])  # fmt: skip
+    t2 = series("t2_tse_tra", "101000", 28, ScanningSequence="SE", RepetitionTime=5000, EchoTime=100,
+                SliceThickness=5, ImageOrientationPatient=[1, 0, 0, 0, 1, 0])  # fmt: skip
+    post = series("t1_se_tra_KM", "104000", 28, ScanningSequence="SE", RepetitionTime=550, EchoTime=10,
+                  SliceThickness=5, ImageOrientationPatient=[1, 0, 0, 0, 1, 0])  # fmt: skip
+    study = [native, flair, t2, post]
+    selector = SeriesSelector()
+    assignment = selector.assign(study, ["FLAIR", "T1", "T1GD", "T2"])
+    assert assignment.chosen == {"FLAIR": flair, "T1GD": post, "T1": native, "T2": t2}
+    assert assignment.basis == {
+        "T1GD": "description (contrast attributes on every series of the study)",
+        "T1": "description (contrast attributes on every series of the study)",
+    }  # no "given contrast" on the FLAIR or the T2
+    assert selector.assign(study, ["T1GD"]).chosen == {"T1GD": post}
+    # A series after the post-contrast one, described neither way, is post-contrast by its timing.
+    late = series("t1_mprage_sag_p2_iso", "104500", 176, ScanningSequence="GR\\IR", EchoTime=2.3,
+                  RepetitionTime=2300, InversionTime=900, SliceThickness=1)  # fmt: skip
+    assert selector.contrast_evidence([*study, late])[late.series_instance_uid] == (
+        True, "acquired after a series given contrast (contrast attributes on every series of the study, "
+        "no description)"
+    )
+
+
 def test_a_t1_without_attributes_acquired_after_contrast_is_post_contrast() -> None:
     """Contrast stays for the rest of the examination: a T1 series without Contrast/Bolus attributes
     of its own, acquired after one that has them, is post-contrast; one acquired before is native."""
