@@ -168,17 +168,17 @@ class QCSettings:
     # leaves room for the largest gliomas and catches a model outlining the whole brain (~100 %)
     # or a hemisphere (~50 %).
     max_tumour_share_percent: float = 30.0
-    # Tumour (mL) within 3 mm of the first or last slice of a series covering a whole brain's height
-    # (120 mm) where its brain is cut (tumour_within_coverage) up to which the study is still sent: a few
-    # voxels there (bright CSF or vessel inflow at the skull base of a 2D FLAIR whose brain mask reaches
-    # its last slice) are not a tumour cut by the series. A slab (under 120 mm) gets no allowance: one
+    # Tumour (mL) within 3 mm of the skull-base (lowest) slice of an axial series covering a whole brain's
+    # height (120 mm), its brain cut there alone (tumour_within_coverage), up to which the study is still
+    # sent: a few voxels there (bright CSF or vessel inflow at the skull base of a 2D FLAIR whose brain mask
+    # reaches its last slice) are not a tumour cut by the series. A slab (under 120 mm) gets no allowance: one
     # grazing a large tumour's pole has a fraction of a mL at its cut and most of the tumour outside. Measured
-    # with the shipped model and brain extractor on its validation cases BraTS2021_00005 and _00006
-    # written as 5 mm axial FLAIR slabs of 11-14 slices cut at 6-90 % of the tumour's height: 2.1-17.0 mL
-    # within the margin (the truth's 2.6-17.3 mL; 1.6-132 mL missed); a slab reaching 3 % into the
-    # tumour: 0 mL called at the cut (truth 0.25-0.62 mL). Bright 5 x 5 pixel spots (1.3 x the 99.9th
-    # percentile) on the two lowest slices of a series starting at the skull base: nothing called. One
-    # voxel of a 5 mm series is ~5 uL: 0.5 mL is ~100 of them, a quarter of the smallest cut seen.
+    # with the shipped model and brain extractor on its validation cases BraTS2021_00005 and _00006 written as
+    # 5 mm axial FLAIR slabs of 11-14 slices cut at 6-90 % of the tumour's height: 2.1-17.0 mL within the
+    # margin (the truth's 2.6-17.3 mL; 1.6-132 mL missed); a slab reaching 3 % into the tumour: 0 mL called at
+    # the cut (truth 0.25-0.62 mL). Bright 5 x 5 pixel spots (1.3 x the 99.9th percentile) on the two lowest
+    # slices of a series starting at the skull base: nothing called. One voxel of a 5 mm series is ~5 uL: 0.5
+    # mL is ~100 of them, a quarter of the smallest cut seen.
     max_tumour_at_cut_ml: float = 0.5
     # Slices of the (thinnest-covered) series: 8 x 6 mm still under half a brain's height.
     min_slices: int = 8

@@ -466,6 +466,7 @@ def quality_check(
     report = qc.check(
         kept, brain, voxel_ml, slices, settings,
         head=head, removed_voxels=removed, spacing_mm=reference.spacing,
+        slice_direction=[float(v) for v in reference.slice_direction],
     )  # fmt: skip
     return Checked(labels=np.asarray(kept, dtype=np.uint8), report=report)
 

@@ -34,9 +34,10 @@ Rules and where their limits come from (defaults in ``[qc]`` of node.toml, node/
 * ``tumour_within_coverage``: where the series' field of view cuts the brain, no tumour lies within
   :data:`EDGE_MARGIN_MM` of that face (tumour on the face's plane always counts). A tumour that
   reaches the cut goes on beyond the series: its volume is incomplete and the study is held rather
-  than an underestimated volume sent. A slab that holds the whole tumour passes. One exception: a
-  series covering a whole brain's height (:data:`WHOLE_BRAIN_MM`) cut only at its first or last slice
-  (a clinical axial series ending at the skull base) may have up to ``max_tumour_at_cut_ml`` there:
+  than an underestimated volume sent. A slab that holds the whole tumour passes. One exception: an
+  axial series (slice normal within 45 degrees of head-foot) covering a whole brain's height
+  (:data:`WHOLE_BRAIN_MM`) cut only at its skull-base slice (:func:`skull_base_face`; a clinical axial
+  series ending at the foramen magnum) may have up to ``max_tumour_at_cut_ml`` there:
   bright CSF or vessel inflow on the entry slices of a 2D FLAIR called tumour, not a tumour cut by the
   series (the shipped model's real cut tumours had 2.1-17 mL there; figures in node/config.py). A
   slab gets no such allowance: one grazing the pole of a large tumour has a fraction of a mL at its cut
@@ -387,15 +388,17 @@ def rule_tumour_within_coverage(
     *,
     voxel_ml: float = 0.0,
     max_edge_ml: float = 0.0,
+    skull_base: tuple[int, int] | None = None,
 ) -> RuleResult:
     """No tumour within ``margin_mm`` of a face where the series' field of view cuts the brain
     (``faces``, :func:`cut_faces`); ``edge_voxels``: the tumour voxels there (None: no brain mask),
-    ``voxel_ml`` the volume of one. Up to ``max_edge_ml`` is allowed only where the series covers a
-    whole brain's height and is cut at its first or last slice alone (:func:`_edge_allowance`)."""
+    ``voxel_ml`` the volume of one. Up to ``max_edge_ml`` is allowed only where an axial series covers a
+    whole brain's height and is cut at its skull-base slice alone (``skull_base``, :func:`skull_base_face`;
+    :func:`_edge_allowance`)."""
     name = "tumour_within_coverage"
     if edge_voxels is None:
         return RuleResult(name, NOT_CHECKED, {}, "no brain mask, or no brain found")
-    max_edge_ml = _edge_allowance(faces, coverage_mm, max_edge_ml)
+    max_edge_ml = _edge_allowance(faces, coverage_mm, max_edge_ml, skull_base)
     edge_ml = edge_voxels * voxel_ml
     figures: dict[str, float | int] = {"cut_faces": len(faces), "edge_voxels": int(edge_voxels),
                                        "edge_ml": _r(edge_ml), "max_edge_ml": _r(max_edge_ml),
@@ -424,12 +427,27 @@ def rule_tumour_within_coverage(
     return RuleResult(name, PASSED, figures, f"tumour inside the series' coverage; {where}")
 
 
-def _edge_allowance(faces: Sequence[tuple[int, int]], coverage_mm: float | None, max_edge_ml: float) -> float:
-    """``max_edge_ml`` for a series covering at least :data:`WHOLE_BRAIN_MM` whose brain is cut at its
-    first or last slice only (the skull base of an axial series, where a 2D FLAIR's inflow is bright);
-    else 0: at a slab's cut, or a row or column edge, any tumour is a tumour cut by the series."""
+def skull_base_face(slice_direction: Sequence[float] | None) -> tuple[int, int] | None:
+    """The slice face (axis 0, end) at the feet's side of an axial series: ``slice_direction`` is the
+    unit vector (LPS) from one slice to the next; None when it is more than 45 degrees from head-foot
+    (a sagittal or coronal series) or unknown."""
+    if slice_direction is None or abs(float(slice_direction[2])) < np.sqrt(0.5):
+        return None
+    return (0, 0) if float(slice_direction[2]) > 0 else (0, 1)  # +z (S) onwards: the first is lowest
+
+
+def _edge_allowance(
+    faces: Sequence[tuple[int, int]],
+    coverage_mm: float | None,
+    max_edge_ml: float,
+    skull_base: tuple[int, int] | None,
+) -> float:
+    """``max_edge_ml`` for an axial series covering at least :data:`WHOLE_BRAIN_MM` whose brain is cut at
+    its skull-base slice only (where a 2D FLAIR's inflow is bright); else 0: at a slab's cut, at both
+    ends, at a row or column edge, or across a sagittal or coronal series (120 mm is a brain's height,
+    not its length), any tumour is a tumour cut by the series."""
     whole_height = coverage_mm is not None and coverage_mm >= WHOLE_BRAIN_MM
-    return max_edge_ml if whole_height and all(axis == 0 for axis, _ in faces) else 0.0
+    return max_edge_ml if whole_height and skull_base is not None and list(faces) == [skull_base] else 0.0
 
 
 def edge_voxels(
@@ -517,6 +535,7 @@ def check(
     head: npt.NDArray[np.bool_] | None = None,
     removed_voxels: int = 0,
     spacing_mm: Sequence[float] | None = None,
+    slice_direction: Sequence[float] | None = None,
 ) -> QCReport:
     """Run every rule on a result.
 
@@ -540,6 +559,9 @@ def check(
     spacing_mm:
         (slice, row, column) spacing of the grid in mm: the series' coverage along its slice normal
         and the margin of ``tumour_within_coverage`` (coverage not reported, edge planes only, when None).
+    slice_direction:
+        Unit vector (LPS) from one slice to the next: which end of an axial series is its skull base,
+        where ``tumour_within_coverage`` allows ``max_tumour_at_cut_ml`` (none when None).
     """
     tumour_ml = float(np.count_nonzero(labels)) * voxel_ml
     brain_ml = None if brain is None else float(np.count_nonzero(brain)) * voxel_ml
@@ -567,7 +589,8 @@ def check(
             removed_voxels, predicted, voxel_ml, brain is not None, settings.max_outside_share_percent
         ),
         rule_tumour_within_coverage(
-            at_edge, faces, coverage_mm, voxel_ml=voxel_ml, max_edge_ml=settings.max_tumour_at_cut_ml
+            at_edge, faces, coverage_mm, voxel_ml=voxel_ml, max_edge_ml=settings.max_tumour_at_cut_ml,
+            skull_base=skull_base_face(slice_direction),
         ),
     ]
     figures: dict[str, float | int | None] = {

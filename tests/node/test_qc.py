@@ -348,9 +348,10 @@ def test_a_tumour_reaching_the_cut_of_a_partial_series_fails(brain: npt.NDArray[
 def test_a_few_tumour_voxels_at_the_skull_base_cut_do_not_hold_the_study(
     brain: npt.NDArray[np.bool_],
 ) -> None:
-    """A clinical axial series ending at the skull base (the brain mask on its last slice, 120+ mm
-    covered) with a few voxels of bright inflow there called tumour: under max_tumour_at_cut_ml (0.5 mL)
-    it passes, with the figure in its message; a tumour cut there (over it) is still held."""
+    """A clinical axial series ending at the skull base (the brain mask on its last slice, the lowest,
+    120+ mm covered) with a few voxels of bright inflow there called tumour: under max_tumour_at_cut_ml
+    (0.5 mL) it passes, with the figure in its message; a tumour cut there (over it) is still held."""
+    down = (0.0, 0.0, -1.0)  # LPS: each slice lower than the one before, the last at the skull base
     base = brain[:70]  # the brain cut on its last slice; 70 x 2 mm = 140 mm
     assert (0, 1) in qc.cut_faces(base)
     tumour = (ellipsoid((15.0, 15.0, 15.0), centre_mm=(-40.0, 10.0, 0.0)) & brain)[:70]
@@ -358,7 +359,9 @@ def test_a_few_tumour_voxels_at_the_skull_base_cut_do_not_hold_the_study(
     for spots, status in [(20, qc.PASSED), (62, qc.PASSED), (63, qc.FAILED), (400, qc.FAILED)]:
         labels = labels_of(tumour)
         labels[-1].ravel()[last[:spots]] = 1  # 8 uL each: 0.16, 0.496, 0.504 and 3.2 mL
-        report = qc.check(labels, base, VOXEL_ML, 70, QCSettings(), spacing_mm=(2.0, 2.0, 2.0))
+        report = qc.check(
+            labels, base, VOXEL_ML, 70, QCSettings(), spacing_mm=(2.0, 2.0, 2.0), slice_direction=down
+        )
         rule = report.by_name("tumour_within_coverage")
         assert rule.status == status, (spots, rule.message)
         assert rule.figures["edge_ml"] == pytest.approx(spots * VOXEL_ML, abs=1e-3)
@@ -367,10 +370,30 @@ def test_a_few_tumour_voxels_at_the_skull_base_cut_do_not_hold_the_study(
         assert report.passed == (status == qc.PASSED), report.reason()
     # The limit is the [qc] setting's.
     strict = qc.check(labels_of(tumour) | (np.arange(70) == 69)[:, None, None] & base, base, VOXEL_ML, 70,
-                      QCSettings(max_tumour_at_cut_ml=0.0), spacing_mm=(2.0, 2.0, 2.0))  # fmt: skip
+                      QCSettings(max_tumour_at_cut_ml=0.0), spacing_mm=(2.0, 2.0, 2.0),
+                      slice_direction=down)  # fmt: skip
     assert strict.by_name("tumour_within_coverage").status == qc.FAILED
-    # The allowance is for a whole-height series' end slice only: the same 20 voxels (0.16 mL) at the cut
-    # of a 100 mm slab, or where the field of view cuts the brain at its last row, hold the study.
+    # The allowance is for an axial whole-height series' skull-base slice only: the same 20 voxels
+    # (0.16 mL) at that slice when it is the top one (the vertex), when the series is sagittal or coronal
+    # (140 mm across is no brain's length: a frontal tumour may go on beyond it) or of unknown direction,
+    # or when the brain is cut at both ends, hold the study.
+    inflow = labels_of(tumour)
+    inflow[-1].ravel()[last[:20]] = 1
+    both_ends = brain[20:80]  # 120 mm, the brain cut at both ends
+    assert qc.cut_faces(both_ends)[:2] == [(0, 0), (0, 1)]
+    at_both = np.zeros(both_ends.shape, dtype=np.uint8)
+    at_both[-1].ravel()[np.flatnonzero(both_ends[-1].ravel())[:20]] = 1
+    for mask, labels, direction in [
+        (base, inflow, (0.0, 0.0, 1.0)), (base, inflow, (1.0, 0.0, 0.0)), (base, inflow, (0.0, 1.0, 0.0)),
+        (base, inflow, None), (both_ends, at_both, down),
+    ]:  # fmt: skip
+        report = qc.check(
+            labels, mask, VOXEL_ML, mask.shape[0], QCSettings(), spacing_mm=(2.0, 2.0, 2.0),
+            slice_direction=direction,
+        )  # fmt: skip
+        rule = report.by_name("tumour_within_coverage")
+        assert rule.status == qc.FAILED and rule.figures["max_edge_ml"] == 0.0, (direction, rule.message)
+    # Nor at the cut of a 100 mm slab, or where the field of view cuts the brain at its last row.
     slab = brain[20:70]
     edge_rows = np.zeros(brain.shape[1], dtype=bool)
     edge_rows[: int(np.flatnonzero(brain.any(axis=(0, 2))).mean())] = True
@@ -384,7 +407,10 @@ def test_a_few_tumour_voxels_at_the_skull_base_cut_do_not_hold_the_study(
         plane = np.zeros(mask[tuple(index)].size, dtype=np.uint8)
         plane[np.flatnonzero(mask[tuple(index)])[:20]] = 1
         labels[tuple(index)] = plane.reshape(mask[tuple(index)].shape)
-        report = qc.check(labels, mask, VOXEL_ML, mask.shape[0], QCSettings(), spacing_mm=(2.0, 2.0, 2.0))
+        report = qc.check(
+            labels, mask, VOXEL_ML, mask.shape[0], QCSettings(), spacing_mm=(2.0, 2.0, 2.0),
+            slice_direction=down,
+        )  # fmt: skip
         rule = report.by_name("tumour_within_coverage")
         assert rule.status == qc.FAILED and rule.figures["max_edge_ml"] == 0.0, (mask.shape, rule.message)
 
