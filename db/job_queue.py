@@ -41,6 +41,7 @@ import os
 import socket
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, literal, select, update
@@ -603,8 +604,8 @@ def release_job(
     JobNotFoundError
         No job with ``job_id``.
     JobStateError
-        The job is not in ``review``, a later run of its study supersedes it, or its result lists no
-        outputs.
+        The job is not in ``review``, a later run of its study supersedes it, its result lists no
+        outputs, or an output file is gone (nothing is queued then).
     """
     now = now or utcnow()
     with writing(sf) as s:
@@ -625,6 +626,13 @@ def release_job(
         outputs = [OutputObject(o["path"], o["sop_instance_uid"]) for o in result.get("outputs") or []]
         if not outputs:
             raise JobStateError(f"job {job_id} has no outputs to send; retry it without --send-anyway")
+        missing = [o.path for o in outputs if not Path(o.path).is_file()]
+        if missing:  # queued, their sends would fail "cannot read the file" on every try, for good
+            raise JobStateError(
+                f"job {job_id}: {len(missing)} of its {len(outputs)} outputs are gone ({missing[0]}); "
+                "nothing was sent. A retry of the study's latest run analyses it again while its instances "
+                "are in the spool (`segnode jobs list`); else send the study again"
+            )
         changed = s.execute(
             update(NodeJob)
             .where(NodeJob.id == job_id, NodeJob.status == "review")
@@ -888,13 +896,17 @@ def held_job_count(sf: SessionFactory) -> int:
     them): results held by a check, waiting for an administrator to release (``segnode jobs retry ID
     --send-anyway``) or retry them. A superseded held job stays in ``review`` for good and is not
     counted: nothing can be done with it, and its study's later run stands for the study."""
+    with sf() as s:
+        return int(s.scalar(select(func.count(NodeJob.id)).where(held_for_release())) or 0)
+
+
+def held_for_release() -> Any:
+    """A where-clause on :class:`NodeJob`: the job is in ``review`` and no later run of its study
+    supersedes it, so that :func:`release_job` may still send its outputs. What :func:`held_job_count`
+    counts, and what keeps a study's files and outputs from spool retention (db/retention.py)."""
     later = aliased(NodeJob)
     superseded = select(later.id).where(_supersedes(later, NodeJob.study_id, NodeJob.run))
-    with sf() as s:
-        return int(
-            s.scalar(select(func.count(NodeJob.id)).where(NodeJob.status == "review", ~superseded.exists()))
-            or 0
-        )
+    return (NodeJob.status == "review") & ~superseded.exists()
 
 
 @database_errors

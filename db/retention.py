@@ -10,7 +10,9 @@ Two rules, each with its own cut-off:
   the failed cut-off, so that ``segnode jobs retry`` had that long to use the files.
 
 Either way the study is not pending, no instance of it arrived since the cut-off and no run of it is
-queued or running. A study held for review (``review``) or with a send still pending keeps its files.
+queued or running. A study with a job held for review (``review``) that no later run supersedes
+(:func:`db.job_queue.held_for_release`, which ``segnode jobs retry ID --send-anyway`` may still send,
+even when a later run failed or was skipped), or with a send still pending, keeps its files.
 The node (node/spool_retention.py) finds the studies (:func:`removable_studies`, a read), then per
 study takes it out of use in one transaction (:func:`begin_removal`: checked again, its instance rows
 marked not kept, so a ``segnode jobs retry`` accepted since is seen and one arriving after is refused),
@@ -29,6 +31,7 @@ from datetime import datetime
 from sqlalchemy import delete, exists, select, update
 from sqlalchemy.orm import Session
 
+from db.job_queue import held_for_release
 from db.node_tables import NodeInstance, NodeJob, NodeSend, NodeStudy
 from db.transactions import SessionFactory, as_utc, database_errors, writing
 
@@ -69,6 +72,8 @@ def _removable(s: Session, study: NodeStudy, cutoffs: dict[str, datetime | None]
     ).all()
     if not jobs or any(job.status in ("queued", "running") for job in jobs):
         return None
+    if s.scalar(select(NodeJob.id).where(NodeJob.study_id == study.id, held_for_release()).limit(1)):
+        return None  # a held result an administrator may still send: its outputs must stay
     latest = jobs[0]
     cutoff = cutoffs.get(latest.status)
     finished = as_utc(latest.finished_at)

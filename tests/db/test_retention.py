@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from db import instances, job_queue, send_queue
+from db.exceptions import JobStateError
 from db.retention import removable_studies
 from db.transactions import SessionFactory, utcnow
 
@@ -110,3 +111,53 @@ def test_a_latest_run_that_sent_nothing_again_waits_for_the_earlier_runs_deliver
     send_queue.mark_sent(sf, send.id)
     (study_found,) = removable_studies(sf, start + timedelta(hours=DELIVERED_HOURS + 1))
     assert study_found.job_id == second and len(study_found.paths) == 3
+
+
+def _next_run(sf: SessionFactory, n: int, status: str, ended: datetime, **finish: Any) -> int:
+    """A later run of study ``n`` (see :func:`_study`): one more instance received, its job ended
+    ``status`` at ``ended``."""
+    study = f"1.2.826.0.1.3680043.8.498.{n}"
+    late = instances.ReceivedInstance(
+        sop_instance_uid=f"{study}.2.{ended.timestamp():.0f}", sop_class_uid="1.2.840.10008.5.1.4.1.1.4",
+        study_instance_uid=study, series_instance_uid=f"{study}.2",
+        kept=True, path=f"/spool/{study}/{study}.2/late.dcm", calling_ae="PACS",
+    )  # fmt: skip
+    instances.record_instances(sf, [late], now=ended - timedelta(minutes=5))
+    assert len(instances.schedule_due_studies(sf, 10, now=ended - timedelta(minutes=4))) == 1
+    job_id = job_queue.claim_job(sf, now=ended - timedelta(minutes=3))
+    assert job_id is not None
+    assert job_queue.finish_job(sf, job_id, status=status, now=ended, **finish)
+    return job_id
+
+
+def test_a_held_result_keeps_its_study_when_a_later_run_failed_and_is_not_released_once_its_outputs_go(
+    sf: SessionFactory, tmp_path: Path
+) -> None:
+    """Run 1 held by QC, run 2 of the same study skipped: the failed rule removed the spool and run 1's
+    SEG and SR after failed_keep_hours, while /healthz still counted run 1 held; `segnode jobs retry 1
+    --send-anyway` was then accepted and its sends failed "cannot read the file" for ever. The study
+    stays while its held job can be released; a release whose outputs are gone is refused."""
+    start = utcnow() - timedelta(days=30)
+    seg = tmp_path / "seg.dcm"
+    seg.write_bytes(b"x")
+    output = [job_queue.OutputObject(str(seg), "1.2.3.9")]
+    pacs = [SimpleNamespace(name="pacs", ae_title="PACS", host="127.0.0.1", port=11112)]
+    result = {"outputs": [{"path": str(seg), "sop_instance_uid": "1.2.3.9"}]}
+    held = _study(sf, 1, "review", start, reason="qc series_slices", result=result, outputs=output)
+    _next_run(sf, 1, "skipped", start + timedelta(hours=1), reason="no usable FLAIR")
+    assert job_queue.held_job_count(sf) == 1
+    assert _removable(sf, utcnow() + timedelta(days=3650)) == {}
+
+    seg.unlink()  # gone all the same (removed by hand, or by the node before this fix)
+    with pytest.raises(JobStateError, match=f"job {held}: 1 of its 1 outputs are gone .*nothing was sent"):
+        job_queue.release_job(sf, held, by="admin", destinations=pacs)
+    info = job_queue.get_job(sf, held)
+    assert info.status == "review" and info.sends == []
+
+    # A later run that delivered supersedes the held one: nothing can send it, the study may go.
+    done = _next_run(sf, 1, "done", start + timedelta(hours=2), outputs=output, destinations=pacs)
+    for send in send_queue.due_sends(sf, now=utcnow()):
+        send_queue.mark_sent(sf, send.id)
+    assert job_queue.held_job_count(sf) == 0
+    found = removable_studies(sf, utcnow(), utcnow())
+    assert [(s.job_id, len(s.paths)) for s in found] == [(done, 4)]

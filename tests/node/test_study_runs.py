@@ -289,9 +289,13 @@ def _finish(
     digest: str,
     status: str = "done",
     reason: str = "",
+    out_dir: Path | None = None,
 ) -> None:
-    """End ``job`` with one output, sent to ``to`` (``review``: held, nothing sent)."""
-    out = job_queue.OutputObject(f"/o/{job}.dcm", f"9.{job}")
+    """End ``job`` with one output, sent to ``to`` (``review``: held, nothing sent); its file written
+    in ``out_dir`` when given (a release sends only outputs whose files are there)."""
+    out = job_queue.OutputObject(f"{out_dir or '/o'}/{job}.dcm", f"9.{job}")
+    if out_dir is not None:
+        Path(out.path).write_bytes(b"SEG")
     outputs = [{"path": out.path, "sop_instance_uid": out.sop_instance_uid}]
     result = {"inputs_digest": digest, "outputs": outputs}
     assert job_queue.finish_job(
@@ -374,7 +378,7 @@ def test_the_last_sent_run_is_the_latest_run_not_the_last_to_queue_sends(sqlite_
     assert verdict == (f"inputs unchanged since job {second}; results not sent again", [])
 
 
-def test_a_held_run_is_not_sent_anyway_once_a_later_run_supersedes_it(sqlite_sf: Any) -> None:
+def test_a_held_run_is_not_sent_anyway_once_a_later_run_supersedes_it(sqlite_sf: Any, tmp_path: Path) -> None:
     """Run 1 (6 of 12 slices) was held by QC, run 2 (all 12) sent; `segnode jobs retry 1 --send-anyway`
     then sent the partial result, which the PACS got last. A held run is not released while a later
     run of its study is running or once one ended done; a later run held too or failed, nothing sent,
@@ -401,7 +405,7 @@ def test_a_held_run_is_not_sent_anyway_once_a_later_run_supersedes_it(sqlite_sf:
     assert job_queue.get_job(sf, held).status == "review" and job_queue.get_job(sf, held).sends == []
 
     again, attempt = _claimed_run(sf, 3)
-    _finish(sf, again, attempt, pacs, "other", status="review", reason="qc brain_volume")
+    _finish(sf, again, attempt, pacs, "other", status="review", reason="qc brain_volume", out_dir=tmp_path)
     failed, attempt = _claimed_run(sf, 4)
     _finish(sf, failed, attempt, [], "", status="failed", reason="an unreadable series")
     assert job_queue.held_job_count(sf) == 1  # run 3, still to be released; run 1 superseded for good
