@@ -4,8 +4,9 @@ Two rules, each with its own cut-off:
 
 * **delivered**: the study's latest run's job is ``done`` (a job held for review counts once an
   administrator released it) and finished before the delivered cut-off, and every send of that job is
-  done (of the latest done run that queued sends, when that job sent nothing again because its inputs
-  were unchanged);
+  done, or refused and dismissed by an administrator (of the latest done run that queued sends, when
+  that job sent nothing again because its inputs were unchanged); a send refused and not dismissed
+  keeps the study as a pending one does, for ``segnode jobs retry``;
 * **failed or skipped**: the latest run's job ended ``failed`` or ``skipped`` (nothing was sent) before
   the failed cut-off, so that ``segnode jobs retry`` had that long to use the files.
 
@@ -37,6 +38,8 @@ from db.transactions import SessionFactory, as_utc, database_errors, writing
 
 #: Latest-run job states whose study may leave the spool under the failed cut-off.
 UNSENT_END_STATES: tuple[str, ...] = ("failed", "skipped")
+#: Send states of a result not delivered: on its way, or refused for good and not dismissed.
+UNDELIVERED_SEND_STATES: tuple[str, ...] = ("pending", "refused")
 
 
 @dataclass(frozen=True)
@@ -51,8 +54,11 @@ class RemovableStudy:
     instance_ids: tuple[int, ...]
     #: Spool paths of its kept instances (ignored instances have none).
     paths: tuple[str, ...]
-    #: Its jobs (every run) with no send pending: their outputs (SEG, SR, preview) may go too.
+    #: Its jobs (every run) with no send pending or refused: their outputs (SEG, SR, preview) may go too.
     finished_job_ids: tuple[int, ...] = ()
+    #: For a ``done`` study, what became of its result: ``delivered`` (every send acknowledged) or
+    #: ``dismissed`` (a destination refused it and an administrator dismissed the refusal); empty else.
+    delivery: str = ""
 
 
 def _cutoffs(delivered_before: datetime | None, failed_before: datetime | None) -> dict[str, datetime | None]:
@@ -79,16 +85,21 @@ def _removable(s: Session, study: NodeStudy, cutoffs: dict[str, datetime | None]
     finished = as_utc(latest.finished_at)
     if cutoff is None or finished is None or finished >= cutoff or received >= cutoff:
         return None  # not ended long enough ago, or instances came after this rule's cut-off
-    pending = NodeSend.status == "pending"  # a send refused for good will not be tried again
+    # A send refused for good is not tried again, but its result was not delivered: the study stays
+    # for `segnode jobs retry` until an administrator dismisses the refusal (`segnode jobs dismiss`).
+    undelivered = NodeSend.status.in_(UNDELIVERED_SEND_STATES)
     of_study = NodeSend.job_id.in_([j.id for j in jobs])
-    sending = set(s.scalars(select(NodeSend.job_id).where(of_study, pending)).all())
+    sending = set(s.scalars(select(NodeSend.job_id).where(of_study, undelivered)).all())
+    delivery = ""
     if latest.status == "done":
         # A latest run over unchanged inputs sent nothing again (node/pipeline.py): the study's result
         # is that of the last run with sends queued, which may still be on its way.
         queued = set(s.scalars(select(NodeSend.job_id).where(of_study)).all())
         delivering = next((j.id for j in jobs if j.status == "done" and j.id in queued), latest.id)
         if delivering in sending:
-            return None  # not delivered yet
+            return None  # not delivered yet, or refused and not dismissed
+        dismissed = select(NodeSend.id).where(NodeSend.job_id == delivering, NodeSend.status == "dismissed")
+        delivery = "dismissed" if s.scalar(dismissed.limit(1)) is not None else "delivered"
     rows = s.execute(
         select(NodeInstance.id, NodeInstance.path)
         .where(NodeInstance.study_instance_uid == study.study_instance_uid)
@@ -104,6 +115,7 @@ def _removable(s: Session, study: NodeStudy, cutoffs: dict[str, datetime | None]
         instance_ids=tuple(int(i) for i, _ in rows),
         paths=tuple(str(p) for _, p in rows if p),
         finished_job_ids=tuple(sorted(j.id for j in jobs if j.id not in sending)),
+        delivery=delivery,
     )
 
 

@@ -192,9 +192,9 @@ def refused_send_count(sf: SessionFactory) -> int:
 def dismiss_refused_sends(sf: SessionFactory, job_id: int, *, by: str, reason: str = "") -> int:
     """Mark the sends of ``job_id`` a destination refused for good ``dismissed``: an administrator has
     dealt with them otherwise (sent by hand, the destination was wrong), and they no longer count as
-    undelivered (:func:`refused_send_count`). The way out for a job that cannot be retried (its study
-    has left the spool). Each keeps its refusal in ``last_error``, after who dismissed it and why.
-    Returns how many were dismissed.
+    undelivered (:func:`refused_send_count`). The way out for a job that is not to be retried, or cannot
+    be (not its study's latest run); spool retention keeps the study until then. Each keeps its
+    refusal in ``last_error``, after who dismissed it and why. Returns how many were dismissed.
 
     Raises
     ------

@@ -1,14 +1,15 @@
 """Spool retention: a study's received files leave the spool ``[node] spool_keep_hours`` after its
-result was delivered, or ``[node] failed_keep_hours`` after its analysis failed or was skipped, so that
-the spool does not grow until the free-disk floor refuses every PACS. The outputs of its jobs (SEG, SR,
-preview under the jobs directory) go with them, except those of a run with a send still pending.
+result was delivered (or its refusal dismissed), or ``[node] failed_keep_hours`` after its analysis failed
+or was skipped, so that the spool does not grow until the free-disk floor refuses every PACS. The
+outputs of its jobs (SEG, SR, preview under the jobs directory) go with them, except those of a run
+with a send still pending or refused.
 
 Which studies qualify is the database's call (:func:`db.retention.removable_studies`: result done and
 every send acknowledged, or the latest run failed or skipped; nothing received since, no run queued or
-running); held studies and studies with a send pending keep their files. Each study is checked again
-and taken out of use (its rows marked) in one transaction first, so that a retry accepted meanwhile
-keeps its files; then files are removed, rows forgotten last, and only paths inside the spool are
-ever touched.
+running); held studies and studies with a send pending or refused (not dismissed) keep their files.
+Each study is checked again and taken out of use (its rows marked) in one transaction first, so that
+a retry accepted meanwhile keeps its files; then files are removed, rows forgotten last, and only
+paths inside the spool are ever touched.
 """
 
 from __future__ import annotations
@@ -84,6 +85,15 @@ def remove_job_outputs(job_ids: Iterable[int], jobs_dir: Path) -> int:
     return removed
 
 
+def _what(study: retention.RemovableStudy) -> str:
+    """What became of a removed study's result, for its log line."""
+    if study.status != "done":
+        return f"{study.status} (no result sent) in job {study.job_id}"
+    if study.delivery == "dismissed":
+        return f"done in job {study.job_id}, its result refused by a destination and the refusal dismissed,"
+    return f"delivered by job {study.job_id}"
+
+
 def _cutoff(now: datetime, keep_hours: float) -> datetime | None:
     return None if keep_hours <= 0 else now - timedelta(hours=keep_hours)
 
@@ -128,9 +138,8 @@ def apply_retention(
         if metrics is not None:
             metrics.spool_removed.labels(study.status).inc(removed)
         hours = (stamp - study.finished_at).total_seconds() / 3600
-        what = "delivered by job" if study.status == "done" else f"{study.status} (no result sent) in job"
         logger.info(
-            "spool retention: study %s %s %d %.0f h ago: %d files removed, outputs of %d job(s)",
-            study.study_instance_uid, what, study.job_id, hours, removed, outputs,
+            "spool retention: study %s %s %.0f h ago: %d files removed, outputs of %d job(s)",
+            study.study_instance_uid, _what(study), hours, removed, outputs,
         )
     return total

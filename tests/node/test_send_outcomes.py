@@ -402,9 +402,9 @@ def test_a_send_refused_for_good_shows_in_jobs_list_metrics_and_healthz_until_re
     list has its sends by state, /metrics a segnode_refused_sends gauge and /healthz the count (still
     200: a restart would not help), and a retry of the job supersedes the refused send.
 
-    A refused send whose study has left the spool cannot be retried, so it counted for good (an alert
-    on the gauge could only be silenced): `segnode jobs dismiss` acknowledges it, it ends
-    ``dismissed`` with who and why before its refusal, and no longer counts."""
+    `segnode jobs dismiss` acknowledges a refused send (sent by hand): it ends ``dismissed`` with who
+    and why before its refusal, and no longer counts. Until then spool retention keeps its study (a
+    retry needs it); once dismissed the study may leave, and a retry is then refused."""
     pacs = _pacs(pacs_factory, sop_classes={COMPREHENSIVE_SR})  # no SEG Storage: the SEG is refused
     job = _done_job(sf, tmp_path, 1, pacs)
     gone = _done_job(sf, tmp_path, 2, pacs)  # its study leaves the spool below
@@ -415,16 +415,18 @@ def test_a_send_refused_for_good_shows_in_jobs_list_metrics_and_healthz_until_re
     config.write_text(f'[database]\nurl = "{url}"\n')
 
     study = job_queue.get_job(sf, gone).study_instance_uid
-    removal = retention.begin_removal(sf, study, delivered_before=utcnow() + timedelta(hours=1))
-    assert removal is not None and retention.forget_instances(sf, removal.instance_ids) == 1
-    code, _, err = run_cli(["jobs", "retry", str(gone), "--config", str(config)], capsys, monkeypatch)
-    assert code == 2 and "no longer in the spool" in err
+    # Not delivered: spool retention keeps the study for a retry until the refusal is dismissed.
+    assert retention.begin_removal(sf, study, delivered_before=utcnow() + timedelta(hours=1)) is None
     dismiss = ["jobs", "dismiss", str(gone), "--config", str(config)]
     dismiss += ["--by", "ops", "--reason", "sent by hand"]
     with caplog.at_level(logging.INFO, logger="db.send_queue"):
         code, out, err = run_cli(dismiss, capsys, monkeypatch)
     assert (code, out.strip()) == (0, f"job {gone}: 1 refused sends dismissed by ops"), err
     assert f"job {gone}: 1 refused sends dismissed by ops" in caplog.text
+    removal = retention.begin_removal(sf, study, delivered_before=utcnow() + timedelta(hours=1))
+    assert removal is not None and retention.forget_instances(sf, removal.instance_ids) == 1
+    code, _, err = run_cli(["jobs", "retry", str(gone), "--config", str(config)], capsys, monkeypatch)
+    assert code == 2 and "no longer in the spool" in err
     seg = _sends(sf, gone)["seg.dcm"]
     assert seg.status == "dismissed"
     assert seg.last_error.startswith("dismissed by ops: sent by hand; refused: not accepted by the")

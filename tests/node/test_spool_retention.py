@@ -282,3 +282,38 @@ def test_a_retry_accepted_after_the_pass_listed_its_study_keeps_the_files_and_on
     claimed = job_queue.claim_job(sqlite_sf)
     assert claimed == retried
     assert job_queue.job_instance_paths(sqlite_sf, retried) == [str(p) for p in kept_files]
+
+
+def test_a_refused_result_keeps_its_study_until_the_refusal_is_dismissed(
+    tmp_path: Path, case: Case, model_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The destination refused the SEG and SR for good (0xC000): spool retention took the study for
+    delivered after spool_keep_hours, removed its files and outputs and logged "delivered by job 1",
+    and `segnode jobs retry`, which /healthz advises, was then refused. The study stays until the
+    refusal is dismissed, and the log line then says so."""
+    catcher = CatchingSCP(status=0xC000).start(free_port())  # the PACS cannot understand the objects
+    node = _node(tmp_path, model_dir, catcher.port)
+    node.sender.max_refusals = 1
+    node.start()
+    try:
+        study = write_study(case, tmp_path / "study", modalities=["FLAIR"])
+        _send(node, study)
+        job = _finished(node, study)
+        assert job.status == "done"
+        wait_until(lambda: send_queue.refused_send_count(node.sf) == 2, 60, "both sends refused")
+        outputs = node.settings.node.jobs_path() / str(job.id)
+
+        assert node.apply_retention(now=utcnow() + timedelta(days=3650)) == 0
+        assert len(_spooled(node, study)) == SHAPE[2] and (outputs / "attempt-1" / "seg.dcm").is_file()
+        assert job_queue.retry_job(node.sf, job.id).status == "queued"  # what /healthz advises
+        wait_until(lambda: send_queue.refused_send_count(node.sf) == 2, 60, "the retry's sends refused")
+
+        assert send_queue.dismiss_refused_sends(node.sf, job.id, by="admin", reason="sent by hand") == 2
+        with caplog.at_level(logging.INFO, logger="node.spool_retention"):
+            assert node.apply_retention(now=utcnow() + timedelta(hours=KEEP_HOURS + 1)) == SHAPE[2]
+        assert not outputs.exists() and not _spooled(node, study)
+        line = f"study {study.study_instance_uid} done in job {job.id}, its result refused by a destination"
+        assert line in caplog.text and "delivered" not in caplog.text
+    finally:
+        node.stop()
+        catcher.stop()
