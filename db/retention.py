@@ -6,7 +6,9 @@ Two rules, each with its own cut-off:
   administrator released it) and finished before the delivered cut-off, and every send of that job is
   done, or refused and dismissed by an administrator (of the latest done run that queued sends, when
   that job sent nothing again because its inputs were unchanged); a send refused and not dismissed
-  keeps the study as a pending one does, for ``segnode jobs retry``;
+  keeps the study as a pending one does, for ``segnode jobs retry``. A study none of whose runs queued
+  a send (no ``[[destinations]]``) leaves by this rule too, but the outputs of its ``done`` runs stay
+  in the jobs directory: they are the only copy of its result;
 * **failed or skipped**: the latest run's job ended ``failed`` or ``skipped`` (nothing was sent) before
   the failed cut-off, so that ``segnode jobs retry`` had that long to use the files.
 
@@ -54,10 +56,12 @@ class RemovableStudy:
     instance_ids: tuple[int, ...]
     #: Spool paths of its kept instances (ignored instances have none).
     paths: tuple[str, ...]
-    #: Its jobs (every run) with no send pending or refused: their outputs (SEG, SR, preview) may go too.
+    #: Its jobs (every run) with no send pending or refused: their outputs (SEG, SR, preview) may go too;
+    #: not those of its ``done`` runs when none of its runs queued a send (their only copy).
     finished_job_ids: tuple[int, ...] = ()
-    #: For a ``done`` study, what became of its result: ``delivered`` (every send acknowledged) or
-    #: ``dismissed`` (a destination refused it and an administrator dismissed the refusal); empty else.
+    #: For a ``done`` study, what became of its result: ``delivered`` (every send acknowledged),
+    #: ``dismissed`` (a destination refused it and an administrator dismissed the refusal) or ``unsent``
+    #: (no run queued a send: no destinations; its outputs stay); empty else.
     delivery: str = ""
 
 
@@ -90,11 +94,16 @@ def _removable(s: Session, study: NodeStudy, cutoffs: dict[str, datetime | None]
     undelivered = NodeSend.status.in_(UNDELIVERED_SEND_STATES)
     of_study = NodeSend.job_id.in_([j.id for j in jobs])
     sending = set(s.scalars(select(NodeSend.job_id).where(of_study, undelivered)).all())
+    queued = set(s.scalars(select(NodeSend.job_id).where(of_study)).all())
+    # No run of the study queued a send (no [[destinations]]): its done runs' outputs are the only copy
+    # of its result, which the node said stays in the jobs directory; only the spool files go.
+    only_copies = set() if queued else {j.id for j in jobs if j.status == "done"}
     delivery = ""
-    if latest.status == "done":
+    if latest.status == "done" and not queued:
+        delivery = "unsent"
+    elif latest.status == "done":
         # A latest run over unchanged inputs sent nothing again (node/pipeline.py): the study's result
         # is that of the last run with sends queued, which may still be on its way.
-        queued = set(s.scalars(select(NodeSend.job_id).where(of_study)).all())
         delivering = next((j.id for j in jobs if j.status == "done" and j.id in queued), latest.id)
         if delivering in sending:
             return None  # not delivered yet, or refused and not dismissed
@@ -114,7 +123,7 @@ def _removable(s: Session, study: NodeStudy, cutoffs: dict[str, datetime | None]
         finished_at=finished,
         instance_ids=tuple(int(i) for i, _ in rows),
         paths=tuple(str(p) for _, p in rows if p),
-        finished_job_ids=tuple(sorted(j.id for j in jobs if j.id not in sending)),
+        finished_job_ids=tuple(sorted(j.id for j in jobs if j.id not in sending | only_copies)),
         delivery=delivery,
     )
 

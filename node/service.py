@@ -220,7 +220,9 @@ class NodeService:
             logger.warning("%s; received studies wait queued", self.runtime.last_error)
         if not self.settings.destinations:
             logger.warning(
-                "no [[destinations]] configured: results stay in %s", self.settings.node.jobs_path()
+                "no [[destinations]] configured: results stay in %s until removed by hand (spool "
+                "retention removes the received files, not these)",
+                self.settings.node.jobs_path(),
             )
         self.scp.start()
         if self.settings.node.receivers > 1:

@@ -2,7 +2,9 @@
 result was delivered (or its refusal dismissed), or ``[node] failed_keep_hours`` after its analysis failed
 or was skipped, so that the spool does not grow until the free-disk floor refuses every PACS. The
 outputs of its jobs (SEG, SR, preview under the jobs directory) go with them, except those of a run
-with a send still pending or refused.
+with a send still pending or refused, and those of its done runs when none of its runs queued a send
+(no ``[[destinations]]``: the jobs directory holds the only copy of its result, kept until removed by
+hand).
 
 Which studies qualify is the database's call (:func:`db.retention.removable_studies`: result done and
 every send acknowledged, or the latest run failed or skipped; nothing received since, no run queued or
@@ -89,6 +91,8 @@ def _what(study: retention.RemovableStudy) -> str:
     """What became of a removed study's result, for its log line."""
     if study.status != "done":
         return f"{study.status} (no result sent) in job {study.job_id}"
+    if study.delivery == "unsent":
+        return f"done in job {study.job_id}, nothing sent (no destination), its outputs kept,"
     if study.delivery == "dismissed":
         return f"done in job {study.job_id}, its result refused by a destination and the refusal dismissed,"
     return f"delivered by job {study.job_id}"

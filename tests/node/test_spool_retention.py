@@ -317,3 +317,35 @@ def test_a_refused_result_keeps_its_study_until_the_refusal_is_dismissed(
     finally:
         node.stop()
         catcher.stop()
+
+
+def test_without_destinations_the_spool_files_go_and_the_results_stay(
+    tmp_path: Path, case: Case, model_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No [[destinations]]: the node said at start that results stay in its jobs directory, but spool
+    retention took the study for delivered and removed its SEG and SR, their only copy, after
+    spool_keep_hours. The received files go; the outputs of its done run stay."""
+    settings = node_settings(tmp_path, free_port(), [])
+    settings.node.spool_keep_hours = KEEP_HOURS
+    node = NodeService(settings)
+    install_model(node.registry, model_dir)
+    node.start()
+    try:
+        study = write_study(case, tmp_path / "study", modalities=["FLAIR"])
+        _send(node, study)
+        job = _finished(node, study)
+        assert job.status == "done" and job.sends == []
+        outputs = settings.node.jobs_path() / str(job.id)
+        written = sorted(p.name for p in outputs.rglob("*.*"))
+        assert {"seg.dcm", "sr.dcm", "preview.png"} <= set(written)
+
+        with caplog.at_level(logging.INFO, logger="node.spool_retention"):
+            assert node.apply_retention(now=utcnow() + timedelta(hours=KEEP_HOURS + 1)) == SHAPE[2]
+        assert not _spooled(node, study) and not (node.scp.spool_dir / study.study_instance_uid).exists()
+        assert sorted(p.name for p in outputs.rglob("*.*")) == written
+        assert f"study {study.study_instance_uid} done in job {job.id}, nothing sent (no destination)" in (
+            caplog.text
+        )
+        assert "delivered" not in caplog.text
+    finally:
+        node.stop()
