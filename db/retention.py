@@ -216,3 +216,30 @@ def forget_instances(sf: SessionFactory, instance_ids: tuple[int, ...]) -> int:
             result = s.execute(delete(NodeInstance).where(NodeInstance.id.in_(chunk)))
             deleted += int(getattr(result, "rowcount", 0) or 0)
     return deleted
+
+
+@database_errors
+def forget_ignored_instances(sf: SessionFactory, received_before: datetime, limit: int = 1000) -> int:
+    """Delete up to ``limit`` rows of instances the node acknowledged without keeping them (a SOP class
+    it does not process, a CT routed to it: node/scp.py ``_ignore``; no file, no study row, no job)
+    received before ``received_before``; returns how many were deleted, oldest first.
+
+    Nothing reads these rows but the duplicate count of a resend (one sent again after its row went
+    counts as ignored again): without this, a PACS routing every study to the node grows the table
+    without bound. A row that spool retention marked not kept still has its path and is left to it
+    (:func:`begin_removal`).
+    """
+    with writing(sf) as s:
+        ids = s.scalars(
+            select(NodeInstance.id)
+            .where(
+                NodeInstance.kept.is_(False),
+                NodeInstance.path.is_(None),
+                NodeInstance.received_at < as_utc(received_before),
+            )
+            .order_by(NodeInstance.id)
+            .limit(limit)
+        ).all()
+        if ids:
+            s.execute(delete(NodeInstance).where(NodeInstance.id.in_(ids)))
+    return len(ids)

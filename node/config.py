@@ -56,7 +56,9 @@ class NodeSettings:
     # every send acknowledged; node/spool_retention.py). 0: kept for ever (until the disk floor).
     spool_keep_hours: float = 168.0
     # A study whose latest run failed or was skipped (nothing was sent: no FLAIR, an unreadable series)
-    # leaves the spool this long after that run ended: time for `segnode jobs retry`. 0: kept for ever.
+    # leaves the spool this long after that run ended: time for `segnode jobs retry`. The rows of
+    # instances acknowledged and not kept (non-MR, no file) are forgotten this long after they arrived.
+    # 0: kept for ever.
     failed_keep_hours: float = 720.0
     inference_device: str = "CPU"
     workers: int = 1

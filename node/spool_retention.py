@@ -34,6 +34,8 @@ logger = logging.getLogger(__name__)
 RETENTION_CHECK_SECONDS = 300.0
 #: A spool write's temporary file older than this was left by a killed process (node/spool.py).
 STALE_TEMPORARY_SECONDS = 3600.0
+#: Rows of ignored (not kept) instances deleted per statement, and statements per pass.
+IGNORED_BATCH, IGNORED_BATCHES_PER_PASS = 1000, 10
 
 
 def _remove_stale_temporaries(directory: Path) -> None:
@@ -87,6 +89,21 @@ def remove_job_outputs(job_ids: Iterable[int], jobs_dir: Path) -> int:
     return removed
 
 
+def forget_ignored(sf: SessionFactory, received_before: datetime) -> int:
+    """Forget the rows of instances acknowledged and not kept (non-MR) received before
+    ``received_before``, in batches, at most :data:`IGNORED_BATCHES_PER_PASS` per pass; returns how
+    many rows were deleted."""
+    forgotten = 0
+    for _ in range(IGNORED_BATCHES_PER_PASS):
+        batch = retention.forget_ignored_instances(sf, received_before, IGNORED_BATCH)
+        forgotten += batch
+        if batch < IGNORED_BATCH:
+            break
+    if forgotten:
+        logger.info("spool retention: %d rows of ignored (not kept) instances forgotten", forgotten)
+    return forgotten
+
+
 def _what(study: retention.RemovableStudy) -> str:
     """What became of a removed study's result, for its log line."""
     if study.status != "done":
@@ -119,11 +136,14 @@ def apply_retention(
     accepted since the list was read keeps the study's files and one arriving after is refused. With
     ``jobs_dir``, the outputs of those studies' jobs that have no send pending are removed, then the
     spool files, then the rows are forgotten (a crash in between leaves the marked rows: the next pass
-    repeats it)."""
+    repeats it). The rows of instances acknowledged and not kept (non-MR) are forgotten
+    ``failed_keep_hours`` after they arrived (:func:`forget_ignored`)."""
     stamp = now or utcnow()
     delivered_before, failed_before = _cutoff(stamp, keep_hours), _cutoff(stamp, failed_keep_hours)
     if delivered_before is None and failed_before is None:
         return 0
+    if failed_before is not None:
+        forget_ignored(sf, failed_before)
     total = 0
     for found in retention.removable_studies(sf, delivered_before, failed_before):
         # Checked again and taken out of use in one transaction: a `segnode jobs retry` (or an

@@ -161,3 +161,37 @@ def test_a_held_result_keeps_its_study_when_a_later_run_failed_and_is_not_releas
     assert job_queue.held_job_count(sf) == 0
     found = removable_studies(sf, utcnow(), utcnow())
     assert [(s.job_id, len(s.paths)) for s in found] == [(done, 4)]
+
+
+def test_rows_of_ignored_instances_are_forgotten_in_batches_once_old(migrated_db_url: str) -> None:
+    """A PACS routing CT to the node: each instance is acknowledged and recorded not kept, with no file
+    (node/scp.py _ignore), and nothing ever deleted those rows. They go once received before the
+    cut-off, oldest first, ``limit`` per call; rows spool retention marked (their path still set) and
+    kept ones stay."""
+    from db.retention import forget_ignored_instances
+    from db.session import make_engine, make_session_factory
+
+    sf = make_session_factory(make_engine(migrated_db_url))
+    start = utcnow() - timedelta(days=60)
+
+    def row(uid: str, kept: bool, path: str | None) -> instances.ReceivedInstance:
+        return instances.ReceivedInstance(
+            sop_instance_uid=uid, sop_class_uid="1.2.840.10008.5.1.4.1.1.2", study_instance_uid="1.2.3",
+            series_instance_uid="1.2.3.4", kept=kept, path=path, calling_ae="PACS",
+        )  # fmt: skip
+
+    for i in range(5):
+        instances.record_instances(sf, [row(f"1.2.3.4.{i}", False, None)], now=start + timedelta(hours=i))
+    instances.record_instances(sf, [row("1.2.3.4.9", False, "/spool/1.2.3/1.2.3.4/9.dcm")], now=start)
+    instances.record_instances(sf, [row("1.2.3.4.8", True, "/spool/1.2.3/1.2.3.4/8.dcm")], now=start)
+    instances.record_instances(sf, [row("1.2.3.4.7", False, None)], now=utcnow())
+    assert instances.instance_counts(sf)["ignored"] == 7
+
+    cutoff = start + timedelta(days=1)
+    assert forget_ignored_instances(sf, cutoff, limit=2) == 2
+    assert forget_ignored_instances(sf, cutoff, limit=2) == 2
+    assert forget_ignored_instances(sf, cutoff, limit=2) == 1
+    assert forget_ignored_instances(sf, cutoff, limit=2) == 0
+    counts = instances.instance_counts(sf)
+    assert (counts["ignored"], counts["kept"]) == (2, 1)  # the marked row and the recent one
+    assert instances.instance_kept(sf, "1.2.3.4.8")

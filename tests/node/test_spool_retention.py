@@ -349,3 +349,35 @@ def test_without_destinations_the_spool_files_go_and_the_results_stay(
         assert "delivered" not in caplog.text
     finally:
         node.stop()
+
+
+def test_rows_of_ignored_ct_instances_leave_with_the_failed_rule(
+    served: tuple[NodeService, CatchingSCP], case: Case, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A PACS routing a CT study to the node: acknowledged, not kept, one row each that no pass ever
+    deleted. A pass forgets them failed_keep_hours after they arrived, in bounded batches."""
+    import pydicom
+    from pydicom.uid import CTImageStorage, generate_uid
+
+    node, _ = served
+    study = write_study(case, tmp_path / "mr", modalities=["FLAIR"])
+    ct_study, ct_series, ct = generate_uid(), generate_uid(), []
+    for n, path in enumerate(p for fs in study.files.values() for p in fs):
+        ds = pydicom.dcmread(path)
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.Modality, ds.StudyInstanceUID, ds.SeriesInstanceUID = "CT", ct_study, ct_series
+        ds.save_as(tmp_path / f"ct{n}.dcm")
+        ct.append(tmp_path / f"ct{n}.dcm")
+    assert {status for _, status, _ in store_files(ct, "127.0.0.1", node.scp.port, "SEGNODE", "PACS")} == {0}
+    assert instances.instance_counts(node.sf)["ignored"] == SHAPE[2]
+
+    assert node.apply_retention(now=utcnow() + timedelta(hours=FAILED_KEEP_HOURS - 1)) == 0
+    assert instances.instance_counts(node.sf)["ignored"] == SHAPE[2]
+    monkeypatch.setattr(spool_retention, "IGNORED_BATCH", 5, raising=False)
+    monkeypatch.setattr(spool_retention, "IGNORED_BATCHES_PER_PASS", 2, raising=False)
+    later = utcnow() + timedelta(hours=FAILED_KEEP_HOURS + 1)
+    node.apply_retention(now=later)
+    assert instances.instance_counts(node.sf)["ignored"] == SHAPE[2] - 10  # two batches of five
+    node.apply_retention(now=later)
+    assert instances.instance_counts(node.sf)["ignored"] == 0
