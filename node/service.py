@@ -37,7 +37,12 @@ from node.runtime import BrainExtractorRuntime, ModelRuntime, check_device
 from node.scp import StorageSCP
 from node.selection import SeriesSelector, series_info
 from node.sender import Sender, client_tls_context
-from node.spool_retention import RETENTION_CHECK_SECONDS, apply_retention
+from node.spool_retention import (
+    RETENTION_CHECK_SECONDS,
+    STALE_SWEEP_SECONDS,
+    apply_retention,
+    sweep_stale_temporaries,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -279,6 +284,7 @@ class NodeService:
         poll = self.settings.node.poll_seconds
         last_stale_check = time.monotonic()
         last_retention = time.monotonic() - RETENTION_CHECK_SECONDS  # a first pass at start
+        last_sweep = time.monotonic() - STALE_SWEEP_SECONDS  # and a first sweep
         outage = _Outage()
         while not self._stop.is_set():
             busy = False
@@ -291,6 +297,9 @@ class NodeService:
                 if time.monotonic() - last_retention > RETENTION_CHECK_SECONDS:
                     last_retention = time.monotonic()
                     self.apply_retention()
+                if time.monotonic() - last_sweep > STALE_SWEEP_SECONDS:
+                    last_sweep = time.monotonic()
+                    sweep_stale_temporaries(self.scp.spool_dir)
             except DatabaseUnavailableError as exc:  # one line per outage, not a traceback per poll
                 outage.failed("worker", exc, poll)
             except Exception:  # the worker must survive anything and retry

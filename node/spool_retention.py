@@ -34,6 +34,8 @@ logger = logging.getLogger(__name__)
 RETENTION_CHECK_SECONDS = 300.0
 #: A spool write's temporary file older than this was left by a killed process (node/spool.py).
 STALE_TEMPORARY_SECONDS = 3600.0
+#: Seconds between two sweeps of the whole spool for such files (:func:`sweep_stale_temporaries`).
+STALE_SWEEP_SECONDS = 6 * 3600.0
 #: Rows of ignored (not kept) instances deleted per statement, and statements per pass.
 IGNORED_BATCH, IGNORED_BATCHES_PER_PASS = 1000, 10
 
@@ -47,6 +49,43 @@ def _remove_stale_temporaries(directory: Path) -> None:
                 tmp.unlink()
         except FileNotFoundError:
             pass
+
+
+def sweep_stale_temporaries(spool_dir: Path) -> int:
+    """Delete the temporary files killed processes left anywhere in the spool (over
+    :data:`STALE_TEMPORARY_SECONDS` old), and the series and study directories that leaves empty;
+    returns how many were deleted.
+
+    :func:`remove_spooled` removes those beside the files of a study it removes, but one in a series or
+    study with no recorded instance (the process was killed writing its first file) has no row that
+    would lead a pass there, and stayed for ever. The node sweeps at start and every
+    :data:`STALE_SWEEP_SECONDS`: a walk of the whole spool, too long for every pass."""
+    root = spool_dir.resolve()
+    cutoff = time.time() - STALE_TEMPORARY_SECONDS
+    removed = 0
+    emptied: set[Path] = set()
+    for folder, _, names in os.walk(root):
+        for name in names:
+            if not (name.startswith(".") and name.endswith(".tmp")):
+                continue
+            tmp = Path(folder) / name
+            try:
+                if tmp.lstat().st_mtime < cutoff:
+                    tmp.unlink()
+                    removed += 1
+                    emptied.add(Path(folder))
+            except FileNotFoundError:
+                pass
+    for directory in sorted(emptied, key=lambda p: len(p.parts), reverse=True):
+        while directory != root and directory.is_relative_to(root):
+            try:
+                os.rmdir(directory)  # only when empty: a file received meanwhile keeps its directory
+            except OSError:
+                break
+            directory = directory.parent
+    if removed:
+        logger.info("spool retention: %d temporary files left by killed processes removed", removed)
+    return removed
 
 
 def remove_spooled(paths: Iterable[str], spool_dir: Path) -> int:

@@ -381,3 +381,32 @@ def test_rows_of_ignored_ct_instances_leave_with_the_failed_rule(
     assert instances.instance_counts(node.sf)["ignored"] == SHAPE[2] - 10  # two batches of five
     node.apply_retention(now=later)
     assert instances.instance_counts(node.sf)["ignored"] == 0
+
+
+def test_the_node_sweeps_stale_temporaries_that_no_study_leads_to(
+    tmp_path: Path, model_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A receiver killed while writing the first file of a series (or of a study) left a temporary file
+    with no instance row: a pass removes temporaries only beside the files of a study it removes, so
+    this one, and its directories, stayed for ever. The node sweeps the whole spool at start."""
+    node = _node(tmp_path, model_dir, free_port())
+    spool = node.scp.spool_dir
+    kept = spool / "1.2.3" / "1.2.3.1" / "1.dcm"
+    lone_series = spool / "1.2.3" / "1.2.3.2" / ".5.dcm.1.2.tmp"
+    lone_study = spool / "1.2.9" / "1.2.9.1" / ".7.dcm.1.2.tmp"
+    fresh = spool / "1.2.8" / "1.2.8.1" / ".8.dcm.1.2.tmp"  # being written now
+    for path in (kept, lone_series, lone_study, fresh):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+    hour_ago = time.time() - spool_retention.STALE_TEMPORARY_SECONDS - 60
+    for path in (lone_series, lone_study):
+        os.utime(path, (hour_ago, hour_ago))
+    with caplog.at_level(logging.INFO, logger="node.spool_retention"):
+        node.start()
+        try:
+            wait_until(lambda: not lone_series.exists() and not lone_study.exists(), 30, "the sweep")
+        finally:
+            node.stop()
+    assert not lone_series.parent.exists() and not (spool / "1.2.9").exists()
+    assert kept.is_file() and fresh.is_file()
+    assert "2 temporary files left by killed processes removed" in caplog.text
