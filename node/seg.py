@@ -95,7 +95,7 @@ def card_texts(card: Mapping[str, Any]) -> list[str]:
 
 #: What a result that failed a QC check says first in its SeriesDescription: the node held it, and it
 #: left only when an administrator released it after review (``segnode jobs retry ID --send-anyway``).
-QC_FAILED_MARKER = "QC FAILED - reviewed: "
+QC_FAILED_MARKER = "QC FAILED: "
 #: SeriesDescription is LO (PS3.5 6.2): at most 64 characters.
 DESCRIPTION_MAX = 64
 
@@ -119,12 +119,22 @@ def run_series(
 
 
 def fit_description(prefix: str, description: str, suffix: str) -> str:
-    """``prefix + description + suffix`` within :data:`DESCRIPTION_MAX` characters: the prefix and
-    suffix whole, the description without "segnode, " (the Manufacturer says it) when it would not
-    fit, then cut at its end."""
+    """``prefix + description + suffix`` within :data:`DESCRIPTION_MAX` characters, the prefix, the
+    suffix and the description's closing parenthesis (the disclaimer "not for diagnosis alone") whole.
+    When it would not fit, the description loses "segnode, " (the Manufacturer says it), then "AI ",
+    then the words of its title from the end."""
     room = DESCRIPTION_MAX - len(prefix) - len(suffix)
+    for drop in ("segnode, ", "AI "):
+        if len(description) > room:
+            description = description.replace(drop, "", 1)
     if len(description) > room:
-        description = description.replace("segnode, ", "")
+        title, paren, rest = description.partition(" (")
+        if paren:
+            disclaimer = paren + rest
+            words = title.split()
+            while words and len(" ".join(words)) + len(disclaimer) > room:
+                words.pop()
+            description = " ".join(words) + disclaimer if words else disclaimer.lstrip()
     return f"{prefix}{description[:room]}{suffix}"
 
 

@@ -34,10 +34,11 @@ from db.node_tables import NodeInstance
 from node import dimse
 from node.config import Destination
 from node.preview import COLOURS, render_preview
-from node.seg import build_seg
+from node.seg import SERIES_DESCRIPTION, build_seg, run_series
 from node.selection import SeriesSelector, series_info
 from node.sender import store_files
 from node.spool import spool_path
+from node.sr import SR_SERIES_DESCRIPTION
 from tests.helpers.node import CatchingSCP, make_threshold_model, node_settings, running_node
 from tests.helpers.peers import require_program
 from tests.helpers.ports import free_port
@@ -698,3 +699,23 @@ def test_seg_warm_up_loads_highdicoms_tables_before_the_first_seg() -> None:
         loader.cache_clear()
     warm_up()
     assert all(loader.cache_info().currsize == 1 for loader in loaders)
+
+
+@pytest.mark.parametrize("description", [SERIES_DESCRIPTION, SR_SERIES_DESCRIPTION])
+def test_an_outputs_description_keeps_its_marker_what_it_is_and_its_disclaimer(description: str) -> None:
+    """A result released after failing QC, in a re-run and a retry at once: the description fits LO's 64
+    characters with the QC marker, "(not for diagnosis alone)", the run and retry whole, and still says
+    whether it is the SEG or the volume (up to 9 runs and 9 retries)."""
+    what = description.split(" (")[0].split()[-1]  # SEG, VOLUME
+    for run in range(1, 13):
+        for resend in range(0, 4):
+            for failed in (False, True):
+                number, text = run_series(9901, description, run, resend=resend, qc_failed=failed)
+                assert len(text) <= 64, text
+                assert text.count("not for diagnosis alone)") == 1, text
+                assert text.startswith("QC FAILED: ") == failed, text
+                suffix = (f" run {run}" if run > 1 else "") + (f" retry {resend}" if resend else "")
+                assert text.endswith(suffix), text
+                if run <= 9:
+                    assert what in text, text
+                assert number == 9901 + 10 * (run - 1) + 1000 * resend

@@ -181,7 +181,7 @@ def test_a_result_released_after_failing_qc_says_so_in_its_seg_and_sr(tmp_path: 
     """A result QC held and an administrator released reached the PACS looking exactly like one that
     passed: the usual series descriptions, and nothing in the SR about the failed check (a
     tumour_within_coverage failure, an incomplete volume, went out as a whole one). Its SEG's and SR's
-    SeriesDescription now begin "QC FAILED - reviewed", and the SR names each failed rule with its
+    SeriesDescription now begin "QC FAILED", and the SR names each failed rule with its
     message in a Qualitative Evaluations container that dsr2html shows."""
     import subprocess
 
@@ -206,8 +206,8 @@ def test_a_result_released_after_failing_qc_says_so_in_its_seg_and_sr(tmp_path: 
     finally:
         catcher.stop()
     [seg], [sr] = catcher.of_modality("SEG"), catcher.of_modality("SR")
-    assert seg.SeriesDescription == "QC FAILED - reviewed: AI TUMOUR SEG (not for diagnosis alone)"
-    assert sr.SeriesDescription == "QC FAILED - reviewed: AI TUMOUR VOLUME (not for diagnosis alone)"
+    assert seg.SeriesDescription == "QC FAILED: AI TUMOUR SEG (segnode, not for diagnosis alone)"
+    assert sr.SeriesDescription == "QC FAILED: AI TUMOUR VOLUME (segnode, not for diagnosis alone)"
     assert (int(seg.SeriesNumber), int(sr.SeriesNumber)) == (9901, 9902)
     [evaluations] = [
         item for item in sr.ContentSequence if item.ConceptNameCodeSequence[0].CodeValue == "C0034375"
