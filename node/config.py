@@ -19,6 +19,7 @@ import os
 import re
 import ssl
 import tomllib
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -445,14 +446,18 @@ def _build_destinations(raw: Any, where: str) -> list[Destination]:
     return out
 
 
-def _apply_env(settings: Settings, env: dict[str, str]) -> list[str]:
-    """Apply the ``SEGNODE_<SECTION>_<KEY>`` overrides in ``env``; the names of those applied.
+def _apply_env(
+    settings: Settings, env: dict[str, str], in_file: Mapping[str, Collection[str]] | None = None
+) -> dict[str, str]:
+    """Apply the ``SEGNODE_<SECTION>_<KEY>`` overrides in ``env``; each applied variable's key
+    (``section.key``). ``in_file``: the keys the config file sets, per section; one that a variable
+    changes is logged (not its value), as an admin reading the file would not see it.
 
     A variable that begins like one (``SEGNODE_NODE_``) but names no key is logged as a warning and
     ignored rather than refused: Kubernetes' service links set ``<SERVICE>_PORT`` and the like for every
     Service of a namespace, and a site's own Service named e.g. ``segnode-database`` must not stop the
     node."""
-    applied = ["SEGNODE_DATABASE_URL"] if env.get("SEGNODE_DATABASE_URL") else []
+    applied = {"SEGNODE_DATABASE_URL": "database.url"} if env.get("SEGNODE_DATABASE_URL") else {}
     for name in sorted(env):
         for section in _SECTIONS:
             prefix = f"SEGNODE_{section.upper()}_"
@@ -474,8 +479,11 @@ def _apply_env(settings: Settings, env: dict[str, str]) -> list[str]:
         for f in fields(obj):
             key = f"SEGNODE_{section.upper()}_{f.name.upper()}"
             if key in env and key != "SEGNODE_DATABASE_URL":
-                setattr(obj, f.name, _coerce(env[key], getattr(obj, f.name), key))
-                applied.append(key)
+                value = _coerce(env[key], getattr(obj, f.name), key)
+                if f.name in (in_file or {}).get(section, ()) and value != getattr(obj, f.name):
+                    logger.warning("%s overrides %s.%s set in the config file", key, section, f.name)
+                setattr(obj, f.name, value)
+                applied[key] = f"{section}.{f.name}"
     return applied
 
 
@@ -682,6 +690,7 @@ def load_settings(
         path = env["SEGNODE_CONFIG"]
     settings = Settings()
     where = "defaults"
+    in_file: dict[str, list[str]] = {}  # the keys the file sets, per section
     if path is not None:
         file = Path(path)
         where = str(file)
@@ -705,10 +714,16 @@ def load_settings(
             else:
                 raise ConfigError(f"{where}: unknown section [{key}]")
         settings.source = file
-    applied = _apply_env(settings, env)
-    if applied:  # a bad value may come from the environment, not the file: name both
-        where = f"{where} with {', '.join(applied)} from the environment"
-    _validate(settings, where)
-    if check_files:
-        _check_tls_files(settings.tls, where)
+        in_file = {name: list(keys) for name, keys in raw.items() if name in _SECTIONS}
+    applied = _apply_env(settings, env, in_file)
+    try:
+        _validate(settings, where)
+        if check_files:
+            _check_tls_files(settings.tls, where)
+    except ConfigError as exc:
+        # A bad value may come from the environment, not the file: name the variables of the keys named.
+        named = [name for name, key in applied.items() if key in str(exc)]
+        if named:
+            raise ConfigError(f"{exc} (from the environment: {', '.join(named)})") from None
+        raise
     return settings

@@ -129,16 +129,30 @@ def test_config_the_node_would_crash_on_names_the_key(tmp_path: Path, text: str,
     _assert_refused(tmp_path, text, message)
 
 
-def test_a_bad_value_from_the_environment_is_not_blamed_on_the_file(tmp_path: Path) -> None:
+def test_a_bad_value_from_the_environment_is_not_blamed_on_the_file(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """The file holds a valid AE title; the one that fails came from SEGNODE_NODE_AE_TITLE: the error
-    names the variable beside the file."""
+    names the variable. A bad value in the file names no variable that set another key (the image sets
+    SEGNODE_NODE_HOST), and a variable changing a key the file sets is logged, without its value."""
     cfg = tmp_path / "node.toml"
-    cfg.write_text('[node]\nae_title = "SEGNODE"\n')
+    cfg.write_text('[node]\nae_title = "SEGNODE"\nhost = "::"\n')
+    env = {"SEGNODE_NODE_HOST": "0.0.0.0"}
     with pytest.raises(ConfigError) as info:
-        load_settings(cfg, env={"SEGNODE_NODE_AE_TITLE": "ABCDEFGHIJKLMNOPQ"})
-    assert f"{cfg} with SEGNODE_NODE_AE_TITLE from the environment: node.ae_title 'ABCDEFGHIJKLMNOPQ'" in str(
-        info.value
-    )
+        load_settings(cfg, env={**env, "SEGNODE_NODE_AE_TITLE": "ABCDEFGHIJKLMNOPQ"})
+    assert f"{cfg}: node.ae_title 'ABCDEFGHIJKLMNOPQ'" in str(info.value)
+    assert str(info.value).endswith("(from the environment: SEGNODE_NODE_AE_TITLE)"), info.value
+    cfg.write_text('[node]\nhost = "::"\n[qc]\nmax_tumour_at_cut_ml = -1\n')
+    with pytest.raises(ConfigError) as info:
+        load_settings(cfg, env=env)
+    assert "environment" not in str(info.value) and "SEGNODE_NODE_HOST" not in str(info.value)
+    cfg.write_text('[node]\nhost = "::"\n')
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="node.config"):
+        assert load_settings(cfg, env=env).node.host == "0.0.0.0"
+        assert load_settings(cfg, env={"SEGNODE_NODE_HOST": "::"}).node.host == "::"
+    assert caplog.text.count("SEGNODE_NODE_HOST overrides node.host set in the config file") == 1
+    assert "0.0.0.0" not in caplog.text
 
 
 def test_a_mistyped_override_is_named_in_a_warning_not_ignored_silently(
