@@ -923,8 +923,14 @@ class SeriesSelector:
         nothing."""
         if not self._says("exclude", s, exam):
             return ""
-        own = self._re["exclude"].search(s.description.replace("_", " "))
-        return "description" if own else "ProtocolName"
+        description = s.description.replace("_", " ")
+        if self._re["exclude"].search(description):
+            return "description"
+        # A description naming a sequence of its own outweighs a ProtocolName alone: GE's exam-wide name
+        # on a study whose PACS routes one series (exam_protocols needs two to tell it).
+        if any(self._re[name].search(description) for name in ("FLAIR", "T1", "T2")):
+            return ""
+        return "ProtocolName"
 
     def is_flair(self, s: SeriesInfo, exam: Collection[str] = ()) -> bool:
         """Long-TI, long-TE inversion recovery; a description alone never beats contradicting TI/TE.

@@ -673,6 +673,13 @@ def test_a_ge_exam_wide_protocol_name_neither_excludes_nor_sets_the_contrast_of_
     assert selector.contrast_evidence([post, t2])[post.series_instance_uid] == (
         True, "ProtocolName (no contrast attributes)"
     )
+    # A study the PACS routes as its FLAIR alone: exam_protocols cannot tell GE's exam-wide name from
+    # one series, and a description naming the sequence outweighs a ProtocolName alone (found by review
+    # of the day's diff: "BRAIN TUMOR PERFUSION" still excluded that FLAIR).
+    flair_alone = _ge_exam("BRAIN TUMOR PERFUSION")[0]
+    assert exam_protocols([flair_alone]) == frozenset()
+    assert selector.assign([flair_alone], ["FLAIR"]).chosen == {"FLAIR": flair_alone}
+    assert selector.excluded(perfusion) == "ProtocolName"  # a description naming no sequence: excluded
 
 
 def test_the_series_not_used_are_listed_with_why_and_bounded() -> None:
