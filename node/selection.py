@@ -1012,14 +1012,19 @@ class SeriesSelector:
         """
         exam = exam_protocols(series)
         t1w = {s.series_instance_uid for s in self._t1_weighted_series(series, exam)}
-        # An agent on every series (entered at registration) tells no series from another: when the
-        # descriptions do, they and the timing decide, as in a study without the attributes.
-        everywhere = len(series) > 1 and all(s.contrast is True for s in series) and any(
-            self._described_contrast(s, exam) is not None for s in series
+        # An agent on every T1-weighted series (entered at registration; a localizer or map without it
+        # does not count) tells no T1 from another: when descriptions do, they and the timing decide,
+        # except that a T1 no description calls pre-contrast keeps its attribute's contrast. Contrast was
+        # certainly given, and a T1 acquired before the first one described as post-contrast may be
+        # post-contrast all the same (a 3D T1 that does not say so): as native T1 it would feed the
+        # four-series model two post-contrast T1s.
+        t1_series = [s for s in series if s.series_instance_uid in t1w]
+        everywhere = len(t1_series) > 1 and all(s.contrast is True for s in t1_series) and any(
+            self._described_contrast(s, exam) is not None for s in t1_series
         )
-        none = "contrast attributes on every series of the study" if everywhere else "no contrast attributes"
+        none = "contrast attributes on every T1 of the study" if everywhere else "no contrast attributes"
         undecided = (
-            "contrast attributes on every series of the study, no description" if everywhere
+            "contrast attributes on every T1 of the study, no description" if everywhere
             else "no contrast attributes or description"
         )  # fmt: skip
         own = {
@@ -1029,13 +1034,21 @@ class SeriesSelector:
             )
             for s in series
         }
+        # Undescribed T1s keep their attribute's contrast; not a start of contrast for timing: it is on
+        # every T1 of the study, the first one too.
+        kept = {s.series_instance_uid for s in t1_series if everywhere and own[s.series_instance_uid] is None}
+        for uid in kept:
+            own[uid] = (True, "contrast/bolus attributes (on every T1 of the study, none says pre-contrast)")
         # Contrast given shows in any series that records it, T1 or not: a perfusion series, a
         # post-contrast FLAIR (and often only there). A description starts it only on a T1.
         given = [
             s.acquired for s in series
             if s.acquired is not None and (
                 (s.contrast is True and not everywhere)
-                or (s.series_instance_uid in t1w and (e := own[s.series_instance_uid]) is not None and e[0])
+                or (
+                    s.series_instance_uid in t1w and s.series_instance_uid not in kept
+                    and (e := own[s.series_instance_uid]) is not None and e[0]
+                )
             )
         ]  # fmt: skip
         first_given = min(given, default=None)

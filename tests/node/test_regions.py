@@ -115,12 +115,13 @@ def test_an_agent_entered_at_registration_on_every_series_does_not_make_the_nati
     and the timing decide then, as in a study without the attributes."""
     source = sorted(require_shared("dicom", "siemens_t1_fl2d_sag_healthy").iterdir())[0]
 
-    def series(description: str, time: str, slices: int, **attrs: object) -> SeriesInfo:
+    def series(description: str, time: str, slices: int, agent: bool = True, **attrs: object) -> SeriesInfo:
         ds = pydicom.dcmread(source, stop_before_pixels=True)
         ds.SeriesInstanceUID = pydicom.uid.generate_uid()
         ds.SeriesDescription = ds.ProtocolName = description
         ds.AcquisitionTime = ds.SeriesTime = time
-        ds.ContrastBolusAgent = "Gadovist"
+        if agent:
+            ds.ContrastBolusAgent = "Gadovist"
         for key, value in attrs.items():
             setattr(ds, key, value)
         return series_info(ds, [], slices)
@@ -140,17 +141,26 @@ def test_an_agent_entered_at_registration_on_every_series_does_not_make_the_nati
     assignment = selector.assign(study, ["FLAIR", "T1", "T1GD", "T2"])
     assert assignment.chosen == {"FLAIR": flair, "T1GD": post, "T1": native, "T2": t2}
     assert assignment.basis == {
-        "T1GD": "description (contrast attributes on every series of the study)",
-        "T1": "description (contrast attributes on every series of the study)",
+        "T1GD": "description (contrast attributes on every T1 of the study)",
+        "T1": "description (contrast attributes on every T1 of the study)",
     }  # no "given contrast" on the FLAIR or the T2
     assert selector.assign(study, ["T1GD"]).chosen == {"T1GD": post}
-    # A series after the post-contrast one, described neither way, is post-contrast by its timing.
-    late = series("t1_mprage_sag_p2_iso", "104500", 176, ScanningSequence="GR\\IR", EchoTime=2.3,
-                  RepetitionTime=2300, InversionTime=900, SliceThickness=1)  # fmt: skip
-    assert selector.contrast_evidence([*study, late])[late.series_instance_uid] == (
-        True, "acquired after a series given contrast (contrast attributes on every series of the study, "
-        "no description)"
-    )
+    # A localizer without the agent (the T1s all carry it) does not turn the rule off.
+    localizer = series("localizer", "095500", 3, agent=False, ScanningSequence="GR", RepetitionTime=8.6,
+                       EchoTime=4, SliceThickness=7)  # fmt: skip
+    assert selector.assign([localizer, *study], ["FLAIR", "T1", "T1GD", "T2"]).chosen["T1"] is native
+    # A T1 described neither way keeps its attribute's contrast, before the described post-contrast one
+    # as after it: contrast was given, and a 3D T1 that does not say so may be post-contrast (as the
+    # native T1 it fed the four-series model two post-contrast T1s; found by review of the day's diff).
+    for time in ("102000", "104500"):
+        plain = series("t1_mprage_sag_p2_iso", time, 176, ScanningSequence="GR\\IR", EchoTime=2.3,
+                       RepetitionTime=2300, InversionTime=900, SliceThickness=1)  # fmt: skip
+        assert selector.contrast_evidence([*study, plain])[plain.series_instance_uid] == (
+            True, "contrast/bolus attributes (on every T1 of the study, none says pre-contrast)"
+        )
+        unsaid = [plain, flair, t2, post, series("t1_se_tra", "100000", 28, ScanningSequence="SE",
+                  RepetitionTime=550, EchoTime=10, SliceThickness=5)]  # fmt: skip
+        assert "T1" not in selector.assign(unsaid, ["FLAIR", "T1", "T1GD", "T2"]).chosen
 
 
 def test_a_t1_without_attributes_acquired_after_contrast_is_post_contrast() -> None:
