@@ -84,6 +84,39 @@ def due_sends(
 
 
 @database_errors
+def restart_sends_after_a_clock_step(
+    sf: SessionFactory, horizon_seconds: float, now: datetime | None = None
+) -> int:
+    """Bring to ``now + horizon_seconds`` the next attempt of every pending send scheduled further ahead
+    than that by more than :data:`db.instances.CLOCK_STEP_SECONDS`; returns how many. ``horizon_seconds``:
+    the furthest a sender schedules (its longest backoff or its lease, whichever is longer).
+
+    The wall clock was set back (NTP stepping a clock that ran ahead): a send waiting its retry would
+    otherwise wait for the clock to catch up, an hour for an hour's step. Never earlier than the horizon:
+    a send leased by a sender delivering it now stays leased. A read per call; the write only when one is
+    found."""
+    from db.instances import CLOCK_STEP_SECONDS
+
+    now = now or utcnow()
+    future = (NodeSend.status == "pending") & (
+        NodeSend.next_attempt_at > now + timedelta(seconds=horizon_seconds + CLOCK_STEP_SECONDS)
+    )
+    with sf() as s:
+        if s.scalar(select(func.count(NodeSend.id)).where(future)) == 0:
+            return 0
+    with writing(sf) as s:
+        soon = now + timedelta(seconds=horizon_seconds)
+        result = s.execute(update(NodeSend).where(future).values(next_attempt_at=soon))
+        moved = int(getattr(result, "rowcount", 0) or 0)
+    if moved:
+        logger.warning(
+            "the clock was set back: %d pending sends were scheduled more than %d s beyond the longest "
+            "wait; they are due within %.0f s", moved, CLOCK_STEP_SECONDS, horizon_seconds,
+        )  # fmt: skip
+    return moved
+
+
+@database_errors
 def claim_send(sf: SessionFactory, send: SendInfo, lease_seconds: float, now: datetime | None = None) -> bool:
     """Take a due send for ``lease_seconds`` (conditional update), so two senders never both send it."""
     now = now or utcnow()

@@ -488,6 +488,7 @@ class Sender:
         with self._lock:
             busy = set(self._in_flight)
         groups: dict[DestinationKey, list[SendInfo]] = defaultdict(list)
+        send_queue.restart_sends_after_a_clock_step(self.sf, max(self.max_seconds, LEASE_SECONDS))
         for send in send_queue.due_sends(self.sf, exclude_destinations={key[0] for key in busy}):
             key = self._address(send)
             if key in busy or (key not in groups and len(busy) + len(groups) >= self.max_parallel):

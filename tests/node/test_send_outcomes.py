@@ -488,3 +488,27 @@ def test_a_delivery_that_outlasts_the_lease_is_not_claimed_and_sent_again_by_ano
     first.shutdown(timeout=10)
     assert {(s.status, s.attempts) for s in _sends(sf, job).values()} == {("done", 1)}
     assert len(pacs.received) == 2
+
+
+def test_a_send_waiting_its_retry_when_the_clock_is_set_back_waits_no_longer_than_the_longest_wait(
+    sf: SessionFactory, tmp_path: Path, pacs_factory: list[CatchingSCP], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A retry scheduled by a clock an hour ahead (NTP then set it back) waited that hour more: the idle
+    timers of studies restart after such a step, sends did not. The sender brings it to its longest wait
+    (backoff or lease) from now; a send another sender holds on lease keeps it."""
+    pacs = _pacs(pacs_factory)
+    job = _done_job(sf, tmp_path, 1, pacs)
+    waiting, leased = _sends(sf, job).values()
+    ahead = utcnow() + timedelta(hours=1)
+    send_queue.mark_send_failed(
+        sf, waiting.id, "connection refused", base_seconds=60, max_seconds=60, now=ahead
+    )
+    assert send_queue.claim_send(sf, leased, 120.0)  # another sender delivers it now
+    lease_end = _sends(sf, job)[Path(leased.path).name].next_attempt_at
+    with caplog.at_level(logging.WARNING, logger="db.send_queue"):
+        assert _sender(sf, backoff=60.0).run_once() == 0  # nothing due yet
+    now = utcnow()
+    after = _sends(sf, job)
+    assert after[Path(waiting.path).name].next_attempt_at <= now + timedelta(seconds=121)
+    assert after[Path(leased.path).name].next_attempt_at == lease_end
+    assert "the clock was set back: 1 pending sends were scheduled" in caplog.text

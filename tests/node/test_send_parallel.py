@@ -211,6 +211,9 @@ class FakeSendQueue:
         monkeypatch.setattr(sender_module.send_queue, "claim_send", self.claim)
         monkeypatch.setattr(sender_module.send_queue, "mark_sent", self.mark_sent)
         monkeypatch.setattr(sender_module.send_queue, "mark_send_failed", self.mark_failed)
+        monkeypatch.setattr(
+            sender_module.send_queue, "restart_sends_after_a_clock_step", lambda sf, horizon: 0
+        )
 
     def claim(self, sf: Any, send: send_queue.SendInfo, lease: float) -> bool:
         self.due.remove(send)
