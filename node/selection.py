@@ -24,7 +24,12 @@ whether it was given contrast; a series' own ProtocolName (Siemens, Philips) is 
 * T1: T1-weighted (short TE, and short TR or an IR with short TI) and not T1GD. A gradient echo
   (GR and no SE in ScanningSequence; EchoPulseSequence (0018,9008) GRADIENT in an Enhanced MR image)
   with TE >= ``t2star_min_te_ms`` is T2*-weighted (a T2* GRE, an SWI magnitude): its short TR would
-  make it a T1, and it is none.
+  make it a T1, and it is none. Nor is a balanced steady-state free precession (GE FIESTA, Siemens
+  CISS or TrueFISP, Philips bFFE: :meth:`SeriesSelector.balanced_ssfp`), T2/T1-weighted with a TR of a
+  few ms, whose whole-brain axial 3D series won the native T1 role over a sagittal MP-RAGE; nor an
+  MP2RAGE's inversion images (INV1, INV2 in the series' own text: an INV2 is proton-density-like, and
+  the two tied): its UNI image is the T1 a reader uses, DERIVED by its ImageType yet ranked as an
+  ORIGINAL one (:attr:`SeriesInfo.original`), and its T1 map (ImageType T1 MAP) is a derived map.
 * T2: long TE, not inversion recovery, not echo-planar (EP in ScanningSequence), not a gradient echo.
 
 A series whose ImageType (0008,0008) names a derived map (ADC, TRACE, MIP, subtraction, projection,
@@ -70,9 +75,10 @@ series needs (the ``[qc]`` ``min_slices``) serves no role, and a series that is 
 orientations (above; judged on all its images) is not split: it stays one candidate that serves no
 role, even with 8 or more slices a plane.
 
-Among the candidates for a modality (:func:`ranked`) an ORIGINAL image wins over a DERIVED one, then
-one that covers about as much as the others over a slab, then the finer slices (SliceThickness and
-SpacingBetweenSlices; 1 mm and finer alike), then an axial series, then the one with most slices, then
+Among the candidates for a modality (:func:`ranked`) an ORIGINAL image (or an MP2RAGE's UNI) wins over a
+DERIVED one, then one that covers about as much as the others over a slab, then the finer slices
+(SliceThickness and SpacingBetweenSlices; 1 mm and finer alike), then an axial series, then the one with
+most slices, then
 one not given contrast (on the evidence that decides a T1's role, for every series:
 :meth:`SeriesSelector.contrast_evidence`; a FLAIR after contrast often says so only in its description or
 by its timing), then the one acquired last; the others are kept, in that order, for when the
@@ -156,6 +162,11 @@ class SeriesInfo:
     stack: str = ""
     #: EchoPulseSequence (0018,9008) of an Enhanced MR image: SPIN, GRADIENT or BOTH ("" when absent).
     echo_pulse: str = ""
+    #: SequenceName (0018,0024), e.g. Siemens ``*tfl3d1_16ns`` (MP-RAGE), ``*ci3d1`` (CISS); "" when absent.
+    sequence_name: str = ""
+    #: SteadyStatePulseSequence (0018,9017) of an Enhanced MR image: FREE_PRECESSION (balanced SSFP),
+    #: TRANSVERSE, TIME_REVERSED, LONGITUDINAL or NONE ("" when absent).
+    steady_state: str = ""
     #: The header's slice pitch in mm: the larger of SliceThickness and SpacingBetweenSlices (slices
     #: 5 mm thick 6.5 mm apart resolve no better than 6.5 mm; 1.2 mm thick 0.6 mm apart no better than
     #: 1.2 mm), or None when it says neither.
@@ -209,8 +220,9 @@ class SeriesInfo:
 
     @property
     def original(self) -> bool:
-        """ImageType's first value is ORIGINAL (or ImageType is absent)."""
-        return not self.image_type or self.image_type[0] != "DERIVED"
+        """ImageType's first value is ORIGINAL (or ImageType is absent), or the image is an MP2RAGE's UNI
+        image (ImageType UNI): DERIVED from its two inversions, it is the acquisition's T1 image."""
+        return not self.image_type or self.image_type[0] != "DERIVED" or "UNI" in self.image_type
 
     @property
     def extent_mm(self) -> float | None:
@@ -254,8 +266,28 @@ def exam_protocols(series: Iterable[SeriesInfo]) -> frozenset[str]:
 #: another acquisition, not a contrast of their own.
 DERIVED_MAPS = frozenset(
     {"ADC", "TRACEW", "TRACE", "FA", "EADC", "MIP", "MPR_THICK", "SUB", "SUBTRACTION", "PROJECTION IMAGE",
-     "LOCALIZER", "MOCO", "PERFUSION", "CBF", "CBV", "MTT", "TTP"}
+     "LOCALIZER", "MOCO", "PERFUSION", "CBF", "CBV", "MTT", "TTP", "T1 MAP"}
 )  # fmt: skip
+
+#: An MP2RAGE's inversion image by the series' own text (Siemens ``t1_mp2rage_sag_p3_INV1``, ``..._INV2``;
+#: an underscore counts as a space): no T1 role unless ImageType says UNI
+#: (:meth:`SeriesSelector._t1_weighted`).
+MP2RAGE_INVERSION = re.compile(r"\bINV[12]\b", re.IGNORECASE)
+
+#: A balanced steady-state free precession by the series' own text: GE FIESTA (FIESTA-C), Siemens CISS and
+#: TrueFISP, Philips bFFE and bTFE.
+BALANCED_SSFP_TEXT = re.compile(
+    r"fiesta|\bciss|\btrue ?fisp|\btrufi|\bs?b-?(ffe|tfe)\b|\bbalanced\b|\bb-?ssfp\b", re.IGNORECASE
+)
+
+#: A balanced steady-state free precession by its Siemens SequenceName: ``*ci3d1`` (CISS), ``*tfi3d1``,
+#: ``*tfi2d1`` (TrueFISP; an MP-RAGE's is ``*tfl3d1``).
+BALANCED_SSFP_SEQUENCE_NAME = re.compile(r"^\*?(ci|tfi)\d|trufi|fiesta", re.IGNORECASE)
+
+#: A steady-state gradient echo (SequenceVariant SS, neither spoiled nor magnetization-prepared) with a TR
+#: and TE at most these (ms) is a balanced SSFP (TR ~ 4-10 ms, TE ~ TR / 2).
+BALANCED_SSFP_MAX_TR_MS = 12.0
+BALANCED_SSFP_MAX_TE_MS = 6.0
 
 #: ImageType values (after the first two) of a phase, real or imaginary image: Siemens P/R/I, GE and
 #: the standard's PHASE/REAL/IMAGINARY, Philips P/R/I and their P_xx/R_xx/I_xx forms (M is magnitude).
@@ -586,6 +618,8 @@ def series_info(
         acquired=_acquired(ds),
         special=_no_role_kind(ds, image_type, slices, [*probes, *_frame_probes(ds)]),
         echo_pulse=str(_deep_get(ds, "EchoPulseSequence") or "").strip().upper(),
+        sequence_name=str(_deep_get(ds, "SequenceName") or "").strip(),
+        steady_state=str(_deep_get(ds, "SteadyStatePulseSequence") or "").strip().upper(),
         slice_mm=_slice_pitch(ds),
         versions=tuple(file_version(path) for path in paths),
         identity=patient_identity(ds),
@@ -944,10 +978,42 @@ class SeriesSelector:
             return True  # a TI this long is an inversion, whether or not ScanningSequence says IR
         return self._says("FLAIR", s, exam)
 
+    def balanced_ssfp(self, s: SeriesInfo, exam: Collection[str] = ()) -> bool:
+        """A balanced (or time-reversed) steady-state free precession: a gradient echo with SequenceVariant
+        TRSS, or SS and neither SP nor MP with TR and TE at most :data:`BALANCED_SSFP_MAX_TR_MS` and
+        :data:`BALANCED_SSFP_MAX_TE_MS`; an Enhanced MR SteadyStatePulseSequence FREE_PRECESSION or
+        TIME_REVERSED; a Siemens SequenceName ``*ci3d1`` / ``*tfi3d1``; or a name in the series' own text
+        (FIESTA, CISS, TrueFISP, bFFE: ``exam``'s ProtocolNames are not its own). Its TR and TE are a
+        T1's, its contrast is not: T2/T1, bright fluid."""
+        variant = set(s.sequence_variant)
+        te, tr = s.echo_time, s.repetition_time
+        if s.steady_state in ("FREE_PRECESSION", "TIME_REVERSED"):
+            return True
+        if s.gradient_echo and not s.inversion_recovery and (
+            "TRSS" in variant
+            or (
+                "SS" in variant and not variant & {"SP", "MP"}
+                and tr is not None and tr <= BALANCED_SSFP_MAX_TR_MS
+                and te is not None and te <= BALANCED_SSFP_MAX_TE_MS
+            )
+        ):  # fmt: skip
+            return True
+        if BALANCED_SSFP_SEQUENCE_NAME.search(s.sequence_name):
+            return True
+        return bool(BALANCED_SSFP_TEXT.search(s.pattern_text(exam)))
+
     def _t1_weighted(self, s: SeriesInfo, exam: Collection[str] = ()) -> bool:
+        """T1-weighted by TE and TR (or an IR's short TI), else by its description (``t1_pattern``): not
+        a T2* gradient echo, a balanced SSFP (:meth:`balanced_ssfp`) or an MP2RAGE's inversion image
+        (:data:`MP2RAGE_INVERSION` in the series' own text, unless ImageType says UNI). ``exam``: the
+        study's exam-wide ProtocolNames (:func:`exam_protocols`), which are not the series' words."""
         r = self.rules
         te, tr, ti = s.echo_time, s.repetition_time, s.inversion_time
         if te is not None and (te > r.t1_max_te_ms or (s.gradient_echo and te >= r.t2star_min_te_ms)):
+            return False
+        if self.balanced_ssfp(s, exam):
+            return False
+        if "UNI" not in s.image_type and MP2RAGE_INVERSION.search(s.pattern_text(exam)):
             return False
         if te is not None and (
             (tr is not None and tr < 1000) or (s.inversion_recovery and (ti or 0) < r.flair_min_ti_ms)
@@ -1220,10 +1286,10 @@ class SeriesSelector:
 
         Reasons: another patient's identity, or instances of more than one (``assignment.refused``), a
         derived map (its ImageType value), what its attributes say it is (``special``:
-        diffusion, phase, susceptibility-weighted, dynamic...), excluded by its description, no role
-        by its attributes or description, a candidate ranked below the chosen series (and why, as
-        :func:`preference` says it), one that could not be read (``series_replaced``), or a candidate
-        for a role the model that ran has no input for.
+        diffusion, phase, susceptibility-weighted, dynamic...), excluded by its description, a balanced
+        SSFP or an MP2RAGE inversion image (no T1), no role by its attributes or description, a candidate
+        ranked below the chosen series (and why, as :func:`preference` says it), one that could not be
+        read (``series_replaced``), or a candidate for a role the model that ran has no input for.
         """
         used = {(s.series_instance_uid, s.echo, s.stack) for s in assignment.chosen.values()}
         roles = self.t1_roles(series)
@@ -1274,6 +1340,10 @@ class SeriesSelector:
                 return f"a {modality} candidate, not chosen"
             why = _why_before(chosen, s, pool, modality == "T1", given, evidence)
             return f"a {modality} candidate ranked below {chosen.label}: {why}"
+        if self.balanced_ssfp(s, exam):
+            return "balanced steady-state free precession (FIESTA, CISS, TrueFISP...): no T1, serves no role"
+        if "UNI" not in s.image_type and MP2RAGE_INVERSION.search(s.pattern_text(exam)):
+            return "an MP2RAGE inversion image (INV1, INV2): no T1, serves no role"
         return "no role: not FLAIR, T1, T1GD or T2 by its attributes or description"
 
     def _role_matches(

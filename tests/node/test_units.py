@@ -544,6 +544,113 @@ def test_susceptibility_weighted_series_are_never_t1_or_t2() -> None:
         assert selector.matches("T1", t1) and not t1.special, t1.label
 
 
+def _vendor_series(vendor: str, description: str, slices: int, **attrs: object) -> SeriesInfo:
+    """A series from a real vendor header (its first file), with its own UID and description and the
+    attributes ``attrs`` (None deletes one), as the scanner would write them for another sequence; of one
+    patient whatever the vendor (a study of one scanner)."""
+    source = sorted(require_shared("dicom", vendor).iterdir())[0]
+    ds = pydicom.dcmread(source, stop_before_pixels=True)
+    ds.SeriesInstanceUID, ds.SeriesDescription = pydicom.uid.generate_uid(), description
+    ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "SELECTION-1", "19700101", "O"
+    for key, value in attrs.items():
+        if value is None:
+            if key in ds:
+                delattr(ds, key)
+        else:
+            setattr(ds, key, value)
+    return series_info(ds, [], slices)
+
+
+@pytest.mark.filterwarnings("ignore:The value length")  # the GE series has an over-long SH
+def test_an_mp2rage_gives_its_uni_image_and_a_balanced_ssfp_is_no_t1() -> None:
+    """A Siemens MP2RAGE sends four series: INV1 and INV2 (ORIGINAL; INV2, TI 2500 ms, is proton-density
+    -like), the UNI image (DERIVED from them, the T1 a reader uses) and a T1 map. The inversions won the
+    native T1 role by ORIGINAL, tied with each other (the order received chose), and the map was a
+    candidate. A whole-brain axial balanced SSFP (T2/T1 contrast, TR ~5 ms) beat a sagittal MP-RAGE by
+    being axial. Real Siemens, GE and Philips headers, changed to these sequences as the scanners write
+    them."""
+    selector = SeriesSelector()
+    sag = [0, 1, 0, 0, 0, -1]
+    mp2rage = {"ScanningSequence": "GR\\IR", "SequenceVariant": "SK\\SP\\MP", "RepetitionTime": 5000,
+               "EchoTime": 2.9, "SliceThickness": 1, "SpacingBetweenSlices": None,
+               "SequenceName": "*tfl3d1_16", "ProtocolName": "t1_mp2rage_sag_p3",
+               "ImageOrientationPatient": sag}  # fmt: skip
+    inv1, inv2, uni, t1_map = mp2 = [
+        _vendor_series(
+            "siemens_t1_fl2d_sag_healthy", f"t1_mp2rage_sag_p3_{name}", 176, InversionTime=ti,
+            ImageType=image_type, **mp2rage
+        )
+        for name, ti, image_type in (
+            ("INV1", 700, "ORIGINAL\\PRIMARY\\M\\ND"),
+            ("INV2", 2500, "ORIGINAL\\PRIMARY\\M\\ND"),
+            ("UNI_Images", 700, "DERIVED\\PRIMARY\\M\\ND\\UNI"),
+            ("T1_Images", 700, "DERIVED\\PRIMARY\\T1 MAP\\ND"),
+        )
+    ]
+    for order in (mp2, mp2[::-1]):
+        assignment = selector.assign(order, ["T1"])
+        assert assignment.chosen == {"T1": uni} and assignment.alternatives["T1"] == []
+    assert not selector.matches("T1", inv1) and not selector.matches("T1", inv2) and t1_map.derived_map
+    assert {n["series"]: n["reason"] for n in selector.not_used(mp2, assignment)} == {
+        inv1.label: "an MP2RAGE inversion image (INV1, INV2): no T1, serves no role",
+        inv2.label: "an MP2RAGE inversion image (INV1, INV2): no T1, serves no role",
+        t1_map.label: "derived map (ImageType T1 MAP): serves no role",
+    }
+    # The UNI image ranks as an acquisition: a 2D axial T1 of 5 mm does not win over it.
+    t1_se = _vendor_series("siemens_t1_fl2d_sag_healthy", "t1_se_tra", 28, ScanningSequence="SE",
+                           SequenceVariant="SP\\OSP", SequenceName="*se2d1", RepetitionTime=550,
+                           EchoTime=10, SliceThickness=5, SpacingBetweenSlices=6,
+                           ImageOrientationPatient=[1, 0, 0, 0, 1, 0], ProtocolName="t1_se_tra")  # fmt: skip
+    assert selector.select([t1_se, *mp2], ["T1"])["T1"] is uni
+
+    mprage = _vendor_series("siemens_t1_fl2d_sag_healthy", "t1_mprage_sag_p2_iso", 176,
+                            ScanningSequence="GR\\IR", SequenceVariant="SK\\SP\\MP",
+                            SequenceName="*tfl3d1_16ns", RepetitionTime=2300, EchoTime=2.3, InversionTime=900,
+                            SliceThickness=1, SpacingBetweenSlices=None,
+                            ProtocolName="t1_mprage_sag_p2_iso")  # fmt: skip
+    ax = [1, 0, 0, 0, 1, 0]
+    bssfp = [
+        # GE 3D FIESTA, described neutrally: SequenceVariant SS alone at TR 5, TE 2.2 says it.
+        _vendor_series("ge_t1_mprage_healthy", "Ax 3D high res", 180, ScanningSequence="GR",
+                       SequenceVariant="SS", ScanOptions="FAST_GEMS", RepetitionTime=5.0, EchoTime=2.2,
+                       InversionTime=None, SliceThickness=0.8, SpacingBetweenSlices=0.8,
+                       ImageOrientationPatient=ax, ImageType="ORIGINAL\\PRIMARY\\OTHER"),
+        # Siemens CISS: its SequenceName says it.
+        _vendor_series("siemens_t1_fl2d_sag_healthy", "3d tra iso", 176, ScanningSequence="GR",
+                       SequenceVariant="SK", SequenceName="*ci3d1", RepetitionTime=5.4, EchoTime=2.4,
+                       SliceThickness=0.7, SpacingBetweenSlices=None, ImageOrientationPatient=ax,
+                       ProtocolName="3d tra iso"),
+        # Siemens TrueFISP.
+        _vendor_series("siemens_t1_fl2d_sag_healthy", "t2_trufi3d_tra", 176, ScanningSequence="GR",
+                       SequenceVariant="SK\\SS", SequenceName="*tfi3d1_16", RepetitionTime=4.6,
+                       EchoTime=2.3, SliceThickness=0.7, SpacingBetweenSlices=None,
+                       ImageOrientationPatient=ax, ProtocolName="t2_trufi3d_tra"),
+        # A PSIF (time-reversed steady state).
+        _vendor_series("siemens_t1_fl2d_sag_healthy", "3d psif tra", 176, ScanningSequence="GR",
+                       SequenceVariant="TRSS", SequenceName="*psif3d1", RepetitionTime=9, EchoTime=4,
+                       SliceThickness=1, SpacingBetweenSlices=None, ImageOrientationPatient=ax,
+                       ProtocolName="3d psif tra"),
+        # Philips balanced FFE, by its name.
+        _vendor_series("philips_t1_sag3d_mprage_healthy", "3D B-FFE tra", 200, ScanningSequence="GR",
+                       SequenceVariant="SK", RepetitionTime=5.5, EchoTime=2.7, ProtocolName="3D B-FFE tra",
+                       ImageOrientationPatient=ax),
+    ]  # fmt: skip
+    for series in bssfp:
+        assert selector.balanced_ssfp(series), series.label
+        assignment = selector.assign([series, mprage], ["T1"])
+        assert assignment.chosen == {"T1": mprage} and assignment.alternatives["T1"] == [], series.label
+        assert selector.not_used([series, mprage], assignment)[0]["reason"] == (
+            "balanced steady-state free precession (FIESTA, CISS, TrueFISP...): no T1, serves no role"
+        )
+    # Spoiled and prepared gradient echoes stay T1s: the MP-RAGE (*tfl3d1), the real Philips MP-RAGE
+    # (SequenceVariant MP, TR 6.5 ms), a GE FSPGR (SS and SP, TR 8 ms).
+    fspgr = _vendor_series("ge_t1_mprage_healthy", "Ax 3D FSPGR", 160, ScanningSequence="GR",
+                           SequenceVariant="SS\\SP", RepetitionTime=8, EchoTime=3.1, InversionTime=None)
+    philips = _vendor_series("philips_t1_sag3d_mprage_healthy", "ADNI_Sag3D MPRAGE", 170)
+    for t1 in (mprage, philips, fspgr):
+        assert selector.matches("T1", t1) and not selector.balanced_ssfp(t1), t1.label
+
+
 def test_dynamic_series_serve_no_role() -> None:
     """A DCE series is a contrast-enhanced T1 gradient echo with many time points at each position: by
     its attributes and slice count the best T1GD. NumberOfTemporalPositions says what it is."""
