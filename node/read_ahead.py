@@ -6,8 +6,9 @@ of the study arrives, all of it on the path to the SEG. Between the files of a s
 early-analysis thread is idle: it parses each file as soon as the receiver has spooled it, and the
 read of the settled series takes the parsed data sets instead of reading the files again. Only series
 that a model may read are read ahead: the first file of each series is parsed and shown to ``wanted``
-(the node asks its series selector whether any active model's modalities match it); the rest of a
-series that is not wanted is skipped unread.
+with the first files of the study's series judged before it (the node asks its series selector whether
+any active model's modalities match it, with the study's exam-wide ProtocolName as the job sees it);
+the rest of a series that is not wanted is skipped unread.
 
 Nothing changes what a job computes: an entry is used only for the very file it was read from (same
 path, inode, size and modification time; a spool file is written once, by rename), each entry is
@@ -23,7 +24,7 @@ import os
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -59,7 +60,8 @@ class ReadAhead:
     max_age_s:
         Data sets not taken this long after they were read are dropped (:meth:`expire`).
     wanted:
-        Whether a series is worth reading ahead, from its first file's data set; None: every series.
+        Whether a series is worth reading ahead, from its first file's data set and those of the same
+        study's series judged before it (no pixel data); None: every series.
     wake:
         Called when a path is queued (the early-analysis loop wakes to read it).
     """
@@ -68,7 +70,7 @@ class ReadAhead:
         self,
         budget_bytes: int = DEFAULT_BUDGET_BYTES,
         max_age_s: float = 120.0,
-        wanted: Callable[[Dataset], bool] | None = None,
+        wanted: Callable[[Dataset, Sequence[Dataset]], bool] | None = None,
         wake: Callable[[], None] | None = None,
     ) -> None:
         self.budget_bytes = budget_bytes
@@ -78,6 +80,8 @@ class ReadAhead:
         self._queue: deque[tuple[str, str]] = deque(maxlen=MAX_QUEUED)
         #: series UID -> whether its files are read ahead (decided on its first file).
         self._verdicts: OrderedDict[str, bool] = OrderedDict()
+        #: series UID -> (StudyInstanceUID, its first file's header without pixel data), as judged.
+        self._firsts: OrderedDict[str, tuple[str, Dataset]] = OrderedDict()
         self._lock = threading.Lock()
         #: path -> (signature, data set, when it was read); oldest first.
         self._cache: OrderedDict[str, tuple[Signature, Dataset, float]] = OrderedDict()
@@ -119,15 +123,21 @@ class ReadAhead:
         return done
 
     def _judge(self, series_uid: str, ds: Dataset) -> bool:
-        """Decide from its first file whether series ``series_uid`` is read ahead."""
+        """Decide from its first file, and those of its study's series judged before it, whether series
+        ``series_uid`` is read ahead."""
+        study = str(ds.get("StudyInstanceUID", "") or "")
+        others = [header for uid, (of, header) in self._firsts.items() if of == study and uid != series_uid]
         try:
-            verdict = self._wanted is None or bool(self._wanted(ds))
+            verdict = self._wanted is None or bool(self._wanted(ds, others))
         except Exception as exc:  # an odd header: read nothing ahead, the run reads it as usual
             logger.debug("read-ahead: series %s not judged (%s)", series_uid, type(exc).__name__)
             verdict = False
         self._verdicts[series_uid] = verdict
+        self._firsts[series_uid] = (study, Dataset({e.tag: e for e in ds if e.tag.group < 0x7FE0}))
         if len(self._verdicts) > MAX_SERIES:
             self._verdicts.popitem(last=False)
+        if len(self._firsts) > MAX_SERIES:
+            self._firsts.popitem(last=False)
         return verdict
 
     def read(self, path: str) -> Dataset:

@@ -238,11 +238,12 @@ class SeriesInfo:
     def pattern_text(self, exam: Collection[str] = ()) -> str:
         """:attr:`text`, without the ProtocolName when it is one of ``exam`` (the study's exam-wide
         ProtocolNames, :func:`exam_protocols`): then it names the exam, not this series."""
-        protocol = "" if _protocol_key(self.protocol) in exam else self.protocol
+        protocol = "" if protocol_key(self.protocol) in exam else self.protocol
         return f"{self.description} {protocol}".replace("_", " ")
 
 
-def _protocol_key(protocol: str) -> str:
+def protocol_key(protocol: str) -> str:
+    """A ProtocolName as :func:`exam_protocols` compares it: runs of spaces as one, without case."""
     return " ".join(protocol.split()).casefold()
 
 
@@ -257,8 +258,8 @@ def exam_protocols(series: Iterable[SeriesInfo]) -> frozenset[str]:
     """
     descriptions: dict[str, set[str]] = {}
     for s in series:
-        if key := _protocol_key(s.protocol):
-            descriptions.setdefault(key, set()).add(_protocol_key(s.description))
+        if key := protocol_key(s.protocol):
+            descriptions.setdefault(key, set()).add(protocol_key(s.description))
     return frozenset(key for key, seen in descriptions.items() if len(seen) > 1)
 
 

@@ -14,6 +14,7 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -35,7 +36,7 @@ from node.read_ahead import ReadAhead
 from node.receivers import ReceiverPool
 from node.runtime import BrainExtractorRuntime, ModelRuntime, check_device
 from node.scp import StorageSCP
-from node.selection import SeriesSelector, series_info
+from node.selection import SeriesSelector, exam_protocols, protocol_key, series_info
 from node.sender import Sender, client_tls_context
 from node.spool_retention import (
     RETENTION_CHECK_SECONDS,
@@ -401,12 +402,18 @@ class NodeService:
         trim_heap()
         return True
 
-    def _may_be_read(self, first: Dataset) -> bool:
-        """Whether a series (its first file's data set) may serve some active model's modalities."""
-        info = series_info(first, [], 1)
+    def _may_be_read(self, first: Dataset, others: Sequence[Dataset] = ()) -> bool:
+        """Whether a series (its first file's data set) may serve some active model's modalities, by the
+        job's rule for a ProtocolName (node/selection.py :func:`exam_protocols`): one that the study's
+        series judged before it (``others``, their first files) share under other descriptions names the
+        exam, not the series. With none judged yet the rule cannot tell, and the series is judged as
+        though its ProtocolName were the exam's: a GE exam-wide "BRAIN TUMOR PERFUSION" skipped every
+        series, while a series read ahead in vain only costs a read."""
+        infos = [series_info(ds, [], 1) for ds in (first, *others)]
+        exam = exam_protocols(infos) if others else frozenset({protocol_key(infos[0].protocol)})
         models = [model for _, model in self.context.models() if model is not None]
         needed = {m for model in models for m in model.card["modalities"]}
-        return any(self.context.selector.matches(m, info) for m in needed)
+        return any(self.context.selector.matches(m, infos[0], exam) for m in needed)
 
     def _series_changed_now(self) -> None:
         self._series_changed.set()

@@ -404,3 +404,37 @@ def test_the_work_of_a_run_its_job_stopped_waiting_for_is_dropped(monkeypatch: p
     run.join(10)
     assert analysis.waiting() == []
     assert analysis.take("A") is None
+
+
+def test_a_ge_exam_wide_protocol_name_does_not_stop_the_read_ahead(
+    tmp_path: Path, case: Case, model_dir: Path
+) -> None:
+    """GE writes the exam's protocol-library name, "BRAIN TUMOR PERFUSION", as ProtocolName on every series:
+    read-ahead judged each series alone, so the exclude pattern's "perfusion" skipped the FLAIR (the job,
+    which sees the whole study, used it). Read-ahead now applies the job's rule: the FLAIR, judged first and
+    alone, is read; a ProtocolName that series of other descriptions share is the exam's; one of the series
+    alone (Siemens, Philips) still excludes it."""
+    study = write_study(case, tmp_path / "study", modalities=["FLAIR", "T1"])
+    for path in (p for files in study.files.values() for p in files):
+        ds = pydicom.dcmread(path)
+        ds.ProtocolName = "BRAIN TUMOR PERFUSION"
+        ds.save_as(path)
+    flair, t1 = study.files["FLAIR"], study.files["T1"]
+
+    with _node(tmp_path / "early", [model_dir], early=True) as (node, _):
+        ahead = node.read_ahead
+        assert ahead is not None
+        _send(node, flair)
+        wait_until(lambda: ahead.cached() == len(flair), 30, "the FLAIR files read ahead")
+        _send(node, t1)
+        job = _job(node, study)
+        assert job.status == "done", job.reason
+        assert (ahead.hits, ahead.misses) == (len(flair), 0)
+        assert ahead.cached() == 0 and ahead.pending() == 0, "T1 is not read ahead"
+        # The rule with the study's other series judged before (their first files).
+        first_flair, first_t1 = pydicom.dcmread(flair[0]), pydicom.dcmread(t1[0])
+        assert node._may_be_read(first_flair, [first_t1])
+        first_flair.ProtocolName = "ep2d_perfusion"  # the series' own name (Siemens): excluded by it
+        first_t1.ProtocolName = "t1_se_tra"
+        assert not node._may_be_read(first_flair, [first_t1])
+        assert node._may_be_read(first_flair)  # alone the rule cannot tell: read, in case it is the exam's

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import pydicom
@@ -74,22 +75,26 @@ def test_a_file_replaced_after_it_was_read_ahead_is_read_again(study: StudyInfo,
 
 def test_only_wanted_series_are_read_ahead_judged_on_their_first_file(study: StudyInfo) -> None:
     judged: list[str] = []
+    seen: list[list[str]] = []
 
-    def wanted(first: pydicom.Dataset) -> bool:
+    def wanted(first: pydicom.Dataset, others: Sequence[pydicom.Dataset]) -> bool:
         judged.append(str(first.SeriesDescription))
+        seen.append([str(ds.SeriesDescription) for ds in others])
         return "FLAIR" in str(first.SeriesDescription).upper()
 
     ahead = ReadAhead(wanted=wanted)
     flair, t1 = _queue(ahead, study, "FLAIR"), _queue(ahead, study, "T1")
     assert ahead.work(until=lambda: False) == len(flair)
     assert len(judged) == 2, "one verdict per series"
+    assert seen == [[], [judged[0]]], "each judged with its study's series judged before it"
+    assert "PixelData" not in ahead._firsts[study.series_uids["FLAIR"]][1]
     assert ahead.cached() == len(flair) and ahead.pending() == 0
     ahead.read(t1[0])
     assert ahead.misses == 1
 
 
 def test_a_series_whose_judge_fails_is_not_read_ahead(study: StudyInfo) -> None:
-    def wanted(first: pydicom.Dataset) -> bool:
+    def wanted(first: pydicom.Dataset, others: Sequence[pydicom.Dataset]) -> bool:
         raise ValueError("odd header")
 
     ahead = ReadAhead(wanted=wanted)
