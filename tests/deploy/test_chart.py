@@ -460,6 +460,12 @@ def test_given_postgres_password_round_trips_through_the_url(helm: str) -> None:
 
     password = "p a@s/s:w+rd %2B"
     docs = render(helm, "--set-string", f"postgresql.password={password}")
+    # The user and database names go into the URL the same way (PostgreSQL takes any name).
+    odd = render(helm, "--set-string", "postgresql.username=seg:u%2Bser@site", "--set-string",
+                 "postgresql.database=seg/node?db")  # fmt: skip
+    engine = make_engine(secret_value(odd, f"{FULLNAME}-database", "url"))
+    assert (engine.url.username, engine.url.database) == ("seg:u%2Bser@site", "seg/node?db")
+    engine.dispose()
     assert secret_value(docs, f"{FULLNAME}-postgresql", "password") == password
     engine = make_engine(secret_value(docs, f"{FULLNAME}-database", "url"))  # does not connect
     url = engine.url
