@@ -263,6 +263,23 @@ def exam_protocols(series: Iterable[SeriesInfo]) -> frozenset[str]:
     return frozenset(key for key, seen in descriptions.items() if len(seen) > 1)
 
 
+#: The contrast basis of a T1 that no description calls pre- or post-contrast in a study whose every T1
+#: carries a contrast agent (entered at registration): acquired after a T1 described post-contrast, it
+#: is post-contrast; before, it may be either, and serves as T1GD only when no T1 is known to be one.
+KEPT_CONTRAST = (
+    "contrast/bolus attributes on every T1 of the study, acquired after a T1 described post-contrast"
+)
+UNSURE_CONTRAST = (
+    "contrast/bolus attributes on every T1 of the study, acquired before any T1 described post-contrast "
+    "(pre or post not known)"
+)
+
+
+def _unsure(s: SeriesInfo, evidence: Mapping[str, tuple[bool, str]]) -> bool:
+    """``s``'s contrast is :data:`UNSURE_CONTRAST`."""
+    return evidence.get(s.series_instance_uid, (False, ""))[1] == UNSURE_CONTRAST
+
+
 #: ImageType values (PS3.3 C.7.6.1.1.2, C.8.13.1.1.1 and vendors') of images that are maps derived from
 #: another acquisition, not a contrast of their own.
 DERIVED_MAPS = frozenset(
@@ -1104,8 +1121,6 @@ class SeriesSelector:
         # Undescribed T1s keep their attribute's contrast; not a start of contrast for timing: it is on
         # every T1 of the study, the first one too.
         kept = {s.series_instance_uid for s in t1_series if everywhere and own[s.series_instance_uid] is None}
-        for uid in kept:
-            own[uid] = (True, "contrast/bolus attributes (on every T1 of the study, none says pre-contrast)")
         # Contrast given shows in any series that records it, T1 or not: a perfusion series, a
         # post-contrast FLAIR (and often only there). A description starts it only on a T1.
         given = [
@@ -1119,6 +1134,10 @@ class SeriesSelector:
             )
         ]  # fmt: skip
         first_given = min(given, default=None)
+        for s in t1_series:
+            if s.series_instance_uid in kept:
+                after = first_given is not None and s.acquired is not None and s.acquired > first_given
+                own[s.series_instance_uid] = (True, KEPT_CONTRAST if after else UNSURE_CONTRAST)
         out: dict[str, tuple[bool, str]] = {}
         for s in series:
             evidence = own[s.series_instance_uid]
@@ -1214,6 +1233,9 @@ class SeriesSelector:
                 and self._role_matches(modality, s, roles, exam)
             ]
             candidates = [s for s in matching if s.series_instance_uid not in out.refused]
+            if modality == "T1GD" and (sure := [s for s in candidates if not _unsure(s, evidence)]):
+                # A T1 that may be native is no T1GD while one is known to be post-contrast.
+                candidates = sure
             for s in matching:
                 if s.series_instance_uid in out.refused:
                     reason = out.refused[s.series_instance_uid]
@@ -1337,6 +1359,8 @@ class SeriesSelector:
             if any(line.startswith(unreadable) for line in assignment.replaced):
                 return f"the {modality} chosen first, could not be read (see series replaced)"
             pool = [chosen, *(a for a in assignment.alternatives.get(modality, []) if a is not chosen)]
+            if s not in pool and _unsure(s, evidence):
+                return f"a {modality} candidate only by {UNSURE_CONTRAST}; {chosen.label} is known to be one"
             if s not in pool:  # taken by no role, yet no candidate of this one: not expected
                 return f"a {modality} candidate, not chosen"
             why = _why_before(chosen, s, pool, modality == "T1", given, evidence)

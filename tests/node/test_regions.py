@@ -33,7 +33,15 @@ from node.config import Destination, RegistrationConfig
 from node.coregistration import LoadedSeries, coregister
 from node.exceptions import JobError
 from node.pipeline import load_chosen
-from node.selection import SeriesInfo, SeriesSelector, scan_grouped_series, scan_series, series_info
+from node.selection import (
+    KEPT_CONTRAST,
+    UNSURE_CONTRAST,
+    SeriesInfo,
+    SeriesSelector,
+    scan_grouped_series,
+    scan_series,
+    series_info,
+)
 from node.sender import store_files
 from node.service import NodeService
 from tests.helpers.node import (
@@ -149,18 +157,22 @@ def test_an_agent_entered_at_registration_on_every_series_does_not_make_the_nati
     localizer = series("localizer", "095500", 3, agent=False, ScanningSequence="GR", RepetitionTime=8.6,
                        EchoTime=4, SliceThickness=7)  # fmt: skip
     assert selector.assign([localizer, *study], ["FLAIR", "T1", "T1GD", "T2"]).chosen["T1"] is native
-    # A T1 described neither way keeps its attribute's contrast, before the described post-contrast one
-    # as after it: contrast was given, and a 3D T1 that does not say so may be post-contrast (as the
-    # native T1 it fed the four-series model two post-contrast T1s; found by review of the day's diff).
-    for time in ("102000", "104500"):
+    # A T1 described neither way keeps its attribute's contrast: contrast was given, and a 3D T1 that
+    # does not say so may be post-contrast (as the native T1 it fed the four-series model two
+    # post-contrast T1s; found by review of the day's diff). After a T1 described post-contrast it is
+    # one; before, it may be either: no native T1, and no T1GD while one is known (a second review).
+    for time, basis in (("102000", UNSURE_CONTRAST), ("104500", KEPT_CONTRAST)):
         plain = series("t1_mprage_sag_p2_iso", time, 176, ScanningSequence="GR\\IR", EchoTime=2.3,
                        RepetitionTime=2300, InversionTime=900, SliceThickness=1)  # fmt: skip
-        assert selector.contrast_evidence([*study, plain])[plain.series_instance_uid] == (
-            True, "contrast/bolus attributes (on every T1 of the study, none says pre-contrast)"
-        )
+        assert selector.contrast_evidence([*study, plain])[plain.series_instance_uid] == (True, basis)
         unsaid = [plain, flair, t2, post, series("t1_se_tra", "100000", 28, ScanningSequence="SE",
                   RepetitionTime=550, EchoTime=10, SliceThickness=5)]  # fmt: skip
-        assert "T1" not in selector.assign(unsaid, ["FLAIR", "T1", "T1GD", "T2"]).chosen
+        assignment = selector.assign(unsaid, ["FLAIR", "T1", "T1GD", "T2"])
+        assert "T1" not in assignment.chosen
+        if basis == UNSURE_CONTRAST:  # the finer 3D T1 that may be native is no T1GD beside the one known
+            assert assignment.chosen["T1GD"] is post
+            reasons = {u["series"]: u["reason"] for u in selector.not_used(unsaid, assignment)}
+            assert "pre or post not known" in reasons[plain.label], reasons
 
 
 def test_a_t1_without_attributes_acquired_after_contrast_is_post_contrast() -> None:
