@@ -56,7 +56,8 @@ class RemovableStudy:
     instance_ids: tuple[int, ...]
     #: Spool paths of its kept instances (ignored instances have none).
     paths: tuple[str, ...]
-    #: Its jobs (every run) with no send pending or refused: their outputs (SEG, SR, preview) may go too;
+    #: Its jobs (every run) with no send pending: their outputs (SEG, SR, preview) may go too (a refused
+    #: send of an earlier run is superseded by the later one);
     #: not those of its ``done`` runs when none of its runs queued a send (their only copy).
     finished_job_ids: tuple[int, ...] = ()
     #: For a ``done`` study, what became of its result: ``delivered`` (every send acknowledged),
@@ -94,6 +95,9 @@ def _removable(s: Session, study: NodeStudy, cutoffs: dict[str, datetime | None]
     undelivered = NodeSend.status.in_(UNDELIVERED_SEND_STATES)
     of_study = NodeSend.job_id.in_([j.id for j in jobs])
     sending = set(s.scalars(select(NodeSend.job_id).where(of_study, undelivered)).all())
+    # Outputs a sender may still read: those of runs with a send pending. An earlier run's refusal is
+    # superseded by the later run (only the latest run can be retried): its outputs go with the study.
+    pending = set(s.scalars(select(NodeSend.job_id).where(of_study, NodeSend.status == "pending")).all())
     queued = set(s.scalars(select(NodeSend.job_id).where(of_study)).all())
     # No run of the study queued a send (no [[destinations]]): its done runs' outputs are the only copy
     # of its result, which the node said stays in the jobs directory; only the spool files go.
@@ -123,7 +127,7 @@ def _removable(s: Session, study: NodeStudy, cutoffs: dict[str, datetime | None]
         finished_at=finished,
         instance_ids=tuple(int(i) for i, _ in rows),
         paths=tuple(str(p) for _, p in rows if p),
-        finished_job_ids=tuple(sorted(j.id for j in jobs if j.id not in sending | only_copies)),
+        finished_job_ids=tuple(sorted(j.id for j in jobs if j.id not in pending | only_copies)),
         delivery=delivery,
     )
 

@@ -195,3 +195,30 @@ def test_rows_of_ignored_instances_are_forgotten_in_batches_once_old(migrated_db
     counts = instances.instance_counts(sf)
     assert (counts["ignored"], counts["kept"]) == (2, 1)  # the marked row and the recent one
     assert instances.instance_kept(sf, "1.2.3.4.8")
+
+
+def test_an_earlier_runs_refused_result_goes_with_the_study_its_later_run_delivered(
+    sf: SessionFactory, tmp_path: Path
+) -> None:
+    """Run 1's SEG refused for good, run 2's delivered: the study leaves under run 2's delivered rule,
+    and run 1's outputs with it. Its refusal is superseded (only the latest run can be retried); kept, its
+    outputs stayed in the jobs directory for ever, since nothing leads a later pass back to a study
+    whose instance rows are gone (found by review of the day's diff)."""
+    pacs = [SimpleNamespace(name="pacs", ae_title="PACS", host="127.0.0.1", port=11112)]
+    start = utcnow() - timedelta(days=30)
+
+    def outputs(name: str) -> list[job_queue.OutputObject]:
+        path = tmp_path / name
+        path.write_bytes(b"x")
+        return [job_queue.OutputObject(str(path), f"1.2.3.{len(name)}")]
+
+    run1 = _study(sf, 1, "done", start, outputs=outputs("seg1.dcm"), destinations=pacs)
+    for send in send_queue.due_sends(sf, now=utcnow()):
+        send_queue.mark_send_failed(sf, send.id, "refused", base_seconds=1, max_seconds=1, give_up=True)
+    later = start + timedelta(hours=1)
+    run2 = _next_run(sf, 1, "done", later, outputs=outputs("seg22.dcm"), destinations=pacs)
+    for send in send_queue.due_sends(sf, now=utcnow()):
+        send_queue.mark_sent(sf, send.id)
+    [study] = removable_studies(sf, utcnow(), utcnow())
+    assert study.job_id == run2 and study.delivery == "delivered"
+    assert set(study.finished_job_ids) == {run1, run2}
