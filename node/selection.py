@@ -58,7 +58,12 @@ localizer) serves no role. Nor, whatever its description says, does a series who
   SWAN or a minimum-intensity projection (MNIP), or a Siemens ``*swi`` / GE ``swan`` SequenceName;
 * dynamic: NumberOfTemporalPositions (0020,0105) above 1 (a DCE or DSC perfusion series). A DCE
   series is a T1 given contrast with many times the slices of any other; it used to win the T1GD
-  role, be read whole and be refused for its repeated positions.
+  role, be read whole and be refused for its repeated positions. So is a stack of more than
+  :data:`MAX_REPEATED_ACQUISITIONS` images to a slice position on average (three time points or more;
+  positions counted as the loader tells duplicates) when nothing splits them into acquisitions
+  (below): a dynamic series whose headers do not say so (a Philips SE-EPI perfusion: ScanningSequence
+  SE, no NumberOfTemporalPositions) is a T2 by its TE, and took the T2 role from the real one by its image
+  count ("covers more"), to be refused by the loader for its repeated positions.
 
 A single-frame series holding several echoes at each position (a PD/T2 dual echo: EchoNumbers
 (0018,0086) and EchoTime differ between its images) is taken as one candidate per echo, each with
@@ -676,13 +681,15 @@ ECHO_TAGS: list[str] = [
 STACK_NORMAL_TOLERANCE = 0.01
 
 #: The attributes a probe reads (it parses no other value): :data:`ECHO_TAGS` and those by which any one
-#: image says its series is a localizer or diffusion (:func:`_no_role_kind`), Philips' private b-value
-#: with its private creator, in whichever block of group 2001 the file has put it.
+#: image says its series is a localizer or diffusion (:func:`_no_role_kind`) or may repeat positions
+#: (:func:`_may_repeat`), Philips' private b-value with its private creator, in whichever block of group
+#: 2001 the file has put it.
 PROBE_TAGS: list[BaseTag] = [
     *(
         Tag(keyword)
         for keyword in (
             *ECHO_TAGS,
+            "ImagePositionPatient",
             "ScanningSequence",
             "SequenceName",
             "DiffusionBValue",
@@ -769,8 +776,51 @@ def _repeats(depths: Sequence[float]) -> bool:
 
 
 #: Acquisitions at the same positions that one series may hold as candidates of their own (a repeat
-#: after motion); more are a dynamic series, kept whole (:func:`_by_acquisition`).
+#: after motion); more are a dynamic series, kept whole (:func:`_by_acquisition`), and a stack of more
+#: images than this to a position is dynamic (:func:`_dynamic`).
 MAX_REPEATED_ACQUISITIONS = 2
+
+
+def _distinct(depths: Sequence[float]) -> int:
+    """How many positions ``depths`` hold (nearer than the loader's duplicate tolerance: one)."""
+    return 1 + int(np.sum(np.diff(np.sort(np.asarray(depths))) >= DUPLICATE_TOLERANCE_MM)) if depths else 0
+
+
+def _dynamic(items: Sequence[tuple[Dataset, Path]]) -> str:
+    """"dynamic (N images at M positions)" when the images of one stack are, on average, more than
+    :data:`MAX_REPEATED_ACQUISITIONS` to a slice position (the time points of a dynamic series whose
+    headers do not say so), else ""."""
+    normal = _normal(items[0][0]) if items else None
+    depths = _depths(items, normal) if normal is not None else None
+    if not depths:
+        return ""
+    positions = _distinct(depths)
+    if len(depths) <= MAX_REPEATED_ACQUISITIONS * positions:
+        return ""
+    return f"dynamic ({len(depths)} images at {positions} positions)"
+
+
+def _may_repeat(first: Dataset, probes: Sequence[Dataset], files: int) -> bool:
+    """Whether a single-frame series of ``files`` files may hold images at the same positions, by its
+    ``first`` header and ``probes`` (spread over it): two of them at one position, or more files than
+    the positions they reach could hold (their span over the smaller of SliceThickness and
+    SpacingBetweenSlices) more than :data:`MAX_REPEATED_ACQUISITIONS` times. Then every header is read
+    (:func:`scan_grouped_series`): probes of a series sent one position after the other (a dynamic's
+    time points together) all meet different positions."""
+    timepoints = _float(_deep_get(first, "NumberOfTemporalPositions"))
+    if timepoints is not None and timepoints > 1:
+        return False  # dynamic by its header already (:func:`_no_role_kind`)
+    normal = _normal(first)
+    depths = _depths([(h, Path()) for h in (first, *probes)], normal) if normal is not None else None
+    if not depths:
+        return False
+    if _repeats(depths):
+        return True
+    steps = [abs(v) for k in ("SliceThickness", "SpacingBetweenSlices") if (v := _float(first.get(k)))]
+    if not steps:
+        return False
+    reach = int((max(depths) - min(depths)) / min(steps)) + 1
+    return files > MAX_REPEATED_ACQUISITIONS * reach
 
 
 def _by_acquisition(
@@ -870,6 +920,8 @@ def _echo_series(
             info.identity_mixed = mixed
             if localizer:
                 info.special = localizer
+            elif not info.special and (dynamic := _dynamic(images)):
+                info.special = dynamic
             elif stack and len(images) < min_stack_slices and not info.special:
                 info.special = f"a stack of {len(images)} images (fewer than {min_stack_slices})"
             out.append(info)
@@ -919,8 +971,9 @@ def scan_grouped_series(
 ) -> list[SeriesInfo]:
     """Like :func:`scan_series` for files already grouped by series (from the database): one header
     read per single-frame series instead of one per file, plus up to :data:`ECHO_PROBES` that say
-    whether it holds several volumes (echoes, magnitude and phase, orientations, acquisitions); only
-    then are all its headers read, and each volume's files known.
+    whether it holds several volumes (echoes, magnitude and phase, orientations, acquisitions) or may
+    repeat positions (:func:`_may_repeat`: a dynamic series); only then are all its headers read, and
+    each volume's files known.
 
     A stack that no probe meets (3 stray images among 150) leaves the series whole, and the loader
     refuses it as before. The probes read the patient identity too (:attr:`SeriesInfo.identity_mixed`);
@@ -935,7 +988,9 @@ def scan_grouped_series(
             continue
         key, normal = (_echo_key(first), _acquisition(first)), _normal(first)
         probes = [_probe_header(p) for p in _echo_probes(paths)]
-        if all((_echo_key(h), _acquisition(h)) == key and _same_stack(_normal(h), normal) for h in probes):
+        if all(
+            (_echo_key(h), _acquisition(h)) == key and _same_stack(_normal(h), normal) for h in probes
+        ) and not _may_repeat(first, probes, len(paths)):
             out.append(series_info(first, [Path(p) for p in paths], len(paths), probes))
             continue
         headers = [(pydicom.dcmread(p, stop_before_pixels=True), Path(p)) for p in paths]

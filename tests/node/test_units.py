@@ -1248,6 +1248,57 @@ def test_two_acquisitions_at_the_same_positions_in_one_series_are_two_candidates
     phases = first + second + third
     for scanned in (scan_grouped_series({"series": phases}), scan_series(phases)):
         assert [(s.stack, s.slices) for s in scanned] == [("", 3 * len(sources))], scanned
+        assert scanned[0].special == f"dynamic ({3 * len(sources)} images at {len(sources)} positions)"
+
+
+def test_a_dynamic_series_that_does_not_say_so_serves_no_role(tmp_path: Path) -> None:
+    """A Philips SE-EPI perfusion (ScanningSequence SE, contrast attributes, no NumberOfTemporalPositions,
+    one AcquisitionNumber for all its time points) is a T2 by its TE, and took the T2 role from the real
+    T2 by its image count ("covers more"), then to be refused by the loader for its repeated positions.
+    More than two images to a position make it dynamic on both scanning paths, received one time point
+    after the other or one position after the other (20 positions: the probes of the grouped scan then
+    meet no position twice); the T2 is chosen and loads. Real Philips headers."""
+    from node.pipeline import load_chosen
+    from node.selection import scan_grouped_series
+
+    sources = sorted(require_shared("dicom", "philips_t1_sag3d_mprage_healthy").iterdir())[:20]
+    se = {"ScanningSequence": "SE", "SequenceVariant": "SK", "MRAcquisitionType": "2D",
+          "ImageType": ["ORIGINAL", "PRIMARY", "M_SE", "M", "SE"]}  # fmt: skip
+
+    def series(name: str, dynamics: int, **attrs: object) -> list[Path]:
+        folder = tmp_path / name
+        folder.mkdir()
+        uid, paths = pydicom.uid.generate_uid(), []
+        for t in range(dynamics):
+            for n, source in enumerate(sources):
+                ds = pydicom.dcmread(source)
+                del ds.NumberOfTemporalPositions, ds.TemporalPositionIdentifier
+                ds[0x2005, 0x140F].value[0].EchoPulseSequence = "SPIN"  # Philips' private copy of it
+                ds.SeriesInstanceUID, ds.SeriesDescription, ds.ProtocolName = uid, name, f"WIP {name}"
+                for keyword, value in {**se, **attrs}.items():
+                    setattr(ds, keyword, value)
+                ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+                path = folder / f"{n:03d}-{t:02d}.dcm"
+                ds.save_as(path, enforce_file_format=True)
+                paths.append(path)
+        return paths
+
+    t2 = series("T2W_TSE", 1, EchoTime=100, RepetitionTime=5000)
+    pwi = series("PWI_SE", 3, EchoTime=75, RepetitionTime=1600, ContrastBolusAgent="Gadovist")
+    by_position = sorted(pwi, key=lambda p: p.name)  # time-major as made; this: one position after another
+    selector = SeriesSelector()
+    for order in (pwi, by_position):
+        for scanned in (scan_grouped_series({"t2": t2, "pwi": order}), scan_series(t2 + order)):
+            real, dynamic = scanned
+            assert (real.description, dynamic.description) == ("T2W_TSE", "PWI_SE")
+            assert dynamic.special == f"dynamic ({3 * len(sources)} images at {len(sources)} positions)"
+            assignment = selector.assign(scanned, ["T2"])
+            assert assignment.chosen == {"T2": real} and assignment.alternatives["T2"] == []
+            assert {n["series"]: n["reason"] for n in selector.not_used(scanned, assignment)} == {
+                dynamic.label: f"{dynamic.special}: serves no role"
+            }
+            assert not real.special and real.slices == len(sources)
+    assert load_chosen(real, "T2").volume.array.shape[0] == len(sources)
 
 
 def test_a_philips_dwi_whose_first_image_is_b0_is_diffusion_by_any_image(tmp_path: Path) -> None:
