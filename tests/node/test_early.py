@@ -434,7 +434,10 @@ def test_a_ge_exam_wide_protocol_name_does_not_stop_the_read_ahead(
         # The rule with the study's other series judged before (their first files).
         first_flair, first_t1 = pydicom.dcmread(flair[0]), pydicom.dcmread(t1[0])
         assert node._may_be_read(first_flair, [first_t1])
-        first_flair.ProtocolName = "ep2d_perfusion"  # the series' own name (Siemens): excluded by it
+        # The series' own name (Siemens) excludes it when its description names no sequence of its own (a
+        # description naming one outweighs a ProtocolName alone, selection.SeriesSelector.excluded).
+        first_flair.ProtocolName = "ep2d_perfusion"
+        first_flair.SeriesDescription = "sequence 12"
         first_t1.ProtocolName = "t1_se_tra"
         assert not node._may_be_read(first_flair, [first_t1])
         assert node._may_be_read(first_flair)  # alone the rule cannot tell: read, in case it is the exam's
