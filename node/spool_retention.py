@@ -2,9 +2,10 @@
 result was delivered (or its refusal dismissed), or ``[node] failed_keep_hours`` after its analysis failed
 or was skipped, so that the spool does not grow until the free-disk floor refuses every PACS. The
 outputs of its jobs (SEG, SR, preview under the jobs directory) go with them, except those of a run
-with a send still pending or refused, and those of its done runs when none of its runs queued a send
-(no ``[[destinations]]``: the jobs directory holds the only copy of its result, kept until removed by
-hand).
+with a send still pending (an earlier run's refusal is superseded by the later run's delivery; a refusal
+of the run delivering the result keeps the whole study), and those of its done runs when none of its
+runs queued a send (no ``[[destinations]]``: the jobs directory holds the only copy of its result,
+kept until removed by hand).
 
 Which studies qualify is the database's call (:func:`db.retention.removable_studies`: result done and
 every send acknowledged, or the latest run failed or skipped; nothing received since, no run queued or
