@@ -1146,8 +1146,9 @@ class SeriesSelector:
         pre-contrast (a hint), else acquired after the first series with evidence of contrast (any
         series whose Contrast/Bolus attributes say so, or a T1-weighted series given contrast by its
         attributes or description): contrast stays for the rest of the examination. A FLAIR after
-        contrast often says so only in its description or by its timing, and must not win over the
-        native one (:func:`ranked`).
+        contrast often says so only in its description or by its timing, and loses to a native one that is
+        otherwise its equal (:func:`ranked`: after origin, coverage, slices and orientation, so a
+        post-contrast 3D FLAIR still wins over a native 5 mm one on its finer slices).
         """
         exam = exam_protocols(series)
         t1w = {s.series_instance_uid for s in self._t1_weighted_series(series, exam)}
