@@ -92,13 +92,14 @@ def _removable(s: Session, study: NodeStudy, cutoffs: dict[str, datetime | None]
         return None  # not ended long enough ago, or instances came after this rule's cut-off
     # A send refused for good is not tried again, but its result was not delivered: the study stays
     # for `segnode jobs retry` until an administrator dismisses the refusal (`segnode jobs dismiss`).
-    undelivered = NodeSend.status.in_(UNDELIVERED_SEND_STATES)
-    of_study = NodeSend.job_id.in_([j.id for j in jobs])
-    sending = set(s.scalars(select(NodeSend.job_id).where(of_study, undelivered)).all())
+    sends = s.execute(
+        select(NodeSend.job_id, NodeSend.status).where(NodeSend.job_id.in_([j.id for j in jobs]))
+    ).all()
+    sending = {job_id for job_id, status in sends if status in UNDELIVERED_SEND_STATES}
     # Outputs a sender may still read: those of runs with a send pending. An earlier run's refusal is
     # superseded by the later run (only the latest run can be retried): its outputs go with the study.
-    pending = set(s.scalars(select(NodeSend.job_id).where(of_study, NodeSend.status == "pending")).all())
-    queued = set(s.scalars(select(NodeSend.job_id).where(of_study)).all())
+    pending = {job_id for job_id, status in sends if status == "pending"}
+    queued = {job_id for job_id, _ in sends}
     # No run of the study queued a send (no [[destinations]]): its done runs' outputs are the only copy
     # of its result, which the node said stays in the jobs directory; only the spool files go.
     only_copies = set() if queued else {j.id for j in jobs if j.status == "done"}
@@ -111,8 +112,8 @@ def _removable(s: Session, study: NodeStudy, cutoffs: dict[str, datetime | None]
         delivering = next((j.id for j in jobs if j.status == "done" and j.id in queued), latest.id)
         if delivering in sending:
             return None  # not delivered yet, or refused and not dismissed
-        dismissed = select(NodeSend.id).where(NodeSend.job_id == delivering, NodeSend.status == "dismissed")
-        delivery = "dismissed" if s.scalar(dismissed.limit(1)) is not None else "delivered"
+        dismissed = (delivering, "dismissed") in {tuple(send) for send in sends}
+        delivery = "dismissed" if dismissed else "delivered"
     rows = s.execute(
         select(NodeInstance.id, NodeInstance.path)
         .where(NodeInstance.study_instance_uid == study.study_instance_uid)

@@ -1111,7 +1111,9 @@ class SeriesSelector:
         """This series alone: T1-weighted and not :meth:`is_t1gd`."""
         return not self.is_flair(s, exam) and self._t1_weighted(s, exam) and not self.is_t1gd(s, exam)
 
-    def t1_roles(self, series: Sequence[SeriesInfo]) -> dict[str, tuple[str, str]]:
+    def t1_roles(
+        self, series: Sequence[SeriesInfo], evidence: Mapping[str, tuple[bool, str]] | None = None
+    ) -> dict[str, tuple[str, str]]:
         """SeriesInstanceUID -> (``"T1"`` or ``"T1GD"``, basis) for the T1-weighted series of a study.
 
         Each series' own evidence first: its Contrast/Bolus attributes, else a description that says
@@ -1120,10 +1122,11 @@ class SeriesSelector:
         given contrast, or any series whose Contrast/Bolus attributes say so (a perfusion series, a
         post-contrast FLAIR), and native otherwise (:meth:`contrast_evidence`). Acquisition time alone
         never makes a T1GD: in a study without any evidence of contrast no series is T1GD, and a model
-        that needs one is not run.
+        that needs one is not run. ``evidence``: :meth:`contrast_evidence` of ``series``, when the
+        caller has it already.
         """
         t1w = self._t1_weighted_series(series, exam_protocols(series))
-        evidence = self.contrast_evidence(series)
+        evidence = self.contrast_evidence(series) if evidence is None else evidence
         return {
             s.series_instance_uid: (
                 "T1GD" if evidence[s.series_instance_uid][0] else "T1", evidence[s.series_instance_uid][1]
@@ -1273,8 +1276,8 @@ class SeriesSelector:
         out = Assignment()
         taken: set[str] = set()
         exam = exam_protocols(series)
-        roles = self.t1_roles(series)
         evidence = self.contrast_evidence(series)
+        roles = self.t1_roles(series, evidence)
         given = {uid: flag for uid, (flag, _) in evidence.items()}
         order = [m for m in ("FLAIR", "T1GD", "T1", "T2") if m in modalities]
         order += [m for m in modalities if m not in order]
@@ -1371,8 +1374,8 @@ class SeriesSelector:
         read (``series_replaced``), or a candidate for a role the model that ran has no input for.
         """
         used = {(s.series_instance_uid, s.echo, s.stack) for s in assignment.chosen.values()}
-        roles = self.t1_roles(series)
         evidence = self.contrast_evidence(series)
+        roles = self.t1_roles(series, evidence)
         given = {uid: flag for uid, (flag, _) in evidence.items()}
         exam = exam_protocols(series)
         out = [

@@ -52,7 +52,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
-from node.seg import card_texts, run_series
+from node.seg import QC_FAILED_MARKER, card_texts, run_series
 from node.source_attributes import clean_sources
 
 logger = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ QC_RELEASED = hd.sr.CodedConcept("QC_RELEASED", PRIVATE_SCHEME, "Sent after fail
 QC_FAILED_RULE = hd.sr.CodedConcept("QC_FAILED_RULE", PRIVATE_SCHEME, "Failed quality check")
 #: The QC_RELEASED item's text.
 QC_RELEASED_TEXT = (
-    "QC FAILED - reviewed: the node held this result because it failed the quality checks below; it was "
+    f"{QC_FAILED_MARKER}the node held this result because it failed the quality checks below; it was "
     "sent only because an administrator released it after review. Check them before relying on the volumes."
 )
 #: Composite region key (node/pipeline.py ``region_volumes_ml``) -> (finding type, tracking identifier).
