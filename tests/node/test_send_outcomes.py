@@ -477,13 +477,15 @@ def test_a_delivery_that_outlasts_the_lease_is_not_claimed_and_sent_again_by_ano
     """Two senders on one database (two replicas). The rows are marked once the association ends, and
     the lease was never renewed: a delivery that outlasted it (up to 100 sends, each up to the 30 s
     DIMSE timeout, against a 120 s lease) had its sends claimed by the other sender and stored twice.
-    Scaled down: a 0.6 s lease and a PACS that takes 1.5 s over its first C-STORE."""
-    monkeypatch.setattr(sender_module, "LEASE_SECONDS", 0.6)
-    pacs = _pacs(pacs_factory, stall_seconds=1.5)
+    Scaled down: a 2 s lease (renewed every 0.5 s) and a PACS that takes 6 s over its first C-STORE. The
+    margins are wide because CI machines run several times slower at times: a 0.6 s lease once missed
+    its renewals there (thread start and a SQLite write past 0.6 s) and the second sender claimed."""
+    monkeypatch.setattr(sender_module, "LEASE_SECONDS", 2.0)
+    pacs = _pacs(pacs_factory, stall_seconds=6.0)
     job = _done_job(sf, tmp_path, 1, pacs)
     first, second = _sender(sf), _sender(sf)
     assert first.run_once(wait=False) == 2
-    time.sleep(0.9)  # past the first lease; the PACS has not answered yet
+    time.sleep(3.0)  # past the first lease; the PACS has not answered yet
     assert second.run_once() == 0  # still leased to the first sender's running delivery
     first.shutdown(timeout=10)
     assert {(s.status, s.attempts) for s in _sends(sf, job).values()} == {("done", 1)}
