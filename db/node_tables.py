@@ -36,6 +36,9 @@ class NodeInstance(Base):
     """A received SOP instance."""
 
     __tablename__ = "node_instances"
+    #: Spool retention forgets ignored rows (kept false) by age every pass: without it, a scan of the
+    #: whole table in a write transaction (about 1 s at 2 million rows on SQLite).
+    __table_args__ = (Index("ix_node_instances_kept_received", "kept", "received_at"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)

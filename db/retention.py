@@ -242,7 +242,7 @@ def forget_ignored_instances(sf: SessionFactory, received_before: datetime, limi
                 NodeInstance.path.is_(None),
                 NodeInstance.received_at < as_utc(received_before),
             )
-            .order_by(NodeInstance.id)
+            .order_by(NodeInstance.received_at)  # the index's order (ix_node_instances_kept_received)
             .limit(limit)
         ).all()
         if ids:
