@@ -246,7 +246,7 @@ def jobs_list(
         "--status",
         help="Only jobs in this state: queued, running, done, failed, skipped, review (held by a QC check).",
     ),
-    limit: int = typer.Option(50, "--limit", help="At most this many (newest first)."),
+    limit: int = typer.Option(50, "--limit", min=1, help="At most this many (newest first)."),
     as_json: bool = typer.Option(False, "--json", help="Write JSON instead of a table."),
 ) -> None:
     """List jobs, newest first, with their sends by state (a done job whose results a destination

@@ -349,6 +349,22 @@ def test_jobs_list_refuses_an_unknown_state(
     assert (code, out.strip()) == (0, "[]")
 
 
+@pytest.mark.parametrize("limit", ["0", "-1"])
+def test_jobs_list_refuses_a_limit_below_one(
+    limit: str,
+    config: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``--limit -1`` listed every job on SQLite and was an SQL error on PostgreSQL (``LIMIT -1``); ``0``
+    said "no such jobs". Both are a usage error now, before the database."""
+    _done_job(f"sqlite:///{tmp_path / 'node.db'}")
+    code, out, err = run_cli(["jobs", "list", "--config", str(config), "--limit", limit], capsys, monkeypatch)
+    assert (code, out) == (2, ""), out
+    assert "Invalid value for '--limit'" in err and "greater than or equal to 1" in err, err
+
+
 def test_send_anyway_does_not_need_the_nodes_tls_files(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, segnode_home: Path
 ) -> None:
