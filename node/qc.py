@@ -349,12 +349,13 @@ def rule_brain_volume(
             f"the brain{_covers(coverage_mm)}",
         )
     ok = min_ml <= brain_ml <= max_ml
-    return RuleResult(
-        "brain_volume",
-        PASSED if ok else FAILED,
-        figures,
-        f"brain {brain_ml:.1f} mL" + ("" if ok else f", outside {min_ml:g}-{max_ml:g} mL"),
-    )
+    message = f"brain {brain_ml:.1f} mL" + ("" if ok else f", outside {min_ml:g}-{max_ml:g} mL")
+    if brain_ml < min_ml:
+        # Read alone, the figure looks like a failed mask; a young child's whole brain fails it too.
+        message += (
+            " (qc.min_brain_ml: an adult's brain; a site that sends young children's studies sets it lower)"
+        )
+    return RuleResult("brain_volume", PASSED if ok else FAILED, figures, message)
 
 
 def rule_tumour_share_of_brain(tumour_ml: float, brain_ml: float | None, max_percent: float) -> RuleResult:
@@ -414,7 +415,7 @@ def rule_tumour_within_coverage(
             FAILED,
             figures,
             f"tumour reaches the edge of the series' coverage ({edge_voxels} voxels, {edge_ml:.2f} mL within "
-            f"{margin_mm:g} mm of the cut, over {max_edge_ml:g} mL); its volume is incomplete; {where}",
+            f"{margin_mm:g} mm of the cut{_over_allowance(max_edge_ml)}); its volume is incomplete; {where}",
         )
     if edge_voxels:
         return RuleResult(
@@ -434,6 +435,12 @@ def skull_base_face(slice_direction: Sequence[float] | None) -> tuple[int, int] 
     if slice_direction is None or abs(float(slice_direction[2])) < np.sqrt(0.5):
         return None
     return (0, 0) if float(slice_direction[2]) > 0 else (0, 1)  # +z (S) onwards: the first is lowest
+
+
+def _over_allowance(max_edge_ml: float) -> str:
+    """The allowance a cut tumour went over, for the message; nothing where none is allowed ("over 0 mL"
+    read like a setting left at zero by mistake)."""
+    return f", over the {max_edge_ml:g} mL allowed at a skull-base cut" if max_edge_ml > 0 else ""
 
 
 def _edge_allowance(

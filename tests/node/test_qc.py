@@ -108,6 +108,10 @@ def test_brain_volume_and_brain_found_on_masks_of_known_volume(brain: npt.NDArra
         assert result.figures["brain_ml"] == pytest.approx(ml, abs=1e-3)
     assert qc.rule_brain_found(0.0).message == "brain extraction found no brain"
     assert "outside 800-2200 mL" in qc.rule_brain_volume(293.0, 800, 2200).message
+    # Under the floor the message says whose range it is: a young child's whole brain fails it too, and
+    # the figure alone reads like a failed mask.
+    assert "qc.min_brain_ml: an adult's brain" in qc.rule_brain_volume(755.0, 800, 2200).message
+    assert "adult" not in qc.rule_brain_volume(2500.0, 800, 2200).message
     assert qc.rule_brain_volume(None, 800, 2200).status == qc.NOT_CHECKED
 
 
@@ -340,6 +344,9 @@ def test_a_tumour_reaching_the_cut_of_a_partial_series_fails(brain: npt.NDArray[
             assert "tumour reaches the edge of the series' coverage" in report.reason()
             assert "its volume is incomplete" in report.reason()
             assert "last slice" in rule.message
+            # No allowance at a slab's cut: the message names none ("over 0 mL" read like a setting
+            # left at zero by mistake).
+            assert ", over " not in rule.message and rule.figures["max_edge_ml"] == 0.0, rule.message
     # A tumour touching the edge of a series that covers the whole brain is not there: restricted to
     # the brain, which keeps off every face.
     assert qc.edge_voxels(labels_of(brain), qc.cut_faces(brain), (2.0, 2.0, 2.0)) == 0
@@ -368,6 +375,8 @@ def test_a_few_tumour_voxels_at_the_skull_base_cut_do_not_hold_the_study(
         assert rule.figures["max_edge_ml"] == 0.5
         assert f"{spots * VOXEL_ML:.2f} mL" in rule.message
         assert report.passed == (status == qc.PASSED), report.reason()
+        if status == qc.FAILED:
+            assert "over the 0.5 mL allowed at a skull-base cut" in rule.message, rule.message
     # The limit is the [qc] setting's.
     strict = qc.check(labels_of(tumour) | (np.arange(70) == 69)[:, None, None] & base, base, VOXEL_ML, 70,
                       QCSettings(max_tumour_at_cut_ml=0.0), spacing_mm=(2.0, 2.0, 2.0),
