@@ -362,6 +362,25 @@ def test_a_double_inversion_recovery_is_no_flair() -> None:
     assert SeriesSelector().matches("FLAIR", _series("t2_flair_dirty_sag", **FLAIR))  # not a word "dir"
 
 
+def test_angiograms_and_perfusion_named_so_serve_no_role() -> None:
+    """A time-of-flight angiogram whose headers do not say angio (AngioFlag absent, as Philips writes
+    it) is a short-TE, short-TR gradient echo: a T1 by its attributes. In a protocol whose only other T1 is
+    post-contrast, it took the native T1 role and the four-series model read an angiogram as T1. Their
+    names (TOF, MRA, angio, TWIST/TRICKS) and perfusion's (perf, DSC, DCE, PWI, ASL) exclude them."""
+    gre = {"ScanningSequence": "GR", "RepetitionTime": 22, "EchoTime": 3.6, "MRAcquisitionType": "3D"}
+    sagittal = [0, 1, 0, 0, 0, -1]
+    post = _series("t1_mprage_sag_p2_iso post", slices=176, SliceThickness=1, iop=sagittal, **MPRAGE)
+    selector = SeriesSelector()
+    for name in ("tof_fl3d_tra_p2_multi-slab", "3D TOF COW", "MRA head", "Angio 3D", "fl3d TWIST",
+                 "ep2d_perf", "DSC perfusion", "t1_vibe_DCE", "PWI", "pCASL", "ASL 3D"):  # fmt: skip
+        other = _series(name, slices=150, SliceThickness=0.5, **gre)
+        assert selector.excluded(other) == "description", name
+        assignment = selector.assign([post, other], ["T1GD", "T1"])
+        assert "T1" not in assignment.chosen and assignment.chosen.get("T1GD") is post, name
+    for name in ("t1_fl3d_tra", "AX T1 FSPGR 3D", "T1 TFE sag", "3D T1 Gd"):  # names of T1s stay T1s
+        assert selector.excluded(_series(name, slices=150, SliceThickness=1, **gre)) == "", name
+
+
 @pytest.mark.filterwarnings("ignore:The value length")  # the vendor series has an over-long SH
 def test_real_ge_mprage_is_never_flair() -> None:
     folder = require_shared("dicom", "ge_t1_mprage_healthy")
