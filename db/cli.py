@@ -3,8 +3,9 @@
 ``segnode models`` lists, shows, imports, promotes, rolls back, retires and verifies models;
 ``segnode db`` upgrades the schema and shows its revision. Every command resolves the database URL
 once (:func:`db.url.resolve_database_url`: ``$SEGNODE_DATABASE_URL``, else ``[database] url`` of
-``--config`` or ``$SEGNODE_CONFIG``, else the var dir); the ``models`` commands upgrade the schema to
-head first, so ``segnode models import`` works on a fresh install. Bad input raises
+``--config`` or ``$SEGNODE_CONFIG``, else the var dir); the ``models`` commands upgrade an existing
+database's schema to head first, but refuse a database that is not there (``segnode db upgrade``
+creates one; the node creates its own at start). Bad input raises
 :class:`db.exceptions.RegistryError`; ``segnode`` prints it as one line and exits with code 2.
 
 :data:`CONFIG_OPTION` and :func:`echo_json` are shared with the node's and the trainer's commands.
@@ -48,11 +49,26 @@ db_app = typer.Typer(
 
 
 def open_from_config(config: Path | None, tolerance: float = 0.01) -> Registry:
-    """The registry on the configured database, upgraded to the newest schema."""
-    from db.registry import open_registry
-    from db.url import resolve_database_url
+    """The registry on the configured database, upgraded to the newest schema.
 
-    return open_registry(resolve_database_url(config), tolerance=tolerance)
+    The database must exist: a SQLite file that is not there is refused
+    (:class:`db.exceptions.DatabaseUnavailableError`, naming the URL and how it was found) instead of
+    created, so that a command run away from the node does not import or promote into a database of
+    its own. ``segnode db upgrade`` creates one.
+    """
+    from db.exceptions import DatabaseUnavailableError
+    from db.registry import open_registry
+    from db.session import display_url, existing_tables
+    from db.url import resolve_database_url, url_origin
+
+    url = resolve_database_url(config)
+    if existing_tables(url) is None:
+        raise DatabaseUnavailableError(
+            f"database {display_url(url)} does not exist ({url_origin(config)}); the models commands "
+            "do not create one: point them at the node's database (--config node.toml, SEGNODE_CONFIG "
+            "or SEGNODE_DATABASE_URL), or create a new one with `segnode db upgrade` and the same settings"
+        )
+    return open_registry(url, tolerance=tolerance)
 
 
 def _size(n: int) -> str:

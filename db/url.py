@@ -115,3 +115,28 @@ def resolve_database_url(
         if url:
             return _checked(url, f"{config_file}: [database] url")
     return default_url(env)
+
+
+def url_origin(config_file: Path | str | None = None, env: Mapping[str, str] | None = None) -> str:
+    """How :func:`resolve_database_url` found its URL, in words, for a message about that database.
+
+    The var dir (``$SEGNODE_HOME``, default ``./var``) and a relative SQLite path resolve against the
+    current directory, so the answer names it where it matters. Call it after
+    :func:`resolve_database_url` succeeded on the same arguments (a bad config file raises here too).
+    """
+    env = os.environ if env is None else env
+    if env.get("SEGNODE_DATABASE_URL"):
+        return "from $SEGNODE_DATABASE_URL"
+    named = "--config"
+    if config_file is None and env.get("SEGNODE_CONFIG"):
+        config_file, named = env["SEGNODE_CONFIG"], "$SEGNODE_CONFIG"
+    cwd = Path.cwd()
+    if config_file is not None and url_in_config_file(Path(config_file)):
+        return (
+            f"[database] url of {config_file} ({named}); a relative SQLite path resolves against the "
+            f"current directory, {cwd}"
+        )
+    home = "$SEGNODE_HOME" if env.get("SEGNODE_HOME") else f"./var of the current directory, {cwd}"
+    if config_file is not None:
+        return f"{config_file} ({named}) has no [database] url: the default, segnode.db in {home}"
+    return f"no --config, $SEGNODE_CONFIG or $SEGNODE_DATABASE_URL: the default, segnode.db in {home}"

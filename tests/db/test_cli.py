@@ -202,44 +202,80 @@ def test_promote_refused_then_forced(url: str, tmp_path: Path, capsys: pytest.Ca
     assert json.loads(ok("models", "list", "--json"))[2]["status"] == "active"
 
 
-def test_fresh_install_upgrades_automatically(segnode_home: Path, tmp_path: Path) -> None:
-    """A real ``segnode`` process on an empty var dir: import works, then ``db upgrade`` is a no-op."""
+def test_fresh_install_is_created_by_db_upgrade_not_by_models(segnode_home: Path, tmp_path: Path) -> None:
+    """A real ``segnode`` process on an empty var dir: ``models import`` refuses the missing database and
+    creates nothing; ``db upgrade`` creates it, then import works and ``db upgrade`` is a no-op."""
     exe = Path(sys.executable).parent / "segnode"
+    repo = Path(__file__).resolve().parents[2]  # this checkout's code, not the installed one's
     env = {"SEGNODE_HOME": str(segnode_home), "PATH": "/usr/bin:/bin", "COLUMNS": "200"}
+    env["PYTHONPATH"] = str(repo)
     cfg = tmp_path / "node.toml"
     cfg.write_text(f'[database]\nurl = "sqlite:///{segnode_home / "from-config.db"}"\n')
     directory = write_model_dir(tmp_path / "m")
-    proc = subprocess.run(
-        [str(exe), "models", "import", str(directory), "--config", str(cfg), "--promote"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-        check=False,
-    )
+
+    def segnode(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(exe), *args], capture_output=True, text=True, env=env, timeout=120, check=False
+        )
+
+    proc = segnode("models", "import", str(directory), "--config", str(cfg), "--promote")
+    assert proc.returncode == 2 and proc.stdout == "", proc
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith(
+        f"error: database sqlite:///{segnode_home / 'from-config.db'} does not exist "
+        f"([database] url of {cfg} (--config); "
+    ), proc.stderr
+    assert "`segnode db upgrade`" in proc.stderr
+    assert list(segnode_home.iterdir()) == []
+    proc = segnode("db", "upgrade", "--config", str(cfg))
+    assert proc.returncode == 0 and f"database upgraded from empty to {head_revision()}" in proc.stdout
+    proc = segnode("models", "import", str(directory), "--config", str(cfg), "--promote")
     assert proc.returncode == 0, proc.stderr
     assert "promoted model #3 (ir/int8) for task whole_tumor" in proc.stdout
     url = f"sqlite:///{segnode_home / 'from-config.db'}"
     assert current_revision(url) == head_revision()
-    proc = subprocess.run(
-        [str(exe), "db", "upgrade", "--config", str(cfg)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-        check=False,
-    )
+    proc = segnode("db", "upgrade", "--config", str(cfg))
     assert proc.returncode == 0 and f"database already at revision {head_revision()}" in proc.stdout
-    proc = subprocess.run(
-        [str(exe), "models", "promote", "42", "--config", str(cfg)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-        check=False,
-    )
+    proc = segnode("models", "promote", "42", "--config", str(cfg))
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: model #42 does not exist (see `segnode models list`)"
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["models", "list"], ["models", "import", "MODEL", "--promote"], ["models", "promote", "1"],
+     ["models", "history"], ["models", "verify", "1"]],
+)
+def test_models_commands_away_from_the_node_create_no_database(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], command: list[str]
+) -> None:
+    """Run from a directory with no var dir and no SEGNODE_*: refused, naming the URL and the default,
+    and no ./var/segnode.db appears (a later ``jobs list`` there still says the database is missing)."""
+    for key in ("SEGNODE_HOME", "SEGNODE_CONFIG", "SEGNODE_DATABASE_URL"):
+        monkeypatch.delenv(key, raising=False)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    model = str(write_model_dir(tmp_path / "m"))
+    line = fails(capsys, *[model if a == "MODEL" else a for a in command])
+    assert line == (
+        f"error: database sqlite:///{elsewhere / 'var' / 'segnode.db'} does not exist (no --config, "
+        "$SEGNODE_CONFIG or $SEGNODE_DATABASE_URL: the default, segnode.db in ./var of the current "
+        f"directory, {elsewhere}); the models commands do not create one: point them at the node's "
+        "database (--config node.toml, SEGNODE_CONFIG or SEGNODE_DATABASE_URL), or create a new one with "
+        "`segnode db upgrade` and the same settings"
+    )
+    assert list(elsewhere.iterdir()) == []
+    assert "does not exist" in fails(capsys, "jobs", "list")
+
+
+def test_models_commands_migrate_an_existing_older_database(segnode_home: Path) -> None:
+    """An existing database at an older revision is still upgraded to head by a models command."""
+    from db.session import upgrade
+
+    url = f"sqlite:///{segnode_home / 'segnode.db'}"
+    upgrade(url, "0002_rollout_events")
+    assert "No models registered yet" in ok("models", "list")
+    assert current_revision(url) == head_revision()
 
 
 def test_db_upgrade_and_current(segnode_home: Path) -> None:
