@@ -318,6 +318,8 @@ def _job_dict(j: Any) -> dict[str, Any]:
             {
                 "destination": s.destination,
                 "file": Path(s.path).name,
+                "attempt": Path(s.path).parent.name,  # the job's output folder of that attempt
+                "path": s.path,
                 "status": s.status,
                 "attempts": s.attempts,
                 "last_error": s.last_error,
@@ -358,10 +360,10 @@ def jobs_show(
         table.add_row(key, value)
     for name, seconds in info["stages"].items():
         table.add_row(f"stage {name}", f"{seconds:.3f} s")
-    for s in info["sends"]:
+    for s in info["sends"]:  # named by attempt folder: a retry's sends sit beside the earlier attempt's
         table.add_row(
             f"send {s['destination']}",
-            f"{s['file']}: {s['status']} ({s['attempts']} attempts) {s['last_error']}",
+            f"{s['attempt']}/{s['file']}: {s['status']} (tried {s['attempts']} times) {s['last_error']}",
         )
     console.print(table)
 

@@ -386,6 +386,20 @@ def test_a_retried_job_sends_its_new_results_only_not_the_last_runs_still_pendin
     ]
     code, out, _ = run_cli(["jobs", "show", str(first.id), "--config", str(config)], capsys, monkeypatch)
     assert code == 0 and out.count("superseded") >= 2
+    # Which attempt each send belongs to, in the table and the JSON: the retry's beside the first's.
+    words = " ".join(out.split())  # Rich wraps the long lines at 80 columns here
+    for name in ("seg.dcm", "sr.dcm"):
+        assert f"attempt-1/{name}: superseded" in words and f"attempt-2/{name}: done" in words, words
+    code, out, _ = run_cli(
+        ["jobs", "show", str(first.id), "--config", str(config), "--json"], capsys, monkeypatch
+    )
+    shown = json.loads(out)["sends"]
+    assert sorted((s["attempt"], s["file"], s["status"]) for s in shown) == [
+        ("attempt-1", "seg.dcm", "superseded"), ("attempt-1", "sr.dcm", "superseded"),
+        ("attempt-2", "seg.dcm", "done"), ("attempt-2", "sr.dcm", "done"),
+    ]  # fmt: skip
+    assert {s["path"] for s in shown} == {s.path for s in sends}
+    assert {str(Path(s["path"]).parent) for s in shown if s["status"] == "done"} == {second.output_dir}
 
 
 def test_a_send_refused_for_good_shows_in_jobs_list_metrics_and_healthz_until_retried_or_dismissed(
@@ -436,7 +450,8 @@ def test_a_send_refused_for_good_shows_in_jobs_list_metrics_and_healthz_until_re
     )  # fmt: skip
     monkeypatch.setattr(commands.console, "width", 200)  # the tables on one line per row
     code, out, err = run_cli(["jobs", "show", str(gone), "--config", str(config)], capsys, monkeypatch)
-    assert code == 0 and "dismissed (1 attempts) dismissed by ops: sent by hand; refused:" in out, out + err
+    shown = "dismissed (tried 1 times) dismissed by ops: sent by hand; refused:"
+    assert code == 0 and shown in out, out + err
 
     settings = node_settings(tmp_path, free_port(), db_url=url)
     settings.metrics.port = free_port()
