@@ -395,6 +395,10 @@ def _result_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
     model = result.get("model")
     if model:
         rows.append(("model name, version", f"{model.get('name')} {model.get('version')}"))
+    if "brain_extractor" in result:  # None: no usable brain_extraction model when the job ran
+        extractor = result["brain_extractor"]
+        rows.append(("brain extractor", extractor or "none (brain stage skipped: no usable brain_extraction "
+                     "model, so no brain mask)"))  # fmt: skip
     routing = result.get("routing")
     if routing:
         rows.append(("routing", str(routing.get("reason", ""))))

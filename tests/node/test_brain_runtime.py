@@ -70,10 +70,13 @@ def test_bootstrap_runtime_swap_and_tamper(tmp_path: Path) -> None:
     assert back.id == info.id and runtime.refresh() is loaded
 
 
-def test_a_refused_brain_extractor_holds_studies_queued_until_one_serves(tmp_path: Path) -> None:
+def test_a_refused_brain_extractor_holds_studies_queued_until_one_serves(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Its weights corrupted on disk: the node must not segment without a brain mask and send that
     as a result (no brain-only normalisation, no removal of tumour outside the brain). The study waits
-    queued, /healthz says why, and it is analysed once a sound extractor is promoted."""
+    queued, /healthz says why, and it is analysed once a sound extractor is promoted; `jobs show` names
+    the extractor that ran."""
     from converters.dicom_writer import write_study
     from converters.synthetic import make_synthetic_case
     from db import job_queue
@@ -127,6 +130,15 @@ def test_a_refused_brain_extractor_holds_studies_queued_until_one_serves(tmp_pat
     finally:
         node.stop()
         catcher.stop()
+    from tests.helpers.cli import run_cli
+
+    assert job.result["brain_extractor"].startswith("deepbet 1.0.2-b ")  # the sound one, not the broken
+    monkeypatch.setenv("SEGNODE_DATABASE_URL", settings.database.url)
+    monkeypatch.setenv("COLUMNS", "400")
+    code, out, _ = run_cli(["jobs", "show", str(job.id)], capsys, monkeypatch)
+    assert code == 0
+    [row] = [line for line in out.splitlines() if "brain extractor" in line]
+    assert job.result["brain_extractor"] in row, out
 
 
 def test_networks_outside_the_verified_files_are_not_compiled(tmp_path: Path) -> None:

@@ -855,6 +855,10 @@ def test_study_without_t2_gets_the_whole_tumour_model_and_says_why(
     monkeypatch.setenv("COLUMNS", "400")
     code, out, _ = run_cli(["jobs", "show", str(job.id)], capsys, monkeypatch)
     assert code == 0 and "routing" in out and "T2 missing" in out
+    # No brain_extraction model is active here: the table says the brain stage did not run.
+    assert job.result["brain_extractor"] is None
+    [row] = [line for line in out.splitlines() if "brain extractor" in line]
+    assert "none (brain stage skipped: no usable brain_extraction model, so no brain mask)" in row, out
     # Each input's series as a reader recognises it: UID, description, slices.
     assert job.result["series_labels"]["FLAIR"].startswith(f"series {study.series_uids['FLAIR']} (")
     assert job.result["series_labels"]["FLAIR"] in out
