@@ -464,12 +464,11 @@ def _kind_of_path(path: Path) -> str:
 
 def _load_registered(model_id: int, config: Path | None, device: str) -> tuple[CardPredictor, Any]:
     """The registered model ``model_id``, its files checked against their recorded checksums."""
+    from db.cli import open_from_config
     from db.exceptions import ChecksumMismatch
-    from db.registry import open_registry
-    from db.url import resolve_database_url
     from trainer.evaluate import load_registered
 
-    registry = open_registry(resolve_database_url(config))
+    registry = open_from_config(config)  # a database that does not exist is refused, not created
     info = registry.get(model_id)
     report = registry.verify(model_id)
     if not report.ok:

@@ -91,6 +91,21 @@ def test_evaluate_unknown_or_tampered_model_id_is_one_line(
     assert err.startswith(f"error: model #{model_id}: ") and "model_fp32.bin" in err
 
 
+def test_evaluate_of_a_model_id_refuses_a_database_that_does_not_exist(
+    tmp_path: Path, segnode_home: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Run away from the node, `segnode evaluate ID` created and migrated a database of its own, then
+    said the model did not exist; it is refused as the models commands refuse it, nothing created."""
+    missing = tmp_path / "elsewhere" / "segnode.db"
+    missing.parent.mkdir()
+    monkeypatch.setenv("SEGNODE_DATABASE_URL", f"sqlite:///{missing}")
+    data = write_synthetic_task01(tmp_path / "site_b", 1, seed=3, shape=(48, 48, 16))
+    code, _, err = run_cli(["evaluate", "1", "--data", str(data)], capsys, monkeypatch)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"database sqlite:///{missing} does not exist" in err and "segnode db upgrade" in err, err
+    assert not missing.exists()
+
+
 def test_evaluate_of_a_whole_tumour_model_prints_the_volumes(
     registered: tuple[int, Path, Path],
     tmp_path: Path,
