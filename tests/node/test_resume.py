@@ -395,12 +395,14 @@ def test_failed_spool_write_of_a_late_instance_loses_nothing(
 
 def test_a_stop_waits_for_everything_within_one_deadline(tmp_path: Path, model_dir: Path) -> None:
     """The stop's wait for the job, early analysis and the deliveries is one budget, not one each: four
-    threads that do not end (a long job, a hanging destination...) hold a 1 s stop about 1 s, not 4."""
+    threads that do not end (a long job, a hanging destination...) hold a 1 s stop about 1 s, not 4.
+    Eight of them here (8 s when each gets its own second) and a 5 s bound: the stop's own work gets 4 s
+    to spare on a loaded CI machine (a bound of 3 s with four threads left it 2 s)."""
     node = NodeService(node_settings(tmp_path, free_port()))
     install_model(node.registry, model_dir)
     node.start()
     hung = threading.Event()
-    for _ in range(4):
+    for _ in range(8):
         thread = threading.Thread(target=hung.wait, args=(60.0,), daemon=True)
         thread.start()
         node._threads.append(thread)
@@ -409,4 +411,4 @@ def test_a_stop_waits_for_everything_within_one_deadline(tmp_path: Path, model_d
         node.stop(timeout=1.0)
     finally:
         hung.set()
-    assert time.monotonic() - started < 3.0
+    assert time.monotonic() - started < 5.0
