@@ -422,19 +422,19 @@ def test_a_pdu_longer_than_the_node_reads_closes_the_connection(
         with caplog.at_level(logging.WARNING, logger="node"):
             with socket.create_connection(("127.0.0.1", r.scp.port), timeout=5) as s:
                 s.sendall(struct.pack(">BBL", 0x01, 0, 0xFFFFFFF0))  # A-ASSOCIATE-RQ of ~4 GiB
-                assert _closed_by_peer(s, chunks=32, wait=1.0)
+                assert _closed_by_peer(s, chunks=32, wait=5.0)
             assoc = _assoc(r.scp.port)
             assert assoc.is_established  # type: ignore[attr-defined]
             raw = assoc.dul.socket.socket  # type: ignore[attr-defined]
             raw.sendall(struct.pack(">BBL", 0x04, 0, MAX_PDU_BYTES + (1 << 20)) + bytes(4096))
             ended = lambda: not assoc.is_established  # type: ignore[attr-defined]  # noqa: E731
-            wait_until(ended, 2, "the node to end the association")
+            wait_until(ended, 10, "the node to end the association")
         assert "A-ASSOCIATE-RQ of 4294967280 bytes announced, more than the 65536 this node reads" in (
             caplog.text
         )
         assert f"P-DATA-TF of {MAX_PDU_BYTES + (1 << 20)} bytes announced" in caplog.text
         # Neither connection holds an association thread any longer (the first did for acse_timeout).
-        wait_until(lambda: not r.scp.ae.active_associations, 2, "the associations' threads to end")
+        wait_until(lambda: not r.scp.ae.active_associations, 10, "the associations' threads to end")
     finally:
         r.scp.stop()
 
