@@ -135,14 +135,12 @@ class SelectionSettings:
     )
     t2_pattern: str = r"\bt2(?!\*)|\btse\b|\bfse\b"
     # A double inversion recovery (DIR: white matter nulled as well as fluid) has a FLAIR's long TI and
-    # TE, and is no FLAIR; its TIs are not told apart in the header, so its name says it. So does a
-    # time-of-flight angiogram whose AngioFlag is not Y (a short-TE, short-TR gradient echo: a T1 by its
-    # attributes, which took the native T1 role where the only other T1 was post-contrast), and a
-    # perfusion series whose headers do not say dynamic (DSC, DCE, ASL).
+    # TE, and is no FLAIR; its TIs are not told apart in the header, so its name says it. Angiogram and
+    # perfusion names exclude a series only where its description names no sequence of a role
+    # (node/selection.py ANGIO_PERFUSION_NAMES): "T2 FLAIR post DSC" is a FLAIR.
     exclude_pattern: str = (
         r"localizer|scout|survey|calibration|\bdwi\b|\badc\b|perfusion|\bswi|\bswan\b|susceptib|\bt2\*"
         r"|\bdir\b|double.?(ir|inv)"
-        r"|\btof\b|\bmra\b|angio|\btwist\b|\btricks\b|\bperf|\bdsc\b|\bdce\b|\bpwi\b|\basl\b|\bp?casl\b"
     )
     flair_min_ti_ms: float = 1500.0
     flair_min_te_ms: float = 80.0

@@ -1001,6 +1001,19 @@ def scan_grouped_series(
 #: At most this many series are listed in a job's ``not_used`` (:meth:`SeriesSelector.not_used`).
 NOT_USED_LIMIT = 50
 
+#: Names of angiograms (TOF, MRA, angio, TWIST, TRICKS) and perfusion series (perf, DSC, DCE, PWI, ASL,
+#: pASL, pCASL, eASL), matched in a description with "_" read as a space. A time-of-flight angiogram whose
+#: AngioFlag is not Y (Philips writes none) is a short-TE, short-TR gradient echo, a T1 by its attributes:
+#: where the only other T1 was post-contrast it took the native T1 role. They exclude a series only when
+#: its description names no sequence of a role (flair_pattern, t1_pattern, t2_pattern): a structural
+#: series is often named for the run it followed ("T2 FLAIR post DSC", "AX T1 POST PERF").
+ANGIO_PERFUSION_NAMES = re.compile(
+    r"\btof\b|\bmra\b|angio|\btwist\b|\btricks\b|\bperf|\bdsc\b|\bdce\b|\bpwi\b|\b(p|pc|e)?asl\b",
+    re.IGNORECASE,
+)
+#: What :meth:`SeriesSelector.excluded` returns for a series excluded by :data:`ANGIO_PERFUSION_NAMES`.
+ANGIO_PERFUSION_NAME = "angiogram or perfusion name"
+
 
 class SeriesSelector:
     """Applies :class:`SelectionRules` to the series of a study."""
@@ -1025,19 +1038,22 @@ class SeriesSelector:
         return bool(self._re[pattern].search(s.pattern_text(exam)))
 
     def excluded(self, s: SeriesInfo, exam: Collection[str] = ()) -> str:
-        """What excludes the series by ``exclude_pattern``: "description", "ProtocolName", or "" (not
-        excluded). ``exam``: the study's exam-wide ProtocolNames (:func:`exam_protocols`), which exclude
-        nothing."""
-        if not self._says("exclude", s, exam):
-            return ""
+        """What excludes the series: "description" or "ProtocolName" by ``exclude_pattern``,
+        :data:`ANGIO_PERFUSION_NAME` by :data:`ANGIO_PERFUSION_NAMES`, or "" (not excluded). ``exam``: the
+        study's exam-wide ProtocolNames (:func:`exam_protocols`), which exclude nothing."""
         description = s.description.replace("_", " ")
-        if self._re["exclude"].search(description):
-            return "description"
-        # A description naming a sequence of its own outweighs a ProtocolName alone: GE's exam-wide name
-        # on a study whose PACS routes one series (exam_protocols needs two to tell it).
-        if any(self._re[name].search(description) for name in ("FLAIR", "T1", "T2")):
-            return ""
-        return "ProtocolName"
+        # A description naming a sequence of its own outweighs a ProtocolName alone (GE's exam-wide name
+        # on a study whose PACS routes one series: exam_protocols needs two to tell it), and an
+        # angiogram's or perfusion's name, which often says what a structural series followed.
+        names_a_sequence = any(self._re[name].search(description) for name in ("FLAIR", "T1", "T2"))
+        if self._says("exclude", s, exam):
+            if self._re["exclude"].search(description):
+                return "description"
+            if not names_a_sequence:
+                return "ProtocolName"
+        if not names_a_sequence and ANGIO_PERFUSION_NAMES.search(description):
+            return ANGIO_PERFUSION_NAME
+        return ""
 
     def is_flair(self, s: SeriesInfo, exam: Collection[str] = ()) -> bool:
         """Long-TI, long-TE inversion recovery; a description alone never beats contradicting TI/TE.
@@ -1406,7 +1422,9 @@ class SeriesSelector:
             return f"derived map (ImageType {kind}): serves no role"
         if s.special:
             return f"{s.special}: serves no role"
-        if excluded := self.excluded(s, exam):
+        if (excluded := self.excluded(s, exam)) == ANGIO_PERFUSION_NAME:
+            return "its description names an angiogram or a perfusion series, and no sequence: serves no role"
+        if excluded:
             return f"excluded by its {excluded} (exclude_pattern): serves no role"
         for modality in ("FLAIR", "T1GD", "T1", "T2"):
             if not self._role_matches(modality, s, roles, exam):
