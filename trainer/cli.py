@@ -206,8 +206,13 @@ def export(
         raise
     _print_export_table(card)
     where = out or run_dir / "export"
+    console.print(f"model directory {where}" + _registered(card))
+
+
+def _registered(card: dict[str, Any]) -> str:
+    """"; registered models [ids] in DATABASE" for an export or requantize that registered, else ""."""
     ids = card.get("registered_ids")
-    console.print(f"model directory {where}" + (f"; registered models {ids}" if ids else ""))
+    return f"; registered models {ids} in {card.get('registered_in', 'the model table')}" if ids else ""
 
 
 def _print_export_table(card: dict[str, Any]) -> None:
@@ -282,8 +287,7 @@ def requantize(
     console.print(table)
     drop = card["calibration"].get("validation_dice_drop")
     console.print(f"INT8 Dice drop against FP32: {_fmt(drop, '+.4f')}")
-    ids = card.get("registered_ids")
-    console.print(f"model directory {out}" + (f"; registered models {ids}" if ids else ""))
+    console.print(f"model directory {out}" + _registered(card))
 
 
 def export_brain_extractor(

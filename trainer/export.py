@@ -658,7 +658,7 @@ def export_run(options: ExportOptions, on_step: Callable[[str], None] | None = N
             card,
         )
     if options.register:
-        card["registered_ids"] = register_dir(out, options.database_url)
+        card["registered_ids"], card["registered_in"] = register_dir(out, options.database_url)
     return card
 
 
@@ -671,26 +671,33 @@ def _run_commit(run_dir: Path) -> str:
         return "unknown"
 
 
-def register_dir(directory: Path, database_url: str | None = None) -> list[int]:
+def register_dir(directory: Path, database_url: str | None = None) -> tuple[list[int], str]:
     """Import an exported model directory into the model table (migrating the database first).
+
+    Unlike the ``segnode models`` commands, a database that does not exist is created: this is the ML
+    engineer's registry. Which one it was is returned for the command to print, so that an export run
+    away from the node's database does not pass for a registration in it.
 
     Returns
     -------
-    list[int]
-        The model ids, parents first (checkpoint, ONNX, IR FP32, IR INT8).
+    tuple[list[int], str]
+        The model ids, parents first (checkpoint, ONNX, IR FP32, IR INT8), and the database they went
+        to (its URL without password, "(created)" after it when there was none).
     """
     from db.registry import Registry
-    from db.session import make_engine, make_session_factory, upgrade
+    from db.session import display_url, existing_tables, make_engine, make_session_factory, upgrade
 
     if database_url is None:
         from db.url import resolve_database_url
 
         database_url = resolve_database_url()
+    created = existing_tables(database_url) is None
     upgrade(database_url)
     engine = make_engine(database_url)
     try:
         infos = Registry(make_session_factory(engine)).import_dir(directory)
     finally:
         engine.dispose()
-    logger.info("registered %s", ", ".join(f"#{i.id}" for i in infos))
-    return [int(i.id) for i in infos]
+    where = display_url(database_url) + (" (created)" if created else "")
+    logger.info("registered %s in %s", ", ".join(f"#{i.id}" for i in infos), where)
+    return [int(i.id) for i in infos], where

@@ -159,8 +159,9 @@ def requantize_dir(
         "requantized_from": replaced,
     }
     new_card.pop("registered_ids", None)
+    new_card.pop("registered_in", None)
     write_card(new_card, out)
     (out / "NOTICE").write_text(notice_text(new_card), encoding="utf-8")
     if options.register:
-        new_card["registered_ids"] = register_dir(out, options.database_url)
+        new_card["registered_ids"], new_card["registered_in"] = register_dir(out, options.database_url)
     return new_card

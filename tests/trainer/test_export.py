@@ -133,6 +133,9 @@ def test_card_lineage_metrics_and_registry(exported: tuple[Path, dict, str], run
         infos = [registry.get(i) for i in ids]
     finally:
         engine.dispose()
+    # The database it registered in is named (an export away from the node's database created one of
+    # its own without saying so): created here, since the fixture's did not exist.
+    assert card["registered_in"] == f"{db_url} (created)"
     assert [(i.kind, i.precision) for i in infos] == [
         ("checkpoint", "fp32"),
         ("onnx", "fp32"),
@@ -241,6 +244,7 @@ def test_requantize_makes_a_new_version_with_the_overflow_fix(
         infos = [registry.get(i) for i in new["registered_ids"]]
     finally:
         engine.dispose()
+    assert new["registered_in"] == db_url  # the export's, which exists now
     assert {i.version for i in infos} == {"9.0.1"}
     int8 = next(i for i in infos if i.precision == "int8")
     assert int8.calibration is not None and int8.calibration["overflow_fix"] == "enable"
