@@ -62,7 +62,10 @@ def open_from_config(config: Path | None, tolerance: float = 0.01) -> Registry:
     from db.url import resolve_database_url, url_origin
 
     url = resolve_database_url(config)
-    if existing_tables(url) is None:
+    tables = existing_tables(url)
+    # An empty SQLite file is no database either: a connection that only looked (an older
+    # `segnode db current`, a sqlite3 shell) leaves one behind.
+    if tables is None or (not tables and url.startswith("sqlite")):
         raise DatabaseUnavailableError(
             f"database {display_url(url)} does not exist ({url_origin(config)}); the models commands "
             "do not create one: point them at the node's database (--config node.toml, SEGNODE_CONFIG "
@@ -417,10 +420,15 @@ def upgrade_cmd(
 @db_app.command("current")
 def current_cmd(config: Path | None = CONFIG_OPTION) -> None:
     """Print the database's revision and the newest one this code ships."""
-    from db.session import current_revision, head_revision
+    from db.session import current_revision, display_url, existing_tables, head_revision
     from db.url import resolve_database_url
 
-    current = current_revision(resolve_database_url(config))
+    url = resolve_database_url(config)
     head = head_revision()
+    if existing_tables(url) is None:  # looking must not create the file (the models commands refuse none)
+        typer.echo(f"current: none (database {display_url(url)} does not exist)  head: {head}  "
+                   "(run `segnode db upgrade` to create it)")  # fmt: skip
+        return
+    current = current_revision(url)
     note = "" if current == head else "  (run `segnode db upgrade`)"
     typer.echo(f"current: {current or 'empty'}  head: {head}{note}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -266,6 +267,30 @@ def test_models_commands_away_from_the_node_create_no_database(
     )
     assert list(elsewhere.iterdir()) == []
     assert "does not exist" in fails(capsys, "jobs", "list")
+
+
+def test_looking_at_a_missing_database_creates_nothing_and_an_empty_file_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Told the database does not exist, an administrator ran ``segnode db current`` to look: it left an
+    empty ./var/segnode.db, which a models command then took for the node's database, migrated and
+    promoted into (found by review of the day's diff). Now looking creates nothing, and an empty SQLite
+    file is refused like a missing one."""
+    for key in ("SEGNODE_HOME", "SEGNODE_CONFIG", "SEGNODE_DATABASE_URL"):
+        monkeypatch.delenv(key, raising=False)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    out = ok("db", "current")
+    assert f"current: none (database sqlite:///{elsewhere / 'var' / 'segnode.db'} does not exist)" in out
+    assert "run `segnode db upgrade` to create it" in out
+    assert list(elsewhere.iterdir()) == []
+    (elsewhere / "var").mkdir()
+    (elsewhere / "var" / "segnode.db").touch()  # what such a look left behind
+    model = str(write_model_dir(tmp_path / "m"))
+    assert "the models commands do not create one" in fails(capsys, "models", "import", model, "--promote")
+    with sqlite3.connect(elsewhere / "var" / "segnode.db") as conn:  # nothing imported, nothing migrated
+        assert conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall() == []
 
 
 def test_models_commands_migrate_an_existing_older_database(segnode_home: Path) -> None:
