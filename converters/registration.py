@@ -132,7 +132,7 @@ class RigidResult:
         The optimizer's stop condition.
     start_offset_mm:
         How far the start moves the brain's centre (0 for the DICOM geometry; with another Frame of
-        Reference the offset between the heads' centres, which the limits do not count).
+        Reference the offset between the heads' tops, which the limits do not count).
     """
 
     matrix: npt.NDArray[np.float64]
@@ -367,7 +367,7 @@ def register_rigid(
         raise RegistrationError(f"SimpleITK registration failed: {first}") from None
     matrix = _matrix(transform)
     # The figures and limits are about what the registration found beyond its start: with another
-    # Frame of Reference the start (the heads' centres) holds the arbitrary offset between the two
+    # Frame of Reference the start (the heads' tops) holds the arbitrary offset between the two
     # frames, which is no patient motion.
     start_matrix = np.eye(4) if initial is None else np.asarray(initial, dtype=np.float64)
     result = RigidResult(

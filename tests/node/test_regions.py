@@ -25,7 +25,7 @@ from pydicom.dataset import Dataset
 
 from converters.case import Case
 from converters.dicom_writer import StudyInfo, write_study
-from converters.registration import RegistrationSettings, displacement_mm, register_rigid
+from converters.registration import RegistrationSettings, displacement_mm, edge_points, register_rigid
 from converters.synthetic import make_synthetic_case
 from db import job_queue
 from node.cli.commands import _result_rows
@@ -547,7 +547,7 @@ def test_a_series_flipped_left_right_fails_its_registration() -> None:
 def test_another_frame_of_reference_counts_only_the_motion_beyond_the_heads_centres() -> None:
     """A T1 on its own Frame of Reference, its positions 78 mm off the FLAIR's with no motion of the
     patient: registration finds it, and its figures (and limits) are about the motion beyond the
-    heads' centres, not the offset between the two frames (it failed, '78.0 mm > limit 20 mm')."""
+    heads' tops, not the offset between the two frames (it failed, '78.0 mm > limit 20 mm')."""
     case = brats_case()
     mask = brain_of(case)
     offset = np.eye(4)
@@ -564,6 +564,48 @@ def test_another_frame_of_reference_counts_only_the_motion_beyond_the_heads_cent
     assert moved.result.translation_mm < config.max_translation_mm
     edge = brain_edge(case)
     assert displacement_mm(moved.result.matrix, edge, offset).max() <= 1.5
+
+
+def _head_and_brain_part(keep_mm: float) -> tuple[Any, Any, Any, Any, Any]:
+    """The real Philips sagittal 3D T1 (head and neck, 241 mm of head in z), its top ``keep_mm`` as an
+    axial brain-only series covers it (vertex to skull base), and a rough brain mask on that part."""
+    from scipy import ndimage
+
+    from converters.dicom_series import load_series_folder
+    from converters.reorient import volume_to_ras
+
+    folder = require_shared("dicom", "philips_t1_sag3d_mprage_healthy")
+    head, affine = volume_to_ras(load_series_folder(folder))
+    top = int(np.argwhere(head > 0.1 * np.percentile(head, 99))[:, 2].max())
+    low = top - round(float(keep_mm / np.linalg.norm(affine[:3, 2])))
+    part = np.ascontiguousarray(head[:, :, low : top + 3])
+    part_affine = affine.copy()
+    part_affine[:3, 3] += affine[:3, 2] * low
+    inside = ndimage.binary_fill_holes(part > 0.1 * np.percentile(part, 99))
+    mask = ndimage.binary_erosion(inside, iterations=12)  # about the scalp and skull, 1 mm voxels
+    return head, affine, part, part_affine, mask
+
+
+@pytest.mark.parametrize("keep_mm", [120.0, 160.0])
+def test_another_frame_of_reference_with_head_and_neck_starts_on_the_brain(keep_mm: float) -> None:
+    """A sagittal T1 covering head and neck in its own Frame of Reference against a reference covering
+    the brain only: the start puts the tops of the heads on each other and the registration lands
+    on the truth (the offset of the frames) at the brain's edge. It started from the whole heads'
+    centres, 38.8-62.8 mm off in z, and ended 42.8 mm wrong (refused, blaming a flip)."""
+    head, affine, part, part_affine, mask = _head_and_brain_part(keep_mm)
+    offset = np.eye(4)
+    offset[:3, 3] = [30.0, -20.0, 15.0]
+    series = _loaded_series({"FLAIR": part}, part_affine)
+    [other] = _loaded_series({"T1": head}, offset @ affine).values()
+    other.datasets[0].FrameOfReferenceUID = "1.2.826.0.1.3680043.8.498.31"
+    series["T1"] = other
+    out = coregister(series, "FLAIR", ["FLAIR", "T1"], mask, RegistrationConfig(threads=2))
+    moved = out.alignments["T1"]
+    assert moved.result is not None
+    edge = edge_points(mask, part_affine)
+    assert displacement_mm(moved.result.matrix, edge, offset).max() <= 1.5
+    assert moved.ok, moved.reason
+    assert moved.result.start_offset_mm > 20.0 and moved.method == "tops of the heads + rigid (Mattes MI)"
 
 
 def test_series_moved_within_the_brains_box_give_the_model_what_whole_series_give(
