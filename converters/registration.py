@@ -8,7 +8,9 @@ translation) is refined from there by Mattes mutual information (different contr
 T1, T2...), multi-resolution (shrink 4, 2 on a brain-masked, 2 mm copy), and checked:
 
 * the metric at the end must be no worse than at the start (the geometry alone);
-* the translation and the rotation must stay under configurable limits.
+* the translation and the rotation must stay under configurable limits;
+* the final metric must reach an absolute floor (``min_similarity``) and beat the series mirrored
+  left-right (``mirror_margin``).
 
 :class:`RigidResult` records how far the series moved (translation in mm, rotation in degrees, the
 largest displacement of a point of the brain's edge in mm) and the similarity before and after.
@@ -76,6 +78,13 @@ class RegistrationSettings:
         cases (T1, T1GD, T2 onto FLAIR) the mirror fitted 0.165-0.615 worse than a correct series,
         and between 0.33 better and 0.07 worse than a flipped one (23 of 24 caught). None: not
         checked.
+    min_similarity:
+        A registration fails when its final Mattes MI is not below minus this (the fitted series
+        hardly resembles the reference there), whatever the limits and the mirror check say: a T1GD
+        of pure noise (MI -0.0006) and a head-and-neck T1 fitted 42.8 mm wrong (MI -0.043) passed
+        with ``mirror_margin`` None. Correct fits ended at -0.58 to -0.90 (BraTS T1GD and T2 onto
+        FLAIR), -1.1 to -1.4 (the Philips and Siemens heads onto themselves) and -0.109 (the GE head,
+        the lowest seen). None: not checked.
     threads:
         SimpleITK threads (0: SimpleITK's default).
     learning_rate, min_step, relaxation:
@@ -94,6 +103,7 @@ class RegistrationSettings:
     max_rotation_deg: float = 15.0
     max_metric_worsening: float = 0.01
     mirror_margin: float | None = 0.05
+    min_similarity: float | None = 0.08
     threads: int = 0
     learning_rate: float = 1.0
     min_step: float = 0.01
@@ -433,11 +443,18 @@ def check_result(result: RigidResult, settings: RegistrationSettings) -> None:
         )
     if result.rotation_deg > settings.max_rotation_deg:
         reasons.append(f"rotation {result.rotation_deg:.1f} deg > limit {settings.max_rotation_deg:g} deg")
+    floor = settings.min_similarity
+    if floor is not None and np.isfinite(result.metric_final) and -result.metric_final < floor:
+        reasons.append(
+            f"poor fit (similarity {-result.metric_final:.3f}, floor {floor:g}; Mattes MI, higher is "
+            "better): the series hardly resembles the reference where it was placed"
+        )
     margin = settings.mirror_margin
     if margin is not None and result.metric_mirrored < result.metric_final + margin:
         reasons.append(
-            f"the series fits about as well or better mirrored left-right (MI {result.metric_final:.3f}, "
-            f"mirrored {result.metric_mirrored:.3f}): its pixels or orientation may be flipped"
+            "poor or mirrored fit: the series fits about as well or better mirrored left-right "
+            f"(MI {result.metric_final:.3f}, mirrored {result.metric_mirrored:.3f}): its pixels or "
+            "orientation may be flipped"
         )
     result.ok = not reasons
     result.reason = "; ".join(reasons)

@@ -26,6 +26,7 @@ from pydicom.dataset import Dataset
 from converters.case import Case
 from converters.dicom_writer import StudyInfo, write_study
 from converters.registration import RegistrationSettings, displacement_mm, edge_points, register_rigid
+from converters.resample import world_points
 from converters.synthetic import make_synthetic_case
 from db import job_queue
 from node.cli.commands import _result_rows
@@ -606,6 +607,37 @@ def test_another_frame_of_reference_with_head_and_neck_starts_on_the_brain(keep_
     assert displacement_mm(moved.result.matrix, edge, offset).max() <= 1.5
     assert moved.ok, moved.reason
     assert moved.result.start_offset_mm > 20.0 and moved.method == "tops of the heads + rigid (Mattes MI)"
+
+
+def test_a_poor_fit_is_refused_without_the_mirror_check() -> None:
+    """A T1GD of pure noise, and the real head-and-neck T1 started from the whole heads' centres (it
+    ends 42.8 mm wrong), pass the limits; with ``mirror_check = false`` nothing refused them and the
+    regions model ran on the wrong anatomy. The similarity floor does; a real fit passes it."""
+    case = brats_case()
+    mask = brain_of(case)
+    noise = np.random.default_rng(0).random(case.images["T1GD"].shape).astype(np.float32)
+    images = {"FLAIR": case.images["FLAIR"], "T1GD": noise * case.images["T1GD"].max()}
+    series = _loaded_series(images, case.affine)
+    config = RegistrationConfig(threads=2, mirror_check=False)
+    noisy = coregister(series, "FLAIR", ["FLAIR", "T1GD"], mask, config).alignments["T1GD"]
+    assert not noisy.ok and noisy.reason.startswith("poor fit (similarity 0.00"), noisy.reason
+    head, affine, part, part_affine, brain = _head_and_brain_part(160.0)
+    offset = np.eye(4)
+    offset[:3, 3] = [30.0, -20.0, 15.0]
+    centres = [
+        world_points(a, np.argwhere(image > 0.1 * np.percentile(image, 99))).mean(axis=0)
+        for image, a in ((head, offset @ affine), (part, part_affine))
+    ]
+    start = np.eye(4)
+    start[:3, 3] = centres[0] - centres[1]
+    settings = config.settings()
+    wrong = register_rigid(part, part_affine, head, offset @ affine, fixed_mask=brain, settings=settings,
+                           initial=start)  # fmt: skip
+    assert displacement_mm(wrong.matrix, edge_points(brain, part_affine), offset).max() > 20.0
+    assert not wrong.ok and wrong.reason.startswith("poor fit"), wrong.reason
+    right = register_rigid(part, part_affine, head, offset @ affine, fixed_mask=brain, settings=settings,
+                           initial=offset)  # fmt: skip
+    assert right.ok, right.reason
 
 
 def test_series_moved_within_the_brains_box_give_the_model_what_whole_series_give(
