@@ -434,6 +434,16 @@ def _result_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
             else "geometry only"
         )
         verdict = "ok" if entry.get("ok") else f"failed: {entry.get('reason')}"
+        if entry.get("same_frame_of_reference") is False:
+            # The figures are beyond the start, which holds the arbitrary offset between the frames:
+            # "0.3 mm" alone read as "the patient did not move".
+            start = str(entry.get("method") or "").split(" + ")[0] or "start"
+            offset = entry.get("start_offset_mm")
+            placed = f" {offset:.1f} mm apart" if offset is not None else ""
+            figures = (
+                f"another Frame of Reference, started from the {start}{placed} (the offset between "
+                f"the frames, no motion); beyond that start: {figures}"
+            )
         rows.append(
             (f"registration {modality}", f"onto {registration.get('reference')}: {figures}; {verdict}")
         )

@@ -565,6 +565,13 @@ def test_another_frame_of_reference_counts_only_the_motion_beyond_the_heads_cent
     assert moved.result.translation_mm < config.max_translation_mm
     edge = brain_edge(case)
     assert displacement_mm(moved.result.matrix, edge, offset).max() <= 1.5
+    # segnode jobs show says the figures are beyond a start that holds the frames' offset
+    shown = dict(_result_rows({"registration": out.as_dict()}))["registration T1"]
+    assert shown.startswith(
+        f"onto FLAIR: another Frame of Reference, started from the tops of the heads "
+        f"{moved.result.start_offset_mm:.1f} mm apart (the offset between the frames, no motion); "
+        f"beyond that start: {moved.result.translation_mm:.1f} mm, "
+    ), shown
 
 
 def _head_and_brain_part(keep_mm: float) -> tuple[Any, Any, Any, Any, Any]:
@@ -1480,3 +1487,4 @@ def test_a_whole_tumour_check_whose_flair_finds_no_brain_is_not_checked(
     checked = pipeline.compare_whole_tumour(pipeline._Study(ctx, 7, pipeline.Timer()), plan, done)
     rule = checked.report.by_name("whole_tumour_agreement")
     assert rule.status == "not checked" and "could not run: FLAIR: the 1831 mL mask" in rule.message
+
