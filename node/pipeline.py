@@ -197,8 +197,20 @@ class RoutingPlan:
     routes: list[Route] = field(default_factory=list)
     #: One entry per task of ``[routing] order``: task, model label, outcome, reason.
     considered: list[dict[str, Any]] = field(default_factory=list)
-    #: The selection message of a task whose series are missing (the skip reason when nothing runs).
-    selection_errors: list[str] = field(default_factory=list)
+    #: Task and selection message of each task whose series are missing (the skip reason when nothing
+    #: runs: :meth:`selection_failure`).
+    selection_errors: list[tuple[str, str]] = field(default_factory=list)
+
+    def selection_failure(self) -> str:
+        """Why no model can run: each distinct selection message once, the least demanding model's
+        first, and, where the models miss different series, each after the tasks it stops. A study
+        without FLAIR said "no FLAIR series in the study (considered ...)" twice, naming no model."""
+        ordered = list(reversed(self.selection_errors))
+        messages = list(dict.fromkeys(message for _, message in ordered))
+        if len(messages) == 1:
+            return messages[0]
+        tasks = {message: ", ".join(t for t, said in ordered if said == message) for message in messages}
+        return "; ".join(f"{tasks[message]}: {message}" for message in messages)
 
     def note(
         self,
@@ -241,7 +253,7 @@ def route(
         assignment = selector.assign(series, modalities, reference)
         if assignment.missing:
             plan.note(task, model, "not run", assignment.missing_reason())
-            plan.selection_errors.append(assignment.missing_message(series))
+            plan.selection_errors.append((task, assignment.missing_message(series)))
             continue
         plan.routes.append(Route(task, model, assignment))
         plan.note(task, model, "eligible", f"series present: {', '.join(modalities)}")
@@ -1102,7 +1114,7 @@ def run_job(ctx: JobContext, job_id: int, attempt: int | None = None) -> str:
             logger.warning("job %d: %s", job_id, incomplete)
         if not plan.routes:
             # The least demanding model's missing series first: what a reader needs to know.
-            raise SelectionError("; ".join(reversed(plan.selection_errors)))
+            raise SelectionError(plan.selection_failure())
         _heartbeat(ctx, job_id, attempt)
         early = None
         if ctx.early is not None:

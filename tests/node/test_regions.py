@@ -1488,3 +1488,15 @@ def test_a_whole_tumour_check_whose_flair_finds_no_brain_is_not_checked(
     rule = checked.report.by_name("whole_tumour_agreement")
     assert rule.status == "not checked" and "could not run: FLAIR: the 1831 mL mask" in rule.message
 
+
+def test_a_study_without_flair_is_skipped_with_the_reason_said_once(
+    env: Node, case: Case, tmp_path: Path
+) -> None:
+    """T1, T1GD and T2 without FLAIR: both models need it, and the job said "no FLAIR series in the study
+    (considered ...)" twice, once per model, naming neither."""
+    study = write_study(case, tmp_path / "study", modalities=["T1", "T1GD", "T2"])
+    env.send(study)
+    job = env.job_for(study)
+    assert job.status == "skipped", job.reason
+    assert job.reason.startswith("no FLAIR series in the study (considered: series ")
+    assert job.reason.count("no FLAIR series") == 1, job.reason
