@@ -31,7 +31,7 @@ from converters.synthetic import make_synthetic_case
 from db import job_queue
 from node.cli.commands import _result_rows
 from node.config import Destination, RegistrationConfig
-from node.coregistration import LoadedSeries, coregister
+from node.coregistration import LoadedSeries, coregister, start_between_heads
 from node.exceptions import JobError
 from node.pipeline import load_chosen
 from node.selection import (
@@ -645,14 +645,27 @@ def test_a_poor_fit_is_refused_without_the_mirror_check() -> None:
     right = register_rigid(part, part_affine, head, offset @ affine, fixed_mask=brain, settings=settings,
                            initial=offset)  # fmt: skip
     assert right.ok, right.reason
+    # A reference slab starting 40 mm below the vertex, 80 mm thick: the tops of the heads are not the
+    # same anatomy, the start is ~26 mm off and the fit ends ~37 mm wrong at MI -0.084, past the first
+    # floor (0.08; found by review of the day's diff). Correct fits end beyond -0.5.
+    top = part.shape[2] - 3  # the slice _head_and_brain_part found as the head's top
+    slab = np.ascontiguousarray(part[:, :, top - 120 : top - 40])
+    slab_affine = part_affine.copy()
+    slab_affine[:3, 3] += part_affine[:3, 2] * (top - 120)
+    slab_brain = np.ascontiguousarray(brain[:, :, top - 120 : top - 40])
+    start = start_between_heads(head, offset @ affine, slab, slab_affine)
+    wrong = register_rigid(slab, slab_affine, head, offset @ affine, fixed_mask=slab_brain, settings=settings,
+                           initial=start)  # fmt: skip
+    assert displacement_mm(wrong.matrix, edge_points(slab_brain, slab_affine), offset).max() > 20.0
+    assert not wrong.ok and "poor fit" in wrong.reason, wrong.reason
 
 
 def test_a_real_head_with_a_few_very_bright_voxels_registers_within_1_mm() -> None:
     """The real GE axial T1 (99th percentile 85, maximum 5467: a few very bright voxels) moved by ~5
     degrees and ~5 mm and registered onto itself: Mattes MI spread its 32 bins up to the maximum, the
     brain fell into one or two, and the fit ended 1.85 mm off at the brain's edge with MI -0.109, just
-    past the 0.08 floor. With both images' intensities winsorized the metric sees the brain; the
-    caller's arrays are not clipped."""
+    past the first floor (0.08; 0.25 now). With both images' intensities winsorized the metric sees the
+    brain; the caller's arrays are not clipped."""
     from scipy import ndimage
 
     from converters.dicom_series import load_series_folder
