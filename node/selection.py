@@ -1002,14 +1002,20 @@ def scan_grouped_series(
 NOT_USED_LIMIT = 50
 
 #: Names of angiograms (TOF, MRA, angio, TWIST, TRICKS) and perfusion series (perf, DSC, DCE, PWI, ASL,
-#: pASL, pCASL, eASL), matched in a description with "_" read as a space. A time-of-flight angiogram whose
-#: AngioFlag is not Y (Philips writes none) is a short-TE, short-TR gradient echo, a T1 by its attributes:
-#: where the only other T1 was post-contrast it took the native T1 role. They exclude a series only when
-#: its description names no sequence of a role (flair_pattern, t1_pattern, t2_pattern): a structural
-#: series is often named for the run it followed ("T2 FLAIR post DSC", "AX T1 POST PERF").
+#: pASL, pCASL, eASL), matched in a series' description and its own ProtocolName with "_" read as a
+#: space. A time-of-flight angiogram whose AngioFlag is not Y (Philips writes none) is a short-TE,
+#: short-TR gradient echo, a T1 by its attributes: where the only other T1 was post-contrast it took the
+#: native T1 role. Such a name excludes the series even beside a sequence's name ("AX 3D TOF SPGR",
+#: "t1_vibe_dce_tra": the angiogram, the DCE itself), except where it follows a word of timing
+#: (:data:`AFTER_ANGIO_PERFUSION`): a structural series is often named for the run it followed.
 ANGIO_PERFUSION_NAMES = re.compile(
     r"\btof\b|\bmra\b|angio|\btwist\b|\btricks\b|\bperf|\bdsc\b|\bdce\b|\bpwi\b|\b(p|pc|e)?asl\b",
     re.IGNORECASE,
+)
+#: "T2 FLAIR post DSC", "AX T1 POST PERF", "T1_3D_TFE_pre_DCE": a timing word before an angiogram's or
+#: perfusion's name says when the series was acquired, not what it is.
+AFTER_ANGIO_PERFUSION = re.compile(
+    r"\b(post|pre|after|before|following|nach|vor)\W+(" + ANGIO_PERFUSION_NAMES.pattern + ")", re.IGNORECASE
 )
 #: What :meth:`SeriesSelector.excluded` returns for a series excluded by :data:`ANGIO_PERFUSION_NAMES`.
 ANGIO_PERFUSION_NAME = "angiogram or perfusion name"
@@ -1043,16 +1049,19 @@ class SeriesSelector:
         study's exam-wide ProtocolNames (:func:`exam_protocols`), which exclude nothing."""
         description = s.description.replace("_", " ")
         # A description naming a sequence of its own outweighs a ProtocolName alone (GE's exam-wide name
-        # on a study whose PACS routes one series: exam_protocols needs two to tell it), and an
-        # angiogram's or perfusion's name, which often says what a structural series followed.
+        # on a study whose PACS routes one series: exam_protocols needs two to tell it).
         names_a_sequence = any(self._re[name].search(description) for name in ("FLAIR", "T1", "T2"))
         if self._says("exclude", s, exam):
             if self._re["exclude"].search(description):
                 return "description"
             if not names_a_sequence:
                 return "ProtocolName"
-        if not names_a_sequence and ANGIO_PERFUSION_NAMES.search(description):
+        if ANGIO_PERFUSION_NAMES.search(AFTER_ANGIO_PERFUSION.sub(" ", description)):
             return ANGIO_PERFUSION_NAME
+        if not names_a_sequence and ANGIO_PERFUSION_NAMES.search(
+            AFTER_ANGIO_PERFUSION.sub(" ", s.pattern_text(exam))
+        ):
+            return ANGIO_PERFUSION_NAME  # in its own ProtocolName only
         return ""
 
     def is_flair(self, s: SeriesInfo, exam: Collection[str] = ()) -> bool:
@@ -1423,7 +1432,7 @@ class SeriesSelector:
         if s.special:
             return f"{s.special}: serves no role"
         if (excluded := self.excluded(s, exam)) == ANGIO_PERFUSION_NAME:
-            return "its description names an angiogram or a perfusion series, and no sequence: serves no role"
+            return "named as an angiogram or a perfusion series: serves no role"
         if excluded:
             return f"excluded by its {excluded} (exclude_pattern): serves no role"
         for modality in ("FLAIR", "T1GD", "T1", "T2"):

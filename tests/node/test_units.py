@@ -366,30 +366,41 @@ def test_angiograms_and_perfusion_named_so_serve_no_role() -> None:
     """A time-of-flight angiogram whose headers do not say angio (AngioFlag absent, as Philips writes
     it) is a short-TE, short-TR gradient echo: a T1 by its attributes. In a protocol whose only other T1 is
     post-contrast, it took the native T1 role and the four-series model read an angiogram as T1. Its name
-    (TOF, MRA, angio, TWIST/TRICKS) excludes it, as perfusion's (perf, DSC, DCE, PWI, ASL) do, but only
-    in a description that names no sequence: a structural series is often named for the run it followed
-    ("T2 FLAIR post DSC" is a FLAIR; review of the day's diff found such series excluded)."""
+    (TOF, MRA, angio, TWIST/TRICKS) excludes it, as perfusion's (perf, DSC, DCE, PWI, ASL) do, beside a
+    sequence's name too ("AX 3D TOF SPGR", "t1_vibe_dce_tra") and in its own ProtocolName; not after a
+    word of timing: a structural series is often named for the run it followed ("T2 FLAIR post DSC" is
+    a FLAIR). Reviews of the day's diff found each of these cases wrong in a first version."""
     from node.selection import ANGIO_PERFUSION_NAME
 
     gre = {"ScanningSequence": "GR", "RepetitionTime": 22, "EchoTime": 3.6, "MRAcquisitionType": "3D"}
     sagittal = [0, 1, 0, 0, 0, -1]
     post = _series("t1_mprage_sag_p2_iso post", slices=176, SliceThickness=1, iop=sagittal, **MPRAGE)
     selector = SeriesSelector()
-    for name in ("tof_fl3d_tra_p2_multi-slab", "3D TOF COW", "MRA head", "Angio 3D", "fl3d TWIST",
-                 "ep2d_perf", "ep2d_DSC", "PWI", "pCASL", "ASL 3D", "ep2d_pasl", "eASL"):  # fmt: skip
-        other = _series(name, slices=150, SliceThickness=0.5, **gre)
-        assert selector.excluded(other) == ANGIO_PERFUSION_NAME, name
+    reason = "named as an angiogram or a perfusion series: serves no role"
+    angio_or_perfusion = [
+        _series(name, slices=150, SliceThickness=0.5, **gre)
+        for name in ("tof_fl3d_tra_p2_multi-slab", "3D TOF COW", "MRA head", "Angio 3D", "fl3d TWIST",
+                     "ep2d_perf", "ep2d_DSC", "PWI", "pCASL", "ASL 3D", "ep2d_pasl", "eASL", "AX 3D TOF SPGR",
+                     "3D TOF FSPGR COW", "t1_vibe_dce_tra", "AX T1 LAVA DCE", "t1_fl3d_twist_dyn")
+    ]  # fmt: skip
+    tof = "tof_fl3d_tra_p2_multi-slab"
+    angio_or_perfusion.append(_series("sequence 12", ProtocolName=tof, slices=150, SliceThickness=0.5, **gre))
+    for other in angio_or_perfusion:
+        assert selector.excluded(other) == ANGIO_PERFUSION_NAME, other.label
         assignment = selector.assign([post, other], ["T1GD", "T1"])
-        assert "T1" not in assignment.chosen and assignment.chosen.get("T1GD") is post, name
-        reason = "its description names an angiogram or a perfusion series, and no sequence: serves no role"
+        assert "T1" not in assignment.chosen and assignment.chosen.get("T1GD") is post, other.label
         assert selector.not_used([post, other], assignment) == [{"series": other.label, "reason": reason}]
     # Names of T1s stay T1s, and so do structural series named for the run they followed.
     for name in ("t1_fl3d_tra", "AX T1 FSPGR 3D", "T1 TFE sag", "3D T1 Gd", "AX T1 POST PERF",
-                 "t1_mprage_tra_p2_iso_post_DSC", "T1_3D_TFE_pre_DCE", "T1W_3D_TFE_angio"):  # fmt: skip
+                 "t1_mprage_tra_p2_iso_post_DSC", "T1_3D_TFE_pre_DCE", "T1 after DCE"):  # fmt: skip
         assert selector.excluded(_series(name, slices=150, SliceThickness=1, **gre)) == "", name
     flair = _series("T2 FLAIR post DSC", slices=30, **FLAIR)
     assert selector.excluded(flair) == "" and selector.assign([flair], ["FLAIR"]).chosen == {"FLAIR": flair}
-    assert selector.excluded(_series("t2_tse_tra_ASL", **T2)) == ""
+    # A series' description naming its sequence outweighs an angiogram's name in its ProtocolName alone
+    # (an exam-wide name on a study whose PACS routes the FLAIR by itself: exam_protocols needs two).
+    routed = _series("AX FLAIR", ProtocolName="BRAIN W WO MRA", slices=30, **FLAIR)
+    assert selector.excluded(routed) == ""
+    assert selector.assign([routed], ["FLAIR"]).chosen == {"FLAIR": routed}
 
 
 @pytest.mark.filterwarnings("ignore:The value length")  # the vendor series has an over-long SH
