@@ -118,16 +118,22 @@ def _head_points(
     array: npt.NDArray[Any], affine: npt.NDArray[Any], most: int = 400_000
 ) -> tuple[npt.NDArray[np.float64], float]:
     """World points (mm) of the voxels above a tenth of the 99th intensity percentile (the head's
-    foreground; every voxel when none is), at most about ``most`` of them evenly taken, and the
-    volume (mm^3) each point stands for."""
-    values = np.asarray(array, dtype=np.float32)
-    level = 0.1 * float(np.percentile(values, 99.0))
-    indices = np.argwhere(values > level)
+    foreground; every voxel when none is), at most about ``most`` of them, and the volume (mm^3) each
+    point stands for.
+
+    The volume is read on an evenly strided grid (every k-th voxel along each axis) small enough that
+    its foreground holds about ``most`` points: the indices of every foreground voxel of a 0.5 mm 3D
+    series (35 million voxels) took about 800 MiB and 3 s per series registered."""
+    values = np.asarray(array)
+    stride = max(1, int(np.ceil((values.size / (4 * most)) ** (1 / 3))))
+    grid = np.asarray(values[::stride, ::stride, ::stride], dtype=np.float32)
+    level = 0.1 * float(np.percentile(grid, 99.0))
+    indices = np.argwhere(grid > level)
     if len(indices) == 0:
-        indices = np.argwhere(np.ones(values.shape, dtype=bool))
+        indices = np.argwhere(np.ones(grid.shape, dtype=bool))
     step = max(1, int(np.ceil(len(indices) / most)))
     voxel_mm3 = abs(float(np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3])))
-    return world_points(affine, indices[::step]), voxel_mm3 * step
+    return world_points(affine, indices[::step] * stride), voxel_mm3 * step * stride**3
 
 
 #: Another Frame of Reference's registration starts with the tops of the two heads on each other: the
