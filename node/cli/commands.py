@@ -443,6 +443,8 @@ def _result_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
             figures = (
                 f"another Frame of Reference, started from the {start}{placed} (the offset between "
                 f"the frames, no motion); beyond that start: {figures}"
+                if "translation_mm" in entry
+                else f"another Frame of Reference, placed by the {start} alone (no rigid registration)"
             )
         rows.append(
             (f"registration {modality}", f"onto {registration.get('reference')}: {figures}; {verdict}")

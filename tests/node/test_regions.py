@@ -545,7 +545,7 @@ def test_a_series_flipped_left_right_fails_its_registration() -> None:
     assert unchecked.alignments["T1GD"].ok  # what passed before
 
 
-def test_another_frame_of_reference_counts_only_the_motion_beyond_the_heads_centres() -> None:
+def test_another_frame_of_reference_counts_only_the_motion_beyond_the_heads_tops() -> None:
     """A T1 on its own Frame of Reference, its positions 78 mm off the FLAIR's with no motion of the
     patient: registration finds it, and its figures (and limits) are about the motion beyond the
     heads' tops, not the offset between the two frames (it failed, '78.0 mm > limit 20 mm')."""
@@ -572,6 +572,11 @@ def test_another_frame_of_reference_counts_only_the_motion_beyond_the_heads_cent
         f"{moved.result.start_offset_mm:.1f} mm apart (the offset between the frames, no motion); "
         f"beyond that start: {moved.result.translation_mm:.1f} mm, "
     ), shown
+    # With registration off the start is all there is: it said "beyond that start: geometry only".
+    off = coregister(series, "FLAIR", ["FLAIR", "T1"], mask, RegistrationConfig(enabled=False))
+    shown = dict(_result_rows({"registration": off.as_dict()}))["registration T1"]
+    placed = "another Frame of Reference, placed by the tops of the heads alone (no rigid registration)"
+    assert shown.startswith(f"onto FLAIR: {placed}"), shown
 
 
 def _head_and_brain_part(keep_mm: float) -> tuple[Any, Any, Any, Any, Any]:
