@@ -255,6 +255,10 @@ class RegistrationConfig:
     # flipped in its pixels or orientation header, which no rigid motion undoes: it fails
     # (converters/registration.py RegistrationSettings.mirror_margin). false: not checked.
     mirror_check: bool = True
+    # A fit whose final Mattes MI is not below minus this hardly resembles the reference where it was
+    # placed (noise, a fit tens of mm wrong): it fails (RegistrationSettings.min_similarity). 0: not
+    # checked.
+    min_similarity: float = 0.25
     # The metric runs on copies of about this spacing (mm), 2 levels (shrink 2, 1).
     working_spacing_mm: float = 2.0
     iterations: int = 100
@@ -276,6 +280,7 @@ class RegistrationConfig:
             max_rotation_deg=self.max_rotation_deg,
             max_metric_worsening=self.max_metric_worsening,
             mirror_margin=RegistrationSettings.mirror_margin if self.mirror_check else None,
+            min_similarity=self.min_similarity if self.min_similarity > 0 else None,
             threads=self.threads,
         )
 
@@ -545,6 +550,8 @@ def _validate(settings: Settings, where: str) -> None:
         )
     if not 0 <= reg.min_brain_coverage <= 1:
         raise ConfigError(f"{where}: registration.min_brain_coverage must lie in [0, 1]")
+    if not reg.min_similarity >= 0:
+        raise ConfigError(f"{where}: registration.min_similarity must be >= 0 (0: not checked)")
     if reg.parallel < 1 or reg.threads < 0:
         raise ConfigError(f"{where}: registration.parallel must be at least 1 and threads at least 0")
     _validate_inference(settings.inference, where)

@@ -71,6 +71,7 @@ def test_empty_database_url_env_is_ignored_as_the_admin_commands_ignore_it(
         ("[node]\nae_title = 'A_VERY_LONG_AE_TITLE_X'\n", "must be 1-16 ASCII characters"),
         ("[[destinations]]\nname = 'p'\n", "missing ae_title, host, port"),
         ("[registration]\nparallel = 0\n", "registration.parallel must be at least 1"),
+        ("[registration]\nmin_similarity = -0.1\n", "registration.min_similarity must be >= 0"),
         ("[node]\nspool_keep_hours = -1\n", "node.spool_keep_hours must be >= 0"),
         ("[node]\nfailed_keep_hours = nan\n", "node.failed_keep_hours: expected a finite float, got nan"),
         ("[node]\nsend_max_refusals = -1\n", "node.send_max_refusals must be >= 0"),
@@ -269,3 +270,14 @@ def test_whole_numbers_and_every_known_task_still_load(tmp_path: Path) -> None:
     cfg.write_text("[node]\ntask = 'brats_regions'\nstudy_idle_seconds = 0\nmin_free_disk_mb = 0\n")
     s = load_settings(cfg, env={"SEGNODE_NODE_POLL_SECONDS": "0.25"})
     assert (s.node.task, s.node.study_idle_seconds, s.node.poll_seconds) == ("brats_regions", 0.0, 0.25)
+
+
+def test_the_registration_similarity_floor_is_a_setting(tmp_path: Path) -> None:
+    """[registration] min_similarity reaches the registration's check; 0 turns it off (a site whose
+    correct fits end weaker than the default floor could neither tune nor disable it)."""
+    cfg = tmp_path / "node.toml"
+    assert load_settings(None, env={}).registration.settings().min_similarity == 0.25
+    cfg.write_text("[registration]\nmin_similarity = 0.4\n")
+    assert load_settings(cfg, env={}).registration.settings().min_similarity == 0.4
+    cfg.write_text("[registration]\nmin_similarity = 0\n")
+    assert load_settings(cfg, env={}).registration.settings().min_similarity is None
