@@ -1056,13 +1056,11 @@ class SeriesSelector:
                 return "description"
             if not names_a_sequence:
                 return "ProtocolName"
-        if ANGIO_PERFUSION_NAMES.search(AFTER_ANGIO_PERFUSION.sub(" ", description)):
-            return ANGIO_PERFUSION_NAME
-        if not names_a_sequence and ANGIO_PERFUSION_NAMES.search(
-            AFTER_ANGIO_PERFUSION.sub(" ", s.pattern_text(exam))
-        ):
-            return ANGIO_PERFUSION_NAME  # in its own ProtocolName only
-        return ""
+        # An angiogram's or perfusion's name: in the description, or in its own ProtocolName too when
+        # the description names no sequence (the same rule as above).
+        named = description if names_a_sequence else s.pattern_text(exam)
+        angio_or_perfusion = ANGIO_PERFUSION_NAMES.search(AFTER_ANGIO_PERFUSION.sub(" ", named))
+        return ANGIO_PERFUSION_NAME if angio_or_perfusion else ""
 
     def is_flair(self, s: SeriesInfo, exam: Collection[str] = ()) -> bool:
         """Long-TI, long-TE inversion recovery; a description alone never beats contradicting TI/TE.
