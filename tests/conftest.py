@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -12,6 +13,12 @@ import pytest
 if TYPE_CHECKING:
     from db.transactions import SessionFactory
     from tests.helpers.postgres import PostgresServer
+
+# pytest-xdist's workers (make test) start with COLUMNS=80 and LINES in their environment. The CLIs'
+# module-level Rich consoles read COLUMNS once, when they are made, so they would print 80 columns wide
+# whatever COLUMNS a test sets later. Without them, as in a plain run, the consoles read it as they print.
+for _terminal_size in ("COLUMNS", "LINES"):
+    os.environ.pop(_terminal_size, None)
 
 
 @pytest.fixture()

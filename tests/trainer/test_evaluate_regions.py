@@ -131,6 +131,7 @@ def test_evaluate_record_in_a_model_directory_keeps_each_region(
     monkeypatch.setattr(ev, "load_model", lambda *a, **k: stand_in)
     out_json = tmp_path / "r.json"
     args = ["evaluate", str(model_dir), "--data", str(data), "--json", str(out_json), "--record", "site-b"]
+    monkeypatch.setenv("COLUMNS", "400")  # the path on one line, however long the tmp path is
     code, out, err = run_cli(args, capsys, monkeypatch)
     assert code == 0, err
     assert f"recorded the site-b evaluation in {model_dir / 'model.json'}" in " ".join(out.split())

@@ -259,7 +259,8 @@ def test_an_unreadable_checkpoint_is_one_line_naming_the_file_and_what_to_do(
         with pytest.raises(TrainerError) as caught:
             train(_config(task01, run, epochs=1), resume=True, progress=False)  # type: ignore[arg-type]
         message = str(caught.value)
-        assert "\n" not in message and len(message) < 500, message
+        # short but for the two paths, whose length is the tmp dir's
+        assert "\n" not in message and len(message.replace(str(run), "RUN")) < 400, message
         assert message.startswith(f"--resume: the last checkpoint {run / 'last.pt'} cannot be read (")
         assert "--overwrite" in message and "--checkpoint best.pt" in message
         assert "False" not in message  # torch's advice to load with weights_only=False (runs its code)
