@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from db import cli as models_cli
 from db.session import current_revision, head_revision, make_engine
 from node.cli import app, main
 from tests.conftest import write_model_dir
@@ -23,7 +22,7 @@ runner = CliRunner()
 @pytest.fixture()
 def url(migrated_db_url: str, segnode_home: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     monkeypatch.setenv("SEGNODE_DATABASE_URL", migrated_db_url)
-    monkeypatch.setattr(models_cli.console, "width", 200)  # tables not cut by the terminal's width
+    monkeypatch.setenv("COLUMNS", "200")  # tables not cut by the terminal's width
     return migrated_db_url
 
 

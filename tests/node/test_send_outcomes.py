@@ -27,7 +27,6 @@ from db.send_queue import SendInfo
 from db.transactions import SessionFactory, utcnow
 from node import dimse
 from node import sender as sender_module
-from node.cli import commands
 from node.config import Destination
 from node.metrics import NodeMetrics
 from node.sender import Sender, requested_contexts, store_files
@@ -448,7 +447,7 @@ def test_a_send_refused_for_good_shows_in_jobs_list_metrics_and_healthz_until_re
     assert (code, out, err.strip()) == (
         2, "", f"error: job {gone} has no refused sends (see `segnode jobs show {gone}`)"
     )  # fmt: skip
-    monkeypatch.setattr(commands.console, "width", 200)  # the tables on one line per row
+    monkeypatch.setenv("COLUMNS", "200")  # the tables on one line per row
     code, out, err = run_cli(["jobs", "show", str(gone), "--config", str(config)], capsys, monkeypatch)
     shown = "dismissed (tried 1 times) dismissed by ops: sent by hand; refused:"
     assert code == 0 and shown in out, out + err

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 from converters.synthetic import write_synthetic_task01
-from db import cli as db_cli
 from db.registry import open_registry
 from tests.helpers.cli import rich_tables, run_cli
 from tests.helpers.node import make_threshold_model
@@ -72,7 +71,7 @@ def test_evaluate_a_model_id_records_the_result_in_the_model_table(
         assert run_cli(args, capsys, monkeypatch)[0] == 0
     code, out, _ = run_cli(["models", "show", str(model_id), "--json"], capsys, monkeypatch)
     assert [e["split"] for e in json.loads(out)["metrics"]["evaluations"]] == [data.name, "site-b"]
-    monkeypatch.setattr(db_cli.console, "width", 200)  # tables not cut by the terminal's width
+    monkeypatch.setenv("COLUMNS", "200")  # tables not cut by the terminal's width
     code, out, _ = run_cli(["models", "show", str(model_id)], capsys, monkeypatch)
     assert code == 0 and "Evaluations (segnode evaluate)" in out and "site-b" in out
     assert f"{result['mean']['dice']:.4f}" in out
@@ -114,10 +113,9 @@ def test_evaluate_of_a_whole_tumour_model_prints_the_volumes(
 ) -> None:
     """The table shows what the JSON has of each case's tumour volume: predicted and true mL, the
     error signed and absolute in mL and %, and their means; HD95 in mm to two decimals."""
-    from trainer import cli as trainer_cli
 
     _, model_dir, data = registered
-    monkeypatch.setattr(trainer_cli.console, "width", 250)  # the tables' cells on one line each
+    monkeypatch.setenv("COLUMNS", "250")  # the tables' cells on one line each
     out_json = tmp_path / "r.json"
     args = ["evaluate", str(model_dir), "--data", str(data), "--precision", "fp32", "--json", str(out_json)]
     code, out, err = run_cli(args, capsys, monkeypatch)

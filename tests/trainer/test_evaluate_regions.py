@@ -18,7 +18,6 @@ from converters.nifti import list_cases
 from converters.synthetic import write_synthetic_task01
 from db.card import TASK_LABELS, load_card, write_card
 from tests.helpers.cli import render, rich_tables, run_cli
-from trainer import cli as trainer_cli
 from trainer import evaluate as ev
 from trainer.metrics import BRATS_REGIONS, case_metrics
 
@@ -50,7 +49,7 @@ def test_evaluate_reports_each_region_per_case_and_mean(
 ) -> None:
     stand_in = ev.CardPredictor(CARD, _background, "background stand-in", "fp32")
     monkeypatch.setattr(ev, "load_model", lambda *a, **k: stand_in)
-    monkeypatch.setattr(trainer_cli.console, "width", 200)  # the table's cells on one line each
+    monkeypatch.setenv("COLUMNS", "200")  # the table's cells on one line each
     out_json = tmp_path / "r.json"
     args = ["evaluate", "x.xml", "--data", str(data), "--json", str(out_json)]
     code, out, err = run_cli(args, capsys, monkeypatch)
