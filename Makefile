@@ -3,6 +3,10 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 WORKDIR ?= demo-out
+# make test runs the tests in two processes (pytest-xdist; most tests wait on sockets and subprocesses
+# for part of their time); work stolen between them so that neither idles at the end. PYTEST_WORKERS=
+# runs them in one.
+PYTEST_WORKERS ?= -n 2 --dist worksteal
 
 .PHONY: demo test lint bench clean viewer
 
@@ -27,7 +31,7 @@ test: $(VENV)/.all-installed
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/mypy benchmarks/*.py
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(PYTEST_WORKERS)
 
 # OHIF over Orthanc (DICOMweb) with the node on loopback, the demo case sent through; prints the URL.
 # Needs the Debian packages orthanc, orthanc-dicomweb and npm (.ci/run installs them). Ctrl-C stops it.
