@@ -503,8 +503,9 @@ def test_trickling_peers_are_cut_off_and_connections_beyond_the_limit_closed_at_
                 except OSError:  # the node ended it and pynetdicom closed the socket since the check
                     break
                 time.sleep(0.2)
-            ended = lambda: not assoc.is_established  # type: ignore[attr-defined]  # noqa: E731
-            wait_until(ended, 10, "the trickled association to end")
+            wait_until(
+                lambda: not assoc.is_established, 10, "the trickled association to end"  # type: ignore[attr-defined]
+            )
         assert "closed at accept: 3 connections are open" in caplog.text
         assert "A-ASSOCIATE-RQ PDU (1000 bytes) did not arrive within acse_timeout (1 s)" in caplog.text
         assert "the P-DATA-TF PDU (1000 bytes) did not arrive within network_timeout (1 s)" in caplog.text

@@ -26,12 +26,11 @@ def test_export_checks_the_ir_against_the_original(tmp_path: Path) -> None:
     series = min((p for p in (DATA / "dicom").iterdir() if p.is_dir()), key=_size)
     brats = sorted(p for p in (DATA / "train" / "brats").iterdir() if p.is_dir())[0]
     data = tmp_path / "data"
-    for link, target in ((data / "dicom" / series.name, series),
-                         (data / "train" / "brats" / brats.name, brats)):
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(target)
+    (data / "dicom").mkdir(parents=True)
+    (data / "dicom" / series.name).symlink_to(series)
+    (data / "train").symlink_to(DATA / "train")
     out = tmp_path / "brain_extraction"
-    card = export_brain_extractor(out, data)
+    card = export_brain_extractor(out, data, brats_limit=1)  # the first case (--brats-limit)
     model_dir = read_model_dir(out)  # every file present with the card's sha256
     assert model_dir.task == "brain_extraction"
     assert [a.key for a in model_dir.artifacts] == ["ir_fp32"]

@@ -113,7 +113,6 @@ def test_evaluate_of_a_whole_tumour_model_prints_the_volumes(
 ) -> None:
     """The table shows what the JSON has of each case's tumour volume: predicted and true mL, the
     error signed and absolute in mL and %, and their means; HD95 in mm to two decimals."""
-
     _, model_dir, data = registered
     monkeypatch.setenv("COLUMNS", "250")  # the tables' cells on one line each
     out_json = tmp_path / "r.json"
