@@ -295,7 +295,7 @@ def node_settings(
     settings.node.host = "127.0.0.1"
     settings.node.spool_dir = str(tmp / "spool")
     settings.node.study_idle_seconds = idle
-    settings.node.poll_seconds = 0.05
+    settings.node.poll_seconds = 0.25
     settings.node.min_free_disk_mb = 1
     settings.node.send_retry_base_seconds = 0.2
     settings.node.send_retry_max_seconds = 1.0

@@ -43,7 +43,7 @@ def node_toml(
         'host = "127.0.0.1"',
         f'spool_dir = "{tmp / "spool"}"',
         f"study_idle_seconds = {idle}",
-        "poll_seconds = 0.05",
+        "poll_seconds = 0.25",
         "min_free_disk_mb = 1",
         f"send_retry_base_seconds = {retry_base}",
         f"send_retry_max_seconds = {retry_max}",
