@@ -8,7 +8,7 @@ WORKDIR ?= demo-out
 # runs them in one.
 PYTEST_WORKERS ?= -n 2 --dist worksteal
 
-.PHONY: demo test lint bench clean viewer
+.PHONY: demo test lint pytest bench clean viewer
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,10 +27,12 @@ $(VENV)/.all-installed: pyproject.toml | $(BIN)/python
 demo: $(VENV)/.node-installed
 	$(BIN)/segnode demo --workdir $(WORKDIR)
 
+# The linters beside the tests: mypy uses one core for about a minute, which the tests' two processes
+# leave free part of the time. Either failing fails the target (make -j waits for the other to end).
 test: $(VENV)/.all-installed
-	$(BIN)/ruff check .
-	$(BIN)/mypy
-	$(BIN)/mypy benchmarks/*.py
+	$(MAKE) --no-print-directory -j2 lint pytest
+
+pytest: $(VENV)/.all-installed
 	$(BIN)/python -m pytest $(PYTEST_WORKERS)
 
 # OHIF over Orthanc (DICOMweb) with the node on loopback, the demo case sent through; prints the URL.
