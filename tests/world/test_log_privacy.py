@@ -115,6 +115,12 @@ def scrubbed_log() -> Iterator[io.StringIO]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("always")
+            # pytest records each test's warnings with its own showwarning. When an earlier test in this
+            # process routed warnings into logging already (the demo, serve and the receivers call
+            # install() and leave it on, as the node does for its life), install() above kept pytest's
+            # recorder: route them into logging again.
+            logging.captureWarnings(False)
+            logging.captureWarnings(True)
             yield stream
     finally:
         root.removeHandler(handler)
