@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from node.config import Destination
+from tests.helpers.node import TEST_POLL_SECONDS
 from tests.helpers.peers import REPO
 from tests.helpers.waiting import wait_until
 
@@ -43,7 +44,7 @@ def node_toml(
         'host = "127.0.0.1"',
         f'spool_dir = "{tmp / "spool"}"',
         f"study_idle_seconds = {idle}",
-        "poll_seconds = 0.25",
+        f"poll_seconds = {TEST_POLL_SECONDS}",
         "min_free_disk_mb = 1",
         f"send_retry_base_seconds = {retry_base}",
         f"send_retry_max_seconds = {retry_max}",

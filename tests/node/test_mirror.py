@@ -12,6 +12,7 @@ import pytest
 
 from converters.case import Case
 from converters.exceptions import ModelCardError
+from converters.resample import world_points
 from db.card import load_card
 from node.bootstrap import SHIPPED_MODEL_DIR
 from node.config import load_settings
@@ -112,7 +113,7 @@ def case() -> Case:
     first = max(0, min(centre - SLAB // 2, case.label.shape[2] - SLAB))
     slab = slice(first, first + SLAB)
     affine = case.affine.copy()
-    affine[:3, 3] = case.affine[:3, :3] @ [0, 0, first] + case.affine[:3, 3]
+    affine[:3, 3] = world_points(case.affine, np.array([[0, 0, first]]))[0]
     return dataclasses.replace(
         case,
         images={m: np.ascontiguousarray(image[:, :, slab]) for m, image in case.images.items()},
