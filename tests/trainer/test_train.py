@@ -209,7 +209,9 @@ def test_a_fresh_run_into_a_run_dir_is_refused_unless_overwrite(
 
     monkeypatch.chdir(task01.parent)  # --data as typed relative: run.json keeps it absolute for export
     args = ["train", "--data", task01.name, "--out", str(run), "--device", "cpu", "--epochs", "1"]
-    code, _, err = run_cli([*args, "--overwrite"], capsys, monkeypatch)
+    small = ["--base-filters", "8", "--depth", "3", "--crop", "48", "--batch-size", "8", "--threads", "1"]
+    small += ["--val-fraction", "0.34", "--slices-per-epoch", "16"]  # what is kept is at stake, not the net
+    code, _, err = run_cli([*args, *small, "--overwrite"], capsys, monkeypatch)
     assert code == 0, err
     assert [r["epoch"] for r in _metrics_rows(run)] == ["1"]
     data = json.loads((run / "run.json").read_text())["config"]["data"]
