@@ -460,8 +460,14 @@ class BrainMasker:
     def network_mask(self, image: npt.NDArray[Any]) -> npt.NDArray[np.bool_]:
         """deepbet's mask (threshold, largest component, holes filled), before the node's checks."""
         p, box = self.probabilities(image)
+        return self.mask_of(p, box, image.shape)
+
+    def mask_of(
+        self, p: npt.NDArray[np.float32], box: tuple[slice, slice, slice], shape: tuple[int, ...]
+    ) -> npt.NDArray[np.bool_]:
+        """:meth:`network_mask` from :meth:`probabilities`' output ``(p, box)`` on an image of ``shape``."""
         crop = fill_holes(largest_component(p > self.settings.threshold))
-        mask = np.zeros(image.shape, dtype=bool)
+        mask = np.zeros(shape, dtype=bool)
         mask[box] = crop
         return mask
 

@@ -193,27 +193,32 @@ def ir_masker(card: Mapping[str, Any], directory: Path) -> BrainMasker:
     return BrainMasker(settings, network("bbox"), network("brain"))
 
 
+@dataclass
+class Recorded:
+    """A network callable that keeps its last input and output, so that the check can run the original
+    network on exactly what the IR saw, without running the IR a second time."""
+
+    net: Network
+    last: tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]] | None = None
+
+    def __call__(self, x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        y = self.net(x)
+        self.last = (x, y)
+        return y
+
+
 def network_difference(
-    masker: BrainMasker, reference: Any, image: npt.NDArray[np.float32], box: tuple[slice, ...]
+    reference: Any, seen: Mapping[str, tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]]
 ) -> float:
-    """Largest |p_IR - p_TorchScript| of both networks on the same normalised inputs of ``image``."""
+    """Largest |p_IR - p_TorchScript| of both networks, each original run on the normalised grid its IR
+    saw: ``seen`` maps ``bbox`` and ``brain`` to the IR's (input, output) (:class:`Recorded`)."""
     import torch
 
-    from converters.brain_mask import normalize, resize
-
-    s = masker.settings
-    x = np.nan_to_num(np.asarray(image, dtype=np.float32))
-    small = resize(x, s.bbox_grid, s.order)
-    low, high = (float(v) for v in np.percentile(small, s.percentiles))
-    inputs = {
-        "bbox": normalize(small, low, high, s),
-        "brain": normalize(resize(x[box], s.brain_grid, s.order), low, high, s),
-    }
     worst = 0.0
     for key, net in (("bbox", reference.bbox_model), ("brain", reference.model)):
+        x, p_ir = seen[key]
         with torch.no_grad():
-            p_ref = net(torch.from_numpy(inputs[key])[None, None])[0, 1].numpy()
-        p_ir = (masker.bbox_net if key == "bbox" else masker.brain_net)(inputs[key])
+            p_ref = net(torch.from_numpy(x)[None, None])[0, 1].numpy()
         worst = max(worst, float(np.abs(p_ir - p_ref).max()))
     return worst
 
@@ -244,17 +249,22 @@ def compare(
         no_gpu=True, model_path=str(originals["brain"]), bbox_model_path=str(originals["bbox"])
     )
     extractor = ir_masker(card, out_dir)
+    recorded = {"bbox": Recorded(extractor.bbox_net), "brain": Recorded(extractor.brain_net)}
+    extractor.bbox_net, extractor.brain_net = recorded["bbox"], recorded["brain"]
     rows = []
     for item in images:
         if on_step:
             on_step(f"checking the IR against the original on {item.name}")
         p_ref = reference.run_model(item.image.copy())
         m_ref = reference.postprocess(p_ref > card["output"]["threshold"]).astype(bool)
+        for r in recorded.values():
+            r.last = None
         p_ir, box = extractor.probabilities(item.image)
+        seen = {key: r.last for key, r in recorded.items() if r.last is not None}
         p_full = np.zeros(item.image.shape, dtype=np.float32)
         p_full[box] = p_ir
-        net_diff = network_difference(extractor, reference, item.image, box)
-        m_ir = extractor.network_mask(item.image)
+        net_diff = network_difference(reference, seen)
+        m_ir = extractor.mask_of(p_ir, box, item.image.shape)
         try:
             final: npt.NDArray[np.bool_] | None = extractor.extract(item.image, item.affine)
             no_brain = ""
