@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
 import os
 import socket
@@ -252,12 +253,44 @@ class PresentationContexts(list[PresentationContext]):
     """
 
     def __deepcopy__(self, memo: dict[int, Any]) -> list[PresentationContext]:
-        copies = []
-        for context in self:
-            twin = copy.copy(context)
-            twin._transfer_syntax = list(context._transfer_syntax)
-            copies.append(twin)
-        return copies
+        return [copy_context(context) for context in self]
+
+
+def copy_context(context: PresentationContext) -> PresentationContext:
+    """A copy of ``context`` as independent as its deep copy (see :class:`PresentationContexts`)."""
+    twin = copy.copy(context)
+    twin._transfer_syntax = list(context._transfer_syntax)
+    return twin
+
+
+def copy_supported_contexts(source: AE, target: AE) -> None:
+    """Give ``target`` its own copies of ``source``'s supported presentation contexts, replacing its own.
+
+    Adding a context through pynetdicom validates each of its transfer syntax UIDs with pydicom's regular
+    expressions: for the node's 180 contexts of ~45 syntaxes each, ~0.25 s of interpreter time per AE.
+    An AE built and validated once (:func:`node_contexts`) is copied instead, with
+    :func:`copy_context`, into pynetdicom 3.0.4's table of supported contexts (the version is pinned;
+    tests/node/test_receive_path.py checks the copy against contexts added one by one).
+    """
+    target._supported_contexts = {uid: copy_context(cx) for uid, cx in source._supported_contexts.items()}
+
+
+@functools.cache
+def node_contexts() -> AE:
+    """An AE holding the node's supported presentation contexts, built once per process: verification;
+    every storage SOP class of pynetdicom, images the node processes in the transfer syntaxes it can
+    decode and other objects in all; the vendors' private storage SOP classes in all."""
+    ae = AE()
+    ae.add_supported_context(Verification)
+    readable = list(readable_transfer_syntaxes(tuple(ALL_TRANSFER_SYNTAXES)))
+    for context in AllStoragePresentationContexts:
+        sop_class = str(context.abstract_syntax)
+        # Images the node processes only in what it can decode; objects it never reads in any.
+        syntaxes = readable if sop_class in KEPT_SOP_CLASSES else ALL_TRANSFER_SYNTAXES
+        ae.add_supported_context(sop_class, syntaxes)
+    for _, uid in PRIVATE_STORAGE_SOP_CLASSES:
+        ae.add_supported_context(uid, ALL_TRANSFER_SYNTAXES)
+    return ae
 
 
 @dataclass
@@ -408,15 +441,7 @@ class StorageSCP:
         ae.maximum_pdu_size = MAX_PDU_BYTES
         ae.require_called_aet = True
         ae.require_calling_aet = list(self.settings.allowed_calling_aes)
-        ae.add_supported_context(Verification)
-        readable = list(readable_transfer_syntaxes(tuple(ALL_TRANSFER_SYNTAXES)))
-        for context in AllStoragePresentationContexts:
-            sop_class = str(context.abstract_syntax)
-            # Images the node processes only in what it can decode; objects it never reads in any.
-            syntaxes = readable if sop_class in KEPT_SOP_CLASSES else ALL_TRANSFER_SYNTAXES
-            ae.add_supported_context(sop_class, syntaxes)
-        for _, uid in PRIVATE_STORAGE_SOP_CLASSES:
-            ae.add_supported_context(uid, ALL_TRANSFER_SYNTAXES)
+        copy_supported_contexts(node_contexts(), ae)
         return ae
 
     def _ssl_context(self) -> ssl.SSLContext | None:

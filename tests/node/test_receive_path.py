@@ -189,6 +189,47 @@ def test_each_association_gets_its_own_copy_of_the_contexts(scp: StorageSCP) -> 
     assert "1.2.3" not in original[0]._transfer_syntax and original[0].result is None
 
 
+def test_each_scp_gets_its_own_copy_of_the_contexts_built_once(scp: StorageSCP) -> None:
+    """The node's AE holds the contexts that adding them one by one through pynetdicom gives (the same
+    abstract syntaxes, transfer syntaxes in the same order, roles), copied from one AE built per process,
+    and no context or list of transfer syntaxes is shared with that AE or with another SCP's."""
+    from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    from converters.dicom_series import readable_transfer_syntaxes
+    from node.scp import KEPT_SOP_CLASSES, PRIVATE_STORAGE_SOP_CLASSES, node_contexts
+
+    one_by_one = AE()
+    one_by_one.add_supported_context(Verification)
+    readable = list(readable_transfer_syntaxes(tuple(ALL_TRANSFER_SYNTAXES)))
+    for context in AllStoragePresentationContexts:
+        uid = str(context.abstract_syntax)
+        one_by_one.add_supported_context(uid, readable if uid in KEPT_SOP_CLASSES else ALL_TRANSFER_SYNTAXES)
+    for _, uid in PRIVATE_STORAGE_SOP_CLASSES:
+        one_by_one.add_supported_context(uid, ALL_TRANSFER_SYNTAXES)
+
+    def table(ae: AE) -> list[tuple[str, list[str], bool | None, bool | None]]:
+        return [
+            (cx.abstract_syntax, list(cx.transfer_syntax), cx.scu_role, cx.scp_role)
+            for cx in ae.supported_contexts
+        ]
+
+    assert table(scp.ae) == table(one_by_one)
+    assert len(scp.ae.supported_contexts) > 150 and len(readable) < len(ALL_TRANSFER_SYNTAXES)
+    other = StorageSCP(scp.settings, scp.sf, NodeMetrics())
+    other.stop()  # never started: only its AE is looked at
+    built = node_contexts()
+    assert node_contexts() is built  # once per process
+    mine, theirs, template = (ae._supported_contexts for ae in (scp.ae, other.ae, built))
+    for uid, context in mine.items():
+        for elsewhere in (theirs[uid], template[uid]):
+            assert context is not elsewhere and context._transfer_syntax is not elsewhere._transfer_syntax
+    first = next(iter(mine.values()))
+    first._transfer_syntax.append("1.2.3")
+    assert "1.2.3" not in next(iter(theirs.values()))._transfer_syntax
+    assert "1.2.3" not in next(iter(template.values()))._transfer_syntax
+
+
 def test_associations_run_the_prompt_loop(
     scp: StorageSCP, mr_files: list[Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
