@@ -22,7 +22,6 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from node.config import Destination, Settings
-from node.scp import copy_supported_contexts
 
 if TYPE_CHECKING:
     from node.service import NodeService
@@ -240,6 +239,8 @@ class CatchingSCP:
         self.stall_seconds = stall_seconds
         self.received: list[Dataset] = []
         self.changed = threading.Condition()
+        from node.scp import copy_supported_contexts  # here: importing this module stays light
+
         self.ae = AE(ae_title=ae_title)
         accepted = None if sop_classes is None else frozenset(map(str, sop_classes))
         copy_supported_contexts(_catcher_contexts(accepted, tuple(transfer_syntaxes or ())), self.ae)
