@@ -46,9 +46,15 @@ def brats_case(name: str = "BraTS2021_00005", margin: int = 6, multiple: int = 1
     size = -(-(hi - lo) // multiple) * multiple
     hi = np.minimum(lo + size, head.shape)
     lo = np.maximum(hi - size, 0)
-    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
+    return crop_case(case, tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True)))
+
+
+def crop_case(case: Case, box: tuple[slice, ...]) -> Case:
+    """``case`` cut to the voxel ``box`` (one slice per axis, steps of 1), its affine moved to the box's
+    first voxel: the same anatomy at the same world coordinates."""
+    first = np.array([s.start or 0 for s in box])
     affine = case.affine.copy()
-    affine[:3, 3] = world_points(case.affine, lo[None, :])[0]
+    affine[:3, 3] = world_points(case.affine, first[None, :])[0]
     return dataclasses.replace(
         case,
         images={m: np.ascontiguousarray(image[box]) for m, image in case.images.items()},

@@ -3,7 +3,6 @@ shipped model's symmetry, and the setting's way from node.toml to the compiled s
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -12,14 +11,13 @@ import pytest
 
 from converters.case import Case
 from converters.exceptions import ModelCardError
-from converters.resample import world_points
 from db.card import load_card
 from node.bootstrap import SHIPPED_MODEL_DIR
 from node.config import load_settings
 from node.segmenter import MIRROR_MODES, OpenVINOSegmenter, mirror_axes, mirrored_predictor
 from node.service import NodeService
 from tests.helpers.node import install_model, make_threshold_model, node_settings
-from tests.helpers.regions import brats_case
+from tests.helpers.regions import brats_case, crop_case
 
 SIGMOID = {"activation": "sigmoid", "threshold": 0.5}
 SOFTMAX = {"activation": "softmax"}
@@ -111,15 +109,7 @@ def case() -> Case:
     assert case.label is not None
     centre = int(np.argmax((case.label > 0).sum(axis=(0, 1))))
     first = max(0, min(centre - SLAB // 2, case.label.shape[2] - SLAB))
-    slab = slice(first, first + SLAB)
-    affine = case.affine.copy()
-    affine[:3, 3] = world_points(case.affine, np.array([[0, 0, first]]))[0]
-    return dataclasses.replace(
-        case,
-        images={m: np.ascontiguousarray(image[:, :, slab]) for m, image in case.images.items()},
-        affine=affine,
-        label=np.ascontiguousarray(case.label[:, :, slab]),
-    )
+    return crop_case(case, (slice(None), slice(None), slice(first, first + SLAB)))
 
 
 @pytest.fixture(scope="module")
