@@ -125,6 +125,47 @@ def restore_outputs(
     return prepared.restore_labels(probs, background, lambda p: probabilities_to_labels(p, card["output"]))
 
 
+def input_stride(tile: tuple[int, int]) -> tuple[int, int]:
+    """The multiple each in-plane side of a network's input must be, read from the input ``tile`` it
+    was trained on (the card's crop): the largest power of two that divides each side.
+
+    A network that halves its feature maps k times takes the sides that 2**k divides; the crop it was
+    trained on is one of them, so 2**k divides the crop's power-of-two part, and so does every
+    multiple of that part (176 -> 16: 192, 208... are taken too).
+    """
+    return tile[0] & -tile[0], tile[1] & -tile[1]
+
+
+def padded_size(size: tuple[int, int], tile: tuple[int, int]) -> tuple[int, int]:
+    """The smallest (h, w) at least ``size`` whose sides are multiples of :func:`input_stride`."""
+    stride = input_stride(tile)
+    return -(-size[0] // stride[0]) * stride[0], -(-size[1] // stride[1]) * stride[1]
+
+
+def predict_padded(
+    predict: SlicePredictor, slices: npt.NDArray[np.float32], tile: tuple[int, int]
+) -> npt.NDArray[np.float32]:
+    """Outputs (N, K, H, W) for slices larger than the network's input ``tile`` (h, w): each slice is
+    zero-padded (what the window holds outside the brain) to :func:`padded_size`, centred, and
+    ``predict`` sees it whole in one call; the outputs are cut back to the slices' size.
+
+    One call over about the window's area, where crop-sized tiles (:func:`predict_tiled`) cost two or
+    four crops for a window a few pixels longer than the crop. ``predict`` must take the padded
+    shape (a convolutional network does; the node compiles it for that shape). A side that pads by
+    an odd number of pixels gets the extra one at its end. A slice side shorter than the tile is a
+    caller's error.
+    """
+    h, w = int(slices.shape[2]), int(slices.shape[3])
+    if h < tile[0] or w < tile[1]:
+        raise PredictionError(f"slices of {h}x{w} are smaller than the network's input {tile[0]}x{tile[1]}")
+    big_h, big_w = padded_size((h, w), tile)
+    top, left = (big_h - h) // 2, (big_w - w) // 2
+    padded = np.zeros((*slices.shape[:2], big_h, big_w), dtype=np.float32)
+    padded[:, :, top : top + h, left : left + w] = slices
+    out = np.asarray(predict(padded), dtype=np.float32)
+    return np.ascontiguousarray(out[:, :, top : top + h, left : left + w])
+
+
 def tile_starts(size: int, tile: int) -> list[int]:
     """Start indices of the fewest ``tile``-long windows that cover ``size`` (>= ``tile``) with even
     overlaps: ``[0]`` when they are equal, else from 0 to ``size - tile``."""
@@ -140,7 +181,9 @@ def predict_tiled(
 ) -> npt.NDArray[np.float32]:
     """Outputs (N, K, H, W) for slices larger than the network's input ``tile`` (h, w): ``predict``
     on overlapping tiles that cover each slice (:func:`tile_starts`), the outputs averaged where the
-    tiles overlap. A slice side shorter than the tile is a caller's error."""
+    tiles overlap. For a network that takes no other shape than its own
+    (:class:`node.segmenter.OpenVINOSegmenter` falls back to it); a slice side shorter than the tile
+    is a caller's error."""
     h, w = int(slices.shape[2]), int(slices.shape[3])
     if h < tile[0] or w < tile[1]:
         raise PredictionError(f"slices of {h}x{w} are smaller than the network's input {tile[0]}x{tile[1]}")
@@ -167,8 +210,8 @@ def predict_slices(
     """Run ``predict`` over ``slices`` (N, C, H, W) in batches; returns the stacked outputs.
 
     ``tile``: the network's input (h, w), the card's ``crop_size``; slices larger than it (a window
-    widened to a large brain, :func:`converters.preprocess.brain_window`) are predicted in
-    overlapping tiles of that size (:func:`predict_tiled`). None: every slice goes in whole.
+    widened to a large brain, :func:`converters.preprocess.brain_window`) are zero-padded to a size
+    the network takes and predicted whole (:func:`predict_padded`). None: every slice goes in as it is.
 
     Raises
     ------
@@ -178,10 +221,10 @@ def predict_slices(
     if batch_size < 1:
         raise PredictionError(f"batch size {batch_size} must be at least 1")
     if tile is not None and tuple(slices.shape[2:]) != tuple(tile) and len(slices):
-        def tiled(batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-            return predict_tiled(predict, batch, tile)
+        def padded(batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+            return predict_padded(predict, batch, tile)
 
-        return predict_slices(tiled, slices, batch_size)
+        return predict_slices(padded, slices, batch_size)
     outs = [
         np.asarray(predict(np.ascontiguousarray(slices[i : i + batch_size])), dtype=np.float32)
         for i in range(0, len(slices), batch_size)

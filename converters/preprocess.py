@@ -365,7 +365,8 @@ def brain_window(
     (computed in world space); along the slice axis it spans the region. ``fit_region``: an in-plane
     side where the region is longer than the crop spans the whole region instead (a large brain,
     a generous mask), so that no voxel of it is cut off; the slices are then larger than the
-    network's input and are predicted in overlapping tiles (:func:`converters.prediction.predict_slices`).
+    network's input and are predicted whole, zero-padded to a size the network takes
+    (:func:`converters.prediction.predict_padded`).
 
     Returns
     -------

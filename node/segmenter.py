@@ -3,14 +3,18 @@
 Pre- and post-processing are the shared ones (:func:`converters.preprocess.prepare_volume`,
 :func:`converters.prediction.segment_to_grid`), so the node segments exactly as the trainer
 evaluated. What is the node's own is how the network runs: a static batch, zero-padded partial
-batches and a warm-up inference at load (docs/benchmarks.md), and optional test-time mirroring
-(``[inference] mirror``, :func:`mirrored_predictor`).
+batches and a warm-up inference at load (docs/benchmarks.md), a network compiled for each larger
+window a brain longer than the crop needs, and optional test-time mirroring (``[inference] mirror``,
+:func:`mirrored_predictor`).
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import threading
+import time
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,7 +23,13 @@ import numpy as np
 import numpy.typing as npt
 
 from converters.exceptions import ModelCardError
-from converters.prediction import DEFAULT_RESTORE, SlicePredictor, outputs_to_probabilities, segment_to_grid
+from converters.prediction import (
+    DEFAULT_RESTORE,
+    SlicePredictor,
+    outputs_to_probabilities,
+    predict_tiled,
+    segment_to_grid,
+)
 from converters.preprocess import Prepared, PreprocessError, PreprocessSpec, prepare_volume
 from db.card import check_runnable_card
 from node.exceptions import ModelLoadError
@@ -37,6 +47,11 @@ DEFAULT_BATCH = 8
 #: images are predicted too (0: left-right, 1: anterior-posterior). Every combination of the named
 #: axes is predicted (nnU-Net's rule): "lr" costs 2 network passes, "lr+ap" 4.
 MIRROR_MODES: dict[str, tuple[int, ...]] = {"none": (), "lr": (0,), "lr+ap": (0, 1)}
+
+#: Networks compiled for slice sizes other than the card's crop (windows widened to a brain longer than
+#: the crop, :func:`converters.prediction.predict_padded`) that a segmenter keeps, the least recently
+#: used dropped first: a padded size is a multiple of 16 pixels, so a few cover most heads.
+MAX_EXTRA_SHAPES = 4
 
 #: Probabilities are clipped to [_EPS, 1 - _EPS] before they are turned back into logits.
 _EPS = 1e-7
@@ -157,6 +172,11 @@ class OpenVINOSegmenter:
         model in bf16); None keeps OpenVINO's default.
     static_batch:
         False keeps the model's dynamic batch dimension (any batch size per call, no padding).
+
+    Slices larger than the card's crop (a brain longer than it, zero-padded to a multiple of the
+    network's stride: :func:`converters.prediction.predict_padded`) run on a copy of the network
+    reshaped to their size, compiled on first use (~0.2 s) and kept for the next jobs
+    (:data:`MAX_EXTRA_SHAPES`); a network that cannot be reshaped sees them in crop-sized tiles.
     mirror:
         Test-time mirroring, one of :data:`MIRROR_MODES` (``[inference] mirror``): ``"none"``,
         ``"lr"`` (the left-right mirror image too, 2 passes) or ``"lr+ap"`` (left-right,
@@ -231,10 +251,16 @@ class OpenVINOSegmenter:
         if precision_hint:
             config["INFERENCE_PRECISION_HINT"] = precision_hint
         self._compiled: ov.CompiledModel = core.compile_model(model, device, config)
-        self._output: ov.ConstOutput = self._compiled.output(0)
-        self._input_shape: tuple[int, ...] = tuple(
-            int(d) for d in self._compiled.input(0).get_partial_shape().get_min_shape()
+        self._core, self._device, self._config = core, device, config
+        self._model, self._channels, self._crop = model, channels, spec.crop_size
+        sides = model.input(0).get_partial_shape()
+        # A network whose height and width are dynamic takes any slice size as it is.
+        self._any_size = (
+            sides.rank.is_static and sides.rank.get_length() == 4
+            and not (sides[2].is_static or sides[3].is_static)
         )
+        self._larger: OrderedDict[tuple[int, int], ov.CompiledModel | None] = OrderedDict()
+        self._larger_lock = threading.Lock()
         # One inference at the card's input shape, static batch or not: the first allocates and tunes
         # (better before a job waits on it), and a network that cannot take what preprocessing makes
         # of a study (a fixed input other than the card's crop...) is refused here, at load, while the
@@ -277,17 +303,85 @@ class OpenVINOSegmenter:
         Called between jobs (:func:`node.runtime.release_idle_memory`), never during an inference.
         """
         release_compiled(self._compiled)
+        with self._larger_lock:
+            larger = [c for c in self._larger.values() if c is not None]
+        for compiled in larger:
+            release_compiled(compiled)
+
+    @property
+    def larger_sizes(self) -> list[tuple[int, int]]:
+        """The slice sizes other than the crop that a network is compiled for, oldest use first."""
+        with self._larger_lock:
+            return [size for size, compiled in self._larger.items() if compiled is not None]
+
+    def _compiled_for(self, size: tuple[int, int]) -> ov.CompiledModel | None:
+        """The network compiled for slices of ``size`` (h, w); None when it cannot take that size."""
+        if size == self._crop or self._any_size:
+            return self._compiled
+        with self._larger_lock:
+            if size in self._larger:
+                self._larger.move_to_end(size)
+                return self._larger[size]
+            compiled = self._compile_reshaped(size)
+            self._larger[size] = compiled
+            while len(self._larger) > MAX_EXTRA_SHAPES:
+                self._larger.popitem(last=False)
+            return compiled
+
+    def _compile_reshaped(self, size: tuple[int, int]) -> ov.CompiledModel | None:
+        """A copy of the network reshaped to (batch, channels, *size) and compiled, or None (logged)
+        when OpenVINO refuses the shape or the output is not of that size."""
+        import openvino as ov
+
+        start = time.perf_counter()
+        batch = self._model.input(0).get_partial_shape()[0]
+        model = self._model.clone()
+        why = ""
+        try:
+            model.reshape(ov.PartialShape([batch, ov.Dimension(self._channels), *map(ov.Dimension, size)]))
+            compiled = self._core.compile_model(model, self._device, self._config)
+            out = compiled.output(0).get_partial_shape()
+            if out.rank.get_length() != 4 or not out[2].is_static or not out[3].is_static or (
+                out[2].get_length(), out[3].get_length()
+            ) != size:
+                why = f"its output would be {out}"
+        except RuntimeError as exc:
+            why = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        if why:
+            logger.warning(
+                "%s cannot take %dx%d slices (%s): they are predicted in %dx%d tiles",
+                self.model_path.name, *size, why, *self._crop,
+            )
+            return None
+        logger.info(
+            "compiled %s for %dx%d slices in %.2f s", self.model_path.name, *size, time.perf_counter() - start
+        )
+        return compiled
 
     def predict(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-        """Raw network outputs (logits) for a batch of slices (N, C, H, W), any N."""
+        """Raw network outputs (logits) for a batch of slices (N, C, H, W), any N.
+
+        H and W are the card's crop, or a size larger than it that the network takes (a multiple of
+        its stride, :func:`converters.prediction.padded_size`).
+        """
         batch = np.ascontiguousarray(batch, dtype=np.float32)
+        size = (int(batch.shape[2]), int(batch.shape[3]))
+        compiled = self._compiled_for(size)
+        if compiled is None:
+            return predict_tiled(lambda tile: self._run(self._compiled, tile), batch, self._crop)
+        return self._run(compiled, batch)
+
+    def _run(self, compiled: ov.CompiledModel, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        """``compiled``'s outputs for ``batch``, in requests of the static batch when there is one."""
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        output = compiled.output(0)
         # A request of this call's own: calling the CompiledModel would run on a request it keeps, and
         # that request keeps the last input it shared, a view holding the whole study's slices (16 MiB
         # for one FLAIR) until the next job.
-        request = self._compiled.create_infer_request()
+        request = compiled.create_infer_request()
 
         def run(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-            return np.asarray(request.infer(x, share_inputs=True)[self._output], dtype=np.float32)
+            return np.asarray(request.infer(x, share_inputs=True)[output], dtype=np.float32)
 
         if not self.static_batch:
             return run(batch)
@@ -300,7 +394,7 @@ class OpenVINOSegmenter:
                 block = np.concatenate([block, np.zeros((size - n, *block.shape[1:]), dtype=np.float32)])
             outs.append(run(block)[:n])
         if not outs:
-            out_shape = tuple(self._output.get_partial_shape().get_min_shape())
+            out_shape = tuple(output.get_partial_shape().get_min_shape())
             return np.zeros((0, *out_shape[1:]), dtype=np.float32)
         return np.concatenate(outs) if len(outs) > 1 else outs[0]
 

@@ -9,6 +9,12 @@ openvino are imported only by the predictor that needs them.
 The OpenVINO predictor is a plain compiled model with the IR's own (dynamic) batch dimension: the
 node's static batch with zero-padded partial batches (:class:`node.segmenter.OpenVINOSegmenter`) is
 a speed measure and gives the same labels.
+
+Every predictor takes slices larger than the network's exported input (a window widened to a brain
+longer than the crop, zero-padded to a multiple of the network's stride:
+:func:`converters.prediction.predict_padded`), as the node does: the ONNX and OpenVINO networks are
+exported for the crop, so ONNX Runtime gets the graph with free height and width, and OpenVINO a
+copy reshaped to each new size.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from db.card import check_card
 from trainer.exceptions import TrainerError
 
 if TYPE_CHECKING:
+    import openvino as ov
     import torch
 
     from trainer.devices import DeviceInfo
@@ -60,12 +67,20 @@ def torch_predictor(model: torch.nn.Module, device: DeviceInfo | None = None) ->
 
 
 def onnx_predictor(path: Path) -> SlicePredictor:
-    """A slice predictor running the ONNX file ``path`` with ONNX Runtime on the CPU."""
+    """A slice predictor running the ONNX file ``path`` with ONNX Runtime on the CPU, at any slice size
+    the network takes (the graph's input and output height and width are made free)."""
+    import onnx
     import onnxruntime as ort
 
+    graph = onnx.load(str(path))
+    for value in (*graph.graph.input, *graph.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        if len(dims) == 4:
+            dims[2].dim_param, dims[3].dim_param = "height", "width"
+    del graph.graph.value_info[:]  # the exporter's intermediate shapes are those of the crop
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(graph.SerializeToString(), options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
 
     def predict(batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
@@ -118,11 +133,31 @@ def openvino_predictor(
             f"{channels} modalities"
         )
     config = {"INFERENCE_PRECISION_HINT": precision_hint} if precision_hint else {}
-    compiled = core.compile_model(model, device, config)
-    output = compiled.output(0)
+    base, own = core.compile_model(model, device, config), _sides(model)
+    compiled: dict[tuple[int, int], ov.CompiledModel] = {}
     logger.info("compiled %s on %s", model_xml.name, device)
 
+    def compiled_for(size: tuple[int, int]) -> ov.CompiledModel:
+        if own is None or size == own:
+            return base
+        if size not in compiled:
+            reshaped = model.clone()
+            first = model.input(0).get_partial_shape()[0]
+            reshaped.reshape(ov.PartialShape([first, ov.Dimension(channels), *map(ov.Dimension, size)]))
+            compiled[size] = core.compile_model(reshaped, device, config)
+        return compiled[size]
+
     def predict(batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-        return np.asarray(compiled(np.ascontiguousarray(batch, dtype=np.float32))[output], dtype=np.float32)
+        network = compiled_for((int(batch.shape[2]), int(batch.shape[3])))
+        out = network(np.ascontiguousarray(batch, dtype=np.float32))[network.output(0)]
+        return np.asarray(out, dtype=np.float32)
 
     return predict
+
+
+def _sides(model: ov.Model) -> tuple[int, int] | None:
+    """The (height, width) a 4-D network's input fixes, or None when either is free."""
+    shape = model.input(0).get_partial_shape()
+    if not shape.rank.is_static or shape.rank.get_length() != 4 or shape[2].is_dynamic or shape[3].is_dynamic:
+        return None
+    return shape[2].get_length(), shape[3].get_length()

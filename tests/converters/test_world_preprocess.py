@@ -247,8 +247,9 @@ def test_brats_1mm_ras_gives_the_former_slices_exactly() -> None:
 @pytest.mark.parametrize("oblique", [False, True])
 def test_a_brain_longer_than_the_crop_is_segmented_to_its_edges(oblique: bool) -> None:
     """A brain mask 80 mm long against a 64 x 56 crop (an adult brain of 186 mm against the shipped
-    176): the window spans it, the network (here a static 64 x 56 input) sees it in overlapping tiles,
-    and a lesion at each pole comes back whole; before, the window was cut to the crop."""
+    176): the window spans it, the network sees it whole, zero-padded to a multiple of its stride
+    (64 x 8 for this crop), and a lesion at each pole comes back whole; before df3e114 the window was
+    cut to the crop."""
     from converters.prediction import segment_volume
 
     shape = (90, 100, 30)
@@ -264,11 +265,14 @@ def test_a_brain_longer_than_the_crop_is_segmented_to_its_edges(oblique: bool) -
     brain_values = image[brain]
     threshold = (550.0 - brain_values.mean()) / brain_values.std()
 
-    def static_network(batch: np.ndarray) -> np.ndarray:
-        assert batch.shape[2:] == (64, 56), batch.shape
+    sizes = set()
+
+    def network(batch: np.ndarray) -> np.ndarray:
+        sizes.add(batch.shape[2:])
         return (batch[:, :1] - threshold) * 20.0
 
-    labels = segment_volume(static_network, card, {"FLAIR": image}, affine, batch_size=4, brain_mask=brain)
+    labels = segment_volume(network, card, {"FLAIR": image}, affine, batch_size=4, brain_mask=brain)
+    assert len(sizes) == 1 and all(h % 64 == 0 and w % 8 == 0 and w > 56 for h, w in sizes), sizes
     found = (labels > 0) & lesions
     assert lesions.sum() > 100
     assert found.sum() >= 0.95 * lesions.sum(), (found.sum(), lesions.sum())
@@ -277,7 +281,7 @@ def test_a_brain_longer_than_the_crop_is_segmented_to_its_edges(oblique: bool) -
 
 
 def test_tiles_cover_a_slice_and_average_where_they_overlap() -> None:
-    from converters.prediction import predict_slices, tile_starts
+    from converters.prediction import predict_tiled, tile_starts
 
     assert tile_starts(64, 64) == [0]
     assert tile_starts(65, 64) == [0, 1]
@@ -289,9 +293,48 @@ def test_tiles_cover_a_slice_and_average_where_they_overlap() -> None:
         calls.append(batch.shape)
         return batch[:, :1] * 2.0 + 1.0
 
-    out = predict_slices(network, slices, batch_size=3, tile=(64, 56))
+    out = predict_tiled(network, slices, tile=(64, 56))
     np.testing.assert_allclose(out, slices[:, :1] * 2.0 + 1.0, rtol=1e-6, atol=1e-6)
-    assert {c[2:] for c in calls} == {(64, 56)} and max(c[0] for c in calls) == 3
+    assert {c[2:] for c in calls} == {(64, 56)} and len(calls) == 4
+
+
+def test_the_input_stride_is_the_crops_power_of_two_part() -> None:
+    from converters.prediction import input_stride, padded_size
+
+    assert input_stride((176, 176)) == (16, 16)
+    assert input_stride((64, 56)) == (64, 8)
+    assert input_stride((175, 96)) == (1, 32)
+    assert padded_size((177, 176), (176, 176)) == (192, 176)
+    assert padded_size((193, 208), (176, 176)) == (208, 208)
+    assert padded_size((100, 70), (64, 56)) == (128, 72)
+    assert padded_size((175, 96), (175, 96)) == (175, 96)
+
+
+def test_larger_slices_are_padded_to_the_stride_and_predicted_whole() -> None:
+    """Slices longer than the crop go to the network in one call per batch, zero-padded (centred, the odd
+    pixel at the end) to a multiple of the stride, and come back at their own size from the right
+    place: the network here adds a ramp that depends on where a pixel lies in what it was given."""
+    from converters.prediction import predict_slices
+
+    slices = np.random.default_rng(0).normal(size=(5, 2, 100, 70)).astype(np.float32)
+    calls = []
+
+    def network(batch: np.ndarray) -> np.ndarray:
+        calls.append(batch.shape)
+        h, w = batch.shape[2:]
+        ramp = np.arange(h)[:, None] + np.arange(w)[None, :] * 0.01
+        return (batch[:, :1] + ramp).astype(np.float32)
+
+    out = predict_slices(network, slices, batch_size=3, tile=(64, 56))
+    assert calls == [(3, 2, 128, 72), (2, 2, 128, 72)]
+    top, left = (128 - 100) // 2, (72 - 70) // 2
+    ramp = np.arange(top, top + 100)[:, None] + np.arange(left, left + 70)[None, :] * 0.01
+    np.testing.assert_allclose(out, slices[:, :1] + ramp, rtol=0, atol=1e-4)
+    # What the network saw around the slices is zero, what the window holds outside the brain.
+    seen = []
+    predict_slices(lambda b: seen.append(b.copy()) or b[:, :1], slices[:1], tile=(64, 56))
+    assert not seen[0][:, :, :top].any() and not seen[0][:, :, top + 100 :].any()
+    assert not seen[0][..., :left].any() and not seen[0][..., left + 70 :].any()
 
 
 def test_without_a_brain_mask_the_window_keeps_the_crop() -> None:

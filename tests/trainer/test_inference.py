@@ -134,3 +134,25 @@ def test_record_evaluation_replaces_same_split_and_precision(tmp_path: Path) -> 
     assert [(e["precision"], e["mean"]["dice"]) for e in evaluations] == [("int8", 0.7), ("fp32", 0.5)]
     assert evaluations[0]["per_case"] == [{"case": "a", "dice": 0.5}] and evaluations[0]["split"] == "holdout"
     assert evaluations[0]["data"] == str(data.resolve())
+
+
+def test_the_shipped_models_forms_take_slices_longer_than_their_crop() -> None:
+    """The shipped network is exported for its 176 x 176 crop; a window widened to a longer brain is padded
+    to 192 x 176 (converters.prediction.predict_padded). ONNX Runtime (the graph's sides made free), the
+    trainer's OpenVINO predictor and the node's segmenter (each reshaping a copy) give the same logits."""
+    from node.bootstrap import SHIPPED_MODEL_DIR
+    from node.segmenter import OpenVINOSegmenter
+    from trainer.predictors import onnx_predictor
+
+    card = load_card(SHIPPED_MODEL_DIR)
+    x = np.random.default_rng(5).normal(size=(3, 1, 192, 176)).astype(np.float32)
+    by_onnx = onnx_predictor(SHIPPED_MODEL_DIR / "model.onnx")
+    by_ir = openvino_predictor(card, SHIPPED_MODEL_DIR / "model_fp32.xml", precision_hint="f32")
+    node = OpenVINOSegmenter(card, SHIPPED_MODEL_DIR / "model_fp32.xml", precision_hint="f32")
+    for sample in (x, np.ascontiguousarray(x[:, :, 8:184])):  # padded, and the crop's own size
+        reference = by_onnx(sample)
+        assert reference.shape == (3, 1, *sample.shape[2:])
+        scale = float(np.abs(reference).max())
+        np.testing.assert_allclose(by_ir(sample), reference, rtol=0, atol=1e-4 * scale)
+        np.testing.assert_allclose(node.predict(sample), reference, rtol=0, atol=1e-4 * scale)
+    assert node.larger_sizes == [(192, 176)]
