@@ -82,6 +82,25 @@ def test_softmax_outputs_are_log_probabilities_of_the_average() -> None:
     np.testing.assert_allclose(softmax(out), expected, atol=1e-6)
 
 
+def test_mirroring_stays_exact_on_a_window_padded_evenly() -> None:
+    """A window longer than the crop is zero-padded to the network's stride before the mirror images are
+    predicted (converters.prediction.predict_padded): padded by an even number of pixels on a mirrored
+    side, the mirror image of the window still gets the mirror image of its outputs, even from a network
+    that is not symmetric. (An odd number cannot be split evenly: the extra pixel goes to the end, as the
+    crop's centre rounds down for a box of odd centre.)"""
+    from converters.prediction import predict_slices
+
+    x = np.random.default_rng(2).normal(size=(3, 1, 20, 18)).astype(np.float32)  # 20 -> 32, 18 -> 24
+    predict = mirrored_predictor(_lopsided, (2, 3), SIGMOID)
+    out = predict_slices(predict, x, tile=(16, 8))
+    for axis in (2, 3):
+        again = predict_slices(predict, np.ascontiguousarray(np.flip(x, axis)), tile=(16, 8))
+        np.testing.assert_allclose(np.flip(again, axis), out, rtol=0, atol=1e-5)
+    plain = predict_slices(_lopsided, x, tile=(16, 8))
+    plain_again = predict_slices(_lopsided, np.flip(x, 2).copy(), tile=(16, 8))
+    assert np.abs(np.flip(plain_again, 2) - plain).max() > 0.1  # the network alone is not symmetric
+
+
 def _even_box(image: npt.NDArray[np.float32], axis: int) -> npt.NDArray[np.float32]:
     """``image`` with its first non-zero plane along ``axis`` zeroed when the non-zero box's first and
     end indices sum to an odd number: then the brain window (centred on that box, rounding down) of the
