@@ -411,8 +411,11 @@ def prepare_volume(
         Channel order; every name must be a key of ``images``.
     brain_mask:
         Optional boolean brain mask on the images' grid. When given, the window is centred on it,
-        each channel is z-scored over the voxels inside it and set to zero outside it, and the
-        slices kept are those it reaches. When None, the non-zero voxels play its part.
+        each channel is z-scored over its non-zero voxels inside it and set to zero elsewhere, and
+        the slices kept are those it reaches. When None, the non-zero voxels play its part. A voxel
+        that is exactly zero stays zero inside the mask too: the background of an image that was
+        skull-stripped before it came (the mask reaches a little beyond its brain), which the model
+        saw as zero in training (``zscore_nonzero``) and would see as a band of very dark tissue.
     fit_region:
         Widen the window beyond the card's crop where the brain mask is longer than it (see
         :func:`brain_window`; without a mask the card's crop is kept): what segments a whole volume
@@ -449,9 +452,10 @@ def prepare_volume(
         inside = resample_to_grid(mask, affine, window_affine, window_shape) >= 0.5
     channels = []
     for volume in volumes:
-        stats = _moments(volume[mask] if mask is not None else volume[volume != 0])
+        nonzero = volume != 0
+        stats = _moments(volume[mask & nonzero] if mask is not None else volume[nonzero])
         window = resample_to_grid(volume, affine, window_affine, window_shape, order=1)
-        channels.append(_zscore(window, inside if inside is not None else window != 0, stats))
+        channels.append(_zscore(window, window != 0 if inside is None else inside & (window != 0), stats))
     planes = np.stack([np.moveaxis(c, spec.slice_axis, 0) for c in channels], axis=1)  # (S, C, H, W)
     keep = _kept_slices(planes, None if inside is None else np.moveaxis(inside, spec.slice_axis, 0))
     return Prepared(

@@ -349,3 +349,28 @@ def test_without_a_brain_mask_the_window_keeps_the_crop() -> None:
     widened = prepare_volume({"FLAIR": noise}, affine, PRE, ["FLAIR"], mask, fit_region=True)
     assert widened.crop_size == (90, 80)
 
+
+
+def test_a_mask_wider_than_a_skull_stripped_image_leaves_its_background_at_zero() -> None:
+    """A study skull-stripped before it came (zero outside its brain) with the brain extractor's mask, which
+    reaches a few millimetres beyond: each channel is z-scored over its non-zero voxels and the zeros inside
+    the mask stay zero, as the model saw BraTS images in training (``zscore_nonzero``), instead of a band
+    of dark 'tissue' around the brain. The slices equal those that the tight mask gives."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(7)
+    shape = (70, 72, 24)
+    idx = np.indices(shape, dtype=np.float64)
+    brain = ((idx[0] - 35) / 25) ** 2 + ((idx[1] - 36) / 24) ** 2 + ((idx[2] - 12) / 8) ** 2 <= 1
+    image = np.where(brain, rng.normal(300.0, 40.0, shape), 0.0).astype(np.float32)
+    wide = ndimage.binary_dilation(brain, iterations=3)
+    affine = _affine(np.eye(3), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
+    tight = prepare_volume({"FLAIR": image}, affine, PRE, ["FLAIR"], brain)
+    loose = prepare_volume({"FLAIR": image}, affine, PRE, ["FLAIR"], wide)
+    assert tight.shift is not None and loose.shift is not None  # cropped, not resampled
+    assert tight.shift[:2] == loose.shift[:2]  # the same in-plane window
+    tight_z, loose_z = tight.slice_indices + tight.shift[2], loose.slice_indices + loose.shift[2]
+    common = np.isin(loose_z, tight_z)
+    np.testing.assert_array_equal(loose.slices[common], tight.slices)
+    assert not loose.slices[~common].any() and common.sum() < len(common)  # the mask's extra slices: zero
+    assert abs(float(tight.slices[tight.slices != 0].mean())) < 0.05
