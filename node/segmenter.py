@@ -152,6 +152,11 @@ def _fixed_batch(model: ov.Model) -> int | None:
 class OpenVINOSegmenter:
     """An OpenVINO IR model compiled once, segmenting whole volumes slice batch by slice batch.
 
+    Slices larger than the card's crop (a brain longer than it, zero-padded to a multiple of the
+    network's stride: :func:`converters.prediction.predict_padded`) run on a copy of the network
+    reshaped to their size, compiled on first use (~0.2 s) and kept for the next jobs
+    (:data:`MAX_EXTRA_SHAPES`); a network that cannot be reshaped sees them in crop-sized tiles.
+
     Parameters
     ----------
     card:
@@ -163,7 +168,7 @@ class OpenVINOSegmenter:
     batch_size:
         Slices per inference request. A model whose batch dimension is dynamic is compiled for this
         batch size (static shapes): OpenVINO's CPU kernels for a static shape are faster, and the
-        last, partial batch is padded with zeros so that no new shape is ever compiled during a job.
+        last, partial batch is padded with zeros so that no new batch size is ever compiled in a job.
         8 was chosen on a training case (BraTS2021_00005, 136 slices, INT8 on 2 cores): 0.55 s against
         1.15 s for the former dynamic batch of 16 (see docs/benchmarks.md).
         A network whose batch is fixed (exported so) runs at its own batch instead, padded the same.
@@ -172,11 +177,6 @@ class OpenVINOSegmenter:
         model in bf16); None keeps OpenVINO's default.
     static_batch:
         False keeps the model's dynamic batch dimension (any batch size per call, no padding).
-
-    Slices larger than the card's crop (a brain longer than it, zero-padded to a multiple of the
-    network's stride: :func:`converters.prediction.predict_padded`) run on a copy of the network
-    reshaped to their size, compiled on first use (~0.2 s) and kept for the next jobs
-    (:data:`MAX_EXTRA_SHAPES`); a network that cannot be reshaped sees them in crop-sized tiles.
     mirror:
         Test-time mirroring, one of :data:`MIRROR_MODES` (``[inference] mirror``): ``"none"``,
         ``"lr"`` (the left-right mirror image too, 2 passes) or ``"lr+ap"`` (left-right,
