@@ -341,9 +341,7 @@ class OpenVINOSegmenter:
             model.reshape(ov.PartialShape([batch, ov.Dimension(self._channels), *map(ov.Dimension, size)]))
             compiled = self._core.compile_model(model, self._device, self._config)
             out = compiled.output(0).get_partial_shape()
-            if out.rank.get_length() != 4 or not out[2].is_static or not out[3].is_static or (
-                out[2].get_length(), out[3].get_length()
-            ) != size:
+            if out.rank.get_length() != 4 or (out[2], out[3]) != tuple(map(ov.Dimension, size)):
                 why = f"its output would be {out}"
         except RuntimeError as exc:
             why = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
@@ -372,8 +370,8 @@ class OpenVINOSegmenter:
         return self._run(compiled, batch)
 
     def _run(self, compiled: ov.CompiledModel, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-        """``compiled``'s outputs for ``batch``, in requests of the static batch when there is one."""
-        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        """``compiled``'s outputs for ``batch`` (C-contiguous float32), in requests of the static batch
+        when there is one."""
         output = compiled.output(0)
         # A request of this call's own: calling the CompiledModel would run on a request it keeps, and
         # that request keeps the last input it shared, a view holding the whole study's slices (16 MiB

@@ -350,7 +350,6 @@ def test_without_a_brain_mask_the_window_keeps_the_crop() -> None:
     assert widened.crop_size == (90, 80)
 
 
-
 def test_a_mask_wider_than_a_skull_stripped_image_leaves_its_background_at_zero() -> None:
     """A study skull-stripped before it came (zero outside its brain) with the brain extractor's mask, which
     reaches a few millimetres beyond: each channel is z-scored over its non-zero voxels and the zeros inside
