@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import markdown_table, peak_rss_mib, save_result
-from holdout_node import _Receiver, labelled_cases, serving
+from holdout_node import _Receiver, labelled_cases, serving, wait_for_seg
 
 #: Per series: rotations about x, y, z (degrees) and translation (mm), about the brain's centre.
 MOTIONS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
@@ -130,15 +130,17 @@ def _score(node: Any, receiver: _Receiver, case: Any, name: str, workdir: Path) 
     row: dict[str, Any] = {"case": case.case_id, "acquisition": name}
     if {status for _, status, _ in results} != {0}:
         return {**row, "error": "C-STORE refused", **{r: 0.0 for r in REGIONS}}
-    raw = receiver.wait_for(study.study_instance_uid, "SEG", 600)
+    raw, held = wait_for_seg(node, receiver, study.study_instance_uid, 600)
     row["seconds"] = round(time.perf_counter() - start, 2)
+    if held and raw is not None:
+        row["held"] = held
     jobs = [j for j in job_queue.list_jobs(node.sf) if j.study_instance_uid == study.study_instance_uid]
     job = jobs[-1] if jobs else None
     routing = (job.result or {}).get("routing", {}) if job is not None else {}
     row["task"] = routing.get("task") if isinstance(routing, dict) else None
     row["routing"] = routing.get("reason") if isinstance(routing, dict) else None
     if raw is None:
-        return {**row, "error": f"no SEG: {job.reason if job else 'no job'}", **{r: 0.0 for r in REGIONS}}
+        return {**row, "error": f"no SEG: {held}", **{r: 0.0 for r in REGIONS}}
     volume = load_series(study.files["FLAIR"])
     predicted = _labels_from_seg(raw, volume.sop_instance_uids)
     voxel_ml = float(np.prod(volume.spacing)) / 1000.0
