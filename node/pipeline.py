@@ -428,6 +428,22 @@ def region_volumes_ml(
     }
 
 
+def within_whole_tumour(
+    labels: npt.NDArray[np.uint8], whole: npt.NDArray[np.bool_]
+) -> npt.NDArray[np.uint8]:
+    """A ``brats_regions`` label map (1 oedema, 2 non-enhancing/necrotic, 3 enhancing) made to fill
+    ``whole`` (another model's whole tumour on the same grid) with its holes filled: its tumour core
+    (2, 3) kept inside, every other voxel of it oedema, nothing outside it. A whole tumour has no
+    holes; a necrotic core dark on FLAIR that a FLAIR model leaves out, enclosed by its oedema, stays."""
+    from converters.masks import fill_holes
+
+    inside = fill_holes(np.asarray(whole, dtype=bool))
+    out = inside.astype(np.uint8)  # 1: oedema
+    core = inside & np.isin(labels, (2, 3))
+    out[core] = labels[core]
+    return out
+
+
 def brain_mask_for(assembled: Assembled, brain: Brain | None) -> npt.NDArray[np.bool_] | None:
     """The brain mask of the assembled study on its RAS grid (``assembled.images``' shape), or None
     when the brain stage did not run (no active ``brain_extraction`` model): the brain-mask rules of
@@ -527,6 +543,12 @@ class Segmented:
     #: the job, once the study is complete, only writes it. None: not built, or no tumour. Bytes, not
     #: the highdicom object, which keeps an SQLite frame index usable only in the thread that built it.
     seg_file: bytes | None = None
+    #: Where the whole tumour's extent came from when not from the model that ran alone
+    #: (:func:`take_whole_tumour_extent`), one line for the routing; None: the model's own labels.
+    extent: str | None = None
+    #: The model's own result when its whole tumour was taken from another model's
+    #: (:func:`take_whole_tumour_extent`); a later check starts again from it.
+    model_result: Segmented | None = None
 
 
 def encode_seg(done: Segmented, run: int = 1, *, resend: int = 0, qc_failed: bool = False) -> bytes:
@@ -899,8 +921,12 @@ def compare_whole_tumour(study: _Study, plan: RoutingPlan, done: Segmented) -> S
     model ran, its whole tumour against the ``whole_tumor`` model's on the same study (the result early
     analysis or this run computed on the same files, else that model run here on the reference series
     already read and masked: the FLAIR model's preprocess and inference, about a third of the regions
-    model's); ``not checked`` otherwise, saying why."""
+    model's); ``not checked`` otherwise, saying why. With ``[qc] whole_tumour_from_flair_model`` the
+    result then takes its whole tumour from that model (:func:`take_whole_tumour_extent`)."""
     settings = study.ctx.qc
+    prior = done
+    if done.model_result is not None:  # early analysis took the whole tumour already: again, from the model's
+        done = done.model_result
     labels = done.labels
     tumour_ml = float(np.count_nonzero(labels)) * float(np.prod(done.assembled.reference.spacing)) / 1000.0
 
@@ -911,7 +937,7 @@ def compare_whole_tumour(study: _Study, plan: RoutingPlan, done: Segmented) -> S
 
     if len(done.route.model.card["modalities"]) < 2:
         return without("a one-series model ran: nothing to compare with")
-    if not settings.compare_whole_tumour:
+    if not settings.compare_whole_tumour and not settings.whole_tumour_from_flair_model:
         return without("off ([qc] compare_whole_tumour = false)")
     whole = next((r for r in plan.routes if r.task == WHOLE_TUMOUR_TASK), None)
     if whole is None:
@@ -942,12 +968,57 @@ def compare_whole_tumour(study: _Study, plan: RoutingPlan, done: Segmented) -> S
         mine is not None and theirs is not None and same_files(mine, theirs) and other.shape == labels.shape
     )
     overlap = qc.dice(labels > 0, other > 0) if one_grid else None
-    rule = qc.rule_whole_tumour_agreement(tumour_ml, reference_ml, overlap, settings)
+    if settings.compare_whole_tumour:
+        rule = qc.rule_whole_tumour_agreement(tumour_ml, reference_ml, overlap, settings)
+    else:
+        rule = qc.rule_whole_tumour_agreement(
+            tumour_ml, None, None, settings, "off ([qc] compare_whole_tumour = false)"
+        )
     figures: dict[str, float | int | None] = {
         "whole_tumour_model_ml": round(reference_ml, 3),
         "whole_tumour_dice": None if overlap is None else round(overlap, 3),
     }
-    return replace(done, report=qc.with_rule(done.report, rule, figures))
+    checked_done = replace(done, report=qc.with_rule(done.report, rule, figures))
+    if not settings.whole_tumour_from_flair_model:
+        return checked_done
+    if not one_grid:
+        note = (
+            f"whole tumour the model's own: the {WHOLE_TUMOUR_TASK} model ran on another series than its "
+            f"reference ({ref})"
+        )
+        return replace(checked_done, extent=note)
+    taken = take_whole_tumour_extent(study, checked_done, other > 0, whole)
+    if prior is not done and prior.seg_file is not None and np.array_equal(prior.labels, taken.labels):
+        taken = replace(taken, seg_file=prior.seg_file)  # the SEG early analysis built of the same labels
+    return taken
+
+
+def take_whole_tumour_extent(
+    study: _Study, done: Segmented, whole: npt.NDArray[np.bool_], source: Route
+) -> Segmented:
+    """``done`` (a several-series result) with its whole tumour taken from ``whole``, the ``source``
+    model's on the same grid (:func:`within_whole_tumour`): the QC rules run again on the labels it
+    will send, the ``whole_tumour_agreement`` rule (which judged the model's own tumour) kept, the
+    model's own volume kept as the figure ``model_tumour_volume_ml``, and a SEG early analysis built
+    from the model's own labels dropped."""
+    labels = within_whole_tumour(done.labels, whole)
+    slices = min(s.slices for s in done.route.assignment.chosen.values())
+    brain = brain_mask_for(done.assembled, done.brain)
+    checked = quality_check(labels, done.assembled, brain, slices, study.ctx.qc)
+    own_ml = done.report.figures.get("tumour_volume_ml")
+    figures: dict[str, float | int | None] = {
+        "model_tumour_volume_ml": own_ml,
+        "whole_tumour_model_ml": done.report.figures.get("whole_tumour_model_ml"),
+        "whole_tumour_dice": done.report.figures.get("whole_tumour_dice"),
+    }
+    report = qc.with_rule(checked.report, done.report.by_name("whole_tumour_agreement"), figures)
+    note = (
+        f"whole tumour from {source.task} ({source.model.label}) on the same FLAIR; tumour core from "
+        f"{done.route.task} inside it, the rest oedema ({own_ml} mL the model's own whole tumour)"
+    )
+    return replace(
+        done, labels=checked.labels, report=report, seg_file=None, extent=note, model_result=done
+    )
 
 
 def spooled_files(groups: Mapping[str, Sequence[str]]) -> tuple[dict[str, list[Path]], list[str]]:
@@ -1125,10 +1196,13 @@ def run_job(ctx: JobContext, job_id: int, attempt: int | None = None) -> str:
         model, card, assembled = done.route.model, done.route.model.card, done.assembled
         labels, report, chosen = done.labels, done.report, done.route.assignment.chosen
         reason = routing_reason(plan, done.route)
+        if done.extent:
+            reason = f"{reason}; {done.extent}"
         routing = {
             "task": done.route.task,
             "model": model.label,
             "reason": reason,
+            "whole_tumour_extent": done.extent,
             "considered": plan.considered,
         }
         # The preview is drawn in a thread of its own while the SEG and SR are encoded: its percentile

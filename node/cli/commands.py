@@ -459,11 +459,16 @@ def _result_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
         ))  # fmt: skip
     if qc_figures.get("whole_tumour_model_ml") is not None:  # a several-series model's check (node/qc.py)
         dice = qc_figures.get("whole_tumour_dice")
-        mine = ml(qc_figures.get("tumour_volume_ml"))
+        # With [qc] whole_tumour_from_flair_model the result's tumour is that model's: compared, the
+        # several-series model's own.
+        own = qc_figures.get("model_tumour_volume_ml")
+        mine = ml(qc_figures.get("tumour_volume_ml") if own is None else own)
         rows.append((
             "whole tumour, whole_tumor model",
-            f"{ml(qc_figures['whole_tumour_model_ml'])} against this result's {mine}"
-            + ("; not on one grid" if dice is None else f"; Dice {dice:.2f}"),
+            f"{ml(qc_figures['whole_tumour_model_ml'])} against "
+            + ("this result's " if own is None else "the several-series model's own ") + mine
+            + ("; not on one grid" if dice is None else f"; Dice {dice:.2f}")
+            + ("" if own is None else "; the result takes its whole tumour from the whole_tumor model"),
         ))  # fmt: skip
     for rule in (result.get("qc") or {}).get("rules", []):
         rows.append((f"qc {rule['name']}", f"{rule['status']}: {rule['message']}"))

@@ -801,13 +801,17 @@ def models(tmp_path_factory: pytest.TempPathFactory, case: Case) -> tuple[Path, 
     return regions, whole
 
 
-def _node(tmp_path: Path, models: tuple[Path, ...], **registration: object) -> Iterator[Node]:
+def _node(
+    tmp_path: Path, models: tuple[Path, ...], qc: dict[str, object] | None = None, **registration: object
+) -> Iterator[Node]:
     catcher = CatchingSCP().start(free_port())
     settings = node_settings(
         tmp_path, free_port(), [Destination("pacs", "CATCHER", "127.0.0.1", catcher.port)]
     )
     for key, value in registration.items():
         setattr(settings.registration, key, value)
+    for key, value in (qc or {}).items():
+        setattr(settings.qc, key, value)
     node = NodeService(settings)
     for model_dir in models:
         install_model(node.registry, model_dir)
@@ -854,12 +858,19 @@ def _sr_volumes(sr: Dataset) -> dict[str, float]:
     return out
 
 
+@pytest.mark.parametrize("from_flair", [True, False], ids=["whole-tumour-from-flair-model", "own-tissues"])
 def test_four_series_get_the_regions_model_three_segments_and_region_volumes(
-    env: Node, case: Case, models: tuple[Path, Path], tmp_path: Path
+    case: Case, models: tuple[Path, Path], tmp_path: Path, from_flair: bool
 ) -> None:
-    study = write_study(case, tmp_path / "study")
-    env.send(study)
-    job = env.job_for(study)
+    """The regions model's three tissues in the SEG and the SR. By default ([qc]
+    whole_tumour_from_flair_model) the result's whole tumour is the whole_tumor model's, holes filled: the
+    regions model's tumour core inside it, the rest oedema; off, the regions model's own tissues."""
+    with contextmanager(_node)(tmp_path, models, qc={"whole_tumour_from_flair_model": from_flair}) as env:
+        study = write_study(case, tmp_path / "study")
+        env.send(study)
+        job = env.job_for(study)
+        seg = env.received(study, "SEG")
+        sr = env.received(study, "SR")
     assert job.status == "done", job.reason
     assert job.model_label is not None and job.model_label.startswith("test-regions")
     routing = job.result["routing"]
@@ -874,7 +885,6 @@ def test_four_series_get_the_regions_model_three_segments_and_region_volumes(
         assert entry["ok"] and entry["same_frame_of_reference"] and entry["edge_displacement_mm"] < 3.0
     assert {"register", "load", "inference"} <= set(job.stages)
 
-    seg = env.received(study, "SEG")
     segments = {int(s.SegmentNumber): s for s in seg.SegmentSequence}
     assert [segments[n].SegmentLabel for n in (1, 2, 3)] == [
         "Edema",
@@ -889,20 +899,28 @@ def test_four_series_get_the_regions_model_three_segments_and_region_volumes(
     }
     assert present == {1, 2, 3}
 
-    # The SEG holds the model's tissues on the FLAIR frames, as the model gives them on the case itself
-    # (the study is aligned: registration barely moves a series, the voxels agree).
+    # The SEG holds the tissues on the FLAIR frames, as the models give them on the case itself (the
+    # study is aligned: registration barely moves a series, the voxels agree).
     card = json.loads((models[0] / "model.json").read_text())
     from converters.dicom_series import load_series
     from converters.reorient import ras_to_volume
+    from node.pipeline import within_whole_tumour
     from node.segmenter import OpenVINOSegmenter
 
     direct = OpenVINOSegmenter(card, models[0] / "model_fp32.xml").segment(case.images, case.affine)
+    if from_flair:
+        whole_card = json.loads((models[1] / "model.json").read_text())
+        whole = OpenVINOSegmenter(whole_card, models[1] / "model_fp32.xml").segment(case.images, case.affine)
+        fused = within_whole_tumour(direct, whole > 0)
+        # The two toy models disagree (the regions one calls bright T2 core, much of it outside the FLAIR
+        # threshold's tumour): the result differs from the regions model's own.
+        assert np.count_nonzero(fused != direct) > 0.1 * np.count_nonzero(direct)
+        direct = fused
     volume = load_series(study.files["FLAIR"])
     expected = np.asarray(ras_to_volume(direct, volume))
     seg_file = tmp_path / "seg.dcm"
     seg.save_as(seg_file, enforce_file_format=True)
     read = hd.seg.segread(seg_file)
-    sr = env.received(study, "SR")
     volumes = _sr_volumes(sr)
     for number in (1, 2, 3):
         returned = read.get_pixels_by_source_instance(
@@ -938,6 +956,21 @@ def test_four_series_get_the_regions_model_three_segments_and_region_volumes(
     figures = job.result["qc"]["figures"]
     assert figures["whole_tumour_model_ml"] > 0 and figures["whole_tumour_dice"] >= 0.5
     assert agreement["figures"]["dice"] == pytest.approx(figures["whole_tumour_dice"], abs=1e-3)
+    # The check judged the regions model's own tumour, whatever the result took.
+    own = figures.get("model_tumour_volume_ml", job.result["tumour_volume_ml"])
+    assert agreement["figures"]["tumour_ml"] == pytest.approx(own, abs=1e-3)
+    extent = routing["whole_tumour_extent"]
+    if from_flair:
+        assert extent.startswith("whole tumour from whole_tumor (test-threshold")
+        assert extent in routing["reason"]
+        assert [t for t in _sr_texts(sr) if t.startswith("routing: ") and extent in t]
+        # the whole tumour is the FLAIR model's, holes filled: at least its volume, not the model's own
+        assert job.result["tumour_volume_ml"] >= figures["whole_tumour_model_ml"] - 1e-3
+        assert abs(own - job.result["tumour_volume_ml"]) > 1.0
+        rows = dict(_result_rows(job.result))
+        assert "the several-series model's own" in rows["whole tumour, whole_tumor model"]
+    else:
+        assert extent is None and "model_tumour_volume_ml" not in figures
     # Early analysis ran that model on the FLAIR alone, before the other series came: reused when it did.
     reused = (job.result["early_analysis"] or {}).get("reused") or []
     assert "whole-tumour check whole_tumor" in reused or "whole-tumour check" in job.stages
@@ -1020,11 +1053,14 @@ def test_a_regions_result_far_larger_than_the_whole_tumour_models_is_held(
     [failed] = [r for r in job.result["qc"]["rules"] if r["status"] == "failed"]
     assert failed["name"] == "whole_tumour_agreement"
     figures = job.result["qc"]["figures"]
-    assert figures["tumour_volume_ml"] > 2 * figures["whole_tumour_model_ml"] > 0
+    # Judged on the regions model's own tumour; the held result takes the FLAIR model's whole tumour.
+    assert figures["model_tumour_volume_ml"] > 2 * figures["whole_tumour_model_ml"] > 0
+    assert failed["figures"]["tumour_ml"] == pytest.approx(figures["model_tumour_volume_ml"], abs=1e-3)
+    assert figures["tumour_volume_ml"] < figures["model_tumour_volume_ml"] / 2
     assert figures["whole_tumour_dice"] < 0.5
     assert job.sends == [] and node.catcher.received == []
     rows = dict(_result_rows(job.result))
-    shown = f"{figures['whole_tumour_model_ml']:.1f} mL against"
+    shown = f"{figures['whole_tumour_model_ml']:.1f} mL against the several-series model's own "
     assert rows["whole tumour, whole_tumor model"].startswith(shown)
     assert rows["qc whole_tumour_agreement"].startswith("failed: whole tumour ")
 
@@ -1488,7 +1524,9 @@ def _check_setup(
     files = sorted(p for p in require_shared("dicom", "siemens_t1_fl2d_sag_healthy").iterdir() if p.is_file())
     [flair] = scan_grouped_series({"f": files})
     monkeypatch.setattr(pipeline, "_whole_tumour_of", whole_tumour_of)
-    ctx = SimpleNamespace(qc=QCSettings(), registration=RegistrationConfig(), brain=lambda: None)
+    # The whole tumour taken from the FLAIR model has a test of its own (it needs a real study to check).
+    qc_settings = QCSettings(whole_tumour_from_flair_model=False)
+    ctx = SimpleNamespace(qc=qc_settings, registration=RegistrationConfig(), brain=lambda: None)
     chosen = Assignment(chosen={"FLAIR": flair})
     flair_model = SimpleNamespace(card={"modalities": ["FLAIR"]}, label="wt 1")
     whole = pipeline.Route("whole_tumor", flair_model, chosen)
@@ -1521,6 +1559,54 @@ def test_the_whole_tumour_check_computed_early_is_reused_by_the_job(monkeypatch:
     checked = pipeline.compare_whole_tumour(job, plan, out)
     assert calls == ["early"] and job.reused == ["whole-tumour check whole_tumor"]
     assert checked.report.by_name("whole_tumour_agreement").status == "passed"
+
+
+def test_a_whole_tumour_taken_early_is_taken_again_from_the_models_own_result(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Early analysis gave the regions result the FLAIR model's whole tumour; the job checks the result
+    again. It must start from the regions model's own labels (else the check would compare the FLAIR
+    model's tumour with itself) and keep the SEG early analysis built when the labels come out the same."""
+    from node.config import QCSettings
+    from node.qc import QCReport
+
+    flair = np.zeros((4, 4, 4), np.uint8)
+    flair[:2, :2, :2] = 1
+
+    def whole_tumour_of(study: Any, chosen: Any) -> tuple[Any, Any]:
+        from types import SimpleNamespace
+
+        return flair, SimpleNamespace(spacing=(1.0, 1.0, 1.0))
+
+    plan, done, ctx, pipeline = _check_setup(monkeypatch, whole_tumour_of)
+    ctx.qc = QCSettings()  # whole_tumour_from_flair_model on, the default
+
+    def quality_check(labels: Any, *_: Any) -> Any:  # the rules need a real study; this test reads a figure
+        return pipeline.Checked(labels, QCReport([], {"tumour_volume_ml": np.count_nonzero(labels) / 1e3}))
+
+    monkeypatch.setattr(pipeline, "quality_check", quality_check)
+    own = np.zeros((4, 4, 4), np.uint8)
+    own[0, 0, 0], own[1, 1, 1], own[3, 3, 3], own[3, 3, 2] = 2, 1, 3, 1  # core in and out, oedema in and out
+    done = dataclasses.replace(done, labels=own, report=QCReport([], {"tumour_volume_ml": 0.004}))
+
+    work = pipeline.EarlyWork()
+    early = pipeline._Study(ctx, None, pipeline.Timer())
+    early.results, early.checks = work.segmented, work.checks
+    taken = pipeline.compare_whole_tumour(early, plan, done)
+    want = flair.copy()
+    want[0, 0, 0] = 2
+    assert np.array_equal(taken.labels, want)
+    assert taken.extent is not None and taken.extent.startswith("whole tumour from whole_tumor (wt 1) ")
+    taken.seg_file = b"the SEG early analysis encoded"
+
+    job = pipeline._Study(ctx, 7, pipeline.Timer(), early=work)
+    again = pipeline.compare_whole_tumour(job, plan, taken)
+    assert np.array_equal(again.labels, want) and again.seg_file == b"the SEG early analysis encoded"
+    agreement = again.report.by_name("whole_tumour_agreement")
+    assert agreement.figures["tumour_ml"] == pytest.approx(0.004)  # the regions model's 4 voxels, not 8
+    assert again.report.figures["model_tumour_volume_ml"] == pytest.approx(0.004)
+    assert again.report.figures["tumour_volume_ml"] == pytest.approx(0.008)
+    assert again.model_result is not None and np.array_equal(again.model_result.labels, own)
 
 
 def test_a_whole_tumour_check_whose_flair_finds_no_brain_is_not_checked(
