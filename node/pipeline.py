@@ -1012,9 +1012,10 @@ def take_whole_tumour_extent(
         "whole_tumour_dice": done.report.figures.get("whole_tumour_dice"),
     }
     report = qc.with_rule(checked.report, done.report.by_name("whole_tumour_agreement"), figures)
+    own = "" if own_ml is None else f" ({own_ml:.1f} mL the model's own whole tumour)"
     note = (
         f"whole tumour from {source.task} ({source.model.label}) on the same FLAIR; tumour core from "
-        f"{done.route.task} inside it, the rest oedema ({own_ml} mL the model's own whole tumour)"
+        f"{done.route.task} inside it, the rest oedema{own}"
     )
     return replace(
         done, labels=checked.labels, report=report, seg_file=None, extent=note, model_result=done

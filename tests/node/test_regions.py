@@ -1609,6 +1609,33 @@ def test_a_whole_tumour_taken_early_is_taken_again_from_the_models_own_result(
     assert again.model_result is not None and np.array_equal(again.model_result.labels, own)
 
 
+def test_a_flair_model_run_on_another_series_gives_no_whole_tumour_and_says_so(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The FLAIR model's labels lie on another series' grid than the regions result's: nothing is taken
+    from them (volumes compared only), and the routing note says why."""
+    from node.config import QCSettings
+    from node.selection import Assignment
+
+    def whole_tumour_of(study: Any, chosen: Any) -> tuple[Any, Any]:
+        from types import SimpleNamespace
+
+        return np.ones((4, 4, 4), np.uint8), SimpleNamespace(spacing=(1.0, 1.0, 1.0))
+
+    plan, done, ctx, pipeline = _check_setup(monkeypatch, whole_tumour_of)
+    ctx.qc = QCSettings()
+    folder = require_shared("dicom", "philips_t1_sag3d_mprage_healthy")
+    [other] = scan_grouped_series({"p": sorted(p for p in folder.iterdir() if p.is_file())})
+    whole = plan.routes[1]
+    plan.routes[1] = pipeline.Route(whole.task, whole.model, Assignment(chosen={"FLAIR": other}))
+    out = pipeline.compare_whole_tumour(pipeline._Study(ctx, 7, pipeline.Timer()), plan, done)
+    assert out.labels is done.labels and out.model_result is None
+    assert out.extent == (
+        "whole tumour the model's own: the whole_tumor model ran on another series than its reference (FLAIR)"
+    )
+    assert out.report.figures["whole_tumour_dice"] is None  # not on one grid: volumes only
+
+
 def test_a_whole_tumour_check_whose_flair_finds_no_brain_is_not_checked(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
