@@ -1524,7 +1524,8 @@ def _check_setup(
     files = sorted(p for p in require_shared("dicom", "siemens_t1_fl2d_sag_healthy").iterdir() if p.is_file())
     [flair] = scan_grouped_series({"f": files})
     monkeypatch.setattr(pipeline, "_whole_tumour_of", whole_tumour_of)
-    # The whole tumour taken from the FLAIR model has a test of its own (it needs a real study to check).
+    # Off here: taking the FLAIR model's whole tumour runs the QC rules on a real study; the tests of it
+    # below switch it on (and stand in for the rules where they run).
     qc_settings = QCSettings(whole_tumour_from_flair_model=False)
     ctx = SimpleNamespace(qc=qc_settings, registration=RegistrationConfig(), brain=lambda: None)
     chosen = Assignment(chosen={"FLAIR": flair})
