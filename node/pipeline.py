@@ -1001,10 +1001,11 @@ def take_whole_tumour_extent(
     will send, the ``whole_tumour_agreement`` rule (which judged the model's own tumour) kept, the
     model's own volume kept as the figure ``model_tumour_volume_ml``, and a SEG early analysis built
     from the model's own labels dropped."""
-    labels = within_whole_tumour(done.labels, whole)
-    slices = min(s.slices for s in done.route.assignment.chosen.values())
-    brain = brain_mask_for(done.assembled, done.brain)
-    checked = quality_check(labels, done.assembled, brain, slices, study.ctx.qc)
+    with study.timer.stage("whole-tumour extent"):
+        labels = within_whole_tumour(done.labels, whole)
+        slices = min(s.slices for s in done.route.assignment.chosen.values())
+        brain = brain_mask_for(done.assembled, done.brain)
+        checked = quality_check(labels, done.assembled, brain, slices, study.ctx.qc)
     own_ml = done.report.figures.get("tumour_volume_ml")
     figures: dict[str, float | int | None] = {
         "model_tumour_volume_ml": own_ml,

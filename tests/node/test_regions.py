@@ -969,6 +969,8 @@ def test_four_series_get_the_regions_model_three_segments_and_region_volumes(
         assert abs(own - job.result["tumour_volume_ml"]) > 1.0
         rows = dict(_result_rows(job.result))
         assert "the several-series model's own" in rows["whole tumour, whole_tumor model"]
+        early = job.result["early_analysis"] or {}
+        assert "whole-tumour extent" in job.stages or "whole-tumour extent" in (early.get("stages") or {})
     else:
         assert extent is None and "model_tumour_volume_ml" not in figures
     # Early analysis ran that model on the FLAIR alone, before the other series came: reused when it did.
