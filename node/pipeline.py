@@ -549,6 +549,8 @@ class Segmented:
     #: The model's own result when its whole tumour was taken from another model's
     #: (:func:`take_whole_tumour_extent`); a later check starts again from it.
     model_result: Segmented | None = None
+    #: Label value -> the SEG's Segment Description of that label's segment (where its extent came from).
+    segment_notes: dict[int, str] | None = None
 
 
 def encode_seg(done: Segmented, run: int = 1, *, resend: int = 0, qc_failed: bool = False) -> bytes:
@@ -561,7 +563,7 @@ def encode_seg(done: Segmented, run: int = 1, *, resend: int = 0, qc_failed: boo
     card = done.route.model.card
     seg = build_seg(
         done.assembled.sources, frame_labels, card, software_version=SOFTWARE_VERSION, run=run,
-        resend=resend, qc_failed=qc_failed,
+        resend=resend, qc_failed=qc_failed, notes=done.segment_notes,
     )  # fmt: skip
     return encoded(seg)
 
@@ -1018,9 +1020,13 @@ def take_whole_tumour_extent(
         f"whole tumour from {source.task} ({source.model.label}) on the same FLAIR; tumour core from "
         f"{done.route.task} inside it, the rest oedema{own}"
     )
+    # The oedema segment (label 1) is the other model's whole tumour less this model's core: its SEG says so.
+    card = source.model.card
+    oedema = {1: f"whole tumour of {card.get('name', source.task)} {card.get('version', '')} less the core"}
     return replace(
-        done, labels=checked.labels, report=report, seg_file=None, extent=note, model_result=done
-    )
+        done, labels=checked.labels, report=report, seg_file=None, extent=note, model_result=done,
+        segment_notes=oedema,
+    )  # fmt: skip
 
 
 def spooled_files(groups: Mapping[str, Sequence[str]]) -> tuple[dict[str, list[Path]], list[str]]:

@@ -60,30 +60,35 @@ def algorithm_identification(card: Mapping[str, Any]) -> hd.AlgorithmIdentificat
     )
 
 
-def segment_descriptions(card: Mapping[str, Any]) -> list[hd.seg.SegmentDescription]:
-    """One SegmentDescription per label of the card, numbered 1..n in the card's order."""
+def segment_descriptions(
+    card: Mapping[str, Any], notes: Mapping[int, str] | None = None
+) -> list[hd.seg.SegmentDescription]:
+    """One SegmentDescription per label of the card, numbered 1..n in the card's order; ``notes``
+    (label value -> text) become the Segment Description (0062,0006) of those labels' segments."""
     labels = card.get("labels") or []
     if not labels:
         raise JobError(f"model card {card.get('name')!r}: 'labels' is empty; cannot describe SEG segments")
     algorithm = algorithm_identification(card)
     out = []
     for number, label in enumerate(labels, start=1):
-        out.append(
-            hd.seg.SegmentDescription(
-                segment_number=number,
-                segment_label=str(label.get("name", f"label {label.get('value')}"))[:64],
-                segmented_property_category=_code(label.get("category"), ABNORMAL),
-                segmented_property_type=_code(
-                    label.get("type"), hd.sr.CodedConcept("108369006", "SCT", "Neoplasm")
-                ),
-                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-                algorithm_identification=algorithm,
-                anatomic_regions=[BRAIN],
-                display_color=hd.color.CIELabColor.from_rgb(
-                    *DISPLAY_RGB.get(int(label["value"]), (255, 217, 0))
-                ),
-            )
+        segment = hd.seg.SegmentDescription(
+            segment_number=number,
+            segment_label=str(label.get("name", f"label {label.get('value')}"))[:64],
+            segmented_property_category=_code(label.get("category"), ABNORMAL),
+            segmented_property_type=_code(
+                label.get("type"), hd.sr.CodedConcept("108369006", "SCT", "Neoplasm")
+            ),
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm,
+            anatomic_regions=[BRAIN],
+            display_color=hd.color.CIELabColor.from_rgb(
+                *DISPLAY_RGB.get(int(label["value"]), (255, 217, 0))
+            ),
         )
+        note = (notes or {}).get(int(label["value"]))
+        if note:
+            segment.SegmentDescription = note[:64]  # LO
+        out.append(segment)
     return out
 
 
@@ -172,6 +177,7 @@ def build_seg(
     run: int = 1,
     resend: int = 0,
     qc_failed: bool = False,
+    notes: Mapping[int, str] | None = None,
 ) -> hd.seg.Segmentation:
     """A BINARY SEG from a label map on the source grid.
 
@@ -193,6 +199,8 @@ def build_seg(
         How many earlier results of this run were queued for sending (:func:`run_series`).
     qc_failed:
         The result failed a QC check: the SeriesDescription says so (:func:`run_series`).
+    notes:
+        Label value -> a Segment Description for that segment (e.g. where its extent came from).
 
     Raises
     ------
@@ -221,7 +229,7 @@ def build_seg(
         source_images=seg_sources(clean_sources(sources, what="SEG", extra_texts=card_texts(card))),
         pixel_array=segments,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=segment_descriptions(card),
+        segment_descriptions=segment_descriptions(card, notes),
         series_instance_uid=hd.UID(),
         series_number=series_number,
         sop_instance_uid=hd.UID(),

@@ -971,8 +971,13 @@ def test_four_series_get_the_regions_model_three_segments_and_region_volumes(
         assert "the several-series model's own" in rows["whole tumour, whole_tumor model"]
         early = job.result["early_analysis"] or {}
         assert "whole-tumour extent" in job.stages or "whole-tumour extent" in (early.get("stages") or {})
+        # The SEG's oedema segment says whose whole tumour it is; the core segments are the model's alone.
+        assert segments[1].SegmentDescription == "whole tumour of test-threshold 1.0.0 less the core"
+        assert "SegmentDescription" not in segments[2] and "SegmentDescription" not in segments[3]
+        assert dciodvfy_problems(seg_file) == []  # Segment Description is a Type 3 attribute of the item
     else:
         assert extent is None and "model_tumour_volume_ml" not in figures
+        assert not any("SegmentDescription" in segment for segment in segments.values())
     # Early analysis ran that model on the FLAIR alone, before the other series came: reused when it did.
     reused = (job.result["early_analysis"] or {}).get("reused") or []
     assert "whole-tumour check whole_tumor" in reused or "whole-tumour check" in job.stages
