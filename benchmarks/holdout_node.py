@@ -124,30 +124,34 @@ class _Receiver:
 
 def wait_for_seg(
     node: Any, receiver: _Receiver, study_uid: str, timeout: float
-) -> tuple[Any | None, str | None]:
+) -> tuple[Any | None, str | None, Any | None]:
     """The SEG the node sent for ``study_uid`` and None; for a study held for review (a QC rule), the
     SEG it wrote and did not send, and ``held: <reason>`` (what a release would send: scored, flagged);
-    None and the reason when its job ended without a SEG, or after ``timeout`` seconds. A held study
-    used to keep the run waiting the whole timeout for a SEG that never comes."""
+    None and the reason when its job ended without a SEG, or after ``timeout`` seconds. Third, the
+    study's latest job as last read (None: no job yet). A held study used to keep the run waiting the
+    whole timeout for a SEG that never comes."""
     import pydicom
 
     from db import job_queue
+
+    def latest_job() -> Any | None:
+        jobs = [j for j in job_queue.list_jobs(node.sf) if j.study_instance_uid == study_uid]
+        return jobs[-1] if jobs else None
 
     deadline = time.monotonic() + timeout
     while True:
         raw = receiver.wait_for(study_uid, "SEG", 2.0)
         if raw is not None:
-            return raw, None
-        jobs = [j for j in job_queue.list_jobs(node.sf) if j.study_instance_uid == study_uid]
-        job = jobs[-1] if jobs else None
+            return raw, None, latest_job()
+        job = latest_job()
         written = (job.result or {}).get("seg") if job is not None else None
         if job is not None and job.status == "review" and written and Path(written).is_file():
-            return pydicom.dcmread(written), f"held: {job.reason}"
+            return pydicom.dcmread(written), f"held: {job.reason}", job
         no_seg = job is not None and job.status == "done" and not written  # no tumour: an SR alone
         if job is not None and (job.status in ("failed", "skipped", "review") or no_seg):
-            return None, job.reason or f"job {job.status} without a SEG"
+            return None, job.reason or f"job {job.status} without a SEG", job
         if time.monotonic() > deadline:
-            return None, job.reason if job is not None else "no job"
+            return None, job.reason if job is not None else "no job", job
 
 
 def _node(workdir: Path, model: Path, precision: str, receiver: _Receiver, mirror: str = "none") -> Any:
@@ -200,14 +204,11 @@ def _score(node: Any, receiver: _Receiver, case: Any, name: str, workdir: Path) 
     results = store_files(study.files["FLAIR"], "127.0.0.1", node.scp.port, "SEGNODE", "EVAL")
     if {status for _, status, _ in results} != {0}:
         return {"case": case.case_id, "acquisition": name, "dice": None, "error": "C-STORE refused"}
-    raw, held = wait_for_seg(node, receiver, study.study_instance_uid, 300)
+    raw, held, job = wait_for_seg(node, receiver, study.study_instance_uid, 300)
     seconds = time.perf_counter() - start
     if raw is None:
         return {"case": case.case_id, "acquisition": name, "dice": 0.0, "error": f"no SEG: {held}"}
-    from db import job_queue
-
-    jobs = [j for j in job_queue.list_jobs(node.sf) if j.study_instance_uid == study.study_instance_uid]
-    infer_seconds = jobs[0].stages.get("inference") if jobs else None
+    infer_seconds = job.stages.get("inference") if job is not None else None
     seg = hd.seg.Segmentation.from_dataset(raw)
     volume = load_series(study.files["FLAIR"])
     labels = seg.get_pixels_by_source_instance(

@@ -109,7 +109,6 @@ def _score(node: Any, receiver: _Receiver, case: Any, name: str, workdir: Path) 
     from converters.registration import move_series
     from converters.resample import world_points
     from converters.reslice import SeriesPlan, reslice_case
-    from db import job_queue
     from node.sender import store_files
 
     if name == "misaligned":
@@ -130,12 +129,10 @@ def _score(node: Any, receiver: _Receiver, case: Any, name: str, workdir: Path) 
     row: dict[str, Any] = {"case": case.case_id, "acquisition": name}
     if {status for _, status, _ in results} != {0}:
         return {**row, "error": "C-STORE refused", **{r: 0.0 for r in REGIONS}}
-    raw, held = wait_for_seg(node, receiver, study.study_instance_uid, 600)
+    raw, held, job = wait_for_seg(node, receiver, study.study_instance_uid, 600)
     row["seconds"] = round(time.perf_counter() - start, 2)
     if held and raw is not None:
         row["held"] = held
-    jobs = [j for j in job_queue.list_jobs(node.sf) if j.study_instance_uid == study.study_instance_uid]
-    job = jobs[-1] if jobs else None
     routing = (job.result or {}).get("routing", {}) if job is not None else {}
     row["task"] = routing.get("task") if isinstance(routing, dict) else None
     row["routing"] = routing.get("reason") if isinstance(routing, dict) else None

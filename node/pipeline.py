@@ -939,8 +939,9 @@ def compare_whole_tumour(study: _Study, plan: RoutingPlan, done: Segmented) -> S
 
     if len(done.route.model.card["modalities"]) < 2:
         return without("a one-series model ran: nothing to compare with")
+    off = "off ([qc] compare_whole_tumour = false)"
     if not settings.compare_whole_tumour and not settings.whole_tumour_from_flair_model:
-        return without("off ([qc] compare_whole_tumour = false)")
+        return without(off)
     whole = next((r for r in plan.routes if r.task == WHOLE_TUMOUR_TASK), None)
     if whole is None:
         entry = next((e for e in plan.considered if e["task"] == WHOLE_TUMOUR_TASK), None)
@@ -972,10 +973,8 @@ def compare_whole_tumour(study: _Study, plan: RoutingPlan, done: Segmented) -> S
     overlap = qc.dice(labels > 0, other > 0) if one_grid else None
     if settings.compare_whole_tumour:
         rule = qc.rule_whole_tumour_agreement(tumour_ml, reference_ml, overlap, settings)
-    else:
-        rule = qc.rule_whole_tumour_agreement(
-            tumour_ml, None, None, settings, "off ([qc] compare_whole_tumour = false)"
-        )
+    else:  # computed only to take the whole tumour from it
+        rule = qc.rule_whole_tumour_agreement(tumour_ml, None, None, settings, off)
     figures: dict[str, float | int | None] = {
         "whole_tumour_model_ml": round(reference_ml, 3),
         "whole_tumour_dice": None if overlap is None else round(overlap, 3),

@@ -1617,6 +1617,30 @@ def test_a_whole_tumour_taken_early_is_taken_again_from_the_models_own_result(
     assert again.model_result is not None and np.array_equal(again.model_result.labels, own)
 
 
+def test_with_the_check_off_the_whole_tumour_is_still_taken_and_the_rule_says_off(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from node.config import QCSettings
+    from node.qc import QCReport
+
+    def whole_tumour_of(study: Any, chosen: Any) -> tuple[Any, Any]:
+        from types import SimpleNamespace
+
+        return np.ones((4, 4, 4), np.uint8), SimpleNamespace(spacing=(1.0, 1.0, 1.0))
+
+    plan, done, ctx, pipeline = _check_setup(monkeypatch, whole_tumour_of)
+    ctx.qc = QCSettings(compare_whole_tumour=False)
+
+    def quality_check(labels: Any, *_: Any) -> Any:  # the rules need a real study; not read here
+        return pipeline.Checked(labels, QCReport([], {}))
+
+    monkeypatch.setattr(pipeline, "quality_check", quality_check)
+    out = pipeline.compare_whole_tumour(pipeline._Study(ctx, 7, pipeline.Timer()), plan, done)
+    assert np.all(out.labels == 1) and out.model_result is not None  # all oedema: the model found nothing
+    rule = out.report.by_name("whole_tumour_agreement")
+    assert rule.status == "not checked" and rule.message == "off ([qc] compare_whole_tumour = false)"
+
+
 def test_a_flair_model_run_on_another_series_gives_no_whole_tumour_and_says_so(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
