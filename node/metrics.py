@@ -95,6 +95,12 @@ class NodeMetrics:
             ["rule"],
             registry=r,
         )
+        self.qc_cautions = Counter(
+            "segnode_qc_cautions",
+            "Results written with a QC caution in their SR (node/qc.py; sent, not held), by caution",
+            ["caution"],
+            registry=r,
+        )
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""

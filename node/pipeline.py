@@ -1251,6 +1251,7 @@ def run_job(ctx: JobContext, job_id: int, attempt: int | None = None) -> str:
                 run=info.run,
                 resend=resend,
                 qc_failed=[(rule.name, rule.message) for rule in report.failed],
+                cautions=[(caution.name, caution.message) for caution in report.cautions],
             )
         with timer.stage("write"):
             out_dir.mkdir(parents=True, exist_ok=True)
@@ -1342,6 +1343,8 @@ def run_job(ctx: JobContext, job_id: int, attempt: int | None = None) -> str:
     # hold: a result that fails QC the same way (the digest covers the [qc] limits) was sent only
     # because an administrator released it, and holding it again would ask for the same release and
     # send the same SEG twice.
+    for caution in report.cautions:  # sent with the result whatever becomes of it below
+        ctx.metrics.qc_cautions.labels(caution.name).inc()
     retried = job_queue.RETRY_REQUESTED in info.result
     again = None if retried else _not_again(ctx, job_id, digest)
     if again is not None:

@@ -57,6 +57,16 @@ Rules and where their limits come from (defaults in ``[qc]`` of node.toml, node/
   ``compare_whole_tumour = false``; the message says which. Dice is computed on the reference series'
   grid when both models' reference is the same FLAIR series, else only the volumes are compared.
 
+**Cautions** (:attr:`QCReport.cautions`) hold nothing back: the result is sent, and the SR (a text
+item under Qualitative Evaluations), the job's ``qc.cautions`` and ``segnode jobs show`` carry the
+caution for the reader.
+
+* ``large_tumour``: the whole tumour is over ``caution_tumour_share_percent`` of the brain (without a
+  brain mask: of the imaged head, a lower bound on its share of the brain, judged only on a series
+  covering a whole brain's height). The shipped models were trained on tumours of at most 14 % of the
+  brain and under-call larger ones, so the volume is to be read as a lower bound. Not judged on a slab
+  through the brain, whose share of the brain within the series says nothing of the whole brain.
+
 The report's figures carry ``coverage_mm`` (slices x slice spacing, along the slice normal),
 ``brain_cut`` (the mask reaches a face of the grid) and ``brain_slab`` (the series is a slab through the
 brain, as ``brain_volume`` judges it: its brain volume is that of the brain within the series' coverage,
@@ -82,6 +92,8 @@ from node.config import QCSettings
 PASSED = "passed"
 FAILED = "failed"
 NOT_CHECKED = "not checked"
+#: The status of a caution (:attr:`QCReport.cautions`): the result is sent, with the caution.
+CAUTION = "caution"
 
 #: Tumour within this distance (mm, between plane centres) of a face where the brain is cut reaches
 #: the cut (``tumour_within_coverage``): on a 1 mm series the edge plane and the 3 next to it, on a
@@ -121,6 +133,8 @@ class QCReport:
 
     rules: list[RuleResult]
     figures: dict[str, float | int | None] = field(default_factory=dict)
+    #: Cautions raised (status :data:`CAUTION`): sent with the result, never holding it.
+    cautions: list[RuleResult] = field(default_factory=list)
 
     @property
     def failed(self) -> list[RuleResult]:
@@ -152,6 +166,10 @@ class QCReport:
                 for r in self.rules
             ],
             "figures": self.figures,
+            "cautions": [
+                {"name": c.name, "status": c.status, "figures": c.figures, "message": c.message}
+                for c in self.cautions
+            ],
         }
 
 
@@ -526,7 +544,47 @@ def rule_whole_tumour_agreement(
 def with_rule(report: QCReport, rule: RuleResult, figures: dict[str, float | int | None]) -> QCReport:
     """``report`` with ``rule`` added (replacing a rule of that name) and ``figures`` merged in."""
     rules = [r for r in report.rules if r.name != rule.name] + [rule]
-    return QCReport(rules=rules, figures={**report.figures, **figures})
+    return QCReport(rules=rules, figures={**report.figures, **figures}, cautions=list(report.cautions))
+
+
+# -- cautions ---------------------------------------------------------------------------------------------
+
+
+def caution_large_tumour(
+    tumour_ml: float,
+    brain_ml: float | None,
+    head_ml: float | None,
+    *,
+    slab: bool,
+    coverage_mm: float | None,
+    caution_percent: float,
+) -> RuleResult | None:
+    """The ``large_tumour`` caution when the whole tumour is over ``caution_percent`` of the brain (of
+    the imaged head without a brain mask: the brain lies inside the head, so its share of the brain is
+    larger still); None when it is not, when ``caution_percent`` is 0, and where the share says nothing
+    of the whole brain (a slab through the brain; without a brain mask, a series covering less than
+    :data:`WHOLE_BRAIN_MM`)."""
+    if caution_percent <= 0 or tumour_ml <= 0:
+        return None
+    if brain_ml is not None:
+        if slab or brain_ml <= 0:
+            return None
+        whole_ml, of_what = brain_ml, "the brain"
+    elif head_ml is not None and head_ml > 0 and (coverage_mm is None or coverage_mm >= WHOLE_BRAIN_MM):
+        whole_ml, of_what = head_ml, "the imaged head, so more of the brain"
+    else:
+        return None
+    share = 100.0 * tumour_ml / whole_ml
+    if share <= caution_percent:
+        return None
+    return RuleResult(
+        "large_tumour",
+        CAUTION,
+        {"tumour_ml": _r(tumour_ml), "share_percent": _r(share), "caution_percent": _r(caution_percent)},
+        f"the whole tumour ({tumour_ml:.1f} mL) is {share:.1f} % of {of_what}, over {caution_percent:g} %: "
+        "tumours this large may be under-called (the shipped models were trained on tumours of at most "
+        "14 % of the brain); take the volume as a lower bound",
+    )
 
 
 # -- all rules --------------------------------------------------------------------------------------------
@@ -611,7 +669,12 @@ def check(
         "brain_cut": None if brain is None else bool(faces),
         "brain_slab": None if brain is None else _slab(faces, coverage_mm),
     }
-    return QCReport(rules=rules, figures=figures)
+    large = caution_large_tumour(
+        tumour_ml, brain_ml, head_ml if head_ml is not None and head_ml >= settings.min_head_ml else None,
+        slab=bool(figures["brain_slab"]), coverage_mm=coverage_mm,
+        caution_percent=settings.caution_tumour_share_percent,
+    )  # fmt: skip
+    return QCReport(rules=rules, figures=figures, cautions=[large] if large is not None else [])
 
 
 def failed_rule_names(report: QCReport) -> Sequence[str]:

@@ -37,6 +37,10 @@ reader sees it: TID 1500's Qualitative Evaluations container (UMLS C0034375) hol
 per failed rule ("failed check NAME: MESSAGE", with the rule's figures; dsr2html shows the texts
 under the container's name), private concepts as no standard one names
 them; and its SeriesDescription begins with :data:`node.seg.QC_FAILED_MARKER`, as the SEG's does.
+
+A result sent with a QC caution (node/qc.py ``QCReport.cautions``: e.g. a tumour so large that its
+volume is to be read as a lower bound) has one TEXT item :data:`QC_CAUTION` per caution ("caution
+NAME: MESSAGE") in the same Qualitative Evaluations container.
 """
 
 from __future__ import annotations
@@ -97,6 +101,8 @@ QUALITATIVE_EVALUATIONS = hd.sr.CodedConcept("C0034375", "UMLS", "Qualitative Ev
 QC_RELEASED = hd.sr.CodedConcept("QC_RELEASED", PRIVATE_SCHEME, "Sent after failed quality check and review")
 #: One failed QC rule, its name and message: private concept (see the module docstring).
 QC_FAILED_RULE = hd.sr.CodedConcept("QC_FAILED_RULE", PRIVATE_SCHEME, "Failed quality check")
+#: A QC caution sent with the result, its name and message: private concept (see the module docstring).
+QC_CAUTION = hd.sr.CodedConcept("QC_CAUTION", PRIVATE_SCHEME, "Quality check caution")
 #: The QC_RELEASED item's text.
 QC_RELEASED_TEXT = (
     f"{QC_FAILED_MARKER}the node held this result because it failed the quality checks below; it was "
@@ -131,6 +137,7 @@ def build_sr(
     resend: int = 0,
     other_evidence: Sequence[Dataset] = (),
     qc_failed: Sequence[tuple[str, str]] = (),
+    cautions: Sequence[tuple[str, str]] = (),
 ) -> hd.sr.Comprehensive3DSR:
     """A TID 1500 report with the volume in mL of each segment of ``seg`` (and of the brain).
 
@@ -171,6 +178,8 @@ def build_sr(
     qc_failed:
         The QC rules the result failed, as (name, message): the report says it was held and released
         after review and names them (see the module docstring). Empty: the result passed.
+    cautions:
+        The QC cautions raised, as (name, message): one text item each under Qualitative Evaluations.
     """
     parameters = [f"routing: {routing}"] if routing else []
     if series:
@@ -232,8 +241,8 @@ def build_sr(
         procedure_reported=MR_PROCEDURE,
         imaging_measurements=groups,
     )
-    if qc_failed:
-        report[0].ContentSequence.append(_qc_failed_container(qc_failed))
+    if qc_failed or cautions:
+        report[0].ContentSequence.append(_qualitative_evaluations(qc_failed, cautions))
     series_number, description = run_series(
         SR_SERIES_NUMBER, SR_SERIES_DESCRIPTION, run, resend=resend, qc_failed=bool(qc_failed)
     )
@@ -272,25 +281,21 @@ def private_scheme_item() -> CodingSchemeIdentificationItem:
     )
 
 
-def _qc_failed_container(failed: Sequence[tuple[str, str]]) -> hd.sr.ContainerContentItem:
-    """TID 1500's Qualitative Evaluations container: that the result was released after review, and
-    each failed QC rule's name and message."""
+def _qualitative_evaluations(
+    failed: Sequence[tuple[str, str]], cautions: Sequence[tuple[str, str]]
+) -> hd.sr.ContainerContentItem:
+    """TID 1500's Qualitative Evaluations container: when QC rules failed, that the result was released
+    after review and each failed rule's name and message; then each caution's name and message."""
     container = hd.sr.ContainerContentItem(
         name=QUALITATIVE_EVALUATIONS, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
     )
+    texts = [(QC_RELEASED, QC_RELEASED_TEXT)] if failed else []
+    texts += [(QC_FAILED_RULE, f"failed check {name}: {message}") for name, message in failed]
+    texts += [(QC_CAUTION, f"caution {name}: {message}") for name, message in cautions]
     items = [
-        hd.sr.TextContentItem(
-            name=QC_RELEASED, value=QC_RELEASED_TEXT, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
-        )
+        hd.sr.TextContentItem(name=name, value=value, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+        for name, value in texts
     ]
-    for name, message in failed:
-        items.append(
-            hd.sr.TextContentItem(
-                name=QC_FAILED_RULE,
-                value=f"failed check {name}: {message}",
-                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
-            )
-        )
     container.ContentSequence = hd.sr.ContentSequence(items, is_root=False)
     return container
 

@@ -472,6 +472,8 @@ def _result_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
         ))  # fmt: skip
     for rule in (result.get("qc") or {}).get("rules", []):
         rows.append((f"qc {rule['name']}", f"{rule['status']}: {rule['message']}"))
+    for caution in (result.get("qc") or {}).get("cautions", []):  # sent with the result, in its SR
+        rows.append((f"qc caution {caution['name']}", str(caution["message"])))
     if result.get("released_by"):
         rows.append(("released", f"by {result['released_by']} at {result.get('released_at')}"))
     return rows

@@ -31,6 +31,7 @@ from node.selection import SeriesSelector, scan_series
 from node.sr import (
     BRAIN,
     BRAIN_VOLUME_IN_SERIES,
+    QC_CAUTION,
     TUMOUR_SHARE_OF_BRAIN,
     TUMOUR_SHARE_OF_BRAIN_IN_SERIES,
     build_sr,
@@ -284,6 +285,66 @@ def test_check_with_a_brain_mask(brain: npt.NDArray[np.bool_]) -> None:
     assert empty.by_name("tumour_share_of_brain").status == qc.NOT_CHECKED
 
 
+# -- cautions ------------------------------------------------------------------------------------------------
+
+
+def test_a_large_tumour_is_sent_with_a_caution_and_a_slab_gets_none(brain: npt.NDArray[np.bool_]) -> None:
+    """Over 15 % of the brain (the shipped models' training tumours reach 14 %) the result carries the
+    large_tumour caution: it does not hold the study, it survives a rule added later, and it reaches the
+    job's result. Under 15 %, with the caution set to 0, and on a slab through the brain: none."""
+    settings = QCSettings()
+    glioma = ellipsoid((25.0, 25.0, 25.0), centre_mm=(30.0, 10.0, 10.0)) & brain  # ~4.5 %
+    large = ellipsoid((45.0, 50.0, 40.0), centre_mm=(20.0, 10.0, 10.0)) & brain
+    hemisphere = brain & (np.arange(GRID[0])[:, None, None] >= GRID[0] // 2)  # ~50 %
+    share = 100 * large.sum() / brain.sum()
+    assert 15.0 < share < 30.0, share
+    assert qc.check(labels_of(glioma), brain, VOXEL_ML, 90, settings).cautions == []
+    report = qc.check(labels_of(large), brain, VOXEL_ML, 90, settings)
+    assert report.passed, report.reason()  # sent
+    [caution] = report.cautions
+    assert (caution.name, caution.status) == ("large_tumour", qc.CAUTION)
+    assert caution.figures["share_percent"] == pytest.approx(share, abs=1e-3)
+    assert caution.message.startswith(
+        f"the whole tumour ({large.sum() * VOXEL_ML:.1f} mL) is {share:.1f} % of the brain, over 15 %"
+    )
+    assert caution.message.endswith("take the volume as a lower bound")
+    kept = qc.with_rule(report, qc.rule_whole_tumour_agreement(1.0, None, None, settings, "n/a"), {})
+    assert kept.cautions == report.cautions
+    stored = json.loads(json.dumps(report.as_dict()))
+    assert [c["name"] for c in stored["cautions"]] == ["large_tumour"]
+    rows = dict(_result_rows({"qc": stored}))
+    assert rows["qc caution large_tumour"] == caution.message
+    # Held for its share, and cautioned too (the SR of a released result says both).
+    held = qc.check(labels_of(hemisphere), brain, VOXEL_ML, 90, settings)
+    assert held.failed and [c.name for c in held.cautions] == ["large_tumour"]
+    off = QCSettings(caution_tumour_share_percent=0.0)
+    assert qc.check(labels_of(large), brain, VOXEL_ML, 90, off).cautions == []
+    # A slab of 48 mm through the brain: its share of the brain within the series says nothing of the
+    # whole brain.
+    slab = qc.check(labels_of(large[SLAB]), brain[SLAB], VOXEL_ML, 24, settings, spacing_mm=(2.0, 2.0, 2.0))
+    assert slab.figures["brain_slab"] is True and slab.cautions == []
+    assert 100 * large[SLAB].sum() / brain[SLAB].sum() > 15.0  # a caution but for the slab
+
+
+def test_without_a_brain_mask_the_caution_judges_the_head_of_a_whole_height_series() -> None:
+    """No brain mask: a tumour over 15 % of the imaged head is over 15 % of the brain inside it; judged
+    only where the series covers a whole brain's height (120 mm)."""
+    head = ellipsoid((85.0, 100.0, 85.0))  # ~3 L
+    large = ellipsoid((55.0, 60.0, 50.0), centre_mm=(10.0, 10.0, 10.0))
+    share = 100 * large.sum() / head.sum()
+    assert 15.0 < share < 30.0, share
+    spacing = (2.0, 2.0, 2.0)
+    report = qc.check(labels_of(large), None, VOXEL_ML, 90, QCSettings(), head=head, spacing_mm=spacing)
+    assert report.passed, report.reason()
+    [caution] = report.cautions
+    assert f"is {share:.1f} % of the imaged head, so more of the brain, over 15 %" in caution.message
+    part = slice(20, 70)  # 100 mm of slices
+    short = qc.check(
+        labels_of(large[part]), None, VOXEL_ML, 50, QCSettings(), head=head[part], spacing_mm=spacing
+    )
+    assert short.cautions == [] and 100 * large[part].sum() / head[part].sum() > 15.0
+
+
 # -- a series that covers part of the brain -----------------------------------------------------------------
 
 #: A slab of 24 slices of 2 mm (48 mm, slice centres at -23..23 mm) through the middle of :data:`GRID`;
@@ -491,6 +552,9 @@ def test_qc_section_of_node_toml_and_env(tmp_path: Path) -> None:
         load_settings(config, env={})
     config.write_text("[qc]\ncompare_whole_tumour = false\n")
     assert load_settings(config, env={}).qc.compare_whole_tumour is False
+    config.write_text("[qc]\ncaution_tumour_share_percent = 130\n")
+    with pytest.raises(ConfigError, match=r"qc.caution_tumour_share_percent 130.0 is not a percentage"):
+        load_settings(config, env={})
     config.write_text("[qc]\nmax_brain = 2500\n")
     with pytest.raises(ConfigError, match=r"qc: unknown key 'max_brain'"):
         load_settings(config, env={})
@@ -698,6 +762,29 @@ def test_the_sr_character_set_encodes_its_own_text(sources: list[Dataset], tmp_p
     assert sr.SpecificCharacterSet == "ISO_IR 192"
     texts = [str(e.value) for e in sr.iterall() if e.keyword == "TextValue"]
     assert any("頭部 T2" in t for t in texts), texts
+
+
+@pytest.mark.parametrize("failed", [False, True], ids=["sent", "released-after-review"])
+def test_the_sr_says_each_caution_under_qualitative_evaluations(
+    failed: bool, sources: list[Dataset], tmp_path: Path
+) -> None:
+    """A caution is a text item (99SEGNODE QC_CAUTION) of TID 1500's Qualitative Evaluations container:
+    alone when the result passed (no 'released after review' text), after the failed checks when it
+    was held and released; dciodvfy finds nothing but the private scheme's designator."""
+    message = "the whole tumour (300.0 mL) is 21.0 % of the brain, over 15 %: the volume is a lower bound"
+    qc_failed = [("tumour_within_coverage", "tumour at the cut")] if failed else []
+    sr = _round_trip(
+        build_sr(None, sources, [300.0], _card(), qc_failed=qc_failed, cautions=[("large_tumour", message)]),
+        tmp_path,
+    )
+    [container] = [i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "C0034375"]
+    texts = [(i.ConceptNameCodeSequence[0].CodeValue, str(i.TextValue)) for i in container.ContentSequence]
+    assert texts[-1] == (QC_CAUTION.value, f"caution large_tumour: {message}")
+    assert [code for code, _ in texts[:-1]] == (["QC_RELEASED", "QC_FAILED_RULE"] if failed else [])
+    problems = dciodvfy_problems(tmp_path / "sr.dcm")
+    assert [p for p in problems if not p.startswith(DCIODVFY_PRIVATE_SCHEME)] == []
+    plain = build_sr(None, sources, [300.0], _card())
+    assert not [i for i in plain.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "C0034375"]
 
 
 def test_sr_without_seg_reports_zero_ml(sources: list[Dataset], tmp_path: Path, strict_pydicom: None) -> None:

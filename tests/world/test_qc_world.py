@@ -81,6 +81,13 @@ class World(BaseWorld):
 
         return restore
 
+    def qc_cautions(self) -> dict[str, float]:
+        text = self.node.metrics.render().decode()
+        return {
+            m[0]: float(m[1])
+            for m in re.findall(r'segnode_qc_cautions_total\{caution="(\w+)"\} ([0-9.]+)', text)
+        }
+
     def qc_failures(self) -> dict[str, float]:
         text = self.node.metrics.render().decode()
         return {
@@ -211,6 +218,39 @@ def test_an_implausible_result_is_held_for_review_then_sent_anyway(
         f"error: job {job.id} is done; only a job in review can be sent anyway "
         "(`segnode jobs list --status review`)"
     )
+
+
+def test_a_large_tumour_is_sent_with_a_caution_in_its_sr(world: World) -> None:
+    """A result over 15 % of the imaged head (so more of the brain, beyond the shipped models' training
+    tumours) is sent, not held: its SR says under Qualitative Evaluations to take the volume as a lower
+    bound, and so do the job's result, `segnode jobs show` and /metrics."""
+    wide = make_threshold_model(
+        world.tmp / "wide", version="1.5.0", threshold=0.3, crop=SHAPE[:2], spacing=world.case.spacing
+    )
+    restore = world.use_model(wide)
+    before = world.qc_cautions().get("large_tumour", 0.0)
+    study = world.study("large-tumour")
+    try:
+        world.send(study.files["FLAIR"])
+        job = world.job(study.study_instance_uid)
+    finally:
+        restore()
+    assert job.status == "done", job.reason
+    [caution] = job.result["qc"]["cautions"]
+    share = caution["figures"]["share_percent"]
+    assert caution["name"] == "large_tumour" and 15.0 < share <= 30.0, caution
+    assert caution["message"].endswith("take the volume as a lower bound")
+    assert world.qc_cautions()["large_tumour"] == before + 1
+    got = world.catcher.wait_for(lambda r: world.received(study.study_instance_uid) == ["SEG", "SR"], 30)
+    [sr] = [ds for ds in got if ds.StudyInstanceUID == study.study_instance_uid and ds.Modality == "SR"]
+    [container] = [i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "C0034375"]
+    [item] = container.ContentSequence
+    assert item.ConceptNameCodeSequence[0].CodeValue == "QC_CAUTION"
+    assert item.TextValue == f"caution large_tumour: {caution['message']}"
+    assert not sr.SeriesDescription.startswith("QC FAILED")
+    shown = segnode(world, "jobs", "show", str(job.id))
+    assert shown.returncode == 0, shown.stderr
+    assert "qc caution large_tumour" in shown.stdout and f"{share:.1f} % of the imaged head" in shown.stdout
 
 
 def test_no_tumour_sends_an_sr_of_zero_ml_and_no_seg(world: World) -> None:
