@@ -18,7 +18,8 @@ This is the final-evaluation script: it is the only place the holdout may be rea
 required, nothing is tuned on its output). ``--model`` may be given several times to compare models
 on the same acquisitions; the table gives each model's mean per acquisition and the difference.
 ``--mirror`` (``[inference] mirror``, node/segmenter.py) may be given several times too: each model is
-served once per mode. Each row also records the job's ``inference`` stage time (``infer_seconds``).
+served once per mode. Each row also records the job's ``inference`` stage time (``infer_seconds``), the
+tumour's share of the node's brain mask (``share_of_brain_percent``) and the QC cautions sent (``cautions``).
 The same script scores validation cases when ``--data`` names a folder of them (e.g. symlinks to
 the split's validation cases under ../shared/data/train): that is where settings are chosen.
 
@@ -209,6 +210,8 @@ def _score(node: Any, receiver: _Receiver, case: Any, name: str, workdir: Path) 
     if raw is None:
         return {"case": case.case_id, "acquisition": name, "dice": 0.0, "error": f"no SEG: {held}"}
     infer_seconds = job.stages.get("inference") if job is not None else None
+    result = (job.result or {}) if job is not None else {}
+    cautions = [c["name"] for c in (result.get("qc") or {}).get("cautions", [])]
     seg = hd.seg.Segmentation.from_dataset(raw)
     volume = load_series(study.files["FLAIR"])
     labels = seg.get_pixels_by_source_instance(
@@ -230,7 +233,10 @@ def _score(node: Any, receiver: _Receiver, case: Any, name: str, workdir: Path) 
         "truth_ml": round(float(truth.sum()) * voxel_ml, 2),
         "seconds": round(seconds, 2),
         "infer_seconds": None if infer_seconds is None else round(float(infer_seconds), 3),
+        # The node's own figures: the tumour's share of its brain mask and the QC cautions sent with it.
+        "share_of_brain_percent": result.get("tumour_share_of_brain_percent"),
         **({"held": held} if held else {}),
+        **({"cautions": cautions} if cautions else {}),
     }
 
 
