@@ -39,7 +39,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -183,7 +183,24 @@ def _node(workdir: Path, model: Path, precision: str, receiver: _Receiver, mirro
     return node
 
 
-def _score(node: Any, receiver: _Receiver, case: Any, name: str, workdir: Path) -> dict[str, Any]:
+@dataclass
+class Sent:
+    """One acquisition of a case sent through the node, and its SEG read back."""
+
+    #: The SEG's tumour on the series' own frames (slice, row, column), and the case's label resliced there.
+    predicted: np.ndarray
+    truth: np.ndarray
+    #: The same SEG taken onto the case's own (X, Y, Z) grid (:func:`slice_pitch.on_case_grid`).
+    on_case: np.ndarray
+    voxel_ml: float
+    seconds: float
+    job: Any
+    held: str | None
+
+
+def send_and_read(node: Any, receiver: _Receiver, case: Any, name: str, workdir: Path) -> Sent | str:
+    """``case`` re-acquired as acquisition ``name``, written as a FLAIR study, sent to ``node`` and its
+    SEG read back (the one it wrote when the study was held); the reason when no SEG came."""
     import highdicom as hd
 
     from converters.dicom_series import load_series
@@ -204,14 +221,11 @@ def _score(node: Any, receiver: _Receiver, case: Any, name: str, workdir: Path) 
     start = time.perf_counter()
     results = store_files(study.files["FLAIR"], "127.0.0.1", node.scp.port, "SEGNODE", "EVAL")
     if {status for _, status, _ in results} != {0}:
-        return {"case": case.case_id, "acquisition": name, "dice": None, "error": "C-STORE refused"}
+        return "C-STORE refused"
     raw, held, job = wait_for_seg(node, receiver, study.study_instance_uid, 300)
     seconds = time.perf_counter() - start
     if raw is None:
-        return {"case": case.case_id, "acquisition": name, "dice": 0.0, "error": f"no SEG: {held}"}
-    infer_seconds = job.stages.get("inference") if job is not None else None
-    result = (job.result or {}) if job is not None else {}
-    cautions = [c["name"] for c in (result.get("qc") or {}).get("cautions", [])]
+        return f"no SEG: {held}"
     seg = hd.seg.Segmentation.from_dataset(raw)
     volume = load_series(study.files["FLAIR"])
     labels = seg.get_pixels_by_source_instance(
@@ -220,22 +234,39 @@ def _score(node: Any, receiver: _Receiver, case: Any, name: str, workdir: Path) 
         assert_missing_frames_are_empty=True,
     )[..., 0]
     predicted = labels > 0
-    dice = mask_dice(predicted, truth)
-    voxel_ml = float(np.prod(volume.spacing)) / 1000.0
-    # The same SEG on the case's own grid against its own label: one truth for every acquisition.
-    on_case = on_case_grid(predicted, volume, case.affine, case.label.shape)
+    return Sent(
+        predicted=predicted,
+        truth=truth,
+        on_case=on_case_grid(predicted, volume, case.affine, case.label.shape),
+        voxel_ml=float(np.prod(volume.spacing)) / 1000.0,
+        seconds=seconds,
+        job=job,
+        held=held,
+    )
+
+
+def _score(node: Any, receiver: _Receiver, case: Any, name: str, workdir: Path) -> dict[str, Any]:
+    sent = send_and_read(node, receiver, case, name, workdir)
+    if isinstance(sent, str):
+        dice = None if sent == "C-STORE refused" else 0.0
+        return {"case": case.case_id, "acquisition": name, "dice": dice, "error": sent}
+    job = sent.job
+    infer_seconds = job.stages.get("inference") if job is not None else None
+    result = (job.result or {}) if job is not None else {}
+    cautions = [c["name"] for c in (result.get("qc") or {}).get("cautions", [])]
     return {
         "case": case.case_id,
         "acquisition": name,
-        "dice": round(dice, 4),
-        "dice_case_grid": round(mask_dice(on_case, case.label > 0), 4),
-        "predicted_ml": round(float(predicted.sum()) * voxel_ml, 2),
-        "truth_ml": round(float(truth.sum()) * voxel_ml, 2),
-        "seconds": round(seconds, 2),
+        "dice": round(mask_dice(sent.predicted, sent.truth), 4),
+        # The same SEG on the case's own grid against its own label: one truth for every acquisition.
+        "dice_case_grid": round(mask_dice(sent.on_case, case.label > 0), 4),
+        "predicted_ml": round(float(sent.predicted.sum()) * sent.voxel_ml, 2),
+        "truth_ml": round(float(sent.truth.sum()) * sent.voxel_ml, 2),
+        "seconds": round(sent.seconds, 2),
         "infer_seconds": None if infer_seconds is None else round(float(infer_seconds), 3),
         # The node's own figures: the tumour's share of its brain mask and the QC cautions sent with it.
         "share_of_brain_percent": result.get("tumour_share_of_brain_percent"),
-        **({"held": held} if held else {}),
+        **({"held": sent.held} if sent.held else {}),
         **({"cautions": cautions} if cautions else {}),
     }
 

@@ -311,3 +311,32 @@ def test_slice_pitch_takes_a_series_label_back_onto_the_case_grid(orientation: s
     assert truth.sum() > 100
     assert dice(back, truth) > 0.9
     assert dice(np.flip(back, axis=0), truth) < 0.8  # a left-right flip would show
+
+
+def test_tumour_free_mirrors_the_side_without_tumour_and_counts_false_pieces_beyond_the_label() -> None:
+    """benchmarks/tumour_free.py: the hemisphere holding less of the tumour replaces the other (image and
+    label alike, about the brain's mean x), and false tumour is what lies beyond the label grown by 2 mm,
+    in 26-connected pieces, with the part next to the mirror plane counted apart."""
+    from converters.case import Case
+
+    tumour_free = bench("tumour_free")
+    flair = np.zeros((11, 6, 6), np.float32)
+    flair[2:9] = np.arange(2, 9, dtype=np.float32)[:, None, None]  # brain x 2..8: mean x 5
+    label = np.zeros((11, 6, 6), np.uint8)
+    label[7:9, 2:4, 2:4] = 2  # all on the high side
+    label[4, 0, 0] = 1  # a voxel on the low side, kept and mirrored
+    case = Case("c1", {"FLAIR": flair}, np.eye(4), label)
+    mirrored, centre, kept = tumour_free.tumour_free(case)
+    assert centre == 5 and kept == pytest.approx(1 / 9)
+    assert mirrored.case_id == "c1-mirrored"
+    out = mirrored.images["FLAIR"]
+    assert [float(out[i, 0, 0]) for i in range(11)] == [0, 0, 2, 3, 4, 5, 4, 3, 2, 0, 0]
+    assert np.argwhere(mirrored.label).tolist() == [[4, 0, 0], [6, 0, 0]]
+    predicted = np.zeros((20, 20, 20), bool)
+    predicted[1:3, 1:3, 1:3] = True  # 8 voxels far from the label and the plane
+    predicted[10, 10, 10] = True  # on the plane x = 10
+    predicted[15, 15, 15] = True  # within 2 voxels of the label: not false
+    truth = np.zeros((20, 20, 20), bool)
+    truth[17, 17, 17] = True
+    ml, pieces, seam = tumour_free.false_tumour(predicted, truth, centre=10)
+    assert (ml, pieces, seam) == (pytest.approx(0.009), 2, pytest.approx(0.001))
