@@ -340,3 +340,19 @@ def test_tumour_free_mirrors_the_side_without_tumour_and_counts_false_pieces_bey
     truth[17, 17, 17] = True
     ml, pieces, seam = tumour_free.false_tumour(predicted, truth, centre=10)
     assert (ml, pieces, seam) == (pytest.approx(0.009), 2, pytest.approx(0.001))
+
+
+def test_holdout_node_scores_a_held_study_on_the_seg_it_wrote(tmp_path: Path) -> None:
+    """benchmarks/holdout_node.py: a study the node holds for review (here a model outlining the whole
+    brain, over 30 % of it) is scored on the SEG the job wrote, flagged with the hold's reason, instead
+    of waiting out the timeout for a SEG that never comes and scoring 0."""
+    from converters.nifti import list_cases
+
+    holdout_node = bench("holdout_node")
+    [ref] = list_cases(require_shared("train", "brats", "BraTS2021_00005"), require_labels=True)
+    outline_all = make_threshold_model(tmp_path / "all", threshold=-5.0, crop=(240, 240))
+    with holdout_node.serving(outline_all, "fp32") as (node, receiver, workdir):
+        row = holdout_node._score(node, receiver, ref.load(), "axial_5mm", workdir)
+    assert "error" not in row, row
+    assert row["held"].startswith("held: qc tumour_share_of_brain: tumour "), row
+    assert row["predicted_ml"] > 1000 and 0.0 < row["dice"] < 0.3  # the whole brain against ~125 mL
