@@ -179,6 +179,12 @@ class QCSettings:
     # larger ones: BraTS2021_00031's tumour grown to 456 mL (~30 % of its brain) inside the brain was
     # called 264 mL (README.md "Where the shipped model is known to be wrong"). 0: no caution.
     caution_tumour_share_percent: float = 15.0
+    # A caution, not a hold (node/qc.py caution ``small_tumour``): a whole tumour above 0 and under this
+    # many mL is sent with a note in the SR and the job to check it against the images before reading it
+    # as a tumour. Training cases made tumour-free by mirroring (docs/tumour-free-2026-12-06.md) came back
+    # with up to 4.0 mL of false tumour in 12 of 18 studies through the node; the 8 train/brats gliomas are
+    # 38-213 mL. 0: no caution.
+    caution_small_tumour_ml: float = 5.0
     # Tumour (mL) within 3 mm of the skull-base (lowest) slice of an axial series covering a whole brain's
     # height (120 mm), its brain cut there alone (tumour_within_coverage), up to which the study is still
     # sent: a few voxels there (bright CSF or vessel inflow at the skull base of a 2D FLAIR whose brain mask
@@ -541,6 +547,9 @@ def _validate(settings: Settings, where: str) -> None:
             raise ConfigError(f"{where}: qc.{name} {getattr(qc, name)} is not a percentage (0-100)")
     if qc.min_slices < 1 or qc.min_head_ml < 0:
         raise ConfigError(f"{where}: qc.min_slices must be at least 1 and qc.min_head_ml at least 0")
+    if not qc.caution_small_tumour_ml >= 0:
+        small = qc.caution_small_tumour_ml
+        raise ConfigError(f"{where}: qc.caution_small_tumour_ml must be >= 0 (0: off), not {small}")
     if not qc.max_tumour_at_cut_ml >= 0:
         raise ConfigError(f"{where}: qc.max_tumour_at_cut_ml must be >= 0, not {qc.max_tumour_at_cut_ml}")
     if not 0 <= qc.whole_tumour_min_dice <= 1 or not qc.whole_tumour_max_diff_ml >= 0:

@@ -345,6 +345,33 @@ def test_without_a_brain_mask_the_caution_judges_the_head_of_a_whole_height_seri
     assert short.cautions == [] and 100 * large[part].sum() / head[part].sum() > 15.0
 
 
+def test_a_small_tumour_is_sent_with_a_caution_to_check_it_against_the_images(
+    brain: npt.NDArray[np.bool_],
+) -> None:
+    """Under 5 mL (brains without tumour came back with up to 4 mL of false tumour through the node) the
+    result carries the small_tumour caution, with its pieces counted; none for 0 mL (the SR of 0 mL
+    says it), none at 5 mL and over, none with the caution set to 0."""
+    settings = QCSettings()
+    speck = ellipsoid((6.0, 6.0, 6.0), centre_mm=(30.0, 10.0, 10.0)) & brain  # ~0.9 mL
+    other = ellipsoid((4.0, 4.0, 4.0), centre_mm=(-30.0, -20.0, 0.0)) & brain  # ~0.27 mL, apart
+    labels = labels_of(speck | other)
+    ml = float(labels.sum()) * VOXEL_ML
+    report = qc.check(labels, brain, VOXEL_ML, 90, settings)
+    assert report.passed, report.reason()
+    [caution] = report.cautions
+    assert (caution.name, caution.status, caution.figures["pieces"]) == ("small_tumour", qc.CAUTION, 2)
+    assert caution.message.startswith(f"the whole tumour is {ml:.2f} mL in 2 pieces, under 5 mL: ")
+    assert caution.message.endswith("check it against the images before reading it as a tumour")
+    assert qc.check(labels_of(np.zeros(GRID, bool)), brain, VOXEL_ML, 90, settings).cautions == []
+    five = ellipsoid((11.0, 11.0, 11.0), centre_mm=(30.0, 10.0, 10.0)) & brain  # ~5.6 mL
+    assert float(five.sum()) * VOXEL_ML >= 5.0
+    assert qc.check(labels_of(five), brain, VOXEL_ML, 90, settings).cautions == []
+    off = QCSettings(caution_small_tumour_ml=0.0)
+    assert qc.check(labels, brain, VOXEL_ML, 90, off).cautions == []
+    one = qc.caution_small_tumour(1.0, 1, 5.0)
+    assert one is not None and "is 1.00 mL in 1 piece, under 5 mL" in one.message
+
+
 # -- a series that covers part of the brain -----------------------------------------------------------------
 
 #: A slab of 24 slices of 2 mm (48 mm, slice centres at -23..23 mm) through the middle of :data:`GRID`;
@@ -554,6 +581,9 @@ def test_qc_section_of_node_toml_and_env(tmp_path: Path) -> None:
     assert load_settings(config, env={}).qc.compare_whole_tumour is False
     config.write_text("[qc]\ncaution_tumour_share_percent = 130\n")
     with pytest.raises(ConfigError, match=r"qc.caution_tumour_share_percent 130.0 is not a percentage"):
+        load_settings(config, env={})
+    config.write_text("[qc]\ncaution_small_tumour_ml = -1\n")
+    with pytest.raises(ConfigError, match=r"qc.caution_small_tumour_ml must be >= 0 \(0: off\), not -1.0"):
         load_settings(config, env={})
     config.write_text("[qc]\nmax_brain = 2500\n")
     with pytest.raises(ConfigError, match=r"qc: unknown key 'max_brain'"):

@@ -253,6 +253,31 @@ def test_a_large_tumour_is_sent_with_a_caution_in_its_sr(world: World) -> None:
     assert "qc caution large_tumour" in shown.stdout and f"{share:.1f} % of the imaged head" in shown.stdout
 
 
+def test_a_small_tumour_is_sent_with_a_caution_to_check_it(world: World) -> None:
+    """Under 5 mL (what brains without tumour came back with) the SEG and SR are sent, the SR saying to
+    check the result against the images before reading it as a tumour."""
+    faint = make_threshold_model(
+        world.tmp / "faint", version="4.0.0", threshold=3.2, crop=SHAPE[:2], spacing=world.case.spacing
+    )
+    restore = world.use_model(faint)
+    before = world.qc_cautions().get("small_tumour", 0.0)
+    study = world.study("small-tumour")
+    try:
+        world.send(study.files["FLAIR"])
+        job = world.job(study.study_instance_uid)
+    finally:
+        restore()
+    assert job.status == "done", job.reason
+    [caution] = job.result["qc"]["cautions"]
+    assert caution["name"] == "small_tumour" and 0 < job.result["tumour_volume_ml"] < 5.0
+    assert world.qc_cautions()["small_tumour"] == before + 1
+    got = world.catcher.wait_for(lambda r: world.received(study.study_instance_uid) == ["SEG", "SR"], 30)
+    [sr] = [ds for ds in got if ds.StudyInstanceUID == study.study_instance_uid and ds.Modality == "SR"]
+    [container] = [i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "C0034375"]
+    [item] = container.ContentSequence
+    assert item.TextValue == f"caution small_tumour: {caution['message']}"
+
+
 def test_no_tumour_sends_an_sr_of_zero_ml_and_no_seg(world: World) -> None:
     """The PACS learns the study was analysed: an SR with 0 mL; no SEG (an empty SEG would show a
     'Whole tumour' segment with nothing in it)."""
