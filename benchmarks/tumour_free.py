@@ -10,7 +10,8 @@ FLAIR study and sent to an in-process node serving ``--model`` (brain extraction
 back onto the case's grid. **False tumour** is what the SEG holds beyond the mirrored label grown by 2
 voxels (2 mm), counted in mL and in 3D pieces (26-connected); "within 3 mm of the seam" is the part
 of it next to the mirror plane, where the two copies meet (an artefact of the method, not of the
-model). A study without a SEG got an SR of 0 mL.
+model). A study without a SEG got an SR of 0 mL. The QC cautions the node sent in the SR are listed
+(node/qc.py: ``small_tumour`` under 5 mL).
 
 The mirrored brains keep each case's own anatomy, including whatever FLAIR-bright tissue BraTS does not
 label as tumour (vessels, caps, small-vessel disease) and the mass effect of the tumour on the kept side;
@@ -107,9 +108,11 @@ def run(data: Path, model: Path, precision: str, acquisitions: list[str]) -> lis
                     row.update({"seg": False, "false_ml": 0.0 if no_seg else None, "pieces": 0, "note": sent})
                 else:
                     false_ml, pieces, seam_ml = false_tumour(sent.on_case, mirrored.label > 0, centre)
+                    qc = ((sent.job.result or {}) if sent.job is not None else {}).get("qc") or {}
                     row.update({
                         "seg": True, "called_ml": round(float(sent.on_case.sum()) / 1000.0, 2),
                         "false_ml": round(false_ml, 2), "pieces": pieces, "seam_ml": round(seam_ml, 2),
+                        "cautions": [c["name"] for c in qc.get("cautions", [])],
                         **({"held": sent.held} if sent.held else {}),
                     })  # fmt: skip
                 print(f"{ref.case_id} {name}: {row}", flush=True)
@@ -121,11 +124,12 @@ def table(rows: list[dict[str, Any]]) -> str:
     """The rows as a markdown table."""
     return markdown_table(
         ["case", "acquisition", "tumour on the kept side", "labelled tumour (mL)", "SEG",
-         "false tumour (mL)", "pieces", "of it at the seam (mL)"],
+         "false tumour (mL)", "pieces", "of it at the seam (mL)", "QC cautions in the SR"],
         [[r["case"], r["acquisition"], f"{r['tumour_on_kept_side_percent']:.2f} %", f"{r['labelled_ml']:.2f}",
           "yes" if r["seg"] else ("no (SR 0 mL)" if r["false_ml"] == 0.0 else f"no ({r.get('note', '')})"),
           "-" if r["false_ml"] is None else f"{r['false_ml']:.2f}", r["pieces"],
-          f"{r['seam_ml']:.2f}" if "seam_ml" in r else "-"] for r in rows],
+          f"{r['seam_ml']:.2f}" if "seam_ml" in r else "-", ", ".join(r.get("cautions", [])) or "-"]
+         for r in rows],
     )  # fmt: skip
 
 
