@@ -267,18 +267,26 @@ def jobs_list(
     for column in ("ID", "Study", "Run", "Status", "Reason", "Sends", "Model", "Seconds", "Created"):
         table.add_column(column)
     for j in jobs:
+        reason = j.reason or _cautions_text(j.result)
         table.add_row(
             str(j.id),
             "…" + j.study_instance_uid[-16:],
             str(j.run),
             j.status,
-            (j.reason[:60] + "…") if len(j.reason) > 60 else j.reason,
+            (reason[:60] + "…") if len(reason) > 60 else reason,
             _sends_text(counts.get(j.id, {})),
             j.model_label or "-",
             f"{sum(j.stages.values()):.2f}" if j.stages else "-",
             j.created_at.strftime("%Y-%m-%d %H:%M:%S"),
         )
     console.print(table)
+
+
+def _cautions_text(result: dict[str, Any] | None) -> str:
+    """The QC cautions a job's result was sent with (node/qc.py), for the jobs table's reason column of a
+    job that has no reason, e.g. "sent with caution small_tumour"; "" when none."""
+    names = [str(c.get("name")) for c in ((result or {}).get("qc") or {}).get("cautions", [])]
+    return f"sent with caution {', '.join(names)}" if names else ""
 
 
 #: How ``segnode jobs list`` names each send state, in the order it lists them.

@@ -265,6 +265,9 @@ def test_a_result_with_a_caution_is_sent_and_its_sr_says_it(
     shown = segnode(world, "jobs", "show", str(job.id))
     assert shown.returncode == 0, shown.stderr
     assert f"qc caution {name}" in shown.stdout and caution["message"][:60] in shown.stdout
+    listed = segnode(world, "jobs", "list", "--status", "done")
+    assert listed.returncode == 0, listed.stderr
+    assert f"sent with caution {name}" in listed.stdout, listed.stdout
 
 
 def test_no_tumour_sends_an_sr_of_zero_ml_and_no_seg(world: World) -> None:
