@@ -17,8 +17,12 @@ The mirrored brains keep each case's own anatomy, including whatever FLAIR-brigh
 label as tumour (vessels, caps, small-vessel disease) and the mass effect of the tumour on the kept side;
 they are skull-stripped BraTS images, not a scanner's whole head.
 
+``--figure PNG`` draws, for the four nearly tumour-free studies (at most :data:`NEARLY_FREE_PERCENT` of
+the tumour on the kept side) with the most false tumour, the axial slice through the largest false
+piece: the mirrored FLAIR, the false tumour in red, the mirrored label in blue.
+
 Usage: python benchmarks/tumour_free.py --data DIR [--model DIR] [--precision int8]
-       [--acquisitions axial_1mm,axial_5mm,degraded] [--out DIR]
+       [--acquisitions axial_1mm,axial_5mm,degraded] [--out DIR] [--figure PNG]
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ from holdout_node import send_and_read, serving
 LABEL_MARGIN_VOXELS = 2
 #: Distance (mm) from the mirror plane within which false tumour is reported as at the seam.
 SEAM_MM = 3
+#: A mirrored case whose kept side held at most this share of its tumour (%) counts as nearly tumour-free.
+NEARLY_FREE_PERCENT = 1.2
 
 
 def mirror_x(array: npt.NDArray[Any], centre: int, keep_high: bool) -> npt.NDArray[Any]:
@@ -72,21 +78,78 @@ def tumour_free(case: Any) -> tuple[Any, int, float]:
     return mirrored, centre, high_share if keep_high else 1.0 - high_share
 
 
+def beyond_label(predicted: npt.NDArray[np.bool_], label: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
+    """``predicted`` beyond ``label`` grown by :data:`LABEL_MARGIN_VOXELS`: the false tumour."""
+    grown = ndimage.binary_dilation(label, np.ones((3, 3, 3), bool), iterations=LABEL_MARGIN_VOXELS)
+    return np.asarray(predicted & ~grown)
+
+
 def false_tumour(
     predicted: npt.NDArray[np.bool_], label: npt.NDArray[np.bool_], centre: int
 ) -> tuple[float, int, float]:
     """On the case grid (1 mm voxels): mL of ``predicted`` beyond ``label`` grown by
     :data:`LABEL_MARGIN_VOXELS`, its 3D pieces, and the mL of it within :data:`SEAM_MM` of the mirror
     plane."""
-    grown = ndimage.binary_dilation(label, np.ones((3, 3, 3), bool), iterations=LABEL_MARGIN_VOXELS)
-    beyond = predicted & ~grown
+    beyond = beyond_label(predicted, label)
     pieces = int(ndimage.label(beyond, np.ones((3, 3, 3), bool))[1])
     x = np.nonzero(beyond)[0]
     return float(beyond.sum()) / 1000.0, pieces, float((np.abs(x - centre) <= SEAM_MM).sum()) / 1000.0
 
 
-def run(data: Path, model: Path, precision: str, acquisitions: list[str]) -> list[dict[str, Any]]:
-    """One row per (case, acquisition)."""
+def largest_piece_slice(
+    image: npt.NDArray[Any], predicted: npt.NDArray[np.bool_], label: npt.NDArray[np.bool_]
+) -> dict[str, Any] | None:
+    """The axial slice (case grid, X, Y, Z) through the centre of the largest false piece: image, false
+    tumour and label on it, the piece's mL and slice index; None without false tumour."""
+    beyond = beyond_label(predicted, label)
+    pieces, count = ndimage.label(beyond, np.ones((3, 3, 3), bool))
+    if count == 0:
+        return None
+    sizes = np.bincount(pieces.ravel())[1:]
+    largest = int(np.argmax(sizes)) + 1
+    z = round(float(np.nonzero(pieces == largest)[2].mean()))
+    return {
+        "image": np.asarray(image[:, :, z]), "false": beyond[:, :, z], "label": np.asarray(label[:, :, z]),
+        "piece_ml": float(sizes[largest - 1]) / 1000.0, "z": z,
+    }  # fmt: skip
+
+
+def draw(slices: list[dict[str, Any]], out: Path) -> None:
+    """The slices of :func:`largest_piece_slice` side by side (radiological view: the patient's right on
+    the left, anterior up), each titled with its study and piece."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(slices), figsize=(4 * len(slices), 4.6), squeeze=False)
+    for ax, item in zip(axes[0], slices, strict=True):
+        # RAS (X right, Y anterior): transpose to rows = Y, flip so that anterior is up and right is left.
+        view = lambda a: np.flipud(np.fliplr(np.asarray(a).T))  # noqa: E731
+        image = view(item["image"])
+        high = float(np.percentile(image[image > 0], 99.5)) if np.any(image > 0) else 1.0
+        ax.imshow(np.clip(image / high, 0, 1), cmap="gray")
+        ax.imshow(np.ma.masked_where(~view(item["label"]), view(item["label"])), cmap="winter", alpha=0.6)
+        ax.imshow(np.ma.masked_where(~view(item["false"]), view(item["false"])), cmap="autumn", alpha=0.85)
+        title = f"{item['study']}\nlargest false piece {item['piece_ml']:.2f} mL (z {item['z']})"
+        ax.set_title(title, fontsize=9)
+        ax.axis("off")
+    fig.suptitle("Brains made tumour-free by mirroring, through the node: false tumour red, label blue")
+    fig.tight_layout(rect=(0.0, 0.0, 1.0, 0.92))  # room for the title above the panels' own
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=80)
+    plt.close(fig)
+
+
+def run(
+    data: Path,
+    model: Path,
+    precision: str,
+    acquisitions: list[str],
+    slices: list[dict[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
+    """One row per (case, acquisition); with ``slices``, each nearly tumour-free study's
+    :func:`largest_piece_slice` (and its row's false mL) appended to it."""
     from converters.nifti import list_cases
 
     refs = list_cases(data, require_labels=True)  # refuses the holdout: this is no final evaluation
@@ -108,6 +171,11 @@ def run(data: Path, model: Path, precision: str, acquisitions: list[str]) -> lis
                     row.update({"seg": False, "false_ml": 0.0 if no_seg else None, "pieces": 0, "note": sent})
                 else:
                     false_ml, pieces, seam_ml = false_tumour(sent.on_case, mirrored.label > 0, centre)
+                    if slices is not None and 100 * kept <= NEARLY_FREE_PERCENT:
+                        image, label = mirrored.images["FLAIR"], mirrored.label > 0
+                        piece = largest_piece_slice(image, sent.on_case, label)
+                        if piece is not None:
+                            slices.append({**piece, "study": f"{ref.case_id} {name}", "false_ml": false_ml})
                     qc = ((sent.job.result or {}) if sent.job is not None else {}).get("qc") or {}
                     row.update({
                         "seg": True, "called_ml": round(float(sent.on_case.sum()) / 1000.0, 2),
@@ -141,10 +209,15 @@ def main() -> int:
     parser.add_argument("--precision", choices=["fp32", "int8"], default="int8")
     parser.add_argument("--acquisitions", default="axial_1mm,axial_5mm,degraded")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--figure", type=Path, default=None, help="a PNG of the largest false pieces")
     args = parser.parse_args()
-    rows = run(args.data, args.model, args.precision, args.acquisitions.split(","))
+    slices: list[dict[str, Any]] | None = [] if args.figure else None
+    rows = run(args.data, args.model, args.precision, args.acquisitions.split(","), slices)
     markdown = table(rows)
     print(markdown)
+    if args.figure and slices:
+        draw(sorted(slices, key=lambda item: -item["false_ml"])[:4], args.figure)
+        print(f"figure {args.figure}")
     print(f"results in {save_result('tumour_free', {'rows': rows, 'markdown': markdown}, args.out)}")
     return 0
 

@@ -356,3 +356,21 @@ def test_holdout_node_scores_a_held_study_on_the_seg_it_wrote(tmp_path: Path) ->
     assert "error" not in row, row
     assert row["held"].startswith("held: qc tumour_share_of_brain: tumour "), row
     assert row["predicted_ml"] > 1000 and 0.0 < row["dice"] < 0.3  # the whole brain against ~125 mL
+
+
+def test_tumour_free_figure_takes_the_slice_through_the_largest_false_piece(tmp_path: Path) -> None:
+    """benchmarks/tumour_free.py --figure: the axial slice through the centre of the largest piece beyond
+    the label is drawn (nothing when there is no false tumour)."""
+    tumour_free = bench("tumour_free")
+    image = np.ones((30, 30, 20), np.float32)
+    predicted = np.zeros((30, 30, 20), bool)
+    predicted[2:4, 2:4, 5:7] = True  # 8 voxels
+    predicted[20:24, 20:24, 12:15] = True  # 48 voxels, centre z 13
+    label = np.zeros((30, 30, 20), bool)
+    piece = tumour_free.largest_piece_slice(image, predicted, label)
+    assert piece is not None and piece["z"] == 13 and piece["piece_ml"] == pytest.approx(0.048)
+    assert piece["false"].shape == (30, 30) and int(piece["false"].sum()) == 16
+    assert tumour_free.largest_piece_slice(image, predicted, predicted) is None
+    out = tmp_path / "figure.png"
+    tumour_free.draw([{**piece, "study": "c1 axial_1mm", "false_ml": 0.056}], out)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
