@@ -114,6 +114,12 @@ def largest_piece_slice(
     }  # fmt: skip
 
 
+def _radiological(axial: npt.NDArray[Any]) -> npt.NDArray[Any]:
+    """An axial RAS slice (X right, Y anterior) as shown on screen: rows from anterior down, the
+    patient's right on the left."""
+    return np.flipud(np.fliplr(np.asarray(axial).T))
+
+
 def draw(slices: list[dict[str, Any]], out: Path) -> None:
     """The slices of :func:`largest_piece_slice` side by side (radiological view: the patient's right on
     the left, anterior up), each titled with its study and piece."""
@@ -124,13 +130,12 @@ def draw(slices: list[dict[str, Any]], out: Path) -> None:
 
     fig, axes = plt.subplots(1, len(slices), figsize=(4 * len(slices), 4.6), squeeze=False)
     for ax, item in zip(axes[0], slices, strict=True):
-        # RAS (X right, Y anterior): transpose to rows = Y, flip so that anterior is up and right is left.
-        view = lambda a: np.flipud(np.fliplr(np.asarray(a).T))  # noqa: E731
-        image = view(item["image"])
+        image = _radiological(item["image"])
         high = float(np.percentile(image[image > 0], 99.5)) if np.any(image > 0) else 1.0
         ax.imshow(np.clip(image / high, 0, 1), cmap="gray")
-        ax.imshow(np.ma.masked_where(~view(item["label"]), view(item["label"])), cmap="winter", alpha=0.6)
-        ax.imshow(np.ma.masked_where(~view(item["false"]), view(item["false"])), cmap="autumn", alpha=0.85)
+        for key, colours, alpha in (("label", "winter", 0.6), ("false", "autumn", 0.85)):
+            mask = _radiological(item[key])
+            ax.imshow(np.ma.masked_where(~mask, mask), cmap=colours, alpha=alpha)
         title = f"{item['study']}\nlargest false piece {item['piece_ml']:.2f} mL (z {item['z']})"
         ax.set_title(title, fontsize=9)
         ax.axis("off")

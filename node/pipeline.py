@@ -1343,7 +1343,7 @@ def run_job(ctx: JobContext, job_id: int, attempt: int | None = None) -> str:
     # hold: a result that fails QC the same way (the digest covers the [qc] limits) was sent only
     # because an administrator released it, and holding it again would ask for the same release and
     # send the same SEG twice.
-    for caution in report.cautions:  # sent with the result whatever becomes of it below
+    for caution in report.cautions:  # in the SR just written, whether the result is then sent or held
         ctx.metrics.qc_cautions.labels(caution.name).inc()
     retried = job_queue.RETRY_REQUESTED in info.result
     again = None if retried else _not_again(ctx, job_id, digest)

@@ -23,6 +23,7 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
+from converters.dicom_writer import StudyInfo
 from converters.synthetic import make_synthetic_case
 from db import job_queue
 from node import pipeline
@@ -80,6 +81,17 @@ class World(BaseWorld):
             )
 
         return restore
+
+    def analyse_with(self, model_dir: Path, name: str) -> tuple[StudyInfo, job_queue.JobInfo]:
+        """The world's case written as study ``name``, sent while ``model_dir``'s model serves, and its
+        ended job; the usual model serves again afterwards."""
+        restore = self.use_model(model_dir)
+        study = self.study(name)
+        try:
+            self.send(study.files["FLAIR"])
+            return study, self.job(study.study_instance_uid)
+        finally:
+            restore()
 
     def qc_cautions(self) -> dict[str, float]:
         text = self.node.metrics.render().decode()
@@ -152,15 +164,9 @@ def test_an_implausible_result_is_held_for_review_then_sent_anyway(
     outline_all = make_threshold_model(
         world.tmp / "outline-all", version="6.6.6", threshold=-5.0, crop=SHAPE[:2], spacing=world.case.spacing
     )
-    restore = world.use_model(outline_all)
     before = world.qc_failures().get("tumour_share_of_head", 0.0)
-    study = world.study("whole-brain")
-    try:
-        with caplog.at_level(logging.WARNING, logger="node.pipeline"):
-            world.send(study.files["FLAIR"])
-            job = world.job(study.study_instance_uid)
-    finally:
-        restore()
+    with caplog.at_level(logging.WARNING, logger="node.pipeline"):
+        study, job = world.analyse_with(outline_all, "whole-brain")
     assert job.status == "review", job.reason
     assert job.reason.startswith("qc tumour_share_of_head: tumour "), job.reason
     share = re.search(r"is ([\d.]+) % of the imaged head \([\d.]+ mL\), over 30 %", job.reason)
@@ -237,14 +243,8 @@ def test_a_result_with_a_caution_is_sent_and_its_sr_says_it(
     model = make_threshold_model(
         world.tmp / name, version=version, threshold=threshold, crop=SHAPE[:2], spacing=world.case.spacing
     )
-    restore = world.use_model(model)
     before = world.qc_cautions().get(name, 0.0)
-    study = world.study(name)
-    try:
-        world.send(study.files["FLAIR"])
-        job = world.job(study.study_instance_uid)
-    finally:
-        restore()
+    study, job = world.analyse_with(model, name)
     assert job.status == "done", job.reason
     [caution] = job.result["qc"]["cautions"]
     assert caution["name"] == name, caution
@@ -276,13 +276,7 @@ def test_no_tumour_sends_an_sr_of_zero_ml_and_no_seg(world: World) -> None:
     blind = make_threshold_model(
         world.tmp / "blind", version="0.0.1", threshold=50.0, crop=SHAPE[:2], spacing=world.case.spacing
     )
-    restore = world.use_model(blind)
-    study = world.study("no-tumour")
-    try:
-        world.send(study.files["FLAIR"])
-        job = world.job(study.study_instance_uid)
-    finally:
-        restore()
+    study, job = world.analyse_with(blind, "no-tumour")
     assert job.status == "done", job.reason
     assert job.result["seg"] is None and job.result["volumes_ml"] == [0.0]
     assert job.result["tumour_volume_ml"] == 0.0
