@@ -93,6 +93,20 @@ def outputs_to_probabilities(
     raise ModelCardError(f"output.activation {activation!r} is not 'sigmoid' or 'softmax'")
 
 
+#: Probabilities are clipped to [PROBABILITY_EPS, 1 - PROBABILITY_EPS] before they become logits again.
+PROBABILITY_EPS = 1e-7
+
+
+def probabilities_to_outputs(probs: npt.NDArray[Any], activation: str) -> npt.NDArray[np.float32]:
+    """Probabilities (N, K, H, W) (an average of several predictions) back into raw outputs that
+    :func:`outputs_to_labels` and :func:`restore_outputs` read the same way: the logit for a sigmoid,
+    the log-probability for a softmax (whose softmax is the probability)."""
+    p = np.clip(np.asarray(probs, dtype=np.float64), PROBABILITY_EPS, 1.0 - PROBABILITY_EPS)
+    if activation == "sigmoid":
+        return (np.log(p) - np.log1p(-p)).astype(np.float32)
+    return np.log(p).astype(np.float32)
+
+
 def probabilities_to_labels(probs: npt.NDArray[Any], output_spec: Mapping[str, Any]) -> npt.NDArray[np.uint8]:
     """Class probabilities (K, ...) -> labels (...) uint8: threshold (sigmoid) or argmax (softmax)."""
     if output_spec.get("activation") == "sigmoid":

@@ -28,9 +28,12 @@ from converters.prediction import (
     SlicePredictor,
     outputs_to_probabilities,
     predict_tiled,
+    probabilities_to_outputs,
+    restore_outputs,
     segment_to_grid,
 )
 from converters.preprocess import Prepared, PreprocessError, PreprocessSpec, prepare_volume
+from converters.views import predict_views, view_axes
 from db.card import check_runnable_card
 from node.exceptions import ModelLoadError
 from node.memory import release_compiled
@@ -53,10 +56,6 @@ MIRROR_MODES: dict[str, tuple[int, ...]] = {"none": (), "lr": (0,), "lr+ap": (0,
 #: used dropped first: a padded size is a multiple of 16 pixels, so a few cover most heads.
 MAX_EXTRA_SHAPES = 4
 
-#: Probabilities are clipped to [_EPS, 1 - _EPS] before they are turned back into logits.
-_EPS = 1e-7
-
-
 def mirror_axes(mode: str, slice_axis: int) -> tuple[int, ...]:
     """The axes of a (N, C, H, W) slice batch that ``mode`` mirrors, for slices cut along ``slice_axis``.
 
@@ -73,15 +72,6 @@ def mirror_axes(mode: str, slice_axis: int) -> tuple[int, ...]:
         raise ValueError(f"mirror mode {mode!r} is not one of {', '.join(MIRROR_MODES)}")
     in_plane = [a for a in (0, 1, 2) if a != slice_axis]
     return tuple(2 + in_plane.index(a) for a in MIRROR_MODES[mode] if a != slice_axis)
-
-
-def _to_outputs(probs: npt.NDArray[np.float64], activation: str) -> npt.NDArray[np.float32]:
-    """Averaged probabilities back into raw outputs that the shared post-processing reads the same way:
-    the logit for a sigmoid, the log-probability for a softmax (whose softmax is the probability)."""
-    p = np.clip(probs, _EPS, 1.0 - _EPS)
-    if activation == "sigmoid":
-        return (np.log(p) - np.log1p(-p)).astype(np.float32)
-    return np.log(p).astype(np.float32)
 
 
 def mirrored_predictor(
@@ -118,7 +108,7 @@ def mirrored_predictor(
         for k, f in enumerate(flips):
             block = probs[k * n : (k + 1) * n]
             total += np.flip(block, axis=f) if f else block
-        return _to_outputs(total / len(flips), activation)
+        return probabilities_to_outputs(total / len(flips), activation)
 
     return mirrored
 
@@ -181,6 +171,10 @@ class OpenVINOSegmenter:
         Test-time mirroring, one of :data:`MIRROR_MODES` (``[inference] mirror``): ``"none"``,
         ``"lr"`` (the left-right mirror image too, 2 passes) or ``"lr+ap"`` (left-right,
         anterior-posterior and both, 4 passes); see :func:`mirrored_predictor`.
+    views:
+        1: slices along the card's ``slice_axis`` only; 3: along the model grid's three axes, the
+        probabilities averaged (``[inference] views``, :func:`converters.views.predict_views`;
+        about three times the network's work). A card whose grid is not isotropic keeps one view.
 
     Raises
     ------
@@ -190,7 +184,7 @@ class OpenVINOSegmenter:
         The card lacks a key the node relies on, its ``preprocessing`` block is invalid, or the
         network's channels differ from its modalities.
     ValueError
-        ``mirror`` is not one of :data:`MIRROR_MODES`.
+        ``mirror`` is not one of :data:`MIRROR_MODES`, or ``views`` is not 1 or 3.
     """
 
     card: dict[str, Any]
@@ -198,6 +192,7 @@ class OpenVINOSegmenter:
     model_path: Path
     static_batch: bool
     mirror: str
+    views: int
 
     def __init__(
         self,
@@ -208,6 +203,7 @@ class OpenVINOSegmenter:
         precision_hint: str | None = None,
         static_batch: bool = True,
         mirror: str = "none",
+        views: int = 1,
     ) -> None:
         import openvino as ov
 
@@ -219,6 +215,15 @@ class OpenVINOSegmenter:
         slice_axis = spec.slice_axis
         self._mirror_axes = mirror_axes(mirror, slice_axis)
         self.mirror = mirror
+        if views not in (1, 3):
+            raise ValueError(f"views {views!r} must be 1 or 3")
+        self._view_axes = view_axes(spec, views)
+        if len(self._view_axes) < views:
+            logger.warning(
+                "%s: its grid (spacing_mm %s) is not isotropic: slices along its slice axis only",
+                model_xml, list(spec.spacing_mm),
+            )
+        self.views = len(self._view_axes)
         model_xml = Path(model_xml)
         if not model_xml.is_file():
             raise ModelLoadError(f"model file {model_xml} does not exist")
@@ -267,8 +272,9 @@ class OpenVINOSegmenter:
         # previous model keeps serving, rather than failing every study.
         self._warm_up(channels, spec.crop_size)
         logger.info(
-            "compiled %s on %s (batch %d, %s, mirror %s)",
+            "compiled %s on %s (batch %d, %s, mirror %s, views %d)",
             model_xml.name, device, batch_size, "static" if self.static_batch else "dynamic", mirror,
+            self.views,
         )
 
     def _warm_up(self, channels: int, crop: tuple[int, int]) -> None:
@@ -429,7 +435,17 @@ class OpenVINOSegmenter:
 
         ``method``: how the prediction goes back onto a resampled grid
         (:data:`converters.prediction.RESTORE_METHODS`). With :attr:`mirror` other than ``"none"`` the
-        probabilities are averaged over the slices' mirror images first (:func:`mirrored_predictor`).
+        probabilities are averaged over the slices' mirror images first (:func:`mirrored_predictor`);
+        with :attr:`views` 3, over the slices along the model grid's three axes too
+        (:func:`converters.views.predict_views`).
         """
-        predict = mirrored_predictor(self.predict, self._mirror_axes, self.card["output"])
-        return segment_to_grid(predict, prepared, self.card, self.batch_size, method)
+        output = self.card["output"]
+        if len(self._view_axes) == 1:
+            predict = mirrored_predictor(self.predict, self._mirror_axes, output)
+            return segment_to_grid(predict, prepared, self.card, self.batch_size, method)
+
+        def along(axis: int) -> SlicePredictor:
+            return mirrored_predictor(self.predict, mirror_axes(self.mirror, axis), output)
+
+        outputs = predict_views(along, prepared, output, self._crop, self._view_axes, self.batch_size)
+        return restore_outputs(prepared, outputs, self.card, method)
