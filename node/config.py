@@ -315,9 +315,15 @@ class InferenceConfig:
     (:func:`node.segmenter.mirrored_predictor`). "none": one pass; "lr": left-right too (2 passes);
     "lr+ap": left-right, anterior-posterior and both (4 passes). The inference stage takes about that
     many times longer.
+
+    ``three_views``: the tasks whose models see the slices along the model grid's three axes
+    (sagittal, coronal and axial), the probabilities averaged, rather than along their card's slice
+    axis alone (converters/views.py; about three times the network's work). Chosen per task because
+    it helps one model and harms another: docs/holdout_eval/views-2026-12-06.md.
     """
 
     mirror: str = "none"
+    three_views: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -705,6 +711,14 @@ def _validate_inference(inference: InferenceConfig, where: str) -> None:
     if inference.mirror not in MIRROR_MODES:
         known = ", ".join(repr(m) for m in MIRROR_MODES)
         raise ConfigError(f"{where}: inference.mirror {inference.mirror!r} is not one of {known}")
+    from db.models import SEGMENTATION_TASKS
+
+    unknown = [t for t in inference.three_views if t not in SEGMENTATION_TASKS]
+    if unknown:
+        raise ConfigError(
+            f"{where}: inference.three_views names {unknown[0]!r}, not a task among "
+            f"{', '.join(SEGMENTATION_TASKS)}"
+        )
 
 
 def load_settings(

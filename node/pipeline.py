@@ -595,7 +595,7 @@ def inputs_digest(chosen: Route, extractor: str | None, settings: Mapping[str, A
     model, the brain extractor, and each chosen series' UID with its instances' spool files, named after
     their SOP Instance UIDs, and the files' versions: an instance sent again with other content is
     another version), and ``settings``: the node's settings that change a result
-    (:func:`result_settings`: QC rules, registration, test-time mirroring; a restart with others is
+    (:func:`result_settings`: QC rules, registration, test-time mirroring and views; a restart with others is
     another result). Two runs with the
     same digest make the same SEG and SR (:func:`run_job`)."""
     key = json.dumps(
@@ -611,6 +611,9 @@ def result_settings(ctx: JobContext, chosen: Route) -> dict[str, Any]:
         "registration": asdict(ctx.registration),
         "mirror": chosen.model.segmenter.mirror,
     }
+    views = getattr(chosen.model.segmenter, "views", 1)
+    if views != 1:  # absent at 1, so that the digests of results made before the setting existed hold
+        settings["views"] = views
     if len(chosen.model.card["modalities"]) > 1:  # its QC compares with the whole_tumor model's result
         settings["compared_with"] = [m.label for t, m in ctx.models() if t == WHOLE_TUMOUR_TASK and m]
     return settings
@@ -1290,6 +1293,8 @@ def run_job(ctx: JobContext, job_id: int, attempt: int | None = None) -> str:
             "brain_volume_ml": report.figures["brain_volume_ml"],
             "tumour_share_of_brain_percent": report.figures["tumour_share_of_brain_percent"],
             "model": {"name": card.get("name"), "version": card.get("version"), "label": model.label},
+            # How the network ran ([inference]): mirror images and slice axes averaged.
+            "inference": {"mirror": model.segmenter.mirror, "views": getattr(model.segmenter, "views", 1)},
             "routing": routing,
             "registration": done.coregistered.as_dict() if done.coregistered is not None else None,
             "qc": report.as_dict(),

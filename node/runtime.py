@@ -289,6 +289,8 @@ class ModelRuntime(ActiveModel[LoadedModel]):
         Slices per OpenVINO request, a static batch (:class:`node.segmenter.OpenVINOSegmenter`).
     mirror:
         Test-time mirroring (``[inference] mirror``, :data:`node.segmenter.MIRROR_MODES`).
+    views:
+        1 or 3 slice axes of the model's grid (``[inference] views``).
     """
 
     def __init__(
@@ -298,16 +300,19 @@ class ModelRuntime(ActiveModel[LoadedModel]):
         device: str = "CPU",
         batch_size: int = DEFAULT_BATCH,
         mirror: str = "none",
+        views: int = 1,
     ) -> None:
         super().__init__(registry, task, device)
         self.batch_size = batch_size
         self.mirror = mirror
+        self.views = views
 
     def compile(self, info: ModelInfo, xml: Path) -> LoadedModel:
         """An :class:`OpenVINOSegmenter` of ``xml``."""
         assert info.card is not None
         segmenter = OpenVINOSegmenter(
-            info.card, xml, device=self.device, batch_size=self.batch_size, mirror=self.mirror
+            info.card, xml, device=self.device, batch_size=self.batch_size, mirror=self.mirror,
+            views=self.views,
         )
         return LoadedModel(info=info, card=dict(info.card), segmenter=segmenter)
 

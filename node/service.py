@@ -99,7 +99,10 @@ class NodeService:
         node = settings.node
         # One runtime per task of [routing] order; ``runtime`` is [node] task's (the shipped model's).
         self.runtimes = {
-            task: ModelRuntime(self.registry, task, node.inference_device, mirror=settings.inference.mirror)
+            task: ModelRuntime(
+                self.registry, task, node.inference_device, mirror=settings.inference.mirror,
+                views=3 if task in settings.inference.three_views else 1,
+            )
             for task in settings.routing.tasks(node.task)
         }
         self.runtime = self.runtimes[node.task]

@@ -337,6 +337,14 @@ def _job_dict(j: Any) -> dict[str, Any]:
     }
 
 
+def inference_text(inference: dict[str, Any]) -> str:
+    """A job's ``inference`` record in words: the slice axes and mirror images averaged."""
+    views = "sagittal, coronal and axial slices averaged" if inference.get("views") == 3 else (
+        "slices along the model card's slice axis only")
+    mirror = inference.get("mirror") or "none"
+    return views + ("" if mirror == "none" else f", mirror images ({mirror}) averaged")
+
+
 @jobs_app.command("show")
 def jobs_show(
     job_id: int = typer.Argument(..., help="Job id."),
@@ -403,6 +411,9 @@ def _result_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
     model = result.get("model")
     if model:
         rows.append(("model name, version", f"{model.get('name')} {model.get('version')}"))
+    inference = result.get("inference")
+    if inference:
+        rows.append(("inference", inference_text(inference)))
     if "brain_extractor" in result:  # None: no usable brain_extraction model when the job ran
         extractor = result["brain_extractor"]
         rows.append(("brain extractor", extractor or "none (brain stage skipped: no usable brain_extraction "

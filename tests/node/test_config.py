@@ -77,6 +77,7 @@ def test_empty_database_url_env_is_ignored_as_the_admin_commands_ignore_it(
         ("[node]\nsend_max_refusals = -1\n", "node.send_max_refusals must be >= 0"),
         ("[node]\nincomplete_series_wait_seconds = -5\n", "node.incomplete_series_wait_seconds must be >= 0"),
         ("[inference]\nmirror = 'ud'\n", "inference.mirror 'ud' is not one of 'none', 'lr', 'lr+ap'"),
+        ("[inference]\nthree_views = ['flair']\n", "inference.three_views names 'flair', not a task among"),
     ],
 )
 def test_bad_config_names_file_and_key(tmp_path: Path, text: str, message: str) -> None:

@@ -156,12 +156,15 @@ def test_shipped_model_mirrored_input_gives_mirrored_output(
     assert (np.flip(plain_again, axis) != plain).sum() > 100
 
 
-def test_mirror_is_read_from_node_toml_and_reaches_the_segmenter(tmp_path: Path) -> None:
+def test_inference_settings_are_read_from_node_toml_and_reach_the_segmenter(tmp_path: Path) -> None:
+    """``[inference] mirror`` and ``three_views`` (tests/node/test_views_node.py for the views)."""
     cfg = tmp_path / "node.toml"
-    cfg.write_text('[inference]\nmirror = "lr"\n')
+    cfg.write_text('[inference]\nmirror = "lr"\nthree_views = ["whole_tumor"]\n')
     assert load_settings(cfg, env={}).inference.mirror == "lr"
     assert load_settings(env={}).inference.mirror == "none"
     assert load_settings(cfg, env={"SEGNODE_INFERENCE_MIRROR": "lr+ap"}).inference.mirror == "lr+ap"
+    assert load_settings(cfg, env={}).inference.three_views == ["whole_tumor"]
+    assert load_settings(cfg, env={"SEGNODE_INFERENCE_THREE_VIEWS": ""}).inference.three_views == []
 
     settings = node_settings(tmp_path, 0)
     settings.inference = load_settings(cfg, env={}).inference
@@ -169,6 +172,6 @@ def test_mirror_is_read_from_node_toml_and_reaches_the_segmenter(tmp_path: Path)
     try:
         install_model(node.registry, make_threshold_model(tmp_path / "model", crop=(32, 32)))
         loaded = node.runtime.refresh()
-        assert loaded is not None and loaded.segmenter.mirror == "lr"
+        assert loaded is not None and (loaded.segmenter.mirror, loaded.segmenter.views) == ("lr", 3)
     finally:
         node.stop()
