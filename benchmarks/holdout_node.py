@@ -17,14 +17,16 @@ where the first score gives a thick-slice series a truth as coarse as itself. Ac
 This is the final-evaluation script: it is the only place the holdout may be read (``--data`` is
 required, nothing is tuned on its output). ``--model`` may be given several times to compare models
 on the same acquisitions; the table gives each model's mean per acquisition and the difference.
-``--mirror`` (``[inference] mirror``, node/segmenter.py) may be given several times too: each model is
-served once per mode. Each row also records the job's ``inference`` stage time (``infer_seconds``), the
-tumour's share of the node's brain mask (``share_of_brain_percent``) and the QC cautions sent (``cautions``).
+``--mirror`` (``[inference] mirror``, node/segmenter.py) and ``--views`` (1 or 3: ``[inference]
+three_views`` empty or naming every task, converters/views.py) may be given several times too: each
+model is served once per combination.
+Each row also records the job's ``inference`` stage time (``infer_seconds``), the tumour's share of
+the node's brain mask (``share_of_brain_percent``) and the QC cautions sent (``cautions``).
 The same script scores validation cases when ``--data`` names a folder of them (e.g. symlinks to
 the split's validation cases under ../shared/data/train): that is where settings are chosen.
 
 Usage: python benchmarks/holdout_node.py --data ../shared/data/holdout --model models/default
-       [--model runs/x/export] [--precision int8] [--mirror none --mirror lr]
+       [--model runs/x/export] [--precision int8] [--mirror none --mirror lr] [--views 1 --views 3]
        [--acquisitions axial_1mm,degraded] [--out DIR]
 """
 
@@ -155,7 +157,9 @@ def wait_for_seg(
             return None, job.reason if job is not None else "no job", job
 
 
-def _node(workdir: Path, model: Path, precision: str, receiver: _Receiver, mirror: str = "none") -> Any:
+def _node(
+    workdir: Path, model: Path, precision: str, receiver: _Receiver, mirror: str = "none", views: int = 1
+) -> Any:
     from db.exceptions import PromotionRefused
     from node.config import Destination, Settings
     from node.service import NodeService
@@ -169,6 +173,7 @@ def _node(workdir: Path, model: Path, precision: str, receiver: _Receiver, mirro
     settings.metrics.port = 0
     settings.destinations = [Destination("eval", "EVAL_PACS", "127.0.0.1", receiver.port)]
     settings.inference.mirror = mirror
+    settings.inference.three_views = ["whole_tumor", "brats_regions"] if views == 3 else []
     node = NodeService(settings)
     infos = node.registry.import_dir(model, by="holdout_node.py")
     irs = [i for i in infos if i.kind == "ir" and i.precision == precision]
@@ -272,13 +277,16 @@ def _score(node: Any, receiver: _Receiver, case: Any, name: str, workdir: Path) 
 
 
 @contextmanager
-def serving(model: Path, precision: str, mirror: str = "none") -> Iterator[tuple[Any, _Receiver, Path]]:
-    """A started in-process node serving ``model`` (``precision`` IR, ``[inference] mirror`` ``mirror``),
-    its receiving PACS and a work folder; all three are stopped and removed on exit."""
+def serving(
+    model: Path, precision: str, mirror: str = "none", views: int = 1
+) -> Iterator[tuple[Any, _Receiver, Path]]:
+    """A started in-process node serving ``model`` (``precision`` IR, ``[inference] mirror`` ``mirror``,
+    its network along ``views`` 1 or 3 axes), its receiving PACS and a work folder; all three are stopped
+    and removed on exit."""
     workdir = Path(tempfile.mkdtemp(prefix="segnode-holdout-"))
     receiver = _Receiver()
     try:
-        node = _node(workdir, model, precision, receiver, mirror)
+        node = _node(workdir, model, precision, receiver, mirror, views)
         try:
             yield node, receiver, workdir
         finally:
@@ -297,18 +305,25 @@ def labelled_cases(data: Path, cases: int = 0) -> list[Any]:
 
 
 def evaluate(
-    model: Path, precision: str, data: Path, acquisitions: list[str], cases: int = 0, mirror: str = "none"
+    model: Path,
+    precision: str,
+    data: Path,
+    acquisitions: list[str],
+    cases: int = 0,
+    mirror: str = "none",
+    views: int = 1,
 ) -> dict[str, Any]:
     """Every case of ``data`` (the first ``cases`` when > 0) in every acquisition through a node serving
-    ``model`` with ``[inference] mirror`` ``mirror``."""
+    ``model`` with ``[inference] mirror`` ``mirror``, its network along ``views`` 1 or 3 axes."""
     rows: list[dict[str, Any]] = []
-    with serving(model, precision, mirror) as (node, receiver, workdir):
+    with serving(model, precision, mirror, views) as (node, receiver, workdir):
         for ref in labelled_cases(data, cases):
             case = ref.load()
             for name in acquisitions:
                 row = _score(node, receiver, case, name, workdir)
                 print(
-                    f"{model.name} {precision} mirror={mirror} {row['case']} {name}: Dice {row['dice']}"
+                    f"{model.name} {precision} mirror={mirror} views={views} {row['case']} {name}: "
+                    f"Dice {row['dice']}"
                     f" infer {row.get('infer_seconds')} s",
                     flush=True,
                 )
@@ -326,6 +341,7 @@ def evaluate(
         "model": str(model),
         "precision": precision,
         "mirror": mirror,
+        "views": views,
         "cases": rows,
         "mean": means,
         "mean_case_grid": case_grid,
@@ -344,6 +360,10 @@ def main() -> int:
     parser.add_argument(
         "--mirror", action="append", choices=["none", "lr", "lr+ap"], help="[inference] mirror (default none)"
     )
+    parser.add_argument(
+        "--views", action="append", type=int, choices=[1, 3],
+        help="3: [inference] three_views names every task (default 1: none)",
+    )  # fmt: skip
     args = parser.parse_args()
     acquisitions = [a for a in args.acquisitions.split(",") if a]
     unknown = [a for a in acquisitions if a not in ACQUISITIONS]
@@ -351,13 +371,17 @@ def main() -> int:
         parser.error(f"unknown acquisition {unknown[0]!r}; choose from {', '.join(ACQUISITIONS)}")
     mirrors = args.mirror or ["none"]
     results = [
-        evaluate(m, args.precision, args.data, acquisitions, args.cases, mirror)
+        evaluate(m, args.precision, args.data, acquisitions, args.cases, mirror, views)
         for m in args.model
         for mirror in mirrors
+        for views in args.views or [1]
     ]
     headers = [
         "acquisition",
-        *[f"{Path(r['model']).name} ({r['precision']}, mirror {r['mirror']})" for r in results],
+        *[
+            f"{Path(r['model']).name} ({r['precision']}, mirror {r['mirror']}, views {r['views']})"
+            for r in results
+        ],
     ]
     if len(results) > 1:
         headers.append("difference (last - first)")
@@ -379,7 +403,11 @@ def main() -> int:
     print(f"peak RSS {peak_rss_mib():.0f} MiB")
     path = save_result("holdout_node", {"runs": results}, args.out)
     print(f"results in {path}")
-    print(json.dumps([{"model": Path(r["model"]).name, "mirror": r["mirror"], **r["mean"]} for r in results]))
+    means = [
+        {"model": Path(r["model"]).name, "mirror": r["mirror"], "views": r["views"], **r["mean"]}
+        for r in results
+    ]
+    print(json.dumps(means))
     return 0
 
 

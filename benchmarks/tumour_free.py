@@ -152,14 +152,15 @@ def run(
     precision: str,
     acquisitions: list[str],
     slices: list[dict[str, Any]] | None = None,
+    views: int = 1,
 ) -> list[dict[str, Any]]:
-    """One row per (case, acquisition); with ``slices``, each nearly tumour-free study's
-    :func:`largest_piece_slice` (and its row's false mL) appended to it."""
+    """One row per (case, acquisition), the node's network along ``views`` 1 or 3 axes; with ``slices``,
+    each nearly tumour-free study's :func:`largest_piece_slice` (and its row's false mL) appended to it."""
     from converters.nifti import list_cases
 
     refs = list_cases(data, require_labels=True)  # refuses the holdout: this is no final evaluation
     rows = []
-    with serving(model, precision) as (node, receiver, workdir):
+    with serving(model, precision, views=views) as (node, receiver, workdir):
         for ref in refs:
             mirrored, centre, kept = tumour_free(ref.load())
             labelled_ml = float(np.count_nonzero(mirrored.label)) / 1000.0
@@ -188,7 +189,7 @@ def run(
                         "cautions": [c["name"] for c in qc.get("cautions", [])],
                         **({"held": sent.held} if sent.held else {}),
                     })  # fmt: skip
-                print(f"{ref.case_id} {name}: {row}", flush=True)
+                print(f"views={views} {ref.case_id} {name}: {row}", flush=True)
                 rows.append(row)
     return rows
 
@@ -206,6 +207,13 @@ def table(rows: list[dict[str, Any]]) -> str:
     )  # fmt: skip
 
 
+def summary(rows: list[dict[str, Any]]) -> str:
+    """One line: how many studies got a SEG, and the false tumour summed over every study."""
+    false_ml = sum(r["false_ml"] or 0.0 for r in rows)
+    seg = sum(1 for r in rows if r["seg"])
+    return f"{seg} of {len(rows)} studies sent a SEG; false tumour summed over them all: {false_ml:.2f} mL"
+
+
 def main() -> int:
     """Run the measurement and print its table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -215,15 +223,26 @@ def main() -> int:
     parser.add_argument("--acquisitions", default="axial_1mm,axial_5mm,degraded")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--figure", type=Path, default=None, help="a PNG of the largest false pieces")
+    parser.add_argument(
+        "--views", action="append", type=int, choices=[1, 3],
+        help="3: [inference] three_views names every task (default 1: none); given twice, the node is "
+        "served once with each",
+    )  # fmt: skip
     args = parser.parse_args()
-    slices: list[dict[str, Any]] | None = [] if args.figure else None
-    rows = run(args.data, args.model, args.precision, args.acquisitions.split(","), slices)
-    markdown = table(rows)
-    print(markdown)
-    if args.figure and slices:
-        draw(sorted(slices, key=lambda item: -item["false_ml"])[:4], args.figure)
-        print(f"figure {args.figure}")
-    print(f"results in {save_result('tumour_free', {'rows': rows, 'markdown': markdown}, args.out)}")
+    results = {}
+    for views in args.views or [1]:
+        slices: list[dict[str, Any]] | None = [] if args.figure else None
+        rows = run(args.data, args.model, args.precision, args.acquisitions.split(","), slices, views)
+        markdown = table(rows)
+        print(f"\nviews {views}\n\n{markdown}\n\n{summary(rows)}")
+        if args.figure and slices:
+            several = len(args.views or [1]) > 1
+            figure = args.figure.with_stem(f"{args.figure.stem}-views{views}") if several else args.figure
+            draw(sorted(slices, key=lambda item: -item["false_ml"])[:4], figure)
+            print(f"figure {figure}")
+        results[f"views_{views}"] = {"rows": rows, "markdown": markdown, "summary": summary(rows)}
+    single = results[next(iter(results))] if len(results) == 1 else results
+    print(f"results in {save_result('tumour_free', single, args.out)}")
     return 0
 
 

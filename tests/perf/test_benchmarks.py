@@ -374,3 +374,18 @@ def test_tumour_free_figure_takes_the_slice_through_the_largest_false_piece(tmp_
     out = tmp_path / "figure.png"
     tumour_free.draw([{**piece, "study": "c1 axial_1mm", "false_ml": 0.056}], out)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_tumour_free_summary_counts_seg_studies_and_sums_false_tumour() -> None:
+    """benchmarks/tumour_free.py: the line that compares ``--views 1`` with ``--views 3`` (SEGs sent,
+    false tumour summed; a study without a SEG adds nothing, one with no figure counts as 0)."""
+    tumour_free = bench("tumour_free")
+    rows = [
+        {"seg": True, "false_ml": 0.25},
+        {"seg": True, "false_ml": 1.5},
+        {"seg": False, "false_ml": 0.0},
+        {"seg": False, "false_ml": None},
+    ]
+    assert tumour_free.summary(rows) == (
+        "2 of 4 studies sent a SEG; false tumour summed over them all: 1.75 mL"
+    )
