@@ -32,7 +32,10 @@ RUN_OPTIONS = (
     "seed",
     "val_fraction",
     "optional_modalities",
+    "slice_axes",
 )
+#: What a run saved before an option existed used (its value is then taken as this on --resume).
+RUN_OPTION_DEFAULTS: dict[str, Any] = {"slice_axes": [2]}
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:

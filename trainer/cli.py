@@ -30,6 +30,14 @@ console = Console()
 EVALUATE_NEEDS: dict[str, tuple[str, ...]] = {"checkpoint": ("torch",), "onnx": ("onnxruntime",)}
 
 
+def _parse_axes(text: str) -> list[int]:
+    """``--slice-axes`` "0,1,2" -> [0, 1, 2]."""
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"--slice-axes {text!r} must be axes like 2 or 0,1,2") from None
+
+
 def _parse_crop(text: str) -> list[int]:
     from trainer.exceptions import TrainerError
 
@@ -93,6 +101,12 @@ def train(
         "--channel-dropout",
         help="Per training slice, the chance of zeroing a random subset of the optional modalities.",
     ),
+    slice_axes: str = typer.Option(
+        "2",
+        "--slice-axes",
+        help="Axes of the model's grid training slices are cut along: 2 (axial) or 0,1,2 (sagittal and "
+        "coronal too, for a node with [inference] three_views; needs an isotropic grid).",
+    ),
     patience: int = typer.Option(
         10, "--patience", help="Early stopping after this many epochs without gain."
     ),
@@ -144,6 +158,7 @@ def train(
         scanner_augment=scanner_augment,
         optional_modalities=[m.strip().upper() for m in optional_modalities.split(",") if m.strip()],
         channel_dropout=channel_dropout,
+        slice_axes=_parse_axes(slice_axes),
         patience=patience,
         amp=amp,
         max_minutes=max_minutes or None,

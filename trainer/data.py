@@ -346,18 +346,38 @@ def load_prepared(
     task: str,
     on_case: Callable[[str], None] | None = None,
     optional: Sequence[str] = (),
+    slice_axes: Sequence[int] | None = None,
 ) -> list[PreparedCase]:
     """Load and preprocess every case of ``refs`` (``CaseRef`` objects from converters.nifti).
 
-    ``optional`` modalities a case lacks become zero channels (:func:`prepare_case`).
+    ``optional`` modalities a case lacks become zero channels (:func:`prepare_case`). ``slice_axes``:
+    each case cut into slices along each of these axes of the model's grid (:func:`prepare_views`);
+    None: along the card's ``slice_axis`` only.
     """
     out = []
     for ref in refs:
         case = ref.load()
-        out.append(prepare_case(case, preprocessing, modalities, task, optional))
+        out += prepare_views(case, preprocessing, modalities, task, optional, slice_axes)
         if on_case is not None:
             on_case(ref.case_id)
     return out
+
+
+def prepare_views(
+    case: Case,
+    preprocessing: Mapping[str, Any],
+    modalities: Sequence[str],
+    task: str,
+    optional: Sequence[str] = (),
+    slice_axes: Sequence[int] | None = None,
+) -> list[PreparedCase]:
+    """:func:`prepare_case` once per axis of ``slice_axes`` (None: the card's ``slice_axis``): a model
+    that will also see sagittal and coronal slices at the node (``[inference] three_views``) learns
+    from them too."""
+    axes = [int(preprocessing.get("slice_axis", 2))] if slice_axes is None else list(slice_axes)
+    return [
+        prepare_case(case, {**preprocessing, "slice_axis": axis}, modalities, task, optional) for axis in axes
+    ]
 
 
 def median_spacing(refs: Sequence[Any]) -> list[float]:

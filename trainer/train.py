@@ -29,9 +29,10 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from converters.case import Case
 from converters.prediction import outputs_to_labels, predict_slices
+from converters.views import predict_views
 from db.card import TASK_LABELS
 from db.models import SEGMENTATION_TASKS as TASKS
-from trainer.checkpoint import RUN_OPTIONS, load_checkpoint, save_checkpoint
+from trainer.checkpoint import RUN_OPTION_DEFAULTS, RUN_OPTIONS, load_checkpoint, save_checkpoint
 from trainer.data import (
     PreparedCase,
     SliceArrays,
@@ -40,6 +41,7 @@ from trainer.data import (
     load_prepared,
     median_spacing,
     prepare_case,
+    prepare_views,
     split_by_completeness,
 )
 from trainer.devices import DistInfo, dist_from_env, init_distributed, resolve_device
@@ -108,6 +110,10 @@ class TrainConfig:
     #: Per training slice, the probability of zeroing a random non-empty subset of the optional
     #: modalities' channels (never the required ones), so that the model tolerates their absence.
     channel_dropout: float = 0.0
+    #: Axes of the model's grid that training slices are cut along: [2] (axial, the card's slice axis)
+    #: or [0, 1, 2] (sagittal and coronal too, for a node running the model with three views;
+    #: validation then scores the three views averaged, as the node computes them).
+    slice_axes: list[int] = field(default_factory=lambda: [2])
 
     def check(self) -> None:
         """Raise TrainerError on an impossible option."""
@@ -145,6 +151,8 @@ class TrainConfig:
             raise TrainerError(f"--channel-dropout {self.channel_dropout} must be a probability in [0, 1]")
         if self.channel_dropout > 0 and not self.optional_modalities:
             raise TrainerError("--channel-dropout needs --optional-modalities (the channels it may zero)")
+        if sorted(self.slice_axes) not in ([2], [0, 1, 2]):
+            raise TrainerError(f"--slice-axes {self.slice_axes} must be 2 or 0,1,2")
 
 
     def unet_config(self) -> UNetConfig:
@@ -317,10 +325,11 @@ class Trainer:
             ) from None
         saved = state["train_config"]
         for key in RUN_OPTIONS:
-            if saved.get(key) != asdict(self.config).get(key):
+            used = saved.get(key, RUN_OPTION_DEFAULTS.get(key))
+            if used != asdict(self.config).get(key):
                 raise TrainerError(
                     f"--resume: option {key} is {asdict(self.config).get(key)!r} but the run in {self.out} "
-                    f"used {saved.get(key)!r}"
+                    f"used {used!r}"
                 )
         return state
 
@@ -366,6 +375,11 @@ class Trainer:
                 f"{len(refs)} case(s) under {self.config.data}: best.pt and early stopping need "
                 "validation Dice (use --val-fraction > 0 and data of at least 2 patients)"
             )
+        if len(self.config.slice_axes) > 1 and max(spacing) - min(spacing) > 1e-6:
+            raise TrainerError(
+                f"--slice-axes {self.config.slice_axes} needs an isotropic grid, not spacing "
+                f"{list(spacing)} mm"
+            )
         self.card = card_base(self.config, spacing)
         by_id = {r.case_id: r for r in refs}
         missing = [c for c in split["train"] + split["val"] if c not in by_id]
@@ -381,7 +395,7 @@ class Trainer:
         optional = self.config.optional_modalities
         with self._bar("preprocessing", len(split["train"]) + len(split["val"])) as advance:
             train_cases = load_prepared(
-                [by_id[c] for c in split["train"]], pre, mods, task, advance, optional
+                [by_id[c] for c in split["train"]], pre, mods, task, advance, optional, self.config.slice_axes
             )
             val_ids = split["val"][self.dist.rank :: self.dist.world_size]
             self.val_cases = load_prepared([by_id[c] for c in val_ids], pre, mods, task, advance)
@@ -501,7 +515,9 @@ class Trainer:
             for i, case in enumerate(self.raw_train):
                 rng = np.random.default_rng([self.config.seed, epoch, i])
                 degraded = degrade_case(case, rng, aug)
-                cases.append(prepare_case(degraded, pre, mods, task, self.config.optional_modalities))
+                cases += prepare_views(
+                    degraded, pre, mods, task, self.config.optional_modalities, self.config.slice_axes
+                )
                 advance()
         self.arrays = SliceArrays.from_cases(cases)
         self.tumour = self.arrays.tumour
@@ -556,10 +572,16 @@ class Trainer:
         self.model.eval()
         predict = torch_predictor(self.model, self.device)
         scores = []
+        batch = max(self.config.batch_size, 16)
+        axes = [2, *(a for a in self.config.slice_axes if a != 2)]
+        tile = (int(self.config.crop_size[0]), int(self.config.crop_size[1]))
         for case in self.val_cases:
-            outputs = predict_slices(
-                predict, case.prepared.slices, batch_size=max(self.config.batch_size, 16)
-            )
+            if len(axes) > 1:  # the three views averaged, as the node computes them
+                outputs = predict_views(
+                    lambda _axis: predict, case.prepared, self.card["output"], tile, axes, batch
+                )
+            else:
+                outputs = predict_slices(predict, case.prepared.slices, batch_size=batch)
             scores.append(case_dice(outputs_to_labels(outputs, self.card["output"]), case, self.config.task))
         total, count = float(np.sum(scores)), float(len(scores))
         if self.dist.distributed:

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -432,3 +433,42 @@ def test_brats_regions_trains_and_evaluates_per_region(task01: Path, tmp_path: P
     assert set(result["regions"]) == {"WT", "TC", "ET"}
     assert result["mean"]["dice"] == pytest.approx(result["regions"]["WT"]["mean"]["dice"])
     assert len(result["regions"]["ET"]["cases"]) == 2
+
+
+def test_slices_along_three_axes_are_checked_trained_and_kept_on_resume(task01: Path, tmp_path: Path) -> None:
+    """``--slice-axes 0,1,2``: every training case cut along the grid's three axes, only on an isotropic
+    grid; a run trains and validates with them; a resumed run must keep the axes, and a run saved before
+    the option existed counts as axial only."""
+    from converters.nifti import list_cases
+    from trainer.checkpoint import load_checkpoint, save_checkpoint
+    from trainer.data import prepare_views
+    from trainer.train import TrainConfig, card_base, train
+
+    case = list_cases(task01, require_labels=True)[0].load()
+    iso = [4.0, 4.0, 4.0]  # the synthetic cases' grid is 4 x 4 x 6.25 mm
+    pre = card_base(_config(task01, tmp_path / "x"), iso)["preprocessing"]  # type: ignore[arg-type]
+    views = prepare_views(case, pre, ["FLAIR"], "whole_tumor", slice_axes=[0, 1, 2])
+    assert [v.prepared.slice_axis for v in views] == [0, 1, 2]
+    assert [len(v.prepared.slices) for v in views] != [len(views[2].prepared.slices)] * 3
+    assert [v.prepared.slices.shape[2:] for v in views] == [(48, 48)] * 3
+    with pytest.raises(TrainerError, match=r"--slice-axes \[0, 2\] must be 2 or 0,1,2"):
+        TrainConfig(data=str(tmp_path), out=str(tmp_path / "r"), slice_axes=[0, 2]).check()
+
+    with pytest.raises(TrainerError, match=r"needs an isotropic grid, not spacing \[4.0, 4.0, 6.25\] mm"):
+        train(_config(task01, tmp_path / "aniso", epochs=1, slice_axes=[0, 1, 2]), progress=False)  # type: ignore[arg-type]
+
+    run = tmp_path / "run"
+
+    def config(**kw: object) -> Any:
+        return _config(task01, run, spacing_mm=iso, **kw)
+
+    summary = train(config(epochs=1, slice_axes=[0, 1, 2]), progress=False)
+    assert 0.0 <= summary["best_dice"] <= 1.0
+    with pytest.raises(TrainerError, match=r"option slice_axes is \[2\] but the run .* used \[0, 1, 2\]"):
+        train(config(epochs=2), resume=True, progress=False)
+    # A checkpoint written before --slice-axes existed resumes as an axial run.
+    saved = load_checkpoint(run / "last.pt")
+    del saved["train_config"]["slice_axes"]
+    save_checkpoint({k: v for k, v in saved.items() if k != "format"}, run / "last.pt")
+    with pytest.raises(TrainerError, match=r"option slice_axes is \[0, 1, 2\] but the run .* used \[2\]"):
+        train(config(epochs=2, slice_axes=[0, 1, 2]), resume=True, progress=False)
