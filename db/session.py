@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -241,9 +241,9 @@ def existing_tables(url: str) -> set[str] | None:
     parsed = _parse(url)
     if parsed.get_backend_name() == "sqlite":
         database = parsed.database or ""
-        if database in ("", ":memory:"):
+        if database in ("", ":memory:") or _sqlite_uri_in_memory(database, parsed.query):
             return set()
-        if not database.startswith("file:") and not Path(database).expanduser().is_file():
+        if not _sqlite_file(database).expanduser().is_file():
             return None
     engine = make_engine(url)
     try:
@@ -253,6 +253,28 @@ def existing_tables(url: str) -> set[str] | None:
         raise DatabaseUnavailableError(f"cannot read database {_safe(url)}: {_first_line(exc)}") from None
     finally:
         engine.dispose()
+
+
+def _sqlite_uri_in_memory(database: str, query: Mapping[str, Any]) -> bool:
+    """Whether a SQLite ``file:`` URI names an in-memory database (``file::memory:``, ``mode=memory``)."""
+    return database.startswith("file:") and (
+        database.startswith("file::memory:") or "mode=memory" in database or query.get("mode") == "memory"
+    )
+
+
+def _sqlite_file(database: str) -> Path:
+    """The file a SQLite URL's database part names: a path, or a ``file:`` URI (``file:x.db``,
+    ``file:/abs/x.db``, ``file:///abs/x.db``, ``file://localhost/abs/x.db``; its own query dropped and
+    %-escapes decoded, as SQLite reads it)."""
+    if not database.startswith("file:"):
+        return Path(database)
+    from urllib.parse import unquote
+
+    path = database[len("file:") :].split("?", 1)[0].split("#", 1)[0]
+    if path.startswith("//"):  # an authority: empty or localhost, then the absolute path
+        authority, _, rest = path[2:].partition("/")
+        path = "/" + rest if authority in ("", "localhost") else path
+    return Path(unquote(path))
 
 
 def display_url(url: str) -> str:

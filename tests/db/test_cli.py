@@ -391,3 +391,21 @@ def test_show_says_how_an_int8_model_was_quantized_and_warns_where_it_may_satura
         human = ok("models", "show", str(int8[version]))
         assert ("INT8 overflow fix: enable" in human) is (version == "1.0.1")
         assert ("this CPU has no VNNI or AMX" in human) is warned, (flags, version)
+
+
+@pytest.mark.parametrize(
+    "form", ["file:{path}?uri=true", "file://{path}?uri=true", "file://localhost{path}?uri=true"]
+)
+def test_looking_at_a_missing_database_named_by_a_sqlite_uri_creates_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, form: str
+) -> None:
+    """The same look with the database named by a SQLite ``file:`` URI: it used to connect, and SQLite
+    created the file."""
+    missing = tmp_path / "var" / "segnode.db"
+    missing.parent.mkdir()
+    monkeypatch.setenv("SEGNODE_DATABASE_URL", "sqlite:///" + form.format(path=missing))
+    out = ok("db", "current")
+    assert "does not exist)" in out and "run `segnode db upgrade` to create it" in out
+    assert not missing.exists()
+    monkeypatch.setenv("SEGNODE_DATABASE_URL", "sqlite:///file::memory:?uri=true")
+    assert "current: empty" in ok("db", "current")
