@@ -20,7 +20,7 @@ import numpy as np
 import numpy.typing as npt
 
 from converters.exceptions import ModelCardError, PredictionError
-from converters.preprocess import Prepared, prepare_volume
+from converters.preprocess import Prepared, PreprocessSpec, prepare_volume
 
 logger = logging.getLogger(__name__)
 
@@ -251,8 +251,8 @@ def predict_slices(
 def segment_prepared(
     predict: SlicePredictor, prepared: Prepared, card: Mapping[str, Any], batch_size: int = 16
 ) -> npt.NDArray[np.uint8]:
-    """Label planes (N, H, W) for already prepared slices."""
-    outputs = predict_slices(predict, prepared.slices, batch_size, card_tile(card))
+    """Label planes (N, H, W) for already prepared slices (along the card's views)."""
+    outputs = predict_card_views(predict, prepared, card, batch_size)
     return outputs_to_labels(outputs, card["output"])
 
 
@@ -263,9 +263,24 @@ def segment_to_grid(
     batch_size: int = 16,
     method: str = DEFAULT_RESTORE,
 ) -> npt.NDArray[np.uint8]:
-    """Labels on the input grid for prepared slices (see :func:`restore_outputs`)."""
-    outputs = predict_slices(predict, prepared.slices, batch_size, card_tile(card))
+    """Labels on the input grid for prepared slices (see :func:`restore_outputs`); a card with
+    ``preprocessing.views`` 3 runs ``predict`` along the grid's three axes
+    (:func:`converters.views.predict_views`)."""
+    outputs = predict_card_views(predict, prepared, card, batch_size)
     return restore_outputs(prepared, outputs, card, method)
+
+
+def predict_card_views(
+    predict: SlicePredictor, prepared: Prepared, card: Mapping[str, Any], batch_size: int = 16
+) -> npt.NDArray[np.float32]:
+    """Raw outputs for ``prepared``'s slices, along the axes the card's ``preprocessing.views`` asks."""
+    from converters.views import predict_views, view_axes  # converters.views imports this module
+
+    spec = PreprocessSpec.from_card(card["preprocessing"])
+    axes = view_axes(spec, spec.views)
+    if len(axes) == 1:
+        return predict_slices(predict, prepared.slices, batch_size, card_tile(card))
+    return predict_views(lambda _axis: predict, prepared, card["output"], card_tile(card), axes, batch_size)
 
 
 def card_tile(card: Mapping[str, Any]) -> tuple[int, int]:

@@ -11,6 +11,9 @@ The model card's ``preprocessing`` block (docs/model-card.md) says what the netw
 * ``normalization`` — ``"zscore_nonzero"``: each channel z-scored over its non-zero voxels,
   background left at zero; with a brain mask, over the voxels inside the mask, zero outside it.
 * ``slice_axis`` — 2D slices are taken along this axis of the model's grid (2: axial).
+* ``views`` — optional, 1 (default) or 3: the 2D network is run along ``slice_axis`` only, or along the
+  grid's three axes with the probabilities averaged (:mod:`converters.views`; a model trained on slices
+  along the three axes, an isotropic grid).
 
 Images may come on any grid: axial, sagittal, coronal or oblique, any voxel size. The window is
 laid out on a RAS grid with the card's spacing, in world coordinates, and every image is resampled
@@ -69,12 +72,15 @@ class PreprocessSpec:
         One of :data:`SUPPORTED_NORMALIZATIONS`.
     slice_axis:
         Axis along which 2D slices are taken.
+    views:
+        1: the network runs on those slices; 3: along the grid's three axes, averaged.
     """
 
     spacing_mm: tuple[float, float, float]
     crop_size: tuple[int, int]
     normalization: str = "zscore_nonzero"
     slice_axis: int = 2
+    views: int = 1
 
     @classmethod
     def from_card(cls, block: Mapping[str, Any]) -> PreprocessSpec:
@@ -111,7 +117,14 @@ class PreprocessSpec:
         axis = block.get("slice_axis", 2)
         if axis not in (0, 1, 2):
             raise PreprocessError(f"preprocessing.slice_axis {axis!r} must be 0, 1 or 2")
-        return cls((spacing[0], spacing[1], spacing[2]), (crop[0], crop[1]), norm, int(axis))
+        views = block.get("views", 1)
+        if isinstance(views, bool) or views not in (1, 3):
+            raise PreprocessError(f"preprocessing.views {views!r} must be 1 or 3")
+        if views == 3 and max(spacing) - min(spacing) > 1e-6:
+            raise PreprocessError(
+                f"preprocessing.views 3 needs an isotropic spacing_mm, not {list(spacing)!r}"
+            )
+        return cls((spacing[0], spacing[1], spacing[2]), (crop[0], crop[1]), norm, int(axis), int(views))
 
 
 @dataclass

@@ -173,8 +173,9 @@ class OpenVINOSegmenter:
         anterior-posterior and both, 4 passes); see :func:`mirrored_predictor`.
     views:
         1: slices along the card's ``slice_axis`` only; 3: along the model grid's three axes, the
-        probabilities averaged (``[inference] views``, :func:`converters.views.predict_views`;
-        about three times the network's work). A card whose grid is not isotropic keeps one view.
+        probabilities averaged (``[inference] three_views``, :func:`converters.views.predict_views`;
+        about three times the network's work). A card whose grid is not isotropic keeps one view; a
+        card whose ``preprocessing.views`` is 3 gets three whatever this says.
 
     Raises
     ------
@@ -217,7 +218,8 @@ class OpenVINOSegmenter:
         self.mirror = mirror
         if views not in (1, 3):
             raise ValueError(f"views {views!r} must be 1 or 3")
-        self._view_axes = view_axes(spec, views)
+        # The card's own views (a model trained on three axes) or more when the node asks for them.
+        self._view_axes = view_axes(spec, max(views, spec.views))
         if len(self._view_axes) < views:
             logger.warning(
                 "%s: its grid (spacing_mm %s) is not isotropic: slices along its slice axis only",

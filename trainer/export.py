@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from converters.prediction import SlicePredictor, outputs_to_labels, predict_slices
+from converters.prediction import SlicePredictor, predict_slices, segment_prepared
 from db.card import file_entry, write_card
 from trainer.checkpoint import RUN_OPTIONS, load_checkpoint, model_from_checkpoint
 from trainer.data import PreparedCase, load_prepared
@@ -142,7 +142,7 @@ def mean_val_dice(predict: SlicePredictor, cases: Sequence[PreparedCase], card: 
     """Mean 3D Dice over prepared validation cases (the accuracy-control metric)."""
     scores = []
     for case in cases:
-        labels = outputs_to_labels(predict_slices(predict, case.prepared.slices), card["output"])
+        labels = segment_prepared(predict, case.prepared, card)  # along the card's views
         scores.append(case_dice(labels, case, card["task"]))
     return float(np.mean(scores)) if scores else float("nan")
 
@@ -494,6 +494,9 @@ def export_run(options: ExportOptions, on_step: Callable[[str], None] | None = N
     state = load_checkpoint(run_dir / options.checkpoint)
     check_checkpoint(state, run_dir, options.checkpoint)
     card_base: dict[str, Any] = dict(state["card"])
+    if len(state["train_config"].get("slice_axes") or [2]) == 3 and "views" not in card_base["preprocessing"]:
+        # Trained on three axes before the trainer wrote it into the card: the model is run along them.
+        card_base["preprocessing"] = {**card_base["preprocessing"], "views": 3}
     out = options.out_dir or run_dir / "export"
     if (out / "model.json").exists():
         # Its files may be registered (even serving): overwriting them would make the model table's

@@ -28,8 +28,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from converters.case import Case
-from converters.prediction import outputs_to_labels, predict_slices
-from converters.views import predict_views
+from converters.prediction import outputs_to_labels, predict_card_views
 from db.card import TASK_LABELS
 from db.models import SEGMENTATION_TASKS as TASKS
 from trainer.checkpoint import RUN_OPTION_DEFAULTS, RUN_OPTIONS, load_checkpoint, save_checkpoint
@@ -181,6 +180,8 @@ def card_base(config: TrainConfig, spacing: Sequence[float]) -> dict[str, Any]:
             "crop_size": [int(c) for c in config.crop_size],
             "normalization": "zscore_nonzero",
             "slice_axis": 2,
+            # A model trained on slices along the grid's three axes is run along them (converters/views.py).
+            **({"views": 3} if len(config.slice_axes) == 3 else {}),
         },
         "output": {"activation": "sigmoid", "threshold": 0.5}
         if config.task == "whole_tumor"
@@ -572,16 +573,9 @@ class Trainer:
         self.model.eval()
         predict = torch_predictor(self.model, self.device)
         scores = []
-        batch = max(self.config.batch_size, 16)
-        axes = [2, *(a for a in self.config.slice_axes if a != 2)]
-        tile = (int(self.config.crop_size[0]), int(self.config.crop_size[1]))
         for case in self.val_cases:
-            if len(axes) > 1:  # the three views averaged, as the node computes them
-                outputs = predict_views(
-                    lambda _axis: predict, case.prepared, self.card["output"], tile, axes, batch
-                )
-            else:
-                outputs = predict_slices(predict, case.prepared.slices, batch_size=batch)
+            # Along the card's views: three, averaged as the node computes them, after --slice-axes 0,1,2.
+            outputs = predict_card_views(predict, case.prepared, self.card, max(self.config.batch_size, 16))
             scores.append(case_dice(outputs_to_labels(outputs, self.card["output"]), case, self.config.task))
         total, count = float(np.sum(scores)), float(len(scores))
         if self.dist.distributed:

@@ -12,7 +12,7 @@ import pytest
 
 from converters.exceptions import PredictionError
 from converters.prediction import SlicePredictor, predict_slices
-from converters.preprocess import Prepared, PreprocessSpec, prepare_volume
+from converters.preprocess import Prepared, PreprocessError, PreprocessSpec, prepare_volume
 from converters.views import MIN_VIEW_EXTENT_FRACTION, predict_views, view_axes, window_channels
 
 SIGMOID = {"activation": "sigmoid", "threshold": 0.5}
@@ -158,3 +158,35 @@ def test_bad_axes_are_refused() -> None:
         predict_views(lambda a: _pointwise, prepared, SIGMOID, CROP, (0, 1))
     with pytest.raises(PredictionError, match="distinct"):
         predict_views(lambda a: _pointwise, prepared, SIGMOID, CROP, (2, 2))
+
+
+def test_a_card_may_ask_for_three_views_on_an_isotropic_grid_only() -> None:
+    assert PreprocessSpec.from_card(_card()).views == 1
+    assert PreprocessSpec.from_card({**_card(), "views": 3}).views == 3
+    with pytest.raises(PreprocessError, match=r"preprocessing\.views 2 must be 1 or 3"):
+        PreprocessSpec.from_card({**_card(), "views": 2})
+    with pytest.raises(PreprocessError, match=r"views 3 needs an isotropic spacing_mm, not \[1.0, 1.0, 3"):
+        PreprocessSpec.from_card({**_card((1.0, 1.0, 3.0)), "views": 3})
+
+
+def test_segment_volume_runs_a_three_view_card_along_its_three_axes() -> None:
+    """What the trainer's evaluation and export use (converters.prediction.segment_volume): a card whose
+    ``preprocessing.views`` is 3 gets its network run along the three axes, planes of each."""
+    from converters.prediction import segment_volume
+
+    rng = np.random.default_rng(4)
+    image = np.zeros((40, 36, 30), dtype=np.float32)
+    image[8:32, 6:30, 4:26] = rng.uniform(0.0, 3.0, (24, 24, 22))
+    sizes: list[tuple[int, ...]] = []
+
+    def recording(batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        sizes.append(tuple(batch.shape[2:]))
+        return _pointwise(batch)
+
+    card = {"modalities": ["FLAIR"], "preprocessing": {**_card(), "orientation": "RAS"}, "output": SIGMOID}
+    one = segment_volume(recording, card, {"FLAIR": image}, np.eye(4))
+    calls_one = len(sizes)
+    three_card = {**card, "preprocessing": {**card["preprocessing"], "views": 3}}
+    three = segment_volume(recording, three_card, {"FLAIR": image}, np.eye(4))
+    assert len(sizes) - calls_one > calls_one  # the sagittal and coronal planes too
+    np.testing.assert_array_equal(three, one)  # a pointwise network: every view agrees

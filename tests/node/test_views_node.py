@@ -32,6 +32,17 @@ def test_a_card_whose_grid_is_not_isotropic_keeps_one_view(
         OpenVINOSegmenter(load_card(model_dir), model_dir / "model_fp32.xml", views=2)
 
 
+
+def test_a_card_trained_on_three_axes_gets_three_views_whatever_the_node_says(tmp_path: Path) -> None:
+    """``preprocessing.views`` 3 (segnode train --slice-axes 0,1,2): the node runs it so without
+    ``three_views``; a model rolled back to one without it gets one view again."""
+    model_dir = make_threshold_model(tmp_path / "m", crop=(32, 32))
+    card = load_card(model_dir)
+    three = {**card, "preprocessing": {**card["preprocessing"], "views": 3}}
+    assert OpenVINOSegmenter(three, model_dir / "model_fp32.xml", views=1).views == 3
+    assert OpenVINOSegmenter(card, model_dir / "model_fp32.xml", views=1).views == 1
+
+
 @pytest.fixture(scope="module")
 def validation_case() -> Case:
     """A validation case of models/default's split (never trained on), its whole volume."""

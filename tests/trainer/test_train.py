@@ -464,6 +464,8 @@ def test_slices_along_three_axes_are_checked_trained_and_kept_on_resume(task01: 
 
     summary = train(config(epochs=1, slice_axes=[0, 1, 2]), progress=False)
     assert 0.0 <= summary["best_dice"] <= 1.0
+    card = json.loads((run / "run.json").read_text())["card"]
+    assert card["preprocessing"]["views"] == 3  # the node and the evaluation run it along three axes
     with pytest.raises(TrainerError, match=r"option slice_axes is \[2\] but the run .* used \[0, 1, 2\]"):
         train(config(epochs=2), resume=True, progress=False)
     # A checkpoint written before --slice-axes existed resumes as an axial run.
