@@ -56,6 +56,7 @@ MIRROR_MODES: dict[str, tuple[int, ...]] = {"none": (), "lr": (0,), "lr+ap": (0,
 #: used dropped first: a padded size is a multiple of 16 pixels, so a few cover most heads.
 MAX_EXTRA_SHAPES = 4
 
+
 def mirror_axes(mode: str, slice_axis: int) -> tuple[int, ...]:
     """The axes of a (N, C, H, W) slice batch that ``mode`` mirrors, for slices cut along ``slice_axis``.
 
