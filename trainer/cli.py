@@ -105,7 +105,7 @@ def train(
         "2",
         "--slice-axes",
         help="Axes of the model's grid training slices are cut along: 2 (axial) or 0,1,2 (sagittal and "
-        "coronal too, for a node with [inference] three_views; needs an isotropic grid).",
+        "coronal too: the card then asks the node for three views; needs an isotropic grid).",
     ),
     patience: int = typer.Option(
         10, "--patience", help="Early stopping after this many epochs without gain."

@@ -372,8 +372,8 @@ def prepare_views(
     slice_axes: Sequence[int] | None = None,
 ) -> list[PreparedCase]:
     """:func:`prepare_case` once per axis of ``slice_axes`` (None: the card's ``slice_axis``): a model
-    that will also see sagittal and coronal slices at the node (``[inference] three_views``) learns
-    from them too."""
+    that will see sagittal and coronal slices at the node (card ``preprocessing.views`` 3) learns from
+    them too."""
     axes = [int(preprocessing.get("slice_axis", 2))] if slice_axes is None else list(slice_axes)
     return [
         prepare_case(case, {**preprocessing, "slice_axis": axis}, modalities, task, optional) for axis in axes
