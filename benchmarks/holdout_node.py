@@ -18,7 +18,7 @@ This is the final-evaluation script: it is the only place the holdout may be rea
 required, nothing is tuned on its output). ``--model`` may be given several times to compare models
 on the same acquisitions; the table gives each model's mean per acquisition and the difference.
 ``--mirror`` (``[inference] mirror``, node/segmenter.py) and ``--views`` (1 or 3: ``[inference]
-three_views`` empty or naming every task, converters/views.py) may be given several times too: each
+three_views`` empty or naming every task, converters/prediction.py) may be given several times too: each
 model is served once per combination.
 Each row also records the job's ``inference`` stage time (``infer_seconds``), the tumour's share of
 the node's brain mask (``share_of_brain_percent``) and the QC cautions sent (``cautions``).

@@ -12,8 +12,8 @@ The model card's ``preprocessing`` block (docs/model-card.md) says what the netw
   background left at zero; with a brain mask, over the voxels inside the mask, zero outside it.
 * ``slice_axis`` — 2D slices are taken along this axis of the model's grid (2: axial).
 * ``views`` — optional, 1 (default) or 3: the 2D network is run along ``slice_axis`` only, or along the
-  grid's three axes with the probabilities averaged (:mod:`converters.views`; a model trained on slices
-  along the three axes, an isotropic grid).
+  grid's three axes with the probabilities averaged (:func:`converters.prediction.predict_views`; a
+  model trained on slices along the three axes, an isotropic grid).
 
 Images may come on any grid: axial, sagittal, coronal or oblique, any voxel size. The window is
 laid out on a RAS grid with the card's spacing, in world coordinates, and every image is resampled

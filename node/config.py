@@ -318,7 +318,7 @@ class InferenceConfig:
 
     ``three_views``: the tasks whose models see the slices along the model grid's three axes
     (sagittal, coronal and axial), the probabilities averaged, rather than along their card's slice
-    axis alone (converters/views.py; about three times the network's work). Chosen per task because
+    axis alone (converters/prediction.py; about three times the network's work). Chosen per task because
     it helps one model and harms another: docs/holdout_eval/views-2026-12-06.md.
     """
 

@@ -28,12 +28,13 @@ from converters.prediction import (
     SlicePredictor,
     outputs_to_probabilities,
     predict_tiled,
+    predict_views,
     probabilities_to_outputs,
     restore_outputs,
     segment_to_grid,
+    view_axes,
 )
 from converters.preprocess import Prepared, PreprocessError, PreprocessSpec, prepare_volume
-from converters.views import predict_views, view_axes
 from db.card import check_runnable_card
 from node.exceptions import ModelLoadError
 from node.memory import release_compiled
@@ -174,7 +175,7 @@ class OpenVINOSegmenter:
         anterior-posterior and both, 4 passes); see :func:`mirrored_predictor`.
     views:
         1: slices along the card's ``slice_axis`` only; 3: along the model grid's three axes, the
-        probabilities averaged (``[inference] three_views``, :func:`converters.views.predict_views`;
+        probabilities averaged (``[inference] three_views``, :func:`converters.prediction.predict_views`;
         about three times the network's work). A card whose grid is not isotropic keeps one view; a
         card whose ``preprocessing.views`` is 3 gets three whatever this says.
 
@@ -440,7 +441,7 @@ class OpenVINOSegmenter:
         (:data:`converters.prediction.RESTORE_METHODS`). With :attr:`mirror` other than ``"none"`` the
         probabilities are averaged over the slices' mirror images first (:func:`mirrored_predictor`);
         with :attr:`views` 3, over the slices along the model grid's three axes too
-        (:func:`converters.views.predict_views`).
+        (:func:`converters.prediction.predict_views`).
         """
         output = self.card["output"]
         if len(self._view_axes) == 1:

@@ -180,7 +180,7 @@ def card_base(config: TrainConfig, spacing: Sequence[float]) -> dict[str, Any]:
             "crop_size": [int(c) for c in config.crop_size],
             "normalization": "zscore_nonzero",
             "slice_axis": 2,
-            # A model trained on slices along the grid's three axes is run along them (converters/views.py).
+            # A model trained on slices along the grid's three axes is run along them (predict_views).
             **({"views": 3} if len(config.slice_axes) == 3 else {}),
         },
         "output": {"activation": "sigmoid", "threshold": 0.5}

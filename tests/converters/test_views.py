@@ -1,5 +1,6 @@
-"""Multi-view prediction (converters/views.py): the window rebuilt from the prepared slices, each view's
-probabilities put back on the right voxels, the average, and when the other views are left out."""
+"""Multi-view prediction (converters/prediction.py ``predict_views``): the window rebuilt from the
+prepared slices, each view's probabilities put back on the right voxels, the average, and when the
+other views are left out."""
 
 from __future__ import annotations
 
@@ -11,9 +12,15 @@ import numpy.typing as npt
 import pytest
 
 from converters.exceptions import PredictionError
-from converters.prediction import SlicePredictor, predict_slices
+from converters.prediction import (
+    MIN_VIEW_EXTENT_FRACTION,
+    SlicePredictor,
+    predict_slices,
+    predict_views,
+    view_axes,
+    window_channels,
+)
 from converters.preprocess import Prepared, PreprocessError, PreprocessSpec, prepare_volume
-from converters.views import MIN_VIEW_EXTENT_FRACTION, predict_views, view_axes, window_channels
 
 SIGMOID = {"activation": "sigmoid", "threshold": 0.5}
 SOFTMAX = {"activation": "softmax"}

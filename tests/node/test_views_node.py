@@ -1,4 +1,4 @@
-"""``[inference] views`` (node/segmenter.py, converters/views.py): the shipped model on a real
+"""``[inference] views`` (node/segmenter.py, converters/prediction.py): the shipped model on a real
 validation case, a card that keeps one view, and a served node over a socket (node.toml to the
 segmenter: tests/node/test_mirror.py)."""
 
