@@ -28,7 +28,7 @@ import numpy as np
 import numpy.typing as npt
 
 from converters.exceptions import ModelCardError, PredictionError
-from converters.preprocess import Prepared, PreprocessSpec, prepare_volume
+from converters.preprocess import Prepared, PreprocessSpec, isotropic, prepare_volume
 
 logger = logging.getLogger(__name__)
 
@@ -167,20 +167,20 @@ def padded_size(size: tuple[int, int], tile: tuple[int, int]) -> tuple[int, int]
 def predict_padded(
     predict: SlicePredictor, slices: npt.NDArray[np.float32], tile: tuple[int, int]
 ) -> npt.NDArray[np.float32]:
-    """Outputs (N, K, H, W) for slices larger than the network's input ``tile`` (h, w): each slice is
-    zero-padded (what the window holds outside the brain) to :func:`padded_size`, centred, and
-    ``predict`` sees it whole in one call; the outputs are cut back to the slices' size.
+    """Outputs (N, K, H, W) for slices of another size than the network's input ``tile`` (h, w): each
+    slice is zero-padded (what the window holds outside the brain) to :func:`padded_size` of its sides,
+    each at least the tile's, centred, and ``predict`` sees it whole in one call; the outputs are cut
+    back to the slices' size.
 
     One call over about the window's area, where crop-sized tiles (:func:`predict_tiled`) cost two or
     four crops for a window a few pixels longer than the crop. ``predict`` must take the padded
     shape (a convolutional network does; the node compiles it for that shape). A side that pads by
-    an odd number of pixels gets the extra one at its end. A slice side shorter than the tile is a
-    caller's error.
+    an odd number of pixels gets the extra one at its end. A side shorter than the tile (a sagittal
+    or coronal slice of a window that spans fewer slices than the crop: :func:`predict_views`) is
+    padded to the tile's.
     """
     h, w = int(slices.shape[2]), int(slices.shape[3])
-    if h < tile[0] or w < tile[1]:
-        raise PredictionError(f"slices of {h}x{w} are smaller than the network's input {tile[0]}x{tile[1]}")
-    big_h, big_w = padded_size((h, w), tile)
+    big_h, big_w = padded_size((max(h, tile[0]), max(w, tile[1])), tile)
     top, left = (big_h - h) // 2, (big_w - w) // 2
     padded = np.zeros((*slices.shape[:2], big_h, big_w), dtype=np.float32)
     padded[:, :, top : top + h, left : left + w] = slices
@@ -284,8 +284,6 @@ def predict_card_views(
     """Raw outputs for ``prepared``'s slices, along the axes the card's ``preprocessing.views`` asks."""
     spec = PreprocessSpec.from_card(card["preprocessing"])
     axes = view_axes(spec, spec.views)
-    if len(axes) == 1:
-        return predict_slices(predict, prepared.slices, batch_size, card_tile(card))
     return predict_views(lambda _axis: predict, prepared, card["output"], card_tile(card), axes, batch_size)
 
 
@@ -350,14 +348,9 @@ def view_axes(spec: PreprocessSpec, views: int) -> tuple[int, ...]:
     """
     if views not in (1, 3):
         raise PredictionError(f"views {views!r} must be 1 or 3")
-    if views == 1 or not isotropic(spec):
+    if views == 1 or not isotropic(spec.spacing_mm):
         return (spec.slice_axis,)
     return (spec.slice_axis, *(a for a in (0, 1, 2) if a != spec.slice_axis))
-
-
-def isotropic(spec: PreprocessSpec) -> bool:
-    """Whether the model's grid has the same spacing along its three axes (within 1e-6 mm)."""
-    return max(spec.spacing_mm) - min(spec.spacing_mm) <= 1e-6
 
 
 def window_channels(prepared: Prepared) -> npt.NDArray[np.float32]:
@@ -368,22 +361,6 @@ def window_channels(prepared: Prepared) -> npt.NDArray[np.float32]:
     planes[prepared.slice_indices] = prepared.slices
     # (S, C, H, W) -> (C, S, H, W) -> the slice axis back in its place; H and W keep their order.
     return np.moveaxis(planes.transpose(1, 0, 2, 3), 1, 1 + prepared.slice_axis)
-
-
-def _fitted(
-    predict: SlicePredictor, planes: npt.NDArray[np.float32], tile: tuple[int, int], batch_size: int
-) -> npt.NDArray[np.float32]:
-    """Outputs (N, K, P, Q) for planes of any size: a side shorter than ``tile`` is zero-padded to it
-    (centred) first, a longer one is taken whole by :func:`predict_slices`."""
-    p, q = int(planes.shape[2]), int(planes.shape[3])
-    big_p, big_q = max(p, tile[0]), max(q, tile[1])
-    top, left = (big_p - p) // 2, (big_q - q) // 2
-    if (big_p, big_q) != (p, q):
-        padded = np.zeros((*planes.shape[:2], big_p, big_q), dtype=np.float32)
-        padded[:, :, top : top + p, left : left + q] = planes
-        planes = padded
-    out = predict_slices(predict, planes, batch_size, tile)
-    return np.ascontiguousarray(out[:, :, top : top + p, left : left + q])
 
 
 def _view_probabilities(
@@ -399,7 +376,7 @@ def _view_probabilities(
     planes = np.moveaxis(volume, 1 + axis, 0)  # (N, C, P, Q)
     keep = np.flatnonzero(np.abs(planes).reshape(len(planes), -1).max(axis=1) > 0)
     probs, background = outputs_to_probabilities(
-        _fitted(predict, np.ascontiguousarray(planes[keep]), tile, batch_size), output_spec
+        predict_slices(predict, np.ascontiguousarray(planes[keep]), batch_size, tile), output_spec
     )
     full = np.empty((len(planes), probs.shape[1], *planes.shape[2:]), dtype=np.float32)
     full[:] = np.asarray(background, dtype=np.float32)[None, :, None, None]

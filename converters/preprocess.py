@@ -120,11 +120,17 @@ class PreprocessSpec:
         views = block.get("views", 1)
         if isinstance(views, bool) or views not in (1, 3):
             raise PreprocessError(f"preprocessing.views {views!r} must be 1 or 3")
-        if views == 3 and max(spacing) - min(spacing) > 1e-6:
+        if views == 3 and not isotropic(spacing):
             raise PreprocessError(
                 f"preprocessing.views 3 needs an isotropic spacing_mm, not {list(spacing)!r}"
             )
         return cls((spacing[0], spacing[1], spacing[2]), (crop[0], crop[1]), norm, int(axis), int(views))
+
+
+def isotropic(spacing_mm: Sequence[float]) -> bool:
+    """Whether a grid has the same spacing along its three axes (within 1e-6 mm): only then is a slice
+    along any of them an image of the same scale (``preprocessing.views`` 3, ``--slice-axes 0,1,2``)."""
+    return max(spacing_mm) - min(spacing_mm) <= 1e-6
 
 
 @dataclass

@@ -1,11 +1,12 @@
 """The node's inference engine: an OpenVINO IR model compiled once, segmenting whole volumes.
 
 Pre- and post-processing are the shared ones (:func:`converters.preprocess.prepare_volume`,
-:func:`converters.prediction.segment_to_grid`), so the node segments exactly as the trainer
-evaluated. What is the node's own is how the network runs: a static batch, zero-padded partial
-batches and a warm-up inference at load (docs/benchmarks.md), a network compiled for each larger
-window a brain longer than the crop needs, and optional test-time mirroring (``[inference] mirror``,
-:func:`mirrored_predictor`).
+:func:`converters.prediction.predict_views`, :func:`converters.prediction.restore_outputs`), so the
+node segments exactly as the trainer evaluated. What is the node's own is how the network runs: a
+static batch, zero-padded partial batches and a warm-up inference at load (docs/benchmarks.md), a
+network compiled for each larger window a brain longer than the crop needs, and optional test-time
+mirroring (``[inference] mirror``, :func:`mirrored_predictor`) and views (``[inference]
+three_views``).
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ from converters.prediction import (
     predict_views,
     probabilities_to_outputs,
     restore_outputs,
-    segment_to_grid,
     view_axes,
 )
 from converters.preprocess import Prepared, PreprocessError, PreprocessSpec, prepare_volume
@@ -215,8 +215,7 @@ class OpenVINOSegmenter:
             spec = PreprocessSpec.from_card(card["preprocessing"])
         except PreprocessError as exc:
             raise ModelCardError(f"model card of {model_xml}: {exc}") from None
-        slice_axis = spec.slice_axis
-        self._mirror_axes = mirror_axes(mirror, slice_axis)
+        mirror_axes(mirror, spec.slice_axis)  # an unknown mode is refused here, at load
         self.mirror = mirror
         if views not in (1, 3):
             raise ValueError(f"views {views!r} must be 1 or 3")
@@ -444,9 +443,6 @@ class OpenVINOSegmenter:
         (:func:`converters.prediction.predict_views`).
         """
         output = self.card["output"]
-        if len(self._view_axes) == 1:
-            predict = mirrored_predictor(self.predict, self._mirror_axes, output)
-            return segment_to_grid(predict, prepared, self.card, self.batch_size, method)
 
         def along(axis: int) -> SlicePredictor:
             return mirrored_predictor(self.predict, mirror_axes(self.mirror, axis), output)

@@ -494,9 +494,6 @@ def export_run(options: ExportOptions, on_step: Callable[[str], None] | None = N
     state = load_checkpoint(run_dir / options.checkpoint)
     check_checkpoint(state, run_dir, options.checkpoint)
     card_base: dict[str, Any] = dict(state["card"])
-    if len(state["train_config"].get("slice_axes") or [2]) == 3 and "views" not in card_base["preprocessing"]:
-        # Trained on three axes before the trainer wrote it into the card: the model is run along them.
-        card_base["preprocessing"] = {**card_base["preprocessing"], "views": 3}
     out = options.out_dir or run_dir / "export"
     if (out / "model.json").exists():
         # Its files may be registered (even serving): overwriting them would make the model table's

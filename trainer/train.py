@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from converters.case import Case
 from converters.prediction import outputs_to_labels, predict_card_views
+from converters.preprocess import isotropic
 from db.card import TASK_LABELS
 from db.models import SEGMENTATION_TASKS as TASKS
 from trainer.checkpoint import RUN_OPTION_DEFAULTS, RUN_OPTIONS, load_checkpoint, save_checkpoint
@@ -376,7 +377,7 @@ class Trainer:
                 f"{len(refs)} case(s) under {self.config.data}: best.pt and early stopping need "
                 "validation Dice (use --val-fraction > 0 and data of at least 2 patients)"
             )
-        if len(self.config.slice_axes) > 1 and max(spacing) - min(spacing) > 1e-6:
+        if len(self.config.slice_axes) > 1 and not isotropic(spacing):
             raise TrainerError(
                 f"--slice-axes {self.config.slice_axes} needs an isotropic grid, not spacing "
                 f"{list(spacing)} mm"

@@ -65,7 +65,7 @@ def test_shipped_model_along_three_axes_on_a_validation_case(validation_case: Ca
     assert scores[3] > scores[1] > 0.9, scores
 
 
-def test_a_job_records_its_views_and_jobs_show_says_so() -> None:
+def test_jobs_show_words_the_views_and_mirror_a_job_ran_with() -> None:
     assert inference_text({"mirror": "none", "views": 3}) == "sagittal, coronal and axial slices averaged"
     assert inference_text({"mirror": "lr", "views": 1}) == (
         "slices along the model card's slice axis only, mirror images (lr) averaged"
