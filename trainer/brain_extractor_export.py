@@ -37,6 +37,7 @@ import numpy as np
 import numpy.typing as npt
 
 from converters.brain_mask import BrainExtractionSettings, BrainMasker, Network
+from converters.staged_network import compile_network, foreground_only
 from db.card import CARD_NAME, FORMAT_VERSION, file_entry, sha256_file
 from trainer.exceptions import TrainerError
 
@@ -172,7 +173,8 @@ def dice(a: npt.NDArray[np.bool_], b: npt.NDArray[np.bool_]) -> float:
 
 
 def ir_masker(card: Mapping[str, Any], directory: Path) -> BrainMasker:
-    """The card's IR networks compiled by OpenVINO (CPU, FP32, static shapes) in the shared algorithm."""
+    """The card's IR networks compiled by OpenVINO (CPU, FP32, static shapes) as the node runs them
+    (the brain network staged: converters/staged_network.py), in the shared algorithm."""
     import openvino as ov
 
     settings = BrainExtractionSettings.from_card(card)
@@ -183,12 +185,13 @@ def ir_masker(card: Mapping[str, Any], directory: Path) -> BrainMasker:
     def network(key: str) -> Network:
         model = core.read_model(str(directory / card["networks"]["fp32"][key]))
         model.reshape([1, 1, *grids[key]])
-        compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        cut = foreground_only(model, channel)
+        run, _ = compile_network(core, cut, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
 
-        def run(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-            return np.asarray(compiled(x[None, None])[0][0, channel], dtype=np.float32)
+        def foreground(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+            return run(np.ascontiguousarray(x[None, None], dtype=np.float32))[0, 0]
 
-        return run
+        return foreground
 
     return BrainMasker(settings, network("bbox"), network("brain"))
 

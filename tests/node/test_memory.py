@@ -23,8 +23,9 @@ import numpy as np
 import pytest
 
 from converters.exceptions import ModelCardError
+from converters.staged_network import InstanceNorm, foreground_only, plan_stages, two_class_logit
 from node.bootstrap import SHIPPED_BRAIN_EXTRACTOR_DIR
-from node.brain_extraction import BrainExtractor, foreground_only, two_class_logit
+from node.brain_extraction import BrainExtractor
 from node.memory import memory_status_mib, rss_mib, trim_heap
 from node.segmenter import OpenVINOSegmenter
 from tests.helpers.node import make_threshold_model
@@ -132,6 +133,25 @@ def test_foreground_only_is_the_cards_channel_of_the_network(network: str) -> No
         np.testing.assert_array_equal(out[:, 0] > 0.5, both[:, channel] > 0.5)
     with pytest.raises(ModelCardError, match=r"output\.channel 2 is not a channel"):
         foreground_only(model, 2)
+
+
+def test_the_shipped_brain_network_runs_in_stages_the_box_network_whole() -> None:
+    # On its 256³ grid the brain network's three instance norms over 64-128 MiB feature maps run in
+    # place and the layers around them a slab at a time (converters/staged_network.py): 272 -> ~156 MiB
+    # at the network's peak, and statistics in float64 (benchmarks/notes.md, 2026-12-06)
+    import openvino as ov
+
+    core = ov.Core()
+    plans = {}
+    for network, grid in (("brain_fp32.xml", 256), ("bbox_fp32.xml", 128)):
+        model = core.read_model(str(SHIPPED_BRAIN_EXTRACTOR_DIR / network))
+        model.reshape([1, 1, grid, grid, grid])
+        plans[network] = plan_stages(foreground_only(model, 1))
+    assert plans["bbox_fp32.xml"] is None  # its largest feature map is 16 MiB
+    stages = plans["brain_fp32.xml"]
+    assert stages is not None
+    assert sum(isinstance(s, InstanceNorm) for s in stages) == 3
+    assert sum(not isinstance(s, InstanceNorm) and s.rows is not None for s in stages) == 5
 
 
 def test_foreground_only_slices_an_output_it_cannot_fold() -> None:

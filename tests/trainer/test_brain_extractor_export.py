@@ -39,6 +39,9 @@ def test_export_checks_the_ir_against_the_original(tmp_path: Path) -> None:
     for row in metrics["per_case"]:
         assert row["dice"] >= 0.99, row
         assert row["mean_abs_prob_diff"] < 0.005, row
+        # the brain network's instance norms exact (converters/staged_network.py): run whole by
+        # OpenVINO, float32 statistics put single voxels up to 0.5 away on this case's FLAIR
+        assert row["network_max_abs_diff"] < 0.15, row
     assert metrics["mean"]["min_tumour_inside"] >= 0.995
     notice = (out / "NOTICE").read_text()
     assert "MIT License" in notice and "doi:10.1016/j.compbiomed.2024.108845" in notice

@@ -1,0 +1,192 @@
+"""converters.staged_network: a network with large instance norms run in stages gives the network's
+output (to float32 rounding of the norms' statistics), a slab at a time, and a network it cannot stage
+runs whole.
+
+The networks here are small U-Net-like chains built with OpenVINO's opset, shaped like deepbet's brain
+network (a 7³ stride-2 convolution, an instance norm, a 3³ stride-2 max pooling; at the end a 3³
+stride-2 transposed convolution, norms, a 3³ convolution, a 2³ stride-2 transposed convolution and a
+sigmoid); the real network and its original are compared in tests/node/test_brain_extraction.py.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+
+import converters.staged_network as staged
+from converters.staged_network import InstanceNorm, Piece, RowBand, compile_network, plan_stages
+
+F32 = {"INFERENCE_PRECISION_HINT": "f32"}
+#: Staged from here: the full-resolution tensors of the test networks, not those of their small grid.
+MIN_BYTES = 4 * 16**3 * 4
+
+
+def _weights(rng: np.random.Generator, *shape: int) -> Any:
+    import openvino.opset13 as ops
+
+    return ops.constant((rng.normal(size=shape) / np.sqrt(np.prod(shape[1:]))).astype(np.float32))
+
+
+def _norm(x: Any, relu: bool = True) -> Any:
+    import openvino.opset13 as ops
+
+    y = ops.mvn(x, ops.constant(np.array([2, 3, 4], dtype=np.int64)), True, 1e-5, "inside_sqrt")
+    return ops.relu(y) if relu else y
+
+
+def unet_like(size: int, seed: int = 0, residual_at_full: bool = False, softmax: bool = False) -> Any:
+    """A deepbet-shaped 3D network on a ``size``³ grid (one channel in, one sigmoid channel out; with
+    ``softmax``, two classes as deepbet's own networks end)."""
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    rng = np.random.default_rng(seed)
+    x = ops.parameter([1, 1, size, size, size], np.float32, "image")
+    c = ops.convolution(x, _weights(rng, 6, 1, 7, 7, 7), [2, 2, 2], [3, 3, 3], [3, 3, 3], [1, 1, 1])
+    n = _norm(c)
+    p = ops.max_pool(n, [2, 2, 2], [1, 1, 1], [1, 1, 1], [1, 1, 1], [3, 3, 3]).output(0)
+    d = ops.convolution(p, _weights(rng, 6, 6, 3, 3, 3), [1, 1, 1], [1, 1, 1], [1, 1, 1], [1, 1, 1])
+    d = ops.add(_norm(d, relu=False), p)  # a residual on the small grid, inside a piece run whole
+    t = ops.convolution_backprop_data(
+        d, _weights(rng, 6, 4, 3, 3, 3), [2, 2, 2], pads_begin=[1, 1, 1], pads_end=[1, 1, 1],
+        dilations=[1, 1, 1], output_padding=[1, 1, 1],
+    )
+    t = ops.add(t, ops.constant(rng.normal(size=(1, 4, 1, 1, 1)).astype(np.float32)))
+    n1 = _norm(t)
+    if residual_at_full:
+        n1 = ops.add(n1, t)  # a large tensor read twice: cannot be staged
+    c2 = ops.convolution(n1, _weights(rng, 4, 4, 3, 3, 3), [1, 1, 1], [1, 1, 1], [1, 1, 1], [1, 1, 1])
+    c2 = ops.add(c2, ops.constant(rng.normal(size=(1, 4, 1, 1, 1)).astype(np.float32)))
+    n2 = _norm(c2)
+    classes = 2 if softmax else 1
+    up = ops.convolution_backprop_data(
+        n2, _weights(rng, 4, classes, 2, 2, 2), [2, 2, 2], pads_begin=[0, 0, 0], pads_end=[0, 0, 0],
+        dilations=[1, 1, 1],
+    )
+    up = ops.add(up, ops.constant(np.full((1, classes, 1, 1, 1), 0.1, np.float32)))
+    out = ops.softmax(up, 1) if softmax else ops.sigmoid(up)
+    return ov.Model([out], [x], "unet_like")
+
+
+def run_whole(model: Any, x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    import openvino as ov
+
+    return np.asarray(ov.Core().compile_model(model, "CPU", F32)(x)[0])
+
+
+def test_plan_of_a_deepbet_shaped_network() -> None:
+    size = 32
+    big = 6 * 16**3 * 4  # the first convolution's output, the largest tensor but the input
+    stages = plan_stages(unet_like(size), min_bytes=MIN_BYTES)
+    assert stages is not None
+    kinds = ["norm" if isinstance(s, InstanceNorm) else ("slabs" if s.rows else "whole") for s in stages]
+    # first convolution | its norm | max pooling | the small grid | transposed convolution | norm |
+    # convolution | norm | transposed convolution (and sigmoid)
+    assert kinds == ["slabs", "norm", "slabs", "whole", "slabs", "norm", "slabs", "norm", "slabs"]
+    pieces = [s for s in stages if isinstance(s, Piece)]
+    assert [p.rows for p in pieces if p.rows] == [
+        RowBand(7, 2, 3, transposed=False),
+        RowBand(3, 2, 1, transposed=False),
+        RowBand(3, 2, 1, transposed=True),
+        RowBand(3, 1, 1, transposed=False),
+        RowBand(2, 2, 0, transposed=True),
+    ]
+    assert all(s.relu for s in stages if isinstance(s, InstanceNorm))
+    assert plan_stages(unet_like(size), min_bytes=big + 1) is None  # no instance norm that large
+
+
+@pytest.mark.parametrize("size", [32, 40])
+@pytest.mark.parametrize("slab_bytes", [1, 64 * 1024, 1 << 30])
+def test_staged_network_gives_the_networks_output(
+    size: int, slab_bytes: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # slab_bytes 1: one stride of rows per slab (the most slabs, every edge case at both ends); 1 GiB: one
+    # slab; 40: the last slab of each layer shorter than the others
+    import openvino as ov
+
+    monkeypatch.setattr(staged, "SLAB_BYTES", slab_bytes)
+    model = unet_like(size)
+    x = np.random.default_rng(1).normal(size=(1, 1, size, size, size)).astype(np.float32)
+    released: list[Any] = []
+    network, compiled = compile_network(ov.Core(), model, "CPU", F32, released.append, min_bytes=MIN_BYTES)
+    assert isinstance(network, staged.StagedNetwork)
+    out = network(x)
+    np.testing.assert_allclose(out, run_whole(model, x), atol=2e-5)
+    assert len(released) == len(compiled) == 6, "each compiled piece gives its buffers back after it ran"
+    np.testing.assert_array_equal(network(x), out)  # again, after the release
+
+
+def test_a_network_it_cannot_stage_runs_whole() -> None:
+    import openvino as ov
+
+    model = unet_like(32, residual_at_full=True)
+    assert plan_stages(model, min_bytes=MIN_BYTES) is None
+    x = np.random.default_rng(2).normal(size=(1, 1, 32, 32, 32)).astype(np.float32)
+    released: list[Any] = []
+    network, compiled = compile_network(ov.Core(), model, "CPU", F32, released.append, min_bytes=MIN_BYTES)
+    assert not isinstance(network, staged.StagedNetwork) and len(compiled) == 1
+    np.testing.assert_array_equal(network(x), run_whole(model, x))
+    assert released == compiled
+
+
+@pytest.mark.parametrize("inside_sqrt", [True, False])
+@pytest.mark.parametrize("relu", [True, False])
+def test_instance_norm_in_place_is_the_float64_formula(inside_sqrt: bool, relu: bool) -> None:
+    rng = np.random.default_rng(3)
+    x = (rng.normal(size=(2, 3, 9, 8, 7)) * [[[[[5.0]]], [[[0.01]]], [[[300.0]]]]] + 40.0).astype(np.float32)
+    reference = x.astype(np.float64)
+    mean = reference.mean(axis=(2, 3, 4), keepdims=True)
+    var = reference.var(axis=(2, 3, 4), keepdims=True)
+    eps = 1e-5
+    reference = (reference - mean) / (np.sqrt(var + eps) if inside_sqrt else np.sqrt(var) + eps)
+    if relu:
+        reference = np.maximum(reference, 0.0)
+    InstanceNorm(eps, inside_sqrt, relu).apply(x)
+    np.testing.assert_allclose(x, reference, atol=2e-5)
+
+
+@pytest.mark.parametrize("kernel,stride,pad", [(7, 2, 3), (3, 2, 1), (3, 1, 1), (2, 2, 0), (5, 3, 2)])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_row_band_reads_every_input_row_an_output_row_needs(
+    kernel: int, stride: int, pad: int, transposed: bool
+) -> None:
+    band = RowBand(kernel, stride, pad, transposed)
+    for first in range(0, 12, stride):
+        for count in (stride, 2 * stride, 3 * stride):
+            lo, hi = band.inputs_for(first, count)
+            needed = set()
+            for o in range(first, first + count):
+                if transposed:
+                    needed |= {i for i in range(-10, 40) if 0 <= o + pad - stride * i < kernel}
+                else:
+                    needed |= set(range(stride * o - pad, stride * o - pad + kernel))
+            assert needed == set(range(lo, hi)), (first, count)  # no row more, none less
+            # the layer run without padding along the rows on input rows from lo
+            if transposed:
+                local = {o - stride * lo + pad for o in range(first, first + count)}
+                length = stride * (hi - lo - 1) + kernel
+            else:
+                local = {o - first for o in range(first, first + count)}
+                length = (hi - lo - kernel) // stride + 1
+            assert min(local) == band.local_first(first, lo) >= 0 and max(local) < length
+
+
+
+def test_a_folded_softmax_ending_is_staged_like_the_network() -> None:
+    # two_class_logit replaces the last transposed convolution; the layer it replaced stays attached to
+    # the tensor it read (on no path to the output) and must not count as that tensor's second reader
+    import openvino as ov
+
+    from converters.staged_network import foreground_only
+
+    model = unet_like(32, softmax=True)
+    cut = foreground_only(model, 1)
+    stages = plan_stages(cut, min_bytes=MIN_BYTES)
+    assert stages is not None and isinstance(stages[-1], Piece) and stages[-1].rows is not None
+    x = np.random.default_rng(4).normal(size=(1, 1, 32, 32, 32)).astype(np.float32)
+    network, _ = compile_network(ov.Core(), cut, "CPU", F32, min_bytes=MIN_BYTES)
+    assert isinstance(network, staged.StagedNetwork)
+    np.testing.assert_allclose(network(x)[:, 0], run_whole(model, x)[:, 1], atol=2e-5)
