@@ -89,6 +89,11 @@ def onnx_predictor(path: Path) -> SlicePredictor:
     return predict
 
 
+#: Copies of a static-shape network reshaped to other window sizes that one predictor keeps compiled
+#: (the least recently used go): an evaluation over many cases meets many window sizes.
+MAX_RESHAPED = 4
+
+
 def openvino_predictor(
     card: Mapping[str, Any], model_xml: Path, device: str = "CPU", precision_hint: str | None = None
 ) -> SlicePredictor:
@@ -140,11 +145,15 @@ def openvino_predictor(
     def compiled_for(size: tuple[int, int]) -> ov.CompiledModel:
         if own is None or size == own:
             return base
-        if size not in compiled:
+        if size in compiled:
+            compiled[size] = compiled.pop(size)  # the most recently used last
+        else:
             reshaped = model.clone()
             first = model.input(0).get_partial_shape()[0]
             reshaped.reshape(ov.PartialShape([first, ov.Dimension(channels), *map(ov.Dimension, size)]))
             compiled[size] = core.compile_model(reshaped, device, config)
+            while len(compiled) > MAX_RESHAPED:  # each holds its own buffers: one per window size met
+                del compiled[next(iter(compiled))]
         return compiled[size]
 
     def predict(batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:

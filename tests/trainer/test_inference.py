@@ -156,3 +156,34 @@ def test_the_shipped_models_forms_take_slices_longer_than_their_crop() -> None:
         np.testing.assert_allclose(by_ir(sample), reference, rtol=0, atol=1e-4 * scale)
         np.testing.assert_allclose(node.predict(sample), reference, rtol=0, atol=1e-4 * scale)
     assert node.larger_sizes == [(192, 176)]
+
+
+def test_openvino_predictor_keeps_few_reshaped_copies(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a static-shape network (as exported) predicts windows of other sizes on reshaped copies; an
+    # evaluation meets a size per case, and each copy holds its own buffers
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    import trainer.predictors as predictors
+
+    image = ops.parameter(ov.PartialShape([-1, 1, 32, 32]), ov.Type.f32, name="image")
+    xml = tmp_path / "static.xml"
+    ov.save_model(ov.Model([ops.multiply(image, ops.constant(np.float32(2.0)))], [image]), xml)
+    compiles: list[object] = []
+    real = ov.Core.compile_model
+
+    def counting(self: ov.Core, *args: object, **kwargs: object) -> ov.CompiledModel:
+        compiles.append(args[0])
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(ov.Core, "compile_model", counting)
+    predict = openvino_predictor(_card(), xml, precision_hint="f32")
+    assert len(compiles) == 1
+    sizes = [32 + k for k in range(1, predictors.MAX_RESHAPED + 3)]
+    for side in [*sizes, sizes[-1], sizes[0]]:
+        batch = np.random.default_rng(side).normal(size=(2, 1, side, side)).astype(np.float32)
+        np.testing.assert_allclose(predict(batch), 2 * batch, rtol=1e-6)
+    # one compile per new size, none for the size just used, one again for a size evicted meanwhile
+    assert len(compiles) == 1 + len(sizes) + 1
