@@ -236,7 +236,8 @@ def compare(
     """Per image: the IR (node code) against the TorchScript networks (deepbet's own code).
 
     ``network_max_abs_diff`` is the largest difference of the two networks' probabilities on the same
-    inputs (both networks, the image's own normalised grids: the conversion alone);
+    inputs (both networks, the image's own normalised grids: the conversion, and the IR run as the
+    node runs it, the brain network staged);
     ``mean_abs_prob_diff`` is over the brain probabilities on the whole grid, each pipeline its own
     (resizing and box included); ``dice`` is of deepbet's mask (threshold, largest component, holes
     filled) of each; ``tumour_inside`` and
