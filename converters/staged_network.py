@@ -11,12 +11,14 @@ Why: deepbet's brain network (node/brain_extraction.py) normalises 8-16 channels
 
 Staged, the network is a chain in which each large tensor exists once:
 
-* every instance norm whose output is ``min_bytes`` or more (and the ReLU after it) runs in NumPy, in
-  place, its statistics accumulated in float64;
+* every instance norm whose output is ``min_bytes`` or more (and the ReLU after it) is computed in
+  NumPy: each channel's mean and variance accumulated in float64 over the tensor, then applied to the
+  rows of each slab the next layer reads, as they are copied in (no normalised copy of the tensor);
 * every layer reading or writing such a tensor (a convolution, a transposed convolution or a max
   pooling, with the bias and activation after it) runs alone, along the first spatial axis a slab of
-  rows at a time, each slab read with the rows around it that the layer's kernel needs and written
-  into one NumPy array (the plugin's own copies and reorders of a slab are a slab's size);
+  rows at a time, each slab read with the rows around it that the layer's kernel needs (the layer's
+  own padding along the rows taken off: zeros past the tensor's ends stand for it) and written into
+  one NumPy array (the plugin's own copies and reorders of a slab are a slab's size);
 * the layers between (on small tensors) run as compiled pieces of the original graph.
 
 :func:`plan_stages` returns None for a network without such norms, or one it cannot stage (a large
