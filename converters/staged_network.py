@@ -11,9 +11,10 @@ Why: deepbet's brain network (node/brain_extraction.py) normalises 8-16 channels
 
 Staged, the network is a chain in which each large tensor exists once:
 
-* every instance norm whose output is ``min_bytes`` or more (and the ReLU after it) is computed in
-  NumPy: each channel's mean and variance accumulated in float64 over the tensor, then applied to the
-  rows of each slab the next layer reads, as they are copied in (no normalised copy of the tensor);
+* every instance norm whose output is ``min_bytes`` or more (and the ReLU after it): each channel's
+  mean and variance accumulated over the tensor in NumPy, in float64, and the normalisation applied
+  by the next layer's compiled piece to each slab it reads (:func:`_normalising`; no normalised copy
+  of the tensor);
 * every layer reading or writing such a tensor (a convolution, a transposed convolution or a max
   pooling, with the bias and activation after it) runs alone, along the first spatial axis a slab of
   rows at a time, each slab read with the rows around it that the layer's kernel needs (the layer's
@@ -92,33 +93,15 @@ class InstanceNorm:
 
         with ThreadPoolExecutor(max_workers=2) as pool:  # NumPy's reductions release the GIL
             list(pool.map(one, [(i, j) for i in range(n) for j in range(c)]))
-        return Normalisation(mean, scale, self.relu)
-
-    def apply(self, x: npt.NDArray[np.float32]) -> None:
-        """Normalise each channel of ``x`` (N, C, ...) in place, then clip at zero if :attr:`relu`."""
-        self.statistics(x).apply(x, x)
+        return Normalisation(mean, scale)
 
 
 @dataclass(frozen=True)
 class Normalisation:
-    """An instance norm's per-channel figures (N, C), applied to rows of the tensor they came from."""
+    """An instance norm's per-channel figures (N, C) over one tensor: ``(x - mean) * scale``."""
 
     mean: npt.NDArray[np.float64]
     scale: npt.NDArray[np.float64]
-    relu: bool
-
-    def apply(self, source: npt.NDArray[np.float32], out: npt.NDArray[np.float32]) -> None:
-        """``out`` = the normalised ``source`` (the same shape; it may be ``source`` itself)."""
-        extra = (1,) * (source.ndim - 2)
-        # the mean in two float32 parts: where it is large against the spread, its rounding to float32
-        # alone would shift every value by up to half its last place
-        high = self.mean.astype(np.float32)
-        low = ((self.mean - high) * self.scale).astype(np.float32)
-        np.subtract(source, high.reshape(*high.shape, *extra), out=out)
-        out *= self.scale.astype(np.float32).reshape(*high.shape, *extra)
-        out -= low.reshape(*low.shape, *extra)
-        if self.relu:
-            np.maximum(out, 0.0, out=out)
 
 
 @dataclass(frozen=True)
@@ -335,6 +318,9 @@ class _Compiled:
     rows_per_slab: int = 0
     slab_rows: int = 0
     in_shape: tuple[int, ...] = field(default_factory=tuple)
+    #: The slab-wise piece normalises its input itself (the instance norm before it: its figures and a
+    #: mask of the slab's rows that lie inside the tensor are inputs 1-3).
+    normalises: bool = False
 
 
 class StagedNetwork:
@@ -365,9 +351,12 @@ class StagedNetwork:
     ) -> None:
         self.release = release
         self.steps: list[_Compiled | InstanceNorm] = []
+        norm: InstanceNorm | None = None
         for stage in stages:
+            before, norm = norm, None
             if isinstance(stage, InstanceNorm):
                 self.steps.append(stage)
+                norm = stage
                 continue
             sub = piece_model(model, stage)
             if len(sub.get_parameters()) != 1:
@@ -379,10 +368,15 @@ class StagedNetwork:
                 continue
             rows, slab = _slab_geometry(stage.rows, in_shape, out_shape)
             _unpad_rows(sub)
-            sub.reshape([*in_shape[:2], slab, *in_shape[3:]])
+            shapes: dict[int, list[int]] = {0: [*in_shape[:2], slab, *in_shape[3:]]}
+            if before is not None:
+                sub = _normalising(sub, before.relu)
+                shapes[3] = [1, 1, slab, *([1] * (len(in_shape) - 3))]
+            sub.reshape(shapes)
             _check_slabs(stage, rows, out_shape, sub.get_results()[0].get_output_partial_shape(0))
             compiled = core.compile_model(sub, device, config)
-            self.steps.append(_Compiled(compiled, out_shape, stage.rows, rows, slab, in_shape))
+            normalises = before is not None
+            self.steps.append(_Compiled(compiled, out_shape, stage.rows, rows, slab, in_shape, normalises))
 
     @property
     def compiled(self) -> list[Any]:
@@ -396,18 +390,13 @@ class StagedNetwork:
             if isinstance(step, InstanceNorm):
                 norm = step.statistics(x)
                 continue
-            if step.band is not None:
-                out = self._run_slabs(step, x, norm)
-            else:
-                if norm is not None:
-                    norm.apply(x, x)
-                out = self._run_whole(step, x)
+            # plan_stages puts a slab-wise layer, which applies it, after every instance norm
+            assert (norm is not None) == step.normalises
+            out = self._run_slabs(step, x, norm) if step.band is not None else self._run_whole(step, x)
             norm = None
             if self.release is not None:
                 self.release(step.compiled)
             x = out  # the stage's input goes with the name, unless the caller holds it
-        if norm is not None:
-            norm.apply(x, x)
         return x
 
     @staticmethod
@@ -420,28 +409,58 @@ class StagedNetwork:
     def _run_slabs(
         step: _Compiled, x: npt.NDArray[np.float32], norm: Normalisation | None
     ) -> npt.NDArray[np.float32]:
-        """The layer a slab at a time; ``norm``: the instance norm its input still needs, applied to the
-        rows as they are copied into the slab (rows past the input's ends stay zero, the padding of the
-        normalised tensor)."""
+        """The layer a slab at a time; ``norm``: the instance norm its input still needs, which the
+        compiled piece applies itself (:func:`_normalising`), rows past the input's ends kept zero."""
         assert step.band is not None
         out = np.empty(step.out_shape, dtype=np.float32)
         slab = np.zeros((*step.in_shape[:2], step.slab_rows, *step.in_shape[3:]), dtype=np.float32)
         request = step.compiled.create_infer_request()
+        inputs: dict[int, npt.NDArray[np.float32]] = {0: slab}
+        inside = np.zeros((1, 1, step.slab_rows) + (1,) * (len(step.in_shape) - 3), dtype=np.float32)
+        if norm is not None:
+            extra = (1,) * (len(step.in_shape) - 2)
+            inputs[1] = norm.mean.astype(np.float32).reshape(*norm.mean.shape, *extra)
+            inputs[2] = norm.scale.astype(np.float32).reshape(*norm.scale.shape, *extra)
+            inputs[3] = inside
         n_in, n_out = step.in_shape[2], step.out_shape[2]
         for first in range(0, n_out, step.rows_per_slab):
             count = min(step.rows_per_slab, n_out - first)
             lo, _ = step.band.inputs_for(first, step.rows_per_slab)
             a, b = max(lo, 0), min(lo + step.slab_rows, n_in)  # rows of x in the slab; the rest zeros
             slab[:, :, : a - lo] = 0.0
-            if norm is None:
-                slab[:, :, a - lo : b - lo] = x[:, :, a:b]
-            else:
-                norm.apply(x[:, :, a:b], slab[:, :, a - lo : b - lo])
+            slab[:, :, a - lo : b - lo] = x[:, :, a:b]
             slab[:, :, b - lo :] = 0.0
-            request.infer({0: slab}, share_inputs=True)
+            inside[:] = 0.0
+            inside[:, :, a - lo : b - lo] = 1.0
+            request.infer(inputs, share_inputs=True)
             local = step.band.local_first(first, lo)
             out[:, :, first : first + count] = request.get_output_tensor(0).data[:, :, local : local + count]
         return out
+
+
+def _normalising(piece: ov.Model, relu: bool) -> ov.Model:
+    """``piece`` with the instance norm of its input applied first: ``(x - mean) * scale``, then
+    ReLU if ``relu``, times ``inside`` (1 on the slab's rows that lie in the tensor, 0 on those past
+    its ends, which stand for the layer's zero padding of the normalised tensor). ``mean`` and
+    ``scale`` (N, C, 1, ...) and ``inside`` (1, 1, rows, 1, ...) are its inputs 1, 2 and 3."""
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    (source,) = piece.get_parameters()
+    shape = source.get_partial_shape()
+    rank = shape.rank.get_length()
+    readers = list(source.output(0).get_target_inputs())
+    per_channel = [shape[0], shape[1], *([1] * (rank - 2))]
+    mean = ops.parameter(per_channel, np.float32, "stage_mean")
+    scale = ops.parameter(per_channel, np.float32, "stage_scale")
+    inside = ops.parameter([1, 1, shape[2], *([1] * (rank - 3))], np.float32, "stage_inside")
+    y: Any = ops.multiply(ops.subtract(source, mean), scale)
+    if relu:
+        y = ops.relu(y)
+    y = ops.multiply(y, inside)
+    for reader in readers:
+        reader.replace_source_output(y.output(0))
+    return ov.Model(piece.get_results(), [source, mean, scale, inside], piece.get_friendly_name())
 
 
 def _unpad_rows(piece: ov.Model) -> None:
