@@ -165,8 +165,11 @@ class OpenVINOSegmenter:
         1.15 s for the former dynamic batch of 16 (see docs/benchmarks.md).
         A network whose batch is fixed (exported so) runs at its own batch instead, padded the same.
     precision_hint:
-        ``INFERENCE_PRECISION_HINT`` (e.g. ``"f32"`` to stop a CPU with AMX from running an FP32
-        model in bf16); None keeps OpenVINO's default.
+        ``INFERENCE_PRECISION_HINT``; None keeps OpenVINO's default. ``"f32"`` by default: on a CPU
+        with native bf16 (AVX-512 BF16, AMX) OpenVINO's default is bf16, which runs an FP32 model and
+        an INT8 model's unquantized layers in bf16, so that the node's labels would depend on the CPU
+        (the shipped FP32 IR, BraTS2021_00005 and 00006: 213 and 129 voxels differ; the INT8 model's
+        labels were equal either way and as fast, 0.17 s a case, 2026-12-06).
     static_batch:
         False keeps the model's dynamic batch dimension (any batch size per call, no padding).
     mirror:
@@ -203,7 +206,7 @@ class OpenVINOSegmenter:
         model_xml: Path,
         device: str = "CPU",
         batch_size: int = DEFAULT_BATCH,
-        precision_hint: str | None = None,
+        precision_hint: str | None = "f32",
         static_batch: bool = True,
         mirror: str = "none",
         views: int = 1,

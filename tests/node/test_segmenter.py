@@ -38,6 +38,32 @@ def test_openvino_segmenter_matches_numpy_pipeline(tmp_path: Path) -> None:
     assert not out[image == 0].any()
 
 
+def test_segmenter_runs_float32_unless_told_otherwise(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # OpenVINO's own default is bf16 on a CPU with native bf16 (AVX-512 BF16, AMX): an FP32 model would
+    # give labels that depend on the CPU. The hint is asked for, for the network and for its copies
+    # reshaped to larger slices; None leaves OpenVINO's default.
+    import openvino as ov
+
+    card, xml = _model(tmp_path / "m", crop=(32, 32))
+    configs: list[dict] = []
+    real = ov.Core.compile_model
+
+    def recording(self: ov.Core, model: object, device: str, config: dict) -> ov.CompiledModel:
+        configs.append(dict(config))
+        return real(self, model, device, config)
+
+    monkeypatch.setattr(ov.Core, "compile_model", recording)
+    seg = OpenVINOSegmenter(card, xml, batch_size=2)
+    seg.predict(np.zeros((2, 1, 48, 40), np.float32))  # a larger slice: a reshaped copy
+    assert len(configs) == 2
+    assert all(c.get("INFERENCE_PRECISION_HINT") == "f32" for c in configs)
+    configs.clear()
+    OpenVINOSegmenter(card, xml, batch_size=2, precision_hint=None)
+    assert configs and "INFERENCE_PRECISION_HINT" not in configs[0]
+
+
 def test_segmenter_rejects_channel_mismatch_and_missing_file(tmp_path: Path) -> None:
     card, xml = _model(tmp_path / "m", crop=(32, 32), modalities=("FLAIR", "T1"))
     with pytest.raises(ModelCardError, match="takes 2 channels but the card lists 1 modalities"):
