@@ -118,7 +118,9 @@ def load_registered(
 
 
 def _openvino(card: dict[str, Any], xml: Path, precision: str, device: str) -> CardPredictor:
-    hint = "f32" if precision == "fp32" and device.upper() == "CPU" else None
+    # f32 on a CPU, as the node runs a model (node/segmenter.py): OpenVINO's default is bf16 on a CPU
+    # with native bf16, for an FP32 network and for an INT8 network's unquantized layers alike
+    hint = "f32" if device.upper() == "CPU" else None
     predict = openvino_predictor(card, xml, device=device, precision_hint=hint)
     return CardPredictor(card, predict, f"OpenVINO IR {precision.upper()} {xml}", precision)
 

@@ -583,7 +583,10 @@ def export_run(options: ExportOptions, on_step: Callable[[str], None] | None = N
         "checkpoint": CardPredictor(card_base, torch_predict, "checkpoint", "fp32"),
         "onnx": CardPredictor(card_base, onnx_predictor(onnx_path), "onnx", "fp32"),
         "ir_fp32": CardPredictor(card_base, fp32_predict, "ir_fp32", "fp32"),
-        "ir_int8": CardPredictor(card_base, openvino_predictor(card_base, int8_xml), "ir_int8", "int8"),
+        # f32 for the INT8 network's unquantized layers, as the node runs it (node/segmenter.py)
+        "ir_int8": CardPredictor(
+            card_base, openvino_predictor(card_base, int8_xml, precision_hint="f32"), "ir_int8", "int8"
+        ),
     }
     for entry in artifacts:
         if val_refs:

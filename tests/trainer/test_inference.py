@@ -187,3 +187,22 @@ def test_openvino_predictor_keeps_few_reshaped_copies(
         np.testing.assert_allclose(predict(batch), 2 * batch, rtol=1e-6)
     # one compile per new size, none for the size just used, one again for a size evicted meanwhile
     assert len(compiles) == 1 + len(sizes) + 1
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_evaluate_runs_an_ir_in_float32_as_the_node_does(
+    tmp_path: Path, precision: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # OpenVINO's default on a CPU with native bf16 would run an FP32 network, and an INT8 network's
+    # unquantized layers, in bf16; the node asks for f32 (node/segmenter.py), so the card's figures do
+    from trainer import evaluate
+
+    hints: list[object] = []
+
+    def recording(card: object, xml: Path, device: str = "CPU", precision_hint: str | None = None) -> object:
+        hints.append(precision_hint)
+        return lambda batch: batch
+
+    monkeypatch.setattr(evaluate, "openvino_predictor", recording)
+    evaluate._openvino(_card(), tmp_path / "m.xml", precision, "CPU")
+    assert hints == ["f32"]
