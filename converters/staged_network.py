@@ -255,9 +255,8 @@ def plan_stages(model: ov.Model, min_bytes: int = MIN_STAGED_BYTES) -> list[Stag
             start = last
             continue
         band = _row_band(node, producer.get_friendly_name() in nonnegative)
-        if band is None or (node.input_value(0).get_node().get_type_name() != "Parameter"
-                            and len(_consumers(producer.output(0))) != 1):
-            return None
+        if band is None or len(_consumers(producer.output(0))) != 1:
+            return None  # each stage reads the one tensor the stage before it wrote
         end = node
         while (after := _single_consumer(end.output(0))) is not None and _is_elementwise_tail(after):
             end = after
@@ -620,8 +619,8 @@ def compile_network(
     if stages is not None:
         try:
             staged = StagedNetwork(core, model, stages, device, config, release)
-        except ValueError as exc:
-            logger.warning("%s runs whole: %s", model.get_friendly_name(), exc)
+        except (ValueError, RuntimeError) as exc:  # a piece OpenVINO will not build or compile
+            logger.warning("%s runs whole: %s", model.get_friendly_name(), str(exc).strip().splitlines()[-1])
         else:
             logger.debug("%s runs in %d stages", model.get_friendly_name(), len(staged.steps))
             return staged, staged.compiled

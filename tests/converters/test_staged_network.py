@@ -37,7 +37,9 @@ def _norm(x: Any, relu: bool = True) -> Any:
     return ops.relu(y) if relu else y
 
 
-def unet_like(size: int, seed: int = 0, residual_at_full: bool = False, softmax: bool = False) -> Any:
+def unet_like(
+    size: int, seed: int = 0, residual_at_full: bool = False, softmax: bool = False, input_twice: bool = False
+) -> Any:
     """A deepbet-shaped 3D network on a ``size``³ grid (one channel in, one sigmoid channel out; with
     ``softmax``, two classes as deepbet's own networks end)."""
     import openvino as ov
@@ -50,6 +52,8 @@ def unet_like(size: int, seed: int = 0, residual_at_full: bool = False, softmax:
     p = ops.max_pool(n, [2, 2, 2], [1, 1, 1], [1, 1, 1], [1, 1, 1], [3, 3, 3]).output(0)
     d = ops.convolution(p, _weights(rng, 6, 6, 3, 3, 3), [1, 1, 1], [1, 1, 1], [1, 1, 1], [1, 1, 1])
     d = ops.add(_norm(d, relu=False), p)  # a residual on the small grid, inside a piece run whole
+    if input_twice:  # the input read by a second layer too: cannot be staged
+        d = ops.add(d, ops.convolution(x, _weights(rng, 6, 1, 4, 4, 4), [4, 4, 4], [0] * 3, [0] * 3, [1] * 3))
     t = ops.convolution_backprop_data(
         d, _weights(rng, 6, 4, 3, 3, 3), [2, 2, 2], pads_begin=[1, 1, 1], pads_end=[1, 1, 1],
         dilations=[1, 1, 1], output_padding=[1, 1, 1],
@@ -119,10 +123,11 @@ def test_staged_network_gives_the_networks_output(
     np.testing.assert_array_equal(network(x), out)  # again, after the release
 
 
-def test_a_network_it_cannot_stage_runs_whole() -> None:
+@pytest.mark.parametrize("unstageable", ["residual_at_full", "input_twice"])
+def test_a_network_it_cannot_stage_runs_whole(unstageable: str) -> None:
     import openvino as ov
 
-    model = unet_like(32, residual_at_full=True)
+    model = unet_like(32, **{unstageable: True})
     assert plan_stages(model, min_bytes=MIN_BYTES) is None
     x = np.random.default_rng(2).normal(size=(1, 1, 32, 32, 32)).astype(np.float32)
     released: list[Any] = []
@@ -187,3 +192,17 @@ def test_a_folded_softmax_ending_is_staged_like_the_network() -> None:
     network, _ = compile_network(ov.Core(), cut, "CPU", F32, min_bytes=MIN_BYTES)
     assert isinstance(network, staged.StagedNetwork)
     np.testing.assert_allclose(network(x)[:, 0], run_whole(model, x)[:, 1], atol=2e-5)
+
+
+def test_a_piece_openvino_refuses_runs_the_network_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    import openvino as ov
+
+    def refuse(self: object, *args: object, **kwargs: object) -> None:
+        raise RuntimeError("Exception from src/plugins/intel_cpu: cannot compile the piece")
+
+    monkeypatch.setattr(staged.StagedNetwork, "__init__", refuse)
+    model = unet_like(32)
+    x = np.random.default_rng(5).normal(size=(1, 1, 32, 32, 32)).astype(np.float32)
+    network, compiled = compile_network(ov.Core(), model, "CPU", F32, min_bytes=MIN_BYTES)
+    assert len(compiled) == 1
+    np.testing.assert_array_equal(network(x), run_whole(model, x))
