@@ -391,18 +391,12 @@ class StagedNetwork:
                 continue
             # plan_stages puts a slab-wise layer, which applies it, after every instance norm
             assert (norm is not None) == step.normalises
-            out = self._run_slabs(step, x, norm) if step.band is not None else self._run_whole(step, x)
+            out = self._run_slabs(step, x, norm) if step.band is not None else _infer_whole(step.compiled, x)
             norm = None
+            x = out  # the stage's input goes with the name (unless the caller holds it) before the release
             if self.release is not None:
                 self.release(step.compiled)
-            x = out  # the stage's input goes with the name, unless the caller holds it
         return x
-
-    @staticmethod
-    def _run_whole(step: _Compiled, x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-        request = step.compiled.create_infer_request()
-        request.infer({0: np.ascontiguousarray(x, dtype=np.float32)}, share_inputs=True)
-        return np.array(request.get_output_tensor(0).data, dtype=np.float32)
 
     @staticmethod
     def _run_slabs(
@@ -416,7 +410,7 @@ class StagedNetwork:
         request = step.compiled.create_infer_request()
         inputs: dict[int, npt.NDArray[np.float32]] = {0: slab}
         inside = np.zeros((1, 1, step.slab_rows) + (1,) * (len(step.in_shape) - 3), dtype=np.float32)
-        if norm is not None:
+        if norm is not None:  # inside: the rows of the slab in the tensor, set per slab below
             extra = (1,) * (len(step.in_shape) - 2)
             inputs[1] = norm.mean.astype(np.float32).reshape(*norm.mean.shape, *extra)
             inputs[2] = norm.scale.astype(np.float32).reshape(*norm.scale.shape, *extra)
@@ -460,6 +454,13 @@ def _normalising(piece: ov.Model, relu: bool) -> ov.Model:
     for reader in readers:
         reader.replace_source_output(y.output(0))
     return ov.Model(piece.get_results(), [source, mean, scale, inside], piece.get_friendly_name())
+
+
+def _infer_whole(compiled: Any, x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    """``compiled`` run once on ``x`` on a request of its own, its output copied out of the request."""
+    request = compiled.create_infer_request()
+    request.infer({0: np.ascontiguousarray(x, dtype=np.float32)}, share_inputs=True)
+    return np.array(request.get_output_tensor(0).data, dtype=np.float32)
 
 
 def _unpad_rows(piece: ov.Model) -> None:
@@ -627,7 +628,7 @@ def compile_network(
     compiled = core.compile_model(model, device, config)
 
     def whole(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-        out = StagedNetwork._run_whole(_Compiled(compiled, ()), x)
+        out = _infer_whole(compiled, x)
         if release is not None:
             release(compiled)
         return out

@@ -127,15 +127,13 @@ def _on_grid(network: ArrayNetwork) -> Network:
     """``network`` (a batch of one image of one channel in, its foreground channel out) as
     :class:`~converters.brain_mask.BrainMasker` calls it: the grid in, the probabilities on it out.
     Each call leaves no network buffers behind (:func:`~converters.staged_network.compile_network`
-    releases them: the brain network on its 256³ grid would keep ~450 MiB otherwise, between studies
-    too) and gives the freed heap back (a few ms)."""
+    releases them after each stage, :func:`_release_and_trim` giving the freed heap back: the brain
+    network on its 256³ grid would keep ~450 MiB otherwise, between studies too)."""
 
     def foreground(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         trim_heap()  # what the preprocessing freed (its resized copies), before the network adds its own
         # the network reads the array itself rather than a copy (64 MiB on 256³)
-        out = network(np.ascontiguousarray(x[None, None], dtype=np.float32))[0, 0]
-        trim_heap()  # keeps the rest of the job from stacking on the freed pages
-        return out
+        return network(np.ascontiguousarray(x[None, None], dtype=np.float32))[0, 0]
 
     return foreground
 
