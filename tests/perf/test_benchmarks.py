@@ -6,6 +6,7 @@ slices or a synthetic case, and its figures are checked for what they must be.
 
 from __future__ import annotations
 
+import gc
 import importlib
 import json
 import sys
@@ -138,18 +139,21 @@ def test_measure_engine_on_one_validation_case(int8_on_one_validation_case: dict
 
 
 def test_engine_share_of_peak_rss_excludes_what_came_before_the_reset() -> None:
-    # What measure_engine does around the engine: a loading peak (300 MiB, freed), the peak reset, then
-    # the "engine" (60 MiB). The share is the engine's 60 MiB, not the loading peak over the RSS before.
+    # What measure_engine does around the engine: a loading peak (400 MiB, freed), the peak reset, then
+    # the "engine" (150 MiB). The share is the engine's 150 MiB, not the loading peak over the RSS before.
+    # The bounds are wide because the kernel's RSS counters are per-CPU approximations and another
+    # thread of the test process may free memory meanwhile (CI once read 44 MiB for a 60 MiB engine).
     common, inference = bench("common"), bench("inference")
-    loading = np.ones(300 * 2**18, np.float32)  # 300 MiB, every page touched
+    loading = np.ones(400 * 2**18, np.float32)  # 400 MiB, every page touched
     del loading
+    gc.collect()
     rss_before = common.current_rss_mib()
     if not common.reset_peak_rss():
         pytest.skip("this system does not let /proc/self/clear_refs reset the peak RSS")
-    engine = np.ones(60 * 2**18, np.float32)
+    engine = np.ones(150 * 2**18, np.float32)
     share = inference.engine_share(rss_before, common.peak_rss_since_reset_mib(True))
     del engine
-    assert 50 < share["engine_rss_mib"] < 120, share
+    assert 110 < share["engine_rss_mib"] < 250, share
     # Where the peak cannot be reset the share is not guessed from ru_maxrss: n/a, and the table says why.
     unknown = inference.engine_share(rss_before, common.peak_rss_since_reset_mib(False))
     assert unknown["engine_rss_mib"] is None and "n/a" in unknown["engine_rss_note"]
