@@ -8,6 +8,8 @@ over exactly and :func:`ras_to_volume` is the exact inverse of :func:`volume_to_
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import numpy.typing as npt
 from nibabel import orientations
@@ -86,6 +88,30 @@ def ras_to_volume(array_xyz: npt.NDArray[np.generic], volume: Volume) -> npt.NDA
         )
     back = orientations.apply_orientation(array_xyz, orientations.ornt_transform(_RAS, start))
     return np.ascontiguousarray(np.transpose(back, (2, 1, 0)))
+
+
+def share_ras_pixels(volume: Volume, array_xyz: npt.NDArray[np.float32]) -> Volume:
+    """``volume`` whose ``array`` is a read-only view of ``array_xyz`` (``volume_to_ras(volume)``'s
+    array) in the volume's own (slice, row, column) order: the same values, one copy of them in memory
+    instead of two. ``array_xyz`` is made read-only too, so that neither can change behind the other.
+
+    Raises
+    ------
+    ConverterError
+        ``array_xyz`` is not on the volume's canonical grid.
+    """
+    ras_affine = volume_ras_affine(volume)
+    start = orientations.io_orientation(ras_affine)
+    back = orientations.apply_orientation(array_xyz, orientations.ornt_transform(_RAS, start))
+    view = np.transpose(back, (2, 1, 0))
+    if view.shape != volume.array.shape or not np.shares_memory(view, array_xyz):
+        raise ConverterError(
+            f"series {volume.series_instance_uid}: array {tuple(array_xyz.shape)} is not the RAS view of "
+            f"its volume {tuple(volume.array.shape)}"
+        )
+    array_xyz.setflags(write=False)
+    view.setflags(write=False)
+    return dataclasses.replace(volume, array=view)
 
 
 def _check_orthogonal(affine: npt.NDArray[np.float64], what: str) -> npt.NDArray[np.float64]:

@@ -13,7 +13,13 @@ from scipy.spatial.transform import Rotation
 
 from converters.dicom_writer import PixelEncoding, encode_pixels, write_volume_series
 from converters.exceptions import ConverterError
-from converters.reorient import array_to_volume, case_to_volume, ras_to_volume, volume_to_ras
+from converters.reorient import (
+    array_to_volume,
+    case_to_volume,
+    ras_to_volume,
+    share_ras_pixels,
+    volume_to_ras,
+)
 from converters.synthetic import make_synthetic_case
 
 
@@ -46,6 +52,23 @@ def test_ras_volume_round_trip_is_exact(seed: int) -> None:
     mask = (ras > 0).astype(np.uint8)
     np.testing.assert_array_equal(ras_to_volume(mask, volume), (volume.array > 0).astype(np.uint8))
     np.testing.assert_array_equal(ras_to_volume(back, volume), volume.array)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(min_value=0, max_value=2**31 - 1))
+def test_a_volume_can_share_its_pixels_with_its_ras_array(seed: int) -> None:
+    array, affine = _random_grid(seed)
+    canonical = nib.as_closest_canonical(nib.Nifti1Image(array, affine))
+    volume = array_to_volume(np.asarray(canonical.dataobj), canonical.affine)
+    ras, _ = volume_to_ras(volume)
+    shared = share_ras_pixels(volume, ras)
+    np.testing.assert_array_equal(shared.array, volume.array)  # the same values, in the volume's order
+    assert np.shares_memory(shared.array, ras) and not np.shares_memory(shared.array, volume.array)
+    assert not ras.flags.writeable and not shared.array.flags.writeable
+    assert shared.series_instance_uid == volume.series_instance_uid
+    np.testing.assert_array_equal(shared.origin, volume.origin)
+    with pytest.raises(ConverterError, match="not the RAS view"):
+        share_ras_pixels(volume, np.zeros((ras.shape[0] + 1, *ras.shape[1:]), np.float32))
 
 
 def test_axis_aligned_case_becomes_standard_axial() -> None:

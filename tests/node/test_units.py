@@ -10,6 +10,7 @@ import socket
 from datetime import timedelta
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
@@ -1244,6 +1245,8 @@ def test_a_series_of_an_axial_and_a_sagittal_stack_gives_each_stack_as_a_candida
         assert reasons[by_stack["sagittal stack"].label].endswith(": axial")
         loaded = load_chosen(chosen, "T1")
         assert loaded.volume.array.shape[0] == 30
+        # One copy of the voxels in memory: the volume's (slice, row, column) array is a view of the RAS one.
+        assert np.shares_memory(loaded.volume.array, loaded.array) and not loaded.array.flags.writeable
         # The SEG's and SR's sources: the axial stack's instances only.
         sources_used = assemble_coregistered({"T1": loaded}, "T1").sources
         assert {str(ds.SOPInstanceUID) for ds in sources_used} == {
