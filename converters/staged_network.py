@@ -45,6 +45,7 @@ import numpy as np
 import numpy.typing as npt
 
 from converters.exceptions import ModelCardError
+from converters.network_buffers import network_buffer, release_rows
 
 if TYPE_CHECKING:
     import openvino as ov
@@ -383,7 +384,9 @@ class StagedNetwork:
         return [step.compiled for step in self.steps if isinstance(step, _Compiled)]
 
     def __call__(self, x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-        """The network's output for ``x`` (its input's shape, float32)."""
+        """The network's output for ``x`` (its input's shape, float32). An ``x`` from
+        :func:`~converters.network_buffers.network_buffer` is consumed: its rows are handed back to the
+        system as the first layer reads them, and read as zeros afterwards."""
         norm: Normalisation | None = None  # computed, applied to the rows the next layer reads
         for step in self.steps:
             if isinstance(step, InstanceNorm):
@@ -393,7 +396,8 @@ class StagedNetwork:
             assert (norm is not None) == step.normalises
             out = self._run_slabs(step, x, norm) if step.band is not None else _infer_whole(step.compiled, x)
             norm = None
-            x = out  # the stage's input goes with the name (unless the caller holds it) before the release
+            release_rows(x, 0)  # the stage's input is read no more (a caller's buffer too)
+            x = out  # and goes with the name (unless the caller holds it) before the release
             if self.release is not None:
                 self.release(step.compiled)
         return x
@@ -403,9 +407,10 @@ class StagedNetwork:
         step: _Compiled, x: npt.NDArray[np.float32], norm: Normalisation | None
     ) -> npt.NDArray[np.float32]:
         """The layer a slab at a time; ``norm``: the instance norm its input still needs, which the
-        compiled piece applies itself (:func:`_normalising`), rows past the input's ends kept zero."""
+        compiled piece applies itself (:func:`_normalising`), rows past the input's ends kept zero.
+        The rows of a network buffer ``x`` that no later slab reads are released as the slabs go."""
         assert step.band is not None
-        out = np.empty(step.out_shape, dtype=np.float32)
+        out = network_buffer(step.out_shape)
         slab = np.zeros((*step.in_shape[:2], step.slab_rows, *step.in_shape[3:]), dtype=np.float32)
         request = step.compiled.create_infer_request()
         inputs: dict[int, npt.NDArray[np.float32]] = {0: slab}
@@ -416,9 +421,12 @@ class StagedNetwork:
             inputs[2] = norm.scale.astype(np.float32).reshape(*norm.scale.shape, *extra)
             inputs[3] = inside
         n_in, n_out = step.in_shape[2], step.out_shape[2]
+        done = 0  # rows of x below this are released
         for first in range(0, n_out, step.rows_per_slab):
             count = min(step.rows_per_slab, n_out - first)
             lo, _ = step.band.inputs_for(first, step.rows_per_slab)
+            release_rows(x, done, lo)  # the band's first row only grows from slab to slab
+            done = max(done, lo)
             a, b = max(lo, 0), min(lo + step.slab_rows, n_in)  # rows of x in the slab; the rest zeros
             slab[:, :, : a - lo] = 0.0
             slab[:, :, a - lo : b - lo] = x[:, :, a:b]
@@ -460,7 +468,10 @@ def _infer_whole(compiled: Any, x: npt.NDArray[np.float32]) -> npt.NDArray[np.fl
     """``compiled`` run once on ``x`` on a request of its own, its output copied out of the request."""
     request = compiled.create_infer_request()
     request.infer({0: np.ascontiguousarray(x, dtype=np.float32)}, share_inputs=True)
-    return np.array(request.get_output_tensor(0).data, dtype=np.float32)
+    data = request.get_output_tensor(0).data
+    out = network_buffer(data.shape)  # which the next slab-wise stage consumes
+    out[...] = data
+    return out
 
 
 def _unpad_rows(piece: ov.Model) -> None:

@@ -205,8 +205,9 @@ class Recorded:
     last: tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]] | None = None
 
     def __call__(self, x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        seen = x.copy()  # the staged network consumes a network buffer (converters/network_buffers.py)
         y = self.net(x)
-        self.last = (x, y)
+        self.last = (seen, y)
         return y
 
 

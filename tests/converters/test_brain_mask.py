@@ -18,6 +18,7 @@ from converters.brain_mask import (
     resize,
 )
 from converters.masks import bounding_box, fill_holes, surface
+from converters.network_buffers import network_buffer
 
 SHAPES = [
     ((240, 240, 31), (256, 256, 256)),
@@ -41,6 +42,21 @@ def test_nearest_resize_picks_the_voxels_ndimage_zoom_picks(
         prefilter=False,
     )
     np.testing.assert_array_equal(resize(image, out, 0), expected)
+    target = network_buffer(out)  # as the brain network's input is made
+    assert resize(image, out, 0, out=target) is target
+    np.testing.assert_array_equal(target, expected)
+
+
+@pytest.mark.parametrize(("shape", "out"), SHAPES[:2])
+def test_trilinear_resize_into_an_array_equals_a_new_one(
+    shape: tuple[int, int, int], out: tuple[int, int, int]
+) -> None:
+    image = np.random.default_rng(0).random(shape, dtype=np.float32)
+    target = np.full(out, np.nan, np.float32)
+    assert resize(image, out, 1, out=target) is target
+    np.testing.assert_array_equal(target, resize(image, out, 1))
+    same = np.zeros(shape, np.float32)
+    np.testing.assert_array_equal(resize(image, shape, 1, out=same), image)
 
 
 def test_normalize_equals_the_textbook_form() -> None:
@@ -53,6 +69,9 @@ def test_normalize_equals_the_textbook_form() -> None:
     assert got.dtype == np.float32
     np.testing.assert_allclose(got, expected, atol=1e-5)
     assert not np.shares_memory(got, image)
+    in_place = image.copy()
+    assert normalize(in_place, low, high, s, out=in_place) is in_place
+    np.testing.assert_array_equal(in_place, got)
 
 
 def _ball(shape: tuple[int, int, int], radius: float) -> np.ndarray:

@@ -1,0 +1,54 @@
+"""converters.network_buffers: a network buffer's rows are handed back to the kernel (they read as zeros
+and leave the resident set) while every other row, and every other array, keeps its values."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from converters.network_buffers import PAGE, is_network_buffer, network_buffer, release_rows
+
+
+def _resident_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * PAGE / 2**20
+
+
+def test_a_network_buffer_is_a_writable_float32_array() -> None:
+    x = network_buffer((1, 2, 3, 4))
+    assert x.shape == (1, 2, 3, 4) and x.dtype == np.float32 and x.flags.writeable and x.flags.c_contiguous
+    x[...] = 5.0
+    assert is_network_buffer(x) and is_network_buffer(x.reshape(2, 12))
+    assert not is_network_buffer(x[:, :1]) and not is_network_buffer(x[..., 1:])  # slices are not whole
+    assert not is_network_buffer(np.zeros((1, 2, 3, 4), np.float32))
+
+
+@pytest.mark.parametrize("row_floats", [1024, 1000, 3000])  # rows of exactly one page, less, and more
+def test_released_rows_read_zero_and_the_others_keep_their_values(row_floats: int) -> None:
+    shape = (1, 3, 40, row_floats)
+    values = np.arange(np.prod(shape), dtype=np.float32).reshape(shape) + 1.0
+    x = network_buffer(shape)
+    x[...] = values
+    release_rows(x, 0, 17)
+    release_rows(x, 17, 17)  # nothing
+    release_rows(x, 30, None)
+    for channel in range(3):
+        kept = x[0, channel, 17:30]
+        np.testing.assert_array_equal(kept, values[0, channel, 17:30])  # a shared page is never released
+        gone = x[0, channel, :17].ravel()
+        # only whole pages inside the rows go: at most one page's floats of them at each end stay
+        assert np.count_nonzero(gone) <= 2 * PAGE // 4
+        if row_floats * 4 >= PAGE:
+            assert np.count_nonzero(x[0, channel, 1:16]) == 0
+    plain = values.copy()
+    release_rows(plain, 0, None)
+    np.testing.assert_array_equal(plain, values)
+
+
+def test_released_rows_leave_the_resident_set() -> None:
+    x = network_buffer((1, 1, 64, 256, 256))  # 16 MiB, every page touched below
+    x[...] = 1.0
+    before = _resident_mib()
+    release_rows(x, 0, 48)
+    assert before - _resident_mib() > 10  # 12 MiB released, with slack for the rest of the process
+    assert float(x[0, 0, 48:].sum()) == 16 * 256 * 256
