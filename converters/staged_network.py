@@ -348,8 +348,10 @@ class StagedNetwork:
         device: str,
         config: dict[str, Any],
         release: Release | None = None,
+        buffer_bytes: int = MIN_STAGED_BYTES,
     ) -> None:
         self.release = release
+        self.buffer_bytes = buffer_bytes
         self.steps: list[_Compiled | InstanceNorm] = []
         norm: InstanceNorm | None = None
         for stage in stages:
@@ -394,7 +396,10 @@ class StagedNetwork:
                 continue
             # plan_stages puts a slab-wise layer, which applies it, after every instance norm
             assert (norm is not None) == step.normalises
-            out = self._run_slabs(step, x, norm) if step.band is not None else _infer_whole(step.compiled, x)
+            if step.band is not None:
+                out = self._run_slabs(step, x, norm, self.buffer_bytes)
+            else:
+                out = _infer_whole(step.compiled, x, self.buffer_bytes)
             norm = None
             release_rows(x, 0)  # the stage's input is read no more (a caller's buffer too)
             x = out  # and goes with the name (unless the caller holds it) before the release
@@ -404,13 +409,13 @@ class StagedNetwork:
 
     @staticmethod
     def _run_slabs(
-        step: _Compiled, x: npt.NDArray[np.float32], norm: Normalisation | None
+        step: _Compiled, x: npt.NDArray[np.float32], norm: Normalisation | None, buffer_bytes: int
     ) -> npt.NDArray[np.float32]:
         """The layer a slab at a time; ``norm``: the instance norm its input still needs, which the
         compiled piece applies itself (:func:`_normalising`), rows past the input's ends kept zero.
         The rows of a network buffer ``x`` that no later slab reads are released as the slabs go."""
         assert step.band is not None
-        out = network_buffer(step.out_shape)
+        out = _output_array(step.out_shape, buffer_bytes)
         slab = np.zeros((*step.in_shape[:2], step.slab_rows, *step.in_shape[3:]), dtype=np.float32)
         request = step.compiled.create_infer_request()
         inputs: dict[int, npt.NDArray[np.float32]] = {0: slab}
@@ -464,14 +469,26 @@ def _normalising(piece: ov.Model, relu: bool) -> ov.Model:
     return ov.Model(piece.get_results(), [source, mean, scale, inside], piece.get_friendly_name())
 
 
-def _infer_whole(compiled: Any, x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-    """``compiled`` run once on ``x`` on a request of its own, its output copied out of the request."""
+def _infer_whole(
+    compiled: Any, x: npt.NDArray[np.float32], buffer_bytes: int = MIN_STAGED_BYTES
+) -> npt.NDArray[np.float32]:
+    """``compiled`` run once on ``x`` on a request of its own, its output copied out of the request
+    (into a network buffer from ``buffer_bytes`` on: :func:`_output_array`)."""
     request = compiled.create_infer_request()
     request.infer({0: np.ascontiguousarray(x, dtype=np.float32)}, share_inputs=True)
     data = request.get_output_tensor(0).data
-    out = network_buffer(data.shape)  # which the next slab-wise stage consumes
+    out = _output_array(data.shape, buffer_bytes)
     out[...] = data
     return out
+
+
+def _output_array(shape: Sequence[int], buffer_bytes: int) -> npt.NDArray[np.float32]:
+    """A stage's output: a network buffer, which the next slab-wise stage consumes as it reads it,
+    from ``buffer_bytes`` on; a plain array below (a smaller tensor saves little that way, and its own
+    memory map and page faults cost more time than the heap's reused pages: ~0.08 s a brain network)."""
+    if int(np.prod(shape, dtype=np.int64)) * 4 >= buffer_bytes:
+        return network_buffer(shape)
+    return np.empty(tuple(shape), dtype=np.float32)
 
 
 def _unpad_rows(piece: ov.Model) -> None:
@@ -630,7 +647,7 @@ def compile_network(
     stages = plan_stages(model, min_bytes)
     if stages is not None:
         try:
-            staged = StagedNetwork(core, model, stages, device, config, release)
+            staged = StagedNetwork(core, model, stages, device, config, release, buffer_bytes=min_bytes)
         except (ValueError, RuntimeError) as exc:  # a piece OpenVINO will not build or compile
             logger.warning("%s runs whole: %s", model.get_friendly_name(), str(exc).strip().splitlines()[-1])
         else:
