@@ -76,6 +76,21 @@ def unet_like(
     return ov.Model([out], [x], "unet_like")
 
 
+def conv_norm_pool(size: int, bias: float, pool_pad: int) -> Any:
+    """A 3³ convolution plus ``bias``, its instance norm and ReLU, and a 3³ stride-2 max pooling
+    padded by ``pool_pad``: the stage a raw-pool run takes as one."""
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    rng = np.random.default_rng(3)
+    x = ops.parameter([1, 1, size, size, size], np.float32, "image")
+    c = ops.convolution(x, _weights(rng, 4, 1, 3, 3, 3), [1, 1, 1], [1, 1, 1], [1, 1, 1], [1, 1, 1])
+    c = ops.add(c, ops.constant(np.full((1, 4, 1, 1, 1), bias, np.float32)))
+    pads = [pool_pad] * 3
+    p = ops.max_pool(_norm(c), [2, 2, 2], [1, 1, 1], pads, pads, [3, 3, 3]).output(0)
+    return ov.Model([p], [x], "conv_norm_pool")
+
+
 def run_whole(model: Any, x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
     import openvino as ov
 
@@ -118,10 +133,32 @@ def test_staged_network_gives_the_networks_output(
     released: list[Any] = []
     network, compiled = compile_network(ov.Core(), model, "CPU", F32, released.append, min_bytes=MIN_BYTES)
     assert isinstance(network, staged.StagedNetwork)
+    # the first convolution, its norm and the max pooling of it run as one stage: the pooling takes the
+    # convolution's raw rows as they are written, the norm applied to the pooled tensor
+    assert isinstance(network.steps[0], staged._RawPool)
+    assert sum(isinstance(step, staged._RawPool) for step in network.steps) == 1
     out = network(x)
     np.testing.assert_allclose(out, run_whole(model, x), atol=2e-5)
     assert len(released) == len(compiled) == 6, "each compiled piece gives its buffers back after it ran"
     np.testing.assert_array_equal(network(x), out)  # again, after the release
+
+
+@pytest.mark.parametrize(("bias", "pool_pad"), [(-8.0, 1), (0.0, 0)])
+def test_a_max_pooling_of_a_norm_pools_the_raw_rows_exactly(
+    bias: float, pool_pad: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # bias -8: every raw value negative, so a zero past the ends would win the max and show after the
+    # norm; pads 0: the pooling never reads the last row, whose values still count for the norm
+    import openvino as ov
+
+    monkeypatch.setattr(staged, "SLAB_BYTES", 1)
+    size = 18  # 18 rows, of which a pooling without padding reads 17 (its slabs: two rows of 17)
+    model = conv_norm_pool(size, bias, pool_pad)
+    x = np.random.default_rng(4).normal(size=(1, 1, size, size, size)).astype(np.float32)
+    network, _ = compile_network(ov.Core(), model, "CPU", F32, min_bytes=MIN_BYTES)
+    assert isinstance(network, staged.StagedNetwork)
+    assert any(isinstance(step, staged._RawPool) for step in network.steps)
+    np.testing.assert_allclose(network(x), run_whole(model, x), atol=2e-5)
 
 
 @pytest.mark.parametrize("slab_bytes", [1, 64 * 1024])
