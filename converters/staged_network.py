@@ -337,7 +337,7 @@ class _RawPool:
     is applied to the pooling's output after. Exact, because ``max((x - mean) * scale)`` is
     ``(max(x) - mean) * scale`` for a positive scale, and ReLU commutes with max too (float rounding is
     monotonic as well). The layer's output, the largest tensor, is never whole in memory (the brain
-    network's first 128 MiB map: ~30 MiB off its peak, and ~0.1 s less work)."""
+    network's first 128 MiB map: ~30 MiB off the network's peak)."""
 
     layer: _Compiled
     norm: InstanceNorm
