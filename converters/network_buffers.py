@@ -30,7 +30,7 @@ class _Pages(mmap.mmap):
 
 
 def network_buffer(shape: Sequence[int]) -> npt.NDArray[np.float32]:
-    """An uninitialised C-contiguous float32 array of ``shape`` on pages of its own, which a staged
+    """A zero-filled C-contiguous float32 array of ``shape`` on pages of its own, which a staged
     network consumes as it reads it (:func:`release_rows`)."""
     count = int(np.prod(shape, dtype=np.int64))
     pages = _Pages(-1, max(count * 4, 1), flags=mmap.MAP_PRIVATE)  # private: released pages are freed

@@ -528,16 +528,16 @@ class _SlabRun:
     def write(self, first: int, out: npt.NDArray[np.float32]) -> int:
         """Output rows from ``first`` (a multiple of the slab's rows) into the same rows of ``out``;
         how many."""
-        step, slab, lo_fill = self.step, self.slab, self.fill
+        step, slab, fill = self.step, self.slab, self.fill
         n_in, n_out = step.in_shape[2], step.out_shape[2]
         count = min(step.rows_per_slab, n_out - first)
         lo, _ = self.band.inputs_for(first, step.rows_per_slab)
         release_rows(self.x, self.done, lo)  # the band's first row only grows from slab to slab
         self.done = max(self.done, lo)
         a, b = max(lo, 0), min(lo + step.slab_rows, n_in)  # rows of x in the slab; the rest ``fill``
-        slab[:, :, : a - lo] = lo_fill
+        slab[:, :, : a - lo] = fill
         slab[:, :, a - lo : b - lo] = self.x[:, :, a:b]
-        slab[:, :, b - lo :] = lo_fill
+        slab[:, :, b - lo :] = fill
         self.inside[:] = 0.0
         self.inside[:, :, a - lo : b - lo] = 1.0
         self.request.infer(self.inputs, share_inputs=True)
