@@ -495,7 +495,6 @@ class BrainMasker:
         # Resized and normalised in one network buffer, which the brain network consumes as it reads it.
         grid = resize(crop, s.brain_grid, s.order, out=network_buffer(s.brain_grid))
         p = self.brain_net(normalize(grid, low, high, s, out=grid))
-        del grid
         return resize(p, crop.shape, s.order), box
 
     def network_mask(self, image: npt.NDArray[Any]) -> npt.NDArray[np.bool_]:
