@@ -63,6 +63,13 @@ ENGINES: dict[str, str] = {
     "node": "OpenVINO INT8 as the node runs it (static batch 8)",
 }
 BATCHES = (1, 4, 8, 16, 32)
+#: The OpenVINO engines' IR files and precision hints (INT8: f32 for its unquantized layers, as the node
+#: runs it, node/segmenter.py).
+OV_ENGINES: dict[str, tuple[str, str]] = {
+    "ov-fp32": ("model_fp32.xml", "f32"),
+    "ov-bf16": ("model_fp32.xml", "bf16"),
+    "ov-int8": ("model_int8.xml", "f32"),
+}
 VOLUME_SLICES = 155
 THREADS = 0  # 0: every core
 
@@ -236,12 +243,8 @@ def make_predictor(engine: str, model_dir: Path) -> tuple[Predict, str]:
 
         segmenter = OpenVINOSegmenter(load_card(model_dir), model_dir / "model_int8.xml")
         return segmenter.predict, f"int8 (static batch {segmenter.batch_size}, partial batches padded)"
-    xml, hint = {
-        "ov-fp32": (model_dir / "model_fp32.xml", "f32"),
-        "ov-bf16": (model_dir / "model_fp32.xml", "bf16"),
-        "ov-int8": (model_dir / "model_int8.xml", "f32"),  # as the node runs it (node/segmenter.py)
-    }[engine]
-    compiled = ov_compile(xml, hint)
+    name, hint = OV_ENGINES[engine]
+    compiled = ov_compile(model_dir / name, hint)
     precision = str(compiled.get_property("INFERENCE_PRECISION_HINT")).split("'")[1] \
         if "'" in str(compiled.get_property("INFERENCE_PRECISION_HINT")) \
         else str(compiled.get_property("INFERENCE_PRECISION_HINT"))
@@ -341,10 +344,9 @@ def measure_engine(engine: str, model_dir: Path, data_dir: Path, *, batches: Seq
     mode = f"sync, batch {best_batch}"
     best = rates[best_batch]
     if engine.startswith("ov-"):  # the node's own row runs as the node does: sync, its static batch
-        xml = model_dir / ("model_int8.xml" if engine == "ov-int8" else "model_fp32.xml")
-        hint = {"ov-fp32": "f32", "ov-bf16": "bf16", "ov-int8": "f32"}.get(engine)
+        name, hint = OV_ENGINES[engine]
         for b in sorted({1, best_batch}):
-            r = ov_async_rate(xml, hint, slices, b, min_seconds)
+            r = ov_async_rate(model_dir / name, hint, slices, b, min_seconds)
             if r > best:
                 best, mode = r, f"async THROUGHPUT, batch {b}"
     volume = np.resize(slices, (VOLUME_SLICES, *slices.shape[1:]))  # 155 real slices (repeated if fewer)

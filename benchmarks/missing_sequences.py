@@ -48,7 +48,7 @@ def main() -> None:
     args = parser.parse_args()
     card = load_card(args.model)
     optional = list(card.get("optional_modalities", []))
-    predict = openvino_predictor(card, ir_xml(card, args.model, args.precision), precision_hint="f32")
+    predict = openvino_predictor(card, ir_xml(card, args.model, args.precision))
     run = json.loads((args.run / "run.json").read_text())
     val = json.loads((args.run / "split.json").read_text())["val"]
     refs = {r.case_id: r for r in list_cases(Path(run["config"]["data"]), require_labels=True)}

@@ -53,11 +53,6 @@ def _pages_of(x: npt.NDArray[np.float32]) -> _Pages | None:
     return owner if whole else None
 
 
-def is_network_buffer(x: npt.NDArray[np.float32]) -> bool:
-    """Whether ``x`` is a whole :func:`network_buffer`, whose rows :func:`release_rows` can release."""
-    return _pages_of(x) is not None
-
-
 def release_rows(x: npt.NDArray[np.float32], start: int, stop: int | None = None) -> None:
     """Hand back to the kernel the pages holding rows ``start:stop`` (axis 2, the first spatial axis;
     ``stop`` None: to the last) of every batch item and channel of ``x``, a :func:`network_buffer` of

@@ -78,8 +78,13 @@ def ras_to_volume(array_xyz: npt.NDArray[np.generic], volume: Volume) -> npt.NDA
     ndarray
         Same dtype, shape ``volume.array.shape``.
     """
-    ras_affine = volume_ras_affine(volume)
-    start = orientations.io_orientation(ras_affine)
+    return np.ascontiguousarray(_in_volume_order(array_xyz, volume))
+
+
+def _in_volume_order(array_xyz: npt.NDArray[np.generic], volume: Volume) -> npt.NDArray[np.generic]:
+    """``array_xyz`` (on ``volume``'s canonical RAS grid) seen in the volume's (slice, row, column)
+    order: a view, axes permuted and flipped; raises ConverterError for an array of another shape."""
+    start = orientations.io_orientation(volume_ras_affine(volume))
     expected = tuple(int(n) for n in np.asarray(volume.array.shape)[::-1][np.argsort(start[:, 0])])
     if tuple(array_xyz.shape) != expected:
         raise ConverterError(
@@ -87,7 +92,7 @@ def ras_to_volume(array_xyz: npt.NDArray[np.generic], volume: Volume) -> npt.NDA
             f"of series {volume.series_instance_uid}"
         )
     back = orientations.apply_orientation(array_xyz, orientations.ornt_transform(_RAS, start))
-    return np.ascontiguousarray(np.transpose(back, (2, 1, 0)))
+    return np.transpose(back, (2, 1, 0))
 
 
 def share_ras_pixels(volume: Volume, array_xyz: npt.NDArray[np.float32]) -> Volume:
@@ -100,15 +105,7 @@ def share_ras_pixels(volume: Volume, array_xyz: npt.NDArray[np.float32]) -> Volu
     ConverterError
         ``array_xyz`` is not on the volume's canonical grid.
     """
-    ras_affine = volume_ras_affine(volume)
-    start = orientations.io_orientation(ras_affine)
-    back = orientations.apply_orientation(array_xyz, orientations.ornt_transform(_RAS, start))
-    view = np.transpose(back, (2, 1, 0))
-    if view.shape != volume.array.shape or not np.shares_memory(view, array_xyz):
-        raise ConverterError(
-            f"series {volume.series_instance_uid}: array {tuple(array_xyz.shape)} is not the RAS view of "
-            f"its volume {tuple(volume.array.shape)}"
-        )
+    view = np.asarray(_in_volume_order(array_xyz, volume), dtype=np.float32)  # a view: float32 already
     array_xyz.setflags(write=False)
     view.setflags(write=False)
     return dataclasses.replace(volume, array=view)

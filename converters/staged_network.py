@@ -87,20 +87,9 @@ class InstanceNorm:
 
     def statistics(self, x: npt.NDArray[np.float32]) -> Normalisation:
         """Each channel's mean and scale over ``x`` (N, C, ...), accumulated in float64."""
-        n, c = x.shape[:2]
-        mean = np.empty((n, c), dtype=np.float64)
-        scale = np.empty((n, c), dtype=np.float64)
-
-        def one(index: tuple[int, int]) -> None:
-            flat = x[index].reshape(-1)
-            m = float(flat.sum(dtype=np.float64)) / flat.size
-            var = max(float(np.einsum("i,i->", flat, flat, dtype=np.float64)) / flat.size - m * m, 0.0)
-            mean[index] = m
-            scale[index] = 1.0 / (np.sqrt(var + self.eps) if self.inside_sqrt else np.sqrt(var) + self.eps)
-
-        with ThreadPoolExecutor(max_workers=2) as pool:  # NumPy's reductions release the GIL
-            list(pool.map(one, [(i, j) for i in range(n) for j in range(c)]))
-        return Normalisation(mean, scale)
+        sums = _ChannelSums(x.shape[:2])
+        sums.add(x, threads=2)
+        return sums.normalisation(self)
 
 
 @dataclass(frozen=True)
@@ -416,11 +405,9 @@ class StagedNetwork:
         if len(self.steps) < 2 or not isinstance(self.steps[-1], InstanceNorm):
             return False
         layer = self.steps[-2]
-        return (
-            isinstance(layer, _Compiled)
-            and layer.band is not None
-            and int(np.prod(layer.out_shape, dtype=np.int64)) * 4 >= self.buffer_bytes
-        )
+        if not isinstance(layer, _Compiled) or layer.band is None:
+            return False
+        return _buffered(layer.out_shape, self.buffer_bytes)
 
     @property
     def compiled(self) -> list[Any]:
@@ -547,22 +534,31 @@ class _SlabRun:
 
 
 class _ChannelSums:
-    """Each channel's sum and sum of squares over slabs of an (N, C, rows, ...) tensor, in float64, for
-    its instance norm (:meth:`InstanceNorm.statistics` over the whole tensor gives the same figures)."""
+    """Each channel's sum and sum of squares over an (N, C, rows, ...) tensor, whole or a slab of rows at
+    a time, in float64, and its instance norm's figures from them."""
 
     def __init__(self, channels: Sequence[int]) -> None:
         self.sum = np.zeros(tuple(channels), dtype=np.float64)
         self.squares = np.zeros(tuple(channels), dtype=np.float64)
         self.count = 0
 
-    def add(self, rows: npt.NDArray[np.float32]) -> None:
-        """Add a slab of rows (a view of the tensor)."""
+    def add(self, rows: npt.NDArray[np.float32], threads: int = 1) -> None:
+        """Add a slab of rows (a view of the tensor); ``threads`` > 1: channels summed in parallel
+        (NumPy's reductions release the GIL)."""
         n, c = rows.shape[:2]
-        for i in range(n):
-            for j in range(c):
-                flat = rows[i, j].reshape(-1)
-                self.sum[i, j] += float(flat.sum(dtype=np.float64))
-                self.squares[i, j] += float(np.einsum("i,i->", flat, flat, dtype=np.float64))
+
+        def one(index: tuple[int, int]) -> None:
+            flat = rows[index].reshape(-1)
+            self.sum[index] += float(flat.sum(dtype=np.float64))
+            self.squares[index] += float(np.einsum("i,i->", flat, flat, dtype=np.float64))
+
+        indices = [(i, j) for i in range(n) for j in range(c)]
+        if threads > 1:
+            with ThreadPoolExecutor(max_workers=threads) as pool:
+                list(pool.map(one, indices))
+        else:
+            for index in indices:
+                one(index)
         self.count += int(np.prod(rows.shape[2:], dtype=np.int64))
 
     def normalisation(self, norm: InstanceNorm) -> Normalisation:
@@ -626,9 +622,12 @@ def _output_array(shape: Sequence[int], buffer_bytes: int) -> npt.NDArray[np.flo
     """A stage's output: a network buffer, which the next slab-wise stage consumes as it reads it,
     from ``buffer_bytes`` on; a plain array below (a smaller tensor saves little that way, and its own
     memory map and page faults cost more time than the heap's reused pages: ~0.08 s a brain network)."""
-    if int(np.prod(shape, dtype=np.int64)) * 4 >= buffer_bytes:
-        return network_buffer(shape)
-    return np.empty(tuple(shape), dtype=np.float32)
+    return network_buffer(shape) if _buffered(shape, buffer_bytes) else np.empty(tuple(shape), np.float32)
+
+
+def _buffered(shape: Sequence[int], buffer_bytes: int) -> bool:
+    """Whether a stage output of ``shape`` goes in a network buffer (:func:`_output_array`)."""
+    return int(np.prod(shape, dtype=np.int64)) * 4 >= buffer_bytes
 
 
 def _unpad_rows(piece: ov.Model) -> None:
@@ -772,6 +771,21 @@ def two_class_logit(model: ov.Model, channel: int) -> ov.Model | None:
         logit = ops.convolution(layer.input_value(0), ops.constant(w_diff), attrs["strides"], **conv_attrs)
     foreground = ops.sigmoid(ops.add(logit, ops.constant(b_diff)))
     return ov.Model([foreground], model.get_parameters(), model.get_friendly_name())
+
+
+def on_grid(
+    network: ArrayNetwork, before: Callable[[], object] | None = None
+) -> Callable[[npt.NDArray[np.float32]], npt.NDArray[np.float32]]:
+    """``network`` (a batch of one image of one channel in, one channel out) called with the image's
+    grid itself, and giving the probabilities on it; ``before``: called first on each call. The network
+    reads the array itself, not a copy (64 MiB on the brain network's 256³ grid)."""
+
+    def run(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        if before is not None:
+            before()
+        return network(np.ascontiguousarray(x[None, None], dtype=np.float32))[0, 0]
+
+    return run
 
 
 def compile_network(

@@ -24,7 +24,7 @@ from converters.brain_mask import (
     brain_volume_ml,
 )
 from converters.exceptions import ModelCardError
-from converters.staged_network import ArrayNetwork, compile_network, foreground_only
+from converters.staged_network import compile_network, foreground_only, on_grid
 from db.card import check_runnable_card
 from node.exceptions import ModelLoadError
 from node.memory import release_compiled, trim_heap
@@ -97,7 +97,11 @@ def compile_networks(
             network, _ = compile_network(core, cut, device, config, _release_and_trim)
         except (RuntimeError, ValueError) as exc:
             raise ModelLoadError(f"brain extractor: OpenVINO cannot compile {xml}: {exc}") from None
-        nets[key] = _on_grid(network)
+        # Each call leaves no network buffers behind: compile_network releases them after each stage,
+        # _release_and_trim giving the freed heap back (the brain network on its 256³ grid would keep
+        # ~450 MiB otherwise, between studies too); the heap the preprocessing freed (its resized
+        # copies) goes back before the network adds its own.
+        nets[key] = on_grid(network, before=trim_heap)
     for key, net in nets.items():
         # One call on zeros at load: OpenVINO's CPU plugin fills each network's own input buffer when
         # it compiles (64 MiB on the brain network's 256³ grid, 8 MiB on the box network's 128³) and
@@ -121,21 +125,6 @@ def _release_and_trim(compiled: Any) -> None:
     next stage's tensors do not stack on the last one's pages (up to ~90 MiB on the brain network)."""
     release_compiled(compiled)
     trim_heap()
-
-
-def _on_grid(network: ArrayNetwork) -> Network:
-    """``network`` (a batch of one image of one channel in, its foreground channel out) as
-    :class:`~converters.brain_mask.BrainMasker` calls it: the grid in, the probabilities on it out.
-    Each call leaves no network buffers behind (:func:`~converters.staged_network.compile_network`
-    releases them after each stage, :func:`_release_and_trim` giving the freed heap back: the brain
-    network on its 256³ grid would keep ~450 MiB otherwise, between studies too)."""
-
-    def foreground(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-        trim_heap()  # what the preprocessing freed (its resized copies), before the network adds its own
-        # the network reads the array itself rather than a copy (64 MiB on 256³)
-        return network(np.ascontiguousarray(x[None, None], dtype=np.float32))[0, 0]
-
-    return foreground
 
 
 class BrainExtractor:

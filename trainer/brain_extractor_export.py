@@ -37,7 +37,7 @@ import numpy as np
 import numpy.typing as npt
 
 from converters.brain_mask import BrainExtractionSettings, BrainMasker, Network
-from converters.staged_network import compile_network, foreground_only
+from converters.staged_network import compile_network, foreground_only, on_grid
 from db.card import CARD_NAME, FORMAT_VERSION, file_entry, sha256_file
 from trainer.exceptions import TrainerError
 
@@ -187,11 +187,7 @@ def ir_masker(card: Mapping[str, Any], directory: Path) -> BrainMasker:
         model.reshape([1, 1, *grids[key]])
         cut = foreground_only(model, channel)
         run, _ = compile_network(core, cut, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-
-        def foreground(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-            return run(np.ascontiguousarray(x[None, None], dtype=np.float32))[0, 0]
-
-        return foreground
+        return on_grid(run)
 
     return BrainMasker(settings, network("bbox"), network("brain"))
 

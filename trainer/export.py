@@ -544,7 +544,7 @@ def export_run(options: ExportOptions, on_step: Callable[[str], None] | None = N
     _progress("converting to OpenVINO IR FP32", on_step)
     fp32_xml = out / "model_fp32.xml"
     ov.save_model(ov.convert_model(str(onnx_path)), str(fp32_xml), compress_to_fp16=options.fp16_weights)
-    fp32_predict = openvino_predictor(card_base, fp32_xml, precision_hint="f32")
+    fp32_predict = openvino_predictor(card_base, fp32_xml)
     checks["ir_fp32_vs_pytorch"] = check_close("IR FP32", torch_predict, fp32_predict, probe)
     artifacts.append(
         {
@@ -583,10 +583,7 @@ def export_run(options: ExportOptions, on_step: Callable[[str], None] | None = N
         "checkpoint": CardPredictor(card_base, torch_predict, "checkpoint", "fp32"),
         "onnx": CardPredictor(card_base, onnx_predictor(onnx_path), "onnx", "fp32"),
         "ir_fp32": CardPredictor(card_base, fp32_predict, "ir_fp32", "fp32"),
-        # f32 for the INT8 network's unquantized layers, as the node runs it (node/segmenter.py)
-        "ir_int8": CardPredictor(
-            card_base, openvino_predictor(card_base, int8_xml, precision_hint="f32"), "ir_int8", "int8"
-        ),
+        "ir_int8": CardPredictor(card_base, openvino_predictor(card_base, int8_xml), "ir_int8", "int8"),
     }
     for entry in artifacts:
         if val_refs:

@@ -95,7 +95,7 @@ MAX_RESHAPED = 4
 
 
 def openvino_predictor(
-    card: Mapping[str, Any], model_xml: Path, device: str = "CPU", precision_hint: str | None = None
+    card: Mapping[str, Any], model_xml: Path, device: str = "CPU", precision_hint: str | None = "f32"
 ) -> SlicePredictor:
     """A slice predictor running an OpenVINO IR (or an ONNX file, which OpenVINO reads too).
 
@@ -108,8 +108,9 @@ def openvino_predictor(
     device:
         OpenVINO device name (``CPU``, ``GPU``, ``AUTO``...).
     precision_hint:
-        ``INFERENCE_PRECISION_HINT`` (``"f32"`` keeps a CPU with AMX from running an FP32 model in
-        bf16); None keeps OpenVINO's default.
+        ``INFERENCE_PRECISION_HINT``; None keeps OpenVINO's default. ``"f32"`` by default, as the node's
+        segmenter (node/segmenter.py): on a CPU with native bf16 OpenVINO's default runs an FP32 network,
+        and an INT8 network's unquantized layers, in bf16.
 
     Raises
     ------

@@ -139,7 +139,7 @@ def requantize_dir(
         metrics = {}
         for key, (xml, precision) in runs.items():
             # f32 as the node runs them: the INT8 network's unquantized layers too (node/segmenter.py)
-            predict = openvino_predictor(card, xml, precision_hint="f32")
+            predict = openvino_predictor(card, xml)
             result = evaluate_cases(CardPredictor(card, predict, key, precision), val_refs)
             metrics[key] = card_metrics(result, "validation")
         fp32["metrics"], int8["metrics"] = metrics["ir_fp32"], metrics["ir_int8"]

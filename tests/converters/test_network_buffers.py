@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from converters.network_buffers import PAGE, is_network_buffer, network_buffer, release_rows
+from converters.network_buffers import PAGE, network_buffer, release_rows
 
 
 def _resident_mib() -> float:
@@ -15,12 +15,14 @@ def _resident_mib() -> float:
 
 
 def test_a_network_buffer_is_a_writable_float32_array() -> None:
-    x = network_buffer((1, 2, 3, 4))
-    assert x.shape == (1, 2, 3, 4) and x.dtype == np.float32 and x.flags.writeable and x.flags.c_contiguous
+    x = network_buffer((1, 2, 3, 1024))  # rows of one page
+    assert x.shape == (1, 2, 3, 1024) and x.dtype == np.float32 and x.flags.writeable and x.flags.c_contiguous
     x[...] = 5.0
-    assert is_network_buffer(x) and is_network_buffer(x.reshape(2, 12))
-    assert not is_network_buffer(x[:, :1]) and not is_network_buffer(x[..., 1:])  # slices are not whole
-    assert not is_network_buffer(np.zeros((1, 2, 3, 4), np.float32))
+    release_rows(x[:, :1], 0)  # slices are not whole buffers: nothing released
+    release_rows(x[..., 1:], 0)
+    assert np.all(x == 5.0)
+    release_rows(x.reshape(2, 1, 3, 1024), 0, 1)  # a reshaped view is whole: the first row of each block
+    assert np.all(x[0, :, 0] == 0.0) and np.all(x[0, :, 1:] == 5.0)
 
 
 @pytest.mark.parametrize("row_floats", [1024, 1000, 3000])  # rows of exactly one page, less, and more

@@ -67,7 +67,7 @@ def test_a_volume_can_share_its_pixels_with_its_ras_array(seed: int) -> None:
     assert not ras.flags.writeable and not shared.array.flags.writeable
     assert shared.series_instance_uid == volume.series_instance_uid
     np.testing.assert_array_equal(shared.origin, volume.origin)
-    with pytest.raises(ConverterError, match="not the RAS view"):
+    with pytest.raises(ConverterError, match="does not match the canonical grid"):
         share_ras_pixels(volume, np.zeros((ras.shape[0] + 1, *ras.shape[1:]), np.float32))
 
 
