@@ -136,7 +136,9 @@ def main() -> int:
     """Run the benchmark; exit status 0 when it ran (targets are reported, not enforced)."""
     from node.demo import DEFAULT_CASE, DEFAULT_MODEL
     from node.exceptions import NodeError
+    from node.memory import tune_malloc
 
+    tune_malloc()  # the allocator as `segnode serve` and `segnode demo` set it
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     parser.add_argument("--case", type=Path, default=None)

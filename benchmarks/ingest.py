@@ -503,6 +503,9 @@ def tables(result: dict[str, Any]) -> str:
 
 def main() -> int:
     """Measure every receiver at each association count; print and save the tables."""
+    from node.memory import tune_malloc
+
+    tune_malloc()  # the node rows run in this process: its allocator as `segnode serve` sets it
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--case", type=Path, default=DEFAULT_CASE)
     parser.add_argument("--repeat", type=int, default=2)

@@ -84,13 +84,13 @@ def receive(settings: Settings, listen_fd: int, log_level: int, out: IO[str]) ->
     """
     from db.session import make_engine, make_session_factory
     from node.log_scrub import install as scrub_library_logs
-    from node.memory import limit_arenas
+    from node.memory import tune_malloc
     from node.scp import StorageSCP
 
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda _signum, _frame: stopping.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the node stops us
-    limit_arenas()
+    tune_malloc()
     logging.basicConfig(level=log_level, format=LOG_FORMAT)
     scrub_library_logs()
     parent = os.getppid()

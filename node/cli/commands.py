@@ -102,10 +102,10 @@ def serve(config: Path | None = CONFIG_OPTION) -> None:
     """Run the node: DICOM SCP, workers, sender, /metrics and /healthz, until SIGINT, SIGTERM or SIGHUP."""
     from node.config import load_settings
     from node.log_scrub import install as scrub_library_logs
-    from node.memory import limit_arenas
+    from node.memory import tune_malloc
     from node.service import NodeService
 
-    limit_arenas()  # before the node's threads start (node/memory.py)
+    tune_malloc()  # before the node's threads start (node/memory.py)
     scrub_library_logs()
     settings = load_settings(config)
     service = NodeService(settings)
@@ -217,7 +217,9 @@ def demo(
     """The whole clinical path on this machine: DICOM study in over C-STORE, SEG and SR back."""
     from node.demo import run_demo
     from node.exceptions import NodeError
+    from node.memory import tune_malloc
 
+    tune_malloc()  # as `segnode serve` runs the node (node/memory.py)
     if sender not in ("auto", "pynetdicom"):
         raise NodeError(f"--sender {sender!r} is not 'auto' or 'pynetdicom'")
     storescu = dcmtk_program("storescu") if sender == "auto" else None

@@ -64,6 +64,44 @@ def test_arena_cap_is_set_unless_the_environment_sets_it() -> None:
     assert subprocess.run(run, env=env, capture_output=True, text=True, check=True).stdout.strip() == "False"
 
 
+#: In a fresh interpreter: a freed 30 MiB array (its own map under glibc's default threshold, which the
+#: free raises to 30 MiB), then an 8 MiB one; prints whether the threshold was fixed and whether the
+#: 8 MiB array lies in the heap.
+_ON_HEAP = """
+import sys
+import numpy as np
+from node.memory import fix_mmap_threshold
+fixed = fix_mmap_threshold() if sys.argv[1] == "fix" else None
+a = np.ones(30 << 20, dtype=np.uint8)
+del a
+b = np.ones(8 << 20, dtype=np.uint8)
+for line in open("/proc/self/maps"):
+    if line.rstrip().endswith("[heap]"):
+        start, end = (int(v, 16) for v in line.split()[0].split("-"))
+        print(fixed, start <= b.ctypes.data < end)
+        break
+else:
+    print(fixed, False)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's")
+def test_fixed_mmap_threshold_keeps_large_arrays_off_the_heap() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+    env["PYTHONPATH"] = str(REPO)
+
+    def run(mode: str) -> list[str]:
+        return subprocess.run([sys.executable, "-c", _ON_HEAP, mode], env=env, capture_output=True,
+                              text=True, check=True).stdout.split()
+
+    # glibc's moving threshold: the 8 MiB array comes from the heap, where a live object above it
+    # would keep its pages mapped once it is freed.
+    assert run("default") == ["None", "True"]
+    assert run("fix") == ["True", "False"]  # its own map, handed back when freed
+    env["MALLOC_MMAP_THRESHOLD_"] = str(1 << 20)  # an operator's setting wins
+    assert run("fix")[0] == "False"
+
+
 def test_segmenter_answers_the_same_after_a_release(tmp_path: Path) -> None:
     model_dir = make_threshold_model(tmp_path / "m", crop=(32, 32))
     card = json.loads((model_dir / "model.json").read_text())
