@@ -465,18 +465,21 @@ class StagedNetwork:
         read_pool = _SlabRun(pool, raw, None, fill=-np.inf)  # past the ends: nothing to take the max of
         sums = _ChannelSums(layer.out_shape[:2])
         n_raw, written = layer.out_shape[2], 0
+
+        def write_slab() -> int:
+            """The layer's next slab of raw rows, added to the norm's sums; the first row after it."""
+            count = write_layer.write(written, raw)
+            sums.add(raw[:, :, written : written + count])
+            return written + count
+
         for first in range(0, pool.out_shape[2], pool.rows_per_slab):
             lo, _ = pool.band.inputs_for(first, pool.rows_per_slab)
             while written < min(lo + pool.slab_rows, n_raw):
-                count = write_layer.write(written, raw)
-                sums.add(raw[:, :, written : written + count])
-                written += count
+                written = write_slab()
             read_pool.write(first, pooled)
         while written < n_raw:  # rows no pooling window reads still count for the norm
-            count = write_layer.write(written, raw)
-            sums.add(raw[:, :, written : written + count])
-            release_rows(raw, written, written + count)
-            written += count
+            start, written = written, write_slab()
+            release_rows(raw, start, written)
         release_rows(raw, 0)
         figures = sums.normalisation(step.norm)
         shape = (*figures.mean.shape, *([1] * (pooled.ndim - 2)))

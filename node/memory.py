@@ -18,8 +18,8 @@ volume) a memory map of its own, handed back to the system when freed. glibc's d
 each freed map raises it to that map's size (up to 32 MiB), after which arrays of that size come from
 the heap, where a few live objects between them keep the freed pages mapped. After one job the node
 idled ~20-40 MiB higher than before it, and the next study's early analysis started from there.
-:func:`tune_malloc` does both; ``segnode serve`` and each receiving process call it before their
-threads start.
+:func:`tune_malloc` does both; ``segnode serve``, ``segnode demo`` and each receiving process call it
+before their threads start.
 """
 
 from __future__ import annotations
@@ -68,10 +68,7 @@ NODE_ARENAS = 2
 def limit_arenas(arenas: int = NODE_ARENAS) -> bool:
     """Cap glibc's malloc arenas (``mallopt(M_ARENA_MAX)``; ``MALLOC_ARENA_MAX`` in the environment
     wins). Call before threads start. False where there is no glibc or it refused."""
-    libc = _libc()
-    if libc is None or os.environ.get("MALLOC_ARENA_MAX"):
-        return False
-    return bool(libc.mallopt(M_ARENA_MAX, int(arenas)))
+    return _mallopt(M_ARENA_MAX, arenas, "MALLOC_ARENA_MAX")
 
 
 #: glibc's mallopt parameter number of M_MMAP_THRESHOLD (malloc.h).
@@ -86,10 +83,17 @@ def fix_mmap_threshold(size: int = NODE_MMAP_THRESHOLD) -> bool:
     """Fix glibc's mmap threshold at ``size`` bytes (``mallopt(M_MMAP_THRESHOLD)``, which also stops
     glibc from moving it; ``MALLOC_MMAP_THRESHOLD_`` in the environment wins). False where there is no
     glibc, the environment sets it, or glibc refused."""
+    return _mallopt(M_MMAP_THRESHOLD, size, "MALLOC_MMAP_THRESHOLD_")
+
+
+def _mallopt(parameter: int, value: int, environment: str) -> bool:
+    """``mallopt(parameter, value)`` unless the environment variable of the same setting is set (an
+    operator's choice, which glibc has already applied); False where it is set, there is no glibc, or
+    glibc refused."""
     libc = _libc()
-    if libc is None or os.environ.get("MALLOC_MMAP_THRESHOLD_"):
+    if libc is None or os.environ.get(environment):
         return False
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, int(size)))
+    return bool(libc.mallopt(parameter, int(value)))
 
 
 def tune_malloc() -> None:

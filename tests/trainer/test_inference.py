@@ -194,7 +194,7 @@ def test_evaluate_runs_an_ir_in_float32_as_the_node_does(
     tmp_path: Path, precision: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # OpenVINO's default on a CPU with native bf16 would run an FP32 network, and an INT8 network's
-    # unquantized layers, in bf16; the node asks for f32 (node/segmenter.py), so the card's figures do
+    # unquantized layers, in bf16; the node asks for f32 (node/segmenter.py), so the card's figures do too
     from trainer import evaluate
 
     hints: list[object] = []
