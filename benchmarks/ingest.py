@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, RESULTS_DIR, SHARED_DATA, markdown_table, save_result
+from common import RESULTS_DIR, SHARED_DATA, markdown_table, save_result
 
 from node.dcmtk_programs import dcmtk_program
 
@@ -515,9 +515,10 @@ def main() -> int:
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)  # the node under test has no model and no destination
     if not args.case.is_dir():
-        fallback = REPO / "models" / "demo_case" / "BraTS2021_00003"
-        print(f"{args.case} not found; using {fallback}")
-        args.case = fallback
+        from node.demo import DEFAULT_CASE as DEMO_CASE
+
+        print(f"{args.case} not found; using {DEMO_CASE}")
+        args.case = DEMO_CASE
     files = study_files(args.case, RESULTS_DIR)
     counts = [int(x) for x in args.associations.split(",")]
     rows = measure_all(args.receivers.split(","), files, counts, args.repeat)

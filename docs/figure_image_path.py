@@ -29,11 +29,11 @@ from converters.nifti import load_case  # noqa: E402
 from converters.reorient import ras_to_volume, volume_to_ras  # noqa: E402
 from converters.reslice import SeriesPlan, reslice_case  # noqa: E402
 from node.brain_extraction import BrainExtractor  # noqa: E402
+from node.demo import DEFAULT_CASE  # noqa: E402
 from node.segmenter import OpenVINOSegmenter  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 SERIES = SHARED / "dicom" / "philips_t1_sag3d_mprage_healthy"
-DEMO_CASE = ROOT / "models" / "demo_case" / "BraTS2021_00003"
 
 
 def _grey(image: np.ndarray) -> np.ndarray:
@@ -68,7 +68,7 @@ def main() -> None:
     brain_ml = float(mask.sum()) * float(np.prod(volume.spacing)) / 1000.0
 
     # Row 2: a tumour, re-acquired oblique.
-    case = load_case(DEMO_CASE)
+    case = load_case(DEFAULT_CASE)
     resliced = reslice_case(case, SeriesPlan("oblique", tilt_degrees=20.0), ["FLAIR"])
     oblique = resliced.volumes["FLAIR"]
     o_image, o_affine = volume_to_ras(oblique)

@@ -38,7 +38,8 @@ logger = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = REPO / "models" / "default"
-DEFAULT_CASE = REPO / "models" / "demo_case" / "BraTS2021_00003"
+#: A validation case of both shipped models (never trained on; not a holdout case): models/demo_case/NOTICE.
+DEFAULT_CASE = REPO / "models" / "demo_case" / "BraTS2021_00005"
 CATCHER_AE = "DEMO_PACS"
 
 

@@ -340,9 +340,11 @@ def running_stack(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``make viewer``: start the stack, send the demo case through it, print the URL, wait for Ctrl-C."""
+    from node.demo import DEFAULT_CASE
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--port", type=int, default=9042, help="viewer HTTP port (default 9042)")
-    parser.add_argument("--case", type=Path, default=REPO / "models" / "demo_case" / "BraTS2021_00003")
+    parser.add_argument("--case", type=Path, default=DEFAULT_CASE)
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary directory")
     parser.add_argument(
         "--regions",

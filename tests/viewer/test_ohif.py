@@ -1,7 +1,7 @@
 """The node's SEG and SR in a real viewer: OHIF (npm @ohif/app, built dist) over Orthanc's DICOMweb plugin,
 driven in Debian's headless Chromium by playwright-core (deploy/viewer/drive.mjs).
 
-The shipped demo case (BraTS2021_00003, FLAIR) is uploaded to Orthanc, Orthanc C-STOREs it to the node,
+The shipped demo case (BraTS2021_00005, FLAIR) is uploaded to Orthanc, Orthanc C-STOREs it to the node,
 the node returns its SEG and SR to Orthanc; the viewer is then judged from the page alone:
 
 - the SEG opens and the segmentation panel lists it with its segment label;
@@ -35,7 +35,7 @@ from typing import Any
 import pytest
 
 from deploy.viewer import stack
-from tests.helpers.peers import REPO
+from node.demo import DEFAULT_CASE
 from tests.helpers.viewer import (
     check_drawn,
     check_not_drawn,
@@ -48,14 +48,12 @@ from tests.helpers.viewer import (
     voxel_ml,
 )
 
-DEMO_CASE = REPO / "models" / "demo_case" / "BraTS2021_00003"
-
 
 @pytest.fixture()
 def viewer_stack(tmp_path: Path) -> Iterator[tuple[stack.OrthancWeb, stack.ViewerServer, str, str]]:
     orthanc_program = need_viewer_parts()
     with stack.running_stack(tmp_path / "stack", orthanc_program=orthanc_program) as (orthanc, viewer, _):
-        uid, study_id = stack.push_case(orthanc, DEMO_CASE, tmp_path / "study", ["FLAIR"])
+        uid, study_id = stack.push_case(orthanc, DEFAULT_CASE, tmp_path / "study", ["FLAIR"])
         yield orthanc, viewer, uid, study_id
 
 

@@ -21,20 +21,19 @@ from converters.nifti import load_case
 from db.registry import Registry
 from db.session import make_engine, make_session_factory
 from node.bootstrap import SHIPPED_MODEL_DIR
+from node.demo import DEFAULT_CASE
 from tests.helpers.dcmtk import DcmtkStoreSCP, storescu
 from tests.helpers.peers import REPO
 from tests.helpers.ports import free_port
 from tests.helpers.served import ServedNode, node_toml
 from tests.helpers.waiting import wait_until
 
-DEMO_CASE = REPO / "models" / "demo_case" / "BraTS2021_00003"
-
 
 @pytest.fixture(scope="module")
 def flair_study(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     """The shipped demo case's FLAIR as a DICOM series (155 files)."""
     out = tmp_path_factory.mktemp("study")
-    info = write_study(load_case(DEMO_CASE), out, modalities=["FLAIR"], seed=3)
+    info = write_study(load_case(DEFAULT_CASE), out, modalities=["FLAIR"], seed=3)
     return list(info.series["FLAIR"].files)
 
 
