@@ -482,6 +482,24 @@ class BrainMasker:
         x = np.asarray(image, dtype=np.float32)
         if not np.isfinite(x).all():  # a copy only then: the image is read, never written (35 MiB on 1 mm)
             x = np.nan_to_num(x)
+        box, low, high = self._box(x)
+        crop = x[box]
+        # Resized and normalised in one network buffer, which the brain network consumes as it reads it.
+        grid = resize(crop, s.brain_grid, s.order, out=network_buffer(s.brain_grid))
+        p = self.brain_net(normalize(grid, low, high, s, out=grid))
+        return resize(p, crop.shape, s.order), box
+
+    def _box(self, x: npt.NDArray[np.float32]) -> tuple[tuple[slice, slice, slice], float, float]:
+        """The box network's crop of ``x`` (finite, float32) and the intensity window (low, high) both
+        networks normalise with. A method of its own so that the box network's grids (its input, output
+        and mask, ~18 MiB) are gone before the brain network runs, at the job's memory peak.
+
+        Raises
+        ------
+        NoBrainFoundError
+            A uniform image, or the box network finds no head.
+        """
+        s = self.settings
         small = resize(x, s.bbox_grid, s.order)
         low, high = (float(v) for v in np.percentile(small, s.percentiles))
         if not high > low:
@@ -491,11 +509,7 @@ class BrainMasker:
         box = bbox_with_margin(box_mask, x.shape, s) if box_mask.any() else None
         if box is None or any(b.stop - b.start < 2 for b in box):
             raise NoBrainFoundError("brain extraction found no brain (the box network found no head)")
-        crop = x[box]
-        # Resized and normalised in one network buffer, which the brain network consumes as it reads it.
-        grid = resize(crop, s.brain_grid, s.order, out=network_buffer(s.brain_grid))
-        p = self.brain_net(normalize(grid, low, high, s, out=grid))
-        return resize(p, crop.shape, s.order), box
+        return box, low, high
 
     def network_mask(self, image: npt.NDArray[Any]) -> npt.NDArray[np.bool_]:
         """deepbet's mask (threshold, largest component, holes filled), before the node's checks."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 
 import numpy as np
@@ -152,6 +153,33 @@ def test_a_brain_stands_out_from_the_dark_band_around_it_whatever_the_fat_farthe
     pattern = (100 + 80 * np.sin(stripes * 2 * np.pi / 9)).astype(np.float32)
     with pytest.raises(NoBrainFoundError, match="does not stand out from its surroundings"):
         masker.extract(pattern, affine)
+
+
+class _Followed(np.ndarray):
+    """An array a weak reference can follow (a plain ndarray takes none)."""
+
+
+def test_the_box_networks_output_is_gone_before_the_brain_network_runs() -> None:
+    """The brain network is the job's memory peak: the box network's grids (its output and the mask
+    made of it, 10 MiB on the node's 128³ box grid) are freed before it runs, not held beside it."""
+    s = BrainExtractionSettings(bbox_grid=(32, 32, 32), brain_grid=(64, 64, 64), min_brain_ml=100.0)
+    box_outputs: list[weakref.ref[_Followed]] = []
+    alive_when_the_brain_network_runs: list[list[bool]] = []
+    ball, brain = _ball_network(18.5 / 72), _ball_network(18.5 / 36 / 1.2)
+
+    def box_network(x: np.ndarray) -> np.ndarray:
+        out = ball(x).view(_Followed)
+        box_outputs.append(weakref.ref(out))
+        return out
+
+    def brain_network(x: np.ndarray) -> np.ndarray:
+        alive_when_the_brain_network_runs.append([ref() is not None for ref in box_outputs])
+        return brain(x)
+
+    masker = BrainMasker(s, box_network, brain_network)
+    mask = masker.extract(_synthetic_head(180.0), np.diag([3.0, 3.0, 3.0, 1.0]))
+    assert mask.any()
+    assert alive_when_the_brain_network_runs == [[False]]
 
 
 @pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (0.94, 0.94, 5.5), (1.2, 0.5, 2.0)])
