@@ -29,15 +29,22 @@ class _Pages(mmap.mmap):
     """An anonymous private memory map that a network may consume (see the module's docstring)."""
 
 
-def network_buffer(shape: Sequence[int]) -> npt.NDArray[np.float32]:
+def network_buffer(shape: Sequence[int], huge_pages: bool = True) -> npt.NDArray[np.float32]:
     """A zero-filled C-contiguous float32 array of ``shape`` on pages of its own, which a staged
-    network consumes as it reads it (:func:`release_rows`)."""
+    network consumes as it reads it (:func:`release_rows`).
+
+    ``huge_pages`` False for a buffer that is written and released a few rows at a time across many
+    channels: a huge page holds 2 MiB of one channel's rows, so each channel written would keep up to
+    two of them resident where a few 4 KiB pages of rows are all that is live. Such a buffer is kept
+    off huge pages also where the kernel gives them unasked (``transparent_hugepage`` "always")."""
     count = int(np.prod(shape, dtype=np.int64))
     pages = _Pages(-1, max(count * 4, 1), flags=mmap.MAP_PRIVATE)  # private: released pages are freed
-    if count * 4 >= HUGE_BYTES and hasattr(mmap, "MADV_HUGEPAGE"):
+    if count * 4 >= HUGE_BYTES:
         # As NumPy asks for its own large arrays: transparent huge pages where the kernel gives them on
         # request, 512 times fewer page faults (~0.2 s of the brain network's 0.7 s without).
-        pages.madvise(mmap.MADV_HUGEPAGE)
+        advice = "MADV_HUGEPAGE" if huge_pages else "MADV_NOHUGEPAGE"
+        if hasattr(mmap, advice):
+            pages.madvise(getattr(mmap, advice))
     return np.frombuffer(pages, dtype=np.float32, count=count).reshape(tuple(int(n) for n in shape))
 
 

@@ -316,6 +316,9 @@ class _Compiled:
     #: The slab-wise piece normalises its input itself (the instance norm before it: its figures and a
     #: mask of the slab's rows that lie inside the tensor are inputs 1-3).
     normalises: bool = False
+    #: The whole piece's last layer, an addition of its own input, was taken off (:func:`_without_residual`)
+    #: and is done on its output in NumPy.
+    adds_input: bool = False
 
 
 @dataclass
@@ -376,7 +379,9 @@ class StagedNetwork:
             in_shape = tuple(sub.get_parameters()[0].get_partial_shape().to_shape())
             out_shape = tuple(sub.get_results()[0].get_output_partial_shape(0).to_shape())
             if stage.rows is None:
-                self.steps.append(_Compiled(core.compile_model(sub, device, config), out_shape))
+                cut = _without_residual(sub)
+                compiled = core.compile_model(cut or sub, device, config)
+                self.steps.append(_Compiled(compiled, out_shape, adds_input=cut is not None))
                 continue
             rows, slab = _slab_geometry(stage.rows, in_shape, out_shape)
             _unpad_rows(sub)
@@ -431,6 +436,8 @@ class StagedNetwork:
                 out = self._run_slabs(step, x, norm, self.buffer_bytes)
             else:
                 out = _infer_whole(step.compiled, x, self.buffer_bytes)
+                if step.adds_input:
+                    out += x
             norm = None
             release_rows(x, 0)  # the stage's input is read no more (a caller's buffer too)
             x = out  # and goes with the name (unless the caller holds it) before the release
@@ -459,7 +466,9 @@ class StagedNetwork:
         written; the norm applied to the pooling's output at the end."""
         layer, pool = step.layer, step.pool
         assert pool.band is not None
-        raw = network_buffer(layer.out_shape)  # untouched pages take no memory
+        # Untouched pages take no memory; 4 KiB pages, not huge ones: only a few rows of each of its
+        # (16) channels are live at a time (huge pages kept ~28 MiB more resident on the brain network).
+        raw = network_buffer(layer.out_shape, huge_pages=False)
         write_layer = _SlabRun(layer, x, norm)
         pooled = _output_array(pool.out_shape, buffer_bytes)
         read_pool = _SlabRun(pool, raw, None, fill=-np.inf)  # past the ends: nothing to take the max of
@@ -606,6 +615,28 @@ def _normalising(piece: ov.Model, relu: bool) -> ov.Model:
     for reader in readers:
         reader.replace_source_output(y.output(0))
     return ov.Model(piece.get_results(), [source, mean, scale, inside], piece.get_friendly_name())
+
+
+def _without_residual(piece: ov.Model) -> ov.Model | None:
+    """``piece`` without its last layer when that layer adds the piece's own input to the rest (a
+    residual connection around the whole piece, as deepbet's last decoder block has), else None.
+
+    Why: the plugin otherwise keeps its own copy of the input, in its own layout, through the whole
+    piece for that one addition (16 MiB more at the brain network's peak on its 64³ piece); the caller
+    holds the input anyway and adds it to the output (the same float32 additions, so the same values).
+    """
+    (parameter,) = piece.get_parameters()
+    (result,) = piece.get_results()
+    add = result.input_value(0).get_node()
+    if add.get_type_name() != "Add" or add.get_input_size() != 2:
+        return None
+    inputs = [add.input_value(i) for i in range(2)]
+    rest = [v for v in inputs if v.get_node().get_friendly_name() != parameter.get_friendly_name()]
+    if len(rest) != 1 or rest[0].get_partial_shape() != parameter.get_partial_shape():
+        return None  # not the input plus one tensor of its shape (no broadcast)
+    import openvino as ov
+
+    return ov.Model([rest[0]], [parameter], f"{piece.get_friendly_name()}_without_residual")
 
 
 def _infer_whole(

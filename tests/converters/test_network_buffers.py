@@ -3,6 +3,8 @@ and leave the resident set) while every other row, and every other array, keeps 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -54,3 +56,31 @@ def test_released_rows_leave_the_resident_set() -> None:
     release_rows(x, 0, 48)
     assert before - _resident_mib() > 10  # 12 MiB released, with slack for the rest of the process
     assert float(x[0, 0, 48:].sum()) == 16 * 256 * 256
+
+
+def _thp_eligible(x: np.ndarray) -> bool:
+    """Whether the kernel may back ``x``'s memory map with transparent huge pages (/proc/self/smaps)."""
+    address = x.ctypes.data
+    inside = False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            head = line.split()[0]
+            if "-" in head and ":" not in head:
+                start, end = (int(a, 16) for a in head.split("-"))
+                inside = start <= address < end
+            elif inside and line.startswith("THPeligible:"):
+                return line.split()[1] == "1"
+    raise AssertionError("no THPeligible line for the buffer's memory map")
+
+
+def test_a_buffer_released_a_few_rows_at_a_time_stays_off_huge_pages() -> None:
+    """``huge_pages=False`` (the raw pool's many-channel buffer) advises the kernel against them, which
+    holds where it hands them out unasked too; a default buffer asks for them."""
+    try:
+        mode = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        pytest.skip("no transparent huge pages on this kernel")
+    small_pages = network_buffer((1, 16, 32, 128, 128), huge_pages=False)  # 32 MiB
+    assert not _thp_eligible(small_pages)
+    if "[never]" not in mode:
+        assert _thp_eligible(network_buffer((1, 16, 32, 128, 128)))

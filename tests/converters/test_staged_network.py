@@ -265,3 +265,43 @@ def test_a_piece_openvino_refuses_runs_the_network_whole(monkeypatch: pytest.Mon
     network, compiled = compile_network(ov.Core(), model, "CPU", F32, min_bytes=MIN_BYTES)
     assert len(compiled) == 1
     np.testing.assert_array_equal(network(x), run_whole(model, x))
+
+
+def test_a_pieces_residual_of_its_own_input_is_added_outside_the_plugin() -> None:
+    """The small-grid piece of the test network ends by adding its own input, as deepbet's 64³ piece
+    does: it is compiled without that addition (the plugin then keeps no copy of its input to the end)
+    and the step adds the input to its output, which gives the network's output."""
+    import openvino as ov
+
+    model = unet_like(32)
+    network, _ = compile_network(ov.Core(), model, "CPU", F32, None, min_bytes=MIN_BYTES)
+    assert isinstance(network, staged.StagedNetwork)
+    whole = [s for s in network.steps if isinstance(s, staged._Compiled) and s.band is None]
+    assert [s.adds_input for s in whole] == [True]
+    x = np.random.default_rng(4).normal(size=(1, 1, 32, 32, 32)).astype(np.float32)
+    np.testing.assert_allclose(network(x), run_whole(model, x), atol=2e-5)
+
+
+@pytest.mark.parametrize("ending", ["own input", "a constant", "another tensor", "a broadcast input"])
+def test_only_an_addition_of_the_pieces_own_input_is_taken_off(ending: str) -> None:
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    rng = np.random.default_rng(5)
+    x = ops.parameter([1, 1 if ending == "a broadcast input" else 4, 8, 8, 8], np.float32, "piece_input")
+    y = ops.relu(ops.convolution(x, _weights(rng, 4, x.get_partial_shape()[1].get_length(), 3, 3, 3),
+                                 [1, 1, 1], [1, 1, 1], [1, 1, 1], [1, 1, 1]))
+    other = {
+        "own input": x,
+        "a constant": ops.constant(np.ones((1, 4, 1, 1, 1), np.float32)),
+        "another tensor": ops.relu(x),
+        "a broadcast input": x,
+    }[ending]
+    piece = ov.Model([ops.add(y, other)], [x], "piece")
+    cut = staged._without_residual(piece)
+    if ending != "own input":
+        assert cut is None
+        return
+    assert cut is not None
+    data = np.random.default_rng(6).normal(size=(1, 4, 8, 8, 8)).astype(np.float32)
+    np.testing.assert_array_equal(run_whole(cut, data) + data, run_whole(piece, data))
