@@ -20,7 +20,9 @@ Staged, the network is a chain in which each large tensor exists once:
   rows at a time, each slab read with the rows around it that the layer's kernel needs (the layer's
   own padding along the rows taken off: zeros past the tensor's ends stand for it) and written into
   one NumPy array (the plugin's own copies and reorders of a slab are a slab's size);
-* the layers between (on small tensors) run as compiled pieces of the original graph;
+* the layers between (on small tensors) run as compiled pieces of the original graph; a piece that
+  ends by adding its own input (a residual connection around it) is compiled without that addition,
+  which is done on its output in NumPy (:func:`_without_residual`);
 * a large stage output is a network buffer (converters/network_buffers.py): the next slab-wise layer
   hands its rows back to the kernel as it reads them, so a layer's input shrinks while its output
   grows;
