@@ -14,7 +14,7 @@ import logging
 import shutil
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,6 +59,20 @@ class DemoReport:
     cpu_seconds: float = 0.0
     #: Instances sent.
     instances: int = 0
+    #: What the case was to the model's training run: "training", "validation" or None (neither, or
+    #: its card records no split). A Dice on a training or validation case is no held-out figure.
+    case_role: str | None = None
+
+
+def case_role(card: Mapping[str, Any], case_id: str) -> str | None:
+    """What ``case_id`` was to the training run of the model with ``card``: "training", "validation"
+    or None (neither, or the card records no split: ``training.split`` of docs/model-card.md)."""
+    split = (card.get("training") or {}).get("split") or {}
+    if case_id in split.get("train", []):
+        return "training"
+    if case_id in split.get("val", []):
+        return "validation"
+    return None
 
 
 def mask_dice(a: Any, b: Any) -> float | None:
@@ -203,6 +217,7 @@ def run_demo(
     from converters.nifti import load_case
     from converters.reorient import ras_to_volume
     from db import job_queue
+    from db.card import load_card
     from node.log_scrub import install as scrub_library_logs
     from node.sender import store_files
     from node.service import NodeService
@@ -287,4 +302,5 @@ def run_demo(
         files=[seg_path, sr_path, preview],
         cpu_seconds=cpu_seconds,
         instances=len(files),
+        case_role=case_role(load_card(model_dir), case.case_id),
     )

@@ -237,6 +237,12 @@ def demo(
         f"Dice of the returned SEG against the ground truth (whole tumour): [bold]{dice}[/]; "
         f"tumour volume {report.volume_ml:.1f} mL"
     )
+    if report.case_role is not None:
+        console.print(
+            f"{report.case_id} is one of this model's {report.case_role} cases (its training run "
+            + ("chose its checkpoint on them" if report.case_role == "validation" else "learned from them")
+            + "): this Dice shows the path works, it is no held-out accuracy (docs/holdout_eval/)"
+        )
     console.print(f"wrote {', '.join(str(p) for p in report.files)}")
 
 

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from node.demo import DEFAULT_CASE
+from db.card import load_card
+from node.demo import DEFAULT_CASE, DEFAULT_MODEL, case_role
 from tests.helpers.peers import REPO, require_shared
 
 NOTICE = DEFAULT_CASE.parent / "NOTICE"
@@ -57,3 +58,10 @@ def test_no_shipped_model_trained_on_the_demo_case(model: Path) -> None:
     split = json.loads((model / "split.json").read_text(encoding="utf-8"))
     assert DEFAULT_CASE.name not in split["train"]
     assert DEFAULT_CASE.name in split["val"]
+
+
+def test_case_role_is_what_the_case_was_to_the_models_training_run() -> None:
+    card = {"training": {"split": {"train": ["a"], "val": ["b"]}}}
+    assert [case_role(card, c) for c in ("a", "b", "c")] == ["training", "validation", None]
+    assert case_role({"training": {}}, "a") is None
+    assert case_role(load_card(DEFAULT_MODEL), DEFAULT_CASE.name) == "validation"
