@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -40,17 +41,39 @@ def test_notice_lists_every_file_of_the_demo_case_by_size_and_sha256() -> None:
     assert f"the segnode demo case {DEFAULT_CASE.name}" in NOTICE.read_text(encoding="utf-8")
 
 
-def test_demo_case_is_no_holdout_case() -> None:
-    """Neither by name nor by content: the manifest's holdout rows are compared, the holdout itself is
-    not opened."""
+def _holdout_rows() -> list[dict[str, str]]:
+    """The data manifest's rows of holdout files (the holdout itself is not opened)."""
     manifest = require_shared("MANIFEST.tsv")
     with manifest.open(encoding="utf-8", newline="") as handle:
         rows = list(csv.DictReader(handle, delimiter="\t"))
     holdout = [row for row in rows if row["file"].startswith("holdout/")]
     assert holdout, "the manifest lists no holdout file"
+    return holdout
+
+
+def test_demo_case_is_no_holdout_case() -> None:
+    """Neither by name nor by content."""
+    holdout = _holdout_rows()
     assert not [row["file"] for row in holdout if f"/{DEFAULT_CASE.name}/" in row["file"]]
     shipped = {_sha256(p) for p in DEFAULT_CASE.iterdir()}
     assert not [row["file"] for row in holdout if row["sha256"] in shipped]
+
+
+def test_no_file_of_the_repository_is_a_holdout_file() -> None:
+    """No tracked file (a model, a fixture, a figure's source) is a copy of a holdout file: files of a
+    holdout file's size are hashed and compared with the manifest's sha256."""
+    holdout = _holdout_rows()
+    if not (REPO / ".git").exists():
+        pytest.skip(f"{REPO} is not a git checkout: its tracked files are unknown")
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout
+    sizes = {int(row["bytes"]) for row in holdout}
+    copies = []
+    for name in listed.decode().split("\0"):
+        path = REPO / name
+        if name and path.is_file() and path.stat().st_size in sizes:
+            digest = _sha256(path)
+            copies += [f"{name} = {row['file']}" for row in holdout if row["sha256"] == digest]
+    assert not copies
 
 
 @pytest.mark.parametrize("model", SHIPPED_MODELS, ids=lambda p: str(p.relative_to(REPO)))
