@@ -446,11 +446,13 @@ def targets(rows: Sequence[dict[str, Any]], peak_rss_mib: float = 0.0, idle_rss_
             out.append([f"{receiver}, 4 associations against the node (receivers = 1), 1 association",
                         f"{rate[(receiver, 4)] / node1:.2f}x", "(for reading)"])
     if peak_rss_mib:
-        out.append([f"node peak RSS while receiving <= {RSS_TARGET_MIB:.0f} MiB (whole benchmark process, "
-                    "every node row of the run in it; the node's own process: benchmarks/node_memory.py)",
+        # The nodes here share this process with the rest of the benchmark, so its resident set is no
+        # node's: the 500 MiB target is judged on `segnode serve` in its own process (node_memory.py).
+        out.append([f"peak RSS while receiving (the {RSS_TARGET_MIB:.0f} MiB target is judged on the node's "
+                    "own process by benchmarks/node_memory.py; here the whole benchmark process, every "
+                    "node row of the run in it)",
                     f"{peak_rss_mib:.0f} MiB ({idle_rss_mib:.0f} MiB started and idle, "
-                    f"+{peak_rss_mib - idle_rss_mib:.0f} MiB receiving)",
-                    "yes" if peak_rss_mib <= RSS_TARGET_MIB else "NO"])
+                    f"+{peak_rss_mib - idle_rss_mib:.0f} MiB receiving)", "(for reading)"])
     return out
 
 
