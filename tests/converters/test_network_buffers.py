@@ -59,7 +59,8 @@ def test_released_rows_leave_the_resident_set() -> None:
 
 
 def _thp_eligible(x: np.ndarray) -> bool:
-    """Whether the kernel may back ``x``'s memory map with transparent huge pages (/proc/self/smaps)."""
+    """Whether the kernel may back ``x``'s memory map with transparent huge pages (/proc/self/smaps;
+    the test skips on a kernel whose smaps do not say, before Linux 5.0)."""
     address = x.ctypes.data
     inside = False
     with open("/proc/self/smaps") as smaps:
@@ -70,7 +71,7 @@ def _thp_eligible(x: np.ndarray) -> bool:
                 inside = start <= address < end
             elif inside and line.startswith("THPeligible:"):
                 return line.split()[1] == "1"
-    raise AssertionError("no THPeligible line for the buffer's memory map")
+    pytest.skip("this kernel's /proc/self/smaps has no THPeligible line")
 
 
 def test_a_buffer_released_a_few_rows_at_a_time_stays_off_huge_pages() -> None:
