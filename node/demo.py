@@ -217,7 +217,6 @@ def run_demo(
     from converters.nifti import load_case
     from converters.reorient import ras_to_volume
     from db import job_queue
-    from db.card import load_card
     from node.log_scrub import install as scrub_library_logs
     from node.sender import store_files
     from node.service import NodeService
@@ -302,5 +301,5 @@ def run_demo(
         files=[seg_path, sr_path, preview],
         cpu_seconds=cpu_seconds,
         instances=len(files),
-        case_role=case_role(load_card(model_dir), case.case_id),
+        case_role=case_role(model.card or {}, case.case_id),
     )

@@ -238,10 +238,11 @@ def demo(
         f"tumour volume {report.volume_ml:.1f} mL"
     )
     if report.case_role is not None:
+        uses = {"validation": "chose its checkpoint on them", "training": "learned from them"}
+        used = uses[report.case_role]
         console.print(
-            f"{report.case_id} is one of this model's {report.case_role} cases (its training run "
-            + ("chose its checkpoint on them" if report.case_role == "validation" else "learned from them")
-            + "): this Dice shows the path works, it is no held-out accuracy (docs/holdout_eval/)"
+            f"{report.case_id} is one of this model's {report.case_role} cases (its training run {used}): "
+            "this Dice shows the path works, it is no held-out accuracy (docs/holdout_eval/)"
         )
     console.print(f"wrote {', '.join(str(p) for p in report.files)}")
 

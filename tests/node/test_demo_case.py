@@ -4,24 +4,19 @@ model trained on it (it is a validation case of each)."""
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from db.card import load_card
+from db.card import load_card, sha256_file
 from node.demo import DEFAULT_CASE, DEFAULT_MODEL, case_role
 from tests.helpers.peers import REPO, require_shared
 
 NOTICE = DEFAULT_CASE.parent / "NOTICE"
 #: Every model directory the repository ships (the default and the candidates an administrator may add).
 SHIPPED_MODELS = [p.parent for p in sorted((REPO / "models").glob("**/split.json"))]
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _notice_rows() -> dict[str, tuple[int, str]]:
@@ -35,7 +30,7 @@ def _notice_rows() -> dict[str, tuple[int, str]]:
 
 
 def test_notice_lists_every_file_of_the_demo_case_by_size_and_sha256() -> None:
-    files = {p.name: (p.stat().st_size, _sha256(p)) for p in DEFAULT_CASE.iterdir()}
+    files = {p.name: (p.stat().st_size, sha256_file(p)) for p in DEFAULT_CASE.iterdir()}
     assert files, DEFAULT_CASE
     assert _notice_rows() == files
     assert f"the segnode demo case {DEFAULT_CASE.name}" in NOTICE.read_text(encoding="utf-8")
@@ -55,7 +50,7 @@ def test_demo_case_is_no_holdout_case() -> None:
     """Neither by name nor by content."""
     holdout = _holdout_rows()
     assert not [row["file"] for row in holdout if f"/{DEFAULT_CASE.name}/" in row["file"]]
-    shipped = {_sha256(p) for p in DEFAULT_CASE.iterdir()}
+    shipped = {sha256_file(p) for p in DEFAULT_CASE.iterdir()}
     assert not [row["file"] for row in holdout if row["sha256"] in shipped]
 
 
@@ -71,7 +66,7 @@ def test_no_file_of_the_repository_is_a_holdout_file() -> None:
     for name in listed.decode().split("\0"):
         path = REPO / name
         if name and path.is_file() and path.stat().st_size in sizes:
-            digest = _sha256(path)
+            digest = sha256_file(path)
             copies += [f"{name} = {row['file']}" for row in holdout if row["sha256"] == digest]
     assert not copies
 
