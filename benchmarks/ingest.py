@@ -16,12 +16,22 @@ them. ``node@N`` rows are the node with ``[node] receivers = N``: N processes ac
 (node/receivers.py). The node runs in this process (its extra receivers in their own); this process's
 resident set is sampled while it receives.
 
+Each row's storage (the receiver's files, database and spool) is a fresh directory. ``main`` keeps
+them under one folder until the benchmark ends and empties a row's files when the row ends instead of
+deleting them, and asks ext4 to give each row directory an allocation group of its own
+(:func:`common.spread_subdirectories`): on ext4 without a journal (this project's VMs), creating a file
+checks every inode of its group freed in the last minutes first. Before 2026-12-07 each row deleted its
+files and the next ones were made in the same group of /tmp, where creating an empty file then cost
+165-900 us against 14-19 us in a group of its own; storescp, which only writes, lost the most (1,278
+against 2,825 inst/s in one hour). The cost of creating a file in a row directory and in a new folder
+of the system's temporary directory is measured first and printed with the targets.
+
 What each receiver does before it answers Success differs and is part of the comparison: the node
 writes the file durably (temp file, fsync, rename, directory fsync) and commits a database row;
 storescp writes the file without fsync; Orthanc writes the file and its SQLite index.
 
 Usage: python benchmarks/ingest.py [--case DIR] [--repeat N] [--associations 1,4] [--receivers A,B]
-       [--out DIR]
+       [--rows-in DIR] [--out DIR]
 """
 
 from __future__ import annotations
@@ -47,7 +57,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, SHARED_DATA, markdown_table, save_result
+from common import RESULTS_DIR, SHARED_DATA, markdown_table, save_result, spread_subdirectories
 
 from node.dcmtk_programs import dcmtk_program
 
@@ -354,6 +364,54 @@ RECEIVER_FACTORIES = {"node": node_receiver, "storescp": storescp_receiver, "ort
                       "pynetdicom-bare": bare_receiver}
 
 
+#: The folder that keeps every row's storage until the benchmark ends (``main`` sets it); None: each
+#: row's storage is deleted when the row ends (the tests' small studies).
+ROWS_KEPT_IN: list[Path] = []
+
+
+@contextlib.contextmanager
+def row_directory(prefix: str) -> Iterator[Path]:
+    """A fresh directory for one row's storage. Under :data:`ROWS_KEPT_IN` its files are emptied (their
+    inodes kept) when the row ends, so that no row meets inodes another row freed (module docstring);
+    otherwise it is deleted."""
+    if not ROWS_KEPT_IN:
+        with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+            yield Path(tmp)
+        return
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=ROWS_KEPT_IN[0]))
+    try:
+        yield path
+    finally:
+        for child in path.rglob("*"):
+            if child.is_file() and not child.is_symlink():
+                os.truncate(child, 0)
+
+
+@contextlib.contextmanager
+def rows_kept_in(parent: Path) -> Iterator[Path]:
+    """Keep every row's storage in a new folder under ``parent``, whose subdirectories ext4 places in
+    groups of their own, until the block ends; then delete it."""
+    parent.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix="segnode-ingest-rows-", dir=parent))
+    spread_subdirectories(folder)
+    ROWS_KEPT_IN[:] = [folder]
+    try:
+        yield folder
+    finally:
+        ROWS_KEPT_IN.clear()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def file_create_us(parent: Path, count: int = 200) -> float:
+    """Microseconds to create (and close) one empty file in a new directory under ``parent``; the
+    directory is emptied, not deleted (see :func:`row_directory`)."""
+    directory = Path(tempfile.mkdtemp(prefix="create-", dir=parent))
+    start = time.perf_counter()
+    for i in range(count):
+        os.close(os.open(directory / f"f{i}", os.O_CREAT | os.O_WRONLY, 0o644))
+    return (time.perf_counter() - start) / count * 1e6
+
+
 def measure_once(receiver: str, files: Sequence[Path], associations: int) -> float:
     """Seconds for one run of ``receiver`` (fresh storage and database) over ``associations``
     associations; checks that the receiver holds every instance afterwards."""
@@ -362,13 +420,13 @@ def measure_once(receiver: str, files: Sequence[Path], associations: int) -> flo
     # The previous row's unsynced files (storescp and Orthanc do not fsync) would otherwise be written
     # back during this row, and on ext4 (data=ordered) the node's fsyncs wait for them.
     os.sync()
-    with tempfile.TemporaryDirectory(prefix=f"bench-{base}-") as tmp, contextlib.ExitStack() as stack:
+    with row_directory(f"bench-{base}-") as tmp, contextlib.ExitStack() as stack:
         for lever in filter(None, variant.split("+")):
             stack.enter_context(NODE_WITHOUT[lever]())
         factory = RECEIVER_FACTORIES[base]
         if processes:
             factory = functools.partial(node_receiver, receivers=int(processes))
-        port, ae, count = stack.enter_context(factory(Path(tmp)))
+        port, ae, count = stack.enter_context(factory(tmp))
         seconds = send(files, port, ae, associations)
         held = count()
     if held != len(files):
@@ -456,6 +514,13 @@ def targets(rows: Sequence[dict[str, Any]], peak_rss_mib: float = 0.0, idle_rss_
     return out
 
 
+def create_rows(create_us: dict[str, float]) -> list[list[str]]:
+    """Rows for reading: what creating a file cost before the rows, in a row directory and in a new
+    folder of the system's temporary directory (module docstring)."""
+    return [[f"creating an empty file in a {where} (before the rows)", f"{us:.0f} us", "(for reading)"]
+            for where, us in create_us.items()]
+
+
 #: What each lever of NODE_WITHOUT is, for the table of what it moved.
 LEVER_NAMES = {
     "prompt": "association loop waits on its message queue, not a 1 ms sleep (node/reactor.py)",
@@ -513,6 +578,8 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--associations", default="1,4")
     parser.add_argument("--receivers", default=",".join(RECEIVERS))
+    parser.add_argument("--rows-in", type=Path, default=Path(tempfile.gettempdir()),
+                        help="folder under which every row's storage is kept until the end")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)  # the node under test has no model and no destination
@@ -523,9 +590,12 @@ def main() -> int:
         args.case = DEMO_CASE
     files = study_files(args.case, RESULTS_DIR)
     counts = [int(x) for x in args.associations.split(",")]
-    rows = measure_all(args.receivers.split(","), files, counts, args.repeat)
-    result = {"case": args.case.name, "rows": rows, "repeat": args.repeat,
-              "targets": targets(rows, NODE_PEAK_RSS_MIB[0], NODE_IDLE_RSS_MIB[0]),
+    with tempfile.TemporaryDirectory() as plain, rows_kept_in(args.rows_in) as folder:
+        create_us = {"new folder of the temporary directory": file_create_us(Path(plain)),
+                     "row directory": file_create_us(folder)}
+        rows = measure_all(args.receivers.split(","), files, counts, args.repeat)
+    result = {"case": args.case.name, "rows": rows, "repeat": args.repeat, "file_create_us": create_us,
+              "targets": targets(rows, NODE_PEAK_RSS_MIB[0], NODE_IDLE_RSS_MIB[0]) + create_rows(create_us),
               "node_peak_rss_mib": NODE_PEAK_RSS_MIB[0], "node_idle_rss_mib": NODE_IDLE_RSS_MIB[0]}
     result["markdown"] = tables(result)
     print(result["markdown"])
