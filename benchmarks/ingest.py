@@ -364,7 +364,7 @@ RECEIVER_FACTORIES = {"node": node_receiver, "storescp": storescp_receiver, "ort
                       "pynetdicom-bare": bare_receiver}
 
 
-#: The folder that keeps every row's storage until the benchmark ends (``main`` sets it); None: each
+#: The folder that keeps every row's storage until the benchmark ends (``main`` sets it); empty: each
 #: row's storage is deleted when the row ends (the tests' small studies).
 ROWS_KEPT_IN: list[Path] = []
 
@@ -403,8 +403,8 @@ def rows_kept_in(parent: Path) -> Iterator[Path]:
 
 
 def file_create_us(parent: Path, count: int = 200) -> float:
-    """Microseconds to create (and close) one empty file in a new directory under ``parent``; the
-    directory is emptied, not deleted (see :func:`row_directory`)."""
+    """Microseconds to create (and close) one empty file in a new directory under ``parent``; the files
+    stay until ``parent`` is removed (see :func:`row_directory`)."""
     directory = Path(tempfile.mkdtemp(prefix="create-", dir=parent))
     start = time.perf_counter()
     for i in range(count):
