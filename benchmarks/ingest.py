@@ -12,9 +12,11 @@ C-STORE); the node sets TCP_NODELAY on its own sockets.
 
 ``node:LEVER[+LEVER]`` rows are the node with levers of issue 17 turned off (NODE_WITHOUT), so each
 lever is measured against the node in the same run; ``node:prompt+group+header`` is the node before
-them. ``node@N`` rows are the node with ``[node] receivers = N``: N processes accept on its port
-(node/receivers.py). The node runs in this process (its extra receivers in their own); this process's
-resident set is sampled while it receives.
+them. Two diagnostic rows, never levers to ship, take one association's time per instance apart (printed
+with the targets): ``node:store``, the node's network stack and checks alone (answered, nothing stored),
+and ``node:fsync+walsync``, file and row stored without any sync. ``node@N`` rows are the node with
+``[node] receivers = N``: N processes accept on its port (node/receivers.py). The node runs in this
+process (its extra receivers in their own); this process's resident set is sampled while it receives.
 
 Each row's storage (the receiver's files, database and spool) is a fresh directory. ``main`` keeps
 them under one folder until the benchmark ends and empties a row's files when the row ends instead of
@@ -63,9 +65,9 @@ from node.dcmtk_programs import dcmtk_program
 
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 DEFAULT_CASE = SHARED_DATA / "train" / "brats" / "BraTS2021_00005"
-RECEIVERS = ("node", "node@2", "node@3", "node:driver", "node:response", "node:contexts", "node:reader",
-             "node:wait", "node:guard", "node:prompt+group+header", "node:prompt", "node:group",
-             "node:header", "pynetdicom-bare", "storescp", "orthanc")
+RECEIVERS = ("node", "node@2", "node@3", "node:store", "node:fsync+walsync", "node:driver", "node:response",
+             "node:contexts", "node:reader", "node:wait", "node:guard", "node:prompt+group+header",
+             "node:prompt", "node:group", "node:header", "pynetdicom-bare", "storescp", "orthanc")
 
 
 def free_port() -> int:
@@ -337,6 +339,23 @@ def _without_wal_sync() -> contextlib.AbstractContextManager[Any]:
     return unittest.mock.patch("db.session.SQLITE_SYNCHRONOUS", "NORMAL")
 
 
+#: C-STOREs the node:store row's node answered (it keeps no file and no row to count them by).
+ANSWERED_UNSTORED = [0]
+
+
+def _without_storing() -> contextlib.AbstractContextManager[Any]:
+    """Diagnostic only, never a lever to ship: the node's network stack and checks alone. Each C-STORE
+    is answered Success once its header is read, with no spool file and no database row, to show what
+    the node's receive path on pynetdicom costs before it stores anything."""
+    from node.scp import ReceiveResult
+
+    def answer(self: Any, *args: Any) -> ReceiveResult:
+        ANSWERED_UNSTORED[0] += 1
+        return ReceiveResult(0x0000, "kept")
+
+    return unittest.mock.patch("node.scp.StorageSCP.receive", answer)
+
+
 def _without_pdu_guard() -> contextlib.AbstractContextManager[Any]:
     """Security, not speed: the node reading PDUs with pynetdicom's own reader (no length limit, no
     whole-PDU deadline) instead of node/pdu_guard.py's, to show what the bounded reader costs."""
@@ -357,6 +376,7 @@ NODE_WITHOUT: dict[str, Callable[[], contextlib.AbstractContextManager[Any]]] = 
     "fsync": _without_fsync,
     "walsync": _without_wal_sync,
     "guard": _without_pdu_guard,
+    "store": _without_storing,
 }
 
 
@@ -427,8 +447,9 @@ def measure_once(receiver: str, files: Sequence[Path], associations: int) -> flo
         if processes:
             factory = functools.partial(node_receiver, receivers=int(processes))
         port, ae, count = stack.enter_context(factory(tmp))
+        ANSWERED_UNSTORED[0] = 0
         seconds = send(files, port, ae, associations)
-        held = count()
+        held = ANSWERED_UNSTORED[0] if "store" in variant.split("+") else count()
     if held != len(files):
         raise RuntimeError(f"{receiver} holds {held} instances after receiving {len(files)}")
     return seconds
@@ -487,6 +508,7 @@ def targets(rows: Sequence[dict[str, Any]], peak_rss_mib: float = 0.0, idle_rss_
         frac = node1 / rate[("storescp", 1)]
         out.append(["node >= 50% of storescp, 1 association", f"{100 * frac:.0f}%",
                     "yes" if frac >= 0.5 else f"NO (gap {100 * (0.5 - frac):.0f} points)"])
+    out += where_the_time_goes(rate)
     if node1 and ("node", 4) in rate:
         ratio = rate[("node", 4)] / node1
         out.append(["node, 4 associations >= 1.5x its 1-association rate",
@@ -514,6 +536,25 @@ def targets(rows: Sequence[dict[str, Any]], peak_rss_mib: float = 0.0, idle_rss_
     return out
 
 
+def where_the_time_goes(rate: dict[tuple[str, int], float]) -> list[list[str]]:
+    """Rows for reading: one association's time per instance against what the 50 % of storescp bar
+    leaves, taken apart by the diagnostic rows of the same run: the node's stack alone (``node:store``),
+    then storing without syncs (``node:fsync+walsync``), then the syncs (the node)."""
+    needed = [("storescp", 1), ("node:store", 1), ("node:fsync+walsync", 1), ("node", 1)]
+    if not all(key in rate for key in needed):
+        return []
+    storescp, stack, unsynced, node = (1000 / rate[key] for key in needed)
+    out = [["one association, ms per instance (storescu's part included): storescp / at 50 % of its rate",
+            f"{storescp:.2f} / {2 * storescp:.2f}", "(for reading)"]]
+    for what, ms, total in (("the node's stack alone, nothing stored (node:store)", stack, stack),
+                            ("+ the spool file and the row, unsynced (node:fsync+walsync)", unsynced - stack,
+                             unsynced),
+                            ("+ the syncs (the node)", node - unsynced, node)):
+        out.append([f"one association, ms per instance: {what}", f"{ms:+.2f} (so far {total:.2f}, "
+                    f"{100 * storescp / total:.0f} % of storescp's rate)", "(for reading)"])
+    return out
+
+
 def create_rows(create_us: dict[str, float]) -> list[list[str]]:
     """Rows for reading: what creating a file cost before the rows, in a row directory and in a new
     folder of the system's temporary directory (module docstring)."""
@@ -534,6 +575,8 @@ LEVER_NAMES = {
     "prompt+group+header": "all three (the node before issue 17)",
     "fsync": "(diagnostic, not shippable) fdatasync of the file and fsync of its directory",
     "walsync": "(diagnostic, not shippable) SQLite's write-ahead log synced at every commit",
+    "fsync+walsync": "(diagnostic, not shippable) every sync: the file's, its directory's and the log's",
+    "store": "(diagnostic, not shippable) storing: the spool file and the database row, synced",
 }
 
 

@@ -6,11 +6,14 @@ slices or a synthetic case, and its figures are checked for what they must be.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import importlib
 import json
 import sys
 import time
+import unittest.mock
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -196,10 +199,43 @@ def test_ingest_split_and_measure_on_a_small_study(tmp_path: Path) -> None:
     for receiver in ("node", "storescp"):
         row = ingest.measure(receiver, files, 2)
         assert row["instances"] == len(files) and row["instances_per_s"] > 0 and row["mb"] > 0
+    # The diagnostic row that stores nothing counts what it answered, and nothing reaches its spool.
+    checked = _spool_left_empty(ingest.node_receiver)
+    with unittest.mock.patch.dict(ingest.RECEIVER_FACTORIES, {"node": checked}):
+        assert ingest.measure("node:store", files, 1)["instances"] == len(files)
+    assert ingest.ANSWERED_UNSTORED[0] == len(files)
     assert "node >= 50% of storescp" in ingest.targets([
         {"receiver": "node", "associations": 1, "instances_per_s": 60.0},
         {"receiver": "storescp", "associations": 1, "instances_per_s": 100.0},
     ])[0][0]
+
+
+def _spool_left_empty(receiver: Any) -> Any:
+    """``receiver`` (ingest's node_receiver) that checks, as the row ends, that no file reached the spool."""
+
+    @contextlib.contextmanager
+    def checked(work: Path, **kwargs: Any) -> Iterator[Any]:
+        with receiver(work, **kwargs) as answer:
+            yield answer
+            assert not [p for p in (work / "spool").rglob("*") if p.is_file()]
+
+    return checked
+
+
+def test_ingest_takes_one_associations_time_apart_with_the_diagnostic_rows() -> None:
+    ingest = bench("ingest")
+    rows = [{"receiver": r, "associations": 1, "instances_per_s": v}
+            for r, v in (("storescp", 2000.0), ("node:store", 1000.0), ("node:fsync+walsync", 500.0),
+                         ("node", 250.0))]
+    got = {name: value for name, value, _ in ingest.targets(rows)}
+    assert got["node >= 50% of storescp, 1 association"] == "12%"
+    assert got["one association, ms per instance (storescu's part included): storescp / at 50 % of its rate"
+               ] == "0.50 / 1.00"
+    steps = [value for name, value in got.items() if name.startswith("one association, ms per instance: ")]
+    assert steps == ["+1.00 (so far 1.00, 50 % of storescp's rate)",
+                     "+1.00 (so far 2.00, 25 % of storescp's rate)",
+                     "+2.00 (so far 4.00, 12 % of storescp's rate)"]
+    assert ingest.where_the_time_goes({("storescp", 1): 2000.0, ("node", 1): 250.0}) == []  # rows missing
 
 
 def _file_system(path: Path) -> str:
