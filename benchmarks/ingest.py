@@ -577,6 +577,7 @@ LEVER_NAMES = {
     "walsync": "(diagnostic, not shippable) SQLite's write-ahead log synced at every commit",
     "fsync+walsync": "(diagnostic, not shippable) every sync: the file's, its directory's and the log's",
     "store": "(diagnostic, not shippable) storing: the spool file and the database row, synced",
+    "guard": "(security, not speed) PDUs read by node/pdu_guard.py's bounded reader, not pynetdicom's",
 }
 
 
