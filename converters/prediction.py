@@ -339,7 +339,8 @@ MIN_VIEW_EXTENT_FRACTION = 0.5
 def view_axes(spec: PreprocessSpec, views: int) -> tuple[int, ...]:
     """The axes of the model's grid to cut slices along: the card's ``slice_axis`` first, then, for
     ``views`` 3, the other two in order. A grid that is not isotropic keeps the card's axis alone
-    (its other slices would have another aspect than those the network was trained on).
+    (its other slices would have another aspect than those the network was trained on), and so does a
+    card with ``context_slices`` (its channels are neighbours along the card's axis).
 
     Raises
     ------
@@ -348,7 +349,7 @@ def view_axes(spec: PreprocessSpec, views: int) -> tuple[int, ...]:
     """
     if views not in (1, 3):
         raise PredictionError(f"views {views!r} must be 1 or 3")
-    if views == 1 or not isotropic(spec.spacing_mm):
+    if views == 1 or not isotropic(spec.spacing_mm) or spec.context_slices:
         return (spec.slice_axis,)
     return (spec.slice_axis, *(a for a in (0, 1, 2) if a != spec.slice_axis))
 

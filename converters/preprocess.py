@@ -52,6 +52,8 @@ RESTORE_SLAB_VOXELS = 4_000_000
 ALIGNMENT_TOLERANCE = 1e-4
 
 SUPPORTED_NORMALIZATIONS = ("zscore_nonzero",)
+#: The most neighbouring slices on each side a card's ``preprocessing.context_slices`` may ask for.
+MAX_CONTEXT_SLICES = 3
 
 
 class PreprocessError(ConverterError):
@@ -74,6 +76,10 @@ class PreprocessSpec:
         Axis along which 2D slices are taken.
     views:
         1: the network runs on those slices; 3: along the grid's three axes, averaged.
+    context_slices:
+        Neighbouring slices given to the network on each side of the one it segments (2.5D input):
+        0, the slice alone; k, each modality's slices at offsets -k..k along the slice axis as
+        ``2k + 1`` channels (:func:`with_context`). Only with ``views`` 1.
     """
 
     spacing_mm: tuple[float, float, float]
@@ -81,6 +87,11 @@ class PreprocessSpec:
     normalization: str = "zscore_nonzero"
     slice_axis: int = 2
     views: int = 1
+    context_slices: int = 0
+
+    def channels(self, modalities: int) -> int:
+        """The network's input channels for ``modalities`` modalities: ``2k + 1`` each."""
+        return modalities * (2 * self.context_slices + 1)
 
     @classmethod
     def from_card(cls, block: Mapping[str, Any]) -> PreprocessSpec:
@@ -124,7 +135,35 @@ class PreprocessSpec:
             raise PreprocessError(
                 f"preprocessing.views 3 needs an isotropic spacing_mm, not {list(spacing)!r}"
             )
-        return cls((spacing[0], spacing[1], spacing[2]), (crop[0], crop[1]), norm, int(axis), int(views))
+        context = block.get("context_slices", 0)
+        if type(context) is not int or not 0 <= context <= MAX_CONTEXT_SLICES:  # bool is no count
+            raise PreprocessError(
+                f"preprocessing.context_slices {context!r} must be an integer from 0 to {MAX_CONTEXT_SLICES}"
+            )
+        if context and views != 1:
+            raise PreprocessError(f"preprocessing.context_slices {context} needs views 1, not {views}")
+        return cls((spacing[0], spacing[1], spacing[2]), (crop[0], crop[1]), norm, int(axis), int(views),
+                   context)
+
+
+def with_context(
+    planes: npt.NDArray[np.float32], context: int, rows: npt.NDArray[np.int64] | None = None
+) -> npt.NDArray[np.float32]:
+    """Slices (S, C, H, W) as (R, C * (2k + 1), H, W), k = ``context``: for each channel, the slices at
+    offsets -k..k along S, in that order, for the slices ``rows`` (default: all S); beyond the first
+    and last slice, zeros.
+
+    The planes are the whole window along the slice axis, which spans the brain, so what lies beyond
+    it is outside the brain, where the z-scored image is zero too.
+    """
+    rows = np.arange(planes.shape[0]) if rows is None else np.asarray(rows, dtype=np.int64)
+    if context == 0:
+        return planes[rows]
+    channels = planes.shape[1]
+    padded = np.zeros((planes.shape[0] + 2 * context, *planes.shape[1:]), dtype=np.float32)
+    padded[context : context + planes.shape[0]] = planes
+    offsets = [padded[rows + context + o] for o in range(-context, context + 1)]
+    return np.stack(offsets, axis=2).reshape(len(rows), channels * (2 * context + 1), *planes.shape[2:])
 
 
 def isotropic(spacing_mm: Sequence[float]) -> bool:
@@ -478,7 +517,7 @@ def prepare_volume(
     planes = np.stack([np.moveaxis(c, spec.slice_axis, 0) for c in channels], axis=1)  # (S, C, H, W)
     keep = _kept_slices(planes, None if inside is None else np.moveaxis(inside, spec.slice_axis, 0))
     return Prepared(
-        slices=np.ascontiguousarray(planes[keep], dtype=np.float32),
+        slices=np.ascontiguousarray(with_context(planes, spec.context_slices, keep), dtype=np.float32),
         slice_indices=keep.astype(np.int64),
         original_shape=shape,
         source_affine=affine,

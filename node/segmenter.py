@@ -226,8 +226,8 @@ class OpenVINOSegmenter:
         self._view_axes = view_axes(spec, max(views, spec.views))
         if len(self._view_axes) < views:
             logger.warning(
-                "%s: its grid (spacing_mm %s) is not isotropic: slices along its slice axis only",
-                model_xml, list(spec.spacing_mm),
+                "%s: its grid (spacing_mm %s) is not isotropic or its input has context slices (%d): "
+                "slices along its slice axis only", model_xml, list(spec.spacing_mm), spec.context_slices,
             )
         self.views = len(self._view_axes)
         model_xml = Path(model_xml)
@@ -243,13 +243,14 @@ class OpenVINOSegmenter:
             model = core.read_model(str(model_xml))
         except RuntimeError as exc:
             raise ModelLoadError(f"OpenVINO cannot read model file {model_xml}: {exc}") from None
-        channels = len(self.card["modalities"])
+        channels = spec.channels(len(self.card["modalities"]))
         shape = model.input(0).get_partial_shape()
         static_channels = shape.rank.is_static and shape.rank.get_length() == 4 and shape[1].is_static
         if static_channels and shape[1].get_length() != channels:
             raise ModelCardError(
                 f"model {model_xml} takes {shape[1].get_length()} channels but the card lists "
-                f"{channels} modalities"
+                f"{len(self.card['modalities'])} modalities ({channels} channels with "
+                f"{spec.context_slices} context slices on each side)"
             )
         fixed = _fixed_batch(model)
         if fixed is not None:

@@ -33,9 +33,10 @@ RUN_OPTIONS = (
     "val_fraction",
     "optional_modalities",
     "slice_axes",
+    "context_slices",
 )
 #: What a run saved before an option existed used (its value is then taken as this on --resume).
-RUN_OPTION_DEFAULTS: dict[str, Any] = {"slice_axes": [2]}
+RUN_OPTION_DEFAULTS: dict[str, Any] = {"slice_axes": [2], "context_slices": 0}
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:

@@ -107,6 +107,12 @@ def train(
         help="Axes of the model's grid training slices are cut along: 2 (axial) or 0,1,2 (sagittal and "
         "coronal too: the card then asks the node for three views; needs an isotropic grid).",
     ),
+    context_slices: int = typer.Option(
+        0,
+        "--context-slices",
+        help="Neighbouring slices on each side given to the network with each slice (2.5D input): "
+        "each modality's slices at offsets -k..k become 2k+1 channels; the node stacks them alike.",
+    ),
     patience: int = typer.Option(
         10, "--patience", help="Early stopping after this many epochs without gain."
     ),
@@ -159,6 +165,7 @@ def train(
         optional_modalities=[m.strip().upper() for m in optional_modalities.split(",") if m.strip()],
         channel_dropout=channel_dropout,
         slice_axes=_parse_axes(slice_axes),
+        context_slices=context_slices,
         patience=patience,
         amp=amp,
         max_minutes=max_minutes or None,

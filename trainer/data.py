@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from converters.case import Case
-from converters.preprocess import Prepared, prepare_volume
+from converters.preprocess import Prepared, PreprocessSpec, prepare_volume
 from trainer.exceptions import TrainerError
 
 logger = logging.getLogger(__name__)
@@ -165,16 +165,19 @@ def missing_modalities(held: Sequence[str], modalities: Sequence[str], optional:
 
 
 def zero_missing_channels(
-    slices: npt.NDArray[np.float32], held: Sequence[str], modalities: Sequence[str]
+    slices: npt.NDArray[np.float32], held: Sequence[str], modalities: Sequence[str], per_modality: int = 1
 ) -> npt.NDArray[np.float32]:
-    """Slices (S, len(held), H, W) widened to (S, len(modalities), H, W), absent channels all zero.
+    """Slices (S, len(held) * n, H, W) widened to (S, len(modalities) * n, H, W), absent channels all
+    zero; n = ``per_modality``, each modality's channels (its context slices, in a row).
 
     Zero is the brain's mean after z-scoring, which is also what channel dropout writes during
     training, so a model trained with dropout has seen such input.
     """
-    out = np.zeros((slices.shape[0], len(modalities), *slices.shape[2:]), dtype=np.float32)
+    n = per_modality
+    out = np.zeros((slices.shape[0], len(modalities) * n, *slices.shape[2:]), dtype=np.float32)
     for i, name in enumerate(held):
-        out[:, list(modalities).index(name)] = slices[:, i]
+        at = list(modalities).index(name) * n
+        out[:, at : at + n] = slices[:, i * n : (i + 1) * n]
     return out
 
 
@@ -204,7 +207,10 @@ def prepare_case(
     held = [m for m in modalities if m not in missing]
     prepared = prepare_volume(case.images, case.affine, preprocessing, held)
     if missing:
-        prepared = replace(prepared, slices=zero_missing_channels(prepared.slices, held, modalities))
+        per_modality = PreprocessSpec.from_card(preprocessing).channels(1)
+        prepared = replace(
+            prepared, slices=zero_missing_channels(prepared.slices, held, modalities, per_modality)
+        )
     target = task_target(case.label, task)
     return PreparedCase(case.case_id, prepared, prepared.crop_label(target), target, case.spacing)
 

@@ -398,12 +398,14 @@ def check_checkpoint(state: Mapping[str, Any], run_dir: Path, checkpoint: str) -
             m for m in config.get("modalities") or [] if m in (config.get("optional_modalities") or [])
         ],
         "crop_size": [int(c) for c in config.get("crop_size") or []],
+        "context_slices": int(config.get("context_slices") or 0),
     }
     found = {
         "task": card.get("task"),
         "modalities": list(card.get("modalities") or []),
         "optional_modalities": list(card.get("optional_modalities") or []),
         "crop_size": [int(c) for c in pre.get("crop_size") or []],
+        "context_slices": int(pre.get("context_slices") or 0),
     }
     if config.get("spacing_mm") is not None:
         expected["spacing_mm"] = [float(x) for x in config["spacing_mm"]]
@@ -415,12 +417,15 @@ def check_checkpoint(state: Mapping[str, Any], run_dir: Path, checkpoint: str) -
                 "(train_config); the card was changed after training: export refused"
             )
     task = found["task"]
-    channels = {"in_channels": len(found["modalities"]), "out_channels": 1 if task == "whole_tumor" else 4}
+    per_modality = 2 * found["context_slices"] + 1
+    channels = {"in_channels": len(found["modalities"]) * per_modality,
+                "out_channels": 1 if task == "whole_tumor" else 4}
     for key, value in channels.items():
         if network.get(key) != value:
             raise TrainerError(
                 f"{where}: its network has {key} {network.get(key)!r} but its card ({task}, "
-                f"{len(found['modalities'])} modalities) needs {value}: export refused"
+                f"{len(found['modalities'])} modalities, {found['context_slices']} context slices) "
+                f"needs {value}: export refused"
             )
     activation = "sigmoid" if task == "whole_tumor" else "softmax"
     if (card.get("output") or {}).get("activation") != activation:
@@ -437,6 +442,7 @@ def _check_same_run(state: Mapping[str, Any], run_dir: Path, path: Path) -> None
     def identity(saved: Mapping[str, Any], config: Mapping[str, Any]) -> dict[str, Any]:
         found = {key: config.get(key) for key in RUN_OPTIONS}
         found["optional_modalities"] = list(found["optional_modalities"] or [])  # absent before it existed
+        found["context_slices"] = int(found["context_slices"] or 0)  # likewise
         return {
             **found,
             "data fingerprint": saved["fingerprint"],

@@ -59,14 +59,15 @@ def plot_samples(
         picks.append((case, int(np.argmax(area))))
     picks = picks[:rows]
     fig, axes = plt.subplots(len(picks), 3, figsize=(9, 3 * len(picks)), squeeze=False)
+    centre = int(card["preprocessing"].get("context_slices") or 0)  # the first modality's own slice
     for row, (case, idx) in enumerate(picks):
         image = case.prepared.slices[idx : idx + 1]
         pred = outputs_to_labels(predict_slices(predict, image), card["output"])[0]
         for col, (title, data) in enumerate(
-            [("image", image[0, 0]), ("truth", case.target_planes[idx]), ("prediction", pred)]
+            [("image", image[0, centre]), ("truth", case.target_planes[idx]), ("prediction", pred)]
         ):
             ax = axes[row][col]
-            ax.imshow(image[0, 0].T, cmap="gray", origin="lower")
+            ax.imshow(image[0, centre].T, cmap="gray", origin="lower")
             if col:
                 ax.imshow(np.ma.masked_equal(data.T, 0), cmap="autumn", alpha=0.6, origin="lower")
             ax.set_title(f"{case.case_id} z={int(case.prepared.slice_indices[idx])} {title}", fontsize=8)

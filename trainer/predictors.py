@@ -29,6 +29,7 @@ import numpy.typing as npt
 
 from converters.exceptions import ModelCardError
 from converters.prediction import SlicePredictor
+from converters.preprocess import PreprocessSpec
 from db.card import check_card
 from trainer.exceptions import TrainerError
 
@@ -130,13 +131,15 @@ def openvino_predictor(
         model = core.read_model(str(model_xml))
     except RuntimeError as exc:
         raise TrainerError(f"model file {model_xml} cannot be read by OpenVINO: {exc}") from None
-    channels = len(card["modalities"])
+    spec = PreprocessSpec.from_card(card["preprocessing"])
+    channels = spec.channels(len(card["modalities"]))
     shape = model.input(0).get_partial_shape()
     static_channels = shape.rank.is_static and shape.rank.get_length() == 4 and shape[1].is_static
     if static_channels and shape[1].get_length() != channels:
         raise ModelCardError(
             f"model {model_xml} takes {shape[1].get_length()} channels but the card lists "
-            f"{channels} modalities"
+            f"{len(card['modalities'])} modalities ({channels} channels with "
+            f"{spec.context_slices} context slices on each side)"
         )
     config = {"INFERENCE_PRECISION_HINT": precision_hint} if precision_hint else {}
     base, own = core.compile_model(model, device, config), _sides(model)

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from converters.case import Case
 from converters.prediction import outputs_to_labels, predict_card_views
-from converters.preprocess import isotropic
+from converters.preprocess import MAX_CONTEXT_SLICES, isotropic
 from db.card import TASK_LABELS
 from db.models import SEGMENTATION_TASKS as TASKS
 from trainer.checkpoint import RUN_OPTION_DEFAULTS, RUN_OPTIONS, load_checkpoint, save_checkpoint
@@ -114,6 +114,9 @@ class TrainConfig:
     #: or [0, 1, 2] (sagittal and coronal too, for a node running the model with three views;
     #: validation then scores the three views averaged, as the node computes them).
     slice_axes: list[int] = field(default_factory=lambda: [2])
+    #: Neighbouring slices on each side given to the network with each slice (2.5D input: each
+    #: modality's slices at offsets -k..k as channels; the card's ``preprocessing.context_slices``).
+    context_slices: int = 0
 
     def check(self) -> None:
         """Raise TrainerError on an impossible option."""
@@ -153,12 +156,16 @@ class TrainConfig:
             raise TrainerError("--channel-dropout needs --optional-modalities (the channels it may zero)")
         if sorted(self.slice_axes) not in ([2], [0, 1, 2]):
             raise TrainerError(f"--slice-axes {self.slice_axes} must be 2 or 0,1,2")
+        if not 0 <= self.context_slices <= MAX_CONTEXT_SLICES:
+            raise TrainerError(f"--context-slices {self.context_slices} must be 0 to {MAX_CONTEXT_SLICES}")
+        if self.context_slices and len(self.slice_axes) != 1:
+            raise TrainerError("--context-slices needs slices along one axis (--slice-axes 2)")
 
 
     def unet_config(self) -> UNetConfig:
         """The network these options describe (raises TrainerError on an impossible one)."""
         return UNetConfig(
-            in_channels=len(self.modalities),
+            in_channels=len(self.modalities) * (2 * self.context_slices + 1),
             out_channels=1 if self.task == "whole_tumor" else 4,
             base_filters=self.base_filters,
             depth=self.depth,
@@ -183,6 +190,8 @@ def card_base(config: TrainConfig, spacing: Sequence[float]) -> dict[str, Any]:
             "slice_axis": 2,
             # A model trained on slices along the grid's three axes is run along them (predict_views).
             **({"views": 3} if len(config.slice_axes) == 3 else {}),
+            # Neighbouring slices as channels (2.5D): the node stacks them the same way (with_context).
+            **({"context_slices": config.context_slices} if config.context_slices else {}),
         },
         "output": {"activation": "sigmoid", "threshold": 0.5}
         if config.task == "whole_tumor"
@@ -486,7 +495,9 @@ class Trainer:
     def _loader(self, epoch: int) -> DataLoader[tuple[torch.Tensor, torch.Tensor]]:
         n = self.config.slices_per_epoch or len(self.arrays.targets)
         plan = epoch_plan(self.tumour, n, self.config.tumour_fraction, self.config.seed, epoch)
-        droppable = [i for i, m in enumerate(self.config.modalities) if m in self.config.optional_modalities]
+        per_modality = 2 * self.config.context_slices + 1  # a modality's channels: its context slices
+        droppable = [i * per_modality + o for i, m in enumerate(self.config.modalities)
+                     if m in self.config.optional_modalities for o in range(per_modality)]
         dataset = SliceDataset(
             self.arrays,
             plan,

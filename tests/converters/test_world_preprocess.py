@@ -373,3 +373,42 @@ def test_a_mask_wider_than_a_skull_stripped_image_leaves_its_background_at_zero(
     np.testing.assert_array_equal(loose.slices[common], tight.slices)
     assert not loose.slices[~common].any() and common.sum() < len(common)  # the mask's extra slices: zero
     assert abs(float(tight.slices[tight.slices != 0].mean())) < 0.05
+
+
+def test_context_slices_stack_each_modalitys_neighbours_as_channels() -> None:
+    from converters.preprocess import PreprocessSpec, with_context
+
+    planes = np.arange(4 * 2, dtype=np.float32).reshape(4, 2, 1, 1) + 1  # S=4 slices, C=2 channels
+    out = with_context(planes, 1)
+    assert out.shape == (4, 6, 1, 1)
+    # Per channel: slice before, the slice, slice after; zeros beyond the ends.
+    assert out[0, :, 0, 0].tolist() == [0, 1, 3, 0, 2, 4]
+    assert out[3, :, 0, 0].tolist() == [5, 7, 0, 6, 8, 0]
+    assert with_context(planes, 2, np.array([1]))[0, :, 0, 0].tolist() == [0, 1, 3, 5, 7, 0, 2, 4, 6, 8]
+    assert np.array_equal(with_context(planes, 0, np.array([2, 3])), planes[[2, 3]])
+
+    assert PreprocessSpec.from_card({**PRE, "context_slices": 2}).channels(4) == 20
+    assert PreprocessSpec.from_card(PRE).context_slices == 0
+    for bad in (-1, 4, 1.5, True, "1"):
+        with pytest.raises(PreprocessError, match="context_slices .* must be an integer from 0 to 3"):
+            PreprocessSpec.from_card({**PRE, "context_slices": bad})
+    with pytest.raises(PreprocessError, match="context_slices 1 needs views 1, not 3"):
+        PreprocessSpec.from_card({**PRE, "spacing_mm": [1, 1, 1], "context_slices": 1, "views": 3})
+
+
+def test_a_card_with_context_slices_gets_the_same_slices_and_their_neighbours() -> None:
+    shape = (120, 120, 40)
+    rng = np.random.default_rng(2)
+    image = np.zeros(shape, np.float32)
+    mask = np.zeros(shape, bool)
+    mask[30:90, 30:90, 8:32] = True
+    image[mask] = rng.normal(500, 50, int(mask.sum()))
+    plain = prepare_volume({"FLAIR": image}, np.eye(4), PRE, ["FLAIR"], brain_mask=mask)
+    context = prepare_volume({"FLAIR": image}, np.eye(4), {**PRE, "context_slices": 1}, ["FLAIR"],
+                             brain_mask=mask)
+    assert np.array_equal(context.slice_indices, plain.slice_indices)
+    assert context.slices.shape == (len(plain.slices), 3, *plain.slices.shape[2:])
+    assert np.array_equal(context.slices[:, 1], plain.slices[:, 0])  # the slice itself in the middle
+    assert np.array_equal(context.slices[1:, 0], plain.slices[:-1, 0])  # the one before it
+    assert np.array_equal(context.slices[:-1, 2], plain.slices[1:, 0])  # the one after it
+    assert not context.slices[0, 0].any() and not context.slices[-1, 2].any()  # beyond the brain

@@ -474,3 +474,38 @@ def test_slices_along_three_axes_are_checked_trained_and_kept_on_resume(task01: 
     save_checkpoint({k: v for k, v in saved.items() if k != "format"}, run / "last.pt")
     with pytest.raises(TrainerError, match=r"option slice_axes is \[0, 1, 2\] but the run .* used \[2\]"):
         train(config(epochs=2, slice_axes=[0, 1, 2]), resume=True, progress=False)
+
+
+def test_context_slices_are_checked_trained_exported_and_run_by_the_node(task01: Path, tmp_path: Path) -> None:
+    """``--context-slices 1`` (2.5D): each slice goes in with its neighbours as channels; the card says
+    so, the export's networks take three channels, and the node's segmenter stacks them alike."""
+    pytest.importorskip("nncf")
+    from converters.nifti import list_cases
+    from node.segmenter import OpenVINOSegmenter
+    from trainer.export import ExportOptions, export_run
+    from trainer.train import TrainConfig, train
+
+    for bad, message in (({"context_slices": 4}, r"--context-slices 4 must be 0 to 3"),
+                         ({"context_slices": 1, "slice_axes": [0, 1, 2]}, "needs slices along one axis")):
+        with pytest.raises(TrainerError, match=message):
+            TrainConfig(data=str(tmp_path), out=str(tmp_path / "r"), **bad).check()  # type: ignore[arg-type]
+
+    run = tmp_path / "run"
+    summary = train(_config(task01, run, epochs=1, context_slices=1), progress=False)  # type: ignore[arg-type]
+    assert 0.0 <= summary["best_dice"] <= 1.0
+    saved = json.loads((run / "run.json").read_text())
+    assert saved["card"]["preprocessing"]["context_slices"] == 1
+    assert saved["model_config"]["in_channels"] == 3
+    with pytest.raises(TrainerError, match=r"option context_slices is 0 but the run .* used 1"):
+        train(_config(task01, run, epochs=2), resume=True, progress=False)  # type: ignore[arg-type]
+
+    card = export_run(ExportOptions(run_dir=run, calibration_size=20, register=False))
+    assert card["preprocessing"]["context_slices"] == 1
+    segmenter = OpenVINOSegmenter(card, run / "export" / "model_int8.xml", views=3)
+    assert segmenter.views == 1  # its channels are neighbours along the card's slice axis
+    case = list_cases(task01, require_labels=True)[0].load()
+    labels = segmenter.segment(case.images, case.affine)
+    assert labels.shape == case.images["FLAIR"].shape and set(np.unique(labels)) <= {0, 1}
+    plain = dict(card, preprocessing={k: v for k, v in card["preprocessing"].items() if k != "context_slices"})
+    with pytest.raises(Exception, match="takes 3 channels but the card lists 1 modalities"):
+        OpenVINOSegmenter(plain, run / "export" / "model_int8.xml")
