@@ -162,10 +162,15 @@ class TrainConfig:
             raise TrainerError("--context-slices needs slices along one axis (--slice-axes 2)")
 
 
+    @property
+    def channels_per_modality(self) -> int:
+        """A modality's input channels: its slice and ``context_slices`` neighbours on each side."""
+        return 2 * self.context_slices + 1
+
     def unet_config(self) -> UNetConfig:
         """The network these options describe (raises TrainerError on an impossible one)."""
         return UNetConfig(
-            in_channels=len(self.modalities) * (2 * self.context_slices + 1),
+            in_channels=len(self.modalities) * self.channels_per_modality,
             out_channels=1 if self.task == "whole_tumor" else 4,
             base_filters=self.base_filters,
             depth=self.depth,
@@ -495,7 +500,7 @@ class Trainer:
     def _loader(self, epoch: int) -> DataLoader[tuple[torch.Tensor, torch.Tensor]]:
         n = self.config.slices_per_epoch or len(self.arrays.targets)
         plan = epoch_plan(self.tumour, n, self.config.tumour_fraction, self.config.seed, epoch)
-        per_modality = 2 * self.config.context_slices + 1  # a modality's channels: its context slices
+        per_modality = self.config.channels_per_modality
         droppable = [i * per_modality + o for i, m in enumerate(self.config.modalities)
                      if m in self.config.optional_modalities for o in range(per_modality)]
         dataset = SliceDataset(

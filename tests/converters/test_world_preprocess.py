@@ -390,7 +390,7 @@ def test_context_slices_stack_each_modalitys_neighbours_as_channels() -> None:
     assert PreprocessSpec.from_card({**PRE, "context_slices": 2}).channels(4) == 20
     assert PreprocessSpec.from_card(PRE).context_slices == 0
     for bad in (-1, 4, 1.5, True, "1"):
-        with pytest.raises(PreprocessError, match="context_slices .* must be an integer from 0 to 3"):
+        with pytest.raises(PreprocessError, match=r"context_slices .* must be an integer from 0 to 3"):
             PreprocessSpec.from_card({**PRE, "context_slices": bad})
     with pytest.raises(PreprocessError, match="context_slices 1 needs views 1, not 3"):
         PreprocessSpec.from_card({**PRE, "spacing_mm": [1, 1, 1], "context_slices": 1, "views": 3})

@@ -476,10 +476,13 @@ def test_slices_along_three_axes_are_checked_trained_and_kept_on_resume(task01: 
         train(config(epochs=2, slice_axes=[0, 1, 2]), resume=True, progress=False)
 
 
-def test_context_slices_are_checked_trained_exported_and_run_by_the_node(task01: Path, tmp_path: Path) -> None:
+def test_context_slices_are_checked_trained_exported_and_run_by_the_node(
+    task01: Path, tmp_path: Path
+) -> None:
     """``--context-slices 1`` (2.5D): each slice goes in with its neighbours as channels; the card says
     so, the export's networks take three channels, and the node's segmenter stacks them alike."""
     pytest.importorskip("nncf")
+    from converters.exceptions import ModelCardError
     from converters.nifti import list_cases
     from node.segmenter import OpenVINOSegmenter
     from trainer.export import ExportOptions, export_run
@@ -506,6 +509,7 @@ def test_context_slices_are_checked_trained_exported_and_run_by_the_node(task01:
     case = list_cases(task01, require_labels=True)[0].load()
     labels = segmenter.segment(case.images, case.affine)
     assert labels.shape == case.images["FLAIR"].shape and set(np.unique(labels)) <= {0, 1}
-    plain = dict(card, preprocessing={k: v for k, v in card["preprocessing"].items() if k != "context_slices"})
-    with pytest.raises(Exception, match="takes 3 channels but the card lists 1 modalities"):
+    plain = dict(card, preprocessing={k: v for k, v in card["preprocessing"].items()
+                                      if k != "context_slices"})
+    with pytest.raises(ModelCardError, match="takes 3 channels but the card lists 1 modalities"):
         OpenVINOSegmenter(plain, run / "export" / "model_int8.xml")
