@@ -40,6 +40,11 @@ def test_zero_missing_channels_puts_each_held_channel_in_its_place() -> None:
     assert out.shape == (3, 4, 4, 4)
     assert [float(out[:, c].max()) for c in range(4)] == [1.0, 0.0, 3.0, 0.0]
     assert [float(out[:, c].min()) for c in range(4)] == [1.0, 0.0, 3.0, 0.0]
+    # With context slices each modality is a group of channels (its slice and neighbours), kept together.
+    grouped = np.stack([np.full((3, 4, 4), v, np.float32) for v in (1, 2, 3, 4, 5, 6)], axis=1)
+    out = zero_missing_channels(grouped, ["FLAIR", "T1GD"], FOUR, per_modality=3)
+    assert out.shape == (3, 12, 4, 4)
+    assert [float(out[0, c, 0, 0]) for c in range(12)] == [1, 2, 3, 0, 0, 0, 4, 5, 6, 0, 0, 0]
 
 
 def test_drop_channels_never_touches_flair_and_draws_every_subset() -> None:
