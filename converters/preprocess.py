@@ -91,7 +91,7 @@ class PreprocessSpec:
 
     def channels(self, modalities: int) -> int:
         """The network's input channels for ``modalities`` modalities: ``2k + 1`` each."""
-        return modalities * (2 * self.context_slices + 1)
+        return modalities * channels_per_modality(self.context_slices)
 
     @classmethod
     def from_card(cls, block: Mapping[str, Any]) -> PreprocessSpec:
@@ -146,6 +146,11 @@ class PreprocessSpec:
                    context)
 
 
+def channels_per_modality(context_slices: int) -> int:
+    """A modality's input channels with ``context_slices`` neighbours on each side: ``2k + 1``."""
+    return 2 * context_slices + 1
+
+
 def with_context(
     planes: npt.NDArray[np.float32], context: int, rows: npt.NDArray[np.int64] | None = None
 ) -> npt.NDArray[np.float32]:
@@ -163,7 +168,7 @@ def with_context(
     padded = np.zeros((planes.shape[0] + 2 * context, *planes.shape[1:]), dtype=np.float32)
     padded[context : context + planes.shape[0]] = planes
     offsets = [padded[rows + context + o] for o in range(-context, context + 1)]
-    return np.stack(offsets, axis=2).reshape(len(rows), channels * (2 * context + 1), *planes.shape[2:])
+    return np.stack(offsets, axis=2).reshape(len(rows), channels * len(offsets), *planes.shape[2:])
 
 
 def isotropic(spacing_mm: Sequence[float]) -> bool:

@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from converters.case import Case
-from converters.preprocess import Prepared, PreprocessSpec, prepare_volume
+from converters.preprocess import Prepared, PreprocessSpec, channels_per_modality, prepare_volume
 from trainer.exceptions import TrainerError
 
 logger = logging.getLogger(__name__)
@@ -207,7 +207,7 @@ def prepare_case(
     held = [m for m in modalities if m not in missing]
     prepared = prepare_volume(case.images, case.affine, preprocessing, held)
     if missing:
-        per_modality = PreprocessSpec.from_card(preprocessing).channels(1)
+        per_modality = channels_per_modality(PreprocessSpec.from_card(preprocessing).context_slices)
         prepared = replace(
             prepared, slices=zero_missing_channels(prepared.slices, held, modalities, per_modality)
         )

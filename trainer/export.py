@@ -32,6 +32,7 @@ import numpy as np
 import numpy.typing as npt
 
 from converters.prediction import SlicePredictor, predict_slices, segment_prepared
+from converters.preprocess import channels_per_modality
 from db.card import file_entry, write_card
 from trainer.checkpoint import RUN_OPTIONS, load_checkpoint, model_from_checkpoint
 from trainer.data import PreparedCase, load_prepared
@@ -417,7 +418,7 @@ def check_checkpoint(state: Mapping[str, Any], run_dir: Path, checkpoint: str) -
                 "(train_config); the card was changed after training: export refused"
             )
     task = found["task"]
-    per_modality = 2 * found["context_slices"] + 1
+    per_modality = channels_per_modality(found["context_slices"])
     channels = {"in_channels": len(found["modalities"]) * per_modality,
                 "out_channels": 1 if task == "whole_tumor" else 4}
     for key, value in channels.items():

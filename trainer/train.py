@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from converters.case import Case
 from converters.prediction import outputs_to_labels, predict_card_views
-from converters.preprocess import MAX_CONTEXT_SLICES, isotropic
+from converters.preprocess import MAX_CONTEXT_SLICES, channels_per_modality, isotropic
 from db.card import TASK_LABELS
 from db.models import SEGMENTATION_TASKS as TASKS
 from trainer.checkpoint import RUN_OPTION_DEFAULTS, RUN_OPTIONS, load_checkpoint, save_checkpoint
@@ -165,7 +165,7 @@ class TrainConfig:
     @property
     def channels_per_modality(self) -> int:
         """A modality's input channels: its slice and ``context_slices`` neighbours on each side."""
-        return 2 * self.context_slices + 1
+        return channels_per_modality(self.context_slices)
 
     def unet_config(self) -> UNetConfig:
         """The network these options describe (raises TrainerError on an impossible one)."""
