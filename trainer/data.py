@@ -285,19 +285,24 @@ def augment(
 
 
 def drop_channels(
-    image: npt.NDArray[np.float32], droppable: Sequence[int], prob: float, rng: np.random.Generator
+    image: npt.NDArray[np.float32],
+    droppable: Sequence[Sequence[int]],
+    prob: float,
+    rng: np.random.Generator,
 ) -> npt.NDArray[np.float32]:
     """With probability ``prob``, ``image`` (C, H, W) with a random non-empty subset of ``droppable`` zeroed.
 
-    The subset size is uniform in 1..len(droppable), then the channels uniform among subsets of that
-    size. Channels not in ``droppable`` (FLAIR) are never touched; ``image`` is not changed.
+    ``droppable`` holds channel groups, one per optional modality (its slice and, with context slices,
+    its neighbours): a group is zeroed whole, as a missing series is at inference. The subset size is
+    uniform in 1..len(droppable), then the groups uniform among subsets of that size. Channels in no
+    group (FLAIR) are never touched; ``image`` is not changed.
     """
     if prob <= 0 or not droppable or rng.random() >= prob:
         return image
     k = int(rng.integers(1, len(droppable) + 1))
-    chosen = rng.choice(np.asarray(droppable, dtype=np.int64), size=k, replace=False)
+    chosen = rng.choice(np.arange(len(droppable), dtype=np.int64), size=k, replace=False)
     out = image.copy()
-    out[chosen] = 0.0
+    out[[c for g in chosen for c in droppable[int(g)]]] = 0.0
     return out
 
 
@@ -313,7 +318,7 @@ class SliceDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     augment_seed:
         Seed for augmentation, or None for none (validation).
     droppable:
-        Channel indices that channel dropout may zero (with augmentation only).
+        Channel groups that channel dropout may zero, one per optional modality (with augmentation only).
     dropout:
         Per slice, the probability of zeroing a random non-empty subset of ``droppable``.
     """
@@ -323,13 +328,13 @@ class SliceDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         arrays: SliceArrays,
         plan: npt.NDArray[np.int64],
         augment_seed: int | None,
-        droppable: Sequence[int] = (),
+        droppable: Sequence[Sequence[int]] = (),
         dropout: float = 0.0,
     ) -> None:
         self.arrays = arrays
         self.plan = plan
         self.augment_seed = augment_seed
-        self.droppable = list(droppable)
+        self.droppable = [tuple(g) for g in droppable]
         self.dropout = dropout
 
     def __len__(self) -> int:

@@ -501,8 +501,8 @@ class Trainer:
         n = self.config.slices_per_epoch or len(self.arrays.targets)
         plan = epoch_plan(self.tumour, n, self.config.tumour_fraction, self.config.seed, epoch)
         per_modality = self.config.channels_per_modality
-        droppable = [i * per_modality + o for i, m in enumerate(self.config.modalities)
-                     if m in self.config.optional_modalities for o in range(per_modality)]
+        droppable = [tuple(range(i * per_modality, (i + 1) * per_modality))
+                     for i, m in enumerate(self.config.modalities) if m in self.config.optional_modalities]
         dataset = SliceDataset(
             self.arrays,
             plan,

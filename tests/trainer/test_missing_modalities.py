@@ -52,7 +52,7 @@ def test_drop_channels_never_touches_flair_and_draws_every_subset() -> None:
     rng = np.random.default_rng(0)
     seen = set()
     for _ in range(400):
-        out = drop_channels(image, [1, 2, 3], 1.0, rng)
+        out = drop_channels(image, [(1,), (2,), (3,)], 1.0, rng)
         assert out[0].min() == 1.0  # FLAIR kept
         zeroed = frozenset(int(c) for c in range(1, 4) if out[c].max() == 0.0)
         assert zeroed  # probability 1: at least one channel goes
@@ -60,9 +60,22 @@ def test_drop_channels_never_touches_flair_and_draws_every_subset() -> None:
         seen.add(zeroed)
     assert len(seen) == 7  # every non-empty subset of {T1, T1GD, T2}
     assert image.min() == 1.0  # the input is not changed
-    assert drop_channels(image, [1, 2, 3], 0.0, rng) is image
-    kept = sum(drop_channels(image, [1, 2, 3], 0.25, rng)[1:].min() == 1.0 for _ in range(2000))
+    assert drop_channels(image, [(1,), (2,), (3,)], 0.0, rng) is image
+    kept = sum(drop_channels(image, [(1,), (2,), (3,)], 0.25, rng)[1:].min() == 1.0 for _ in range(2000))
     assert 0.70 < kept / 2000 < 0.80
+
+
+def test_drop_channels_zeroes_a_modality_with_its_context_slices() -> None:
+    # FLAIR, T1, T2 with one neighbour each side: channels 0-2, 3-5, 6-8; T1 and T2 optional.
+    image = np.ones((9, 4, 4), np.float32)
+    rng = np.random.default_rng(1)
+    seen = set()
+    for _ in range(200):
+        out = drop_channels(image, [(3, 4, 5), (6, 7, 8)], 1.0, rng)
+        zeroed = frozenset(c for c in range(9) if out[c].max() == 0.0)
+        assert zeroed in ({3, 4, 5}, {6, 7, 8}, {3, 4, 5, 6, 7, 8})  # whole modalities, never FLAIR
+        seen.add(zeroed)
+    assert len(seen) == 3
 
 
 def test_split_validates_on_complete_cases_and_trains_on_the_rest() -> None:
