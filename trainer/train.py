@@ -167,6 +167,13 @@ class TrainConfig:
         """A modality's input channels: its slice and ``context_slices`` neighbours on each side."""
         return channels_per_modality(self.context_slices)
 
+    def droppable_channels(self) -> list[tuple[int, ...]]:
+        """The input channels channel dropout may zero: one group per optional modality, its slice and
+        its context slices together (see :func:`trainer.data.drop_channels`)."""
+        n = self.channels_per_modality
+        return [tuple(range(i * n, (i + 1) * n))
+                for i, m in enumerate(self.modalities) if m in self.optional_modalities]
+
     def unet_config(self) -> UNetConfig:
         """The network these options describe (raises TrainerError on an impossible one)."""
         return UNetConfig(
@@ -500,14 +507,11 @@ class Trainer:
     def _loader(self, epoch: int) -> DataLoader[tuple[torch.Tensor, torch.Tensor]]:
         n = self.config.slices_per_epoch or len(self.arrays.targets)
         plan = epoch_plan(self.tumour, n, self.config.tumour_fraction, self.config.seed, epoch)
-        per_modality = self.config.channels_per_modality
-        droppable = [tuple(range(i * per_modality, (i + 1) * per_modality))
-                     for i, m in enumerate(self.config.modalities) if m in self.config.optional_modalities]
         dataset = SliceDataset(
             self.arrays,
             plan,
             augment_seed=self.config.seed * 100_003 + epoch,
-            droppable=droppable,
+            droppable=self.config.droppable_channels(),
             dropout=self.config.channel_dropout,
         )
         if self.dist.distributed:

@@ -120,3 +120,6 @@ def test_config_refuses_dropout_without_optional_channels_and_records_them_in_th
     config.check()
     assert card_base(config, [1.0, 1.0, 1.0])["optional_modalities"] == ["T1", "T2"]
     assert "optional_modalities" not in card_base(TrainConfig(**base), [1.0, 1.0, 1.0])  # type: ignore[arg-type]
+    assert config.droppable_channels() == [(1,), (3,)]  # T1 and T2 of FLAIR, T1, T1GD, T2
+    context = TrainConfig(**base, optional_modalities=["T2", "T1"], context_slices=1)  # type: ignore[arg-type]
+    assert context.droppable_channels() == [(3, 4, 5), (9, 10, 11)]  # each with its two neighbours
