@@ -34,9 +34,11 @@ RUN_OPTIONS = (
     "optional_modalities",
     "slice_axes",
     "context_slices",
+    "folds",
+    "fold",
 )
 #: What a run saved before an option existed used (its value is then taken as this on --resume).
-RUN_OPTION_DEFAULTS: dict[str, Any] = {"slice_axes": [2], "context_slices": 0}
+RUN_OPTION_DEFAULTS: dict[str, Any] = {"slice_axes": [2], "context_slices": 0, "folds": 0, "fold": 0}
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:

@@ -76,6 +76,13 @@ def train(
         0.2, "--val-fraction", help="Share of patients held out for validation."
     ),
     seed: int = typer.Option(0, "--seed"),
+    folds: int = typer.Option(
+        0,
+        "--folds",
+        help="Cross-validation: cut the patients into this many parts, one validating "
+        "(instead of --val-fraction; 0: no folds).",
+    ),
+    fold: int = typer.Option(0, "--fold", help="With --folds K: the part (0 to K-1) that validates."),
     slices_per_epoch: int = typer.Option(
         0, "--slices-per-epoch", help="0: as many as there are training slices."
     ),
@@ -159,6 +166,8 @@ def train(
         spacing_mm=[float(s) for s in spacing.split(",")] if spacing else None,
         val_fraction=val_fraction,
         seed=seed,
+        folds=folds,
+        fold=fold,
         slices_per_epoch=slices_per_epoch or None,
         tumour_fraction=tumour_fraction,
         scanner_augment=scanner_augment,
@@ -576,3 +585,63 @@ def evaluate(
 
         record_evaluation(path, evaluation_entry(result, record, data))
         console.print(f"recorded the {record} evaluation in {path / 'model.json'}")
+
+
+def crossval(
+    models: list[Path] = typer.Argument(
+        ..., metavar="MODEL_DIR...", help="One model directory per fold (segnode export of each fold's run)."
+    ),
+    data: Path = typer.Option(..., "--data", help="The labelled cases the folds were trained on."),
+    precision: str = typer.Option("int8", "--precision", help="fp32 | int8."),
+    json_out: Path = typer.Option(None, "--json", help="Write every case's figures and the means as JSON."),
+    device: str = typer.Option("CPU", "--ov-device", help="OpenVINO device."),
+    batch_size: int = typer.Option(16, "--batch-size"),
+) -> None:
+    """Cross-validation: each fold's model scored on the cases it validated on, and the folds pooled.
+
+    Every case is scored once, by the one fold's model that did not train on it.
+
+    Train the folds with ``segnode train --folds K --fold I`` (I = 0..K-1, one seed), export each,
+    then pass the K model directories. The means are over all cases: K models' validation at once,
+    a figure less swayed by one case than a single split's few validation cases.
+    """
+    from converters.nifti import list_cases
+    from trainer.evaluate import evaluate_cases, fold_validation_cases, load_model, pool_folds
+    from trainer.exceptions import TrainerError
+
+    for path in models:
+        if not path.is_dir():
+            raise TrainerError(f"{path} is not a model directory (segnode export writes one per fold)")
+    by_id = {r.case_id: r for r in list_cases(data, require_labels=True)}
+    results, names = [], []
+    for path in models:
+        wanted = fold_validation_cases(path)
+        missing = [c for c in wanted if c not in by_id]
+        if missing:
+            raise TrainerError(f"{path} validated on {', '.join(missing)}, not found under {data}")
+        loaded = load_model(path, precision, device)
+        names.append(path.name)
+        with console.status(f"{path.name}: evaluating {len(wanted)} cases") as status:
+
+            def show(
+                case_id: str, scores: dict[str, Any], status: Any = status, name: str = path.name
+            ) -> None:
+                status.update(f"{name}: {case_id}: Dice {scores['dice']:.4f}")
+
+            results.append(evaluate_cases(loaded, [by_id[c] for c in wanted], batch_size, on_case=show))
+    pooled = pool_folds(results, names)
+    title = f"cross-validation, {len(names)} folds, {precision}"
+    shown = {**pooled, "cases": [{**c, "case": f"{c['case']} ({c['fold']})"} for c in pooled["cases"]]}
+    console.print(case_table(shown, title))
+    if pooled.get("regions"):
+        regions = {
+            region: {**block, "cases": [{**c, "case": f"{c['case']} ({c['fold']})"} for c in block["cases"]]}
+            for region, block in pooled["regions"].items()
+        }
+        console.print(region_table(regions, title))
+    else:
+        console.print(volume_table(shown, title))
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(pooled, indent=2) + "\n", encoding="utf-8")
+        console.print(f"wrote {json_out}")

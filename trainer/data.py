@@ -42,13 +42,20 @@ def patient_key(case_id: str) -> str:
     return case_id
 
 
-def split_cases(case_ids: Sequence[str], val_fraction: float, seed: int) -> dict[str, Any]:
+def split_cases(
+    case_ids: Sequence[str], val_fraction: float, seed: int, folds: int = 0, fold: int = 0
+) -> dict[str, Any]:
     """Seeded patient-level split: all cases of one patient land on the same side.
+
+    The patients are shuffled by ``seed``. Without ``folds`` the first ``val_fraction`` of them
+    validate. With ``folds`` K (cross-validation) they are cut into K parts of nearly equal size and
+    part ``fold`` validates: the K runs of one seed validate on every patient exactly once.
 
     Returns
     -------
     dict
-        ``{"seed", "val_fraction", "train": [ids], "val": [ids]}`` (ids sorted).
+        ``{"seed", "val_fraction", "train": [ids], "val": [ids]}`` (ids sorted), with ``"folds"`` and
+        ``"fold"`` when ``folds`` is given.
     """
     if len(set(case_ids)) != len(case_ids):
         raise TrainerError(
@@ -58,17 +65,26 @@ def split_cases(case_ids: Sequence[str], val_fraction: float, seed: int) -> dict
         raise TrainerError(f"validation fraction {val_fraction} must be in [0, 1)")
     patients = sorted({patient_key(c) for c in case_ids})
     order = np.random.default_rng(seed).permutation(len(patients))
-    n_val = round(len(patients) * val_fraction)
-    if val_fraction > 0 and n_val == 0 and len(patients) > 1:
-        n_val = 1
-    if n_val >= len(patients):
-        raise TrainerError(
-            f"{len(patients)} patients cannot be split with validation fraction {val_fraction}"
-        )
-    val_patients = {patients[i] for i in order[:n_val]}
+    if folds:
+        if not 0 <= fold < folds:
+            raise TrainerError(f"fold {fold} must be 0 to {folds - 1} of {folds} folds")
+        if folds > len(patients):
+            raise TrainerError(f"{len(patients)} patients cannot be cut into {folds} folds")
+        chosen = np.array_split(order, folds)[fold]
+    else:
+        n_val = round(len(patients) * val_fraction)
+        if val_fraction > 0 and n_val == 0 and len(patients) > 1:
+            n_val = 1
+        if n_val >= len(patients):
+            raise TrainerError(
+                f"{len(patients)} patients cannot be split with validation fraction {val_fraction}"
+            )
+        chosen = order[:n_val]
+    val_patients = {patients[i] for i in chosen}
     val = sorted(c for c in case_ids if patient_key(c) in val_patients)
     train = sorted(c for c in case_ids if patient_key(c) not in val_patients)
-    return {"seed": seed, "val_fraction": val_fraction, "train": train, "val": val}
+    out: dict[str, Any] = {"seed": seed, "val_fraction": val_fraction, "train": train, "val": val}
+    return {**out, "folds": folds, "fold": fold} if folds else out
 
 
 def split_by_completeness(
@@ -77,6 +93,8 @@ def split_by_completeness(
     optional: Sequence[str],
     val_fraction: float,
     seed: int,
+    folds: int = 0,
+    fold: int = 0,
 ) -> dict[str, Any]:
     """A :func:`split_cases` split whose validation cases hold every modality.
 
@@ -86,7 +104,7 @@ def split_by_completeness(
         Case id -> the modalities the case holds.
     modalities, optional:
         The model's channels and those of them a case may lack.
-    val_fraction, seed:
+    val_fraction, seed, folds, fold:
         As for :func:`split_cases`, applied to the complete cases only.
 
     Returns
@@ -113,7 +131,7 @@ def split_by_completeness(
             ", ".join(modalities),
             ", ".join(sorted(skipped)),
         )
-    split = split_cases(complete, val_fraction, seed)
+    split = split_cases(complete, val_fraction, seed, folds, fold)
     val_patients = {patient_key(c) for c in split["val"]}
     leaking = sorted(c for c in incomplete if patient_key(c) in val_patients)
     if leaking:

@@ -207,3 +207,71 @@ def evaluation_entry(result: Mapping[str, Any], split: str, data: Path) -> dict[
     and in a model directory's ``model.json`` (``--record``) alike: :func:`card_metrics` (per-region
     results included), the data folder (resolved) and the precision evaluated."""
     return {**card_metrics(result, split), "data": str(data.resolve()), "precision": result["precision"]}
+
+
+def fold_validation_cases(model_dir: Path) -> list[str]:
+    """The case ids a model directory's training run validated on (its card's ``training.split``,
+    written by ``segnode export``): the cases a cross-validation fold's model may be scored on.
+
+    Raises
+    ------
+    ModelCardError
+        The directory's card is missing or unreadable.
+    TrainerError
+        The card names no validation case.
+    """
+    card = load_card(Path(model_dir))
+    split = (card.get("training") or {}).get("split") or {}
+    val = split.get("val")
+    if not val:
+        raise TrainerError(
+            f"{model_dir}/model.json names no validation case (training.split.val): cross-validation "
+            "scores model directories written by segnode export, each on the cases its run validated on"
+        )
+    return [str(c) for c in val]
+
+
+def pool_folds(results: Sequence[Mapping[str, Any]], names: Sequence[str]) -> dict[str, Any]:
+    """Cross-validation folds' evaluations (:func:`evaluate_cases`, each on its fold's validation cases)
+    as one: every case with the fold that scored it (``"fold"``), and the means over all cases.
+
+    Raises
+    ------
+    TrainerError
+        The folds are of different tasks or precisions, or a case was scored by two folds (their
+        validation cases must be disjoint, as ``segnode train --folds K --fold I`` makes them).
+    """
+    if len(results) != len(names) or not results:
+        raise TrainerError("cross-validation needs one fold at least, and one name for each fold")
+    for key in ("task", "precision"):
+        values = sorted({str(r[key]) for r in results})
+        if len(values) > 1:
+            raise TrainerError(f"the folds differ in {key}: {', '.join(values)}")
+    owner: dict[str, str] = {}
+    for result, name in zip(results, names, strict=True):
+        for case in result["cases"]:
+            if case["case"] in owner:
+                raise TrainerError(
+                    f"case {case['case']} was validated by two folds ({owner[case['case']]} and {name}): "
+                    "the folds' validation cases must be disjoint (segnode train --folds K --fold I, one "
+                    "seed)"
+                )
+            owner[case["case"]] = name
+    pairs = list(zip(results, names, strict=True))
+    cases = [{"fold": name, **c} for result, name in pairs for c in result["cases"]]
+    out: dict[str, Any] = {
+        "model": [str(r["model"]) for r in results],
+        "folds": list(names),
+        "precision": results[0]["precision"],
+        "task": results[0]["task"],
+        "cases": cases,
+        "mean": mean_metrics(cases),
+    }
+    if "regions" in results[0]:
+        out["regions"] = {}
+        for region in results[0]["regions"]:
+            region_cases = [
+                {"fold": name, **c} for result, name in pairs for c in result["regions"][region]["cases"]
+            ]
+            out["regions"][region] = {"cases": region_cases, "mean": mean_metrics(region_cases)}
+    return out

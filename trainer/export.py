@@ -618,6 +618,8 @@ def export_run(options: ExportOptions, on_step: Callable[[str], None] | None = N
                 "train": state["split"]["train"],
                 "val": state["split"]["val"],
                 "seed": state["split"]["seed"],
+                # a cross-validation fold's run (segnode train --folds K --fold I)
+                **{k: state["split"][k] for k in ("folds", "fold") if k in state["split"]},
             },
             "epochs": trained,
             "planned_epochs": state["train_config"]["epochs"],

@@ -117,6 +117,10 @@ class TrainConfig:
     #: Neighbouring slices on each side given to the network with each slice (2.5D input: each
     #: modality's slices at offsets -k..k as channels; the card's ``preprocessing.context_slices``).
     context_slices: int = 0
+    #: Cross-validation: the patients with every modality cut into ``folds`` parts (0: no folds, the
+    #: split goes by ``val_fraction``), part ``fold`` validating (trainer/data.py ``split_cases``).
+    folds: int = 0
+    fold: int = 0
 
     def check(self) -> None:
         """Raise TrainerError on an impossible option."""
@@ -160,6 +164,13 @@ class TrainConfig:
             raise TrainerError(f"--context-slices {self.context_slices} must be 0 to {MAX_CONTEXT_SLICES}")
         if self.context_slices and len(self.slice_axes) != 1:
             raise TrainerError("--context-slices needs slices along one axis (--slice-axes 2)")
+        if self.folds == 1 or self.folds < 0:
+            raise TrainerError(f"--folds {self.folds} must be 0 (no cross-validation) or at least 2")
+        if not (0 <= self.fold < max(self.folds, 1)):
+            raise TrainerError(
+                f"--fold {self.fold} must be 0 to {self.folds - 1}" if self.folds
+                else f"--fold {self.fold} needs --folds"
+            )
 
 
     @property
@@ -385,6 +396,8 @@ class Trainer:
                 self.config.optional_modalities,
                 self.config.val_fraction,
                 self.config.seed,
+                self.config.folds,
+                self.config.fold,
             )
         )
         spacing = self.config.spacing_mm or (

@@ -67,6 +67,10 @@ COMMANDS: dict[str, CommandSpec] = {
         "trainer.cli:evaluate",
         "Per-case 3D Dice, Jaccard, sensitivity, specificity, HD95 and volume error on labelled cases.",
     ),
+    "crossval": CommandSpec(
+        "trainer.cli:crossval",
+        "Cross-validation: each fold's model scored on the cases it validated on, and the folds pooled.",
+    ),
     "convert": CommandSpec(
         "converters.cli:convert_app",
         "Convert between NIfTI cases and DICOM MR studies; write synthetic Task01 folders.",

@@ -513,3 +513,29 @@ def test_context_slices_are_checked_trained_exported_and_run_by_the_node(
                                       if k != "context_slices"})
     with pytest.raises(ModelCardError, match="takes 3 channels but the card lists 1 modalities"):
         OpenVINOSegmenter(plain, run / "export" / "model_int8.xml")
+
+
+def test_a_cross_validation_fold_trains_on_its_split_and_its_export_says_which(
+    task01: Path, tmp_path: Path
+) -> None:
+    """``--folds 3 --fold 1``: the run validates on the second of three parts of the patients, resumes
+    only as that fold, and its export's card names the cases ``segnode crossval`` scores it on."""
+    pytest.importorskip("nncf")
+    from converters.nifti import list_cases
+    from trainer.data import split_cases
+    from trainer.evaluate import fold_validation_cases
+    from trainer.export import ExportOptions, export_run
+    from trainer.train import train
+
+    run = tmp_path / "fold1"
+    train(_config(task01, run, epochs=1, folds=3, fold=1), progress=False)  # type: ignore[arg-type]
+    split = json.loads((run / "split.json").read_text())
+    ids = [r.case_id for r in list_cases(task01, require_labels=True)]
+    expected = split_cases(ids, 0.34, seed=0, folds=3, fold=1)
+    assert (split["val"], split["folds"], split["fold"]) == (expected["val"], 3, 1)
+    assert len(split["val"]) == 2 and sorted(split["train"] + split["val"]) == sorted(ids)
+    with pytest.raises(TrainerError, match=r"option fold is 0 but the run .* used 1"):
+        train(_config(task01, run, epochs=2, folds=3, fold=0), resume=True, progress=False)  # type: ignore[arg-type]
+    card = export_run(ExportOptions(run_dir=run, calibration_size=20, register=False))
+    assert (card["training"]["split"]["folds"], card["training"]["split"]["fold"]) == (3, 1)
+    assert fold_validation_cases(run / "export") == split["val"]
