@@ -245,13 +245,21 @@ def mean_metrics(per_case: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def case_dice(pred_labels: npt.NDArray[np.uint8], case: PreparedCase, task: str) -> float:
-    """Validation score of a case on its original grid: WT Dice, or mean WT/TC/ET Dice for regions.
+def case_region_dice(pred_labels: npt.NDArray[np.uint8], case: PreparedCase, task: str) -> list[float]:
+    """3D Dice of a case on its original grid per region: [WT], or [WT, TC, ET] for regions.
 
     ``pred_labels`` are the label planes of the case's prepared slices (N, H, W).
     """
     restored = case.prepared.restore(pred_labels)
     if task == "whole_tumor":
-        return dice(restored > 0, case.target > 0)
+        return [dice(restored > 0, case.target > 0)]
     regions = case_metrics(restored, case.target, case.spacing, task)["regions"]
-    return float(np.mean([r["dice"] for r in regions.values()]))
+    return [float(r["dice"]) for r in regions.values()]
+
+
+def case_dice(pred_labels: npt.NDArray[np.uint8], case: PreparedCase, task: str) -> float:
+    """Validation score of a case on its original grid: WT Dice, or mean WT/TC/ET Dice for regions.
+
+    ``pred_labels`` are the label planes of the case's prepared slices (N, H, W).
+    """
+    return float(np.mean(case_region_dice(pred_labels, case, task)))
