@@ -613,19 +613,19 @@ def crossval(
         if not path.is_dir():
             raise TrainerError(f"{path} is not a model directory (segnode export writes one per fold)")
     by_id = {r.case_id: r for r in list_cases(data, require_labels=True)}
-    results, names = [], []
-    for path in models:
+    # Each fold by its directory's name, or by its path where two share a name (runs/f0/export, ...).
+    names = [p.name for p in models]
+    names = names if len(set(names)) == len(names) else [str(p) for p in models]
+    results = []
+    for path, fold in zip(models, names, strict=True):
         wanted = fold_validation_cases(path)
         missing = [c for c in wanted if c not in by_id]
         if missing:
             raise TrainerError(f"{path} validated on {', '.join(missing)}, not found under {data}")
         loaded = load_model(path, precision, device)
-        names.append(path.name)
-        with console.status(f"{path.name}: evaluating {len(wanted)} cases") as status:
+        with console.status(f"{fold}: evaluating {len(wanted)} cases") as status:
 
-            def show(
-                case_id: str, scores: dict[str, Any], status: Any = status, name: str = path.name
-            ) -> None:
+            def show(case_id: str, scores: dict[str, Any], status: Any = status, name: str = fold) -> None:
                 status.update(f"{name}: {case_id}: Dice {scores['dice']:.4f}")
 
             results.append(evaluate_cases(loaded, [by_id[c] for c in wanted], batch_size, on_case=show))

@@ -100,6 +100,14 @@ def test_crossval_scores_each_case_by_the_fold_that_validated_on_it(
     other = evaluate_cases(load_model(fold1, "fp32"), [refs["BRATS_001"]])["cases"][0]["dice"]
     assert other != result["cases"][0]["dice"]
 
+    # folds in directories of one name (runs/f0/export, runs/f1/export) go by their paths
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    same = [fold0.rename(tmp_path / "a" / "export"), fold1.rename(tmp_path / "b" / "export")]
+    args = ["crossval", *map(str, same), "--data", str(data), "--precision", "fp32", "--json", str(out)]
+    assert run_cli(args, capsys, monkeypatch)[0] == 0
+    assert json.loads(out.read_text())["folds"] == [str(p) for p in same]
+    fold0, fold1 = same
+
     # folds whose validation cases overlap, and a model directory without a split: one line, exit 2
     code, _, err = run_cli(["crossval", str(fold0), str(fold0), "--data", str(data), "--precision", "fp32"],
                            capsys, monkeypatch)
