@@ -20,6 +20,14 @@ at most 1 ms. Measured on the demo study (620 instances, 2026-12-03): the node's
 switches 17,400 -> 13,000 with one association and 80,000 -> 65,000 with four; ingest +8 % (one
 association) and +8 to +13 % (four), benchmarks/ingest.py row ``node:wait``.
 
+:func:`make_monotonic` puts both ends' DUL timers (the ARTIM timer and the idle timer that
+``network_timeout`` sets) on the monotonic clock. pynetdicom's :class:`~pynetdicom.timer.Timer` reads
+the wall clock, so a step of the host's clock (NTP setting a clock that drifted, a VM resumed) by more
+than ``network_timeout`` made every open association's idle timer expire at once: the node aborted
+healthy associations in the middle of a study ("association network timeout reached" between two
+C-STOREs of one study: tests/node/test_receive_path.py), and a step back would have let a silent peer
+hold its slot that much longer.
+
 The body follows pynetdicom 3.0.4's ``_run_reactor`` (MIT licence) line for line apart from that wait;
 ``PYNETDICOM_VERSION`` names the release it was written against and tests/node/test_receive_path.py
 fails when the installed one differs, so an upgrade re-reads it.
@@ -39,6 +47,7 @@ from typing import Any, cast
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
+from pynetdicom.timer import Timer
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +126,47 @@ def _prompt_reactor(self: Any) -> None:
             return
 
 
+class MonotonicTimer(Timer):
+    """pynetdicom's :class:`~pynetdicom.timer.Timer` (the DICOM Upper Layer's ARTIM and idle timers)
+    on the monotonic clock: the same states and answers, unmoved by steps of the wall clock."""
+
+    def start(self) -> None:
+        """Reset and start the timer."""
+        self._start_time = time.monotonic()
+        self._end_time = None
+
+    def stop(self) -> None:
+        """Stop the timer."""
+        self._end_time = time.monotonic()
+
+    @property
+    def remaining(self) -> float:
+        """Seconds until the timer expires (negative once it has; 1 when it never does)."""
+        if self.timeout is None:
+            return 1
+        if self._start_time is None:
+            return self.timeout
+        end = time.monotonic() if self._end_time is None else self._end_time
+        return self.timeout - (end - self._start_time)
+
+
+def _monotonic(timer: Timer) -> MonotonicTimer:
+    """A :class:`MonotonicTimer` with ``timer``'s timeout and state (started, stopped, when)."""
+    copy = MonotonicTimer(timer.timeout)
+    if timer._start_time is not None:
+        wall, now = time.time(), time.monotonic()
+        copy._start_time = now - (wall - timer._start_time)
+        copy._end_time = None if timer._end_time is None else now - (wall - timer._end_time)
+    return copy
+
+
+def make_monotonic(dul: Any) -> None:
+    """Put the DUL provider ``dul``'s ARTIM and idle timers on the monotonic clock (call before its
+    thread starts, or from that thread, e.g. from ``EVT_CONN_OPEN``)."""
+    dul._idle_timer = _monotonic(dul._idle_timer)
+    dul.artim_timer = _monotonic(dul.artim_timer)
+
+
 def make_prompt(assoc: Any) -> None:
     """Give the association ``assoc`` the prompt loop (call before its thread starts, e.g. from
     ``EVT_CONN_OPEN``)."""
@@ -125,6 +175,8 @@ def make_prompt(assoc: Any) -> None:
 
 def _on_connection_open(event: evt.Event) -> None:
     make_prompt(event.assoc)
+    if getattr(event.assoc, "dul", None) is not None:
+        make_monotonic(event.assoc.dul)
 
 
 def associate(

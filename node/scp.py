@@ -52,7 +52,7 @@ from node.idle_timers import IdleTimers
 from node.instance_header import InstanceHeader, read_header
 from node.metrics import NodeMetrics
 from node.part10 import file_header
-from node.reactor import make_prompt, make_waiting
+from node.reactor import make_monotonic, make_prompt, make_waiting
 from node.sender import set_nodelay
 from node.spool import free_mb, spool_path, write_atomic
 from node.store_response import make_quick_store_response
@@ -547,9 +547,10 @@ class StorageSCP:
 
     def _on_connection(self, event: Any) -> None:
         """Give the accepted socket a read timeout (``network_timeout``), the association a loop that
-        serves each message as soon as it is decoded and a DUL thread that waits for the peer's bytes
-        (:mod:`node.reactor`) and reads no PDU larger than the node takes (:mod:`node.pdu_guard`), and
-        C-STORE responses packed and sent directly (:mod:`node.store_response`).
+        serves each message as soon as it is decoded and a DUL thread that waits for the peer's bytes,
+        its timers on the monotonic clock (:mod:`node.reactor`), and reads no PDU larger than the node
+        takes (:mod:`node.pdu_guard`), and C-STORE responses packed and sent directly
+        (:mod:`node.store_response`).
 
         Accepted sockets are blocking; a peer that sends a PDU header announcing more bytes than it
         ever sends (junk, a port scanner) would otherwise hold an association slot for good.
@@ -560,6 +561,7 @@ class StorageSCP:
             raw.settimeout(float(self.ae.network_timeout))
         if dul is not None and hasattr(dul, "_run_loop_delay"):
             make_waiting(dul)
+            make_monotonic(dul)
             pdu_guard.install(dul)
         make_prompt(event.assoc)
         make_quick_store_response(event.assoc)

@@ -497,3 +497,41 @@ def test_a_failed_group_commit_fails_every_c_store_in_it(
     assert {r.sop_instance_uid for r in _rows(scp.sf)} == {ds.SOPInstanceUID for ds in datasets[1:]}
     # A failed C-STORE's spool file may stay behind without a row: the PACS sends it again.
     assert _send_each(scp.port, [datasets[0]]) == [dimse.SUCCESS]
+
+
+@pytest.mark.parametrize("timers", ["monotonic", "wall clock"])
+def test_a_step_of_the_wall_clock_leaves_open_associations_alone(
+    timers: str,
+    scp: StorageSCP,
+    mr_files: list[Path],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """pynetdicom's DUL timers read the wall clock: a step of it (NTP, a resumed VM) by more than
+    ``network_timeout`` expired every open association's idle timer at once, and the node aborted
+    healthy associations mid-study. With node.reactor's monotonic timers on both
+    ends (the node's and reactor.associate's), an hour's step changes nothing; without them (the
+    second case: both ends' timers put back on the wall clock) the step aborts the association."""
+    if timers == "wall clock":
+        monkeypatch.setattr(reactor, "make_monotonic", lambda dul: None)
+        monkeypatch.setattr("node.scp.make_monotonic", lambda dul: None)
+    datasets = [pydicom.dcmread(f) for f in mr_files[:2]]
+    ae = AE(ae_title="PACS")
+    ae.add_requested_context(datasets[0].SOPClassUID, datasets[0].file_meta.TransferSyntaxUID)
+    assoc = reactor.associate(ae, "127.0.0.1", scp.port, "SEGNODE")
+    assert assoc.is_established
+    assert int(assoc.send_c_store(datasets[0]).Status) == dimse.SUCCESS
+    wall = time.time
+    with caplog.at_level(logging.ERROR):
+        monkeypatch.setattr(time, "time", lambda: wall() + 3600.0)  # the host's clock set an hour ahead
+        time.sleep(0.2)  # many turns of both ends' DUL loops, which look at their idle timers
+        established = assoc.is_established
+        rsp = assoc.send_c_store(datasets[1]) if established else None
+        monkeypatch.setattr(time, "time", wall)
+    timed_out = [r for r in caplog.records if "network timeout" in r.getMessage()]
+    if timers == "monotonic":
+        assert established and int(rsp.Status) == dimse.SUCCESS and not timed_out
+        assoc.release()
+    else:
+        assert not established or rsp is None or "Status" not in rsp
+        assert timed_out
