@@ -93,6 +93,17 @@ class PreprocessSpec:
         """The network's input channels for ``modalities`` modalities: ``2k + 1`` each."""
         return modalities * channels_per_modality(self.context_slices)
 
+    def channels_mismatch(self, modalities: int, taken: int, model: object) -> str | None:
+        """None when a network ``model`` whose input takes ``taken`` channels fits ``modalities``
+        modalities; otherwise what is wrong, in words (the node's and the trainer's refusal)."""
+        channels = self.channels(modalities)
+        if taken == channels:
+            return None
+        return (
+            f"model {model} takes {taken} channels but the card lists {modalities} modalities "
+            f"({channels} channels with {self.context_slices} context slices on each side)"
+        )
+
     @classmethod
     def from_card(cls, block: Mapping[str, Any]) -> PreprocessSpec:
         """Validate a card's ``preprocessing`` block.

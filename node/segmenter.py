@@ -246,12 +246,11 @@ class OpenVINOSegmenter:
         channels = spec.channels(len(self.card["modalities"]))
         shape = model.input(0).get_partial_shape()
         static_channels = shape.rank.is_static and shape.rank.get_length() == 4 and shape[1].is_static
-        if static_channels and shape[1].get_length() != channels:
-            raise ModelCardError(
-                f"model {model_xml} takes {shape[1].get_length()} channels but the card lists "
-                f"{len(self.card['modalities'])} modalities ({channels} channels with "
-                f"{spec.context_slices} context slices on each side)"
-            )
+        mismatch = static_channels and spec.channels_mismatch(
+            len(self.card["modalities"]), shape[1].get_length(), model_xml
+        )
+        if mismatch:
+            raise ModelCardError(mismatch)
         fixed = _fixed_batch(model)
         if fixed is not None:
             # A network exported with a fixed batch (1 is common in third-party ONNX files) takes

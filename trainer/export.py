@@ -34,7 +34,7 @@ import numpy.typing as npt
 from converters.prediction import SlicePredictor, predict_slices, segment_prepared
 from converters.preprocess import channels_per_modality
 from db.card import file_entry, write_card
-from trainer.checkpoint import RUN_OPTIONS, load_checkpoint, model_from_checkpoint
+from trainer.checkpoint import RUN_OPTION_DEFAULTS, RUN_OPTIONS, load_checkpoint, model_from_checkpoint
 from trainer.data import PreparedCase, load_prepared
 from trainer.evaluate import CardPredictor, card_metrics, evaluate_cases
 from trainer.exceptions import AccuracyCheckError, TrainerError
@@ -465,9 +465,8 @@ def _check_same_run(state: Mapping[str, Any], run_dir: Path, path: Path) -> None
     import json
 
     def identity(saved: Mapping[str, Any], config: Mapping[str, Any]) -> dict[str, Any]:
-        found = {key: config.get(key) for key in RUN_OPTIONS}
+        found = {key: config.get(key, RUN_OPTION_DEFAULTS.get(key)) for key in RUN_OPTIONS}
         found["optional_modalities"] = list(found["optional_modalities"] or [])  # absent before it existed
-        found["context_slices"] = int(found["context_slices"] or 0)  # likewise
         return {
             **found,
             "data fingerprint": saved["fingerprint"],

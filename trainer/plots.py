@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from converters.preprocess import PreprocessSpec
 from trainer.data import PreparedCase
 
 logger = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ def plot_samples(
         picks.append((case, int(np.argmax(area))))
     picks = picks[:rows]
     fig, axes = plt.subplots(len(picks), 3, figsize=(9, 3 * len(picks)), squeeze=False)
-    centre = int(card["preprocessing"].get("context_slices") or 0)  # the first modality's own slice
+    centre = PreprocessSpec.from_card(card["preprocessing"]).context_slices  # the first modality's own slice
     for row, (case, idx) in enumerate(picks):
         image = case.prepared.slices[idx : idx + 1]
         pred = outputs_to_labels(predict_slices(predict, image), card["output"])[0]

@@ -135,12 +135,11 @@ def openvino_predictor(
     channels = spec.channels(len(card["modalities"]))
     shape = model.input(0).get_partial_shape()
     static_channels = shape.rank.is_static and shape.rank.get_length() == 4 and shape[1].is_static
-    if static_channels and shape[1].get_length() != channels:
-        raise ModelCardError(
-            f"model {model_xml} takes {shape[1].get_length()} channels but the card lists "
-            f"{len(card['modalities'])} modalities ({channels} channels with "
-            f"{spec.context_slices} context slices on each side)"
-        )
+    mismatch = static_channels and spec.channels_mismatch(
+        len(card["modalities"]), shape[1].get_length(), model_xml
+    )
+    if mismatch:
+        raise ModelCardError(mismatch)
     config = {"INFERENCE_PRECISION_HINT": precision_hint} if precision_hint else {}
     base, own = core.compile_model(model, device, config), _sides(model)
     compiled: dict[tuple[int, int], ov.CompiledModel] = {}

@@ -172,7 +172,6 @@ class TrainConfig:
                 else f"--fold {self.fold} needs --folds"
             )
 
-
     @property
     def channels_per_modality(self) -> int:
         """A modality's input channels: its slice and ``context_slices`` neighbours on each side."""
