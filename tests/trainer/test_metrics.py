@@ -129,3 +129,28 @@ def test_region_volumes_and_their_means() -> None:
     assert mean["volume_error_rel"] == pytest.approx(-1.0)  # the undefined one left out
     assert mean["dice"] == pytest.approx(0.5)
     assert m.mean_metrics([two, two])["regions"]["ET"]["abs_volume_error_rel"] is None
+
+
+class _Restorer:
+    """The part of a prepared case that case_region_dice uses: labels back onto the case's grid."""
+
+    def restore(self, labels: np.ndarray) -> np.ndarray:
+        return labels
+
+
+@pytest.mark.parametrize("task", ["whole_tumor", "brats_regions"])
+def test_case_region_dice_is_case_metrics_dice(task: str) -> None:
+    rng = np.random.default_rng(3)
+    shape = (12, 20, 20)
+    truth = ndimage.binary_dilation(rng.random(shape) > 0.97, iterations=2) * rng.integers(1, 4, shape)
+    pred = np.where(rng.random(shape) > 0.2, truth, rng.integers(0, 4, shape)).astype(np.uint8)
+    attrs = {"prepared": _Restorer(), "target": truth.astype(np.uint8), "spacing": (1.0, 1.0, 2.0)}
+    case = type("Case", (), attrs)
+    full = m.case_metrics(pred, case.target, case.spacing, task)
+    regions = ("WT", "TC", "ET")
+    want = [full["dice"]] if task == "whole_tumor" else [full["regions"][r]["dice"] for r in regions]
+    got = m.case_region_dice(pred, case, task)  # type: ignore[arg-type]
+    assert got == pytest.approx(want, abs=1e-12)
+    assert 0.3 < min(got) < 1.0
+    with pytest.raises(ValueError, match="not 'whole_tumor'"):
+        m.case_region_dice(pred, case, "lungs")  # type: ignore[arg-type]
