@@ -26,6 +26,9 @@ is tuned on its output.
 
 Usage: python benchmarks/holdout_regions.py --data ../shared/data/holdout
        --model models/candidates/segnode-brats-regions-1.0.1 [--precision int8] [--cases N] [--out DIR]
+       python benchmarks/holdout_regions.py --data ../shared/data/train --folds runs/f0/export ...
+       (cross-validation: each fold's export on the cases its run validated on, pooled; see
+       ``segnode crossval`` for the same without the node)
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import dataclasses
 import json
 import sys
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -144,11 +148,21 @@ def _score(node: Any, receiver: _Receiver, case: Any, name: str, workdir: Path) 
     return {**row, **region_scores(predicted, truth, voxel_ml, _is_whole_tumour_seg(raw))}
 
 
-def evaluate(model: Path, precision: str, data: Path, acquisitions: list[str], cases: int) -> dict[str, Any]:
-    """Every complete four-sequence case of ``data`` through a node serving ``model`` (and routing)."""
+def evaluate(
+    model: Path,
+    precision: str,
+    data: Path,
+    acquisitions: list[str],
+    cases: int,
+    only: Collection[str] | None = None,
+) -> dict[str, Any]:
+    """Every complete four-sequence case of ``data`` (those named in ``only`` when given) through a node
+    serving ``model`` (and routing)."""
     rows: list[dict[str, Any]] = []
     with serving(model, precision) as (node, receiver, workdir):
         for ref in labelled_cases(data, cases):
+            if only is not None and ref.case_id not in only:
+                continue
             case = ref.load()
             if any(m not in case.images for m in SERIES):
                 print(f"{case.case_id}: not all four sequences, skipped", flush=True)
@@ -157,18 +171,66 @@ def evaluate(model: Path, precision: str, data: Path, acquisitions: list[str], c
                 row = _score(node, receiver, case, name, workdir)
                 print(json.dumps(row), flush=True)
                 rows.append(row)
-    means = {
+    return {"model": str(model), "precision": precision, "cases": rows, "mean": _means(rows, acquisitions)}
+
+
+def _means(rows: list[dict[str, Any]], acquisitions: list[str]) -> dict[str, dict[str, float]]:
+    """Per acquisition, each region's mean over the rows of that acquisition."""
+    return {
         name: {r: round(float(np.mean([x[r] for x in rows if x["acquisition"] == name])), 4) for r in REGIONS}
         for name in acquisitions
         if any(x["acquisition"] == name for x in rows)
     }
-    return {"model": str(model), "precision": precision, "cases": rows, "mean": means}
+
+
+def evaluate_folds(models: list[Path], precision: str, data: Path, acquisitions: list[str]) -> dict[str, Any]:
+    """Cross-validation through the node: each fold's model (``segnode export`` of a ``segnode train
+    --folds K --fold I`` run) on the cases its run validated on (its card's ``training.split.val``),
+    found in ``data``, and the folds pooled: every case once, by the one model that did not train on it.
+
+    Raises
+    ------
+    SystemExit
+        Two folds validated on one case, or a fold's validation case is not in ``data``.
+    """
+    from trainer.evaluate import fold_validation_cases
+
+    folds = [(model, fold_validation_cases(model)) for model in models]
+    owner: dict[str, Path] = {}
+    for model, val in folds:
+        for case in val:
+            if case in owner:
+                raise SystemExit(f"case {case} was validated by two folds ({owner[case]} and {model})")
+            owner[case] = model
+    found = {ref.case_id for ref in labelled_cases(data)}
+    if missing := sorted(set(owner) - found):
+        raise SystemExit(f"{data} lacks the validation cases {', '.join(missing)} of the folds")
+    rows: list[dict[str, Any]] = []
+    for model, val in folds:
+        result = evaluate(model, precision, data, acquisitions, 0, only=set(val))
+        rows += [{"fold": str(model), **row} for row in result["cases"]]
+    return {"model": [str(m) for m in models], "precision": precision, "cases": rows,
+            "mean": _means(rows, acquisitions)}
+
+
+def case_means(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per case, each region's mean over the case's acquisitions."""
+    cases = dict.fromkeys(r["case"] for r in rows)
+    return {
+        case: {g: round(float(np.mean([r[g] for r in rows if r["case"] == case])), 4) for g in REGIONS}
+        for case in cases
+    }
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True)
-    parser.add_argument("--model", type=Path, required=True)
+    models = parser.add_mutually_exclusive_group(required=True)
+    models.add_argument("--model", type=Path)
+    models.add_argument(
+        "--folds", type=Path, nargs="+", metavar="MODEL",
+        help="cross-validation: each fold's export scored on the cases its run validated on, pooled",
+    )
     parser.add_argument("--precision", choices=["fp32", "int8"], default="int8")
     parser.add_argument("--acquisitions", default=",".join(ACQUISITIONS))
     parser.add_argument("--cases", type=int, default=0, help="the first N cases only (0: all)")
@@ -177,7 +239,10 @@ def main() -> int:
     acquisitions = [a for a in args.acquisitions.split(",") if a]
     if unknown := [a for a in acquisitions if a not in ACQUISITIONS]:
         parser.error(f"unknown acquisition {unknown[0]!r}; choose from {', '.join(ACQUISITIONS)}")
-    result = evaluate(args.model, args.precision, args.data, acquisitions, args.cases)
+    if args.folds:
+        result = evaluate_folds(args.folds, args.precision, args.data, acquisitions)
+    else:
+        result = evaluate(args.model, args.precision, args.data, acquisitions, args.cases)
     rows = [
         [
             r["case"],
@@ -193,6 +258,12 @@ def main() -> int:
         for name, m in result["mean"].items()
     ]
     table = markdown_table(["case", "acquisition", "model task", "WT", "TC", "ET", "s"], rows)
+    if len({r["case"] for r in result["cases"]}) > 1:
+        per_case = case_means(result["cases"]).items()
+        by_case = [[case, *[f"{m[g]:.4f}" for g in REGIONS]] for case, m in per_case]
+        table += "\n\nEach case over its acquisitions:\n\n" + markdown_table(["case", *REGIONS], by_case)
+    if held := sum(1 for r in result["cases"] if r.get("held")):
+        table += f"\n\n{held} of {len(result['cases'])} studies held for review."
     if fallback := sum(1 for r in result["cases"] if "scored" in r):
         table += (f"\n\n{fallback} of {len(result['cases'])} studies came back from the whole-tumour model: "
                   "scored WT only, TC and ET 0 (in the means).")

@@ -397,6 +397,49 @@ def test_two_empty_masks_score_na_not_0_and_a_whole_tumour_seg_scores_tc_and_et_
     assert not regions._is_whole_tumour_seg(seg("79654002", "6574001", "C113842"))
 
 
+def test_holdout_regions_folds_score_each_case_by_its_own_fold(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The node part (evaluate) is holdout_regions' own, exercised through the node elsewhere; here what
+    # --folds adds: which model scores which case, the pooled means and per-case means, the refusals.
+    from converters.synthetic import write_synthetic_task01
+
+    regions = bench("holdout_regions")
+    data = write_synthetic_task01(tmp_path / "Task01_BrainTumour", 4, seed=3, shape=(32, 32, 8))
+    models = []
+    for fold, val in enumerate((["BRATS_001", "BRATS_002"], ["BRATS_003", "BRATS_004"])):
+        model = make_threshold_model(tmp_path / f"f{fold}" / "export", crop=(64, 64))
+        card = json.loads((model / "model.json").read_text())
+        card["training"] = {"split": {"train": [], "val": val, "seed": 0, "folds": 2, "fold": fold}}
+        (model / "model.json").write_text(json.dumps(card))
+        models.append(model)
+    seen: list[tuple[Path, list[str]]] = []
+
+    def fake_evaluate(model: Path, precision: str, data: Path, acquisitions: list[str], cases: int,
+                      only: set[str] | None = None) -> dict[str, Any]:
+        assert only is not None
+        ids = [r.case_id for r in regions.labelled_cases(data) if r.case_id in only]
+        seen.append((model, ids))
+        score = 0.5 if model == models[0] else 0.9
+        rows = [{"case": c, "acquisition": a, "WT": score, "TC": score - 0.1, "ET": score - 0.2}
+                for c in ids for a in acquisitions]
+        rows[0]["held"] = "whole_tumour_agreement"
+        return {"cases": rows}
+
+    monkeypatch.setattr(regions, "evaluate", fake_evaluate)
+    result = regions.evaluate_folds(models, "int8", data, ["aligned", "misaligned"])
+    assert seen == [(models[0], ["BRATS_001", "BRATS_002"]), (models[1], ["BRATS_003", "BRATS_004"])]
+    assert [r["fold"] for r in result["cases"]] == [str(models[0])] * 4 + [str(models[1])] * 4
+    assert result["mean"]["aligned"]["WT"] == pytest.approx(0.7)
+    assert regions.case_means(result["cases"])["BRATS_003"] == {"WT": 0.9, "TC": 0.8, "ET": 0.7}
+
+    with pytest.raises(SystemExit, match="BRATS_001 was validated by two folds"):
+        regions.evaluate_folds([models[0], models[0]], "int8", data, ["aligned"])
+    other = write_synthetic_task01(tmp_path / "other" / "Task01_BrainTumour", 2, seed=4, shape=(32, 32, 8))
+    with pytest.raises(SystemExit, match="lacks the validation cases BRATS_003, BRATS_004"):
+        regions.evaluate_folds(models, "int8", other, ["aligned"])
+
+
 @pytest.mark.parametrize("orientation", ["sagittal", "oblique"])
 def test_slice_pitch_takes_a_series_label_back_onto_the_case_grid(orientation: str) -> None:
     # A case's label re-acquired at 1 mm (the plans' own truth) and taken back scores ~1 on the case:
