@@ -175,12 +175,16 @@ def evaluate(
 
 
 def _means(rows: list[dict[str, Any]], acquisitions: list[str]) -> dict[str, dict[str, float]]:
-    """Per acquisition, each region's mean over the rows of that acquisition."""
-    return {
+    """Per acquisition, each region's mean over the rows of that acquisition; with more than one
+    acquisition, ``"all"``: over every row."""
+    means = {
         name: {r: round(float(np.mean([x[r] for x in rows if x["acquisition"] == name])), 4) for r in REGIONS}
         for name in acquisitions
         if any(x["acquisition"] == name for x in rows)
     }
+    if len(means) > 1:
+        means["all"] = {r: round(float(np.mean([x[r] for x in rows])), 4) for r in REGIONS}
+    return means
 
 
 def evaluate_folds(models: list[Path], precision: str, data: Path, acquisitions: list[str]) -> dict[str, Any]:

@@ -431,6 +431,7 @@ def test_holdout_regions_folds_score_each_case_by_its_own_fold(
     assert seen == [(models[0], ["BRATS_001", "BRATS_002"]), (models[1], ["BRATS_003", "BRATS_004"])]
     assert [r["fold"] for r in result["cases"]] == [str(models[0])] * 4 + [str(models[1])] * 4
     assert result["mean"]["aligned"]["WT"] == pytest.approx(0.7)
+    assert result["mean"]["all"]["ET"] == pytest.approx(0.5)
     assert regions.case_means(result["cases"])["BRATS_003"] == {"WT": 0.9, "TC": 0.8, "ET": 0.7}
 
     with pytest.raises(SystemExit, match="BRATS_001 was validated by two folds"):
