@@ -195,22 +195,18 @@ def evaluate_folds(models: list[Path], precision: str, data: Path, acquisitions:
     Raises
     ------
     SystemExit
-        Two folds validated on one case, or a fold's validation case is not in ``data``.
+        A fold validated on a case missing from ``data``, or two folds on one case.
     """
-    from trainer.evaluate import fold_validation_cases
+    from trainer.evaluate import fold_validation_sets
+    from trainer.exceptions import TrainerError
 
-    folds = [(model, fold_validation_cases(model)) for model in models]
-    owner: dict[str, Path] = {}
-    for model, val in folds:
-        for case in val:
-            if case in owner:
-                raise SystemExit(f"case {case} was validated by two folds ({owner[case]} and {model})")
-            owner[case] = model
     found = {ref.case_id for ref in labelled_cases(data)}
-    if missing := sorted(set(owner) - found):
-        raise SystemExit(f"{data} lacks the validation cases {', '.join(missing)} of the folds")
+    try:
+        sets = fold_validation_sets(models, [str(m) for m in models], found, data)
+    except TrainerError as exc:
+        raise SystemExit(str(exc)) from None
     rows: list[dict[str, Any]] = []
-    for model, val in folds:
+    for model, val in zip(models, sets, strict=True):
         result = evaluate(model, precision, data, acquisitions, 0, only=set(val))
         rows += [{"fold": str(model), **row} for row in result["cases"]]
     return {"model": [str(m) for m in models], "precision": precision, "cases": rows,

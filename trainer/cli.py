@@ -606,7 +606,7 @@ def crossval(
     a figure less swayed by one case than a single split's few validation cases.
     """
     from converters.nifti import list_cases
-    from trainer.evaluate import evaluate_cases, fold_validation_cases, load_model, pool_folds
+    from trainer.evaluate import evaluate_cases, fold_validation_sets, load_model, pool_folds
     from trainer.exceptions import TrainerError
 
     for path in models:
@@ -616,12 +616,9 @@ def crossval(
     # Each fold by its directory's name, or by its path where two share a name (runs/f0/export, ...).
     names = [p.name for p in models]
     names = names if len(set(names)) == len(names) else [str(p) for p in models]
+    folds = fold_validation_sets(models, names, by_id, data)
     results = []
-    for path, fold in zip(models, names, strict=True):
-        wanted = fold_validation_cases(path)
-        missing = [c for c in wanted if c not in by_id]
-        if missing:
-            raise TrainerError(f"{path} validated on {', '.join(missing)}, not found under {data}")
+    for path, fold, wanted in zip(models, names, folds, strict=True):
         loaded = load_model(path, precision, device)
         with console.status(f"{fold}: evaluating {len(wanted)} cases") as status:
 

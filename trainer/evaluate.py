@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -231,6 +231,39 @@ def fold_validation_cases(model_dir: Path) -> list[str]:
     return [str(c) for c in val]
 
 
+def _overlap(case: str, first: str, second: str) -> TrainerError:
+    return TrainerError(
+        f"case {case} was validated by two folds ({first} and {second}): the folds' validation cases "
+        "must be disjoint (segnode train --folds K --fold I, one seed)"
+    )
+
+
+def fold_validation_sets(
+    models: Sequence[Path], names: Sequence[str], available: Collection[str], data: Path
+) -> list[list[str]]:
+    """Each fold's validation cases (:func:`fold_validation_cases`), checked before anything is
+    evaluated: every case among ``available`` (the case ids found under ``data``), no case in two folds.
+
+    Raises
+    ------
+    TrainerError
+        A fold validated on a case missing from ``data``, or two folds on one case.
+    """
+    owner: dict[str, str] = {}
+    sets = []
+    for path, name in zip(models, names, strict=True):
+        wanted = fold_validation_cases(path)
+        missing = [c for c in wanted if c not in available]
+        if missing:
+            raise TrainerError(f"{path} validated on {', '.join(missing)}, not found under {data}")
+        for case in wanted:
+            if case in owner:
+                raise _overlap(case, owner[case], name)
+            owner[case] = name
+        sets.append(wanted)
+    return sets
+
+
 def pool_folds(results: Sequence[Mapping[str, Any]], names: Sequence[str]) -> dict[str, Any]:
     """Cross-validation folds' evaluations (:func:`evaluate_cases`, each on its fold's validation cases)
     as one: every case with the fold that scored it (``"fold"``), and the means over all cases.
@@ -251,11 +284,7 @@ def pool_folds(results: Sequence[Mapping[str, Any]], names: Sequence[str]) -> di
     for result, name in zip(results, names, strict=True):
         for case in result["cases"]:
             if case["case"] in owner:
-                raise TrainerError(
-                    f"case {case['case']} was validated by two folds ({owner[case['case']]} and {name}): "
-                    "the folds' validation cases must be disjoint (segnode train --folds K --fold I, one "
-                    "seed)"
-                )
+                raise _overlap(case["case"], owner[case["case"]], name)
             owner[case["case"]] = name
     pairs = list(zip(results, names, strict=True))
     cases = [{"fold": name, **c} for result, name in pairs for c in result["cases"]]

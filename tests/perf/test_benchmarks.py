@@ -437,7 +437,7 @@ def test_holdout_regions_folds_score_each_case_by_its_own_fold(
     with pytest.raises(SystemExit, match="BRATS_001 was validated by two folds"):
         regions.evaluate_folds([models[0], models[0]], "int8", data, ["aligned"])
     other = write_synthetic_task01(tmp_path / "other" / "Task01_BrainTumour", 2, seed=4, shape=(32, 32, 8))
-    with pytest.raises(SystemExit, match="lacks the validation cases BRATS_003, BRATS_004"):
+    with pytest.raises(SystemExit, match="validated on BRATS_003, BRATS_004, not found under"):
         regions.evaluate_folds(models, "int8", other, ["aligned"])
 
 
