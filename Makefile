@@ -51,7 +51,7 @@ bench: $(VENV)/.all-installed
 	@for b in inference ingest end_to_end price train_throughput; do \
 		echo "== benchmarks/$$b.py"; $(BIN)/python benchmarks/$$b.py || exit 1; done
 	$(BIN)/python benchmarks/brain_extraction.py --grids 256,192 --repeat 3
-	$(BIN)/python benchmarks/registration.py --model models/candidates/segnode-brats-regions-1.0.1
+	$(BIN)/python benchmarks/registration.py --model models/candidates/segnode-brats-regions-1.2.0
 	$(BIN)/python benchmarks/node_memory.py
 	$(BIN)/python benchmarks/fine_series.py
 	$(BIN)/python benchmarks/report.py

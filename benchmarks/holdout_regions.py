@@ -25,7 +25,7 @@ This is a final-evaluation script: the holdout may be read here (``--data`` is r
 is tuned on its output.
 
 Usage: python benchmarks/holdout_regions.py --data ../shared/data/holdout
-       --model models/candidates/segnode-brats-regions-1.0.1 [--precision int8] [--cases N] [--out DIR]
+       --model models/candidates/segnode-brats-regions-1.2.0 [--precision int8] [--cases N] [--out DIR]
        python benchmarks/holdout_regions.py --data ../shared/data/train --folds runs/f0/export ...
        (cross-validation: each fold's export on the cases its run validated on, pooled; see
        ``segnode crossval`` for the same without the node)

@@ -38,7 +38,7 @@ OHIF_DIST = HERE / "ohif"
 APP_CONFIG = HERE / "app-config.js"
 #: The shipped whole-tumour model, and the ``brats_regions`` candidate an administrator may add to it.
 DEFAULT_MODEL = REPO / "models" / "default"
-REGIONS_MODEL = REPO / "models" / "candidates" / "segnode-brats-regions-1.0.1"
+REGIONS_MODEL = REPO / "models" / "candidates" / "segnode-brats-regions-1.2.0"
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 #: Paths the viewer server forwards to Orthanc (DICOMweb: QIDO-RS, WADO-RS, STOW-RS; WADO-URI).
 PROXIED = ("/dicom-web/", "/wado")

@@ -71,7 +71,7 @@ def _build(which: str) -> dict[str, Any]:
     series = require_shared("dicom", "siemens_t1_fl2d_sag_healthy")
     cards = [
         REPO / "models" / "default" / "model.json",
-        REPO / "models" / "candidates" / "segnode-brats-regions-1.0.1" / "model.json",
+        REPO / "models" / "candidates" / "segnode-brats-regions-1.2.0" / "model.json",
     ]
     done = subprocess.run(
         [sys.executable, "-c", _BUILD, which, str(series), *map(str, cards)],

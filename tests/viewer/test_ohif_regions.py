@@ -2,7 +2,7 @@
 tumour (the same stack, driver and screen checks: tests/helpers/viewer.py).
 
 The node serves the shipped whole-tumour model and the ``brats_regions`` candidate
-(models/candidates/segnode-brats-regions-1.0.1, INT8), as an administrator who promotes it has it. A
+(models/candidates/segnode-brats-regions-1.2.0, INT8), as an administrator who promotes it has it. A
 four-series BraTS training case (FLAIR, T1, T1GD, T2; tests/helpers/regions.py, never the holdout) is
 uploaded to Orthanc, Orthanc C-STOREs it to the node, the node routes it to the regions model (brain
 extraction, registration onto the FLAIR, inference) and returns a SEG with a segment per tissue and an SR
