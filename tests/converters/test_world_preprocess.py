@@ -396,6 +396,24 @@ def test_context_slices_stack_each_modalitys_neighbours_as_channels() -> None:
         PreprocessSpec.from_card({**PRE, "spacing_mm": [1, 1, 1], "context_slices": 1, "views": 3})
 
 
+def test_context_slices_of_a_long_window_match_their_definition_slice_by_slice() -> None:
+    """More slices than with_context copies at a time, rows out of order and at both ends."""
+    from converters.preprocess import with_context
+
+    planes = np.random.default_rng(3).standard_normal((41, 3, 5, 4)).astype(np.float32)
+    rows = np.array([40, 0, 1, 17, 16, 15, 33, 39, 2, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 38])
+    for context in (1, 2):
+        out = with_context(planes, context, rows)
+        assert out.shape == (len(rows), 3 * (2 * context + 1), 5, 4)
+        for i, row in enumerate(rows):
+            for channel in range(3):
+                for position, offset in enumerate(range(-context, context + 1)):
+                    got = out[i, channel * (2 * context + 1) + position]
+                    inside = 0 <= row + offset < len(planes)
+                    expected = planes[row + offset, channel] if inside else np.zeros((5, 4), np.float32)
+                    np.testing.assert_array_equal(got, expected)
+
+
 def test_a_card_with_context_slices_gets_the_same_slices_and_their_neighbours() -> None:
     shape = (120, 120, 40)
     rng = np.random.default_rng(2)
