@@ -156,3 +156,25 @@ def test_evaluate_accepts_holdout_data(
     code, _, err = run_cli(args, capsys, monkeypatch)
     assert code == 0, err
     assert [c["case"] for c in json.loads(out_json.read_text())["cases"]] == ["BRATS_001", "BRATS_002"]
+
+
+def test_a_results_table_written_to_a_pipe_keeps_each_number_on_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Rich lays out 80 columns when it writes to a pipe or file; a cross-validation table (its case
+    column carries the fold's export path) then folded every number into a column of digits."""
+    from trainer.cli import case_table, print_table
+
+    scores = {"dice": 0.825612, "jaccard": 0.70301, "sensitivity": 0.742312, "specificity": 0.999213,
+              "hd95": 16.7312}
+    case = "BraTS2021_00005 (runs/cross-validation/recipe-b/fold-0/export)"
+    result = {"cases": [{"case": case, **scores}], "mean": scores}
+    monkeypatch.delenv("COLUMNS", raising=False)
+    print_table(case_table(result, "cross-validation, 4 folds, int8"))
+    row = next(line for line in capsys.readouterr().out.splitlines() if "fold-0" in line)
+    for number in ("0.8256", "0.7030", "0.7423", "0.9992", "16.73"):
+        assert number in row
+
+    monkeypatch.setenv("COLUMNS", "80")  # a width the user sets still rules
+    print_table(case_table(result, "cross-validation, 4 folds, int8"))
+    assert max(len(line) for line in capsys.readouterr().out.splitlines()) <= 80
