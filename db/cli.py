@@ -14,6 +14,7 @@ creates one; the node creates its own at start). Bad input raises
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +27,20 @@ if TYPE_CHECKING:
     from db.registry import EventInfo, ModelInfo, Registry
 
 console = Console(highlight=False)
+#: The most columns a table written to a pipe or file takes (:func:`print_table`).
+WIDEST_TABLE = 400
+
+
+def print_table(table: Table, on: Console | None = None) -> None:
+    """Print a table on a console (default this module's). In a terminal Rich fits it to the window;
+    written to a pipe or a file (a log) it would be laid out 80 columns wide and its cells folded
+    (numbers into stacked digits), so there it gets the width it needs, unless ``COLUMNS`` sets one."""
+    on = console if on is None else on
+    if on.is_terminal or "COLUMNS" in os.environ:
+        on.print(table)
+        return
+    width = on.measure(table, options=on.options.update_width(WIDEST_TABLE)).maximum
+    Console(file=on.file, width=max(width, on.width), highlight=False).print(table)  # print() cannot widen
 
 models_app = typer.Typer(
     name="models",
@@ -151,7 +166,7 @@ def list_cmd(
     if not models:
         console.print("No models registered yet; add one with `segnode models import DIR`.")
         return
-    console.print(models_table(models))
+    print_table(models_table(models))
 
 
 @models_app.command("show")
@@ -166,7 +181,7 @@ def show_cmd(
     if as_json:
         echo_json(model.to_dict())
         return
-    console.print(models_table([model], title=f"Model #{model.id}"))
+    print_table(models_table([model], title=f"Model #{model.id}"))
     lineage: list[str] = []
     parent_id = model.parent_id
     while parent_id is not None and len(lineage) < 10:
@@ -182,7 +197,7 @@ def show_cmd(
         files.add_column(column)
     for f in model.files:
         files.add_row(str(f.path), _size(f.size), f.sha256)
-    console.print(files)
+    print_table(files)
     mean = (model.metrics or {}).get("mean")
     if isinstance(mean, dict):
         cases = (model.metrics or {}).get("cases") or []
@@ -195,7 +210,7 @@ def show_cmd(
         console.print("metrics: none")
     evaluations = (model.metrics or {}).get("evaluations") or []
     if evaluations:
-        console.print(_evaluations_table(evaluations))
+        print_table(_evaluations_table(evaluations))
 
 
 def _print_int8_quantization(calibration: dict[str, Any] | None) -> None:
@@ -260,7 +275,7 @@ def import_cmd(
     """Register every artifact of a model directory (model.json + files) in one transaction."""
     registry = open_from_config(config, tolerance)
     models = registry.import_dir(directory, by=by)
-    console.print(models_table(models, title=f"Imported from {directory}"))
+    print_table(models_table(models, title=f"Imported from {directory}"))
     if promote:
         chosen = _runnable_to_promote(models)
         if chosen.status == "active":
@@ -360,7 +375,7 @@ def verify_cmd(
             table.add_column(column)
         for f in report.files:
             table.add_row(str(f.path), "ok" if f.ok else f"[bold red]{f.status}[/]")
-        console.print(table)
+        print_table(table)
     if not report.ok:
         raise ChecksumMismatch(f"model #{model_id}: " + "; ".join(report.problems))
 
@@ -395,7 +410,7 @@ def history_cmd(
     if as_json:
         echo_json([e.to_dict() for e in events])
         return
-    console.print(_events_table(events))
+    print_table(_events_table(events))
 
 
 @db_app.command("upgrade")

@@ -19,14 +19,12 @@ from typing import TYPE_CHECKING, Any
 import typer
 from rich.console import Console
 
-from db.cli import CONFIG_OPTION
+from db.cli import CONFIG_OPTION, print_table
 
 if TYPE_CHECKING:
     from trainer.evaluate import CardPredictor
 
 console = Console()
-#: The most columns a results table written to a pipe or file takes (:func:`print_table`).
-_WIDEST_TABLE = 400
 
 #: Modules ``evaluate`` needs beyond the base install, per model form (an IR needs none).
 EVALUATE_NEEDS: dict[str, tuple[str, ...]] = {"checkpoint": ("torch",), "onnx": ("onnxruntime",)}
@@ -265,7 +263,7 @@ def _print_export_table(card: dict[str, Any]) -> None:
             f"{mean.get('hd95', float('nan')):.2f}",
             *(f"{by_region.get(r, {}).get('dice', float('nan')):.4f}" for r in regions),
         )
-    print_table(table)
+    print_table(table, console)
 
 
 def requantize(
@@ -317,7 +315,7 @@ def requantize(
                 _fmt(found.get("mean", {}).get("dice"), ".4f"),
                 *(_fmt(by_region.get(r, {}).get("dice"), ".4f") for r in regions),
             )
-    print_table(table)
+    print_table(table, console)
     drop = card["calibration"].get("validation_dice_drop")
     console.print(f"INT8 Dice drop against FP32: {_fmt(drop, '+.4f')}")
     console.print(f"model directory {out}" + _registered(card))
@@ -358,7 +356,7 @@ def export_brain_extractor(
             f"{row['tumour_inside']:.4f}" if "tumour_inside" in row else "",
             f"{row['nonzero_inside']:.4f}" if "nonzero_inside" in row else "",
         )
-    print_table(table)
+    print_table(table, console)
     console.print(f"model directory {out_dir}; import with `segnode models import {out_dir}`")
 
 
@@ -393,16 +391,6 @@ def _volume_cells(m: dict[str, Any]) -> list[str]:
     ]
 
 
-
-def print_table(table: Any) -> None:
-    """Print a results table on the console. In a terminal Rich fits it to the window; written to a pipe
-    or a file (a log) it would be laid out 80 columns wide, its numbers folded into stacked digits, so
-    there it gets the width it needs, unless ``COLUMNS`` sets one."""
-    if console.is_terminal or "COLUMNS" in os.environ:
-        console.print(table)
-        return
-    width = console.measure(table, options=console.options.update_width(_WIDEST_TABLE)).maximum
-    Console(file=console.file, width=max(width, console.width)).print(table)  # print() cannot widen
 
 
 def case_table(result: dict[str, Any], title: str) -> Any:
@@ -577,11 +565,11 @@ def evaluate(
         result = evaluate_cases(
             loaded, refs, batch_size, on_case=lambda cid, s: status.update(f"{cid}: Dice {s['dice']:.4f}")
         )
-    print_table(case_table(result, loaded.description))
+    print_table(case_table(result, loaded.description), console)
     if result.get("regions"):  # its WT rows hold the whole tumour's volumes
-        print_table(region_table(result["regions"], loaded.description))
+        print_table(region_table(result["regions"], loaded.description), console)
     else:
-        print_table(volume_table(result, loaded.description))
+        print_table(volume_table(result, loaded.description), console)
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
@@ -643,15 +631,15 @@ def crossval(
     pooled = pool_folds(results, names)
     title = f"cross-validation, {len(names)} folds, {precision}"
     shown = {**pooled, "cases": [{**c, "case": f"{c['case']} ({c['fold']})"} for c in pooled["cases"]]}
-    print_table(case_table(shown, title))
+    print_table(case_table(shown, title), console)
     if pooled.get("regions"):
         regions = {
             region: {**block, "cases": [{**c, "case": f"{c['case']} ({c['fold']})"} for c in block["cases"]]}
             for region, block in pooled["regions"].items()
         }
-        print_table(region_table(regions, title))
+        print_table(region_table(regions, title), console)
     else:
-        print_table(volume_table(shown, title))
+        print_table(volume_table(shown, title), console)
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(pooled, indent=2) + "\n", encoding="utf-8")

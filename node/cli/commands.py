@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from db.cli import CONFIG_OPTION, echo_json
+from db.cli import CONFIG_OPTION, echo_json, print_table
 from node.dcmtk_programs import dcmtk_program
 
 console = Console(highlight=False)
@@ -231,7 +231,7 @@ def demo(
     for name, seconds in report.stages.items():
         table.add_row(name, f"{seconds:.2f}")
     table.add_row("[bold]total (C-STORE start to SEG and SR received)[/]", f"[bold]{report.total:.2f}[/]")
-    console.print(table)
+    print_table(table, console)
     dice = "n/a (no tumour in the SEG nor in the truth)" if report.dice is None else f"{report.dice:.4f}"
     console.print(
         f"Dice of the returned SEG against the ground truth (whole tumour): [bold]{dice}[/]; "
@@ -288,7 +288,7 @@ def jobs_list(
             f"{sum(j.stages.values()):.2f}" if j.stages else "-",
             j.created_at.strftime("%Y-%m-%d %H:%M:%S"),
         )
-    console.print(table)
+    print_table(table, console)
 
 
 def _cautions_text(result: dict[str, Any] | None) -> str:
@@ -390,7 +390,7 @@ def jobs_show(
             f"send {s['destination']}",
             f"{s['attempt']}/{s['file']}: {s['status']} (tried {s['attempts']} times) {s['last_error']}",
         )
-    console.print(table)
+    print_table(table, console)
 
 
 def _result_rows(result: dict[str, Any]) -> list[tuple[str, str]]:

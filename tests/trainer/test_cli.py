@@ -163,18 +163,19 @@ def test_a_results_table_written_to_a_pipe_keeps_each_number_on_one_line(
 ) -> None:
     """Rich lays out 80 columns when it writes to a pipe or file; a cross-validation table (its case
     column carries the fold's export path) then folded every number into a column of digits."""
-    from trainer.cli import case_table, print_table
+    from db.cli import print_table
+    from trainer.cli import case_table, console
 
     scores = {"dice": 0.825612, "jaccard": 0.70301, "sensitivity": 0.742312, "specificity": 0.999213,
               "hd95": 16.7312}
     case = "BraTS2021_00005 (runs/cross-validation/recipe-b/fold-0/export)"
     result = {"cases": [{"case": case, **scores}], "mean": scores}
     monkeypatch.delenv("COLUMNS", raising=False)
-    print_table(case_table(result, "cross-validation, 4 folds, int8"))
+    print_table(case_table(result, "cross-validation, 4 folds, int8"), console)
     row = next(line for line in capsys.readouterr().out.splitlines() if "fold-0" in line)
     for number in ("0.8256", "0.7030", "0.7423", "0.9992", "16.73"):
         assert number in row
 
     monkeypatch.setenv("COLUMNS", "80")  # a width the user sets still rules
-    print_table(case_table(result, "cross-validation, 4 folds, int8"))
+    print_table(case_table(result, "cross-validation, 4 folds, int8"), console)
     assert max(len(line) for line in capsys.readouterr().out.splitlines()) <= 80
