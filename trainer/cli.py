@@ -391,8 +391,6 @@ def _volume_cells(m: dict[str, Any]) -> list[str]:
     ]
 
 
-
-
 def case_table(result: dict[str, Any], title: str) -> Any:
     """A Rich table of an evaluation's cases and their mean: Dice, Jaccard, sensitivity, specificity
     and HD95 (mm).
