@@ -24,10 +24,14 @@ Each row also records the job's ``inference`` stage time (``infer_seconds``), th
 the node's brain mask (``share_of_brain_percent``) and the QC cautions sent (``cautions``).
 The same script scores validation cases when ``--data`` names a folder of them (e.g. symlinks to
 the split's validation cases under ../shared/data/train): that is where settings are chosen.
+``--folds`` does the same for cross-validation (``segnode train --folds K --fold I``, exported): each
+fold's export on its own validation cases under ``--data``, pooled as one recipe; given again, another
+recipe's folds, compared per acquisition and per case.
 
 Usage: python benchmarks/holdout_node.py --data ../shared/data/holdout --model models/default
        [--model runs/x/export] [--precision int8] [--mirror none --mirror lr] [--views 1 --views 3]
        [--acquisitions axial_1mm,degraded] [--out DIR]
+       python benchmarks/holdout_node.py --data DIR --folds runs/a-f0/export ... [--folds runs/b-f0/export ..]
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -296,11 +300,13 @@ def serving(
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def labelled_cases(data: Path, cases: int = 0) -> list[Any]:
-    """The labelled cases of ``data``, the first ``cases`` when > 0."""
+def labelled_cases(data: Path, cases: int = 0, only: Collection[str] | None = None) -> list[Any]:
+    """The labelled cases of ``data`` (those named in ``only`` when given), the first ``cases`` when > 0."""
     from converters.nifti import list_cases
 
     refs = list_cases(data, require_labels=True, allow_holdout=True)  # the final evaluation
+    if only is not None:
+        refs = [r for r in refs if r.case_id in only]
     return refs[:cases] if cases > 0 else refs
 
 
@@ -312,12 +318,14 @@ def evaluate(
     cases: int = 0,
     mirror: str = "none",
     views: int = 1,
+    only: Collection[str] | None = None,
 ) -> dict[str, Any]:
-    """Every case of ``data`` (the first ``cases`` when > 0) in every acquisition through a node serving
-    ``model`` with ``[inference] mirror`` ``mirror``, its network along ``views`` 1 or 3 axes."""
+    """Every case of ``data`` (those named in ``only`` when given; the first ``cases`` when > 0) in every
+    acquisition through a node serving ``model`` with ``[inference] mirror`` ``mirror``, its network
+    along ``views`` 1 or 3 axes."""
     rows: list[dict[str, Any]] = []
     with serving(model, precision, mirror, views) as (node, receiver, workdir):
-        for ref in labelled_cases(data, cases):
+        for ref in labelled_cases(data, cases, only):
             case = ref.load()
             for name in acquisitions:
                 row = _score(node, receiver, case, name, workdir)
@@ -328,6 +336,19 @@ def evaluate(
                     flush=True,
                 )
                 rows.append(row)
+    return summarise(str(model), precision, rows, acquisitions, mirror, views)
+
+
+def summarise(
+    model: str,
+    precision: str,
+    rows: list[dict[str, Any]],
+    acquisitions: list[str],
+    mirror: str = "none",
+    views: int = 1,
+) -> dict[str, Any]:
+    """The rows of one model (or one recipe's folds) with their means per acquisition on both scores and
+    the mean inference stage time."""
     means = {
         name: round(float(np.mean([r["dice"] or 0.0 for r in rows if r["acquisition"] == name])), 4)
         for name in acquisitions
@@ -338,7 +359,7 @@ def evaluate(
     }
     timed = [r["infer_seconds"] for r in rows if r.get("infer_seconds") is not None]
     return {
-        "model": str(model),
+        "model": model,
         "precision": precision,
         "mirror": mirror,
         "views": views,
@@ -349,10 +370,87 @@ def evaluate(
     }
 
 
+def fold_cases(models: list[Path], data: Path) -> list[list[str]]:
+    """Each cross-validation fold's validation cases (its card's ``training.split.val``) found under
+    ``data``, in the order of ``models``. ``data`` may hold only the cases that can be sent as DICOM (a
+    case stored z-scored, as the BraTS 2013 ones here, has no brain for brain extraction to find): a
+    fold's other validation cases are named on stdout and left out.
+
+    Raises
+    ------
+    SystemExit
+        Two folds validated on one case, or a fold has no validation case under ``data``.
+    """
+    from converters.exceptions import ModelCardError
+    from trainer.evaluate import fold_validation_cases, fold_validation_sets
+    from trainer.exceptions import TrainerError
+
+    found = {ref.case_id for ref in labelled_cases(data)}
+    try:
+        wanted = [fold_validation_cases(m) for m in models]
+        fold_validation_sets(models, [str(m) for m in models], {c for w in wanted for c in w}, data)
+    except (ModelCardError, TrainerError) as exc:
+        raise SystemExit(str(exc)) from None
+    sets = []
+    for model, val in zip(models, wanted, strict=True):
+        kept = [c for c in val if c in found]
+        if not kept:
+            raise SystemExit(f"{model} validated on {', '.join(val)}: none of them is under {data}")
+        if left := [c for c in val if c not in found]:
+            print(f"{model}: {', '.join(left)} not under {data}, left out", flush=True)
+        sets.append(kept)
+    return sets
+
+
+def folds_label(models: list[Path]) -> str:
+    """A name for one recipe's folds: its first and last fold's run (the folder above ``export``)."""
+
+    def run(model: Path) -> str:
+        return model.parent.name if model.name == "export" else model.name
+
+    return f"{run(models[0])} .. {run(models[-1])} ({len(models)} folds)"
+
+
+def evaluate_folds(models: list[Path], precision: str, data: Path, acquisitions: list[str]) -> dict[str, Any]:
+    """Cross-validation through the node: each fold's model (``segnode export`` of a ``segnode train
+    --folds K --fold I`` run) on its validation cases under ``data`` (:func:`fold_cases`), pooled as one
+    model's result: every case once, by the one model that did not train on it (each row names its
+    ``fold``)."""
+    rows: list[dict[str, Any]] = []
+    for model, val in zip(models, fold_cases(models, data), strict=True):
+        result = evaluate(model, precision, data, acquisitions, only=set(val))
+        rows += [{"fold": str(model), **row} for row in result["cases"]]
+    return summarise(folds_label(models), precision, rows, acquisitions)
+
+
+def case_means(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Per case, its Dice's mean over the case's acquisitions (a study without a SEG counts 0)."""
+    cases = dict.fromkeys(r["case"] for r in rows)
+    return {c: round(float(np.mean([r["dice"] or 0.0 for r in rows if r["case"] == c])), 4) for c in cases}
+
+
+def case_table(results: list[dict[str, Any]]) -> str:
+    """Each case's mean over its acquisitions, one column per result, and the last minus the first."""
+    means = [case_means(r["cases"]) for r in results]
+    rows = [
+        [case, *[f"{m[case]:.4f}" if case in m else "-" for m in means],
+         f"{means[-1][case] - means[0][case]:+.4f}" if case in means[0] and case in means[-1] else "-"]
+        for case in dict.fromkeys(c for m in means for c in m)
+    ]  # fmt: skip
+    headers = ["case", *[Path(r["model"]).name for r in results], "difference (last - first)"]
+    return markdown_table(headers, rows)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True)
-    parser.add_argument("--model", type=Path, action="append", required=True)
+    models = parser.add_mutually_exclusive_group(required=True)
+    models.add_argument("--model", type=Path, action="append")
+    models.add_argument(
+        "--folds", type=Path, nargs="+", action="append", metavar="MODEL",
+        help="one recipe's cross-validation folds: each export scored on its validation cases under "
+        "--data, pooled; given again for another recipe",
+    )  # fmt: skip
     parser.add_argument("--precision", choices=["fp32", "int8"], default="int8")
     parser.add_argument("--acquisitions", default=",".join(ACQUISITIONS))
     parser.add_argument("--out", type=Path, default=None)
@@ -370,12 +468,15 @@ def main() -> int:
     if unknown:
         parser.error(f"unknown acquisition {unknown[0]!r}; choose from {', '.join(ACQUISITIONS)}")
     mirrors = args.mirror or ["none"]
-    results = [
-        evaluate(m, args.precision, args.data, acquisitions, args.cases, mirror, views)
-        for m in args.model
-        for mirror in mirrors
-        for views in args.views or [1]
-    ]
+    if args.folds:
+        results = [evaluate_folds(group, args.precision, args.data, acquisitions) for group in args.folds]
+    else:
+        results = [
+            evaluate(m, args.precision, args.data, acquisitions, args.cases, mirror, views)
+            for m in args.model
+            for mirror in mirrors
+            for views in args.views or [1]
+        ]
     headers = [
         "acquisition",
         *[
@@ -400,6 +501,9 @@ def main() -> int:
         headers[: 1 + len(results)],
         [[name, *[f"{r['mean_case_grid'][name]:.4f}" for r in results]] for name in acquisitions],
     ))  # fmt: skip
+    if len(results) > 1:
+        print("\nPer case, the mean over its acquisitions:")
+        print(case_table(results))
     print(f"peak RSS {peak_rss_mib():.0f} MiB")
     path = save_result("holdout_node", {"runs": results}, args.out)
     print(f"results in {path}")

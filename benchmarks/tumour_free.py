@@ -21,8 +21,12 @@ they are skull-stripped BraTS images, not a scanner's whole head.
 the tumour on the kept side) with the most false tumour, the axial slice through the largest false
 piece: the mirrored FLAIR, the false tumour in red, the mirrored label in blue.
 
+``--folds`` (cross-validation, as benchmarks/holdout_node.py's) sends each case through its own fold's
+model only, the one that did not train on it; given again, another recipe's folds.
+
 Usage: python benchmarks/tumour_free.py --data DIR [--model DIR] [--precision int8]
        [--acquisitions axial_1mm,axial_5mm,degraded] [--out DIR] [--figure PNG]
+       python benchmarks/tumour_free.py --data DIR --folds runs/a-f0/export ... [--folds runs/b-f0/export ..]
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, markdown_table, save_result
-from holdout_node import send_and_read, serving
+from holdout_node import fold_cases, folds_label, send_and_read, serving
 
 #: Voxels (1 mm on the case grid) by which the mirrored label is grown before tumour beyond it is false.
 LABEL_MARGIN_VOXELS = 2
@@ -153,12 +157,15 @@ def run(
     acquisitions: list[str],
     slices: list[dict[str, Any]] | None = None,
     views: int = 1,
+    only: set[str] | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per (case, acquisition), the node's network along ``views`` 1 or 3 axes; with ``slices``,
-    each nearly tumour-free study's :func:`largest_piece_slice` (and its row's false mL) appended to it."""
+    """One row per (case, acquisition) of ``data``'s cases (those named in ``only`` when given), the
+    node's network along ``views`` 1 or 3 axes; with ``slices``, each nearly tumour-free study's
+    :func:`largest_piece_slice` (and its row's false mL) appended to it."""
     from converters.nifti import list_cases
 
     refs = list_cases(data, require_labels=True)  # refuses the holdout: this is no final evaluation
+    refs = [r for r in refs if only is None or r.case_id in only]
     rows = []
     with serving(model, precision, views=views) as (node, receiver, workdir):
         for ref in refs:
@@ -208,17 +215,50 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def summary(rows: list[dict[str, Any]]) -> str:
-    """One line: how many studies got a SEG, and the false tumour summed over every study."""
-    false_ml = sum(r["false_ml"] or 0.0 for r in rows)
-    seg = sum(1 for r in rows if r["seg"])
-    return f"{seg} of {len(rows)} studies sent a SEG; false tumour summed over them all: {false_ml:.2f} mL"
+    """How many studies got a SEG and the false tumour summed over them, for every study and for the
+    nearly tumour-free ones (at most :data:`NEARLY_FREE_PERCENT` of the tumour on the kept side)."""
+
+    def counted(chosen: list[dict[str, Any]]) -> tuple[int, float]:
+        return sum(1 for r in chosen if r["seg"]), sum(r["false_ml"] or 0.0 for r in chosen)
+
+    seg, false_ml = counted(rows)
+    free = [r for r in rows if r["tumour_on_kept_side_percent"] <= NEARLY_FREE_PERCENT]
+    free_seg, free_ml = counted(free)
+    return (
+        f"{seg} of {len(rows)} studies sent a SEG; false tumour summed over them all: {false_ml:.2f} mL; "
+        f"nearly tumour-free: {free_seg} of {len(free)} sent a SEG, {free_ml:.2f} mL"
+    )
+
+
+def run_folds(
+    data: Path,
+    models: list[Path],
+    precision: str,
+    acquisitions: list[str],
+    slices: list[dict[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
+    """Cross-validation: each fold's export (:func:`holdout_node.fold_cases`) on its own validation cases
+    under ``data``, the rows pooled, each naming its ``fold``."""
+    rows = []
+    for model, val in zip(models, fold_cases(models, data), strict=True):
+        rows += [
+            {"fold": str(model), **r}
+            for r in run(data, model, precision, acquisitions, slices, only=set(val))
+        ]
+    return rows
 
 
 def main() -> int:
     """Run the measurement and print its table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True)
-    parser.add_argument("--model", type=Path, default=REPO / "models" / "default")
+    models = parser.add_mutually_exclusive_group()
+    models.add_argument("--model", type=Path, default=REPO / "models" / "default")
+    models.add_argument(
+        "--folds", type=Path, nargs="+", action="append", metavar="MODEL",
+        help="one recipe's cross-validation folds, each export on its validation cases under --data "
+        "(one network view); given again for another recipe",
+    )  # fmt: skip
     parser.add_argument("--precision", choices=["fp32", "int8"], default="int8")
     parser.add_argument("--acquisitions", default="axial_1mm,axial_5mm,degraded")
     parser.add_argument("--out", type=Path, default=None)
@@ -229,18 +269,32 @@ def main() -> int:
         "served once with each",
     )  # fmt: skip
     args = parser.parse_args()
+    acquisitions = args.acquisitions.split(",")
+    if args.folds and args.views:
+        parser.error("--folds runs each fold's network along one view; leave out --views")
+    configurations = [f"views_{views}" for views in args.views or [1]]
+    if args.folds:
+        configurations = [folds_label(group) for group in args.folds]
     results = {}
-    for views in args.views or [1]:
+    for index, name in enumerate(configurations):
         slices: list[dict[str, Any]] | None = [] if args.figure else None
-        rows = run(args.data, args.model, args.precision, args.acquisitions.split(","), slices, views)
+        if args.folds:
+            rows = run_folds(args.data, args.folds[index], args.precision, acquisitions, slices)
+        else:
+            views = (args.views or [1])[index]
+            rows = run(args.data, args.model, args.precision, acquisitions, slices, views)
         markdown = table(rows)
-        print(f"\nviews {views}\n\n{markdown}\n\n{summary(rows)}")
+        print(f"\n{name}\n\n{markdown}\n\n{summary(rows)}")
         if args.figure and slices:
-            several = len(args.views or [1]) > 1
-            figure = args.figure.with_stem(f"{args.figure.stem}-views{views}") if several else args.figure
+            suffix = f"recipe{index}" if args.folds else name.replace("_", "")  # views1, views3
+            figure = (
+                args.figure.with_stem(f"{args.figure.stem}-{suffix}")
+                if len(configurations) > 1
+                else args.figure
+            )
             draw(sorted(slices, key=lambda item: -item["false_ml"])[:4], figure)
             print(f"figure {figure}")
-        results[f"views_{views}"] = {"rows": rows, "markdown": markdown, "summary": summary(rows)}
+        results[name] = {"rows": rows, "markdown": markdown, "summary": summary(rows)}
     single = results[next(iter(results))] if len(results) == 1 else results
     print(f"results in {save_result('tumour_free', single, args.out)}")
     return 0

@@ -406,13 +406,7 @@ def test_holdout_regions_folds_score_each_case_by_its_own_fold(
 
     regions = bench("holdout_regions")
     data = write_synthetic_task01(tmp_path / "Task01_BrainTumour", 4, seed=3, shape=(32, 32, 8))
-    models = []
-    for fold, val in enumerate((["BRATS_001", "BRATS_002"], ["BRATS_003", "BRATS_004"])):
-        model = make_threshold_model(tmp_path / f"f{fold}" / "export", crop=(64, 64))
-        card = json.loads((model / "model.json").read_text())
-        card["training"] = {"split": {"train": [], "val": val, "seed": 0, "folds": 2, "fold": fold}}
-        (model / "model.json").write_text(json.dumps(card))
-        models.append(model)
+    models = _fold_exports(tmp_path, [["BRATS_001", "BRATS_002"], ["BRATS_003", "BRATS_004"]])
     seen: list[tuple[Path, list[str]]] = []
 
     def fake_evaluate(model: Path, precision: str, data: Path, acquisitions: list[str], cases: int,
@@ -525,15 +519,96 @@ def test_tumour_free_figure_takes_the_slice_through_the_largest_false_piece(tmp_
 
 
 def test_tumour_free_summary_counts_seg_studies_and_sums_false_tumour() -> None:
-    """benchmarks/tumour_free.py: the line that compares ``--views 1`` with ``--views 3`` (SEGs sent,
-    false tumour summed; a study without a SEG adds nothing, one with no figure counts as 0)."""
+    """benchmarks/tumour_free.py: the line that compares ``--views 1`` with ``--views 3`` or two recipes'
+    folds (SEGs sent, false tumour summed; a study without a SEG adds nothing, one with no figure counts
+    as 0), over every study and over the nearly tumour-free ones (at most 1.2 % on the kept side)."""
     tumour_free = bench("tumour_free")
     rows = [
-        {"seg": True, "false_ml": 0.25},
-        {"seg": True, "false_ml": 1.5},
-        {"seg": False, "false_ml": 0.0},
-        {"seg": False, "false_ml": None},
+        {"seg": True, "false_ml": 0.25, "tumour_on_kept_side_percent": 0.0},
+        {"seg": True, "false_ml": 1.5, "tumour_on_kept_side_percent": 30.0},
+        {"seg": False, "false_ml": 0.0, "tumour_on_kept_side_percent": 1.2},
+        {"seg": False, "false_ml": None, "tumour_on_kept_side_percent": 0.5},
     ]
     assert tumour_free.summary(rows) == (
-        "2 of 4 studies sent a SEG; false tumour summed over them all: 1.75 mL"
+        "2 of 4 studies sent a SEG; false tumour summed over them all: 1.75 mL; "
+        "nearly tumour-free: 1 of 3 sent a SEG, 0.25 mL"
     )
+
+
+def _fold_exports(tmp_path: Path, validation: list[list[str]]) -> list[Path]:
+    """Model directories whose cards say their run validated on each list of ``validation``."""
+    models = []
+    for fold, val in enumerate(validation):
+        model = make_threshold_model(tmp_path / f"f{fold}" / "export", crop=(64, 64))
+        card = json.loads((model / "model.json").read_text())
+        card["training"] = {"split": {"train": [], "val": val, "seed": 0, "folds": 2, "fold": fold}}
+        (model / "model.json").write_text(json.dumps(card))
+        models.append(model)
+    return models
+
+
+def test_holdout_node_folds_score_each_case_by_its_own_fold_and_leave_out_cases_not_under_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The node part (evaluate) is exercised through the node elsewhere; here what --folds adds: which
+    # model scores which case, a validation case missing from --data left out and named (a z-scored
+    # case cannot be sent), the pooled and per-case means, the refusals.
+    from converters.synthetic import write_synthetic_task01
+
+    node = bench("holdout_node")
+    data = write_synthetic_task01(tmp_path / "Task01_BrainTumour", 3, seed=3, shape=(32, 32, 8))
+    models = _fold_exports(tmp_path, [["BRATS_001", "BRATS_002"], ["BRATS_003", "zscored_case"]])
+    seen: list[tuple[Path, list[str]]] = []
+
+    def fake_evaluate(model: Path, precision: str, data: Path, acquisitions: list[str], cases: int = 0,
+                      mirror: str = "none", views: int = 1, only: set[str] | None = None) -> dict[str, Any]:
+        assert only is not None
+        ids = [r.case_id for r in node.labelled_cases(data, only=only)]
+        seen.append((model, ids))
+        score = 0.5 if model == models[0] else 0.9
+        rows = [{"case": c, "acquisition": a, "dice": score, "dice_case_grid": score - 0.1,
+                 "infer_seconds": 0.4} for c in ids for a in acquisitions]
+        return {"cases": rows}
+
+    monkeypatch.setattr(node, "evaluate", fake_evaluate)
+    result = node.evaluate_folds(models, "int8", data, ["axial_1mm", "axial_5mm"])
+    assert seen == [(models[0], ["BRATS_001", "BRATS_002"]), (models[1], ["BRATS_003"])]
+    assert "zscored_case not under" in capsys.readouterr().out
+    assert [r["fold"] for r in result["cases"]] == [str(models[0])] * 4 + [str(models[1])] * 2
+    assert result["mean"]["axial_1mm"] == pytest.approx((0.5 + 0.5 + 0.9) / 3, abs=1e-4)  # rounded
+    assert result["mean_case_grid"]["axial_5mm"] == pytest.approx((0.4 + 0.4 + 0.8) / 3, abs=1e-4)
+    assert result["model"] == "f0 .. f1 (2 folds)"
+    assert node.case_means(result["cases"]) == {"BRATS_001": 0.5, "BRATS_002": 0.5, "BRATS_003": 0.9}
+    other = {**result, "model": "other", "cases": [{**r, "dice": 0.6} for r in result["cases"]]}
+    table = node.case_table([result, other])
+    assert "| BRATS_003 | 0.9000 | 0.6000 | -0.3000 |" in table
+
+    with pytest.raises(SystemExit, match="BRATS_001 was validated by two folds"):
+        node.evaluate_folds([models[0], models[0]], "int8", data, ["axial_1mm"])
+    lonely = _fold_exports(tmp_path / "lonely", [["zscored_case"]])
+    with pytest.raises(SystemExit, match="none of them is under"):
+        node.evaluate_folds(lonely, "int8", data, ["axial_1mm"])
+
+
+def test_tumour_free_folds_send_each_case_to_its_own_fold_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from converters.synthetic import write_synthetic_task01
+
+    tumour_free = bench("tumour_free")
+    data = write_synthetic_task01(tmp_path / "Task01_BrainTumour", 3, seed=3, shape=(32, 32, 8))
+    models = _fold_exports(tmp_path, [["BRATS_002"], ["BRATS_001", "BRATS_003"]])
+    seen: list[tuple[Path, set[str] | None]] = []
+
+    def fake_run(data: Path, model: Path, precision: str, acquisitions: list[str],
+                 slices: list[dict[str, Any]] | None = None, views: int = 1,
+                 only: set[str] | None = None) -> list[dict[str, Any]]:
+        seen.append((model, only))
+        return [{"case": c, "acquisition": a} for c in sorted(only or ()) for a in acquisitions]
+
+    monkeypatch.setattr(tumour_free, "run", fake_run)
+    rows = tumour_free.run_folds(data, models, "int8", ["axial_1mm"])
+    assert seen == [(models[0], {"BRATS_002"}), (models[1], {"BRATS_001", "BRATS_003"})]
+    assert [(r["fold"], r["case"]) for r in rows] == [
+        (str(models[0]), "BRATS_002"), (str(models[1]), "BRATS_001"), (str(models[1]), "BRATS_003")
+    ]
