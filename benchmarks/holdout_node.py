@@ -408,6 +408,8 @@ def folds_label(models: list[Path]) -> str:
     def run(model: Path) -> str:
         return model.parent.name if model.name == "export" else model.name
 
+    if len(models) == 1:
+        return f"{run(models[0])} (1 fold)"
     return f"{run(models[0])} .. {run(models[-1])} ({len(models)} folds)"
 
 

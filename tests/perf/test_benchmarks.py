@@ -578,6 +578,7 @@ def test_holdout_node_folds_score_each_case_by_its_own_fold_and_leave_out_cases_
     assert result["mean"]["axial_1mm"] == pytest.approx((0.5 + 0.5 + 0.9) / 3, abs=1e-4)  # rounded
     assert result["mean_case_grid"]["axial_5mm"] == pytest.approx((0.4 + 0.4 + 0.8) / 3, abs=1e-4)
     assert result["model"] == "f0 .. f1 (2 folds)"
+    assert node.folds_label(models[:1]) == "f0 (1 fold)"
     assert node.case_means(result["cases"]) == {"BRATS_001": 0.5, "BRATS_002": 0.5, "BRATS_003": 0.9}
     other = {**result, "model": "other", "cases": [{**r, "dice": 0.6} for r in result["cases"]]}
     table = node.case_table([result, other])
