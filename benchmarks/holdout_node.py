@@ -470,6 +470,8 @@ def main() -> int:
     if unknown:
         parser.error(f"unknown acquisition {unknown[0]!r}; choose from {', '.join(ACQUISITIONS)}")
     mirrors = args.mirror or ["none"]
+    if args.folds and (args.mirror or args.views or args.cases):
+        parser.error("--folds serves each fold with the node defaults; leave out --mirror, --views, --cases")
     if args.folds:
         results = [evaluate_folds(group, args.precision, args.data, acquisitions) for group in args.folds]
     else:
