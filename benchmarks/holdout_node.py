@@ -27,6 +27,9 @@ the split's validation cases under ../shared/data/train): that is where settings
 ``--folds`` does the same for cross-validation (``segnode train --folds K --fold I``, exported): each
 fold's export on its own validation cases under ``--data``, pooled as one recipe; given again, another
 recipe's folds, compared per acquisition and per case.
+A case stored z-scored (the BraTS 2013 ones) is sent as a skull-stripped scanner image would be, whole
+numbers from 1 up inside its brain (:func:`converters.nifti.scanner_intensities`): written from its
+z-scores, brain extraction finds no brain in it.
 
 Usage: python benchmarks/holdout_node.py --data ../shared/data/holdout --model models/default
        [--model runs/x/export] [--precision int8] [--mirror none --mirror lr] [--views 1 --views 3]
@@ -57,6 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import markdown_table, peak_rss_mib, save_result
 from slice_pitch import on_case_grid
 
+from converters.nifti import scanner_intensities
 from converters.reslice import SeriesPlan
 from trainer.metrics import dice as mask_dice
 
@@ -326,7 +330,7 @@ def evaluate(
     rows: list[dict[str, Any]] = []
     with serving(model, precision, mirror, views) as (node, receiver, workdir):
         for ref in labelled_cases(data, cases, only):
-            case = ref.load()
+            case = scanner_intensities(ref.load())  # a z-scored case as a scanner writes it
             for name in acquisitions:
                 row = _score(node, receiver, case, name, workdir)
                 print(
@@ -372,9 +376,8 @@ def summarise(
 
 def fold_cases(models: list[Path], data: Path) -> list[list[str]]:
     """Each cross-validation fold's validation cases (its card's ``training.split.val``) found under
-    ``data``, in the order of ``models``. ``data`` may hold only the cases that can be sent as DICOM (a
-    case stored z-scored, as the BraTS 2013 ones here, has no brain for brain extraction to find): a
-    fold's other validation cases are named on stdout and left out.
+    ``data``, in the order of ``models``. ``data`` may hold only some of them: a fold's other validation
+    cases are named on stdout and left out.
 
     Raises
     ------

@@ -22,7 +22,7 @@ import json
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import nibabel as nib
@@ -275,6 +275,36 @@ def _apply_brain_mask(
     outside = mask_data <= 0.5
     for image in case.images.values():
         image[outside] = 0.0
+
+
+#: :func:`scanner_intensities`: the brain's lowest z-score maps to this value, one z-score unit to
+#: ``SCANNER_UNITS_PER_SD`` whole numbers (a FLAIR brain then spans about 1-1500, as scanners' do).
+SCANNER_FLOOR = 1.0
+SCANNER_UNITS_PER_SD = 100.0
+
+
+def scanner_intensities(case: Case) -> Case:
+    """``case`` with images a scanner could have written: a case stored z-scored inside the brain
+    (``case.extra["normalized"] == "zscore"``, the BraTS 2013 ones) is mapped, per image, to whole
+    numbers from :data:`SCANNER_FLOOR` upward inside the brain (its non-zero voxels) and 0 outside, as
+    a skull-stripped scanner image; any other case is returned as it is.
+
+    The map is increasing and affine inside the brain, so a model that z-scores the brain (every
+    model here) sees the same input, up to rounding; without it, such a case written as DICOM has a
+    brain of mostly negative values, in which brain extraction finds no brain.
+    """
+    if case.extra.get("normalized") != "zscore":
+        return case
+    images = {}
+    for modality, image in case.images.items():
+        brain = image != 0
+        out = np.zeros_like(image, dtype=np.float32)
+        if brain.any():
+            values = image[brain].astype(np.float64)
+            out[brain] = np.rint((values - values.min()) * SCANNER_UNITS_PER_SD + SCANNER_FLOOR)
+        images[modality] = out
+    extra = {k: v for k, v in case.extra.items() if k != "normalized"}
+    return replace(case, images=images, extra={**extra, "intensities": "shifted from z-scores"})
 
 
 def load_case(path: Path) -> Case:

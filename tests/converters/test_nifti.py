@@ -12,7 +12,13 @@ import numpy as np
 import pytest
 
 from converters.exceptions import HoldoutDataError, InvalidCaseError
-from converters.nifti import list_cases, load_case, load_decathlon_case, write_dataset_json
+from converters.nifti import (
+    list_cases,
+    load_case,
+    load_decathlon_case,
+    scanner_intensities,
+    write_dataset_json,
+)
 from converters.synthetic import make_synthetic_case, write_synthetic_task01
 from tests.helpers.peers import require_shared
 
@@ -73,6 +79,27 @@ def test_real_brats2013_case_masks_background_and_maps_labels() -> None:
     np.testing.assert_array_equal(case.label == 1, raw == 2)
     np.testing.assert_array_equal(case.label == 2, (raw == 1) | (raw == 3))
     np.testing.assert_array_equal(case.label == 3, raw == 4)
+
+
+def test_scanner_intensities_turn_a_z_scored_case_into_whole_numbers_with_the_same_z_scores() -> None:
+    """A BraTS 2013 case (z-scored inside the brain) as a skull-stripped scanner image: whole numbers
+    from 1 up inside the brain, 0 outside, and z-scoring the brain again gives back the stored values."""
+    case = load_case(require_shared("train", "brats2013_flair_t1c", "brats_2013_pat0001_1"))
+    shifted = scanner_intensities(case)
+    assert "normalized" not in shifted.extra and shifted.label is case.label
+    for modality, image in case.images.items():
+        brain = image != 0
+        out = shifted.images[modality]
+        assert np.all(out[~brain] == 0) and out[brain].min() == 1.0 and out[brain].max() > 500
+        assert np.all(np.mod(out, 1) == 0)
+        again = (out[brain] - out[brain].mean()) / out[brain].std()
+        stored = (image[brain] - image[brain].mean()) / image[brain].std()
+        assert np.abs(again - stored).max() < 0.01  # rounding to whole numbers: 1/100 of an SD at most
+
+
+def test_scanner_intensities_leave_a_case_with_scanner_values_alone() -> None:
+    case = load_case(require_shared("train", "brats", "BraTS2021_00005"))
+    assert scanner_intensities(case) is case
 
 
 def test_real_brats2023_naming_case() -> None:

@@ -500,6 +500,25 @@ def test_holdout_node_scores_a_held_study_on_the_seg_it_wrote(tmp_path: Path) ->
     assert row["predicted_ml"] > 1000 and 0.0 < row["dice"] < 0.3  # the whole brain against ~125 mL
 
 
+def test_holdout_node_sends_a_z_scored_case_as_a_scanner_image(tmp_path: Path) -> None:
+    """benchmarks/holdout_node.py: a BraTS 2013 case, stored z-scored, is written with scanner-like
+    whole numbers (converters.nifti.scanner_intensities) and goes through the whole node: brain
+    extraction finds its brain (about 1.7 L in its brainmask.nii.gz) and a SEG comes back. Written
+    from its z-scores, the job found no brain and no case of this kind could be scored."""
+    holdout_node = bench("holdout_node")
+    data = tmp_path / "data"
+    data.mkdir()
+    case = require_shared("train", "brats2013_flair_t1c", "brats_2013_pat0003_1")
+    (data / case.name).symlink_to(case)
+    model = make_threshold_model(tmp_path / "model", threshold=1.5, crop=(240, 240))
+    result = holdout_node.evaluate(model, "fp32", data, ["axial_1mm"])
+    [row] = result["cases"]
+    assert "error" not in row, row
+    assert row["dice"] > 0.1 and row["share_of_brain_percent"], row
+    brain_ml = 100.0 * row["predicted_ml"] / row["share_of_brain_percent"]
+    assert 1300.0 < brain_ml < 2100.0, row
+
+
 def test_tumour_free_figure_takes_the_slice_through_the_largest_false_piece(tmp_path: Path) -> None:
     """benchmarks/tumour_free.py --figure: the axial slice through the centre of the largest piece beyond
     the label is drawn (nothing when there is no false tumour)."""
@@ -551,8 +570,8 @@ def test_holdout_node_folds_score_each_case_by_its_own_fold_and_leave_out_cases_
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # The node part (evaluate) is exercised through the node elsewhere; here what --folds adds: which
-    # model scores which case, a validation case missing from --data left out and named (a z-scored
-    # case cannot be sent), the pooled and per-case means, the refusals.
+    # model scores which case, a validation case missing from --data left out and named, the
+    # pooled and per-case means, the refusals.
     from converters.synthetic import write_synthetic_task01
 
     node = bench("holdout_node")
