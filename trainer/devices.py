@@ -16,7 +16,7 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -41,6 +41,9 @@ def _import_habana() -> ModuleType:
     return htcore
 
 
+#: A torch module kept as its own type through :meth:`DeviceInfo.place`.
+ModuleT = TypeVar("ModuleT", bound=torch.nn.Module)
+
 @dataclass
 class DeviceInfo:
     """The chosen device and what the training loop must do on it.
@@ -55,12 +58,22 @@ class DeviceInfo:
         Autocast dtype (bf16 on HPU, fp16 on CUDA) or None.
     htcore:
         The ``habana_frameworks.torch.core`` module on HPU (for ``mark_step``), else None.
+    memory_format:
+        The layout of the network's weights and input batches: channels last on the CPU, where oneDNN's
+        convolutions with this U-Net's few channels train about 1.5x faster in it (benchmarks/
+        train_throughput.py); the default layout elsewhere.
     """
 
     kind: str
     device: torch.device
     amp_dtype: torch.dtype | None = None
     htcore: ModuleType | None = field(default=None, repr=False)
+    memory_format: torch.memory_format = torch.contiguous_format
+
+    def place(self, module: ModuleT) -> ModuleT:
+        """``module`` on this device, its weights in :attr:`memory_format`."""
+        # Module.to(memory_format=...) is documented and works, but torch's type stubs omit it.
+        return module.to(self.device).to(memory_format=self.memory_format)  # type: ignore[call-overload]
 
     def mark_step(self) -> None:
         """HPU lazy mode: execute the graph accumulated so far; a no-op elsewhere."""
@@ -131,7 +144,7 @@ def resolve_device(
         return DeviceInfo("cuda", torch.device("cuda", local_rank), torch.float16 if amp else None)
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // local))
-    return DeviceInfo("cpu", torch.device("cpu"))
+    return DeviceInfo("cpu", torch.device("cpu"), memory_format=torch.channels_last)
 
 
 @dataclass(frozen=True)

@@ -56,10 +56,11 @@ def torch_predictor(model: torch.nn.Module, device: DeviceInfo | None = None) ->
     import torch
 
     dev = device.device if device is not None else torch.device("cpu")
+    layout = device.memory_format if device is not None else torch.contiguous_format
 
     def predict(batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         with torch.no_grad():
-            out = model(torch.from_numpy(np.ascontiguousarray(batch)).to(dev))
+            out = model(torch.from_numpy(np.ascontiguousarray(batch)).to(dev, memory_format=layout))
             if device is not None:
                 device.mark_step()
             return np.asarray(out.float().cpu().numpy())

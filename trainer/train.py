@@ -451,7 +451,7 @@ class Trainer:
     def _build(self, saved: dict[str, Any] | None) -> None:
         self.model_config = self.config.unet_config()
         torch.manual_seed(self.config.seed)
-        self.model: UNet2D = build_unet(self.model_config).to(self.device.device)
+        self.model: UNet2D = self.device.place(build_unet(self.model_config))
         self.optimizer = self.device.optimizer(
             self.model.parameters(), self.config.lr, self.config.weight_decay
         )
@@ -567,7 +567,7 @@ class Trainer:
         dev = self.device.device
         with self._bar(f"epoch {epoch + 1}/{self.config.epochs}", len(loader), loss=0.0, dice=0.0) as advance:
             for images, targets in loader:
-                images, targets = images.to(dev), targets.to(dev)
+                images, targets = images.to(dev, memory_format=self.device.memory_format), targets.to(dev)
                 with self.device.autocast():
                     logits = self.net(images)
                 loss = self.loss_fn(logits.float(), targets)

@@ -519,6 +519,17 @@ def test_holdout_node_sends_a_z_scored_case_as_a_scanner_image(tmp_path: Path) -
     assert 1300.0 < brain_ml < 2100.0, row
 
 
+def test_train_throughput_measures_both_cpu_layouts() -> None:
+    """benchmarks/train_throughput.py: a training step runs in each CPU layout it compares (the
+    second, channels last, is the trainer's) and in the device's own (None)."""
+    import torch
+
+    throughput = bench("train_throughput")
+    assert list(throughput.CPU_LAYOUTS.values())[-1] == torch.channels_last
+    for layout in (*throughput.CPU_LAYOUTS.values(), None):
+        assert throughput.measure("cpu", 32, 4, 2, 2, 1, 1, layout=layout) > 0
+
+
 def test_tumour_free_figure_takes_the_slice_through_the_largest_false_piece(tmp_path: Path) -> None:
     """benchmarks/tumour_free.py --figure: the axial slice through the centre of the largest piece beyond
     the label is drawn (nothing when there is no false tumour)."""

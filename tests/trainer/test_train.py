@@ -154,6 +154,30 @@ def test_training_loss_falls_and_writes_the_run(task01: Path, tmp_path: Path) ->
     assert state["card"]["preprocessing"]["spacing_mm"] == pytest.approx([4.0, 4.0, 6.25])
 
 
+def test_cpu_training_runs_channels_last_and_its_checkpoint_loads_into_a_plain_network(
+    task01: Path, tmp_path: Path
+) -> None:
+    """On the CPU the network trains in the channels-last layout (about 1.5x faster there,
+    benchmarks/train_throughput.py); what it saves loads into a network in the default layout, as
+    export and evaluation build it, and computes the same."""
+    from trainer.checkpoint import load_checkpoint, model_from_checkpoint
+    from trainer.train import train
+
+    run = tmp_path / "run"
+    train(_config(task01, run, epochs=1), progress=False)  # type: ignore[arg-type]
+    state = load_checkpoint(run / "best.pt")
+    convs = [v for v in state["model_state"].values() if v.ndim == 4 and v.shape[1] > 1 and v.shape[2] > 1]
+    assert convs and all(v.is_contiguous(memory_format=torch.channels_last) for v in convs)
+    assert not any(v.is_contiguous() for v in convs)
+    plain = model_from_checkpoint(state).eval()
+    assert all(p.is_contiguous() for p in plain.parameters())
+    last = model_from_checkpoint(state).to(memory_format=torch.channels_last).eval()
+    x = torch.randn(2, 1, 48, 48)
+    with torch.no_grad():
+        out = last(x.to(memory_format=torch.channels_last))
+        torch.testing.assert_close(out, plain(x), atol=1e-4, rtol=1e-4)
+
+
 def test_resume_continues_from_the_saved_epoch(task01: Path, tmp_path: Path) -> None:
     from trainer.checkpoint import load_checkpoint
     from trainer.train import train
