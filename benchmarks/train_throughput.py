@@ -10,6 +10,7 @@ ratio. Options: --crop 192 --base-filters 16 --depth 4 --batch 16 --steps 5 --th
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 import torch
@@ -36,7 +37,7 @@ def measure(
 
     dev = resolve_device(kind, amp=True, threads=threads)
     layout = dev.memory_format if layout is None else layout
-    dev.memory_format = layout
+    dev = dataclasses.replace(dev, memory_format=layout)
     model = dev.place(build_unet(UNetConfig(1, 1, base, depth)))
     opt = dev.optimizer(model.parameters(), 1e-3, 1e-4)
     loss_fn = DiceBCELoss()

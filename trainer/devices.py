@@ -44,6 +44,7 @@ def _import_habana() -> ModuleType:
 #: A torch module kept as its own type through :meth:`DeviceInfo.place`.
 ModuleT = TypeVar("ModuleT", bound=torch.nn.Module)
 
+
 @dataclass
 class DeviceInfo:
     """The chosen device and what the training loop must do on it.
