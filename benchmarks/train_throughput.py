@@ -36,12 +36,12 @@ def measure(
     from trainer.unet import UNetConfig, build_unet
 
     dev = resolve_device(kind, amp=True, threads=threads)
-    layout = dev.memory_format if layout is None else layout
-    dev = dataclasses.replace(dev, memory_format=layout)
+    if layout is not None:
+        dev = dataclasses.replace(dev, memory_format=layout)
     model = dev.place(build_unet(UNetConfig(1, 1, base, depth)))
     opt = dev.optimizer(model.parameters(), 1e-3, 1e-4)
     loss_fn = DiceBCELoss()
-    x = torch.randn(batch, 1, crop, crop, device=dev.device).to(memory_format=layout)
+    x = torch.randn(batch, 1, crop, crop, device=dev.device).to(memory_format=dev.memory_format)
     y = (torch.rand(batch, crop, crop, device=dev.device) > 0.9).long()
 
     def step() -> None:

@@ -303,8 +303,7 @@ def scanner_intensities(case: Case) -> Case:
             values = image[brain].astype(np.float64)
             out[brain] = np.rint((values - values.min()) * SCANNER_UNITS_PER_SD + SCANNER_FLOOR)
         images[modality] = out
-    extra = {k: v for k, v in case.extra.items() if k != "normalized"}
-    return replace(case, images=images, extra={**extra, "intensities": "shifted from z-scores"})
+    return replace(case, images=images, extra={k: v for k, v in case.extra.items() if k != "normalized"})
 
 
 def load_case(path: Path) -> Case:
