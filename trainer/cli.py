@@ -123,6 +123,11 @@ def train(
     patience: int = typer.Option(
         10, "--patience", help="Early stopping after this many epochs without gain."
     ),
+    min_epochs: int = typer.Option(
+        1,
+        "--min-epochs",
+        help="First epoch that may become best.pt and count towards --patience (1: every epoch).",
+    ),
     amp: bool = typer.Option(True, "--amp/--no-amp", help="bf16 autocast on HPU, fp16 AMP on CUDA."),
     max_minutes: float = typer.Option(
         0.0, "--max-minutes", help="Stop before an epoch would pass this (0: none)."
@@ -176,6 +181,7 @@ def train(
         slice_axes=_parse_axes(slice_axes),
         context_slices=context_slices,
         patience=patience,
+        min_epochs=min_epochs,
         amp=amp,
         max_minutes=max_minutes or None,
         threads=threads or None,

@@ -668,6 +668,7 @@ def export_run(options: ExportOptions, on_step: Callable[[str], None] | None = N
                     "optional_modalities",
                     "crop_size",
                     "patience",
+                    "min_epochs",
                 )
                 if k in state["train_config"]
             },

@@ -97,6 +97,9 @@ class TrainConfig:
     slices_per_epoch: int | None = None
     tumour_fraction: float = 0.5
     patience: int = 10
+    #: The first epoch that may be kept as best.pt and count towards ``patience``: a noisy validation
+    #: score then cannot keep an almost untrained network, nor stop a run in its first epochs.
+    min_epochs: int = 1
     amp: bool = True
     max_minutes: float | None = None
     threads: int | None = None
@@ -136,9 +139,11 @@ class TrainConfig:
             raise TrainerError(
                 f"crop size {self.crop_size} must be two positive multiples of 2**depth = {multiple}"
             )
-        for name in ("epochs", "batch_size", "patience"):
+        for name in ("epochs", "batch_size", "patience", "min_epochs"):
             if getattr(self, name) < 1:
                 raise TrainerError(f"{name} {getattr(self, name)} must be at least 1")
+        if self.min_epochs > self.epochs:
+            raise TrainerError(f"--min-epochs {self.min_epochs} must not exceed --epochs {self.epochs}")
         if not 0.0 <= self.tumour_fraction <= 1.0:
             raise TrainerError(
                 f"--tumour-fraction {self.tumour_fraction} must be a share in [0, 1] "
@@ -648,6 +653,11 @@ class Trainer:
                 writer.add_scalar(key, row[key], int(row["epoch"]))
             writer.flush()
 
+    def _improves(self, epoch: int, val_dice: float) -> bool:
+        """Whether 1-based ``epoch`` becomes best.pt: from ``min_epochs`` on, a validation Dice above the
+        best so far."""
+        return epoch >= self.config.min_epochs and val_dice > self.state.best_dice
+
     def _should_stop(self, epoch_seconds: list[float]) -> bool:
         stop = self.state.stale_epochs >= self.config.patience
         if stop:
@@ -695,14 +705,14 @@ class Trainer:
                 }
                 self.state.history.append(row)
                 self.state.epoch = epoch + 1
-                improved = val_dice > self.state.best_dice
+                improved = self._improves(epoch + 1, val_dice)
                 if improved:
                     self.state.best_dice, self.state.best_epoch, self.state.stale_epochs = (
                         val_dice,
                         epoch + 1,
                         0,
                     )
-                else:
+                elif epoch + 1 >= self.config.min_epochs:
                     self.state.stale_epochs += 1
                 if self.dist.is_main:
                     state = self._checkpoint_state()

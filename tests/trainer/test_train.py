@@ -328,6 +328,39 @@ def test_a_kill_between_the_two_checkpoint_writes_keeps_the_best_model(
     assert summary["best_epoch"] == 2 == load_checkpoint(run / "best.pt")["run_state"]["epoch"]
 
 
+def test_min_epochs_keeps_no_earlier_epoch_and_holds_off_early_stopping(
+    task01: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A noisy validation score peaking in the first epochs made patience keep an almost untrained
+    network (a fold kept epoch 2 of 17). With --min-epochs N no epoch before N becomes best.pt and
+    patience counts only from N."""
+    import trainer.train as train_module
+    from trainer.checkpoint import load_checkpoint
+
+    scores = {1: 0.9, 2: 0.2, 3: 0.3, 4: 0.4, 5: 0.35, 6: 0.3}
+    monkeypatch.setattr(train_module.Trainer, "_validate", lambda self: scores[self.state.epoch + 1])
+
+    plain = train_module.train(_config(task01, tmp_path / "plain", epochs=6, patience=2), progress=False)  # type: ignore[arg-type]
+    assert (plain["best_epoch"], plain["epoch"]) == (1, 3)  # epoch 1's peak, stopped two epochs later
+
+    run = tmp_path / "min3"
+    summary = train_module.train(_config(task01, run, epochs=6, patience=2, min_epochs=3), progress=False)  # type: ignore[arg-type]
+    assert (summary["best_epoch"], summary["epoch"]) == (4, 6)  # 3 and 4 improve; stale 5 and 6
+    assert load_checkpoint(run / "best.pt")["run_state"]["epoch"] == 4
+
+    last = train_module.train(_config(task01, tmp_path / "last", epochs=4, min_epochs=4), progress=False)  # type: ignore[arg-type]
+    assert last["best_epoch"] == 4 == last["epoch"]  # --min-epochs = --epochs: best.pt is the last epoch
+
+    from trainer.train import TrainConfig
+
+    for bad, message in (
+        (0, r"min_epochs 0 must be at least 1"),
+        (7, r"--min-epochs 7 must not exceed --epochs 6"),
+    ):
+        with pytest.raises(TrainerError, match=message):
+            TrainConfig(data=str(tmp_path), out=str(tmp_path / "r"), epochs=6, min_epochs=bad).check()
+
+
 def _segnode(*args: str, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, **(extra_env or {})}
     return subprocess.run(
