@@ -740,6 +740,15 @@ class Trainer:
 
             plot_learning_curves(self.state.history, self.out / "learning_curves.png")
             best = self.out / "best.pt"
+            if self.state.best_epoch < 0:
+                # the time cap (or an interrupted resume) ended the run before --min-epochs
+                logger.warning(
+                    "no best.pt: the run stopped after epoch %d, before --min-epochs %d; export "
+                    "last.pt with `segnode export %s --checkpoint last.pt`, or --resume to go on",
+                    self.state.epoch,
+                    self.config.min_epochs,
+                    self.out,
+                )
             if best.exists() and self.val_cases:
                 plot_samples(best, self.val_cases, self.card, self.out / "samples.png")
         if self.dist.distributed:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -329,7 +330,7 @@ def test_a_kill_between_the_two_checkpoint_writes_keeps_the_best_model(
 
 
 def test_min_epochs_keeps_no_earlier_epoch_and_holds_off_early_stopping(
-    task01: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    task01: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A noisy validation score peaking in the first epochs made patience keep an almost untrained
     network (a fold kept epoch 2 of 17). With --min-epochs N no epoch before N becomes best.pt and
@@ -350,6 +351,16 @@ def test_min_epochs_keeps_no_earlier_epoch_and_holds_off_early_stopping(
 
     last = train_module.train(_config(task01, tmp_path / "last", epochs=4, min_epochs=4), progress=False)  # type: ignore[arg-type]
     assert last["best_epoch"] == 4 == last["epoch"]  # --min-epochs = --epochs: best.pt is the last epoch
+
+    # the time cap ends a run before --min-epochs: no best.pt, and the log says what to do
+    capped = tmp_path / "capped"
+    with caplog.at_level(logging.WARNING, logger="trainer.train"):
+        config = _config(task01, capped, epochs=4, min_epochs=3, max_minutes=1e-4)
+        summary = train_module.train(config, progress=False)  # type: ignore[arg-type]
+    assert (summary["epoch"], summary["best_epoch"]) == (1, -1)
+    assert not (capped / "best.pt").exists() and (capped / "last.pt").is_file()
+    assert "no best.pt: the run stopped after epoch 1, before --min-epochs 3" in caplog.text
+    assert "--checkpoint last.pt" in caplog.text
 
     from trainer.train import TrainConfig
 
