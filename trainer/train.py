@@ -653,11 +653,6 @@ class Trainer:
                 writer.add_scalar(key, row[key], int(row["epoch"]))
             writer.flush()
 
-    def _improves(self, epoch: int, val_dice: float) -> bool:
-        """Whether 1-based ``epoch`` becomes best.pt: from ``min_epochs`` on, a validation Dice above the
-        best so far."""
-        return epoch >= self.config.min_epochs and val_dice > self.state.best_dice
-
     def _should_stop(self, epoch_seconds: list[float]) -> bool:
         stop = self.state.stale_epochs >= self.config.patience
         if stop:
@@ -705,14 +700,16 @@ class Trainer:
                 }
                 self.state.history.append(row)
                 self.state.epoch = epoch + 1
-                improved = self._improves(epoch + 1, val_dice)
+                # before --min-epochs an epoch neither becomes best.pt nor counts towards --patience
+                eligible = epoch + 1 >= self.config.min_epochs
+                improved = eligible and val_dice > self.state.best_dice
                 if improved:
                     self.state.best_dice, self.state.best_epoch, self.state.stale_epochs = (
                         val_dice,
                         epoch + 1,
                         0,
                     )
-                elif epoch + 1 >= self.config.min_epochs:
+                elif eligible:
                     self.state.stale_epochs += 1
                 if self.dist.is_main:
                     state = self._checkpoint_state()
