@@ -32,7 +32,6 @@ Usage: python benchmarks/tumour_free.py --data DIR [--model DIR] [--precision in
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
@@ -45,47 +44,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, markdown_table, save_result
 from holdout_node import fold_cases, folds_label, send_and_read, serving
 
-#: Voxels (1 mm on the case grid) by which the mirrored label is grown before tumour beyond it is false.
-LABEL_MARGIN_VOXELS = 2
+from trainer.false_tumour import beyond_label, tumour_free
+
 #: Distance (mm) from the mirror plane within which false tumour is reported as at the seam.
 SEAM_MM = 3
 #: A mirrored case whose kept side held at most this share of its tumour (%) counts as nearly tumour-free.
 NEARLY_FREE_PERCENT = 1.2
-
-
-def mirror_x(array: npt.NDArray[Any], centre: int, keep_high: bool) -> npt.NDArray[Any]:
-    """``array`` (X, Y, Z) with the side of x index ``centre`` that ``keep_high`` names kept and mirrored
-    onto the other (zero where the mirror falls outside the grid)."""
-    out = np.zeros_like(array)
-    n = array.shape[0]
-    for i in range(n):
-        source = i if (i >= centre) == keep_high else 2 * centre - i
-        if 0 <= source < n:
-            out[i] = array[source]
-    return out
-
-
-def tumour_free(case: Any) -> tuple[Any, int, float]:
-    """``case`` with its less-affected hemisphere mirrored onto the other (FLAIR and label); the mirror
-    plane's x index and the share of the labelled tumour on the kept hemisphere."""
-    flair, label = case.images["FLAIR"], case.label
-    centre = round(float(np.nonzero(flair > 0)[0].mean()))
-    tumour_x = np.nonzero(label > 0)[0]
-    high_share = float((tumour_x > centre).mean()) if tumour_x.size else 0.0
-    keep_high = high_share < 0.5
-    mirrored = dataclasses.replace(
-        case,
-        case_id=f"{case.case_id}-mirrored",
-        images={"FLAIR": mirror_x(flair, centre, keep_high)},
-        label=mirror_x(label, centre, keep_high),
-    )
-    return mirrored, centre, high_share if keep_high else 1.0 - high_share
-
-
-def beyond_label(predicted: npt.NDArray[np.bool_], label: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
-    """``predicted`` beyond ``label`` grown by :data:`LABEL_MARGIN_VOXELS`: the false tumour."""
-    grown = ndimage.binary_dilation(label, np.ones((3, 3, 3), bool), iterations=LABEL_MARGIN_VOXELS)
-    return np.asarray(predicted & ~grown)
 
 
 def false_tumour(
@@ -170,6 +134,7 @@ def run(
     with serving(model, precision, views=views) as (node, receiver, workdir):
         for ref in refs:
             mirrored, centre, kept = tumour_free(ref.load())
+            assert mirrored.label is not None  # list_cases(require_labels=True)
             labelled_ml = float(np.count_nonzero(mirrored.label)) / 1000.0
             for name in acquisitions:
                 sent = send_and_read(node, receiver, mirrored, name, workdir)
