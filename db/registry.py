@@ -726,7 +726,8 @@ class Registry:
         """The failed metric gates of ``info`` (empty when it may be promoted without ``force``).
 
         Gates: metrics present (``metrics.mean.dice`` and a non-empty ``metrics.cases``); for an INT8
-        model, its export's own accuracy check not failed (``calibration.accuracy_check.passed``), and an
+        model, its export's own checks not failed (``calibration.accuracy_check.passed``: the Dice drop;
+        ``calibration.false_tumour_check.passed``: false tumour against the FP32 IR's), and an
         FP32 parent with metrics on the same cases and a Dice at most the tolerance above, the mean's and
         each region's (``metrics.regions``): ``tolerance``, or the export's ``--max-dice-drop``
         (``calibration.max_dice_drop``) when that is stricter.
@@ -747,6 +748,13 @@ class Registry:
                 "the export's own INT8 accuracy check failed: Dice drop "
                 f"{f'{drop:.4f}' if isinstance(drop, (int, float)) else drop} ({check.get('worst', 'mean')}) "
                 f"exceeds its --max-dice-drop {f'{limit:g}' if isinstance(limit, (int, float)) else limit}"
+            )
+        false_check = (info.calibration or {}).get("false_tumour_check")
+        if isinstance(false_check, dict) and false_check.get("passed") is False:
+            problems.append(
+                "the export's own INT8 false-tumour check failed: "
+                f"{false_check.get('int8_ml')} mL against its FP32 IR's {false_check.get('fp32_ml')} mL "
+                f"(limit {false_check.get('limit_ml')} mL)"
             )
         if dice is None:
             return problems

@@ -208,6 +208,12 @@ def export(
         "--max-dice-drop",
         help="Use NNCF accuracy control with this absolute Dice drop (validation split).",
     ),
+    max_false_tumour_ratio: float = typer.Option(
+        1.25,  # trainer.false_tumour.DEFAULT_MAX_RATIO (not imported: the CLI starts without scipy)
+        "--max-false-tumour-ratio",
+        help="Fail the INT8 model if its false tumour (beyond the label, on the split's cases as they are "
+        "and mirrored tumour-free) exceeds this many times the FP32 IR's, plus 2 mL; negative: no check.",
+    ),
     checkpoint: str = typer.Option("best.pt", "--checkpoint", help="Checkpoint file in RUN_DIR."),
     data: Path = typer.Option(None, "--data", help="Training data folder, if it moved since training."),
     include_checkpoint: bool = typer.Option(True, "--with-checkpoint/--no-checkpoint"),
@@ -230,6 +236,7 @@ def export(
         data=data,
         calibration_size=calibration_size,
         max_dice_drop=max_dice_drop if max_dice_drop >= 0 else None,
+        max_false_tumour_ratio=max_false_tumour_ratio if max_false_tumour_ratio >= 0 else None,
         include_checkpoint=include_checkpoint,
         fp16_weights=fp16_weights,
         register=register_models,
@@ -240,8 +247,10 @@ def export(
             card = export_run(options, on_step=lambda msg: status.update(msg))
     except AccuracyCheckError as exc:
         _print_export_table(exc.card)  # what failed, before the one-line error
+        _print_false_tumour(exc.card)
         raise
     _print_export_table(card)
+    _print_false_tumour(card)
     where = out or run_dir / "export"
     console.print(f"model directory {where}" + _registered(card))
 
@@ -250,6 +259,19 @@ def _registered(card: dict[str, Any]) -> str:
     """"; registered models [ids] in DATABASE" for an export or requantize that registered, else ""."""
     ids = card.get("registered_ids")
     return f"; registered models {ids} in {card.get('registered_in', 'the model table')}" if ids else ""
+
+
+def _print_false_tumour(card: dict[str, Any]) -> None:
+    """One line: the INT8 model's false tumour against the FP32 IR's (``calibration.false_tumour_check``)."""
+    check = card.get("calibration", {}).get("false_tumour_check")
+    if check is not None and "skipped" in check:
+        console.print(f"false tumour not checked: {check['skipped']}")
+    elif check is not None:
+        verdict = "passed" if check["passed"] else "FAILED"
+        console.print(
+            f"false tumour beyond the label, {check['volumes']} volumes: FP32 {check['fp32_ml']:.1f} mL, "
+            f"INT8 {check['int8_ml']:.1f} mL (limit {check['limit_ml']:.1f} mL): {verdict}"
+        )
 
 
 def _print_export_table(card: dict[str, Any]) -> None:
@@ -282,6 +304,12 @@ def requantize(
     calibration_size: int = typer.Option(
         300, "--calibration-size", help="INT8 calibration slices (training split)."
     ),
+    max_false_tumour_ratio: float = typer.Option(
+        1.25,  # trainer.false_tumour.DEFAULT_MAX_RATIO (not imported: the CLI starts without scipy)
+        "--max-false-tumour-ratio",
+        help="Fail the INT8 model if its false tumour (beyond the label, on the split's cases as they are "
+        "and mirrored tumour-free) exceeds this many times the FP32 IR's, plus 2 mL; negative: no check.",
+    ),
     register_models: bool = typer.Option(
         True, "--register/--no-register", help="Import into the model table."
     ),
@@ -297,6 +325,7 @@ def requantize(
         version=version,
         data=data,
         calibration_size=calibration_size,
+        max_false_tumour_ratio=max_false_tumour_ratio if max_false_tumour_ratio >= 0 else None,
         register=register_models,
         database_url=resolve_database_url(config) if register_models else None,
     )
@@ -324,6 +353,7 @@ def requantize(
     print_table(table, console)
     drop = card["calibration"].get("validation_dice_drop")
     console.print(f"INT8 Dice drop against FP32: {_fmt(drop, '+.4f')}")
+    _print_false_tumour(card)
     console.print(f"model directory {out}" + _registered(card))
 
 

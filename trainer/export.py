@@ -11,7 +11,10 @@ validation cases, and a ``NOTICE`` naming the training data's sources and licenc
 ``register`` it imports the directory into the model table: checkpoint -> ONNX -> IR FP32 -> IR
 INT8, each the parent of the next. An INT8 model that lost more validation Dice (mean or any region's)
 than a given maximal drop fails the export: the directory is written, its card's
-``calibration.accuracy_check`` says ``passed: false``, and nothing is registered. Before anything is
+``calibration.accuracy_check`` says ``passed: false``, and nothing is registered. So does an INT8 model
+that outlines more false tumour than its FP32 IR allows (``calibration.false_tumour_check``: summed
+over the split's cases, as they are and made tumour-free by mirroring, at most ``max_false_tumour_ratio``
+times FP32's plus 2 mL; :mod:`trainer.false_tumour`), which a Dice drop does not see. Before anything is
 written, the checkpoint's card is checked against its own training settings and the checkpoint
 against the run directory (:func:`check_checkpoint`).
 """
@@ -38,6 +41,7 @@ from trainer.checkpoint import RUN_OPTION_DEFAULTS, RUN_OPTIONS, load_checkpoint
 from trainer.data import PreparedCase, load_prepared
 from trainer.evaluate import CardPredictor, card_metrics, evaluate_cases
 from trainer.exceptions import AccuracyCheckError, TrainerError
+from trainer.false_tumour import DEFAULT_MAX_RATIO, false_tumour_check, false_tumour_ml
 from trainer.metrics import case_region_dice
 from trainer.predictors import onnx_predictor, openvino_predictor, torch_predictor
 
@@ -69,6 +73,8 @@ class ExportOptions:
     data: Path | None = None
     calibration_size: int = 300
     max_dice_drop: float | None = None
+    #: None: the false-tumour check is not run (:mod:`trainer.false_tumour`).
+    max_false_tumour_ratio: float | None = DEFAULT_MAX_RATIO
     include_checkpoint: bool = True
     fp16_weights: bool = False
     register: bool = True
@@ -369,13 +375,6 @@ def _load_split_cases(
     return load_prepared([refs[c] for c in ids], pre, mods, task, optional=optional)
 
 
-def _val_refs(state: Mapping[str, Any], data: Path) -> list[Any]:
-    from converters.nifti import list_cases
-
-    refs = {r.case_id: r for r in list_cases(data, require_labels=True)}
-    return [refs[c] for c in state["split"]["val"] if c in refs]
-
-
 def int8_dice_drops(fp32: Mapping[str, Any], int8: Mapping[str, Any]) -> dict[str, float]:
     """FP32 minus INT8 mean validation Dice: ``"mean"``, and each region's when the metrics have regions."""
     drops = {"mean": float(fp32["mean"]["dice"] - int8["mean"]["dice"])}
@@ -608,7 +607,7 @@ def export_run(options: ExportOptions, on_step: Callable[[str], None] | None = N
     del train_cases
 
     _progress("evaluating every artifact on the validation cases", on_step)
-    val_refs = _val_refs(state, data)
+    val_refs = _split_refs(state, data, "val")
     predictors: dict[str, CardPredictor] = {
         "checkpoint": CardPredictor(card_base, torch_predict, "checkpoint", "fp32"),
         "onnx": CardPredictor(card_base, onnx_predictor(onnx_path), "onnx", "fp32"),
@@ -626,6 +625,15 @@ def export_run(options: ExportOptions, on_step: Callable[[str], None] | None = N
             calibration["validation_dice_drop_regions"] = drops
         if options.max_dice_drop is not None:
             calibration["accuracy_check"] = accuracy_check(options.max_dice_drop, {"mean": drop, **drops})
+    if options.max_false_tumour_ratio is not None:
+        calibration["false_tumour_check"] = int8_false_tumour_check(
+            card_base,
+            predictors["ir_fp32"].predict,
+            predictors["ir_int8"].predict,
+            _split_refs(state, data, "train") + val_refs,
+            options.max_false_tumour_ratio,
+            on_step,
+        )
 
     run_state = state["run_state"]
     last = run_dir / "last.pt"
@@ -680,19 +688,86 @@ def export_run(options: ExportOptions, on_step: Callable[[str], None] | None = N
         card["ir_fp32_weights"] = "fp16 (compressed; computed in fp32)"
     write_card(card, out)
     (out / "NOTICE").write_text(notice_text(card), encoding="utf-8")
-    check = calibration.get("accuracy_check")
-    if check is not None and not check["passed"]:
+    failed = failed_checks(calibration)
+    if failed:
         # Written, so that the engineer can see what failed; not registered, and a non-zero exit, so that
         # no pipeline (the Helm export Job passes --register) goes on with a model that failed its check.
         raise AccuracyCheckError(
-            f"INT8 Dice drop {check['dice_drop']:.4f} ({check['worst']}) exceeds --max-dice-drop "
-            f"{check['max_dice_drop']:g}: {out} written (calibration.accuracy_check passed false) but "
-            "not registered; quantize again, or import it (segnode models import) and promote with --force",
+            f"{'; '.join(failed)}: {out} written ({', '.join(_failed_keys(calibration))} passed false) but "
+            "not registered; quantize again (a Dice drop), train again (false tumour: "
+            "docs/int8-false-tumour-2026-12-07.md), or import it (segnode models import) and promote "
+            "with --force",
             card,
         )
     if options.register:
         card["registered_ids"], card["registered_in"] = register_dir(out, options.database_url)
     return card
+
+
+def int8_false_tumour_check(
+    card: Mapping[str, Any],
+    fp32: SlicePredictor,
+    int8: SlicePredictor,
+    refs: Sequence[Any],
+    max_ratio: float,
+    on_step: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """The card's ``calibration.false_tumour_check``: false tumour of the FP32 and INT8 IRs on each case
+    of ``refs`` (``CaseRef``, loaded one at a time) that holds every modality of the card, as it is and
+    mirrored tumour-free (:func:`trainer.false_tumour.false_tumour_ml`), held to ``max_ratio``
+    (:func:`trainer.false_tumour.false_tumour_check`). ``left_out`` names the cases lacking a modality
+    (an optional one is fed as zero channels, which the check does not imitate); without any case
+    left, ``skipped`` says why and nothing is checked."""
+    needed = set(card["modalities"])
+    complete = [r for r in refs if needed <= set(r.channel_names)]
+    left_out = [r.case_id for r in refs if r not in complete]
+    if not complete:
+        return {"skipped": f"no case of the split holds every modality ({', '.join(card['modalities'])})"}
+    position = {r.case_id: i + 1 for i, r in enumerate(complete)}
+
+    def step(case_id: str) -> None:
+        _progress(f"false tumour, FP32 and INT8: case {position[case_id]} of {len(complete)}", on_step)
+
+    found = false_tumour_ml({"fp32": fp32, "int8": int8}, card, (r.load() for r in complete), step)
+    check = false_tumour_check(found["fp32"], found["int8"], max_ratio)
+    check["cases"] = [r.case_id for r in complete]
+    if left_out:
+        check["left_out"] = left_out
+    return check
+
+
+def failed_checks(calibration: Mapping[str, Any]) -> list[str]:
+    """One line per check of ``calibration`` (accuracy, false tumour) that the INT8 model failed."""
+    failed = []
+    check = calibration.get("accuracy_check")
+    if check is not None and not check["passed"]:
+        failed.append(
+            f"INT8 Dice drop {check['dice_drop']:.4f} ({check['worst']}) exceeds --max-dice-drop "
+            f"{check['max_dice_drop']:g}"
+        )
+    ft = calibration.get("false_tumour_check")
+    if ft is not None and ft.get("passed") is False:
+        failed.append(
+            f"INT8 false tumour {ft['int8_ml']:.1f} mL against FP32's {ft['fp32_ml']:.1f} mL on "
+            f"{ft['volumes']} volumes exceeds --max-false-tumour-ratio {ft['max_ratio']:g} "
+            f"(+ {ft['slack_ml']:g} mL: limit {ft['limit_ml']:.1f} mL)"
+        )
+    return failed
+
+
+def _failed_keys(calibration: Mapping[str, Any]) -> list[str]:
+    return [
+        f"calibration.{key}"
+        for key in ("accuracy_check", "false_tumour_check")
+        if calibration.get(key, {}).get("passed") is False
+    ]
+
+
+def _split_refs(state: Mapping[str, Any], data: Path, which: str) -> list[Any]:
+    from converters.nifti import list_cases
+
+    refs = {r.case_id: r for r in list_cases(data, require_labels=True)}
+    return [refs[c] for c in state["split"][which] if c in refs]
 
 
 def _run_commit(run_dir: Path) -> str:

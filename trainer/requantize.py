@@ -4,8 +4,9 @@ An INT8 artifact can be remade without its training run: the FP32 IR, the card's
 the training data are enough. The new directory keeps every other artifact byte for byte, gets a new
 ``model_int8.xml/.bin`` quantized as ``segnode export`` does now (:func:`trainer.export.quantize_int8`),
 FP32 and INT8 metrics measured again on the validation split on this CPU, a ``requantized_from``
-block naming the version and INT8 file it replaces, and a new version number. Nothing is read from
-the holdout.
+block naming the version and INT8 file it replaces, and a new version number. The new INT8 network
+meets the export's false-tumour check (:func:`trainer.export.int8_false_tumour_check`) or is written
+and not registered. Nothing is read from the holdout.
 """
 
 from __future__ import annotations
@@ -21,15 +22,18 @@ from converters.cpu import cpu_description
 from converters.nifti import list_cases
 from db.card import artifact, file_entry, ir_xml, load_card, verify_files, write_card
 from trainer.evaluate import CardPredictor, card_metrics, evaluate_cases
-from trainer.exceptions import TrainerError
+from trainer.exceptions import AccuracyCheckError, TrainerError
 from trainer.export import (
     _load_split_cases,
     calibration_slices,
+    failed_checks,
     int8_dice_drops,
+    int8_false_tumour_check,
     notice_text,
     quantize_int8,
     register_dir,
 )
+from trainer.false_tumour import DEFAULT_MAX_RATIO
 from trainer.predictors import openvino_predictor
 
 logger = logging.getLogger(__name__)
@@ -47,6 +51,8 @@ class RequantizeOptions:
     data: Path
     calibration_size: int = 300
     seed: int = 0
+    #: None: the false-tumour check is not run.
+    max_false_tumour_ratio: float | None = DEFAULT_MAX_RATIO
     register: bool = True
     database_url: str | None = None
 
@@ -74,6 +80,8 @@ def requantize_dir(
 
     Raises
     ------
+    AccuracyCheckError
+        The new INT8 network failed the false-tumour check: the directory is written, not registered.
     TrainerError
         The source directory's files do not match its card, it has no FP32 IR or training split,
         the new version equals the old one, the output folder is the source or already holds a model,
@@ -150,6 +158,15 @@ def requantize_dir(
         # the replaced INT8 on this CPU: its card's figures may come from a CPU that hides the defect
         replaced["metrics_on_this_cpu"] = metrics["old"]
     calibration["validation_cpu"] = cpu_description()
+    if options.max_false_tumour_ratio is not None:
+        calibration["false_tumour_check"] = int8_false_tumour_check(
+            card,
+            openvino_predictor(card, out / fp32_xml.name),
+            openvino_predictor(card, out / INT8_FILES[0]),
+            _split_cases(card, options.data, "train") + val_refs,
+            options.max_false_tumour_ratio,
+            step,
+        )
 
     new_card = {
         **card,
@@ -162,6 +179,9 @@ def requantize_dir(
     new_card.pop("registered_in", None)
     write_card(new_card, out)
     (out / "NOTICE").write_text(notice_text(new_card), encoding="utf-8")
+    failed = failed_checks(calibration)
+    if failed:
+        raise AccuracyCheckError(f"{'; '.join(failed)}: {out} written but not registered", new_card)
     if options.register:
         new_card["registered_ids"], new_card["registered_in"] = register_dir(out, options.database_url)
     return new_card

@@ -298,7 +298,8 @@ def test_int8_that_failed_its_own_export_check_is_refused_unless_forced(
     registry: Registry, tmp_path: Path
 ) -> None:
     """An INT8 model exported with --max-dice-drop must meet that limit, not only the registry's 0.01:
-    a failed check recorded in its card, or a drop beyond the card's stricter limit, needs --force."""
+    a failed check recorded in its card (the Dice drop's or the false tumour's), or a drop beyond the
+    card's stricter limit, needs --force."""
     failed = {
         "max_dice_drop": 0.0001,
         "accuracy_check": {"max_dice_drop": 0.0001, "dice_drop": 0.0018, "worst": "mean", "passed": False},
@@ -326,6 +327,18 @@ def test_int8_that_failed_its_own_export_check_is_refused_unless_forced(
         "accuracy_check": {"max_dice_drop": 0.05, "dice_drop": 0.004, "worst": "mean", "passed": True},
     }
     ok = _import(registry, tmp_path, "3.0.0", fp32_dice=0.90, int8_dice=0.896, calibration=passed)
+    assert registry.promote(ok["ir_int8"]).status == "active"
+    # the false-tumour check (segnode export, trainer/false_tumour.py) failed: Dice alone would pass
+    more_false = {
+        "false_tumour_check": {"fp32_ml": 91.0, "int8_ml": 148.96, "limit_ml": 115.75, "passed": False},
+    }
+    eager = _import(registry, tmp_path, "3.1.0", fp32_dice=0.90, int8_dice=0.899, calibration=more_false)
+    refused = r"false-tumour check failed: 148\.96 mL against its FP32 IR's 91\.0 mL \(limit 115\.75 mL\)"
+    with pytest.raises(PromotionRefused, match=refused):
+        registry.promote(eager["ir_int8"])
+    assert registry.promote(eager["ir_int8"], force=True, reason="reviewed", by="dan").status == "active"
+    fine = {"false_tumour_check": {"fp32_ml": 22.0, "int8_ml": 21.4, "limit_ml": 29.5, "passed": True}}
+    ok = _import(registry, tmp_path, "3.2.0", fp32_dice=0.90, int8_dice=0.899, calibration=fine)
     assert registry.promote(ok["ir_int8"]).status == "active"
     loose = _import(registry, tmp_path, "4.0.0", fp32_dice=0.90, int8_dice=0.87, calibration=passed)
     with pytest.raises(PromotionRefused, match=r"\(tolerance 0\.0100\)"):

@@ -643,3 +643,32 @@ def test_tumour_free_folds_send_each_case_to_its_own_fold_only(
     assert [(r["fold"], r["case"]) for r in rows] == [
         (str(models[0]), "BRATS_002"), (str(models[1]), "BRATS_001"), (str(models[1]), "BRATS_003")
     ]
+
+
+def test_int8_false_tumour_reads_each_models_own_split_and_tabulates_the_verdict(tmp_path: Path) -> None:
+    """benchmarks/int8_false_tumour.py: the cases come from the model card's training and validation
+    split (a card without one, or a case not under --data, stops the run with a line naming it); the
+    table has one row per model with FP32 and INT8 as they are and mirrored, and the verdict."""
+    int8_false_tumour = bench("int8_false_tumour")
+    data = require_shared("train", "brats")
+    card = {"name": "m", "version": "1.0.0", "training": {"split": {"train": ["BraTS2021_00002"], "val": []}}}
+    assert [r.case_id for r in int8_false_tumour.split_refs(card, data)] == ["BraTS2021_00002"]
+    with pytest.raises(SystemExit, match=r"model m 1\.0\.0: its card has no training split"):
+        int8_false_tumour.split_refs({"name": "m", "version": "1.0.0"}, data)
+    lost = {**card, "training": {"split": {"train": ["BraTS2021_00002"], "val": ["nowhere"]}}}
+    with pytest.raises(SystemExit, match="case nowhere of its split is not under"):
+        int8_false_tumour.split_refs(lost, data)
+    check = {
+        "cases": ["a", "b"], "ratio": 1.637, "limit_ml": 115.754, "passed": False,
+        "parts": {"as_is": {"fp32_ml": 34.1, "int8_ml": 45.4},
+                  "mirrored": {"fp32_ml": 56.9, "int8_ml": 103.56}},
+    }  # fmt: skip
+    skipped = {"skipped": "no case of the split holds every modality (FLAIR, T1)"}
+    lines = int8_false_tumour.table(
+        [{"model": "runs/x/export", "version": "2.5.0", "check": check},
+         {"model": "runs/y/export", "version": "1.0.0", "check": skipped}]
+    ).splitlines()  # fmt: skip
+    assert lines[2] == (
+        "| runs/x/export | 2.5.0 | 2 | 34.10 / 56.90 | 45.40 / 103.56 | 1.64 | 115.75 | FAILS |"
+    )
+    assert lines[3].endswith("| not checked: no case of the split holds every modality (FLAIR, T1) |")

@@ -120,6 +120,11 @@ def test_card_lineage_metrics_and_registry(exported: tuple[Path, dict, str], run
         on_disk["calibration"]["subset_size"] == 40 and on_disk["calibration"]["source"] == "training split"
     )
     assert on_disk["calibration"]["overflow_fix"] == "enable"
+    false_check = on_disk["calibration"]["false_tumour_check"]
+    assert false_check["cases"] == split["train"] + split["val"]
+    assert false_check["volumes"] == 2 * len(false_check["cases"])  # each as it is and mirrored
+    assert false_check["passed"] is True and false_check["max_ratio"] == 1.25
+    assert false_check["limit_ml"] == pytest.approx(1.25 * false_check["fp32_ml"] + 2.0, abs=1e-3)
     assert on_disk["training"]["split"]["val"] == split["val"]
     run_config = json.loads((run_dir / "run.json").read_text())["config"]
     options = on_disk["training"]["options"]
@@ -233,6 +238,8 @@ def test_requantize_makes_a_new_version_with_the_overflow_fix(
     cal = on_disk["calibration"]
     assert cal["overflow_fix"] == "enable" and cal["subset_size"] == 30
     assert set(cal["validation_cpu"]) == {"model", "int8_dot_product"}
+    assert cal["false_tumour_check"]["passed"] is True
+    assert cal["false_tumour_check"]["cases"] == split["train"] + split["val"]
     by_key = {a["key"]: a for a in on_disk["artifacts"]}
     assert cal["validation_dice_drop"] == pytest.approx(
         by_key["ir_fp32"]["metrics"]["mean"]["dice"] - by_key["ir_int8"]["metrics"]["mean"]["dice"]
@@ -276,6 +283,24 @@ def test_requantize_makes_a_new_version_with_the_overflow_fix(
     )
     assert done.returncode == 2 and "already holds a model" in done.stderr
     assert sha256_file(new_dir / "model_int8.bin") == before  # nothing overwritten
+    # a limit no INT8 network meets (false tumour at most 0 x FP32's + 2 mL): written, not registered
+    done = _segnode(
+        "requantize",
+        str(source),
+        "--out",
+        str(tmp_path / "strict"),
+        "--version",
+        "9.0.4",
+        "--data",
+        str(data),
+        "--no-register",
+        "--max-false-tumour-ratio",
+        "0",
+    )
+    assert done.returncode == 2, done.stderr
+    assert "exceeds --max-false-tumour-ratio 0 (+ 2 mL" in done.stderr
+    assert "written but not registered" in done.stderr
+    assert load_card(tmp_path / "strict")["calibration"]["false_tumour_check"]["passed"] is False
     (source / "model_fp32.bin").write_bytes(b"corrupt")
     done = _segnode(
         "requantize",
@@ -376,6 +401,57 @@ def test_accuracy_control_quantization_that_misses_its_limit_is_written_not_regi
         assert registry.list_models() == []
     finally:
         registry.close()
+
+
+def test_int8_that_outlines_more_false_tumour_is_written_not_registered(
+    run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An INT8 network that outlines more false tumour than its FP32 IR allows (here half as much again
+    as it measured) fails the export although its Dice held: written, its card saying which
+    check failed and by what figures, not registered; without a ratio the check is not run."""
+    import trainer.export as export
+    from db.card import load_card
+    from db.registry import open_registry
+    from trainer.exceptions import AccuracyCheckError
+
+    measured = export.false_tumour_ml
+
+    def more_in_int8(*args: Any, **kwargs: Any) -> dict[str, list[float]]:
+        found = measured(*args, **kwargs)
+        return {**found, "int8": [1.5 * ml for ml in found["int8"]]}
+
+    monkeypatch.setattr(export, "false_tumour_ml", more_in_int8)
+    db_url = f"sqlite:///{tmp_path / 'models.db'}"
+    options = export.ExportOptions(
+        run_dir=run_dir,
+        out_dir=tmp_path / "ft",
+        calibration_size=30,
+        include_checkpoint=False,
+        register=True,
+        database_url=db_url,
+    )
+    with pytest.raises(AccuracyCheckError, match=r"exceeds --max-false-tumour-ratio 1\.25 .* not registered"):
+        export.export_run(options)
+    check = load_card(tmp_path / "ft")["calibration"]["false_tumour_check"]
+    assert check["passed"] is False
+    assert check["int8_ml"] > check["limit_ml"] == pytest.approx(1.25 * check["fp32_ml"] + 2.0, abs=1e-3)
+    assert "accuracy_check" not in load_card(tmp_path / "ft")["calibration"]  # no --max-dice-drop given
+    registry = open_registry(db_url)
+    try:
+        assert registry.list_models() == []
+    finally:
+        registry.close()
+    unchecked = export.export_run(
+        export.ExportOptions(
+            run_dir=run_dir,
+            out_dir=tmp_path / "off",
+            calibration_size=30,
+            include_checkpoint=False,
+            register=False,
+            max_false_tumour_ratio=None,
+        )
+    )
+    assert "false_tumour_check" not in unchecked["calibration"]
 
 
 def test_accuracy_check_takes_the_worst_of_mean_and_regions() -> None:

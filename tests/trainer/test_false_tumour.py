@@ -3,6 +3,8 @@ export's INT8 check, on synthetic arrays and on the shipped model with real BraT
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -66,3 +68,37 @@ def test_the_shipped_model_counts_its_false_tumour_on_real_cases() -> None:
     assert sum(found["fp32"]) > 0.5  # the mirrored brains hold some: the count is not trivially zero
     assert false_tumour_check(found["fp32"], found["int8"])["passed"] is True
 
+
+class _Ref:
+    """A CaseRef stand-in: an identifier, the modalities it holds, and its case."""
+
+    def __init__(self, case: Case, held: tuple[str, ...]) -> None:
+        self.case_id, self.channel_names, self._case = case.case_id, held, case
+
+    def load(self) -> Case:
+        return self._case
+
+
+def test_the_export_check_reads_only_cases_holding_every_modality(tmp_path: Path) -> None:
+    """trainer.export.int8_false_tumour_check with a real threshold IR (FLAIR, T1): a case without T1 is
+    left out and named; with no complete case the check says it was skipped, and no check fails."""
+    import dataclasses
+
+    from converters.synthetic import make_synthetic_case
+    from db.card import load_card
+    from tests.helpers.node import make_threshold_model
+    from trainer.export import failed_checks, int8_false_tumour_check
+    from trainer.predictors import openvino_predictor
+
+    model = make_threshold_model(tmp_path / "m", crop=(64, 64), modalities=("FLAIR", "T1"), threshold=1.0)
+    card = load_card(model)
+    predict = openvino_predictor(card, model / "model_fp32.xml")
+    full = make_synthetic_case(1, (48, 48, 24))
+    flair_only = dataclasses.replace(full, case_id="flair-only", images={"FLAIR": full.images["FLAIR"]})
+    refs = [_Ref(full, ("FLAIR", "T1", "T1GD", "T2")), _Ref(flair_only, ("FLAIR",))]
+    check = int8_false_tumour_check(card, predict, predict, refs, max_ratio=1.25)
+    assert check["cases"] == [full.case_id] and check["left_out"] == ["flair-only"]
+    assert check["volumes"] == 2 and check["int8_ml"] == check["fp32_ml"] and check["passed"] is True
+    skipped = int8_false_tumour_check(card, predict, predict, refs[1:], max_ratio=1.25)
+    assert skipped == {"skipped": "no case of the split holds every modality (FLAIR, T1)"}
+    assert failed_checks({"false_tumour_check": skipped}) == []
