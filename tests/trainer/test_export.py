@@ -356,6 +356,35 @@ def test_evaluate_cli_matches_the_card(
     assert done.returncode == 2 and "missing.xml does not exist" in done.stderr
 
 
+def _failed_export(run_dir: Path, out: Path, match: str, **options: Any) -> dict[str, Any]:
+    """Export ``run_dir`` into ``out`` with ``options``, expecting an INT8 check to fail it (message
+    matching ``match``): the directory is written and nothing registered. Returns the card written."""
+    from db.card import load_card
+    from db.registry import open_registry
+    from trainer.exceptions import AccuracyCheckError
+    from trainer.export import ExportOptions, export_run
+
+    db_url = f"sqlite:///{out.parent / f'{out.name}.db'}"
+    settings = ExportOptions(
+        run_dir=run_dir,
+        out_dir=out,
+        calibration_size=30,
+        include_checkpoint=False,
+        register=True,
+        database_url=db_url,
+        **options,
+    )
+    with pytest.raises(AccuracyCheckError, match=match):
+        export_run(settings)
+    assert (out / "model_int8.xml").is_file()
+    registry = open_registry(db_url)
+    try:
+        assert registry.list_models() == []
+    finally:
+        registry.close()
+    return load_card(out)
+
+
 def test_accuracy_control_quantization_that_misses_its_limit_is_written_not_registered(
     run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -363,9 +392,6 @@ def test_accuracy_control_quantization_that_misses_its_limit_is_written_not_regi
     its card says the check failed (the promotion gate reads that), nothing is registered, the export
     fails."""
     import trainer.export as export
-    from db.card import load_card
-    from db.registry import open_registry
-    from trainer.exceptions import AccuracyCheckError
 
     measured = export.int8_dice_drops
 
@@ -374,19 +400,8 @@ def test_accuracy_control_quantization_that_misses_its_limit_is_written_not_regi
         return {**drops, "mean": drops["mean"] + 0.05}  # as if INT8 had lost 0.05 more Dice
 
     monkeypatch.setattr(export, "int8_dice_drops", worse)
-    db_url = f"sqlite:///{tmp_path / 'models.db'}"
-    options = export.ExportOptions(
-        run_dir=run_dir,
-        out_dir=tmp_path / "ac",
-        calibration_size=30,
-        max_dice_drop=0.01,
-        include_checkpoint=False,
-        register=True,
-        database_url=db_url,
-    )
-    with pytest.raises(AccuracyCheckError, match=r"exceeds --max-dice-drop 0\.01: .* not registered"):
-        export.export_run(options)
-    card = load_card(tmp_path / "ac")
+    match = r"exceeds --max-dice-drop 0\.01: .* not registered"
+    card = _failed_export(run_dir, tmp_path / "ac", match, max_dice_drop=0.01)
     assert card["calibration"]["method"] == "nncf.quantize_with_accuracy_control"
     assert card["calibration"]["max_dice_drop"] == 0.01
     check = card["calibration"]["accuracy_check"]
@@ -395,12 +410,6 @@ def test_accuracy_control_quantization_that_misses_its_limit_is_written_not_regi
     assert check["dice_drop"] == pytest.approx(card["calibration"]["validation_dice_drop"])
     assert [a["key"] for a in card["artifacts"]] == ["onnx", "ir_fp32", "ir_int8"]
     assert card["artifacts"][0]["parent"] is None
-    assert (tmp_path / "ac" / "model_int8.xml").is_file()
-    registry = open_registry(db_url)
-    try:
-        assert registry.list_models() == []
-    finally:
-        registry.close()
 
 
 def test_int8_that_outlines_more_false_tumour_is_written_not_registered(
@@ -410,9 +419,6 @@ def test_int8_that_outlines_more_false_tumour_is_written_not_registered(
     as it measured) fails the export although its Dice held: written, its card saying which
     check failed and by what figures, not registered; without a ratio the check is not run."""
     import trainer.export as export
-    from db.card import load_card
-    from db.registry import open_registry
-    from trainer.exceptions import AccuracyCheckError
 
     measured = export.false_tumour_ml
 
@@ -421,26 +427,12 @@ def test_int8_that_outlines_more_false_tumour_is_written_not_registered(
         return {**found, "int8": [1.5 * ml for ml in found["int8"]]}
 
     monkeypatch.setattr(export, "false_tumour_ml", more_in_int8)
-    db_url = f"sqlite:///{tmp_path / 'models.db'}"
-    options = export.ExportOptions(
-        run_dir=run_dir,
-        out_dir=tmp_path / "ft",
-        calibration_size=30,
-        include_checkpoint=False,
-        register=True,
-        database_url=db_url,
-    )
-    with pytest.raises(AccuracyCheckError, match=r"exceeds --max-false-tumour-ratio 1\.25 .* not registered"):
-        export.export_run(options)
-    check = load_card(tmp_path / "ft")["calibration"]["false_tumour_check"]
+    match = r"exceeds --max-false-tumour-ratio 1\.25 .* not registered"
+    card = _failed_export(run_dir, tmp_path / "ft", match)
+    check = card["calibration"]["false_tumour_check"]
     assert check["passed"] is False
     assert check["int8_ml"] > check["limit_ml"] == pytest.approx(1.25 * check["fp32_ml"] + 2.0, abs=1e-3)
-    assert "accuracy_check" not in load_card(tmp_path / "ft")["calibration"]  # no --max-dice-drop given
-    registry = open_registry(db_url)
-    try:
-        assert registry.list_models() == []
-    finally:
-        registry.close()
+    assert "accuracy_check" not in card["calibration"]  # no --max-dice-drop given
     unchecked = export.export_run(
         export.ExportOptions(
             run_dir=run_dir,
