@@ -102,3 +102,16 @@ def test_the_export_check_reads_only_cases_holding_every_modality(tmp_path: Path
     skipped = int8_false_tumour_check(card, predict, predict, refs[1:], max_ratio=1.25)
     assert skipped == {"skipped": "no case of the split holds every modality (FLAIR, T1)"}
     assert failed_checks({"false_tumour_check": skipped}) == []
+
+
+def test_the_command_line_default_is_the_module_limit() -> None:
+    """segnode export and requantize spell the default ratio as a literal (the CLI starts without
+    scipy): it must stay trainer.false_tumour's."""
+    import inspect
+
+    from trainer.cli import export, requantize
+    from trainer.false_tumour import DEFAULT_MAX_RATIO
+
+    for command in (export, requantize):
+        option = inspect.signature(command).parameters["max_false_tumour_ratio"].default
+        assert option.default == DEFAULT_MAX_RATIO, command.__name__
