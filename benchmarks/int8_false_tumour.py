@@ -32,18 +32,18 @@ from trainer.false_tumour import DEFAULT_MAX_RATIO
 def split_refs(card: dict[str, Any], data: Path) -> list[Any]:
     """The ``CaseRef`` of each training and validation case of ``card`` under ``data``; ``SystemExit``
     when the card has no split or a case is missing."""
-    from converters.nifti import list_cases
+    from trainer.exceptions import TrainerError
+    from trainer.export import split_refs as refs_of
 
-    split = card.get("training", {}).get("split", {})
-    ids = [*split.get("train", []), *split.get("val", [])]
-    refs = {r.case_id: r for r in list_cases(data, require_labels=True)}  # refuses the holdout
-    missing = [c for c in ids if c not in refs]
     model = f"model {card['name']} {card['version']}"
-    if not ids:
+    split = card.get("training", {}).get("split", {})
+    if not split.get("train") and not split.get("val"):
         raise SystemExit(f"{model}: its card has no training split")
-    if missing:
-        raise SystemExit(f"{model}: case {missing[0]} of its split is not under {data}")
-    return [refs[c] for c in ids]
+    try:
+        refs = refs_of(split, data, "its")  # list_cases there refuses the holdout
+    except TrainerError as exc:
+        raise SystemExit(f"{model}: {exc}") from None
+    return refs["train"] + refs["val"]
 
 
 def measure(model: Path, data: Path, max_ratio: float) -> dict[str, Any]:

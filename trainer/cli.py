@@ -195,6 +195,16 @@ def train(
     )
 
 
+#: ``--max-false-tumour-ratio`` of export and requantize; the default is
+#: trainer.false_tumour.DEFAULT_MAX_RATIO (not imported: the CLI starts without scipy).
+FALSE_TUMOUR_RATIO_OPTION = typer.Option(
+    1.25,
+    "--max-false-tumour-ratio",
+    help="Fail the INT8 model if its false tumour (beyond the label, on the split's cases as they are "
+    "and mirrored tumour-free) exceeds this many times the FP32 IR's, plus 2 mL; negative: no check.",
+)
+
+
 def export(
     run_dir: Path = typer.Argument(..., help="A training run directory (with best.pt)."),
     out: Path = typer.Option(
@@ -208,12 +218,7 @@ def export(
         "--max-dice-drop",
         help="Use NNCF accuracy control with this absolute Dice drop (validation split).",
     ),
-    max_false_tumour_ratio: float = typer.Option(
-        1.25,  # trainer.false_tumour.DEFAULT_MAX_RATIO (not imported: the CLI starts without scipy)
-        "--max-false-tumour-ratio",
-        help="Fail the INT8 model if its false tumour (beyond the label, on the split's cases as they are "
-        "and mirrored tumour-free) exceeds this many times the FP32 IR's, plus 2 mL; negative: no check.",
-    ),
+    max_false_tumour_ratio: float = FALSE_TUMOUR_RATIO_OPTION,
     checkpoint: str = typer.Option("best.pt", "--checkpoint", help="Checkpoint file in RUN_DIR."),
     data: Path = typer.Option(None, "--data", help="Training data folder, if it moved since training."),
     include_checkpoint: bool = typer.Option(True, "--with-checkpoint/--no-checkpoint"),
@@ -236,7 +241,7 @@ def export(
         data=data,
         calibration_size=calibration_size,
         max_dice_drop=max_dice_drop if max_dice_drop >= 0 else None,
-        max_false_tumour_ratio=max_false_tumour_ratio if max_false_tumour_ratio >= 0 else None,
+        max_false_tumour_ratio=_ratio_or_none(max_false_tumour_ratio),
         include_checkpoint=include_checkpoint,
         fp16_weights=fp16_weights,
         register=register_models,
@@ -259,6 +264,11 @@ def _registered(card: dict[str, Any]) -> str:
     """"; registered models [ids] in DATABASE" for an export or requantize that registered, else ""."""
     ids = card.get("registered_ids")
     return f"; registered models {ids} in {card.get('registered_in', 'the model table')}" if ids else ""
+
+
+def _ratio_or_none(ratio: float) -> float | None:
+    """``--max-false-tumour-ratio``: a negative ratio turns the check off."""
+    return ratio if ratio >= 0 else None
 
 
 def _print_false_tumour(card: dict[str, Any]) -> None:
@@ -304,12 +314,7 @@ def requantize(
     calibration_size: int = typer.Option(
         300, "--calibration-size", help="INT8 calibration slices (training split)."
     ),
-    max_false_tumour_ratio: float = typer.Option(
-        1.25,  # trainer.false_tumour.DEFAULT_MAX_RATIO (not imported: the CLI starts without scipy)
-        "--max-false-tumour-ratio",
-        help="Fail the INT8 model if its false tumour (beyond the label, on the split's cases as they are "
-        "and mirrored tumour-free) exceeds this many times the FP32 IR's, plus 2 mL; negative: no check.",
-    ),
+    max_false_tumour_ratio: float = FALSE_TUMOUR_RATIO_OPTION,
     register_models: bool = typer.Option(
         True, "--register/--no-register", help="Import into the model table."
     ),
@@ -325,7 +330,7 @@ def requantize(
         version=version,
         data=data,
         calibration_size=calibration_size,
-        max_false_tumour_ratio=max_false_tumour_ratio if max_false_tumour_ratio >= 0 else None,
+        max_false_tumour_ratio=_ratio_or_none(max_false_tumour_ratio),
         register=register_models,
         database_url=resolve_database_url(config) if register_models else None,
     )

@@ -360,19 +360,26 @@ def notice_text(card: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _load_split_cases(
-    state: Mapping[str, Any], data: Path, which: str, card: Mapping[str, Any]
-) -> list[PreparedCase]:
+def split_refs(split: Mapping[str, Any], data: Path, whose: str) -> dict[str, list[Any]]:
+    """The ``CaseRef`` of each case of ``split``'s ``"train"`` and ``"val"`` lists under ``data`` (one
+    listing of the folder); ``TrainerError`` naming the first case missing (``whose``: "the run's")."""
     from converters.nifti import list_cases
 
-    refs = {r.case_id: r for r in list_cases(data, require_labels=True)}
-    ids = list(state["split"][which])
-    missing = [c for c in ids if c not in refs]
-    if missing:
-        raise TrainerError(f"case {missing[0]} of the run's {which} split is not under {data}; pass --data")
+    found = {r.case_id: r for r in list_cases(data, require_labels=True)}
+    refs: dict[str, list[Any]] = {}
+    for which in ("train", "val"):
+        ids = [str(c) for c in split.get(which) or []]
+        missing = [c for c in ids if c not in found]
+        if missing:
+            raise TrainerError(f"case {missing[0]} of {whose} {which} split is not under {data}; pass --data")
+        refs[which] = [found[c] for c in ids]
+    return refs
+
+
+def _load_split_cases(refs: Sequence[Any], card: Mapping[str, Any]) -> list[PreparedCase]:
     optional = card.get("optional_modalities", ())
     pre, mods, task = card["preprocessing"], card["modalities"], card["task"]
-    return load_prepared([refs[c] for c in ids], pre, mods, task, optional=optional)
+    return load_prepared(list(refs), pre, mods, task, optional=optional)
 
 
 def int8_dice_drops(fp32: Mapping[str, Any], int8: Mapping[str, Any]) -> dict[str, float]:
@@ -536,8 +543,9 @@ def export_run(options: ExportOptions, on_step: Callable[[str], None] | None = N
     model = model_from_checkpoint(state)
     torch_predict = torch_predictor(model)
     _progress("loading the validation and training cases", on_step)
-    val_cases = _load_split_cases(state, data, "val", card_base)
-    train_cases = _load_split_cases(state, data, "train", card_base)
+    refs = split_refs(state["split"], data, "the run's")
+    val_cases = _load_split_cases(refs["val"], card_base)
+    train_cases = _load_split_cases(refs["train"], card_base)
     probe = check_slices(val_cases or train_cases)
 
     artifacts: list[dict[str, Any]] = []
@@ -607,7 +615,7 @@ def export_run(options: ExportOptions, on_step: Callable[[str], None] | None = N
     del train_cases
 
     _progress("evaluating every artifact on the validation cases", on_step)
-    val_refs = _split_refs(state, data, "val")
+    val_refs = refs["val"]
     predictors: dict[str, CardPredictor] = {
         "checkpoint": CardPredictor(card_base, torch_predict, "checkpoint", "fp32"),
         "onnx": CardPredictor(card_base, onnx_predictor(onnx_path), "onnx", "fp32"),
@@ -630,7 +638,7 @@ def export_run(options: ExportOptions, on_step: Callable[[str], None] | None = N
             card_base,
             predictors["ir_fp32"].predict,
             predictors["ir_int8"].predict,
-            _split_refs(state, data, "train") + val_refs,
+            refs["train"] + val_refs,
             options.max_false_tumour_ratio,
             on_step,
         )
@@ -693,7 +701,7 @@ def export_run(options: ExportOptions, on_step: Callable[[str], None] | None = N
         # Written, so that the engineer can see what failed; not registered, and a non-zero exit, so that
         # no pipeline (the Helm export Job passes --register) goes on with a model that failed its check.
         raise AccuracyCheckError(
-            f"{'; '.join(failed)}: {out} written ({', '.join(_failed_keys(calibration))} passed false) but "
+            f"{'; '.join(failed.values())}: {out} written ({', '.join(failed)} passed false) but "
             "not registered; quantize again (a Dice drop), train again (false tumour: "
             "docs/int8-false-tumour-2026-12-07.md), or import it (segnode models import) and promote "
             "with --force",
@@ -736,38 +744,24 @@ def int8_false_tumour_check(
     return check
 
 
-def failed_checks(calibration: Mapping[str, Any]) -> list[str]:
-    """One line per check of ``calibration`` (accuracy, false tumour) that the INT8 model failed."""
-    failed = []
+def failed_checks(calibration: Mapping[str, Any]) -> dict[str, str]:
+    """The checks of ``calibration`` (accuracy, false tumour) that the INT8 model failed: each one's
+    card key (``calibration.accuracy_check``...) -> a line saying by how much."""
+    failed = {}
     check = calibration.get("accuracy_check")
     if check is not None and not check["passed"]:
-        failed.append(
+        failed["calibration.accuracy_check"] = (
             f"INT8 Dice drop {check['dice_drop']:.4f} ({check['worst']}) exceeds --max-dice-drop "
             f"{check['max_dice_drop']:g}"
         )
     ft = calibration.get("false_tumour_check")
     if ft is not None and ft.get("passed") is False:
-        failed.append(
+        failed["calibration.false_tumour_check"] = (
             f"INT8 false tumour {ft['int8_ml']:.1f} mL against FP32's {ft['fp32_ml']:.1f} mL on "
             f"{ft['volumes']} volumes exceeds --max-false-tumour-ratio {ft['max_ratio']:g} "
             f"(+ {ft['slack_ml']:g} mL: limit {ft['limit_ml']:.1f} mL)"
         )
     return failed
-
-
-def _failed_keys(calibration: Mapping[str, Any]) -> list[str]:
-    return [
-        f"calibration.{key}"
-        for key in ("accuracy_check", "false_tumour_check")
-        if calibration.get(key, {}).get("passed") is False
-    ]
-
-
-def _split_refs(state: Mapping[str, Any], data: Path, which: str) -> list[Any]:
-    from converters.nifti import list_cases
-
-    refs = {r.case_id: r for r in list_cases(data, require_labels=True)}
-    return [refs[c] for c in state["split"][which] if c in refs]
 
 
 def _run_commit(run_dir: Path) -> str:

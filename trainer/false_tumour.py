@@ -24,7 +24,8 @@ import numpy.typing as npt
 from scipy import ndimage
 
 from converters.case import Case
-from converters.prediction import SlicePredictor, segment_volume
+from converters.prediction import SlicePredictor, segment_to_grid
+from converters.preprocess import prepare_volume
 
 #: Voxels (1 mm on the case grid) by which the label is grown before tumour beyond it is false.
 LABEL_MARGIN_VOXELS = 2
@@ -114,8 +115,12 @@ def false_tumour_ml(
             assert variant.label is not None
             label = variant.label > 0
             voxel_ml = abs(float(np.linalg.det(variant.affine[:3, :3]))) / 1000.0
+            # prepared once for every network (segment_volume's path)
+            prepared = prepare_volume(
+                variant.images, variant.affine, card["preprocessing"], card["modalities"], fit_region=True
+            )
             for name, predict in predictors.items():
-                predicted = segment_volume(predict, card, variant.images, variant.affine) > 0
+                predicted = segment_to_grid(predict, prepared, card) > 0
                 out[name].append(float(beyond_label(predicted, label).sum()) * voxel_ml)
     return out
 

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from converters.cpu import cpu_description
-from converters.nifti import list_cases
 from db.card import artifact, file_entry, ir_xml, load_card, verify_files, write_card
 from trainer.evaluate import CardPredictor, card_metrics, evaluate_cases
 from trainer.exceptions import AccuracyCheckError, TrainerError
@@ -32,6 +31,7 @@ from trainer.export import (
     notice_text,
     quantize_int8,
     register_dir,
+    split_refs,
 )
 from trainer.false_tumour import DEFAULT_MAX_RATIO
 from trainer.predictors import openvino_predictor
@@ -55,17 +55,6 @@ class RequantizeOptions:
     max_false_tumour_ratio: float | None = DEFAULT_MAX_RATIO
     register: bool = True
     database_url: str | None = None
-
-
-def _split_cases(card: Mapping[str, Any], data: Path, which: str) -> list[Any]:
-    """The ``CaseRef`` of each case of the card's ``which`` split; raises when one is not under ``data``."""
-    split = card.get("training", {}).get("split", {})
-    ids = list(split.get(which, []))
-    refs = {r.case_id: r for r in list_cases(data, require_labels=True)}
-    missing = [c for c in ids if c not in refs]
-    if missing:
-        raise TrainerError(f"case {missing[0]} of the model's {which} split is not under {data}; pass --data")
-    return [refs[c] for c in ids]
 
 
 def requantize_dir(
@@ -109,9 +98,9 @@ def requantize_dir(
     step("loading the training split for calibration")
     if not card.get("training", {}).get("split", {}).get("train"):
         raise TrainerError(f"model {card['name']} {card['version']}: its card has no training split")
-    split_state = {"split": card["training"]["split"]}
-    calibration_cases = _load_split_cases(split_state, options.data, "train", card)
-    val_refs = _split_cases(card, options.data, "val")
+    refs = split_refs(card["training"]["split"], options.data, "the model's")
+    calibration_cases = _load_split_cases(refs["train"], card)
+    val_refs = refs["val"]
     out.mkdir(parents=True, exist_ok=True)
     for path in sorted(source.iterdir()):
         if path.is_file() and path.name not in INT8_FILES:
@@ -137,17 +126,17 @@ def requantize_dir(
         "ir_int8": [{"path": f["path"], "sha256": f["sha256"]} for f in old_int8["files"]],
         "calibration": card.get("calibration"),
     }
+    # f32 as the node runs them: the INT8 network's unquantized layers too (node/segmenter.py)
+    new_fp32, new_int8 = (openvino_predictor(card, out / name) for name in (fp32_xml.name, INT8_FILES[0]))
     if val_refs:
         step("evaluating FP32, the old INT8 and the new INT8 on the validation cases")
         runs = {
-            "ir_fp32": (out / fp32_xml.name, "fp32"),
-            "ir_int8": (out / INT8_FILES[0], "int8"),
-            "old": (ir_xml(card, source, "int8"), "int8"),
+            "ir_fp32": (new_fp32, "fp32"),
+            "ir_int8": (new_int8, "int8"),
+            "old": (openvino_predictor(card, ir_xml(card, source, "int8")), "int8"),
         }
         metrics = {}
-        for key, (xml, precision) in runs.items():
-            # f32 as the node runs them: the INT8 network's unquantized layers too (node/segmenter.py)
-            predict = openvino_predictor(card, xml)
+        for key, (predict, precision) in runs.items():
             result = evaluate_cases(CardPredictor(card, predict, key, precision), val_refs)
             metrics[key] = card_metrics(result, "validation")
         fp32["metrics"], int8["metrics"] = metrics["ir_fp32"], metrics["ir_int8"]
@@ -161,9 +150,9 @@ def requantize_dir(
     if options.max_false_tumour_ratio is not None:
         calibration["false_tumour_check"] = int8_false_tumour_check(
             card,
-            openvino_predictor(card, out / fp32_xml.name),
-            openvino_predictor(card, out / INT8_FILES[0]),
-            _split_cases(card, options.data, "train") + val_refs,
+            new_fp32,
+            new_int8,
+            refs["train"] + val_refs,
             options.max_false_tumour_ratio,
             step,
         )
@@ -181,7 +170,7 @@ def requantize_dir(
     (out / "NOTICE").write_text(notice_text(new_card), encoding="utf-8")
     failed = failed_checks(calibration)
     if failed:
-        raise AccuracyCheckError(f"{'; '.join(failed)}: {out} written but not registered", new_card)
+        raise AccuracyCheckError(f"{'; '.join(failed.values())}: {out} written but not registered", new_card)
     if options.register:
         new_card["registered_ids"], new_card["registered_in"] = register_dir(out, options.database_url)
     return new_card

@@ -656,7 +656,7 @@ def test_int8_false_tumour_reads_each_models_own_split_and_tabulates_the_verdict
     with pytest.raises(SystemExit, match=r"model m 1\.0\.0: its card has no training split"):
         int8_false_tumour.split_refs({"name": "m", "version": "1.0.0"}, data)
     lost = {**card, "training": {"split": {"train": ["BraTS2021_00002"], "val": ["nowhere"]}}}
-    with pytest.raises(SystemExit, match="case nowhere of its split is not under"):
+    with pytest.raises(SystemExit, match="case nowhere of its val split is not under"):
         int8_false_tumour.split_refs(lost, data)
     check = {
         "cases": ["a", "b"], "ratio": 1.637, "limit_ml": 115.754, "passed": False,

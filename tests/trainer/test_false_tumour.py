@@ -101,7 +101,7 @@ def test_the_export_check_reads_only_cases_holding_every_modality(tmp_path: Path
     assert check["volumes"] == 2 and check["int8_ml"] == check["fp32_ml"] and check["passed"] is True
     skipped = int8_false_tumour_check(card, predict, predict, refs[1:], max_ratio=1.25)
     assert skipped == {"skipped": "no case of the split holds every modality (FLAIR, T1)"}
-    assert failed_checks({"false_tumour_check": skipped}) == []
+    assert failed_checks({"false_tumour_check": skipped}) == {}
 
 
 def test_the_command_line_default_is_the_module_limit() -> None:
