@@ -1,4 +1,4 @@
-"""The trainer's commands: ``segnode train``, ``export``, ``requantize``, ``evaluate``,
+"""The trainer's commands: ``segnode train``, ``export``, ``requantize``, ``ensemble``, ``evaluate``,
 ``export-brain-extractor``.
 
 The root app (:mod:`node.cli`) loads this module only when one of these commands runs, after
@@ -76,6 +76,12 @@ def train(
         0.2, "--val-fraction", help="Share of patients held out for validation."
     ),
     seed: int = typer.Option(0, "--seed"),
+    split_seed: int = typer.Option(
+        -1,
+        "--split-seed",
+        help="Seed of the training / validation split (-1: --seed). Another --seed with the same "
+        "--split-seed trains another network on the same split, e.g. an ensemble's members.",
+    ),
     folds: int = typer.Option(
         0,
         "--folds",
@@ -171,6 +177,7 @@ def train(
         spacing_mm=[float(s) for s in spacing.split(",")] if spacing else None,
         val_fraction=val_fraction,
         seed=seed,
+        split_seed=None if split_seed < 0 else split_seed,
         folds=folds,
         fold=fold,
         slices_per_epoch=slices_per_epoch or None,
@@ -355,6 +362,66 @@ def requantize(
                 _fmt(found.get("mean", {}).get("dice"), ".4f"),
                 *(_fmt(by_region.get(r, {}).get("dice"), ".4f") for r in regions),
             )
+    print_table(table, console)
+    drop = card["calibration"].get("validation_dice_drop")
+    console.print(f"INT8 Dice drop against FP32: {_fmt(drop, '+.4f')}")
+    _print_false_tumour(card)
+    console.print(f"model directory {out}" + _registered(card))
+
+
+def ensemble(
+    members: list[Path] = typer.Argument(
+        ..., metavar="MODEL_DIR...", help="Two or more exported model directories trained on one split."
+    ),
+    out: Path = typer.Option(..., "--out", help="Where to write the ensemble's model directory."),
+    version: str = typer.Option(..., "--version", help="The ensemble's version."),
+    data: Path = typer.Option(
+        ..., "--data", help="The training data folder holding the members' training and validation cases."
+    ),
+    name: str = typer.Option("", "--name", help="The ensemble's name (default: the members' name)."),
+    calibration_size: int = typer.Option(
+        300, "--calibration-size", help="INT8 calibration slices (training split)."
+    ),
+    max_dice_drop: float = typer.Option(
+        -1.0,
+        "--max-dice-drop",
+        help="Use NNCF accuracy control with this absolute Dice drop (validation split; negative: off).",
+    ),
+    max_false_tumour_ratio: float = FALSE_TUMOUR_RATIO_OPTION,
+    register_models: bool = typer.Option(
+        True, "--register/--no-register", help="Import into the model table."
+    ),
+    config: Path | None = CONFIG_OPTION,
+) -> None:
+    """Several exported models of one split as one: the mean of their logits, INT8, card, registered."""
+    from db.url import resolve_database_url
+    from trainer.ensemble import EnsembleOptions, ensemble_dir
+
+    options = EnsembleOptions(
+        member_dirs=list(members),
+        out_dir=out,
+        version=version,
+        data=data,
+        name=name or None,
+        calibration_size=calibration_size,
+        max_dice_drop=max_dice_drop if max_dice_drop >= 0 else None,
+        max_false_tumour_ratio=_ratio_or_none(max_false_tumour_ratio),
+        register=register_models,
+        database_url=resolve_database_url(config) if register_models else None,
+    )
+    with console.status("building the ensemble") as status:
+        card = ensemble_dir(options, on_step=lambda msg: status.update(msg))
+    from rich.table import Table
+
+    table = Table(title=f"{card['name']} {card['version']}: members and ensemble (validation cases)")
+    for col in ("model", "INT8 Dice"):
+        table.add_column(col)
+    for member in card["training"]["ensemble_of"]:
+        label = f"{member['name']} {member['version']} (seed {member['seed']})"
+        table.add_row(label, _fmt(member["int8_val_dice"], ".4f"))
+    int8 = next(a for a in card["artifacts"] if a["key"] == "ir_int8")
+    dice = (int8.get("metrics") or {}).get("mean", {}).get("dice")
+    table.add_row("ensemble", _fmt(dice, ".4f"), style="bold")
     print_table(table, console)
     drop = card["calibration"].get("validation_dice_drop")
     console.print(f"INT8 Dice drop against FP32: {_fmt(drop, '+.4f')}")

@@ -346,6 +346,11 @@ def notice_text(card: Mapping[str, Any]) -> str:
         "distributed with the model; their terms are listed because the weights derive from them.",
         "",
     ]
+    members = (card.get("training") or {}).get("ensemble_of") or []
+    if members:
+        lines += ["It is the mean of these networks (each trained by segnode on the same cases):"]
+        lines += [f"  {m['name']} {m['version']} (ONNX sha256 {m['onnx_sha256']})" for m in members]
+        lines.append("")
     for entry in card.get("data_provenance", []):
         lines += [f"Source:  {entry['source']}", f"Licence: {entry['licence']}"]
         if entry.get("citation"):

@@ -124,6 +124,10 @@ class TrainConfig:
     #: split goes by ``val_fraction``), part ``fold`` validating (trainer/data.py ``split_cases``).
     folds: int = 0
     fold: int = 0
+    #: The seed that shuffles the patients into training and validation; None: ``seed``. Another
+    #: ``seed`` with the same ``split_seed`` trains another network on the same split (an ensemble's
+    #: members, whose validation cases none of them saw).
+    split_seed: int | None = None
 
     def check(self) -> None:
         """Raise TrainerError on an impossible option."""
@@ -399,7 +403,7 @@ class Trainer:
                 self.config.modalities,
                 self.config.optional_modalities,
                 self.config.val_fraction,
-                self.config.seed,
+                self.config.seed if self.config.split_seed is None else self.config.split_seed,
                 self.config.folds,
                 self.config.fold,
             )

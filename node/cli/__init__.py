@@ -29,6 +29,8 @@ EXPORT = Extra("train", ("torch", "onnx", "onnxruntime", "nncf"))
 BRAIN_EXPORT = Extra("train", ("torch", "onnx", "deepbet"))
 #: What ``segnode requantize`` imports: NNCF (the FP32 IR is read by OpenVINO, no torch).
 REQUANTIZE = Extra("train", ("nncf",))
+#: What ``segnode ensemble`` imports: ONNX to merge the graphs and check them, NNCF to quantize.
+ENSEMBLE = Extra("train", ("onnx", "onnxruntime", "nncf"))
 
 #: name -> where the command lives, its one-line help (shown by ``segnode --help``), its extra.
 #: ``evaluate`` needs no extra for OpenVINO IR models; it checks for torch or ONNX Runtime itself
@@ -57,6 +59,11 @@ COMMANDS: dict[str, CommandSpec] = {
         "trainer.cli:requantize",
         "Quantize a model's FP32 IR to INT8 again (NNCF, overflow fix) as a new version, and register it.",
         REQUANTIZE,
+    ),
+    "ensemble": CommandSpec(
+        "trainer.cli:ensemble",
+        "Several exported models of one split as one: the mean of their logits, INT8, card, registered.",
+        ENSEMBLE,
     ),
     "export-brain-extractor": CommandSpec(
         "trainer.cli:export_brain_extractor",

@@ -1,0 +1,275 @@
+"""segnode ensemble: two real networks of one split (``--split-seed``) as one ONNX / IR / INT8 model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.helpers.peers import REPO
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("nncf")
+
+
+@pytest.fixture(scope="module")
+def members(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
+    """The data folder and two exported members: seeds 0 and 1, both on seed 0's split."""
+    from converters.synthetic import write_synthetic_task01
+    from trainer.export import ExportOptions, export_run
+    from trainer.train import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("ensemble")
+    data = write_synthetic_task01(root / "Task01_BrainTumour", 5, seed=11, shape=(48, 48, 24))
+    dirs = []
+    for seed in (0, 1):
+        run = root / f"run{seed}"
+        config = TrainConfig(
+            data=str(data),
+            out=str(run),
+            device="cpu",
+            epochs=2,
+            batch_size=8,
+            base_filters=8,
+            depth=3,
+            crop_size=[48, 48],
+            val_fraction=0.4,
+            threads=1,
+            lr=3e-3,
+            seed=seed,
+            split_seed=0,
+        )
+        train(config, progress=False)
+        export_run(
+            ExportOptions(
+                run_dir=run,
+                calibration_size=20,
+                include_checkpoint=False,
+                max_false_tumour_ratio=None,
+                register=False,
+            )
+        )
+        dirs.append(run / "export")
+    return data, dirs
+
+
+@pytest.fixture(scope="module")
+def ensemble(
+    members: tuple[Path, list[Path]], tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, dict, str]:
+    from trainer.ensemble import EnsembleOptions, ensemble_dir
+
+    data, dirs = members
+    out = tmp_path_factory.mktemp("ens") / "model"
+    db_url = f"sqlite:///{tmp_path_factory.mktemp('db') / 'models.db'}"
+    card = ensemble_dir(
+        EnsembleOptions(
+            member_dirs=dirs,
+            out_dir=out,
+            version="9.1.0",
+            data=data,
+            calibration_size=30,
+            database_url=db_url,
+        )
+    )
+    return out, card, db_url
+
+
+def _slices(data: Path, card: dict, case_id: str) -> np.ndarray:
+    from converters.nifti import list_cases
+    from converters.preprocess import prepare_volume
+
+    case = next(r for r in list_cases(data) if r.case_id == case_id).load()
+    return prepare_volume(case.images, case.affine, card["preprocessing"], card["modalities"]).slices
+
+
+def test_split_seed_keeps_the_split_and_the_seed_changes_the_network(
+    members: tuple[Path, list[Path]],
+) -> None:
+    from db.card import load_card
+
+    _, dirs = members
+    cards = [load_card(d) for d in dirs]
+    splits = [c["training"]["split"] for c in cards]
+    assert splits[0]["train"] == splits[1]["train"] and splits[0]["val"] == splits[1]["val"]
+    assert [c["training"]["seed"] for c in cards] == [0, 1]
+    onnx_sha = [next(a for a in c["artifacts"] if a["key"] == "onnx")["files"][0]["sha256"] for c in cards]
+    assert onnx_sha[0] != onnx_sha[1]
+
+
+def test_the_ensemble_computes_the_members_mean_in_every_form(
+    members: tuple[Path, list[Path]], ensemble: tuple[Path, dict, str]
+) -> None:
+    import onnxruntime as ort
+    import openvino as ov
+
+    data, dirs = members
+    out, card, _ = ensemble
+    slices = _slices(data, card, card["training"]["split"]["val"][0])[:7]
+    outputs = []
+    for d in dirs:
+        session = ort.InferenceSession(str(d / "model.onnx"), providers=["CPUExecutionProvider"])
+        outputs.append(session.run(None, {"image": slices})[0])
+    assert np.abs(outputs[0] - outputs[1]).max() > 1e-2  # two different networks
+    expected = np.mean(outputs, axis=0)
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(None, {"image": slices})[0], expected, rtol=1e-4, atol=1e-4)
+    f32 = {"INFERENCE_PRECISION_HINT": "f32"}
+    compiled = ov.Core().compile_model(str(out / "model_fp32.xml"), "CPU", f32)
+    np.testing.assert_allclose(compiled(slices)[compiled.output(0)], expected, rtol=1e-3, atol=1e-3)
+    int8 = ov.Core().compile_model(str(out / "model_int8.xml"), "CPU")
+    assert np.mean((int8(slices)[int8.output(0)] > 0) == (expected > 0)) > 0.95
+    assert card["export_checks"]["onnx_vs_members_mean"] < 1e-3
+
+
+def test_the_card_names_its_members_and_the_model_table_holds_it(
+    members: tuple[Path, list[Path]], ensemble: tuple[Path, dict, str]
+) -> None:
+    from db.card import load_card, sha256_file, verify_files
+    from db.registry import Registry
+    from db.session import make_engine, make_session_factory
+
+    _, dirs = members
+    out, card, db_url = ensemble
+    on_disk = load_card(out)
+    assert verify_files(on_disk, out) == []
+    first = load_card(dirs[0])
+    for key in ("name", "task", "modalities", "preprocessing", "output", "labels"):
+        assert on_disk[key] == first[key], key
+    assert on_disk["version"] == "9.1.0"
+    assert [(a["key"], a["parent"]) for a in on_disk["artifacts"]] == [
+        ("onnx", None),
+        ("ir_fp32", "onnx"),
+        ("ir_int8", "ir_fp32"),
+    ]
+    split = first["training"]["split"]
+    assert on_disk["training"]["split"] == split
+    members_block = on_disk["training"]["ensemble_of"]
+    assert [m["onnx_sha256"] for m in members_block] == [sha256_file(d / "model.onnx") for d in dirs]
+    assert [m["seed"] for m in members_block] == [0, 1]
+    for art in on_disk["artifacts"][1:]:
+        assert art["metrics"]["cases"] == split["val"]
+    check = on_disk["calibration"]["false_tumour_check"]
+    assert check["cases"] == split["train"] + split["val"] and isinstance(check["passed"], bool)
+    notice = (out / "NOTICE").read_text()
+    assert f"{first['name']} 9.1.0 - NOTICE" in notice
+    assert all(m["onnx_sha256"] in notice for m in members_block)
+    engine = make_engine(db_url)
+    try:
+        registry = Registry(make_session_factory(engine))
+        infos = [registry.get(i) for i in card["registered_ids"]]
+    finally:
+        engine.dispose()
+    assert [(i.kind, i.precision, i.version) for i in infos] == [
+        ("onnx", "fp32", "9.1.0"),
+        ("ir", "fp32", "9.1.0"),
+        ("ir", "int8", "9.1.0"),
+    ]
+    assert [i.parent_id for i in infos[1:]] == [infos[0].id, infos[1].id]
+
+
+def test_evaluate_runs_the_ensemble_as_a_model_directory(
+    members: tuple[Path, list[Path]], ensemble: tuple[Path, dict, str], tmp_path: Path
+) -> None:
+    data, _ = members
+    out, card, _ = ensemble
+    json_out = tmp_path / "e.json"
+    done = _segnode("evaluate", str(out), "--data", str(data), "--json", str(json_out))
+    assert done.returncode == 0, done.stderr
+    result = json.loads(json_out.read_text())
+    by_case = {c["case"]: c["dice"] for c in result["cases"]}
+    int8 = next(a for a in card["artifacts"] if a["key"] == "ir_int8")["metrics"]
+    for case, dice in zip(int8["cases"], [c["dice"] for c in int8["per_case"]], strict=True):
+        assert by_case[case] == pytest.approx(dice, abs=1e-3)
+
+
+def _edited_copy(source: Path, dest: Path, **changes: object) -> Path:
+    """A copy of a model directory whose card's top-level keys (or training.split) are changed."""
+    from db.card import load_card, write_card
+
+    shutil.copytree(source, dest)
+    card = load_card(dest)
+    for key, value in changes.items():
+        if key == "split":
+            card["training"]["split"] = value
+        else:
+            card[key] = value
+    write_card(card, dest)
+    return dest
+
+
+def test_members_that_differ_are_refused_naming_what_differs(
+    members: tuple[Path, list[Path]], tmp_path: Path
+) -> None:
+    from db.card import load_card
+    from trainer.ensemble import load_members
+    from trainer.exceptions import TrainerError
+
+    _, dirs = members
+    card = load_card(dirs[1])
+    other_split = {**card["training"]["split"], "val": card["training"]["split"]["train"][:1]}
+    moved = _edited_copy(dirs[1], tmp_path / "split", split=other_split)
+    with pytest.raises(TrainerError, match="trained on another split"):
+        load_members([dirs[0], moved])
+    wider = {**card["preprocessing"], "crop_size": [64, 64]}
+    cropped = _edited_copy(dirs[1], tmp_path / "crop", preprocessing=wider)
+    with pytest.raises(TrainerError, match="preprocessing differs"):
+        load_members([dirs[0], cropped])
+    with pytest.raises(TrainerError, match="at least two"):
+        load_members([dirs[0]])
+    with pytest.raises(TrainerError, match="given twice"):
+        load_members([dirs[0], dirs[0]])
+    corrupt = shutil.copytree(dirs[1], tmp_path / "corrupt")
+    (corrupt / "model.onnx").write_bytes(b"not onnx")
+    with pytest.raises(TrainerError, match=r"model\.onnx"):
+        load_members([dirs[0], corrupt])
+
+
+def test_the_cli_builds_an_ensemble_and_refuses_a_used_folder(
+    members: tuple[Path, list[Path]], ensemble: tuple[Path, dict, str], tmp_path: Path
+) -> None:
+    from db.card import load_card, sha256_file
+
+    data, dirs = members
+    out, _, _ = ensemble
+    args = ["--version", "9.2.0", "--data", str(data), "--no-register", "--calibration-size", "20"]
+    done = _segnode("ensemble", *map(str, dirs), "--out", str(tmp_path / "cli"), *args)
+    assert done.returncode == 0, done.stderr
+    assert "(seed 1)" in done.stdout and "false tumour" in done.stdout  # the table, the check's line
+    assert load_card(tmp_path / "cli")["version"] == "9.2.0"
+    before = sha256_file(out / "model_int8.bin")
+    done = _segnode("ensemble", *map(str, dirs), "--out", str(out), *args)
+    assert done.returncode == 2 and "already holds a model" in done.stderr
+    assert sha256_file(out / "model_int8.bin") == before
+    done = _segnode("ensemble", str(dirs[0]), "--out", str(tmp_path / "one"), *args)
+    assert done.returncode == 2 and "at least two" in done.stderr
+
+
+def _segnode(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "node", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+        check=False,
+    )
+
+
+def test_the_holdout_is_refused(members: tuple[Path, list[Path]], tmp_path: Path) -> None:
+    from converters.nifti import HoldoutDataError
+    from trainer.ensemble import EnsembleOptions, ensemble_dir
+
+    data, dirs = members
+    holdout = tmp_path / "holdout"
+    holdout.mkdir()
+    (holdout / data.name).symlink_to(data)
+    options = EnsembleOptions(member_dirs=dirs, out_dir=tmp_path / "out", version="9.3.0", data=holdout)
+    with pytest.raises(HoldoutDataError, match="holdout"):
+        ensemble_dir(options)
+    assert not (tmp_path / "out" / "model.json").exists()

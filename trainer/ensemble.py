@@ -1,0 +1,325 @@
+"""Several exported networks of one split as one model: the mean of their logits (``segnode ensemble``).
+
+Networks trained on the same cases from different seeds disagree most where the data say least
+(at the tumour's faint edge, on tissue none of them saw); averaging their logits keeps what they
+agree on. The ensemble is one ONNX graph (every member's graph beside the others on one shared
+input, a ``Mean`` of their logits as the output), so that everything downstream is unchanged: it
+converts to an OpenVINO IR FP32, quantizes to INT8 as one network (:func:`trainer.export.quantize_int8`,
+calibration slices from the members' shared training split), is scored on their shared validation
+cases, meets the export's false-tumour check, gets a card, a NOTICE and a row in the model table, and
+the node runs it like any other model.
+
+The members must be of one task, modalities, preprocessing, output and labels, and trained on the
+same split: the ensemble's validation cases are then cases none of its members trained on. Their
+cards' names, versions and ONNX sha256 go into the ensemble's ``training.ensemble_of``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from converters.cpu import cpu_description
+from converters.prediction import SlicePredictor
+from db.card import artifact, file_entry, load_card, verify_files, write_card
+from trainer.evaluate import CardPredictor, card_metrics, evaluate_cases
+from trainer.exceptions import AccuracyCheckError, TrainerError
+from trainer.export import (
+    EXPORT_TOLERANCE,
+    _load_split_cases,
+    accuracy_check,
+    calibration_slices,
+    check_slices,
+    data_provenance,
+    failed_checks,
+    int8_dice_drops,
+    int8_false_tumour_check,
+    max_difference,
+    notice_text,
+    quantize_int8,
+    register_dir,
+    split_refs,
+)
+from trainer.false_tumour import DEFAULT_MAX_RATIO
+from trainer.predictors import onnx_predictor, openvino_predictor
+
+logger = logging.getLogger(__name__)
+
+#: Card keys that every member must share: what the node does to an image and reads from the output.
+SHARED_KEYS = ("task", "modalities", "optional_modalities", "preprocessing", "output", "labels")
+
+
+@dataclass
+class EnsembleOptions:
+    """Options of ``segnode ensemble``."""
+
+    member_dirs: list[Path]
+    out_dir: Path
+    version: str
+    data: Path
+    #: The model's name; None: the members' name (they must then share it).
+    name: str | None = None
+    calibration_size: int = 300
+    seed: int = 0
+    max_dice_drop: float | None = None
+    #: None: the false-tumour check is not run.
+    max_false_tumour_ratio: float | None = DEFAULT_MAX_RATIO
+    register: bool = True
+    database_url: str | None = None
+
+
+def load_members(dirs: Sequence[Path]) -> list[dict[str, Any]]:
+    """The members' cards, checked: files as their cards say, one task, preprocessing, output, labels
+    and training split. ``TrainerError`` names the member and the first key that differs."""
+    if len(dirs) < 2:
+        raise TrainerError(f"an ensemble needs at least two member models, got {len(dirs)}")
+    if len({d.resolve() for d in dirs}) != len(dirs):
+        raise TrainerError("a member model is given twice; give each directory once")
+    cards = []
+    for directory in dirs:
+        card = load_card(directory)
+        problems = verify_files(card, directory)
+        if problems:
+            raise TrainerError(f"{directory}: {problems[0]}")
+        artifact(card, "onnx")  # ModelCardError naming the directory's card when it has no ONNX
+        cards.append(card)
+    first = cards[0]
+    for directory, card in zip(dirs[1:], cards[1:], strict=True):
+        for key in SHARED_KEYS:
+            if card.get(key) != first.get(key):
+                raise TrainerError(
+                    f"{directory}: its card's {key} differs from {dirs[0]}'s; an ensemble's members "
+                    "must read and write images the same way"
+                )
+        if _split_sets(card) != _split_sets(first):
+            raise TrainerError(
+                f"{directory}: trained on another split than {dirs[0]}; the members must share the "
+                "training and validation cases (segnode train --split-seed)"
+            )
+    if not _split_sets(first)[0]:
+        raise TrainerError(f"{dirs[0]}: its card has no training split (training.split.train)")
+    return cards
+
+
+def _split_sets(card: Mapping[str, Any]) -> tuple[frozenset[str], frozenset[str]]:
+    split = (card.get("training") or {}).get("split") or {}
+    return frozenset(split.get("train") or ()), frozenset(split.get("val") or ())
+
+
+def merge_onnx(paths: Sequence[Path], out: Path) -> None:
+    """Write one ONNX graph running every network of ``paths`` on one input, its output the mean of
+    their outputs. Each member's names get the prefix ``m<i>_``; the input and output keep the first
+    member's names."""
+    import onnx
+    from onnx import compose, helper
+
+    models = [onnx.load(str(p)) for p in paths]
+    opsets = {tuple((o.domain, o.version) for o in m.opset_import) for m in models}
+    if len(opsets) != 1:
+        raise TrainerError(
+            f"the members' ONNX files use different opsets ({sorted(opsets)}); export them again"
+        )
+    first = models[0].graph
+    if len(first.input) != 1 or len(first.output) != 1:
+        raise TrainerError(f"{paths[0]}: an ensemble member must have one input and one output")
+    input_name, output_name = first.input[0].name, first.output[0].name
+    nodes, initializers, value_info, outputs = [], [], [], []
+    for i, model in enumerate(models):
+        prefixed = compose.add_prefix(model, prefix=f"m{i}_").graph
+        nodes.append(helper.make_node("Identity", [input_name], [prefixed.input[0].name]))
+        nodes.extend(prefixed.node)
+        initializers.extend(prefixed.initializer)
+        value_info.extend(prefixed.value_info)
+        outputs.append(prefixed.output[0].name)
+    nodes.append(helper.make_node("Mean", outputs, [output_name]))
+    graph = helper.make_graph(
+        nodes, "ensemble", [first.input[0]], [first.output[0]], initializers, value_info=value_info
+    )
+    merged = helper.make_model(graph, opset_imports=list(models[0].opset_import))
+    merged.ir_version = models[0].ir_version
+    onnx.checker.check_model(merged)
+    onnx.save(merged, str(out))
+
+
+def mean_predictor(predictors: Sequence[SlicePredictor]) -> SlicePredictor:
+    """A slice predictor whose logits are the mean of ``predictors``' logits."""
+
+    def predict(batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        return np.mean([p(batch) for p in predictors], axis=0).astype(np.float32)
+
+    return predict
+
+
+def _member_entry(directory: Path, card: Mapping[str, Any]) -> dict[str, Any]:
+    training = card.get("training") or {}
+    onnx_file = artifact(card, "onnx")["files"][0]
+    int8: dict[str, Any] = next((a for a in card["artifacts"] if a["key"] == "ir_int8"), {})
+    return {
+        "name": card["name"],
+        "version": card["version"],
+        "onnx_sha256": onnx_file["sha256"],
+        "seed": training.get("seed"),
+        "commit": training.get("commit"),
+        "best_val_dice": training.get("best_val_dice"),
+        "int8_val_dice": (int8.get("metrics") or {}).get("mean", {}).get("dice"),
+        "source": str(directory),
+    }
+
+
+def ensemble_dir(options: EnsembleOptions, on_step: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Write ``options.out_dir``: the members' mean as one model (module docstring); returns its card.
+
+    Raises
+    ------
+    AccuracyCheckError
+        The INT8 network failed a check (Dice drop, false tumour): the directory is written, not registered.
+    TrainerError
+        The members differ, a member's files do not match its card, the output folder already holds a
+        model, a case of the split is missing, or the merged graph does not compute the members' mean.
+    """
+    import openvino as ov
+
+    def step(msg: str) -> None:
+        logger.info("%s", msg)
+        if on_step is not None:
+            on_step(msg)
+
+    out = options.out_dir
+    if (out / "model.json").exists():
+        raise TrainerError(f"--out {out} already holds a model (model.json); give a new or empty folder")
+    cards = load_members(options.member_dirs)
+    names = {c["name"] for c in cards}
+    if options.name is None and len(names) > 1:
+        raise TrainerError(f"the members are named {', '.join(sorted(names))}; give the ensemble's --name")
+    first = cards[0]
+    card_base: dict[str, Any] = {
+        "format_version": first.get("format_version", 1),
+        "name": options.name or first["name"],
+        "version": options.version,
+        **{k: first[k] for k in SHARED_KEYS if k in first},
+    }
+    split = first["training"]["split"]
+    step("loading the training and validation cases")
+    refs = split_refs(split, options.data, "the members'")
+    train_cases = _load_split_cases(refs["train"], card_base)
+    val_cases = _load_split_cases(refs["val"], card_base)
+    probe = check_slices(val_cases or train_cases)
+
+    out.mkdir(parents=True, exist_ok=True)
+    step(f"merging {len(cards)} ONNX networks")
+    onnx_path = out / "model.onnx"
+    member_onnx = [
+        d / artifact(c, "onnx")["files"][0]["path"] for d, c in zip(options.member_dirs, cards, strict=True)
+    ]
+    merge_onnx(member_onnx, onnx_path)
+    reference = mean_predictor([onnx_predictor(p) for p in member_onnx])
+    checks = {"onnx_vs_members_mean": _check_mean("ONNX", reference, onnx_predictor(onnx_path), probe)}
+
+    step("converting to OpenVINO IR FP32")
+    fp32_xml = out / "model_fp32.xml"
+    ov.save_model(ov.convert_model(str(onnx_path)), str(fp32_xml), compress_to_fp16=False)
+    fp32_predict = openvino_predictor(card_base, fp32_xml)
+    checks["ir_fp32_vs_members_mean"] = _check_mean("IR FP32", reference, fp32_predict, probe)
+
+    step(f"quantizing to INT8 ({options.calibration_size} calibration slices)")
+    int8_xml = out / "model_int8.xml"
+    calibration = quantize_int8(
+        fp32_xml,
+        int8_xml,
+        calibration_slices(train_cases, options.calibration_size, options.seed),
+        val_cases,
+        card_base,
+        options.max_dice_drop,
+    )
+    del train_cases, val_cases
+    int8_predict = openvino_predictor(card_base, int8_xml)
+    artifacts: list[dict[str, Any]] = [
+        {
+            "key": "onnx",
+            "kind": "onnx",
+            "precision": "fp32",
+            "parent": None,
+            "files": [file_entry(onnx_path, out)],
+        },
+        {
+            "key": "ir_fp32",
+            "kind": "ir",
+            "precision": "fp32",
+            "parent": "onnx",
+            "files": [file_entry(fp32_xml, out), file_entry(fp32_xml.with_suffix(".bin"), out)],
+        },
+        {
+            "key": "ir_int8",
+            "kind": "ir",
+            "precision": "int8",
+            "parent": "ir_fp32",
+            "files": [file_entry(int8_xml, out), file_entry(int8_xml.with_suffix(".bin"), out)],
+        },
+    ]
+    if refs["val"]:
+        step("evaluating FP32 and INT8 on the validation cases")
+        predictors = {"ir_fp32": (fp32_predict, "fp32"), "ir_int8": (int8_predict, "int8")}
+        for entry in artifacts[1:]:
+            predict, precision = predictors[entry["key"]]
+            result = evaluate_cases(CardPredictor(card_base, predict, entry["key"], precision), refs["val"])
+            entry["metrics"] = card_metrics(result, "validation")
+        drops = int8_dice_drops(artifacts[1]["metrics"], artifacts[2]["metrics"])
+        calibration["validation_dice_drop"] = drops.pop("mean")
+        if drops:
+            calibration["validation_dice_drop_regions"] = drops
+        if options.max_dice_drop is not None:
+            calibration["accuracy_check"] = accuracy_check(
+                options.max_dice_drop, {"mean": calibration["validation_dice_drop"], **drops}
+            )
+    calibration["validation_cpu"] = cpu_description()
+    if options.max_false_tumour_ratio is not None:
+        calibration["false_tumour_check"] = int8_false_tumour_check(
+            card_base,
+            fp32_predict,
+            int8_predict,
+            refs["train"] + refs["val"],
+            options.max_false_tumour_ratio,
+            step,
+        )
+
+    training = first["training"]
+    card = {
+        **card_base,
+        "artifacts": artifacts,
+        "calibration": calibration,
+        "training": {
+            "data_fingerprint": training.get("data_fingerprint"),
+            "split": split,
+            "ensemble_of": [_member_entry(d, c) for d, c in zip(options.member_dirs, cards, strict=True)],
+            "combination": "mean of the members' logits",
+        },
+        "export_checks": checks,
+        "data_provenance": data_provenance(options.data, list(split["train"]) + list(split.get("val") or [])),
+    }
+    write_card(card, out)
+    (out / "NOTICE").write_text(notice_text(card), encoding="utf-8")
+    failed = failed_checks(calibration)
+    if failed:
+        raise AccuracyCheckError(f"{'; '.join(failed.values())}: {out} written but not registered", card)
+    if options.register:
+        card["registered_ids"], card["registered_in"] = register_dir(out, options.database_url)
+    return card
+
+
+def _check_mean(
+    name: str, reference: SlicePredictor, other: SlicePredictor, slices: npt.NDArray[np.float32]
+) -> float:
+    """Raise TrainerError when ``other`` is not the members' mean (:data:`EXPORT_TOLERANCE`)."""
+    diff = max_difference(reference, other, slices)
+    if diff > EXPORT_TOLERANCE:
+        raise TrainerError(
+            f"{name}: logits differ from the members' mean by {diff:.2e} (> {EXPORT_TOLERANCE:.0e})"
+        )
+    logger.info("%s matches the members' mean (max scaled logit difference %.2e)", name, diff)
+    return diff
