@@ -334,7 +334,7 @@ def evaluate(
             for name in acquisitions:
                 row = _score(node, receiver, case, name, workdir)
                 print(
-                    f"{model.name} {precision} mirror={mirror} views={views} {row['case']} {name}: "
+                    f"{model_label(model)} {precision} mirror={mirror} views={views} {row['case']} {name}: "
                     f"Dice {row['dice']}"
                     f" infer {row.get('infer_seconds')} s",
                     flush=True,
@@ -405,15 +405,18 @@ def fold_cases(models: list[Path], data: Path) -> list[list[str]]:
     return sets
 
 
+def model_label(model: Path | str) -> str:
+    """A model directory's name in the tables: its run's (the folder above) when it is ``export``, which
+    every ``segnode export`` writes, so that runs/a/export and runs/b/export are told apart."""
+    path = Path(model)
+    return path.parent.name if path.name == "export" else path.name
+
+
 def folds_label(models: list[Path]) -> str:
     """A name for one recipe's folds: its first and last fold's run (the folder above ``export``)."""
-
-    def run(model: Path) -> str:
-        return model.parent.name if model.name == "export" else model.name
-
     if len(models) == 1:
-        return f"{run(models[0])} (1 fold)"
-    return f"{run(models[0])} .. {run(models[-1])} ({len(models)} folds)"
+        return f"{model_label(models[0])} (1 fold)"
+    return f"{model_label(models[0])} .. {model_label(models[-1])} ({len(models)} folds)"
 
 
 def evaluate_folds(models: list[Path], precision: str, data: Path, acquisitions: list[str]) -> dict[str, Any]:
@@ -442,7 +445,7 @@ def case_table(results: list[dict[str, Any]]) -> str:
          f"{means[-1][case] - means[0][case]:+.4f}" if case in means[0] and case in means[-1] else "-"]
         for case in dict.fromkeys(c for m in means for c in m)
     ]  # fmt: skip
-    headers = ["case", *[Path(r["model"]).name for r in results], "difference (last - first)"]
+    headers = ["case", *[model_label(r["model"]) for r in results], "difference (last - first)"]
     return markdown_table(headers, rows)
 
 
@@ -487,7 +490,7 @@ def main() -> int:
     headers = [
         "acquisition",
         *[
-            f"{Path(r['model']).name} ({r['precision']}, mirror {r['mirror']}, views {r['views']})"
+            f"{model_label(r['model'])} ({r['precision']}, mirror {r['mirror']}, views {r['views']})"
             for r in results
         ],
     ]
@@ -515,7 +518,7 @@ def main() -> int:
     path = save_result("holdout_node", {"runs": results}, args.out)
     print(f"results in {path}")
     means = [
-        {"model": Path(r["model"]).name, "mirror": r["mirror"], "views": r["views"], **r["mean"]}
+        {"model": model_label(r["model"]), "mirror": r["mirror"], "views": r["views"], **r["mean"]}
         for r in results
     ]
     print(json.dumps(means))

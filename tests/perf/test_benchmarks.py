@@ -672,3 +672,12 @@ def test_int8_false_tumour_reads_each_models_own_split_and_tabulates_the_verdict
         "| runs/x/export | 2.5.0 | 2 | 34.10 / 56.90 | 45.40 / 103.56 | 1.64 | 115.75 | FAILS |"
     )
     assert lines[3].endswith("| not checked: no case of the split holds every modality (FLAIR, T1) |")
+
+
+def test_holdout_node_names_exports_by_their_run() -> None:
+    """benchmarks/holdout_node.py: two exports (runs/a/export, runs/b/export) get two names in the tables."""
+    holdout_node = bench("holdout_node")
+    assert holdout_node.model_label(Path("runs/ens-s1/export")) == "ens-s1"
+    assert holdout_node.model_label("runs/ens/export") == "ens"
+    assert holdout_node.model_label(Path("models/default")) == "default"
+    assert holdout_node.folds_label([Path("runs/f0/export"), Path("runs/f4/export")]) == "f0 .. f4 (2 folds)"
