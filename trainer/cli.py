@@ -379,6 +379,11 @@ def ensemble(
         ..., "--data", help="The training data folder holding the members' training and validation cases."
     ),
     name: str = typer.Option("", "--name", help="The ensemble's name (default: the members' name)."),
+    combine: str = typer.Option(
+        "logits",
+        "--combine",
+        help="Average the members' logits, or their probabilities (given back as logits).",
+    ),
     calibration_size: int = typer.Option(
         300, "--calibration-size", help="INT8 calibration slices (training split)."
     ),
@@ -403,6 +408,7 @@ def ensemble(
         version=version,
         data=data,
         name=name or None,
+        combine=combine,
         calibration_size=calibration_size,
         max_dice_drop=max_dice_drop if max_dice_drop >= 0 else None,
         max_false_tumour_ratio=_ratio_or_none(max_false_tumour_ratio),

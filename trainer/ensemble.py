@@ -53,6 +53,18 @@ logger = logging.getLogger(__name__)
 
 #: Card keys that every member must share: what the node does to an image and reads from the output.
 SHARED_KEYS = ("task", "modalities", "optional_modalities", "preprocessing", "output", "labels")
+#: How the members' outputs are averaged: their logits, or their probabilities (the card's activation)
+#: given back as logits that the same activation turns into the mean probability.
+COMBINATIONS = ("logits", "probabilities")
+#: Probabilities are clipped to [EPS, 1 - EPS] before they are turned back into logits: float32 cannot
+#: tell 1 - p apart closer to 1, and a probability of 0.9999 decides like 1 at any threshold.
+PROBABILITY_EPS = 1e-4
+#: The card's ``training.combination`` for each of :data:`COMBINATIONS`.
+COMBINATION_TEXT = {
+    "logits": "mean of the members' logits",
+    "probabilities": f"mean of the members' probabilities, clipped to [{PROBABILITY_EPS:g}, "
+    f"{1 - PROBABILITY_EPS:g}], as logits",
+}
 
 
 @dataclass
@@ -65,6 +77,8 @@ class EnsembleOptions:
     data: Path
     #: The model's name; None: the members' name (they must then share it).
     name: str | None = None
+    #: One of :data:`COMBINATIONS`.
+    combine: str = "logits"
     calibration_size: int = 300
     seed: int = 0
     max_dice_drop: float | None = None
@@ -112,12 +126,15 @@ def _split_sets(card: Mapping[str, Any]) -> tuple[frozenset[str], frozenset[str]
     return frozenset(split.get("train") or ()), frozenset(split.get("val") or ())
 
 
-def merge_onnx(paths: Sequence[Path], out: Path) -> None:
-    """Write one ONNX graph running every network of ``paths`` on one input, its output the mean of
-    their outputs. Each member's names get the prefix ``m<i>_``; the input and output keep the first
-    member's names."""
+def merge_onnx(
+    paths: Sequence[Path], out: Path, combine: str = "logits", activation: str = "sigmoid"
+) -> None:
+    """Write one ONNX graph running every network of ``paths`` on one input. Its output is the mean of
+    their logits (``combine="logits"``), or the logits whose ``activation`` (sigmoid, or softmax over
+    the channels) is the mean of their probabilities (``"probabilities"``: :func:`probability_logits`).
+    Each member's names get the prefix ``m<i>_``; the input and output keep the first member's names."""
     import onnx
-    from onnx import compose, helper
+    from onnx import compose, helper, numpy_helper
 
     models = [onnx.load(str(p)) for p in paths]
     opsets = {tuple((o.domain, o.version) for o in m.opset_import) for m in models}
@@ -136,8 +153,34 @@ def merge_onnx(paths: Sequence[Path], out: Path) -> None:
         nodes.extend(prefixed.node)
         initializers.extend(prefixed.initializer)
         value_info.extend(prefixed.value_info)
-        outputs.append(prefixed.output[0].name)
-    nodes.append(helper.make_node("Mean", outputs, [output_name]))
+        member_out = prefixed.output[0].name
+        if combine == "probabilities":
+            probabilities = f"ens_m{i}_probabilities"
+            if activation == "sigmoid":
+                nodes.append(helper.make_node("Sigmoid", [member_out], [probabilities]))
+            else:
+                nodes.append(helper.make_node("Softmax", [member_out], [probabilities], axis=1))
+            member_out = probabilities
+        outputs.append(member_out)
+    if combine == "logits":
+        nodes.append(helper.make_node("Mean", outputs, [output_name]))
+    else:
+        constants = (("ens_low", PROBABILITY_EPS), ("ens_high", 1 - PROBABILITY_EPS), ("ens_one", 1.0))
+        for name, value in constants:
+            initializers.append(numpy_helper.from_array(np.array(value, dtype=np.float32), name))
+        nodes += [
+            helper.make_node("Mean", outputs, ["ens_mean"]),
+            helper.make_node("Clip", ["ens_mean", "ens_low", "ens_high"], ["ens_p"]),
+            helper.make_node("Log", ["ens_p"], ["ens_log_p"]),
+        ]
+        if activation == "sigmoid":  # log p - log(1 - p)
+            nodes += [
+                helper.make_node("Sub", ["ens_one", "ens_p"], ["ens_q"]),
+                helper.make_node("Log", ["ens_q"], ["ens_log_q"]),
+                helper.make_node("Sub", ["ens_log_p", "ens_log_q"], [output_name]),
+            ]
+        else:  # softmax(log p) = p, as the mean probabilities sum to 1 over the channels
+            nodes.append(helper.make_node("Identity", ["ens_log_p"], [output_name]))
     graph = helper.make_graph(
         nodes, "ensemble", [first.input[0]], [first.output[0]], initializers, value_info=value_info
     )
@@ -147,13 +190,31 @@ def merge_onnx(paths: Sequence[Path], out: Path) -> None:
     onnx.save(merged, str(out))
 
 
-def mean_predictor(predictors: Sequence[SlicePredictor]) -> SlicePredictor:
-    """A slice predictor whose logits are the mean of ``predictors``' logits."""
+def mean_predictor(
+    predictors: Sequence[SlicePredictor], combine: str = "logits", activation: str = "sigmoid"
+) -> SlicePredictor:
+    """A slice predictor computing what :func:`merge_onnx` writes, from ``predictors``' logits (numpy)."""
 
     def predict(batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-        return np.mean([p(batch) for p in predictors], axis=0).astype(np.float32)
+        logits = np.stack([p(batch) for p in predictors]).astype(np.float32)
+        if combine == "logits":
+            return np.asarray(logits.mean(axis=0), dtype=np.float32)
+        return probability_logits(logits, activation)
 
     return predict
+
+
+def probability_logits(logits: npt.NDArray[np.float32], activation: str) -> npt.NDArray[np.float32]:
+    """The logits whose ``activation`` is the mean probability of the members' ``logits`` (M, N, K, H, W),
+    the mean clipped to [:data:`PROBABILITY_EPS`, 1 - :data:`PROBABILITY_EPS`]."""
+    if activation == "sigmoid":
+        probs = 1.0 / (1.0 + np.exp(-logits))
+    else:
+        shifted = np.exp(logits - logits.max(axis=2, keepdims=True))
+        probs = shifted / shifted.sum(axis=2, keepdims=True)
+    p = np.clip(probs.mean(axis=0), PROBABILITY_EPS, 1 - PROBABILITY_EPS)
+    out = np.log(p) - np.log(1 - p) if activation == "sigmoid" else np.log(p)
+    return np.asarray(out, dtype=np.float32)
 
 
 def _member_entry(directory: Path, card: Mapping[str, Any]) -> dict[str, Any]:
@@ -191,6 +252,8 @@ def ensemble_dir(options: EnsembleOptions, on_step: Callable[[str], None] | None
             on_step(msg)
 
     out = options.out_dir
+    if options.combine not in COMBINATIONS:
+        raise TrainerError(f"--combine {options.combine!r} is not one of {', '.join(COMBINATIONS)}")
     if (out / "model.json").exists():
         raise TrainerError(f"--out {out} already holds a model (model.json); give a new or empty folder")
     cards = load_members(options.member_dirs)
@@ -217,8 +280,9 @@ def ensemble_dir(options: EnsembleOptions, on_step: Callable[[str], None] | None
     member_onnx = [
         d / artifact(c, "onnx")["files"][0]["path"] for d, c in zip(options.member_dirs, cards, strict=True)
     ]
-    merge_onnx(member_onnx, onnx_path)
-    reference = mean_predictor([onnx_predictor(p) for p in member_onnx])
+    activation = card_base["output"]["activation"]
+    merge_onnx(member_onnx, onnx_path, options.combine, activation)
+    reference = mean_predictor([onnx_predictor(p) for p in member_onnx], options.combine, activation)
     checks = {"onnx_vs_members_mean": _check_mean("ONNX", reference, onnx_predictor(onnx_path), probe)}
 
     step("converting to OpenVINO IR FP32")
@@ -297,7 +361,7 @@ def ensemble_dir(options: EnsembleOptions, on_step: Callable[[str], None] | None
             "data_fingerprint": training.get("data_fingerprint"),
             "split": split,
             "ensemble_of": [_member_entry(d, c) for d, c in zip(options.member_dirs, cards, strict=True)],
-            "combination": "mean of the members' logits",
+            "combination": COMBINATION_TEXT[options.combine],
         },
         "export_checks": checks,
         "data_provenance": data_provenance(options.data, list(split["train"]) + list(split.get("val") or [])),

@@ -273,3 +273,95 @@ def test_the_holdout_is_refused(members: tuple[Path, list[Path]], tmp_path: Path
     with pytest.raises(HoldoutDataError, match="holdout"):
         ensemble_dir(options)
     assert not (tmp_path / "out" / "model.json").exists()
+
+
+def test_probabilities_ensemble_outputs_the_logit_of_the_mean_probability(
+    members: tuple[Path, list[Path]], tmp_path: Path
+) -> None:
+    import onnxruntime as ort
+
+    from db.card import load_card
+    from trainer.ensemble import PROBABILITY_EPS, EnsembleOptions, ensemble_dir
+
+    data, dirs = members
+    out = tmp_path / "p"
+    card = ensemble_dir(
+        EnsembleOptions(
+            member_dirs=dirs,
+            out_dir=out,
+            version="9.4.0",
+            data=data,
+            combine="probabilities",
+            calibration_size=20,
+            max_false_tumour_ratio=None,
+            register=False,
+        )
+    )
+    assert load_card(out)["training"]["combination"].startswith("mean of the members' probabilities")
+    slices = _slices(data, card, card["training"]["split"]["val"][0])[:5]
+    sessions = [ort.InferenceSession(str(d / "model.onnx"), providers=["CPUExecutionProvider"]) for d in dirs]
+    logits = [s.run(None, {"image": slices})[0] for s in sessions]
+    p = np.mean([1 / (1 + np.exp(-lg.astype(np.float64))) for lg in logits], axis=0)
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    got = 1 / (1 + np.exp(-session.run(None, {"image": slices})[0].astype(np.float64)))
+    np.testing.assert_allclose(got, np.clip(p, PROBABILITY_EPS, 1 - PROBABILITY_EPS), atol=1e-5)
+
+
+def test_probabilities_vote_where_one_confident_logit_carries_the_mean() -> None:
+    """(+8, -3, -3): the logits' mean says tumour (+0.67), the probabilities' mean does not (0.36).
+    With two members the two means always agree (sigma(a) + sigma(b) > 1 exactly when a + b > 0)."""
+    from trainer.ensemble import probability_logits
+
+    logits = np.array([8.0, -3.0, -3.0], dtype=np.float32).reshape(3, 1, 1, 1, 1)
+    assert logits.mean() > 0
+    out = float(probability_logits(logits, "sigmoid").ravel()[0])
+    mean_probability = (1 / (1 + np.exp(-logits.astype(np.float64)))).mean()
+    assert 1 / (1 + np.exp(-out)) == pytest.approx(mean_probability, abs=1e-6)
+    assert out < 0
+
+
+def _conv_onnx(path: Path, seed: int) -> Path:
+    """A one-layer network 1 -> 3 channels (logits of a softmax model), as ONNX."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weights = np.random.default_rng(seed).normal(size=(3, 1, 3, 3)).astype(np.float32) * 3
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["image", "w"], ["logits"], pads=[1, 1, 1, 1])],
+        "conv",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 1, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3, 8, 8])],
+        [numpy_helper.from_array(weights, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def test_a_softmax_ensemble_averages_probabilities_over_the_channels(tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    from trainer.ensemble import mean_predictor, merge_onnx
+
+    paths = [_conv_onnx(tmp_path / f"m{i}.onnx", i) for i in range(3)]
+    batch = np.random.default_rng(5).normal(size=(2, 1, 8, 8)).astype(np.float32)
+
+    def run(path: Path, images: np.ndarray = batch) -> np.ndarray:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return np.asarray(session.run(None, {"image": images})[0])
+
+    def softmax(x: np.ndarray) -> np.ndarray:
+        e = np.exp(x - x.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
+
+    merge_onnx(paths, tmp_path / "p.onnx", "probabilities", "softmax")
+    expected = np.clip(np.mean([softmax(run(p)) for p in paths], axis=0), 1e-4, 1)
+    expected /= expected.sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(softmax(run(tmp_path / "p.onnx")), expected, atol=1e-5)
+    predictors = [lambda images, p=p: run(p, images) for p in paths]
+    np.testing.assert_allclose(
+        mean_predictor(predictors, "probabilities", "softmax")(batch), run(tmp_path / "p.onnx"), atol=1e-5
+    )
+    merge_onnx(paths, tmp_path / "l.onnx", "logits", "softmax")
+    np.testing.assert_allclose(run(tmp_path / "l.onnx"), np.mean([run(p) for p in paths], axis=0), atol=1e-5)
