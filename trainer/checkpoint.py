@@ -36,9 +36,16 @@ RUN_OPTIONS = (
     "context_slices",
     "folds",
     "fold",
+    "split_seed",
 )
 #: What a run saved before an option existed used (its value is then taken as this on --resume).
-RUN_OPTION_DEFAULTS: dict[str, Any] = {"slice_axes": [2], "context_slices": 0, "folds": 0, "fold": 0}
+RUN_OPTION_DEFAULTS: dict[str, Any] = {
+    "slice_axes": [2],
+    "context_slices": 0,
+    "folds": 0,
+    "fold": 0,
+    "split_seed": None,
+}
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:

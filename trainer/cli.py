@@ -398,7 +398,7 @@ def ensemble(
     ),
     config: Path | None = CONFIG_OPTION,
 ) -> None:
-    """Several exported models of one split as one: the mean of their logits, INT8, card, registered."""
+    """Models of one split as one: the mean of their logits or probabilities, INT8, card, registered."""
     from db.url import resolve_database_url
     from trainer.ensemble import EnsembleOptions, ensemble_dir
 

@@ -62,7 +62,7 @@ COMMANDS: dict[str, CommandSpec] = {
     ),
     "ensemble": CommandSpec(
         "trainer.cli:ensemble",
-        "Several exported models of one split as one: the mean of their logits, INT8, card, registered.",
+        "Models of one split as one: the mean of their logits or probabilities, INT8, card, registered.",
         ENSEMBLE,
     ),
     "export-brain-extractor": CommandSpec(

@@ -604,6 +604,8 @@ def test_a_cross_validation_fold_trains_on_its_split_and_its_export_says_which(
     assert len(split["val"]) == 2 and sorted(split["train"] + split["val"]) == sorted(ids)
     with pytest.raises(TrainerError, match=r"option fold is 0 but the run .* used 1"):
         train(_config(task01, run, epochs=2, folds=3, fold=0), resume=True, progress=False)  # type: ignore[arg-type]
+    with pytest.raises(TrainerError, match=r"option split_seed is 4 but the run .* used None"):
+        train(_config(task01, run, epochs=2, folds=3, fold=1, split_seed=4), resume=True, progress=False)  # type: ignore[arg-type]
     card = export_run(ExportOptions(run_dir=run, calibration_size=20, register=False))
     assert (card["training"]["split"]["folds"], card["training"]["split"]["fold"]) == (3, 1)
     assert fold_validation_cases(run / "export") == split["val"]
