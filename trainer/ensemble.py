@@ -1,9 +1,10 @@
-"""Several exported networks of one split as one model: the mean of their logits (``segnode ensemble``).
+"""Several exported networks of one split as one model: the mean of their outputs (``segnode ensemble``).
 
 Networks trained on the same cases from different seeds disagree most where the data say least
-(at the tumour's faint edge, on tissue none of them saw); averaging their logits keeps what they
-agree on. The ensemble is one ONNX graph (every member's graph beside the others on one shared
-input, a ``Mean`` of their logits as the output), so that everything downstream is unchanged: it
+(at the tumour's faint edge, on tissue none of them saw); averaging them keeps what they agree on.
+The ensemble is one ONNX graph (every member's graph beside the others on one shared input, a
+``Mean`` of their logits, or of their probabilities given back as logits, as the output:
+:func:`merge_onnx`), so that everything downstream is unchanged: it
 converts to an OpenVINO IR FP32, quantizes to INT8 as one network (:func:`trainer.export.quantize_int8`,
 calibration slices from the members' shared training split), is scored on their shared validation
 cases, meets the export's false-tumour check, gets a card, a NOTICE and a row in the model table, and
