@@ -174,8 +174,10 @@ def quantize_int8(
     val_cases: Sequence[PreparedCase],
     card: Mapping[str, Any],
     max_dice_drop: float | None,
+    ignored_patterns: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """NNCF post-training INT8 quantization; returns the card's ``calibration`` block."""
+    """NNCF post-training INT8 quantization; returns the card's ``calibration`` block. Operations whose
+    names match ``ignored_patterns`` (regular expressions) are left in float (an ensemble's averaging)."""
     import nncf
     import openvino as ov
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
@@ -184,6 +186,7 @@ def quantize_int8(
     calib = nncf.Dataset(calibration)
     preset = nncf.QuantizationPreset.PERFORMANCE
     advanced = AdvancedQuantizationParameters(overflow_fix=OverflowFix(OVERFLOW_FIX))
+    ignored = nncf.IgnoredScope(patterns=list(ignored_patterns), validate=False)
     block: dict[str, Any] = {
         "subset_size": len(calibration),
         "preset": "performance",
@@ -193,7 +196,12 @@ def quantize_int8(
     }
     if max_dice_drop is None:
         quantized = nncf.quantize(
-            model, calib, preset=preset, subset_size=len(calibration), advanced_parameters=advanced
+            model,
+            calib,
+            preset=preset,
+            subset_size=len(calibration),
+            advanced_parameters=advanced,
+            ignored_scope=ignored,
         )
         block["method"] = "nncf.quantize"
     else:
@@ -228,6 +236,7 @@ def quantize_int8(
             preset=preset,
             subset_size=len(calibration),
             advanced_quantization_parameters=advanced,
+            ignored_scope=ignored,
         )
         block.update(
             method="nncf.quantize_with_accuracy_control",
@@ -235,6 +244,8 @@ def quantize_int8(
             accuracy_control_data="validation split",
             accuracy_control_metric="worst region's Dice drop against FP32",
         )
+    if ignored_patterns:
+        block["not_quantized"] = list(ignored_patterns)
     ov.save_model(quantized, str(out_xml), compress_to_fp16=False)
     return block
 
