@@ -28,9 +28,9 @@ import numpy.typing as npt
 
 from converters.cpu import cpu_description
 from converters.prediction import SlicePredictor
-from db.card import artifact, file_entry, load_card, verify_files, write_card
+from db.card import artifact, file_entry, load_card, verify_files
 from trainer.evaluate import CardPredictor, card_metrics, evaluate_cases
-from trainer.exceptions import AccuracyCheckError, TrainerError
+from trainer.exceptions import TrainerError
 from trainer.export import (
     EXPORT_TOLERANCE,
     _load_split_cases,
@@ -38,14 +38,12 @@ from trainer.export import (
     calibration_slices,
     check_slices,
     data_provenance,
-    failed_checks,
     int8_dice_drops,
     int8_false_tumour_check,
     max_difference,
-    notice_text,
     quantize_int8,
-    register_dir,
     split_refs,
+    write_model_dir,
 )
 from trainer.false_tumour import DEFAULT_MAX_RATIO
 from trainer.predictors import onnx_predictor, openvino_predictor
@@ -378,14 +376,7 @@ def ensemble_dir(options: EnsembleOptions, on_step: Callable[[str], None] | None
         "export_checks": checks,
         "data_provenance": data_provenance(options.data, list(split["train"]) + list(split.get("val") or [])),
     }
-    write_card(card, out)
-    (out / "NOTICE").write_text(notice_text(card), encoding="utf-8")
-    failed = failed_checks(calibration)
-    if failed:
-        raise AccuracyCheckError(f"{'; '.join(failed.values())}: {out} written but not registered", card)
-    if options.register:
-        card["registered_ids"], card["registered_in"] = register_dir(out, options.database_url)
-    return card
+    return write_model_dir(card, out, options.register, options.database_url)
 
 
 def _check_mean(

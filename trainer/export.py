@@ -710,12 +710,26 @@ def export_run(options: ExportOptions, on_step: Callable[[str], None] | None = N
     }
     if options.fp16_weights:
         card["ir_fp32_weights"] = "fp16 (compressed; computed in fp32)"
+    return write_model_dir(card, out, options.register, options.database_url)
+
+
+def write_model_dir(
+    card: dict[str, Any], out: Path, register: bool, database_url: str | None
+) -> dict[str, Any]:
+    """Write ``card`` and its NOTICE into ``out``; then, unless its INT8 network failed a check of its
+    ``calibration`` (:func:`failed_checks`), register the directory when ``register`` is set.
+
+    Raises
+    ------
+    AccuracyCheckError
+        A check failed: the directory is written, so that the engineer can see what failed, but not
+        registered, and the command exits non-zero, so that no pipeline (the Helm export Job passes
+        --register) goes on with it.
+    """
     write_card(card, out)
     (out / "NOTICE").write_text(notice_text(card), encoding="utf-8")
-    failed = failed_checks(calibration)
+    failed = failed_checks(card.get("calibration") or {})
     if failed:
-        # Written, so that the engineer can see what failed; not registered, and a non-zero exit, so that
-        # no pipeline (the Helm export Job passes --register) goes on with a model that failed its check.
         raise AccuracyCheckError(
             f"{'; '.join(failed.values())}: {out} written ({', '.join(failed)} passed false) but "
             "not registered; quantize again (a Dice drop), train again (false tumour: "
@@ -723,8 +737,8 @@ def export_run(options: ExportOptions, on_step: Callable[[str], None] | None = N
             "with --force",
             card,
         )
-    if options.register:
-        card["registered_ids"], card["registered_in"] = register_dir(out, options.database_url)
+    if register:
+        card["registered_ids"], card["registered_in"] = register_dir(out, database_url)
     return card
 
 

@@ -19,19 +19,17 @@ from pathlib import Path
 from typing import Any
 
 from converters.cpu import cpu_description
-from db.card import artifact, file_entry, ir_xml, load_card, verify_files, write_card
+from db.card import artifact, file_entry, ir_xml, load_card, verify_files
 from trainer.evaluate import CardPredictor, card_metrics, evaluate_cases
-from trainer.exceptions import AccuracyCheckError, TrainerError
+from trainer.exceptions import TrainerError
 from trainer.export import (
     _load_split_cases,
     calibration_slices,
-    failed_checks,
     int8_dice_drops,
     int8_false_tumour_check,
-    notice_text,
     quantize_int8,
-    register_dir,
     split_refs,
+    write_model_dir,
 )
 from trainer.false_tumour import DEFAULT_MAX_RATIO
 from trainer.predictors import openvino_predictor
@@ -166,11 +164,4 @@ def requantize_dir(
     }
     new_card.pop("registered_ids", None)
     new_card.pop("registered_in", None)
-    write_card(new_card, out)
-    (out / "NOTICE").write_text(notice_text(new_card), encoding="utf-8")
-    failed = failed_checks(calibration)
-    if failed:
-        raise AccuracyCheckError(f"{'; '.join(failed.values())}: {out} written but not registered", new_card)
-    if options.register:
-        new_card["registered_ids"], new_card["registered_in"] = register_dir(out, options.database_url)
-    return new_card
+    return write_model_dir(new_card, out, options.register, options.database_url)

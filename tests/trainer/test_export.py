@@ -299,7 +299,7 @@ def test_requantize_makes_a_new_version_with_the_overflow_fix(
     )
     assert done.returncode == 2, done.stderr
     assert "exceeds --max-false-tumour-ratio 0 (+ 2 mL" in done.stderr
-    assert "written but not registered" in done.stderr
+    assert "(calibration.false_tumour_check passed false) but not registered" in done.stderr
     assert load_card(tmp_path / "strict")["calibration"]["false_tumour_check"]["passed"] is False
     (source / "model_fp32.bin").write_bytes(b"corrupt")
     done = _segnode(
