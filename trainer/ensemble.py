@@ -60,6 +60,7 @@ COMBINATIONS = ("logits", "probabilities")
 PROBABILITY_EPS = 1e-4
 #: The operations after the members (their averaging), by name: NNCF leaves them in float. Quantized,
 #: the probabilities' logs of ``--combine probabilities`` lost all tumour (INT8 validation Dice 0).
+#: The last one is named for the graph's output, "logits" in every ``segnode export``.
 ENSEMBLE_OPS = (r"ens_.*", "logits")
 #: The card's ``training.combination`` for each of :data:`COMBINATIONS`.
 COMBINATION_TEXT = {
