@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
+from collections.abc import Mapping
+from pathlib import Path
 
 import pytest
 
 from node.cli import main
+from tests.helpers.peers import REPO
 
 
 def run_cli(
@@ -22,6 +26,22 @@ def run_cli(
         code = int(exc.code or 0)
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def segnode_process(
+    *args: str, cwd: Path = REPO, env: Mapping[str, str] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    """``segnode ARGS`` in a process of its own (``python -m node``), run in ``cwd`` (the repository)
+    with ``env`` (None: this process's), its output captured as text; never raises on its exit code."""
+    return subprocess.run(
+        [sys.executable, "-m", "node", *args],
+        cwd=cwd,
+        env=None if env is None else dict(env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def rich_tables(text: str) -> list[list[dict[str, str]]]:

@@ -18,7 +18,7 @@ from db.session import make_engine, make_session_factory, upgrade
 from db.transactions import utcnow
 from node.cli import COMMANDS
 from node.cli.lazy import importable
-from tests.helpers.cli import run_cli
+from tests.helpers.cli import run_cli, segnode_process
 from tests.helpers.node import CatchingSCP, make_threshold_model
 from tests.helpers.peers import REPO
 from tests.helpers.ports import free_port
@@ -177,15 +177,7 @@ sys.meta_path.insert(0, _NotInstalled())
 
 def _segnode(cwd: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     """``segnode ARGS`` in a process of its own, run in ``cwd`` with ``env``."""
-    return subprocess.run(
-        [sys.executable, "-m", "node", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    return segnode_process(*args, cwd=cwd, env=env, timeout=120)
 
 
 def _segnode_without_train_extra(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.helpers.peers import REPO
+from tests.helpers.cli import segnode_process
+from tests.helpers.training import tiny_config
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("nncf")
@@ -22,29 +21,14 @@ def members(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]
     """The data folder and two exported members: seeds 0 and 1, both on seed 0's split."""
     from converters.synthetic import write_synthetic_task01
     from trainer.export import ExportOptions, export_run
-    from trainer.train import TrainConfig, train
+    from trainer.train import train
 
     root = tmp_path_factory.mktemp("ensemble")
     data = write_synthetic_task01(root / "Task01_BrainTumour", 5, seed=11, shape=(48, 48, 24))
     dirs = []
     for seed in (0, 1):
         run = root / f"run{seed}"
-        config = TrainConfig(
-            data=str(data),
-            out=str(run),
-            device="cpu",
-            epochs=2,
-            batch_size=8,
-            base_filters=8,
-            depth=3,
-            crop_size=[48, 48],
-            val_fraction=0.4,
-            threads=1,
-            lr=3e-3,
-            seed=seed,
-            split_seed=0,
-        )
-        train(config, progress=False)
+        train(tiny_config(data, run, seed=seed, split_seed=0), progress=False)
         export_run(
             ExportOptions(
                 run_dir=run,
@@ -180,7 +164,7 @@ def test_evaluate_runs_the_ensemble_as_a_model_directory(
     data, _ = members
     out, card, _ = ensemble
     json_out = tmp_path / "e.json"
-    done = _segnode("evaluate", str(out), "--data", str(data), "--json", str(json_out))
+    done = segnode_process("evaluate", str(out), "--data", str(data), "--json", str(json_out))
     assert done.returncode == 0, done.stderr
     result = json.loads(json_out.read_text())
     by_case = {c["case"]: c["dice"] for c in result["cases"]}
@@ -239,27 +223,17 @@ def test_the_cli_builds_an_ensemble_and_refuses_a_used_folder(
     data, dirs = members
     out, _, _ = ensemble
     args = ["--version", "9.2.0", "--data", str(data), "--no-register", "--calibration-size", "20"]
-    done = _segnode("ensemble", *map(str, dirs), "--out", str(tmp_path / "cli"), *args)
+    done = segnode_process("ensemble", *map(str, dirs), "--out", str(tmp_path / "cli"), *args)
     assert done.returncode == 0, done.stderr
     assert "(seed 1)" in done.stdout and "false tumour" in done.stdout  # the table, the check's line
     assert load_card(tmp_path / "cli")["version"] == "9.2.0"
     before = sha256_file(out / "model_int8.bin")
-    done = _segnode("ensemble", *map(str, dirs), "--out", str(out), *args)
+    done = segnode_process("ensemble", *map(str, dirs), "--out", str(out), *args)
     assert done.returncode == 2 and "already holds a model" in done.stderr
     assert sha256_file(out / "model_int8.bin") == before
-    done = _segnode("ensemble", str(dirs[0]), "--out", str(tmp_path / "one"), *args)
+    done = segnode_process("ensemble", str(dirs[0]), "--out", str(tmp_path / "one"), *args)
     assert done.returncode == 2 and "at least two" in done.stderr
 
-
-def _segnode(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "node", *args],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=300,
-        check=False,
-    )
 
 
 def test_the_holdout_is_refused(members: tuple[Path, list[Path]], tmp_path: Path) -> None:

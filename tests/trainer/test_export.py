@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from tests.helpers.peers import REPO
+from tests.helpers.cli import segnode_process
+from tests.helpers.training import tiny_config
 from trainer.metrics import METRIC_NAMES, VOLUME_NAMES
 
 torch = pytest.importorskip("torch")
@@ -22,25 +21,12 @@ pytest.importorskip("nncf")
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from converters.synthetic import write_synthetic_task01
-    from trainer.train import TrainConfig, train
+    from trainer.train import train
 
     root = tmp_path_factory.mktemp("export")
     data = write_synthetic_task01(root / "Task01_BrainTumour", 5, seed=11, shape=(48, 48, 24))
     run = root / "run"
-    config = TrainConfig(
-        data=str(data),
-        out=str(run),
-        device="cpu",
-        epochs=2,
-        batch_size=8,
-        base_filters=8,
-        depth=3,
-        crop_size=[48, 48],
-        val_fraction=0.4,
-        threads=1,
-        lr=3e-3,
-    )
-    train(config, progress=False)
+    train(tiny_config(data, run), progress=False)
     return run
 
 
@@ -257,7 +243,7 @@ def test_requantize_makes_a_new_version_with_the_overflow_fix(
     assert int8.calibration is not None and int8.calibration["overflow_fix"] == "enable"
     assert int8.dice == pytest.approx(by_key["ir_int8"]["metrics"]["mean"]["dice"])
 
-    done = _segnode(
+    done = segnode_process(
         "requantize",
         str(source),
         "--out",
@@ -270,7 +256,7 @@ def test_requantize_makes_a_new_version_with_the_overflow_fix(
     )
     assert done.returncode == 2 and "is the source model's own version" in done.stderr
     before = sha256_file(new_dir / "model_int8.bin")
-    done = _segnode(
+    done = segnode_process(
         "requantize",
         str(source),
         "--out",
@@ -284,7 +270,7 @@ def test_requantize_makes_a_new_version_with_the_overflow_fix(
     assert done.returncode == 2 and "already holds a model" in done.stderr
     assert sha256_file(new_dir / "model_int8.bin") == before  # nothing overwritten
     # a limit no INT8 network meets (false tumour at most 0 x FP32's + 2 mL): written, not registered
-    done = _segnode(
+    done = segnode_process(
         "requantize",
         str(source),
         "--out",
@@ -302,7 +288,7 @@ def test_requantize_makes_a_new_version_with_the_overflow_fix(
     assert "(calibration.false_tumour_check passed false) but not registered" in done.stderr
     assert load_card(tmp_path / "strict")["calibration"]["false_tumour_check"]["passed"] is False
     (source / "model_fp32.bin").write_bytes(b"corrupt")
-    done = _segnode(
+    done = segnode_process(
         "requantize",
         str(source),
         "--out",
@@ -316,16 +302,6 @@ def test_requantize_makes_a_new_version_with_the_overflow_fix(
     assert done.returncode == 2 and "model_fp32.bin" in done.stderr and "sha256" in done.stderr
 
 
-def _segnode(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "node", *args],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=300,
-        check=False,
-    )
-
 
 def test_evaluate_cli_matches_the_card(
     exported: tuple[Path, dict, str], run_dir: Path, tmp_path: Path
@@ -335,7 +311,7 @@ def test_evaluate_cli_matches_the_card(
     out, card, _ = exported
     data = load_checkpoint(run_dir / "best.pt")["train_config"]["data"]
     report = tmp_path / "int8.json"
-    done = _segnode("evaluate", str(out), "--data", data, "--precision", "int8", "--json", str(report))
+    done = segnode_process("evaluate", str(out), "--data", data, "--precision", "int8", "--json", str(report))
     assert done.returncode == 0, done.stderr
     result = json.loads(report.read_text())
     assert len(result["cases"]) == 5 and result["task"] == "whole_tumor"
@@ -346,13 +322,13 @@ def test_evaluate_cli_matches_the_card(
         if c["case"] in int8_card:
             assert c["dice"] == pytest.approx(int8_card[c["case"]], abs=1e-9)
     report_pt = tmp_path / "pt.json"
-    done = _segnode("evaluate", str(run_dir / "best.pt"), "--data", data, "--json", str(report_pt))
+    done = segnode_process("evaluate", str(run_dir / "best.pt"), "--data", data, "--json", str(report_pt))
     assert done.returncode == 0, done.stderr
     ckpt_card = {c["case"]: c["dice"] for c in card["artifacts"][0]["metrics"]["per_case"]}
     for c in json.loads(report_pt.read_text())["cases"]:
         if c["case"] in ckpt_card:
             assert c["dice"] == pytest.approx(ckpt_card[c["case"]], abs=1e-9)
-    done = _segnode("evaluate", str(tmp_path / "missing.xml"), "--data", data)
+    done = segnode_process("evaluate", str(tmp_path / "missing.xml"), "--data", data)
     assert done.returncode == 2 and "missing.xml does not exist" in done.stderr
 
 

@@ -14,7 +14,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+from tests.helpers.cli import segnode_process
 from tests.helpers.peers import REPO
+from tests.helpers.training import tiny_config
 from trainer.data import augment, epoch_plan, patient_key, split_cases
 from trainer.exceptions import TrainerError
 
@@ -33,23 +35,7 @@ def task01(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _config(data: Path, out: Path, **kw: object) -> object:
-    from trainer.train import TrainConfig
-
-    base = dict(
-        data=str(data),
-        out=str(out),
-        device="cpu",
-        epochs=3,
-        batch_size=8,
-        base_filters=8,
-        depth=3,
-        crop_size=[48, 48],
-        val_fraction=0.34,
-        threads=1,
-        lr=3e-3,
-    )
-    base.update(kw)
-    return TrainConfig(**base)  # type: ignore[arg-type]
+    return tiny_config(data, out, **{"epochs": 3, "val_fraction": 0.34, **kw})
 
 
 def _metrics_rows(run: Path) -> list[dict[str, str]]:
@@ -373,16 +359,7 @@ def test_min_epochs_keeps_no_earlier_epoch_and_holds_off_early_stopping(
 
 
 def _segnode(*args: str, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, **(extra_env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "node", *args],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=env,
-        timeout=300,
-        check=False,
-    )
+    return segnode_process(*args, env={**os.environ, **(extra_env or {})})
 
 
 def test_two_process_ddp_under_torchrun(task01: Path, tmp_path: Path) -> None:
